@@ -1,0 +1,242 @@
+"""Typed run configuration: the YAML file of a run, its dotted command-line overrides, and validation.
+
+A run is described by one `RunConfig` (model, technique, data, algorithm, optimisation, run folder). YAML is
+only its serialisation: `load_config` reads a file, applies overrides such as ``optim.lr=1e-4``, and validates
+everything before any model or tokenizer loads. Unknown keys, wrong types and impossible values raise
+`ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
+``config.yaml`` in its run folder (`dump_config`).
+
+This module does not load models or data; it only describes and checks them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored (a typo like `optim.l_r`).
+    # use_attribute_docstrings: the docstring under each field is its description (shown by --help-config).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"
+    """The embedded default `smollm2-135m-instruct`, a local Hugging Face folder, a `.gguf` file, or a hub name."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype; `auto` is float32 on CPU and bfloat16 on a GPU that supports it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 33% more compute."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository (only for models you trust)."""
+
+
+class TechniqueConfig(_Section):
+    name: Literal["full", "lora", "qlora"] = "lora"
+    """`full` trains every weight; `lora` trains low-rank adapters; `qlora` adds a 4-bit NF4 frozen base."""
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: `all-linear` (every linear layer but the LM head) or a list of names."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """QLoRA 4-bit data type."""
+    double_quant: bool = True
+    """QLoRA double quantisation of the block constants (about 0.37 bit/param saved)."""
+
+
+class DataConfig(_Section):
+    train: str | None = None
+    """Training file (.jsonl, .json, .csv, .parquet or a `datasets` folder)."""
+    eval: str | None = None
+    """Optional held-out file for periodic evaluation loss."""
+    max_length: int = Field(512, gt=0)
+    """Examples are truncated to this many tokens (a counted warning says how many were)."""
+    train_on: Literal["completion", "all"] = "completion"
+    """Which tokens the loss counts: only the assistant/completion tokens, or every token."""
+    packing: bool = False
+    """Pack several examples into one row of `max_length` tokens; examples never attend to each other."""
+    shuffle: bool = True
+    """Shuffle examples every epoch (deterministically from `run.seed`)."""
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["sft"] = "sft"
+    """Training method. Later issues add `reward`, `dpo`, `ppo`, `grpo`."""
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per optimisation step, over all processes and micro-batches."""
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Examples per forward pass per process; gradients accumulate up to `batch_size`. Default: `batch_size`."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps from 0 to `lr`."""
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    """Learning-rate decay after warmup."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of `lr` (cosine and linear)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+
+class RunSection(_Section):
+    output_dir: str = "runs/run"
+    """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    max_steps: int | None = Field(None, gt=0)
+    """Optimisation steps; if null, `epochs` decides."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when `max_steps` is null."""
+    seed: int = 0
+    """Seed for shuffling, dropout and initialisation: equal seeds give equal runs."""
+    save_every: int | None = Field(None, gt=0)
+    """Checkpoint every N steps (always at the end); null: only at the end."""
+    keep_checkpoints: int = Field(2, gt=0)
+    """How many most recent checkpoints to keep."""
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate on `data.eval` every N steps (and at the end)."""
+    log_every: int = Field(1, gt=0)
+    """Write metrics every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to the run folder (needs the `tensorboard` package)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class RunConfig(_Section):
+    """Everything one training run needs; the YAML file mirrors it section by section."""
+
+    model: ModelConfig = ModelConfig()
+    technique: TechniqueConfig = TechniqueConfig()
+    data: DataConfig = DataConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        mb = self.optim.micro_batch_size
+        if mb is not None and mb > self.optim.batch_size:
+            raise ValueError(
+                f"optim.micro_batch_size ({mb}) is larger than optim.batch_size ({self.optim.batch_size}); "
+                "set it to a divisor of batch_size"
+            )
+        if mb is not None and self.optim.batch_size % mb:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) is not a multiple of optim.micro_batch_size ({mb})"
+            )
+        if self.data.max_length < 8:
+            raise ValueError(f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `posttrain train --help-config` lists every field)"
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    # YAML parsing gives numbers, booleans, null and lists ([a, b]) their natural types.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict.
+
+    >>> apply_overrides({"optim": {"lr": 1}}, ["optim.lr=1e-4", "run.seed=3"])
+    {'optim': {'lr': 0.0001}, 'run': {'seed': 3}}
+    """
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, *, source: str = "config") -> RunConfig:
+    """Validate a nested dict into a `RunConfig`, raising `ConfigError` with every problem found."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, optim, ...)")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or start from defaults when `path` is None) and apply dotted overrides."""
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        data = loaded or {}
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data, source=source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every field: the source of `--help-config`."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            rows.append((f"{prefix}{name}", repr(field.default), field.description or ""))
+    return rows

@@ -1,0 +1,64 @@
+"""Errors that are the user's to fix, and how they are shown.
+
+A `UserError` is a mistake in input the user controls (a file, a field, a setting, a missing model). The CLI
+prints its message as one paragraph and exits with status 2, never with a traceback. Anything else that
+escapes is a bug in posttrain (exit 1).
+
+`Problem` is one located defect in a data file, printed as ``FILE:LINE: field: what is wrong`` so editors and
+`grep` can jump to it. `DataError` carries a list of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USER = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; `str(err)` is the whole message shown to them."""
+
+
+class ConfigError(UserError):
+    """A run configuration that is malformed, has unknown keys, wrong types or impossible values."""
+
+
+class ModelNotFoundError(UserError):
+    """A model name or path that cannot be resolved to weights on this machine."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect in one row of a data file.
+
+    >>> str(Problem("data.jsonl", 3, "messages[1].content", "must be a string, got int"))
+    'data.jsonl:3: messages[1].content: must be a string, got int'
+    """
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DataError(UserError):
+    """Problems found in a data file; the message lists up to `max_shown` of them, one per line."""
+
+    def __init__(self, problems: list[Problem], *, header: str | None = None, max_shown: int = 20):
+        self.problems = list(problems)
+        lines = [str(p) for p in self.problems[:max_shown]]
+        if len(self.problems) > max_shown:
+            lines.append(f"... and {len(self.problems) - max_shown} more problems")
+        if header:
+            lines.insert(0, header)
+        super().__init__("\n".join(lines))
