@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test suite: set up .venv if needed, lint, then pytest (unit, integration, doctests; slow tests use the
+# embedded model). Offline. Extra arguments go to pytest (e.g. -m "not slow", -k resume).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check src tests benchmarks
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,92 @@
+"""Supervised fine-tuning: cross-entropy on the completion tokens only.
+
+Loss (per target token t, whose logits come from position t-1):  -log p(x_t | x_<t), counted where
+`loss_mask[t] == 1`. The loss function returns the *sum* over target tokens; the loop divides once by the
+number of target tokens in the whole accumulated batch, so every token weighs the same whatever micro-batch
+or process it falls in (the gradient-accumulation bug of per-micro-batch means cannot happen).
+
+Which tokens are targets is decided by `posttrain.data` rendering (assistant turns only, or everything);
+this module does not look at roles.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.base import Algorithm, Batch, PreparedData
+
+IGNORE = -100
+
+
+def sft_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position negative log-likelihood of the next token, 0 where it is not a target.
+
+    logits (B, T, V) at position t predict input_ids[:, t + 1]; loss_mask (B, T) marks target tokens.
+    Returns (B, T): entry t is the loss of predicting token t + 1 (the last column is always 0).
+
+    Worked example (V = 2, one row of 3 tokens [0, 1, 1], targets: tokens 1 and 2):
+    position 0 logits [0, 0] -> p(token 1) = 1/2 -> loss ln 2 = 0.6931;
+    position 1 logits [ln 3, 0] -> p(token 1) = 1/4 -> loss ln 4 = 1.3863.
+
+    >>> logits = torch.tensor([[[0.0, 0.0], [1.0986123, 0.0], [5.0, 5.0]]])
+    >>> sft_token_losses(logits, torch.tensor([[0, 1, 1]]), torch.tensor([[0, 1, 1]])).round(decimals=4)
+    tensor([[0.6931, 1.3863, 0.0000]])
+    """
+    B, T, V = logits.shape
+    # Shift the labels, not the logits: logits.view() stays a view (no (B, T, V) copy of the largest tensor).
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE)
+    losses = F.cross_entropy(logits.view(B * T, V).float(), labels.view(-1), ignore_index=IGNORE, reduction="none")
+    return losses.view(B, T)  # (B, T); ignored positions are exactly 0
+
+
+def loss_units(batch: Batch) -> int:
+    """Target tokens in a micro-batch (the first position can never be a target: nothing predicts it)."""
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The keys a causal LM takes; packed batches carry position_ids (and no padding mask)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def loss_fn(model: torch.nn.Module, batch: Batch, cfg=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
+    losses = sft_token_losses(logits, batch["input_ids"], batch["loss_mask"])
+    return losses.sum(), {}
+
+
+def prepare(cfg, tokenizer) -> PreparedData:
+    """Read, validate and render the SFT data of a run config (before the model loads)."""
+    from functools import partial
+
+    from posttrain.data import collate, collate_packed, load_rows, pack, render_dataset
+    from posttrain.errors import ConfigError
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set: give a training file (e.g. data.train=train.jsonl)")
+    notes: list[str] = []
+
+    def render(path: str):
+        rows = load_rows(path, "sft")
+        rendered, n_trunc = render_dataset(
+            tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
+        )
+        if n_trunc:
+            notes.append(f"{path}: {n_trunc} of {len(rows)} examples truncated to data.max_length={cfg.data.max_length}")
+        return rendered
+
+    train = render(cfg.data.train)
+    evals = render(cfg.data.eval) if cfg.data.eval else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.data.packing:
+        train = pack(train, cfg.data.max_length)
+        evals = pack(evals, cfg.data.max_length) if evals is not None else None
+        collate_fn = partial(collate_packed, pad_id=pad_id, max_length=cfg.data.max_length)
+    else:
+        collate_fn = partial(collate, pad_id=pad_id)
+    return PreparedData(train=train, eval=evals, collate=collate_fn, notes=notes)
+
+
+ALGORITHM = Algorithm(name="sft", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units)

@@ -1,0 +1,289 @@
+"""Read a data file into located records: JSONL, JSON, CSV, Parquet and local `datasets` folders.
+
+Every record keeps the 1-based line where it starts in the file (JSONL, JSON, CSV) or its 1-based row number
+(Parquet, `datasets` folders), so that later checks can say ``FILE:LINE: field: what is wrong``.
+Columnar formats (CSV, Parquet, `datasets`) give every row every column; an empty cell (CSV) or a null value
+(Parquet, `datasets`) is treated as an absent field. CSV cells of `messages` and `metadata` hold JSON, and a
+`prompt`/`completion`/`chosen`/`rejected` cell holding a JSON list of messages is parsed as one.
+
+This module does not check what the rows mean (see `schema.py`); it only turns bytes into dicts, and every
+way that can fail (missing, empty or unreadable file, bad bytes, malformed JSON) into a `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import DataError, Problem
+
+SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a `datasets` folder (save_to_disk)")
+_JSON_CELLS = ("messages", "metadata")
+_MESSAGE_CELLS = ("prompt", "completion", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a data file: `line` is its 1-based line (text formats) or row number (columnar formats)."""
+
+    line: int
+    data: dict
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read every row of a data file, raising one `DataError` that lists every unreadable line."""
+    records, problems = read_records_lenient(path)
+    if problems:
+        raise DataError(problems, header=f"{path}: {len(problems)} unreadable line(s)")
+    return records
+
+
+def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]:
+    """Read the rows that can be read and the problems of those that cannot (used to report all at once).
+
+    File-level failures (missing, empty, unreadable, unsupported) still raise `DataError` at once.
+    """
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        _fail(name, "file not found")
+    if p.is_dir():
+        return _read_datasets_dir(p, name), []
+    suffix = p.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+        _fail(name, f"unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}")
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        _fail(name, f"cannot read the file: {err.strerror or err}")
+    if not raw.strip():
+        _fail(name, "file is empty")
+    if suffix == ".parquet":
+        return _read_parquet(p, name), []
+    if suffix == ".jsonl":
+        return _read_jsonl(raw, name)
+    text = _decode(raw, name)
+    if suffix == ".json":
+        return _read_json(text, name)
+    return _read_csv(text, name)
+
+
+def _fail(name: str, message: str, line: int | None = None):
+    raise DataError([Problem(name, line, None, message)])
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        _fail(name, _utf8_message(raw, err), raw.count(b"\n", 0, err.start) + 1)
+
+
+def _utf8_message(raw: bytes, err: UnicodeDecodeError) -> str:
+    line_start = raw.rfind(b"\n", 0, err.start) + 1
+    return (
+        f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start - line_start + 1}); "
+        "save the file as UTF-8"
+    )
+
+
+def _read_jsonl(raw: bytes, name: str) -> tuple[list[Record], list[Problem]]:
+    records: list[Record] = []
+    problems: list[Problem] = []
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors write
+        raw = raw[3:]
+    for i, chunk in enumerate(raw.split(b"\n"), start=1):
+        if not chunk.strip():
+            continue
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(Problem(name, i, None, _utf8_message(chunk, err)))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(name, i, None, f"expected a JSON object, got {_json_type(obj)}"))
+            continue
+        records.append(Record(i, obj))
+    return records, problems
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a Python value's type.
+
+    >>> _json_type([1]), _json_type(None), _json_type(True), _json_type(2.5)
+    ('array', 'null', 'boolean', 'number')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number" if isinstance(value, float) else "integer"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as err:
+        _fail(name, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno)
+    shape = 'a JSON list of objects, or an object {"data": [...]} or {"rows": [...]}'
+    if isinstance(top, dict):
+        key = next((k for k in ("data", "rows") if isinstance(top.get(k), list)), None)
+        if key is None:
+            _fail(name, f"expected {shape}; the top-level object has keys {sorted(top)[:8]}")
+        rows = top[key]
+    elif isinstance(top, list):
+        key, rows = None, top
+    else:
+        _fail(name, f"expected {shape}, got {_json_type(top)}")
+    starts = _element_lines(text, key)
+    if len(starts) != len(rows):  # cannot happen for text json.loads accepted; row numbers are a safe fallback
+        starts = list(range(1, len(rows) + 1))
+    records, problems = [], []
+    for line, row in zip(starts, rows):
+        if isinstance(row, dict):
+            records.append(Record(line, row))
+        else:
+            problems.append(Problem(name, line, None, f"expected a JSON object, got {_json_type(row)}"))
+    return records, problems
+
+
+def _element_lines(text: str, key: str | None) -> list[int]:
+    """1-based line where each element of the top-level array (or of `top[key]`) starts.
+
+    >>> _element_lines('[\\n {"a": 1},\\n {"a": 2}\\n]', None)
+    [2, 3]
+    >>> _element_lines('{"meta": [0],\\n "data": [{"a": 1},\\n  {"a": 2}]}', "data")
+    [2, 3]
+    """
+    dec = json.JSONDecoder()
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n\ufeff":
+            i += 1
+        return i
+
+    i = skip(0)
+    if key is not None:  # walk the top-level object's members to the array under `key`
+        i = skip(i + 1)
+        while True:
+            member, i = dec.raw_decode(text, i)
+            i = skip(skip(i) + 1)  # past ':'
+            if member == key:
+                break
+            _, i = dec.raw_decode(text, i)
+            i = skip(skip(i) + 1)  # past ','
+    i = skip(i + 1)  # past '['
+    lines = []
+    while i < len(text) and text[i] != "]":
+        lines.append(text.count("\n", 0, i) + 1)
+        _, i = dec.raw_decode(text, i)
+        i = skip(i)
+        if i < len(text) and text[i] == ",":
+            i = skip(i + 1)
+    return lines
+
+
+def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records: list[Record] = []
+    problems: list[Problem] = []
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as err:
+        _fail(name, f"cannot read the CSV header: {err}", 1)
+    header = [h.strip() for h in header]
+    if not any(header):
+        _fail(name, "the first line must be a header naming the columns", 1)
+    start = reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            problems.append(Problem(name, start, None, f"malformed CSV: {err}"))
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            problems.append(Problem(name, line, None, f"{len(cells)} cells, but the header has {len(header)}"))
+            continue
+        row: dict[str, Any] = {}
+        for col, cell in zip(header, cells):
+            if cell == "":
+                continue  # an empty cell is an absent field
+            row[col] = _csv_cell(col, cell, name, line, problems)
+        records.append(Record(line, row))
+    return records, problems
+
+
+def _csv_cell(col: str, cell: str, name: str, line: int, problems: list[Problem]) -> Any:
+    """Parse JSON held in a CSV cell where the column expects it; other cells stay strings."""
+    stripped = cell.strip()
+    if col in _JSON_CELLS and stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(name, line, col, f"cell is not valid JSON: {err.msg}"))
+            return cell
+    if col in _MESSAGE_CELLS and stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError:
+            return cell
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            return value
+    return cell
+
+
+def _read_parquet(p: Path, name: str) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        _fail(name, f"not a readable Parquet file: {err}")
+    return _columnar_records(rows)
+
+
+def _read_datasets_dir(p: Path, name: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        _fail(name, f"a folder, but not a `datasets` folder written by save_to_disk ({err})")
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            _fail(name, f"a DatasetDict with splits {sorted(ds)}; point at one split's folder")
+    rows = ds.to_list()
+    if not rows:
+        _fail(name, "the dataset has no rows")
+    return _columnar_records(rows)
+
+
+def _columnar_records(rows: list[dict]) -> list[Record]:
+    # Columns are shared by all rows, so a null is how an absent field looks: drop it.
+    return [Record(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows, start=1)]

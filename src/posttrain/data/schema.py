@@ -1,0 +1,296 @@
+"""Row shapes, their JSON schemas, and the checks that turn a data file into normalised rows (or one clear error).
+
+Three kinds of file, each a few row shapes (one JSON schema per shape, validated with `jsonschema`):
+
+- ``sft``: ``messages`` (a chat), ``prompt`` + ``completion`` (each a string or a message list), or ``text``
+  (plain text, every token trained). Optional extra keys: ``id``, ``answer``, ``metadata``.
+- ``preference``: ``prompt`` + ``chosen`` + ``rejected``, or ``chosen`` + ``rejected`` as whole conversations
+  (the shared leading messages become the prompt).
+- ``prompts``: ``prompt`` plus any other columns (kept: later they feed reward functions).
+
+`load_rows` checks every row, collects *all* problems, and raises one `DataError` whose lines read
+``FILE:LINE: field: what is wrong``; otherwise it returns normalised rows:
+
+- sft chat rows: ``{"messages": [...], "completion_only": True, **extras}``; a prompt/completion row becomes
+  ``messages = prompt + completion`` with ``n_prompt`` = the number of prompt messages (never trained);
+- sft text rows: ``{"text": str, "completion_only": False, **extras}``;
+- preference rows: ``{"prompt": [...], "chosen": [...], "rejected": [...], **extras}`` (message lists);
+- prompts rows: ``{"prompt": [...], **other columns}``.
+
+This module does not tokenize (see `render.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from posttrain.data.readers import _json_type, read_records_lenient
+from posttrain.errors import DataError, Problem
+
+KINDS = ("sft", "preference", "prompts")
+ROLES = ("system", "user", "assistant")
+
+MESSAGE = {
+    "type": "object",
+    "properties": {"role": {"enum": list(ROLES)}, "content": {"type": "string"}},
+    "required": ["role", "content"],
+    "additionalProperties": False,
+}
+MESSAGES = {"type": "array", "items": MESSAGE, "minItems": 1}
+TEXT_OR_MESSAGES = {"anyOf": [{"type": "string"}, MESSAGES]}
+EXTRAS = {"id": {"type": ["string", "integer"]}, "answer": {}, "metadata": {"type": "object"}}
+
+
+def _row_schema(fields: dict, required: list[str], *, extra_ok: bool = False) -> dict:
+    return {
+        "type": "object",
+        "properties": {**fields, **({} if extra_ok else EXTRAS)},
+        "required": required,
+        "additionalProperties": extra_ok,
+    }
+
+
+# One schema per row shape; the shape is chosen from the keys a row has (see `_shape`).
+SCHEMAS: dict[str, dict[str, dict]] = {
+    "sft": {
+        "messages": _row_schema({"messages": MESSAGES}, ["messages"]),
+        "prompt/completion": _row_schema(
+            {"prompt": TEXT_OR_MESSAGES, "completion": TEXT_OR_MESSAGES}, ["prompt", "completion"]
+        ),
+        "text": _row_schema({"text": {"type": "string"}}, ["text"]),
+    },
+    "preference": {
+        "prompt/chosen/rejected": _row_schema(
+            {"prompt": TEXT_OR_MESSAGES, "chosen": TEXT_OR_MESSAGES, "rejected": TEXT_OR_MESSAGES},
+            ["prompt", "chosen", "rejected"],
+        ),
+        "chosen/rejected": _row_schema({"chosen": MESSAGES, "rejected": MESSAGES}, ["chosen", "rejected"]),
+    },
+    "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES}, ["prompt"], extra_ok=True)},
+}
+_VALIDATORS = {kind: {s: Draft202012Validator(v) for s, v in d.items()} for kind, d in SCHEMAS.items()}
+
+_SHAPE_KEYS = {
+    "sft": {"messages": ("messages",), "prompt/completion": ("prompt", "completion"), "text": ("text",)},
+    "preference": {"prompt/chosen/rejected": ("prompt",), "chosen/rejected": ("chosen", "rejected")},
+    "prompts": {"prompt": ("prompt",)},
+}
+
+
+def load_rows(path: str | Path, kind: str) -> list[dict]:
+    """Read and check every row of `path` as `kind` ("sft", "preference", "prompts"); return normalised rows.
+
+    All problems in the file are collected and raised together as one `DataError`.
+    """
+    rows, _ = _load(path, kind)
+    return rows
+
+
+def validate_file(path: str | Path, kind: str) -> str:
+    """A one-line summary when every row is usable, e.g. ``data.jsonl: 200 sft rows OK (messages: 200)``."""
+    rows, shapes = _load(path, kind)
+    detail = ", ".join(f"{s}: {n}" for s, n in sorted(shapes.items(), key=lambda kv: -kv[1]))
+    return f"{path}: {len(rows)} {kind} rows OK ({detail})"
+
+
+def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    name = str(path)
+    records, problems = read_records_lenient(path)
+    rows: list[dict] = []
+    shapes: Counter = Counter()
+    bad_lines = {p.line for p in problems}
+    for rec in records:
+        found: list[Problem] = []
+        shape, row = check_row(rec.data, kind, lambda field, msg, line=rec.line: found.append(Problem(name, line, field, msg)))
+        if found:
+            problems.extend(found)
+            bad_lines.add(rec.line)
+        else:
+            rows.append(row)
+            shapes[shape] += 1
+    if not records and not problems:
+        problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
+    if problems:
+        total = len(records) + len({p.line for p in problems if p.line is not None} - {r.line for r in records})
+        header = f"{name}: {len(problems)} problem(s) in {len(bad_lines)} of {total} rows; no {kind} data loaded"
+        raise DataError(sorted(problems, key=lambda p: (p.line or 0)), header=header if total else None)
+    return rows, shapes
+
+
+def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
+    """Check one row and normalise it. `report(field, message)` is called once per problem.
+
+    >>> check_row({"prompt": "2+2?", "completion": "4"}, "sft", print)
+    ('prompt/completion', {'messages': [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}], 'completion_only': True, 'n_prompt': 1})
+    >>> check_row({"messages": [{"role": "user", "content": "hi"}]}, "sft", print)
+    messages no assistant turn: nothing to train on
+    ('messages', None)
+    """
+    shape = _shape(data, kind, report)
+    if shape is None:
+        return None, None
+    n_before = _Count(report)
+    for err in _VALIDATORS[kind][shape].iter_errors(data):
+        for field, msg in _explain(err):
+            n_before(field, msg)
+    if n_before.n:
+        return shape, None
+    return shape, _NORMALISE[kind](data, n_before)
+
+
+class _Count:
+    """Wraps `report` to count the problems reported through it."""
+
+    def __init__(self, report):
+        self.report, self.n = report, 0
+
+    def __call__(self, field, msg):
+        self.n += 1
+        self.report(field, msg)
+
+
+def _shape(data: dict, kind: str, report) -> str | None:
+    present = [s for s, keys in _SHAPE_KEYS[kind].items() if any(k in data for k in keys)]
+    if kind == "preference" and "prompt/chosen/rejected" in present:
+        return "prompt/chosen/rejected"
+    if len(present) == 1:
+        return present[0]
+    options = " or ".join("+".join(keys) for keys in _SHAPE_KEYS[kind].values())
+    if not present:
+        keys = ", ".join(sorted(data)) or "none"
+        report(None, f"no {kind} fields: expected {options} (this row has: {keys})")
+    else:
+        report(None, f"mixes row shapes ({' and '.join(present)}): use exactly one of {options}")
+    return None
+
+
+_TYPE_NAMES = {"string": "a string", "array": "a list", "object": "an object", "integer": "an integer",
+               "boolean": "true or false", "number": "a number", "null": "null"}  # fmt: skip
+
+
+def _path(parts) -> str | None:
+    """Render a jsonschema error path as a field name.
+
+    >>> _path(["messages", 1, "content"])
+    'messages[1].content'
+    """
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or None
+
+
+def _explain(err) -> list[tuple[str | None, str]]:
+    """Turn one jsonschema error into (field, message) pairs a person can act on."""
+    path = list(err.absolute_path)
+    field = _path(path)
+    v = err.validator
+    if v == "required":
+        missing = [k for k in err.validator_value if k not in err.instance]
+        return [(_path([*path, k]), "missing required field") for k in missing]
+    if v == "additionalProperties":
+        allowed = ", ".join(err.schema.get("properties", {}))
+        extra = [k for k in err.instance if k not in err.schema.get("properties", {})]
+        return [(_path([*path, k]), f"unknown field (allowed here: {allowed})") for k in extra]
+    if v == "type":
+        want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+        return [(field, f"must be {' or '.join(_TYPE_NAMES[t] for t in want)}, got {_json_type(err.instance)}")]
+    if v == "enum":
+        options = ", ".join(map(str, err.validator_value))
+        return [(field, f"must be one of {options}; got {err.instance!r}")]
+    if v in ("minItems", "minLength"):
+        return [(field, "must not be empty")]
+    if v == "anyOf":
+        # A string-or-messages field: explain the branch whose type matches the value, not both.
+        for i, branch in enumerate(err.validator_value):
+            if branch.get("type") == _json_type(err.instance):
+                subs = [e for e in err.context if e.relative_schema_path[0] == i]
+                return [pair for e in subs for pair in _explain(e)]
+        return [(field, f"must be a string or a list of messages, got {_json_type(err.instance)}")]
+    return [(field, err.message)]
+
+
+def _as_messages(value: str | list, role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else copy.deepcopy(value)
+
+
+def _extras(data: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in data.items() if k not in keys}
+
+
+def _check_chat(messages: list[dict], field: str, report, *, offset: int = 0) -> None:
+    """Every assistant turn has content, and there is at least one."""
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistants:
+        report(field, "no assistant turn: nothing to train on")
+    for i in assistants:
+        if not messages[i]["content"].strip():
+            report(f"{field}[{i + offset}].content", "assistant content is empty")
+
+
+def _normalise_sft(data: dict, report) -> dict | None:
+    n = report.n
+    if "text" in data:
+        if not data["text"].strip():
+            report("text", "empty text")
+        return None if report.n > n else {"text": data["text"], "completion_only": False, **_extras(data, ("text",))}
+    if "messages" in data:
+        _check_chat(data["messages"], "messages", report)
+        row = {"messages": copy.deepcopy(data["messages"]), "completion_only": True}
+        return None if report.n > n else {**row, **_extras(data, ("messages",))}
+    prompt = _as_messages(data["prompt"], "user")
+    completion = data["completion"]
+    if isinstance(completion, str):
+        if not completion.strip():
+            report("completion", "empty completion")
+    else:
+        _check_chat(completion, "completion", report)
+    if report.n > n:
+        return None
+    messages = prompt + _as_messages(completion, "assistant")
+    return {"messages": messages, "completion_only": True, "n_prompt": len(prompt),
+            **_extras(data, ("prompt", "completion"))}  # fmt: skip
+
+
+def _response_empty(messages: list[dict]) -> bool:
+    return not any(m["role"] == "assistant" and m["content"].strip() for m in messages)
+
+
+def _normalise_preference(data: dict, report) -> dict | None:
+    n = report.n
+    if "prompt" in data:
+        prompt = _as_messages(data["prompt"], "user")
+        chosen, rejected = _as_messages(data["chosen"], "assistant"), _as_messages(data["rejected"], "assistant")
+    else:
+        # Whole conversations: the shared leading messages are the prompt (leave at least one message each).
+        k = 0
+        while k < min(len(data["chosen"]), len(data["rejected"])) - 1 and data["chosen"][k] == data["rejected"][k]:
+            k += 1
+        prompt = copy.deepcopy(data["chosen"][:k])
+        chosen, rejected = copy.deepcopy(data["chosen"][k:]), copy.deepcopy(data["rejected"][k:])
+    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if _response_empty(msgs):
+            report(side, "empty response (no assistant content)")
+    if report.n == n and chosen == rejected:
+        report("rejected", "identical to chosen: the pair carries no preference")
+    if report.n > n:
+        return None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            **_extras(data, ("prompt", "chosen", "rejected"))}  # fmt: skip
+
+
+def _normalise_prompts(data: dict, report) -> dict | None:
+    if isinstance(data["prompt"], str) and not data["prompt"].strip():
+        report("prompt", "empty prompt")
+        return None
+    return {**data, "prompt": _as_messages(data["prompt"], "user")}
+
+
+_NORMALISE = {"sft": _normalise_sft, "preference": _normalise_preference, "prompts": _normalise_prompts}

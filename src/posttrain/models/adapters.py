@@ -1,0 +1,93 @@
+"""LoRA and QLoRA: the peft and bitsandbytes configuration for a `TechniqueConfig`, and wrapping a model.
+
+LoRA (Hu et al. 2021) freezes the base weights W and learns a low-rank update, W + (alpha / r) * B A, with A
+(r x in) and B (out x r); B starts at zero so training starts from the base model. QLoRA (Dettmers et al. 2023)
+stores the frozen base linears in 4-bit NormalFloat (NF4) with optional double quantisation of the block
+constants, and computes in the run dtype. This module does not load weights (see `loading.py`); bitsandbytes
+and peft are imported only when used.
+"""
+
+from __future__ import annotations
+
+from posttrain.config import TechniqueConfig
+
+
+def lora_config(technique: TechniqueConfig):
+    """The peft `LoraConfig` for a technique section.
+
+    `all-linear` is peft's own shortcut: every `nn.Linear` (or 4-bit linear) except the output layer (LM head),
+    which would otherwise add an (r x vocabulary) adapter for little gain.
+    """
+    from peft import LoraConfig, TaskType
+
+    targets = technique.target_modules
+    return LoraConfig(
+        r=technique.r,
+        lora_alpha=technique.alpha,
+        lora_dropout=technique.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def bnb_config(technique: TechniqueConfig, compute_dtype):
+    """The bitsandbytes 4-bit quantisation config for QLoRA (needs the `bitsandbytes` package)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from posttrain.errors import UserError
+
+        raise UserError(
+            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` "
+            "(or use technique.name=lora)."
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=technique.quant_type,
+        bnb_4bit_use_double_quant=technique.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def apply_lora(model, technique: TechniqueConfig, *, gradient_checkpointing: bool = False, compute_dtype=None):
+    """Freeze `model` and wrap it in a peft `PeftModel` with fresh LoRA adapters (the only trainable weights).
+
+    For a 4-bit model, peft's `prepare_model_for_kbit_training` freezes the base and casts every bf16/fp16
+    parameter that is not 4-bit (norms, embeddings, LM head) to float32 for stable training. On CPU everything is
+    already float32, so it casts nothing. On a bf16 GPU the norms stay upcast (tiny), but the embedding matrix and
+    LM head (49152 x 576 for SmolLM2: 113 MB in fp32) are frozen and only read, so they are cast back to the
+    compute dtype to keep the memory QLoRA exists to save.
+    """
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    quantised = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantised:
+        # Checkpointing is enabled below, the same way as for LoRA, so peft is told not to.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if compute_dtype is not None and compute_dtype != torch.float32:
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None:
+                    emb.to(compute_dtype)
+    else:
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        from posttrain.models.loading import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+        # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
+        # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(technique))
+
+
+def is_adapter_model(model) -> bool:
+    """Whether `model` is a peft model (its trainable weights are adapters)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)

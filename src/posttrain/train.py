@@ -1,0 +1,137 @@
+"""`train(cfg)`: from a validated run config to a trained model in a run folder.
+
+Order matters for the user: the config is already valid; then the run folder is checked (never overwrite a run
+that has checkpoints unless resuming), the tokenizer loads and the data is read, validated and rendered (so a bad
+file fails in seconds, before the model loads); only then the model, optimiser and the loop.
+
+Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
+model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from posttrain.config import RunConfig, dump_config
+from posttrain.errors import ConfigError
+from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+# Sections that may change between a run and its resumption (length, logging, checkpoint cadence).
+_RESUMABLE_CHANGES = {"run"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    history: list[dict]
+    model: object = None
+    tokenizer: object = None
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"{run_dir} already holds a run (latest checkpoint: {ckpt.name}). Pass --resume to continue it, "
+            "or set run.output_dir to a new folder; nothing was overwritten."
+        )
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        new = cfg.model_dump(mode="json")
+        changed = [f"{sec}.{k}" for sec in new if sec not in _RESUMABLE_CHANGES and isinstance(new[sec], dict)
+                   for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k]]
+        if changed:
+            raise ConfigError(
+                f"--resume: the config differs from the one {run_dir} was started with in {', '.join(changed)}; "
+                "only run.* settings (e.g. run.max_steps) may change when resuming"
+            )
+    return ckpt
+
+
+def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
+    """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from posttrain.algorithms import get_algorithm
+    from posttrain.models import load_model, load_tokenizer, save_model
+    from posttrain.trainer.batches import ExampleBatchSource, total_steps
+    from posttrain.trainer.logging import truncate_metrics
+    from posttrain.trainer.loop import training_loop
+    from posttrain.trainer.optim import build_optimizer, build_scheduler
+
+    run_dir = Path(cfg.run.output_dir)
+    ckpt = _check_run_dir(cfg, run_dir, resume)
+    accelerator = Accelerator(cpu=not _cuda_available())
+    set_seed(cfg.run.seed)
+    algorithm = get_algorithm(cfg.algorithm.name)
+
+    # ---- data first: user errors in files surface before the (slow) model load
+    tokenizer = load_tokenizer(cfg.model)
+    data = algorithm.prepare(cfg, tokenizer)
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
+    source = ExampleBatchSource(
+        data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro, seed=cfg.run.seed,
+        shuffle=cfg.data.shuffle, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
+    eval_batches = None
+    if data.eval is not None:
+        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
+        eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        for note in data.notes:
+            print(f"warning: {note}")
+
+    # ---- model, optimiser, schedule
+    model = load_model(cfg.model, cfg.technique, device=accelerator.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start = 0
+    if ckpt is not None:
+        start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler)
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir / "metrics.jsonl", start)
+            print(f"resuming {run_dir} from {ckpt.name} (step {start} of {steps})")
+    elif accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    result = training_loop(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm,
+        batch_source=source, cfg=cfg, run_dir=run_dir, total_steps=steps, start_step=start,
+        eval_batches=eval_batches,
+    )
+
+    # ---- final model or adapter, written atomically
+    final = run_dir / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, technique=cfg.technique.name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, final_dir=final, steps=steps, history=result.history,
+                       model=unwrapped if return_model else None, tokenizer=tokenizer if return_model else None)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,116 @@
+"""Atomic checkpoints that let a killed run continue exactly where it stopped.
+
+A checkpoint folder `checkpoints/step-000040/` holds:
+- `trainable.safetensors`: every parameter that requires a gradient (the adapters under LoRA/QLoRA, all weights
+  under full fine-tuning). Frozen weights are not copied: they come back from the base model.
+- `optimizer.pt`, `scheduler.pt`: their state dicts.
+- `rng_state_<rank>.pt`: Python, NumPy and torch generator states of each process (dropout must replay).
+- `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`).
+
+It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
+any moment leaves either the previous checkpoint or the new one, never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters() yields a tied (shared) tensor once, so safetensors gets no aliased storage.
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int) -> Path:
+    """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> int:
+    """Restore weights, optimiser, schedule and RNG from `path`; returns the step it was taken at."""
+    from safetensors.torch import load_file
+
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = load_file(str(path / "trainable.safetensors"))
+    missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(tensors)
+    if missing:
+        from posttrain.errors import UserError
+
+        raise UserError(
+            f"{path}: this checkpoint does not match the model being trained ({len(missing)} trainable "
+            f"parameters missing, e.g. {sorted(missing)[0]}); was the technique or model changed?"
+        )
+    unwrapped.load_state_dict(tensors, strict=False)
+    # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = path / f"rng_state_{accelerator.process_index}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"])

@@ -1,0 +1,163 @@
+"""The one training loop. Every method (SFT today; reward models, DPO, PPO, GRPO next) runs through it.
+
+It takes a *batch source* (for each step, this process's micro-batches) and a *loss function* returning a sum
+over loss units, and does the rest: gradient accumulation with one global normaliser, clipping, the optimiser
+and schedule, NaN guards, periodic evaluation, checkpoints and metrics. Accelerate handles devices and
+processes, so the same loop runs on one CPU, one GPU, or under `accelerate launch` with several processes.
+
+It does not load models or data (see `posttrain.train`), and it knows nothing about any one method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from posttrain.algorithms.base import Algorithm, Batch
+from posttrain.algorithms.common import normalise_loss
+from posttrain.errors import TrainingDiverged
+from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from posttrain.trainer.logging import MetricsLogger
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    history: list[dict]
+
+
+def _to_device(batch: Batch, device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _reduce_sum(accelerator, value: float | torch.Tensor) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return float(t)
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, algorithm: Algorithm, batches: Sequence[Batch], cfg) -> dict[str, float]:
+    """Mean loss (and metrics) per loss unit over `batches` (this process's share), summed over processes."""
+    was_training = model.training
+    model.eval()
+    units, sums = 0.0, {}
+    for batch in batches:
+        batch = _to_device(batch, accelerator.device)
+        loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
+        units += float(algorithm.loss_units(batch))
+        for k, v in {"loss": loss_sum, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    model.train(was_training)
+    total = _reduce_sum(accelerator, units)
+    return {f"eval_{k}": _reduce_sum(accelerator, v) / max(total, 1.0) for k, v in sums.items()}
+
+
+def training_loop(
+    *,
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    algorithm: Algorithm,
+    batch_source: Callable[[int], Iterator[list[Batch]]],
+    cfg,
+    run_dir: Path,
+    total_steps: int,
+    start_step: int = 0,
+    eval_batches: Sequence[Batch] | None = None,
+) -> LoopResult:
+    run = cfg.run
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=run.tensorboard,
+                           total_steps=total_steps, start_step=start_step, progress=run.progress)
+    history: list[dict] = []
+    world = accelerator.num_processes
+    model.train()
+    started = time.perf_counter()
+    tokens_since_start = 0
+    last_saved = start_step
+    try:
+        steps = batch_source(start_step)
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            micro_batches = [_to_device(b, accelerator.device) for b in next(steps)]
+
+            # ---- one normaliser for the whole step: loss units over every micro-batch and every process
+            total_units = _reduce_sum(accelerator, sum(float(algorithm.loss_units(b)) for b in micro_batches))
+
+            # ---- forward/backward with accumulation; DDP syncs gradients only on the last micro-batch
+            sums: dict[str, float] = {}
+            finite = True
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
+                with sync:
+                    loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
+                    finite &= bool(torch.isfinite(loss_sum.detach()))
+                    accelerator.backward(normalise_loss(loss_sum, total_units, world))
+                for k, v in {"loss": loss_sum, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+
+            # ---- clip, guard against NaN/inf (loss or gradient), step
+            grad_norm = float("nan")
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm))
+            all_finite = _reduce_sum(accelerator, 0.0 if finite else 1.0) == 0.0
+            if not all_finite or (cfg.optim.max_grad_norm is not None and not math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                _handle_divergence(accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run,
+                                   grad_norm, all_finite)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- metrics: per-unit means over the whole step
+            elapsed = time.perf_counter() - t0
+            step_tokens = _reduce_sum(accelerator, sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                                       else b["input_ids"].numel() for b in micro_batches))
+            tokens_since_start += step_tokens
+            record = {"step": step, **{k: _reduce_sum(accelerator, v) / max(total_units, 1.0)
+                                       for k, v in sums.items()}}
+            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, loss_units=total_units,
+                          tokens=step_tokens, tokens_per_s=step_tokens / max(elapsed, 1e-9),
+                          step_time_s=elapsed, elapsed_s=time.perf_counter() - started)
+            if step % run.log_every == 0 or step == total_steps:
+                logger.log(record)
+            history.append(record)
+            logger.progress(1, {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+                                "tok/s": f"{tokens_since_start / (time.perf_counter() - started):.0f}"})
+
+            # ---- periodic evaluation and checkpoints
+            if eval_batches is not None and run.eval_every and (step % run.eval_every == 0 or step == total_steps):
+                ev = {"step": step, **evaluate_loss(accelerator, model, algorithm, eval_batches, cfg)}
+                logger.log(ev)
+                logger.write(f"step {step}: eval_loss {ev['eval_loss']:.4f}")
+                history.append(ev)
+            if (run.save_every and step % run.save_every == 0) or step == total_steps:
+                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, keep=run.keep_checkpoints)
+                last_saved = step
+    finally:
+        logger.close()
+    return LoopResult(steps=total_steps, history=history)
+
+
+def _handle_divergence(accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm,
+                       loss_finite) -> None:
+    """Keep the last good state as a checkpoint (the parameters were not updated) and stop with advice."""
+    good = step - 1
+    if good > 0 and good != last_saved:
+        save_checkpoint(accelerator, run_dir, good, model, optimizer, scheduler, keep=run.keep_checkpoints)
+    ckpt = latest_checkpoint(run_dir)
+    what = "the loss" if not loss_finite else f"the gradient norm ({grad_norm})"
+    kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
+    raise TrainingDiverged(
+        f"step {step}: {what} became NaN or infinite, so the run stopped before updating the weights; {kept}. "
+        "Lower optim.lr, keep optim.max_grad_norm set, or check the data of this step; continue with --resume."
+    )
