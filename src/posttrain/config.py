@@ -11,6 +11,7 @@ This module does not load models or data; it only describes and checks them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,6 +161,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.lr=1e-4)")
@@ -172,6 +176,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean the number.
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)
     return path, value
 
 

@@ -66,7 +66,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     from posttrain.algorithms import get_algorithm
     from posttrain.models import load_model, load_tokenizer, save_model
     from posttrain.trainer.batches import ExampleBatchSource, total_steps
-    from posttrain.trainer.logging import truncate_metrics
+    from posttrain.trainer.metrics import truncate_metrics
     from posttrain.trainer.loop import training_loop
     from posttrain.trainer.optim import build_optimizer, build_scheduler
 

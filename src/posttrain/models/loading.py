@@ -109,7 +109,12 @@ def resolve_model(name: str) -> ResolvedModel:
                 "a base model needs config.json and its weights)."
             )
         return ResolvedModel(str(path.resolve()), None, "local", key)
-    if _looks_local(key) or path.exists():
+    if path.is_file():
+        raise ModelNotFoundError(
+            f"model {name!r}: {path.resolve()} is a file but not a .gguf model; pass a Hugging Face model folder "
+            "(with config.json), a .gguf file, or a hub name."
+        )
+    if _looks_local(key):
         what = "GGUF file" if key.lower().endswith(".gguf") else "local model folder"
         raise ModelNotFoundError(
             f"model {name!r}: no such {what} ({path.resolve()} does not exist). Check the path, or use the "

@@ -47,7 +47,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["technique"] = "qlora" if getattr(model, "is_loaded_in_4bit", False) else info.get("technique", "lora")
     else:
         info.setdefault("technique", "full")
-        if info["technique"] in ("lora", "qlora"):  # e.g. a merged model: no adapter left
+        if info["technique"] in ("lora", "qlora"):  # the adapter was merged or removed: a plain model now
             info["technique"] = "full"
     if not info.get("base_model"):
         info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
@@ -157,15 +157,16 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
     merged = model.merge_and_unload()
-    merged.posttrain_info = {"base_model": info.get("base_model"), "technique": "full", "merged_from": str(folder)}
+    merged.posttrain_info = {"base_model": info.get("base_model"), "technique": "merged", "merged_from": str(folder)}
     out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
+        from posttrain.errors import UserError
+
+        raise UserError(f"{out} exists and is not a saved model; choose an empty or new output folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         save_model(merged, AutoTokenizer.from_pretrained(folder), tmp)
-        data = json.loads((tmp / INFO_FILE).read_text(encoding="utf-8"))
-        data["technique"] = "merged"
-        (tmp / INFO_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

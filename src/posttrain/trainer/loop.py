@@ -23,7 +23,7 @@ from posttrain.algorithms.base import Algorithm, Batch
 from posttrain.algorithms.common import normalise_loss
 from posttrain.errors import TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
-from posttrain.trainer.logging import MetricsLogger
+from posttrain.trainer.metrics import MetricsLogger
 
 
 @dataclass

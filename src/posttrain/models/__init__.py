@@ -1,0 +1,50 @@
+"""Models: find and load a causal LM (embedded default, local folder, GGUF, hub), LoRA/QLoRA, log-probabilities,
+generation, saving and merging.
+
+Importing this package is cheap: torch is the only heavy import; transformers, peft and bitsandbytes load when a
+function needs them.
+"""
+
+from posttrain.models.adapters import apply_lora, bnb_config, is_adapter_model, lora_config
+from posttrain.models.generation import generate, render_prompt
+from posttrain.models.loading import (
+    EMBEDDED_MODELS,
+    ResolvedModel,
+    cache_root,
+    convert_gguf,
+    describe_trainable,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
+from posttrain.models.logprobs import entropy_from_logits, model_token_logps, sequence_logps, token_logps
+from posttrain.models.saving import load_trained, merge_adapter, read_info, save_model
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ResolvedModel",
+    "apply_lora",
+    "bnb_config",
+    "cache_root",
+    "convert_gguf",
+    "describe_trainable",
+    "enable_gradient_checkpointing",
+    "entropy_from_logits",
+    "generate",
+    "is_adapter_model",
+    "load_model",
+    "load_tokenizer",
+    "load_trained",
+    "lora_config",
+    "merge_adapter",
+    "model_token_logps",
+    "read_info",
+    "render_prompt",
+    "resolve_dtype",
+    "resolve_model",
+    "save_model",
+    "sequence_logps",
+    "token_logps",
+]

@@ -1,0 +1,1 @@
+"""The training loop and its plumbing: batch sources, optimiser/schedule, checkpoints, metrics."""

@@ -1,0 +1,73 @@
+"""Run config: YAML round trip, dotted overrides, and clear errors before any model loads."""
+
+import pytest
+import yaml
+
+from posttrain.config import RunConfig, apply_overrides, dump_config, load_config
+from posttrain.errors import ConfigError
+
+
+def test_defaults_and_overrides_have_their_types(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\ntechnique:\n  name: qlora\n")
+    cfg = load_config(f, ["optim.lr=1e-4", "run.max_steps=7", "technique.target_modules=[q_proj, v_proj]"])
+    assert cfg.optim.lr == 1e-4
+    assert cfg.run.max_steps == 7
+    assert cfg.technique.name == "qlora"
+    assert cfg.technique.target_modules == ["q_proj", "v_proj"]
+
+
+def test_dump_then_load_gives_the_same_config(tmp_path):
+    cfg = load_config(None, ["optim.batch_size=4", "data.train=x.jsonl"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert isinstance(yaml.safe_load((tmp_path / "config.yaml").read_text()), dict)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.lr=-1e-4"], "optim.lr"),
+        (["technique.r=0"], "technique.r"),
+        (["optim.batch_size=0"], "optim.batch_size"),
+        (["optim.l_r=3"], "optim.l_r: unknown key"),
+        (["modle.name=x"], "modle: unknown key"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["technique.name=sparse"], "technique.name"),
+        (["optim.batch_size=8", "optim.micro_batch_size=3"], "not a multiple"),
+        (["optim.batch_size=2", "optim.micro_batch_size=4"], "larger than"),
+        (["data.max_length=4"], "data.max_length"),
+    ],
+)
+def test_impossible_values_are_clear_errors(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("optim:\n  lr: 1e-4\n  batch_size: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: not valid YAML"):
+        load_config(f)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert configs, "configs/ should hold example runs"
+    for path in configs:
+        assert isinstance(load_config(path), RunConfig)
