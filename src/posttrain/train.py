@@ -123,7 +123,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, technique=cfg.technique.name)
+        save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

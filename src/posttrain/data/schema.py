@@ -103,25 +103,38 @@ def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     name = str(path)
     records, problems = read_records_lenient(path)
+    n_unreadable = len(problems)
     rows: list[dict] = []
     shapes: Counter = Counter()
-    bad_lines = {p.line for p in problems}
+    n_bad = n_unreadable
     for rec in records:
         found: list[Problem] = []
-        shape, row = check_row(rec.data, kind, lambda field, msg, line=rec.line: found.append(Problem(name, line, field, msg)))
+
+        def report(field, msg, line=rec.line, found=found):
+            found.append(Problem(name, line, field, msg))
+
+        shape, row = check_row(rec.data, kind, report)
         if found:
             problems.extend(found)
-            bad_lines.add(rec.line)
+            n_bad += 1
         else:
-            rows.append(row)
+            rows.append(Row(row, line=rec.line))
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
     if problems:
-        total = len(records) + len({p.line for p in problems if p.line is not None} - {r.line for r in records})
-        header = f"{name}: {len(problems)} problem(s) in {len(bad_lines)} of {total} rows; no {kind} data loaded"
-        raise DataError(sorted(problems, key=lambda p: (p.line or 0)), header=header if total else None)
+        total = len(records) + n_unreadable
+        header = f"{name}: {len(problems)} problem(s) in {n_bad} of {total} rows; no {kind} data loaded"
+        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header if total else None)
     return rows, shapes
+
+
+class Row(dict):
+    """A normalised row: a plain dict that also remembers the file `line` it came from (for error messages)."""
+
+    def __init__(self, data: dict, *, line: int | None = None):
+        super().__init__(data)
+        self.line = line
 
 
 def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
@@ -136,13 +149,13 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
     shape = _shape(data, kind, report)
     if shape is None:
         return None, None
-    n_before = _Count(report)
+    counted = _Count(report)
     for err in _VALIDATORS[kind][shape].iter_errors(data):
         for field, msg in _explain(err):
-            n_before(field, msg)
-    if n_before.n:
+            counted(field, msg)
+    if counted.n:
         return shape, None
-    return shape, _NORMALISE[kind](data, n_before)
+    return shape, _NORMALISE[kind](data, counted)
 
 
 class _Count:

@@ -1,0 +1,103 @@
+"""Batch rendered examples into tensors: padded batches, or packed rows whose examples never see each other.
+
+Letters: B rows in the batch, T tokens per row.
+
+`collate` right-pads to the longest example: ``input_ids``, ``attention_mask`` and ``loss_mask``, each (B, T).
+
+`pack` + `collate_packed` put several examples into one row of at most `max_length` tokens, with no
+``attention_mask`` but ``position_ids`` restarting at 0 at every example. That is how transformers 5 expresses
+packing: when ``attention_mask`` is None and ``position_ids`` restart inside a row,
+`transformers.masking_utils.find_packed_sequence_indices` splits the row into documents and builds a causal,
+block-diagonal mask (sdpa, eager and flex attention), and flash-attention-2 runs varlen kernels from the same
+position ids. So the caller must pass ``position_ids`` and must NOT pass an ``attention_mask`` for packed
+batches. The padding at a row's end gets its own positions 0, 1, ... (a document of its own that real tokens,
+all before it, never attend to). ``loss_mask`` is 0 at each example's first token, so no example is trained to
+be predicted from the previous example's last token. `tests/unit/test_packing.py` proves isolation: each
+example's logits inside a packed row equal its logits run alone.
+
+This module does not tokenize (see `render.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from posttrain.data.render import Rendered
+
+
+def collate(rendered: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest: ``input_ids``, ``attention_mask``, ``loss_mask``, each (B, T) long."""
+    if not rendered:
+        raise ValueError("collate needs at least one example")
+    T = max(len(r.input_ids) for r in rendered)
+    B = len(rendered)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rendered):
+        n = len(r.input_ids)
+        input_ids[b, :n] = torch.tensor(r.input_ids, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        loss_mask[b, :n] = torch.tensor(r.loss_mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pack(rendered: Sequence[Rendered], max_length: int) -> list[list[Rendered]]:
+    """Greedy first-fit in input order: each example goes into the first bin with room, else a new bin.
+
+    Deterministic (no sorting), so a seeded shuffle before packing decides the bins.
+
+    >>> bins = pack([Rendered([1] * n, [1] * n) for n in (5, 4, 3, 2)], max_length=8)
+    >>> [[len(r) for r in b] for b in bins]
+    [[5, 3], [4, 2]]
+    """
+    bins: list[list[Rendered]] = []
+    room: list[int] = []
+    for r in rendered:
+        n = len(r.input_ids)
+        if n > max_length:
+            raise ValueError(f"an example of {n} tokens is longer than max_length={max_length}; truncate first")
+        for i, left in enumerate(room):
+            if n <= left:
+                bins[i].append(r)
+                room[i] -= n
+                break
+        else:
+            bins.append([r])
+            room.append(max_length - n)
+    return bins
+
+
+def collate_packed(bins: Sequence[Sequence[Rendered]], pad_id: int, max_length: int | None = None
+                   ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Packed rows: ``input_ids``, ``loss_mask``, ``position_ids`` (B, T) long, T = `max_length` or the longest.
+
+    Pass ``position_ids`` to the model and no ``attention_mask`` (see the module docstring).
+
+    >>> out = collate_packed([[Rendered([5, 6, 7], [0, 1, 1]), Rendered([8, 9], [1, 1])]], pad_id=0, max_length=7)
+    >>> out["position_ids"].tolist(), out["loss_mask"].tolist()
+    ([[0, 1, 2, 0, 1, 0, 1]], [[0, 1, 1, 0, 1, 0, 0]])
+    """
+    if not bins:
+        raise ValueError("collate_packed needs at least one bin")
+    lengths = [sum(len(r.input_ids) for r in b) for b in bins]
+    T = max_length if max_length is not None else max(lengths)
+    if max(lengths) > T:
+        raise ValueError(f"a packed row of {max(lengths)} tokens is longer than max_length={T}")
+    B = len(bins)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    for b, docs in enumerate(bins):
+        at = 0
+        for r in docs:
+            n = len(r.input_ids)
+            input_ids[b, at : at + n] = torch.tensor(r.input_ids, dtype=torch.long)
+            loss_mask[b, at : at + n] = torch.tensor(r.loss_mask, dtype=torch.long)
+            loss_mask[b, at] = 0  # never predict a document's first token from the previous document
+            position_ids[b, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[b, at:] = torch.arange(T - at)  # padding: a separate trailing "document"
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "position_ids": position_ids}

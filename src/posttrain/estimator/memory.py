@@ -1,0 +1,258 @@
+"""Peak memory per device of one training setup, term by term, in bytes.
+
+Pure functions of a `Setup` (resolved, validated inputs). Sources, cited where each formula is used:
+  [ZeRO]   Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models",
+           sec. 3.1 (16 bytes/param for mixed-precision Adam) and Fig. 1 (ZeRO-1/2/3 partitioning).
+  [QLoRA]  Dettmers et al. 2023, sec. 3 (NF4 with blocks of 64, double quantisation: 4.127 bits/param).
+  [8bitOpt] Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization" (2 bytes for Adam's m and v).
+  [LoRA]   Hu et al. 2021 (r x (d_in + d_out) parameters per adapted matrix).
+  [Korth]  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
+           (arXiv 2205.05198), sec. 4: activation bytes per layer, 2 s b h per layer under full recomputation.
+  [DS]     DeepSpeed `estimate_zero3_model_states_mem_needs`: 4 bytes x the largest layer for gathered params.
+
+What it does not model: CUDA context and allocator fragmentation (left as headroom, see hardware.py), tensor
+or pipeline parallelism, CPU offload, temporary buffers of individual kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.estimator.models import Arch
+
+GB = 1e9  # decimal gigabytes: what the result reports
+
+# Bytes per frozen weight of the quantised linear layers.
+# NF4 [QLoRA sec. 3]: 4 bits + double-quantised block constants (8/64 + 32/(64*256) = 0.127 bit) = 4.127 bits.
+NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+INT8_BYTES = 1.0  # LLM.int8: int8 weights; the per-row fp16 scales are negligible
+
+# Optimizer state bytes per trainable parameter, without a master copy.
+# AdamW keeps m and v (2 x 4 bytes in fp32) [ZeRO 3.1]; 8-bit AdamW 1 + 1 byte [8bitOpt]; SGD one momentum.
+STATE_BYTES = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 4.0}
+# Pure 16-bit training keeps AdamW/SGD states in 16 bits too (2 + 2 bytes for m, v; 2 for momentum).
+STATE_BYTES_16 = {"adamw": 4.0, "adamw-8bit": 2.0, "sgd": 2.0}
+
+SHARD_STAGE = {"none": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-grad-op": 2}
+LORA_TECHNIQUES = ("lora", "qlora", "8bit")
+RL_METHODS = ("ppo", "grpo")
+
+# Which terms a breakdown always shows (0 where absent); extra terms appear only when non-zero.
+CORE_TERMS = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits",
+    "reference_model",
+    "reward_model",
+    "value_model",
+    "kv_cache",
+    "rollout_buffers",
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Resolved inputs of one estimate; `core.estimate` builds and validates it."""
+
+    arch: Arch
+    method: str = "sft"  # sft | reward | dpo | ppo | grpo
+    technique: str = "full"  # full | lora | qlora | 8bit (LoRA on an int8 base)
+    precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | bf16 | fp16 | fp32
+    optimizer: str = "adamw"  # adamw | adamw-8bit | sgd
+    batch_size: int = 4  # sequences (prompts for RL, pairs for DPO/reward) per forward pass per GPU
+    seq_len: int = 2048  # tokens per sequence, prompt + response
+    gradient_checkpointing: bool = False
+    lora_rank: int = 16
+    lora_dropout: float = 0.05
+    num_gpus: int = 1
+    sharding: str = "none"
+    group_size: int = 8  # G: completions per prompt (GRPO)
+    completion_len: int = 1024  # generated tokens per sequence (PPO, GRPO), part of seq_len
+    reference: str = "none"  # model | adapter | precomputed | none
+    reward_arch: Arch | None = None  # a learned reward model held in memory (PPO, GRPO)
+    value_arch: Arch | None = None  # the critic (PPO)
+    rollout_engine: str = "hf"  # hf (generate, KV cache freed after) | vllm (resident engine)
+    attention: str = "flash"  # flash/sdpa (no s^2 scores kept) | eager
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one forward pass per GPU: DPO and reward models see chosen and rejected."""
+        if self.method in ("dpo", "reward"):
+            return 2 * self.batch_size
+        if self.method == "grpo":
+            return self.batch_size * self.group_size
+        return self.batch_size
+
+    @property
+    def logit_tokens(self) -> int:
+        """Positions whose vocabulary-sized logits are materialised in one forward pass per GPU."""
+        if self.method == "reward":
+            return 0  # a scalar head, no LM head [reward models: InstructGPT sec. 3.5]
+        if self.method in RL_METHODS:
+            # RL losses need log-probs of completion tokens only (TRL's `logits_to_keep`).
+            return self.sequences * self.completion_len
+        return self.sequences * self.seq_len
+
+
+def _stage(s: Setup) -> int:
+    return SHARD_STAGE[s.sharding]
+
+
+def trainable_bytes(s: Setup) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per fully trained parameter [ZeRO 3.1].
+
+    Mixed precision: 2 + 2 + (4 fp32 master + states) = 16 for AdamW, the paper's K = 12.
+    """
+    if s.precision == "fp32":
+        return 4.0, 4.0, STATE_BYTES[s.optimizer]
+    if s.precision in ("bf16", "fp16"):
+        return 2.0, 2.0, STATE_BYTES_16[s.optimizer]
+    return 2.0, 2.0, 4.0 + STATE_BYTES[s.optimizer]
+
+
+def adapter_bytes(s: Setup) -> tuple[float, float, float]:
+    """LoRA adapters are kept in fp32 (peft's `autocast_adapter_dtype=True`), so no separate master copy."""
+    return 4.0, 4.0, STATE_BYTES[s.optimizer]
+
+
+def frozen_weight_bytes(s: Setup, arch: Arch, quantised: bool) -> float:
+    """Bytes of a frozen copy of `arch`: 16-bit (fp32 when training in fp32); with `quantised` the blocks'
+    linear layers are NF4 [QLoRA] or int8, while embeddings, LM head and norms stay 16-bit."""
+    dense = 4.0 if s.precision == "fp32" else 2.0
+    if not quantised:
+        return arch.params * dense
+    qbytes = NF4_BYTES if s.technique == "qlora" else INT8_BYTES
+    return arch.linear_params * qbytes + (arch.params - arch.linear_params) * dense
+
+
+def model_states(s: Setup, arch: Arch) -> dict[str, float]:
+    """Weights, gradients and optimizer states of one trained model, per GPU after sharding.
+
+    [ZeRO Fig. 1]: ZeRO-1 partitions optimizer states, ZeRO-2 also gradients, ZeRO-3 (= FSDP full shard) also
+    weights, each over N data-parallel ranks. A 4-bit/8-bit frozen base is partitioned by FSDP but not by
+    DeepSpeed ZeRO-3 (reported for DeepSpeed + QLoRA), so `zero3` keeps it whole.
+    """
+    n, stage = s.num_gpus, _stage(s)
+    if s.technique == "full":
+        w, g, k = trainable_bytes(s)
+        p = arch.params
+        return {
+            "weights": p * w / (n if stage >= 3 else 1),
+            "gradients": p * g / (n if stage >= 2 else 1),
+            "optimizer_states": p * k / (n if stage >= 1 else 1),
+        }
+    quantised = s.technique in ("qlora", "8bit")
+    base = frozen_weight_bytes(s, arch, quantised)
+    if stage >= 3 and not (quantised and s.sharding == "zero3"):
+        base /= n
+    a = arch.lora_params(s.lora_rank)
+    w, g, k = adapter_bytes(s)
+    return {
+        "weights": base + a * w / (n if stage >= 3 else 1),
+        "gradients": a * g / (n if stage >= 2 else 1),
+        "optimizer_states": a * k / (n if stage >= 1 else 1),
+    }
+
+
+def layer_activation_bytes_per_token(s: Setup) -> float:
+    """Bytes one block saves for backward, per token, without recomputation.
+
+    [Korth sec. 4.1] counts 34 h (+ 5 a s for attention scores) bytes per token for a GPT block in 16 bit. Redone
+    for a Llama-style block with the same method: attention saves its input, Q, K, V and output
+    (2h + 2h + 4 kv_dim + 2h); the SwiGLU MLP its input, gate, up, SiLU(gate) and their product (2h + 8f); the
+    two RMSNorms their inputs (4h); no dropout. FlashAttention/SDPA keeps no s x s scores; eager attention adds
+    [Korth]'s 5 a s. LoRA dropout (p > 0) stores a dropped-out copy and a bool mask of each adapted input
+    (q, k, v, o, gate, up read h; down reads f).
+    """
+    a = s.arch
+    h, f, kv = a.hidden, a.intermediate, a.kv_dim
+    scale = s.act_bytes / 2  # the constants above are for 16-bit activations
+    per = (12 * h + 4 * kv + 8 * f) * scale
+    if s.attention == "eager":
+        per += 5 * a.heads * s.seq_len * scale
+    if s.technique in LORA_TECHNIQUES and s.lora_dropout > 0:
+        per += (6 * h + f) * (s.act_bytes + 1)
+    return per
+
+
+def activation_bytes(s: Setup) -> float:
+    """Activations kept for backward in one forward pass per GPU (the trained model only).
+
+    With full recomputation (gradient checkpointing) [Korth sec. 4.2] keeps 2 s b h bytes per layer (each block's
+    16-bit input) plus, during backward, one block's full activations while it is recomputed.
+    """
+    tokens = s.sequences * s.seq_len
+    per_layer = layer_activation_bytes_per_token(s) * tokens
+    if s.gradient_checkpointing:
+        return s.arch.layers * s.arch.hidden * s.act_bytes * tokens + per_layer
+    return s.arch.layers * per_layer
+
+
+def logits_bytes(s: Setup) -> float:
+    """The vocabulary-sized tensors of the loss: the model's logits, their fp32 upcast (Hugging Face's loss
+    does `logits.float()`) and the fp32 log-softmax cross-entropy keeps for backward; b x s x V values each."""
+    per_value = 4.0 + 4.0 if s.precision == "fp32" else 2.0 + 4.0 + 4.0
+    return s.logit_tokens * s.arch.vocab * per_value
+
+
+def kv_cache_bytes(s: Setup) -> float:
+    """KV cache for generating the rollouts: 2 (K, V) x L x kv_heads x head_dim x bytes x tokens x sequences
+    (e.g. 128 KiB per token for Llama-3-8B in 16 bit). Only RL methods generate."""
+    if s.method not in RL_METHODS:
+        return 0.0
+    a = s.arch
+    return 2 * a.layers * a.kv_dim * s.act_bytes * s.seq_len * s.sequences
+
+
+def rollout_buffer_bytes(s: Setup) -> float:
+    """Per-token rollout tensors: int64 ids and mask, and fp32 old log-probs, reference log-probs, advantages
+    (+ values and returns for PPO)."""
+    if s.method not in RL_METHODS:
+        return 0.0
+    floats = 5 if s.method == "ppo" else 3
+    return s.sequences * s.seq_len * (8 + 8 + 4 * floats)
+
+
+def breakdown_bytes(s: Setup) -> dict[str, float]:
+    """Every memory term of the setup, per GPU, in bytes."""
+    n, stage = s.num_gpus, _stage(s)
+    out = dict.fromkeys(CORE_TERMS, 0.0)
+    out.update(model_states(s, s.arch))
+    out["activations"] = activation_bytes(s)
+    out["logits"] = logits_bytes(s)
+    if s.reference == "model":
+        # A frozen policy-sized copy, forward only; ZeRO-3/FSDP shard it like the policy.
+        out["reference_model"] = frozen_weight_bytes(s, s.arch, quantised=False) / (n if stage >= 3 else 1)
+    if s.reward_arch is not None:
+        out["reward_model"] = frozen_weight_bytes(s, s.reward_arch, quantised=False) / (
+            n if stage >= 3 else 1
+        )
+    if s.value_arch is not None:
+        out["value_model"] = sum(model_states(s, s.value_arch).values())
+    out["kv_cache"] = kv_cache_bytes(s)
+    out["rollout_buffers"] = rollout_buffer_bytes(s)
+    if stage >= 3 and n > 1:
+        out["gathered_params"] = 4 * s.arch.largest_layer_params  # [DS]
+    if s.method in RL_METHODS and s.rollout_engine == "vllm":
+        # vLLM holds its own 16-bit copy of the policy for generation.
+        out["generation_weights"] = s.arch.params * 2.0
+    return out
+
+
+def peak_bytes(s: Setup, terms: dict[str, float] | None = None) -> float:
+    """Peak per GPU: everything resident, plus the larger of the two phases of a step.
+
+    Activations and logits live only while training on a batch; a Hugging Face `generate` KV cache only while
+    generating, so they are not held together. vLLM keeps its KV cache allocated, so it counts as resident.
+    """
+    t = breakdown_bytes(s) if terms is None else terms
+    train = t["activations"] + t["logits"]
+    gen = t["kv_cache"] if s.rollout_engine == "hf" else 0.0
+    resident = sum(t.values()) - train - gen
+    return resident + max(train, gen)
