@@ -6,13 +6,15 @@ Letters: B rows in the batch, T tokens per row.
 
 `pack` + `collate_packed` put several examples into one row of at most `max_length` tokens, with no
 ``attention_mask`` but ``position_ids`` restarting at 0 at every example. That is how transformers 5 expresses
-packing: when ``attention_mask`` is None and ``position_ids`` restart inside a row,
+packing: when ``attention_mask`` is None, no cache is in use and ``position_ids`` restart inside a row,
 `transformers.masking_utils.find_packed_sequence_indices` splits the row into documents and builds a causal,
-block-diagonal mask (sdpa, eager and flex attention), and flash-attention-2 runs varlen kernels from the same
-position ids. So the caller must pass ``position_ids`` and must NOT pass an ``attention_mask`` for packed
-batches. The padding at a row's end gets its own positions 0, 1, ... (a document of its own that real tokens,
-all before it, never attend to). ``loss_mask`` is 0 at each example's first token, so no example is trained to
-be predicted from the previous example's last token. `tests/unit/test_packing.py` proves isolation: each
+block-diagonal mask (sdpa, eager, flex attention); flash-attention-2 runs varlen kernels from the same position
+ids. So the caller must call ``model(input_ids=..., position_ids=..., use_cache=False)``: no
+``attention_mask``, and ``use_cache=False``, because with a cache (the default ``use_cache=True`` creates one
+even in training) transformers 5.23 skips the packed-sequence detection and examples WOULD see each other.
+The padding at a row's end gets its own positions 0, 1, ... (a document of its own that real tokens, all
+before it, never attend to). ``loss_mask`` is 0 at each example's first token, so no example is trained to be
+predicted from the previous example's last token. `tests/unit/test_packing.py` proves isolation: each
 example's logits inside a packed row equal its logits run alone.
 
 This module does not tokenize (see `render.py`).
@@ -21,16 +23,22 @@ This module does not tokenize (see `render.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from posttrain.data.render import Rendered
+
+if TYPE_CHECKING:
+    import torch
 
 
 def collate(rendered: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest: ``input_ids``, ``attention_mask``, ``loss_mask``, each (B, T) long."""
+    import torch  # here, not at the top: `import posttrain.data` stays light
+
     if not rendered:
         raise ValueError("collate needs at least one example")
+    if pad_id is None:
+        raise ValueError("pad_id is None: the tokenizer has no pad token; pass its eos_token_id")
     T = max(len(r.input_ids) for r in rendered)
     B = len(rendered)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -58,7 +66,9 @@ def pack(rendered: Sequence[Rendered], max_length: int) -> list[list[Rendered]]:
     for r in rendered:
         n = len(r.input_ids)
         if n > max_length:
-            raise ValueError(f"an example of {n} tokens is longer than max_length={max_length}; truncate first")
+            raise ValueError(
+                f"an example of {n} tokens is longer than max_length={max_length}; truncate first"
+            )
         for i, left in enumerate(room):
             if n <= left:
                 bins[i].append(r)
@@ -74,14 +84,18 @@ def collate_packed(bins: Sequence[Sequence[Rendered]], pad_id: int, max_length: 
                    ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Packed rows: ``input_ids``, ``loss_mask``, ``position_ids`` (B, T) long, T = `max_length` or the longest.
 
-    Pass ``position_ids`` to the model and no ``attention_mask`` (see the module docstring).
+    Call ``model(input_ids=..., position_ids=..., use_cache=False)``, no ``attention_mask`` (module docstring).
 
     >>> out = collate_packed([[Rendered([5, 6, 7], [0, 1, 1]), Rendered([8, 9], [1, 1])]], pad_id=0, max_length=7)
     >>> out["position_ids"].tolist(), out["loss_mask"].tolist()
     ([[0, 1, 2, 0, 1, 0, 1]], [[0, 1, 1, 0, 1, 0, 0]])
     """
+    import torch  # here, not at the top: `import posttrain.data` stays light
+
     if not bins:
         raise ValueError("collate_packed needs at least one bin")
+    if pad_id is None:
+        raise ValueError("pad_id is None: the tokenizer has no pad token; pass its eos_token_id")
     lengths = [sum(len(r.input_ids) for r in b) for b in bins]
     T = max_length if max_length is not None else max(lengths)
     if max(lengths) > T:

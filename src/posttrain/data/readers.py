@@ -55,7 +55,9 @@ def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]
         return _read_datasets_dir(p, name), []
     suffix = p.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
-        _fail(name, f"unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}")
+        _fail(
+            name, f"unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}"
+        )
     try:
         raw = p.read_bytes()
     except OSError as err:
@@ -151,7 +153,9 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     else:
         _fail(name, f"expected {shape}, got {_json_type(top)}")
     starts = _element_lines(text, key)
-    if len(starts) != len(rows):  # cannot happen for text json.loads accepted; row numbers are a safe fallback
+    if len(starts) != len(
+        rows
+    ):  # cannot happen for text json.loads accepted; row numbers are a safe fallback
         starts = list(range(1, len(rows) + 1))
     records, problems = [], []
     for line, row in zip(starts, rows):
@@ -223,7 +227,9 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):
-            problems.append(Problem(name, line, None, f"{len(cells)} cells, but the header has {len(header)}"))
+            problems.append(
+                Problem(name, line, None, f"{len(cells)} cells, but the header has {len(header)}")
+            )
             continue
         row: dict[str, Any] = {}
         for col, cell in zip(header, cells):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from posttrain.data.schema import normalise_row
 from posttrain.errors import DataError, Problem, UserError
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -63,11 +64,14 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
                ) -> Rendered:  # fmt: skip
     """Token ids and loss mask of one normalised SFT row (see `load_rows`), truncated to `max_length`.
 
+    A raw ``prompt``/``completion`` row (e.g. from ``TASKS[name].make``) is normalised first.
     Raises `DataError` naming `source`, the row's line and ``max_length`` when no target token survives
     truncation (the prompt alone fills `max_length`).
     """
     if train_on not in ("completion", "all"):
         raise ValueError(f"train_on must be 'completion' or 'all', got {train_on!r}")
+    if "messages" not in row and "text" not in row:  # a raw prompt/completion row, e.g. from a task's make()
+        row = normalise_row(row, "sft", source=source, line=getattr(row, "line", None))
     if "text" in row and "messages" not in row:
         ids = tokenizer(row["text"])["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -80,15 +84,13 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
         if train_on == "all" or not row.get("completion_only", True):
             mask = [1] * len(ids)
     truncated = len(ids) > max_length
-    ids, mask = ids[:max_length], mask[:max_length]
-    if not any(mask[1:]):
-        first = next((t for t, m in enumerate(mask) if m), len(ids))
-        line = getattr(row, "line", None)
-        raise DataError([Problem(source, line, "max_length", (
-            f"the prompt alone is {first if first < len(ids) else 'at least ' + str(len(ids))} tokens, "
-            f">= max_length {max_length}: no completion token would be trained; raise data.max_length or "
-            "shorten this row")
+    if not any(mask[1:max_length]):  # position 0 is never a target (nothing predicts it)
+        first = next((t for t, m in enumerate(mask) if m and t), len(ids))
+        raise DataError([Problem(source, getattr(row, "line", None), "max_length", (
+            f"the prompt alone is {first} tokens, >= max_length {max_length}: no completion token would be "
+            "trained; raise data.max_length or shorten this row")
         )])  # fmt: skip
+    ids, mask = ids[:max_length], mask[:max_length]
     return Rendered(ids, mask, truncated)
 
 
@@ -123,9 +125,13 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
             out.append(render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source))
         except DataError as err:
             for p in err.problems:  # rows without a file line are numbered by position
-                problems.append(p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}"))
+                problems.append(
+                    p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}")
+                )
     if problems:
-        raise DataError(problems, header=f"{source}: {len(problems)} row(s) do not fit max_length={max_length}")
+        raise DataError(
+            problems, header=f"{source}: {len(problems)} row(s) do not fit max_length={max_length}"
+        )
     n_truncated = sum(r.truncated for r in out)
     if n_truncated:
         warnings.warn(
@@ -141,7 +147,9 @@ def _end_of_turn_tokens(tokenizer) -> list[str]:
     names = {tokenizer.eos_token} if tokenizer.eos_token else set()
     for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
         content = str(getattr(tok, "content", tok))
-        if getattr(tok, "special", False) and any(k in content.lower() for k in ("end", "eot", "eos", "</s>")):
+        if getattr(tok, "special", False) and any(
+            k in content.lower() for k in ("end", "eot", "eos", "</s>")
+        ):
             names.add(content)
     return sorted(names, key=len, reverse=True)
 

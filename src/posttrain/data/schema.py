@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from jsonschema import Draft202012Validator
 
@@ -129,6 +128,19 @@ def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:
     return rows, shapes
 
 
+def normalise_row(data: dict, kind: str = "sft", *, source: str = "data", line: int | None = None) -> Row:
+    """Check and normalise one in-memory row (e.g. straight from a task's ``make``); raise `DataError` if bad.
+
+    >>> normalise_row({"prompt": "q", "completion": "a"})["messages"][1]
+    {'role': 'assistant', 'content': 'a'}
+    """
+    found: list[Problem] = []
+    _, row = check_row(data, kind, lambda field, msg: found.append(Problem(source, line, field, msg)))
+    if found:
+        raise DataError(found)
+    return Row(row, line=line)
+
+
 class Row(dict):
     """A normalised row: a plain dict that also remembers the file `line` it came from (for error messages)."""
 
@@ -214,7 +226,9 @@ def _explain(err) -> list[tuple[str | None, str]]:
         return [(_path([*path, k]), f"unknown field (allowed here: {allowed})") for k in extra]
     if v == "type":
         want = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
-        return [(field, f"must be {' or '.join(_TYPE_NAMES[t] for t in want)}, got {_json_type(err.instance)}")]
+        return [
+            (field, f"must be {' or '.join(_TYPE_NAMES[t] for t in want)}, got {_json_type(err.instance)}")
+        ]
     if v == "enum":
         options = ", ".join(map(str, err.validator_value))
         return [(field, f"must be one of {options}; got {err.instance!r}")]
@@ -253,7 +267,11 @@ def _normalise_sft(data: dict, report) -> dict | None:
     if "text" in data:
         if not data["text"].strip():
             report("text", "empty text")
-        return None if report.n > n else {"text": data["text"], "completion_only": False, **_extras(data, ("text",))}
+        return (
+            None
+            if report.n > n
+            else {"text": data["text"], "completion_only": False, **_extras(data, ("text",))}
+        )
     if "messages" in data:
         _check_chat(data["messages"], "messages", report)
         row = {"messages": copy.deepcopy(data["messages"]), "completion_only": True}
@@ -280,11 +298,17 @@ def _normalise_preference(data: dict, report) -> dict | None:
     n = report.n
     if "prompt" in data:
         prompt = _as_messages(data["prompt"], "user")
-        chosen, rejected = _as_messages(data["chosen"], "assistant"), _as_messages(data["rejected"], "assistant")
+        chosen, rejected = (
+            _as_messages(data["chosen"], "assistant"),
+            _as_messages(data["rejected"], "assistant"),
+        )
     else:
         # Whole conversations: the shared leading messages are the prompt (leave at least one message each).
         k = 0
-        while k < min(len(data["chosen"]), len(data["rejected"])) - 1 and data["chosen"][k] == data["rejected"][k]:
+        while (
+            k < min(len(data["chosen"]), len(data["rejected"])) - 1
+            and data["chosen"][k] == data["rejected"][k]
+        ):
             k += 1
         prompt = copy.deepcopy(data["chosen"][:k])
         chosen, rejected = copy.deepcopy(data["chosen"][k:]), copy.deepcopy(data["rejected"][k:])

@@ -190,6 +190,8 @@ def _setup(
 def _gpus_needed(s: memory.Setup, gpu: GPU) -> tuple[int | None, str]:
     """Fewest GPUs (powers of two) that hold the setup; unsharded setups are counted with FSDP full shard."""
     sharding = s.sharding if memory.SHARD_STAGE[s.sharding] > 0 else "fsdp"
+    if memory.activation_bytes(s) + memory.logits_bytes(s) > gpu.memory_gb * memory.GB:
+        return None, sharding  # activations are per GPU: sharding the model states cannot help
     n = 1
     while n <= 1024:
         trial = replace(s, num_gpus=n, sharding=sharding if n > 1 else s.sharding)
@@ -292,7 +294,11 @@ def estimate(
             f"for {needed} of them with {needed_sharding} sharding"
         )
     elif needed is None:
-        notes.append(f"does not fit even 1024 x {chosen.name}; time and cost are for {s.num_gpus}")
+        notes.append(
+            f"does not fit any number of {chosen.name}: activations and logits of one micro-batch per GPU need "
+            f"{terms['activations'] / memory.GB + terms['logits'] / memory.GB:.1f} GB; use gradient checkpointing, "
+            f"a smaller batch_size or seq_len. Time and cost are for {s.num_gpus} GPU(s)"
+        )
 
     flops = compute.flops_breakdown(s, tokens)
     hrs = compute.hours(s, flops, tokens, chosen, used, mfu=mfu)

@@ -52,7 +52,9 @@ def bnb_config(technique: TechniqueConfig, compute_dtype):
     )
 
 
-def apply_lora(model, technique: TechniqueConfig, *, gradient_checkpointing: bool = False, compute_dtype=None):
+def apply_lora(
+    model, technique: TechniqueConfig, *, gradient_checkpointing: bool = False, compute_dtype=None
+):
     """Freeze `model` and wrap it in a peft `PeftModel` with fresh LoRA adapters (the only trainable weights).
 
     For a 4-bit model, peft's `prepare_model_for_kbit_training` freezes the base and casts every bf16/fp16

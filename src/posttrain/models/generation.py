@@ -25,7 +25,9 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
         if not getattr(tokenizer, "chat_template", None):
             from posttrain.errors import UserError
 
-            raise UserError("this tokenizer has no chat template, so prompts must be plain strings, not messages")
+            raise UserError(
+                "this tokenizer has no chat template, so prompts must be plain strings, not messages"
+            )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -73,6 +75,9 @@ def generate(
         eos_token_id=eos or None,
         pad_token_id=pad_id,
         use_cache=True,
+        # Stop decoding a row as soon as it contains a stop string (saves the tokens after it); the text is
+        # still cut below, since the matched string itself must go.
+        stop_strings=list(stop) if stop else None,
     )
     # Longest prompts first, batched by similar length: less padding per batch. Results go back in order.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -91,7 +96,7 @@ def generate(
                     [texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False,
                 ).to(device)  # fmt: skip
-                out = model.generate(**enc, generation_config=gen_cfg)  # (b, prompt_len + new)
+                out = model.generate(**enc, generation_config=gen_cfg, tokenizer=tokenizer)  # (b, prompt_len + new)
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new_tokens.tolist()):
                     results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)

@@ -90,7 +90,17 @@ def _hub_offline() -> bool:
 
 
 def _looks_local(name: str) -> bool:
-    return "/" in name or "\\" in name or name.startswith((".", "~")) or name.lower().endswith(".gguf")
+    """A path the user meant as a file or folder here; a hub id is `name` or `org/name` (one slash at most).
+
+    >>> [_looks_local(n) for n in ["./m", "/abs/m", "~/m", "m.gguf", "a/b/c", "org/name", "gpt2"]]
+    [True, True, True, True, True, False, False]
+    """
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.lower().endswith(".gguf")
+    )
 
 
 def resolve_model(name: str) -> ResolvedModel:
@@ -170,6 +180,20 @@ def embedded_model_dir(name: str) -> Path:
     return target
 
 
+def load_gguf(gguf_path: str | Path):
+    """(model, tokenizer) read from a GGUF file by transformers, weights dequantised to float32 (slow: ~25 s for
+    SmolLM2-135M, mostly parsing the GGUF metadata)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model, tokenizer
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") -> Path:
     """Convert a GGUF model to a safetensors folder (model, tokenizer, generation config), atomically.
 
@@ -179,17 +203,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") 
     last, so an interrupted conversion never leaves a half-written model behind.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        gguf_model, tokenizer = load_gguf(gguf_path)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -66,6 +66,8 @@ def model_token_logps(
     input_ids, attention_mask, position_ids: (B, T). Returns (B, T-1) float32, aligned with `input_ids[:, 1:]`
     (so a completion mask for it is `mask[:, 1:]`). Gradients flow when the model has trainable parameters.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     return token_logps(logits, input_ids[:, 1:])

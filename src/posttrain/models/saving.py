@@ -44,7 +44,9 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["base_model"] = base_model
     adapter = is_adapter_model(model)
     if adapter:
-        info["technique"] = "qlora" if getattr(model, "is_loaded_in_4bit", False) else info.get("technique", "lora")
+        info["technique"] = (
+            "qlora" if getattr(model, "is_loaded_in_4bit", False) else info.get("technique", "lora")
+        )
     else:
         info.setdefault("technique", "full")
         if info["technique"] in ("lora", "qlora"):  # the adapter was merged or removed: a plain model now
@@ -65,7 +67,11 @@ def _trained_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFoundError(f"trained model {str(path)!r} not found: no such folder ({p.resolve()}).")
-    if (p / "final").is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+    if (
+        (p / "final").is_dir()
+        and not (p / "config.json").is_file()
+        and not (p / "adapter_config.json").is_file()
+    ):
         p = p / "final"
     if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise ModelNotFoundError(
@@ -127,7 +133,9 @@ def load_trained(path: str | Path, *, device=None):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if info["kind"] == "adapter":
-        model = _load_base_and_adapter(folder, info, device=device, quantised=info.get("technique") == "qlora")
+        model = _load_base_and_adapter(
+            folder, info, device=device, quantised=info.get("technique") == "qlora"
+        )
     else:
         import torch
 
@@ -157,7 +165,11 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
     merged = model.merge_and_unload()
-    merged.posttrain_info = {"base_model": info.get("base_model"), "technique": "merged", "merged_from": str(folder)}
+    merged.posttrain_info = {
+        "base_model": info.get("base_model"),
+        "technique": "merged",
+        "merged_from": str(folder),
+    }
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
         from posttrain.errors import UserError

@@ -103,7 +103,7 @@ def training_loop(
                     finite &= bool(torch.isfinite(loss_sum.detach()))
                     accelerator.backward(normalise_loss(loss_sum, total_units, world))
                 for k, v in {"loss": loss_sum, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
 
             # ---- clip, guard against NaN/inf (loss or gradient), step
             grad_norm = float("nan")

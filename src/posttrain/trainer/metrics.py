@@ -41,6 +41,7 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,145 @@
+"""SFT speed and memory on the embedded SmolLM2-135M-Instruct: full fine-tuning, LoRA and QLoRA.
+
+For each technique, in a fresh child process (so that peak RSS is that technique's own), it runs the real
+posttrain step (`algorithms.sft.loss_fn` + AdamW, as the trainer does) on batches of the built-in structured task,
+and reports step time, trained tokens per second, peak RSS, and FLOP utilisation:
+
+    utilisation = 6 x parameters x tokens/s  /  measured fp32 matmul throughput of this machine
+
+(6 P per token: forward 2 P + backward 4 P; Kaplan et al. 2020, "Transformer Math 101"). The matmul throughput
+is measured in the same run (square fp32 GEMMs). LoRA does less work than 6 P per token (no weight gradients
+for the frozen base, about 4 P), so its utilisation by this formula can exceed full fine-tuning's: the number
+to compare across techniques is tokens/s.
+
+    python benchmarks/sft_speed.py                 # all three, 6 timed steps each
+    python benchmarks/sft_speed.py --techniques lora --steps 3 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured fp32 GEMM throughput (GFLOP/s) with torch's default threads: the machine's practical peak."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def dense_parameter_count(model) -> int:
+    """Parameters of the unquantised architecture (4-bit storage packs two weights per element, so count
+    on a meta-device copy built from the config; tied embeddings count once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        dense = AutoModelForCausalLM.from_config(model.config)
+    return sum(p.numel() for p in dense.parameters())
+
+
+def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float) -> dict:
+    """One technique, measured inside this process."""
+    import torch
+
+    from posttrain.algorithms import get_algorithm
+    from posttrain.config import config_from_dict
+    from posttrain.data import TASKS, write_jsonl
+    from posttrain.models import describe_trainable, load_model, load_tokenizer
+    from posttrain.trainer.optim import build_optimizer
+
+    tmp = f"/tmp/posttrain-bench-{os.getpid()}.jsonl"
+    write_jsonl(TASKS["structured"].make(batch_size * (steps + 1), seed=0, split="train"), tmp)
+    cfg = config_from_dict({
+        "model": {"name": "smollm2-135m-instruct"},
+        "technique": {"name": technique, "r": 16, "alpha": 32, "dropout": lora_dropout},
+        "data": {"train": tmp, "max_length": max_length, "shuffle": False},
+        "optim": {"lr": 1e-5, "batch_size": batch_size},
+    })
+    algo = get_algorithm("sft")
+    tok = load_tokenizer(cfg.model)
+    data = algo.prepare(cfg, tok)
+    model = load_model(cfg.model, cfg.technique)
+    trainable, _ = describe_trainable(model)
+    total = dense_parameter_count(model)
+    opt = build_optimizer(model, cfg.optim)
+    times, tokens = [], []
+    for i in range(steps + 1):  # step 0 is a warm-up, not timed
+        batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
+        t = time.perf_counter()
+        loss_sum, _ = algo.loss_fn(model, batch, cfg)
+        (loss_sum / algo.loss_units(batch)).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t)
+            tokens.append(int(batch["attention_mask"].sum()))
+    os.unlink(tmp)
+    step_s = sum(times) / len(times)
+    return {
+        "technique": technique,
+        "params": total,
+        "trainable": trainable,
+        "step_s": step_s,
+        "tokens_per_step": sum(tokens) / len(tokens),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--techniques", nargs="+", default=["full", "lora", "qlora"])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=320)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout)))
+        return
+
+    peak = matmul_gflops()
+    rows = []
+    for technique in args.techniques:
+        cmd = [sys.executable, __file__, "--child", technique, "--steps", str(args.steps), "--batch-size",
+               str(args.batch_size), "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode:
+            sys.exit(f"{technique} failed:\n{out.stderr[-2000:]}")
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["flop_utilisation"] = 6 * row["params"] * row["tokens_per_s"] / (peak * 1e9)
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"matmul_gflops": peak, "rows": rows}, indent=1))
+        return
+    full = next((r for r in rows if r["technique"] == "full"), None)
+    print(f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s; batch {args.batch_size} examples, "
+          f"{args.steps} timed steps\n")
+    print("| technique | trainable params | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
+          "| FLOP utilisation (6P) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else ""
+        print(f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
+              f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
+              f"{100 * r['flop_utilisation']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

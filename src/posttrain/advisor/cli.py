@@ -1,0 +1,112 @@
+"""`posttrain advise`: the command line of `posttrain.advisor.advise`.
+
+A profile comes from `--profile FILE`, from one flag per profile key (flags override the file), or from
+`--interactive` questions. `--data FILE` fills the data counts from a data file. Prints the recommendation,
+or JSON with `--json`; `--write-config FILE` writes the first stage's `posttrain train` config (later stages
+beside it). A `UserError` is printed as one paragraph and gives exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from posttrain.errors import EXIT_OK, EXIT_USER, UserError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from posttrain.advisor.profile import KEYS
+
+    p = subparsers.add_parser(
+        "advise",
+        help="which method (SFT, DPO, PPO, GRPO) and technique for a task, why, and what it costs",
+        description="Recommend a post-training pipeline from a task profile (YAML, flags or questions).",
+    )
+    p.add_argument("--profile", metavar="FILE", help="flat YAML task profile (keys as the flags below)")
+    p.add_argument("--interactive", action="store_true", help="ask for each profile key, one at a time")
+    p.add_argument("--data", metavar="FILE", help="a JSONL/JSON/CSV data file: fills counts and lengths")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--write-config", metavar="FILE", help="write the first stage's train config here")
+    keys = p.add_argument_group("profile keys (override --profile)")
+    for key in KEYS:
+        keys.add_argument(f"--{key.name.replace('_', '-')}", dest=f"key_{key.name}", metavar=key.kind.upper(), help=key.question)  # fmt: skip
+    p.set_defaults(func=run)
+    return p
+
+
+def _profile(args: argparse.Namespace):
+    from posttrain.advisor.profile import KEYS, Profile, ask, coerce, load_profile
+
+    base = load_profile(args.profile) if args.profile else Profile()
+    if args.interactive:
+        asked = ask()
+        base = Profile(**{**base.to_dict(), **asked.to_dict()})
+    flags = {k.name: coerce(k.name, getattr(args, f"key_{k.name}"), "command line") for k in KEYS}
+    return Profile(**{**base.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
+
+
+def _write_configs(advice, path: str) -> list[str]:
+    first = Path(path)
+    written = []
+    for i, stage in enumerate(advice.configs):
+        target = first if i == 0 else first.with_name(f"{first.stem}-{i + 1}-{stage['stage']}{first.suffix}")
+        header = f"# posttrain advise: stage {i + 1} of {len(advice.configs)} ({stage['stage']})\n"
+        if stage["note"]:
+            header += f"# {stage['note']}\n"
+        try:
+            target.write_text(header + yaml.safe_dump(stage["config"], sort_keys=False), encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"{target}: cannot write the config ({err.strerror})") from None
+        written.append(str(target))
+    return written
+
+
+def format_advice(a) -> str:
+    e = a.estimate
+    out = [f"Recommendation: {' -> '.join(a.pipeline)}, technique {a.technique}", "", "Why:"]
+    out += [f"  - {r}" for r in a.reasons]
+    out += ["", "Risks to watch:"] + [f"  - {r}" for r in a.risks]
+    if a.would_change:
+        out += ["", "What would change it:"] + [f"  - {r}" for r in a.would_change]
+    if a.alternatives:
+        out += ["", "Alternatives:"]
+        for alt in a.alternatives:
+            label = " -> ".join(alt["pipeline"]) if "pipeline" in alt else f"technique {alt['technique']}"
+            out.append(f"  - {label}: {'; '.join(alt['reasons'])}")
+    stages = ", ".join(f"{s['method']} {s['hours']:.1f} h ${s['cost_usd']:,.0f}" for s in e["stages"])
+    out += [
+        "",
+        f"Estimate: peak {e['peak_memory_gb']:.1f} GB per GPU on {e['num_gpus']} x {e['gpu']}; "
+        f"{e['hours']:,.1f} h, ${e['cost_usd']:,.0f} ({stages})",
+        "",
+        "Assumptions:",
+    ]
+    out += [f"  - {n}" for n in a.assumptions]
+    out += [
+        "",
+        f"Config for `posttrain train` (stage 1, {a.pipeline[0]}):",
+        yaml.safe_dump(a.config, sort_keys=False),
+    ]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.advisor.core import advise
+
+    try:
+        advice = advise(_profile(args), data=args.data)
+        written = _write_configs(advice, args.write_config) if args.write_config else []
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER
+    if args.json:
+        print(json.dumps(advice.to_dict(), indent=2))
+    else:
+        print(format_advice(advice))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK

@@ -1,0 +1,209 @@
+"""Structured output: extract a person's record from a short text as a JSON object matching `SCHEMA`.
+
+The quickstart demo. The prompt names the five keys and nothing else; the rules below are only visible in the
+demonstrations, so a model has to LEARN them (an instruction-tuned base model emits plausible JSON that breaks
+them, and scores near 0% exact):
+
+- ``name``: the full name as written;
+- ``birth_date``: ISO ``YYYY-MM-DD``, whatever the text's format ("March 5th, 1990", "5 March 1990",
+  "the 5th of March 1990", "Mar. 5, 1990");
+- ``role``: a canonical lowercase snake_case code ("Data Scientist" -> ``data_scientist``), one of `ROLES`;
+- ``languages``: lowercase, in order of mention;
+- ``remote``: a boolean derived from the text ("works from home" -> true, "commutes to the office" -> false).
+
+No arithmetic: every value is a lookup or a copy, learnable by a 135M model in ~50 LoRA steps.
+Sentence templates are split: ``split="heldout"`` rows use only templates (including first-person ones) that
+training never sees; the value phrasings (date formats, role titles, remote phrases) are shared.
+The completion is ``json.dumps(answer, separators=(",", ":"))``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from posttrain.data.tasks.base import task_rng
+
+ROLES = ("software engineer", "data scientist", "nurse", "high school teacher", "graphic designer",
+         "accountant", "civil engineer", "pharmacist", "product manager", "chef")  # fmt: skip
+FIELDS = ("name", "birth_date", "role", "languages", "remote")
+
+SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "birth_date": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+        "role": {"enum": [r.replace(" ", "_") for r in ROLES]},
+        "languages": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]+$"}, "minItems": 1},
+        "remote": {"type": "boolean"},
+    },
+    "required": list(FIELDS),
+    "additionalProperties": False,
+}
+_VALIDATOR = Draft202012Validator(SCHEMA)
+
+INSTRUCTION = (
+    "Extract a JSON object with the keys name, birth_date, role, languages and remote from this text."
+)
+
+FIRST = ("Maria", "James", "Aisha", "Kenji", "Lucia", "Omar", "Elena", "David", "Priya", "Lars", "Fatima",
+         "Chen", "Sofia", "Mateo", "Hannah", "Yusuf", "Ingrid", "Carlos", "Amara", "Tomas", "Nadia", "Pavel",
+         "Grace", "Rafael", "Leila", "Ethan", "Mei", "Jonas", "Zara", "Diego")  # fmt: skip
+LAST = ("Lopez", "Okafor", "Tanaka", "Schmidt", "Rossi", "Haddad", "Novak", "Kim", "Silva", "Andersen", "Patel",
+        "Dubois", "Moreau", "Nguyen", "Costa", "Kowalski", "Jensen", "Ibrahim", "Fischer", "Morales", "Larsen",
+        "Petrova", "Walsh", "Santos", "Bauer")  # fmt: skip
+LANGUAGES = ("English", "Spanish", "French", "German", "Italian", "Portuguese", "Japanese", "Mandarin", "Arabic",
+             "Hindi", "Russian", "Korean", "Dutch", "Swahili", "Polish", "Turkish")  # fmt: skip
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")  # fmt: skip
+# (third person, first person) verb phrases and the boolean they mean.
+REMOTE = ((("works remotely", "work remotely"), True), (("works from home", "work from home"), True),
+          (("works fully remote", "work fully remote"), True), (("works on site", "work on site"), False),
+          (("commutes to the office every day", "commute to the office every day"), False),
+          (("works at the company office", "work at the company office"), False))  # fmt: skip
+
+# Slots: {name} {first} {date} {a_role} {role} {langs} {remote} {remote1} (first person).
+TRAIN_TEMPLATES = (
+    "{name} was born on {date}. {first} is {a_role} who {remote} and speaks {langs}.",
+    "Meet {name}, {a_role} born on {date}. {first} speaks {langs} and {remote}.",
+    "{name} ({a_role}) was born on {date}, speaks {langs}, and {remote}.",
+    "Profile: {name}. Born {date}. Job: {role}. Languages: {langs}. {first} {remote}.",
+    "Our new colleague {name} {remote}. {first} is {a_role}, was born on {date} and speaks {langs}.",
+    "{name} speaks {langs}. Born on {date}, {first} now {remote} as {a_role}.",
+    "Born on {date}, {name} is {a_role}. {first} {remote} and is fluent in {langs}.",
+    "Name: {name}\nDate of birth: {date}\nOccupation: {role}\nSpeaks: {langs}\nNote: {first} {remote}.",
+    "{name}, who speaks {langs}, is {a_role}. {first} was born on {date} and {remote}.",
+    "As {a_role}, {name} {remote}. {first} was born on {date} and can speak {langs}.",
+    "This is {name}. {first} was born on {date}, {remote} as {a_role}, and speaks {langs}.",
+    "{name} is {a_role}. Birthday: {date}. Languages spoken: {langs}. {first} {remote}.",
+)
+HELDOUT_TEMPLATES = (
+    "Hi, I'm {name}! I was born on {date} and I work as {a_role}. I speak {langs}, and I {remote1}.",
+    "Employee record for {name}: {a_role}, born {date}, speaks {langs}. {first} {remote}.",
+    "{name} has been {a_role} for years. {first}, born on {date}, speaks {langs} and {remote}.",
+    "Everyone knows {name}: {a_role} who {remote}, speaks {langs}, and was born on {date}.",
+)
+
+
+def _ordinal(d: int) -> str:
+    """English ordinal.
+
+    >>> [_ordinal(d) for d in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23)]
+    ['1st', '2nd', '3rd', '4th', '11th', '12th', '13th', '21st', '22nd', '23rd']
+    """
+    suffix = "th" if 10 <= d % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(d % 10, "th")
+    return f"{d}{suffix}"
+
+
+DATE_FORMATS = (
+    lambda y, m, d: f"{MONTHS[m - 1]} {d}, {y}",
+    lambda y, m, d: f"{MONTHS[m - 1]} {_ordinal(d)}, {y}",
+    lambda y, m, d: f"{d} {MONTHS[m - 1]} {y}",
+    lambda y, m, d: f"the {_ordinal(d)} of {MONTHS[m - 1]} {y}",
+    lambda y, m, d: f"{MONTHS[m - 1][:3]}. {d}, {y}",
+)
+
+
+def _join(items: list[str]) -> str:
+    """English list.
+
+    >>> _join(["A"]), _join(["A", "B"]), _join(["A", "B", "C"])
+    ('A', 'A and B', 'A, B and C')
+    """
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def parse_json_object(text: str) -> Any:
+    """The JSON value in a completion (a ```json fence around it is tolerated), or None if it does not parse.
+
+    >>> parse_json_object('```json\\n{"a": 1}\\n```')
+    {'a': 1}
+    >>> parse_json_object('{"a": 1') is None
+    True
+    """
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    body = (fenced.group(1) if fenced else text).strip()
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        return None
+
+
+class Structured:
+    """Extract a person's record as JSON; the rules are learned from demonstrations (module docstring)."""
+
+    name = "structured"
+    schema = SCHEMA
+    fields = FIELDS
+
+    def make(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+        """`n` rows, deterministic in (`seed`, `split`); heldout rows use only heldout templates."""
+        rng = task_rng(self.name, seed, split)
+        templates = TRAIN_TEMPLATES if split == "train" else HELDOUT_TEMPLATES
+        rows = []
+        for i in range(n):
+            first, last = rng.choice(FIRST), rng.choice(LAST)
+            y, m, d = rng.randint(1950, 2005), rng.randint(1, 12), rng.randint(1, 28)
+            date_fmt = rng.randrange(len(DATE_FORMATS))
+            role = rng.choice(ROLES)
+            title = role.title() if rng.random() < 0.5 else role
+            langs = rng.sample(LANGUAGES, rng.choice((1, 2, 2, 3)))
+            (remote3, remote1), remote = rng.choice(REMOTE)
+            t = rng.randrange(len(templates))
+            text = templates[t].format(
+                name=f"{first} {last}", first=first, date=DATE_FORMATS[date_fmt](y, m, d),
+                a_role=("an " if title[0] in "AEIOUaeiou" else "a ") + title, role=title,
+                langs=_join(langs), remote=remote3, remote1=remote1,
+            )  # fmt: skip
+            answer = {
+                "name": f"{first} {last}",
+                "birth_date": f"{y:04d}-{m:02d}-{d:02d}",
+                "role": role.replace(" ", "_"),
+                "languages": [lang.lower() for lang in langs],
+                "remote": remote,
+            }
+            rows.append({
+                "id": f"structured-{split}-{seed}-{i}",
+                "prompt": f"{INSTRUCTION}\n\nText: {text}",
+                "completion": json.dumps(answer, separators=(",", ":")),
+                "answer": answer,
+                "metadata": {"task": self.name, "split": split, "template": f"{split}-{t}", "date_format": date_fmt},
+            })  # fmt: skip
+        return rows
+
+    def verify(self, completion: str, answer: dict) -> dict[str, bool]:
+        """``json_valid``, ``schema_match``, ``exact`` and ``field_<name>`` for each field.
+
+        >>> good = '{"name":"Ann Lee","birth_date":"1990-03-05","role":"chef","languages":["dutch"],"remote":true}'
+        >>> ans = json.loads(good)
+        >>> Structured().verify(good, ans)["exact"]
+        True
+        >>> v = Structured().verify(good.replace("1990-03-05", "March 5, 1990"), ans)
+        >>> v["json_valid"], v["schema_match"], v["exact"], v["field_birth_date"], v["field_role"]
+        (True, False, False, False, True)
+        >>> Structured().verify("no json here", ans)["json_valid"]
+        False
+        """
+        obj = parse_json_object(completion)
+        valid = isinstance(obj, dict)
+        out = {
+            "json_valid": valid,
+            "schema_match": valid and _VALIDATOR.is_valid(obj),
+            "exact": valid and obj == answer,
+        }
+        for f in FIELDS:
+            out[f"field_{f}"] = valid and f in obj and obj[f] == answer[f]
+        return out
+
+    def score(self, completion: str, answer: dict) -> float:
+        """Reward in [0, 1]: the fraction of fields exactly right (0 when the output is not a JSON object).
+
+        >>> Structured().score('{"name": "Ann Lee"}', {"name": "Ann Lee", "birth_date": "", "role": "",
+        ...     "languages": [], "remote": False})
+        0.2
+        """
+        v = self.verify(completion, answer)
+        return sum(v[f"field_{f}"] for f in FIELDS) / len(FIELDS)

@@ -1,0 +1,137 @@
+"""`posttrain estimate`: the command line of `posttrain.estimator.estimate`.
+
+Thin: parses flags that mirror the keyword arguments, calls `estimate` (or `reality_check` for `--table`) and
+prints a table or JSON. A `UserError` is printed as one paragraph and gives exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from posttrain.errors import EXIT_OK, EXIT_USER, UserError
+from posttrain.estimator.core import (
+    ENGINES,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    REFERENCES,
+    TECHNIQUES,
+    Estimate,
+)
+from posttrain.estimator.memory import SHARD_STAGE
+from posttrain.estimator.models import parse_size
+
+
+def _count(text: str) -> float:
+    """A token count such as ``1e9``, ``500M`` or ``2B``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = parse_size(text) or 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count (e.g. 1e9, 500M, 2B)")
+    return value
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "estimate",
+        help="memory per GPU, GPUs that fit, FLOPs, hours and cost of a post-training setup",
+        description="Estimate memory, compute, time and cost before training (no GPU or torch needed).",
+    )
+    a = p.add_argument
+    a("--model", default="7b", help="a size (7b, 135m), a known name (llama-3-8b) or a config.json path")
+    a("--method", default="sft", help=f"one of {', '.join(METHODS)}")
+    a("--technique", default="full", help=f"one of {', '.join(TECHNIQUES)} (8bit: LoRA on an int8 base)")
+    a("--precision", default="bf16-mixed", help=f"one of {', '.join(PRECISIONS)}")
+    a("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)}")
+    a("--batch-size", type=int, default=4, help="micro-batch per GPU: sequences, pairs (DPO) or prompts (RL)")
+    a("--seq-len", type=int, default=2048, help="tokens per sequence, prompt + response")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    a("--lora-rank", type=int, default=16)
+    a("--num-gpus", type=int, default=1)
+    a("--sharding", default="none", help=f"one of {', '.join(SHARD_STAGE)}")
+    a("--group-size", type=int, default=8, help="GRPO completions per prompt")
+    a(
+        "--completion-len",
+        type=int,
+        default=None,
+        help="generated tokens per sequence (RL; default seq_len/2)",
+    )
+    a("--tokens", type=_count, default=None, help="training tokens in total, e.g. 1e9 or 500M (default 1e8)")
+    a("--gpu", default=None, help="GPU for time and cost (default: the smallest that fits)")
+    a("--gpu-memory-gb", type=float, default=None, help="a GPU known only by its memory")
+    a("--gpu-table", default=None, metavar="FILE", help="YAML/JSON overriding or adding GPUs")
+    a("--reference", default=None, help=f"DPO/PPO/GRPO reference: one of {', '.join(REFERENCES)}")
+    a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO)")
+    a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO)")
+    a("--value-model", default=None, help="PPO critic size or name (default: the policy's)")
+    a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
+    a("--mfu", type=float, default=0.40, help="assumed fraction of peak FLOP/s")
+    a("--json", action="store_true", help="print JSON instead of a table")
+    a("--table", action="store_true", help="the reality check: every method x technique for --model")
+    p.set_defaults(func=run)
+    return p
+
+
+def _kwargs(args: argparse.Namespace) -> dict:
+    keys = (
+        "model method technique precision optimizer batch_size seq_len gradient_checkpointing lora_rank num_gpus "
+        "sharding group_size completion_len tokens gpu gpu_memory_gb gpu_table reference reward_model "
+        "reward_function value_model rollout_engine mfu"
+    ).split()
+    return {k: getattr(args, k) for k in keys}
+
+
+def format_estimate(e: Estimate) -> str:
+    i = e.inputs
+    shard = "" if i["sharding"] == "none" else f", {i['sharding']}"
+    lines = [
+        f"{e.model} ({e.params / 1e9:.2f}B params, {e.trainable_params / 1e6:,.1f}M trained): {e.method}, "
+        f"{e.technique}, {i['precision']}, {i['optimizer']}",
+        f"peak memory per GPU: {e.peak_memory_gb:.1f} GB  (micro-batch {i['batch_size']} x {i['seq_len']} tokens, "
+        f"{i['num_gpus']} GPU{'s' if i['num_gpus'] > 1 else ''}{shard})",
+    ]
+    for k, v in e.breakdown_gb.items():
+        if v >= 0.0005:
+            lines.append(f"  {k:<20} {v:9.3f} GB")
+    lines.append(f"fits: {', '.join(e.fits) if e.fits else 'no single GPU in the table'}")
+    lines.append(
+        f"compute: {e.flops:.2e} FLOPs for {e.tokens:.2e} tokens -> {e.hours:,.1f} h on {e.num_gpus} x {e.gpu}, "
+        f"${e.cost_usd:,.0f}"
+    )
+    lines.append("assumptions:")
+    lines += [f"  - {n}" for n in e.assumptions]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from posttrain.estimator.core import estimate
+    from posttrain.estimator.hardware import load_gpu_table
+    from posttrain.estimator.table import format_table, reality_check
+
+    try:
+        if args.table:
+            gpu = args.gpu or "H100-80GB"
+            rows, settings = reality_check(
+                model=args.model,
+                gpu=gpu,
+                seq_len=args.seq_len,
+                group_size=args.group_size,
+                completion_len=args.completion_len or 1024,
+                tokens=args.tokens or 1e8,
+                gpu_table=load_gpu_table(args.gpu_table),
+            )
+            if args.json:
+                print(json.dumps({"rows": [r.__dict__ for r in rows], "settings": settings}, indent=2))
+            else:
+                print(format_table(rows, settings, gpu))
+            return EXIT_OK
+        e = estimate(**_kwargs(args))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER
+    print(json.dumps(e.to_dict(), indent=2) if args.json else format_estimate(e))
+    return EXIT_OK

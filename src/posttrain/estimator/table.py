@@ -1,0 +1,98 @@
+"""The infrastructure reality check: every method x technique for one model, side by side.
+
+For each row: peak memory on one GPU, how many GPUs of the reference type hold it (FSDP full shard across
+them), memory per GPU at that count, and cost relative to full SFT on the same number of trained tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from posttrain.estimator.core import METHODS, Estimate, estimate
+
+TABLE_TECHNIQUES = ("full", "lora", "8bit", "qlora")
+
+
+@dataclass
+class Row:
+    method: str
+    technique: str
+    memory_one_gpu_gb: float
+    gpus_needed: int | None
+    memory_per_gpu_gb: float
+    hours: float
+    cost_usd: float
+    relative_cost: float
+
+
+def reality_check(
+    model: str = "7b",
+    gpu: str = "H100-80GB",
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = True,
+    group_size: int = 8,
+    completion_len: int = 1024,
+    tokens: float = 1e8,
+    gpu_table=None,
+) -> tuple[list[Row], list[str]]:
+    """Rows for every method x technique, and the shared settings in words."""
+    common = dict(
+        model=model,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+        tokens=tokens,
+        gpu=gpu,
+        gpu_table=gpu_table,
+    )
+    rows: list[Row] = []
+    for method in METHODS:
+        extra: dict = {}
+        if method in ("ppo", "grpo"):
+            extra = dict(group_size=group_size, completion_len=completion_len)
+        if method == "ppo":
+            # A learned reward model the size of the policy (as in InstructGPT), and as many prompts per
+            # micro-batch as GRPO has completions, so both generate the same number of sequences at once.
+            extra.update(reward_model=model, batch_size=group_size * batch_size)
+        for technique in TABLE_TECHNIQUES:
+            one: Estimate = estimate(method=method, technique=technique, **{**common, **extra})
+            n = one.gpus_needed
+            many = one if n in (None, 1) else estimate(method=method, technique=technique, num_gpus=n, sharding="fsdp", **{**common, **extra})  # fmt: skip
+            rows.append(
+                Row(
+                    method,
+                    technique,
+                    one.peak_memory_gb,
+                    n,
+                    many.peak_memory_gb,
+                    many.hours,
+                    many.cost_usd,
+                    0.0,
+                )
+            )
+    base = rows[0].cost_usd or 1.0  # sft + full
+    for r in rows:
+        r.relative_cost = r.cost_usd / base
+    settings = [
+        f"model {model}, {seq_len} tokens per sequence, micro-batch {batch_size} per GPU, "
+        f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, bf16 mixed precision, AdamW",
+        f"GRPO: {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
+        f"the size of the policy, {group_size * batch_size} prompts per micro-batch; DPO/PPO/GRPO reference: a frozen copy (full) or adapters disabled (LoRA)",
+        f"GPUs needed: {gpu} with FSDP full shard; relative cost: same {tokens:.0e} trained tokens, "
+        "1.00 = full SFT",
+    ]
+    return rows, settings
+
+
+def format_table(rows: list[Row], settings: list[str], gpu: str) -> str:
+    head = f"| method | technique | memory on 1 GPU (GB) | {gpu} needed | memory per GPU then (GB) | relative cost |"
+    lines = [head, "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        n = str(r.gpus_needed) if r.gpus_needed is not None else "> 1024"
+        lines.append(
+            f"| {r.method} | {r.technique} | {r.memory_one_gpu_gb:.1f} | {n} | {r.memory_per_gpu_gb:.1f} "
+            f"| {r.relative_cost:.2f}x |"
+        )
+    return "\n".join(lines + [""] + [f"- {s}" for s in settings])

@@ -1,0 +1,176 @@
+"""Advisor decisions, table-driven: each profile's pipeline, technique, and the inputs its reasons cite.
+
+The first four rows are the examples the issue names: structured JSON output with examples -> SFT; a chatbot
+made more helpful from human rankings -> DPO; reasoning with a verifiable reward and many samples -> GRPO;
+a 7B model on a single 24 GB GPU -> LoRA (full fine-tuning needs ~115 GB; LoRA on a 16-bit base ~18 GB).
+"""
+
+import pytest
+
+from posttrain.advisor import advise
+from posttrain.advisor.profile import KEYS
+from posttrain.advisor.rules import load_rules
+from posttrain.config import config_from_dict
+from posttrain.errors import UserError
+
+CASES = [
+    # (id, profile, pipeline, technique, fired rules, phrases the reasons must contain)
+    (
+        "json-sft",
+        {"task": "Extract invoice fields as JSON", "demonstrations": 3000, "quality": "objective", "model": "7b", "gpu": "H100-80GB", "gpus": 8},
+        ["sft"], "full",
+        {"sft-demonstrations", "sft-format", "sft-objective", "full-fits"},
+        ["3,000 demonstrations", "format compliance", "quality is objective"],
+    ),
+    (
+        "chatbot-dpo",
+        {"task": "make the support chatbot more helpful", "preference_pairs": 20000, "quality": "subjective", "format_ok": True, "model": "7b", "gpu": "H100-80GB", "gpus": 8},
+        ["dpo"], "full",
+        {"dpo-subjective", "dpo-rank-not-write", "dpo-no-reward"},
+        ["subjective", "20,000 preference pairs"],
+    ),
+    (
+        "reasoning-grpo",
+        {"task": "grade-school math", "prompts": 7500, "verifiable": True, "multi_step": True, "model": "qwen2.5-1.5b", "gpu": "H100-80GB"},
+        ["grpo"], "full",
+        {"grpo-verifiable", "grpo-multi-step"},
+        ["program can check answers", "7,500 prompts", "multi-step"],
+    ),
+    (
+        "7b-on-24gb-lora",
+        {"task": "reply to customer emails", "demonstrations": 5000, "model": "7b", "gpu_memory_gb": 24},
+        ["sft"], "lora",
+        {"sft-demonstrations", "lora-when-full-does-not-fit"},
+        ["5,000 demonstrations", "more than custom-24GB's 24 GB"],
+    ),
+    (
+        "70b-on-48gb-qlora",
+        {"demonstrations": 2000, "model": "llama-2-70b", "gpu": "RTXA6000-48GB"},
+        ["sft"], "qlora",
+        {"qlora-when-lora-does-not-fit"},
+        ["QLoRA's 4-bit base"],
+    ),
+    (
+        "demos-then-dpo",
+        {"demonstrations": 2000, "preference_pairs": 10000, "quality": "subjective", "model": "qwen2.5-0.5b", "gpu": "A100-80GB"},
+        ["sft", "dpo"], "full",
+        {"dpo-subjective", "sft-before-preference-or-rl"},
+        ["2,000 demonstrations", "10,000 preference pairs"],
+    ),
+    (
+        "rl-needs-success",
+        {"demonstrations": 300, "prompts": 5000, "verifiable": True, "format_ok": True, "success_rate": 0.0, "model": "qwen2.5-1.5b", "gpu": "H100-80GB"},
+        ["sft", "grpo"], "full",
+        {"sft-before-rl-no-success", "grpo-verifiable"},
+        ["solves only 0% of prompts"],
+    ),
+    (
+        "reward-model-ppo",
+        {"prompts": 20000, "reward_model": True, "quality": "subjective", "format_ok": True, "model": "qwen2.5-1.5b", "gpu": "H100-80GB", "gpus": 8},
+        ["ppo"], "full",
+        {"ppo-learned-reward", "ppo-critic-affordable"},
+        ["trained reward model exists", "the critic is affordable"],
+    ),
+    (
+        "reward-model-no-critic-grpo",
+        {"prompts": 20000, "reward_model": True, "format_ok": True, "model": "7b", "gpu_memory_gb": 24},
+        ["grpo"], "qlora",
+        {"grpo-learned-reward-no-critic", "ppo-critic-unaffordable"},
+        ["does not fit"],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, profile, pipeline, technique, rules, phrases", CASES, ids=[c[0] for c in CASES]
+)
+def test_profiles(name, profile, pipeline, technique, rules, phrases):
+    a = advise(profile, what_if=False)
+    assert (a.pipeline, a.technique) == (pipeline, technique)
+    fired = {x["rule"] for x in a.fired}
+    assert rules <= fired
+    text = " ".join(a.reasons)
+    for phrase in phrases:
+        assert phrase in text
+    # Every rule that fired names the inputs that triggered it, with their values.
+    for x in a.fired:
+        assert set(x["inputs"]) == set(next(r for r in load_rules()[0] if r["id"] == x["rule"])["when"])
+
+
+def test_issue_examples_name_their_triggering_inputs():
+    a = advise(CASES[2][1], what_if=False)
+    inputs = {k: v for x in a.fired if x["rule"] == "grpo-verifiable" for k, v in x["inputs"].items()}
+    assert inputs == {"verifiable": True, "prompts": 7500}
+
+
+def test_sft_config_validates_under_the_run_config():
+    a = advise(CASES[0][1], what_if=False)
+    cfg = config_from_dict(a.config)
+    assert cfg.algorithm.name == "sft" and cfg.technique.name == "full"
+    assert cfg.optim.batch_size % cfg.optim.micro_batch_size == 0
+    lora = advise(CASES[3][1], what_if=False)
+    assert config_from_dict(lora.config).technique.name == "lora"
+
+
+def test_multi_stage_configs_chain_their_outputs():
+    a = advise(CASES[5][1], what_if=False)
+    first, second = a.configs
+    config_from_dict(first["config"])  # sft validates today
+    assert second["config"]["algorithm"]["name"] == "dpo" and "later posttrain issue" in second["note"]
+    assert second["config"]["model"]["name"] == first["config"]["run"]["output_dir"] + "/final"
+
+
+def test_risks_follow_the_pipeline():
+    risks = " ".join(advise(CASES[2][1], what_if=False).risks)
+    assert "reward hacking" in risks and "zero advantage" in risks
+    assert "over-optimisation" in " ".join(advise(CASES[1][1], what_if=False).risks)
+    assert "imitates noise" in " ".join(advise(CASES[0][1], what_if=False).risks)
+
+
+def test_what_would_change_it():
+    a = advise(CASES[3][1])  # 7B SFT with LoRA on one 24 GB GPU
+    assert "if you had 8 x H100-80GB: sft with full" in a.would_change
+    assert any(c.startswith("if a program could check answers") and "grpo" in c for c in a.would_change)
+
+
+def test_estimate_and_budget():
+    profile = dict(CASES[3][1], budget_usd=0.01)
+    a = advise(profile, what_if=False)
+    assert a.estimate["cost_usd"] > 0.01 and a.estimate["peak_memory_gb"] <= 24
+    assert any("over the budget" in r for r in a.risks)
+
+
+def test_missing_keys_are_stated_assumptions():
+    a = advise({"demonstrations": 1000}, what_if=False)
+    joined = " | ".join(a.assumptions)
+    for phrase in ("model not stated", "gpu not stated", "prompts not stated", "seq_len not stated"):
+        assert phrase in joined
+
+
+@pytest.mark.parametrize(
+    "profile, fragment",
+    [
+        ({"task": "anything"}, "states no data"),
+        ({"prompts": 5000}, "prompts alone need a reward"),
+        ({"demonstrations": -3}, "demonstrations: must be non-negative"),
+        ({"demonstration": 30}, "unknown profile key (did you mean demonstrations"),
+        ({"demonstrations": 10, "gpu": "A1000"}, "unknown GPU"),
+        ({"demonstrations": 10, "model": "lama-3-8b"}, "Did you mean: llama-3-8b"),
+        ({"demonstrations": 10, "quality": "great"}, "must be one of objective, subjective"),
+    ],
+)
+def test_bad_profiles(profile, fragment):
+    with pytest.raises(UserError) as err:
+        advise(profile)
+    assert fragment in str(err.value)
+
+
+def test_rules_refer_only_to_known_facts():
+    derived = {"final", "technique", "full_fits", "lora_fits", "qlora_fits", "ppo_fits", "over_budget"}
+    derived |= {f"has_{m}" for m in ("sft", "dpo", "grpo", "ppo")}
+    known = {k.name for k in KEYS} | derived
+    rules, flips = load_rules()
+    for r in rules:
+        assert set(r["when"]) <= known, r["id"]
+    for f in flips:
+        assert set(f["set"]) <= {k.name for k in KEYS}

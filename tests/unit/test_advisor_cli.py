@@ -1,0 +1,174 @@
+"""`posttrain advise` in-process: profile files, flags, --data shape detection, --interactive, --write-config."""
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from posttrain.advisor.cli import add_parser
+from posttrain.advisor.datafile import summarise
+from posttrain.advisor.profile import KEYS, ask, load_profile
+from posttrain.config import load_config
+from posttrain.errors import UserError
+
+
+def run_cli(argv, capsys):
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    args = p.parse_args(["advise", *argv])
+    rc = args.func(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture()
+def profile_file(tmp_path):
+    path = tmp_path / "profile.yaml"
+    path.write_text(
+        "task: Extract invoice fields as JSON\ndemonstrations: 3000\nmodel: 7b\ngpu_memory_gb: 24\n"
+    )
+    return path
+
+
+def test_json_output(profile_file, capsys):
+    rc, out, _ = run_cli(["--profile", str(profile_file), "--json"], capsys)
+    assert rc == 0
+    data = json.loads(out)
+    assert data["pipeline"] == ["sft"] and data["technique"] == "lora"
+    for key in ("reasons", "alternatives", "estimate", "config", "risks", "would_change", "assumptions"):
+        assert key in data
+    assert data["estimate"]["peak_memory_gb"] <= 24
+
+
+def test_flags_override_the_profile_file(profile_file, capsys):
+    rc, out, _ = run_cli(
+        ["--profile", str(profile_file), "--gpu", "H100-80GB", "--gpus", "8", "--json"], capsys
+    )
+    assert rc == 0 and json.loads(out)["technique"] == "full"
+
+
+def test_write_config_is_loadable_by_train(profile_file, tmp_path, capsys):
+    target = tmp_path / "sft.yaml"
+    rc, out, _ = run_cli(["--profile", str(profile_file), "--write-config", str(target)], capsys)
+    assert rc == 0 and f"wrote {target}" in out
+    cfg = load_config(target)
+    assert cfg.technique.name == "lora" and cfg.algorithm.name == "sft"
+
+
+def test_write_config_writes_every_stage(tmp_path, capsys):
+    argv = [
+        "--demonstrations",
+        "500",
+        "--preference-pairs",
+        "4000",
+        "--quality",
+        "subjective",
+        "--model",
+        "135m",
+    ]
+    rc, _, _ = run_cli(argv + ["--write-config", str(tmp_path / "run.yaml")], capsys)
+    assert rc == 0
+    second = yaml.safe_load((tmp_path / "run-2-dpo.yaml").read_text())
+    assert second["algorithm"]["name"] == "dpo"
+    assert load_config(tmp_path / "run.yaml").algorithm.name == "sft"
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (
+            "demonstrations: 10\nverifable: true\n",
+            "profile.yaml: verifable: unknown profile key (did you mean verifiable?)",
+        ),
+        ("demonstrations: lots\n", "profile.yaml: demonstrations: must be a number"),
+        ("demonstrations: 10\nmulti_step: maybe\n", "profile.yaml: multi_step: must be true or false"),
+        ("- demonstrations: 10\n", "profile.yaml: a profile is a flat mapping"),
+        ("demonstrations: [1, 2\n", "profile.yaml:2: not valid YAML"),
+    ],
+)
+def test_bad_profile_file(tmp_path, text, fragment, capsys):
+    path = tmp_path / "profile.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_profile(path)
+    assert fragment in str(err.value)
+    rc, _, errout = run_cli(["--profile", str(path)], capsys)
+    assert rc == 2 and fragment in errout and "Traceback" not in errout
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_data_shapes(tmp_path):
+    sft = write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]}] * 3)  # fmt: skip
+    s = summarise(sft)
+    assert (s.shape, s.rows, s.max_chars) == ("sft", 3, 8)
+    pairs = tmp_path / "b.csv"
+    pairs.write_text("prompt,chosen,rejected\nabcd,efgh,ij\nab,cdefgh,\n")
+    s = summarise(pairs)
+    assert (s.shape, s.rows) == ("preference", 2)
+    assert s.mean_chars == (8 + 8) / 2 and s.mean_tokens == 4 / 2  # prompt + longer answer; chars / 4
+    prompts = tmp_path / "c.json"
+    prompts.write_text(json.dumps([{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]))
+    assert summarise(prompts).shape == "prompts"
+    text = write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 40}, {"prompt": "p", "completion": "c"}])
+    assert summarise(text).shape == "sft"
+
+
+@pytest.mark.parametrize(
+    "content, suffix, fragment",
+    [
+        ('{"prompt": "a"}\n{"prompt": \n', ".jsonl", "bad.jsonl:2: not valid JSON"),
+        ('{"prompt": "a"}\n{"question": "b"}\n', ".jsonl", "bad.jsonl:2: cannot tell the row's shape"),
+        (
+            '{"prompt": "a"}\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n',
+            ".jsonl",
+            "bad.jsonl:2: a preference row",
+        ),
+        ("prompt,chosen\nx,y,z\n", ".csv", "bad.csv:2: more fields than the header"),
+        ('{"prompt": "a"}', ".json", "a list of rows"),
+        ("", ".jsonl", "bad.jsonl: no rows"),
+        ("a", ".parquet", "unsupported data file type"),
+    ],
+)
+def test_bad_data_files(tmp_path, content, suffix, fragment):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(UserError) as err:
+        summarise(path)
+    assert fragment in str(err.value)
+
+
+def test_data_fills_the_profile(tmp_path, capsys):
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(250)]
+    data = write_jsonl(tmp_path / "math.jsonl", rows)
+    rc, out, _ = run_cli(
+        ["--data", str(data), "--verifiable", "true", "--model", "qwen2.5-0.5b", "--json"], capsys
+    )
+    assert rc == 0
+    a = json.loads(out)
+    assert a["pipeline"] == ["grpo"] and a["profile"]["prompts"] == 250
+    assert a["data"]["shape"] == "prompts" and a["config"]["data"]["train"] == str(data)
+    assert any("250 prompts exist" in r for r in a["reasons"])
+
+
+def test_interactive_asks_one_question_at_a_time(monkeypatch, capsys):
+    answers = {"demonstrations": "1,200", "quality": "nice", "model": "qwen2.5-0.5b"}
+    asked = []
+
+    def fake_input(prompt):
+        key = next(k for k in KEYS if prompt.startswith(k.question))
+        asked.append(key.name)
+        if key.name == "quality" and asked.count("quality") == 2:
+            return "objective"  # the first answer was refused and the question asked again
+        return answers.get(key.name, "")
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    p = ask()
+    assert (p.demonstrations, p.quality, p.model) == (1200, "objective", "qwen2.5-0.5b")
+    assert asked.count("quality") == 2 and len(asked) == len(KEYS) + 1
+    rc, out, _ = run_cli(["--interactive", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["pipeline"] == ["sft"]

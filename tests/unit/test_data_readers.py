@@ -1,0 +1,142 @@
+"""Readers: every format gives located records; every unreadable input is a DataError naming file and line."""
+
+import json
+
+import pytest
+
+from posttrain.data import read_records
+from posttrain.errors import DataError, UserError
+
+ROWS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+
+
+def problems(path) -> list[str]:
+    with pytest.raises(DataError) as info:
+        read_records(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_jsonl_lines_skip_blanks(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(ROWS[0]) + "\n\n  \n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
+    recs = read_records(f)
+    assert [(r.line, r.data) for r in recs] == [(1, ROWS[0]), (4, ROWS[1])]
+
+
+def test_json_list_gives_start_line_of_each_object(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[\n  {"prompt": "a",\n   "completion": "b"},\n\n  {"prompt": "c", "completion": "d"}\n]\n')
+    assert [(r.line, r.data) for r in read_records(f)] == [(2, ROWS[0]), (5, ROWS[1])]
+
+
+@pytest.mark.parametrize("key", ["data", "rows"])
+def test_json_wrapped_list(tmp_path, key):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps({"version": [1, 2], key: ROWS}, indent=1))
+    recs = read_records(f)
+    assert [r.data for r in recs] == ROWS
+    lines = f.read_text().splitlines()
+    assert [lines[r.line - 1].strip() for r in recs] == ["{", "{"]  # each row's own opening brace
+
+
+def test_csv_lines_and_json_cells(tmp_path):
+    f = tmp_path / "d.csv"
+    msgs = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    f.write_text(
+        'prompt,completion,messages\n"multi\nline",b,\n,,"' + msgs.replace('"', '""') + '"\n',
+        encoding="utf-8",
+    )
+    recs = read_records(f)
+    assert [r.line for r in recs] == [2, 4]  # the quoted newline makes row 1 span lines 2-3
+    assert recs[0].data == {"prompt": "multi\nline", "completion": "b"}  # empty cells are absent fields
+    assert recs[1].data == {"messages": json.loads(msgs)}
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist([*ROWS, {"prompt": "e", "completion": None}]), f)
+    recs = read_records(f)
+    assert [(r.line, r.data) for r in recs] == [(1, ROWS[0]), (2, ROWS[1]), (3, {"prompt": "e"})]
+
+
+def test_datasets_folder(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "dd"))
+    assert [(r.line, r.data) for r in read_records(tmp_path / "ds")] == [(1, ROWS[0]), (2, ROWS[1])]
+    assert [r.data for r in read_records(tmp_path / "dd")] == ROWS[:1]
+
+
+def test_malformed_json_lines_all_reported(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n[1, 2]\n')
+    assert problems(f) == [
+        f"{f}:2: malformed JSON: Expecting property name enclosed in double quotes (column 16)",
+        f"{f}:3: expected a JSON object, got array",
+    ]
+
+
+def test_non_utf8_line(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert problems(f) == [f"{f}:2: not valid UTF-8 (byte 0xe9 at column 14); save the file as UTF-8"]
+    g = tmp_path / "latin1.csv"
+    g.write_bytes(b"text\nok\ncaf\xe9\n")
+    assert problems(g) == [f"{g}:3: not valid UTF-8 (byte 0xe9 at column 4); save the file as UTF-8"]
+
+
+def test_malformed_json_file(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text('[\n {"a": 1},\n {"a": 2,}\n]')
+    assert problems(f) == [
+        f"{f}:3: malformed JSON: Expecting property name enclosed in double quotes (column 10)"
+    ]
+
+
+def test_json_wrong_top_level(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('{"items": []}')
+    assert problems(f) == [
+        f'{f}: expected a JSON list of objects, or an object {{"data": [...]}} or {{"rows": [...]}}; '
+        "the top-level object has keys ['items']"
+    ]
+
+
+def test_csv_wrong_cell_count(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,completion\na,b\na,b,c\n")
+    assert problems(f) == [f"{f}:3: 3 cells, but the header has 2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.jsonl", None, "file not found"),
+        ("empty.jsonl", b"  \n\n", "file is empty"),
+        ("d.txt", b"hello", "unsupported file type '.txt'; supported: .jsonl, .json, .csv, .parquet, "
+         "a `datasets` folder (save_to_disk)"),
+        ("d.parquet", b"not parquet", None),
+    ],
+)  # fmt: skip
+def test_file_level_errors(tmp_path, name, content, message):
+    f = tmp_path / name
+    if content is not None:
+        f.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        read_records(f)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"{f}: ")
+    if message:
+        assert text == f"{f}: {message}"
+    else:
+        assert "not a readable Parquet file" in text
+
+
+def test_plain_folder_is_not_a_dataset(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match="not a `datasets` folder"):
+        read_records(tmp_path / "empty_dir")

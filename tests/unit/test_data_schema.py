@@ -1,0 +1,147 @@
+"""Row checks: every bad-input case gives the exact `FILE:LINE: field: message` line; good rows normalise."""
+
+import json
+
+import pytest
+
+from posttrain.data import load_rows, validate_file
+from posttrain.errors import DataError
+
+U = {"role": "user", "content": "hi"}
+A = {"role": "assistant", "content": "hello"}
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return f
+
+
+def problems(path, kind="sft") -> list[str]:
+    with pytest.raises(DataError) as info:
+        load_rows(path, kind)
+    return [str(p) for p in info.value.problems]
+
+
+def test_sft_shapes_normalise(tmp_path):
+    f = write(tmp_path, [
+        {"messages": [U, A], "id": 7},
+        {"prompt": "2+2?", "completion": "4", "answer": 4, "metadata": {"k": 1}},
+        {"prompt": [{"role": "system", "content": "be brief"}, U], "completion": [A]},
+        {"text": "plain text"},
+    ])  # fmt: skip
+    rows = load_rows(f, "sft")
+    assert rows[0] == {"messages": [U, A], "completion_only": True, "id": 7}
+    assert rows[1] == {
+        "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        "completion_only": True, "n_prompt": 1, "answer": 4, "metadata": {"k": 1},
+    }  # fmt: skip
+    assert rows[2]["messages"][0]["role"] == "system" and rows[2]["n_prompt"] == 2
+    assert rows[3] == {"text": "plain text", "completion_only": False}
+    assert [r.line for r in rows] == [1, 2, 3, 4]
+    assert validate_file(f, "sft") == f"{f}: 4 sft rows OK (prompt/completion: 2, messages: 1, text: 1)"
+
+
+def test_every_sft_problem_is_reported_with_file_line_field(tmp_path):
+    f = write(tmp_path, [
+        {"prompt": "q"},                                                    # 1 missing completion
+        {"prompt": "q", "completion": "a", "score": 3},                     # 2 unknown field
+        {"messages": [U, {"role": "assistant", "content": 5}]},             # 3 wrong type
+        {"prompt": "q", "completion": "  "},                                # 4 empty completion
+        {"messages": [U, {"role": "assistant", "content": ""}]},            # 5 empty assistant content
+        {"messages": [U]},                                                  # 6 no assistant turn
+        {"messages": [{"role": "bot", "content": "x"}, A]},                 # 7 bad role
+        {"prompt": 3, "completion": "a"},                                   # 8 neither string nor messages
+        {"messages": [U, A], "text": "x"},                                  # 9 mixed shapes
+        {"foo": 1},                                                         # 10 nothing recognisable
+        "{not json",                                                        # 11 malformed JSON
+        {"messages": [U, {"role": "assistant"}], "metadata": "x"},          # 12 missing content + wrong type
+        {"messages": [U, A]},                                               # 13 fine
+    ])  # fmt: skip
+    allowed = "prompt, completion, id, answer, metadata"
+    assert problems(f) == [
+        f"{f}:1: completion: missing required field",
+        f"{f}:2: score: unknown field (allowed here: {allowed})",
+        f"{f}:3: messages[1].content: must be a string, got integer",
+        f"{f}:4: completion: empty completion",
+        f"{f}:5: messages[1].content: assistant content is empty",
+        f"{f}:6: messages: no assistant turn: nothing to train on",
+        f"{f}:7: messages[0].role: must be one of system, user, assistant; got 'bot'",
+        f"{f}:8: prompt: must be a string or a list of messages, got integer",
+        f"{f}:9: mixes row shapes (messages and text): use exactly one of messages or prompt+completion or text",
+        f"{f}:10: no sft fields: expected messages or prompt+completion or text (this row has: foo)",
+        f"{f}:11: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+        f"{f}:12: messages[1].content: missing required field",
+        f"{f}:12: metadata: must be an object, got string",
+    ]
+
+
+def test_error_header_counts_rows(tmp_path):
+    f = write(tmp_path, [{"messages": [U, A]}, {"messages": [U]}, "[]"])
+    with pytest.raises(DataError) as info:
+        load_rows(f, "sft")
+    assert str(info.value).splitlines()[0] == f"{f}: 2 problem(s) in 2 of 3 rows; no sft data loaded"
+
+
+def test_zero_rows(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text("[]")
+    assert problems(f) == [f"{f}: no rows: nothing to use as sft data"]
+
+
+def test_csv_rows_get_file_lines(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,completion\nq1,a1\nq2,\n", encoding="utf-8")
+    assert problems(f) == [f"{f}:3: completion: missing required field"]
+
+
+def test_json_rows_report_the_line_their_object_starts(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"messages": [U, A]}, {"messages": [U]}], indent=2))
+    assert problems(f) == [f"{f}:14: messages: no assistant turn: nothing to train on"]
+
+
+def test_preference_rows(tmp_path):
+    conv = lambda reply: [U, {"role": "assistant", "content": reply}]  # noqa: E731
+    f = write(tmp_path, [
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"chosen": conv("good"), "rejected": conv("bad"), "id": "x"},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "good"},
+        {"prompt": "q", "chosen": "", "rejected": "bad"},
+    ])  # fmt: skip
+    assert problems(f, "preference") == [
+        f"{f}:3: rejected: identical to chosen: the pair carries no preference",
+        f"{f}:4: rejected: missing required field",
+        f"{f}:5: chosen: empty response (no assistant content)",
+    ]
+    g = write(tmp_path, [
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"chosen": conv("good"), "rejected": conv("bad"), "id": "x"},
+    ], "ok.jsonl")  # fmt: skip
+    rows = load_rows(g, "preference")
+    assert rows[0] == {"prompt": [{"role": "user", "content": "q"}],
+                       "chosen": [{"role": "assistant", "content": "good"}],
+                       "rejected": [{"role": "assistant", "content": "bad"}]}  # fmt: skip
+    assert rows[1] == {"prompt": [U], "chosen": conv("good")[1:], "rejected": conv("bad")[1:], "id": "x"}
+    assert (
+        validate_file(g, "preference")
+        == f"{g}: 2 preference rows OK (prompt/chosen/rejected: 1, chosen/rejected: 1)"
+    )
+
+
+def test_prompts_rows_keep_other_columns(tmp_path):
+    f = write(tmp_path, [{"prompt": "q", "answer": 4, "schema": {"type": "object"}}, {"prompt": [U]}])
+    rows = load_rows(f, "prompts")
+    assert rows == [{"prompt": [{"role": "user", "content": "q"}], "answer": 4, "schema": {"type": "object"}},
+                    {"prompt": [U]}]  # fmt: skip
+    g = write(tmp_path, [{"question": "q"}, {"prompt": ""}], "bad.jsonl")
+    assert problems(g, "prompts") == [
+        f"{g}:1: no prompts fields: expected prompt (this row has: question)",
+        f"{g}:2: prompt: empty prompt",
+    ]
+
+
+def test_unknown_kind_is_a_programming_error(tmp_path):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        load_rows(write(tmp_path, [{"text": "x"}]), "dpo")

@@ -1,0 +1,220 @@
+"""Estimator memory and compute: hand-worked numbers from the papers, invariances, and bad input.
+
+Numbers worked out by hand (decimal GB = 1e9 bytes):
+  - 7e9 params, mixed-precision AdamW [ZeRO sec. 3.1]: 2 + 2 + 12 bytes = 14 + 14 + 84 = 112 GB.
+  - ZeRO Fig. 1, 7.5e9 params on 64 GPUs: DDP 16 x 7.5 = 120; ZeRO-1 4 x 7.5 + 12 x 7.5 / 64 = 31.406;
+    ZeRO-2 2 x 7.5 + 14 x 7.5 / 64 = 16.641; ZeRO-3 16 x 7.5 / 64 = 1.875 (the paper prints 1.9).
+  - Llama-2-7B: 32 x (4 x 4096^2 + 3 x 4096 x 11008) = 6,476,005,376 linear params; embeddings + head +
+    norms = 2 x 32000 x 4096 + 65 x 4096 = 262,410,240; total 6,738,415,616 (Hugging Face's count).
+  - NF4 with double quantisation [QLoRA sec. 3]: 4 + 8/64 + 32/(64 x 256) = 4.127 bits = 0.515869 bytes.
+"""
+
+import dataclasses
+
+import pytest
+
+from posttrain.errors import UserError
+from posttrain.estimator import estimate
+from posttrain.estimator.memory import NF4_BYTES, Setup, activation_bytes, frozen_weight_bytes, kv_cache_bytes
+from posttrain.estimator.models import ARCHITECTURES, resolve_model
+
+STATES = ("weights", "gradients", "optimizer_states")
+LLAMA2 = ARCHITECTURES["llama-2-7b"]
+
+
+def states_gb(e) -> float:
+    return sum(e.breakdown_gb[k] for k in STATES)
+
+
+def test_full_adamw_mixed_precision_is_16_bytes_per_param():
+    e = estimate("7b", technique="full", batch_size=1, seq_len=128)
+    assert e.breakdown_gb["weights"] == pytest.approx(14.0, rel=1e-12)
+    assert e.breakdown_gb["gradients"] == pytest.approx(14.0, rel=1e-12)
+    assert e.breakdown_gb["optimizer_states"] == pytest.approx(84.0, rel=1e-12)
+    assert e.peak_memory_gb > 112.0  # plus activations and logits
+
+
+@pytest.mark.parametrize(
+    "sharding, expected",
+    [("ddp", 120.0), ("zero1", 30 + 90 / 64), ("zero2", 15 + 105 / 64), ("zero3", 120 / 64)],
+)
+def test_zero_stages_match_the_paper(sharding, expected):
+    e = estimate("7.5b", technique="full", batch_size=1, seq_len=128, num_gpus=64, sharding=sharding)
+    assert states_gb(e) == pytest.approx(expected, rel=1e-12)
+
+
+def test_zero_paper_rounded_values():
+    got = [
+        round(states_gb(estimate("7.5b", batch_size=1, seq_len=128, num_gpus=64, sharding=s)), 1)
+        for s in ("ddp", "zero1", "zero2", "zero3")
+    ]
+    assert got == [120.0, 31.4, 16.6, 1.9]
+
+
+def test_param_counts_from_shapes():
+    assert LLAMA2.exact_params == 6_738_415_616
+    assert ARCHITECTURES["llama-3-8b"].exact_params == 8_030_261_248
+    assert LLAMA2.layers * LLAMA2.block_linear_params == 6_476_005_376
+    # LoRA r=16 on all 7 linear maps: 32 x 16 x (4 x 8192 + 3 x 15104) = 39,976,960 (peft's count).
+    assert LLAMA2.lora_params(16) == pytest.approx(39_976_960, rel=1e-12)
+
+
+def test_qlora_nf4_bytes():
+    assert NF4_BYTES == 0.515869140625  # 4.126953125 bits, the paper rounds to 4.127
+    s = Setup(arch=LLAMA2, technique="qlora")
+    expected = 6_476_005_376 * NF4_BYTES + 262_410_240 * 2
+    assert frozen_weight_bytes(s, LLAMA2, quantised=True) == pytest.approx(expected, rel=1e-12)
+    e = estimate("llama-2-7b", technique="qlora", lora_rank=16, batch_size=1, seq_len=128)
+    adapters = 39_976_960 * 4  # fp32 adapter weights
+    assert e.breakdown_gb["weights"] * 1e9 == pytest.approx(expected + adapters, rel=1e-12)
+    assert e.breakdown_gb["optimizer_states"] * 1e9 == pytest.approx(39_976_960 * 8, rel=1e-12)
+
+
+def test_activation_formula_with_checkpointing():
+    """Korthikanti full recomputation: 2 s b h per layer, plus one block recomputed during backward.
+
+    Llama-2-7B, b=1, s=2048: 32 x 4096 x 2 x 2048 = 536,870,912 bytes of block inputs; one block keeps
+    (12 x 4096 + 4 x 4096 + 8 x 11008) x 2048 = 153,600 x 2048 = 314,572,800; total 851,443,712.
+    """
+    s = Setup(arch=LLAMA2, batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    assert activation_bytes(s) == 851_443_712
+    assert activation_bytes(dataclasses.replace(s, gradient_checkpointing=False)) == 32 * 314_572_800
+
+
+def test_kv_cache_per_token():
+    """128 KiB per token for Llama-3-8B (8 KV heads), 512 KiB for Llama-2-7B (32), in 16 bit."""
+    for name, per_token in (("llama-3-8b", 128 * 1024), ("llama-2-7b", 512 * 1024)):
+        s = Setup(arch=ARCHITECTURES[name], method="grpo", batch_size=1, group_size=1, seq_len=1000)
+        assert kv_cache_bytes(s) == per_token * 1000
+
+
+def test_more_gpus_under_zero3_means_less_per_gpu():
+    peaks = [estimate("7b", num_gpus=n, sharding="zero3").peak_memory_gb for n in (1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))
+
+
+def test_no_sharding_is_independent_of_gpu_count():
+    one, eight = (estimate("7b", num_gpus=n, sharding="ddp").peak_memory_gb for n in (1, 8))
+    assert one == eight
+
+
+def test_checkpointing_cuts_activations():
+    on, off = (estimate("7b", gradient_checkpointing=g) for g in (True, False))
+    assert on.breakdown_gb["activations"] < off.breakdown_gb["activations"] / 5
+    assert on.flops > off.flops  # one more forward pass
+
+
+def test_grpo_memory_grows_with_group_size():
+    peaks = [
+        estimate("7b", method="grpo", technique="lora", group_size=g).peak_memory_gb for g in (2, 4, 8, 16)
+    ]
+    assert all(a < b for a, b in zip(peaks, peaks[1:]))
+
+
+def test_dpo_needs_more_than_sft():
+    sft, dpo = (estimate("7b", method=m, batch_size=2) for m in ("sft", "dpo"))
+    assert dpo.breakdown_gb["reference_model"] == pytest.approx(14.0, rel=1e-12)
+    assert dpo.breakdown_gb["logits"] == pytest.approx(2 * sft.breakdown_gb["logits"], rel=1e-12)
+    lora = estimate("7b", method="dpo", technique="lora")
+    assert lora.breakdown_gb["reference_model"] == 0.0  # adapters disabled give the reference
+
+
+def test_ppo_holds_four_models():
+    e = estimate("7b", method="ppo", reward_model="7b", batch_size=1)
+    assert e.breakdown_gb["reference_model"] == pytest.approx(14.0, rel=1e-12)
+    assert e.breakdown_gb["reward_model"] == pytest.approx(14.0, rel=1e-12)
+    assert e.breakdown_gb["value_model"] == pytest.approx(112.0, rel=1e-12)  # a second trained model
+
+
+def test_peak_counts_generation_and_training_phases_once():
+    e = estimate("7b", method="grpo", technique="lora")
+    b = e.breakdown_gb
+    resident = sum(b.values()) - b["activations"] - b["logits"] - b["kv_cache"]
+    assert e.peak_memory_gb == pytest.approx(resident + max(b["activations"] + b["logits"], b["kv_cache"]))
+
+
+def test_flops_follow_6nd():
+    full = estimate("7b", tokens=1e9)
+    assert full.flops == pytest.approx(6 * 7e9 * 1e9, rel=1e-12)
+    lora = estimate("7b", technique="lora", tokens=1e9)
+    assert lora.flops == pytest.approx(4 * 7e9 * 1e9, rel=1e-12)
+    grpo = estimate(
+        "7b", method="grpo", technique="lora", seq_len=1000, completion_len=600, tokens=1e9, reference="none"
+    )
+    assert grpo.flops_breakdown["generation"] == pytest.approx(2 * 7e9 * 0.6e9, rel=1e-12)
+
+
+def test_hours_and_cost():
+    e = estimate("7b", technique="lora", batch_size=1, tokens=1e9, gpu="H100-80GB", mfu=0.5)
+    assert e.num_gpus == 1
+    assert e.hours == pytest.approx(4 * 7e9 * 1e9 / (989e12 * 0.5) / 3600, rel=1e-12)
+    assert e.cost_usd == pytest.approx(e.hours * 2.50, rel=1e-12)
+
+
+def test_fits_lists_gpus_with_enough_memory_smallest_first():
+    e = estimate("7b", technique="qlora", batch_size=1, seq_len=512)
+    assert e.fits[0] == "T4-16GB" and e.gpu == "T4-16GB"
+    big = estimate("70b", technique="full", batch_size=1, gradient_checkpointing=True)
+    # 16 x 70e9 bytes = 1,120 GB of states: 16 H100s hold 70 GB each, too much with activations; 32 fit.
+    assert big.fits == [] and big.gpus_needed == 32 and big.num_gpus == 32
+
+
+def test_activations_alone_too_big_need_no_gpu_count():
+    e = estimate("70b", technique="full", batch_size=4, seq_len=4096)
+    assert e.gpus_needed is None
+    assert any("use gradient checkpointing" in n for n in e.assumptions)
+
+
+def test_size_borrows_nearest_shape_and_says_so():
+    arch, notes = resolve_model("8b")
+    assert arch.params == 8e9 and arch.vocab == 128256 and "llama-3-8b" in notes[0]
+
+
+def test_config_json_path(tmp_path):
+    cfg = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    cfg.update(intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    arch, _ = resolve_model(str(tmp_path))
+    assert arch.exact_params == ARCHITECTURES["smollm2-135m"].exact_params == 134_515_008
+
+
+def test_aliases_and_hub_names():
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")[0].name == "smollm2-135m"
+    assert resolve_model("meta-llama/Llama-3.1-8B-Instruct")[0].name == "llama-3-8b"
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(model="llama-3-8bb"), "did you mean: llama-3-8b"),
+        (dict(method="ppo"), "ppo needs a reward source"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(seq_len=-5), "seq_len must be a positive integer"),
+        (dict(num_gpus=0), "num_gpus"),
+        (dict(model="0b"), "must be positive"),
+        (dict(gpu="H1000"), "unknown gpu 'h1000'"),
+        (dict(method="grpo", seq_len=512, completion_len=512), "completion_len (512) must be smaller"),
+        (dict(method="dpo", reference="adapter"), "needs a lora technique"),
+        (dict(method="sft", reward_model="7b"), "apply to ppo and grpo only"),
+        (dict(technique="prefix"), "technique 'prefix' is not known"),
+        (dict(sharding="zero4"), "did you mean zero3"),
+    ],
+)
+def test_bad_input_raises_user_error(kwargs, fragment):
+    with pytest.raises(UserError) as err:
+        estimate(**kwargs)
+    assert fragment in str(err.value).lower()
+
+
+def test_gpu_table_override(tmp_path):
+    f = tmp_path / "gpus.yaml"
+    f.write_text(
+        "H100-80GB: {usd_per_hour: 10}\nTiny-8GB: {memory_gb: 8, bf16_tflops: 10, bandwidth_gbs: 100, usd_per_hour: 0.1}\n"
+    )
+    e = estimate("135m", technique="lora", batch_size=1, seq_len=256, gpu_table=f)
+    assert e.fits[0] == "Tiny-8GB"
+    h = estimate("7b", technique="lora", batch_size=1, gpu="H100-80GB", gpu_table=f, tokens=1e9)
+    assert h.cost_usd == pytest.approx(h.hours * 10, rel=1e-12)
+    f.write_text("Tiny-8GB: {memory: 8}\n")
+    with pytest.raises(UserError, match=r"gpus.yaml: Tiny-8GB.memory: unknown key"):
+        estimate("7b", gpu_table=f)

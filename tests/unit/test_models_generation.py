@@ -1,0 +1,95 @@
+"""`generate` on the tiny model: greedy equals a hand-written argmax loop, batching and left padding change
+nothing, EOS and stop strings cut the completion, seeds make sampling repeatable."""
+
+import pytest
+import torch
+
+from posttrain.models import generate, render_prompt
+from posttrain.testing import tiny_model as make_tiny_model
+
+PROMPTS = ["hi", "a much longer prompt than the first", [{"role": "user", "content": "mid length"}]]
+
+
+@pytest.fixture()
+def peaked_model(tiny_tokenizer):
+    """The tiny random model with a sharpened LM head: large gaps between logits, so greedy choices cannot flip
+    on float rounding differences between padded and unpadded batches."""
+    model = make_tiny_model(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)
+    return model
+
+
+def _manual_greedy(model, tokenizer, prompt, n):
+    """Argmax decoding without a KV cache: re-run the whole sequence for each new token."""
+    ids = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_equals_manual_loop_and_batching_is_invisible(peaked_model, tiny_tokenizer):
+    batched = generate(peaked_model, tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    single = [generate(peaked_model, tiny_tokenizer, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    manual = [_manual_greedy(peaked_model, tiny_tokenizer, p, 12) for p in PROMPTS]
+    assert batched == single == manual
+    assert any(batched)
+
+
+def test_string_prompt_is_one_user_message(peaked_model, tiny_tokenizer):
+    a = generate(peaked_model, tiny_tokenizer, ["hello"], max_new_tokens=6)
+    b = generate(peaked_model, tiny_tokenizer, [[{"role": "user", "content": "hello"}]], max_new_tokens=6)
+    assert a == b
+    assert (
+        render_prompt(tiny_tokenizer, "hello") == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_eos_and_stop_strings_cut_the_completion(peaked_model, tiny_tokenizer):
+    ids = tiny_tokenizer(
+        render_prompt(tiny_tokenizer, "hi"), return_tensors="pt", add_special_tokens=False
+    ).input_ids
+    with torch.no_grad():
+        out = peaked_model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[
+            0, ids.shape[1] :
+        ].tolist()
+    assert len(set(out)) > 3
+    # Declare the model's 4th greedy token an EOS: the completion ends just before its first occurrence.
+    peaked_model.generation_config.eos_token_id = out[3]
+    cut = out[: out.index(out[3])]
+    got = generate(peaked_model, tiny_tokenizer, ["hi"], max_new_tokens=8)[0]
+    assert got == tiny_tokenizer.decode(cut, skip_special_tokens=True)
+
+    peaked_model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+    full = generate(peaked_model, tiny_tokenizer, ["hi"], max_new_tokens=8)[0]
+    stop = full[2:4]
+    assert (
+        generate(peaked_model, tiny_tokenizer, ["hi"], max_new_tokens=8, stop=["zzz", stop])[0]
+        == full[: full.find(stop)]
+    )
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_model, tiny_tokenizer):
+    state = torch.get_rng_state()
+    a = generate(tiny_model, tiny_tokenizer, ["hi", "yo"], max_new_tokens=10, temperature=1.0, seed=1)
+    b = generate(tiny_model, tiny_tokenizer, ["hi", "yo"], max_new_tokens=10, temperature=1.0, seed=1)
+    c = generate(tiny_model, tiny_tokenizer, ["hi", "yo"], max_new_tokens=10, temperature=1.0, seed=2)
+    assert a == b and a != c
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_mode_is_restored(tiny_model, tiny_tokenizer):
+    tiny_model.train()
+    generate(tiny_model, tiny_tokenizer, ["hi"], max_new_tokens=2)
+    assert tiny_model.training
+
+
+def test_no_special_tokens_in_output(tiny_model, tiny_tokenizer):
+    outs = generate(tiny_model, tiny_tokenizer, ["hi"] * 3, max_new_tokens=20, temperature=1.0, seed=0)
+    assert not any(tok in o for o in outs for tok in ("<|im_end|>", "<|im_start|>", "<|pad|>"))

