@@ -38,12 +38,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _ask_on_stderr(question: str) -> str:
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    return input()
+
+
+def _print_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def _profile(args: argparse.Namespace):
     from posttrain.advisor.profile import KEYS, Profile, ask, coerce, load_profile
 
     base = load_profile(args.profile) if args.profile else Profile()
     if args.interactive:
-        asked = ask()
+        # With --json, stdout carries only the JSON: questions go to stderr.
+        asked = ask(input_fn=_ask_on_stderr, print_fn=_print_stderr) if args.json else ask()
         base = Profile(**{**base.to_dict(), **asked.to_dict()})
     flags = {k.name: coerce(k.name, getattr(args, f"key_{k.name}"), "command line") for k in KEYS}
     return Profile(**{**base.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
@@ -77,11 +88,11 @@ def format_advice(a) -> str:
         for alt in a.alternatives:
             label = " -> ".join(alt["pipeline"]) if "pipeline" in alt else f"technique {alt['technique']}"
             out.append(f"  - {label}: {'; '.join(alt['reasons'])}")
-    stages = ", ".join(f"{s['method']} {s['hours']:.1f} h ${s['cost_usd']:,.0f}" for s in e["stages"])
+    stages = ", ".join(f"{s['method']} {s['hours']:.1f} h ${s['cost_usd']:,.2f}" for s in e["stages"])
     out += [
         "",
         f"Estimate: peak {e['peak_memory_gb']:.1f} GB per GPU on {e['num_gpus']} x {e['gpu']}; "
-        f"{e['hours']:,.1f} h, ${e['cost_usd']:,.0f} ({stages})",
+        f"{e['hours']:,.1f} h, ${e['cost_usd']:,.2f} ({stages})",
         "",
         "Assumptions:",
     ]

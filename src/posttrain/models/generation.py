@@ -57,7 +57,8 @@ def generate(
 
     Greedy when `temperature == 0`, else sampling with `temperature` and nucleus `top_p` (no top-k). Each
     completion ends at the first EOS token or at the first of the `stop` strings (the stop string is cut off).
-    `seed` makes sampling repeatable without touching the caller's global RNG state.
+    `seed` makes sampling repeatable without touching the caller's global RNG state. The first call with a new
+    set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
     """
     import torch
     from transformers import GenerationConfig
@@ -96,7 +97,9 @@ def generate(
                     [texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False,
                 ).to(device)  # fmt: skip
-                out = model.generate(**enc, generation_config=gen_cfg, tokenizer=tokenizer)  # (b, prompt_len + new)
+                out = model.generate(
+                    **enc, generation_config=gen_cfg, tokenizer=tokenizer
+                )  # (b, prompt_len + new)
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new_tokens.tolist()):
                     results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)

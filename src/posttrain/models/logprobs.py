@@ -20,7 +20,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits: (B, T, V), any float dtype; labels: (B, T) integer ids. Returns (B, T) float32.
     A negative label (the -100 "ignore" convention) gives 0 there; mask such positions anyway.
 
-    Computed as logits[label] - logsumexp(logits), which never materialises the (T, V) log-softmax.
+    Computed per row as logits[label] - logsumexp(logits): no (B, T, V) log-softmax is ever materialised.
     """
     ignored = labels < 0
     safe = labels.clamp(min=0).unsqueeze(-1)  # (B, T, 1)

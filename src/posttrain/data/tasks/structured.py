@@ -117,10 +117,14 @@ def _join(items: list[str]) -> str:
 
 
 def parse_json_object(text: str) -> Any:
-    """The JSON value in a completion (a ```json fence around it is tolerated), or None if it does not parse.
+    """The JSON value in a completion, or None: the whole text, a ```json fenced block, or else the first
+    ``{...}`` object in it (prose before or after is tolerated: `json_valid` asks "is there JSON", and the
+    other metrics judge what it says).
 
     >>> parse_json_object('```json\\n{"a": 1}\\n```')
     {'a': 1}
+    >>> parse_json_object('JSON:\\n{"a": [1, 2]}\\nThis object has one key.')
+    {'a': [1, 2]}
     >>> parse_json_object('{"a": 1') is None
     True
     """
@@ -128,6 +132,11 @@ def parse_json_object(text: str) -> Any:
     body = (fenced.group(1) if fenced else text).strip()
     try:
         return json.loads(body)
+    except json.JSONDecodeError:
+        pass
+    start = body.find("{")
+    try:
+        return json.JSONDecoder().raw_decode(body, start)[0] if start >= 0 else None
     except json.JSONDecodeError:
         return None
 
