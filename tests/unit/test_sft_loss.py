@@ -53,3 +53,28 @@ def test_normalise_loss_makes_micro_batches_and_processes_equal_the_global_mean(
     per_process = [sum(normalise_loss(torch.tensor(sum(parts[(p, m)])), total, world) for m in (0, 1))
                    for p in range(world)]
     assert_close(sum(per_process) / world, torch.tensor(21.0 / 6.0))
+
+
+def test_selected_logits_path_equals_full_logits_path(tiny_model):
+    """loss_fn projects only target positions; value and gradients equal the full-logits computation."""
+    from posttrain.algorithms.sft import loss_fn
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 259, (3, 12))
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    mask[0, 5:] = 1
+    mask[1, 2:9] = 1
+    mask[2, 11] = 1
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}
+    loss, _ = loss_fn(tiny_model, batch)
+    loss.backward()
+    fast_grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    logits = tiny_model(input_ids=ids, attention_mask=attn).logits
+    full = sft_token_losses(logits, ids, mask).sum()
+    full.backward()
+    assert_close(loss, full, rtol=1e-6, atol=1e-6)
+    for g, p in zip(fast_grads, tiny_model.parameters()):
+        assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

@@ -52,7 +52,17 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 
 def loss_fn(model: torch.nn.Module, batch: Batch, cfg=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
+    target = batch["loss_mask"][:, 1:].bool()  # (B, T-1): token t + 1 is a target
+    # Project onto the vocabulary only where the next token is a target: prompt positions need hidden states
+    # but no logits. A boolean `logits_to_keep` (transformers >= 5) returns (N, V) for the N kept positions,
+    # which saves most of the LM-head GEMMs and of the largest activation, the (B, T, V) logits.
+    keep = F.pad(target, (0, 1))  # (B, T)
+    logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
+    n_targets = int(target.sum())
+    if logits.dim() == 2 and logits.shape[0] == n_targets:  # (N, V), rows in the order of target.nonzero()
+        labels = batch["input_ids"][:, 1:][target]  # (N,)
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), {}
+    # A model whose forward ignores a boolean logits_to_keep: full (B, T, V) logits, same value.
     losses = sft_token_losses(logits, batch["input_ids"], batch["loss_mask"])
     return losses.sum(), {}
 
