@@ -20,9 +20,12 @@ def _cmd_train(args) -> int:
         for name, default, doc in describe_fields():
             print(f"{name} = {default}\n    {doc}")
         return EXIT_OK
-    if args.config is None:
-        raise UserError("posttrain train needs a run file: posttrain train RUN.yaml [dotted.key=value ...]")
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # no run file: defaults + overrides
+    if config is None and not overrides:
+        raise UserError("posttrain train needs a run file or overrides: posttrain train RUN.yaml [key=value ...]")
+    cfg = load_config(config, overrides)
     from posttrain.train import train
 
     result = train(cfg, resume=args.resume)
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quickstart)
 
     t = sub.add_parser("train", help="run a training config: posttrain train RUN.yaml [key=value ...]")
-    t.add_argument("config", nargs="?", help="run YAML file (see configs/)")
+    t.add_argument("config", nargs="?", help="run YAML file (see configs/); may be left out when overrides say it all")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     t.add_argument("--help-config", action="store_true", help="list every config field with its default")
@@ -193,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER
+    except BrokenPipeError:
+        # `posttrain estimate --table | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("interrupted; a run can be continued with `posttrain train RUN.yaml --resume`", file=sys.stderr)
         return 130

@@ -1,0 +1,116 @@
+"""The CLI, called in-process: exit codes 0 / 2, one-paragraph errors, and the commands end to end."""
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_generate_merge_round_trip(capsys, tiny_model_dir, sft_file, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train")
+    assert code == 2 and "needs a run file" in err
+    # overrides alone (no run file) start from the defaults
+    code, out, err = run(capsys, "train", "model.name=" + str(tiny_model_dir), "technique.name=lora",
+                         f"data.train={sft_file}", "data.max_length=64", f"run.output_dir={tmp_path / 'o'}",
+                         "run.max_steps=1", "run.progress=false", "optim.batch_size=4")
+    assert code == 0, err
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ntechnique:\n  name: lora\ndata:\n  train: {sft_file}\n"
+                   f"  max_length: 64\noptim:\n  batch_size: 4\nrun:\n  output_dir: {run_dir}\n  max_steps: 2\n"
+                   "  progress: false\n")
+    code, out, err = run(capsys, "train", str(cfg))
+    assert code == 0, err
+    assert "done: 2 steps" in out and (run_dir / "final" / "adapter_config.json").is_file()
+
+    code, out, err = run(capsys, "generate", "--model", str(run_dir), "--prompt", "add 1 2", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert "### completion" in out
+
+    merged = tmp_path / "merged"
+    code, out, err = run(capsys, "merge", str(run_dir), "--out", str(merged))
+    assert code == 0, err
+    assert (merged / "model.safetensors").is_file()
+
+    code, out, err = run(capsys, "train", str(cfg))  # the run exists: refuse, do not overwrite
+    assert code == 2 and "--resume" in err and "Traceback" not in err
+
+
+def test_config_errors_exit_2_without_traceback(capsys, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optim:\n  lr: -1\n  batchsize: 4\n")
+    code, out, err = run(capsys, "train", str(cfg))
+    assert code == 2
+    assert "optim.lr" in err and "optim.batchsize: unknown key" in err and "Traceback" not in err
+
+
+def test_missing_model_path_is_a_clear_error(capsys, sft_file, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: ./no/such/model\ndata:\n  train: {sft_file}\n"
+                   f"run:\n  output_dir: {tmp_path / 'r'}\n")
+    code, out, err = run(capsys, "train", str(cfg))
+    assert code == 2 and "no/such/model" in err and "Traceback" not in err
+
+
+def test_bad_data_fails_before_the_model_loads(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n{"prompt": 3,\n')
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nrun:\n  output_dir: {tmp_path / 'r'}\n")
+    code, out, err = run(capsys, "train", str(cfg))
+    assert code == 2
+    assert f"{data}:2: completion" in err and f"{data}:3" in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_data_make_and_validate(capsys, tmp_path):
+    out_file = tmp_path / "s.jsonl"
+    code, out, err = run(capsys, "data", "make", "structured", "--n", "5", "--out", str(out_file))
+    assert code == 0 and len(out_file.read_text().splitlines()) == 5
+    code, out, err = run(capsys, "data", "validate", str(out_file), "--kind", "sft")
+    assert code == 0 and "5 sft rows OK" in out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": 5}\n')
+    code, out, err = run(capsys, "data", "validate", str(bad), "--kind", "sft")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith(str(bad) + ":")]
+    assert lines[0].startswith(f"{bad}:1: messages") and lines[1].startswith(f"{bad}:2: text")
+
+    code, out, err = run(capsys, "data", "validate", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "missing.jsonl" in err
+
+    code, out, err = run(capsys, "data", "make", "nosuchtask", "--n", "5", "--out", str(out_file))
+    assert code == 2 and "structured" in err
+
+
+def test_help_config_lists_fields(capsys):
+    code, out, err = run(capsys, "train", "--help-config")
+    assert code == 0 and "optim.lr" in out and "technique.r" in out
+
+
+def test_estimate_json_through_main(capsys):
+    code, out, err = run(capsys, "estimate", "--model", "7b", "--technique", "qlora", "--json")
+    assert code == 0, err
+    assert json.loads(out)["peak_memory_gb"] > 0
+
+
+def test_no_command_prints_help(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and "quickstart" in out
+
+
+def test_lazy_top_level_api():
+    import posttrain
+
+    assert posttrain.estimate(model="7b", technique="qlora").peak_memory_gb > 0
+    with pytest.raises(AttributeError):
+        posttrain.nope  # noqa: B018
