@@ -179,6 +179,20 @@ def _add_optional(sub, module: str) -> None:
     mod.add_parser(sub)
 
 
+_MODEL_COMMANDS = {"quickstart", "train", "generate", "merge", "evaluate"}
+
+
+def _quiet_libraries() -> None:
+    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _version() -> str:
     from posttrain import __version__
 
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER
+    if args.command in _MODEL_COMMANDS:
+        _quiet_libraries()
     try:
         return int(args.func(args) or EXIT_OK)
     except UserError as err:
