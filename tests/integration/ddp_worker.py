@@ -2,12 +2,17 @@
 
 import sys
 
-import torch
 
-from posttrain.config import load_config
-from posttrain.train import train
+def main(config_path: str, out_dir: str) -> None:
+    import torch
 
-cfg = load_config(sys.argv[1])
-result = train(cfg, return_model=True)
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-torch.save({n: p.detach().cpu() for n, p in result.model.named_parameters()}, f"{sys.argv[2]}/rank{rank}.pt")
+    from posttrain.config import load_config
+    from posttrain.train import train
+
+    result = train(load_config(config_path), return_model=True)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({n: p.detach().cpu() for n, p in result.model.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
