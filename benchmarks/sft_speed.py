@@ -62,12 +62,14 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
 
     tmp = f"/tmp/posttrain-bench-{os.getpid()}.jsonl"
     write_jsonl(TASKS["structured"].make(batch_size * (steps + 1), seed=0, split="train"), tmp)
-    cfg = config_from_dict({
-        "model": {"name": "smollm2-135m-instruct"},
-        "technique": {"name": technique, "r": 16, "alpha": 32, "dropout": lora_dropout},
-        "data": {"train": tmp, "max_length": max_length, "shuffle": False},
-        "optim": {"lr": 1e-5, "batch_size": batch_size},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {"name": "smollm2-135m-instruct"},
+            "technique": {"name": technique, "r": 16, "alpha": 32, "dropout": lora_dropout},
+            "data": {"train": tmp, "max_length": max_length, "shuffle": False},
+            "optim": {"lr": 1e-5, "batch_size": batch_size},
+        }
+    )
     algo = get_algorithm("sft")
     tok = load_tokenizer(cfg.model)
     data = algo.prepare(cfg, tok)
@@ -117,8 +119,20 @@ def main() -> None:
     peak = matmul_gflops()
     rows = []
     for technique in args.techniques:
-        cmd = [sys.executable, __file__, "--child", technique, "--steps", str(args.steps), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            technique,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--lora-dropout",
+            str(args.lora_dropout),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if out.returncode:
             sys.exit(f"{technique} failed:\n{out.stderr[-2000:]}")
@@ -129,16 +143,22 @@ def main() -> None:
         print(json.dumps({"matmul_gflops": peak, "rows": rows}, indent=1))
         return
     full = next((r for r in rows if r["technique"] == "full"), None)
-    print(f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s; batch {args.batch_size} examples, "
-          f"{args.steps} timed steps\n")
-    print("| technique | trainable params | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
-          "| FLOP utilisation (6P) |")
+    print(
+        f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s; batch {args.batch_size} examples, "
+        f"{args.steps} timed steps\n"
+    )
+    print(
+        "| technique | trainable params | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
+        "| FLOP utilisation (6P) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else ""
-        print(f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
-              f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
-              f"{100 * r['flop_utilisation']:.0f}% |")
+        print(
+            f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
+            f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
+            f"{100 * r['flop_utilisation']:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

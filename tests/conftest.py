@@ -29,3 +29,11 @@ def tiny_model(tiny_tokenizer):
     from posttrain.testing import tiny_model as make
 
     return make(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny model and tokenizer saved as a local Hugging Face folder."""
+    from posttrain.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -24,7 +24,9 @@ def _cmd_train(args) -> int:
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # no run file: defaults + overrides
     if config is None and not overrides:
-        raise UserError("posttrain train needs a run file or overrides: posttrain train RUN.yaml [key=value ...]")
+        raise UserError(
+            "posttrain train needs a run file or overrides: posttrain train RUN.yaml [key=value ...]"
+        )
     cfg = load_config(config, overrides)
     from posttrain.train import train
 
@@ -80,8 +82,15 @@ def _cmd_generate(args) -> int:
     if not prompts:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
     model, tokenizer = load_for_inference(args.model)
-    outs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed)
+    outs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for prompt, out in zip(prompts, outs):
         shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         print(f"### prompt\n{shown}\n### completion\n{out}\n")
@@ -118,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quickstart)
 
     t = sub.add_parser("train", help="run a training config: posttrain train RUN.yaml [key=value ...]")
-    t.add_argument("config", nargs="?", help="run YAML file (see configs/); may be left out when overrides say it all")
+    t.add_argument(
+        "config", nargs="?", help="run YAML file (see configs/); may be left out when overrides say it all"
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     t.add_argument("--help-config", action="store_true", help="list every config field with its default")
@@ -131,8 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--n", type=int, required=True, help="number of rows")
     mk.add_argument("--out", required=True, help="output .jsonl file")
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--split", choices=["train", "heldout"], default="train",
-                    help="heldout uses wordings never used by train")
+    mk.add_argument(
+        "--split",
+        choices=["train", "heldout"],
+        default="train",
+        help="heldout uses wordings never used by train",
+    )
     mk.set_defaults(func=_cmd_data_make)
     va = dsub.add_parser("validate", help="check every row of a data file")
     va.add_argument("file")
@@ -141,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=lambda a: (d.print_help(), EXIT_USER)[1])
 
     g = sub.add_parser("generate", help="sample from a run, a model folder or the embedded default")
-    g.add_argument("--model", default="smollm2-135m-instruct",
-                   help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
+    )
     g.add_argument("--prompt", action="append", help="a user message (repeatable)")
     g.add_argument("--prompts-file", help="a file of prompt rows (JSONL/JSON/CSV with a `prompt` field)")
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -156,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="output folder for the merged safetensors model")
     m.set_defaults(func=_cmd_merge)
 
-    e = sub.add_parser("evaluate", help="score a model on a built-in task's held-out prompts with its verifier")
+    e = sub.add_parser(
+        "evaluate", help="score a model on a built-in task's held-out prompts with its verifier"
+    )
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--task", default="structured")
     e.add_argument("--n", type=int, default=100)
@@ -224,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-            print("error: this is a bug in posttrain (exit 1); please report it with the traceback above",
-                  file=sys.stderr)
+            print(
+                "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
+                file=sys.stderr,
+            )
         else:
             raise
         return EXIT_BUG

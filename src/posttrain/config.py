@@ -144,7 +144,9 @@ class RunConfig(_Section):
                 f"optim.batch_size ({self.optim.batch_size}) is not a multiple of optim.micro_batch_size ({mb})"
             )
         if self.data.max_length < 8:
-            raise ValueError(f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response")
+            raise ValueError(
+                f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response"
+            )
         return self
 
 

@@ -38,8 +38,13 @@ def quickstart_config(run_dir: Path, train_file: Path, steps: int) -> dict:
         "technique": {"name": "lora", "r": RECIPE["lora_r"], "alpha": 2 * RECIPE["lora_r"], "dropout": 0.05},
         "data": {"train": str(train_file), "max_length": RECIPE["max_length"]},
         "algorithm": {"name": "sft"},
-        "optim": {"lr": RECIPE["lr"], "batch_size": RECIPE["batch_size"], "warmup_steps": 5, "schedule": "cosine",
-                  "min_lr_ratio": 0.1},
+        "optim": {
+            "lr": RECIPE["lr"],
+            "batch_size": RECIPE["batch_size"],
+            "warmup_steps": 5,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+        },
         "run": {"output_dir": str(run_dir), "max_steps": steps, "save_every": 10, "seed": 0},
     }
 
@@ -48,8 +53,12 @@ def _stage(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def run_quickstart(output_dir: str = "runs/quickstart", steps: int | None = None, n_eval: int | None = None,
-                   fresh: bool = False) -> dict:
+def run_quickstart(
+    output_dir: str = "runs/quickstart",
+    steps: int | None = None,
+    n_eval: int | None = None,
+    fresh: bool = False,
+) -> dict:
     from posttrain.config import ModelConfig, TechniqueConfig, config_from_dict
     from posttrain.data import TASKS, write_jsonl
     from posttrain.errors import UserError
@@ -68,7 +77,9 @@ def run_quickstart(output_dir: str = "runs/quickstart", steps: int | None = None
     task = TASKS[RECIPE["task"]]
     started = time.perf_counter()
 
-    _stage(f"data: {RECIPE['n_train']} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data")
+    _stage(
+        f"data: {RECIPE['n_train']} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data"
+    )
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
@@ -87,30 +98,44 @@ def run_quickstart(output_dir: str = "runs/quickstart", steps: int | None = None
         _stage(f"scoring the base model on {n_eval} held-out prompts (greedy)")
         base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
         base.eval()
-        before = evaluate_task(base, tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"])
+        before = evaluate_task(
+            base, tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
+        )
         base_file.write_text(json.dumps(before, indent=1))
         del base
 
     resume = latest_checkpoint(run_dir) is not None
-    _stage(f"LoRA fine-tuning for {steps} steps of {RECIPE['batch_size']} examples"
-           + (" (resuming from the last checkpoint)" if resume else ""))
+    _stage(
+        f"LoRA fine-tuning for {steps} steps of {RECIPE['batch_size']} examples"
+        + (" (resuming from the last checkpoint)" if resume else "")
+    )
     result = train(cfg, resume=resume, return_model=True)
 
     _stage(f"scoring the fine-tuned model on the same {n_eval} held-out prompts")
     model = result.model
     model.eval()
-    after = evaluate_task(model, result.tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"])
+    after = evaluate_task(
+        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
+    )
 
     table = format_before_after(before, after)
     minutes = (time.perf_counter() - started) / 60
-    report = {"before": before, "after": after, "steps": steps, "minutes": round(minutes, 1),
-              "run_dir": str(run_dir), "model": str(result.final_dir)}
+    report = {
+        "before": before,
+        "after": after,
+        "steps": steps,
+        "minutes": round(minutes, 1),
+        "run_dir": str(run_dir),
+        "model": str(result.final_dir),
+    }
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n")
     _stage(f"held-out results ({n_eval} prompts, wordings never seen in training; {minutes:.1f} min in all)")
     print(table)
-    print(f"\nadapter: {result.final_dir}\ntry it:  posttrain generate --model {run_dir} --prompt "
-          f"\"{heldout[0]['prompt'][:60]}...\"")
+    print(
+        f"\nadapter: {result.final_dir}\ntry it:  posttrain generate --model {run_dir} --prompt "
+        f'"{heldout[0]["prompt"][:60]}..."'
+    )
     return report
 
 

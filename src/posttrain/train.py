@@ -48,8 +48,13 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     if saved.exists():
         old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         new = cfg.model_dump(mode="json")
-        changed = [f"{sec}.{k}" for sec in new if sec not in _RESUMABLE_CHANGES and isinstance(new[sec], dict)
-                   for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k]]
+        changed = [
+            f"{sec}.{k}"
+            for sec in new
+            if sec not in _RESUMABLE_CHANGES and isinstance(new[sec], dict)
+            for k in new[sec]
+            if old.get(sec, {}).get(k) != new[sec][k]
+        ]
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the one {run_dir} was started with in {', '.join(changed)}; "
@@ -66,8 +71,8 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     from posttrain.algorithms import get_algorithm
     from posttrain.models import load_model, load_tokenizer, save_model
     from posttrain.trainer.batches import ExampleBatchSource, total_steps
-    from posttrain.trainer.metrics import truncate_metrics
     from posttrain.trainer.loop import training_loop
+    from posttrain.trainer.metrics import truncate_metrics
     from posttrain.trainer.optim import build_optimizer, build_scheduler
 
     run_dir = Path(cfg.run.output_dir)
@@ -81,8 +86,14 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
     source = ExampleBatchSource(
-        data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro, seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        data.train,
+        data.collate,
+        batch_size=cfg.optim.batch_size,
+        micro_batch_size=micro,
+        seed=cfg.run.seed,
+        shuffle=cfg.data.shuffle,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
     eval_batches = None
@@ -112,8 +123,16 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         (run_dir / "metrics.jsonl").unlink()
 
     result = training_loop(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm,
-        batch_source=source, cfg=cfg, run_dir=run_dir, total_steps=steps, start_step=start,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        algorithm=algorithm,
+        batch_source=source,
+        cfg=cfg,
+        run_dir=run_dir,
+        total_steps=steps,
+        start_step=start,
         eval_batches=eval_batches,
     )
 
@@ -127,8 +146,14 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir=run_dir, final_dir=final, steps=steps, history=result.history,
-                       model=unwrapped if return_model else None, tokenizer=tokenizer if return_model else None)
+    return TrainResult(
+        run_dir=run_dir,
+        final_dir=final,
+        steps=steps,
+        history=result.history,
+        model=unwrapped if return_model else None,
+        tokenizer=tokenizer if return_model else None,
+    )
 
 
 def _cuda_available() -> bool:

@@ -8,13 +8,9 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer random Llama (hidden 64, so bitsandbytes can quantise it) saved as a Hugging Face folder."""
-    from posttrain.testing import tiny_model, tiny_tokenizer
+    from posttrain.testing import save_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer()
-    tiny_model(len(tok), hidden_size=64).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), hidden_size=64)
 
 
 SFT_ROWS = [{"prompt": f"add {a} {b}", "completion": str(a + b)} for a in range(4) for b in range(4)]

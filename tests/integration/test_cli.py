@@ -18,20 +18,33 @@ def test_train_generate_merge_round_trip(capsys, tiny_model_dir, sft_file, tmp_p
     code, out, err = run(capsys, "train")
     assert code == 2 and "needs a run file" in err
     # overrides alone (no run file) start from the defaults
-    code, out, err = run(capsys, "train", "model.name=" + str(tiny_model_dir), "technique.name=lora",
-                         f"data.train={sft_file}", "data.max_length=64", f"run.output_dir={tmp_path / 'o'}",
-                         "run.max_steps=1", "run.progress=false", "optim.batch_size=4")
+    code, out, err = run(
+        capsys,
+        "train",
+        "model.name=" + str(tiny_model_dir),
+        "technique.name=lora",
+        f"data.train={sft_file}",
+        "data.max_length=64",
+        f"run.output_dir={tmp_path / 'o'}",
+        "run.max_steps=1",
+        "run.progress=false",
+        "optim.batch_size=4",
+    )
     assert code == 0, err
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ntechnique:\n  name: lora\ndata:\n  train: {sft_file}\n"
-                   f"  max_length: 64\noptim:\n  batch_size: 4\nrun:\n  output_dir: {run_dir}\n  max_steps: 2\n"
-                   "  progress: false\n")
+    cfg.write_text(
+        f"model:\n  name: {tiny_model_dir}\ntechnique:\n  name: lora\ndata:\n  train: {sft_file}\n"
+        f"  max_length: 64\noptim:\n  batch_size: 4\nrun:\n  output_dir: {run_dir}\n  max_steps: 2\n"
+        "  progress: false\n"
+    )
     code, out, err = run(capsys, "train", str(cfg))
     assert code == 0, err
     assert "done: 2 steps" in out and (run_dir / "final" / "adapter_config.json").is_file()
 
-    code, out, err = run(capsys, "generate", "--model", str(run_dir), "--prompt", "add 1 2", "--max-new-tokens", "4")
+    code, out, err = run(
+        capsys, "generate", "--model", str(run_dir), "--prompt", "add 1 2", "--max-new-tokens", "4"
+    )
     assert code == 0, err
     assert "### completion" in out
 
@@ -54,8 +67,9 @@ def test_config_errors_exit_2_without_traceback(capsys, tmp_path):
 
 def test_missing_model_path_is_a_clear_error(capsys, sft_file, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model:\n  name: ./no/such/model\ndata:\n  train: {sft_file}\n"
-                   f"run:\n  output_dir: {tmp_path / 'r'}\n")
+    cfg.write_text(
+        f"model:\n  name: ./no/such/model\ndata:\n  train: {sft_file}\nrun:\n  output_dir: {tmp_path / 'r'}\n"
+    )
     code, out, err = run(capsys, "train", str(cfg))
     assert code == 2 and "no/such/model" in err and "Traceback" not in err
 
@@ -64,7 +78,9 @@ def test_bad_data_fails_before_the_model_loads(capsys, tiny_model_dir, tmp_path)
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n{"prompt": 3,\n')
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nrun:\n  output_dir: {tmp_path / 'r'}\n")
+    cfg.write_text(
+        f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nrun:\n  output_dir: {tmp_path / 'r'}\n"
+    )
     code, out, err = run(capsys, "train", str(cfg))
     assert code == 2
     assert f"{data}:2: completion" in err and f"{data}:3" in err

@@ -23,8 +23,18 @@ def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_
     out_dir = tmp_path / "params"
     out_dir.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(WORKER), str(cfg_file), str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(WORKER),
+        str(cfg_file),
+        str(out_dir),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")

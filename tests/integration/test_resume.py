@@ -20,8 +20,13 @@ def _losses(run_dir):
 
 def test_resumed_run_equals_uninterrupted_run(make_cfg, monkeypatch):
     # LoRA with dropout: resuming must also restore the random-number generators to replay the dropout masks.
-    overrides = {"technique.name": "lora", "technique.dropout": 0.2, "run.max_steps": 6, "run.save_every": 2,
-                 "optim.lr": 5e-3}
+    overrides = {
+        "technique.name": "lora",
+        "technique.dropout": 0.2,
+        "run.max_steps": 6,
+        "run.save_every": 2,
+        "optim.lr": 5e-3,
+    }
     reference = _losses(train(make_cfg("uninterrupted", **overrides)).run_dir)
 
     import posttrain.trainer.loop as loop

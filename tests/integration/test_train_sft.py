@@ -44,8 +44,17 @@ def _one_sgd_step(cfg, micro):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     source = ExampleBatchSource(data.train, data.collate, batch_size=8, micro_batch_size=micro, shuffle=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    training_loop(accelerator=acc, model=model, optimizer=opt, scheduler=sched, algorithm=algo,
-                  batch_source=source, cfg=cfg, run_dir=Path(cfg.run.output_dir), total_steps=1)
+    training_loop(
+        accelerator=acc,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        algorithm=algo,
+        batch_source=source,
+        cfg=cfg,
+        run_dir=Path(cfg.run.output_dir),
+        total_steps=1,
+    )
     return {n: before[n] - p.detach() for n, p in model.named_parameters()}  # = gradient (lr = 1)
 
 
@@ -53,7 +62,9 @@ def test_micro_batches_with_accumulation_equal_the_full_batch(make_cfg):
     """Examples have different numbers of target tokens, so a per-micro-batch mean would NOT match."""
     cfg = make_cfg(**{"optim.max_grad_norm": "null", "run.max_steps": 1})
     full = _one_sgd_step(cfg, micro=8)
-    accumulated = _one_sgd_step(make_cfg("run2", **{"optim.max_grad_norm": "null", "run.max_steps": 1}), micro=2)
+    accumulated = _one_sgd_step(
+        make_cfg("run2", **{"optim.max_grad_norm": "null", "run.max_steps": 1}), micro=2
+    )
     assert max(g.abs().max().item() for g in full.values()) > 1e-4  # the step did something
     for name, g in full.items():
         assert_close(accumulated[name], g, rtol=1e-5, atol=1e-7)
@@ -90,7 +101,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ma
         loss, metrics = real(model, batch, cfg)
         return (loss * float("nan") if calls["n"] == 3 else loss), metrics
 
-    monkeypatch.setattr("posttrain.algorithms.sft.ALGORITHM", dataclasses.replace(sft.ALGORITHM, loss_fn=flaky))
+    monkeypatch.setattr(
+        "posttrain.algorithms.sft.ALGORITHM", dataclasses.replace(sft.ALGORITHM, loss_fn=flaky)
+    )
     cfg = make_cfg(**{"run.max_steps": 5})
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)

@@ -20,15 +20,6 @@ from posttrain.models import (
 from posttrain.testing import tiny_model as make_tiny_model
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny random Llama and its tokenizer saved as a local Hugging Face folder."""
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(len(tiny_tokenizer)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test."""

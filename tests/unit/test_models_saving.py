@@ -9,17 +9,8 @@ from torch.testing import assert_close
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models import load_model, load_trained, merge_adapter, read_info, save_model
-from posttrain.testing import tiny_model as make_tiny_model
 
 IDS = torch.tensor([[3, 10, 20, 30, 40, 50], [3, 60, 61, 62, 63, 64]])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(len(tiny_tokenizer)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def _trained(tiny_dir, technique):

@@ -50,8 +50,10 @@ def test_normalise_loss_makes_micro_batches_and_processes_equal_the_global_mean(
     total = sum(len(v) for v in parts.values())
     world = 2
     # DDP averages the per-process (accumulated) values over processes.
-    per_process = [sum(normalise_loss(torch.tensor(sum(parts[(p, m)])), total, world) for m in (0, 1))
-                   for p in range(world)]
+    per_process = [
+        sum(normalise_loss(torch.tensor(sum(parts[(p, m)])), total, world) for m in (0, 1))
+        for p in range(world)
+    ]
     assert_close(sum(per_process) / world, torch.tensor(21.0 / 6.0))
 
 

@@ -37,7 +37,9 @@ def sft_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: t
     # Shift the labels, not the logits: logits.view() stays a view (no (B, T, V) copy of the largest tensor).
     labels = torch.full_like(input_ids, IGNORE)
     labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE)
-    losses = F.cross_entropy(logits.view(B * T, V).float(), labels.view(-1), ignore_index=IGNORE, reduction="none")
+    losses = F.cross_entropy(
+        logits.view(B * T, V).float(), labels.view(-1), ignore_index=IGNORE, reduction="none"
+    )
     return losses.view(B, T)  # (B, T); ignored positions are exactly 0
 
 
@@ -84,7 +86,9 @@ def prepare(cfg, tokenizer) -> PreparedData:
             tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
         )
         if n_trunc:
-            notes.append(f"{path}: {n_trunc} of {len(rows)} examples truncated to data.max_length={cfg.data.max_length}")
+            notes.append(
+                f"{path}: {n_trunc} of {len(rows)} examples truncated to data.max_length={cfg.data.max_length}"
+            )
         return rendered
 
     train = render(cfg.data.train)

@@ -18,8 +18,11 @@ def load_for_inference(name_or_path: str):
     from posttrain.models import load_model, load_tokenizer, load_trained
 
     p = Path(name_or_path).expanduser()
-    if p.is_dir() and ((p / "final").is_dir() or (p / "posttrain_model.json").exists()
-                       or (p / "adapter_config.json").exists()):
+    if p.is_dir() and (
+        (p / "final").is_dir()
+        or (p / "posttrain_model.json").exists()
+        or (p / "adapter_config.json").exists()
+    ):
         model, tokenizer = load_trained(p)
     else:
         cfg = ModelConfig(name=name_or_path)
@@ -42,8 +45,18 @@ def score_completions(task: str, completions: Sequence[str], rows: Sequence[dict
     return {"n": float(len(rows)), **{k: v / n for k, v in totals.items()}}
 
 
-def evaluate_task(model, tokenizer, task: str, *, rows: Sequence[dict] | None = None, n: int = 100, seed: int = 1,
-                  split: str = "heldout", max_new_tokens: int = 128, batch_size: int = 16) -> dict[str, float]:
+def evaluate_task(
+    model,
+    tokenizer,
+    task: str,
+    *,
+    rows: Sequence[dict] | None = None,
+    n: int = 100,
+    seed: int = 1,
+    split: str = "heldout",
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding."""
     from posttrain.data import TASKS
     from posttrain.errors import UserError
@@ -53,8 +66,14 @@ def evaluate_task(model, tokenizer, task: str, *, rows: Sequence[dict] | None = 
         raise UserError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if rows is None:
         rows = TASKS[task].make(n, seed=seed, split=split)
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                           temperature=0.0, batch_size=batch_size)
+    completions = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        batch_size=batch_size,
+    )
     return score_completions(task, completions, rows)
 
 
@@ -68,10 +87,16 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     | n | 2 | 2 |
     """
     names = list(results)
-    metrics = sorted({k for r in results.values() for k in r}, key=lambda k: (k == "n", k.startswith("field_"), k))
+    metrics = sorted(
+        {k for r in results.values() for k in r}, key=lambda k: (k == "n", k.startswith("field_"), k)
+    )
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in metrics:
-        cells = [(f"{results[nm][k]:.0f}" if k == "n" else f"{100 * results[nm][k]:.1f}%") if k in results[nm]
-                 else "" for nm in names]
+        cells = [
+            (f"{results[nm][k]:.0f}" if k == "n" else f"{100 * results[nm][k]:.1f}%")
+            if k in results[nm]
+            else ""
+            for nm in names
+        ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -56,3 +56,11 @@ def tiny_model(vocab_size: int = 259, *, seed: int = 0, hidden_size: int = 32, l
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)
+
+
+def save_tiny_model(path, *, hidden_size: int = 32):
+    """Save `tiny_model` and `tiny_tokenizer` as a local Hugging Face folder (loadable by `model.name=PATH`)."""
+    tok = tiny_tokenizer()
+    tiny_model(len(tok), hidden_size=hidden_size).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -44,7 +44,9 @@ def _reduce_sum(accelerator, value: float | torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, algorithm: Algorithm, batches: Sequence[Batch], cfg) -> dict[str, float]:
+def evaluate_loss(
+    accelerator, model, algorithm: Algorithm, batches: Sequence[Batch], cfg
+) -> dict[str, float]:
     """Mean loss (and metrics) per loss unit over `batches` (this process's share), summed over processes."""
     was_training = model.training
     model.eval()
@@ -75,8 +77,14 @@ def training_loop(
     eval_batches: Sequence[Batch] | None = None,
 ) -> LoopResult:
     run = cfg.run
-    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, tensorboard=run.tensorboard,
-                           total_steps=total_steps, start_step=start_step, progress=run.progress)
+    logger = MetricsLogger(
+        run_dir,
+        enabled=accelerator.is_main_process,
+        tensorboard=run.tensorboard,
+        total_steps=total_steps,
+        start_step=start_step,
+        progress=run.progress,
+    )
     history: list[dict] = []
     world = accelerator.num_processes
     model.train()
@@ -112,44 +120,80 @@ def training_loop(
             all_finite = _reduce_sum(accelerator, 0.0 if finite else 1.0) == 0.0
             if not all_finite or (cfg.optim.max_grad_norm is not None and not math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
-                _handle_divergence(accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run,
-                                   grad_norm, all_finite)
+                _handle_divergence(
+                    accelerator,
+                    run_dir,
+                    step,
+                    last_saved,
+                    model,
+                    optimizer,
+                    scheduler,
+                    run,
+                    grad_norm,
+                    all_finite,
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             # ---- metrics: per-unit means over the whole step
             elapsed = time.perf_counter() - t0
-            step_tokens = _reduce_sum(accelerator, sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                                       else b["input_ids"].numel() for b in micro_batches))
+            step_tokens = _reduce_sum(
+                accelerator,
+                sum(
+                    int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                    for b in micro_batches
+                ),
+            )
             tokens_since_start += step_tokens
-            record = {"step": step, **{k: _reduce_sum(accelerator, v) / max(total_units, 1.0)
-                                       for k, v in sums.items()}}
-            record.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, loss_units=total_units,
-                          tokens=step_tokens, tokens_per_s=step_tokens / max(elapsed, 1e-9),
-                          step_time_s=elapsed, elapsed_s=time.perf_counter() - started)
+            record = {
+                "step": step,
+                **{k: _reduce_sum(accelerator, v) / max(total_units, 1.0) for k, v in sums.items()},
+            }
+            record.update(
+                lr=scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
+                loss_units=total_units,
+                tokens=step_tokens,
+                tokens_per_s=step_tokens / max(elapsed, 1e-9),
+                step_time_s=elapsed,
+                elapsed_s=time.perf_counter() - started,
+            )
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
             history.append(record)
-            logger.progress(1, {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
-                                "tok/s": f"{tokens_since_start / (time.perf_counter() - started):.0f}"})
+            logger.progress(
+                1,
+                {
+                    "loss": f"{record['loss']:.4f}",
+                    "lr": f"{record['lr']:.2e}",
+                    "tok/s": f"{tokens_since_start / (time.perf_counter() - started):.0f}",
+                },
+            )
 
             # ---- periodic evaluation and checkpoints
-            if eval_batches is not None and run.eval_every and (step % run.eval_every == 0 or step == total_steps):
+            if (
+                eval_batches is not None
+                and run.eval_every
+                and (step % run.eval_every == 0 or step == total_steps)
+            ):
                 ev = {"step": step, **evaluate_loss(accelerator, model, algorithm, eval_batches, cfg)}
                 logger.log(ev)
                 logger.write(f"step {step}: eval_loss {ev['eval_loss']:.4f}")
                 history.append(ev)
             if (run.save_every and step % run.save_every == 0) or step == total_steps:
-                save_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, keep=run.keep_checkpoints)
+                save_checkpoint(
+                    accelerator, run_dir, step, model, optimizer, scheduler, keep=run.keep_checkpoints
+                )
                 last_saved = step
     finally:
         logger.close()
     return LoopResult(steps=total_steps, history=history)
 
 
-def _handle_divergence(accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm,
-                       loss_finite) -> None:
+def _handle_divergence(
+    accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm, loss_finite
+) -> None:
     """Keep the last good state as a checkpoint (the parameters were not updated) and stop with advice."""
     good = step - 1
     if good > 0 and good != last_saved:

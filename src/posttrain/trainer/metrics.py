@@ -33,8 +33,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, start_step: int,
-                 progress: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        total_steps: int,
+        start_step: int,
+        progress: bool,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
@@ -56,8 +64,14 @@ class MetricsLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
 
     def log(self, record: dict) -> None:
         if not self.enabled:
