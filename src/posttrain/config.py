@@ -45,8 +45,10 @@ class TechniqueConfig(_Section):
     """LoRA rank."""
     alpha: float = Field(32.0, gt=0)
     """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    """Dropout on the LoRA input."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input. 0 lets peft skip a dropped-out copy of every adapted layer's input (measured
+    here: ~0.7 GB less peak memory for SmolLM2-135M at 8 x 140 tokens, and faster); the QLoRA paper used
+    0.05-0.1 to regularise small datasets."""
     target_modules: str | list[str] = "all-linear"
     """Modules that get adapters: `all-linear` (every linear layer but the LM head) or a list of names."""
     quant_type: Literal["nf4", "fp4"] = "nf4"

@@ -35,7 +35,7 @@ def quickstart_config(run_dir: Path, train_file: Path, steps: int) -> dict:
     """The run config of the quickstart, as the YAML a user would write (see configs/quickstart.yaml)."""
     return {
         "model": {"name": "smollm2-135m-instruct"},
-        "technique": {"name": "lora", "r": RECIPE["lora_r"], "alpha": 2 * RECIPE["lora_r"], "dropout": 0.05},
+        "technique": {"name": "lora", "r": RECIPE["lora_r"], "alpha": 2 * RECIPE["lora_r"], "dropout": 0.0},
         "data": {"train": str(train_file), "max_length": RECIPE["max_length"]},
         "algorithm": {"name": "sft"},
         "optim": {
