@@ -124,3 +124,26 @@ def test_resume_refuses_a_changed_config(make_cfg):
     train(make_cfg(**{"run.max_steps": 1}))
     with pytest.raises(ConfigError, match="optim.lr"):
         train(make_cfg(**{"run.max_steps": 2, "optim.lr": 1e-3}), resume=True)
+
+
+def test_equal_seeds_give_equal_runs_and_other_seeds_differ(make_cfg):
+    overrides = {"technique.name": "lora", "technique.dropout": 0.1, "run.max_steps": 3}
+    a = [r["loss"] for r in train(make_cfg("a", **overrides)).history]
+    b = [r["loss"] for r in train(make_cfg("b", **overrides)).history]
+    c = [r["loss"] for r in train(make_cfg("c", **{**overrides, "run.seed": 1})).history]
+    assert a == b
+    assert a != c
+
+
+def test_periodic_evaluation_logs_eval_loss(make_cfg, sft_file):
+    cfg = make_cfg(**{"data.eval": str(sft_file), "run.eval_every": 2, "run.max_steps": 4})
+    result = train(cfg)
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # training on the same rows lowers their loss
+
+
+def test_packed_training_learns(make_cfg):
+    cfg = make_cfg(**{"data.packing": "true", "optim.batch_size": 1, "run.max_steps": 20, "optim.lr": 3e-3})
+    losses = [r["loss"] for r in train(cfg).history]
+    assert losses[-1] < 0.6 * losses[0]
