@@ -77,7 +77,7 @@ def mean_tokens_per_sequence(run_dir: Path, batch_size: int) -> int | None:
 def case_config(technique: str, checkpointing: bool, data: Path, out: Path, args) -> dict:
     tech = {"name": technique}
     if technique != "full":
-        tech.update(r=16, alpha=32, dropout=0.05)
+        tech.update(r=16, alpha=32, dropout=0.0)  # posttrain's default
     return {
         "model": {"name": MODEL, "dtype": "float32", "gradient_checkpointing": checkpointing},
         "technique": tech,
@@ -123,7 +123,7 @@ def main() -> int:
         preds = [
             estimate(
                 "smollm2-135m", method="sft", technique=technique, precision="fp32", batch_size=args.batch_size,
-                seq_len=length, gradient_checkpointing=ckpt, lora_rank=16, attention="flash",
+                seq_len=length, gradient_checkpointing=ckpt, lora_rank=16, lora_dropout=0.0, attention="flash",
             ).peak_memory_gb * 1e9
             for length in (args.max_length, seq or args.max_length)
         ]  # fmt: skip

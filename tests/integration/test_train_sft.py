@@ -147,3 +147,13 @@ def test_packed_training_learns(make_cfg):
     cfg = make_cfg(**{"data.packing": "true", "optim.batch_size": 1, "run.max_steps": 20, "optim.lr": 3e-3})
     losses = [r["loss"] for r in train(cfg).history]
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_tensorboard_events_mirror_the_metrics(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(make_cfg(**{"run.tensorboard": "true", "run.max_steps": 3}))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("loss")]
+    assert logged == pytest.approx([r["loss"] for r in result.history], rel=1e-6)
