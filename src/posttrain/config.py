@@ -11,6 +11,7 @@ This module does not load models or data; it only describes and checks them.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +96,7 @@ class OptimConfig(_Section):
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
     """Learning-rate decay after warmup."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Final learning rate as a fraction of `lr` (cosine and linear)."""
+    """Final learning rate as a fraction of `lr` (cosine schedule)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
 
@@ -232,13 +233,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except UnicodeDecodeError:
             raise ConfigError(f"{p}: not UTF-8 text") from None
         data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, optim, ...)")
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data, source=source)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    # Temporary file then rename: a kill mid-write never leaves a truncated config.yaml behind.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

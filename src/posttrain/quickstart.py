@@ -73,6 +73,12 @@ def run_quickstart(
         raise UserError("--steps and --n-eval must be positive")
     run_dir = Path(output_dir)
     if fresh and run_dir.exists():
+        if not _is_quickstart_folder(run_dir):
+            raise UserError(
+                f"--fresh would delete {run_dir}, which does not look like a quickstart run folder "
+                "(no data/train.jsonl and results of a previous quickstart); remove it yourself or pick another "
+                "--output-dir"
+            )
         shutil.rmtree(run_dir)
     task = TASKS[RECIPE["task"]]
     started = time.perf_counter()
@@ -109,7 +115,7 @@ def run_quickstart(
         f"LoRA fine-tuning for {steps} steps of {RECIPE['batch_size']} examples"
         + (" (resuming from the last checkpoint)" if resume else "")
     )
-    result = train(cfg, resume=resume, return_model=True)
+    result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
 
     _stage(f"scoring the fine-tuned model on the same {n_eval} held-out prompts")
     model = result.model
@@ -137,6 +143,24 @@ def run_quickstart(
         f'"{heldout[0]["prompt"][:60]}..."'
     )
     return report
+
+
+def _is_quickstart_folder(path: Path) -> bool:
+    """An empty folder, or one a previous quickstart made (its data file and nothing foreign at the top)."""
+    entries = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
+    ours = {
+        "data",
+        "eval_base.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints",
+        "final",
+        ".tmp-final",
+        "results.json",
+        "results.md",
+        "tensorboard",
+    }
+    return not entries or ((path / "data" / "train.jsonl").is_file() and entries <= ours)
 
 
 def format_before_after(before: dict, after: dict) -> str:

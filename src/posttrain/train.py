@@ -21,8 +21,19 @@ from posttrain.config import RunConfig, dump_config
 from posttrain.errors import ConfigError
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
-# Sections that may change between a run and its resumption (length, logging, checkpoint cadence).
-_RESUMABLE_CHANGES = {"run"}
+# Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
+# run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
+_RESUMABLE_CHANGES = {
+    "run.max_steps",
+    "run.epochs",
+    "run.save_every",
+    "run.keep_checkpoints",
+    "run.eval_every",
+    "run.log_every",
+    "run.tensorboard",
+    "run.progress",
+    "run.output_dir",
+}
 
 
 @dataclass
@@ -36,29 +47,44 @@ class TrainResult:
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    if not resume:
+    """The checkpoint to resume from (or None), after refusing anything that would overwrite a run."""
+    if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(
-            f"{run_dir} already holds a run (latest checkpoint: {ckpt.name}). Pass --resume to continue it, "
+            f"run.output_dir {run_dir} exists and is not a folder; choose another run.output_dir"
+        )
+    ckpt = latest_checkpoint(run_dir)
+    started = ckpt is not None or (run_dir / "final").exists() or (run_dir / "config.yaml").exists()
+    if started and not resume:
+        what = f"latest checkpoint: {ckpt.name}" if ckpt else "a config.yaml or final/ model"
+        raise ConfigError(
+            f"{run_dir} already holds a run ({what}). Pass --resume to continue it, "
             "or set run.output_dir to a new folder; nothing was overwritten."
         )
+    if ckpt is None:
+        if (run_dir / "final").exists():
+            raise ConfigError(
+                f"--resume: {run_dir} has a final model but no checkpoint to continue from; "
+                "set run.output_dir to a new folder to train again"
+            )
+        return None  # nothing worth keeping yet (e.g. killed before the first checkpoint): start afresh
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        try:
+            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise ConfigError(f"{saved}: unreadable; restore it or start a new run folder") from None
         new = cfg.model_dump(mode="json")
         changed = [
             f"{sec}.{k}"
             for sec in new
-            if sec not in _RESUMABLE_CHANGES and isinstance(new[sec], dict)
+            if isinstance(new[sec], dict)
             for k in new[sec]
-            if old.get(sec, {}).get(k) != new[sec][k]
+            if f"{sec}.{k}" not in _RESUMABLE_CHANGES and ((old.get(sec) or {}).get(k) != new[sec][k])
         ]
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the one {run_dir} was started with in {', '.join(changed)}; "
-                "only run.* settings (e.g. run.max_steps) may change when resuming"
+                "only run length, logging and checkpoint settings (e.g. run.max_steps) may change when resuming"
             )
     return ckpt
 
@@ -77,6 +103,14 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
 
     run_dir = Path(cfg.run.output_dir)
     ckpt = _check_run_dir(cfg, run_dir, resume)
+    if cfg.run.tensorboard:  # every process checks, before any collective, so none waits on a failed peer
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "run.tensorboard is true but the tensorboard package is not installed; "
+                "pip install tensorboard, or set run.tensorboard=false"
+            ) from None
     accelerator = Accelerator(cpu=not _cuda_available())
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
@@ -98,6 +132,10 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
     eval_batches = None
     if data.eval is not None:
+        if len(data.eval) < accelerator.num_processes:
+            raise ConfigError(
+                f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
+            )
         mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
         eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
 
@@ -116,6 +154,11 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     start = 0
     if ckpt is not None:
         start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler)
+        if start > steps:
+            raise ConfigError(
+                f"--resume: {ckpt.name} is already past the requested {steps} steps; raise run.max_steps "
+                f"(or run.epochs) above {start}, or use the model in {run_dir / 'final'}"
+            )
         if accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", start)
             print(f"resuming {run_dir} from {ckpt.name} (step {start} of {steps})")

@@ -130,3 +130,10 @@ def test_lazy_top_level_api():
     assert posttrain.estimate(model="7b", technique="qlora").peak_memory_gb > 0
     with pytest.raises(AttributeError):
         posttrain.nope  # noqa: B018
+
+
+def test_quickstart_fresh_refuses_a_foreign_folder(capsys, tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    code, out, err = run(capsys, "quickstart", "--fresh", "--output-dir", str(tmp_path))
+    assert code == 2 and "does not look like a quickstart run folder" in err
+    assert (tmp_path / "thesis.tex").read_text() == "precious"

@@ -157,3 +157,67 @@ def test_tensorboard_events_mirror_the_metrics(make_cfg):
     events.Reload()
     logged = [e.value for e in events.Scalars("loss")]
     assert logged == pytest.approx([r["loss"] for r in result.history], rel=1e-6)
+
+
+def test_finished_run_without_checkpoints_is_not_overwritten(make_cfg):
+    import shutil
+
+    cfg = make_cfg(**{"run.max_steps": 1})
+    result = train(cfg)
+    shutil.rmtree(result.run_dir / "checkpoints")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="no checkpoint to continue from"):
+        train(cfg, resume=True)
+
+
+def test_resume_below_the_checkpoint_step_is_refused(make_cfg):
+    train(make_cfg(**{"run.max_steps": 3}))
+    with pytest.raises(ConfigError, match="already past"):
+        train(make_cfg(**{"run.max_steps": 2}), resume=True)
+
+
+def test_resume_refuses_a_changed_seed(make_cfg):
+    train(make_cfg(**{"run.max_steps": 1}))
+    with pytest.raises(ConfigError, match="run.seed"):
+        train(make_cfg(**{"run.max_steps": 2, "run.seed": 5}), resume=True)
+
+
+def test_nan_gradient_with_finite_loss_is_caught_without_clipping(make_cfg, monkeypatch):
+    """With optim.max_grad_norm null the norm is still computed, so an inf gradient never reaches the weights."""
+    from posttrain.algorithms import sft
+
+    class InfGrad(torch.autograd.Function):
+        """Forward 0 (the loss stays finite), backward inf into its input."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.new_zeros(())
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return torch.full_like(x, float("inf"))
+
+    calls = {"n": 0}
+    real = sft.loss_fn
+
+    def inf_grad(model, batch, cfg):
+        calls["n"] += 1
+        loss, metrics = real(model, batch, cfg)
+        if calls["n"] == 2:
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + InfGrad.apply(weight)
+        return loss, metrics
+
+    monkeypatch.setattr(
+        "posttrain.algorithms.sft.ALGORITHM", dataclasses.replace(sft.ALGORITHM, loss_fn=inf_grad)
+    )
+    cfg = make_cfg(**{"run.max_steps": 4, "optim.max_grad_norm": "null"})
+    with pytest.raises(TrainingDiverged, match="step 2: the gradient norm"):
+        train(cfg)
+    kept = Path(cfg.run.output_dir) / "checkpoints" / "step-000001"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(kept / "trainable.safetensors")).values())

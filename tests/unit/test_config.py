@@ -71,3 +71,16 @@ def test_every_example_config_is_valid():
     assert configs, "configs/ should hold example runs"
     for path in configs:
         assert isinstance(load_config(path), RunConfig)
+
+
+def test_top_level_list_is_a_clear_error(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(f, ["optim.lr=1e-4"])
+
+
+def test_epochs_do_not_gain_a_step_from_float_rounding():
+    from posttrain.trainer.batches import total_steps
+
+    assert total_steps(None, 0.07, 100) == 7

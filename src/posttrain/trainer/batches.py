@@ -96,4 +96,5 @@ def total_steps(max_steps: int | None, epochs: float, steps_per_epoch: int) -> i
     >>> total_steps(None, 1.5, 10), total_steps(7, 3.0, 10)
     (15, 7)
     """
-    return max_steps if max_steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, which must not become 8 steps.
+    return max_steps if max_steps is not None else max(1, math.ceil(round(epochs * steps_per_epoch, 9)))

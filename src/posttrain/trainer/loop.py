@@ -50,7 +50,7 @@ def evaluate_loss(
     """Mean loss (and metrics) per loss unit over `batches` (this process's share), summed over processes."""
     was_training = model.training
     model.eval()
-    units, sums = 0.0, {}
+    units, sums = 0.0, {"loss": 0.0}  # the same keys on every process, even one with no eval batch
     for batch in batches:
         batch = _to_device(batch, accelerator.device)
         loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
@@ -114,11 +114,12 @@ def training_loop(
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
 
             # ---- clip, guard against NaN/inf (loss or gradient), step
-            grad_norm = float("nan")
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm))
+            # The norm is always computed (max_norm=inf when clipping is off) so that a NaN/inf gradient is caught
+            # even when the loss is finite, before optimizer.step() can write it into the weights.
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             all_finite = _reduce_sum(accelerator, 0.0 if finite else 1.0) == 0.0
-            if not all_finite or (cfg.optim.max_grad_norm is not None and not math.isfinite(grad_norm)):
+            if not all_finite or not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 _handle_divergence(
                     accelerator,
@@ -132,6 +133,7 @@ def training_loop(
                     grad_norm,
                     all_finite,
                 )
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -151,7 +153,7 @@ def training_loop(
                 **{k: _reduce_sum(accelerator, v) / max(total_units, 1.0) for k, v in sums.items()},
             }
             record.update(
-                lr=scheduler.get_last_lr()[0],
+                lr=lr,
                 grad_norm=grad_norm,
                 loss_units=total_units,
                 tokens=step_tokens,
@@ -203,5 +205,6 @@ def _handle_divergence(
     kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
     raise TrainingDiverged(
         f"step {step}: {what} became NaN or infinite, so the run stopped before updating the weights; {kept}. "
-        "Lower optim.lr, keep optim.max_grad_norm set, or check the data of this step; continue with --resume."
+        "Check the data of this step, or start a new run (another run.output_dir) with a lower optim.lr and "
+        "optim.max_grad_norm set."
     )
