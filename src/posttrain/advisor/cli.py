@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
+from posttrain.estimator.cli import format_duration
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,11 +89,13 @@ def format_advice(a) -> str:
         for alt in a.alternatives:
             label = " -> ".join(alt["pipeline"]) if "pipeline" in alt else f"technique {alt['technique']}"
             out.append(f"  - {label}: {'; '.join(alt['reasons'])}")
-    stages = ", ".join(f"{s['method']} {s['hours']:.1f} h ${s['cost_usd']:,.2f}" for s in e["stages"])
+    stages = ", ".join(
+        f"{s['method']} {format_duration(s['hours'])} ${s['cost_usd']:,.2f}" for s in e["stages"]
+    )
     out += [
         "",
         f"Estimate: peak {e['peak_memory_gb']:.1f} GB per GPU on {e['num_gpus']} x {e['gpu']}; "
-        f"{e['hours']:,.1f} h, ${e['cost_usd']:,.2f} ({stages})",
+        f"{format_duration(e['hours'])}, ${e['cost_usd']:,.2f} ({stages})",
         "",
         "Assumptions:",
     ]

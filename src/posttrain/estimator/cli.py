@@ -99,7 +99,7 @@ def format_estimate(e: Estimate) -> str:
             lines.append(f"  {k:<20} {v:9.3f} GB")
     lines.append(f"fits: {', '.join(e.fits) if e.fits else 'no single GPU in the table'}")
     lines.append(
-        f"compute: {e.flops:.2e} FLOPs for {e.tokens:.2e} tokens -> {e.hours:,.1f} h on {e.num_gpus} x {e.gpu}, "
+        f"compute: {e.flops:.2e} FLOPs for {e.tokens:.2e} tokens -> {format_duration(e.hours)} on {e.num_gpus} x {e.gpu}, "
         f"${e.cost_usd:,.0f}"
     )
     lines.append("assumptions:")
@@ -135,3 +135,16 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USER
     print(json.dumps(e.to_dict(), indent=2) if args.json else format_estimate(e))
     return EXIT_OK
+
+
+def format_duration(hours: float) -> str:
+    """Hours for long runs, minutes or seconds for short ones (a 64-row run is not "0.0 h").
+
+    >>> format_duration(12.345), format_duration(0.25), format_duration(0.0001)
+    ('12.3 h', '15.0 min', '0.4 s')
+    """
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours * 3600:.1f} s"
