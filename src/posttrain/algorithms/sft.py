@@ -81,14 +81,16 @@ def prepare(cfg, tokenizer) -> PreparedData:
     notes: list[str] = []
 
     def render(path: str):
+        import warnings
+
         rows = load_rows(path, "sft")
-        rendered, n_trunc = render_dataset(
-            tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
-        )
-        if n_trunc:
-            notes.append(
-                f"{path}: {n_trunc} of {len(rows)} examples truncated to data.max_length={cfg.data.max_length}"
+        # render_dataset warns once with the count of truncated rows; show it as a run note (one clean line)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rendered, _ = render_dataset(
+                tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
             )
+        notes.extend(str(w.message) for w in caught)
         return rendered
 
     train = render(cfg.data.train)
