@@ -33,7 +33,9 @@ def _cmd_train(args) -> int:
     result = train(cfg, resume=args.resume)
     last = next((h for h in reversed(result.history) if "loss" in h), None)
     summary = f"; last loss {last['loss']:.4f}" if last else ""
-    print(f"done: {result.steps} step{'s' if result.steps != 1 else ''}{summary}; model in {result.final_dir}")
+    print(
+        f"done: {result.steps} step{'s' if result.steps != 1 else ''}{summary}; model in {result.final_dir}"
+    )
     return EXIT_OK
 
 
