@@ -221,3 +221,9 @@ def test_nan_gradient_with_finite_loss_is_caught_without_clipping(make_cfg, monk
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(kept / "trainable.safetensors")).values())
+
+
+def test_logged_lr_is_the_rate_each_step_used(make_cfg):
+    """Warmup of 2 steps to lr 0.01, then constant: the steps use 0, 0.005, 0.01, 0.01 (HF warmup starts at 0)."""
+    cfg = make_cfg(**{"optim.warmup_steps": 2, "optim.schedule": "constant", "run.max_steps": 4})
+    assert [r["lr"] for r in train(cfg).history] == pytest.approx([0.0, 0.005, 0.01, 0.01], abs=1e-12)
