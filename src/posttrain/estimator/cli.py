@@ -51,6 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--seq-len", type=int, default=2048, help="tokens per sequence, prompt + response")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     a("--lora-rank", type=int, default=16)
+    a(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="LoRA dropout (> 0 stores a copy of each adapted input)",
+    )
     a("--num-gpus", type=int, default=1)
     a("--sharding", default="none", help=f"one of {', '.join(SHARD_STAGE)}")
     a("--group-size", type=int, default=8, help="GRPO completions per prompt")
@@ -78,7 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _kwargs(args: argparse.Namespace) -> dict:
     keys = (
-        "model method technique precision optimizer batch_size seq_len gradient_checkpointing lora_rank num_gpus "
+        "model method technique precision optimizer batch_size seq_len gradient_checkpointing lora_rank lora_dropout "
+        "num_gpus "
         "sharding group_size completion_len tokens gpu gpu_memory_gb gpu_table reference reward_model "
         "reward_function value_model rollout_engine mfu"
     ).split()

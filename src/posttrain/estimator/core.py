@@ -226,7 +226,7 @@ def estimate(
     value_model: str | None = None,
     rollout_engine: str = "hf",
     attention: str = "flash",
-    lora_dropout: float = 0.05,
+    lora_dropout: float = 0.0,
     mfu: float = compute.DEFAULT_MFU,
 ) -> Estimate:
     """Estimate memory, compute, time and cost of training `model` with `method` and `technique`.

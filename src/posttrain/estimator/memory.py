@@ -65,7 +65,7 @@ class Setup:
     seq_len: int = 2048  # tokens per sequence, prompt + response
     gradient_checkpointing: bool = False
     lora_rank: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     num_gpus: int = 1
     sharding: str = "none"
     group_size: int = 8  # G: completions per prompt (GRPO)
