@@ -87,8 +87,10 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     | n | 2 | 2 |
     """
     names = list(results)
+    headline = ["json_valid", "schema_match", "exact"]  # the verifier's summary rates first, then per field
     metrics = sorted(
-        {k for r in results.values() for k in r}, key=lambda k: (k == "n", k.startswith("field_"), k)
+        {k for r in results.values() for k in r},
+        key=lambda k: (k == "n", k.startswith("field_"), headline.index(k) if k in headline else 3, k),
     )
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in metrics:
