@@ -171,8 +171,9 @@ def format_before_after(before: dict, after: dict) -> str:
     |---|---|---|---|
     | exact | 25.0% | 75.0% | +50.0 pts |
     """
-    order = ["json_valid", "schema_match", "exact"]
-    keys = [k for k in order if k in before] + sorted(k for k in before if k not in order and k != "n")
+    from posttrain.evaluation import ordered_metrics
+
+    keys = [k for k in ordered_metrics(before) if k != "n"]
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]
     for k in keys:
         b, a = before[k], after.get(k, 0.0)

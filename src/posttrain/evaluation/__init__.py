@@ -77,6 +77,19 @@ def evaluate_task(
     return score_completions(task, completions, rows)
 
 
+HEADLINE_METRICS = ["json_valid", "schema_match", "exact"]
+
+
+def ordered_metrics(keys) -> list[str]:
+    """Display order: the verifier's summary rates, other metrics, per-field rates, then the count `n`.
+
+    >>> ordered_metrics({"n", "field_b", "exact", "json_valid", "field_a", "score"})
+    ['json_valid', 'exact', 'score', 'field_a', 'field_b', 'n']
+    """
+    rank = {k: i for i, k in enumerate(HEADLINE_METRICS)}
+    return sorted(keys, key=lambda k: (k == "n", k.startswith("field_"), rank.get(k, len(rank)), k))
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per metric, one column per model.
 
@@ -87,11 +100,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     | n | 2 | 2 |
     """
     names = list(results)
-    headline = ["json_valid", "schema_match", "exact"]  # the verifier's summary rates first, then per field
-    metrics = sorted(
-        {k for r in results.values() for k in r},
-        key=lambda k: (k == "n", k.startswith("field_"), headline.index(k) if k in headline else 3, k),
-    )
+    metrics = ordered_metrics({k for r in results.values() for k in r})
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in metrics:
         cells = [
