@@ -73,9 +73,101 @@ class DataConfig(_Section):
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
 
 
+class DPOSection(_Section):
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL anchor to the reference: implicit reward = beta * (log pi - log pi_ref)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), or `simpo` (reference-free: no reference model at all)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative DPO: the assumed share of flipped labels (sigmoid loss only)."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """SimPO target reward margin gamma (loss_type=simpo)."""
+    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
+    """How the frozen reference is held. `adapter`: the base with the LoRA adapter disabled (lora/qlora, no
+    extra memory); `precompute`: reference log-probs computed in one pass before training and cached in the
+    run folder (one model in memory); `copy`: a second frozen model. `auto`: adapter under lora/qlora, else
+    precompute."""
+
+
+class RolloutSection(_Section):
+    engine: Literal["hf", "vllm"] = "hf"
+    """Sampling engine: transformers `generate` (any machine) or vLLM (GPU, optional extra)."""
+    batch_size: int | None = Field(None, gt=0)
+    """Completions sampled per rollout (over all processes). Default: `optim.batch_size`."""
+    epochs: int = Field(1, gt=0)
+    """Optimisation passes over each rollout batch (GRPO's mu, PPO's epochs); old log-probs are kept."""
+    max_new_tokens: int = Field(128, gt=0)
+    """Longest completion, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the loss scores tokens with the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    stop: list[str] = []
+    """Stop strings: a completion ends with the first one (kept, and trained on)."""
+    generation_batch_size: int | None = Field(None, gt=0)
+    """Sequences per `generate` call (memory bound); default: the whole rollout."""
+
+
+class GRPOSection(_Section):
+    num_generations: int = Field(8, ge=2)
+    """G: completions per prompt; advantages are normalised within each group of G."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Aggregation over tokens (see docs/rl.md on length bias): `grpo` per-sequence mean, `dapo` token mean,
+    `dr_grpo` sum / (sequences x max_new_tokens)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or nothing (Dr. GRPO)."""
+    beta: float = Field(0.0, ge=0)
+    """KL penalty (k3 estimator) to the reference; 0 skips the reference forward entirely."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Lower clip of the importance ratio: 1 - clip_eps."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """Upper clip (DAPO clip-higher): 1 + clip_eps_high; default clip_eps."""
+    drop_uniform_groups: bool = False
+    """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
+
+
+class PPOSection(_Section):
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial per-token KL penalty coefficient folded into the rewards."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards `target_kl` (Ziegler et al. 2019)."""
+    target_kl: float = Field(6.0, gt=0)
+    """Target KL (nats per sequence) of the adaptive controller."""
+    kl_horizon: int = Field(10000, gt=0)
+    """Horizon of the adaptive controller, in samples."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Policy ratio clip."""
+    clip_eps_value: float = Field(0.2, gt=0)
+    """Value clip around the rollout's values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout batch."""
+
+
 class AlgorithmConfig(_Section):
-    name: Literal["sft"] = "sft"
-    """Training method. Later issues add `reward`, `dpo`, `ppo`, `grpo`."""
+    name: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
+    """Training method: `sft`, `reward` (Bradley-Terry reward model), `dpo`, `grpo`, `ppo`."""
+    dpo: DPOSection = DPOSection()
+    """DPO settings (algorithm.name=dpo)."""
+    reward_margin: bool = False
+    """Reward model: use a `margin` column of the pairs in the Bradley-Terry loss (Llama 2)."""
+    rewards: list[str | dict] = []
+    """GRPO/PPO reward functions: built-in names, `file.py:function`, or {name, weight, args} (docs/rewards.md)."""
+    reward_model: str | None = None
+    """PPO/GRPO: a trained reward model folder (`algorithm.name=reward` run's final/), added to the rewards."""
+    reward_fallback: float = 0.0
+    """Reward given to a sample whose reward function raised or returned NaN (the count is logged)."""
+    rollout: RolloutSection = RolloutSection()
+    """Sampling settings for GRPO and PPO."""
+    grpo: GRPOSection = GRPOSection()
+    """GRPO settings (algorithm.name=grpo)."""
+    ppo: PPOSection = PPOSection()
+    """PPO settings (algorithm.name=ppo)."""
 
 
 class OptimConfig(_Section):
@@ -145,6 +237,30 @@ class RunConfig(_Section):
         if mb is not None and self.optim.batch_size % mb:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) is not a multiple of optim.micro_batch_size ({mb})"
+            )
+        alg = self.algorithm
+        if alg.name in ("grpo", "ppo"):
+            if not alg.rewards and not alg.reward_model:
+                raise ValueError(
+                    f"algorithm.rewards: {alg.name} needs at least one reward function (e.g. "
+                    "algorithm.rewards=[task]) or algorithm.reward_model"
+                )
+            rollout = alg.rollout.batch_size or self.optim.batch_size
+            group = alg.grpo.num_generations if alg.name == "grpo" else 1
+            if rollout % group:
+                raise ValueError(
+                    f"algorithm.rollout.batch_size ({rollout}) must be a multiple of "
+                    f"algorithm.grpo.num_generations ({group}): whole groups per rollout"
+                )
+            if rollout % self.optim.batch_size:
+                raise ValueError(
+                    f"algorithm.rollout.batch_size ({rollout}) must be a multiple of optim.batch_size "
+                    f"({self.optim.batch_size}): each rollout is split into whole optimisation steps"
+                )
+        if alg.name == "dpo" and alg.dpo.reference == "adapter" and self.technique.name == "full":
+            raise ValueError(
+                "algorithm.dpo.reference=adapter needs technique lora or qlora (full fine-tuning has no "
+                "adapter to disable); use precompute or copy"
             )
         if self.data.max_length < 8:
             raise ValueError(

@@ -95,6 +95,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     from accelerate.utils import set_seed
 
     from posttrain.algorithms import get_algorithm
+    from posttrain.algorithms.base import SourceContext
     from posttrain.models import load_model, load_tokenizer, save_model
     from posttrain.trainer.batches import ExampleBatchSource, total_steps
     from posttrain.trainer.loop import training_loop
@@ -119,19 +120,20 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     tokenizer = load_tokenizer(cfg.model)
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
-    source = ExampleBatchSource(
-        data.train,
-        data.collate,
-        batch_size=cfg.optim.batch_size,
-        micro_batch_size=micro,
-        seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-    steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
+    source = None
+    if algorithm.make_source is None:
+        source = ExampleBatchSource(
+            data.train,
+            data.collate,
+            batch_size=cfg.optim.batch_size,
+            micro_batch_size=micro,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
     eval_batches = None
-    if data.eval is not None:
+    if data.eval is not None and algorithm.evaluates:
         if len(data.eval) < accelerator.num_processes:
             raise ConfigError(
                 f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
@@ -145,8 +147,24 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         for note in data.notes:
             print(f"warning: {note}")
 
-    # ---- model, optimiser, schedule
-    model = load_model(cfg.model, cfg.technique, device=accelerator.device)
+    # ---- model, batch source, optimiser, schedule
+    if algorithm.load_model is not None:
+        model = algorithm.load_model(cfg, accelerator.device)
+    else:
+        model = load_model(cfg.model, cfg.technique, device=accelerator.device)
+    if source is None:  # rollouts (and anything else that needs the model to make its batches)
+        source = algorithm.make_source(
+            SourceContext(
+                cfg=cfg,
+                data=data,
+                model=model,
+                tokenizer=tokenizer,
+                accelerator=accelerator,
+                run_dir=run_dir,
+                micro_batch_size=micro,
+            )
+        )
+    steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -185,7 +203,10 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
+        if algorithm.save_final is not None:
+            algorithm.save_final(unwrapped, tokenizer, tmp, cfg)
+        else:
+            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

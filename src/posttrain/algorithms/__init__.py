@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 
 # name -> module path; imported on use so that `import posttrain` stays light.
-ALGORITHMS: dict[str, str] = {"sft": "posttrain.algorithms.sft"}
+ALGORITHMS: dict[str, str] = {
+    name: f"posttrain.algorithms.{name}" for name in ("sft", "reward", "dpo", "grpo", "ppo")
+}
 
 
 def get_algorithm(name: str):

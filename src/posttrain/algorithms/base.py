@@ -1,20 +1,28 @@
-"""What a training method gives the loop: prepared data, a loss function, and how to count its loss units.
+"""What a training method gives the loop: prepared data, a batch source, a loss function, and its loss units.
 
 Adding a method means one module in `algorithms/` that builds an `Algorithm`, registered in
-`posttrain.algorithms.ALGORITHMS`; never a new trainer.
+`posttrain.algorithms.ALGORITHMS`; never a new trainer. Dataset methods (SFT, reward models, DPO) use the
+default batch source, `trainer.batches.ExampleBatchSource`; RL methods (GRPO, PPO) give a `make_source` that
+returns a rollout generator with the same signature. Methods that train something other than a plain causal LM
+(a reward model's scalar head, PPO's value head) give `load_model` and `save_final`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 Batch = dict[str, Any]
 # loss_fn(model, batch, cfg) -> (summed loss over the batch's loss units, metrics summed the same way)
 LossFn = Callable[[torch.nn.Module, Batch, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+STEP_METRICS = "step_metrics"
+"""Batch key for metrics that describe a whole step (reward means, generation time): a dict of floats that the
+loop logs as they are, instead of summing and dividing them by the loss units like `loss_fn`'s metrics."""
 
 
 @dataclass
@@ -27,6 +35,27 @@ class PreparedData:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SourceContext:
+    """What a batch source may need once the model has loaded (all of it built by `posttrain.train`)."""
+
+    cfg: Any
+    data: PreparedData
+    model: torch.nn.Module
+    tokenizer: Any
+    accelerator: Any
+    run_dir: Path
+    micro_batch_size: int
+
+
+class BatchSource(Protocol):
+    """For every optimisation step from `start_step` on, the list of micro-batches this process runs."""
+
+    steps_per_epoch: int
+
+    def __call__(self, start_step: int = 0) -> Iterator[list[Batch]]: ...
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
@@ -34,5 +63,14 @@ class Algorithm:
     """prepare(cfg, tokenizer) -> PreparedData: read, validate and render the data (user errors surface here)."""
     loss_fn: LossFn
     """Returns a *sum* over loss units; the loop divides by the units of the whole step (see common.normalise_loss)."""
-    loss_units: Callable[[Batch], int]
-    """Number of loss units in a micro-batch (target tokens for SFT, pairs for DPO)."""
+    loss_units: Callable[[Batch, Any], int | float]
+    """loss_units(batch, cfg): loss units in a micro-batch (target tokens for SFT, pairs for DPO)."""
+    make_source: Callable[[SourceContext], BatchSource] | None = None
+    """Builds the batch source after the model loads (rollouts; DPO's reference log-probs). None: the default
+    `ExampleBatchSource` over `PreparedData.train`, built before the model loads."""
+    load_model: Callable[[Any, Any], torch.nn.Module] | None = None
+    """load_model(cfg, device) -> the trainable module; None: `posttrain.models.load_model` (a causal LM)."""
+    save_final: Callable[[torch.nn.Module, Any, Path, Any], None] | None = None
+    """save_final(model, tokenizer, out_dir, cfg): write the final model; None: `posttrain.models.save_model`."""
+    evaluates: bool = True
+    """Whether `loss_fn` on `PreparedData.eval` batches is meaningful (false for RL: no fixed eval batches)."""

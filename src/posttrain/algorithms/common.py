@@ -1,7 +1,8 @@
 """Masked reductions shared by every loss: the one place where per-token terms become a number.
 
 Every loss in `posttrain.algorithms` returns per-token or per-sequence terms unreduced; these functions reduce
-them. Reduction is where the classic bugs live (gradient-accumulation scaling, length bias), so the trainer
+them, and `kl_estimate` gives the per-token KL estimators that PPO, GRPO and diagnostics share.
+Reduction is where the classic bugs live (gradient-accumulation scaling, length bias), so the trainer
 never averages per micro-batch: a loss function returns a *sum* over its loss units (tokens for SFT) and the
 loop divides once by the number of units in the whole accumulated, all-process batch (`normalise_loss`).
 
@@ -9,6 +10,8 @@ Letters: B batch, T tokens.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -44,3 +47,43 @@ def normalise_loss(loss_sum: torch.Tensor, total_units: int | float, world_size:
     tensor(1.)
     """
     return loss_sum * (world_size / max(float(total_units), 1.0))
+
+
+# Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL
+# divergence", http://joschu.net/blog/kl-approx.html). Each is a function of log r = ref_logps - policy_logps:
+#   k1 = -log r            unbiased, high variance, negative on many tokens
+#   k2 = (log r)^2 / 2     biased (low bias when the policies are close), always >= 0
+#   k3 = (r - 1) - log r   unbiased and always >= 0 (r - 1 is a control variate with mean 0)
+def _k1(log_r: torch.Tensor) -> torch.Tensor:
+    return -log_r
+
+
+def _k2(log_r: torch.Tensor) -> torch.Tensor:
+    return 0.5 * log_r.square()
+
+
+def _k3(log_r: torch.Tensor) -> torch.Tensor:
+    # expm1(x) - x rather than exp(x) - 1 - x: no cancellation when the policies are close (x ~ 0),
+    # which is exactly where the estimate is used; exactly 0 when x == 0.
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
+
+
+def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi; same shape as the inputs, unreduced.
+
+    policy_logps, ref_logps: log-probabilities of the sampled tokens, e.g. (B, T). With log r = ref - policy:
+    k1 = policy - ref, k2 = (policy - ref)^2 / 2, k3 = exp(ref - policy) - (ref - policy) - 1 (Schulman 2020).
+
+    Worked example (policy - ref = ln 2, so log r = -ln 2, r = 1/2):
+    k1 = 0.6931, k2 = 0.2402, k3 = 1/2 - 1 + ln 2 = 0.1931.
+
+    >>> pol, ref = torch.tensor([0.0]), torch.tensor([-0.6931472])
+    >>> [round(kl_estimate(pol, ref, k).item(), 4) for k in ("k1", "k2", "k3")]
+    [0.6931, 0.2402, 0.1931]
+    """
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[kind](ref_logps - policy_logps)

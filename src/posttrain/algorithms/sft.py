@@ -43,7 +43,7 @@ def sft_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: t
     return losses.view(B, T)  # (B, T); ignored positions are exactly 0
 
 
-def loss_units(batch: Batch) -> int:
+def loss_units(batch: Batch, cfg=None) -> int:
     """Target tokens in a micro-batch (the first position can never be a target: nothing predicts it)."""
     return int(batch["loss_mask"][:, 1:].sum())
 

@@ -71,3 +71,46 @@ def model_token_logps(
     )
     logits = out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     return token_logps(logits, input_ids[:, 1:])
+
+
+def selected_token_logps(
+    model,
+    inputs: dict[str, torch.Tensor],
+    target_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token t | tokens < t) at the positions where `target_mask[:, t]` is 1; 0 elsewhere.
+
+    inputs: the model's keyword inputs (`input_ids`, optional `attention_mask`, `position_ids`), (B, T);
+    target_mask: (B, T), marks the tokens to score (response or completion tokens; column 0 is never scored,
+    nothing predicts it). Returns (logps (B, T), entropy (B, T) or None), float32, aligned with `input_ids`.
+
+    Only the positions that predict a target are projected onto the vocabulary (a boolean `logits_to_keep`,
+    transformers >= 5): prompt positions need hidden states but no logits, and the (B, T, V) logits are the
+    largest activation of a small model. `temperature` divides the logits first, so that the log-probabilities
+    are those of the distribution the rollout sampled from (before top-p truncation).
+    """
+    import torch.nn.functional as F
+
+    input_ids = inputs["input_ids"]
+    target = target_mask.bool().clone()
+    target[:, 0] = False
+    keep = F.pad(target[:, 1:], (0, 1))  # (B, T): position t - 1 predicts token t
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    n = int(keep.sum())
+    # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
+    selected = logits if logits.dim() == 2 and logits.shape[0] == n else logits[keep]  # (N, V)
+    logp_all = (selected.float() / temperature).log_softmax(-1)  # (N, V)
+    picked = logp_all.gather(-1, input_ids[target].unsqueeze(-1)).squeeze(-1)  # (N,)
+    logps = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
+    logps[target] = picked
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            p = logp_all.exp()
+            ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)  # (N,)
+        entropy = torch.zeros_like(logps)
+        entropy[target] = ent
+    return logps, entropy

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.base import Algorithm, Batch
+from posttrain.algorithms.base import STEP_METRICS, Algorithm, Batch
 from posttrain.algorithms.common import normalise_loss
 from posttrain.errors import TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
@@ -54,7 +54,7 @@ def evaluate_loss(
     for batch in batches:
         batch = _to_device(batch, accelerator.device)
         loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
-        units += float(algorithm.loss_units(batch))
+        units += float(algorithm.loss_units(batch, cfg))
         for k, v in {"loss": loss_sum, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
@@ -95,10 +95,17 @@ def training_loop(
         steps = batch_source(start_step)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
-            micro_batches = [_to_device(b, accelerator.device) for b in next(steps)]
+            raw = next(steps)  # for RL this is where rollouts are generated (timed apart: data_time_s)
+            data_time = time.perf_counter() - t0
+            # Step-level metrics (reward means, generation time) are logged as given, not divided by loss units.
+            step_metrics: dict[str, float] = {}
+            for b in raw:
+                step_metrics.update(b.pop(STEP_METRICS, None) or {})
+            raw = [b for b in raw if b]  # a batch that only carried step metrics
+            micro_batches = [_to_device(b, accelerator.device) for b in raw]
 
             # ---- one normaliser for the whole step: loss units over every micro-batch and every process
-            total_units = _reduce_sum(accelerator, sum(float(algorithm.loss_units(b)) for b in micro_batches))
+            total_units = _reduce_sum(accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches))
 
             # ---- forward/backward with accumulation; DDP syncs gradients only on the last micro-batch
             sums: dict[str, float] = {}
@@ -159,8 +166,11 @@ def training_loop(
                 tokens=step_tokens,
                 tokens_per_s=step_tokens / max(elapsed, 1e-9),
                 step_time_s=elapsed,
+                data_time_s=data_time,
+                train_time_s=elapsed - data_time,
                 elapsed_s=time.perf_counter() - started,
             )
+            record.update(step_metrics)  # this process's values (rank 0's are the ones logged)
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
             history.append(record)

@@ -1,0 +1,391 @@
+"""Direct preference optimisation and its relatives: per-pair losses on sequence log-probabilities.
+
+DPO (Rafailov et al. 2023) reads a policy as an implicit reward model, r(x, y) = beta * log(pi(y|x) /
+pi_ref(y|x)) (sec. 5), and fits it with the Bradley-Terry likelihood of the preference pairs (eq. 7). Every
+loss here is a function of the reference-normalised log-ratio margin of a pair (chosen w, rejected l)
+
+    h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+
+selected from `LOSSES` by name:
+
+    sigmoid  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+             DPO, Rafailov et al. 2023, eq. 7 (eps = 0); with eps > 0 the labels are taken to be flipped with
+             probability eps: conservative DPO, Mitchell 2023 ("A note on DPO with noisy preferences").
+    ipo      (h - 1/(2 beta))^2
+             IPO, Azar et al. 2023 ("A General Theoretical Paradigm to Understand Learning from Human
+             Preferences", sec. 5): regresses h to a finite target instead of pushing it to infinity.
+    hinge    max(0, 1 - beta h)
+             the hinge calibration loss of SLiC, Zhao et al. 2023 (SLiC-HF), on the DPO margin.
+
+`simpo_loss` is the reference-free variant of Meng et al. 2024 (SimPO, eq. 6): the reward is the
+length-normalised log-probability and a target margin gamma replaces the reference model.
+
+Log-probabilities are per completion: the sum over its tokens, shape (B,). Losses come back per pair,
+unreduced (a loss function sums them; the loop divides by the pairs of the whole step). This section is the
+math only: no model, data or I/O.
+
+Letters: B batch (pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.base import Algorithm, PreparedData
+from posttrain.algorithms.common import kl_estimate, masked_sum
+
+
+class DPOOutput(NamedTuple):
+    """Per-pair results, all (B,). Rewards are detached: they are diagnostics, not part of the graph."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def _sigmoid(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # Rafailov et al. 2023 eq. 7, mixed with the flipped-label term (Mitchell 2023) when label_smoothing > 0.
+    return -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def _ipo(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # Azar et al. 2023: beta is the regularisation strength tau; the optimum margin is h = 1 / (2 tau).
+    return (h - 1.0 / (2.0 * beta)).square()
+
+
+def _hinge(h: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # Zhao et al. 2023 (SLiC-HF): zero loss once the scaled margin exceeds 1, so confident pairs stop pulling.
+    return F.relu(1.0 - beta * h)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+    "sigmoid": _sigmoid,
+    "ipo": _ipo,
+    "hinge": _hinge,
+}
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOOutput:
+    """Per-pair DPO-family loss and the implicit rewards beta * (policy_logps - ref_logps).
+
+    All inputs (B,): summed log-probabilities of the chosen / rejected completions under the policy and the
+    frozen reference. `label_smoothing` (the assumed label-flip rate, in [0, 0.5]) applies to "sigmoid" only.
+
+    Worked example (beta = 0.1): policy == reference gives h = 0, so the sigmoid loss is -log sigma(0) = log 2
+    and both rewards are 0. With policy chosen +1 and rejected -1 relative to the reference, h = 2 and the
+    loss is -log sigma(0.2) = 0.5981, rewards 0.1 and -0.1.
+
+    >>> out = dpo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([-5.0]), torch.tensor([-5.0]))
+    >>> out.losses, out.chosen_rewards, out.rejected_rewards
+    (tensor([0.5981]), tensor([0.1000]), tensor([-0.1000]))
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {sorted(LOSSES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing is a label-flip rate in [0, 0.5], got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        # Silently ignoring it would run a different experiment than the one configured.
+        raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, not {loss_type!r}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    losses = LOSSES[loss_type](h, beta, label_smoothing)
+    return DPOOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> DPOOutput:
+    """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised rewards with a target margin.
+
+    reward r(y) = beta * log pi(y|x) / |y| (the mean log-probability per token, scaled);
+    loss = -log sigma(r(y_w) - r(y_l) - gamma).
+
+    `gamma` is the target reward margin itself, as in eq. 6, *not* the gamma/beta ratio that the later paper
+    versions and the authors' code tune (their `gamma_beta_ratio`); to reproduce a ratio rho, pass
+    gamma = rho * beta. Inputs (B,): summed completion log-probabilities and completion token counts
+    (clamped to >= 1, so an empty completion gives a finite reward).
+
+    Worked example (beta = 2, gamma = 0.5): chosen -4 over 4 tokens -> r_w = 2 * -1 = -2; rejected -6 over
+    3 tokens -> r_l = 2 * -2 = -4; loss = -log sigma(-2 + 4 - 0.5) = -log sigma(1.5) = 0.2014.
+
+    >>> out = simpo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([4]), torch.tensor([3]))
+    >>> out.losses, out.chosen_rewards, out.rejected_rewards
+    (tensor([0.2014]), tensor([-2.]), tensor([-4.]))
+    """
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)  # (B,)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)  # (B,)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return DPOOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the shared loop: pairs -> one concatenated forward (B chosen rows, then B rejected rows) -> dpo_loss.
+# The reference is held one of three ways (`algorithm.dpo.reference`): the base with the adapter disabled
+# (LoRA/QLoRA: no second model), log-probs precomputed in one pass and cached in the run folder (one model in
+# memory), or a frozen copy. `simpo` needs no reference at all.
+
+REFERENCE_CACHE = "reference_logps.pt"
+
+
+def reference_mode(cfg) -> str:
+    d = cfg.algorithm.dpo
+    if d.loss_type == "simpo":
+        return "none"
+    if d.reference != "auto":
+        return d.reference
+    return "adapter" if cfg.technique.name in ("lora", "qlora") else "precompute"
+
+
+def prepare(cfg, tokenizer) -> PreparedData:
+    """Read, validate and render the preference pairs (before the model loads)."""
+    import warnings
+    from functools import partial
+
+    from posttrain.data import load_rows
+    from posttrain.data.preference import render_preference_dataset
+    from posttrain.errors import ConfigError
+
+    if not cfg.data.train:
+        raise ConfigError(
+            "data.train is not set: give a preference file (e.g. `posttrain data make --kind preference`)"
+        )
+    notes: list[str] = []
+
+    def render(path: str):
+        rows = load_rows(path, "preference")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path)
+        notes.extend(str(w.message) for w in caught)
+        for pair, row in zip(pairs, rows):
+            pair.margin = float(row.get("margin", 0.0) or 0.0)  # used by reward models with reward_margin
+        return pairs
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = render(cfg.data.train)
+    evals = render(cfg.data.eval) if cfg.data.eval else None
+    return PreparedData(
+        train=train, eval=evals, collate=partial(collate_with_refs, pad_id=pad_id), notes=notes
+    )
+
+
+def collate_with_refs(items, pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate_pairs`, plus per-token reference log-probs when the pairs carry precomputed ones."""
+    from posttrain.data.preference import collate_pairs
+
+    batch = collate_pairs(items, pad_id)
+    batch["margin"] = torch.tensor([getattr(p, "margin", 0.0) for p in items], dtype=torch.float32)
+    if all(getattr(p, "ref_chosen", None) is not None for p in items):
+        ref = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        flat = [torch.tensor(p.ref_chosen) for p in items] + [torch.tensor(p.ref_rejected) for p in items]
+        target = batch["loss_mask"].bool().clone()
+        target[:, 0] = False
+        ref[target] = torch.cat(flat)  # row-major order: each row's scored tokens, in order
+        batch["ref_logps"] = ref
+    return batch
+
+
+def _pair_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+
+
+@torch.no_grad()
+def _reference_token_logps(model, batch) -> torch.Tensor:
+    from posttrain.models import is_adapter_model
+    from posttrain.models.logprobs import selected_token_logps
+
+    unwrapped = getattr(model, "module", model)
+    if not is_adapter_model(unwrapped):
+        from posttrain.errors import ConfigError
+
+        raise ConfigError(
+            "DPO under full fine-tuning needs reference log-probs from the batch (algorithm.dpo.reference="
+            "precompute or copy); evaluation batches (data.eval) are not supported there yet"
+        )
+    with unwrapped.disable_adapter():
+        logps, _ = selected_token_logps(unwrapped, _pair_inputs(batch), batch["loss_mask"])
+    return logps
+
+
+def loss_units(batch, cfg=None) -> int:
+    """Pairs: every pair weighs the same, whatever its length."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from posttrain.models.logprobs import selected_token_logps
+
+    d = cfg.algorithm.dpo
+    B = loss_units(batch)
+    mask = batch["loss_mask"]
+    logps, _ = selected_token_logps(model, _pair_inputs(batch), mask)  # (2B, T), one forward for both sides
+    seq = logps.sum(-1)  # (2B,)
+    metrics: dict[str, torch.Tensor] = {}
+    if reference_mode(cfg) == "none":
+        lengths = mask[:, 1:].sum(-1).float()
+        out = simpo_loss(seq[:B], seq[B:], lengths[:B], lengths[B:], beta=d.beta, gamma=d.simpo_gamma)
+    else:
+        ref = batch["ref_logps"] if "ref_logps" in batch else _reference_token_logps(model, batch)
+        ref_seq = ref.sum(-1)
+        out = dpo_loss(
+            seq[:B], seq[B:], ref_seq[:B], ref_seq[B:],
+            beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        )  # fmt: skip
+        # KL to the reference, k3 per response token (>= 0, 0 at the start). The tokens come from the data, not
+        # from the policy, so this is a divergence on the pairs, not an unbiased KL estimate.
+        target = mask.bool().clone()
+        target[:, 0] = False
+        k3 = kl_estimate(logps.detach(), ref, "k3")
+        metrics["kl_per_token"] = masked_sum(k3, target) / target.sum().clamp(min=1) * B
+    margin = out.chosen_rewards - out.rejected_rewards
+    metrics.update(
+        reward_accuracy=(margin > 0).float().sum(),
+        reward_margin=margin.sum(),
+        chosen_reward=out.chosen_rewards.sum(),
+        rejected_reward=out.rejected_rewards.sum(),
+        chosen_logps=seq[:B].detach().sum(),
+        rejected_logps=seq[B:].detach().sum(),
+    )
+    return out.losses.sum(), metrics
+
+
+class _WithReference:
+    """Adds a frozen copy's per-token log-probs to every micro-batch of an inner batch source."""
+
+    def __init__(self, inner, reference):
+        self.inner, self.reference = inner, reference
+        self.steps_per_epoch = inner.steps_per_epoch
+
+    def __call__(self, start_step: int = 0):
+        from posttrain.models.logprobs import selected_token_logps
+
+        device = next(self.reference.parameters()).device
+        for step in self.inner(start_step):
+            for b in step:
+                with torch.no_grad():
+                    lp, _ = selected_token_logps(
+                        self.reference,
+                        {k: v.to(device) for k, v in _pair_inputs(b).items()},
+                        b["loss_mask"].to(device),
+                    )
+                b["ref_logps"] = lp.cpu()
+            yield step
+
+
+def precompute_reference(ctx) -> None:
+    """Reference per-token log-probs of every pair, in one pass before training, cached in the run folder.
+
+    The model has just loaded and not trained, so it *is* the reference. The cache is keyed by the model, the
+    data files and the rendering, and is reused when a run resumes (its weights have moved on by then).
+    """
+    import hashlib
+    import json
+
+    from posttrain.models.logprobs import selected_token_logps
+
+    cfg, acc = ctx.cfg, ctx.accelerator
+    sets = [list(ctx.data.train)] + ([list(ctx.data.eval)] if ctx.data.eval is not None else [])
+    key = hashlib.sha256(
+        json.dumps(
+            [cfg.model.name, cfg.data.train, cfg.data.eval, cfg.data.max_length, [len(s) for s in sets]]
+        ).encode()
+        + b"".join(str((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode() for s in sets for p in s)
+    ).hexdigest()
+    path = ctx.run_dir / REFERENCE_CACHE
+    cached = torch.load(path, weights_only=True) if path.is_file() else None
+    if cached is None or cached.get("key") != key:
+        model = acc.unwrap_model(ctx.model)
+        was_training = model.training
+        model.eval()
+        results = []
+        try:
+            for pairs in sets:
+                out = []
+                for s in range(0, len(pairs), ctx.micro_batch_size):
+                    chunk = pairs[s : s + ctx.micro_batch_size]
+                    b = ctx.data.collate(chunk)
+                    with torch.no_grad():
+                        lp, _ = selected_token_logps(
+                            model,
+                            {k: v.to(acc.device) for k, v in _pair_inputs(b).items()},
+                            b["loss_mask"].to(acc.device),
+                        )
+                    target = b["loss_mask"].bool().clone()
+                    target[:, 0] = False
+                    for r in range(lp.shape[0]):
+                        out.append(lp[r][target[r]].cpu())
+                results.append(out)
+        finally:
+            model.train(was_training)
+        cached = {"key": key, "logps": results}
+        if acc.is_main_process:
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(cached, tmp)
+            tmp.replace(path)
+    for pairs, flat in zip(sets, cached["logps"]):
+        _attach(pairs, flat, ctx.micro_batch_size)
+
+
+def _attach(pairs, flat, micro: int) -> None:
+    """flat: per-row token log-probs in collate order (each micro-batch: its chosen rows, then its rejected)."""
+    k = 0
+    for s in range(0, len(pairs), micro):
+        chunk = pairs[s : s + micro]
+        for p in chunk:
+            p.ref_chosen = flat[k].tolist()
+            k += 1
+        for p in chunk:
+            p.ref_rejected = flat[k].tolist()
+            k += 1
+
+
+def make_source(ctx):
+    from posttrain.trainer.batches import ExampleBatchSource
+
+    cfg, acc = ctx.cfg, ctx.accelerator
+    mode = reference_mode(cfg)
+    if mode == "precompute":
+        precompute_reference(ctx)
+    source = ExampleBatchSource(
+        ctx.data.train,
+        ctx.data.collate,
+        batch_size=cfg.optim.batch_size,
+        micro_batch_size=ctx.micro_batch_size,
+        seed=cfg.run.seed,
+        shuffle=cfg.data.shuffle,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+    )
+    if mode == "copy":
+        from posttrain.models import load_model
+
+        reference = load_model(cfg.model, cfg.technique, device=acc.device, train=False)
+        return _WithReference(source, reference)
+    return source
+
+
+ALGORITHM = Algorithm(
+    name="dpo", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source
+)

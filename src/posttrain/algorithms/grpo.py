@@ -1,0 +1,296 @@
+"""GRPO: group-relative advantages and the clipped policy loss, with the three ways to average it.
+
+Group Relative Policy Optimisation (Shao et al. 2024, DeepSeekMath, sec. 4.1) samples G completions per
+prompt, scores them, and uses the reward relative to the group as every token's advantage (no value model):
+A_i = (r_i - mean(r)) / std(r) (`group_advantages`). The per-token loss is PPO's clipped surrogate (Schulman
+et al. 2017) plus an optional k3 KL penalty against the reference policy (Schulman 2020), with DAPO's
+asymmetric clip-higher (Yu et al. 2025, sec. 3.1). How per-token terms become one number is the main
+difference between the published variants, and it sets a length bias (`AGGREGATIONS`):
+
+    grpo     mean over each sequence's tokens, then mean over sequences (DeepSeekMath eq. 3). Each sequence
+             weighs the same, so a token of a long completion weighs less: long wrong answers are penalised
+             less per token than short ones, which lets wrong answers grow longer (Liu et al. 2025).
+    dapo     sum over all tokens / number of completion tokens (Yu et al. 2025, DAPO, sec. 3.3).
+             Every token weighs the same; the normaliser still depends on the batch's lengths.
+    dr_grpo  sum over all tokens / (sequences x max_completion_length) (Liu et al. 2025, "Understanding
+             R1-Zero-Like Training: A Critical Perspective", Dr. GRPO). A constant normaliser: no length
+             bias at all, and the same scale whatever the lengths in the batch.
+
+Liu et al. 2025 also drop the division by the group std (scale="none"): it up-weights prompts that are
+nearly always solved or nearly always failed. `grpo_loss_units` gives each aggregation's denominator, so that
+micro-batches accumulate to exactly the full-batch loss. This section is the math only: tensors in and out.
+
+Letters: B batch (completions, B = number of prompts x G), G group size, T completion tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from posttrain.algorithms.base import Algorithm
+from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
+from posttrain.algorithms.ppo import clipped_surrogate
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (B/G, G), checking that the batch is made of whole groups."""
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"batch of {rewards.shape[0]} rewards is not a whole number of groups of {group_size}: "
+            "rewards must come prompt by prompt, group_size samples each"
+        )
+    return rewards.view(-1, group_size)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B/G,) bool: True for the groups whose G rewards are all equal (zero advantage, no learning signal).
+
+    DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2) drops and resamples such groups.
+
+    >>> uniform_groups(torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
+    tensor([ True, False])
+    """
+    grouped = _grouped(rewards, group_size)  # (B/G, G)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def _std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    # Unbiased (Bessel) std, like torch.std's default and the reference GRPO implementations, so that
+    # advantages (and hence learning rates) are comparable with theirs; a single sample has std 0, not NaN.
+    n = x.numel() if dim is None else x.shape[dim]
+    return x.std(dim=dim, correction=1 if n > 1 else 0)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Group-relative advantages (B,): reward minus its group's mean, optionally divided by a std.
+
+    rewards (B,) ordered prompt by prompt, G = group_size contiguous samples each.
+    scale: "group" divides by (the group's std + eps) (Shao et al. 2024); "batch" by (the std of all B
+    rewards + eps), a scale that is the same for every prompt; "none" does not divide (Liu et al. 2025).
+    std is the unbiased one (see `_std`). A group of equal rewards gives exactly 0 (no rounding residue of
+    r - mean(r), no NaN) for every scale. B not a multiple of G is a ValueError.
+
+    Worked example (G = 2, scale "group"): rewards [1, 0 | 2, 2]: group 1 mean 0.5, std sqrt(0.5) = 0.7071
+    -> +-0.5 / 0.7072 = +-0.7070; group 2 -> 0.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), group_size=2)
+    tensor([ 0.7070, -0.7070,  0.0000,  0.0000])
+    """
+    if scale not in _SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; choose one of {sorted(_SCALES)}")
+    grouped = _grouped(rewards, group_size)  # (B/G, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B/G, G)
+    advantages = centred / _SCALES[scale](grouped, eps)
+    # Equal rewards must give exactly 0: mean() of equal floats can be off by an ulp.
+    uniform = uniform_groups(rewards, group_size)[:, None]  # (B/G, 1)
+    return torch.where(uniform, torch.zeros_like(advantages), advantages).view(-1)
+
+
+_SCALES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "group": lambda grouped, eps: _std(grouped, dim=1)[:, None] + eps,  # (B/G, 1)
+    "batch": lambda grouped, eps: _std(grouped) + eps,  # scalar
+    "none": lambda grouped, eps: grouped.new_ones(()),
+}
+
+
+class Aggregation(NamedTuple):
+    """How per-token losses become one number: total(per_token, mask) / units(mask, max_completion_length)."""
+
+    total: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """The sum over loss units (a sequence's mean, or a token)."""
+    units: Callable[[torch.Tensor, int], torch.Tensor]
+    """How many units the batch holds (0-dim tensor)."""
+
+
+def _sequence_means(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_mean(per_token, mask, dim=1).sum()  # an empty row's mean is 0, not NaN
+
+
+def _token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return masked_sum(per_token, mask)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "grpo": Aggregation(_sequence_means, lambda mask, L: mask.new_tensor(mask.shape[0], dtype=torch.float)),
+    "dapo": Aggregation(_token_sum, lambda mask, L: mask.sum().float()),
+    "dr_grpo": Aggregation(_token_sum, lambda mask, L: mask.new_tensor(mask.shape[0] * L, dtype=torch.float)),
+}
+
+
+def _aggregation(loss_type: str, completion_mask: torch.Tensor, max_completion_length: int | None):
+    if loss_type not in AGGREGATIONS:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose one of {sorted(AGGREGATIONS)}")
+    L = completion_mask.shape[1] if max_completion_length is None else max_completion_length
+    if L < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    return AGGREGATIONS[loss_type], L
+
+
+def grpo_loss_units(
+    completion_mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None
+) -> float:
+    """The denominator of `loss_type`'s aggregation for this micro-batch: `grpo_loss(...)[0] * units` is a sum.
+
+    grpo: sequences; dapo: completion tokens; dr_grpo: sequences x max_completion_length (default T). Summing
+    loss * units over micro-batches and dividing by the units of the whole step gives the full-batch loss.
+    For dr_grpo pass max_completion_length (the generation limit) when micro-batches are padded to different T.
+
+    >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    >>> [grpo_loss_units(mask, k) for k in ("grpo", "dapo", "dr_grpo")]
+    [2.0, 3.0, 6.0]
+    """
+    aggregation, L = _aggregation(loss_type, completion_mask, max_completion_length)
+    return float(aggregation.units(completion_mask, L))
+
+
+def grpo_loss(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (0-dim) aggregated by `loss_type`, and detached 0-dim metrics.
+
+    policy_logps, old_logps, ref_logps: (B, T) log-probabilities of the completion tokens; advantages (B,);
+    completion_mask (B, T). Per token: -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A) + beta k3, with
+    r = exp(policy - old), k3 = exp(ref - policy) - (ref - policy) - 1; clip_eps_high None means clip_eps.
+    beta != 0 needs ref_logps. Padding may hold any value (even inf/NaN): it never reaches loss or gradient.
+
+    metrics: clip_fraction (= clip_fraction_low + clip_fraction_high: share of completion tokens whose
+    clipped branch is taken, r < 1 - clip_eps with A < 0, or r > 1 + clip_eps_high with A > 0), kl (mean
+    k3 over completion tokens, whenever ref_logps is given), ratio_mean.
+
+    Worked example (on-policy, r = 1, "dapo"): A = [1, -1], masks [1, 1 | 1, 0] -> per-token [-1, -1 | 1]
+    -> sum -1 over 3 tokens = -0.3333.
+
+    >>> loss, _ = grpo_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([1.0, -1.0]),
+    ...                     torch.tensor([[1, 1], [1, 0]]), loss_type="dapo")
+    >>> loss
+    tensor(-0.3333)
+    """
+    aggregation, L = _aggregation(loss_type, completion_mask, max_completion_length)
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError("beta != 0 adds a KL penalty to the reference policy: ref_logps is required")
+    keep = completion_mask.bool()
+    zero = torch.zeros_like(policy_logps)
+    # Zero padding first: exp() of garbage log-ratios could overflow, and inf * 0 gradients would be NaN.
+    log_ratio = torch.where(keep, policy_logps - old_logps, zero)  # (B, T)
+    clip_high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_token, clipped_low, clipped_high = clipped_surrogate(
+        log_ratio, advantages[:, None], clip_eps, clip_high
+    )
+    metrics = {
+        "clip_fraction_low": masked_mean(clipped_low.float(), completion_mask).detach(),
+        "clip_fraction_high": masked_mean(clipped_high.float(), completion_mask).detach(),
+        "ratio_mean": masked_mean(torch.exp(log_ratio), completion_mask).detach(),
+    }
+    metrics["clip_fraction"] = metrics["clip_fraction_low"] + metrics["clip_fraction_high"]
+    if ref_logps is not None:
+        k3 = kl_estimate(torch.where(keep, policy_logps, zero), torch.where(keep, ref_logps, zero), "k3")
+        metrics["kl"] = masked_mean(k3, completion_mask).detach()
+        if beta != 0.0:
+            per_token = per_token + beta * k3  # (B, T)
+    loss = aggregation.total(per_token, completion_mask) / aggregation.units(completion_mask, L).clamp(min=1)
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the shared loop: prompts -> rollouts (posttrain.rollout) -> advantages -> grpo_loss on the policy.
+
+
+def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Rewards -> group advantages; old and reference log-probs when the loss needs them."""
+    from posttrain.rollout.source import batched_logps, reference_logps, sequence_tensors
+
+    cfg = ctx.cfg
+    g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
+    G = g.num_generations
+    tensors = sequence_tensors(scored.rollout)
+    tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale)
+    uniform = uniform_groups(scored.rewards, G)  # (N / G,)
+    extra = {
+        "uniform_group_fraction": float(uniform.float().mean()),
+        "reward_std_in_group": float(scored.rewards.view(-1, G).std(-1, unbiased=False).mean()),
+    }
+    if g.drop_uniform_groups:
+        keep = ~uniform.repeat_interleave(G)
+        tensors = {k: v[keep] for k, v in tensors.items()}
+    if tensors["input_ids"].shape[0] == 0:
+        return tensors, extra
+    # Several passes over one rollout need the sampling policy's log-probs fixed before the first update. With
+    # one pass the policy *is* the sampler, so the loss uses its own detached log-probs (ratio 1, no extra forward).
+    if rc.epochs > 1:
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
+    if g.beta > 0:
+        tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
+    return tensors, extra
+
+
+def make_source(ctx):
+    from posttrain.rollout.source import RolloutSource
+
+    return RolloutSource(ctx, group_size=ctx.cfg.algorithm.grpo.num_generations, process=_process)
+
+
+def loss_units(batch, cfg) -> float:
+    return grpo_loss_units(
+        batch["completion_mask"], cfg.algorithm.grpo.loss_type, cfg.algorithm.rollout.max_new_tokens
+    )
+
+
+def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """grpo_loss on one micro-batch, returned as a sum over its loss units (the loop divides once per step)."""
+    from posttrain.models.logprobs import selected_token_logps
+
+    g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
+    mask = batch["completion_mask"]  # (B, T), full width: 0 over the prompt
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logps, entropy = selected_token_logps(model, inputs, mask, temperature=rc.temperature, with_entropy=True)
+    loss, metrics = grpo_loss(
+        logps,
+        batch["old_logps"] if "old_logps" in batch else logps.detach(),
+        batch["advantages"],
+        mask,
+        ref_logps=batch.get("ref_logps"),
+        beta=g.beta,
+        clip_eps=g.clip_eps,
+        clip_eps_high=g.clip_eps_high,
+        loss_type=g.loss_type,
+        max_completion_length=rc.max_new_tokens,
+    )
+    units = loss_units(batch, cfg)
+    metrics["entropy"] = masked_mean(entropy, mask).detach()
+    return loss * units, {k: v * units for k, v in metrics.items()}
+
+
+def prepare(cfg, tokenizer):
+    from posttrain.rollout.source import prepare_prompts
+
+    return prepare_prompts(cfg, tokenizer)
+
+
+ALGORITHM = Algorithm(
+    name="grpo",
+    prepare=prepare,
+    loss_fn=loss_fn,
+    loss_units=loss_units,
+    make_source=make_source,
+    evaluates=False,
+)

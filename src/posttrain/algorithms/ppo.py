@@ -1,0 +1,404 @@
+"""PPO for language models: per-token rewards with a KL penalty, GAE, the clipped policy and value losses.
+
+The RLHF recipe of Ziegler et al. 2019 and Ouyang et al. 2022 (InstructGPT): each completion token is an
+action; the reward model's scalar score arrives at the last token and every token pays a KL penalty against
+the reference policy (`kl_penalty_rewards`); advantages come from generalised advantage estimation
+(Schulman et al. 2016, `gae`); the policy minimises the clipped surrogate (Schulman et al. 2017, eq. 7,
+`ppo_policy_loss`) and the value head a clipped regression to the returns (`value_loss`); the KL coefficient
+may adapt to a target (Ziegler et al. 2019 sec. 2.2, `AdaptiveKLController`).
+
+All per-token tensors are (B, T) over completion tokens, right-padded, with `mask` 1 on real tokens; terms
+come back unreduced and 0 where masked, for the caller to reduce with `common.masked_sum`/`masked_mean`.
+This section is the math only: no model, rollout, config or I/O.
+
+Letters: B batch (completions), T completion tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.algorithms.base import Algorithm
+from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
+
+
+def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # torch.where, not values * mask: padding may hold inf/NaN (e.g. log-probs of pad tokens), and
+    # where's backward sends exactly 0 (never 0 * inf = NaN) to masked entries.
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16): (advantages, returns), both (B, T).
+
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
+    The value after a row's last real token is 0 (the episode ends there). Masked positions are 0 in both
+    outputs. A 0 inside a row is treated as an episode boundary, so pass right-padded masks. Computed without
+    gradient: advantages and returns are targets, never differentiated through.
+
+    Worked example (gamma = 1, lam = 0.5; rewards [0, 0, 1], values [0.5, 0.5, 0.5]):
+    deltas [0, 0, 0.5]; A_2 = 0.5, A_1 = 0 + 0.5 * 0.5 = 0.25, A_0 = 0 + 0.5 * 0.25 = 0.125;
+    returns = A + V = [0.625, 0.75, 1.0].
+
+    >>> adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), torch.ones(1, 3), lam=0.5)
+    >>> adv, ret
+    (tensor([[0.1250, 0.2500, 0.5000]]), tensor([[0.6250, 0.7500, 1.0000]]))
+    """
+    rewards, values = _zero_masked(rewards, mask), _zero_masked(values, mask)
+    keep = mask.bool()
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)  # (B, T)
+    next_value = rewards.new_zeros(B)  # (B,) V_{t+1}; 0 after the last real token
+    next_advantage = rewards.new_zeros(B)  # (B,) A_{t+1}
+    for t in reversed(range(T)):  # a loop over time is inherent to the recursion; it is vectorised over B
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        # A masked step ends the episode: what lies after it must not leak into the real token before it.
+        next_advantage = torch.where(keep[:, t], advantage, torch.zeros_like(advantage))
+        next_value = values[:, t]  # already 0 where masked
+        advantages[:, t] = next_advantage
+    returns = _zero_masked(advantages + values, mask)
+    return advantages, returns
+
+
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise `values` to zero mean and unit variance over the masked entries (B, T) -> (B, T), 0 where masked.
+
+    The variance is the unbiased one (Bessel, divide by n - 1), as in the InstructGPT-era implementations.
+    `shift_mean=False` only rescales, keeping the mean (used for rewards, whose sign carries meaning).
+
+    Worked example: [1, 2, 3] (a 4th entry masked) -> mean 2, unbiased var (1 + 0 + 1) / 2 = 1 -> [-1, 0, 1];
+    [2, 4, 6] -> mean 4, var 4, std 2 -> [-1, 0, 1], or (x - 4) / 2 + 4 = [3, 4, 5] without shifting the mean.
+
+    >>> whiten(torch.tensor([[1.0, 2.0, 3.0, 9.0]]), torch.tensor([[1, 1, 1, 0]]))
+    tensor([[-1.,  0.,  1.,  0.]])
+    """
+    mean = masked_mean(values, mask)
+    n = mask.sum()
+    var = masked_sum((values - mean).square(), mask) / (n - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_masked(whitened, mask)
+
+
+def kl_penalty_rewards(
+    scores: torch.Tensor,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float,
+) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * (policy - ref) on every token, plus the score at the last real token.
+
+    Ziegler et al. 2019 sec. 2, Ouyang et al. 2022 eq. 2: R(x, y) = r(x, y) - beta log(pi(y|x) / pi_ref(y|x)),
+    spread over tokens with the k1 estimator (its sum over a sequence is exactly the sequence log-ratio).
+    scores (B,) from the reward model; a fully masked row gets no score (it has no token to carry it).
+
+    Worked example (kl_coef = 0.1, score 2, policy - ref = [0.5, -1.0] on 2 real tokens, 1 pad):
+    [-0.05, 0.1 + 2, 0] = [-0.05, 2.1, 0].
+
+    >>> kl_penalty_rewards(torch.tensor([2.0]), torch.tensor([[0.5, -1.0, 7.0]]), torch.zeros(1, 3),
+    ...                    torch.tensor([[1, 1, 0]]), kl_coef=0.1)
+    tensor([[-0.0500,  2.1000,  0.0000]])
+    """
+    keep = mask.bool()
+    rewards = -kl_coef * _zero_masked(kl_estimate(policy_logps, ref_logps, "k1"), mask)  # (B, T)
+    # The last real token: the one where the running count of real tokens reaches the row's total.
+    count = keep.long().cumsum(dim=1)  # (B, T)
+    last = keep & (count == count[:, -1:])  # (B, T), one True per non-empty row
+    return rewards + torch.where(last, scores[:, None].to(rewards.dtype), torch.zeros_like(rewards))
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a per-token loss, and where each clip binds.
+
+    loss = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = exp(log_ratio); all (B, T).
+    The clipped branch is the smaller one (so it is taken, with zero gradient) exactly when r > 1 + clip_high
+    with A > 0 (`clipped_high`) or r < 1 - clip_low with A < 0 (`clipped_low`). Shared by PPO and GRPO.
+
+    >>> loss, low, high = clipped_surrogate(torch.log(torch.tensor([1.5, 0.5])), torch.tensor([1.0, 1.0]), 0.2, 0.2)
+    >>> loss, low, high
+    (tensor([-1.2000, -0.5000]), tensor([False, False]), tensor([ True, False]))
+    """
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
+    clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
+    return loss, clipped_low, clipped_high
+
+
+def ppo_policy_loss(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped policy loss (B, T), 0 where masked, and detached diagnostics.
+
+    metrics: `clip_fraction`, the share of real tokens whose clipped branch is taken (zero gradient);
+    `approx_kl`, the mean over real tokens of the k3 estimate of KL(pi_old || pi): the tokens were sampled
+    from pi_old, so k3 = (r - 1) - log r with r = pi / pi_old (Schulman 2020; the estimator cleanrl logs).
+    Both are 0-dim tensors (no host sync in the step).
+
+    Worked example (clip_eps = 0.2, A = 1): r = 1.1 -> loss -1.1 (inside the band); r = 1.5 -> loss -1.2
+    (clipped); clip_fraction 1/2.
+
+    >>> loss, m = ppo_policy_loss(torch.log(torch.tensor([[1.1, 1.5]])), torch.zeros(1, 2),
+    ...                           torch.ones(1, 2), torch.ones(1, 2))
+    >>> loss, m["clip_fraction"]
+    (tensor([[-1.1000, -1.2000]]), tensor(0.5000))
+    """
+    log_ratio = _zero_masked(policy_logps - old_logps, mask)  # 0 on padding: exp() cannot overflow there
+    loss, clipped_low, clipped_high = clipped_surrogate(log_ratio, advantages, clip_eps, clip_eps)
+    metrics = {
+        "clip_fraction": masked_mean((clipped_low | clipped_high).float(), mask).detach(),
+        "approx_kl": masked_mean(kl_estimate(old_logps, policy_logps, "k3"), mask).detach(),
+    }
+    return _zero_masked(loss, mask), metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps_value: float = 0.2,
+) -> torch.Tensor:
+    """Per-token clipped value loss (B, T), 0 where masked: 0.5 max((v - R)^2, (v_clip - R)^2).
+
+    v_clip = old + clip(v - old, -c, c) keeps the new value within c of the one used for the advantages
+    (the PPO2 value clipping of the OpenAI baselines, used by Ziegler et al. 2019).
+
+    Worked example (c = 0.2, old 0, R 1): v = 0.5 -> clipped v 0.2 -> 0.5 max(0.25, 0.64) = 0.32;
+    v = 0.1 (inside) -> 0.5 * 0.81 = 0.405.
+
+    >>> value_loss(torch.tensor([[0.5, 0.1]]), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2))
+    tensor([[0.3200, 0.4050]])
+    """
+    clipped = old_values + (values - old_values).clamp(-clip_eps_value, clip_eps_value)
+    loss = 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square())
+    return _zero_masked(loss, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - v] / Var[R] over real tokens: 1 is a perfect value function, <= 0 no better than a constant.
+
+    Population variances (the ratio does not depend on the choice). NaN when the returns are constant
+    (Var[R] = 0): the quantity is undefined there, and 0 or 1 would read as a real diagnostic.
+
+    Worked example (third token masked): R = [1, 3], Var[R] = 1; R - v = [0, 1], Var = 0.25 -> 0.75.
+
+    >>> explained_variance(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[1.0, 3.0, 5.0]]), torch.tensor([[1, 1, 0]]))
+    0.75
+    """
+
+    def var(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, mask)).square(), mask)
+
+    var_returns = var(returns).item()
+    if var_returns == 0.0:
+        return float("nan")
+    return 1.0 - var(returns - values).item() / var_returns
+
+
+@dataclass
+class AdaptiveKLController:
+    """Adapts the KL coefficient towards a target KL (Ziegler et al. 2019, sec. 2.2).
+
+    e = clip((KL - target) / target, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon),
+    the paper's K_beta = n_steps / horizon: the correction per step is proportional to the batch size.
+
+    Worked example (value 0.1, target 6, horizon 10000): KL 9 over 1000 steps -> e = 0.5 clipped to 0.2 ->
+    0.1 * (1 + 0.2 * 0.1) = 0.102.
+
+    >>> ctl = AdaptiveKLController(value=0.1, target=6.0, horizon=10000)
+    >>> round(ctl.update(current_kl=9.0, n_steps=1000), 6)
+    0.102
+    """
+
+    value: float
+    target: float
+    horizon: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+@dataclass
+class FixedKLController:
+    """A constant KL coefficient, with the same interface as `AdaptiveKLController`."""
+
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the shared loop: the policy carries a value head (`models.heads.ScalarHeadModel`, kind "value"); the rollout
+# source samples, scores the completions with the reward functions (or a reward model), and turns scores into
+# KL-shaped per-token rewards, GAE advantages and returns; `loss_fn` is the clipped policy loss plus the clipped
+# value loss, averaged over completion tokens.
+
+
+def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float):
+    """One backbone pass: values (B, T) and completion-token log-probs (B, T), both aligned with input_ids.
+
+    The value of the state before token t, V(s_t), is read at position t - 1, where token t is predicted.
+    """
+    mask = batch["completion_mask"].bool()
+    target = mask.clone()
+    target[:, 0] = False
+    keep = torch.nn.functional.pad(target[:, 1:], (0, 1))  # (B, T): position t - 1 predicts token t
+    values_sel, logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        keep=keep,
+        with_logits=True,
+    )  # (N,), (N, V)
+    logp_all = (logits.float() / temperature).log_softmax(-1)
+    picked = logp_all.gather(-1, batch["input_ids"][target].unsqueeze(-1)).squeeze(-1)
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    values = torch.zeros_like(logps)
+    logps[target] = picked
+    values[target] = values_sel.float()
+    return values, logps
+
+
+def make_source(ctx):
+    from posttrain.rollout.source import RolloutSource, reference_logps, sequence_tensors
+
+    cfg = ctx.cfg
+    p, rc = cfg.algorithm.ppo, cfg.algorithm.rollout
+    controller = (
+        AdaptiveKLController(value=p.kl_coef, target=p.target_kl, horizon=p.kl_horizon)
+        if p.adaptive_kl
+        else FixedKLController(value=p.kl_coef)
+    )
+
+    @torch.no_grad()
+    def process(scored, ctx):
+        tensors = sequence_tensors(scored.rollout)
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        was_training = model.training
+        model.eval()
+        values, old = [], []
+        try:
+            for s in range(0, tensors["input_ids"].shape[0], ctx.micro_batch_size):
+                part = {
+                    k: v[s : s + ctx.micro_batch_size].to(ctx.accelerator.device) for k, v in tensors.items()
+                }
+                v, lp = _values_and_logps(model, part, rc.temperature)
+                values.append(v.cpu())
+                old.append(lp.cpu())
+        finally:
+            model.train(was_training)
+        values, old = torch.cat(values), torch.cat(old)
+        ref = reference_logps(ctx, tensors, rc.temperature) if p.kl_coef > 0 or p.adaptive_kl else old
+        mask = tensors["completion_mask"]
+        # Per-token rewards and GAE over the completion columns only (the prompt is context, not actions).
+        P = scored.rollout.prompt_ids.shape[1]
+        cm = mask[:, P:]
+        kl_coef = controller.value
+        rewards = kl_penalty_rewards(scored.rewards, old[:, P:], ref[:, P:], cm, kl_coef=kl_coef)
+        adv, returns = gae(rewards, values[:, P:], cm, gamma=p.gamma, lam=p.lam)
+        if p.whiten_advantages:
+            adv = whiten(adv, cm)
+        seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
+        controller.update(float(seq_kl.mean()), n_steps=int(mask.shape[0]))
+        pad = torch.zeros_like(mask[:, :P], dtype=torch.float32)
+        tensors.update(
+            old_logps=old,
+            old_values=values,
+            advantages=torch.cat([pad, adv], dim=1),
+            returns=torch.cat([pad, returns], dim=1),
+        )
+        extra = {
+            "kl_coef": kl_coef,
+            "kl": float(seq_kl.mean()),
+            "score_mean": float(scored.rewards.mean()),
+            "explained_variance": explained_variance(values[:, P:], returns, cm),
+            "returns_mean": float(masked_mean(returns, cm)),
+        }
+        return tensors, extra
+
+    return RolloutSource(ctx, group_size=1, process=process)
+
+
+def loss_units(batch, cfg) -> float:
+    """Completion tokens: PPO's losses are token means over the step."""
+    return float(batch["completion_mask"].sum())
+
+
+def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    p, rc = cfg.algorithm.ppo, cfg.algorithm.rollout
+    mask = batch["completion_mask"]
+    values, logps = _values_and_logps(model, batch, rc.temperature)
+    pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps)
+    vl = value_loss(values, batch["old_values"], batch["returns"], mask, clip_eps_value=p.clip_eps_value)
+    units = float(mask.sum())
+    pg_sum, vl_sum = masked_sum(pg, mask), masked_sum(vl, mask)
+    return pg_sum + p.vf_coef * vl_sum, {
+        "policy_loss": pg_sum.detach(),
+        "value_loss": vl_sum.detach(),
+        "clip_fraction": metrics["clip_fraction"] * units,
+        "approx_kl": metrics["approx_kl"] * units,
+    }
+
+
+def load_model(cfg, device):
+    from posttrain.models import load_model as load_lm
+    from posttrain.models.heads import ScalarHeadModel
+
+    return ScalarHeadModel(load_lm(cfg.model, cfg.technique, device=device), kind="value")
+
+
+def save_final(model, tokenizer, out_dir, cfg) -> None:
+    """The policy as a plain model/adapter folder (usable by generate/evaluate), with the value head beside it."""
+    from posttrain.models.heads import save_scalar_model
+
+    save_scalar_model(model, tokenizer, out_dir, cfg)
+
+
+def prepare(cfg, tokenizer):
+    from posttrain.rollout.source import prepare_prompts
+
+    return prepare_prompts(cfg, tokenizer)
+
+
+ALGORITHM = Algorithm(
+    name="ppo",
+    prepare=prepare,
+    loss_fn=loss_fn,
+    loss_units=loss_units,
+    make_source=make_source,
+    load_model=load_model,
+    save_final=save_final,
+    evaluates=False,
+)

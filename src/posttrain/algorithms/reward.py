@@ -1,0 +1,129 @@
+"""Reward modelling: the Bradley-Terry pairwise loss on scalar scores of a chosen and a rejected completion.
+
+Bradley & Terry 1952 model the probability that the chosen completion wins as sigma(r_chosen - r_rejected);
+a reward model is trained by maximum likelihood of the human choices (Ouyang et al. 2022, InstructGPT, eq. 1):
+
+    loss = -log sigma(r(x, y_chosen) - r(x, y_rejected) - m)
+
+where m is an optional margin (Touvron et al. 2023, Llama 2, eq. 2: a larger margin for pairs that annotators
+rated as clearly different, so the model must separate them by at least m). Losses come back per pair,
+unreduced: a loss function sums them and the loop divides by the number of pairs of the whole step.
+
+This section is the math only: scores in, per-pair terms out; no model, data or I/O.
+
+Letters: B batch (pairs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.base import Algorithm
+
+
+def bradley_terry_loss(
+    chosen_scores: torch.Tensor,
+    rejected_scores: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss -log sigma(chosen - rejected - margin).
+
+    chosen_scores, rejected_scores: (B,) scalar rewards. margin: None (= 0), a float, or (B,) per pair.
+    Returns (B,).
+
+    Worked example: chosen 2, rejected 1 -> -log sigma(1) = log(1 + e^-1) = 0.3133;
+    with margin 1 -> -log sigma(0) = log 2 = 0.6931.
+
+    >>> bradley_terry_loss(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0]), margin=torch.tensor([0.0, 1.0]))
+    tensor([0.3133, 0.6931])
+    """
+    logits = chosen_scores - rejected_scores  # (B,)
+    if margin is not None:
+        logits = logits - margin
+    # logsigmoid, not log(sigmoid(.)): stays finite for large negative logits.
+    return -F.logsigmoid(logits)
+
+
+def pair_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per-pair preference accuracy (B,) float: 1 where chosen > rejected, 0 where lower, 0.5 for a tie.
+
+    A tie counts 0.5, the expected accuracy of breaking it at random: a model that scores everything equal
+    (e.g. at initialisation with a zeroed head) reads as chance, 0.5, rather than as always wrong (0) or
+    always right (1). The mean over pairs is the reported accuracy.
+
+    >>> pair_accuracy(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 3.0, 1.0]))
+    tensor([1.0000, 0.0000, 0.5000])
+    """
+    wins = (chosen_scores > rejected_scores).float()
+    ties = (chosen_scores == rejected_scores).float()
+    return wins + 0.5 * ties
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On the shared loop: the same pairs as DPO (`dpo.prepare`), one concatenated forward of a causal LM with a
+# scalar head (`models.heads.ScalarHeadModel`), the score read at each sequence's last token, Bradley-Terry loss.
+
+
+def _last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at each right-padded row's last real token."""
+    last = attention_mask.long().sum(-1) - 1  # (B,)
+    keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+    keep[torch.arange(keep.shape[0], device=keep.device), last.clamp(min=0)] = True
+    return keep
+
+
+def loss_units(batch, cfg=None) -> int:
+    """Pairs."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    B = loss_units(batch)
+    keep = _last_token_mask(batch["attention_mask"])
+    scores, _ = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], keep=keep
+    )  # (2B,)
+    chosen, rejected = scores[:B], scores[B:]
+    margin = batch["margin"] if cfg.algorithm.reward_margin and "margin" in batch else None
+    losses = bradley_terry_loss(chosen, rejected, margin=margin)
+    diff = (chosen - rejected).detach()
+    return losses.sum(), {
+        "accuracy": pair_accuracy(chosen.detach(), rejected.detach()).sum(),
+        "margin": diff.sum(),
+        "chosen_score": chosen.detach().sum(),
+        "rejected_score": rejected.detach().sum(),
+    }
+
+
+def load_model(cfg, device):
+    from posttrain.models import load_model as load_lm
+    from posttrain.models.heads import ScalarHeadModel
+
+    return ScalarHeadModel(load_lm(cfg.model, cfg.technique, device=device), kind="reward")
+
+
+def save_final(model, tokenizer, out_dir, cfg) -> None:
+    from posttrain.models.heads import save_scalar_model
+
+    save_scalar_model(model, tokenizer, out_dir, cfg)
+
+
+def prepare(cfg, tokenizer):
+    from posttrain.algorithms.dpo import prepare as prepare_pairs
+
+    return prepare_pairs(cfg, tokenizer)
+
+
+def RewardModelScorer(path, **kwargs):  # noqa: N802 - the name the rewards package imports
+    """A trained reward model as a reward function (see `posttrain.models.heads.RewardModelScorer`)."""
+    from posttrain.models.heads import RewardModelScorer as Scorer
+
+    return Scorer(path, **kwargs)
+
+
+ALGORITHM = Algorithm(
+    name="reward", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, load_model=load_model,
+    save_final=save_final,
+)  # fmt: skip

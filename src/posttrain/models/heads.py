@@ -1,0 +1,149 @@
+"""A causal LM with a scalar head on its last hidden state: a reward model's score or PPO's value function.
+
+`ScalarHeadModel` keeps the language model whole (`.policy`: full, LoRA or QLoRA, as `load_model` built it) and
+adds one linear layer `hidden -> 1`. The backbone runs once: a reward model reads the head at each sequence's
+last real token; PPO reads it at every completion position and projects the same hidden states onto the
+vocabulary for the policy's log-probabilities (a value head on the policy backbone, as in Ziegler et al. 2019).
+
+Saved next to the LM's own files as `score_head.safetensors` + `score_head.json`; `load_scalar_model` reads them
+back (`RewardModelScorer` turns a trained reward model into a reward function).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HEAD_FILE = "score_head.safetensors"
+HEAD_INFO = "score_head.json"
+
+
+def decoder_of(lm) -> nn.Module:
+    """The transformer body (embeddings, blocks, final norm) of a causal LM, under any peft wrapper."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return base.get_decoder()
+
+
+class ScalarHeadModel(nn.Module):
+    """`policy` (a causal LM) + `head` (Linear(hidden, 1), float32)."""
+
+    def __init__(self, policy: nn.Module, *, kind: str = "reward", init_std: float | None = None):
+        super().__init__()
+        self.policy = policy
+        self.kind = kind
+        hidden = policy.config.hidden_size
+        device = next(policy.parameters()).device
+        self.head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        # A small init: at the start every score is ~0, so early losses are log 2 (reward) or the returns (PPO).
+        std = init_std if init_std is not None else 1.0 / (hidden + 1) ** 0.5
+        nn.init.normal_(self.head.weight, std=std)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Last hidden states (B, T, H), after the final norm: what the LM head and the scalar head read."""
+        out = decoder_of(self.policy)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """One score per right-padded sequence, read at its last real token. Returns (B,) float32."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        last = attention_mask.long().sum(-1) - 1  # (B,)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(h.float()).squeeze(-1)
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, keep=None, with_logits: bool = False
+    ):
+        """Values (and logits) at the positions `keep` (B, T) bool, or everywhere: ((N,) or (B, T), logits)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        h = hidden[keep] if keep is not None else hidden
+        values = self.head(h.float()).squeeze(-1)
+        logits = self.policy.get_output_embeddings()(h) if with_logits else None
+        return values, logits
+
+
+def save_head(model: ScalarHeadModel, out_dir: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
+    )
+    (out / HEAD_INFO).write_text(
+        json.dumps({"kind": model.kind, "hidden_size": model.config.hidden_size}) + "\n", encoding="utf-8"
+    )
+
+
+def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cfg) -> None:
+    """The LM (adapter or full weights, via `save_model`) plus the head."""
+    from posttrain.models.saving import save_model
+
+    save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name)
+    save_head(model, out_dir)
+
+
+def load_scalar_model(path: str | Path, *, device=None) -> tuple[ScalarHeadModel, object]:
+    """A saved reward (or value) model, frozen, in eval mode: (model, tokenizer)."""
+    from safetensors.torch import load_file
+
+    from posttrain.errors import ModelNotFoundError
+    from posttrain.models.saving import _trained_dir, load_trained
+
+    folder = _trained_dir(path)
+    if not (folder / HEAD_FILE).is_file():
+        raise ModelNotFoundError(
+            f"{folder} has no {HEAD_FILE}: it is not a reward model (train one with algorithm.name=reward)"
+        )
+    lm, tokenizer = load_trained(folder, device=device)
+    info = (
+        json.loads((folder / HEAD_INFO).read_text(encoding="utf-8")) if (folder / HEAD_INFO).is_file() else {}
+    )
+    model = ScalarHeadModel(lm, kind=info.get("kind", "reward"))
+    model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+class RewardModelScorer:
+    """A trained reward model as a reward function: `scorer(prompts, completions) -> list[float]`.
+
+    Each (prompt, completion) is rendered as a user turn and an assistant turn with the model's chat template,
+    exactly as the preference pairs were during training, and scored at its last token.
+    """
+
+    def __init__(self, path: str | Path, *, batch_size: int = 8, device=None):
+        self.model, self.tokenizer = load_scalar_model(path, device=device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
+        from posttrain.data.render import chat_text
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for s in range(0, len(completions), self.batch_size):
+            rows = []
+            for p, c in zip(prompts[s : s + self.batch_size], completions[s : s + self.batch_size]):
+                msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+                text = chat_text(tok, [*msgs, {"role": "assistant", "content": c}])
+                rows.append(tok(text, add_special_tokens=False)["input_ids"])
+            T = max(len(r) for r in rows)
+            ids = torch.full((len(rows), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            out.extend(self.model.scores(ids.to(device), mask.to(device)).tolist())
+        return out

@@ -1,0 +1,306 @@
+"""The rollout batch source: a generator that samples from the current policy and yields training batches.
+
+Every `steps_per_rollout` optimisation steps it takes the next prompts (deterministic order from `run.seed`,
+sharded over processes), samples `G` completions per prompt with an engine, scores them with the reward
+functions, lets the algorithm turn the rollout into per-sequence training tensors (GRPO: group advantages;
+PPO: values, KL-shaped rewards, GAE), then yields `rollout.epochs` shuffled passes over it, cut into optimisation
+steps of `optim.batch_size` sequences and micro-batches of `optim.micro_batch_size`.
+
+Generation time and reward statistics ride along as step metrics (`STEP_METRICS`), so the loop logs
+`gen_time_s` apart from the training time. It does not compute any loss (see `algorithms/grpo.py`, `ppo.py`).
+
+Resuming: the step number fixes which prompts come next, but rollouts are sampled from the model being trained,
+so a resumed run continues with fresh rollouts from the restored weights (a run resumed mid-rollout samples the
+rest of that rollout anew). RL resumption is therefore not bit-for-bit, unlike SFT and DPO.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posttrain.algorithms.base import STEP_METRICS, SourceContext
+from posttrain.errors import ConfigError
+from posttrain.rollout.engine import Rollout, get_engine
+
+
+@dataclass
+class PromptExample:
+    """One prompt row, rendered: its ids (chat template + generation prompt), its text and its other columns."""
+
+    prompt_ids: list[int]
+    prompt: str
+    columns: dict[str, Any]
+
+
+@dataclass
+class ScoredRollout:
+    rollout: Rollout
+    examples: list[PromptExample]  # one per sequence (repeated G times)
+    rewards: torch.Tensor  # (N,) weighted total
+    metrics: dict[str, float]
+
+
+# process(scored, ctx) -> (tensors with a leading N dimension, extra step metrics)
+Process = Callable[[ScoredRollout, SourceContext], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
+def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:
+    """Prompt and completion side by side, (N, P + C), with the positions `generate` used.
+
+    `completion_mask` here is full width (0 over the prompt), aligned with `input_ids`: 1 on the tokens the
+    policy generated, the ones the RL losses score.
+    """
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+    # Left-padded prompts: positions count real tokens only, as generate computed them for the KV cache.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    completion_mask = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+    }
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop columns that are padding in every row of a micro-batch (left of the prompts, right of completions)."""
+    am = batch["attention_mask"]
+    used = am.bool().any(0).nonzero()
+    if used.numel() == 0:
+        return batch
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    return {k: v[:, lo:hi] if v.dim() == 2 and v.shape[1] == am.shape[1] else v for k, v in batch.items()}
+
+
+class RolloutSource:
+    """Rollout generator with the batch-source signature: `source(start_step)` yields each step's micro-batches."""
+
+    def __init__(self, ctx: SourceContext, *, group_size: int, process: Process):
+        from posttrain.rewards import build_reward_functions, parse_reward_specs
+
+        cfg, acc = ctx.cfg, ctx.accelerator
+        self.ctx, self.process, self.G = ctx, process, group_size
+        alg = cfg.algorithm
+        self.rollout_cfg = alg.rollout
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.rollout_size = alg.rollout.batch_size or cfg.optim.batch_size  # sequences, all processes
+        self.prompts_per_rollout = self.rollout_size // group_size
+        if self.prompts_per_rollout % self.world:
+            raise ConfigError(
+                f"algorithm.rollout.batch_size ({self.rollout_size}) holds {self.prompts_per_rollout} prompts, "
+                f"which must split evenly over {self.world} processes"
+            )
+        self.step_size = cfg.optim.batch_size // self.world  # sequences per optimisation step, this process
+        self.micro = ctx.micro_batch_size
+        if self.step_size % self.micro:
+            raise ConfigError(
+                f"optim.micro_batch_size ({self.micro}) must divide the per-process batch ({self.step_size})"
+            )
+        self.steps_per_rollout = alg.rollout.epochs * (self.rollout_size // cfg.optim.batch_size)
+        self.prompts: list[PromptExample] = list(ctx.data.train)
+        if len(self.prompts) < self.prompts_per_rollout:
+            raise ConfigError(
+                f"data.train has {len(self.prompts)} prompts, fewer than one rollout needs "
+                f"({self.rollout_size} sequences / {group_size} per prompt = {self.prompts_per_rollout})"
+            )
+        self.rollouts_per_epoch = len(self.prompts) // self.prompts_per_rollout
+        self.steps_per_epoch = self.rollouts_per_epoch * self.steps_per_rollout
+        specs = list(alg.rewards)
+        if alg.reward_model:
+            specs.append({"name": "reward_model", "args": {"path": alg.reward_model}})
+        self.rewards = build_reward_functions(parse_reward_specs(specs))
+        self.engine = get_engine(alg.rollout.engine)
+        self.seed = cfg.run.seed
+
+    # ---- prompts
+    def rollout_prompts(self, index: int) -> list[PromptExample]:
+        """This process's prompts for rollout `index`: a seeded permutation per epoch, then sharded."""
+        epoch, within = divmod(index, self.rollouts_per_epoch)
+        order = list(range(len(self.prompts)))
+        if self.ctx.cfg.data.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        chunk = order[within * self.prompts_per_rollout : (within + 1) * self.prompts_per_rollout]
+        return [self.prompts[i] for i in chunk[self.rank :: self.world]]
+
+    # ---- one rollout: sample, score, process
+    def make_rollout(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        from posttrain.rewards import compute_rewards, reward_metrics
+
+        ctx, rc = self.ctx, self.rollout_cfg
+        examples = self.rollout_prompts(index)
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        policy = getattr(model, "policy", model)  # PPO wraps the policy with a value head
+        t0 = time.perf_counter()
+        rollout = self.engine.generate(
+            policy,
+            ctx.tokenizer,
+            [e.prompt_ids for e in examples],
+            n=self.G,
+            max_new_tokens=rc.max_new_tokens,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            stop=list(rc.stop),
+            seed=self.seed * 7_919 + index * self.world + self.rank,
+            batch_size=rc.generation_batch_size,
+        )
+        gen_time = time.perf_counter() - t0
+        per_seq = [e for e in examples for _ in range(self.G)]
+        columns: dict[str, list] = {}
+        for key in per_seq[0].columns if per_seq else []:
+            columns[key] = [e.columns.get(key) for e in per_seq]
+        t1 = time.perf_counter()
+        result = compute_rewards(
+            self.rewards,
+            [e.prompt for e in per_seq],
+            rollout.texts,
+            columns,
+            fallback=ctx.cfg.algorithm.reward_fallback,
+        )
+        reward_time = time.perf_counter() - t1
+        rewards = torch.tensor(result.total, dtype=torch.float32)
+        lengths = rollout.lengths.float()
+        metrics = {
+            **reward_metrics(result),
+            "completion_length_mean": float(lengths.mean()),
+            "completion_length_max": float(lengths.max()),
+            "truncated_fraction": float(rollout.truncated.float().mean()),
+            "gen_time_s": gen_time,
+            "reward_time_s": reward_time,
+            "rollout": float(index),
+        }
+        t2 = time.perf_counter()
+        tensors, extra = self.process(ScoredRollout(rollout, per_seq, rewards, metrics), ctx)
+        metrics.update(extra)
+        metrics["prepare_time_s"] = time.perf_counter() - t2
+        return tensors, metrics
+
+    # ---- the batch-source interface
+    def __call__(self, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
+        index, within = divmod(start_step, self.steps_per_rollout)
+        while True:
+            tensors, metrics = self.make_rollout(index)
+            steps = self.split(tensors, index)
+            for k, step in enumerate(steps[within:]):
+                # every step of a rollout carries its rollout's statistics; the first one also its cost
+                carried = (
+                    dict(metrics)
+                    if k == 0
+                    else {m: v for m, v in metrics.items() if not m.endswith("_time_s")}
+                )
+                yield [*step, {STEP_METRICS: carried}]
+            within = 0
+            index += 1
+
+    def split(self, tensors: dict[str, torch.Tensor], index: int) -> list[list[dict[str, Any]]]:
+        """`rollout.epochs` shuffled passes over the rollout, cut into steps and micro-batches.
+
+        Each pass is cut into `rollout.batch_size / optim.batch_size` steps of near-equal size (equal unless
+        `grpo.drop_uniform_groups` removed sequences; a step left with none trains nothing and only logs).
+        """
+        n = next(iter(tensors.values())).shape[0]
+        per_pass = self.steps_per_rollout // self.rollout_cfg.epochs
+        steps: list[list[dict[str, Any]]] = []
+        for epoch in range(self.rollout_cfg.epochs):
+            order = list(range(n))
+            if epoch > 0:  # the first pass keeps the sampling order (on-policy when epochs == 1)
+                random.Random(self.seed * 31 + index * 1_009 + epoch).shuffle(order)
+            bounds = [round(k * n / per_pass) for k in range(per_pass + 1)]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                idx = order[lo:hi]
+                steps.append(
+                    [
+                        trim({k: v[idx[m : m + self.micro]] for k, v in tensors.items()})
+                        for m in range(0, len(idx), self.micro)
+                    ]
+                )
+        return steps
+
+
+def prepare_prompts(cfg, tokenizer):
+    """Read and render the prompts file of an RL run (`data.train`, rows with `prompt` and any other columns).
+
+    Other columns (e.g. `answer`, `tests`) are passed to the reward functions. A prompt that leaves no room for
+    `rollout.max_new_tokens` within `data.max_length` is an error naming its line, before any model loads.
+    """
+    from posttrain.algorithms.base import PreparedData
+    from posttrain.data import load_rows
+    from posttrain.data.render import render_prompt
+    from posttrain.errors import DataError, Problem
+
+    if not cfg.data.train:
+        raise ConfigError(
+            "data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)"
+        )
+    rows = load_rows(cfg.data.train, "prompts")
+    room = cfg.data.max_length - cfg.algorithm.rollout.max_new_tokens
+    examples, problems = [], []
+    for row in rows:
+        ids = render_prompt(tokenizer, row)
+        if len(ids) > room:
+            problems.append(
+                Problem(
+                    cfg.data.train,
+                    getattr(row, "line", None),
+                    "prompt",
+                    f"prompt is {len(ids)} tokens; data.max_length ({cfg.data.max_length}) minus "
+                    f"algorithm.rollout.max_new_tokens ({cfg.algorithm.rollout.max_new_tokens}) leaves {room}",
+                )
+            )
+            continue
+        msgs = row["prompt"]
+        text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+        columns = {k: v for k, v in row.items() if k != "prompt"}
+        examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns))
+    if problems:
+        raise DataError(problems, header=f"{cfg.data.train}: prompts too long for the run's lengths:")
+    return PreparedData(train=examples, collate=lambda items: items, notes=[])
+
+
+def reference_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """log pi_ref of the completion tokens: the base with the adapter disabled, or a frozen copy (full)."""
+    from posttrain.models import is_adapter_model
+
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    policy = getattr(model, "policy", model)
+    if is_adapter_model(policy):
+        with policy.disable_adapter():
+            return batched_logps(policy, tensors, ctx.micro_batch_size, temperature)
+    ref = getattr(ctx, "reference", None)
+    if ref is None:
+        from posttrain.models import load_model
+
+        ref = ctx.reference = load_model(
+            ctx.cfg.model, ctx.cfg.technique, device=ctx.accelerator.device, train=False
+        )
+    return batched_logps(ref, tensors, ctx.micro_batch_size, temperature)
+
+
+@torch.no_grad()
+def batched_logps(model, tensors: dict[str, torch.Tensor], micro: int, temperature: float) -> torch.Tensor:
+    """Completion-token log-probs (N, T) of a whole rollout, `micro` sequences per forward, no gradient."""
+    from posttrain.models.logprobs import selected_token_logps
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for s in range(0, tensors["input_ids"].shape[0], micro):
+            part = {
+                k: tensors[k][s : s + micro].to(device)
+                for k in ("input_ids", "attention_mask", "position_ids")
+            }
+            lp, _ = selected_token_logps(
+                model, part, tensors["completion_mask"][s : s + micro].to(device), temperature=temperature
+            )
+            out.append(lp.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,143 @@
+"""DPO and reward-model runs on the tiny model: what trains, what stays frozen, and the loss falls on pairs it
+overfits. The reference is checked three ways (adapter disabled, precomputed, frozen copy)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from posttrain.train import train
+
+PAIRS = [
+    {"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"}
+    for a in range(4)
+    for b in range(2)
+]
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
+    return p
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "technique,reference",
+    [("lora", "adapter"), ("full", "precompute"), ("full", "copy"), ("lora", "precompute")],
+)
+def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, reference):
+    """At step 1 the policy equals the reference: loss log 2, margin 0; then the loss falls."""
+    cfg = make_cfg(
+        f"dpo-{technique}-{reference}",
+        **{
+            "algorithm.name": "dpo",
+            "technique.name": technique,
+            "algorithm.dpo.reference": reference,
+            "algorithm.dpo.beta": 0.5,
+            "data.train": str(pairs_file),
+            "run.max_steps": 8,
+            "optim.lr": 5e-3 if technique == "lora" else 1e-3,
+            "optim.schedule": "constant",
+        },
+    )
+    from posttrain.models import load_model
+
+    before = _snapshot(load_model(cfg.model, cfg.technique))
+    result = train(cfg, return_model=True)
+    hist = _metrics(result.run_dir)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert hist[0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
+    assert hist[-1]["reward_accuracy"] > 0.5
+    after = dict(result.model.named_parameters())
+    changed = {n for n, p in after.items() if n in before and not torch.equal(before[n], p.detach())}
+    if technique == "lora":
+        assert changed and all("lora_" in n for n in changed)  # base weights frozen, adapters moved
+    else:
+        assert changed  # full fine-tuning moved base weights
+    if reference == "precompute":
+        assert (result.run_dir / "reference_logps.pt").is_file()
+
+
+def test_dpo_adapter_reference_equals_base_model(tiny_model_dir):
+    """The adapter-disabled model gives exactly the base model's log-probs, even after the adapter has moved."""
+    from posttrain.config import ModelConfig, TechniqueConfig
+    from posttrain.models import load_model
+    from posttrain.models.logprobs import selected_token_logps
+
+    base = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="full"), train=False)
+    policy = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="lora"))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)  # a non-zero adapter: the policy now differs from the base
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    want, _ = selected_token_logps(base, inputs, mask)
+    with torch.no_grad():
+        moved, _ = selected_token_logps(policy, inputs, mask)
+        with policy.disable_adapter():
+            got, _ = selected_token_logps(policy, inputs, mask)
+    assert not torch.allclose(moved, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "simpo"])
+def test_dpo_variants_run(make_cfg, pairs_file, loss_type):
+    cfg = make_cfg(
+        f"dpo-{loss_type}",
+        **{
+            "algorithm.name": "dpo",
+            "technique.name": "lora",
+            "algorithm.dpo.loss_type": loss_type,
+            "data.train": str(pairs_file),
+            "run.max_steps": 6,
+            "optim.lr": 5e-3,
+            "optim.schedule": "constant",
+        },
+    )
+    hist = _metrics(train(cfg).run_dir)
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_reward_model_trains_only_head_and_adapter(make_cfg, pairs_file):
+    cfg = make_cfg(
+        "rm",
+        **{
+            "algorithm.name": "reward",
+            "technique.name": "lora",
+            "data.train": str(pairs_file),
+            "run.max_steps": 10,
+            "optim.lr": 1e-2,
+            "optim.schedule": "constant",
+        },
+    )
+    result = train(cfg, return_model=True)
+    hist = _metrics(result.run_dir)
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=0.05)  # small head init: scores near 0
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.1
+    assert hist[-1]["accuracy"] == 1.0
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert (result.final_dir / "score_head.safetensors").is_file()
+
+    # the saved reward model scores like the trained one, as a reward function
+    from posttrain.models.heads import RewardModelScorer
+
+    scorer = RewardModelScorer(result.final_dir)
+    good = scorer(["add 1 1", "add 2 0"], ["2", "2"])
+    bad = scorer(["add 1 1", "add 2 0"], ["3 maybe", "3 maybe"])
+    assert all(g > b for g, b in zip(good, bad))
