@@ -47,28 +47,120 @@ def _cmd_quickstart(args) -> int:
 
 
 def _cmd_data_make(args) -> int:
-    from posttrain.data import TASKS, write_jsonl
+    from posttrain.data import TASKS, make_pairs, make_prompts, write_jsonl
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of rows, got {args.n}")
-    rows = TASKS[args.task].make(args.n, seed=args.seed, split=args.split)
+    make = {"sft": TASKS[args.task].make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
+    rows = (
+        make(args.n, seed=args.seed, split=args.split)
+        if args.kind == "sft"
+        else make(args.task, args.n, seed=args.seed, split=args.split)
+    )
     write_jsonl(rows, args.out)
-    print(f"wrote {len(rows)} {args.task} rows ({args.split}, seed {args.seed}) to {args.out}")
+    what = args.task if args.kind == "sft" else f"{args.task} {args.kind}"
+    print(f"wrote {len(rows)} {what} rows ({args.split}, seed {args.seed}) to {args.out}")
     return EXIT_OK
+
+
+def _print_problems(file: str, err: DataError) -> int:
+    for p in err.problems:
+        print(p, file=sys.stderr)
+    print(f"{file}: {len(err.problems)} problem(s); fix them and validate again", file=sys.stderr)
+    return EXIT_USER
 
 
 def _cmd_data_validate(args) -> int:
     from posttrain.data import validate_file
 
+    if (args.model is None) != (args.max_length is None):
+        raise UserError("--model and --max-length go together: the length check needs the model's tokenizer")
+    if args.model is not None and args.kind == "prompts":
+        raise UserError(
+            "--max-length checks sft and preference files; prompts files are checked when sampling"
+        )
     try:
-        print(validate_file(args.file, args.kind))
+        summary = validate_file(args.file, args.kind)
+        if args.model is not None:
+            summary += _check_lengths(args)
     except DataError as err:
-        for p in err.problems:
-            print(p, file=sys.stderr)
-        print(f"{args.file}: {len(err.problems)} problem(s); fix them and validate again", file=sys.stderr)
-        return EXIT_USER
+        return _print_problems(args.file, err)
+    print(summary)
+    return EXIT_OK
+
+
+def _check_lengths(args) -> str:
+    """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems."""
+    import warnings
+
+    from posttrain.config import ModelConfig
+    from posttrain.data import load_rows, render_dataset, render_preference_dataset
+    from posttrain.models import load_tokenizer
+
+    if args.max_length <= 0:
+        raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    _quiet_libraries()
+    tokenizer = load_tokenizer(ModelConfig(name=args.model))
+    rows = load_rows(args.file, args.kind)
+    render = render_preference_dataset if args.kind == "preference" else render_dataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        render(tokenizer, rows, max_length=args.max_length, source=args.file)
+    notes = "".join(f"\nwarning: {w.message}" for w in caught if issubclass(w.category, UserWarning))
+    return f"; every row fits max_length={args.max_length}{notes}"
+
+
+def _cmd_data_pairs(args) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain.data import TASKS, load_rows, onpolicy_pairs
+    from posttrain.data.pairs import prepare_prompt_rows, reward_scorer, task_scorer, written_ids
+
+    if args.task is not None and args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if args.n < 2:
+        raise UserError(f"--n must be at least 2 completions per prompt to make a pair, got {args.n}")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0: greedy decoding gives --n equal completions")
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit must be a positive number of prompts, got {args.limit}")
+    rows = load_rows(args.prompts, "prompts")[: args.limit]
+    prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
+    scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)
+    out = Path(args.out)
+    done = written_ids(out)
+    todo = [r for r in rows if r["id"] not in done]
+    if len(todo) < len(rows):
+        print(
+            f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts already have pairs there; skipping them"
+        )
+    if not todo:
+        print(f"nothing to do: every prompt already has a pair in {out}")
+        return EXIT_OK
+    from posttrain.evaluation import load_for_inference
+
+    _quiet_libraries()
+    model, tokenizer = load_for_inference(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+
+        def write(pair: dict) -> None:  # one line per pair, flushed: an interrupted run keeps its work
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            f.flush()
+
+        _, st = onpolicy_pairs(
+            model, tokenizer, todo, n=args.n, scorer=scorer, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+            progress=not args.no_progress, on_pair=write,
+        )  # fmt: skip
+    print(
+        f"wrote {st['kept']} pairs from {st['prompts']} prompts to {out} ({st['skipped_equal']} skipped: all "
+        f"{args.n} samples scored the same; {st['skipped_empty']} skipped: fewer than 2 non-empty samples); "
+        f"mean best score {st['mean_best']:.3f}, mean worst {st['mean_worst']:.3f}"
+    )
     return EXIT_OK
 
 
@@ -137,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--help-config", action="store_true", help="list every config field with its default")
     t.set_defaults(func=_cmd_train)
 
-    d = sub.add_parser("data", help="make built-in task data or validate a data file")
+    d = sub.add_parser("data", help="make built-in task data, validate a data file, or sample pairs")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
-    mk = dsub.add_parser("make", help="write a built-in task as JSONL")
+    mk = dsub.add_parser("make", help="write a built-in task as JSONL (sft, preference pairs or prompts)")
     mk.add_argument("task", help="built-in task: structured, arithmetic")
     mk.add_argument("--n", type=int, required=True, help="number of rows")
     mk.add_argument("--out", required=True, help="output .jsonl file")
@@ -150,11 +242,47 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="heldout uses wordings never used by train",
     )
+    mk.add_argument(
+        "--kind",
+        choices=["sft", "preference", "prompts"],
+        default="sft",
+        help="sft: prompt+completion; preference: prompt+chosen+rejected (rejected wrong, off-format or "
+        "rambling); prompts: prompt+answer for RL (default: sft)",
+    )
     mk.set_defaults(func=_cmd_data_make)
     va = dsub.add_parser("validate", help="check every row of a data file")
     va.add_argument("file")
     va.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft")
+    va.add_argument("--model", help="also check lengths with this model's tokenizer (needs --max-length)")
+    va.add_argument("--max-length", type=int, help="tokens; a row whose prompt alone reaches it is an error")
     va.set_defaults(func=_cmd_data_validate)
+    pa = dsub.add_parser(
+        "pairs", help="sample N completions per prompt, score them, write (best, worst) preference pairs"
+    )
+    pa.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
+    )
+    pa.add_argument("--prompts", required=True, help="prompt rows (a `prompt` field; `id`, `answer` kept)")
+    scoring = pa.add_mutually_exclusive_group(required=True)
+    scoring.add_argument("--task", help="score with a built-in task's verifier against each row's `answer`")
+    scoring.add_argument(
+        "--reward",
+        action="append",
+        help="score with a reward: a built-in (numeric_answer, task, ...), path/to/file.py:function, or JSON "
+        '{"name": ..., "weight": ..., "args": {...}}; repeatable (weighted sum)',
+    )
+    pa.add_argument("--n", type=int, default=8, help="completions sampled per prompt (default: 8)")
+    pa.add_argument("--max-new-tokens", type=int, default=128)
+    pa.add_argument("--temperature", type=float, default=1.0, help="must be > 0 (default: 1.0)")
+    pa.add_argument("--top-p", type=float, default=1.0)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--limit", type=int, help="use only the first K prompts")
+    pa.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default: 16)")
+    pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
+    pa.set_defaults(func=_cmd_data_pairs)
     d.set_defaults(func=lambda a: (d.print_help(), EXIT_USER)[1])
 
     g = sub.add_parser("generate", help="sample from a run, a model folder or the embedded default")

@@ -5,7 +5,7 @@ Three kinds of file, each a few row shapes (one JSON schema per shape, validated
 - ``sft``: ``messages`` (a chat), ``prompt`` + ``completion`` (each a string or a message list), or ``text``
   (plain text, every token trained). Optional extra keys: ``id``, ``answer``, ``metadata``.
 - ``preference``: ``prompt`` + ``chosen`` + ``rejected``, or ``chosen`` + ``rejected`` as whole conversations
-  (the shared leading messages become the prompt).
+  (the shared leading messages become the prompt). Optional extra key: ``rejected_kind`` (a string).
 - ``prompts``: ``prompt`` plus any other columns (kept: later they feed reward functions).
 
 `load_rows` checks every row, collects *all* problems, and raises one `DataError` whose lines read
@@ -63,12 +63,21 @@ SCHEMAS: dict[str, dict[str, dict]] = {
         ),
         "text": _row_schema({"text": {"type": "string"}}, ["text"]),
     },
+    # ``rejected_kind`` (optional) says how a built-in pair's rejected side is worse (see `tasks.make_pairs`).
     "preference": {
         "prompt/chosen/rejected": _row_schema(
-            {"prompt": TEXT_OR_MESSAGES, "chosen": TEXT_OR_MESSAGES, "rejected": TEXT_OR_MESSAGES},
+            {
+                "prompt": TEXT_OR_MESSAGES,
+                "chosen": TEXT_OR_MESSAGES,
+                "rejected": TEXT_OR_MESSAGES,
+                "rejected_kind": {"type": "string"},
+            },
             ["prompt", "chosen", "rejected"],
         ),
-        "chosen/rejected": _row_schema({"chosen": MESSAGES, "rejected": MESSAGES}, ["chosen", "rejected"]),
+        "chosen/rejected": _row_schema(
+            {"chosen": MESSAGES, "rejected": MESSAGES, "rejected_kind": {"type": "string"}},
+            ["chosen", "rejected"],
+        ),
     },
     "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES}, ["prompt"], extra_ok=True)},
 }

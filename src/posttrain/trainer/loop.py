@@ -105,7 +105,9 @@ def training_loop(
             micro_batches = [_to_device(b, accelerator.device) for b in raw]
 
             # ---- one normaliser for the whole step: loss units over every micro-batch and every process
-            total_units = _reduce_sum(accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches))
+            total_units = _reduce_sum(
+                accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches)
+            )
 
             # ---- forward/backward with accumulation; DDP syncs gradients only on the last micro-batch
             sums: dict[str, float] = {}

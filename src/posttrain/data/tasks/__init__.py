@@ -6,6 +6,11 @@ A task makes rows ``{"id", "prompt", "completion", "answer", "metadata"}`` (a va
 evaluation on them measures generalisation, not memorisation. ``verify(completion, answer)`` returns named
 metrics (booleans or floats); ``score(completion, answer)`` is one float in [0, 1] (a reward).
 
+Other data from the same rows: `make_pairs` writes preference rows whose chosen side is the task's own
+completion and whose rejected side is written by ``rejected(row, kind, rng)``, one of `REJECTED_KINDS`
+(``wrong``, ``off_format``, ``rambling``), always scored strictly lower by ``score``; `make_prompts` writes
+``{"id", "prompt", "answer"}`` rows for RL and on-policy pairs.
+
 - ``arithmetic``: word problems with a numeric answer (`tasks/arithmetic.py`).
 - ``structured``: extract a JSON object matching a schema from a short text, with normalisation rules learned
   from the demonstrations (`tasks/structured.py`); the quickstart demo.
@@ -14,11 +19,12 @@ metrics (booleans or floats); ``score(completion, answer)`` is one float in [0, 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Protocol
 
 from posttrain.data.tasks.arithmetic import Arithmetic
-from posttrain.data.tasks.base import SPLITS, task_rng
+from posttrain.data.tasks.base import REJECTED_KINDS, SPLITS, task_rng
 from posttrain.data.tasks.structured import Structured
 
 
@@ -33,8 +39,53 @@ class Task(Protocol):
 
     def score(self, completion: str, answer: Any) -> float: ...
 
+    def rejected(self, row: dict, kind: str, rng: random.Random) -> str: ...
+
 
 TASKS: dict[str, Task] = {"arithmetic": Arithmetic(), "structured": Structured()}
+
+
+def _task(task: str | Task) -> Task:
+    if isinstance(task, str):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+        return TASKS[task]
+    return task
+
+
+def make_pairs(task: str | Task, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`n` preference rows ``{"id", "prompt", "chosen", "rejected", "answer", "rejected_kind", "metadata"}``.
+
+    The prompts are those of ``make(n, seed, split)``; chosen is the task's correct, well-formatted completion;
+    the rejected kinds are mixed evenly (a third each, shuffled by `seed`). `task` is a name in `TASKS` or a
+    task object (e.g. ``Arithmetic(max_ops=5)``).
+
+    >>> rows = make_pairs("arithmetic", 3)
+    >>> sorted(r["rejected_kind"] for r in rows)
+    ['off_format', 'rambling', 'wrong']
+    """
+    t = _task(task)
+    rows = t.make(n, seed=seed, split=split)
+    rng = task_rng(f"{t.name}-pairs", seed, split)  # its own stream: the prompts stay those of make()
+    kinds = [REJECTED_KINDS[i % len(REJECTED_KINDS)] for i in range(n)]
+    rng.shuffle(kinds)
+    return [
+        {"id": r["id"], "prompt": r["prompt"], "chosen": r["completion"], "rejected": t.rejected(r, kind, rng),
+         "answer": r["answer"], "rejected_kind": kind, "metadata": r["metadata"]}
+        for r, kind in zip(rows, kinds)
+    ]  # fmt: skip
+
+
+def make_prompts(task: str | Task, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`n` prompt rows ``{"id", "prompt", "answer"}`` (the prompts of ``make(n, seed, split)``), for RL.
+
+    >>> sorted(make_prompts("structured", 1)[0])
+    ['answer', 'id', 'prompt']
+    """
+    return [
+        {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]}
+        for r in _task(task).make(n, seed, split)
+    ]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
@@ -47,4 +98,15 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return p
 
 
-__all__ = ["SPLITS", "TASKS", "Arithmetic", "Structured", "Task", "task_rng", "write_jsonl"]
+__all__ = [
+    "REJECTED_KINDS",
+    "SPLITS",
+    "TASKS",
+    "Arithmetic",
+    "Structured",
+    "Task",
+    "make_pairs",
+    "make_prompts",
+    "task_rng",
+    "write_jsonl",
+]

@@ -8,10 +8,17 @@ operations and `max_value` (the range of the starting count and of the amounts).
 
 The verifier takes the marked answer (``Answer: N`` or ``#### N``, the last one if several), else the last
 number in the text, and compares numerically.
+
+`Arithmetic.rejected` writes worse completions for preference pairs, each scored 0 by the verifier: ``wrong``
+(the same steps with one slip, carried through to a wrong ``Answer:``), ``off_format`` (the right value in
+words, no digits and no ``Answer:`` line), ``rambling`` (padded narration that either slips or loses track
+before the last step).
 """
 
 from __future__ import annotations
 
+import operator
+import random
 import re
 from dataclasses import dataclass
 
@@ -38,6 +45,33 @@ INSTRUCTION = "Solve the problem. End with a line 'Answer: <number>'."
 
 _MARKED = re.compile(r"(?:Answer:|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_STEP = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)\.$")
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+# Rejected completions (see `Arithmetic.rejected`). Off-format ones hold no digit, so the verifier finds no number.
+OFF_FORMAT = ("The final count is {words}.", "Working through every change in order, the count ends up at {words}.",
+              "{Words}, if I followed the story correctly.")  # fmt: skip
+OPENINGS = (
+    "Okay, so let me think about this problem really carefully, step by step, because word problems can be "
+    "tricky and it is easy to make a mistake if you rush through them.",
+    "Alright! This is a classic kind of word problem about counting things. Let me read it again slowly and "
+    "make sure I understand every part of the story before I start calculating anything at all.",
+    "Hmm, interesting question. Before I calculate anything, I want to restate what we know, since it always "
+    "helps to be really clear about the setup of a problem like this one.",
+)
+ASIDES = ("Let me double-check that, just to be safe.", "That makes sense so far, I believe.",
+          "Okay, good, so far so good, moving on to the next part of the story.",
+          "I want to be careful here, because this is exactly the kind of place where people slip up.")  # fmt: skip
+SAY_OP = {"+": ("we add", "plus"), "-": ("we take away", "minus"), "*": ("we multiply by", "times")}
+LOSE_TRACK = (
+    "And then there is one more change at the very end of the story. Hmm, this is getting complicated, and I "
+    "keep losing track of which amount goes with which sentence, so I should probably re-read the whole "
+    "question from the beginning before I commit to a final answer."
+)
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen").split()  # fmt: skip
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def extract_answer(text: str) -> tuple[float | None, bool]:
@@ -57,6 +91,60 @@ def extract_answer(text: str) -> tuple[float | None, bool]:
         return float(marked[-1].replace(",", "")), True
     numbers = _NUMBER.findall(text)
     return (float(numbers[-1].replace(",", "")), False) if numbers else (None, False)
+
+
+def number_words(n: int) -> str:
+    """An integer in English words (no digits).
+
+    >>> number_words(17), number_words(40), number_words(305), number_words(2_071)
+    ('seventeen', 'forty', 'three hundred and five', 'two thousand and seventy-one')
+    """
+    if n < 0:
+        return "minus " + number_words(-n)
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else "")
+    if n < 1000:
+        return f"{_ONES[n // 100]} hundred" + (f" and {number_words(n % 100)}" if n % 100 else "")
+    for size, name in ((10**9, "billion"), (10**6, "million"), (1000, "thousand")):
+        if n >= size:
+            head, rest = divmod(n, size)
+            sep = " and " if rest < 100 else ", "
+            return f"{number_words(head)} {name}" + (sep + number_words(rest) if rest else "")
+    raise AssertionError("unreachable")
+
+
+def parse_steps(completion: str) -> list[tuple[int, str, int]]:
+    """The ``a OP k`` of each ``a OP k = b.`` line of a completion made by `Arithmetic.make`.
+
+    >>> parse_steps("12 + 5 = 17.\\n17 * 2 = 34.\\nAnswer: 34")
+    [(12, '+', 5), (17, '*', 2)]
+    """
+    found = (_STEP.match(line) for line in completion.splitlines())
+    return [(int(m[1]), m[2], int(m[3])) for m in found if m]
+
+
+def _run(
+    steps: list[tuple[int, str, int]], slip_at: int = -1, delta: int = 0
+) -> list[tuple[int, str, int, int]]:
+    """Recompute the steps from the start, adding `delta` to the result of step `slip_at` (the error carries)."""
+    value, out = steps[0][0], []
+    for i, (_, op, k) in enumerate(steps):
+        new = _APPLY[op](value, k) + (delta if i == slip_at else 0)
+        out.append((value, op, k, new))
+        value = new
+    return out
+
+
+def _slip(steps: list[tuple[int, str, int]], rng: random.Random) -> list[tuple[int, str, int, int]]:
+    """The steps with one plausible slip (off by 1, 2 or 10) carried through; the final value always differs,
+    since add, subtract and multiply by k >= 1 are strictly increasing in the running value."""
+    at, delta = rng.randrange(len(steps)), rng.choice((1, -1, 2, -2, 10, -10))
+    run = _run(steps, at, delta)
+    if min(new for *_, new in run) <= 0:  # a count never goes to zero or below: slip upwards instead
+        run = _run(steps, at, abs(delta))
+    return run
 
 
 @dataclass(frozen=True)
@@ -124,3 +212,43 @@ class Arithmetic:
         (1.0, 0.0)
         """
         return float(self.verify(completion, answer)["correct"])
+
+    def rejected(self, row: dict, kind: str, rng: random.Random) -> str:
+        """A worse completion of `kind` (``wrong``, ``off_format``, ``rambling``) for a row made by `make`.
+
+        Every kind scores 0 (see the module docstring).
+
+        >>> row = {"completion": "12 + 5 = 17.\\nAnswer: 17", "answer": 17}
+        >>> Arithmetic().rejected(row, "off_format", random.Random(0))
+        'Working through every change in order, the count ends up at seventeen.'
+        """
+        steps, value = parse_steps(row["completion"]), int(row["answer"])
+        if kind == "wrong":
+            run = _slip(steps, rng)
+            return "\n".join(f"{a} {op} {k} = {new}." for a, op, k, new in run) + f"\nAnswer: {run[-1][3]}"
+        if kind == "off_format":
+            words = number_words(value)
+            return rng.choice(OFF_FORMAT).format(words=words, Words=words.capitalize())
+        if kind == "rambling":
+            return _ramble(steps, rng)
+        raise ValueError(f"kind must be wrong, off_format or rambling, got {kind!r}")
+
+
+def _ramble(steps: list[tuple[int, str, int]], rng: random.Random) -> str:
+    """Padded narration that either slips and ends with a wrong ``Answer:``, or loses track before the last step
+    (so the last number in the text is the value before the last operation, never the answer)."""
+    slips = rng.random() < 0.5
+    run = _slip(steps, rng) if slips else _run(steps)
+    parts = [rng.choice(OPENINGS), f"So, to begin with, we start with {steps[0][0]}."]
+    for a, op, k, new in run if slips else run[:-1]:
+        verb, word = SAY_OP[op]
+        parts += [
+            f"Next, {verb} {k}, so now we have {new}.",
+            rng.choice(ASIDES),
+            f"Yes: {a} {word} {k} is {new}.",
+        ]
+    if slips:
+        parts.append(f"So after all of that, I am fairly confident about the result.\nAnswer: {run[-1][3]}")
+    else:
+        parts.append(LOSE_TRACK)
+    return " ".join(parts)

@@ -1,10 +1,13 @@
-"""Helpers shared by the built-in tasks: the split names and a per-(task, split, seed) random generator."""
+"""Helpers shared by the built-in tasks: the split names, the kinds of rejected answer, a seeded generator."""
 
 from __future__ import annotations
 
 import random
 
 SPLITS = ("train", "heldout")
+# What a built-in preference pair's rejected completion does wrong (see `make_pairs`): a wrong value in the
+# right format; the right content in the wrong format; or a long-winded, padded answer that scores lower.
+REJECTED_KINDS = ("wrong", "off_format", "rambling")
 
 
 def task_rng(task: str, seed: int, split: str) -> random.Random:

@@ -15,11 +15,17 @@ No arithmetic: every value is a lookup or a copy, learnable by a 135M model in ~
 Sentence templates are split: ``split="heldout"`` rows use only templates (including first-person ones) that
 training never sees; the value phrasings (date formats, role titles, remote phrases) are shared.
 The completion is ``json.dumps(answer, separators=(",", ":"))``.
+
+`Structured.rejected` writes worse completions for preference pairs: ``wrong`` (compact JSON with one field
+wrong: score 0.8), ``off_format`` (every value right but no JSON object: prose, ``key: value`` lines or a Python
+dict: score 0), ``rambling`` (a chatty walk through the text, then pretty-printed JSON that copies the text's
+date and role wording and capitalised languages, breaking the rules: score 0.4).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Any
 
@@ -207,6 +213,27 @@ class Structured:
             out[f"field_{f}"] = valid and f in obj and obj[f] == answer[f]
         return out
 
+    def rejected(self, row: dict, kind: str, rng: random.Random) -> str:
+        """A worse completion of `kind` (``wrong``, ``off_format``, ``rambling``) for a row made by `make`.
+
+        >>> ans = {"name": "Ann Lee", "birth_date": "1990-03-05", "role": "chef", "languages": ["dutch"],
+        ...        "remote": True}
+        >>> print(Structured().rejected({"answer": ans}, "off_format", random.Random(1)))
+        name: Ann Lee
+        birth_date: 1990-03-05
+        role: chef
+        languages: dutch
+        remote: true
+        """
+        answer = row["answer"]
+        if kind == "wrong":
+            return json.dumps(_one_field_wrong(answer, rng), separators=(",", ":"))
+        if kind == "off_format":
+            return _off_format(answer, rng)
+        if kind == "rambling":
+            return _ramble(answer, row.get("metadata", {}).get("date_format", 0), rng)
+        raise ValueError(f"kind must be wrong, off_format or rambling, got {kind!r}")
+
     def score(self, completion: str, answer: dict) -> float:
         """Reward in [0, 1]: the fraction of fields exactly right (0 when the output is not a JSON object).
 
@@ -216,3 +243,76 @@ class Structured:
         """
         v = self.verify(completion, answer)
         return sum(v[f"field_{f}"] for f in FIELDS) / len(FIELDS)
+
+
+def _one_field_wrong(answer: dict, rng: random.Random) -> dict:
+    """The answer with one field changed the way a careless extraction would change it."""
+    out = json.loads(json.dumps(answer))
+    field = rng.choice(FIELDS)
+    if field == "name":
+        first, last = answer["name"].split(" ", 1)
+        if rng.random() < 0.5:
+            out["name"] = f"{rng.choice([f for f in FIRST if f != first])} {last}"
+        else:
+            out["name"] = f"{first} {rng.choice([x for x in LAST if x != last])}"
+    elif field == "birth_date":
+        y, m, d = map(int, answer["birth_date"].split("-"))
+        if d <= 12 and d != m:  # day and month swapped: the classic date slip
+            m, d = d, m
+        else:
+            y += rng.choice((-1, 1))
+        out["birth_date"] = f"{y:04d}-{m:02d}-{d:02d}"
+    elif field == "role":
+        out["role"] = rng.choice([r for r in ROLES if r.replace(" ", "_") != answer["role"]]).replace(
+            " ", "_"
+        )
+    elif field == "languages":
+        langs = answer["languages"]
+        if len(langs) > 1:
+            out["languages"] = langs[::-1]  # the wrong order of mention
+        else:
+            out["languages"] = [rng.choice([x.lower() for x in LANGUAGES if x.lower() != langs[0]])]
+    else:
+        out["remote"] = not answer["remote"]
+    return out
+
+
+def _off_format(answer: dict, rng: random.Random) -> str:
+    """Every value right, but no JSON object in sight (`parse_json_object` finds nothing)."""
+    style = rng.randrange(3)
+    if style == 0:
+        return "\n".join(
+            f"{k}: {', '.join(v) if isinstance(v, list) else json.dumps(v) if isinstance(v, bool) else v}"
+            for k, v in answer.items()
+        )
+    if style == 1:
+        works = "works remotely" if answer["remote"] else "does not work remotely"
+        return (f"{answer['name']} was born on {answer['birth_date']}, works as {answer['role']}, speaks "
+                f"{_join(answer['languages'])} and {works}.")  # fmt: skip
+    return repr(answer)  # a Python dict: single quotes and True/False are not JSON
+
+
+def _ramble(answer: dict, date_format: int, rng: random.Random) -> str:
+    """A chatty answer whose JSON copies the text's wording instead of applying the rules (date, role, case)."""
+    y, m, d = map(int, answer["birth_date"].split("-"))
+    copied = {
+        "name": answer["name"],
+        "birth_date": DATE_FORMATS[date_format](y, m, d),
+        "role": answer["role"].replace("_", " ").title(),
+        "languages": [x.capitalize() for x in answer["languages"]],
+        "remote": answer["remote"],
+    }
+    opening = rng.choice((
+        "Sure! I'd be happy to help you with that. Extracting information from text is something I enjoy.",
+        "Of course! Let me take a careful look at this text and pull out all of the details you asked for.",
+        "Great question! This looks like a short description of a person, so let me read it closely first.",
+    ))  # fmt: skip
+    works = "They work remotely" if answer["remote"] else "They do not work remotely"
+    return (
+        f"{opening} Let me go through the text carefully, one detail at a time. The person's name is "
+        f"{copied['name']}. Their date of birth is {copied['birth_date']}. They work as {copied['role']}. They "
+        f"speak {_join(copied['languages'])}. {works}, so remote is {json.dumps(copied['remote'])}.\n\n"
+        f"Here is the JSON object you asked for:\n\n```json\n{json.dumps(copied, indent=2)}\n```\n\n"
+        "I kept the values exactly as they appear in the text, so that nothing is lost in translation. Let me "
+        "know if you would like me to change the format or add any other fields!"
+    )

@@ -1,0 +1,233 @@
+"""On-policy preference pairs: sample N completions per prompt, score them, keep (best, worst) when they differ.
+
+This makes DPO usable with only a verifier: the model's own samples, ranked by a task's ``score`` or a reward
+function, become ``{"id", "prompt", "chosen", "rejected", "answer", "metadata"}`` rows (valid ``preference``
+rows, see `schema.py`). ``metadata`` holds ``chosen_score``, ``rejected_score`` and every sample's score.
+
+Rules, per prompt:
+
+- the prompt is repeated `n` times and sampled with `models.generate` (`temperature` > 0, or all n are equal);
+- ``scorer(prompts, completions, rows) -> list[float]`` scores all n (prompts are the rows' ``prompt`` values,
+  a string or a message list, one per completion, and `rows` the matching prompt rows);
+- empty completions (the model stopped at once) never enter a pair: a preference row needs two responses;
+- chosen is the highest-scoring completion, rejected the lowest; on ties the first sampled wins (so the pick is
+  repeatable); the pair is kept only when best > worst and the two texts differ.
+
+Sampling is repeatable for equal inputs (`seed` + the batch number), not per prompt: re-running with other rows
+(e.g. after a resume skips some) draws other samples.
+
+Helpers for `posttrain data pairs`: `task_scorer` and `reward_scorer` (the two kinds of scorer),
+`prepare_prompt_rows` (ids, answers) and `written_ids` (resume). The CLI opens and appends the output file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from posttrain.errors import DataError, Problem, UserError
+
+Scorer = Callable[[list, list[str], list[dict]], list[float]]
+
+
+def onpolicy_pairs(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    n: int,
+    scorer: Scorer,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_pair: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Sample `n` completions per prompt row, score them, keep (best, worst) where best > worst.
+
+    `on_pair(row)` is called with each kept pair as soon as it exists (the CLI writes it to disk there).
+    `batch_size` bounds the sequences per `generate` call: ``max(1, batch_size // n)`` prompts at a time.
+    Returns ``(pairs, stats)``; stats: ``prompts``, ``kept``, ``skipped_equal`` (every usable completion
+    scored the same), ``skipped_empty`` (fewer than two non-empty completions), ``mean_best`` and
+    ``mean_worst`` (the mean over prompts of the best and worst of all n scores).
+    """
+    from tqdm.auto import tqdm
+
+    from posttrain.models import generate
+
+    if n < 2:
+        raise ValueError(f"n must be at least 2 completions per prompt to make a pair, got {n}")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0: greedy decoding gives n equal completions")
+    per_call = max(1, batch_size // n)
+    pairs: list[dict] = []
+    stats = {"prompts": 0, "kept": 0, "skipped_equal": 0, "skipped_empty": 0}
+    best_sum = worst_sum = 0.0
+    bar = tqdm(total=len(rows), desc="pairs", unit="prompt", disable=not progress)
+    try:
+        for b, start in enumerate(range(0, len(rows), per_call)):
+            chunk = list(rows[start : start + per_call])
+            rep_rows = [r for r in chunk for _ in range(n)]  # each prompt n times, side by side
+            prompts = [r["prompt"] for r in rep_rows]
+            completions = generate(
+                model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, batch_size=batch_size, seed=seed + b,
+            )  # fmt: skip
+            scores = [float(s) for s in scorer(prompts, completions, rep_rows)]
+            if len(scores) != len(completions):
+                raise ValueError(
+                    f"the scorer returned {len(scores)} scores for {len(completions)} completions"
+                )
+            for i, row in enumerate(chunk):
+                texts, got = completions[i * n : (i + 1) * n], scores[i * n : (i + 1) * n]
+                stats["prompts"] += 1
+                best_sum, worst_sum = best_sum + max(got), worst_sum + min(got)
+                pair, why = pick_pair(row, texts, got)
+                if pair is None:
+                    stats[why] += 1
+                else:
+                    stats["kept"] += 1
+                    pairs.append(pair)
+                    if on_pair is not None:
+                        on_pair(pair)
+                bar.update(1)
+            bar.set_postfix(kept=stats["kept"])
+    finally:
+        bar.close()
+    m = max(stats["prompts"], 1)
+    stats.update(mean_best=best_sum / m, mean_worst=worst_sum / m)
+    return pairs, stats
+
+
+def pick_pair(row: dict, completions: list[str], scores: list[float]) -> tuple[dict | None, str | None]:
+    """The (best, worst) preference row for one prompt, or None and the reason (``skipped_equal``/``_empty``).
+
+    Ties go to the first sample; empty completions are left out.
+
+    >>> pair, _ = pick_pair({"id": 1, "prompt": "q", "answer": 4}, ["4", "", "5", "4!"], [1.0, 0.0, 0.0, 1.0])
+    >>> pair["chosen"], pair["rejected"], pair["metadata"]["scores"]
+    ('4', '5', [1.0, 0.0, 0.0, 1.0])
+    >>> pick_pair({"prompt": "q"}, ["a", "b"], [0.5, 0.5])
+    (None, 'skipped_equal')
+    """
+    usable = [i for i, c in enumerate(completions) if c.strip()]
+    if len(usable) < 2:
+        return None, "skipped_empty"
+    best = max(usable, key=lambda i: (scores[i], -i))  # highest score; the earliest among equals
+    worst = min(usable, key=lambda i: (scores[i], i))  # lowest score; the earliest among equals
+    if scores[best] <= scores[worst] or completions[best] == completions[worst]:
+        return None, "skipped_equal"
+    pair = {"prompt": row["prompt"], "chosen": completions[best], "rejected": completions[worst]}
+    if "id" in row:
+        pair = {"id": row["id"], **pair}
+    if "answer" in row:
+        pair["answer"] = row["answer"]
+    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    pair["metadata"] = {**meta, "chosen_score": scores[best], "rejected_score": scores[worst],
+                        "scores": list(scores)}  # fmt: skip
+    return pair, None
+
+
+def task_scorer(task) -> Scorer:
+    """A scorer from a built-in task: ``task.score(completion, row["answer"])`` for each completion.
+
+    >>> from posttrain.data.tasks import TASKS
+    >>> task_scorer(TASKS["arithmetic"])(["q", "q"], ["Answer: 4", "Answer: 5"], [{"answer": 4}] * 2)
+    [1.0, 0.0]
+    """
+
+    def scorer(prompts, completions, rows):
+        return [task.score(c, r["answer"]) for c, r in zip(completions, rows)]
+
+    return scorer
+
+
+def reward_scorer(specs: list) -> Scorer:
+    """A scorer from `posttrain.rewards` specs (a built-in name, ``path/to/file.py:function``, or a JSON object
+    ``{"name", "weight", "args"}``): their weighted sum (`rewards.compute_rewards`), each function called as
+    ``fn(prompts, completions, **columns)`` with the prompt rows' other columns (``answer``, ``id``, ...) by
+    name. A sample a function fails on gets 0 from it."""
+    try:
+        from posttrain.rewards import build_reward_functions, compute_rewards
+    except ImportError as err:
+        raise UserError(
+            f"--reward needs posttrain.rewards, which cannot be imported here ({err}); use --task NAME"
+        ) from None
+    parsed = []
+    for spec in specs:
+        if isinstance(spec, str) and spec.lstrip().startswith("{"):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as err:
+                raise UserError(f"--reward {spec!r}: not valid JSON ({err})") from None
+        parsed.append(spec)
+    funcs = build_reward_functions(parsed)
+
+    def scorer(prompts, completions, rows):
+        columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - {"prompt"}}
+        return compute_rewards(funcs, prompts, completions, columns).total
+
+    return scorer
+
+
+def prepare_prompt_rows(rows: list[dict], source: str, *, answer_for: str | None = None) -> None:
+    """Ready prompt rows (from ``load_rows(path, "prompts")``) for `onpolicy_pairs`, in place.
+
+    Every row gets an ``id`` (``line-N`` when it has none: a re-run skips prompts by id) and a plain-string
+    prompt when it is one user message (what the output row shows). A bad or repeated id, or a missing
+    ``answer`` when `answer_for` (e.g. ``"--task arithmetic"``) needs it, is a problem; all are raised together.
+    """
+    problems, seen = [], {}
+    for row in rows:
+        line = getattr(row, "line", None)
+        row.setdefault("id", f"line-{line}")
+        if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+            problems.append(Problem(source, line, "id", "must be a string or an integer"))
+        elif row["id"] in seen:
+            problems.append(
+                Problem(source, line, "id", f"repeats the id of line {seen[row['id']]}: ids must be unique")
+            )
+        else:
+            seen[row["id"]] = line
+        if answer_for and "answer" not in row:
+            problems.append(
+                Problem(source, line, "answer", f"missing: {answer_for} scores completions against it")
+            )
+        p = row["prompt"]
+        if isinstance(p, list) and len(p) == 1 and p[0]["role"] == "user":
+            row["prompt"] = p[0]["content"]
+    if problems:
+        raise DataError(problems, header=f"{source}: {len(problems)} problem(s); no pairs made")
+
+
+def written_ids(path: str | Path) -> set:
+    """Ids of the pairs already in `path` (a re-run skips them); none when it does not exist.
+
+    Every pair is written with its newline, so a last line without one was cut by an interrupt: it is dropped
+    from the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+        path.write_text("".join(lines), encoding="utf-8")
+    ids = set()
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "id" not in row:
+            raise UserError(
+                f"{path}:{k}: not a pair with an `id`; --out must be a new file or one written by "
+                "`posttrain data pairs`"
+            )
+        ids.add(row["id"])
+    return ids

@@ -1,0 +1,160 @@
+"""Render preference pairs into token ids, and batch them for one forward pass of chosen and rejected.
+
+`render_pair` turns a normalised preference row (see `load_rows(..., "preference")`) into
+``RenderedPair(prompt_ids, chosen_ids, rejected_ids, ...)``. Each side is rendered by `render_sft` as the
+conversation ``prompt + side`` with the prompt never trained, so ``prompt_ids + chosen_ids`` is exactly what
+`render_sft` gives for that conversation (one source of truth for the chat template and for the mask). The
+response ids run to the end of the rendered conversation: the assistant content, its end-of-turn token
+(``<|im_end|>`` for ChatML) and whatever the template writes after it (a newline). ``chosen_mask`` and
+``rejected_mask`` are `render_sft`'s loss mask over the response ids: 1 on the content and the end-of-turn
+token, 0 on the trailing newline and on any role headers or user turns inside a multi-turn response.
+
+Length: a prompt whose tokens alone reach `max_length` leaves no room for a response; `render_preference_dataset`
+collects every such row into one `DataError` (``FILE:LINE: prompt: prompt is N tokens, max_length is M ...``).
+A response longer than the room left (``max_length - len(prompt_ids)``) is cut at its end, and the dataset
+warns once with the count.
+
+`collate_pairs` stacks the B chosen sequences (prompt + chosen) on top of the B rejected ones (prompt +
+rejected): ``input_ids``, ``attention_mask``, ``loss_mask``, each (2B, T), so a DPO or reward-model step scores
+both sides in one forward pass; row ``b`` and row ``B + b`` are the two sides of pair ``b``.
+
+Letters: B pairs in the batch, T tokens per row.
+
+This module does not read files (see `schema.py`) and holds no loss (see `algorithms/`).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from posttrain.data.collate import collate
+from posttrain.data.render import Rendered, render_sft
+from posttrain.data.schema import normalise_row
+from posttrain.errors import DataError, Problem
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class RenderedPair:
+    """One preference pair as token ids: a shared prompt, then each response to the end of the conversation.
+
+    ``chosen_mask[t] == 1`` when ``chosen_ids[t]`` is scored (same for rejected); all ones when not given.
+    `source` and `line` say where the row came from, for error messages.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+    source: str = "data"
+    line: int | None = None
+    chosen_mask: list[int] | None = None
+    rejected_mask: list[int] | None = None
+
+    def __post_init__(self):
+        if self.chosen_mask is None:
+            self.chosen_mask = [1] * len(self.chosen_ids)
+        if self.rejected_mask is None:
+            self.rejected_mask = [1] * len(self.rejected_ids)
+
+    def chosen(self) -> Rendered:
+        """Prompt + chosen as one `Rendered` example (the prompt is never scored)."""
+        return Rendered(self.prompt_ids + self.chosen_ids, [0] * len(self.prompt_ids) + self.chosen_mask)
+
+    def rejected(self) -> Rendered:
+        """Prompt + rejected as one `Rendered` example (the prompt is never scored)."""
+        return Rendered(self.prompt_ids + self.rejected_ids, [0] * len(self.prompt_ids) + self.rejected_mask)
+
+
+def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") -> RenderedPair:
+    """Token ids of one preference row, each side cut to fit `max_length` together with the prompt.
+
+    `row` is normalised (message lists, from `load_rows`) or raw (strings, conversational rows: normalised
+    here). Raises `DataError` naming `source`, the row's line and the field ``prompt`` when the prompt alone
+    reaches `max_length`.
+    """
+    line = getattr(row, "line", None)
+    if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        row = normalise_row(row, "preference", source=source, line=line)
+    prompt = row["prompt"]
+    sides = []
+    for key in ("chosen", "rejected"):
+        convo = {"messages": prompt + row[key], "completion_only": True, "n_prompt": len(prompt)}
+        # Render in full (no cut yet): the cut depends on the prompt length, known only after rendering.
+        r = render_sft(tokenizer, convo, max_length=sys.maxsize, source=source)
+        start = r.loss_mask.index(1)  # the first response token (the schema guarantees one)
+        sides.append((r.input_ids, r.loss_mask, start))
+    (c_ids, c_mask, c_start), (r_ids, r_mask, r_start) = sides
+    # The prompt is the same text on both sides, so its ids agree; if a tokenizer merges a token across the
+    # prompt/response boundary, the shared part is the common prefix up to the earlier response start.
+    n = 0
+    while n < min(c_start, r_start) and c_ids[n] == r_ids[n]:
+        n += 1
+    prompt_ids = c_ids[:n]
+    room = max_length - n
+    if room <= 0 or not any(c_mask[n:max_length]) or not any(r_mask[n:max_length]):
+        raise DataError([Problem(source, line, "prompt", (
+            f"prompt is {n} tokens, max_length is {max_length}: no room for a response; raise max_length or "
+            "shorten the prompt")
+        )])  # fmt: skip
+    truncated = len(c_ids) > max_length or len(r_ids) > max_length
+    return RenderedPair(
+        prompt_ids=prompt_ids,
+        chosen_ids=c_ids[n:max_length],
+        rejected_ids=r_ids[n:max_length],
+        truncated=truncated,
+        source=source,
+        line=line,
+        chosen_mask=c_mask[n:max_length],
+        rejected_mask=r_mask[n:max_length],
+    )
+
+
+def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: int, source: str = "data"
+                              ) -> list[RenderedPair]:  # fmt: skip
+    """Render every pair; rows whose prompt leaves no room raise together; warn once with the truncated count."""
+    out: list[RenderedPair] = []
+    problems: list[Problem] = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(render_pair(tokenizer, row, max_length=max_length, source=source))
+        except DataError as err:
+            for p in err.problems:  # rows without a file line are numbered by position
+                problems.append(
+                    p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}")
+                )
+    if problems:
+        raise DataError(
+            problems, header=f"{source}: {len(problems)} pair(s) do not fit max_length={max_length}"
+        )
+    n_truncated = sum(p.truncated for p in out)
+    if n_truncated:
+        warnings.warn(
+            f"{source}: {n_truncated} of {len(out)} pairs have a response longer than the room max_length="
+            f"{max_length} leaves after the prompt and were truncated (their ends are not scored); raise "
+            "max_length to keep them whole",
+            stacklevel=2,
+        )
+    return out
+
+
+def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded to the longest of all 2B: each tensor (2B, T) long.
+
+    ``loss_mask`` is 1 on scored response tokens only (the trainer shifts: the logits at ``t - 1`` predict
+    token ``t``). The number of pairs is ``input_ids.shape[0] // 2``.
+
+    >>> p = RenderedPair([7, 8], [5, 2], [6, 6, 2])
+    >>> out = collate_pairs([p], pad_id=0)
+    >>> out["input_ids"].tolist(), out["loss_mask"].tolist()
+    ([[7, 8, 5, 2, 0], [7, 8, 6, 6, 2]], [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    return collate([p.chosen() for p in pairs] + [p.rejected() for p in pairs], pad_id)

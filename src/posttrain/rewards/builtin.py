@@ -1,0 +1,368 @@
+"""Built-in reward functions, each made by a factory from the spec's ``args``; `REWARDS` maps names to them.
+
+A reward function has the signature ``fn(prompts, completions, **columns) -> list[float]`` (columns: the
+dataset's other fields, as lists aligned with ``prompts``). A sample the function cannot score (its column is
+missing or malformed) gets NaN, which `compute_rewards` turns into the fallback and counts as a failure.
+
+What this module does not do: combine, weight or log rewards (`posttrain.rewards.compute`), or load
+user files (`posttrain.rewards.spec`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from posttrain.data.tasks import TASKS
+from posttrain.rewards import sandbox
+
+RewardFn = Callable[..., list[float]]
+NAN = float("nan")
+
+# ---------------------------------------------------------------------------------------------- numeric answer
+_MARKED = re.compile(r"(?:\banswer\s*(?:is|:)|####)[ \t]*(.*)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+_PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
+
+
+def _boxed(text: str) -> str | None:
+    r"""The content of the last ``\boxed{...}`` (braces balanced), or None.
+
+    >>> _boxed(r"so \boxed{\frac{1}{2}} and done")
+    '\\frac{1}{2}'
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def final_answer(completion: str) -> str | None:
+    r"""The marked final answer: the last ``\boxed{...}``, else the rest of the line after the last
+    ``Answer:`` / ``The answer is`` / ``####``; None when the completion marks none.
+
+    >>> final_answer("3 + 4 = 7.\nAnswer: 7 apples"), final_answer("#### 1,234"), final_answer("it is 5")
+    ('7 apples', '1,234', None)
+    """
+    boxed = _boxed(completion)
+    if boxed is not None:
+        return boxed.strip()
+    marked = _MARKED.findall(completion)
+    return marked[-1].strip() if marked else None
+
+
+def to_number(text: str) -> float | None:
+    """`text` as a number when it is one plain number (thousands commas, ``$``, a trailing period and
+    ``a/b`` fractions allowed), else None.
+
+    >>> to_number("$1,234.50."), to_number("3/4"), to_number("-2"), to_number("42 apples")
+    (1234.5, 0.75, -2.0, None)
+    """
+    s = str(text).strip().strip("$").rstrip(".").strip()
+    if not _PLAIN.fullmatch(s):
+        return None
+    num, _, den = s.replace(",", "").partition("/")
+    return float(num) / float(den) if den and float(den) else (None if den else float(num))
+
+
+def _math_verify_equal(gold: str, pred: str) -> bool:
+    """Symbolic/numeric equality by math-verify (LaTeX, fractions, expressions, units)."""
+    import math_verify  # lazy: pulls in sympy (~0.5 s)
+
+    # Its timeouts use SIGALRM, which only the main thread may set; elsewhere run without them.
+    main = threading.current_thread() is threading.main_thread()
+    kw_parse = {} if main else {"parsing_timeout": None}
+    kw_verify = {} if main else {"timeout_seconds": None}
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without a timeout
+    return math_verify.verify(
+        math_verify.parse(gold, **kw_parse), math_verify.parse(pred, **kw_parse), **kw_verify
+    )
+
+
+def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> bool:
+    r"""Whether the completion's answer equals `answer` numerically (relative `tolerance`).
+
+    The answer is the marked one (`final_answer`) if any, else the last number in the text. Plain numbers
+    are compared directly; anything else (``\frac{1}{2}``, ``42 apples``, a symbolic gold answer) goes to
+    math-verify.
+
+    >>> numeric_match("3 + 4 = 7. Answer: 7", 7), numeric_match("I get 1,234", "1234")
+    (True, True)
+    >>> numeric_match(r"so \boxed{\frac{1}{2}}", 0.5), numeric_match("Answer: 8", "7")
+    (True, False)
+    """
+    pred = final_answer(completion)
+    gold = to_number(str(answer))
+    if pred is None:
+        numbers = _NUMBER.findall(completion)
+        if not numbers:
+            return False
+        pred = numbers[-1]
+    got = to_number(pred)
+    if gold is not None and got is not None:
+        return abs(got - gold) <= tolerance * max(1.0, abs(gold))
+    return _math_verify_equal(str(answer), pred)
+
+
+def numeric_answer(*, column: str = "answer", tolerance: float = 1e-6) -> RewardFn:
+    """1.0 when the completion's final answer equals the `column` value numerically, else 0.0.
+
+    >>> fn = numeric_answer()
+    >>> fn(["q1", "q2", "q3"], ["... Answer: 42", "#### 41", "so it is 3.0"], answer=[42, "42", 3])
+    [1.0, 0.0, 1.0]
+    """
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        answers = _column(columns, column, "numeric_answer")
+        return [float(numeric_match(c, a, tolerance=tolerance)) for c, a in zip(completions, answers)]
+
+    return reward
+
+
+# ------------------------------------------------------------------------------------------ exact / regex / json
+def exact_match(*, column: str = "answer", case_sensitive: bool = True) -> RewardFn:
+    """1.0 when the stripped completion equals the stripped `column` value (as a string), else 0.0.
+
+    >>> exact_match()(["q", "q"], [" Paris\\n", "paris"], answer=["Paris", "Paris"])
+    [1.0, 0.0]
+    >>> exact_match(case_sensitive=False)(["q"], ["paris"], answer=["Paris"])
+    [1.0]
+    """
+    norm = (lambda s: str(s).strip()) if case_sensitive else (lambda s: str(s).strip().casefold())
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        answers = _column(columns, column, "exact_match")
+        return [float(norm(c) == norm(a)) for c, a in zip(completions, answers)]
+
+    return reward
+
+
+_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+
+
+def regex_format(*, pattern: str, mode: str = "search", flags: str = "") -> RewardFn:
+    """1.0 when `pattern` matches the completion, else 0.0. `mode`: ``search`` (anywhere) or ``fullmatch``
+    (the whole stripped completion); `flags`: letters from ``imsx`` (IGNORECASE, MULTILINE, DOTALL, VERBOSE).
+
+    >>> regex_format(pattern=r"Answer: -?\\d+")(["q", "q"], ["so... Answer: 12", "twelve"])
+    [1.0, 0.0]
+    >>> regex_format(pattern=r"<think>.*</think>.*", mode="fullmatch", flags="s")(["q"], ["<think>a\\nb</think> 3"])
+    [1.0]
+    """
+    if mode not in ("search", "fullmatch"):
+        raise ValueError(f"mode must be 'search' or 'fullmatch', got {mode!r}")
+    if set(flags) - set(_FLAGS):
+        raise ValueError(f"flags must be letters from 'imsx', got {flags!r}")
+    try:
+        regex = re.compile(pattern, sum((_FLAGS[f] for f in set(flags)), 0))
+    except re.error as e:
+        raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}") from None
+    match = regex.search if mode == "search" else (lambda s: regex.fullmatch(s.strip()))
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        return [float(match(c) is not None) for c in completions]
+
+    return reward
+
+
+def parse_json(text: str) -> Any:
+    """The completion parsed as JSON, from the whole (stripped) text or a single ```json fenced block;
+    raises ValueError when neither parses.
+
+    >>> parse_json('```json\\n{"a": 1}\\n```'), parse_json(' [1, 2] ')
+    ({'a': 1}, [1, 2])
+    """
+    fenced = re.fullmatch(r"\s*```(?:json)?[ \t]*\n(.*?)```\s*", text, re.DOTALL | re.IGNORECASE)
+    return json.loads(fenced.group(1) if fenced else text.strip())
+
+
+def json_schema(*, schema: dict | None = None, column: str = "schema") -> RewardFn:
+    """1.0 when the completion is JSON (optionally in a ```json fence) valid under `schema`, else 0.0.
+    Without `schema`, each row's `column` gives it (a dict or a JSON string).
+
+    >>> fn = json_schema(schema={"type": "object", "required": ["name"]})
+    >>> fn(["q", "q", "q"], ['{"name": "Ann"}', '```json\\n{"age": 3}\\n```', "not json"])
+    [1.0, 0.0, 0.0]
+    >>> json_schema()(["q"], ['[1, 2]'], schema=['{"type": "array"}'])
+    [1.0]
+    """
+    fixed = _validator(schema) if schema is not None else None
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        schemas = [None] * len(completions) if fixed else _column(columns, column, "json_schema")
+        out = []
+        for completion, row_schema in zip(completions, schemas):
+            try:
+                validator = fixed or _validator(
+                    json.loads(row_schema) if isinstance(row_schema, str) else row_schema
+                )
+            except (ValueError, TypeError):
+                out.append(NAN)  # the row's schema is broken: not the completion's fault
+                continue
+            try:
+                out.append(float(validator.is_valid(parse_json(completion))))
+            except ValueError:
+                out.append(0.0)
+        return out
+
+    return reward
+
+
+def _validator(schema: Any) -> Draft202012Validator:
+    if not isinstance(schema, dict):
+        raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        raise ValueError(f"invalid JSON schema: {e.message}") from None
+    return Draft202012Validator(schema)
+
+
+# ------------------------------------------------------------------------------------------------ length penalty
+def length_penalty(
+    *, target: int, scale: float | None = None, unit: str = "chars", tokenizer: Any = None
+) -> RewardFn:
+    """``-max(0, length - target) / scale`` (0 up to `target`, then linearly negative; `scale` defaults to
+    `target`, so twice the target length costs 1.0). `unit`: ``chars``, ``words`` (whitespace-separated) or
+    ``tokens`` (needs `tokenizer`: a path/name loaded with ``transformers.AutoTokenizer``, or an object
+    with ``encode(text) -> list``).
+
+    >>> length_penalty(target=4)(["q", "q"], ["abc", "abcdefgh"])
+    [0.0, -1.0]
+    >>> length_penalty(target=2, scale=1, unit="words")(["q"], ["one two three"])
+    [-1.0]
+    """
+    if target < 0 or (scale is not None and scale <= 0):
+        raise ValueError(f"need target >= 0 and scale > 0, got target={target}, scale={scale}")
+    if unit not in ("chars", "words", "tokens"):
+        raise ValueError(f"unit must be 'chars', 'words' or 'tokens', got {unit!r}")
+    if unit == "tokens" and tokenizer is None:
+        raise ValueError("unit 'tokens' needs a 'tokenizer' (a tokenizer path or name)")
+    scale = float(scale if scale is not None else max(target, 1))
+    state = {"tok": tokenizer}
+
+    def length(text: str) -> int:
+        if unit == "chars":
+            return len(text)
+        if unit == "words":
+            return len(text.split())
+        if isinstance(state["tok"], str):  # loaded on first use, so building the reward stays cheap
+            from transformers import AutoTokenizer
+
+            state["tok"] = AutoTokenizer.from_pretrained(state["tok"])
+        return len(state["tok"].encode(text, add_special_tokens=False) if hasattr(state["tok"], "vocab_size")
+                   else state["tok"].encode(text))  # fmt: skip
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        return [-max(0, length(c) - target) / scale for c in completions]
+
+    return reward
+
+
+# ------------------------------------------------------------------------------------------- task / model / code
+def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
+    """A built-in task's own score, ``TASKS[task].score(completion, answer)`` in [0, 1]. Without `task`,
+    each row names its task in a ``task`` column or in ``metadata["task"]`` (as rows made by the tasks do).
+
+    >>> task(task="arithmetic")(["q", "q"], ["Answer: 17", "Answer: 16"], answer=[17, 17])
+    [1.0, 0.0]
+    >>> task()(["q"], ["Answer: 3"], answer=[3], metadata=[{"task": "arithmetic"}])
+    [1.0]
+    """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        answers = _column(columns, column, "task")
+        if task is not None:
+            names = [task] * len(completions)
+        elif "task" in columns:
+            names = columns["task"]
+        else:
+            names = [
+                m.get("task") if isinstance(m, dict) else None for m in _column(columns, "metadata", "task")
+            ]
+        out = []
+        for completion, answer, name in zip(completions, answers, names):
+            out.append(float(TASKS[name].score(completion, answer)) if name in TASKS else NAN)
+        return out
+
+    return reward
+
+
+def reward_model(*, path: str) -> RewardFn:
+    """The score of a trained reward model at `path` (``posttrain.algorithms.reward.RewardModelScorer``),
+    loaded on the first call."""
+    state: dict[str, Any] = {}
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        if "scorer" not in state:
+            from posttrain.algorithms.reward import RewardModelScorer  # lazy: loads torch and a model
+
+            state["scorer"] = RewardModelScorer(path)
+        return [float(x) for x in state["scorer"](prompts, completions)]
+
+    return reward
+
+
+def code_exec(
+    *,
+    column: str = "tests",
+    timeout_s: float = 5.0,
+    memory_mb: int = 1024,
+    max_processes: int = 32,
+    workers: int | None = None,
+    all_or_nothing: bool = False,
+) -> RewardFn:
+    """The fraction of tests passed (or, with `all_or_nothing`, 1.0 only when all pass) by the completion's
+    program (`sandbox.extract_code`) run in the sandbox; tests come from `column` (a string of asserts or a
+    list of snippets, see `sandbox.split_tests`). Fractions give partial credit, a denser signal.
+
+    >>> fn = code_exec(timeout_s=5)
+    >>> fn(["q"], ["```python\\ndef sq(x):\\n    return x * x\\n```"], tests=["assert sq(3) == 9\\nassert sq(2) == 5"])
+    [0.5]
+    """
+    limits = sandbox.Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_processes=max_processes)
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        tests = _column(columns, column, "code_exec")
+        codes = [sandbox.extract_code(c) for c in completions]
+        results = sandbox.run_many(codes, list(tests), limits=limits, workers=workers)
+        if all_or_nothing:
+            return [float(r.total > 0 and r.passed == r.total) for r in results]
+        return [r.fraction for r in results]
+
+    return reward
+
+
+def _column(columns: dict[str, Any], name: str, reward: str) -> list:
+    if name not in columns:
+        have = ", ".join(sorted(columns)) or "none"
+        raise KeyError(f"reward {reward!r} needs a {name!r} column; the dataset has: {have}")
+    return columns[name]
+
+
+REWARDS: dict[str, Callable[..., RewardFn]] = {
+    "numeric_answer": numeric_answer,
+    "exact_match": exact_match,
+    "regex_format": regex_format,
+    "json_schema": json_schema,
+    "length_penalty": length_penalty,
+    "task": task,
+    "reward_model": reward_model,
+    "code_exec": code_exec,
+}
+
+__all__ = ["REWARDS", "RewardFn", "final_answer", "numeric_match", "parse_json", "to_number"]

@@ -1,0 +1,118 @@
+"""Call reward functions on a batch, weight and sum them, and survive their failures.
+
+A function that raises, or returns a list of the wrong length, fails for the whole batch: every sample gets
+`fallback`. A value that is not a finite number (NaN, inf, None, a string) fails for that sample only.
+Failures are counted per function and the first error message kept, so a broken reward shows in the logs
+instead of stopping a run hours in. Weights apply to the total only; ``per_function`` stays unweighted so
+each reward reads on its own scale.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.rewards.spec import NamedReward
+
+
+@dataclass
+class RewardResult:
+    """Rewards for one batch of B samples."""
+
+    total: list[float]  # (B,) weighted sum
+    per_function: dict[str, list[float]]  # name -> (B,), unweighted, after fallback
+    failures: dict[str, int]  # name -> samples that got the fallback
+    errors: dict[str, str] = field(default_factory=dict)  # name -> first error message, when any
+
+
+def compute_rewards(
+    rewards: list[NamedReward],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list] | None = None,
+    *,
+    fallback: float = 0.0,
+) -> RewardResult:
+    """Weighted sum of every reward; failing samples get `fallback` (module docstring).
+
+    Worked example: exact match (weight 1) gives [1, 0]; a length penalty with target 3 (weight 0.5) gives
+    [0, -2] for lengths 1 and 9 (scale 3: -(9-3)/3); total = [1 + 0, 0 + 0.5 * -2] = [1.0, -1.0].
+
+    >>> from posttrain.rewards import build_reward_functions
+    >>> rs = build_reward_functions(["exact_match", {"name": "length_penalty", "weight": 0.5, "args": {"target": 3}}])
+    >>> r = compute_rewards(rs, ["q", "q"], ["7", "seventeen"], {"answer": ["7", "17"]})
+    >>> r.total, r.per_function["length_penalty"], r.failures
+    ([1.0, -1.0], [0.0, -2.0], {'exact_match': 0, 'length_penalty': 0})
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    n = len(completions)
+    columns = dict(columns or {})
+    total = [0.0] * n
+    per_function, failures, errors = {}, {}, {}
+    for reward in rewards:
+        values, failed, error = _call(reward, prompts, completions, columns, n, fallback)
+        per_function[reward.name], failures[reward.name] = values, failed
+        if error:
+            errors[reward.name] = error
+        total = [t + reward.weight * v for t, v in zip(total, values)]
+    return RewardResult(total, per_function, failures, errors)
+
+
+def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: float):
+    """(values, failures, first error) for one function."""
+    try:
+        raw = reward.fn(list(prompts), list(completions), **columns)
+        raw = list(raw)
+    except Exception as e:  # a broken reward must not end the run: counted and reported instead
+        return [fallback] * n, n, f"{type(e).__name__}: {e}"
+    if len(raw) != n:
+        return [fallback] * n, n, f"returned {len(raw)} values for {n} samples"
+    values, failed, error = [], 0, ""
+    for i, v in enumerate(raw):
+        x = _as_float(v)
+        if x is None:
+            values.append(fallback)
+            failed += 1
+            error = error or f"sample {i}: {v!r} is not a finite number"
+        else:
+            values.append(x)
+    return values, failed, error
+
+
+def _as_float(v: Any) -> float | None:
+    """`v` as a finite float, else None (bools count as numbers: a pass/fail reward may return them).
+
+    >>> _as_float(1), _as_float(True), _as_float(float("nan")), _as_float("x"), _as_float(None)
+    (1.0, 1.0, None, None, None)
+    """
+    if isinstance(v, str) or v is None:
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def reward_metrics(result: RewardResult) -> dict[str, float]:
+    """Log lines: mean and (population) std of each reward and of the total, and failure counts.
+
+    >>> from posttrain.rewards.compute import RewardResult
+    >>> reward_metrics(RewardResult([1.0, 3.0], {"a": [0.0, 2.0]}, {"a": 1}))
+    {'reward/a_mean': 1.0, 'reward/a_std': 1.0, 'reward/failures_a': 1.0, 'reward/total_mean': 2.0, 'reward/total_std': 1.0}
+    """
+    out: dict[str, float] = {}
+    for name, values in result.per_function.items():
+        out[f"reward/{name}_mean"], out[f"reward/{name}_std"] = _mean_std(values)
+        out[f"reward/failures_{name}"] = float(result.failures.get(name, 0))
+    out["reward/total_mean"], out["reward/total_std"] = _mean_std(result.total)
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    return statistics.fmean(values), statistics.pstdev(values)

@@ -1,0 +1,226 @@
+"""Run generated Python against tests in a separate, limited process; the engine of the ``code_exec`` reward.
+
+`run_code(code, tests)` writes the program and its tests to a fresh temporary folder, starts
+``python -I`` (isolated mode: no user site, no ``PYTHON*`` variables, script folder not on ``sys.path``)
+there with a minimal environment and stdin from ``/dev/null``, and returns how many tests passed. `run_many`
+does the same for a batch with a small thread pool (each thread only waits on its subprocess).
+
+What it guards against (accidents of generated code, on Linux):
+
+- **time**: a wall-clock limit; on expiry the whole process group is killed (SIGKILL), plus RLIMIT_CPU as a
+  backstop;
+- **memory**: RLIMIT_AS (address space), so a runaway allocation raises MemoryError;
+- **processes**: RLIMIT_NPROC, set relative to the processes the accounted user already has (the limit
+  counts every process of that user, not just ours). Root ignores RLIMIT_NPROC, so under root the real uid
+  is switched to ``nobody`` and the capabilities that lift the limit are dropped;
+- **network**: fresh network and PID namespaces (a user namespace too when not root) when the kernel
+  allows; the network namespace has only a loopback that is down, and when the program's first process
+  exits the kernel kills whatever it left in the PID namespace. Without namespaces, a preamble replaces
+  ``socket.socket`` in the child: that stops ordinary library calls, not a determined program;
+- **files**: the working folder is deleted afterwards; RLIMIT_FSIZE caps any one file written.
+
+What it is NOT: a security boundary. The program runs with the caller's file permissions (under root, with
+root's), can read and write anything they can, and without namespaces can reach the network through
+``ctypes`` or a subprocess. Use containers or gVisor for hostile code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+CHILD = str(Path(__file__).with_name("_child.py"))
+NOBODY = 65534
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program limits: wall clock, address space, extra processes, largest file written.
+
+    `namespaces=False` skips the network/PID namespaces (the socket preamble then blocks the network).
+    """
+
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+    max_processes: int = 32
+    max_file_mb: int = 16
+    namespaces: bool = True  # False: skip namespaces, block the network with the preamble only (for tests)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What one run gave: tests passed of total, whether it timed out, the exit code and the output's tail."""
+
+    passed: int
+    total: int
+    timed_out: bool
+    returncode: int | None
+    output: str
+    isolation: str  # "namespaces" or "preamble": how the network was blocked
+
+    @property
+    def fraction(self) -> float:
+        """Passed / total (0.0 for no tests)."""
+        return self.passed / self.total if self.total else 0.0
+
+
+def extract_code(text: str) -> str:
+    """The program in a completion: the last ```python (or ```py) fenced block, else the last fenced block
+    of any language, else the whole text. The last, because models often draft before the final answer.
+
+    >>> extract_code("Here:\\n```python\\ndef f():\\n    return 1\\n```\\nDone.")
+    'def f():\\n    return 1\\n'
+    >>> extract_code("```\\nx = 1\\n```")
+    'x = 1\\n'
+    >>> extract_code("x = 2")
+    'x = 2'
+    """
+    blocks = _FENCE.findall(text)
+    python = [body for lang, body in blocks if lang.lower() in ("python", "py", "python3")]
+    if python:
+        return python[-1]
+    return blocks[-1][1] if blocks else text
+
+
+def split_tests(tests: str | list[str]) -> list[str]:
+    """Tests as a list of snippets, each counted once. A list is taken as is. In a string, each top-level
+    ``assert`` is one test, together with the statements since the previous assert (setup such as
+    ``x = f(3)``); trailing statements after the last assert are dropped. A string that does not parse, or
+    has no assert, is one test.
+
+    >>> split_tests("assert f(1) == 2\\ny = f(2)\\nassert y == 3")
+    ['assert f(1) == 2', 'y = f(2)\\nassert y == 3']
+    >>> split_tests(["assert True", "assert f(0) == 1"])
+    ['assert True', 'assert f(0) == 1']
+    >>> split_tests("assert (")
+    ['assert (']
+    """
+    if not isinstance(tests, str):
+        return [str(t) for t in tests]
+    try:
+        body = ast.parse(tests).body
+    except SyntaxError:
+        return [tests]
+    out, start = [], None
+    lines = tests.splitlines(keepends=True)
+    for stmt in body:
+        start = stmt.lineno if start is None else start
+        if isinstance(stmt, ast.Assert):
+            out.append("".join(lines[start - 1 : stmt.end_lineno]).strip("\n"))
+            start = None
+    return out or [tests]
+
+
+def _count_tasks(uid: int) -> int:
+    """Processes and threads whose real uid is `uid` (what RLIMIT_NPROC counts), from /proc."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue  # exited while we looked
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            total += int(fields.get("Threads", "1"))
+    return total
+
+
+def _config(limits: Limits) -> dict:
+    mb = 1024 * 1024
+    accounted = NOBODY if os.geteuid() == 0 else os.getuid()
+    # +2: the launcher and the program itself.
+    nproc = _count_tasks(accounted) + limits.max_processes + 2
+    rlimits = {
+        "RLIMIT_AS": limits.memory_mb * mb,
+        "RLIMIT_CPU": int(limits.timeout_s) + 2,  # backstop only: the wall clock decides
+        "RLIMIT_FSIZE": limits.max_file_mb * mb,
+        "RLIMIT_CORE": 0,
+        "RLIMIT_NPROC": nproc,
+    }
+    return {"rlimits": rlimits, "nobody": NOBODY, "isolate": limits.namespaces}
+
+
+def _wait_no_reap(pid: int, deadline: float) -> bool:
+    """Wait until `pid` exits without reaping it (so its process-group id cannot be reused before we kill
+    the group); False on timeout."""
+    pause = 0.001
+    while True:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def run_code(code: str, tests: str | list[str], *, limits: Limits = Limits()) -> ExecResult:
+    """Run `code`, then each test in its namespace, in a limited child process (module docstring).
+
+    >>> r = run_code("def add(a, b):\\n    return a + b", ["assert add(1, 2) == 3", "assert add(1, 1) == 3"])
+    >>> r.passed, r.total, r.fraction, r.timed_out
+    (1, 2, 0.5, False)
+    """
+    snippets = split_tests(tests)
+    workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    try:
+        os.chmod(workdir, 0o755)
+        Path(workdir, "job.json").write_text(json.dumps({"code": code, "tests": snippets}))
+        Path(workdir, "config.json").write_text(json.dumps(_config(limits)))
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        with open(os.path.join(workdir, "output.txt"), "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", CHILD, "launch", workdir],
+                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )  # fmt: skip
+            timed_out = not _wait_no_reap(proc.pid, time.monotonic() + limits.timeout_s)
+            try:
+                # The whole group, also after a normal exit: anything the program left running dies here.
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            returncode = proc.wait()
+        results = _read(workdir, "results.txt").split()
+        output = _read(workdir, "output.txt")[-2000:]
+        isolation = _read(workdir, "isolation.txt") or "preamble"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    passed = sum(r == "1" for r in results[: len(snippets)])
+    return ExecResult(passed, len(snippets), timed_out, None if timed_out else returncode, output, isolation)
+
+
+def _read(workdir: str, name: str) -> str:
+    try:
+        return Path(workdir, name).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_many(
+    codes: list[str], tests: list[str | list[str]], *, limits: Limits = Limits(), workers: int | None = None
+) -> list[ExecResult]:
+    """`run_code` for each (code, tests) pair, `workers` at a time (default: the CPU count, at most 8).
+
+    >>> [r.passed for r in run_many(["x = 1", "x = 2"], ["assert x == 1", "assert x == 1"])]
+    [1, 0]
+    """
+    if len(codes) != len(tests):
+        raise ValueError(f"{len(codes)} programs but {len(tests)} test sets")
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda ct: run_code(ct[0], ct[1], limits=limits), zip(codes, tests)))

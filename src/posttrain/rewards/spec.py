@@ -1,0 +1,196 @@
+"""Reward specs from the run config (``algorithm.rewards``): check their shape, resolve each to a function.
+
+A spec is a string (a built-in name, or ``path/to/file.py:function``) or a mapping
+``{name, weight=1.0, args={}, label=None}``. For a built-in, ``args`` go to its factory in `REWARDS`; for a
+user function, they are bound as keyword arguments (``functools.partial``). Every mistake is a
+`ConfigError` naming ``algorithm.rewards[i]``, raised before any model loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+from posttrain.rewards.builtin import REWARDS
+
+KEYS = ("name", "weight", "args", "label")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One checked spec; `fn` is the factory (built-in) or the user's function (file)."""
+
+    name: str
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    fn: Callable[..., Any] | None = None
+    builtin: bool = True
+    where: str = "algorithm.rewards[0]"
+
+
+@dataclass(frozen=True)
+class NamedReward:
+    """A ready reward function with its log label and weight."""
+
+    name: str
+    fn: Callable[..., list[float]]
+    weight: float = 1.0
+
+
+def is_file_spec(name: str) -> bool:
+    """Whether `name` reads as ``path/to/file.py:function``.
+
+    >>> is_file_spec("my_rewards.py:exact_answer"), is_file_spec("numeric_answer")
+    (True, False)
+    """
+    path, sep, func = name.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(func)
+
+
+def parse_reward_specs(specs: list, *, base_dir: str | Path | None = None) -> list[RewardSpec]:
+    """Check every spec and resolve its function (a user file is imported here); relative file paths are
+    taken from `base_dir` (default: the working directory).
+
+    >>> [(s.label, s.weight) for s in parse_reward_specs(["task", {"name": "regex_format", "weight": 0.2,
+    ...     "args": {"pattern": "Answer: "}}])]
+    [('task', 1.0), ('regex_format', 0.2)]
+    >>> parse_reward_specs(["nope"])
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.ConfigError: algorithm.rewards[0]: unknown reward 'nope'; expected a built-in (code_exec, exact_match, json_schema, length_penalty, numeric_answer, regex_format, reward_model, task) or 'path/to/file.py:function'
+    """
+    if not isinstance(specs, list | tuple):
+        raise ConfigError(f"algorithm.rewards must be a list of reward specs, got {type(specs).__name__}")
+    out = [_parse_one(spec, f"algorithm.rewards[{i}]", base_dir) for i, spec in enumerate(specs)]
+    seen: dict[str, str] = {}
+    for s in out:
+        if s.label in seen:
+            raise ConfigError(f"{s.where}: reward name {s.label!r} is already used by {seen[s.label]}; "
+                              "give one of them a distinct 'label'")  # fmt: skip
+        seen[s.label] = s.where
+    return out
+
+
+def _parse_one(spec: Any, where: str, base_dir: str | Path | None) -> RewardSpec:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"{where}: must be a reward name or a mapping with 'name', got {type(spec).__name__}"
+        )
+    unknown = sorted(set(spec) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(KEYS)}")
+    name, weight = spec.get("name"), spec.get("weight", 1.0)
+    args, label = spec.get("args") or {}, spec.get("label")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: 'name' must be a non-empty string")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise ConfigError(f"{where}: 'weight' must be a finite number, got {weight!r}")
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where}: 'args' must be a mapping, got {type(args).__name__}")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise ConfigError(f"{where}: 'label' must be a non-empty string")
+    if is_file_spec(name):
+        fn, builtin, default_label = (
+            _load_user_function(name, where, base_dir),
+            False,
+            name.rpartition(":")[2],
+        )
+    elif name in REWARDS:
+        fn, builtin, default_label = REWARDS[name], True, name
+    else:
+        raise ConfigError(f"{where}: unknown reward {name!r}; expected a built-in ({', '.join(sorted(REWARDS))}) "
+                          "or 'path/to/file.py:function'")  # fmt: skip
+    _check_args(fn, args, where, name, strict=not builtin)
+    return RewardSpec(name, float(weight), dict(args), label or default_label, fn, builtin, where)
+
+
+def _check_args(fn: Callable, args: dict, where: str, name: str, *, strict: bool = False) -> None:
+    """Bind `args` to `fn`'s signature. `strict` (user functions, which must take ``**kwargs``): every arg
+    must also name a parameter, since ``**kwargs`` would otherwise swallow a misspelt one silently."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: the call will tell
+    named = [p.name for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    accepted = [n for n in named if n not in ("prompts", "completions")]
+    hint = f"; accepted: {', '.join(accepted)}" if accepted else "; it takes no args"
+    try:
+        sig.bind_partial(**args)
+    except TypeError as e:
+        raise ConfigError(f"{where}: bad args for {name!r}: {e}{hint}") from None
+    unknown = sorted(set(args) - set(accepted))
+    if strict and unknown:
+        raise ConfigError(f"{where}: bad args for {name!r}: no parameter named {', '.join(unknown)}{hint}")
+
+
+def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> Callable:
+    path_text, _, func = name.rpartition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ConfigError(f"{where}: reward file {str(path)!r} not found")
+    # A unique module name per file, so two files both called rewards.py do not replace each other.
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    mod_name = f"posttrain_user_rewards.{path.stem}_{digest}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise ConfigError(f"{where}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from None
+    if not hasattr(module, func):
+        raise ConfigError(f"{where}: {str(path)!r} has no function {func!r}")
+    fn = getattr(module, func)
+    if not callable(fn):
+        raise ConfigError(f"{where}: {func!r} in {str(path)!r} is not callable (it is {type(fn).__name__})")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise ConfigError(f"{where}: {func!r} must accept **kwargs (it is given the dataset's other columns), "
+                          "e.g. def f(prompts, completions, answer, **kwargs)")  # fmt: skip
+    return fn
+
+
+def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -> list[NamedReward]:
+    """Specs (raw, or from `parse_reward_specs`) -> ready functions with labels and weights; a factory
+    that rejects its args becomes a `ConfigError` naming the spec.
+
+    >>> rewards = build_reward_functions([{"name": "exact_match", "weight": 2}])
+    >>> rewards[0].name, rewards[0].weight, rewards[0].fn(["q"], ["4"], answer=["4"])
+    ('exact_match', 2.0, [1.0])
+    """
+    parsed = (
+        specs
+        if specs and all(isinstance(s, RewardSpec) for s in specs)
+        else parse_reward_specs(specs, base_dir=base_dir)
+    )
+    out = []
+    for s in parsed:
+        if s.builtin:
+            try:
+                fn = s.fn(**s.args)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{s.where}: bad args for {s.name!r}: {e}") from None
+        else:
+            fn = functools.partial(s.fn, **s.args) if s.args else s.fn
+        out.append(NamedReward(s.label, fn, s.weight))
+    return out

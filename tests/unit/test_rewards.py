@@ -1,0 +1,316 @@
+"""Reward functions: built-ins on hand cases, specs and their errors, user files, weighting, failure fallback."""
+
+import math
+import sys
+import types
+
+import pytest
+
+from posttrain.errors import ConfigError
+from posttrain.rewards import (
+    REWARDS,
+    NamedReward,
+    build_reward_functions,
+    compute_rewards,
+    parse_reward_specs,
+    reward_metrics,
+)
+from posttrain.rewards.builtin import final_answer, numeric_match, to_number
+
+
+def _one(spec, completions, **columns):
+    [reward] = build_reward_functions([spec])
+    return reward.fn(["p"] * len(completions), completions, **columns)
+
+
+# ------------------------------------------------------------------------------------------------ built-ins
+def test_registry_names():
+    assert sorted(REWARDS) == sorted(["numeric_answer", "exact_match", "regex_format", "json_schema",
+                                      "length_penalty", "task", "reward_model", "code_exec"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("2 + 3 = 5. Answer: 5", 5, True),
+        ("Answer: 5.", "5.0", True),
+        ("12 then 7 #### 7", 7, True),
+        ("3 + 4 = 7.\nAnswer: 8", 7, False),  # the marked answer wins over earlier numbers
+        ("first 3, then 12 apples", 12, True),  # unmarked: the last number
+        ("total is 1,234", "1234", True),
+        (r"so \boxed{\frac{3}{4}} overall", 0.75, True),
+        ("Answer: 3/4", "0.75", True),
+        ("The answer is $-2$.", -2, True),
+        ("no number", 1, False),
+        ("Answer: 100.0000001", 100, True),  # within the 1e-6 relative tolerance
+        ("Answer: 100.01", 100, False),
+    ],
+)
+def test_numeric_match(completion, answer, expected):
+    assert numeric_match(completion, answer) is expected
+
+
+def test_numeric_answer_helpers_and_column():
+    assert final_answer("x\n#### 9\n") == "9" and to_number("1/0") is None
+    assert _one({"name": "numeric_answer", "args": {"column": "gold"}}, ["Answer: 1", "2"], gold=[1, 3]) == [
+        1.0,
+        0.0,
+    ]
+
+
+def test_exact_match():
+    assert _one("exact_match", ["  yes\n", "Yes", "no"], answer=["yes", "yes", 0]) == [1.0, 0.0, 0.0]
+    assert _one("exact_match", ["42"], answer=[42]) == [1.0]
+
+
+def test_regex_format_modes():
+    spec = {"name": "regex_format", "args": {"pattern": r"Answer: \d+$", "flags": "m"}}
+    assert _one(spec, ["x\nAnswer: 3\n", "Answer: three"]) == [1.0, 0.0]
+    full = {"name": "regex_format", "args": {"pattern": r"\d+", "mode": "fullmatch"}}
+    assert _one(full, ["  42\n", "42 apples"]) == [1.0, 0.0]
+
+
+def test_json_schema_fixed_and_per_row():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = {"name": "json_schema", "args": {"schema": schema}}
+    completions = ['{"n": 1}', '```json\n{"n": 2}\n```', '{"n": "x"}', "{n: 1}", 'Sure! {"n": 1}']
+    assert _one(spec, completions) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    per_row = _one(
+        "json_schema", ["[1]", "[1]", "[1]"], schema=[{"type": "array"}, '{"type": "object"}', "{bad"]
+    )
+    assert per_row[:2] == [1.0, 0.0] and math.isnan(per_row[2])  # a broken row schema is not scored
+
+
+def test_length_penalty_worked_values():
+    # target 10, scale 5: length 8 -> 0; 10 -> 0; 15 -> -(15-10)/5 = -1; 22 -> -12/5 = -2.4
+    spec = {"name": "length_penalty", "args": {"target": 10, "scale": 5}}
+    assert _one(spec, ["a" * 8, "a" * 10, "a" * 15, "a" * 22]) == pytest.approx([0.0, 0.0, -1.0, -2.4])
+
+
+def test_length_penalty_tokens_with_a_tokenizer_object():
+    class Tok:  # one token per two characters
+        def encode(self, text):
+            return list(range((len(text) + 1) // 2))
+
+    spec = {"name": "length_penalty", "args": {"target": 2, "unit": "tokens", "tokenizer": Tok()}}
+    assert _one(spec, ["abcd", "abcdefgh"]) == [0.0, -1.0]  # 2 tokens -> 0; 4 tokens -> -(4-2)/2
+
+
+def test_task_reward_by_arg_by_column_and_by_metadata():
+    assert _one(
+        {"name": "task", "args": {"task": "arithmetic"}}, ["Answer: 17", "Answer: 1"], answer=[17, 17]
+    ) == [1.0, 0.0]
+    assert _one("task", ["Answer: 2"], answer=[2], task=["arithmetic"]) == [1.0]
+    out = _one("task", ["Answer: 2", "Answer: 2"], answer=[2, 2], metadata=[{"task": "arithmetic"}, {}])
+    assert out[0] == 1.0 and math.isnan(out[1])  # no task named: not scorable
+
+
+def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
+    made = []
+
+    class FakeScorer:
+        def __init__(self, path):
+            made.append(path)
+
+        def __call__(self, prompts, completions):
+            return [len(c) / 10 for c in completions]
+
+    monkeypatch.setitem(
+        sys.modules, "posttrain.algorithms.reward", types.SimpleNamespace(RewardModelScorer=FakeScorer)
+    )
+    [reward] = build_reward_functions([{"name": "reward_model", "args": {"path": "runs/rm"}}])
+    assert made == []  # nothing loads at build time
+    assert reward.fn(["p", "p"], ["abc", "abcde"]) == [0.3, 0.5]
+    assert reward.fn(["p"], ["a"]) == [0.1] and made == ["runs/rm"]
+
+
+def test_code_exec_fraction_and_all_or_nothing():
+    good = "```python\ndef double(x):\n    return 2 * x\n```"
+    half = "def double(x):\n    return x + 2\n"  # right only at x = 2
+    tests = ["assert double(2) == 4\nassert double(5) == 10"] * 2
+    assert _one({"name": "code_exec", "args": {"timeout_s": 5}}, [good, half], tests=tests) == [1.0, 0.5]
+    spec = {"name": "code_exec", "args": {"timeout_s": 5, "all_or_nothing": True}}
+    assert _one(spec, [good, half], tests=tests) == [1.0, 0.0]
+
+
+# -------------------------------------------------------------------------------------------- specs and errors
+def test_spec_forms_and_labels():
+    specs = parse_reward_specs(
+        ["task", {"name": "regex_format", "weight": 0.2, "args": {"pattern": "A"}, "label": "fmt"}]
+    )
+    assert [(s.name, s.label, s.weight, s.args) for s in specs] == [
+        ("task", "task", 1.0, {}), ("regex_format", "fmt", 0.2, {"pattern": "A"})]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        ("task", r"algorithm.rewards must be a list"),
+        ([3], r"algorithm.rewards\[0\]: must be a reward name or a mapping"),
+        (
+            ["task", "nope"],
+            r"algorithm.rewards\[1\]: unknown reward 'nope'; expected a built-in \(code_exec, ",
+        ),
+        ([{"weight": 1}], r"\[0\]: 'name' must be a non-empty string"),
+        (
+            [{"name": "task", "wieght": 1}],
+            r"\[0\]: unknown key\(s\) wieght; allowed: name, weight, args, label",
+        ),
+        ([{"name": "task", "weight": "high"}], r"\[0\]: 'weight' must be a finite number"),
+        ([{"name": "task", "weight": float("nan")}], r"'weight' must be a finite number"),
+        ([{"name": "task", "args": [1]}], r"\[0\]: 'args' must be a mapping"),
+        ([{"name": "task", "label": ""}], r"'label' must be a non-empty string"),
+        (
+            [{"name": "regex_format", "args": {"patern": "x"}}],
+            r"\[0\]: bad args for 'regex_format': .*patern.*accepted: pattern",
+        ),
+        (
+            ["exact_match", "exact_match"],
+            r"\[1\]: reward name 'exact_match' is already used by algorithm.rewards\[0\]",
+        ),
+        (["missing.py:f"], r"\[0\]: reward file 'missing.py' not found"),
+    ],
+)
+def test_spec_errors(specs, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_reward_specs(specs)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "regex_format"}, r"bad args for 'regex_format': .*pattern"),
+        ({"name": "regex_format", "args": {"pattern": "("}}, r"not a valid regular expression"),
+        (
+            {"name": "task", "args": {"task": "poetry"}},
+            r"unknown task 'poetry'; built-in tasks: arithmetic, structured",
+        ),
+        ({"name": "json_schema", "args": {"schema": {"type": 3}}}, r"invalid JSON schema"),
+        ({"name": "length_penalty", "args": {"target": 5, "unit": "tokens"}}, r"needs a 'tokenizer'"),
+    ],
+)
+def test_factory_errors_become_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: .*" + message):
+        build_reward_functions([spec])
+
+
+USER_FILE = """
+def exact_answer(prompts, completions, answer, **kwargs):
+    return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
+
+def scaled(prompts, completions, factor=1.0, **kwargs):
+    return [factor * len(c) for c in completions]
+
+def no_kwargs(prompts, completions):
+    return [0.0] * len(completions)
+
+NOT_A_FUNCTION = 3
+"""
+
+
+def test_user_file_loading(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(USER_FILE)
+    path = tmp_path / "my_rewards.py"
+    rewards = build_reward_functions(
+        [f"{path}:exact_answer", {"name": f"{path}:scaled", "args": {"factor": 2}}]
+    )
+    assert [r.name for r in rewards] == ["exact_answer", "scaled"]
+    assert rewards[0].fn(["p"], ["4 "], answer=[4], other=["ignored"]) == [1.0]
+    assert rewards[1].fn(["p"], ["abc"]) == [6.0]
+    # Relative to base_dir, as a config file's folder would be.
+    assert build_reward_functions(["my_rewards.py:exact_answer"], base_dir=tmp_path)[0].name == "exact_answer"
+
+
+@pytest.mark.parametrize(
+    "func, message",
+    [
+        ("absent", r"has no function 'absent'"),
+        ("NOT_A_FUNCTION", r"'NOT_A_FUNCTION' in .* is not callable \(it is int\)"),
+        ("no_kwargs", r"'no_kwargs' must accept \*\*kwargs"),
+    ],
+)
+def test_user_file_errors(tmp_path, func, message):
+    (tmp_path / "r.py").write_text(USER_FILE)
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: .*" + message):
+        parse_reward_specs([f"{tmp_path / 'r.py'}:{func}"])
+
+
+def test_user_file_that_fails_to_import(tmp_path):
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ConfigError, match=r"\[0\]: importing .* failed: ModuleNotFoundError"):
+        parse_reward_specs([f"{tmp_path / 'broken.py'}:f"])
+    (tmp_path / "args.py").write_text(USER_FILE)
+    with pytest.raises(
+        ConfigError, match=r"bad args for .*args.py:scaled': no parameter named nope; accepted: factor"
+    ):
+        parse_reward_specs([{"name": f"{tmp_path / 'args.py'}:scaled", "args": {"nope": 1}, "label": "s"}])
+
+
+# ------------------------------------------------------------------------------------ combination and failures
+def _fn(values):
+    return lambda prompts, completions, **kw: list(values)
+
+
+def test_weighted_sum_worked_values():
+    # a = [1, 0, 1] (w 1), b = [0.5, 0.5, -1] (w 2), c = [2, 4, 6] (w -0.25)
+    # total = a + 2b - c/4 = [1+1-0.5, 0+1-1, 1-2-1.5] = [1.5, 0.0, -2.5]
+    rewards = [NamedReward("a", _fn([1, 0, 1])), NamedReward("b", _fn([0.5, 0.5, -1]), 2.0),
+               NamedReward("c", _fn([2, 4, 6]), -0.25)]  # fmt: skip
+    r = compute_rewards(rewards, ["p"] * 3, ["c"] * 3, {})
+    assert r.total == pytest.approx([1.5, 0.0, -2.5])
+    assert r.per_function["b"] == [0.5, 0.5, -1.0]  # unweighted
+    assert r.failures == {"a": 0, "b": 0, "c": 0} and r.errors == {}
+
+
+def test_columns_are_passed_and_builtins_combine():
+    rewards = build_reward_functions(
+        ["numeric_answer", {"name": "regex_format", "weight": 0.2, "args": {"pattern": "Answer: "}}]
+    )
+    r = compute_rewards(rewards, ["p", "p"], ["Answer: 4", "4"], {"answer": [4, 5], "id": ["a", "b"]})
+    assert r.total == pytest.approx([1.2, 0.0])
+
+
+def test_failures_fall_back_and_are_counted():
+    def raises(prompts, completions, **kw):
+        raise RuntimeError("boom")
+
+    rewards = [
+        NamedReward("raises", raises),
+        NamedReward("short", _fn([1.0])),  # wrong length: the whole call fails
+        NamedReward("bad_values", _fn([float("nan"), None, "x", math.inf, 0.5]), 2.0),
+        NamedReward("ok", _fn([1, 1, 1, 1, 1])),
+    ]
+    r = compute_rewards(rewards, ["p"] * 5, ["c"] * 5, {}, fallback=-1.0)
+    assert r.per_function["raises"] == [-1.0] * 5 and r.per_function["short"] == [-1.0] * 5
+    assert r.per_function["bad_values"] == [-1.0, -1.0, -1.0, -1.0, 0.5]
+    assert r.failures == {"raises": 5, "short": 5, "bad_values": 4, "ok": 0}
+    assert (
+        r.errors["raises"] == "RuntimeError: boom" and "returned 1 values for 5 samples" in r.errors["short"]
+    )
+    # total per sample: -1 - 1 + 2 * (-1) + 1 = -3, last: -1 - 1 + 2 * 0.5 + 1 = 0
+    assert r.total == pytest.approx([-3.0, -3.0, -3.0, -3.0, 0.0])
+
+
+def test_missing_column_is_a_counted_failure_with_a_clear_message():
+    r = compute_rewards(build_reward_functions(["exact_match"]), ["p"], ["x"], {"gold": ["x"]})
+    assert (
+        r.failures == {"exact_match": 1}
+        and "needs a 'answer' column; the dataset has: gold" in r.errors["exact_match"]
+    )
+
+
+def test_reward_metrics_worked_values():
+    # a = [0, 1, 2]: mean 1, population std sqrt(2/3); total = 2a + 1 = [1, 3, 5]: mean 3, std 2 sqrt(2/3)
+    rewards = [NamedReward("a", _fn([0, 1, 2]), 2.0), NamedReward("one", _fn([1, 1, 1]))]
+    m = reward_metrics(compute_rewards(rewards, ["p"] * 3, ["c"] * 3, {}))
+    assert m["reward/a_mean"] == pytest.approx(1.0) and m["reward/a_std"] == pytest.approx(math.sqrt(2 / 3))
+    assert m["reward/total_mean"] == pytest.approx(3.0) and m["reward/total_std"] == pytest.approx(
+        2 * math.sqrt(2 / 3)
+    )
+    assert m["reward/failures_a"] == 0.0 and m["reward/one_std"] == 0.0
+    assert reward_metrics(compute_rewards(rewards[:1], [], [], {}))["reward/total_mean"] == 0.0
+
+
+def test_mismatched_prompts_and_completions_is_a_bug():
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        compute_rewards([], ["p", "p"], ["c"], {})
