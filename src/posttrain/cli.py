@@ -53,16 +53,42 @@ def _cmd_data_make(args) -> int:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of rows, got {args.n}")
-    make = {"sft": TASKS[args.task].make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
+    task = _task_with_options(TASKS[args.task], args)
+    make = {"sft": task.make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
     rows = (
         make(args.n, seed=args.seed, split=args.split)
         if args.kind == "sft"
-        else make(args.task, args.n, seed=args.seed, split=args.split)
+        else make(task, args.n, seed=args.seed, split=args.split)
     )
     write_jsonl(rows, args.out)
     what = args.task if args.kind == "sft" else f"{args.task} {args.kind}"
     print(f"wrote {len(rows)} {what} rows ({args.split}, seed {args.seed}) to {args.out}")
     return EXIT_OK
+
+
+# `data make` options that set a field of the task's dataclass (only tasks that have the field accept them).
+TASK_OPTIONS = {"min_ops": "--min-ops", "max_ops": "--max-ops", "max_value": "--max-value"}
+
+
+def _task_with_options(task, args):
+    """The built-in task with the difficulty options given on the command line (e.g. arithmetic --max-ops 1)."""
+    import dataclasses
+
+    given = {f: getattr(args, f) for f in TASK_OPTIONS if getattr(args, f, None) is not None}
+    if not given:
+        return task
+    fields = {f.name for f in dataclasses.fields(task)} if dataclasses.is_dataclass(task) else set()
+    for f, value in given.items():
+        if f not in fields:
+            raise UserError(f"{TASK_OPTIONS[f]} does not apply to the {task.name} task")
+        if value < 1:
+            raise UserError(f"{TASK_OPTIONS[f]} must be at least 1, got {value}")
+    task = dataclasses.replace(task, **given)
+    if getattr(task, "min_ops", 0) > getattr(task, "max_ops", 0):  # both exist where either was given
+        raise UserError(f"--min-ops ({task.min_ops}) is larger than --max-ops ({task.max_ops})")
+    if getattr(task, "max_value", 2) < 2:
+        raise UserError("--max-value must be at least 2")
+    return task
 
 
 def _print_problems(file: str, err: DataError) -> int:
@@ -200,11 +226,66 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    from posttrain.data import TASKS
     from posttrain.evaluation import evaluate_task, format_table, load_for_inference
 
+    if args.pairs is not None:
+        return _evaluate_pairs(args)
+    if args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if args.n <= 0:
+        raise UserError(f"--n must be a positive number of prompts, got {args.n}")
+    if args.data is not None:
+        from posttrain.data import load_rows
+
+        rows = [dict(r) for r in load_rows(args.data, "prompts")]
+        missing = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if "answer" not in r]
+        if missing:
+            raise UserError(
+                f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})"
+            )
+        rows = rows[: args.n]
+    else:
+        rows = _task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    if args.judge is not None and not os.path.isdir(args.judge):
+        raise UserError(f"--judge {args.judge}: not a folder (give a reward model's final/ or run folder)")
+    _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
-    metrics = evaluate_task(model, tokenizer, args.task, n=args.n, seed=args.seed, split=args.split)
+    completions: list[str] = []
+    metrics = evaluate_task(
+        model,
+        tokenizer,
+        args.task,
+        rows=rows,
+        max_new_tokens=args.max_new_tokens,
+        completions_out=completions,
+    )
+    if args.judge is not None:
+        from posttrain.evaluation.preference import judge_scores
+
+        scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions)
+        metrics["judge_score_mean"] = sum(scores) / len(scores)
     print(format_table({args.model: metrics}))
+    return EXIT_OK
+
+
+def _evaluate_pairs(args) -> int:
+    """`posttrain evaluate --pairs FILE`: rank held-out preference pairs with the model and its reference."""
+    from posttrain.data import load_rows
+    from posttrain.evaluation import load_for_inference
+    from posttrain.evaluation.preference import format_preference, preference_accuracy
+
+    if args.beta <= 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
+    rows = load_rows(args.pairs, "preference")[: args.n]
+    _quiet_libraries()
+    model, tokenizer = load_for_inference(args.model)
+    reference = load_for_inference(args.reference)[0] if args.reference is not None else None
+    result = preference_accuracy(
+        model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
+        source=args.pairs,
+    )  # fmt: skip
+    print(format_preference({args.model: result}))
     return EXIT_OK
 
 
@@ -248,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="sft",
         help="sft: prompt+completion; preference: prompt+chosen+rejected (rejected wrong, off-format or "
         "rambling); prompts: prompt+answer for RL (default: sft)",
+    )
+    mk.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem (default 1)")
+    mk.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem (default 3)")
+    mk.add_argument(
+        "--max-value", type=int, help="arithmetic: largest starting count and amount (default 50)"
     )
     mk.set_defaults(func=_cmd_data_make)
     va = dsub.add_parser("validate", help="check every row of a data file")
@@ -307,11 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate", help="score a model on a built-in task's held-out prompts with its verifier"
     )
-    e.add_argument("--model", default="smollm2-135m-instruct")
-    e.add_argument("--task", default="structured")
-    e.add_argument("--n", type=int, default=100)
+    e.add_argument(
+        "--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
+    )
+    e.add_argument("--task", default="structured", help="built-in task whose verifier scores the answers")
+    e.add_argument("--n", type=int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
+    e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
+    e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
+    e.add_argument("--data", help="prompts file with an `answer` per row, instead of freshly made task rows")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--judge", help="also score the answers with a trained reward model (its folder)")
+    e.add_argument(
+        "--pairs", help="preference file: report how the model ranks its pairs (DPO implicit reward)"
+    )
+    e.add_argument("--reference", help="with --pairs: the reference model (default: the adapter disabled)")
+    e.add_argument("--beta", type=float, default=0.1, help="with --pairs: DPO beta of the implicit reward")
+    e.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
     e.set_defaults(func=_cmd_evaluate)
 
     for module in ("posttrain.estimator.cli", "posttrain.advisor.cli"):

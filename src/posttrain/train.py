@@ -132,14 +132,11 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-    eval_batches = None
-    if data.eval is not None and algorithm.evaluates:
-        if len(data.eval) < accelerator.num_processes:
-            raise ConfigError(
-                f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
-            )
-        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
-        eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
+    evaluating = data.eval is not None and algorithm.evaluates
+    if evaluating and len(data.eval) < accelerator.num_processes:
+        raise ConfigError(
+            f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
+        )
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +161,10 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
                 micro_batch_size=micro,
             )
         )
+    eval_batches = None
+    if evaluating:  # after the batch source: it may attach what evaluation needs (DPO's reference log-probs)
+        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
+        eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)

@@ -212,7 +212,7 @@ def test_cli_make_preference_and_prompts(capsys, tmp_path):
         code, out, err = run(capsys, "data", "validate", f, "--kind", kind)
         assert code == 0 and f"6 {kind} rows OK" in out
     first = json.loads((tmp_path / "prompts.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"id", "prompt", "answer"}
+    assert set(first) == {"id", "prompt", "answer", "metadata"}
     code, out, _ = run(capsys, "data", "make", "structured", "--n", 2, "--out", tmp_path / "s.jsonl")
     assert code == 0 and "wrote 2 structured rows" in out  # sft stays the default
 

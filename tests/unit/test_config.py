@@ -1,5 +1,7 @@
 """Run config: YAML round trip, dotted overrides, and clear errors before any model loads."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -64,13 +66,42 @@ def test_override_without_equals_sign():
         apply_overrides({}, ["optim.lr"])
 
 
-def test_every_example_config_is_valid():
-    from pathlib import Path
+CONFIGS = Path(__file__).parents[2] / "configs"
 
-    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+def test_every_example_config_is_valid():
+    from posttrain.rewards import build_reward_functions
+
+    configs = sorted(CONFIGS.glob("*.yaml"))
     assert configs, "configs/ should hold example runs"
     for path in configs:
-        assert isinstance(load_config(path), RunConfig)
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+        if cfg.algorithm.rewards:  # names and args are otherwise only checked once a run starts
+            assert build_reward_functions(cfg.algorithm.rewards), path
+
+
+@pytest.mark.parametrize("name", ["grpo_lora.yaml", "ppo_lora.yaml"])
+def test_rl_example_configs_reward_the_prompts_their_header_makes(name):
+    """The `posttrain data make ... --kind prompts` line in the header writes the config's data.train, and the
+    config's rewards give the task's own correct completions 1.0 on such rows (no fallback)."""
+    import shlex
+
+    from posttrain.data.tasks import TASKS, make_prompts
+    from posttrain.rewards import build_reward_functions, compute_rewards
+
+    path = CONFIGS / name
+    cfg = load_config(path)
+    [line] = [ln for ln in path.read_text().splitlines() if ln.startswith("#") and "data make" in ln]
+    argv = shlex.split(line.lstrip("# "))
+    task, kind, out = argv[3], argv[argv.index("--kind") + 1], argv[argv.index("--out") + 1]
+    assert argv[:3] == ["posttrain", "data", "make"] and kind == "prompts" and out == cfg.data.train
+    rows = make_prompts(task, 6)
+    completions = [r["completion"] for r in TASKS[task].make(6)]  # the same prompts, answered right
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    result = compute_rewards(build_reward_functions(cfg.algorithm.rewards), [r["prompt"] for r in rows],
+                             completions, columns)  # fmt: skip
+    assert result.total == [1.0] * 6 and not any(result.failures.values()), result.errors
 
 
 def test_top_level_list_is_a_clear_error(tmp_path):

@@ -153,6 +153,12 @@ def test_explained_variance():
     assert explained_variance(torch.tensor([[1.0, 2.0, 0.0]]), returns, mask) == pytest.approx(0.75, abs=1e-7)
     assert explained_variance(torch.tensor([[2.0, 2.0, 0.0]]), returns, mask) == pytest.approx(0.0, abs=1e-7)
     assert math.isnan(explained_variance(torch.zeros(1, 3), torch.ones(1, 3), torch.ones(1, 3)))
+    # returns that are constant up to float32 rounding (A + V summed in GAE) count as constant, not as -1e13:
+    # one ulp of spread around 1 (2^-23) has a variance of ~1e-14
+    rounded = torch.tensor([[1.0, 1.0 + 2**-23, 1.0 - 2**-24]])
+    assert rounded.var() > 0 and math.isnan(
+        explained_variance(torch.full((1, 3), 0.5), rounded, torch.ones(1, 3))
+    )
 
 
 def test_adaptive_kl_controller_by_hand():

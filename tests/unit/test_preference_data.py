@@ -209,5 +209,17 @@ def test_built_in_rejected_kind_is_an_allowed_field(tmp_path):
     assert load_rows(f, "preference")[0]["rejected_kind"] == "wrong"
     g = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "score": 1}], "bad.jsonl")
     assert problems(g) == [
-        f"{g}:1: score: unknown field (allowed here: prompt, chosen, rejected, rejected_kind, id, answer, metadata)"
+        f"{g}:1: score: unknown field (allowed here: prompt, chosen, rejected, rejected_kind, margin, id, answer, metadata)"
+    ]
+
+
+def test_margin_is_an_optional_non_negative_number(tmp_path):
+    """A `margin` column feeds the Bradley-Terry margin (algorithm.reward_margin); it must be a number >= 0."""
+    f = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "margin": 1.5}])
+    assert load_rows(f, "preference")[0]["margin"] == 1.5
+    g = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "margin": -1},
+                         {"prompt": "q", "chosen": "4", "rejected": "5", "margin": "big"}], "bad.jsonl")  # fmt: skip
+    assert problems(g) == [
+        f"{g}:1: margin: must be at least 0, got -1",
+        f"{g}:2: margin: must be a number, got string",
     ]

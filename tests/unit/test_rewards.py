@@ -276,7 +276,7 @@ def test_failures_fall_back_and_are_counted():
 
     rewards = [
         NamedReward("raises", raises),
-        NamedReward("short", _fn([1.0])),  # wrong length: the whole call fails
+        NamedReward("short", _fn([])),  # wrong length, in the batch and for every sample alone
         NamedReward("bad_values", _fn([float("nan"), None, "x", math.inf, 0.5]), 2.0),
         NamedReward("ok", _fn([1, 1, 1, 1, 1])),
     ]
@@ -285,10 +285,40 @@ def test_failures_fall_back_and_are_counted():
     assert r.per_function["bad_values"] == [-1.0, -1.0, -1.0, -1.0, 0.5]
     assert r.failures == {"raises": 5, "short": 5, "bad_values": 4, "ok": 0}
     assert (
-        r.errors["raises"] == "RuntimeError: boom" and "returned 1 values for 5 samples" in r.errors["short"]
+        r.errors["raises"] == "RuntimeError: boom" and "returned 0 values for 5 samples" in r.errors["short"]
     )
     # total per sample: -1 - 1 + 2 * (-1) + 1 = -3, last: -1 - 1 + 2 * 0.5 + 1 = 0
     assert r.total == pytest.approx([-3.0, -3.0, -3.0, -3.0, 0.0])
+
+
+def test_a_sample_that_makes_the_batch_raise_is_the_only_one_to_fall_back():
+    """The batched call raises because of sample 2; called once per sample, the others keep their rewards."""
+    calls = []
+
+    def picky(prompts, completions, answer, **kw):
+        calls.append(len(completions))
+        return [1.0 / int(c) if a == "x" else float(len(c)) for c, a in zip(completions, answer)]
+
+    r = compute_rewards(
+        [NamedReward("picky", picky), NamedReward("ok", _fn([1, 1, 1, 1]))],
+        ["p"] * 4,
+        ["2", "4", "0", "125"],
+        {"answer": ["x", "x", "x", "y"]},
+        fallback=-7.0,
+    )
+    assert calls == [4, 1, 1, 1, 1]  # one batched call, then one per sample
+    assert r.per_function["picky"] == [0.5, 0.25, -7.0, 3.0]  # the last row's own column value was passed
+    assert r.failures == {"picky": 1, "ok": 0}
+    assert r.errors == {"picky": "ZeroDivisionError: float division by zero"}
+    assert r.total == pytest.approx([1.5, 1.25, -6.0, 4.0])
+    # a function whose batched call returns the wrong length is scored sample by sample too
+    r = compute_rewards([NamedReward("first_only", lambda p, c, **kw: [len(c[0])])], ["p"] * 2, ["ab", "c"])
+    assert r.per_function["first_only"] == [2.0, 1.0] and r.failures == {"first_only": 0}
+    assert "returned 1 values for 2 samples" in r.errors["first_only"]
+    # a batch of one is not called twice
+    calls.clear()
+    r = compute_rewards([NamedReward("picky", picky)], ["p"], ["0"], {"answer": ["x"]})
+    assert calls == [1] and r.per_function["picky"] == [0.0] and r.failures == {"picky": 1}
 
 
 def test_missing_column_is_a_counted_failure_with_a_clear_message():

@@ -154,3 +154,71 @@ def test_extract_code_and_split_tests():
         "assert 1",
     ]
     assert split_tests("x = 1") == ["x = 1"]
+
+
+def test_forged_result_lines_get_no_credit():
+    """Reward hacking: a program that writes "passed" lines, in the old results.txt format, with a made-up
+    nonce, and into every descriptor it holds (the results pipe among them), still fails its failing tests."""
+    code = (
+        "import os\n"
+        "fake = b'1\\n' * 8 + b''.join(b'%d 1\\n' % i for i in range(8)) + b''.join(b'%032x %d 1\\n' % (7, i) for i in range(8))\n"
+        "with open('results.txt', 'ab') as f:\n"
+        "    f.write(fake)\n"
+        "for fd in range(3, 256):\n"
+        "    try:\n"
+        "        os.write(fd, fake)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "def check():\n"
+        "    with open('results.txt', 'ab') as f:\n"  # called by the tests: forges between results too
+        "        f.write(fake)\n"
+        "    return False\n"
+    )
+    r = run_code(
+        code, ["assert check()", "assert check()", "assert not check()", "assert check()"], limits=FAST
+    )
+    assert (r.passed, r.total) == (1, 4), r.output  # only the test that really passes
+
+
+def test_patched_builtins_do_not_turn_failures_into_passes():
+    code = (
+        "import builtins, os\n"
+        "_compile = builtins.compile\n"
+        "builtins.compile = lambda src, name, mode, *a, **k: _compile('pass', name, mode)\n"
+        "builtins.exec = lambda *a, **k: None\n"
+        "os.write = lambda fd, data: len(data)\n"
+    )
+    r = run_code(code, ["assert False", "assert 1 == 2", "x = 1\nassert x == 1"], limits=FAST)
+    assert (r.passed, r.total) == (1, 3), r.output
+
+
+def test_nonce_is_not_on_disk_in_the_environment_or_on_a_command_line(monkeypatch):
+    """The parent's nonce (fixed here so the program can look for it) is nowhere the program can read it."""
+    import posttrain.rewards.sandbox as sandbox
+
+    nonce = "5eed" * 8
+    monkeypatch.setattr(sandbox.secrets, "token_hex", lambda n: nonce)
+    code = (
+        "import os\n"
+        "places = {'environ': repr(dict(os.environ))}\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    try:\n"
+        "        places[pid] = open(f'/proc/{pid}/cmdline', 'rb').read().decode(errors='replace')\n"
+        "    except (OSError, ValueError):\n"
+        "        pass\n"
+        "for root, _, files in os.walk('.'):\n"
+        "    for name in files:\n"
+        "        places[name] = open(os.path.join(root, name), 'rb').read().decode(errors='replace')\n"
+        "found = sorted(k for k, v in places.items() if '" + nonce + "' in v)\n"
+        "left = sorted(os.listdir('.'))\n"
+    )
+    r = run_code(code, ["assert found == [], found", "assert 'job.json' not in left and 'config.json' not in left"],
+                 limits=FAST)  # fmt: skip
+    assert (r.passed, r.total) == (2, 2), r.output
+    # Control: a line carrying the right nonce does count (so the checks above are what stop forgeries).
+    forged = (
+        "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, b'"
+        + nonce
+        + " 0 1\\n')\n    except OSError:\n        pass\n"
+    )
+    assert run_code(forged, ["assert False"], limits=FAST).passed == 1

@@ -92,7 +92,9 @@ def test_number_words():
 def test_make_prompts_rows_for_rl(task, tmp_path):
     rows = make_prompts(task, 12, seed=4, split="heldout")
     src = TASKS[task].make(12, seed=4, split="heldout")
-    assert rows == [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in src]
+    assert rows == [
+        {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "metadata": r["metadata"]} for r in src
+    ]
     loaded = load_rows(write_jsonl(rows, tmp_path / "prompts.jsonl"), "prompts")
     assert [r["answer"] for r in loaded] == [r["answer"] for r in rows]
     json.dumps(rows)  # plain JSON values only

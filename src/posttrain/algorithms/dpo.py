@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from posttrain.algorithms.base import Algorithm, PreparedData
 from posttrain.algorithms.common import kl_estimate, masked_sum
+from posttrain.algorithms.reward import pair_accuracy
 
 
 class DPOOutput(NamedTuple):
@@ -221,8 +222,8 @@ def _reference_token_logps(model, batch) -> torch.Tensor:
         from posttrain.errors import ConfigError
 
         raise ConfigError(
-            "DPO under full fine-tuning needs reference log-probs from the batch (algorithm.dpo.reference="
-            "precompute or copy); evaluation batches (data.eval) are not supported there yet"
+            "DPO under full fine-tuning needs reference log-probs in the batch (algorithm.dpo.reference="
+            "precompute or copy); this batch has none"
         )
     with unwrapped.disable_adapter():
         logps, _ = selected_token_logps(unwrapped, _pair_inputs(batch), batch["loss_mask"])
@@ -261,7 +262,8 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         metrics["kl_per_token"] = masked_sum(k3, target) / target.sum().clamp(min=1) * B
     margin = out.chosen_rewards - out.rejected_rewards
     metrics.update(
-        reward_accuracy=(margin > 0).float().sum(),
+        # ties count 1/2 (chance), so the first step, where every implicit reward is exactly 0, reads 0.5
+        reward_accuracy=pair_accuracy(out.chosen_rewards, out.rejected_rewards).sum(),
         reward_margin=margin.sum(),
         chosen_reward=out.chosen_rewards.sum(),
         rejected_reward=out.rejected_rewards.sum(),
@@ -294,16 +296,48 @@ class _WithReference:
             yield step
 
 
+def reference_pair_logps(model, pairs, collate, micro: int, device) -> list[tuple[list[float], list[float]]]:
+    """Per-token reference log-probs of every pair's scored tokens, in pair order: [(chosen, rejected), ...].
+
+    `model` is run in eval mode without gradient, `micro` pairs per forward (2 * micro rows).
+    """
+    from posttrain.models.logprobs import selected_token_logps
+
+    was_training = model.training
+    model.eval()
+    out: list[tuple[list[float], list[float]]] = []
+    try:
+        for s in range(0, len(pairs), micro):
+            b = collate(pairs[s : s + micro])
+            with torch.no_grad():
+                lp, _ = selected_token_logps(
+                    model, {k: v.to(device) for k, v in _pair_inputs(b).items()}, b["loss_mask"].to(device)
+                )  # (2b, T)
+            target = b["loss_mask"].bool().clone()
+            target[:, 0] = False
+            rows = [lp[r][target[r].to(lp.device)].cpu().tolist() for r in range(lp.shape[0])]
+            half = len(rows) // 2
+            out.extend(zip(rows[:half], rows[half:]))  # chosen rows first, then rejected (collate_pairs)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def attach_reference(pairs, logps) -> None:
+    """Store `reference_pair_logps` results on the pairs; `collate_with_refs` turns them into `ref_logps`."""
+    for p, (chosen, rejected) in zip(pairs, logps, strict=True):
+        p.ref_chosen, p.ref_rejected = chosen, rejected
+
+
 def precompute_reference(ctx) -> None:
     """Reference per-token log-probs of every pair, in one pass before training, cached in the run folder.
 
-    The model has just loaded and not trained, so it *is* the reference. The cache is keyed by the model, the
-    data files and the rendering, and is reused when a run resumes (its weights have moved on by then).
+    The model has just loaded and not trained, so it *is* the reference. The cache holds one entry per pair (in
+    data order, so it does not depend on the micro-batch size or the number of processes), keyed by the model,
+    the data files and the rendered ids, and is reused when a run resumes (its weights have moved on by then).
     """
     import hashlib
     import json
-
-    from posttrain.models.logprobs import selected_token_logps
 
     cfg, acc = ctx.cfg, ctx.accelerator
     sets = [list(ctx.data.train)] + ([list(ctx.data.eval)] if ctx.data.eval is not None else [])
@@ -315,50 +349,19 @@ def precompute_reference(ctx) -> None:
     ).hexdigest()
     path = ctx.run_dir / REFERENCE_CACHE
     cached = torch.load(path, weights_only=True) if path.is_file() else None
-    if cached is None or cached.get("key") != key:
+    if cached is None or cached.get("key") != key or cached.get("version") != 2:
         model = acc.unwrap_model(ctx.model)
-        was_training = model.training
-        model.eval()
-        results = []
-        try:
-            for pairs in sets:
-                out = []
-                for s in range(0, len(pairs), ctx.micro_batch_size):
-                    chunk = pairs[s : s + ctx.micro_batch_size]
-                    b = ctx.data.collate(chunk)
-                    with torch.no_grad():
-                        lp, _ = selected_token_logps(
-                            model,
-                            {k: v.to(acc.device) for k, v in _pair_inputs(b).items()},
-                            b["loss_mask"].to(acc.device),
-                        )
-                    target = b["loss_mask"].bool().clone()
-                    target[:, 0] = False
-                    for r in range(lp.shape[0]):
-                        out.append(lp[r][target[r]].cpu())
-                results.append(out)
-        finally:
-            model.train(was_training)
-        cached = {"key": key, "logps": results}
+        results = [
+            reference_pair_logps(model, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device)
+            for pairs in sets
+        ]
+        cached = {"key": key, "version": 2, "logps": results}
         if acc.is_main_process:
             tmp = path.with_name(f".{path.name}.tmp")
             torch.save(cached, tmp)
             tmp.replace(path)
-    for pairs, flat in zip(sets, cached["logps"]):
-        _attach(pairs, flat, ctx.micro_batch_size)
-
-
-def _attach(pairs, flat, micro: int) -> None:
-    """flat: per-row token log-probs in collate order (each micro-batch: its chosen rows, then its rejected)."""
-    k = 0
-    for s in range(0, len(pairs), micro):
-        chunk = pairs[s : s + micro]
-        for p in chunk:
-            p.ref_chosen = flat[k].tolist()
-            k += 1
-        for p in chunk:
-            p.ref_rejected = flat[k].tolist()
-            k += 1
+    for pairs, logps in zip(sets, cached["logps"]):
+        attach_reference(pairs, logps)
 
 
 def make_source(ctx):
@@ -382,6 +385,11 @@ def make_source(ctx):
         from posttrain.models import load_model
 
         reference = load_model(cfg.model, cfg.technique, device=acc.device, train=False)
+        if ctx.data.eval is not None:  # fixed pairs: their reference log-probs are computed once, here
+            pairs = list(ctx.data.eval)
+            attach_reference(
+                pairs, reference_pair_logps(reference, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device)
+            )
         return _WithReference(source, reference)
     return source
 

@@ -216,7 +216,7 @@ def grpo_loss(
 
 def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Rewards -> group advantages; old and reference log-probs when the loss needs them."""
-    from posttrain.rollout.source import batched_logps, reference_logps, sequence_tensors
+    from posttrain.rollout.source import batched_logps, reference_logps, sequence_tensors, steps_per_rollout
 
     cfg = ctx.cfg
     g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
@@ -233,9 +233,11 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         tensors = {k: v[keep] for k, v in tensors.items()}
     if tensors["input_ids"].shape[0] == 0:
         return tensors, extra
-    # Several passes over one rollout need the sampling policy's log-probs fixed before the first update. With
-    # one pass the policy *is* the sampler, so the loss uses its own detached log-probs (ratio 1, no extra forward).
-    if rc.epochs > 1:
+    # A rollout that feeds more than one optimisation step (several passes, or a rollout larger than a step) is
+    # off-policy after the first update: the sampler's log-probs must be fixed now, before any update. When it
+    # feeds exactly one step the policy *is* the sampler, so the loss uses its own detached log-probs (ratio 1,
+    # no extra forward).
+    if steps_per_rollout(cfg) > 1:
         model = ctx.accelerator.unwrap_model(ctx.model)
         tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
     if g.beta > 0:

@@ -206,8 +206,10 @@ def value_loss(
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var[R - v] / Var[R] over real tokens: 1 is a perfect value function, <= 0 no better than a constant.
 
-    Population variances (the ratio does not depend on the choice). NaN when the returns are constant
-    (Var[R] = 0): the quantity is undefined there, and 0 or 1 would read as a real diagnostic.
+    Population variances (the ratio does not depend on the choice). NaN when the returns are constant: the
+    quantity is undefined there, and 0 or 1 would read as a real diagnostic. "Constant" means a spread below a
+    millionth of their scale (Var[R] <= 1e-12 E[R^2]): returns computed as A + V carry float rounding, and a
+    variance of rounding noise would otherwise give values like -1e13.
 
     Worked example (third token masked): R = [1, 3], Var[R] = 1; R - v = [0, 1], Var = 0.25 -> 0.75.
 
@@ -219,7 +221,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
         return masked_mean((x - masked_mean(x, mask)).square(), mask)
 
     var_returns = var(returns).item()
-    if var_returns == 0.0:
+    if var_returns <= 1e-12 * masked_mean(returns.square(), mask).item():
         return float("nan")
     return 1.0 - var(returns - values).item() / var_returns
 
@@ -291,64 +293,78 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
     return values, logps
 
 
-def make_source(ctx):
-    from posttrain.rollout.source import RolloutSource, reference_logps, sequence_tensors
+@torch.no_grad()
+def _rollout_values_and_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float):
+    """Values and log-probs (N, T) of a whole rollout under the current model, a micro-batch at a time, in eval
+    mode (no dropout): the old values and old log-probs every later step is measured against."""
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    was_training = model.training
+    model.eval()
+    values, logps = [], []
+    try:
+        for s in range(0, tensors["input_ids"].shape[0], ctx.micro_batch_size):
+            part = {k: v[s : s + ctx.micro_batch_size].to(ctx.accelerator.device) for k, v in tensors.items()}
+            v, lp = _values_and_logps(model, part, temperature)
+            values.append(v.cpu())
+            logps.append(lp.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(values), torch.cat(logps)
 
-    cfg = ctx.cfg
-    p, rc = cfg.algorithm.ppo, cfg.algorithm.rollout
+
+@torch.no_grad()
+def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Scores -> KL-shaped per-token rewards -> GAE advantages and returns, with the old values and log-probs."""
+    from posttrain.rollout.source import reference_logps, sequence_tensors
+
+    p, rc, acc = ctx.cfg.algorithm.ppo, ctx.cfg.algorithm.rollout, ctx.accelerator
+    tensors = sequence_tensors(scored.rollout)
+    values, old = _rollout_values_and_logps(ctx, tensors, rc.temperature)
+    ref = reference_logps(ctx, tensors, rc.temperature) if p.kl_coef > 0 or p.adaptive_kl else old
+    mask = tensors["completion_mask"]
+    # Per-token rewards and GAE over the completion columns only (the prompt is context, not actions).
+    P = scored.rollout.prompt_ids.shape[1]
+    cm = mask[:, P:]
+    kl_coef = controller.value
+    rewards = kl_penalty_rewards(scored.rewards, old[:, P:], ref[:, P:], cm, kl_coef=kl_coef)
+    adv, returns = gae(rewards, values[:, P:], cm, gamma=p.gamma, lam=p.lam)
+    if p.whiten_advantages:
+        adv = whiten(adv, cm)
+    seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
+    # Every process must keep the same coefficient: update it from the KL over all of them.
+    kl_all = seq_kl.mean().to(acc.device)
+    if acc.num_processes > 1:
+        kl_all = acc.reduce(kl_all, reduction="mean")
+    controller.update(float(kl_all), n_steps=int(mask.shape[0]) * acc.num_processes)
+    pad = torch.zeros_like(mask[:, :P], dtype=torch.float32)
+    tensors.update(
+        old_logps=old,
+        old_values=values,
+        advantages=torch.cat([pad, adv], dim=1),
+        returns=torch.cat([pad, returns], dim=1),
+    )
+    extra = {
+        "kl_coef": kl_coef,
+        "kl": float(seq_kl.mean()),
+        "score_mean": float(scored.rewards.mean()),
+        "explained_variance": explained_variance(values[:, P:], returns, cm),
+        "returns_mean": float(masked_mean(returns, cm)),
+    }
+    return tensors, extra
+
+
+def make_source(ctx):
+    import functools
+
+    from posttrain.rollout.source import RolloutSource
+
+    p = ctx.cfg.algorithm.ppo
     controller = (
         AdaptiveKLController(value=p.kl_coef, target=p.target_kl, horizon=p.kl_horizon)
         if p.adaptive_kl
         else FixedKLController(value=p.kl_coef)
     )
-
-    @torch.no_grad()
-    def process(scored, ctx):
-        tensors = sequence_tensors(scored.rollout)
-        model = ctx.accelerator.unwrap_model(ctx.model)
-        was_training = model.training
-        model.eval()
-        values, old = [], []
-        try:
-            for s in range(0, tensors["input_ids"].shape[0], ctx.micro_batch_size):
-                part = {
-                    k: v[s : s + ctx.micro_batch_size].to(ctx.accelerator.device) for k, v in tensors.items()
-                }
-                v, lp = _values_and_logps(model, part, rc.temperature)
-                values.append(v.cpu())
-                old.append(lp.cpu())
-        finally:
-            model.train(was_training)
-        values, old = torch.cat(values), torch.cat(old)
-        ref = reference_logps(ctx, tensors, rc.temperature) if p.kl_coef > 0 or p.adaptive_kl else old
-        mask = tensors["completion_mask"]
-        # Per-token rewards and GAE over the completion columns only (the prompt is context, not actions).
-        P = scored.rollout.prompt_ids.shape[1]
-        cm = mask[:, P:]
-        kl_coef = controller.value
-        rewards = kl_penalty_rewards(scored.rewards, old[:, P:], ref[:, P:], cm, kl_coef=kl_coef)
-        adv, returns = gae(rewards, values[:, P:], cm, gamma=p.gamma, lam=p.lam)
-        if p.whiten_advantages:
-            adv = whiten(adv, cm)
-        seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
-        controller.update(float(seq_kl.mean()), n_steps=int(mask.shape[0]))
-        pad = torch.zeros_like(mask[:, :P], dtype=torch.float32)
-        tensors.update(
-            old_logps=old,
-            old_values=values,
-            advantages=torch.cat([pad, adv], dim=1),
-            returns=torch.cat([pad, returns], dim=1),
-        )
-        extra = {
-            "kl_coef": kl_coef,
-            "kl": float(seq_kl.mean()),
-            "score_mean": float(scored.rewards.mean()),
-            "explained_variance": explained_variance(values[:, P:], returns, cm),
-            "returns_mean": float(masked_mean(returns, cm)),
-        }
-        return tensors, extra
-
-    return RolloutSource(ctx, group_size=1, process=process)
+    return RolloutSource(ctx, group_size=1, process=functools.partial(_process, controller=controller))
 
 
 def loss_units(batch, cfg) -> float:

@@ -42,6 +42,7 @@ MESSAGE = {
 }
 MESSAGES = {"type": "array", "items": MESSAGE, "minItems": 1}
 TEXT_OR_MESSAGES = {"anyOf": [{"type": "string"}, MESSAGES]}
+MARGIN = {"type": "number", "minimum": 0}
 EXTRAS = {"id": {"type": ["string", "integer"]}, "answer": {}, "metadata": {"type": "object"}}
 
 
@@ -63,7 +64,8 @@ SCHEMAS: dict[str, dict[str, dict]] = {
         ),
         "text": _row_schema({"text": {"type": "string"}}, ["text"]),
     },
-    # ``rejected_kind`` (optional) says how a built-in pair's rejected side is worse (see `tasks.make_pairs`).
+    # ``rejected_kind`` (optional) says how a built-in pair's rejected side is worse (see `tasks.make_pairs`);
+    # ``margin`` (optional, >= 0) is how clearly chosen wins, used by reward models with algorithm.reward_margin.
     "preference": {
         "prompt/chosen/rejected": _row_schema(
             {
@@ -71,11 +73,12 @@ SCHEMAS: dict[str, dict[str, dict]] = {
                 "chosen": TEXT_OR_MESSAGES,
                 "rejected": TEXT_OR_MESSAGES,
                 "rejected_kind": {"type": "string"},
+                "margin": MARGIN,
             },
             ["prompt", "chosen", "rejected"],
         ),
         "chosen/rejected": _row_schema(
-            {"chosen": MESSAGES, "rejected": MESSAGES, "rejected_kind": {"type": "string"}},
+            {"chosen": MESSAGES, "rejected": MESSAGES, "rejected_kind": {"type": "string"}, "margin": MARGIN},
             ["chosen", "rejected"],
         ),
     },
@@ -241,6 +244,8 @@ def _explain(err) -> list[tuple[str | None, str]]:
     if v == "enum":
         options = ", ".join(map(str, err.validator_value))
         return [(field, f"must be one of {options}; got {err.instance!r}")]
+    if v == "minimum":
+        return [(field, f"must be at least {err.validator_value}, got {err.instance!r}")]
     if v in ("minItems", "minLength"):
         return [(field, "must not be empty")]
     if v == "anyOf":

@@ -56,8 +56,10 @@ def evaluate_task(
     split: str = "heldout",
     max_new_tokens: int = 128,
     batch_size: int = 16,
+    completions_out: list[str] | None = None,
 ) -> dict[str, float]:
-    """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding."""
+    """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding.
+    `completions_out`, when given, receives the generated answers (e.g. for a judge)."""
     from posttrain.data import TASKS
     from posttrain.errors import UserError
     from posttrain.models import generate
@@ -74,6 +76,8 @@ def evaluate_task(
         temperature=0.0,
         batch_size=batch_size,
     )
+    if completions_out is not None:
+        completions_out.extend(completions)
     return score_completions(task, completions, rows)
 
 

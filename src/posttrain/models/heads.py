@@ -37,9 +37,15 @@ class ScalarHeadModel(nn.Module):
         hidden = policy.config.hidden_size
         device = next(policy.parameters()).device
         self.head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
-        # A small init: at the start every score is ~0, so early losses are log 2 (reward) or the returns (PPO).
-        std = init_std if init_std is not None else 1.0 / (hidden + 1) ** 0.5
-        nn.init.normal_(self.head.weight, std=std)
+        # Reward head: the usual std 1 / sqrt(hidden + 1), which gives scores of std ~1 when the final norm leaves
+        # components of RMS ~1. Value head: zeros, so V = 0 at the start and the first advantages are the returns
+        # themselves; random values of std ~1 would swamp small rewards with noise in GAE (measured on the tiny
+        # test model: the policy then drifted without learning a reward it learns from a zero-init head).
+        std = init_std if init_std is not None else (0.0 if kind == "value" else 1.0 / (hidden + 1) ** 0.5)
+        if std > 0:
+            nn.init.normal_(self.head.weight, std=std)
+        else:
+            nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     @property

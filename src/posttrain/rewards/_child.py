@@ -2,14 +2,25 @@
 
 Two modes, one process each:
 
-- ``launch DIR``: applies the limits in ``DIR/config.json`` to itself (resource limits, namespaces, the
+- ``launch DIR FD``: applies the limits in ``DIR/config.json`` to itself (resource limits, namespaces, the
   process-accounting user), then forks once and execs ``run`` in the child. The fork matters: after
   ``unshare(CLONE_NEWPID)`` only the *next* child lives in the new PID namespace, as its init (pid 1), and
   when init exits the kernel kills everything left in the namespace, so nothing the program started can
   outlive it. The exec matters: capability bounding-set changes take effect only at exec.
-- ``run DIR``: executes ``DIR/job.json`` (the program, then each test in the same namespace) and appends one
-  line per test to ``DIR/results.txt`` ("1" passed, "0" failed) as it goes, so a test that hangs still
-  leaves the earlier results behind.
+- ``run DIR ISOLATION FD``: reads ``DIR/job.json`` into memory and deletes it, then executes the program and
+  each test in the same namespace, writing one line per test to the pipe ``FD`` (whose reading end only the
+  parent holds) as it goes, so a test that hangs still leaves the earlier results behind.
+
+Results cannot be forged by ordinary code (reward hacking, which RL finds). They never touch the disk: an
+older layout kept them in ``results.txt`` in the program's own working folder, where a program could append
+"passed" lines of its own. Every line also starts with a random nonce that the parent generated and checks:
+``NONCE isolation <how>`` first, then ``NONCE <i> 1`` (test i passed) or ``NONCE <i> 0``. The nonce travels
+only in ``job.json``, which is deleted (as ``config.json`` is by ``launch``) before the program starts, and never
+in the environment or on a command line, so a program that writes to the pipe still cannot make a line count.
+The functions the runner needs after the program ran (``compile``, ``exec``, ``os.write``) are bound before it
+runs, so patching ``builtins`` or ``os`` cannot turn a failing test into a pass. A program that digs the
+nonce out of the interpreter's memory (frames, ``gc``) can still forge lines: this stops accidents and cheap
+tricks, not a determined adversary (see `posttrain.rewards.sandbox`).
 
 Only the standard library is imported here, before any limit is set, so the limits cannot break start-up.
 """
@@ -87,16 +98,15 @@ def _isolate(cfg: dict) -> str:
     return isolation
 
 
-def launch(workdir: str) -> int:
+def launch(workdir: str, fd: str) -> int:
     import resource
 
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = json.load(f)
+    os.unlink(os.path.join(workdir, "config.json"))
     for name, value in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     isolation = _isolate(cfg) if cfg.get("isolate", True) else "preamble"
-    with open(os.path.join(workdir, "isolation.txt"), "w") as f:
-        f.write(isolation)
     try:
         pid = os.fork()
     except OSError:
@@ -108,49 +118,58 @@ def launch(workdir: str) -> int:
 
             # If the launcher dies (killed on timeout), so does init, and with it the whole namespace.
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            os.execv(sys.executable, [sys.executable, "-I", __file__, "run", workdir, isolation])
+            os.execv(sys.executable, [sys.executable, "-I", __file__, "run", workdir, isolation, fd])
         finally:
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) % 256
 
 
-def run(workdir: str, isolation: str) -> int:
+def run(workdir: str, isolation: str, fd: int) -> int:
     import traceback
 
     if isolation != "namespaces":
         exec(NETWORK_PREAMBLE, {})
-    with open(os.path.join(workdir, "job.json")) as f:
+    job_file = os.path.join(workdir, "job.json")
+    with open(job_file) as f:
         job = json.load(f)
-    results = os.path.join(workdir, "results.txt")
+    os.unlink(job_file)  # the nonce in it must not be readable by the program
+    code, tests, nonce = job["code"], job["tests"], job["nonce"]
+    del job
+    # Bound now: the program may replace builtins.compile/exec or os.write before the tests run.
+    _compile, _exec, _write = compile, exec, os.write
+    os.set_inheritable(fd, False)  # programs the solution execs do not get the results pipe
 
-    def record(ok: bool) -> None:
+    def record(line: str) -> None:
         try:
-            with open(results, "a") as f:
-                f.write("1\n" if ok else "0\n")
+            _write(fd, f"{nonce} {line}\n".encode())
         except OSError:
             pass
 
+    record(f"isolation {isolation}")
     # "solution", not "__main__": an `if __name__ == "__main__":` block would usually read stdin or run a demo.
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
-        exec(compile(job["code"], "solution.py", "exec"), namespace)
+        _exec(_compile(code, "solution.py", "exec"), namespace)
     except BaseException:  # SystemExit and KeyboardInterrupt too: the program failed, every test fails
         traceback.print_exc()
         return 1
-    for i, test in enumerate(job["tests"]):
+    for i, test in enumerate(tests):
         try:
-            exec(compile(test, f"test_{i}", "exec"), namespace)
-            record(True)
+            _exec(_compile(test, f"test_{i}", "exec"), namespace)
+            ok = True
         except BaseException:
             traceback.print_exc(limit=-2)
-            record(False)
+            ok = False
+        record(f"{i} {int(ok)}")
     return 0
 
 
 if __name__ == "__main__":
     mode, directory = sys.argv[1], sys.argv[2]
-    code = launch(directory) if mode == "launch" else run(directory, sys.argv[3])
+    code = (
+        launch(directory, sys.argv[3]) if mode == "launch" else run(directory, sys.argv[3], int(sys.argv[4]))
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip atexit handlers the program may have registered

@@ -1,10 +1,11 @@
 """Call reward functions on a batch, weight and sum them, and survive their failures.
 
-A function that raises, or returns a list of the wrong length, fails for the whole batch: every sample gets
-`fallback`. A value that is not a finite number (NaN, inf, None, a string) fails for that sample only.
-Failures are counted per function and the first error message kept, so a broken reward shows in the logs
-instead of stopping a run hours in. Weights apply to the total only; ``per_function`` stays unweighted so
-each reward reads on its own scale.
+A function is called once on the whole batch. If that call raises, or returns a list of the wrong length, it
+is called again once per sample, so that only the samples it cannot score get `fallback` (one bad completion
+must not zero the rewards of the whole batch). A value that is not a finite number (NaN, inf, None, a string)
+fails for that sample only. Failures are counted per function and the first error message kept, so a broken
+reward shows in the logs instead of stopping a run hours in. Weights apply to the total only;
+``per_function`` stays unweighted so each reward reads on its own scale.
 """
 
 from __future__ import annotations
@@ -62,17 +63,18 @@ def compute_rewards(
 
 
 def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: float):
-    """(values, failures, first error) for one function."""
-    try:
-        raw = reward.fn(list(prompts), list(completions), **columns)
-        raw = list(raw)
-    except Exception as e:  # a broken reward must not end the run: counted and reported instead
-        return [fallback] * n, n, f"{type(e).__name__}: {e}"
-    if len(raw) != n:
-        return [fallback] * n, n, f"returned {len(raw)} values for {n} samples"
-    values, failed, error = [], 0, ""
+    """(values, failures, first error) for one function: one batched call, per-sample calls if it fails.
+
+    The error kept is the batched call's when it failed (even if every sample then scored on its own: the
+    function is being called n times, and its author will want to know why)."""
+    raw, error = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
+    if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
+        raw = (
+            [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if n > 1 else [_FAILED] * n
+        )
+    values, failed = [], 0
     for i, v in enumerate(raw):
-        x = _as_float(v)
+        x = None if v is _FAILED else _as_float(v)
         if x is None:
             values.append(fallback)
             failed += 1
@@ -80,6 +82,27 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
         else:
             values.append(x)
     return values, failed, error
+
+
+_FAILED = object()  # a sample whose own call raised
+
+
+def _one(fn, prompts, completions, columns: dict, i: int):
+    """Sample i's raw value from a call on it alone, or `_FAILED`."""
+    one_columns = {k: v[i : i + 1] if isinstance(v, list | tuple) else v for k, v in columns.items()}
+    raw, _ = _call_batch(fn, [prompts[i]], [completions[i]], one_columns, 1)
+    return _FAILED if raw is None else raw[0]
+
+
+def _call_batch(fn, prompts: list, completions: list, columns: dict, n: int) -> tuple[list | None, str]:
+    """(the n raw values, "") or (None, why the call failed)."""
+    try:
+        raw = list(fn(prompts, completions, **columns))
+    except Exception as e:  # a broken reward must not end the run: counted and reported instead
+        return None, f"{type(e).__name__}: {e}"
+    if len(raw) != n:
+        return None, f"returned {len(raw)} values for {n} samples"
+    return raw, ""
 
 
 def _as_float(v: Any) -> float | None:

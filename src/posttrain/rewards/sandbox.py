@@ -17,11 +17,16 @@ What it guards against (accidents of generated code, on Linux):
   allows; the network namespace has only a loopback that is down, and when the program's first process
   exits the kernel kills whatever it left in the PID namespace. Without namespaces, a preamble replaces
   ``socket.socket`` in the child: that stops ordinary library calls, not a determined program;
-- **files**: the working folder is deleted afterwards; RLIMIT_FSIZE caps any one file written.
+- **files**: the working folder is deleted afterwards; RLIMIT_FSIZE caps any one file written;
+- **forged results**: results come back through a pipe, never a file the program could write to, and each
+  line carries a random per-run nonce that only the parent and the runner know (the job file holding it is
+  deleted before the program starts); lines without it count for nothing (see `_child`).
 
 What it is NOT: a security boundary. The program runs with the caller's file permissions (under root, with
 root's), can read and write anything they can, and without namespaces can reach the network through
-``ctypes`` or a subprocess. Use containers or gVisor for hostile code.
+``ctypes`` or a subprocess. It shares an interpreter with the test runner, so it can find the nonce in memory,
+or return objects that equal anything (``__eq__`` always true) and pass ``assert f(x) == y``. Use containers
+or gVisor for hostile code, and tests that check types when rewards are at stake.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import ast
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -154,9 +160,9 @@ def _config(limits: Limits) -> dict:
     return {"rlimits": rlimits, "nobody": NOBODY, "isolate": limits.namespaces}
 
 
-def _wait_no_reap(pid: int, deadline: float) -> bool:
+def _wait_no_reap(pid: int, deadline: float, tick=lambda: None) -> bool:
     """Wait until `pid` exits without reaping it (so its process-group id cannot be reused before we kill
-    the group); False on timeout."""
+    the group), calling `tick` between polls; False on timeout."""
     pause = 0.001
     while True:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -164,8 +170,28 @@ def _wait_no_reap(pid: int, deadline: float) -> bool:
             return True
         if time.monotonic() >= deadline:
             return False
+        tick()
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
+
+
+class _Pipe:
+    """The reading end of the results pipe, drained without ever blocking (a program may leave a process
+    holding the writing end open), keeping at most `cap` bytes."""
+
+    def __init__(self, fd: int, cap: int = 1 << 20):
+        self.fd, self.cap, self.data = fd, cap, bytearray()
+        os.set_blocking(fd, False)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                return
+            self.data += chunk[: max(0, self.cap - len(self.data))]
 
 
 def run_code(code: str, tests: str | list[str], *, limits: Limits = Limits()) -> ExecResult:
@@ -176,32 +202,60 @@ def run_code(code: str, tests: str | list[str], *, limits: Limits = Limits()) ->
     (1, 2, 0.5, False)
     """
     snippets = split_tests(tests)
+    nonce = secrets.token_hex(16)  # marks the runner's result lines (module docstring, "forged results")
     workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    read_fd, write_fd = os.pipe()
+    results = _Pipe(read_fd)
     try:
         os.chmod(workdir, 0o755)
-        Path(workdir, "job.json").write_text(json.dumps({"code": code, "tests": snippets}))
+        Path(workdir, "job.json").write_text(json.dumps({"code": code, "tests": snippets, "nonce": nonce}))
         Path(workdir, "config.json").write_text(json.dumps(_config(limits)))
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         with open(os.path.join(workdir, "output.txt"), "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", CHILD, "launch", workdir],
-                cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-            timed_out = not _wait_no_reap(proc.pid, time.monotonic() + limits.timeout_s)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", CHILD, "launch", workdir, str(write_fd)],
+                    cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True, pass_fds=(write_fd,),
+                )  # fmt: skip
+            finally:
+                os.close(write_fd)  # the child holds its own copy
+            # Drained while waiting: a full pipe would block the runner and read as a timeout.
+            deadline = time.monotonic() + limits.timeout_s
+            timed_out = not _wait_no_reap(proc.pid, deadline, results.drain)
             try:
                 # The whole group, also after a normal exit: anything the program left running dies here.
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             returncode = proc.wait()
-        results = _read(workdir, "results.txt").split()
+        results.drain()
+        passed, isolation = parse_results(results.data.decode(errors="replace"), nonce, len(snippets))
         output = _read(workdir, "output.txt")[-2000:]
-        isolation = _read(workdir, "isolation.txt") or "preamble"
     finally:
+        os.close(read_fd)
         shutil.rmtree(workdir, ignore_errors=True)
-    passed = sum(r == "1" for r in results[: len(snippets)])
     return ExecResult(passed, len(snippets), timed_out, None if timed_out else returncode, output, isolation)
+
+
+def parse_results(text: str, nonce: str, total: int) -> tuple[int, str]:
+    """(tests passed, isolation) from the runner's lines; a line without `nonce` counts for nothing, and only
+    the first line for each test index in range counts.
+
+    >>> parse_results("n isolation namespaces\\nn 0 1\\n1\\nx 1 1\\nn 1 0\\nn 1 1\\nn 7 1\\n", "n", 2)
+    (1, 'namespaces')
+    """
+    outcome: dict[int, bool] = {}
+    isolation = ""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != nonce:
+            continue
+        if parts[1] == "isolation":
+            isolation = isolation or parts[2]
+        elif parts[1].isdigit() and int(parts[1]) < total and parts[2] in ("0", "1"):
+            outcome.setdefault(int(parts[1]), parts[2] == "1")
+    return sum(outcome.values()), isolation or "preamble"
 
 
 def _read(workdir: str, name: str) -> str:

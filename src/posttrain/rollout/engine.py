@@ -142,12 +142,23 @@ class HFEngine:
         for i, r in enumerate(rows):  # left padding: every prompt ends in the last column
             prompt[i, P - len(r) :] = torch.tensor(r, dtype=torch.long)
             pmask[i, P - len(r) :] = 1
+        # Every field left None is filled from the model's own generation_config.json (transformers >= 4.5x),
+        # and some ship sampling defaults (e.g. Qwen2.5-Instruct's repetition_penalty 1.05, top_k 20). Any such
+        # processor would sample from something other than softmax(logits / temperature) (top-p truncated), the
+        # distribution the RL losses score, so each one that changes the distribution is pinned to neutral here.
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
             top_k=0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
             eos_token_id=eos or None,
             pad_token_id=pad_id,
             use_cache=True,

@@ -79,6 +79,12 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, lo:hi] if v.dim() == 2 and v.shape[1] == am.shape[1] else v for k, v in batch.items()}
 
 
+def steps_per_rollout(cfg) -> int:
+    """Optimisation steps one rollout feeds: `rollout.epochs` x (rollout sequences / sequences per step)."""
+    rc = cfg.algorithm.rollout
+    return rc.epochs * ((rc.batch_size or cfg.optim.batch_size) // cfg.optim.batch_size)
+
+
 class RolloutSource:
     """Rollout generator with the batch-source signature: `source(start_step)` yields each step's micro-batches."""
 
@@ -103,7 +109,14 @@ class RolloutSource:
             raise ConfigError(
                 f"optim.micro_batch_size ({self.micro}) must divide the per-process batch ({self.step_size})"
             )
-        self.steps_per_rollout = alg.rollout.epochs * (self.rollout_size // cfg.optim.batch_size)
+        self.steps_per_rollout = steps_per_rollout(cfg)
+        if alg.name == "grpo" and alg.grpo.drop_uniform_groups and self.world > 1:
+            # Dropping leaves processes with different numbers of sequences, and one left with none would skip
+            # the gradient all-reduce the others wait in.
+            raise ConfigError(
+                "algorithm.grpo.drop_uniform_groups is not supported with several processes yet; "
+                "set it to false (uniform groups then train with zero advantage)"
+            )
         self.prompts: list[PromptExample] = list(ctx.data.train)
         if len(self.prompts) < self.prompts_per_rollout:
             raise ConfigError(
@@ -194,6 +207,10 @@ class RolloutSource:
                     if k == 0
                     else {m: v for m, v in metrics.items() if not m.endswith("_time_s")}
                 )
+                if not step:
+                    # Every sequence was dropped (grpo.drop_uniform_groups): nothing trains and the step only
+                    # logs; its loss is the loop's per-unit mean of an empty sum.
+                    carried["loss"] = 0.0
                 yield [*step, {STEP_METRICS: carried}]
             within = 0
             index += 1

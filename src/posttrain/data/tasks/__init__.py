@@ -77,13 +77,15 @@ def make_pairs(task: str | Task, n: int, seed: int = 0, split: str = "train") ->
 
 
 def make_prompts(task: str | Task, n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """`n` prompt rows ``{"id", "prompt", "answer"}`` (the prompts of ``make(n, seed, split)``), for RL.
+    """`n` prompt rows ``{"id", "prompt", "answer", "metadata"}`` (the prompts of ``make(n, seed, split)``), for
+    RL. ``metadata["task"]`` names the task, so the ``task`` reward needs no arguments.
 
-    >>> sorted(make_prompts("structured", 1)[0])
-    ['answer', 'id', 'prompt']
+    >>> row = make_prompts("structured", 1)[0]
+    >>> sorted(row), row["metadata"]["task"]
+    (['answer', 'id', 'metadata', 'prompt'], 'structured')
     """
     return [
-        {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]}
+        {"id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "metadata": r["metadata"]}
         for r in _task(task).make(n, seed, split)
     ]
 

@@ -41,7 +41,9 @@ WORDINGS = {
     "question": (("How many {items} does {name} have now?",), ("What is the final count of {name}'s {items}?",)),
 }  # fmt: skip
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
-INSTRUCTION = "Solve the problem. End with a line 'Answer: <number>'."
+# Measured on the embedded model: the earlier "End with a line 'Answer: <number>'." made it write a literal "<number>:";
+# this wording raised greedy format compliance on one-step additions from 44% to 94% (32 prompts).
+INSTRUCTION = "Solve the problem. End your reply with 'Answer:' followed by the number."
 
 _MARKED = re.compile(r"(?:Answer:|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -1,0 +1,123 @@
+"""Preference evaluation: how a model ranks held-out (chosen, rejected) pairs, and a reward model as a judge.
+
+`preference_accuracy` scores every pair with the policy and with a reference (the adapter-disabled base for an
+adapter, or a given reference model) and reports:
+
+- ``implicit_accuracy``: the share of pairs whose DPO implicit reward beta * (log pi - log pi_ref) is higher for
+  the chosen side (Rafailov et al. 2023, sec. 5); ties count 1/2, so a policy equal to its reference reads 0.5;
+- ``implicit_margin``: the mean of (chosen reward - rejected reward);
+- ``logp_accuracy`` and ``ref_logp_accuracy``: the share of pairs where the chosen response is the more likely
+  one (summed log-probability) under the policy and under the reference: what the model itself prefers, with
+  no reference subtracted (long rejected responses make this easy, hence also ``*_mean_logp_accuracy``, per
+  token).
+
+`judge_scores` runs a trained reward model (`posttrain train` with `algorithm.name: reward`) over completions.
+This module loads nothing by itself and trains nothing.
+
+Letters: B pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+@torch.no_grad()
+def pair_logps(model, pairs, collate, *, batch_size: int = 8) -> tuple[torch.Tensor, ...]:
+    """Summed log-probabilities and scored-token counts of each pair's sides: four (B,) float tensors
+    (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs."""
+    from posttrain.models.logprobs import selected_token_logps
+
+    device = next(model.parameters()).device
+    out: list[list[torch.Tensor]] = [[], [], [], []]
+    for s in range(0, len(pairs), batch_size):
+        batch = collate(list(pairs[s : s + batch_size]))
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        mask = batch["loss_mask"].to(device)
+        logps, _ = selected_token_logps(model, inputs, mask)  # (2b, T)
+        b = logps.shape[0] // 2
+        seq = logps.sum(-1).float().cpu()
+        counts = mask[:, 1:].sum(-1).float().cpu()
+        for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
+            lst.append(t)
+    return tuple(torch.cat(x) for x in out)
+
+
+def _rate(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    from posttrain.algorithms.reward import pair_accuracy
+
+    return float(pair_accuracy(chosen, rejected).mean())
+
+
+def preference_accuracy(
+    model, tokenizer, rows: Sequence[dict], *, reference=None, beta: float = 0.1, max_length: int = 512,
+    source: str = "pairs", batch_size: int = 8,
+) -> dict[str, float]:  # fmt: skip
+    """Rank held-out preference rows with the policy and its reference (module docstring). `model` may be an
+    adapter model (its reference is the adapter disabled) or a full model with `reference` given."""
+    from functools import partial
+
+    from posttrain.data.preference import collate_pairs, render_preference_dataset
+    from posttrain.errors import UserError
+    from posttrain.models import is_adapter_model
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = render_preference_dataset(tokenizer, rows, max_length=max_length, source=source)
+    collate = partial(collate_pairs, pad_id=pad)
+    was_training = model.training
+    model.eval()
+    try:
+        pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size)
+        if reference is not None:
+            rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size)
+        elif is_adapter_model(model):
+            with model.disable_adapter():
+                rc, rr, _, _ = pair_logps(model, pairs, collate, batch_size=batch_size)
+        else:
+            raise UserError(
+                "preference accuracy needs a reference: the model is not an adapter, so give the base model "
+                "it was trained from (--reference)"
+            )
+    finally:
+        model.train(was_training)
+    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    return {
+        "n": float(len(pairs)),
+        "implicit_accuracy": _rate(chosen_rewards, rejected_rewards),
+        "implicit_margin": float((chosen_rewards - rejected_rewards).mean()),
+        "logp_accuracy": _rate(pc, pr),
+        "ref_logp_accuracy": _rate(rc, rr),
+        "mean_logp_accuracy": _rate(pc / nc.clamp(min=1), pr / nr.clamp(min=1)),
+        "ref_mean_logp_accuracy": _rate(rc / nc.clamp(min=1), rr / nr.clamp(min=1)),
+    }
+
+
+def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
+    """Scores of a trained reward model folder for each (prompt, completion)."""
+    from posttrain.models.heads import RewardModelScorer
+
+    return [float(x) for x in RewardModelScorer(reward_model)(prompts, completions)]
+
+
+def format_preference(results: dict[str, dict[str, float]]) -> str:
+    """A markdown table of `preference_accuracy` results, one column per model.
+
+    >>> print(format_preference({"base": {"n": 4.0, "implicit_accuracy": 0.5}}))
+    | metric | base |
+    |---|---|
+    | implicit_accuracy | 50.0% |
+    | n | 4 |
+    """
+    names = list(results)
+    keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k == "n", k))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        cells = []
+        for nm in names:
+            v = results[nm].get(k)
+            cells.append("" if v is None else f"{v:.0f}" if k == "n" else f"{v:+.3f}" if "margin" in k else
+                         f"{100 * v:.1f}%")  # fmt: skip
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

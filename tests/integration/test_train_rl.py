@@ -1,0 +1,248 @@
+"""GRPO and PPO end to end on the tiny model: what trains, what they log, that they learn a toy reward, the
+reference and old log-probs they use, dropped groups, and that `final/` loads as a plain model or adapter.
+
+The toy reward `letters` is the share of lowercase ASCII letters in an 8-token completion: the random tiny model
+writes ~10% letters, and a policy can raise that to 100% by reshaping its output distribution, so a rising
+reward means the policy gradient points the right way. Learning runs put LoRA on the LM head (`lm_head`):
+the tiny model's LM head weights are so small (std 0.02) that adapters on the attention and MLP layers alone
+move its logits only slowly."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from posttrain.train import train
+from posttrain.trainer.metrics import read_metrics
+
+# LoRA on lm_head makes peft save that layer's base weights with the adapter, and say so.
+pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
+
+PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+
+REWARDS = '''
+def letters(prompts, completions, **kwargs):
+    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]
+
+
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def even_first_is_uniform(prompts, completions, **kwargs):
+    """1.0 for every sample of the prompts "add a b" with an even a (uniform groups), letters otherwise."""
+    return [1.0 if int(p.split()[1]) % 2 == 0 else s for p, s in zip(prompts, letters(prompts, completions))]
+'''
+
+
+@pytest.fixture()
+def rl(make_cfg, tmp_path):
+    """make_cfg for RL runs: the prompts file, a reward file, 8-token completions; `reward=` picks a function."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS), encoding="utf-8")
+    (tmp_path / "rewards.py").write_text(REWARDS, encoding="utf-8")
+
+    def make(name, algorithm="grpo", reward="letters", **overrides):
+        base = {
+            "algorithm.name": algorithm,
+            "algorithm.rewards": f"[{tmp_path / 'rewards.py'}:{reward}]",
+            "data.train": str(prompts),
+            "technique.name": "lora",
+            "algorithm.rollout.max_new_tokens": 8,
+            "algorithm.grpo.num_generations": 4,
+            "optim.batch_size": 16,
+            "optim.schedule": "constant",
+            "run.max_steps": 3,
+        }
+        base.update(overrides)
+        return make_cfg(name, **base)
+
+    return make
+
+
+def _frozen_base_unchanged(model, tiny_model_dir, prefix=""):
+    """Every parameter of the saved tiny model is untouched in `model` (a peft model, maybe under `prefix`)."""
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(tiny_model_dir / "model.safetensors"))
+    params = dict(model.named_parameters())
+    checked = 0
+    for name, value in on_disk.items():
+        # peft: "<prefix>base_model.model.<name>", wrapped layers keep their weight as "...<layer>.base_layer.weight"
+        layer, _, leaf = name.rpartition(".")
+        for candidate in (
+            f"{prefix}base_model.model.{name}",
+            f"{prefix}base_model.model.{layer}.base_layer.{leaf}",
+        ):
+            if candidate in params:
+                assert torch.equal(params[candidate].detach().cpu(), value), candidate
+                checked += 1
+    assert checked == len(on_disk)
+
+
+def _same_logits(a, b):
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids).logits, b(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- GRPO
+def test_grpo_lora_trains_adapters_only_logs_its_metrics_and_saves_an_adapter(rl, tiny_model_dir, tmp_path):
+    (tmp_path / "more.py").write_text(
+        "def short(prompts, completions, **kwargs):\n    return [-len(c) / 8 for c in completions]\n"
+    )
+    rewards = f"[{tmp_path / 'rewards.py'}:letters, {{name: {tmp_path / 'more.py'}:short, weight: 0.5}}]"
+    result = train(rl("grpo", **{"algorithm.rewards": rewards}), return_model=True)
+    model, hist = result.model, read_metrics(result.run_dir / "metrics.jsonl")
+    assert len(hist) == 3
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(not torch.all(p == 0) for n, p in model.named_parameters() if "lora_B" in n)  # adapters moved
+    _frozen_base_unchanged(model, tiny_model_dir)
+    for h in hist:
+        for key in ("reward/letters_mean", "reward/letters_std", "reward/short_mean", "reward/short_std",
+                    "reward/failures_letters", "reward/total_mean", "completion_length_mean", "clip_fraction",
+                    "entropy", "ratio_mean", "gen_time_s", "train_time_s", "uniform_group_fraction"):  # fmt: skip
+            assert math.isfinite(h[key]), key
+        assert "kl" not in h  # beta = 0: no reference forward at all
+        assert h["data_time_s"] >= h["gen_time_s"] > 0 and h["train_time_s"] > 0  # generation timed apart
+        assert 0 < h["entropy"] <= math.log(259) + 1e-4
+        assert h["reward/total_mean"] == pytest.approx(
+            h["reward/letters_mean"] + 0.5 * h["reward/short_mean"]
+        )
+        # one rollout per step: the loss's old log-probs are its own, so the ratio is exactly 1
+        assert h["ratio_mean"] == 1.0 and h["clip_fraction"] == 0.0
+
+    from posttrain.evaluation import load_for_inference
+
+    loaded, tokenizer = load_for_inference(str(result.final_dir))
+    assert (result.final_dir / "adapter_config.json").is_file()
+    _same_logits(loaded, model.eval())
+
+
+def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
+    from posttrain.cli import main
+
+    cfg = rl("learn", **{"technique.target_modules": "[lm_head]", "optim.lr": 3e-2, "run.max_steps": 12})
+    path = tmp_path / "grpo.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")), encoding="utf-8")  # JSON is YAML
+    assert main(["train", str(path)]) == 0, capsys.readouterr().err
+    hist = read_metrics(tmp_path / "learn" / "metrics.jsonl")
+    rewards = [h["reward/letters_mean"] for h in hist]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.2 and last > 0.6, rewards  # ~10% letters at random; most of them after training
+    assert hist[-1]["entropy"] < hist[0]["entropy"] - 1.0  # the policy sharpened
+
+
+@pytest.mark.parametrize("technique", ["lora", "full"])
+def test_grpo_kl_reference_is_the_starting_model(rl, technique):
+    """LoRA: the base with the adapter disabled; full: a frozen copy loaded on the first use."""
+    cfg = rl(f"kl-{technique}", **{"algorithm.grpo.beta": 0.1, "technique.name": technique})
+    hist = read_metrics(train(cfg).run_dir / "metrics.jsonl")
+    # step 1: the policy is still the starting model (LoRA: the adapter is zero), and its reference forward
+    # gives the same log-probs to the bit
+    assert hist[0]["kl"] == 0.0
+    assert all(h["kl"] > 0 for h in hist[1:])  # the policy moved away from the reference
+
+
+@pytest.mark.parametrize(
+    "rollout_size,epochs", [(32, 1), (16, 2)], ids=["rollout-of-two-steps", "two-epochs"]
+)
+def test_old_logps_are_fixed_when_a_rollout_feeds_several_steps(rl, rollout_size, epochs):
+    """Steps after the first of a rollout are off-policy: the ratio to the sampler's log-probs is no longer 1
+    (the bug: with epochs == 1 the loss used its own detached log-probs, ratio 1, whatever the rollout size)."""
+    cfg = rl(
+        f"old-{rollout_size}-{epochs}",
+        **{"algorithm.rollout.batch_size": rollout_size, "algorithm.rollout.epochs": epochs,
+           "technique.target_modules": "[lm_head]", "optim.lr": 3e-2, "run.max_steps": 4},
+    )  # fmt: skip
+    hist = read_metrics(train(cfg).run_dir / "metrics.jsonl")
+    assert [h["rollout"] for h in hist] == [0, 0, 1, 1]
+    for h in hist[0::2]:  # first step of each rollout: the policy is still the sampler
+        assert h["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and h["clip_fraction"] == 0.0
+    for h in hist[1::2]:  # after an update
+        assert abs(h["ratio_mean"] - 1.0) > 1e-3
+
+
+def test_drop_uniform_groups_trains_only_on_groups_with_signal(rl, tiny_model_dir):
+    overrides = {"algorithm.grpo.drop_uniform_groups": "true", "algorithm.grpo.loss_type": "grpo"}
+    hist = read_metrics(
+        train(rl("drop", reward="even_first_is_uniform", **overrides)).run_dir / "metrics.jsonl"
+    )
+    for h in hist:  # "grpo" loss units are sequences: only the kept ones count
+        assert h["loss_units"] == 16 * (1 - h["uniform_group_fraction"])
+    assert any(0 < h["uniform_group_fraction"] < 1 for h in hist)  # some steps mix both kinds of group
+
+    result = train(rl("all-uniform", reward="constant", **overrides), return_model=True)
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [(h["uniform_group_fraction"], h["loss"], h["loss_units"]) for h in hist] == [(1.0, 0.0, 0.0)] * 3
+    assert all(
+        torch.all(p == 0) for n, p in result.model.named_parameters() if "lora_B" in n
+    )  # nothing trained
+
+
+# ----------------------------------------------------------------------------------------------------------- PPO
+def test_ppo_lora_trains_adapters_and_value_head_and_the_value_loss_falls(rl, tiny_model_dir):
+    """Reward 1 for every completion, no KL penalty, lam = 1: every token's return is exactly 1. The value head
+    starts at 0, so the first value loss is 0.5 (1 - 0)^2 = 0.5; then the head learns the returns."""
+    cfg = rl(
+        "ppo",
+        algorithm="ppo",
+        reward="constant",
+        **{"algorithm.ppo.kl_coef": 0, "algorithm.ppo.lam": 1.0, "algorithm.rollout.batch_size": 16,
+           "optim.batch_size": 8, "technique.target_modules": "[lm_head]", "run.max_steps": 10},
+    )  # fmt: skip
+    result = train(cfg, return_model=True)
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    for h in hist:
+        for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_coef", "returns_mean"):
+            assert math.isfinite(h[key]), key
+        assert "explained_variance" in h and h["returns_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert hist[0]["value_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert sum(h["value_loss"] for h in hist[-3:]) / 3 < 0.2
+    assert hist[0]["approx_kl"] == 0.0 and any(h["approx_kl"] > 0 for h in hist[1::2])  # 2nd steps off-policy
+
+    model = result.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert not torch.all(model.head.weight == 0)  # the value head moved from its zero init
+    _frozen_base_unchanged(model, tiny_model_dir, prefix="policy.")
+
+    from posttrain.evaluation import load_for_inference
+
+    loaded, _ = load_for_inference(str(result.final_dir))  # the policy alone, as a plain adapter
+    assert (result.final_dir / "score_head.safetensors").is_file()
+    _same_logits(loaded, model.policy.eval())
+
+
+def test_ppo_learns_a_toy_reward_with_its_kl_reference(rl):
+    cfg = rl(
+        "ppo-learn",
+        algorithm="ppo",
+        **{"algorithm.ppo.kl_coef": 0.01, "technique.target_modules": "[lm_head]", "optim.lr": 3e-2,
+           "run.max_steps": 16},
+    )  # fmt: skip
+    hist = read_metrics(train(cfg).run_dir / "metrics.jsonl")
+    rewards = [h["reward/letters_mean"] for h in hist]
+    assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.5, rewards
+    assert hist[0]["kl"] == 0.0 and hist[-1]["kl"] > 0  # reference: the base, adapter disabled
+    assert all(math.isfinite(h["explained_variance"]) for h in hist)
+
+
+def test_ppo_resumes_mid_rollout_with_its_value_head(rl):
+    """Stopped after step 3 (the first step of rollout 1), resumed to 4: step 4 samples rollout 1 anew from the
+    restored weights. The value head comes back too: a fresh zero head would score this step's returns
+    (all exactly 1) with a value loss of exactly 0.5."""
+    overrides = {"algorithm.ppo.kl_coef": 0, "algorithm.ppo.lam": 1.0, "algorithm.rollout.batch_size": 16,
+                 "optim.batch_size": 8, "technique.target_modules": "[lm_head]", "run.save_every": 1}  # fmt: skip
+    first = train(rl("resume", algorithm="ppo", reward="constant", **overrides))
+    resumed = train(
+        rl("resume", algorithm="ppo", reward="constant", **overrides, **{"run.max_steps": 4}), resume=True
+    )
+    hist = read_metrics(resumed.run_dir / "metrics.jsonl")
+    assert first.run_dir == resumed.run_dir and [h["step"] for h in hist] == [1, 2, 3, 4]
+    assert [h["rollout"] for h in hist] == [0, 0, 1, 1]
+    assert "gen_time_s" in hist[3]  # rollout 1 was sampled again after the restart
+    assert hist[0]["value_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert abs(hist[3]["value_loss"] - 0.5) > 0.05

@@ -1,0 +1,318 @@
+"""Rollouts on the tiny model: sample layout, masks, the sampler's log-probs against a teacher-forced pass, stop
+strings, seeds; `sequence_tensors`/`trim` by hand; the rollout source's steps, micro-batches, epochs and resume."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.rollout.engine import HFEngine, Rollout
+from posttrain.rollout.source import RolloutSource, sequence_tensors, trim
+
+EOS = 2  # <|im_end|> in the tiny tokenizer
+PROMPTS = ["hi", "hello there, friend", "x"]  # different lengths: left padding differs per row
+
+
+@pytest.fixture()
+def eos_model(tiny_tokenizer):
+    """The tiny random model with a louder EOS row, so that some samples end early and some run to the limit."""
+    from posttrain.testing import tiny_model
+
+    model = tiny_model(len(tiny_tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 25
+    return model.eval()
+
+
+def _prompt_ids(tok):
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+def _generate(model, tok, *, n=4, seed=0, temperature=1.0, stop=(), batch_size=None, max_new_tokens=10):
+    return HFEngine().generate(
+        model,
+        tok,
+        _prompt_ids(tok),
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        stop=list(stop),
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def _first(row: list[int], token: int) -> int | None:
+    return row.index(token) if token in row else None
+
+
+def test_samples_are_contiguous_and_masks_end_at_the_first_eos(eos_model, tiny_tokenizer):
+    tok, n = tiny_tokenizer, 4
+    r = _generate(eos_model, tok, n=n)
+    prompts = _prompt_ids(tok)
+    N, P = r.prompt_ids.shape
+    assert N == n * len(prompts) and P == max(len(p) for p in prompts)
+    for i in range(N):  # rows i*n .. i*n + n - 1 are prompt i, left-padded
+        p = prompts[i // n]
+        assert r.prompt_ids[i, P - len(p) :].tolist() == p
+        assert r.prompt_mask[i].tolist() == [0] * (P - len(p)) + [1] * len(p)
+    ended = truncated = 0
+    for i, row in enumerate(r.completion_ids.tolist()):
+        eos = _first(row, EOS)
+        length = len(row) if eos is None else eos + 1
+        assert r.completion_mask[i].tolist() == [1] * length + [0] * (len(row) - length)
+        assert all(t == tok.pad_token_id for t in row[length:])  # generate pads finished rows
+        assert bool(r.truncated[i]) == (eos is None)
+        assert r.texts[i] == tok.decode(row[:length], skip_special_tokens=True)
+        assert (r.sampling_logps[i, length:] == 0).all() and (r.sampling_logps[i, :length] < 0).all()
+        ended, truncated = ended + (eos is not None), truncated + (eos is None)
+    assert ended and truncated  # both cases are covered by this seed
+    torch.testing.assert_close(r.lengths, r.completion_mask.sum(-1))
+
+
+@pytest.mark.parametrize("temperature,batch_size", [(1.0, None), (0.7, 5)])
+def test_sampling_logps_equal_a_teacher_forced_pass(eos_model, tiny_tokenizer, temperature, batch_size):
+    """The rollout and the loss must agree on positions and padding (left-padded prompts, the position ids that
+    generate used). Sampling log-probs (KV cache, token by token; several generate calls when batch_size is
+    set) equal one teacher-forced forward at the same temperature over the completion tokens."""
+    from posttrain.models.logprobs import selected_token_logps
+
+    r = _generate(eos_model, tiny_tokenizer, temperature=temperature, batch_size=batch_size)
+    t = sequence_tensors(r)
+    P = r.prompt_ids.shape[1]
+    inputs = {k: t[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        logps, _ = selected_token_logps(eos_model, inputs, t["completion_mask"], temperature=temperature)
+        # Control: attending to the left padding scores the padded rows differently, so the check has teeth.
+        # (Dropping position_ids would not show: RoPE scores depend on relative positions only, and a left pad
+        # shifts every position of a row by the same amount.)
+        padded, _ = selected_token_logps(
+            eos_model,
+            {**inputs, "attention_mask": torch.ones_like(t["attention_mask"])},
+            t["completion_mask"],
+            temperature=temperature,
+        )
+    mask = r.completion_mask.bool()
+    torch.testing.assert_close(logps[:, P:][mask], r.sampling_logps[mask], rtol=0, atol=1e-5)
+    assert (padded[:, P:][mask] - r.sampling_logps[mask]).abs().max() > 1e-2
+
+
+def test_stop_strings_cut_the_mask_and_the_text(eos_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    plain = _generate(eos_model, tok, seed=3)
+    rows = plain.completion_ids.tolist()
+
+    def char(t: int) -> str:
+        s = tok.decode([t])
+        return s if len(s) == 1 and s.isascii() and s.isalnum() else ""
+
+    # A two-character stop string spread over two tokens of some sample (found, not assumed).
+    row, j = next(
+        (i, j) for i, row in enumerate(rows) for j in range(1, 6) if char(row[j - 1]) and char(row[j])
+    )
+    stop = char(rows[row][j - 1]) + char(rows[row][j])
+    cut = _generate(eos_model, tok, seed=3, stop=[stop])
+    assert torch.equal(cut.completion_ids, plain.completion_ids)  # stop strings do not change the sampling
+    hits = 0
+    for i, ids in enumerate(rows):
+        chars = [char(t) for t in ids]
+        at = next((k for k in range(1, len(ids)) if chars[k - 1] + chars[k] == stop), None)
+        eos = _first(ids, EOS)
+        if at is not None and (eos is None or at < eos):  # the token completing the stop string ends the row
+            hits += 1
+            assert cut.completion_mask[i].tolist() == [1] * (at + 1) + [0] * (len(ids) - at - 1)
+            assert cut.texts[i] == tok.decode(ids[: at - 1], skip_special_tokens=True)  # cut before the stop
+            assert not cut.truncated[i]
+        else:
+            assert torch.equal(cut.completion_mask[i], plain.completion_mask[i])
+            assert cut.texts[i] == plain.texts[i]
+    assert hits >= 1
+    mask = cut.completion_mask.bool()
+    torch.testing.assert_close(cut.sampling_logps[mask], plain.sampling_logps[mask], rtol=0, atol=0)
+
+
+def test_sampling_defaults_of_the_model_do_not_leak_into_rollouts(eos_model, tiny_tokenizer):
+    """A model's generation_config.json may set repetition_penalty, top_k, min_new_tokens...: none of them may
+    change what is sampled, or the sampler would no longer be the softmax the losses score."""
+    plain = _generate(eos_model, tiny_tokenizer, seed=5)
+    gc = eos_model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.typical_p, gc.min_new_tokens, gc.no_repeat_ngram_size = (
+        1.5,
+        3,
+        0.5,
+        9,
+        1,
+    )
+    skewed = _generate(eos_model, tiny_tokenizer, seed=5)
+    assert torch.equal(skewed.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(skewed.sampling_logps, plain.sampling_logps, rtol=0, atol=0)
+
+
+def test_seed_repeats_rollouts_and_leaves_the_global_rng_alone(eos_model, tiny_tokenizer):
+    eos_model.train()
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a = _generate(eos_model, tiny_tokenizer, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert eos_model.training  # sampled in eval mode, then put back
+    b = _generate(eos_model, tiny_tokenizer, seed=7)
+    c = _generate(eos_model, tiny_tokenizer, seed=8)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.sampling_logps, b.sampling_logps)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_sequence_tensors_by_hand():
+    r = Rollout(
+        prompt_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]),
+        prompt_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        completion_ids=torch.tensor([[10, 2, 0], [11, 12, 13]]),
+        completion_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
+        sampling_logps=torch.zeros(2, 3),
+        texts=["", ""],
+        truncated=torch.tensor([False, True]),
+    )
+    t = sequence_tensors(r)
+    assert t["input_ids"].tolist() == [[0, 5, 6, 10, 2, 0], [7, 8, 9, 11, 12, 13]]
+    assert t["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # Row 0: real tokens count from 0 after the left pad (the pad itself gets 0; it is masked anyway).
+    assert t["position_ids"].tolist() == [[0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5]]
+    assert t["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+
+
+def test_trim_drops_all_padding_columns_only():
+    batch = {
+        "input_ids": torch.tensor([[0, 5, 6, 7, 0], [0, 0, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]]),
+        "advantages": torch.tensor([1.0, -1.0]),  # per sequence: untouched
+        "other": torch.ones(2, 3),  # another width: untouched
+    }
+    out = trim(batch)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert out["advantages"] is batch["advantages"] and out["other"] is batch["other"]
+    empty = {"attention_mask": torch.zeros(1, 2, dtype=torch.long)}
+    assert trim(empty) is empty
+
+
+# ---------------------------------------------------------------------------------------------- rollout source
+def _source(tmp_path, *, prompts=12, world=1, rank=0, **overrides):
+    from posttrain.algorithms.base import PreparedData, SourceContext
+    from posttrain.config import load_config
+    from posttrain.rollout.source import PromptExample
+
+    base = {
+        "algorithm.name": "grpo",
+        "algorithm.rewards": "[exact_match]",
+        "algorithm.grpo.num_generations": 2,
+        "optim.batch_size": 4,
+        "optim.micro_batch_size": 2,
+        "algorithm.rollout.batch_size": 8,
+        "run.seed": 3,
+    }
+    base.update(overrides)
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()])
+    data = PreparedData(
+        train=[PromptExample([i], f"p{i}", {"answer": str(i)}) for i in range(prompts)],
+        collate=lambda x: x,
+    )
+    ctx = SourceContext(
+        cfg=cfg,
+        data=data,
+        model=None,
+        tokenizer=None,
+        accelerator=SimpleNamespace(num_processes=world, process_index=rank),
+        run_dir=tmp_path,
+        micro_batch_size=cfg.optim.micro_batch_size,
+    )
+    return RolloutSource(ctx, group_size=cfg.algorithm.grpo.num_generations, process=None)
+
+
+def _tensors(n: int, tag: int = 0) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.arange(n)[:, None].repeat(1, 3),
+        "attention_mask": torch.ones(n, 3, dtype=torch.long),
+        "seq": torch.arange(n),
+        "rollout": torch.full((n,), tag),
+    }
+
+
+def test_split_into_steps_and_micro_batches(tmp_path):
+    # rollout 8 sequences, steps of 4, micro-batches of 2, one pass: 2 steps x 2 micro-batches, in order.
+    src = _source(tmp_path)
+    assert src.steps_per_rollout == 2 and src.prompts_per_rollout == 4
+    assert src.rollouts_per_epoch == 3 and src.steps_per_epoch == 6
+    steps = src.split(_tensors(8), index=0)
+    assert [[mb["seq"].tolist() for mb in step] for step in steps] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+
+
+def test_epochs_reshuffle_every_pass_after_the_first(tmp_path):
+    src = _source(tmp_path, **{"algorithm.rollout.epochs": 3})
+    assert src.steps_per_rollout == 6
+    steps = src.split(_tensors(8), index=0)
+    passes = [[s for step in steps[k : k + 2] for mb in step for s in mb["seq"].tolist()] for k in (0, 2, 4)]
+    assert passes[0] == list(range(8))  # the first pass keeps the sampling order
+    for p in passes[1:]:
+        assert sorted(p) == list(range(8)) and p != list(range(8))  # every sequence once, reshuffled
+    assert passes[1] != passes[2]
+    assert all(len(mb["seq"]) == 2 for step in steps for mb in step)
+    again = src.split(_tensors(8), index=0)
+    other = src.split(_tensors(8), index=1)
+    flat = lambda s: [x for step in s for mb in step for x in mb["seq"].tolist()]  # noqa: E731
+    assert flat(again) == flat(steps) and flat(other) != flat(steps)  # seeded by the rollout index
+
+
+def test_prompts_are_a_seeded_permutation_per_epoch_and_sharded(tmp_path):
+    src = _source(tmp_path)
+    epoch0 = [e.prompt for i in range(3) for e in src.rollout_prompts(i)]
+    epoch1 = [e.prompt for i in range(3, 6) for e in src.rollout_prompts(i)]
+    assert sorted(epoch0) == sorted(epoch1) == sorted(f"p{i}" for i in range(12))
+    assert epoch0 != epoch1
+    ranks = [_source(tmp_path, world=2, rank=r) for r in (0, 1)]
+    shards = [[e.prompt for e in s.rollout_prompts(4)] for s in ranks]
+    assert len(shards[0]) == len(shards[1]) == 2 and not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(e.prompt for e in src.rollout_prompts(4))
+
+
+@pytest.mark.parametrize("start_step", [0, 3, 4])
+def test_resuming_lands_on_the_right_rollout_and_step(tmp_path, monkeypatch, start_step):
+    from posttrain.algorithms.base import STEP_METRICS
+
+    src = _source(tmp_path)  # 2 steps per rollout
+    made = []
+
+    def make_rollout(index):
+        made.append(index)
+        return _tensors(8, tag=index), {"rollout": float(index), "gen_time_s": 1.0}
+
+    monkeypatch.setattr(src, "make_rollout", make_rollout)
+    it = src(start_step)
+    got = [next(it) for _ in range(3)]
+    for k, step in enumerate(got):
+        global_step = start_step + k
+        index, within = divmod(global_step, 2)
+        *micro, meta = step
+        assert {int(mb["rollout"][0]) for mb in micro} == {index}
+        assert [s for mb in micro for s in mb["seq"].tolist()] == list(range(4 * within, 4 * within + 4))
+        # the generation cost rides on the first step taken from each rollout
+        assert ("gen_time_s" in meta[STEP_METRICS]) == (k == 0 or within == 0)
+        assert meta[STEP_METRICS]["rollout"] == index
+    assert made == sorted({(start_step + k) // 2 for k in range(3)})
+
+
+def test_an_empty_step_only_logs(tmp_path, monkeypatch):
+    """Every group dropped (grpo.drop_uniform_groups): the steps carry metrics and nothing to train."""
+    from posttrain.algorithms.base import STEP_METRICS
+
+    src = _source(tmp_path)
+    monkeypatch.setattr(src, "make_rollout", lambda index: (_tensors(0), {"rollout": float(index)}))
+    first = next(src(0))
+    assert len(first) == 1 and first[0][STEP_METRICS]["loss"] == 0.0
+
+
+def test_drop_uniform_groups_is_refused_on_several_processes(tmp_path):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="drop_uniform_groups"):
+        _source(tmp_path, world=2, **{"algorithm.grpo.drop_uniform_groups": "true"})
