@@ -91,7 +91,8 @@ class DPOSection(_Section):
 
 class RolloutSection(_Section):
     engine: Literal["hf", "vllm"] = "hf"
-    """Sampling engine: transformers `generate` (any machine) or vLLM (GPU, optional extra)."""
+    """Sampling engine: `hf`, transformers `generate` (any machine). `vllm` is reserved for a vLLM engine on GPU
+    machines and not implemented yet (see docs/rl.md)."""
     batch_size: int | None = Field(None, gt=0)
     """Completions sampled per rollout (over all processes). Default: `optim.batch_size`."""
     epochs: int = Field(1, gt=0)
@@ -161,7 +162,8 @@ class AlgorithmConfig(_Section):
     reward_model: str | None = None
     """PPO/GRPO: a trained reward model folder (`algorithm.name=reward` run's final/), added to the rewards."""
     reward_fallback: float = 0.0
-    """Reward given to a sample whose reward function raised or returned NaN (the count is logged)."""
+    """Value a reward function's output takes for a sample it failed on (raised, or gave NaN, inf or a non-number);
+    it is weighted like any other value. Failures are counted per function in the metrics."""
     rollout: RolloutSection = RolloutSection()
     """Sampling settings for GRPO and PPO."""
     grpo: GRPOSection = GRPOSection()

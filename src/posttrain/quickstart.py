@@ -177,5 +177,8 @@ def format_before_after(before: dict, after: dict) -> str:
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]
     for k in keys:
         b, a = before[k], after.get(k, 0.0)
-        lines.append(f"| {k} | {100 * b:.1f}% | {100 * a:.1f}% | {100 * (a - b):+.1f} pts |")
+        if "margin" in k:  # a difference of rewards, not a rate
+            lines.append(f"| {k} | {b:+.3f} | {a:+.3f} | {a - b:+.3f} |")
+        else:
+            lines.append(f"| {k} | {100 * b:.1f}% | {100 * a:.1f}% | {100 * (a - b):+.1f} pts |")
     return "\n".join(lines)

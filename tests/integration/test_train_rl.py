@@ -246,3 +246,40 @@ def test_ppo_resumes_mid_rollout_with_its_value_head(rl):
     assert "gen_time_s" in hist[3]  # rollout 1 was sampled again after the restart
     assert hist[0]["value_loss"] == pytest.approx(0.5, abs=1e-6)
     assert abs(hist[3]["value_loss"] - 0.5) > 0.05
+
+
+def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatch):
+    """A misspelt reward or a broken reward file is a ConfigError naming the spec, raised before any model load."""
+    from posttrain import models
+    from posttrain.errors import ConfigError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the reward specs were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: unknown reward 'numeric_answr'"):
+        train(rl("bad-name", **{"algorithm.rewards": "[numeric_answr]"}))
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(
+        ConfigError, match=r"algorithm.rewards\[0\]: importing .*broken.py.* RuntimeError: boom"
+    ):
+        train(rl("bad-file", **{"algorithm.rewards": f"[{tmp_path / 'broken.py'}:f]"}))
+
+
+def test_a_failing_reward_is_reported_once_and_the_run_goes_on(rl, tmp_path, capsys):
+    """The first sample of every call is NaN: it gets the fallback and is counted each rollout; the reason is
+    printed once; the run finishes."""
+    (tmp_path / "flaky.py").write_text(
+        "def flaky(prompts, completions, **kwargs):\n"
+        "    return [float('nan')] + [1.0] * (len(completions) - 1)\n"
+    )
+    result = train(
+        rl("flaky", **{"algorithm.rewards": f"[{tmp_path / 'flaky.py'}:flaky]", "run.max_steps": 3})
+    )
+    out = capsys.readouterr().out
+    assert (
+        out.count("warning: reward 'flaky' failed on 1 of 16 samples") == 1 and "not a finite number" in out
+    )
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [h["reward/failures_flaky"] for h in hist] == [1.0, 1.0, 1.0]
+    assert [h["reward/flaky_mean"] for h in hist] == [15 / 16] * 3  # the fallback 0 counted in the mean

@@ -126,6 +126,18 @@ def test_ppo_holds_four_models():
     assert e.breakdown_gb["value_model"] == pytest.approx(112.0, rel=1e-12)  # a second trained model
 
 
+def test_ppo_value_head_drops_the_critic_from_memory_and_compute():
+    """posttrain's PPO reads values from a head on the policy: no 112 GB critic, no extra value passes."""
+    critic = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6)
+    head = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6, value_model="head")
+    assert head.breakdown_gb["value_model"] == 0.0 and critic.breakdown_gb["value_model"] == pytest.approx(
+        112.0
+    )
+    assert critic.peak_memory_gb - head.peak_memory_gb == pytest.approx(112.0, rel=1e-9)
+    # the critic's share: a forward (2 P) and a training pass (6 P) per token of the 1e6 tokens
+    assert critic.flops - head.flops == pytest.approx((2 + 6) * 7e9 * 1e6, rel=1e-9)
+
+
 def test_peak_counts_generation_and_training_phases_once():
     e = estimate("7b", method="grpo", technique="lora")
     b = e.breakdown_gb

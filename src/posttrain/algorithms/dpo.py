@@ -388,7 +388,8 @@ def make_source(ctx):
         if ctx.data.eval is not None:  # fixed pairs: their reference log-probs are computed once, here
             pairs = list(ctx.data.eval)
             attach_reference(
-                pairs, reference_pair_logps(reference, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device)
+                pairs,
+                reference_pair_logps(reference, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device),
             )
         return _WithReference(source, reference)
     return source

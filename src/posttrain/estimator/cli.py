@@ -73,7 +73,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--reference", default=None, help=f"DPO/PPO/GRPO reference: one of {', '.join(REFERENCES)}")
     a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO)")
     a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO)")
-    a("--value-model", default=None, help="PPO critic size or name (default: the policy's)")
+    a(
+        "--value-model",
+        default=None,
+        help="PPO critic size or name (default: the policy's), or 'head': a value head on the policy, as posttrain's ppo",
+    )
     a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
     a("--mfu", type=float, default=0.40, help="assumed fraction of peak FLOP/s")
     a("--json", action="store_true", help="print JSON instead of a table")

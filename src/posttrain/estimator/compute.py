@@ -54,7 +54,8 @@ def flops_breakdown(s: Setup, tokens: float) -> dict[str, float]:
         if s.reward_arch is not None:
             out["reward_forward"] = forward * s.reward_arch.params
     if s.method == "ppo":
-        out["old_logprobs_forward"] = forward * p
+        out["old_logprobs_forward"] = forward * p  # with a value head, this pass also gives the values
+    if s.method == "ppo" and not s.value_head:
         c = s.value_arch.params if s.value_arch is not None else p
         out["value_forward"] = forward * c
         out["value_training"] = train_flops_per_token(s, c) * tokens

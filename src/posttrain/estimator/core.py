@@ -176,9 +176,13 @@ def _setup(
                 "reward_model='7b') or reward_function=True (a program computes the reward). With a program "
                 "and no critic budget, grpo is the usual choice."
             )
-        value_arch, _ = resolve_model(value_model) if value_model is not None else (arch, [])
-        s = replace(s, value_arch=value_arch)
-        notes.append(f"PPO critic: {value_arch.name}, trained with the policy's technique ({technique})")
+        if value_model == "head":  # posttrain's own PPO: a scalar head on the policy's last hidden state
+            s = replace(s, value_arch=None, value_head=True)
+            notes.append("PPO value head on the policy backbone: no separate critic in memory or compute")
+        else:
+            value_arch, _ = resolve_model(value_model) if value_model is not None else (arch, [])
+            s = replace(s, value_arch=value_arch)
+            notes.append(f"PPO critic: {value_arch.name}, trained with the policy's technique ({technique})")
     if method in memory.RL_METHODS:
         if reward_model is not None:
             s = replace(s, reward_arch=resolve_model(reward_model)[0])

@@ -73,6 +73,7 @@ class Setup:
     reference: str = "none"  # model | adapter | precomputed | none
     reward_arch: Arch | None = None  # a learned reward model held in memory (PPO, GRPO)
     value_arch: Arch | None = None  # the critic (PPO)
+    value_head: bool = False  # PPO values from a head on the policy (no critic model; posttrain's own PPO)
     rollout_engine: str = "hf"  # hf (generate, KV cache freed after) | vllm (resident engine)
     attention: str = "flash"  # flash/sdpa (no s^2 scores kept) | eager
 

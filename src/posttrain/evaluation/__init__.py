@@ -32,14 +32,20 @@ def load_for_inference(name_or_path: str):
     return model, tokenizer
 
 
-def score_completions(task: str, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
-    """Mean of every verifier metric over the rows (booleans count as 0/1), plus `n`."""
+def score_completions(
+    task: str, completions: Sequence[str], rows: Sequence[dict], per_row: list[dict] | None = None
+) -> dict[str, float]:
+    """Mean of every verifier metric over the rows (booleans count as 0/1), plus `n`. `per_row`, when given,
+    receives each row's verifier metrics (for paired comparisons, `paired_change`)."""
     from posttrain.data import TASKS
 
     verify = TASKS[task].verify
     totals: dict[str, float] = {}
     for completion, row in zip(completions, rows):
-        for k, v in verify(completion, row["answer"]).items():
+        checked = verify(completion, row["answer"])
+        if per_row is not None:
+            per_row.append({k: float(v) for k, v in checked.items()})
+        for k, v in checked.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     n = max(len(rows), 1)
     return {"n": float(len(rows)), **{k: v / n for k, v in totals.items()}}
@@ -57,9 +63,11 @@ def evaluate_task(
     max_new_tokens: int = 128,
     batch_size: int = 16,
     completions_out: list[str] | None = None,
+    per_row: list[dict] | None = None,
 ) -> dict[str, float]:
     """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding.
-    `completions_out`, when given, receives the generated answers (e.g. for a judge)."""
+    `completions_out` and `per_row`, when given, receive the generated answers (e.g. for a judge) and each
+    row's verifier metrics."""
     from posttrain.data import TASKS
     from posttrain.errors import UserError
     from posttrain.models import generate
@@ -78,7 +86,29 @@ def evaluate_task(
     )
     if completions_out is not None:
         completions_out.extend(completions)
-    return score_completions(task, completions, rows)
+    return score_completions(task, completions, rows, per_row)
+
+
+def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
+    """How a 0/1 metric changed on the same rows: rows gained (0 -> 1), lost (1 -> 0), and the exact two-sided
+    McNemar p-value, the chance of a split at least this uneven between gained and lost if training changed
+    nothing (McNemar 1947; exact binomial form: 2 P[Bin(gained + lost, 1/2) <= min(gained, lost)], capped at 1).
+
+    Worked example: 12 gained, 3 lost -> 2 P[Bin(15, 1/2) <= 3] = 2 (1 + 15 + 105 + 455) / 2^15 = 0.0352.
+
+    >>> r = paired_change([0] * 12 + [1] * 3 + [1] * 5, [1] * 12 + [0] * 3 + [1] * 5)
+    >>> r["gained"], r["lost"], round(r["p_value"], 4)
+    (12, 3, 0.0352)
+    """
+    from math import comb
+
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} rows before but {len(after)} after")
+    gained = sum(1 for b, a in zip(before, after) if not b and a)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    n = gained + lost
+    tail = sum(comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
 HEADLINE_METRICS = ["json_valid", "schema_match", "exact"]

@@ -70,7 +70,9 @@ def preference_accuracy(
     model.eval()
     try:
         pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size)
-        if reference is not None:
+        if reference is model:  # a model compared with itself (e.g. the base before training): one pass
+            rc, rr = pc, pr
+        elif reference is not None:
             rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size)
         elif is_adapter_model(model):
             with model.disable_adapter():

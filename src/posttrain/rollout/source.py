@@ -125,10 +125,8 @@ class RolloutSource:
             )
         self.rollouts_per_epoch = len(self.prompts) // self.prompts_per_rollout
         self.steps_per_epoch = self.rollouts_per_epoch * self.steps_per_rollout
-        specs = list(alg.rewards)
-        if alg.reward_model:
-            specs.append({"name": "reward_model", "args": {"path": alg.reward_model}})
-        self.rewards = build_reward_functions(parse_reward_specs(specs))
+        self.rewards = build_reward_functions(parse_reward_specs(reward_specs(cfg)))
+        self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.engine = get_engine(alg.rollout.engine)
         self.seed = cfg.run.seed
 
@@ -177,6 +175,14 @@ class RolloutSource:
             fallback=ctx.cfg.algorithm.reward_fallback,
         )
         reward_time = time.perf_counter() - t1
+        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
+            if name not in self.warned and ctx.accelerator.is_main_process:
+                self.warned.add(name)
+                print(
+                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
+                    f"of rollout {index} (they got algorithm.reward_fallback = {ctx.cfg.algorithm.reward_fallback}): "
+                    f"{error}; further failures are only counted (reward/failures_{name} in metrics.jsonl)"
+                )
         rewards = torch.tensor(result.total, dtype=torch.float32)
         lengths = rollout.lengths.float()
         metrics = {
@@ -250,11 +256,13 @@ def prepare_prompts(cfg, tokenizer):
     from posttrain.data import load_rows
     from posttrain.data.render import render_prompt
     from posttrain.errors import DataError, Problem
+    from posttrain.rewards import parse_reward_specs
 
     if not cfg.data.train:
         raise ConfigError(
             "data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)"
         )
+    parse_reward_specs(reward_specs(cfg))  # a bad reward spec or user file fails here, before the model loads
     rows = load_rows(cfg.data.train, "prompts")
     room = cfg.data.max_length - cfg.algorithm.rollout.max_new_tokens
     examples, problems = [], []
@@ -321,3 +329,11 @@ def batched_logps(model, tensors: dict[str, torch.Tensor], micro: int, temperatu
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def reward_specs(cfg) -> list:
+    """`algorithm.rewards`, plus the trained reward model of `algorithm.reward_model` when one is set."""
+    specs = list(cfg.algorithm.rewards)
+    if cfg.algorithm.reward_model:
+        specs.append({"name": "reward_model", "args": {"path": cfg.algorithm.reward_model}})
+    return specs
