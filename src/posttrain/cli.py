@@ -261,19 +261,17 @@ def _cmd_evaluate(args) -> int:
         rows = rows[: args.n]
     else:
         rows = _task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     if args.judge is not None and not os.path.isdir(args.judge):
         raise UserError(f"--judge {args.judge}: not a folder (give a reward model's final/ or run folder)")
     _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
     completions: list[str] = []
     metrics = evaluate_task(
-        model,
-        tokenizer,
-        args.task,
-        rows=rows,
-        max_new_tokens=args.max_new_tokens,
-        completions_out=completions,
-    )
+        model, tokenizer, args.task, rows=rows, max_new_tokens=args.max_new_tokens, completions_out=completions,
+        temperature=args.temperature, sample_seed=args.seed,
+    )  # fmt: skip
     if args.judge is not None:
         from posttrain.evaluation.preference import judge_scores
 
@@ -428,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
     e.add_argument("--data", help="prompts file with an `answer` per row, instead of freshly made task rows")
     e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one seeded sample"
+    )
     e.add_argument("--judge", help="also score the answers with a trained reward model (its folder)")
     e.add_argument(
         "--pairs", help="preference file: report how the model ranks its pairs (DPO implicit reward)"

@@ -8,11 +8,13 @@ up to 100 (the dequantised Q4_1 weights make its low-probability tail noisy). St
 
 1. data in ``RUN/data``: training pairs (DPO) or prompts (GRPO, PPO), held-out prompts in wordings never used
    in training, and (DPO) held-out pairs;
-2. the base model's scores on the held-out prompts (greedy; verifier: ``correct``, ``formatted``, ``has_number``)
-   and, for DPO, its ranking of the held-out pairs; cached in ``RUN/eval_base.json``;
+2. the base model's scores on the held-out prompts, greedy and one sample each at the RL temperature 0.7
+   (verifier: ``correct``; ``formatted``: the answer is marked ``Answer: N``) and, for DPO, its ranking of the
+   held-out pairs; cached in ``RUN/eval_base.json``;
 3. training through the normal `posttrain.train.train` path (re-running resumes it);
 4. the trained model's scores on the same held-out data; the table with the change per metric and, for
-   ``correct``, the prompts gained and lost and the exact McNemar p-value (`evaluation.paired_change`).
+   ``correct`` (greedy and sampled), the prompts gained and lost and the exact McNemar p-value
+   (`evaluation.paired_change`).
 
 What this module does not do: choose hyperparameters at run time. The recipes below are fixed, and their
 measured results are in README.md.
@@ -32,27 +34,24 @@ TASK = {"min_ops": 1, "max_ops": 1, "max_value": 10}
 N_HELDOUT = 200  # held-out prompts: a 10-point change in accuracy is then about 2 standard errors
 N_HELDOUT_PAIRS = 60
 MAX_NEW_TOKENS = 64  # one-step answers need ~15 tokens; the base model's rambles are cut here
+TEMPERATURE = 0.7  # RL sampling; evaluation reports greedy and one sample per prompt at this temperature
+EVAL_BATCH = 50  # prompts per generate call when scoring (larger batches use the 2 cores better)
+# A format reward alongside the verifier: the base model marks its answer ("Answer: N") in ~20% of samples.
+FORMAT_REWARD = {"name": "regex_format", "weight": 0.5, "args": {"pattern": r"Answer:\s*-?\d", "flags": "i"}}
+RL_ROLLOUT = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE}
 
 _COMMON = {
     "model": {"name": "smollm2-135m-instruct"},
     "technique": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
 }
+_DPO_OPTIM = {"lr": 5e-4, "batch_size": 8, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1}
 RECIPES: dict[str, dict] = {
     "dpo": {
         "steps": 20,
         "config": {
             "data": {"max_length": 320},
-            "algorithm": {
-                "name": "dpo",
-                "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "adapter"},
-            },
-            "optim": {
-                "lr": 5e-4,
-                "batch_size": 8,
-                "warmup_steps": 2,
-                "schedule": "cosine",
-                "min_lr_ratio": 0.1,
-            },
+            "algorithm": {"name": "dpo", "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "adapter"}},
+            "optim": _DPO_OPTIM,
         },
     },
     "grpo": {
@@ -61,11 +60,11 @@ RECIPES: dict[str, dict] = {
             "data": {"max_length": 256},
             "algorithm": {
                 "name": "grpo",
-                "rewards": ["task"],
-                "rollout": {"batch_size": 32, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.7},
-                "grpo": {"num_generations": 8, "loss_type": "dapo", "scale": "group", "beta": 0.0},
+                "rewards": ["task", FORMAT_REWARD],
+                "rollout": {"batch_size": 32, **RL_ROLLOUT},
+                "grpo": {"num_generations": 8, "loss_type": "dapo", "scale": "group", "beta": 0.0, "clip_eps_high": 0.28},
             },
-            "optim": {"lr": 1e-4, "batch_size": 32, "micro_batch_size": 8, "schedule": "constant"},
+            "optim": {"lr": 3e-4, "batch_size": 32, "micro_batch_size": 8, "schedule": "constant"},
         },
     },
     "ppo": {
@@ -74,26 +73,23 @@ RECIPES: dict[str, dict] = {
             "data": {"max_length": 256},
             "algorithm": {
                 "name": "ppo",
-                "rewards": ["task"],
-                "rollout": {
-                    "batch_size": 16,
-                    "epochs": 2,
-                    "max_new_tokens": MAX_NEW_TOKENS,
-                    "temperature": 0.7,
-                },
+                "rewards": ["task", FORMAT_REWARD],
+                "rollout": {"batch_size": 16, "epochs": 2, **RL_ROLLOUT},
                 "ppo": {"kl_coef": 0.05, "vf_coef": 0.1, "lam": 0.95, "gamma": 1.0},
             },
             "optim": {"lr": 1e-4, "batch_size": 8, "schedule": "constant"},
         },
     },
-}
+}  # fmt: skip
 
 
 def recipe_config(
-    method: str, run_dir: Path, train_file: Path, steps: int, eval_file: Path | None = None
-) -> dict:
+    method: str, run_dir: Path, train_file: Path, steps: int, eval_file: Path | None = None,
+    model: str = "smollm2-135m-instruct",
+) -> dict:  # fmt: skip
     """The run config of a recipe, as the YAML a user would write."""
     cfg = json.loads(json.dumps({**_COMMON, **RECIPES[method]["config"]}))  # a deep copy
+    cfg["model"]["name"] = model
     cfg["data"]["train"] = str(train_file)
     if eval_file is not None:
         cfg["data"]["eval"] = str(eval_file)
@@ -103,14 +99,14 @@ def recipe_config(
     return cfg
 
 
-def _make_data(method: str, data_dir: Path) -> dict[str, Path]:
+def _make_data(method: str, data_dir: Path, n_heldout: int) -> dict[str, Path]:
     from posttrain.data import TASKS, make_pairs, make_prompts, write_jsonl
 
     task = TASKS["arithmetic"].__class__(**TASK)
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "heldout": write_jsonl(
-            make_prompts(task, N_HELDOUT, seed=2, split="heldout"), data_dir / "heldout.jsonl"
+            make_prompts(task, n_heldout, seed=2, split="heldout"), data_dir / "heldout.jsonl"
         )
     }
     if method == "dpo":
@@ -129,11 +125,15 @@ def _scores(model, tokenizer, method: str, files: dict[str, Path], *, reference=
     from posttrain.evaluation import evaluate_task
 
     rows = [json.loads(line) for line in files["heldout"].read_text(encoding="utf-8").splitlines()]
-    per_row: list[dict] = []
-    out = evaluate_task(
-        model, tokenizer, "arithmetic", rows=rows, max_new_tokens=MAX_NEW_TOKENS, per_row=per_row
-    )
-    out["per_row_correct"] = [r["correct"] for r in per_row]
+    out: dict = {}
+    for mode, temperature in (("", 0.0), ("sampled_", TEMPERATURE)):
+        per_row: list[dict] = []
+        rates = evaluate_task(model, tokenizer, "arithmetic", rows=rows, max_new_tokens=MAX_NEW_TOKENS,
+                              batch_size=EVAL_BATCH, per_row=per_row, temperature=temperature)  # fmt: skip
+        out.update(
+            {f"{mode}{k}": v for k, v in rates.items() if k != "has_number" and not (mode and k == "n")}
+        )
+        out[f"per_row_{mode}correct"] = [r["correct"] for r in per_row]
     if method == "dpo":
         from posttrain.evaluation.preference import preference_accuracy
 
@@ -145,9 +145,11 @@ def _scores(model, tokenizer, method: str, files: dict[str, Path], *, reference=
 
 
 def run_recipe(
-    method: str, output_dir: str | None = None, steps: int | None = None, fresh: bool = False
-) -> dict:
-    """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``."""
+    method: str, output_dir: str | None = None, steps: int | None = None, fresh: bool = False, *,
+    model: str = "smollm2-135m-instruct", n_heldout: int = N_HELDOUT,
+) -> dict:  # fmt: skip
+    """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
+    `model` and `n_heldout` exist for tests (a tiny model, a few prompts); the published figures use the defaults."""
     from posttrain.config import ModelConfig, TechniqueConfig, config_from_dict
     from posttrain.errors import UserError
     from posttrain.evaluation import paired_change
@@ -167,9 +169,9 @@ def run_recipe(
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     _stage(f"data: arithmetic, one operation, amounts up to 10 -> {run_dir}/data")
-    files = _make_data(method, run_dir / "data")
+    files = _make_data(method, run_dir / "data", n_heldout)
     cfg = config_from_dict(
-        recipe_config(method, run_dir, files["train"], steps, files.get("pairs")),
+        recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model),
         source=f"quickstart {method}",
     )
 
@@ -179,7 +181,9 @@ def run_recipe(
         before = json.loads(base_file.read_text())
         print("base-model scores reused from", base_file)
     else:
-        _stage(f"scoring the base model on {N_HELDOUT} held-out prompts (greedy)")
+        _stage(
+            f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at T={TEMPERATURE})"
+        )
         base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
         before = _scores(base, tokenizer, method, files, reference=base)
         base_file.write_text(json.dumps(before, indent=1))
@@ -189,21 +193,24 @@ def run_recipe(
     _stage(f"{method.upper()} with LoRA for {steps} steps" + (" (resuming)" if resume else ""))
     result = train(cfg, resume=True, return_model=True)
 
-    _stage(f"scoring the trained model on the same {N_HELDOUT} held-out prompts")
+    _stage(f"scoring the trained model on the same {n_heldout} held-out prompts")
     model = result.model
     model.eval()
     after = _scores(model, result.tokenizer, method, files)
-    change = paired_change(before.pop("per_row_correct"), after.pop("per_row_correct"))
+    changes = {k: paired_change(before.pop(f"per_row_{k}"), after.pop(f"per_row_{k}"))
+               for k in ("correct", "sampled_correct")}  # fmt: skip
     minutes = (time.perf_counter() - started) / 60
     table = format_before_after(before, after).replace("| fine-tuned |", f"| after {method.upper()} |")
-    summary = (f"correct: {change['gained']} prompts gained, {change['lost']} lost of {N_HELDOUT}; exact McNemar "
-               f"p = {change['p_value']:.2g}")  # fmt: skip
-    report = {"method": method, "before": before, "after": after, "correct_change": change, "steps": steps,
+    summary = "\n".join(
+        f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n_heldout}; exact McNemar p = {c['p_value']:.2g}"
+        for k, c in changes.items()
+    )
+    report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
               "minutes": round(minutes, 1), "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n\n" + summary + "\n")
     _stage(
-        f"held-out results ({N_HELDOUT} prompts, wordings never seen in training; {minutes:.1f} min in all)"
+        f"held-out results ({n_heldout} prompts, wordings never seen in training; {minutes:.1f} min in all)"
     )
     print(table + "\n\n" + summary)
     print(f"\nadapter: {result.final_dir}\ntraining log: {run_dir / 'metrics.jsonl'}")

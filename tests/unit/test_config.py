@@ -82,26 +82,34 @@ def test_every_example_config_is_valid():
 
 
 @pytest.mark.parametrize("name", ["grpo_lora.yaml", "ppo_lora.yaml"])
-def test_rl_example_configs_reward_the_prompts_their_header_makes(name):
-    """The `posttrain data make ... --kind prompts` line in the header writes the config's data.train, and the
-    config's rewards give the task's own correct completions 1.0 on such rows (no fallback)."""
+def test_rl_example_configs_reward_the_prompts_their_header_makes(name, tmp_path):
+    """The `posttrain data make ... --kind prompts` line in the header (run as written, into a temporary folder)
+    writes rows that the config's rewards score: the task's own correct completions get 1.0 from every reward
+    function (no fallback), so the total is the sum of the weights."""
+    import json
     import shlex
 
-    from posttrain.data.tasks import TASKS, make_prompts
+    from posttrain.cli import main
     from posttrain.rewards import build_reward_functions, compute_rewards
 
     path = CONFIGS / name
     cfg = load_config(path)
     [line] = [ln for ln in path.read_text().splitlines() if ln.startswith("#") and "data make" in ln]
     argv = shlex.split(line.lstrip("# "))
-    task, kind, out = argv[3], argv[argv.index("--kind") + 1], argv[argv.index("--out") + 1]
-    assert argv[:3] == ["posttrain", "data", "make"] and kind == "prompts" and out == cfg.data.train
-    rows = make_prompts(task, 6)
-    completions = [r["completion"] for r in TASKS[task].make(6)]  # the same prompts, answered right
+    assert argv[:3] == ["posttrain", "data", "make"] and argv[argv.index("--kind") + 1] == "prompts"
+    assert argv[argv.index("--out") + 1] == cfg.data.train
+    out = tmp_path / "prompts.jsonl"
+    argv[argv.index("--out") + 1], argv[argv.index("--n") + 1] = str(out), "6"
+    assert main(argv[1:]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert argv[3] == "arithmetic" and all(r["metadata"]["task"] == "arithmetic" for r in rows)
+    completions = [f"Answer: {r['answer']}" for r in rows]  # each prompt answered right, in the task's format
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    result = compute_rewards(build_reward_functions(cfg.algorithm.rewards), [r["prompt"] for r in rows],
-                             completions, columns)  # fmt: skip
-    assert result.total == [1.0] * 6 and not any(result.failures.values()), result.errors
+    rewards = build_reward_functions(cfg.algorithm.rewards)
+    result = compute_rewards(rewards, [r["prompt"] for r in rows], completions, columns)
+    assert not any(result.failures.values()), result.errors
+    assert all(v == [1.0] * 6 for v in result.per_function.values()), result.per_function
+    assert result.total == [sum(r.weight for r in rewards)] * 6
 
 
 def test_top_level_list_is_a_clear_error(tmp_path):

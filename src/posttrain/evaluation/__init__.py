@@ -64,8 +64,11 @@ def evaluate_task(
     batch_size: int = 16,
     completions_out: list[str] | None = None,
     per_row: list[dict] | None = None,
+    temperature: float = 0.0,
+    sample_seed: int = 0,
 ) -> dict[str, float]:
-    """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding.
+    """Score `model` on `rows` (or `n` freshly made rows of the built-in `task`) with greedy decoding, or one
+    sample per prompt at `temperature` > 0 (repeatable by `sample_seed`).
     `completions_out` and `per_row`, when given, receive the generated answers (e.g. for a judge) and each
     row's verifier metrics."""
     from posttrain.data import TASKS
@@ -81,8 +84,9 @@ def evaluate_task(
         tokenizer,
         [r["prompt"] for r in rows],
         max_new_tokens=max_new_tokens,
-        temperature=0.0,
+        temperature=temperature,
         batch_size=batch_size,
+        seed=sample_seed if temperature > 0 else None,
     )
     if completions_out is not None:
         completions_out.extend(completions)
