@@ -243,12 +243,12 @@ def _cmd_evaluate(args) -> int:
     from posttrain.data import TASKS
     from posttrain.evaluation import evaluate_task, format_table, load_for_inference
 
+    if args.n <= 0:
+        raise UserError(f"--n must be a positive number of prompts or pairs, got {args.n}")
     if args.pairs is not None:
         return _evaluate_pairs(args)
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
-    if args.n <= 0:
-        raise UserError(f"--n must be a positive number of prompts, got {args.n}")
     if args.data is not None:
         from posttrain.data import load_rows
 
@@ -263,8 +263,12 @@ def _cmd_evaluate(args) -> int:
         rows = _task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
-    if args.judge is not None and not os.path.isdir(args.judge):
-        raise UserError(f"--judge {args.judge}: not a folder (give a reward model's final/ or run folder)")
+    if args.judge is not None:
+        from posttrain.models.heads import reward_model_problem
+
+        why = reward_model_problem(args.judge)
+        if why:
+            raise UserError(f"--judge: {why}")
     _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
     completions: list[str] = []
@@ -289,6 +293,8 @@ def _evaluate_pairs(args) -> int:
 
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
+    if args.max_length <= 0:
+        raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     rows = load_rows(args.pairs, "preference")[: args.n]
     _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)

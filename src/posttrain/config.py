@@ -123,6 +123,9 @@ class GRPOSection(_Section):
     """Lower clip of the importance ratio: 1 - clip_eps."""
     clip_eps_high: float | None = Field(None, gt=0)
     """Upper clip (DAPO clip-higher): 1 + clip_eps_high; default clip_eps."""
+    log_kl: bool = True
+    """Log the KL to the reference (k3) even when beta is 0: one no-grad reference forward per rollout (the
+    adapter disabled under LoRA). false skips it when beta is 0."""
     drop_uniform_groups: bool = False
     """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
 
@@ -259,6 +262,33 @@ class RunConfig(_Section):
                     f"algorithm.rollout.batch_size ({rollout}) must be a multiple of optim.batch_size "
                     f"({self.optim.batch_size}): each rollout is split into whole optimisation steps"
                 )
+        if alg.name in ("grpo", "ppo"):
+            if alg.rollout.top_p < 1.0:
+                raise ValueError(
+                    "algorithm.rollout.top_p < 1 is not supported for grpo/ppo: the losses score the untruncated "
+                    "distribution softmax(logits / temperature), so nucleus sampling would make the samples come "
+                    "from another policy than the one scored; lower algorithm.rollout.temperature instead"
+                )
+            if self.technique.dropout > 0:
+                raise ValueError(
+                    f"technique.dropout ({self.technique.dropout}) must be 0 for {alg.name}: rollouts and old "
+                    "log-probs are computed without dropout, so dropout in the loss would make the importance "
+                    "ratio differ from 1 by noise alone"
+                )
+            if alg.rollout.engine == "vllm":
+                raise ValueError(
+                    "algorithm.rollout.engine=vllm is not implemented yet; use algorithm.rollout.engine=hf"
+                )
+            if self.data.eval is not None:
+                raise ValueError(
+                    f"data.eval is not used by {alg.name} (RL has no fixed evaluation batches); remove it and "
+                    "score held-out prompts with `posttrain evaluate --task ... --data FILE`"
+                )
+        elif alg.rewards or alg.reward_model:
+            raise ValueError(
+                f"algorithm.rewards and algorithm.reward_model are used by grpo and ppo only, not by {alg.name}; "
+                "remove them (or set algorithm.name to grpo or ppo)"
+            )
         if alg.name == "dpo" and alg.dpo.reference == "adapter" and self.technique.name == "full":
             raise ValueError(
                 "algorithm.dpo.reference=adapter needs technique lora or qlora (full fine-tuning has no "

@@ -68,7 +68,7 @@ RECIPES: dict[str, dict] = {
         },
     },
     "ppo": {
-        "steps": 12,
+        "steps": 24,
         "config": {
             "data": {"max_length": 256},
             "algorithm": {
@@ -194,7 +194,7 @@ def run_recipe(
     result = train(cfg, resume=True, return_model=True)
 
     _stage(f"scoring the trained model on the same {n_heldout} held-out prompts")
-    model = result.model
+    model = getattr(result.model, "policy", result.model)  # PPO: the policy inside its value-head wrapper
     model.eval()
     after = _scores(model, result.tokenizer, method, files)
     changes = {k: paired_change(before.pop(f"per_row_{k}"), after.pop(f"per_row_{k}"))

@@ -50,9 +50,12 @@ def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, refe
             "optim.schedule": "constant",
         },
     )
+    from posttrain.config import TechniqueConfig
     from posttrain.models import load_model
 
-    before = _snapshot(load_model(cfg.model, cfg.technique))
+    before = _snapshot(
+        load_model(cfg.model, TechniqueConfig(name="full"))
+    )  # the base weights (no random init)
     result = train(cfg, return_model=True)
     hist = _metrics(result.run_dir)
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -60,12 +63,17 @@ def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, refe
     assert hist[0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
     assert hist[-1]["reward_accuracy"] > 0.5
-    after = dict(result.model.named_parameters())
-    changed = {n for n, p in after.items() if n in before and not torch.equal(before[n], p.detach())}
-    if technique == "lora":
-        assert changed and all("lora_" in n for n in changed)  # base weights frozen, adapters moved
-    else:
-        assert changed  # full fine-tuning moved base weights
+    if technique == "lora":  # base weights bit-for-bit frozen, adapters moved (lora_B starts at exactly 0)
+        from posttrain.testing import assert_base_unchanged
+
+        assert_base_unchanged(result.model, cfg.model.name)
+        lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.detach().abs().sum() > 0 for p in lora_b)
+    else:  # full fine-tuning moved every weight matrix of the base
+        after = dict(result.model.named_parameters())
+        assert set(after) == set(before)
+        moved = [n for n, p in after.items() if not torch.equal(before[n], p.detach())]
+        assert len(moved) >= len(after) - 1, sorted(set(after) - set(moved))
     if reference == "precompute":
         assert (result.run_dir / "reference_logps.pt").is_file()
 
@@ -132,6 +140,11 @@ def test_reward_model_trains_only_head_and_adapter(make_cfg, pairs_file):
     assert hist[-1]["accuracy"] == 1.0
     trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    from posttrain.testing import assert_base_unchanged
+
+    assert_base_unchanged(result.model, cfg.model.name, prefix="policy.")  # the backbone's base is frozen
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.detach().abs().sum() > 0 for p in lora_b)  # adapters moved from their zero init
     assert (result.final_dir / "score_head.safetensors").is_file()
 
     # the saved reward model scores like the trained one, as a reward function

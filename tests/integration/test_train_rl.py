@@ -62,23 +62,9 @@ def rl(make_cfg, tmp_path):
 
 
 def _frozen_base_unchanged(model, tiny_model_dir, prefix=""):
-    """Every parameter of the saved tiny model is untouched in `model` (a peft model, maybe under `prefix`)."""
-    from safetensors.torch import load_file
+    from posttrain.testing import assert_base_unchanged
 
-    on_disk = load_file(str(tiny_model_dir / "model.safetensors"))
-    params = dict(model.named_parameters())
-    checked = 0
-    for name, value in on_disk.items():
-        # peft: "<prefix>base_model.model.<name>", wrapped layers keep their weight as "...<layer>.base_layer.weight"
-        layer, _, leaf = name.rpartition(".")
-        for candidate in (
-            f"{prefix}base_model.model.{name}",
-            f"{prefix}base_model.model.{layer}.base_layer.{leaf}",
-        ):
-            if candidate in params:
-                assert torch.equal(params[candidate].detach().cpu(), value), candidate
-                checked += 1
-    assert checked == len(on_disk)
+    assert_base_unchanged(model, tiny_model_dir, prefix)
 
 
 def _same_logits(a, b):
@@ -105,7 +91,7 @@ def test_grpo_lora_trains_adapters_only_logs_its_metrics_and_saves_an_adapter(rl
                     "reward/failures_letters", "reward/total_mean", "completion_length_mean", "clip_fraction",
                     "entropy", "ratio_mean", "gen_time_s", "train_time_s", "uniform_group_fraction"):  # fmt: skip
             assert math.isfinite(h[key]), key
-        assert "kl" not in h  # beta = 0: no reference forward at all
+        assert h["kl"] >= 0.0  # beta = 0, but the KL to the base is still logged (log_kl, the default)
         assert h["data_time_s"] >= h["gen_time_s"] > 0 and h["train_time_s"] > 0  # generation timed apart
         assert 0 < h["entropy"] <= math.log(259) + 1e-4
         assert h["reward/total_mean"] == pytest.approx(
@@ -119,6 +105,7 @@ def test_grpo_lora_trains_adapters_only_logs_its_metrics_and_saves_an_adapter(rl
     loaded, tokenizer = load_for_inference(str(result.final_dir))
     assert (result.final_dir / "adapter_config.json").is_file()
     _same_logits(loaded, model.eval())
+    assert hist[0]["kl"] == 0.0  # step 1: the adapter is a no-op, so the policy is exactly the base
 
 
 def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
@@ -283,3 +270,65 @@ def test_a_failing_reward_is_reported_once_and_the_run_goes_on(rl, tmp_path, cap
     hist = read_metrics(result.run_dir / "metrics.jsonl")
     assert [h["reward/failures_flaky"] for h in hist] == [1.0, 1.0, 1.0]
     assert [h["reward/flaky_mean"] for h in hist] == [15 / 16] * 3  # the fallback 0 counted in the mean
+
+
+def test_grpo_log_kl_false_skips_the_reference_forward_at_beta_zero(rl, monkeypatch):
+    from posttrain.rollout import source
+
+    calls = []
+    real = source.reference_logps
+    monkeypatch.setattr(source, "reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hist = read_metrics(train(rl("nokl", **{"algorithm.grpo.log_kl": "false"})).run_dir / "metrics.jsonl")
+    assert calls == [] and all("kl" not in h for h in hist)
+    train(rl("kl", **{"run.max_steps": 1}))
+    assert calls == [1]  # log_kl (the default): one reference forward per rollout
+
+
+def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypatch):
+    """A column a built-in reward reads, a task the `task` reward cannot find, and a reward-model folder that is not
+    one are errors naming the file, line and field, before any model loads (else every sample would silently
+    get the fallback and the run would learn nothing)."""
+    from posttrain import models
+    from posttrain.errors import ConfigError, DataError
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(DataError) as err:  # the rows have `answer` but no `tests`, and no task anywhere
+        train(rl("cols", **{"algorithm.rewards": "[code_exec, task]"}))
+    assert [str(p) for p in err.value.problems] == [
+        f"{tmp_path / 'prompts.jsonl'}:1: tests: missing: reward 'code_exec' (algorithm.rewards[0]) reads it; "
+        "this row has: answer",
+        f"{tmp_path / 'prompts.jsonl'}:1: metadata.task: reward 'task' (algorithm.rewards[1]) has no args.task, "
+        "so each row must name its task in a `task` column or metadata.task; give args: {task: arithmetic} or add "
+        "the column",
+    ]
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[1\] \(reward_model\): .* is not a folder"):
+        train(rl("rm", **{"algorithm.reward_model": str(tmp_path / "nowhere")}))
+    (tmp_path / "lm").mkdir()
+    with pytest.raises(ConfigError, match="is neither a saved model"):
+        train(rl("rm2", **{"algorithm.reward_model": str(tmp_path / "lm")}))
+    (tmp_path / "lm" / "config.json").write_text("{}")  # a plain model folder: no head
+    with pytest.raises(ConfigError, match="has no score_head.safetensors: it is not a reward model"):
+        train(rl("rm3", **{"algorithm.reward_model": str(tmp_path / "lm")}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo/ppo"),
+        ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
+        ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
+        ({"data.eval": "x.jsonl"}, "data.eval is not used by grpo"),
+    ],
+)
+def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        rl("bad", **overrides)
+
+
+def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="used by grpo and ppo only, not by sft"):
+        make_cfg("sft", **{"algorithm.rewards": "[task]"})

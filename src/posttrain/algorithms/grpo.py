@@ -240,7 +240,9 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     if steps_per_rollout(cfg) > 1:
         model = ctx.accelerator.unwrap_model(ctx.model)
         tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
-    if g.beta > 0:
+    if (
+        g.beta > 0 or g.log_kl
+    ):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
         tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
     return tensors, extra
 

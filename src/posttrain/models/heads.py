@@ -97,6 +97,30 @@ def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cf
     save_head(model, out_dir)
 
 
+def reward_model_problem(path: str | Path) -> str | None:
+    """Why `path` (a reward-model run or final/ folder) cannot serve as a reward model, or None if it can.
+    Cheap: reads only file names and score_head.json, so it can run before any model loads."""
+    from posttrain.models.saving import _trained_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        return f"{p} is not a folder (give the final/ folder, or the run folder, of an algorithm.name=reward run)"
+    from posttrain.errors import ModelNotFoundError
+
+    try:
+        folder = _trained_dir(p)
+    except ModelNotFoundError as err:
+        return str(err)
+    if not (folder / HEAD_FILE).is_file():
+        return f"{folder} has no {HEAD_FILE}: it is not a reward model (train one with algorithm.name=reward)"
+    info = (
+        json.loads((folder / HEAD_INFO).read_text(encoding="utf-8")) if (folder / HEAD_INFO).is_file() else {}
+    )
+    if info.get("kind", "reward") != "reward":
+        return f"{folder} holds a {info['kind']} head (a PPO policy's value head), not a reward model"
+    return None
+
+
 def load_scalar_model(path: str | Path, *, device=None) -> tuple[ScalarHeadModel, object]:
     """A saved reward (or value) model, frozen, in eval mode: (model, tokenizer)."""
     from safetensors.torch import load_file

@@ -304,7 +304,13 @@ def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
 
 def reward_model(*, path: str) -> RewardFn:
     """The score of a trained reward model at `path` (``posttrain.algorithms.reward.RewardModelScorer``),
-    loaded on the first call."""
+    loaded on the first call. It scores the whole prompt when the rollout passes it as a ``prompt_messages``
+    column (system and earlier turns included, as the model was trained), else the prompt text as a user turn.
+
+    >>> fn = reward_model(path="runs/rm/final")  # nothing is loaded until the first call
+    >>> callable(fn)
+    True
+    """
     state: dict[str, Any] = {}
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
@@ -312,7 +318,8 @@ def reward_model(*, path: str) -> RewardFn:
             from posttrain.algorithms.reward import RewardModelScorer  # lazy: loads torch and a model
 
             state["scorer"] = RewardModelScorer(path)
-        return [float(x) for x in state["scorer"](prompts, completions)]
+        full = columns.get("prompt_messages")
+        return [float(x) for x in state["scorer"](list(full) if full is not None else prompts, completions)]
 
     return reward
 

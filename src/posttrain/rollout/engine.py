@@ -182,8 +182,17 @@ class HFEngine:
                     new = out.sequences[:, P:]  # (b, c)
                     # output_logits: the raw logits of every step, (b, V) each; the sampler drew from
                     # softmax(logits / temperature) (then top-p truncated).
-                    raw = torch.stack(out.logits, dim=1).float() / temperature  # (b, c, V)
-                    lp = raw.log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (b, c)
+                    # One step at a time: a stacked float32 (b, c, V) copy would cost b * c * V * 4 bytes
+                    # (about 20 GB for 32 x 1024 tokens of a 150k vocabulary).
+                    lp = torch.stack(
+                        [
+                            (step_logits.float() / temperature)
+                            .log_softmax(-1)
+                            .gather(-1, new[:, t : t + 1])[:, 0]
+                            for t, step_logits in enumerate(out.logits)
+                        ],
+                        dim=1,
+                    )  # (b, c)
                     completions.append(new.cpu())
                     logps.append(lp.cpu())
         finally:

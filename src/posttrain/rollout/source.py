@@ -36,6 +36,9 @@ class PromptExample:
     prompt_ids: list[int]
     prompt: str
     columns: dict[str, Any]
+    messages: list[dict] | None = (
+        None  # the whole prompt as chat messages (a reward model scores all of them)
+    )
 
 
 @dataclass
@@ -166,6 +169,8 @@ class RolloutSource:
         columns: dict[str, list] = {}
         for key in per_seq[0].columns if per_seq else []:
             columns[key] = [e.columns.get(key) for e in per_seq]
+        # the full prompts as message lists (system and earlier turns included), for rewards that need them
+        columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
         t1 = time.perf_counter()
         result = compute_rewards(
             self.rewards,
@@ -262,8 +267,11 @@ def prepare_prompts(cfg, tokenizer):
         raise ConfigError(
             "data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)"
         )
-    parse_reward_specs(reward_specs(cfg))  # a bad reward spec or user file fails here, before the model loads
+    specs = parse_reward_specs(
+        reward_specs(cfg)
+    )  # a bad spec or user file fails here, before the model loads
     rows = load_rows(cfg.data.train, "prompts")
+    check_reward_inputs(specs, rows, cfg.data.train)
     room = cfg.data.max_length - cfg.algorithm.rollout.max_new_tokens
     examples, problems = [], []
     for row in rows:
@@ -282,7 +290,7 @@ def prepare_prompts(cfg, tokenizer):
         msgs = row["prompt"]
         text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
         columns = {k: v for k, v in row.items() if k != "prompt"}
-        examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns))
+        examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns, messages=list(msgs)))
     if problems:
         raise DataError(problems, header=f"{cfg.data.train}: prompts too long for the run's lengths:")
     return PreparedData(train=examples, collate=lambda items: items, notes=[])
@@ -337,3 +345,46 @@ def reward_specs(cfg) -> list:
     if cfg.algorithm.reward_model:
         specs.append({"name": "reward_model", "args": {"path": cfg.algorithm.reward_model}})
     return specs
+
+
+# Built-in rewards that read a column of the prompt rows, and the default name of that column.
+_COLUMNS = {"numeric_answer": "answer", "exact_match": "answer", "task": "answer", "code_exec": "tests"}
+
+
+def check_reward_inputs(specs, rows, source: str) -> None:
+    """What a reward will need and the data or a folder cannot give, found before the model loads (otherwise every
+    sample would get the fallback and the run would learn nothing): a missing column, a `task` reward with no
+    task to read, a reward-model folder that is not one."""
+    from posttrain.errors import DataError, Problem
+    from posttrain.models.heads import reward_model_problem
+
+    problems = []
+    for spec in specs:
+        if not spec.builtin:
+            continue
+        if spec.name == "reward_model":
+            why = reward_model_problem(spec.args.get("path", ""))
+            if why:
+                raise ConfigError(f"{spec.where} (reward_model): {why}")
+            continue
+        needed = []
+        if spec.name in _COLUMNS:
+            needed.append(spec.args.get("column", _COLUMNS[spec.name]))
+        if spec.name == "json_schema" and spec.args.get("schema") is None:
+            needed.append(spec.args.get("column", "schema"))
+        for column in needed:
+            missing = next((r for r in rows if column not in r), None)
+            if missing is not None:
+                have = ", ".join(sorted(k for k in missing if k != "prompt")) or "none"
+                problems.append(Problem(source, getattr(missing, "line", None), column,
+                                        f"missing: reward {spec.label!r} ({spec.where}) reads it; this row has: {have}"))  # fmt: skip
+        if spec.name == "task" and spec.args.get("task") is None:
+            bad = next(
+                (r for r in rows if "task" not in r and not (r.get("metadata") or {}).get("task")), None
+            )
+            if bad is not None:
+                problems.append(Problem(source, getattr(bad, "line", None), "metadata.task", (
+                    f"reward {spec.label!r} ({spec.where}) has no args.task, so each row must name its task in a "
+                    "`task` column or metadata.task; give args: {task: arithmetic} or add the column")))  # fmt: skip
+    if problems:
+        raise DataError(problems, header=f"{source}: the rewards cannot score these rows:")

@@ -6,6 +6,8 @@ built in code; `tiny_model()` is a 2-layer random Llama sized to it. Neither tou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -64,3 +66,25 @@ def save_tiny_model(path, *, hidden_size: int = 32):
     tiny_model(len(tok), hidden_size=hidden_size).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def assert_base_unchanged(model, model_dir, prefix: str = "") -> None:
+    """Every parameter saved in `model_dir/model.safetensors` is bit-for-bit the same in `model`, a peft model
+    (maybe inside a wrapper whose attribute path is `prefix`, e.g. "policy."): LoRA left the base frozen."""
+    import torch
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(Path(model_dir) / "model.safetensors"))
+    params = dict(model.named_parameters())
+    checked = 0
+    for name, value in on_disk.items():
+        # peft: "<prefix>base_model.model.<name>"; wrapped layers keep their weight as "...<layer>.base_layer.weight"
+        layer, _, leaf = name.rpartition(".")
+        for candidate in (
+            f"{prefix}base_model.model.{name}",
+            f"{prefix}base_model.model.{layer}.base_layer.{leaf}",
+        ):
+            if candidate in params:
+                assert torch.equal(params[candidate].detach().cpu(), value), candidate
+                checked += 1
+    assert checked == len(on_disk), f"{checked} of {len(on_disk)} base parameters found in the model"
