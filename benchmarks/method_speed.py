@@ -29,17 +29,11 @@ CASES: dict[str, dict] = {
     "dpo-precompute": {"algorithm": {"name": "dpo", "dpo": {"reference": "precompute"}}},
     "dpo-copy": {"algorithm": {"name": "dpo", "dpo": {"reference": "copy"}}},
     "dpo-simpo": {"algorithm": {"name": "dpo", "dpo": {"loss_type": "simpo", "beta": 2.0}}},
-    # RL: 32 completions per step (GRPO: 4 prompts x 8), up to 64 new tokens at temperature 0.7
+    # RL: 32 completions per step (GRPO: 4 prompts x 8, its KL logged), up to 64 new tokens at temperature 0.7
     "grpo": {
         "algorithm": {"name": "grpo", "rewards": ["task"],
                       "rollout": {"batch_size": 32, "max_new_tokens": 64, "temperature": 0.7},
                       "grpo": {"num_generations": 8}},
-        "optim": {"batch_size": 32, "micro_batch_size": 8},
-    },
-    "grpo-kl": {
-        "algorithm": {"name": "grpo", "rewards": ["task"],
-                      "rollout": {"batch_size": 32, "max_new_tokens": 64, "temperature": 0.7},
-                      "grpo": {"num_generations": 8, "beta": 0.04}},
         "optim": {"batch_size": 32, "micro_batch_size": 8},
     },
     "ppo": {
@@ -84,6 +78,7 @@ def child(case: str, steps: int, workdir: str) -> dict:
         "steps": len(hist),
         "step_s": mean("step_time_s"),
         "gen_s": mean("gen_time_s"),
+        "prepare_s": mean("prepare_time_s"),
         "train_s": mean("train_time_s"),
         "tokens_per_step": mean("tokens"),
         "setup_s": wall - hist[-1]["elapsed_s"],
@@ -119,12 +114,13 @@ def main() -> None:
         return
     print(f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s; {args.steps} steps per case, the first "
           "not averaged\n")  # fmt: skip
-    print("| case | step time (s) | generation (s) | training (s) | tokens/step | setup before step 1 (s) "
-          "| peak RSS (GB) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| case | step time (s) | generation (s) | old/ref/value forwards (s) | training (s) | tokens/step "
+          "| setup before step 1 (s) | peak RSS (GB) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         gen = f"{r['gen_s']:.1f}" if r["gen_s"] else "-"
-        print(f"| {r['case']} | {r['step_s']:.1f} | {gen} | {r['train_s']:.1f} | {r['tokens_per_step']:.0f} | "
+        prep = f"{r['prepare_s']:.1f}" if r["gen_s"] else "-"
+        print(f"| {r['case']} | {r['step_s']:.1f} | {gen} | {prep} | {r['train_s']:.1f} | {r['tokens_per_step']:.0f} | "
               f"{r['setup_s']:.0f} | {r['peak_rss_gb']:.2f} |")  # fmt: skip
 
 

@@ -146,10 +146,11 @@ def _scores(model, tokenizer, method: str, files: dict[str, Path], *, reference=
 
 def run_recipe(
     method: str, output_dir: str | None = None, steps: int | None = None, fresh: bool = False, *,
-    model: str = "smollm2-135m-instruct", n_heldout: int = N_HELDOUT,
+    model: str = "smollm2-135m-instruct", n_heldout: int = N_HELDOUT, overrides: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
-    `model` and `n_heldout` exist for tests (a tiny model, a few prompts); the published figures use the defaults."""
+    `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
+    the published figures use the defaults."""
     from posttrain.config import ModelConfig, TechniqueConfig, config_from_dict
     from posttrain.errors import UserError
     from posttrain.evaluation import paired_change
@@ -170,10 +171,10 @@ def run_recipe(
     started = time.perf_counter()
     _stage(f"data: arithmetic, one operation, amounts up to 10 -> {run_dir}/data")
     files = _make_data(method, run_dir / "data", n_heldout)
-    cfg = config_from_dict(
-        recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model),
-        source=f"quickstart {method}",
-    )
+    from posttrain.config import apply_overrides
+
+    raw = recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model)
+    cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 
     tokenizer = load_tokenizer(cfg.model)
     base_file = run_dir / "eval_base.json"

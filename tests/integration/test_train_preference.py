@@ -228,3 +228,25 @@ def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
     torch.testing.assert_close(off, want_off, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(on, want_on, rtol=1e-5, atol=1e-6)
     assert on > off  # margins of 1 and 2 on most pairs make every such pair's loss larger
+
+
+def test_dpo_scores_chosen_and_rejected_in_one_forward(make_cfg, pairs_file):
+    """One policy forward of all 2B rows (chosen then rejected), plus one no-grad forward of the same rows for the
+    adapter-disabled reference: never a forward per side."""
+    from posttrain.algorithms import dpo
+    from posttrain.models import load_model, load_tokenizer
+
+    cfg = make_cfg("one-forward", **{"algorithm.name": "dpo", "technique.name": "lora", "data.train": str(pairs_file)})
+    data = dpo.prepare(cfg, load_tokenizer(cfg.model))
+    batch = data.collate(list(data.train))  # 8 pairs -> 16 rows
+    model = load_model(cfg.model, cfg.technique)
+    seen = []
+    decoder = model.get_base_model().model
+    handle = decoder.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        loss, metrics = dpo.loss_fn(model, batch, cfg)
+    finally:
+        handle.remove()
+    assert seen == [16, 16]  # the policy, then the reference: each over all chosen and rejected rows at once
+    assert loss.item() == pytest.approx(8 * math.log(2), rel=1e-6)  # policy == reference at the start

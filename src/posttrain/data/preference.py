@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from posttrain.data.collate import collate
-from posttrain.data.render import Rendered, render_sft
+from posttrain.data.render import Rendered, render_all, render_sft
 from posttrain.data.schema import normalise_row
 from posttrain.errors import DataError, Problem
 
@@ -119,20 +119,10 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
 def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: int, source: str = "data"
                               ) -> list[RenderedPair]:  # fmt: skip
     """Render every pair; rows whose prompt leaves no room raise together; warn once with the truncated count."""
-    out: list[RenderedPair] = []
-    problems: list[Problem] = []
-    for i, row in enumerate(rows):
-        try:
-            out.append(render_pair(tokenizer, row, max_length=max_length, source=source))
-        except DataError as err:
-            for p in err.problems:  # rows without a file line are numbered by position
-                problems.append(
-                    p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}")
-                )
-    if problems:
-        raise DataError(
-            problems, header=f"{source}: {len(problems)} pair(s) do not fit max_length={max_length}"
-        )
+    out: list[RenderedPair] = render_all(
+        lambda row: render_pair(tokenizer, row, max_length=max_length, source=source),
+        rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",
+    )  # fmt: skip
     n_truncated = sum(p.truncated for p in out)
     if n_truncated:
         warnings.warn(

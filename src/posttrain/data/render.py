@@ -115,23 +115,28 @@ def render_prompt(tokenizer, row: dict) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def render_all(render_one, rows, *, header: str) -> list:
+    """`render_one(row)` for every row, collecting the `DataError` problems of all rows into one error (its
+    header: `header` with ``{n}``, the number of problems). Rows without a file line are numbered by position."""
+    out, problems = [], []
+    for i, row in enumerate(rows):
+        try:
+            out.append(render_one(row))
+        except DataError as err:
+            problems += [p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}")
+                         for p in err.problems]  # fmt: skip
+    if problems:
+        raise DataError(problems, header=header.format(n=len(problems)))
+    return out
+
+
 def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: str = "completion",
                    source: str = "data") -> tuple[list[Rendered], int]:  # fmt: skip
     """Render every row; warn once with the number of truncated rows. Rows too long to train raise together."""
-    out: list[Rendered] = []
-    problems: list[Problem] = []
-    for i, row in enumerate(rows):
-        try:
-            out.append(render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source))
-        except DataError as err:
-            for p in err.problems:  # rows without a file line are numbered by position
-                problems.append(
-                    p if p.line is not None else Problem(p.file, None, p.field, f"row {i + 1}: {p.message}")
-                )
-    if problems:
-        raise DataError(
-            problems, header=f"{source}: {len(problems)} row(s) do not fit max_length={max_length}"
-        )
+    out = render_all(
+        lambda row: render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source),
+        rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",
+    )  # fmt: skip
     n_truncated = sum(r.truncated for r in out)
     if n_truncated:
         warnings.warn(

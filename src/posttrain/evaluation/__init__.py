@@ -115,7 +115,8 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, 
     return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
-HEADLINE_METRICS = ["json_valid", "schema_match", "exact"]
+HEADLINE_METRICS = ["json_valid", "schema_match", "exact", "correct", "sampled_correct", "formatted",
+                    "sampled_formatted", "pairs_implicit_accuracy", "pairs_implicit_margin"]  # fmt: skip
 
 
 def ordered_metrics(keys) -> list[str]:

@@ -51,19 +51,6 @@ class Engine(Protocol):
     ) -> Rollout: ...
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    ids: set[int] = set()
-    for value in (
-        tokenizer.eos_token_id,
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return sorted(ids)
-
-
 def completion_mask(
     ids: torch.Tensor, eos: list[int], stop_ends: list[int | None] | None = None
 ) -> torch.Tensor:
@@ -96,11 +83,14 @@ def stop_string_ends(tokenizer, rows: list[list[int]], stop: list[str]) -> list[
         if stop:
             text = tokenizer.decode(row, skip_special_tokens=False)
             if any(s in text for s in stop):
-                for k in range(1, len(row) + 1):  # shortest prefix that contains a stop string
-                    prefix = tokenizer.decode(row[:k], skip_special_tokens=False)
-                    if any(s in prefix for s in stop):
-                        end = k - 1
-                        break
+                # The shortest prefix that contains a stop string, by bisection: containing one is monotone in
+                # the prefix length, so O(log C) decodes instead of C.
+                lo, hi = 1, len(row)  # the answer k lies in [lo, hi]; row[:hi] contains a stop string
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    prefix = tokenizer.decode(row[:mid], skip_special_tokens=False)
+                    lo, hi = (lo, mid) if any(s in prefix for s in stop) else (mid + 1, hi)
+                end = lo - 1
         out.append(end)
     return out
 
@@ -131,7 +121,9 @@ class HFEngine:
     ) -> Rollout:
         from transformers import GenerationConfig
 
-        eos = eos_ids(model, tokenizer)
+        from posttrain.models.generation import eos_token_ids
+
+        eos = eos_token_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
         # n contiguous samples per prompt: the group layout GRPO's advantages expect.
         rows = [list(p) for p in prompt_ids for _ in range(n)]
