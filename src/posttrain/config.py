@@ -196,6 +196,10 @@ class OptimConfig(_Section):
     """Final learning rate as a fraction of `lr` (cosine schedule)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
+    head_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the scalar head (the PPO value head, the reward model's score head); null: `lr`.
+    A head that starts from zero often wants a higher rate than the LoRA adapters, as separate critic rates do in
+    other PPO implementations. Follows the same warmup and schedule."""
 
 
 class RunSection(_Section):
@@ -288,6 +292,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"algorithm.rewards and algorithm.reward_model are used by grpo and ppo only, not by {alg.name}; "
                 "remove them (or set algorithm.name to grpo or ppo)"
+            )
+        if self.optim.head_lr is not None and alg.name not in ("ppo", "reward"):
+            raise ValueError(
+                f"optim.head_lr is the learning rate of a scalar head, which only ppo (value head) and reward "
+                f"(score head) have, not {alg.name}; remove it"
             )
         if alg.name == "dpo" and alg.dpo.reference == "adapter" and self.technique.name == "full":
             raise ValueError(

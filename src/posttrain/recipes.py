@@ -68,7 +68,7 @@ RECIPES: dict[str, dict] = {
         },
     },
     "ppo": {
-        "steps": 24,
+        "steps": 40,
         "config": {
             "data": {"max_length": 256},
             "algorithm": {
@@ -77,7 +77,7 @@ RECIPES: dict[str, dict] = {
                 "rollout": {"batch_size": 16, "epochs": 2, **RL_ROLLOUT},
                 "ppo": {"kl_coef": 0.05, "vf_coef": 0.1, "lam": 0.95, "gamma": 1.0},
             },
-            "optim": {"lr": 1e-4, "batch_size": 8, "schedule": "constant"},
+            "optim": {"lr": 2e-4, "head_lr": 1e-3, "batch_size": 8, "schedule": "constant"},
         },
     },
 }  # fmt: skip

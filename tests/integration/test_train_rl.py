@@ -235,6 +235,22 @@ def test_ppo_resumes_mid_rollout_with_its_value_head(rl):
     assert abs(hist[3]["value_loss"] - 0.5) > 0.05
 
 
+def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
+    """Rollout 0 (steps 1-2) has KL exactly 0 (policy = reference: LoRA's B matrices start at zero), so the
+    controller moves the coefficient 0.1 -> 0.1 x (1 + clip((0 - 1) / 1, -0.2, 0.2) x 16 / 100) = 0.0968 for
+    rollout 1. A run stopped after step 2 and resumed must use 0.0968 at step 3, not restart from ppo.kl_coef."""
+    overrides = {"algorithm.ppo.adaptive_kl": True, "algorithm.ppo.kl_coef": 0.1, "algorithm.ppo.target_kl": 1.0,
+                 "algorithm.ppo.kl_horizon": 100, "algorithm.rollout.batch_size": 16, "algorithm.rollout.epochs": 1,
+                 "optim.batch_size": 8, "run.save_every": 1, "run.max_steps": 2}  # fmt: skip
+    first = train(rl("adaptive", algorithm="ppo", **overrides))
+    saved = json.loads((first.run_dir / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert saved == {"step": 2, "source": {"kl_coef": pytest.approx(0.0968)}}
+    resumed = train(rl("adaptive", algorithm="ppo", **{**overrides, "run.max_steps": 3}), resume=True)
+    hist = read_metrics(resumed.run_dir / "metrics.jsonl")
+    assert [h["step"] for h in hist] == [1, 2, 3] and [h["rollout"] for h in hist] == [0, 0, 1]
+    assert [h["kl_coef"] for h in hist] == pytest.approx([0.1, 0.1, 0.0968], abs=1e-12)
+
+
 def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatch):
     """A misspelt reward or a broken reward file is a ConfigError naming the spec, raised before any model load."""
     from posttrain import models

@@ -41,6 +41,8 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
         (["optim.batch_size=8", "optim.micro_batch_size=3"], "not a multiple"),
         (["optim.batch_size=2", "optim.micro_batch_size=4"], "larger than"),
         (["data.max_length=4"], "data.max_length"),
+        (["optim.head_lr=1e-3"], "optim.head_lr is the learning rate of a scalar head"),
+        (["optim.head_lr=0", "algorithm.name=reward"], "optim.head_lr"),
     ],
 )
 def test_impossible_values_are_clear_errors(overrides, needle):
@@ -123,3 +125,34 @@ def test_epochs_do_not_gain_a_step_from_float_rounding():
     from posttrain.trainer.batches import total_steps
 
     assert total_steps(None, 0.07, 100) == 7
+
+
+def test_head_lr_gives_the_scalar_head_its_own_rate_and_the_schedule_scales_it():
+
+    from posttrain.models.heads import ScalarHeadModel
+    from posttrain.testing import tiny_model
+    from posttrain.trainer.optim import build_optimizer, build_scheduler
+
+    model = ScalarHeadModel(tiny_model(), kind="value")
+    cfg = load_config(None, ["algorithm.name=ppo", "algorithm.rewards=[task]", "optim.lr=1e-4",
+                             "optim.head_lr=1e-2", "optim.weight_decay=0.1", "optim.schedule=linear",
+                             "optim.warmup_steps=0"])  # fmt: skip
+    opt = build_optimizer(model, cfg.optim)
+    head = {id(model.head.weight), id(model.head.bias)}
+    rates = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            rates[id(p)] = (g["lr"], g["weight_decay"])
+    assert rates[id(model.head.weight)] == (1e-2, 0.1)
+    assert rates[id(model.head.bias)] == (1e-2, 0.0)
+    body = [r for k, r in rates.items() if k not in head]
+    assert len(body) == sum(1 for p in model.parameters() if p.requires_grad) - 2
+    assert {r[0] for r in body} == {1e-4}
+    sched = build_scheduler(opt, cfg.optim, total_steps=4)
+    opt.step()
+    sched.step()  # linear decay: 3/4 of every group's peak after one of four steps
+    by_lr = sorted({g["lr"] for g in opt.param_groups})
+    assert by_lr == pytest.approx([0.75e-4, 0.75e-2])
+    # Without head_lr every parameter shares `lr`.
+    plain = build_optimizer(model, load_config(None, ["optim.lr=1e-4"]).optim)
+    assert {g["lr"] for g in plain.param_groups} == {1e-4}

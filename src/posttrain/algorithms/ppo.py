@@ -250,6 +250,13 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
+    def state_dict(self) -> dict:
+        """The coefficient reached: checkpointed, so a resumed run goes on from it, not from `ppo.kl_coef`."""
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["kl_coef"])
+
 
 @dataclass
 class FixedKLController:
@@ -364,7 +371,12 @@ def make_source(ctx):
         if p.adaptive_kl
         else FixedKLController(value=p.kl_coef)
     )
-    return RolloutSource(ctx, group_size=1, process=functools.partial(_process, controller=controller))
+    return RolloutSource(
+        ctx,
+        group_size=1,
+        process=functools.partial(_process, controller=controller),
+        stateful=controller if p.adaptive_kl else None,  # a fixed coefficient has nothing to keep
+    )
 
 
 def loss_units(batch, cfg) -> float:

@@ -91,11 +91,12 @@ def steps_per_rollout(cfg) -> int:
 class RolloutSource:
     """Rollout generator with the batch-source signature: `source(start_step)` yields each step's micro-batches."""
 
-    def __init__(self, ctx: SourceContext, *, group_size: int, process: Process):
+    def __init__(self, ctx: SourceContext, *, group_size: int, process: Process, stateful=None):
         from posttrain.rewards import build_reward_functions, parse_reward_specs
 
         cfg, acc = ctx.cfg, ctx.accelerator
         self.ctx, self.process, self.G = ctx, process, group_size
+        self.stateful = stateful  # e.g. PPO's KL controller: has state_dict() / load_state_dict(); checkpointed
         alg = cfg.algorithm
         self.rollout_cfg = alg.rollout
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -206,6 +207,14 @@ class RolloutSource:
         return tensors, metrics
 
     # ---- the batch-source interface
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep besides the weights (the step decides the data position)."""
+        return self.stateful.state_dict() if self.stateful is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stateful is not None and state:
+            self.stateful.load_state_dict(state)
+
     def __call__(self, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:
         index, within = divmod(start_step, self.steps_per_rollout)
         while True:

@@ -5,7 +5,8 @@ A checkpoint folder `checkpoints/step-000040/` holds:
   under full fine-tuning). Frozen weights are not copied: they come back from the base model.
 - `optimizer.pt`, `scheduler.pt`: their state dicts.
 - `rng_state_<rank>.pt`: Python, NumPy and torch generator states of each process (dropout must replay).
-- `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`).
+- `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`); and the
+  batch source's own state where it has one (`source`, e.g. PPO's adaptive KL coefficient).
 
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.
@@ -64,8 +65,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int) -> Path:
-    """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest."""
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source_state=None
+) -> Path:
+    """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest.
+
+    `source_state`: what the batch source must restore besides the step (e.g. PPO's adaptive KL coefficient),
+    a JSON-able dict kept in trainer_state.json."""
     from safetensors.torch import save_file
 
     root = checkpoint_dir(run_dir)
@@ -78,7 +84,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, model, optimizer, sch
         save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+        state = {"step": step, **({"source": source_state} if source_state else {})}
+        (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -114,3 +121,8 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> int
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
     return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+
+
+def source_state(path: Path) -> dict:
+    """The batch source's state saved with checkpoint `path` ({} if none)."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("source", {})
