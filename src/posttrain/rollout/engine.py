@@ -1,8 +1,10 @@
 """Sampling engines: prompts in, `Rollout` out (token ids, completion masks, the sampler's log-probabilities).
 
-One interface, two engines: `HFEngine` (transformers `generate` with a KV cache; any machine) and `VLLMEngine`
-(vLLM; a GPU machine where the optional `vllm` extra is installed; imported only when chosen). The RL batch
-source (`posttrain.rollout.source`) only sees `Rollout`s, so it does not care which engine made them.
+One interface (`Engine`): `HFEngine` (transformers `generate` with a KV cache; any machine) implements it. A vLLM
+engine for GPU machines (optional, imported only when chosen) is meant to sit behind the same interface; it is
+not implemented yet (`VLLMEngine` only explains that, and the config refuses `rollout.engine=vllm` before any
+model loads). The RL batch source (`posttrain.rollout.source`) only sees `Rollout`s, so it does not care which
+engine made them.
 
 Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C completion tokens (right-padded).
 """
