@@ -241,14 +241,17 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     d = cfg.algorithm.dpo
     B = loss_units(batch)
     mask = batch["loss_mask"]
+    ref = None
+    if reference_mode(cfg) != "none":
+        # The adapter-disabled reference runs first, so its forward never coexists with the policy's graph.
+        ref = batch["ref_logps"] if "ref_logps" in batch else _reference_token_logps(model, batch)
     logps, _ = selected_token_logps(model, _pair_inputs(batch), mask)  # (2B, T), one forward for both sides
     seq = logps.sum(-1)  # (2B,)
     metrics: dict[str, torch.Tensor] = {}
-    if reference_mode(cfg) == "none":
+    if ref is None:
         lengths = mask[:, 1:].sum(-1).float()
         out = simpo_loss(seq[:B], seq[B:], lengths[:B], lengths[B:], beta=d.beta, gamma=d.simpo_gamma)
     else:
-        ref = batch["ref_logps"] if "ref_logps" in batch else _reference_token_logps(model, batch)
         ref_seq = ref.sum(-1)
         out = dpo_loss(
             seq[:B], seq[B:], ref_seq[:B], ref_seq[B:],
