@@ -151,7 +151,7 @@ def run_recipe(
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
     `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
     the published figures use the defaults."""
-    from posttrain.config import ModelConfig, TechniqueConfig, config_from_dict
+    from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, config_from_dict
     from posttrain.errors import UserError
     from posttrain.evaluation import paired_change
     from posttrain.models import load_model, load_tokenizer
@@ -171,8 +171,6 @@ def run_recipe(
     started = time.perf_counter()
     _stage(f"data: arithmetic, one operation, amounts up to 10 -> {run_dir}/data")
     files = _make_data(method, run_dir / "data", n_heldout)
-    from posttrain.config import apply_overrides
-
     raw = recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model)
     cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 

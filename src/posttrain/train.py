@@ -19,7 +19,7 @@ import yaml
 
 from posttrain.config import RunConfig, dump_config
 from posttrain.errors import ConfigError
-from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint, source_state
+from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
 # run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
@@ -172,9 +172,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
 
     start = 0
     if ckpt is not None:
-        start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler)
-        if hasattr(source, "load_state_dict"):
-            source.load_state_dict(source_state(ckpt))
+        start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler, source=source)
         if start > steps:
             raise ConfigError(
                 f"--resume: {ckpt.name} is already past the requested {steps} steps; raise run.max_steps "

@@ -212,7 +212,7 @@ class RolloutSource:
         return self.stateful.state_dict() if self.stateful is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.stateful is not None and state:
+        if self.stateful is not None:
             self.stateful.load_state_dict(state)
 
     def __call__(self, start_step: int = 0) -> Iterator[list[dict[str, Any]]]:

@@ -65,13 +65,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source_state=None
-) -> Path:
-    """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest.
+def _source_state(source) -> dict:
+    """What a batch source must restore besides the step (PPO's adaptive KL coefficient), if it keeps anything:
+    the JSON-able dict of its `state_dict()`."""
+    state_dict = getattr(source, "state_dict", None)
+    return state_dict() if state_dict is not None else {}
 
-    `source_state`: what the batch source must restore besides the step (e.g. PPO's adaptive KL coefficient),
-    a JSON-able dict kept in trainer_state.json."""
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source=None
+) -> Path:
+    """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest. The batch
+    `source`'s own state, where it has one, goes into trainer_state.json."""
     from safetensors.torch import save_file
 
     root = checkpoint_dir(run_dir)
@@ -84,6 +89,7 @@ def save_checkpoint(
         save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        source_state = _source_state(source)
         state = {"step": step, **({"source": source_state} if source_state else {})}
         (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -99,8 +105,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> int:
-    """Restore weights, optimiser, schedule and RNG from `path`; returns the step it was taken at."""
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source=None) -> int:
+    """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
+    returns the step it was taken at."""
     from safetensors.torch import load_file
 
     unwrapped = accelerator.unwrap_model(model)
@@ -120,9 +127,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> int
     rng = path / f"rng_state_{accelerator.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"])
-
-
-def source_state(path: Path) -> dict:
-    """The batch source's state saved with checkpoint `path` ({} if none)."""
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("source", {})
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("source") and hasattr(source, "load_state_dict"):
+        source.load_state_dict(state["source"])
+    return int(state["step"])

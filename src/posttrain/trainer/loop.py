@@ -141,7 +141,7 @@ def training_loop(
                     run,
                     grad_norm,
                     all_finite,
-                    _source_state(batch_source),
+                    batch_source,
                 )
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
@@ -199,7 +199,7 @@ def training_loop(
             if (run.save_every and step % run.save_every == 0) or step == total_steps:
                 save_checkpoint(
                     accelerator, run_dir, step, model, optimizer, scheduler, keep=run.keep_checkpoints,
-                    source_state=_source_state(batch_source),
+                    source=batch_source,
                 )
                 last_saved = step
     finally:
@@ -207,21 +207,15 @@ def training_loop(
     return LoopResult(steps=total_steps, history=history)
 
 
-def _source_state(batch_source) -> dict:
-    """The batch source's own checkpoint state (PPO's KL coefficient), if it keeps any."""
-    state_dict = getattr(batch_source, "state_dict", None)
-    return state_dict() if state_dict is not None else {}
-
-
 def _handle_divergence(
-    accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm, loss_finite, source_state
+    accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm, loss_finite, batch_source
 ) -> None:
     """Keep the last good state as a checkpoint (the parameters were not updated) and stop with advice."""
     good = step - 1
     if good > 0 and good != last_saved:
         save_checkpoint(
             accelerator, run_dir, good, model, optimizer, scheduler, keep=run.keep_checkpoints,
-            source_state=source_state,
+            source=batch_source,
         )
     ckpt = latest_checkpoint(run_dir)
     what = "the loss" if not loss_finite else f"the gradient norm ({grad_norm})"

@@ -14,27 +14,21 @@ from posttrain.config import OptimConfig
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters. With `cfg.head_lr`, the scalar head's parameters (`head.*` of a
     `models.heads.ScalarHeadModel`) get that peak rate in groups of their own; the schedule scales every group."""
-    decay, no_decay, head_decay, head_no_decay = [], [], [], []
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}  # (is head, is 1-D) -> parameters
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = cfg.head_lr is not None and name.startswith("head.")
-        # Standard practice (e.g. nanoGPT, HF Trainer): no weight decay on biases and norm gains (1-D tensors).
-        if p.ndim < 2:
-            (head_no_decay if head else no_decay).append(p)
-        else:
-            (head_decay if head else decay).append(p)
-    if not decay and not no_decay and not head_decay and not head_no_decay:
+        if p.requires_grad:
+            groups.setdefault((cfg.head_lr is not None and name.startswith("head."), p.ndim < 2), []).append(p)
+    if not groups:
         from posttrain.errors import ConfigError
 
         raise ConfigError("the model has no trainable parameters; check technique.name and target_modules")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.head_lr is not None:
-        groups += [
-            {"params": head_decay, "weight_decay": cfg.weight_decay, "lr": cfg.head_lr},
-            {"params": head_no_decay, "weight_decay": 0.0, "lr": cfg.head_lr},
-        ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    # Sorted: body before head, decayed before not (the order checkpoints expect; the loop logs group 0's rate).
+    # Standard practice (e.g. nanoGPT, HF Trainer): no weight decay on biases and norm gains (1-D tensors).
+    return torch.optim.AdamW(
+        [{"params": groups[head, flat], "lr": cfg.head_lr if head else cfg.lr,
+          "weight_decay": 0.0 if flat else cfg.weight_decay} for head, flat in sorted(groups)],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    )  # fmt: skip
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
