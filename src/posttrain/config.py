@@ -80,6 +80,11 @@ class DPOSection(_Section):
     """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), or `simpo` (reference-free: no reference model at all)."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """Conservative DPO: the assumed share of flipped labels (sigmoid loss only)."""
+    ipo_logps: Literal["mean", "sum"] = "mean"
+    """How IPO (loss_type=ipo) reduces each response's token log-probabilities before the loss: `mean`
+    (length-averaged, the form the IPO authors' results rest on, so beta values from the IPO literature carry
+    over) or `sum` (the sequence log-probability: the target 1/(2 beta) is then spread over the whole answer and
+    the loss grows with length squared). See docs/preference.md."""
     simpo_gamma: float = Field(0.5, ge=0.0)
     """SimPO target reward margin gamma (loss_type=simpo)."""
     reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"

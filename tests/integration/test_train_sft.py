@@ -224,6 +224,20 @@ def test_nan_gradient_with_finite_loss_is_caught_without_clipping(make_cfg, monk
 
 
 def test_logged_lr_is_the_rate_each_step_used(make_cfg):
-    """Warmup of 2 steps to lr 0.01, then constant: the steps use 0, 0.005, 0.01, 0.01 (HF warmup starts at 0)."""
+    """Warmup of 2 steps to lr 0.01, then constant: the steps use 1/3, 2/3, 1, 1 of it; step 1 is not at lr 0
+    (a step at lr 0 trains nothing: transformers' warmup starts there)."""
     cfg = make_cfg(**{"optim.warmup_steps": 2, "optim.schedule": "constant", "run.max_steps": 4})
-    assert [r["lr"] for r in train(cfg).history] == pytest.approx([0.0, 0.005, 0.01, 0.01], abs=1e-12)
+    result = train(cfg, return_model=True)
+    assert [r["lr"] for r in result.history] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01], abs=1e-12)
+
+
+def test_first_warmup_step_updates_the_weights(make_cfg):
+    """With warmup, step 1 changes the model (it trained at lr 0 before)."""
+    from posttrain.config import TechniqueConfig
+    from posttrain.models import load_model
+
+    cfg = make_cfg(**{"optim.warmup_steps": 5, "run.max_steps": 1})
+    before = {n: p.detach().clone() for n, p in load_model(cfg.model, TechniqueConfig(name="full")).named_parameters()}
+    after = dict(train(cfg, return_model=True).model.named_parameters())
+    moved = [n for n, p in after.items() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before)

@@ -12,13 +12,28 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 Batch = dict[str, Any]
-# loss_fn(model, batch, cfg) -> (summed loss over the batch's loss units, metrics summed the same way)
-LossFn = Callable[[torch.nn.Module, Batch, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Mean(NamedTuple):
+    """A metric that is a mean over its own units (e.g. a token mean of the entropy), not over the loss units.
+
+    `loss_fn` returns the micro-batch's `total` (the sum over its units) and `count` (how many units); the loop
+    sums both over every micro-batch and process of the step and logs total / count. So the logged value is the
+    mean over the whole step, whatever the micro-batch size (a per-micro-batch mean weighted by loss units would
+    not be: e.g. a token mean weighted by pairs)."""
+
+    total: torch.Tensor | float
+    count: torch.Tensor | float
+
+
+# loss_fn(model, batch, cfg) -> (summed loss over the batch's loss units, metrics): a metric is either a tensor
+# summed the same way as the loss (the loop divides it by the step's loss units) or a `Mean` with its own count.
+LossFn = Callable[[torch.nn.Module, Batch, Any], tuple[torch.Tensor, dict[str, torch.Tensor | Mean]]]
 
 STEP_METRICS = "step_metrics"
 """Batch key for metrics that describe a whole step (reward means, generation time): a dict of floats that the

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from posttrain.algorithms.base import Algorithm, PreparedData
+from posttrain.algorithms.base import Algorithm, Mean, PreparedData
 from posttrain.algorithms.common import kl_estimate, masked_sum
 from posttrain.algorithms.reward import pair_accuracy
 
@@ -247,22 +247,28 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ref = batch["ref_logps"] if "ref_logps" in batch else _reference_token_logps(model, batch)
     logps, _ = selected_token_logps(model, _pair_inputs(batch), mask)  # (2B, T), one forward for both sides
     seq = logps.sum(-1)  # (2B,)
+    target = mask.bool().clone()
+    target[:, 0] = False  # the scored response tokens (nothing predicts column 0)
+    lengths = target.sum(-1).float()  # (2B,)
     metrics: dict[str, torch.Tensor] = {}
     if ref is None:
-        lengths = mask[:, 1:].sum(-1).float()
         out = simpo_loss(seq[:B], seq[B:], lengths[:B], lengths[B:], beta=d.beta, gamma=d.simpo_gamma)
     else:
-        ref_seq = ref.sum(-1)
+        pol_seq, ref_seq = seq, ref.sum(-1)
+        if d.loss_type == "ipo" and d.ipo_logps == "mean":
+            # IPO on length-averaged log-probabilities: the IPO authors' own results use the per-token average,
+            # which keeps the target 1/(2 beta) independent of the answer's length (Hugging Face, "Preference
+            # Tuning LLMs with Direct Preference Optimization Methods", 2024, after consulting the IPO authors).
+            # The pure dpo_loss still takes per-sequence values; only what is passed in changes.
+            pol_seq, ref_seq = seq / lengths.clamp(min=1), ref_seq / lengths.clamp(min=1)
         out = dpo_loss(
-            seq[:B], seq[B:], ref_seq[:B], ref_seq[B:],
+            pol_seq[:B], pol_seq[B:], ref_seq[:B], ref_seq[B:],
             beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
         )  # fmt: skip
         # KL to the reference, k3 per response token (>= 0, 0 at the start). The tokens come from the data, not
         # from the policy, so this is a divergence on the pairs, not an unbiased KL estimate.
-        target = mask.bool().clone()
-        target[:, 0] = False
         k3 = kl_estimate(logps.detach(), ref, "k3")
-        metrics["kl_per_token"] = masked_sum(k3, target) / target.sum().clamp(min=1) * B
+        metrics["kl_per_token"] = Mean(masked_sum(k3, target), target.sum())  # a token mean over the step
     margin = out.chosen_rewards - out.rejected_rewards
     metrics.update(
         # ties count 1/2 (chance), so the first step, where every implicit reward is exactly 0, reads 0.5

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from posttrain.algorithms.base import Algorithm
+from posttrain.algorithms.base import Algorithm, Mean
 from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
 
@@ -281,7 +281,10 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     )
     units = loss_units(batch, cfg)
     metrics["entropy"] = masked_mean(entropy, mask).detach()
-    return loss * units, {k: v * units for k, v in metrics.items()}
+    # Every metric of grpo_loss is a mean over completion tokens: logged as a token mean over the whole step
+    # (`Mean`), not weighted by the loss units, which are sequences under loss_type grpo.
+    tokens = mask.sum()
+    return loss * units, {k: Mean(v * tokens, tokens) for k, v in metrics.items()}
 
 
 def prepare(cfg, tokenizer):

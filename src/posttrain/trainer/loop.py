@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.base import STEP_METRICS, Algorithm, Batch
+from posttrain.algorithms.base import STEP_METRICS, Algorithm, Batch, Mean
 from posttrain.algorithms.common import normalise_loss
 from posttrain.errors import TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
@@ -43,6 +43,39 @@ def _reduce_sum(accelerator, value: float | torch.Tensor) -> float:
     return float(t)
 
 
+def _number(value) -> float:
+    return float(value.detach() if isinstance(value, torch.Tensor) else value)
+
+
+class _MetricSums:
+    """The metrics of one step (or one evaluation), summed over its micro-batches.
+
+    Plain metrics are sums over loss units, divided by the step's loss units at the end (like the loss); `Mean`
+    metrics carry their own count (e.g. tokens), so they come out as means over the whole step whatever the
+    micro-batch size. Keys are added in the same order on every process, so the reductions line up."""
+
+    def __init__(self) -> None:
+        self.plain: dict[str, float] = {}
+        self.means: dict[str, tuple[float, float]] = {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, Mean):
+                total, count = self.means.get(k, (0.0, 0.0))
+                self.means[k] = (total + _number(v.total), count + _number(v.count))
+            else:
+                self.plain[k] = self.plain.get(k, 0.0) + _number(v)
+
+    def reduce(self, accelerator, units: float, prefix: str = "") -> dict[str, float]:
+        """All processes' sums as logged values; a `Mean` with no units anywhere in the step is left out."""
+        out = {f"{prefix}{k}": _reduce_sum(accelerator, v) / max(units, 1.0) for k, v in self.plain.items()}
+        for k, (total, count) in self.means.items():
+            total, count = _reduce_sum(accelerator, total), _reduce_sum(accelerator, count)
+            if count > 0:
+                out[f"{prefix}{k}"] = total / count
+        return out
+
+
 @torch.no_grad()
 def evaluate_loss(
     accelerator, model, algorithm: Algorithm, batches: Sequence[Batch], cfg
@@ -50,16 +83,15 @@ def evaluate_loss(
     """Mean loss (and metrics) per loss unit over `batches` (this process's share), summed over processes."""
     was_training = model.training
     model.eval()
-    units, sums = 0.0, {"loss": 0.0}  # the same keys on every process, even one with no eval batch
+    units, sums = 0.0, _MetricSums()
+    sums.add({"loss": 0.0})  # the same first key on every process
     for batch in batches:
         batch = _to_device(batch, accelerator.device)
         loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
         units += float(algorithm.loss_units(batch, cfg))
-        for k, v in {"loss": loss_sum, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        sums.add({"loss": loss_sum, **metrics})
     model.train(was_training)
-    total = _reduce_sum(accelerator, units)
-    return {f"eval_{k}": _reduce_sum(accelerator, v) / max(total, 1.0) for k, v in sums.items()}
+    return sums.reduce(accelerator, _reduce_sum(accelerator, units), prefix="eval_")
 
 
 def training_loop(
@@ -110,7 +142,7 @@ def training_loop(
             )
 
             # ---- forward/backward with accumulation; DDP syncs gradients only on the last micro-batch
-            sums: dict[str, float] = {}
+            sums = _MetricSums()
             finite = True
             for i, batch in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
@@ -119,8 +151,7 @@ def training_loop(
                     loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
                     finite &= bool(torch.isfinite(loss_sum.detach()))
                     accelerator.backward(normalise_loss(loss_sum, total_units, world))
-                for k, v in {"loss": loss_sum, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+                sums.add({"loss": loss_sum, **metrics})
 
             # ---- clip, guard against NaN/inf (loss or gradient), step
             # The norm is always computed (max_norm=inf when clipping is off) so that a NaN/inf gradient is caught
@@ -158,10 +189,7 @@ def training_loop(
                 ),
             )
             tokens_since_start += step_tokens
-            record = {
-                "step": step,
-                **{k: _reduce_sum(accelerator, v) / max(total_units, 1.0) for k, v in sums.items()},
-            }
+            record = {"step": step, **sums.reduce(accelerator, total_units)}
             record.update(
                 lr=lr,
                 grad_norm=grad_norm,

@@ -1,10 +1,14 @@
 """Optimiser and learning-rate schedule built from `OptimConfig` (AdamW; warmup then cosine, linear or constant).
 
-The schedules are transformers' own (`get_scheduler`); only trainable parameters reach the optimiser, so LoRA
-and QLoRA carry optimiser state for the adapters alone.
+The decay after warmup is the one of transformers' schedules; the warmup is ours (`lr_factor`: the first step
+trains at a non-zero rate). Only trainable parameters reach the optimiser, so LoRA and QLoRA carry optimiser
+state for the adapters alone.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -31,18 +35,39 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     )  # fmt: skip
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    from transformers import get_scheduler
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """The learning rate of 0-based optimisation step `step`, as a fraction of the peak `optim.lr`.
 
-    warmup = min(cfg.warmup_steps, total_steps)
-    if cfg.schedule == "cosine":
-        return get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio},
-        )
-    if cfg.schedule == "linear":
-        return get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup)
+    Warmup: step s < warmup trains at (s + 1) / (warmup + 1) of the peak, so the first step already learns
+    (transformers' warmup starts at s / warmup, which is 0 for step 1: a wasted step that only moves Adam's
+    moments). After warmup, with progress p = (s - warmup) / (total - warmup): cosine decays to `min_ratio`
+    as min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2, linear as 1 - p, constant stays at 1 (the same decay
+    as transformers' schedules, so runs without warmup are unchanged).
+
+    Worked example (warmup 3, total 7, linear): steps 0-2 -> 1/4, 2/4, 3/4; steps 3-6 -> p = 0, 1/4, 2/4, 3/4
+    -> 1, 0.75, 0.5, 0.25.
+
+    >>> [lr_factor(s, schedule="linear", warmup=3, total=7) for s in range(7)]
+    [0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25]
+    >>> round(lr_factor(2, schedule="cosine", warmup=0, total=4, min_ratio=0.1), 4)  # p = 1/2: halfway
+    0.55
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}; choose cosine, linear or constant")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """A `LambdaLR` over `lr_factor`: every parameter group (e.g. a head with its own rate) follows it."""
+    factor = functools.partial(
+        lr_factor, schedule=cfg.schedule, warmup=min(cfg.warmup_steps, total_steps), total=total_steps,
+        min_ratio=cfg.min_lr_ratio,
+    )  # fmt: skip
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
