@@ -128,9 +128,11 @@ class GRPOSection(_Section):
     """Lower clip of the importance ratio: 1 - clip_eps."""
     clip_eps_high: float | None = Field(None, gt=0)
     """Upper clip (DAPO clip-higher): 1 + clip_eps_high; default clip_eps."""
-    log_kl: bool = True
-    """Log the KL to the reference (k3) even when beta is 0: one no-grad reference forward per rollout (the
-    adapter disabled under LoRA). false skips it when beta is 0."""
+    log_kl: bool | None = None
+    """Log the KL to the reference (k3) when beta is 0 too, at the cost of one no-grad reference forward per
+    rollout. null (default): on under lora/qlora (the reference is the adapter disabled: no extra memory), off
+    under full fine-tuning (it would load a second full model only for a log line); true or false forces it.
+    With beta > 0 the KL is always computed and logged (the loss needs it)."""
     drop_uniform_groups: bool = False
     """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
 
@@ -302,6 +304,12 @@ class RunConfig(_Section):
             raise ValueError(
                 f"optim.head_lr is the learning rate of a scalar head, which only ppo (value head) and reward "
                 f"(score head) have, not {alg.name}; remove it"
+            )
+        if alg.name == "ppo" and alg.ppo.adaptive_kl and alg.ppo.kl_coef == 0:
+            raise ValueError(
+                "algorithm.ppo.adaptive_kl multiplies algorithm.ppo.kl_coef by a factor near 1 each rollout, so a "
+                "coefficient that starts at 0 stays 0 and the controller never acts; set algorithm.ppo.kl_coef > 0 "
+                "(e.g. 0.05) or algorithm.ppo.adaptive_kl=false"
             )
         if alg.name == "dpo" and alg.dpo.reference == "adapter" and self.technique.name == "full":
             raise ValueError(

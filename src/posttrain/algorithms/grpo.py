@@ -70,12 +70,15 @@ def group_advantages(
     *,
     scale: str = "group",
     eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages (B,): reward minus its group's mean, optionally divided by a std.
 
     rewards (B,) ordered prompt by prompt, G = group_size contiguous samples each.
-    scale: "group" divides by (the group's std + eps) (Shao et al. 2024); "batch" by (the std of all B
-    rewards + eps), a scale that is the same for every prompt; "none" does not divide (Liu et al. 2025).
+    scale: "group" divides by (the group's std + eps) (Shao et al. 2024); "batch" by (the std of all
+    rewards of the batch + eps), a scale that is the same for every prompt; "none" does not divide (Liu et al.
+    2025). `batch_rewards` is that batch when it is larger than `rewards` (every process's rewards of a rollout
+    split over processes); default `rewards`.
     std is the unbiased one (see `_std`). A group of equal rewards gives exactly 0 (no rounding residue of
     r - mean(r), no NaN) for every scale. B not a multiple of G is a ValueError.
 
@@ -89,16 +92,18 @@ def group_advantages(
         raise ValueError(f"unknown advantage scale {scale!r}; choose one of {sorted(_SCALES)}")
     grouped = _grouped(rewards, group_size)  # (B/G, G)
     centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B/G, G)
-    advantages = centred / _SCALES[scale](grouped, eps)
+    population = grouped if batch_rewards is None else batch_rewards
+    advantages = centred / _SCALES[scale](grouped, population, eps)
     # Equal rewards must give exactly 0: mean() of equal floats can be off by an ulp.
     uniform = uniform_groups(rewards, group_size)[:, None]  # (B/G, 1)
     return torch.where(uniform, torch.zeros_like(advantages), advantages).view(-1)
 
 
-_SCALES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "group": lambda grouped, eps: _std(grouped, dim=1)[:, None] + eps,  # (B/G, 1)
-    "batch": lambda grouped, eps: _std(grouped) + eps,  # scalar
-    "none": lambda grouped, eps: grouped.new_ones(()),
+# scale(grouped rewards (B/G, G), the batch's rewards, eps) -> the divisor
+_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "group": lambda grouped, batch, eps: _std(grouped, dim=1)[:, None] + eps,  # (B/G, 1)
+    "batch": lambda grouped, batch, eps: _std(batch.reshape(-1)) + eps,  # scalar
+    "none": lambda grouped, batch, eps: grouped.new_ones(()),
 }
 
 
@@ -222,7 +227,12 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
     G = g.num_generations
     tensors = sequence_tensors(scored.rollout)
-    tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale)
+    batch_rewards = None
+    acc = ctx.accelerator
+    if g.scale == "batch" and acc.num_processes > 1:
+        # The batch std is over the whole rollout, every process's share (each holds whole groups only).
+        batch_rewards = acc.gather(scored.rewards.to(acc.device)).cpu()
+    tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale, batch_rewards=batch_rewards)
     uniform = uniform_groups(scored.rewards, G)  # (N / G,)
     extra = {
         "uniform_group_fraction": float(uniform.float().mean()),
@@ -240,11 +250,16 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     if steps_per_rollout(cfg) > 1:
         model = ctx.accelerator.unwrap_model(ctx.model)
         tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
-    if (
-        g.beta > 0 or g.log_kl
-    ):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
+    if g.beta > 0 or logs_kl(cfg):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
         tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
     return tensors, extra
+
+
+def logs_kl(cfg) -> bool:
+    """Whether a run at beta 0 still computes the KL to the reference for the log (`grpo.log_kl`; null: only
+    when the reference costs no second model, i.e. the adapter disabled under lora/qlora)."""
+    log_kl = cfg.algorithm.grpo.log_kl
+    return log_kl if log_kl is not None else cfg.technique.name in ("lora", "qlora")
 
 
 def make_source(ctx):

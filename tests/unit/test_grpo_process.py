@@ -1,0 +1,66 @@
+"""GRPO's rollout processing: the batch-scaled advantages use the whole rollout's std under several processes,
+and the logged KL at beta 0 never loads a second full model."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.algorithms import grpo
+from posttrain.config import load_config
+from posttrain.rollout.engine import Rollout
+from posttrain.rollout.source import ScoredRollout
+
+
+class TwoProcesses:
+    """Stands in for rank 0 of two processes: `gather` appends the other rank's rewards, as all_gather would."""
+
+    num_processes, process_index, device = 2, 0, torch.device("cpu")
+
+    def __init__(self, other):
+        self.other = other
+
+    def gather(self, t):
+        return torch.cat([t, self.other])
+
+
+def _scored(rewards):
+    n = len(rewards)
+    rollout = Rollout(
+        prompt_ids=torch.full((n, 2), 5), prompt_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_ids=torch.full((n, 3), 6), completion_mask=torch.ones(n, 3, dtype=torch.long),
+        sampling_logps=torch.zeros(n, 3), texts=["x"] * n, truncated=torch.zeros(n, dtype=torch.bool),
+    )  # fmt: skip
+    return ScoredRollout(rollout, [None] * n, torch.tensor(rewards), {})
+
+
+def test_batch_scale_divides_by_the_std_over_every_process():
+    """Rank 0 holds rewards [0, 1 | 0, 0]; rank 1 holds [4, 8 | 2, 2]. Batch std (unbiased) of all eight:
+    mean 17/8; squared deviations sum to 52.875 -> var 52.875 / 7 = 7.5536, std 2.7484. Rank 0's first group
+    centred: [-0.5, 0.5] -> [-0.18192, 0.18192]; its own std (0.5) would give [-1, 1]."""
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.grpo.scale=batch",
+                             "algorithm.grpo.num_generations=2", "algorithm.grpo.log_kl=false",
+                             "optim.batch_size=4"])  # fmt: skip
+    ctx = SimpleNamespace(cfg=cfg, accelerator=TwoProcesses(torch.tensor([4.0, 8.0, 2.0, 2.0])), micro_batch_size=4)
+    tensors, _ = grpo._process(_scored([0.0, 1.0, 0.0, 0.0]), ctx)
+    std = torch.tensor([0.0, 1.0, 0.0, 0.0, 4.0, 8.0, 2.0, 2.0]).std()
+    assert float(std) == pytest.approx(2.7483761, rel=1e-6)
+    want = torch.tensor([-0.5, 0.5, 0.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(tensors["advantages"], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("technique,logged", [("full", False), ("lora", True), ("qlora", True)])
+def test_log_kl_default_follows_the_cost_of_the_reference(technique, logged):
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", f"technique.name={technique}"])
+    assert grpo.logs_kl(cfg) is logged
+    forced = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", f"technique.name={technique}",
+                                "algorithm.grpo.log_kl=true"])  # fmt: skip
+    assert grpo.logs_kl(forced) is True
+
+
+def test_adaptive_kl_cannot_start_at_zero():
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"kl_coef.*stays 0"):
+        load_config(None, ["algorithm.name=ppo", "algorithm.rewards=[constant]", "algorithm.ppo.adaptive_kl=true",
+                           "algorithm.ppo.kl_coef=0"])  # fmt: skip
