@@ -38,32 +38,48 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model(vocab_size: int = 259, *, seed: int = 0, hidden_size: int = 32, layers: int = 2):
-    """A 2-layer random Llama (about 40k parameters) for tests."""
+def _family_config(family: str, vocab_size: int, hidden_size: int, layers: int):
+    """(config, model class) of a 2-layer random model of a family, with the tiny tokenizer's special ids."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=2, bos_token_id=None, tie_word_embeddings=False)
+    decoder = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    if family == "llama":
+        return tf.LlamaConfig(**common, **decoder), tf.LlamaForCausalLM
+    if family == "gemma2":  # final_logit_softcapping: logits = cap * tanh(logits / cap)
+        return tf.Gemma2Config(**common, **decoder, head_dim=hidden_size // 4, query_pre_attn_scalar=hidden_size // 4,
+                               sliding_window=64), tf.Gemma2ForCausalLM  # fmt: skip
+    if family == "cohere":  # logit_scale: logits * scale
+        return tf.CohereConfig(**common, **decoder), tf.CohereForCausalLM
+    if family == "granite":  # logits_scaling: logits / scaling
+        return tf.GraniteConfig(**common, **decoder), tf.GraniteForCausalLM
+    if family == "gpt2":  # ships dropout 0.1 on residuals, embeddings and attention
+        return tf.GPT2Config(**common, n_embd=hidden_size, n_layer=layers, n_head=4, n_positions=512), tf.GPT2LMHeadModel
+    raise ValueError(f"unknown tiny model family {family!r}")
+
+
+TINY_FAMILIES = ("llama", "gemma2", "cohere", "granite", "gpt2")
+
+
+def tiny_model(vocab_size: int = 259, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
+               family: str = "llama", **config):  # fmt: skip
+    """A 2-layer random model (about 40k parameters) for tests: a Llama by default, or another family of
+    `TINY_FAMILIES` whose logits or dropout differ from Llama's; `config` sets further config fields (e.g.
+    `final_logit_softcapping=1.0`, `attention_dropout=0.1`)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
+    cfg, cls = _family_config(family, vocab_size, hidden_size, layers)
+    for k, v in config.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
+    return cls(cfg)
 
 
-def save_tiny_model(path, *, hidden_size: int = 32):
+def save_tiny_model(path, *, hidden_size: int = 32, family: str = "llama", **config):
     """Save `tiny_model` and `tiny_tokenizer` as a local Hugging Face folder (loadable by `model.name=PATH`)."""
     tok = tiny_tokenizer()
-    tiny_model(len(tok), hidden_size=hidden_size).save_pretrained(path)
+    tiny_model(len(tok), hidden_size=hidden_size, family=family, **config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
