@@ -33,6 +33,13 @@ class ModelConfig(_Section):
     """The embedded default `smollm2-135m-instruct`, a local Hugging Face folder, a `.gguf` file, or a hub name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and compute dtype; `auto` is float32 on CPU and bfloat16 on a GPU that supports it."""
+    dropout: Literal["auto", "keep", "off"] = "auto"
+    """The model's own dropout (attention, residual, embedding dropout from its config; LoRA's is
+    `technique.dropout`) while training. `off` sets every dropout of the architecture to 0, `keep` leaves it as the
+    model ships it. `auto`: off for reward, dpo, grpo and ppo (as preference and RL trainers do: dropout makes the
+    policy's log-probs noisy, so a DPO step-1 loss is not log 2 and the PPO/GRPO ratio of an unchanged policy is
+    not 1), keep for sft. Most recent LLMs ship 0 anyway; GPT-2, OPT and Phi-1/2 ship 0.1. Reference and old
+    log-prob forwards always run in eval mode (no dropout)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 33% more compute."""
     trust_remote_code: bool = False
@@ -241,6 +248,12 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     optim: OptimConfig = OptimConfig()
     run: RunSection = RunSection()
+
+    def keeps_model_dropout(self) -> bool:
+        """Whether training keeps the model's own dropout (`model.dropout`; `auto`: only for sft)."""
+        if self.model.dropout != "auto":
+            return self.model.dropout == "keep"
+        return self.algorithm.name == "sft"
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

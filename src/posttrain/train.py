@@ -148,7 +148,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if algorithm.load_model is not None:
         model = algorithm.load_model(cfg, accelerator.device)
     else:
-        model = load_model(cfg.model, cfg.technique, device=accelerator.device)
+        model = load_model(cfg.model, cfg.technique, device=accelerator.device, dropout=cfg.keeps_model_dropout())
     if source is None:  # rollouts (and anything else that needs the model to make its batches)
         source = algorithm.make_source(
             SourceContext(

@@ -54,3 +54,82 @@ def test_ppo_old_logps_equal_the_samplers_and_the_references_at_step_0(tmp_path,
         raw = (model.policy.get_output_embeddings()(hidden).float() / 0.7).log_softmax(-1)
     raw_logps = raw[:, :-1].gather(-1, tensors["input_ids"][:, 1:, None])[..., 0][mask[:, 1:]]
     assert (raw_logps - old[:, 1:][mask[:, 1:]]).abs().max() > 0.05
+
+
+# ------------------------------------------------------------------------------------------------------ dropout
+# A Llama with attention dropout 0.1 (a float rate on each attention module) and GPT-2, which ships dropout 0.1 on
+# residuals, embeddings and attention (nn.Dropout modules).
+DROPOUT_FAMILIES = [("llama", {"attention_dropout": 0.1}), ("gpt2", {})]
+
+
+@pytest.fixture(scope="module", params=DROPOUT_FAMILIES, ids=[f for f, _ in DROPOUT_FAMILIES])
+def dropout_model_dir(request, tmp_path_factory):
+    family, config = request.param
+    return save_tiny_model(tmp_path_factory.mktemp(family), hidden_size=64, family=family, **config)
+
+
+def test_disable_dropout_makes_the_training_forward_deterministic(dropout_model_dir):
+    from posttrain.models import disable_dropout
+
+    model = load_model(ModelConfig(name=str(dropout_model_dir)), TechniqueConfig(name="full"))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    assert disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert disable_dropout(model) == []  # nothing left to switch off
+    assert any(v > 0 for k, v in model.config.to_dict().items() if "drop" in k)  # the config stays as shipped
+
+
+PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"}
+         for a in range(4) for b in range(2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("technique,reference", [("lora", "adapter"), ("lora", "precompute"), ("full", "precompute"),
+                                                 ("full", "copy")])  # fmt: skip
+def test_dpo_first_step_is_log2_in_every_reference_mode(make_cfg, dropout_model_dir, tmp_path, technique, reference):
+    import json
+    import math
+
+    from posttrain.train import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
+    common = {"model.name": str(dropout_model_dir), "algorithm.name": "dpo", "technique.name": technique,
+              "algorithm.dpo.reference": reference, "algorithm.dpo.beta": 1.0, "data.train": str(pairs),
+              "run.max_steps": 1}  # fmt: skip
+    first = train(make_cfg(f"dpo-{technique}-{reference}", **common)).history[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    kept = train(make_cfg(f"keep-{technique}-{reference}", **common, **{"model.dropout": "keep"})).history[0]
+    assert abs(kept["loss"] - math.log(2)) > 1e-4  # model.dropout=keep does keep it: step 1 is noisy
+
+
+PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_rl_ratio_is_one_on_the_first_step_of_a_rollout_used_twice(make_cfg, dropout_model_dir, tmp_path, algorithm):
+    """A rollout that feeds two optimisation steps takes its old log-probs from a separate (eval-mode) forward
+    before the first update; the first step's loss forward must give the same log-probs: ratio 1, nothing
+    clipped, approx KL 0."""
+    import json
+
+    from posttrain.train import train
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS), encoding="utf-8")
+    (tmp_path / "r.py").write_text("def letters(prompts, completions, **kw):\n"
+                                   "    return [sum(c.isalpha() for c in x) / 8 for x in completions]\n")  # fmt: skip
+    cfg = make_cfg(f"{algorithm}-twice", **{
+        "model.name": str(dropout_model_dir), "algorithm.name": algorithm, "technique.name": "lora",
+        "algorithm.rewards": f"[{tmp_path / 'r.py'}:letters]", "data.train": str(prompts),
+        "algorithm.rollout.max_new_tokens": 8, "algorithm.rollout.epochs": 2, "optim.batch_size": 8,
+        "run.max_steps": 2, **({"algorithm.grpo.num_generations": 4} if algorithm == "grpo" else {}),
+    })  # fmt: skip
+    first = train(cfg).history[0]
+    assert first["clip_fraction"] == 0.0
+    if algorithm == "grpo":
+        assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert first["approx_kl"] == pytest.approx(0.0, abs=1e-7)

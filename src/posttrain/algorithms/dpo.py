@@ -225,8 +225,13 @@ def _reference_token_logps(model, batch) -> torch.Tensor:
             "DPO under full fine-tuning needs reference log-probs in the batch (algorithm.dpo.reference="
             "precompute or copy); this batch has none"
         )
-    with unwrapped.disable_adapter():
-        logps, _ = selected_token_logps(unwrapped, _pair_inputs(batch), batch["loss_mask"])
+    was_training = unwrapped.training
+    unwrapped.eval()  # the reference never has dropout, whatever model.dropout says for the policy
+    try:
+        with unwrapped.disable_adapter():
+            logps, _ = selected_token_logps(unwrapped, _pair_inputs(batch), batch["loss_mask"])
+    finally:
+        unwrapped.train(was_training)
     return logps
 
 

@@ -404,7 +404,9 @@ def load_model(cfg, device):
     from posttrain.models import load_model as load_lm
     from posttrain.models.heads import ScalarHeadModel
 
-    return ScalarHeadModel(load_lm(cfg.model, cfg.technique, device=device), kind="value")
+    return ScalarHeadModel(
+        load_lm(cfg.model, cfg.technique, device=device, dropout=cfg.keeps_model_dropout()), kind="value"
+    )
 
 
 def save_final(model, tokenizer, out_dir, cfg) -> None:

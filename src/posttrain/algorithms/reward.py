@@ -101,7 +101,9 @@ def load_model(cfg, device):
     from posttrain.models import load_model as load_lm
     from posttrain.models.heads import ScalarHeadModel
 
-    return ScalarHeadModel(load_lm(cfg.model, cfg.technique, device=device), kind="reward")
+    return ScalarHeadModel(
+        load_lm(cfg.model, cfg.technique, device=device, dropout=cfg.keeps_model_dropout()), kind="reward"
+    )
 
 
 def save_final(model, tokenizer, out_dir, cfg) -> None:

@@ -313,7 +313,7 @@ def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
 
 
 def load_model(
-    model_cfg: ModelConfig, technique: TechniqueConfig, *, device=None, train: bool = True
+    model_cfg: ModelConfig, technique: TechniqueConfig, *, device=None, train: bool = True, dropout: bool = True
 ):  # -> PreTrainedModel | PeftModel
     """Load `model_cfg.name` prepared for `technique`.
 
@@ -322,6 +322,9 @@ def load_model(
     - `qlora`: the base linears quantised to 4-bit by bitsandbytes (NF4 or FP4, optional double quantisation),
       compute in the run dtype, plus LoRA adapters. Works on CPU. A GGUF base is first converted to a cached
       safetensors folder because bitsandbytes cannot quantise GGUF-loaded weights.
+
+    With `dropout=False` every dropout of the model's own architecture is set to 0 before any adapter is added
+    (`disable_dropout`; LoRA's own dropout stays `technique.dropout`).
 
     With `train=False` the base model comes back frozen, in eval mode, without adapters or gradient
     checkpointing (e.g. a reference model), quantised when the technique is `qlora`. The returned model carries
@@ -362,6 +365,8 @@ def load_model(
         info["quant_type"] = technique.quant_type
         info["double_quant"] = technique.double_quant
 
+    if not dropout:
+        disable_dropout(model)
     if not train:
         model.requires_grad_(False)
         model.eval()
@@ -379,6 +384,28 @@ def load_model(
         model.train()
     model.posttrain_info = info
     return model
+
+
+def disable_dropout(model) -> list[str]:
+    """Set every dropout of `model` to 0; returns what was changed (module paths, `path.attribute`).
+
+    Models keep dropout two ways: `nn.Dropout` modules (GPT-2's attn_dropout/resid_dropout) and float rates that
+    the forward passes to a functional dropout or the attention kernel (Llama-style `attention_dropout`, OPT's
+    `dropout`), copied from the config when the model was built. Both are zeroed on the modules; the config is left
+    as shipped, so a saved model keeps its published settings.
+    """
+    import torch
+
+    changed = []
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed.append(path)
+        for attr, value in vars(module).items():
+            if isinstance(value, float) and value > 0 and ("dropout" in attr or "pdrop" in attr):
+                setattr(module, attr, 0.0)
+                changed.append(f"{path}.{attr}")
+    return changed
 
 
 def enable_gradient_checkpointing(model) -> None:
