@@ -184,7 +184,8 @@ FAMILIES = {
         ),
         golden_pc="<s>[INST] Is 2+2 four or five? [/INST]⟦ {} </s>⟧",
     ),
-    "llama-3.1": Family(  # EOS is the end-of-turn token
+    "llama-3.1": Family(  # EOS is the end-of-turn token. (3.1's template adds a dated preamble to the system
+        # turn and tool blocks; its user and assistant turns are Llama 3's, written here.)
         LLAMA3, LLAMA3_SPECIALS, eos="<|eot_id|>", pad="<|finetune_right_pad_id|>", bos="<|begin_of_text|>",
         end="<|eot_id|>", messages=(SYS, U1, A1, U2, A2), golden=LLAMA3_GOLDEN, golden_pc=LLAMA3_GOLDEN_PC,
     ),

@@ -10,9 +10,11 @@ template, once in full and once per assistant turn up to that turn with the gene
 
 - from the end of that generation prompt, when it is a prefix of the full text (the prefix property: ChatML,
   Llama 2 and 3, Gemma, Phi-3, ...), so the space Llama 2 and Mistral write after ``[/INST]`` is trained and
-  a prompt that happens to contain the same words never is. Without the prefix property (Mistral v0.3 moves
-  the system prompt into the last user turn) the content is searched for after the previous user turn's
-  content, and the whitespace just before it is trained;
+  a prompt that happens to contain the same words never is (a template that ignores
+  ``add_generation_prompt`` yet writes a role header gets that header trained: the model must write it then).
+  Without the prefix property (Mistral v0.3 moves the system prompt into the last user turn) the content is
+  searched for after the previous user turn's content, and the whitespace just before it is trained unless it
+  ends the assistant header the generation prompt adds;
 - through the content (found verbatim, or stripped for templates that trim it);
 - through the end-of-turn token: the first special token the template writes after the content, past any
   whitespace between them (Llama 2's ``' ' + '</s>'``). That is ``<|im_end|>`` for ChatML (Qwen, SmolLM),
