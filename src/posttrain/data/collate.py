@@ -3,6 +3,9 @@
 Letters: B rows in the batch, T tokens per row.
 
 `collate` right-pads to the longest example: ``input_ids``, ``attention_mask`` and ``loss_mask``, each (B, T).
+Padding is marked by position (past each example's length), never by comparing ids with `pad_id`: when the pad
+token is the EOS token (Llama, Mistral and SmolLM2 users often set ``pad_token = eos_token``), a real
+end-of-turn EOS keeps the loss `render.py` gave it and the padding after it gets none.
 
 `pack` + `collate_packed` put several examples into one row of at most `max_length` tokens, with no
 ``attention_mask`` but ``position_ids`` restarting at 0 at every example. That is how transformers 5 expresses

@@ -5,9 +5,12 @@
 conversation ``prompt + side`` with the prompt never trained, so ``prompt_ids + chosen_ids`` is exactly what
 `render_sft` gives for that conversation (one source of truth for the chat template and for the mask). The
 response ids run to the end of the rendered conversation: the assistant content, its end-of-turn token
-(``<|im_end|>`` for ChatML) and whatever the template writes after it (a newline). ``chosen_mask`` and
-``rejected_mask`` are `render_sft`'s loss mask over the response ids: 1 on the content and the end-of-turn
-token, 0 on the trailing newline and on any role headers or user turns inside a multi-turn response.
+(``<|im_end|>`` for ChatML, ``</s>`` for Llama 2) and whatever the template writes after it (a newline).
+``chosen_mask`` and ``rejected_mask`` are `render_sft`'s loss mask over the response ids: 1 on what the model
+generates (the content, whitespace the template puts around it such as Llama 2's ``' ' + content + ' '``, and
+the end-of-turn token), 0 on the trailing newline and on any role headers or user turns inside a multi-turn
+response. So ``prompt_ids`` is the sampling prompt (`render_prompt`) for every template with the prefix property
+(see `render.py`).
 
 Length: a prompt whose tokens alone reach `max_length` leaves no room for a response; `render_preference_dataset`
 collects every such row into one `DataError` (``FILE:LINE: prompt: prompt is N tokens, max_length is M ...``).

@@ -6,14 +6,32 @@ used as a target.
 
 How the mask is found (``train_on="completion"``): the conversation is rendered with the tokenizer's own chat
 template, once in full and once per assistant turn up to that turn with the generation prompt
-(``messages[:k]`` + ``add_generation_prompt=True``). When that is a prefix of the full text (the prefix
-property, true for ChatML, Llama 3, Gemma, ...), the assistant's content is searched for from there, so a
-prompt that happens to contain the same words is never matched. The trained characters are the content and the
-end-of-turn token right after it (``<|im_end|>`` for ChatML: the model must learn to stop); the role header, the
-newline after the end-of-turn token, system and user turns are never trained. Characters map to tokens through
-the fast tokenizer's offsets on the full text (so ids equal tokenizing the whole conversation); a slow
-tokenizer is encoded piece by piece instead. Every assistant turn counts, except the turns of a
-prompt/completion row's prompt (``row["n_prompt"]``).
+(``messages[:k]`` + ``add_generation_prompt=True``). A turn trains what the model must generate for it:
+
+- from the end of that generation prompt, when it is a prefix of the full text (the prefix property: ChatML,
+  Llama 2 and 3, Gemma, Phi-3, ...), so the space Llama 2 and Mistral write after ``[/INST]`` is trained and
+  a prompt that happens to contain the same words never is (a template that ignores
+  ``add_generation_prompt`` yet writes a role header gets that header trained: the model must write it then).
+  Without the prefix property (Mistral v0.3 moves the system prompt into the last user turn) the content is
+  searched for after the previous user turn's content, and the whitespace just before it is trained unless it
+  ends the assistant header the generation prompt adds;
+- through the content (found verbatim, or stripped for templates that trim it);
+- through the end-of-turn token: the first special token the template writes after the content, past any
+  whitespace between them (Llama 2's ``' ' + '</s>'``). That is ``<|im_end|>`` for ChatML (Qwen, SmolLM),
+  ``</s>`` for Llama 2 and Mistral, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma, ``<|end|>`` for
+  Phi-3: read off the text, never guessed from the EOS token, which for Llama 3 base (``<|end_of_text|>``),
+  Gemma (``<eos>``) and Phi-3 (``<|endoftext|>``) is not the token that ends a turn. The model must learn to
+  stop.
+
+Nothing after the end-of-turn token (the newline after ``<|im_end|>``, the next header, Phi-3's closing EOS),
+no role header and no system or user text is trained. Characters map to tokens through the fast tokenizer's
+offsets on the full text (so ids equal tokenizing the whole conversation); a token is trained when any of its
+characters is (a SentencePiece ``▁four`` whose offsets start at the template's space). A slow tokenizer is
+encoded piece by piece instead. Every assistant turn counts, except the turns of a prompt/completion row's
+prompt (``row["n_prompt"]``). `tests/unit/test_chat_templates.py` holds the golden masks per family.
+
+The mask does not depend on the pad token: padding is added later (`collate.py`), by length, so an
+end-of-turn token equal to the pad id keeps its loss.
 
 With ``train_on="all"`` every token counts; a plain ``text`` row always trains every token (and gets the EOS
 token appended). A tokenizer with no chat template uses `FALLBACK_CHAT_TEMPLATE`: ``User: ...`` /
@@ -24,6 +42,7 @@ This module does not pad or batch (see `collate.py`).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -148,58 +167,106 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
 
 
 def _end_of_turn_tokens(tokenizer) -> list[str]:
-    """Special tokens that may close an assistant turn: EOS and any special token named like an end marker."""
-    names = {tokenizer.eos_token} if tokenizer.eos_token else set()
-    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        content = str(getattr(tok, "content", tok))
-        if getattr(tok, "special", False) and any(
-            k in content.lower() for k in ("end", "eot", "eos", "</s>")
-        ):
-            names.add(content)
+    """Special tokens that can close an assistant turn: EOS and every special token but BOS, longest first.
+
+    No names are guessed: which one closes a turn is read off the rendered text (`_assistant_spans`), so a
+    tokenizer whose EOS is not its end-of-turn marker (Llama 3 ``<|end_of_text|>`` vs ``<|eot_id|>``, Gemma
+    ``<eos>`` vs ``<end_of_turn>``, Phi-3 ``<|endoftext|>`` vs ``<|end|>``) trains the marker its template
+    writes. Longest first, so ``<|end|>`` never cuts ``<|endoftext|>`` short.
+    """
+    names = {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    names.discard(tokenizer.bos_token)  # opens a sequence, never closes a turn (unless it is also EOS)
+    names.update(t for t in (tokenizer.eos_token,) if t)
     return sorted(names, key=len, reverse=True)
 
 
+def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
+    """``[pos, end)`` of `content` in `text` at or after `start`, verbatim or else stripped (templates that trim
+    it: Llama 2, Llama 3, Mistral, Gemma); ``(-1, -1)`` when it is not there or is only whitespace."""
+    for c in (content, content.strip()):
+        pos = text.find(c, start) if c.strip() else -1
+        if pos >= 0:
+            return pos, pos + len(c)
+    return -1, -1
+
+
 def _assistant_spans(tokenizer, messages: list[dict], text: str, *, first: int = 0) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of `text` to train: each assistant content + its end-of-turn token."""
+    """Character spans ``[start, end)`` of `text` to train: for each assistant turn from `first` on, what the
+    model must generate, from the end of its prompt (`_turn_start`) through its end-of-turn token (`_turn_end`).
+    No system or user text is ever in a span: each message is searched for after the one before it."""
     ends = _end_of_turn_tokens(tokenizer)
     spans: list[tuple[int, int]] = []
-    cursor = 0
+    cursor = 0  # the end of the last message found: every later message is searched for after it
     for k, msg in enumerate(messages):
-        if msg["role"] != "assistant" or k < first:
+        if msg["role"] == "system":  # templates move it (Llama 2: into the first user turn, Mistral: the last)
             continue
-        start = cursor
-        if k > 0:  # skip the whole prompt so far, when the template has the prefix property
-            for gen in (True, False):
-                prefix = chat_text(tokenizer, messages[:k], add_generation_prompt=gen)
-                if text.startswith(prefix):
-                    start = max(start, len(prefix))
-                    break
-        content = msg["content"]
-        pos = text.find(content, start) if content else -1
-        if pos < 0 and content.strip():  # some templates trim the content
-            content = content.strip()
-            pos = text.find(content, start)
-        if pos < 0:
-            raise UserError(
-                f"the chat template rewrites assistant turn {k}, so its tokens cannot be located for the loss "
-                "mask; use a tokenizer whose template copies message content verbatim"
-            )
-        end = pos + len(content)
-        for tok in ends:
-            if text.startswith(tok, end):
-                end += len(tok)
-                break
-        spans.append((pos, end))
+        if msg["role"] != "assistant" or k < first:  # a prompt turn: only move the cursor past it
+            pos, end = _find_content(text, msg["content"], cursor)
+            cursor = end if pos >= 0 else cursor
+            continue
+        start, end = _turn_start(tokenizer, messages, k, text, cursor)
+        end = _turn_end(text, end, ends)
+        spans.append((start, end))
         cursor = end
     return spans
 
 
+def _turn_start(tokenizer, messages: list[dict], k: int, text: str, cursor: int) -> tuple[int, int]:
+    """Where the model's part of assistant turn `k` starts in `text`, and where its content ends.
+
+    With the prefix property (``messages[:k]`` + the generation prompt is a prefix of `text`: ChatML, Llama 2
+    and 3, Gemma, Phi-3), everything after that prompt is the model's: the content and whatever the template
+    writes before it (Llama 2's and Mistral's space after ``[/INST]``), and never a word of the prompt.
+    Without it (Mistral v0.3 moves the system prompt into the last user turn), the content after `cursor`
+    and the whitespace just before it, unless that whitespace ends the assistant header the generation prompt
+    would write (``<|im_start|>assistant\n``).
+    """
+    gen = chat_text(tokenizer, messages[:k], add_generation_prompt=True) if k else None
+    prefix_property = gen is not None and text.startswith(gen) and len(gen) >= cursor
+    header = None  # unknown for a conversation that opens with the assistant: no whitespace is taken then
+    if prefix_property:
+        cursor = len(gen)
+    elif gen is not None:
+        bare = chat_text(tokenizer, messages[:k])
+        header = gen[len(os.path.commonprefix([gen, bare])) :]  # what the generation prompt adds
+        if text.startswith(bare) and len(bare) >= cursor:
+            cursor = len(bare)
+    pos, end = _find_content(text, messages[k]["content"], cursor)
+    if pos < 0:
+        raise UserError(
+            f"the chat template rewrites assistant turn {k}, so its tokens cannot be located for the loss "
+            "mask; use a tokenizer whose template copies message content verbatim"
+        )
+    if prefix_property:
+        return cursor, end
+    while header is not None and pos > cursor and text[pos - 1].isspace() and not (
+        header and text.endswith(header, 0, pos)
+    ):
+        pos -= 1
+    return pos, end
+
+
+def _turn_end(text: str, end: int, ends: list[str]) -> int:
+    """The end of an assistant turn whose content ends at `end`: past the first special token the template
+    writes next (whitespace between them, Llama 2's ``' ' + '</s>'``, included): the end-of-turn token the
+    model must learn to stop with. Just the content when no special token follows it."""
+    gap = end
+    while gap < len(text) and text[gap].isspace():
+        gap += 1
+    marker = next((t for t in ends if text.startswith(t, gap)), None)
+    return end if marker is None else gap + len(marker)
+
+
 def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Token ids of `text` and a mask that is 1 for tokens starting inside a span."""
+    """Token ids of `text` and a mask that is 1 for tokens holding a character of a span.
+
+    Overlap, not "starts inside": a token that joins the prompt's last character to the content's first (a
+    SentencePiece ``▁four`` after ``Assistant:``) is the model's first generated token and must be trained.
+    """
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+        mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
         return ids, mask
     ids, mask, at = [], [], 0  # slow tokenizers have no offsets: encode the pieces between span edges
     for s, e in [*spans, (len(text), len(text))]:

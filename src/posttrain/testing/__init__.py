@@ -1,7 +1,9 @@
 """Tiny, fully offline stand-ins for a real model and tokenizer, for tests and examples.
 
 `tiny_tokenizer()` is a byte-level tokenizer (256 byte tokens + ChatML specials) with a ChatML chat template,
-built in code; `tiny_model()` is a 2-layer random Llama sized to it. Neither touches the disk or the network.
+built in code by `byte_tokenizer`, which builds the same kind with any model family's special tokens, EOS, pad
+and chat template; `tiny_model()` is a 2-layer random Llama sized to it (or another family's). Neither touches the disk or the
+network.
 """
 
 from __future__ import annotations
@@ -18,24 +20,39 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is one token; ids 0-2 are specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(specials, *, eos: str | None, pad: str | None = None, bos: str | None = None,
+                   unk: str | None = None, chat_template: str | None = None):  # fmt: skip
+    """A byte-level BPE tokenizer with no merges: ids ``0 .. len(specials) - 1`` are `specials`, then one
+    token per UTF-8 byte.
+
+    `specials` are strings or `tokenizers.AddedToken` (e.g. ``rstrip=True``: the token swallows the whitespace
+    after it, as some real tokenizer files set). `eos`, `pad`, `bos`, `unk` name tokens of `specials` (pad may
+    equal eos). With it, a test can stand in for any model family's tokenizer: its special tokens, its chat
+    template, its EOS and its padding, with text that tokenizes one byte per token.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(alphabet):
+    added = [s if isinstance(s, AddedToken) else AddedToken(s, special=True, normalized=False) for s in specials]
+    vocab = {a.content: i for i, a in enumerate(added)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, unk_token=None
-    )
-    fast.chat_template = CHATML_TEMPLATE
+    tok.add_special_tokens(added)
+    names = {"eos_token": eos, "pad_token": pad, "bos_token": bos, "unk_token": unk}
+    for name, value in names.items():
+        if value is not None and value not in vocab:
+            raise ValueError(f"{name} {value!r} is not one of the special tokens {list(vocab)[: len(added)]}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    fast.chat_template = chat_template
     return fast
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (every UTF-8 byte is one token) with a ChatML template; ids 0-2 are specials."""
+    return byte_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<|pad|>", chat_template=CHATML_TEMPLATE)
 
 
 def _family_config(family: str, vocab_size: int, hidden_size: int, layers: int):

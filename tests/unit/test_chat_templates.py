@@ -1,0 +1,399 @@
+"""Golden loss masks over the chat templates of the model families users bring.
+
+Each family's template is written here from its model card's documented format (ChatML as Qwen2.5 and SmolLM2
+ship it, Llama 2 chat, Llama 3, Mistral v0.1 and v0.3, Gemma 3, Phi-3.5), with a byte-level tokenizer that
+has the family's special tokens, EOS and BOS (`posttrain.testing.byte_tokenizer`): one token per byte, so a
+golden string says exactly which tokens get loss. In a golden, ``⟦...⟧`` marks the trained tokens: every
+assistant turn's content, what the template writes between it and the end-of-turn token (Llama 2: a space),
+and that token itself; never a system or user token, never what follows the end-of-turn token.
+
+Every test runs twice per family: with the pad token equal to EOS (SmolLM2 ships that; Llama and Mistral users
+set it) and with a pad token of its own. The trained end-of-turn token must keep its loss in a padded batch even
+when it is also the pad id, and padding must carry none.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+
+from posttrain.data import collate, collate_pairs, render_pair, render_prompt, render_sft
+from posttrain.testing import byte_tokenizer
+
+SYS = {"role": "system", "content": "Answer in words, like four."}
+U1 = {"role": "user", "content": "Is 2+2 four or five?"}  # holds the first answer: it must not be trained
+A1 = {"role": "assistant", "content": "four"}
+U2 = {"role": "user", "content": "And 4+4?"}
+A2 = {"role": "assistant", "content": "It is 8.\n"}  # a trailing newline: the trimming templates drop it
+
+# --- templates, written from each model card's documented prompt format -------------------------------------
+
+QWEN25 = (  # ChatML; a default system prompt when the conversation has none
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}{% set rest = messages[1:] %}"
+    "{% else %}"
+    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{% set rest = messages %}"
+    "{% endif %}"
+    "{% for m in rest %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM2 = (  # ChatML; its own default system prompt
+    "{% for m in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA2 = (  # [INST] turns; the system prompt inside the first one; each answer is ' ' + answer + ' ' + EOS
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+LLAMA3 = (  # header tokens; every turn, trimmed, closed by <|eot_id|>
+    "{% for message in messages %}"
+    "{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MIXTRAL = (  # Mistral v0.1 / Mixtral: no system role; the answer right after ' [/INST]', then EOS
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+MISTRAL_V03 = (  # the system prompt goes into the LAST user turn; each answer is ' ' + trimmed answer + EOS
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set loop_messages = messages %}{% endif %}"
+    "{% set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{{ bos_token }}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if message == user_messages[-1] and system_message is defined %}"
+    "{{ '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+GEMMA3 = (  # the assistant is 'model'; the system prompt opens the first user turn; <end_of_turn> closes turns
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+PHI35 = (  # role tokens, <|end|> closes turns; EOS (<|endoftext|>) at the very end unless generating
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}"
+    "{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as a test sees it: its template and special tokens, the token that closes an assistant
+    turn (`end`), and the golden renderings. `golden` is the conversation `messages`; `golden_pc` is the
+    prompt/completion row ``{"prompt": U1's text, "completion": X}`` with ``{}`` where X goes."""
+
+    template: str
+    specials: tuple[str, ...]
+    eos: str
+    pad: str  # its own pad token, used when the test does not set pad = eos
+    bos: str | None
+    end: str
+    messages: tuple[dict, ...]
+    golden: str
+    golden_pc: str
+
+
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>")  # fmt: skip
+LLAMA3_GOLDEN = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer in words, like four.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nIs 2+2 four or five?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦four<|eot_id|>⟧"
+    "<|start_header_id|>user<|end_header_id|>\n\nAnd 4+4?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦It is 8.<|eot_id|>⟧"
+)
+LLAMA3_GOLDEN_PC = (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nIs 2+2 four or five?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n⟦{}<|eot_id|>⟧"
+)
+
+FAMILIES = {
+    "qwen2.5": Family(
+        QWEN25, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>",
+        bos=None, end="<|im_end|>", messages=(SYS, U1, A1, U2, A2),
+        golden=(
+            "<|im_start|>system\nAnswer in words, like four.<|im_end|>\n"
+            "<|im_start|>user\nIs 2+2 four or five?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦four<|im_end|>⟧\n"
+            "<|im_start|>user\nAnd 4+4?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦It is 8.\n<|im_end|>⟧\n"
+        ),
+        golden_pc=(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nIs 2+2 four or five?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦{}<|im_end|>⟧\n"
+        ),
+    ),
+    "smollm2": Family(  # no system message: the template's default one is written, and never trained
+        SMOLLM2, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>",
+        bos="<|im_start|>", end="<|im_end|>", messages=(U1, A1, U2, A2),
+        golden=(
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nIs 2+2 four or five?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦four<|im_end|>⟧\n"
+            "<|im_start|>user\nAnd 4+4?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦It is 8.\n<|im_end|>⟧\n"
+        ),
+        golden_pc=(
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nIs 2+2 four or five?<|im_end|>\n"
+            "<|im_start|>assistant\n⟦{}<|im_end|>⟧\n"
+        ),
+    ),
+    "llama-2": Family(  # the space after [/INST] and the one before </s> are generated: trained
+        LLAMA2, ("<unk>", "<s>", "</s>"), eos="</s>", pad="<unk>", bos="<s>", end="</s>",
+        messages=(SYS, U1, A1, U2, A2),
+        golden=(
+            "<s>[INST] <<SYS>>\nAnswer in words, like four.\n<</SYS>>\n\nIs 2+2 four or five? [/INST]⟦ four </s>⟧"
+            "<s>[INST] And 4+4? [/INST]⟦ It is 8. </s>⟧"
+        ),
+        golden_pc="<s>[INST] Is 2+2 four or five? [/INST]⟦ {} </s>⟧",
+    ),
+    "llama-3.1": Family(  # EOS is the end-of-turn token. (3.1's template adds a dated preamble to the system
+        # turn and tool blocks; its user and assistant turns are Llama 3's, written here.)
+        LLAMA3, LLAMA3_SPECIALS, eos="<|eot_id|>", pad="<|finetune_right_pad_id|>", bos="<|begin_of_text|>",
+        end="<|eot_id|>", messages=(SYS, U1, A1, U2, A2), golden=LLAMA3_GOLDEN, golden_pc=LLAMA3_GOLDEN_PC,
+    ),
+    "llama-3": Family(  # EOS <|end_of_text|> (base models, and Llama 3 instruct's first release) is not
+        LLAMA3, LLAMA3_SPECIALS, eos="<|end_of_text|>", pad="<|finetune_right_pad_id|>",
+        bos="<|begin_of_text|>", end="<|eot_id|>", messages=(SYS, U1, A1, U2, A2), golden=LLAMA3_GOLDEN,
+        golden_pc=LLAMA3_GOLDEN_PC,
+    ),
+    "mixtral": Family(
+        MIXTRAL, ("<unk>", "<s>", "</s>"), eos="</s>", pad="<unk>", bos="<s>", end="</s>",
+        messages=(U1, A1, U2, A2),
+        golden="<s>[INST] Is 2+2 four or five? [/INST]⟦four</s>⟧[INST] And 4+4? [/INST]⟦It is 8.\n</s>⟧",
+        golden_pc="<s>[INST] Is 2+2 four or five? [/INST]⟦{}</s>⟧",
+    ),
+    "mistral-v0.3": Family(  # the system prompt moves to the last user turn: no prefix property for turn 1
+        MISTRAL_V03, ("<unk>", "<s>", "</s>"), eos="</s>", pad="<unk>", bos="<s>", end="</s>",
+        messages=(SYS, U1, A1, U2, A2),
+        golden=(
+            "<s>[INST] Is 2+2 four or five?[/INST]⟦ four</s>⟧"
+            "[INST] Answer in words, like four.\n\nAnd 4+4?[/INST]⟦ It is 8.</s>⟧"
+        ),
+        golden_pc="<s>[INST] Is 2+2 four or five?[/INST]⟦ {}</s>⟧",
+    ),
+    "gemma-3": Family(  # EOS <eos> is not the end-of-turn token <end_of_turn>
+        GEMMA3, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                 "<end_of_image>"),
+        eos="<eos>", pad="<pad>", bos="<bos>", end="<end_of_turn>", messages=(SYS, U1, A1, U2, A2),
+        golden=(
+            "<bos><start_of_turn>user\nAnswer in words, like four.\n\nIs 2+2 four or five?<end_of_turn>\n"
+            "<start_of_turn>model\n⟦four<end_of_turn>⟧\n"
+            "<start_of_turn>user\nAnd 4+4?<end_of_turn>\n"
+            "<start_of_turn>model\n⟦It is 8.<end_of_turn>⟧\n"
+        ),
+        golden_pc=(
+            "<bos><start_of_turn>user\nIs 2+2 four or five?<end_of_turn>\n<start_of_turn>model\n⟦{}<end_of_turn>⟧\n"
+        ),
+    ),
+    "phi-3.5": Family(  # EOS <|endoftext|> ends the text after the last turn; <|end|> ends each turn
+        PHI35, ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
+        eos="<|endoftext|>", pad="<unk>", bos="<s>", end="<|end|>", messages=(SYS, U1, A1, U2, A2),
+        golden=(
+            "<|system|>\nAnswer in words, like four.<|end|>\n"
+            "<|user|>\nIs 2+2 four or five?<|end|>\n"
+            "<|assistant|>\n⟦four<|end|>⟧\n"
+            "<|user|>\nAnd 4+4?<|end|>\n"
+            "<|assistant|>\n⟦It is 8.\n<|end|>⟧\n<|endoftext|>"
+        ),
+        golden_pc="<|user|>\nIs 2+2 four or five?<|end|>\n<|assistant|>\n⟦{}<|end|>⟧\n<|endoftext|>",
+    ),
+}
+
+CASES = [pytest.param(name, pad, id=f"{name}-{pad}") for name in FAMILIES for pad in ("pad=eos", "own-pad")]
+
+
+def tokenizer(name: str, pad: str):
+    f = FAMILIES[name]
+    return byte_tokenizer(list(f.specials), eos=f.eos, pad=f.eos if pad == "pad=eos" else f.pad, bos=f.bos,
+                          chat_template=f.template)  # fmt: skip
+
+
+def marked(tok, ids: list[int], mask: list[int]) -> str:
+    """The text of `ids`, token by token, with ``⟦ ⟧`` around each run of trained tokens."""
+    out, on = [], False
+    for i, m in zip(ids, mask, strict=True):
+        if bool(m) != on:
+            out.append("⟦" if m else "⟧")
+            on = bool(m)
+        out.append(tok.decode([i]))
+    return "".join(out) + ("⟧" if on else "")
+
+
+def char_mask(tok, ids: list[int], mask: list[int]) -> list[int]:
+    """The loss mask per character of the decoded text (each byte token is one character here)."""
+    return [m for i, m in zip(ids, mask, strict=True) for _ in tok.decode([i])]
+
+
+@pytest.mark.parametrize(("name", "pad"), CASES)
+def test_conversation_trains_each_answer_and_its_end_of_turn_token(name, pad):
+    f, tok = FAMILIES[name], tokenizer(name, pad)
+    r = render_sft(tok, {"messages": list(f.messages), "completion_only": True}, max_length=4096)
+    assert marked(tok, r.input_ids, r.loss_mask) == f.golden
+    text = tok.apply_chat_template(list(f.messages), tokenize=False)
+    assert tok.decode(r.input_ids) == text  # the ids are the template's own rendering
+    # Every assistant turn's end-of-turn token is trained; the same token closing other turns (ChatML) is not.
+    end_id = tok.convert_tokens_to_ids(f.end)
+    assert sum(m for i, m in zip(r.input_ids, r.loss_mask) if i == end_id) == 2
+    # No character of a system or user message is trained, wherever the template put it.
+    chars = char_mask(tok, r.input_ids, r.loss_mask)
+    for msg in f.messages:
+        if msg["role"] != "assistant":
+            at = text.find(msg["content"].strip())
+            assert at >= 0 and not any(chars[at : at + len(msg["content"].strip())]), msg
+
+
+@pytest.mark.parametrize(("name", "pad"), CASES)
+def test_prompt_completion_row_trains_the_completion_and_its_end_of_turn_token(name, pad):
+    f, tok = FAMILIES[name], tokenizer(name, pad)
+    row = {"prompt": U1["content"], "completion": "four"}
+    r = render_sft(tok, row, max_length=4096)
+    assert marked(tok, r.input_ids, r.loss_mask) == f.golden_pc.format("four")
+    # The first trained token is the first one the model generates after the sampling prompt.
+    prompt = render_prompt(tok, row)
+    assert r.input_ids[: len(prompt)] == prompt and r.loss_mask.index(1) == len(prompt)
+
+
+@pytest.mark.parametrize(("name", "pad"), CASES)
+def test_preference_pair_scores_each_response_and_its_end_of_turn_token(name, pad):
+    f, tok = FAMILIES[name], tokenizer(name, pad)
+    pair = render_pair(tok, {"prompt": U1["content"], "chosen": "four", "rejected": "It is five."},
+                       max_length=4096)  # fmt: skip
+    chosen, rejected = pair.chosen(), pair.rejected()
+    assert marked(tok, chosen.input_ids, chosen.loss_mask) == f.golden_pc.format("four")
+    assert marked(tok, rejected.input_ids, rejected.loss_mask) == f.golden_pc.format("It is five.")
+    assert pair.prompt_ids == render_prompt(tok, {"prompt": U1["content"]})
+    # Batched: the shorter chosen row is padded (with EOS itself when pad = eos) and keeps its loss on EOS.
+    batch = collate_pairs([pair], tok.pad_token_id)
+    end_id, n = tok.convert_tokens_to_ids(f.end), len(chosen.input_ids)
+    assert batch["loss_mask"][0].tolist() == chosen.loss_mask + [0] * (len(rejected.input_ids) - n)
+    assert batch["loss_mask"][1].tolist() == rejected.loss_mask
+    assert batch["input_ids"][0, n:].eq(tok.pad_token_id).all()
+    trained_ends = (batch["input_ids"] == end_id) & batch["loss_mask"].bool()
+    assert trained_ends.sum(dim=1).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(("name", "pad"), CASES)
+def test_collate_keeps_the_end_of_turn_loss_and_gives_padding_none(name, pad):
+    f, tok = FAMILIES[name], tokenizer(name, pad)
+    full = render_sft(tok, {"messages": list(f.messages), "completion_only": True}, max_length=4096)
+    short = render_sft(tok, {"prompt": "2+2?", "completion": "4"}, max_length=4096)
+    batch = collate([full, short], tok.pad_token_id)
+    n, T = len(short.input_ids), len(full.input_ids)
+    assert batch["loss_mask"].tolist() == [full.loss_mask, short.loss_mask + [0] * (T - n)]
+    assert batch["input_ids"][1, n:].eq(tok.pad_token_id).all() and not batch["attention_mask"][1, n:].any()
+    # The SFT targets (token t + 1 where loss_mask[t + 1]) hold every answer's end-of-turn token: 2 + 1.
+    end_id = tok.convert_tokens_to_ids(f.end)
+    targets = batch["input_ids"][:, 1:][batch["loss_mask"][:, 1:].bool()]
+    assert int((targets == end_id).sum()) == 3
+    if pad == "pad=eos" and f.end == f.eos:  # the same id as the padding, trained only where it is real
+        assert int(batch["input_ids"].eq(end_id).logical_and(batch["loss_mask"].bool()).sum()) == 3
+
+
+def test_an_end_of_turn_token_that_swallows_the_newline_after_it():
+    """Tokens with ``rstrip`` (the newline after ``<|end|>`` and ``<|assistant|>`` is part of the token, as some
+    Phi-3 tokenizer files set): ``<|end|>`` is still trained and ``<|assistant|>`` still is not."""
+    from tokenizers import AddedToken
+
+    f = FAMILIES["phi-3.5"]
+    specials = [AddedToken(s, special=True, normalized=False, rstrip=s.startswith("<|") and s != "<|endoftext|>")
+                for s in f.specials]  # fmt: skip
+    tok = byte_tokenizer(specials, eos=f.eos, pad=f.eos, bos=f.bos, chat_template=f.template)
+    r = render_sft(tok, {"messages": list(f.messages), "completion_only": True}, max_length=4096)
+    assert marked(tok, r.input_ids, r.loss_mask) == (
+        "<|system|>Answer in words, like four.<|end|><|user|>Is 2+2 four or five?<|end|>"
+        "<|assistant|>⟦four<|end|>⟧<|user|>And 4+4?<|end|><|assistant|>⟦It is 8.\n<|end|>⟧<|endoftext|>"
+    )
+
+
+def sentencepiece_llama2_tokenizer():
+    """Llama 2's kind of tokenizer: spaces become ``▁`` and stick to the next word, so ``' four'`` after
+    ``[/INST]`` is one token ``▁four`` whose offsets start at the space (the template's, not the content's)."""
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in "▁\n" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(ch, len(vocab))
+    merges = [("▁", "f"), ("▁f", "o"), ("▁fo", "u"), ("▁fou", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")  # fmt: skip
+    fast.chat_template = LLAMA2
+    return fast
+
+
+def test_a_word_token_that_starts_with_the_templates_space_is_trained():
+    tok = sentencepiece_llama2_tokenizer()
+    row = {"prompt": U1["content"], "completion": "four"}
+    r = render_sft(tok, row, max_length=4096)
+    trained = [tok.convert_ids_to_tokens(i) for i, m in zip(r.input_ids, r.loss_mask) if m]
+    assert trained == ["▁four", "▁", "</s>"]
+    prompt = render_prompt(tok, row)
+    assert r.input_ids[: len(prompt)] == prompt and r.loss_mask.index(1) == len(prompt)
+
+
+def test_without_the_prefix_property_the_assistant_header_is_not_trained():
+    """ChatML with the system prompt moved into the last user turn (as Mistral v0.3 moves it): rendering the
+    conversation up to the first answer is not a prefix of the whole. The answer is found after its user turn
+    (which holds the same word), and the header's newline before it stays untrained."""
+    template = (
+        "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
+        "{% for m in messages if m['role'] != 'system' %}"
+        "{% set system = messages[0]['content'] + '\n' if m == users[-1] and messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + (system or '') + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", chat_template=template)
+    r = render_sft(tok, {"messages": [SYS, U1, A1, U2, A2], "completion_only": True}, max_length=4096)
+    assert marked(tok, r.input_ids, r.loss_mask) == (
+        "<|im_start|>user\nIs 2+2 four or five?<|im_end|>\n<|im_start|>assistant\n⟦four<|im_end|>⟧\n"
+        "<|im_start|>user\nAnswer in words, like four.\nAnd 4+4?<|im_end|>\n"
+        "<|im_start|>assistant\n⟦It is 8.\n<|im_end|>⟧\n"
+    )
