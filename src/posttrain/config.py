@@ -32,7 +32,15 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     """The embedded default `smollm2-135m-instruct`, a local Hugging Face folder, a `.gguf` file, or a hub name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and compute dtype; `auto` is float32 on CPU and bfloat16 on a GPU that supports it."""
+    """Compute dtype; `auto` is float32 on CPU and bfloat16 on a GPU that supports it. bfloat16 trains in mixed
+    precision, the standard way: weights that train stay float32 (the master copy, with float32 gradients and
+    AdamW state) and the forward autocasts to bfloat16 through Accelerate; a frozen base (LoRA/QLoRA) is held in
+    bfloat16. float16 is refused for training (it needs loss scaling); see `pure_bf16` for bfloat16 weights."""
+    pure_bf16: bool = False
+    """With dtype bfloat16: hold the trained weights, their gradients and AdamW's state in bfloat16 too, with no
+    float32 master copy. Half the memory of the trained weights' states (8 instead of 16-18 bytes per parameter
+    under full fine-tuning), but an update smaller than about 1/256 of a weight rounds to nothing, so small
+    learning rates train little or nothing (docs/models.md has the measurement)."""
     dropout: Literal["auto", "keep", "off"] = "auto"
     """The model's own dropout (attention, residual, embedding dropout from its config; LoRA's is
     `technique.dropout`) while training. `off` sets every dropout of the architecture to 0, `keep` leaves it as the
@@ -328,6 +336,17 @@ class RunConfig(_Section):
             raise ValueError(
                 "algorithm.dpo.reference=adapter needs technique lora or qlora (full fine-tuning has no "
                 "adapter to disable); use precompute or copy"
+            )
+        if self.model.dtype == "float16":
+            raise ValueError(
+                "model.dtype=float16 is not supported for training: float16 gradients underflow without loss "
+                "scaling, which posttrain does not do; use model.dtype=bfloat16 (mixed precision on GPUs from "
+                "Ampere on and on CPUs) or float32"
+            )
+        if self.model.pure_bf16 and self.model.dtype != "bfloat16":
+            raise ValueError(
+                f"model.pure_bf16 holds the trained weights in bfloat16, so it needs model.dtype=bfloat16 "
+                f"(got {self.model.dtype}); set both, or remove model.pure_bf16"
             )
         if self.data.max_length < 8:
             raise ValueError(

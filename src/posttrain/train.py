@@ -91,7 +91,6 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
 
 def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
     """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from posttrain.algorithms import get_algorithm
@@ -112,7 +111,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
                 "run.tensorboard is true but the tensorboard package is not installed; "
                 "pip install tensorboard, or set run.tensorboard=false"
             ) from None
-    accelerator = Accelerator(cpu=not _cuda_available())
+    accelerator = _accelerator(cfg)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 
@@ -148,19 +147,23 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if algorithm.load_model is not None:
         model = algorithm.load_model(cfg, accelerator.device)
     else:
-        model = load_model(cfg.model, cfg.technique, device=accelerator.device, dropout=cfg.keeps_model_dropout())
-    if source is None:  # rollouts (and anything else that needs the model to make its batches)
-        source = algorithm.make_source(
-            SourceContext(
-                cfg=cfg,
-                data=data,
-                model=model,
-                tokenizer=tokenizer,
-                accelerator=accelerator,
-                run_dir=run_dir,
-                micro_batch_size=micro,
-            )
+        model = load_model(
+            cfg.model, cfg.technique, device=accelerator.device, dropout=cfg.keeps_model_dropout()
         )
+    if source is None:  # rollouts (and anything else that needs the model to make its batches)
+        # Under the run's autocast: a reference computed here (DPO precompute) must see the forward training sees.
+        with accelerator.autocast():
+            source = algorithm.make_source(
+                SourceContext(
+                    cfg=cfg,
+                    data=data,
+                    model=model,
+                    tokenizer=tokenizer,
+                    accelerator=accelerator,
+                    run_dir=run_dir,
+                    micro_batch_size=micro,
+                )
+            )
     eval_batches = None
     if evaluating:  # after the batch source: it may attach what evaluation needs (DPO's reference log-probs)
         mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
@@ -219,6 +222,24 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         model=unwrapped if return_model else None,
         tokenizer=tokenizer if return_model else None,
     )
+
+
+def _accelerator(cfg: RunConfig):
+    """The run's Accelerator: CPU or GPU, and bf16 mixed precision the standard way (float32 master weights from
+    `load_model`, Accelerate's autocast) when the compute dtype is bfloat16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from posttrain.models.loading import mixed_precision
+
+    on_gpu = _cuda_available()
+    precision = mixed_precision(cfg.model, "cuda" if on_gpu else "cpu")
+    # AcceleratorState is a process-wide singleton that refuses another precision once set, but one process may
+    # run several trainings (tests, the Python API, recipes). Only its precision part is reset, never the
+    # process group (PartialState), so this is safe under a multi-process launch too.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not on_gpu, mixed_precision=precision)
 
 
 def _cuda_available() -> bool:

@@ -172,9 +172,21 @@ def test_resolve_dtype():
 
 
 def test_load_model_dtype(tiny_dir):
-    model = load_model(ModelConfig(name=str(tiny_dir), dtype="bfloat16"), TechniqueConfig(name="full"))
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.posttrain_info == {"base_model": str(tiny_dir), "technique": "full", "dtype": "bfloat16"}
+    """bfloat16: weights that train are float32 master weights (the run autocasts); frozen ones are bfloat16."""
+    bf16 = ModelConfig(name=str(tiny_dir), dtype="bfloat16")
+    model = load_model(bf16, TechniqueConfig(name="full"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.posttrain_info == {"base_model": str(tiny_dir), "technique": "full", "dtype": "bfloat16",
+                                    "weights_dtype": "float32"}  # fmt: skip
+    frozen = load_model(bf16, TechniqueConfig(name="full"), train=False)
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    reference = load_model(bf16, TechniqueConfig(name="full"), train=False, as_trained=True)
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    pure = load_model(bf16.model_copy(update={"pure_bf16": True}), TechniqueConfig(name="full"))
+    assert {p.dtype for p in pure.parameters()} == {torch.bfloat16}
+    lora = load_model(bf16, TechniqueConfig(name="lora"))
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in lora.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
 # --- techniques: what trains -----------------------------------------------------------------------------------

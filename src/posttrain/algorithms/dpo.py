@@ -398,7 +398,9 @@ def make_source(ctx):
     if mode == "copy":
         from posttrain.models import load_model
 
-        reference = load_model(cfg.model, cfg.technique, device=acc.device, train=False)
+        # as_trained: the frozen copy holds its weights as the policy does (float32 master weights under mixed
+        # precision), so at step 1 its log-probs equal the policy's exactly, as in the other reference modes.
+        reference = load_model(cfg.model, cfg.technique, device=acc.device, train=False, as_trained=True)
         if ctx.data.eval is not None:  # fixed pairs: their reference log-probs are computed once, here
             pairs = list(ctx.data.eval)
             attach_reference(

@@ -240,8 +240,8 @@ def estimate(
     `completion_len` is the generated part (RL). `tokens` are the sequence tokens trained on in total.
 
     >>> e = estimate("7b", technique="full", batch_size=1, seq_len=512)
-    >>> round(sum(e.breakdown_gb[k] for k in ("weights", "gradients", "optimizer_states")), 1)  # 16 B x 7e9
-    112.0
+    >>> round(sum(e.breakdown_gb[k] for k in ("weights", "gradients", "optimizer_states")), 1)  # 18 B x 7e9
+    126.0
     """
     s, notes = _setup(
         model,

@@ -9,6 +9,8 @@ Pure functions of a `Setup` (resolved, validated inputs). Sources, cited where e
   [Korth]  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"
            (arXiv 2205.05198), sec. 4: activation bytes per layer, 2 s b h per layer under full recomputation.
   [DS]     DeepSpeed `estimate_zero3_model_states_mem_needs`: 4 bytes x the largest layer for gathered params.
+  [HF anatomy] Hugging Face transformers docs, "Model training anatomy": 18 bytes per parameter for mixed-precision
+           AdamW held as fp32 parameters with a 16-bit copy (fp32 gradients, both weight copies).
 
 What it does not model: CUDA context and allocator fragmentation (left as headroom, see hardware.py), tensor
 or pipeline parallelism, CPU offload, temporary buffers of individual kernels.
@@ -105,16 +107,27 @@ def _stage(s: Setup) -> int:
     return SHARD_STAGE[s.sharding]
 
 
-def trainable_bytes(s: Setup) -> tuple[float, float, float]:
-    """(weight, gradient, optimizer) bytes per fully trained parameter [ZeRO 3.1].
+DEEPSPEED_SHARDINGS = ("zero1", "zero2", "zero3")
 
-    Mixed precision: 2 + 2 + (4 fp32 master + states) = 16 for AdamW, the paper's K = 12.
+
+def trainable_bytes(s: Setup) -> tuple[float, float, float]:
+    """(weight, gradient, optimizer) bytes per fully trained parameter.
+
+    Mixed precision, two layouts:
+    - DeepSpeed ZeRO (`zero1-3`) [ZeRO 3.1]: 16-bit weights and gradients, an fp32 master copy inside the
+      optimizer: 2 + 2 + (4 + states) = 16 for AdamW, the paper's K = 12.
+    - Autocast (`posttrain train`, Accelerate, FSDP; [HF anatomy]): the parameters themselves are the fp32 master
+      copy, so their gradients are fp32 too, and autocast holds a 16-bit copy of each weight from the forward to
+      the backward: (4 + 2) + 4 + states = 18 for AdamW. FSDP gathers those 16-bit copies a layer at a time
+      (counted in `gathered_params`), so a sharded run keeps 4 + 4 + states.
     """
     if s.precision == "fp32":
         return 4.0, 4.0, STATE_BYTES[s.optimizer]
     if s.precision in ("bf16", "fp16"):
         return 2.0, 2.0, STATE_BYTES_16[s.optimizer]
-    return 2.0, 2.0, 4.0 + STATE_BYTES[s.optimizer]
+    if s.sharding in DEEPSPEED_SHARDINGS:
+        return 2.0, 2.0, 4.0 + STATE_BYTES[s.optimizer]
+    return (4.0 if _stage(s) >= 3 else 6.0), 4.0, STATE_BYTES[s.optimizer]
 
 
 def adapter_bytes(s: Setup) -> tuple[float, float, float]:
@@ -228,8 +241,13 @@ def breakdown_bytes(s: Setup) -> dict[str, float]:
     out["activations"] = activation_bytes(s)
     out["logits"] = logits_bytes(s)
     if s.reference == "model":
-        # A frozen policy-sized copy, forward only; ZeRO-3/FSDP shard it like the policy.
-        out["reference_model"] = frozen_weight_bytes(s, s.arch, quantised=False) / (n if stage >= 3 else 1)
+        # A frozen policy-sized copy, forward only; ZeRO-3/FSDP shard it like the policy. Under full fine-tuning
+        # with autocast posttrain holds it as the policy is held (fp32), so its forward equals the untrained
+        # policy's exactly.
+        ref = frozen_weight_bytes(s, s.arch, quantised=False)
+        if s.technique == "full" and s.precision == "bf16-mixed" and s.sharding not in DEEPSPEED_SHARDINGS:
+            ref = s.arch.params * 4.0
+        out["reference_model"] = ref / (n if stage >= 3 else 1)
     if s.reward_arch is not None:
         out["reward_model"] = frozen_weight_bytes(s, s.reward_arch, quantised=False) / (
             n if stage >= 3 else 1

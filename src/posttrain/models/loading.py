@@ -312,8 +312,34 @@ def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+def weights_dtype(model_cfg: ModelConfig, technique: TechniqueConfig, device=None, *, trained: bool = True):
+    """The dtype the weights are held in, for a model trained (or, with `trained=False`, only run) with
+    `technique`: weights that train are float32 master weights (the forward autocasts to the compute dtype,
+    `resolve_dtype`) unless `model.pure_bf16`; frozen weights (a LoRA/QLoRA base, an inference model) are held
+    in the compute dtype."""
+    import torch
+
+    if technique.name == "full" and trained and not model_cfg.pure_bf16:
+        return torch.float32
+    return resolve_dtype(model_cfg.dtype, device)
+
+
+def mixed_precision(model_cfg: ModelConfig, device=None) -> str:
+    """Accelerate's `mixed_precision` for a run: "bf16" (autocast) when the compute dtype is bfloat16 and the
+    weights are not pure bfloat16, else "no"."""
+    import torch
+
+    return "bf16" if resolve_dtype(model_cfg.dtype, device) == torch.bfloat16 and not model_cfg.pure_bf16 else "no"
+
+
 def load_model(
-    model_cfg: ModelConfig, technique: TechniqueConfig, *, device=None, train: bool = True, dropout: bool = True
+    model_cfg: ModelConfig,
+    technique: TechniqueConfig,
+    *,
+    device=None,
+    train: bool = True,
+    dropout: bool = True,
+    as_trained: bool = False,
 ):  # -> PreTrainedModel | PeftModel
     """Load `model_cfg.name` prepared for `technique`.
 
@@ -326,6 +352,11 @@ def load_model(
     With `dropout=False` every dropout of the model's own architecture is set to 0 before any adapter is added
     (`disable_dropout`; LoRA's own dropout stays `technique.dropout`).
 
+    Precision (`model.dtype`, `weights_dtype`): weights that train are float32 master weights and the run
+    autocasts the forward to the compute dtype; frozen weights are held in the compute dtype. With
+    `train=False, as_trained=True` the frozen copy holds its weights as training holds the policy's (float32 for
+    full fine-tuning), so that a reference's forward equals the untrained policy's exactly.
+
     With `train=False` the base model comes back frozen, in eval mode, without adapters or gradient
     checkpointing (e.g. a reference model), quantised when the technique is `qlora`. The returned model carries
     `model.posttrain_info` (base model name, technique, dtype) for `save_model`.
@@ -334,9 +365,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    dtype = resolve_dtype(model_cfg.dtype, device)  # compute dtype
+    held = weights_dtype(model_cfg, technique, device, trained=train or as_trained)
     resolved = resolve_model(model_cfg.name)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs: dict = {"dtype": held, "trust_remote_code": model_cfg.trust_remote_code}
     if technique.name == "qlora":
         if resolved.gguf_file is not None:
             gguf = Path(resolved.path) / resolved.gguf_file
@@ -360,6 +392,7 @@ def load_model(
         "base_model": resolved.name or model_cfg.name,
         "technique": technique.name,
         "dtype": str(dtype).removeprefix("torch."),
+        "weights_dtype": str(held).removeprefix("torch."),
     }
     if technique.name == "qlora":
         info["quant_type"] = technique.quant_type
@@ -381,6 +414,10 @@ def load_model(
         model = apply_lora(
             model, technique, gradient_checkpointing=model_cfg.gradient_checkpointing, compute_dtype=dtype
         )
+        if model_cfg.pure_bf16:  # peft keeps adapters in float32; pure bf16 means every trained weight in bf16
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
         model.train()
     model.posttrain_info = info
     return model

@@ -318,8 +318,8 @@ def reference_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float) -
     if ref is None:
         from posttrain.models import load_model
 
-        ref = ctx.reference = load_model(
-            ctx.cfg.model, ctx.cfg.technique, device=ctx.accelerator.device, train=False
+        ref = ctx.reference = load_model(  # held as the policy's weights are, so step 0's KL is exactly 0
+            ctx.cfg.model, ctx.cfg.technique, device=ctx.accelerator.device, train=False, as_trained=True
         )
     return batched_logps(ref, tensors, ctx.micro_batch_size, temperature)
 

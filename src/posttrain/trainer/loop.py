@@ -127,7 +127,10 @@ def training_loop(
         steps = batch_source(start_step)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
-            raw = next(steps)  # for RL this is where rollouts are generated (timed apart: data_time_s)
+            # For RL this is where rollouts are generated (timed apart: data_time_s), under the same autocast as
+            # the loss, so that the sampler, the old log-probs and the reference see the training forward's numerics.
+            with accelerator.autocast():
+                raw = next(steps)
             data_time = time.perf_counter() - t0
             # Step-level metrics (reward means, generation time) are logged as given, not divided by loss units.
             step_metrics: dict[str, float] = {}
