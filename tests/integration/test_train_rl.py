@@ -348,3 +348,40 @@ def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
 
     with pytest.raises(ConfigError, match="used by grpo and ppo only, not by sft"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
+
+
+@pytest.mark.parametrize(
+    "algorithm,overrides",
+    [
+        ("grpo", {}),
+        ("grpo", {"algorithm.rollout.batch_size": 32}),
+        ("ppo", {"algorithm.rollout.batch_size": 16}),
+    ],
+    ids=["grpo-one-step-rollouts", "grpo-rollout-of-two-steps", "ppo"],
+)
+def test_the_sampler_trainer_logp_gap_is_logged_and_shows_a_sampler_that_differs(
+    rl, monkeypatch, algorithm, overrides
+):
+    """Every step logs the mean |sampler - trainer| log-prob of the completion tokens, measured against the
+    trainer's log-probs under the sampling weights: the loss forward's own (GRPO, one-step rollouts) or the old
+    log-probs computed before any update (GRPO rollouts of several steps; PPO). The same distribution gives a
+    float-rounding gap; a repetition penalty slipped into the sampler (as Qwen2.5-Instruct's generation_config
+    would have done) gives a clear one."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from posttrain.models import generation
+
+    overrides = {"optim.batch_size": 16 if algorithm == "grpo" else 8, "run.max_steps": 2, **overrides}
+    hist = read_metrics(train(rl(f"gap-{algorithm}", algorithm, **overrides)).run_dir / "metrics.jsonl")
+    assert len(hist) == 2 and all(0 <= h["logp_gap_sampler_trainer"] < 1e-5 for h in hist)  # measured ~2e-7
+
+    real = generation.sampling_processors
+    monkeypatch.setattr(
+        generation, "sampling_processors", lambda *a: [RepetitionPenaltyLogitsProcessor(2.0), *real(*a)]
+    )
+    hist = read_metrics(
+        train(rl(f"gap-{algorithm}-skewed", algorithm, **overrides)).run_dir / "metrics.jsonl"
+    )
+    # The tiny random model's logits are all near 0, so a penalty that scales them moves each token's log-prob
+    # only a little (measured ~7e-3 here): still four orders of magnitude above the float rounding.
+    assert all(h["logp_gap_sampler_trainer"] > 1e-3 for h in hist)

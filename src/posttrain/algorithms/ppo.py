@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algorithms.base import Algorithm
-from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
+from posttrain.algorithms.common import kl_estimate, logp_gap, masked_mean, masked_sum
 
 
 def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -356,6 +356,8 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         "score_mean": float(scored.rewards.mean()),
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
+        # old: the trainer's log-probs under the sampling weights (docs/rl.md)
+        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, mask)),
     }
     return tensors, extra
 

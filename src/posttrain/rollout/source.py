@@ -57,18 +57,21 @@ def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:
     """Prompt and completion side by side, (N, P + C), with the positions `generate` used.
 
     `completion_mask` here is full width (0 over the prompt), aligned with `input_ids`: 1 on the tokens the
-    policy generated, the ones the RL losses score.
+    policy generated, the ones the RL losses score. `sampling_logps` too (0 over the prompt): the sampler's
+    log-probs, for the sampler/trainer gap (`common.logp_gap`).
     """
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     # Left-padded prompts: positions count real tokens only, as generate computed them for the KV cache.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     completion_mask = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], dim=1)
+    sampling_logps = torch.cat([torch.zeros_like(r.prompt_mask, dtype=torch.float32), r.sampling_logps], dim=1)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "completion_mask": completion_mask,
+        "sampling_logps": sampling_logps,
     }
 
 
