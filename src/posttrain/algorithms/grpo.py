@@ -33,6 +33,7 @@ import torch
 from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.common import kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
+from posttrain.rollout.overlong import drop_from_loss
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -119,10 +120,16 @@ def _token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(per_token, mask)
 
 
+def _sequences(mask: torch.Tensor) -> torch.Tensor:
+    # Sequences with at least one completion token: a row whose mask was zeroed (an overlong completion under
+    # `rollout.overlong: filter`) carries no loss and is no loss unit.
+    return mask.bool().any(dim=1).sum().float()
+
+
 AGGREGATIONS: dict[str, Aggregation] = {
-    "grpo": Aggregation(_sequence_means, lambda mask, L: mask.new_tensor(mask.shape[0], dtype=torch.float)),
+    "grpo": Aggregation(_sequence_means, lambda mask, L: _sequences(mask)),
     "dapo": Aggregation(_token_sum, lambda mask, L: mask.sum().float()),
-    "dr_grpo": Aggregation(_token_sum, lambda mask, L: mask.new_tensor(mask.shape[0] * L, dtype=torch.float)),
+    "dr_grpo": Aggregation(_token_sum, lambda mask, L: _sequences(mask) * L),
 }
 
 
@@ -143,10 +150,13 @@ def grpo_loss_units(
     grpo: sequences; dapo: completion tokens; dr_grpo: sequences x max_completion_length (default T). Summing
     loss * units over micro-batches and dividing by the units of the whole step gives the full-batch loss.
     For dr_grpo pass max_completion_length (the generation limit) when micro-batches are padded to different T.
+    A sequence counts only if its mask has a token: a fully masked row (a filtered overlong completion) is none.
 
     >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     >>> [grpo_loss_units(mask, k) for k in ("grpo", "dapo", "dr_grpo")]
     [2.0, 3.0, 6.0]
+    >>> [grpo_loss_units(torch.tensor([[1, 1, 0], [0, 0, 0]]), k) for k in ("grpo", "dapo", "dr_grpo")]
+    [1.0, 2.0, 3.0]
     """
     aggregation, L = _aggregation(loss_type, completion_mask, max_completion_length)
     return float(aggregation.units(completion_mask, L))
@@ -222,7 +232,10 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
     G = g.num_generations
     tensors = sequence_tensors(scored.rollout)
+    # Advantages from every reward (overlong: filter keeps truncated completions in the group statistics, as DAPO
+    # does); then the rows that carry no loss lose their mask, and with it their loss units.
     tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale)
+    tensors["completion_mask"] = drop_from_loss(tensors["completion_mask"], scored.trains)
     uniform = uniform_groups(scored.rewards, G)  # (N / G,)
     extra = {
         "uniform_group_fraction": float(uniform.float().mean()),

@@ -22,6 +22,7 @@ import torch
 
 from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.common import kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.rollout.overlong import drop_from_loss
 
 
 def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -349,6 +350,9 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         old_values=values,
         advantages=torch.cat([pad, adv], dim=1),
         returns=torch.cat([pad, returns], dim=1),
+        # overlong: filter: truncated completions carry no loss (after GAE, whitening and the KL controller, which
+        # see the whole rollout)
+        completion_mask=drop_from_loss(mask, scored.trains),
     )
     extra = {
         "kl_coef": kl_coef,
@@ -357,7 +361,7 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
         # old: the trainer's log-probs under the sampling weights (docs/rl.md)
-        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, mask)),
+        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, tensors["completion_mask"])),
     }
     return tensors, extra
 
