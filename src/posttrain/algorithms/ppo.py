@@ -354,6 +354,7 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         # see the whole rollout)
         completion_mask=drop_from_loss(mask, scored.trains),
     )
+    loss_mask = tensors["completion_mask"]
     extra = {
         "kl_coef": kl_coef,
         "kl": float(seq_kl.mean()),
@@ -361,7 +362,7 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
         # old: the trainer's log-probs under the sampling weights (docs/rl.md)
-        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, tensors["completion_mask"])),
+        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, loss_mask)),
     }
     return tensors, extra
 

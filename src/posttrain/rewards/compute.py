@@ -30,7 +30,7 @@ class RewardResult:
     per_function: dict[str, list[float]]  # name -> (B,), unweighted, after fallback
     failures: dict[str, int]  # name -> samples that got the fallback
     errors: dict[str, str] = field(default_factory=dict)  # name -> first error message, when any
-    sites: dict[str, str] = field(default_factory=dict)  # name -> "file:line" of that error, for user functions
+    sites: dict[str, str] = field(default_factory=dict)  # name -> "file:line" of it (user functions only)
 
 
 def compute_rewards(

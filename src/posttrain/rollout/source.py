@@ -246,10 +246,11 @@ class RolloutSource:
         if len(self.dead_rewards) < DEAD_REWARD_ROLLOUTS:
             return
         first = self.dead_rewards[0][1]  # the first rollout of the streak: where each function's failure began
+        builtin = {r.name: r.builtin for r in self.rewards}
         lines = []
         for name in first.per_function:
-            at = f"at {first.sites[name]}" if name in first.sites else "(built-in)"
-            lines.append(f"  - {name!r} {at}: {first.errors.get(name, 'failed')}")
+            at = f" at {first.sites[name]}" if name in first.sites else " (built-in)" if builtin.get(name) else ""
+            lines.append(f"  - {name!r}{at}: {first.errors.get(name, 'failed')}")
         ckpt = latest_checkpoint(self.ctx.run_dir)
         kept = (
             f"The last checkpoint, {ckpt}, is kept: fix the reward and continue from it with --resume."
