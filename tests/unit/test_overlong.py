@@ -58,7 +58,8 @@ def test_the_four_treatments_on_a_small_rollout():
 
 
 def test_overlong_cache_defaults_to_a_fifth_of_the_limit():
-    assert overlong_cache(SimpleNamespace(overlong_cache=None, max_new_tokens=20480)) == 4096  # DAPO's setting
+    # DAPO's setting: 4096 of 20480
+    assert overlong_cache(SimpleNamespace(overlong_cache=None, max_new_tokens=20480)) == 4096
     assert overlong_cache(SimpleNamespace(overlong_cache=None, max_new_tokens=3)) == 1
     assert overlong_cache(SimpleNamespace(overlong_cache=7, max_new_tokens=64)) == 7
 
@@ -68,7 +69,8 @@ def test_overlong_cache_longer_than_the_limit_is_a_config_error():
     from posttrain.errors import ConfigError
 
     base = ["algorithm.name=grpo", "algorithm.rewards=[task]", "algorithm.rollout.max_new_tokens=32"]
-    assert load_config(None, [*base, "algorithm.rollout.overlong_cache=32"]).algorithm.rollout.overlong_cache == 32
+    cfg = load_config(None, [*base, "algorithm.rollout.overlong_cache=32"])
+    assert cfg.algorithm.rollout.overlong_cache == 32
     with pytest.raises(ConfigError, match=r"overlong_cache \(33\) must be at most .*max_new_tokens \(32\)"):
         load_config(None, [*base, "algorithm.rollout.overlong_cache=33"])
 

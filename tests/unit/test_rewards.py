@@ -150,7 +150,8 @@ def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tok
     scorer = RewardModelScorer.__new__(RewardModelScorer)
     scorer.model, scorer.tokenizer, scorer.batch_size = Model(), tiny_tokenizer, 8
     prompts = ["2+2?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
-    out = scorer(prompts * 2, ["4", "4", "The answer is", "The answer is"], truncated=[False, False, True, True])
+    completions = ["4", "4", "The answer is", "The answer is"]
+    out = scorer(prompts * 2, completions, truncated=[False, False, True, True])
     ids = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     user = "<|im_start|>user\n2+2?<|im_end|>\n"
     system = "<|im_start|>system\nBe brief.<|im_end|>\n"
