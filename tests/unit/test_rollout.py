@@ -419,3 +419,60 @@ def test_drop_uniform_groups_is_refused_on_several_processes(tmp_path):
 
     with pytest.raises(ConfigError, match="drop_uniform_groups"):
         _source(tmp_path, world=2, **{"algorithm.grpo.drop_uniform_groups": "true"})
+
+
+def _reward_result(failures: dict[str, int], n: int = 4):
+    from posttrain.rewards import RewardResult
+
+    return RewardResult(
+        total=[0.0] * n,
+        per_function={k: [0.0] * n for k in failures},
+        failures=failures,
+        errors={
+            "mine": "KeyError: 'x'",
+            "exact_match": "KeyError: \"reward 'exact_match' needs a 'answer' column\"",
+        },
+        sites={"mine": "r.py:3"},
+    )
+
+
+def test_the_run_stops_after_three_rollouts_without_any_reward_signal(tmp_path):
+    """Dead rollouts (every function failed on every sample) must come 3 in a row: one that scored anything resets
+    the count. The message names each function, where it first failed, and what was kept."""
+    from posttrain.errors import UserError
+    from posttrain.rewards import NamedReward
+
+    src = _source(tmp_path)
+    src.rewards = [NamedReward("mine", lambda p, c, **k: []), *src.rewards]  # a user function and exact_match
+    dead, alive = {"mine": 4, "exact_match": 4}, {"mine": 4, "exact_match": 3}
+    for index, failures in enumerate([dead, dead, alive, dead, dead]):
+        src.check_reward_signal(index, _reward_result(failures), 4)
+    with pytest.raises(UserError) as err:
+        src.check_reward_signal(5, _reward_result(dead), 4)
+    message = str(err.value)
+    assert "every reward function failed on every sample of 3 rollouts in a row (rollouts 3, 4, 5)" in message
+    assert "  - 'mine' at r.py:3: KeyError: 'x'\n" in message
+    assert "  - 'exact_match' (built-in): KeyError:" in message
+    assert message.endswith("No checkpoint had been written yet. No final model was written.")
+
+
+@pytest.mark.parametrize("other_dead,stops", [(True, True), (False, False)])
+def test_with_several_processes_the_run_stops_only_when_every_process_lost_its_signal(
+    tmp_path, other_dead, stops
+):
+    from posttrain.errors import UserError
+
+    src = _source(tmp_path, world=2)
+    src.ctx.accelerator.device = "cpu"
+    src.ctx.accelerator.reduce = lambda t, reduction: (
+        t + float(other_dead)
+    )  # the other process's flag, summed
+    dead = _reward_result({"exact_match": 4})
+    src.check_reward_signal(0, dead, 4)
+    src.check_reward_signal(1, dead, 4)
+    if stops:
+        with pytest.raises(UserError, match="3 rollouts in a row"):
+            src.check_reward_signal(2, dead, 4)
+    else:
+        src.check_reward_signal(2, dead, 4)
+        assert src.dead_rewards == []
