@@ -62,7 +62,7 @@ class ScoredRollout:
     examples: list[PromptExample]  # one per sequence (repeated G times)
     rewards: torch.Tensor  # (N,) weighted total, after the `rollout.overlong` treatment
     metrics: dict[str, float]
-    trains: torch.Tensor  # (N,) bool: the sequences whose tokens carry loss (`overlong: filter` drops truncated ones)
+    trains: torch.Tensor  # (N,) bool: the sequences that carry loss (`overlong: filter` drops truncated ones)
 
 
 # process(scored, ctx) -> (tensors with a leading N dimension, extra step metrics)
@@ -81,7 +81,8 @@ def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:
     # Left-padded prompts: positions count real tokens only, as generate computed them for the KV cache.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     completion_mask = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], dim=1)
-    sampling_logps = torch.cat([torch.zeros_like(r.prompt_mask, dtype=torch.float32), r.sampling_logps], dim=1)
+    prompt_zeros = torch.zeros_like(r.prompt_mask, dtype=torch.float32)
+    sampling_logps = torch.cat([prompt_zeros, r.sampling_logps], dim=1)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -150,7 +151,7 @@ class RolloutSource:
         self.steps_per_epoch = self.rollouts_per_epoch * self.steps_per_rollout
         self.rewards = build_reward_functions(parse_reward_specs(reward_specs(cfg)))
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
-        self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of the current run of dead rollouts
+        self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(alg.rollout.engine)
         self.seed = cfg.run.seed
 
@@ -166,7 +167,7 @@ class RolloutSource:
 
     # ---- one rollout: sample, score, process
     def make_rollout(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        from posttrain.rewards import compute_rewards, reward_metrics
+        from posttrain.rewards import reward_metrics
 
         ctx, rc = self.ctx, self.rollout_cfg
         examples = self.rollout_prompts(index)
@@ -187,32 +188,9 @@ class RolloutSource:
         )
         gen_time = time.perf_counter() - t0
         per_seq = [e for e in examples for _ in range(self.G)]
-        columns: dict[str, list] = {}
-        for key in per_seq[0].columns if per_seq else []:
-            columns[key] = [e.columns.get(key) for e in per_seq]
-        # the full prompts as message lists (system and earlier turns included), for rewards that need them
-        columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
-        # which completions were cut by max_new_tokens: a reward model then scores them as unfinished turns
-        columns["truncated"] = rollout.truncated.tolist()
         t1 = time.perf_counter()
-        result = compute_rewards(
-            self.rewards,
-            [e.prompt for e in per_seq],
-            rollout.texts,
-            columns,
-            fallback=ctx.cfg.algorithm.reward_fallback,
-        )
+        result = self.score(index, rollout, per_seq)
         reward_time = time.perf_counter() - t1
-        self.check_reward_signal(index, result, len(per_seq))
-        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
-            if name not in self.warned and ctx.accelerator.is_main_process:
-                self.warned.add(name)
-                at = f" (at {result.sites[name]})" if name in result.sites else ""
-                print(
-                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
-                    f"of rollout {index} (they got algorithm.reward_fallback = {ctx.cfg.algorithm.reward_fallback}): "
-                    f"{error}{at}; further failures are only counted (reward/failures_{name} in metrics.jsonl)"
-                )
         overlong = OVERLONG[rc.overlong]
         lengths = rollout.lengths
         rewards = overlong.rewards(torch.tensor(result.total, dtype=torch.float32), rollout.truncated, lengths, rc)
@@ -233,6 +211,35 @@ class RolloutSource:
         metrics.update(extra)
         metrics["prepare_time_s"] = time.perf_counter() - t2
         return tensors, metrics
+
+    def score(self, index: int, rollout: Rollout, per_seq: list[PromptExample]):
+        """The reward functions on a rollout (`RewardResult`): each sample with its prompt row's columns, plus
+        `prompt_messages` and `truncated`. Prints each function's first failure once; stops a run whose rewards all
+        fail (`check_reward_signal`)."""
+        from posttrain.rewards import compute_rewards
+
+        fallback = self.ctx.cfg.algorithm.reward_fallback
+        columns: dict[str, list] = {}
+        for key in per_seq[0].columns if per_seq else []:
+            columns[key] = [e.columns.get(key) for e in per_seq]
+        # the full prompts as message lists (system and earlier turns included), for rewards that need them
+        columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
+        # which completions were cut by max_new_tokens: a reward model then scores them as unfinished turns
+        columns["truncated"] = rollout.truncated.tolist()
+        result = compute_rewards(
+            self.rewards, [e.prompt for e in per_seq], rollout.texts, columns, fallback=fallback
+        )
+        self.check_reward_signal(index, result, len(per_seq))
+        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
+            if name not in self.warned and self.ctx.accelerator.is_main_process:
+                self.warned.add(name)
+                at = f" (at {result.sites[name]})" if name in result.sites else ""
+                print(
+                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
+                    f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
+                    f"failures are only counted (reward/failures_{name} in metrics.jsonl)"
+                )
+        return result
 
     def check_reward_signal(self, index: int, result, n: int) -> None:
         """Stop the run (`UserError`, exit 2) after `DEAD_REWARD_ROLLOUTS` rollouts in a row in which every reward
