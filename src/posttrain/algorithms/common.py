@@ -37,6 +37,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / count.clamp(min=1)
 
 
+LOGP_GAP = "logp_gap_sampler_trainer"
+"""The metric name under which GRPO and PPO log `logp_gap` every step (docs/rl.md)."""
+
+
 def logp_gap(sampling_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean |log pi_sampler(y_t) - log pi_trainer(y_t)| over the masked tokens (0-dim): the sampler/trainer gap.
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from posttrain.algorithms.base import Algorithm
-from posttrain.algorithms.common import kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
 from posttrain.rollout.overlong import drop_from_loss
 
@@ -255,15 +255,12 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
         # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout.
         gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], tensors["completion_mask"])
-        extra[GAP] = float(gap)
+        extra[LOGP_GAP] = float(gap)
     if (
         g.beta > 0 or g.log_kl
     ):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
         tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
     return tensors, extra
-
-
-GAP = "logp_gap_sampler_trainer"  # docs/rl.md: mean |sampler - trainer| log-prob per completion token
 
 
 def make_source(ctx):
@@ -301,7 +298,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     units = loss_units(batch, cfg)
     metrics["entropy"] = masked_mean(entropy, mask).detach()
     if "old_logps" not in batch:  # a one-step rollout: this forward runs on the sampling weights
-        metrics[GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
+        metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
     return loss * units, {k: v * units for k, v in metrics.items()}
 
 

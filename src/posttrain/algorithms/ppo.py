@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algorithms.base import Algorithm
-from posttrain.algorithms.common import kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.rollout.overlong import drop_from_loss
 
 
@@ -362,7 +362,7 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
         # old: the trainer's log-probs under the sampling weights (docs/rl.md)
-        "logp_gap_sampler_trainer": float(logp_gap(tensors["sampling_logps"], old, loss_mask)),
+        LOGP_GAP: float(logp_gap(tensors["sampling_logps"], old, loss_mask)),
     }
     return tensors, extra
 
