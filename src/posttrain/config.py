@@ -127,6 +127,28 @@ class RolloutSection(_Section):
     """Stop strings: a completion ends with the first one (kept, and trained on)."""
     generation_batch_size: int | None = Field(None, gt=0)
     """Sequences per `generate` call (memory bound); default: the whole rollout."""
+    overlong: Literal["score", "fixed", "filter", "soft"] = "score"
+    """What a truncated completion (`max_new_tokens` reached with no EOS or stop string) gets (docs/rl.md):
+    `score` its rewards, like a finished one (reward functions see a `truncated` column; a reward model scores it
+    with the assistant turn left open); `fixed` the total reward `overlong_reward` instead (Huang et al. 2024);
+    `filter` no loss, while its reward still counts in GRPO's group mean and std (DAPO's overlong filtering);
+    `soft` DAPO's soft overlong punishment, added to every completion's reward: 0 up to `max_new_tokens -
+    overlong_cache` tokens, then down linearly to -1 at `max_new_tokens`."""
+    overlong_reward: float = -1.0
+    """`overlong: fixed`: the total reward of every truncated completion, in place of the scored one."""
+    overlong_cache: int | None = Field(None, gt=0)
+    """`overlong: soft`: L_cache, the last tokens before `max_new_tokens` over which the penalty goes from 0 to -1;
+    null: max_new_tokens // 5, at least 1 (DAPO: 4096 of 20480)."""
+
+    @model_validator(mode="after")
+    def _check_overlong_cache(self) -> RolloutSection:
+        if self.overlong_cache is not None and self.overlong_cache > self.max_new_tokens:
+            raise ConfigError(
+                f"algorithm.rollout.overlong_cache ({self.overlong_cache}) must be at most "
+                f"algorithm.rollout.max_new_tokens ({self.max_new_tokens}): the penalty starts that many tokens "
+                "before the limit"
+            )
+        return self
 
 
 class GRPOSection(_Section):

@@ -9,6 +9,7 @@ move its logits only slowly."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,15 @@ def letters(prompts, completions, **kwargs):
 
 def constant(prompts, completions, **kwargs):
     return [1.0] * len(completions)
+
+
+def truncated_flag(prompts, completions, truncated, **kwargs):
+    return [float(t) for t in truncated]
+
+
+def broken(prompts, completions, **kwargs):
+    scale = 0
+    return [len(c) / scale for c in completions]  # ZeroDivisionError
 
 
 def even_first_is_uniform(prompts, completions, **kwargs):
@@ -348,3 +358,168 @@ def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
 
     with pytest.raises(ConfigError, match="used by grpo and ppo only, not by sft"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
+
+
+@pytest.mark.parametrize(
+    "algorithm,overrides",
+    [
+        ("grpo", {}),
+        ("grpo", {"algorithm.rollout.batch_size": 32}),
+        ("ppo", {"algorithm.rollout.batch_size": 16}),
+    ],
+    ids=["grpo-one-step-rollouts", "grpo-rollout-of-two-steps", "ppo"],
+)
+def test_the_sampler_trainer_logp_gap_is_logged_and_shows_a_sampler_that_differs(
+    rl, monkeypatch, algorithm, overrides
+):
+    """Every step logs the mean |sampler - trainer| log-prob of the completion tokens, measured against the
+    trainer's log-probs under the sampling weights: the loss forward's own (GRPO, one-step rollouts) or the old
+    log-probs computed before any update (GRPO rollouts of several steps; PPO). The same distribution gives a
+    float-rounding gap; a repetition penalty slipped into the sampler (as Qwen2.5-Instruct's generation_config
+    would have done) gives a clear one."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from posttrain.models import generation
+
+    overrides = {"optim.batch_size": 16 if algorithm == "grpo" else 8, "run.max_steps": 2, **overrides}
+    hist = read_metrics(train(rl(f"gap-{algorithm}", algorithm, **overrides)).run_dir / "metrics.jsonl")
+    assert len(hist) == 2 and all(0 <= h["logp_gap_sampler_trainer"] < 1e-5 for h in hist)  # measured ~2e-7
+
+    real = generation.sampling_processors
+    monkeypatch.setattr(
+        generation, "sampling_processors", lambda *a: [RepetitionPenaltyLogitsProcessor(2.0), *real(*a)]
+    )
+    hist = read_metrics(
+        train(rl(f"gap-{algorithm}-skewed", algorithm, **overrides)).run_dir / "metrics.jsonl"
+    )
+    # The tiny random model's logits are all near 0, so a penalty that scales them moves each token's log-prob
+    # only a little (measured ~7e-3 here): still four orders of magnitude above the float rounding.
+    assert all(h["logp_gap_sampler_trainer"] > 1e-3 for h in hist)
+
+
+# ------------------------------------------------------------------------------------------ truncated completions
+# max_new_tokens 2: every completion of these runs is truncated (the tiny model almost never samples EOS; each
+# test checks truncated_fraction == 1 first, so a seed that changes that fails loudly rather than passing).
+SHORT = {"algorithm.rollout.max_new_tokens": 2, "run.max_steps": 2}
+
+
+def test_reward_functions_see_which_completions_were_truncated(rl):
+    hist = read_metrics(train(rl("flag", reward="truncated_flag", **SHORT)).run_dir / "metrics.jsonl")
+    assert (
+        [h["reward/truncated_flag_mean"] for h in hist]
+        == [h["truncated_fraction"] for h in hist]
+        == [1.0, 1.0]
+    )
+    assert [h["reward/failures_truncated_flag"] for h in hist] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_overlong_fixed_replaces_the_reward_of_truncated_completions(rl, algorithm):
+    overrides = {**SHORT, "algorithm.rollout.overlong": "fixed", "algorithm.rollout.overlong_reward": -0.5}
+    if algorithm == "ppo":
+        overrides.update({"optim.batch_size": 8, "algorithm.ppo.kl_coef": 0})
+    hist = read_metrics(
+        train(rl(f"fixed-{algorithm}", algorithm, "constant", **overrides)).run_dir / "metrics.jsonl"
+    )
+    for h in hist:
+        assert h["truncated_fraction"] == 1.0
+        assert h["reward/constant_mean"] == 1.0  # the function's own score, as it scored it
+        assert h["reward/total_mean"] == -0.5 and h["reward/total_std"] == 0.0  # what the algorithm uses
+        if algorithm == "ppo":
+            assert h["score_mean"] == -0.5
+
+
+def test_overlong_soft_adds_dapos_penalty(rl):
+    """Every completion reaches L_max = max_new_tokens, so DAPO's penalty is -1 for each: total = letters - 1."""
+    hist = read_metrics(
+        train(rl("soft", **SHORT, **{"algorithm.rollout.overlong": "soft"})).run_dir / "metrics.jsonl"
+    )
+    for h in hist:
+        assert h["truncated_fraction"] == 1.0
+        assert h["reward/total_mean"] == pytest.approx(h["reward/letters_mean"] - 1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm):
+    """Every completion truncated: no loss unit, no gradient, nothing moves (LoRA's B matrices stay 0, PPO's value
+    head stays at its zero init); the same run with `score` does train."""
+    overrides = {
+        **SHORT,
+        "technique.target_modules": "[lm_head]",
+        "optim.lr": 3e-2,
+        "algorithm.grpo.loss_type": "grpo",
+    }
+    if algorithm == "ppo":
+        overrides.update({"optim.batch_size": 8, "algorithm.rollout.batch_size": 16})
+    runs = {}
+    for overlong in ("filter", "score"):
+        cfg = rl(
+            f"{overlong}-{algorithm}", algorithm, **overrides, **{"algorithm.rollout.overlong": overlong}
+        )
+        runs[overlong] = train(cfg, return_model=True)
+    hist = read_metrics(runs["filter"].run_dir / "metrics.jsonl")
+    assert all(h["truncated_fraction"] == 1.0 for h in hist)
+    assert [(h["loss_units"], h["loss"], h["grad_norm"]) for h in hist] == [(0.0, 0.0, 0.0)] * 2
+    for overlong, moved in (("filter", False), ("score", True)):
+        model = runs[overlong].model
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert any(bool(torch.any(p != 0)) for p in lora_b) == moved, overlong
+        if algorithm == "ppo":
+            assert bool(torch.any(model.head.weight != 0)) == moved, overlong
+    assert all(h["loss_units"] > 0 for h in read_metrics(runs["score"].run_dir / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------ a reward with no signal left
+def test_a_run_whose_rewards_all_fail_stops_with_exit_2_and_keeps_its_checkpoints(
+    rl, tmp_path, capsys, monkeypatch
+):
+    """Every reward fails on every sample: after 3 rollouts in a row the run stops (exit 2) naming the function,
+    the file and line of its first failure, and the error; the checkpoints written before stay loadable and no
+    final model appears. (One step per rollout: steps 1 and 2 train and are saved; rollout 2 stops the run.)"""
+    from posttrain.cli import main
+    from posttrain.trainer.checkpoint import latest_checkpoint
+
+    cfg = rl("dead", reward="broken", **{"run.save_every": 1, "run.max_steps": 6})
+    path = tmp_path / "dead.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")), encoding="utf-8")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "every reward function failed on every sample of 3 rollouts in a row (rollouts 0, 1, 2)" in err
+    line = next(i for i, text in enumerate(REWARDS.split("\n"), 1) if "/ scale" in text)  # the raising line
+    assert f"'broken' at {tmp_path / 'rewards.py'}:{line}: ZeroDivisionError: division by zero" in err
+    assert "Traceback" not in err and "No final model was written" in err
+    run_dir = tmp_path / "dead"
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == "step-000002" and str(ckpt) in err
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert not (run_dir / "final").exists() and not (run_dir / ".tmp-final").exists()
+    assert [h["step"] for h in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    # The user fixes the function and resumes, as the message says (a new process would import the file anew).
+    fixed = (tmp_path / "rewards.py").read_text().replace("scale = 0", "scale = 1")
+    (tmp_path / "rewards.py").write_text(fixed, encoding="utf-8")
+    monkeypatch.delitem(
+        sys.modules, next(m for m in sys.modules if m.startswith("posttrain_user_rewards.rewards"))
+    )
+    result = train(rl("dead", reward="broken", **{"run.save_every": 1, "run.max_steps": 3}), resume=True)
+    assert [h["step"] for h in read_metrics(result.run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_run_where_some_reward_still_scores_goes_on(rl, tmp_path):
+    rewards = f"[{tmp_path / 'rewards.py'}:broken, {tmp_path / 'rewards.py'}:constant]"
+    hist = read_metrics(
+        train(rl("half", **{"algorithm.rewards": rewards, "run.max_steps": 4})).run_dir / "metrics.jsonl"
+    )
+    assert [h["reward/failures_broken"] for h in hist] == [16.0] * 4
+    assert [h["reward/constant_mean"] for h in hist] == [1.0] * 4
+
+
+def test_a_prompts_column_named_like_one_the_rollout_adds_is_an_error(rl, tmp_path, monkeypatch):
+    from posttrain import models
+    from posttrain.errors import DataError
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    rows = tmp_path / "clash.jsonl"
+    rows.write_text(json.dumps({"prompt": "add 1 2", "truncated": False}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"clash.jsonl:1: truncated: this column name is reserved"):
+        train(rl("clash", **{"data.train": str(rows)}))

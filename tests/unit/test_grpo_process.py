@@ -31,7 +31,7 @@ def _scored(rewards):
         completion_ids=torch.full((n, 3), 6), completion_mask=torch.ones(n, 3, dtype=torch.long),
         sampling_logps=torch.zeros(n, 3), texts=["x"] * n, truncated=torch.zeros(n, dtype=torch.bool),
     )  # fmt: skip
-    return ScoredRollout(rollout, [None] * n, torch.tensor(rewards), {})
+    return ScoredRollout(rollout, [None] * n, torch.tensor(rewards), {}, trains=torch.ones(n, dtype=torch.bool))
 
 
 def test_batch_scale_divides_by_the_std_over_every_process():

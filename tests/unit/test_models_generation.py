@@ -93,3 +93,36 @@ def test_training_mode_is_restored(tiny_model, tiny_tokenizer):
 def test_no_special_tokens_in_output(tiny_model, tiny_tokenizer):
     outs = generate(tiny_model, tiny_tokenizer, ["hi"] * 3, max_new_tokens=20, temperature=1.0, seed=0)
     assert not any(tok in o for o in outs for tok in ("<|im_end|>", "<|im_start|>", "<|pad|>"))
+
+
+def _skew(model):
+    """Every generation_config field that switches on a logits processor, set hard enough to change samples."""
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.typical_p, gc.min_p, gc.no_repeat_ngram_size = 3.0, 2, 0.3, 0.5, 1
+    gc.min_new_tokens, gc.suppress_tokens = 5, list(range(3, 100))
+    gc.begin_suppress_tokens = list(range(100, 200))
+    gc.bad_words_ids, gc.sequence_bias = [[t] for t in range(200, 230)], {(230,): 20.0}
+    gc.forced_eos_token_id, gc.renormalize_logits = 2, True
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.7, 0.9), (1.3, 1.0)])
+def test_the_models_generation_config_does_not_change_what_is_generated(
+    tiny_tokenizer, monkeypatch, temperature, top_p
+):
+    """Evaluation at temperature T samples top-p(softmax(logits / T)) and greedy stays the argmax, whatever a
+    model's generation_config.json sets: the same seed gives the same text with or without those fields, and the
+    only logits processors transformers builds are the temperature and top-p warpers."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    plain, skewed = make_tiny_model(len(tiny_tokenizer)), make_tiny_model(len(tiny_tokenizer))
+    _skew(skewed)
+    kwargs = {"max_new_tokens": 12, "temperature": temperature, "top_p": top_p, "seed": 3}
+    built = []
+    real = type(skewed)._get_logits_processor
+    record = lambda self, *a, **k: built.append(real(self, *a, **k)) or built[-1]  # noqa: E731
+    monkeypatch.setattr(type(skewed), "_get_logits_processor", record)
+    got = generate(skewed, tiny_tokenizer, PROMPTS, **kwargs)
+    assert got == generate(plain, tiny_tokenizer, PROMPTS, **kwargs)
+    expected = [TemperatureLogitsWarper] * (0 < temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
+    assert [[type(p) for p in ps] for ps in built] == [expected] * 2
+    assert skewed.generation_config.top_k == 2  # the model's own config is back afterwards

@@ -106,13 +106,14 @@ def test_task_reward_by_arg_by_column_and_by_metadata():
 
 
 def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
-    made = []
+    made, seen = [], []
 
     class FakeScorer:
         def __init__(self, path):
             made.append(path)
 
-        def __call__(self, prompts, completions):
+        def __call__(self, prompts, completions, truncated=None):
+            seen.append(truncated)
             return [len(c) / 10 for c in completions]
 
     monkeypatch.setitem(
@@ -122,6 +123,46 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     assert made == []  # nothing loads at build time
     assert reward.fn(["p", "p"], ["abc", "abcde"]) == [0.3, 0.5]
     assert reward.fn(["p"], ["a"]) == [0.1] and made == ["runs/rm"]
+    # the rollout's `truncated` column reaches the scorer (which then leaves those turns open)
+    assert reward.fn(["p", "p"], ["a", "b"], truncated=[False, True]) == [0.1, 0.1]
+    assert seen == [None, None, [False, True]]
+
+
+def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tokenizer):
+    """The exact token ids the reward model scores: a finished completion closes the assistant turn (ChatML's
+    <|im_end|>, as in reward-model training); a truncated one is the prompt with the generation prompt, then the
+    completion's text, and no end-of-turn token."""
+    import torch
+
+    from posttrain.models.heads import RewardModelScorer
+
+    scored = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def scores(self, ids, mask):
+            scored.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+            return mask.sum(-1).float()
+
+    scorer = RewardModelScorer.__new__(RewardModelScorer)
+    scorer.model, scorer.tokenizer, scorer.batch_size = Model(), tiny_tokenizer, 8
+    prompts = ["2+2?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
+    completions = ["4", "4", "The answer is", "The answer is"]
+    out = scorer(prompts * 2, completions, truncated=[False, False, True, True])
+    ids = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    user = "<|im_start|>user\n2+2?<|im_end|>\n"
+    system = "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert scored == [
+        ids(user + "<|im_start|>assistant\n4<|im_end|>\n"),
+        ids(system + user + "<|im_start|>assistant\n4<|im_end|>\n"),
+        ids(user + "<|im_start|>assistant\nThe answer is"),
+        ids(system + user + "<|im_start|>assistant\nThe answer is"),
+    ]
+    assert out == [float(len(r)) for r in scored]
+    assert scorer(prompts[:1], ["4"]) == [out[0]]  # no `truncated` column: every turn closed, as before
 
 
 def test_code_exec_fraction_and_all_or_nothing():
@@ -319,6 +360,31 @@ def test_a_sample_that_makes_the_batch_raise_is_the_only_one_to_fall_back():
     calls.clear()
     r = compute_rewards([NamedReward("picky", picky)], ["p"], ["0"], {"answer": ["x"]})
     assert calls == [1] and r.per_function["picky"] == [0.0] and r.failures == {"picky": 1}
+
+
+def test_failure_sites_name_the_line_of_the_users_file(tmp_path):
+    """The first failure of a user function is located in the user's file: the last frame there (the user's
+    line that called into a library, not the library's), or the function's own line when it returned a bad
+    value; a built-in is named by its reward, never by a line of posttrain."""
+    (tmp_path / "mine.py").write_text(
+        "import json\n"
+        "\n"
+        "def parse(text):\n"
+        "    return json.loads(text)\n"  # line 4: raises inside the json library
+        "\n"
+        "def structured(prompts, completions, **kwargs):\n"
+        "    return [float(len(parse(c))) for c in completions]\n"
+        "\n"
+        "def nan(prompts, completions, **kwargs):\n"  # line 9
+        "    return [float('nan')] * len(completions)\n",
+        encoding="utf-8",
+    )
+    path = tmp_path / "mine.py"
+    rewards = build_reward_functions([f"{path}:structured", f"{path}:nan", "exact_match"])
+    r = compute_rewards(rewards, ["p"] * 2, ["not json", "{}"], {"gold": ["x", "y"]})
+    assert r.failures == {"structured": 1, "nan": 2, "exact_match": 2}
+    assert r.sites == {"structured": f"{path}:4", "nan": f"{path}:9"}
+    assert r.errors["structured"].startswith("JSONDecodeError") and "exact_match" not in r.sites
 
 
 def test_missing_column_is_a_counted_failure_with_a_clear_message():

@@ -1,6 +1,7 @@
 """Rollouts on the tiny model: sample layout, masks, the sampler's log-probs against a teacher-forced pass, stop
 strings, seeds; `sequence_tensors`/`trim` by hand; the rollout source's steps, micro-batches, epochs and resume."""
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -132,21 +133,123 @@ def test_stop_strings_cut_the_mask_and_the_text(eos_model, tiny_tokenizer):
     torch.testing.assert_close(cut.sampling_logps[mask], plain.sampling_logps[mask], rtol=0, atol=0)
 
 
-def test_sampling_defaults_of_the_model_do_not_leak_into_rollouts(eos_model, tiny_tokenizer):
-    """A model's generation_config.json may set repetition_penalty, top_k, min_new_tokens...: none of them may
-    change what is sampled, or the sampler would no longer be the softmax the losses score."""
-    plain = _generate(eos_model, tiny_tokenizer, seed=5)
-    gc = eos_model.generation_config
-    gc.repetition_penalty, gc.top_k, gc.typical_p, gc.min_new_tokens, gc.no_repeat_ngram_size = (
-        1.5,
-        3,
-        0.5,
-        9,
-        1,
-    )
-    skewed = _generate(eos_model, tiny_tokenizer, seed=5)
+def _skew_generation_config(model, rollout, prompt_len):
+    """Set, in the model's generation_config, every field that switches on a logits processor, aimed at tokens the
+    plain rollout sampled (so that any one of them that ran would change the samples)."""
+    rows = rollout.completion_ids.tolist()
+    drawn = rollout.completion_ids[rollout.completion_mask.bool()].tolist()
+    common = [t for t, _ in Counter(t for t in drawn if t != EOS).most_common(4)]
+    gc = model.generation_config
+    gc.repetition_penalty, gc.top_k, gc.typical_p, gc.min_p = 1.5, 3, 0.5, 0.3
+    gc.epsilon_cutoff, gc.eta_cutoff, gc.no_repeat_ngram_size = 0.05, 0.05, 1
+    gc.min_new_tokens, gc.min_length = 9, prompt_len + 9  # both forbid the EOS that plain samples end with
+    gc.suppress_tokens = [common[0]]
+    gc.begin_suppress_tokens = [rows[0][0]]
+    gc.bad_words_ids = [[common[1]]]
+    gc.sequence_bias = {(common[2],): -30.0}
+    gc.forced_bos_token_id, gc.forced_eos_token_id = common[3], EOS
+    gc.exponential_decay_length_penalty = (2, 1.5)
+    gc.renormalize_logits = True
+    return common
+
+
+def test_no_field_of_the_models_generation_config_changes_what_is_sampled(eos_model, tiny_tokenizer):
+    """A model's generation_config.json may set any processor (Qwen2.5-Instruct ships repetition_penalty and
+    top_k; Whisper-style configs suppress tokens; some force an EOS): none may change the samples, so that they
+    come from softmax(logits / T), the distribution the losses score, and the sampler's log-probs equal the
+    trainer's. The same seed on the same weights must give the same samples with or without those fields."""
+    from posttrain.models.logprobs import selected_token_logps
+
+    plain = _generate(eos_model, tiny_tokenizer, seed=5, temperature=0.8)
+    common = _skew_generation_config(eos_model, plain, plain.prompt_ids.shape[1])
+    skewed = _generate(eos_model, tiny_tokenizer, seed=5, temperature=0.8)
     assert torch.equal(skewed.completion_ids, plain.completion_ids)
     torch.testing.assert_close(skewed.sampling_logps, plain.sampling_logps, rtol=0, atol=0)
+    sampled = set(skewed.completion_ids[skewed.completion_mask.bool()].tolist())
+    # suppressed, banned and biased tokens were all drawn, and EOS before min_new_tokens
+    assert set(common) <= sampled and EOS in sampled
+    t = sequence_tensors(skewed)
+    with torch.no_grad():
+        trainer, _ = selected_token_logps(
+            eos_model, {k: t[k] for k in ("input_ids", "attention_mask", "position_ids")}, t["completion_mask"],
+            temperature=0.8,
+        )  # fmt: skip
+    mask = skewed.completion_mask.bool()
+    P = skewed.prompt_ids.shape[1]
+    torch.testing.assert_close(skewed.sampling_logps[mask], trainer[:, P:][mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_generate_runs_only_temperature_top_p_and_the_recorder(
+    eos_model, tiny_tokenizer, monkeypatch, temperature, top_p
+):
+    """Structural checks: the logits processors transformers builds are exactly ours, in order (the recorder
+    last, so it sees the distribution sampled from), and generate keeps no per-step logits or scores
+    (`output_logits` would hold b x C x V floats: ~10 GB for 32 x 1024 tokens of a 152k vocabulary in bf16)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from posttrain.rollout.engine import SampledLogps
+
+    plain = _generate(eos_model, tiny_tokenizer, seed=5)
+    _skew_generation_config(eos_model, plain, plain.prompt_ids.shape[1])
+    built, configs = [], []
+    real_processors = type(eos_model)._get_logits_processor
+    real_generate = eos_model.generate
+
+    def get_processors(self, *args, **kwargs):
+        built.append(real_processors(self, *args, **kwargs))
+        return built[-1]
+
+    def generate(*args, **kwargs):
+        configs.append(kwargs.get("generation_config"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(type(eos_model), "_get_logits_processor", get_processors)
+    monkeypatch.setattr(eos_model, "generate", generate)
+    r = HFEngine().generate(
+        eos_model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), n=2, max_new_tokens=6, temperature=temperature,
+        top_p=top_p, stop=[], seed=0, batch_size=3,
+    )  # fmt: skip
+    assert len(built) == len(configs) == 2  # 6 sequences, 3 per generate call
+    expected = [TemperatureLogitsWarper] * (temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
+    for processors, cfg in zip(built, configs):
+        assert [type(p) for p in processors] == [*expected, SampledLogps]
+        assert not cfg.output_logits and not cfg.output_scores and not cfg.return_dict_in_generate
+        assert processors[-1]._scores is None  # nothing of the last step is kept after generate
+    assert r.sampling_logps.shape == r.completion_ids.shape
+    assert eos_model.generation_config.top_k == 3  # the model's own config is back after sampling
+
+
+def _nucleus_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_p: float):
+    """log p(token) under top-p(softmax(logits / T)), renormalised, worked out independently of transformers:
+    a token is kept when the tokens more probable than it hold less than top_p of the mass. logits (N, V)."""
+    logp = (logits.float() / temperature).log_softmax(-1)
+    sorted_logp, order = logp.sort(-1, descending=True)
+    p = sorted_logp.exp()
+    kept_sorted = (p.cumsum(-1) - p) < top_p
+    kept = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+    return logp.masked_fill(~kept, float("-inf")).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+
+
+def test_top_p_sampling_logps_are_those_of_the_truncated_renormalised_distribution(eos_model, tiny_tokenizer):
+    T, top_p = 0.7, 0.6
+    r = HFEngine().generate(
+        eos_model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), n=4, max_new_tokens=10, temperature=T,
+        top_p=top_p, stop=[], seed=2,
+    )  # fmt: skip
+    t = sequence_tensors(r)
+    P = r.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = eos_model(
+            input_ids=t["input_ids"], attention_mask=t["attention_mask"], position_ids=t["position_ids"]
+        ).logits[:, P - 1 : -1]  # (N, C, V): position P - 1 + j predicts completion token j
+    mask = r.completion_mask.bool()
+    tokens = r.completion_ids[mask]
+    expected = _nucleus_logps(logits[mask], tokens, T, top_p)
+    torch.testing.assert_close(r.sampling_logps[mask], expected, rtol=0, atol=1e-5)
+    untruncated = (logits[mask].float() / T).log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    # renormalising over the nucleus raised the kept tokens' log-probs
+    assert (r.sampling_logps[mask] - untruncated).max() > 0.05
 
 
 def test_seed_repeats_rollouts_and_leaves_the_global_rng_alone(eos_model, tiny_tokenizer):
@@ -316,3 +419,60 @@ def test_drop_uniform_groups_is_refused_on_several_processes(tmp_path):
 
     with pytest.raises(ConfigError, match="drop_uniform_groups"):
         _source(tmp_path, world=2, **{"algorithm.grpo.drop_uniform_groups": "true"})
+
+
+def _reward_result(failures: dict[str, int], n: int = 4):
+    from posttrain.rewards import RewardResult
+
+    return RewardResult(
+        total=[0.0] * n,
+        per_function={k: [0.0] * n for k in failures},
+        failures=failures,
+        errors={
+            "mine": "KeyError: 'x'",
+            "exact_match": "KeyError: \"reward 'exact_match' needs a 'answer' column\"",
+        },
+        sites={"mine": "r.py:3"},
+    )
+
+
+def test_the_run_stops_after_three_rollouts_without_any_reward_signal(tmp_path):
+    """Dead rollouts (every function failed on every sample) must come 3 in a row: one that scored anything resets
+    the count. The message names each function, where it first failed, and what was kept."""
+    from posttrain.errors import UserError
+    from posttrain.rewards import NamedReward
+
+    src = _source(tmp_path)
+    src.rewards = [NamedReward("mine", lambda p, c, **k: []), *src.rewards]  # a user function and exact_match
+    dead, alive = {"mine": 4, "exact_match": 4}, {"mine": 4, "exact_match": 3}
+    for index, failures in enumerate([dead, dead, alive, dead, dead]):
+        src.check_reward_signal(index, _reward_result(failures), 4)
+    with pytest.raises(UserError) as err:
+        src.check_reward_signal(5, _reward_result(dead), 4)
+    message = str(err.value)
+    assert "every reward function failed on every sample of 3 rollouts in a row (rollouts 3, 4, 5)" in message
+    assert "  - 'mine' at r.py:3: KeyError: 'x'\n" in message
+    assert "  - 'exact_match' (built-in): KeyError:" in message
+    assert message.endswith("No checkpoint had been written yet. No final model was written.")
+
+
+@pytest.mark.parametrize("other_dead,stops", [(True, True), (False, False)])
+def test_with_several_processes_the_run_stops_only_when_every_process_lost_its_signal(
+    tmp_path, other_dead, stops
+):
+    from posttrain.errors import UserError
+
+    src = _source(tmp_path, world=2)
+    src.ctx.accelerator.device = "cpu"
+    src.ctx.accelerator.reduce = lambda t, reduction: (
+        t + float(other_dead)
+    )  # the other process's flag, summed
+    dead = _reward_result({"exact_match": 4})
+    src.check_reward_signal(0, dead, 4)
+    src.check_reward_signal(1, dead, 4)
+    if stops:
+        with pytest.raises(UserError, match="3 rollouts in a row"):
+            src.check_reward_signal(2, dead, 4)
+    else:
+        src.check_reward_signal(2, dead, 4)
+        assert src.dead_rewards == []

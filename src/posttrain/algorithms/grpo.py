@@ -31,8 +31,9 @@ from typing import NamedTuple
 import torch
 
 from posttrain.algorithms.base import Algorithm, Mean
-from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
+from posttrain.rollout.overlong import drop_from_loss
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -124,10 +125,16 @@ def _token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(per_token, mask)
 
 
+def _sequences(mask: torch.Tensor) -> torch.Tensor:
+    # Sequences with at least one completion token: a row whose mask was zeroed (an overlong completion under
+    # `rollout.overlong: filter`) carries no loss and is no loss unit.
+    return mask.bool().any(dim=1).sum().float()
+
+
 AGGREGATIONS: dict[str, Aggregation] = {
-    "grpo": Aggregation(_sequence_means, lambda mask, L: mask.new_tensor(mask.shape[0], dtype=torch.float)),
+    "grpo": Aggregation(_sequence_means, lambda mask, L: _sequences(mask)),
     "dapo": Aggregation(_token_sum, lambda mask, L: mask.sum().float()),
-    "dr_grpo": Aggregation(_token_sum, lambda mask, L: mask.new_tensor(mask.shape[0] * L, dtype=torch.float)),
+    "dr_grpo": Aggregation(_token_sum, lambda mask, L: _sequences(mask) * L),
 }
 
 
@@ -148,10 +155,13 @@ def grpo_loss_units(
     grpo: sequences; dapo: completion tokens; dr_grpo: sequences x max_completion_length (default T). Summing
     loss * units over micro-batches and dividing by the units of the whole step gives the full-batch loss.
     For dr_grpo pass max_completion_length (the generation limit) when micro-batches are padded to different T.
+    A sequence counts only if its mask has a token: a fully masked row (a filtered overlong completion) is none.
 
     >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     >>> [grpo_loss_units(mask, k) for k in ("grpo", "dapo", "dr_grpo")]
     [2.0, 3.0, 6.0]
+    >>> [grpo_loss_units(torch.tensor([[1, 1, 0], [0, 0, 0]]), k) for k in ("grpo", "dapo", "dr_grpo")]
+    [1.0, 2.0, 3.0]
     """
     aggregation, L = _aggregation(loss_type, completion_mask, max_completion_length)
     return float(aggregation.units(completion_mask, L))
@@ -232,7 +242,10 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     if g.scale == "batch" and acc.num_processes > 1:
         # The batch std is over the whole rollout, every process's share (each holds whole groups only).
         batch_rewards = acc.gather(scored.rewards.to(acc.device)).cpu()
+    # Advantages from every reward (overlong: filter keeps truncated completions in the group statistics, as DAPO
+    # does); then the rows that carry no loss lose their mask, and with it their loss units.
     tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale, batch_rewards=batch_rewards)
+    tensors["completion_mask"] = drop_from_loss(tensors["completion_mask"], scored.trains)
     uniform = uniform_groups(scored.rewards, G)  # (N / G,)
     extra = {
         "uniform_group_fraction": float(uniform.float().mean()),
@@ -250,6 +263,9 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     if steps_per_rollout(cfg) > 1:
         model = ctx.accelerator.unwrap_model(ctx.model)
         tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
+        # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout.
+        gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], tensors["completion_mask"])
+        extra[LOGP_GAP] = float(gap)
     if g.beta > 0 or logs_kl(cfg):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
         tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
     return tensors, extra
@@ -296,8 +312,10 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     )
     units = loss_units(batch, cfg)
     metrics["entropy"] = masked_mean(entropy, mask).detach()
-    # Every metric of grpo_loss is a mean over completion tokens: logged as a token mean over the whole step
-    # (`Mean`), not weighted by the loss units, which are sequences under loss_type grpo.
+    if "old_logps" not in batch:  # a one-step rollout: this forward runs on the sampling weights
+        metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
+    # Every metric here is a mean over completion tokens: logged as a token mean over the whole step (`Mean`),
+    # not weighted by the loss units, which are sequences under loss_type grpo.
     tokens = mask.sum()
     return loss * units, {k: Mean(v * tokens, tokens) for k, v in metrics.items()}
 

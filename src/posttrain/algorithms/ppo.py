@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.algorithms.base import Algorithm
-from posttrain.algorithms.common import kl_estimate, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.rollout.overlong import drop_from_loss
 
 
 def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -349,13 +350,19 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
         old_values=values,
         advantages=torch.cat([pad, adv], dim=1),
         returns=torch.cat([pad, returns], dim=1),
+        # overlong: filter: truncated completions carry no loss (after GAE, whitening and the KL controller, which
+        # see the whole rollout)
+        completion_mask=drop_from_loss(mask, scored.trains),
     )
+    loss_mask = tensors["completion_mask"]
     extra = {
         "kl_coef": kl_coef,
         "kl": float(seq_kl.mean()),
         "score_mean": float(scored.rewards.mean()),
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
+        # old: the trainer's log-probs under the sampling weights (docs/rl.md)
+        LOGP_GAP: float(logp_gap(tensors["sampling_logps"], old, loss_mask)),
     }
     return tensors, extra
 

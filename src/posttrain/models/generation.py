@@ -1,12 +1,17 @@
 """Sample completions for a list of prompts with Hugging Face `generate` (KV cache, left padding).
 
 Small on purpose: `posttrain generate`, evaluation and the quickstart's before/after table use it. The RL
-rollout engine (batched sampling that yields training batches with log-probabilities) is a separate module.
+rollout engine (batched sampling that yields training batches with log-probabilities) is a separate module; both
+build their generation settings from scratch (`model_generation_defaults_off`, `plain_generation_config`,
+`sampling_processors`), so that no field of a model's `generation_config.json` (a repetition penalty, top-k,
+suppressed tokens, a minimum length, ...) changes what is sampled: greedy is the argmax of the logits, and
+sampling at temperature T with nucleus `top_p` draws from top-p(softmax(logits / T)) and nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 Prompt = str | Sequence[dict]
 
@@ -45,6 +50,69 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+@contextmanager
+def model_generation_defaults_off(model) -> Iterator[None]:
+    """While inside, the model's own generation config is a fresh, empty `GenerationConfig`.
+
+    transformers' `generate` (5.x, `_prepare_generation_config`) fills every field of the config it is given that
+    is None from `model.generation_config` (the model's `generation_config.json`, custom entries included), then
+    from fixed global defaults. Fields such as `suppress_tokens`, `bad_words_ids`, `sequence_bias`, `min_p` or
+    `forced_eos_token_id` switch a logits processor on by being set at all, so no neutral value can be passed for
+    them: the only way to keep a model's choices out is to hide them. The global defaults left are neutral except
+    `top_k` (50), which `plain_generation_config` sets to 0. Works through a peft wrapper (whose
+    `generation_config` is the base model's).
+    """
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
+def plain_generation_config(
+    *, max_new_tokens: int, sample: bool, eos: list[int], pad_id: int, stop_strings: list[str] | None = None
+):
+    """A `GenerationConfig` that turns on no logits processor: greedy, or sampling from softmax(logits) as is.
+
+    Temperature and top-p are not set here (they stay 1): pass `sampling_processors(...)` to `generate` as
+    `logits_processor`, so that they are the only processors (and the rollout engine can put its recorder after
+    them). Use inside `model_generation_defaults_off`, or the model's own settings fill what is left unset.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,  # the global default is 50
+        eos_token_id=eos or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+        stop_strings=list(stop_strings) if stop_strings else None,
+    )
+
+
+def sampling_processors(temperature: float, top_p: float) -> list:
+    """transformers' temperature and nucleus warpers, in that order (top-p applies to softmax(logits / T)).
+
+    >>> [type(p).__name__ for p in sampling_processors(0.7, 0.9)], sampling_processors(1.0, 1.0)
+    (['TemperatureLogitsWarper', 'TopPLogitsWarper'], [])
+    """
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    out = []
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -59,31 +127,25 @@ def generate(
 ) -> list[str]:
     """Complete each prompt; returns the decoded completions (no prompt, no special tokens), in prompt order.
 
-    Greedy when `temperature == 0`, else sampling with `temperature` and nucleus `top_p` (no top-k). Each
+    Greedy when `temperature == 0`, else sampling from top-p(softmax(logits / temperature)); nothing of the
+    model's own `generation_config.json` applies (`model_generation_defaults_off`). Each
     completion ends at the first EOS token or at the first of the `stop` strings (the stop string is cut off).
     `seed` makes sampling repeatable without touching the caller's global RNG state. The first call with a new
     set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
     """
     import torch
-    from transformers import GenerationConfig
+    from transformers import LogitsProcessorList
 
     texts = [render_prompt(tokenizer, p) for p in prompts]
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sampling = temperature > 0
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=0 if sampling else None,
-        eos_token_id=eos or None,
-        pad_token_id=pad_id,
-        use_cache=True,
-        # Stop decoding a row as soon as it contains a stop string (saves the tokens after it); the text is
-        # still cut below, since the matched string itself must go.
-        stop_strings=list(stop) if stop else None,
+    # Stop decoding a row as soon as it contains a stop string (saves the tokens after it); the text is still
+    # cut below, since the matched string itself must go.
+    gen_cfg = plain_generation_config(
+        max_new_tokens=max_new_tokens, sample=sampling, eos=eos, pad_id=pad_id, stop_strings=stop
     )
+    processors = LogitsProcessorList(sampling_processors(temperature, top_p) if sampling else [])
     # Longest prompts first, batched by similar length: less padding per batch. Results go back in order.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: list[str] = [""] * len(texts)
@@ -91,7 +153,11 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.no_grad(),
+            model_generation_defaults_off(model),
+        ):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
@@ -102,7 +168,7 @@ def generate(
                     add_special_tokens=False,
                 ).to(device)  # fmt: skip
                 out = model.generate(
-                    **enc, generation_config=gen_cfg, tokenizer=tokenizer
+                    **enc, generation_config=gen_cfg, logits_processor=processors, tokenizer=tokenizer
                 )  # (b, prompt_len + new)
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new_tokens.tolist()):

@@ -172,30 +172,43 @@ def load_scalar_model(path: str | Path, *, device=None) -> tuple[ScalarHeadModel
 
 
 class RewardModelScorer:
-    """A trained reward model as a reward function: `scorer(prompts, completions) -> list[float]`.
+    """A trained reward model as a reward function: `scorer(prompts, completions, truncated=None) -> list[float]`.
 
     Each (prompt, completion) is rendered as a user turn and an assistant turn with the model's chat template,
-    exactly as the preference pairs were during training, and scored at its last token.
+    exactly as the preference pairs were during training, and scored at its last token. A completion flagged in
+    `truncated` (cut by the generation limit) is rendered with its assistant turn left open (the prompt with the
+    generation prompt, then the completion's text, no end-of-turn token): scoring it as a closed turn would
+    tell the reward model that the answer ended there.
     """
 
     def __init__(self, path: str | Path, *, batch_size: int = 8, device=None):
         self.model, self.tokenizer = load_scalar_model(path, device=device)
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
+    def render(self, prompt, completion: str, truncated: bool = False) -> list[int]:
+        """The token ids the model scores for one sample (a string prompt is one user turn)."""
         from posttrain.data.render import chat_text
 
         tok = self.tokenizer
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if truncated:
+            text = chat_text(tok, msgs, add_generation_prompt=True) + completion
+        else:
+            text = chat_text(tok, [*msgs, {"role": "assistant", "content": completion}])
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: list, completions: list[str], truncated: list[bool] | None = None, **columns
+    ) -> list[float]:
+        tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(self.model.parameters()).device
+        cut = list(truncated) if truncated is not None else [False] * len(completions)
         out: list[float] = []
         for s in range(0, len(completions), self.batch_size):
-            rows = []
-            for p, c in zip(prompts[s : s + self.batch_size], completions[s : s + self.batch_size]):
-                msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-                text = chat_text(tok, [*msgs, {"role": "assistant", "content": c}])
-                rows.append(tok(text, add_special_tokens=False)["input_ids"])
+            end = s + self.batch_size
+            rows = [self.render(*sample) for sample in zip(prompts[s:end], completions[s:end], cut[s:end])]
             T = max(len(r) for r in rows)
             ids = torch.full((len(rows), T), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), T), dtype=torch.long)

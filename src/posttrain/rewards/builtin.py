@@ -306,6 +306,7 @@ def reward_model(*, path: str) -> RewardFn:
     """The score of a trained reward model at `path` (``posttrain.algorithms.reward.RewardModelScorer``),
     loaded on the first call. It scores the whole prompt when the rollout passes it as a ``prompt_messages``
     column (system and earlier turns included, as the model was trained), else the prompt text as a user turn.
+    Completions flagged in a ``truncated`` column (the rollout passes one) are scored with the turn left open.
 
     >>> fn = reward_model(path="runs/rm/final")  # nothing is loaded until the first call
     >>> callable(fn)
@@ -319,7 +320,10 @@ def reward_model(*, path: str) -> RewardFn:
 
             state["scorer"] = RewardModelScorer(path)
         full = columns.get("prompt_messages")
-        return [float(x) for x in state["scorer"](list(full) if full is not None else prompts, completions)]
+        cut = columns.get("truncated")
+        extra = {"truncated": list(cut)} if cut is not None else {}
+        scores = state["scorer"](list(full) if full is not None else prompts, completions, **extra)
+        return [float(x) for x in scores]
 
     return reward
 

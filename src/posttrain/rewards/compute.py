@@ -3,15 +3,19 @@
 A function is called once on the whole batch. If that call raises, or returns a list of the wrong length, it
 is called again once per sample, so that only the samples it cannot score get `fallback` (one bad completion
 must not zero the rewards of the whole batch). A value that is not a finite number (NaN, inf, None, a string)
-fails for that sample only. Failures are counted per function and the first error message kept, so a broken
-reward shows in the logs instead of stopping a run hours in. Weights apply to the total only;
-``per_function`` stays unweighted so each reward reads on its own scale.
+fails for that sample only. Failures are counted per function and the first error message kept, with where it
+happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run hours
+in (the rollout source stops a run only when every function fails on everything, several rollouts in a row).
+Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own scale.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import statistics
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +30,7 @@ class RewardResult:
     per_function: dict[str, list[float]]  # name -> (B,), unweighted, after fallback
     failures: dict[str, int]  # name -> samples that got the fallback
     errors: dict[str, str] = field(default_factory=dict)  # name -> first error message, when any
+    sites: dict[str, str] = field(default_factory=dict)  # name -> "file:line" of it (user functions only)
 
 
 def compute_rewards(
@@ -52,22 +57,26 @@ def compute_rewards(
     n = len(completions)
     columns = dict(columns or {})
     total = [0.0] * n
-    per_function, failures, errors = {}, {}, {}
+    per_function, failures, errors, sites = {}, {}, {}, {}
     for reward in rewards:
-        values, failed, error = _call(reward, prompts, completions, columns, n, fallback)
+        values, failed, error, exc = _call(reward, prompts, completions, columns, n, fallback)
         per_function[reward.name], failures[reward.name] = values, failed
         if error:
             errors[reward.name] = error
+            site = None if reward.builtin else failure_site(reward.fn, exc)
+            if site:
+                sites[reward.name] = site
         total = [t + reward.weight * v for t, v in zip(total, values)]
-    return RewardResult(total, per_function, failures, errors)
+    return RewardResult(total, per_function, failures, errors, sites)
 
 
 def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: float):
-    """(values, failures, first error) for one function: one batched call, per-sample calls if it fails.
+    """(values, failures, first error, its exception or None) for one function: one batched call, per-sample
+    calls if it fails.
 
     The error kept is the batched call's when it failed (even if every sample then scored on its own: the
     function is being called n times, and its author will want to know why)."""
-    raw, error = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
+    raw, error, exc = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
         raw = (
             [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if n > 1 else [_FAILED] * n
@@ -81,7 +90,35 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
             error = error or f"sample {i}: {v!r} is not a finite number"
         else:
             values.append(x)
-    return values, failed, error
+    return values, failed, error, exc
+
+
+def failure_site(fn, exc: BaseException | None = None) -> str | None:
+    """Where a user's reward function failed, as ``file:line``: the last frame of `exc`'s traceback inside the
+    file that defines `fn` (the user's line, even when the error rose in a library it called), else the line that
+    defines `fn` (it returned a bad value, or failed before reaching its own code). None when `fn` has no source
+    file (a callable object, a C function).
+
+    >>> def bad(prompts, completions, **kwargs):
+    ...     return [1 / 0]
+    >>> try:
+    ...     bad([], [])
+    ... except ZeroDivisionError as e:
+    ...     site = failure_site(functools.partial(bad, scale=2), e)
+    >>> line = bad.__code__.co_firstlineno
+    >>> site.endswith(f":{line + 1}"), failure_site(bad).endswith(f":{line}")
+    (True, True)
+    """
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    target = inspect.unwrap(target)
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return None
+    if exc is not None:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == code.co_filename]
+        if frames:
+            return f"{frames[-1].filename}:{frames[-1].lineno}"
+    return f"{code.co_filename}:{code.co_firstlineno}"
 
 
 _FAILED = object()  # a sample whose own call raised
@@ -90,19 +127,19 @@ _FAILED = object()  # a sample whose own call raised
 def _one(fn, prompts, completions, columns: dict, i: int):
     """Sample i's raw value from a call on it alone, or `_FAILED`."""
     one_columns = {k: v[i : i + 1] if isinstance(v, list | tuple) else v for k, v in columns.items()}
-    raw, _ = _call_batch(fn, [prompts[i]], [completions[i]], one_columns, 1)
+    raw, _, _ = _call_batch(fn, [prompts[i]], [completions[i]], one_columns, 1)
     return _FAILED if raw is None else raw[0]
 
 
-def _call_batch(fn, prompts: list, completions: list, columns: dict, n: int) -> tuple[list | None, str]:
-    """(the n raw values, "") or (None, why the call failed)."""
+def _call_batch(fn, prompts: list, completions: list, columns: dict, n: int):
+    """(the n raw values, "", None) or (None, why the call failed, the exception it raised or None)."""
     try:
         raw = list(fn(prompts, completions, **columns))
     except Exception as e:  # a broken reward must not end the run: counted and reported instead
-        return None, f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}", e
     if len(raw) != n:
-        return None, f"returned {len(raw)} values for {n} samples"
-    return raw, ""
+        return None, f"returned {len(raw)} values for {n} samples", None
+    return raw, "", None
 
 
 def _as_float(v: Any) -> float | None:

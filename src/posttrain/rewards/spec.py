@@ -45,6 +45,8 @@ class NamedReward:
     name: str
     fn: Callable[..., list[float]]
     weight: float = 1.0
+    builtin: bool = False
+    """A built-in from `REWARDS` (its failures are named by the reward, not by a file and line of posttrain)."""
 
 
 def is_file_spec(name: str) -> bool:
@@ -192,5 +194,5 @@ def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -
                 raise ConfigError(f"{s.where}: bad args for {s.name!r}: {e}") from None
         else:
             fn = functools.partial(s.fn, **s.args) if s.args else s.fn
-        out.append(NamedReward(s.label, fn, s.weight))
+        out.append(NamedReward(s.label, fn, s.weight, s.builtin))
     return out

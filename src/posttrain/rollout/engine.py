@@ -25,9 +25,7 @@ class Rollout:
     prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
     completion_ids: torch.Tensor  # (N, C) right-padded
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the EOS token or the end of a stop string
-    sampling_logps: (
-        torch.Tensor
-    )  # (N, C) log-prob of each sampled token under the sampler (temperature-scaled)
+    sampling_logps: torch.Tensor  # (N, C) log-prob of each sampled token under the distribution sampled from
     texts: list[str]  # decoded completions (no special tokens, cut before a stop string)
     truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without an EOS or a stop string
 
@@ -102,8 +100,51 @@ def _cut(text: str, stop: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+class SampledLogps:
+    """A logits processor, placed last, that records log p(sampled token) under the distribution sampled from.
+
+    transformers calls the processors once per generated token with the scores the sampler is about to draw from
+    (here: after temperature and top-p), then samples and appends the token. The token is therefore only known
+    at the next call (as the last column of `input_ids`) or, for the last one, from the returned sequences
+    (`finish`). Between calls this keeps one step's scores (b, V) and their logsumexp (b,): memory O(b x V),
+    where `output_logits`/`output_scores` would keep every step, O(b x C x V) (about 10 GB for 32 x 1024 tokens
+    of a 152k vocabulary in bf16).
+    """
+
+    def __init__(self) -> None:
+        self.picked: list[torch.Tensor] = []  # (b,) per generated token, in order
+        self._scores: torch.Tensor | None = None  # (b, V) the last step's scores, not yet resolved
+        self._lse: torch.Tensor | None = None  # (b,) their logsumexp
+
+    def _resolve(self, tokens: torch.Tensor) -> None:
+        if self._scores is not None:
+            self.picked.append(self._scores.gather(-1, tokens[:, None])[:, 0] - self._lse)
+            self._scores = self._lse = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._resolve(input_ids[:, -1])  # the token sampled from the previous call's scores
+        self._scores, self._lse = scores, scores.float().logsumexp(-1)
+        return scores  # unchanged: recording only
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, c) log-probs of `new_tokens` (b, c), the tokens generate returned after the prompt."""
+        c = new_tokens.shape[1]
+        if len(self.picked) < c:  # the last token was sampled after the last call
+            self._resolve(new_tokens[:, len(self.picked)])
+        self._scores = self._lse = None
+        # A generate that ran one step past the end (deferred stop checks) drops that token: so do we.
+        return torch.stack(self.picked[:c], dim=1)  # generate makes at least one token
+
+
 class HFEngine:
-    """transformers `generate`: sampling with a KV cache, left-padded prompt batches."""
+    """transformers `generate`: sampling with a KV cache, left-padded prompt batches.
+
+    The generation settings are built from scratch (`models.generation.model_generation_defaults_off`): only
+    `max_new_tokens`, the EOS ids, the pad id, `temperature` and `top_p` come from us, nothing from the model's
+    `generation_config.json`, so the samples are drawn from top-p(softmax(logits / temperature)), the
+    distribution the losses score (at top_p = 1). The processors `generate` runs are exactly
+    [temperature, top-p (when < 1), `SampledLogps`], and `sampling_logps` are the log-probs of that distribution.
+    """
 
     name = "hf"
 
@@ -121,11 +162,16 @@ class HFEngine:
         seed: int,
         batch_size: int | None = None,
     ) -> Rollout:
-        from transformers import GenerationConfig
+        from transformers import LogitsProcessorList
 
-        from posttrain.models.generation import eos_token_ids
+        from posttrain.models.generation import (
+            eos_token_ids,
+            model_generation_defaults_off,
+            plain_generation_config,
+            sampling_processors,
+        )
 
-        eos = eos_token_ids(model, tokenizer)
+        eos = eos_token_ids(model, tokenizer)  # before the model's generation config is hidden below
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
         # n contiguous samples per prompt: the group layout GRPO's advantages expect.
         rows = [list(p) for p in prompt_ids for _ in range(n)]
@@ -136,59 +182,32 @@ class HFEngine:
         for i, r in enumerate(rows):  # left padding: every prompt ends in the last column
             prompt[i, P - len(r) :] = torch.tensor(r, dtype=torch.long)
             pmask[i, P - len(r) :] = 1
-        # Every field left None is filled from the model's own generation_config.json (transformers >= 4.5x),
-        # and some ship sampling defaults (e.g. Qwen2.5-Instruct's repetition_penalty 1.05, top_k 20). Any such
-        # processor would sample from something other than softmax(logits / temperature) (top-p truncated), the
-        # distribution the RL losses score, so each one that changes the distribution is pinned to neutral here.
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            min_p=0.0,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_new_tokens=0,
-            eos_token_id=eos or None,
-            pad_token_id=pad_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+        gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=True, eos=eos, pad_id=pad_id)
         step = batch_size or len(rows)
         completions: list[torch.Tensor] = []
         logps: list[torch.Tensor] = []
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            with (
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+                torch.no_grad(),
+                model_generation_defaults_off(model),
+            ):
                 torch.manual_seed(seed)  # repeatable rollouts that leave the training RNG untouched
                 for s in range(0, len(rows), step):
+                    recorder = SampledLogps()
                     out = model.generate(
                         input_ids=prompt[s : s + step].to(device),
                         attention_mask=pmask[s : s + step].to(device),
                         generation_config=gen_cfg,
-                    )
-                    new = out.sequences[:, P:]  # (b, c)
-                    # output_logits: the raw logits of every step, (b, V) each; the sampler drew from
-                    # softmax(logits / temperature) (then top-p truncated).
-                    # One step at a time: a stacked float32 (b, c, V) copy would cost b * c * V * 4 bytes
-                    # (about 20 GB for 32 x 1024 tokens of a 150k vocabulary).
-                    lp = torch.stack(
-                        [
-                            (step_logits.float() / temperature)
-                            .log_softmax(-1)
-                            .gather(-1, new[:, t : t + 1])[:, 0]
-                            for t, step_logits in enumerate(out.logits)
-                        ],
-                        dim=1,
-                    )  # (b, c)
+                        logits_processor=LogitsProcessorList(
+                            [*sampling_processors(temperature, top_p), recorder]
+                        ),
+                    )  # (b, P + c)
+                    new = out[:, P:]  # (b, c)
                     completions.append(new.cpu())
-                    logps.append(lp.cpu())
+                    logps.append(recorder.finish(new).cpu())
         finally:
             model.train(was_training)
         C = max(c.shape[1] for c in completions)
@@ -214,7 +233,8 @@ class HFEngine:
             prompt_mask=pmask,
             completion_ids=ids,
             completion_mask=mask,
-            sampling_logps=sampled * mask,
+            # where, not *: the pad a finished row is given may lie outside the top-p set (log-prob -inf)
+            sampling_logps=torch.where(mask.bool(), sampled, torch.zeros_like(sampled)),
             texts=texts,
             truncated=~ended,
         )

@@ -6,6 +6,12 @@ functions, lets the algorithm turn the rollout into per-sequence training tensor
 PPO: values, KL-shaped rewards, GAE), then yields `rollout.epochs` shuffled passes over it, cut into optimisation
 steps of `optim.batch_size` sequences and micro-batches of `optim.micro_batch_size`.
 
+Truncated completions get the treatment `rollout.overlong` names (`rollout/overlong.py`): the reward functions see
+which ones were truncated (a `truncated` column), their rewards may be replaced or penalised, and their rows may
+carry no loss (`ScoredRollout.trains`). When every reward function fails on every sample for
+`DEAD_REWARD_ROLLOUTS` rollouts in a row, the run stops with a `UserError` naming each function and where its
+first failure happened: there is no reward signal left to learn from.
+
 Generation time and reward statistics ride along as step metrics (`STEP_METRICS`), so the loop logs
 `gen_time_s` apart from the training time. It does not compute any loss (see `algorithms/grpo.py`, `ppo.py`).
 
@@ -16,6 +22,7 @@ rest of that rollout anew). RL resumption is therefore not bit-for-bit, unlike S
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +32,16 @@ from typing import Any
 import torch
 
 from posttrain.algorithms.base import STEP_METRICS, SourceContext
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, UserError
 from posttrain.rollout.engine import Rollout, get_engine
+from posttrain.rollout.overlong import OVERLONG
+from posttrain.trainer.checkpoint import latest_checkpoint
+
+DEAD_REWARD_ROLLOUTS = 3
+"""Consecutive rollouts in which every reward function failed on every sample before the run stops (one such
+rollout can be a passing outage, e.g. a sandbox short of memory; three in a row is a broken reward)."""
+ADDED_COLUMNS = ("prompt_messages", "truncated")
+"""Columns the rollout adds for the reward functions; a prompts file may not use these names."""
 
 
 @dataclass
@@ -45,8 +60,9 @@ class PromptExample:
 class ScoredRollout:
     rollout: Rollout
     examples: list[PromptExample]  # one per sequence (repeated G times)
-    rewards: torch.Tensor  # (N,) weighted total
+    rewards: torch.Tensor  # (N,) weighted total, after the `rollout.overlong` treatment
     metrics: dict[str, float]
+    trains: torch.Tensor  # (N,) bool: the sequences that carry loss (`overlong: filter` drops truncated ones)
 
 
 # process(scored, ctx) -> (tensors with a leading N dimension, extra step metrics)
@@ -57,18 +73,22 @@ def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:
     """Prompt and completion side by side, (N, P + C), with the positions `generate` used.
 
     `completion_mask` here is full width (0 over the prompt), aligned with `input_ids`: 1 on the tokens the
-    policy generated, the ones the RL losses score.
+    policy generated, the ones the RL losses score. `sampling_logps` too (0 over the prompt): the sampler's
+    log-probs, for the sampler/trainer gap (`common.logp_gap`).
     """
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     # Left-padded prompts: positions count real tokens only, as generate computed them for the KV cache.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     completion_mask = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], dim=1)
+    prompt_zeros = torch.zeros_like(r.prompt_mask, dtype=torch.float32)
+    sampling_logps = torch.cat([prompt_zeros, r.sampling_logps], dim=1)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "completion_mask": completion_mask,
+        "sampling_logps": sampling_logps,
     }
 
 
@@ -131,6 +151,7 @@ class RolloutSource:
         self.steps_per_epoch = self.rollouts_per_epoch * self.steps_per_rollout
         self.rewards = build_reward_functions(parse_reward_specs(reward_specs(cfg)))
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
+        self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(alg.rollout.engine)
         self.seed = cfg.run.seed
 
@@ -146,7 +167,7 @@ class RolloutSource:
 
     # ---- one rollout: sample, score, process
     def make_rollout(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        from posttrain.rewards import compute_rewards, reward_metrics
+        from posttrain.rewards import reward_metrics
 
         ctx, rc = self.ctx, self.rollout_cfg
         examples = self.rollout_prompts(index)
@@ -167,32 +188,17 @@ class RolloutSource:
         )
         gen_time = time.perf_counter() - t0
         per_seq = [e for e in examples for _ in range(self.G)]
-        columns: dict[str, list] = {}
-        for key in per_seq[0].columns if per_seq else []:
-            columns[key] = [e.columns.get(key) for e in per_seq]
-        # the full prompts as message lists (system and earlier turns included), for rewards that need them
-        columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
         t1 = time.perf_counter()
-        result = compute_rewards(
-            self.rewards,
-            [e.prompt for e in per_seq],
-            rollout.texts,
-            columns,
-            fallback=ctx.cfg.algorithm.reward_fallback,
-        )
+        result = self.score(index, rollout, per_seq)
         reward_time = time.perf_counter() - t1
-        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
-            if name not in self.warned and ctx.accelerator.is_main_process:
-                self.warned.add(name)
-                print(
-                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
-                    f"of rollout {index} (they got algorithm.reward_fallback = {ctx.cfg.algorithm.reward_fallback}): "
-                    f"{error}; further failures are only counted (reward/failures_{name} in metrics.jsonl)"
-                )
-        rewards = torch.tensor(result.total, dtype=torch.float32)
-        lengths = rollout.lengths.float()
+        overlong = OVERLONG[rc.overlong]
+        lengths = rollout.lengths
+        rewards = overlong.rewards(torch.tensor(result.total, dtype=torch.float32), rollout.truncated, lengths, rc)
+        trains = overlong.trains(rollout.truncated)
+        lengths = lengths.float()
         metrics = {
-            **reward_metrics(result),
+            # reward/total_*: the rewards the algorithm uses, after the overlong treatment
+            **reward_metrics(dataclasses.replace(result, total=rewards.tolist())),
             "completion_length_mean": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
             "truncated_fraction": float(rollout.truncated.float().mean()),
@@ -201,10 +207,70 @@ class RolloutSource:
             "rollout": float(index),
         }
         t2 = time.perf_counter()
-        tensors, extra = self.process(ScoredRollout(rollout, per_seq, rewards, metrics), ctx)
+        tensors, extra = self.process(ScoredRollout(rollout, per_seq, rewards, metrics, trains), ctx)
         metrics.update(extra)
         metrics["prepare_time_s"] = time.perf_counter() - t2
         return tensors, metrics
+
+    def score(self, index: int, rollout: Rollout, per_seq: list[PromptExample]):
+        """The reward functions on a rollout (`RewardResult`): each sample with its prompt row's columns, plus
+        `prompt_messages` and `truncated`. Prints each function's first failure once; stops a run whose rewards all
+        fail (`check_reward_signal`)."""
+        from posttrain.rewards import compute_rewards
+
+        fallback = self.ctx.cfg.algorithm.reward_fallback
+        columns: dict[str, list] = {}
+        for key in per_seq[0].columns if per_seq else []:
+            columns[key] = [e.columns.get(key) for e in per_seq]
+        # the full prompts as message lists (system and earlier turns included), for rewards that need them
+        columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
+        # which completions were cut by max_new_tokens: a reward model then scores them as unfinished turns
+        columns["truncated"] = rollout.truncated.tolist()
+        result = compute_rewards(
+            self.rewards, [e.prompt for e in per_seq], rollout.texts, columns, fallback=fallback
+        )
+        self.check_reward_signal(index, result, len(per_seq))
+        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
+            if name not in self.warned and self.ctx.accelerator.is_main_process:
+                self.warned.add(name)
+                at = f" (at {result.sites[name]})" if name in result.sites else ""
+                print(
+                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
+                    f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
+                    f"failures are only counted (reward/failures_{name} in metrics.jsonl)"
+                )
+        return result
+
+    def check_reward_signal(self, index: int, result, n: int) -> None:
+        """Stop the run (`UserError`, exit 2) after `DEAD_REWARD_ROLLOUTS` rollouts in a row in which every reward
+        function failed on every sample; a rollout where any function scored any sample resets the count."""
+        dead = bool(result.per_function) and all(result.failures.get(k, 0) == n for k in result.per_function)
+        acc = self.ctx.accelerator
+        if self.world > 1:  # all processes stop together, or the others would wait forever in an all-reduce
+            flag = acc.reduce(torch.tensor(float(dead), device=acc.device), reduction="sum")
+            dead = int(flag.item()) == self.world
+        self.dead_rewards = [*self.dead_rewards, (index, result)] if dead else []
+        if len(self.dead_rewards) < DEAD_REWARD_ROLLOUTS:
+            return
+        first = self.dead_rewards[0][1]  # the first rollout of the streak: where each function's failure began
+        builtin = {r.name: r.builtin for r in self.rewards}
+        lines = []
+        for name in first.per_function:
+            at = f" at {first.sites[name]}" if name in first.sites else " (built-in)" if builtin.get(name) else ""
+            lines.append(f"  - {name!r}{at}: {first.errors.get(name, 'failed')}")
+        ckpt = latest_checkpoint(self.ctx.run_dir)
+        kept = (
+            f"The last checkpoint, {ckpt}, is kept: fix the reward and continue from it with --resume."
+            if ckpt
+            else "No checkpoint had been written yet."
+        )
+        rollouts = ", ".join(str(i) for i, _ in self.dead_rewards)
+        raise UserError(
+            f"every reward function failed on every sample of {DEAD_REWARD_ROLLOUTS} rollouts in a row (rollouts "
+            f"{rollouts}), so there is no reward signal left and the run stopped. First failure of each:\n"
+            + "\n".join(lines)
+            + f"\n{kept} No final model was written."
+        )
 
     # ---- the batch-source interface
     def state_dict(self) -> dict:
@@ -296,12 +362,18 @@ def prepare_prompts(cfg, tokenizer):
                 )
             )
             continue
+        reserved = [k for k in ADDED_COLUMNS if k in row]
+        if reserved:
+            problems.append(Problem(cfg.data.train, getattr(row, "line", None), reserved[0], (
+                "this column name is reserved: the rollout passes its own to the reward functions (docs/rewards.md); "
+                "rename it")))  # fmt: skip
+            continue
         msgs = row["prompt"]
         text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
         columns = {k: v for k, v in row.items() if k != "prompt"}
         examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns, messages=list(msgs)))
     if problems:
-        raise DataError(problems, header=f"{cfg.data.train}: prompts too long for the run's lengths:")
+        raise DataError(problems, header=f"{cfg.data.train}: prompts this run cannot use:")
     return PreparedData(train=examples, collate=lambda items: items, notes=[])
 
 
