@@ -50,11 +50,12 @@ def rl(make_cfg, tmp_path):
             "data.train": str(prompts),
             "technique.name": "lora",
             "algorithm.rollout.max_new_tokens": 8,
-            "algorithm.grpo.num_generations": 4,
             "optim.batch_size": 16,
             "optim.schedule": "constant",
             "run.max_steps": 3,
         }
+        if algorithm == "grpo":  # a grpo setting under ppo would be refused (read by grpo only)
+            base["algorithm.grpo.num_generations"] = 4
         base.update(overrides)
         return make_cfg(name, **base)
 
@@ -333,7 +334,7 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
         ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo/ppo"),
         ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
         ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
-        ({"data.eval": "x.jsonl"}, "data.eval is not used by grpo"),
+        ({"data.eval": "x.jsonl"}, "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo"),
     ],
 )
 def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
@@ -346,5 +347,6 @@ def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
 def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
     from posttrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="used by grpo and ppo only, not by sft"):
+    with pytest.raises(ConfigError, match=r"algorithm.rewards = \[task\] would be ignored: it is read only when "
+                       "algorithm.name is grpo or ppo, and this run has algorithm.name=sft"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})

@@ -41,7 +41,7 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
         (["optim.batch_size=8", "optim.micro_batch_size=3"], "not a multiple"),
         (["optim.batch_size=2", "optim.micro_batch_size=4"], "larger than"),
         (["data.max_length=4"], "data.max_length"),
-        (["optim.head_lr=1e-3"], "optim.head_lr is the learning rate of a scalar head"),
+        (["optim.head_lr=1e-3"], "optim.head_lr = 0.001 would be ignored"),
         (["optim.head_lr=0", "algorithm.name=reward"], "optim.head_lr"),
     ],
 )
