@@ -34,8 +34,10 @@ def _cmd_train(args) -> int:
     result = train(cfg, resume=args.resume)
     last = next((h for h in reversed(result.history) if "loss" in h), None)
     summary = f"; last loss {last['loss']:.4f}" if last else ""
-    n = result.steps_trained
-    span = f" (steps {result.steps - n + 1}-{result.steps})" if 0 < n < result.steps else ""
+    n, last = result.steps_trained, result.steps  # this invocation's steps; the run's last step
+    span = ""
+    if 0 < n < last:  # a resumed run: which steps this invocation trained
+        span = f" (step {last} of {last})" if n == 1 else f" (steps {last - n + 1}-{last} of {last})"
     print(f"done: {n} step{'s' if n != 1 else ''}{span}{summary}; model in {result.final_dir}")
     return EXIT_OK
 

@@ -14,6 +14,7 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
@@ -160,6 +161,11 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
                 "run.tensorboard is true but the tensorboard package is not installed; "
                 "pip install tensorboard, or set run.tensorboard=false"
             ) from None
+    if cfg.technique.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
+            "technique.name=lora)"
+        )
     accelerator = Accelerator(cpu=not _cuda_available())
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)

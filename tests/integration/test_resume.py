@@ -75,3 +75,49 @@ def test_kill_9_mid_run_then_resume(make_cfg, tmp_path):
     reference = _losses(train(reference_cfg).run_dir)
     assert _losses(cfg.run.output_dir) == reference
     assert yaml.safe_load((Path(cfg.run.output_dir) / "config.yaml").read_text())["run"]["max_steps"] == 300
+
+
+def test_resume_refuses_changed_data_and_names_the_file(make_cfg, sft_file):
+    import pytest
+
+    from posttrain.errors import ConfigError
+
+    cfg = make_cfg(**{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    sft_file.write_text(sft_file.read_text().replace('"completion": "3"', '"completion": "three"'))
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 3}), resume=True)
+    assert f"--resume: data.train ({sft_file}) changed since" in str(err.value)
+    assert not (Path(cfg.run.output_dir) / "checkpoints" / "step-000003").exists()
+
+
+def test_resume_names_each_changed_setting_with_its_old_and_new_value(make_cfg):
+    import pytest
+
+    from posttrain.errors import ConfigError
+
+    train(make_cfg(**{"run.max_steps": 1}))
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 2, "optim.lr": 1e-3, "data.max_length": 48}), resume=True)
+    assert "data.max_length: 64 -> 48; optim.lr: 0.01 -> 0.001. Only run length" in str(err.value)
+
+
+def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg, tmp_path, capsys):
+    from posttrain.cli import main
+
+    cfg = make_cfg(**{"run.max_steps": 2})
+    cfg_file = tmp_path / "run.yaml"
+    dump_config(cfg, cfg_file)
+    assert main(["train", str(cfg_file)]) == 0
+    assert "done: 2 steps; last loss" in capsys.readouterr().out
+    assert main(["train", str(cfg_file), "run.max_steps=3", "--resume"]) == 0
+    assert "done: 1 step (step 3 of 3); last loss" in capsys.readouterr().out
+
+    final = Path(cfg.run.output_dir) / "final"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()}
+    folder = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()}
+    assert main(["train", str(cfg_file), "run.max_steps=3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cfg.run.output_dir}: finished at step 3; nothing to train" in out and "done: 0 steps" in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder  # nothing written

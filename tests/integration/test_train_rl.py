@@ -350,3 +350,21 @@ def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
     with pytest.raises(ConfigError, match=r"algorithm.rewards = \[task\] would be ignored: it is read only when "
                        "algorithm.name is grpo or ppo, and this run has algorithm.name=sft"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
+
+
+def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, capsys):
+    """PPO, rollouts of 8 prompts cut into 2 steps of 4: of 17 prompts the 17th of each epoch's order cannot fill
+    both steps of a third rollout; the run says so, naming the line, before it trains."""
+    from posttrain.trainer.batches import epoch_order
+
+    prompts = tmp_path / "prompts17.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {i} 1", "answer": str(i + 1)}) + "\n" for i in range(17)))
+    cfg = rl("skip", algorithm="ppo", **{"data.train": str(prompts), "algorithm.rollout.batch_size": 8,
+                                         "optim.batch_size": 4, "run.max_steps": 4})  # fmt: skip
+    result = train(cfg)
+    line = epoch_order(17, seed=0, epoch=0)[-1] + 1
+    assert (
+        f"warning: {prompts}: 1 of 17 examples are not trained in each epoch (after 2 rollouts of 8 prompts, the 1 "
+        f"left would give 1 sequence, fewer than the 2 optimisation steps of a pass over a rollout): lines {line}\n"
+    ) in capsys.readouterr().out
+    assert result.steps_trained == 4

@@ -134,11 +134,10 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int, *, group_
     full, rest = divmod(n, prompts)
     per_pass = rollout_size // cfg.optim.batch_size
     if rest and (rest // world_size) * group_size < per_pass:
-        who = "a process " if world_size > 1 else ""
+        who, k = ("a process " if world_size > 1 else ""), (rest // world_size) * group_size
         why = (
-            f"after {full} rollouts of {prompts} prompts, the {rest} left would give {who}"
-            f"{(rest // world_size) * group_size} sequences, fewer than the {per_pass} optimisation steps of a "
-            "pass over a rollout"
+            f"after {full} rollouts of {prompts} prompts, the {rest} left would give {who}{k} sequence"
+            f"{'s' if k != 1 else ''}, fewer than the {per_pass} optimisation steps of a pass over a rollout"
         )
         return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
     return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))
