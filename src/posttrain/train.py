@@ -15,6 +15,7 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -127,8 +128,6 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
 
 def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
     """The step checkpoint `ckpt` was taken at, refusing one past the run's `steps` (read before the model loads)."""
-    import json
-
     start = int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
     if start > steps:
         raise ConfigError(
@@ -208,7 +207,8 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if accelerator.is_main_process and not finished:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
+        if ckpt is None or read_fingerprint(run_dir) is None:  # a resumed run's record was just checked
+            write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
         skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
                                shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
         for note in [*data.notes, *([skipped] if skipped else [])]:

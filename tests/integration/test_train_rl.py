@@ -365,6 +365,6 @@ def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, ca
     line = epoch_order(17, seed=0, epoch=0)[-1] + 1
     assert (
         f"warning: {prompts}: 1 of 17 examples are not trained in each epoch (after 2 rollouts of 8 prompts, the 1 "
-        f"left would give 1 sequence, fewer than the 2 optimisation steps of a pass over a rollout): lines {line}\n"
+        f"left would give 1 sequence, fewer than the 2 optimisation steps of a pass over a rollout): line {line}\n"
     ) in capsys.readouterr().out
     assert result.steps_trained == 4

@@ -103,10 +103,10 @@ def test_the_run_names_the_rows_it_skips_by_file_line():
     note = skipped_note(plan, source="train.jsonl", lines=lines, seed=0, shuffle=False, total_steps=8)
     assert note == (
         "train.jsonl: 1 of 17 examples are not trained in each epoch (after 4 steps of optim.batch_size=4, the 1 "
-        "left cannot be split over 2 processes): lines 26 (the same in all 2 epochs)"
+        "left cannot be split over 2 processes): line 26 (the same in all 2 epochs)"
     )
     shuffled = skipped_note(plan, source="t", lines=lines, seed=0, shuffle=True, total_steps=20)
-    expected = [f"epoch {e + 1}: lines {10 + plan.skipped_indices(e, 0, True)[0]}" for e in range(3)]
+    expected = [f"epoch {e + 1}: line {10 + plan.skipped_indices(e, 0, True)[0]}" for e in range(3)]
     assert shuffled.endswith(": " + "; ".join(expected) + "; ... (5 epochs in all, other rows each epoch: "
                              "data.shuffle is true)")  # fmt: skip
     # a run that never completes an epoch skips nothing; neither does a plan without a remainder

@@ -349,7 +349,7 @@ def test_prompts_too_few_to_fill_every_step_are_skipped_and_named(tmp_path):
                         shuffle=False, total_steps=src.steps_per_epoch)  # fmt: skip
     assert note == (
         "prompts.jsonl: 1 of 13 examples are not trained in each epoch (after 3 rollouts of 4 prompts, the 1 left "
-        "would give 2 sequences, fewer than the 4 optimisation steps of a pass over a rollout): lines 13"
+        "would give 2 sequences, fewer than the 4 optimisation steps of a pass over a rollout): line 13"
     )
 
 

@@ -113,11 +113,10 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
     def which(epoch: int) -> str:
         picked = plan.skipped_indices(epoch, seed, shuffle)
         if lines is None:
-            found = sorted(i + 1 for i in picked)
-            label = "examples"
+            found, label = sorted(i + 1 for i in picked), "example"
         else:
-            found = sorted(line for i in picked for line in lines[i])
-            label = "lines"
+            found, label = sorted(line for i in picked for line in lines[i]), "line"
+        label += "s" if len(found) > 1 else ""
         more = f" and {len(found) - shown_rows} more" if len(found) > shown_rows else ""
         return f"{label} {', '.join(map(str, found[:shown_rows]))}{more}"
 
