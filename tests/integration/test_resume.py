@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from posttrain.config import dump_config
@@ -121,3 +122,17 @@ def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg,
     assert f"{cfg.run.output_dir}: finished at step 3; nothing to train" in out and "done: 0 steps" in out
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
     assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder  # nothing written
+
+    # Asked for the model (as the quickstart does on a re-run), a finished run loads its last checkpoint and still
+    # writes nothing.
+    from safetensors.torch import load_file
+
+    from posttrain.config import load_config
+
+    again = train(load_config(cfg_file, ["run.max_steps=3"]), resume=True, return_model=True)
+    assert again.steps_trained == 0 and again.steps == 3
+    saved = load_file(str(Path(cfg.run.output_dir) / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    for name, p in again.model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder

@@ -338,11 +338,13 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
     if p.whiten_advantages:
         adv = whiten(adv, cm)
     seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
-    # Every process must keep the same coefficient: update it from the KL over all of them.
-    kl_all = seq_kl.mean().to(acc.device)
+    # Every process must keep the same coefficient: update it from the KL over all of them. Sum and count, not a
+    # mean of means: the last rollout of an epoch may give the processes different numbers of sequences.
+    kl_and_count = torch.stack([seq_kl.sum(), seq_kl.new_tensor(float(seq_kl.shape[0]))]).to(acc.device)
     if acc.num_processes > 1:
-        kl_all = acc.reduce(kl_all, reduction="mean")
-    controller.update(float(kl_all), n_steps=int(mask.shape[0]) * acc.num_processes)
+        kl_and_count = acc.reduce(kl_and_count, reduction="sum")
+    total_kl, count = (float(v) for v in kl_and_count)
+    controller.update(total_kl / count, n_steps=int(count))
     pad = torch.zeros_like(mask[:, :P], dtype=torch.float32)
     tensors.update(
         old_logps=old,
