@@ -368,3 +368,14 @@ def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, ca
         f"left would give 1 sequence, fewer than the 2 optimisation steps of a pass over a rollout): line {line}\n"
     ) in capsys.readouterr().out
     assert result.steps_trained == 4
+
+
+def test_bad_reward_args_are_refused_before_the_run_folder_is_written(rl):
+    from pathlib import Path
+
+    from posttrain.errors import ConfigError
+
+    cfg = rl("bad-args", **{"algorithm.rewards": "[regex_format]"})  # regex_format needs args.pattern
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: bad args for 'regex_format'"):
+        train(cfg)
+    assert not Path(cfg.run.output_dir).exists()

@@ -302,15 +302,16 @@ def prepare_prompts(cfg, tokenizer):
     from posttrain.data import load_rows
     from posttrain.data.render import render_prompt
     from posttrain.errors import DataError, Problem
-    from posttrain.rewards import parse_reward_specs
+    from posttrain.rewards import build_reward_functions, parse_reward_specs
 
     if not cfg.data.train:
         raise ConfigError(
             "data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)"
         )
-    specs = parse_reward_specs(
-        reward_specs(cfg)
-    )  # a bad spec or user file fails here, before the model loads
+    # A bad spec, user file or built-in's args fail here, before the model loads (the functions are built again,
+    # cheaply, by the rollout source; a reward model loads on its first call).
+    specs = parse_reward_specs(reward_specs(cfg))
+    build_reward_functions(specs)
     rows = load_rows(cfg.data.train, "prompts")
     check_reward_inputs(specs, rows, cfg.data.train)
     room = cfg.data.max_length - cfg.algorithm.rollout.max_new_tokens
