@@ -136,3 +136,17 @@ def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg,
         assert torch.equal(p.detach(), saved[name]), name
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
     assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder
+
+
+def test_a_resume_compares_only_the_settings_the_run_reads():
+    """A config.yaml saved by an older posttrain may hold a setting that run never read (LoRA dropout under full
+    fine-tuning); the same run, now without it, is no change. Under LoRA it is one."""
+    from posttrain.config import load_config
+    from posttrain.train import _config_changes
+
+    for technique, expected in (("full", []), ("lora", ["technique.dropout: 0.1 -> 0.0"])):
+        cfg = load_config(None, [f"technique.name={technique}", "optim.lr=1e-3"])
+        old = cfg.model_dump(mode="json")
+        old["technique"]["dropout"] = 0.1
+        del old["optim"]["head_lr"]  # a field the older config lacks counts as its default
+        assert _config_changes(old, cfg) == expected
