@@ -2,8 +2,9 @@
 
 A run is described by one `RunConfig` (model, technique, data, algorithm, optimisation, run folder). YAML is
 only its serialisation: `load_config` reads a file, applies overrides such as ``optim.lr=1e-4``, and validates
-everything before any model or tokenizer loads. Unknown keys, wrong types and impossible values raise
-`ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
+everything before any model or tokenizer loads. Unknown keys, keys written twice in a file, wrong types,
+impossible values and settings the chosen method and technique would not read (the table in `config_rules`)
+raise `ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
 ``config.yaml`` in its run folder (`dump_config`).
 
 This module does not load models or data; it only describes and checks them.
