@@ -65,7 +65,9 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     cfg = config_from_dict(
         {
             "model": {"name": "smollm2-135m-instruct"},
-            "technique": {"name": technique, "r": 16, "alpha": 32, "dropout": lora_dropout},
+            # LoRA settings only where they are read: a full run refuses them (config_rules.APPLIES)
+            "technique": {"name": technique, **({} if technique == "full" else {"r": 16, "alpha": 32,
+                                                                                  "dropout": lora_dropout})},
             "data": {"train": tmp, "max_length": max_length, "shuffle": False},
             "optim": {"lr": 1e-5, "batch_size": batch_size},
         }

@@ -15,10 +15,11 @@ from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, DataError, UserError
 
 def _cmd_train(args) -> int:
     from posttrain.config import describe_fields, load_config
+    from posttrain.config_rules import reads
 
     if args.help_config:
         for name, default, doc in describe_fields():
-            print(f"{name} = {default}\n    {doc}")
+            print(f"{name} = {default}\n    {doc}\n    read by: {reads(name)}")
         return EXIT_OK
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
@@ -33,9 +34,11 @@ def _cmd_train(args) -> int:
     result = train(cfg, resume=args.resume)
     last = next((h for h in reversed(result.history) if "loss" in h), None)
     summary = f"; last loss {last['loss']:.4f}" if last else ""
-    print(
-        f"done: {result.steps} step{'s' if result.steps != 1 else ''}{summary}; model in {result.final_dir}"
-    )
+    n, last = result.steps_trained, result.steps  # this invocation's steps; the run's last step
+    span = ""
+    if 0 < n < last:  # a resumed run: which steps this invocation trained
+        span = f" (step {last} of {last})" if n == 1 else f" (steps {last - n + 1}-{last} of {last})"
+    print(f"done: {n} step{'s' if n != 1 else ''}{span}{summary}; model in {result.final_dir}")
     return EXIT_OK
 
 
@@ -332,9 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "config", nargs="?", help="run YAML file (see configs/); may be left out when overrides say it all"
     )
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50")
-    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    t.add_argument("--help-config", action="store_true", help="list every config field with its default")
+    t.add_argument(
+        "overrides", nargs="*",
+        help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50; they win over the run file, and a key given "
+        "twice takes the last value",
+    )  # fmt: skip
+    t.add_argument(
+        "--resume", action="store_true",
+        help="continue from the run folder's latest checkpoint, on the same data and config (only run length, "
+        "logging and checkpoint settings may change); a finished run trains nothing",
+    )  # fmt: skip
+    t.add_argument(
+        "--help-config", action="store_true",
+        help="list every config field with its default and which methods/techniques read it",
+    )  # fmt: skip
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="make built-in task data, validate a data file, or sample pairs")

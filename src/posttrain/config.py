@@ -2,8 +2,9 @@
 
 A run is described by one `RunConfig` (model, technique, data, algorithm, optimisation, run folder). YAML is
 only its serialisation: `load_config` reads a file, applies overrides such as ``optim.lr=1e-4``, and validates
-everything before any model or tokenizer loads. Unknown keys, wrong types and impossible values raise
-`ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
+everything before any model or tokenizer loads. Unknown keys, keys written twice in a file, wrong types,
+impossible values and settings the chosen method and technique would not read (the table in `config_rules`)
+raise `ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
 ``config.yaml`` in its run folder (`dump_config`).
 
 This module does not load models or data; it only describes and checks them.
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from posttrain.config_rules import unread_settings
 from posttrain.errors import ConfigError
 
 
@@ -77,7 +79,8 @@ class DataConfig(_Section):
     train: str | None = None
     """Training file (.jsonl, .json, .csv, .parquet or a `datasets` folder)."""
     eval: str | None = None
-    """Optional held-out file for periodic evaluation loss."""
+    """Optional held-out file (sft, reward, dpo): its loss is evaluated every `run.eval_every` steps and at the
+    end; without `run.eval_every`, at the end only."""
     max_length: int = Field(512, gt=0)
     """Examples are truncated to this many tokens (a counted warning says how many were)."""
     train_on: Literal["completion", "all"] = "completion"
@@ -252,7 +255,8 @@ class RunSection(_Section):
     max_steps: int | None = Field(None, gt=0)
     """Optimisation steps; if null, `epochs` decides."""
     epochs: float = Field(1.0, gt=0)
-    """Passes over the training data when `max_steps` is null."""
+    """Passes over the training data when `max_steps` is null (refused together with `max_steps`). Every example
+    is used once per epoch; the last step of an epoch takes the remainder (see docs/data.md)."""
     seed: int = 0
     """Seed for shuffling, dropout and initialisation: equal seeds give equal runs."""
     save_every: int | None = Field(None, gt=0)
@@ -260,7 +264,7 @@ class RunSection(_Section):
     keep_checkpoints: int = Field(2, gt=0)
     """How many most recent checkpoints to keep."""
     eval_every: int | None = Field(None, gt=0)
-    """Evaluate on `data.eval` every N steps (and at the end)."""
+    """Evaluate on `data.eval` every N steps (and at the end); needs `data.eval`."""
     log_every: int = Field(1, gt=0)
     """Write metrics every N steps."""
     tensorboard: bool = False
@@ -287,6 +291,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
+        # Settings this run would not read (config_rules.APPLIES: one row per field), then impossible values.
+        unread = unread_settings(self)
+        if unread:
+            raise ValueError("\n".join(unread))
         mb = self.optim.micro_batch_size
         if mb is not None and mb > self.optim.batch_size:
             raise ValueError(
@@ -316,7 +324,6 @@ class RunConfig(_Section):
                     f"algorithm.rollout.batch_size ({rollout}) must be a multiple of optim.batch_size "
                     f"({self.optim.batch_size}): each rollout is split into whole optimisation steps"
                 )
-        if alg.name in ("grpo", "ppo"):
             if alg.rollout.top_p < 1.0:
                 raise ValueError(
                     "algorithm.rollout.top_p < 1 is not supported for grpo/ppo: the losses score the untruncated "
@@ -333,21 +340,6 @@ class RunConfig(_Section):
                 raise ValueError(
                     "algorithm.rollout.engine=vllm is not implemented yet; use algorithm.rollout.engine=hf"
                 )
-            if self.data.eval is not None:
-                raise ValueError(
-                    f"data.eval is not used by {alg.name} (RL has no fixed evaluation batches); remove it and "
-                    "score held-out prompts with `posttrain evaluate --task ... --data FILE`"
-                )
-        elif alg.rewards or alg.reward_model:
-            raise ValueError(
-                f"algorithm.rewards and algorithm.reward_model are used by grpo and ppo only, not by {alg.name}; "
-                "remove them (or set algorithm.name to grpo or ppo)"
-            )
-        if self.optim.head_lr is not None and alg.name not in ("ppo", "reward"):
-            raise ValueError(
-                f"optim.head_lr is the learning rate of a scalar head, which only ppo (value head) and reward "
-                f"(score head) have, not {alg.name}; remove it"
-            )
         if alg.name == "ppo" and alg.ppo.adaptive_kl and alg.ppo.kl_coef == 0:
             raise ValueError(
                 "algorithm.ppo.adaptive_kl multiplies algorithm.ppo.kl_coef by a factor near 1 each rollout, so a "
@@ -380,6 +372,9 @@ class RunConfig(_Section):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid configuration:"]
     for e in err.errors():
+        if not e["loc"] and e["type"] == "value_error":  # a combination check: its message names the fields
+            lines.extend(f"  {paragraph}" for paragraph in str(e["ctx"]["error"]).splitlines())
+            continue
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -402,7 +397,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     # YAML parsing gives numbers, booleans, null and lists ([a, b]) their natural types.
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw, f"override {item!r}", prefix=".".join(path)) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean the number.
@@ -411,8 +406,46 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+_MERGE = "tag:yaml.org,2002:merge"  # `<<: *anchor` is not a setting of its own
+
+
+def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int]) -> None:
+    """Raise for the first mapping key written twice under `node` (PyYAML itself keeps the last one silently)."""
+    if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive structure)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                _duplicate_keys(value_node, path, source, seen_nodes)
+                continue
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            dotted = f"{path}.{key}" if path else key
+            if key in lines:
+                raise ConfigError(
+                    f"{source}:{line}: {dotted} is given twice (lines {lines[key]} and {line}); YAML would "
+                    "silently keep only the second one. Delete one of them (to change a setting for one run, "
+                    "give it as an override on the command line instead)"
+                )
+            lines[key] = line
+            _duplicate_keys(value_node, dotted, source, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", source, seen_nodes)
+
+
+def _load_yaml(text: str, source: str, prefix: str = "") -> Any:
+    """`yaml.safe_load`, but a key written twice in any mapping is a `ConfigError` naming both lines and the
+    dotted key (`prefix` starts it: an override's own key)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None:
+        _duplicate_keys(node, prefix, source, set())
+    return yaml.safe_load(text)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a nested dict.
+    """Set dotted keys in a nested dict. An override wins over the file; the same key given twice: the last wins.
 
     >>> apply_overrides({"optim": {"lr": 1}}, ["optim.lr=1e-4", "run.seed=3"])
     {'optim': {'lr': 0.0001}, 'run': {'seed': 3}}
@@ -449,7 +482,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = _load_yaml(p.read_text(encoding="utf-8"), str(p))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark is not None else ""

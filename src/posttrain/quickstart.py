@@ -152,6 +152,7 @@ def _is_quickstart_folder(path: Path) -> bool:
         "data",
         "eval_base.json",
         "config.yaml",
+        "data_fingerprint.json",
         "metrics.jsonl",
         "checkpoints",
         "final",

@@ -218,6 +218,6 @@ def run_recipe(
 
 def _is_recipe_folder(path: Path) -> bool:
     entries = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
-    ours = {"data", "eval_base.json", "config.yaml", "metrics.jsonl", "checkpoints", "final", ".tmp-final",
-            "results.json", "results.md", "tensorboard", "reference_logps.pt"}  # fmt: skip
+    ours = {"data", "eval_base.json", "config.yaml", "data_fingerprint.json", "metrics.jsonl", "checkpoints", "final",
+            ".tmp-final", "results.json", "results.md", "tensorboard", "reference_logps.pt"}  # fmt: skip
     return not entries or ((path / "data" / "heldout.jsonl").is_file() and entries <= ours)

@@ -1,8 +1,12 @@
 """`train(cfg)`: from a validated run config to a trained model in a run folder.
 
 Order matters for the user: the config is already valid; then the run folder is checked (never overwrite a run
-that has checkpoints unless resuming), the tokenizer loads and the data is read, validated and rendered (so a bad
-file fails in seconds, before the model loads); only then the model, optimiser and the loop.
+that has checkpoints unless resuming; a resume must find the same config and data), the tokenizer loads and the
+data is read, validated, rendered and planned into steps (so a bad file or an impossible batching fails in
+seconds). Everything that can be checked without the model is checked before the run folder is created or
+written: a run refused there leaves no folder behind. Only then the model, optimiser and the loop.
+
+A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
 model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
@@ -10,6 +14,8 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,8 +24,16 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import RunConfig, dump_config
+from posttrain.config_rules import APPLIES, show
 from posttrain.errors import ConfigError
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from posttrain.trainer.fingerprint import (
+    check_same_data,
+    check_same_plan,
+    data_fingerprint,
+    read_fingerprint,
+    write_fingerprint,
+)
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
 # run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
@@ -38,12 +52,41 @@ _RESUMABLE_CHANGES = {
 
 @dataclass
 class TrainResult:
+    """What `train` did. `steps`: the step the run has reached, its last one; `steps_trained`: the steps this
+    call trained (fewer when it resumed; 0 when the run had already finished); `history`: this call's metrics."""
+
     run_dir: Path
     final_dir: Path
     steps: int
     history: list[dict]
+    steps_trained: int = 0
     model: object = None
     tokenizer: object = None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
+    """``field: old -> new`` for every field that differs from the saved config, run length and logging aside.
+    A field the saved config lacks (added to posttrain since) counts as its default; a field this run does not
+    read (config_rules.APPLIES; e.g. LoRA settings a full run's older config.yaml kept) is no change."""
+    defaults = _flatten(RunConfig().model_dump(mode="json"))
+    before = _flatten(old)
+    return [
+        f"{key}: {show(before.get(key, defaults.get(key)))} -> {show(value)}"
+        for key, value in _flatten(cfg.model_dump(mode="json")).items()
+        if key not in _RESUMABLE_CHANGES
+        and before.get(key, defaults.get(key)) != value
+        and (key not in APPLIES or APPLIES[key].test(cfg))
+    ]
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
@@ -73,20 +116,28 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
             old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             raise ConfigError(f"{saved}: unreadable; restore it or start a new run folder") from None
-        new = cfg.model_dump(mode="json")
-        changed = [
-            f"{sec}.{k}"
-            for sec in new
-            if isinstance(new[sec], dict)
-            for k in new[sec]
-            if f"{sec}.{k}" not in _RESUMABLE_CHANGES and ((old.get(sec) or {}).get(k) != new[sec][k])
-        ]
+        changed = _config_changes(old, cfg)
         if changed:
             raise ConfigError(
-                f"--resume: the config differs from the one {run_dir} was started with in {', '.join(changed)}; "
-                "only run length, logging and checkpoint settings (e.g. run.max_steps) may change when resuming"
+                f"--resume: the config differs from the one {run_dir} was started with: {'; '.join(changed)}. Only "
+                "run length, logging and checkpoint settings (e.g. run.max_steps) may change when resuming; undo "
+                "the change, or set run.output_dir to a new folder to start another run."
             )
+    recorded = read_fingerprint(run_dir)
+    if recorded is not None:
+        check_same_data(run_dir, recorded, data_fingerprint(cfg))
     return ckpt
+
+
+def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
+    """The step checkpoint `ckpt` was taken at, refusing one past the run's `steps` (read before the model loads)."""
+    start = int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    if start > steps:
+        raise ConfigError(
+            f"--resume: {ckpt.name} is already past the requested {steps} steps; raise run.max_steps "
+            f"(or run.epochs) above {start}, or use the model in {run_dir / 'final'}"
+        )
+    return start
 
 
 def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
@@ -96,7 +147,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     from posttrain.algorithms import get_algorithm
     from posttrain.algorithms.base import SourceContext
     from posttrain.models import load_model, load_tokenizer, save_model
-    from posttrain.trainer.batches import ExampleBatchSource, total_steps
+    from posttrain.trainer.batches import ExampleBatchSource, skipped_note, total_steps
     from posttrain.trainer.loop import training_loop
     from posttrain.trainer.metrics import truncate_metrics
     from posttrain.trainer.optim import build_optimizer, build_scheduler
@@ -111,6 +162,11 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
                 "run.tensorboard is true but the tensorboard package is not installed; "
                 "pip install tensorboard, or set run.tensorboard=false"
             ) from None
+    if cfg.technique.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
+            "technique.name=lora)"
+        )
     accelerator = _accelerator(cfg)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
@@ -136,11 +192,28 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         raise ConfigError(
             f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
         )
+    # ---- the plan (steps per epoch, rows no step uses) and where a resumed run stands: before anything is written
+    plan = algorithm.plan(cfg, len(data.train), accelerator.num_processes, micro)
+    steps = total_steps(cfg.run.max_steps, cfg.run.epochs, plan.steps_per_epoch)
+    start = 0
+    if ckpt is not None:
+        check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
+        start = _resume_step(ckpt, steps, run_dir)
+    finished = start == steps and (run_dir / "final").is_dir()
+    if finished:
+        if accelerator.is_main_process:
+            print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
+        if not return_model:
+            return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[])
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not finished:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        for note in data.notes:
+        if ckpt is None or read_fingerprint(run_dir) is None:  # a resumed run's record was just checked
+            write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
+        skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
+                               shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
+        for note in [*data.notes, *([skipped] if skipped else [])]:
             print(f"warning: {note}")
 
     # ---- model, batch source, optimiser, schedule
@@ -168,19 +241,17 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     if evaluating:  # after the batch source: it may attach what evaluation needs (DPO's reference log-probs)
         mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
         eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
-    steps = total_steps(cfg.run.max_steps, cfg.run.epochs, source.steps_per_epoch)
+    if source.steps_per_epoch != plan.steps_per_epoch:  # the data position (the step) relies on it
+        raise RuntimeError(f"{algorithm.name}: the batch source's steps per epoch disagree with its plan")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start = 0
     if ckpt is not None:
         start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler, source=source)
-        if start > steps:
-            raise ConfigError(
-                f"--resume: {ckpt.name} is already past the requested {steps} steps; raise run.max_steps "
-                f"(or run.epochs) above {start}, or use the model in {run_dir / 'final'}"
-            )
+        if finished:  # only the model was asked for (return_model): nothing is trained or written
+            return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[],
+                               model=accelerator.unwrap_model(model), tokenizer=tokenizer)  # fmt: skip
         if accelerator.is_main_process:
             truncate_metrics(run_dir / "metrics.jsonl", start)
             print(f"resuming {run_dir} from {ckpt.name} (step {start} of {steps})")
@@ -219,6 +290,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
         final_dir=final,
         steps=steps,
         history=result.history,
+        steps_trained=steps - start,
         model=unwrapped if return_model else None,
         tokenizer=tokenizer if return_model else None,
     )

@@ -137,3 +137,41 @@ def test_quickstart_fresh_refuses_a_foreign_folder(capsys, tmp_path):
     code, out, err = run(capsys, "quickstart", "--fresh", "--output-dir", str(tmp_path))
     assert code == 2 and "does not look like a quickstart run folder" in err
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_a_run_refused_before_the_model_loads_leaves_no_folder_and_the_fixed_rerun_starts(
+    capsys, tiny_model_dir, tmp_path
+):
+    """Refusals that need the data (a rollout larger than the prompts file) or only the config (a DPO option
+    the loss type does not read) come before anything is written: no run folder, so the corrected command runs
+    as it is, without --resume or another run.output_dir."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}", "answer": str(i)}) + "\n" for i in range(3)))
+    run_dir = tmp_path / "grpo"
+    base = [
+        "train", f"model.name={tiny_model_dir}", "technique.name=lora", f"data.train={prompts}", "data.max_length=64",
+        "algorithm.name=grpo", "algorithm.rewards=[exact_match]", "algorithm.grpo.num_generations=2",
+        "algorithm.rollout.max_new_tokens=4", "optim.batch_size=4", f"run.output_dir={run_dir}", "run.max_steps=1",
+        "run.progress=false",
+    ]  # fmt: skip
+    code, out, err = run(capsys, *base, "algorithm.rollout.batch_size=8")  # 4 prompts per rollout, 3 in the file
+    assert code == 2 and "data.train has 3 prompts, fewer than one rollout needs" in err, err
+    assert not run_dir.exists()
+    code, out, err = run(capsys, *base)  # rollouts of 4 sequences: 2 prompts
+    assert code == 0, err
+    assert "done: 1 step" in out and (run_dir / "final").is_dir()
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                             for i in range(4)))  # fmt: skip
+    run_dir = tmp_path / "dpo"
+    base = [
+        "train", f"model.name={tiny_model_dir}", "technique.name=lora", f"data.train={pairs}", "data.max_length=64",
+        "algorithm.name=dpo", "algorithm.dpo.loss_type=ipo", "optim.batch_size=4", f"run.output_dir={run_dir}",
+        "run.max_steps=1", "run.progress=false",
+    ]  # fmt: skip
+    code, out, err = run(capsys, *base, "algorithm.dpo.label_smoothing=0.1")
+    assert code == 2 and "algorithm.dpo.label_smoothing = 0.1 would be ignored" in err and "dpo" in err
+    assert not run_dir.exists() and "Traceback" not in err
+    code, out, err = run(capsys, *base)
+    assert code == 0, err

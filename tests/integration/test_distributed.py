@@ -48,3 +48,36 @@ def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_
     ddp_losses = [r["loss"] for r in read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")]
     one_losses = [r["loss"] for r in read_metrics(single.run_dir / "metrics.jsonl")]
     assert_close(torch.tensor(ddp_losses), torch.tensor(one_losses), rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_share_an_uneven_last_step_and_match_one_process(make_cfg, tmp_path):
+    """19 rows in steps of 8: the last step's 3 rows split 2 + 1 over the processes, with micro-batches of 1, so
+    one process accumulates two micro-batches and the other one; no process waits, every row trains once, and the
+    result is the one-process run's."""
+    import json
+
+    rows = tmp_path / "19.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"add {a} {b}", "completion": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(5) if a + b < 7))  # fmt: skip
+    overrides = {"data.train": str(rows), "run.max_steps": "null", "run.epochs": 1, "optim.lr": 1e-3,
+                 "optim.micro_batch_size": 1}  # fmt: skip
+    cfg = make_cfg("ddp-uneven", **overrides)
+    cfg_file = tmp_path / "ddp.yaml"
+    dump_config(cfg, cfg_file)
+    out_dir = tmp_path / "params"
+    out_dir.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")
+    single = train(make_cfg("single-uneven", **overrides), return_model=True)
+    for name, p in single.model.named_parameters():
+        assert torch.equal(r0[name], r1[name]), name
+        assert_close(r0[name], p.detach(), rtol=1e-4, atol=1e-6)  # summation order differs, as above
+    ddp = read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")
+    one = read_metrics(single.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [1, 2, 3]
+    assert [r["loss_units"] for r in ddp] == [r["loss_units"] for r in one]
+    assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from posttrain.config import config_from_dict
-from posttrain.recipes import RECIPES, recipe_config, run_recipe
+from posttrain.recipes import RECIPES, _is_recipe_folder, recipe_config, run_recipe
 
 
 @pytest.mark.parametrize("method", sorted(RECIPES))
@@ -35,9 +35,13 @@ def test_dpo_recipe_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2
 
     # run again: the base scores are reused and the finished run is not trained again
+    final = {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()}
     again = run_recipe("dpo", output_dir=str(out), steps=2, model=str(tiny_model_dir), n_heldout=6)
-    assert "base-model scores reused" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "base-model scores reused" in printed and "finished at step 2; nothing to train" in printed
     assert again["before"] == before and again["after"] == after
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == final
+    assert _is_recipe_folder(out)  # --fresh may delete it: every file in it is one a recipe run writes
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])

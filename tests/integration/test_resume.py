@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from posttrain.config import dump_config
@@ -75,3 +76,77 @@ def test_kill_9_mid_run_then_resume(make_cfg, tmp_path):
     reference = _losses(train(reference_cfg).run_dir)
     assert _losses(cfg.run.output_dir) == reference
     assert yaml.safe_load((Path(cfg.run.output_dir) / "config.yaml").read_text())["run"]["max_steps"] == 300
+
+
+def test_resume_refuses_changed_data_and_names_the_file(make_cfg, sft_file):
+    import pytest
+
+    from posttrain.errors import ConfigError
+
+    cfg = make_cfg(**{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    sft_file.write_text(sft_file.read_text().replace('"completion": "3"', '"completion": "three"'))
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 3}), resume=True)
+    assert f"--resume: data.train ({sft_file}) changed since" in str(err.value)
+    assert not (Path(cfg.run.output_dir) / "checkpoints" / "step-000003").exists()
+
+
+def test_resume_names_each_changed_setting_with_its_old_and_new_value(make_cfg):
+    import pytest
+
+    from posttrain.errors import ConfigError
+
+    train(make_cfg(**{"run.max_steps": 1}))
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 2, "optim.lr": 1e-3, "data.max_length": 48}), resume=True)
+    assert "data.max_length: 64 -> 48; optim.lr: 0.01 -> 0.001. Only run length" in str(err.value)
+
+
+def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg, tmp_path, capsys):
+    from posttrain.cli import main
+
+    cfg = make_cfg(**{"run.max_steps": 2})
+    cfg_file = tmp_path / "run.yaml"
+    dump_config(cfg, cfg_file)
+    assert main(["train", str(cfg_file)]) == 0
+    assert "done: 2 steps; last loss" in capsys.readouterr().out
+    assert main(["train", str(cfg_file), "run.max_steps=3", "--resume"]) == 0
+    assert "done: 1 step (step 3 of 3); last loss" in capsys.readouterr().out
+
+    final = Path(cfg.run.output_dir) / "final"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()}
+    folder = {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()}
+    assert main(["train", str(cfg_file), "run.max_steps=3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cfg.run.output_dir}: finished at step 3; nothing to train" in out and "done: 0 steps" in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder  # nothing written
+
+    # Asked for the model (as the quickstart does on a re-run), a finished run loads its last checkpoint and still
+    # writes nothing.
+    from safetensors.torch import load_file
+
+    from posttrain.config import load_config
+
+    again = train(load_config(cfg_file, ["run.max_steps=3"]), resume=True, return_model=True)
+    assert again.steps_trained == 0 and again.steps == 3
+    saved = load_file(str(Path(cfg.run.output_dir) / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    for name, p in again.model.named_parameters():
+        assert torch.equal(p.detach(), saved[name]), name
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in final.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in Path(cfg.run.output_dir).iterdir()} == folder
+
+
+def test_a_resume_compares_only_the_settings_the_run_reads():
+    """A config.yaml saved by an older posttrain may hold a setting that run never read (LoRA dropout under full
+    fine-tuning); the same run, now without it, is no change. Under LoRA it is one."""
+    from posttrain.config import load_config
+    from posttrain.train import _config_changes
+
+    for technique, expected in (("full", []), ("lora", ["technique.dropout: 0.1 -> 0.0"])):
+        cfg = load_config(None, [f"technique.name={technique}", "optim.lr=1e-3"])
+        old = cfg.model_dump(mode="json")
+        old["technique"]["dropout"] = 0.1
+        del old["optim"]["head_lr"]  # a field the older config lacks counts as its default
+        assert _config_changes(old, cfg) == expected

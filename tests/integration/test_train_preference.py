@@ -3,6 +3,7 @@ overfits. The reference is checked three ways (adapter disabled, precomputed, fr
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,18 @@ def test_dpo_scores_chosen_and_rejected_in_one_forward(make_cfg, pairs_file):
         handle.remove()
     assert seen == [16, 16]  # the policy, then the reference: each over all chosen and rejected rows at once
     assert loss.item() == pytest.approx(8 * math.log(2), rel=1e-6)  # policy == reference at the start
+
+
+def test_reward_margin_without_margins_is_refused_and_unused_margins_are_noted(make_cfg, pairs_file, tmp_path):
+    from posttrain.algorithms import reward
+    from posttrain.errors import ConfigError
+    from posttrain.models import load_tokenizer
+
+    cfg = make_cfg("rm", **{"algorithm.name": "reward", "data.train": str(pairs_file), "algorithm.reward_margin": "true"})
+    with pytest.raises(ConfigError, match=r"algorithm.reward_margin is true, but no pair of .* has a nonzero `margin`"):
+        train(cfg)
+    assert not Path(cfg.run.output_dir).exists()
+    f = tmp_path / "margins.jsonl"
+    f.write_text("".join(json.dumps(dict(r, margin=1.0 if i < 3 else 0.0)) + "\n" for i, r in enumerate(PAIRS)))
+    data = reward.prepare(make_cfg("rm2", **{"algorithm.name": "reward", "data.train": str(f)}), load_tokenizer(cfg.model))
+    assert f"{f}: 3 pairs have a `margin`, which this run does not use" in " ".join(data.notes)

@@ -60,11 +60,12 @@ def rl(make_cfg, tmp_path):
             "data.train": str(prompts),
             "technique.name": "lora",
             "algorithm.rollout.max_new_tokens": 8,
-            "algorithm.grpo.num_generations": 4,
             "optim.batch_size": 16,
             "optim.schedule": "constant",
             "run.max_steps": 3,
         }
+        if algorithm == "grpo":  # a grpo setting under ppo would be refused (read by grpo only)
+            base["algorithm.grpo.num_generations"] = 4
         base.update(overrides)
         return make_cfg(name, **base)
 
@@ -343,7 +344,7 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
         ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo/ppo"),
         ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
         ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
-        ({"data.eval": "x.jsonl"}, "data.eval is not used by grpo"),
+        ({"data.eval": "x.jsonl"}, "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo"),
     ],
 )
 def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
@@ -356,7 +357,8 @@ def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
 def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
     from posttrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="used by grpo and ppo only, not by sft"):
+    with pytest.raises(ConfigError, match=r"algorithm.rewards = \[task\] would be ignored: it is read only when "
+                       "algorithm.name is grpo or ppo, and this run has algorithm.name=sft"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
 
 
@@ -447,10 +449,11 @@ def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm
         **SHORT,
         "technique.target_modules": "[lm_head]",
         "optim.lr": 3e-2,
-        "algorithm.grpo.loss_type": "grpo",
     }
     if algorithm == "ppo":
         overrides.update({"optim.batch_size": 8, "algorithm.rollout.batch_size": 16})
+    else:
+        overrides["algorithm.grpo.loss_type"] = "grpo"
     runs = {}
     for overlong in ("filter", "score"):
         cfg = rl(
@@ -523,3 +526,32 @@ def test_a_prompts_column_named_like_one_the_rollout_adds_is_an_error(rl, tmp_pa
     rows.write_text(json.dumps({"prompt": "add 1 2", "truncated": False}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"clash.jsonl:1: truncated: this column name is reserved"):
         train(rl("clash", **{"data.train": str(rows)}))
+
+
+def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, capsys):
+    """PPO, rollouts of 8 prompts cut into 2 steps of 4: of 17 prompts the 17th of each epoch's order cannot fill
+    both steps of a third rollout; the run says so, naming the line, before it trains."""
+    from posttrain.trainer.batches import epoch_order
+
+    prompts = tmp_path / "prompts17.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {i} 1", "answer": str(i + 1)}) + "\n" for i in range(17)))
+    cfg = rl("skip", algorithm="ppo", **{"data.train": str(prompts), "algorithm.rollout.batch_size": 8,
+                                         "optim.batch_size": 4, "run.max_steps": 4})  # fmt: skip
+    result = train(cfg)
+    line = epoch_order(17, seed=0, epoch=0)[-1] + 1
+    assert (
+        f"warning: {prompts}: 1 of 17 examples are not trained in each epoch (after 2 rollouts of 8 prompts, the 1 "
+        f"left would give 1 sequence, fewer than the 2 optimisation steps of a pass over a rollout): line {line}\n"
+    ) in capsys.readouterr().out
+    assert result.steps_trained == 4
+
+
+def test_bad_reward_args_are_refused_before_the_run_folder_is_written(rl):
+    from pathlib import Path
+
+    from posttrain.errors import ConfigError
+
+    cfg = rl("bad-args", **{"algorithm.rewards": "[regex_format]"})  # regex_format needs args.pattern
+    with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: bad args for 'regex_format'"):
+        train(cfg)
+    assert not Path(cfg.run.output_dir).exists()

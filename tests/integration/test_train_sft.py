@@ -241,3 +241,36 @@ def test_first_warmup_step_updates_the_weights(make_cfg):
     after = dict(train(cfg, return_model=True).model.named_parameters())
     moved = [n for n, p in after.items() if not torch.equal(p.detach(), before[n])]
     assert len(moved) == len(before)
+
+
+def _target_tokens(cfg) -> int:
+    """Target tokens of every row of `data.train`, rendered as the run renders them."""
+    from posttrain.algorithms import sft
+    from posttrain.models import load_tokenizer
+
+    data = sft.prepare(cfg, load_tokenizer(cfg.model))
+    return sum(sft.loss_units(data.collate([e])) for e in data.train)
+
+
+def test_an_epoch_trains_every_row_and_accumulation_is_exact_on_the_smaller_last_step(make_cfg, tmp_path):
+    """19 rows in steps of 8: 8, 8 and 3. Every row's target tokens are trained once (the loss units of the
+    three steps add up to all of them), and micro-batches of 2 (the last step: 2 + 1) give the losses of one
+    forward of the whole step."""
+    rows = tmp_path / "19.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"add {a} {b}", "completion": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(5) if a + b < 7))  # fmt: skip
+    common = {"data.train": str(rows), "run.max_steps": "null", "run.epochs": 1, "optim.max_grad_norm": "null"}
+    whole = train(make_cfg("whole", **common, **{"optim.micro_batch_size": 8}))
+    micro = train(make_cfg("micro", **common, **{"optim.micro_batch_size": 2}))
+    assert whole.steps == micro.steps == whole.steps_trained == 3
+    units = [r["loss_units"] for r in whole.history]
+    assert units[2] < units[0] and sum(units) == _target_tokens(make_cfg("x", **common))
+    assert [r["loss_units"] for r in micro.history] == units
+    assert_close(torch.tensor([r["loss"] for r in micro.history]), torch.tensor([r["loss"] for r in whole.history]),
+                 rtol=1e-5, atol=1e-6)  # fmt: skip  # only the float summation order differs
+
+
+def test_held_out_data_without_eval_every_is_evaluated_once_at_the_end(make_cfg, sft_file):
+    result = train(make_cfg(**{"data.eval": str(sft_file), "run.max_steps": 3}))
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3] and evals[0]["eval_loss"] > 0

@@ -56,3 +56,59 @@ def test_micro_batches_cover_the_step():
 def test_impossible_batching_is_a_config_error(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         _source(**kw)
+
+
+def _epoch(source, epoch=0):
+    """Every process's indices for each step of one epoch."""
+    spe = source.steps_per_epoch
+    return [source.step_indices(epoch * spe + k) for k in range(spe)]
+
+
+def test_every_example_is_used_once_per_epoch_and_the_last_step_takes_the_remainder():
+    s = _source(examples=list(range(19)))  # 4 steps of 4 and one of 3
+    assert s.steps_per_epoch == 5
+    for epoch in (0, 1):
+        steps = _epoch(s, epoch)
+        assert [len(x) for x in steps] == [4, 4, 4, 4, 3]
+        assert sorted(i for x in steps for i in x) == list(range(19))
+    last = next(s(4))  # micro-batches of 2: the smaller step is one of 2 and one of 1
+    assert [len(mb["ids"]) for mb in last] == [2, 1]
+    full = s(0)
+    seq = [next(full) for _ in range(7)]
+    resumed = s(4)  # the smaller step, then the next epoch: a resumed run sees the same batches
+    assert [next(resumed) for _ in range(3)] == seq[4:]
+
+
+def test_several_processes_split_a_remainder_they_can_all_share_and_skip_one_they_cannot():
+    # 19 = 4 x 4 + 3: three left for two processes, one and two each: trained.
+    ranks = [_source(examples=list(range(19)), rank=r, world_size=2, micro_batch_size=1) for r in (0, 1)]
+    per_rank = [_epoch(s) for s in ranks]
+    assert [len(x) for x in per_rank[0]] == [2, 2, 2, 2, 2] and [len(x) for x in per_rank[1]] == [2, 2, 2, 2, 1]
+    assert sorted(i for steps in per_rank for x in steps for i in x) == list(range(19))
+    # 17 = 4 x 4 + 1: one left cannot give both processes a row (the other would wait in the all-reduce).
+    ranks = [_source(examples=list(range(17)), rank=r, world_size=2, micro_batch_size=1) for r in (0, 1)]
+    plan = ranks[0].plan
+    assert (ranks[0].steps_per_epoch, plan.skipped) == (4, 1)
+    for epoch in (0, 1):
+        used = sorted(i for s in ranks for x in _epoch(s, epoch) for i in x)
+        skipped = plan.skipped_indices(epoch, seed=3, shuffle=True)
+        assert len(skipped) == 1 and sorted(used + skipped) == list(range(17))
+
+
+def test_the_run_names_the_rows_it_skips_by_file_line():
+    from posttrain.trainer.batches import plan_batches, skipped_note
+
+    plan = plan_batches(17, 4, 2, 1)  # one row per epoch skipped
+    lines = [(10 + i,) for i in range(17)]  # example i comes from line 10 + i
+    note = skipped_note(plan, source="train.jsonl", lines=lines, seed=0, shuffle=False, total_steps=8)
+    assert note == (
+        "train.jsonl: 1 of 17 examples are not trained in each epoch (after 4 steps of optim.batch_size=4, the 1 "
+        "left cannot be split over 2 processes): line 26 (the same in all 2 epochs)"
+    )
+    shuffled = skipped_note(plan, source="t", lines=lines, seed=0, shuffle=True, total_steps=20)
+    expected = [f"epoch {e + 1}: line {10 + plan.skipped_indices(e, 0, True)[0]}" for e in range(3)]
+    assert shuffled.endswith(": " + "; ".join(expected) + "; ... (5 epochs in all, other rows each epoch: "
+                             "data.shuffle is true)")  # fmt: skip
+    # a run that never completes an epoch skips nothing; neither does a plan without a remainder
+    assert skipped_note(plan, source="t", lines=lines, seed=0, shuffle=True, total_steps=3) is None
+    assert skipped_note(plan_batches(16, 4, 2, 1), source="t", lines=None, seed=0, shuffle=True, total_steps=8) is None

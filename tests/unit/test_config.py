@@ -41,7 +41,7 @@ def test_dump_then_load_gives_the_same_config(tmp_path):
         (["optim.batch_size=8", "optim.micro_batch_size=3"], "not a multiple"),
         (["optim.batch_size=2", "optim.micro_batch_size=4"], "larger than"),
         (["data.max_length=4"], "data.max_length"),
-        (["optim.head_lr=1e-3"], "optim.head_lr is the learning rate of a scalar head"),
+        (["optim.head_lr=1e-3"], "optim.head_lr = 0.001 would be ignored"),
         (["optim.head_lr=0", "algorithm.name=reward"], "optim.head_lr"),
     ],
 )
@@ -156,3 +156,28 @@ def test_head_lr_gives_the_scalar_head_its_own_rate_and_the_schedule_scales_it()
     # Without head_lr every parameter shares `lr`.
     plain = build_optimizer(model, load_config(None, ["optim.lr=1e-4"]).optim)
     assert {g["lr"] for g in plain.param_groups} == {1e-4}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a leaf written twice in one section
+        ("optim:\n  lr: 1.0e-4\n  batch_size: 4\n  lr: 2.0e-4\n", r"dup\.yaml:4: optim\.lr is given twice \(lines 2 and 4\)"),
+        # a whole section written twice: the first would be dropped whole
+        ("optim:\n  lr: 1.0e-4\nrun:\n  seed: 1\noptim:\n  batch_size: 4\n", r"dup\.yaml:5: optim is given twice \(lines 1 and 5\)"),
+        # inside a reward spec, in a list
+        ("algorithm:\n  name: grpo\n  rewards:\n    - task\n    - {name: length, weight: 1, weight: 2}\n",
+         r"dup\.yaml:5: algorithm\.rewards\[1\]\.weight is given twice \(lines 5 and 5\)"),
+    ],
+)  # fmt: skip
+def test_a_key_written_twice_in_a_run_file_is_an_error_naming_both_lines(tmp_path, text, expected):
+    f = tmp_path / "dup.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(f)
+
+
+def test_an_override_wins_over_the_file_and_a_repeated_override_takes_the_last_value(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\n")
+    assert load_config(f, ["optim.lr=1e-4", "optim.lr=3e-4"]).optim.lr == 3e-4

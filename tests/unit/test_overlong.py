@@ -68,7 +68,8 @@ def test_overlong_cache_longer_than_the_limit_is_a_config_error():
     from posttrain.config import load_config
     from posttrain.errors import ConfigError
 
-    base = ["algorithm.name=grpo", "algorithm.rewards=[task]", "algorithm.rollout.max_new_tokens=32"]
+    base = ["algorithm.name=grpo", "algorithm.rewards=[task]", "algorithm.rollout.max_new_tokens=32",
+            "algorithm.rollout.overlong=soft"]
     cfg = load_config(None, [*base, "algorithm.rollout.overlong_cache=32"])
     assert cfg.algorithm.rollout.overlong_cache == 32
     with pytest.raises(ConfigError, match=r"overlong_cache \(33\) must be at most .*max_new_tokens \(32\)"):

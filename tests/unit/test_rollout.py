@@ -476,3 +476,48 @@ def test_with_several_processes_the_run_stops_only_when_every_process_lost_its_s
     else:
         src.check_reward_signal(2, dead, 4)
         assert src.dead_rewards == []
+
+
+def _epoch_prompts(src, epoch=0):
+    n = src.rollouts_per_epoch
+    return [[e.prompt for e in src.rollout_prompts(epoch * n + i)] for i in range(n)]
+
+
+def test_the_prompts_left_over_make_a_smaller_last_rollout(tmp_path):
+    # 4 prompts per rollout (8 sequences / G 2), 2 steps per pass: 13 = 3 x 4 + 1, and 1 x 2 sequences still
+    # give each of the 2 steps one sequence.
+    src = _source(tmp_path, prompts=13)
+    assert (src.rollouts_per_epoch, src.steps_per_epoch, src.plan.skipped) == (4, 8, 0)
+    for epoch in (0, 1):
+        rollouts = _epoch_prompts(src, epoch)
+        assert [len(r) for r in rollouts] == [4, 4, 4, 1]
+        assert sorted(p for r in rollouts for p in r) == sorted(f"p{i}" for i in range(13))
+    steps = src.split(_tensors(2), index=3)  # the small rollout's 2 sequences: one per step
+    assert [[mb["seq"].tolist() for mb in step] for step in steps] == [[[0]], [[1]]]
+
+
+def test_prompts_too_few_to_fill_every_step_are_skipped_and_named(tmp_path):
+    from posttrain.trainer.batches import skipped_note
+
+    # steps of 2 sequences: 4 steps per pass; 13 = 3 x 4 + 1 leaves 1 x 2 sequences for 4 steps.
+    src = _source(tmp_path, prompts=13, **{"optim.batch_size": 2, "optim.micro_batch_size": 1})
+    assert (src.rollouts_per_epoch, src.plan.skipped) == (3, 1)
+    used = [p for r in _epoch_prompts(src) for p in r]
+    [skipped] = src.plan.skipped_indices(0, seed=3, shuffle=True)
+    assert sorted(used + [f"p{skipped}"]) == sorted(f"p{i}" for i in range(13))
+    note = skipped_note(src.plan, source="prompts.jsonl", lines=[(i + 1,) for i in range(13)], seed=3,
+                        shuffle=False, total_steps=src.steps_per_epoch)  # fmt: skip
+    assert note == (
+        "prompts.jsonl: 1 of 13 examples are not trained in each epoch (after 3 rollouts of 4 prompts, the 1 left "
+        "would give 2 sequences, fewer than the 4 optimisation steps of a pass over a rollout): line 13"
+    )
+
+
+def test_with_two_processes_a_remainder_trains_only_when_each_gets_a_prompt(tmp_path):
+    # 2 prompts per process per rollout, steps of 2 sequences per process, 2 steps per pass.
+    kept = [_source(tmp_path, prompts=14, world=2, rank=r) for r in (0, 1)]
+    assert kept[0].rollouts_per_epoch == 4 and kept[0].plan.skipped == 0
+    assert sorted(p for s in kept for r in _epoch_prompts(s) for p in r) == sorted(f"p{i}" for i in range(14))
+    assert [len(s.rollout_prompts(3)) for s in kept] == [1, 1]
+    skipped = _source(tmp_path, prompts=13, world=2)  # one left: a process would have no prompt
+    assert (skipped.rollouts_per_epoch, skipped.plan.skipped) == (3, 1)

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from posttrain.trainer.batches import EpochPlan, plan_examples
+
 Batch = dict[str, Any]
 
 
@@ -48,6 +50,9 @@ class PreparedData:
     collate: Callable[[list[Any]], Batch]
     eval: Sequence[Any] | None = None
     notes: list[str] = field(default_factory=list)
+    train_lines: Sequence[Sequence[int]] | None = None
+    """For each training example, the lines of `data.train` it comes from (several for a packed row): how a run
+    names the rows it does not train (`trainer.batches.skipped_note`). None: examples are named by position."""
 
 
 @dataclass
@@ -80,6 +85,10 @@ class Algorithm:
     """Returns a *sum* over loss units; the loop divides by the units of the whole step (see common.normalise_loss)."""
     loss_units: Callable[[Batch, Any], int | float]
     """loss_units(batch, cfg): loss units in a micro-batch (target tokens for SFT, pairs for DPO)."""
+    plan: Callable[[Any, int, int, int], EpochPlan] = plan_examples
+    """plan(cfg, n_examples, world_size, micro_batch_size) -> how each epoch is cut into steps, and which examples
+    no step uses; raises `ConfigError` for what cannot run. Called before anything is written to the run folder,
+    and must agree with the batch source's `steps_per_epoch`. Default: `ExampleBatchSource`'s."""
     make_source: Callable[[SourceContext], BatchSource] | None = None
     """Builds the batch source after the model loads (rollouts; DPO's reference log-probs). None: the default
     `ExampleBatchSource` over `PreparedData.train`, built before the model loads."""

@@ -187,9 +187,11 @@ def prepare(cfg, tokenizer) -> PreparedData:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = render(cfg.data.train)
     evals = render(cfg.data.eval) if cfg.data.eval else None
+    known = all(p.line is not None for p in train)
     return PreparedData(
-        train=train, eval=evals, collate=partial(collate_with_refs, pad_id=pad_id), notes=notes
-    )
+        train=train, eval=evals, collate=partial(collate_with_refs, pad_id=pad_id), notes=notes,
+        train_lines=[(p.line,) for p in train] if known else None,
+    )  # fmt: skip
 
 
 def collate_with_refs(items, pad_id: int) -> dict[str, torch.Tensor]:

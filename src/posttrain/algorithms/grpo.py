@@ -326,11 +326,18 @@ def prepare(cfg, tokenizer):
     return prepare_prompts(cfg, tokenizer)
 
 
+def plan(cfg, n: int, world_size: int, micro_batch_size: int):
+    from posttrain.rollout.source import plan_rollouts
+
+    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=cfg.algorithm.grpo.num_generations)
+
+
 ALGORITHM = Algorithm(
     name="grpo",
     prepare=prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,
     make_source=make_source,
+    plan=plan,
     evaluates=False,
 )

@@ -339,11 +339,13 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
     if p.whiten_advantages:
         adv = whiten(adv, cm)
     seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
-    # Every process must keep the same coefficient: update it from the KL over all of them.
-    kl_all = seq_kl.mean().to(acc.device)
+    # Every process must keep the same coefficient: update it from the KL over all of them. Sum and count, not a
+    # mean of means: the last rollout of an epoch may give the processes different numbers of sequences.
+    kl_and_count = torch.stack([seq_kl.sum(), seq_kl.new_tensor(float(seq_kl.shape[0]))]).to(acc.device)
     if acc.num_processes > 1:
-        kl_all = acc.reduce(kl_all, reduction="mean")
-    controller.update(float(kl_all), n_steps=int(mask.shape[0]) * acc.num_processes)
+        kl_and_count = acc.reduce(kl_and_count, reduction="sum")
+    total_kl, count = (float(v) for v in kl_and_count)
+    controller.update(total_kl / count, n_steps=int(count))
     pad = torch.zeros_like(mask[:, :P], dtype=torch.float32)
     tensors.update(
         old_logps=old,
@@ -429,12 +431,19 @@ def prepare(cfg, tokenizer):
     return prepare_prompts(cfg, tokenizer)
 
 
+def plan(cfg, n: int, world_size: int, micro_batch_size: int):
+    from posttrain.rollout.source import plan_rollouts
+
+    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=1)
+
+
 ALGORITHM = Algorithm(
     name="ppo",
     prepare=prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,
     make_source=make_source,
+    plan=plan,
     load_model=load_model,
     save_final=save_final,
     evaluates=False,

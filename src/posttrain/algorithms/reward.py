@@ -113,9 +113,23 @@ def save_final(model, tokenizer, out_dir, cfg) -> None:
 
 
 def prepare(cfg, tokenizer):
+    """The same pairs as DPO; `algorithm.reward_margin` must find margins to use, and unused margins are noted."""
     from posttrain.algorithms.dpo import prepare as prepare_pairs
+    from posttrain.errors import ConfigError
 
-    return prepare_pairs(cfg, tokenizer)
+    data = prepare_pairs(cfg, tokenizer)
+    with_margin = sum(1 for p in data.train if p.margin)
+    if cfg.algorithm.reward_margin and not with_margin:
+        raise ConfigError(
+            f"algorithm.reward_margin is true, but no pair of {cfg.data.train} has a nonzero `margin`, so it would "
+            "change nothing; add a `margin` column (how much better the chosen response is) or remove the setting"
+        )
+    if with_margin and not cfg.algorithm.reward_margin:
+        data.notes.append(
+            f"{cfg.data.train}: {with_margin} pairs have a `margin`, which this run does not use; set "
+            "algorithm.reward_margin=true to put it in the loss"
+        )
+    return data
 
 
 def RewardModelScorer(path, **kwargs):  # noqa: N802 - the name the rewards package imports

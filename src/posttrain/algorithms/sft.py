@@ -91,18 +91,24 @@ def prepare(cfg, tokenizer) -> PreparedData:
                 tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
             )
         notes.extend(str(w.message) for w in caught)
-        return rendered
+        return rendered, [getattr(r, "line", None) for r in rows]  # one rendered example per row, in order
 
-    train = render(cfg.data.train)
-    evals = render(cfg.data.eval) if cfg.data.eval else None
+    train, lines = render(cfg.data.train)
+    evals = render(cfg.data.eval)[0] if cfg.data.eval else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.data.packing:
+        line_of = {id(r): line for r, line in zip(train, lines)}
         train = pack(train, cfg.data.max_length)
+        train_lines = [tuple(line_of[id(r)] for r in b) for b in train]  # a packed row holds several file rows
         evals = pack(evals, cfg.data.max_length) if evals is not None else None
         collate_fn = partial(collate_packed, pad_id=pad_id, max_length=cfg.data.max_length)
     else:
+        train_lines = [(line,) for line in lines]
         collate_fn = partial(collate, pad_id=pad_id)
-    return PreparedData(train=train, eval=evals, collate=collate_fn, notes=notes)
+    known = all(line is not None for line in lines)
+    return PreparedData(
+        train=train, eval=evals, collate=collate_fn, notes=notes, train_lines=train_lines if known else None
+    )
 
 
 ALGORITHM = Algorithm(name="sft", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units)

@@ -15,6 +15,10 @@ first failure happened: there is no reward signal left to learn from.
 Generation time and reward statistics ride along as step metrics (`STEP_METRICS`), so the loop logs
 `gen_time_s` apart from the training time. It does not compute any loss (see `algorithms/grpo.py`, `ppo.py`).
 
+Every prompt is sampled once per epoch (`plan_rollouts`): the last rollout of an epoch takes the prompts left
+over and is smaller, unless some process's share of them could not fill each of its optimisation steps with at
+least one sequence; then they are skipped in that epoch, and the run says how many and which before training.
+
 Resuming: the step number fixes which prompts come next, but rollouts are sampled from the model being trained,
 so a resumed run continues with fresh rollouts from the restored weights (a run resumed mid-rollout samples the
 rest of that rollout anew). RL resumption is therefore not bit-for-bit, unlike SFT and DPO.
@@ -35,6 +39,7 @@ from posttrain.algorithms.base import STEP_METRICS, SourceContext
 from posttrain.errors import ConfigError, UserError
 from posttrain.rollout.engine import Rollout, get_engine
 from posttrain.rollout.overlong import OVERLONG
+from posttrain.trainer.batches import EpochPlan, epoch_order
 from posttrain.trainer.checkpoint import latest_checkpoint
 
 DEAD_REWARD_ROLLOUTS = 3
@@ -54,6 +59,7 @@ class PromptExample:
     messages: list[dict] | None = (
         None  # the whole prompt as chat messages (a reward model scores all of them)
     )
+    line: int | None = None  # where the row is in data.train (to name prompts a run does not sample)
 
 
 @dataclass
@@ -108,6 +114,55 @@ def steps_per_rollout(cfg) -> int:
     return rc.epochs * ((rc.batch_size or cfg.optim.batch_size) // cfg.optim.batch_size)
 
 
+def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int, *, group_size: int) -> EpochPlan:
+    """How each epoch of `n` prompts is cut into rollouts; refuses what cannot run (before any model loads).
+
+    A rollout takes `rollout.batch_size / group_size` prompts. The prompts left over at the end of an epoch make
+    a smaller last rollout when every process's share of them, `group_size` sequences each, still gives each of
+    its `rollout.batch_size / optim.batch_size` steps per pass at least one sequence (a process with an empty
+    step would skip the gradient all-reduce the others wait in; one process would run a step that trains nothing).
+    """
+    alg = cfg.algorithm
+    rollout_size = alg.rollout.batch_size or cfg.optim.batch_size  # sequences, all processes
+    prompts = rollout_size // group_size
+    if prompts % world_size:
+        raise ConfigError(
+            f"algorithm.rollout.batch_size ({rollout_size}) holds {prompts} prompts, which must split evenly over "
+            f"{world_size} processes"
+        )
+    if cfg.optim.batch_size % world_size:
+        raise ConfigError(
+            f"optim.batch_size ({cfg.optim.batch_size}) must be a multiple of the number of processes ({world_size})"
+        )
+    step_size = cfg.optim.batch_size // world_size  # sequences per optimisation step, this process
+    if step_size % micro_batch_size:
+        raise ConfigError(
+            f"optim.micro_batch_size ({micro_batch_size}) must divide the per-process batch ({step_size})"
+        )
+    if alg.name == "grpo" and alg.grpo.drop_uniform_groups and world_size > 1:
+        # Dropping leaves processes with different numbers of sequences, and one left with none would skip the
+        # gradient all-reduce the others wait in.
+        raise ConfigError(
+            "algorithm.grpo.drop_uniform_groups is not supported with several processes yet; set it to false "
+            "(uniform groups then train with zero advantage)"
+        )
+    if n < prompts:
+        raise ConfigError(
+            f"data.train has {n} prompts, fewer than one rollout needs ({rollout_size} sequences / {group_size} "
+            f"per prompt = {prompts})"
+        )
+    full, rest = divmod(n, prompts)
+    per_pass = rollout_size // cfg.optim.batch_size
+    if rest and (rest // world_size) * group_size < per_pass:
+        who, k = ("a process " if world_size > 1 else ""), (rest // world_size) * group_size
+        why = (
+            f"after {full} rollouts of {prompts} prompts, the {rest} left would give {who}{k} sequence"
+            f"{'s' if k != 1 else ''}, fewer than the {per_pass} optimisation steps of a pass over a rollout"
+        )
+        return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
+    return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))
+
+
 class RolloutSource:
     """Rollout generator with the batch-source signature: `source(start_step)` yields each step's micro-batches."""
 
@@ -121,34 +176,13 @@ class RolloutSource:
         self.rollout_cfg = alg.rollout
         self.world, self.rank = acc.num_processes, acc.process_index
         self.rollout_size = alg.rollout.batch_size or cfg.optim.batch_size  # sequences, all processes
-        self.prompts_per_rollout = self.rollout_size // group_size
-        if self.prompts_per_rollout % self.world:
-            raise ConfigError(
-                f"algorithm.rollout.batch_size ({self.rollout_size}) holds {self.prompts_per_rollout} prompts, "
-                f"which must split evenly over {self.world} processes"
-            )
-        self.step_size = cfg.optim.batch_size // self.world  # sequences per optimisation step, this process
-        self.micro = ctx.micro_batch_size
-        if self.step_size % self.micro:
-            raise ConfigError(
-                f"optim.micro_batch_size ({self.micro}) must divide the per-process batch ({self.step_size})"
-            )
-        self.steps_per_rollout = steps_per_rollout(cfg)
-        if alg.name == "grpo" and alg.grpo.drop_uniform_groups and self.world > 1:
-            # Dropping leaves processes with different numbers of sequences, and one left with none would skip
-            # the gradient all-reduce the others wait in.
-            raise ConfigError(
-                "algorithm.grpo.drop_uniform_groups is not supported with several processes yet; "
-                "set it to false (uniform groups then train with zero advantage)"
-            )
         self.prompts: list[PromptExample] = list(ctx.data.train)
-        if len(self.prompts) < self.prompts_per_rollout:
-            raise ConfigError(
-                f"data.train has {len(self.prompts)} prompts, fewer than one rollout needs "
-                f"({self.rollout_size} sequences / {group_size} per prompt = {self.prompts_per_rollout})"
-            )
-        self.rollouts_per_epoch = len(self.prompts) // self.prompts_per_rollout
-        self.steps_per_epoch = self.rollouts_per_epoch * self.steps_per_rollout
+        self.plan = plan_rollouts(cfg, len(self.prompts), self.world, ctx.micro_batch_size, group_size=group_size)
+        self.prompts_per_rollout = self.plan.unit
+        self.micro = ctx.micro_batch_size
+        self.steps_per_rollout = steps_per_rollout(cfg)
+        self.rollouts_per_epoch = self.plan.units_per_epoch  # the last one may hold fewer prompts
+        self.steps_per_epoch = self.plan.steps_per_epoch
         self.rewards = build_reward_functions(parse_reward_specs(reward_specs(cfg)))
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
@@ -159,9 +193,7 @@ class RolloutSource:
     def rollout_prompts(self, index: int) -> list[PromptExample]:
         """This process's prompts for rollout `index`: a seeded permutation per epoch, then sharded."""
         epoch, within = divmod(index, self.rollouts_per_epoch)
-        order = list(range(len(self.prompts)))
-        if self.ctx.cfg.data.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        order = epoch_order(len(self.prompts), self.seed, epoch, self.ctx.cfg.data.shuffle)
         chunk = order[within * self.prompts_per_rollout : (within + 1) * self.prompts_per_rollout]
         return [self.prompts[i] for i in chunk[self.rank :: self.world]]
 
@@ -336,15 +368,16 @@ def prepare_prompts(cfg, tokenizer):
     from posttrain.data import load_rows
     from posttrain.data.render import render_prompt
     from posttrain.errors import DataError, Problem
-    from posttrain.rewards import parse_reward_specs
+    from posttrain.rewards import build_reward_functions, parse_reward_specs
 
     if not cfg.data.train:
         raise ConfigError(
             "data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)"
         )
-    specs = parse_reward_specs(
-        reward_specs(cfg)
-    )  # a bad spec or user file fails here, before the model loads
+    # A bad spec, user file or built-in's args fail here, before the model loads (the functions are built again,
+    # cheaply, by the rollout source; a reward model loads on its first call).
+    specs = parse_reward_specs(reward_specs(cfg))
+    build_reward_functions(specs)
     rows = load_rows(cfg.data.train, "prompts")
     check_reward_inputs(specs, rows, cfg.data.train)
     room = cfg.data.max_length - cfg.algorithm.rollout.max_new_tokens
@@ -371,10 +404,12 @@ def prepare_prompts(cfg, tokenizer):
         msgs = row["prompt"]
         text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
         columns = {k: v for k, v in row.items() if k != "prompt"}
-        examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns, messages=list(msgs)))
+        line = getattr(row, "line", None)
+        examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns, messages=list(msgs), line=line))
     if problems:
         raise DataError(problems, header=f"{cfg.data.train}: prompts this run cannot use:")
-    return PreparedData(train=examples, collate=lambda items: items, notes=[])
+    lines = [(e.line,) for e in examples] if all(e.line is not None for e in examples) else None
+    return PreparedData(train=examples, collate=lambda items: items, notes=[], train_lines=lines)
 
 
 def reference_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:

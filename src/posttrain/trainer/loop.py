@@ -217,11 +217,9 @@ def training_loop(
                 },
             )
 
-            # ---- periodic evaluation and checkpoints
-            if (
-                eval_batches is not None
-                and run.eval_every
-                and (step % run.eval_every == 0 or step == total_steps)
+            # ---- periodic evaluation (always at the end: data.eval without run.eval_every) and checkpoints
+            if eval_batches is not None and (
+                step == total_steps or (run.eval_every and step % run.eval_every == 0)
             ):
                 ev = {"step": step, **evaluate_loss(accelerator, model, algorithm, eval_batches, cfg)}
                 logger.log(ev)

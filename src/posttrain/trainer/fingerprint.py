@@ -1,0 +1,95 @@
+"""What a run was started on, kept in its folder so that `--resume` continues the same run or says what changed.
+
+`data_fingerprint.json` holds the sha256 of the bytes of `data.train` and `data.eval` (for a `datasets` folder:
+every file under it, in sorted order, each with its relative path) and the run's steps per epoch.
+
+Why the bytes of the files, not the rendered examples: the check runs before the tokenizer loads or any row is
+rendered (a refused resume costs seconds), it can name the file that changed, and any change to the data is one
+the user should hear about before a run mixes two datasets (a different tokenizer or `data.max_length` is
+already refused as a config change). Even a change that renders the same (reformatted JSON) is refused: it is
+cheap to undo, and "the same bytes" is a rule a user can check with `sha256sum`.
+
+Steps per epoch are recorded because the step number is the data position (`trainer.batches`): resumed with
+another number of processes or another posttrain version that cuts epochs differently, the same step would
+point at other examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from posttrain.errors import ConfigError
+
+FILE = "data_fingerprint.json"
+_CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative path and bytes of each, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(cfg) -> dict[str, dict[str, str]]:
+    """{field: {"path", "sha256"}} for `data.train` and `data.eval`, where set and present on disk."""
+    out = {}
+    for field in ("train", "eval"):
+        path = getattr(cfg.data, field)
+        if path and Path(path).exists():
+            out[f"data.{field}"] = {"path": str(path), "sha256": file_digest(path)}
+    return out
+
+
+def write_fingerprint(run_dir: Path, fingerprint: dict, steps_per_epoch: int) -> None:
+    path = Path(run_dir) / FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**fingerprint, "steps_per_epoch": steps_per_epoch}, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_fingerprint(run_dir: Path) -> dict | None:
+    """The recorded fingerprint, or None for a run folder that has none (started before posttrain kept one)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: unreadable; restore it or start a new run folder") from None
+
+
+def check_same_data(run_dir: Path, recorded: dict, current: dict) -> None:
+    """Refuse a resume whose data files differ from the ones the run was started on, naming each file."""
+    changed = []
+    for field in ("data.train", "data.eval"):
+        old, new = recorded.get(field), current.get(field)
+        if old is not None and (new is None or old["sha256"] != new["sha256"]):
+            changed.append(f"{field} ({old['path']})")
+    if changed:
+        raise ConfigError(
+            f"--resume: {' and '.join(changed)} changed since {run_dir} was started (sha256 of the file's bytes, "
+            f"recorded in {Path(run_dir) / FILE}); a resumed run must continue on the same data. Restore the "
+            "original file, or set run.output_dir to a new folder to train on the new data."
+        )
+
+
+def check_same_plan(run_dir: Path, recorded: dict | None, steps_per_epoch: int) -> None:
+    """Refuse a resume whose epochs would be cut into another number of steps (the step is the data position)."""
+    if recorded is None or recorded.get("steps_per_epoch") in (None, steps_per_epoch):
+        return
+    raise ConfigError(
+        f"--resume: {run_dir} was started with {recorded['steps_per_epoch']} steps per epoch and this run would "
+        f"have {steps_per_epoch} (another number of processes, or a posttrain version that cuts epochs "
+        "differently), so its step numbers would point at other examples. Resume with the same number of "
+        "processes, or set run.output_dir to a new folder."
+    )

@@ -1,0 +1,50 @@
+"""The run folder's record of its data: the same bytes pass, any change is refused naming the file."""
+
+import hashlib
+from types import SimpleNamespace
+
+import pytest
+
+from posttrain.errors import ConfigError
+from posttrain.trainer.fingerprint import (
+    check_same_data,
+    check_same_plan,
+    data_fingerprint,
+    file_digest,
+    read_fingerprint,
+    write_fingerprint,
+)
+
+
+def test_a_file_is_its_bytes_and_a_folder_its_files_names_and_bytes(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(b'{"prompt": "a", "completion": "b"}\n')
+    assert file_digest(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    folder = tmp_path / "ds"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "data.arrow").write_bytes(b"\x00\x01")
+    (folder / "dataset_dict.json").write_text("{}")
+    first = file_digest(folder)
+    (folder / "train" / "data.arrow").write_bytes(b"\x00\x02")
+    second = file_digest(folder)
+    (folder / "train" / "data.arrow").rename(folder / "train" / "other.arrow")
+    assert len({first, second, file_digest(folder)}) == 3
+
+
+def test_resume_on_other_data_is_refused_naming_the_file(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("1\n")
+    held.write_text("2\n")
+    cfg = SimpleNamespace(data=SimpleNamespace(train=str(train), eval=str(held)))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_fingerprint(run, data_fingerprint(cfg), steps_per_epoch=5)
+    recorded = read_fingerprint(run)
+    check_same_data(run, recorded, data_fingerprint(cfg))  # unchanged: nothing raised
+    held.write_text("2 \n")
+    with pytest.raises(ConfigError, match=rf"--resume: data.eval \({held}\) changed since"):
+        check_same_data(run, recorded, data_fingerprint(cfg))
+    check_same_plan(run, recorded, 5)
+    with pytest.raises(ConfigError, match="started with 5 steps per epoch and this run would have 6"):
+        check_same_plan(run, recorded, 6)
+    assert read_fingerprint(tmp_path) is None  # a run folder from before fingerprints: nothing to compare
