@@ -114,6 +114,13 @@ def test_sft_config_validates_under_the_run_config():
     assert config_from_dict(lora.config).technique.name == "lora"
 
 
+@pytest.mark.parametrize("profile", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_every_stage_config_validates(profile):
+    # GRPO and PPO stages name their reward (the verifier's placeholder or a reward model), or they would not load.
+    for stage in advise(profile, what_if=False).configs:
+        assert config_from_dict(stage["config"]).algorithm.name == stage["stage"]
+
+
 def test_multi_stage_configs_chain_their_outputs():
     a = advise(CASES[5][1], what_if=False)  # sft -> dpo, full
     first, second = a.configs

@@ -92,7 +92,7 @@ def format_advice(a) -> str:
             else:
                 instead = f", instead of {alt['instead_of']}" if alt["instead_of"] else ""
                 label = f"{alt['method']} ({alt['slot']} stage{instead})"
-            out.append(f"  - {label}: {'; '.join(alt['reasons'])}")
+            out.append(f"  - {label}: {' '.join(alt['reasons'])}")
     stages = ", ".join(
         f"{s['method']} {format_duration(s['hours'])} ${s['cost_usd']:,.2f}" for s in e["stages"]
     )

@@ -222,7 +222,7 @@ def _choose(table: RuleTable, f: dict) -> tuple[dict[str, str], list[dict], list
                 blocked_once.add(r["id"])
             open_ = [m for m in open_ if m not in hit]
             for m in hit:
-                reasons[m].append(f"ruled out: {_reason(r, f)}")
+                reasons[m].append(f"Ruled out: {_reason(r, f)}")
         fired_by_slot[name] = fired
         if open_:
             m = chosen[name] = open_[0]
@@ -253,8 +253,9 @@ def _decide(p: Profile) -> dict:
     f, notes = _facts(p)
     # PPO's reward comes from a program when one checks answers and no reward model is given; else from a model.
     rm = bool(f.get("reward_model")) or not f.get("verifiable")
-    ppo = min((_estimate(f, "ppo", t, rm=rm) for t in ("full", "lora")), key=lambda e: e.peak_memory_gb)
-    f["ppo_fits"], f["ppo_gb"] = _fits(f, ppo), ppo.peak_memory_gb
+    ppo = {t: _estimate(f, "ppo", t, rm=rm) for t in ("full", "lora")}
+    f["ppo_technique"] = min(ppo, key=lambda t: ppo[t].peak_memory_gb)
+    f["ppo_fits"], f["ppo_gb"] = _fits(f, ppo[f["ppo_technique"]]), ppo[f["ppo_technique"]].peak_memory_gb
 
     chosen, fired, lost = _choose(table, f)
     if not chosen:
