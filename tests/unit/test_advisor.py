@@ -116,7 +116,7 @@ def test_sft_config_validates_under_the_run_config():
 
 @pytest.mark.parametrize("profile", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_every_stage_config_validates(profile):
-    # GRPO and PPO stages name their reward (the verifier's placeholder or a reward model), or they would not load.
+    # GRPO and PPO stages name their reward (the verifier's placeholder or a reward model), or would not load.
     for stage in advise(profile, what_if=False).configs:
         assert config_from_dict(stage["config"]).algorithm.name == stage["stage"]
 

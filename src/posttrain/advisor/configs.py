@@ -1,10 +1,10 @@
 """Ready-to-run `posttrain train` configs for each stage of a recommended pipeline.
 
 Each config is a nested dict in the run-config layout (model, technique, data, algorithm, optim, run; see
-posttrain/config.py) holding only the fields that matter for its algorithm and technique. Learning rates follow
-published recipes, cited beside each. A policy stage (sft, dpo, grpo, ppo) starts from the previous policy
-stage's saved model; a reward stage starts from the policy so far (InstructGPT initialises its reward model from
-the SFT model) and the PPO or GRPO stage after it scores samples with it (`algorithm.reward_model`).
+posttrain/config.py) holding only the fields that matter for its algorithm and technique. Learning rates
+follow published recipes, cited beside each. A policy stage (sft, dpo, grpo, ppo) starts from the previous
+policy stage's saved model; a reward stage starts from the policy so far (InstructGPT initialises its reward
+model from the SFT model) and the PPO stage after it scores samples with it (`algorithm.reward_model`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def stage_config(
     epochs: float,
     group_size: int,
 ) -> dict:
-    """One stage's config. `micro_batch` counts what the estimator sized: sequences, pairs, or prompts for RL."""
+    """One stage's config; `micro_batch` counts what the estimator sized: sequences, pairs, or RL prompts."""
     full_lr, lora_lr = LEARNING_RATES[stage]
     # The run config counts sequences per step; a GRPO prompt is `group_size` sequences.
     per = group_size if stage == "grpo" else 1
@@ -128,8 +128,8 @@ def pipeline_configs(
             if source == "verifier":
                 alg["rewards"] = [VERIFIER]
                 notes.append(
-                    f"algorithm.rewards: {VERIFIER} stands for your checker, a function (prompts, completions, "
-                    "**columns) -> list[float] (docs/rewards.md), or name a built-in reward"
+                    f"algorithm.rewards: {VERIFIER} stands for your checker, a function (prompts, "
+                    "completions, **columns) -> list[float] (docs/rewards.md), or name a built-in reward"
                 )
             elif source == "trained":
                 alg["reward_model"] = reward_run
@@ -144,6 +144,7 @@ def pipeline_configs(
         else:
             # A LoRA or QLoRA run saves only its adapter in final/; the next stage trains a model folder.
             start = f"{run_dir}/merged"
-            start_note = f"model.name: first run `posttrain merge {run_dir} --out {start}` ({technique} saves an adapter)"
+            start_note = f"model.name: first run `posttrain merge {run_dir} --out {start}` "
+            start_note += f"({technique} saves an adapter)"
         out.append({"stage": stage, "config": cfg, "note": "; ".join(notes) or None})
     return out

@@ -1,15 +1,17 @@
-"""`advise(profile)`: which pipeline (sft, sft -> dpo, sft -> reward -> ppo, ...), which technique, why, and its cost.
+"""`advise(profile)`: which pipeline (sft, sft -> dpo, sft -> reward -> ppo, ...), which technique, why, and
+at what cost.
 
 How a recommendation is made, in order:
   1. The profile's missing keys get stated assumptions (`_facts`); `--data` fills the data counts.
   2. The estimator sizes PPO on the profile's hardware (does its critic fit?).
-  3. The framework's slots (rules.yaml `slots`: imitation, reward, preferences, verifier) are decided last to
-     first: `method` rules support a method in a slot, `block` rules rule one out, and each slot takes the first
-     supported, unblocked method in its precedence order; the pipeline is the chosen stages in training order.
+  3. The framework's slots (rules.yaml `slots`: imitation, reward, preferences, verifier) are decided last
+     to first: `method` rules support a method in a slot, `block` rules rule one out, and each slot takes the
+     first supported, unblocked method in its precedence order; the pipeline is the chosen stages in training
+     order.
   4. `technique` rules pick full, LoRA or QLoRA from what fits for the most demanding stage.
   5. `note` rules explain chosen stages, `risk` rules add what to watch; what-if `flips` re-run 1-4 on changed
      profiles.
-Every rule that fired is reported with the inputs that triggered it, and every stage has a fired rule behind it.
+Every rule that fired is reported with the inputs that triggered it; every stage has a fired rule behind it.
 No torch import.
 """
 
@@ -90,8 +92,9 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
         notes.append("quality not stated: objective, since a program can check answers")
     if f.get("verifiable") and p.success_rate is None:
         notes.append(
-            "success_rate not stated: assuming the model passes the verifier on some prompts, which RL needs (a "
-            "group whose samples all fail has zero advantage); measure it with `posttrain evaluate` before RL"
+            "success_rate not stated: assuming the model passes the verifier on some prompts, which RL "
+            "needs (a group whose samples all fail has zero advantage); measure it with `posttrain evaluate` "
+            "before RL"
         )
     if f.get("format_compliance") is None and any(w in (p.task or "").lower() for w in FORMAT_WORDS):
         f["format_compliance"] = True
@@ -116,8 +119,9 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
     if p.avg_tokens is None:
         notes.append(f"avg_tokens not stated: half of seq_len ({f['avg_tokens']:.0f})")
     notes.append(
-        "sizing: gradient checkpointing on, micro-batch per GPU sft 4, reward 4 pairs, dpo 2 pairs, ppo 4 prompts, "
-        f"grpo 1 prompt x {GROUP_SIZE} (halved down to 1 until it fits); {'FSDP full shard' if f['gpus'] > 1 else 'one GPU'}"
+        "sizing: gradient checkpointing on, micro-batch per GPU sft 4, reward 4 pairs, dpo 2 pairs, ppo 4 "
+        f"prompts, grpo 1 prompt x {GROUP_SIZE} (halved down to 1 until it fits); "
+        + ("FSDP full shard" if f["gpus"] > 1 else "one GPU")
     )
     return f, notes
 
@@ -207,8 +211,8 @@ def _choose(table: RuleTable, f: dict) -> tuple[dict[str, str], list[dict], list
     blocked_once: set[str] = set()
     for slot in reversed(table.slots):
         name, fired = slot["name"], []
-        support = {m: [r for r in table.rules if r["kind"] == "method" and r["slot"] == name and r["method"] == m
-                       and matches(r, f)] for m in slot["methods"]}  # fmt: skip
+        rules = [r for r in table.rules if r["kind"] == "method" and r["slot"] == name and matches(r, f)]
+        support = {m: [r for r in rules if r["method"] == m] for m in slot["methods"]}
         reasons = {m: [_fire(r, f, fired)["reason"] for r in rs] for m, rs in support.items()}
         open_ = [m for m in slot["methods"] if support[m]]
         for r in table.rules:
@@ -241,8 +245,8 @@ def _choose(table: RuleTable, f: dict) -> tuple[dict[str, str], list[dict], list
 def _no_stage(fired: list[dict]) -> UserError:
     blocks = " ".join(x["reason"] for x in fired if x["kind"] == "block")
     return UserError(
-        "no method fits this profile: prompts alone need a reward (set verifiable: true if a program can check "
-        "answers, or reward_model: true), and SFT or DPO need demonstrations or preference pairs."
+        "no method fits this profile: prompts alone need a reward (set verifiable: true if a program can "
+        "check answers, or reward_model: true), and SFT or DPO need demonstrations or preference pairs."
         + (f" Ruled out: {blocks}" if blocks else "")
     )
 
@@ -251,7 +255,7 @@ def _decide(p: Profile) -> dict:
     """Steps 1-5 of the module docstring, without what-ifs."""
     table = load_rules()
     f, notes = _facts(p)
-    # PPO's reward comes from a program when one checks answers and no reward model is given; else from a model.
+    # PPO's reward comes from a program when one checks answers and no reward model is given, else a model.
     rm = bool(f.get("reward_model")) or not f.get("verifiable")
     ppo = {t: _estimate(f, "ppo", t, rm=rm) for t in ("full", "lora")}
     f["ppo_technique"] = min(ppo, key=lambda t: ppo[t].peak_memory_gb)
@@ -347,8 +351,8 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
             notes.append(f"stage {i} ({stage}): data.train is a placeholder, {data}; put your file there")
         files.append(data)
     out = configs.pipeline_configs(
-        d["pipeline"], rewards=_rewards(d), model_name=name, technique=d["technique"], seq_len=int(f["seq_len"]),
-        micro_batches=f["micro_batches"], data_files=files, group_size=GROUP_SIZE,
+        d["pipeline"], rewards=_rewards(d), model_name=name, technique=d["technique"],
+        seq_len=int(f["seq_len"]), micro_batches=f["micro_batches"], data_files=files, group_size=GROUP_SIZE,
     )  # fmt: skip
     return out, notes
 

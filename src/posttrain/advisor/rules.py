@@ -1,6 +1,6 @@
-"""Load the rule table (`rules.yaml`: slots, rules, flips) and evaluate its conditions against a dict of facts.
+"""Load the rule table (`rules.yaml`: slots, rules, flips) and evaluate its conditions against facts.
 
-The rules are data; this module only knows their shape and the condition language (see the header of rules.yaml):
+The rules are data; this module only knows their shape and the condition language (see rules.yaml's header):
 a literal means equality, a list means any of, `null` means "not stated", and a string such as ">= 100" or
 ">= 1, < 100" is a comparison (all parts must hold; never true for a fact that is not stated).
 """
