@@ -87,8 +87,12 @@ def format_advice(a) -> str:
     if a.alternatives:
         out += ["", "Alternatives:"]
         for alt in a.alternatives:
-            label = " -> ".join(alt["pipeline"]) if "pipeline" in alt else f"technique {alt['technique']}"
-            out.append(f"  - {label}: {'; '.join(alt['reasons'])}")
+            if "technique" in alt:
+                label = f"technique {alt['technique']}"
+            else:
+                instead = f", instead of {alt['instead_of']}" if alt["instead_of"] else ""
+                label = f"{alt['method']} ({alt['slot']} stage{instead})"
+            out.append(f"  - {label}: {' '.join(alt['reasons'])}")
     stages = ", ".join(
         f"{s['method']} {format_duration(s['hours'])} ${s['cost_usd']:,.2f}" for s in e["stages"]
     )

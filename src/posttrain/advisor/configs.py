@@ -1,8 +1,10 @@
 """Ready-to-run `posttrain train` configs for each stage of a recommended pipeline.
 
 Each config is a nested dict in the run-config layout (model, technique, data, algorithm, optim, run; see
-posttrain/config.py). Learning rates follow published recipes, cited beside each. Later stages start from the
-previous stage's output folder.
+posttrain/config.py) holding only the fields that matter for its algorithm and technique. Learning rates
+follow published recipes, cited beside each. A policy stage (sft, dpo, grpo, ppo) starts from the previous
+policy stage's saved model; a reward stage starts from the policy so far (InstructGPT initialises its reward
+model from the SFT model) and the PPO stage after it scores samples with it (`algorithm.reward_model`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ GLOBAL_BATCH = {
     "dpo": 32,
     "grpo": 16,
     "ppo": 16,
-}  # examples (prompts for RL) per step
+}  # per step: sequences (sft), pairs (reward, dpo), prompts (grpo, ppo; GRPO samples a group for each)
+RL = ("grpo", "ppo")
+VERIFIER = "verifier.py:reward"  # placeholder for the user's checker, a `file.py:function` reward spec
+GIVEN_REWARD_MODEL = "reward_model"  # placeholder folder for a reward model the user already has
 
 
 def config_model_name(model: str) -> tuple[str, str | None]:
@@ -51,36 +56,95 @@ def config_model_name(model: str) -> tuple[str, str | None]:
 def stage_config(
     stage: str,
     *,
-    index: int,
-    previous: str | None,
-    model_name: str,
+    model: str,
+    output_dir: str,
     technique: str,
     seq_len: int,
     micro_batch: int,
-    data_file: str | None,
+    data_file: str,
     epochs: float,
+    group_size: int,
 ) -> dict:
+    """One stage's config; `micro_batch` counts what the estimator sized: sequences, pairs, or RL prompts."""
     full_lr, lora_lr = LEARNING_RATES[stage]
-    batch = GLOBAL_BATCH[stage]
-    micro = min(micro_batch, batch)
+    # The run config counts sequences per step; a GRPO prompt is `group_size` sequences.
+    per = group_size if stage == "grpo" else 1
+    batch = GLOBAL_BATCH[stage] * per
+    micro = min(micro_batch * per, batch)
     while batch % micro:  # the run config requires batch_size to be a multiple of micro_batch_size
         micro -= 1
     tech: dict = {"name": technique}
     if technique != "full":
         tech["r"] = 16
+    algorithm: dict = {"name": stage}
+    if stage in RL:
+        # The estimate sized completions of half the sequence length (the other half is the prompt).
+        algorithm["rollout"] = {"max_new_tokens": max(1, seq_len // 2)}
+    if stage == "grpo":
+        algorithm["grpo"] = {"num_generations": group_size}
     return {
-        "model": {
-            # A later stage starts from the folder the previous stage saved its final model in.
-            "name": f"runs/{index - 1}-{previous}/final" if previous else model_name,
-            "gradient_checkpointing": True,
-        },
+        "model": {"name": model, "gradient_checkpointing": True},
         "technique": tech,
-        "data": {"train": data_file or f"data/{stage}.jsonl", "max_length": seq_len},
-        "algorithm": {"name": stage},
+        "data": {"train": data_file, "max_length": seq_len},
+        "algorithm": algorithm,
         "optim": {
             "lr": full_lr if technique == "full" else lora_lr,
             "batch_size": batch,
             "micro_batch_size": micro,
         },
-        "run": {"output_dir": f"runs/{index}-{stage}", "epochs": epochs},
+        "run": {"output_dir": output_dir, "epochs": epochs},
     }
+
+
+def pipeline_configs(
+    pipeline: list[str],
+    *,
+    rewards: dict[str, list[str]],
+    model_name: str,
+    technique: str,
+    seq_len: int,
+    micro_batches: list[int],
+    data_files: list[str],
+    group_size: int,
+) -> list[dict]:
+    """{stage, config, note} for every stage, chained: each policy stage starts from the last one's model.
+
+    `rewards[stage]` lists what an RL stage is rewarded by: "verifier" (the user's checker), "trained" (the
+    reward stage's model) or "given" (a reward model the user already has).
+    """
+    out = []
+    start, start_note = model_name, None  # the model the next policy stage starts from
+    reward_run = None
+    for i, stage in enumerate(pipeline, start=1):
+        run_dir = f"runs/{i}-{stage}"
+        cfg = stage_config(
+            stage, model=start, output_dir=run_dir, technique=technique, seq_len=seq_len,
+            micro_batch=micro_batches[i - 1], data_file=data_files[i - 1],
+            epochs=2.0 if stage == "sft" else 1.0, group_size=group_size,
+        )  # fmt: skip
+        notes = [start_note] if start_note else []
+        alg = cfg["algorithm"]
+        for source in rewards.get(stage, ()):
+            if source == "verifier":
+                alg["rewards"] = [VERIFIER]
+                notes.append(
+                    f"algorithm.rewards: {VERIFIER} stands for your checker, a function (prompts, "
+                    "completions, **columns) -> list[float] (docs/rewards.md), or name a built-in reward"
+                )
+            elif source == "trained":
+                alg["reward_model"] = reward_run
+            else:
+                alg["reward_model"] = GIVEN_REWARD_MODEL
+                notes.append(f"algorithm.reward_model: put your trained reward model's folder in place of "
+                             f"{GIVEN_REWARD_MODEL}")  # fmt: skip
+        if stage == "reward":
+            reward_run = run_dir
+        elif technique == "full":
+            start, start_note = f"{run_dir}/final", None
+        else:
+            # A LoRA or QLoRA run saves only its adapter in final/; the next stage trains a model folder.
+            start = f"{run_dir}/merged"
+            start_note = f"model.name: first run `posttrain merge {run_dir} --out {start}` "
+            start_note += f"({technique} saves an adapter)"
+        out.append({"stage": stage, "config": cfg, "note": "; ".join(notes) or None})
+    return out

@@ -1,13 +1,18 @@
-"""`advise(profile)`: which pipeline (sft, sft -> dpo, sft -> grpo, ...), which technique, why, and its cost.
+"""`advise(profile)`: which pipeline (sft, sft -> dpo, sft -> reward -> ppo, ...), which technique, why, and
+at what cost.
 
 How a recommendation is made, in order:
   1. The profile's missing keys get stated assumptions (`_facts`); `--data` fills the data counts.
-  2. The estimator sizes the candidate setups on the profile's hardware (does PPO's critic fit?).
-  3. `method` rules from rules.yaml add scores; the highest total picks the final stage.
-  4. `order` rules prepend stages (SFT before preference or RL training).
-  5. `technique` rules pick full, LoRA or QLoRA from what fits for the most demanding stage.
-  6. `risk` rules add what to watch; what-if `flips` re-run 1-5 on changed profiles.
-Every rule that fired is reported with the inputs that triggered it. No torch import.
+  2. The estimator sizes PPO on the profile's hardware (does its critic fit?).
+  3. The framework's slots (rules.yaml `slots`: imitation, reward, preferences, verifier) are decided last
+     to first: `method` rules support a method in a slot, `block` rules rule one out, and each slot takes the
+     first supported, unblocked method in its precedence order; the pipeline is the chosen stages in training
+     order.
+  4. `technique` rules pick full, LoRA or QLoRA from what fits for the most demanding stage.
+  5. `note` rules explain chosen stages, `risk` rules add what to watch; what-if `flips` re-run 1-4 on changed
+     profiles.
+Every rule that fired is reported with the inputs that triggered it; every stage has a fired rule behind it.
+No torch import.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from pathlib import Path
 from posttrain.advisor import configs
 from posttrain.advisor.datafile import DataSummary, summarise
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
-from posttrain.advisor.rules import load_rules, matches
+from posttrain.advisor.rules import RuleTable, load_rules, matches
 from posttrain.errors import UserError
 from posttrain.estimator import estimate
 from posttrain.estimator.hardware import custom_gpu, find_gpu
 
-METHOD_ORDER = ("sft", "dpo", "grpo", "ppo")  # ties go to the simpler method
+STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
+TECHNIQUES = ("full", "lora", "qlora")
 COUNTS = ("demonstrations", "preference_pairs", "prompts")
 FORMAT_WORDS = ("json", "schema", "format", "structured", "xml", "yaml")
 DEFAULT_MODEL, DEFAULT_GPU = "7b", "H100-80GB"
@@ -84,6 +90,12 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
     if f.get("quality") is None and f.get("verifiable"):
         f["quality"] = "objective"
         notes.append("quality not stated: objective, since a program can check answers")
+    if f.get("verifiable") and p.success_rate is None:
+        notes.append(
+            "success_rate not stated: assuming the model passes the verifier on some prompts, which RL "
+            "needs (a group whose samples all fail has zero advantage); measure it with `posttrain evaluate` "
+            "before RL"
+        )
     if f.get("format_compliance") is None and any(w in (p.task or "").lower() for w in FORMAT_WORDS):
         f["format_compliance"] = True
         notes.append("the task text mentions an output format: treating the goal as format compliance")
@@ -107,13 +119,22 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
     if p.avg_tokens is None:
         notes.append(f"avg_tokens not stated: half of seq_len ({f['avg_tokens']:.0f})")
     notes.append(
-        "sizing: gradient checkpointing on, micro-batch per GPU sft 4, dpo 2 pairs, ppo 4, grpo 1 prompt x "
-        f"{GROUP_SIZE} (halved down to 1 until it fits); {'FSDP full shard' if f['gpus'] > 1 else 'one GPU'}"
+        "sizing: gradient checkpointing on, micro-batch per GPU sft 4, reward 4 pairs, dpo 2 pairs, ppo 4 "
+        f"prompts, grpo 1 prompt x {GROUP_SIZE} (halved down to 1 until it fits); "
+        + ("FSDP full shard" if f["gpus"] > 1 else "one GPU")
     )
     return f, notes
 
 
-def _estimate(f: dict, method: str, technique: str, tokens: float | None = None, micro: int | None = None):
+def _estimate(
+    f: dict,
+    method: str,
+    technique: str,
+    tokens: float | None = None,
+    micro: int | None = None,
+    rm: bool = False,
+):
+    """The estimate of one stage; `rm`: an RL stage that holds a reward model the policy's size."""
     seq = f["seq_len"]
     kw = dict(
         model=f["model"], method=method, technique=technique, batch_size=micro or MICRO_BATCH[method], seq_len=seq,
@@ -126,8 +147,7 @@ def _estimate(f: dict, method: str, technique: str, tokens: float | None = None,
         kw["gpu"] = f["gpu_name"]
     if method in ("ppo", "grpo"):
         kw.update(group_size=GROUP_SIZE, completion_len=seq // 2)
-        uses_rm = f.get("reward_model") and (method == "ppo" or not f.get("verifiable"))
-        kw.update(reward_model=f["model"]) if uses_rm else kw.update(reward_function=True)
+        kw.update(reward_model=f["model"]) if rm else kw.update(reward_function=True)
     return estimate(**kw)
 
 
@@ -139,11 +159,13 @@ def _sized(f: dict, method: str, technique: str, tokens: float | None = None):
     """The estimate at the largest micro-batch (default, half, quarter, 1) that fits, and that micro-batch.
 
     A smaller micro-batch with gradient accumulation trains on the same global batch with less activation
-    memory, so practitioners shrink it before changing technique.
+    memory, so practitioners shrink it before changing technique. An RL stage chosen to learn from
+    preferences holds a reward model the policy's size.
     """
+    rm = method in ("grpo", "ppo") and f.get("preferences_stage") == method
     start = MICRO_BATCH[method]
     for micro in sorted({start, max(1, start // 2), max(1, start // 4), 1}, reverse=True):
-        e = _estimate(f, method, technique, tokens, micro)
+        e = _estimate(f, method, technique, tokens, micro, rm)
         if _fits(f, e):
             break
     return e, micro
@@ -152,57 +174,108 @@ def _sized(f: dict, method: str, technique: str, tokens: float | None = None):
 def _stage_tokens(f: dict, stage: str) -> float:
     if stage == "sft":
         return max(1, f["demonstrations"]) * f["avg_tokens"] * 2  # 2 epochs
-    if stage in ("dpo", "reward"):
+    if stage in DATA_SHAPE_STAGES["preference"]:
         return max(1, f["preference_pairs"]) * 2 * f["avg_tokens"]  # chosen + rejected, 1 epoch
     return max(1, f["prompts"]) * GROUP_SIZE * f["seq_len"]  # one pass over the prompts, G samples each
 
 
-def _fire(rule: dict, facts: dict, fired: list[dict]) -> None:
-    shown = {k: (0 if v is None and k in COUNTS else v) for k, v in facts.items()}
-    fired.append(
-        {
-            "rule": rule["id"],
-            "kind": rule["kind"],
-            "method": rule.get("method"),
-            "score": rule.get("score", 0),
-            "reason": rule["reason"].format(**shown),
-            "principle": rule["principle"],
-            "inputs": {k: facts.get(k) for k in rule["when"]},
-        }
+def _reason(rule: dict, facts: dict) -> str:
+    return rule["reason"].format(**{k: (0 if v is None and k in COUNTS else v) for k, v in facts.items()})
+
+
+def _fire(rule: dict, facts: dict, fired: list[dict]) -> dict:
+    x = {
+        "rule": rule["id"],
+        "kind": rule["kind"],
+        "slot": rule.get("slot"),
+        "method": rule.get("method"),
+        "reason": _reason(rule, facts),
+        "principle": rule["principle"],
+        "inputs": {k: facts.get(k) for k in rule["when"]},
+    }
+    fired.append(x)
+    return x
+
+
+def _choose(table: RuleTable, f: dict) -> tuple[dict[str, str], list[dict], list[dict]]:
+    """Step 3: each slot's stage, decided last to first so a rule can see the stages after its slot.
+
+    Returns ({slot: method}, the fired method and block rules in training order, the methods that had support
+    but were not chosen, each with its reasons).
+    """
+    f.update({f"has_{m}": False for m in STAGES}, has_rl=False, final=None)
+    f.update({f"{slot['name']}_stage": None for slot in table.slots})
+    chosen: dict[str, str] = {}
+    fired_by_slot: dict[str, list[dict]] = {}
+    lost: list[dict] = []
+    blocked_once: set[str] = set()
+    for slot in reversed(table.slots):
+        name, fired = slot["name"], []
+        rules = [r for r in table.rules if r["kind"] == "method" and r["slot"] == name and matches(r, f)]
+        support = {m: [r for r in rules if r["method"] == m] for m in slot["methods"]}
+        reasons = {m: [_fire(r, f, fired)["reason"] for r in rs] for m, rs in support.items()}
+        open_ = [m for m in slot["methods"] if support[m]]
+        for r in table.rules:
+            if r["kind"] != "block" or r.get("slot", name) != name or not matches(r, f):
+                continue
+            hit = [m for m in open_ if r.get("method", m) == m]  # a slot block hits every method in it
+            if not hit:
+                continue  # a block is reported only where it rules out a supported method
+            if r["id"] not in blocked_once:  # ruled out in two slots: reported once
+                _fire(r, f, fired)
+                blocked_once.add(r["id"])
+            open_ = [m for m in open_ if m not in hit]
+            for m in hit:
+                reasons[m].append(f"Ruled out: {_reason(r, f)}")
+        fired_by_slot[name] = fired
+        if open_:
+            m = chosen[name] = open_[0]
+            f[f"{name}_stage"], f[f"has_{m}"] = m, True
+            f["final"] = f["final"] or m
+        for m in slot["methods"]:
+            if support[m] and m != chosen.get(name):
+                lost.append(
+                    {"method": m, "slot": name, "instead_of": chosen.get(name), "reasons": reasons[m]}
+                )
+    f["has_rl"] = f["has_grpo"] or f["has_ppo"]
+    fired = [x for slot in table.slots for x in fired_by_slot[slot["name"]]]
+    return chosen, fired, lost
+
+
+def _no_stage(fired: list[dict]) -> UserError:
+    blocks = " ".join(x["reason"] for x in fired if x["kind"] == "block")
+    return UserError(
+        "no method fits this profile: prompts alone need a reward (set verifiable: true if a program can "
+        "check answers, or reward_model: true), and SFT or DPO need demonstrations or preference pairs."
+        + (f" Ruled out: {blocks}" if blocks else "")
     )
 
 
 def _decide(p: Profile) -> dict:
-    """Steps 1-6 of the module docstring, without what-ifs."""
-    rules, _ = load_rules()
+    """Steps 1-5 of the module docstring, without what-ifs."""
+    table = load_rules()
     f, notes = _facts(p)
-    ppo = min((_estimate(f, "ppo", t) for t in ("full", "lora")), key=lambda e: e.peak_memory_gb)
-    f["ppo_fits"], f["ppo_gb"] = _fits(f, ppo), ppo.peak_memory_gb
-    fired: list[dict] = []
+    # PPO's reward comes from a program when one checks answers and no reward model is given, else a model.
+    rm = bool(f.get("reward_model")) or not f.get("verifiable")
+    ppo = {t: _estimate(f, "ppo", t, rm=rm) for t in ("full", "lora")}
+    f["ppo_technique"] = min(ppo, key=lambda t: ppo[t].peak_memory_gb)
+    f["ppo_fits"], f["ppo_gb"] = _fits(f, ppo[f["ppo_technique"]]), ppo[f["ppo_technique"]].peak_memory_gb
 
-    scores = dict.fromkeys(METHOD_ORDER, 0)
-    for r in rules:
-        if r["kind"] == "method" and matches(r, f):
-            scores[r["method"]] += r["score"]
+    chosen, fired, lost = _choose(table, f)
+    if not chosen:
+        raise _no_stage(fired)
+    pipeline = list(dict.fromkeys(chosen[s["name"]] for s in table.slots if s["name"] in chosen))
+    for r in table.rules:
+        if r["kind"] == "note" and matches(r, f):
             _fire(r, f, fired)
-    best = max(METHOD_ORDER, key=lambda m: (scores[m], -METHOD_ORDER.index(m)))
-    if scores[best] <= 0:
-        raise UserError(
-            "no method fits this profile: prompts alone need a reward (set verifiable: true if a program can "
-            "check answers, or reward_model: true), and SFT or DPO need demonstrations or preference pairs"
-        )
-    f["final"], pipeline = best, [best]
-    for r in rules:
-        if r["kind"] == "order" and matches(r, f) and r["stage"] not in pipeline:
-            pipeline.insert(0, r["stage"])
-            _fire(r, f, fired)
-    for m in METHOD_ORDER:
-        f[f"has_{m}"] = m in pipeline
 
-    sizes = {t: _sized(f, best, t)[0] for t in ("full", "lora", "qlora")}
-    for t, e in sizes.items():
-        f[f"{t}_fits"], f[f"{t}_gb"] = _fits(f, e), e.peak_memory_gb
-    technique = next(r for r in rules if r["kind"] == "technique" and matches(r, f))
+    sizes = {}
+    for t in TECHNIQUES:
+        per_stage = {m: _sized(f, m, t)[0] for m in pipeline}
+        heaviest = max(pipeline, key=lambda m: per_stage[m].peak_memory_gb)
+        sizes[t], f[f"{t}_stage"] = per_stage[heaviest], heaviest
+        f[f"{t}_fits"], f[f"{t}_gb"] = _fits(f, sizes[t]), sizes[t].peak_memory_gb
+    technique = next(r for r in table.rules if r["kind"] == "technique" and matches(r, f))
     _fire(technique, f, fired)
     f["technique"] = technique = technique["technique"]
 
@@ -211,38 +284,27 @@ def _decide(p: Profile) -> dict:
     f["micro_batches"] = [micro for _, micro in sized]
     f["cost"] = sum(s["cost_usd"] for s in stages)
     f["over_budget"] = p.budget_usd is not None and f["cost"] > p.budget_usd
-    for r in rules:
+    for r in table.rules:
         if r["kind"] == "risk" and matches(r, f):
             _fire(r, f, fired)
     return {
-        "facts": f, "notes": notes, "fired": fired, "scores": scores, "pipeline": pipeline,
+        "facts": f, "notes": notes, "fired": fired, "slots": chosen, "lost": lost, "pipeline": pipeline,
         "technique": technique, "sizes": sizes, "stages": stages,
     }  # fmt: skip
 
 
 def _explains(fired: dict, d: dict) -> bool:
-    """A fired rule explains the recommendation if it is an order or technique rule, supports a chosen stage,
-    or counts against a method that had support of its own (why not PPO, when PPO was in the running)."""
-    if fired["kind"] in ("order", "technique"):
-        return True
-    if fired["kind"] != "method":
-        return False
-    m = fired["method"]
-    supported = any(x["method"] == m and x["kind"] == "method" and x is not fired for x in d["fired"])
-    return m in d["pipeline"] or (supported and fired["score"] < 0)
+    """A fired rule explains the recommendation if it supports a chosen stage in its slot, rules a supported
+    method out (why not PPO), notes a chosen stage, or picks the technique."""
+    if fired["kind"] == "method":
+        return d["slots"].get(fired["slot"]) == fired["method"]
+    return fired["kind"] in ("block", "note", "technique")
 
 
 def _alternatives(d: dict) -> list[dict]:
-    """Methods that had rules for them but lost (with their score against the winner's), and other techniques
-    that also fit."""
-    out = []
-    final_score = d["scores"][d["facts"]["final"]]
-    for m in METHOD_ORDER:
-        why = [x["reason"] for x in d["fired"] if x["method"] == m]
-        if m not in d["pipeline"] and why:
-            out.append(
-                {"pipeline": [m], "score": d["scores"][m], "chosen_score": final_score, "reasons": why}
-            )
+    """Methods that had support in a slot but were not chosen there (later in the slot's precedence, or ruled
+    out), and other techniques that also fit."""
+    out = list(d["lost"])
     for t, e in d["sizes"].items():
         if t != d["technique"] and e.peak_memory_gb <= d["facts"]["gpu_gb"]:
             gb = round(e.peak_memory_gb, 2)
@@ -251,9 +313,8 @@ def _alternatives(d: dict) -> list[dict]:
 
 
 def _flips(p: Profile, d: dict) -> list[str]:
-    _, flips = load_rules()
     out = []
-    for flip in flips:
+    for flip in load_rules().flips:
         changes = flip["set"]
         if all(getattr(p, k) == v for k, v in changes.items()):
             continue
@@ -266,25 +327,33 @@ def _flips(p: Profile, d: dict) -> list[str]:
     return out
 
 
+def _rewards(d: dict) -> dict[str, list[str]]:
+    """What each RL stage is rewarded by: the verifier, the reward stage's model, or a given reward model."""
+    out: dict[str, list[str]] = {}
+    slots = d["slots"]
+    if slots.get("verifier") in ("grpo", "ppo"):
+        out.setdefault(slots["verifier"], []).append("verifier")
+    if slots.get("preferences") in ("grpo", "ppo"):
+        out.setdefault(slots["preferences"], []).append("trained" if "reward" in slots else "given")
+    return out
+
+
 def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str]]:
     f, notes = d["facts"], []
     name, note = configs.config_model_name(str(f["model"]))
     if note:
         notes.append(note)
-    out = []
+    files = []
     for i, stage in enumerate(d["pipeline"], start=1):
         data = summary.file if summary and stage in DATA_SHAPE_STAGES[summary.shape] else None
         if data is None:
-            notes.append(
-                f"stage {i} ({stage}): data.train is a placeholder, data/{stage}.jsonl; put your file there"
-            )
-        cfg = configs.stage_config(
-            stage, index=i, previous=d["pipeline"][i - 2] if i > 1 else None, model_name=name,
-            technique=d["technique"], seq_len=int(f["seq_len"]), micro_batch=f["micro_batches"][i - 1],
-            data_file=data, epochs=2.0 if stage == "sft" else 1.0,
-        )  # fmt: skip
-        note = None if stage == "sft" else f"algorithm.name: {stage} lands with a later posttrain issue"
-        out.append({"stage": stage, "config": cfg, "note": note})
+            data = f"data/{stage}.jsonl"
+            notes.append(f"stage {i} ({stage}): data.train is a placeholder, {data}; put your file there")
+        files.append(data)
+    out = configs.pipeline_configs(
+        d["pipeline"], rewards=_rewards(d), model_name=name, technique=d["technique"],
+        seq_len=int(f["seq_len"]), micro_batches=f["micro_batches"], data_files=files, group_size=GROUP_SIZE,
+    )  # fmt: skip
     return out, notes
 
 
