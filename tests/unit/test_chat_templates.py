@@ -397,3 +397,19 @@ def test_without_the_prefix_property_the_assistant_header_is_not_trained():
         "<|im_start|>user\nAnswer in words, like four.\nAnd 4+4?<|im_end|>\n"
         "<|im_start|>assistant\n⟦It is 8.\n<|im_end|>⟧\n"
     )
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sampling_stops_on_the_end_of_turn_token_training_teaches(name):
+    """What SFT trains the model to end a turn with is a stop token for sampling too, also where it is not the
+    tokenizer's EOS (Llama 3 with <|end_of_text|>, Gemma 3, Phi-3.5): else rollouts and evaluation run past it."""
+    from types import SimpleNamespace
+
+    from posttrain.data.render import end_of_turn_ids
+    from posttrain.models.generation import eos_token_ids
+
+    tok = tokenizer(name, "own-pad")
+    end = tok.convert_tokens_to_ids(FAMILIES[name].end)
+    assert end_of_turn_ids(tok) == [end]
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    assert set(eos_token_ids(model, tok)) == {end, tok.eos_token_id}

@@ -180,6 +180,35 @@ def _end_of_turn_tokens(tokenizer) -> list[str]:
     return sorted(names, key=len, reverse=True)
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token the chat template writes to close an assistant turn, as ids (empty if it writes none).
+
+    Read off a rendered probe conversation the way `_assistant_spans` finds it, so it is the token training
+    teaches the model to stop with: sampling must stop on it too, also when it is not the tokenizer's EOS
+    (Llama 3 ``<|eot_id|>`` with EOS ``<|end_of_text|>``, Gemma ``<end_of_turn>``, Phi-3 ``<|end|>``).
+
+    >>> from posttrain.testing import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> tok.convert_ids_to_tokens(end_of_turn_ids(tok))
+    ['<|im_end|>']
+    """
+    probe = "Probe answer 42."
+    try:
+        text = chat_text(tokenizer, [{"role": "user", "content": "Probe question?"},
+                                     {"role": "assistant", "content": probe}])  # fmt: skip
+    except Exception:  # a template that refuses this conversation (e.g. one that demands a system turn)
+        return []
+    pos, end = _find_content(text, probe, 0)
+    if pos < 0:
+        return []
+    stop = _turn_end(text, end, _end_of_turn_tokens(tokenizer))
+    marker = text[end:stop].strip()
+    if not marker:
+        return []
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    return [token_id] if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else []
+
+
 def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
     """``[pos, end)`` of `content` in `text` at or after `start`, verbatim or else stripped (templates that trim
     it: Llama 2, Llama 3, Mistral, Gemma); ``(-1, -1)`` when it is not there or is only whitespace."""

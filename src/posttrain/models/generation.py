@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from posttrain.data.render import end_of_turn_ids
+
 Prompt = str | Sequence[dict]
 
 
@@ -37,8 +39,10 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every token that ends a completion: the tokenizer's EOS and the model's generation_config EOS id(s)."""
-    ids: set[int] = set()
+    """Every token that ends a completion: the tokenizer's EOS, the model's generation_config EOS id(s), and the
+    end-of-turn token its chat template closes an assistant turn with (what SFT trains the model to stop with,
+    `data.render.end_of_turn_ids`)."""
+    ids: set[int] = set(end_of_turn_ids(tokenizer))
     for value in (
         tokenizer.eos_token_id,
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),
