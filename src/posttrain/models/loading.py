@@ -350,7 +350,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, **kwargs)
     except OSError as err:
         raise _not_loadable(model_cfg.name, "weights", err) from None
-    if technique.name != "qlora":
+    if technique.name == "qlora":
+        from posttrain.models.adapters import use_portable_4bit_kernel
+
+        use_portable_4bit_kernel(model)  # same results on every CPU (see there)
+    else:
         model.to(device)
 
     info = {
