@@ -1,7 +1,7 @@
 """`train(cfg)`: from a validated run config to a trained model in a run folder.
 
-Order matters for the user: the config is already valid; then the run folder is checked (never overwrite a run
-that has checkpoints unless resuming), the tokenizer loads and the data is read, validated and rendered (so a bad
+Order matters for the user: the config is already valid; then the run folder is held (one process at a time,
+`trainer.runlock`) and checked (never overwrite a run that has checkpoints unless resuming), the tokenizer loads and the data is read, validated and rendered (so a bad
 file fails in seconds, before the model loads); only then the model, optimiser and the loop.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 from posttrain.config import RunConfig, dump_config
 from posttrain.errors import ConfigError
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
 # run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
@@ -90,7 +92,20 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
-    """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint."""
+    """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint.
+
+    The run folder is held by this process for the whole run (`trainer.runlock`): a second process that starts
+    into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
+    """
+    if launch_rank() != 0:
+        return _train(cfg, resume=resume, return_model=return_model)
+    with hold_run_dir(cfg.run.output_dir) as stale:
+        if stale:
+            print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
+        return _train(cfg, resume=resume, return_model=return_model)
+
+
+def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
