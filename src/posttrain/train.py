@@ -1,11 +1,13 @@
 """`train(cfg)`: from a validated run config to a trained model in a run folder.
 
 Order matters for the user: the config is already valid; then the run folder is held (one process at a time,
-`trainer.runlock`) and checked (never overwrite a run that has checkpoints unless resuming), the tokenizer loads and the data is read, validated and rendered (so a bad
-file fails in seconds, before the model loads); only then the model, optimiser and the loop.
+`trainer.runlock`) and checked (never overwrite a run that has checkpoints unless resuming), the tokenizer loads
+and the data is read, validated and rendered (so a bad file fails in seconds, before the model loads); only then
+the model, optimiser and the loop.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
-model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
+model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), and `.posttrain.lock` while a run
+holds the folder.
 """
 
 from __future__ import annotations
