@@ -233,9 +233,16 @@ def _cmd_generate(args) -> int:
 
 def _cmd_merge(args) -> int:
     from posttrain.models import merge_adapter
+    from posttrain.models.saving import head_kind, read_info
 
     out = merge_adapter(args.adapter, args.out)
-    print(f"merged model written to {out}")
+    if head_kind(out) == "reward":
+        print(f"merged reward model written to {out}, with its score head (usable as --judge or "
+              "algorithm.reward_model)")  # fmt: skip
+    elif read_info(out).get("dropped_head") == "value":
+        print(f"merged policy written to {out}; the PPO value head was used only in training and is not written")
+    else:
+        print(f"merged model written to {out}")
     return EXIT_OK
 
 
