@@ -537,9 +537,13 @@ _MODEL_COMMANDS = {"quickstart", "train", "generate", "merge", "evaluate"}
 
 
 def _quiet_libraries() -> None:
-    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries."""
+    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries, no
+    hub retries when the hub cannot be reached (`models.hub`; before transformers is first imported)."""
     import warnings
 
+    from posttrain.models.hub import prepare_hub_libraries
+
+    prepare_hub_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 

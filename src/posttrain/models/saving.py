@@ -22,6 +22,7 @@ from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.heads import HEAD_FILE, HEAD_INFO
+from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import load_model, resolve_dtype
 
 INFO_FILE = "posttrain_model.json"
@@ -124,6 +125,7 @@ def load_trained(path: str | Path, *, device=None):
     An adapter is attached to its base model, loaded as in training: a QLoRA adapter gets the same 4-bit base it
     was trained against. The model is in eval mode with no trainable parameters.
     """
+    prepare_hub_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.models.loading import default_device
@@ -169,6 +171,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     run's value head only served training (advantages); the merged folder is the policy alone, and its
     `posttrain_model.json` says `"dropped_head": "value"`. `head_kind` tells a caller which happened.
     """
+    prepare_hub_libraries()
     import torch
     from transformers import AutoTokenizer
 
