@@ -53,11 +53,13 @@ def test_second_process_refused_first_unaffected_then_kill_9_and_resume(make_cfg
     cfg_file = tmp_path / "shared.yaml"
     dump_config(cfg, cfg_file)
     cmd = [sys.executable, "-m", "posttrain.cli", "train", str(cfg_file)]
-    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "first.stderr"
+    with log.open("wb") as err:  # a file, not a pipe nobody reads while it runs
+        first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and latest_checkpoint(run_dir) is None:
-            assert first.poll() is None, first.stderr.read().decode()
+            assert first.poll() is None, log.read_text()
             time.sleep(0.01)
         config_before = (run_dir / "config.yaml").read_bytes()
 

@@ -74,7 +74,11 @@ def _read_holder(fd: int) -> dict:
 def _acquire(path: Path, run_dir: Path) -> tuple[int, dict]:
     """(locked file descriptor, what the file said before: a dead holder's details, or {})."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a holder that created it and wrote nothing
+            run_dir.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
