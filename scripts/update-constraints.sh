@@ -12,7 +12,10 @@ tmp=$(mktemp -d /tmp/posttrain-constraints.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 echo "fresh environment in $tmp/venv" >&2
 "$PY" -m venv "$tmp/venv"
-pip() { "$tmp/venv/bin/pip" install -q --disable-pip-version-check "$@"; }
+pip() {
+  "$tmp/venv/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  return "${PIPESTATUS[0]}"
+}
 # torch first, at the exact release pyproject.toml pins: pip would otherwise resolve a multi-GB CUDA build.
 torch_pin=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 pip "$torch_pin"

@@ -14,7 +14,7 @@ import pytest
 from posttrain.config import dump_config
 from posttrain.trainer.checkpoint import latest_checkpoint
 from posttrain.trainer.metrics import read_metrics
-from posttrain.trainer.runlock import LOCK_FILE, RunDirBusyError, hold_run_dir
+from posttrain.trainer.runlock import LOCK_FILE, RunDirBusyError, hold_run_dir, launch_rank
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -43,6 +43,21 @@ def test_hold_run_dir_is_exclusive_and_cleans_up(tmp_path):
         assert stale == {"pid": 999999, "host": "elsewhere"}
         assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert run.is_dir() and not (run / LOCK_FILE).exists()  # a folder that existed before stays
+
+
+def test_launch_rank_reads_the_launchers_variables(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert launch_rank() == 0
+    monkeypatch.setenv("RANK", "3")
+    assert launch_rank() == 0  # a RANK without a world of several processes is not a launch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launch_rank() == 3
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    assert launch_rank() == 1
 
 
 def test_second_process_refused_first_unaffected_then_kill_9_and_resume(make_cfg, tmp_path):

@@ -38,17 +38,25 @@ class RunDirBusyError(UserError):
     """Another live process holds the run folder."""
 
 
+def _env_int(keys: tuple[str, ...], default: int) -> int:
+    for key in keys:
+        value = os.environ.get(key, "").strip()
+        if value.isdigit():
+            return int(value)
+    return default
+
+
 def launch_rank() -> int:
     """This process's global rank as the launcher set it (0 when not launched as several processes).
 
     Read from the environment, before `Accelerator` exists, with the variables accelerate itself reads
-    (`accelerate.utils.environment.get_cpu_distributed_information`): torchrun's `RANK`, then MPI's.
+    (`accelerate.utils.environment.get_cpu_distributed_information`): torchrun's `RANK` and `WORLD_SIZE`, then
+    MPI's. A stray `RANK` without a world of several processes does not count.
     """
-    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        value = os.environ.get(key, "").strip()
-        if value.lstrip("-").isdigit():
-            return int(value)
-    return 0
+    world = _env_int(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+    if world <= 1:
+        return 0
+    return _env_int(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0)
 
 
 def _holder_text(info: dict) -> str:
