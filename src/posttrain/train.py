@@ -22,6 +22,7 @@ import yaml
 
 from posttrain.config import RunConfig, dump_config
 from posttrain.errors import ConfigError
+from posttrain.models.hub import prepare_hub_libraries
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
 
@@ -99,6 +100,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     The run folder is held by this process for the whole run (`trainer.runlock`): a second process that starts
     into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
     """
+    prepare_hub_libraries()  # before accelerate imports huggingface_hub: offline when the hub is unreachable
     if launch_rank() != 0:
         return _train(cfg, resume=resume, return_model=return_model)
     with hold_run_dir(cfg.run.output_dir) as stale:
