@@ -236,36 +236,64 @@ def _cmd_generate(args) -> int:
 
 def _cmd_merge(args) -> int:
     from posttrain.models import merge_adapter
+    from posttrain.models.saving import head_kind, read_info
 
     out = merge_adapter(args.adapter, args.out)
-    print(f"merged model written to {out}")
+    if head_kind(out) == "reward":
+        print(f"merged reward model written to {out}, with its score head (usable as --judge or "
+              "algorithm.reward_model)")  # fmt: skip
+    elif read_info(out).get("dropped_head") == "value":
+        print(f"merged policy written to {out}; the PPO value head was used only in training and is not written")
+    else:
+        print(f"merged model written to {out}")
     return EXIT_OK
+
+
+NO_VERIFIER = (
+    "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
+    "structured, arithmetic; its held-out prompts are made fresh, or --data FILE gives rows with an `answer`), "
+    "or --data FILE --reward SPEC (a reward as the verifier, e.g. --reward exact_match, --reward numeric_answer, "
+    "--reward path/to/file.py:function; the same specs as algorithm.rewards), or --pairs FILE (preference pairs)."
+)
 
 
 def _cmd_evaluate(args) -> int:
     from posttrain.data import TASKS
-    from posttrain.evaluation import evaluate_task, format_table, load_for_inference
+    from posttrain.evaluation import (
+        format_table,
+        generate_answers,
+        load_for_inference,
+        score_completions,
+        score_rewards,
+    )
 
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of prompts or pairs, got {args.n}")
     if args.pairs is not None:
+        if args.task is not None or args.reward or args.data is not None:
+            raise UserError("--pairs scores preference pairs with the model's log-probabilities; "
+                            "--task, --reward and --data do not apply to it (run them separately)")  # fmt: skip
         return _evaluate_pairs(args)
-    if args.task not in TASKS:
+    if args.task is None and not args.reward:
+        raise UserError(NO_VERIFIER)
+    if args.task is not None and args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
-    if args.data is not None:
-        from posttrain.data import load_rows
-
-        rows = [dict(r) for r in load_rows(args.data, "prompts")]
-        missing = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if "answer" not in r]
-        if missing:
-            raise UserError(
-                f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})"
-            )
-        rows = rows[: args.n]
-    else:
-        rows = _task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    if args.reward and args.data is None:
+        raise UserError("--reward scores the rows of a prompts file: add --data FILE (rows with a `prompt` and "
+                        "the columns the reward reads, e.g. `answer`); or use --task NAME for a built-in task's "
+                        "own prompts and verifier")  # fmt: skip
+    rows = _evaluation_rows(args)
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    rewards = None
+    if args.reward:
+        from posttrain.data.pairs import parse_reward_args
+        from posttrain.rewards import build_reward_functions, parse_reward_specs
+        from posttrain.rollout.source import check_reward_inputs
+
+        specs = parse_reward_specs(parse_reward_args(args.reward))
+        check_reward_inputs(specs, rows, args.data)  # a missing column fails here, before the model loads
+        rewards = build_reward_functions(specs)
     if args.judge is not None:
         from posttrain.models.heads import reward_model_problem
 
@@ -274,11 +302,15 @@ def _cmd_evaluate(args) -> int:
             raise UserError(f"--judge: {why}")
     _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
-    completions: list[str] = []
-    metrics = evaluate_task(
-        model, tokenizer, args.task, rows=rows, max_new_tokens=args.max_new_tokens, completions_out=completions,
-        temperature=args.temperature, sample_seed=args.seed,
+    completions = generate_answers(
+        model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        sample_seed=args.seed,
     )  # fmt: skip
+    if rewards is not None:
+        metrics, result = score_rewards(rewards, completions, rows)
+        _report_reward_failures(result, len(rows))
+    else:
+        metrics = score_completions(args.task, completions, rows)
     if args.judge is not None:
         from posttrain.evaluation.preference import judge_scores
 
@@ -286,6 +318,37 @@ def _cmd_evaluate(args) -> int:
         metrics["judge_score_mean"] = sum(scores) / len(scores)
     print(format_table({args.model: metrics}))
     return EXIT_OK
+
+
+def _evaluation_rows(args) -> list[dict]:
+    """The first --n rows of --data, or --n fresh rows of the --task (with its difficulty options)."""
+    from posttrain.data import TASKS, load_rows
+
+    if args.data is None:
+        return _task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    given = [flag for f, flag in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} shape the rows made by --task; with --data the rows come from "
+                        f"{args.data}")  # fmt: skip
+    rows = load_rows(args.data, "prompts")[: args.n]
+    missing = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if "answer" not in r]
+    if args.task is not None and missing:
+        raise UserError(f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})")
+    return rows
+
+
+def _report_reward_failures(result, n: int) -> None:
+    """A reward that could not score some answers says so (they count with the fallback, 0); one that scored
+    none measured nothing, which is an error rather than a table of zeros."""
+    for name, failed in result.failures.items():
+        if not failed:
+            continue
+        why = result.errors.get(name, "")
+        if failed == n:
+            raise UserError(f"--reward {name} could not score any answer ({why}); check that --data has the "
+                            "columns it reads and that its args are right")  # fmt: skip
+        print(f"warning: --reward {name} could not score {failed} of {n} answers; they count as 0 ({why})",
+              file=sys.stderr)  # fmt: skip
 
 
 def _evaluate_pairs(args) -> int:
@@ -432,19 +495,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     e = sub.add_parser(
-        "evaluate", help="score a model on a built-in task's held-out prompts with its verifier"
+        "evaluate", help="score a model's answers with a task's verifier or a reward, or rank preference pairs"
     )
     e.add_argument(
         "--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
     )
-    e.add_argument("--task", default="structured", help="built-in task whose verifier scores the answers")
+    verifier = e.add_mutually_exclusive_group()
+    verifier.add_argument(
+        "--task", help="score with a built-in task's verifier (structured, arithmetic); without --data, on "
+        "freshly made held-out prompts of that task"
+    )
+    verifier.add_argument(
+        "--reward",
+        action="append",
+        help="score the rows of --data with a reward as the verifier: exact_match, numeric_answer, a built-in, "
+        'path/to/file.py:function, or JSON {"name": ..., "weight": ..., "args": {...}}; repeatable (weighted '
+        "sum). Reports the mean reward and the share of rows with reward > 0",
+    )
     e.add_argument("--n", type=int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--split", choices=["train", "heldout"], default="heldout")
     e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
     e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
     e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
-    e.add_argument("--data", help="prompts file with an `answer` per row, instead of freshly made task rows")
+    e.add_argument("--data", help="prompts file (a `prompt` per row, and the `answer` the verifier checks)")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument(
         "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one seeded sample"
@@ -477,9 +551,13 @@ _MODEL_COMMANDS = {"quickstart", "train", "generate", "merge", "evaluate"}
 
 
 def _quiet_libraries() -> None:
-    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries."""
+    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries, no
+    hub retries when the hub cannot be reached (`models.hub`; before transformers is first imported)."""
     import warnings
 
+    from posttrain.models.hub import prepare_hub_libraries
+
+    prepare_hub_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 

@@ -1,15 +1,17 @@
 """`train(cfg)`: from a validated run config to a trained model in a run folder.
 
-Order matters for the user: the config is already valid; then the run folder is checked (never overwrite a run
-that has checkpoints unless resuming; a resume must find the same config and data), the tokenizer loads and the
-data is read, validated, rendered and planned into steps (so a bad file or an impossible batching fails in
-seconds). Everything that can be checked without the model is checked before the run folder is created or
-written: a run refused there leaves no folder behind. Only then the model, optimiser and the loop.
+Order matters for the user: the config is already valid; then the run folder is held (one process at a time,
+`trainer.runlock`) and checked (never overwrite a run that has checkpoints unless resuming; a resume must find
+the same config and data), the tokenizer loads and the data is read, validated, rendered and planned into steps
+(so a bad file or an impossible batching fails in seconds). Everything that can be checked without the model is
+checked before the run folder is created or written: a run refused there leaves no folder behind. Only then the
+model, optimiser and the loop.
 
 A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
-model + tokenizer, loadable by `posttrain generate` and `posttrain merge`).
+model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), and `.posttrain.lock` while a run
+holds the folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import yaml
 from posttrain.config import RunConfig, dump_config
 from posttrain.config_rules import APPLIES, show
 from posttrain.errors import ConfigError
+from posttrain.models.hub import prepare_hub_libraries
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from posttrain.trainer.fingerprint import (
     check_same_data,
@@ -34,6 +38,7 @@ from posttrain.trainer.fingerprint import (
     read_fingerprint,
     write_fingerprint,
 )
+from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
 # run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
@@ -141,7 +146,21 @@ def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
-    """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint."""
+    """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint.
+
+    The run folder is held by this process for the whole run (`trainer.runlock`): a second process that starts
+    into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
+    """
+    prepare_hub_libraries()  # before accelerate imports huggingface_hub: offline when the hub is unreachable
+    if launch_rank() != 0:
+        return _train(cfg, resume=resume, return_model=return_model)
+    with hold_run_dir(cfg.run.output_dir) as stale:
+        if stale:
+            print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
+        return _train(cfg, resume=resume, return_model=return_model)
+
+
+def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     from accelerate.utils import set_seed
 
     from posttrain.algorithms import get_algorithm

@@ -88,3 +88,23 @@ def test_qlora_with_checkpointing_trains_on_cpu(converted):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_qlora_eval_same_with_and_without_avx512bf16(converted, monkeypatch):
+    """bitsandbytes' AVX512-BF16 repacking (bf16 inference kernel) is off: on the embedded model too, eval-mode
+    logits are what training mode computes, whatever the CPU reports (see adapters.use_portable_4bit_kernel)."""
+    from bitsandbytes.nn import modules as bnb_modules
+
+    tok = load_tokenizer(ModelConfig(name=NAME))
+    batch = tok(["<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    logits = {}
+    for avx512bf16 in (False, True):
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda v=avx512bf16: v)
+        model = load_model(ModelConfig(name=NAME), TechniqueConfig(name="qlora", r=8))
+        train_mode = model(**batch).logits.detach()
+        model.eval()
+        with torch.no_grad():
+            logits[avx512bf16] = model(**batch).logits
+        # float32 dequantise-then-matmul both ways; only the order of float32 sums may differ (logits ~30).
+        assert_close(logits[avx512bf16], train_mode, rtol=0, atol=1e-4)
+    assert_close(logits[True], logits[False], rtol=0, atol=0)

@@ -156,6 +156,22 @@ def reward_scorer(specs: list) -> Scorer:
         raise UserError(
             f"--reward needs posttrain.rewards, which cannot be imported here ({err}); use --task NAME"
         ) from None
+    funcs = build_reward_functions(parse_reward_args(specs))
+
+    def scorer(prompts, completions, rows):
+        columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - {"prompt"}}
+        return compute_rewards(funcs, prompts, completions, columns).total
+
+    return scorer
+
+
+def parse_reward_args(specs: list[str]) -> list:
+    """`--reward` values as reward specs: a JSON object (``{"name": ..., "args": ...}``) is parsed, anything
+    else (a built-in name, ``path/to/file.py:function``) is kept as it is.
+
+    >>> parse_reward_args(["exact_match", '{"name": "numeric_answer", "weight": 2}'])
+    ['exact_match', {'name': 'numeric_answer', 'weight': 2}]
+    """
     parsed = []
     for spec in specs:
         if isinstance(spec, str) and spec.lstrip().startswith("{"):
@@ -164,13 +180,7 @@ def reward_scorer(specs: list) -> Scorer:
             except json.JSONDecodeError as err:
                 raise UserError(f"--reward {spec!r}: not valid JSON ({err})") from None
         parsed.append(spec)
-    funcs = build_reward_functions(parsed)
-
-    def scorer(prompts, completions, rows):
-        columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - {"prompt"}}
-        return compute_rewards(funcs, prompts, completions, columns).total
-
-    return scorer
+    return parsed
 
 
 def prepare_prompt_rows(rows: list[dict], source: str, *, answer_for: str | None = None) -> None:

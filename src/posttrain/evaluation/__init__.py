@@ -1,8 +1,11 @@
-"""Task evaluation: generate answers for held-out prompts and score them with the task's verifier.
+"""Task evaluation: generate answers for held-out prompts and score them with a verifier.
 
-`evaluate_task` returns rates (means of the verifier's per-row metrics, e.g. `json_valid`, `schema_match`,
-`exact`, `field_<name>`); `format_table` puts several models side by side. Greedy decoding by default, so two
-evaluations of the same model on the same rows agree exactly.
+The verifier is a built-in task's (`evaluate_task`: rates, the means of its per-row metrics, e.g. `json_valid`,
+`schema_match`, `exact`, `field_<name>`) or reward functions (`evaluate_rewards`, the same specs as
+`algorithm.rewards`: `reward_mean`, the mean reward; `reward_positive`, the share of rows whose reward is > 0,
+which is the accuracy for 0/1 rewards such as `exact_match`, `numeric_answer` and `task`; `reward_failures`,
+samples a reward function could not score). `format_table` puts several models side by side. Greedy decoding by
+default, so two evaluations of the same model on the same rows agree exactly.
 """
 
 from __future__ import annotations
@@ -51,6 +54,68 @@ def score_completions(
     return {"n": float(len(rows)), **{k: v / n for k, v in totals.items()}}
 
 
+def score_rewards(rewards, completions: Sequence[str], rows: Sequence[dict]) -> tuple[dict[str, float], object]:
+    """Reward functions (`rewards.NamedReward`s) as the verifier: (metrics, the `rewards.RewardResult`).
+
+    Each function is called as in GRPO/PPO training: ``fn(prompts, completions, **columns)``, a prompt being the
+    text of its last user message, with every other column of the rows (``answer``, ...) by name and
+    ``prompt_messages`` (the whole prompt as chat messages); their weighted sum is the row's reward. Metrics: `reward_mean`,
+    `reward_positive` (share of rows with reward > 0), `reward_<name>_mean` per function when there are several,
+    `reward_failures` (samples scored with the fallback because a function failed on them) and `n`.
+
+    >>> from posttrain.rewards import build_reward_functions
+    >>> rows = [{"prompt": "q", "answer": a} for a in ("4", "5", "6", "7")]
+    >>> metrics, _ = score_rewards(build_reward_functions(["exact_match"]), ["4", "5", "x", "y"], rows)
+    >>> metrics
+    {'n': 4.0, 'reward_mean': 0.5, 'reward_positive': 0.5, 'reward_failures': 0.0}
+    """
+    from posttrain.rewards import compute_rewards
+
+    messages = [[{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else list(r["prompt"])
+                for r in rows]  # fmt: skip
+    prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+               for msgs in messages]  # fmt: skip
+    columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt"})}
+    columns["prompt_messages"] = messages
+    result = compute_rewards(rewards, prompts, list(completions), columns)
+    n = max(len(rows), 1)
+    metrics = {
+        "n": float(len(rows)),
+        "reward_mean": sum(result.total) / n,
+        "reward_positive": sum(t > 0 for t in result.total) / n,
+    }
+    if len(rewards) > 1:
+        for name, values in result.per_function.items():
+            metrics[f"reward_{name}_mean"] = sum(values) / n
+    metrics["reward_failures"] = float(sum(result.failures.values()))
+    return metrics, result
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    sample_seed: int = 0,
+) -> list[str]:
+    """One completion per row's `prompt`: greedy, or one sample at `temperature` > 0 (repeatable by
+    `sample_seed`)."""
+    from posttrain.models import generate
+
+    return generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=sample_seed if temperature > 0 else None,
+    )
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -73,21 +138,15 @@ def evaluate_task(
     row's verifier metrics."""
     from posttrain.data import TASKS
     from posttrain.errors import UserError
-    from posttrain.models import generate
 
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if rows is None:
         rows = TASKS[task].make(n, seed=seed, split=split)
-    completions = generate(
-        model,
-        tokenizer,
-        [r["prompt"] for r in rows],
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        batch_size=batch_size,
-        seed=sample_seed if temperature > 0 else None,
-    )
+    completions = generate_answers(
+        model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        temperature=temperature, sample_seed=sample_seed,
+    )  # fmt: skip
     if completions_out is not None:
         completions_out.extend(completions)
     return score_completions(task, completions, rows, per_row)
@@ -116,7 +175,8 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, 
 
 
 HEADLINE_METRICS = ["json_valid", "schema_match", "exact", "correct", "sampled_correct", "formatted",
-                    "sampled_formatted", "pairs_implicit_accuracy", "pairs_implicit_margin"]  # fmt: skip
+                    "sampled_formatted", "reward_mean", "reward_positive", "pairs_implicit_accuracy",
+                    "pairs_implicit_margin"]  # fmt: skip
 
 
 def ordered_metrics(keys) -> list[str]:
@@ -129,6 +189,16 @@ def ordered_metrics(keys) -> list[str]:
     return sorted(keys, key=lambda k: (k == "n", k.startswith("field_"), rank.get(k, len(rank)), k))
 
 
+def _cell(metric: str, value: float) -> str:
+    """Counts (`n`, `*_failures`) as integers, means of scores (`*_mean`) as numbers, everything else (shares
+    of rows) as a percentage."""
+    if metric == "n" or metric.endswith("_failures"):
+        return f"{value:.0f}"
+    if metric.endswith("_mean"):
+        return f"{value:.4g}"
+    return f"{100 * value:.1f}%"
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per metric, one column per model.
 
@@ -137,16 +207,18 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     |---|---|---|
     | exact | 50.0% | 100.0% |
     | n | 2 | 2 |
+    >>> print(format_table({"m": {"n": 4.0, "reward_mean": -0.25, "reward_positive": 0.5, "reward_failures": 1}}))
+    | metric | m |
+    |---|---|
+    | reward_mean | -0.25 |
+    | reward_positive | 50.0% |
+    | reward_failures | 1 |
+    | n | 4 |
     """
     names = list(results)
     metrics = ordered_metrics({k for r in results.values() for k in r})
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in metrics:
-        cells = [
-            (f"{results[nm][k]:.0f}" if k == "n" else f"{100 * results[nm][k]:.1f}%")
-            if k in results[nm]
-            else ""
-            for nm in names
-        ]
+        cells = [_cell(k, results[nm][k]) if k in results[nm] else "" for nm in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

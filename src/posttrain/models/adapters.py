@@ -52,6 +52,31 @@ def bnb_config(technique: TechniqueConfig, compute_dtype):
     )
 
 
+def use_portable_4bit_kernel(model) -> int:
+    """Make every bitsandbytes 4-bit linear of `model` compute the same way on every CPU; returns how many.
+
+    bitsandbytes 0.50.2 (`Linear4bit.forward`) repacks a 4-bit weight in place for a bf16 inference kernel the
+    first time the layer runs on a CPU with AVX512-BF16, in eval mode, on an input that needs no gradient
+    (`functional._convert_weight_packed_for_cpu`). We switch that off, because measured on the tiny test models:
+    - it raises (`shape '[32, 0]' is invalid`) on a layer with fewer input features than the quantisation block
+      (64), so QLoRA evaluation, generation and saving crashed on such CPUs only;
+    - the kernel computes in bf16: eval-mode and generation logits then differ from training-mode logits (by
+      1.6e-3 on a 64-wide model) and from every CPU without the feature, so results depend on the machine;
+    - the packed layout stays after `model.train()`: a training step after an evaluation runs through the
+      inference kernel, which has no backward (torch warns "silently incorrect behavior"; gradients changed).
+    `support_avx512bf16_for_cpu` is the per-layer switch Linear4bit's constructor sets from the CPU's features;
+    False is the path every other CPU (and every GPU) takes: dequantise, then a matmul in the compute dtype.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def apply_lora(
     model, technique: TechniqueConfig, *, gradient_checkpointing: bool = False, compute_dtype=None
 ):

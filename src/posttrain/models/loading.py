@@ -9,7 +9,7 @@
 - otherwise a Hugging Face hub id (offline, only if it is already in the local hub cache).
 
 A name that cannot be found is a `ModelNotFoundError` saying how to get it; nothing here waits on the network when
-`HF_HUB_OFFLINE=1`. `load_tokenizer` and `load_model` are separate so a run can render and check its data before
+`HF_HUB_OFFLINE=1` or when the hub cannot be reached (`hub.settle_hub_mode`). `load_tokenizer` and `load_model` are separate so a run can render and check its data before
 the (slow) model loads. LoRA and QLoRA wrapping lives in `adapters.py`; this module does not save anything but
 the embedded model's cached conversion.
 """
@@ -28,6 +28,7 @@ from typing import Literal
 
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
+from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,6 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("posttrain"))
 
 
-def _hub_offline() -> bool:
-    # Read the environment directly: huggingface_hub freezes its constant at import time.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _looks_local(name: str) -> bool:
     """A path the user meant as a file or folder here; a hub id is `name` or `org/name` (one slash at most).
 
@@ -135,8 +131,9 @@ def resolve_model(name: str) -> ResolvedModel:
 
 
 def _check_hub_name(name: str) -> None:
-    """Offline, a hub id must already be in the local hub cache; online, transformers downloads it later."""
-    if not _hub_offline():
+    """Offline (`HF_HUB_OFFLINE=1`, or the hub cannot be reached: `hub.settle_hub_mode`), a hub id must already
+    be in the local hub cache; online, transformers downloads it later."""
+    if not settle_hub_mode():
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -149,8 +146,9 @@ def _check_hub_name(name: str) -> None:
     known = ", ".join(EMBEDDED_MODELS)
     raise ModelNotFoundError(
         f"model {name!r} is not a local folder, a .gguf file or an embedded model ({known}), and it is not in the "
-        "local Hugging Face cache while HF_HUB_OFFLINE=1 (offline). To get it: unset HF_HUB_OFFLINE on a machine "
-        f"with network access, or run `huggingface-cli download {name}`, or pass the path of a local model folder."
+        f"local Hugging Face cache while {offline_reason()}. To get it: unset HF_HUB_OFFLINE on a machine "
+        f"with network access, or run `huggingface-cli download {name}` there (it fills the cache), or pass the "
+        "path of a local model folder."
     )
 
 
@@ -282,6 +280,7 @@ def load_tokenizer(model_cfg: ModelConfig):
 
     Padding side is left as right; generation switches to left padding for its own batches.
     """
+    prepare_hub_libraries()
     from transformers import AutoTokenizer
 
     resolved = resolve_model(model_cfg.name)
@@ -361,6 +360,7 @@ def load_model(
     checkpointing (e.g. a reference model), quantised when the technique is `qlora`. The returned model carries
     `model.posttrain_info` (base model name, technique, dtype) for `save_model`.
     """
+    prepare_hub_libraries()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -385,7 +385,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, **kwargs)
     except OSError as err:
         raise _not_loadable(model_cfg.name, "weights", err) from None
-    if technique.name != "qlora":
+    if technique.name == "qlora":
+        from posttrain.models.adapters import use_portable_4bit_kernel
+
+        use_portable_4bit_kernel(model)  # same results on every CPU (see there)
+    else:
         model.to(device)
 
     info = {

@@ -21,6 +21,8 @@ from pathlib import Path
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError
 from posttrain.models.adapters import is_adapter_model
+from posttrain.models.heads import HEAD_FILE, HEAD_INFO
+from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import load_model, resolve_dtype
 
 INFO_FILE = "posttrain_model.json"
@@ -123,6 +125,7 @@ def load_trained(path: str | Path, *, device=None):
     An adapter is attached to its base model, loaded as in training: a QLoRA adapter gets the same 4-bit base it
     was trained against. The model is in eval mode with no trainable parameters.
     """
+    prepare_hub_libraries()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.models.loading import default_device
@@ -147,13 +150,28 @@ def load_trained(path: str | Path, *, device=None):
     return model, tokenizer
 
 
+def head_kind(folder: str | Path) -> str | None:
+    """The scalar head saved beside a model (`heads.HEAD_FILE`): "reward" or "value" (PPO), or None."""
+    folder = Path(folder)
+    if not (folder / HEAD_FILE).is_file():
+        return None
+    info = json.loads((folder / HEAD_INFO).read_text(encoding="utf-8")) if (folder / HEAD_INFO).is_file() else {}
+    return info.get("kind", "reward")  # as `heads.load_scalar_model` reads a head without its info file
+
+
 def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base (W + alpha/r * B A) and save a standalone safetensors model + tokenizer.
 
     The base is loaded in full precision even for a QLoRA adapter: 4-bit weights cannot hold the merged update,
     so the merged model equals the adapter applied to the unquantised base (close to, not bit-equal to, the
     4-bit model it was trained with). The folder is written to a temporary sibling, then renamed into place.
+
+    A reward model's score head reads the backbone's last hidden states and is not part of the adapter, so it
+    is copied as it is: the merged folder is a reward model too (`--judge`, `algorithm.reward_model`). A PPO
+    run's value head only served training (advantages); the merged folder is the policy alone, and its
+    `posttrain_model.json` says `"dropped_head": "value"`. `head_kind` tells a caller which happened.
     """
+    prepare_hub_libraries()
     import torch
     from transformers import AutoTokenizer
 
@@ -170,6 +188,9 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
         "technique": "merged",
         "merged_from": str(folder),
     }
+    head = head_kind(folder)
+    if head == "value":
+        merged.posttrain_info["dropped_head"] = "value"
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
         from posttrain.errors import UserError
@@ -179,6 +200,10 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         save_model(merged, AutoTokenizer.from_pretrained(folder), tmp)
+        if head == "reward":
+            for name in (HEAD_FILE, HEAD_INFO):
+                if (folder / name).is_file():
+                    shutil.copy2(folder / name, tmp / name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,0 +1,121 @@
+"""`posttrain evaluate`: no verifier, no evaluation; a task's verifier or any reward scores the answers."""
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.evaluation import generate_answers, load_for_inference
+from posttrain.rewards import build_reward_functions
+
+PROMPTS = ["add 1 2", "add 2 2", "add 3 1", "add 0 4"]
+TOKENS = "4"  # --max-new-tokens: short answers keep the test fast
+
+
+def _table(out: str) -> dict[str, str]:
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    return {k.strip(): v.strip() for k, v in rows[1:]}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def answers(tiny_model_dir):
+    """What the tiny model answers, greedily, as the CLI will generate it."""
+    model, tok = load_for_inference(str(tiny_model_dir))
+    return generate_answers(model, tok, [{"prompt": p} for p in PROMPTS], max_new_tokens=int(TOKENS))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_no_stated_verifier_is_refused(capsys, tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "answer": "3"} for p in PROMPTS])
+    for argv in (["--data", data], []):
+        code, out, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), *argv)
+        assert code == 2 and out == ""
+        assert "needs to be told how to score" in err and "--task NAME" in err and "--reward exact_match" in err
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--reward", "exact_match")
+    assert code == 2 and "add --data FILE" in err
+    with pytest.raises(SystemExit) as exc:  # argparse: one verifier or the other
+        main(["evaluate", "--data", data, "--task", "arithmetic", "--reward", "exact_match"])
+    assert exc.value.code == 2
+
+
+def test_reward_as_verifier(capsys, tiny_model_dir, tmp_path, answers):
+    # Rows 0 and 1 hold the model's own answer, rows 2 and 3 do not: exact_match scores 1, 1, 0, 0.
+    rows = [{"prompt": p, "answer": a + ("" if i < 2 else " no"), "value": v}
+            for i, (p, a, v) in enumerate(zip(PROMPTS, answers, [1.0, 0.0, 0.5, -1.0]))]  # fmt: skip
+    data = _write(tmp_path / "p.jsonl", rows)
+    base = ["evaluate", "--model", str(tiny_model_dir), "--data", data, "--max-new-tokens", TOKENS]
+
+    code, out, err = run(capsys, *base, "--reward", "exact_match")
+    assert code == 0, err
+    table = _table(out)
+    assert (table["reward_mean"], table["reward_positive"], table["reward_failures"], table["n"]) == (
+        "0.5", "50.0%", "0", "4"
+    )
+
+    code, out, err = run(capsys, *base, "--reward", '{"name": "exact_match", "weight": 2}')
+    assert code == 0, err
+    assert (_table(out)["reward_mean"], _table(out)["reward_positive"]) == ("1", "50.0%")
+
+    # A user's function reads another column: rewards 1, 0, 0.5, -1 -> mean 0.125, 2 of 4 above zero.
+    (tmp_path / "mine.py").write_text(
+        "def by_value(prompts, completions, value, **kwargs):\n    return [float(v) for v in value]\n"
+    )
+    code, out, err = run(capsys, *base, "--reward", f"{tmp_path / 'mine.py'}:by_value")
+    assert code == 0, err
+    assert (_table(out)["reward_mean"], _table(out)["reward_positive"]) == ("0.125", "50.0%")
+
+    # numeric_answer is accepted too and scores what the built-in function gives on the same answers.
+    expected = build_reward_functions(["numeric_answer"])[0].fn(PROMPTS, answers, answer=[r["answer"] for r in rows])
+    code, out, err = run(capsys, *base, "--reward", "numeric_answer")
+    assert code == 0, err
+    assert _table(out)["reward_mean"] == f"{sum(expected) / 4:.4g}"
+
+    # Two rewards: the weighted sum is the verifier, each one's mean is shown as well.
+    code, out, err = run(capsys, *base, "--reward", "exact_match", "--reward", f"{tmp_path / 'mine.py'}:by_value")
+    assert code == 0, err
+    table = _table(out)
+    assert (table["reward_mean"], table["reward_exact_match_mean"], table["reward_by_value_mean"]) == (
+        "0.625", "0.5", "0.125"
+    )
+
+
+def test_reward_failures_are_reported(capsys, tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "answer": "3"} for p in PROMPTS])
+    (tmp_path / "r.py").write_text(
+        "def half(prompts, completions, **kw):\n"
+        "    if len(prompts) > 1:\n        raise ValueError('one at a time')\n"
+        "    if prompts[0] in ('add 1 2', 'add 2 2'):\n        raise ValueError('cannot score this one')\n"
+        "    return [1.0]\n"
+        "def never(prompts, completions, **kw):\n    raise KeyError('no_such_column')\n"
+    )
+    base = ["evaluate", "--model", str(tiny_model_dir), "--data", data, "--max-new-tokens", TOKENS]
+    code, out, err = run(capsys, *base, "--reward", f"{tmp_path / 'r.py'}:half")
+    assert code == 0, err
+    assert _table(out)["reward_failures"] == "2" and _table(out)["reward_mean"] == "0.5"
+    assert "warning: --reward half could not score 2 of 4 answers; they count as 0" in err
+    code, out, err = run(capsys, *base, "--reward", f"{tmp_path / 'r.py'}:never")
+    assert code == 2 and "--reward never could not score any answer" in err and "no_such_column" in err
+    # A column a built-in reward reads is checked before the model loads, as for training.
+    nocol = _write(tmp_path / "nocol.jsonl", [{"prompt": p} for p in PROMPTS])
+    code, out, err = run(capsys, "evaluate", "--model", "./no/such/model", "--data", nocol, "--reward", "exact_match")
+    assert code == 2 and "nocol.jsonl:1: answer: missing: reward 'exact_match'" in err
+
+
+def test_task_verifier_on_a_data_file(capsys, tiny_model_dir, tmp_path):
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "answer": 3} for p in PROMPTS])
+    base = ["evaluate", "--model", str(tiny_model_dir), "--data", data, "--max-new-tokens", TOKENS]
+    code, out, err = run(capsys, *base, "--task", "arithmetic")
+    assert code == 0, err
+    assert _table(out)["n"] == "4" and "correct" in _table(out)
+    code, _, err = run(capsys, *base, "--task", "arithmetic", "--max-ops", "1")
+    assert code == 2 and "--max-ops shape the rows made by --task" in err
