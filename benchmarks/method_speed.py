@@ -46,7 +46,7 @@ CASES: dict[str, dict] = {
 
 def child(case: str, steps: int, workdir: str) -> dict:
     """Run one case inside this process; returns its measurements."""
-    from posttrain.config import config_from_dict
+    from posttrain.algorithms import config_from_dict
     from posttrain.data import make_pairs, make_prompts, write_jsonl
     from posttrain.data.tasks import Arithmetic
     from posttrain.train import train

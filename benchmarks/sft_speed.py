@@ -54,8 +54,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     """One technique, measured inside this process."""
     import torch
 
-    from posttrain.algorithms import get_algorithm
-    from posttrain.config import config_from_dict
+    from posttrain.algorithms import config_from_dict, get_algorithm
     from posttrain.data import TASKS, write_jsonl
     from posttrain.models import describe_trainable, load_model, load_tokenizer
     from posttrain.trainer.optim import build_optimizer

@@ -14,12 +14,17 @@ from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, DataError, UserError
 
 
 def _cmd_train(args) -> int:
-    from posttrain.config import describe_fields, load_config
+    from posttrain.algorithms import RunConfig, load_config
+    from posttrain.config import describe_fields
     from posttrain.config_rules import reads
 
     if args.help_config:
-        for name, default, doc in describe_fields():
-            print(f"{name} = {default}\n    {doc}\n    read by: {reads(name)}")
+        shown = None
+        for name, default, doc, method in describe_fields(RunConfig):
+            if method != shown and method is not None:
+                print(f"\n# algorithm.name: {method}")
+            shown = method
+            print(f"{name} = {default}\n    {doc}\n    read by: {reads(name, RunConfig, method)}")
         return EXIT_OK
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):

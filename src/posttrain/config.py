@@ -1,26 +1,32 @@
-"""Typed run configuration: the YAML file of a run, its dotted command-line overrides, and validation.
+"""Typed run configuration: the sections every run shares, the base of every method's own section, YAML and
+dotted command-line overrides, and validation.
 
-A run is described by one `RunConfig` (model, technique, data, algorithm, optimisation, run folder). YAML is
-only its serialisation: `load_config` reads a file, applies overrides such as ``optim.lr=1e-4``, and validates
-everything before any model or tokenizer loads. Unknown keys, keys written twice in a file, wrong types,
-impossible values and settings the chosen method and technique would not read (the table in `config_rules`)
-raise `ConfigError` with the dotted field name and what to change. Every run saves its resolved config as
-``config.yaml`` in its run folder (`dump_config`).
+A run is described by one `RunConfig` (model, technique, data, algorithm, optimisation, run folder). Its
+`algorithm` section is a union told apart by `name`: each method declares its own section next to its loss
+(`posttrain.algorithms.<method>.Config`, a subclass of `AlgorithmSection`), and `posttrain.algorithms` builds
+`RunConfig` from the methods it finds, so adding a method changes nothing here. This module holds what does not
+depend on the method: the shared sections, the `RunBase` they sit in and its checks, the sections the RL methods
+share (`RLSection`, `RolloutSection`), reading YAML (a key written twice is an error), dotted overrides, writing
+the resolved `config.yaml`, and `--help-config`'s field list. Unknown keys, wrong types, impossible values and
+settings the chosen method and technique would not read (`config_rules`) raise `ConfigError` with the dotted
+field name and what to change.
 
 This module does not load models or data; it only describes and checks them.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from posttrain.config_rules import unread_settings
+from posttrain.config_rules import When, is_, unread_settings
 from posttrain.errors import ConfigError
 
 
@@ -91,27 +97,6 @@ class DataConfig(_Section):
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
 
 
-class DPOSection(_Section):
-    beta: float = Field(0.1, gt=0)
-    """Strength of the KL anchor to the reference: implicit reward = beta * (log pi - log pi_ref)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
-    """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), or `simpo` (reference-free: no reference model at all)."""
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
-    """Conservative DPO: the assumed share of flipped labels (sigmoid loss only)."""
-    ipo_logps: Literal["mean", "sum"] = "mean"
-    """How IPO (loss_type=ipo) reduces each response's token log-probabilities before the loss: `mean`
-    (length-averaged, the form the IPO authors' results rest on, so beta values from the IPO literature carry
-    over) or `sum` (the sequence log-probability: the target 1/(2 beta) is then spread over the whole answer and
-    the loss grows with length squared). See docs/preference.md."""
-    simpo_gamma: float = Field(0.5, ge=0.0)
-    """SimPO target reward margin gamma (loss_type=simpo)."""
-    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
-    """How the frozen reference is held. `adapter`: the base with the LoRA adapter disabled (lora/qlora, no
-    extra memory); `precompute`: reference log-probs computed in one pass before training and cached in the
-    run folder (one model in memory); `copy`: a second frozen model. `auto`: adapter under lora/qlora, else
-    precompute."""
-
-
 class RolloutSection(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     """Sampling engine: `hf`, transformers `generate` (any machine). `vllm` is reserved for a vLLM engine on GPU
@@ -154,72 +139,95 @@ class RolloutSection(_Section):
         return self
 
 
-class GRPOSection(_Section):
-    num_generations: int = Field(8, ge=2)
-    """G: completions per prompt; advantages are normalised within each group of G."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    """Aggregation over tokens (see docs/rl.md on length bias): `grpo` per-sequence mean, `dapo` token mean,
-    `dr_grpo` sum / (sequences x max_new_tokens)."""
-    scale: Literal["group", "batch", "none"] = "group"
-    """Divide advantages by the group std, the batch std, or nothing (Dr. GRPO)."""
-    beta: float = Field(0.0, ge=0)
-    """KL penalty (k3 estimator) to the reference; 0 skips the reference forward entirely."""
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    """Lower clip of the importance ratio: 1 - clip_eps."""
-    clip_eps_high: float | None = Field(None, gt=0)
-    """Upper clip (DAPO clip-higher): 1 + clip_eps_high; default clip_eps."""
-    log_kl: bool | None = None
-    """Log the KL to the reference (k3) when beta is 0 too, at the cost of one no-grad reference forward per
-    rollout. null (default): on under lora/qlora (the reference is the adapter disabled: no extra memory), off
-    under full fine-tuning (it would load a second full model only for a log line); true or false forces it.
-    With beta > 0 the KL is always computed and logged (the loss needs it)."""
-    drop_uniform_groups: bool = False
-    """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
+class AlgorithmSection(_Section):
+    """The `algorithm:` section of a run: each method subclasses it next to its loss
+    (`posttrain.algorithms.<method>.Config`) with `name` fixed to its own name and the settings it reads.
+
+    What a method declares here is what the rest of the run needs to know about it, so nothing else names it:
+    `run_fields`, the run-level settings that only some methods read, which this one does (`config_rules`);
+    `rules`, its own settings that are read only under a condition on the run; `model_dropout`, whether training
+    keeps the model's own dropout by default; `check`, the combinations it cannot run.
+    """
+
+    name: str
+    """The training method."""
+
+    run_fields: ClassVar[frozenset[str]] = frozenset()
+    """Run-level settings read by some methods only (`config_rules.METHOD_FIELDS`) that this method reads."""
+    rules: ClassVar[dict[str, When]] = {}
+    """This section's own fields that are read only under a condition: field name -> when (`config_rules`)."""
+    model_dropout: ClassVar[bool] = False
+    """Whether `model.dropout: auto` keeps the model's own dropout for this method (SFT) or turns it off."""
+
+    def check(self, run: RunBase) -> None:
+        """Raise ValueError (its message names the fields and what to change) for what this method cannot run
+        with the rest of `run`. The default: nothing to check."""
 
 
-class PPOSection(_Section):
-    kl_coef: float = Field(0.05, ge=0)
-    """Initial per-token KL penalty coefficient folded into the rewards."""
-    adaptive_kl: bool = False
-    """Adapt kl_coef towards `target_kl` (Ziegler et al. 2019)."""
-    target_kl: float = Field(6.0, gt=0)
-    """Target KL (nats per sequence) of the adaptive controller."""
-    kl_horizon: int = Field(10000, gt=0)
-    """Horizon of the adaptive controller, in samples."""
-    gamma: float = Field(1.0, gt=0, le=1)
-    """Discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    """Policy ratio clip."""
-    clip_eps_value: float = Field(0.2, gt=0)
-    """Value clip around the rollout's values."""
-    vf_coef: float = Field(0.1, ge=0)
-    """Weight of the value loss."""
-    whiten_advantages: bool = True
-    """Normalise advantages over the rollout batch."""
+class RLSection(AlgorithmSection):
+    """The settings every reinforcement-learning method shares: what scores the samples and how they are drawn."""
 
-
-class AlgorithmConfig(_Section):
-    name: Literal["sft", "reward", "dpo", "grpo", "ppo"] = "sft"
-    """Training method: `sft`, `reward` (Bradley-Terry reward model), `dpo`, `grpo`, `ppo`."""
-    dpo: DPOSection = DPOSection()
-    """DPO settings (algorithm.name=dpo)."""
-    reward_margin: bool = False
-    """Reward model: use a `margin` column of the pairs in the Bradley-Terry loss (Llama 2)."""
     rewards: list[str | dict] = []
-    """GRPO/PPO reward functions: built-in names, `file.py:function`, or {name, weight, args} (docs/rewards.md)."""
+    """Reward functions: built-in names, `file.py:function`, or {name, weight, args} (docs/rewards.md)."""
     reward_model: str | None = None
-    """PPO/GRPO: a trained reward model folder (`algorithm.name=reward` run's final/), added to the rewards."""
+    """A trained reward model folder (an `algorithm.name=reward` run's final/), added to the rewards."""
     reward_fallback: float = 0.0
     """Value a reward function's output takes for a sample it failed on (raised, or gave NaN, inf or a non-number);
     it is weighted like any other value. Failures are counted per function in the metrics."""
     rollout: RolloutSection = RolloutSection()
-    """Sampling settings for GRPO and PPO."""
-    grpo: GRPOSection = GRPOSection()
-    """GRPO settings (algorithm.name=grpo)."""
-    ppo: PPOSection = PPOSection()
-    """PPO settings (algorithm.name=ppo)."""
+    """Sampling settings."""
+
+    rules: ClassVar[dict[str, When]] = {
+        "rollout.overlong_reward": is_("algorithm.rollout.overlong", "fixed"),
+        "rollout.overlong_cache": is_("algorithm.rollout.overlong", "soft"),
+    }
+
+    def group_size(self) -> int:
+        """Completions sampled per prompt (GRPO's G); 1 for methods that sample one."""
+        return 1
+
+    def steps_per_rollout(self, optim_batch_size: int) -> int:
+        """Optimisation steps one rollout feeds: `rollout.epochs` x (rollout sequences / sequences per step)."""
+        return self.rollout.epochs * ((self.rollout.batch_size or optim_batch_size) // optim_batch_size)
+
+    def reward_specs(self) -> list:
+        """`rewards`, plus the trained reward model of `reward_model` when one is set."""
+        specs = list(self.rewards)
+        if self.reward_model:
+            specs.append({"name": "reward_model", "args": {"path": self.reward_model}})
+        return specs
+
+    def check(self, run: RunBase) -> None:
+        if not self.rewards and not self.reward_model:
+            raise ValueError(
+                f"algorithm.rewards: {self.name} needs at least one reward function (e.g. "
+                "algorithm.rewards=[task]) or algorithm.reward_model"
+            )
+        rollout, step, group = self.rollout.batch_size or run.optim.batch_size, run.optim.batch_size, self.group_size()
+        if rollout % group:
+            raise ValueError(
+                f"algorithm.rollout.batch_size ({rollout}) must be a multiple of the {group} completions sampled "
+                "per prompt: whole groups per rollout"
+            )
+        if rollout % step:
+            raise ValueError(
+                f"algorithm.rollout.batch_size ({rollout}) must be a multiple of optim.batch_size ({step}): each "
+                "rollout is split into whole optimisation steps"
+            )
+        if self.rollout.top_p < 1.0:
+            raise ValueError(
+                f"algorithm.rollout.top_p < 1 is not supported for {self.name}: the losses score the untruncated "
+                "distribution softmax(logits / temperature), so nucleus sampling would make the samples come "
+                "from another policy than the one scored; lower algorithm.rollout.temperature instead"
+            )
+        if run.technique.dropout > 0:
+            raise ValueError(
+                f"technique.dropout ({run.technique.dropout}) must be 0 for {self.name}: rollouts and old "
+                "log-probs are computed without dropout, so dropout in the loss would make the importance "
+                "ratio differ from 1 by noise alone"
+            )
+        if self.rollout.engine == "vllm":
+            raise ValueError("algorithm.rollout.engine=vllm is not implemented yet; use algorithm.rollout.engine=hf")
 
 
 class OptimConfig(_Section):
@@ -273,25 +281,39 @@ class RunSection(_Section):
     """Show a progress bar."""
 
 
-class RunConfig(_Section):
-    """Everything one training run needs; the YAML file mirrors it section by section."""
+class RunBase(_Section):
+    """Everything one training run needs but the method: `posttrain.algorithms.RunConfig` adds the `algorithm`
+    section, a union of every method's own section told apart by `name`. The YAML file mirrors it section by
+    section."""
+
+    default_method: ClassVar[str] = "sft"
+    """The method of a run whose `algorithm` section gives no `name`."""
 
     model: ModelConfig = ModelConfig()
     technique: TechniqueConfig = TechniqueConfig()
     data: DataConfig = DataConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    algorithm: AlgorithmSection
     optim: OptimConfig = OptimConfig()
     run: RunSection = RunSection()
 
+    @classmethod
+    def methods(cls) -> dict[str, type[AlgorithmSection]]:
+        """Every method's section class by name, from the `algorithm` field's union (in declaration order)."""
+        annotation = cls.model_fields["algorithm"].annotation
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        members = typing.get_args(annotation) or (annotation,)
+        return {m.model_fields["name"].default: m for m in members if m.model_fields["name"].default}
+
     def keeps_model_dropout(self) -> bool:
-        """Whether training keeps the model's own dropout (`model.dropout`; `auto`: only for sft)."""
+        """Whether training keeps the model's own dropout (`model.dropout`; `auto`: as the method declares)."""
         if self.model.dropout != "auto":
             return self.model.dropout == "keep"
-        return self.algorithm.name == "sft"
+        return type(self.algorithm).model_dropout
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> RunConfig:
-        # Settings this run would not read (config_rules.APPLIES: one row per field), then impossible values.
+    def _check_combinations(self) -> RunBase:
+        # Settings this run would not read (config_rules), then impossible values, then the method's own checks.
         unread = unread_settings(self)
         if unread:
             raise ValueError("\n".join(unread))
@@ -304,52 +326,6 @@ class RunConfig(_Section):
         if mb is not None and self.optim.batch_size % mb:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) is not a multiple of optim.micro_batch_size ({mb})"
-            )
-        alg = self.algorithm
-        if alg.name in ("grpo", "ppo"):
-            if not alg.rewards and not alg.reward_model:
-                raise ValueError(
-                    f"algorithm.rewards: {alg.name} needs at least one reward function (e.g. "
-                    "algorithm.rewards=[task]) or algorithm.reward_model"
-                )
-            rollout = alg.rollout.batch_size or self.optim.batch_size
-            group = alg.grpo.num_generations if alg.name == "grpo" else 1
-            if rollout % group:
-                raise ValueError(
-                    f"algorithm.rollout.batch_size ({rollout}) must be a multiple of "
-                    f"algorithm.grpo.num_generations ({group}): whole groups per rollout"
-                )
-            if rollout % self.optim.batch_size:
-                raise ValueError(
-                    f"algorithm.rollout.batch_size ({rollout}) must be a multiple of optim.batch_size "
-                    f"({self.optim.batch_size}): each rollout is split into whole optimisation steps"
-                )
-            if alg.rollout.top_p < 1.0:
-                raise ValueError(
-                    "algorithm.rollout.top_p < 1 is not supported for grpo/ppo: the losses score the untruncated "
-                    "distribution softmax(logits / temperature), so nucleus sampling would make the samples come "
-                    "from another policy than the one scored; lower algorithm.rollout.temperature instead"
-                )
-            if self.technique.dropout > 0:
-                raise ValueError(
-                    f"technique.dropout ({self.technique.dropout}) must be 0 for {alg.name}: rollouts and old "
-                    "log-probs are computed without dropout, so dropout in the loss would make the importance "
-                    "ratio differ from 1 by noise alone"
-                )
-            if alg.rollout.engine == "vllm":
-                raise ValueError(
-                    "algorithm.rollout.engine=vllm is not implemented yet; use algorithm.rollout.engine=hf"
-                )
-        if alg.name == "ppo" and alg.ppo.adaptive_kl and alg.ppo.kl_coef == 0:
-            raise ValueError(
-                "algorithm.ppo.adaptive_kl multiplies algorithm.ppo.kl_coef by a factor near 1 each rollout, so a "
-                "coefficient that starts at 0 stays 0 and the controller never acts; set algorithm.ppo.kl_coef > 0 "
-                "(e.g. 0.05) or algorithm.ppo.adaptive_kl=false"
-            )
-        if alg.name == "dpo" and alg.dpo.reference == "adapter" and self.technique.name == "full":
-            raise ValueError(
-                "algorithm.dpo.reference=adapter needs technique lora or qlora (full fine-tuning has no "
-                "adapter to disable); use precompute or copy"
             )
         if self.model.dtype == "float16":
             raise ValueError(
@@ -366,22 +342,72 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response"
             )
+        self.algorithm.check(self)
         return self
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _section_at(schema: type[BaseModel], loc: tuple, data: Any) -> type[BaseModel] | None:
+    """The section class that holds the field at `loc` (the chosen method's class under `algorithm`)."""
+    node: Any = schema
+    for part in loc[:-1]:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
+            return None
+        if node is schema and part == "algorithm":
+            name = (data.get("algorithm") or {}).get("name") if isinstance(data, dict) else None
+            node = schema.methods().get(name)
+            continue
+        node = node.model_fields[part].annotation
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_key(schema: type[BaseModel], loc: tuple, data: Any) -> str:
+    """Why `loc` is not a key, in our words: the closest valid key, or the methods that do have it."""
+    section, key = _section_at(schema, loc, data), str(loc[-1])
+    if section is None:
+        return "unknown key (`posttrain train --help-config` lists every field)"
+    if issubclass(section, AlgorithmSection):
+        owners = [n for n, m in schema.methods().items() if key in m.model_fields]
+        if owners:
+            return (f"not a setting of algorithm.name={section.model_fields['name'].default}; it belongs to "
+                    f"{', '.join(owners)}")  # fmt: skip
+    close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    hint = f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else "check the spelling."
+    return f"unknown key; {hint} (`posttrain train --help-config` lists every field)"
+
+
+def _message(e: dict) -> str:
+    """pydantic's message without its library wording ("Value error, ...", "Input should be ...")."""
+    msg = e["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg.replace("Input should be", "should be")
+
+
+def format_validation_error(schema: type[BaseModel], err: ValidationError, source: str, data: Any) -> str:
+    """Every problem pydantic found, one line (or paragraph) each, named by its dotted field."""
     lines = [f"{source}: invalid configuration:"]
+    methods = list(schema.methods())
     for e in err.errors():
         if not e["loc"] and e["type"] == "value_error":  # a combination check: its message names the fields
             lines.extend(f"  {paragraph}" for paragraph in str(e["ctx"]["error"]).splitlines())
             continue
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = tuple(e["loc"])
+        if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in methods:
+            loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path: algorithm.dpo.beta
+        where = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `posttrain train --help-config` lists every field)"
-        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {loc}: {msg}")
+            msg = _unknown_key(schema, loc, data)
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown method {e['input'].get('name')!r}; choose one of {', '.join(methods)}"
+            where = "algorithm.name"
+        elif e["type"] == "value_error" and loc:
+            msg = _message(e)
+        else:
+            msg = _message(e)
+            if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
+                msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
 
@@ -462,41 +488,47 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def config_from_dict(data: dict, *, source: str = "config") -> RunConfig:
-    """Validate a nested dict into a `RunConfig`, raising `ConfigError` with every problem found."""
+def validate_config(schema: type[RunBase], data: Any, *, source: str = "config") -> RunBase:
+    """Validate a nested dict into `schema` (a `RunConfig`), raising `ConfigError` with every problem found. An
+    `algorithm` section without a `name` is SFT's, the default method."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, optim, ...)")
+    algorithm = data.get("algorithm")
+    if algorithm is None or (isinstance(algorithm, dict) and "name" not in algorithm):
+        data = {**data, "algorithm": {"name": schema.default_method, **(algorithm or {})}}
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(schema, err, source, data)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run file (or start from defaults when `path` is None) and apply dotted overrides."""
-    data: dict = {}
-    source = "command line"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
-        try:
-            loaded = _load_yaml(p.read_text(encoding="utf-8"), str(p))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text") from None
-        data = loaded or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, optim, ...)")
+def read_config_file(path: str | Path) -> dict:
+    """A YAML run file as a nested dict (a key written twice is an error naming its lines)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+    try:
+        loaded = _load_yaml(p.read_text(encoding="utf-8"), str(p))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    data = loaded or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, optim, ...)")
+    return data
+
+
+def load_run_config(schema: type[RunBase], path: str | Path | None, overrides: list[str] | None = None) -> RunBase:
+    """Read a YAML run file (or start from defaults when `path` is None), apply dotted overrides, validate."""
+    data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
-    return config_from_dict(data, source=source)
+    return validate_config(schema, data, source=str(path) if path is not None else "command line")
 
 
-def dump_config(cfg: RunConfig, path: str | Path) -> None:
+def dump_config(cfg: RunBase, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
     # Temporary file then rename: a kill mid-write never leaves a truncated config.yaml behind.
     path = Path(path)
@@ -505,13 +537,17 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, description) for every field: the source of `--help-config`."""
-    rows: list[tuple[str, str, str]] = []
-    for name, field in model.model_fields.items():
+def describe_fields(schema: type[BaseModel], prefix: str = "", method: str | None = None) -> list[tuple]:
+    """(dotted name, default, description, method) for every field: the source of `--help-config`. `method` is
+    None for the shared sections and the method's name for the fields of its own algorithm section."""
+    rows: list[tuple] = []
+    for name, field in schema.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        if prefix == "" and name == "algorithm" and issubclass(schema, RunBase):
+            for m, section in schema.methods().items():
+                rows.extend(describe_fields(section, "algorithm.", m))
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}.", method))
         else:
-            rows.append((f"{prefix}{name}", repr(field.default), field.description or ""))
+            rows.append((f"{prefix}{name}", repr(field.default), field.description or "", method))
     return rows

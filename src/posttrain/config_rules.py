@@ -1,20 +1,21 @@
-"""Which run settings each method and technique reads: one table, so that no setting silently does nothing.
+"""Which run settings each method and technique reads: so that no setting silently does nothing.
 
 The rule: every field a user sets to a value other than its default either changes what the run does, or the
 run is refused by config validation, before any model loads and before anything is written to the run folder.
-`APPLIES` maps every leaf field of `RunConfig` to the condition under which the code reads it; the conditions
-were found by reading the code that consumes each field (algorithms/*.py, rollout/source.py, models/loading.py,
-models/adapters.py, trainer/*.py, train.py), not guessed. `ALWAYS` marks the fields that every run reads.
-`tests/unit/test_config_rules.py` checks that every field of `RunConfig` has a row, so a new field cannot be
-added without deciding, and holds one refused and one accepted case per conditional row.
-
-Adding a field is one row here, e.g. ``"algorithm.grpo.my_switch": GRPO,`` (conditions combine with ``&``;
-``.because("...")`` adds advice to the refusal), plus a case in the test.
+Two tables say when each field is read; the conditions were found by reading the code that consumes each field
+(algorithms/*.py, rollout/, models/loading.py, models/adapters.py, trainer/*.py, train.py), not guessed:
+- `APPLIES` here, for the shared sections (model, technique, data, optim, run). A few of their fields are read by
+  some methods only (`METHOD_FIELDS`); each method says which of those it reads in its section's `run_fields`.
+- each method's own section (`posttrain.algorithms.<method>.Config.rules`), for its fields that are read only
+  under a condition (DPO's `label_smoothing` only with the sigmoid loss). A field of another method cannot be set
+  at all: the algorithm section of a run is the chosen method's, and an unknown key is an error.
+`tests/unit/test_config_rules.py` checks that every shared field has a row, so a new field cannot be added without
+deciding, and holds one refused and one accepted case per conditional row.
 
 "Set" is judged on the value, not on which keys a file spells out: a field equal to its default is never
 refused, so a resolved ``config.yaml`` (which writes every field) loads again.
 
-This module only describes and checks; it reads a config through attribute access and knows no pydantic.
+This module only describes and checks; it reads a config through attribute access and imports no method.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 
 def value_of(cfg: Any, dotted: str) -> Any:
-    """The value of a dotted field, e.g. ``value_of(cfg, "algorithm.dpo.beta")``."""
+    """The value of a dotted field, e.g. ``value_of(cfg, "algorithm.beta")``."""
     node = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
@@ -82,20 +83,25 @@ def is_not(field: str, *values: Any, text: str | None = None) -> When:
 
 
 ALWAYS = When(lambda cfg: True, "every method and technique")
-SFT, REWARD, DPO, GRPO, PPO = (is_("algorithm.name", m) for m in ("sft", "reward", "dpo", "grpo", "ppo"))
-RL = is_("algorithm.name", "grpo", "ppo")
-DATASET = is_("algorithm.name", "sft", "reward", "dpo")
 ADAPTERS = is_("technique.name", "lora", "qlora")
 QLORA = is_("technique.name", "qlora")
 
+
+def method_reads(field: str) -> When:
+    """The chosen method declares that it reads `field` (its section's `run_fields`)."""
+    return When(lambda cfg: field in type(cfg.algorithm).run_fields, "the method reads it", ("algorithm.name",))
+
+
+# Shared fields that only some methods read; each method lists those it reads in its section's `run_fields`.
+METHOD_FIELDS = ("data.eval", "data.train_on", "data.packing", "optim.head_lr")
+
 # field -> when the code reads it. Where to look: technique.* models/loading.py and adapters.py (LoRA config only
 # under lora/qlora, bitsandbytes only under qlora); data.train_on and data.packing algorithms/sft.py only (DPO and
-# reward render pairs, RL renders prompts); algorithm.* each method's module; optim.* trainer/optim.py;
-# run.* train.py and trainer/loop.py.
+# reward render pairs, RL renders prompts); optim.* trainer/optim.py; run.* train.py and trainer/loop.py.
 APPLIES: dict[str, When] = {
     "model.name": ALWAYS,
     "model.dtype": ALWAYS,
-    "model.pure_bf16": ALWAYS,  # only valid with dtype bfloat16 (RunConfig checks that)
+    "model.pure_bf16": ALWAYS,  # only valid with dtype bfloat16 (RunBase checks that)
     "model.dropout": ALWAYS,
     "model.gradient_checkpointing": ALWAYS,
     "model.trust_remote_code": ALWAYS,
@@ -107,58 +113,16 @@ APPLIES: dict[str, When] = {
     "technique.quant_type": QLORA,
     "technique.double_quant": QLORA,
     "data.train": ALWAYS,
-    "data.eval": DATASET.because(
+    "data.eval": method_reads("data.eval").because(
         "RL has no fixed evaluation batches: score held-out prompts with "
-        "`posttrain evaluate --task ... --data FILE` instead."
+        "`posttrain evaluate --data FILE --task ...` (or --reward ...) instead."
     ),
     "data.max_length": ALWAYS,
-    "data.train_on": SFT.because("Preference pairs always score the responses; RL scores the completions."),
-    "data.packing": SFT,
+    "data.train_on": method_reads("data.train_on").because(
+        "Preference pairs always score the responses; RL scores the completions."
+    ),
+    "data.packing": method_reads("data.packing"),
     "data.shuffle": ALWAYS,
-    "algorithm.name": ALWAYS,
-    "algorithm.dpo.beta": DPO,
-    "algorithm.dpo.loss_type": DPO,
-    "algorithm.dpo.label_smoothing": DPO & is_("algorithm.dpo.loss_type", "sigmoid"),
-    "algorithm.dpo.ipo_logps": DPO & is_("algorithm.dpo.loss_type", "ipo"),
-    "algorithm.dpo.simpo_gamma": DPO & is_("algorithm.dpo.loss_type", "simpo"),
-    "algorithm.dpo.reference": (DPO & is_not("algorithm.dpo.loss_type", "simpo")).because(
-        "SimPO is reference-free: no reference model is used at all."
-    ),
-    "algorithm.reward_margin": REWARD,
-    "algorithm.rewards": RL,
-    "algorithm.reward_model": RL,
-    "algorithm.reward_fallback": RL,
-    "algorithm.rollout.engine": RL,
-    "algorithm.rollout.batch_size": RL,
-    "algorithm.rollout.epochs": RL,
-    "algorithm.rollout.max_new_tokens": RL,
-    "algorithm.rollout.temperature": RL,
-    "algorithm.rollout.top_p": RL,
-    "algorithm.rollout.stop": RL,
-    "algorithm.rollout.generation_batch_size": RL,
-    "algorithm.rollout.overlong": RL,
-    "algorithm.rollout.overlong_reward": RL & is_("algorithm.rollout.overlong", "fixed"),
-    "algorithm.rollout.overlong_cache": RL & is_("algorithm.rollout.overlong", "soft"),
-    "algorithm.grpo.num_generations": GRPO,
-    "algorithm.grpo.loss_type": GRPO,
-    "algorithm.grpo.scale": GRPO,
-    "algorithm.grpo.beta": GRPO,
-    "algorithm.grpo.clip_eps": GRPO,
-    "algorithm.grpo.clip_eps_high": GRPO,
-    "algorithm.grpo.log_kl": (GRPO & is_("algorithm.grpo.beta", 0.0)).because(
-        "With beta > 0 the KL penalty needs the reference forward, and its KL is always logged."
-    ),
-    "algorithm.grpo.drop_uniform_groups": GRPO,
-    "algorithm.ppo.kl_coef": PPO,
-    "algorithm.ppo.adaptive_kl": PPO,
-    "algorithm.ppo.target_kl": PPO & is_("algorithm.ppo.adaptive_kl", True),
-    "algorithm.ppo.kl_horizon": PPO & is_("algorithm.ppo.adaptive_kl", True),
-    "algorithm.ppo.gamma": PPO,
-    "algorithm.ppo.lam": PPO,
-    "algorithm.ppo.clip_eps": PPO,
-    "algorithm.ppo.clip_eps_value": PPO,
-    "algorithm.ppo.vf_coef": PPO,
-    "algorithm.ppo.whiten_advantages": PPO,
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,
     "optim.betas": ALWAYS,
@@ -169,8 +133,9 @@ APPLIES: dict[str, When] = {
     "optim.schedule": ALWAYS,
     "optim.min_lr_ratio": is_("optim.schedule", "cosine"),
     "optim.max_grad_norm": ALWAYS,
-    "optim.head_lr": is_("algorithm.name", "ppo", "reward").because(
-        "It is the learning rate of a scalar head, which only ppo (value head) and reward (score head) have."
+    "optim.head_lr": method_reads("optim.head_lr").because(
+        "It is the learning rate of a scalar head, which only methods that train one have (a reward model's "
+        "score head, PPO's value head)."
     ),
     "run.output_dir": ALWAYS,
     "run.max_steps": ALWAYS,
@@ -185,18 +150,36 @@ APPLIES: dict[str, When] = {
 }
 
 
-def reads(field: str) -> str:
+def _readers(schema: Any, field: str) -> list[str]:
+    """The methods that read a `METHOD_FIELDS` field."""
+    return [name for name, section in schema.methods().items() if field in section.run_fields]
+
+
+def rules_of(cfg_or_schema: Any) -> dict[str, When]:
+    """Every conditional rule of a run (or, given a `RunConfig` class, of no method): the shared table and the
+    chosen method's own rules, by dotted field."""
+    section = getattr(cfg_or_schema, "algorithm", None)
+    own = {f"algorithm.{k}": w for k, w in type(section).rules.items()} if section is not None else {}
+    return {**APPLIES, **own}
+
+
+def reads(field: str, schema: Any, method: str | None = None) -> str:
     """Which runs read `field`, for --help-config: "every method and technique" or "only when ..."."""
+    if method is not None:  # a field of that method's own section
+        when = schema.methods()[method].rules.get(field.removeprefix("algorithm."))
+        return f"algorithm.name={method}" + (f", only when {when.text}" if when is not None else "")
     when = APPLIES.get(field)
     if when is None:
         return "(not in the table: config_rules.APPLIES)"
+    if field in METHOD_FIELDS:
+        return f"only when algorithm.name is {' or '.join(_readers(schema, field))}"
     return when.text if when is ALWAYS else f"only when {when.text}"
 
 
 def unread_settings(cfg: Any) -> list[str]:
     """One paragraph per field set to a non-default value that this run would not read (empty: none)."""
     found = []
-    for field, when in APPLIES.items():
+    for field, when in rules_of(cfg).items():
         if when is ALWAYS:
             continue
         value, default = value_of(cfg, field), default_of(cfg, field)
@@ -204,9 +187,11 @@ def unread_settings(cfg: Any) -> list[str]:
             continue
         context = dict.fromkeys(("algorithm.name", "technique.name", *when.fields))
         this_run = ", ".join(f"{f}={show(value_of(cfg, f))}" for f in context)
+        text = (f"algorithm.name is {' or '.join(_readers(type(cfg), field))}" if field in METHOD_FIELDS
+                else when.text)  # fmt: skip
         advice = f" {when.advice}" if when.advice else ""
         found.append(
-            f"{field} = {show(value)} would be ignored: it is read only when {when.text}, and this run has "
+            f"{field} = {show(value)} would be ignored: it is read only when {text}, and this run has "
             f"{this_run}.{advice} Remove {field} (or set it back to its default, {show(default)}), or change the "
             "run so that it applies."
         )

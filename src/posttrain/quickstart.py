@@ -59,7 +59,8 @@ def run_quickstart(
     n_eval: int | None = None,
     fresh: bool = False,
 ) -> dict:
-    from posttrain.config import ModelConfig, TechniqueConfig, config_from_dict
+    from posttrain.algorithms import config_from_dict
+    from posttrain.config import ModelConfig, TechniqueConfig
     from posttrain.data import TASKS, write_jsonl
     from posttrain.errors import UserError
     from posttrain.evaluation import evaluate_task

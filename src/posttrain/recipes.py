@@ -50,7 +50,7 @@ RECIPES: dict[str, dict] = {
         "steps": 20,
         "config": {
             "data": {"max_length": 320},
-            "algorithm": {"name": "dpo", "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "adapter"}},
+            "algorithm": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "reference": "adapter"},
             "optim": _DPO_OPTIM,
         },
     },
@@ -62,7 +62,7 @@ RECIPES: dict[str, dict] = {
                 "name": "grpo",
                 "rewards": ["task", FORMAT_REWARD],
                 "rollout": {"batch_size": 32, **RL_ROLLOUT},
-                "grpo": {"num_generations": 8, "loss_type": "dapo", "scale": "group", "beta": 0.0, "clip_eps_high": 0.28},
+                "num_generations": 8, "loss_type": "dapo", "scale": "group", "beta": 0.0, "clip_eps_high": 0.28,
             },
             "optim": {"lr": 3e-4, "batch_size": 32, "micro_batch_size": 8, "schedule": "constant"},
         },
@@ -75,7 +75,7 @@ RECIPES: dict[str, dict] = {
                 "name": "ppo",
                 "rewards": ["task", FORMAT_REWARD],
                 "rollout": {"batch_size": 16, "epochs": 2, **RL_ROLLOUT},
-                "ppo": {"kl_coef": 0.05, "vf_coef": 0.1, "lam": 0.95, "gamma": 1.0},
+                "kl_coef": 0.05, "vf_coef": 0.1, "lam": 0.95, "gamma": 1.0,
             },
             "optim": {"lr": 2e-4, "head_lr": 1e-3, "batch_size": 8, "schedule": "constant"},
         },
@@ -151,7 +151,8 @@ def run_recipe(
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
     `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
     the published figures use the defaults."""
-    from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, config_from_dict
+    from posttrain.algorithms import config_from_dict
+    from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
     from posttrain.errors import UserError
     from posttrain.evaluation import paired_change
     from posttrain.models import load_model, load_tokenizer

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import RunConfig, dump_config
-from posttrain.config_rules import APPLIES, show
+from posttrain.algorithms import RunConfig
+from posttrain.config import dump_config
+from posttrain.config_rules import rules_of, show
 from posttrain.errors import ConfigError
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
@@ -82,15 +83,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
     """``field: old -> new`` for every field that differs from the saved config, run length and logging aside.
     A field the saved config lacks (added to posttrain since) counts as its default; a field this run does not
-    read (config_rules.APPLIES; e.g. LoRA settings a full run's older config.yaml kept) is no change."""
-    defaults = _flatten(RunConfig().model_dump(mode="json"))
+    read (`config_rules`; e.g. LoRA settings a full run's older config.yaml kept) is no change."""
+    # The defaults of this run's method (constructed, not validated: an RL section's defaults name no reward).
+    defaults = _flatten(type(cfg).model_construct(algorithm=type(cfg.algorithm).model_construct()).model_dump(mode="json"))
     before = _flatten(old)
+    rules = rules_of(cfg)
     return [
         f"{key}: {show(before.get(key, defaults.get(key)))} -> {show(value)}"
         for key, value in _flatten(cfg.model_dump(mode="json")).items()
         if key not in _RESUMABLE_CHANGES
         and before.get(key, defaults.get(key)) != value
-        and (key not in APPLIES or APPLIES[key].test(cfg))
+        and (key not in rules or rules[key].test(cfg))
     ]
 
 

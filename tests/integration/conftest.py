@@ -29,7 +29,7 @@ def sft_file(tmp_path):
 @pytest.fixture()
 def make_cfg(tiny_model_dir, sft_file, tmp_path):
     """Build a validated RunConfig for the tiny model; keyword overrides use dotted names."""
-    from posttrain.config import load_config
+    from posttrain.algorithms import load_config
 
     def make(run_name="run", **overrides):
         base = {

@@ -6,7 +6,7 @@ import sys
 def main(config_path: str, out_dir: str) -> None:
     import torch
 
-    from posttrain.config import load_config
+    from posttrain.algorithms import load_config
     from posttrain.train import train
 
     result = train(load_config(config_path), return_model=True)

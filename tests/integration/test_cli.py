@@ -150,7 +150,7 @@ def test_a_run_refused_before_the_model_loads_leaves_no_folder_and_the_fixed_rer
     run_dir = tmp_path / "grpo"
     base = [
         "train", f"model.name={tiny_model_dir}", "technique.name=lora", f"data.train={prompts}", "data.max_length=64",
-        "algorithm.name=grpo", "algorithm.rewards=[exact_match]", "algorithm.grpo.num_generations=2",
+        "algorithm.name=grpo", "algorithm.rewards=[exact_match]", "algorithm.num_generations=2",
         "algorithm.rollout.max_new_tokens=4", "optim.batch_size=4", f"run.output_dir={run_dir}", "run.max_steps=1",
         "run.progress=false",
     ]  # fmt: skip
@@ -167,11 +167,11 @@ def test_a_run_refused_before_the_model_loads_leaves_no_folder_and_the_fixed_rer
     run_dir = tmp_path / "dpo"
     base = [
         "train", f"model.name={tiny_model_dir}", "technique.name=lora", f"data.train={pairs}", "data.max_length=64",
-        "algorithm.name=dpo", "algorithm.dpo.loss_type=ipo", "optim.batch_size=4", f"run.output_dir={run_dir}",
+        "algorithm.name=dpo", "algorithm.loss_type=ipo", "optim.batch_size=4", f"run.output_dir={run_dir}",
         "run.max_steps=1", "run.progress=false",
     ]  # fmt: skip
-    code, out, err = run(capsys, *base, "algorithm.dpo.label_smoothing=0.1")
-    assert code == 2 and "algorithm.dpo.label_smoothing = 0.1 would be ignored" in err and "dpo" in err
+    code, out, err = run(capsys, *base, "algorithm.label_smoothing=0.1")
+    assert code == 2 and "algorithm.label_smoothing = 0.1 would be ignored" in err and "dpo" in err
     assert not run_dir.exists() and "Traceback" not in err
     code, out, err = run(capsys, *base)
     assert code == 0, err

@@ -96,7 +96,7 @@ def test_dpo_first_step_is_log2_in_every_reference_mode(make_cfg, dropout_model_
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
     common = {"model.name": str(dropout_model_dir), "algorithm.name": "dpo", "technique.name": technique,
-              "algorithm.dpo.reference": reference, "algorithm.dpo.beta": 1.0, "data.train": str(pairs),
+              "algorithm.reference": reference, "algorithm.beta": 1.0, "data.train": str(pairs),
               "run.max_steps": 1}  # fmt: skip
     first = train(make_cfg(f"dpo-{technique}-{reference}", **common)).history[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -125,7 +125,7 @@ def test_rl_ratio_is_one_on_the_first_step_of_a_rollout_used_twice(make_cfg, dro
         "model.name": str(dropout_model_dir), "algorithm.name": algorithm, "technique.name": "lora",
         "algorithm.rewards": f"[{tmp_path / 'r.py'}:letters]", "data.train": str(prompts),
         "algorithm.rollout.max_new_tokens": 8, "algorithm.rollout.epochs": 2, "optim.batch_size": 8,
-        "run.max_steps": 2, **({"algorithm.grpo.num_generations": 4} if algorithm == "grpo" else {}),
+        "run.max_steps": 2, **({"algorithm.num_generations": 4} if algorithm == "grpo" else {}),
     })  # fmt: skip
     first = train(cfg).history[0]
     assert first["clip_fraction"] == 0.0

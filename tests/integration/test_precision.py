@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import TechniqueConfig, load_config
+from posttrain.algorithms import load_config
+from posttrain.config import TechniqueConfig
 from posttrain.train import train
 
 
@@ -105,8 +106,8 @@ def test_bf16_dpo_first_step_is_log2_in_every_reference_mode(make_cfg, tmp_path,
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
     first = train(make_cfg(f"dpo-{technique}-{reference}", **{
-        "algorithm.name": "dpo", "technique.name": technique, "algorithm.dpo.reference": reference,
-        "algorithm.dpo.beta": 1.0, "data.train": str(pairs), "model.dtype": "bfloat16", "run.max_steps": 1,
+        "algorithm.name": "dpo", "technique.name": technique, "algorithm.reference": reference,
+        "algorithm.beta": 1.0, "data.train": str(pairs), "model.dtype": "bfloat16", "run.max_steps": 1,
     })).history[0]  # fmt: skip
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["kl_per_token"] == pytest.approx(0.0, abs=1e-7)

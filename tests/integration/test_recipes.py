@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from posttrain.config import config_from_dict
+from posttrain.algorithms import config_from_dict
 from posttrain.recipes import RECIPES, _is_recipe_folder, recipe_config, run_recipe
 
 

@@ -127,7 +127,7 @@ def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg,
     # writes nothing.
     from safetensors.torch import load_file
 
-    from posttrain.config import load_config
+    from posttrain.algorithms import load_config
 
     again = train(load_config(cfg_file, ["run.max_steps=3"]), resume=True, return_model=True)
     assert again.steps_trained == 0 and again.steps == 3
@@ -141,7 +141,7 @@ def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg,
 def test_a_resume_compares_only_the_settings_the_run_reads():
     """A config.yaml saved by an older posttrain may hold a setting that run never read (LoRA dropout under full
     fine-tuning); the same run, now without it, is no change. Under LoRA it is one."""
-    from posttrain.config import load_config
+    from posttrain.algorithms import load_config
     from posttrain.train import _config_changes
 
     for technique, expected in (("full", []), ("lora", ["technique.dropout: 0.1 -> 0.0"])):

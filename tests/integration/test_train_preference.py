@@ -43,8 +43,8 @@ def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, refe
         **{
             "algorithm.name": "dpo",
             "technique.name": technique,
-            "algorithm.dpo.reference": reference,
-            "algorithm.dpo.beta": 0.5,
+            "algorithm.reference": reference,
+            "algorithm.beta": 0.5,
             "data.train": str(pairs_file),
             "run.max_steps": 8,
             "optim.lr": 5e-3 if technique == "lora" else 1e-3,
@@ -110,7 +110,7 @@ def test_dpo_variants_run(make_cfg, pairs_file, loss_type):
         **{
             "algorithm.name": "dpo",
             "technique.name": "lora",
-            "algorithm.dpo.loss_type": loss_type,
+            "algorithm.loss_type": loss_type,
             "data.train": str(pairs_file),
             "run.max_steps": 6,
             "optim.lr": 5e-3,
@@ -168,8 +168,8 @@ def test_dpo_evaluation_uses_the_reference_in_every_mode(make_cfg, pairs_file, t
         **{
             "algorithm.name": "dpo",
             "technique.name": technique,
-            "algorithm.dpo.reference": reference,
-            "algorithm.dpo.beta": 0.5,
+            "algorithm.reference": reference,
+            "algorithm.beta": 0.5,
             "data.train": str(pairs_file),
             "data.eval": str(pairs_file),
             "run.max_steps": 6,
@@ -205,7 +205,7 @@ def test_dpo_reference_cache_does_not_depend_on_micro_batch_size(make_cfg, pairs
 
 
 def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
-    """With algorithm.reward_margin the loss is sum of -log sigma(s_w - s_l - m) with each row's `margin` m; without
+    """With algorithm.margin the loss is sum of -log sigma(s_w - s_l - m) with each row's `margin` m; without
     it the margin column is ignored. Checked against the model's own scores, on the same batch."""
     from posttrain.algorithms import reward
     from posttrain.models import load_tokenizer
@@ -222,7 +222,7 @@ def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
         B = len(rows)
         margin = torch.tensor([float(i % 3) for i in range(B)])
         off, _ = reward.loss_fn(model, batch, cfg)
-        cfg.algorithm.reward_margin = True
+        cfg.algorithm.margin = True
         on, _ = reward.loss_fn(model, batch, cfg)
     want_off = reward.bradley_terry_loss(scores[:B], scores[B:]).sum()
     want_on = reward.bradley_terry_loss(scores[:B], scores[B:], margin=margin).sum()
@@ -258,8 +258,8 @@ def test_reward_margin_without_margins_is_refused_and_unused_margins_are_noted(m
     from posttrain.errors import ConfigError
     from posttrain.models import load_tokenizer
 
-    cfg = make_cfg("rm", **{"algorithm.name": "reward", "data.train": str(pairs_file), "algorithm.reward_margin": "true"})
-    with pytest.raises(ConfigError, match=r"algorithm.reward_margin is true, but no pair of .* has a nonzero `margin`"):
+    cfg = make_cfg("rm", **{"algorithm.name": "reward", "data.train": str(pairs_file), "algorithm.margin": "true"})
+    with pytest.raises(ConfigError, match=r"algorithm.margin is true, but no pair of .* has a nonzero `margin`"):
         train(cfg)
     assert not Path(cfg.run.output_dir).exists()
     f = tmp_path / "margins.jsonl"

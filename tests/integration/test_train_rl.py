@@ -65,7 +65,7 @@ def rl(make_cfg, tmp_path):
             "run.max_steps": 3,
         }
         if algorithm == "grpo":  # a grpo setting under ppo would be refused (read by grpo only)
-            base["algorithm.grpo.num_generations"] = 4
+            base["algorithm.num_generations"] = 4
         base.update(overrides)
         return make_cfg(name, **base)
 
@@ -136,7 +136,7 @@ def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
 @pytest.mark.parametrize("technique", ["lora", "full"])
 def test_grpo_kl_reference_is_the_starting_model(rl, technique):
     """LoRA: the base with the adapter disabled; full: a frozen copy loaded on the first use."""
-    cfg = rl(f"kl-{technique}", **{"algorithm.grpo.beta": 0.1, "technique.name": technique})
+    cfg = rl(f"kl-{technique}", **{"algorithm.beta": 0.1, "technique.name": technique})
     hist = read_metrics(train(cfg).run_dir / "metrics.jsonl")
     # step 1: the policy is still the starting model (LoRA: the adapter is zero), and its reference forward
     # gives the same log-probs to the bit
@@ -164,7 +164,7 @@ def test_old_logps_are_fixed_when_a_rollout_feeds_several_steps(rl, rollout_size
 
 
 def test_drop_uniform_groups_trains_only_on_groups_with_signal(rl, tiny_model_dir):
-    overrides = {"algorithm.grpo.drop_uniform_groups": "true", "algorithm.grpo.loss_type": "grpo"}
+    overrides = {"algorithm.drop_uniform_groups": "true", "algorithm.loss_type": "grpo"}
     hist = read_metrics(
         train(rl("drop", reward="even_first_is_uniform", **overrides)).run_dir / "metrics.jsonl"
     )
@@ -188,7 +188,7 @@ def test_ppo_lora_trains_adapters_and_value_head_and_the_value_loss_falls(rl, ti
         "ppo",
         algorithm="ppo",
         reward="constant",
-        **{"algorithm.ppo.kl_coef": 0, "algorithm.ppo.lam": 1.0, "algorithm.rollout.batch_size": 16,
+        **{"algorithm.kl_coef": 0, "algorithm.lam": 1.0, "algorithm.rollout.batch_size": 16,
            "optim.batch_size": 8, "technique.target_modules": "[lm_head]", "run.max_steps": 10},
     )  # fmt: skip
     result = train(cfg, return_model=True)
@@ -218,7 +218,7 @@ def test_ppo_learns_a_toy_reward_with_its_kl_reference(rl):
     cfg = rl(
         "ppo-learn",
         algorithm="ppo",
-        **{"algorithm.ppo.kl_coef": 0.01, "technique.target_modules": "[lm_head]", "optim.lr": 3e-2,
+        **{"algorithm.kl_coef": 0.01, "technique.target_modules": "[lm_head]", "optim.lr": 3e-2,
            "run.max_steps": 16},
     )  # fmt: skip
     hist = read_metrics(train(cfg).run_dir / "metrics.jsonl")
@@ -232,7 +232,7 @@ def test_ppo_resumes_mid_rollout_with_its_value_head(rl):
     """Stopped after step 3 (the first step of rollout 1), resumed to 4: step 4 samples rollout 1 anew from the
     restored weights. The value head comes back too: a fresh zero head would score this step's returns
     (all exactly 1) with a value loss of exactly 0.5."""
-    overrides = {"algorithm.ppo.kl_coef": 0, "algorithm.ppo.lam": 1.0, "algorithm.rollout.batch_size": 16,
+    overrides = {"algorithm.kl_coef": 0, "algorithm.lam": 1.0, "algorithm.rollout.batch_size": 16,
                  "optim.batch_size": 8, "technique.target_modules": "[lm_head]", "run.save_every": 1}  # fmt: skip
     first = train(rl("resume", algorithm="ppo", reward="constant", **overrides))
     resumed = train(
@@ -250,8 +250,8 @@ def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
     """Rollout 0 (steps 1-2) has KL exactly 0 (policy = reference: LoRA's B matrices start at zero), so the
     controller moves the coefficient 0.1 -> 0.1 x (1 + clip((0 - 1) / 1, -0.2, 0.2) x 16 / 100) = 0.0968 for
     rollout 1. A run stopped after step 2 and resumed must use 0.0968 at step 3, not restart from ppo.kl_coef."""
-    overrides = {"algorithm.ppo.adaptive_kl": True, "algorithm.ppo.kl_coef": 0.1, "algorithm.ppo.target_kl": 1.0,
-                 "algorithm.ppo.kl_horizon": 100, "algorithm.rollout.batch_size": 16, "algorithm.rollout.epochs": 1,
+    overrides = {"algorithm.adaptive_kl": True, "algorithm.kl_coef": 0.1, "algorithm.target_kl": 1.0,
+                 "algorithm.kl_horizon": 100, "algorithm.rollout.batch_size": 16, "algorithm.rollout.epochs": 1,
                  "optim.batch_size": 8, "run.save_every": 1, "run.max_steps": 2}  # fmt: skip
     first = train(rl("adaptive", algorithm="ppo", **overrides))
     saved = json.loads((first.run_dir / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
@@ -305,7 +305,7 @@ def test_grpo_log_kl_false_skips_the_reference_forward_at_beta_zero(rl, monkeypa
     calls = []
     real = source.reference_logps
     monkeypatch.setattr(source, "reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    hist = read_metrics(train(rl("nokl", **{"algorithm.grpo.log_kl": "false"})).run_dir / "metrics.jsonl")
+    hist = read_metrics(train(rl("nokl", **{"algorithm.log_kl": "false"})).run_dir / "metrics.jsonl")
     assert calls == [] and all("kl" not in h for h in hist)
     train(rl("kl", **{"run.max_steps": 1}))
     assert calls == [1]  # log_kl (the default): one reference forward per rollout
@@ -341,7 +341,7 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo/ppo"),
+        ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo"),
         ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
         ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
         ({"data.eval": "x.jsonl"}, "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo"),
@@ -357,8 +357,8 @@ def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
 def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
     from posttrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"algorithm.rewards = \[task\] would be ignored: it is read only when "
-                       "algorithm.name is grpo or ppo, and this run has algorithm.name=sft"):
+    with pytest.raises(ConfigError, match=r"algorithm.rewards: not a setting of algorithm.name=sft; it belongs to "
+                       "grpo, ppo"):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
 
 
@@ -419,7 +419,7 @@ def test_reward_functions_see_which_completions_were_truncated(rl):
 def test_overlong_fixed_replaces_the_reward_of_truncated_completions(rl, algorithm):
     overrides = {**SHORT, "algorithm.rollout.overlong": "fixed", "algorithm.rollout.overlong_reward": -0.5}
     if algorithm == "ppo":
-        overrides.update({"optim.batch_size": 8, "algorithm.ppo.kl_coef": 0})
+        overrides.update({"optim.batch_size": 8, "algorithm.kl_coef": 0})
     hist = read_metrics(
         train(rl(f"fixed-{algorithm}", algorithm, "constant", **overrides)).run_dir / "metrics.jsonl"
     )
@@ -453,7 +453,7 @@ def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm
     if algorithm == "ppo":
         overrides.update({"optim.batch_size": 8, "algorithm.rollout.batch_size": 16})
     else:
-        overrides["algorithm.grpo.loss_type"] = "grpo"
+        overrides["algorithm.loss_type"] = "grpo"
     runs = {}
     for overlong in ("filter", "score"):
         cfg = rl(

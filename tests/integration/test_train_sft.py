@@ -91,7 +91,7 @@ def test_adapters_are_the_only_parameters_that_change(make_cfg, technique):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatch):
-    from posttrain.algorithms import sft
+    from posttrain.algorithms import ALGORITHMS, sft
 
     calls = {"n": 0}
     real = sft.loss_fn
@@ -101,9 +101,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ma
         loss, metrics = real(model, batch, cfg)
         return (loss * float("nan") if calls["n"] == 3 else loss), metrics
 
-    monkeypatch.setattr(
-        "posttrain.algorithms.sft.ALGORITHM", dataclasses.replace(sft.ALGORITHM, loss_fn=flaky)
-    )
+    monkeypatch.setitem(ALGORITHMS, "sft", dataclasses.replace(sft.ALGORITHM, loss_fn=flaky))
     cfg = make_cfg(**{"run.max_steps": 5})
     with pytest.raises(TrainingDiverged) as err:
         train(cfg)
@@ -185,7 +183,7 @@ def test_resume_refuses_a_changed_seed(make_cfg):
 
 def test_nan_gradient_with_finite_loss_is_caught_without_clipping(make_cfg, monkeypatch):
     """With optim.max_grad_norm null the norm is still computed, so an inf gradient never reaches the weights."""
-    from posttrain.algorithms import sft
+    from posttrain.algorithms import ALGORITHMS, sft
 
     class InfGrad(torch.autograd.Function):
         """Forward 0 (the loss stays finite), backward inf into its input."""
@@ -211,9 +209,7 @@ def test_nan_gradient_with_finite_loss_is_caught_without_clipping(make_cfg, monk
             loss = loss + InfGrad.apply(weight)
         return loss, metrics
 
-    monkeypatch.setattr(
-        "posttrain.algorithms.sft.ALGORITHM", dataclasses.replace(sft.ALGORITHM, loss_fn=inf_grad)
-    )
+    monkeypatch.setitem(ALGORITHMS, "sft", dataclasses.replace(sft.ALGORITHM, loss_fn=inf_grad))
     cfg = make_cfg(**{"run.max_steps": 4, "optim.max_grad_norm": "null"})
     with pytest.raises(TrainingDiverged, match="step 2: the gradient norm"):
         train(cfg)

@@ -10,7 +10,7 @@ import pytest
 from posttrain.advisor import advise
 from posttrain.advisor.profile import KEYS
 from posttrain.advisor.rules import load_rules
-from posttrain.config import config_from_dict
+from posttrain.algorithms import config_from_dict
 from posttrain.errors import UserError
 
 CASES = [

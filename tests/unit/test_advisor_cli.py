@@ -9,7 +9,7 @@ import yaml
 from posttrain.advisor.cli import add_parser
 from posttrain.advisor.datafile import summarise
 from posttrain.advisor.profile import KEYS, ask, load_profile
-from posttrain.config import load_config
+from posttrain.algorithms import load_config
 from posttrain.errors import UserError
 
 

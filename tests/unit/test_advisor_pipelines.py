@@ -9,7 +9,7 @@ Counts are the papers' (rounded); where a paper gives no count, the comment says
 import pytest
 
 from posttrain.advisor import advise
-from posttrain.config import config_from_dict
+from posttrain.algorithms import config_from_dict
 from posttrain.errors import UserError
 
 PIPELINES = [
@@ -113,7 +113,7 @@ ALGORITHM_FIELDS = {
     "sft": {"name"},
     "reward": {"name"},
     "dpo": {"name"},
-    "grpo": {"name", "rollout", "grpo", "rewards", "reward_model"},
+    "grpo": {"name", "rollout", "num_generations", "rewards", "reward_model"},
     "ppo": {"name", "rollout", "rewards", "reward_model"},
 }
 
@@ -155,7 +155,7 @@ def test_every_stage_config_validates_and_chains(name, profile, pipeline, techni
             suffix = "final" if a.technique == "full" else "merged"
             policy = f"{cfg.run.output_dir}/{suffix}"
         if c["stage"] == "grpo":
-            assert cfg.optim.batch_size % cfg.algorithm.grpo.num_generations == 0
+            assert cfg.optim.batch_size % cfg.algorithm.num_generations == 0
         if reward_run is not None and c["stage"] == "ppo":
             assert cfg.algorithm.reward_model == reward_run
 

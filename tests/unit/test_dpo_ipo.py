@@ -1,4 +1,4 @@
-"""IPO scores length-averaged log-probabilities by default (`algorithm.dpo.ipo_logps: mean`), sums on request.
+"""IPO scores length-averaged log-probabilities by default (`algorithm.ipo_logps: mean`), sums on request.
 
 Worked by hand on the batch the DPO loss function sees: the policy's and the reference's per-token
 log-probabilities of each response, averaged over its scored tokens, give the margin h, and the loss is
@@ -7,8 +7,7 @@ log-probabilities of each response, averaged over its scored tokens, give the ma
 import pytest
 import torch
 
-from posttrain.algorithms import dpo
-from posttrain.config import load_config
+from posttrain.algorithms import dpo, load_config
 from posttrain.models.logprobs import selected_token_logps
 
 
@@ -43,9 +42,9 @@ def _by_hand(model, batch, beta, reduce):
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 def test_ipo_loss_uses_the_configured_reduction(tiny_model, batch, reduce):
-    cfg = load_config(None, ["algorithm.name=dpo", "technique.name=full", "algorithm.dpo.reference=precompute",
-                             "algorithm.dpo.loss_type=ipo", "algorithm.dpo.beta=0.5",
-                             f"algorithm.dpo.ipo_logps={reduce}"])  # fmt: skip
+    cfg = load_config(None, ["algorithm.name=dpo", "technique.name=full", "algorithm.reference=precompute",
+                             "algorithm.loss_type=ipo", "algorithm.beta=0.5",
+                             f"algorithm.ipo_logps={reduce}"])  # fmt: skip
     model = tiny_model.eval()
     with torch.no_grad():
         loss, metrics = dpo.loss_fn(model, batch, cfg)
@@ -56,4 +55,4 @@ def test_ipo_loss_uses_the_configured_reduction(tiny_model, batch, reduce):
 
 
 def test_ipo_defaults_to_the_length_averaged_form():
-    assert load_config(None, ["algorithm.name=dpo", "algorithm.dpo.loss_type=ipo"]).algorithm.dpo.ipo_logps == "mean"
+    assert load_config(None, ["algorithm.name=dpo", "algorithm.loss_type=ipo"]).algorithm.ipo_logps == "mean"

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.algorithms import grpo
-from posttrain.config import load_config
+from posttrain.algorithms import grpo, load_config
 from posttrain.rollout.engine import Rollout
 from posttrain.rollout.source import ScoredRollout
 
@@ -38,8 +37,8 @@ def test_batch_scale_divides_by_the_std_over_every_process():
     """Rank 0 holds rewards [0, 1 | 0, 0]; rank 1 holds [4, 8 | 2, 2]. Batch std (unbiased) of all eight:
     mean 17/8; squared deviations sum to 52.875 -> var 52.875 / 7 = 7.5536, std 2.7484. Rank 0's first group
     centred: [-0.5, 0.5] -> [-0.18192, 0.18192]; its own std (0.5) would give [-1, 1]."""
-    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.grpo.scale=batch",
-                             "algorithm.grpo.num_generations=2", "algorithm.grpo.log_kl=false",
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.scale=batch",
+                             "algorithm.num_generations=2", "algorithm.log_kl=false",
                              "optim.batch_size=4"])  # fmt: skip
     ctx = SimpleNamespace(cfg=cfg, accelerator=TwoProcesses(torch.tensor([4.0, 8.0, 2.0, 2.0])), micro_batch_size=4)
     tensors, _ = grpo._process(_scored([0.0, 1.0, 0.0, 0.0]), ctx)
@@ -54,7 +53,7 @@ def test_log_kl_default_follows_the_cost_of_the_reference(technique, logged):
     cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", f"technique.name={technique}"])
     assert grpo.logs_kl(cfg) is logged
     forced = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", f"technique.name={technique}",
-                                "algorithm.grpo.log_kl=true"])  # fmt: skip
+                                "algorithm.log_kl=true"])  # fmt: skip
     assert grpo.logs_kl(forced) is True
 
 
@@ -62,5 +61,5 @@ def test_adaptive_kl_cannot_start_at_zero():
     from posttrain.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"kl_coef.*stays 0"):
-        load_config(None, ["algorithm.name=ppo", "algorithm.rewards=[constant]", "algorithm.ppo.adaptive_kl=true",
-                           "algorithm.ppo.kl_coef=0"])  # fmt: skip
+        load_config(None, ["algorithm.name=ppo", "algorithm.rewards=[constant]", "algorithm.adaptive_kl=true",
+                           "algorithm.kl_coef=0"])  # fmt: skip

@@ -65,7 +65,7 @@ def test_overlong_cache_defaults_to_a_fifth_of_the_limit():
 
 
 def test_overlong_cache_longer_than_the_limit_is_a_config_error():
-    from posttrain.config import load_config
+    from posttrain.algorithms import load_config
     from posttrain.errors import ConfigError
 
     base = ["algorithm.name=grpo", "algorithm.rewards=[task]", "algorithm.rollout.max_new_tokens=32",

@@ -214,7 +214,7 @@ def test_built_in_rejected_kind_is_an_allowed_field(tmp_path):
 
 
 def test_margin_is_an_optional_non_negative_number(tmp_path):
-    """A `margin` column feeds the Bradley-Terry margin (algorithm.reward_margin); it must be a number >= 0."""
+    """A `margin` column feeds the Bradley-Terry margin (algorithm.margin); it must be a number >= 0."""
     f = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "margin": 1.5}])
     assert load_rows(f, "preference")[0]["margin"] == 1.5
     g = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "margin": -1},

@@ -301,14 +301,14 @@ def test_trim_drops_all_padding_columns_only():
 
 # ---------------------------------------------------------------------------------------------- rollout source
 def _source(tmp_path, *, prompts=12, world=1, rank=0, **overrides):
+    from posttrain.algorithms import load_config
     from posttrain.algorithms.base import PreparedData, SourceContext
-    from posttrain.config import load_config
     from posttrain.rollout.source import PromptExample
 
     base = {
         "algorithm.name": "grpo",
         "algorithm.rewards": "[exact_match]",
-        "algorithm.grpo.num_generations": 2,
+        "algorithm.num_generations": 2,
         "optim.batch_size": 4,
         "optim.micro_batch_size": 2,
         "algorithm.rollout.batch_size": 8,
@@ -329,7 +329,7 @@ def _source(tmp_path, *, prompts=12, world=1, rank=0, **overrides):
         run_dir=tmp_path,
         micro_batch_size=cfg.optim.micro_batch_size,
     )
-    return RolloutSource(ctx, group_size=cfg.algorithm.grpo.num_generations, process=None)
+    return RolloutSource(ctx, group_size=cfg.algorithm.num_generations, process=None)
 
 
 def _tensors(n: int, tag: int = 0) -> dict[str, torch.Tensor]:
@@ -415,10 +415,15 @@ def test_an_empty_step_only_logs(tmp_path, monkeypatch):
 
 
 def test_drop_uniform_groups_is_refused_on_several_processes(tmp_path):
+    from posttrain.algorithms import grpo, load_config
     from posttrain.errors import ConfigError
 
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[exact_match]", "algorithm.num_generations=2",
+                             "optim.batch_size=4", "algorithm.rollout.batch_size=8",
+                             "algorithm.drop_uniform_groups=true"])  # fmt: skip
+    assert grpo.ALGORITHM.plan(cfg, 12, 1, 2).steps_per_epoch == 6  # one process: fine
     with pytest.raises(ConfigError, match="drop_uniform_groups"):
-        _source(tmp_path, world=2, **{"algorithm.grpo.drop_uniform_groups": "true"})
+        grpo.ALGORITHM.plan(cfg, 12, 2, 2)
 
 
 def _reward_result(failures: dict[str, int], n: int = 4):

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain.algorithms import dpo, grpo
+from posttrain.algorithms import dpo, grpo, load_config
 from posttrain.algorithms.common import masked_mean, masked_sum
-from posttrain.config import load_config
 from posttrain.trainer.loop import _MetricSums
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
@@ -33,8 +32,8 @@ def _rows(batch, idx):
 
 def test_grpo_token_metrics_do_not_depend_on_micro_batches(tiny_model):
     torch.manual_seed(0)
-    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.grpo.loss_type=grpo",
-                             "algorithm.grpo.num_generations=2", "optim.batch_size=4",
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.loss_type=grpo",
+                             "algorithm.num_generations=2", "optim.batch_size=4",
                              "algorithm.rollout.max_new_tokens=6"])  # fmt: skip
     B, P, C = 4, 3, 6
     ids = torch.randint(3, 200, (B, P + C))
@@ -73,7 +72,7 @@ def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokeniz
     from posttrain.data.preference import render_preference_dataset
     from posttrain.data.schema import normalise_row
 
-    cfg = load_config(None, ["algorithm.name=dpo", "technique.name=full", "algorithm.dpo.reference=precompute"])
+    cfg = load_config(None, ["algorithm.name=dpo", "technique.name=full", "algorithm.reference=precompute"])
     rows = [
         normalise_row({"prompt": "q", "chosen": "a" * n, "rejected": "b" * (n + 1)}, "preference")
         for n in (1, 9, 2, 14)

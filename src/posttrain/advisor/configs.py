@@ -81,7 +81,7 @@ def stage_config(
         # The estimate sized completions of half the sequence length (the other half is the prompt).
         algorithm["rollout"] = {"max_new_tokens": max(1, seq_len // 2)}
     if stage == "grpo":
-        algorithm["grpo"] = {"num_generations": group_size}
+        algorithm["num_generations"] = group_size
     return {
         "model": {"name": model, "gradient_checkpointing": True},
         "technique": tech,

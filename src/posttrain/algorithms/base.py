@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from posttrain.config import AlgorithmSection
 from posttrain.trainer.batches import EpochPlan, plan_examples
 
 Batch = dict[str, Any]
@@ -79,6 +80,8 @@ class BatchSource(Protocol):
 @dataclass(frozen=True)
 class Algorithm:
     name: str
+    config: type[AlgorithmSection]
+    """The method's `algorithm:` section (`name` fixed to `name`): its settings, their rules and its checks."""
     prepare: Callable[[Any, Any], PreparedData]
     """prepare(cfg, tokenizer) -> PreparedData: read, validate and render the data (user errors surface here)."""
     loss_fn: LossFn

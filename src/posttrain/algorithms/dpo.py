@@ -30,14 +30,59 @@ Letters: B batch (pairs).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from posttrain.algorithms.base import Algorithm, Mean, PreparedData
 from posttrain.algorithms.common import kl_estimate, masked_sum
 from posttrain.algorithms.reward import pair_accuracy
+from posttrain.config import AlgorithmSection
+from posttrain.config_rules import When, is_, is_not
+
+
+class Config(AlgorithmSection):
+    """`algorithm: {name: dpo, ...}`: the DPO family on preference pairs (docs/preference.md)."""
+
+    name: Literal["dpo"] = "dpo"
+    """Direct preference optimisation and its relatives (IPO, hinge, SimPO)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL anchor to the reference: implicit reward = beta * (log pi - log pi_ref)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo`, `hinge` (SLiC), or `simpo` (reference-free: no reference model at all)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Conservative DPO: the assumed share of flipped labels (sigmoid loss only)."""
+    ipo_logps: Literal["mean", "sum"] = "mean"
+    """How IPO (loss_type=ipo) reduces each response's token log-probabilities before the loss: `mean`
+    (length-averaged, the form the IPO authors' results rest on, so beta values from the IPO literature carry
+    over) or `sum` (the sequence log-probability: the target 1/(2 beta) is then spread over the whole answer and
+    the loss grows with length squared). See docs/preference.md."""
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    """SimPO target reward margin gamma (loss_type=simpo)."""
+    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
+    """How the frozen reference is held. `adapter`: the base with the LoRA adapter disabled (lora/qlora, no
+    extra memory); `precompute`: reference log-probs computed in one pass before training and cached in the
+    run folder (one model in memory); `copy`: a second frozen model. `auto`: adapter under lora/qlora, else
+    precompute."""
+
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval"})
+    rules: ClassVar[dict[str, When]] = {
+        "label_smoothing": is_("algorithm.loss_type", "sigmoid"),
+        "ipo_logps": is_("algorithm.loss_type", "ipo"),
+        "simpo_gamma": is_("algorithm.loss_type", "simpo"),
+        "reference": is_not("algorithm.loss_type", "simpo").because(
+            "SimPO is reference-free: no reference model is used at all."
+        ),
+    }
+
+    def check(self, run) -> None:
+        if self.reference == "adapter" and run.technique.name == "full":
+            raise ValueError(
+                "algorithm.reference=adapter needs technique lora or qlora (full fine-tuning has no adapter to "
+                "disable); use precompute or copy"
+            )
 
 
 class DPOOutput(NamedTuple):
@@ -143,7 +188,7 @@ def simpo_loss(
 
 # ---------------------------------------------------------------------------------------------------------------
 # On the shared loop: pairs -> one concatenated forward (B chosen rows, then B rejected rows) -> dpo_loss.
-# The reference is held one of three ways (`algorithm.dpo.reference`): the base with the adapter disabled
+# The reference is held one of three ways (`algorithm.reference`): the base with the adapter disabled
 # (LoRA/QLoRA: no second model), log-probs precomputed in one pass and cached in the run folder (one model in
 # memory), or a frozen copy. `simpo` needs no reference at all.
 
@@ -151,7 +196,7 @@ REFERENCE_CACHE = "reference_logps.pt"
 
 
 def reference_mode(cfg) -> str:
-    d = cfg.algorithm.dpo
+    d = cfg.algorithm
     if d.loss_type == "simpo":
         return "none"
     if d.reference != "auto":
@@ -181,7 +226,7 @@ def prepare(cfg, tokenizer) -> PreparedData:
             pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path)
         notes.extend(str(w.message) for w in caught)
         for pair, row in zip(pairs, rows):
-            pair.margin = float(row.get("margin", 0.0) or 0.0)  # used by reward models with reward_margin
+            pair.margin = float(row.get("margin", 0.0) or 0.0)  # used by reward models with algorithm.margin
         return pairs
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -224,7 +269,7 @@ def _reference_token_logps(model, batch) -> torch.Tensor:
         from posttrain.errors import ConfigError
 
         raise ConfigError(
-            "DPO under full fine-tuning needs reference log-probs in the batch (algorithm.dpo.reference="
+            "DPO under full fine-tuning needs reference log-probs in the batch (algorithm.reference="
             "precompute or copy); this batch has none"
         )
     was_training = unwrapped.training
@@ -245,7 +290,7 @@ def loss_units(batch, cfg=None) -> int:
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from posttrain.models.logprobs import selected_token_logps
 
-    d = cfg.algorithm.dpo
+    d = cfg.algorithm
     B = loss_units(batch)
     mask = batch["loss_mask"]
     ref = None
@@ -414,5 +459,5 @@ def make_source(ctx):
 
 
 ALGORITHM = Algorithm(
-    name="dpo", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source
+    name="dpo", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source
 )

@@ -26,14 +26,55 @@ Letters: B batch (completions, B = number of prompts x G), G group size, T compl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
+from pydantic import Field
 
 from posttrain.algorithms.base import Algorithm, Mean
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
+from posttrain.config import RLSection
+from posttrain.config_rules import When, is_
+from posttrain.errors import ConfigError
 from posttrain.rollout.overlong import drop_from_loss
+
+
+class Config(RLSection):
+    """`algorithm: {name: grpo, ...}`: group-relative policy optimisation (docs/rl.md)."""
+
+    name: Literal["grpo"] = "grpo"
+    """GRPO: G completions per prompt, rewards normalised within each group, no value model."""
+    num_generations: int = Field(8, ge=2)
+    """G: completions per prompt; advantages are normalised within each group of G."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Aggregation over tokens (see docs/rl.md on length bias): `grpo` per-sequence mean, `dapo` token mean,
+    `dr_grpo` sum / (sequences x max_new_tokens)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std, the batch std, or nothing (Dr. GRPO)."""
+    beta: float = Field(0.0, ge=0)
+    """KL penalty (k3 estimator) to the reference; at 0 the loss needs no reference (see `log_kl`)."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Lower clip of the importance ratio: 1 - clip_eps."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """Upper clip (DAPO clip-higher): 1 + clip_eps_high; default clip_eps."""
+    log_kl: bool | None = None
+    """Log the KL to the reference (k3) when beta is 0 too, at the cost of one no-grad reference forward per
+    rollout. null (default): on under lora/qlora (the reference is the adapter disabled: no extra memory), off
+    under full fine-tuning (it would load a second full model only for a log line); true or false forces it.
+    With beta > 0 the KL is always computed and logged (the loss needs it)."""
+    drop_uniform_groups: bool = False
+    """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
+
+    rules: ClassVar[dict[str, When]] = {
+        **RLSection.rules,
+        "log_kl": is_("algorithm.beta", 0.0).because(
+            "With beta > 0 the KL penalty needs the reference forward, and its KL is always logged."
+        ),
+    }
+
+    def group_size(self) -> int:
+        return self.num_generations
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -234,7 +275,7 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     from posttrain.rollout.source import batched_logps, reference_logps, sequence_tensors, steps_per_rollout
 
     cfg = ctx.cfg
-    g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
+    g, rc = cfg.algorithm, cfg.algorithm.rollout
     G = g.num_generations
     tensors = sequence_tensors(scored.rollout)
     batch_rewards = None
@@ -274,19 +315,19 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 def logs_kl(cfg) -> bool:
     """Whether a run at beta 0 still computes the KL to the reference for the log (`grpo.log_kl`; null: only
     when the reference costs no second model, i.e. the adapter disabled under lora/qlora)."""
-    log_kl = cfg.algorithm.grpo.log_kl
+    log_kl = cfg.algorithm.log_kl
     return log_kl if log_kl is not None else cfg.technique.name in ("lora", "qlora")
 
 
 def make_source(ctx):
     from posttrain.rollout.source import RolloutSource
 
-    return RolloutSource(ctx, group_size=ctx.cfg.algorithm.grpo.num_generations, process=_process)
+    return RolloutSource(ctx, group_size=ctx.cfg.algorithm.num_generations, process=_process)
 
 
 def loss_units(batch, cfg) -> float:
     return grpo_loss_units(
-        batch["completion_mask"], cfg.algorithm.grpo.loss_type, cfg.algorithm.rollout.max_new_tokens
+        batch["completion_mask"], cfg.algorithm.loss_type, cfg.algorithm.rollout.max_new_tokens
     )
 
 
@@ -294,7 +335,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on one micro-batch, returned as a sum over its loss units (the loop divides once per step)."""
     from posttrain.models.logprobs import selected_token_logps
 
-    g, rc = cfg.algorithm.grpo, cfg.algorithm.rollout
+    g, rc = cfg.algorithm, cfg.algorithm.rollout
     mask = batch["completion_mask"]  # (B, T), full width: 0 over the prompt
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     logps, entropy = selected_token_logps(model, inputs, mask, temperature=rc.temperature, with_entropy=True)
@@ -329,11 +370,19 @@ def prepare(cfg, tokenizer):
 def plan(cfg, n: int, world_size: int, micro_batch_size: int):
     from posttrain.rollout.source import plan_rollouts
 
-    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=cfg.algorithm.grpo.num_generations)
+    if cfg.algorithm.drop_uniform_groups and world_size > 1:
+        # Dropping leaves processes with different numbers of sequences, and one left with none would skip the
+        # gradient all-reduce the others wait in.
+        raise ConfigError(
+            "algorithm.drop_uniform_groups is not supported with several processes yet; set it to false "
+            "(uniform groups then train with zero advantage)"
+        )
+    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=cfg.algorithm.num_generations)
 
 
 ALGORITHM = Algorithm(
     name="grpo",
+    config=Config,
     prepare=prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,

@@ -17,12 +17,59 @@ Letters: B batch (completions), T completion tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.config import RLSection
+from posttrain.config_rules import When, is_
 from posttrain.rollout.overlong import drop_from_loss
+
+
+class Config(RLSection):
+    """`algorithm: {name: ppo, ...}`: PPO with a value head, GAE and a KL penalty (docs/rl.md)."""
+
+    name: Literal["ppo"] = "ppo"
+    """PPO: one completion per prompt, per-token KL-shaped rewards, GAE advantages from a value head."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial per-token KL penalty coefficient folded into the rewards."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards `target_kl` (Ziegler et al. 2019)."""
+    target_kl: float = Field(6.0, gt=0)
+    """Target KL (nats per sequence) of the adaptive controller."""
+    kl_horizon: int = Field(10000, gt=0)
+    """Horizon of the adaptive controller, in samples."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    """Policy ratio clip."""
+    clip_eps_value: float = Field(0.2, gt=0)
+    """Value clip around the rollout's values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout batch."""
+
+    run_fields: ClassVar[frozenset[str]] = frozenset({"optim.head_lr"})
+    rules: ClassVar[dict[str, When]] = {
+        **RLSection.rules,
+        "target_kl": is_("algorithm.adaptive_kl", True),
+        "kl_horizon": is_("algorithm.adaptive_kl", True),
+    }
+
+    def check(self, run) -> None:
+        super().check(run)
+        if self.adaptive_kl and self.kl_coef == 0:
+            raise ValueError(
+                "algorithm.adaptive_kl multiplies algorithm.kl_coef by a factor near 1 each rollout, so a "
+                "coefficient that starts at 0 stays 0 and the controller never acts; set algorithm.kl_coef > 0 "
+                "(e.g. 0.05) or algorithm.adaptive_kl=false"
+            )
 
 
 def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -325,7 +372,7 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
     """Scores -> KL-shaped per-token rewards -> GAE advantages and returns, with the old values and log-probs."""
     from posttrain.rollout.source import reference_logps, sequence_tensors
 
-    p, rc, acc = ctx.cfg.algorithm.ppo, ctx.cfg.algorithm.rollout, ctx.accelerator
+    p, rc, acc = ctx.cfg.algorithm, ctx.cfg.algorithm.rollout, ctx.accelerator
     tensors = sequence_tensors(scored.rollout)
     values, old = _rollout_values_and_logps(ctx, tensors, rc.temperature)
     ref = reference_logps(ctx, tensors, rc.temperature) if p.kl_coef > 0 or p.adaptive_kl else old
@@ -374,7 +421,7 @@ def make_source(ctx):
 
     from posttrain.rollout.source import RolloutSource
 
-    p = ctx.cfg.algorithm.ppo
+    p = ctx.cfg.algorithm
     controller = (
         AdaptiveKLController(value=p.kl_coef, target=p.target_kl, horizon=p.kl_horizon)
         if p.adaptive_kl
@@ -394,7 +441,7 @@ def loss_units(batch, cfg) -> float:
 
 
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    p, rc = cfg.algorithm.ppo, cfg.algorithm.rollout
+    p, rc = cfg.algorithm, cfg.algorithm.rollout
     mask = batch["completion_mask"]
     values, logps = _values_and_logps(model, batch, rc.temperature)
     pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps)
@@ -439,6 +486,7 @@ def plan(cfg, n: int, world_size: int, micro_batch_size: int):
 
 ALGORITHM = Algorithm(
     name="ppo",
+    config=Config,
     prepare=prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,

@@ -16,10 +16,25 @@ Letters: B batch (pairs).
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 
 from posttrain.algorithms.base import Algorithm
+from posttrain.config import AlgorithmSection
+
+
+class Config(AlgorithmSection):
+    """`algorithm: {name: reward}`: a Bradley-Terry reward model on preference pairs (docs/preference.md)."""
+
+    name: Literal["reward"] = "reward"
+    """A reward model: a scalar head on the language model, trained on (prompt, chosen, rejected) pairs."""
+    margin: bool = False
+    """Use the pairs' `margin` column in the Bradley-Terry loss (Llama 2): the chosen score must beat the rejected
+    one by at least the margin."""
+
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "optim.head_lr"})
 
 
 def bradley_terry_loss(
@@ -86,7 +101,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], keep=keep
     )  # (2B,)
     chosen, rejected = scores[:B], scores[B:]
-    margin = batch["margin"] if cfg.algorithm.reward_margin and "margin" in batch else None
+    margin = batch["margin"] if cfg.algorithm.margin and "margin" in batch else None
     losses = bradley_terry_loss(chosen, rejected, margin=margin)
     diff = (chosen - rejected).detach()
     return losses.sum(), {
@@ -113,21 +128,21 @@ def save_final(model, tokenizer, out_dir, cfg) -> None:
 
 
 def prepare(cfg, tokenizer):
-    """The same pairs as DPO; `algorithm.reward_margin` must find margins to use, and unused margins are noted."""
+    """The same pairs as DPO; `algorithm.margin` must find margins to use, and unused margins are noted."""
     from posttrain.algorithms.dpo import prepare as prepare_pairs
     from posttrain.errors import ConfigError
 
     data = prepare_pairs(cfg, tokenizer)
     with_margin = sum(1 for p in data.train if p.margin)
-    if cfg.algorithm.reward_margin and not with_margin:
+    if cfg.algorithm.margin and not with_margin:
         raise ConfigError(
-            f"algorithm.reward_margin is true, but no pair of {cfg.data.train} has a nonzero `margin`, so it would "
+            f"algorithm.margin is true, but no pair of {cfg.data.train} has a nonzero `margin`, so it would "
             "change nothing; add a `margin` column (how much better the chosen response is) or remove the setting"
         )
-    if with_margin and not cfg.algorithm.reward_margin:
+    if with_margin and not cfg.algorithm.margin:
         data.notes.append(
             f"{cfg.data.train}: {with_margin} pairs have a `margin`, which this run does not use; set "
-            "algorithm.reward_margin=true to put it in the loss"
+            "algorithm.margin=true to put it in the loss"
         )
     return data
 
@@ -140,6 +155,6 @@ def RewardModelScorer(path, **kwargs):  # noqa: N802 - the name the rewards pack
 
 
 ALGORITHM = Algorithm(
-    name="reward", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, load_model=load_model,
+    name="reward", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, load_model=load_model,
     save_final=save_final,
 )  # fmt: skip

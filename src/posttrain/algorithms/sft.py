@@ -11,12 +11,25 @@ this module does not look at roles.
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 
 from posttrain.algorithms.base import Algorithm, Batch, PreparedData
+from posttrain.config import AlgorithmSection
 
 IGNORE = -100
+
+
+class Config(AlgorithmSection):
+    """`algorithm: {name: sft}`: no settings of its own; which tokens count is `data.train_on`."""
+
+    name: Literal["sft"] = "sft"
+    """Supervised fine-tuning: cross-entropy on the completion (or every) token."""
+
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "data.train_on", "data.packing"})
+    model_dropout: ClassVar[bool] = True  # plain fine-tuning keeps the model's dropout, as HF Trainer does
 
 
 def sft_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -111,4 +124,4 @@ def prepare(cfg, tokenizer) -> PreparedData:
     )
 
 
-ALGORITHM = Algorithm(name="sft", prepare=prepare, loss_fn=loss_fn, loss_units=loss_units)
+ALGORITHM = Algorithm(name="sft", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units)

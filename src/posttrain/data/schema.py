@@ -65,7 +65,7 @@ SCHEMAS: dict[str, dict[str, dict]] = {
         "text": _row_schema({"text": {"type": "string"}}, ["text"]),
     },
     # ``rejected_kind`` (optional) says how a built-in pair's rejected side is worse (see `tasks.make_pairs`);
-    # ``margin`` (optional, >= 0) is how clearly chosen wins, used by reward models with algorithm.reward_margin.
+    # ``margin`` (optional, >= 0) is how clearly chosen wins, used by reward models with algorithm.margin.
     "preference": {
         "prompt/chosen/rejected": _row_schema(
             {

@@ -109,9 +109,8 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def steps_per_rollout(cfg) -> int:
-    """Optimisation steps one rollout feeds: `rollout.epochs` x (rollout sequences / sequences per step)."""
-    rc = cfg.algorithm.rollout
-    return rc.epochs * ((rc.batch_size or cfg.optim.batch_size) // cfg.optim.batch_size)
+    """Optimisation steps one rollout feeds (`config.RLSection.steps_per_rollout`)."""
+    return cfg.algorithm.steps_per_rollout(cfg.optim.batch_size)
 
 
 def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int, *, group_size: int) -> EpochPlan:
@@ -138,13 +137,6 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int, *, group_
     if step_size % micro_batch_size:
         raise ConfigError(
             f"optim.micro_batch_size ({micro_batch_size}) must divide the per-process batch ({step_size})"
-        )
-    if alg.name == "grpo" and alg.grpo.drop_uniform_groups and world_size > 1:
-        # Dropping leaves processes with different numbers of sequences, and one left with none would skip the
-        # gradient all-reduce the others wait in.
-        raise ConfigError(
-            "algorithm.grpo.drop_uniform_groups is not supported with several processes yet; set it to false "
-            "(uniform groups then train with zero advantage)"
         )
     if n < prompts:
         raise ConfigError(
@@ -457,10 +449,7 @@ def batched_logps(model, tensors: dict[str, torch.Tensor], micro: int, temperatu
 
 def reward_specs(cfg) -> list:
     """`algorithm.rewards`, plus the trained reward model of `algorithm.reward_model` when one is set."""
-    specs = list(cfg.algorithm.rewards)
-    if cfg.algorithm.reward_model:
-        specs.append({"name": "reward_model", "args": {"path": cfg.algorithm.reward_model}})
-    return specs
+    return cfg.algorithm.reward_specs()
 
 
 # Built-in rewards that read a column of the prompt rows, and the default name of that column.
