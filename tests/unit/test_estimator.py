@@ -244,3 +244,20 @@ def test_gpu_table_override(tmp_path):
     f.write_text("Tiny-8GB: {memory: 8}\n")
     with pytest.raises(UserError, match=r"gpus.yaml: Tiny-8GB.memory: unknown key"):
         estimate("7b", gpu_table=f)
+
+
+def test_inputs_are_one_validated_object():
+    """`EstimateInputs` normalises names and refuses bad values when it is built, before any model is read."""
+    from posttrain.estimator import EstimateInputs, estimate_for
+
+    i = EstimateInputs(
+        model="llama-2-7b", method="DPO", precision="amp", optimizer="paged_adamw_8bit", technique="int8"
+    )
+    assert (i.method, i.precision, i.optimizer, i.technique) == ("dpo", "bf16-mixed", "adamw-8bit", "8bit")
+    with pytest.raises(UserError, match="batch_size must be a positive integer"):
+        EstimateInputs(model="no-such-model", batch_size=0)  # the model is not looked up yet
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        i.batch_size = 2
+    # The keyword API is a thin constructor of the same object.
+    kw = dict(method="grpo", technique="lora", seq_len=1024, group_size=4, tokens=1e7)
+    assert estimate("7b", **kw).to_dict() == estimate_for(EstimateInputs(model="7b", **kw)).to_dict()

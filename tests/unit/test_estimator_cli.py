@@ -85,3 +85,24 @@ def test_reality_check_rows_are_consistent():
 def test_import_loads_no_torch():
     code = "import sys, posttrain.estimator, posttrain.advisor; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_flags_build_the_inputs_object():
+    """Every flag is the `EstimateInputs` field of the same name: the CLI builds one object and passes it on."""
+    from posttrain.estimator import EstimateInputs
+    from posttrain.estimator.cli import inputs_from_args
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    argv = ["--model", "llama-3-8b", "--method", "grpo", "--technique", "qlora", "--group-size", "4"]
+    args = p.parse_args(["estimate", *argv, "--completion-len", "256", "--tokens", "2B", "--gpu", "a100"])
+    expected = EstimateInputs(
+        model="llama-3-8b",
+        method="grpo",
+        technique="qlora",
+        group_size=4,
+        completion_len=256,
+        tokens=2e9,
+        gpu="a100",
+    )
+    assert inputs_from_args(args) == expected

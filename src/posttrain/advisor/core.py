@@ -25,7 +25,7 @@ from posttrain.advisor.datafile import DataSummary, summarise
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
 from posttrain.advisor.rules import RuleTable, load_rules, matches
 from posttrain.errors import UserError
-from posttrain.estimator import estimate
+from posttrain.estimator import EstimateInputs, estimate_for
 from posttrain.estimator.hardware import custom_gpu, find_gpu
 
 STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
@@ -136,19 +136,16 @@ def _estimate(
 ):
     """The estimate of one stage; `rm`: an RL stage that holds a reward model the policy's size."""
     seq = f["seq_len"]
-    kw = dict(
-        model=f["model"], method=method, technique=technique, batch_size=micro or MICRO_BATCH[method], seq_len=seq,
-        gradient_checkpointing=True, num_gpus=f["gpus"], sharding="fsdp" if f["gpus"] > 1 else "none",
+    rl = method in ("ppo", "grpo")
+    inputs = EstimateInputs(
+        model=f["model"], method=method, technique=technique, batch_size=micro or MICRO_BATCH[method],
+        seq_len=seq, gradient_checkpointing=True, num_gpus=f["gpus"], sharding="fsdp" if f["gpus"] > 1 else "none",
         tokens=tokens or 1e8,
+        gpu=None if f.get("gpu_memory_gb") is not None else f["gpu_name"], gpu_memory_gb=f.get("gpu_memory_gb"),
+        group_size=GROUP_SIZE, completion_len=seq // 2 if rl else None,
+        reward_model=f["model"] if rl and rm else None, reward_function=rl and not rm,
     )  # fmt: skip
-    if f.get("gpu_memory_gb") is not None:
-        kw["gpu_memory_gb"] = f["gpu_memory_gb"]
-    else:
-        kw["gpu"] = f["gpu_name"]
-    if method in ("ppo", "grpo"):
-        kw.update(group_size=GROUP_SIZE, completion_len=seq // 2)
-        kw.update(reward_model=f["model"]) if rm else kw.update(reward_function=True)
-    return estimate(**kw)
+    return estimate_for(inputs)
 
 
 def _fits(f: dict, e) -> bool:

@@ -1,6 +1,6 @@
 """`posttrain estimate`: the command line of `posttrain.estimator.estimate`.
 
-Thin: parses flags that mirror the keyword arguments, calls `estimate` (or `reality_check` for `--table`) and
+Thin: parses flags that mirror the `EstimateInputs` fields, builds one from them, calls `estimate_for` (or `reality_check` for `--table`) and
 prints a table or JSON. A `UserError` is printed as one paragraph and gives exit status 2.
 """
 
@@ -11,14 +11,15 @@ import json
 import sys
 
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
-from posttrain.estimator.core import (
+from posttrain.estimator.core import Estimate
+from posttrain.estimator.inputs import (
     ENGINES,
     METHODS,
     OPTIMIZERS,
     PRECISIONS,
     REFERENCES,
     TECHNIQUES,
-    Estimate,
+    EstimateInputs,
 )
 from posttrain.estimator.memory import SHARD_STAGE
 from posttrain.estimator.models import parse_size
@@ -86,14 +87,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _kwargs(args: argparse.Namespace) -> dict:
-    keys = (
-        "model method technique precision optimizer batch_size seq_len gradient_checkpointing lora_rank lora_dropout "
-        "num_gpus "
-        "sharding group_size completion_len tokens gpu gpu_memory_gb gpu_table reference reward_model "
-        "reward_function value_model rollout_engine mfu"
-    ).split()
-    return {k: getattr(args, k) for k in keys}
+def inputs_from_args(args: argparse.Namespace) -> EstimateInputs:
+    """The flags as `EstimateInputs`: every flag is the field of the same name."""
+    fields = EstimateInputs.__dataclass_fields__
+    return EstimateInputs(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
 
 
 def format_estimate(e: Estimate) -> str:
@@ -119,7 +116,7 @@ def format_estimate(e: Estimate) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.estimator.core import estimate
+    from posttrain.estimator.core import estimate_for
     from posttrain.estimator.hardware import load_gpu_table
     from posttrain.estimator.table import format_table, reality_check
 
@@ -140,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(rows, settings, gpu))
             return EXIT_OK
-        e = estimate(**_kwargs(args))
+        e = estimate_for(inputs_from_args(args))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER

@@ -6,9 +6,10 @@ them), memory per GPU at that count, and cost relative to full SFT on the same n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from posttrain.estimator.core import METHODS, Estimate, estimate
+from posttrain.estimator.core import Estimate, estimate_for
+from posttrain.estimator.inputs import METHODS, EstimateInputs
 
 TABLE_TECHNIQUES = ("full", "lora", "8bit", "qlora")
 
@@ -38,15 +39,10 @@ def reality_check(
     gpu_table=None,
 ) -> tuple[list[Row], list[str]]:
     """Rows for every method x technique, and the shared settings in words."""
-    common = dict(
-        model=model,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
-        tokens=tokens,
-        gpu=gpu,
-        gpu_table=gpu_table,
-    )
+    common = EstimateInputs(
+        model=model, seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
+        tokens=tokens, gpu=gpu, gpu_table=gpu_table,
+    )  # fmt: skip
     rows: list[Row] = []
     for method in METHODS:
         extra: dict = {}
@@ -57,9 +53,10 @@ def reality_check(
             # micro-batch as GRPO has completions, so both generate the same number of sequences at once.
             extra.update(reward_model=model, batch_size=group_size * batch_size)
         for technique in TABLE_TECHNIQUES:
-            one: Estimate = estimate(method=method, technique=technique, **{**common, **extra})
+            inputs = replace(common, method=method, technique=technique, **extra)
+            one: Estimate = estimate_for(inputs)
             n = one.gpus_needed
-            many = one if n in (None, 1) else estimate(method=method, technique=technique, num_gpus=n, sharding="fsdp", **{**common, **extra})  # fmt: skip
+            many = one if n in (None, 1) else estimate_for(replace(inputs, num_gpus=n, sharding="fsdp"))
             rows.append(
                 Row(
                     method,
