@@ -1,8 +1,10 @@
 """`estimate(...)`: peak memory per GPU, the GPUs it fits, FLOPs, hours and cost of one post-training setup.
 
 The arithmetic lives in `memory.py` and `compute.py` (each formula cites its source) and the inputs, their
-validation and defaults in `inputs.py`; this module picks the GPU, counts the GPUs a setup needs, and states
-every assumption it made in the result.
+validation and defaults in `inputs.py`; this module picks the GPU, decides whether the setup fits it (with the
+headroom `hardware.USABLE_FRACTION` keeps free), and states every assumption it made in the result. A setup
+that does not fit gets no hours or cost, only what would make it fit: more GPUs, gradient checkpointing, a
+smaller micro-batch, a lighter technique or a larger GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from posttrain.estimator import compute, memory
-from posttrain.estimator.hardware import GPU, custom_gpu, find_gpu, load_gpu_table
+from posttrain.estimator.hardware import GPU, USABLE_FRACTION, custom_gpu, find_gpu, load_gpu_table
 from posttrain.estimator.inputs import DEFAULT_TOKENS, METHODS, EstimateInputs
 
 __all__ = ["METHODS", "Estimate", "EstimateInputs", "estimate", "estimate_for"]
@@ -29,17 +31,20 @@ class Estimate:
     trainable_params: float
     peak_memory_gb: float
     breakdown_gb: dict[str, float]
-    fits: list[str]  # GPUs (from the table) whose memory holds `peak_memory_gb`, smallest first
-    gpu: str  # the GPU time and cost are computed for
-    num_gpus: int  # GPUs the time and cost are computed for
+    fits: list[str]  # GPUs (from the table) whose usable memory holds `peak_memory_gb`, smallest first
+    gpu: str  # the GPU the setup is checked against and priced on
+    usable_memory_gb: float  # of one `gpu`: `USABLE_FRACTION` of its memory
+    fits_gpu: bool  # the peak per GPU is within `usable_memory_gb`: the setup as given can run
+    num_gpus: int  # GPUs of the setup
     gpus_needed: int | None  # fewest GPUs of `gpu` that hold the setup (None: not within 1024)
     flops: float
     flops_breakdown: dict[str, float]
     tokens: float
     generated_tokens: float
-    hours: float
-    cost_usd: float
+    hours: float | None  # None when the setup does not fit: no time or cost for a setup that cannot run
+    cost_usd: float | None
     mfu: float
+    would_fit: list[dict] = field(default_factory=list)  # if it does not fit: {change, peak_memory_gb, says}
     assumptions: list[str] = field(default_factory=list)
     inputs: dict = field(default_factory=dict)
 
@@ -47,15 +52,19 @@ class Estimate:
         return asdict(self)
 
 
+def _holds(s: memory.Setup, gpu: GPU) -> bool:
+    return memory.peak_bytes(s) <= gpu.usable_gb * memory.GB
+
+
 def _gpus_needed(s: memory.Setup, gpu: GPU) -> tuple[int | None, str]:
     """Fewest GPUs (powers of two) that hold the setup; unsharded setups are counted with FSDP full shard."""
     sharding = s.sharding if memory.SHARD_STAGE[s.sharding] > 0 else "fsdp"
-    if memory.activation_bytes(s) + memory.logits_bytes(s) > gpu.memory_gb * memory.GB:
+    if memory.activation_bytes(s) + memory.logits_bytes(s) > gpu.usable_gb * memory.GB:
         return None, sharding  # activations are per GPU: sharding the model states cannot help
     n = 1
     while n <= 1024:
         trial = replace(s, num_gpus=n, sharding=sharding if n > 1 else s.sharding)
-        if memory.peak_bytes(trial) <= gpu.memory_gb * memory.GB:
+        if _holds(trial, gpu):
             return n, trial.sharding
         n *= 2
     return None, sharding
@@ -77,7 +86,7 @@ def estimate(model: str | float = "7b", **options) -> Estimate:
 
 
 def estimate_for(inputs: EstimateInputs) -> Estimate:
-    """The estimate of one validated setup: memory, the GPU it is priced on, FLOPs, hours and cost."""
+    """The estimate of one validated setup: memory, whether it fits the GPU, FLOPs, and if it fits hours and cost."""
     s, notes = inputs.to_setup()
     tokens = inputs.tokens
     if tokens is None:
@@ -86,11 +95,23 @@ def estimate_for(inputs: EstimateInputs) -> Estimate:
     table = inputs.gpu_table if isinstance(inputs.gpu_table, dict) else load_gpu_table(inputs.gpu_table)
     terms = memory.breakdown_bytes(s)
     peak = memory.peak_bytes(s, terms)
-    fits = sorted((g for g in table.values() if peak <= g.memory_gb * memory.GB), key=lambda g: g.memory_gb)
+    fits = sorted((g for g in table.values() if peak <= g.usable_gb * memory.GB), key=lambda g: g.memory_gb)
     chosen = _choose_gpu(inputs, table, fits, notes)
-    used, needed = _gpu_count(s, chosen, terms, peak, notes)
+    fit = peak <= chosen.usable_gb * memory.GB
+    needed = s.num_gpus if fit else _gpus_needed(s, chosen)[0]
+    if needed is None:
+        notes.append(
+            f"does not fit any number of {chosen.name}: activations and logits of one micro-batch per GPU need "
+            f"{terms['activations'] / memory.GB + terms['logits'] / memory.GB:.1f} GB; use gradient checkpointing, "
+            "a smaller batch_size or seq_len"
+        )
+    notes.append(
+        f"fits: a peak of at most {USABLE_FRACTION:.0%} of a GPU's memory ({chosen.usable_gb:.1f} of "
+        f"{chosen.memory_gb:g} GB on {chosen.name}); the rest is kept for the CUDA context, allocator "
+        "fragmentation and kernels' workspaces, which the estimate does not count"
+    )
     flops = compute.flops_breakdown(s, tokens)
-    hrs = compute.hours(s, flops, tokens, chosen, used, mfu=inputs.mfu)
+    hrs = compute.hours(s, flops, tokens, chosen, s.num_gpus, mfu=inputs.mfu) if fit else None
     notes.append(
         f"utilisation {inputs.mfu:.0%} of dense bf16 peak for training FLOPs; generation bandwidth-bound"
     )
@@ -106,15 +127,18 @@ def estimate_for(inputs: EstimateInputs) -> Estimate:
         breakdown_gb={k: v / memory.GB for k, v in terms.items()},
         fits=[g.name for g in fits],
         gpu=chosen.name,
-        num_gpus=used,
+        usable_memory_gb=chosen.usable_gb,
+        fits_gpu=fit,
+        num_gpus=s.num_gpus,
         gpus_needed=needed,
         flops=sum(flops.values()),
         flops_breakdown=flops,
         tokens=float(tokens),
         generated_tokens=compute.generated_tokens(s, tokens),
         hours=hrs,
-        cost_usd=hrs * used * chosen.usd_per_hour,
+        cost_usd=None if hrs is None else hrs * s.num_gpus * chosen.usd_per_hour,
         mfu=inputs.mfu,
+        would_fit=[] if fit else would_fit(inputs, s, chosen, fits),
         assumptions=notes,
         inputs=_resolved_inputs(inputs, s),
     )
@@ -133,27 +157,38 @@ def _choose_gpu(inputs: EstimateInputs, table: dict[str, GPU], fits: list[GPU], 
     return table.get(DEFAULT_COUNTING_GPU) or max(table.values(), key=lambda g: g.memory_gb)
 
 
-def _gpu_count(
-    s: memory.Setup, gpu: GPU, terms: dict[str, float], peak: float, notes: list[str]
-) -> tuple[int, int | None]:
-    """(GPUs time and cost are computed for, fewest GPUs of `gpu` that hold the setup)."""
-    if peak <= gpu.memory_gb * memory.GB:
-        return s.num_gpus, s.num_gpus
-    needed, sharding = _gpus_needed(s, gpu)
-    if needed is None:
-        notes.append(
-            f"does not fit any number of {gpu.name}: activations and logits of one micro-batch per GPU need "
-            f"{terms['activations'] / memory.GB + terms['logits'] / memory.GB:.1f} GB; use gradient checkpointing, "
-            f"a smaller batch_size or seq_len. Time and cost are for {s.num_gpus} GPU(s)"
-        )
-        return s.num_gpus, None
-    if needed > s.num_gpus:
-        notes.append(
-            f"does not fit {s.num_gpus} x {gpu.name} ({peak / memory.GB:.1f} GB per GPU); time and cost are "
-            f"for {needed} of them with {sharding} sharding"
-        )
-        return needed, needed
-    return s.num_gpus, needed
+# Lighter techniques to try, lightest last: LoRA on a 16-bit base, then on a 4-bit one.
+LIGHTER = {"full": ("lora", "qlora"), "lora": ("qlora",), "8bit": ("qlora",), "qlora": ()}
+
+
+def would_fit(inputs: EstimateInputs, s: memory.Setup, gpu: GPU, fits: list[GPU]) -> list[dict]:
+    """Single changes to a setup that does not fit `gpu` that each make it fit: {change, peak_memory_gb, says}.
+
+    `change` holds `EstimateInputs` fields: `estimate(**{**asked, **change})` is the setup that fits.
+    """
+    out: list[dict] = []
+
+    def fits_with(change: dict, says: str, on: GPU = gpu) -> bool:
+        trial, _ = replace(inputs, **change).to_setup()
+        if not _holds(trial, on):
+            return False
+        out.append({"change": change, "peak_memory_gb": memory.peak_bytes(trial) / memory.GB, "says": says})
+        return True
+
+    n, sharding = _gpus_needed(s, gpu)
+    if n is not None:
+        fits_with({"num_gpus": n, "sharding": sharding}, f"{n} x {gpu.name} with {sharding} sharding")
+    if not s.gradient_checkpointing:
+        fits_with({"gradient_checkpointing": True}, "gradient checkpointing")
+    if s.batch_size > 1:
+        fits_with({"batch_size": 1}, "micro-batch 1 (with gradient accumulation for the same global batch)")
+    for technique in LIGHTER[s.technique]:
+        if fits_with({"technique": technique}, f"technique {technique}"):
+            break
+    if fits:  # `fits` holds the per-GPU peak as set up, so the same number of these GPUs holds it
+        count = "one" if s.num_gpus == 1 else f"{s.num_gpus} x"
+        fits_with({"gpu": fits[0].name, "gpu_memory_gb": None}, f"{count} {fits[0].name}", on=fits[0])
+    return out
 
 
 def _resolved_inputs(inputs: EstimateInputs, s: memory.Setup) -> dict:

@@ -45,7 +45,20 @@ ALIASES = {
     "sdpa": "flash",
 }
 DEFAULT_TOKENS = 1e8
-DEFAULT_MICRO_BATCH = 4
+# Defaults that depend on the method or technique, shared with the advisor (which sizes every stage with them)
+# and stated in every result that used them.
+# Micro-batch per GPU: sequences (sft), pairs (reward, dpo: two sequences each), prompts (ppo; grpo samples
+# `group_size` completions for each, so 1 prompt is already 8 sequences at the default group size).
+DEFAULT_MICRO_BATCH = {"sft": 4, "reward": 4, "dpo": 2, "ppo": 4, "grpo": 1}
+# Gradient checkpointing: on for a quantised base, as peft's `prepare_model_for_kbit_training` (its
+# `use_gradient_checkpointing=True` default) and the QLoRA paper's training script set it, since a k-bit base is
+# chosen to save memory; off for full and LoRA, as `posttrain train` (`model.gradient_checkpointing: false`)
+# and transformers' `TrainingArguments` default to.
+DEFAULT_CHECKPOINTING = {"full": False, "lora": False, "qlora": True, "8bit": True}
+_CHECKPOINTING_WHY = {
+    True: "peft's prepare_model_for_kbit_training and the QLoRA paper's script turn it on",
+    False: "as `posttrain train` defaults to",
+}
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
@@ -97,12 +110,12 @@ class EstimateInputs:
     """bf16-mixed | fp16-mixed | bf16 | fp16 (pure 16-bit, no fp32 master) | fp32."""
     optimizer: str = "adamw"
     """adamw | adamw-8bit | sgd (with momentum)."""
-    batch_size: int = DEFAULT_MICRO_BATCH
-    """Micro-batch per GPU: sequences (SFT), pairs (DPO, reward), prompts (PPO, GRPO)."""
+    batch_size: int | None = None
+    """Micro-batch per GPU: sequences (SFT), pairs (DPO, reward), prompts (PPO, GRPO); None: by method."""
     seq_len: int = 2048
     """Tokens per sequence, prompt + response."""
-    gradient_checkpointing: bool = False
-    """Full activation recomputation: each block keeps only its input, and one more forward is paid."""
+    gradient_checkpointing: bool | None = None
+    """Full activation recomputation (each block keeps only its input; one more forward); None: by technique."""
     lora_rank: int = 16
     """LoRA rank; adapters on every linear layer of every block."""
     lora_dropout: float = 0.0
@@ -142,7 +155,8 @@ class EstimateInputs:
         for name, allowed in _CHOICES.items():
             object.__setattr__(self, name, _choice(name, getattr(self, name), allowed))
         for name in _COUNTS:
-            _positive(name, getattr(self, name))
+            if not (name == "batch_size" and self.batch_size is None):  # None: the method's default
+                _positive(name, getattr(self, name))
         if self.tokens is not None and (
             isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, float)) or self.tokens <= 0
         ):
@@ -202,9 +216,9 @@ class EstimateInputs:
             technique=self.technique,
             precision=self.precision,
             optimizer=self.optimizer,
-            batch_size=self.batch_size,
+            batch_size=self._batch_size(notes),
             seq_len=self.seq_len,
-            gradient_checkpointing=bool(self.gradient_checkpointing),
+            gradient_checkpointing=self._checkpointing(notes),
             lora_rank=self.lora_rank,
             lora_dropout=float(self.lora_dropout),
             num_gpus=self.num_gpus,
@@ -221,6 +235,34 @@ class EstimateInputs:
             s = replace(s, completion_len=completion)
         s = self._with_reference(s, notes)
         return self._with_reward_and_critic(s, notes), notes
+
+    def _batch_size(self, notes: list[str]) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        n = DEFAULT_MICRO_BATCH[self.method]
+        unit = {"reward": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompt"}.get(
+            self.method, "sequences"
+        )
+        notes.append(
+            f"batch_size not given: micro-batch {n} {unit} per GPU, the {self.method} default (as `posttrain "
+            "advise` sizes it); set batch_size (--batch-size) to change it"
+        )
+        return n
+
+    def _checkpointing(self, notes: list[str]) -> bool:
+        if self.gradient_checkpointing is not None:
+            return bool(self.gradient_checkpointing)
+        on = DEFAULT_CHECKPOINTING[self.technique]
+        flag = (
+            "gradient_checkpointing=False (--no-gradient-checkpointing)"
+            if on
+            else ("gradient_checkpointing=True (--gradient-checkpointing)")
+        )
+        notes.append(
+            f"gradient checkpointing {'on' if on else 'off'}: the default for {self.technique} "
+            f"({_CHECKPOINTING_WHY[on]}); {flag} to change it"
+        )
+        return on
 
     def _with_reference(self, s: memory.Setup, notes: list[str]) -> memory.Setup:
         """DPO, PPO and GRPO (its KL term) need reference log-probs; by default from the cheapest source."""

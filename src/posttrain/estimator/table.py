@@ -1,7 +1,8 @@
 """The infrastructure reality check: every method x technique for one model, side by side.
 
 For each row: peak memory on one GPU, how many GPUs of the reference type hold it (FSDP full shard across
-them), memory per GPU at that count, and cost relative to full SFT on the same number of trained tokens.
+them, each filled to at most `hardware.USABLE_FRACTION` of its memory), memory per GPU at that count, and cost
+relative to full SFT on the same number of trained tokens.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from posttrain.estimator.core import Estimate, estimate_for
+from posttrain.estimator.hardware import USABLE_FRACTION
 from posttrain.estimator.inputs import METHODS, EstimateInputs
 
 TABLE_TECHNIQUES = ("full", "lora", "8bit", "qlora")
@@ -21,9 +23,9 @@ class Row:
     memory_one_gpu_gb: float
     gpus_needed: int | None
     memory_per_gpu_gb: float
-    hours: float
-    cost_usd: float
-    relative_cost: float
+    hours: float | None  # None: not within 1024 GPUs (no cost for a setup that does not fit)
+    cost_usd: float | None
+    relative_cost: float | None
 
 
 def reality_check(
@@ -69,16 +71,16 @@ def reality_check(
                     0.0,
                 )
             )
-    base = rows[0].cost_usd or 1.0  # sft + full
+    base = rows[0].cost_usd  # sft + full
     for r in rows:
-        r.relative_cost = r.cost_usd / base
+        r.relative_cost = None if r.cost_usd is None or not base else r.cost_usd / base
     settings = [
         f"model {model}, {seq_len} tokens per sequence, micro-batch {batch_size} per GPU, "
         f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, bf16 mixed precision, AdamW",
         f"GRPO: {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
         f"the size of the policy, {group_size * batch_size} prompts per micro-batch; DPO/PPO/GRPO reference: a frozen copy (full) or adapters disabled (LoRA)",
-        f"GPUs needed: {gpu} with FSDP full shard; relative cost: same {tokens:.0e} trained tokens, "
-        "1.00 = full SFT",
+        f"GPUs needed: {gpu} with FSDP full shard, each filled to at most {USABLE_FRACTION:.0%} of its memory; "
+        f"relative cost: same {tokens:.0e} trained tokens, 1.00 = full SFT",
     ]
     return rows, settings
 
@@ -90,6 +92,6 @@ def format_table(rows: list[Row], settings: list[str], gpu: str) -> str:
         n = str(r.gpus_needed) if r.gpus_needed is not None else "> 1024"
         lines.append(
             f"| {r.method} | {r.technique} | {r.memory_one_gpu_gb:.1f} | {n} | {r.memory_per_gpu_gb:.1f} "
-            f"| {r.relative_cost:.2f}x |"
+            f"| {'n/a' if r.relative_cost is None else f'{r.relative_cost:.2f}x'} |"
         )
     return "\n".join(lines + [""] + [f"- {s}" for s in settings])
