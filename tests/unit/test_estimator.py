@@ -317,3 +317,9 @@ def test_what_would_fit_a_setup_that_does_not():
         fixed = estimate(**{**asked, **w["change"]})
         assert fixed.fits_gpu and fixed.cost_usd > 0
         assert fixed.peak_memory_gb == pytest.approx(w["peak_memory_gb"], rel=1e-12)
+    # 7B LoRA at micro-batch 4 on a 20 GB GPU (18 GB usable): checkpointing alone leaves 20.8 GB, micro-batch 1
+    # alone 26.3 GB; both together 16.2 GB fit.
+    e = estimate("7b", technique="lora", batch_size=4, gpu_memory_gb=20)
+    changes = [w["change"] for w in e.would_fit]
+    assert {"gradient_checkpointing": True, "batch_size": 1} in changes
+    assert {"gradient_checkpointing": True} not in changes and {"batch_size": 1} not in changes

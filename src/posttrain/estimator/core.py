@@ -162,7 +162,9 @@ LIGHTER = {"full": ("lora", "qlora"), "lora": ("qlora",), "8bit": ("qlora",), "q
 
 
 def would_fit(inputs: EstimateInputs, s: memory.Setup, gpu: GPU, fits: list[GPU]) -> list[dict]:
-    """Single changes to a setup that does not fit `gpu` that each make it fit: {change, peak_memory_gb, says}.
+    """Changes to a setup that does not fit `gpu` that each make it fit: {change, peak_memory_gb, says}. Each is
+    one change (more GPUs, gradient checkpointing, micro-batch 1, a lighter technique, a larger GPU), or
+    checkpointing with micro-batch 1 where neither alone is enough.
 
     `change` holds `EstimateInputs` fields: `estimate(**{**asked, **change})` is the setup that fits.
     """
@@ -178,10 +180,13 @@ def would_fit(inputs: EstimateInputs, s: memory.Setup, gpu: GPU, fits: list[GPU]
     n, sharding = _gpus_needed(s, gpu)
     if n is not None:
         fits_with({"num_gpus": n, "sharding": sharding}, f"{n} x {gpu.name} with {sharding} sharding")
-    if not s.gradient_checkpointing:
-        fits_with({"gradient_checkpointing": True}, "gradient checkpointing")
-    if s.batch_size > 1:
-        fits_with({"batch_size": 1}, "micro-batch 1 (with gradient accumulation for the same global batch)")
+    accumulate = "(with gradient accumulation for the same global batch)"
+    ckpt = not s.gradient_checkpointing and fits_with(
+        {"gradient_checkpointing": True}, "gradient checkpointing"
+    )
+    micro = s.batch_size > 1 and fits_with({"batch_size": 1}, f"micro-batch 1 {accumulate}")
+    if not (ckpt or micro) and not s.gradient_checkpointing and s.batch_size > 1:  # neither alone: both?
+        fits_with({"gradient_checkpointing": True, "batch_size": 1}, f"gradient checkpointing and micro-batch 1 {accumulate}")  # fmt: skip
     for technique in LIGHTER[s.technique]:
         if fits_with({"technique": technique}, f"technique {technique}"):
             break
