@@ -2,7 +2,8 @@
 
 The first four rows are the examples the issue names: structured JSON output with examples -> SFT; a chatbot
 made more helpful from human rankings -> DPO; reasoning with a verifiable reward and many samples -> GRPO;
-a 7B model on a single 24 GB GPU -> LoRA (full fine-tuning needs ~115 GB; LoRA on a 16-bit base ~18 GB).
+a 7B model on a single 24 GB GPU -> LoRA (full fine-tuning needs ~127 GB; LoRA on a 16-bit base ~18 GB, of
+21.6 GB usable).
 """
 
 import pytest
