@@ -2,7 +2,8 @@
 
 The first four rows are the examples the issue names: structured JSON output with examples -> SFT; a chatbot
 made more helpful from human rankings -> DPO; reasoning with a verifiable reward and many samples -> GRPO;
-a 7B model on a single 24 GB GPU -> LoRA (full fine-tuning needs ~115 GB; LoRA on a 16-bit base ~18 GB).
+a 7B model on a single 24 GB GPU -> LoRA (full fine-tuning needs ~127 GB; LoRA on a 16-bit base ~18 GB, of
+21.6 GB usable).
 """
 
 import pytest
@@ -186,3 +187,41 @@ def test_rules_refer_only_to_known_facts():
         assert set(r["when"]) <= known, r["id"]
     for f in table.flips:
         assert set(f["set"]) <= {k.name for k in KEYS}
+
+
+def test_technique_choice_keeps_the_estimators_headroom():
+    """LoRA whose estimate fills 95% of the GPU does not fit (at most 90% may be used): QLoRA is chosen, and the
+    reason gives the usable memory."""
+    from posttrain.estimator import estimate
+
+    profile = {"demonstrations": 5000, "model": "7b"}  # seq_len 1024; the advisor tries micro-batch 4, 2, 1
+    lora = estimate("7b", technique="lora", batch_size=1, seq_len=1024, gradient_checkpointing=True)
+    gpu_gb = round(lora.peak_memory_gb / 0.95, 2)
+    a = advise(dict(profile, gpu_memory_gb=gpu_gb), what_if=False)
+    assert (a.pipeline, a.technique, a.fits) == (["sft"], "qlora", True)
+    assert any(
+        f"custom-{gpu_gb:g}GB's {gpu_gb:g} GB allows ({0.9 * gpu_gb:.1f} GB usable)" in r for r in a.reasons
+    )
+    assert (
+        advise(dict(profile, gpu_memory_gb=round(lora.peak_memory_gb / 0.89, 2)), what_if=False).technique
+        == "lora"
+    )
+
+
+def test_when_nothing_fits_the_advice_says_so_first():
+    from posttrain.advisor.cli import format_advice
+
+    a = advise({"demonstrations": 2000, "model": "70b", "gpu_memory_gb": 24}, what_if=False)
+    assert (a.technique, a.fits) == ("qlora", False)
+    assert a.estimate["hours"] is None and a.estimate["cost_usd"] is None
+    assert {"num_gpus": 4, "sharding": "fsdp"} in [w["change"] for w in a.estimate["would_fit"]]
+    text = format_advice(a)
+    first, second = text.splitlines()[:2]
+    assert first.startswith(
+        "Does not fit: sft with qlora needs 45.5 GB per GPU, more than the 21.6 GB usable"
+    )
+    assert second.startswith("It would fit with: 4 x custom-24GB with fsdp sharding (")
+    assert "Estimate: peak 45.5 GB per GPU on 1 x custom-24GB: does not fit, so no time or cost" in text
+    assert "$" not in text.split("Estimate:")[1].split("\n")[0]
+    fitting = format_advice(advise(CASES[3][1], what_if=False))
+    assert fitting.startswith("Recommendation: sft, technique lora") and "Does not fit" not in fitting

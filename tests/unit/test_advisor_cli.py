@@ -107,7 +107,7 @@ def test_data_shapes(tmp_path):
     s = summarise(sft)
     assert (s.shape, s.rows, s.max_chars) == ("sft", 3, 8)
     pairs = tmp_path / "b.csv"
-    pairs.write_text("prompt,chosen,rejected\nabcd,efgh,ij\nab,cdefgh,\n")
+    pairs.write_text("prompt,chosen,rejected\nabcd,efgh,ij\nab,cdefgh,z\n")
     s = summarise(pairs)
     assert (s.shape, s.rows) == ("preference", 2)
     assert s.mean_chars == (8 + 8) / 2 and s.mean_tokens == 4 / 2  # prompt + longer answer; chars / 4
@@ -121,17 +121,18 @@ def test_data_shapes(tmp_path):
 @pytest.mark.parametrize(
     "content, suffix, fragment",
     [
-        ('{"prompt": "a"}\n{"prompt": \n', ".jsonl", "bad.jsonl:2: not valid JSON"),
+        ('{"prompt": "a"}\n{"prompt": \n', ".jsonl", "bad.jsonl:2: malformed JSON"),
         ('{"prompt": "a"}\n{"question": "b"}\n', ".jsonl", "bad.jsonl:2: cannot tell the row's shape"),
         (
             '{"prompt": "a"}\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n',
             ".jsonl",
             "bad.jsonl:2: a preference row",
         ),
-        ("prompt,chosen\nx,y,z\n", ".csv", "bad.csv:2: more fields than the header"),
-        ('{"prompt": "a"}', ".json", "a list of rows"),
-        ("", ".jsonl", "bad.jsonl: no rows"),
-        ("a", ".parquet", "unsupported data file type"),
+        ("prompt,chosen\nx,y,z\n", ".csv", "bad.csv:2: 3 cells, but the header has 2"),
+        ('{"prompt": "a"}', ".json", "expected a JSON list of objects"),
+        ("", ".jsonl", "bad.jsonl: file is empty"),
+        ("a", ".parquet", "bad.parquet: not a readable Parquet file"),
+        ("a", ".txt", "unsupported file type '.txt'"),
     ],
 )
 def test_bad_data_files(tmp_path, content, suffix, fragment):
@@ -173,3 +174,53 @@ def test_interactive_asks_one_question_at_a_time(monkeypatch, capsys):
     asked.clear()
     rc, out, _ = run_cli(["--interactive"], capsys)
     assert rc == 0 and "Recommendation: sft, technique full" in out
+
+
+SFT_ROWS = [
+    {"messages": [{"role": "user", "content": "q" * i}, {"role": "assistant", "content": "a" * (2 * i)}]}
+    for i in range(1, 41)
+]
+
+
+def _write_every_format(tmp_path, rows):
+    """The same rows as JSONL, JSON, CSV (messages as a JSON cell), Parquet and a `datasets` folder."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = [
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        tmp_path / "d.json",
+        tmp_path / "d.csv",
+        tmp_path / "d.parquet",
+    ]
+    paths[1].write_text(json.dumps(rows, indent=1))
+    paths[2].write_text(
+        "messages\n" + "".join('"' + json.dumps(r["messages"]).replace('"', '""') + '"\n' for r in rows)
+    )
+    pq.write_table(pa.Table.from_pylist(rows), paths[3])
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "d_dataset"))
+    return paths + [tmp_path / "d_dataset"]
+
+
+def test_data_reads_every_format_data_validate_reads(tmp_path, capsys):
+    """advise --data goes through posttrain.data's readers: JSONL, JSON, CSV, Parquet and datasets folders give
+    the same summary (40 SFT rows of 3 i characters, i = 1..40: mean 61.5, max 120)."""
+    for path in _write_every_format(tmp_path, SFT_ROWS):
+        s = summarise(path)
+        assert (s.shape, s.rows, s.mean_chars, s.max_chars) == ("sft", 40, 61.5, 120), path
+        rc, out, _ = run_cli(["--data", str(path), "--model", "135m", "--json"], capsys)
+        a = json.loads(out)
+        assert rc == 0 and a["profile"]["demonstrations"] == 40 and a["config"]["data"]["train"] == str(path)
+
+
+def test_data_rejects_what_data_validate_rejects(tmp_path, capsys):
+    """A pair without its rejected side: the same `FILE:LINE: field: message` as `posttrain data validate`."""
+    from posttrain.cli import main
+
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("prompt,chosen,rejected\nabcd,efgh,ij\nab,cdefgh,\n")
+    rc, _, err = run_cli(["--data", str(bad)], capsys)
+    assert rc == 2 and f"{bad}:3: rejected: missing required field" in err
+    assert main(["data", "validate", str(bad), "--kind", "preference"]) == 2
+    assert f"{bad}:3: rejected: missing required field" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 
 from posttrain.errors import UserError
-from posttrain.estimator import estimate
+from posttrain.estimator import GPU, estimate
 from posttrain.estimator.memory import NF4_BYTES, Setup, activation_bytes, frozen_weight_bytes, kv_cache_bytes
 from posttrain.estimator.models import ARCHITECTURES, resolve_model
 
@@ -182,7 +182,10 @@ def test_fits_lists_gpus_with_enough_memory_smallest_first():
     assert e.fits[0] == "T4-16GB" and e.gpu == "T4-16GB"
     big = estimate("70b", technique="full", batch_size=1, gradient_checkpointing=True)
     # 16 x 70e9 bytes = 1,120 GB of states: 16 H100s hold 70 GB each, too much with activations; 32 fit.
-    assert big.fits == [] and big.gpus_needed == 32 and big.num_gpus == 32
+    assert big.fits == [] and big.gpus_needed == 32
+    # The setup as asked (one GPU) does not fit: no time or cost for it, and the 32 GPUs are what would fit.
+    assert big.num_gpus == 1 and not big.fits_gpu and big.hours is None and big.cost_usd is None
+    assert big.would_fit[0]["change"] == {"num_gpus": 32, "sharding": "fsdp"}
 
 
 def test_activations_alone_too_big_need_no_gpu_count():
@@ -244,3 +247,79 @@ def test_gpu_table_override(tmp_path):
     f.write_text("Tiny-8GB: {memory: 8}\n")
     with pytest.raises(UserError, match=r"gpus.yaml: Tiny-8GB.memory: unknown key"):
         estimate("7b", gpu_table=f)
+
+
+def test_inputs_are_one_validated_object():
+    """`EstimateInputs` normalises names and refuses bad values when it is built, before any model is read."""
+    from posttrain.estimator import EstimateInputs, estimate_for
+
+    i = EstimateInputs(
+        model="llama-2-7b", method="DPO", precision="amp", optimizer="paged_adamw_8bit", technique="int8"
+    )
+    assert (i.method, i.precision, i.optimizer, i.technique) == ("dpo", "bf16-mixed", "adamw-8bit", "8bit")
+    with pytest.raises(UserError, match="batch_size must be a positive integer"):
+        EstimateInputs(model="no-such-model", batch_size=0)  # the model is not looked up yet
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        i.batch_size = 2
+    # The keyword API is a thin constructor of the same object.
+    kw = dict(method="grpo", technique="lora", seq_len=1024, group_size=4, tokens=1e7)
+    assert estimate("7b", **kw).to_dict() == estimate_for(EstimateInputs(model="7b", **kw)).to_dict()
+
+
+def test_fits_keeps_ten_percent_of_the_gpu_free():
+    """A peak of 23.7 GB on a 24 GB GPU is not a fit (98.75% full): at most 90% of the memory may be used, the
+    rest is for the CUDA context, allocator fragmentation and workspaces the estimate does not count."""
+    kw = dict(method="sft", technique="lora", batch_size=1, seq_len=1024, gradient_checkpointing=True)
+    peak = estimate("7b", **kw).peak_memory_gb
+    tight = GPU("Tight", peak * 24 / 23.7, 100, 1000, 1.0)  # the peak fills 23.7 of its "24 GB"
+    roomy = GPU("Roomy", peak / 0.9 * 1.001, 100, 1000, 1.0)  # the peak is just under 90% of it
+    e = estimate("7b", **kw, gpu_table={"Tight": tight, "Roomy": roomy}, gpu="Tight")
+    assert e.fits == ["Roomy"] and e.usable_memory_gb == pytest.approx(0.9 * tight.memory_gb, rel=1e-9)
+    assert not e.fits_gpu and e.hours is None and e.cost_usd is None
+    assert any("at most 90% of a GPU's memory" in n for n in e.assumptions)
+    assert estimate("7b", **kw, gpu_table={"Tight": tight, "Roomy": roomy}).gpu == "Roomy"
+
+
+def test_defaults_follow_the_technique_and_method_and_are_stated():
+    """Gradient checkpointing defaults on for a quantised base (peft's prepare_model_for_kbit_training, the QLoRA
+    script), off for full and LoRA (as `posttrain train`); the micro-batch defaults to the advisor's per method."""
+    from posttrain.advisor.core import MICRO_BATCH
+    from posttrain.estimator.inputs import DEFAULT_MICRO_BATCH
+
+    q = estimate("70b", technique="qlora", seq_len=1024)
+    assert q.inputs["gradient_checkpointing"] is True
+    assert (
+        q.peak_memory_gb
+        == estimate("70b", technique="qlora", seq_len=1024, gradient_checkpointing=True).peak_memory_gb
+    )
+    assert any(n.startswith("gradient checkpointing on: the default for qlora") and "--no-gradient-checkpointing" in n for n in q.assumptions)  # fmt: skip
+    full = estimate("7b", technique="full")
+    assert full.inputs["gradient_checkpointing"] is False
+    assert any(n.startswith("gradient checkpointing off: the default for full") for n in full.assumptions)
+    assert not any(
+        "gradient checkpointing" in n for n in estimate("7b", gradient_checkpointing=False).assumptions
+    )
+    assert MICRO_BATCH is DEFAULT_MICRO_BATCH  # one table for the estimator and the advisor
+    for method, n in DEFAULT_MICRO_BATCH.items():
+        e = estimate("7b", method=method, technique="lora", reward_function=method == "ppo")
+        assert e.inputs["batch_size"] == n and any(f"micro-batch {n} " in a for a in e.assumptions)
+
+
+def test_what_would_fit_a_setup_that_does_not():
+    """7B LoRA at micro-batch 2 without checkpointing needs ~38 GB: not a 24 GB GPU. No cost; each change listed
+    makes it fit, and applying it gives that peak."""
+    asked = dict(model="7b", technique="lora", batch_size=2, gpu_memory_gb=24)
+    e = estimate(**asked)
+    assert not e.fits_gpu and e.cost_usd is None and e.peak_memory_gb > 21.6
+    changes = [w["change"] for w in e.would_fit]
+    assert {"gradient_checkpointing": True} in changes and {"technique": "qlora"} in changes
+    for w in e.would_fit:
+        fixed = estimate(**{**asked, **w["change"]})
+        assert fixed.fits_gpu and fixed.cost_usd > 0
+        assert fixed.peak_memory_gb == pytest.approx(w["peak_memory_gb"], rel=1e-12)
+    # 7B LoRA at micro-batch 4 on a 20 GB GPU (18 GB usable): checkpointing alone leaves 20.8 GB, micro-batch 1
+    # alone 26.3 GB; both together 16.2 GB fit.
+    e = estimate("7b", technique="lora", batch_size=4, gpu_memory_gb=20)
+    changes = [w["change"] for w in e.would_fit]
+    assert {"gradient_checkpointing": True, "batch_size": 1} in changes
+    assert {"gradient_checkpointing": True} not in changes and {"batch_size": 1} not in changes

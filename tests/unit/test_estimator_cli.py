@@ -85,3 +85,65 @@ def test_reality_check_rows_are_consistent():
 def test_import_loads_no_torch():
     code = "import sys, posttrain.estimator, posttrain.advisor; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_flags_build_the_inputs_object():
+    """Every flag is the `EstimateInputs` field of the same name: the CLI builds one object and passes it on."""
+    from posttrain.estimator import EstimateInputs
+    from posttrain.estimator.cli import inputs_from_args
+
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    argv = ["--model", "llama-3-8b", "--method", "grpo", "--technique", "qlora", "--group-size", "4"]
+    args = p.parse_args(["estimate", *argv, "--completion-len", "256", "--tokens", "2B", "--gpu", "a100"])
+    expected = EstimateInputs(
+        model="llama-3-8b",
+        method="grpo",
+        technique="qlora",
+        group_size=4,
+        completion_len=256,
+        tokens=2e9,
+        gpu="a100",
+    )
+    assert inputs_from_args(args) == expected
+
+
+def test_a_setup_that_does_not_fit_prints_no_cost_but_what_would(capsys):
+    argv = ["--model", "7b", "--technique", "lora", "--batch-size", "2", "--gpu-memory-gb", "24"]
+    rc, out, _ = run_cli(argv, capsys)
+    assert rc == 0
+    assert (
+        "does not fit 1 x custom-24GB: 38.0 GB per GPU, more than the 21.6 GB usable on each (90% of its memory)"
+        in out
+    )
+    assert "$" not in out and " h on " not in out and "no time or cost for a setup that does not fit" in out
+    assert "  - gradient checkpointing (17.7 GB per GPU): --gradient-checkpointing" in out
+    assert "  - technique qlora (7.7 GB per GPU): --technique qlora" in out
+    rc, out, _ = run_cli(argv + ["--gradient-checkpointing"], capsys)
+    assert rc == 0 and "does not fit" not in out and "on 1 x custom-24GB, $" in out
+
+
+def test_qlora_estimate_states_its_checkpointing_default(capsys):
+    rc, out, _ = run_cli(["--model", "70b", "--technique", "qlora"], capsys)
+    assert rc == 0 and "gradient checkpointing on)" in out
+    assert "gradient checkpointing on: the default for qlora" in out and "--no-gradient-checkpointing" in out
+
+
+def test_estimate_and_advise_start_without_torch(tmp_path):
+    """`python -X importtime -m posttrain.cli estimate/advise` lists every module imported: no torch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "d.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": f"{i} + {i}?", "answer": str(2 * i)} for i in range(200)]), data
+    )
+    commands = {
+        "posttrain.estimator.core": ["estimate", "--model", "7b", "--json"],
+        "posttrain.data.readers": ["advise", "--data", str(data), "--verifiable", "true"],
+    }
+    for used, argv in commands.items():
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "posttrain.cli", *argv], capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+        assert used in imported and not any(m.split(".")[0] == "torch" for m in imported), argv

@@ -29,7 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", metavar="FILE", help="flat YAML task profile (keys as the flags below)")
     p.add_argument("--interactive", action="store_true", help="ask for each profile key, one at a time")
-    p.add_argument("--data", metavar="FILE", help="a JSONL/JSON/CSV data file: fills counts and lengths")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="a data file (JSONL, JSON, CSV, Parquet, a datasets folder): fills counts and lengths",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--write-config", metavar="FILE", help="write the first stage's train config here")
     keys = p.add_argument_group("profile keys (override --profile)")
@@ -79,7 +83,8 @@ def _write_configs(advice, path: str) -> list[str]:
 
 def format_advice(a) -> str:
     e = a.estimate
-    out = [f"Recommendation: {' -> '.join(a.pipeline)}, technique {a.technique}", "", "Why:"]
+    out = _does_not_fit(a) if not a.fits else []
+    out += [f"Recommendation: {' -> '.join(a.pipeline)}, technique {a.technique}", "", "Why:"]
     out += [f"  - {r}" for r in a.reasons]
     out += ["", "Risks to watch:"] + [f"  - {r}" for r in a.risks]
     if a.would_change:
@@ -93,16 +98,7 @@ def format_advice(a) -> str:
                 instead = f", instead of {alt['instead_of']}" if alt["instead_of"] else ""
                 label = f"{alt['method']} ({alt['slot']} stage{instead})"
             out.append(f"  - {label}: {' '.join(alt['reasons'])}")
-    stages = ", ".join(
-        f"{s['method']} {format_duration(s['hours'])} ${s['cost_usd']:,.2f}" for s in e["stages"]
-    )
-    out += [
-        "",
-        f"Estimate: peak {e['peak_memory_gb']:.1f} GB per GPU on {e['num_gpus']} x {e['gpu']}; "
-        f"{format_duration(e['hours'])}, ${e['cost_usd']:,.2f} ({stages})",
-        "",
-        "Assumptions:",
-    ]
+    out += ["", _estimate_line(e), "", "Assumptions:"]
     out += [f"  - {n}" for n in a.assumptions]
     out += [
         "",
@@ -110,6 +106,30 @@ def format_advice(a) -> str:
         yaml.safe_dump(a.config, sort_keys=False),
     ]
     return "\n".join(out)
+
+
+def _does_not_fit(a) -> list[str]:
+    """The first lines when even the chosen technique does not fit: that, then what would."""
+    e = a.estimate
+    heaviest = max(e["stages"], key=lambda s: s["peak_memory_gb"])
+    out = [
+        f"Does not fit: {heaviest['method']} with {a.technique} needs {e['peak_memory_gb']:.1f} GB per GPU, more "
+        f"than the {e['usable_memory_gb']:.1f} GB usable on each of {e['num_gpus']} x {e['gpu']}; nothing below "
+        "runs as is."
+    ]
+    if e["would_fit"]:
+        out.append("It would fit with: " + "; or ".join(f"{w['says']} ({w['peak_memory_gb']:.1f} GB per GPU)" for w in e["would_fit"]) + ".")  # fmt: skip
+    return out + [""]
+
+
+def _estimate_line(e: dict) -> str:
+    where = f"peak {e['peak_memory_gb']:.1f} GB per GPU on {e['num_gpus']} x {e['gpu']}"
+    if not e["fits"]:
+        return f"Estimate: {where}: does not fit, so no time or cost"
+    stages = ", ".join(
+        f"{s['method']} {format_duration(s['hours'])} ${s['cost_usd']:,.2f}" for s in e["stages"]
+    )
+    return f"Estimate: {where}; {format_duration(e['hours'])}, ${e['cost_usd']:,.2f} ({stages})"
 
 
 def run(args: argparse.Namespace) -> int:

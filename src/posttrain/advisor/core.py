@@ -25,8 +25,9 @@ from posttrain.advisor.datafile import DataSummary, summarise
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
 from posttrain.advisor.rules import RuleTable, load_rules, matches
 from posttrain.errors import UserError
-from posttrain.estimator import estimate
-from posttrain.estimator.hardware import custom_gpu, find_gpu
+from posttrain.estimator import EstimateInputs, estimate_for
+from posttrain.estimator.hardware import USABLE_FRACTION, custom_gpu, find_gpu
+from posttrain.estimator.inputs import DEFAULT_MICRO_BATCH
 
 STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
 TECHNIQUES = ("full", "lora", "qlora")
@@ -34,12 +35,13 @@ COUNTS = ("demonstrations", "preference_pairs", "prompts")
 FORMAT_WORDS = ("json", "schema", "format", "structured", "xml", "yaml")
 DEFAULT_MODEL, DEFAULT_GPU = "7b", "H100-80GB"
 GROUP_SIZE = 8  # TRL's default GRPO group size
-MICRO_BATCH = {"sft": 4, "reward": 4, "dpo": 2, "ppo": 4, "grpo": 1}  # per GPU; GRPO: prompts x GROUP_SIZE
+MICRO_BATCH = DEFAULT_MICRO_BATCH  # per GPU, the estimator's defaults; GRPO: prompts x GROUP_SIZE
 DATA_SHAPE_STAGES = {"sft": ("sft",), "preference": ("dpo", "reward"), "prompts": ("grpo", "ppo")}
 
 
 @dataclass
 class Advice:
+    fits: bool  # the pipeline fits the profile's GPUs with `technique`; if not, `estimate["would_fit"]` says what would
     pipeline: list[str]
     technique: str
     reasons: list[str]
@@ -111,17 +113,20 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
         gpu = find_gpu(p.gpu or DEFAULT_GPU)
         if p.gpu is None:
             notes.append(f"gpu not stated: assuming {DEFAULT_GPU}")
-    f["gpu_name"], f["gpu_gb"] = gpu.name, gpu.memory_gb
+    f["gpu_name"], f["gpu_gb"], f["usable_gb"] = gpu.name, gpu.memory_gb, gpu.usable_gb
     f["seq_len"] = p.seq_len or 1024
     if p.seq_len is None:
         notes.append("seq_len not stated: 1,024 tokens per example (prompt + response)")
     f["avg_tokens"] = p.avg_tokens or f["seq_len"] / 2
     if p.avg_tokens is None:
         notes.append(f"avg_tokens not stated: half of seq_len ({f['avg_tokens']:.0f})")
+    micro = ", ".join(f"{m} {n}" for m, n in MICRO_BATCH.items())
     notes.append(
-        "sizing: gradient checkpointing on, micro-batch per GPU sft 4, reward 4 pairs, dpo 2 pairs, ppo 4 "
-        f"prompts, grpo 1 prompt x {GROUP_SIZE} (halved down to 1 until it fits); "
+        f"sizing: gradient checkpointing on, micro-batch per GPU {micro} (pairs for reward and dpo, prompts for "
+        f"ppo and grpo, grpo x {GROUP_SIZE} completions; halved down to 1 until it fits); "
         + ("FSDP full shard" if f["gpus"] > 1 else "one GPU")
+        + f"; a stage fits when its peak is at most {USABLE_FRACTION:.0%} of the GPU's memory ({gpu.usable_gb:.1f} "
+        f"of {gpu.memory_gb:g} GB), the rest kept for the CUDA context, allocator fragmentation and workspaces"
     )
     return f, notes
 
@@ -136,23 +141,16 @@ def _estimate(
 ):
     """The estimate of one stage; `rm`: an RL stage that holds a reward model the policy's size."""
     seq = f["seq_len"]
-    kw = dict(
-        model=f["model"], method=method, technique=technique, batch_size=micro or MICRO_BATCH[method], seq_len=seq,
-        gradient_checkpointing=True, num_gpus=f["gpus"], sharding="fsdp" if f["gpus"] > 1 else "none",
+    rl = method in ("ppo", "grpo")
+    inputs = EstimateInputs(
+        model=f["model"], method=method, technique=technique, batch_size=micro or MICRO_BATCH[method],
+        seq_len=seq, gradient_checkpointing=True, num_gpus=f["gpus"], sharding="fsdp" if f["gpus"] > 1 else "none",
         tokens=tokens or 1e8,
+        gpu=None if f.get("gpu_memory_gb") is not None else f["gpu_name"], gpu_memory_gb=f.get("gpu_memory_gb"),
+        group_size=GROUP_SIZE, completion_len=seq // 2 if rl else None,
+        reward_model=f["model"] if rl and rm else None, reward_function=rl and not rm,
     )  # fmt: skip
-    if f.get("gpu_memory_gb") is not None:
-        kw["gpu_memory_gb"] = f["gpu_memory_gb"]
-    else:
-        kw["gpu"] = f["gpu_name"]
-    if method in ("ppo", "grpo"):
-        kw.update(group_size=GROUP_SIZE, completion_len=seq // 2)
-        kw.update(reward_model=f["model"]) if rm else kw.update(reward_function=True)
-    return estimate(**kw)
-
-
-def _fits(f: dict, e) -> bool:
-    return e.peak_memory_gb <= f["gpu_gb"]
+    return estimate_for(inputs)
 
 
 def _sized(f: dict, method: str, technique: str, tokens: float | None = None):
@@ -166,7 +164,7 @@ def _sized(f: dict, method: str, technique: str, tokens: float | None = None):
     start = MICRO_BATCH[method]
     for micro in sorted({start, max(1, start // 2), max(1, start // 4), 1}, reverse=True):
         e = _estimate(f, method, technique, tokens, micro, rm)
-        if _fits(f, e):
+        if e.fits_gpu:
             break
     return e, micro
 
@@ -259,7 +257,7 @@ def _decide(p: Profile) -> dict:
     rm = bool(f.get("reward_model")) or not f.get("verifiable")
     ppo = {t: _estimate(f, "ppo", t, rm=rm) for t in ("full", "lora")}
     f["ppo_technique"] = min(ppo, key=lambda t: ppo[t].peak_memory_gb)
-    f["ppo_fits"], f["ppo_gb"] = _fits(f, ppo[f["ppo_technique"]]), ppo[f["ppo_technique"]].peak_memory_gb
+    f["ppo_fits"], f["ppo_gb"] = ppo[f["ppo_technique"]].fits_gpu, ppo[f["ppo_technique"]].peak_memory_gb
 
     chosen, fired, lost = _choose(table, f)
     if not chosen:
@@ -274,7 +272,7 @@ def _decide(p: Profile) -> dict:
         per_stage = {m: _sized(f, m, t)[0] for m in pipeline}
         heaviest = max(pipeline, key=lambda m: per_stage[m].peak_memory_gb)
         sizes[t], f[f"{t}_stage"] = per_stage[heaviest], heaviest
-        f[f"{t}_fits"], f[f"{t}_gb"] = _fits(f, sizes[t]), sizes[t].peak_memory_gb
+        f[f"{t}_fits"], f[f"{t}_gb"] = sizes[t].fits_gpu, sizes[t].peak_memory_gb
     technique = next(r for r in table.rules if r["kind"] == "technique" and matches(r, f))
     _fire(technique, f, fired)
     f["technique"] = technique = technique["technique"]
@@ -282,8 +280,9 @@ def _decide(p: Profile) -> dict:
     sized = [_sized(f, m, technique, _stage_tokens(f, m)) for m in pipeline]
     stages = [e.to_dict() for e, _ in sized]
     f["micro_batches"] = [micro for _, micro in sized]
-    f["cost"] = sum(s["cost_usd"] for s in stages)
-    f["over_budget"] = p.budget_usd is not None and f["cost"] > p.budget_usd
+    costs = [s["cost_usd"] for s in stages]
+    f["cost"] = None if None in costs else sum(costs)  # None: a stage does not fit, so it has no cost
+    f["over_budget"] = p.budget_usd is not None and f["cost"] is not None and f["cost"] > p.budget_usd
     for r in table.rules:
         if r["kind"] == "risk" and matches(r, f):
             _fire(r, f, fired)
@@ -306,7 +305,7 @@ def _alternatives(d: dict) -> list[dict]:
     out), and other techniques that also fit."""
     out = list(d["lost"])
     for t, e in d["sizes"].items():
-        if t != d["technique"] and e.peak_memory_gb <= d["facts"]["gpu_gb"]:
+        if t != d["technique"] and e.fits_gpu:
             gb = round(e.peak_memory_gb, 2)
             out.append({"technique": t, "peak_memory_gb": gb, "reasons": [f"{t} also fits: {gb} GB per GPU"]})
     return out
@@ -357,6 +356,24 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
     return out, notes
 
 
+def _total(stages: list[dict]) -> dict:
+    """The pipeline's estimate: the heaviest stage's memory; hours and cost summed, or None if a stage does not
+    fit (then `would_fit` lists what would make the heaviest such stage fit)."""
+    heaviest = max(stages, key=lambda s: s["peak_memory_gb"])
+    misfits = [s for s in stages if not s["fits_gpu"]]
+    return {
+        "fits": not misfits,
+        "peak_memory_gb": heaviest["peak_memory_gb"],
+        "usable_memory_gb": heaviest["usable_memory_gb"],
+        "hours": None if misfits else sum(s["hours"] for s in stages),
+        "cost_usd": None if misfits else sum(s["cost_usd"] for s in stages),
+        "gpu": stages[-1]["gpu"],
+        "num_gpus": max(s["num_gpus"] for s in stages),
+        "would_fit": max(misfits, key=lambda s: s["peak_memory_gb"])["would_fit"] if misfits else [],
+        "stages": stages,
+    }
+
+
 def _as_profile(profile) -> Profile:
     if isinstance(profile, Profile):
         return profile
@@ -372,7 +389,8 @@ def advise(
 ) -> Advice:
     """Recommend a pipeline and technique for `profile`, with reasons, risks, cost and configs.
 
-    `data` (a JSONL/JSON/CSV file) fills the data counts and lengths from the file itself. `what_if` re-runs
+    `data` (any file `posttrain data validate` reads: JSONL, JSON, CSV, Parquet, a `datasets` folder) fills the
+    data counts and lengths from the file itself. `what_if` re-runs
     the decision on the profile changes listed under `flips` in rules.yaml and reports those that change it.
 
     >>> a = advise({"task": "answer as JSON", "demonstrations": 3000, "model": "7b", "gpu_memory_gb": 24})
@@ -386,17 +404,10 @@ def advise(
         p = _with_data(p, summary, notes)
     d = _decide(p)
     stage_cfgs, cfg_notes = _configs(d, summary)
-    stages = d["stages"]
-    est = {
-        "peak_memory_gb": max(s["peak_memory_gb"] for s in stages),
-        "hours": sum(s["hours"] for s in stages),
-        "cost_usd": sum(s["cost_usd"] for s in stages),
-        "gpu": stages[-1]["gpu"],
-        "num_gpus": max(s["num_gpus"] for s in stages),
-        "stages": stages,
-    }
+    est = _total(d["stages"])
     fired = d["fired"]
     return Advice(
+        fits=est["fits"],
         pipeline=d["pipeline"],
         technique=d["technique"],
         reasons=[f"{x['reason']} ({x['principle']})" for x in fired if _explains(x, d)],

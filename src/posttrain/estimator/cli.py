@@ -1,6 +1,6 @@
 """`posttrain estimate`: the command line of `posttrain.estimator.estimate`.
 
-Thin: parses flags that mirror the keyword arguments, calls `estimate` (or `reality_check` for `--table`) and
+Thin: parses flags that mirror the `EstimateInputs` fields, builds one from them, calls `estimate_for` (or `reality_check` for `--table`) and
 prints a table or JSON. A `UserError` is printed as one paragraph and gives exit status 2.
 """
 
@@ -11,14 +11,18 @@ import json
 import sys
 
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
-from posttrain.estimator.core import (
+from posttrain.estimator.core import Estimate
+from posttrain.estimator.hardware import USABLE_FRACTION
+from posttrain.estimator.inputs import (
+    DEFAULT_CHECKPOINTING,
+    DEFAULT_MICRO_BATCH,
     ENGINES,
     METHODS,
     OPTIMIZERS,
     PRECISIONS,
     REFERENCES,
     TECHNIQUES,
-    Estimate,
+    EstimateInputs,
 )
 from posttrain.estimator.memory import SHARD_STAGE
 from posttrain.estimator.models import parse_size
@@ -41,15 +45,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="memory per GPU, GPUs that fit, FLOPs, hours and cost of a post-training setup",
         description="Estimate memory, compute, time and cost before training (no GPU or torch needed).",
     )
-    a = p.add_argument
+    _setup_flags(p.add_argument)
+    _rl_and_hardware_flags(p.add_argument)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--table", action="store_true", help="the reality check: every method x technique for --model"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def _setup_flags(a) -> None:
+    """The model, method, technique and batch shape (each flag is the `EstimateInputs` field of its name)."""
     a("--model", default="7b", help="a size (7b, 135m), a known name (llama-3-8b) or a config.json path")
     a("--method", default="sft", help=f"one of {', '.join(METHODS)}")
     a("--technique", default="full", help=f"one of {', '.join(TECHNIQUES)} (8bit: LoRA on an int8 base)")
     a("--precision", default="bf16-mixed", help=f"one of {', '.join(PRECISIONS)}")
     a("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)}")
-    a("--batch-size", type=int, default=4, help="micro-batch per GPU: sequences, pairs (DPO) or prompts (RL)")
+    by_method = ", ".join(f"{m} {n}" for m, n in DEFAULT_MICRO_BATCH.items())
+    a("--batch-size", type=int, default=None, help="micro-batch per GPU: sequences, pairs (DPO) or prompts (RL); "
+      f"default by method: {by_method}")  # fmt: skip
     a("--seq-len", type=int, default=2048, help="tokens per sequence, prompt + response")
-    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    on = ", ".join(t for t, v in DEFAULT_CHECKPOINTING.items() if v)
+    off = ", ".join(t for t, v in DEFAULT_CHECKPOINTING.items() if not v)
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help=f"default by technique: on for {on}, off for {off}")  # fmt: skip
     a("--lora-rank", type=int, default=16)
     a(
         "--lora-dropout",
@@ -59,6 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     a("--num-gpus", type=int, default=1)
     a("--sharding", default="none", help=f"one of {', '.join(SHARD_STAGE)}")
+
+
+def _rl_and_hardware_flags(a) -> None:
     a("--group-size", type=int, default=8, help="GRPO completions per prompt")
     a(
         "--completion-len",
@@ -73,27 +96,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--reference", default=None, help=f"DPO/PPO/GRPO reference: one of {', '.join(REFERENCES)}")
     a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO)")
     a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO)")
-    a(
-        "--value-model",
-        default=None,
-        help="PPO critic size or name (default: the policy's), or 'head': a value head on the policy, as posttrain's ppo",
-    )
+    a("--value-model", default=None, help="PPO critic size or name (default: the policy's), or 'head': a value "
+      "head on the policy, as posttrain's ppo")  # fmt: skip
     a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
     a("--mfu", type=float, default=0.40, help="assumed fraction of peak FLOP/s")
-    a("--json", action="store_true", help="print JSON instead of a table")
-    a("--table", action="store_true", help="the reality check: every method x technique for --model")
-    p.set_defaults(func=run)
-    return p
 
 
-def _kwargs(args: argparse.Namespace) -> dict:
-    keys = (
-        "model method technique precision optimizer batch_size seq_len gradient_checkpointing lora_rank lora_dropout "
-        "num_gpus "
-        "sharding group_size completion_len tokens gpu gpu_memory_gb gpu_table reference reward_model "
-        "reward_function value_model rollout_engine mfu"
-    ).split()
-    return {k: getattr(args, k) for k in keys}
+def inputs_from_args(args: argparse.Namespace) -> EstimateInputs:
+    """The flags as `EstimateInputs`: every flag is the field of the same name."""
+    fields = EstimateInputs.__dataclass_fields__
+    return EstimateInputs(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
 
 
 def format_estimate(e: Estimate) -> str:
@@ -103,23 +115,57 @@ def format_estimate(e: Estimate) -> str:
         f"{e.model} ({e.params / 1e9:.2f}B params, {e.trainable_params / 1e6:,.1f}M trained): {e.method}, "
         f"{e.technique}, {i['precision']}, {i['optimizer']}",
         f"peak memory per GPU: {e.peak_memory_gb:.1f} GB  (micro-batch {i['batch_size']} x {i['seq_len']} tokens, "
-        f"{i['num_gpus']} GPU{'s' if i['num_gpus'] > 1 else ''}{shard})",
+        f"{i['num_gpus']} GPU{'s' if i['num_gpus'] > 1 else ''}{shard}, gradient checkpointing "
+        f"{'on' if i['gradient_checkpointing'] else 'off'})",
     ]
     for k, v in e.breakdown_gb.items():
         if v >= 0.0005:
             lines.append(f"  {k:<20} {v:9.3f} GB")
     lines.append(f"fits: {', '.join(e.fits) if e.fits else 'no single GPU in the table'}")
-    lines.append(
-        f"compute: {e.flops:.2e} FLOPs for {e.tokens:.2e} tokens -> {format_duration(e.hours)} on {e.num_gpus} x {e.gpu}, "
-        f"${e.cost_usd:,.0f}"
-    )
+    flops = f"compute: {e.flops:.2e} FLOPs for {e.tokens:.2e} tokens"
+    if e.fits_gpu:
+        lines.append(f"{flops} -> {format_duration(e.hours)} on {e.num_gpus} x {e.gpu}, ${e.cost_usd:,.0f}")
+    else:
+        lines += _does_not_fit(e) + [f"{flops}; no time or cost for a setup that does not fit"]
     lines.append("assumptions:")
     lines += [f"  - {n}" for n in e.assumptions]
     return "\n".join(lines)
 
 
+def _does_not_fit(e: Estimate) -> list[str]:
+    gpus = f"{e.num_gpus} x {e.gpu}"
+    lines = [
+        f"does not fit {gpus}: {e.peak_memory_gb:.1f} GB per GPU, more than the {e.usable_memory_gb:.1f} GB usable "
+        f"on each ({USABLE_FRACTION:.0%} of its memory)"
+    ]
+    if not e.would_fit:
+        return lines + ["  nothing single fits: shorten seq_len, or pick a smaller model"]
+    lines.append("would fit:")
+    for w in e.would_fit:
+        lines.append(f"  - {w['says']} ({w['peak_memory_gb']:.1f} GB per GPU): {change_flags(w['change'])}")
+    return lines
+
+
+def change_flags(change: dict) -> str:
+    """An `EstimateInputs` change as the flags that make it.
+
+    >>> change_flags({"num_gpus": 4, "sharding": "fsdp", "gradient_checkpointing": True, "gpu_memory_gb": None})
+    '--num-gpus 4 --sharding fsdp --gradient-checkpointing'
+    """
+    out = []
+    for key, value in change.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue  # a field cleared so that another applies (a named GPU instead of a size)
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            out.append(f"{flag} {value}")
+    return " ".join(out)
+
+
 def run(args: argparse.Namespace) -> int:
-    from posttrain.estimator.core import estimate
+    from posttrain.estimator.core import estimate_for
     from posttrain.estimator.hardware import load_gpu_table
     from posttrain.estimator.table import format_table, reality_check
 
@@ -140,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(rows, settings, gpu))
             return EXIT_OK
-        e = estimate(**_kwargs(args))
+        e = estimate_for(inputs_from_args(args))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER

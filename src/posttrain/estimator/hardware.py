@@ -5,9 +5,18 @@ bf16 the fp16 tensor-core number). Prices are indicative on-demand cloud prices 
 from public price lists; they vary by provider, region and commitment by 2x or more): override them with a
 YAML or JSON file (`load_gpu_table`) of the same keys.
 
-"Fits" compares the estimated peak in decimal GB (1e9 bytes) with the marketed memory read as decimal GB.
-An "80 GB" GPU actually has 80 GiB = 85.9 GB; the difference (about 7%) is left as headroom for the CUDA
-context, allocator fragmentation and kernels' workspaces, which the estimate does not model.
+"Fits" means the estimated peak (decimal GB, 1e9 bytes) is at most `USABLE_FRACTION` (90%) of the GPU's listed
+memory. The estimate counts the tensors a step keeps alive; a real process needs more, and the 10% kept free is
+for what it leaves out:
+  - the CUDA context and the libraries' handles and workspaces (cuBLAS, cuDNN, NCCL's communication buffers on
+    several GPUs): from a few hundred MB to over 1 GB per process, before any tensor;
+  - the caching allocator's fragmentation: PyTorch reserves memory in segments and cannot always reuse a freed
+    block for a tensor of another size, so reserved memory runs above the live tensors, more so when batch
+    shapes vary (see docs/estimator.md, "Calibration", for what our CPU runs kept beyond the estimate);
+  - kernels' temporary buffers, and the reference or reward model's transient logits;
+  - ECC: a T4, A10 or L4 shows less than its marketed size (a "24 GB" A10 exposes about 22.5 GiB).
+vLLM's default `gpu_memory_utilization=0.9` leaves the same 10% for the same reasons. On the GPUs whose listed
+"GB" are really GiB (A100, H100: 80 GiB = 85.9 GB) the margin is larger than 10%; we keep one rule for all.
 """
 
 from __future__ import annotations
@@ -21,6 +30,10 @@ import yaml
 
 from posttrain.errors import UserError
 
+USABLE_FRACTION = (
+    0.90  # of a GPU's listed memory an estimate may fill (module docstring: what the rest is for)
+)
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -29,6 +42,15 @@ class GPU:
     bf16_tflops: float  # dense peak, TFLOP/s
     bandwidth_gbs: float  # HBM/GDDR bandwidth, GB/s (bounds generation speed)
     usd_per_hour: float
+
+    @property
+    def usable_gb(self) -> float:
+        """Memory an estimate may fill and still fit: `USABLE_FRACTION` of the listed memory.
+
+        >>> GPU("x", 24, 1, 1, 1).usable_gb
+        21.6
+        """
+        return round(self.memory_gb * USABLE_FRACTION, 9)
 
 
 # Datasheet numbers: NVIDIA T4, RTX 3090/4090, A10, L4, L40S, RTX A6000, A100, H100 SXM, H200, B200 and

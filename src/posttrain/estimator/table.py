@@ -1,14 +1,17 @@
 """The infrastructure reality check: every method x technique for one model, side by side.
 
 For each row: peak memory on one GPU, how many GPUs of the reference type hold it (FSDP full shard across
-them), memory per GPU at that count, and cost relative to full SFT on the same number of trained tokens.
+them, each filled to at most `hardware.USABLE_FRACTION` of its memory), memory per GPU at that count, and cost
+relative to full SFT on the same number of trained tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from posttrain.estimator.core import METHODS, Estimate, estimate
+from posttrain.estimator.core import Estimate, estimate_for
+from posttrain.estimator.hardware import USABLE_FRACTION
+from posttrain.estimator.inputs import METHODS, EstimateInputs
 
 TABLE_TECHNIQUES = ("full", "lora", "8bit", "qlora")
 
@@ -20,9 +23,9 @@ class Row:
     memory_one_gpu_gb: float
     gpus_needed: int | None
     memory_per_gpu_gb: float
-    hours: float
-    cost_usd: float
-    relative_cost: float
+    hours: float | None  # None: not within 1024 GPUs (no cost for a setup that does not fit)
+    cost_usd: float | None
+    relative_cost: float | None
 
 
 def reality_check(
@@ -38,15 +41,10 @@ def reality_check(
     gpu_table=None,
 ) -> tuple[list[Row], list[str]]:
     """Rows for every method x technique, and the shared settings in words."""
-    common = dict(
-        model=model,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        gradient_checkpointing=gradient_checkpointing,
-        tokens=tokens,
-        gpu=gpu,
-        gpu_table=gpu_table,
-    )
+    common = EstimateInputs(
+        model=model, seq_len=seq_len, batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
+        tokens=tokens, gpu=gpu, gpu_table=gpu_table,
+    )  # fmt: skip
     rows: list[Row] = []
     for method in METHODS:
         extra: dict = {}
@@ -57,9 +55,10 @@ def reality_check(
             # micro-batch as GRPO has completions, so both generate the same number of sequences at once.
             extra.update(reward_model=model, batch_size=group_size * batch_size)
         for technique in TABLE_TECHNIQUES:
-            one: Estimate = estimate(method=method, technique=technique, **{**common, **extra})
+            inputs = replace(common, method=method, technique=technique, **extra)
+            one: Estimate = estimate_for(inputs)
             n = one.gpus_needed
-            many = one if n in (None, 1) else estimate(method=method, technique=technique, num_gpus=n, sharding="fsdp", **{**common, **extra})  # fmt: skip
+            many = one if n in (None, 1) else estimate_for(replace(inputs, num_gpus=n, sharding="fsdp"))
             rows.append(
                 Row(
                     method,
@@ -72,16 +71,16 @@ def reality_check(
                     0.0,
                 )
             )
-    base = rows[0].cost_usd or 1.0  # sft + full
+    base = rows[0].cost_usd  # sft + full
     for r in rows:
-        r.relative_cost = r.cost_usd / base
+        r.relative_cost = None if r.cost_usd is None or not base else r.cost_usd / base
     settings = [
         f"model {model}, {seq_len} tokens per sequence, micro-batch {batch_size} per GPU, "
         f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, bf16 mixed precision, AdamW",
         f"GRPO: {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
         f"the size of the policy, {group_size * batch_size} prompts per micro-batch; DPO/PPO/GRPO reference: a frozen copy (full) or adapters disabled (LoRA)",
-        f"GPUs needed: {gpu} with FSDP full shard; relative cost: same {tokens:.0e} trained tokens, "
-        "1.00 = full SFT",
+        f"GPUs needed: {gpu} with FSDP full shard, each filled to at most {USABLE_FRACTION:.0%} of its memory; "
+        f"relative cost: same {tokens:.0e} trained tokens, 1.00 = full SFT",
     ]
     return rows, settings
 
@@ -93,6 +92,6 @@ def format_table(rows: list[Row], settings: list[str], gpu: str) -> str:
         n = str(r.gpus_needed) if r.gpus_needed is not None else "> 1024"
         lines.append(
             f"| {r.method} | {r.technique} | {r.memory_one_gpu_gb:.1f} | {n} | {r.memory_per_gpu_gb:.1f} "
-            f"| {r.relative_cost:.2f}x |"
+            f"| {'n/a' if r.relative_cost is None else f'{r.relative_cost:.2f}x'} |"
         )
     return "\n".join(lines + [""] + [f"- {s}" for s in settings])
