@@ -19,19 +19,29 @@ Letters: B pairs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 
+from posttrain.evaluation import format_value
+
 
 @torch.no_grad()
-def pair_logps(model, pairs, collate, *, batch_size: int = 8) -> tuple[torch.Tensor, ...]:
+def pair_logps(
+    model, pairs, collate, *, batch_size: int = 8, progress: str | None = None
+) -> tuple[torch.Tensor, ...]:
     """Summed log-probabilities and scored-token counts of each pair's sides: four (B,) float tensors
-    (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs."""
+    (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs.
+    `progress`: the label of a progress bar on stderr counting pairs (None: no bar)."""
+    from tqdm.auto import tqdm
+
     from posttrain.models.logprobs import selected_token_logps
 
     device = next(model.parameters()).device
     out: list[list[torch.Tensor]] = [[], [], [], []]
+    bar = tqdm(total=len(pairs), desc=progress, unit="pair", dynamic_ncols=True, file=sys.stderr,
+               disable=progress is None)  # fmt: skip
     for s in range(0, len(pairs), batch_size):
         batch = collate(list(pairs[s : s + batch_size]))
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -42,6 +52,8 @@ def pair_logps(model, pairs, collate, *, batch_size: int = 8) -> tuple[torch.Ten
         counts = mask[:, 1:].sum(-1).float().cpu()
         for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
             lst.append(t)
+        bar.update(b)
+    bar.close()
     return tuple(torch.cat(x) for x in out)
 
 
@@ -53,10 +65,13 @@ def _rate(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 def preference_accuracy(
     model, tokenizer, rows: Sequence[dict], *, reference=None, beta: float = 0.1, max_length: int = 512,
-    source: str = "pairs", batch_size: int = 8,
+    source: str = "pairs", batch_size: int = 8, per_pair: list[dict] | None = None, progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Rank held-out preference rows with the policy and its reference (module docstring). `model` may be an
-    adapter model (its reference is the adapter disabled) or a full model with `reference` given."""
+    adapter model (its reference is the adapter disabled) or a full model with `reference` given.
+    `per_pair`, when given, receives each pair's implicit rewards and summed log-probabilities (`chosen_reward`,
+    `rejected_reward`, `chosen_logp`, `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp`); `progress`
+    shows a bar on stderr for each pass over the pairs."""
     from functools import partial
 
     from posttrain.data.preference import collate_pairs, render_preference_dataset
@@ -68,15 +83,16 @@ def preference_accuracy(
     collate = partial(collate_pairs, pad_id=pad)
     was_training = model.training
     model.eval()
+    policy_bar, reference_bar = ("pairs (policy)", "pairs (reference)") if progress else (None, None)
     try:
-        pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size)
+        pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size, progress=policy_bar)
         if reference is model:  # a model compared with itself (e.g. the base before training): one pass
             rc, rr = pc, pr
         elif reference is not None:
-            rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size)
+            rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size, progress=reference_bar)
         elif is_adapter_model(model):
             with model.disable_adapter():
-                rc, rr, _, _ = pair_logps(model, pairs, collate, batch_size=batch_size)
+                rc, rr, _, _ = pair_logps(model, pairs, collate, batch_size=batch_size, progress=reference_bar)
         else:
             raise UserError(
                 "preference accuracy needs a reference: the model is not an adapter, so give the base model "
@@ -85,6 +101,10 @@ def preference_accuracy(
     finally:
         model.train(was_training)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    if per_pair is not None:
+        columns = {"chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards, "chosen_logp": pc,
+                   "rejected_logp": pr, "ref_chosen_logp": rc, "ref_rejected_logp": rr}  # fmt: skip
+        per_pair.extend({k: float(v[i]) for k, v in columns.items()} for i in range(len(pairs)))
     return {
         "n": float(len(pairs)),
         "implicit_accuracy": _rate(chosen_rewards, rejected_rewards),
@@ -116,10 +136,6 @@ def format_preference(results: dict[str, dict[str, float]]) -> str:
     keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k == "n", k))
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in keys:
-        cells = []
-        for nm in names:
-            v = results[nm].get(k)
-            cells.append("" if v is None else f"{v:.0f}" if k == "n" else f"{v:+.3f}" if "margin" in k else
-                         f"{100 * v:.1f}%")  # fmt: skip
+        cells = ["" if results[nm].get(k) is None else format_value(k, results[nm][k]) for nm in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
