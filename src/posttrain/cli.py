@@ -27,22 +27,24 @@ keys may appear without it."""
 
 @dataclass
 class Output:
-    """What a command reports: `text` (printed without --json), `doc` (the JSON document's own keys), the exit
-    `code`, and for a failure `error` (``{"kind", "message"}``)."""
+    """What a command reports: `text` (printed without --json), `doc` (the JSON document's own keys; None: no
+    document, as on the other processes of a multi-process launch, where rank 0 reports), the exit `code`, and
+    for a failure `error` (``{"kind", "message"}``)."""
 
-    doc: dict = field(default_factory=dict)
+    doc: dict | None = field(default_factory=dict)
     text: str = ""
     code: int = EXIT_OK
     error: dict | None = None
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args) -> Output:
     from posttrain.config import describe_fields, load_config
     from posttrain.config_rules import reads
 
     if args.help_config:
         fields = [{"name": n, "default": d, "doc": doc, "read_by": reads(n)} for n, d, doc in describe_fields()]
-        text = "\n".join(f"{f['name']} = {f['default']}\n    {f['doc']}\n    read by: {f['read_by']}" for f in fields)
+        text = "\n".join(f"{f['name']} = {f['default']}\n    {f['doc']}\n    read by: {f['read_by']}"
+                         for f in fields)  # fmt: skip
         return Output(doc={"fields": fields}, text=text)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
@@ -53,9 +55,13 @@ def _cmd_train(args) -> int:
         )
     cfg = load_config(config, overrides)
     from posttrain.train import train
+    from posttrain.trainer.runlock import launch_rank
     from posttrain.trainer.summary import format_summary, run_summary
 
-    summary = run_summary(train(cfg, resume=args.resume))
+    result = train(cfg, resume=args.resume)
+    if launch_rank() != 0:  # one summary per run: rank 0's (the others' history is their own shard's)
+        return Output(doc=None)
+    summary = run_summary(result)
     return Output(doc=summary, text=format_summary(summary))
 
 
@@ -262,7 +268,7 @@ def _cmd_generate(args) -> Output:
         item.update(prompt=plain_messages(prompt, "user"), completion=out)
         shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         blocks.append(f"### prompt\n{shown}\n### completion\n{out}\n")
-    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    settings = _settings(args, "max_new_tokens", "temperature", "top_p", "seed")
     return Output(doc={"model": args.model, "settings": settings, "results": items}, text="\n".join(blocks))
 
 
@@ -343,8 +349,8 @@ def _cmd_evaluate(args) -> Output:
     if rewards is not None:
         metrics, result = score_rewards(rewards, completions, rows)
         _report_reward_failures(result, len(rows))
-        per_row = [{"reward": total, **{f"reward_{name}": values[i] for name, values in result.per_function.items()}}
-                   for i, total in enumerate(result.total)]  # fmt: skip
+        for i, total in enumerate(result.total):  # the weighted sum, and each function's own reward
+            per_row.append({"reward": total, **{f"reward_{k}": v[i] for k, v in result.per_function.items()}})
     else:
         metrics = score_completions(args.task, completions, rows, per_row)
     scores = None
@@ -415,9 +421,9 @@ def _report_reward_failures(result, n: int) -> None:
 
 def _evaluate_pairs(args) -> Output:
     """`posttrain evaluate --pairs FILE`: rank held-out preference pairs with the model and its reference."""
-    from posttrain.data import load_rows, plain_messages
+    from posttrain.data import load_rows
     from posttrain.evaluation import load_for_inference
-    from posttrain.evaluation.preference import format_preference, preference_accuracy
+    from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
 
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
@@ -435,12 +441,7 @@ def _evaluate_pairs(args) -> Output:
         source=args.pairs, per_pair=per_pair, progress=not args.no_progress,
     )  # fmt: skip
     if args.out is not None:
-        _write_records(args.out, [
-            {"index": i, **({"id": row["id"]} if "id" in row else {}), "prompt": plain_messages(row["prompt"], "user"),
-             "chosen": plain_messages(row["chosen"], "assistant"),
-             "rejected": plain_messages(row["rejected"], "assistant"), **scores}
-            for i, (row, scores) in enumerate(zip(rows, per_pair))
-        ])  # fmt: skip
+        _write_records(args.out, pair_records(rows, per_pair))
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": _settings(args, "beta", "max_length"),
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
@@ -679,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         # With --json, stdout carries the document alone: whatever the command prints while it runs goes to stderr.
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             out = _run(args)
-        if as_json:
+        if as_json and (out.doc is not None or out.error is not None):
             print(json_document(_command_name(args), out), file=stdout)
         elif out.text:
             print(out.text, file=stdout)
@@ -735,7 +736,7 @@ def json_document(command: str, out: Output) -> str:
     doc = {"schema_version": SCHEMA_VERSION, "command": command, "ok": out.code == EXIT_OK}
     if out.error is not None:
         doc["error"] = out.error
-    doc.update(out.doc)
+    doc.update(out.doc or {})
     return json.dumps(_finite(doc), indent=2, ensure_ascii=False, default=str)
 
 

@@ -116,6 +116,26 @@ def preference_accuracy(
     }
 
 
+def pair_records(rows: Sequence[dict], per_pair: Sequence[dict]) -> list[dict]:
+    """One JSON-ready record per ranked pair, as `posttrain evaluate --pairs --out` writes them: `index`, `id`
+    when the row has one, `prompt`, `chosen` and `rejected` (strings when they are one message), then the
+    pair's `per_pair` values from `preference_accuracy`.
+
+    >>> row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+    ...        "rejected": [{"role": "assistant", "content": "5"}]}
+    >>> pair_records([row], [{"chosen_reward": 0.5}])
+    [{'index': 0, 'prompt': '2+2?', 'chosen': '4', 'rejected': '5', 'chosen_reward': 0.5}]
+    """
+    from posttrain.data import plain_messages
+
+    return [
+        {"index": i, **({"id": row["id"]} if "id" in row else {}), "prompt": plain_messages(row["prompt"], "user"),
+         "chosen": plain_messages(row["chosen"], "assistant"), "rejected": plain_messages(row["rejected"], "assistant"),
+         **values}
+        for i, (row, values) in enumerate(zip(rows, per_pair, strict=True))
+    ]  # fmt: skip
+
+
 def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
     """Scores of a trained reward model folder for each (prompt, completion)."""
     from posttrain.models.heads import RewardModelScorer
