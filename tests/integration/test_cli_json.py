@@ -102,6 +102,16 @@ def test_train_json_failure_is_a_document(capsys, tiny_model_dir, tmp_path):
     assert doc["error"]["kind"] == "user" and "optim.nosuch: unknown key" in doc["error"]["message"]
 
 
+def test_help_config_json(capsys):
+    from posttrain.config import describe_fields
+
+    code, doc, _ = run_json(capsys, "train", "--help-config")
+    assert code == 0
+    _envelope(doc, "train")
+    assert [(f["name"], f["default"], f["doc"]) for f in doc["fields"]] == describe_fields()
+    assert all(f["read_by"] for f in doc["fields"])
+
+
 def test_a_bug_under_json_is_a_document_too(capsys, tiny_model_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -148,8 +158,11 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
 def test_evaluate_task_out_and_a_judge_scored_as_numbers(capsys, make_cfg, tiny_model_dir, tmp_path, answers):
     from posttrain.train import train
 
-    judge = train(make_cfg("rm", **{"algorithm.name": "reward", "technique.name": "lora",
-                                    "data.train": _jsonl(tmp_path / "pairs.jsonl", PAIRS), "run.max_steps": 1})).run_dir  # fmt: skip
+    rm = train(make_cfg("rm", **{"algorithm.name": "reward", "technique.name": "lora",
+                                 "data.train": _jsonl(tmp_path / "pairs.jsonl", PAIRS), "run.max_steps": 1}))  # fmt: skip
+    judge = rm.run_dir
+    # The reward model's key metric (summary, progress bar) is its pair accuracy, logged every step.
+    assert rm.key_metric == "accuracy" and 0 <= rm.history[-1]["accuracy"] <= 1
     rows = [{"prompt": p, "answer": 3} for p in PROMPTS]
     data = _jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "answers.jsonl"
