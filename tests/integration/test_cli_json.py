@@ -206,6 +206,9 @@ def test_evaluate_pairs_json_and_out(capsys, tiny_model_dir, tmp_path):
     logp_accuracy = sum(r["chosen_logp"] > r["rejected_logp"] for r in written) / 3
     assert (doc["metrics"]["implicit_accuracy"], doc["metrics"]["logp_accuracy"]) == (0.5, logp_accuracy)
     assert "pairs (policy): 100%" in err and "pairs (reference): 100%" in err
+    # A judge scores generated answers; --pairs generates none, so it is refused rather than ignored.
+    code, doc, err = run_json(capsys, "evaluate", "--model", tiny_model_dir, "--pairs", pairs, "--judge", "rm")
+    assert code == 2 and "--judge scores generated answers" in doc["error"]["message"]
 
 
 def test_generate_json_and_progress_for_a_prompts_file(capsys, tiny_model_dir, tmp_path, answers):

@@ -40,20 +40,19 @@ def pair_logps(
 
     device = next(model.parameters()).device
     out: list[list[torch.Tensor]] = [[], [], [], []]
-    bar = tqdm(total=len(pairs), desc=progress, unit="pair", dynamic_ncols=True, file=sys.stderr,
-               disable=progress is None)  # fmt: skip
-    for s in range(0, len(pairs), batch_size):
-        batch = collate(list(pairs[s : s + batch_size]))
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        mask = batch["loss_mask"].to(device)
-        logps, _ = selected_token_logps(model, inputs, mask)  # (2b, T)
-        b = logps.shape[0] // 2
-        seq = logps.sum(-1).float().cpu()
-        counts = mask[:, 1:].sum(-1).float().cpu()
-        for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
-            lst.append(t)
-        bar.update(b)
-    bar.close()
+    with tqdm(total=len(pairs), desc=progress, unit="pair", dynamic_ncols=True, file=sys.stderr,
+              disable=progress is None) as bar:  # fmt: skip
+        for s in range(0, len(pairs), batch_size):
+            batch = collate(list(pairs[s : s + batch_size]))
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            mask = batch["loss_mask"].to(device)
+            logps, _ = selected_token_logps(model, inputs, mask)  # (2b, T)
+            b = logps.shape[0] // 2
+            seq = logps.sum(-1).float().cpu()
+            counts = mask[:, 1:].sum(-1).float().cpu()
+            for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
+                lst.append(t)
+            bar.update(b)
     return tuple(torch.cat(x) for x in out)
 
 
