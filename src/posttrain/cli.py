@@ -2,30 +2,56 @@
 
 Exit codes: 0 success, 2 a user error (bad input, bad config, missing model: one clear paragraph, no
 traceback), 1 a bug (the traceback is shown), 130 interrupted.
+
+Commands that print results return an `Output`: its text is what they print, and with `--json` its document is
+printed instead, as the only thing on stdout (everything else the command prints goes to stderr while it
+runs); a failure is a document too. The documents are described in docs/cli-json.md (`SCHEMA_VERSION`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, DataError, UserError
 
+SCHEMA_VERSION = 1
+"""Version of the `--json` documents (docs/cli-json.md): raised when a key is removed or changes meaning; new
+keys may appear without it."""
 
-def _cmd_train(args) -> int:
+
+@dataclass
+class Output:
+    """What a command reports: `text` (printed without --json), `doc` (the JSON document's own keys; None: no
+    document, as on the other processes of a multi-process launch, where rank 0 reports), the exit `code`, and
+    for a failure `error` (``{"kind", "message"}``)."""
+
+    doc: dict | None = field(default_factory=dict)
+    text: str = ""
+    code: int = EXIT_OK
+    error: dict | None = None
+
+
+def _cmd_train(args) -> Output:
     from posttrain.algorithms import RunConfig, load_config
     from posttrain.config import describe_fields
     from posttrain.config_rules import reads
 
     if args.help_config:
-        shown = None
-        for name, default, doc, method in describe_fields(RunConfig):
-            if method != shown and method is not None:
-                print(f"\n# algorithm.name: {method}")
-            shown = method
-            print(f"{name} = {default}\n    {doc}\n    read by: {reads(name, RunConfig, method)}")
-        return EXIT_OK
+        fields = [{"name": n, "default": d, "doc": doc, "method": m, "read_by": reads(n, RunConfig, m)}
+                  for n, d, doc, m in describe_fields(RunConfig)]  # fmt: skip
+        lines, shown = [], None
+        for f in fields:
+            if f["method"] != shown and f["method"] is not None:
+                lines.append(f"\n# algorithm.name: {f['method']}")
+            shown = f["method"]
+            lines.append(f"{f['name']} = {f['default']}\n    {f['doc']}\n    read by: {f['read_by']}")
+        return Output(doc={"fields": fields}, text="\n".join(lines))
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # no run file: defaults + overrides
@@ -35,16 +61,14 @@ def _cmd_train(args) -> int:
         )
     cfg = load_config(config, overrides)
     from posttrain.train import train
+    from posttrain.trainer.runlock import launch_rank
+    from posttrain.trainer.summary import format_summary, run_summary
 
     result = train(cfg, resume=args.resume)
-    last = next((h for h in reversed(result.history) if "loss" in h), None)
-    summary = f"; last loss {last['loss']:.4f}" if last else ""
-    n, last = result.steps_trained, result.steps  # this invocation's steps; the run's last step
-    span = ""
-    if 0 < n < last:  # a resumed run: which steps this invocation trained
-        span = f" (step {last} of {last})" if n == 1 else f" (steps {last - n + 1}-{last} of {last})"
-    print(f"done: {n} step{'s' if n != 1 else ''}{span}{summary}; model in {result.final_dir}")
-    return EXIT_OK
+    if launch_rank() != 0:  # one summary per run: rank 0's (the others' history is their own shard's)
+        return Output(doc=None)
+    summary = run_summary(result)
+    return Output(doc=summary, text=format_summary(summary))
 
 
 def _cmd_quickstart(args) -> int:
@@ -113,15 +137,19 @@ def _task_with_options(task, args):
     return task
 
 
-def _print_problems(file: str, err: DataError) -> int:
+def _problems(args, err: DataError) -> Output:
+    """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
     for p in err.problems:
         print(p, file=sys.stderr)
-    print(f"{file}: {len(err.problems)} problem(s); fix them and validate again", file=sys.stderr)
-    return EXIT_USER
+    message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
+    print(message, file=sys.stderr)
+    problems = [{"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems]
+    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems}, code=EXIT_USER,
+                  error={"kind": "user", "message": message})  # fmt: skip
 
 
-def _cmd_data_validate(args) -> int:
-    from posttrain.data import validate_file
+def _cmd_data_validate(args) -> Output:
+    from posttrain.data.schema import row_shapes, shapes_summary
 
     if (args.model is None) != (args.max_length is None):
         raise UserError("--model and --max-length go together: the length check needs the model's tokenizer")
@@ -130,17 +158,21 @@ def _cmd_data_validate(args) -> int:
             "--max-length checks sft and preference files; prompts files are checked when sampling"
         )
     try:
-        summary = validate_file(args.file, args.kind)
-        if args.model is not None:
-            summary += _check_lengths(args)
+        shapes = row_shapes(args.file, args.kind)
+        notes = _check_lengths(args) if args.model is not None else []
     except DataError as err:
-        return _print_problems(args.file, err)
-    print(summary)
-    return EXIT_OK
+        return _problems(args, err)
+    text = shapes_summary(args.file, args.kind, shapes)
+    if args.model is not None:
+        text += f"; every row fits max_length={args.max_length}" + "".join(f"\nwarning: {w}" for w in notes)
+    doc = {"file": args.file, "kind": args.kind, "rows": sum(shapes.values()), "shapes": shapes,
+           "max_length": args.max_length, "warnings": notes}  # fmt: skip
+    return Output(doc=doc, text=text)
 
 
-def _check_lengths(args) -> str:
-    """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems."""
+def _check_lengths(args) -> list[str]:
+    """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems; returns
+    the warnings rendering gave (e.g. responses truncated)."""
     import warnings
 
     from posttrain.config import ModelConfig
@@ -156,12 +188,10 @@ def _check_lengths(args) -> str:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         render(tokenizer, rows, max_length=args.max_length, source=args.file)
-    notes = "".join(f"\nwarning: {w.message}" for w in caught if issubclass(w.category, UserWarning))
-    return f"; every row fits max_length={args.max_length}{notes}"
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-def _cmd_data_pairs(args) -> int:
-    import json
+def _cmd_data_pairs(args) -> Output:
     from pathlib import Path
 
     from posttrain.data import TASKS, load_rows, onpolicy_pairs
@@ -181,13 +211,15 @@ def _cmd_data_pairs(args) -> int:
     out = Path(args.out)
     done = written_ids(out)
     todo = [r for r in rows if r["id"] not in done]
+    doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,
+           "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,
+           "skipped_empty": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
     if len(todo) < len(rows):
         print(
             f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts already have pairs there; skipping them"
         )
     if not todo:
-        print(f"nothing to do: every prompt already has a pair in {out}")
-        return EXIT_OK
+        return Output(doc=doc, text=f"nothing to do: every prompt already has a pair in {out}")
     from posttrain.evaluation import load_for_inference
 
     _quiet_libraries()
@@ -204,39 +236,46 @@ def _cmd_data_pairs(args) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
             progress=not args.no_progress, on_pair=write,
         )  # fmt: skip
-    print(
+    doc.update(st)
+    return Output(doc=doc, text=(
         f"wrote {st['kept']} pairs from {st['prompts']} prompts to {out} ({st['skipped_equal']} skipped: all "
         f"{args.n} samples scored the same; {st['skipped_empty']} skipped: fewer than 2 non-empty samples); "
         f"mean best score {st['mean_best']:.3f}, mean worst {st['mean_worst']:.3f}"
-    )
-    return EXIT_OK
+    ))  # fmt: skip
 
 
-def _cmd_generate(args) -> int:
+def _cmd_generate(args) -> Output:
+    from posttrain.data import plain_messages
     from posttrain.evaluation import load_for_inference
     from posttrain.models import generate
 
-    prompts = list(args.prompt or [])
+    items = [{"prompt": p} for p in args.prompt or []]
     if args.prompts_file:
         from posttrain.data import load_rows
 
-        prompts += [r["prompt"] for r in load_rows(args.prompts_file, "prompts")]
-    if not prompts:
+        rows = load_rows(args.prompts_file, "prompts")
+        items += [{**({"id": r["id"]} if "id" in r else {}), "prompt": r["prompt"]} for r in rows]
+    if not items:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
     model, tokenizer = load_for_inference(args.model)
     outs = generate(
         model,
         tokenizer,
-        prompts,
+        [item["prompt"] for item in items],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        progress="generate" if args.prompts_file and not args.no_progress else None,  # a bar for a file's prompts
     )
-    for prompt, out in zip(prompts, outs):
+    blocks = []
+    for item, out in zip(items, outs):
+        prompt = item["prompt"]
+        item.update(prompt=plain_messages(prompt, "user"), completion=out)
         shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        print(f"### prompt\n{shown}\n### completion\n{out}\n")
-    return EXIT_OK
+        blocks.append(f"### prompt\n{shown}\n### completion\n{out}\n")
+    settings = _settings(args, "max_new_tokens", "temperature", "top_p", "seed")
+    return Output(doc={"model": args.model, "settings": settings, "results": items}, text="\n".join(blocks))
 
 
 def _cmd_merge(args) -> int:
@@ -262,9 +301,10 @@ NO_VERIFIER = (
 )
 
 
-def _cmd_evaluate(args) -> int:
+def _cmd_evaluate(args) -> Output:
     from posttrain.data import TASKS
     from posttrain.evaluation import (
+        answer_records,
         format_table,
         generate_answers,
         load_for_inference,
@@ -309,20 +349,49 @@ def _cmd_evaluate(args) -> int:
     model, tokenizer = load_for_inference(args.model)
     completions = generate_answers(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        sample_seed=args.seed,
+        sample_seed=args.seed, progress=None if args.no_progress else "evaluate",
     )  # fmt: skip
+    per_row: list[dict] = []  # each row's verifier metrics, or its rewards (the --out file)
     if rewards is not None:
         metrics, result = score_rewards(rewards, completions, rows)
         _report_reward_failures(result, len(rows))
+        for i, total in enumerate(result.total):  # the weighted sum, and each function's own reward
+            per_row.append({"reward": total, **{f"reward_{k}": v[i] for k, v in result.per_function.items()}})
     else:
-        metrics = score_completions(args.task, completions, rows)
+        metrics = score_completions(args.task, completions, rows, per_row)
+    scores = None
     if args.judge is not None:
         from posttrain.evaluation.preference import judge_scores
 
         scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions)
         metrics["judge_score_mean"] = sum(scores) / len(scores)
-    print(format_table({args.model: metrics}))
-    return EXIT_OK
+    if args.out is not None:
+        _write_records(args.out, answer_records(rows, completions, per_row, scores))
+    doc = {
+        "model": args.model, "verifier": "reward" if rewards is not None else "task", "task": args.task,
+        "rewards": [r.name for r in rewards] if rewards is not None else None, "judge": args.judge,
+        "data": args.data, "n": len(rows), "settings": _settings(args, "max_new_tokens", "temperature", "seed"),
+        "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
+    }  # fmt: skip
+    return Output(doc=doc, text=format_table({args.model: metrics}))
+
+
+def _settings(args, *names: str) -> dict:
+    return {name: getattr(args, name) for name in names}
+
+
+def _write_records(path: str, records: list[dict]) -> None:
+    """Write `evaluate --out` rows, all at once: scores come once every answer is in (rewards see the whole set,
+    as in training), and a file is either a whole evaluation or absent (no resume, unlike `data pairs`: an
+    evaluation is rerun in full, and greedy or seeded decoding gives the same answers)."""
+    from pathlib import Path
+
+    from posttrain.data import write_jsonl
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    write_jsonl(records, tmp)
+    os.replace(tmp, out)
 
 
 def _evaluation_rows(args) -> list[dict]:
@@ -356,26 +425,33 @@ def _report_reward_failures(result, n: int) -> None:
               file=sys.stderr)  # fmt: skip
 
 
-def _evaluate_pairs(args) -> int:
+def _evaluate_pairs(args) -> Output:
     """`posttrain evaluate --pairs FILE`: rank held-out preference pairs with the model and its reference."""
     from posttrain.data import load_rows
     from posttrain.evaluation import load_for_inference
-    from posttrain.evaluation.preference import format_preference, preference_accuracy
+    from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
 
     if args.beta <= 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
     if args.max_length <= 0:
         raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    if args.judge is not None:
+        raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference")[: args.n]
     _quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None
+    per_pair: list[dict] = []
     result = preference_accuracy(
         model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
-        source=args.pairs,
+        source=args.pairs, per_pair=per_pair, progress=not args.no_progress,
     )  # fmt: skip
-    print(format_preference({args.model: result}))
-    return EXIT_OK
+    if args.out is not None:
+        _write_records(args.out, pair_records(rows, per_pair))
+    doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
+           "n": len(rows), "settings": _settings(args, "beta", "max_length"),
+           "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
+    return Output(doc=doc, text=format_preference({args.model: result}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--help-config", action="store_true",
         help="list every config field with its default and which methods/techniques read it",
     )  # fmt: skip
+    _add_json(t)
     t.set_defaults(func=_cmd_train)
 
     d = sub.add_parser("data", help="make built-in task data, validate a data file, or sample pairs")
@@ -450,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft")
     va.add_argument("--model", help="also check lengths with this model's tokenizer (needs --max-length)")
     va.add_argument("--max-length", type=int, help="tokens; a row whose prompt alone reaches it is an error")
+    _add_json(va)
     va.set_defaults(func=_cmd_data_validate)
     pa = dsub.add_parser(
         "pairs", help="sample N completions per prompt, score them, write (best, worst) preference pairs"
@@ -477,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default: 16)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
+    _add_json(pa)
     pa.set_defaults(func=_cmd_data_pairs)
     d.set_defaults(func=lambda a: (d.print_help(), EXIT_USER)[1])
 
@@ -492,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
+    _add_json(g)
     g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base and save a standalone model")
@@ -535,11 +616,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="with --pairs: the reference model (default: the adapter disabled)")
     e.add_argument("--beta", type=float, default=0.1, help="with --pairs: DPO beta of the implicit reward")
     e.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
+    e.add_argument(
+        "--out", help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
+        "scores, the reference answer (docs/cli-json.md)"
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_json(e)
     e.set_defaults(func=_cmd_evaluate)
 
     for module in ("posttrain.estimator.cli", "posttrain.advisor.cli"):
         _add_optional(sub, module)
     return p
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print one JSON document on stdout instead (docs/cli-json.md); progress and messages go to stderr",
+    )  # fmt: skip
+    parser.set_defaults(prints_document=True)  # main() prints the command's Output as JSON
 
 
 def _add_optional(sub, module: str) -> None:
@@ -584,30 +679,81 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER
     if args.command in _MODEL_COMMANDS:
         _quiet_libraries()
+    # `estimate --json` and `advise --json` print their own JSON; the commands marked by `_add_json` return it.
+    as_json = getattr(args, "prints_document", False) and args.json
+    stdout = sys.stdout
     try:
-        return int(args.func(args) or EXIT_OK)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER
+        # With --json, stdout carries the document alone: whatever the command prints while it runs goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            out = _run(args)
+        if as_json and (out.doc is not None or out.error is not None):
+            print(json_document(_command_name(args), out), file=stdout)
+        elif out.text:
+            print(out.text, file=stdout)
     except BrokenPipeError:
         # `posttrain estimate --table | head`: the reader left; not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+    return out.code
+
+
+def _run(args) -> Output:
+    """The command's `Output`; a user error, an interrupt or a bug becomes a failed one, after saying so on
+    stderr (the message, or the traceback of a bug)."""
+    try:
+        result = args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return Output(code=EXIT_USER, error={"kind": "user", "message": str(err)})
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         print("interrupted; a run can be continued with `posttrain train RUN.yaml --resume`", file=sys.stderr)
-        return 130
-    except Exception:
-        if os.environ.get("POSTTRAIN_DEBUG") is None:
-            import traceback
-
-            traceback.print_exc()
-            print(
-                "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
-                file=sys.stderr,
-            )
-        else:
+        return Output(code=130, error={"kind": "interrupted", "message": "interrupted"})
+    except Exception as err:
+        if os.environ.get("POSTTRAIN_DEBUG") is not None:
             raise
-        return EXIT_BUG
+        import traceback
+
+        traceback.print_exc()
+        print("error: this is a bug in posttrain (exit 1); please report it with the traceback above", file=sys.stderr)
+        return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
+    return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
+
+
+def _command_name(args) -> str:
+    sub = getattr(args, "data_command", None) if args.command == "data" else None
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def json_document(command: str, out: Output) -> str:
+    """The `--json` document of a command's `Output` (docs/cli-json.md): the envelope (`schema_version`,
+    `command`, `ok`, and `error` for a failure) around the command's own keys. Numbers that are not finite
+    (NaN, inf) are written as null, so the document is strict JSON.
+
+    >>> print(json_document("generate", Output(doc={"loss": float("nan")}, code=0)))
+    {
+      "schema_version": 1,
+      "command": "generate",
+      "ok": true,
+      "loss": null
+    }
+    """
+    doc = {"schema_version": SCHEMA_VERSION, "command": command, "ok": out.code == EXIT_OK}
+    if out.error is not None:
+        doc["error"] = out.error
+    doc.update(out.doc or {})
+    return json.dumps(_finite(doc), indent=2, ensure_ascii=False, default=str)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

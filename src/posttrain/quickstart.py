@@ -172,15 +172,18 @@ def format_before_after(before: dict, after: dict) -> str:
     | held-out metric | base model | fine-tuned | change |
     |---|---|---|---|
     | exact | 25.0% | 75.0% | +50.0 pts |
+    >>> print(format_before_after({"judge_score_mean": 1.5}, {"judge_score_mean": 2.25}).splitlines()[-1])
+    | judge_score_mean | 1.5 | 2.25 | +0.75 |
     """
-    from posttrain.evaluation import ordered_metrics
+    from posttrain.evaluation import format_value, is_rate, ordered_metrics
 
     keys = [k for k in ordered_metrics(before) if k != "n"]
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]
     for k in keys:
         b, a = before[k], after.get(k, 0.0)
-        if "margin" in k:  # a difference of rewards, not a rate
-            lines.append(f"| {k} | {b:+.3f} | {a:+.3f} | {a - b:+.3f} |")
-        else:
+        if is_rate(k):
             lines.append(f"| {k} | {100 * b:.1f}% | {100 * a:.1f}% | {100 * (a - b):+.1f} pts |")
+        else:  # a difference or a mean of rewards (a judge's scores), not a rate
+            change = f"{a - b:+.3f}" if "margin" in k else f"{a - b:+.4g}"
+            lines.append(f"| {k} | {format_value(k, b)} | {format_value(k, a)} | {change} |")
     return "\n".join(lines)

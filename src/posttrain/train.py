@@ -16,17 +16,19 @@ holds the folder.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from posttrain.algorithms import RunConfig
+from posttrain.algorithms import RunConfig, get_algorithm
 from posttrain.config import dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.errors import ConfigError
@@ -40,6 +42,7 @@ from posttrain.trainer.fingerprint import (
     write_fingerprint,
 )
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
+from posttrain.trainer.summary import peak_memory_gb
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
 # run.seed: it fixes the data order, so changing it mid-run would repeat some examples and skip others.
@@ -59,7 +62,9 @@ _RESUMABLE_CHANGES = {
 @dataclass
 class TrainResult:
     """What `train` did. `steps`: the step the run has reached, its last one; `steps_trained`: the steps this
-    call trained (fewer when it resumed; 0 when the run had already finished); `history`: this call's metrics."""
+    call trained (fewer when it resumed; 0 when the run had already finished); `history`: this call's metrics.
+    For the end-of-run summary (`trainer.summary`): `method`, its `key_metric` (`Algorithm.key_metric`), this
+    call's `wall_time_s`, and the process's peak memory so far (`peak_rss_gb`, `peak_gpu_gb`: None if unknown)."""
 
     run_dir: Path
     final_dir: Path
@@ -68,6 +73,11 @@ class TrainResult:
     steps_trained: int = 0
     model: object = None
     tokenizer: object = None
+    method: str | None = None
+    key_metric: str | None = None
+    wall_time_s: float | None = None
+    peak_rss_gb: float | None = None
+    peak_gpu_gb: float | None = None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -154,19 +164,29 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     The run folder is held by this process for the whole run (`trainer.runlock`): a second process that starts
     into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
     """
+    started = time.perf_counter()
     prepare_hub_libraries()  # before accelerate imports huggingface_hub: offline when the hub is unreachable
     if launch_rank() != 0:
         return _train(cfg, resume=resume, return_model=return_model)
     with hold_run_dir(cfg.run.output_dir) as stale:
         if stale:
             print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
-        return _train(cfg, resume=resume, return_model=return_model)
+        result = _train(cfg, resume=resume, return_model=return_model)
+    return _measured(result, cfg, started)
+
+
+def _measured(result: TrainResult, cfg: RunConfig, started: float) -> TrainResult:
+    """`result` with what the end-of-run summary reports besides the metrics (`TrainResult`)."""
+    rss, gpu = peak_memory_gb()
+    return dataclasses.replace(
+        result, method=cfg.algorithm.name, key_metric=get_algorithm(cfg.algorithm.name).key_metric,
+        wall_time_s=time.perf_counter() - started, peak_rss_gb=rss, peak_gpu_gb=gpu,
+    )  # fmt: skip
 
 
 def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     from accelerate.utils import set_seed
 
-    from posttrain.algorithms import get_algorithm
     from posttrain.algorithms.base import SourceContext
     from posttrain.models import load_model, load_tokenizer, save_model
     from posttrain.trainer.batches import ExampleBatchSource, skipped_note, total_steps

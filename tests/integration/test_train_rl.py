@@ -127,6 +127,11 @@ def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
     path.write_text(json.dumps(cfg.model_dump(mode="json")), encoding="utf-8")  # JSON is YAML
     assert main(["train", str(path)]) == 0, capsys.readouterr().err
     hist = read_metrics(tmp_path / "learn" / "metrics.jsonl")
+    # The end-of-run summary shows GRPO's key metric, the mean total reward, of the last step.
+    last = hist[-1]
+    assert f"  last step:    loss {last['loss']:.4f}, reward/total_mean {last['reward/total_mean']:.4g}\n" in (
+        capsys.readouterr().out
+    )
     rewards = [h["reward/letters_mean"] for h in hist]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.2 and last > 0.6, rewards  # ~10% letters at random; most of them after training
@@ -193,6 +198,7 @@ def test_ppo_lora_trains_adapters_and_value_head_and_the_value_loss_falls(rl, ti
     )  # fmt: skip
     result = train(cfg, return_model=True)
     hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert result.key_metric == "reward/total_mean" and hist[-1][result.key_metric] == 1.0  # the summary's
     for h in hist:
         for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_coef", "returns_mean"):
             assert math.isfinite(h[key]), key

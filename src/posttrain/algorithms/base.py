@@ -101,3 +101,6 @@ class Algorithm:
     """save_final(model, tokenizer, out_dir, cfg): write the final model; None: `posttrain.models.save_model`."""
     evaluates: bool = True
     """Whether `loss_fn` on `PreparedData.eval` batches is meaningful (false for RL: no fixed eval batches)."""
+    key_metric: str | None = None
+    """The metrics.jsonl key that says how training goes besides the loss (DPO: `reward_accuracy`; RL: the mean
+    reward), shown in the progress bar and the end-of-run summary. None: the loss says it."""

@@ -459,5 +459,6 @@ def make_source(ctx):
 
 
 ALGORITHM = Algorithm(
-    name="dpo", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source
-)
+    name="dpo", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source,
+    key_metric="reward_accuracy",
+)  # fmt: skip

@@ -389,4 +389,5 @@ ALGORITHM = Algorithm(
     make_source=make_source,
     plan=plan,
     evaluates=False,
+    key_metric="reward/total_mean",
 )

@@ -495,4 +495,5 @@ ALGORITHM = Algorithm(
     load_model=load_model,
     save_final=save_final,
     evaluates=False,
+    key_metric="reward/total_mean",
 )

@@ -156,5 +156,5 @@ def RewardModelScorer(path, **kwargs):  # noqa: N802 - the name the rewards pack
 
 ALGORITHM = Algorithm(
     name="reward", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, load_model=load_model,
-    save_final=save_final,
+    save_final=save_final, key_metric="accuracy",
 )  # fmt: skip

@@ -4,7 +4,7 @@ The pipeline, one module per stage:
 
 - `readers`: JSONL, JSON, CSV, Parquet and `datasets` folders -> located records (`read_records`);
 - `schema`: row shapes and their checks -> normalised rows or one `DataError` listing every problem
-  (`load_rows`, `validate_file`);
+  (`load_rows`, `validate_file`, `row_shapes`);
 - `render`: chat template -> `Rendered(input_ids, loss_mask, truncated)`, the single source of truth for
   which tokens are trained (`render_sft`, `render_prompt`, `render_dataset`);
 - `collate`: padded batches (`collate`) and packed rows that keep examples apart (`pack`, `collate_packed`);
@@ -22,7 +22,7 @@ from posttrain.data.pairs import onpolicy_pairs
 from posttrain.data.preference import RenderedPair, collate_pairs, render_pair, render_preference_dataset
 from posttrain.data.readers import Record, read_records
 from posttrain.data.render import Rendered, render_dataset, render_prompt, render_sft
-from posttrain.data.schema import KINDS, Row, load_rows, validate_file
+from posttrain.data.schema import KINDS, Row, load_rows, plain_messages, row_shapes, validate_file
 from posttrain.data.tasks import REJECTED_KINDS, TASKS, Task, make_pairs, make_prompts, write_jsonl
 
 __all__ = [
@@ -42,12 +42,14 @@ __all__ = [
     "make_prompts",
     "onpolicy_pairs",
     "pack",
+    "plain_messages",
     "read_records",
     "render_dataset",
     "render_pair",
     "render_preference_dataset",
     "render_prompt",
     "render_sft",
+    "row_shapes",
     "validate_file",
     "write_jsonl",
 ]

@@ -26,6 +26,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from posttrain.data.schema import plain_messages
 from posttrain.errors import DataError, Problem, UserError
 
 Scorer = Callable[[list, list[str], list[dict]], list[float]]
@@ -206,9 +207,7 @@ def prepare_prompt_rows(rows: list[dict], source: str, *, answer_for: str | None
             problems.append(
                 Problem(source, line, "answer", f"missing: {answer_for} scores completions against it")
             )
-        p = row["prompt"]
-        if isinstance(p, list) and len(p) == 1 and p[0]["role"] == "user":
-            row["prompt"] = p[0]["content"]
+        row["prompt"] = plain_messages(row["prompt"], "user")
     if problems:
         raise DataError(problems, header=f"{source}: {len(problems)} problem(s); no pairs made")
 

@@ -104,9 +104,37 @@ def load_rows(path: str | Path, kind: str) -> list[dict]:
 
 def validate_file(path: str | Path, kind: str) -> str:
     """A one-line summary when every row is usable, e.g. ``data.jsonl: 200 sft rows OK (messages: 200)``."""
-    rows, shapes = _load(path, kind)
-    detail = ", ".join(f"{s}: {n}" for s, n in sorted(shapes.items(), key=lambda kv: -kv[1]))
-    return f"{path}: {len(rows)} {kind} rows OK ({detail})"
+    return shapes_summary(path, kind, row_shapes(path, kind))
+
+
+def shapes_summary(path: str | Path, kind: str, shapes: dict[str, int]) -> str:
+    """
+    >>> shapes_summary("data.jsonl", "sft", {"messages": 2, "prompt/completion": 1})
+    'data.jsonl: 3 sft rows OK (messages: 2, prompt/completion: 1)'
+    """
+    detail = ", ".join(f"{s}: {n}" for s, n in shapes.items())
+    return f"{path}: {sum(shapes.values())} {kind} rows OK ({detail})"
+
+
+def row_shapes(path: str | Path, kind: str) -> dict[str, int]:
+    """How many rows of each shape (e.g. ``messages``, ``prompt/completion``) `path` holds, most common first,
+    when every row is usable; else the `DataError` listing every problem."""
+    _, shapes = _load(path, kind)
+    return dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
+
+
+def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
+    """A single message of `role` as its text, anything else as it is: how a normalised row's prompt (role
+    ``user``) or response (``assistant``) is shown in output files.
+
+    >>> plain_messages([{"role": "user", "content": "hi"}], "user")
+    'hi'
+    >>> plain_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "user")[0]
+    {'role': 'system', 'content': 'be brief'}
+    """
+    if isinstance(messages, list) and len(messages) == 1 and messages[0].get("role") == role:
+        return messages[0]["content"]
+    return messages
 
 
 def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:

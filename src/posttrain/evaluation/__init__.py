@@ -100,9 +100,10 @@ def generate_answers(
     batch_size: int = 16,
     temperature: float = 0.0,
     sample_seed: int = 0,
+    progress: str | None = None,
 ) -> list[str]:
     """One completion per row's `prompt`: greedy, or one sample at `temperature` > 0 (repeatable by
-    `sample_seed`)."""
+    `sample_seed`). `progress`: the label of a progress bar on stderr (None: no bar)."""
     from posttrain.models import generate
 
     return generate(
@@ -113,7 +114,33 @@ def generate_answers(
         temperature=temperature,
         batch_size=batch_size,
         seed=sample_seed if temperature > 0 else None,
+        progress=progress,
     )
+
+
+def answer_records(
+    rows: Sequence[dict], completions: Sequence[str], scores: Sequence[dict], judge: Sequence[float] | None = None
+) -> list[dict]:
+    """One JSON-ready record per evaluated row, as `posttrain evaluate --out` writes them: `index`, `id` and
+    `answer` when the row has them, `prompt` (a string when it is one user message), `completion`, the row's
+    `scores` (its verifier metrics, or its rewards) and `judge_score` when a judge scored it.
+
+    >>> answer_records([{"prompt": [{"role": "user", "content": "2+2?"}], "answer": 4}], ["4"], [{"correct": 1.0}])
+    [{'index': 0, 'prompt': '2+2?', 'answer': 4, 'completion': '4', 'correct': 1.0}]
+    """
+    from posttrain.data import plain_messages
+
+    records = []
+    for i, (row, completion, score) in enumerate(zip(rows, completions, scores, strict=True)):
+        record: dict = {"index": i, **({"id": row["id"]} if "id" in row else {})}
+        record["prompt"] = plain_messages(row["prompt"], "user")
+        if "answer" in row:
+            record["answer"] = row["answer"]
+        record.update(completion=completion, **score)
+        if judge is not None:
+            record["judge_score"] = judge[i]
+        records.append(record)
+    return records
 
 
 def evaluate_task(
@@ -189,12 +216,29 @@ def ordered_metrics(keys) -> list[str]:
     return sorted(keys, key=lambda k: (k == "n", k.startswith("field_"), rank.get(k, len(rank)), k))
 
 
-def _cell(metric: str, value: float) -> str:
-    """Counts (`n`, `*_failures`) as integers, means of scores (`*_mean`) as numbers, everything else (shares
-    of rows) as a percentage."""
+def is_rate(metric: str) -> bool:
+    """Whether a metric is a share of rows or pairs (shown as a percentage): not a count (`n`, `*_failures`), a
+    mean of scores (`*_mean`: rewards, a judge's scores) or a difference of rewards (`*margin*`).
+
+    >>> [is_rate(k) for k in ("exact", "mean_logp_accuracy", "judge_score_mean", "implicit_margin", "n")]
+    [True, True, False, False, False]
+    """
+    return not (metric == "n" or metric.endswith(("_failures", "_mean")) or "margin" in metric)
+
+
+def format_value(metric: str, value: float) -> str:
+    """One metric as the tables show it: counts as integers, shares as percentages, differences of rewards
+    with a sign, means of scores as numbers (never as percentages: a judge's score of 3.5 is not 350%).
+
+    >>> [format_value(k, v) for k, v in (("n", 4.0), ("exact", 0.5), ("implicit_margin", 0.25),
+    ...                                  ("judge_score_mean", 3.5))]
+    ['4', '50.0%', '+0.250', '3.5']
+    """
     if metric == "n" or metric.endswith("_failures"):
         return f"{value:.0f}"
-    if metric.endswith("_mean"):
+    if "margin" in metric:
+        return f"{value:+.3f}"
+    if not is_rate(metric):
         return f"{value:.4g}"
     return f"{100 * value:.1f}%"
 
@@ -214,11 +258,16 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     | reward_positive | 50.0% |
     | reward_failures | 1 |
     | n | 4 |
+    >>> print(format_table({"m": {"judge_score_mean": 3.5, "pairs_implicit_margin": 0.25}}))
+    | metric | m |
+    |---|---|
+    | pairs_implicit_margin | +0.250 |
+    | judge_score_mean | 3.5 |
     """
     names = list(results)
     metrics = ordered_metrics({k for r in results.values() for k in r})
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in metrics:
-        cells = [_cell(k, results[nm][k]) if k in results[nm] else "" for nm in names]
+        cells = [format_value(k, results[nm][k]) if k in results[nm] else "" for nm in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

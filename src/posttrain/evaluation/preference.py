@@ -19,29 +19,40 @@ Letters: B pairs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 
+from posttrain.evaluation import format_value
+
 
 @torch.no_grad()
-def pair_logps(model, pairs, collate, *, batch_size: int = 8) -> tuple[torch.Tensor, ...]:
+def pair_logps(
+    model, pairs, collate, *, batch_size: int = 8, progress: str | None = None
+) -> tuple[torch.Tensor, ...]:
     """Summed log-probabilities and scored-token counts of each pair's sides: four (B,) float tensors
-    (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs."""
+    (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs.
+    `progress`: the label of a progress bar on stderr counting pairs (None: no bar)."""
+    from tqdm.auto import tqdm
+
     from posttrain.models.logprobs import selected_token_logps
 
     device = next(model.parameters()).device
     out: list[list[torch.Tensor]] = [[], [], [], []]
-    for s in range(0, len(pairs), batch_size):
-        batch = collate(list(pairs[s : s + batch_size]))
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        mask = batch["loss_mask"].to(device)
-        logps, _ = selected_token_logps(model, inputs, mask)  # (2b, T)
-        b = logps.shape[0] // 2
-        seq = logps.sum(-1).float().cpu()
-        counts = mask[:, 1:].sum(-1).float().cpu()
-        for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
-            lst.append(t)
+    with tqdm(total=len(pairs), desc=progress, unit="pair", dynamic_ncols=True, file=sys.stderr,
+              disable=progress is None) as bar:  # fmt: skip
+        for s in range(0, len(pairs), batch_size):
+            batch = collate(list(pairs[s : s + batch_size]))
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            mask = batch["loss_mask"].to(device)
+            logps, _ = selected_token_logps(model, inputs, mask)  # (2b, T)
+            b = logps.shape[0] // 2
+            seq = logps.sum(-1).float().cpu()
+            counts = mask[:, 1:].sum(-1).float().cpu()
+            for lst, t in zip(out, (seq[:b], seq[b:], counts[:b], counts[b:])):
+                lst.append(t)
+            bar.update(b)
     return tuple(torch.cat(x) for x in out)
 
 
@@ -53,10 +64,13 @@ def _rate(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 
 def preference_accuracy(
     model, tokenizer, rows: Sequence[dict], *, reference=None, beta: float = 0.1, max_length: int = 512,
-    source: str = "pairs", batch_size: int = 8,
+    source: str = "pairs", batch_size: int = 8, per_pair: list[dict] | None = None, progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Rank held-out preference rows with the policy and its reference (module docstring). `model` may be an
-    adapter model (its reference is the adapter disabled) or a full model with `reference` given."""
+    adapter model (its reference is the adapter disabled) or a full model with `reference` given.
+    `per_pair`, when given, receives each pair's implicit rewards and summed log-probabilities (`chosen_reward`,
+    `rejected_reward`, `chosen_logp`, `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp`); `progress`
+    shows a bar on stderr for each pass over the pairs."""
     from functools import partial
 
     from posttrain.data.preference import collate_pairs, render_preference_dataset
@@ -68,15 +82,16 @@ def preference_accuracy(
     collate = partial(collate_pairs, pad_id=pad)
     was_training = model.training
     model.eval()
+    policy_bar, reference_bar = ("pairs (policy)", "pairs (reference)") if progress else (None, None)
     try:
-        pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size)
+        pc, pr, nc, nr = pair_logps(model, pairs, collate, batch_size=batch_size, progress=policy_bar)
         if reference is model:  # a model compared with itself (e.g. the base before training): one pass
             rc, rr = pc, pr
         elif reference is not None:
-            rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size)
+            rc, rr, _, _ = pair_logps(reference, pairs, collate, batch_size=batch_size, progress=reference_bar)
         elif is_adapter_model(model):
             with model.disable_adapter():
-                rc, rr, _, _ = pair_logps(model, pairs, collate, batch_size=batch_size)
+                rc, rr, _, _ = pair_logps(model, pairs, collate, batch_size=batch_size, progress=reference_bar)
         else:
             raise UserError(
                 "preference accuracy needs a reference: the model is not an adapter, so give the base model "
@@ -85,6 +100,10 @@ def preference_accuracy(
     finally:
         model.train(was_training)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    if per_pair is not None:
+        columns = {"chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards, "chosen_logp": pc,
+                   "rejected_logp": pr, "ref_chosen_logp": rc, "ref_rejected_logp": rr}  # fmt: skip
+        per_pair.extend({k: float(v[i]) for k, v in columns.items()} for i in range(len(pairs)))
     return {
         "n": float(len(pairs)),
         "implicit_accuracy": _rate(chosen_rewards, rejected_rewards),
@@ -94,6 +113,26 @@ def preference_accuracy(
         "mean_logp_accuracy": _rate(pc / nc.clamp(min=1), pr / nr.clamp(min=1)),
         "ref_mean_logp_accuracy": _rate(rc / nc.clamp(min=1), rr / nr.clamp(min=1)),
     }
+
+
+def pair_records(rows: Sequence[dict], per_pair: Sequence[dict]) -> list[dict]:
+    """One JSON-ready record per ranked pair, as `posttrain evaluate --pairs --out` writes them: `index`, `id`
+    when the row has one, `prompt`, `chosen` and `rejected` (strings when they are one message), then the
+    pair's `per_pair` values from `preference_accuracy`.
+
+    >>> row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+    ...        "rejected": [{"role": "assistant", "content": "5"}]}
+    >>> pair_records([row], [{"chosen_reward": 0.5}])
+    [{'index': 0, 'prompt': '2+2?', 'chosen': '4', 'rejected': '5', 'chosen_reward': 0.5}]
+    """
+    from posttrain.data import plain_messages
+
+    return [
+        {"index": i, **({"id": row["id"]} if "id" in row else {}), "prompt": plain_messages(row["prompt"], "user"),
+         "chosen": plain_messages(row["chosen"], "assistant"), "rejected": plain_messages(row["rejected"], "assistant"),
+         **values}
+        for i, (row, values) in enumerate(zip(rows, per_pair, strict=True))
+    ]  # fmt: skip
 
 
 def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
@@ -116,10 +155,6 @@ def format_preference(results: dict[str, dict[str, float]]) -> str:
     keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k == "n", k))
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in keys:
-        cells = []
-        for nm in names:
-            v = results[nm].get(k)
-            cells.append("" if v is None else f"{v:.0f}" if k == "n" else f"{v:+.3f}" if "margin" in k else
-                         f"{100 * v:.1f}%")  # fmt: skip
+        cells = ["" if results[nm].get(k) is None else format_value(k, results[nm][k]) for nm in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ sampling at temperature T with nucleus `top_p` draws from top-p(softmax(logits /
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -128,6 +129,7 @@ def generate(
     batch_size: int = 16,
     stop: list[str] | None = None,
     seed: int | None = None,
+    progress: str | None = None,
 ) -> list[str]:
     """Complete each prompt; returns the decoded completions (no prompt, no special tokens), in prompt order.
 
@@ -136,8 +138,10 @@ def generate(
     completion ends at the first EOS token or at the first of the `stop` strings (the stop string is cut off).
     `seed` makes sampling repeatable without touching the caller's global RNG state. The first call with a new
     set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
+    `progress`, when given, is the label of a progress bar on stderr that counts prompts, batch by batch.
     """
     import torch
+    from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
     texts = [render_prompt(tokenizer, p) for p in prompts]
@@ -156,6 +160,8 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    bar = tqdm(total=len(texts), desc=progress, unit="prompt", dynamic_ncols=True, file=sys.stderr,
+               disable=progress is None)  # fmt: skip
     try:
         with (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
@@ -177,7 +183,9 @@ def generate(
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
                 for i, row in zip(idx, new_tokens.tolist()):
                     results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
+                bar.update(len(idx))
     finally:
+        bar.close()
         model.train(was_training)
     return results
 

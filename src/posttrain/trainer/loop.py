@@ -208,10 +208,12 @@ def training_loop(
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
             history.append(record)
+            key = algorithm.key_metric  # the method's own measure of progress (DPO: reward accuracy), if any
             logger.progress(
                 1,
                 {
                     "loss": f"{record['loss']:.4f}",
+                    **({key: f"{record[key]:.4g}"} if key in record else {}),
                     "lr": f"{record['lr']:.2e}",
                     "tok/s": f"{tokens_since_start / (time.perf_counter() - started):.0f}",
                 },
