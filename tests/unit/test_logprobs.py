@@ -1,4 +1,4 @@
-"""Log-probability and entropy helpers on tiny literal tensors, with the arithmetic worked out by hand."""
+"""The one log-prob module on tiny literal tensors, with the arithmetic worked out by hand, and on a tiny model."""
 
 import math
 
@@ -7,111 +7,128 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from posttrain.models.logprobs import entropy_from_logits, model_token_logps, sequence_logps, token_logps
+from posttrain.models.logprobs import (
+    chunked_token_logps,
+    gather_logps,
+    no_grad_chunks,
+    scatter,
+    selected_token_logps,
+    target_positions,
+)
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
 
-def test_token_logps_hand_worked():
+def test_gather_logps_hand_worked():
     """V = 3.
-    Position 0: logits [0, 0, ln 2] -> exp = [1, 1, 2], sum 4 -> p = [1/4, 1/4, 1/2].
-        label 2 -> log(1/2) = -ln 2.
-    Position 1: logits [0, 0, 0] -> uniform, p = 1/3 each; label 0 -> -ln 3.
-    Row 2 repeats position 0 with label 0 -> log(1/4) = -ln 4, and position 1 with label 1 -> -ln 3.
+    Row 0: logits [0, 0, ln 2] -> exp = [1, 1, 2], sum 4 -> p = [1/4, 1/4, 1/2]; target 2 -> -ln 2.
+    Row 1: logits [0, 0, 0] -> uniform, p = 1/3; target 0 -> -ln 3.
+    Row 2: row 0's logits, target 0 -> log(1/4) = -ln 4.
     """
-    logits = torch.tensor(
-        [[[0.0, 0.0, LN2], [0.0, 0.0, 0.0]], [[0.0, 0.0, LN2], [0.0, 0.0, 0.0]]]
-    )  # (B=2, T=2, V=3)
-    labels = torch.tensor([[2, 0], [0, 1]])
-    expected = torch.tensor([[-LN2, -LN3], [-LN4, -LN3]])
-    assert_close(token_logps(logits, labels), expected, rtol=0, atol=1e-6)
+    logits = torch.tensor([[0.0, 0.0, LN2], [0.0, 0.0, 0.0], [0.0, 0.0, LN2]])
+    picked, _ = gather_logps(logits, torch.tensor([2, 0, 0]))
+    assert_close(picked, torch.tensor([-LN2, -LN3, -LN4]), rtol=0, atol=1e-6)
 
 
-def test_token_logps_matches_cross_entropy():
+def test_gather_logps_matches_cross_entropy_and_temperature_divides_first():
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11) * 4
-    labels = torch.randint(0, 11, (3, 5))
-    ce = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), reduction="none").view(3, 5)
-    assert_close(token_logps(logits, labels), -ce, rtol=0, atol=1e-5)
+    logits = torch.randn(15, 11) * 4
+    targets = torch.randint(0, 11, (15,))
+    assert_close(gather_logps(logits, targets)[0], -F.cross_entropy(logits, targets, reduction="none"),
+                 rtol=0, atol=1e-5)  # fmt: skip
+    assert_close(gather_logps(logits, targets, temperature=0.5)[0],
+                 -F.cross_entropy(logits / 0.5, targets, reduction="none"), rtol=0, atol=1e-5)  # fmt: skip
 
 
-def test_token_logps_bf16_logits_computed_in_float32():
+def test_bf16_logits_are_computed_in_float32():
     """bf16 logits are upcast before the log-softmax: the result is the float32 computation on the same values."""
     torch.manual_seed(0)
-    logits = (torch.randn(2, 4, 50) * 5).bfloat16()
-    labels = torch.randint(0, 50, (2, 4))
-    out = token_logps(logits, labels)
-    assert out.dtype == torch.float32
-    assert_close(out, token_logps(logits.float(), labels), rtol=0, atol=1e-6)
-
-
-def test_token_logps_ignore_index_gives_zero():
-    logits = torch.zeros(1, 3, 4)  # uniform: log(1/4) = -ln 4 everywhere
-    labels = torch.tensor([[1, -100, 3]])
-    assert_close(token_logps(logits, labels), torch.tensor([[-LN4, 0.0, -LN4]]), rtol=0, atol=1e-6)
-
-
-def test_sequence_logps_sums_over_mask():
-    """Row 0: -1 + -3 = -4 (the -2 is masked). Row 1: fully masked -> 0, and its -inf must not give NaN."""
-    token = torch.tensor([[-1.0, -2.0, -3.0], [-float("inf"), -5.0, -6.0]])
-    mask = torch.tensor([[1, 0, 1], [0, 0, 0]])
-    out = sequence_logps(token, mask)
-    assert_close(out, torch.tensor([-4.0, 0.0]), rtol=0, atol=0)
-    assert not torch.isnan(out).any()
+    logits = (torch.randn(8, 50) * 5).bfloat16()
+    targets = torch.randint(0, 50, (8,))
+    picked, entropy = gather_logps(logits, targets, with_entropy=True)
+    assert picked.dtype == entropy.dtype == torch.float32
+    want, want_entropy = gather_logps(logits.float(), targets, with_entropy=True)
+    assert_close(picked, want, rtol=0, atol=1e-6)
+    assert_close(entropy, want_entropy, rtol=0, atol=1e-6)
 
 
 def test_entropy_uniform_is_log_v():
     for v in (2, 7, 49152):
-        assert_close(
-            entropy_from_logits(torch.zeros(1, 2, v)), torch.full((1, 2), math.log(v)), rtol=0, atol=1e-5
-        )
+        _, entropy = gather_logps(torch.zeros(2, v), torch.zeros(2, dtype=torch.long), with_entropy=True)
+        assert_close(entropy, torch.full((2,), math.log(v)), rtol=0, atol=1e-5)
 
 
 def test_entropy_hand_worked_and_banned_tokens():
     """logits ln[2, 1, 1] -> p = [1/2, 1/4, 1/4]; H = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2.
     logits [0, 0, -inf] -> p = [1/2, 1/2, 0]; H = ln 2 (the banned token adds 0, not NaN).
     """
-    logits = torch.tensor([[[LN2, 0.0, 0.0], [0.0, 0.0, -float("inf")]]])
-    assert_close(entropy_from_logits(logits), torch.tensor([[1.5 * LN2, LN2]]), rtol=0, atol=1e-6)
+    logits = torch.tensor([[LN2, 0.0, 0.0], [0.0, 0.0, -float("inf")]])
+    _, entropy = gather_logps(logits, torch.tensor([0, 1]), with_entropy=True)
+    assert_close(entropy, torch.tensor([1.5 * LN2, LN2]), rtol=0, atol=1e-6)
 
 
-def test_entropy_bf16_returns_float32():
-    logits = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
-    out = entropy_from_logits(logits)
-    assert out.dtype == torch.float32
-    assert_close(out, torch.tensor([[LN2 * 3]]), rtol=0, atol=1e-6)
+def test_targets_are_predicted_by_the_previous_position_and_column_0_never():
+    target, keep = target_positions(torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]]))
+    assert target.int().tolist() == [[0, 1, 1, 0], [0, 0, 1, 1]]
+    assert keep.int().tolist() == [[1, 1, 0, 0], [0, 1, 1, 0]]
+    assert_close(scatter(torch.tensor([1.0, 2.0, 3.0, 4.0]), target),
+                 torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 3.0, 4.0]]), rtol=0, atol=0)  # fmt: skip
 
 
-def test_model_token_logps_is_shifted_next_token_logps(tiny_model):
+def test_selected_token_logps_are_the_shifted_next_token_logps(tiny_model):
     torch.manual_seed(0)
     ids = torch.randint(3, 200, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]])
     with torch.no_grad():
         logits = tiny_model(input_ids=ids).logits  # (B, T, V)
-        expected = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out = model_token_logps(tiny_model, ids)
-    assert out.shape == (2, 5)
-    assert_close(out, expected, rtol=0, atol=1e-5)
+        full = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        out, entropy = selected_token_logps(tiny_model, {"input_ids": ids}, mask, with_entropy=True)
+    target, _ = target_positions(mask)
+    assert_close(out[:, 1:][target[:, 1:]], full[target[:, 1:]], rtol=0, atol=1e-5)
+    assert (out[~target] == 0).all() and (entropy[~target] == 0).all()
 
 
-def test_model_token_logps_right_padding_does_not_change_real_tokens(tiny_model):
+def test_right_padding_does_not_change_real_tokens(tiny_model):
     """Causal attention: pad tokens after the sequence cannot change the log-probs of the tokens before them."""
-    ids = torch.tensor([[5, 6, 7, 8]])
-    padded = torch.tensor([[5, 6, 7, 8, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    ids, padded = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 7, 8, 0, 0]])
     with torch.no_grad():
-        a = model_token_logps(tiny_model, ids)
-        b = model_token_logps(tiny_model, padded, attention_mask=mask)
-    assert_close(b[:, :3], a, rtol=0, atol=1e-5)
+        a, _ = selected_token_logps(tiny_model, {"input_ids": ids}, torch.ones(1, 4))
+        b, _ = selected_token_logps(tiny_model, {"input_ids": padded, "attention_mask": torch.tensor([[1] * 4 + [0] * 2])},
+                                    torch.tensor([[1, 1, 1, 1, 0, 0]]))  # fmt: skip
+    assert_close(b[:, :4], a, rtol=0, atol=1e-5)
 
 
-def test_model_token_logps_has_gradients(tiny_model):
-    out = model_token_logps(tiny_model, torch.tensor([[4, 5, 6]]))
+def test_selected_token_logps_have_gradients(tiny_model):
+    out, _ = selected_token_logps(tiny_model, {"input_ids": torch.tensor([[4, 5, 6]])}, torch.ones(1, 3))
     out.sum().backward()
     assert tiny_model.lm_head.weight.grad is not None
 
 
-@pytest.mark.parametrize("fn", [token_logps, entropy_from_logits])
-def test_empty_batch(fn):
-    logits = torch.zeros(0, 3, 5)
-    out = fn(logits, torch.zeros(0, 3, dtype=torch.long)) if fn is token_logps else fn(logits)
-    assert out.shape == (0, 3)
+def test_chunks_equal_one_forward_and_leave_the_model_as_it_was(tiny_model):
+    torch.manual_seed(1)
+    tensors = {"input_ids": torch.randint(3, 200, (5, 7)), "completion_mask": torch.ones(5, 7, dtype=torch.long)}
+    tiny_model.train()
+    with torch.no_grad():
+        tiny_model.eval()
+        whole, _ = selected_token_logps(tiny_model, {"input_ids": tensors["input_ids"]}, tensors["completion_mask"])
+        tiny_model.train()
+    chunked = chunked_token_logps(tiny_model, tensors, "completion_mask", 2)
+    assert_close(chunked, whole, rtol=0, atol=1e-5)
+    assert tiny_model.training and not chunked.requires_grad
+    values = no_grad_chunks(lambda part: (part["input_ids"] * 2, part["input_ids"]), tiny_model, tensors, 3)
+    assert torch.equal(values[0], tensors["input_ids"] * 2) and torch.equal(values[1], tensors["input_ids"])
+
+
+def test_empty_selection():
+    picked, entropy = gather_logps(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), with_entropy=True)
+    assert picked.shape == entropy.shape == (0,)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_temperature_scores_softmax_of_logits_over_t(tiny_model, temperature):
+    ids = torch.tensor([[5, 9, 11, 13]])
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits[0, :-1] / temperature
+        want = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        got, _ = selected_token_logps(tiny_model, {"input_ids": ids}, torch.ones(1, 4), temperature=temperature)
+    assert_close(got[0, 1:], want, rtol=0, atol=1e-5)

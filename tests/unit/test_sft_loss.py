@@ -1,34 +1,46 @@
 """SFT loss math: hand-computed cross-entropy, masking, and the one global normaliser."""
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch.testing import assert_close
 
 from posttrain.algorithms.common import masked_mean, masked_sum, normalise_loss
-from posttrain.algorithms.sft import loss_units, sft_token_losses
+from posttrain.algorithms.sft import loss_fn, loss_units
 
 
-def test_token_losses_match_hand_computed_cross_entropy():
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose forward returns fixed logits (B, T, V), whatever it is asked to keep."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, **kwargs):
+        return SimpleNamespace(logits=self.logits)
+
+
+LOGITS = torch.tensor([[[0.0, 0.0, 0.0], [0.0, math.log(2.0), 0.0], [9.0, 0.0, 0.0]]])
+
+
+def test_loss_matches_hand_computed_cross_entropy():
     """V = 3, one row [2, 0, 1], targets are tokens 1 and 2 (token 0 is the prompt).
 
     position 0 logits [0, 0, 0] -> p(0) = 1/3 -> loss ln 3
     position 1 logits [0, ln 2, 0] -> softmax = [1/4, 2/4, 1/4] -> p(1) = 1/2 -> loss ln 2
-    position 2 has no next token -> 0
+    position 2 has no next token -> nothing
     """
-    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, math.log(2.0), 0.0], [9.0, 0.0, 0.0]]])
-    ids = torch.tensor([[2, 0, 1]])
-    mask = torch.tensor([[0, 1, 1]])
-    out = sft_token_losses(logits, ids, mask)
-    assert_close(out, torch.tensor([[math.log(3.0), math.log(2.0), 0.0]]), rtol=0, atol=1e-6)
+    batch = {"input_ids": torch.tensor([[2, 0, 1]]), "loss_mask": torch.tensor([[0, 1, 1]])}
+    loss, _ = loss_fn(FixedLogits(LOGITS), batch)
+    assert_close(loss, torch.tensor(math.log(3.0) + math.log(2.0)), rtol=0, atol=1e-6)
 
 
 def test_prompt_tokens_do_not_count():
-    """Masking target 1 away leaves only ln 2 for target 2 (entry 0 becomes exactly 0)."""
-    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, math.log(2.0), 0.0], [9.0, 0.0, 0.0]]])
-    out = sft_token_losses(logits, torch.tensor([[2, 0, 1]]), torch.tensor([[0, 0, 1]]))
-    assert out[0, 0].item() == 0.0
-    assert_close(out.sum(), torch.tensor(math.log(2.0)), rtol=0, atol=1e-6)
+    """Masking target 1 away leaves only ln 2 for target 2."""
+    batch = {"input_ids": torch.tensor([[2, 0, 1]]), "loss_mask": torch.tensor([[0, 0, 1]])}
+    loss, _ = loss_fn(FixedLogits(LOGITS), batch)
+    assert_close(loss, torch.tensor(math.log(2.0)), rtol=0, atol=1e-6)
 
 
 def test_loss_units_skip_first_position():
@@ -74,8 +86,10 @@ def test_selected_logits_path_equals_full_logits_path(tiny_model):
     loss.backward()
     fast_grads = [p.grad.clone() for p in tiny_model.parameters()]
     tiny_model.zero_grad()
-    logits = tiny_model(input_ids=ids, attention_mask=attn).logits
-    full = sft_token_losses(logits, ids, mask).sum()
+    logits = tiny_model(input_ids=ids, attention_mask=attn).logits  # (B, T, V): cross-entropy, independently
+    labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")  # fmt: skip
     full.backward()
     assert_close(loss, full, rtol=1e-6, atol=1e-6)
     for g, p in zip(fast_grads, tiny_model.parameters()):

@@ -26,6 +26,7 @@ from posttrain.algorithms.base import Algorithm
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
+from posttrain.models.logprobs import gather_logps, no_grad_chunks, scatter, target_positions
 from posttrain.rollout.overlong import drop_from_loss
 
 
@@ -328,10 +329,7 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
 
     The value of the state before token t, V(s_t), is read at position t - 1, where token t is predicted.
     """
-    mask = batch["completion_mask"].bool()
-    target = mask.clone()
-    target[:, 0] = False
-    keep = torch.nn.functional.pad(target[:, 1:], (0, 1))  # (B, T): position t - 1 predicts token t
+    target, keep = target_positions(batch["completion_mask"])
     values_sel, logits = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -339,32 +337,16 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
         keep=keep,
         with_logits=True,
     )  # (N,), (N, V)
-    logp_all = (logits.float() / temperature).log_softmax(-1)
-    picked = logp_all.gather(-1, batch["input_ids"][target].unsqueeze(-1)).squeeze(-1)
-    logps = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    values = torch.zeros_like(logps)
-    logps[target] = picked
-    values[target] = values_sel.float()
-    return values, logps
+    picked, _ = gather_logps(logits, batch["input_ids"][target], temperature=temperature)
+    return scatter(values_sel, target), scatter(picked, target)
 
 
-@torch.no_grad()
 def _rollout_values_and_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float):
     """Values and log-probs (N, T) of a whole rollout under the current model, a micro-batch at a time, in eval
     mode (no dropout): the old values and old log-probs every later step is measured against."""
     model = ctx.accelerator.unwrap_model(ctx.model)
-    was_training = model.training
-    model.eval()
-    values, logps = [], []
-    try:
-        for s in range(0, tensors["input_ids"].shape[0], ctx.micro_batch_size):
-            part = {k: v[s : s + ctx.micro_batch_size].to(ctx.accelerator.device) for k, v in tensors.items()}
-            v, lp = _values_and_logps(model, part, temperature)
-            values.append(v.cpu())
-            logps.append(lp.cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(values), torch.cat(logps)
+    return no_grad_chunks(lambda part: _values_and_logps(model, part, temperature), model, tensors,
+                          ctx.micro_batch_size)  # fmt: skip
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: cross-entropy on the completion tokens only.
 
 Loss (per target token t, whose logits come from position t-1):  -log p(x_t | x_<t), counted where
-`loss_mask[t] == 1`. The loss function returns the *sum* over target tokens; the loop divides once by the
+`loss_mask[t] == 1`; the log-probabilities come from `models.logprobs` like every other method's. The loss function returns the *sum* over target tokens; the loop divides once by the
 number of target tokens in the whole accumulated batch, so every token weighs the same whatever micro-batch
 or process it falls in (the gradient-accumulation bug of per-micro-batch means cannot happen).
 
@@ -14,12 +14,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.algorithms.base import Algorithm, Batch, PreparedData
 from posttrain.config import AlgorithmSection
-
-IGNORE = -100
+from posttrain.models.logprobs import selected_token_logps
 
 
 class Config(AlgorithmSection):
@@ -30,30 +28,6 @@ class Config(AlgorithmSection):
 
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "data.train_on", "data.packing"})
     model_dropout: ClassVar[bool] = True  # plain fine-tuning keeps the model's dropout, as HF Trainer does
-
-
-def sft_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position negative log-likelihood of the next token, 0 where it is not a target.
-
-    logits (B, T, V) at position t predict input_ids[:, t + 1]; loss_mask (B, T) marks target tokens.
-    Returns (B, T): entry t is the loss of predicting token t + 1 (the last column is always 0).
-
-    Worked example (V = 2, one row of 3 tokens [0, 1, 1], targets: tokens 1 and 2):
-    position 0 logits [0, 0] -> p(token 1) = 1/2 -> loss ln 2 = 0.6931;
-    position 1 logits [ln 3, 0] -> p(token 1) = 1/4 -> loss ln 4 = 1.3863.
-
-    >>> logits = torch.tensor([[[0.0, 0.0], [1.0986123, 0.0], [5.0, 5.0]]])
-    >>> sft_token_losses(logits, torch.tensor([[0, 1, 1]]), torch.tensor([[0, 1, 1]])).round(decimals=4)
-    tensor([[0.6931, 1.3863, 0.0000]])
-    """
-    B, T, V = logits.shape
-    # Shift the labels, not the logits: logits.view() stays a view (no (B, T, V) copy of the largest tensor).
-    labels = torch.full_like(input_ids, IGNORE)
-    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE)
-    losses = F.cross_entropy(
-        logits.view(B * T, V).float(), labels.view(-1), ignore_index=IGNORE, reduction="none"
-    )
-    return losses.view(B, T)  # (B, T); ignored positions are exactly 0
 
 
 def loss_units(batch: Batch, cfg=None) -> int:
@@ -67,19 +41,10 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 
 def loss_fn(model: torch.nn.Module, batch: Batch, cfg=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    target = batch["loss_mask"][:, 1:].bool()  # (B, T-1): token t + 1 is a target
-    # Project onto the vocabulary only where the next token is a target: prompt positions need hidden states
-    # but no logits. A boolean `logits_to_keep` (transformers >= 5) returns (N, V) for the N kept positions,
-    # which saves most of the LM-head GEMMs and of the largest activation, the (B, T, V) logits.
-    keep = F.pad(target, (0, 1))  # (B, T)
-    logits = model(**model_inputs(batch), use_cache=False, logits_to_keep=keep).logits
-    n_targets = int(target.sum())
-    if logits.dim() == 2 and logits.shape[0] == n_targets:  # (N, V), rows in the order of target.nonzero()
-        labels = batch["input_ids"][:, 1:][target]  # (N,)
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), {}
-    # A model whose forward ignores a boolean logits_to_keep: full (B, T, V) logits, same value.
-    losses = sft_token_losses(logits, batch["input_ids"], batch["loss_mask"])
-    return losses.sum(), {}
+    """The summed negative log-likelihood of the target tokens: -sum_t log p(x_t | x_<t) where loss_mask[t] = 1.
+    Only target positions are projected onto the vocabulary (`models.logprobs.selected_token_logps`)."""
+    logps, _ = selected_token_logps(model, model_inputs(batch), batch["loss_mask"])  # (B, T), 0 off target
+    return -logps.sum(), {}
 
 
 def prepare(cfg, tokenizer) -> PreparedData:

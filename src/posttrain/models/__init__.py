@@ -20,20 +20,21 @@ from posttrain.models.loading import (
     resolve_dtype,
     resolve_model,
 )
-from posttrain.models.logprobs import entropy_from_logits, model_token_logps, sequence_logps, token_logps
+from posttrain.models.logprobs import chunked_token_logps, gather_logps, selected_token_logps
 from posttrain.models.saving import load_trained, merge_adapter, read_info, save_model
 
 __all__ = [
     "EMBEDDED_MODELS",
     "ResolvedModel",
     "apply_lora",
+    "chunked_token_logps",
+    "gather_logps",
     "bnb_config",
     "cache_root",
     "convert_gguf",
     "describe_trainable",
     "disable_dropout",
     "enable_gradient_checkpointing",
-    "entropy_from_logits",
     "generate",
     "is_adapter_model",
     "load_model",
@@ -41,12 +42,10 @@ __all__ = [
     "load_trained",
     "lora_config",
     "merge_adapter",
-    "model_token_logps",
     "read_info",
     "render_prompt",
     "resolve_dtype",
     "resolve_model",
     "save_model",
-    "sequence_logps",
-    "token_logps",
+    "selected_token_logps",
 ]
