@@ -271,6 +271,9 @@ class RunSection(_Section):
     """Also write TensorBoard event files to the run folder (needs the `tensorboard` package)."""
     progress: bool = True
     """Show a progress bar."""
+    report: bool = True
+    """At the end, write report.html and report.md into the run folder: config, curves, evaluation, samples
+    (`posttrain report` makes one at any time, also of several runs side by side)."""
 
 
 class RunConfig(_Section):

@@ -30,6 +30,7 @@ from posttrain.config import RunConfig, dump_config
 from posttrain.config_rules import APPLIES, show
 from posttrain.errors import ConfigError
 from posttrain.models.hub import prepare_hub_libraries
+from posttrain.report import report_or_warning
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from posttrain.trainer.fingerprint import (
     check_same_data,
@@ -51,6 +52,7 @@ _RESUMABLE_CHANGES = {
     "run.log_every",
     "run.tensorboard",
     "run.progress",
+    "run.report",
     "run.output_dir",
 }
 
@@ -304,6 +306,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and cfg.run.report and (report := report_or_warning(run_dir)) is not None:
+        print(f"report: {report}")  # report.html and report.md (posttrain.report), from the run folder's files
     return TrainResult(
         run_dir=run_dir,
         final_dir=final,
