@@ -10,8 +10,9 @@ model, optimiser and the loop.
 A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
-model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), and `.posttrain.lock` while a run
-holds the folder.
+model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `report.html` + `report.md` (with
+`report_files/`; `posttrain.report`, unless `run.report` is false), `samples.jsonl` for GRPO and PPO
+(`rollout.samples`), and `.posttrain.lock` while a run holds the folder.
 """
 
 from __future__ import annotations

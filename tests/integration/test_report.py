@@ -188,6 +188,8 @@ def test_report_command_errors_are_one_paragraph(runs, tmp_path, capsys):
     shutil.copy(runs["sft"] / "config.yaml", empty / "config.yaml")
     (empty / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 2.0}\n{"step": 2, "lo', encoding="utf-8")
     cases["has no training records yet"] = [str(empty)]
+    (tmp_path / "a-file").write_text("x")
+    cases["cannot write the report into"] = [str(runs["sft"]), "--out", str(tmp_path / "a-file" / "sub")]
     for message, args in cases.items():
         assert main(["report", *args]) == 2
         err = capsys.readouterr().err

@@ -56,19 +56,25 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     page = to_html(title, blocks)
     markdown, images = to_markdown(blocks, IMAGE_DIR)
 
-    out.mkdir(parents=True, exist_ok=True)
-    image_dir = out / IMAGE_DIR
-    image_dir.mkdir(exist_ok=True)
-    for old in image_dir.glob("*.png"):  # plots of an earlier report of this folder that this one may not have
+    paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", images=out / IMAGE_DIR)
+    try:
+        _write(paths, page, markdown, images)
+    except OSError as err:
+        raise UserError(f"cannot write the report into {out} ({err.strerror or err}); give another folder with "
+                        "--out DIR") from None  # fmt: skip
+    return paths
+
+
+def _write(paths: ReportPaths, page: str, markdown: str, images: dict[str, bytes]) -> None:
+    paths.images.mkdir(parents=True, exist_ok=True)
+    for old in paths.images.glob("*.png"):  # plots of an earlier report of this folder that this one may not have
         old.unlink()
     for rel, png in images.items():
-        (out / rel).write_bytes(png)
-    paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", images=image_dir)
+        (paths.markdown.parent / rel).write_bytes(png)
     for path, text in ((paths.markdown, markdown), (paths.html, page)):
         tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a reader never sees half a page
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    return paths
 
 
 def report_or_warning(run_dir: str | Path) -> Path | None:

@@ -227,6 +227,7 @@ def _curves(runs: list[Run]) -> list:
 
 def _throughput(runs: list[Run]) -> Table:
     """Per run: mean tokens/s over the logged steps, median step time, and where the time went."""
+    gpu = any(_peak(r, "peak_cuda_gb") is not None for r in runs)
     rows = []
     for r in runs:
         step_s = _sum(r, "step_time_s")
@@ -234,9 +235,10 @@ def _throughput(runs: list[Run]) -> Table:
         median = statistics.median(r.series("step_time_s")[1]) if r.series("step_time_s")[1] else None
         rows.append([r.label, fmt(len(r.steps)), fmt(_sum(r, "tokens") / step_s) if step_s else "-", fmt(median),
                      *[f"{100 * v:.0f}%" if v is not None and r.series(k)[1] else "-" for k, v in share.items()],
-                     fmt(_peak(r, "peak_rss_gb")), fmt(_peak(r, "peak_cuda_gb"))])  # fmt: skip
+                     fmt(_peak(r, "peak_rss_gb"))] + ([fmt(_peak(r, "peak_cuda_gb"))] if gpu else []))  # fmt: skip
     return Table(["run", "logged steps", "tokens/s (mean)", "median step time (s)", "data/sampling share",
-                  "of which generation", "training share", "peak RSS (GB)", "peak GPU (GB)"], rows)  # fmt: skip
+                  "of which generation", "training share", "peak RSS (GB)"] + (["peak GPU (GB)"] if gpu else []),
+                 rows)  # fmt: skip
 
 
 def _cut(text, n: int) -> str:

@@ -104,30 +104,36 @@ def to_html(title: str, blocks: list) -> str:
     )
 
 
+def _html_table(b: Table) -> str:
+    head = "".join(f"<th>{_inline_html(h)}</th>" for h in b.header)
+    rows = []
+    for row in b.rows:
+        cells = "".join(
+            f'<td class="txt">{html.escape(visible(c))}</td>' if i in b.text_columns else f"<td>{_inline_html(c)}</td>"
+            for i, c in enumerate(row)
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    cls = ' class="marked"' if b.marked else ""
+    return f"<table{cls}>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
+
+
+def _html_details(b: Details) -> str:
+    inner = "\n".join(_html_block(x) for x in b.blocks)
+    return f"<details{' open' if b.open else ''}>\n<summary>{_inline_html(b.summary)}</summary>\n{inner}\n</details>"
+
+
+_HTML = {
+    Heading: lambda b: f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>",
+    Text: lambda b: f"<p>{_inline_html(b.text)}</p>",
+    Table: _html_table,
+    Figures: lambda b: '<div class="figs">\n' + "\n".join(_html_image(i) for i in b.images) + "\n</div>",
+    Code: lambda b: f"<pre>{html.escape(visible(b.text))}</pre>",
+    Details: _html_details,
+}
+
+
 def _html_block(b) -> str:
-    if isinstance(b, Heading):
-        return f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>"
-    if isinstance(b, Text):
-        return f"<p>{_inline_html(b.text)}</p>"
-    if isinstance(b, Table):
-        head = "".join(f"<th>{_inline_html(h)}</th>" for h in b.header)
-        rows = []
-        for row in b.rows:
-            cells = "".join(
-                f'<td class="txt">{html.escape(visible(c))}</td>' if i in b.text_columns else f"<td>{_inline_html(c)}</td>"
-                for i, c in enumerate(row)
-            )
-            rows.append(f"<tr>{cells}</tr>")
-        cls = ' class="marked"' if b.marked else ""
-        return f"<table{cls}>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"
-    if isinstance(b, Figures):
-        return '<div class="figs">\n' + "\n".join(_html_image(i) for i in b.images) + "\n</div>"
-    if isinstance(b, Code):
-        return f"<pre>{html.escape(visible(b.text))}</pre>"
-    if isinstance(b, Details):
-        inner = "\n".join(_html_block(x) for x in b.blocks)
-        return f"<details{' open' if b.open else ''}>\n<summary>{_inline_html(b.summary)}</summary>\n{inner}\n</details>"
-    raise TypeError(f"not a report block: {b!r}")
+    return _HTML[type(b)](b)
 
 
 def _html_image(i: Image) -> str:
@@ -156,31 +162,41 @@ def to_markdown(blocks: list, image_dir: str) -> tuple[str, dict[str, bytes]]:
     return "\n".join(lines).rstrip() + "\n", images
 
 
+def _md_table(b: Table, image_dir: str, images: dict[str, bytes]) -> list[str]:
+    out = ["| " + " | ".join(_md_cell(h, False) for h in b.header) + " |", "|" + "---|" * len(b.header)]
+    for row in b.rows:
+        cells = [_md_cell(c, i in b.text_columns) for i, c in enumerate(row)]
+        if b.marked:
+            cells = [f"**{c}**" if c.strip() else c for c in cells]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _md_figures(b: Figures, image_dir: str, images: dict[str, bytes]) -> list[str]:
+    links = []
+    for i in b.images:
+        rel = f"{image_dir}/{i.name}.png"
+        images[rel] = i.png
+        links.append(f"![{i.alt}]({rel})")
+    return [" ".join(links)]
+
+
+def _md_details(b: Details, image_dir: str, images: dict[str, bytes]) -> list[str]:
+    out = [f"<details{' open' if b.open else ''}><summary>{html.escape(visible(b.summary))}</summary>", ""]
+    for x in b.blocks:
+        out += _md_block(x, image_dir, images) + [""]
+    return out + ["</details>"]
+
+
+_MARKDOWN = {
+    Heading: lambda b, *_: ["#" * b.level + " " + visible(b.text)],
+    Text: lambda b, *_: [visible(b.text)],
+    Table: _md_table,
+    Figures: _md_figures,
+    Code: lambda b, *_: ["```", visible(b.text).rstrip("\n").replace("```", "`\u200b``"), "```"],
+    Details: _md_details,
+}
+
+
 def _md_block(b, image_dir: str, images: dict[str, bytes]) -> list[str]:
-    if isinstance(b, Heading):
-        return ["#" * b.level + " " + visible(b.text)]
-    if isinstance(b, Text):
-        return [visible(b.text)]
-    if isinstance(b, Table):
-        out = ["| " + " | ".join(_md_cell(h, False) for h in b.header) + " |", "|" + "---|" * len(b.header)]
-        for row in b.rows:
-            cells = [_md_cell(c, i in b.text_columns) for i, c in enumerate(row)]
-            if b.marked:
-                cells = [f"**{c}**" if c.strip() else c for c in cells]
-            out.append("| " + " | ".join(cells) + " |")
-        return out
-    if isinstance(b, Figures):
-        out = []
-        for i in b.images:
-            rel = f"{image_dir}/{i.name}.png"
-            images[rel] = i.png
-            out.append(f"![{i.alt}]({rel})")
-        return [" ".join(out)]
-    if isinstance(b, Code):
-        return ["```", visible(b.text).rstrip("\n").replace("```", "`\u200b``"), "```"]
-    if isinstance(b, Details):
-        out = [f"<details{' open' if b.open else ''}><summary>{html.escape(visible(b.summary))}</summary>", ""]
-        for x in b.blocks:
-            out += _md_block(x, image_dir, images) + [""]
-        return out + ["</details>"]
-    raise TypeError(f"not a report block: {b!r}")
+    return _MARKDOWN[type(b)](b, image_dir, images)

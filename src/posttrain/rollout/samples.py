@@ -66,7 +66,7 @@ class SampleLog:
         run = ctx.cfg.run
         rollouts = math.ceil(total_steps(run.max_steps, run.epochs, steps_per_epoch) / steps_per_rollout)
         return cls(Path(ctx.run_dir) / "samples.jsonl", every=sample_every(rollouts), last=rollouts - 1,
-                   steps_per_rollout=steps_per_rollout, enabled=ctx.accelerator.is_main_process)  # fmt: skip
+                   steps_per_rollout=steps_per_rollout, enabled=ctx.accelerator.process_index == 0)  # fmt: skip
 
     def chosen(self, index: int) -> bool:
         return index % self.every == 0 or index == self.last
