@@ -8,6 +8,7 @@ import re
 import statistics
 from collections import defaultdict
 
+from posttrain.evaluation import ordered_metrics
 from posttrain.report.catalogue import choose_sections
 from posttrain.report.document import Code, Details, Figures, Heading, Image, Table, Text
 from posttrain.report.plots import render_panel
@@ -131,7 +132,8 @@ def _percent_like(key: str, *values) -> bool:
 
 def _before_after(before: dict, after: dict | None) -> Table:
     """Held-out metrics of the base model (and after training, with the change): rates in %, others as numbers."""
-    keys = [k for k, v in before.items() if k != "n" and isinstance(v, int | float) and not isinstance(v, bool)]
+    numbers = [k for k, v in before.items() if k != "n" and isinstance(v, int | float) and not isinstance(v, bool)]
+    keys = ordered_metrics(numbers)  # the order of the table the quickstart prints
     rows = []
     for k in keys:
         b, a = before[k], (after or {}).get(k)
