@@ -293,6 +293,14 @@ def _cmd_merge(args) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args) -> int:
+    from posttrain.report import build_report
+
+    paths = build_report(args.runs, args.out)
+    print(f"report: {paths.html}\nmarkdown: {paths.markdown} (its plots in {paths.images})")
+    return EXIT_OK
+
+
 NO_VERIFIER = (
     "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
     "structured, arithmetic; its held-out prompts are made fresh, or --data FILE gives rows with an `answer`), "
@@ -579,6 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="run folder or adapter folder")
     m.add_argument("--out", required=True, help="output folder for the merged safetensors model")
     m.set_defaults(func=_cmd_merge)
+
+    rp = sub.add_parser(
+        "report", help="an HTML page and Markdown of one run or several side by side: curves, evaluation, samples"
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run folder (the run.output_dir of posttrain train)")
+    rp.add_argument(
+        "--out", help="folder for report.html, report.md and report_files/ (default: the run folder; needed for "
+        "several runs)",
+    )  # fmt: skip
+    rp.set_defaults(func=_cmd_report)
 
     e = sub.add_parser(
         "evaluate", help="score a model's answers with a task's verifier or a reward, or rank preference pairs"

@@ -279,6 +279,9 @@ class RunSection(_Section):
     """Also write TensorBoard event files to the run folder (needs the `tensorboard` package)."""
     progress: bool = True
     """Show a progress bar."""
+    report: bool = True
+    """At the end, write report.html and report.md into the run folder: config, curves, evaluation, samples
+    (`posttrain report` makes one at any time, also of several runs side by side)."""
 
 
 class RunBase(_Section):
@@ -366,6 +369,10 @@ def _unknown_key(schema: type[BaseModel], loc: tuple, data: Any) -> str:
     if section is None:
         return "unknown key (`posttrain train --help-config` lists every field)"
     if issubclass(section, AlgorithmSection):
+        if key in schema.methods():  # the layout of older posttrain versions: algorithm.dpo.beta
+            example = next((f for f in schema.methods()[key].model_fields if f != "name"), "name")
+            return (f"not a section: a method's settings sit directly under `algorithm` (e.g. algorithm.{example} "
+                    f"for {key}, not algorithm.{key}.{example})")  # fmt: skip
         owners = [n for n, m in schema.methods().items() if key in m.model_fields]
         if owners:
             return (f"not a setting of algorithm.name={section.model_fields['name'].default}; it belongs to "

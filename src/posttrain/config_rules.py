@@ -147,6 +147,7 @@ APPLIES: dict[str, When] = {
     "run.log_every": ALWAYS,
     "run.tensorboard": ALWAYS,
     "run.progress": ALWAYS,
+    "run.report": ALWAYS,
 }
 
 

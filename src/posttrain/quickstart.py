@@ -65,6 +65,7 @@ def run_quickstart(
     from posttrain.errors import UserError
     from posttrain.evaluation import evaluate_task
     from posttrain.models import load_model, load_tokenizer
+    from posttrain.report import report_or_warning
     from posttrain.train import train
     from posttrain.trainer.checkpoint import latest_checkpoint
 
@@ -143,6 +144,9 @@ def run_quickstart(
         f"\nadapter: {result.final_dir}\ntry it:  posttrain generate --model {run_dir} --prompt "
         f'"{heldout[0]["prompt"][:60]}..."'
     )
+    page = report_or_warning(run_dir)  # again, now with results.json: the before/after table is in it
+    if page is not None:
+        print(f"report:  {page}")
     return report
 
 
@@ -161,6 +165,9 @@ def _is_quickstart_folder(path: Path) -> bool:
         "results.json",
         "results.md",
         "tensorboard",
+        "report.html",
+        "report.md",
+        "report_files",
     }
     return not entries or ((path / "data" / "train.jsonl").is_file() and entries <= ours)
 

@@ -157,6 +157,7 @@ def run_recipe(
     from posttrain.evaluation import paired_change
     from posttrain.models import load_model, load_tokenizer
     from posttrain.quickstart import format_before_after
+    from posttrain.report import report_or_warning
     from posttrain.train import train
     from posttrain.trainer.checkpoint import latest_checkpoint
 
@@ -214,11 +215,15 @@ def run_recipe(
     )
     print(table + "\n\n" + summary)
     print(f"\nadapter: {result.final_dir}\ntraining log: {run_dir / 'metrics.jsonl'}")
+    page = report_or_warning(run_dir)  # again, now with results.json: the before/after and paired tables
+    if page is not None:
+        print(f"report: {page}")
     return report
 
 
 def _is_recipe_folder(path: Path) -> bool:
     entries = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
     ours = {"data", "eval_base.json", "config.yaml", "data_fingerprint.json", "metrics.jsonl", "checkpoints", "final",
-            ".tmp-final", "results.json", "results.md", "tensorboard", "reference_logps.pt"}  # fmt: skip
+            ".tmp-final", "results.json", "results.md", "tensorboard", "reference_logps.pt", "samples.jsonl",
+            "report.html", "report.md", "report_files"}  # fmt: skip
     return not entries or ((path / "data" / "heldout.jsonl").is_file() and entries <= ours)

@@ -10,8 +10,9 @@ model, optimiser and the loop.
 A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
-model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), and `.posttrain.lock` while a run
-holds the folder.
+model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `report.html` + `report.md` (with
+`report_files/`; `posttrain.report`, unless `run.report` is false), `samples.jsonl` for GRPO and PPO
+(`rollout.samples`), and `.posttrain.lock` while a run holds the folder.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from posttrain.config import dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.errors import ConfigError
 from posttrain.models.hub import prepare_hub_libraries
+from posttrain.report import report_or_warning
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from posttrain.trainer.fingerprint import (
     check_same_data,
@@ -55,6 +57,7 @@ _RESUMABLE_CHANGES = {
     "run.log_every",
     "run.tensorboard",
     "run.progress",
+    "run.report",
     "run.output_dir",
 }
 
@@ -327,6 +330,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process and cfg.run.report and (report := report_or_warning(run_dir)) is not None:
+        print(f"report: {report}")  # report.html and report.md (posttrain.report), from the run folder's files
     return TrainResult(
         run_dir=run_dir,
         final_dir=final,

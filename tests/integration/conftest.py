@@ -43,6 +43,7 @@ def make_cfg(tiny_model_dir, sft_file, tmp_path):
             "run.output_dir": str(tmp_path / run_name),
             "run.max_steps": 4,
             "run.progress": False,
+            "run.report": False,  # plotting costs 0.5-2 s a run; test_report.py and the CLI tests keep it on
         }
         base.update(overrides)
         return load_config(None, [f"{k}={v}" for k, v in base.items()])

@@ -23,6 +23,9 @@ def test_dpo_recipe_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
     report = run_recipe("dpo", output_dir=str(out), steps=2, model=str(tiny_model_dir), n_heldout=6)
     printed = capsys.readouterr().out
     assert "| held-out metric | base model | after DPO | change |" in printed
+    assert printed.rstrip().endswith(f"report: {out / 'report.html'}")  # the quickstart ends by naming its report
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<th>after training</th>" in page and "<th>exact McNemar p</th>" in page  # written after results.json
     before, after = report["before"], report["after"]
     assert before["n"] == after["n"] == 6.0
     # the base model compared with itself: every implicit reward is 0, so every pair is a tie (accuracy 1/2)
@@ -56,3 +59,5 @@ def test_rl_recipes_end_to_end_on_the_tiny_model(method, tiny_model_dir, tmp_pat
     assert set(report["changes"]) == {"correct", "sampled_correct"}
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and all("reward/regex_format_mean" in h for h in hist)
+    assert (out / "samples.jsonl").is_file() and (out / "report.html").is_file()
+    assert _is_recipe_folder(out)  # --fresh may delete it: every file in it is one a recipe run writes

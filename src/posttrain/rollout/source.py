@@ -39,6 +39,7 @@ from posttrain.algorithms.base import STEP_METRICS, SourceContext
 from posttrain.errors import ConfigError, UserError
 from posttrain.rollout.engine import Rollout, get_engine
 from posttrain.rollout.overlong import OVERLONG
+from posttrain.rollout.samples import SampleLog
 from posttrain.trainer.batches import EpochPlan, epoch_order
 from posttrain.trainer.checkpoint import latest_checkpoint
 
@@ -180,6 +181,7 @@ class RolloutSource:
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(alg.rollout.engine)
         self.seed = cfg.run.seed
+        self.samples = SampleLog.for_run(ctx, self.steps_per_rollout, self.steps_per_epoch)  # RUN/samples.jsonl
 
     # ---- prompts
     def rollout_prompts(self, index: int) -> list[PromptExample]:
@@ -219,6 +221,7 @@ class RolloutSource:
         lengths = rollout.lengths
         rewards = overlong.rewards(torch.tensor(result.total, dtype=torch.float32), rollout.truncated, lengths, rc)
         trains = overlong.trains(rollout.truncated)
+        self.samples.write(index, per_seq, rollout, result, rewards)  # every Nth rollout, main process only
         lengths = lengths.float()
         metrics = {
             # reward/total_*: the rewards the algorithm uses, after the overlong treatment

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -203,7 +205,12 @@ def training_loop(
                 data_time_s=data_time,
                 train_time_s=elapsed - data_time,
                 elapsed_s=time.perf_counter() - started,
+                # this process's peak resident memory so far, in GB (ru_maxrss: KiB on Linux, bytes on macOS)
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                * (1 if sys.platform == "darwin" else 1024) / 1e9,
             )
+            if accelerator.device.type == "cuda":  # the caching allocator's peak of tensor memory on this GPU
+                record["peak_cuda_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
             record.update(step_metrics)  # this process's values (rank 0's are the ones logged)
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
