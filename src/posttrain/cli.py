@@ -342,7 +342,7 @@ def _cmd_evaluate(args) -> Output:
     if args.reward:
         from posttrain.data.pairs import parse_reward_args
         from posttrain.rewards import build_reward_functions, parse_reward_specs
-        from posttrain.rollout.source import check_reward_inputs
+        from posttrain.rewards.checks import check_reward_inputs
 
         specs = parse_reward_specs(parse_reward_args(args.reward))
         check_reward_inputs(specs, rows, args.data)  # a missing column fails here, before the model loads

@@ -163,6 +163,10 @@ class AlgorithmSection(_Section):
         """Raise ValueError (its message names the fields and what to change) for what this method cannot run
         with the rest of `run`. The default: nothing to check."""
 
+    def check_launch(self, world_size: int) -> None:
+        """Raise ConfigError for what this method cannot run over `world_size` processes (checked when the run
+        starts, before anything is written). The default: nothing to check."""
+
 
 class RLSection(AlgorithmSection):
     """The settings every reinforcement-learning method shares: what scores the samples and how they are drawn."""

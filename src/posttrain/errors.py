@@ -29,6 +29,11 @@ class ModelNotFoundError(UserError):
     """A model name or path that cannot be resolved to weights on this machine."""
 
 
+class NoRewardSignal(UserError):
+    """Every reward function failed on every sample for several rollouts in a row: an RL run cannot learn, so it
+    stops (exit 2). The training loop adds which checkpoint is kept."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

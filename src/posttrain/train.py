@@ -27,14 +27,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from posttrain.algorithms import RunConfig, get_algorithm
+from posttrain.algorithms.base import Algorithm
 from posttrain.config import dump_config
 from posttrain.config_rules import rules_of, show
+from posttrain.data.order import EpochPlan, plan_batches, skipped_note, total_steps
+from posttrain.data.readers import truncate_step_records
 from posttrain.errors import ConfigError
+from posttrain.models import load_model, load_tokenizer, save_model
+from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
+from posttrain.models.loading import mixed_precision
+from posttrain.models.reference import Reference
 from posttrain.report import report_or_warning
+from posttrain.rollout.source import RolloutSource, plan_rollouts
+from posttrain.trainer.batches import ExampleBatchSource, WithReference
 from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from posttrain.trainer.fingerprint import (
     check_same_data,
@@ -43,6 +53,8 @@ from posttrain.trainer.fingerprint import (
     read_fingerprint,
     write_fingerprint,
 )
+from posttrain.trainer.loop import training_loop
+from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
 from posttrain.trainer.summary import peak_memory_gb
 
@@ -188,30 +200,11 @@ def _measured(result: TrainResult, cfg: RunConfig, started: float) -> TrainResul
 
 
 def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
-    from accelerate.utils import set_seed
-
-    from posttrain.algorithms.base import SourceContext
-    from posttrain.models import load_model, load_tokenizer, save_model
-    from posttrain.trainer.batches import ExampleBatchSource, skipped_note, total_steps
-    from posttrain.trainer.loop import training_loop
-    from posttrain.trainer.metrics import truncate_metrics
-    from posttrain.trainer.optim import build_optimizer, build_scheduler
+    from accelerate.utils import set_seed  # after the hub mode settled (`train`)
 
     run_dir = Path(cfg.run.output_dir)
     ckpt = _check_run_dir(cfg, run_dir, resume)
-    if cfg.run.tensorboard:  # every process checks, before any collective, so none waits on a failed peer
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "run.tensorboard is true but the tensorboard package is not installed; "
-                "pip install tensorboard, or set run.tensorboard=false"
-            ) from None
-    if cfg.technique.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
-            "technique.name=lora)"
-        )
+    _check_packages(cfg)
     accelerator = _accelerator(cfg)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
@@ -220,25 +213,13 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
-    source = None
-    if algorithm.make_source is None:
-        source = ExampleBatchSource(
-            data.train,
-            data.collate,
-            batch_size=cfg.optim.batch_size,
-            micro_batch_size=micro,
-            seed=cfg.run.seed,
-            shuffle=cfg.data.shuffle,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
     evaluating = data.eval is not None and algorithm.evaluates
     if evaluating and len(data.eval) < accelerator.num_processes:
         raise ConfigError(
             f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
         )
     # ---- the plan (steps per epoch, rows no step uses) and where a resumed run stands: before anything is written
-    plan = algorithm.plan(cfg, len(data.train), accelerator.num_processes, micro)
+    plan = _plan(cfg, algorithm, len(data.train), accelerator.num_processes, micro)
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, plan.steps_per_epoch)
     start = 0
     if ckpt is not None:
@@ -250,44 +231,17 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
         if not return_model:
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[])
-
     if accelerator.is_main_process and not finished:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        if ckpt is None or read_fingerprint(run_dir) is None:  # a resumed run's record was just checked
-            write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
-        skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
-                               shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
-        for note in [*data.notes, *([skipped] if skipped else [])]:
-            print(f"warning: {note}")
+        _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
 
-    # ---- model, batch source, optimiser, schedule
-    if algorithm.load_model is not None:
-        model = algorithm.load_model(cfg, accelerator.device)
-    else:
-        model = load_model(
-            cfg.model, cfg.technique, device=accelerator.device, dropout=cfg.keeps_model_dropout()
-        )
-    if source is None:  # rollouts (and anything else that needs the model to make its batches)
-        # Under the run's autocast: a reference computed here (DPO precompute) must see the forward training sees.
-        with accelerator.autocast():
-            source = algorithm.make_source(
-                SourceContext(
-                    cfg=cfg,
-                    data=data,
-                    model=model,
-                    tokenizer=tokenizer,
-                    accelerator=accelerator,
-                    run_dir=run_dir,
-                    micro_batch_size=micro,
-                )
-            )
-    eval_batches = None
-    if evaluating:  # after the batch source: it may attach what evaluation needs (DPO's reference log-probs)
-        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
-        eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
-    if source.steps_per_epoch != plan.steps_per_epoch:  # the data position (the step) relies on it
-        raise RuntimeError(f"{algorithm.name}: the batch source's steps per epoch disagree with its plan")
+    # ---- model, reference, batch source, optimiser, schedule
+    model = _load_model(cfg, algorithm, accelerator.device)
+    # Under the run's autocast: a reference computed here (DPO precompute) must see the forward training sees.
+    with accelerator.autocast():
+        reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,
+                                    technique=cfg.technique, device=accelerator.device)  # fmt: skip
+        source, eval_batches = _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan,
+                                             reference, resumed=ckpt is not None, evaluating=evaluating)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -298,38 +252,18 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[],
                                model=accelerator.unwrap_model(model), tokenizer=tokenizer)  # fmt: skip
         if accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", start)
+            truncate_step_records(run_dir / "metrics.jsonl", start)
             print(f"resuming {run_dir} from {ckpt.name} (step {start} of {steps})")
     elif accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
 
     result = training_loop(
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        algorithm=algorithm,
-        batch_source=source,
-        cfg=cfg,
-        run_dir=run_dir,
-        total_steps=steps,
-        start_step=start,
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, algorithm=algorithm,
+        batch_source=source, cfg=cfg, run_dir=run_dir, total_steps=steps, start_step=start,
         eval_batches=eval_batches,
-    )
+    )  # fmt: skip
 
-    # ---- final model or adapter, written atomically
-    final = run_dir / "final"
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        tmp = run_dir / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if algorithm.save_final is not None:
-            algorithm.save_final(unwrapped, tokenizer, tmp, cfg)
-        else:
-            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
+    final, unwrapped = _save_final(accelerator, model, tokenizer, run_dir, cfg)
     if accelerator.is_main_process and cfg.run.report and (report := report_or_warning(run_dir)) is not None:
         print(f"report: {report}")  # report.html and report.md (posttrain.report), from the run folder's files
     return TrainResult(
@@ -343,15 +277,99 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     )
 
 
+def _check_packages(cfg: RunConfig) -> None:
+    """Optional packages the run needs, checked on every process before any collective (none waits on a failed
+    peer) and before anything is written."""
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "run.tensorboard is true but the tensorboard package is not installed; "
+            "pip install tensorboard, or set run.tensorboard=false"
+        )
+    if cfg.technique.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
+            "technique.name=lora)"
+        )
+
+
+def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: int) -> EpochPlan:
+    """How each epoch is cut into steps (dataset methods) or rollouts (RL), refusing what cannot run."""
+    cfg.algorithm.check_launch(world_size)
+    if algorithm.rollouts is not None:
+        return plan_rollouts(cfg, n, world_size, micro)
+    return plan_batches(n, cfg.optim.batch_size, world_size, micro)
+
+
+def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:
+    """The run folder's config.yaml and data fingerprint (a resumed run's record was just checked), and the notes
+    for the start of the run: rows truncated or skipped."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    if not resumed or read_fingerprint(run_dir) is None:
+        write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
+    skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
+                           shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
+    for note in [*data.notes, *([skipped] if skipped else [])]:
+        print(f"warning: {note}")
+
+
+def _load_model(cfg: RunConfig, algorithm: Algorithm, device) -> torch.nn.Module:
+    """The trained module: the causal LM as the technique wants it, with the method's scalar head if it has one."""
+    lm = load_model(cfg.model, cfg.technique, device=device, dropout=cfg.keeps_model_dropout())
+    return ScalarHeadModel(lm, kind=algorithm.head) if algorithm.head else lm
+
+
+def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan, reference, *, resumed, evaluating):
+    """The run's batch source (rollouts for an RL method, the dataset's examples otherwise, with the reference's
+    log-probs when the loss needs them) and this process's evaluation batches, if any."""
+    if algorithm.rollouts is not None:
+        source = RolloutSource(cfg, prompts=list(data.train), model=model, tokenizer=tokenizer,
+                               accelerator=accelerator, micro_batch_size=micro, rollouts=algorithm.rollouts,
+                               reference=reference, plan=plan)  # fmt: skip
+        return source, None
+    source = ExampleBatchSource(data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro,
+                                seed=cfg.run.seed, shuffle=cfg.data.shuffle, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes)  # fmt: skip
+    eval_batches = None
+    if evaluating:
+        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
+        eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
+    if not reference.needed:
+        return source, eval_batches
+    if reference.mode == "precompute":  # every row the run scores, before the policy trains
+        rows = [*data.train, *(data.eval or [])]
+        reference.precompute((data.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)), "loss_mask",
+                             chunk=micro, run_dir=Path(cfg.run.output_dir), model_name=cfg.model.name,
+                             resuming=resumed, save=accelerator.is_main_process)  # fmt: skip
+    with_reference = WithReference(source, reference, "loss_mask", chunk=micro)
+    # Held-out pairs get their reference log-probs once: the reference is frozen.
+    return with_reference, [with_reference.add(b) for b in eval_batches] if eval_batches is not None else None
+
+
+def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
+    """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
+    final = run_dir / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        tmp = run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(unwrapped, ScalarHeadModel):
+            save_scalar_model(unwrapped, tokenizer, tmp, cfg)
+        else:
+            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final, unwrapped
+
+
 def _accelerator(cfg: RunConfig):
     """The run's Accelerator: CPU or GPU, and bf16 mixed precision the standard way (float32 master weights from
     `load_model`, Accelerate's autocast) when the compute dtype is bfloat16."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # after the hub mode settled (`train`)
     from accelerate.state import AcceleratorState
 
-    from posttrain.models.loading import mixed_precision
-
-    on_gpu = _cuda_available()
+    on_gpu = torch.cuda.is_available()
     precision = mixed_precision(cfg.model, "cuda" if on_gpu else "cpu")
     # AcceleratorState is a process-wide singleton that refuses another precision once set, but one process may
     # run several trainings (tests, the Python API, recipes). Only its precision part is reset, never the
@@ -359,9 +377,3 @@ def _accelerator(cfg: RunConfig):
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

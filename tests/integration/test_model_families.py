@@ -2,7 +2,6 @@
 `logit_scale`, Granite `logits_scaling`) and shipped dropout (GPT-2). Sampling, scoring and the reference must
 agree on each of them, so that at step 0 the PPO ratio is 1 and every KL is 0."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,10 +25,11 @@ class OneProcess:
 @pytest.mark.parametrize("family,config", LOGIT_FAMILIES, ids=[f for f, _ in LOGIT_FAMILIES])
 def test_ppo_old_logps_equal_the_samplers_and_the_references_at_step_0(tmp_path, family, config):
     from posttrain.algorithms import ppo
+    from posttrain.algorithms.base import RolloutContext, sequence_tensors
     from posttrain.algorithms.ppo import kl_penalty_rewards
     from posttrain.models.heads import ScalarHeadModel
+    from posttrain.models.reference import Reference
     from posttrain.rollout.engine import HFEngine
-    from posttrain.rollout.source import reference_logps, sequence_tensors
 
     folder = save_tiny_model(tmp_path / family, family=family, **config)
     mcfg = ModelConfig(name=str(folder))
@@ -39,9 +39,11 @@ def test_ppo_old_logps_equal_the_samplers_and_the_references_at_step_0(tmp_path,
     rollout = HFEngine().generate(model.policy, tokenizer, prompts, n=2, max_new_tokens=6, temperature=0.7,
                                   top_p=1.0, stop=[], seed=0)  # fmt: skip
     tensors = sequence_tensors(rollout)
-    ctx = SimpleNamespace(accelerator=OneProcess(), model=model, micro_batch_size=4)
+    reference = Reference.build("adapter", model.policy, model_cfg=mcfg, technique=TechniqueConfig(name="lora"),
+                                device="cpu")  # fmt: skip
+    ctx = RolloutContext(cfg=None, model=model, accelerator=OneProcess(), micro_batch_size=4, reference=reference)
     _, old = ppo._rollout_values_and_logps(ctx, tensors, 0.7)
-    ref = reference_logps(ctx, tensors, 0.7)
+    ref = reference.logps(tensors, "completion_mask", chunk=4, temperature=0.7)
     mask = tensors["completion_mask"].bool()
     P = rollout.prompt_ids.shape[1]
     torch.testing.assert_close(old[:, P:][mask[:, P:]], rollout.sampling_logps[mask[:, P:]], rtol=0, atol=1e-5)

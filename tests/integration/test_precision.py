@@ -34,10 +34,10 @@ def _moved_share(cfg, model) -> float:
 @pytest.fixture()
 def autocast_dtypes(monkeypatch):
     """Records the dtype of every q_proj output during training: bf16 when the forward is autocast."""
-    from posttrain import models
+    import posttrain.train as train_module
 
     seen: set = set()
-    real = models.load_model
+    real = train_module.load_model
 
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -46,7 +46,7 @@ def autocast_dtypes(monkeypatch):
                 module.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
         return model
 
-    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(train_module, "load_model", load)
     return seen
 
 

@@ -184,31 +184,41 @@ def test_dpo_evaluation_uses_the_reference_in_every_mode(make_cfg, pairs_file, t
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(2)
 
 
-def test_dpo_reference_cache_does_not_depend_on_micro_batch_size(make_cfg, pairs_file):
-    """The cached reference log-probs are per pair: micro-batches of 2 or 8 give the same values (so a resumed run
-    with another micro-batch size attaches the right ones)."""
-    from posttrain.algorithms.dpo import prepare, reference_pair_logps
+def test_dpo_reference_cache_does_not_depend_on_micro_batch_size(make_cfg, pairs_file, tmp_path):
+    """The cached reference log-probs are per row (its real tokens and scored positions): a cache built from
+    micro-batches of 2 gives the same values as one built from micro-batches of 8 (so a resumed run with another
+    micro-batch size, or another process count, looks up the right ones)."""
+    from posttrain.data.preference import prepare_pairs
     from posttrain.models import load_model, load_tokenizer
+    from posttrain.models.reference import Reference
+    from posttrain.trainer.batches import WithReference
 
-    cfg = make_cfg("cache", **{"algorithm.name": "dpo", "data.train": str(pairs_file)})
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg, tokenizer)
-    model = load_model(cfg.model, cfg.technique, train=False)
+    cfg = make_cfg("cache", **{"algorithm.name": "dpo", "technique.name": "full", "data.train": str(pairs_file)})
+    data = prepare_pairs(cfg, load_tokenizer(cfg.model))
+    model = load_model(cfg.model, cfg.technique)
     pairs = list(data.train)
-    small = reference_pair_logps(model, pairs, data.collate, 2, torch.device("cpu"))
-    large = reference_pair_logps(model, pairs, data.collate, 8, torch.device("cpu"))
-    assert len(small) == len(pairs) == 8
-    for (c2, r2), (c8, r8), p in zip(small, large, pairs):
-        assert len(c2) == sum(p.chosen_mask) and len(r2) == sum(p.rejected_mask)
-        torch.testing.assert_close(torch.tensor(c2), torch.tensor(c8), rtol=0, atol=1e-5)  # padding differs
-        torch.testing.assert_close(torch.tensor(r2), torch.tensor(r8), rtol=0, atol=1e-5)
+    caches = []
+    for micro in (2, 8):
+        reference = Reference("precompute", model)
+        reference.precompute([data.collate(pairs[i : i + micro]) for i in range(0, len(pairs), micro)], "loss_mask",
+                             chunk=micro, run_dir=tmp_path / str(micro), model_name="tiny", resuming=False,
+                             save=False)  # fmt: skip
+        caches.append(reference)
+    assert len(caches[0].table) == len(caches[1].table) == 2 * len(pairs) == 16
+    for key, row in caches[0].table.items():
+        torch.testing.assert_close(row, caches[1].table[key], rtol=0, atol=1e-5)  # padding differs
+    batch = data.collate([pairs[5], pairs[2], pairs[7]])  # another composition than either cache saw
+    looked_up = WithReference(None, caches[0], "loss_mask", chunk=3).add(dict(batch))["ref_logps"]
+    direct = Reference("copy", model).logps(batch, "loss_mask", chunk=3)
+    torch.testing.assert_close(looked_up, direct, rtol=0, atol=1e-5)
 
 
 def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
     """With algorithm.margin the loss is sum of -log sigma(s_w - s_l - m) with each row's `margin` m; without
     it the margin column is ignored. Checked against the model's own scores, on the same batch."""
     from posttrain.algorithms import reward
-    from posttrain.models import load_tokenizer
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models.heads import ScalarHeadModel
 
     rows = [dict(r, margin=float(i % 3)) for i, r in enumerate(PAIRS)]
     f = tmp_path / "margins.jsonl"
@@ -216,7 +226,7 @@ def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
     cfg = make_cfg("rm-margin", **{"algorithm.name": "reward", "data.train": str(f)})
     data = reward.prepare(cfg, load_tokenizer(cfg.model))
     batch = data.collate(list(data.train))
-    model = reward.load_model(cfg, torch.device("cpu"))
+    model = ScalarHeadModel(load_model(cfg.model, cfg.technique), kind="reward")
     with torch.no_grad():
         scores = model.scores(batch["input_ids"], batch["attention_mask"])  # (2B,)
         B = len(rows)
@@ -233,12 +243,15 @@ def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
 
 def test_dpo_scores_chosen_and_rejected_in_one_forward(make_cfg, pairs_file):
     """One policy forward of all 2B rows (chosen then rejected), plus one no-grad forward of the same rows for the
-    adapter-disabled reference: never a forward per side."""
+    adapter-disabled reference (the batch source adds it, before the policy's): never a forward per side."""
     from posttrain.algorithms import dpo
+    from posttrain.data.preference import prepare_pairs
     from posttrain.models import load_model, load_tokenizer
+    from posttrain.models.reference import Reference
+    from posttrain.trainer.batches import WithReference
 
     cfg = make_cfg("one-forward", **{"algorithm.name": "dpo", "technique.name": "lora", "data.train": str(pairs_file)})
-    data = dpo.prepare(cfg, load_tokenizer(cfg.model))
+    data = prepare_pairs(cfg, load_tokenizer(cfg.model))
     batch = data.collate(list(data.train))  # 8 pairs -> 16 rows
     model = load_model(cfg.model, cfg.technique)
     seen = []
@@ -246,10 +259,11 @@ def test_dpo_scores_chosen_and_rejected_in_one_forward(make_cfg, pairs_file):
     handle = decoder.register_forward_hook(lambda mod, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
                                            with_kwargs=True)  # fmt: skip
     try:
+        batch = WithReference(None, Reference("adapter", model), "loss_mask", chunk=16).add(batch)
         loss, metrics = dpo.loss_fn(model, batch, cfg)
     finally:
         handle.remove()
-    assert seen == [16, 16]  # the policy, then the reference: each over all chosen and rejected rows at once
+    assert seen == [16, 16]  # the reference, then the policy: each over all chosen and rejected rows at once
     assert loss.item() == pytest.approx(8 * math.log(2), rel=1e-6)  # policy == reference at the start
 
 

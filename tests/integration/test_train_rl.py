@@ -270,13 +270,13 @@ def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
 
 def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatch):
     """A misspelt reward or a broken reward file is a ConfigError naming the spec, raised before any model load."""
-    from posttrain import models
+    import posttrain.train as train_module
     from posttrain.errors import ConfigError
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the reward specs were checked")
 
-    monkeypatch.setattr(models, "load_model", no_load)
+    monkeypatch.setattr(train_module, "load_model", no_load)
     with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: unknown reward 'numeric_answr'"):
         train(rl("bad-name", **{"algorithm.rewards": "[numeric_answr]"}))
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
@@ -306,11 +306,11 @@ def test_a_failing_reward_is_reported_once_and_the_run_goes_on(rl, tmp_path, cap
 
 
 def test_grpo_log_kl_false_skips_the_reference_forward_at_beta_zero(rl, monkeypatch):
-    from posttrain.rollout import source
+    from posttrain.models.reference import Reference
 
     calls = []
-    real = source.reference_logps
-    monkeypatch.setattr(source, "reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = Reference.logps
+    monkeypatch.setattr(Reference, "logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     hist = read_metrics(train(rl("nokl", **{"algorithm.log_kl": "false"})).run_dir / "metrics.jsonl")
     assert calls == [] and all("kl" not in h for h in hist)
     train(rl("kl", **{"run.max_steps": 1}))
@@ -321,10 +321,10 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
     """A column a built-in reward reads, a task the `task` reward cannot find, and a reward-model folder that is not
     one are errors naming the file, line and field, before any model loads (else every sample would silently
     get the fallback and the run would learn nothing)."""
-    from posttrain import models
+    import posttrain.train as train_module
     from posttrain.errors import ConfigError, DataError
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     with pytest.raises(DataError) as err:  # the rows have `answer` but no `tests`, and no task anywhere
         train(rl("cols", **{"algorithm.rewards": "[code_exec, task]"}))
     assert [str(p) for p in err.value.problems] == [
@@ -387,15 +387,15 @@ def test_the_sampler_trainer_logp_gap_is_logged_and_shows_a_sampler_that_differs
     would have done) gives a clear one."""
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from posttrain.models import generation
+    from posttrain.rollout import engine
 
     overrides = {"optim.batch_size": 16 if algorithm == "grpo" else 8, "run.max_steps": 2, **overrides}
     hist = read_metrics(train(rl(f"gap-{algorithm}", algorithm, **overrides)).run_dir / "metrics.jsonl")
     assert len(hist) == 2 and all(0 <= h["logp_gap_sampler_trainer"] < 1e-5 for h in hist)  # measured ~2e-7
 
-    real = generation.sampling_processors
+    real = engine.sampling_processors
     monkeypatch.setattr(
-        generation, "sampling_processors", lambda *a: [RepetitionPenaltyLogitsProcessor(2.0), *real(*a)]
+        engine, "sampling_processors", lambda *a: [RepetitionPenaltyLogitsProcessor(2.0), *real(*a)]
     )
     hist = read_metrics(
         train(rl(f"gap-{algorithm}-skewed", algorithm, **overrides)).run_dir / "metrics.jsonl"
@@ -524,10 +524,10 @@ def test_a_run_where_some_reward_still_scores_goes_on(rl, tmp_path):
 
 
 def test_a_prompts_column_named_like_one_the_rollout_adds_is_an_error(rl, tmp_path, monkeypatch):
-    from posttrain import models
+    import posttrain.train as train_module
     from posttrain.errors import DataError
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     rows = tmp_path / "clash.jsonl"
     rows.write_text(json.dumps({"prompt": "add 1 2", "truncated": False}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"clash.jsonl:1: truncated: this column name is reserved"):
@@ -537,7 +537,7 @@ def test_a_prompts_column_named_like_one_the_rollout_adds_is_an_error(rl, tmp_pa
 def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, capsys):
     """PPO, rollouts of 8 prompts cut into 2 steps of 4: of 17 prompts the 17th of each epoch's order cannot fill
     both steps of a third rollout; the run says so, naming the line, before it trains."""
-    from posttrain.trainer.batches import epoch_order
+    from posttrain.data.order import epoch_order
 
     prompts = tmp_path / "prompts17.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"add {i} 1", "answer": str(i + 1)}) + "\n" for i in range(17)))

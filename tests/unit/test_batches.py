@@ -26,9 +26,9 @@ def test_each_epoch_is_a_permutation_and_depends_only_on_seed():
 
 def test_starting_at_a_step_replays_the_same_batches():
     s = _source()
-    full = s(0)
+    full = s.steps(0)
     seq = [next(full) for _ in range(8)]  # crosses an epoch boundary (5 steps per epoch)
-    resumed = s(5)
+    resumed = s.steps(5)
     assert [next(resumed) for _ in range(3)] == seq[5:]
 
 
@@ -41,8 +41,8 @@ def test_processes_split_each_step_without_overlap():
 
 
 def test_micro_batches_cover_the_step():
-    step = next(_source()(0))
-    assert [len(mb["ids"]) for mb in step] == [2, 2]
+    step = next(_source().steps(0))
+    assert [len(mb["ids"]) for mb in step.micro_batches] == [2, 2]
 
 
 @pytest.mark.parametrize(
@@ -71,11 +71,11 @@ def test_every_example_is_used_once_per_epoch_and_the_last_step_takes_the_remain
         steps = _epoch(s, epoch)
         assert [len(x) for x in steps] == [4, 4, 4, 4, 3]
         assert sorted(i for x in steps for i in x) == list(range(19))
-    last = next(s(4))  # micro-batches of 2: the smaller step is one of 2 and one of 1
-    assert [len(mb["ids"]) for mb in last] == [2, 1]
-    full = s(0)
+    last = next(s.steps(4))  # micro-batches of 2: the smaller step is one of 2 and one of 1
+    assert [len(mb["ids"]) for mb in last.micro_batches] == [2, 1]
+    full = s.steps(0)
     seq = [next(full) for _ in range(7)]
-    resumed = s(4)  # the smaller step, then the next epoch: a resumed run sees the same batches
+    resumed = s.steps(4)  # the smaller step, then the next epoch: a resumed run sees the same batches
     assert [next(resumed) for _ in range(3)] == seq[4:]
 
 
@@ -96,7 +96,7 @@ def test_several_processes_split_a_remainder_they_can_all_share_and_skip_one_the
 
 
 def test_the_run_names_the_rows_it_skips_by_file_line():
-    from posttrain.trainer.batches import plan_batches, skipped_note
+    from posttrain.data.order import plan_batches, skipped_note
 
     plan = plan_batches(17, 4, 2, 1)  # one row per epoch skipped
     lines = [(10 + i,) for i in range(17)]  # example i comes from line 10 + i

@@ -123,7 +123,7 @@ def test_top_level_list_is_a_clear_error(tmp_path):
 
 
 def test_epochs_do_not_gain_a_step_from_float_rounding():
-    from posttrain.trainer.batches import total_steps
+    from posttrain.data.order import total_steps
 
     assert total_steps(None, 0.07, 100) == 7
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from posttrain.algorithms import dpo, load_config
-from posttrain.models.logprobs import selected_token_logps
+from posttrain.data.preference import collate_pairs
+from posttrain.models.logprobs import scatter, selected_token_logps, target_positions
 
 
 @pytest.fixture()
@@ -19,11 +20,11 @@ def batch(tiny_tokenizer):
     rows = [normalise_row({"prompt": "q", "chosen": "ab", "rejected": "cdefghij"}, "preference"),
             normalise_row({"prompt": "r", "chosen": "klmnopq", "rejected": "s"}, "preference")]  # fmt: skip
     pairs = render_preference_dataset(tiny_tokenizer, rows, max_length=64)
-    torch.manual_seed(0)
-    for p in pairs:
-        p.ref_chosen = (torch.randn(sum(p.chosen_mask)) * 0.5 - 5.5).tolist()
-        p.ref_rejected = (torch.randn(sum(p.rejected_mask)) * 0.5 - 5.5).tolist()
-    return dpo.collate_with_refs(pairs, pad_id=0)
+    batch = collate_pairs(pairs, pad_id=0)
+    torch.manual_seed(0)  # reference log-probs a little off the policy's, at the scored positions
+    target, _ = target_positions(batch["loss_mask"])
+    batch["ref_logps"] = scatter(torch.randn(int(target.sum())) * 0.5 - 5.5, target)
+    return batch
 
 
 def _by_hand(model, batch, beta, reduce):

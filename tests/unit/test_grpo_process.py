@@ -1,14 +1,14 @@
 """GRPO's rollout processing: the batch-scaled advantages use the whole rollout's std under several processes,
 and the logged KL at beta 0 never loads a second full model."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from posttrain.algorithms import grpo, load_config
+from posttrain.algorithms.base import RolloutContext, ScoredRollout
+from posttrain.models.reference import Reference
 from posttrain.rollout.engine import Rollout
-from posttrain.rollout.source import ScoredRollout
 
 
 class TwoProcesses:
@@ -40,7 +40,8 @@ def test_batch_scale_divides_by_the_std_over_every_process():
     cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.scale=batch",
                              "algorithm.num_generations=2", "algorithm.log_kl=false",
                              "optim.batch_size=4"])  # fmt: skip
-    ctx = SimpleNamespace(cfg=cfg, accelerator=TwoProcesses(torch.tensor([4.0, 8.0, 2.0, 2.0])), micro_batch_size=4)
+    ctx = RolloutContext(cfg=cfg, model=None, accelerator=TwoProcesses(torch.tensor([4.0, 8.0, 2.0, 2.0])),
+                         micro_batch_size=4, reference=Reference("none"))  # fmt: skip
     tensors, _ = grpo._process(_scored([0.0, 1.0, 0.0, 0.0]), ctx)
     std = torch.tensor([0.0, 1.0, 0.0, 0.0, 4.0, 8.0, 2.0, 2.0]).std()
     assert float(std) == pytest.approx(2.7483761, rel=1e-6)

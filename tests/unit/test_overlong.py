@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.algorithms.grpo import grpo_loss, grpo_loss_units
-from posttrain.rollout.overlong import (
+from posttrain.rewards.overlong import (
     OVERLONG,
     drop_from_loss,
     fixed_overlong_reward,

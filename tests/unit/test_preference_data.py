@@ -96,7 +96,7 @@ def test_collate_pairs_layout_masks_and_padding():
     a = RenderedPair([7, 8], [5, 2, 9], [6, 2, 9], chosen_mask=[1, 1, 0], rejected_mask=[1, 1, 0])
     b = RenderedPair([7], [4, 4, 4, 2], [3, 2])  # masks default to all ones
     out = collate_pairs([a, b], pad_id=0)
-    assert set(out) == {"input_ids", "attention_mask", "loss_mask"}
+    assert set(out) == {"input_ids", "attention_mask", "loss_mask", "margin"}
     assert out["input_ids"].shape == (4, 5) and out["input_ids"].shape[0] // 2 == 2  # (2B, T), B = 2 pairs
     # Rows 0..B-1 are chosen, rows B..2B-1 rejected, in pair order; right-padded to the longest of all 2B.
     assert out["input_ids"].tolist() == [

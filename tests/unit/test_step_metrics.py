@@ -69,8 +69,9 @@ def test_grpo_token_metrics_do_not_depend_on_micro_batches(tiny_model):
 
 
 def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokenizer, tmp_path):
-    from posttrain.data.preference import render_preference_dataset
+    from posttrain.data.preference import collate_pairs, render_preference_dataset
     from posttrain.data.schema import normalise_row
+    from posttrain.models.logprobs import scatter, target_positions
 
     cfg = load_config(None, ["algorithm.name=dpo", "technique.name=full", "algorithm.reference=precompute"])
     rows = [
@@ -78,11 +79,17 @@ def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokeniz
         for n in (1, 9, 2, 14)
     ]
     pairs = render_preference_dataset(tiny_tokenizer, rows, max_length=64)
-    torch.manual_seed(1)
-    for p in pairs:  # reference log-probs a little off the policy's, so the KL is not 0
-        p.ref_chosen = (torch.randn(sum(p.chosen_mask)) * 0.3 - 5.5).tolist()
-        p.ref_rejected = (torch.randn(sum(p.rejected_mask)) * 0.3 - 5.5).tolist()
-    collate = lambda items: dpo.collate_with_refs(items, pad_id=0)  # noqa: E731
+    torch.manual_seed(1)  # reference log-probs a little off the policy's, so the KL is not 0; fixed per pair
+    refs = {id(p): (torch.randn(sum(p.chosen_mask)) * 0.3 - 5.5, torch.randn(sum(p.rejected_mask)) * 0.3 - 5.5)
+            for p in pairs}  # fmt: skip
+
+    def collate(items):
+        batch = collate_pairs(items, pad_id=0)
+        target, _ = target_positions(batch["loss_mask"])
+        flat = [refs[id(p)][0] for p in items] + [refs[id(p)][1] for p in items]  # chosen rows, then rejected
+        batch["ref_logps"] = scatter(torch.cat(flat), target)
+        return batch
+
     model = tiny_model.eval()
     with torch.no_grad():
         whole = _logged(dpo.loss_fn, model, [collate(pairs)], cfg, dpo.loss_units)

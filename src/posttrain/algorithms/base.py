@@ -1,23 +1,32 @@
-"""What a training method gives the loop: prepared data, a batch source, a loss function, and its loss units.
+"""What a training method declares, and the types it shares with the machinery that runs it.
 
-Adding a method means one module in `algorithms/` that builds an `Algorithm`, registered in
-`posttrain.algorithms.ALGORITHMS`; never a new trainer. Dataset methods (SFT, reward models, DPO) use the
-default batch source, `trainer.batches.ExampleBatchSource`; RL methods (GRPO, PPO) give a `make_source` that
-returns a rollout generator with the same signature. Methods that train something other than a plain causal LM
-(a reward model's scalar head, PPO's value head) give `load_model` and `save_final`.
+A method is one module in `algorithms/` that defines `Config` (its `algorithm:` section) and `ALGORITHM`, an
+`Algorithm`: how its data is prepared, its loss function and loss units, and what else it needs, declared as
+fields rather than as code elsewhere that names it:
+
+- `head`: the model it trains is a causal LM with a scalar head (`"reward"`: a reward model's score, `"value"`: PPO's
+  value function) instead of a plain causal LM;
+- `reference`: how it holds the frozen reference policy its loss compares with (DPO's three ways, none for SFT);
+- `rollouts`: an RL method's part in the rollout batch source (what it makes of a scored rollout), None for the
+  methods that learn from a fixed dataset.
+
+`train` builds the batch source, the reference and the model from these; the one training loop
+(`trainer.loop`) then takes `Step`s from the `BatchSource` and calls `loss_fn`. This module also holds the types
+rollouts travel in (`Rollout`, `ScoredRollout`, `RolloutContext`), so that an RL method's `process` and the
+rollout engine share them without importing each other.
+
+Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C completion tokens (right-padded).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
 from posttrain.config import AlgorithmSection
-from posttrain.trainer.batches import EpochPlan, plan_examples
 
 Batch = dict[str, Any]
 
@@ -38,43 +47,127 @@ class Mean(NamedTuple):
 # summed the same way as the loss (the loop divides it by the step's loss units) or a `Mean` with its own count.
 LossFn = Callable[[torch.nn.Module, Batch, Any], tuple[torch.Tensor, dict[str, torch.Tensor | Mean]]]
 
-STEP_METRICS = "step_metrics"
-"""Batch key for metrics that describe a whole step (reward means, generation time): a dict of floats that the
-loop logs as they are, instead of summing and dividing them by the loss units like `loss_fn`'s metrics."""
-
 
 @dataclass
-class PreparedData:
-    """Training (and optional evaluation) examples, rendered and checked before any model loads."""
+class Step:
+    """One optimisation step's work for this process: its micro-batches, and the metrics that describe the step
+    as a whole (a rollout's reward means, its generation time), which the loop logs as they are instead of
+    summing and dividing them by the loss units like `loss_fn`'s metrics. A step may have no micro-batch (every
+    sequence of a rollout dropped): it trains nothing and only logs."""
 
-    train: Sequence[Any]
-    collate: Callable[[list[Any]], Batch]
-    eval: Sequence[Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    train_lines: Sequence[Sequence[int]] | None = None
-    """For each training example, the lines of `data.train` it comes from (several for a packed row): how a run
-    names the rows it does not train (`trainer.batches.skipped_note`). None: examples are named by position."""
-
-
-@dataclass
-class SourceContext:
-    """What a batch source may need once the model has loaded (all of it built by `posttrain.train`)."""
-
-    cfg: Any
-    data: PreparedData
-    model: torch.nn.Module
-    tokenizer: Any
-    accelerator: Any
-    run_dir: Path
-    micro_batch_size: int
+    micro_batches: list[Batch]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class BatchSource(Protocol):
-    """For every optimisation step from `start_step` on, the list of micro-batches this process runs."""
+    """Where the loop's steps come from: a dataset (`trainer.batches.ExampleBatchSource`) or rollouts
+    (`rollout.source.RolloutSource`)."""
 
     steps_per_epoch: int
+    """Optimisation steps in one pass over the data: the step number is the data position."""
 
-    def __call__(self, start_step: int = 0) -> Iterator[list[Batch]]: ...
+    def steps(self, start_step: int = 0) -> Iterator[Step]:
+        """Every step from `start_step` (0-based) on, the same ones whether the run started there or resumed."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep besides the weights and the step (JSON-able; {} for none)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts: what the engine samples, what the rewards make of it, what an RL method's `process` receives.
+
+
+@dataclass
+class Rollout:
+    """N sampled completions, `n` contiguous ones per prompt (prompt 0's samples first)."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, C) right-padded
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including the EOS token or the end of a stop string
+    sampling_logps: torch.Tensor  # (N, C) log-prob of each sampled token under the sampler (temperature-scaled)
+    texts: list[str]  # decoded completions (no special tokens, cut before a stop string)
+    truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without an EOS or a stop string
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout with its rewards, as the rollout source hands it to an RL method's `process`."""
+
+    rollout: Rollout
+    examples: list[Any]  # `data.prompts.PromptExample`, one per sequence (repeated G times)
+    rewards: torch.Tensor  # (N,) weighted total, after the `rollout.overlong` treatment
+    metrics: dict[str, float]
+    trains: torch.Tensor  # (N,) bool: the sequences that carry loss (`overlong: filter` drops truncated ones)
+
+
+@dataclass
+class RolloutContext:
+    """What an RL method's `process` may use besides the scored rollout (built once by `posttrain.train`)."""
+
+    cfg: Any
+    model: torch.nn.Module  # the trained module (the policy, or the policy with PPO's value head), unwrapped
+    accelerator: Any
+    micro_batch_size: int
+    reference: Any  # `models.reference.Reference`: the frozen policy's log-probs
+    state: Any = None  # the method's own state across rollouts (`Rollouts.state`), e.g. PPO's KL controller
+
+
+def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:
+    """Prompt and completion side by side, (N, P + C), with the positions `generate` used.
+
+    `completion_mask` here is full width (0 over the prompt), aligned with `input_ids`: 1 on the tokens the
+    policy generated, the ones the RL losses score. `sampling_logps` too (0 over the prompt): the sampler's
+    log-probs, for the sampler/trainer gap (`common.logp_gap`).
+    """
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+    # Left-padded prompts: positions count real tokens only, as generate computed them for the KV cache.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    completion_mask = torch.cat([torch.zeros_like(r.prompt_mask), r.completion_mask], dim=1)
+    prompt_zeros = torch.zeros_like(r.prompt_mask, dtype=torch.float32)
+    sampling_logps = torch.cat([prompt_zeros, r.sampling_logps], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+        "sampling_logps": sampling_logps,
+    }
+
+
+# process(scored, ctx) -> (tensors with a leading N dimension, extra step metrics)
+Process = Callable[[ScoredRollout, RolloutContext], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
+class Stateful(Protocol):
+    """State a method keeps across rollouts, checkpointed with the batch source (PPO's KL coefficient)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """An RL method's part in the rollout batch source."""
+
+    process: Process
+    """Turns a scored rollout into training tensors with a leading N dimension (GRPO: group advantages and old
+    log-probs; PPO: values, KL-shaped rewards, GAE), and extra step metrics."""
+    state: Callable[[Any], Stateful | None] = lambda cfg: None
+    """state(cfg): the method's state across rollouts, handed to `process` as `ctx.state` and checkpointed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -82,25 +175,22 @@ class Algorithm:
     name: str
     config: type[AlgorithmSection]
     """The method's `algorithm:` section (`name` fixed to `name`): its settings, their rules and its checks."""
-    prepare: Callable[[Any, Any], PreparedData]
-    """prepare(cfg, tokenizer) -> PreparedData: read, validate and render the data (user errors surface here)."""
+    prepare: Callable[[Any, Any], Any]
+    """prepare(cfg, tokenizer) -> `data.prepared.PreparedData`: read, validate and render the data (user errors
+    surface here, before any model loads)."""
     loss_fn: LossFn
     """Returns a *sum* over loss units; the loop divides by the units of the whole step (see common.normalise_loss)."""
     loss_units: Callable[[Batch, Any], int | float]
     """loss_units(batch, cfg): loss units in a micro-batch (target tokens for SFT, pairs for DPO)."""
-    plan: Callable[[Any, int, int, int], EpochPlan] = plan_examples
-    """plan(cfg, n_examples, world_size, micro_batch_size) -> how each epoch is cut into steps, and which examples
-    no step uses; raises `ConfigError` for what cannot run. Called before anything is written to the run folder,
-    and must agree with the batch source's `steps_per_epoch`. Default: `ExampleBatchSource`'s."""
-    make_source: Callable[[SourceContext], BatchSource] | None = None
-    """Builds the batch source after the model loads (rollouts; DPO's reference log-probs). None: the default
-    `ExampleBatchSource` over `PreparedData.train`, built before the model loads."""
-    load_model: Callable[[Any, Any], torch.nn.Module] | None = None
-    """load_model(cfg, device) -> the trainable module; None: `posttrain.models.load_model` (a causal LM)."""
-    save_final: Callable[[torch.nn.Module, Any, Path, Any], None] | None = None
-    """save_final(model, tokenizer, out_dir, cfg): write the final model; None: `posttrain.models.save_model`."""
+    head: Literal["reward", "value"] | None = None
+    """The trained model carries a scalar head (`models.heads.ScalarHeadModel` of this kind), saved beside it."""
+    reference: Callable[[Any], str] = lambda cfg: "none"
+    """reference(cfg): how the frozen reference is held, `models.reference.MODES` ("none": the loss needs none)."""
+    rollouts: Rollouts | None = None
+    """An RL method's part in the rollout batch source; None: the batches come from `PreparedData.train`."""
     evaluates: bool = True
     """Whether `loss_fn` on `PreparedData.eval` batches is meaningful (false for RL: no fixed eval batches)."""
     key_metric: str | None = None
-    """The metrics.jsonl key that says how training goes besides the loss (DPO: `reward_accuracy`; RL: the mean
-    reward), shown in the progress bar and the end-of-run summary. None: the loss says it."""
+    """The metric that says how training goes, beside the loss: in the progress bar and the end-of-run summary
+    (DPO's reward accuracy, a reward model's accuracy, GRPO/PPO's mean total reward)."""
+

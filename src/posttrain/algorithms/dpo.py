@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from posttrain.algorithms.base import Algorithm, Mean, PreparedData
+from posttrain.algorithms.base import Algorithm, Mean
 from posttrain.algorithms.common import kl_estimate, masked_sum
 from posttrain.algorithms.reward import pair_accuracy
 from posttrain.config import AlgorithmSection
 from posttrain.config_rules import When, is_, is_not
+from posttrain.data.preference import prepare_pairs
+from posttrain.models.logprobs import selected_token_logps
 
 
 class Config(AlgorithmSection):
@@ -187,15 +189,15 @@ def simpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On the shared loop: pairs -> one concatenated forward (B chosen rows, then B rejected rows) -> dpo_loss.
-# The reference is held one of three ways (`algorithm.reference`): the base with the adapter disabled
-# (LoRA/QLoRA: no second model), log-probs precomputed in one pass and cached in the run folder (one model in
-# memory), or a frozen copy. `simpo` needs no reference at all.
-
-REFERENCE_CACHE = "reference_logps.pt"
+# On the shared loop: pairs (`data.preference.prepare_pairs`) -> one concatenated forward (B chosen rows, then B
+# rejected rows) -> dpo_loss. The reference (`models.reference`) is held one of three ways (`algorithm.reference`):
+# the base with the adapter disabled (LoRA/QLoRA: no second model), log-probs precomputed in one pass and cached
+# in the run folder (one model in memory), or a frozen copy; the batch source adds its log-probs to every batch
+# (`ref_logps`). `simpo` needs no reference at all.
 
 
 def reference_mode(cfg) -> str:
+    """How this run holds its reference (`models.reference.MODES`)."""
     d = cfg.algorithm
     if d.loss_type == "simpo":
         return "none"
@@ -204,82 +206,8 @@ def reference_mode(cfg) -> str:
     return "adapter" if cfg.technique.name in ("lora", "qlora") else "precompute"
 
 
-def prepare(cfg, tokenizer) -> PreparedData:
-    """Read, validate and render the preference pairs (before the model loads)."""
-    import warnings
-    from functools import partial
-
-    from posttrain.data import load_rows
-    from posttrain.data.preference import render_preference_dataset
-    from posttrain.errors import ConfigError
-
-    if not cfg.data.train:
-        raise ConfigError(
-            "data.train is not set: give a preference file (e.g. `posttrain data make --kind preference`)"
-        )
-    notes: list[str] = []
-
-    def render(path: str):
-        rows = load_rows(path, "preference")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path)
-        notes.extend(str(w.message) for w in caught)
-        for pair, row in zip(pairs, rows):
-            pair.margin = float(row.get("margin", 0.0) or 0.0)  # used by reward models with algorithm.margin
-        return pairs
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = render(cfg.data.train)
-    evals = render(cfg.data.eval) if cfg.data.eval else None
-    known = all(p.line is not None for p in train)
-    return PreparedData(
-        train=train, eval=evals, collate=partial(collate_with_refs, pad_id=pad_id), notes=notes,
-        train_lines=[(p.line,) for p in train] if known else None,
-    )  # fmt: skip
-
-
-def collate_with_refs(items, pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate_pairs`, plus per-token reference log-probs when the pairs carry precomputed ones."""
-    from posttrain.data.preference import collate_pairs
-
-    batch = collate_pairs(items, pad_id)
-    batch["margin"] = torch.tensor([getattr(p, "margin", 0.0) for p in items], dtype=torch.float32)
-    if all(getattr(p, "ref_chosen", None) is not None for p in items):
-        ref = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-        flat = [torch.tensor(p.ref_chosen) for p in items] + [torch.tensor(p.ref_rejected) for p in items]
-        target = batch["loss_mask"].bool().clone()
-        target[:, 0] = False
-        ref[target] = torch.cat(flat)  # row-major order: each row's scored tokens, in order
-        batch["ref_logps"] = ref
-    return batch
-
-
 def _pair_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-
-
-@torch.no_grad()
-def _reference_token_logps(model, batch) -> torch.Tensor:
-    from posttrain.models import is_adapter_model
-    from posttrain.models.logprobs import selected_token_logps
-
-    unwrapped = getattr(model, "module", model)
-    if not is_adapter_model(unwrapped):
-        from posttrain.errors import ConfigError
-
-        raise ConfigError(
-            "DPO under full fine-tuning needs reference log-probs in the batch (algorithm.reference="
-            "precompute or copy); this batch has none"
-        )
-    was_training = unwrapped.training
-    unwrapped.eval()  # the reference never has dropout, whatever model.dropout says for the policy
-    try:
-        with unwrapped.disable_adapter():
-            logps, _ = selected_token_logps(unwrapped, _pair_inputs(batch), batch["loss_mask"])
-    finally:
-        unwrapped.train(was_training)
-    return logps
 
 
 def loss_units(batch, cfg=None) -> int:
@@ -288,15 +216,10 @@ def loss_units(batch, cfg=None) -> int:
 
 
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from posttrain.models.logprobs import selected_token_logps
-
     d = cfg.algorithm
     B = loss_units(batch)
     mask = batch["loss_mask"]
-    ref = None
-    if reference_mode(cfg) != "none":
-        # The adapter-disabled reference runs first, so its forward never coexists with the policy's graph.
-        ref = batch["ref_logps"] if "ref_logps" in batch else _reference_token_logps(model, batch)
+    ref = batch["ref_logps"] if reference_mode(cfg) != "none" else None  # (2B, T), from the batch source
     logps, _ = selected_token_logps(model, _pair_inputs(batch), mask)  # (2B, T), one forward for both sides
     seq = logps.sum(-1)  # (2B,)
     target = mask.bool().clone()
@@ -334,131 +257,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out.losses.sum(), metrics
 
 
-class _WithReference:
-    """Adds a frozen copy's per-token log-probs to every micro-batch of an inner batch source."""
-
-    def __init__(self, inner, reference):
-        self.inner, self.reference = inner, reference
-        self.steps_per_epoch = inner.steps_per_epoch
-
-    def __call__(self, start_step: int = 0):
-        from posttrain.models.logprobs import selected_token_logps
-
-        device = next(self.reference.parameters()).device
-        for step in self.inner(start_step):
-            for b in step:
-                with torch.no_grad():
-                    lp, _ = selected_token_logps(
-                        self.reference,
-                        {k: v.to(device) for k, v in _pair_inputs(b).items()},
-                        b["loss_mask"].to(device),
-                    )
-                b["ref_logps"] = lp.cpu()
-            yield step
-
-
-def reference_pair_logps(model, pairs, collate, micro: int, device) -> list[tuple[list[float], list[float]]]:
-    """Per-token reference log-probs of every pair's scored tokens, in pair order: [(chosen, rejected), ...].
-
-    `model` is run in eval mode without gradient, `micro` pairs per forward (2 * micro rows).
-    """
-    from posttrain.models.logprobs import selected_token_logps
-
-    was_training = model.training
-    model.eval()
-    out: list[tuple[list[float], list[float]]] = []
-    try:
-        for s in range(0, len(pairs), micro):
-            b = collate(pairs[s : s + micro])
-            with torch.no_grad():
-                lp, _ = selected_token_logps(
-                    model, {k: v.to(device) for k, v in _pair_inputs(b).items()}, b["loss_mask"].to(device)
-                )  # (2b, T)
-            target = b["loss_mask"].bool().clone()
-            target[:, 0] = False
-            rows = [lp[r][target[r].to(lp.device)].cpu().tolist() for r in range(lp.shape[0])]
-            half = len(rows) // 2
-            out.extend(zip(rows[:half], rows[half:]))  # chosen rows first, then rejected (collate_pairs)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def attach_reference(pairs, logps) -> None:
-    """Store `reference_pair_logps` results on the pairs; `collate_with_refs` turns them into `ref_logps`."""
-    for p, (chosen, rejected) in zip(pairs, logps, strict=True):
-        p.ref_chosen, p.ref_rejected = chosen, rejected
-
-
-def precompute_reference(ctx) -> None:
-    """Reference per-token log-probs of every pair, in one pass before training, cached in the run folder.
-
-    The model has just loaded and not trained, so it *is* the reference. The cache holds one entry per pair (in
-    data order, so it does not depend on the micro-batch size or the number of processes), keyed by the model,
-    the data files and the rendered ids, and is reused when a run resumes (its weights have moved on by then).
-    """
-    import hashlib
-    import json
-
-    cfg, acc = ctx.cfg, ctx.accelerator
-    sets = [list(ctx.data.train)] + ([list(ctx.data.eval)] if ctx.data.eval is not None else [])
-    key = hashlib.sha256(
-        json.dumps(
-            [cfg.model.name, cfg.data.train, cfg.data.eval, cfg.data.max_length, [len(s) for s in sets]]
-        ).encode()
-        + b"".join(str((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode() for s in sets for p in s)
-    ).hexdigest()
-    path = ctx.run_dir / REFERENCE_CACHE
-    cached = torch.load(path, weights_only=True) if path.is_file() else None
-    if cached is None or cached.get("key") != key or cached.get("version") != 2:
-        model = acc.unwrap_model(ctx.model)
-        results = [
-            reference_pair_logps(model, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device)
-            for pairs in sets
-        ]
-        cached = {"key": key, "version": 2, "logps": results}
-        if acc.is_main_process:
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(cached, tmp)
-            tmp.replace(path)
-    for pairs, logps in zip(sets, cached["logps"]):
-        attach_reference(pairs, logps)
-
-
-def make_source(ctx):
-    from posttrain.trainer.batches import ExampleBatchSource
-
-    cfg, acc = ctx.cfg, ctx.accelerator
-    mode = reference_mode(cfg)
-    if mode == "precompute":
-        precompute_reference(ctx)
-    source = ExampleBatchSource(
-        ctx.data.train,
-        ctx.data.collate,
-        batch_size=cfg.optim.batch_size,
-        micro_batch_size=ctx.micro_batch_size,
-        seed=cfg.run.seed,
-        shuffle=cfg.data.shuffle,
-        rank=acc.process_index,
-        world_size=acc.num_processes,
-    )
-    if mode == "copy":
-        from posttrain.models import load_model
-
-        # as_trained: the frozen copy holds its weights as the policy does (float32 master weights under mixed
-        # precision), so at step 1 its log-probs equal the policy's exactly, as in the other reference modes.
-        reference = load_model(cfg.model, cfg.technique, device=acc.device, train=False, as_trained=True)
-        if ctx.data.eval is not None:  # fixed pairs: their reference log-probs are computed once, here
-            pairs = list(ctx.data.eval)
-            attach_reference(
-                pairs,
-                reference_pair_logps(reference, pairs, ctx.data.collate, ctx.micro_batch_size, acc.device),
-            )
-        return _WithReference(source, reference)
-    return source
-
-
 ALGORITHM = Algorithm(
-    name="dpo", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, make_source=make_source,
+    name="dpo", config=Config, prepare=prepare_pairs, loss_fn=loss_fn, loss_units=loss_units, reference=reference_mode,
     key_metric="reward_accuracy",
 )  # fmt: skip

@@ -31,13 +31,22 @@ from typing import ClassVar, Literal, NamedTuple
 import torch
 from pydantic import Field
 
-from posttrain.algorithms.base import Algorithm, Mean
+from posttrain.algorithms import rl
+from posttrain.algorithms.base import (
+    Algorithm,
+    Mean,
+    RolloutContext,
+    Rollouts,
+    ScoredRollout,
+    sequence_tensors,
+)
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
 from posttrain.errors import ConfigError
-from posttrain.rollout.overlong import drop_from_loss
+from posttrain.models.logprobs import chunked_token_logps, selected_token_logps
+from posttrain.rewards.overlong import drop_from_loss
 
 
 class Config(RLSection):
@@ -75,6 +84,15 @@ class Config(RLSection):
 
     def group_size(self) -> int:
         return self.num_generations
+
+    def check_launch(self, world_size: int) -> None:
+        if self.drop_uniform_groups and world_size > 1:
+            # Dropping leaves processes with different numbers of sequences, and one left with none would skip the
+            # gradient all-reduce the others wait in.
+            raise ConfigError(
+                "algorithm.drop_uniform_groups is not supported with several processes yet; set it to false "
+                "(uniform groups then train with zero advantage)"
+            )
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -267,13 +285,12 @@ def grpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On the shared loop: prompts -> rollouts (posttrain.rollout) -> advantages -> grpo_loss on the policy.
+# On the shared loop: prompts -> rollouts (the rollout batch source samples and scores them) -> `process`:
+# advantages, old and reference log-probs -> grpo_loss on the policy.
 
 
-def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Rewards -> group advantages; old and reference log-probs when the loss needs them."""
-    from posttrain.rollout.source import batched_logps, reference_logps, sequence_tensors, steps_per_rollout
-
     cfg = ctx.cfg
     g, rc = cfg.algorithm, cfg.algorithm.rollout
     G = g.num_generations
@@ -301,28 +318,23 @@ def _process(scored, ctx) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     # off-policy after the first update: the sampler's log-probs must be fixed now, before any update. When it
     # feeds exactly one step the policy *is* the sampler, so the loss uses its own detached log-probs (ratio 1,
     # no extra forward).
-    if steps_per_rollout(cfg) > 1:
-        model = ctx.accelerator.unwrap_model(ctx.model)
-        tensors["old_logps"] = batched_logps(model, tensors, ctx.micro_batch_size, rc.temperature)
+    if g.steps_per_rollout(cfg.optim.batch_size) > 1:
+        tensors["old_logps"] = chunked_token_logps(ctx.model, tensors, "completion_mask", ctx.micro_batch_size,
+                                                   temperature=rc.temperature)  # fmt: skip
         # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout.
         gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], tensors["completion_mask"])
         extra[LOGP_GAP] = float(gap)
-    if g.beta > 0 or logs_kl(cfg):  # the penalty needs it; otherwise only the logged KL does (one no-grad forward)
-        tensors["ref_logps"] = reference_logps(ctx, tensors, rc.temperature)
+    if ctx.reference.needed:  # the penalty needs it, or the logged KL (`log_kl`): one no-grad forward
+        tensors["ref_logps"] = ctx.reference.logps(tensors, "completion_mask", chunk=ctx.micro_batch_size,
+                                                   temperature=rc.temperature)  # fmt: skip
     return tensors, extra
 
 
 def logs_kl(cfg) -> bool:
-    """Whether a run at beta 0 still computes the KL to the reference for the log (`grpo.log_kl`; null: only
-    when the reference costs no second model, i.e. the adapter disabled under lora/qlora)."""
+    """Whether a run at beta 0 still computes the KL to the reference for the log (`log_kl`; null: only when the
+    reference costs no second model, i.e. the adapter disabled under lora/qlora)."""
     log_kl = cfg.algorithm.log_kl
     return log_kl if log_kl is not None else cfg.technique.name in ("lora", "qlora")
-
-
-def make_source(ctx):
-    from posttrain.rollout.source import RolloutSource
-
-    return RolloutSource(ctx, group_size=ctx.cfg.algorithm.num_generations, process=_process)
 
 
 def loss_units(batch, cfg) -> float:
@@ -333,8 +345,6 @@ def loss_units(batch, cfg) -> float:
 
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on one micro-batch, returned as a sum over its loss units (the loop divides once per step)."""
-    from posttrain.models.logprobs import selected_token_logps
-
     g, rc = cfg.algorithm, cfg.algorithm.rollout
     mask = batch["completion_mask"]  # (B, T), full width: 0 over the prompt
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
@@ -361,33 +371,14 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss * units, {k: Mean(v * tokens, tokens) for k, v in metrics.items()}
 
 
-def prepare(cfg, tokenizer):
-    from posttrain.rollout.source import prepare_prompts
-
-    return prepare_prompts(cfg, tokenizer)
-
-
-def plan(cfg, n: int, world_size: int, micro_batch_size: int):
-    from posttrain.rollout.source import plan_rollouts
-
-    if cfg.algorithm.drop_uniform_groups and world_size > 1:
-        # Dropping leaves processes with different numbers of sequences, and one left with none would skip the
-        # gradient all-reduce the others wait in.
-        raise ConfigError(
-            "algorithm.drop_uniform_groups is not supported with several processes yet; set it to false "
-            "(uniform groups then train with zero advantage)"
-        )
-    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=cfg.algorithm.num_generations)
-
-
 ALGORITHM = Algorithm(
     name="grpo",
     config=Config,
-    prepare=prepare,
+    prepare=rl.prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,
-    make_source=make_source,
-    plan=plan,
+    reference=lambda cfg: rl.reference_mode(cfg, cfg.algorithm.beta > 0 or logs_kl(cfg)),
+    rollouts=Rollouts(process=_process),
     evaluates=False,
     key_metric="reward/total_mean",
 )

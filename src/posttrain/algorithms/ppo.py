@@ -22,12 +22,13 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from posttrain.algorithms.base import Algorithm
+from posttrain.algorithms import rl
+from posttrain.algorithms.base import Algorithm, RolloutContext, Rollouts, ScoredRollout, sequence_tensors
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
 from posttrain.models.logprobs import gather_logps, no_grad_chunks, scatter, target_positions
-from posttrain.rollout.overlong import drop_from_loss
+from posttrain.rewards.overlong import drop_from_loss
 
 
 class Config(RLSection):
@@ -316,6 +317,12 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
+    def state_dict(self) -> dict:
+        return {}  # nothing changes, so nothing to keep
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # On the shared loop: the policy carries a value head (`models.heads.ScalarHeadModel`, kind "value"); the rollout
@@ -341,23 +348,21 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
     return scatter(values_sel, target), scatter(picked, target)
 
 
-def _rollout_values_and_logps(ctx, tensors: dict[str, torch.Tensor], temperature: float):
+def _rollout_values_and_logps(ctx: RolloutContext, tensors: dict[str, torch.Tensor], temperature: float):
     """Values and log-probs (N, T) of a whole rollout under the current model, a micro-batch at a time, in eval
     mode (no dropout): the old values and old log-probs every later step is measured against."""
-    model = ctx.accelerator.unwrap_model(ctx.model)
-    return no_grad_chunks(lambda part: _values_and_logps(model, part, temperature), model, tensors,
+    return no_grad_chunks(lambda part: _values_and_logps(ctx.model, part, temperature), ctx.model, tensors,
                           ctx.micro_batch_size)  # fmt: skip
 
 
 @torch.no_grad()
-def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Scores -> KL-shaped per-token rewards -> GAE advantages and returns, with the old values and log-probs."""
-    from posttrain.rollout.source import reference_logps, sequence_tensors
-
-    p, rc, acc = ctx.cfg.algorithm, ctx.cfg.algorithm.rollout, ctx.accelerator
+    p, rc, acc, controller = ctx.cfg.algorithm, ctx.cfg.algorithm.rollout, ctx.accelerator, ctx.state
     tensors = sequence_tensors(scored.rollout)
     values, old = _rollout_values_and_logps(ctx, tensors, rc.temperature)
-    ref = reference_logps(ctx, tensors, rc.temperature) if p.kl_coef > 0 or p.adaptive_kl else old
+    ref = (ctx.reference.logps(tensors, "completion_mask", chunk=ctx.micro_batch_size, temperature=rc.temperature)
+           if ctx.reference.needed else old)  # fmt: skip
     mask = tensors["completion_mask"]
     # Per-token rewards and GAE over the completion columns only (the prompt is context, not actions).
     P = scored.rollout.prompt_ids.shape[1]
@@ -398,23 +403,12 @@ def _process(scored, ctx, *, controller) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, extra
 
 
-def make_source(ctx):
-    import functools
-
-    from posttrain.rollout.source import RolloutSource
-
-    p = ctx.cfg.algorithm
-    controller = (
-        AdaptiveKLController(value=p.kl_coef, target=p.target_kl, horizon=p.kl_horizon)
-        if p.adaptive_kl
-        else FixedKLController(value=p.kl_coef)
-    )
-    return RolloutSource(
-        ctx,
-        group_size=1,
-        process=functools.partial(_process, controller=controller),
-        stateful=controller if p.adaptive_kl else None,  # a fixed coefficient has nothing to keep
-    )
+def kl_controller(cfg) -> AdaptiveKLController | FixedKLController:
+    """The KL coefficient's controller of a run: its state across rollouts (`ctx.state`)."""
+    p = cfg.algorithm
+    if p.adaptive_kl:
+        return AdaptiveKLController(value=p.kl_coef, target=p.target_kl, horizon=p.kl_horizon)
+    return FixedKLController(value=p.kl_coef)
 
 
 def loss_units(batch, cfg) -> float:
@@ -438,44 +432,15 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     }
 
 
-def load_model(cfg, device):
-    from posttrain.models import load_model as load_lm
-    from posttrain.models.heads import ScalarHeadModel
-
-    return ScalarHeadModel(
-        load_lm(cfg.model, cfg.technique, device=device, dropout=cfg.keeps_model_dropout()), kind="value"
-    )
-
-
-def save_final(model, tokenizer, out_dir, cfg) -> None:
-    """The policy as a plain model/adapter folder (usable by generate/evaluate), with the value head beside it."""
-    from posttrain.models.heads import save_scalar_model
-
-    save_scalar_model(model, tokenizer, out_dir, cfg)
-
-
-def prepare(cfg, tokenizer):
-    from posttrain.rollout.source import prepare_prompts
-
-    return prepare_prompts(cfg, tokenizer)
-
-
-def plan(cfg, n: int, world_size: int, micro_batch_size: int):
-    from posttrain.rollout.source import plan_rollouts
-
-    return plan_rollouts(cfg, n, world_size, micro_batch_size, group_size=1)
-
-
 ALGORITHM = Algorithm(
     name="ppo",
     config=Config,
-    prepare=prepare,
+    prepare=rl.prepare,
     loss_fn=loss_fn,
     loss_units=loss_units,
-    make_source=make_source,
-    plan=plan,
-    load_model=load_model,
-    save_final=save_final,
+    head="value",
+    reference=lambda cfg: rl.reference_mode(cfg, cfg.algorithm.kl_coef > 0 or cfg.algorithm.adaptive_kl),
+    rollouts=Rollouts(process=_process, state=kl_controller),
     evaluates=False,
     key_metric="reward/total_mean",
 )

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import AlgorithmSection
+from posttrain.data.preference import prepare_pairs
+from posttrain.errors import ConfigError
 
 
 class Config(AlgorithmSection):
@@ -77,8 +79,9 @@ def pair_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# On the shared loop: the same pairs as DPO (`dpo.prepare`), one concatenated forward of a causal LM with a
-# scalar head (`models.heads.ScalarHeadModel`), the score read at each sequence's last token, Bradley-Terry loss.
+# On the shared loop: the same pairs as DPO (`data.preference.prepare_pairs`), one concatenated forward of a
+# causal LM with a scalar head (`head="reward"`: `models.heads.ScalarHeadModel`), the score read at each
+# sequence's last token, Bradley-Terry loss.
 
 
 def _last_token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,26 +115,8 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     }
 
 
-def load_model(cfg, device):
-    from posttrain.models import load_model as load_lm
-    from posttrain.models.heads import ScalarHeadModel
-
-    return ScalarHeadModel(
-        load_lm(cfg.model, cfg.technique, device=device, dropout=cfg.keeps_model_dropout()), kind="reward"
-    )
-
-
-def save_final(model, tokenizer, out_dir, cfg) -> None:
-    from posttrain.models.heads import save_scalar_model
-
-    save_scalar_model(model, tokenizer, out_dir, cfg)
-
-
 def prepare(cfg, tokenizer):
     """The same pairs as DPO; `algorithm.margin` must find margins to use, and unused margins are noted."""
-    from posttrain.algorithms.dpo import prepare as prepare_pairs
-    from posttrain.errors import ConfigError
-
     data = prepare_pairs(cfg, tokenizer)
     with_margin = sum(1 for p in data.train if p.margin)
     if cfg.algorithm.margin and not with_margin:
@@ -147,14 +132,7 @@ def prepare(cfg, tokenizer):
     return data
 
 
-def RewardModelScorer(path, **kwargs):  # noqa: N802 - the name the rewards package imports
-    """A trained reward model as a reward function (see `posttrain.models.heads.RewardModelScorer`)."""
-    from posttrain.models.heads import RewardModelScorer as Scorer
-
-    return Scorer(path, **kwargs)
-
-
 ALGORITHM = Algorithm(
-    name="reward", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, load_model=load_model,
-    save_final=save_final, key_metric="accuracy",
+    name="reward", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, head="reward",
+    key_metric="accuracy",
 )  # fmt: skip

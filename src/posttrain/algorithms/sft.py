@@ -11,12 +11,17 @@ this module does not look at roles.
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
 
-from posttrain.algorithms.base import Algorithm, Batch, PreparedData
+from posttrain.algorithms.base import Algorithm, Batch
 from posttrain.config import AlgorithmSection
+from posttrain.data import collate, collate_packed, load_rows, pack, render_dataset
+from posttrain.data.prepared import PreparedData
+from posttrain.errors import ConfigError
 from posttrain.models.logprobs import selected_token_logps
 
 
@@ -49,18 +54,11 @@ def loss_fn(model: torch.nn.Module, batch: Batch, cfg=None) -> tuple[torch.Tenso
 
 def prepare(cfg, tokenizer) -> PreparedData:
     """Read, validate and render the SFT data of a run config (before the model loads)."""
-    from functools import partial
-
-    from posttrain.data import collate, collate_packed, load_rows, pack, render_dataset
-    from posttrain.errors import ConfigError
-
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give a training file (e.g. data.train=train.jsonl)")
     notes: list[str] = []
 
     def render(path: str):
-        import warnings
-
         rows = load_rows(path, "sft")
         # render_dataset warns once with the count of truncated rows; show it as a run note (one clean line)
         with warnings.catch_warnings(record=True) as caught:

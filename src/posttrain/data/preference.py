@@ -19,28 +19,28 @@ warns once with the count.
 
 `collate_pairs` stacks the B chosen sequences (prompt + chosen) on top of the B rejected ones (prompt +
 rejected): ``input_ids``, ``attention_mask``, ``loss_mask``, each (2B, T), so a DPO or reward-model step scores
-both sides in one forward pass; row ``b`` and row ``B + b`` are the two sides of pair ``b``.
+both sides in one forward pass; row ``b`` and row ``B + b`` are the two sides of pair ``b``; ``margin`` (B,) is
+each pair's margin column. `prepare_pairs` reads and renders a run's pairs.
 
 Letters: B pairs in the batch, T tokens per row.
 
-This module does not read files (see `schema.py`) and holds no loss (see `algorithms/`).
+This module holds no loss (see `algorithms/`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from posttrain.data.collate import collate
+from posttrain.data.prepared import PreparedData
 from posttrain.data.render import Rendered, render_all, render_sft
-from posttrain.data.schema import normalise_row
-from posttrain.errors import DataError, Problem
-
-if TYPE_CHECKING:
-    import torch
+from posttrain.data.schema import load_rows, normalise_row
+from posttrain.errors import ConfigError, DataError, Problem
 
 
 @dataclass
@@ -59,6 +59,8 @@ class RenderedPair:
     line: int | None = None
     chosen_mask: list[int] | None = None
     rejected_mask: list[int] | None = None
+    margin: float = 0.0
+    """The row's optional `margin` column: how clearly chosen wins (reward models with `algorithm.margin`)."""
 
     def __post_init__(self):
         if self.chosen_mask is None:
@@ -116,6 +118,7 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
         line=line,
         chosen_mask=c_mask[n:max_length],
         rejected_mask=r_mask[n:max_length],
+        margin=float(row.get("margin", 0.0) or 0.0),
     )
 
 
@@ -137,7 +140,7 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
     return out
 
 
-def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, Any]:
     """Chosen rows then rejected rows, right-padded to the longest of all 2B: each tensor (2B, T) long.
 
     ``loss_mask`` is 1 on scored response tokens only (the trainer shifts: the logits at ``t - 1`` predict
@@ -145,9 +148,40 @@ def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, torch
 
     >>> p = RenderedPair([7, 8], [5, 2], [6, 6, 2])
     >>> out = collate_pairs([p], pad_id=0)
-    >>> out["input_ids"].tolist(), out["loss_mask"].tolist()
-    ([[7, 8, 5, 2, 0], [7, 8, 6, 6, 2]], [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
+    >>> out["input_ids"].tolist(), out["loss_mask"].tolist(), out["margin"].tolist()
+    ([[7, 8, 5, 2, 0], [7, 8, 6, 6, 2]], [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], [0.0])
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    return collate([p.chosen() for p in pairs] + [p.rejected() for p in pairs], pad_id)
+    import torch  # here, not at the top: `posttrain advise --data` reads data files without loading torch
+
+    batch = collate([p.chosen() for p in pairs] + [p.rejected() for p in pairs], pad_id)
+    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
+    return batch
+
+
+def prepare_pairs(cfg, tokenizer) -> PreparedData:
+    """The preference pairs of a DPO or reward-model run (`data.train`, `data.eval`), read, validated and
+    rendered before any model loads; truncation warnings become run notes."""
+    if not cfg.data.train:
+        raise ConfigError(
+            "data.train is not set: give a preference file (e.g. `posttrain data make --kind preference`)"
+        )
+    notes: list[str] = []
+
+    def render(path: str) -> list[RenderedPair]:
+        rows = load_rows(path, "preference")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path)
+        notes.extend(str(w.message) for w in caught)
+        return pairs
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = render(cfg.data.train)
+    evals = render(cfg.data.eval) if cfg.data.eval else None
+    known = all(p.line is not None for p in train)
+    return PreparedData(
+        train=train, eval=evals, collate=functools.partial(collate_pairs, pad_id=pad_id), notes=notes,
+        train_lines=[(p.line,) for p in train] if known else None,
+    )  # fmt: skip

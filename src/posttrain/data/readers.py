@@ -293,3 +293,19 @@ def _read_datasets_dir(p: Path, name: str) -> list[Record]:
 def _columnar_records(rows: list[dict]) -> list[Record]:
     # Columns are shared by all rows, so a null is how an absent field looks: drop it.
     return [Record(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows, start=1)]
+
+
+def truncate_step_records(path: Path, step: int) -> None:
+    """Keep the records of a JSONL file of step records (`metrics.jsonl`, `samples.jsonl`) up to `step`; drop
+    the later ones and any line cut by a kill (a resumed run redoes the lost work and logs it again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by kill -9 mid-write
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -28,6 +28,12 @@ def decoder_of(lm) -> nn.Module:
     return base.get_decoder()
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The causal LM of a trained module: the policy inside a `ScalarHeadModel` (PPO's value head), or the module
+    itself."""
+    return model.policy if isinstance(model, ScalarHeadModel) else model
+
+
 class ScalarHeadModel(nn.Module):
     """`policy` (a causal LM) + `head` (Linear(hidden, 1), float32)."""
 

@@ -11,27 +11,18 @@ Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C compl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-
-@dataclass
-class Rollout:
-    """N sampled completions, `n` contiguous ones per prompt (prompt 0's samples first)."""
-
-    prompt_ids: torch.Tensor  # (N, P) left-padded
-    prompt_mask: torch.Tensor  # (N, P) 1 on real prompt tokens
-    completion_ids: torch.Tensor  # (N, C) right-padded
-    completion_mask: torch.Tensor  # (N, C) 1 up to and including the EOS token or the end of a stop string
-    sampling_logps: torch.Tensor  # (N, C) log-prob of each sampled token under the distribution sampled from
-    texts: list[str]  # decoded completions (no special tokens, cut before a stop string)
-    truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without an EOS or a stop string
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)
+from posttrain.algorithms.base import Rollout
+from posttrain.errors import ConfigError
+from posttrain.models.generation import (
+    eos_token_ids,
+    model_generation_defaults_off,
+    plain_generation_config,
+    sampling_processors,
+)
 
 
 class Engine(Protocol):
@@ -162,14 +153,9 @@ class HFEngine:
         seed: int,
         batch_size: int | None = None,
     ) -> Rollout:
+        # transformers is imported where it is used, like everywhere in posttrain: huggingface_hub reads
+        # HF_HUB_OFFLINE once, at import, and posttrain settles it first (`models.hub`).
         from transformers import LogitsProcessorList
-
-        from posttrain.models.generation import (
-            eos_token_ids,
-            model_generation_defaults_off,
-            plain_generation_config,
-            sampling_processors,
-        )
 
         eos = eos_token_ids(model, tokenizer)  # before the model's generation config is hidden below
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -252,8 +238,6 @@ class VLLMEngine:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            from posttrain.errors import ConfigError
-
             raise ConfigError(
                 "algorithm.rollout.engine=vllm needs the vllm package (a CUDA machine: pip install vllm); "
                 "use algorithm.rollout.engine=hf on this machine"

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.trainer.batches import total_steps
-from posttrain.trainer.metrics import truncate_metrics
+from posttrain.data.order import total_steps
+from posttrain.data.readers import truncate_step_records
 
 SAMPLES_PER_ROLLOUT = 4
 SAMPLED_ROLLOUTS = 15
@@ -62,11 +62,11 @@ class SampleLog:
         self.fresh = True  # nothing written by this process yet: older records from here on are replaced
 
     @classmethod
-    def for_run(cls, ctx, steps_per_rollout: int, steps_per_epoch: int) -> SampleLog:
-        run = ctx.cfg.run
+    def for_run(cls, cfg, *, steps_per_rollout: int, steps_per_epoch: int, main_process: bool) -> SampleLog:
+        run = cfg.run
         rollouts = math.ceil(total_steps(run.max_steps, run.epochs, steps_per_epoch) / steps_per_rollout)
-        return cls(Path(ctx.run_dir) / "samples.jsonl", every=sample_every(rollouts), last=rollouts - 1,
-                   steps_per_rollout=steps_per_rollout, enabled=ctx.accelerator.process_index == 0)  # fmt: skip
+        return cls(Path(run.output_dir) / "samples.jsonl", every=sample_every(rollouts), last=rollouts - 1,
+                   steps_per_rollout=steps_per_rollout, enabled=main_process)  # fmt: skip
 
     def chosen(self, index: int) -> bool:
         return index % self.every == 0 or index == self.last
@@ -78,7 +78,7 @@ class SampleLog:
             return
         step = index * self.steps_per_rollout + 1
         if self.fresh:  # a resumed run: this rollout and later ones were sampled before, by other weights
-            truncate_metrics(self.path, step - 1)
+            truncate_step_records(self.path, step - 1)
             self.fresh = False
         lines = []
         for i in spread(len(rollout.texts), self.k):

@@ -1,135 +1,26 @@
 """The batch source for dataset-driven methods (SFT, reward models, DPO): examples -> per-step micro-batches.
 
-A batch source is a function of the step it starts at, yielding for every optimisation step the list of
-micro-batches this process must run. Because the order of examples is a pure function of (seed, epoch), a
-resumed run asks for `source(start_step)` and sees exactly the batches the uninterrupted run would have seen:
-that is how a checkpoint records its data position (the step number alone).
+`ExampleBatchSource.steps(start_step)` yields, for every optimisation step from `start_step` on, the `Step` this
+process runs (its micro-batches). The cut of each epoch into steps is `data.order.plan_batches`: every example is
+used once per epoch, the last step takes the remainder and is smaller. The loop divides each step's loss by that
+step's own loss units, so a smaller step is still an exact mean over its examples. Because the order is a pure
+function of (seed, epoch), a resumed run sees exactly the batches the uninterrupted run would have seen.
 
-Every example is used once per epoch (`plan_batches`): the last step of an epoch takes the remainder and is
-smaller. The loop divides each step's loss by that step's own loss units, so a smaller step is still an exact
-mean over its examples. Only with several processes can a remainder smaller than the number of processes not be
-split (a process with nothing to run would leave the others waiting in the gradient all-reduce); those examples
-are skipped in that epoch, and `skipped_note` says how many and which before training.
+`WithReference` adds the frozen reference's per-token log-probs to every micro-batch of a source (DPO).
 
-RL methods plug a rollout generator into the same loop instead; it has the same signature and the same kind of
-plan (`rollout.source.plan_rollouts`).
+RL methods plug a rollout source into the same loop instead (`rollout.source.RolloutSource`), with the same
+interface (`algorithms.base.BatchSource`).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.errors import ConfigError
-
-StepBatches = list[dict[str, Any]]
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
-    """Example indices of one epoch: a permutation that depends only on (seed, epoch); identity without shuffle.
-
-    >>> epoch_order(5, seed=0, epoch=0, shuffle=False)
-    [0, 1, 2, 3, 4]
-    >>> sorted(epoch_order(5, seed=0, epoch=1)) == [0, 1, 2, 3, 4]
-    True
-    """
-    idx = list(range(n))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(idx)
-    return idx
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """How each epoch's examples are cut: into `units_per_epoch` chunks of `unit` examples (optimisation steps,
-    or rollouts of `steps_per_unit` steps) taken in `epoch_order`; the last chunk may be smaller. The last
-    `skipped` examples of each epoch's order are used by no chunk, for the reason in `reason`."""
-
-    examples: int
-    unit: int
-    units_per_epoch: int
-    steps_per_unit: int = 1
-    skipped: int = 0
-    reason: str = ""
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.units_per_epoch * self.steps_per_unit
-
-    def skipped_indices(self, epoch: int, seed: int, shuffle: bool) -> list[int]:
-        """The examples no step uses in `epoch` (0-based)."""
-        return epoch_order(self.examples, seed, epoch, shuffle)[self.examples - self.skipped :]
-
-
-def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int) -> EpochPlan:
-    """Steps per epoch of `n` examples in steps of `batch_size` over `world_size` processes; refuses what cannot
-    run. The remainder makes a smaller last step when every process gets at least one of its examples.
-
-    >>> plan_batches(20, 8, 1, 4).units_per_epoch, plan_batches(17, 8, 2, 4).skipped
-    (3, 1)
-    """
-    per_process = batch_size // world_size
-    if batch_size % world_size:
-        raise ConfigError(
-            f"optim.batch_size ({batch_size}) must be a multiple of the number of processes ({world_size})"
-        )
-    if per_process % micro_batch_size:
-        raise ConfigError(
-            f"optim.micro_batch_size ({micro_batch_size}) must divide the per-process batch "
-            f"({batch_size} / {world_size} processes = {per_process})"
-        )
-    if n < batch_size:
-        raise ConfigError(
-            f"the training data has {n} usable examples, fewer than optim.batch_size ({batch_size}); lower the "
-            "batch size or add data"
-        )
-    full, rest = divmod(n, batch_size)
-    if rest and rest < world_size:
-        why = (
-            f"after {full} steps of optim.batch_size={batch_size}, the {rest} left cannot be split over "
-            f"{world_size} processes"
-        )
-        return EpochPlan(n, batch_size, full, skipped=rest, reason=why)
-    return EpochPlan(n, batch_size, full + (rest > 0))
-
-
-def plan_examples(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochPlan:
-    """`plan_batches` for a run config: the plan of `ExampleBatchSource` (SFT, reward, DPO)."""
-    return plan_batches(n, cfg.optim.batch_size, world_size, micro_batch_size)
-
-
-def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]] | None, seed: int,
-                 shuffle: bool, total_steps: int, shown_epochs: int = 3, shown_rows: int = 5) -> str | None:  # fmt: skip
-    """One line for the start of a run: how many examples no step uses in each epoch the run completes, and which
-    (the file lines they come from, per epoch; `lines[i]` are example i's lines, several for a packed row).
-    None when nothing is skipped."""
-    epochs = total_steps // plan.steps_per_epoch  # a run that stops mid-epoch skips nothing of that epoch
-    if not plan.skipped or not epochs:
-        return None
-
-    def which(epoch: int) -> str:
-        picked = plan.skipped_indices(epoch, seed, shuffle)
-        if lines is None:
-            found, label = sorted(i + 1 for i in picked), "example"
-        else:
-            found, label = sorted(line for i in picked for line in lines[i]), "line"
-        label += "s" if len(found) > 1 else ""
-        more = f" and {len(found) - shown_rows} more" if len(found) > shown_rows else ""
-        return f"{label} {', '.join(map(str, found[:shown_rows]))}{more}"
-
-    if shuffle and epochs > 1:
-        listed = "; ".join(f"epoch {e + 1}: {which(e)}" for e in range(min(epochs, shown_epochs)))
-        if epochs > shown_epochs:
-            listed += f"; ... ({epochs} epochs in all, other rows each epoch: data.shuffle is true)"
-    else:
-        listed = which(0) + (f" (the same in all {epochs} epochs)" if epochs > 1 else "")
-    return (
-        f"{source}: {plan.skipped} of {plan.examples} examples are not trained in each epoch ({plan.reason}): "
-        f"{listed}"
-    )
+from posttrain.algorithms.base import BatchSource, Step
+from posttrain.data.order import epoch_order, plan_batches
+from posttrain.models.reference import Reference
 
 
 @dataclass
@@ -138,7 +29,7 @@ class ExampleBatchSource:
 
     Every step takes `batch_size` examples (over all processes); process `rank` takes every `world_size`-th of
     them and splits its share into micro-batches of `micro_batch_size`. The last step of an epoch takes what is
-    left and is smaller (see `plan_batches` for the one case where a remainder is skipped).
+    left and is smaller (see `data.order.plan_batches` for the one case where a remainder is skipped).
     """
 
     examples: Sequence[Any]
@@ -168,22 +59,48 @@ class ExampleBatchSource:
         chunk = order[within * self.batch_size : (within + 1) * self.batch_size]  # the last one may be shorter
         return chunk[self.rank :: self.world_size]
 
-    def __call__(self, start_step: int = 0) -> Iterator[StepBatches]:
+    def steps(self, start_step: int = 0) -> Iterator[Step]:
         step = start_step
         while True:
             mine = self.step_indices(step)
-            yield [
+            yield Step([
                 self.collate([self.examples[i] for i in mine[j : j + self.micro_batch_size]])
                 for j in range(0, len(mine), self.micro_batch_size)
-            ]
+            ])  # fmt: skip
             step += 1
 
+    def state_dict(self) -> dict:
+        return {}  # the step is the data position
 
-def total_steps(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
-    """`max_steps` when given, else `epochs` passes rounded up.
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
-    >>> total_steps(None, 1.5, 10), total_steps(7, 3.0, 10)
-    (15, 7)
-    """
-    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, which must not become 8 steps.
-    return max_steps if max_steps is not None else max(1, math.ceil(round(epochs * steps_per_epoch, 9)))
+
+@dataclass
+class WithReference:
+    """Another batch source's steps, each micro-batch with the reference's log-probs of its `target_key`
+    positions as `ref_logps` (B, T): computed (the adapter disabled, or the frozen copy) or looked up
+    (precomputed), before the step's policy forward."""
+
+    inner: BatchSource
+    reference: Reference
+    target_key: str
+    chunk: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.inner.steps_per_epoch
+
+    def add(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch["ref_logps"] = self.reference.logps(batch, self.target_key, chunk=self.chunk)
+        return batch
+
+    def steps(self, start_step: int = 0) -> Iterator[Step]:
+        for step in self.inner.steps(start_step):
+            yield Step([self.add(b) for b in step.micro_batches], step.metrics)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from posttrain.algorithms.base import BatchSource
+from posttrain.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -65,20 +69,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _source_state(source) -> dict:
-    """What a batch source must restore besides the step (PPO's adaptive KL coefficient), if it keeps anything:
-    the JSON-able dict of its `state_dict()`."""
-    state_dict = getattr(source, "state_dict", None)
-    return state_dict() if state_dict is not None else {}
-
-
 def save_checkpoint(
-    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source=None
+    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source: BatchSource
 ) -> Path:
     """Write checkpoint `step` atomically (all processes call this); keep only the `keep` newest. The batch
     `source`'s own state, where it has one, goes into trainer_state.json."""
-    from safetensors.torch import save_file
-
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -89,7 +84,7 @@ def save_checkpoint(
         save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        source_state = _source_state(source)
+        source_state = source.state_dict()
         state = {"step": step, **({"source": source_state} if source_state else {})}
         (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     accelerator.wait_for_everyone()
@@ -105,17 +100,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source=None) -> int:
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
     """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
     returns the step it was taken at."""
-    from safetensors.torch import load_file
-
     unwrapped = accelerator.unwrap_model(model)
     tensors = load_file(str(path / "trainable.safetensors"))
     missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(tensors)
     if missing:
-        from posttrain.errors import UserError
-
         raise UserError(
             f"{path}: this checkpoint does not match the model being trained ({len(missing)} trainable "
             f"parameters missing, e.g. {sorted(missing)[0]}); was the technique or model changed?"
@@ -128,6 +119,5 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("source") and hasattr(source, "load_state_dict"):
-        source.load_state_dict(state["source"])
+    source.load_state_dict(state.get("source") or {})
     return int(state["step"])

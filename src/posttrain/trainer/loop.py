@@ -15,15 +15,15 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from posttrain.algorithms.base import STEP_METRICS, Algorithm, Batch, Mean
+from posttrain.algorithms.base import Algorithm, Batch, BatchSource, Mean, Step
 from posttrain.algorithms.common import normalise_loss
-from posttrain.errors import TrainingDiverged
+from posttrain.errors import NoRewardSignal, TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from posttrain.trainer.metrics import MetricsLogger
 
@@ -103,7 +103,7 @@ def training_loop(
     optimizer: torch.optim.Optimizer,
     scheduler,
     algorithm: Algorithm,
-    batch_source: Callable[[int], Iterator[list[Batch]]],
+    batch_source: BatchSource,
     cfg,
     run_dir: Path,
     total_steps: int,
@@ -126,20 +126,15 @@ def training_loop(
     tokens_since_start = 0
     last_saved = start_step
     try:
-        steps = batch_source(start_step)
+        steps = batch_source.steps(start_step)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             # For RL this is where rollouts are generated (timed apart: data_time_s), under the same autocast as
             # the loss, so that the sampler, the old log-probs and the reference see the training forward's numerics.
             with accelerator.autocast():
-                raw = next(steps)
+                work = _next_step(steps, run_dir)
             data_time = time.perf_counter() - t0
-            # Step-level metrics (reward means, generation time) are logged as given, not divided by loss units.
-            step_metrics: dict[str, float] = {}
-            for b in raw:
-                step_metrics.update(b.pop(STEP_METRICS, None) or {})
-            raw = [b for b in raw if b]  # a batch that only carried step metrics
-            micro_batches = [_to_device(b, accelerator.device) for b in raw]
+            micro_batches = [_to_device(b, accelerator.device) for b in work.micro_batches]
 
             # ---- one normaliser for the whole step: loss units over every micro-batch and every process
             total_units = _reduce_sum(
@@ -211,7 +206,9 @@ def training_loop(
             )
             if accelerator.device.type == "cuda":  # the caching allocator's peak of tensor memory on this GPU
                 record["peak_cuda_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
-            record.update(step_metrics)  # this process's values (rank 0's are the ones logged)
+            # Step-level metrics (reward means, generation time) are logged as given, not divided by loss units:
+            # this process's values (rank 0's are the ones logged).
+            record.update(work.metrics)
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
             history.append(record)
@@ -243,6 +240,17 @@ def training_loop(
     finally:
         logger.close()
     return LoopResult(steps=total_steps, history=history)
+
+
+def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
+    """The batch source's next step; a run that lost its reward signal stops naming the checkpoint it keeps."""
+    try:
+        return next(steps)
+    except NoRewardSignal as err:
+        ckpt = latest_checkpoint(run_dir)
+        kept = (f"The last checkpoint, {ckpt}, is kept: fix the reward and continue from it with --resume."
+                if ckpt else "No checkpoint had been written yet.")  # fmt: skip
+        raise NoRewardSignal(f"{err}\n{kept} No final model was written.") from None
 
 
 def _handle_divergence(

@@ -12,21 +12,6 @@ import sys
 from pathlib import Path
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after `step` (the work lost with a killed run is redone and logged again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by kill -9 mid-write
-        if rec.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

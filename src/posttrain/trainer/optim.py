@@ -13,18 +13,20 @@ import math
 import torch
 
 from posttrain.config import OptimConfig
+from posttrain.errors import ConfigError
+from posttrain.models.heads import ScalarHeadModel
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters. With `cfg.head_lr`, the scalar head's parameters (`head.*` of a
-    `models.heads.ScalarHeadModel`) get that peak rate in groups of their own; the schedule scales every group."""
+    """AdamW over the trainable parameters. With `cfg.head_lr`, the parameters of a scalar head (a
+    `models.heads.ScalarHeadModel`'s `head`) get that peak rate in groups of their own; the schedule scales every
+    group."""
+    head = {id(p) for p in model.head.parameters()} if isinstance(model, ScalarHeadModel) else set()
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}  # (is head, is 1-D) -> parameters
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            groups.setdefault((cfg.head_lr is not None and name.startswith("head."), p.ndim < 2), []).append(p)
+            groups.setdefault((cfg.head_lr is not None and id(p) in head, p.ndim < 2), []).append(p)
     if not groups:
-        from posttrain.errors import ConfigError
-
         raise ConfigError("the model has no trainable parameters; check technique.name and target_modules")
     # Sorted: body before head, decayed before not (the order checkpoints expect; the loop logs group 0's rate).
     # Standard practice (e.g. nanoGPT, HF Trainer): no weight decay on biases and norm gains (1-D tensors).

@@ -19,7 +19,8 @@ treatments (`OVERLONG`), each a change to the rewards and to which rows carry lo
              `max_new_tokens` (L_cache = `overlong_cache`). A truncated completion has L_max tokens, so it gets
              -1; a finished one inside the last L_cache tokens pays part of it
 
-This module is the math (pure functions of tensors) and the table; `rollout/source.py` applies it.
+This module is the math (pure functions of tensors) and the table; the rollout source (`rollout/source.py`)
+applies it to the rewards, and each RL method drops the filtered rows from its loss (`drop_from_loss`).
 """
 
 from __future__ import annotations
