@@ -194,8 +194,14 @@ def _check_lengths(args) -> list[str]:
 def _cmd_data_pairs(args) -> Output:
     from pathlib import Path
 
-    from posttrain.data import TASKS, load_rows, onpolicy_pairs
-    from posttrain.data.pairs import prepare_prompt_rows, reward_scorer, task_scorer, written_ids
+    from posttrain.data import TASKS, load_rows
+    from posttrain.rollout.pairs import (
+        onpolicy_pairs,
+        prepare_prompt_rows,
+        reward_scorer,
+        task_scorer,
+        written_ids,
+    )
 
     if args.task is not None and args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
@@ -340,9 +346,9 @@ def _cmd_evaluate(args) -> Output:
         raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     rewards = None
     if args.reward:
-        from posttrain.data.pairs import parse_reward_args
         from posttrain.rewards import build_reward_functions, parse_reward_specs
         from posttrain.rewards.checks import check_reward_inputs
+        from posttrain.rollout.pairs import parse_reward_args
 
         specs = parse_reward_specs(parse_reward_args(args.reward))
         check_reward_inputs(specs, rows, args.data)  # a missing column fails here, before the model loads

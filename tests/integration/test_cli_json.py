@@ -6,6 +6,7 @@ import json
 import pytest
 
 import posttrain.models
+import posttrain.rollout.pairs
 from posttrain.cli import main
 from posttrain.evaluation import generate_answers, load_for_inference
 from posttrain.evaluation.preference import judge_scores
@@ -265,7 +266,7 @@ def test_data_pairs_json(capsys, tiny_model_dir, tmp_path, monkeypatch):
             out.append(f"Answer: {10 + seen[p]}")
         return out
 
-    monkeypatch.setattr(posttrain.models, "generate", fake_generate)
+    monkeypatch.setattr(posttrain.rollout.pairs, "generate", fake_generate)
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "q1", "answer": 11},
                                                   {"id": "b", "prompt": "q2", "answer": 99}])  # fmt: skip
     out = tmp_path / "pairs.jsonl"

@@ -5,9 +5,10 @@ import json
 import pytest
 
 import posttrain.models
+import posttrain.rollout.pairs
 from posttrain.cli import main
-from posttrain.data import load_rows, make_prompts, onpolicy_pairs, write_jsonl
-from posttrain.data.pairs import pick_pair
+from posttrain.data import load_rows, make_prompts, write_jsonl
+from posttrain.rollout.pairs import onpolicy_pairs, pick_pair
 
 
 def run(capsys, *argv):
@@ -98,7 +99,7 @@ def test_cli_pairs_with_a_task_write_resume_and_validate(capsys, tiny_model_dir,
     ])  # fmt: skip
     out = tmp_path / "out" / "pairs.jsonl"
     calls = []
-    monkeypatch.setattr(posttrain.models, "generate", fake_generate(calls))
+    monkeypatch.setattr(posttrain.rollout.pairs, "generate", fake_generate(calls))
     args = ["data", "pairs", "--model", tiny_model_dir, "--prompts", prompts, "--task", "arithmetic", "--n", 3,
             "--out", out, "--no-progress", "--limit", 2]  # fmt: skip
     code, stdout, err = run(capsys, *args)
@@ -178,7 +179,7 @@ def test_cli_pairs_errors_exit_2_without_traceback(capsys, tmp_path):
 def test_cli_pairs_with_reward_functions(capsys, tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("posttrain.rewards")
     prompts = write_prompts(tmp_path / "prompts.jsonl", [{"id": 1, "prompt": "q", "answer": 12}])
-    monkeypatch.setattr(posttrain.models, "generate", fake_generate([]))
+    monkeypatch.setattr(posttrain.rollout.pairs, "generate", fake_generate([]))
     out = tmp_path / "pairs.jsonl"
     base = [
         "data",

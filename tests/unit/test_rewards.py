@@ -1,8 +1,6 @@
 """Reward functions: built-ins on hand cases, specs and their errors, user files, weighting, failure fallback."""
 
 import math
-import sys
-import types
 
 import pytest
 
@@ -116,9 +114,9 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
             seen.append(truncated)
             return [len(c) / 10 for c in completions]
 
-    monkeypatch.setitem(
-        sys.modules, "posttrain.algorithms.reward", types.SimpleNamespace(RewardModelScorer=FakeScorer)
-    )
+    from posttrain.rewards import builtin
+
+    monkeypatch.setattr(builtin, "RewardModelScorer", FakeScorer)
     [reward] = build_reward_functions([{"name": "reward_model", "args": {"path": "runs/rm"}}])
     assert made == []  # nothing loads at build time
     assert reward.fn(["p", "p"], ["abc", "abcde"]) == [0.3, 0.5]

@@ -9,7 +9,7 @@ model from the SFT model) and the PPO stage after it scores samples with it (`al
 
 from __future__ import annotations
 
-from posttrain.estimator.models import ARCHITECTURES, normalise_name, parse_size
+from posttrain.estimator.models import ARCHITECTURES, nearest_arch, normalise_name, parse_size
 
 # (full, LoRA) peak learning rates per method.
 LEARNING_RATES = {
@@ -43,8 +43,6 @@ def config_model_name(model: str) -> tuple[str, str | None]:
         return ARCHITECTURES[key].hf_id, None
     size = parse_size(model)
     if size is not None:
-        from posttrain.estimator.models import nearest_arch
-
         stand_in = nearest_arch(size).hf_id
         return (
             stand_in,

@@ -12,13 +12,11 @@ The pipeline, one module per stage:
   (`render_pair`, `render_preference_dataset`), and chosen-then-rejected batches (`collate_pairs`);
 - `tasks`: seeded generators with verifiers (`TASKS`, `write_jsonl`), their preference pairs (`make_pairs`) and
   prompt rows (`make_prompts`);
-- `pairs`: on-policy pairs from a model's own samples ranked by a scorer (`onpolicy_pairs`).
 
 See docs/data.md.
 """
 
 from posttrain.data.collate import collate, collate_packed, pack
-from posttrain.data.pairs import onpolicy_pairs
 from posttrain.data.preference import RenderedPair, collate_pairs, render_pair, render_preference_dataset
 from posttrain.data.readers import Record, read_records
 from posttrain.data.render import Rendered, render_dataset, render_prompt, render_sft
@@ -40,7 +38,6 @@ __all__ = [
     "load_rows",
     "make_pairs",
     "make_prompts",
-    "onpolicy_pairs",
     "pack",
     "plain_messages",
     "read_records",

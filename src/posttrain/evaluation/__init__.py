@@ -11,14 +11,18 @@ default, so two evaluations of the same model on the same rows agree exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import comb
+from pathlib import Path
+
+from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.data import TASKS, plain_messages
+from posttrain.errors import UserError
+from posttrain.models import generate, load_model, load_tokenizer, load_trained
+from posttrain.rewards import compute_rewards
 
 
 def load_for_inference(name_or_path: str):
     """(model, tokenizer) for a run folder, a trained model/adapter folder, or any base model name or path."""
-    from pathlib import Path
-
-    from posttrain.config import ModelConfig, TechniqueConfig
-    from posttrain.models import load_model, load_tokenizer, load_trained
 
     p = Path(name_or_path).expanduser()
     if p.is_dir() and (
@@ -40,8 +44,6 @@ def score_completions(
 ) -> dict[str, float]:
     """Mean of every verifier metric over the rows (booleans count as 0/1), plus `n`. `per_row`, when given,
     receives each row's verifier metrics (for paired comparisons, `paired_change`)."""
-    from posttrain.data import TASKS
-
     verify = TASKS[task].verify
     totals: dict[str, float] = {}
     for completion, row in zip(completions, rows):
@@ -69,8 +71,6 @@ def score_rewards(rewards, completions: Sequence[str], rows: Sequence[dict]) -> 
     >>> metrics
     {'n': 4.0, 'reward_mean': 0.5, 'reward_positive': 0.5, 'reward_failures': 0.0}
     """
-    from posttrain.rewards import compute_rewards
-
     messages = [[{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else list(r["prompt"])
                 for r in rows]  # fmt: skip
     prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
@@ -104,8 +104,6 @@ def generate_answers(
 ) -> list[str]:
     """One completion per row's `prompt`: greedy, or one sample at `temperature` > 0 (repeatable by
     `sample_seed`). `progress`: the label of a progress bar on stderr (None: no bar)."""
-    from posttrain.models import generate
-
     return generate(
         model,
         tokenizer,
@@ -128,8 +126,6 @@ def answer_records(
     >>> answer_records([{"prompt": [{"role": "user", "content": "2+2?"}], "answer": 4}], ["4"], [{"correct": 1.0}])
     [{'index': 0, 'prompt': '2+2?', 'answer': 4, 'completion': '4', 'correct': 1.0}]
     """
-    from posttrain.data import plain_messages
-
     records = []
     for i, (row, completion, score) in enumerate(zip(rows, completions, scores, strict=True)):
         record: dict = {"index": i, **({"id": row["id"]} if "id" in row else {})}
@@ -163,8 +159,6 @@ def evaluate_task(
     sample per prompt at `temperature` > 0 (repeatable by `sample_seed`).
     `completions_out` and `per_row`, when given, receive the generated answers (e.g. for a judge) and each
     row's verifier metrics."""
-    from posttrain.data import TASKS
-    from posttrain.errors import UserError
 
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
@@ -190,8 +184,6 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, 
     >>> r["gained"], r["lost"], round(r["p_value"], 4)
     (12, 3, 0.0352)
     """
-    from math import comb
-
     if len(before) != len(after):
         raise ValueError(f"{len(before)} rows before but {len(after)} after")
     gained = sum(1 for b, a in zip(before, after) if not b and a)

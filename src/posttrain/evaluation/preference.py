@@ -21,10 +21,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import torch
+from tqdm.auto import tqdm
 
+from posttrain.algorithms.reward import pair_accuracy
+from posttrain.data import plain_messages
+from posttrain.data.preference import collate_pairs, render_preference_dataset
+from posttrain.errors import UserError
 from posttrain.evaluation import format_value
+from posttrain.models import is_adapter_model
+from posttrain.models.heads import RewardModelScorer
+from posttrain.models.logprobs import selected_token_logps
 
 
 @torch.no_grad()
@@ -34,10 +43,6 @@ def pair_logps(
     """Summed log-probabilities and scored-token counts of each pair's sides: four (B,) float tensors
     (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), one forward per `batch_size` pairs.
     `progress`: the label of a progress bar on stderr counting pairs (None: no bar)."""
-    from tqdm.auto import tqdm
-
-    from posttrain.models.logprobs import selected_token_logps
-
     device = next(model.parameters()).device
     out: list[list[torch.Tensor]] = [[], [], [], []]
     with tqdm(total=len(pairs), desc=progress, unit="pair", dynamic_ncols=True, file=sys.stderr,
@@ -57,8 +62,6 @@ def pair_logps(
 
 
 def _rate(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
-    from posttrain.algorithms.reward import pair_accuracy
-
     return float(pair_accuracy(chosen, rejected).mean())
 
 
@@ -71,12 +74,6 @@ def preference_accuracy(
     `per_pair`, when given, receives each pair's implicit rewards and summed log-probabilities (`chosen_reward`,
     `rejected_reward`, `chosen_logp`, `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp`); `progress`
     shows a bar on stderr for each pass over the pairs."""
-    from functools import partial
-
-    from posttrain.data.preference import collate_pairs, render_preference_dataset
-    from posttrain.errors import UserError
-    from posttrain.models import is_adapter_model
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = render_preference_dataset(tokenizer, rows, max_length=max_length, source=source)
     collate = partial(collate_pairs, pad_id=pad)
@@ -125,8 +122,6 @@ def pair_records(rows: Sequence[dict], per_pair: Sequence[dict]) -> list[dict]:
     >>> pair_records([row], [{"chosen_reward": 0.5}])
     [{'index': 0, 'prompt': '2+2?', 'chosen': '4', 'rejected': '5', 'chosen_reward': 0.5}]
     """
-    from posttrain.data import plain_messages
-
     return [
         {"index": i, **({"id": row["id"]} if "id" in row else {}), "prompt": plain_messages(row["prompt"], "user"),
          "chosen": plain_messages(row["chosen"], "assistant"), "rejected": plain_messages(row["rejected"], "assistant"),
@@ -137,8 +132,6 @@ def pair_records(rows: Sequence[dict], per_pair: Sequence[dict]) -> list[dict]:
 
 def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
     """Scores of a trained reward model folder for each (prompt, completion)."""
-    from posttrain.models.heads import RewardModelScorer
-
     return [float(x) for x in RewardModelScorer(reward_model)(prompts, completions)]
 
 

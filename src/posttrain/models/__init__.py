@@ -5,7 +5,13 @@ Importing this package is cheap: torch is the only heavy import; transformers, p
 function needs them.
 """
 
-from posttrain.models.adapters import apply_lora, bnb_config, is_adapter_model, lora_config
+from posttrain.models.adapters import (
+    apply_lora,
+    bnb_config,
+    enable_gradient_checkpointing,
+    is_adapter_model,
+    lora_config,
+)
 from posttrain.models.generation import generate, render_prompt
 from posttrain.models.loading import (
     EMBEDDED_MODELS,
@@ -14,7 +20,6 @@ from posttrain.models.loading import (
     convert_gguf,
     describe_trainable,
     disable_dropout,
-    enable_gradient_checkpointing,
     load_model,
     load_tokenizer,
     resolve_dtype,

@@ -9,7 +9,10 @@ and peft are imported only when used.
 
 from __future__ import annotations
 
+import torch
+
 from posttrain.config import TechniqueConfig
+from posttrain.errors import UserError
 
 
 def lora_config(technique: TechniqueConfig):
@@ -36,8 +39,6 @@ def bnb_config(technique: TechniqueConfig, compute_dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from posttrain.errors import UserError
-
         raise UserError(
             "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` "
             "(or use technique.name=lora)."
@@ -88,7 +89,6 @@ def apply_lora(
     LM head (49152 x 576 for SmolLM2: 113 MB in fp32) are frozen and only read, so they are cast back to the
     compute dtype to keep the memory QLoRA exists to save.
     """
-    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     quantised = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -102,8 +102,6 @@ def apply_lora(
     else:
         model.requires_grad_(False)
     if gradient_checkpointing:
-        from posttrain.models.loading import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model)
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
@@ -118,3 +116,19 @@ def is_adapter_model(model) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpointing).
+
+    `use_reentrant=False` is PyTorch's recommended variant: it works when the layer inputs do not require grad
+    (frozen embeddings under LoRA) and with keyword arguments; the KV cache is switched off since training
+    never uses it.
+    """
+    kwargs = {"use_reentrant": False}
+    # transformers 5.x renamed the method (the old name warns); support both.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False

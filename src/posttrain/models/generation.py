@@ -14,7 +14,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
+
 from posttrain.data.render import end_of_turn_ids
+from posttrain.errors import UserError
 
 Prompt = str | Sequence[dict]
 
@@ -31,8 +34,6 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     else:
         messages = list(prompt)
         if not getattr(tokenizer, "chat_template", None):
-            from posttrain.errors import UserError
-
             raise UserError(
                 "this tokenizer has no chat template, so prompts must be plain strings, not messages"
             )
@@ -140,7 +141,6 @@ def generate(
     set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
     `progress`, when given, is the label of a progress bar on stderr that counts prompts, batch by batch.
     """
-    import torch
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 

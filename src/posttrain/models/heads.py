@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-HEAD_FILE = "score_head.safetensors"
-HEAD_INFO = "score_head.json"
+from posttrain.data.render import chat_text
+from posttrain.errors import ModelNotFoundError
+from posttrain.models.saving import HEAD_FILE, HEAD_INFO, _trained_dir, load_trained, save_model
 
 
 def decoder_of(lm) -> nn.Module:
@@ -111,8 +113,6 @@ class ScalarHeadModel(nn.Module):
 
 
 def save_head(model: ScalarHeadModel, out_dir: str | Path) -> None:
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
@@ -124,8 +124,6 @@ def save_head(model: ScalarHeadModel, out_dir: str | Path) -> None:
 
 def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cfg) -> None:
     """The LM (adapter or full weights, via `save_model`) plus the head."""
-    from posttrain.models.saving import save_model
-
     save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name)
     save_head(model, out_dir)
 
@@ -133,13 +131,9 @@ def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cf
 def reward_model_problem(path: str | Path) -> str | None:
     """Why `path` (a reward-model run or final/ folder) cannot serve as a reward model, or None if it can.
     Cheap: reads only file names and score_head.json, so it can run before any model loads."""
-    from posttrain.models.saving import _trained_dir
-
     p = Path(path)
     if not p.is_dir():
         return f"{p} is not a folder (give the final/ folder, or the run folder, of an algorithm.name=reward run)"
-    from posttrain.errors import ModelNotFoundError
-
     try:
         folder = _trained_dir(p)
     except ModelNotFoundError as err:
@@ -156,11 +150,6 @@ def reward_model_problem(path: str | Path) -> str | None:
 
 def load_scalar_model(path: str | Path, *, device=None) -> tuple[ScalarHeadModel, object]:
     """A saved reward (or value) model, frozen, in eval mode: (model, tokenizer)."""
-    from safetensors.torch import load_file
-
-    from posttrain.errors import ModelNotFoundError
-    from posttrain.models.saving import _trained_dir, load_trained
-
     folder = _trained_dir(path)
     if not (folder / HEAD_FILE).is_file():
         raise ModelNotFoundError(
@@ -193,8 +182,6 @@ class RewardModelScorer:
 
     def render(self, prompt, completion: str, truncated: bool = False) -> list[int]:
         """The token ids the model scores for one sample (a string prompt is one user turn)."""
-        from posttrain.data.render import chat_text
-
         tok = self.tokenizer
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if truncated:

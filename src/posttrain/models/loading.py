@@ -26,8 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
+from posttrain.models.adapters import (
+    apply_lora,
+    bnb_config,
+    enable_gradient_checkpointing,
+    use_portable_4bit_kernel,
+)
 from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
 
 
@@ -181,7 +189,6 @@ def embedded_model_dir(name: str) -> Path:
 def load_gguf(gguf_path: str | Path):
     """(model, tokenizer) read from a GGUF file by transformers, weights dequantised to float32 (slow: ~25 s for
     SmolLM2-135M, mostly parsing the GGUF metadata)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
@@ -200,7 +207,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") 
     given the loaded weights. Everything is written to a temporary sibling folder that is renamed into place
     last, so an interrupted conversion never leaves a half-written model behind.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -257,7 +263,6 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
 
 def default_device():
     """`cuda` when a GPU is visible, else `cpu`."""
-    import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -265,7 +270,6 @@ def default_device():
 def resolve_dtype(dtype: str, device=None):
     """The torch dtype for a config's `model.dtype`: `auto` is bfloat16 on a CUDA GPU that supports it, else
     float32 (CPU bf16 matmuls are slow on most CPUs, and fp16 training needs loss scaling)."""
-    import torch
 
     if dtype != "auto":
         return getattr(torch, dtype)
@@ -316,7 +320,6 @@ def weights_dtype(model_cfg: ModelConfig, technique: TechniqueConfig, device=Non
     `technique`: weights that train are float32 master weights (the forward autocasts to the compute dtype,
     `resolve_dtype`) unless `model.pure_bf16`; frozen weights (a LoRA/QLoRA base, an inference model) are held
     in the compute dtype."""
-    import torch
 
     if technique.name == "full" and trained and not model_cfg.pure_bf16:
         return torch.float32
@@ -326,7 +329,6 @@ def weights_dtype(model_cfg: ModelConfig, technique: TechniqueConfig, device=Non
 def mixed_precision(model_cfg: ModelConfig, device=None) -> str:
     """Accelerate's `mixed_precision` for a run: "bf16" (autocast) when the compute dtype is bfloat16 and the
     weights are not pure bfloat16, else "no"."""
-    import torch
 
     return "bf16" if resolve_dtype(model_cfg.dtype, device) == torch.bfloat16 and not model_cfg.pure_bf16 else "no"
 
@@ -361,7 +363,6 @@ def load_model(
     `model.posttrain_info` (base model name, technique, dtype) for `save_model`.
     """
     prepare_hub_libraries()
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
@@ -376,8 +377,6 @@ def load_model(
             if not (cached / _CONVERTED_MARKER).is_file():
                 convert_gguf(gguf, cached)
             resolved = ResolvedModel(str(cached), None, resolved.source, resolved.name)
-        from posttrain.models.adapters import bnb_config
-
         kwargs["quantization_config"] = bnb_config(technique, dtype)
         # bitsandbytes places the quantised weights as it loads them: tell it where.
         kwargs["device_map"] = {"": device}
@@ -386,8 +385,6 @@ def load_model(
     except OSError as err:
         raise _not_loadable(model_cfg.name, "weights", err) from None
     if technique.name == "qlora":
-        from posttrain.models.adapters import use_portable_4bit_kernel
-
         use_portable_4bit_kernel(model)  # same results on every CPU (see there)
     else:
         model.to(device)
@@ -413,8 +410,6 @@ def load_model(
             enable_gradient_checkpointing(model)
         model.train()
     else:
-        from posttrain.models.adapters import apply_lora
-
         model = apply_lora(
             model, technique, gradient_checkpointing=model_cfg.gradient_checkpointing, compute_dtype=dtype
         )
@@ -435,7 +430,6 @@ def disable_dropout(model) -> list[str]:
     `dropout`), copied from the config when the model was built. Both are zeroed on the modules; the config is left
     as shipped, so a saved model keeps its published settings.
     """
-    import torch
 
     changed = []
     for path, module in model.named_modules():
@@ -447,22 +441,6 @@ def disable_dropout(model) -> list[str]:
                 setattr(module, attr, 0.0)
                 changed.append(f"{path}.{attr}")
     return changed
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in the backward pass (non-reentrant checkpointing).
-
-    `use_reentrant=False` is PyTorch's recommended variant: it works when the layer inputs do not require grad
-    (frozen embeddings under LoRA) and with keyword arguments; the KV cache is switched off since training
-    never uses it.
-    """
-    kwargs = {"use_reentrant": False}
-    # transformers 5.x renamed the method (the old name warns); support both.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
 
 
 def describe_trainable(model) -> tuple[int, int]:

@@ -18,14 +18,19 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
+
 from posttrain.config import ModelConfig, TechniqueConfig
-from posttrain.errors import ModelNotFoundError
+from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models.adapters import is_adapter_model
-from posttrain.models.heads import HEAD_FILE, HEAD_INFO
 from posttrain.models.hub import prepare_hub_libraries
-from posttrain.models.loading import load_model, resolve_dtype
+from posttrain.models.loading import default_device, load_model, resolve_dtype
 
 INFO_FILE = "posttrain_model.json"
+HEAD_FILE = "score_head.safetensors"
+"""A scalar head (`models.heads.ScalarHeadModel`) saved beside the model: its weights..."""
+HEAD_INFO = "score_head.json"
+"""...and its kind ("reward" or "value") and hidden size."""
 
 
 def _unwrap(model):
@@ -126,9 +131,7 @@ def load_trained(path: str | Path, *, device=None):
     was trained against. The model is in eval mode with no trainable parameters.
     """
     prepare_hub_libraries()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.models.loading import default_device
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after the hub mode settled (`models.hub`)
 
     folder = _trained_dir(path)
     info = read_info(folder)
@@ -140,8 +143,6 @@ def load_trained(path: str | Path, *, device=None):
             folder, info, device=device, quantised=info.get("technique") == "qlora"
         )
     else:
-        import torch
-
         device = torch.device(device) if device is not None else default_device()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype("auto", device)).to(device)
         model.requires_grad_(False)
@@ -172,14 +173,11 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     `posttrain_model.json` says `"dropped_head": "value"`. `head_kind` tells a caller which happened.
     """
     prepare_hub_libraries()
-    import torch
     from transformers import AutoTokenizer
 
     folder = _trained_dir(path)
     info = read_info(folder)
     if info["kind"] != "adapter":
-        from posttrain.errors import UserError
-
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
     merged = model.merge_and_unload()
@@ -193,8 +191,6 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
         merged.posttrain_info["dropped_head"] = "value"
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
-        from posttrain.errors import UserError
-
         raise UserError(f"{out} exists and is not a saved model; choose an empty or new output folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -21,6 +21,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from posttrain.data.tasks import TASKS
+from posttrain.models.heads import RewardModelScorer
 from posttrain.rewards import sandbox
 
 RewardFn = Callable[..., list[float]]
@@ -303,7 +304,7 @@ def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
 
 
 def reward_model(*, path: str) -> RewardFn:
-    """The score of a trained reward model at `path` (``posttrain.algorithms.reward.RewardModelScorer``),
+    """The score of a trained reward model at `path` (``posttrain.models.heads.RewardModelScorer``),
     loaded on the first call. It scores the whole prompt when the rollout passes it as a ``prompt_messages``
     column (system and earlier turns included, as the model was trained), else the prompt text as a user turn.
     Completions flagged in a ``truncated`` column (the rollout passes one) are scored with the turn left open.
@@ -316,8 +317,6 @@ def reward_model(*, path: str) -> RewardFn:
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         if "scorer" not in state:
-            from posttrain.algorithms.reward import RewardModelScorer  # lazy: loads torch and a model
-
             state["scorer"] = RewardModelScorer(path)
         full = columns.get("prompt_messages")
         cut = columns.get("truncated")

@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+from posttrain.errors import ConfigError
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """All records of a metrics.jsonl file."""
@@ -39,8 +41,6 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from posttrain.errors import ConfigError
-
                 raise ConfigError(
                     "run.tensorboard is true but the tensorboard package is not installed; "
                     "pip install 'posttrain[tensorboard]' or set run.tensorboard=false"

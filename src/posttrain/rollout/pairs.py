@@ -16,7 +16,8 @@ Rules, per prompt:
 Sampling is repeatable for equal inputs (`seed` + the batch number), not per prompt: re-running with other rows
 (e.g. after a resume skips some) draws other samples.
 
-Helpers for `posttrain data pairs`: `task_scorer` and `reward_scorer` (the two kinds of scorer),
+It samples from a policy and scores with rewards, hence its place with the rollouts (`rollout/`), above the
+models and the rewards. Helpers for `posttrain data pairs`: `task_scorer` and `reward_scorer` (the two kinds of scorer),
 `prepare_prompt_rows` (ids, answers) and `written_ids` (resume). The CLI opens and appends the output file.
 """
 
@@ -26,8 +27,12 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from posttrain.data.schema import plain_messages
 from posttrain.errors import DataError, Problem, UserError
+from posttrain.models import generate
+from posttrain.rewards import build_reward_functions, compute_rewards
 
 Scorer = Callable[[list, list[str], list[dict]], list[float]]
 
@@ -55,10 +60,6 @@ def onpolicy_pairs(
     scored the same), ``skipped_empty`` (fewer than two non-empty completions), ``mean_best`` and
     ``mean_worst`` (the mean over prompts of the best and worst of all n scores).
     """
-    from tqdm.auto import tqdm
-
-    from posttrain.models import generate
-
     if n < 2:
         raise ValueError(f"n must be at least 2 completions per prompt to make a pair, got {n}")
     if temperature <= 0:
@@ -151,12 +152,6 @@ def reward_scorer(specs: list) -> Scorer:
     ``{"name", "weight", "args"}``): their weighted sum (`rewards.compute_rewards`), each function called as
     ``fn(prompts, completions, **columns)`` with the prompt rows' other columns (``answer``, ``id``, ...) by
     name. A sample a function fails on gets 0 from it."""
-    try:
-        from posttrain.rewards import build_reward_functions, compute_rewards
-    except ImportError as err:
-        raise UserError(
-            f"--reward needs posttrain.rewards, which cannot be imported here ({err}); use --task NAME"
-        ) from None
     funcs = build_reward_functions(parse_reward_args(specs))
 
     def scorer(prompts, completions, rows):
