@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from posttrain.advisor.cli import add_parser
+from posttrain.cli.advise import add_parser
 from posttrain.advisor.datafile import summarise
 from posttrain.advisor.profile import KEYS, ask, load_profile
 from posttrain.algorithms import load_config
