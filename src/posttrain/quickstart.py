@@ -6,6 +6,10 @@ with LoRA through the normal `train()` path -> score the trained adapter on the 
 print the table and save it (`results.json`, `results.md`) in the run folder. Running it again resumes an
 interrupted run from its last checkpoint instead of starting over (use `--fresh` to start over).
 
+The recipe's settings are data: configs/quickstart/sft.yaml (in the package, src/posttrain/configs/), the run
+config and a `recipe` section with the data the quickstart makes and how it scores (`SFTRecipe`). The other
+paradigms' recipes (`posttrain.recipes`) share `read_recipe` and `recipe_config`.
+
 Note on quality: the embedded weights are a dequantised Q4_1 (4-bit) copy of SmolLM2-135M-Instruct, so
 absolute scores are a little below the original model's; the comparison before/after uses the same weights.
 """
@@ -15,38 +19,48 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# The recipe, chosen by measurement on a 2-core CPU (see README "Quickstart"): about 5 minutes of training.
-RECIPE = {
-    "task": "structured",
-    "n_train": 800,
-    "n_eval": 100,
-    "steps": 50,
-    "batch_size": 8,
-    "lr": 5e-4,
-    "lora_r": 16,
-    "max_length": 320,
-    "max_new_tokens": 96,
-}
+from posttrain.config import read_config_file
+
+QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
+"""The recipes' settings, one YAML per method: sft.yaml (this module) and dpo, grpo, ppo (`posttrain.recipes`).
+In a clone they are also at configs/quickstart/ (the repository's configs/ is this package's)."""
 
 
-def quickstart_config(run_dir: Path, train_file: Path, steps: int) -> dict:
-    """The run config of the quickstart, as the YAML a user would write (see configs/quickstart.yaml)."""
-    return {
-        "model": {"name": "smollm2-135m-instruct"},
-        "technique": {"name": "lora", "r": RECIPE["lora_r"], "alpha": 2 * RECIPE["lora_r"], "dropout": 0.0},
-        "data": {"train": str(train_file), "max_length": RECIPE["max_length"]},
-        "algorithm": {"name": "sft"},
-        "optim": {
-            "lr": RECIPE["lr"],
-            "batch_size": RECIPE["batch_size"],
-            "warmup_steps": 5,
-            "schedule": "cosine",
-            "min_lr_ratio": 0.1,
-        },
-        "run": {"output_dir": str(run_dir), "max_steps": steps, "save_every": 10, "seed": 0},
-    }
+@dataclass(frozen=True)
+class SFTRecipe:
+    """The quickstart's own facts, sft.yaml's `recipe` section (not run settings; see the YAML's comments)."""
+
+    task: str
+    n_train: int
+    n_eval: int
+    max_new_tokens: int
+
+
+def read_recipe(method: str) -> tuple[dict, dict]:
+    """A quickstart recipe's YAML as (its run settings, its `recipe` section): the run settings are the run
+    config without the data files and run folder that `recipe_config` fills in."""
+    settings = read_config_file(QUICKSTART_CONFIGS / f"{method}.yaml")
+    return settings, settings.pop("recipe")
+
+
+def recipe_config(
+    method: str, run_dir: Path, train_file: Path, steps: int, eval_file: Path | None = None,
+    model: str | None = None,
+) -> dict:  # fmt: skip
+    """The run config of a quickstart recipe, as the YAML a user would write: configs/quickstart/METHOD.yaml with
+    this run's data files, folder and steps (and `model` instead of the embedded one, for tests)."""
+    cfg, _ = read_recipe(method)
+    if model is not None:
+        cfg["model"]["name"] = model
+    cfg["data"]["train"] = str(train_file)
+    cfg["run"].update(output_dir=str(run_dir), max_steps=steps)
+    if eval_file is not None:
+        cfg["data"]["eval"] = str(eval_file)
+        cfg["run"]["eval_every"] = steps  # the held-out set is scored once, at the end
+    return cfg
 
 
 def _stage(msg: str) -> None:
@@ -69,8 +83,10 @@ def run_quickstart(
     from posttrain.train import train
     from posttrain.trainer.checkpoint import latest_checkpoint
 
-    steps = steps if steps is not None else RECIPE["steps"]
-    n_eval = n_eval if n_eval is not None else RECIPE["n_eval"]
+    settings, facts = read_recipe("sft")
+    recipe = SFTRecipe(**facts)
+    steps = steps if steps is not None else settings["run"]["max_steps"]
+    n_eval = n_eval if n_eval is not None else recipe.n_eval
     if steps <= 0 or n_eval <= 0:
         raise UserError("--steps and --n-eval must be positive")
     run_dir = Path(output_dir)
@@ -82,19 +98,19 @@ def run_quickstart(
                 "--output-dir"
             )
         shutil.rmtree(run_dir)
-    task = TASKS[RECIPE["task"]]
+    task = TASKS[recipe.task]
     started = time.perf_counter()
 
     _stage(
-        f"data: {RECIPE['n_train']} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data"
+        f"data: {recipe.n_train} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data"
     )
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    write_jsonl(task.make(RECIPE["n_train"], seed=0, split="train"), train_file)
+    write_jsonl(task.make(recipe.n_train, seed=0, split="train"), train_file)
     heldout = task.make(n_eval, seed=1, split="heldout")
     write_jsonl(heldout, eval_file)
-    cfg = config_from_dict(quickstart_config(run_dir, train_file, steps), source="quickstart recipe")
+    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
     tokenizer = load_tokenizer(cfg.model)
@@ -106,15 +122,13 @@ def run_quickstart(
         _stage(f"scoring the base model on {n_eval} held-out prompts (greedy)")
         base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
         base.eval()
-        before = evaluate_task(
-            base, tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
-        )
+        before = evaluate_task(base, tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens)
         base_file.write_text(json.dumps(before, indent=1))
         del base
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(
-        f"LoRA fine-tuning for {steps} steps of {RECIPE['batch_size']} examples"
+        f"LoRA fine-tuning for {steps} steps of {cfg.optim.batch_size} examples"
         + (" (resuming from the last checkpoint)" if resume else "")
     )
     result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
@@ -123,7 +137,7 @@ def run_quickstart(
     model = result.model
     model.eval()
     after = evaluate_task(
-        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
+        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens
     )
 
     table = format_before_after(before, after)

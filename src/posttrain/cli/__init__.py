@@ -88,7 +88,10 @@ def _run(args) -> Output:
         if os.environ.get("POSTTRAIN_DEBUG") is not None:
             raise
         traceback.print_exc()
-        print("error: this is a bug in posttrain (exit 1); please report it with the traceback above", file=sys.stderr)
+        print(
+            "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
+            file=sys.stderr,
+        )
         return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
     return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
 

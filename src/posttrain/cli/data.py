@@ -160,7 +160,9 @@ def _problems(args, err: DataError) -> Output:
         print(p, file=sys.stderr)
     message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
     print(message, file=sys.stderr)
-    problems = [{"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems]
+    problems = [
+        {"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems
+    ]
     return Output(doc={"file": args.file, "kind": args.kind, "problems": problems}, code=EXIT_USER,
                   error={"kind": "user", "message": message})  # fmt: skip
 

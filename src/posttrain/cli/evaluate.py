@@ -21,15 +21,17 @@ NO_VERIFIER = (
 
 def add_parser(sub) -> None:
     e = sub.add_parser(
-        "evaluate", help="score a model's answers with a task's verifier or a reward, or rank preference pairs"
+        "evaluate",
+        help="score a model's answers with a task's verifier or a reward, or rank preference pairs",
     )
     e.add_argument(
         "--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
     )
     verifier = e.add_mutually_exclusive_group()
     verifier.add_argument(
-        "--task", help="score with a built-in task's verifier (structured, arithmetic); without --data, on "
-        "freshly made held-out prompts of that task"
+        "--task",
+        help="score with a built-in task's verifier (structured, arithmetic); without --data, on "
+        "freshly made held-out prompts of that task",
     )
     verifier.add_argument(
         "--reward",
@@ -57,8 +59,9 @@ def add_parser(sub) -> None:
     e.add_argument("--beta", type=float, default=0.1, help="with --pairs: DPO beta of the implicit reward")
     e.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
     e.add_argument(
-        "--out", help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
-        "scores, the reference answer (docs/cli-json.md)"
+        "--out",
+        help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
+        "scores, the reference answer (docs/cli-json.md)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(e)

@@ -44,7 +44,7 @@ def run(args) -> Output:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        progress="generate" if args.prompts_file and not args.no_progress else None,  # a bar for a file's prompts
+        progress="generate" if args.prompts_file and not args.no_progress else None,  # bar: a file's prompts
     )
     blocks = []
     for item, out in zip(items, outs):

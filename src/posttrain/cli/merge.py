@@ -21,7 +21,9 @@ def run(args) -> int:
         print(f"merged reward model written to {out}, with its score head (usable as --judge or "
               "algorithm.reward_model)")  # fmt: skip
     elif read_info(out).get("dropped_head") == "value":
-        print(f"merged policy written to {out}; the PPO value head was used only in training and is not written")
+        print(
+            f"merged policy written to {out}; the PPO value head was used only in training and is not written"
+        )
     else:
         print(f"merged model written to {out}")
     return EXIT_OK
