@@ -22,7 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.config import read_config_file
+from posttrain.algorithms import config_from_dict
+from posttrain.config import ModelConfig, TechniqueConfig, read_config_file
+from posttrain.data import TASKS, write_jsonl
+from posttrain.errors import UserError
+from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
+from posttrain.models import load_model, load_tokenizer
+from posttrain.report import report_or_warning
+from posttrain.train import train
+from posttrain.trainer.checkpoint import latest_checkpoint
 
 QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
 """The recipes' settings, one YAML per method: sft.yaml (this module) and dpo, grpo, ppo (`posttrain.recipes`).
@@ -73,15 +81,6 @@ def run_quickstart(
     n_eval: int | None = None,
     fresh: bool = False,
 ) -> dict:
-    from posttrain.algorithms import config_from_dict
-    from posttrain.config import ModelConfig, TechniqueConfig
-    from posttrain.data import TASKS, write_jsonl
-    from posttrain.errors import UserError
-    from posttrain.evaluation import evaluate_task
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.report import report_or_warning
-    from posttrain.train import train
-    from posttrain.trainer.checkpoint import latest_checkpoint
 
     settings, facts = read_recipe("sft")
     recipe = SFTRecipe(**facts)
@@ -196,7 +195,6 @@ def format_before_after(before: dict, after: dict) -> str:
     >>> print(format_before_after({"judge_score_mean": 1.5}, {"judge_score_mean": 2.25}).splitlines()[-1])
     | judge_score_mean | 1.5 | 2.25 | +0.75 |
     """
-    from posttrain.evaluation import format_value, is_rate, ordered_metrics
 
     keys = [k for k in ordered_metrics(before) if k != "n"]
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]

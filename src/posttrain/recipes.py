@@ -32,7 +32,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.quickstart import _stage, read_recipe, recipe_config
+from posttrain.algorithms import config_from_dict
+from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
+from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
+from posttrain.errors import UserError
+from posttrain.evaluation import evaluate_task, paired_change
+from posttrain.evaluation.preference import preference_accuracy
+from posttrain.models import load_model, load_tokenizer
+from posttrain.quickstart import _stage, format_before_after, read_recipe, recipe_config
+from posttrain.report import report_or_warning
+from posttrain.train import train
+from posttrain.trainer.checkpoint import latest_checkpoint
 
 RECIPES = ("dpo", "grpo", "ppo")
 """The recipes of this module; each one's settings are in configs/quickstart/METHOD.yaml."""
@@ -55,7 +65,6 @@ class ArithmeticRecipe:
 
 
 def _make_data(method: str, recipe: ArithmeticRecipe, data_dir: Path, n_heldout: int) -> dict[str, Path]:
-    from posttrain.data import TASKS, make_pairs, make_prompts, write_jsonl
 
     task = TASKS["arithmetic"].__class__(**recipe.arithmetic)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,8 +91,6 @@ def _scores(
 ) -> dict:
     """Verifier rates (and per-row results) on the held-out prompts; DPO adds the ranking of held-out pairs
     (at the run's `max_length`)."""
-    from posttrain.data import load_rows
-    from posttrain.evaluation import evaluate_task
 
     rows = [json.loads(line) for line in files["heldout"].read_text(encoding="utf-8").splitlines()]
     out: dict = {}
@@ -96,8 +103,6 @@ def _scores(
         )
         out[f"per_row_{mode}correct"] = [r["correct"] for r in per_row]
     if "pairs" in files:
-        from posttrain.evaluation.preference import preference_accuracy
-
         pref = preference_accuracy(
             model,
             tokenizer,
@@ -116,15 +121,6 @@ def run_recipe(
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
     `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
     the published figures use the recipe's own (configs/quickstart/METHOD.yaml)."""
-    from posttrain.algorithms import config_from_dict
-    from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
-    from posttrain.errors import UserError
-    from posttrain.evaluation import paired_change
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.quickstart import format_before_after
-    from posttrain.report import report_or_warning
-    from posttrain.train import train
-    from posttrain.trainer.checkpoint import latest_checkpoint
 
     settings, facts = read_recipe(method)
     recipe = ArithmeticRecipe(**facts)
