@@ -81,7 +81,8 @@ def run_quickstart(
     n_eval: int | None = None,
     fresh: bool = False,
 ) -> dict:
-
+    """Run the quickstart end to end (module docstring); returns the report also written to
+    ``RUN/results.json``."""
     settings, facts = read_recipe("sft")
     recipe = SFTRecipe(**facts)
     steps = steps if steps is not None else settings["run"]["max_steps"]
@@ -99,31 +100,14 @@ def run_quickstart(
         shutil.rmtree(run_dir)
     task = TASKS[recipe.task]
     started = time.perf_counter()
-
-    _stage(
-        f"data: {recipe.n_train} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data"
-    )
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    write_jsonl(task.make(recipe.n_train, seed=0, split="train"), train_file)
-    heldout = task.make(n_eval, seed=1, split="heldout")
-    write_jsonl(heldout, eval_file)
+    train_file, heldout = _make_data(task, recipe.n_train, n_eval, run_dir / "data")
     cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
     tokenizer = load_tokenizer(cfg.model)
-    base_file = run_dir / "eval_base.json"
-    if base_file.exists() and json.loads(base_file.read_text()).get("n") == n_eval:
-        before = json.loads(base_file.read_text())
-        print("base-model scores reused from", base_file)
-    else:
-        _stage(f"scoring the base model on {n_eval} held-out prompts (greedy)")
-        base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
-        base.eval()
-        before = evaluate_task(base, tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens)
-        base_file.write_text(json.dumps(before, indent=1))
-        del base
+    before = _base_scores(
+        cfg, tokenizer, task.name, heldout, recipe.max_new_tokens, run_dir / "eval_base.json"
+    )
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(
@@ -138,29 +122,52 @@ def run_quickstart(
     after = evaluate_task(
         model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens
     )
+    report = {"before": before, "after": after, "steps": steps,
+              "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
+              "model": str(result.final_dir)}  # fmt: skip
+    _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
+    return report
 
-    table = format_before_after(before, after)
-    minutes = (time.perf_counter() - started) / 60
-    report = {
-        "before": before,
-        "after": after,
-        "steps": steps,
-        "minutes": round(minutes, 1),
-        "run_dir": str(run_dir),
-        "model": str(result.final_dir),
-    }
+
+def _make_data(task, n_train: int, n_eval: int, data_dir: Path) -> tuple[Path, list[dict]]:
+    """The training rows (written) and the held-out rows (written, and returned for scoring)."""
+    _stage(f"data: {n_train} training rows, {n_eval} held-out rows (unseen wordings) -> {data_dir}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    write_jsonl(task.make(n_train, seed=0, split="train"), train_file)
+    heldout = task.make(n_eval, seed=1, split="heldout")
+    write_jsonl(heldout, eval_file)
+    return train_file, heldout
+
+
+def _base_scores(cfg, tokenizer, task: str, heldout: list[dict], max_new_tokens: int, cache: Path) -> dict:
+    """The base model's verifier rates on the held-out rows, from `cache` when it holds them for as many rows."""
+    if cache.exists() and json.loads(cache.read_text()).get("n") == len(heldout):
+        print("base-model scores reused from", cache)
+        return json.loads(cache.read_text())
+    _stage(f"scoring the base model on {len(heldout)} held-out prompts (greedy)")
+    base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
+    base.eval()
+    before = evaluate_task(base, tokenizer, task, rows=heldout, max_new_tokens=max_new_tokens)
+    cache.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def _write_results(report: dict, run_dir: Path, n_eval: int, example_prompt: str) -> None:
+    """results.json, results.md, the table on the terminal, and the run's report page."""
+    table = format_before_after(report["before"], report["after"])
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n")
-    _stage(f"held-out results ({n_eval} prompts, wordings never seen in training; {minutes:.1f} min in all)")
+    _stage(
+        f"held-out results ({n_eval} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"
+    )
     print(table)
     print(
-        f"\nadapter: {result.final_dir}\ntry it:  posttrain generate --model {run_dir} --prompt "
-        f'"{heldout[0]["prompt"][:60]}..."'
+        f"\nadapter: {report['model']}\ntry it:  posttrain generate --model {run_dir} --prompt {example_prompt}"
     )
     page = report_or_warning(run_dir)  # again, now with results.json: the before/after table is in it
     if page is not None:
         print(f"report:  {page}")
-    return report
 
 
 def _is_quickstart_folder(path: Path) -> bool:

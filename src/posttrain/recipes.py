@@ -121,7 +121,6 @@ def run_recipe(
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
     `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
     the published figures use the recipe's own (configs/quickstart/METHOD.yaml)."""
-
     settings, facts = read_recipe(method)
     recipe = ArithmeticRecipe(**facts)
     steps = steps if steps is not None else settings["run"]["max_steps"]
@@ -141,17 +140,7 @@ def run_recipe(
     cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 
     tokenizer = load_tokenizer(cfg.model)
-    base_file = run_dir / "eval_base.json"
-    if base_file.exists():
-        before = json.loads(base_file.read_text())
-        print("base-model scores reused from", base_file)
-    else:
-        _stage(f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at "
-               f"T={recipe.eval['temperature']})")  # fmt: skip
-        base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
-        before = _scores(base, tokenizer, recipe, files, max_length=cfg.data.max_length, reference=base)
-        base_file.write_text(json.dumps(before, indent=1))
-        del base
+    before = _base_scores(cfg, tokenizer, recipe, files, n_heldout, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(f"{method.upper()} with LoRA for {steps} steps" + (" (resuming)" if resume else ""))
@@ -163,25 +152,46 @@ def run_recipe(
     after = _scores(model, result.tokenizer, recipe, files, max_length=cfg.data.max_length)
     changes = {k: paired_change(before.pop(f"per_row_{k}"), after.pop(f"per_row_{k}"))
                for k in ("correct", "sampled_correct")}  # fmt: skip
-    minutes = (time.perf_counter() - started) / 60
-    table = format_before_after(before, after).replace("| fine-tuned |", f"| after {method.upper()} |")
+    report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
+              "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
+              "model": str(result.final_dir)}  # fmt: skip
+    _write_results(report, run_dir, n_heldout)
+    return report
+
+
+def _base_scores(
+    cfg, tokenizer, recipe: ArithmeticRecipe, files: dict[str, Path], n_heldout: int, cache: Path
+) -> dict:
+    """The base model's `_scores` (with itself as the reference of the pairs), from `cache` when it has them."""
+    if cache.exists():
+        print("base-model scores reused from", cache)
+        return json.loads(cache.read_text())
+    _stage(f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at "
+           f"T={recipe.eval['temperature']})")  # fmt: skip
+    base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
+    before = _scores(base, tokenizer, recipe, files, max_length=cfg.data.max_length, reference=base)
+    cache.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
+    """results.json, results.md (the table and the paired changes), the same on the terminal, the report page."""
+    after_name = f"| after {report['method'].upper()} |"
+    table = format_before_after(report["before"], report["after"]).replace("| fine-tuned |", after_name)
     summary = "\n".join(
         f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n_heldout}; exact McNemar p = {c['p_value']:.2g}"
-        for k, c in changes.items()
+        for k, c in report["changes"].items()
     )
-    report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
-              "minutes": round(minutes, 1), "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n\n" + summary + "\n")
     _stage(
-        f"held-out results ({n_heldout} prompts, wordings never seen in training; {minutes:.1f} min in all)"
+        f"held-out results ({n_heldout} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"
     )
     print(table + "\n\n" + summary)
-    print(f"\nadapter: {result.final_dir}\ntraining log: {run_dir / 'metrics.jsonl'}")
+    print(f"\nadapter: {report['model']}\ntraining log: {run_dir / 'metrics.jsonl'}")
     page = report_or_warning(run_dir)  # again, now with results.json: the before/after and paired tables
     if page is not None:
         print(f"report: {page}")
-    return report
 
 
 def _is_recipe_folder(path: Path) -> bool:
