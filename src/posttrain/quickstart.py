@@ -6,6 +6,10 @@ with LoRA through the normal `train()` path -> score the trained adapter on the 
 print the table and save it (`results.json`, `results.md`) in the run folder. Running it again resumes an
 interrupted run from its last checkpoint instead of starting over (use `--fresh` to start over).
 
+The recipe's settings are data: configs/quickstart/sft.yaml (in the package, src/posttrain/configs/), the run
+config and a `recipe` section with the data the quickstart makes and how it scores (`SFTRecipe`). The other
+paradigms' recipes (`posttrain.recipes`) share `read_recipe` and `recipe_config`.
+
 Note on quality: the embedded weights are a dequantised Q4_1 (4-bit) copy of SmolLM2-135M-Instruct, so
 absolute scores are a little below the original model's; the comparison before/after uses the same weights.
 """
@@ -15,38 +19,56 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-# The recipe, chosen by measurement on a 2-core CPU (see README "Quickstart"): about 5 minutes of training.
-RECIPE = {
-    "task": "structured",
-    "n_train": 800,
-    "n_eval": 100,
-    "steps": 50,
-    "batch_size": 8,
-    "lr": 5e-4,
-    "lora_r": 16,
-    "max_length": 320,
-    "max_new_tokens": 96,
-}
+from posttrain.algorithms import config_from_dict
+from posttrain.config import ModelConfig, TechniqueConfig, read_config_file
+from posttrain.data import TASKS, write_jsonl
+from posttrain.errors import UserError
+from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
+from posttrain.models import load_model, load_tokenizer
+from posttrain.report import report_or_warning
+from posttrain.train import train
+from posttrain.trainer.checkpoint import latest_checkpoint
+
+QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
+"""The recipes' settings, one YAML per method: sft.yaml (this module) and dpo, grpo, ppo (`posttrain.recipes`).
+In a clone they are also at configs/quickstart/ (the repository's configs/ is this package's)."""
 
 
-def quickstart_config(run_dir: Path, train_file: Path, steps: int) -> dict:
-    """The run config of the quickstart, as the YAML a user would write (see configs/quickstart.yaml)."""
-    return {
-        "model": {"name": "smollm2-135m-instruct"},
-        "technique": {"name": "lora", "r": RECIPE["lora_r"], "alpha": 2 * RECIPE["lora_r"], "dropout": 0.0},
-        "data": {"train": str(train_file), "max_length": RECIPE["max_length"]},
-        "algorithm": {"name": "sft"},
-        "optim": {
-            "lr": RECIPE["lr"],
-            "batch_size": RECIPE["batch_size"],
-            "warmup_steps": 5,
-            "schedule": "cosine",
-            "min_lr_ratio": 0.1,
-        },
-        "run": {"output_dir": str(run_dir), "max_steps": steps, "save_every": 10, "seed": 0},
-    }
+@dataclass(frozen=True)
+class SFTRecipe:
+    """The quickstart's own facts, sft.yaml's `recipe` section (not run settings; see the YAML's comments)."""
+
+    task: str
+    n_train: int
+    n_eval: int
+    max_new_tokens: int
+
+
+def read_recipe(method: str) -> tuple[dict, dict]:
+    """A quickstart recipe's YAML as (its run settings, its `recipe` section): the run settings are the run
+    config without the data files and run folder that `recipe_config` fills in."""
+    settings = read_config_file(QUICKSTART_CONFIGS / f"{method}.yaml")
+    return settings, settings.pop("recipe")
+
+
+def recipe_config(
+    method: str, run_dir: Path, train_file: Path, steps: int, eval_file: Path | None = None,
+    model: str | None = None,
+) -> dict:  # fmt: skip
+    """The run config of a quickstart recipe, as the YAML a user would write: configs/quickstart/METHOD.yaml with
+    this run's data files, folder and steps (and `model` instead of the embedded one, for tests)."""
+    cfg, _ = read_recipe(method)
+    if model is not None:
+        cfg["model"]["name"] = model
+    cfg["data"]["train"] = str(train_file)
+    cfg["run"].update(output_dir=str(run_dir), max_steps=steps)
+    if eval_file is not None:
+        cfg["data"]["eval"] = str(eval_file)
+        cfg["run"]["eval_every"] = steps  # the held-out set is scored once, at the end
+    return cfg
 
 
 def _stage(msg: str) -> None:
@@ -59,18 +81,12 @@ def run_quickstart(
     n_eval: int | None = None,
     fresh: bool = False,
 ) -> dict:
-    from posttrain.algorithms import config_from_dict
-    from posttrain.config import ModelConfig, TechniqueConfig
-    from posttrain.data import TASKS, write_jsonl
-    from posttrain.errors import UserError
-    from posttrain.evaluation import evaluate_task
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.report import report_or_warning
-    from posttrain.train import train
-    from posttrain.trainer.checkpoint import latest_checkpoint
-
-    steps = steps if steps is not None else RECIPE["steps"]
-    n_eval = n_eval if n_eval is not None else RECIPE["n_eval"]
+    """Run the quickstart end to end (module docstring); returns the report also written to
+    ``RUN/results.json``."""
+    settings, facts = read_recipe("sft")
+    recipe = SFTRecipe(**facts)
+    steps = steps if steps is not None else settings["run"]["max_steps"]
+    n_eval = n_eval if n_eval is not None else recipe.n_eval
     if steps <= 0 or n_eval <= 0:
         raise UserError("--steps and --n-eval must be positive")
     run_dir = Path(output_dir)
@@ -82,39 +98,20 @@ def run_quickstart(
                 "--output-dir"
             )
         shutil.rmtree(run_dir)
-    task = TASKS[RECIPE["task"]]
+    task = TASKS[recipe.task]
     started = time.perf_counter()
-
-    _stage(
-        f"data: {RECIPE['n_train']} training rows, {n_eval} held-out rows (unseen wordings) -> {run_dir}/data"
-    )
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    write_jsonl(task.make(RECIPE["n_train"], seed=0, split="train"), train_file)
-    heldout = task.make(n_eval, seed=1, split="heldout")
-    write_jsonl(heldout, eval_file)
-    cfg = config_from_dict(quickstart_config(run_dir, train_file, steps), source="quickstart recipe")
+    train_file, heldout = _make_data(task, recipe.n_train, n_eval, run_dir / "data")
+    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
     tokenizer = load_tokenizer(cfg.model)
-    base_file = run_dir / "eval_base.json"
-    if base_file.exists() and json.loads(base_file.read_text()).get("n") == n_eval:
-        before = json.loads(base_file.read_text())
-        print("base-model scores reused from", base_file)
-    else:
-        _stage(f"scoring the base model on {n_eval} held-out prompts (greedy)")
-        base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
-        base.eval()
-        before = evaluate_task(
-            base, tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
-        )
-        base_file.write_text(json.dumps(before, indent=1))
-        del base
+    before = _base_scores(
+        cfg, tokenizer, task.name, heldout, recipe.max_new_tokens, run_dir / "eval_base.json"
+    )
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(
-        f"LoRA fine-tuning for {steps} steps of {RECIPE['batch_size']} examples"
+        f"LoRA fine-tuning for {steps} steps of {cfg.optim.batch_size} examples"
         + (" (resuming from the last checkpoint)" if resume else "")
     )
     result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
@@ -123,31 +120,54 @@ def run_quickstart(
     model = result.model
     model.eval()
     after = evaluate_task(
-        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=RECIPE["max_new_tokens"]
+        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens
     )
+    report = {"before": before, "after": after, "steps": steps,
+              "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
+              "model": str(result.final_dir)}  # fmt: skip
+    _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
+    return report
 
-    table = format_before_after(before, after)
-    minutes = (time.perf_counter() - started) / 60
-    report = {
-        "before": before,
-        "after": after,
-        "steps": steps,
-        "minutes": round(minutes, 1),
-        "run_dir": str(run_dir),
-        "model": str(result.final_dir),
-    }
+
+def _make_data(task, n_train: int, n_eval: int, data_dir: Path) -> tuple[Path, list[dict]]:
+    """The training rows (written) and the held-out rows (written, and returned for scoring)."""
+    _stage(f"data: {n_train} training rows, {n_eval} held-out rows (unseen wordings) -> {data_dir}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    write_jsonl(task.make(n_train, seed=0, split="train"), train_file)
+    heldout = task.make(n_eval, seed=1, split="heldout")
+    write_jsonl(heldout, eval_file)
+    return train_file, heldout
+
+
+def _base_scores(cfg, tokenizer, task: str, heldout: list[dict], max_new_tokens: int, cache: Path) -> dict:
+    """The base model's verifier rates on the held-out rows, from `cache` when it holds them for as many rows."""
+    if cache.exists() and json.loads(cache.read_text()).get("n") == len(heldout):
+        print("base-model scores reused from", cache)
+        return json.loads(cache.read_text())
+    _stage(f"scoring the base model on {len(heldout)} held-out prompts (greedy)")
+    base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
+    base.eval()
+    before = evaluate_task(base, tokenizer, task, rows=heldout, max_new_tokens=max_new_tokens)
+    cache.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def _write_results(report: dict, run_dir: Path, n_eval: int, example_prompt: str) -> None:
+    """results.json, results.md, the table on the terminal, and the run's report page."""
+    table = format_before_after(report["before"], report["after"])
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n")
-    _stage(f"held-out results ({n_eval} prompts, wordings never seen in training; {minutes:.1f} min in all)")
+    _stage(
+        f"held-out results ({n_eval} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"
+    )
     print(table)
     print(
-        f"\nadapter: {result.final_dir}\ntry it:  posttrain generate --model {run_dir} --prompt "
-        f'"{heldout[0]["prompt"][:60]}..."'
+        f"\nadapter: {report['model']}\ntry it:  posttrain generate --model {run_dir} --prompt {example_prompt}"
     )
     page = report_or_warning(run_dir)  # again, now with results.json: the before/after table is in it
     if page is not None:
         print(f"report:  {page}")
-    return report
 
 
 def _is_quickstart_folder(path: Path) -> bool:
@@ -182,7 +202,6 @@ def format_before_after(before: dict, after: dict) -> str:
     >>> print(format_before_after({"judge_score_mean": 1.5}, {"judge_score_mean": 2.25}).splitlines()[-1])
     | judge_score_mean | 1.5 | 2.25 | +0.75 |
     """
-    from posttrain.evaluation import format_value, is_rate, ordered_metrics
 
     keys = [k for k in ordered_metrics(before) if k != "n"]
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]

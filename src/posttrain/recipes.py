@@ -16,8 +16,12 @@ up to 100 (the dequantised Q4_1 weights make its low-probability tail noisy). St
    ``correct`` (greedy and sampled), the prompts gained and lost and the exact McNemar p-value
    (`evaluation.paired_change`).
 
-What this module does not do: choose hyperparameters at run time. The recipes below are fixed, and their
-measured results are in README.md.
+Each recipe's settings are data: configs/quickstart/dpo.yaml, grpo.yaml, ppo.yaml (in the package,
+src/posttrain/configs/), read by `quickstart.read_recipe`: the run config, and a `recipe` section with what this
+module makes and how it scores (`ArithmeticRecipe`).
+
+What this module does not do: choose hyperparameters at run time. The recipes are fixed, and their measured
+results are in README.md.
 """
 
 from __future__ import annotations
@@ -25,84 +29,44 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.quickstart import _stage
+from posttrain.algorithms import config_from_dict
+from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
+from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
+from posttrain.errors import UserError
+from posttrain.evaluation import evaluate_task, paired_change
+from posttrain.evaluation.preference import preference_accuracy
+from posttrain.models import load_model, load_tokenizer
+from posttrain.quickstart import _stage, format_before_after, read_recipe, recipe_config
+from posttrain.report import report_or_warning
+from posttrain.train import train
+from posttrain.trainer.checkpoint import latest_checkpoint
 
-# The task setting of every recipe (see the module docstring).
-TASK = {"min_ops": 1, "max_ops": 1, "max_value": 10}
-N_HELDOUT = 200  # held-out prompts: a 10-point change in accuracy is then about 2 standard errors
-N_HELDOUT_PAIRS = 60
-MAX_NEW_TOKENS = 64  # one-step answers need ~15 tokens; the base model's rambles are cut here
-TEMPERATURE = 0.7  # RL sampling; evaluation reports greedy and one sample per prompt at this temperature
-EVAL_BATCH = 50  # prompts per generate call when scoring (larger batches use the 2 cores better)
-# A format reward alongside the verifier: the base model marks its answer ("Answer: N") in ~20% of samples.
-FORMAT_REWARD = {"name": "regex_format", "weight": 0.5, "args": {"pattern": r"Answer:\s*-?\d", "flags": "i"}}
-RL_ROLLOUT = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE}
+RECIPES = ("dpo", "grpo", "ppo")
+"""The recipes of this module; each one's settings are in configs/quickstart/METHOD.yaml."""
 
-_COMMON = {
-    "model": {"name": "smollm2-135m-instruct"},
-    "technique": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-}
-_DPO_OPTIM = {"lr": 5e-4, "batch_size": 8, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1}
-RECIPES: dict[str, dict] = {
-    "dpo": {
-        "steps": 20,
-        "config": {
-            "data": {"max_length": 320},
-            "algorithm": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid", "reference": "adapter"},
-            "optim": _DPO_OPTIM,
-        },
-    },
-    "grpo": {
-        "steps": 15,
-        "config": {
-            "data": {"max_length": 256},
-            "algorithm": {
-                "name": "grpo",
-                "rewards": ["task", FORMAT_REWARD],
-                "rollout": {"batch_size": 32, **RL_ROLLOUT},
-                "num_generations": 8, "loss_type": "dapo", "scale": "group", "beta": 0.0, "clip_eps_high": 0.28,
-            },
-            "optim": {"lr": 3e-4, "batch_size": 32, "micro_batch_size": 8, "schedule": "constant"},
-        },
-    },
-    "ppo": {
-        "steps": 40,
-        "config": {
-            "data": {"max_length": 256},
-            "algorithm": {
-                "name": "ppo",
-                "rewards": ["task", FORMAT_REWARD],
-                "rollout": {"batch_size": 16, "epochs": 2, **RL_ROLLOUT},
-                "kl_coef": 0.05, "vf_coef": 0.1, "lam": 0.95, "gamma": 1.0,
-            },
-            "optim": {"lr": 2e-4, "head_lr": 1e-3, "batch_size": 8, "schedule": "constant"},
-        },
-    },
-}  # fmt: skip
+__all__ = ["RECIPES", "ArithmeticRecipe", "recipe_config", "run_recipe"]
 
 
-def recipe_config(
-    method: str, run_dir: Path, train_file: Path, steps: int, eval_file: Path | None = None,
-    model: str = "smollm2-135m-instruct",
-) -> dict:  # fmt: skip
-    """The run config of a recipe, as the YAML a user would write."""
-    cfg = json.loads(json.dumps({**_COMMON, **RECIPES[method]["config"]}))  # a deep copy
-    cfg["model"]["name"] = model
-    cfg["data"]["train"] = str(train_file)
-    if eval_file is not None:
-        cfg["data"]["eval"] = str(eval_file)
-    cfg["run"] = {"output_dir": str(run_dir), "max_steps": steps, "save_every": 5, "seed": 0}
-    if eval_file is not None:
-        cfg["run"]["eval_every"] = steps
-    return cfg
+@dataclass(frozen=True)
+class ArithmeticRecipe:
+    """A recipe's own facts, its YAML's `recipe` section (not run settings; see the YAML's comments)."""
+
+    arithmetic: dict
+    """The arithmetic task's settings (min_ops, max_ops, max_value) for every row the recipe makes."""
+    n_train: int
+    n_heldout: int
+    eval: dict
+    """Scoring the held-out prompts: max_new_tokens, the sampled pass's temperature, prompts per batch_size."""
+    n_heldout_pairs: int | None = None
+    """DPO: held-out preference pairs ranked before and after."""
 
 
-def _make_data(method: str, data_dir: Path, n_heldout: int) -> dict[str, Path]:
-    from posttrain.data import TASKS, make_pairs, make_prompts, write_jsonl
+def _make_data(method: str, recipe: ArithmeticRecipe, data_dir: Path, n_heldout: int) -> dict[str, Path]:
 
-    task = TASKS["arithmetic"].__class__(**TASK)
+    task = TASKS["arithmetic"].__class__(**recipe.arithmetic)
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "heldout": write_jsonl(
@@ -110,35 +74,41 @@ def _make_data(method: str, data_dir: Path, n_heldout: int) -> dict[str, Path]:
         )
     }
     if method == "dpo":
-        files["train"] = write_jsonl(make_pairs(task, 400, seed=0), data_dir / "train_pairs.jsonl")
+        files["train"] = write_jsonl(make_pairs(task, recipe.n_train, seed=0), data_dir / "train_pairs.jsonl")
         files["pairs"] = write_jsonl(
-            make_pairs(task, N_HELDOUT_PAIRS, seed=1, split="heldout"), data_dir / "heldout_pairs.jsonl"
+            make_pairs(task, recipe.n_heldout_pairs, seed=1, split="heldout"),
+            data_dir / "heldout_pairs.jsonl",
         )
     else:
-        files["train"] = write_jsonl(make_prompts(task, 400, seed=0), data_dir / "train_prompts.jsonl")
+        files["train"] = write_jsonl(
+            make_prompts(task, recipe.n_train, seed=0), data_dir / "train_prompts.jsonl"
+        )
     return files
 
 
-def _scores(model, tokenizer, method: str, files: dict[str, Path], *, reference=None) -> dict:
-    """Verifier rates (and per-row results) on the held-out prompts; DPO adds the ranking of held-out pairs."""
-    from posttrain.data import load_rows
-    from posttrain.evaluation import evaluate_task
+def _scores(
+    model, tokenizer, recipe: ArithmeticRecipe, files: dict[str, Path], *, max_length: int, reference=None
+) -> dict:
+    """Verifier rates (and per-row results) on the held-out prompts; DPO adds the ranking of held-out pairs
+    (at the run's `max_length`)."""
 
     rows = [json.loads(line) for line in files["heldout"].read_text(encoding="utf-8").splitlines()]
     out: dict = {}
-    for mode, temperature in (("", 0.0), ("sampled_", TEMPERATURE)):
+    for mode, temperature in (("", 0.0), ("sampled_", recipe.eval["temperature"])):
         per_row: list[dict] = []
-        rates = evaluate_task(model, tokenizer, "arithmetic", rows=rows, max_new_tokens=MAX_NEW_TOKENS,
-                              batch_size=EVAL_BATCH, per_row=per_row, temperature=temperature)  # fmt: skip
+        rates = evaluate_task(model, tokenizer, "arithmetic", rows=rows, max_new_tokens=recipe.eval["max_new_tokens"],
+                              batch_size=recipe.eval["batch_size"], per_row=per_row, temperature=temperature)  # fmt: skip
         out.update(
             {f"{mode}{k}": v for k, v in rates.items() if k != "has_number" and not (mode and k == "n")}
         )
         out[f"per_row_{mode}correct"] = [r["correct"] for r in per_row]
-    if method == "dpo":
-        from posttrain.evaluation.preference import preference_accuracy
-
+    if "pairs" in files:
         pref = preference_accuracy(
-            model, tokenizer, load_rows(files["pairs"], "preference"), reference=reference, max_length=320
+            model,
+            tokenizer,
+            load_rows(files["pairs"], "preference"),
+            reference=reference,
+            max_length=max_length,
         )
         out.update({f"pairs_{k}": v for k, v in pref.items() if k != "n"})
     return out
@@ -146,22 +116,15 @@ def _scores(model, tokenizer, method: str, files: dict[str, Path], *, reference=
 
 def run_recipe(
     method: str, output_dir: str | None = None, steps: int | None = None, fresh: bool = False, *,
-    model: str = "smollm2-135m-instruct", n_heldout: int = N_HELDOUT, overrides: list[str] | None = None,
+    model: str | None = None, n_heldout: int | None = None, overrides: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """Run one recipe end to end (module docstring); returns the report also written to ``RUN/results.json``.
     `model`, `n_heldout` and `overrides` (dotted config overrides) exist for tests (a tiny model, a few prompts);
-    the published figures use the defaults."""
-    from posttrain.algorithms import config_from_dict
-    from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
-    from posttrain.errors import UserError
-    from posttrain.evaluation import paired_change
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.quickstart import format_before_after
-    from posttrain.report import report_or_warning
-    from posttrain.train import train
-    from posttrain.trainer.checkpoint import latest_checkpoint
-
-    steps = steps if steps is not None else RECIPES[method]["steps"]
+    the published figures use the recipe's own (configs/quickstart/METHOD.yaml)."""
+    settings, facts = read_recipe(method)
+    recipe = ArithmeticRecipe(**facts)
+    steps = steps if steps is not None else settings["run"]["max_steps"]
+    n_heldout = n_heldout if n_heldout is not None else recipe.n_heldout
     if steps <= 0:
         raise UserError("--steps must be positive")
     run_dir = Path(output_dir or f"runs/quickstart-{method}")
@@ -172,23 +135,12 @@ def run_recipe(
         shutil.rmtree(run_dir)
     started = time.perf_counter()
     _stage(f"data: arithmetic, one operation, amounts up to 10 -> {run_dir}/data")
-    files = _make_data(method, run_dir / "data", n_heldout)
+    files = _make_data(method, recipe, run_dir / "data", n_heldout)
     raw = recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model)
     cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 
     tokenizer = load_tokenizer(cfg.model)
-    base_file = run_dir / "eval_base.json"
-    if base_file.exists():
-        before = json.loads(base_file.read_text())
-        print("base-model scores reused from", base_file)
-    else:
-        _stage(
-            f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at T={TEMPERATURE})"
-        )
-        base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
-        before = _scores(base, tokenizer, method, files, reference=base)
-        base_file.write_text(json.dumps(before, indent=1))
-        del base
+    before = _base_scores(cfg, tokenizer, recipe, files, n_heldout, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(f"{method.upper()} with LoRA for {steps} steps" + (" (resuming)" if resume else ""))
@@ -197,28 +149,49 @@ def run_recipe(
     _stage(f"scoring the trained model on the same {n_heldout} held-out prompts")
     model = getattr(result.model, "policy", result.model)  # PPO: the policy inside its value-head wrapper
     model.eval()
-    after = _scores(model, result.tokenizer, method, files)
+    after = _scores(model, result.tokenizer, recipe, files, max_length=cfg.data.max_length)
     changes = {k: paired_change(before.pop(f"per_row_{k}"), after.pop(f"per_row_{k}"))
                for k in ("correct", "sampled_correct")}  # fmt: skip
-    minutes = (time.perf_counter() - started) / 60
-    table = format_before_after(before, after).replace("| fine-tuned |", f"| after {method.upper()} |")
+    report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
+              "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
+              "model": str(result.final_dir)}  # fmt: skip
+    _write_results(report, run_dir, n_heldout)
+    return report
+
+
+def _base_scores(
+    cfg, tokenizer, recipe: ArithmeticRecipe, files: dict[str, Path], n_heldout: int, cache: Path
+) -> dict:
+    """The base model's `_scores` (with itself as the reference of the pairs), from `cache` when it has them."""
+    if cache.exists():
+        print("base-model scores reused from", cache)
+        return json.loads(cache.read_text())
+    _stage(f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at "
+           f"T={recipe.eval['temperature']})")  # fmt: skip
+    base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
+    before = _scores(base, tokenizer, recipe, files, max_length=cfg.data.max_length, reference=base)
+    cache.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
+    """results.json, results.md (the table and the paired changes), the same on the terminal, the report page."""
+    after_name = f"| after {report['method'].upper()} |"
+    table = format_before_after(report["before"], report["after"]).replace("| fine-tuned |", after_name)
     summary = "\n".join(
         f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n_heldout}; exact McNemar p = {c['p_value']:.2g}"
-        for k, c in changes.items()
+        for k, c in report["changes"].items()
     )
-    report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
-              "minutes": round(minutes, 1), "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n\n" + summary + "\n")
     _stage(
-        f"held-out results ({n_heldout} prompts, wordings never seen in training; {minutes:.1f} min in all)"
+        f"held-out results ({n_heldout} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"
     )
     print(table + "\n\n" + summary)
-    print(f"\nadapter: {result.final_dir}\ntraining log: {run_dir / 'metrics.jsonl'}")
+    print(f"\nadapter: {report['model']}\ntraining log: {run_dir / 'metrics.jsonl'}")
     page = report_or_warning(run_dir)  # again, now with results.json: the before/after and paired tables
     if page is not None:
         print(f"report: {page}")
-    return report
 
 
 def _is_recipe_folder(path: Path) -> bool:

@@ -1,6 +1,8 @@
 """The CLI, called in-process: exit codes 0 / 2, one-paragraph errors, and the commands end to end."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -122,6 +124,18 @@ def test_estimate_json_through_main(capsys):
 def test_no_command_prints_help(capsys):
     code, out, err = run(capsys)
     assert code == 2 and "quickstart" in out
+
+
+def test_a_command_whose_code_cannot_be_imported_fails_loudly():
+    """A broken import is a bug to see, not a command that silently vanishes from the parser (here `advise`, whose
+    advisor is made unimportable): posttrain exits 1 with the traceback naming the module."""
+    code = (
+        "import sys; sys.modules['posttrain.advisor.core'] = None\n"
+        "from posttrain.cli import main\nsys.exit(main(['advise']))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and "posttrain.advisor.core" in run.stderr, run.stderr[-2000:]
+    assert "invalid choice" not in run.stderr
 
 
 def test_lazy_top_level_api():

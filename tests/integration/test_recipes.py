@@ -1,12 +1,47 @@
-"""The quickstart recipes (`posttrain quickstart dpo|grpo|ppo`): their configs validate, and the DPO recipe runs
-end to end on the tiny model (data, base scores, training, scores after, the paired change, resumption)."""
+"""The quickstart recipes (`posttrain quickstart dpo|grpo|ppo`): their configs validate and resolve to the run
+configs they had before their settings moved to YAML, and the recipes run end to end on the tiny model (data,
+base scores, training, scores after, the paired change, resumption)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from posttrain.algorithms import config_from_dict
+from posttrain.config import dump_config
+from posttrain.quickstart import read_recipe
 from posttrain.recipes import RECIPES, _is_recipe_folder, recipe_config, run_recipe
+
+# The raw run configs the recipes built when their settings were Python dicts (commit 0bbe9dd), with RUN_DIR and
+# MODEL_DIR for the run folder and the model: their resolved config.yaml is the one the recipes must still write.
+GOLDEN = yaml.safe_load((Path(__file__).parent / "golden" / "recipe_configs.yaml").read_text(encoding="utf-8"))
+
+
+def golden(case: str, **paths) -> dict:
+    """A golden raw config with its placeholders (keyword names) replaced by these paths."""
+    text = json.dumps(GOLDEN[case])
+    for placeholder, path in paths.items():
+        text = text.replace(placeholder, json.dumps(str(path))[1:-1])
+    return json.loads(text)
+
+
+def resolved(raw: dict, tmp_path) -> str:
+    """The config.yaml a run of `raw` writes: the validated config, dumped by `dump_config` as `train` does."""
+    dump_config(config_from_dict(raw), tmp_path / "expected-config.yaml")
+    return (tmp_path / "expected-config.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("method", ["sft", *RECIPES])
+def test_recipe_yaml_resolves_to_the_config_the_python_recipe_wrote(method, tmp_path):
+    """configs/quickstart/METHOD.yaml filled in by `recipe_config`, at the recipe's own steps, resolves byte for
+    byte to the config.yaml of the recipe as it was in Python."""
+    run = tmp_path / "run"
+    train = run / "data" / {"sft": "train.jsonl", "dpo": "train_pairs.jsonl"}.get(method, "train_prompts.jsonl")
+    pairs = run / "data" / "heldout_pairs.jsonl" if method == "dpo" else None
+    steps = read_recipe(method)[0]["run"]["max_steps"]
+    raw = recipe_config(method, run, train, steps, pairs)
+    assert resolved(raw, tmp_path) == resolved(golden(method, RUN_DIR=run), tmp_path)
 
 
 @pytest.mark.parametrize("method", sorted(RECIPES))
@@ -45,6 +80,8 @@ def test_dpo_recipe_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
     assert again["before"] == before and again["after"] == after
     assert {p.name: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == final
     assert _is_recipe_folder(out)  # --fresh may delete it: every file in it is one a recipe run writes
+    expected = resolved(golden("dpo_tiny", RUN_DIR=out, MODEL_DIR=tiny_model_dir), tmp_path)
+    assert (out / "config.yaml").read_text(encoding="utf-8") == expected  # as the recipe in Python wrote it
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
@@ -61,3 +98,5 @@ def test_rl_recipes_end_to_end_on_the_tiny_model(method, tiny_model_dir, tmp_pat
     assert len(hist) == 2 and all("reward/regex_format_mean" in h for h in hist)
     assert (out / "samples.jsonl").is_file() and (out / "report.html").is_file()
     assert _is_recipe_folder(out)  # --fresh may delete it: every file in it is one a recipe run writes
+    expected = resolved(golden(f"{method}_tiny", RUN_DIR=out, MODEL_DIR=tiny_model_dir), tmp_path)
+    assert (out / "config.yaml").read_text(encoding="utf-8") == expected  # as the recipe in Python wrote it

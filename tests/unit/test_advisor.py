@@ -209,7 +209,7 @@ def test_technique_choice_keeps_the_estimators_headroom():
 
 
 def test_when_nothing_fits_the_advice_says_so_first():
-    from posttrain.advisor.cli import format_advice
+    from posttrain.cli.advise import format_advice
 
     a = advise({"demonstrations": 2000, "model": "70b", "gpu_memory_gb": 24}, what_if=False)
     assert (a.technique, a.fits) == ("qlora", False)

@@ -6,10 +6,10 @@ import json
 import pytest
 import yaml
 
-from posttrain.advisor.cli import add_parser
 from posttrain.advisor.datafile import summarise
 from posttrain.advisor.profile import KEYS, ask, load_profile
 from posttrain.algorithms import load_config
+from posttrain.cli.advise import add_parser
 from posttrain.errors import UserError
 
 

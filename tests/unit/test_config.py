@@ -72,6 +72,15 @@ def test_override_without_equals_sign():
 CONFIGS = Path(__file__).parents[2] / "configs"
 
 
+def test_the_example_configs_are_the_packages():
+    """The repository's configs/ is the package's folder (a link), so the examples a clone shows and the ones an
+    installed posttrain ships (the quickstart recipes read theirs there) are one set of files."""
+    import posttrain
+
+    assert CONFIGS.resolve() == (Path(posttrain.__file__).parent / "configs").resolve()
+    assert (CONFIGS / "sft_lora.yaml").is_file() and (CONFIGS / "quickstart" / "sft.yaml").is_file()
+
+
 def test_every_example_config_is_valid():
     from posttrain.rewards import build_reward_functions
 

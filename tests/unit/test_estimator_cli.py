@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from posttrain.cli.estimate import add_parser
 from posttrain.estimator import estimate
-from posttrain.estimator.cli import add_parser
 from posttrain.estimator.table import reality_check
 
 
@@ -89,8 +89,8 @@ def test_import_loads_no_torch():
 
 def test_flags_build_the_inputs_object():
     """Every flag is the `EstimateInputs` field of the same name: the CLI builds one object and passes it on."""
+    from posttrain.cli.estimate import inputs_from_args
     from posttrain.estimator import EstimateInputs
-    from posttrain.estimator.cli import inputs_from_args
 
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers())

@@ -1,7 +1,8 @@
-"""`posttrain estimate`: the command line of `posttrain.estimator.estimate`.
+"""`posttrain estimate`: the command line of `posttrain.estimator`.
 
-Thin: parses flags that mirror the `EstimateInputs` fields, builds one from them, calls `estimate_for` (or `reality_check` for `--table`) and
-prints a table or JSON. A `UserError` is printed as one paragraph and gives exit status 2.
+Thin: parses flags that mirror the `EstimateInputs` fields, builds one from them, calls `estimate_for` (or
+`reality_check` for `--table`) and prints a table or JSON. A `UserError` is printed as one paragraph and gives
+exit status 2. Like the estimator it imports no torch.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import json
 import sys
 
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
-from posttrain.estimator.core import Estimate
-from posttrain.estimator.hardware import USABLE_FRACTION
+from posttrain.estimator.core import Estimate, estimate_for
+from posttrain.estimator.hardware import USABLE_FRACTION, load_gpu_table
 from posttrain.estimator.inputs import (
     DEFAULT_CHECKPOINTING,
     DEFAULT_MICRO_BATCH,
@@ -26,6 +27,7 @@ from posttrain.estimator.inputs import (
 )
 from posttrain.estimator.memory import SHARD_STAGE
 from posttrain.estimator.models import parse_size
+from posttrain.estimator.table import format_table, reality_check
 
 
 def _count(text: str) -> float:
@@ -165,10 +167,6 @@ def change_flags(change: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.estimator.core import estimate_for
-    from posttrain.estimator.hardware import load_gpu_table
-    from posttrain.estimator.table import format_table, reality_check
-
     try:
         if args.table:
             gpu = args.gpu or "H100-80GB"

@@ -3,7 +3,8 @@
 A profile comes from `--profile FILE`, from one flag per profile key (flags override the file), or from
 `--interactive` questions. `--data FILE` fills the data counts from a data file. Prints the recommendation,
 or JSON with `--json`; `--write-config FILE` writes the first stage's `posttrain train` config (later stages
-beside it). A `UserError` is printed as one paragraph and gives exit status 2.
+beside it). A `UserError` is printed as one paragraph and gives exit status 2. Like the advisor it imports
+no torch.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.advisor.core import advise
+from posttrain.advisor.profile import KEYS, Profile, ask, coerce, load_profile
+from posttrain.cli.estimate import format_duration
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
-from posttrain.estimator.cli import format_duration
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from posttrain.advisor.profile import KEYS
-
     p = subparsers.add_parser(
         "advise",
         help="which method (SFT, DPO, PPO, GRPO) and technique for a task, why, and what it costs",
@@ -53,9 +54,7 @@ def _print_stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _profile(args: argparse.Namespace):
-    from posttrain.advisor.profile import KEYS, Profile, ask, coerce, load_profile
-
+def _profile(args: argparse.Namespace) -> Profile:
     base = load_profile(args.profile) if args.profile else Profile()
     if args.interactive:
         # With --json, stdout carries only the JSON: questions go to stderr.
@@ -133,8 +132,6 @@ def _estimate_line(e: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from posttrain.advisor.core import advise
-
     try:
         advice = advise(_profile(args), data=args.data)
         written = _write_configs(advice, args.write_config) if args.write_config else []

@@ -1,0 +1,101 @@
+"""The `posttrain` command: a thin layer that parses arguments, calls the Python API and prints.
+
+One module per command group (`quickstart`, `train`, `data`, `generate`, `merge`, `report`, `evaluate`,
+`estimate`, `advise`), each with `add_parser(subparsers)` and the function that runs the command; `output` holds
+what they report (`Output`, the `--json` document). This module assembles the parser and runs the command.
+
+Exit codes: 0 success, 2 a user error (bad input, bad config, missing model: one clear paragraph, no
+traceback), 1 a bug (the traceback is shown), 130 interrupted.
+
+Commands that print results return an `Output`: its text is what they print, and with `--json` its document is
+printed instead, as the only thing on stdout (everything else the command prints goes to stderr while it
+runs); a failure is a document too. The documents are described in docs/cli-json.md (`SCHEMA_VERSION`).
+
+Start-up: `posttrain estimate` and `posttrain advise` run where torch is not installed, and every command's
+parser is built at each start. So the command modules import at their top only what is torch-free (errors,
+each other, the estimator and the advisor), and each command imports the library it calls inside its function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+
+from posttrain import __version__
+from posttrain.cli import advise, data, estimate, evaluate, generate, merge, quickstart, report, train
+from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
+from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError
+
+__all__ = ["SCHEMA_VERSION", "Output", "build_parser", "json_document", "main"]
+
+COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, estimate, advise)
+"""The command modules, in the order `posttrain --help` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER
+    if getattr(args, "loads_models", False):  # set by the commands that load a model (`set_defaults`)
+        quiet_libraries()
+    # `estimate --json` and `advise --json` print their own JSON; the commands given `--json` by `add_json` return
+    # an `Output` that becomes the document.
+    as_json = getattr(args, "prints_document", False) and args.json
+    stdout = sys.stdout
+    try:
+        # With --json, stdout carries the document alone: whatever the command prints while it runs goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            out = _run(args)
+        if as_json and (out.doc is not None or out.error is not None):
+            print(json_document(_command_name(args), out), file=stdout)
+        elif out.text:
+            print(out.text, file=stdout)
+    except BrokenPipeError:
+        # `posttrain estimate --table | head`: the reader left; not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
+    return out.code
+
+
+def _run(args) -> Output:
+    """The command's `Output`; a user error, an interrupt or a bug becomes a failed one, after saying so on
+    stderr (the message, or the traceback of a bug)."""
+    try:
+        result = args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return Output(code=EXIT_USER, error={"kind": "user", "message": str(err)})
+    except BrokenPipeError:
+        raise
+    except KeyboardInterrupt:
+        print("interrupted; a run can be continued with `posttrain train RUN.yaml --resume`", file=sys.stderr)
+        return Output(code=130, error={"kind": "interrupted", "message": "interrupted"})
+    except Exception as err:
+        if os.environ.get("POSTTRAIN_DEBUG") is not None:
+            raise
+        traceback.print_exc()
+        print(
+            "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
+    return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
+
+
+def _command_name(args) -> str:
+    sub = getattr(args, "data_command", None) if args.command == "data" else None
+    return f"{args.command} {sub}" if sub else args.command

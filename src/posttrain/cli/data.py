@@ -1,0 +1,251 @@
+"""`posttrain data make | validate | pairs`: write a built-in task's rows, check a data file, or sample
+on-policy preference pairs (`posttrain.data`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from posttrain.cli.output import Output, add_json, quiet_libraries
+from posttrain.errors import EXIT_OK, EXIT_USER, DataError, UserError
+
+TASK_OPTIONS = {"min_ops": "--min-ops", "max_ops": "--max-ops", "max_value": "--max-value"}
+"""`data make` and `evaluate` options that set a field of the task's dataclass (only tasks that have the field
+accept them)."""
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("data", help="make built-in task data, validate a data file, or sample pairs")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    _add_make(dsub)
+    _add_validate(dsub)
+    _add_pairs(dsub)
+    d.set_defaults(func=lambda a: (d.print_help(), EXIT_USER)[1])
+
+
+def _add_make(dsub) -> None:
+    mk = dsub.add_parser("make", help="write a built-in task as JSONL (sft, preference pairs or prompts)")
+    mk.add_argument("task", help="built-in task: structured, arithmetic")
+    mk.add_argument("--n", type=int, required=True, help="number of rows")
+    mk.add_argument("--out", required=True, help="output .jsonl file")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument(
+        "--split",
+        choices=["train", "heldout"],
+        default="train",
+        help="heldout uses wordings never used by train",
+    )
+    mk.add_argument(
+        "--kind",
+        choices=["sft", "preference", "prompts"],
+        default="sft",
+        help="sft: prompt+completion; preference: prompt+chosen+rejected (rejected wrong, off-format or "
+        "rambling); prompts: prompt+answer for RL (default: sft)",
+    )
+    mk.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem (default 1)")
+    mk.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem (default 3)")
+    mk.add_argument(
+        "--max-value", type=int, help="arithmetic: largest starting count and amount (default 50)"
+    )
+    mk.set_defaults(func=make)
+
+
+def _add_validate(dsub) -> None:
+    va = dsub.add_parser("validate", help="check every row of a data file")
+    va.add_argument("file")
+    va.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft")
+    va.add_argument("--model", help="also check lengths with this model's tokenizer (needs --max-length)")
+    va.add_argument("--max-length", type=int, help="tokens; a row whose prompt alone reaches it is an error")
+    add_json(va)
+    va.set_defaults(func=validate)
+
+
+def _add_pairs(dsub) -> None:
+    pa = dsub.add_parser(
+        "pairs", help="sample N completions per prompt, score them, write (best, worst) preference pairs"
+    )
+    pa.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
+    )
+    pa.add_argument("--prompts", required=True, help="prompt rows (a `prompt` field; `id`, `answer` kept)")
+    scoring = pa.add_mutually_exclusive_group(required=True)
+    scoring.add_argument("--task", help="score with a built-in task's verifier against each row's `answer`")
+    scoring.add_argument(
+        "--reward",
+        action="append",
+        help="score with a reward: a built-in (numeric_answer, task, ...), path/to/file.py:function, or JSON "
+        '{"name": ..., "weight": ..., "args": {...}}; repeatable (weighted sum)',
+    )
+    pa.add_argument("--n", type=int, default=8, help="completions sampled per prompt (default: 8)")
+    pa.add_argument("--max-new-tokens", type=int, default=128)
+    pa.add_argument("--temperature", type=float, default=1.0, help="must be > 0 (default: 1.0)")
+    pa.add_argument("--top-p", type=float, default=1.0)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--limit", type=int, help="use only the first K prompts")
+    pa.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default: 16)")
+    pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
+    add_json(pa)
+    pa.set_defaults(func=pairs)
+
+
+def make(args) -> int:
+    from posttrain.data import TASKS, make_pairs, make_prompts, write_jsonl
+
+    if args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if args.n <= 0:
+        raise UserError(f"--n must be a positive number of rows, got {args.n}")
+    task = task_with_options(TASKS[args.task], args)
+    maker = {"sft": task.make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
+    rows = (
+        maker(args.n, seed=args.seed, split=args.split)
+        if args.kind == "sft"
+        else maker(task, args.n, seed=args.seed, split=args.split)
+    )
+    write_jsonl(rows, args.out)
+    what = args.task if args.kind == "sft" else f"{args.task} {args.kind}"
+    print(f"wrote {len(rows)} {what} rows ({args.split}, seed {args.seed}) to {args.out}")
+    return EXIT_OK
+
+
+def task_with_options(task, args):
+    """The built-in task with the difficulty options given on the command line (e.g. arithmetic --max-ops 1)."""
+    given = {f: getattr(args, f) for f in TASK_OPTIONS if getattr(args, f, None) is not None}
+    if not given:
+        return task
+    fields = {f.name for f in dataclasses.fields(task)} if dataclasses.is_dataclass(task) else set()
+    for f, value in given.items():
+        if f not in fields:
+            raise UserError(f"{TASK_OPTIONS[f]} does not apply to the {task.name} task")
+        if value < 1:
+            raise UserError(f"{TASK_OPTIONS[f]} must be at least 1, got {value}")
+    task = dataclasses.replace(task, **given)
+    if getattr(task, "min_ops", 0) > getattr(task, "max_ops", 0):  # both exist where either was given
+        raise UserError(f"--min-ops ({task.min_ops}) is larger than --max-ops ({task.max_ops})")
+    if getattr(task, "max_value", 2) < 2:
+        raise UserError("--max-value must be at least 2")
+    return task
+
+
+def validate(args) -> Output:
+    from posttrain.data.schema import row_shapes, shapes_summary
+
+    if (args.model is None) != (args.max_length is None):
+        raise UserError("--model and --max-length go together: the length check needs the model's tokenizer")
+    if args.model is not None and args.kind == "prompts":
+        raise UserError(
+            "--max-length checks sft and preference files; prompts files are checked when sampling"
+        )
+    try:
+        shapes = row_shapes(args.file, args.kind)
+        notes = _check_lengths(args) if args.model is not None else []
+    except DataError as err:
+        return _problems(args, err)
+    text = shapes_summary(args.file, args.kind, shapes)
+    if args.model is not None:
+        text += f"; every row fits max_length={args.max_length}" + "".join(f"\nwarning: {w}" for w in notes)
+    doc = {"file": args.file, "kind": args.kind, "rows": sum(shapes.values()), "shapes": shapes,
+           "max_length": args.max_length, "warnings": notes}  # fmt: skip
+    return Output(doc=doc, text=text)
+
+
+def _problems(args, err: DataError) -> Output:
+    """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
+    for p in err.problems:
+        print(p, file=sys.stderr)
+    message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
+    print(message, file=sys.stderr)
+    problems = [
+        {"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems
+    ]
+    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems}, code=EXIT_USER,
+                  error={"kind": "user", "message": message})  # fmt: skip
+
+
+def _check_lengths(args) -> list[str]:
+    """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems; returns
+    the warnings rendering gave (e.g. responses truncated)."""
+    import warnings
+
+    from posttrain.config import ModelConfig
+    from posttrain.data import load_rows, render_dataset, render_preference_dataset
+    from posttrain.models import load_tokenizer
+
+    if args.max_length <= 0:
+        raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    quiet_libraries()
+    tokenizer = load_tokenizer(ModelConfig(name=args.model))
+    rows = load_rows(args.file, args.kind)
+    render = render_preference_dataset if args.kind == "preference" else render_dataset
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        render(tokenizer, rows, max_length=args.max_length, source=args.file)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def pairs(args) -> Output:
+    from posttrain.data import TASKS, load_rows
+    from posttrain.rollout.pairs import (
+        onpolicy_pairs,
+        prepare_prompt_rows,
+        reward_scorer,
+        task_scorer,
+        written_ids,
+    )
+
+    _check_pairs_args(args)
+    rows = load_rows(args.prompts, "prompts")[: args.limit]
+    prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
+    scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)
+    out = Path(args.out)
+    done = written_ids(out)
+    todo = [r for r in rows if r["id"] not in done]
+    doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,
+           "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,
+           "skipped_empty": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
+    if len(todo) < len(rows):
+        print(
+            f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts already have pairs there; skipping them"
+        )
+    if not todo:
+        return Output(doc=doc, text=f"nothing to do: every prompt already has a pair in {out}")
+    quiet_libraries()
+    from posttrain.evaluation import load_for_inference  # after quiet_libraries: it decides the hub's mode
+
+    model, tokenizer = load_for_inference(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+
+        def write(pair: dict) -> None:  # one line per pair, flushed: an interrupted run keeps its work
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            f.flush()
+
+        _, st = onpolicy_pairs(
+            model, tokenizer, todo, n=args.n, scorer=scorer, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+            progress=not args.no_progress, on_pair=write,
+        )  # fmt: skip
+    doc.update(st)
+    return Output(doc=doc, text=(
+        f"wrote {st['kept']} pairs from {st['prompts']} prompts to {out} ({st['skipped_equal']} skipped: all "
+        f"{args.n} samples scored the same; {st['skipped_empty']} skipped: fewer than 2 non-empty samples); "
+        f"mean best score {st['mean_best']:.3f}, mean worst {st['mean_worst']:.3f}"
+    ))  # fmt: skip
+
+
+def _check_pairs_args(args) -> None:
+    from posttrain.data import TASKS
+
+    if args.task is not None and args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if args.n < 2:
+        raise UserError(f"--n must be at least 2 completions per prompt to make a pair, got {args.n}")
+    if args.temperature <= 0:
+        raise UserError("--temperature must be > 0: greedy decoding gives --n equal completions")
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit must be a positive number of prompts, got {args.limit}")

@@ -1,0 +1,225 @@
+"""`posttrain evaluate`: score a model's answers with a task's verifier or a reward (and optionally a trained
+judge), or rank preference pairs with its implicit reward (`posttrain.evaluation`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from posttrain.cli.data import TASK_OPTIONS, task_with_options
+from posttrain.cli.output import Output, add_json, quiet_libraries, settings
+from posttrain.errors import UserError
+
+NO_VERIFIER = (
+    "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
+    "structured, arithmetic; its held-out prompts are made fresh, or --data FILE gives rows with an `answer`), "
+    "or --data FILE --reward SPEC (a reward as the verifier, e.g. --reward exact_match, --reward numeric_answer, "
+    "--reward path/to/file.py:function; the same specs as algorithm.rewards), or --pairs FILE (preference pairs)."
+)
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser(
+        "evaluate",
+        help="score a model's answers with a task's verifier or a reward, or rank preference pairs",
+    )
+    e.add_argument(
+        "--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
+    )
+    verifier = e.add_mutually_exclusive_group()
+    verifier.add_argument(
+        "--task",
+        help="score with a built-in task's verifier (structured, arithmetic); without --data, on "
+        "freshly made held-out prompts of that task",
+    )
+    verifier.add_argument(
+        "--reward",
+        action="append",
+        help="score the rows of --data with a reward as the verifier: exact_match, numeric_answer, a built-in, "
+        'path/to/file.py:function, or JSON {"name": ..., "weight": ..., "args": {...}}; repeatable (weighted '
+        "sum). Reports the mean reward and the share of rows with reward > 0",
+    )
+    e.add_argument("--n", type=int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
+    e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
+    e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
+    e.add_argument("--data", help="prompts file (a `prompt` per row, and the `answer` the verifier checks)")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one seeded sample"
+    )
+    e.add_argument("--judge", help="also score the answers with a trained reward model (its folder)")
+    e.add_argument(
+        "--pairs", help="preference file: report how the model ranks its pairs (DPO implicit reward)"
+    )
+    e.add_argument("--reference", help="with --pairs: the reference model (default: the adapter disabled)")
+    e.add_argument("--beta", type=float, default=0.1, help="with --pairs: DPO beta of the implicit reward")
+    e.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
+    e.add_argument(
+        "--out",
+        help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
+        "scores, the reference answer (docs/cli-json.md)",
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json(e)
+    e.set_defaults(func=run, loads_models=True)
+
+
+def run(args) -> Output:
+    """Answers to --n prompts, scored by the verifier (a task's, or rewards), and by a judge if given."""
+    from posttrain.evaluation import answer_records, format_table, generate_answers, load_for_inference
+
+    if args.n <= 0:
+        raise UserError(f"--n must be a positive number of prompts or pairs, got {args.n}")
+    if args.pairs is not None:
+        if args.task is not None or args.reward or args.data is not None:
+            raise UserError("--pairs scores preference pairs with the model's log-probabilities; "
+                            "--task, --reward and --data do not apply to it (run them separately)")  # fmt: skip
+        return evaluate_pairs(args)
+    _check_verifier(args)
+    rows = _evaluation_rows(args)
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    rewards = _reward_functions(args, rows) if args.reward else None
+    if args.judge is not None:
+        from posttrain.models.heads import reward_model_problem
+
+        why = reward_model_problem(args.judge)
+        if why:
+            raise UserError(f"--judge: {why}")
+    quiet_libraries()
+    model, tokenizer = load_for_inference(args.model)
+    completions = generate_answers(
+        model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        sample_seed=args.seed, progress=None if args.no_progress else "evaluate",
+    )  # fmt: skip
+    metrics, per_row = _score(args, rewards, completions, rows)
+    scores = None
+    if args.judge is not None:
+        from posttrain.evaluation.preference import judge_scores
+
+        scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions)
+        metrics["judge_score_mean"] = sum(scores) / len(scores)
+    if args.out is not None:
+        _write_records(args.out, answer_records(rows, completions, per_row, scores))
+    doc = {
+        "model": args.model, "verifier": "reward" if rewards is not None else "task", "task": args.task,
+        "rewards": [r.name for r in rewards] if rewards is not None else None, "judge": args.judge,
+        "data": args.data, "n": len(rows), "settings": settings(args, "max_new_tokens", "temperature", "seed"),
+        "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
+    }  # fmt: skip
+    return Output(doc=doc, text=format_table({args.model: metrics}))
+
+
+def _check_verifier(args) -> None:
+    """A verifier is named (--task or --reward), exists, and has the rows it scores."""
+    from posttrain.data import TASKS
+
+    if args.task is None and not args.reward:
+        raise UserError(NO_VERIFIER)
+    if args.task is not None and args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if args.reward and args.data is None:
+        raise UserError("--reward scores the rows of a prompts file: add --data FILE (rows with a `prompt` and "
+                        "the columns the reward reads, e.g. `answer`); or use --task NAME for a built-in task's "
+                        "own prompts and verifier")  # fmt: skip
+
+
+def _reward_functions(args, rows: list[dict]) -> list:
+    """The --reward functions, after checking that the rows have the columns they read (before the model loads)."""
+    from posttrain.rewards import build_reward_functions, parse_reward_specs
+    from posttrain.rewards.checks import check_reward_inputs
+    from posttrain.rollout.pairs import parse_reward_args
+
+    specs = parse_reward_specs(parse_reward_args(args.reward))
+    check_reward_inputs(specs, rows, args.data)
+    return build_reward_functions(specs)
+
+
+def _score(args, rewards: list | None, completions: list[str], rows: list[dict]) -> tuple[dict, list[dict]]:
+    """The metrics of the answers, and each row's own (its verifier metrics, or its rewards: the --out file)."""
+    from posttrain.evaluation import score_completions, score_rewards
+
+    per_row: list[dict] = []
+    if rewards is None:
+        return score_completions(args.task, completions, rows, per_row), per_row
+    metrics, result = score_rewards(rewards, completions, rows)
+    _report_reward_failures(result, len(rows))
+    for i, total in enumerate(result.total):  # the weighted sum, and each function's own reward
+        per_row.append({"reward": total, **{f"reward_{k}": v[i] for k, v in result.per_function.items()}})
+    return metrics, per_row
+
+
+def _write_records(path: str, records: list[dict]) -> None:
+    """Write `evaluate --out` rows, all at once: scores come once every answer is in (rewards see the whole set,
+    as in training), and a file is either a whole evaluation or absent (no resume, unlike `data pairs`: an
+    evaluation is rerun in full, and greedy or seeded decoding gives the same answers)."""
+    from posttrain.data import write_jsonl
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    write_jsonl(records, tmp)
+    os.replace(tmp, out)
+
+
+def _evaluation_rows(args) -> list[dict]:
+    """The first --n rows of --data, or --n fresh rows of the --task (with its difficulty options)."""
+    from posttrain.data import TASKS, load_rows
+
+    if args.data is None:
+        return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    given = [flag for f, flag in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} shape the rows made by --task; with --data the rows come from "
+                        f"{args.data}")  # fmt: skip
+    rows = load_rows(args.data, "prompts")[: args.n]
+    missing = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if "answer" not in r]
+    if args.task is not None and missing:
+        raise UserError(f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})")
+    return rows
+
+
+def _report_reward_failures(result, n: int) -> None:
+    """A reward that could not score some answers says so (they count with the fallback, 0); one that scored
+    none measured nothing, which is an error rather than a table of zeros."""
+    for name, failed in result.failures.items():
+        if not failed:
+            continue
+        why = result.errors.get(name, "")
+        if failed == n:
+            raise UserError(f"--reward {name} could not score any answer ({why}); check that --data has the "
+                            "columns it reads and that its args are right")  # fmt: skip
+        print(f"warning: --reward {name} could not score {failed} of {n} answers; they count as 0 ({why})",
+              file=sys.stderr)  # fmt: skip
+
+
+def evaluate_pairs(args) -> Output:
+    """`posttrain evaluate --pairs FILE`: rank held-out preference pairs with the model and its reference."""
+    from posttrain.data import load_rows
+    from posttrain.evaluation import load_for_inference
+    from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
+
+    if args.beta <= 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
+    if args.max_length <= 0:
+        raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    if args.judge is not None:
+        raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
+    rows = load_rows(args.pairs, "preference")[: args.n]
+    quiet_libraries()
+    model, tokenizer = load_for_inference(args.model)
+    reference = load_for_inference(args.reference)[0] if args.reference is not None else None
+    per_pair: list[dict] = []
+    result = preference_accuracy(
+        model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
+        source=args.pairs, per_pair=per_pair, progress=not args.no_progress,
+    )  # fmt: skip
+    if args.out is not None:
+        _write_records(args.out, pair_records(rows, per_pair))
+    doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
+           "n": len(rows), "settings": settings(args, "beta", "max_length"),
+           "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
+    return Output(doc=doc, text=format_preference({args.model: result}))

@@ -1,0 +1,57 @@
+"""`posttrain generate`: sample completions from a run, a model folder or the embedded default."""
+
+from __future__ import annotations
+
+from posttrain.cli.output import Output, add_json, settings
+from posttrain.errors import UserError
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="sample from a run, a model folder or the embedded default")
+    g.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
+    )
+    g.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    g.add_argument("--prompts-file", help="a file of prompt rows (JSONL/JSON/CSV with a `prompt` field)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
+    add_json(g)
+    g.set_defaults(func=run, loads_models=True)
+
+
+def run(args) -> Output:
+    from posttrain.data import load_rows, plain_messages
+    from posttrain.evaluation import load_for_inference
+    from posttrain.models import generate
+
+    items = [{"prompt": p} for p in args.prompt or []]
+    if args.prompts_file:
+        rows = load_rows(args.prompts_file, "prompts")
+        items += [{**({"id": r["id"]} if "id" in r else {}), "prompt": r["prompt"]} for r in rows]
+    if not items:
+        raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
+    model, tokenizer = load_for_inference(args.model)
+    outs = generate(
+        model,
+        tokenizer,
+        [item["prompt"] for item in items],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        progress="generate" if args.prompts_file and not args.no_progress else None,  # bar: a file's prompts
+    )
+    blocks = []
+    for item, out in zip(items, outs):
+        prompt = item["prompt"]
+        item.update(prompt=plain_messages(prompt, "user"), completion=out)
+        shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        blocks.append(f"### prompt\n{shown}\n### completion\n{out}\n")
+    doc = {"model": args.model, "settings": settings(args, "max_new_tokens", "temperature", "top_p", "seed"),
+           "results": items}  # fmt: skip
+    return Output(doc=doc, text="\n".join(blocks))

@@ -1,0 +1,91 @@
+"""What a command reports and how it reaches the terminal: `Output`, its `--json` document, quiet libraries.
+
+Commands that print results return an `Output`: its text is what they print, and with `--json` its document is
+printed instead, as the only thing on stdout (`posttrain.cli.main` sends everything else the command prints to
+stderr while it runs); a failure is a document too. The documents are described in docs/cli-json.md
+(`SCHEMA_VERSION`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+
+from posttrain.errors import EXIT_OK
+
+SCHEMA_VERSION = 1
+"""Version of the `--json` documents (docs/cli-json.md): raised when a key is removed or changes meaning; new
+keys may appear without it."""
+
+
+@dataclass
+class Output:
+    """What a command reports: `text` (printed without --json), `doc` (the JSON document's own keys; None: no
+    document, as on the other processes of a multi-process launch, where rank 0 reports), the exit `code`, and
+    for a failure `error` (``{"kind", "message"}``)."""
+
+    doc: dict | None = field(default_factory=dict)
+    text: str = ""
+    code: int = EXIT_OK
+    error: dict | None = None
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """Give a command `--json`: `main` then prints its `Output` as a document (`json_document`)."""
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print one JSON document on stdout instead (docs/cli-json.md); progress and messages go to stderr",
+    )  # fmt: skip
+    parser.set_defaults(prints_document=True)
+
+
+def settings(args: argparse.Namespace, *names: str) -> dict:
+    """The named command-line settings, for a document's `settings` key."""
+    return {name: getattr(args, name) for name in names}
+
+
+def json_document(command: str, out: Output) -> str:
+    """The `--json` document of a command's `Output` (docs/cli-json.md): the envelope (`schema_version`,
+    `command`, `ok`, and `error` for a failure) around the command's own keys. Numbers that are not finite
+    (NaN, inf) are written as null, so the document is strict JSON.
+
+    >>> print(json_document("generate", Output(doc={"loss": float("nan")}, code=0)))
+    {
+      "schema_version": 1,
+      "command": "generate",
+      "ok": true,
+      "loss": null
+    }
+    """
+    doc = {"schema_version": SCHEMA_VERSION, "command": command, "ok": out.code == EXIT_OK}
+    if out.error is not None:
+        doc["error"] = out.error
+    doc.update(out.doc or {})
+    return json.dumps(_finite(doc), indent=2, ensure_ascii=False, default=str)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and messages only: no per-tensor loading bars or deprecation notices from libraries, no
+    hub retries when the hub cannot be reached (`models.hub`; before transformers is first imported)."""
+    import warnings
+
+    from posttrain.models.hub import prepare_hub_libraries
+
+    prepare_hub_libraries()  # first: it sets the hub's environment, which transformers reads when imported
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,44 @@
+"""`posttrain quickstart [sft|dpo|grpo|ppo]`: the measured recipes (`posttrain.quickstart`, `posttrain.recipes`;
+their settings are in configs/quickstart/)."""
+
+from __future__ import annotations
+
+from posttrain.errors import EXIT_OK, UserError
+
+
+def add_parser(sub) -> None:
+    q = sub.add_parser(
+        "quickstart", help="train the embedded SmolLM2 with LoRA and show held-out before/after"
+    )
+    q.add_argument(
+        "method",
+        nargs="?",
+        default="sft",
+        choices=["sft", "dpo", "grpo", "ppo"],
+        help="sft (default): structured-output SFT; dpo, grpo, ppo: the arithmetic recipes (README)",
+    )
+    q.add_argument("--output-dir", help="run folder (default: runs/quickstart or runs/quickstart-METHOD)")
+    q.add_argument("--steps", type=int, default=None, help="training steps (default: the built-in recipe)")
+    q.add_argument("--n-eval", type=int, default=None, help="held-out prompts to evaluate (default: recipe)")
+    q.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming it")
+    q.set_defaults(func=run, loads_models=True)
+
+
+def run(args) -> int:
+    from posttrain.quickstart import run_quickstart
+    from posttrain.recipes import run_recipe
+
+    if args.method != "sft":
+        if args.n_eval is not None:
+            raise UserError(
+                "--n-eval applies to the sft quickstart; the dpo, grpo and ppo recipes use 200 prompts"
+            )
+        run_recipe(args.method, output_dir=args.output_dir, steps=args.steps, fresh=args.fresh)
+        return EXIT_OK
+    run_quickstart(
+        output_dir=args.output_dir or "runs/quickstart",
+        steps=args.steps,
+        n_eval=args.n_eval,
+        fresh=args.fresh,
+    )
+    return EXIT_OK

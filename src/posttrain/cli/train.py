@@ -1,0 +1,72 @@
+"""`posttrain train`: run a training config (`posttrain.train.train`) and print its summary; `--help-config` lists
+every config field with its default and which methods read it."""
+
+from __future__ import annotations
+
+import os
+
+from posttrain.cli.output import Output, add_json
+from posttrain.errors import UserError
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="run a training config: posttrain train RUN.yaml [key=value ...]")
+    t.add_argument(
+        "config", nargs="?", help="run YAML file (see configs/); may be left out when overrides say it all"
+    )
+    t.add_argument(
+        "overrides", nargs="*",
+        help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50; they win over the run file, and a key given "
+        "twice takes the last value",
+    )  # fmt: skip
+    t.add_argument(
+        "--resume", action="store_true",
+        help="continue from the run folder's latest checkpoint, on the same data and config (only run length, "
+        "logging and checkpoint settings may change); a finished run trains nothing",
+    )  # fmt: skip
+    t.add_argument(
+        "--help-config", action="store_true",
+        help="list every config field with its default and which methods/techniques read it",
+    )  # fmt: skip
+    add_json(t)
+    t.set_defaults(func=run, loads_models=True)
+
+
+def run(args) -> Output:
+    if args.help_config:
+        return help_config()
+    from posttrain.algorithms import load_config
+    from posttrain.train import train
+    from posttrain.trainer.runlock import launch_rank
+    from posttrain.trainer.summary import format_summary, run_summary
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        config, overrides = None, [config, *overrides]  # no run file: defaults + overrides
+    if config is None and not overrides:
+        raise UserError(
+            "posttrain train needs a run file or overrides: posttrain train RUN.yaml [key=value ...]"
+        )
+    cfg = load_config(config, overrides)
+    result = train(cfg, resume=args.resume)
+    if launch_rank() != 0:  # one summary per run: rank 0's (the others' history is their own shard's)
+        return Output(doc=None)
+    summary = run_summary(result)
+    return Output(doc=summary, text=format_summary(summary))
+
+
+def help_config() -> Output:
+    """Every config field: its default, its doc, its method (None: a shared section) and what reads it."""
+    from posttrain.algorithms import RunConfig
+    from posttrain.config import describe_fields
+    from posttrain.config_rules import reads
+
+    fields = [{"name": n, "default": d, "doc": doc, "method": m, "read_by": reads(n, RunConfig, m)}
+              for n, d, doc, m in describe_fields(RunConfig)]  # fmt: skip
+    lines, shown = [], None
+    for f in fields:
+        if f["method"] != shown and f["method"] is not None:
+            lines.append(f"\n# algorithm.name: {f['method']}")
+        shown = f["method"]
+        lines.append(f"{f['name']} = {f['default']}\n    {f['doc']}\n    read by: {f['read_by']}")
+    return Output(doc={"fields": fields}, text="\n".join(lines))
