@@ -513,6 +513,17 @@ def validate_config(schema: type[RunBase], data: Any, *, source: str = "config")
         raise ConfigError(format_validation_error(schema, err, source, data)) from None
 
 
+QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
+"""The quickstart recipes' settings, one YAML per method (in a clone also at configs/quickstart/: the repository's
+configs/ is this package's)."""
+
+
+def quickstart_methods() -> list[str]:
+    """The methods with a quickstart recipe, one per YAML in `QUICKSTART_CONFIGS`: sft (structured output,
+    `posttrain.quickstart`) first, then the arithmetic recipes (`posttrain.recipes`)."""
+    return sorted((p.stem for p in QUICKSTART_CONFIGS.glob("*.yaml")), key=lambda m: (m != "sft", m))
+
+
 def read_config_file(path: str | Path) -> dict:
     """A YAML run file as a nested dict (a key written twice is an error naming its lines)."""
     p = Path(path)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.algorithms import config_from_dict
-from posttrain.config import ModelConfig, TechniqueConfig, read_config_file
+from posttrain.config import QUICKSTART_CONFIGS, ModelConfig, TechniqueConfig, read_config_file
 from posttrain.data import TASKS, write_jsonl
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
@@ -31,10 +31,6 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
-
-QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
-"""The recipes' settings, one YAML per method: sft.yaml (this module) and dpo, grpo, ppo (`posttrain.recipes`).
-In a clone they are also at configs/quickstart/ (the repository's configs/ is this package's)."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""Quickstart recipes for the other paradigms: DPO, GRPO and PPO with LoRA on the embedded SmolLM2-135M-Instruct,
-each measured before and after on held-out data (`posttrain quickstart dpo|grpo|ppo`).
+"""Quickstart recipes for the other paradigms: DPO, GRPO, PPO and RLOO with LoRA on the embedded
+SmolLM2-135M-Instruct, each measured before and after on held-out data (`posttrain quickstart dpo|grpo|ppo|rloo`).
 
-All three use the built-in arithmetic task at one operation with amounts up to 10. That setting was chosen by
+All of them use the built-in arithmetic task at one operation with amounts up to 10. That setting was chosen by
 measurement: RL needs a model that sometimes succeeds, and there the base model answers about 20-30% of the
 problems correctly (greedy, and sampled at temperature 0.7), against about 3% at temperature 1.0 or with amounts
 up to 100 (the dequantised Q4_1 weights make its low-probability tail noisy). Steps per recipe:
 
-1. data in ``RUN/data``: training pairs (DPO) or prompts (GRPO, PPO), held-out prompts in wordings never used
+1. data in ``RUN/data``: training pairs (DPO) or prompts (the RL methods), held-out prompts in wordings never used
    in training, and (DPO) held-out pairs;
 2. the base model's scores on the held-out prompts, greedy and one sample each at the RL temperature 0.7
    (verifier: ``correct``; ``formatted``: the answer is marked ``Answer: N``) and, for DPO, its ranking of the
@@ -16,7 +16,7 @@ up to 100 (the dequantised Q4_1 weights make its low-probability tail noisy). St
    ``correct`` (greedy and sampled), the prompts gained and lost and the exact McNemar p-value
    (`evaluation.paired_change`).
 
-Each recipe's settings are data: configs/quickstart/dpo.yaml, grpo.yaml, ppo.yaml (in the package,
+Each recipe's settings are data: configs/quickstart/dpo.yaml, grpo.yaml, ppo.yaml, rloo.yaml (in the package,
 src/posttrain/configs/), read by `quickstart.read_recipe`: the run config, and a `recipe` section with what this
 module makes and how it scores (`ArithmeticRecipe`).
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.algorithms import config_from_dict
-from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides
+from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, quickstart_methods
 from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
@@ -44,8 +44,8 @@ from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
 
-RECIPES = ("dpo", "grpo", "ppo")
-"""The recipes of this module; each one's settings are in configs/quickstart/METHOD.yaml."""
+RECIPES = tuple(m for m in quickstart_methods() if m != "sft")
+"""The recipes of this module (dpo, grpo, ppo, rloo): one per configs/quickstart/METHOD.yaml but sft.yaml."""
 
 __all__ = ["RECIPES", "ArithmeticRecipe", "recipe_config", "run_recipe"]
 

@@ -64,7 +64,7 @@ def rl(make_cfg, tmp_path):
             "optim.schedule": "constant",
             "run.max_steps": 3,
         }
-        if algorithm == "grpo":  # a grpo setting under ppo would be refused (read by grpo only)
+        if algorithm in ("grpo", "rloo"):  # a group setting under ppo would be refused (not read there)
             base["algorithm.num_generations"] = 4
         base.update(overrides)
         return make_cfg(name, **base)
@@ -129,8 +129,9 @@ def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
     hist = read_metrics(tmp_path / "learn" / "metrics.jsonl")
     # The end-of-run summary shows GRPO's key metric, the mean total reward, of the last step.
     last = hist[-1]
-    assert f"  last step:    loss {last['loss']:.4f}, reward/total_mean {last['reward/total_mean']:.4g}\n" in (
-        capsys.readouterr().out
+    assert (
+        f"  last step:    loss {last['loss']:.4f}, reward/total_mean {last['reward/total_mean']:.4g}\n"
+        in (capsys.readouterr().out)
     )
     rewards = [h["reward/letters_mean"] for h in hist]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -183,6 +184,39 @@ def test_drop_uniform_groups_trains_only_on_groups_with_signal(rl, tiny_model_di
     assert all(
         torch.all(p == 0) for n, p in result.model.named_parameters() if "lora_B" in n
     )  # nothing trained
+
+
+# ---------------------------------------------------------------------------------------------------------- RLOO
+def test_rloo_learns_a_toy_reward_with_its_kl_penalty_in_the_reward(rl, tiny_model_dir):
+    """RLOO on the shared loop: k = 4 completions per prompt, the KL penalty taken off the reward (step 1: the
+    adapter is a no-op, so KL 0 and the penalised reward is the raw reward), one loss unit per completion, ratio
+    1 on-policy, and the letters reward rises as it does for GRPO."""
+    cfg = rl("rloo", algorithm="rloo", **{"algorithm.beta": 0.01, "technique.target_modules": "[lm_head]",
+                                          "optim.lr": 3e-2, "run.max_steps": 12})  # fmt: skip
+    result = train(cfg, return_model=True)
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert hist[0]["kl"] == 0.0
+    assert hist[0]["penalised_reward_mean"] == pytest.approx(hist[0]["reward/total_mean"], abs=1e-6)
+    for h in hist:
+        assert h["loss_units"] == 16  # completions, whatever their lengths
+        assert h["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and h["clip_fraction"] == 0.0
+        assert h["penalised_reward_mean"] == pytest.approx(h["reward/total_mean"] - 0.01 * h["kl"], abs=1e-4)
+    assert any(h["kl"] > 0 for h in hist[1:])
+    rewards = [h["reward/letters_mean"] for h in hist]
+    assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.6, rewards
+    _frozen_base_unchanged(result.model, tiny_model_dir)
+
+
+def test_rloo_without_penalty_needs_no_reference_and_ties_train_nothing(rl):
+    """beta 0: no reference forward; a constant reward gives every group equal rewards, advantages exactly 0,
+    so the loss is 0 and the adapters stay where they started."""
+    result = train(
+        rl("rloo-tie", algorithm="rloo", reward="constant", **{"algorithm.beta": 0}), return_model=True
+    )
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [h["loss"] for h in hist] == [0.0] * 3
+    assert "kl" not in hist[0]  # no reference forward, so no KL to log
+    assert all(torch.all(p == 0) for n, p in result.model.named_parameters() if "lora_B" in n)
 
 
 # ----------------------------------------------------------------------------------------------------------- PPO
@@ -350,7 +384,10 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
         ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo"),
         ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
         ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
-        ({"data.eval": "x.jsonl"}, "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo"),
+        (
+            {"data.eval": "x.jsonl"},
+            "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo",
+        ),
     ],
 )
 def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
@@ -363,8 +400,11 @@ def test_rl_settings_that_cannot_work_are_config_errors(rl, overrides, message):
 def test_rewards_in_a_non_rl_config_are_an_error(make_cfg):
     from posttrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"algorithm.rewards: not a setting of algorithm.name=sft; it belongs to "
-                       "grpo, ppo"):
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithm.rewards: not a setting of algorithm.name=sft; it belongs to "
+        "grpo, ppo",
+    ):
         make_cfg("sft", **{"algorithm.rewards": "[task]"})
 
 
@@ -540,7 +580,9 @@ def test_prompts_that_no_step_can_use_are_named_before_training(rl, tmp_path, ca
     from posttrain.data.order import epoch_order
 
     prompts = tmp_path / "prompts17.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"add {i} 1", "answer": str(i + 1)}) + "\n" for i in range(17)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"add {i} 1", "answer": str(i + 1)}) + "\n" for i in range(17))
+    )
     cfg = rl("skip", algorithm="ppo", **{"data.train": str(prompts), "algorithm.rollout.batch_size": 8,
                                          "optim.batch_size": 4, "run.max_steps": 4})  # fmt: skip
     result = train(cfg)

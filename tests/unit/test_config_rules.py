@@ -20,6 +20,7 @@ REWARD = {"algorithm.name": "reward"}
 DPO = {"algorithm.name": "dpo"}
 GRPO = {"algorithm.name": "grpo", **RL_REWARD}
 PPO = {"algorithm.name": "ppo", **RL_REWARD}
+RLOO = {"algorithm.name": "rloo", **RL_REWARD}
 FULL, LORA, QLORA = ({"technique.name": t} for t in ("full", "lora", "qlora"))
 
 # field: (non-default value, a run that does not read it, a run that does or None where no value but the default
@@ -55,12 +56,15 @@ OWN_CASES = {
     ("ppo", "algorithm.rollout.overlong_reward"): (0.0, PPO, {**PPO, "algorithm.rollout.overlong": "fixed"}),
     ("ppo", "algorithm.rollout.overlong_cache"): (16, {**PPO, "algorithm.rollout.overlong": "fixed"},
                                                   {**PPO, "algorithm.rollout.overlong": "soft"}),
+    ("rloo", "algorithm.rollout.overlong_reward"): (0.0, RLOO, {**RLOO, "algorithm.rollout.overlong": "fixed"}),
+    ("rloo", "algorithm.rollout.overlong_cache"): (16, {**RLOO, "algorithm.rollout.overlong": "fixed"},
+                                                   {**RLOO, "algorithm.rollout.overlong": "soft"}),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
 }  # fmt: skip
 
 CASES = {**SHARED_CASES, **{field: case for (_, field), case in OWN_CASES.items()}}
-CONTEXT = {"sft": SFT, "reward": REWARD, "dpo": DPO, "grpo": GRPO, "ppo": PPO}
+CONTEXT = {"sft": SFT, "reward": REWARD, "dpo": DPO, "grpo": GRPO, "ppo": PPO, "rloo": RLOO}
 
 
 def _load(field, value, context):

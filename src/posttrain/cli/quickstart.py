@@ -1,8 +1,9 @@
-"""`posttrain quickstart [sft|dpo|grpo|ppo]`: the measured recipes (`posttrain.quickstart`, `posttrain.recipes`;
+"""`posttrain quickstart [sft|dpo|grpo|ppo|rloo]`: the measured recipes (`posttrain.quickstart`, `posttrain.recipes`;
 their settings are in configs/quickstart/)."""
 
 from __future__ import annotations
 
+from posttrain.config import quickstart_methods
 from posttrain.errors import EXIT_OK, UserError
 
 
@@ -14,8 +15,10 @@ def add_parser(sub) -> None:
         "method",
         nargs="?",
         default="sft",
-        choices=["sft", "dpo", "grpo", "ppo"],
-        help="sft (default): structured-output SFT; dpo, grpo, ppo: the arithmetic recipes (README)",
+        choices=quickstart_methods(),
+        help="sft (default): structured-output SFT; "
+        + ", ".join(m for m in quickstart_methods() if m != "sft")
+        + ": the arithmetic recipes (README)",
     )
     q.add_argument("--output-dir", help="run folder (default: runs/quickstart or runs/quickstart-METHOD)")
     q.add_argument("--steps", type=int, default=None, help="training steps (default: the built-in recipe)")
@@ -31,7 +34,8 @@ def run(args) -> int:
     if args.method != "sft":
         if args.n_eval is not None:
             raise UserError(
-                "--n-eval applies to the sft quickstart; the dpo, grpo and ppo recipes use 200 prompts"
+                "--n-eval applies to the sft quickstart; the arithmetic recipes score the 200 held-out prompts "
+                f"set in configs/quickstart/{args.method}.yaml (recipe.n_heldout)"
             )
         run_recipe(args.method, output_dir=args.output_dir, steps=args.steps, fresh=args.fresh)
         return EXIT_OK
