@@ -46,6 +46,15 @@ def test_missing_local_path(name, no_network):
     assert name in str(err.value)
 
 
+def test_a_name_under_a_local_folder_is_a_local_path_not_a_hub_id(tmp_path, monkeypatch, no_network):
+    """`runs/my-run` where runs/ exists here: a missing local folder, never "download it from the hub"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no such local model folder") as err:
+        resolve_model("runs/my-run")
+    assert "huggingface-cli" not in str(err.value) and "runs/my-run" in str(err.value)
+
+
 def test_missing_gguf_file(no_network):
     with pytest.raises(ModelNotFoundError, match="no such GGUF file") as err:
         resolve_model("missing-model.Q4_0.gguf")

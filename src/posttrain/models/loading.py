@@ -95,6 +95,7 @@ def cache_root() -> Path:
 
 def _looks_local(name: str) -> bool:
     """A path the user meant as a file or folder here; a hub id is `name` or `org/name` (one slash at most).
+    `org/name` is a path too when `org` is a folder here (`runs/my-run`: the hub is never asked for it).
 
     >>> [_looks_local(n) for n in ["./m", "/abs/m", "~/m", "m.gguf", "a/b/c", "org/name", "gpt2"]]
     [True, True, True, True, True, False, False]
@@ -104,6 +105,7 @@ def _looks_local(name: str) -> bool:
         or "\\" in name
         or name.count("/") > 1
         or name.lower().endswith(".gguf")
+        or ("/" in name and Path(name.split("/", 1)[0]).is_dir())
     )
 
 
