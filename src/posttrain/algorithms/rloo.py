@@ -10,7 +10,7 @@ prompt's expected reward that does not include the sample itself:
 The reward of a completion is its score minus beta times its KL to the reference, summed over its tokens
 (`kl_penalised_scores`: the sequence-level KL penalty of RLHF, Ziegler et al. 2019; in RLOO the penalty enters
 the reward, not the loss). The loss is REINFORCE on the sequence log-probability, -A_i log pi(y_i | x), with
-PPO's clipped ratio per token (Schulman et al. 2017, eq. 7) so that a rollout may feed several optimisation
+PPO's clipped ratio per token (Schulman et al. 2017, eq. 7; PPO's own `ppo_policy_loss`) so that a rollout may feed several optimisation
 steps (`rloo_loss`); on-policy the ratio is 1 and it is the plain REINFORCE gradient. Each completion weighs
 the same whatever its length: the per-token terms are summed over the completion, and the loss units are
 completions.
@@ -40,7 +40,7 @@ from posttrain.algorithms.base import (
     sequence_tensors,
 )
 from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, masked_sum
-from posttrain.algorithms.ppo import clipped_surrogate
+from posttrain.algorithms.ppo import ppo_policy_loss
 from posttrain.config import RLSection
 from posttrain.config_rules import When
 from posttrain.models.logprobs import chunked_token_logps, selected_token_logps
@@ -119,8 +119,9 @@ def rloo_loss(
     *,
     clip_eps: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-completion loss (B,): the clipped surrogate of every token with its completion's advantage, summed over
-    the completion's tokens; and detached token-mean metrics (clip_fraction, ratio_mean).
+    """Per-completion loss (B,): PPO's clipped policy loss (`ppo.ppo_policy_loss`) of every token with its
+    completion's advantage, summed over the completion's tokens; and its detached token-mean metrics
+    (clip_fraction, approx_kl) with ratio_mean.
 
     On-policy (policy == old) each completion's loss is -A_i x (its number of tokens), and its gradient is
     -A_i grad log pi(y_i | x): REINFORCE with the baseline inside A_i.
@@ -132,16 +133,11 @@ def rloo_loss(
     >>> loss, m["ratio_mean"]
     (tensor([-4.,  1.]), tensor(1.))
     """
-    keep = mask.bool()
-    log_ratio = torch.where(keep, policy_logps - old_logps, torch.zeros_like(policy_logps))  # (B, T)
-    per_token, clipped_low, clipped_high = clipped_surrogate(
-        log_ratio, advantages[:, None], clip_eps, clip_eps
-    )
-    metrics = {
-        "clip_fraction": masked_mean((clipped_low | clipped_high).float(), mask).detach(),
-        "ratio_mean": masked_mean(torch.exp(log_ratio), mask).detach(),
-    }
-    return masked_sum(per_token, mask, dim=1), metrics
+    per_token, metrics = ppo_policy_loss(policy_logps, old_logps, advantages[:, None].expand_as(policy_logps), mask,
+                                         clip_eps=clip_eps)  # fmt: skip
+    log_ratio = torch.where(mask.bool(), policy_logps - old_logps, torch.zeros_like(policy_logps))  # (B, T)
+    metrics["ratio_mean"] = masked_mean(torch.exp(log_ratio), mask).detach()
+    return per_token.sum(dim=1), metrics
 
 
 # ---------------------------------------------------------------------------------------------------------------
