@@ -1,7 +1,7 @@
 """The `posttrain` command: a thin layer that parses arguments, calls the Python API and prints.
 
 One module per command group (`quickstart`, `train`, `data`, `generate`, `merge`, `report`, `evaluate`,
-`estimate`, `advise`), each with `add_parser(subparsers)` and the function that runs the command; `output` holds
+`diagnose`, `estimate`, `advise`), each with `add_parser(subparsers)` and the function that runs the command; `output` holds
 what they report (`Output`, the `--json` document). This module assembles the parser and runs the command.
 
 Exit codes: 0 success, 2 a user error (bad input, bad config, missing model: one clear paragraph, no
@@ -25,13 +25,24 @@ import sys
 import traceback
 
 from posttrain import __version__
-from posttrain.cli import advise, data, estimate, evaluate, generate, merge, quickstart, report, train
+from posttrain.cli import (
+    advise,
+    data,
+    diagnose,
+    estimate,
+    evaluate,
+    generate,
+    merge,
+    quickstart,
+    report,
+    train,
+)
 from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
 from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError
 
 __all__ = ["SCHEMA_VERSION", "Output", "build_parser", "json_document", "main"]
 
-COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, estimate, advise)
+COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, diagnose, estimate, advise)
 """The command modules, in the order `posttrain --help` lists them."""
 
 

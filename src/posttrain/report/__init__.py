@@ -25,7 +25,7 @@ from posttrain.report.compose import compose
 from posttrain.report.document import to_html, to_markdown
 from posttrain.report.rundata import read_runs
 
-__all__ = ["ReportPaths", "build_report", "report_or_warning", "IMAGE_DIR"]
+__all__ = ["ReportPaths", "build_report", "report_or_warning", "write_report", "IMAGE_DIR"]
 
 IMAGE_DIR = "report_files"
 """The folder beside report.md that holds its plots (report.html embeds its own copies)."""
@@ -53,9 +53,15 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; give a folder for report.html and report.md")
     title, blocks = compose(runs)
+    return write_report(out, title, blocks)
+
+
+def write_report(out: str | Path, title: str, blocks: list) -> ReportPaths:
+    """Write `blocks` (`report.document`) as `out`/report.html (self-contained) and `out`/report.md with its plots
+    in `out`/report_files/; any report, a run's or another command's (`posttrain diagnose`)."""
+    out = Path(out)
     page = to_html(title, blocks)
     markdown, images = to_markdown(blocks, IMAGE_DIR)
-
     paths = ReportPaths(html=out / "report.html", markdown=out / "report.md", images=out / IMAGE_DIR)
     try:
         _write(paths, page, markdown, images)

@@ -9,7 +9,9 @@ metrics (booleans or floats); ``score(completion, answer)`` is one float in [0, 
 Other data from the same rows: `make_pairs` writes preference rows whose chosen side is the task's own
 completion and whose rejected side is written by ``rejected(row, kind, rng)``, one of `REJECTED_KINDS`
 (``wrong``, ``off_format``, ``rambling``), always scored strictly lower by ``score``; `make_prompts` writes
-``{"id", "prompt", "answer"}`` rows for RL and on-policy pairs.
+``{"id", "prompt", "answer"}`` rows for RL and on-policy pairs; `make_perturbed` writes variants of rows for the
+robustness probe of `posttrain diagnose` (tasks that are `Perturbable`: ``arithmetic``), each naming the row it
+perturbs, its ``kind`` and its answer.
 
 - ``arithmetic``: word problems with a numeric answer (`tasks/arithmetic.py`).
 - ``structured``: extract a JSON object matching a schema from a short text, with normalisation rules learned
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from posttrain.data.tasks.arithmetic import Arithmetic
 from posttrain.data.tasks.base import REJECTED_KINDS, SPLITS, task_rng
@@ -40,6 +42,16 @@ class Task(Protocol):
     def score(self, completion: str, answer: Any) -> float: ...
 
     def rejected(self, row: dict, kind: str, rng: random.Random) -> str: ...
+
+
+@runtime_checkable
+class Perturbable(Protocol):
+    """A task that writes variants of its own rows: ``perturb(row, kind, rng)`` -> a row ``{"id", "perturbs",
+    "kind", "prompt", "answer", ...}`` (None for a row it cannot read), for each kind in `perturbations`."""
+
+    perturbations: tuple[str, ...]
+
+    def perturb(self, row: dict, kind: str, rng: random.Random) -> dict | None: ...
 
 
 TASKS: dict[str, Task] = {"arithmetic": Arithmetic(), "structured": Structured()}
@@ -90,6 +102,31 @@ def make_prompts(task: str | Task, n: int, seed: int = 0, split: str = "train") 
     ]
 
 
+def make_perturbed(task: str | Task, rows: list[dict], seed: int = 0, kinds: tuple[str, ...] | None = None
+                   ) -> list[dict]:  # fmt: skip
+    """Every variant of each row (`kinds`, default all the task's), row by row; each variant's draws depend only
+    on (task, `seed`, the row's id, the kind), so a variant stays the same whatever rows or kinds come with it.
+    Rows whose prompt the task cannot read (not written by its ``make``) get no variant.
+
+    >>> rows = TASKS["arithmetic"].make(2, seed=0, split="heldout")
+    >>> [(v["perturbs"], v["kind"]) for v in make_perturbed("arithmetic", rows, kinds=("names", "noop"))][:3]
+    [('arithmetic-heldout-0-0', 'names'), ('arithmetic-heldout-0-0', 'noop'), ('arithmetic-heldout-0-1', 'names')]
+    """
+    t = _task(task)
+    if not isinstance(t, Perturbable):
+        raise ValueError(f"task {t.name!r} makes no perturbed variants of its rows")
+    unknown = sorted(set(kinds or ()) - set(t.perturbations))
+    if unknown:
+        raise ValueError(f"unknown perturbation {unknown[0]!r}; {t.name} makes: {', '.join(t.perturbations)}")
+    out = []
+    for row in rows:
+        for kind in kinds or t.perturbations:
+            variant = t.perturb(row, kind, random.Random(f"{t.name}:perturb:{seed}:{row['id']}:{kind}"))
+            if variant is not None:
+                out.append(variant)
+    return out
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write rows as JSON Lines (UTF-8, one object per line), creating parent folders; returns the path."""
     p = Path(path)
@@ -105,9 +142,11 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "Arithmetic",
+    "Perturbable",
     "Structured",
     "Task",
     "make_pairs",
+    "make_perturbed",
     "make_prompts",
     "task_rng",
     "write_jsonl",

@@ -20,7 +20,8 @@ from __future__ import annotations
 import operator
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from posttrain.data.tasks.base import task_rng
 
@@ -70,6 +71,35 @@ LOSE_TRACK = (
     "keep losing track of which amount goes with which sentence, so I should probably re-read the whole "
     "question from the beginning before I commit to a final answer."
 )
+
+# ---- Answer-preserving variants of a clean problem (`posttrain diagnose`'s robustness probe) ------------------
+# Wordings neither split uses (the `paraphrase` variant), names and items neither split uses (`names`), and
+# irrelevant sentences that hold a number and a name (`noop`, the GSM-Symbolic "NoOp" perturbation: a statement
+# that looks relevant and changes nothing, Mirzadeh et al. 2024, sec. 4.4).
+UNSEEN_WORDINGS = {
+    "start": ("{name} is holding {n} {items}.", "In {name}'s bag there are {n} {items}."),
+    "add": ("Later, {name} is handed {k} further {items}.", "{name} picks up another {k} {items}."),
+    "sub": ("{name} hands {k} of the {items} to a neighbour.", "Afterwards, {k} {items} go missing."),
+    "mul": ("{name}'s pile of {items} grows to {k} times its size.",
+            "Thanks to a deal, the {items} of {name} are multiplied by {k}."),
+    "question": ("How many {items} are with {name} at the end?", "At the end, how many {items} does {name} hold?"),
+}  # fmt: skip
+UNSEEN_INSTRUCTIONS = (
+    "Work it out, then write 'Answer:' and the number on the last line.",
+    "Think it through and close your reply with 'Answer:' followed by the result.",
+)
+UNSEEN_NAMES = ("Priya", "Tomas", "Aiko", "Chidi", "Marta", "Jonas", "Nadia", "Felix")
+UNSEEN_ITEMS = ("buttons", "stamps", "crayons", "beads", "tickets", "keys")
+NOOP = ("{other} has {m} {other_items} at home.", "Last year, {other} counted {m} {items} at a market.",
+        "{other} says that {m} {items} would fit in a small box.")  # fmt: skip
+PERTURBATIONS = ("paraphrase", "noop", "names", "reorder", "numbers")
+"""The variants `Arithmetic.perturb` makes: every sentence and the instruction in unseen wordings; an irrelevant
+sentence with a number and a name before the question; unseen names and items; the question before the facts
+(and, when every operation adds or subtracts, the operations in another order that never runs out of items);
+other numbers in the same wording, with the answer recomputed (the only variant whose answer changes)."""
+
+_SLOT = {"name": r"(?P<name>[A-Z][a-z]+)", "items": r"(?P<items>[a-z]+)", "n": r"(?P<n>\d+)", "k": r"(?P<k>\d+)"}
+
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()  # fmt: skip
@@ -215,6 +245,29 @@ class Arithmetic:
         """
         return float(self.verify(completion, answer)["correct"])
 
+    perturbations: ClassVar[tuple[str, ...]] = PERTURBATIONS
+
+    def perturb(self, row: dict, kind: str, rng: random.Random) -> dict | None:
+        """A variant of `kind` (one of `PERTURBATIONS`) of a row made by `make`: ``{"id", "perturbs", "kind",
+        "prompt", "completion", "answer", "metadata"}``, where ``perturbs`` is the row's id and the answer is the
+        row's (recomputed for ``numbers``); None when the prompt was not written by `make`.
+
+        >>> row = Arithmetic().make(1, seed=0, split="heldout")[0]
+        >>> v = Arithmetic().perturb(row, "noop", random.Random(0))
+        >>> v["id"], v["perturbs"], v["answer"] == row["answer"], len(v["prompt"]) > len(row["prompt"])
+        ('arithmetic-heldout-0-0~noop', 'arithmetic-heldout-0-0', True, True)
+        """
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):  # a normalised row: one user message
+            prompt = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else ""
+        problem = parse_problem(prompt)
+        if problem is None:
+            return None
+        variant = perturb_problem(problem, kind, rng, self.max_value)
+        return {"id": f"{row['id']}~{kind}", "perturbs": row["id"], "kind": kind, "prompt": variant.prompt(),
+                "completion": variant.completion(), "answer": variant.answer,
+                "metadata": {"task": self.name, "n_ops": len(variant.ops)}}  # fmt: skip
+
     def rejected(self, row: dict, kind: str, rng: random.Random) -> str:
         """A worse completion of `kind` (``wrong``, ``off_format``, ``rambling``) for a row made by `make`.
 
@@ -254,3 +307,138 @@ def _ramble(steps: list[tuple[int, str, int]], rng: random.Random) -> str:
     else:
         parts.append(LOSE_TRACK)
     return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The structured facts of one word problem: who, which items, the starting count, each operation
+    ``(op, k)`` with op in add/sub/mul, the wording of each sentence (start, one per operation, question) and of
+    the instruction; for variants, an `extra` sentence told just before the question and whether the question
+    comes first."""
+
+    name: str
+    items: str
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    wordings: tuple[str, ...]
+    instruction: str = INSTRUCTION
+    extra: str = ""
+    question_first: bool = False
+
+    def steps(self) -> list[tuple[int, str, int, int]]:
+        """``(before, symbol, k, after)`` per operation, in order."""
+        return _run([(self.start, SYMBOL[op], k) for op, k in self.ops]) if self.ops else []
+
+    @property
+    def answer(self) -> int:
+        return self.steps()[-1][3] if self.ops else self.start
+
+    def prompt(self) -> str:
+        slots = {"name": self.name, "items": self.items}
+        story = [self.wordings[0].format(n=self.start, **slots)]
+        story += [w.format(k=k, **slots) for w, (_, k) in zip(self.wordings[1:-1], self.ops)]
+        story += [self.extra.format(**slots)] if self.extra else []
+        question = self.wordings[-1].format(**slots)
+        told = [question, *story] if self.question_first else [*story, question]
+        return f"{' '.join(told)}\n{self.instruction}"
+
+    def completion(self) -> str:
+        """Worked out step by step, as `Arithmetic.make` writes it."""
+        steps = "".join(f"{a} {op} {k} = {new}.\n" for a, op, k, new in self.steps())
+        return f"{steps}Answer: {self.answer}"
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, slot, literal, slot, ...
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else _SLOT[p] for i, p in enumerate(parts)))
+
+
+_KNOWN = {kind: [(w, _pattern(w)) for w in (*train, *heldout)] for kind, (train, heldout) in WORDINGS.items()}
+
+
+def parse_problem(prompt: str) -> Problem | None:
+    """The facts of a prompt written by `Arithmetic.make` (either split), or None for any other text.
+
+    >>> p = parse_problem("Sam has 5 apples. Sam buys 3 more. How many apples does Sam have now?\\n" + INSTRUCTION)
+    >>> p.name, p.items, p.start, p.ops, p.answer
+    ('Sam', 'apples', 5, (('add', 3),), 8)
+    """
+    story, _, instruction = prompt.rpartition("\n")
+    if instruction != INSTRUCTION:
+        return None
+    found, pos, slots = [], 0, {}
+    while pos < len(story) and (not found or found[-1][0] != "question"):
+        kinds = ("start",) if not found else ("add", "sub", "mul", "question")
+        hit = next(((kind, w, m) for kind in kinds for w, pat in _KNOWN[kind]
+                    if (m := pat.match(story, pos)) and story[m.end():m.end() + 1] in ("", " ")), None)  # fmt: skip
+        if hit is None:
+            return None
+        for slot in ("name", "items"):  # the same person and items throughout
+            value = hit[2].groupdict().get(slot)
+            if value is not None and slots.setdefault(slot, value) != value:
+                return None
+        found.append(hit)
+        pos = hit[2].end() + 1
+    if pos < len(story) or not found or found[-1][0] != "question" or len(slots) < 2:
+        return None
+    ops = tuple((kind, int(m["k"])) for kind, _, m in found[1:-1])
+    return Problem(slots["name"], slots["items"], int(found[0][2]["n"]), ops, tuple(w for _, w, _ in found))
+
+
+def perturb_problem(p: Problem, kind: str, rng: random.Random, max_value: int = 50) -> Problem:
+    """One variant of `p` (see `PERTURBATIONS`), with the same answer except for ``numbers``.
+
+    >>> p = parse_problem("Sam has 5 apples. Sam buys 3 more. How many apples does Sam have now?\\n" + INSTRUCTION)
+    >>> q = perturb_problem(p, "reorder", random.Random(0))
+    >>> q.prompt().split("\\n")[0], q.answer
+    ('How many apples does Sam have now? Sam has 5 apples. Sam buys 3 more.', 8)
+    """
+    if kind == "paraphrase":
+        words = [rng.choice(UNSEEN_WORDINGS["start"])]
+        words += [rng.choice(UNSEEN_WORDINGS[op]) for op, _ in p.ops] + [rng.choice(UNSEEN_WORDINGS["question"])]
+        return replace(p, wordings=tuple(words), instruction=rng.choice(UNSEEN_INSTRUCTIONS))
+    if kind == "names":
+        return replace(p, name=rng.choice(UNSEEN_NAMES), items=rng.choice(UNSEEN_ITEMS))
+    if kind == "noop":
+        other_items = rng.choice([i for i in ITEMS if i != p.items])
+        extra = rng.choice(NOOP).format(other=rng.choice([n for n in NAMES if n != p.name]), m=rng.randint(2, 9),
+                                        other_items=other_items, items="{items}")  # fmt: skip
+        return replace(p, extra=extra)
+    if kind == "reorder":
+        return replace(_shuffled_ops(p, rng), question_first=True)
+    if kind == "numbers":
+        return _new_numbers(p, rng, max_value)
+    raise ValueError(f"kind must be one of {', '.join(PERTURBATIONS)}, got {kind!r}")
+
+
+def _shuffled_ops(p: Problem, rng: random.Random) -> Problem:
+    """`p` with its operations in another order, when they all add or subtract (so the final count is the same)
+    and some order tried never takes the count below 1; else `p` as it is."""
+    order = list(range(len(p.ops)))
+    if len(order) < 2 or any(op == "mul" for op, _ in p.ops):
+        return p
+    for _ in range(20):
+        rng.shuffle(order)
+        counts = [p.start]
+        for op, k in (p.ops[i] for i in order):
+            counts.append(counts[-1] + (k if op == "add" else -k))
+        if min(counts) >= 1 and order != sorted(order):
+            middle = tuple(p.wordings[1 + i] for i in order)
+            return replace(p, ops=tuple(p.ops[i] for i in order), wordings=(p.wordings[0], *middle, p.wordings[-1]))
+    return p
+
+
+def _new_numbers(p: Problem, rng: random.Random, max_value: int) -> Problem:
+    """The same operations and wording with other amounts, drawn as `Arithmetic.make` draws them (a count never
+    drops below 1); the start differs from `p`'s, so the problem changes and its answer is recomputed."""
+    while True:
+        start = rng.randint(2, max_value)
+        value, ops = start, []
+        for op, _ in p.ops:
+            if op == "sub" and value <= 1:
+                break
+            k = rng.randint(1, max_value) if op == "add" else rng.randint(1, value - 1) if op == "sub" else rng.randint(2, 4)
+            value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
+            ops.append((op, k))
+        if len(ops) == len(p.ops) and start != p.start:
+            return replace(p, start=start, ops=tuple(ops))

@@ -1,0 +1,202 @@
+"""`posttrain diagnose`: measure a model's robustness to perturbed prompts, its sampling headroom, its SFT data,
+its preference signal and its drift from a base, and recommend SFT with better data, SFT -> DPO or SFT -> GRPO
+(`posttrain.diagnose`; docs/diagnose.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.cli.data import TASK_OPTIONS, task_with_options
+from posttrain.cli.output import Output, add_json, json_document, quiet_libraries, settings
+from posttrain.errors import UserError
+
+NO_VERIFIER = (
+    "posttrain diagnose needs to be told what a right answer is; there is no default. Give --task NAME (a built-in "
+    "task's verifier, on its freshly made held-out prompts or on --prompts FILE rows with an `answer`), or --prompts "
+    "FILE with --reward SPEC (reward functions as the verifier: numeric_answer, exact_match, path/to/file.py:function, "
+    "...; right when their sum is > 0) or --judge DIR (a trained reward model; right when its score is > "
+    "--judge-threshold)."
+)
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser(
+        "diagnose", help="measure robustness, sampling headroom, data ambiguity and drift; recommend SFT, DPO or GRPO"
+    )
+    d.add_argument("--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name")
+    verifier = d.add_mutually_exclusive_group()
+    verifier.add_argument("--task", help="a built-in task's verifier (arithmetic, structured); without --prompts, "
+                                         "on its freshly made held-out prompts, with perturbed variants")  # fmt: skip
+    verifier.add_argument("--reward", action="append", help="reward functions as the verifier (with --prompts): a "
+                          "built-in, path/to/file.py:function or JSON; repeatable (weighted sum); right when > 0")  # fmt: skip
+    verifier.add_argument("--judge", help="a trained reward model folder as the verifier (with --prompts)")
+    d.add_argument("--judge-threshold", type=float, default=0.0, help="with --judge: right when the score is above "
+                   "this (default 0)")  # fmt: skip
+    d.add_argument("--prompts", help="evaluation prompts (a `prompt` per row, an `id`, and the `answer` or columns "
+                   "the verifier reads)")  # fmt: skip
+    d.add_argument("--n", type=int, default=100, help="clean prompts to evaluate (default: 100)")
+    d.add_argument("--seed", type=int, default=1, help="prompts made, variants, samples and bootstrap (default: 1)")
+    d.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    d.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
+    d.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
+    d.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
+    d.add_argument("--perturbed", help="your perturbed prompts: rows with `perturbs` (a clean row's id), `kind`, "
+                   "`prompt` and the same `answer` (replaces the task's own variants)")  # fmt: skip
+    d.add_argument("--perturbations", help="with --task: the task's variants to make, comma-separated (arithmetic: "
+                   "paraphrase,noop,names,reorder,numbers; default all)")  # fmt: skip
+    d.add_argument("--samples", type=int, default=8, help="samples per prompt for pass@k (0: no headroom probe)")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k (default 1.0)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
+    d.add_argument("--sft-data", help="SFT training data: near-duplicate prompts with different responses, wrong "
+                   "demonstrations (rows the verifier can check)")  # fmt: skip
+    d.add_argument("--dup-threshold", type=float, default=0.8, help="word-set Jaccard at which two prompts with "
+                   "the same numbers are near-duplicates (default 0.8)")  # fmt: skip
+    d.add_argument("--pairs", help="preference pairs: how often the model already ranks chosen above rejected")
+    d.add_argument("--reference", help="with --pairs: a reference model to rank them too (default: the adapter "
+                   "disabled for an adapter, else none)")  # fmt: skip
+    d.add_argument("--beta", type=float, default=0.1, help="with --pairs and a reference: DPO beta")
+    d.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
+    d.add_argument("--base", help="the base model: KL from it on the task, top-1 agreement on unrelated prompts")
+    d.add_argument("--out", help="write the report here: report.html, report.md, report_files/, diagnosis.json")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json(d)
+    d.set_defaults(func=run, loads_models=True)
+
+
+def run(args) -> Output:
+    """Check every input before any model loads, then measure, recommend, print and write the report."""
+    from posttrain.data import load_rows
+    from posttrain.diagnose import (
+        Settings,
+        format_diagnosis,
+        load_perturbed,
+        run_diagnosis,
+        write_diagnosis_report,
+    )
+    from posttrain.evaluation import load_for_inference
+
+    _check_numbers(args)
+    verifier = _verifier(args)
+    rows = _prompt_rows(args, verifier)
+    variants, source = _variants(args, rows)
+    if args.perturbed is not None:
+        variants, source = load_perturbed(args.perturbed, rows), args.perturbed
+    sft = load_rows(args.sft_data, "sft") if args.sft_data is not None else None
+    pairs = load_rows(args.pairs, "preference") if args.pairs is not None else None
+    if args.reference is not None and pairs is None:
+        raise UserError("--reference ranks the --pairs; give --pairs FILE too, or leave --reference out")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder; give a folder for the report")
+    quiet_libraries()
+    model, tokenizer = load_for_inference(args.model)
+    reference = load_for_inference(args.reference)[0] if args.reference is not None else None
+    base = load_for_inference(args.base)[0] if args.base is not None else None
+    s = Settings(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                 batch_size=args.batch_size, seed=args.seed, dup_threshold=args.dup_threshold, beta=args.beta,
+                 max_length=args.max_length)  # fmt: skip
+    result = run_diagnosis(
+        rows, verifier, model=model, tokenizer=tokenizer, model_name=args.model, variants=variants,
+        variant_source=source, sft_rows=sft, sft_file=args.sft_data or "", pairs=pairs, reference=reference,
+        base=base, base_name=args.base or "", settings=s, progress=not args.no_progress,
+    )  # fmt: skip
+    doc = {"model": args.model, "verifier": {"kind": verifier.kind, "name": verifier.name}, "task": args.task,
+           "prompts_file": args.prompts, "perturbed_file": args.perturbed, "sft_data": args.sft_data,
+           "pairs_file": args.pairs, "reference": args.reference, "base": args.base,
+           **{k: v for k, v in result.to_dict().items() if k not in ("model", "verifier")},
+           "settings": {**settings(args, "split", "judge_threshold"), **result.to_dict()["settings"]},
+           "out": args.out}  # fmt: skip
+    text = format_diagnosis(result)
+    if args.out is not None:
+        paths = write_diagnosis_report(result, args.out)
+        (Path(args.out) / "diagnosis.json").write_text(json_document("diagnose", Output(doc=doc)) + "\n",
+                                                       encoding="utf-8")  # fmt: skip
+        text += f"\nreport: {paths.html}"
+    return Output(doc=doc, text=text)
+
+
+def _check_numbers(args) -> None:
+    checks = [(args.n > 0, f"--n must be a positive number of prompts, got {args.n}"),
+              (args.samples >= 0, f"--samples must be >= 0 (0: no headroom probe), got {args.samples}"),
+              (args.samples == 0 or args.temperature > 0, f"--temperature must be > 0 to draw samples (greedy "
+               f"decoding gives {args.samples} equal answers), got {args.temperature}"),
+              (0 < args.dup_threshold <= 1, f"--dup-threshold must be in (0, 1], got {args.dup_threshold}"),
+              (args.max_new_tokens > 0, f"--max-new-tokens must be positive, got {args.max_new_tokens}"),
+              (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
+              (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+              (args.max_length > 0, f"--max-length must be a positive number of tokens, got {args.max_length}")]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _verifier(args):
+    """The verifier the user named (a task, rewards or a judge), checked before any model loads."""
+    from posttrain.diagnose import judge_verifier, reward_verifier, task_verifier
+
+    if args.task is None and not args.reward and args.judge is None:
+        raise UserError(NO_VERIFIER)
+    if args.task is not None:
+        return task_verifier(args.task)
+    if args.prompts is None:
+        flag = "--reward" if args.reward else "--judge"
+        raise UserError(f"{flag} scores the answers to your prompts: add --prompts FILE (rows with a `prompt` and the "
+                        "columns the verifier reads, e.g. `answer`); or use --task NAME for a built-in task's own "
+                        "prompts and verifier")  # fmt: skip
+    if args.judge is not None:
+        from posttrain.models.heads import reward_model_problem
+
+        why = reward_model_problem(args.judge)
+        if why:
+            raise UserError(f"--judge: {why}")
+        return judge_verifier(args.judge, args.judge_threshold)
+    from posttrain.rewards import build_reward_functions, parse_reward_specs
+    from posttrain.rollout.pairs import parse_reward_args
+
+    specs = parse_reward_specs(parse_reward_args(args.reward))
+    return reward_verifier(build_reward_functions(specs), [s.label or s.name for s in specs])
+
+
+def _prompt_rows(args, verifier) -> list[dict]:
+    """The clean prompts: the first --n rows of --prompts, or --n fresh rows of --task; each with an `id`."""
+    from posttrain.data import TASKS, load_rows
+    from posttrain.diagnose.robustness import row_id
+
+    if args.prompts is None:
+        return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    given = [flag for f, flag in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} shape the rows made by --task; with --prompts the rows come from "
+                        f"{args.prompts}")  # fmt: skip
+    rows = load_rows(args.prompts, "prompts")[: args.n]
+    missing = next((r for r in rows if "answer" not in r), None)
+    if verifier.needs_answer and missing is not None:
+        raise UserError(f"{args.prompts}:{missing.line}: answer: missing; the task's verifier compares each answer "
+                        "with the row's `answer`")  # fmt: skip
+    if verifier.kind == "reward":
+        from posttrain.rewards import parse_reward_specs
+        from posttrain.rewards.checks import check_reward_inputs
+        from posttrain.rollout.pairs import parse_reward_args
+
+        check_reward_inputs(parse_reward_specs(parse_reward_args(args.reward)), rows, args.prompts)
+    return [{**r, "id": row_id(r, i)} for i, r in enumerate(rows)]
+
+
+def _variants(args, rows: list[dict]) -> tuple[list[dict], str]:
+    """The task's own variants of the clean prompts (--task with a task that makes them, no --perturbed)."""
+    from posttrain.data import TASKS
+    from posttrain.data.tasks import Perturbable, make_perturbed
+
+    kinds = tuple(k.strip() for k in args.perturbations.split(",") if k.strip()) if args.perturbations else None
+    task = TASKS.get(args.task) if args.task is not None else None
+    if kinds is not None and (task is None or args.perturbed is not None or not isinstance(task, Perturbable)):
+        raise UserError("--perturbations chooses the variants a built-in task makes (--task arithmetic); with "
+                        "--perturbed FILE, or a verifier that is not such a task, leave it out")  # fmt: skip
+    if args.perturbed is not None or not isinstance(task, Perturbable):
+        return [], ""
+    unknown = sorted(set(kinds or ()) - set(task.perturbations))
+    if unknown:
+        raise UserError(f"--perturbations: unknown variant {unknown[0]!r}; {args.task} makes "
+                        f"{', '.join(task.perturbations)}")  # fmt: skip
+    task = task_with_options(task, args)
+    return make_perturbed(task, rows, seed=args.seed, kinds=kinds), f"task {args.task}"

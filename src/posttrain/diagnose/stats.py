@@ -1,0 +1,118 @@
+"""The statistics of `posttrain diagnose`, as pure functions: pass@k, a paired bootstrap interval, a paired gap.
+
+- `pass_at_k`: the unbiased estimator of Chen et al. 2021 (eq. 1): from n samples of which c are right, the
+  chance that at least one of k drawn without replacement is right, 1 - C(n - c, k) / C(n, k), computed as the
+  product 1 - prod_{i = n - c + 1}^{n} (1 - k / i) (the same ratio, term by term, with no huge binomials);
+- `bootstrap_ci`: the percentile bootstrap interval of a mean (Efron & Tibshirani 1993, ch. 13), seeded;
+- `paired_gap`: clean vs perturbed correctness of the same prompts: the mean paired difference, its bootstrap
+  interval and the exact McNemar test (`posttrain.evaluation.paired_change`). Never two unpaired rates: the
+  prompts are the same, so their differences are what varies.
+
+No model, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from posttrain.evaluation import paired_change
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of one prompt with `c` right out of `n` samples (module docstring).
+
+    Worked example: n = 4, c = 1, k = 2: 1 - C(3, 2) / C(4, 2) = 1 - 3/6 = 0.5; as the product,
+    1 - (1 - 2/4) = 0.5. With n - c < k every draw of k holds a right one: 1.
+
+    >>> [round(pass_at_k(*ncs), 12) for ncs in ((4, 1, 2), (4, 3, 2), (4, 0, 4), (10, 3, 1))]
+    [0.5, 1.0, 0.0, 0.3]
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0  # the chance that all k drawn are wrong, C(n - c, k) / C(n, k)
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def pass_at_k_curve(counts: Sequence[tuple[int, int]], ks: Sequence[int] | None = None) -> dict[int, float]:
+    """The mean over prompts of `pass_at_k` for each k (default 1 .. the fewest samples any prompt has), from
+    each prompt's (n, c).
+
+    >>> {k: round(v, 4) for k, v in pass_at_k_curve([(4, 1), (4, 0), (4, 4)]).items()}
+    {1: 0.4167, 2: 0.5, 3: 0.5833, 4: 0.6667}
+    """
+    if not counts:
+        return {}
+    ks = list(ks) if ks is not None else list(range(1, min(n for n, _ in counts) + 1))
+    return {k: sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
+
+
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`: resample them with replacement `n_resamples`
+    times (a generator seeded with `seed`: the same inputs give the same interval), take each resample's mean,
+    and return the (1 - level) / 2 and (1 + level) / 2 quantiles of those means. (nan, nan) for no values.
+
+    Equal values give a zero-width interval; for many values it approaches the normal interval
+    mean +- z * sd / sqrt(n) (tests/unit/test_diagnose.py checks both).
+
+    >>> bootstrap_ci([1.0, 1.0, 1.0])
+    (1.0, 1.0)
+    >>> lo, hi = bootstrap_ci([0, 1] * 50)
+    >>> 0.39 < lo < 0.42 and 0.58 < hi < 0.61
+    True
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    n = x.numel()
+    if n == 0:
+        return math.nan, math.nan
+    gen = torch.Generator().manual_seed(seed)
+    per_chunk = max(1, 4_000_000 // n)  # resamples per draw, so the (chunk, n) index matrix stays ~32 MB
+    means = []
+    for start in range(0, n_resamples, per_chunk):
+        idx = torch.randint(0, n, (min(per_chunk, n_resamples - start), n), generator=gen)
+        means.append(x[idx].mean(dim=1))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(torch.cat(means), q).tolist()
+    return lo, hi
+
+
+def paired_gap(clean: Sequence[bool], perturbed: Sequence[bool], *, level: float = 0.95, seed: int = 0) -> dict:
+    """Accuracy on clean prompts minus accuracy on their perturbed variants, paired row by row (row i of both
+    is the same prompt): `clean_accuracy`, `perturbed_accuracy`, `gap` (their difference, the mean of the
+    paired differences), `ci_low`/`ci_high` (the bootstrap interval of that mean), `lost` (right when clean,
+    wrong when perturbed), `gained` (the reverse) and `p_value` (exact McNemar on lost vs gained).
+
+    Worked example: 4 prompts right clean; perturbed, prompts 0 and 1 fail: gap = 0.5, lost 2, gained 0,
+    p = 2 * P[Bin(2, 1/2) <= 0] = 0.5.
+
+    >>> r = paired_gap([1, 1, 1, 1], [0, 0, 1, 1])
+    >>> r["gap"], r["lost"], r["gained"], r["p_value"]
+    (0.5, 2, 0, 0.5)
+    """
+    if len(clean) != len(perturbed):
+        raise ValueError(f"{len(clean)} clean results but {len(perturbed)} perturbed")
+    n = len(clean)
+    diffs = [float(bool(c)) - float(bool(p)) for c, p in zip(clean, perturbed)]
+    change = paired_change([float(bool(c)) for c in clean], [float(bool(p)) for p in perturbed])
+    lo, hi = bootstrap_ci(diffs, level=level, seed=seed)
+    return {
+        "pairs": n,
+        "clean_accuracy": sum(map(bool, clean)) / n if n else math.nan,
+        "perturbed_accuracy": sum(map(bool, perturbed)) / n if n else math.nan,
+        "gap": sum(diffs) / n if n else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "lost": change["lost"],
+        "gained": change["gained"],
+        "p_value": change["p_value"],
+    }

@@ -1,0 +1,243 @@
+"""`posttrain diagnose`'s probes on constructed cases with known answers: pass@k against its closed form and
+brute force, the bootstrap interval where it is known, a stub model right only on clean wording, duplicate and
+wrong-demonstration detection on a hand-built file, perturbed-set errors, the rules, and the KL."""
+
+import itertools
+import json
+import math
+from math import comb
+from statistics import NormalDist
+
+import pytest
+import torch
+
+from posttrain.data import TASKS, load_rows
+from posttrain.data.tasks import make_perturbed
+from posttrain.diagnose import Settings, load_perturbed, recommend, run_diagnosis, task_verifier
+from posttrain.diagnose.ambiguity import duplicate_clusters, measure_ambiguity
+from posttrain.diagnose.core import demonstration_check
+from posttrain.diagnose.drift import token_kl
+from posttrain.diagnose.recommend import load_rules
+from posttrain.diagnose.stats import bootstrap_ci, paired_gap, pass_at_k, pass_at_k_curve
+from posttrain.diagnose.verifiers import reward_verifier
+from posttrain.errors import DataError
+from posttrain.rewards import build_reward_functions
+
+
+# ---- pass@k --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_the_closed_form_and_brute_force(n):
+    for c in range(n + 1):
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            closed = 1 - comb(n - c, k) / comb(n, k)
+            subsets = list(itertools.combinations(outcomes, k))  # every way to draw k of the n samples
+            brute = sum(any(s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_is_stable_for_many_samples():
+    # C(1000, 500) overflows a float; the product form does not: 1 - C(990, 500) / C(1000, 500).
+    exact = 1 - math.exp(sum(math.log(990 - i) - math.log(1000 - i) for i in range(500)))
+    assert pass_at_k(1000, 10, 500) == pytest.approx(exact, rel=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_pass_at_k_curve_means_over_prompts():
+    curve = pass_at_k_curve([(4, 2), (4, 0)])
+    assert curve == {1: 0.25, 2: pytest.approx(5 / 12, abs=1e-12), 3: 0.5, 4: 0.5}
+
+
+# ---- bootstrap -----------------------------------------------------------------------------------------------
+def test_bootstrap_of_equal_values_has_zero_width():
+    assert bootstrap_ci([0.25] * 30) == (0.25, 0.25)
+    assert bootstrap_ci([-1.0]) == (-1.0, -1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_bootstrap_matches_the_normal_interval_for_many_values():
+    # 400 paired differences: 120 of +1, 40 of -1, 240 of 0. mean 0.2, plug-in sd sqrt(160/400 - 0.04) = 0.6,
+    # se 0.6 / 20 = 0.03: normal 95% interval 0.2 +- 1.96 * 0.03 = [0.1412, 0.2588].
+    # Tolerance 0.005: two steps of the 1/400 grid the resampled means live on; the Monte Carlo error of a
+    # 2.5% quantile from 20,000 resamples is ~0.0006, and the skew of a mean of 400 is far smaller.
+    diffs = [1.0] * 120 + [-1.0] * 40 + [0.0] * 240
+    z = NormalDist().inv_cdf(0.975)
+    lo, hi = bootstrap_ci(diffs, n_resamples=20_000, seed=0)
+    assert lo == pytest.approx(0.2 - z * 0.03, abs=0.005) and hi == pytest.approx(0.2 + z * 0.03, abs=0.005)
+    assert bootstrap_ci(diffs, seed=3) == bootstrap_ci(diffs, seed=3) != bootstrap_ci(diffs, seed=4)
+
+
+def test_paired_gap_by_hand():
+    # 6 prompts: 3 lost (1 -> 0), 1 gained (0 -> 1), 2 unchanged. gap = (3 - 1) / 6; p = 2 P[Bin(4, 1/2) <= 1] = 10/16.
+    r = paired_gap([1, 1, 1, 0, 1, 0], [0, 0, 0, 1, 1, 0])
+    assert (r["lost"], r["gained"], r["pairs"]) == (3, 1, 6)
+    assert r["gap"] == pytest.approx(2 / 6, abs=1e-12) and r["p_value"] == pytest.approx(10 / 16, abs=1e-12)
+    assert r["clean_accuracy"] == pytest.approx(4 / 6) and r["perturbed_accuracy"] == pytest.approx(2 / 6)
+    assert r["ci_low"] <= r["gap"] <= r["ci_high"]
+
+
+# ---- a stub model ---------------------------------------------------------------------------------------------
+def _stub(rows, variants, right_variant):
+    """An answer function that knows every answer, is right on every clean prompt, and right on a variant only
+    when `right_variant(variant)`; when sampling, right on the first `c` copies of each prompt (c from the id)."""
+    answers = {r["prompt"]: r["answer"] for r in [*rows, *variants]}
+    clean = {r["prompt"] for r in rows}
+    by_prompt = {v["prompt"]: v for v in variants}
+
+    def answer(batch, temperature, seed):
+        out, seen = [], {}
+        for r in batch:
+            p = r["prompt"]
+            if temperature == 0:
+                ok = p in clean or right_variant(by_prompt[p])
+            else:
+                seen[p] = seen.get(p, 0) + 1
+                ok = seen[p] <= int(r["id"].rsplit("-", 1)[1]) % 5  # c = 0..4 right out of n
+            out.append(f"Answer: {answers[p] if ok else answers[p] + 1}")
+        return out
+
+    return answer
+
+
+def test_a_model_right_only_on_clean_wording_has_a_gap_equal_to_its_error_on_variants():
+    rows = TASKS["arithmetic"].make(40, seed=0, split="heldout")
+    variants = make_perturbed("arithmetic", rows, seed=0)
+    wrong = lambda v: v["kind"] != "names" and (int(v["perturbs"].rsplit("-", 1)[1]) % 3 != 0)  # noqa: E731
+    result = run_diagnosis(rows, task_verifier("arithmetic"), answer=_stub(rows, variants, lambda v: not wrong(v)),
+                           variants=variants, settings=Settings(samples=4))  # fmt: skip
+    assert result.greedy_accuracy == 1.0 and result.robustness.clean_accuracy == 1.0
+    for k in result.robustness.kinds:
+        mine = [v for v in variants if v["kind"] == k.kind]
+        error = sum(map(wrong, mine)) / len(mine)
+        assert k.pairs == 40 and k.gap == pytest.approx(error, abs=1e-12)
+        assert k.perturbed_accuracy == pytest.approx(1 - error, abs=1e-12)
+        assert (k.lost, k.gained) == (sum(map(wrong, mine)), 0)
+        assert k.p_value == pytest.approx(min(1.0, 2 * 0.5**k.lost), abs=1e-12)  # McNemar, all discordant lost
+        assert k.ci_low <= k.gap <= k.ci_high
+    assert {k.kind: k.gap for k in result.robustness.kinds}["names"] == 0.0
+    # Sampling: prompt i has c = i % 5 right out of 4 (c = 4 counts as all 4): pass@k is the closed form's mean.
+    counts = [(4, min(i % 5, 4)) for i in range(40)]
+    assert result.headroom.pass_at_k == pytest.approx(pass_at_k_curve(counts), abs=1e-12)
+    assert [p["c"] for p in result.headroom.prompts] == [c for _, c in counts]
+    assert result.headroom.mixed == sum(1 for _, c in counts if 0 < c < 4)
+    assert result.recommendation.option == "sft-data" and result.recommendation.fired[0].rule == "robustness-gap"
+
+
+# ---- data ambiguity ------------------------------------------------------------------------------------------
+SFT = [
+    {"prompt": "Sam has 5 apples. He buys 3 more. How many?", "completion": "Answer: 8", "answer": 8},
+    {"prompt": "Sam has 5 apples; he buys 3 more. How many?!", "completion": "It is 9. Answer: 9", "answer": 8},
+    {"prompt": "Sam has 5 apples. He buys 4 more. How many?", "completion": "Answer: 9", "answer": 9},
+    {"prompt": "Ava has 2 cards. She finds 7 more. How many cards now?", "completion": "Answer: 9", "answer": 9},
+    {"prompt": "Ava has 2 cards. She finds 7 more. How many cards does she hold at the end?", "completion": "Answer: 9"},
+    {"text": "plain text, no prompt"},
+    {"prompt": "Lena has 3 books. How many?", "completion": "Answer: 4", "answer": 3},
+]
+
+
+def test_duplicates_and_wrong_demonstrations_in_a_hand_built_file(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in SFT), encoding="utf-8")
+    rows = load_rows(path, "sft")
+    d = measure_ambiguity(str(path), rows, demonstration_check(task_verifier("arithmetic")), threshold=0.8)
+    # Lines 1 and 2: same numbers, same words once normalised, different answers: one ambiguous cluster. Line 3
+    # has other numbers (4, not 3). Lines 4 and 5: Jaccard 10/16 < 0.8 (and the same response); line 6 is text.
+    assert (d.rows, d.text_rows, d.duplicate_clusters, d.ambiguous_clusters, d.ambiguous_rows) == (7, 1, 1, 1, 2)
+    assert d.clusters[0]["lines"] == [1, 2] and d.ambiguous_share == pytest.approx(2 / 6)
+    assert d.clusters[0]["length_spread"] == pytest.approx((5 - 2) / 3.5)
+    # Wrong demonstrations: lines 2 (9, not 8) and 7 (4, not 3); line 5 has no answer, so it is not checked.
+    assert (d.checked, d.wrong, d.wrong_lines, d.wrong_share) == (5, 2, [2, 7], 0.4)
+    loose = measure_ambiguity(str(path), rows, threshold=0.6)
+    assert loose.duplicate_clusters == 2 and loose.ambiguous_clusters == 1 and loose.checked == 0
+
+
+def test_duplicate_clusters_are_transitive_and_keep_numbers_apart():
+    assert duplicate_clusters(["a b c d", "a b c e", "a b f e"], threshold=0.6) == [[0, 1, 2]]
+    assert duplicate_clusters(["take 5 away", "take 6 away", "Take 5, away!"]) == [[0, 2]]
+
+
+# ---- user perturbed sets ----------------------------------------------------------------------------------------
+CLEAN = [{"id": "a", "prompt": "2 + 2?", "answer": 4}, {"id": 7, "prompt": "3 + 3?", "answer": "6"}]
+
+
+def test_a_valid_perturbed_set_loads(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"perturbs": "a", "kind": "paraphrase", "prompt": "What is two plus two?", "answer": "4.0"},
+            {"perturbs": 7, "kind": "numbers", "prompt": "3 + 4?", "answer": 7, "note": "kept"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    loaded = load_perturbed(path, CLEAN)
+    assert [r["perturbs"] for r in loaded] == ["a", "7"] and loaded[1]["note"] == "kept"
+    assert loaded[0]["prompt"] == [{"role": "user", "content": "What is two plus two?"}]
+
+
+def test_perturbed_set_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"perturbs": "zz", "kind": "noop", "prompt": "x", "answer": 4},
+            {"perturbs": "a", "prompt": "x", "answer": 4},
+            {"perturbs": "a", "kind": "names", "prompt": "x", "answer": 5},
+            {"kind": "names", "prompt": "x", "answer": 4},
+            {"perturbs": "a", "kind": "names", "answer": 4}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_perturbed(path, CLEAN)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: 5 problem(s) in the perturbed prompts; nothing measured"
+    assert lines[1] == f"{path}:1: perturbs: no clean prompt has the id 'zz' (their ids: a, 7)"
+    assert lines[2].startswith(f"{path}:2: kind: missing required field")
+    assert lines[3].startswith(f"{path}:3: answer: 5 is not the answer of the clean row it perturbs (4)")
+    assert lines[4].startswith(f"{path}:4: perturbs: missing required field")
+    assert lines[5].startswith(f"{path}:5: ") and "prompt" in lines[5]
+
+
+# ---- the rules ---------------------------------------------------------------------------------------------------
+def test_every_rule_fires_on_its_own_facts_and_names_them():
+    options, rules = load_rules()
+    cases = {
+        "wrong-demonstrations": {"wrong_share": 0.3},
+        "ambiguous-prompts": {"ambiguous_share": 0.1},
+        "robustness-gap": {"worst_gap": 0.2, "worst_gap_low": 0.05, "worst_kind": "noop"},
+        "sampling-headroom": {"headroom": 0.2, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.4, "samples": 8},
+        "on-policy-pairs": {"headroom": 0.06, "mixed_share": 0.15},
+        "pairs-already-ranked": {"pairs_logp_accuracy": 0.95},
+        "drift-from-base": {"probe_agreement": 0.5},
+        "no-rl-signal": {"mixed_share": 0.0},
+    }
+    assert set(cases) | {"no-limit-found"} == {r["id"] for r in rules}
+    for rule, facts in cases.items():
+        r = recommend(facts)
+        fired = {f.rule: f for f in r.fired}
+        assert rule in fired, rule
+        for c in fired[rule].conditions:  # each reason carries the measured number and its threshold
+            assert c["value"] == facts[c["fact"]] and c["fact"] in fired[rule].evidence()
+    assert recommend(cases["robustness-gap"]).fired[0].evidence() == "worst_gap = 0.2 (>= 0.10); worst_gap_low = 0.05 (> 0)"
+
+
+def test_the_decision_follows_precedence_blocks_and_default():
+    grpo = {"headroom": 0.2, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.4, "samples": 8}
+    assert recommend(grpo).option == "sft-grpo"
+    assert recommend({**grpo, "headroom": 0.07}).option == "sft-dpo"  # below GRPO's headroom, above DPO's
+    assert recommend({**grpo, "wrong_share": 0.2}).option == "sft-data"  # data problems come first
+    # Gap not significant (interval reaches 0): no robustness rule; the headroom rule decides.
+    assert recommend({**grpo, "worst_gap": 0.3, "worst_gap_low": 0.0}).option == "sft-grpo"
+    blocked = recommend({"headroom": 0.5, "mixed_share": 0.01})
+    assert blocked.option == "sft-data" and [f.rule for f in blocked.fired] == ["no-limit-found", "no-rl-signal"]
+    assert recommend({}).option == "sft-data" and recommend({}).fired[0].rule == "no-limit-found"
+
+
+# ---- drift and verifiers ---------------------------------------------------------------------------------------
+def test_token_kl_against_torch_and_by_hand():
+    torch.manual_seed(0)
+    p, q = torch.randn(5, 11), torch.randn(5, 11)
+    want = torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(token_kl(p, q), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(token_kl(p, p), torch.zeros(5), rtol=0, atol=1e-6)
+    banned = torch.tensor([[0.0, -float("inf")]])  # p = [1, 0]; q = [1/2, 1/2]: KL = ln 2, no NaN
+    torch.testing.assert_close(token_kl(banned, torch.zeros(1, 2)), torch.tensor([math.log(2)]), rtol=0, atol=1e-6)
+
+
+def test_verifiers_on_hand_cases():
+    rows = [{"prompt": "q", "answer": 4}, {"prompt": "q", "answer": 5}]
+    assert task_verifier("arithmetic").check(rows, ["Answer: 4", "Answer: 4"]) == [True, False]
+    v = reward_verifier(build_reward_functions(["exact_match"]), ["exact_match"])
+    assert v.check([{"prompt": "q", "answer": "4"}] * 2, ["4", "5"]) == [True, False] and v.failures == 0
