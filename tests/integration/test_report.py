@@ -260,3 +260,36 @@ def test_build_report_writes_over_an_earlier_report(runs, tmp_path):
     paths = build_report([run])
     assert not (run / IMAGE_DIR / "stale.png").exists() and paths.html == run / "report.html"
     assert sorted(p.name for p in (run / IMAGE_DIR).iterdir()) == sorted(p.name for p in (runs["dpo"] / IMAGE_DIR).iterdir())
+
+
+def test_diagnose_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):
+    """`posttrain diagnose`'s report (a stub model: right on clean prompts, wrong on every second variant; its
+    samples right on one of two) goes through the same page writer and the same browser check."""
+    from posttrain.data import TASKS
+    from posttrain.data.tasks import make_perturbed
+    from posttrain.diagnose import Settings, run_diagnosis, task_verifier, write_diagnosis_report
+
+    chromium = _chromium()
+    rows = TASKS["arithmetic"].make(6, seed=0, split="heldout")
+    variants = make_perturbed("arithmetic", rows, seed=0)
+    answers = {r["prompt"]: r["answer"] for r in [*rows, *variants]}
+    wrong = {v["prompt"] for v in variants[::2]}
+
+    def answer(batch, temperature, seed):
+        return [f"Answer: {answers[r['prompt']] + (r['prompt'] in wrong or (temperature > 0 and i % 2))}"
+                for i, r in enumerate(batch)]  # fmt: skip
+
+    result = run_diagnosis(rows, task_verifier("arithmetic"), answer=answer, model_name="stub", variants=variants,
+                           variant_source="task arithmetic", settings=Settings(samples=2))  # fmt: skip
+    paths = write_diagnosis_report(result, tmp_path / "diagnose")
+    page = paths.html.read_text(encoding="utf-8")
+    assert _sections(page) == ["Recommendation", "Robustness", "Sampling headroom", "Settings"]
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", CHECK + "\n</body>"), encoding="utf-8")
+    done = _browser(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
+    loaded = re.search(r'<html[^>]*data-loaded="(\d+)/(\d+)"', done.stdout)
+    assert loaded, f"no load result in the DOM Chromium dumped (exit {done.returncode}): {done.stderr[-2000:]}"
+    images = _images(page)
+    assert (int(loaded.group(1)), int(loaded.group(2))) == (2, 2) and len(images) == 2
+    for png, w, h in images:
+        _valid_png(png, (w, h))
