@@ -95,3 +95,27 @@ def test_bad_input_is_one_paragraph_before_any_model_loads(capsys, tmp_path, arg
     code, out, _ = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--n", "2", *argv, "--json")
     doc = json.loads(out)
     assert code == 2 and doc["ok"] is False and doc["error"]["kind"] == "user" and says in doc["error"]["message"]
+
+
+def test_a_trained_reward_model_as_the_judge(capsys, make_cfg, tiny_model_dir, tmp_path):
+    from posttrain.evaluation import generate_answers, load_for_inference
+    from posttrain.evaluation.preference import judge_scores
+    from posttrain.train import train
+
+    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": f"add {a} 1", "chosen": str(a + 1), "rejected": "no"}
+                                              for a in range(8)])  # fmt: skip
+    judge = train(make_cfg("rm", **{"algorithm.name": "reward", "technique.name": "lora", "data.train": pairs,
+                                    "run.max_steps": 1})).run_dir  # fmt: skip
+    rows = [{"id": f"q{i}", "prompt": f"add {i} 2", "answer": i + 2} for i in range(6)]
+    model, tok = load_for_inference(str(tiny_model_dir))
+    answers = generate_answers(model, tok, rows, max_new_tokens=int(TOKENS))
+    scores = judge_scores(str(judge), [r["prompt"] for r in rows], answers)
+    threshold = sorted(scores)[2]  # right: the three scores above the third lowest
+    code, stdout, err = run(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompts",
+                            _write(tmp_path / "p.jsonl", rows), "--judge", str(judge), "--judge-threshold",
+                            repr(threshold), "--samples", "0", "--max-new-tokens", TOKENS, "--json", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["verifier"]["kind"] == "judge" and doc["settings"]["judge_threshold"] == threshold
+    assert doc["greedy_accuracy"] == sum(s > threshold for s in scores) / 6 == 0.5
+    assert doc["robustness"] is None and doc["headroom"] is None

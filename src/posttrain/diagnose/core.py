@@ -173,6 +173,12 @@ def run_diagnosis(
         greedy_accuracy=sum(clean_right) / len(rows) if rows else float("nan"), settings=s,
         robustness=robustness, headroom=headroom, data=data, preferences=preferences, drift=drift, seconds=seconds,
     )  # fmt: skip
+    if not variants:
+        result.notes.append("robustness not measured: no perturbed prompts (a built-in task that makes variants, "
+                            "or --perturbed FILE with your own)")  # fmt: skip
+    elif robustness.without_variants:
+        result.notes.append(f"{robustness.without_variants} of {len(rows)} clean prompts have no variant (the task "
+                            "makes variants only of prompts its own `make` wrote)")  # fmt: skip
     if verifier.failures:
         result.notes.append(f"a reward function could not score {verifier.failures} samples; they count as wrong")
     result.recommendation = recommend(result.facts())
