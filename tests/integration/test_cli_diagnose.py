@@ -113,7 +113,8 @@ def test_a_trained_reward_model_as_the_judge(capsys, make_cfg, tiny_model_dir, t
     threshold = sorted(scores)[2]  # right: the three scores above the third lowest
     code, stdout, err = run(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompts",
                             _write(tmp_path / "p.jsonl", rows), "--judge", str(judge), "--judge-threshold",
-                            repr(threshold), "--samples", "0", "--max-new-tokens", TOKENS, "--json", "--no-progress")  # fmt: skip
+                            repr(threshold), "--samples", "0", "--max-new-tokens", TOKENS, "--json",
+                            "--no-progress")  # fmt: skip
     assert code == 0, err
     doc = json.loads(stdout)
     assert doc["verifier"]["kind"] == "judge" and doc["settings"]["judge_threshold"] == threshold

@@ -130,7 +130,8 @@ SFT = [
     {"prompt": "Sam has 5 apples; he buys 3 more. How many?!", "completion": "It is 9. Answer: 9", "answer": 8},
     {"prompt": "Sam has 5 apples. He buys 4 more. How many?", "completion": "Answer: 9", "answer": 9},
     {"prompt": "Ava has 2 cards. She finds 7 more. How many cards now?", "completion": "Answer: 9", "answer": 9},
-    {"prompt": "Ava has 2 cards. She finds 7 more. How many cards does she hold at the end?", "completion": "Answer: 9"},
+    {"prompt": "Ava has 2 cards. She finds 7 more. How many cards does she hold at the end?",
+     "completion": "Answer: 9"},
     {"text": "plain text, no prompt"},
     {"prompt": "Lena has 3 books. How many?", "completion": "Answer: 4", "answer": 3},
 ]
@@ -210,7 +211,8 @@ def test_every_rule_fires_on_its_own_facts_and_names_them():
         assert rule in fired, rule
         for c in fired[rule].conditions:  # each reason carries the measured number and its threshold
             assert c["value"] == facts[c["fact"]] and c["fact"] in fired[rule].evidence()
-    assert recommend(cases["robustness-gap"]).fired[0].evidence() == "worst_gap = 0.2 (>= 0.10); worst_gap_low = 0.05 (> 0)"
+    evidence = recommend(cases["robustness-gap"]).fired[0].evidence()
+    assert evidence == "worst_gap = 0.2 (>= 0.10); worst_gap_low = 0.05 (> 0)"
 
 
 def test_the_decision_follows_precedence_blocks_and_default():

@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     verifier = d.add_mutually_exclusive_group()
     verifier.add_argument("--task", help="a built-in task's verifier (arithmetic, structured); without --prompts, "
                                          "on its freshly made held-out prompts, with perturbed variants")  # fmt: skip
-    verifier.add_argument("--reward", action="append", help="reward functions as the verifier (with --prompts): a "
-                          "built-in, path/to/file.py:function or JSON; repeatable (weighted sum); right when > 0")  # fmt: skip
+    verifier.add_argument("--reward", action="append", help="reward functions as the verifier (with --prompts): "
+                          "a built-in, path/to/file.py:function or JSON; repeatable (weighted sum); right when > 0")  # fmt: skip
     verifier.add_argument("--judge", help="a trained reward model folder as the verifier (with --prompts)")
     d.add_argument("--judge-threshold", type=float, default=0.0, help="with --judge: right when the score is above "
                    "this (default 0)")  # fmt: skip
@@ -124,7 +124,8 @@ def _check_numbers(args) -> None:
               (args.max_new_tokens > 0, f"--max-new-tokens must be positive, got {args.max_new_tokens}"),
               (args.batch_size > 0, f"--batch-size must be positive, got {args.batch_size}"),
               (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
-              (args.max_length > 0, f"--max-length must be a positive number of tokens, got {args.max_length}")]  # fmt: skip
+              (args.max_length > 0, f"--max-length must be a positive number of tokens, got {args.max_length}"),
+              ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise UserError(message)

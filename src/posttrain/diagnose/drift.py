@@ -81,7 +81,8 @@ def compare(model, base, tokenizer, prompts: Sequence, completions: Sequence[str
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums, n = torch.zeros(3, dtype=torch.float64), 0
     was = model.training, base.training
-    model.eval(), base.eval()
+    model.eval()
+    base.eval()
     try:
         for s in range(0, len(rendered), CHUNK):
             batch = collate(rendered[s : s + CHUNK], pad_id=pad)
@@ -93,7 +94,8 @@ def compare(model, base, tokenizer, prompts: Sequence, completions: Sequence[str
                                  (logits.argmax(-1) == base_logits.argmax(-1)).sum()]).double()  # fmt: skip
             n += logits.shape[0]
     finally:
-        model.train(was[0]), base.train(was[1])
+        model.train(was[0])
+        base.train(was[1])
     means = (sums / max(n, 1)).tolist()
     return Comparison(n, *means)
 

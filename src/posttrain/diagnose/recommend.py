@@ -52,7 +52,8 @@ class Fired:
     def evidence(self) -> str:
         """The measured numbers against their thresholds, e.g. ``headroom = 0.18 (>= 0.10)``.
 
-        >>> Fired("r", "support", "x", "", [{"fact": "headroom", "value": 0.175, "condition": ">= 0.10"}], "", "").evidence()
+        >>> conditions = [{"fact": "headroom", "value": 0.175, "condition": ">= 0.10"}]
+        >>> Fired("r", "support", "x", "", conditions, "", "").evidence()
         'headroom = 0.175 (>= 0.10)'
         """
         return "; ".join(f"{c['fact']} = {_show(c['value'])} ({c['condition']})" for c in self.conditions)

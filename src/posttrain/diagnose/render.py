@@ -136,7 +136,7 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
         blocks += [Heading("Robustness"), Text(f"Greedy accuracy on each clean prompt and on its variants "
                                                f"({d.robustness.source}); paired statistics."),
                    Table(*robustness_table(d)),
-                   Figures([Image("perturbation_gaps", png, "accuracy gap per perturbation with 95% intervals", w, h)])]  # fmt: skip
+                   Figures([Image("perturbation_gaps", png, "accuracy gap per perturbation, 95% intervals", w, h)])]
     if d.headroom is not None:
         hd = d.headroom
         ks = list(hd.pass_at_k)
@@ -159,8 +159,8 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
         blocks += [Heading("Preference pairs"), *(Text(line) for line in preference_lines(d))]
     if d.drift is not None:
         blocks += [Heading("Drift from the base"), Text(f"Base: {d.drift.base}."), *(Text(x) for x in drift_lines(d))]
-    blocks += [Heading("Settings"), Code(json.dumps({**d.to_dict()["settings"],
-                                                                       "seconds": {k: round(v, 1) for k, v in d.seconds.items()}}, indent=2))]
+    seconds = {k: round(v, 1) for k, v in d.seconds.items()}
+    blocks += [Heading("Settings"), Code(json.dumps({**d.to_dict()["settings"], "seconds": seconds}, indent=2))]
     blocks += [Text(f"Note: {n}") for n in d.notes]
     return title, blocks
 

@@ -125,8 +125,8 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
     if not records and not problems:
         problems.append(Problem(name, None, None, "no rows: nothing to use as perturbed prompts"))
     if problems:
-        raise DataError(sorted(problems, key=lambda p: p.line or 0),
-                        header=f"{name}: {len(problems)} problem(s) in the perturbed prompts; nothing measured")  # fmt: skip
+        header = f"{name}: {len(problems)} problem(s) in the perturbed prompts; nothing measured"
+        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header)
     return rows
 
 

@@ -437,7 +437,8 @@ def _new_numbers(p: Problem, rng: random.Random, max_value: int) -> Problem:
         for op, _ in p.ops:
             if op == "sub" and value <= 1:
                 break
-            k = rng.randint(1, max_value) if op == "add" else rng.randint(1, value - 1) if op == "sub" else rng.randint(2, 4)
+            low, high = {"add": (1, max_value), "sub": (1, value - 1), "mul": (2, 4)}[op]
+            k = rng.randint(low, high)
             value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
             ops.append((op, k))
         if len(ops) == len(p.ops) and start != p.start:
