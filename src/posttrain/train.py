@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from posttrain.algorithms import RunConfig, get_algorithm
+from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import dump_config
 from posttrain.config_rules import rules_of, show
@@ -122,6 +122,22 @@ def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
     ]
 
 
+def _check_saved_layout(saved: Path, old: dict) -> None:
+    """Refuse a saved config this version cannot read: compared field by field, an older layout (e.g. the
+    per-method sections `algorithm.grpo.*` that now sit directly under `algorithm`) would report every moved
+    setting as changed, and name the wrong ones."""
+    try:
+        config_from_dict(old, source=str(saved))
+    except ConfigError as err:
+        problems = str(err).split("\n", 1)[-1]
+        raise ConfigError(
+            f"--resume: {saved} is not a config this posttrain version reads, so the run cannot be checked for "
+            f"changed settings and resumed safely; it was probably written by an older posttrain with another "
+            f"config layout. Resume it with the version that started it, or set run.output_dir to a new folder "
+            f"(nothing in {saved.parent} was changed). What does not read:\n{problems}"
+        ) from None
+
+
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (or None), after refusing anything that would overwrite a run."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -149,6 +165,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
             old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             raise ConfigError(f"{saved}: unreadable; restore it or start a new run folder") from None
+        _check_saved_layout(saved, old)
         changed = _config_changes(old, cfg)
         if changed:
             raise ConfigError(

@@ -150,3 +150,27 @@ def test_a_resume_compares_only_the_settings_the_run_reads():
         old["technique"]["dropout"] = 0.1
         del old["optim"]["head_lr"]  # a field the older config lacks counts as its default
         assert _config_changes(old, cfg) == expected
+
+
+def test_a_config_saved_in_an_older_layout_is_refused_as_such_not_as_changed_settings(make_cfg):
+    """A run folder started by an older posttrain, whose config.yaml kept a method's settings in their own section
+    (`algorithm.sft.*`), cannot be compared field by field: it is refused for its layout, naming the keys that no
+    longer read, and nothing in the folder changes."""
+    import pytest
+
+    from posttrain.errors import ConfigError
+
+    cfg = make_cfg(**{"run.max_steps": 1})
+    train(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    saved = run_dir / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    old["algorithm"]["sft"] = {"completion_only": True}  # the pre-0.x nested layout
+    saved.write_text(yaml.safe_dump(old))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 2}), resume=True)
+    msg = str(err.value)
+    assert msg.startswith(f"--resume: {saved} is not a config this posttrain version reads")
+    assert "algorithm.sft: not a section" in msg and "Only run length" not in msg
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
