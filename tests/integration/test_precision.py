@@ -110,4 +110,4 @@ def test_bf16_dpo_first_step_is_log2_in_every_reference_mode(make_cfg, tmp_path,
         "algorithm.beta": 1.0, "data.train": str(pairs), "model.dtype": "bfloat16", "run.max_steps": 1,
     })).history[0]  # fmt: skip
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["kl_per_token"] == pytest.approx(0.0, abs=1e-7)
+    assert first["abs_logratio_per_token"] == pytest.approx(0.0, abs=1e-7)

@@ -61,7 +61,7 @@ def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, refe
     hist = _metrics(result.run_dir)
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert hist[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
-    assert hist[0]["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert hist[0]["abs_logratio_per_token"] == pytest.approx(0.0, abs=1e-6)
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.05
     assert hist[-1]["reward_accuracy"] > 0.5
     if technique == "lora":  # base weights bit-for-bit frozen, adapters moved (lora_B starts at exactly 0)

@@ -68,7 +68,7 @@ def test_grpo_token_metrics_do_not_depend_on_micro_batches(tiny_model):
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
 
 
-def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokenizer, tmp_path):
+def test_dpo_abs_logratio_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokenizer, tmp_path):
     from posttrain.data.preference import collate_pairs, render_preference_dataset
     from posttrain.data.schema import normalise_row
     from posttrain.models.logprobs import scatter, target_positions
@@ -79,7 +79,7 @@ def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokeniz
         for n in (1, 9, 2, 14)
     ]
     pairs = render_preference_dataset(tiny_tokenizer, rows, max_length=64)
-    torch.manual_seed(1)  # reference log-probs a little off the policy's, so the KL is not 0; fixed per pair
+    torch.manual_seed(1)  # reference log-probs a little off the policy's, so the drift is not 0; fixed per pair
     refs = {id(p): (torch.randn(sum(p.chosen_mask)) * 0.3 - 5.5, torch.randn(sum(p.rejected_mask)) * 0.3 - 5.5)
             for p in pairs}  # fmt: skip
 
@@ -98,10 +98,10 @@ def test_dpo_kl_per_token_is_a_token_mean_over_the_step(tiny_model, tiny_tokeniz
         logps, _ = _policy_logps(model, batch)
     target = batch["loss_mask"].bool().clone()
     target[:, 0] = False
-    k3 = torch.expm1(batch["ref_logps"] - logps) - (batch["ref_logps"] - logps)
-    want = float(masked_sum(k3, target) / target.sum())
-    assert whole["kl_per_token"] == pytest.approx(want, rel=1e-6)
-    assert split["kl_per_token"] == pytest.approx(want, rel=1e-6)
+    drift = (logps - batch["ref_logps"]).abs()
+    want = float(masked_sum(drift, target) / target.sum())
+    assert whole["abs_logratio_per_token"] == pytest.approx(want, rel=1e-6)
+    assert split["abs_logratio_per_token"] == pytest.approx(want, rel=1e-6)
     assert want > 0.01
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)  # per-pair mean, as before
 

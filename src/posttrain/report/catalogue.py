@@ -46,13 +46,14 @@ SECTIONS: tuple[Section, ...] = (
         "`reward_accuracy`: the share of pairs whose implicit reward beta (log pi - log pi_ref) is higher for the "
         "chosen response; `reward_margin`: the mean of chosen minus rejected reward. When `chosen_reward` falls "
         "too, the model is pushing the chosen responses down as well (the failure DPO-Positive targets). "
-        "`kl_per_token`: how far the policy moved from the reference on the pairs' tokens.",
+        "`abs_logratio_per_token`: how far the policy moved from the reference on the pairs' tokens (mean "
+        "|log pi - log pi_ref| per token, in nats).",
         (
             _p("reward accuracy", "reward_accuracy"),
             _p("reward margin", "reward_margin"),
             _p("implicit rewards", "chosen_reward", "rejected_reward"),
             _p("policy log-probabilities", "chosen_logps", "rejected_logps"),
-            _p("KL to the reference per token", "kl_per_token"),
+            _p("|log-ratio| to the reference per token", "abs_logratio_per_token"),
         ),
     ),
     Section(
