@@ -23,6 +23,7 @@ from posttrain.models.generation import (
     plain_generation_config,
     sampling_processors,
 )
+from posttrain.models.sharding import synced_forward
 
 
 class Engine(Protocol):
@@ -187,6 +188,8 @@ class HFEngine:
                         input_ids=prompt[s : s + step].to(device),
                         attention_mask=pmask[s : s + step].to(device),
                         generation_config=gen_cfg,
+                        # a sharded model: every forward is a collective, so all processes step until all are done
+                        synced_gpus=synced_forward(model),
                         logits_processor=LogitsProcessorList(
                             [*sampling_processors(temperature, top_p), recorder]
                         ),
