@@ -32,7 +32,7 @@ import yaml
 
 from posttrain.algorithms import RunConfig, get_algorithm
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import dump_config
+from posttrain.config import RLSection, dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_batches, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
@@ -309,6 +309,11 @@ def _check_sharding(cfg: RunConfig, world_size: int) -> None:
     can shard (checked before anything is written or loaded)."""
     if cfg.run.sharding != "fsdp2":
         return
+    if isinstance(cfg.algorithm, RLSection) and cfg.algorithm.rollout.engine == "vllm":
+        raise ConfigError(
+            "run.sharding=fsdp2 with algorithm.rollout.engine=vllm is not supported yet (vLLM would need the "
+            "gathered weights every rollout); use algorithm.rollout.engine=hf, or run.sharding=none"
+        )
     if world_size < 2:
         raise ConfigError(
             "run.sharding=fsdp2 shards the model over several processes, but this run has one. Launch it with "
