@@ -17,6 +17,7 @@ This module does not load models or data; it only describes and checks them.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import typing
@@ -97,10 +98,21 @@ class DataConfig(_Section):
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
 
 
+def vllm_available() -> bool:
+    """Whether the optional vllm package can be imported (looked up, not imported: it is heavy)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 class RolloutSection(_Section):
     engine: Literal["hf", "vllm"] = "hf"
-    """Sampling engine: `hf`, transformers `generate` (any machine). `vllm` is reserved for a vLLM engine on GPU
-    machines and not implemented yet (see docs/rl.md)."""
+    """Sampling engine: `hf`, transformers `generate` (any machine); `vllm`, vLLM in the training process on a GPU
+    (`pip install "posttrain[vllm]"`; designed for, not yet run on a GPU: docs/scale.md)."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    """`engine: vllm`: the share of the GPU's memory vLLM takes for its weights and KV cache (the rest is
+    training's)."""
+    vllm_sleep: bool = True
+    """`engine: vllm`: put vLLM to sleep between rollouts (weights to CPU memory, KV cache freed), so training gets
+    its GPU memory back."""
     batch_size: int | None = Field(None, gt=0)
     """Completions sampled per rollout (over all processes). Default: `optim.batch_size`."""
     epochs: int = Field(1, gt=0)
@@ -184,6 +196,8 @@ class RLSection(AlgorithmSection):
     rules: ClassVar[dict[str, When]] = {
         "rollout.overlong_reward": is_("algorithm.rollout.overlong", "fixed"),
         "rollout.overlong_cache": is_("algorithm.rollout.overlong", "soft"),
+        "rollout.vllm_gpu_memory_utilization": is_("algorithm.rollout.engine", "vllm"),
+        "rollout.vllm_sleep": is_("algorithm.rollout.engine", "vllm"),
     }
 
     def group_size(self) -> int:
@@ -230,8 +244,12 @@ class RLSection(AlgorithmSection):
                 "log-probs are computed without dropout, so dropout in the loss would make the importance "
                 "ratio differ from 1 by noise alone"
             )
-        if self.rollout.engine == "vllm":
-            raise ValueError("algorithm.rollout.engine=vllm is not implemented yet; use algorithm.rollout.engine=hf")
+        if self.rollout.engine == "vllm" and not vllm_available():
+            raise ValueError(
+                "algorithm.rollout.engine=vllm needs the vllm package, which is not installed here; on a CUDA "
+                "machine `pip install \"posttrain[vllm]\"` (vLLM pins its own torch: docs/scale.md), or set "
+                "algorithm.rollout.engine=hf"
+            )
 
 
 class OptimConfig(_Section):
@@ -286,6 +304,12 @@ class RunSection(_Section):
     report: bool = True
     """At the end, write report.html and report.md into the run folder: config, curves, evaluation, samples
     (`posttrain report` makes one at any time, also of several runs side by side)."""
+    sharding: Literal["none", "fsdp2"] = "none"
+    """How the processes of a multi-process launch hold the model: `none`, each its whole copy (one process, or
+    DDP under `accelerate launch`; also what to keep with an Accelerate FSDP/DeepSpeed config, which shards for
+    itself); `fsdp2`, each 1/N of every weight, gradient and optimizer state (torch `fully_shard`), launched with
+    `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Methods without a
+    scalar head (sft, dpo, grpo, rloo); technique full or lora."""
 
 
 class RunBase(_Section):

@@ -148,6 +148,7 @@ APPLIES: dict[str, When] = {
     "run.tensorboard": ALWAYS,
     "run.progress": ALWAYS,
     "run.report": ALWAYS,
+    "run.sharding": ALWAYS,
 }
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import dump_config
+from posttrain.config import RLSection, dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_batches, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
@@ -42,6 +42,7 @@ from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import mixed_precision
 from posttrain.models.reference import Reference
+from posttrain.models.sharding import full_state, shard
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
@@ -223,6 +224,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     ckpt = _check_run_dir(cfg, run_dir, resume)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
+    _check_sharding(cfg, accelerator.num_processes)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 
@@ -259,9 +261,16 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
                                     technique=cfg.technique, device=accelerator.device)  # fmt: skip
         source, eval_batches = _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan,
                                              reference, resumed=ckpt is not None, evaluating=evaluating)  # fmt: skip
+    if cfg.run.sharding == "fsdp2":
+        # In place, after the batch source took the model (and DPO's precompute used it whole); the optimizer is
+        # built on the shards. Not `prepare`d: Accelerate would wrap the sharded model in DDP.
+        shard(model)
+        if reference.mode == "copy":
+            shard(reference.model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.run.sharding != "fsdp2":
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     if ckpt is not None:
         start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler, source=source)
@@ -306,6 +315,42 @@ def _check_packages(cfg: RunConfig) -> None:
         raise ConfigError(
             "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
             "technique.name=lora)"
+        )
+
+
+_SHARDABLE_TECHNIQUES = ("full", "lora")
+
+
+def _check_sharding(cfg: RunConfig, world_size: int) -> None:
+    """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding, and a model it
+    can shard (checked before anything is written or loaded)."""
+    if cfg.run.sharding != "fsdp2":
+        return
+    if isinstance(cfg.algorithm, RLSection) and cfg.algorithm.rollout.engine == "vllm":
+        raise ConfigError(
+            "run.sharding=fsdp2 with algorithm.rollout.engine=vllm is not supported yet (vLLM would need the "
+            "gathered weights every rollout); use algorithm.rollout.engine=hf, or run.sharding=none"
+        )
+    if world_size < 2:
+        raise ConfigError(
+            "run.sharding=fsdp2 shards the model over several processes, but this run has one. Launch it with "
+            "`torchrun --nproc_per_node N -m posttrain.cli train ...` (N >= 2), or set run.sharding=none"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED",
+                                                                                      "").lower() == "true":
+        raise ConfigError(
+            "run.sharding=fsdp2 under an Accelerate FSDP or DeepSpeed config: both would shard the model. Keep the "
+            "Accelerate config and set run.sharding=none, or launch with torchrun"
+        )
+    if cfg.technique.name not in _SHARDABLE_TECHNIQUES:
+        raise ConfigError(
+            f"run.sharding=fsdp2 does not support technique.name={cfg.technique.name} (4-bit weights are not "
+            f"sharded here); use one of {', '.join(_SHARDABLE_TECHNIQUES)}, or run.sharding=none"
+        )
+    if get_algorithm(cfg.algorithm.name).head:
+        raise ConfigError(
+            f"run.sharding=fsdp2 does not support algorithm.name={cfg.algorithm.name} yet (its scalar head is saved "
+            "apart from the model); set run.sharding=none"
         )
 
 
@@ -367,13 +412,15 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
     """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
     final = run_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
+    # A sharded model's whole weights, gathered by every process to the main one (ScalarHeadModels are not sharded)
+    state = full_state(unwrapped) if cfg.run.sharding == "fsdp2" else None
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(unwrapped, ScalarHeadModel):
             save_scalar_model(unwrapped, tokenizer, tmp, cfg)
         else:
-            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name)
+            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

@@ -383,7 +383,7 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
     [
         ({"algorithm.rollout.top_p": 0.9}, "top_p < 1 is not supported for grpo"),
         ({"technique.dropout": 0.05}, r"technique.dropout \(0.05\) must be 0 for grpo"),
-        ({"algorithm.rollout.engine": "vllm"}, "engine=vllm is not implemented yet"),
+        ({"algorithm.rollout.engine": "vllm"}, "engine=vllm needs the vllm package"),
         (
             {"data.eval": "x.jsonl"},
             "data.eval = x.jsonl would be ignored: .* this run has algorithm.name=grpo",

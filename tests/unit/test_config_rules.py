@@ -59,6 +59,12 @@ OWN_CASES = {
     ("rloo", "algorithm.rollout.overlong_reward"): (0.0, RLOO, {**RLOO, "algorithm.rollout.overlong": "fixed"}),
     ("rloo", "algorithm.rollout.overlong_cache"): (16, {**RLOO, "algorithm.rollout.overlong": "fixed"},
                                                    {**RLOO, "algorithm.rollout.overlong": "soft"}),
+    ("grpo", "algorithm.rollout.vllm_gpu_memory_utilization"): (0.5, GRPO, {**GRPO, "algorithm.rollout.engine": "vllm"}),
+    ("grpo", "algorithm.rollout.vllm_sleep"): ("false", GRPO, {**GRPO, "algorithm.rollout.engine": "vllm"}),
+    ("ppo", "algorithm.rollout.vllm_gpu_memory_utilization"): (0.5, PPO, {**PPO, "algorithm.rollout.engine": "vllm"}),
+    ("ppo", "algorithm.rollout.vllm_sleep"): ("false", PPO, {**PPO, "algorithm.rollout.engine": "vllm"}),
+    ("rloo", "algorithm.rollout.vllm_gpu_memory_utilization"): (0.5, RLOO, {**RLOO, "algorithm.rollout.engine": "vllm"}),
+    ("rloo", "algorithm.rollout.vllm_sleep"): ("false", RLOO, {**RLOO, "algorithm.rollout.engine": "vllm"}),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
 }  # fmt: skip
@@ -109,7 +115,8 @@ def test_the_same_shared_setting_is_accepted_where_it_is_read_and_its_resolved_c
 
 
 @pytest.mark.parametrize("method,field", sorted(OWN_CASES))
-def test_the_same_method_setting_is_accepted_where_it_is_read(method, field, tmp_path):
+def test_the_same_method_setting_is_accepted_where_it_is_read(method, field, tmp_path, monkeypatch):
+    monkeypatch.setattr("posttrain.config.vllm_available", lambda: True)  # engine=vllm runs; vllm is not installed
     _assert_accepted(field, OWN_CASES[(method, field)][0], OWN_CASES[(method, field)][2], tmp_path)
 
 

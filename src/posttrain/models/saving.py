@@ -38,10 +38,12 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None = None,
+               state_dict: dict | None = None) -> Path:
     """Write the adapter (LoRA/QLoRA) or the full model as safetensors, the tokenizer and `posttrain_model.json`.
 
-    `base_model` defaults to the name recorded by `load_model` (`model.posttrain_info`).
+    `base_model` defaults to the name recorded by `load_model` (`model.posttrain_info`). `state_dict`: the weights
+    to write instead of the model's own (a sharded model's, gathered by `models.sharding.full_state`).
     """
     model = _unwrap(model)
     out = Path(out_dir)
@@ -62,7 +64,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
             getattr(model, "peft_config", {}).get("default", None), "base_model_name_or_path", None
         )
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out)
     info["kind"] = "adapter" if adapter else "full"
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

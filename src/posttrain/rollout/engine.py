@@ -1,9 +1,8 @@
 """Sampling engines: prompts in, `Rollout` out (token ids, completion masks, the sampler's log-probabilities).
 
-One interface (`Engine`): `HFEngine` (transformers `generate` with a KV cache; any machine) implements it. A vLLM
-engine for GPU machines (optional, imported only when chosen) is meant to sit behind the same interface; it is
-not implemented yet (`VLLMEngine` only explains that, and the config refuses `rollout.engine=vllm` before any
-model loads). The RL batch source (`posttrain.rollout.source`) only sees `Rollout`s, so it does not care which
+One interface (`Engine`): `HFEngine` (transformers `generate` with a KV cache; any machine) implements it here, and
+`rollout.vllm_engine.VLLMEngine` (vLLM on a GPU, optional) behind the same interface; both hand their samples to
+`build_rollout`, so masks, truncation and texts mean the same whatever sampled them. The RL batch source (`posttrain.rollout.source`) only sees `Rollout`s, so it does not care which
 engine made them.
 
 Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C completion tokens (right-padded).
@@ -16,13 +15,13 @@ from typing import Protocol
 import torch
 
 from posttrain.algorithms.base import Rollout
-from posttrain.errors import ConfigError
 from posttrain.models.generation import (
     eos_token_ids,
     model_generation_defaults_off,
     plain_generation_config,
     sampling_processors,
 )
+from posttrain.models.sharding import synced_forward
 
 
 class Engine(Protocol):
@@ -162,12 +161,8 @@ class HFEngine:
         # n contiguous samples per prompt: the group layout GRPO's advantages expect.
         rows = [list(p) for p in prompt_ids for _ in range(n)]
         device = next(model.parameters()).device
-        P = max(len(r) for r in rows)
-        prompt = torch.full((len(rows), P), pad_id, dtype=torch.long)
-        pmask = torch.zeros((len(rows), P), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every prompt ends in the last column
-            prompt[i, P - len(r) :] = torch.tensor(r, dtype=torch.long)
-            pmask[i, P - len(r) :] = 1
+        prompt, pmask = left_pad(rows, pad_id)
+        P = prompt.shape[1]
         gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=True, eos=eos, pad_id=pad_id)
         step = batch_size or len(rows)
         completions: list[torch.Tensor] = []
@@ -187,6 +182,8 @@ class HFEngine:
                         input_ids=prompt[s : s + step].to(device),
                         attention_mask=pmask[s : s + step].to(device),
                         generation_config=gen_cfg,
+                        # a sharded model: every forward is a collective, so all processes step until all are done
+                        synced_gpus=synced_forward(model),
                         logits_processor=LogitsProcessorList(
                             [*sampling_processors(temperature, top_p), recorder]
                         ),
@@ -204,53 +201,40 @@ class HFEngine:
             ids[r0 : r0 + c.shape[0], : c.shape[1]] = c
             sampled[r0 : r0 + c.shape[0], : c.shape[1]] = lp
             r0 += c.shape[0]
-        stop_ends = stop_string_ends(tokenizer, ids.tolist(), stop) if stop else None
-        mask = completion_mask(ids, eos, stop_ends)
-        is_eos = torch.isin(ids, torch.tensor(eos)) if eos else torch.zeros_like(ids, dtype=torch.bool)
-        ended = (is_eos & mask.bool()).any(-1)
-        if stop_ends is not None:
-            ended |= torch.tensor([e is not None for e in stop_ends])
-        texts = [
-            _cut(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True), stop)
-            for row, m in zip(ids.tolist(), mask)
-        ]
-        return Rollout(
-            prompt_ids=prompt,
-            prompt_mask=pmask,
-            completion_ids=ids,
-            completion_mask=mask,
-            # where, not *: the pad a finished row is given may lie outside the top-p set (log-prob -inf)
-            sampling_logps=torch.where(mask.bool(), sampled, torch.zeros_like(sampled)),
-            texts=texts,
-            truncated=~ended,
-        )
+        return build_rollout(tokenizer, prompt, pmask, ids, sampled, eos=eos, stop=stop)
 
 
-class VLLMEngine:
-    """vLLM sampling for GPU machines (`pip install vllm`); the policy's weights are pushed to vLLM each rollout.
-
-    Not available on CPU machines; chosen with `algorithm.rollout.engine=vllm`.
-    """
-
-    name = "vllm"
-
-    def __init__(self) -> None:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "algorithm.rollout.engine=vllm needs the vllm package (a CUDA machine: pip install vllm); "
-                "use algorithm.rollout.engine=hf on this machine"
-            ) from None
-
-    def generate(self, model, tokenizer, prompt_ids, **kwargs) -> Rollout:  # pragma: no cover - needs a GPU
-        raise NotImplementedError(
-            "the vLLM engine is not implemented yet: posttrain has been tested with the hf engine only"
-        )
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) prompt ids left-padded with `pad_id`, and their attention mask: every prompt ends in the last column."""
+    P = max(len(r) for r in rows)
+    prompt = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    pmask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt[i, P - len(r) :] = torch.tensor(r, dtype=torch.long)
+        pmask[i, P - len(r) :] = 1
+    return prompt, pmask
 
 
-ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
-
-
-def get_engine(name: str) -> Engine:
-    return ENGINES[name]()
+def build_rollout(tokenizer, prompt, pmask, ids, sampled, *, eos: list[int], stop: list[str]) -> Rollout:
+    """A `Rollout` from sampled ids (N, C) (right-padded) and their sampler log-probs (N, C), whatever the engine:
+    completion masks (first EOS or stop string), truncation flags and the texts the rewards see."""
+    stop_ends = stop_string_ends(tokenizer, ids.tolist(), stop) if stop else None
+    mask = completion_mask(ids, eos, stop_ends)
+    is_eos = torch.isin(ids, torch.tensor(eos)) if eos else torch.zeros_like(ids, dtype=torch.bool)
+    ended = (is_eos & mask.bool()).any(-1)
+    if stop_ends is not None:
+        ended |= torch.tensor([e is not None for e in stop_ends])
+    texts = [
+        _cut(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True), stop)
+        for row, m in zip(ids.tolist(), mask)
+    ]
+    return Rollout(
+        prompt_ids=prompt,
+        prompt_mask=pmask,
+        completion_ids=ids,
+        completion_mask=mask,
+        # where, not *: the pad a finished row is given may lie outside the top-p set (log-prob -inf)
+        sampling_logps=torch.where(mask.bool(), sampled, torch.zeros_like(sampled)),
+        texts=texts,
+        truncated=~ended,
+    )

@@ -42,7 +42,7 @@ from posttrain.errors import ConfigError, NoRewardSignal
 from posttrain.models.heads import language_model
 from posttrain.rewards import build_reward_functions, compute_rewards, parse_reward_specs, reward_metrics
 from posttrain.rewards.overlong import OVERLONG
-from posttrain.rollout.engine import get_engine
+from posttrain.rollout.engines import get_engine
 from posttrain.rollout.samples import SampleLog
 
 DEAD_REWARD_ROLLOUTS = 3
@@ -127,7 +127,7 @@ class RolloutSource:
         self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
-        self.engine = get_engine(self.rollout_cfg.engine)
+        self.engine = get_engine(self.rollout_cfg.engine, cfg)
         self.seed = cfg.run.seed
         self.samples = SampleLog.for_run(cfg, steps_per_rollout=self.steps_per_rollout,  # RUN/samples.jsonl
                                          steps_per_epoch=self.steps_per_epoch,

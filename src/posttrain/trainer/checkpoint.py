@@ -4,6 +4,10 @@ A checkpoint folder `checkpoints/step-000040/` holds:
 - `trainable.safetensors`: every parameter that requires a gradient (the adapters under LoRA/QLoRA, all weights
   under full fine-tuning). Frozen weights are not copied: they come back from the base model.
 - `optimizer.pt`, `scheduler.pt`: their state dicts.
+
+A sharded model's (`run.sharding=fsdp2`) checkpoint has the same files: its weights and optimizer state are
+gathered whole to the main process when written (the optimizer's keyed by parameter name, torch.distributed's
+format), and every process loads its shard back from them.
 - `rng_state_<rank>.pt`: Python, NumPy and torch generator states of each process (dropout must replay).
 - `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`); and the
   batch source's own state where it has one (`source`, e.g. PPO's adaptive KL coefficient).
@@ -27,6 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from posttrain.algorithms.base import BatchSource
 from posttrain.errors import UserError
+from posttrain.models.sharding import (
+    full_state,
+    is_sharded,
+    load_full_state,
+    load_optimizer_state,
+    optimizer_state,
+)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -77,12 +88,16 @@ def save_checkpoint(
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
+    unwrapped = accelerator.unwrap_model(model)
+    sharded = is_sharded(unwrapped)
+    if sharded:  # gathered by every process (collectives), to the main process
+        weights, optim_state = full_state(unwrapped, trainable_only=True), optimizer_state(unwrapped, optimizer)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        unwrapped = accelerator.unwrap_model(model)
-        save_file(trainable_state(unwrapped), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        weights = {k: v.contiguous() for k, v in weights.items()} if sharded else trainable_state(unwrapped)
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         source_state = source.state_dict()
         state = {"step": step, **({"source": source_state} if source_state else {})}
@@ -111,9 +126,14 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
             f"{path}: this checkpoint does not match the model being trained ({len(missing)} trainable "
             f"parameters missing, e.g. {sorted(missing)[0]}); was the technique or model changed?"
         )
-    unwrapped.load_state_dict(tensors, strict=False)
     # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+    if is_sharded(unwrapped):  # every process keeps its shard of the whole tensors
+        load_full_state(unwrapped, tensors)
+        load_optimizer_state(unwrapped, optimizer, optim_state)
+    else:
+        unwrapped.load_state_dict(tensors, strict=False)
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng_state_{accelerator.process_index}.pt"
     if rng.exists():

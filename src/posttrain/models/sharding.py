@@ -1,0 +1,107 @@
+"""Fully sharded models (FSDP2): each of N processes holds 1/N of every parameter, its gradient and optimizer state.
+
+`run.sharding=fsdp2` shards the policy (and a frozen `copy` reference) with torch's own `fully_shard`
+(torch.distributed.fsdp, "FSDP2"): each decoder layer is one unit, all-gathered just before its forward and
+backward and freed after, and its gradients are reduce-scattered, averaged over processes as DDP averages them
+(so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors whose local part is this
+process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests prove it: Accelerate does not
+shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of `accelerate launch`.
+
+Whole weights are needed in three places only, each through torch.distributed.checkpoint's state-dict API
+(collectives: every process calls them): checkpoints and the final model (`full_state`, gathered to the main
+process), and resuming (`load_full_state`). Generation needs no gathering: `synced_forward` tells `generate` to
+keep every process stepping until all are done, since each forward of a sharded layer is a collective.
+
+This module does not launch processes, build optimizers or decide when to shard (`posttrain.train` does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _dtensor():
+    from torch.distributed.tensor import (
+        DTensor,  # torch.distributed is absent from some builds: import on use
+    )
+
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of `model` is a DTensor (sharded by `shard`, or by Accelerate's FSDP2)."""
+    DTensor = _dtensor()
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def synced_forward(model: nn.Module) -> bool:
+    """Whether `generate` must keep this process stepping until every process has finished (`synced_gpus`): true
+    for a sharded model in a multi-process run, where every forward all-gathers each layer's weights."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and is_sharded(model)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard `model` in place over every process of the default process group (FSDP2's `fully_shard`): one unit
+    per block the model declares unsplittable (`_no_split_modules`: its decoder layers), then the rest (embeddings,
+    final norm, head, a scalar head) as the root unit. Returns `model` (its class is now FSDP's subclass of it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    blocks = set()
+    for module in model.modules():
+        blocks.update(getattr(module, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def parameter_elements(model: nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model) over `model`'s parameters."""
+    DTensor = _dtensor()
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    return local, sum(p.numel() for p in model.parameters())
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole weights (`trainable_only`: those that require a gradient), on the CPU of the main process; an
+    empty dict on the others. A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    if trainable_only and state:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in names}
+    return state
+
+
+def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (a `full_state`, read by every process) into a sharded `model`; each process keeps its
+    shard. Names missing from `tensors` keep their weights (frozen ones come back from the base model)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, tensors, options=_options(strict=False))
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's whole state, keyed by parameter name, on the main process's CPU (collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """Load an `optimizer_state` (read by every process) into the optimizer of a sharded `model`."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())

@@ -1,0 +1,12 @@
+"""The rollout engines by name (`algorithm.rollout.engine`): each builds its engine from the run config."""
+
+from __future__ import annotations
+
+from posttrain.rollout.engine import Engine, HFEngine
+from posttrain.rollout.vllm_engine import VLLMEngine
+
+ENGINES = {"hf": lambda cfg: HFEngine(), "vllm": VLLMEngine.from_config}
+
+
+def get_engine(name: str, cfg) -> Engine:
+    return ENGINES[name](cfg)

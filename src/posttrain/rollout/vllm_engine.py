@@ -1,0 +1,182 @@
+"""vLLM as the rollout engine (`algorithm.rollout.engine=vllm`; `pip install "posttrain[vllm]"` on a CUDA machine).
+
+Colocated: vLLM runs inside each training process (`vllm.LLM`), on the same GPU, holding its own copy of the
+policy's weights and a KV cache of `rollout.vllm_gpu_memory_utilization` of the GPU. With `rollout.vllm_sleep`
+(default) it sleeps between rollouts (level 1: weights offloaded to CPU memory, KV cache freed: vLLM's sleep mode,
+docs.vllm.ai "Sleep Mode"), so training gets the GPU back, and wakes its weights, then its KV cache, to sample.
+
+Weights. Before sampling, the engine pushes the policy's current weights when any trainable parameter changed in
+place since the last push (torch's per-tensor version counters, which every optimizer step bumps; the first
+rollout always pushes, so a resumed run samples from its restored weights):
+- full fine-tuning: every trainable weight, under its Hugging Face name;
+- LoRA: the merged weight W + (alpha/r) B A of each adapted layer (peft's `get_delta_weight`), computed beside the
+  model, which is never merged in place (`policy_weights` says why); vLLM's copy of the other weights stays.
+After a push vLLM's prefix cache is reset: cached prompt KV was computed with the old weights.
+
+Log-probs. The LLM is built with `logprobs_mode="processed_logprobs"`, so the log-prob vLLM returns for each
+sampled token is under the distribution it sampled from (after temperature), as `HFEngine`'s are; GRPO and PPO
+compare them with the trainer's every step and log the gap (`logp_gap_sampler_trainer`, docs/rl.md).
+
+What is tested where: the weight-sync logic and the data flow are tested on CPU with a fake backend that has
+this module's `Backend` interface (tests/integration/test_vllm_engine.py). The `ColocatedVLLM` backend itself
+(the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README "Scale"). Not here:
+server mode (vLLM on its own GPU), truncated importance sampling, pushing gathered weights of a sharded model
+(`run.sharding=fsdp2` with vLLM is refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from posttrain.algorithms.base import Rollout
+from posttrain.models.adapters import is_adapter_model
+from posttrain.models.generation import eos_token_ids
+from posttrain.rollout.engine import build_rollout, left_pad
+
+Weights = list[tuple[str, torch.Tensor]]
+
+
+class Backend(Protocol):
+    """What the engine needs from vLLM: `ColocatedVLLM` wraps `vllm.LLM`; tests use a fake with these methods."""
+
+    def load_weights(self, weights: Weights) -> None: ...
+    def reset_prefix_cache(self) -> None: ...
+    def sleep(self) -> None: ...
+    def wake_up(self, tags: list[str]) -> None: ...
+    def sample(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
+               stop: list[str], stop_token_ids: list[int], seed: int) -> list[tuple[list[int], list[float]]]:
+        """n samples per prompt, contiguous: (token ids, log-prob of each under the sampling distribution)."""  # fmt: skip
+
+
+def weight_versions(model: torch.nn.Module) -> tuple[int, ...]:
+    """The in-place version counter of every trainable parameter: it changes exactly when an optimizer step (or
+    any in-place write) touches them."""
+    return tuple(p._version for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
+    """The weights vLLM must receive for `model`'s current state, under the base model's Hugging Face names.
+
+    Full model: every trainable parameter. LoRA: each adapted layer's merged weight W + delta, delta from peft's
+    `get_delta_weight` (B A scaled, for each active adapter). Not `merge_adapter` then `unmerge_adapter`: W + d - d
+    is not W in floating point, so the frozen base would drift a rounding error every rollout."""
+    if not is_adapter_model(model):
+        yield [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        return
+    from peft.tuners.lora import LoraLayer  # peft loads when used, as everywhere in posttrain
+
+    weights = []
+    with torch.no_grad():
+        for name, module in model.get_base_model().named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if adapters:
+                w = module.base_layer.weight
+                weights.append((f"{name}.weight", w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)))
+    yield weights
+
+
+class ColocatedVLLM:
+    """`vllm.LLM` in this process (designed for vLLM's public API; not yet run on a GPU, see the module docstring)."""
+
+    def __init__(self, model_path: str, *, gpu_memory_utilization: float, sleep: bool, seed: int,
+                 max_model_len: int | None = None) -> None:  # fmt: skip
+        from vllm import LLM  # optional dependency: imported only when the engine is chosen
+
+        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep,
+                       logprobs_mode="processed_logprobs", seed=seed, max_model_len=max_model_len,
+                       enable_prefix_caching=True)  # fmt: skip
+
+    def load_weights(self, weights: Weights) -> None:
+        # Runs the model's own `load_weights` (the HF-name -> vLLM-layout mapping, e.g. fused qkv) in the worker.
+        self.llm.apply_model(lambda model: model.load_weights(weights=weights))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.llm.wake_up(tags=tags)
+
+    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop=stop,
+                                stop_token_ids=stop_token_ids, include_stop_str_in_output=True, logprobs=0,
+                                seed=seed)  # fmt: skip
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+                for out in outputs for c in out.outputs]  # fmt: skip
+
+
+class VLLMEngine:
+    """The `Engine` interface over a vLLM `Backend` (module docstring). `backend` builds it from the policy at the
+    first rollout; `sleep`: put vLLM to sleep between rollouts."""
+
+    name = "vllm"
+
+    def __init__(self, backend, *, sleep: bool = True) -> None:
+        self.make_backend, self.sleeps = backend, sleep
+        self.backend: Backend | None = None
+        self.pushed: tuple[int, ...] | None = None  # weight versions at the last push
+        self.pushes = 0
+
+    def sync(self, model: torch.nn.Module) -> bool:
+        """Push `model`'s weights if they changed since the last push; returns whether it pushed."""
+        versions = weight_versions(model)
+        if versions == self.pushed:
+            return False
+        with policy_weights(model) as weights:
+            self.backend.load_weights(weights)
+        self.backend.reset_prefix_cache()  # cached prompt KV belongs to the old weights
+        self.pushed, self.pushes = versions, self.pushes + 1
+        return True
+
+    def generate(self, model, tokenizer, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, seed,
+                 batch_size=None) -> Rollout:  # fmt: skip
+        """As `HFEngine.generate`; vLLM batches by itself, so `batch_size` is not used."""
+        if self.backend is None:
+            self.backend = self.make_backend(model)
+        eos = eos_token_ids(model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        if self.sleeps:
+            self.backend.wake_up(["weights"])  # weights first: the push writes into them
+        self.sync(model)
+        if self.sleeps:
+            self.backend.wake_up(["kv_cache"])
+        try:
+            samples = self.backend.sample([list(p) for p in prompt_ids], n=n, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, stop=list(stop), stop_token_ids=eos,
+                                          seed=seed)  # fmt: skip
+        finally:
+            if self.sleeps:
+                self.backend.sleep()
+        prompt, pmask = left_pad([list(p) for p in prompt_ids for _ in range(n)], pad_id)
+        C = max(1, max(len(ids) for ids, _ in samples))
+        ids = torch.full((len(samples), C), pad_id, dtype=torch.long)
+        sampled = torch.zeros((len(samples), C), dtype=torch.float32)
+        for i, (tokens, logps) in enumerate(samples):
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            sampled[i, : len(logps)] = torch.tensor(logps, dtype=torch.float32)
+        return build_rollout(tokenizer, prompt, pmask, ids, sampled, eos=eos, stop=list(stop))
+
+    @classmethod
+    def from_config(cls, cfg) -> VLLMEngine:
+        """The colocated engine a run config asks for: vLLM loads the policy's base model from its folder."""
+        rc = cfg.algorithm.rollout
+
+        def colocated(model) -> ColocatedVLLM:
+            base = model.get_base_model() if is_adapter_model(model) else model
+            return ColocatedVLLM(base.config._name_or_path, gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
+                                 sleep=rc.vllm_sleep, seed=cfg.run.seed)  # fmt: skip
+
+        return cls(colocated, sleep=rc.vllm_sleep)
