@@ -100,18 +100,24 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
-    """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
-    returns the step it was taken at."""
-    unwrapped = accelerator.unwrap_model(model)
-    tensors = load_file(str(path / "trainable.safetensors"))
-    missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(tensors)
+def load_trainable(model, path: Path) -> None:
+    """Copy checkpoint `path`'s trained parameters into `model`, built as the run built it (the same base and
+    technique, e.g. fresh LoRA adapters), refusing a checkpoint that lacks some of its trainable parameters. Also
+    how a checkpoint is scored without resuming it (`posttrain study`)."""
+    tensors = load_file(str(Path(path) / "trainable.safetensors"))
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(tensors)
     if missing:
         raise UserError(
             f"{path}: this checkpoint does not match the model being trained ({len(missing)} trainable "
             f"parameters missing, e.g. {sorted(missing)[0]}); was the technique or model changed?"
         )
-    unwrapped.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
+    """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
+    returns the step it was taken at."""
+    load_trainable(accelerator.unwrap_model(model), path)
     # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
