@@ -43,10 +43,10 @@ def run_study(cfg: StudyConfig, out: str | Path, *, setting: str = "custom", pro
     """Run (or continue) the study `cfg` in folder `out` and return what it measured (module docstring)."""
     started = time.perf_counter()
     out = Path(out)
-    _hold_settings(cfg, out)
-    for kind in {"warm", *(ARMS[a].run for a in cfg.arms)}:  # every run config checked before anything loads
+    for kind in sorted({"warm", *(ARMS[a].run for a in cfg.arms)}):  # every run config checked before anything
         run_config(cfg, kind, model=cfg.model, train_file="x.jsonl", out=out / "x", seed=0, steps=3,
                    rewards=[{"name": "task"}] if kind == "grpo" else None)  # fmt: skip
+    _hold_settings(cfg, out)
     base = _Lazy(lambda: load_for_inference(cfg.model))
     drift = cfg.evaluation.drift
     probe = _probe_texts(out, base) if drift else []
