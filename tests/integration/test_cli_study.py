@@ -86,11 +86,13 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     (["--quick", "--set", "budget.secs=3"], "budget.secs: unknown key"),
     (["--quick", "--set", "arms=[grpo]"], "baseline 'sft-more' is not one of the arms (grpo)"),
     (["--quick", "--set", "runs.sft.optim.lr=-1"], "optim.lr"),
+    (["--quick", "--set", "budget.seconds=0"], "budget.seconds: Input should be greater than 0"),
+    (["--quick"], "no such local model folder"),  # the model is the only thing wrong
 ])  # fmt: skip
 def test_bad_input_is_exit_2_before_any_model_loads(capsys, tmp_path, argv, says):
     code, stdout, err = run(capsys, "study", *argv, "--out", str(tmp_path / "s"), "--model", str(tmp_path / "none"))
     assert code == 2 and says in err and "Traceback" not in err
-    assert not (tmp_path / "s" / "seed-0").exists()
+    assert not (tmp_path / "s").exists()  # nothing written, not even the settings
 
 
 def test_a_study_folder_with_other_settings_is_refused(capsys, tmp_path):

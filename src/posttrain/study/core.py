@@ -27,7 +27,7 @@ from posttrain.data import write_jsonl
 from posttrain.diagnose.drift import PROBE_TOKENS, PROBES
 from posttrain.errors import ConfigError
 from posttrain.evaluation import load_for_inference
-from posttrain.models import generate, merge_adapter, read_info
+from posttrain.models import generate, merge_adapter, read_info, resolve_model
 from posttrain.study.arms import ARMS, Arm, Condition, Prepared, run_config, steps_for_budget
 from posttrain.study.config import StudyConfig
 from posttrain.study.data import make_seed_data
@@ -46,6 +46,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, setting: str = "custom", pro
     for kind in sorted({"warm", *(ARMS[a].run for a in cfg.arms)}):  # every run config checked before anything
         run_config(cfg, kind, model=cfg.model, train_file="x.jsonl", out=out / "x", seed=0, steps=3,
                    rewards=[{"name": "task"}] if kind == "grpo" else None)  # fmt: skip
+    resolve_model(cfg.model)  # a missing model is a UserError now, not after the study folder is written
     _hold_settings(cfg, out)
     base = _Lazy(lambda: load_for_inference(cfg.model))
     drift = cfg.evaluation.drift
