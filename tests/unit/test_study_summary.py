@@ -58,6 +58,7 @@ def test_pass_at_k_and_the_warm_start_check_by_hand(result):
     p = by["sft-more"].pass_at_k
     assert (p["1"].value, p["2"].value, p["4"].value) == pytest.approx((0.5, 5 / 6, 1.0), abs=1e-12)
     assert by["sft-more"].mixed_share.value == 1.0 and by["grpo"].mixed_share.value == 0.0
+    assert len(by["warm-start"].curve) == 1 and len(by["sft-more"].curve) == 2  # W's point once, then the arm's
     (check,) = result.warm_check
     assert check["pass_at_1"] == pytest.approx(0.55, abs=1e-12) and check["mixed_share"] == 0.4 and check["ok"]
 

@@ -282,7 +282,7 @@ def _curve(d: _Data, cells: list[Cell]) -> list[dict]:
     warm = {c.seed: c for c in d.cells if c.arm == "warm-start" and cells and c.noise == cells[0].noise}
     series = []
     for c in cells:
-        points = ([warm[c.seed].points[0]] if c.seed in warm else []) + c.points
+        points = ([warm[c.seed].points[0]] if c.seed in warm and c.arm != "warm-start" else []) + c.points  # W once
         series.append([(p.seconds, p.tokens, *_curve_acc(p.scores, curve_ids[c.seed])) for p in points])
     if not series:
         return []
