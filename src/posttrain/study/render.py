@@ -116,7 +116,7 @@ def _intro(r: StudyResult) -> list[str]:
     mdd = ", ".join(f"{k} {100 * v:.1f}" for k, v in r.mdd.items())
     lines = [f"posttrain study ({r.setting}): {r.model}; seeds {', '.join(map(str, r.seeds))}; wrong demonstrations "
              f"{', '.join(pct(n) for n in r.noise)}; arms {', '.join(r.arms)} from the warm start W, {budget:g} s "
-             f"each; {r.seconds / 60:.1f} min in all",
+             f"each; {r.seconds / 60:.1f} min for this invocation (a continued study counts only its own part)",
              f"Problems per seed: {problems}",
              f"Minimum detectable difference, stated in advance ({100 * r.settings['statistics']['power']:.0f}% "
              f"power, {100 * r.settings['statistics']['level']:.0f}% level), points: {mdd}"]  # fmt: skip
