@@ -60,6 +60,7 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
         (r,) = s["runs"]
         assert r["status"] == "trained" and [p["step"] for p in r["points"]] == [1, 2] and r["budget_s"] == 0.01
     assert summaries["dpo-onpolicy"]["status"] == "not run"
+    assert "| dpo-onpolicy | not run |" in (out / "report.md").read_text(encoding="utf-8")  # not "nan"
     assert any(n.startswith("dpo-onpolicy, seed 0: only 0 training rows") for n in doc["notes"])
     assert {c["arm"] for c in doc["comparisons"]} == {"warm-start", "grpo"}
     assert {(c["metric"], c["verdict"]) for c in doc["comparisons"] if c["arm"] == "grpo"} >= {("ood", "inconclusive")}

@@ -53,6 +53,9 @@ def _arms_table(r: StudyResult, noise: float) -> tuple[list[str], list[list[str]
     rows = []
     for a in _at(r, noise):
         budget = f" ({a.budget_s:.0f})" if a.budget_s else ""
+        if a.status == "not run":  # no training and no scores: the notes say why
+            rows.append([a.arm, "not run", *[""] * (len(header) - 2)])
+            continue
         rows.append([a.arm, f"{a.seconds:.0f}{budget}", f"{a.tokens:.0f}", f"{a.steps:g}",
                      *(rate(a.accuracy.get(sp)) for sp in (*SPLITS, "ood")), rate(a.shortcut.get("ood"))])  # fmt: skip
     return header, rows
