@@ -24,7 +24,7 @@ def _one(spec, completions, **columns):
 # ------------------------------------------------------------------------------------------------ built-ins
 def test_registry_names():
     assert sorted(REWARDS) == sorted(["numeric_answer", "exact_match", "regex_format", "json_schema",
-                                      "length_penalty", "task", "reward_model", "code_exec"])  # fmt: skip
+                                      "length_penalty", "task", "reward_model", "code_exec", "random"])  # fmt: skip
 
 
 @pytest.mark.parametrize(

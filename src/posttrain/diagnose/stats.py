@@ -6,7 +6,11 @@
 - `bootstrap_ci`: the percentile bootstrap interval of a mean (Efron & Tibshirani 1993, ch. 13), seeded;
 - `paired_gap`: clean vs perturbed correctness of the same prompts: the mean paired difference, its bootstrap
   interval and the exact McNemar test (`posttrain.evaluation.paired_change`). Never two unpaired rates: the
-  prompts are the same, so their differences are what varies.
+  prompts are the same, so their differences are what varies;
+- `hierarchical_bootstrap_ci`: the interval of a mean over seeds of means over problems, resampling seeds, then
+  problems within each drawn seed (Davison & Hinkley 1997, sec. 3.8; `posttrain study`);
+- `minimum_detectable_difference`: the smallest difference of two accuracies that n problems over s seeds can
+  tell from zero, stated before a study runs.
 
 No model, no I/O.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import torch
 
@@ -116,3 +121,88 @@ def paired_gap(clean: Sequence[bool], perturbed: Sequence[bool], *, level: float
         "gained": change["gained"],
         "p_value": change["p_value"],
     }
+
+
+def hierarchical_bootstrap_means(
+    groups: Sequence[Sequence[float]], *, n_resamples: int = 2000, seed: int = 0
+) -> torch.Tensor:
+    """The two-stage bootstrap distribution of the mean of `groups` (one group of values per seed, e.g. each
+    problem's 0/1 correctness): each resample draws as many seeds as there are, with replacement, then, within
+    each drawn seed, as many of its values as it has, with replacement, and takes the mean over the drawn seeds of
+    each one's mean (every seed weighs the same, whatever its number of problems). Returns the `n_resamples`
+    means, float64, from a generator seeded with `seed`.
+
+    Resampling both stages is the nested bootstrap for data in groups (Davison & Hinkley 1997, sec. 3.8): the
+    seeds are the independent units (training runs), the problems vary within each. With S seeds of n values,
+    the variance of these means is (sigma_b^2 + mean_s(sigma_s^2) / n) / S, sigma_b^2 the variance of the seed
+    means and sigma_s^2 that of the values of seed s (both with divisor S or n, as the bootstrap draws them);
+    tests/unit/test_study.py checks it.
+    """
+    sizes = [len(g) for g in groups]
+    if not groups or min(sizes) == 0:
+        raise ValueError("every seed needs at least one value")
+    s, width = len(groups), max(sizes)
+    table = torch.zeros(s, width, dtype=torch.float64)  # (S, n_max), padded with zeros never drawn
+    for i, g in enumerate(groups):
+        table[i, : sizes[i]] = torch.as_tensor(list(g), dtype=torch.float64)
+    counts = torch.as_tensor(sizes, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    per_chunk = max(1, 4_000_000 // (s * width))  # resamples per draw: the (chunk, S, n_max) tensors stay ~32 MB
+    out = []
+    for start in range(0, n_resamples, per_chunk):
+        r = min(per_chunk, n_resamples - start)
+        picked = torch.randint(0, s, (r, s), generator=gen)  # (r, S): the seeds drawn
+        n = counts[picked]  # (r, S): how many values each drawn seed has
+        # (r, S, n_max) positions within the drawn seed: uniform over its own n values; slots past n are masked
+        pos = (torch.rand(r, s, width, generator=gen, dtype=torch.float64) * n[..., None]).long()
+        values = table[picked[..., None], pos]  # (r, S, n_max)
+        used = torch.arange(width)[None, None, :] < n[..., None]
+        seed_means = torch.where(used, values, torch.zeros_like(values)).sum(-1) / n  # (r, S)
+        out.append(seed_means.mean(-1))
+    return torch.cat(out)
+
+
+def hierarchical_bootstrap_ci(
+    groups: Sequence[Sequence[float]], *, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of `hierarchical_bootstrap_means`: its (1 - level) / 2 and (1 + level) / 2 quantiles.
+
+    Worked example: two seeds, one all wrong and one all right. Within a seed every draw is the same, so a
+    resample's mean is 0, 1/2 or 1 as it draws the first seed twice, once each, or the second twice (chances
+    1/4, 1/2, 1/4): the 2.5% quantile is 0 and the 97.5% quantile 1. One seed is the plain bootstrap of its mean.
+
+    >>> hierarchical_bootstrap_ci([[0, 0, 0], [1, 1, 1]])
+    (0.0, 1.0)
+    >>> hierarchical_bootstrap_ci([[0.5, 0.5], [0.5, 0.5, 0.5]])
+    (0.5, 0.5)
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    means = hierarchical_bootstrap_means(groups, n_resamples=n_resamples, seed=seed)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
+def minimum_detectable_difference(
+    problems: int, seeds: int, *, level: float = 0.95, power: float = 0.8, p: float = 0.5
+) -> float:
+    """The smallest difference of two accuracies, each measured on `problems` problems in each of `seeds` seeds,
+    that a two-sided test at `level` detects with probability `power`: (z_{(1+level)/2} + z_{power}) *
+    sqrt(2 p (1 - p) / (problems * seeds)), the normal approximation for two proportions (Cohen 1988, ch. 6),
+    taken at p = 0.5, where a 0/1 outcome varies most. It counts the sampling noise of the problems only: the
+    variation between training seeds is measured by the hierarchical bootstrap, which can only widen an interval,
+    and pairing (the same problems for both arms) can only narrow the noise counted here, so the figure is stated
+    in advance as a guide, not a guarantee.
+
+    Worked example: 100 problems, 1 seed: (1.95996 + 0.84162) * sqrt(0.5 / 100) = 2.80159 * 0.0707107 = 0.1981.
+
+    >>> round(minimum_detectable_difference(100, 1), 4), round(minimum_detectable_difference(150, 3), 4)
+    (0.1981, 0.0934)
+    """
+    if problems < 1 or seeds < 1:
+        raise ValueError(f"need at least one problem and one seed, got {problems} and {seeds}")
+    if not (0 < level < 1 and 0 < power < 1 and 0 < p < 1):
+        raise ValueError(f"level, power and p must be in (0, 1), got {level}, {power}, {p}")
+    z = NormalDist().inv_cdf((1 + level) / 2) + NormalDist().inv_cdf(power)
+    return z * math.sqrt(2 * p * (1 - p) / (problems * seeds))

@@ -65,12 +65,14 @@ def render_bars(title: str, labels: list[str], values: list[float], lows: list[f
     return _png(fig)
 
 
-def render_lines(title: str, x: list[float], series: dict[str, list[float]], *, xlabel: str, ylabel: str = "",
-                 integer_x: bool = True) -> tuple[bytes, int, int]:  # fmt: skip
-    """PNG bytes, width and height of one marked line per named series over `x` (a legend when there are several)."""
+def render_lines(title: str, x: list[float] | dict[str, list[float]], series: dict[str, list[float]], *,
+                 xlabel: str, ylabel: str = "", integer_x: bool = True) -> tuple[bytes, int, int]:  # fmt: skip
+    """PNG bytes, width and height of one marked line per named series over `x` (a legend when there are several);
+    `x` is shared, or a dict giving each series its own (e.g. the seconds at which each arm was measured)."""
     fig, ax = _figure()
     for i, (label, ys) in enumerate(series.items()):
-        ax.plot(x, ys, color=f"C{i % 10}", label=label, marker="o", markersize=3.5, linewidth=1.6)
+        xs = x[label] if isinstance(x, dict) else x
+        ax.plot(xs, ys, color=f"C{i % 10}", label=label, marker="o", markersize=3.5, linewidth=1.6)
     ax.set_ylabel(ylabel, fontsize=9)
     _axes(ax, title, xlabel)
     if integer_x:

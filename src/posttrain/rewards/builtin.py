@@ -10,6 +10,7 @@ user files (`posttrain.rewards.spec`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -357,6 +358,29 @@ def code_exec(
     return reward
 
 
+def random_reward(*, p: float = 0.5, seed: int = 0) -> RewardFn:
+    """1.0 with chance `p`, else 0.0, whatever the completion says: the control for gains that do not come from
+    the reward (a "spurious" reward, Shao et al. 2025, "Spurious Rewards: Rethinking Training Signals in RLVR";
+    `posttrain study`'s random-reward GRPO arm). Each value is drawn from a hash of (seed, prompt, completion),
+    so a sample always gets the same reward (a resumed run scores as the first did) and nothing reads the answer.
+
+    >>> fn = random_reward(seed=1)
+    >>> fn(["q", "q"], ["a", "a"]) == fn(["q", "q"], ["a", "a"]) and set(fn(["q"] * 50, list("ab" * 25))) == {0.0, 1.0}
+    True
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+        out = []
+        for prompt, completion in zip(prompts, completions):
+            digest = hashlib.sha256(json.dumps([seed, str(prompt), completion]).encode()).digest()
+            out.append(float(int.from_bytes(digest[:8], "big") / 2**64 < p))
+        return out
+
+    return reward
+
+
 def _column(columns: dict[str, Any], name: str, reward: str) -> list:
     if name not in columns:
         have = ", ".join(sorted(columns)) or "none"
@@ -373,6 +397,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "task": task,
     "reward_model": reward_model,
     "code_exec": code_exec,
+    "random": random_reward,
 }
 
 __all__ = ["REWARDS", "RewardFn", "final_answer", "numeric_match", "parse_json", "to_number"]

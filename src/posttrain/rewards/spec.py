@@ -69,7 +69,7 @@ def parse_reward_specs(specs: list, *, base_dir: str | Path | None = None) -> li
     >>> parse_reward_specs(["nope"])
     Traceback (most recent call last):
     ...
-    posttrain.errors.ConfigError: algorithm.rewards[0]: unknown reward 'nope'; expected a built-in (code_exec, exact_match, json_schema, length_penalty, numeric_answer, regex_format, reward_model, task) or 'path/to/file.py:function'
+    posttrain.errors.ConfigError: algorithm.rewards[0]: unknown reward 'nope'; expected a built-in (code_exec, exact_match, json_schema, length_penalty, numeric_answer, random, regex_format, reward_model, task) or 'path/to/file.py:function'
     """
     if not isinstance(specs, list | tuple):
         raise ConfigError(f"algorithm.rewards must be a list of reward specs, got {type(specs).__name__}")

@@ -115,17 +115,30 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
-    """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
-    returns the step it was taken at."""
-    unwrapped = accelerator.unwrap_model(model)
-    tensors = load_file(str(path / "trainable.safetensors"))
-    missing = {n for n, p in unwrapped.named_parameters() if p.requires_grad} - set(tensors)
+def load_trainable(model, path: Path) -> None:
+    """Copy checkpoint `path`'s trained parameters into `model`, built as the run built it (the same base and
+    technique, e.g. fresh LoRA adapters), refusing a checkpoint that lacks some of its trainable parameters. Also
+    how a checkpoint is scored without resuming it (`posttrain study`)."""
+    model.load_state_dict(_read_trainable(model, path), strict=False)
+
+
+def _read_trainable(model, path: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint `path`'s trained parameters (whole tensors), after checking they cover `model`'s trainable ones."""
+    tensors = load_file(str(Path(path) / "trainable.safetensors"))
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(tensors)
     if missing:
         raise UserError(
             f"{path}: this checkpoint does not match the model being trained ({len(missing)} trainable "
             f"parameters missing, e.g. {sorted(missing)[0]}); was the technique or model changed?"
         )
+    return tensors
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
+    """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`;
+    returns the step it was taken at."""
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = _read_trainable(unwrapped, path)
     # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
     optim_state = torch.load(path / "optimizer.pt", weights_only=False)
     if is_sharded(unwrapped):  # every process keeps its shard of the whole tensors

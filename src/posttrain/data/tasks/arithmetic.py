@@ -98,6 +98,29 @@ sentence with a number and a name before the question; unseen names and items; t
 (and, when every operation adds or subtracts, the operations in another order that never runs out of items);
 other numbers in the same wording, with the answer recomputed (the only variant whose answer changes)."""
 
+# A third family of wordings, for training on varied prompts (`posttrain study`'s SFT-diverse arm: the same problems
+# and answers told in other words): neither split of `make`, nor any variant above, uses one of them. Addition and
+# subtraction only, and every question is neutral about the operation ("now", never "left").
+VARIED_WORDINGS = {
+    "start": ("{name} currently has {n} {items}.", "{name} has collected {n} {items}.",
+              "On the shelf, {name} keeps {n} {items}."),
+    "add": ("{name} gets {k} more {items} from school.", "{name} receives {k} new {items}.",
+            "Then {name} wins {k} more {items}."),
+    "sub": ("{name} gives {k} {items} to a friend.", "{name} uses up {k} of the {items}.",
+            "Then {name} throws away {k} {items}."),
+    "question": ("How many {items} does {name} own now?", "What is the number of {items} {name} has now?",
+                 "Count {name}'s {items}: how many are there now?"),
+}  # fmt: skip
+VARIED_INSTRUCTIONS = (
+    "Find the answer. Finish with 'Answer:' and then the number.",
+    "Solve it and put the result after 'Answer:' on the last line.",
+    "Show the working, then end with 'Answer:' followed by the number.",
+)
+TRAIN_WORDINGS = {kind: train for kind, (train, _) in WORDINGS.items()}
+"""The wordings `make(split="train")` draws from, by sentence kind."""
+HELDOUT_WORDINGS = {kind: heldout for kind, (_, heldout) in WORDINGS.items()}
+"""The wordings `make(split="heldout")` draws from, by sentence kind."""
+
 _SLOT = {"name": r"(?P<name>[A-Z][a-z]+)", "items": r"(?P<items>[a-z]+)", "n": r"(?P<n>\d+)", "k": r"(?P<k>\d+)"}
 
 
@@ -394,9 +417,7 @@ def perturb_problem(p: Problem, kind: str, rng: random.Random, max_value: int = 
     ('How many apples does Sam have now? Sam has 5 apples. Sam buys 3 more.', 8)
     """
     if kind == "paraphrase":
-        words = [rng.choice(UNSEEN_WORDINGS["start"])]
-        words += [rng.choice(UNSEEN_WORDINGS[op]) for op, _ in p.ops] + [rng.choice(UNSEEN_WORDINGS["question"])]
-        return replace(p, wordings=tuple(words), instruction=rng.choice(UNSEEN_INSTRUCTIONS))
+        return reword(p, UNSEEN_WORDINGS, rng, UNSEEN_INSTRUCTIONS)
     if kind == "names":
         return replace(p, name=rng.choice(UNSEEN_NAMES), items=rng.choice(UNSEEN_ITEMS))
     if kind == "noop":
@@ -409,6 +430,60 @@ def perturb_problem(p: Problem, kind: str, rng: random.Random, max_value: int = 
     if kind == "numbers":
         return _new_numbers(p, rng, max_value)
     raise ValueError(f"kind must be one of {', '.join(PERTURBATIONS)}, got {kind!r}")
+
+
+def sentence_kinds(p: Problem) -> list[str]:
+    """The kind of each of `p`'s sentences, in the order of `p.wordings`: start, one per operation, question.
+
+    >>> sentence_kinds(Problem("Sam", "apples", 5, (("add", 3), ("sub", 2)), ("", "", "", "")))
+    ['start', 'add', 'sub', 'question']
+    """
+    return ["start", *(op for op, _ in p.ops), "question"]
+
+
+def reword(p: Problem, wordings: dict[str, tuple[str, ...]], rng: random.Random,
+           instructions: tuple[str, ...] = ()) -> Problem:  # fmt: skip
+    """`p` with each sentence whose kind has an entry in `wordings` told in one of its wordings (drawn in
+    sentence order), and the instruction drawn from `instructions` when they are given; the facts, hence the
+    answer, stay the same.
+
+    >>> p = parse_problem("Sam has 5 apples. Sam gives away 3 apples. How many apples does Sam have now?\\n"
+    ...                   + INSTRUCTION)
+    >>> reword(p, {"sub": ("{name} drops {k} {items}.",)}, random.Random(0)).prompt().split("\\n")[0]
+    'Sam has 5 apples. Sam drops 3 apples. How many apples does Sam have now?'
+    """
+    words = tuple(rng.choice(wordings[kind]) if kind in wordings else w for kind, w in zip(sentence_kinds(p), p.wordings))
+    return replace(p, wordings=words, instruction=rng.choice(instructions) if instructions else p.instruction)
+
+
+def draw_problem(rng: random.Random, ops: tuple[str, ...], *, max_value: int = 50,
+                 wordings: dict[str, tuple[str, ...]] = TRAIN_WORDINGS, names: tuple[str, ...] = NAMES,
+                 items: tuple[str, ...] = ITEMS) -> Problem:  # fmt: skip
+    """A problem with the operations `ops` (add, sub, mul) in this order, its numbers drawn as `make` draws them
+    (a start in 2..max_value; add 1..max_value, sub 1..count-1, mul 2..4: a count never drops below 1), its
+    person, items and sentences drawn from `names`, `items` and `wordings` (by kind; default the train split's).
+    `make` itself is unchanged: this is for callers that choose the operations (`posttrain study` trains on a set
+    share of additions).
+
+    >>> p = draw_problem(random.Random(0), ("sub",), max_value=10)
+    >>> [op for op, _ in p.ops], 1 <= p.answer < p.start <= 10, p.instruction == INSTRUCTION
+    (['sub'], True, True)
+    """
+    while True:
+        value = start = rng.randint(2, max_value)
+        drawn = []
+        for op in ops:
+            if op == "sub" and value <= 1:
+                break
+            low, high = {"add": (1, max_value), "sub": (1, value - 1), "mul": (2, 4)}[op]
+            k = rng.randint(low, high)
+            value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
+            drawn.append((op, k))
+        if len(drawn) == len(ops):
+            break
+    name, item = rng.choice(names), rng.choice(items)
+    words = (rng.choice(wordings["start"]), *(rng.choice(wordings[op]) for op in ops), rng.choice(wordings["question"]))
+    return Problem(name, item, start, tuple(drawn), words)
 
 
 def _shuffled_ops(p: Problem, rng: random.Random) -> Problem:
