@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.sharding import is_sharded
+
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
 
@@ -230,17 +232,22 @@ def selected_token_logps(
     Returns (logps (B, T), entropy (B, T) or None), float32, aligned with `input_ids`.
 
     Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
-    a time (`head_logps`): prompt positions need hidden states but no logits, and the (B, T, V) logits are the
+    a time (`head_logps`; in one go for an FSDP2-sharded model, see below): prompt positions need hidden states but no logits, and the (B, T, V) logits are the
     largest activation of a small model. The logits come from the model's own forward, with its own
     post-processing (Gemma's softcapping, Cohere's logit scale). `temperature` divides them first, so that the
     log-probabilities are those of the distribution the rollout sampled from.
     """
     target, keep = target_positions(target_mask)
-    hidden = last_hidden_states(model, inputs)  # (B, T, H)
     # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
-    picked, entropy = head_logps(
-        model, hidden[keep], inputs["input_ids"][target], temperature=temperature, with_entropy=with_entropy
-    )
+    targets = inputs["input_ids"][target]
+    if is_sharded(unwrap_parallel(model)):
+        # FSDP2 gathers the output layer's weights only inside the root forward, and each process may have a
+        # different number of chunks (collectives must match): one projection of the kept rows, in the forward.
+        logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)
+        picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
+    else:
+        hidden = last_hidden_states(model, inputs)  # (B, T, H)
+        picked, entropy = head_logps(model, hidden[keep], targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)
 
 
