@@ -204,16 +204,14 @@ def head_logps(
     rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm.parameters()))
     picked, entropy = [], []
-    for h, t in zip(hidden.split(rows), targets.split(rows)):  # split: backward concatenates the chunks' grads
+    # split: backward concatenates the chunks' grads; N = 0 gives one empty chunk (a graph, a zero gradient)
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
         if keep_graph:
             p, e = checkpoint(_chunk_logps, lm, h, t, temperature, with_entropy, use_reentrant=False)
         else:
             p, e = _chunk_logps(lm, h, t, temperature, with_entropy)
         picked.append(p)
         entropy.append(e)
-    if not picked:  # nothing to score
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if with_entropy else None)
     return torch.cat(picked), (torch.cat(entropy) if with_entropy else None)
 
 
@@ -232,10 +230,11 @@ def selected_token_logps(
     Returns (logps (B, T), entropy (B, T) or None), float32, aligned with `input_ids`.
 
     Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
-    a time (`head_logps`; in one go for an FSDP2-sharded model, see below): prompt positions need hidden states but no logits, and the (B, T, V) logits are the
-    largest activation of a small model. The logits come from the model's own forward, with its own
-    post-processing (Gemma's softcapping, Cohere's logit scale). `temperature` divides them first, so that the
-    log-probabilities are those of the distribution the rollout sampled from.
+    a time (`head_logps`; in one go, inside the forward, for an FSDP2-sharded model): prompt positions need hidden
+    states but no logits, and the (B, T, V) logits are the largest activation of a small model. The logits come
+    from the model's own forward, with its own post-processing (Gemma's softcapping, Cohere's logit scale).
+    `temperature` divides them first, so that the log-probabilities are those of the distribution the rollout
+    sampled from.
     """
     target, keep = target_positions(target_mask)
     # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
