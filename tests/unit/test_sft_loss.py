@@ -11,14 +11,33 @@ from posttrain.algorithms.sft import loss_fn, loss_units
 
 
 class FixedLogits(torch.nn.Module):
-    """A stand-in model whose forward returns fixed logits (B, T, V), whatever it is asked to keep."""
+    """A stand-in causal LM whose logits are fixed (B, T, V): its decoder returns them as the last hidden states
+    and its output layer is the identity, with a transformers-style forward (`logits_to_keep`, `get_decoder`)."""
+
+    base_model_prefix = "model"
 
     def __init__(self, logits):
         super().__init__()
-        self.logits = logits
+        self.model = _FixedHidden(logits)
+        self.lm_head = torch.nn.Identity()
+        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=logits.shape[-1]))
 
-    def forward(self, **kwargs):
-        return SimpleNamespace(logits=self.logits)
+    def get_decoder(self):
+        return self.model
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        hidden = self.model(input_ids).last_hidden_state
+        keep = logits_to_keep
+        return SimpleNamespace(logits=self.lm_head(hidden[keep] if isinstance(keep, torch.Tensor) else hidden))
+
+
+class _FixedHidden(torch.nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(last_hidden_state=self.hidden)
 
 
 LOGITS = torch.tensor([[[0.0, 0.0, 0.0], [0.0, math.log(2.0), 0.0], [9.0, 0.0, 0.0]]])

@@ -27,7 +27,8 @@ from posttrain.algorithms.base import Algorithm, RolloutContext, Rollouts, Score
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
-from posttrain.models.logprobs import gather_logps, no_grad_chunks, scatter, target_positions
+from posttrain.models.heads import language_model
+from posttrain.models.logprobs import head_logps, no_grad_chunks, scatter, target_positions, unwrap_parallel
 from posttrain.rewards.overlong import drop_from_loss
 
 
@@ -337,14 +338,14 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
     The value of the state before token t, V(s_t), is read at position t - 1, where token t is predicted.
     """
     target, keep = target_positions(batch["completion_mask"])
-    values_sel, logits = model(
+    values_sel, hidden = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         keep=keep,
-        with_logits=True,
-    )  # (N,), (N, V)
-    picked, _ = gather_logps(logits, batch["input_ids"][target], temperature=temperature)
+    )  # (N,), (N, H)
+    policy = language_model(unwrap_parallel(model))  # the LM under the value head (and any DDP)
+    picked, _ = head_logps(policy, hidden, batch["input_ids"][target], temperature=temperature)
     return scatter(values_sel, target), scatter(picked, target)
 
 

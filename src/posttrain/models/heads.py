@@ -2,9 +2,9 @@
 
 `ScalarHeadModel` keeps the language model whole (`.policy`: full, LoRA or QLoRA, as `load_model` built it) and
 adds one linear layer `hidden -> 1`. The backbone runs once: a reward model reads the head at each sequence's
-last real token; PPO reads it at every completion position of the same forward that gives the policy's logits
-(the language model's own forward, with its logit post-processing; a value head on the policy backbone, as in
-Ziegler et al. 2019).
+last real token; PPO reads it at every completion position of the same backbone pass whose hidden states give the
+policy's logits (through the language model's own output layer and logit post-processing: `logprobs.head_logps`;
+a value head on the policy backbone, as in Ziegler et al. 2019).
 
 Saved next to the LM's own files as `score_head.safetensors` + `score_head.json`; `load_scalar_model` reads them
 back (`RewardModelScorer` turns a trained reward model into a reward function).
@@ -21,13 +21,8 @@ from torch import nn
 
 from posttrain.data.render import chat_text
 from posttrain.errors import ModelNotFoundError
+from posttrain.models.logprobs import decoder_of, last_hidden_states
 from posttrain.models.saving import HEAD_FILE, HEAD_INFO, _trained_dir, load_trained, save_model
-
-
-def decoder_of(lm) -> nn.Module:
-    """The transformer body (embeddings, blocks, final norm) of a causal LM, under any peft wrapper."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return base.get_decoder()
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -75,41 +70,18 @@ class ScalarHeadModel(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(h.float()).squeeze(-1)
 
-    def forward(
-        self, input_ids, attention_mask=None, position_ids=None, keep=None, with_logits: bool = False
-    ):
-        """Values (and logits) at the positions `keep` (B, T) bool, or everywhere: ((N,) or (B, T), logits).
+    def forward(self, input_ids, attention_mask=None, position_ids=None, keep=None):
+        """Values at the positions `keep` (B, T) bool, or everywhere, and the hidden states they were read from:
+        ((N,) or (B, T), (N, H) or (B, T, H)).
 
-        With `with_logits` the logits come from the language model's own forward (one backbone pass, its last
-        hidden states caught on the way for the head), never from applying the output embedding here: models
-        post-process their logits (Gemma 2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite
-        `logits_scaling`), and generation and the reference go through that forward, so PPO must score the same
-        distribution it samples from."""
-        if not with_logits:
-            hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-            h = hidden[keep] if keep is not None else hidden
-            return self.head(h.float()).squeeze(-1), None
-        caught: list[torch.Tensor] = []
-        hook = decoder_of(self.policy).register_forward_hook(
-            lambda module, args, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state")
-                                                    else out[0])  # fmt: skip
-        )
-        try:
-            out = self.policy(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                logits_to_keep=keep if keep is not None else 0,
-            )  # fmt: skip
-        finally:
-            hook.remove()
-        hidden = caught[-1]  # (B, T, H), after the final norm: what the LM head read
-        logits = out.logits
-        if keep is not None:
-            h = hidden[keep]  # (N, H)
-            if not (logits.dim() == 2 and logits.shape[0] == h.shape[0]):
-                logits = logits[keep]  # a model whose forward ignores a boolean logits_to_keep: (B, T, V) -> (N, V)
-        else:
-            h = hidden
-        return self.head(h.float()).squeeze(-1), logits
+        One backbone pass serves the value head and the policy: PPO turns the same hidden states into
+        log-probabilities with `models.logprobs.head_logps`, which runs the language model's own output layer and
+        logit post-processing (Gemma 2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite
+        `logits_scaling`), as generation and the reference do, so PPO scores the distribution it samples from."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        hidden = last_hidden_states(self.policy, {k: v for k, v in inputs.items() if v is not None})  # (B, T, H)
+        h = hidden[keep] if keep is not None else hidden
+        return self.head(h.float()).squeeze(-1), h
 
 
 def save_head(model: ScalarHeadModel, out_dir: str | Path) -> None:

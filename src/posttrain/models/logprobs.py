@@ -3,24 +3,41 @@
 SFT's cross-entropy, DPO's sequence log-probs and its reference, GRPO's and PPO's policy, old and reference
 log-probs, the sampler/trainer gap and preference evaluation all call these, so there is one gather:
 
-- `target_positions`: which positions predict a target (the logits at t - 1 predict token t);
+- `target_positions`: which positions predict a target (the hidden state at t - 1 predicts token t);
 - `gather_logps`: log softmax(logits / T)[target] (and the entropy) from the selected logits, in float32;
-- `selected_token_logps`: a model forward that projects only those positions onto the vocabulary, then the
-  gather, scattered back to (B, T);
+- `head_logps`: the same from hidden states, through the model's own output layer, a chunk of rows at a time;
+- `selected_token_logps`: the model's backbone, then `head_logps` at the positions that predict a target,
+  scattered back to (B, T);
 - `no_grad_chunks`: any of these over a large batch, a chunk at a time, in eval mode and without gradient
   (old log-probs, references, values).
 
+Memory: the (N, V) logits, their log-softmax and their gradient are the largest tensors of a small model's step
+(N = 4,000 response tokens x V = 49,152 is 0.8 GB each in float32). `head_logps` never holds them for more than
+`LOGIT_CHUNK_ELEMENTS / V` rows at once: each chunk's logits are computed, reduced to N numbers and freed, and
+recomputed from the chunk's hidden states in backward (activation checkpointing of the output layer alone, as
+Liger-Kernel's fused linear cross-entropy and Wijmans et al. 2024, "Cut Your Losses", avoid materialising
+them). The recompute costs one more output-layer GEMM on the selected positions, ~2-3% of a step here.
+
 Everything is computed in float32 whatever the logits' dtype (bf16 has 8 bits of mantissa: a log-softmax over 49k
-entries in bf16 is off by ~0.01 nats per token). Letters: B batch, T tokens, V vocabulary, N selected positions.
-This module does not reduce over tokens for a loss (the algorithms' `masked_mean`/`aggregate` do).
+entries in bf16 is off by ~0.01 nats per token). Letters: B batch, T tokens, H hidden size, V vocabulary, N
+selected positions. This module does not reduce over tokens for a loss (the algorithms' `masked_mean`/`aggregate`
+do).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.models.sharding import is_sharded
+
+LOGIT_CHUNK_ELEMENTS = 2**24
+"""Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
 
 
 def target_positions(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +69,10 @@ def gather_logps(
     >>> lp, ent
     (tensor([-0.6931, -1.0986]), tensor([1.0397, 1.0986]))
     """
-    logp_all = (logits.float() / temperature).log_softmax(-1)  # (N, V)
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1.0 is x: skip the (N, V) copy
+        logits = logits / temperature
+    logp_all = logits.log_softmax(-1)  # (N, V)
     picked = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
     entropy = None
     if with_entropy:
@@ -76,6 +96,125 @@ def selected_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return logits if logits.dim() == 2 and logits.shape[0] == n else logits[keep]
 
 
+def decoder_of(lm) -> nn.Module:
+    """The transformer body (embeddings, blocks, final norm) of a causal LM, under any peft wrapper."""
+    return causal_lm_of(lm).get_decoder()
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """`model` out of a data-parallel wrapper (DDP, as Accelerate prepares it for several processes)."""
+    from accelerate.utils import extract_model_from_parallel  # here, so `import posttrain.models` stays light
+
+    return extract_model_from_parallel(model)
+
+
+def causal_lm_of(lm) -> nn.Module:
+    """The `...ForCausalLM` module itself, under a DDP (Accelerate) or peft wrapper (peft's layers are inside it)."""
+    lm = unwrap_parallel(lm)
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def last_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H), after its final norm: what the output layer reads.
+
+    Caught on the way through the model's own forward (so that every wrapper's hooks run: DDP, FSDP2, peft),
+    called with an all-False boolean `logits_to_keep`, so no position is projected onto the vocabulary."""
+    caught: list[torch.Tensor] = []
+    hook = decoder_of(model).register_forward_hook(
+        lambda module, args, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state")
+                                                else out[0])  # fmt: skip
+    )
+    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)  # (B, T)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=none)
+    finally:
+        hook.remove()
+    return caught[-1]
+
+
+class _HiddenStatesOnly:
+    """A decoder output holding only `last_hidden_state` (also `[0]`, as transformers' outputs index); any other
+    field a head's forward reads (GPT-2's `cross_attentions`, ...) is None, as in a decoder output without it."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index != 0:
+            raise IndexError(index)
+        return self.last_hidden_state
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+
+class _GivenHiddenStates(nn.Module):
+    """Stands in for a causal LM's decoder: returns the hidden states it holds, whatever it is called with."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden  # (1, n, H)
+
+    def forward(self, *args, **kwargs) -> _HiddenStatesOnly:
+        return _HiddenStatesOnly(self.hidden)
+
+
+@contextmanager
+def _decoder_replaced(lm: nn.Module, hidden: torch.Tensor):
+    """`lm`'s decoder swapped for `_GivenHiddenStates(hidden)` inside the block, so that `lm`'s own forward turns
+    given hidden states into logits with its own output layer and post-processing (Gemma 2/3
+    `final_logit_softcapping`, Cohere `logit_scale`, Granite `logits_scaling`, whatever a family adds): the
+    logits are always those of the model's own forward, never a re-implementation of its head."""
+    name = lm.base_model_prefix
+    decoder = getattr(lm, name)
+    setattr(lm, name, _GivenHiddenStates(hidden))
+    try:
+        yield
+    finally:
+        setattr(lm, name, decoder)
+
+
+def _chunk_logps(lm, hidden, targets, temperature, with_entropy):
+    """`gather_logps` of one chunk: hidden (n, H) -> logits (n, V) through `lm`'s forward -> (n,), (n,)."""
+    with _decoder_replaced(lm, hidden.unsqueeze(0)):
+        logits = lm(input_ids=targets.unsqueeze(0), use_cache=False).logits[0]  # (n, V)
+    return gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
+
+
+def head_logps(
+    model,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gather_logps` of the logits the model's forward would compute from `hidden`, `chunk_rows` rows at a time.
+
+    hidden: (N, H), the decoder's last hidden states (after its final norm) at the positions to score;
+    targets: (N,) ids. Returns ((N,), (N,) or None), float32, equal to `gather_logps` of the model's own (N, V)
+    logits. With gradient, each chunk runs under activation checkpointing: only its (n, H) hidden states are kept
+    for backward, and its logits, log-softmax and their gradient exist one chunk at a time (see the module
+    docstring). `chunk_rows` defaults to `LOGIT_CHUNK_ELEMENTS // V`.
+    """
+    lm = causal_lm_of(model)
+    rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm.parameters()))
+    picked, entropy = [], []
+    # split: backward concatenates the chunks' grads; N = 0 gives one empty chunk (a graph, a zero gradient)
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
+        if keep_graph:
+            p, e = checkpoint(_chunk_logps, lm, h, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            p, e = _chunk_logps(lm, h, t, temperature, with_entropy)
+        picked.append(p)
+        entropy.append(e)
+    return torch.cat(picked), (torch.cat(entropy) if with_entropy else None)
+
+
 def selected_token_logps(
     model,
     inputs: dict[str, torch.Tensor],
@@ -90,18 +229,24 @@ def selected_token_logps(
     target_mask: (B, T), marks the tokens to score (response or completion tokens; column 0 is never scored).
     Returns (logps (B, T), entropy (B, T) or None), float32, aligned with `input_ids`.
 
-    Only the positions that predict a target are projected onto the vocabulary (a boolean `logits_to_keep`,
-    transformers >= 5): prompt positions need hidden states but no logits, and the (B, T, V) logits are the
-    largest activation of a small model. The logits come from the model's own forward, with its own
-    post-processing (Gemma's softcapping, Cohere's logit scale). `temperature` divides them first, so that the
-    log-probabilities are those of the distribution the rollout sampled from.
+    Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
+    a time (`head_logps`; in one go, inside the forward, for an FSDP2-sharded model): prompt positions need hidden
+    states but no logits, and the (B, T, V) logits are the largest activation of a small model. The logits come
+    from the model's own forward, with its own post-processing (Gemma's softcapping, Cohere's logit scale).
+    `temperature` divides them first, so that the log-probabilities are those of the distribution the rollout
+    sampled from.
     """
     target, keep = target_positions(target_mask)
-    logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)
     # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
-    picked, entropy = gather_logps(
-        logits, inputs["input_ids"][target], temperature=temperature, with_entropy=with_entropy
-    )
+    targets = inputs["input_ids"][target]
+    if is_sharded(unwrap_parallel(model)):
+        # FSDP2 gathers the output layer's weights only inside the root forward, and each process may have a
+        # different number of chunks (collectives must match): one projection of the kept rows, in the forward.
+        logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)
+        picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
+    else:
+        hidden = last_hidden_states(model, inputs)  # (B, T, H)
+        picked, entropy = head_logps(model, hidden[keep], targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)
 
 
