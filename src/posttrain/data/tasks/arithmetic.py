@@ -470,20 +470,27 @@ def draw_problem(rng: random.Random, ops: tuple[str, ...], *, max_value: int = 5
     (['sub'], True, True)
     """
     while True:
-        value = start = rng.randint(2, max_value)
-        drawn = []
-        for op in ops:
-            if op == "sub" and value <= 1:
-                break
-            low, high = {"add": (1, max_value), "sub": (1, value - 1), "mul": (2, 4)}[op]
-            k = rng.randint(low, high)
-            value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
-            drawn.append((op, k))
-        if len(drawn) == len(ops):
+        start = rng.randint(2, max_value)
+        drawn = _draw_amounts(rng, start, ops, max_value)
+        if drawn is not None:
             break
     name, item = rng.choice(names), rng.choice(items)
     words = (rng.choice(wordings["start"]), *(rng.choice(wordings[op]) for op in ops), rng.choice(wordings["question"]))
     return Problem(name, item, start, tuple(drawn), words)
+
+
+def _draw_amounts(rng: random.Random, start: int, ops, max_value: int) -> list[tuple[str, int]] | None:
+    """An amount for each of `ops` from `start` (add 1..max_value, subtract 1..count-1, multiply by 2..4), in
+    order; None when a subtraction would find a count of 1 or less (the caller draws again)."""
+    value, drawn = start, []
+    for op in ops:
+        if op == "sub" and value <= 1:
+            return None
+        low, high = {"add": (1, max_value), "sub": (1, value - 1), "mul": (2, 4)}[op]
+        k = rng.randint(low, high)
+        value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
+        drawn.append((op, k))
+    return drawn
 
 
 def _shuffled_ops(p: Problem, rng: random.Random) -> Problem:
@@ -508,13 +515,6 @@ def _new_numbers(p: Problem, rng: random.Random, max_value: int) -> Problem:
     drops below 1); the start differs from `p`'s, so the problem changes and its answer is recomputed."""
     while True:
         start = rng.randint(2, max_value)
-        value, ops = start, []
-        for op, _ in p.ops:
-            if op == "sub" and value <= 1:
-                break
-            low, high = {"add": (1, max_value), "sub": (1, value - 1), "mul": (2, 4)}[op]
-            k = rng.randint(low, high)
-            value = {"add": value + k, "sub": value - k, "mul": value * k}[op]
-            ops.append((op, k))
-        if len(ops) == len(p.ops) and start != p.start:
+        ops = _draw_amounts(rng, start, [op for op, _ in p.ops], max_value)
+        if ops is not None and start != p.start:
             return replace(p, start=start, ops=tuple(ops))
