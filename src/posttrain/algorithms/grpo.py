@@ -34,7 +34,6 @@ from pydantic import Field
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import (
     Algorithm,
-    Mean,
     RolloutContext,
     Rollouts,
     ScoredRollout,
@@ -45,7 +44,7 @@ from posttrain.algorithms.ppo import clipped_surrogate
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
 from posttrain.errors import ConfigError
-from posttrain.models.logprobs import chunked_token_logps, selected_token_logps
+from posttrain.models.logprobs import chunked_token_logps
 from posttrain.rewards.overlong import drop_from_loss
 
 
@@ -346,14 +345,12 @@ def loss_units(batch, cfg) -> float:
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on one micro-batch, returned as a sum over its loss units (the loop divides once per step)."""
     g, rc = cfg.algorithm, cfg.algorithm.rollout
-    mask = batch["completion_mask"]  # (B, T), full width: 0 over the prompt
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    logps, entropy = selected_token_logps(model, inputs, mask, temperature=rc.temperature, with_entropy=True)
+    logps, entropy, old = rl.policy_logps(model, batch, rc.temperature)
     loss, metrics = grpo_loss(
         logps,
-        batch["old_logps"] if "old_logps" in batch else logps.detach(),
+        old,
         batch["advantages"],
-        mask,
+        batch["completion_mask"],  # (B, T), full width: 0 over the prompt
         ref_logps=batch.get("ref_logps"),
         beta=g.beta,
         clip_eps=g.clip_eps,
@@ -361,14 +358,9 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss_type=g.loss_type,
         max_completion_length=rc.max_new_tokens,
     )
-    units = loss_units(batch, cfg)
-    metrics["entropy"] = masked_mean(entropy, mask).detach()
-    if "old_logps" not in batch:  # a one-step rollout: this forward runs on the sampling weights
-        metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
-    # Every metric here is a mean over completion tokens: logged as a token mean over the whole step (`Mean`),
-    # not weighted by the loss units, which are sequences under loss_type grpo.
-    tokens = mask.sum()
-    return loss * units, {k: Mean(v * tokens, tokens) for k, v in metrics.items()}
+    # Every metric here is a mean over completion tokens: logged as a token mean over the whole step, not
+    # weighted by the loss units, which are sequences under loss_type grpo.
+    return loss * loss_units(batch, cfg), rl.step_token_means(metrics, batch, logps, entropy)
 
 
 ALGORITHM = Algorithm(

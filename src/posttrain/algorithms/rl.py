@@ -5,13 +5,19 @@ so that a bad spec, a user file that does not import, a built-in's wrong argumen
 and the rows lack fails in seconds (`rewards.checks`), not hours into the run. The functions are built again,
 cheaply, by the rollout source; a reward model loads on its first call.
 
-Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs.
+Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs; GRPO and RLOO, whose
+one-step rollouts take their old log-probs from the loss forward, share `policy_logps` and `step_token_means`.
 """
 
 from __future__ import annotations
 
+import torch
+
+from posttrain.algorithms.base import Mean
+from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean
 from posttrain.data.prepared import PreparedData
 from posttrain.data.prompts import read_prompt_rows, render_prompts
+from posttrain.models.logprobs import selected_token_logps
 from posttrain.rewards import build_reward_functions, parse_reward_specs
 from posttrain.rewards.checks import check_reward_inputs
 
@@ -31,3 +37,25 @@ def reference_mode(cfg, needed: bool) -> str:
     if not needed:
         return "none"
     return "adapter" if cfg.technique.name in ("lora", "qlora") else "copy"
+
+
+def policy_logps(model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's log-probs and entropy (B, T) on the completion tokens, and the old log-probs the ratio uses:
+    the rollout's, fixed before any update, when it feeds several steps; else these, detached (ratio 1: the
+    policy is the sampler, and no extra forward is needed)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logps, entropy = selected_token_logps(model, inputs, batch["completion_mask"], temperature=temperature,
+                                          with_entropy=True)  # fmt: skip
+    return logps, entropy, batch["old_logps"] if "old_logps" in batch else logps.detach()
+
+
+def step_token_means(metrics: dict, batch, logps: torch.Tensor, entropy: torch.Tensor) -> dict[str, Mean]:
+    """A loss's token-mean `metrics` with the entropy and, for a one-step rollout (whose loss forward runs on the
+    sampling weights), the sampler/trainer gap: each logged as a token mean over the whole step, whatever the
+    loss units (completions, or tokens)."""
+    mask = batch["completion_mask"]
+    metrics["entropy"] = masked_mean(entropy, mask).detach()
+    if "old_logps" not in batch:
+        metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
+    tokens = mask.sum()
+    return {k: Mean(v * tokens, tokens) for k, v in metrics.items()}

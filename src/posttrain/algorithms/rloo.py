@@ -33,7 +33,6 @@ from pydantic import Field
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import (
     Algorithm,
-    Mean,
     RolloutContext,
     Rollouts,
     ScoredRollout,
@@ -43,7 +42,7 @@ from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, masked_
 from posttrain.algorithms.ppo import ppo_policy_loss
 from posttrain.config import RLSection
 from posttrain.config_rules import When
-from posttrain.models.logprobs import chunked_token_logps, selected_token_logps
+from posttrain.models.logprobs import chunked_token_logps
 from posttrain.rewards.overlong import drop_from_loss
 
 
@@ -178,19 +177,10 @@ def loss_units(batch, cfg) -> float:
 
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """rloo_loss summed over the micro-batch's completions (the loop divides by the step's completions)."""
-    a, rc = cfg.algorithm, cfg.algorithm.rollout
-    mask = batch["completion_mask"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    logps, entropy = selected_token_logps(model, inputs, mask, temperature=rc.temperature, with_entropy=True)
-    old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-    losses, metrics = rloo_loss(logps, old, batch["advantages"], mask, clip_eps=a.clip_eps)
-    metrics["entropy"] = masked_mean(entropy, mask).detach()
-    if "old_logps" not in batch:  # a one-step rollout: this forward runs on the sampling weights
-        metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
-    tokens = mask.sum()
-    return losses.sum(), {
-        k: Mean(v * tokens, tokens) for k, v in metrics.items()
-    }  # token means over the step
+    logps, entropy, old = rl.policy_logps(model, batch, cfg.algorithm.rollout.temperature)
+    losses, metrics = rloo_loss(logps, old, batch["advantages"], batch["completion_mask"],
+                                clip_eps=cfg.algorithm.clip_eps)  # fmt: skip
+    return losses.sum(), rl.step_token_means(metrics, batch, logps, entropy)
 
 
 ALGORITHM = Algorithm(
