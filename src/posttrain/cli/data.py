@@ -132,6 +132,19 @@ def task_with_options(task, args):
     return task
 
 
+def task_or_file_rows(args, path, flag: str) -> list[dict]:
+    """The first --n prompt rows of `path` (the file given as `flag`), or --n fresh rows of --task with its
+    difficulty options; those options with a file are refused (they shape only the rows a task makes)."""
+    from posttrain.data import TASKS, load_rows
+
+    if path is None:
+        return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
+    given = [opt for f, opt in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} shape the rows made by --task; with {flag} the rows come from {path}")
+    return load_rows(path, "prompts")[: args.n]
+
+
 def validate(args) -> Output:
     from posttrain.data.schema import row_shapes, shapes_summary
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.cli.data import TASK_OPTIONS, task_with_options
+from posttrain.cli.data import task_or_file_rows, task_with_options
 from posttrain.cli.output import Output, add_json, json_document, quiet_libraries, settings
 from posttrain.errors import UserError
 
@@ -160,16 +160,11 @@ def _verifier(args):
 
 def _prompt_rows(args, verifier) -> list[dict]:
     """The clean prompts: the first --n rows of --prompts, or --n fresh rows of --task; each with an `id`."""
-    from posttrain.data import TASKS, load_rows
     from posttrain.diagnose.robustness import row_id
 
+    rows = task_or_file_rows(args, args.prompts, "--prompts")
     if args.prompts is None:
-        return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
-    given = [flag for f, flag in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
-    if given:
-        raise UserError(f"{', '.join(given)} shape the rows made by --task; with --prompts the rows come from "
-                        f"{args.prompts}")  # fmt: skip
-    rows = load_rows(args.prompts, "prompts")[: args.n]
+        return rows
     missing = next((r for r in rows if "answer" not in r), None)
     if verifier.needs_answer and missing is not None:
         raise UserError(f"{args.prompts}:{missing.line}: answer: missing; the task's verifier compares each answer "

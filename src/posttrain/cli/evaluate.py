@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from posttrain.cli.data import TASK_OPTIONS, task_with_options
+from posttrain.cli.data import task_or_file_rows
 from posttrain.cli.output import Output, add_json, quiet_libraries, settings
 from posttrain.errors import UserError
 
@@ -167,15 +167,9 @@ def _write_records(path: str, records: list[dict]) -> None:
 
 def _evaluation_rows(args) -> list[dict]:
     """The first --n rows of --data, or --n fresh rows of the --task (with its difficulty options)."""
-    from posttrain.data import TASKS, load_rows
-
+    rows = task_or_file_rows(args, args.data, "--data")
     if args.data is None:
-        return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
-    given = [flag for f, flag in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
-    if given:
-        raise UserError(f"{', '.join(given)} shape the rows made by --task; with --data the rows come from "
-                        f"{args.data}")  # fmt: skip
-    rows = load_rows(args.data, "prompts")[: args.n]
+        return rows
     missing = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if "answer" not in r]
     if args.task is not None and missing:
         raise UserError(f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})")
