@@ -1,8 +1,14 @@
 """Fixtures for end-to-end tests: a tiny Llama + byte tokenizer saved as a local model folder, and SFT data."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+
+# pytest runs with --import-mode=importlib, which puts no test folder on sys.path: this one holds browser_check.py,
+# the report tests' shared helpers.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

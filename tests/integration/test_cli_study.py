@@ -1,11 +1,13 @@
 """`posttrain study --quick` end to end on the tiny random model with a tiny plan, through the CLI with --json: the
 document's keys, the arms' runs, the report folder; a second run reuses every finished arm; bad input is exit 2
-with one clear paragraph, found before any model loads."""
+with one clear paragraph, found before any model loads. The report page opens in headless Chromium with every image
+loaded (browser_check.py)."""
 
 import json
 
 import pytest
 import yaml
+from browser_check import chromium, images, loaded_in_browser, valid_png
 
 from posttrain.cli import main
 
@@ -71,6 +73,10 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     assert page.count("<img ") == 4 and "Predictions" in page and (out / "report.md").is_file()
     assert sorted(p.name for p in (out / "report_files").iterdir()) == [
         "accuracy_id.png", "accuracy_ood.png", "ood_accuracy.png", "pass_at_k.png"]  # fmt: skip
+    found = images(page)  # self-contained: every image a PNG in a data: URI, and each one decodes in a browser
+    for png, w, h in found:
+        valid_png(png, (w, h))
+    assert loaded_in_browser(chromium(), page, tmp_path) == (4, 4)
 
     arm_dir = out / "seed-0" / "noise-0" / "arms" / "sft-more"
     stamp = (arm_dir / "run" / "metrics.jsonl").stat().st_mtime_ns

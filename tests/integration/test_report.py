@@ -6,18 +6,15 @@ every step logs its peak memory, and the page renders in headless Chromium with 
 The browser test needs Debian's `chromium` (`apt-get install chromium`; .ci/run installs it). Without it the test
 fails and says so, unless POSTTRAIN_SKIP_BROWSER=1 is set."""
 
-import base64
-import io
 import json
 import os
 import re
 import resource
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from browser_check import browser, chromium, images, loaded_in_browser, valid_png
 
 from posttrain.cli import main
 from posttrain.report import IMAGE_DIR, build_report
@@ -70,26 +67,6 @@ def runs(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def _images(page: str) -> list[tuple[bytes, int, int]]:
-    """Every <img> of a page: its decoded PNG (the page must hold nothing but data: URIs) and declared size."""
-    tags = re.findall(r"<img [^>]*>", page)
-    out = []
-    for tag in tags:
-        src = re.search(r'src="([^"]*)"', tag).group(1)
-        assert src.startswith("data:image/png;base64,"), src[:60]
-        w, h = (int(re.search(rf'{a}="(\d+)"', tag).group(1)) for a in ("width", "height"))
-        out.append((base64.b64decode(src.split(",", 1)[1], validate=True), w, h))
-    return out
-
-
-def _valid_png(data: bytes, size: tuple[int, int] | None = None) -> None:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(io.BytesIO(data)) as img:
-        img.verify()
-    with Image.open(io.BytesIO(data)) as img:
-        assert size is None or img.size == size
-
-
 def _sections(page: str) -> list[str]:
     return re.findall(r"<h2>(.*?)</h2>", page)
 
@@ -111,16 +88,16 @@ def test_every_train_writes_a_self_contained_report_with_its_methods_sections(ru
     present, absent = EXPECTED[method]
     sections = _sections(page)
     assert [s for s in sections if s in present] == present and not set(absent) & set(sections)
-    images = _images(page)
-    assert images
-    for png, w, h in images:
-        _valid_png(png, (w, h))
+    found = images(page)
+    assert found
+    for png, w, h in found:
+        valid_png(png, (w, h))
     assert "<script" not in page and "<link" not in page and not re.search(r"""(src|href)=["']?(https?:|//)""", page)
     # the Markdown beside it: the same plots as files next to it
     md = (run / "report.md").read_text(encoding="utf-8")
     linked = re.findall(rf"\]\(({IMAGE_DIR}/[^)]+\.png)\)", md)
-    assert len(linked) == len(images) == len(list((run / IMAGE_DIR).glob("*.png")))
-    assert sorted((run / p).read_bytes() for p in linked) == sorted(png for png, _, _ in images)
+    assert len(linked) == len(found) == len(list((run / IMAGE_DIR).glob("*.png")))
+    assert sorted((run / p).read_bytes() for p in linked) == sorted(png for png, _, _ in found)
     for heading in present:
         assert f"## {heading}" in md
     # the resolved config is shown as it was saved
@@ -169,7 +146,7 @@ def test_several_runs_side_by_side_with_their_differences_marked(runs, tmp_path,
     assert capsys.readouterr().out.startswith(f"report: {out / 'report.html'}\n")
     page = (out / "report.html").read_text(encoding="utf-8")
     one = (runs["sft-low-lr"] / "report.html").read_text(encoding="utf-8")
-    assert len(_images(page)) == len(_images(one))  # the runs overlaid on each panel, not one panel per run
+    assert len(images(page)) == len(images(one))  # the runs overlaid on each panel, not one panel per run
     differences = page[page.index("<h2>Config differences</h2>") : page.index("<h2>", page.index("Config differences") + 30)]
     assert '<table class="marked">' in differences
     rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", differences)
@@ -208,46 +185,17 @@ def test_a_report_failure_does_not_fail_the_run(make_cfg, capsys, monkeypatch):
     assert "warning: no report written for" in capsys.readouterr().err
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("POSTTRAIN_SKIP_BROWSER") == "1":
-        pytest.skip("POSTTRAIN_SKIP_BROWSER=1: the report is not rendered in a browser")
-    pytest.fail("the report's browser test needs Chromium: `apt-get install chromium` (Debian; .ci/run does it), "
-                "or set POSTTRAIN_SKIP_BROWSER=1 to skip this one test knowingly")  # fmt: skip
-
-
-# Appended to a copy of the page (the report itself has no script): once the page has loaded, it writes how many
-# images decoded (naturalWidth > 0) out of how many there are onto <html>, where --dump-dom shows it.
-CHECK = ("<script>addEventListener('load', () => { const all = [...document.images]; document.documentElement"
-         ".setAttribute('data-loaded', all.filter(i => i.complete && i.naturalWidth > 0).length + '/' + all.length);"
-         " });</script>")  # fmt: skip
-
-
-def _browser(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
-
-
 @pytest.mark.parametrize("method", ["grpo", "dpo"])
 def test_report_renders_in_headless_chromium_with_every_image_loaded(runs, method, tmp_path):
-    chromium = _chromium()
+    binary = chromium()
     page = (runs[method] / "report.html").read_text(encoding="utf-8")
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.replace("</body>", CHECK + "\n</body>"), encoding="utf-8")
-    done = _browser(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
-    loaded = re.search(r'<html[^>]*data-loaded="(\d+)/(\d+)"', done.stdout)
-    assert loaded, f"no load result in the DOM Chromium dumped (exit {done.returncode}): {done.stderr[-2000:]}"
-    n = len(_images(page))
-    assert (int(loaded.group(1)), int(loaded.group(2))) == (n, n) and n > 0
+    n = len(images(page))
+    assert loaded_in_browser(binary, page, tmp_path) == (n, n) and n > 0
     shot = tmp_path / "report.png"
-    done = _browser(chromium, tmp_path / "profile", "--hide-scrollbars", f"--screenshot={shot}",
+    done = browser(binary, tmp_path / "profile", "--hide-scrollbars", f"--screenshot={shot}",
                     "--window-size=1200,3000", (runs[method] / "report.html").as_uri())  # fmt: skip
     assert shot.is_file(), done.stderr[-2000:]
-    _valid_png(shot.read_bytes(), (1200, 3000))
+    valid_png(shot.read_bytes(), (1200, 3000))
     if os.environ.get("POSTTRAIN_REPORT_SCREENSHOTS"):  # a folder to keep the screenshots in, to look at them
         shutil.copy(shot, Path(os.environ["POSTTRAIN_REPORT_SCREENSHOTS"]) / f"{method}.png")
 
@@ -269,7 +217,7 @@ def test_diagnose_report_renders_in_headless_chromium_with_every_image_loaded(tm
     from posttrain.data.tasks import make_perturbed
     from posttrain.diagnose import Settings, run_diagnosis, task_verifier, write_diagnosis_report
 
-    chromium = _chromium()
+    binary = chromium()
     rows = TASKS["arithmetic"].make(6, seed=0, split="heldout")
     variants = make_perturbed("arithmetic", rows, seed=0)
     answers = {r["prompt"]: r["answer"] for r in [*rows, *variants]}
@@ -284,12 +232,7 @@ def test_diagnose_report_renders_in_headless_chromium_with_every_image_loaded(tm
     paths = write_diagnosis_report(result, tmp_path / "diagnose")
     page = paths.html.read_text(encoding="utf-8")
     assert _sections(page) == ["Recommendation", "Robustness", "Sampling headroom", "Settings"]
-    checked = tmp_path / "checked.html"
-    checked.write_text(page.replace("</body>", CHECK + "\n</body>"), encoding="utf-8")
-    done = _browser(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
-    loaded = re.search(r'<html[^>]*data-loaded="(\d+)/(\d+)"', done.stdout)
-    assert loaded, f"no load result in the DOM Chromium dumped (exit {done.returncode}): {done.stderr[-2000:]}"
-    images = _images(page)
-    assert (int(loaded.group(1)), int(loaded.group(2))) == (2, 2) and len(images) == 2
-    for png, w, h in images:
-        _valid_png(png, (w, h))
+    found = images(page)
+    assert loaded_in_browser(binary, page, tmp_path) == (2, 2) and len(found) == 2
+    for png, w, h in found:
+        valid_png(png, (w, h))
