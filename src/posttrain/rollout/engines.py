@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from posttrain.rollout.engine import Engine, HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
+from posttrain.rollout.vllm_server import server_engine
 
-ENGINES = {"hf": lambda cfg: HFEngine(), "vllm": VLLMEngine.from_config}
+ENGINES = {"hf": lambda cfg: HFEngine(), "vllm": VLLMEngine.from_config, "vllm-server": server_engine}
 
 
 def get_engine(name: str, cfg) -> Engine:
