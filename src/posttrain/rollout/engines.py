@@ -1,4 +1,5 @@
-"""The rollout engines by name (`algorithm.rollout.engine`): each builds its engine from the run config."""
+"""The rollout engines by name (`algorithm.rollout.engine`): each builds its engine from the run config (`vllm` and
+`vllm-server` are the same `VLLMEngine` over a colocated or a served backend)."""
 
 from __future__ import annotations
 

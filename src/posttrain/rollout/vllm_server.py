@@ -21,9 +21,10 @@ prefix cache reset after each push), the same `Rollout`. With several training p
 its (identical) weights and samples its share of the prompts; the server runs the calls one after another.
 
 Weights travel as safetensors bytes over HTTP, in requests of at most `CHUNK_BYTES`: simple and exact, but every
-push is a copy through host memory and a socket (a full 7B model in bf16 is 15 GB a step; LoRA pushes only the
-adapted layers). A GPU deployment that needs it faster can replace `ServerBackend.load_weights` alone by a NCCL
-broadcast from the trainer's GPU to the server's (as TRL's `trl vllm-serve` does); nothing else changes.
+push is a copy through host memory and a socket (LoRA pushes only the adapted layers; full fine-tuning every
+trainable weight as training holds it, float32 under mixed precision). A GPU deployment that needs it faster can
+replace `ServerBackend.load_weights` alone by a NCCL broadcast from the trainer's GPU to the server's (as TRL's
+`trl vllm-serve` does); nothing else changes.
 
 No authentication: whoever reaches the port can replace the weights. The server binds 127.0.0.1 unless told
 otherwise; bind another address only on a private network.
