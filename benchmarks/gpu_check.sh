@@ -93,14 +93,15 @@ for run, (method, technique) in rows.items():
         continue
     m = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x]
     engine = "vllm" if "vllm" in run else "hf"
-    # server mode: the trainer's own memory only (the server is another process), which no estimate row describes
-    est = subprocess.CompletedProcess([], 0, "") if run.endswith("server") else subprocess.run(["posttrain", "estimate", "--model", "135m", "--method", method, "--technique", technique,
-                          "--precision", "bf16-mixed", "--rollout-engine", engine, "--json"],
-                         capture_output=True, text=True)
-    try:
-        peak = json.loads(est.stdout).get("peak_memory_gb")
-    except json.JSONDecodeError:
-        peak = None
+    peak = None  # server mode: the trainer's own memory only (the server is another process): no estimate row
+    if not run.endswith("server"):
+        est = subprocess.run(["posttrain", "estimate", "--model", "135m", "--method", method, "--technique",
+                              technique, "--precision", "bf16-mixed", "--rollout-engine", engine, "--json"],
+                             capture_output=True, text=True)
+        try:
+            peak = json.loads(est.stdout).get("peak_memory_gb")
+        except json.JSONDecodeError:
+            pass
     gap = max((r.get("logp_gap_sampler_trainer", 0) for r in m), default=None)
     capped = max((r["tis_capped_fraction"] for r in m if "tis_capped_fraction" in r), default=None)
     reward = [round(r["reward/total_mean"], 3) for r in m if "reward/total_mean" in r]

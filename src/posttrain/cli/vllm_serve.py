@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory vLLM takes for weights and KV cache")  # fmt: skip
-    s.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + completion (default: the model's)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=run, loads_models=True)
 
