@@ -53,6 +53,16 @@ if grep -q "^vllm " "$OUT/device.txt"; then
   check grpo_vllm 240 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm" algorithm.rollout.engine=vllm
   check grpo_vllm_awake 240 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm_awake" \
     algorithm.rollout.engine=vllm algorithm.rollout.vllm_sleep=false
+  # server mode, on the same GPU here (a second GPU in real use): the server takes 30% of its memory; the run pushes
+  # merged LoRA weights every step over HTTP and corrects the sampler gap with truncated importance sampling
+  PORT=${PORT:-8765}
+  posttrain vllm-serve --model smollm2-135m-instruct --port "$PORT" --gpu-memory-utilization 0.3 \
+    > "$OUT/vllm_server.log" 2>&1 &
+  SERVER=$!
+  check grpo_vllm_server 300 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm_server" \
+    algorithm.rollout.engine=vllm-server algorithm.rollout.vllm_server_url="http://127.0.0.1:$PORT" \
+    algorithm.rollout.vllm_server_timeout=180 algorithm.rollout.tis_cap=2
+  kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
 else
   echo "grpo_vllm SKIP (vllm not installed)" >> "$OUT/status.txt"
 fi
@@ -73,25 +83,29 @@ print("# GPU check\n")
 print("```\n" + (out / "device.txt").read_text() + "```\n")
 print("```\n" + (out / "status.txt").read_text() + "```\n")
 rows = {"sft_bf16": ("sft", "lora"), "dpo_bf16": ("dpo", "lora"), "grpo_hf": ("grpo", "lora"),
-        "grpo_vllm": ("grpo", "lora"), "grpo_vllm_awake": ("grpo", "lora")}
-print("| run | steps | last loss | peak_cuda_gb (measured) | estimate peak GB | logp gap max | reward mean |")
-print("|---|---|---|---|---|---|---|")
+        "grpo_vllm": ("grpo", "lora"), "grpo_vllm_awake": ("grpo", "lora"), "grpo_vllm_server": ("grpo", "lora")}
+print("| run | steps | last loss | peak_cuda_gb (measured) | estimate peak GB | logp gap max | tis capped max | "
+      "reward mean |")
+print("|---|---|---|---|---|---|---|---|")
 for run, (method, technique) in rows.items():
     path = out / run / "metrics.jsonl"
     if not path.exists():
         continue
     m = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x]
     engine = "vllm" if "vllm" in run else "hf"
-    est = subprocess.run(["posttrain", "estimate", "--model", "135m", "--method", method, "--technique", technique,
-                          "--precision", "bf16-mixed", "--rollout-engine", engine, "--json"],
-                         capture_output=True, text=True)
-    try:
-        peak = json.loads(est.stdout).get("peak_memory_gb")
-    except json.JSONDecodeError:
-        peak = None
+    peak = None  # server mode: the trainer's own memory only (the server is another process): no estimate row
+    if not run.endswith("server"):
+        est = subprocess.run(["posttrain", "estimate", "--model", "135m", "--method", method, "--technique",
+                              technique, "--precision", "bf16-mixed", "--rollout-engine", engine, "--json"],
+                             capture_output=True, text=True)
+        try:
+            peak = json.loads(est.stdout).get("peak_memory_gb")
+        except json.JSONDecodeError:
+            pass
     gap = max((r.get("logp_gap_sampler_trainer", 0) for r in m), default=None)
+    capped = max((r["tis_capped_fraction"] for r in m if "tis_capped_fraction" in r), default=None)
     reward = [round(r["reward/total_mean"], 3) for r in m if "reward/total_mean" in r]
     print(f"| {run} | {len(m)} | {m[-1]['loss']:.4f} | {max(r.get('peak_cuda_gb', 0) for r in m):.2f} | {peak} | "
-          f"{gap} | {reward} |")
+          f"{gap} | {capped} | {reward} |")
 PY
 cat "$RES"

@@ -23,6 +23,7 @@ import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -104,15 +105,22 @@ def vllm_available() -> bool:
 
 
 class RolloutSection(_Section):
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: Literal["hf", "vllm", "vllm-server"] = "hf"
     """Sampling engine: `hf`, transformers `generate` (any machine); `vllm`, vLLM in the training process on a GPU
-    (`pip install "posttrain[vllm]"`; designed for, not yet run on a GPU: docs/scale.md)."""
+    (`pip install "posttrain[vllm]"`); `vllm-server`, a separate generation process started with `posttrain
+    vllm-serve` (e.g. on its own GPU) at `vllm_server_url`, which the run pushes its weights to (vLLM is needed
+    there, not in the training process). Both vLLM modes: designed for, not yet run on a GPU (docs/scale.md)."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
     """`engine: vllm`: the share of the GPU's memory vLLM takes for its weights and KV cache (the rest is
     training's)."""
     vllm_sleep: bool = True
     """`engine: vllm`: put vLLM to sleep between rollouts (weights to CPU memory, KV cache freed), so training gets
     its GPU memory back."""
+    vllm_server_url: str | None = None
+    """`engine: vllm-server`: the address `posttrain vllm-serve` printed, `http://HOST:PORT` (required)."""
+    vllm_server_timeout: float = Field(300.0, gt=0)
+    """`engine: vllm-server`: seconds to wait at the start of training for the server to answer (it may still be
+    loading its model); then the run stops with what to check."""
     batch_size: int | None = Field(None, gt=0)
     """Completions sampled per rollout (over all processes). Default: `optim.batch_size`."""
     epochs: int = Field(1, gt=0)
@@ -139,6 +147,11 @@ class RolloutSection(_Section):
     overlong_cache: int | None = Field(None, gt=0)
     """`overlong: soft`: L_cache, the last tokens before `max_new_tokens` over which the penalty goes from 0 to -1;
     null: max_new_tokens // 5, at least 1 (DAPO: 4096 of 20480)."""
+    tis_cap: float | None = Field(None, ge=1)
+    """Truncated importance sampling (Yao et al. 2025; docs/rl.md): weight each token's policy-gradient term by
+    min(pi_old(y_t) / pi_sampler(y_t), tis_cap), the trainer's probability of the token under the sampling weights
+    over the one the engine reported, to correct for an engine (vLLM) whose probabilities differ from the
+    trainer's. null: off (weight 1). A cap of 2 is common."""
 
     @model_validator(mode="after")
     def _check_overlong_cache(self) -> RolloutSection:
@@ -198,6 +211,8 @@ class RLSection(AlgorithmSection):
         "rollout.overlong_cache": is_("algorithm.rollout.overlong", "soft"),
         "rollout.vllm_gpu_memory_utilization": is_("algorithm.rollout.engine", "vllm"),
         "rollout.vllm_sleep": is_("algorithm.rollout.engine", "vllm"),
+        "rollout.vllm_server_url": is_("algorithm.rollout.engine", "vllm-server"),
+        "rollout.vllm_server_timeout": is_("algorithm.rollout.engine", "vllm-server"),
     }
 
     def group_size(self) -> int:
@@ -250,6 +265,31 @@ class RLSection(AlgorithmSection):
                 "machine `pip install \"posttrain[vllm]\"` (vLLM pins its own torch: docs/scale.md), or set "
                 "algorithm.rollout.engine=hf"
             )
+        if self.rollout.engine == "vllm-server":
+            _check_server_url(self.rollout.vllm_server_url)
+
+
+def _check_server_url(url: str | None) -> None:
+    """`algorithm.rollout.vllm_server_url` must be an http address with a host and a port.
+
+    >>> _check_server_url("http://127.0.0.1:8000")
+    """
+    start = "start the server with `posttrain vllm-serve --model MODEL --port PORT` and pass the address it prints"
+    if not url:
+        raise ValueError(
+            "algorithm.rollout.engine=vllm-server needs algorithm.rollout.vllm_server_url, the generation server's "
+            f"address (e.g. http://127.0.0.1:8000): {start} (docs/scale.md), or set algorithm.rollout.engine=hf"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ValueError(
+            f"algorithm.rollout.vllm_server_url ({url!r}) must be http://HOST:PORT, with nothing after the port "
+            f"(e.g. http://127.0.0.1:8000): {start}"
+        )
 
 
 class OptimConfig(_Section):

@@ -326,10 +326,11 @@ def _check_sharding(cfg: RunConfig, world_size: int) -> None:
     can shard (checked before anything is written or loaded)."""
     if cfg.run.sharding != "fsdp2":
         return
-    if isinstance(cfg.algorithm, RLSection) and cfg.algorithm.rollout.engine == "vllm":
+    if isinstance(cfg.algorithm, RLSection) and cfg.algorithm.rollout.engine in ("vllm", "vllm-server"):
         raise ConfigError(
-            "run.sharding=fsdp2 with algorithm.rollout.engine=vllm is not supported yet (vLLM would need the "
-            "gathered weights every rollout); use algorithm.rollout.engine=hf, or run.sharding=none"
+            f"run.sharding=fsdp2 with algorithm.rollout.engine={cfg.algorithm.rollout.engine} is not supported yet "
+            "(vLLM would need the gathered weights every rollout); use algorithm.rollout.engine=hf, or "
+            "run.sharding=none"
         )
     if world_size < 2:
         raise ConfigError(

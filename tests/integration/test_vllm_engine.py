@@ -1,5 +1,5 @@
-"""The vLLM engine's weight sync and data flow, on CPU, with a fake backend in vLLM's place (`FakeVLLM`: the
-`rollout.vllm_engine.Backend` interface over its own copy of the tiny model, sampling with `HFEngine`). What is
+"""The vLLM engine's weight sync and data flow, on CPU, with a fake backend in vLLM's place (`FakeVLLM` of
+conftest.py: the `rollout.vllm_engine.Backend` interface over its own copy of the tiny model, sampling with `HFEngine`). What is
 checked: when weights are pushed (first rollout, then only after an optimizer step changed them), which weights
 (every trainable one; under LoRA each adapted layer's merged weight, equal to peft's merged model, with the
 policy left bit-for-bit as it was), the wake/push/reset/sample/sleep order, and through a tiny GRPO run that the samples come
@@ -17,47 +17,9 @@ from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rollout import engines
-from posttrain.rollout.engine import HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.train import train
 from posttrain.trainer.metrics import read_metrics
-
-
-class FakeVLLM:
-    """A stand-in for vLLM: holds its own copy of the base model, takes pushed weights by name like vLLM's
-    `load_weights`, samples with HFEngine, and records every call."""
-
-    def __init__(self, model_dir, *, keeps_pushes=True):
-        self.model = load_model(ModelConfig(name=str(model_dir)), TechniqueConfig(name="full"), train=False)
-        self.tokenizer = load_tokenizer(ModelConfig(name=str(model_dir)))
-        self.keeps_pushes = keeps_pushes
-        self.calls, self.pushed = [], []
-
-    def load_weights(self, weights):
-        self.calls.append("load_weights")
-        self.pushed.append({n: t.detach().clone() for n, t in weights})
-        if self.keeps_pushes:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for n, t in weights:
-                    params[n].copy_(t)
-
-    def reset_prefix_cache(self):
-        self.calls.append("reset_prefix_cache")
-
-    def sleep(self):
-        self.calls.append("sleep")
-
-    def wake_up(self, tags):
-        self.calls.append(f"wake_up:{','.join(tags)}")
-
-    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed):
-        self.calls.append("sample")
-        r = HFEngine().generate(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=[], seed=seed)  # fmt: skip
-        lengths = r.completion_mask.sum(-1).tolist()
-        return [(ids[:k], lps[:k]) for ids, lps, k in zip(r.completion_ids.tolist(), r.sampling_logps.tolist(),
-                                                          lengths)]  # fmt: skip
 
 
 def _generate(engine, model, tokenizer):
@@ -65,7 +27,7 @@ def _generate(engine, model, tokenizer):
                            top_p=1.0, stop=[], seed=3)  # fmt: skip
 
 
-def test_lora_weights_are_pushed_merged_once_per_change_leaving_the_policy_untouched(tiny_model_dir):
+def test_lora_weights_are_pushed_merged_once_per_change_leaving_the_policy_untouched(tiny_model_dir, fake_vllm):
     policy = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="lora", r=4))
     tokenizer = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
     with torch.no_grad():  # a trained-looking adapter: B away from its zero start
@@ -73,7 +35,7 @@ def test_lora_weights_are_pushed_merged_once_per_change_leaving_the_policy_untou
             if "lora_B" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    fake = FakeVLLM(tiny_model_dir)
+    fake = fake_vllm()
     engine = VLLMEngine(lambda model: fake)
 
     rollout = _generate(engine, policy, tokenizer)
@@ -102,7 +64,7 @@ def test_lora_weights_are_pushed_merged_once_per_change_leaving_the_policy_untou
 
 
 @pytest.fixture()
-def vllm_run(rl_cfg, tiny_model_dir, monkeypatch):
+def vllm_run(rl_cfg, fake_vllm, monkeypatch):
     """A GRPO run with engine=vllm, the fake backend in vLLM's place; returns (metrics, fake)."""
     monkeypatch.setattr(config_module, "vllm_available", lambda: True)
 
@@ -110,8 +72,7 @@ def vllm_run(rl_cfg, tiny_model_dir, monkeypatch):
         fakes = []
 
         def make(cfg):
-            return VLLMEngine(lambda model: fakes.append(FakeVLLM(tiny_model_dir, keeps_pushes=keeps_pushes))
-                              or fakes[-1])  # fmt: skip
+            return VLLMEngine(lambda model: fakes.append(fake_vllm(keeps_pushes=keeps_pushes)) or fakes[-1])
 
         monkeypatch.setitem(engines.ENGINES, "vllm", make)
         cfg = rl_cfg(name, **{"algorithm.rollout.engine": "vllm"})
@@ -119,26 +80,6 @@ def vllm_run(rl_cfg, tiny_model_dir, monkeypatch):
         return read_metrics(result.run_dir / "metrics.jsonl"), fakes[0]
 
     return run
-
-
-@pytest.fixture()
-def rl_cfg(make_cfg, tmp_path):
-    import json
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"add {a} {b}", "answer": str(a + b)}) + "\n"
-                               for a in range(4) for b in range(4)), encoding="utf-8")  # fmt: skip
-    (tmp_path / "rewards.py").write_text(
-        'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= c <= "z" for c in x) / 8 for x in completions]\n'
-    )
-
-    def make(name, **overrides):
-        base = {"algorithm.name": "grpo", "algorithm.rewards": f"[{tmp_path / 'rewards.py'}:letters]",
-                "data.train": str(prompts), "technique.name": "full", "algorithm.rollout.max_new_tokens": 8,
-                "algorithm.num_generations": 4, "optim.batch_size": 8, "optim.lr": 1e-2, "run.max_steps": 3}  # fmt: skip
-        return make_cfg(name, **{**base, **overrides})
-
-    return make
 
 
 def test_a_grpo_run_samples_from_the_weights_it_pushed(vllm_run):

@@ -21,6 +21,8 @@ DPO = {"algorithm.name": "dpo"}
 GRPO = {"algorithm.name": "grpo", **RL_REWARD}
 PPO = {"algorithm.name": "ppo", **RL_REWARD}
 RLOO = {"algorithm.name": "rloo", **RL_REWARD}
+SERVER = {"algorithm.rollout.engine": "vllm-server"}
+SERVER_URL = {"algorithm.rollout.vllm_server_url": "http://127.0.0.1:8000"}
 FULL, LORA, QLORA = ({"technique.name": t} for t in ("full", "lora", "qlora"))
 
 # field: (non-default value, a run that does not read it, a run that does or None where no value but the default
@@ -65,6 +67,12 @@ OWN_CASES = {
     ("ppo", "algorithm.rollout.vllm_sleep"): ("false", PPO, {**PPO, "algorithm.rollout.engine": "vllm"}),
     ("rloo", "algorithm.rollout.vllm_gpu_memory_utilization"): (0.5, RLOO, {**RLOO, "algorithm.rollout.engine": "vllm"}),
     ("rloo", "algorithm.rollout.vllm_sleep"): ("false", RLOO, {**RLOO, "algorithm.rollout.engine": "vllm"}),
+    ("grpo", "algorithm.rollout.vllm_server_url"): ("http://127.0.0.1:8000", GRPO, {**GRPO, **SERVER}),
+    ("grpo", "algorithm.rollout.vllm_server_timeout"): (10, GRPO, {**GRPO, **SERVER, **SERVER_URL}),
+    ("ppo", "algorithm.rollout.vllm_server_url"): ("http://127.0.0.1:8000", PPO, {**PPO, **SERVER}),
+    ("ppo", "algorithm.rollout.vllm_server_timeout"): (10, PPO, {**PPO, **SERVER, **SERVER_URL}),
+    ("rloo", "algorithm.rollout.vllm_server_url"): ("http://127.0.0.1:8000", RLOO, {**RLOO, **SERVER}),
+    ("rloo", "algorithm.rollout.vllm_server_timeout"): (10, RLOO, {**RLOO, **SERVER, **SERVER_URL}),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
 }  # fmt: skip

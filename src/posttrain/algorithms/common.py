@@ -11,6 +11,7 @@ Letters: B batch, T tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,30 @@ def logp_gap(sampling_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: to
     tensor(0.7500)
     """
     return masked_mean((sampling_logps - trainer_logps).abs(), mask)
+
+
+def tis_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights (B, T), detached: min(pi_old(y_t) / pi_sampler(y_t), cap), 0 where masked.
+
+    Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings You Off-Policy RL Training", truncated importance
+    sampling): when the engine that samples (vLLM) gives the tokens other probabilities than the trainer under the
+    same weights, the samples come from pi_sampler, not from pi_old, and the policy gradient is off-policy. Each
+    token's policy-gradient term is multiplied by this weight, the importance ratio of the trainer's old policy to
+    the sampler, truncated at `cap` so that a token the sampler found far less likely than the trainer cannot blow
+    up the gradient (bias traded for bounded variance). Constant for the gradient (detached); 1 where the two
+    agree. old_logps: the trainer's log-probs under the sampling weights; sampling_logps: the engine's; (B, T).
+
+    Worked example (cap 2): old - sampler = [0, ln 1.5, ln 4] on real tokens, a masked one -> [1, 1.5, 2, 0].
+
+    >>> tis_weights(torch.log(torch.tensor([[1.0, 1.5, 4.0, 9.0]])), torch.zeros(1, 4), torch.tensor([[1, 1, 1, 0]]),
+    ...             cap=2.0)
+    tensor([[1.0000, 1.5000, 2.0000, 0.0000]])
+    """
+    keep = mask.bool()
+    zero = torch.zeros_like(old_logps)
+    # The log-ratio is zeroed on padding first and clamped at log(cap) before exp(): nothing can overflow.
+    log_ratio = torch.where(keep, old_logps - sampling_logps, zero).clamp(max=math.log(cap))  # (B, T)
+    return torch.where(keep, torch.exp(log_ratio), zero).detach()
 
 
 def normalise_loss(loss_sum: torch.Tensor, total_units: int | float, world_size: int = 1) -> torch.Tensor:

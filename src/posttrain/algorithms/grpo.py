@@ -237,12 +237,15 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss (0-dim) aggregated by `loss_type`, and detached 0-dim metrics.
 
     policy_logps, old_logps, ref_logps: (B, T) log-probabilities of the completion tokens; advantages (B,);
-    completion_mask (B, T). Per token: -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A) + beta k3, with
-    r = exp(policy - old), k3 = exp(ref - policy) - (ref - policy) - 1; clip_eps_high None means clip_eps.
+    completion_mask (B, T). Per token: -w min(r A, clip(r, 1 - clip_eps, 1 + clip_eps_high) A) + beta k3, with
+    r = exp(policy - old), k3 = exp(ref - policy) - (ref - policy) - 1; clip_eps_high None means clip_eps;
+    w the truncated importance weights `is_weights` (B, T) (`common.tis_weights`; None: 1), on the
+    policy-gradient term only, as Yao et al. 2025 weight it (the KL penalty is to the reference, not a sample).
     beta != 0 needs ref_logps. Padding may hold any value (even inf/NaN): it never reaches loss or gradient.
 
     metrics: clip_fraction (= clip_fraction_low + clip_fraction_high: share of completion tokens whose
@@ -274,6 +277,8 @@ def grpo_loss(
         "ratio_mean": masked_mean(torch.exp(log_ratio), completion_mask).detach(),
     }
     metrics["clip_fraction"] = metrics["clip_fraction_low"] + metrics["clip_fraction_high"]
+    if is_weights is not None:
+        per_token = per_token * is_weights  # (B, T)
     if ref_logps is not None:
         k3 = kl_estimate(torch.where(keep, policy_logps, zero), torch.where(keep, ref_logps, zero), "k3")
         metrics["kl"] = masked_mean(k3, completion_mask).detach()
@@ -346,6 +351,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss on one micro-batch, returned as a sum over its loss units (the loop divides once per step)."""
     g, rc = cfg.algorithm, cfg.algorithm.rollout
     logps, entropy, old = rl.policy_logps(model, batch, rc.temperature)
+    weights, tis_metrics = rl.tis(batch, old, rc.tis_cap)
     loss, metrics = grpo_loss(
         logps,
         old,
@@ -357,10 +363,11 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         clip_eps_high=g.clip_eps_high,
         loss_type=g.loss_type,
         max_completion_length=rc.max_new_tokens,
+        is_weights=weights,
     )
     # Every metric here is a mean over completion tokens: logged as a token mean over the whole step, not
     # weighted by the loss units, which are sequences under loss_type grpo.
-    return loss * loss_units(batch, cfg), rl.step_token_means(metrics, batch, logps, entropy)
+    return loss * loss_units(batch, cfg), rl.step_token_means({**metrics, **tis_metrics}, batch, logps, entropy)
 
 
 ALGORITHM = Algorithm(

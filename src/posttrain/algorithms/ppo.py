@@ -205,8 +205,10 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     clip_eps: float = 0.2,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token clipped policy loss (B, T), 0 where masked, and detached diagnostics.
+    """Per-token clipped policy loss (B, T), 0 where masked, and detached diagnostics; each token's loss times its
+    truncated importance weight when `is_weights` (B, T) is given (`common.tis_weights`, Yao et al. 2025).
 
     metrics: `clip_fraction`, the share of real tokens whose clipped branch is taken (zero gradient);
     `approx_kl`, the mean over real tokens of the k3 estimate of KL(pi_old || pi): the tokens were sampled
@@ -223,6 +225,8 @@ def ppo_policy_loss(
     """
     log_ratio = _zero_masked(policy_logps - old_logps, mask)  # 0 on padding: exp() cannot overflow there
     loss, clipped_low, clipped_high = clipped_surrogate(log_ratio, advantages, clip_eps, clip_eps)
+    if is_weights is not None:
+        loss = loss * is_weights
     metrics = {
         "clip_fraction": masked_mean((clipped_low | clipped_high).float(), mask).detach(),
         "approx_kl": masked_mean(kl_estimate(old_logps, policy_logps, "k3"), mask).detach(),
@@ -421,7 +425,9 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     p, rc = cfg.algorithm, cfg.algorithm.rollout
     mask = batch["completion_mask"]
     values, logps = _values_and_logps(model, batch, rc.temperature)
-    pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps)
+    weights, tis_metrics = rl.tis(batch, batch["old_logps"], rc.tis_cap)
+    pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps,
+                                  is_weights=weights)  # fmt: skip
     vl = value_loss(values, batch["old_values"], batch["returns"], mask, clip_eps_value=p.clip_eps_value)
     units = float(mask.sum())
     pg_sum, vl_sum = masked_sum(pg, mask), masked_sum(vl, mask)
@@ -430,6 +436,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         "value_loss": vl_sum.detach(),
         "clip_fraction": metrics["clip_fraction"] * units,
         "approx_kl": metrics["approx_kl"] * units,
+        **{k: v * units for k, v in tis_metrics.items()},
     }
 
 

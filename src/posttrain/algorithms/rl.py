@@ -5,16 +5,19 @@ so that a bad spec, a user file that does not import, a built-in's wrong argumen
 and the rows lack fails in seconds (`rewards.checks`), not hours into the run. The functions are built again,
 cheaply, by the rollout source; a reward model loads on its first call.
 
-Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs; GRPO and RLOO, whose
-one-step rollouts take their old log-probs from the loss forward, share `policy_logps` and `step_token_means`.
+Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs, and `tis` for truncated
+importance sampling; GRPO and RLOO, whose one-step rollouts take their old log-probs from the loss forward, share
+`policy_logps` and `step_token_means`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from posttrain.algorithms.base import Mean
-from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean
+from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, tis_weights
 from posttrain.data.prepared import PreparedData
 from posttrain.data.prompts import read_prompt_rows, render_prompts
 from posttrain.models.logprobs import selected_token_logps
@@ -59,3 +62,16 @@ def step_token_means(metrics: dict, batch, logps: torch.Tensor, entropy: torch.T
         metrics[LOGP_GAP] = logp_gap(batch["sampling_logps"], logps.detach(), mask)
     tokens = mask.sum()
     return {k: Mean(v * tokens, tokens) for k, v in metrics.items()}
+
+
+def tis(batch, old_logps: torch.Tensor, cap: float | None) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """A micro-batch's truncated importance weights (`common.tis_weights`, with `rollout.tis_cap`) and their token
+    means: `tis_weight_mean` and `tis_capped_fraction` (the share of tokens whose weight the cap bound);
+    (None, {}) when `tis_cap` is null. `old_logps`: the trainer's log-probs under the sampling weights."""
+    if cap is None:
+        return None, {}
+    mask, sampling = batch["completion_mask"], batch["sampling_logps"]
+    weights = tis_weights(old_logps, sampling, mask, cap)
+    capped = (old_logps - sampling) >= math.log(cap)  # from the log-ratio: exp(log cap) may round below cap
+    return weights, {"tis_weight_mean": masked_mean(weights, mask),
+                     "tis_capped_fraction": masked_mean(capped.float(), mask).detach()}  # fmt: skip

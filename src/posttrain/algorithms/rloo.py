@@ -117,9 +117,11 @@ def rloo_loss(
     mask: torch.Tensor,
     *,
     clip_eps: float = 0.2,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-completion loss (B,): PPO's clipped policy loss (`ppo.ppo_policy_loss`) of every token with its
-    completion's advantage, summed over the completion's tokens; and its detached token-mean metrics
+    completion's advantage, times its truncated importance weight when `is_weights` (B, T) is given
+    (`common.tis_weights`), summed over the completion's tokens; and its detached token-mean metrics
     (clip_fraction, approx_kl) with ratio_mean.
 
     On-policy (policy == old) each completion's loss is -A_i x (its number of tokens), and its gradient is
@@ -133,7 +135,7 @@ def rloo_loss(
     (tensor([-4.,  1.]), tensor(1.))
     """
     per_token, metrics = ppo_policy_loss(policy_logps, old_logps, advantages[:, None].expand_as(policy_logps), mask,
-                                         clip_eps=clip_eps)  # fmt: skip
+                                         clip_eps=clip_eps, is_weights=is_weights)  # fmt: skip
     log_ratio = torch.where(mask.bool(), policy_logps - old_logps, torch.zeros_like(policy_logps))  # (B, T)
     metrics["ratio_mean"] = masked_mean(torch.exp(log_ratio), mask).detach()
     return per_token.sum(dim=1), metrics
@@ -177,10 +179,12 @@ def loss_units(batch, cfg) -> float:
 
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """rloo_loss summed over the micro-batch's completions (the loop divides by the step's completions)."""
-    logps, entropy, old = rl.policy_logps(model, batch, cfg.algorithm.rollout.temperature)
+    rc = cfg.algorithm.rollout
+    logps, entropy, old = rl.policy_logps(model, batch, rc.temperature)
+    weights, tis_metrics = rl.tis(batch, old, rc.tis_cap)
     losses, metrics = rloo_loss(logps, old, batch["advantages"], batch["completion_mask"],
-                                clip_eps=cfg.algorithm.clip_eps)  # fmt: skip
-    return losses.sum(), rl.step_token_means(metrics, batch, logps, entropy)
+                                clip_eps=cfg.algorithm.clip_eps, is_weights=weights)  # fmt: skip
+    return losses.sum(), rl.step_token_means({**metrics, **tis_metrics}, batch, logps, entropy)
 
 
 ALGORITHM = Algorithm(

@@ -1,9 +1,9 @@
 """The `posttrain` command: a thin layer that parses arguments, calls the Python API and prints.
 
 One module per command group (`quickstart`, `train`, `data`, `generate`, `merge`, `report`, `evaluate`,
-`diagnose`, `study`, `estimate`, `advise`), each with `add_parser(subparsers)` and the function that runs the command;
-`output` holds what they report (`Output`, the `--json` document). This module assembles the parser and runs the
-command.
+`diagnose`, `study`, `estimate`, `advise`, `vllm_serve`), each with `add_parser(subparsers)` and the function that
+runs the command; `output` holds what they report (`Output`, the `--json` document). This module assembles the
+parser and runs the command.
 
 Exit codes: 0 success, 2 a user error (bad input, bad config, missing model: one clear paragraph, no
 traceback), 1 a bug (the traceback is shown), 130 interrupted.
@@ -38,13 +38,15 @@ from posttrain.cli import (
     report,
     study,
     train,
+    vllm_serve,
 )
 from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
 from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError
 
 __all__ = ["SCHEMA_VERSION", "Output", "build_parser", "json_document", "main"]
 
-COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, diagnose, study, estimate, advise)
+COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, diagnose, study, estimate, advise,
+            vllm_serve)
 """The command modules, in the order `posttrain --help` lists them."""
 
 

@@ -1,7 +1,8 @@
 """Sampling engines: prompts in, `Rollout` out (token ids, completion masks, the sampler's log-probabilities).
 
 One interface (`Engine`): `HFEngine` (transformers `generate` with a KV cache; any machine) implements it here, and
-`rollout.vllm_engine.VLLMEngine` (vLLM on a GPU, optional) behind the same interface; both hand their samples to
+`rollout.vllm_engine.VLLMEngine` (vLLM on a GPU, optional; in the training process, or a separate server's:
+`rollout.vllm_server`) behind the same interface; both hand their samples to
 `build_rollout`, so masks, truncation and texts mean the same whatever sampled them. The RL batch source (`posttrain.rollout.source`) only sees `Rollout`s, so it does not care which
 engine made them.
 

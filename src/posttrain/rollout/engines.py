@@ -1,11 +1,13 @@
-"""The rollout engines by name (`algorithm.rollout.engine`): each builds its engine from the run config."""
+"""The rollout engines by name (`algorithm.rollout.engine`): each builds its engine from the run config (`vllm` and
+`vllm-server` are the same `VLLMEngine` over a colocated or a served backend)."""
 
 from __future__ import annotations
 
 from posttrain.rollout.engine import Engine, HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
+from posttrain.rollout.vllm_server import server_engine
 
-ENGINES = {"hf": lambda cfg: HFEngine(), "vllm": VLLMEngine.from_config}
+ENGINES = {"hf": lambda cfg: HFEngine(), "vllm": VLLMEngine.from_config, "vllm-server": server_engine}
 
 
 def get_engine(name: str, cfg) -> Engine:

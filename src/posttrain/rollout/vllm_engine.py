@@ -14,14 +14,17 @@ rollout always pushes, so a resumed run samples from its restored weights):
 After a push vLLM's prefix cache is reset: cached prompt KV was computed with the old weights.
 
 Log-probs. The LLM is built with `logprobs_mode="processed_logprobs"`, so the log-prob vLLM returns for each
-sampled token is under the distribution it sampled from (after temperature), as `HFEngine`'s are; GRPO and PPO
-compare them with the trainer's every step and log the gap (`logp_gap_sampler_trainer`, docs/rl.md).
+sampled token is under the distribution it sampled from (after temperature), as `HFEngine`'s are; GRPO, RLOO and
+PPO compare them with the trainer's every step and log the gap (`logp_gap_sampler_trainer`), and can correct for
+it with truncated importance sampling (`rollout.tis_cap`; docs/rl.md).
+
+Server mode (`rollout.vllm_server`, `engine=vllm-server`) is this engine over another `Backend`: an HTTP client
+of a `posttrain vllm-serve` process, which holds a `ColocatedVLLM` of its own.
 
 What is tested where: the weight-sync logic and the data flow are tested on CPU with a fake backend that has
-this module's `Backend` interface (tests/integration/test_vllm_engine.py). The `ColocatedVLLM` backend itself
-(the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README "Scale"). Not here:
-server mode (vLLM on its own GPU), truncated importance sampling, pushing gathered weights of a sharded model
-(`run.sharding=fsdp2` with vLLM is refused).
+this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
+backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
+"Scale"). Not here: pushing gathered weights of a sharded model (`run.sharding=fsdp2` with vLLM is refused).
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
 
 
 class ColocatedVLLM:
-    """`vllm.LLM` in this process (designed for vLLM's public API; not yet run on a GPU, see the module docstring)."""
+    """`vllm.LLM` in this process: the training process (colocated), or the server's (`posttrain vllm-serve`,
+    built with `sleep=False`). Designed for vLLM's public API; not yet run on a GPU (module docstring)."""
 
     def __init__(self, model_path: str, *, gpu_memory_utilization: float, sleep: bool, seed: int,
                  max_model_len: int | None = None) -> None:  # fmt: skip
@@ -119,8 +123,9 @@ class ColocatedVLLM:
 
 
 class VLLMEngine:
-    """The `Engine` interface over a vLLM `Backend` (module docstring). `backend` builds it from the policy at the
-    first rollout; `sleep`: put vLLM to sleep between rollouts."""
+    """The `Engine` interface over a vLLM `Backend` (module docstring), colocated or a server's client
+    (`vllm_server.server_engine`). `backend` builds it from the policy at the first rollout; `sleep`: put vLLM to
+    sleep between rollouts."""
 
     name = "vllm"
 
