@@ -250,6 +250,9 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
         if not return_model:
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[])
+    # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
+    # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
         _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
 
@@ -348,11 +351,6 @@ def _check_sharding(cfg: RunConfig, world_size: int) -> None:
             f"run.sharding=fsdp2 does not support technique.name={cfg.technique.name} (4-bit weights are not "
             f"sharded here); use one of {', '.join(_SHARDABLE_TECHNIQUES)}, or run.sharding=none"
         )
-    if get_algorithm(cfg.algorithm.name).head:
-        raise ConfigError(
-            f"run.sharding=fsdp2 does not support algorithm.name={cfg.algorithm.name} yet (its scalar head is saved "
-            "apart from the model); set run.sharding=none"
-        )
 
 
 def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: int) -> EpochPlan:
@@ -413,13 +411,13 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
     """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
     final = run_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
-    # A sharded model's whole weights, gathered by every process to the main one (ScalarHeadModels are not sharded)
+    # A sharded model's whole weights (a scalar head's too), gathered by every process to the main one
     state = full_state(unwrapped) if cfg.run.sharding == "fsdp2" else None
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(unwrapped, ScalarHeadModel):
-            save_scalar_model(unwrapped, tokenizer, tmp, cfg)
+            save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state)
         else:
             save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
