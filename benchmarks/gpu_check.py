@@ -51,8 +51,8 @@ class Run:
 
 RUNS = {
     # 1. the CUDA/bf16 training path: bf16 mixed precision (fp32 master weights + autocast), LoRA
-    "sft_bf16": Run("configs/sft_lora.yaml", [], 4, "sft.jsonl"),
-    "dpo_bf16": Run("configs/dpo_lora.yaml", [], 4, "pairs.jsonl"),
+    "sft_bf16": Run("configs/sft_lora.yaml", ["run.eval_every=null"], 4, "sft.jsonl"),
+    "dpo_bf16": Run("configs/dpo_lora.yaml", ["run.eval_every=null"], 4, "pairs.jsonl"),
     "grpo_hf": Run("configs/grpo_lora.yaml", GRPO, 3, "prompts.jsonl", {"reward_function": True}),
     # 2. vLLM colocated (sleeps between rollouts) and in server mode (`posttrain vllm-serve`, started by the script)
     "grpo_vllm": Run("configs/grpo_lora.yaml", [*GRPO, "algorithm.rollout.engine=vllm"], 3, "prompts.jsonl",
@@ -89,8 +89,13 @@ def _cpu_model(out: Path) -> str:
 
 
 def overrides(name: str, out: Path, cpu: bool) -> list[str]:
+    """The run's overrides: bf16 mixed precision on a GPU; float32 on the CPU (the FSDP2 check where one GPU
+    cannot hold two processes), where `cpu` (the dry run) also swaps in the tiny model."""
+    import torch
+
     run = RUNS[name]
-    model = [f"model.name={_cpu_model(out)}", "model.dtype=float32"] if cpu else ["model.dtype=bfloat16"]
+    dtype = "model.dtype=bfloat16" if torch.cuda.is_available() and not cpu else "model.dtype=float32"
+    model = [f"model.name={_cpu_model(out)}", dtype] if cpu else [dtype]
     return [*COMMON, *run.overrides, *model, f"data.train={out / 'data' / run.data}",
             f"run.max_steps={2 if cpu else run.steps}", f"run.output_dir={out / name}"]
 
@@ -140,6 +145,8 @@ def train(out: Path, names: list[str], cpu: bool) -> int:
     from posttrain.train import train as train_run
 
     cuda = torch.cuda.is_available() and not cpu
+    if cuda:  # under torchrun, this process's GPU before anything touches one (Accelerate would set it later)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     failed = 0
     for name in names:
         started = time.monotonic()
@@ -150,7 +157,7 @@ def train(out: Path, names: list[str], cpu: bool) -> int:
             status = "PASS"
         except Exception as err:  # one failed run must not hide the next: report it and go on
             traceback.print_exc()
-            status = f"FAIL ({type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''})"
+            status = f"FAIL ({type(err).__name__}: {' '.join(str(err).split())[:240]})"
             failed += 1
         record = {"status": status, "seconds": round(time.monotonic() - started, 1)}
         if cuda:
@@ -176,7 +183,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "loss" in r]
 
 
-def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str, precision: str) -> tuple[str, str]:
+def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str) -> tuple[str, str]:
     """`posttrain estimate`'s peak memory per GPU (GB) for the run as configured, at data.max_length and at the
     mean tokens per sequence it trained on (batches are padded to their longest row, not to max_length)."""
     import yaml
@@ -186,6 +193,9 @@ def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str, precisi
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     alg, optim, tech = cfg["algorithm"], cfg["optim"], cfg["technique"]
     method = alg["name"]
+    if method == "rloo":
+        return "-", "-"  # not a method the estimator knows
+    precision = "bf16-mixed" if cfg["model"]["dtype"] == "bfloat16" else "fp32"
     micro = optim.get("micro_batch_size") or optim["batch_size"]
     kw = dict(RUNS[name].estimate)
     if method in ("grpo", "ppo", "rloo"):
@@ -195,10 +205,9 @@ def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str, precisi
         micro = max(1, micro // group)  # prompts, each with its group
         if method == "grpo" and not alg.get("beta"):
             kw["reference"] = "none"
-    if method == "rloo":
-        return "-", "-"  # not a method the estimator knows
-    rows = micro * (2 if method in ("dpo", "reward") else 1)  # DPO and reward models forward both responses
-    tokens = [r["tokens"] / max(1, r.get("sequences", rows)) for r in metrics if "tokens" in r]
+    # `tokens`: a step's, over its batch_size sequences (pairs for DPO and reward models: two sequences each)
+    per_step = optim["batch_size"] * (2 if method in ("dpo", "reward") else 1)
+    tokens = [r["tokens"] / per_step for r in metrics if "tokens" in r]
     out = []
     for seq in (cfg["data"]["max_length"], round(sum(tokens) / len(tokens)) if tokens else None):
         if seq is None:
@@ -212,6 +221,7 @@ def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str, precisi
 
 
 def table(out: Path, cpu: bool) -> None:
+    status = (out / "status.txt").read_text(encoding="utf-8").splitlines() if (out / "status.txt").exists() else []
     lines = ["# GPU check", "", "```", (out / "device.txt").read_text(encoding="utf-8").strip() if
              (out / "device.txt").exists() else "no device.txt", "```", "", "```",
              (out / "status.txt").read_text(encoding="utf-8").strip() if (out / "status.txt").exists() else "",
@@ -226,7 +236,8 @@ def table(out: Path, cpu: bool) -> None:
         rec = json.loads(rec_path.read_text()) if rec_path.exists() else None
         metrics = _metrics(run_dir)
         if rec is None and not metrics:
-            lines.append(f"| {name} | not run or stopped by its timeout | | | | | | | | | |")
+            said = [line.split(" ", 1)[1] for line in status if line.split(" ", 1)[0] == name]
+            lines.append(f"| {name} | {said[-1] if said else 'not run, or stopped by its timeout'} | | | | | | | | | |")
             continue
         ranks = sorted(run_dir.glob("gpu_check_rank*.json"))
         peaks = [json.loads(p.read_text()).get("peak_allocated_gb") for p in ranks]
@@ -234,7 +245,7 @@ def table(out: Path, cpu: bool) -> None:
         est = "-"
         if (run_dir / "config.yaml").exists() and name != "grpo_vllm_server":  # server: its memory is elsewhere
             try:
-                est = " / ".join(_estimate(name, run_dir, metrics, model, "fp32" if cpu else "bf16-mixed"))
+                est = " / ".join(_estimate(name, run_dir, metrics, model))
             except Exception as err:  # the table must still be written
                 est = f"error: {type(err).__name__}"
         gap = max((r["logp_gap_sampler_trainer"] for r in metrics if "logp_gap_sampler_trainer" in r), default=None)
@@ -255,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step", choices=["device", "data", "train", "table"])
     ap.add_argument("out", type=Path)
-    ap.add_argument("runs", nargs="*", choices=[*RUNS, []], help="train: the runs, in order")
+    ap.add_argument("runs", nargs="*", help=f"train: the runs, in order ({', '.join(RUNS)})")
     ap.add_argument("--cpu", action="store_true", default=os.environ.get("GPU_CHECK_CPU") == "1",
                     help="dry run on the CPU with a tiny model (also GPU_CHECK_CPU=1)")  # fmt: skip
     args = ap.parse_args(argv)
+    if unknown := [r for r in args.runs if r not in RUNS]:
+        ap.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step == "device":
         device(args.out)

@@ -29,6 +29,9 @@ PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b +
          for b in range(2)]  # fmt: skip
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
 LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
+# The runs at AdamW eps 1 (`runs`): weights agree to 4e-9 (measured: reward against one process, PPO and RLOO
+# against DDP), float summation order alone.
+TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo")}
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
 
@@ -125,7 +128,8 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
         # The same global batch and normaliser; the gradient's float sums run in another order (gloo's
         # reduce-scatter of two halves against one process's sum). For LoRA, Adam's step g / sqrt(v) turns that
         # last-bit difference of a near-zero gradient into a ~1e-6 difference of the update: hence atol 1e-5 there.
-        assert_close(sharded[n], p.detach(), rtol=1e-4, atol=1e-5 if "lora" in name else 1e-6, msg=n)
+        assert_close(sharded[n], p.detach(), **TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-5 if "lora" in name
+                                                                     else 1e-6}), msg=n)  # fmt: skip
     assert _trained(sharded, base)
     assert_close(_losses(cfgs[name].run.output_dir), _losses(one.run_dir), rtol=1e-5, atol=1e-6)
 
@@ -152,7 +156,7 @@ def test_sharded_rl_trains_exactly_as_two_ddp_processes(runs, name):
     sharded, ddp = held[f"{name}-rank0"]["weights"], held[f"{name}-ddp-rank0"]["weights"]
     assert sharded.keys() == ddp.keys()
     for n in ddp:
-        assert_close(sharded[n], ddp[n], rtol=1e-4, atol=1e-6, msg=n)  # summation order only, as above
+        assert_close(sharded[n], ddp[n], **TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-6}), msg=n)  # as above
     a = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
     b = read_metrics(Path(cfgs[f"{name}-ddp"].run.output_dir) / "metrics.jsonl")
     keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
