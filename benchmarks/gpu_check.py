@@ -7,11 +7,13 @@ per group, and the results table. The shell script runs these steps, each under 
     python benchmarks/gpu_check.py table OUT             OUT/results.md: every check's status, measured peak
                                                          memory against `posttrain estimate`'s figure, log-prob gaps
 
-`train` records each run as it ends (OUT/status.txt, OUT/RUN/gpu_check.json), so a group stopped by its
-timeout still reports the runs it finished. Peak memory is `torch.cuda.max_memory_allocated` of the run alone
-(the counter is reset before each run) on the process's own GPU: vLLM's memory is not in it (its engine runs in
-another process, or allocates outside PyTorch's allocator), so the vLLM runs' estimate row counts the trainer only
-where the estimator says so (the `estimate` column's note). Under torchrun each process writes its own figure.
+`train` records each run as it ends (OUT/status.txt, OUT/RUN/gpu_check_rankR.json), so a group stopped by its
+timeout still reports the runs it finished. Peak memory is `torch.cuda.max_memory_allocated` of the run alone (the
+counter is reset before each run) on the process's own GPU; under torchrun each process writes its own. vLLM's
+memory is not in it (its engine runs in another process, and its sleep mode allocates outside PyTorch's caching
+allocator), while the estimate for `rollout_engine=vllm` counts vLLM's weights and KV cache: for grpo_vllm compare
+the estimate with `device used GB` (the GPU's used memory when the run ended, every process included) as well. The
+server-mode run gets no estimate (the server's memory is another process's).
 
 `--cpu`: a dry run on the CPU with a tiny random model, 2 steps a run and float32, to check this script and the
 shell script where no GPU is (`GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh`). It measures nothing.
