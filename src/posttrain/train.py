@@ -358,7 +358,7 @@ def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: 
     cfg.algorithm.check_launch(world_size)
     if algorithm.rollouts is not None:
         return plan_rollouts(cfg, n, world_size, micro)
-    return plan_batches(n, cfg.optim.batch_size, world_size, micro)
+    return plan_batches(n, cfg.optim.batch_size, world_size, micro, same_micro_batches=cfg.run.sharding == "fsdp2")
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:
@@ -390,10 +390,19 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
         return source, None
     source = ExampleBatchSource(data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro,
                                 seed=cfg.run.seed, shuffle=cfg.data.shuffle, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes)  # fmt: skip
+                                world_size=accelerator.num_processes,
+                                same_micro_batches=cfg.run.sharding == "fsdp2")  # fmt: skip
     eval_batches = None
     if evaluating:
-        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
+        rows = list(data.eval)
+        extra = len(rows) % accelerator.num_processes if cfg.run.sharding == "fsdp2" else 0
+        if extra:  # as many rows, so as many forwards (collectives), on every process
+            rows = rows[:-extra]
+            if accelerator.is_main_process:
+                last = f"its last {extra} rows are" if extra > 1 else "its last row is"
+                print(f"warning: {cfg.data.eval}: {last} not evaluated: run.sharding=fsdp2 evaluates as many rows "
+                      f"on each of the {accelerator.num_processes} processes")  # fmt: skip
+        mine = rows[accelerator.process_index :: accelerator.num_processes]
         eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
     if not reference.needed:
         return source, eval_batches

@@ -45,6 +45,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS), encoding="utf-8")
     (tmp / "rewards.py").write_text(LETTERS, encoding="utf-8")
+    rows19 = sft_rows + [{"prompt": f"add {a} 4", "completion": str(a + 4)} for a in range(3)]
+    (tmp / "19.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows19), encoding="utf-8")
+    (tmp / "eval3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows[:3]), encoding="utf-8")
     base = {"model.name": str(tiny_model_dir), "technique.name": "full", "data.max_length": 64, "optim.lr": 1e-3,
             "optim.batch_size": 8, "optim.micro_batch_size": 2, "optim.warmup_steps": 0, "data.shuffle": "false",
             "run.max_steps": 3, "run.progress": False, "run.report": False, "run.sharding": "fsdp2"}  # fmt: skip
@@ -80,6 +83,9 @@ def runs(tiny_model_dir, tmp_path_factory):
         "ppo-resumed": {**ppo, "run.max_steps": 2},  # then resumed to step 3
         "rloo": rloo,
         "rloo-ddp": {**rloo, "run.sharding": "none"},
+        # 19 rows in steps of 8, micro-batches of 1; 3 held-out rows
+        "sft-uneven": {**sft, "data.train": str(tmp / "19.jsonl"), "data.eval": str(tmp / "eval3.jsonl"),
+                       "optim.micro_batch_size": 1, "run.max_steps": "null", "run.epochs": 1, "run.eval_every": 1},
     }
     cfgs = {}
     for name, overrides in settings.items():
@@ -96,6 +102,7 @@ def runs(tiny_model_dir, tmp_path_factory):
            str(out), *(str(tmp / f"{n}.yaml") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (tmp / "launch.log").write_text(proc.stdout, encoding="utf-8")
     held = {p.stem: torch.load(p) for p in out.glob("*.pt")}
     return cfgs, held
 
@@ -212,6 +219,21 @@ def test_a_resumed_sharded_run_continues_exactly(runs, name):
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     if name == "ppo":
         assert len({r["kl_coef"] for r in b}) == 3  # the controller moved at every rollout
+
+
+def test_a_sharded_run_skips_what_would_give_the_processes_unequal_forwards(runs):
+    """19 rows in steps of 8 over 2 processes, micro-batches of 1: the last step's 3 rows would give one process 2
+    forwards and the other 1 (DDP runs that step: test_distributed.py), and the one with fewer would leave the
+    other waiting in an all-gather. Sharded, those 3 rows are skipped (`data.order.plan_batches`) and said so, and
+    the last of 3 held-out rows is not evaluated: 2 steps, each with its evaluation, and the run ends."""
+    cfgs, _ = runs
+    run_dir = Path(cfgs["sft-uneven"].run.output_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2]
+    log = (run_dir.parent / "launch.log").read_text(encoding="utf-8")
+    assert "3 of 19 examples are not trained in each epoch" in log and "different numbers of micro-batches" in log
+    assert "eval3.jsonl: its last row is not evaluated" in log
 
 
 def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):
