@@ -60,7 +60,7 @@ RUNS = {
     "grpo_vllm": Run("configs/grpo_lora.yaml", [*GRPO, "algorithm.rollout.engine=vllm"], 3, "prompts.jsonl",
                      {"reward_function": True}),
     "grpo_vllm_server": Run("configs/grpo_lora.yaml", [*GRPO, "algorithm.rollout.engine=vllm-server",
-                            f"algorithm.rollout.vllm_server_url={SERVER_URL}", "algorithm.rollout.vllm_server_timeout=240",
+                            f"algorithm.rollout.vllm_server_url={SERVER_URL}", "algorithm.rollout.vllm_server_timeout=150",
                             "algorithm.rollout.tis_cap=2"], 3, "prompts.jsonl"),  # fmt: skip
     # 3. FSDP2 over 2 processes (torchrun): full fine-tuning of SFT, and PPO with its value head sharded too
     "fsdp2_sft": Run("configs/sft_full.yaml", ["run.sharding=fsdp2", "optim.micro_batch_size=2"], 3, "sft.jsonl",

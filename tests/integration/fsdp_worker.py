@@ -1,6 +1,6 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
-this process held (parameter elements: of the whole model, and of a scalar head) and the whole trained weights. `PATH@resume` continues PATH's run folder
-from its latest checkpoint."""
+this process held (parameter elements: of the whole model, and of a scalar head) and the whole trained weights.
+`PATH@resume` continues PATH's run folder from its latest checkpoint."""
 
 import sys
 

@@ -1,9 +1,10 @@
 """FSDP2 (`run.sharding=fsdp2`): two CPU processes (torchrun, gloo) each hold half of every weight and train
 exactly as one process does (SFT; DPO with a frozen copy or the adapter disabled as reference; a reward model,
-its scalar head sharded too), or as two DDP processes do (GRPO, RLOO and PPO: rollouts are sampled per process,
-so one process would draw other samples; RLOO with LoRA); checkpoints and `final/` hold the whole weights (a reward model's head
-beside them, which PPO then loads whole as its reward), and a resumed sharded run continues exactly (SFT; PPO,
-with its value head, Adam state and adaptive KL coefficient).
+its scalar head sharded too), or as two DDP processes do (GRPO; RLOO with LoRA; PPO: rollouts are sampled per
+process, so one process would draw other samples); checkpoints and `final/` hold the whole weights (a reward
+model's head beside them, which PPO then loads whole as its reward); a resumed sharded run continues exactly (SFT;
+PPO, with its value head, Adam state and adaptive KL coefficient); and what would give the processes unequal
+numbers of forward passes is skipped rather than left to hang.
 
 All runs share one torchrun launch (`fsdp_worker.py` trains them in turn), to keep the suite short."""
 

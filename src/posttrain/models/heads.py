@@ -93,7 +93,7 @@ class ScalarHeadModel(nn.Module):
         return (values, h, logits) if with_logits else (values, h)
 
 
-def save_head(model: ScalarHeadModel, out_dir: str | Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_head(model: ScalarHeadModel, out_dir: str | Path, tensors: dict | None = None) -> None:
     """`score_head.safetensors` and `score_head.json`; `tensors`: the head's weights to write instead of its own
     (a sharded head's, gathered)."""
     out = Path(out_dir)

@@ -114,7 +114,9 @@ def causal_lm_of(lm) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def hidden_and_logits(model, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_and_logits(
+    model, inputs: dict[str, torch.Tensor], keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's last hidden states (B, T, H), after its final norm, and the logits (N, V) at the `keep`
     positions (B, T) bool, from one forward of `model` (so that every wrapper's hooks run: DDP, FSDP2, peft).
 

@@ -5,8 +5,9 @@ a frozen `copy` reference with torch's own `fully_shard` (torch.distributed.fsdp
 one unit, all-gathered just before its forward and backward and freed after (the causal LM's embeddings, norm and
 output layer, and a scalar head, are units too: `shard`), and its gradients are reduce-scattered, averaged over
 processes as DDP averages them (so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors
-whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests prove it: Accelerate does not
-shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of `accelerate launch`.
+whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests
+prove it: Accelerate does not shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of
+`accelerate launch`.
 
 Whole weights are needed in three places only, each through torch.distributed.checkpoint's state-dict API
 (collectives: every process calls them): checkpoints and the final model (`full_state`, gathered to the main
