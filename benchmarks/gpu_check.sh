@@ -1,111 +1,100 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16, prepared for a session that has a CUDA GPU; never run yet (no GPU has been lent to
-# this project). Budget: under 10 minutes on one GPU. Writes everything to $OUT (default runs/gpu_check/) and a
-# summary to $OUT/results.md; paste its figures into benchmarks/README.md with the GPU named.
-#   bash benchmarks/gpu_check.sh                  # in an environment with posttrain, torch+CUDA (vllm optional)
-# Each check runs on its own and records PASS/FAIL/SKIP, so one failure does not hide the others.
+# The GPU checks of issue 16, prepared for a session that has a CUDA GPU; not run on a GPU yet. Budget: all checks
+# in under 10 minutes on one H200 (a task's 15 minutes of device time include the machine's start). Writes
+# everything under $OUT (default runs/gpu_check/) and the results table to $OUT/results.md; put its figures in
+# benchmarks/README.md with the GPU named.
+#   bash benchmarks/gpu_check.sh                    # where posttrain and torch+CUDA are installed (vllm optional)
+#   GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh    # a dry run on the CPU, tiny model: checks the script only
+#
+# Checks, in order, each with its expected time on one H200 (estimated from the model's size and the steps, not yet
+# measured) and the limit it runs under (`timeout -k 10`; a check that would pass the overall deadline gets only the
+# time left). Every run trains the embedded SmolLM2-135M-Instruct on built-in data:
+#   device       versions and GPUs                                                          ~10 s   limit  60 s
+#   data         3 small built-in datasets, made in one process                             ~10 s   limit  60 s
+#   bf16         the CUDA/bf16 path (bf16 mixed precision, LoRA) in one process, one CUDA start: sft_bf16
+#                (4 steps), dpo_bf16 (4), grpo_hf (3, of 16 completions <= 32 tokens); peak memory of each  ~60 s   limit 180 s
+#   vllm         grpo_vllm: the same GRPO run, vLLM colocated, asleep between rollouts   ~120 s   limit 240 s
+#   fsdp2        torchrun, 2 processes: fsdp2_sft (full fine-tuning, 3 steps) and fsdp2_ppo (full, value head sharded
+#                too, 2 steps), one launch. NCCL cannot put two processes on one GPU, so with one GPU this runs on
+#                the CPU over gloo (the real model, where the tests use a tiny one); with 2+ GPUs on GPUs 0-1 over
+#                NCCL. With one GPU the vLLM server loads meanwhile (started before this check)     ~90 s   limit 180 s
+#   vllm_server  grpo_vllm_server: the same GRPO run through `posttrain vllm-serve` (25% of GPU 0), truncated
+#                importance sampling at cap 2; waits for the server to answer                   ~60 s   limit 180 s
+#   table        $OUT/results.md: status, steps, seconds, last loss, measured peak memory against `posttrain
+#                estimate`'s figure for the same settings, sampler/trainer log-prob gap, rewards     ~5 s   limit  45 s
+# Expected in all: ~6 minutes. Overall deadline: DEADLINE_S (default 540 s) from the start; a check that would get
+# under 20 s is skipped, and the table of what finished is printed whatever happened (an exit, a kill, Ctrl-C).
+# Without vllm the two vLLM checks are skipped (SKIP in the table).
 set -u
 OUT=${OUT:-runs/gpu_check}
 PY=${PY:-python}
-mkdir -p "$OUT/data"
-RES="$OUT/results.md"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DEADLINE_S=${DEADLINE_S:-540}
+SLOW=${SLOW:-1}  # multiplies every check's limit (a slower machine; a dry run on a busy CPU: with DEADLINE_S)
+PORT=${PORT:-8765}
+CHECK="$PY benchmarks/gpu_check.py"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 GPU_CHECK_VLLM_URL="http://127.0.0.1:$PORT"
+mkdir -p "$OUT"
 : > "$OUT/status.txt"
+SERVER=""
 
-check() {  # check NAME TIMEOUT_S COMMAND...: run it, log its output, record the status
-  local name=$1 limit=$2; shift 2
-  echo "==> $name"
-  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then echo "$name PASS" >> "$OUT/status.txt"
-  else echo "$name FAIL (exit $?; see $OUT/$name.log)" >> "$OUT/status.txt"; tail -5 "$OUT/$name.log"; fi
+finish() {  # the table of whatever finished, and the server stopped: on every exit
+  trap - EXIT INT TERM
+  [ -n "$SERVER" ] && { kill -- -"$SERVER" 2>/dev/null || kill "$SERVER" 2>/dev/null; }
+  if ! timeout 45 $CHECK table "$OUT"; then echo "results table failed; the checks' status:"; cat "$OUT/status.txt"; fi
+  echo "total: $SECONDS s (deadline $DEADLINE_S s)"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+step() {  # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, time left); log; record a status the table shows
+  local name=$1 limit=$(($2 * SLOW)); shift 2
+  local left=$((DEADLINE_S - SECONDS - 15))  # 15 s kept for the table
+  if [ "$left" -lt 20 ]; then echo "$name SKIP (overall deadline reached)" >> "$OUT/status.txt"; return 1; fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "==> $name (limit ${limit}s, at ${SECONDS}s)"
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "$name TIMEOUT after ${limit}s (see $OUT/$name.log)" >> "$OUT/status.txt"
+  elif [ $rc -ne 0 ]; then echo "$name FAIL (exit $rc; see $OUT/$name.log)" >> "$OUT/status.txt"; fi
+  tail -3 "$OUT/$name.log"
+  return $rc
 }
 
-"$PY" - <<'PY' > "$OUT/device.txt" 2>&1
-import torch, transformers, accelerate, peft
-print("gpu:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
-print("gpus:", torch.cuda.device_count(), "bf16:", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__,
-      "accelerate", accelerate.__version__, "peft", peft.__version__)
-try:
-    import vllm; print("vllm", vllm.__version__)
-except ImportError:
-    print("vllm not installed")
-PY
+step device 60 $CHECK device "$OUT" || exit 1
 cat "$OUT/device.txt"
-grep -q "gpu: NONE" "$OUT/device.txt" && { echo "no CUDA GPU: nothing to check"; exit 1; }
+CPU=${GPU_CHECK_CPU:-0}
+if grep -q "gpu: NONE" "$OUT/device.txt" && [ "$CPU" != 1 ]; then
+  echo "no CUDA GPU (GPU_CHECK_CPU=1 for a dry run)"; exit 1
+fi
+step data 60 $CHECK data "$OUT" || exit 1
+HAS_VLLM=0; grep -q "^vllm [0-9]" "$OUT/device.txt" && HAS_VLLM=1
 
-# ---- data: built-in tasks, small
-posttrain data make structured --n 64 --out "$OUT/data/sft.jsonl"
-posttrain data make arithmetic --kind preference --n 64 --out "$OUT/data/pairs.jsonl"
-posttrain data make arithmetic --kind prompts --n 64 --out "$OUT/data/prompts.jsonl" --max-ops 1 --max-value 10
-
-COMMON=(run.progress=false run.report=false)
-# ---- 1. the CUDA/bf16 training path on the embedded model (model.dtype bf16: fp32 master weights + autocast)
-check sft_bf16 120 posttrain train configs/sft_lora.yaml data.train="$OUT/data/sft.jsonl" model.dtype=bfloat16 \
-  run.max_steps=5 run.output_dir="$OUT/sft_bf16" "${COMMON[@]}"
-check dpo_bf16 120 posttrain train configs/dpo_lora.yaml data.train="$OUT/data/pairs.jsonl" model.dtype=bfloat16 \
-  run.max_steps=5 run.output_dir="$OUT/dpo_bf16" "${COMMON[@]}"
-GRPO=(configs/grpo_lora.yaml data.train="$OUT/data/prompts.jsonl" model.dtype=bfloat16 run.max_steps=4
-      algorithm.rollout.batch_size=16 optim.batch_size=16 algorithm.rollout.max_new_tokens=48 "${COMMON[@]}")
-check grpo_hf_bf16 180 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_hf"
-
-# ---- 2. the vLLM engine (colocated, sleep/wake), if installed: same run, compare rewards and the log-prob gap
-if grep -q "^vllm " "$OUT/device.txt"; then
-  check grpo_vllm 240 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm" algorithm.rollout.engine=vllm
-  check grpo_vllm_awake 240 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm_awake" \
-    algorithm.rollout.engine=vllm algorithm.rollout.vllm_sleep=false
-  # server mode, on the same GPU here (a second GPU in real use): the server takes 30% of its memory; the run pushes
-  # merged LoRA weights every step over HTTP and corrects the sampler gap with truncated importance sampling
-  PORT=${PORT:-8765}
-  posttrain vllm-serve --model smollm2-135m-instruct --port "$PORT" --gpu-memory-utilization 0.3 \
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+start_server() {  # setsid: its own process group, so that `finish` stops vLLM's engine process with it
+  setsid "$PY" -m posttrain.cli vllm-serve --model smollm2-135m-instruct --port "$PORT" --gpu-memory-utilization 0.25 \
     > "$OUT/vllm_server.log" 2>&1 &
   SERVER=$!
-  check grpo_vllm_server 300 posttrain train "${GRPO[@]}" run.output_dir="$OUT/grpo_vllm_server" \
-    algorithm.rollout.engine=vllm-server algorithm.rollout.vllm_server_url="http://127.0.0.1:$PORT" \
-    algorithm.rollout.vllm_server_timeout=180 algorithm.rollout.tis_cap=2
-  kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
-else
+}
+fsdp2() {
+  if [ "$NGPU" -ge 2 ] && [ "$CPU" != 1 ]; then local where=(env CUDA_VISIBLE_DEVICES=0,1)
+  else local where=(env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4)  # gloo on the CPU: NCCL refuses 2 ranks on 1 GPU
+  fi
+  step fsdp2 180 "${where[@]}" "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/gpu_check.py \
+    train "$OUT" fsdp2_sft fsdp2_ppo $([ "$CPU" = 1 ] && echo --cpu)
+}
+
+step bf16 180 $CHECK train "$OUT" sft_bf16 dpo_bf16 grpo_hf
+if [ "$HAS_VLLM" != 1 ]; then
   echo "grpo_vllm SKIP (vllm not installed)" >> "$OUT/status.txt"
+  echo "grpo_vllm_server SKIP (vllm not installed)" >> "$OUT/status.txt"
+  fsdp2
+  exit 0
 fi
-
-# ---- 3. FSDP2 with 2 processes: NCCL refuses two ranks on one GPU, so on one GPU this runs the CPU/gloo path the
-#         tests run; with 2+ GPUs it shards on the GPUs (full fine-tuning, bf16)
-NPROC=2
-check fsdp2_sft 180 torchrun --standalone --nproc_per_node $NPROC -m posttrain.cli train configs/sft_full.yaml \
-  data.train="$OUT/data/sft.jsonl" run.sharding=fsdp2 run.max_steps=3 optim.batch_size=8 optim.micro_batch_size=2 \
-  run.output_dir="$OUT/fsdp2_sft" "${COMMON[@]}"
-
-# ---- 4. measured peak memory against the estimator (peak_cuda_gb is logged each step on a GPU)
-"$PY" - "$OUT" <<'PY' > "$RES"
-import json, subprocess, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print("# GPU check\n")
-print("```\n" + (out / "device.txt").read_text() + "```\n")
-print("```\n" + (out / "status.txt").read_text() + "```\n")
-rows = {"sft_bf16": ("sft", "lora"), "dpo_bf16": ("dpo", "lora"), "grpo_hf": ("grpo", "lora"),
-        "grpo_vllm": ("grpo", "lora"), "grpo_vllm_awake": ("grpo", "lora"), "grpo_vllm_server": ("grpo", "lora")}
-print("| run | steps | last loss | peak_cuda_gb (measured) | estimate peak GB | logp gap max | tis capped max | "
-      "reward mean |")
-print("|---|---|---|---|---|---|---|---|")
-for run, (method, technique) in rows.items():
-    path = out / run / "metrics.jsonl"
-    if not path.exists():
-        continue
-    m = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x]
-    engine = "vllm" if "vllm" in run else "hf"
-    peak = None  # server mode: the trainer's own memory only (the server is another process): no estimate row
-    if not run.endswith("server"):
-        est = subprocess.run(["posttrain", "estimate", "--model", "135m", "--method", method, "--technique",
-                              technique, "--precision", "bf16-mixed", "--rollout-engine", engine, "--json"],
-                             capture_output=True, text=True)
-        try:
-            peak = json.loads(est.stdout).get("peak_memory_gb")
-        except json.JSONDecodeError:
-            pass
-    gap = max((r.get("logp_gap_sampler_trainer", 0) for r in m), default=None)
-    capped = max((r["tis_capped_fraction"] for r in m if "tis_capped_fraction" in r), default=None)
-    reward = [round(r["reward/total_mean"], 3) for r in m if "reward/total_mean" in r]
-    print(f"| {run} | {len(m)} | {m[-1]['loss']:.4f} | {max(r.get('peak_cuda_gb', 0) for r in m):.2f} | {peak} | "
-          f"{gap} | {capped} | {reward} |")
-PY
-cat "$RES"
+step vllm 240 $CHECK train "$OUT" grpo_vllm
+# vLLM measures the GPU's free memory while it starts and stops if another process frees some meanwhile, so the
+# server starts once the colocated run has ended. On one GPU it loads while FSDP2 runs on the CPU (nothing moves on
+# the GPU); with two, FSDP2 runs on the GPUs first. The server takes 25% of GPU 0 (its own GPU in real use).
+if [ "$NGPU" -ge 2 ]; then fsdp2; start_server; else start_server; fsdp2; fi
+step vllm_server 180 $CHECK train "$OUT" grpo_vllm_server  # waits for the server (vllm_server_timeout)
+exit 0

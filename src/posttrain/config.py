@@ -348,8 +348,8 @@ class RunSection(_Section):
     """How the processes of a multi-process launch hold the model: `none`, each its whole copy (one process, or
     DDP under `accelerate launch`; also what to keep with an Accelerate FSDP/DeepSpeed config, which shards for
     itself); `fsdp2`, each 1/N of every weight, gradient and optimizer state (torch `fully_shard`), launched with
-    `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Methods without a
-    scalar head (sft, dpo, grpo, rloo); technique full or lora."""
+    `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Every method;
+    technique full or lora; rollout engine hf."""
 
 
 class RunBase(_Section):

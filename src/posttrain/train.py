@@ -250,6 +250,9 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
         if not return_model:
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[])
+    # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
+    # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
         _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
 
@@ -348,11 +351,6 @@ def _check_sharding(cfg: RunConfig, world_size: int) -> None:
             f"run.sharding=fsdp2 does not support technique.name={cfg.technique.name} (4-bit weights are not "
             f"sharded here); use one of {', '.join(_SHARDABLE_TECHNIQUES)}, or run.sharding=none"
         )
-    if get_algorithm(cfg.algorithm.name).head:
-        raise ConfigError(
-            f"run.sharding=fsdp2 does not support algorithm.name={cfg.algorithm.name} yet (its scalar head is saved "
-            "apart from the model); set run.sharding=none"
-        )
 
 
 def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: int) -> EpochPlan:
@@ -360,7 +358,7 @@ def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: 
     cfg.algorithm.check_launch(world_size)
     if algorithm.rollouts is not None:
         return plan_rollouts(cfg, n, world_size, micro)
-    return plan_batches(n, cfg.optim.batch_size, world_size, micro)
+    return plan_batches(n, cfg.optim.batch_size, world_size, micro, same_micro_batches=cfg.run.sharding == "fsdp2")
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:
@@ -392,10 +390,19 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
         return source, None
     source = ExampleBatchSource(data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro,
                                 seed=cfg.run.seed, shuffle=cfg.data.shuffle, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes)  # fmt: skip
+                                world_size=accelerator.num_processes,
+                                same_micro_batches=cfg.run.sharding == "fsdp2")  # fmt: skip
     eval_batches = None
     if evaluating:
-        mine = list(data.eval)[accelerator.process_index :: accelerator.num_processes]
+        rows = list(data.eval)
+        extra = len(rows) % accelerator.num_processes if cfg.run.sharding == "fsdp2" else 0
+        if extra:  # as many rows, so as many forwards (collectives), on every process
+            rows = rows[:-extra]
+            if accelerator.is_main_process:
+                last = f"its last {extra} rows are" if extra > 1 else "its last row is"
+                print(f"warning: {cfg.data.eval}: {last} not evaluated: run.sharding=fsdp2 evaluates as many rows "
+                      f"on each of the {accelerator.num_processes} processes")  # fmt: skip
+        mine = rows[accelerator.process_index :: accelerator.num_processes]
         eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
     if not reference.needed:
         return source, eval_batches
@@ -413,13 +420,13 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
     """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
     final = run_dir / "final"
     unwrapped = accelerator.unwrap_model(model)
-    # A sharded model's whole weights, gathered by every process to the main one (ScalarHeadModels are not sharded)
+    # A sharded model's whole weights (a scalar head's too), gathered by every process to the main one
     state = full_state(unwrapped) if cfg.run.sharding == "fsdp2" else None
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(unwrapped, ScalarHeadModel):
-            save_scalar_model(unwrapped, tokenizer, tmp, cfg)
+            save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state)
         else:
             save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)

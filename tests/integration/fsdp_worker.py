@@ -1,6 +1,6 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
-this process held (parameter elements) and the whole trained weights. `PATH@resume` continues PATH's run folder
-from its latest checkpoint."""
+this process held (parameter elements: of the whole model, and of a scalar head) and the whole trained weights.
+`PATH@resume` continues PATH's run folder from its latest checkpoint."""
 
 import sys
 
@@ -11,6 +11,7 @@ def main(out_dir: str, *config_paths: str) -> None:
     import torch
 
     from posttrain.algorithms import load_config
+    from posttrain.models.heads import ScalarHeadModel
     from posttrain.models.sharding import full_state, is_sharded, parameter_elements
     from posttrain.train import train
 
@@ -24,7 +25,8 @@ def main(out_dir: str, *config_paths: str) -> None:
             weights = full_state(model)  # every process calls it; the main process gets the tensors
         else:
             weights = {n: p.detach().cpu() for n, p in model.named_parameters()}
-        torch.save({"local": local, "total": total, "sharded": is_sharded(model), "weights": weights},
+        head = parameter_elements(model.head) if isinstance(model, ScalarHeadModel) else None
+        torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights},
                    f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 

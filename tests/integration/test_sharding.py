@@ -1,7 +1,10 @@
 """FSDP2 (`run.sharding=fsdp2`): two CPU processes (torchrun, gloo) each hold half of every weight and train
-exactly as one process does (SFT; DPO with a frozen copy or the adapter disabled as reference), or as two DDP
-processes do (GRPO: rollouts are sampled per process, so one process would draw other samples); checkpoints and
-`final/` hold the whole weights, and a resumed sharded run continues exactly.
+exactly as one process does (SFT; DPO with a frozen copy or the adapter disabled as reference; a reward model,
+its scalar head sharded too), or as two DDP processes do (GRPO; RLOO with LoRA; PPO: rollouts are sampled per
+process, so one process would draw other samples); checkpoints and `final/` hold the whole weights (a reward
+model's head beside them, which PPO then loads whole as its reward); a resumed sharded run continues exactly (SFT;
+PPO, with its value head, Adam state and adaptive KL coefficient); and what would give the processes unequal
+numbers of forward passes is skipped rather than left to hang.
 
 All runs share one torchrun launch (`fsdp_worker.py` trains them in turn), to keep the suite short."""
 
@@ -27,6 +30,9 @@ PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b +
          for b in range(2)]  # fmt: skip
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
 LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
+# The runs at AdamW eps 1 (`runs`): weights agree to 4e-9 (measured: reward against one process, PPO and RLOO
+# against DDP), float summation order alone.
+TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo")}
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
 
@@ -40,6 +46,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS), encoding="utf-8")
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS), encoding="utf-8")
     (tmp / "rewards.py").write_text(LETTERS, encoding="utf-8")
+    rows19 = sft_rows + [{"prompt": f"add {a} 4", "completion": str(a + 4)} for a in range(3)]
+    (tmp / "19.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows19), encoding="utf-8")
+    (tmp / "eval3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows[:3]), encoding="utf-8")
     base = {"model.name": str(tiny_model_dir), "technique.name": "full", "data.max_length": 64, "optim.lr": 1e-3,
             "optim.batch_size": 8, "optim.micro_batch_size": 2, "optim.warmup_steps": 0, "data.shuffle": "false",
             "run.max_steps": 3, "run.progress": False, "run.report": False, "run.sharding": "fsdp2"}  # fmt: skip
@@ -49,6 +58,19 @@ def runs(tiny_model_dir, tmp_path_factory):
             "algorithm.num_generations": 4, "optim.batch_size": 16, "optim.micro_batch_size": 4,
             "run.max_steps": 2}  # fmt: skip
     sft = {"data.train": str(tmp / "sft.jsonl"), "optim.schedule": "constant"}
+    # The methods added since: AdamW with eps 1, whose step lr x m / (sqrt(v) + 1) is nearly linear in the
+    # gradient, so the runs compare to ~1e-8. At eps 1e-8, g / sqrt(v) turns the last-bit differences of
+    # near-zero gradients (the reward model's chosen and rejected rows share their prompt, and their head's bias
+    # cancels in the loss) into weight differences of up to 4e-5 after 3 steps (measured), which say nothing.
+    exact = {"optim.eps": 1.0, "optim.lr": 5e-3, "optim.schedule": "constant"}
+    reward = {**exact, "algorithm.name": "reward", "data.train": str(tmp / "pairs.jsonl")}
+    # PPO scored by the reward model the sharded reward run leaves in final/ (held whole by every process), with
+    # a frozen copy as reference (sharded) and the adaptive KL controller, whose state a resume must restore.
+    ppo = {**exact, "algorithm.name": "ppo", "algorithm.reward_model": str(tmp / "reward" / "final"),
+           "data.train": str(tmp / "prompts.jsonl"), "algorithm.rollout.max_new_tokens": 8, "algorithm.kl_coef": 0.1,
+           "algorithm.adaptive_kl": True, "algorithm.target_kl": 0.5}  # fmt: skip
+    # LoRA: the reference is the adapter disabled, and sampling runs through peft's wrapper of the sharded LM
+    rloo = {**grpo, **exact, "algorithm.name": "rloo", "algorithm.beta": 0.1, "technique.name": "lora"}
     settings = {
         "sft": sft,
         "dpo-copy": {**dpo, "algorithm.reference": "copy"},
@@ -56,21 +78,32 @@ def runs(tiny_model_dir, tmp_path_factory):
         "grpo": grpo,
         "grpo-ddp": {**grpo, "run.sharding": "none"},
         "sft-resumed": {**sft, "run.max_steps": 2},  # then resumed to step 3 (`@resume`)
+        "reward": reward,
+        "ppo": ppo,
+        "ppo-ddp": {**ppo, "run.sharding": "none"},
+        "ppo-resumed": {**ppo, "run.max_steps": 2},  # then resumed to step 3
+        "rloo": rloo,
+        "rloo-ddp": {**rloo, "run.sharding": "none"},
+        # 19 rows in steps of 8, micro-batches of 1; 3 held-out rows
+        "sft-uneven": {**sft, "data.train": str(tmp / "19.jsonl"), "data.eval": str(tmp / "eval3.jsonl"),
+                       "optim.micro_batch_size": 1, "run.max_steps": "null", "run.epochs": 1, "run.eval_every": 1},
     }
     cfgs = {}
     for name, overrides in settings.items():
         merged = {**base, "run.output_dir": str(tmp / name), **overrides}
         cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
         dump_config(cfgs[name], tmp / f"{name}.yaml")
-    resumed = load_config(tmp / "sft-resumed.yaml", ["run.max_steps=3"])
-    dump_config(resumed, tmp / "sft-resumed-3.yaml")
+    resumes = ("sft-resumed", "ppo-resumed")
+    for name in resumes:
+        dump_config(load_config(tmp / f"{name}.yaml", ["run.max_steps=3"]), tmp / f"{name}-3.yaml")
     out = tmp / "out"
     out.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out), *(str(tmp / f"{n}.yaml") for n in settings), f"{tmp / 'sft-resumed-3.yaml'}@resume"]  # fmt: skip
+           str(out), *(str(tmp / f"{n}.yaml") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (tmp / "launch.log").write_text(proc.stdout, encoding="utf-8")
     held = {p.stem: torch.load(p) for p in out.glob("*.pt")}
     return cfgs, held
 
@@ -79,56 +112,70 @@ def _losses(run_dir) -> torch.Tensor:
     return torch.tensor([r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")])
 
 
+def _trained(weights: dict, base: dict) -> bool:
+    """Whether a full weight left its base value (a scalar-head model's LM is under `policy.`), or a LoRA B left
+    zero."""
+    return any(not torch.equal(t, base[n.removeprefix("policy.")]) if n.removeprefix("policy.") in base
+               else "lora_B" in n and bool(t.any()) for n, t in weights.items())  # fmt: skip
+
+
 def _one_process(cfg, name):
     one = cfg.model_copy(update={"run": cfg.run.model_copy(update={"sharding": "none",
                                                                     "output_dir": cfg.run.output_dir + "-one"})})
     return train(one, return_model=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora"])
+@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora", "reward"])
 def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
     cfgs, held = runs
     one = _one_process(cfgs[name], name)
     sharded = held[f"{name}-rank0"]["weights"]
     base = load_file(str(Path(cfgs[name].model.name) / "model.safetensors"))
-    moved = 0
+    assert sharded.keys() == dict(one.model.named_parameters()).keys()
     for n, p in one.model.named_parameters():
         # The same global batch and normaliser; the gradient's float sums run in another order (gloo's
         # reduce-scatter of two halves against one process's sum). For LoRA, Adam's step g / sqrt(v) turns that
         # last-bit difference of a near-zero gradient into a ~1e-6 difference of the update: hence atol 1e-5 there.
-        assert_close(sharded[n], p.detach(), rtol=1e-4, atol=1e-5 if "lora" in name else 1e-6, msg=n)
-        if p.requires_grad:  # a full weight left its base value, or a LoRA B left zero
-            moved += not torch.equal(p.detach(), base[n]) if n in base else "lora_B" in n and bool(p.any())
-    assert moved > 0  # the runs trained something
+        assert_close(sharded[n], p.detach(), **TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-5 if "lora" in name
+                                                                     else 1e-6}), msg=n)  # fmt: skip
+    assert _trained(sharded, base)
     assert_close(_losses(cfgs[name].run.output_dir), _losses(one.run_dir), rtol=1e-5, atol=1e-6)
 
 
 def test_each_sharded_process_holds_half_of_every_weight(runs):
     _, held = runs
-    for name in ("sft", "dpo-copy", "dpo-lora", "grpo"):
+    for name in ("sft", "dpo-copy", "dpo-lora", "grpo", "reward", "ppo", "rloo"):
         r0, r1 = held[f"{name}-rank0"], held[f"{name}-rank1"]
         assert r0["sharded"] and r1["sharded"]
         assert r0["local"] + r1["local"] == r0["total"]  # the shards partition the model
-        # dim-0 halves: the tiny model's odd-sized rows (e.g. a 259-token vocabulary) go one more to rank 0
+        # dim-0 halves: the tiny model's odd-sized rows (e.g. a 259-token vocabulary, a scalar head's one row and
+        # its bias) go one more to rank 0
         assert abs(r0["local"] - r0["total"] / 2) < 0.01 * r0["total"], (name, r0["local"], r0["total"])
-    ddp = held["grpo-ddp-rank0"]
-    assert not ddp["sharded"] and ddp["local"] == ddp["total"]  # the unsharded run holds everything
+    for name in ("reward", "ppo"):  # the scalar head is sharded with the rest
+        assert held[f"{name}-rank0"]["head"] == (64 + 1, 65) and held[f"{name}-rank1"]["head"] == (0, 65)
+    for name in ("grpo-ddp", "ppo-ddp", "rloo-ddp"):
+        ddp = held[f"{name}-rank0"]
+        assert not ddp["sharded"] and ddp["local"] == ddp["total"]  # the unsharded run holds everything
 
 
-def test_sharded_grpo_trains_exactly_as_two_ddp_processes(runs):
+@pytest.mark.parametrize("name", ["grpo", "rloo", "ppo"])
+def test_sharded_rl_trains_exactly_as_two_ddp_processes(runs, name):
     cfgs, held = runs
-    sharded, ddp = held["grpo-rank0"]["weights"], held["grpo-ddp-rank0"]["weights"]
+    sharded, ddp = held[f"{name}-rank0"]["weights"], held[f"{name}-ddp-rank0"]["weights"]
     assert sharded.keys() == ddp.keys()
     for n in ddp:
-        assert_close(sharded[n], ddp[n], rtol=1e-4, atol=1e-6, msg=n)  # summation order only, as above
-    a = read_metrics(Path(cfgs["grpo"].run.output_dir) / "metrics.jsonl")
-    b = read_metrics(Path(cfgs["grpo-ddp"].run.output_dir) / "metrics.jsonl")
+        assert_close(sharded[n], ddp[n], **TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-6}), msg=n)  # as above
+    a = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+    b = read_metrics(Path(cfgs[f"{name}-ddp"].run.output_dir) / "metrics.jsonl")
     keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
-    assert {"reward/total_mean", "entropy", "grad_norm", "loss"} <= set(keys)
-    for ra, rb in zip(a, b, strict=True):  # the same samples, rewards, entropies and gradients at every step
-        assert_close(torch.tensor([ra[k] for k in keys]), torch.tensor([rb[k] for k in keys]), rtol=1e-5, atol=1e-6)
-    base = load_file(str(Path(cfgs["grpo"].model.name) / "model.safetensors"))
-    assert any(not torch.equal(sharded[n], base[n]) for n in ddp)  # it trained
+    assert {"reward/total_mean", "grad_norm", "loss"} <= set(keys)
+    assert len(a) == len(b) == cfgs[name].run.max_steps
+    for ra, rb in zip(a, b, strict=True):  # the same samples, rewards, KL and gradients at every step
+        assert_close(torch.tensor([ra[k] for k in keys]), torch.tensor([rb[k] for k in keys]), rtol=1e-5, atol=1e-6,
+                     msg=str(keys))  # fmt: skip
+    assert _trained(sharded, load_file(str(Path(cfgs[name].model.name) / "model.safetensors")))
+    if name == "ppo":  # the value head learned, from its zero start
+        assert sharded["head.weight"].abs().sum() > 0
 
 
 def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):
@@ -143,14 +190,51 @@ def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):
     assert ckpt.keys() == gathered.keys() and all(torch.equal(ckpt[n], gathered[n]) for n in ckpt)
 
 
-def test_a_resumed_sharded_run_continues_exactly(runs):
-    """2 steps, then resumed from the step-2 checkpoint (weights and Adam state gathered, then re-sharded) to step
-    3: the same weights and losses as the uninterrupted sharded run."""
+def test_a_sharded_reward_model_saves_its_gathered_head_beside_the_model(runs):
     cfgs, held = runs
-    resumed, straight = held["sft-resumed-3-resume-rank0"]["weights"], held["sft-rank0"]["weights"]
+    final = Path(cfgs["reward"].run.output_dir) / "final"
+    gathered = held["reward-rank0"]["weights"]
+    model, head = load_file(str(final / "model.safetensors")), load_file(str(final / "score_head.safetensors"))
+    assert {f"policy.{n}" for n in model} | {f"head.{n}" for n in head} == gathered.keys()
+    assert all(torch.equal(t, gathered[f"policy.{n}"]) for n, t in model.items())
+    assert all(torch.equal(t, gathered[f"head.{n}"]) for n, t in head.items())
+    assert head["weight"].shape == (1, 64)
+    ckpt = load_file(str(final.parent / "checkpoints" / "step-000003" / "trainable.safetensors"))
+    assert ckpt.keys() == gathered.keys() and all(torch.equal(ckpt[n], gathered[n]) for n in ckpt)
+
+
+@pytest.mark.parametrize("name", ["sft", "ppo"])
+def test_a_resumed_sharded_run_continues_exactly(runs, name):
+    """2 steps, then resumed from the step-2 checkpoint (weights and Adam state gathered, then re-sharded; PPO's
+    value head and adaptive KL coefficient too) to step 3: the same weights and logged values as the
+    uninterrupted sharded run."""
+    cfgs, held = runs
+    resumed, straight = held[f"{name}-resumed-3-resume-rank0"]["weights"], held[f"{name}-rank0"]["weights"]
+    assert resumed.keys() == straight.keys()
     for n in straight:
         assert torch.equal(resumed[n], straight[n]), n
-    assert torch.equal(_losses(cfgs["sft-resumed"].run.output_dir), _losses(cfgs["sft"].run.output_dir))
+    a = read_metrics(Path(cfgs[f"{name}-resumed"].run.output_dir) / "metrics.jsonl")
+    b = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+    keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    if name == "ppo":
+        assert len({r["kl_coef"] for r in b}) == 3  # the controller moved at every rollout
+
+
+def test_a_sharded_run_skips_what_would_give_the_processes_unequal_forwards(runs):
+    """19 rows in steps of 8 over 2 processes, micro-batches of 1: the last step's 3 rows would give one process 2
+    forwards and the other 1 (DDP runs that step: test_distributed.py), and the one with fewer would leave the
+    other waiting in an all-gather. Sharded, those 3 rows are skipped (`data.order.plan_batches`) and said so, and
+    the last of 3 held-out rows is not evaluated: 2 steps, each with its evaluation, and the run ends."""
+    cfgs, _ = runs
+    run_dir = Path(cfgs["sft-uneven"].run.output_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2]
+    log = (run_dir.parent / "launch.log").read_text(encoding="utf-8")
+    assert "3 of 19 examples are not trained in each epoch" in log and "different numbers of micro-batches" in log
+    assert "eval3.jsonl: its last row is not evaluated" in log
 
 
 def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):
@@ -162,7 +246,6 @@ def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):
 
 @pytest.mark.parametrize("overrides, says", [
     ({"technique.name": "qlora"}, "technique.name=qlora"),
-    ({"algorithm.name": "reward"}, "algorithm.name=reward"),
 ])  # fmt: skip
 def test_fsdp2_refuses_what_it_cannot_shard(make_cfg, overrides, says, monkeypatch):
     with pytest.raises(ConfigError, match=says):

@@ -112,3 +112,20 @@ def test_the_run_names_the_rows_it_skips_by_file_line():
     # a run that never completes an epoch skips nothing; neither does a plan without a remainder
     assert skipped_note(plan, source="t", lines=lines, seed=0, shuffle=True, total_steps=3) is None
     assert skipped_note(plan_batches(16, 4, 2, 1), source="t", lines=None, seed=0, shuffle=True, total_steps=8) is None
+
+
+def test_a_sharded_run_skips_a_last_step_that_gives_the_processes_unequal_micro_batches():
+    """19 rows in steps of 8 over 2 processes, micro-batches of 1: the last step's 3 rows give one process 2
+    forwards and the other 1, which DDP runs (tests/integration/test_distributed.py). A sharded model's forward is
+    a collective, so the one with fewer would leave the other waiting: `same_micro_batches` skips the 3 rows.
+    With micro-batches of 2 they make one forward on each process: kept."""
+    ddp = [_source(examples=list(range(19)), batch_size=8, micro_batch_size=1, rank=r, world_size=2) for r in (0, 1)]
+    assert ddp[0].steps_per_epoch == 3
+    assert [len(next(s.steps(2)).micro_batches) for s in ddp] == [2, 1]
+    sharded = [_source(examples=list(range(19)), batch_size=8, micro_batch_size=1, rank=r, world_size=2,
+                       same_micro_batches=True) for r in (0, 1)]  # fmt: skip
+    assert (sharded[0].steps_per_epoch, sharded[0].plan.skipped) == (2, 3)
+    assert "different numbers of micro-batches of 1" in sharded[0].plan.reason
+    assert [len(next(s.steps(2)).micro_batches) for s in sharded] == [4, 4]  # step 3 is the next epoch's first
+    even = _source(examples=list(range(19)), batch_size=8, micro_batch_size=2, world_size=2, same_micro_batches=True)
+    assert (even.steps_per_epoch, even.plan.skipped) == (3, 0)

@@ -519,3 +519,17 @@ def test_with_two_processes_a_remainder_trains_only_when_each_gets_a_prompt(tmp_
     assert [len(s.rollout_prompts(3)) for s in kept] == [1, 1]
     skipped = _source(tmp_path, prompts=13, world=2)  # one left: a process would have no prompt
     assert (skipped.rollouts_per_epoch, skipped.plan.skipped) == (3, 1)
+
+
+def test_a_sharded_run_skips_a_last_rollout_that_splits_unevenly(tmp_path):
+    """15 prompts = 3 rollouts of 4, and 3 left: two DDP processes sample a last rollout of 2 and 1 prompts. A
+    sharded model (`run.sharding=fsdp2`: every forward is a collective) needs as many forwards on each process, so
+    as many prompts: the 3 are skipped. 14 leave 2, one each: kept."""
+    ddp = [_source(tmp_path, prompts=15, world=2, rank=r) for r in (0, 1)]
+    assert ddp[0].rollouts_per_epoch == 4 and [len(s.rollout_prompts(3)) for s in ddp] == [2, 1]
+    sharded = _source(tmp_path, prompts=15, world=2, **{"run.sharding": "fsdp2"})
+    assert (sharded.rollouts_per_epoch, sharded.plan.skipped) == (3, 3)
+    assert "do not split evenly over 2 processes" in sharded.plan.reason
+    even = [_source(tmp_path, prompts=14, world=2, rank=r, **{"run.sharding": "fsdp2"}) for r in (0, 1)]
+    assert (even[0].rollouts_per_epoch, even[0].plan.skipped) == (4, 0)
+    assert [len(s.rollout_prompts(3)) for s in even] == [1, 1]

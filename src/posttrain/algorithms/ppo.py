@@ -28,7 +28,15 @@ from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
 from posttrain.models.heads import language_model
-from posttrain.models.logprobs import head_logps, no_grad_chunks, scatter, target_positions, unwrap_parallel
+from posttrain.models.logprobs import (
+    gather_logps,
+    head_logps,
+    no_grad_chunks,
+    scatter,
+    target_positions,
+    unwrap_parallel,
+)
+from posttrain.models.sharding import is_sharded
 from posttrain.rewards.overlong import drop_from_loss
 
 
@@ -342,14 +350,17 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
     The value of the state before token t, V(s_t), is read at position t - 1, where token t is predicted.
     """
     target, keep = target_positions(batch["completion_mask"])
-    values_sel, hidden = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        keep=keep,
-    )  # (N,), (N, H)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    targets = batch["input_ids"][target]  # (N,)
     policy = language_model(unwrap_parallel(model))  # the LM under the value head (and any DDP)
-    picked, _ = head_logps(policy, hidden, batch["input_ids"][target], temperature=temperature)
+    if is_sharded(policy):
+        # FSDP2 gathers the output layer only inside the LM's forward (`models.sharding`): its logits come from
+        # that forward, all N rows at once, rather than from `head_logps` afterwards.
+        values_sel, _, logits = model(**inputs, keep=keep, with_logits=True)  # (N,), (N, H), (N, V)
+        picked, _ = gather_logps(logits, targets, temperature=temperature)
+    else:
+        values_sel, hidden = model(**inputs, keep=keep)  # (N,), (N, H)
+        picked, _ = head_logps(policy, hidden, targets, temperature=temperature)
     return scatter(values_sel, target), scatter(picked, target)
 
 

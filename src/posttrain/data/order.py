@@ -55,12 +55,17 @@ class EpochPlan:
         return epoch_order(self.examples, seed, epoch, shuffle)[self.examples - self.skipped :]
 
 
-def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int) -> EpochPlan:
+def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int, *,
+                 same_micro_batches: bool = False) -> EpochPlan:  # fmt: skip
     """Steps per epoch of `n` examples in steps of `batch_size` over `world_size` processes; refuses what cannot
-    run. The remainder makes a smaller last step when every process gets at least one of its examples.
+    run. The remainder makes a smaller last step when every process gets at least one of its examples, and, with
+    `same_micro_batches` (a sharded model: every forward is a collective, so every process must run as many), as
+    many micro-batches as every other process.
 
     >>> plan_batches(20, 8, 1, 4).units_per_epoch, plan_batches(17, 8, 2, 4).skipped
     (3, 1)
+    >>> plan_batches(19, 8, 2, 1).units_per_epoch, plan_batches(19, 8, 2, 1, same_micro_batches=True).skipped
+    (3, 3)
     """
     per_process = batch_size // world_size
     if batch_size % world_size:
@@ -84,12 +89,22 @@ def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int
             f"{world_size} processes"
         )
         return EpochPlan(n, batch_size, full, skipped=rest, reason=why)
+    # process r takes every world_size-th example of the step from the r-th: ceil or floor of rest / world_size
+    most, fewest = -(-rest // world_size), rest // world_size
+    if same_micro_batches and -(-most // micro_batch_size) != -(-fewest // micro_batch_size):
+        why = (
+            f"after {full} steps of optim.batch_size={batch_size}, the {rest} left would give the processes "
+            f"different numbers of micro-batches of {micro_batch_size}, and a sharded model (run.sharding=fsdp2) "
+            "needs every process to run as many forward passes"
+        )
+        return EpochPlan(n, batch_size, full, skipped=rest, reason=why)
     return EpochPlan(n, batch_size, full + (rest > 0))
 
 
 def plan_examples(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochPlan:
     """`plan_batches` for a run config: the plan of `ExampleBatchSource` (SFT, reward, DPO)."""
-    return plan_batches(n, cfg.optim.batch_size, world_size, micro_batch_size)
+    return plan_batches(n, cfg.optim.batch_size, world_size, micro_batch_size,
+                        same_micro_batches=cfg.run.sharding == "fsdp2")  # fmt: skip
 
 
 def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]] | None, seed: int,

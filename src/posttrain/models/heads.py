@@ -21,7 +21,7 @@ from torch import nn
 
 from posttrain.data.render import chat_text
 from posttrain.errors import ModelNotFoundError
-from posttrain.models.logprobs import decoder_of, last_hidden_states
+from posttrain.models.logprobs import decoder_of, hidden_and_logits, last_hidden_states
 from posttrain.models.saving import HEAD_FILE, HEAD_INFO, _trained_dir, load_trained, save_model
 
 
@@ -70,34 +70,50 @@ class ScalarHeadModel(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(h.float()).squeeze(-1)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, keep=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, keep=None, with_logits=False):
         """Values at the positions `keep` (B, T) bool, or everywhere, and the hidden states they were read from:
-        ((N,) or (B, T), (N, H) or (B, T, H)).
+        ((N,) or (B, T), (N, H) or (B, T, H)); with `with_logits`, also the output layer's logits (N, V) at the
+        `keep` positions, from the same forward (third).
 
         One backbone pass serves the value head and the policy: PPO turns the same hidden states into
         log-probabilities with `models.logprobs.head_logps`, which runs the language model's own output layer and
         logit post-processing (Gemma 2/3 `final_logit_softcapping`, Cohere `logit_scale`, Granite
-        `logits_scaling`), as generation and the reference do, so PPO scores the distribution it samples from."""
+        `logits_scaling`), as generation and the reference do, so PPO scores the distribution it samples from. An
+        FSDP2-sharded policy gathers its output layer only inside its own forward (`models.sharding`), so PPO asks
+        for the logits here instead (`with_logits`): the model's own logits still, all N rows at once."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        hidden = last_hidden_states(self.policy, {k: v for k, v in inputs.items() if v is not None})  # (B, T, H)
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        logits = None
+        if with_logits:
+            hidden, logits = hidden_and_logits(self.policy, inputs, keep)  # (B, T, H), (N, V)
+        else:
+            hidden = last_hidden_states(self.policy, inputs)  # (B, T, H)
         h = hidden[keep] if keep is not None else hidden
-        return self.head(h.float()).squeeze(-1), h
+        values = self.head(h.float()).squeeze(-1)
+        return (values, h, logits) if with_logits else (values, h)
 
 
-def save_head(model: ScalarHeadModel, out_dir: str | Path) -> None:
+def save_head(model: ScalarHeadModel, out_dir: str | Path, tensors: dict | None = None) -> None:
+    """`score_head.safetensors` and `score_head.json`; `tensors`: the head's weights to write instead of its own
+    (a sharded head's, gathered)."""
     out = Path(out_dir)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
-    )
+    state = tensors if tensors is not None else model.head.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / HEAD_FILE))
     (out / HEAD_INFO).write_text(
         json.dumps({"kind": model.kind, "hidden_size": model.config.hidden_size}) + "\n", encoding="utf-8"
     )
 
 
-def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cfg) -> None:
-    """The LM (adapter or full weights, via `save_model`) plus the head."""
-    save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name)
-    save_head(model, out_dir)
+def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cfg,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """The LM (adapter or full weights, via `save_model`) plus the head. `state_dict`: the whole model's weights
+    to write instead of its own (a sharded model's, gathered by `models.sharding.full_state`)."""
+    policy_state = head_state = None
+    if state_dict is not None:
+        policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+        head_state = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+    save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name, state_dict=policy_state)
+    save_head(model, out_dir, head_state)
 
 
 def reward_model_problem(path: str | Path) -> str | None:

@@ -114,22 +114,31 @@ def causal_lm_of(lm) -> nn.Module:
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
-def last_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states (B, T, H), after its final norm: what the output layer reads.
+def hidden_and_logits(
+    model, inputs: dict[str, torch.Tensor], keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states (B, T, H), after its final norm, and the logits (N, V) at the `keep`
+    positions (B, T) bool, from one forward of `model` (so that every wrapper's hooks run: DDP, FSDP2, peft).
 
-    Caught on the way through the model's own forward (so that every wrapper's hooks run: DDP, FSDP2, peft),
-    called with an all-False boolean `logits_to_keep`, so no position is projected onto the vocabulary."""
+    The hidden states are caught on their way from the decoder to the output layer, which the model's own forward
+    runs with a boolean `logits_to_keep` on the kept positions only."""
     caught: list[torch.Tensor] = []
     hook = decoder_of(model).register_forward_hook(
         lambda module, args, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state")
                                                 else out[0])  # fmt: skip
     )
-    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)  # (B, T)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=none)
+        out = model(**inputs, use_cache=False, logits_to_keep=keep)
     finally:
         hook.remove()
-    return caught[-1]
+    return caught[-1], selected_logits(out.logits, keep)
+
+
+def last_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H), after its final norm: what the output layer reads
+    (`hidden_and_logits` with no position kept, so none is projected onto the vocabulary)."""
+    none = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)  # (B, T)
+    return hidden_and_logits(model, inputs, none)[0]
 
 
 class _HiddenStatesOnly:

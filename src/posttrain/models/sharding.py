@@ -1,11 +1,13 @@
 """Fully sharded models (FSDP2): each of N processes holds 1/N of every parameter, its gradient and optimizer state.
 
-`run.sharding=fsdp2` shards the policy (and a frozen `copy` reference) with torch's own `fully_shard`
-(torch.distributed.fsdp, "FSDP2"): each decoder layer is one unit, all-gathered just before its forward and
-backward and freed after, and its gradients are reduce-scattered, averaged over processes as DDP averages them
-(so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors whose local part is this
-process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests prove it: Accelerate does not
-shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of `accelerate launch`.
+`run.sharding=fsdp2` shards the trained model (the policy, a reward model, PPO's policy with its value head) and
+a frozen `copy` reference with torch's own `fully_shard` (torch.distributed.fsdp, "FSDP2"): each decoder layer is
+one unit, all-gathered just before its forward and backward and freed after (the causal LM's embeddings, norm and
+output layer, and a scalar head, are units too: `shard`), and its gradients are reduce-scattered, averaged over
+processes as DDP averages them (so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors
+whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests
+prove it: Accelerate does not shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of
+`accelerate launch`.
 
 Whole weights are needed in three places only, each through torch.distributed.checkpoint's state-dict API
 (collectives: every process calls them): checkpoints and the final model (`full_state`, gathered to the main
@@ -42,21 +44,42 @@ def synced_forward(model: nn.Module) -> bool:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    """Shard `model` in place over every process of the default process group (FSDP2's `fully_shard`): one unit
-    per block the model declares unsplittable (`_no_split_modules`: its decoder layers), then the rest (embeddings,
-    final norm, head, a scalar head) as the root unit. Returns `model` (its class is now FSDP's subclass of it)."""
+    """Shard `model` in place over every process of the default process group (FSDP2's `fully_shard`). Units:
+    one per block the model declares unsplittable (`_no_split_modules`: its decoder layers); one per causal LM,
+    holding the rest of it (embeddings, final norm, output layer); one per other module holding parameters
+    outside these (a scalar head: `models.heads.ScalarHeadModel`). Returns `model`.
+
+    The causal LM, not an outer wrapper (peft's `PeftModel`, a scalar-head model), is the unit that holds the
+    embeddings and the output layer, because FSDP2 gathers a unit's weights only around that module's own
+    forward: generation (`generate` calls the causal LM's forward, under peft too) and PPO's policy both run
+    it, whatever wraps it. A scalar head is its own unit for the same reason (it runs outside the LM's forward),
+    and so that its float32 weights never share a unit with a bfloat16 model's (FSDP2 gathers one dtype per
+    unit). Each unit is the root of its own tree: the LM's, then the head's, each in one forward per call."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from transformers import PreTrainedModel
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
+    managed: set[int] = set()
+
+    def unit(module: nn.Module) -> None:
+        fully_shard(module, mesh=mesh)
+        managed.update(id(p) for p in module.parameters())
+
     blocks = set()
     for module in model.modules():
         blocks.update(getattr(module, "_no_split_modules", None) or [])
-    for module in model.modules():
+    for module in list(model.modules()):
         if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            unit(module)
+    for module in list(model.modules()):  # outermost first: a causal LM's own decoder is no causal LM
+        if isinstance(module, PreTrainedModel) and module.get_output_embeddings() is not None \
+                and not all(id(p) in managed for p in module.parameters()):  # fmt: skip
+            unit(module)
+    for module in list(model.modules()):
+        if any(id(p) not in managed for p in module.parameters(recurse=False)):
+            unit(module)
     return model
 
 

@@ -69,7 +69,8 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
     A rollout takes `rollout.batch_size / group_size` prompts. The prompts left over at the end of an epoch make
     a smaller last rollout when every process's share of them, `group_size` sequences each, still gives each of
     its `rollout.batch_size / optim.batch_size` steps per pass at least one sequence (a process with an empty
-    step would skip the gradient all-reduce the others wait in; one process would run a step that trains nothing).
+    step would skip the gradient all-reduce the others wait in; one process would run a step that trains nothing),
+    and, for a sharded model (`run.sharding=fsdp2`), when they split evenly over the processes.
     """
     alg = cfg.algorithm
     group_size = alg.group_size()
@@ -101,6 +102,13 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
         why = (
             f"after {full} rollouts of {prompts} prompts, the {rest} left would give {who}{k} sequence"
             f"{'s' if k != 1 else ''}, fewer than the {per_pass} optimisation steps of a pass over a rollout"
+        )
+        return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
+    if rest % world_size and cfg.run.sharding == "fsdp2":
+        why = (
+            f"after {full} rollouts of {prompts} prompts, the {rest} left do not split evenly over {world_size} "
+            "processes, and a sharded model (run.sharding=fsdp2) needs every process to run as many forward "
+            "passes (each is a collective), so as many prompts"
         )
         return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
     return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))

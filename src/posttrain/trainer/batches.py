@@ -40,9 +40,11 @@ class ExampleBatchSource:
     shuffle: bool = True
     rank: int = 0
     world_size: int = 1
+    same_micro_batches: bool = False  # a sharded model's run (`plan_batches`)
 
     def __post_init__(self) -> None:
-        self.plan = plan_batches(len(self.examples), self.batch_size, self.world_size, self.micro_batch_size)
+        self.plan = plan_batches(len(self.examples), self.batch_size, self.world_size, self.micro_batch_size,
+                                 same_micro_batches=self.same_micro_batches)  # fmt: skip
 
     @property
     def steps_per_epoch(self) -> int:
