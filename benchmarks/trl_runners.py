@@ -125,7 +125,9 @@ def trl_arguments(method: str, out: str, steps: int, s: dict) -> dict:
     common = {
         "output_dir": out, "max_steps": steps, "learning_rate": s["lr"], "lr_scheduler_type": "constant",
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
-        "adam_epsilon": 1e-8, "per_device_train_batch_size": s["batch_size"], "gradient_checkpointing": False,
+        "adam_epsilon": 1e-8, "per_device_train_batch_size": s["batch_size"],
+        # transformers 5 renamed gradient_checkpointing (TRL defaults it to True) to activation_checkpointing
+        "activation_checkpointing": False,
         "bf16": False, "fp16": False, "use_cpu": not torch.cuda.is_available(), "seed": s["seed"],
         "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
         "model_init_kwargs": {"dtype": torch.float32},
