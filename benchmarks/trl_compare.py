@@ -90,7 +90,9 @@ MATCHED: dict[str, str] = {
     "GRPO": "T=1.0, top_p 1, top_k 0, up to 64 new tokens, beta 0 (no reference forward: posttrain "
             "grpo.log_kl=false, TRL loads none at beta 0), loss dapo (token mean over the step), advantages "
             "normalised by the group std, clip 0.2, one optimisation step per rollout (old log-probs = the "
-            "detached new ones in both), reward = posttrain's built-in arithmetic `task` score in both",
+            "detached new ones in both), truncated completions keep their reward and their loss (posttrain "
+            "rollout.overlong=score, TRL mask_truncated_completions=False), reward = posttrain's built-in "
+            "arithmetic `task` score in both",
     "extra forwards for logging": "none in either: TRL's SFT/DPO entropy and token accuracy come out of its fused "
                                   "LM head in the training forward; posttrain's GRPO KL log is switched off",
     "timing": "a step = the wall time between the ends of two consecutive optimisation steps (TRL: on_step_end "

@@ -48,7 +48,8 @@ def posttrain_config(method: str, model: str, data: str, steps: int, out: str, s
     }[spec["kind"]]  # fmt: skip
     rl = spec["kind"] in ("grpo", "ppo")
     return {
-        "model": {"name": model, "gradient_checkpointing": False},
+        # float32 said explicitly: `auto` would autocast to bf16 on a GPU, where TRL runs fp32 with bf16=False
+        "model": {"name": model, "dtype": "float32", "gradient_checkpointing": False},
         "technique": {"name": "full"} if spec["technique"] == "full" else {"name": "lora", **lora},
         "data": {"train": data, "max_length": s["max_length"], "shuffle": False},
         "algorithm": algorithm,

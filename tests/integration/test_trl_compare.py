@@ -42,10 +42,13 @@ def test_posttrain_side_runs_each_method_in_its_own_process_and_reports(tmp_path
 
 
 def test_trl_missing_stops_before_any_run_with_the_install_advice(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "trl_compare.py"), "--smoke", "--trl-path", str(tmp_path)]
+    empty, workdir = tmp_path / "no-trl", tmp_path / "w"
+    empty.mkdir()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "trl_compare.py"), "--smoke", "--trl-path", str(empty),
+           "--workdir", str(workdir)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and 'pip install -e ".[bench]"' in done.stderr
-    assert not (tmp_path / "setup.json").exists()
+    assert done.returncode == 1 and 'pip install -e ".[bench]"' in done.stderr and str(empty) in done.stderr
+    assert not workdir.exists()  # nothing was prepared, no run started
 
 
 @pytest.mark.skipif(not HAVE_TRL, reason="TRL is only in the bench extra (pip install -e '.[bench]'), or set "

@@ -116,7 +116,7 @@ def test_posttrain_gets_a_valid_config_with_the_matched_settings(method):
     from posttrain.algorithms import config_from_dict
 
     cfg = config_from_dict(tr.posttrain_config(method, "m", "d.jsonl", 8, "out", tc.SETTINGS))
-    assert cfg.model.gradient_checkpointing is False and cfg.data.shuffle is False
+    assert cfg.model.gradient_checkpointing is False and cfg.data.shuffle is False and cfg.model.dtype == "float32"
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.micro_batch_size) == (
         1e-4, "constant", 0, 8)  # fmt: skip
     assert cfg.data.max_length == 256 and cfg.run.max_steps == 8
