@@ -39,7 +39,7 @@ from pathlib import Path
 
 TOOLS = ("posttrain", "trl")
 
-# What each method is, as both tools run it. `trl: None` says TRL has no trainer for it (and why).
+# What each method is, as both tools run it; `trl` says why TRL does not run it, where it has no trainer for it.
 METHODS: dict[str, dict] = {
     "sft-full": {"kind": "sft", "technique": "full", "measure": "loss"},
     "sft-lora": {"kind": "sft", "technique": "lora", "measure": "loss"},
@@ -181,6 +181,18 @@ def tools_of(method: str) -> tuple[str, ...]:
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def curve_spread(runs: list[dict]) -> float | None:
+    """The largest difference between the repeats' curves of one tool at the same step (0.0: the runs are
+    deterministic); None with a single repeat.
+
+    >>> curve_spread([{"curve": [0.7, 0.5]}, {"curve": [0.7, 0.45]}])
+    0.05
+    """
+    if len(runs) < 2:
+        return None
+    return round(max(abs(a - b) for r in runs[1:] for a, b in zip(runs[0]["curve"], r["curve"])), 12)
 
 
 def speed_table(summaries: dict[str, dict[str, dict | None]]) -> str:
@@ -364,7 +376,13 @@ def report(result: dict) -> str:
             parts += ["", f"{method}: {spec['trl']}."]
         label = "mean reward" if spec["measure"] == "reward" else "loss"
         parts += ["", f"{method} ({label} per step, repeat 1):", "",
-                  curve_table(result["curves"][method], label)]  # fmt: skip
+                  curve_table(result["curves"][method], label), ""]  # fmt: skip
+        for tool, runs in result["runs"][method].items():
+            s, spread = result["summary"][method][tool], curve_spread(runs)
+            per_repeat = ", ".join(f"{t:.2f}" for t in s["repeat_step_s"]) if s else "-"
+            parts.append(f"{tool}: median step time per repeat {per_repeat} s"
+                         + (f"; largest {label} difference between repeats {spread:.2g}" if spread is not None
+                            else ""))  # fmt: skip
     parts += ["", "Matched settings:", settings_text()]
     return "\n".join(parts)
 
@@ -378,7 +396,7 @@ def main() -> None:
     ap.add_argument("--trl-path", help="a folder holding the trl package (pip install --target), put on the "
                                        "TRL runs' PYTHONPATH; default: import trl from this environment")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps, 1 repeat (plumbing only)")
-    ap.add_argument("--workdir", help="where the model link, data files and logs go (default: a temporary folder)")
+    ap.add_argument("--workdir", help="where setup.json, the data files and the runs' logs go (default: a temporary folder)")
     ap.add_argument("--json", default="trl_compare.json", help="where to write every figure and curve")
     args = ap.parse_args()
     if args.smoke:

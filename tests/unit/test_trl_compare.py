@@ -67,6 +67,12 @@ def test_schedule_alternates_the_tools_and_runs_ppo_in_posttrain_only():
     assert all(tc.tools_of(m) == ("posttrain", "trl") for m in tc.DEFAULT_METHODS)
 
 
+def test_curve_spread_is_the_largest_gap_between_repeats_at_the_same_step():
+    runs = [{"curve": [0.5, 0.25, 0.125]}, {"curve": [0.5, 0.5, 0.125]}, {"curve": [0.25, 0.25, 0.125]}]
+    assert tc.curve_spread(runs) == 0.25
+    assert tc.curve_spread(runs[:1]) is None
+
+
 def test_speed_table_shows_dashes_for_a_tool_that_did_not_run():
     table = tc.speed_table({"ppo-lora": {"posttrain": {"step_s": 12.5, "tokens_per_s": 150.0, "peak_rss_gb": 5.25}}})
     assert table.splitlines()[-1] == "| ppo-lora | 12.50 / - | - | 150 / - | - | 5.25 / - | - |"
