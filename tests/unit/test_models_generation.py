@@ -124,5 +124,52 @@ def test_the_models_generation_config_does_not_change_what_is_generated(
     got = generate(skewed, tiny_tokenizer, PROMPTS, **kwargs)
     assert got == generate(plain, tiny_tokenizer, PROMPTS, **kwargs)
     expected = [TemperatureLogitsWarper] * (0 < temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
-    assert [[type(p) for p in ps] for ps in built] == [expected] * 2
+    # one list per `generate` call (greedy decoding makes several per batch: `greedy_rows_leave`)
+    assert len(built) >= 2 and all([type(p) for p in ps] == expected for ps in built)
     assert skewed.generation_config.top_k == 2  # the model's own config is back afterwards
+
+
+def test_finished_rows_leave_the_decode_batch(peaked_model, tiny_tokenizer):
+    """Greedy: a row that has produced an EOS leaves the batch between `generate` segments, and every completion
+    is the one a single `generate` call over the whole batch gives."""
+    from posttrain.models.generation import (
+        SEGMENT_TOKENS,
+        eos_token_ids,
+        model_generation_defaults_off,
+        plain_generation_config,
+    )
+
+    prompts = [f"prompt {i} " + "x" * (3 * i) for i in range(10)]
+    texts = [render_prompt(tiny_tokenizer, p) for p in prompts]
+    n = 3 * SEGMENT_TOKENS
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+
+    def one_call(eos):
+        cfg = plain_generation_config(max_new_tokens=n, sample=False, eos=eos, pad_id=tiny_tokenizer.pad_token_id)
+        with torch.no_grad(), model_generation_defaults_off(peaked_model):
+            return peaked_model.generate(**enc, generation_config=cfg)[:, enc["input_ids"].shape[1] :].tolist()
+
+    free = one_call([])
+    # end-of-sequence tokens that end rows at different steps: the 3rd token of one row, the 12th of another
+    eos = sorted({free[0][2], free[5][11]})
+    assert len(eos) == 2
+    peaked_model.generation_config.eos_token_id = eos
+    ends = eos_token_ids(peaked_model, tiny_tokenizer)  # these two, the tokenizer's EOS, the end-of-turn token
+    expected = []
+    for row in one_call(ends):
+        cut = next((k for k, t in enumerate(row) if t in ends), len(row))
+        expected.append(tiny_tokenizer.decode(row[:cut], skip_special_tokens=True))
+    lengths = [len(tiny_tokenizer(t, add_special_tokens=False).input_ids) for t in expected]
+    assert min(lengths) < SEGMENT_TOKENS and max(lengths) >= 2 * SEGMENT_TOKENS  # rows end in different segments
+
+    rows = []
+    hook = peaked_model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)  # fmt: skip
+    try:
+        got = generate(peaked_model, tiny_tokenizer, prompts, max_new_tokens=n, batch_size=len(prompts))
+    finally:
+        hook.remove()
+    assert got == expected
+    # the prefill and the first segment decode all 10 rows; the last segment only the rows still going
+    assert rows[0] == rows[SEGMENT_TOKENS - 1] == 10 and rows[-1] == sum(k >= 2 * SEGMENT_TOKENS for k in lengths)
+    assert sum(rows[1:]) < 10 * (n - 1)

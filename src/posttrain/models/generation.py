@@ -10,6 +10,7 @@ sampling at temperature T with nucleus `top_p` draws from top-p(softmax(logits /
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -177,17 +178,74 @@ def generate(
                     [texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False,
                 ).to(device)  # fmt: skip
-                out = model.generate(
-                    **enc, generation_config=gen_cfg, logits_processor=processors, tokenizer=tokenizer
-                )  # (b, prompt_len + new)
-                new_tokens = out[:, enc["input_ids"].shape[1] :]
-                for i, row in zip(idx, new_tokens.tolist()):
+                if sampling or stop:  # one `generate` call per batch (see `greedy_rows_leave` for why)
+                    out = model.generate(
+                        **enc, generation_config=gen_cfg, logits_processor=processors, tokenizer=tokenizer
+                    )  # (b, prompt_len + new)
+                    new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+                else:
+                    new_tokens = greedy_rows_leave(model, enc, gen_cfg, eos)
+                for i, row in zip(idx, new_tokens):
                     results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
                 bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
     return results
+
+
+SEGMENT_TOKENS = 8
+"""Greedy decoding runs `generate` this many new tokens at a time; between two calls, the rows that have finished
+leave the batch (`greedy_rows_leave`)."""
+
+
+def greedy_rows_leave(model, enc: dict[str, torch.Tensor], gen_cfg, eos: list[int]) -> list[list[int]]:
+    """Greedy completions of a left-padded batch (`enc`: input_ids and attention_mask, (b, P)), in which a row
+    that has generated an EOS token leaves the batch and its KV cache: each row's new token ids, at most
+    `gen_cfg.max_new_tokens`, padding after its EOS (as one `generate` call returns them).
+
+    One `generate` call decodes every row until the last one ends, so a batch of b rows costs b x its longest
+    completion; here it costs about the tokens its rows generate (plus up to `SEGMENT_TOKENS` - 1 per row, and
+    one copy of the cache per segment in which rows finished). `generate` runs `SEGMENT_TOKENS` tokens at a time
+    and continues from the same cache, so every row's tokens come from the same computation as in one call: its
+    prompt, its own tokens and its own attention mask (left padding gives each row its own positions). Only
+    greedy: sampling draws every row's token from one random stream, so rows leaving would change every later
+    draw; and without stop strings (transformers' stop-string check also reads the prompt's last tokens).
+    """
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    alive = list(range(ids.shape[0]))  # row j of `ids` is row alive[j] of the batch
+    new: list[list[int]] = [[] for _ in alive]
+    cache = DynamicCache(config=model.config)
+    left = gen_cfg.max_new_tokens
+    while alive and left > 0:
+        segment = copy.copy(gen_cfg)
+        segment.max_new_tokens = min(SEGMENT_TOKENS, left)
+        # the cache holds every position but the last token, which this call feeds first
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=segment, **{_cache_kwarg(): cache})
+        added = out[:, ids.shape[1] :]  # (b, <= SEGMENT_TOKENS): fewer when every row ended
+        left -= added.shape[1]
+        keep = []
+        for j, row in enumerate(added.tolist()):
+            new[alive[j]].extend(row)
+            if not any(t in eos for t in new[alive[j]]):
+                keep.append(j)
+        ids, mask = out, torch.cat([mask, mask.new_ones(added.shape)], dim=1)
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, dtype=torch.long, device=ids.device)
+            cache.batch_select_indices(rows)
+            ids, mask, alive = ids[rows], mask[rows], [alive[j] for j in keep]
+    return new
+
+
+def _cache_kwarg() -> str:
+    """The name `generate` takes a KV cache by: `cache` since transformers renamed `past_key_values` (which it
+    still takes, with a warning, until 6.0)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
 
 
 def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
