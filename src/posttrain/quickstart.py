@@ -3,8 +3,12 @@ with a measured before/after comparison on held-out prompts written in wordings 
 
 Steps: make the data (train split, held-out split) -> score the base model with the task's verifier -> train
 with LoRA through the normal `train()` path -> score the trained adapter on the same held-out prompts ->
-print the table and save it (`results.json`, `results.md`) in the run folder. Running it again resumes an
-interrupted run from its last checkpoint instead of starting over (use `--fresh` to start over).
+print the table and save it (`results.json`, `results.md`) in the run folder, then one line of wall time per
+stage (also in results.json, `seconds`). Running it again resumes an interrupted run from its last checkpoint
+instead of starting over (use `--fresh` to start over), and reads the base model's scores back from
+`eval_base.json` when they were made from the same model files, held-out rows and decoding settings
+(`evaluation.cache`). Scoring decodes all held-out prompts as one greedy batch from which finished answers leave
+(`models.generation.greedy_rows_leave`).
 
 The recipe's settings are data: configs/quickstart/sft.yaml (in the package, src/posttrain/configs/), the run
 config and a `recipe` section with the data the quickstart makes and how it scores (`SFTRecipe`). The other
@@ -34,6 +38,7 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
+from posttrain.trainer.summary import peak_memory_gb
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,9 @@ def run_quickstart(
     cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
-    with clock("base scoring"):
+    with clock("model set-up"):  # the tokenizer; the first run also converts the embedded GGUF
         tokenizer = load_tokenizer(cfg.model)
+    with clock("base scoring"):
         before = _base_scores(cfg, tokenizer, recipe, heldout, eval_file, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None
@@ -126,7 +132,8 @@ def run_quickstart(
     report = {"before": before, "after": after, "steps": steps, "minutes": round(clock.total() / 60, 1),
               "seconds": clock.seconds, "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
-    print(clock.line())
+    rss, _ = peak_memory_gb()
+    print(clock.line() + (f"; peak RSS {rss:.1f} GiB" if rss is not None else ""))
     return report
 
 
