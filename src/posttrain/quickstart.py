@@ -8,7 +8,7 @@ stage (also in results.json, `seconds`). Running it again resumes an interrupted
 instead of starting over (use `--fresh` to start over), and reads the base model's scores back from
 `eval_base.json` when they were made from the same model files, held-out rows and decoding settings
 (`evaluation.cache`). Scoring decodes all held-out prompts as one greedy batch from which finished answers leave
-(`models.generation.greedy_rows_leave`).
+(`models.generation.greedy_decode`).
 
 The recipe's settings are data: configs/quickstart/sft.yaml (in the package, src/posttrain/configs/), the run
 config and a `recipe` section with the data the quickstart makes and how it scores (`SFTRecipe`). The other

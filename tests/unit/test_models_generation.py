@@ -1,6 +1,8 @@
 """`generate` on the tiny model: greedy equals a hand-written argmax loop, batching and left padding change
 nothing, EOS and stop strings cut the completion, seeds make sampling repeatable."""
 
+import os
+
 import pytest
 import torch
 
@@ -124,14 +126,15 @@ def test_the_models_generation_config_does_not_change_what_is_generated(
     got = generate(skewed, tiny_tokenizer, PROMPTS, **kwargs)
     assert got == generate(plain, tiny_tokenizer, PROMPTS, **kwargs)
     expected = [TemperatureLogitsWarper] * (0 < temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
-    # one list per `generate` call (greedy decoding makes several per batch: `greedy_rows_leave`)
+    # one list per `generate` call (greedy decoding makes several per batch: `greedy_decode`)
     assert len(built) >= 2 and all([type(p) for p in ps] == expected for ps in built)
     assert skewed.generation_config.top_k == 2  # the model's own config is back afterwards
 
 
 def test_finished_rows_leave_the_decode_batch(peaked_model, tiny_tokenizer):
-    """Greedy: a row that has produced an EOS leaves the batch between `generate` segments, and every completion
-    is the one a single `generate` call over the whole batch gives."""
+    """Greedy: the prompts' shared prefix is encoded once, a row that has produced an EOS leaves the batch
+    between `generate` segments, and every completion is the one a single `generate` call over the whole
+    left-padded batch gives."""
     from posttrain.models.generation import (
         SEGMENT_TOKENS,
         eos_token_ids,
@@ -162,14 +165,22 @@ def test_finished_rows_leave_the_decode_batch(peaked_model, tiny_tokenizer):
     lengths = [len(tiny_tokenizer(t, add_special_tokens=False).input_ids) for t in expected]
     assert min(lengths) < SEGMENT_TOKENS and max(lengths) >= 2 * SEGMENT_TOKENS  # rows end in different segments
 
-    rows = []
-    hook = peaked_model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+    shapes = []  # (rows, tokens) of every forward
+    hook = peaked_model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
                                                   with_kwargs=True)  # fmt: skip
     try:
         got = generate(peaked_model, tiny_tokenizer, prompts, max_new_tokens=n, batch_size=len(prompts))
     finally:
         hook.remove()
     assert got == expected
-    # the prefill and the first segment decode all 10 rows; the last segment only the rows still going
-    assert rows[0] == rows[SEGMENT_TOKENS - 1] == 10 and rows[-1] == sum(k >= 2 * SEGMENT_TOKENS for k in lengths)
-    assert sum(rows[1:]) < 10 * (n - 1)
+    # the prompts' shared start ("<|im_start|>user\nprompt ": 13 tokens) is encoded once, then each row's own
+    ids = [tiny_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    shared = len(os.path.commonprefix(ids))
+    assert shared == 13 and shapes[:2] == [(1, shared), (10, max(map(len, ids)) - shared)]
+    # the first segment decodes all 10 rows; the last one only the rows still going
+    decoded = [r for r, t in shapes[2:]]
+    assert decoded[SEGMENT_TOKENS - 2] == 10 and decoded[-1] == sum(k >= 2 * SEGMENT_TOKENS for k in lengths)
+    assert sum(decoded) < 10 * (n - 1)
+    # prompts that are all the same share every token but the last, which each row still feeds itself
+    one = generate(peaked_model, tiny_tokenizer, ["same prompt"], max_new_tokens=10)
+    assert one[0] and generate(peaked_model, tiny_tokenizer, ["same prompt"] * 3, max_new_tokens=10) == one * 3
