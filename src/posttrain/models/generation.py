@@ -226,7 +226,7 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
     cache = DynamicCache(config=model.config)
     # the shared prefix, short of every row's last token (each row must feed at least one token of its own)
     shared = 0
-    if len(rows) > 1:
+    if len(rows) > 1 and _padding_may_move(model, max(map(len, rows)) + gen_cfg.max_new_tokens):
         limit = min(len(r) for r in rows) - 1
         while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
             shared += 1
@@ -243,6 +243,14 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
     mask = [[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows]
     return _decode_rows_leave(model, torch.tensor(ids, device=device), torch.tensor(mask, device=device), cache,
                               gen_cfg, eos)  # fmt: skip
+
+
+def _padding_may_move(model, length: int) -> bool:
+    """Whether padding between the shared prefix and a row's own tokens computes what left padding does: it is
+    masked out either way, but a sliding attention window counts cache slots, padding included, so a window
+    shorter than the sequence (Gemma 2 and 3, Mistral) would see other tokens of a row than with left padding."""
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return window is None or length <= window
 
 
 def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int]) -> list[list[int]]:
