@@ -85,9 +85,11 @@ def run_quickstart(
     steps: int | None = None,
     n_eval: int | None = None,
     fresh: bool = False,
+    *,
+    model: str | None = None,
 ) -> dict:
     """Run the quickstart end to end (module docstring); returns the report also written to
-    ``RUN/results.json``."""
+    ``RUN/results.json``. `model` replaces the embedded one, for tests (a tiny model)."""
     settings, facts = read_recipe("sft")
     recipe = SFTRecipe(**facts)
     steps = steps if steps is not None else settings["run"]["max_steps"]
@@ -107,7 +109,7 @@ def run_quickstart(
     clock = _StageClock()
     with clock("data"):
         train_file, eval_file, heldout = _make_data(task, recipe.n_train, n_eval, run_dir / "data")
-    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
+    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps, model=model), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
     with clock("model set-up"):  # the tokenizer; the first run also converts the embedded GGUF
