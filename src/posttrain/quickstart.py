@@ -3,8 +3,12 @@ with a measured before/after comparison on held-out prompts written in wordings 
 
 Steps: make the data (train split, held-out split) -> score the base model with the task's verifier -> train
 with LoRA through the normal `train()` path -> score the trained adapter on the same held-out prompts ->
-print the table and save it (`results.json`, `results.md`) in the run folder. Running it again resumes an
-interrupted run from its last checkpoint instead of starting over (use `--fresh` to start over).
+print the table and save it (`results.json`, `results.md`) in the run folder, then one line of wall time per
+stage (also in results.json, `seconds`). Running it again resumes an interrupted run from its last checkpoint
+instead of starting over (use `--fresh` to start over), and reads the base model's scores back from
+`eval_base.json` when they were made from the same model files, held-out rows and decoding settings
+(`evaluation.cache`). Scoring decodes all held-out prompts as one greedy batch from which finished answers leave
+(`models.generation.greedy_decode`).
 
 The recipe's settings are data: configs/quickstart/sft.yaml (in the package, src/posttrain/configs/), the run
 config and a `recipe` section with the data the quickstart makes and how it scores (`SFTRecipe`). The other
@@ -19,6 +23,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +33,12 @@ from posttrain.config import QUICKSTART_CONFIGS, ModelConfig, TechniqueConfig, r
 from posttrain.data import TASKS, write_jsonl
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
+from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.models import load_model, load_tokenizer
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
+from posttrain.trainer.summary import peak_memory_gb
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class SFTRecipe:
     n_train: int
     n_eval: int
     max_new_tokens: int
+    eval_batch_size: int
 
 
 def read_recipe(method: str) -> tuple[dict, dict]:
@@ -76,9 +85,11 @@ def run_quickstart(
     steps: int | None = None,
     n_eval: int | None = None,
     fresh: bool = False,
+    *,
+    model: str | None = None,
 ) -> dict:
     """Run the quickstart end to end (module docstring); returns the report also written to
-    ``RUN/results.json``."""
+    ``RUN/results.json``. `model` replaces the embedded one, for tests (a tiny model)."""
     settings, facts = read_recipe("sft")
     recipe = SFTRecipe(**facts)
     steps = steps if steps is not None else settings["run"]["max_steps"]
@@ -95,57 +106,94 @@ def run_quickstart(
             )
         shutil.rmtree(run_dir)
     task = TASKS[recipe.task]
-    started = time.perf_counter()
-    train_file, heldout = _make_data(task, recipe.n_train, n_eval, run_dir / "data")
-    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps), source="quickstart recipe")
+    clock = _StageClock()
+    with clock("data"):
+        train_file, eval_file, heldout = _make_data(task, recipe.n_train, n_eval, run_dir / "data")
+    cfg = config_from_dict(recipe_config("sft", run_dir, train_file, steps, model=model), source="quickstart recipe")
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
-    tokenizer = load_tokenizer(cfg.model)
-    before = _base_scores(
-        cfg, tokenizer, task.name, heldout, recipe.max_new_tokens, run_dir / "eval_base.json"
-    )
+    with clock("model set-up"):  # the tokenizer; the first run also converts the embedded GGUF
+        tokenizer = load_tokenizer(cfg.model)
+    with clock("base scoring"):
+        before = _base_scores(cfg, tokenizer, recipe, heldout, eval_file, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(
         f"LoRA fine-tuning for {steps} steps of {cfg.optim.batch_size} examples"
         + (" (resuming from the last checkpoint)" if resume else "")
     )
-    result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
+    with clock("training"):
+        result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
 
     _stage(f"scoring the fine-tuned model on the same {n_eval} held-out prompts")
-    model = result.model
-    model.eval()
-    after = evaluate_task(
-        model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens
-    )
-    report = {"before": before, "after": after, "steps": steps,
-              "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
-              "model": str(result.final_dir)}  # fmt: skip
+    with clock("adapter scoring"):
+        model = result.model
+        model.eval()
+        after = evaluate_task(model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens,
+                              batch_size=recipe.eval_batch_size)  # fmt: skip
+    report = {"before": before, "after": after, "steps": steps, "minutes": round(clock.total() / 60, 1),
+              "seconds": clock.seconds, "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
+    rss, _ = peak_memory_gb()
+    print(clock.line() + (f"; peak RSS {rss:.1f} GiB" if rss is not None else ""))
     return report
 
 
-def _make_data(task, n_train: int, n_eval: int, data_dir: Path) -> tuple[Path, list[dict]]:
-    """The training rows (written) and the held-out rows (written, and returned for scoring)."""
+class _StageClock:
+    """Wall time per stage of the quickstart, for its closing line and results.json's `seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.perf_counter() - started, 1)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def line(self) -> str:
+        """One line: each stage's minutes and its share, then the total.
+
+        >>> c = _StageClock(); c.seconds = {"data": 0.6, "training": 179.4}
+        >>> c.line()
+        'time: data 0.0 min (0%), training 3.0 min (100%); 3.0 min in all'
+        """
+        total = max(self.total(), 1e-9)
+        parts = [f"{k} {v / 60:.1f} min ({100 * v / total:.0f}%)" for k, v in self.seconds.items()]
+        return f"time: {', '.join(parts)}; {total / 60:.1f} min in all"
+
+
+def _make_data(task, n_train: int, n_eval: int, data_dir: Path) -> tuple[Path, Path, list[dict]]:
+    """The training rows (written), the held-out rows (written, and returned for scoring)."""
     _stage(f"data: {n_train} training rows, {n_eval} held-out rows (unseen wordings) -> {data_dir}")
     data_dir.mkdir(parents=True, exist_ok=True)
     train_file, eval_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
     write_jsonl(task.make(n_train, seed=0, split="train"), train_file)
     heldout = task.make(n_eval, seed=1, split="heldout")
     write_jsonl(heldout, eval_file)
-    return train_file, heldout
+    return train_file, eval_file, heldout
 
 
-def _base_scores(cfg, tokenizer, task: str, heldout: list[dict], max_new_tokens: int, cache: Path) -> dict:
-    """The base model's verifier rates on the held-out rows, from `cache` when it holds them for as many rows."""
-    if cache.exists() and json.loads(cache.read_text()).get("n") == len(heldout):
-        print("base-model scores reused from", cache)
-        return json.loads(cache.read_text())
-    _stage(f"scoring the base model on {len(heldout)} held-out prompts (greedy)")
+def _base_scores(cfg, tokenizer, recipe: SFTRecipe, heldout: list[dict], eval_file: Path, cache: Path) -> dict:
+    """The base model's verifier rates on the held-out rows, from `cache` when it holds the scores of the same
+    model files, held-out file and decoding settings (`evaluation.cache`)."""
+    decoding = decoding_settings(max_new_tokens=recipe.max_new_tokens, batch_size=recipe.eval_batch_size)
+    key = scores_key(cfg.model.name, eval_file, decoding)
+    before, why = lookup(cache, key)
+    if before is not None:
+        print(f"base-model scores reused from {cache} (same model files, held-out rows and decoding settings)")
+        return before
+    _stage(f"scoring the base model on {len(heldout)} held-out prompts (greedy; {why})")
     base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
     base.eval()
-    before = evaluate_task(base, tokenizer, task, rows=heldout, max_new_tokens=max_new_tokens)
-    cache.write_text(json.dumps(before, indent=1))
+    before = evaluate_task(base, tokenizer, recipe.task, rows=heldout, max_new_tokens=recipe.max_new_tokens,
+                           batch_size=recipe.eval_batch_size)  # fmt: skip
+    write_scores(cache, key, before)
     return before
 
 
@@ -172,6 +220,7 @@ def _is_quickstart_folder(path: Path) -> bool:
     ours = {
         "data",
         "eval_base.json",
+        ".eval_base.json.tmp",
         "config.yaml",
         "data_fingerprint.json",
         "metrics.jsonl",

@@ -128,9 +128,49 @@ def test_dpo_needs_more_than_sft():
     sft, dpo = (estimate("7b", method=m, batch_size=2) for m in ("sft", "dpo"))
     # a frozen copy held as the fp32 policy is (so its forward equals the untrained policy's exactly)
     assert dpo.breakdown_gb["reference_model"] == pytest.approx(28.0, rel=1e-12)
-    assert dpo.breakdown_gb["logits"] == pytest.approx(2 * sft.breakdown_gb["logits"], rel=1e-12)
+    # twice the scored positions: the same chunk of logits, twice the hidden states kept for its recomputation
+    hidden = 2 * 2048 * 4096 * 2 / 1e9
+    assert dpo.breakdown_gb["logits"] - sft.breakdown_gb["logits"] == pytest.approx(hidden, rel=1e-12)
     lora = estimate("7b", method="dpo", technique="lora")
     assert lora.breakdown_gb["reference_model"] == 0.0  # adapters disabled give the reference
+
+
+def test_logits_are_counted_as_posttrain_chunks_them():
+    """posttrain's log-probs (`models.logprobs.head_logps`) hold LOGIT_CHUNK_ELEMENTS // V rows of logits at a
+    time, plus the N scored positions' hidden states (N x h x activation bytes). Worked by hand:
+
+      - SmolLM2-135M (V = 49,152, h = 576), fp32 SFT, 8 x 147 tokens: 2^24 // 49,152 = 341 rows;
+        341 x 49,152 x 12 = 201,129,984 + 1,176 x 576 x 4 = 2,709,504 -> 203,839,488 bytes.
+      - Llama-3-8B (V = 128,256, h = 4,096), bf16-mixed SFT, 4 x 2048: 2^24 // 128,256 = 130 rows;
+        130 x 128,256 x 12 = 200,079,360 + 8,192 x 4,096 x 2 = 67,108,864 -> 267,188,224 (10.5 GB for the
+        full 8,192 x 128,256 logits at 10 bytes each, as the estimate counted them before).
+      - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 27 bytes per value
+        (2 + 4 + 4 + 17): 130 x 128,256 x 27 = 450,178,560 + 67,108,864 -> 517,287,424.
+      - under FSDP (posttrain's fsdp2: the scored rows in one go), SFT 1 x 512 on 2 GPUs: 512 x 128,256 x 12 =
+        788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168.
+      - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 12 + 100 x 576 x 4 =
+        58,982,400 + 230,400 = 59,212,800.
+    """
+    cases = [
+        (dict(model="smollm2-135m", precision="fp32", batch_size=8, seq_len=147), 203_839_488),
+        (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 267_188_224),
+        (dict(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8, completion_len=1024),
+         517_287_424),
+        (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="fsdp"), 792_199_168),
+        (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 59_212_800),
+    ]
+    for kw, expected in cases:
+        assert estimate(**kw).breakdown_gb["logits"] * 1e9 == pytest.approx(expected, rel=1e-12), kw
+
+
+def test_logit_chunk_is_posttrains():
+    """The estimator repeats the chunk size of `models.logprobs` (it imports no torch layer): the same number,
+    and the same rows `head_logps` takes for the embedded SmolLM2's vocabulary."""
+    from posttrain.estimator.memory import LOGIT_CHUNK_ELEMENTS, logit_chunk_rows
+    from posttrain.models import logprobs
+
+    assert LOGIT_CHUNK_ELEMENTS == logprobs.LOGIT_CHUNK_ELEMENTS
+    assert logit_chunk_rows(Setup(arch=ARCHITECTURES["smollm2-135m"])) == 341
 
 
 def test_ppo_holds_four_models():

@@ -1,6 +1,8 @@
 """`generate` on the tiny model: greedy equals a hand-written argmax loop, batching and left padding change
 nothing, EOS and stop strings cut the completion, seeds make sampling repeatable."""
 
+import os
+
 import pytest
 import torch
 
@@ -124,5 +126,74 @@ def test_the_models_generation_config_does_not_change_what_is_generated(
     got = generate(skewed, tiny_tokenizer, PROMPTS, **kwargs)
     assert got == generate(plain, tiny_tokenizer, PROMPTS, **kwargs)
     expected = [TemperatureLogitsWarper] * (0 < temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
-    assert [[type(p) for p in ps] for ps in built] == [expected] * 2
+    # one list per `generate` call (greedy decoding makes several per batch: `greedy_decode`)
+    assert len(built) >= 2 and all([type(p) for p in ps] == expected for ps in built)
     assert skewed.generation_config.top_k == 2  # the model's own config is back afterwards
+
+
+@pytest.mark.parametrize(
+    "family, window",
+    [("llama", None), ("gemma2", 512), ("gemma2", 16), ("cohere", None), ("granite", None), ("gpt2", None)],
+)
+def test_finished_rows_leave_the_decode_batch(tiny_tokenizer, family, window):
+    """Greedy: the prompts' shared prefix is encoded once, a row that has produced an EOS leaves the batch
+    between `generate` segments, and every completion is the one a single `generate` call over the whole
+    left-padded batch gives, in every tiny family. A sliding window shorter than the sequence (Gemma 2 with 16
+    slots here) counts padding slots, so there the rows keep left padding and no prefix is shared."""
+    from posttrain.models.generation import (
+        SEGMENT_TOKENS,
+        eos_token_ids,
+        model_generation_defaults_off,
+        plain_generation_config,
+    )
+
+    model = make_tiny_model(len(tiny_tokenizer), family=family, hidden_size=64,
+                            **({"sliding_window": window} if window else {})).eval()  # fmt: skip
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(200)  # as `peaked_model`: no near-ties for rounding to flip
+    prompts = [f"prompt {i} " + "x" * (3 * i) for i in range(10)]
+    texts = [render_prompt(tiny_tokenizer, p) for p in prompts]
+    n = 3 * SEGMENT_TOKENS
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+
+    def one_call(eos):
+        cfg = plain_generation_config(max_new_tokens=n, sample=False, eos=eos, pad_id=tiny_tokenizer.pad_token_id)
+        with torch.no_grad(), model_generation_defaults_off(model):
+            return model.generate(**enc, generation_config=cfg)[:, enc["input_ids"].shape[1] :].tolist()
+
+    def first(row, tokens):
+        return next((k for k, t in enumerate(row) if t in tokens), len(row))
+
+    free = one_call([])
+    # an end-of-sequence token that ends one row in the first segment and leaves another going into the third
+    ends_at = {t: [first(r, {t}) for r in free] for t in sorted({t for row in free for t in row})}
+    eos = next(t for t, at in ends_at.items() if min(at) < SEGMENT_TOKENS and max(at) >= 2 * SEGMENT_TOKENS)
+    model.generation_config.eos_token_id = eos
+    ends = eos_token_ids(model, tiny_tokenizer)  # that one, the tokenizer's EOS, the end-of-turn token
+    rows = one_call(ends)
+    lengths = [first(row, ends) for row in rows]  # tokens before each row's EOS
+    assert min(lengths) < SEGMENT_TOKENS and max(lengths) >= 2 * SEGMENT_TOKENS  # rows end in different segments
+    expected = [tiny_tokenizer.decode(row[:k], skip_special_tokens=True) for row, k in zip(rows, lengths)]
+
+    shapes = []  # (rows, tokens) of every forward
+    hook = model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        got = generate(model, tiny_tokenizer, prompts, max_new_tokens=n, batch_size=len(prompts))
+    finally:
+        hook.remove()
+    assert got == expected
+    ids = [tiny_tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    if window == 16:  # left padding: the whole prompts in one forward
+        assert shapes[0] == (10, max(map(len, ids)))
+        shapes.insert(0, None)
+    else:  # the prompts' shared start ("<|im_start|>user\nprompt ": 13 tokens) once, then each row's own
+        shared = len(os.path.commonprefix(ids))
+        assert shared == 13 and shapes[:2] == [(1, shared), (10, max(map(len, ids)) - shared)]
+    # the first segment decodes all 10 rows; the last one only the rows still going
+    decoded = [r for r, t in shapes[2:]]
+    assert decoded[SEGMENT_TOKENS - 2] == 10 and decoded[-1] == sum(k >= 2 * SEGMENT_TOKENS for k in lengths)
+    assert sum(decoded) < 10 * (n - 1)
+    # prompts that are all the same share every token but the last, which each row still feeds itself
+    one = generate(model, tiny_tokenizer, ["same prompt"], max_new_tokens=10)
+    assert generate(model, tiny_tokenizer, ["same prompt"] * 3, max_new_tokens=10) == one * 3

@@ -116,7 +116,7 @@ def estimate_for(inputs: EstimateInputs) -> Estimate:
         f"utilisation {inputs.mfu:.0%} of dense bf16 peak for training FLOPs; generation bandwidth-bound"
     )
     if s.method != "reward":
-        notes.append("logits materialised in full (no chunked or fused cross-entropy)")
+        notes.append(_logits_note(s))
     return Estimate(
         model=s.arch.name,
         method=s.method,
@@ -142,6 +142,19 @@ def estimate_for(inputs: EstimateInputs) -> Estimate:
         assumptions=notes,
         inputs=_resolved_inputs(inputs, s),
     )
+
+
+def _logits_note(s: memory.Setup) -> str:
+    """How the `logits` term was counted (`memory.logits_bytes`), in words."""
+    scored = ("the completion positions are scored" if s.method in memory.RL_METHODS else
+              "every position counted as scored (an upper bound: by default only response tokens are)")  # fmt: skip
+    if s.sharding in memory.UNCHUNKED_SHARDINGS:
+        how = f"all {s.logit_tokens:,} projected in one go (FSDP)"
+    else:
+        how = (f"{min(s.logit_tokens, memory.logit_chunk_rows(s)):,} of the {s.logit_tokens:,} at a time, "
+               "recomputed in backward")  # fmt: skip
+    return (f"logits as posttrain computes them: {scored}; {how}; {memory.logit_value_bytes(s):g} bytes per "
+            "vocabulary value at the peak")
 
 
 def _choose_gpu(inputs: EstimateInputs, table: dict[str, GPU], fits: list[GPU], notes: list[str]) -> GPU:

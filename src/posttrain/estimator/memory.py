@@ -36,6 +36,14 @@ STATE_BYTES = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 4.0}
 STATE_BYTES_16 = {"adamw": 4.0, "adamw-8bit": 2.0, "sgd": 2.0}
 
 SHARD_STAGE = {"none": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-grad-op": 2}
+# Shardings under which posttrain projects the scored rows in one go (FSDP2 gathers the output layer only inside
+# the root forward): no chunked log-probs (`logits_bytes`).
+UNCHUNKED_SHARDINGS = ("fsdp", "fsdp-grad-op")
+
+LOGIT_CHUNK_ELEMENTS = 2**24
+"""Rows x vocabulary of one chunk of logits in posttrain's log-probs: the value of
+`posttrain.models.logprobs.LOGIT_CHUNK_ELEMENTS`, repeated here because the estimator imports no torch layer
+(tests/unit/test_estimator.py checks that the two are equal)."""
 LORA_TECHNIQUES = ("lora", "qlora", "8bit")
 RL_METHODS = ("ppo", "grpo")
 
@@ -94,11 +102,12 @@ class Setup:
 
     @property
     def logit_tokens(self) -> int:
-        """Positions whose vocabulary-sized logits are materialised in one forward pass per GPU."""
+        """Positions scored against the vocabulary in one forward pass per GPU (N): posttrain projects only the
+        positions that predict a trained token. RL: the completion tokens. SFT and DPO: every position, an
+        upper bound (only the response tokens are trained by default, `data.train_on`)."""
         if self.method == "reward":
             return 0  # a scalar head, no LM head [reward models: InstructGPT sec. 3.5]
         if self.method in RL_METHODS:
-            # RL losses need log-probs of completion tokens only (TRL's `logits_to_keep`).
             return self.sequences * self.completion_len
         return self.sequences * self.seq_len
 
@@ -208,11 +217,46 @@ def activation_bytes(s: Setup) -> float:
     return s.arch.layers * per_layer
 
 
+def logit_chunk_rows(s: Setup) -> int:
+    """Rows whose vocabulary-sized logits exist at once in posttrain's log-probs: `LOGIT_CHUNK_ELEMENTS // V`
+    (341 for a 49,152 vocabulary, 130 for 128,256), as `models.logprobs.head_logps` cuts them."""
+    return max(1, LOGIT_CHUNK_ELEMENTS // s.arch.vocab)
+
+
+def logit_value_bytes(s: Setup) -> float:
+    """Peak bytes per (row, vocabulary) value while one chunk's log-probs are computed and differentiated
+    (`models.logprobs.gather_logps` under activation checkpointing), the larger of two moments:
+
+    - forward (and its recomputation in backward): the logits in the compute dtype (2 or 4 bytes), their fp32
+      upcast when that is 16-bit (4), the fp32 log-softmax (4); GRPO also takes the entropy (no gradient):
+      p = exp(log-softmax), p x log-softmax, the p > 0 mask, zeros and the masked product (4 + 4 + 1 + 4 + 4);
+    - backward: the saved log-softmax, its incoming gradient and the gradient it returns (3 x 4 = 12).
+
+    So 12 for SFT, DPO and PPO, 25 for GRPO in fp32 (4 + 4 + 17) and 27 in 16-bit (2 + 4 + 4 + 17). Measured on
+    CPU (fp32, 341 x 49,152 values, RSS with every large block mmapped): 12.0 for SFT and PPO, 25.0 for GRPO.
+    At a sampling temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0
+    measured for GRPO at T = 0.7.
+    """
+    forward = s.act_bytes + (4.0 if s.act_bytes == 2 else 0.0) + 4.0
+    if s.method == "grpo":
+        forward += 4.0 + 4.0 + 1.0 + 4.0 + 4.0
+    return max(forward, 12.0)
+
+
 def logits_bytes(s: Setup) -> float:
-    """The vocabulary-sized tensors of the loss: the model's logits, their fp32 upcast (Hugging Face's loss
-    does `logits.float()`) and the fp32 log-softmax cross-entropy keeps for backward; b x s x V values each."""
-    per_value = 4.0 + 4.0 if s.precision == "fp32" else 2.0 + 4.0 + 4.0
-    return s.logit_tokens * s.arch.vocab * per_value
+    """The vocabulary-sized tensors of the loss as posttrain computes them (`models.logprobs`): only the positions
+    that are scored are projected onto the vocabulary (`Setup.logit_tokens`), `logit_chunk_rows` of them at a
+    time, each chunk's logits freed once reduced to one log-probability per row and recomputed in backward:
+    chunk rows x V x `logit_value_bytes`, plus the scored positions' hidden states, kept for that recomputation
+    (N x h in the activation dtype). Under FSDP (posttrain's `run.sharding=fsdp2`) the scored rows are projected
+    in one go inside the sharded forward, so all N rows count.
+
+    A trainer that keeps the full (b, s, V) logits instead (Hugging Face's loss; TRL) holds b x s x V x 10 bytes
+    in mixed precision: the logits, their fp32 upcast and the log-softmax kept for backward.
+    """
+    n = s.logit_tokens
+    rows = n if s.sharding in UNCHUNKED_SHARDINGS else min(n, logit_chunk_rows(s))
+    return rows * s.arch.vocab * logit_value_bytes(s) + n * s.arch.hidden * s.act_bytes
 
 
 def kv_cache_bytes(s: Setup) -> float:

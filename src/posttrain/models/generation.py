@@ -10,6 +10,7 @@ sampling at temperature T with nucleus `top_p` draws from top-p(softmax(logits /
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -172,22 +173,119 @@ def generate(
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                # Left padding: every prompt ends at the same position, so new tokens are appended in one column.
-                enc = tokenizer(
-                    [texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=False,
-                ).to(device)  # fmt: skip
-                out = model.generate(
-                    **enc, generation_config=gen_cfg, logits_processor=processors, tokenizer=tokenizer
-                )  # (b, prompt_len + new)
-                new_tokens = out[:, enc["input_ids"].shape[1] :]
-                for i, row in zip(idx, new_tokens.tolist()):
+                if sampling or stop:  # one `generate` call per batch (see `greedy_decode` for why)
+                    # Left padding: every prompt ends at the same position, so new tokens go in one column.
+                    enc = tokenizer(
+                        [texts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False,
+                    ).to(device)  # fmt: skip
+                    out = model.generate(
+                        **enc, generation_config=gen_cfg, logits_processor=processors, tokenizer=tokenizer
+                    )  # (b, prompt_len + new)
+                    new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+                else:
+                    rows = tokenizer([texts[i] for i in idx], add_special_tokens=False)["input_ids"]
+                    new_tokens = greedy_decode(model, rows, gen_cfg, eos, pad_id)
+                for i, row in zip(idx, new_tokens):
                     results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
                 bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
     return results
+
+
+SEGMENT_TOKENS = 8
+"""Greedy decoding runs `generate` this many new tokens at a time; between two calls, the rows that have finished
+leave the batch (`greedy_decode`)."""
+
+
+def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id: int) -> list[list[int]]:
+    """Greedy completions of a batch of prompts (`rows`: each prompt's token ids, unpadded): each row's new token
+    ids, at most `gen_cfg.max_new_tokens`, padding after its EOS (as one `generate` call returns them).
+
+    Two savings over one `generate` call on the left-padded batch, neither of which changes what a row computes
+    (its own prompt tokens at the same positions, its own tokens, attention over the same keys):
+
+    - the tokens every prompt starts with (a chat template's system prompt and the instructions the prompts
+      share) are encoded once, and their KV cache is copied to every row. The rows' other tokens follow,
+      left-padded: the padding sits between the shared prefix and each row's own tokens, masked out, and the
+      positions come from the attention mask, so every token keeps the position it has in its prompt;
+    - a row that has generated an EOS token leaves the batch and its KV cache. One `generate` call decodes every
+      row until the last one ends, so a batch of b rows costs b x its longest completion; here it costs about
+      the tokens its rows generate (plus up to `SEGMENT_TOKENS` - 1 per row, and one copy of the cache per
+      segment in which rows finished): `generate` runs `SEGMENT_TOKENS` tokens at a time and continues from the
+      same cache.
+
+    Only greedy: sampling draws every row's token from one random stream, so rows leaving would change every
+    later draw; and without stop strings (transformers' stop-string check also reads the prompt's last tokens).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    # the shared prefix, short of every row's last token (each row must feed at least one token of its own)
+    shared = 0
+    if len(rows) > 1 and _padding_may_move(model, max(map(len, rows)) + gen_cfg.max_new_tokens):
+        limit = min(len(r) for r in rows) - 1
+        while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
+            shared += 1
+    if shared:
+        prefix = torch.tensor([rows[0][:shared]], device=device)  # (1, p)
+        once = copy.copy(gen_cfg)
+        once.max_new_tokens = 1  # fills the cache with the prefix; the token it picks is not used
+        model.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), generation_config=once,
+                       **{_cache_kwarg(): cache})  # fmt: skip
+        cache.batch_repeat_interleave(len(rows))
+    # each row: the prefix, padding, its own tokens (b, p + the longest own part); the padding is masked out
+    width = max(len(r) for r in rows) - shared
+    ids = [r[:shared] + [pad_id] * (width - len(r) + shared) + r[shared:] for r in rows]
+    mask = [[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows]
+    return _decode_rows_leave(model, torch.tensor(ids, device=device), torch.tensor(mask, device=device), cache,
+                              gen_cfg, eos)  # fmt: skip
+
+
+def _padding_may_move(model, length: int) -> bool:
+    """Whether padding between the shared prefix and a row's own tokens computes what left padding does: it is
+    masked out either way, but a sliding attention window counts cache slots, padding included, so a window
+    shorter than the sequence (Gemma 2 and 3, Mistral) would see other tokens of a row than with left padding."""
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return window is None or length <= window
+
+
+def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int]) -> list[list[int]]:
+    """`greedy_decode`'s loop: `generate` a segment at a time from `cache`, then drop the rows that ended.
+    ids, mask: (b, L), the cache holding the positions before the ones `generate` has not seen yet."""
+    alive = list(range(ids.shape[0]))  # row j of `ids` is row alive[j] of the batch
+    new: list[list[int]] = [[] for _ in alive]
+    left = gen_cfg.max_new_tokens
+    while alive and left > 0:
+        segment = copy.copy(gen_cfg)
+        segment.max_new_tokens = min(SEGMENT_TOKENS, left)
+        # `generate` feeds the tokens the cache lacks: after the first call, the last token it picked
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=segment, **{_cache_kwarg(): cache})
+        added = out[:, ids.shape[1] :]  # (b, <= SEGMENT_TOKENS): fewer when every row ended
+        left -= added.shape[1]
+        keep = []
+        for j, row in enumerate(added.tolist()):
+            new[alive[j]].extend(row)
+            if not any(t in eos for t in new[alive[j]]):
+                keep.append(j)
+        ids, mask = out, torch.cat([mask, mask.new_ones(added.shape)], dim=1)
+        if len(keep) < len(alive):
+            kept = torch.tensor(keep, dtype=torch.long, device=ids.device)
+            cache.batch_select_indices(kept)
+            ids, mask, alive = ids[kept], mask[kept], [alive[j] for j in keep]
+    return new
+
+
+def _cache_kwarg() -> str:
+    """The name `generate` takes a KV cache by: `cache` since transformers renamed `past_key_values` (which it
+    still takes, with a warning, until 6.0)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
 
 
 def _until_eos(ids: list[int], eos: list[int]) -> list[int]:

@@ -131,7 +131,11 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
     else:
         notes.append("no config.yaml in the run folder: the method and settings are unknown")
     run.results = _read_json(path / "results.json", notes)
-    run.base_scores = _read_json(path / "eval_base.json", notes)
+    base = _read_json(path / "eval_base.json", notes)
+    # {"scores", "made_from"} since the quickstart keys its cache (`evaluation.cache`); the recipes' are flat
+    if base is not None and "made_from" in base:
+        base = base["scores"] if isinstance(base.get("scores"), dict) else None
+    run.base_scores = base
     if (path / "samples.jsonl").is_file():
         run.samples, bad = read_jsonl(path / "samples.jsonl")
         if bad:

@@ -1,0 +1,105 @@
+"""Scores kept beside the data that made them, keyed by everything that made them, so that a rerun reuses them.
+
+The quickstart scores the base model on its held-out prompts before training (a minute of greedy decoding on
+a CPU); the base model does not change between runs, so a second run, or a rerun after an interruption, reads
+the scores back instead. A cached score is reused only when its key is the one the run would compute now:
+
+- `model`: the sha256 of the model's files (`trainer.fingerprint.file_digest` of the resolved folder or GGUF
+  file: weights, config and tokenizer), so a reconverted or replaced model is scored again;
+- `rows`: the sha256 of the held-out file's bytes (the same digest `data_fingerprint.json` keeps);
+- `decoding`: how the answers were generated (greedy or the temperature, `max_new_tokens`, the batch size,
+  which decides padding and so float rounding) and the torch and transformers versions that decoded them.
+
+A file that cannot be read as a cache (cut by a kill mid-write, edited by hand) is scored again with a warning
+on stderr; a key that differs is scored again, and `lookup` says which part differed. The
+file is written to a temporary name and renamed, so a reader never sees half of it. The layout,
+``{"scores": {...}, "made_from": {...}}``, is read by `posttrain report` (`report.rundata`), which shows the
+scores of a run that has not finished.
+
+This module does not decide what to score or how; it only stores and matches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from posttrain.models.loading import resolve_model
+from posttrain.trainer.fingerprint import file_digest
+
+
+def model_digest(name: str) -> str | None:
+    """sha256 of a model's files on this machine (`file_digest` of its folder or GGUF file), or None for a hub
+    name: its files are in the hub cache under a revision this module does not track, so it is never cached."""
+    resolved = resolve_model(name)
+    if resolved.source == "hub":
+        return None
+    return file_digest(Path(resolved.path) / (resolved.gguf_file or ""))
+
+
+def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: float = 0.0) -> dict:
+    """The `decoding` part of a key: the generation settings and the versions of the libraries that decode."""
+    import torch
+    import transformers
+
+    return {
+        "temperature": float(temperature),
+        "max_new_tokens": int(max_new_tokens),
+        "batch_size": int(batch_size),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def scores_key(model: str, rows_file: str | Path, decoding: dict) -> dict | None:
+    """What made a set of scores (module docstring), or None when the model cannot be fingerprinted."""
+    digest = model_digest(model)
+    if digest is None:
+        return None
+    return {"model": {"name": model, "sha256": digest}, "rows": {"path": str(rows_file),
+            "sha256": file_digest(rows_file)}, "decoding": decoding}  # fmt: skip
+
+
+WHAT = {"model": "model files", "rows": "held-out rows", "decoding": "decoding settings"}
+
+
+def _comparable(key: dict) -> dict:
+    """The parts of a key that must match: digests and settings, not where the files were (a moved run folder
+    or a renamed model path with the same bytes still matches)."""
+    return {"model": key["model"]["sha256"], "rows": key["rows"]["sha256"], "decoding": key["decoding"]}
+
+
+def lookup(path: Path, key: dict | None) -> tuple[dict | None, str | None]:
+    """(the scores in `path`, None) when they were made from `key`; else (None, why not, in words: no file,
+    other model files, other rows, other decoding settings, or an unreadable file, which also warns on stderr)."""
+    if key is None:
+        return None, "the model is a hub name, whose files are not fingerprinted"
+    if not path.is_file():
+        return None, "no cached scores yet"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(cached, dict) and "made_from" not in cached and "scores" not in cached:
+            return None, "the cached scores do not say what made them (written by an older posttrain)"
+        made_from, scores = _comparable(cached["made_from"]), cached["scores"]
+        if not isinstance(scores, dict):
+            raise TypeError("'scores' is not an object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        print(f"warning: {path} cannot be read as cached scores ({type(err).__name__}: {err}); scoring again "
+              "and writing it anew", file=sys.stderr)  # fmt: skip
+        return None, "the cached file was unreadable"
+    now = _comparable(key)
+    changed = [WHAT[part] for part in WHAT if made_from[part] != now[part]]
+    if changed:
+        return None, f"the {' and '.join(changed)} changed since they were cached"
+    return scores, None
+
+
+def write_scores(path: Path, key: dict | None, scores: dict) -> None:
+    """`scores` and the key they were made from, written to a temporary file and renamed into `path`. Without
+    a key (a hub model) the scores are still written, for the report, and never match a later key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    made_from = key if key is not None else {"model": {"sha256": None}, "rows": {"sha256": None}, "decoding": None}
+    tmp.write_text(json.dumps({"scores": scores, "made_from": made_from}, indent=1), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,35 @@
+"""`posttrain quickstart` (sft) end to end on the tiny model: the per-stage timing line, the base scores cached
+with what made them and read back on the next run."""
+
+import json
+import re
+
+from posttrain.quickstart import _is_quickstart_folder, run_quickstart
+from posttrain.trainer.fingerprint import file_digest
+
+STAGES = ["data", "model set-up", "base scoring", "training", "adapter scoring"]
+
+
+def test_quickstart_times_its_stages_and_scores_the_base_model_once(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "qs"
+    report = run_quickstart(str(out), steps=2, n_eval=4, model=str(tiny_model_dir))
+    printed = capsys.readouterr().out
+    last = printed.rstrip().splitlines()[-1]
+    stage = r"{} \d+\.\d min \(\d+%\)"
+    assert re.fullmatch(r"time: " + ", ".join(stage.format(s) for s in STAGES)
+                        + r"; \d+\.\d min in all; peak RSS \d+\.\d GiB", last), last  # fmt: skip
+    assert list(report["seconds"]) == STAGES and all(v >= 0 for v in report["seconds"].values())
+    assert json.loads((out / "results.json").read_text())["seconds"] == report["seconds"]
+    cached = json.loads((out / "eval_base.json").read_text())
+    assert cached["scores"] == report["before"] and cached["scores"]["n"] == 4.0
+    assert cached["made_from"]["model"]["sha256"] == file_digest(tiny_model_dir)
+    assert cached["made_from"]["rows"]["sha256"] == file_digest(out / "data" / "heldout.jsonl")
+    assert cached["made_from"]["decoding"]["batch_size"] == 100
+    assert "Held-out scores before and after training" in (out / "report.md").read_text(encoding="utf-8")
+
+    again = run_quickstart(str(out), steps=2, n_eval=4, model=str(tiny_model_dir))
+    printed = capsys.readouterr().out
+    assert f"base-model scores reused from {out / 'eval_base.json'}" in printed
+    assert "scoring the base model" not in printed
+    assert again["before"] == report["before"] and again["after"] == report["after"]
+    assert _is_quickstart_folder(out)  # --fresh may delete it: everything in it is the quickstart's
