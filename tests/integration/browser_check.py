@@ -1,5 +1,5 @@
-"""Helpers the report tests share: read a self-contained page's images, check PNGs, and render a page in headless
-Chromium to count the images it decoded (`posttrain train`'s run report, `diagnose`'s and `study`'s reports).
+"""Helpers the integration tests share: read a self-contained page's images, check PNGs, render a page in headless
+Chromium to count the images it decoded (run, diagnose and study reports), and a free port for torchrun tests.
 
 The browser check needs Debian's `chromium` (`apt-get install chromium`; .ci/run installs it). Without it a test
 fails and says so, unless POSTTRAIN_SKIP_BROWSER=1 is set."""
@@ -66,3 +66,13 @@ def loaded_in_browser(binary: str, page: str, tmp_path: Path) -> tuple[int, int]
     loaded = re.search(r'<html[^>]*data-loaded="(\d+)/(\d+)"', done.stdout)
     assert loaded, f"no load result in the DOM Chromium dumped (exit {done.returncode}): {done.stderr[-2000:]}"
     return int(loaded.group(1)), int(loaded.group(2))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous: a fixed port collides with another suite's
+    run on the same machine (EADDRINUSE)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

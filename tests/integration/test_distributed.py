@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from browser_check import free_port
 from torch.testing import assert_close
 
 from posttrain.config import dump_config
@@ -30,7 +31,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
         str(WORKER),
         str(cfg_file),
         str(out_dir),
@@ -67,7 +68,7 @@ def test_two_processes_share_an_uneven_last_step_and_match_one_process(make_cfg,
     out_dir = tmp_path / "params"
     out_dir.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser_check import free_port
 
 from posttrain.config import dump_config
 from posttrain.trainer.checkpoint import latest_checkpoint
@@ -114,7 +115,7 @@ def test_multi_process_launch_refused_without_hanging(make_cfg, tmp_path):
     cfg_file = tmp_path / "ddp.yaml"
     dump_config(cfg, cfg_file)
     run_dir = Path(cfg.run.output_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(WORKER), str(cfg_file), str(tmp_path)]  # fmt: skip
     with hold_run_dir(run_dir):
         started = time.time()
