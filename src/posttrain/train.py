@@ -34,7 +34,7 @@ from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import RLSection, dump_config
 from posttrain.config_rules import rules_of, show
-from posttrain.data.order import EpochPlan, plan_batches, skipped_note, total_steps
+from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
 from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
@@ -358,7 +358,7 @@ def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: 
     cfg.algorithm.check_launch(world_size)
     if algorithm.rollouts is not None:
         return plan_rollouts(cfg, n, world_size, micro)
-    return plan_batches(n, cfg.optim.batch_size, world_size, micro, same_micro_batches=cfg.run.sharding == "fsdp2")
+    return plan_examples(cfg, n, world_size, micro)
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:

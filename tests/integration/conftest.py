@@ -12,8 +12,8 @@ from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.models import load_model, load_tokenizer
 from posttrain.rollout.engine import HFEngine
 
-# pytest runs with --import-mode=importlib, which puts no test folder on sys.path: this one holds browser_check.py,
-# the report tests' shared helpers.
+# pytest runs with --import-mode=importlib, which puts no test folder on sys.path: this one holds support.py,
+# the integration tests' shared helpers.
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -1,13 +1,13 @@
 """`posttrain study --quick` end to end on the tiny random model with a tiny plan, through the CLI with --json: the
 document's keys, the arms' runs, the report folder; a second run reuses every finished arm; bad input is exit 2
 with one clear paragraph, found before any model loads. The report page opens in headless Chromium with every image
-loaded (browser_check.py)."""
+loaded (support.py)."""
 
 import json
 
 import pytest
 import yaml
-from browser_check import chromium, images, loaded_in_browser, valid_png
+from support import chromium, images, loaded_in_browser, valid_png
 
 from posttrain.cli import main
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from browser_check import free_port
+from support import free_port
 from torch.testing import assert_close
 
 from posttrain.config import dump_config

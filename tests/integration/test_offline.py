@@ -10,17 +10,12 @@ import sys
 import time
 
 import pytest
+from support import free_port
 
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.models import hub, load_model, save_model
 
 REAL_REACHABLE = hub.hub_reachable
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env_without_offline(tmp_path, **extra):
@@ -37,7 +32,7 @@ def _cli(env, *argv, timeout=180):
 
 def test_uncached_hub_name_fails_fast_and_clean_without_hf_hub_offline(tmp_path):
     # The hub endpoint is a closed local port, so the test sees "no hub" whatever this machine's network is.
-    env = _env_without_offline(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    env = _env_without_offline(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     name = "posttrain-tests/surely-not-cached"
     proc, seconds = _cli(env, "generate", "--model", name, "--prompt", "hi")
     assert proc.returncode == 2, proc.stderr
@@ -55,7 +50,7 @@ def test_loading_a_qlora_adapter_prints_no_kernel_hub_warning(tmp_path, tiny_dir
     pytest.importorskip("bitsandbytes")
     model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="qlora", r=4))
     save_model(model, tiny_tokenizer, tmp_path / "adapter")
-    env = _env_without_offline(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    env = _env_without_offline(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     proc, _ = _cli(env, "generate", "--model", str(tmp_path / "adapter"), "--prompt", "hi", "--max-new-tokens", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no "Failed to load CPU gemm_4bit_forward from kernels-community", nothing else
@@ -87,7 +82,7 @@ def test_probe_sets_offline_only_when_the_hub_cannot_be_reached(monkeypatch):
         assert hub.settle_hub_mode() is False and "HF_HUB_OFFLINE" not in os.environ  # reachable: unchanged
 
     monkeypatch.setattr(hub, "_probed", {})
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     assert hub.settle_hub_mode() is True and os.environ["HF_HUB_OFFLINE"] == "1"
     assert "cannot be reached" in hub.offline_reason()
 
@@ -95,5 +90,5 @@ def test_probe_sets_offline_only_when_the_hub_cannot_be_reached(monkeypatch):
 def test_hub_reachable_times_out_and_handles_bad_names():
     started = time.perf_counter()
     assert hub.hub_reachable("https://name-that-does-not-resolve.invalid", timeout=1.0) is False
-    assert hub.hub_reachable(f"http://127.0.0.1:{_closed_port()}", timeout=1.0) is False
+    assert hub.hub_reachable(f"http://127.0.0.1:{free_port()}", timeout=1.0) is False
     assert time.perf_counter() - started < 3.0

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from browser_check import browser, chromium, images, loaded_in_browser, valid_png
+from support import browser, chromium, images, loaded_in_browser, valid_png
 
 from posttrain.cli import main
 from posttrain.report import IMAGE_DIR, build_report

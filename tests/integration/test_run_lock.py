@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_check import free_port
+from support import free_port
 
 from posttrain.config import dump_config
 from posttrain.trainer.checkpoint import latest_checkpoint

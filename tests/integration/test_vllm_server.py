@@ -7,10 +7,10 @@ run's data flow through the server, the config checks, the errors when the serve
 and `posttrain vllm-serve`'s wiring. vLLM itself is not installed here: `serve` with a real `LLM` is untested."""
 
 import copy
-import socket
 
 import pytest
 import torch
+from support import free_port
 from torch.testing import assert_close
 
 from posttrain import config as config_module
@@ -32,12 +32,6 @@ def served(fake_vllm):
     server = GenerationServer(fake, port=0, model="tiny").start()
     yield server, fake
     server.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lora_policy(tiny_model_dir):
@@ -127,7 +121,7 @@ def test_a_grpo_run_through_the_server_samples_from_the_merged_weights_it_pushed
 
 
 def test_an_unreachable_server_stops_the_run_with_what_to_do(rl_cfg):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cfg = rl_cfg("no-server", **{"algorithm.rollout.engine": "vllm-server", "algorithm.rollout.vllm_server_url": url,
                                  "algorithm.rollout.vllm_server_timeout": 0.5})  # fmt: skip
     with pytest.raises(GenerationServerError) as err:

@@ -226,7 +226,7 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
     cache = DynamicCache(config=model.config)
     # the shared prefix, short of every row's last token (each row must feed at least one token of its own)
     shared = 0
-    if len(rows) > 1 and _padding_may_move(model, max(map(len, rows)) + gen_cfg.max_new_tokens):
+    if len(rows) > 1 and _shared_prefix_is_exact(model, max(map(len, rows)) + gen_cfg.max_new_tokens):
         limit = min(len(r) for r in rows) - 1
         while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
             shared += 1
@@ -245,10 +245,11 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
                               gen_cfg, eos)  # fmt: skip
 
 
-def _padding_may_move(model, length: int) -> bool:
-    """Whether padding between the shared prefix and a row's own tokens computes what left padding does: it is
-    masked out either way, but a sliding attention window counts cache slots, padding included, so a window
-    shorter than the sequence (Gemma 2 and 3, Mistral) would see other tokens of a row than with left padding."""
+def _shared_prefix_is_exact(model, length: int) -> bool:
+    """Whether padding between the shared prefix and a row's own tokens computes what left padding does (so the
+    prefix may be shared): it is masked out either way, but a sliding attention window counts cache slots,
+    padding included, so a window shorter than the sequence (Gemma 2 and 3, Mistral) would see other tokens of a
+    row than with left padding."""
     window = getattr(model.config.get_text_config(), "sliding_window", None)
     return window is None or length <= window
 
@@ -269,7 +270,7 @@ def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int]) -> list
         keep = []
         for j, row in enumerate(added.tolist()):
             new[alive[j]].extend(row)
-            if not any(t in eos for t in new[alive[j]]):
+            if not any(t in eos for t in row):  # a row that ended earlier has already left
                 keep.append(j)
         ids, mask = out, torch.cat([mask, mask.new_ones(added.shape)], dim=1)
         if len(keep) < len(alive):
@@ -285,7 +286,6 @@ def _cache_kwarg() -> str:
     from transformers.generation import utils
 
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-
 
 
 def _until_eos(ids: list[int], eos: list[int]) -> list[int]:

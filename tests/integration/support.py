@@ -1,5 +1,6 @@
 """Helpers the integration tests share: read a self-contained page's images, check PNGs, render a page in headless
-Chromium to count the images it decoded (run, diagnose and study reports), and a free port for torchrun tests.
+Chromium to count the images it decoded (run, diagnose and study reports); and a free local port (torchrun
+rendezvous, a generation server, an address nothing listens on).
 
 The browser check needs Debian's `chromium` (`apt-get install chromium`; .ci/run installs it). Without it a test
 fails and says so, unless POSTTRAIN_SKIP_BROWSER=1 is set."""
@@ -9,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -69,10 +71,8 @@ def loaded_in_browser(binary: str, page: str, tmp_path: Path) -> tuple[int, int]
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now, for a torchrun rendezvous: a fixed port collides with another suite's
-    run on the same machine (EADDRINUSE)."""
-    import socket
-
+    """A local TCP port nothing listens on now (a fixed one collides with another suite's run on the same
+    machine: EADDRINUSE)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
