@@ -309,6 +309,9 @@ def _child(tool: str, method: str, workdir: Path, args, trl_path: str | None) ->
     repo_src = str(Path(__file__).resolve().parents[1] / "src")
     paths = [repo_src, *([trl_path] if tool == "trl" and trl_path else []), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.pop("LD_PRELOAD", None)
+    if library := malloc_library(tool, args.trl_malloc):
+        env["LD_PRELOAD"] = library
     log = workdir / f"{tool}-{method}.log"
     with log.open("a") as err:
         out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -316,6 +319,17 @@ def _child(tool: str, method: str, workdir: Path, args, trl_path: str | None) ->
         tail = log.read_text()[-3000:]
         sys.exit(f"{tool} {method} failed (exit {out.returncode}); the end of {log}:\n{tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def malloc_library(tool: str, trl_malloc: str) -> str | None:
+    """The library a run's process preloads: posttrain's what `posttrain train` re-executes under
+    (`posttrain.cli.allocator`: tcmalloc where installed, honouring POSTTRAIN_MALLOC); TRL's `--trl-malloc`
+    (default glibc's, as `python train.py` runs it)."""
+    from posttrain.cli import allocator
+
+    if tool == "posttrain":
+        return allocator.choose(os.environ)
+    return None if trl_malloc == "system" else allocator.choose({allocator.VARIABLE: trl_malloc})
 
 
 # The smoke run's tiny model reads one byte per token, so the structured task's rows (~420 bytes with the chat
@@ -362,6 +376,7 @@ def report(result: dict) -> str:
         f"A B A B; fp32 GEMM (2048^3) {g0:.1f} GFLOP/s at the start, {g1:.1f} at the end of the sitting "
         f"({result['wall_s'] / 60:.1f} min)",
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "malloc: " + ", ".join(f"{k} {v}" for k, v in result.get("malloc", {}).items()),
         *(["SMOKE RUN: a tiny random model (max length 512); the figures check the plumbing and mean nothing"]
           if result["smoke"] else []),
         "",
@@ -395,6 +410,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--trl-path", help="a folder holding the trl package (pip install --target), put on the "
                                        "TRL runs' PYTHONPATH; default: import trl from this environment")  # fmt: skip
+    ap.add_argument("--trl-malloc", default="system", choices=["system", "tcmalloc", "jemalloc"],
+                    help="the malloc TRL's runs preload (default: glibc's, as TRL runs unless its user preloads one; "
+                         "posttrain's runs use what `posttrain train` picks, see POSTTRAIN_MALLOC)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps, 1 repeat (plumbing only)")
     ap.add_argument("--workdir", help="where setup.json, the data files and the runs' logs go (default: a temporary folder)")
     ap.add_argument("--json", default="trl_compare.json", help="where to write every figure and curve")
@@ -428,6 +446,7 @@ def main() -> None:
         "versions": versions(args.trl_path),
         "date": time.strftime("%Y-%m-%d"),
         "matched": MATCHED,
+        "malloc": {t: malloc_library(t, args.trl_malloc) or "glibc" for t in args.tools},
         "model": setup["model"],
         "settings": setup["settings"],
         "summary": {m: {t: summarise(r) for t, r in by_tool.items()} for m, by_tool in runs.items()},

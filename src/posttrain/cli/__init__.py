@@ -28,6 +28,7 @@ import traceback
 from posttrain import __version__
 from posttrain.cli import (
     advise,
+    allocator,
     data,
     diagnose,
     estimate,
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER
     if getattr(args, "loads_models", False):  # set by the commands that load a model (`set_defaults`)
-        quiet_libraries()
+        # A process of its own (not a caller's `main([...])`) may re-execute under another malloc; it does so
+        # before anything else, so the new process starts from the environment the user gave this one.
+        args.func = _loading_models(args.func, may_reexec=argv is None)
     # `estimate --json` and `advise --json` print their own JSON; the commands given `--json` by `add_json` return
     # an `Output` that becomes the document.
     as_json = getattr(args, "prints_document", False) and args.json
@@ -109,6 +112,20 @@ def _run(args) -> Output:
         )
         return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
     return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
+
+
+def _loading_models(func, *, may_reexec: bool):
+    """`func`, run after this process has re-executed itself (once, before torch loads) under the malloc that
+    `allocator.choose` picks, and after `quiet_libraries`; a bad ``POSTTRAIN_MALLOC`` is a user error like any
+    other."""
+
+    def run(args):
+        if may_reexec and (library := allocator.choose(os.environ)):
+            allocator.reexec_with(library, sys.argv[1:])
+        quiet_libraries()
+        return func(args)
+
+    return run
 
 
 def _command_name(args) -> str:

@@ -4,7 +4,9 @@ every config field with its default and which methods read it."""
 from __future__ import annotations
 
 import os
+import sys
 
+from posttrain.cli import allocator
 from posttrain.cli.output import Output, add_json
 from posttrain.errors import UserError
 
@@ -48,6 +50,9 @@ def run(args) -> Output:
             "posttrain train needs a run file or overrides: posttrain train RUN.yaml [key=value ...]"
         )
     cfg = load_config(config, overrides)
+    if launch_rank() == 0:
+        print(f"memory allocator: {allocator.running()} (set by {allocator.VARIABLE}=auto|tcmalloc|jemalloc|system; "
+              "see the README's Benchmarks section)", file=sys.stderr)  # fmt: skip
     result = train(cfg, resume=args.resume)
     if launch_rank() != 0:  # one summary per run: rank 0's (the others' history is their own shard's)
         return Output(doc=None)
