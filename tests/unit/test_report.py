@@ -64,6 +64,11 @@ def test_quickstart_results_give_before_after_and_paired_tables(tmp_path):
     (run / "eval_base.json").write_text(json.dumps(RESULTS["before"]), encoding="utf-8")
     md = build_report([run]).markdown.read_text(encoding="utf-8")
     assert "| held-out metric | base model |\n|---|---|\n| correct | 22.5% |" in md and "| after training |" not in md
+    # the sft quickstart keeps its base scores with what made them (`evaluation.cache`): the same table
+    made_from = {"model": {"sha256": "ab"}, "rows": {"sha256": "cd"}, "decoding": {"max_new_tokens": 96}}
+    (run / "eval_base.json").write_text(json.dumps({"scores": RESULTS["before"], "made_from": made_from}))
+    keyed = build_report([run]).markdown.read_text(encoding="utf-8")
+    assert "| held-out metric | base model |\n|---|---|\n| correct | 22.5% |" in keyed and "sha256" not in keyed
 
 
 def test_run_text_is_escaped_in_both_formats(tmp_path):
