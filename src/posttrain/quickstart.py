@@ -157,14 +157,14 @@ class _StageClock:
         return sum(self.seconds.values())
 
     def line(self) -> str:
-        """One line: each stage's minutes and its share, then the total.
+        """One line: each stage's seconds and its share, then the total in minutes.
 
         >>> c = _StageClock(); c.seconds = {"data": 0.6, "training": 179.4}
         >>> c.line()
-        'time: data 0.0 min (0%), training 3.0 min (100%); 3.0 min in all'
+        'time: data 1 s (0%), training 179 s (100%); 3.0 min in all'
         """
         total = max(self.total(), 1e-9)
-        parts = [f"{k} {v / 60:.1f} min ({100 * v / total:.0f}%)" for k, v in self.seconds.items()]
+        parts = [f"{k} {v:.0f} s ({100 * v / total:.0f}%)" for k, v in self.seconds.items()]
         return f"time: {', '.join(parts)}; {total / 60:.1f} min in all"
 
 

@@ -15,7 +15,7 @@ def test_quickstart_times_its_stages_and_scores_the_base_model_once(tiny_model_d
     report = run_quickstart(str(out), steps=2, n_eval=4, model=str(tiny_model_dir))
     printed = capsys.readouterr().out
     last = printed.rstrip().splitlines()[-1]
-    stage = r"{} \d+\.\d min \(\d+%\)"
+    stage = r"{} \d+ s \(\d+%\)"
     assert re.fullmatch(r"time: " + ", ".join(stage.format(s) for s in STAGES)
                         + r"; \d+\.\d min in all; peak RSS \d+\.\d GiB", last), last  # fmt: skip
     assert list(report["seconds"]) == STAGES and all(v >= 0 for v in report["seconds"].values())
