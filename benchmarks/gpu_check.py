@@ -7,6 +7,9 @@ per group, and the results table. The shell script runs these steps, each under 
     python benchmarks/gpu_check.py table OUT             OUT/results.md: every check's status, measured peak
                                                          memory against `posttrain estimate`'s figure, log-prob gaps
 
+The table ends with the vLLM verdicts (`engine_comparison`): grpo_vllm's reward curve against grpo_hf's within noise,
+and its sampler/trainer log-prob gap under the stated `LOGP_GAP_BOUND`.
+
 `train` records each run as it ends (OUT/status.txt, OUT/RUN/gpu_check_rankR.json), so a group stopped by its
 timeout still reports the runs it finished. Peak memory is `torch.cuda.max_memory_allocated` of the run alone (the
 counter is reset before each run) on the process's own GPU; under torchrun each process writes its own. vLLM's
@@ -38,6 +41,14 @@ COMMON = ["run.progress=false", "run.report=false", "data.eval=null", "run.save_
 GRPO = ["algorithm.rollout.batch_size=16", "optim.batch_size=16", "optim.micro_batch_size=8",
         "algorithm.rollout.generation_batch_size=16", "algorithm.rollout.max_new_tokens=32"]  # fmt: skip
 SERVER_URL = os.environ.get("GPU_CHECK_VLLM_URL", "http://127.0.0.1:8765")
+LOGP_GAP_BOUND = 0.05
+"""The stated bound for colocated vLLM (bf16) against the trainer (bf16 autocast over float32 weights): the mean per
+token |log pi_sampler - log pi_trainer| (`logp_gap_sampler_trainer`) at every step. Both score the same weights at
+the same temperature, so what is left is kernels and rounding: bf16 carries ~3 significant digits, so a few 1e-3
+per token is rounding alone; 0.05 leaves room for attention kernels and batching, and is an order of magnitude under
+what a missed weight push gives (0.1-0.2 on the test model after one step: docs/scale.md)."""
+SE_BOUND = 3.0
+"""How many standard errors apart two engines' mean rewards at a step may be and still count as the same curve."""
 
 
 @dataclass
@@ -178,6 +189,32 @@ def train(out: Path, names: list[str], cpu: bool) -> int:
 # ---- the table
 
 
+def engine_comparison(hf: list[dict], vllm: list[dict], n: int) -> list[str]:
+    """grpo_vllm against grpo_hf, each a run's step records: the reward curves agree within noise (at each step the
+    mean rewards differ by at most `SE_BOUND` standard errors of their difference, sqrt(s_hf^2 + s_vllm^2) / sqrt(n)
+    over the step's n completions each, and at least 1/n: two runs whose rewards happen to be all equal) and vLLM's
+    sampler/trainer gap stays under `LOGP_GAP_BOUND` at every step. Lines for results.md, each ending PASS or FAIL.
+
+    >>> engine_comparison([{"reward/total_mean": 0.5, "reward/total_std": 0.5}],
+    ...                   [{"reward/total_mean": 0.6, "reward/total_std": 0.5, "logp_gap_sampler_trainer": 0.01}], 16)[1]
+    'log-prob gap (vLLM sampler against the trainer), max over 1 steps: 1.00e-02 (bound 0.05): PASS'
+    """
+    if not hf or not vllm:
+        return ["vLLM against HF: not compared (" + ("grpo_hf" if not hf else "grpo_vllm") + " has no steps)"]
+    worst = 0.0
+    for h, v in zip(hf, vllm):
+        se = max(((h["reward/total_std"] ** 2 + v["reward/total_std"] ** 2) / n) ** 0.5, 1 / n)
+        worst = max(worst, abs(h["reward/total_mean"] - v["reward/total_mean"]) / se)
+    steps = min(len(hf), len(vllm))
+    gaps = [r["logp_gap_sampler_trainer"] for r in vllm if "logp_gap_sampler_trainer" in r]
+    gap = max(gaps) if gaps else float("inf")
+    return [f"reward curve, vLLM against HF over {steps} steps of {n} completions: largest difference "
+            f"{worst:.2f} standard errors (bound {SE_BOUND:g}): {'PASS' if worst <= SE_BOUND else 'FAIL'}",
+            f"log-prob gap (vLLM sampler against the trainer), max over {len(gaps)} steps: {gap:.2e} "
+            f"(bound {LOGP_GAP_BOUND:g}): {'PASS' if len(gaps) == len(vllm) and gap <= LOGP_GAP_BOUND else 'FAIL'}"]  # fmt: skip
+
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -260,6 +297,11 @@ def table(out: Path, cpu: bool) -> None:
             f"{'-' if gap is None else f'{gap:.2e}'} | {'-' if capped is None else f'{capped:.3f}'} | {reward} |"
             if metrics else f"| {name} | {rec['status']} | 0 | {rec['seconds']} | | | | | | | |"
         )  # fmt: skip
+    if (out / "grpo_vllm" / "config.yaml").exists():
+        import yaml
+
+        rollout = yaml.safe_load((out / "grpo_vllm" / "config.yaml").read_text(encoding="utf-8"))["algorithm"]["rollout"]
+        lines += ["", *engine_comparison(_metrics(out / "grpo_hf"), _metrics(out / "grpo_vllm"), rollout["batch_size"])]
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -21,7 +21,9 @@
 #   vllm_server  grpo_vllm_server: the same GRPO run through `posttrain vllm-serve` (25% of GPU 0), truncated
 #                importance sampling at cap 2; waits for the server to answer                   ~60 s   limit 180 s
 #   table        $OUT/results.md: status, steps, seconds, last loss, measured peak memory against `posttrain
-#                estimate`'s figure for the same settings, sampler/trainer log-prob gap, rewards     ~5 s   limit  45 s
+#                estimate`'s figure for the same settings, sampler/trainer log-prob gap, rewards; then the verdicts
+#                grpo_vllm against grpo_hf: reward curve within 3 standard errors at each step, log-prob gap
+#                under 0.05 per token at every step (gpu_check.py: engine_comparison)          ~5 s   limit  45 s
 # Expected in all: ~6 minutes. Overall deadline: DEADLINE_S (default 540 s) from the start; a check that would get
 # under 20 s is skipped, and the table of what finished is printed whatever happened (an exit, a kill, Ctrl-C).
 # Without vllm the two vLLM checks are skipped (SKIP in the table).

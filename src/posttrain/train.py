@@ -269,7 +269,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         # built on the shards. Not `prepare`d: Accelerate would wrap the sharded model in DDP.
         shard(model)
         if reference.mode == "copy":
-            shard(reference.model)
+            shard(reference.model, forward_only=True)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     if cfg.run.sharding != "fsdp2":
@@ -326,15 +326,19 @@ _SHARDABLE_TECHNIQUES = ("full", "lora")
 
 def _check_sharding(cfg: RunConfig, world_size: int) -> None:
     """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding, and a model it
-    can shard (checked before anything is written or loaded)."""
+    can shard (checked before anything is written or loaded). With a vLLM engine, a sharded policy's weights are
+    gathered whole for each push (`rollout.vllm_engine.policy_weights`): FSDP2's, not DeepSpeed ZeRO-3's."""
+    engine = cfg.algorithm.rollout.engine if isinstance(cfg.algorithm, RLSection) else "hf"
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get(
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"  # fmt: skip
+    if zero3 and engine in ("vllm", "vllm-server"):
+        raise ConfigError(
+            f"algorithm.rollout.engine={engine} under DeepSpeed ZeRO-3 is not supported: its partitioned weights are "
+            "not gathered for the push to vLLM. Use configs/accelerate/fsdp2.yaml or deepspeed_zero2.yaml, "
+            "run.sharding=fsdp2 under torchrun, or algorithm.rollout.engine=hf"
+        )
     if cfg.run.sharding != "fsdp2":
         return
-    if isinstance(cfg.algorithm, RLSection) and cfg.algorithm.rollout.engine in ("vllm", "vllm-server"):
-        raise ConfigError(
-            f"run.sharding=fsdp2 with algorithm.rollout.engine={cfg.algorithm.rollout.engine} is not supported yet "
-            "(vLLM would need the gathered weights every rollout); use algorithm.rollout.engine=hf, or "
-            "run.sharding=none"
-        )
     if world_size < 2:
         raise ConfigError(
             "run.sharding=fsdp2 shards the model over several processes, but this run has one. Launch it with "

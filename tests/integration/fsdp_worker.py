@@ -1,23 +1,84 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
-this process held (parameter elements: of the whole model, and of a scalar head) and the whole trained weights.
-`PATH@resume` continues PATH's run folder from its latest checkpoint."""
+this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference) and the whole trained weights.
+`PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@seeded` samples with
+`PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
+vLLM's place, one per process as colocated vLLM would be, and its weight pushes and calls are saved too."""
 
 import sys
+import zlib
+
+import torch
+
+from posttrain.algorithms.base import Rollout
+from posttrain.rollout.engine import HFEngine
+
+
+def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One `Rollout` of several, prompts left-padded and completions right-padded to the longest."""
+    from torch.nn.functional import pad
+
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    C = max(r.completion_ids.shape[1] for r in parts)
+
+    def cat(field: str, width: int, value, left: bool) -> torch.Tensor:
+        ts = [getattr(r, field) for r in parts]
+        return torch.cat([pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                          for t in ts])  # fmt: skip
+
+    return Rollout(prompt_ids=cat("prompt_ids", P, pad_id, True), prompt_mask=cat("prompt_mask", P, 0, True),
+                   completion_ids=cat("completion_ids", C, pad_id, False),
+                   completion_mask=cat("completion_mask", C, 0, False),
+                   sampling_logps=cat("sampling_logps", C, 0.0, False), texts=[t for r in parts for t in r.texts],
+                   truncated=torch.cat([r.truncated for r in parts]))  # fmt: skip
+
+
+class PromptSeededEngine(HFEngine):
+    """`HFEngine`, each prompt's group sampled by its own `generate` call, seeded by the prompt's ids and the rollout's
+    number: the samples do not depend on how a rollout's prompts are split over processes (a run seeds each process
+    on its own), so a sharded RL run can be compared with one process. Generation still runs on the (sharded)
+    policy; every process has as many prompts, so as many `generate` calls."""
+
+    def __init__(self) -> None:
+        self.rollouts = 0
+
+    def generate(self, model, tokenizer, prompt_ids, *, seed, **kwargs) -> Rollout:
+        parts = [super(PromptSeededEngine, self).generate(model, tokenizer, [p], **kwargs,
+                                                          seed=zlib.crc32(bytes(str(p), "utf-8")) + 7_919 * self.rollouts)
+                 for p in prompt_ids]  # fmt: skip
+        self.rollouts += 1
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return _concat(parts, pad_id)
 
 
 def main(out_dir: str, *config_paths: str) -> None:
     from pathlib import Path
 
-    import torch
+    from conftest import FakeVLLM  # this folder is the script's: on sys.path
 
+    from posttrain import config as config_module
     from posttrain.algorithms import load_config
     from posttrain.models.heads import ScalarHeadModel
+    from posttrain.models.reference import Reference
     from posttrain.models.sharding import full_state, is_sharded, parameter_elements
+    from posttrain.rollout import engines
+    from posttrain.rollout.vllm_engine import VLLMEngine
     from posttrain.train import train
 
+    config_module.vllm_available = lambda: True  # vLLM's place is taken by FakeVLLM below
+    hf = engines.ENGINES["hf"]
+    built, build = [], Reference.build.__func__  # the reference each run builds, to see what it holds
+    Reference.build = classmethod(lambda cls, *a, **kw: built.append(build(cls, *a, **kw)) or built[-1])
     for arg in config_paths:
         path, _, mode = arg.partition("@")
-        result = train(load_config(path), return_model=True, resume=mode == "resume")
+        cfg = load_config(path)
+        fakes: list[FakeVLLM] = []
+
+        def fake_vllm(c, fakes=fakes):
+            return VLLMEngine(lambda model: fakes.append(FakeVLLM(c.model.name)) or fakes[-1])
+
+        engines.ENGINES["vllm"] = fake_vllm
+        engines.ENGINES["hf"] = (lambda c: PromptSeededEngine()) if mode == "seeded" else hf
+        result = train(cfg, return_model=True, resume=mode == "resume")
         model = result.model
         rank = torch.distributed.get_rank()
         local, total = parameter_elements(model)
@@ -26,8 +87,11 @@ def main(out_dir: str, *config_paths: str) -> None:
         else:
             weights = {n: p.detach().cpu() for n, p in model.named_parameters()}
         head = parameter_elements(model.head) if isinstance(model, ScalarHeadModel) else None
-        torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights},
-                   f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
+        ref = built[-1]
+        reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
+        vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls} if fakes else None
+        torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
+                    "vllm": vllm, "reference": reference}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,31 +1,39 @@
 """FSDP2 (`run.sharding=fsdp2`): two CPU processes (torchrun, gloo) each hold half of every weight and train
-exactly as one process does (SFT; DPO with a frozen copy or the adapter disabled as reference; a reward model,
-its scalar head sharded too), or as two DDP processes do (GRPO; RLOO with LoRA; PPO: rollouts are sampled per
-process, so one process would draw other samples); checkpoints and `final/` hold the whole weights (a reward
-model's head beside them, which PPO then loads whole as its reward); a resumed sharded run continues exactly (SFT;
+exactly as one process does (SFT; DPO with a frozen copy, sharded too, the adapter disabled or precomputed
+log-probs as reference; a reward model, its scalar head sharded too; GRPO sampled so that the samples do not depend
+on the process layout), or as two DDP processes do (GRPO; RLOO with LoRA; PPO, its frozen-copy reference sharded:
+rollouts are sampled per process, so one process would draw other samples); with vLLM rollouts (a fake backend per
+process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine;
+checkpoints and `final/` hold the whole weights (a reward model's head beside them, which PPO then loads whole as
+its reward); a resumed sharded run continues exactly (SFT;
 PPO, with its value head, Adam state and adaptive KL coefficient); and what would give the processes unequal
 numbers of forward passes is skipped rather than left to hang.
 
 All runs share one torchrun launch (`fsdp_worker.py` trains them in turn), to keep the suite short."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from posttrain import config as config_module
 from posttrain.algorithms import load_config
 from posttrain.config import dump_config
 from posttrain.errors import ConfigError
+from posttrain.rollout import engines
 from posttrain.train import _check_sharding, train
 from posttrain.trainer.metrics import read_metrics
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+PromptSeededEngine = importlib.import_module("fsdp_worker").PromptSeededEngine  # the folder is on sys.path: conftest.py
 PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"} for a in range(4)
          for b in range(2)]  # fmt: skip
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
@@ -35,6 +43,7 @@ LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= 
 TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo")}
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
+MODES = {"grpo-seeded": "@seeded"}  # how fsdp_worker.py runs a config besides training it
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +93,14 @@ def runs(tiny_model_dir, tmp_path_factory):
         "ppo-resumed": {**ppo, "run.max_steps": 2},  # then resumed to step 3
         "rloo": rloo,
         "rloo-ddp": {**rloo, "run.sharding": "none"},
+        "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
+        # sampled with PromptSeededEngine (`@seeded`): the same samples however the prompts are split, so the
+        # sharded run compares with one process
+        "grpo-seeded": grpo,
+        # vLLM's place taken by the fake backend, one per process (fsdp_worker.py): the same runs as "grpo" and
+        # "rloo" (LoRA), sampled from the whole weights each process gathers and pushes
+        "grpo-vllm": {**grpo, "algorithm.rollout.engine": "vllm"},
+        "rloo-vllm": {**rloo, "algorithm.rollout.engine": "vllm"},
         # 19 rows in steps of 8, micro-batches of 1; 3 held-out rows
         "sft-uneven": {**sft, "data.train": str(tmp / "19.jsonl"), "data.eval": str(tmp / "eval3.jsonl"),
                        "optim.micro_batch_size": 1, "run.max_steps": "null", "run.epochs": 1, "run.eval_every": 1},
@@ -91,7 +108,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     cfgs = {}
     for name, overrides in settings.items():
         merged = {**base, "run.output_dir": str(tmp / name), **overrides}
-        cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
+        with mock.patch.object(config_module, "vllm_available", lambda: True):  # the fake backend stands in
+            cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
         dump_config(cfgs[name], tmp / f"{name}.yaml")
     resumes = ("sft-resumed", "ppo-resumed")
     for name in resumes:
@@ -100,7 +118,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     out.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out), *(str(tmp / f"{n}.yaml") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes)]  # fmt: skip
+           str(out), *(str(tmp / f"{n}.yaml") + MODES.get(n, "") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
     (tmp / "launch.log").write_text(proc.stdout, encoding="utf-8")
@@ -122,14 +140,23 @@ def _trained(weights: dict, base: dict) -> bool:
 def _one_process(cfg, name):
     one = cfg.model_copy(update={"run": cfg.run.model_copy(update={"sharding": "none",
                                                                     "output_dir": cfg.run.output_dir + "-one"})})
-    return train(one, return_model=True)  # fmt: skip
+    if name not in MODES:
+        return train(one, return_model=True)  # fmt: skip
+    with mock.patch.dict(engines.ENGINES, {"hf": lambda cfg: PromptSeededEngine()}):  # as the worker samples
+        return train(one, return_model=True)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora", "reward"])
+def _held(name: str) -> str:
+    return f"{name}{MODES.get(name, '').replace('@', '-')}"
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora", "dpo-precompute", "reward", "grpo-seeded"])
 def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
+    """The same weights and losses as one process (GRPO: with samples that do not depend on the process layout,
+    `PromptSeededEngine`; its logged rewards, KL and gradient norm too)."""
     cfgs, held = runs
     one = _one_process(cfgs[name], name)
-    sharded = held[f"{name}-rank0"]["weights"]
+    sharded = held[f"{_held(name)}-rank0"]["weights"]
     base = load_file(str(Path(cfgs[name].model.name) / "model.safetensors"))
     assert sharded.keys() == dict(one.model.named_parameters()).keys()
     for n, p in one.model.named_parameters():
@@ -140,11 +167,22 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
                                                                      else 1e-6}), msg=n)  # fmt: skip
     assert _trained(sharded, base)
     assert_close(_losses(cfgs[name].run.output_dir), _losses(one.run_dir), rtol=1e-5, atol=1e-6)
+    if name == "grpo-seeded":  # every logged value of the training (summed over processes), step by step
+        a = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+        b = read_metrics(one.run_dir / "metrics.jsonl")
+        # Not the rollout's statistics (rewards, lengths): the loop logs the main process's, its half of the samples
+        # (trainer/loop.py: "Step-level metrics ... this process's values").
+        rank0 = ("reward", "completion_length", "truncated_fraction", "uniform_group_fraction")
+        keys = [k for k in b[0] if not any(t in k for t in UNTIMED + rank0)]
+        assert {"loss_units", "tokens", "grad_norm", "entropy", "ratio_mean"} <= set(keys) and len(a) == len(b) == 2
+        assert_close(torch.tensor([[r[k] for k in keys] for r in a]), torch.tensor([[r[k] for k in keys] for r in b]),
+                     rtol=1e-5, atol=1e-6, msg=str(keys))  # fmt: skip
 
 
 def test_each_sharded_process_holds_half_of_every_weight(runs):
     _, held = runs
-    for name in ("sft", "dpo-copy", "dpo-lora", "grpo", "reward", "ppo", "rloo"):
+    for name in ("sft", "dpo-copy", "dpo-lora", "dpo-precompute", "grpo", "reward", "ppo", "rloo", "grpo-vllm",
+                 "rloo-vllm"):
         r0, r1 = held[f"{name}-rank0"], held[f"{name}-rank1"]
         assert r0["sharded"] and r1["sharded"]
         assert r0["local"] + r1["local"] == r0["total"]  # the shards partition the model
@@ -153,6 +191,10 @@ def test_each_sharded_process_holds_half_of_every_weight(runs):
         assert abs(r0["local"] - r0["total"] / 2) < 0.01 * r0["total"], (name, r0["local"], r0["total"])
     for name in ("reward", "ppo"):  # the scalar head is sharded with the rest
         assert held[f"{name}-rank0"]["head"] == (64 + 1, 65) and held[f"{name}-rank1"]["head"] == (0, 65)
+    for name in ("dpo-copy", "ppo"):  # so is the frozen-copy reference, the policy's size, half per process
+        (m0, l0, t0, s0), (m1, l1, t1, s1) = held[f"{name}-rank0"]["reference"], held[f"{name}-rank1"]["reference"]
+        assert m0 == m1 == "copy" and s0 and s1 and l0 + l1 == t0 == t1 == 107_200, (name, l0, l1, t0)
+        assert abs(l0 - t0 / 2) < 0.01 * t0
     for name in ("grpo-ddp", "ppo-ddp", "rloo-ddp"):
         ddp = held[f"{name}-rank0"]
         assert not ddp["sharded"] and ddp["local"] == ddp["total"]  # the unsharded run holds everything
@@ -176,6 +218,45 @@ def test_sharded_rl_trains_exactly_as_two_ddp_processes(runs, name):
     assert _trained(sharded, load_file(str(Path(cfgs[name].model.name) / "model.safetensors")))
     if name == "ppo":  # the value head learned, from its zero start
         assert sharded["head.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_sharded_processes_push_the_whole_weights_to_vllm_and_train_as_with_the_hf_engine(runs, name):
+    """Each process's vLLM (the fake backend, sampling with its own whole copy of the model) gets the weights
+    gathered whole before each rollout: at the first, the loaded ones (under LoRA each adapted layer's W + 0 delta,
+    so W bit for bit), then those after each step, the same on both processes; the wake/push/reset/sample/sleep
+    order of colocated vLLM at each rollout; and the run samples, scores and trains exactly as the same run
+    sampling on the sharded model with the HF engine (so the sampler's log-probs match the trainer's)."""
+    cfgs, held = runs
+    steps = cfgs[name].run.max_steps
+    base = load_file(str(Path(cfgs[name].model.name) / "model.safetensors"))
+    v0, v1 = held[f"{name}-vllm-rank0"]["vllm"], held[f"{name}-vllm-rank1"]["vllm"]
+    order = ["wake_up:weights", "load_weights", "reset_prefix_cache", "wake_up:kv_cache", "sample", "sleep"]
+    assert v0["calls"] == v1["calls"] == order * steps
+    assert len(v0["pushes"]) == len(v1["pushes"]) == steps
+    first = v0["pushes"][0]
+    lora = name == "rloo"
+    adapted = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert first.keys() == ({n for n in base if n.split(".")[-2] in adapted} if lora else base.keys())
+    for n, t in first.items():
+        assert torch.equal(t, base[n]), n  # whole (base's shape), and bit for bit the loaded weights
+    for k in range(steps):
+        assert v0["pushes"][k].keys() == first.keys()
+        for n in first:
+            assert torch.equal(v0["pushes"][k][n], v1["pushes"][k][n]), (k, n)  # gathered: the same everywhere
+    assert any(not torch.equal(v0["pushes"][1][n], first[n]) for n in first)  # step 1 trained, and was pushed
+    vllm, hf = held[f"{name}-vllm-rank0"]["weights"], held[f"{name}-rank0"]["weights"]
+    assert vllm.keys() == hf.keys()
+    for n in hf:
+        assert_close(vllm[n], hf[n], **TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-6}), msg=n)  # as above
+    a = read_metrics(Path(cfgs[f"{name}-vllm"].run.output_dir) / "metrics.jsonl")
+    b = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+    gaps = [r["logp_gap_sampler_trainer"] for r in a]
+    assert len(gaps) == steps and max(gaps) < 1e-5, gaps  # sampled from the weights just trained
+    keys = [k for k in b[0] if not any(t in k for t in UNTIMED) and k != "logp_gap_sampler_trainer"]
+    assert {"reward/total_mean", "completion_length_mean", "grad_norm", "loss"} <= set(keys)
+    assert_close(torch.tensor([[r[k] for k in keys] for r in a]), torch.tensor([[r[k] for k in keys] for r in b]),
+                 rtol=1e-5, atol=1e-6, msg=str(keys))  # fmt: skip
 
 
 def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):

@@ -101,3 +101,15 @@ def test_vllm_is_refused_before_anything_loads_when_not_installed(rl_cfg, monkey
     monkeypatch.setattr(config_module, "vllm_available", lambda: False)
     with pytest.raises(ConfigError, match=r"needs the vllm package.*posttrain\[vllm\]"):
         rl_cfg("no-vllm", **{"algorithm.rollout.engine": "vllm"})
+
+
+def test_weights_deepspeed_zero3_partitioned_are_refused_not_pushed_empty(tiny_model_dir, fake_vllm):
+    """ZeRO-3 leaves each process an empty placeholder per weight (marked `ds_id`); pushing those would give vLLM
+    nothing, so the push refuses them with what to use instead."""
+    policy = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="full"))
+    tokenizer = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    next(policy.parameters()).ds_id = 0  # as deepspeed.zero marks a partitioned parameter
+    fake = fake_vllm()
+    with pytest.raises(ConfigError, match="under DeepSpeed ZeRO-3 are not supported.*fsdp2.yaml"):
+        _generate(VLLMEngine(lambda model: fake), policy, tokenizer)
+    assert "load_weights" not in fake.calls

@@ -24,7 +24,10 @@ of a `posttrain vllm-serve` process, which holds a `ColocatedVLLM` of its own.
 What is tested where: the weight-sync logic and the data flow are tested on CPU with a fake backend that has
 this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
 backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
-"Scale"). Not here: pushing gathered weights of a sharded model (`run.sharding=fsdp2` with vLLM is refused).
+"Scale"). Under `run.sharding=fsdp2` each process gathers the whole weights it pushes (`policy_weights`): tested
+with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed ZeRO-3's partitioned weights
+are not gathered here: vLLM with ZeRO-3 is refused (`train._check_sharding` from Accelerate's launch
+environment, before anything loads; `policy_weights` from the weights themselves).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from typing import Protocol
 import torch
 
 from posttrain.algorithms.base import Rollout
+from posttrain.errors import ConfigError
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
+from posttrain.models.sharding import whole
 from posttrain.rollout.engine import build_rollout, left_pad
 
 Weights = list[tuple[str, torch.Tensor]]
@@ -67,9 +72,20 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
 
     Full model: every trainable parameter. LoRA: each adapted layer's merged weight W + delta, delta from peft's
     `get_delta_weight` (B A scaled, for each active adapter). Not `merge_adapter` then `unmerge_adapter`: W + d - d
-    is not W in floating point, so the frozen base would drift a rounding error every rollout."""
+    is not W in floating point, so the frozen base would drift a rounding error every rollout.
+
+    A sharded model (`run.sharding=fsdp2`, or Accelerate's FSDP2: DTensor parameters): each weight is gathered
+    whole (`models.sharding.whole`, an all-gather every process runs in the same order), since every process's
+    vLLM holds the whole model; a LoRA layer's W + delta is computed on the shards and gathered once. The gathered
+    weights are held until the push ends: about one model copy in the weights' dtype, on the training device."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 marks the weights it partitions
+        raise ConfigError(
+            "vLLM rollouts under DeepSpeed ZeRO-3 are not supported: its partitioned weights are not gathered for "
+            "the push to vLLM. Use configs/accelerate/fsdp2.yaml or deepspeed_zero2.yaml, or "
+            "algorithm.rollout.engine=hf"
+        )
     if not is_adapter_model(model):
-        yield [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+        yield [(n, whole(p.detach())) for n, p in model.named_parameters() if p.requires_grad]
         return
     from peft.tuners.lora import LoraLayer  # peft loads when used, as everywhere in posttrain
 
@@ -81,7 +97,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
                 w = module.base_layer.weight
-                weights.append((f"{name}.weight", w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)))
+                merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)
+                weights.append((f"{name}.weight", whole(merged)))
     yield weights
 
 
