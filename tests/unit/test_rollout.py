@@ -111,7 +111,7 @@ def test_stop_strings_cut_the_mask_and_the_text(eos_model, tiny_tokenizer):
 
     # A two-character stop string spread over two tokens of some sample (found, not assumed).
     row, j = next(
-        (i, j) for i, row in enumerate(rows) for j in range(1, 6) if char(row[j - 1]) and char(row[j])
+        (i, j) for i, row in enumerate(rows) for j in range(1, len(row)) if char(row[j - 1]) and char(row[j])
     )
     stop = char(rows[row][j - 1]) + char(rows[row][j])
     cut = _generate(eos_model, tok, seed=3, stop=[stop])
@@ -189,7 +189,7 @@ def test_generate_runs_only_temperature_top_p_and_the_recorder(
     (`output_logits` would hold b x C x V floats: ~10 GB for 32 x 1024 tokens of a 152k vocabulary in bf16)."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from posttrain.rollout.engine import SampledLogps
+    from posttrain.rollout.engine import RowStreams, SampledLogps
 
     plain = _generate(eos_model, tiny_tokenizer, seed=5)
     _skew_generation_config(eos_model, plain, plain.prompt_ids.shape[1])
@@ -203,20 +203,31 @@ def test_generate_runs_only_temperature_top_p_and_the_recorder(
 
     def generate(*args, **kwargs):
         configs.append(kwargs.get("generation_config"))
+        rows.append(kwargs["input_ids"].shape)
         return real_generate(*args, **kwargs)
 
+    rows = []
     monkeypatch.setattr(type(eos_model), "_get_logits_processor", get_processors)
     monkeypatch.setattr(eos_model, "generate", generate)
+    prompts = _prompt_ids(tiny_tokenizer)
     r = HFEngine().generate(
-        eos_model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), n=2, max_new_tokens=6, temperature=temperature,
+        eos_model, tiny_tokenizer, prompts, n=2, max_new_tokens=6, temperature=temperature,
         top_p=top_p, stop=[], seed=0, batch_size=3,
     )  # fmt: skip
-    assert len(built) == len(configs) == 2  # 6 sequences, 3 per generate call
+    # batch_size 3 holds one whole group of 2: one call per prompt, each after a prefill of that prompt alone
+    # (all but its last token; a one-token prompt needs none), the 6 new tokens in one segment.
+    sampling = [i for i, cfg in enumerate(configs) if cfg.do_sample]
+    prefills = [i for i, cfg in enumerate(configs) if not cfg.do_sample]
+    assert [rows[i] for i in sampling] == [(2, len(p)) for p in prompts]
+    assert [rows[i] for i in prefills] == [(1, len(p) - 1) for p in prompts if len(p) > 1]
     expected = [TemperatureLogitsWarper] * (temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
-    for processors, cfg in zip(built, configs):
-        assert [type(p) for p in processors] == [*expected, SampledLogps]
+    for i in sampling:
+        assert [type(p) for p in built[i]] == [*expected, SampledLogps, RowStreams]
+        cfg = configs[i]
         assert not cfg.output_logits and not cfg.output_scores and not cfg.return_dict_in_generate
-        assert processors[-1]._scores is None  # nothing of the last step is kept after generate
+        assert built[i][-2]._scores is None  # nothing of the last step is kept after generate
+    for i in prefills:
+        assert configs[i].max_new_tokens == 1 and list(built[i]) == []
     assert r.sampling_logps.shape == r.completion_ids.shape
     assert eos_model.generation_config.top_k == 3  # the model's own config is back after sampling
 
@@ -533,3 +544,59 @@ def test_a_sharded_run_skips_a_last_rollout_that_splits_unevenly(tmp_path):
     even = [_source(tmp_path, prompts=14, world=2, rank=r, **{"run.sharding": "fsdp2"}) for r in (0, 1)]
     assert (even[0].rollouts_per_epoch, even[0].plan.skipped) == (4, 0)
     assert [len(s.rollout_prompts(3)) for s in even] == [1, 1]
+
+
+def test_row_streams_draw_exactly_from_the_distribution():
+    from posttrain.rollout.engine import RowStreams
+
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])  # token 2 impossible (e.g. outside the top-p set)
+    scores = probs.log()[None].expand(2, -1)  # two rows, the same distribution, their own streams
+    streams = RowStreams(seed=11, count=2)
+    draws = torch.stack([streams(None, scores).argmax(-1) for _ in range(20_000)])  # (draws, 2)
+    forced = streams(None, scores)
+    assert ((forced == 0).sum(-1) == 1).all() and torch.isinf(forced).sum() == 2 * (len(probs) - 1)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=len(probs)).float() / len(draws)
+        assert freq[2] == 0
+        # binomial standard error at 20,000 draws is at most 0.0036: 4 of them
+        torch.testing.assert_close(freq, probs, rtol=0, atol=4 * 0.0036)
+    assert not torch.equal(draws[:, 0], draws[:, 1])  # each row has its own stream
+    again = RowStreams(seed=11, count=2)
+    assert torch.equal(torch.stack([again(None, scores).argmax(-1) for _ in range(50)]), draws[:50])
+
+
+def test_samples_do_not_depend_on_the_batch(eos_model, tiny_tokenizer):
+    whole = _generate(eos_model, tiny_tokenizer, seed=4, max_new_tokens=20)
+    one_group = _generate(eos_model, tiny_tokenizer, seed=4, max_new_tokens=20, batch_size=4)  # n = 4
+    assert torch.equal(one_group.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(one_group.sampling_logps, whole.sampling_logps, rtol=0, atol=1e-6)
+
+
+def test_grouped_decoding_samples_what_one_generate_call_samples(eos_model, tiny_tokenizer, monkeypatch):
+    """The grouped path (each prompt encoded once, rows leaving when they end) against the path a sharded model
+    takes (one `generate` over the left-padded batch, every row to the end): the same tokens and log-probs."""
+    import posttrain.rollout.engine as engine
+
+    calls = []
+    real_generate = eos_model.generate
+
+    def generate(*args, **kwargs):
+        kwargs.pop("synced_gpus", None)  # one process here: nothing to synchronise
+        calls.append((kwargs["generation_config"].do_sample, kwargs["input_ids"].shape[0]))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(eos_model, "generate", generate)
+    grouped = _generate(eos_model, tiny_tokenizer, seed=6, max_new_tokens=20)
+    sampled_rows = [b for sample, b in calls if sample]
+    assert sampled_rows[0] == 12 and sampled_rows[-1] < 12  # rows that ended left the batch
+    assert sampled_rows == sorted(sampled_rows, reverse=True)
+    assert [b for sample, b in calls if not sample] == [3]  # the 3 prompts encoded once each, not 12 times
+    monkeypatch.setattr(engine, "synced_forward", lambda model: True)
+    calls.clear()
+    one_call = _generate(eos_model, tiny_tokenizer, seed=6, max_new_tokens=20)
+    assert calls == [(True, 12)]
+    assert torch.equal(grouped.completion_mask, one_call.completion_mask)
+    mask = grouped.completion_mask.bool()
+    assert torch.equal(grouped.completion_ids[mask], one_call.completion_ids[mask])
+    torch.testing.assert_close(grouped.sampling_logps, one_call.sampling_logps, rtol=0, atol=1e-5)
+    assert grouped.texts == one_call.texts

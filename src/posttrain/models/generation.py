@@ -254,22 +254,32 @@ def _shared_prefix_is_exact(model, length: int) -> bool:
     return window is None or length <= window
 
 
-def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int]) -> list[list[int]]:
+def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int], segment_processors=None):
     """`greedy_decode`'s loop: `generate` a segment at a time from `cache`, then drop the rows that ended.
-    ids, mask: (b, L), the cache holding the positions before the ones `generate` has not seen yet."""
+    ids, mask: (b, L), the cache holding the positions before the ones `generate` has not seen yet.
+
+    `segment_processors(alive)`, when given, returns the logits processors of the next segment for the rows
+    `alive` (indices into the batch) and a function that turns the segment's new tokens (b', c) into one float
+    per token (the rollout engine's sampling log-probs); the loop then also returns those floats per row."""
     alive = list(range(ids.shape[0]))  # row j of `ids` is row alive[j] of the batch
     new: list[list[int]] = [[] for _ in alive]
+    floats: list[list[float]] = [[] for _ in alive]
     left = gen_cfg.max_new_tokens
     while alive and left > 0:
         segment = copy.copy(gen_cfg)
         segment.max_new_tokens = min(SEGMENT_TOKENS, left)
+        extra, finish = segment_processors(alive) if segment_processors else ({}, None)
         # `generate` feeds the tokens the cache lacks: after the first call, the last token it picked
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=segment, **{_cache_kwarg(): cache})
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=segment,
+                             **{_cache_kwarg(): cache}, **extra)  # fmt: skip
         added = out[:, ids.shape[1] :]  # (b, <= SEGMENT_TOKENS): fewer when every row ended
+        values = finish(added).tolist() if finish else None
         left -= added.shape[1]
         keep = []
         for j, row in enumerate(added.tolist()):
             new[alive[j]].extend(row)
+            if values is not None:
+                floats[alive[j]].extend(values[j])
             if not any(t in eos for t in row):  # a row that ended earlier has already left
                 keep.append(j)
         ids, mask = out, torch.cat([mask, mask.new_ones(added.shape)], dim=1)
@@ -277,7 +287,41 @@ def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int]) -> list
             kept = torch.tensor(keep, dtype=torch.long, device=ids.device)
             cache.batch_select_indices(kept)
             ids, mask, alive = ids[kept], mask[kept], [alive[j] for j in keep]
-    return new
+    return (new, floats) if segment_processors else new
+
+
+def sample_groups(model, prompts: list[list[int]], n: int, gen_cfg, eos: list[int], pad_id: int,
+                  segment_processors) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+    """`n` samples of each prompt (`prompts`: token ids, unpadded), as rows prompt-major (row i: prompt i // n):
+    each row's new token ids (padding after its EOS, as `generate` returns them) and one float per token from
+    `segment_processors` (see `_decode_rows_leave`, which runs the decoding).
+
+    Two savings over one `generate` call on the left-padded (len(prompts) x n)-row batch, neither of which changes
+    what a row computes (its prompt at the same positions after the same left padding, its own tokens, attention
+    over the same keys):
+
+    - each prompt is encoded once, not n times: the prompts (all but their last token) fill a KV cache, which is
+      then repeated n times, and each row feeds its prompt's last token itself;
+    - a row that has generated an EOS token leaves the batch and its KV cache (`SEGMENT_TOKENS` at a time).
+
+    Rows leaving changes which rows share a random draw, so the caller's processors must draw each row's token
+    from that row's own random stream (the rollout engine's `RowStreams`) for the samples to be repeatable.
+    """
+    device = next(model.parameters()).device
+    from transformers import DynamicCache
+
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (P, L) left-padded
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = DynamicCache(config=model.config)
+    if L > 1:
+        once = copy.copy(gen_cfg)
+        once.max_new_tokens, once.do_sample = 1, False  # fills the cache; the token it picks is not used
+        model.generate(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], generation_config=once,
+                       **{_cache_kwarg(): cache})  # fmt: skip
+        cache.batch_repeat_interleave(n)
+    ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    return _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos, segment_processors)
 
 
 def _cache_kwarg() -> str:

@@ -20,6 +20,7 @@ from posttrain.models.generation import (
     eos_token_ids,
     model_generation_defaults_off,
     plain_generation_config,
+    sample_groups,
     sampling_processors,
 )
 from posttrain.models.sharding import synced_forward
@@ -127,14 +128,47 @@ class SampledLogps:
         return torch.stack(self.picked[:c], dim=1)  # generate makes at least one token
 
 
+class RowStreams:
+    """A logits processor, placed last: draws each row's token from that row's own random stream, then leaves
+    that token the only possible one, so `generate`'s own draw returns it.
+
+    The draw is the inverse CDF of the row's distribution (the scores the earlier processors made, e.g. after
+    temperature and top-p) at one uniform number from the row's `torch.Generator`: an exact sample of
+    softmax(scores), as `generate`'s multinomial draw is. What changes is whose random numbers a row uses: its
+    own, seeded from the rollout's seed and the row's index, instead of one stream shared by the batch. So a row's
+    samples do not depend on which other rows are in the batch, which lets finished rows leave it
+    (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
+    `rows` is the index of each batch row among the streams (updated as rows leave).
+    """
+
+    def __init__(self, seed: int, count: int) -> None:
+        self.streams = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(count)]
+        self.rows = list(range(count))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)  # (b, V)
+        u = torch.cat([torch.rand(1, generator=self.streams[r]) for r in self.rows]).to(cdf.device)
+        # the first token whose cumulative probability exceeds u x total: never a token of probability 0
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, pick, 0.0)
+
+
 class HFEngine:
-    """transformers `generate`: sampling with a KV cache, left-padded prompt batches.
+    """transformers `generate`: sampling with a KV cache.
 
     The generation settings are built from scratch (`models.generation.model_generation_defaults_off`): only
     `max_new_tokens`, the EOS ids, the pad id, `temperature` and `top_p` come from us, nothing from the model's
     `generation_config.json`, so the samples are drawn from top-p(softmax(logits / temperature)), the
     distribution the losses score (at top_p = 1). The processors `generate` runs are exactly
-    [temperature, top-p (when < 1), `SampledLogps`], and `sampling_logps` are the log-probs of that distribution.
+    [temperature, top-p (when < 1), `SampledLogps`, `RowStreams`], and `sampling_logps` are the log-probs of that
+    distribution.
+
+    Each group's prompt is encoded once and the rows that end leave the batch (`models.generation.sample_groups`);
+    every row draws from its own random stream (`RowStreams`), so the samples are the same whatever the batch.
+    A sharded model (FSDP2) instead runs one `generate` per batch with every row to the end: each of its
+    forwards is a collective that every process must join, and processes whose rows end at different times would
+    otherwise run different numbers of forwards.
     """
 
     name = "hf"
@@ -165,9 +199,17 @@ class HFEngine:
         prompt, pmask = left_pad(rows, pad_id)
         P = prompt.shape[1]
         gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=True, eos=eos, pad_id=pad_id)
-        step = batch_size or len(rows)
-        completions: list[torch.Tensor] = []
-        logps: list[torch.Tensor] = []
+        streams = RowStreams(seed, len(rows))
+
+        def processors(first: int, alive: list[int]):
+            """The processors of one `generate` call over rows `first + alive[j]`, and the recorder's finish."""
+            recorder = SampledLogps()
+            streams.rows = [first + j for j in alive]
+            chain = LogitsProcessorList([*sampling_processors(temperature, top_p), recorder, streams])
+            return {"logits_processor": chain}, recorder.finish
+
+        new_ids: list[list[int]] = []
+        new_logps: list[list[float]] = []
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
@@ -176,32 +218,32 @@ class HFEngine:
                 torch.no_grad(),
                 model_generation_defaults_off(model),
             ):
-                torch.manual_seed(seed)  # repeatable rollouts that leave the training RNG untouched
-                for s in range(0, len(rows), step):
-                    recorder = SampledLogps()
-                    out = model.generate(
-                        input_ids=prompt[s : s + step].to(device),
-                        attention_mask=pmask[s : s + step].to(device),
-                        generation_config=gen_cfg,
-                        # a sharded model: every forward is a collective, so all processes step until all are done
-                        synced_gpus=synced_forward(model),
-                        logits_processor=LogitsProcessorList(
-                            [*sampling_processors(temperature, top_p), recorder]
-                        ),
-                    )  # (b, P + c)
-                    new = out[:, P:]  # (b, c)
-                    completions.append(new.cpu())
-                    logps.append(recorder.finish(new).cpu())
+                torch.manual_seed(seed)  # leaves the training RNG untouched
+                if synced_forward(model):
+                    step = batch_size or len(rows)
+                    for s in range(0, len(rows), step):
+                        kwargs, finish = processors(s, list(range(min(step, len(rows) - s))))
+                        out = model.generate(input_ids=prompt[s : s + step].to(device),
+                                             attention_mask=pmask[s : s + step].to(device),
+                                             generation_config=gen_cfg, synced_gpus=True, **kwargs)  # fmt: skip
+                        new = out[:, P:]  # (b, c)
+                        new_ids += new.tolist()
+                        new_logps += finish(new).tolist()
+                else:
+                    per_call = max(1, (batch_size or len(rows)) // n)  # whole groups per call
+                    for g in range(0, len(prompt_ids), per_call):
+                        ids, logps = sample_groups(model, [list(p) for p in prompt_ids[g : g + per_call]], n, gen_cfg,
+                                                   eos, pad_id, lambda alive, first=g * n: processors(first, alive))  # fmt: skip
+                        new_ids += ids
+                        new_logps += logps
         finally:
             model.train(was_training)
-        C = max(c.shape[1] for c in completions)
+        C = max(len(r) for r in new_ids)
         ids = torch.full((len(rows), C), pad_id, dtype=torch.long)
         sampled = torch.zeros((len(rows), C), dtype=torch.float32)
-        r0 = 0
-        for c, lp in zip(completions, logps):
-            ids[r0 : r0 + c.shape[0], : c.shape[1]] = c
-            sampled[r0 : r0 + c.shape[0], : c.shape[1]] = lp
-            r0 += c.shape[0]
+        for i, (r, lp) in enumerate(zip(new_ids, new_logps, strict=True)):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            sampled[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
         return build_rollout(tokenizer, prompt, pmask, ids, sampled, eos=eos, stop=stop)
 
 
