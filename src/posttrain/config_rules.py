@@ -149,6 +149,9 @@ APPLIES: dict[str, When] = {
     "run.progress": ALWAYS,
     "run.report": ALWAYS,
     "run.sharding": ALWAYS,
+    "run.whole_checkpoints": is_("run.sharding", "fsdp2").because(
+        "Without sharding every checkpoint is whole already."
+    ),
 }
 
 

@@ -46,7 +46,7 @@ from posttrain.models.sharding import full_state, shard
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
-from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from posttrain.trainer.checkpoint import check_layout, latest_checkpoint, load_checkpoint
 from posttrain.trainer.fingerprint import (
     check_same_data,
     check_same_plan,
@@ -72,6 +72,7 @@ _RESUMABLE_CHANGES = {
     "run.progress",
     "run.report",
     "run.output_dir",
+    "run.whole_checkpoints",  # a checkpoint of either layout resumes (`trainer.checkpoint.load_checkpoint`)
 }
 
 
@@ -244,6 +245,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     if ckpt is not None:
         check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
         start = _resume_step(ckpt, steps, run_dir)
+        check_layout(ckpt, sharded=cfg.run.sharding == "fsdp2", world_size=accelerator.num_processes)
     finished = start == steps and (run_dir / "final").is_dir()
     if finished:
         if accelerator.is_main_process:

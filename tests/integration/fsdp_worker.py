@@ -1,7 +1,9 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
-this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference) and the whole trained weights.
-`PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@seeded` samples with
-`PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
+this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference) and the whole trained weights,
+and, for RL, this process's samples' total rewards at each rollout (`reward_totals`).
+`PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@from-K` copies PATH's finished run
+folder to `<run folder>-from-K`, deletes what came after step K (later checkpoints, `final/`), as a run killed
+after step K would have left it, and resumes it; `PATH@seeded` samples with `PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
 vLLM's place, one per process as colocated vLLM would be, and its weight pushes and calls are saved too."""
 
 import sys
@@ -50,6 +52,25 @@ class PromptSeededEngine(HFEngine):
         return _concat(parts, pad_id)
 
 
+def _killed_after(run_dir, k: int):
+    """A copy of finished run folder `run_dir` as a run killed after step `k` would have left it (the main process
+    copies; every process waits for it)."""
+    import shutil
+    from pathlib import Path
+
+    from posttrain.trainer.checkpoint import list_checkpoints
+
+    copy = Path(f"{run_dir}-from-{k}")
+    if torch.distributed.get_rank() == 0:
+        shutil.copytree(run_dir, copy)
+        for ckpt in list_checkpoints(copy):
+            if int(ckpt.name.removeprefix("step-")) > k:
+                shutil.rmtree(ckpt)
+        shutil.rmtree(copy / "final")
+    torch.distributed.barrier()
+    return copy
+
+
 def main(out_dir: str, *config_paths: str) -> None:
     from pathlib import Path
 
@@ -61,6 +82,7 @@ def main(out_dir: str, *config_paths: str) -> None:
     from posttrain.models.reference import Reference
     from posttrain.models.sharding import full_state, is_sharded, parameter_elements
     from posttrain.rollout import engines
+    from posttrain.rollout import source as source_module
     from posttrain.rollout.vllm_engine import VLLMEngine
     from posttrain.train import train
 
@@ -68,6 +90,15 @@ def main(out_dir: str, *config_paths: str) -> None:
     hf = engines.ENGINES["hf"]
     built, build = [], Reference.build.__func__  # the reference each run builds, to see what it holds
     Reference.build = classmethod(lambda cls, *a, **kw: built.append(build(cls, *a, **kw)) or built[-1])
+    totals: list[list[float]] = []  # this process's samples' rewards, rollout by rollout, as scored
+    score = source_module.compute_rewards
+
+    def recorded(*args, **kwargs):
+        result = score(*args, **kwargs)
+        totals.append(list(result.total))
+        return result
+
+    source_module.compute_rewards = recorded
     for arg in config_paths:
         path, _, mode = arg.partition("@")
         cfg = load_config(path)
@@ -78,7 +109,11 @@ def main(out_dir: str, *config_paths: str) -> None:
 
         engines.ENGINES["vllm"] = fake_vllm
         engines.ENGINES["hf"] = (lambda c: PromptSeededEngine()) if mode == "seeded" else hf
-        result = train(cfg, return_model=True, resume=mode == "resume")
+        totals.clear()
+        if mode.startswith("from-"):
+            copy = _killed_after(cfg.run.output_dir, int(mode.removeprefix("from-")))
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(copy)})})
+        result = train(cfg, return_model=True, resume=mode == "resume" or mode.startswith("from-"))
         model = result.model
         rank = torch.distributed.get_rank()
         local, total = parameter_elements(model)
@@ -91,7 +126,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
         vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls} if fakes else None
         torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
-                    "vllm": vllm, "reference": reference}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
+                    "vllm": vllm, "reference": reference, "reward_totals": list(totals)}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,16 +4,20 @@ log-probs as reference; a reward model, its scalar head sharded too; GRPO sample
 on the process layout), or as two DDP processes do (GRPO; RLOO with LoRA; PPO, its frozen-copy reference sharded:
 rollouts are sampled per process, so one process would draw other samples); with vLLM rollouts (a fake backend per
 process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine;
-checkpoints and `final/` hold the whole weights (a reward model's head beside them, which PPO then loads whole as
-its reward); a resumed sharded run continues exactly (SFT;
-PPO, with its value head, Adam state and adaptive KL coefficient); and what would give the processes unequal
+checkpoints hold each process's shards (torch.distributed.checkpoint), `final/` the whole weights (a reward model's
+head beside them, which PPO then loads whole as its reward); a sharded run killed after step k and resumed from its
+sharded checkpoint continues exactly (SFT full, DPO with LoRA, GRPO with LoRA), and so does one resumed from whole
+checkpoints (`run.whole_checkpoints`: PPO, with its value head, Adam state and adaptive KL coefficient); the logged
+rollout statistics cover both processes' samples (under FSDP2 and DDP); and what would give the processes unequal
 numbers of forward passes is skipped rather than left to hang.
 
 All runs share one torchrun launch (`fsdp_worker.py` trains them in turn), to keep the suite short."""
 
 import importlib
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +31,11 @@ from torch.testing import assert_close
 from posttrain import config as config_module
 from posttrain.algorithms import load_config
 from posttrain.config import dump_config
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, UserError
+from posttrain.models.sharding import read_shards, shard_keys
 from posttrain.rollout import engines
 from posttrain.train import _check_sharding, train
+from posttrain.trainer.checkpoint import check_layout
 from posttrain.trainer.metrics import read_metrics
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -44,6 +50,8 @@ TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
 MODES = {"grpo-seeded": "@seeded"}  # how fsdp_worker.py runs a config besides training it
+# Runs killed after step k (a copy of the finished run folder, cut back to step k) and resumed: run -> k
+KILLED = {"sft": 2, "dpo-lora": 2, "grpo-lora": 1}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +81,7 @@ def runs(tiny_model_dir, tmp_path_factory):
             "data.train": str(tmp / "prompts.jsonl"), "algorithm.rollout.max_new_tokens": 8,
             "algorithm.num_generations": 4, "optim.batch_size": 16, "optim.micro_batch_size": 4,
             "run.max_steps": 2}  # fmt: skip
+    every = {"run.save_every": 1}  # a checkpoint at each step, to resume from (KILLED)
     reward = {**exact, "algorithm.name": "reward", "data.train": str(tmp / "pairs.jsonl")}
     # PPO scored by the reward model the sharded reward run leaves in final/ (held whole by every process), with
     # a frozen copy as reference (sharded) and the adaptive KL controller, whose state a resume must restore.
@@ -82,18 +91,20 @@ def runs(tiny_model_dir, tmp_path_factory):
     # LoRA: the reference is the adapter disabled, and sampling runs through peft's wrapper of the sharded LM
     rloo = {**grpo, **exact, "algorithm.name": "rloo", "algorithm.beta": 0.1, "technique.name": "lora"}
     settings = {
-        "sft": sft,
+        "sft": {**sft, **every},
         "dpo-copy": {**dpo, "algorithm.reference": "copy"},
-        "dpo-lora": {**dpo, "algorithm.reference": "adapter", "technique.name": "lora", "optim.lr": 5e-3},
+        "dpo-lora": {**dpo, "algorithm.reference": "adapter", "technique.name": "lora", "optim.lr": 5e-3, **every},
         "grpo": grpo,
         "grpo-ddp": {**grpo, "run.sharding": "none"},
-        "sft-resumed": {**sft, "run.max_steps": 2},  # then resumed to step 3 (`@resume`)
         "reward": reward,
         "ppo": ppo,
         "ppo-ddp": {**ppo, "run.sharding": "none"},
-        "ppo-resumed": {**ppo, "run.max_steps": 2},  # then resumed to step 3
+        # whole checkpoints (gathered to the main process), then resumed to step 3 (`@resume`)
+        "ppo-resumed": {**ppo, "run.max_steps": 2, "run.whole_checkpoints": "true"},
         "rloo": rloo,
         "rloo-ddp": {**rloo, "run.sharding": "none"},
+        # LoRA, a KL penalty to the adapter disabled
+        "grpo-lora": {**grpo, "technique.name": "lora", "algorithm.beta": 0.04, "optim.lr": 5e-3, **every},
         "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
         # sampled with PromptSeededEngine (`@seeded`): the same samples however the prompts are split, so the
         # sharded run compares with one process
@@ -112,14 +123,15 @@ def runs(tiny_model_dir, tmp_path_factory):
         with mock.patch.object(config_module, "vllm_available", lambda: True):  # the fake backend stands in
             cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
         dump_config(cfgs[name], tmp / f"{name}.yaml")
-    resumes = ("sft-resumed", "ppo-resumed")
+    resumes = ("ppo-resumed",)
     for name in resumes:
         dump_config(load_config(tmp / f"{name}.yaml", ["run.max_steps=3"]), tmp / f"{name}-3.yaml")
     out = tmp / "out"
     out.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out), *(str(tmp / f"{n}.yaml") + MODES.get(n, "") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes)]  # fmt: skip
+           str(out), *(str(tmp / f"{n}.yaml") + MODES.get(n, "") for n in settings), *(f"{tmp / n}-3.yaml@resume" for n in resumes),
+           *(f"{tmp / n}.yaml@from-{k}" for n, k in KILLED.items())]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
     (tmp / "launch.log").write_text(proc.stdout, encoding="utf-8")
@@ -168,14 +180,13 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
                                                                      else 1e-6}), msg=n)  # fmt: skip
     assert _trained(sharded, base)
     assert_close(_losses(cfgs[name].run.output_dir), _losses(one.run_dir), rtol=1e-5, atol=1e-6)
-    if name == "grpo-seeded":  # every logged value of the training (summed over processes), step by step
+    if name == "grpo-seeded":  # every logged value, step by step: the training's and the rollouts' statistics
         a = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
         b = read_metrics(one.run_dir / "metrics.jsonl")
-        # Not the rollout's statistics (rewards, lengths): the loop logs the main process's, its half of the samples
-        # (trainer/loop.py: "Step-level metrics ... this process's values").
-        rank0 = ("reward", "completion_length", "truncated_fraction", "uniform_group_fraction")
-        keys = [k for k in b[0] if not any(t in k for t in UNTIMED + rank0)]
-        assert {"loss_units", "tokens", "grad_norm", "entropy", "ratio_mean"} <= set(keys) and len(a) == len(b) == 2
+        keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
+        assert {"loss_units", "tokens", "grad_norm", "entropy", "ratio_mean", "reward/total_mean", "reward/total_std",
+                "completion_length_mean", "completion_length_max", "truncated_fraction", "uniform_group_fraction",
+                "reward_std_in_group"} <= set(keys) and len(a) == len(b) == 2  # fmt: skip
         assert_close(torch.tensor([[r[k] for k in keys] for r in a]), torch.tensor([[r[k] for k in keys] for r in b]),
                      rtol=1e-5, atol=1e-6, msg=str(keys))  # fmt: skip
 
@@ -268,8 +279,6 @@ def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):
     assert final.keys() == gathered.keys()
     for n, t in final.items():
         assert torch.equal(t, gathered[n]), n
-    ckpt = load_file(str(run_dir / "checkpoints" / "step-000003" / "trainable.safetensors"))
-    assert ckpt.keys() == gathered.keys() and all(torch.equal(ckpt[n], gathered[n]) for n in ckpt)
 
 
 def test_a_sharded_reward_model_saves_its_gathered_head_beside_the_model(runs):
@@ -281,27 +290,124 @@ def test_a_sharded_reward_model_saves_its_gathered_head_beside_the_model(runs):
     assert all(torch.equal(t, gathered[f"policy.{n}"]) for n, t in model.items())
     assert all(torch.equal(t, gathered[f"head.{n}"]) for n, t in head.items())
     assert head["weight"].shape == (1, 64)
-    ckpt = load_file(str(final.parent / "checkpoints" / "step-000003" / "trainable.safetensors"))
-    assert ckpt.keys() == gathered.keys() and all(torch.equal(ckpt[n], gathered[n]) for n in ckpt)
+    ckpt = final.parent / "checkpoints" / "step-000003" / "sharded"  # the head's shards beside the model's
+    assert shard_keys(ckpt) == gathered.keys()
+    assert all(torch.equal(t, gathered[n]) for n, t in read_shards(ckpt, gathered).items())
 
 
-@pytest.mark.parametrize("name", ["sft", "ppo"])
-def test_a_resumed_sharded_run_continues_exactly(runs, name):
-    """2 steps, then resumed from the step-2 checkpoint (weights and Adam state gathered, then re-sharded; PPO's
-    value head and adaptive KL coefficient too) to step 3: the same weights and logged values as the
-    uninterrupted sharded run."""
+def _elements(folder: Path) -> dict[tuple[str, str], int]:
+    """(file, "model" or "optimizer") -> tensor elements stored in that file of a torch.distributed.checkpoint
+    folder, read from its `.metadata` (which chunk of which tensor lies in which file)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    out: dict[tuple[str, str], int] = {}
+    for index, where in meta.storage_data.items():
+        tensor = meta.state_dict_metadata[index.fqn]
+        if hasattr(tensor, "chunks"):  # a tensor (not a pickled value: a parameter group's settings)
+            key = (where.relative_path, index.fqn.split(".")[0])
+            out[key] = out.get(key, 0) + math.prod(tensor.chunks[index.index].sizes)
+    return out
+
+
+@pytest.mark.parametrize("name, step, trained", [("sft", 3, 107_200), ("dpo-lora", 3, 32_768), ("grpo-lora", 2, 32_768)])
+def test_a_sharded_checkpoint_holds_each_process_s_shards(runs, name, step, trained):
+    """No `trainable.safetensors` or `optimizer.pt` gathered by the main process: a `sharded/` folder in which each
+    process wrote its half of the trainable weights (all 107,200 elements of the full model; under LoRA only the
+    adapters' 32,768) and of their two AdamW moments, and the index of where each piece lies. Read whole in one
+    process, they are the weights the run had at that step (here its last: those it ends with)."""
     cfgs, held = runs
-    resumed, straight = held[f"{name}-resumed-3-resume-rank0"]["weights"], held[f"{name}-rank0"]["weights"]
+    ckpt = Path(cfgs[name].run.output_dir) / "checkpoints" / f"step-{step:06d}"
+    assert {p.name for p in ckpt.iterdir()} == {"sharded", "scheduler.pt", "trainer_state.json", "rng_state_0.pt",
+                                                 "rng_state_1.pt"}  # fmt: skip
+    assert {p.name for p in (ckpt / "sharded").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    assert (state["step"], state["layout"], state["world_size"]) == (step, "sharded", 2)
+    elements = _elements(ckpt / "sharded")
+    m0, m1 = elements["__0_0.distcp", "model"], elements["__1_0.distcp", "model"]
+    assert m0 + m1 == trained and abs(m0 - trained / 2) < 0.01 * trained, (m0, m1)  # dim-0 halves, as held
+    # each process's AdamW moments (exp_avg, exp_avg_sq) of its own shard, and one step count per parameter
+    # (a plain tensor, the same on both: written once, by one of them)
+    steps = len(shard_keys(ckpt / "sharded"))
+    o0, o1 = elements["__0_0.distcp", "optimizer"], elements["__1_0.distcp", "optimizer"]
+    assert o0 + o1 == 2 * trained + steps and o0 >= 2 * m0 and o1 >= 2 * m1, (o0, o1, m0, m1, steps)
+    gathered = held[f"{name}-rank0"]["weights"]
+    names = shard_keys(ckpt / "sharded")
+    assert names == {n for n in gathered if "lora_" in n or "lora" not in name}  # the trainable ones only
+    saved = read_shards(ckpt / "sharded", {n: gathered[n] for n in names})
+    assert all(torch.equal(saved[n], gathered[n]) for n in names)
+
+
+@pytest.mark.parametrize("name", list(KILLED))
+def test_a_sharded_run_killed_after_step_k_resumes_exactly_from_its_shards(runs, name):
+    """The run folder as a kill after step k leaves it (its checkpoints up to step k; `fsdp_worker._killed_after`),
+    resumed: each process reads back its own shards of the weights and AdamW state, its RNG state, the schedule
+    and the data position (GRPO: the next rollout, sampled from the restored LoRA weights, with the adapter
+    disabled as reference). The same weights, bit for bit, and the same logged values at every step as the
+    uninterrupted run."""
+    cfgs, held = runs
+    k = KILLED[name]
+    resumed, straight = held[f"{name}-from-{k}-rank0"]["weights"], held[f"{name}-rank0"]["weights"]
     assert resumed.keys() == straight.keys()
     for n in straight:
         assert torch.equal(resumed[n], straight[n]), n
-    a = read_metrics(Path(cfgs[f"{name}-resumed"].run.output_dir) / "metrics.jsonl")
+    a = read_metrics(Path(f"{cfgs[name].run.output_dir}-from-{k}") / "metrics.jsonl")
     b = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+    keys = [key for key in b[0] if not any(t in key for t in UNTIMED)]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, cfgs[name].run.max_steps + 1))
+    assert [[r[key] for key in keys] for r in a] == [[r[key] for key in keys] for r in b]
+    log = (Path(cfgs[name].run.output_dir).parent / "launch.log").read_text(encoding="utf-8")
+    assert f"resuming {cfgs[name].run.output_dir}-from-{k} from step-{k:06d}" in log
+    assert len(held[f"{name}-from-{k}-rank0"]["reward_totals"]) == (cfgs[name].run.max_steps - k if "grpo" in name
+                                                                       else 0)  # fmt: skip
+
+
+def test_a_resumed_sharded_run_with_whole_checkpoints_continues_exactly(runs):
+    """`run.whole_checkpoints`: PPO for 2 steps, its checkpoint gathered whole (weights, Adam state keyed by
+    name), then resumed to step 3 (re-sharded; the value head and adaptive KL coefficient too): the same weights
+    and logged values as the uninterrupted sharded run."""
+    cfgs, held = runs
+    resumed, straight = held["ppo-resumed-3-resume-rank0"]["weights"], held["ppo-rank0"]["weights"]
+    assert resumed.keys() == straight.keys()
+    for n in straight:
+        assert torch.equal(resumed[n], straight[n]), n
+    a = read_metrics(Path(cfgs["ppo-resumed"].run.output_dir) / "metrics.jsonl")
+    b = read_metrics(Path(cfgs["ppo"].run.output_dir) / "metrics.jsonl")
     keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
-    if name == "ppo":
-        assert len({r["kl_coef"] for r in b}) == 3  # the controller moved at every rollout
+    assert len({r["kl_coef"] for r in b}) == 3  # the controller moved at every rollout
+    ckpt = Path(cfgs["ppo-resumed"].run.output_dir) / "checkpoints" / "step-000003"
+    whole = load_file(str(ckpt / "trainable.safetensors"))  # gathered: the whole layout, not `sharded/`
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[n], resumed[n]) for n in whole)
+    assert (ckpt / "optimizer.pt").is_file() and not (ckpt / "sharded").exists()
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo-ddp"])
+def test_logged_rollout_statistics_cover_both_processes_samples(runs, name):
+    """FSDP2 and DDP: each step's logged mean and standard deviation of the rewards are those of all 16 samples,
+    process 0's 8 and process 1's 8 (as each process scored them), not process 0's alone, which differ."""
+    cfgs, held = runs
+    records = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
+    mine, theirs = held[f"{name}-rank0"]["reward_totals"], held[f"{name}-rank1"]["reward_totals"]
+    assert len(records) == len(mine) == len(theirs) == 2  # one rollout per step
+    for record, r0, r1 in zip(records, mine, theirs, strict=True):
+        assert len(r0) == len(r1) == 8
+        assert record["reward/total_mean"] == statistics.fmean(r0 + r1)
+        assert record["reward/total_std"] == statistics.pstdev(r0 + r1)
+    assert any(r["reward/total_mean"] != statistics.fmean(r0) for r, r0 in zip(records, mine, strict=True))
+
+
+def test_a_sharded_checkpoint_resumes_only_as_it_was_written(tmp_path):
+    """Another number of processes, or an unsharded run, is refused before the model loads, naming both."""
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "layout": "sharded", "world_size": 2}))
+    check_layout(tmp_path, sharded=True, world_size=2)
+    with pytest.raises(UserError, match=r"written by 2 processes.*this run has 4.*--nproc_per_node 2"):
+        check_layout(tmp_path, sharded=True, world_size=4)
+    with pytest.raises(UserError, match=r"does not shard its model.*--nproc_per_node 2.*run.sharding=fsdp2"):
+        check_layout(tmp_path, sharded=False, world_size=1)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))  # whole (written before layouts)
+    check_layout(tmp_path, sharded=True, world_size=4)
 
 
 def test_a_sharded_run_skips_what_would_give_the_processes_unequal_forwards(runs):

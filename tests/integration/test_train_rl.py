@@ -295,7 +295,7 @@ def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
                  "optim.batch_size": 8, "run.save_every": 1, "run.max_steps": 2}  # fmt: skip
     first = train(rl("adaptive", algorithm="ppo", **overrides))
     saved = json.loads((first.run_dir / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
-    assert saved == {"step": 2, "source": {"kl_coef": pytest.approx(0.0968)}}
+    assert saved == {"step": 2, "layout": "whole", "world_size": 1, "source": {"kl_coef": pytest.approx(0.0968)}}
     resumed = train(rl("adaptive", algorithm="ppo", **{**overrides, "run.max_steps": 3}), resume=True)
     hist = read_metrics(resumed.run_dir / "metrics.jsonl")
     assert [h["step"] for h in hist] == [1, 2, 3] and [h["rollout"] for h in hist] == [0, 0, 1]

@@ -41,6 +41,7 @@ SHARED_CASES = {
     "optim.head_lr": (1e-3, DPO, REWARD),
     "run.epochs": (2, {"run.max_steps": 10}, {"run.max_steps": "null"}),
     "run.eval_every": (10, SFT, {"data.eval": "held.jsonl"}),
+    "run.whole_checkpoints": ("true", SFT, {"run.sharding": "fsdp2"}),
 }  # fmt: skip
 
 # (method, field of its section): cases for `Config.rules`

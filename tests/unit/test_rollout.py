@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from posttrain.algorithms.base import sequence_tensors
+from posttrain.rewards import RewardResult
 from posttrain.rollout.engine import HFEngine, Rollout
-from posttrain.rollout.source import RolloutSource, trim
+from posttrain.rollout.source import RolloutSource, rollout_statistics, trim
 
 EOS = 2  # <|im_end|> in the tiny tokenizer
 PROMPTS = ["hi", "hello there, friend", "x"]  # different lengths: left padding differs per row
@@ -600,3 +601,23 @@ def test_grouped_decoding_samples_what_one_generate_call_samples(eos_model, tiny
     assert torch.equal(grouped.completion_ids[mask], one_call.completion_ids[mask])
     torch.testing.assert_close(grouped.sampling_logps, one_call.sampling_logps, rtol=0, atol=1e-5)
     assert grouped.texts == one_call.texts
+
+
+def test_rollout_statistics_pool_every_process_s_samples():
+    """Process 0 scored rewards a = [1, 3] (one failure), process 1 a = [5, 7]; totals 2a. Pooled: a's mean
+    (1+3+5+7)/4 = 4 and population std sqrt((9+1+1+9)/4) = sqrt(5); totals 8 and 2 sqrt(5); failures 1 + 0;
+    lengths [2, 4] + [6, 8] -> mean 5, max 8; truncated [1, 0] + [0, 0] -> 1/4. A method's own statistic: 0.5 over
+    process 0's 2 samples and 0.25 over process 1's 2 -> (0.5 x 2 + 0.25 x 2) / 4 = 0.375; one both give alike
+    (a KL coefficient) as given. Process 0's share alone would log a mean of 2."""
+    def share(a, failures, lengths, truncated, extra):
+        result = RewardResult(total=[2 * x for x in a], per_function={"a": a}, failures=failures)
+        return {"result": result, "lengths": lengths, "truncated": truncated, "extra": extra}
+
+    shares = [share([1.0, 3.0], {"a": 1}, [2, 4], [True, False], {"frac": 0.5, "kl_coef": 0.1}),
+              share([5.0, 7.0], {}, [6, 8], [False, False], {"frac": 0.25, "kl_coef": 0.1})]  # fmt: skip
+    assert rollout_statistics(shares) == pytest.approx({
+        "reward/a_mean": 4.0, "reward/a_std": 5**0.5, "reward/failures_a": 1.0, "reward/total_mean": 8.0,
+        "reward/total_std": 2 * 5**0.5, "completion_length_mean": 5.0, "completion_length_max": 8.0,
+        "truncated_fraction": 0.25, "frac": 0.375, "kl_coef": 0.1}, rel=1e-12)  # fmt: skip
+    assert rollout_statistics(shares)["kl_coef"] == 0.1  # as given, not re-averaged
+    assert rollout_statistics(shares[:1])["reward/a_mean"] == 2.0

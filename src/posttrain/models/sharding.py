@@ -9,10 +9,13 @@ whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gl
 prove it: Accelerate does not shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of
 `accelerate launch`.
 
-Whole weights are needed in four places only, each a collective (every process calls it): checkpoints and the
-final model (`full_state`, gathered to the main process) and resuming (`load_full_state`), through
-torch.distributed.checkpoint's state-dict API; and a vLLM engine's weight push before a rollout, each pushed weight
-gathered on every process, whose vLLM holds the whole model (`whole`; `rollout.vllm_engine.policy_weights`).
+Whole weights are needed in three places only, each a collective (every process calls it): the final model
+(`full_state`, gathered to the main process), checkpoints of the whole layout (`run.whole_checkpoints`; resumed
+with `load_full_state`), through torch.distributed.checkpoint's state-dict API; and a vLLM engine's weight push
+before a rollout, each pushed weight gathered on every process, whose vLLM holds the whole model (`whole`;
+`rollout.vllm_engine.policy_weights`). Checkpoints of the sharded layout (the default) are never gathered: each
+process writes and reads back its own shards with torch.distributed.checkpoint (`save_shards`, `load_shards`);
+`read_shards` reads them whole in one process (scoring a checkpoint).
 Generation on the sharded model needs no gathering: `synced_forward` tells `generate` to keep every process stepping
 until all are done, since each forward of a sharded layer is a collective.
 
@@ -142,3 +145,62 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def _shard_options(**kwargs):
+    """The trained parameters only, each process's shards (DTensors) as they are: frozen weights come back from
+    the base model, so they are neither written nor expected back (`strict=False`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False, **kwargs)
+
+
+def save_shards(model: nn.Module, optimizer, folder) -> None:
+    """Write this process's shards of `model`'s trainable weights and of `optimizer`'s state into `folder` with
+    torch.distributed.checkpoint (DCP): one file per process (`__<rank>_0.distcp`, its shards only) and the main
+    process's `.metadata`, which records where each piece of each tensor lies (keys `model.<parameter>` and
+    `optimizer.state.<parameter>.<exp_avg|exp_avg_sq|step>`, `optimizer.param_groups...`). Nothing is gathered:
+    no process ever holds more than its own shards. A collective: every process calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_shard_options())
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=folder)
+
+
+def load_shards(model: nn.Module, optimizer, folder) -> None:
+    """Read back into a sharded `model` and its `optimizer` what `save_shards` wrote to `folder`: each process
+    reads the pieces of its own shards (DCP plans the reads from `.metadata`, so another sharding could be read
+    too; `trainer.checkpoint` allows only the one it was written with). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # This process's shards, as the targets DCP fills in place (the optimizer's state is created first, by a step
+    # at learning rate 0 with zero gradients, so that every tensor to fill exists).
+    weights, optim = get_state_dict(model, optimizer, options=_shard_options())
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_shard_options())  # fmt: skip
+
+
+def shard_keys(folder) -> set[str]:
+    """The parameter names whose weights `save_shards` wrote to `folder` (read from its `.metadata`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+
+
+def read_shards(folder, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole weights `save_shards` wrote to `folder`, read in this one process (no collective, whatever the
+    process group), for the names and shapes of `like` (e.g. a model's trainable parameters)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {n: torch.empty(t.shape, dtype=t.dtype) for n, t in like.items()}}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return state["model"]

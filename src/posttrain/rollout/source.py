@@ -14,7 +14,8 @@ carry no loss (`ScoredRollout.trains`). When every reward function fails on ever
 first failure happened: there is no reward signal left to learn from.
 
 Generation time and reward statistics ride along as each `Step`'s metrics, so the loop logs `gen_time_s` apart
-from the training time. It does not compute any loss.
+from the training time. With several processes the statistics cover every process's samples, not the main
+process's share (`rollout_statistics`); the times are this process's. It does not compute any loss.
 
 Every prompt is sampled once per epoch (`plan_rollouts`): the last rollout of an epoch takes the prompts left
 over and is smaller, unless some process's share of them could not fill each of its optimisation steps with at
@@ -40,7 +41,13 @@ from posttrain.data.order import EpochPlan, epoch_order
 from posttrain.data.prompts import PromptExample
 from posttrain.errors import ConfigError, NoRewardSignal
 from posttrain.models.heads import language_model
-from posttrain.rewards import build_reward_functions, compute_rewards, parse_reward_specs, reward_metrics
+from posttrain.rewards import (
+    RewardResult,
+    build_reward_functions,
+    compute_rewards,
+    parse_reward_specs,
+    reward_metrics,
+)
 from posttrain.rewards.overlong import OVERLONG
 from posttrain.rollout.engines import get_engine
 from posttrain.rollout.samples import SampleLog
@@ -114,6 +121,38 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
     return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))
 
 
+def rollout_statistics(shares: list[dict]) -> dict[str, float]:
+    """One rollout's logged statistics over every process's share of its samples (`shares`, in rank order; one
+    share in a single process), so that they do not depend on how many processes sampled it. A share holds its
+    samples' rewards (`result`, a `RewardResult` whose `total` is after the overlong treatment), `lengths` and
+    `truncated` flags, and the method's own statistics of its samples (`extra`, from `Rollouts.process`).
+
+    The rewards' means and (population) standard deviations, the lengths' mean and maximum and the truncated share
+    are those of all the samples together; failure counts are summed. A method's own statistic is logged as given
+    where every process gives the same value (PPO's KL coefficient), else averaged over the processes weighted by
+    their numbers of samples: the all-sample value for means over sequences or groups (GRPO's
+    `uniform_group_fraction`, `reward_std_in_group`, PPO's `kl`, `score_mean`), a weighted mean of the processes'
+    values for the others (PPO's `explained_variance`, token means such as `returns_mean`)."""
+    results = [s["result"] for s in shares]
+    names = list(results[0].per_function)
+    failed = list(dict.fromkeys(k for r in results for k in r.failures))
+    pooled = RewardResult(total=[x for r in results for x in r.total],
+                          per_function={n: [x for r in results for x in r.per_function[n]] for n in names},
+                          failures={n: sum(r.failures.get(n, 0) for r in results) for n in failed})  # fmt: skip
+    lengths = torch.tensor([x for s in shares for x in s["lengths"]], dtype=torch.float32)
+    out = {
+        **reward_metrics(pooled),
+        "completion_length_mean": float(lengths.mean()),
+        "completion_length_max": float(lengths.max()),
+        "truncated_fraction": float(torch.tensor([x for s in shares for x in s["truncated"]]).float().mean()),
+    }
+    for key in dict.fromkeys(k for s in shares for k in s["extra"]):
+        given = [(float(s["extra"][key]), len(s["lengths"])) for s in shares if key in s["extra"]]
+        same = all(v == given[0][0] for v, _ in given)
+        out[key] = given[0][0] if same else sum(v * n for v, n in given) / sum(n for _, n in given)
+    return out
+
+
 class RolloutSource:
     """Rollouts as a `BatchSource`: `steps(start_step)` yields each step's micro-batches and metrics."""
 
@@ -177,20 +216,20 @@ class RolloutSource:
         rewards = overlong.rewards(torch.tensor(result.total, dtype=torch.float32), rollout.truncated, lengths, rc)
         trains = overlong.trains(rollout.truncated)
         self.samples.write(index, per_seq, rollout, result, rewards)  # every Nth rollout, main process only
-        lengths = lengths.float()
-        metrics = {
-            # reward/total_*: the rewards the algorithm uses, after the overlong treatment
-            **reward_metrics(dataclasses.replace(result, total=rewards.tolist())),
-            "completion_length_mean": float(lengths.mean()),
-            "completion_length_max": float(lengths.max()),
-            "truncated_fraction": float(rollout.truncated.float().mean()),
-            "gen_time_s": gen_time,
-            "reward_time_s": reward_time,
-            "rollout": float(index),
-        }
+        # reward/total_*: the rewards the algorithm uses, after the overlong treatment
+        share = {"result": dataclasses.replace(result, total=rewards.tolist()), "lengths": lengths.tolist(),
+                 "truncated": rollout.truncated.tolist()}  # fmt: skip
+        times = {"gen_time_s": gen_time, "reward_time_s": reward_time, "rollout": float(index)}
+        metrics = {**rollout_statistics([{**share, "extra": {}}]), **times}  # this process's, for `process`
         t2 = time.perf_counter()
         tensors, extra = self.process(ScoredRollout(rollout, per_seq, rewards, metrics, trains), self.context)
-        metrics.update(extra)
+        shares = [{**share, "extra": extra}]
+        if self.world > 1:  # every process's share, in rank order (a collective: each process makes every rollout)
+            from accelerate.utils import gather_object
+
+            shares = gather_object(shares)
+        stats = rollout_statistics(shares)
+        metrics = {**{k: v for k, v in stats.items() if k not in extra}, **times, **{k: stats[k] for k in extra}}
         metrics["prepare_time_s"] = time.perf_counter() - t2
         return tensors, metrics
 

@@ -24,7 +24,7 @@ import torch
 from posttrain.algorithms.base import Algorithm, Batch, BatchSource, Mean, Step
 from posttrain.algorithms.common import normalise_loss
 from posttrain.errors import NoRewardSignal, TrainingDiverged
-from posttrain.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from posttrain.trainer.checkpoint import latest_checkpoint, layout_of, save_checkpoint
 from posttrain.trainer.metrics import MetricsLogger
 
 
@@ -207,7 +207,8 @@ def training_loop(
             if accelerator.device.type == "cuda":  # the caching allocator's peak of tensor memory on this GPU
                 record["peak_cuda_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
             # Step-level metrics (reward means, generation time) are logged as given, not divided by loss units:
-            # this process's values (rank 0's are the ones logged).
+            # the batch source's values (a rollout's statistics cover every process's samples; its times are the
+            # main process's).
             record.update(work.metrics)
             if step % run.log_every == 0 or step == total_steps:
                 logger.log(record)
@@ -234,7 +235,7 @@ def training_loop(
             if (run.save_every and step % run.save_every == 0) or step == total_steps:
                 save_checkpoint(
                     accelerator, run_dir, step, model, optimizer, scheduler, keep=run.keep_checkpoints,
-                    source=batch_source,
+                    source=batch_source, layout=layout_of(run),
                 )
                 last_saved = step
     finally:
@@ -261,7 +262,7 @@ def _handle_divergence(
     if good > 0 and good != last_saved:
         save_checkpoint(
             accelerator, run_dir, good, model, optimizer, scheduler, keep=run.keep_checkpoints,
-            source=batch_source,
+            source=batch_source, layout=layout_of(run),
         )
     ckpt = latest_checkpoint(run_dir)
     what = "the loss" if not loss_finite else f"the gradient norm ({grad_norm})"
