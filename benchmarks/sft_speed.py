@@ -53,7 +53,8 @@ def dense_parameter_count(model) -> int:
     return sum(p.numel() for p in dense.parameters())
 
 
-def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float) -> dict:
+def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float,
+          profile: bool = False) -> dict:  # fmt: skip
     """One technique, measured inside this process."""
     import torch
 
@@ -82,17 +83,22 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     total = dense_parameter_count(model)
     opt = build_optimizer(model, cfg.optim)
     times, tokens = [], []
-    for i in range(steps + 1):  # step 0 is a warm-up, not timed
-        batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
-        t = time.perf_counter()
+
+    def step(batch):
         loss_sum, _ = algo.loss_fn(model, batch, cfg)
         (loss_sum / algo.loss_units(batch)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for i in range(steps + 1):  # step 0 is a warm-up, not timed
+        batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
+        t = time.perf_counter()
+        step(batch)
         if i:
             times.append(time.perf_counter() - t)
             tokens.append(int(batch["attention_mask"].sum()))
+    top = profile_step(step, batch) if profile else None
     os.unlink(tmp)
     step_s = sum(times) / len(times)
     return {
@@ -103,7 +109,23 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         "tokens_per_step": sum(tokens) / len(tokens),
         "tokens_per_s": sum(tokens) / sum(times),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        **({"profile": top} if top else {}),
     }
+
+
+def profile_step(step, batch, rows: int = 10) -> list[dict]:
+    """One more step under `torch.profiler`: the ops with the most self CPU time, their share of the step, and
+    the GFLOP/s of those whose FLOPs the profiler counts (the matrix products)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        step(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]
+    return [{"op": e.key, "calls": e.count, "ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "gflops": e.flops / (e.self_cpu_time_total * 1e-6) / 1e9 if e.flops and e.self_cpu_time_total else None}
+            for e in top]  # fmt: skip
 
 
 def own_flops_per_token(row: dict) -> float:
@@ -122,11 +144,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=320)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--profile", action="store_true", help="also profile one step per technique (torch.profiler)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout)))
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout,
+                               args.profile)))  # fmt: skip
         return
 
     from posttrain.cli import allocator
@@ -147,6 +171,7 @@ def main() -> None:
             str(args.max_length),
             "--lora-dropout",
             str(args.lora_dropout),
+            *(["--profile"] if args.profile else []),
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if library := allocator.choose(os.environ):  # what `posttrain train` runs under (posttrain.cli.allocator)
@@ -178,6 +203,13 @@ def main() -> None:
             f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
             f"{100 * r['flop_utilisation']:.0f}% | {100 * r['own_flop_utilisation']:.0f}% |"
         )
+    for r in rows:
+        if "profile" in r:
+            print(f"\n{r['technique']}: one step under torch.profiler, the ops with the most self CPU time\n")
+            print("| op | calls | ms | share of the step | GFLOP/s |\n|---|---|---|---|---|")
+            for e in r["profile"]:
+                rate = f"{e['gflops']:.0f}" if e["gflops"] else "-"
+                print(f"| {e['op']} | {e['calls']} | {e['ms']:.0f} | {100 * e['share']:.1f}% | {rate} |")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ MATCHED: dict[str, str] = {
                 "save excluded)",
     "known differences": "TRL renders a completion as prompt+completion minus prompt, so it also trains (SFT) "
                          "and scores (DPO) the newline the chat template writes after <|im_end|>: one token more "
-                         "per sequence than posttrain, which stops at <|im_end|>. TRL uses its default fused "
-                         "AdamW (adamw_torch_fused), posttrain torch's AdamW",
+                         "per sequence than posttrain, which stops at <|im_end|>. Both use torch's fused AdamW "
+                         "kernel (TRL's default adamw_torch_fused; posttrain's build_optimizer where it applies)",
 }  # fmt: skip
 
 

@@ -30,11 +30,22 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         raise ConfigError("the model has no trainable parameters; check technique.name and target_modules")
     # Sorted: body before head, decayed before not (the order checkpoints expect; the loop logs group 0's rate).
     # Standard practice (e.g. nanoGPT, HF Trainer): no weight decay on biases and norm gains (1-D tensors).
+    trained = [p for group in groups.values() for p in group]
     return torch.optim.AdamW(
         [{"params": groups[head, flat], "lr": cfg.head_lr if head else cfg.lr,
           "weight_decay": 0.0 if flat else cfg.weight_decay} for head, flat in sorted(groups)],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=_fusable(trained),
     )  # fmt: skip
+
+
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: on the CPU or a GPU, in a floating dtype, and not
+    sharded DTensors (FSDP2), for which the per-tensor path stays. The fused kernel is the same update in one pass
+    over each tensor (3.7x faster than the default multi-tensor path over the 135M model's weights on 2 CPU cores:
+    0.068 s against 0.252 s a step, benchmarks/README.md); it rounds differently in the last bits (1e-10 on weights
+    of 1 after 5 steps, tests/unit/test_optim.py). TRL's default (`adamw_torch_fused`) is the same kernel."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               and not hasattr(p, "placements") for p in params)  # fmt: skip
 
 
 def lr_factor(step: int, *, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
