@@ -342,8 +342,12 @@ def no_grad_chunks(
 def chunked_token_logps(
     model, tensors: dict[str, torch.Tensor], target_key: str, chunk: int, *, temperature: float = 1.0
 ) -> torch.Tensor:
-    """`selected_token_logps` of `tensors[target_key]`'s positions (N, T), `chunk` rows per forward, no gradient;
-    rows that share a prompt (`tensors[GROUP_KEY]`, when given) share it within each chunk."""
+    """`selected_token_logps` of `tensors[target_key]`'s positions (N, T), `chunk` rows per forward, no gradient.
+
+    Rows that share a prompt (`tensors[GROUP_KEY]`, when given) are put next to each other first (a stable sort
+    by group; the results come back in the given order), so that a chunk holds whole groups and shares their
+    prompts: a DPO batch (B chosen rows, then B rejected) would otherwise be cut between its two halves. The
+    chunks are as many, of as many rows, as without groups."""
     inputs = ("input_ids", "attention_mask", "position_ids")
 
     def one(part):
@@ -352,5 +356,9 @@ def chunked_token_logps(
             groups=part.get(GROUP_KEY),
         )[0]  # fmt: skip
 
-    carried = (*inputs, target_key, GROUP_KEY)
-    return no_grad_chunks(one, model, {k: v for k, v in tensors.items() if k in carried}, chunk)
+    carried = {k: v for k, v in tensors.items() if k in (*inputs, target_key, GROUP_KEY)}
+    if GROUP_KEY not in carried:
+        return no_grad_chunks(one, model, carried, chunk)
+    order = torch.sort(carried[GROUP_KEY].cpu(), stable=True).indices  # (N,): each group's rows together
+    logps = no_grad_chunks(one, model, {k: v[order.to(v.device)] for k, v in carried.items()}, chunk)
+    return logps[torch.argsort(order)]  # back in the rows' own order
