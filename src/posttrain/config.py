@@ -95,6 +95,13 @@ class DataConfig(_Section):
     """Which tokens the loss counts: only the assistant/completion tokens, or every token."""
     packing: bool = False
     """Pack several examples into one row of `max_length` tokens; examples never attend to each other."""
+    share_prompt: bool = True
+    """dpo, grpo, rloo: score the sequences that begin with the same prompt (a preference pair; a group's
+    completions) in one row each, the prompt once, then every continuation, under an attention mask that lets each
+    continuation see the prompt and its own tokens only (Wang & Hegde 2024, prefix sharing): the same log-probs
+    and gradients (float rounding aside) from fewer tokens. For the policy, reference and old log-prob forwards.
+    Models whose attention cannot take such a mask (flash-attention, flex attention, a sliding window shorter than
+    the row) run the padded rows instead, with a note. false: always padded rows (docs/preference.md)."""
     shuffle: bool = True
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
 

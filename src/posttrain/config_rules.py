@@ -93,11 +93,11 @@ def method_reads(field: str) -> When:
 
 
 # Shared fields that only some methods read; each method lists those it reads in its section's `run_fields`.
-METHOD_FIELDS = ("data.eval", "data.train_on", "data.packing", "optim.head_lr")
+METHOD_FIELDS = ("data.eval", "data.train_on", "data.packing", "data.share_prompt", "optim.head_lr")
 
 # field -> when the code reads it. Where to look: technique.* models/loading.py and adapters.py (LoRA config only
 # under lora/qlora, bitsandbytes only under qlora); data.train_on and data.packing algorithms/sft.py only (DPO and
-# reward render pairs, RL renders prompts); optim.* trainer/optim.py; run.* train.py and trainer/loop.py.
+# reward render pairs, RL renders prompts); data.share_prompt algorithms/dpo.py, grpo.py, rloo.py; optim.* trainer/optim.py; run.* train.py and trainer/loop.py.
 APPLIES: dict[str, When] = {
     "model.name": ALWAYS,
     "model.dtype": ALWAYS,
@@ -122,6 +122,9 @@ APPLIES: dict[str, When] = {
         "Preference pairs always score the responses; RL scores the completions."
     ),
     "data.packing": method_reads("data.packing"),
+    "data.share_prompt": method_reads("data.share_prompt").because(
+        "Only DPO, GRPO and RLOO score several sequences that share a prompt."
+    ),
     "data.shuffle": ALWAYS,
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,

@@ -37,6 +37,7 @@ SHARED_CASES = {
     "data.eval": ("held.jsonl", GRPO, REWARD),
     "data.train_on": ("all", DPO, SFT),
     "data.packing": ("true", REWARD, SFT),
+    "data.share_prompt": ("false", PPO, GRPO),
     "optim.min_lr_ratio": (0.1, {"optim.schedule": "constant"}, {"optim.schedule": "cosine"}),
     "optim.head_lr": (1e-3, DPO, REWARD),
     "run.epochs": (2, {"run.max_steps": 10}, {"run.max_steps": "null"}),

@@ -41,6 +41,7 @@ from posttrain.algorithms.common import masked_sum
 from posttrain.algorithms.reward import pair_accuracy
 from posttrain.config import AlgorithmSection
 from posttrain.config_rules import When, is_, is_not
+from posttrain.data.collate import GROUP_KEY
 from posttrain.data.preference import prepare_pairs
 from posttrain.models.logprobs import selected_token_logps
 
@@ -69,7 +70,7 @@ class Config(AlgorithmSection):
     run folder (one model in memory); `copy`: a second frozen model. `auto`: adapter under lora/qlora, else
     precompute."""
 
-    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval"})
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         "label_smoothing": is_("algorithm.loss_type", "sigmoid"),
         "ipo_logps": is_("algorithm.loss_type", "ipo"),
@@ -190,10 +191,12 @@ def simpo_loss(
 
 # ---------------------------------------------------------------------------------------------------------------
 # On the shared loop: pairs (`data.preference.prepare_pairs`) -> one concatenated forward (B chosen rows, then B
-# rejected rows) -> dpo_loss. The reference (`models.reference`) is held one of three ways (`algorithm.reference`):
-# the base with the adapter disabled (LoRA/QLoRA: no second model), log-probs precomputed in one pass and cached
-# in the run folder (one model in memory), or a frozen copy; the batch source adds its log-probs to every batch
-# (`ref_logps`). `simpo` needs no reference at all.
+# rejected rows; under `data.share_prompt`, B rows [prompt, chosen, rejected], each prompt encoded once:
+# `models.prefix_sharing`) -> dpo_loss. The reference (`models.reference`) is held one of three ways
+# (`algorithm.reference`): the base with the adapter disabled (LoRA/QLoRA: no second model), log-probs
+# precomputed in one pass and cached in the run folder (one model in memory), or a frozen copy; the batch source
+# adds its log-probs to every batch (`ref_logps`; its forwards share the prompts too). `simpo` needs no reference
+# at all.
 
 
 def reference_mode(cfg) -> str:
@@ -204,6 +207,11 @@ def reference_mode(cfg) -> str:
     if d.reference != "auto":
         return d.reference
     return "adapter" if cfg.technique.name in ("lora", "qlora") else "precompute"
+
+
+def prepare(cfg, tokenizer):
+    """The run's pairs, in batches that say which rows share a prompt under `data.share_prompt`."""
+    return prepare_pairs(cfg, tokenizer, share_prompt=cfg.data.share_prompt)
 
 
 def _pair_inputs(batch):
@@ -220,7 +228,8 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     B = loss_units(batch)
     mask = batch["loss_mask"]
     ref = batch["ref_logps"] if reference_mode(cfg) != "none" else None  # (2B, T), from the batch source
-    logps, _ = selected_token_logps(model, _pair_inputs(batch), mask)  # (2B, T), one forward for both sides
+    # (2B, T), one forward for both sides; each pair in one row, its prompt once, when the batch says so
+    logps, _ = selected_token_logps(model, _pair_inputs(batch), mask, groups=batch.get(GROUP_KEY))
     seq = logps.sum(-1)  # (2B,)
     target = mask.bool().clone()
     target[:, 0] = False  # the scored response tokens (nothing predicts column 0)
@@ -260,6 +269,6 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 ALGORITHM = Algorithm(
-    name="dpo", config=Config, prepare=prepare_pairs, loss_fn=loss_fn, loss_units=loss_units, reference=reference_mode,
+    name="dpo", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units, reference=reference_mode,
     key_metric="reward_accuracy",
 )  # fmt: skip

@@ -74,6 +74,7 @@ class Config(RLSection):
     drop_uniform_groups: bool = False
     """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
 
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
         "log_kl": is_("algorithm.beta", 0.0).because(
@@ -299,6 +300,7 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     g, rc = cfg.algorithm, cfg.algorithm.rollout
     G = g.num_generations
     tensors = sequence_tensors(scored.rollout)
+    rl.mark_groups(cfg, tensors, G)  # a group's rows share their prompt's forward
     batch_rewards = None
     acc = ctx.accelerator
     if g.scale == "batch" and acc.num_processes > 1:

@@ -7,7 +7,7 @@ cheaply, by the rollout source; a reward model loads on its first call.
 
 Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs, and `tis` for truncated
 importance sampling; GRPO and RLOO, whose one-step rollouts take their old log-probs from the loss forward, share
-`policy_logps` and `step_token_means`.
+`policy_logps` and `step_token_means`; and `mark_groups`, which lets their forwards encode each group's prompt once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from posttrain.algorithms.base import Mean
 from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, tis_weights
+from posttrain.data.collate import GROUP_KEY
 from posttrain.data.prepared import PreparedData
 from posttrain.data.prompts import read_prompt_rows, render_prompts
 from posttrain.models.logprobs import selected_token_logps
@@ -42,13 +43,24 @@ def reference_mode(cfg, needed: bool) -> str:
     return "adapter" if cfg.technique.name in ("lora", "qlora") else "copy"
 
 
+def mark_groups(cfg, tensors: dict[str, torch.Tensor], group_size: int) -> None:
+    """Under `data.share_prompt`, give a rollout's rows (prompt by prompt, `group_size` contiguous completions
+    each) their group's id as `prompt_group` (N,): the old, reference and training forwards then run each group's
+    rows in a micro-batch as one row, the prompt once (`models.prefix_sharing`); a micro-batch holding part of a
+    group runs that part so. Row selections (a dropped group, a shuffled pass) carry the ids along."""
+    if cfg.data.share_prompt:
+        n = tensors["input_ids"].shape[0]
+        tensors[GROUP_KEY] = torch.arange(n // group_size).repeat_interleave(group_size)  # (N,)
+
+
 def policy_logps(model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The policy's log-probs and entropy (B, T) on the completion tokens, and the old log-probs the ratio uses:
     the rollout's, fixed before any update, when it feeds several steps; else these, detached (ratio 1: the
-    policy is the sampler, and no extra forward is needed)."""
+    policy is the sampler, and no extra forward is needed). Rows of one group share their prompt's forward when
+    the batch marks them (`mark_groups`)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     logps, entropy = selected_token_logps(model, inputs, batch["completion_mask"], temperature=temperature,
-                                          with_entropy=True)  # fmt: skip
+                                          with_entropy=True, groups=batch.get(GROUP_KEY))  # fmt: skip
     return logps, entropy, batch["old_logps"] if "old_logps" in batch else logps.detach()
 
 

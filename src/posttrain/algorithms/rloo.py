@@ -60,6 +60,7 @@ class Config(RLSection):
     """Clip of the per-token importance ratio, for rollouts that feed several optimisation steps (on-policy the
     ratio is 1 and nothing is clipped)."""
 
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = dict(RLSection.rules)
 
     def group_size(self) -> int:
@@ -151,6 +152,7 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     cfg = ctx.cfg
     a, rc = cfg.algorithm, cfg.algorithm.rollout
     tensors = sequence_tensors(scored.rollout)
+    rl.mark_groups(cfg, tensors, a.num_generations)  # a group's rows share their prompt's forward
     mask = tensors["completion_mask"]
     extra: dict[str, float] = {}
     rewards = scored.rewards

@@ -33,6 +33,11 @@ from posttrain.data.render import Rendered
 if TYPE_CHECKING:
     import torch
 
+GROUP_KEY = "prompt_group"
+"""The batch column (B,) that says which rows begin with the same prompt (equal ids): a DPO pair's two rows
+(`preference.collate_pairs`), an RL group's completions. The log-prob forwards run each such group as one row,
+the prompt once (`models.prefix_sharing`); a batch without it is scored row by row."""
+
 
 def collate(rendered: Sequence[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest: ``input_ids``, ``attention_mask``, ``loss_mask``, each (B, T) long."""

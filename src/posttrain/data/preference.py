@@ -20,7 +20,10 @@ warns once with the count.
 `collate_pairs` stacks the B chosen sequences (prompt + chosen) on top of the B rejected ones (prompt +
 rejected): ``input_ids``, ``attention_mask``, ``loss_mask``, each (2B, T), so a DPO or reward-model step scores
 both sides in one forward pass; row ``b`` and row ``B + b`` are the two sides of pair ``b``; ``margin`` (B,) is
-each pair's margin column. `prepare_pairs` reads and renders a run's pairs.
+each pair's margin column. With ``share_prompt`` (DPO under `data.share_prompt`), ``prompt_group`` (2B,) says
+that rows ``b`` and ``B + b`` share their prompt: the log-prob forwards then run each pair as one row, [prompt,
+chosen, rejected], the prompt encoded once (`models.prefix_sharing`). `prepare_pairs` reads and renders a run's
+pairs.
 
 Letters: B pairs in the batch, T tokens per row.
 
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.data.collate import collate
+from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import Rendered, render_all, render_sft
 from posttrain.data.schema import load_rows, normalise_row
@@ -140,16 +143,19 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
     return out
 
 
-def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, Any]:
+def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int, *, share_prompt: bool = False) -> dict[str, Any]:
     """Chosen rows then rejected rows, right-padded to the longest of all 2B: each tensor (2B, T) long.
 
     ``loss_mask`` is 1 on scored response tokens only (the trainer shifts: the logits at ``t - 1`` predict
-    token ``t``). The number of pairs is ``input_ids.shape[0] // 2``.
+    token ``t``). The number of pairs is ``input_ids.shape[0] // 2``. `share_prompt` adds ``prompt_group``
+    (2B,): pair ``b``'s two rows carry ``b`` (module docstring).
 
     >>> p = RenderedPair([7, 8], [5, 2], [6, 6, 2])
     >>> out = collate_pairs([p], pad_id=0)
     >>> out["input_ids"].tolist(), out["loss_mask"].tolist(), out["margin"].tolist()
     ([[7, 8, 5, 2, 0], [7, 8, 6, 6, 2]], [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], [0.0])
+    >>> collate_pairs([p, p], pad_id=0, share_prompt=True)["prompt_group"].tolist()
+    [0, 1, 0, 1]
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
@@ -157,12 +163,15 @@ def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int) -> dict[str, Any]:
 
     batch = collate([p.chosen() for p in pairs] + [p.rejected() for p in pairs], pad_id)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
+    if share_prompt:
+        batch[GROUP_KEY] = torch.arange(len(pairs)).repeat(2)  # (2B,)
     return batch
 
 
-def prepare_pairs(cfg, tokenizer) -> PreparedData:
+def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData:
     """The preference pairs of a DPO or reward-model run (`data.train`, `data.eval`), read, validated and
-    rendered before any model loads; truncation warnings become run notes."""
+    rendered before any model loads; truncation warnings become run notes. `share_prompt`: batches say which
+    rows share a prompt (`collate_pairs`)."""
     if not cfg.data.train:
         raise ConfigError(
             "data.train is not set: give a preference file (e.g. `posttrain data make --kind preference`)"
@@ -182,6 +191,7 @@ def prepare_pairs(cfg, tokenizer) -> PreparedData:
     evals = render(cfg.data.eval) if cfg.data.eval else None
     known = all(p.line is not None for p in train)
     return PreparedData(
-        train=train, eval=evals, collate=functools.partial(collate_pairs, pad_id=pad_id), notes=notes,
+        train=train, eval=evals, collate=functools.partial(collate_pairs, pad_id=pad_id, share_prompt=share_prompt),
+        notes=notes,
         train_lines=[(p.line,) for p in train] if known else None,
     )  # fmt: skip

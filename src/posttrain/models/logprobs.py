@@ -11,6 +11,11 @@ log-probs, the sampler/trainer gap and preference evaluation all call these, so 
 - `no_grad_chunks`: any of these over a large batch, a chunk at a time, in eval mode and without gradient
   (old log-probs, references, values).
 
+Rows that share a prompt (a DPO pair, a GRPO group: the batch's `prompt_group` column says which) are scored in
+one packed row each, the prompt encoded once (`prefix_sharing`), when the model's attention can take the mask
+that needs; otherwise, and when no groups are given, as the padded rows they are. Either way the log-probs come
+back aligned with the padded batch, (B, T).
+
 Memory: the (N, V) logits, their log-softmax and their gradient are the largest tensors of a small model's step
 (N = 4,000 response tokens x V = 49,152 is 0.8 GB each in float32). `head_logps` never holds them for more than
 `LOGIT_CHUNK_ELEMENTS / V` rows at once: each chunk's logits are computed, reduced to N numbers and freed, and
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix
 from posttrain.models.sharding import is_sharded
 
 LOGIT_CHUNK_ELEMENTS = 2**24
@@ -224,6 +230,39 @@ def head_logps(
     return torch.cat(picked), (torch.cat(entropy) if with_entropy else None)
 
 
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}")
+
+
+def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:  # fmt: skip
+    """The forward's inputs with each group of rows packed into one row (`prefix_sharing.share_prefix`), and the
+    flat index (N,) into the packed (R x S) positions of each `keep` position; None (with a note, once) when the
+    model or the layout cannot take it, so the rows run as they are."""
+    rows = share_prefix(inputs, groups)
+    if rows is None:
+        _note_once("rows whose real tokens are not one run from position 0 are scored without sharing their prompt")
+        return None
+    lm = causal_lm_of(model)
+    kind, why = mask_kind(lm.config, rows.input_ids.shape[1])
+    if kind is None:
+        _note_once(f"prompts are not shared between rows ({why}): the rows are scored as they are, padded")
+        return None
+    where = rows.index[keep]  # (N,)
+    if bool((where < 0).any()):  # a position that predicts a target is padding: nothing to share it with
+        return None
+    # An additive mask in the dtype transformers' own eager mask has: the embeddings' (the hidden states').
+    dtype = lm.get_input_embeddings().weight.dtype
+    packed = {"input_ids": rows.input_ids, "position_ids": rows.position_ids,
+              "attention_mask": rows.attention_mask(kind, dtype)}  # fmt: skip
+    return packed, where
+
+
 def selected_token_logps(
     model,
     inputs: dict[str, torch.Tensor],
@@ -231,31 +270,47 @@ def selected_token_logps(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token t | tokens < t) at the positions where `target_mask[:, t]` is 1; 0 elsewhere.
 
     inputs: the model's keyword inputs (`input_ids`, optional `attention_mask`, `position_ids`), (B, T);
-    target_mask: (B, T), marks the tokens to score (response or completion tokens; column 0 is never scored).
-    Returns (logps (B, T), entropy (B, T) or None), float32, aligned with `input_ids`.
+    target_mask: (B, T), marks the tokens to score (response or completion tokens; column 0 is never scored);
+    groups: (B,) ids of rows that share their prompt (`GROUP_KEY`), or None. Returns (logps (B, T), entropy
+    (B, T) or None), float32, aligned with `input_ids`.
 
     Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
     a time (`head_logps`; in one go, inside the forward, for an FSDP2-sharded model): prompt positions need hidden
     states but no logits, and the (B, T, V) logits are the largest activation of a small model. The logits come
     from the model's own forward, with its own post-processing (Gemma's softcapping, Cohere's logit scale).
     `temperature` divides them first, so that the log-probabilities are those of the distribution the rollout
-    sampled from.
+    sampled from. With `groups`, each group's rows run as one packed row with their prompt once
+    (`prefix_sharing`), when the model's attention can take it: the same log-probs, fewer tokens.
     """
     target, keep = target_positions(target_mask)
     # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
     targets = inputs["input_ids"][target]
+    shared = _shared_prompt_inputs(model, inputs, groups, keep) if groups is not None else None
+    forward_inputs = inputs if shared is None else shared[0]
     if is_sharded(unwrap_parallel(model)):
         # FSDP2 gathers the output layer's weights only inside the root forward, and each process may have a
         # different number of chunks (collectives must match): one projection of the kept rows, in the forward.
-        logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)
+        # (One forward per call whether rows are packed or not, so every process still runs as many.)
+        if shared is None:
+            logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)
+        else:
+            where = shared[1]
+            packed_keep = torch.zeros(forward_inputs["input_ids"].numel(), dtype=torch.bool, device=where.device)
+            packed_keep[where] = True  # a prompt's last position predicts the first token of every continuation
+            rank = packed_keep.cumsum(0) - 1  # row of each kept packed position among the projected ones
+            packed_keep = packed_keep.view_as(forward_inputs["input_ids"])
+            logits = selected_logits(model(**forward_inputs, use_cache=False, logits_to_keep=packed_keep).logits,
+                                     packed_keep)[rank[where]]  # (N, V)  # fmt: skip
         picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
     else:
-        hidden = last_hidden_states(model, inputs)  # (B, T, H)
-        picked, entropy = head_logps(model, hidden[keep], targets, temperature=temperature, with_entropy=with_entropy)
+        hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
+        kept = hidden[keep] if shared is None else hidden.flatten(0, 1)[shared[1]]  # (N, H)
+        picked, entropy = head_logps(model, kept, targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)
 
 
@@ -287,12 +342,23 @@ def no_grad_chunks(
 def chunked_token_logps(
     model, tensors: dict[str, torch.Tensor], target_key: str, chunk: int, *, temperature: float = 1.0
 ) -> torch.Tensor:
-    """`selected_token_logps` of `tensors[target_key]`'s positions (N, T), `chunk` rows per forward, no gradient."""
+    """`selected_token_logps` of `tensors[target_key]`'s positions (N, T), `chunk` rows per forward, no gradient.
+
+    Rows that share a prompt (`tensors[GROUP_KEY]`, when given) are put next to each other first (a stable sort
+    by group; the results come back in the given order), so that a chunk holds whole groups and shares their
+    prompts: a DPO batch (B chosen rows, then B rejected) would otherwise be cut between its two halves. The
+    chunks are as many, of as many rows, as without groups."""
     inputs = ("input_ids", "attention_mask", "position_ids")
 
     def one(part):
         return selected_token_logps(
-            model, {k: part[k] for k in inputs if k in part}, part[target_key], temperature=temperature
-        )[0]
+            model, {k: part[k] for k in inputs if k in part}, part[target_key], temperature=temperature,
+            groups=part.get(GROUP_KEY),
+        )[0]  # fmt: skip
 
-    return no_grad_chunks(one, model, {k: v for k, v in tensors.items() if k in (*inputs, target_key)}, chunk)
+    carried = {k: v for k, v in tensors.items() if k in (*inputs, target_key, GROUP_KEY)}
+    if GROUP_KEY not in carried:
+        return no_grad_chunks(one, model, carried, chunk)
+    order = torch.sort(carried[GROUP_KEY].cpu(), stable=True).indices  # (N,): each group's rows together
+    logps = no_grad_chunks(one, model, {k: v[order.to(v.device)] for k, v in carried.items()}, chunk)
+    return logps[torch.argsort(order)]  # back in the rows' own order
