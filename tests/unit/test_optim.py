@@ -56,3 +56,16 @@ def test_sharded_or_integer_parameters_keep_the_per_tensor_path():
     p.placements = ("Shard(0)",)  # what an FSDP2 DTensor parameter carries
     assert not _fusable([p])
     assert not _fusable([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+
+
+def test_every_step_bumps_the_version_counters_that_say_weights_changed():
+    from posttrain.rollout.vllm_engine import weight_versions
+
+    model = _Two()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    assert opt.defaults["fused"] is True
+    before = weight_versions(model)
+    model.w.grad, model.b.grad = torch.ones(8, 6), torch.ones(6)
+    opt.step()
+    after = weight_versions(model)
+    assert all(a > b for a, b in zip(after, before, strict=True))  # the fused kernel alone leaves them as they were

@@ -31,11 +31,22 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     # Sorted: body before head, decayed before not (the order checkpoints expect; the loop logs group 0's rate).
     # Standard practice (e.g. nanoGPT, HF Trainer): no weight decay on biases and norm gains (1-D tensors).
     trained = [p for group in groups.values() for p in group]
-    return torch.optim.AdamW(
+    fused = _fusable(trained)
+    optimizer = torch.optim.AdamW(
         [{"params": groups[head, flat], "lr": cfg.head_lr if head else cfg.lr,
           "weight_decay": 0.0 if flat else cfg.weight_decay} for head, flat in sorted(groups)],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=_fusable(trained),
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused,
     )  # fmt: skip
+    if fused:
+        optimizer.register_step_post_hook(_bump_versions)
+    return optimizer
+
+
+def _bump_versions(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After a fused step: bump each parameter's in-place version counter, as the per-tensor kernels' in-place
+    updates do and the fused kernel does not (torch 2.13). What reads the counters as "these weights changed"
+    (`rollout.vllm_engine.weight_versions`, which decides when to push weights to vLLM) then sees every step."""
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def _fusable(params: list[torch.nn.Parameter]) -> bool:
