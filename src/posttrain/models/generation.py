@@ -223,7 +223,6 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
     # the shared prefix, short of every row's last token (each row must feed at least one token of its own)
     shared = 0
     if len(rows) > 1 and _shared_prefix_is_exact(model, max(map(len, rows)) + gen_cfg.max_new_tokens):
@@ -232,11 +231,9 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
             shared += 1
     if shared:
         prefix = torch.tensor([rows[0][:shared]], device=device)  # (1, p)
-        once = copy.copy(gen_cfg)
-        once.max_new_tokens = 1  # fills the cache with the prefix; the token it picks is not used
-        model.generate(input_ids=prefix, attention_mask=torch.ones_like(prefix), generation_config=once,
-                       **{_cache_kwarg(): cache})  # fmt: skip
-        cache.batch_repeat_interleave(len(rows))
+        cache = _prefilled_cache(model, prefix, torch.ones_like(prefix), gen_cfg, repeat=len(rows))
+    else:
+        cache = DynamicCache(config=model.config)
     # each row: the prefix, padding, its own tokens (b, p + the longest own part); the padding is masked out
     width = max(len(r) for r in rows) - shared
     ids = [r[:shared] + [pad_id] * (width - len(r) + shared) + r[shared:] for r in rows]
@@ -307,21 +304,31 @@ def sample_groups(model, prompts: list[list[int]], n: int, gen_cfg, eos: list[in
     Rows leaving changes which rows share a random draw, so the caller's processors must draw each row's token
     from that row's own random stream (the rollout engine's `RowStreams`) for the samples to be repeatable.
     """
-    device = next(model.parameters()).device
     from transformers import DynamicCache
 
+    device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (P, L) left-padded
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = DynamicCache(config=model.config)
     if L > 1:
-        once = copy.copy(gen_cfg)
-        once.max_new_tokens, once.do_sample = 1, False  # fills the cache; the token it picks is not used
-        model.generate(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], generation_config=once,
-                       **{_cache_kwarg(): cache})  # fmt: skip
-        cache.batch_repeat_interleave(n)
+        cache = _prefilled_cache(model, ids[:, :-1], mask[:, :-1], gen_cfg, repeat=n)
+    else:
+        cache = DynamicCache(config=model.config)
     ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
     return _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos, segment_processors)
+
+
+def _prefilled_cache(model, ids, mask, gen_cfg, *, repeat: int):
+    """A KV cache of `ids` (b, p) under `mask`, each row then repeated `repeat` times (row i -> rows i x repeat ..
+    i x repeat + repeat - 1): filled by one greedy `generate` step, whose picked token is not used."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    once = copy.copy(gen_cfg)
+    once.max_new_tokens, once.do_sample = 1, False
+    model.generate(input_ids=ids, attention_mask=mask, generation_config=once, **{_cache_kwarg(): cache})
+    cache.batch_repeat_interleave(repeat)
+    return cache
 
 
 def _cache_kwarg() -> str:
