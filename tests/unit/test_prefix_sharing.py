@@ -383,3 +383,30 @@ def test_rl_step_with_shared_prompts_equals_the_padded_step(method):
     assert g1.keys() == g0.keys() and g0
     for name, grad in g0.items():
         torch.testing.assert_close(g1[name], grad, **GRADS, msg=name)
+
+
+@pytest.mark.parametrize("sharded_path", [False, True])
+def test_a_shared_prompt_gives_the_same_gradient_bits_every_run(monkeypatch, sharded_path):
+    """One prompt with 400 three-token continuations: its last position predicts the first token of every
+    continuation, so the gather of the packed positions repeats it 400 times, spread over all N positions. Its
+    gradient must sum those repeats in a fixed order: with `x[index]` two threads added them with atomic float
+    adds in whatever order they met (last-bit differences between runs, GRPO steps that were not repeatable)."""
+    if sharded_path:
+        monkeypatch.setattr(logprobs, "is_sharded", lambda m: True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the race needs two threads; CI's machines have 2 cores
+    try:
+        model = tiny_model(259)
+        g = torch.Generator().manual_seed(6)
+        prompt = _ids(4, g)
+        rows = [(prompt, _ids(3, g)) for _ in range(400)]
+        inputs, target_mask = _right_padded(rows, extra=0)
+        groups = torch.zeros(len(rows), dtype=torch.long)
+        weights = torch.randn(target_mask.shape, generator=g)
+        first = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
+        for _ in range(5):
+            again = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
+            for name, grad in first.items():
+                torch.testing.assert_close(again[name], grad, rtol=0, atol=0, msg=name)
+    finally:
+        torch.set_num_threads(threads)

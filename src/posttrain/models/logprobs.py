@@ -95,6 +95,18 @@ def scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def repeat_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0, for an `index` that repeats rows (a shared prompt's last position predicts the first
+    token of every continuation), with a gradient that sums the repeats in the same order in every run.
+
+    `x[index]`'s backward on the CPU adds the repeated rows' gradients with atomic float adds from several threads
+    (torch's `index_put_` with `accumulate=True`, parallel unless deterministic algorithms are on), so their sum
+    differs in the last bits from run to run. `index_select`'s backward (`index_add_`) adds them one index after
+    another: the same values (up to that summation order), the same bits every run.
+    """
+    return x.index_select(0, index)
+
+
 def selected_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The (N, V) logits at the `keep` positions: what a forward with a boolean `logits_to_keep` returns, or the
     rows of full (B, T, V) logits from a model that ignores it."""
@@ -304,12 +316,13 @@ def selected_token_logps(
             packed_keep[where] = True  # a prompt's last position predicts the first token of every continuation
             rank = packed_keep.cumsum(0) - 1  # row of each kept packed position among the projected ones
             packed_keep = packed_keep.view_as(forward_inputs["input_ids"])
-            logits = selected_logits(model(**forward_inputs, use_cache=False, logits_to_keep=packed_keep).logits,
-                                     packed_keep)[rank[where]]  # (N, V)  # fmt: skip
+            logits = repeat_rows(selected_logits(model(**forward_inputs, use_cache=False,
+                                                       logits_to_keep=packed_keep).logits, packed_keep),
+                                 rank[where])  # (N, V)  # fmt: skip
         picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
     else:
         hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
-        kept = hidden[keep] if shared is None else hidden.flatten(0, 1)[shared[1]]  # (N, H)
+        kept = hidden[keep] if shared is None else repeat_rows(hidden.flatten(0, 1), shared[1])  # (N, H)
         picked, entropy = head_logps(model, kept, targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)
 
