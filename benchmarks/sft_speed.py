@@ -91,6 +91,9 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # The GEMM rate is measured in this process just before and just after the timed steps: measured once in
+    # another process it varied by +-10% between runs of the same step time, and so did the utilisation.
+    gemm = [matmul_gflops()]
     for i in range(steps + 1):  # step 0 is a warm-up, not timed
         batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
         t = time.perf_counter()
@@ -98,6 +101,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         if i:
             times.append(time.perf_counter() - t)
             tokens.append(int(batch["attention_mask"].sum()))
+    gemm.append(matmul_gflops())
     top = profile_step(step, batch) if profile else None
     os.unlink(tmp)
     step_s = sum(times) / len(times)
@@ -109,6 +113,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         "tokens_per_step": sum(tokens) / len(tokens),
         "tokens_per_s": sum(tokens) / sum(times),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "gemm_gflops_before_after": gemm,
         **({"profile": top} if top else {}),
     }
 
@@ -180,27 +185,30 @@ def main() -> None:
         if out.returncode:
             sys.exit(f"{technique} failed:\n{out.stderr[-2000:]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["flop_utilisation"] = 6 * row["params"] * row["tokens_per_s"] / (peak * 1e9)
-        row["own_flop_utilisation"] = own_flops_per_token(row) * row["tokens_per_s"] / (peak * 1e9)
+        rate = sum(row["gemm_gflops_before_after"]) / 2  # around this technique's own steps
+        row["flop_utilisation"] = 6 * row["params"] * row["tokens_per_s"] / (rate * 1e9)
+        row["own_flop_utilisation"] = own_flops_per_token(row) * row["tokens_per_s"] / (rate * 1e9)
         rows.append(row)
     if args.json:
         print(json.dumps({"matmul_gflops": peak, "rows": rows}, indent=1))
         return
     full = next((r for r in rows if r["technique"] == "full"), None)
     print(
-        f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s; batch {args.batch_size} examples, "
-        f"{args.steps} timed steps\n"
+        f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s at the start; batch {args.batch_size} "
+        f"examples, {args.steps} timed steps; utilisation against the GEMM rate measured in each technique's "
+        "process just before and after its steps (the GEMM column)\n"
     )
     print(
         "| technique | trainable params | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
-        "| FLOP utilisation (6P) | FLOP utilisation (own FLOPs) |"
+        "| GEMM (GFLOP/s) before / after | FLOP utilisation (6P) | FLOP utilisation (own FLOPs) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else ""
         print(
             f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
             f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
+            f"{r['gemm_gflops_before_after'][0]:.0f} / {r['gemm_gflops_before_after'][1]:.0f} | "
             f"{100 * r['flop_utilisation']:.0f}% | {100 * r['own_flop_utilisation']:.0f}% |"
         )
     for r in rows:
