@@ -180,3 +180,41 @@ def test_zero3_partitioned_weights_are_gathered_module_by_module_and_pushed_whol
     assert len(zero3.blocks) == len(units) and zero3.most == largest  # one module at a time
     assert zero3.most < sum(t.numel() for t in zero3.whole.values()) / 4
     assert zero3.now == 0 and all(p.numel() == 0 for p in policy.parameters())  # partitioned again
+
+
+def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions():
+    """DeepSpeed steps the optimizer over its own float32 copies and writes the results back through `.data`,
+    which moves no version counter, so `weight_versions` would see no step and vLLM would keep the first weights
+    pushed (measured with DeepSpeed: no counter moved in 2 steps of ZeRO-2 or ZeRO-3). `_before_deepspeed` bumps
+    the trained weights' counters after each step of the optimizer DeepSpeed steps, and gives DeepSpeed the
+    micro-batch size Accelerate would take from a dataloader."""
+    from accelerate.utils import DistributedType
+
+    from posttrain.rollout.vllm_engine import weight_versions
+    from posttrain.train import _before_deepspeed
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    master = [p.detach().clone().requires_grad_() for p in model[0].parameters()]  # DeepSpeed's float32 copies
+    optimizer = torch.optim.SGD(master, lr=0.1)
+    ds_config = {}
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                        state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
+                                            deepspeed_config=ds_config)))  # fmt: skip
+    _before_deepspeed(accelerator, model, optimizer, micro=3)
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3}
+    versions = weight_versions(model)
+    frozen = [p._version for p in model[1].parameters()]
+    for _ in range(2):
+        for m in master:
+            m.grad = torch.ones_like(m)
+        optimizer.step()
+        for p, m in zip(model[0].parameters(), master, strict=True):
+            p.data.copy_(m.detach())  # as DeepSpeed writes the stepped weights back
+        assert all(a > b for a, b in zip(weight_versions(model), versions, strict=True))
+        versions = weight_versions(model)
+    assert [p._version for p in model[1].parameters()] == frozen  # frozen weights: not pushed, not bumped
+    accelerator.distributed_type = DistributedType.MULTI_CPU  # no DeepSpeed: nothing to do
+    optimizer = torch.optim.SGD(master, lr=0.1)
+    _before_deepspeed(accelerator, model, optimizer, micro=5)
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3} and not optimizer._optimizer_step_post_hooks

@@ -24,10 +24,13 @@ of a `posttrain vllm-serve` process, which holds a `ColocatedVLLM` of its own.
 What is tested where: the weight-sync logic and the data flow are tested on CPU with a fake backend that has
 this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
 backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
-"Scale"). Under `run.sharding=fsdp2` each process gathers the whole weights it pushes (`policy_weights`): tested
-with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed ZeRO-3's partitioned weights
-are not gathered here: vLLM with ZeRO-3 is refused (`train._check_sharding` from Accelerate's launch
-environment, before anything loads; `policy_weights` from the weights themselves).
+"Scale"). Sharded policies: each process gathers the whole weights it pushes (`policy_weights`). FSDP2
+(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed
+ZeRO-3 (Accelerate's deepspeed_zero3.yaml): gathered module by module with DeepSpeed's `GatheredParameters`; tested
+with a stand-in for DeepSpeed (test_vllm_engine.py) and, where deepspeed is installed, with DeepSpeed itself on 2
+CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's weights). DeepSpeed
+writes each step's weights through `.data`, which moves no version counter: `train._before_deepspeed` bumps them
+after each step, so that a push follows every step (ZeRO-2 too).
 """
 
 from __future__ import annotations
