@@ -32,7 +32,7 @@ import yaml
 
 from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import RLSection, dump_config
+from posttrain.config import dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
@@ -275,6 +275,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     if cfg.run.sharding != "fsdp2":
+        _before_deepspeed(accelerator, model, optimizer, micro)
         model, optimizer = accelerator.prepare(model, optimizer)
 
     if ckpt is not None:
@@ -328,17 +329,8 @@ _SHARDABLE_TECHNIQUES = ("full", "lora")
 
 def _check_sharding(cfg: RunConfig, world_size: int) -> None:
     """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding, and a model it
-    can shard (checked before anything is written or loaded). With a vLLM engine, a sharded policy's weights are
-    gathered whole for each push (`rollout.vllm_engine.policy_weights`): FSDP2's, not DeepSpeed ZeRO-3's."""
-    engine = cfg.algorithm.rollout.engine if isinstance(cfg.algorithm, RLSection) else "hf"
-    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get(
-        "ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"  # fmt: skip
-    if zero3 and engine in ("vllm", "vllm-server"):
-        raise ConfigError(
-            f"algorithm.rollout.engine={engine} under DeepSpeed ZeRO-3 is not supported: its partitioned weights are "
-            "not gathered for the push to vLLM. Use configs/accelerate/fsdp2.yaml or deepspeed_zero2.yaml, "
-            "run.sharding=fsdp2 under torchrun, or algorithm.rollout.engine=hf"
-        )
+    can shard (checked before anything is written or loaded). With a vLLM engine, a sharded policy's weights
+    (FSDP2's, DeepSpeed ZeRO-3's) are gathered whole for each push (`rollout.vllm_engine.policy_weights`)."""
     if cfg.run.sharding != "fsdp2":
         return
     if world_size < 2:
@@ -454,4 +446,28 @@ def _accelerator(cfg: RunConfig):
     # process group (PartialState), so this is safe under a multi-process launch too.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    if not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # An Accelerate DeepSpeed config on CPUs (DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu: how the tests run
+        # ZeRO): Accelerate hands the model to DeepSpeed only when not told cpu=True, and then finds no process
+        # group backend for a machine without an accelerator unless it is named.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return Accelerator(mixed_precision=precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     return Accelerator(cpu=not on_gpu, mixed_precision=precision)
+
+
+def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: int) -> None:
+    """What a run under an Accelerate DeepSpeed config (configs/accelerate/deepspeed_zero*.yaml) needs before
+    `prepare`; nothing otherwise. DeepSpeed's micro-batch size, which Accelerate takes from a prepared dataloader
+    and posttrain prepares none (its batch sources cut the batches). And a version bump of every trained weight
+    after each step of `optimizer` (the one DeepSpeed steps): DeepSpeed writes the stepped weights through `.data`
+    (ZeRO-1/2 into the weights' flat buffer, ZeRO-3 into each process's partition), which moves no version counter
+    (measured: none moved in 2 steps, ZeRO-2 or ZeRO-3), so `rollout.vllm_engine.weight_versions` would see no
+    step and vLLM would keep sampling from the first weights pushed."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trained))

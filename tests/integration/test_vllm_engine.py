@@ -6,7 +6,10 @@ policy left bit-for-bit as it was), the wake/push/reset/sample/sleep order, and 
 back from synced weights (the sampler/trainer log-prob gap stays at float32 noise, while a backend that drops the
 pushes makes it grow). vLLM itself is not installed here: the real backend (`ColocatedVLLM`) is untested."""
 
+import contextlib
 import copy
+import sys
+import types
 
 import pytest
 import torch
@@ -103,13 +106,115 @@ def test_vllm_is_refused_before_anything_loads_when_not_installed(rl_cfg, monkey
         rl_cfg("no-vllm", **{"algorithm.rollout.engine": "vllm"})
 
 
-def test_weights_deepspeed_zero3_partitioned_are_refused_not_pushed_empty(tiny_model_dir, fake_vllm):
-    """ZeRO-3 leaves each process an empty placeholder per weight (marked `ds_id`); pushing those would give vLLM
-    nothing, so the push refuses them with what to use instead."""
-    policy = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="full"))
-    tokenizer = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
-    next(policy.parameters()).ds_id = 0  # as deepspeed.zero marks a partitioned parameter
+class Zero3StandIn:
+    """DeepSpeed ZeRO-3 as `policy_weights` meets it, without DeepSpeed (not installed here; the real one:
+    test_deepspeed.py): each weight, marked `ds_id`, holds an empty placeholder, and the `deepspeed` module's
+    `zero.GatheredParameters(params)` puts the whole data of those of `params` that are marked in for its block,
+    then empties them again. Records the most elements held whole at once, and what each block gathered."""
+
+    def __init__(self, model):
+        self.whole: dict[int, torch.Tensor] = {}
+        for p in model.parameters():
+            p.ds_id = len(self.whole)
+            self.whole[p.ds_id], p.data = p.data, torch.empty(0, dtype=p.dtype)
+        self.zero = types.SimpleNamespace(GatheredParameters=self.gathered)
+        self.now = self.most = 0
+        self.blocks: list[set[int]] = []
+
+    @contextlib.contextmanager
+    def gathered(self, params):
+        params = [p for p in params if hasattr(p, "ds_id")]
+        for p in params:
+            p.data = self.whole[p.ds_id]
+        self.blocks.append({p.ds_id for p in params})
+        self.now += sum(p.numel() for p in params)
+        self.most = max(self.most, self.now)
+        try:
+            yield
+        finally:
+            self.now -= sum(p.numel() for p in params)
+            for p in params:
+                p.data = torch.empty(0, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("technique", ["full", "lora"])
+def test_zero3_partitioned_weights_are_gathered_module_by_module_and_pushed_whole(tiny_model_dir, fake_vllm,
+                                                                                   monkeypatch, technique):  # fmt: skip
+    """Under ZeRO-3 each process holds a partition of each weight and an empty placeholder in its place. The push
+    gathers one module's weights at a time (a LoRA layer's W, A and B together), so that a process never holds
+    more than the largest module whole besides what it pushes, and pushes the whole weights: full, each trainable
+    weight bit for bit; LoRA, each adapted layer's W + delta, as peft's merge gives it. Every weight is partitioned
+    again afterwards."""
+    policy = load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name=technique, r=4))
+    with torch.no_grad():  # a trained-looking adapter: B away from its zero start
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    if technique == "full":
+        expected = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    else:
+        expected = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())
+    units = [m for m in policy.modules() if list(m.parameters(recurse=False))]
+    if technique == "lora":
+        from peft.tuners.lora import LoraLayer
+
+        units = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    largest = max(sum(p.numel() for p in m.parameters()) for m in units)
+    zero3 = Zero3StandIn(policy)
+    monkeypatch.setitem(sys.modules, "deepspeed", zero3)
     fake = fake_vllm()
-    with pytest.raises(ConfigError, match="under DeepSpeed ZeRO-3 are not supported.*fsdp2.yaml"):
-        _generate(VLLMEngine(lambda model: fake), policy, tokenizer)
-    assert "load_weights" not in fake.calls
+    engine = VLLMEngine(lambda model: fake)
+    engine.backend = fake
+    assert engine.sync(policy)
+    [pushed] = fake.pushed
+    if technique == "full":
+        assert pushed.keys() == expected.keys()
+        for n, t in pushed.items():
+            assert torch.equal(t, expected[n]), n
+    else:
+        adapted = {f"{n.removeprefix('base_model.model.')}.weight" for n, m in policy.named_modules()
+                   if isinstance(m, LoraLayer)}  # fmt: skip
+        assert pushed.keys() == adapted and adapted
+        for n, t in pushed.items():
+            assert_close(t, expected[n], rtol=0, atol=1e-6)  # as the unsharded LoRA push (test above)
+    assert len(zero3.blocks) == len(units) and zero3.most == largest  # one module at a time
+    assert zero3.most < sum(t.numel() for t in zero3.whole.values()) / 4
+    assert zero3.now == 0 and all(p.numel() == 0 for p in policy.parameters())  # partitioned again
+
+
+def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions():
+    """DeepSpeed steps the optimizer over its own float32 copies and writes the results back through `.data`,
+    which moves no version counter, so `weight_versions` would see no step and vLLM would keep the first weights
+    pushed (measured with DeepSpeed: no counter moved in 2 steps of ZeRO-2 or ZeRO-3). `_before_deepspeed` bumps
+    the trained weights' counters after each step of the optimizer DeepSpeed steps, and gives DeepSpeed the
+    micro-batch size Accelerate would take from a dataloader."""
+    from accelerate.utils import DistributedType
+
+    from posttrain.rollout.vllm_engine import weight_versions
+    from posttrain.train import _before_deepspeed
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    master = [p.detach().clone().requires_grad_() for p in model[0].parameters()]  # DeepSpeed's float32 copies
+    optimizer = torch.optim.SGD(master, lr=0.1)
+    ds_config = {}
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                        state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
+                                            deepspeed_config=ds_config)))  # fmt: skip
+    _before_deepspeed(accelerator, model, optimizer, micro=3)
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3}
+    versions = weight_versions(model)
+    frozen = [p._version for p in model[1].parameters()]
+    for _ in range(2):
+        for m in master:
+            m.grad = torch.ones_like(m)
+        optimizer.step()
+        for p, m in zip(model[0].parameters(), master, strict=True):
+            p.data.copy_(m.detach())  # as DeepSpeed writes the stepped weights back
+        assert all(a > b for a, b in zip(weight_versions(model), versions, strict=True))
+        versions = weight_versions(model)
+    assert [p._version for p in model[1].parameters()] == frozen  # frozen weights: not pushed, not bumped
+    accelerator.distributed_type = DistributedType.MULTI_CPU  # no DeepSpeed: nothing to do
+    optimizer = torch.optim.SGD(master, lr=0.1)
+    _before_deepspeed(accelerator, model, optimizer, micro=5)
+    assert ds_config == {"train_micro_batch_size_per_gpu": 3} and not optimizer._optimizer_step_post_hooks

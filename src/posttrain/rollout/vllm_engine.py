@@ -24,22 +24,25 @@ of a `posttrain vllm-serve` process, which holds a `ColocatedVLLM` of its own.
 What is tested where: the weight-sync logic and the data flow are tested on CPU with a fake backend that has
 this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
 backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
-"Scale"). Under `run.sharding=fsdp2` each process gathers the whole weights it pushes (`policy_weights`): tested
-with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed ZeRO-3's partitioned weights
-are not gathered here: vLLM with ZeRO-3 is refused (`train._check_sharding` from Accelerate's launch
-environment, before anything loads; `policy_weights` from the weights themselves).
+"Scale"). Sharded policies: each process gathers the whole weights it pushes (`policy_weights`). FSDP2
+(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed
+ZeRO-3 (Accelerate's deepspeed_zero3.yaml): gathered module by module with DeepSpeed's `GatheredParameters`; tested
+with a stand-in for DeepSpeed (test_vllm_engine.py) and, where deepspeed is installed, with DeepSpeed itself on 2
+CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's weights). DeepSpeed
+writes each step's weights through `.data`, which moves no version counter: `train._before_deepspeed` bumps them
+after each step, so that a push follows every step (ZeRO-2 too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 from posttrain.algorithms.base import Rollout
-from posttrain.errors import ConfigError
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
 from posttrain.models.sharding import whole
@@ -66,6 +69,18 @@ def weight_versions(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters() if p.requires_grad)
 
 
+def _gathered(params: list[torch.Tensor], zero3: bool):
+    """A block in which `params` are whole on this process. DeepSpeed ZeRO-3 (`zero3`): its partitioned weights
+    all-gathered by DeepSpeed's `GatheredParameters` (a collective: every process enters it for the same weights in
+    the same order) and partitioned again when the block ends. Otherwise nothing to do: whole weights are whole, and
+    FSDP2's DTensors are gathered by `whole` on the tensors computed from them."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed  # optional: only a ZeRO-3 run (launched by DeepSpeed) gets here
+
+    return deepspeed.zero.GatheredParameters(params)  # modifier_rank None: read only, re-partitioned on exit
+
+
 @contextlib.contextmanager
 def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
     """The weights vLLM must receive for `model`'s current state, under the base model's Hugging Face names.
@@ -74,30 +89,39 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
     `get_delta_weight` (B A scaled, for each active adapter). Not `merge_adapter` then `unmerge_adapter`: W + d - d
     is not W in floating point, so the frozen base would drift a rounding error every rollout.
 
-    A sharded model (`run.sharding=fsdp2`, or Accelerate's FSDP2: DTensor parameters): each weight is gathered
-    whole (`models.sharding.whole`, an all-gather every process runs in the same order), since every process's
-    vLLM holds the whole model; a LoRA layer's W + delta is computed on the shards and gathered once. The gathered
-    weights are held until the push ends: about one model copy in the weights' dtype, on the training device."""
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 marks the weights it partitions
-        raise ConfigError(
-            "vLLM rollouts under DeepSpeed ZeRO-3 are not supported: its partitioned weights are not gathered for "
-            "the push to vLLM. Use configs/accelerate/fsdp2.yaml or deepspeed_zero2.yaml, or "
-            "algorithm.rollout.engine=hf"
-        )
+    A sharded model, whose weights every process must gather whole (every process's vLLM holds the whole model;
+    each gather is a collective every process runs in the same order):
+    - FSDP2 (`run.sharding=fsdp2`, or Accelerate's FSDP2: DTensor parameters): each weight gathered whole
+      (`models.sharding.whole`); a LoRA layer's W + delta is computed on the shards and gathered once;
+    - DeepSpeed ZeRO-3 (parameters marked `ds_id`): module by module, each module's weights gathered with
+      DeepSpeed's `GatheredParameters`, copied (full) or merged (LoRA: W, A and B gathered together), and
+      partitioned again before the next module's, so that besides the weights to push a process holds one
+      module's gathered weights at most.
+    The weights to push are held until the push ends: about one model copy in the weights' dtype, on the training
+    device."""
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3 marks what it partitions
+    weights: Weights = []
     if not is_adapter_model(model):
-        yield [(n, whole(p.detach())) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # consecutive names with one prefix are one module's weights (`named_parameters` walks module by module)
+        for _, group in itertools.groupby(named, key=lambda item: item[0].rpartition(".")[0]):
+            group = list(group)
+            with _gathered([p for _, p in group], zero3):
+                # ZeRO-3's gathered weights are freed when the block ends: keep copies
+                weights += [(n, p.detach().clone() if zero3 else whole(p.detach())) for n, p in group]
+        yield weights
         return
     from peft.tuners.lora import LoraLayer  # peft loads when used, as everywhere in posttrain
 
-    weights = []
     with torch.no_grad():
         for name, module in model.get_base_model().named_modules():
             if not isinstance(module, LoraLayer):
                 continue
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
-                w = module.base_layer.weight
-                merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)
+                with _gathered(list(module.parameters()), zero3):
+                    w = module.base_layer.weight
+                    merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
                 weights.append((f"{name}.weight", whole(merged)))
     yield weights
 
