@@ -73,8 +73,11 @@ class InPlaceLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         n = self.get_seq_length()
-        if n > 0:  # the kept rows, with their room to grow, in one copy
-            self._k, self._v = self._k[indices], self._v[indices]
+        if n > 0:  # the kept rows' filled positions move to the front of the same buffers (no new buffers)
+            k = len(indices)
+            self._k[:k, :, :n] = self._k[indices, :, :n]
+            self._v[:k, :, :n] = self._v[indices, :, :n]
+            self._k, self._v = self._k[:k], self._v[:k]
             self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     def reset(self) -> None:
