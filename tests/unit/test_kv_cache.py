@@ -46,8 +46,8 @@ def test_in_place_layers_hold_what_dynamic_cache_holds(config):
     step(6, 1)
     assert [layer.keys.data_ptr() for layer in ours.layers] == buffers  # written in place, no new tensor
     both("batch_select_indices", torch.tensor([0, 2, 3, 5]))  # rows 1 and 4 leave mid-way
-    step(4, 1)
-    step(4, 1)  # past the room reserved: grows by a copy
+    step(4, 1)  # 8 positions: the room reserved (5 + spare 3)
+    step(4, 1)  # past it: grows by a copy
     step(4, 1)
     both("reorder_cache", torch.tensor([1, 0, 3, 2]))  # a base-class method that replaces `keys`
     step(4, 1)
@@ -57,6 +57,21 @@ def test_in_place_layers_hold_what_dynamic_cache_holds(config):
     step(1, 2)
     for a, b in zip(ours.layers, reference.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_room_is_at_most_twice_the_positions_held_up_to_what_is_expected(config):
+    """Room for a long `max_new_tokens` is not reserved up front (completions may end early): 5 positions and 1000
+    expected after them get room for 10, then the buffer doubles as it fills; 5 and 3 expected get room for 8."""
+    from posttrain.models.kv_cache import in_place_cache
+
+    gen = torch.Generator().manual_seed(0)
+    long, short = in_place_cache(config, spare=1000), in_place_cache(config, spare=3)
+    for cache in (long, short):
+        cache.update(*_kv(2, 5, config, gen), 0)
+    assert long.layers[0]._k.shape[-2] == 10 and short.layers[0]._k.shape[-2] == 8
+    for _ in range(6):
+        long.update(*_kv(2, 1, config, gen), 0)
+    assert long.layers[0].get_seq_length() == 11 and long.layers[0]._k.shape[-2] == 22
 
 
 def test_sliding_window_layers_keep_transformers_class():
