@@ -205,9 +205,10 @@ def test_generate_runs_only_temperature_top_p_and_the_recorder(
     def generate(*args, **kwargs):
         configs.append(kwargs.get("generation_config"))
         rows.append(kwargs["input_ids"].shape)
+        sampled.append("logits_processor" in kwargs)  # greedy over `RowStreams`' forced pick, or a prefill
         return real_generate(*args, **kwargs)
 
-    rows = []
+    rows, sampled = [], []
     monkeypatch.setattr(type(eos_model), "_get_logits_processor", get_processors)
     monkeypatch.setattr(eos_model, "generate", generate)
     prompts = _prompt_ids(tiny_tokenizer)
@@ -217,8 +218,8 @@ def test_generate_runs_only_temperature_top_p_and_the_recorder(
     )  # fmt: skip
     # batch_size 3 holds one whole group of 2: one call per prompt, each after a prefill of that prompt alone
     # (all but its last token; a one-token prompt needs none), the 6 new tokens in one segment.
-    sampling = [i for i, cfg in enumerate(configs) if cfg.do_sample]
-    prefills = [i for i, cfg in enumerate(configs) if not cfg.do_sample]
+    sampling = [i for i, s in enumerate(sampled) if s]
+    prefills = [i for i, s in enumerate(sampled) if not s]
     assert [rows[i] for i in sampling] == [(2, len(p)) for p in prompts]
     assert [rows[i] for i in prefills] == [(1, len(p) - 1) for p in prompts if len(p) > 1]
     expected = [TemperatureLogitsWarper] * (temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
@@ -583,7 +584,7 @@ def test_grouped_decoding_samples_what_one_generate_call_samples(eos_model, tiny
 
     def generate(*args, **kwargs):
         kwargs.pop("synced_gpus", None)  # one process here: nothing to synchronise
-        calls.append((kwargs["generation_config"].do_sample, kwargs["input_ids"].shape[0]))
+        calls.append(("logits_processor" in kwargs, kwargs["input_ids"].shape[0]))  # sampling, or the prefill
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(eos_model, "generate", generate)

@@ -220,7 +220,7 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
     Only greedy: sampling draws every row's token from one random stream, so rows leaving would change every
     later draw; and without stop strings (transformers' stop-string check also reads the prompt's last tokens).
     """
-    from transformers import DynamicCache
+    from posttrain.models.kv_cache import in_place_cache
 
     device = next(model.parameters()).device
     # the shared prefix, short of every row's last token (each row must feed at least one token of its own)
@@ -229,13 +229,14 @@ def greedy_decode(model, rows: list[list[int]], gen_cfg, eos: list[int], pad_id:
         limit = min(len(r) for r in rows) - 1
         while shared < limit and all(r[shared] == rows[0][shared] for r in rows):
             shared += 1
-    if shared:
-        prefix = torch.tensor([rows[0][:shared]], device=device)  # (1, p)
-        cache = _prefilled_cache(model, prefix, torch.ones_like(prefix), gen_cfg, repeat=len(rows))
-    else:
-        cache = DynamicCache(config=model.config)
     # each row: the prefix, padding, its own tokens (b, p + the longest own part); the padding is masked out
     width = max(len(r) for r in rows) - shared
+    spare = width + gen_cfg.max_new_tokens  # the positions the cache gets after the prefix
+    if shared:
+        prefix = torch.tensor([rows[0][:shared]], device=device)  # (1, p)
+        cache = _prefilled_cache(model, prefix, torch.ones_like(prefix), gen_cfg, repeat=len(rows), spare=spare)
+    else:
+        cache = in_place_cache(model.config, spare)
     ids = [r[:shared] + [pad_id] * (width - len(r) + shared) + r[shared:] for r in rows]
     mask = [[1] * shared + [0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows]
     return _decode_rows_leave(model, torch.tensor(ids, device=device), torch.tensor(mask, device=device), cache,
@@ -304,26 +305,29 @@ def sample_groups(model, prompts: list[list[int]], n: int, gen_cfg, eos: list[in
     Rows leaving changes which rows share a random draw, so the caller's processors must draw each row's token
     from that row's own random stream (the rollout engine's `RowStreams`) for the samples to be repeatable.
     """
-    from transformers import DynamicCache
+    from posttrain.models.kv_cache import in_place_cache
 
     device = next(model.parameters()).device
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)  # (P, L) left-padded
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # the cache gets each prompt's last token and every new token but the last after the prefill
+    spare = gen_cfg.max_new_tokens
     if L > 1:
-        cache = _prefilled_cache(model, ids[:, :-1], mask[:, :-1], gen_cfg, repeat=n)
+        cache = _prefilled_cache(model, ids[:, :-1], mask[:, :-1], gen_cfg, repeat=n, spare=spare)
     else:
-        cache = DynamicCache(config=model.config)
+        cache = in_place_cache(model.config, spare)
     ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
     return _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos, segment_processors)
 
 
-def _prefilled_cache(model, ids, mask, gen_cfg, *, repeat: int):
+def _prefilled_cache(model, ids, mask, gen_cfg, *, repeat: int, spare: int):
     """A KV cache of `ids` (b, p) under `mask`, each row then repeated `repeat` times (row i -> rows i x repeat ..
-    i x repeat + repeat - 1): filled by one greedy `generate` step, whose picked token is not used."""
-    from transformers import DynamicCache
+    i x repeat + repeat - 1): filled by one greedy `generate` step, whose picked token is not used. Its layers
+    write in place with room for `spare` more positions (`kv_cache.in_place_cache`)."""
+    from posttrain.models.kv_cache import in_place_cache
 
-    cache = DynamicCache(config=model.config)
+    cache = in_place_cache(model.config, spare)
     once = copy.copy(gen_cfg)
     once.max_new_tokens, once.do_sample = 1, False
     model.generate(input_ids=ids, attention_mask=mask, generation_config=once, **{_cache_kwarg(): cache})

@@ -130,7 +130,7 @@ class SampledLogps:
 
 class RowStreams:
     """A logits processor, placed last: draws each row's token from that row's own random stream, then leaves
-    that token the only possible one, so `generate`'s own draw returns it.
+    that token the only possible one, so `generate`'s greedy pick (argmax) returns it.
 
     The draw is the inverse CDF of the row's distribution (the scores the earlier processors made, e.g. after
     temperature and top-p) at one uniform number from the row's `torch.Generator`: an exact sample of
@@ -198,7 +198,9 @@ class HFEngine:
         device = next(model.parameters()).device
         prompt, pmask = left_pad(rows, pad_id)
         P = prompt.shape[1]
-        gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=True, eos=eos, pad_id=pad_id)
+        # Greedy: `RowStreams` leaves its draw the only finite score, so the argmax is that draw; `generate`'s own
+        # sampling would redraw it at the cost of a softmax and a multinomial over the vocabulary per row and step.
+        gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=False, eos=eos, pad_id=pad_id)
         streams = RowStreams(seed, len(rows))
 
         def processors(first: int, alive: list[int]):
