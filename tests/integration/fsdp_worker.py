@@ -54,6 +54,12 @@ class PromptSeededEngine(HFEngine):
         return _concat(parts, pad_id)
 
 
+def _copied(tree: dict) -> dict:
+    """`tree` (nested dicts) with every tensor in it cloned."""
+    return {k: _copied(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor) else v
+            for k, v in tree.items()}  # fmt: skip
+
+
 def _killed_after(run_dir, k: int):
     """A copy of finished run folder `run_dir` as a run killed after step `k` would have left it (the main process
     copies; every process waits for it)."""
@@ -108,7 +114,9 @@ def main(out_dir: str, *config_paths: str) -> None:
     def load_and_record(accelerator, path, model, optimizer, *args, **kwargs):
         step = load(accelerator, path, model, optimizer, *args, **kwargs)
         unwrapped = accelerator.unwrap_model(model)  # sharded: gathered whole, by every process, to the main one
-        loaded.update(weights=full_state(unwrapped, trainable_only=True), optimizer=optimizer_state(unwrapped, optimizer))
+        # copied: what is not gathered (AdamW's step counts, plain tensors) is the live state, which training updates
+        loaded.update(weights=_copied(full_state(unwrapped, trainable_only=True)),
+                      optimizer=_copied(optimizer_state(unwrapped, optimizer)))  # fmt: skip
         return step
 
     train_module.load_checkpoint = load_and_record

@@ -42,7 +42,7 @@ from posttrain.errors import ConfigError, UserError
 from posttrain.models.sharding import read_shards, shard_keys
 from posttrain.rollout import engines
 from posttrain.train import _check_sharding, train
-from posttrain.trainer.checkpoint import list_checkpoints
+from posttrain.trainer.checkpoint import list_checkpoints, load_checkpoint
 from posttrain.trainer.metrics import read_metrics
 
 TRAIN = importlib.import_module("posttrain.train")  # the module (`posttrain.train` is also the function)
@@ -442,7 +442,7 @@ def test_a_sharded_run_resumes_on_one_process(runs, name, tmp_path, capsys):
     after_load = {}
 
     def load_and_record(accelerator, path, model, optimizer, *args, **kwargs):
-        step = TRAIN.load_checkpoint(accelerator, path, model, optimizer, *args, **kwargs)
+        step = load_checkpoint(accelerator, path, model, optimizer, *args, **kwargs)
         unwrapped = accelerator.unwrap_model(model)
         names = {id(p): n for n, p in unwrapped.named_parameters()}
         state = optimizer.state_dict()["state"]  # keyed by position in the optimizer's groups; cloned: AdamW
@@ -467,16 +467,17 @@ def test_a_sharded_run_resumes_on_one_process(runs, name, tmp_path, capsys):
         assert moments["step"].item() == k
         for key, t in moments.items():
             assert torch.equal(after_load["optimizer"][n][key], t), (n, key)
-    # Steps 1..k are the two processes' own (restored exactly); from step k+1 on, one process sums each gradient
-    # in another order than gloo's reduce-scatter of two halves, the only difference: the same bound as one
-    # process against two over the whole run (`test_two_sharded_processes_train_exactly_as_one_process`).
+    # Steps 1..k are the two processes' own (restored bit for bit); step k+1, one process sums each gradient in
+    # another order than gloo's reduce-scatter of two halves, the only difference. Measured: 7.5e-9 (full) and
+    # 1.5e-8 (LoRA, lr 5e-3) largest weight difference after that step, hence atol 1e-7; its loss is computed
+    # from the restored weights, so it agrees to the summation order of the loss alone (measured: equal).
     straight = held[f"{name}-rank0"]["weights"]
     assert dict(one.model.named_parameters()).keys() == straight.keys()
     for n, p in one.model.named_parameters():
-        assert_close(p.detach(), straight[n], rtol=1e-4, atol=1e-5 if "lora" in name else 1e-6, msg=n)
+        assert_close(p.detach(), straight[n], rtol=0, atol=1e-7, msg=n)
     assert _trained(straight, load_file(str(Path(cfgs[name].model.name) / "model.safetensors")))
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, cfgs[name].run.max_steps + 1))
-    assert_close(_losses(run_dir), _losses(cfgs[name].run.output_dir), rtol=1e-5, atol=1e-6)
+    assert_close(_losses(run_dir), _losses(cfgs[name].run.output_dir), rtol=1e-6, atol=0)
 
 
 def test_a_one_process_run_resumes_on_two_sharded_processes(runs):
@@ -507,9 +508,9 @@ def test_a_one_process_run_resumes_on_two_sharded_processes(runs):
             and "that of rank 1 re-derived from (run.seed, step, rank)" in log)  # fmt: skip
     resumed, straight = held["sft-1proc-on-2-from-2-rank0"]["weights"], held["sft-1proc"]["weights"]
     assert resumed.keys() == straight.keys()
-    for n in straight:  # step 3 summed in another order (as above)
-        assert_close(resumed[n], straight[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert_close(_losses(f"{run_dir}-from-2"), _losses(run_dir), rtol=1e-5, atol=1e-6)
+    for n in straight:  # step 3 summed in another order, as above (measured: 7.5e-9 largest difference)
+        assert_close(resumed[n], straight[n], rtol=0, atol=1e-7, msg=n)
+    assert_close(_losses(f"{run_dir}-from-2"), _losses(run_dir), rtol=1e-6, atol=0)
 
 
 def test_a_resume_on_processes_the_batch_does_not_split_over_is_refused_naming_both(runs, tmp_path):
