@@ -264,10 +264,9 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
     returns the step it was taken at. A process whose rank wrote no random state re-derives it from `seed` (the
     run's), the step and its rank (`derived_seed`); the main process prints `reshard_note`."""
     unwrapped = accelerator.unwrap_model(model)
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # torch's own, under Accelerate's wrapper
     _check_covers({n for n, p in unwrapped.named_parameters() if p.requires_grad}, _saved_names(path), path)
     if (path / SHARDS).is_dir():  # each process reads what it holds: its shards, or the whole tensors
-        load_shards(unwrapped, optimizer, path / SHARDS)
+        load_shards(unwrapped, getattr(optimizer, "optimizer", optimizer), path / SHARDS)  # torch's, unwrapped
     else:
         tensors = load_file(str(path / "trainable.safetensors"))
         # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
