@@ -356,14 +356,14 @@ class RunSection(_Section):
     DDP under `accelerate launch`; also what to keep with an Accelerate FSDP/DeepSpeed config, which shards for
     itself); `fsdp2`, each 1/N of every weight, gradient and optimizer state (torch `fully_shard`), launched with
     `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Every method;
-    technique full or lora; rollout engine hf."""
+    technique full or lora; rollout engine hf. May change on `--resume`: a checkpoint resumes on any number of
+    processes, sharded or not (`trainer.checkpoint`)."""
     whole_checkpoints: bool = False
     """Under `run.sharding=fsdp2`: write each checkpoint's weights and optimizer state gathered whole by the main
     process (`trainable.safetensors`, `optimizer.pt`), as an unsharded run does, instead of each process writing
     its own shards (`sharded/`, torch.distributed.checkpoint; the default, which never holds more than a shard on
     any process: whole, a 7B model's float32 weights and AdamW state are ~84 GB in the main process's memory).
-    Either layout resumes, but a sharded one only with the same number of processes. `final/` is whole either way
-    (docs/scale.md)."""
+    Either layout resumes, on any number of processes. `final/` is whole either way (docs/scale.md)."""
 
 
 class RunBase(_Section):

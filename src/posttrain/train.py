@@ -46,7 +46,7 @@ from posttrain.models.sharding import full_state, shard
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
-from posttrain.trainer.checkpoint import check_layout, latest_checkpoint, load_checkpoint
+from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint, resuming_on
 from posttrain.trainer.fingerprint import (
     check_same_data,
     check_same_plan,
@@ -73,6 +73,7 @@ _RESUMABLE_CHANGES = {
     "run.report",
     "run.output_dir",
     "run.whole_checkpoints",  # a checkpoint of either layout resumes (`trainer.checkpoint.load_checkpoint`)
+    "run.sharding",  # ... into a sharded model or not, on any number of processes (`trainer.checkpoint`)
 }
 
 
@@ -234,18 +235,20 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
     evaluating = data.eval is not None and algorithm.evaluates
-    if evaluating and len(data.eval) < accelerator.num_processes:
-        raise ConfigError(
-            f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
-        )
-    # ---- the plan (steps per epoch, rows no step uses) and where a resumed run stands: before anything is written
-    plan = _plan(cfg, algorithm, len(data.train), accelerator.num_processes, micro)
+    # ---- the plan (steps per epoch, rows no step uses) and where a resumed run stands: before anything is written.
+    # Resumed on another number of processes than wrote the checkpoint, what this one cannot run names both.
+    with resuming_on(ckpt, accelerator.num_processes):
+        if evaluating and len(data.eval) < accelerator.num_processes:
+            raise ConfigError(
+                f"data.eval has {len(data.eval)} examples, fewer than the {accelerator.num_processes} processes"
+            )
+        plan = _plan(cfg, algorithm, len(data.train), accelerator.num_processes, micro)
+        if ckpt is not None:
+            check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, plan.steps_per_epoch)
     start = 0
     if ckpt is not None:
-        check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
         start = _resume_step(ckpt, steps, run_dir)
-        check_layout(ckpt, sharded=cfg.run.sharding == "fsdp2", world_size=accelerator.num_processes)
     finished = start == steps and (run_dir / "final").is_dir()
     if finished:
         if accelerator.is_main_process:
@@ -279,7 +282,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         model, optimizer = accelerator.prepare(model, optimizer)
 
     if ckpt is not None:
-        start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler, source=source)
+        start = load_checkpoint(accelerator, ckpt, model, optimizer, scheduler, source=source,
+                                seed=cfg.run.seed)  # fmt: skip
         if finished:  # only the model was asked for (return_model): nothing is trained or written
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[],
                                model=accelerator.unwrap_model(model), tokenizer=tokenizer)  # fmt: skip

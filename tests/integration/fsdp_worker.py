@@ -3,9 +3,11 @@ this process held (parameter elements: of the whole model, of a scalar head, of 
 and, for RL, this process's samples' total rewards at each rollout (`reward_totals`).
 `PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@from-K` copies PATH's finished run
 folder to `<run folder>-from-K`, deletes what came after step K (later checkpoints, `final/`), as a run killed
-after step K would have left it, and resumes it; `PATH@seeded` samples with `PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
+after step K would have left it, and resumes it (the state each resumed run holds right after the load, whole, is
+saved as `loaded`: its trainable weights and optimizer state); `PATH@seeded` samples with `PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
 vLLM's place, one per process as colocated vLLM would be, and its weight pushes and calls are saved too."""
 
+import importlib
 import sys
 import zlib
 
@@ -52,6 +54,12 @@ class PromptSeededEngine(HFEngine):
         return _concat(parts, pad_id)
 
 
+def _copied(tree: dict) -> dict:
+    """`tree` (nested dicts) with every tensor in it cloned."""
+    return {k: _copied(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor) else v
+            for k, v in tree.items()}  # fmt: skip
+
+
 def _killed_after(run_dir, k: int):
     """A copy of finished run folder `run_dir` as a run killed after step `k` would have left it (the main process
     copies; every process waits for it)."""
@@ -80,7 +88,7 @@ def main(out_dir: str, *config_paths: str) -> None:
     from posttrain.algorithms import load_config
     from posttrain.models.heads import ScalarHeadModel
     from posttrain.models.reference import Reference
-    from posttrain.models.sharding import full_state, is_sharded, parameter_elements
+    from posttrain.models.sharding import full_state, is_sharded, optimizer_state, parameter_elements
     from posttrain.rollout import engines
     from posttrain.rollout import source as source_module
     from posttrain.rollout.vllm_engine import VLLMEngine
@@ -99,6 +107,19 @@ def main(out_dir: str, *config_paths: str) -> None:
         return result
 
     source_module.compute_rewards = recorded
+    loaded: dict = {}  # what the last resumed run held right after its load
+    train_module = importlib.import_module("posttrain.train")  # the module (`posttrain.train` is also a function)
+    load = train_module.load_checkpoint
+
+    def load_and_record(accelerator, path, model, optimizer, *args, **kwargs):
+        step = load(accelerator, path, model, optimizer, *args, **kwargs)
+        unwrapped = accelerator.unwrap_model(model)  # sharded: gathered whole, by every process, to the main one
+        # copied: what is not gathered (AdamW's step counts, plain tensors) is the live state, which training updates
+        loaded.update(weights=_copied(full_state(unwrapped, trainable_only=True)),
+                      optimizer=_copied(optimizer_state(unwrapped, optimizer)))  # fmt: skip
+        return step
+
+    train_module.load_checkpoint = load_and_record
     for arg in config_paths:
         path, _, mode = arg.partition("@")
         cfg = load_config(path)
@@ -110,6 +131,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         engines.ENGINES["vllm"] = fake_vllm
         engines.ENGINES["hf"] = (lambda c: PromptSeededEngine()) if mode == "seeded" else hf
         totals.clear()
+        loaded.clear()
         if mode.startswith("from-"):
             copy = _killed_after(cfg.run.output_dir, int(mode.removeprefix("from-")))
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(copy)})})
@@ -126,7 +148,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
         vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls} if fakes else None
         torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
-                    "vllm": vllm, "reference": reference, "reward_totals": list(totals)}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
+                    "vllm": vllm, "reference": reference, "reward_totals": list(totals), "loaded": dict(loaded) or None}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

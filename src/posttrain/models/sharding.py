@@ -15,7 +15,8 @@ with `load_full_state`), through torch.distributed.checkpoint's state-dict API; 
 before a rollout, each pushed weight gathered on every process, whose vLLM holds the whole model (`whole`;
 `rollout.vllm_engine.policy_weights`). Checkpoints of the sharded layout (the default) are never gathered: each
 process writes and reads back its own shards with torch.distributed.checkpoint (`save_shards`, `load_shards`);
-`read_shards` reads them whole in one process (scoring a checkpoint).
+`load_shards` reads them into any number of processes (DCP reshards on load) and into an unsharded model;
+`read_shards` reads the weights whole in one process (scoring a checkpoint).
 Generation on the sharded model needs no gathering: `synced_forward` tells `generate` to keep every process stepping
 until all are done, since each forward of a sharded layer is a collective.
 
@@ -141,10 +142,25 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
-    """Load an `optimizer_state` (read by every process) into the optimizer of a sharded `model`."""
+    """Load a whole optimizer state (read by every process) into the optimizer of a sharded `model`: an
+    `optimizer_state`, or the `state_dict()` of an unsharded run's optimizer (`named_optimizer_state`)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
+    set_optimizer_state_dict(model, optimizer, named_optimizer_state(model, optimizer, state), options=_options())
+
+
+def named_optimizer_state(model: nn.Module, optimizer, state: dict) -> dict:
+    """`state`, an optimizer's `state_dict()`, keyed by parameter name (torch.distributed's format, as
+    `optimizer_state` writes it) instead of by position in `optimizer`'s parameter groups (torch's own format, as an
+    unsharded run's checkpoint holds it); a state already keyed by name is returned as it is. `optimizer` is built as
+    the one that wrote `state` was (`trainer.optim.build_optimizer`: the same groups, in the same order), over
+    `model`'s parameters. torch.distributed's loader reads names only: positions would be taken for other keys."""
+    if not all(isinstance(k, int) for g in state["param_groups"] for k in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def _shard_options(**kwargs):
@@ -169,17 +185,26 @@ def save_shards(model: nn.Module, optimizer, folder) -> None:
 
 
 def load_shards(model: nn.Module, optimizer, folder) -> None:
-    """Read back into a sharded `model` and its `optimizer` what `save_shards` wrote to `folder`: each process
-    reads the pieces of its own shards (DCP plans the reads from `.metadata`, so another sharding could be read
-    too; `trainer.checkpoint` allows only the one it was written with). A collective."""
+    """Read back into `model` and its `optimizer` what `save_shards` wrote to `folder`, whatever number of
+    processes wrote it. DCP plans the reads from `.metadata`, which says where each piece of each tensor lies, so
+    each process reads exactly the pieces of what it holds: a sharded `model`'s own shards (resharded on load when
+    the run has another number of processes than the writer: a collective), an unsharded `model`'s whole tensors
+    (read by this process alone, without any collective: one process, or each of several DDP processes). The AdamW
+    state (`step`, `exp_avg`, `exp_avg_sq`) comes back the same way, keyed by parameter name, so any split of it
+    fits."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    # This process's shards, as the targets DCP fills in place (the optimizer's state is created first, by a step
-    # at learning rate 0 with zero gradients, so that every tensor to fill exists).
+    # What this process holds (DTensor shards, or whole tensors), as the targets DCP fills in place (the
+    # optimizer's state is created first, by a step at learning rate 0 with zero gradients, so that every tensor
+    # to fill exists).
     weights, optim = get_state_dict(model, optimizer, options=_shard_options())
     state = {"model": weights, "optimizer": optim}
-    dcp.load(state, checkpoint_id=folder)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is (unsharded)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=folder, no_dist=not is_sharded(model))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_shard_options())  # fmt: skip
 

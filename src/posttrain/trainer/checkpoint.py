@@ -7,18 +7,29 @@ A checkpoint folder `checkpoints/step-000040/` holds:
 - `rng_state_<rank>.pt`: Python, NumPy and torch generator states of each process (dropout must replay).
 - `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`); the batch
   source's own state where it has one (`source`, e.g. PPO's adaptive KL coefficient); the `layout` and the
-  number of processes (`world_size`).
+  number of processes that wrote it (`world_size`).
 
 A sharded model's (`run.sharding=fsdp2`) checkpoint has the *sharded layout* (`LAYOUTS`): in place of
 `trainable.safetensors` and `optimizer.pt`, a folder `sharded/` written by torch.distributed.checkpoint, in which
 each process writes its own shards of the trainable weights and of the AdamW state (`__<rank>_0.distcp`), and the
 main process `.metadata` (which piece of which tensor lies in which file); nothing is gathered, so no process holds
-more than its 1/N. A resume reads each process's shards back (`models.sharding.load_shards`) with the same
-number of processes (`check_layout` refuses another: the data and sampling seeds are split per process, and
-each process's RNG state is its own). `read_trainable` reads the weights whole in one process (`posttrain
-study` scores such a checkpoint like any other). With `run.whole_checkpoints`, a sharded run writes the *whole
-layout* instead: weights and optimizer state gathered whole to the main process (the optimizer's keyed by
-parameter name, torch.distributed's format), every process loading its shard back from them.
+more than its 1/N. `read_trainable` reads the weights whole in one process (`posttrain study` scores such a
+checkpoint like any other). With `run.whole_checkpoints`, a sharded run writes the *whole layout* instead: weights
+and optimizer state gathered whole to the main process (the optimizer's keyed by parameter name, torch.distributed's
+format), every process loading its shard back from them.
+
+Resuming on another number of processes. A checkpoint of either layout written by N processes resumes on M, sharded
+or not (`load_checkpoint`): torch.distributed.checkpoint reads a sharded layout into any split, or whole into an
+unsharded model (`models.sharding.load_shards`); whole weights and optimizer state are loaded whole or sharded.
+The weights, the AdamW state, the schedule and the data position carry over exactly: `optim.batch_size` counts the
+examples of a step over all processes (`trainer.batches`), so the step fixes the same global batches whatever M.
+What cannot carry is each process's random state, which belongs to its rank: process r < N restores rank r's,
+process r >= N re-derives its own from (run.seed, step, r) (`derived_seed`), and ranks >= M are dropped. So
+dropout draws other numbers than the uninterrupted run would, and an RL run samples its rollouts with the M-process
+seeds (`rollout.source`: seeded per rollout and rank); the gradient sums also run in another order (last-bit
+differences). The run says so in one line at the start (`reshard_note`). What M cannot run at all (a batch that
+does not split over M processes, another number of steps per epoch) is refused before the model loads, naming
+both sizes (`resuming_on`).
 
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.
@@ -31,6 +42,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from posttrain.algorithms.base import BatchSource
-from posttrain.errors import UserError
+from posttrain.errors import ConfigError, UserError
 from posttrain.models.sharding import (
     full_state,
     is_sharded,
@@ -146,28 +159,68 @@ def save_checkpoint(
     return final
 
 
-def check_layout(path: Path, *, sharded: bool, world_size: int) -> None:
-    """Refuse to resume checkpoint `path` in a run that cannot read its layout: a sharded-layout checkpoint needs
-    a sharded model (`run.sharding=fsdp2`) and the number of processes that wrote it. Checked before the model
-    loads. A checkpoint that records no layout is whole."""
+def written_by(path: Path) -> int | None:
+    """The number of processes that wrote checkpoint `path` (None: a checkpoint older than that record)."""
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("layout", "whole") != "sharded":
-        return
-    wrote = int(state["world_size"])
-    if not sharded:
-        raise UserError(
-            f"--resume: {path} holds each of {wrote} processes' shards (run.sharding=fsdp2), but this run does not "
-            f"shard its model. Resume it with `torchrun --nproc_per_node {wrote} -m posttrain.cli train ... "
-            f"run.sharding=fsdp2 --resume`."
-        )
-    if wrote != world_size:
-        # torch.distributed.checkpoint could read the shards into another split, but the run's data order, its
-        # sampling seeds and its RNG states are per process: another count would not continue the same run.
-        raise UserError(
-            f"--resume: {path} was written by {wrote} processes, each saving its own shards and random state, and "
-            f"this run has {world_size}. Resume it with `torchrun --nproc_per_node {wrote}` (the same number of "
-            "processes), or start a new run (another run.output_dir)."
-        )
+    return int(state["world_size"]) if "world_size" in state else None
+
+
+@contextmanager
+def resuming_on(path: Path | None, world_size: int) -> Iterator[None]:
+    """Around the checks of the run's plan, before the model loads: when resuming checkpoint `path` on another
+    number of processes than wrote it, a `ConfigError` raised inside (a batch that does not split over
+    `world_size` processes, another number of steps per epoch, ...) is re-raised naming both numbers and what to
+    change. Nothing else changes (no `path`: a new run; the same number: the error as it is)."""
+    wrote = written_by(path) if path is not None else None
+    try:
+        yield
+    except ConfigError as err:
+        if wrote is None or wrote == world_size:
+            raise
+        raise ConfigError(
+            f"--resume: {path} was written by {wrote} processes and this run has {world_size}, which cannot "
+            f"continue it: {err} Resume it on a number of processes this run can be split over (e.g. "
+            f"`torchrun --nproc_per_node {wrote}`, as it was written), or start a new run (another run.output_dir)."
+        ) from None
+
+
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a process that has no random state of its own to resume (rank `rank` of a run resumed at `step`
+    on more processes than wrote the checkpoint): a pure function of the three, so a repeated resume draws the
+    same numbers, and every (step, rank) its own stream (numpy's SeedSequence hashes the tuple).
+
+    >>> derived_seed(0, 2, 1) == derived_seed(0, 2, 1) != derived_seed(0, 2, 2)
+    True
+    """
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
+    """One line for the start of a run resumed from `path` (written by `wrote` processes) on `world_size`: what
+    carries over and what is re-derived (the module docstring). None when the numbers agree.
+
+    >>> print(reshard_note(Path("step-000002"), 1, 2))  # doctest: +ELLIPSIS
+    note: resuming 1-process state on 2 processes (step-000002): ...; the random state of rank 0 is restored, that of rank 1 re-derived from (run.seed, step, rank). Dropout ...
+    """
+    if wrote == world_size:
+        return None
+
+    def ranks(first: int, last: int) -> str:
+        return f"rank {first}" if first == last else f"ranks {first}..{last}"
+
+    kept = ranks(0, min(wrote, world_size) - 1)
+    if world_size < wrote:
+        rng = f"the random state of {kept} is restored, that of {ranks(world_size, wrote - 1)} dropped"
+    else:
+        rng = (f"the random state of {kept} is restored, that of {ranks(wrote, world_size - 1)} re-derived from "
+               "(run.seed, step, rank)")  # fmt: skip
+    return (
+        f"note: resuming {wrote}-process state on {world_size} process{'es' if world_size > 1 else ''} "
+        f"({Path(path).name}): the weights, optimizer state, schedule and data position carry over (each step's "
+        f"global batch is the same); {rng}. Dropout and rollout sampling therefore draw other random numbers than "
+        f"the uninterrupted {wrote}-process run would, and gradient sums run in another order (last-bit "
+        "differences)."
+    )
 
 
 def load_trainable(model, path: Path) -> None:
@@ -204,13 +257,16 @@ def _check_covers(trainable, saved: set[str], path: Path) -> None:
         )
 
 
-def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource) -> int:
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource, *,
+                    seed: int = 0) -> int:  # fmt: skip
     """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`
-    (either layout: `check_layout` has refused what this run cannot read); returns the step it was taken at."""
+    (either layout, written by any number of processes; `resuming_on` has refused what this run cannot continue);
+    returns the step it was taken at. A process whose rank wrote no random state re-derives it from `seed` (the
+    run's), the step and its rank (`derived_seed`); the main process prints `reshard_note`."""
     unwrapped = accelerator.unwrap_model(model)
     _check_covers({n for n, p in unwrapped.named_parameters() if p.requires_grad}, _saved_names(path), path)
-    if (path / SHARDS).is_dir():  # each process reads its own shards back
-        load_shards(unwrapped, optimizer, path / SHARDS)
+    if (path / SHARDS).is_dir():  # each process reads what it holds: its shards, or the whole tensors
+        load_shards(unwrapped, getattr(optimizer, "optimizer", optimizer), path / SHARDS)  # torch's, unwrapped
     else:
         tensors = load_file(str(path / "trainable.safetensors"))
         # weights_only=False: these files are our own optimizer/scheduler/RNG pickles, written by save_checkpoint.
@@ -220,11 +276,22 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
             load_optimizer_state(unwrapped, optimizer, optim_state)
         else:
             unwrapped.load_state_dict(tensors, strict=False)
+            # keyed by position (torch's format) or, from a sharded run, by name: both list the parameters in
+            # the optimizer's order, which is how torch's load_state_dict matches them
             optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = path / f"rng_state_{accelerator.process_index}.pt"
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    step, rank = int(state["step"]), accelerator.process_index
+    rng = path / f"rng_state_{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    else:  # a rank the writing run did not have
+        from accelerate.utils import set_seed
+
+        set_seed(derived_seed(seed, step, rank))
+    wrote = state.get("world_size")
+    if accelerator.is_main_process and wrote is not None and (note := reshard_note(path, wrote,
+                                                                                    accelerator.num_processes)):
+        print(note)
     source.load_state_dict(state.get("source") or {})
-    return int(state["step"])
+    return step
