@@ -80,47 +80,76 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up  # SiluMul.forward's two kernels
+
+
+def _normalised(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x * r).to(dtype)  # _lean_norm_forward's kernels
+
+
+def _gained(weight: torch.Tensor, x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight * (x * r).to(dtype)
+
+
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_is_tracing: None)
+"""The innermost (pack, unpack) pair of `saved_tensors_hooks` in force, or None (torch 2.x; private, hence the
+fallback: without it an outer pair is not seen and the tensors kept here skip it)."""
+
+
 class _Recipe:
-    """What the pack hook keeps instead of a recomputable tensor: how to rebuild it, and the saved view's geometry."""
+    """What the pack hook keeps instead of a recomputable tensor: the function that rebuilds it, that function's
+    inputs (packed by the outer hooks, if any), and the geometry of the view that was saved."""
 
-    __slots__ = ("rebuild", "size", "stride", "offset")
+    __slots__ = ("fn", "inputs", "size", "stride", "offset")
 
-    def __init__(self, rebuild: Callable[[], torch.Tensor], saved: torch.Tensor):
-        self.rebuild, self.size, self.stride, self.offset = rebuild, saved.size(), saved.stride(), saved.storage_offset()
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list, saved: torch.Tensor):
+        self.fn, self.inputs = fn, inputs
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
 
 
 class _Recomputed:
     """The tensors of one decoder layer's forward that backward rebuilds instead of keeping (module docstring).
 
-    `add(t, rebuild)` registers `t` (contiguous, at the start of its storage); while the layer runs, the pack hook
-    replaces any saved tensor on `t`'s storage (`t` or a view of it) by a `_Recipe`. The registered tensors are
-    held here until the layer's forward ends, so a freed one's memory cannot be reused by another tensor under the
-    same address while the hook still matches addresses."""
+    `add(t, fn, *inputs)` registers `t == fn(*inputs)` (contiguous, at the start of its storage; `fn` runs the
+    kernels that made `t`, `inputs` are tensors backward keeps anyway). While the layer runs, the pack hook
+    replaces any saved tensor on `t`'s storage (`t` or a view of it, e.g. a projection's 2-D input) by a `_Recipe`,
+    and hands every other tensor, and a recipe's inputs, to the `saved_tensors_hooks` that were in force outside
+    the layer (a census, `save_on_cpu`), so that those see what is really kept. The registered tensors are held
+    here until the layer's forward ends, so that no other tensor can take a freed one's address while the hook
+    matches addresses."""
 
-    active: list[_Recomputed] = []  # the layers running now, innermost last (forward runs on one thread)
+    active: list[_Recomputed] = []  # the layers running now, innermost last (a forward runs on one thread)
 
     def __init__(self) -> None:
-        self.tensors: dict[int, tuple[torch.Tensor, Callable[[], torch.Tensor]]] = {}
+        self.tensors: dict[int, tuple[torch.Tensor, Callable[..., torch.Tensor], tuple]] = {}
+        self.outer_pack: Callable = lambda t: t
+        self.outer_unpack: Callable = lambda packed: packed
 
     @classmethod
-    def add(cls, t: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> None:
+    def add(cls, t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs) -> None:
         if cls.active and t.is_contiguous() and t.storage_offset() == 0:
-            cls.active[-1].tensors[t.untyped_storage().data_ptr()] = (t, rebuild)
+            cls.active[-1].tensors[t.untyped_storage().data_ptr()] = (t, fn, inputs)
 
     def pack(self, t: torch.Tensor):
         entry = self.tensors.get(t.untyped_storage().data_ptr())
         if entry is None or entry[0].dtype != t.dtype:
-            return t
-        return _Recipe(entry[1], t)
+            return self.outer_pack(t)
+        _, fn, inputs = entry
+        return _Recipe(fn, [(True, self.outer_pack(i)) if isinstance(i, torch.Tensor) else (False, i)
+                            for i in inputs], t)  # fmt: skip
 
-    @staticmethod
-    def unpack(packed):
+    def unpack(self, packed):
         if not isinstance(packed, _Recipe):
-            return packed
+            return self.outer_unpack(packed)
+        inputs = [self.outer_unpack(i) if is_tensor else i for is_tensor, i in packed.inputs]
         with torch.no_grad():
-            return packed.rebuild().as_strided(packed.size, packed.stride, packed.offset)
+            return packed.fn(*inputs).as_strided(packed.size, packed.stride, packed.offset)
 
     def __enter__(self) -> _Recomputed:
+        outer = _top_hooks(False)
+        if outer is not None:
+            self.outer_pack, self.outer_unpack = outer
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self.hooks.__enter__()
         self.active.append(self)
@@ -135,8 +164,7 @@ class _Recomputed:
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = silu_mul(gate, up)
-    if h.requires_grad:  # down_proj keeps h for its weight's gradient: rebuilt from gate and up, as SiluMul does
-        _Recomputed.add(h, lambda: F.silu(gate) * up)
+    _Recomputed.add(h, _silu_times, gate, up)  # kept by down_proj for its weight's gradient; SiluMul keeps gate, up
     return self.down_proj(h)
 
 
@@ -148,12 +176,9 @@ def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     variance = x.pow(2).mean(-1, keepdim=True)
     r = torch.rsqrt(variance + self.variance_epsilon)  # (..., 1): 1 / rms
     normed = (x * r).to(input_dtype)
-    weight = self.weight
-    if normed.requires_grad:  # registered before the gain product keeps it
-        _Recomputed.add(normed, lambda: (x * r).to(input_dtype))
-    out = weight * normed
-    if out.requires_grad:
-        _Recomputed.add(out, lambda: weight * (x * r).to(input_dtype))
+    _Recomputed.add(normed, _normalised, x, r, input_dtype)  # before the gain product keeps it
+    out = self.weight * normed
+    _Recomputed.add(out, _gained, self.weight, x, r, input_dtype)  # kept by the projections (or adapters) after
     return out
 
 
