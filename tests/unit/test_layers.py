@@ -6,6 +6,7 @@ more (tokens x intermediate) tensor less per layer."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_only_the_needed_gradient_is_computed():
     assert gate.grad is not None and up.grad is None
 
 
-def _saved_storages(model, ids):
+def _saved_storages(model, ids, attention_mask=None):
     seen = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -58,7 +59,7 @@ def _saved_storages(model, ids):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, use_cache=False).logits.float().square().mean()
+        loss = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits.float().square().mean()
     return loss, seen
 
 
@@ -107,8 +108,11 @@ def test_lean_layers_equal_eager_bit_for_bit_and_keep_less(lora):
     lean = copy.deepcopy(eager)
     assert lean_layers(lean) == {"mlps": 2, "norms": 5, "layers": 2}  # 2 norms a layer + the final norm
     ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
-    loss_e, saved_e = _saved_storages(eager, ids)
-    loss_l, saved_l = _saved_storages(lean, ids)  # the census sees through the layers' own hooks
+    # Left padding: with a mask, SDPA runs on keys and values repeated per query head (without, it may not).
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    loss_e, saved_e = _saved_storages(eager, ids, mask)
+    loss_l, saved_l = _saved_storages(lean, ids, mask)  # the census sees through the layers' own hooks
     assert torch.equal(loss_l, loss_e)
     ge = torch.autograd.grad(loss_e, [p for p in eager.parameters() if p.requires_grad])
     gl = torch.autograd.grad(loss_l, [p for p in lean.parameters() if p.requires_grad])
@@ -116,6 +120,10 @@ def test_lean_layers_equal_eager_bit_for_bit_and_keep_less(lora):
     count = lambda saved, dim: sum(1 for shape in saved.values() if shape[-1] == dim)  # noqa: E731
     # Per layer, 64 wide: silu(gate) and silu(gate) * up are no longer kept (gate and up are).
     assert count(saved_e, 64) - count(saved_l, 64) == 2 * 2
+    # Head dim 8: SDPA keeps the keys and values repeated for the 4 query heads, (2, 4, 9, 8) each; they are rebuilt
+    # from the 2 key/value heads, (2, 2, 9, 8), which are kept instead (the query and RoPE's cos, sin as before).
+    elements = lambda saved, dim: sum(math.prod(shape) for shape in saved.values() if shape[-1] == dim)  # noqa: E731
+    assert elements(saved_e, 8) - elements(saved_l, 8) == 2 * 2 * (2 * 4 * 9 * 8 - 2 * 2 * 9 * 8)
     if not lora:
         # 32 wide, per layer: both norms' normalised input and output are no longer kept; the norms' inputs and
         # the attention output are. The final norm (outside the layers) keeps its 3.

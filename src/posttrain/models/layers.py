@@ -197,6 +197,29 @@ def _lean_norm_class(cls: type) -> type:
     return _LEAN_NORMS[cls]
 
 
+def _registering_repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' `repeat_kv` (grouped-query attention's copy of each key/value head for the query heads that
+    share it), its result registered as recomputable: SDPA keeps the copies, n_rep times the keys and values."""
+    out = _LIBRARY_REPEAT_KV(hidden_states, n_rep)
+    if out is not hidden_states:
+        _Recomputed.add(out, _LIBRARY_REPEAT_KV, hidden_states, n_rep)
+    return out
+
+
+_LIBRARY_REPEAT_KV = None
+
+
+def _register_repeat_kv() -> None:
+    """Route the SDPA attention's `repeat_kv` through `_registering_repeat_kv`, once per process. Outside a lean
+    layer's forward `_Recomputed.add` does nothing, so every other caller gets the library's function unchanged."""
+    global _LIBRARY_REPEAT_KV
+    from transformers.integrations import sdpa_attention
+
+    if _LIBRARY_REPEAT_KV is None:
+        _LIBRARY_REPEAT_KV = sdpa_attention.repeat_kv
+        sdpa_attention.repeat_kv = _registering_repeat_kv
+
+
 def _recomputing_forward(self, *args, **kwargs):
     if not torch.is_grad_enabled():
         return type(self).forward(self, *args, **kwargs)
@@ -231,4 +254,6 @@ def lean_layers(model: nn.Module) -> dict[str, int]:
         elif name in DECODER_LAYERS:
             module.forward = types.MethodType(_recomputing_forward, module)
             counts["layers"] += 1
+    if counts["layers"]:
+        _register_repeat_kv()
     return counts
