@@ -1,4 +1,4 @@
-"""Leaner activations for training: the gated MLP's product keeps two tensors for backward instead of three.
+"""Leaner activations for training: what a decoder layer keeps for backward, without changing a bit of the result.
 
 A Llama-family MLP computes ``down(silu(gate(x)) * up(x))``. Run as written, autograd keeps gate(x) (for SiLU's
 backward), silu(gate(x)) and up(x) (for the product's backward), and the product itself (for ``down``'s weight or
@@ -15,24 +15,33 @@ The result and the gradients are bit-identical to the eager module's: the forwar
 `lean_mlps` patches, on a model about to train, the MLPs whose class is one of `GATED_SILU_MLPS` (their forward
 is exactly the line above) and whose activation is SiLU; any other MLP runs as its library wrote it.
 
-Recomputed, not kept (`lean_layers`): three more tensors of each decoder layer are cheap elementwise functions of
-tensors backward keeps anyway, so backward recomputes them instead of keeping them (selective recomputation,
-Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4.3, applied to the
-pointwise ops only): the product silu(gate) * up that `down_proj` keeps (from gate and up, which `SiluMul` keeps),
-and each RMSNorm's normalised input x * r and its output w * (x * r), kept by the norm's own gain product and by the
-projections that read it (from the norm's input x and its 1/rms r, which the norm's backward keeps). On
-SmolLM2-135M (30 layers, 576 wide, MLP 1536) that is 0.54 GB less at 1,176 positions, for one SiLU and four
-products more in backward (no matrix product). Nothing about the graph changes: the same autograd nodes run the
-same backward formulas, and only the tensors they read come from the recomputation instead of from memory. The
-recomputation runs the forward's own kernels on the same operands, so every result and gradient is bit for bit
-the eager one (tests/unit/test_layers.py checks `torch.equal`).
+Recomputed, not kept (`lean_layers`): more of a decoder layer's saved tensors are cheap functions of tensors
+backward keeps anyway, so backward rebuilds them instead (selective recomputation of the pointwise ops, as in
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", which keeps the matrix
+products' inputs and recomputes what is cheap):
 
-How: each patched decoder layer runs its forward under `torch.autograd.graph.saved_tensors_hooks` whose pack hook
-swaps a tensor registered as recomputable (or a view of one: a projection keeps its input reshaped to 2-D) for a
-recipe that rebuilds it, and passes every other tensor through as autograd would keep it. Under gradient
-checkpointing the checkpoint's own hooks sit inside this one and take precedence, so nothing changes there. A
-census of saved tensors made with an outer `saved_tensors_hooks` does not see inside the patched layers (the inner
-hooks are the ones torch calls); `benchmarks/sft_memory.py` measures the allocator instead.
+| not kept | kept by | rebuilt from (kept anyway) |
+|---|---|---|
+| silu(gate) * up | `down_proj` (its weight's gradient) | gate, up (`SiluMul`) |
+| each RMSNorm's x * r, r = 1 / rms(x) | the norm's gain product | x, r (the norm's own backward) |
+| each RMSNorm's output w * (x * r) | the projections (or adapters) that read it | w, x, r |
+| keys and values repeated per query head | SDPA, under grouped-query attention | the key/value heads |
+
+On SmolLM2-135M (30 layers, width 576, MLP 1536, 9 query and 3 key/value heads) that is 0.65 GB less kept at
+1,176 positions (1.49 -> 0.84 GB), for elementwise work in backward (no matrix product; +2-3% step time,
+benchmarks/README.md). Nothing about the graph changes: the same autograd nodes run the same backward formulas and
+only read their operands from the rebuild instead of from memory; the rebuild runs the forward's own kernels on
+the same operands, so every result and gradient is bit for bit the eager one (tests/unit/test_layers.py checks
+`torch.equal`).
+
+How: each decoder layer of `DECODER_LAYERS` runs its forward under `torch.autograd.graph.saved_tensors_hooks`
+whose pack hook swaps a tensor registered as recomputable (or a view of one: a projection keeps its input reshaped
+to 2-D) for a recipe that rebuilds it, and hands every other tensor, and a recipe's inputs, to the hooks that were
+in force outside the layer, so a census of saved tensors (`benchmarks/sft_memory.py`) or `save_on_cpu` around the
+model sees what is really kept. Under gradient checkpointing the checkpoint's hooks sit inside the layer's and take
+precedence: nothing changes there. The norms are registered by a class of their own (`_lean_norm_class`), the MLP
+as `lean_mlps` patches it, the repeated keys and values through transformers' SDPA `repeat_kv`
+(`_register_repeat_kv`).
 """
 
 from __future__ import annotations
@@ -213,9 +222,10 @@ def _register_repeat_kv() -> None:
     """Route the SDPA attention's `repeat_kv` through `_registering_repeat_kv`, once per process. Outside a lean
     layer's forward `_Recomputed.add` does nothing, so every other caller gets the library's function unchanged."""
     global _LIBRARY_REPEAT_KV
+    # here, as `loading` imports transformers: when a model loads, so that `import posttrain.models` stays light
     from transformers.integrations import sdpa_attention
 
-    if _LIBRARY_REPEAT_KV is None:
+    if _LIBRARY_REPEAT_KV is None and callable(getattr(sdpa_attention, "repeat_kv", None)):  # transformers 5.x
         _LIBRARY_REPEAT_KV = sdpa_attention.repeat_kv
         sdpa_attention.repeat_kv = _registering_repeat_kv
 
