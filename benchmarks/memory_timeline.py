@@ -116,6 +116,7 @@ def main() -> None:
         if part:
             top = max(part, key=lambda s: s[1])
             label = name if name in ("load", "between steps") else f"step {step} {name}"
+            label = "after the last step (final save)" if end == marks[-1][0] else label
             print(f"| {label} | {top[1] / 1e9:.2f} | {top[2] / 1e9:.2f} | {top[3] / 1e9:.2f} | "
                   f"{max(s[2] for s in part) / 1e9:.2f} |")  # fmt: skip
 
