@@ -1,14 +1,17 @@
 """`models.layers`: the lean gated MLP gives the eager module's results and gradients bit for bit, and keeps one
-(tokens x intermediate) tensor less per layer for backward."""
+(tokens x intermediate) tensor less per layer for backward; `lean_layers` also rebuilds the MLP's product and each
+RMSNorm's normalised input and output in backward, again bit for bit, keeping four (tokens x hidden) tensors and one
+more (tokens x intermediate) tensor less per layer."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
-from posttrain.models.layers import SiluMul, lean_mlps, silu_mul
+from posttrain.models.layers import SiluMul, lean_layers, lean_mlps, silu_mul
 from posttrain.testing import tiny_model
 
 
@@ -45,7 +48,7 @@ def test_only_the_needed_gradient_is_computed():
     assert gate.grad is not None and up.grad is None
 
 
-def _saved_storages(model, ids):
+def _saved_storages(model, ids, attention_mask=None):
     seen = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -56,7 +59,7 @@ def _saved_storages(model, ids):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, use_cache=False).logits.float().square().mean()
+        loss = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits.float().square().mean()
     return loss, seen
 
 
@@ -86,3 +89,64 @@ def test_lean_model_equals_eager_and_keeps_one_tensor_less_per_layer(lora):
 def test_other_activations_are_left_alone():
     model = tiny_model(hidden_act="gelu")  # a Llama MLP with another activation: its forward stays the library's
     assert lean_mlps(model) == 0
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    for n, p in model.named_parameters():  # B = 0 at init would hide the adapters' part of the gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_lean_layers_equal_eager_bit_for_bit_and_keep_less(lora):
+    eager = tiny_model(hidden_size=32)  # 2 layers, intermediate 64, 4 heads of 8
+    eager = _lora(eager) if lora else eager
+    lean = copy.deepcopy(eager)
+    assert lean_layers(lean) == {"mlps": 2, "norms": 5, "layers": 2}  # 2 norms a layer + the final norm
+    ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    # Left padding: with a mask, SDPA runs on keys and values repeated per query head (without, it may not).
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    loss_e, saved_e = _saved_storages(eager, ids, mask)
+    loss_l, saved_l = _saved_storages(lean, ids, mask)  # the census sees through the layers' own hooks
+    assert torch.equal(loss_l, loss_e)
+    for _ in range(2):  # retain_graph: the recipes rebuild their tensors again at the second backward
+        ge = torch.autograd.grad(loss_e, [p for p in eager.parameters() if p.requires_grad], retain_graph=True)
+        gl = torch.autograd.grad(loss_l, [p for p in lean.parameters() if p.requires_grad], retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(gl, ge, strict=True))
+    with torch.no_grad():  # nothing to keep: the layers run as they are
+        assert torch.equal(lean(input_ids=ids, attention_mask=mask).logits,
+                           eager(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+    count = lambda saved, dim: sum(1 for shape in saved.values() if shape[-1] == dim)  # noqa: E731
+    # Per layer, 64 wide: silu(gate) and silu(gate) * up are no longer kept (gate and up are).
+    assert count(saved_e, 64) - count(saved_l, 64) == 2 * 2
+    # Head dim 8: SDPA keeps the keys and values repeated for the 4 query heads, (2, 4, 9, 8) each; they are rebuilt
+    # from the 2 key/value heads, (2, 2, 9, 8), which are kept instead (the query and RoPE's cos, sin as before).
+    elements = lambda saved, dim: sum(math.prod(shape) for shape in saved.values() if shape[-1] == dim)  # noqa: E731
+    assert elements(saved_e, 8) - elements(saved_l, 8) == 2 * 2 * (2 * 4 * 9 * 8 - 2 * 2 * 9 * 8)
+    if not lora:
+        # 32 wide, per layer: both norms' normalised input and output are no longer kept; the norms' inputs and
+        # the attention output are. The final norm (outside the layers) keeps its 3.
+        assert (count(saved_e, 32), count(saved_l, 32)) == (2 * 7 + 3, 2 * 3 + 3)
+    else:
+        # Frozen gains keep no normalised input. Only the adapters keep the norms' outputs, and layer 0's first
+        # norm reads the frozen embeddings: its output is rebuilt from an input kept for it alone, no saving.
+        # Eager: (x, y, attention output, x, y) a layer but layer 0's first x, + the final norm's x = 10.
+        assert (count(saved_e, 32), count(saved_l, 32)) == (2 * 5 - 1 + 1, 2 * 3 + 1)
+
+
+def test_lean_norms_survive_train_and_eval(tiny_dir):
+    """transformers 5 re-"kernelizes" RMSNorm whenever train()/eval() changes the mode (it drops an instance's
+    `forward`); the lean norm is a class of its own, so it stays through the loop's evaluation and rollouts."""
+    from posttrain.config import ModelConfig, TechniqueConfig
+    from posttrain.models import load_model
+
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"), device="cpu")
+    norm = model.model.layers[0].input_layernorm
+    for toggle in (model.eval, model.train, model.eval, model.train):
+        toggle()
+        assert norm.forward.__func__.__name__ == "_lean_norm_forward"

@@ -1,4 +1,4 @@
-"""Leaner activations for training: the gated MLP's product keeps two tensors for backward instead of three.
+"""Leaner activations for training: what a decoder layer keeps for backward, without changing a bit of the result.
 
 A Llama-family MLP computes ``down(silu(gate(x)) * up(x))``. Run as written, autograd keeps gate(x) (for SiLU's
 backward), silu(gate(x)) and up(x) (for the product's backward), and the product itself (for ``down``'s weight or
@@ -14,11 +14,40 @@ The result and the gradients are bit-identical to the eager module's: the forwar
 
 `lean_mlps` patches, on a model about to train, the MLPs whose class is one of `GATED_SILU_MLPS` (their forward
 is exactly the line above) and whose activation is SiLU; any other MLP runs as its library wrote it.
+
+Recomputed, not kept (`lean_layers`): more of a decoder layer's saved tensors are cheap functions of tensors
+backward keeps anyway, so backward rebuilds them instead (selective recomputation of the pointwise ops, as in
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", which keeps the matrix
+products' inputs and recomputes what is cheap):
+
+| not kept | kept by | rebuilt from (kept anyway) |
+|---|---|---|
+| silu(gate) * up | `down_proj` (its weight's gradient) | gate, up (`SiluMul`) |
+| each RMSNorm's x * r, r = 1 / rms(x) | the norm's gain product | x, r (the norm's own backward) |
+| each RMSNorm's output w * (x * r) | the projections (or adapters) that read it | w, x, r |
+| keys and values repeated per query head | SDPA, under grouped-query attention | the key/value heads |
+
+On SmolLM2-135M (30 layers, width 576, MLP 1536, 9 query and 3 key/value heads) that is 0.65 GB less kept at
+1,176 positions (1.49 -> 0.84 GB), for elementwise work in backward (no matrix product; +2-3% step time,
+benchmarks/README.md). Nothing about the graph changes: the same autograd nodes run the same backward formulas and
+only read their operands from the rebuild instead of from memory; the rebuild runs the forward's own kernels on
+the same operands, so every result and gradient is bit for bit the eager one (tests/unit/test_layers.py checks
+`torch.equal`).
+
+How: each decoder layer of `DECODER_LAYERS` runs its forward under `torch.autograd.graph.saved_tensors_hooks`
+whose pack hook swaps a tensor registered as recomputable (or a view of one: a projection keeps its input reshaped
+to 2-D) for a recipe that rebuilds it, and hands every other tensor, and a recipe's inputs, to the hooks that were
+in force outside the layer, so a census of saved tensors (`benchmarks/sft_memory.py`) or `save_on_cpu` around the
+model sees what is really kept. Under gradient checkpointing the checkpoint's hooks sit inside the layer's and take
+precedence: nothing changes there. The norms are registered by a class of their own (`_lean_norm_class`), the MLP
+as `lean_mlps` patches it, the repeated keys and values through transformers' SDPA `repeat_kv`
+(`_register_repeat_kv`).
 """
 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +56,14 @@ from torch import nn
 GATED_SILU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Olmo2MLP"})
 """transformers' MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (checked against
 transformers 5.25 for each; Phi-3's, with one fused gate_up projection, is not one of them)."""
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+"""transformers' RMSNorm classes whose forward is `_lean_norm_forward`'s computation line for line (checked against
+transformers 5.25; Olmo2's casts after the gain product and Gemma's scales by 1 + w, so they are not here)."""
+
+DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                            "Olmo2DecoderLayer"})  # fmt: skip
+"""The decoder layers whose forward runs under `_Recomputed`'s hooks (`lean_layers`): the families above."""
 
 
 class SiluMul(torch.autograd.Function):
@@ -52,8 +89,152 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up  # SiluMul.forward's two kernels
+
+
+def _normalised(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x * r).to(dtype)  # _lean_norm_forward's kernels
+
+
+def _gained(weight: torch.Tensor, x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight * (x * r).to(dtype)
+
+
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_is_tracing: None)
+"""The innermost (pack, unpack) pair of `saved_tensors_hooks` in force, or None (torch 2.x; private, hence the
+fallback: without it an outer pair is not seen and the tensors kept here skip it)."""
+
+
+class _Recipe:
+    """What the pack hook keeps instead of a recomputable tensor: the function that rebuilds it, that function's
+    inputs (packed by the outer hooks, if any), and the geometry of the view that was saved."""
+
+    __slots__ = ("fn", "inputs", "size", "stride", "offset")
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list, saved: torch.Tensor):
+        self.fn, self.inputs = fn, inputs
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+
+
+class _Recomputed:
+    """The tensors of one decoder layer's forward that backward rebuilds instead of keeping (module docstring).
+
+    `add(t, fn, *inputs)` registers `t == fn(*inputs)` (contiguous, at the start of its storage; `fn` runs the
+    kernels that made `t`, `inputs` are tensors backward keeps anyway). While the layer runs, the pack hook
+    replaces any saved tensor on `t`'s storage (`t` or a view of it, e.g. a projection's 2-D input) by a `_Recipe`,
+    and hands every other tensor, and a recipe's inputs, to the `saved_tensors_hooks` that were in force outside
+    the layer (a census, `save_on_cpu`), so that those see what is really kept. The registered tensors are held
+    here until the layer's forward ends, so that no other tensor can take a freed one's address while the hook
+    matches addresses."""
+
+    active: list[_Recomputed] = []  # the layers running now, innermost last (a forward runs on one thread)
+
+    def __init__(self) -> None:
+        self.tensors: dict[int, tuple[torch.Tensor, Callable[..., torch.Tensor], tuple]] = {}
+        self.outer_pack: Callable = lambda t: t
+        self.outer_unpack: Callable = lambda packed: packed
+
+    @classmethod
+    def add(cls, t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs) -> None:
+        if cls.active and t.is_contiguous() and t.storage_offset() == 0:
+            cls.active[-1].tensors[t.untyped_storage().data_ptr()] = (t, fn, inputs)
+
+    def pack(self, t: torch.Tensor):
+        entry = self.tensors.get(t.untyped_storage().data_ptr())
+        if entry is None or entry[0].dtype != t.dtype:
+            return self.outer_pack(t)
+        _, fn, inputs = entry
+        return _Recipe(fn, [(True, self.outer_pack(i)) if isinstance(i, torch.Tensor) else (False, i)
+                            for i in inputs], t)  # fmt: skip
+
+    def unpack(self, packed):
+        if not isinstance(packed, _Recipe):
+            return self.outer_unpack(packed)
+        inputs = [self.outer_unpack(i) if is_tensor else i for is_tensor, i in packed.inputs]
+        with torch.no_grad():
+            return packed.fn(*inputs).as_strided(packed.size, packed.stride, packed.offset)
+
+    def __enter__(self) -> _Recomputed:
+        outer = _top_hooks(False)
+        if outer is not None:
+            self.outer_pack, self.outer_unpack = outer
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.hooks.__enter__()
+        self.active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active.pop()
+        self.hooks.__exit__(*exc)
+        self.tensors.clear()
+
+
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    h = silu_mul(gate, up)
+    _Recomputed.add(h, _silu_times, gate, up)  # kept by down_proj for its weight's gradient; SiluMul keeps gate, up
+    return self.down_proj(h)
+
+
+def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' Llama RMSNorm, the same kernels in the same order; its normalised input and its output are
+    registered as recomputable from `x` and `r`, which the norm's backward keeps anyway."""
+    input_dtype = hidden_states.dtype
+    x = hidden_states.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    r = torch.rsqrt(variance + self.variance_epsilon)  # (..., 1): 1 / rms
+    normed = (x * r).to(input_dtype)
+    _Recomputed.add(normed, _normalised, x, r, input_dtype)  # before the gain product keeps it
+    out = self.weight * normed
+    _Recomputed.add(out, _gained, self.weight, x, r, input_dtype)  # kept by the projections (or adapters) after
+    return out
+
+
+_LEAN_NORMS: dict[type, type] = {}
+
+
+def _lean_norm_class(cls: type) -> type:
+    """`cls` with `_lean_norm_forward` as its forward, made once per class. The class is swapped rather than the
+    instance's `forward` set (as `lean_mlps` does) because transformers 5 "kernelizes" RMSNorm on every
+    `model.train()` / `model.eval()` that changes the mode (`use_kernel_forward_from_hub("RMSNorm")`, on by default
+    where the `kernels` package is installed): with no hub kernel for the device it deletes the instance's
+    `forward`, leaving the class's; where a hub kernel applies (e.g. Liger's RMSNorm on CUDA) that kernel wins."""
+    if cls not in _LEAN_NORMS:
+        _LEAN_NORMS[cls] = type(cls.__name__, (cls,), {"forward": _lean_norm_forward, "__module__": __name__,
+                                                       "__qualname__": f"lean.{cls.__qualname__}"})  # fmt: skip
+    return _LEAN_NORMS[cls]
+
+
+def _registering_repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' `repeat_kv` (grouped-query attention's copy of each key/value head for the query heads that
+    share it), its result registered as recomputable: SDPA keeps the copies, n_rep times the keys and values."""
+    out = _LIBRARY_REPEAT_KV(hidden_states, n_rep)
+    if out is not hidden_states:
+        _Recomputed.add(out, _LIBRARY_REPEAT_KV, hidden_states, n_rep)
+    return out
+
+
+_LIBRARY_REPEAT_KV = None
+
+
+def _register_repeat_kv() -> None:
+    """Route the SDPA attention's `repeat_kv` through `_registering_repeat_kv`, once per process. Outside a lean
+    layer's forward `_Recomputed.add` does nothing, so every other caller gets the library's function unchanged."""
+    global _LIBRARY_REPEAT_KV
+    # here, as `loading` imports transformers: when a model loads, so that `import posttrain.models` stays light
+    from transformers.integrations import sdpa_attention
+
+    if _LIBRARY_REPEAT_KV is None and callable(getattr(sdpa_attention, "repeat_kv", None)):  # transformers 5.x
+        _LIBRARY_REPEAT_KV = sdpa_attention.repeat_kv
+        sdpa_attention.repeat_kv = _registering_repeat_kv
+
+
+def _recomputing_forward(self, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return type(self).forward(self, *args, **kwargs)
+    with _Recomputed():
+        return type(self).forward(self, *args, **kwargs)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -68,3 +249,21 @@ def lean_mlps(model: nn.Module) -> int:
             module.forward = types.MethodType(_lean_forward, module)
             patched += 1
     return patched
+
+
+def lean_layers(model: nn.Module) -> dict[str, int]:
+    """`lean_mlps`, and the recomputation of the module docstring: the RMSNorms of `RMS_NORMS` register their
+    normalised input and output, the MLPs their product, and the decoder layers of `DECODER_LAYERS` rebuild those
+    in backward instead of keeping them. Returns how many MLPs, norms and layers were patched."""
+    counts = {"mlps": lean_mlps(model), "norms": 0, "layers": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if name in RMS_NORMS and hasattr(module, "variance_epsilon"):
+            module.__class__ = _lean_norm_class(type(module))
+            counts["norms"] += 1
+        elif name in DECODER_LAYERS:
+            module.forward = types.MethodType(_recomputing_forward, module)
+            counts["layers"] += 1
+    if counts["layers"]:
+        _register_repeat_kv()
+    return counts
