@@ -187,16 +187,21 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     """Bytes one block saves for backward, per token, without recomputation.
 
     [Korth sec. 4.1] counts 34 h (+ 5 a s for attention scores) bytes per token for a GPT block in 16 bit. Redone
-    for a Llama-style block with the same method: attention saves its input, Q, K, V and output
-    (2h + 2h + 4 kv_dim + 2h); the SwiGLU MLP its input, gate, up, SiLU(gate) and their product (2h + 8f); the
-    two RMSNorms their inputs (4h); no dropout. FlashAttention/SDPA keeps no s x s scores; eager attention adds
-    [Korth]'s 5 a s. LoRA dropout (p > 0) stores a dropped-out copy and a bool mask of each adapted input
-    (q, k, v, o, gate, up read h; down reads f).
+    for a Llama-style block with the same method, as posttrain trains it (`models.layers.lean_layers`, applied
+    to the Llama, Mistral, Qwen2/3 and OLMo2 layers whenever a model is loaded to train): attention keeps Q after
+    RoPE, the key and value heads (not their per-query-head copies) and its output (2h + 4 kv_dim + 2h); the
+    SwiGLU MLP keeps gate and up (4f: SiLU and the product are rebuilt in backward); the two RMSNorms keep their
+    inputs, the residual stream (4h; their normalised outputs, the projections' inputs, are rebuilt): 8h + 4 kv_dim
+    + 4f. A config.json of another family (`Arch.lean` False) keeps the eager count: the norms' outputs (+4h),
+    SiLU(gate) and the product (+4f). Measured on SmolLM2-135M, SFT full (benchmarks/README.md, "Where SFT full
+    fine-tuning's memory goes"): 1.49 GB kept before `lean_layers`, 0.84 GB after, for the same batch.
+    FlashAttention/SDPA keeps no s x s scores; eager attention adds [Korth]'s 5 a s. LoRA dropout (p > 0) stores a
+    dropped-out copy and a bool mask of each adapted input (q, k, v, o, gate, up read h; down reads f).
     """
     a = s.arch
     h, f, kv = a.hidden, a.intermediate, a.kv_dim
     scale = s.act_bytes / 2  # the constants above are for 16-bit activations
-    per = (12 * h + 4 * kv + 8 * f) * scale
+    per = ((8 * h + 4 * kv + 4 * f) if a.lean else (12 * h + 4 * kv + 8 * f)) * scale
     if s.attention == "eager":
         per += 5 * a.heads * s.seq_len * scale
     if s.technique in LORA_TECHNIQUES and s.lora_dropout > 0:

@@ -35,6 +35,7 @@ class Arch:
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     hf_id: str = ""  # the hub name a `posttrain train` config can load
     params_override: float | None = None  # set when the user gave a size: the shape is borrowed
+    lean: bool = True  # a family whose layers posttrain trains with `models.layers.lean_layers` (fewer activations)
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +99,9 @@ class Arch:
 def _a(name, h, layers, heads, kv, f, vocab, tied, hf_id, bias=False) -> Arch:
     return Arch(name, h, layers, heads, kv, f, vocab, tied, bias, hf_id)
 
+
+LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2"})
+"""config.json `model_type`s whose decoder layers `models.layers.lean_layers` patches (its `DECODER_LAYERS`)."""
 
 # Shapes from each model's config.json on the Hugging Face hub (hidden_size, num_hidden_layers,
 # num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, tie_word_embeddings).
@@ -207,6 +211,7 @@ def _from_config_json(path: Path) -> Arch:
         tied=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2"),
         hf_id=str(path),
+        lean=cfg.get("model_type", "llama") in LEAN_MODEL_TYPES,
     )
 
 
