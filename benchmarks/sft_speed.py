@@ -54,7 +54,7 @@ def dense_parameter_count(model) -> int:
 
 
 def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float,
-          profile: bool = False) -> dict:  # fmt: skip
+          profile: bool = False, rebuild_pointwise: bool = True) -> dict:  # fmt: skip
     """One technique, measured inside this process."""
     import torch
 
@@ -67,7 +67,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     write_jsonl(TASKS["structured"].make(batch_size * (steps + 1), seed=0, split="train"), tmp)
     cfg = config_from_dict(
         {
-            "model": {"name": "smollm2-135m-instruct"},
+            "model": {"name": "smollm2-135m-instruct", "rebuild_pointwise": rebuild_pointwise},
             # LoRA settings only where they are read: a full run refuses them (config_rules.APPLIES)
             "technique": {"name": technique, **({} if technique == "full" else {"r": 16, "alpha": 32,
                                                                                   "dropout": lora_dropout})},
@@ -150,12 +150,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=320)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--profile", action="store_true", help="also profile one step per technique (torch.profiler)")
+    ap.add_argument("--keep-pointwise", action="store_true",
+                    help="model.rebuild_pointwise false: keep the pointwise results for backward (more memory)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout,
-                               args.profile)))  # fmt: skip
+                               args.profile, not args.keep_pointwise)))  # fmt: skip
         return
 
     from posttrain.cli import allocator
@@ -177,6 +179,7 @@ def main() -> None:
             "--lora-dropout",
             str(args.lora_dropout),
             *(["--profile"] if args.profile else []),
+            *(["--keep-pointwise"] if args.keep_pointwise else []),
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if library := allocator.choose(os.environ):  # what `posttrain train` runs under (posttrain.cli.allocator)

@@ -150,3 +150,29 @@ def test_lean_norms_survive_train_and_eval(tiny_dir):
     for toggle in (model.eval, model.train, model.eval, model.train):
         toggle()
         assert norm.forward.__func__.__name__ == "_lean_norm_forward"
+
+
+def test_rebuild_pointwise_false_keeps_the_pointwise_results(tiny_dir):
+    """`model.rebuild_pointwise: false` leaves the norms and layers as transformers builds them (the MLP still
+    recomputes SiLU, `lean_mlps`), and keeps more tensors for backward than the default."""
+    from posttrain.config import ModelConfig, TechniqueConfig
+    from posttrain.models import load_model
+
+    kept = {}
+    for rebuild in (True, False):
+        model = load_model(ModelConfig(name=str(tiny_dir), rebuild_pointwise=rebuild), TechniqueConfig(name="full"),
+                           device="cpu")  # fmt: skip
+        norm = model.model.layers[0].input_layernorm
+        assert (norm.forward.__func__.__name__ == "_lean_norm_forward") is rebuild
+        storages = {}  # unique storages handed to saved-tensor hooks, the weights aside: activations kept, by bytes
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t, weights=weights, storages=storages):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(3, 200, (2, 9))).logits.sum().backward()
+        kept[rebuild] = sum(storages.values())
+    assert 0 < kept[True] < 0.8 * kept[False], kept

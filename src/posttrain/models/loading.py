@@ -37,7 +37,7 @@ from posttrain.models.adapters import (
     use_portable_4bit_kernel,
 )
 from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
-from posttrain.models.layers import lean_layers
+from posttrain.models.layers import lean_layers, lean_mlps
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,8 @@ def load_model(
     if not dropout:
         disable_dropout(model)
     if train:
-        lean_layers(model)  # bit-identical results, four activations less per layer kept for backward (layers.py)
+        # bit-identical results either way: fewer activations kept for backward (layers.py)
+        lean_layers(model) if model_cfg.rebuild_pointwise else lean_mlps(model)
     if not train:
         model.requires_grad_(False)
         model.eval()
