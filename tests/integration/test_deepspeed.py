@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import free_port
 from torch.testing import assert_close
 
 from posttrain.algorithms import load_config
@@ -104,7 +105,8 @@ def launched(tiny_model_dir, tmp_path_factory):
             jobs += [f"push:{tiny_model_dir}:full", f"push:{tiny_model_dir}:lora"]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", str(WORKER), str(folder / "held"), *jobs]  # fmt: skip
+               "--mixed_precision", "no", "--main_process_port", str(free_port()),  # not 29500: other launches'
+               str(WORKER), str(folder / "held"), *jobs]  # fmt: skip
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-4000:]
         out[stage] = cfgs, {p.stem: torch.load(p) for p in (folder / "held").glob("*.pt")}
