@@ -2,7 +2,7 @@
 processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, against one process without DeepSpeed:
 
 - every method trains as one process does on the same global batch (the same losses, gradient norms and final
-  weights): SFT full and LoRA, DPO with each reference (a frozen copy, the adapter disabled, precomputed), reward
+  weights): SFT full, LoRA and QLoRA, DPO with each reference (a frozen copy, the adapter disabled, precomputed), reward
   modelling, GRPO (LoRA), RLOO (LoRA), PPO (full, with a frozen-copy reference). Each step has 2 micro-batches per
   process, so DeepSpeed must step once per step, not once per micro-batch (`trainer.loop._micro_batch`); RL is
   sampled so that the samples do not depend on the process layout (`PromptSeededEngine`);
@@ -52,7 +52,8 @@ PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b +
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
 SFT_ROWS = [{"prompt": f"add {a} {b}", "completion": str(a + b)} for a in range(4) for b in range(4)]
 LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
-FULL = {"sft": 107_200, "lora": 139_968, "head": 107_265}  # the tiny model's elements; with adapters; a scalar head
+# the tiny model's parameter elements; with LoRA's adapters; 4-bit (two weights a byte) with them; a scalar head
+FULL = {"sft": 107_200, "lora": 139_968, "qlora": 103_104, "head": 107_265}
 
 
 def _settings(tmp: Path) -> dict[str, dict]:
@@ -70,6 +71,7 @@ def _settings(tmp: Path) -> dict[str, dict]:
     return {
         "sft": {**sft, "optim.eps": 1.0, "optim.warmup_steps": 1},
         "sft-lora": {**sft, **exact, "technique.name": "lora"},
+        "sft-qlora": {**sft, **exact, "technique.name": "qlora"},
         "dpo-copy": {**dpo, "algorithm.reference": "copy"},
         "dpo-adapter": {**dpo, "algorithm.reference": "adapter", "technique.name": "lora"},
         "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
@@ -134,15 +136,15 @@ def _metric(run_dir, key: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("name", ["sft", "sft-lora", "dpo-copy", "dpo-adapter", "dpo-precompute", "reward",
+@pytest.mark.parametrize("name", ["sft", "sft-lora", "sft-qlora", "dpo-copy", "dpo-adapter", "dpo-precompute", "reward",
                                   "grpo-lora", "rloo", "ppo"])  # fmt: skip
 def test_two_deepspeed_processes_train_exactly_as_one_process(launched, name, stage):
     cfgs, held = launched[stage]
     one = _one_process(cfgs[name], name)
     r0, r1 = held[f"{name}-rank0"], held[f"{name}-rank1"]
     assert "error" not in r0, r0.get("error")
-    whole = FULL["lora" if name in ("sft-lora", "dpo-adapter", "grpo-lora", "rloo") else
-                 "head" if name in ("reward", "ppo") else "sft"]  # fmt: skip
+    whole = FULL["lora" if name in ("sft-lora", "dpo-adapter", "grpo-lora", "rloo") else "qlora" if name == "sft-qlora"
+                 else "head" if name in ("reward", "ppo") else "sft"]  # fmt: skip
     assert r0["elements"][1] == r1["elements"][1] == whole
     if stage == 3:  # half of every weight each (ZeRO-3 pads each partition to an even split)
         assert r0["elements"][0] == r1["elements"][0] == (whole + 1) // 2
@@ -169,10 +171,10 @@ _BASE: dict[str, dict] = {}
 
 def load_file_weight(cfg, name: str, p: torch.Tensor) -> torch.Tensor:
     """Weight `name` before training: the base model's (a scalar-head model's LM under `policy.`), a LoRA B's zero
-    start; p itself for what has no known start (LoRA A, a scalar head: random)."""
+    start; p itself for what has no known start (LoRA A, a scalar head: random; a frozen 4-bit weight)."""
     base = _BASE.setdefault(cfg.model.name, load_file(str(Path(cfg.model.name) / "model.safetensors")))
     key = name.removeprefix("policy.").removeprefix("base_model.model.").replace(".base_layer", "")
-    if key in base:
+    if key in base and base[key].shape == p.shape:
         return base[key]
     return torch.zeros_like(p) if "lora_B" in name else p.detach()
 
