@@ -473,10 +473,14 @@ def _whole_loads(accelerator) -> None:
     says, and under ZeRO-3 transformers then loads each model already partitioned (`deepspeed.zero.Init`): the
     policy before DPO's `precompute` ran on it, and the reference copy that nothing ever gathered, failed so
     ("'weight' must be 2-D"). So the registration is cleared; a config that asks for partitioned loading
-    (`zero3_init_flag: true`) is refused rather than ignored."""
+    (`zero3_init_flag: true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the
+    environment `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
     from transformers.integrations import unset_hf_deepspeed_config
 
     plugin = accelerator.state.deepspeed_plugin
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+    if stage is not None:
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
     if plugin.zero3_init_flag:
         raise ConfigError(
             "the Accelerate DeepSpeed config sets zero3_init_flag: true (load the model already partitioned), which "

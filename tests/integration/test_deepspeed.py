@@ -32,7 +32,7 @@ from support import free_port
 from torch.testing import assert_close
 
 from posttrain.algorithms import load_config
-from posttrain.config import OptimConfig, dump_config
+from posttrain.config import OptimConfig, deepspeed_zero_stage, dump_config
 from posttrain.errors import ConfigError, UserError
 from posttrain.rollout import engines
 from posttrain.rollout.vllm_engine import policy_weights
@@ -246,19 +246,25 @@ def test_zero3_processes_push_the_whole_weights_one_process_trains(launched, tin
     assert any(not torch.equal(pushes[1][n], pushes[0][n]) for n in first)  # step 1 trained, and was pushed
 
 
-def test_models_load_whole_under_deepspeed_and_partitioned_loading_is_refused():
+def test_models_load_whole_under_deepspeed_and_partitioned_loading_is_refused(monkeypatch):
     """Accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under ZeRO-3
     transformers then loads every model partitioned (which broke the frozen-copy reference and DPO's precompute):
-    `_whole_loads` clears the registration, and refuses a config that asks for partitioned loading."""
+    `_whole_loads` clears the registration, and refuses a config that asks for partitioned loading. It also puts
+    the stage DeepSpeed runs into the environment (a DeepSpeed JSON file's stage is not exported by `accelerate
+    launch`): ZeRO-3's forwards are collectives, and the run must be planned so."""
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     from posttrain.train import _whole_loads
 
     registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     assert is_deepspeed_zero3_enabled()  # as Accelerate leaves it
-    plugin = types.SimpleNamespace(zero3_init_flag=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    assert deepspeed_zero_stage() == 2  # Accelerate's default, when nothing says otherwise
+    plugin = types.SimpleNamespace(zero3_init_flag=False, deepspeed_config={"zero_optimization": {"stage": 3}})
     _whole_loads(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)))
     assert not is_deepspeed_zero3_enabled()
+    assert deepspeed_zero_stage() == 3
     plugin.zero3_init_flag = True
     with pytest.raises(ConfigError, match="zero3_init_flag: true.*Set zero3_init_flag: false"):
         _whole_loads(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)))
