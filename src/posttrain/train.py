@@ -17,6 +17,7 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `rep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -497,8 +498,6 @@ def _zero3_inference(model: torch.nn.Module, accelerator, micro: int) -> torch.n
     DeepSpeed's hooks gather each module's weights around its forward. The policy's DeepSpeed config (precision,
     ZeRO-3 settings), as TRL prepares its reference model. Its forwards are collectives: every process runs as
     many (`RunSection.collective_forwards`)."""
-    import copy
-
     import deepspeed  # optional: only a DeepSpeed launch gets here
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
