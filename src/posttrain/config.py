@@ -331,6 +331,14 @@ class OptimConfig(_Section):
     other PPO implementations. Follows the same warmup and schedule."""
 
 
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage of an Accelerate DeepSpeed launch (configs/accelerate/deepspeed_zero*.yaml), read from the
+    environment `accelerate launch` sets from its config file; None outside one."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))  # Accelerate's own default stage: 2
+
+
 class RunSection(_Section):
     output_dir: str = "runs/run"
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
@@ -369,6 +377,12 @@ class RunSection(_Section):
     its own shards (`sharded/`, torch.distributed.checkpoint; the default, which never holds more than a shard on
     any process: whole, a 7B model's float32 weights and AdamW state are ~84 GB in the main process's memory).
     Either layout resumes, on any number of processes. `final/` is whole either way (docs/scale.md)."""
+
+    @property
+    def collective_forwards(self) -> bool:
+        """Whether every forward of the trained model is a collective (it all-gathers each layer's weights), so
+        that every process must run as many: the model sharded by `sharding=fsdp2` or by DeepSpeed ZeRO-3."""
+        return self.sharding == "fsdp2" or deepspeed_zero_stage() == 3
 
 
 class RunBase(_Section):

@@ -17,6 +17,7 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `rep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -32,7 +33,7 @@ import yaml
 
 from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import dump_config
+from posttrain.config import deepspeed_zero_stage, dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
@@ -42,11 +43,11 @@ from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import mixed_precision
 from posttrain.models.reference import Reference
-from posttrain.models.sharding import full_state, shard
+from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
-from posttrain.trainer.checkpoint import latest_checkpoint, load_checkpoint, resuming_on
+from posttrain.trainer.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, resuming_on
 from posttrain.trainer.fingerprint import (
     check_same_data,
     check_same_plan,
@@ -224,6 +225,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
 
     run_dir = Path(cfg.run.output_dir)
     ckpt = _check_run_dir(cfg, run_dir, resume)
+    if ckpt is not None:
+        check_resumable(ckpt)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
@@ -267,6 +270,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     with accelerator.autocast():
         reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,
                                     technique=cfg.technique, device=accelerator.device)  # fmt: skip
+        if reference.mode == "copy" and deepspeed_zero_stage() == 3:
+            reference.model = _zero3_inference(reference.model, accelerator, micro)
         source, eval_batches = _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan,
                                              reference, resumed=ckpt is not None, evaluating=evaluating)  # fmt: skip
     if cfg.run.sharding == "fsdp2":
@@ -278,7 +283,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     if cfg.run.sharding != "fsdp2":
-        _before_deepspeed(accelerator, model, optimizer, micro)
+        _before_deepspeed(accelerator, model, optimizer, micro, cfg.optim.max_grad_norm)
         model, optimizer = accelerator.prepare(model, optimizer)
 
     if ckpt is not None:
@@ -393,17 +398,18 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
     source = ExampleBatchSource(data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro,
                                 seed=cfg.run.seed, shuffle=cfg.data.shuffle, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes,
-                                same_micro_batches=cfg.run.sharding == "fsdp2")  # fmt: skip
+                                same_micro_batches=cfg.run.collective_forwards)  # fmt: skip
     eval_batches = None
     if evaluating:
         rows = list(data.eval)
-        extra = len(rows) % accelerator.num_processes if cfg.run.sharding == "fsdp2" else 0
+        extra = len(rows) % accelerator.num_processes if cfg.run.collective_forwards else 0
         if extra:  # as many rows, so as many forwards (collectives), on every process
             rows = rows[:-extra]
             if accelerator.is_main_process:
                 last = f"its last {extra} rows are" if extra > 1 else "its last row is"
-                print(f"warning: {cfg.data.eval}: {last} not evaluated: run.sharding=fsdp2 evaluates as many rows "
-                      f"on each of the {accelerator.num_processes} processes")  # fmt: skip
+                print(f"warning: {cfg.data.eval}: {last} not evaluated: a sharded model (run.sharding=fsdp2 or "
+                      f"DeepSpeed ZeRO-3) evaluates as many rows on each of the {accelerator.num_processes} "
+                      "processes")  # fmt: skip
         mine = rows[accelerator.process_index :: accelerator.num_processes]
         eval_batches = [data.collate(mine[i : i + micro]) for i in range(0, len(mine), micro)]
     if not reference.needed:
@@ -424,6 +430,8 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
     unwrapped = accelerator.unwrap_model(model)
     # A sharded model's whole weights (a scalar head's too), gathered by every process to the main one
     state = full_state(unwrapped) if cfg.run.sharding == "fsdp2" else None
+    if is_partitioned(unwrapped):  # DeepSpeed ZeRO-3: its partitions, gathered a weight at a time
+        state = partitioned_state(unwrapped)
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -450,28 +458,89 @@ def _accelerator(cfg: RunConfig):
     # process group (PartialState), so this is safe under a multi-process launch too.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    if not on_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if deepspeed_zero_stage() is None:
+        return Accelerator(cpu=not on_gpu, mixed_precision=precision)
+    if on_gpu:
+        accelerator = Accelerator(mixed_precision=precision)
+    else:
         # An Accelerate DeepSpeed config on CPUs (DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu: how the tests run
         # ZeRO): Accelerate hands the model to DeepSpeed only when not told cpu=True, and then finds no process
         # group backend for a machine without an accelerator unless it is named.
         from accelerate.utils import InitProcessGroupKwargs
 
-        return Accelerator(mixed_precision=precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    return Accelerator(cpu=not on_gpu, mixed_precision=precision)
+        accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    _whole_loads(accelerator)
+    return accelerator
 
 
-def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: int) -> None:
+def _whole_loads(accelerator) -> None:
+    """Under DeepSpeed, every model posttrain loads (the policy, a frozen-copy reference, a reward model) loads
+    whole, as in any other run; DeepSpeed partitions the trained one at `prepare` (ZeRO-3), and `_zero3_inference`
+    a frozen copy. Accelerate 1.16 registers its DeepSpeed config with transformers whatever `zero3_init_flag`
+    says, and under ZeRO-3 transformers then loads each model already partitioned (`deepspeed.zero.Init`): the
+    policy before DPO's `precompute` ran on it, and the reference copy that nothing ever gathered, failed so
+    ("'weight' must be 2-D"). So the registration is cleared; a config that asks for partitioned loading
+    (`zero3_init_flag: true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the
+    environment `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = accelerator.state.deepspeed_plugin
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+    if stage is not None:
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = str(stage)
+    if plugin.zero3_init_flag:
+        raise ConfigError(
+            "the Accelerate DeepSpeed config sets zero3_init_flag: true (load the model already partitioned), which "
+            "posttrain does not do: it loads every model whole in each process, and DeepSpeed partitions the trained "
+            "one when training starts. Set zero3_init_flag: false (as configs/accelerate/deepspeed_zero3.yaml does), "
+            "or shard with run.sharding=fsdp2 under torchrun"
+        )
+    unset_hf_deepspeed_config()
+
+
+def _zero3_inference(model: torch.nn.Module, accelerator, micro: int) -> torch.nn.Module:
+    """A frozen model (DPO's or PPO's frozen-copy reference) partitioned by DeepSpeed ZeRO-3 as the policy is, in an
+    engine of its own with no optimizer, in eval mode: each process holds a partition of every weight, and
+    DeepSpeed's hooks gather each module's weights around its forward. The policy's DeepSpeed config (precision,
+    ZeRO-3 settings), as TRL prepares its reference model. Its forwards are collectives: every process runs as
+    many (`RunSection.collective_forwards`)."""
+    import deepspeed  # optional: only a DeepSpeed launch gets here
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
+                  gradient_accumulation_steps=1)  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: int,
+                      max_grad_norm: float | None) -> None:  # fmt: skip
     """What a run under an Accelerate DeepSpeed config (configs/accelerate/deepspeed_zero*.yaml) needs before
-    `prepare`; nothing otherwise. DeepSpeed's micro-batch size, which Accelerate takes from a prepared dataloader
-    and posttrain prepares none (its batch sources cut the batches). And a version bump of every trained weight
-    after each step of `optimizer` (the one DeepSpeed steps): DeepSpeed writes the stepped weights through `.data`
-    (ZeRO-1/2 into the weights' flat buffer, ZeRO-3 into each process's partition), which moves no version counter
-    (measured: none moved in 2 steps, ZeRO-2 or ZeRO-3), so `rollout.vllm_engine.weight_versions` would see no
-    step and vLLM would keep sampling from the first weights pushed."""
+    `prepare`; nothing otherwise.
+
+    DeepSpeed's batch settings, from the run's: a micro-batch of `micro` rows per process (Accelerate would take it
+    from a prepared dataloader; posttrain's batch sources cut the batches) and no accumulation of DeepSpeed's own:
+    posttrain's loop accumulates, marking which backward ends a step (`trainer.loop`), so the config file's
+    `gradient_accumulation_steps` is replaced by 1 (DeepSpeed would divide each micro-batch's loss by it, on top of
+    posttrain's own normaliser). Clipping at `optim.max_grad_norm` (none when null), which DeepSpeed does inside
+    its step, in place of the config file's `gradient_clipping`. All are set on every run, since one process may
+    run several (the plugin's config outlives a run).
+
+    And a version bump of every trained weight after each step of `optimizer` (the one DeepSpeed steps): DeepSpeed
+    writes the stepped weights through `.data` (ZeRO-1/2 into the weights' flat buffer, ZeRO-3 into each process's
+    partition), which moves no version counter (measured: none moved in 2 steps, ZeRO-2 or ZeRO-3), so
+    `rollout.vllm_engine.weight_versions` would see no step and vLLM would keep sampling from the first weights
+    pushed."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
+        gradient_accumulation_steps=1, gradient_clipping=max_grad_norm or 0.0,
+    )  # fmt: skip
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trained))

@@ -1,46 +1,214 @@
-"""DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml under `accelerate launch`, 2 CPU processes: DeepSpeed's
-CPU accelerator over gloo) with a vLLM engine (`FakeVLLM` in vLLM's place, one per process): each process holds
-half of every weight, and pushes the whole weights (gathered module by module; under LoRA each adapted layer's
-W + delta) before the first step and after each step, not when nothing changed, the same on both processes, and
-equal to the weights one process trains on the same global batch. Skipped where deepspeed is not installed (it is
-not a dependency; CI does not install it).
+"""DeepSpeed ZeRO-2 and ZeRO-3 (configs/accelerate/deepspeed_zero{2,3}.yaml under `accelerate launch`, 2 CPU
+processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, against one process without DeepSpeed:
 
-One launch for both techniques (`deepspeed_worker.py`), to keep the test short (~40 s on 2 loaded cores)."""
+- every method trains as one process does on the same global batch (the same losses, gradient norms and final
+  weights): SFT full, LoRA and QLoRA, DPO with each reference (a frozen copy, the adapter disabled, precomputed), reward
+  modelling, GRPO (LoRA), RLOO (LoRA), PPO (full, with a frozen-copy reference). Each step has 2 micro-batches per
+  process, so DeepSpeed must step once per step, not once per micro-batch (`trainer.loop._micro_batch`); RL is
+  sampled so that the samples do not depend on the process layout (`PromptSeededEngine`);
+- ZeRO-3: each process holds half of every weight, the trained model's and a frozen-copy reference's (partitioned
+  by an inference engine of its own, `train._zero3_inference`); ZeRO-2: the whole weights;
+- `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered); the checkpoint holds no
+  optimizer state and `--resume` refuses it;
+- with a vLLM engine (`FakeVLLM` in vLLM's place, one per process) under ZeRO-3, each process pushes the whole
+  weights (gathered module by module; under LoRA each adapted layer's W + delta) before the first step and after
+  each step, not when nothing changed, the same on both processes, equal to those one process trains.
+
+Skipped where deepspeed is not installed (scripts/setup.sh installs it for development and CI, without its
+dependencies: constraints.txt). One launch per ZeRO stage runs every job in turn (`deepspeed_worker.py`)."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from support import free_port
 from torch.testing import assert_close
 
-from posttrain.config import OptimConfig
+from posttrain.algorithms import load_config
+from posttrain.config import OptimConfig, deepspeed_zero_stage, dump_config
+from posttrain.errors import ConfigError, UserError
+from posttrain.rollout import engines
 from posttrain.rollout.vllm_engine import policy_weights
+from posttrain.train import train
+from posttrain.trainer.checkpoint import check_resumable
+from posttrain.trainer.metrics import read_metrics
 from posttrain.trainer.optim import build_optimizer
 
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 worker = importlib.import_module("deepspeed_worker")  # the folder is on sys.path: conftest.py
-CONFIG = Path(__file__).parents[2] / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+PromptSeededEngine = importlib.import_module("fsdp_worker").PromptSeededEngine
+ROOT = Path(__file__).parents[2]
+STAGES = (2, 3)
+PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"} for a in range(4)
+         for b in range(2)]  # fmt: skip
+PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+SFT_ROWS = [{"prompt": f"add {a} {b}", "completion": str(a + b)} for a in range(4) for b in range(4)]
+LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
+# the tiny model's parameter elements; with LoRA's adapters; 4-bit (two weights a byte) with them; a scalar head
+FULL = {"sft": 107_200, "lora": 139_968, "qlora": 103_104, "head": 107_265}
+
+
+def _settings(tmp: Path) -> dict[str, dict]:
+    """The runs. AdamW at eps 1, whose step lr x m / (sqrt(v) + 1) is nearly linear in the gradient: a gradient
+    scaled wrongly (e.g. a step per micro-batch, or a loss normalised twice) moves the weights visibly, where at eps
+    1e-8 Adam's g / sqrt(v) would hide it, and float summation order leaves < 1e-8 (measured). SFT full keeps the
+    default cosine schedule with a warmup step: posttrain's scheduler must drive the learning rate DeepSpeed uses."""
+    exact = {"optim.eps": 1.0, "optim.lr": 5e-3, "optim.schedule": "constant"}
+    dpo = {**exact, "algorithm.name": "dpo", "algorithm.beta": 0.5, "data.train": str(tmp / "pairs.jsonl")}
+    sft = {"data.train": str(tmp / "sft.jsonl")}
+    rl = {**exact, "algorithm.rewards": f"[{tmp / 'rewards.py'}:letters]", "data.train": str(tmp / "prompts.jsonl"),
+          "algorithm.rollout.max_new_tokens": 8, "optim.batch_size": 16, "optim.micro_batch_size": 4,
+          "run.max_steps": 2}  # fmt: skip
+    grpo = {**rl, "algorithm.name": "grpo", "algorithm.num_generations": 4}
+    return {
+        "sft": {**sft, "optim.eps": 1.0, "optim.warmup_steps": 1},
+        "sft-lora": {**sft, **exact, "technique.name": "lora"},
+        "sft-qlora": {**sft, **exact, "technique.name": "qlora"},
+        "dpo-copy": {**dpo, "algorithm.reference": "copy"},
+        "dpo-adapter": {**dpo, "algorithm.reference": "adapter", "technique.name": "lora"},
+        "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
+        "reward": {**exact, "algorithm.name": "reward", "data.train": str(tmp / "pairs.jsonl")},
+        "grpo-lora": {**grpo, "technique.name": "lora", "algorithm.beta": 0.04},  # KL to the adapter disabled
+        "rloo": {**grpo, "algorithm.name": "rloo", "algorithm.beta": 0.1, "technique.name": "lora"},
+        # advantages whitened over all samples, not per process (which would differ from one process by design)
+        "ppo": {**rl, "algorithm.name": "ppo", "algorithm.kl_coef": 0.1, "algorithm.whiten_advantages": False},
+    }
 
 
 @pytest.fixture(scope="module")
-def held(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
+def launched(tiny_model_dir, tmp_path_factory):
+    """stage -> (run configs by name, what each process saved by job), each stage's jobs in one launch."""
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    for name, rows in (("sft", SFT_ROWS), ("pairs", PAIRS), ("prompts", PROMPTS)):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp / "rewards.py").write_text(LETTERS, encoding="utf-8")
+    base = {"model.name": str(tiny_model_dir), "technique.name": "full", "data.max_length": 64, "optim.lr": 1e-3,
+            "optim.batch_size": 8, "optim.micro_batch_size": 2, "optim.warmup_steps": 0, "data.shuffle": "false",
+            "run.max_steps": 3, "run.progress": False, "run.report": False}  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-           "--mixed_precision", "no", str(WORKER), str(out), str(tiny_model_dir), "full", "lora"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {p.stem: torch.load(p) for p in out.glob("*.pt")}
+    out = {}
+    for stage in STAGES:
+        cfgs, folder = {}, tmp / f"zero{stage}"
+        (folder / "held").mkdir(parents=True)
+        for name, overrides in _settings(tmp).items():
+            merged = {**base, **overrides, "run.output_dir": str(folder / name)}
+            cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
+            dump_config(cfgs[name], folder / f"{name}.yaml")
+        jobs = [str(folder / f"{name}.yaml") for name in cfgs]
+        if stage == 3:
+            jobs += [f"push:{tiny_model_dir}:full", f"push:{tiny_model_dir}:lora"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", "--main_process_port", str(free_port()),  # not 29500: other launches'
+               str(WORKER), str(folder / "held"), *jobs]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[stage] = cfgs, {p.stem: torch.load(p) for p in (folder / "held").glob("*.pt")}
+    return out
 
 
-def _one_process(model_dir, technique: str) -> tuple[dict, dict]:
+_ONE: dict[str, object] = {}
+
+
+def _one_process(cfg, name: str):
+    """The same run in this process, without DeepSpeed (RL sampled as the worker samples); once per run."""
+    if name not in _ONE:
+        one = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": cfg.run.output_dir + "-one"})})
+        engines_before = dict(engines.ENGINES)
+        engines.ENGINES["hf"] = lambda c: PromptSeededEngine()
+        try:
+            _ONE[name] = train(one, return_model=True)
+        finally:
+            engines.ENGINES.update(engines_before)
+    return _ONE[name]
+
+
+def _metric(run_dir, key: str) -> torch.Tensor:
+    return torch.tensor([r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl")], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("name", ["sft", "sft-lora", "sft-qlora", "dpo-copy", "dpo-adapter", "dpo-precompute", "reward",
+                                  "grpo-lora", "rloo", "ppo"])  # fmt: skip
+def test_two_deepspeed_processes_train_exactly_as_one_process(launched, name, stage):
+    cfgs, held = launched[stage]
+    one = _one_process(cfgs[name], name)
+    r0, r1 = held[f"{name}-rank0"], held[f"{name}-rank1"]
+    assert "error" not in r0, r0.get("error")
+    whole = FULL["lora" if name in ("sft-lora", "dpo-adapter", "grpo-lora", "rloo") else "qlora" if name == "sft-qlora"
+                 else "head" if name in ("reward", "ppo") else "sft"]  # fmt: skip
+    assert r0["elements"][1] == r1["elements"][1] == whole
+    if stage == 3:  # half of every weight each (ZeRO-3 pads each partition to an even split)
+        assert r0["elements"][0] == r1["elements"][0] == (whole + 1) // 2
+    else:  # ZeRO-2 splits the gradients and optimizer state only
+        assert r0["elements"][0] == r1["elements"][0] == whole
+    if name in ("dpo-copy", "ppo"):  # the frozen-copy reference: partitioned as the policy under ZeRO-3
+        assert r0["reference"] == (FULL["sft"] // 2 if stage == 3 else FULL["sft"], FULL["sft"], stage == 3)
+    trained = dict(one.model.named_parameters())
+    assert r0["weights"].keys() == trained.keys()
+    moved = 0.0
+    for n, p in trained.items():
+        # the same global batch, normaliser and steps; the gradient's float sums run in another order (each
+        # process's micro-batches, averaged by DeepSpeed's reduce(-scatter)): measured <= 7.5e-9 at AdamW eps 1
+        assert_close(r0["weights"][n], p.detach(), rtol=0, atol=1e-7, msg=n)
+        moved = max(moved, float((p.detach() - load_file_weight(cfgs[name], n, p)).abs().max()))
+    assert moved > 100 * 1e-7  # the runs trained, by far more than the tolerance (PPO least: 9e-5)
+    for key in ("loss", "grad_norm"):
+        assert_close(_metric(cfgs[name].run.output_dir, key), _metric(one.run_dir, key), rtol=1e-5, atol=1e-6)
+    assert len(_metric(one.run_dir, "loss")) == cfgs[name].run.max_steps
+
+
+_BASE: dict[str, dict] = {}
+
+
+def load_file_weight(cfg, name: str, p: torch.Tensor) -> torch.Tensor:
+    """Weight `name` before training: the base model's (a scalar-head model's LM under `policy.`), a LoRA B's zero
+    start; p itself for what has no known start (LoRA A, a scalar head: random; a frozen 4-bit weight)."""
+    base = _BASE.setdefault(cfg.model.name, load_file(str(Path(cfg.model.name) / "model.safetensors")))
+    key = name.removeprefix("policy.").removeprefix("base_model.model.").replace(".base_layer", "")
+    if key in base and base[key].shape == p.shape:
+        return base[key]
+    return torch.zeros_like(p) if "lora_B" in name else p.detach()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_final_folder_and_checkpoint_hold_the_whole_weights_and_the_checkpoint_is_not_resumed(launched, stage):
+    """`final/` and the last checkpoint's trainable.safetensors hold the whole trained weights (ZeRO-3: gathered
+    from the partitions), a reward model's head beside its model; no optimizer.pt (ZeRO splits it), and a resume
+    is refused before anything loads."""
+    cfgs, held = launched[stage]
+    assert "error" not in held["sft-rank0"] and "error" not in held["reward-rank0"]
+    sft = Path(cfgs["sft"].run.output_dir)
+    weights = held["sft-rank0"]["weights"]
+    final = load_file(str(sft / "final" / "model.safetensors"))
+    assert final.keys() == weights.keys()
+    for n, t in final.items():
+        assert torch.equal(t, weights[n]), n
+    ckpt = sft / "checkpoints" / "step-000003"
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    assert saved.keys() == weights.keys() and all(torch.equal(t, weights[n]) for n, t in saved.items())
+    assert not (ckpt / "optimizer.pt").exists()
+    with pytest.raises(UserError, match="written under DeepSpeed.*cannot resume yet.*run.sharding=fsdp2"):
+        check_resumable(ckpt)
+    reward = held["reward-rank0"]["weights"]
+    model = load_file(str(Path(cfgs["reward"].run.output_dir) / "final" / "model.safetensors"))
+    head = load_file(str(Path(cfgs["reward"].run.output_dir) / "final" / "score_head.safetensors"))
+    assert {f"policy.{n}" for n in model} | {f"head.{n}" for n in head} == reward.keys()
+    assert all(torch.equal(t, reward[f"policy.{n}"]) for n, t in model.items())
+    assert all(torch.equal(t, reward[f"head.{n}"]) for n, t in head.items())
+
+
+def _pushed_by_one_process(model_dir, technique: str) -> tuple[dict, dict]:
     """What one process pushes for the same model before training and after `worker.STEPS` steps on all 4 rows,
-    clipped at the config's gradient_clipping (1.0)."""
+    clipped at 1.0 (as the worker's DeepSpeed engine)."""
     model = worker.build(str(model_dir), technique)
     with policy_weights(model) as weights:
         first = {n: t.clone() for n, t in weights}
@@ -55,16 +223,18 @@ def _one_process(model_dir, technique: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("technique", ["full", "lora"])
-def test_zero3_processes_push_the_whole_weights_one_process_trains(held, tiny_model_dir, technique):
-    r0, r1 = held[f"{technique}-rank0"], held[f"{technique}-rank1"]
+def test_zero3_processes_push_the_whole_weights_one_process_trains(launched, tiny_model_dir, technique):
+    _, held = launched[3]
+    r0, r1 = held[f"push-{technique}-rank0"], held[f"push-{technique}-rank1"]
+    assert "error" not in r0, r0.get("error")
     assert r0["zero3"] and r1["zero3"]  # every weight partitioned by ZeRO-3
-    # half of every weight each (the tiny model: 107,200 elements; under LoRA 115,392 with the adapters)
+    # half of every weight each (the tiny model: 107,200 elements; under LoRA at r=4 115,392 with the adapters)
     assert r0["local"] == r1["local"] == r0["total"] // 2 == (107_200 if technique == "full" else 115_392) // 2
     # a push before the first step and after each (DeepSpeed's writes bump no version counter: `_before_deepspeed`
     # does), none when nothing changed
     assert r0["synced"] == r1["synced"] == [True] * (worker.STEPS + 1) + [False]
     assert r0["calls"] == ["load_weights", "reset_prefix_cache"] * (worker.STEPS + 1)
-    first, last = _one_process(tiny_model_dir, technique)
+    first, last = _pushed_by_one_process(tiny_model_dir, technique)
     pushes = r0["pushes"]
     assert pushes[0].keys() == first.keys() and first
     for n in first:
@@ -74,3 +244,28 @@ def test_zero3_processes_push_the_whole_weights_one_process_trains(held, tiny_mo
         # over its 2 rows, averaged by DeepSpeed's reduce-scatter): measured 4.6e-7 (full), 2.1e-7 (LoRA)
         assert_close(pushes[-1][n], last[n], rtol=0, atol=2e-6, msg=n)
     assert any(not torch.equal(pushes[1][n], pushes[0][n]) for n in first)  # step 1 trained, and was pushed
+
+
+def test_models_load_whole_under_deepspeed_and_partitioned_loading_is_refused(monkeypatch):
+    """Accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under ZeRO-3
+    transformers then loads every model partitioned (which broke the frozen-copy reference and DPO's precompute):
+    `_whole_loads` clears the registration, and refuses a config that asks for partitioned loading. It also puts
+    the stage DeepSpeed runs into the environment (a DeepSpeed JSON file's stage is not exported by `accelerate
+    launch`): ZeRO-3's forwards are collectives, and the run must be planned so."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from posttrain.train import _whole_loads
+
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert is_deepspeed_zero3_enabled()  # as Accelerate leaves it
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    assert deepspeed_zero_stage() == 2  # Accelerate's default, when nothing says otherwise
+    plugin = types.SimpleNamespace(zero3_init_flag=False, deepspeed_config={"zero_optimization": {"stage": 3}})
+    _whole_loads(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)))
+    assert not is_deepspeed_zero3_enabled()
+    assert deepspeed_zero_stage() == 3
+    plugin.zero3_init_flag = True
+    with pytest.raises(ConfigError, match="zero3_init_flag: true.*Set zero3_init_flag: false"):
+        _whole_loads(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)))
+    del registered

@@ -187,7 +187,9 @@ def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions(
     which moves no version counter, so `weight_versions` would see no step and vLLM would keep the first weights
     pushed (measured with DeepSpeed: no counter moved in 2 steps of ZeRO-2 or ZeRO-3). `_before_deepspeed` bumps
     the trained weights' counters after each step of the optimizer DeepSpeed steps, and gives DeepSpeed the
-    micro-batch size Accelerate would take from a dataloader."""
+    run's batch settings (the micro-batch size Accelerate would take from a dataloader; no accumulation of its own,
+    posttrain's loop marks each step's end) and `optim.max_grad_norm` as its clipping, replacing the config
+    file's values (here an accumulation of 4 and clipping at 1.0)."""
     from accelerate.utils import DistributedType
 
     from posttrain.rollout.vllm_engine import weight_versions
@@ -197,12 +199,14 @@ def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions(
     model[1].requires_grad_(False)
     master = [p.detach().clone().requires_grad_() for p in model[0].parameters()]  # DeepSpeed's float32 copies
     optimizer = torch.optim.SGD(master, lr=0.1)
-    ds_config = {}
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+    ds_config = {"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
                                         state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(
                                             deepspeed_config=ds_config)))  # fmt: skip
-    _before_deepspeed(accelerator, model, optimizer, micro=3)
-    assert ds_config == {"train_micro_batch_size_per_gpu": 3}
+    _before_deepspeed(accelerator, model, optimizer, 3, 0.5)
+    expected = {"train_micro_batch_size_per_gpu": 3, "train_batch_size": 6, "gradient_accumulation_steps": 1,
+                "gradient_clipping": 0.5}  # fmt: skip
+    assert ds_config == expected
     versions = weight_versions(model)
     frozen = [p._version for p in model[1].parameters()]
     for _ in range(2):
@@ -216,5 +220,5 @@ def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions(
     assert [p._version for p in model[1].parameters()] == frozen  # frozen weights: not pushed, not bumped
     accelerator.distributed_type = DistributedType.MULTI_CPU  # no DeepSpeed: nothing to do
     optimizer = torch.optim.SGD(master, lr=0.1)
-    _before_deepspeed(accelerator, model, optimizer, micro=5)
-    assert ds_config == {"train_micro_batch_size_per_gpu": 3} and not optimizer._optimizer_step_post_hooks
+    _before_deepspeed(accelerator, model, optimizer, 5, None)
+    assert ds_config == expected and not optimizer._optimizer_step_post_hooks

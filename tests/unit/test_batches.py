@@ -129,3 +129,25 @@ def test_a_sharded_run_skips_a_last_step_that_gives_the_processes_unequal_micro_
     assert [len(next(s.steps(2)).micro_batches) for s in sharded] == [4, 4]  # step 3 is the next epoch's first
     even = _source(examples=list(range(19)), batch_size=8, micro_batch_size=2, world_size=2, same_micro_batches=True)
     assert (even.steps_per_epoch, even.plan.skipped) == (3, 0)
+
+
+@pytest.mark.parametrize("env, collective", [({}, False), ({"ACCELERATE_USE_DEEPSPEED": "true"}, False),
+                                             ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+                                              False),
+                                             ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+                                              True)])  # fmt: skip
+def test_deepspeed_zero3_plans_as_many_micro_batches_per_process_as_fsdp2(monkeypatch, env, collective):
+    """DeepSpeed ZeRO-3 gathers each layer's weights in every forward, as FSDP2 does: under an Accelerate launch
+    of a ZeRO-3 config (the environment `accelerate launch` sets from it) a run plans as a sharded one, skipping
+    the last step that would give the processes unequal micro-batches. ZeRO-2 (and Accelerate's default stage, 2)
+    keeps the weights whole: planned as DDP."""
+    from posttrain.algorithms import load_config
+    from posttrain.data.order import plan_examples
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(None, ["model.name=m", "data.train=t.jsonl", "optim.batch_size=8", "optim.micro_batch_size=1"])
+    assert cfg.run.collective_forwards is collective
+    assert plan_examples(cfg, 19, 2, 1).skipped == (3 if collective else 0)

@@ -197,14 +197,14 @@ def test_packed_logps_entropy_and_gradients_equal_the_padded_forward(attn, layou
 
 
 def test_the_sharded_one_forward_path_projects_each_shared_position_once(monkeypatch):
-    """The FSDP2 path (one forward that projects the kept positions, `logits_to_keep`), run on a plain model: a
+    """The FSDP2/ZeRO-3 path (one forward that projects the kept positions, `logits_to_keep`), run on a plain model: a
     prompt's last position predicts the first token of every continuation and is projected once."""
     model = tiny_model(259)
     rows, groups = _rows(seed=3)
     inputs, target_mask = _right_padded(rows)
     weights = torch.randn(target_mask.shape, generator=torch.Generator().manual_seed(4))
     padded = _logps_and_grads(model, inputs, target_mask, None, weights)
-    monkeypatch.setattr(logprobs, "is_sharded", lambda m: True)
+    monkeypatch.setattr(logprobs, "gathers_in_forward", lambda m: True)
     packed = _logps_and_grads(model, inputs, target_mask, groups, weights)
     torch.testing.assert_close(packed[0], padded[0], **TIGHT)
     torch.testing.assert_close(packed[1], padded[1], **TIGHT)
@@ -392,7 +392,7 @@ def test_a_shared_prompt_gives_the_same_gradient_bits_every_run(monkeypatch, sha
     gradient must sum those repeats in a fixed order: with `x[index]` two threads added them with atomic float
     adds in whatever order they met (last-bit differences between runs, GRPO steps that were not repeatable)."""
     if sharded_path:
-        monkeypatch.setattr(logprobs, "is_sharded", lambda m: True)
+        monkeypatch.setattr(logprobs, "gathers_in_forward", lambda m: True)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # the race needs two threads; CI's machines have 2 cores
     try:

@@ -36,7 +36,7 @@ from posttrain.models.logprobs import (
     target_positions,
     unwrap_parallel,
 )
-from posttrain.models.sharding import is_sharded
+from posttrain.models.sharding import gathers_in_forward
 from posttrain.rewards.overlong import drop_from_loss
 
 
@@ -353,9 +353,9 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     targets = batch["input_ids"][target]  # (N,)
     policy = language_model(unwrap_parallel(model))  # the LM under the value head (and any DDP)
-    if is_sharded(policy):
-        # FSDP2 gathers the output layer only inside the LM's forward (`models.sharding`): its logits come from
-        # that forward, all N rows at once, rather than from `head_logps` afterwards.
+    if gathers_in_forward(policy):
+        # FSDP2 and DeepSpeed ZeRO-3 gather the output layer only inside the LM's forward (`models.sharding`):
+        # its logits come from that forward, all N rows at once, rather than from `head_logps` afterwards.
         values_sel, _, logits = model(**inputs, keep=keep, with_logits=True)  # (N,), (N, H), (N, V)
         picked, _ = gather_logps(logits, targets, temperature=temperature)
     else:

@@ -94,8 +94,8 @@ def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int
     if same_micro_batches and -(-most // micro_batch_size) != -(-fewest // micro_batch_size):
         why = (
             f"after {full} steps of optim.batch_size={batch_size}, the {rest} left would give the processes "
-            f"different numbers of micro-batches of {micro_batch_size}, and a sharded model (run.sharding=fsdp2) "
-            "needs every process to run as many forward passes"
+            f"different numbers of micro-batches of {micro_batch_size}, and a sharded model (run.sharding=fsdp2 "
+            "or DeepSpeed ZeRO-3) needs every process to run as many forward passes"
         )
         return EpochPlan(n, batch_size, full, skipped=rest, reason=why)
     return EpochPlan(n, batch_size, full + (rest > 0))
@@ -104,7 +104,7 @@ def plan_batches(n: int, batch_size: int, world_size: int, micro_batch_size: int
 def plan_examples(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochPlan:
     """`plan_batches` for a run config: the plan of `ExampleBatchSource` (SFT, reward, DPO)."""
     return plan_batches(n, cfg.optim.batch_size, world_size, micro_batch_size,
-                        same_micro_batches=cfg.run.sharding == "fsdp2")  # fmt: skip
+                        same_micro_batches=cfg.run.collective_forwards)  # fmt: skip
 
 
 def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]] | None, seed: int,

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix
-from posttrain.models.sharding import is_sharded
+from posttrain.models.sharding import gathers_in_forward
 
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
@@ -292,7 +292,7 @@ def selected_token_logps(
     (B, T) or None), float32, aligned with `input_ids`.
 
     Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
-    a time (`head_logps`; in one go, inside the forward, for an FSDP2-sharded model): prompt positions need hidden
+    a time (`head_logps`; in one go, inside the forward, for a model sharded by FSDP2 or DeepSpeed ZeRO-3): prompt positions need hidden
     states but no logits, and the (B, T, V) logits are the largest activation of a small model. The logits come
     from the model's own forward, with its own post-processing (Gemma's softcapping, Cohere's logit scale).
     `temperature` divides them first, so that the log-probabilities are those of the distribution the rollout
@@ -304,9 +304,11 @@ def selected_token_logps(
     targets = inputs["input_ids"][target]
     shared = _shared_prompt_inputs(model, inputs, groups, keep) if groups is not None else None
     forward_inputs = inputs if shared is None else shared[0]
-    if is_sharded(unwrap_parallel(model)):
-        # FSDP2 gathers the output layer's weights only inside the root forward, and each process may have a
-        # different number of chunks (collectives must match): one projection of the kept rows, in the forward.
+    if gathers_in_forward(unwrap_parallel(model)):
+        # FSDP2 and DeepSpeed ZeRO-3 gather the output layer's weights only inside a forward (ZeRO-3: around the
+        # layer's own, and a checkpointed chunk's recompute in backward would find the weight partitioned again),
+        # and each process may have a different number of chunks (collectives must match): one projection of the
+        # kept rows, in the forward.
         # (One forward per call whether rows are packed or not, so every process still runs as many.)
         if shared is None:
             logits = selected_logits(model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep)  # (N, V)

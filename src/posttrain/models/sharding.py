@@ -25,6 +25,8 @@ This module does not launch processes, build optimizers or decide when to shard 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -43,10 +45,26 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned `model`'s weights (it marks each with `ds_id`): each process holds a
+    partition, and DeepSpeed's hooks gather a module's weights around its forward (and backward)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathers_in_forward(model: nn.Module) -> bool:
+    """Whether `model`'s forward gathers its weights (a collective): sharded by FSDP2 or partitioned by ZeRO-3.
+    Such a model's output layer is whole only inside the model's own forward, and every process must run as many
+    forwards."""
+    return is_sharded(model) or is_partitioned(model)
+
+
 def synced_forward(model: nn.Module) -> bool:
     """Whether `generate` must keep this process stepping until every process has finished (`synced_gpus`): true
-    for a sharded model in a multi-process run, where every forward all-gathers each layer's weights."""
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and is_sharded(model)
+    for a sharded (FSDP2) or partitioned (ZeRO-3) model in a multi-process run, where every forward all-gathers
+    each layer's weights. (transformers would guess it for ZeRO-3 from DeepSpeed's config registered with it,
+    which posttrain clears: `train._accelerator`.)"""
+    multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return multi and gathers_in_forward(model)
 
 
 def shard(model: nn.Module, *, forward_only: bool = False) -> nn.Module:
@@ -106,6 +124,25 @@ def parameter_elements(model: nn.Module) -> tuple[int, int]:
     DTensor = _dtensor()
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
     return local, sum(p.numel() for p in model.parameters())
+
+
+def partitioned_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """`full_state` of a model DeepSpeed ZeRO-3 partitioned (`is_partitioned`): its state dict's whole tensors on
+    the CPU of the main process, an empty dict on the others. Each partitioned weight is gathered on its own
+    (DeepSpeed's `GatheredParameters`, read only: partitioned again when the block ends), so no process holds more
+    than one whole weight besides what the main process keeps. A collective: every process calls it."""
+    import deepspeed  # optional: only a model DeepSpeed partitioned gets here
+
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if trainable_only and name not in trainable:
+            continue
+        with deepspeed.zero.GatheredParameters([t]) if hasattr(t, "ds_id") else contextlib.nullcontext():
+            if main:
+                state[name] = t.detach().cpu().clone()
+    return state
 
 
 def _options(**kwargs):

@@ -111,11 +111,11 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
             f"{'s' if k != 1 else ''}, fewer than the {per_pass} optimisation steps of a pass over a rollout"
         )
         return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
-    if rest % world_size and cfg.run.sharding == "fsdp2":
+    if rest % world_size and cfg.run.collective_forwards:
         why = (
             f"after {full} rollouts of {prompts} prompts, the {rest} left do not split evenly over {world_size} "
-            "processes, and a sharded model (run.sharding=fsdp2) needs every process to run as many forward "
-            "passes (each is a collective), so as many prompts"
+            "processes, and a sharded model (run.sharding=fsdp2 or DeepSpeed ZeRO-3) needs every process to run "
+            "as many forward passes (each is a collective), so as many prompts"
         )
         return EpochPlan(n, prompts, full, steps_per_rollout(cfg), skipped=rest, reason=why)
     return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))

@@ -31,6 +31,10 @@ differences). The run says so in one line at the start (`reshard_note`). What M 
 does not split over M processes, another number of steps per epoch) is refused before the model loads, naming
 both sizes (`resuming_on`).
 
+A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeRO-3's partitions gathered) but
+no `optimizer.pt` (ZeRO splits the optimizer state over the processes), and records `deepspeed` in
+trainer_state.json: such a checkpoint is refused by `--resume` (`check_resumable`; not built yet) and scored like any.
+
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.
 """
@@ -55,11 +59,13 @@ from posttrain.algorithms.base import BatchSource
 from posttrain.errors import ConfigError, UserError
 from posttrain.models.sharding import (
     full_state,
+    is_partitioned,
     is_sharded,
     load_full_state,
     load_optimizer_state,
     load_shards,
     optimizer_state,
+    partitioned_state,
     read_shards,
     save_shards,
     shard_keys,
@@ -130,19 +136,25 @@ def save_checkpoint(
     unwrapped = accelerator.unwrap_model(model)
     sharded = is_sharded(unwrapped)
     gathered = sharded and layout == "whole"
+    # DeepSpeed (an Accelerate DeepSpeed config): the whole trained weights (ZeRO-3's partitions gathered), but no
+    # optimizer state, which ZeRO splits over the processes: such a checkpoint is not resumable (`check_resumable`)
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if gathered:  # gathered by every process (collectives), to the main process
         weights, optim_state = full_state(unwrapped, trainable_only=True), optimizer_state(unwrapped, optimizer)
+    elif is_partitioned(unwrapped):
+        weights, gathered = partitioned_state(unwrapped, trainable_only=True), True
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if layout == "whole":
             weights = {k: v.contiguous() for k, v in weights.items()} if gathered else trainable_state(unwrapped)
             save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(optim_state if gathered else optimizer.state_dict(), tmp / "optimizer.pt")
+            if not deepspeed:
+                torch.save(optim_state if sharded else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         source_state = source.state_dict()
         state = {"step": step, "layout": layout, "world_size": accelerator.num_processes,
-                 **({"source": source_state} if source_state else {})}  # fmt: skip
+                 **({"source": source_state} if source_state else {}), **({"deepspeed": True} if deepspeed else {})}  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     accelerator.wait_for_everyone()
     if layout == "sharded":  # each process its own shards, into the folder the main process just made
@@ -221,6 +233,19 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
         f"the uninterrupted {wrote}-process run would, and gradient sums run in another order (last-bit "
         "differences)."
     )
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse, before the model loads, a checkpoint this posttrain cannot continue: one written under DeepSpeed
+    (the module docstring: no optimizer state)."""
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("deepspeed"):
+        raise UserError(
+            f"--resume: {path} was written under DeepSpeed (an Accelerate DeepSpeed config), which posttrain cannot "
+            "resume yet: the checkpoint holds the whole trained weights (trainable.safetensors, which `posttrain "
+            "study` scores) but not the optimizer state ZeRO splits over the processes. Start a new run (another "
+            "run.output_dir), or train with run.sharding=fsdp2 under torchrun, whose checkpoints resume."
+        )
 
 
 def load_trainable(model, path: Path) -> None:

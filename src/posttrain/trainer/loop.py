@@ -38,6 +38,23 @@ def _to_device(batch: Batch, device) -> Batch:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def _micro_batch(accelerator, model, *, last: bool):
+    """The context of one micro-batch's forward and backward. DDP syncs gradients only on a step's last
+    micro-batch (`no_sync` before). DeepSpeed (an Accelerate DeepSpeed config) reduces and steps inside the
+    backward Accelerate marks as a step's end (`sync_gradients`, which Accelerate's `accumulate` would set from
+    its own step count, unused here): only the last micro-batch is marked, or each would be a step of its own."""
+    if accelerator.distributed_type == "DEEPSPEED":  # Accelerate's DistributedType, a str enum
+        accelerator.sync_gradients = last
+        try:
+            yield
+        finally:
+            accelerator.sync_gradients = True
+        return
+    with contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model):
+        yield
+
+
 def _reduce_sum(accelerator, value: float | torch.Tensor) -> float:
     t = torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -141,13 +158,11 @@ def training_loop(
                 accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches)
             )
 
-            # ---- forward/backward with accumulation; DDP syncs gradients only on the last micro-batch
+            # ---- forward/backward with accumulation; gradients synced (DeepSpeed: stepped) on the last micro-batch
             sums = _MetricSums()
             finite = True
             for i, batch in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
-                with sync:
+                with _micro_batch(accelerator, model, last=i == len(micro_batches) - 1):
                     loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
                     finite &= bool(torch.isfinite(loss_sum.detach()))
                     accelerator.backward(normalise_loss(loss_sum, total_units, world))
