@@ -64,7 +64,8 @@ class ModelConfig(_Section):
     """Rebuild cheap pointwise results in backward instead of keeping them (Llama, Mistral, Qwen2/3, OLMo2 layers:
     the MLP product, each RMSNorm's output, the per-head key/value copies; `models.layers.lean_layers`): the same
     results bit for bit, about 40% fewer activations kept (SmolLM2-135M SFT full: peak 4.1 -> 3.4 GB), for no
-    extra matrix products but a few percent more step time (benchmarks/README.md). `false` keeps them."""
+    extra matrix products but a few percent more step time (benchmarks/README.md). `false` keeps them. Off under
+    DeepSpeed ZeRO-3, with a note (its partitioned norm weights are not gathered where the rebuild runs)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
 

@@ -104,6 +104,7 @@ APPLIES: dict[str, When] = {
     "model.pure_bf16": ALWAYS,  # only valid with dtype bfloat16 (RunBase checks that)
     "model.dropout": ALWAYS,
     "model.gradient_checkpointing": ALWAYS,
+    "model.rebuild_pointwise": ALWAYS,
     "model.trust_remote_code": ALWAYS,
     "technique.name": ALWAYS,
     "technique.r": ADAPTERS,

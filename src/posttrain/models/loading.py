@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from posttrain.config import ModelConfig, TechniqueConfig
+from posttrain.config import ModelConfig, TechniqueConfig, deepspeed_zero_stage
 from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models.adapters import (
     apply_lora,
@@ -406,7 +406,15 @@ def load_model(
         disable_dropout(model)
     if train:
         # bit-identical results either way: fewer activations kept for backward (layers.py)
-        lean_layers(model) if model_cfg.rebuild_pointwise else lean_mlps(model)
+        rebuild = model_cfg.rebuild_pointwise
+        if rebuild and deepspeed_zero_stage() == 3:
+            # ZeRO-3 gathers a module's weights only around that module's own forward and backward; a tensor
+            # rebuilt in backward (an RMSNorm's output) is rebuilt inside another module's backward, where the
+            # norm's weight is partitioned again.
+            print("note: model.rebuild_pointwise is off under DeepSpeed ZeRO-3 (the RMSNorm weights a rebuild "
+                  "needs are partitioned outside the norm's own backward): the pointwise tensors are kept")
+            rebuild = False
+        lean_layers(model) if rebuild else lean_mlps(model)
     if not train:
         model.requires_grad_(False)
         model.eval()
