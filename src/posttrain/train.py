@@ -225,11 +225,11 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
 
     run_dir = Path(cfg.run.output_dir)
     ckpt = _check_run_dir(cfg, run_dir, resume)
-    if ckpt is not None:
-        check_resumable(ckpt)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
+    if ckpt is not None:
+        check_resumable(ckpt, accelerator.num_processes)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 

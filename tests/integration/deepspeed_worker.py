@@ -5,6 +5,9 @@ CPU processes: DeepSpeed's CPU accelerator, gloo). Each argument is one job, run
   same samples however the prompts are split over processes, so the run compares with one process); saves what
   this process held (parameter elements of the model and of a frozen-copy reference) and the whole trained
   weights (ZeRO-3's partitions gathered).
+- `resume:PATH.yaml`: that run with a checkpoint every step, cut back to its checkpoint of step 2 (the later
+  checkpoint and `final/` removed, as a run killed after step 2 leaves it), then resumed (`--resume`); saves the
+  whole trained weights as `NAME-resumed-rankR.pt`.
 - `push:MODEL_DIR:TECHNIQUE` (full, lora): the tiny model built as `build` builds it, prepared through
   posttrain's own Accelerator set-up (`train._accelerator`, `_before_deepspeed`), trained `STEPS` steps on
   `batch`'s rows (this process's half), with a vLLM engine whose backend is `FakeVLLM` (conftest.py) synced
@@ -133,6 +136,28 @@ def run(out_dir: str, path: str) -> None:
                f"{out_dir}/{Path(path).stem}-rank{torch.distributed.get_rank()}.pt")  # fmt: skip
 
 
+def resumed(out_dir: str, path: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    import deepspeed
+
+    from posttrain.algorithms import load_config
+    from posttrain.train import train
+
+    run_dir = f"{Path(path).with_suffix('')}-resumed"
+    cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5", f"run.output_dir={run_dir}"])
+    train(cfg)
+    if torch.distributed.get_rank() == 0:  # killed after step 2: its later checkpoint and final/ never written
+        for later in [Path(run_dir) / "final", *sorted((Path(run_dir) / "checkpoints").glob("step-*"))[2:]]:
+            shutil.rmtree(later)
+    torch.distributed.barrier()
+    model = train(cfg, resume=True, return_model=True).model
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.save({"weights": weights}, f"{out_dir}/{Path(path).stem}-resumed-rank{torch.distributed.get_rank()}.pt")
+
+
 def main(out_dir: str, *jobs: str) -> None:
     """Each job in turn; one that raises (on every process alike: its collectives fail together) is recorded as
     `{"error": ...}` in its file, for the test to show, and the next job runs."""
@@ -145,6 +170,9 @@ def main(out_dir: str, *jobs: str) -> None:
                 _, model_dir, technique = job.rsplit(":", 2)
                 name = f"push-{technique}"
                 pushes(out_dir, model_dir, technique)
+            elif job.startswith("resume:"):
+                name = f"{Path(job[len('resume:'):]).stem}-resumed"
+                resumed(out_dir, job[len("resume:"):])
             else:
                 name = Path(job).stem
                 run(out_dir, job)

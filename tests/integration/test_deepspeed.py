@@ -8,8 +8,9 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   sampled so that the samples do not depend on the process layout (`PromptSeededEngine`);
 - ZeRO-3: each process holds half of every weight, the trained model's and a frozen-copy reference's (partitioned
   by an inference engine of its own, `train._zero3_inference`); ZeRO-2: the whole weights;
-- `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered); the checkpoint holds no
-  optimizer state and `--resume` refuses it;
+- `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
+  checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
+  bit; a resume on another number of processes is refused;
 - with a vLLM engine (`FakeVLLM` in vLLM's place, one per process) under ZeRO-3, each process pushes the whole
   weights (gathered module by module; under LoRA each adapted layer's W + delta) before the first step and after
   each step, not when nothing changed, the same on both processes, equal to those one process trains.
@@ -102,7 +103,7 @@ def launched(tiny_model_dir, tmp_path_factory):
             merged = {**base, **overrides, "run.output_dir": str(folder / name)}
             cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
             dump_config(cfgs[name], folder / f"{name}.yaml")
-        jobs = [str(folder / f"{name}.yaml") for name in cfgs]
+        jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{folder / 'sft.yaml'}"]
         if stage == 3:
             jobs += [f"push:{tiny_model_dir}:full", f"push:{tiny_model_dir}:lora"]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -180,10 +181,11 @@ def load_file_weight(cfg, name: str, p: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_final_folder_and_checkpoint_hold_the_whole_weights_and_the_checkpoint_is_not_resumed(launched, stage):
+def test_final_folder_and_checkpoint_hold_the_whole_weights_and_a_killed_run_resumes_exactly(launched, stage):
     """`final/` and the last checkpoint's trainable.safetensors hold the whole trained weights (ZeRO-3: gathered
-    from the partitions), a reward model's head beside its model; no optimizer.pt (ZeRO splits it), and a resume
-    is refused before anything loads."""
+    from the partitions), a reward model's head beside its model; no optimizer.pt (ZeRO splits it) but the
+    engine's own checkpoint. A run killed after step 2 and resumed from it ends with the uninterrupted run's
+    weights bit for bit; a resume on another number of processes is refused before anything loads."""
     cfgs, held = launched[stage]
     assert "error" not in held["sft-rank0"] and "error" not in held["reward-rank0"]
     sft = Path(cfgs["sft"].run.output_dir)
@@ -195,9 +197,18 @@ def test_final_folder_and_checkpoint_hold_the_whole_weights_and_the_checkpoint_i
     ckpt = sft / "checkpoints" / "step-000003"
     saved = load_file(str(ckpt / "trainable.safetensors"))
     assert saved.keys() == weights.keys() and all(torch.equal(t, weights[n]) for n, t in saved.items())
-    assert not (ckpt / "optimizer.pt").exists()
-    with pytest.raises(UserError, match="written under DeepSpeed.*cannot resume yet.*run.sharding=fsdp2"):
-        check_resumable(ckpt)
+    assert not (ckpt / "optimizer.pt").exists() and (ckpt / "deepspeed").is_dir()
+    check_resumable(ckpt, 2)
+    with pytest.raises(UserError, match="written under DeepSpeed by 2 processes.*this run has 1"):
+        check_resumable(ckpt, 1)
+    assert "error" not in held["sft-resumed-rank0"], held["sft-resumed-rank0"].get("error")
+    for rank in (0, 1):
+        again = held[f"sft-resumed-rank{rank}"]["weights"]
+        assert again.keys() == weights.keys()
+        for n, t in again.items():
+            assert torch.equal(t, weights[n]), (rank, n)
+    resumed = Path(str(sft) + "-resumed")
+    assert _metric(resumed, "loss").tolist() == _metric(sft, "loss").tolist()
     reward = held["reward-rank0"]["weights"]
     model = load_file(str(Path(cfgs["reward"].run.output_dir) / "final" / "model.safetensors"))
     head = load_file(str(Path(cfgs["reward"].run.output_dir) / "final" / "score_head.safetensors"))

@@ -31,9 +31,12 @@ differences). The run says so in one line at the start (`reshard_note`). What M 
 does not split over M processes, another number of steps per epoch) is refused before the model loads, naming
 both sizes (`resuming_on`).
 
-A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeRO-3's partitions gathered) but
-no `optimizer.pt` (ZeRO splits the optimizer state over the processes), and records `deepspeed` in
-trainer_state.json: such a checkpoint is refused by `--resume` (`check_resumable`; not built yet) and scored like any.
+A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeRO-3's partitions gathered) and,
+in place of `optimizer.pt`, DeepSpeed's own checkpoint of its engine in `deepspeed/` (`engine.save_checkpoint`:
+each process's partitions of the optimizer state and, under ZeRO-3, of the weights), and records `deepspeed` in
+trainer_state.json. `--resume` reads the engine's checkpoint back (`engine.load_checkpoint`) on the same number of
+processes; another number is refused before the model loads (`check_resumable`: ZeRO's partitions belong to the
+processes that wrote them).
 
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.
@@ -74,6 +77,8 @@ from posttrain.models.sharding import (
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 SHARDS = "sharded"
 """The folder of a sharded-layout checkpoint that torch.distributed.checkpoint writes (`models.sharding.save_shards`)."""
+DEEPSPEED = "deepspeed"
+"""The folder of a DeepSpeed run's checkpoint that holds its engine's own checkpoint (`engine.save_checkpoint`)."""
 LAYOUTS = ("whole", "sharded")
 """How a checkpoint holds the trained weights and optimizer state: `whole` (one file each, written by the main
 process) or `sharded` (each process's shards, `SHARDS`); `layout_of` says which a run writes."""
@@ -136,8 +141,9 @@ def save_checkpoint(
     unwrapped = accelerator.unwrap_model(model)
     sharded = is_sharded(unwrapped)
     gathered = sharded and layout == "whole"
-    # DeepSpeed (an Accelerate DeepSpeed config): the whole trained weights (ZeRO-3's partitions gathered), but no
-    # optimizer state, which ZeRO splits over the processes: such a checkpoint is not resumable (`check_resumable`)
+    # DeepSpeed (an Accelerate DeepSpeed config): the whole trained weights (ZeRO-3's partitions gathered), and
+    # DeepSpeed's own checkpoint of the engine (`DEEPSPEED`: each process's partitions of the optimizer state),
+    # which a resume on the same number of processes reads back; no optimizer.pt
     deepspeed = accelerator.distributed_type == "DEEPSPEED"
     if gathered:  # gathered by every process (collectives), to the main process
         weights, optim_state = full_state(unwrapped, trainable_only=True), optimizer_state(unwrapped, optimizer)
@@ -159,6 +165,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if layout == "sharded":  # each process its own shards, into the folder the main process just made
         save_shards(unwrapped, optimizer, tmp / SHARDS)
+    if deepspeed:  # every process its own ZeRO partitions of the optimizer state (and, ZeRO-3, of the weights)
+        model.save_checkpoint(str(tmp / DEEPSPEED), tag="state", save_latest=False)
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -235,16 +243,26 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
     )
 
 
-def check_resumable(path: Path) -> None:
-    """Refuse, before the model loads, a checkpoint this posttrain cannot continue: one written under DeepSpeed
-    (the module docstring: no optimizer state)."""
+def check_resumable(path: Path, world_size: int) -> None:
+    """Refuse, before the model loads, a checkpoint this run cannot continue: one written under DeepSpeed before
+    its engine state was saved (no optimizer state), or by another number of processes (ZeRO's optimizer
+    partitions belong to the processes that wrote them)."""
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("deepspeed"):
+    if not state.get("deepspeed"):
+        return
+    if not (Path(path) / DEEPSPEED).is_dir():
         raise UserError(
-            f"--resume: {path} was written under DeepSpeed (an Accelerate DeepSpeed config), which posttrain cannot "
-            "resume yet: the checkpoint holds the whole trained weights (trainable.safetensors, which `posttrain "
-            "study` scores) but not the optimizer state ZeRO splits over the processes. Start a new run (another "
-            "run.output_dir), or train with run.sharding=fsdp2 under torchrun, whose checkpoints resume."
+            f"--resume: {path} was written under DeepSpeed by an older posttrain, which saved the whole trained "
+            "weights (trainable.safetensors, which `posttrain study` scores) but not the optimizer state ZeRO "
+            "splits over the processes, so it cannot be resumed. Start a new run (another run.output_dir)."
+        )
+    wrote = int(state["world_size"])
+    if wrote != world_size:
+        raise UserError(
+            f"--resume: {path} was written under DeepSpeed by {wrote} processes, each saving its own partition of "
+            f"the optimizer state, and this run has {world_size}. Resume it with `accelerate launch "
+            f"--num_processes {wrote}` (the same number of processes), or train with run.sharding=fsdp2 under "
+            "torchrun, whose checkpoints resume on any number."
         )
 
 
@@ -290,7 +308,10 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
     run's), the step and its rank (`derived_seed`); the main process prints `reshard_note`."""
     unwrapped = accelerator.unwrap_model(model)
     _check_covers({n for n, p in unwrapped.named_parameters() if p.requires_grad}, _saved_names(path), path)
-    if (path / SHARDS).is_dir():  # each process reads what it holds: its shards, or the whole tensors
+    if (path / DEEPSPEED).is_dir():  # the engine's own checkpoint: weights and optimizer partitions, per process
+        model.load_checkpoint(str(path / DEEPSPEED), tag="state", load_optimizer_states=True,
+                              load_lr_scheduler_states=False)  # fmt: skip  (posttrain's scheduler: scheduler.pt)
+    elif (path / SHARDS).is_dir():  # each process reads what it holds: its shards, or the whole tensors
         load_shards(unwrapped, getattr(optimizer, "optimizer", optimizer), path / SHARDS)  # torch's, unwrapped
     else:
         tensors = load_file(str(path / "trainable.safetensors"))
