@@ -292,8 +292,9 @@ def selected_token_logps(
     (B, T) or None), float32, aligned with `input_ids`.
 
     Only the hidden states of the positions that predict a target are projected onto the vocabulary, a chunk at
-    a time (`head_logps`; in one go, inside the forward, for a model sharded by FSDP2 or DeepSpeed ZeRO-3): prompt positions need hidden
-    states but no logits, and the (B, T, V) logits are the largest activation of a small model. The logits come
+    a time (`head_logps`; in one go, inside the forward, for a model sharded by FSDP2 or DeepSpeed ZeRO-3): prompt
+    positions need hidden states but no logits, and the (B, T, V) logits are the largest activation of a small
+    model. The logits come
     from the model's own forward, with its own post-processing (Gemma's softcapping, Cohere's logit scale).
     `temperature` divides them first, so that the log-probabilities are those of the distribution the rollout
     sampled from. With `groups`, each group's rows run as one packed row with their prompt once

@@ -126,20 +126,31 @@ def parameter_elements(model: nn.Module) -> tuple[int, int]:
     return local, sum(p.numel() for p in model.parameters())
 
 
+def gathered(params: list[torch.Tensor]):
+    """A block in which `params` are whole on this process: those DeepSpeed ZeRO-3 partitioned (`ds_id`) gathered by
+    DeepSpeed's `GatheredParameters` (read only: partitioned again when the block ends; a collective, which every
+    process enters for the same weights in the same order), the others as they are (whole weights are whole;
+    FSDP2's DTensors are gathered by `whole`, on the tensors computed from them)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # optional: only a model DeepSpeed partitioned gets here
+
+    return deepspeed.zero.GatheredParameters(partitioned)  # modifier_rank None: read only
+
+
 def partitioned_state(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """`full_state` of a model DeepSpeed ZeRO-3 partitioned (`is_partitioned`): its state dict's whole tensors on
     the CPU of the main process, an empty dict on the others. Each partitioned weight is gathered on its own
     (DeepSpeed's `GatheredParameters`, read only: partitioned again when the block ends), so no process holds more
     than one whole weight besides what the main process keeps. A collective: every process calls it."""
-    import deepspeed  # optional: only a model DeepSpeed partitioned gets here
-
     main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if trainable_only and name not in trainable:
             continue
-        with deepspeed.zero.GatheredParameters([t]) if hasattr(t, "ds_id") else contextlib.nullcontext():
+        with gathered([t]):
             if main:
                 state[name] = t.detach().cpu().clone()
     return state

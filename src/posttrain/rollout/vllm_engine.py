@@ -45,7 +45,7 @@ import torch
 from posttrain.algorithms.base import Rollout
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
-from posttrain.models.sharding import whole
+from posttrain.models.sharding import gathered, is_partitioned, whole
 from posttrain.rollout.engine import build_rollout, left_pad
 
 Weights = list[tuple[str, torch.Tensor]]
@@ -69,18 +69,6 @@ def weight_versions(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters() if p.requires_grad)
 
 
-def _gathered(params: list[torch.Tensor], zero3: bool):
-    """A block in which `params` are whole on this process. DeepSpeed ZeRO-3 (`zero3`): its partitioned weights
-    all-gathered by DeepSpeed's `GatheredParameters` (a collective: every process enters it for the same weights in
-    the same order) and partitioned again when the block ends. Otherwise nothing to do: whole weights are whole, and
-    FSDP2's DTensors are gathered by `whole` on the tensors computed from them."""
-    if not zero3:
-        return contextlib.nullcontext()
-    import deepspeed  # optional: only a ZeRO-3 run (launched by DeepSpeed) gets here
-
-    return deepspeed.zero.GatheredParameters(params)  # modifier_rank None: read only, re-partitioned on exit
-
-
 @contextlib.contextmanager
 def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
     """The weights vLLM must receive for `model`'s current state, under the base model's Hugging Face names.
@@ -99,14 +87,14 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
       module's gathered weights at most.
     The weights to push are held until the push ends: about one model copy in the weights' dtype, on the training
     device."""
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3 marks what it partitions
+    zero3 = is_partitioned(model)
     weights: Weights = []
     if not is_adapter_model(model):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # consecutive names with one prefix are one module's weights (`named_parameters` walks module by module)
         for _, group in itertools.groupby(named, key=lambda item: item[0].rpartition(".")[0]):
             group = list(group)
-            with _gathered([p for _, p in group], zero3):
+            with gathered([p for _, p in group]):
                 # ZeRO-3's gathered weights are freed when the block ends: keep copies
                 weights += [(n, p.detach().clone() if zero3 else whole(p.detach())) for n, p in group]
         yield weights
@@ -119,7 +107,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
                 continue
             adapters = [a for a in module.active_adapters if a in module.lora_A]
             if adapters:
-                with _gathered(list(module.parameters()), zero3):
+                with gathered(list(module.parameters())):
                     w = module.base_layer.weight
                     merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
                 weights.append((f"{name}.weight", whole(merged)))
