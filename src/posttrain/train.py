@@ -42,6 +42,7 @@ from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import mixed_precision
+from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
 from posttrain.report import report_or_warning
@@ -291,7 +292,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
                                 seed=cfg.run.seed)  # fmt: skip
         if finished:  # only the model was asked for (return_model): nothing is trained or written
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[],
-                               model=accelerator.unwrap_model(model), tokenizer=tokenizer)  # fmt: skip
+                               model=unwrap_parallel(model), tokenizer=tokenizer)  # fmt: skip
         if accelerator.is_main_process:
             truncate_step_records(run_dir / "metrics.jsonl", start)
             print(f"resuming {run_dir} from {ckpt.name} (step {start} of {steps})")
@@ -427,7 +428,7 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
 def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
     """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
     final = run_dir / "final"
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_parallel(model)
     # A sharded model's whole weights (a scalar head's too), gathered by every process to the main one
     state = full_state(unwrapped) if cfg.run.sharding == "fsdp2" else None
     if is_partitioned(unwrapped):  # DeepSpeed ZeRO-3: its partitions, gathered a weight at a time

@@ -1,6 +1,7 @@
 """Offline is fast and quiet wherever posttrain runs, not only under the scripts' HF_HUB_OFFLINE=1: an uncached hub
-name fails in seconds with one paragraph when the hub cannot be reached, and loading a LoRA/QLoRA model prints no
-hub-kernel warning."""
+name fails in seconds with one paragraph when the hub cannot be reached, loading a LoRA/QLoRA model prints no
+hub-kernel warning, and a run that does not use DeepSpeed does not import it (where it is installed, its import
+prints a "Setting accelerator to CPU" warning into the progress bar)."""
 
 import logging
 import os
@@ -92,3 +93,25 @@ def test_hub_reachable_times_out_and_handles_bad_names():
     assert hub.hub_reachable("https://name-that-does-not-resolve.invalid", timeout=1.0) is False
     assert hub.hub_reachable(f"http://127.0.0.1:{free_port()}", timeout=1.0) is False
     assert time.perf_counter() - started < 3.0
+
+
+def test_a_run_without_deepspeed_does_not_import_it(tmp_path, tiny_model_dir, sft_file):
+    """A LoRA SFT run and its checkpoint, in a fresh interpreter (other tests import DeepSpeed into this one).
+    Accelerate's `extract_model_from_parallel` imported DeepSpeed to test for its engine class at every loss and
+    save; `models.logprobs.unwrap_parallel` consults the class only once DeepSpeed is imported."""
+    pytest.importorskip("deepspeed")
+    script = f"""
+import sys
+from posttrain.algorithms import load_config
+from posttrain.train import train
+cfg = load_config(None, overrides=["model.name={tiny_model_dir}", "technique.name=lora", "data.train={sft_file}",
+                                   "data.max_length=64", "run.max_steps=2", "run.save_every=1", "run.progress=false",
+                                   "run.report=false", "run.output_dir={tmp_path / 'run'}"])
+train(cfg)
+print("deepspeed imported:", "deepspeed" in sys.modules)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "deepspeed imported: False", proc.stdout + proc.stderr
+    assert "real_accelerator" not in proc.stderr

@@ -31,6 +31,7 @@ do).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -120,10 +121,19 @@ def decoder_of(lm) -> nn.Module:
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """`model` out of a data-parallel wrapper (DDP, as Accelerate prepares it for several processes)."""
-    from accelerate.utils import extract_model_from_parallel  # here, so `import posttrain.models` stays light
-
-    return extract_model_from_parallel(model)
+    """`model` out of its data-parallel wrappers: DDP (as Accelerate prepares it for several processes) or a
+    DeepSpeed engine. What Accelerate's `extract_model_from_parallel` unwraps for posttrain's runs, without its
+    side effect: it imports DeepSpeed wherever DeepSpeed is installed, to test for its engine class, which on a
+    CPU-only machine prints DeepSpeed's "Setting accelerator to CPU" warning into every run's progress bar and adds
+    ~0.3 s and ~15 MB. A model can only sit inside a DeepSpeed engine once DeepSpeed is imported, so its class is
+    consulted only then. (posttrain never wraps models in FSDP1 or torch.compile, the other cases Accelerate's
+    helper handles; FSDP2's `fully_shard` changes the module in place and needs no unwrapping.)"""
+    wrappers: tuple[type, ...] = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if (deepspeed := sys.modules.get("deepspeed")) is not None:
+        wrappers += (deepspeed.DeepSpeedEngine,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def causal_lm_of(lm) -> nn.Module:

@@ -41,6 +41,7 @@ from posttrain.data.order import EpochPlan, epoch_order
 from posttrain.data.prompts import PromptExample
 from posttrain.errors import ConfigError, NoRewardSignal
 from posttrain.models.heads import language_model
+from posttrain.models.logprobs import unwrap_parallel
 from posttrain.rewards import (
     RewardResult,
     build_reward_functions,
@@ -168,7 +169,7 @@ class RolloutSource:
         self.rollouts_per_epoch = plan.units_per_epoch  # the last one may hold fewer prompts
         self.steps_per_epoch = plan.steps_per_epoch
         self.process = rollouts.process
-        self.context = RolloutContext(cfg=cfg, model=accelerator.unwrap_model(model), accelerator=accelerator,
+        self.context = RolloutContext(cfg=cfg, model=unwrap_parallel(model), accelerator=accelerator,
                                       micro_batch_size=micro_batch_size, reference=reference,
                                       state=rollouts.state(cfg))  # fmt: skip
         self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))

@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 
 from posttrain.algorithms.base import BatchSource
 from posttrain.errors import ConfigError, UserError
+from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.sharding import (
     full_state,
     is_partitioned,
@@ -138,7 +139,7 @@ def save_checkpoint(
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_parallel(model)
     sharded = is_sharded(unwrapped)
     gathered = sharded and layout == "whole"
     # DeepSpeed (an Accelerate DeepSpeed config): the whole trained weights (ZeRO-3's partitions gathered), and
@@ -306,7 +307,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
     (either layout, written by any number of processes; `resuming_on` has refused what this run cannot continue);
     returns the step it was taken at. A process whose rank wrote no random state re-derives it from `seed` (the
     run's), the step and its rank (`derived_seed`); the main process prints `reshard_note`."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_parallel(model)
     _check_covers({n for n, p in unwrapped.named_parameters() if p.requires_grad}, _saved_names(path), path)
     if (path / DEEPSPEED).is_dir():  # the engine's own checkpoint: weights and optimizer partitions, per process
         model.load_checkpoint(str(path / DEEPSPEED), tag="state", load_optimizer_states=True,
