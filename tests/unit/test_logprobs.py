@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from posttrain.models import logprobs
 from posttrain.models.logprobs import (
     chunked_token_logps,
     gather_logps,
@@ -15,6 +16,7 @@ from posttrain.models.logprobs import (
     selected_token_logps,
     target_positions,
 )
+from posttrain.testing import TINY_FAMILIES, tiny_model
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
@@ -132,3 +134,49 @@ def test_temperature_scores_softmax_of_logits_over_t(tiny_model, temperature):
         want = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
         got, _ = selected_token_logps(tiny_model, {"input_ids": ids}, torch.ones(1, 4), temperature=temperature)
     assert_close(got[0, 1:], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_right_padding_runs_without_its_mask_and_scores_the_same_bits(family, monkeypatch):
+    """A right-padded batch (SFT's, DPO's) reaches the model without its attention mask (causal attention alone:
+    SDPA keeps no mask for backward and skips the blocks above the diagonal), and its log-probs and every
+    parameter's gradient are bit for bit those of the forward with the mask: a real token never sees later
+    positions, and the padding positions carry no target."""
+    torch.manual_seed(0)
+    model = tiny_model(family=family)
+    ids = torch.randint(3, 200, (3, 12))
+    mask = (torch.arange(12) < torch.tensor([[12], [8], [5]])).long()
+    target = mask.clone()
+    target[:, :3] = 0
+    seen = []
+    decoder = model.get_decoder()
+    decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout draws (gpt2 ships dropout 0.1)
+        logps, _ = selected_token_logps(model, {"input_ids": ids, "attention_mask": mask}, target)
+        (logps * torch.linspace(0.5, 2.0, 12)).sum().backward()  # weights, so that every position's gradient counts
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logps, grads = run()
+    assert seen[-1] is None
+    monkeypatch.setattr(logprobs, "without_right_padding_mask", lambda inputs: inputs)  # the mask kept
+    kept_logps, kept_grads = run()
+    assert seen[-1] is not None
+    assert torch.equal(logps, kept_logps)
+    assert (logps[target.bool()] != 0).all() and (logps[~target.bool()] == 0).all()
+    assert grads.keys() == kept_grads.keys() and len(grads) > 5
+    for name, grad in grads.items():
+        assert torch.equal(grad, kept_grads[name]), name
+
+
+def test_only_a_right_padding_mask_is_dropped():
+    ids = torch.ones(2, 4, dtype=torch.long)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert logprobs.without_right_padding_mask({"input_ids": ids, "attention_mask": right}) == {"input_ids": ids}
+    for kept in ({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])},  # left padding
+                 {"input_ids": ids, "attention_mask": torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])},  # a hole
+                 {"input_ids": ids, "attention_mask": right, "position_ids": torch.arange(4).expand(2, 4)},
+                 {"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4)}):  # fmt: skip
+        assert logprobs.without_right_padding_mask(kept) is kept
