@@ -369,9 +369,9 @@ class RunSection(_Section):
     """How the processes of a multi-process launch hold the model: `none`, each its whole copy (one process, or
     DDP under `accelerate launch`; also what to keep with an Accelerate FSDP/DeepSpeed config, which shards for
     itself); `fsdp2`, each 1/N of every weight, gradient and optimizer state (torch `fully_shard`), launched with
-    `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Every method;
-    technique full or lora; rollout engine hf. May change on `--resume`: a checkpoint resumes on any number of
-    processes, sharded or not (`trainer.checkpoint`)."""
+    `torchrun --nproc_per_node N -m posttrain.cli train ...`, on GPUs or CPUs (docs/scale.md). Every method and
+    technique (QLoRA's 4-bit weights sharded too); rollout engine hf. May change on `--resume`: a checkpoint
+    resumes on any number of processes, sharded or not (`trainer.checkpoint`)."""
     whole_checkpoints: bool = False
     """Under `run.sharding=fsdp2`: write each checkpoint's weights and optimizer state gathered whole by the main
     process (`trainable.safetensors`, `optimizer.pt`), as an unsharded run does, instead of each process writing

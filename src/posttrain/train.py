@@ -334,13 +334,11 @@ def _check_packages(cfg: RunConfig) -> None:
         )
 
 
-_SHARDABLE_TECHNIQUES = ("full", "lora")
-
-
 def _check_sharding(cfg: RunConfig, world_size: int) -> None:
-    """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding, and a model it
-    can shard (checked before anything is written or loaded). With a vLLM engine, a sharded policy's weights
-    (FSDP2's, DeepSpeed ZeRO-3's) are gathered whole for each push (`rollout.vllm_engine.policy_weights`)."""
+    """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding (checked before
+    anything is written or loaded). Every technique shards, QLoRA's 4-bit weights too (`models.sharding`). With a
+    vLLM engine, a sharded policy's weights (FSDP2's, DeepSpeed ZeRO-3's) are gathered whole for each push
+    (`rollout.vllm_engine.policy_weights`)."""
     if cfg.run.sharding != "fsdp2":
         return
     if world_size < 2:
@@ -353,11 +351,6 @@ def _check_sharding(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             "run.sharding=fsdp2 under an Accelerate FSDP or DeepSpeed config: both would shard the model. Keep the "
             "Accelerate config and set run.sharding=none, or launch with torchrun"
-        )
-    if cfg.technique.name not in _SHARDABLE_TECHNIQUES:
-        raise ConfigError(
-            f"run.sharding=fsdp2 does not support technique.name={cfg.technique.name} (4-bit weights are not "
-            f"sharded here); use one of {', '.join(_SHARDABLE_TECHNIQUES)}, or run.sharding=none"
         )
 
 

@@ -1,5 +1,6 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
-this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference) and the whole trained weights,
+this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference; under QLoRA
+its 4-bit codes and quantisation state) and the whole trained weights,
 and, for RL, this process's samples' total rewards at each rollout (`reward_totals`).
 `PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@from-K` copies PATH's finished run
 folder to `<run folder>-from-K`, deletes what came after step K (later checkpoints, `final/`), as a run killed
@@ -58,6 +59,21 @@ def _copied(tree: dict) -> dict:
     """`tree` (nested dicts) with every tensor in it cloned."""
     return {k: _copied(v) if isinstance(v, dict) else v.clone() if isinstance(v, torch.Tensor) else v
             for k, v in tree.items()}  # fmt: skip
+
+
+def four_bit_held(model) -> dict | None:
+    """What this process holds of `model`'s QLoRA 4-bit weights (None without any): the packed 4-bit code elements
+    of its shards (`local`) and of the whole weights (`total`), and each bitsandbytes `Linear4bit`'s quantisation
+    state as a state dict stores it (absmax, code book, double-quantisation state: `state`, copies)."""
+    from bitsandbytes.nn import Linear4bit
+    from torch.distributed.tensor import DTensor
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return None
+    local = sum((m.weight.to_local() if isinstance(m.weight, DTensor) else m.weight).numel() for _, m in layers)
+    state = {f"{n}.{k}": v.clone() for n, m in layers for k, v in m.quant_state.as_dict(packed=True).items()}
+    return {"local": local, "total": sum(m.weight.numel() for _, m in layers), "state": state}
 
 
 def _killed_after(run_dir, k: int):
@@ -139,6 +155,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         model = result.model
         rank = torch.distributed.get_rank()
         local, total = parameter_elements(model)
+        four_bit = four_bit_held(model) if cfg.technique.name == "qlora" else None
         if is_sharded(model):
             weights = full_state(model)  # every process calls it; the main process gets the tensors
         else:
@@ -148,7 +165,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
         vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls} if fakes else None
         torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
-                    "vllm": vllm, "reference": reference, "reward_totals": list(totals), "loaded": dict(loaded) or None}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
+                    "vllm": vllm, "reference": reference, "reward_totals": list(totals), "loaded": dict(loaded) or None, "four_bit": four_bit}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """FSDP2 (`run.sharding=fsdp2`): two CPU processes (torchrun, gloo) each hold half of every weight and train
 exactly as one process does (SFT; DPO with a frozen copy, sharded too, the adapter disabled or precomputed
 log-probs as reference; a reward model, its scalar head sharded too; GRPO sampled so that the samples do not depend
-on the process layout), or as two DDP processes do (GRPO; RLOO with LoRA; PPO, its frozen-copy reference sharded:
+on the process layout; QLoRA, SFT and seeded GRPO, its 4-bit weights halved too and the quantisation state whole
+on each process), or as two DDP processes do (GRPO; RLOO with LoRA; PPO, its frozen-copy reference sharded:
 rollouts are sampled per process, so one process would draw other samples); with vLLM rollouts (a fake backend per
 process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine;
 checkpoints hold each process's shards (torch.distributed.checkpoint), `final/` the whole weights (a reward model's
 head beside them, which PPO then loads whole as its reward); a sharded run killed after step k and resumed from its
-sharded checkpoint continues exactly (SFT full, DPO with LoRA, GRPO with LoRA), and so does one resumed from whole
+sharded checkpoint continues exactly (SFT full, DPO with LoRA, GRPO with LoRA, SFT with QLoRA), and so does one resumed from whole
 checkpoints (`run.whole_checkpoints`: PPO, with its value head, Adam state and adaptive KL coefficient); a sharded
 run resumed on one process (SFT full, DPO with LoRA) and a one-process run resumed on two sharded processes (SFT
 full) get the saved weights and AdamW state back exactly and train on as the uninterrupted run does; the logged
@@ -37,8 +38,9 @@ from transformers import AutoModelForCausalLM
 
 from posttrain import config as config_module
 from posttrain.algorithms import load_config
-from posttrain.config import dump_config
+from posttrain.config import ModelConfig, TechniqueConfig, dump_config
 from posttrain.errors import ConfigError, UserError
+from posttrain.models.loading import load_model
 from posttrain.models.sharding import read_shards, shard_keys
 from posttrain.rollout import engines
 from posttrain.train import _check_sharding, train
@@ -48,18 +50,20 @@ from posttrain.trainer.metrics import read_metrics
 TRAIN = importlib.import_module("posttrain.train")  # the module (`posttrain.train` is also the function)
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 PromptSeededEngine = importlib.import_module("fsdp_worker").PromptSeededEngine  # the folder is on sys.path: conftest.py
+four_bit_held = importlib.import_module("fsdp_worker").four_bit_held
 PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"} for a in range(4)
          for b in range(2)]  # fmt: skip
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
 LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
 # The runs at AdamW eps 1 (`runs`): weights agree to 4e-9 (measured: reward against one process, PPO and RLOO
 # against DDP), float summation order alone.
-TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo", "grpo")}
+TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo", "grpo", "sft-qlora", "dpo-qlora-copy",
+                                                                 "grpo-qlora")}
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
-MODES = {"grpo-seeded": "@seeded"}  # how fsdp_worker.py runs a config besides training it
+MODES = {"grpo-seeded": "@seeded", "grpo-qlora": "@seeded"}  # how fsdp_worker.py runs a config besides training it
 # Runs killed after step k (a copy of the finished run folder, cut back to step k) and resumed: run -> k
-KILLED = {"sft": 2, "dpo-lora": 2, "grpo-lora": 1}
+KILLED = {"sft": 2, "dpo-lora": 2, "grpo-lora": 1, "sft-qlora": 2}
 # Two-process sharded runs killed after step k and resumed on one process (`test_a_sharded_run_resumes_on_one_process`)
 ON_ONE = {"sft": 2, "dpo-lora": 2}
 
@@ -123,6 +127,12 @@ def runs(tiny_model_dir, tmp_path_factory):
         # "rloo" (LoRA), sampled from the whole weights each process gathers and pushes
         "grpo-vllm": {**grpo, "algorithm.rollout.engine": "vllm"},
         "rloo-vllm": {**rloo, "algorithm.rollout.engine": "vllm"},
+        # QLoRA: the 4-bit base weights sharded too, SFT (checkpointed, killed and resumed), DPO (its frozen copy 4-bit
+        # and sharded too) and GRPO (sampling on the sharded 4-bit policy, a KL penalty to the adapter disabled), at
+        # AdamW eps 1 like the runs above
+        "sft-qlora": {**sft, **exact, "technique.name": "qlora", **every},
+        "dpo-qlora-copy": {**dpo, **exact, "algorithm.reference": "copy", "technique.name": "qlora"},
+        "grpo-qlora": {**grpo, "technique.name": "qlora", "algorithm.beta": 0.04},
         # 19 rows in steps of 8, micro-batches of 1; 3 held-out rows
         "sft-uneven": {**sft, "data.train": str(tmp / "19.jsonl"), "data.eval": str(tmp / "eval3.jsonl"),
                        "optim.micro_batch_size": 1, "run.max_steps": "null", "run.epochs": 1, "run.eval_every": 1},
@@ -181,7 +191,8 @@ def _held(name: str) -> str:
     return f"{name}{MODES.get(name, '').replace('@', '-')}"
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora", "dpo-precompute", "reward", "grpo-seeded"])
+@pytest.mark.parametrize("name", ["sft", "dpo-copy", "dpo-lora", "dpo-precompute", "reward", "grpo-seeded",
+                                  "sft-qlora", "dpo-qlora-copy", "grpo-qlora"])
 def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
     """The same weights and losses as one process (GRPO: with samples that do not depend on the process layout,
     `PromptSeededEngine`; its logged rewards, KL and gradient norm too)."""
@@ -198,7 +209,7 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
                                                                      else 1e-6}), msg=n)  # fmt: skip
     assert _trained(sharded, base)
     assert_close(_losses(cfgs[name].run.output_dir), _losses(one.run_dir), rtol=1e-5, atol=1e-6)
-    if name == "grpo-seeded":  # every logged value, step by step: the training's and the rollouts' statistics
+    if name in MODES:  # GRPO: every logged value, step by step: the training's and the rollouts' statistics
         a = read_metrics(Path(cfgs[name].run.output_dir) / "metrics.jsonl")
         b = read_metrics(one.run_dir / "metrics.jsonl")
         keys = [k for k in b[0] if not any(t in k for t in UNTIMED)]
@@ -212,8 +223,8 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
 def test_each_sharded_process_holds_half_of_every_weight(runs):
     _, held = runs
     for name in ("sft", "dpo-copy", "dpo-lora", "dpo-precompute", "grpo", "reward", "ppo", "rloo", "grpo-vllm",
-                 "rloo-vllm"):
-        r0, r1 = held[f"{name}-rank0"], held[f"{name}-rank1"]
+                 "rloo-vllm", "sft-qlora", "dpo-qlora-copy", "grpo-qlora"):
+        r0, r1 = held[f"{_held(name)}-rank0"], held[f"{_held(name)}-rank1"]
         assert r0["sharded"] and r1["sharded"]
         assert r0["local"] + r1["local"] == r0["total"]  # the shards partition the model
         # dim-0 halves: the tiny model's odd-sized rows (e.g. a 259-token vocabulary, a scalar head's one row and
@@ -225,9 +236,39 @@ def test_each_sharded_process_holds_half_of_every_weight(runs):
         (m0, l0, t0, s0), (m1, l1, t1, s1) = held[f"{name}-rank0"]["reference"], held[f"{name}-rank1"]["reference"]
         assert m0 == m1 == "copy" and s0 and s1 and l0 + l1 == t0 == t1 == 107_200, (name, l0, l1, t0)
         assert abs(l0 - t0 / 2) < 0.01 * t0
+    # QLoRA's frozen copy: the 4-bit base without adapters (its codes halved too), half per process
+    (m0, l0, t0, s0), (m1, l1, t1, s1) = held["dpo-qlora-copy-rank0"]["reference"], held["dpo-qlora-copy-rank1"]["reference"]
+    adapters = held["dpo-qlora-copy-rank0"]["total"] - t0
+    assert m0 == m1 == "copy" and s0 and s1 and l0 + l1 == t0 == t1 and adapters == 32_768, (l0, l1, t0, adapters)
+    assert abs(l0 - t0 / 2) < 0.01 * t0
     for name in ("grpo-ddp", "ppo-ddp", "rloo-ddp"):
         ddp = held[f"{name}-rank0"]
         assert not ddp["sharded"] and ddp["local"] == ddp["total"]  # the unsharded run holds everything
+
+
+@pytest.mark.parametrize("name", ["sft-qlora", "dpo-qlora-copy", "grpo-qlora"])
+def test_each_sharded_qlora_process_holds_half_of_the_4bit_codes_and_the_whole_quantisation_state(runs, name):
+    """QLoRA: the 4-bit weights are parameters (bitsandbytes `Params4bit`, two 4-bit codes per uint8 element), cut
+    in dim-0 halves like every other weight; the quantisation state (each layer's absmax, code book and
+    double-quantisation state) is not, and each process holds all of it, equal bit for bit to what one process
+    quantises from the same weights (`models.sharding`)."""
+    from bitsandbytes.nn import Linear4bit  # optional dependency (QLoRA)
+
+    cfgs, held = runs
+    r0, r1 = held[f"{_held(name)}-rank0"]["four_bit"], held[f"{_held(name)}-rank1"]["four_bit"]
+    one = load_model(ModelConfig(name=cfgs[name].model.name), TechniqueConfig(name="qlora"), train=False)
+    layers = [m for m in one.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14  # 2 decoder layers x (q, k, v, o, gate, up, down)
+    codes = sum(m.in_features * m.out_features for m in layers) // 2
+    assert r0["total"] == r1["total"] == codes
+    assert r0["local"] == r1["local"] == codes // 2, (r0["local"], r1["local"], codes)  # each layer's rows even
+    whole = four_bit_held(one)["state"]  # the base model's names; the runs' are peft's, around each base layer
+    s0, s1 = ({k.removeprefix("base_model.model.").replace(".base_layer.", "."): t for k, t in r["state"].items()}
+              for r in (r0, r1))  # fmt: skip
+    assert s0.keys() == s1.keys() == whole.keys()
+    assert {k.rpartition(".")[2] for k in whole} >= {"absmax", "quant_map", "nested_absmax", "nested_quant_map"}
+    for k, t in whole.items():
+        assert torch.equal(s0[k], t) and torch.equal(s1[k], t), k
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo", "ppo"])
@@ -299,6 +340,20 @@ def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):
         assert torch.equal(t, gathered[n]), n
 
 
+def test_a_sharded_qlora_run_saves_its_gathered_adapter(runs):
+    """`final/` of a sharded QLoRA run: the adapter, gathered whole, as peft saves it (names without the adapter's
+    name), recorded as a QLoRA adapter so that it is loaded onto the same 4-bit base."""
+    cfgs, held = runs
+    final = Path(cfgs["sft-qlora"].run.output_dir) / "final"
+    gathered = {n.replace(".default.", "."): t for n, t in held["sft-qlora-rank0"]["weights"].items() if "lora_" in n}
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    assert saved.keys() == gathered.keys() and len(saved) == 28
+    for n, t in saved.items():
+        assert torch.equal(t, gathered[n]), n
+    info = json.loads((final / "posttrain_model.json").read_text(encoding="utf-8"))
+    assert (info["kind"], info["technique"]) == ("adapter", "qlora")
+
+
 def test_a_sharded_reward_model_saves_its_gathered_head_beside_the_model(runs):
     cfgs, held = runs
     final = Path(cfgs["reward"].run.output_dir) / "final"
@@ -328,7 +383,8 @@ def _elements(folder: Path) -> dict[tuple[str, str], int]:
     return out
 
 
-@pytest.mark.parametrize("name, step, trained", [("sft", 3, 107_200), ("dpo-lora", 3, 32_768), ("grpo-lora", 2, 32_768)])
+@pytest.mark.parametrize("name, step, trained", [("sft", 3, 107_200), ("dpo-lora", 3, 32_768), ("grpo-lora", 2, 32_768),
+                                                 ("sft-qlora", 3, 32_768)])
 def test_a_sharded_checkpoint_holds_each_process_s_shards(runs, name, step, trained):
     """No `trainable.safetensors` or `optimizer.pt` gathered by the main process: a `sharded/` folder in which each
     process wrote its half of the trainable weights (all 107,200 elements of the full model; under LoRA only the
@@ -549,12 +605,7 @@ def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):
     assert not Path(cfg.run.output_dir).exists()
 
 
-@pytest.mark.parametrize("overrides, says", [
-    ({"technique.name": "qlora"}, "technique.name=qlora"),
-])  # fmt: skip
-def test_fsdp2_refuses_what_it_cannot_shard(make_cfg, overrides, says, monkeypatch):
-    with pytest.raises(ConfigError, match=says):
-        _check_sharding(make_cfg("x", **{"run.sharding": "fsdp2", **overrides}), 2)
+def test_fsdp2_refuses_a_second_sharding_from_accelerate(make_cfg, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="both would shard"):
         _check_sharding(make_cfg("y", **{"run.sharding": "fsdp2"}), 2)

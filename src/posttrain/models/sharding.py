@@ -9,6 +9,18 @@ whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gl
 prove it: Accelerate does not shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of
 `accelerate launch`.
 
+QLoRA's 4-bit base weights are sharded like any other weight, with nothing added here: a bitsandbytes `Params4bit`
+is a parameter whose data are the packed 4-bit codes (uint8, two per byte, shape (n/2, 1)), cut along dim 0 like
+any parameter. A unit holding parameters of several dtypes (uint8 codes, float norms and adapters) is all-gathered
+as bytes (torch 2.13 `fsdp/_fully_shard/_fsdp_collectives.py`); only the gradients reduce-scattered in one unit
+must share a dtype, and the frozen 4-bit weights have none. The quantisation state (block absmax, code book,
+double-quantisation state) is an attribute of each `Linear4bit`, not a parameter, so every process keeps it whole;
+FSDP2 puts the gathered codes back as a plain parameter, which `Linear4bit.forward` re-attaches to that state
+(bitsandbytes 0.50.2 `fix_4bit_weight_quant_state_from_module`). FSDP1 needed the codes stored in a float dtype
+(`bnb_4bit_quant_storage`) because it flattens a unit into one tensor of one dtype (Answer.AI's FSDP-QLoRA); FSDP2
+does not flatten. The default uint8 storage is also the safer one: an FSDP2 mixed-precision policy (none is given
+here) casts every floating-point parameter to its `param_dtype`, float-stored codes included, and leaves others.
+
 Whole weights are needed in three places only, each a collective (every process calls it): the final model
 (`full_state`, gathered to the main process), checkpoints of the whole layout (`run.whole_checkpoints`; resumed
 with `load_full_state`), through torch.distributed.checkpoint's state-dict API; and a vLLM engine's weight push
@@ -77,8 +89,9 @@ def shard(model: nn.Module, *, forward_only: bool = False) -> nn.Module:
     embeddings and the output layer, because FSDP2 gathers a unit's weights only around that module's own
     forward: generation (`generate` calls the causal LM's forward, under peft too) and PPO's policy both run
     it, whatever wraps it. A scalar head is its own unit for the same reason (it runs outside the LM's forward),
-    and so that its float32 weights never share a unit with a bfloat16 model's (FSDP2 gathers one dtype per
-    unit). Each unit is the root of its own tree: the LM's, then the head's, each in one forward per call.
+    and so that its float32 weights never share a unit with a bfloat16 model's (FSDP2 reduce-scatters one
+    gradient dtype per unit). Each unit is the root of its own tree: the LM's, then the head's, each in one
+    forward per call.
 
     `forward_only`: a frozen model that never runs a backward (a `copy` reference). Every unit, the root too, then
     frees its gathered weights after each forward (`reshard_after_forward=True`, given explicitly): left to its
