@@ -71,14 +71,14 @@ def vllm_run(rl_cfg, fake_vllm, monkeypatch):
     """A GRPO run with engine=vllm, the fake backend in vLLM's place; returns (metrics, fake)."""
     monkeypatch.setattr(config_module, "vllm_available", lambda: True)
 
-    def run(name, keeps_pushes=True):
+    def run(name, keeps_pushes=True, **overrides):
         fakes = []
 
         def make(cfg):
             return VLLMEngine(lambda model: fakes.append(fake_vllm(keeps_pushes=keeps_pushes)) or fakes[-1])
 
         monkeypatch.setitem(engines.ENGINES, "vllm", make)
-        cfg = rl_cfg(name, **{"algorithm.rollout.engine": "vllm"})
+        cfg = rl_cfg(name, **{"algorithm.rollout.engine": "vllm", **overrides})
         result = train(cfg)
         return read_metrics(result.run_dir / "metrics.jsonl"), fakes[0]
 
@@ -98,6 +98,41 @@ def test_a_grpo_run_samples_from_the_weights_it_pushed(vllm_run):
     stale_metrics, _ = vllm_run("vllm-grpo-stale", keeps_pushes=False)
     stale = [m["logp_gap_sampler_trainer"] for m in stale_metrics]
     assert stale[0] < 1e-5 and min(stale[1:]) > 1e-3, stale
+
+
+def test_qlora_pushes_every_4bit_layer_dequantised_plus_its_delta(tiny_model_dir, fake_vllm):
+    """vLLM holds the unquantised base model, so a QLoRA policy pushes each 4-bit layer as the values its forward
+    multiplies by: adapted layers W_4bit dequantised + B A s, the others (here k, o and the MLP) dequantised alone.
+    The pushed weight reproduces each layer's output (4-bit base plus adapter) on random inputs."""
+    pytest.importorskip("bitsandbytes")
+    policy = load_model(ModelConfig(name=str(tiny_model_dir)),
+                        TechniqueConfig(name="qlora", r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    fake = fake_vllm()
+    _generate(VLLMEngine(lambda model: fake), policy, load_tokenizer(ModelConfig(name=str(tiny_model_dir))))
+    [pushed] = fake.pushed
+    layers = {n.removeprefix("base_model.model."): m for n, m in policy.named_modules()
+              if n.endswith(("_proj",)) and ".base_layer" not in n}  # fmt: skip
+    assert set(pushed) == {f"{n}.weight" for n in layers} and len(pushed) == 2 * 7  # 2 layers x 7 linears
+    for name, layer in layers.items():
+        w = pushed[f"{name}.weight"]
+        x = torch.randn(5, w.shape[1])
+        assert_close(x @ w.T, layer(x), rtol=0, atol=1e-5)
+    original = dict(load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="full"),
+                               train=False).named_parameters())  # fmt: skip
+    k = "model.layers.0.self_attn.k_proj.weight"  # not adapted: the 4-bit approximation of the original
+    assert 1e-4 < (pushed[k] - original[k]).abs().max() < 0.05
+
+
+def test_a_qlora_grpo_run_samples_from_the_weights_it_scores(vllm_run):
+    pytest.importorskip("bitsandbytes")
+    metrics, fake = vllm_run("vllm-grpo-qlora", **{"technique.name": "qlora"})
+    assert fake.calls.count("load_weights") == 3
+    gaps = [m["logp_gap_sampler_trainer"] for m in metrics]
+    assert len(gaps) == 3 and max(gaps) < 1e-5, gaps
 
 
 def test_vllm_is_refused_before_anything_loads_when_not_installed(rl_cfg, monkeypatch):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -75,7 +76,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
 
     Full model: every trainable parameter. LoRA: each adapted layer's merged weight W + delta, delta from peft's
     `get_delta_weight` (B A scaled, for each active adapter). Not `merge_adapter` then `unmerge_adapter`: W + d - d
-    is not W in floating point, so the frozen base would drift a rounding error every rollout.
+    is not W in floating point, so the frozen base would drift a rounding error every rollout. QLoRA: every 4-bit
+    layer, adapted or not, dequantised (`_base_weight`), plus its delta where it has one.
 
     A sharded model, whose weights every process must gather whole (every process's vLLM holds the whole model;
     each gather is a collective every process runs in the same order):
@@ -101,17 +103,42 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
         return
     from peft.tuners.lora import LoraLayer  # peft loads when used, as everywhere in posttrain
 
+    modules = list(model.get_base_model().named_modules())
+    wrapped = {id(m.base_layer) for _, m in modules if isinstance(m, LoraLayer)}
     with torch.no_grad():
-        for name, module in model.get_base_model().named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            adapters = [a for a in module.active_adapters if a in module.lora_A]
-            if adapters:
+        for name, module in modules:
+            if isinstance(module, LoraLayer):
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                if adapters or _is_4bit(module.base_layer):
+                    with gathered(list(module.parameters())):
+                        w = _base_weight(module.base_layer)
+                        merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
+                    weights.append((f"{name}.weight", whole(merged)))
+            elif _is_4bit(module) and id(module) not in wrapped:  # QLoRA: a quantised layer without an adapter
                 with gathered(list(module.parameters())):
-                    w = module.base_layer.weight
-                    merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
-                weights.append((f"{name}.weight", whole(merged)))
+                    weights.append((f"{name}.weight", _base_weight(module)))
     yield weights
+
+
+def _is_4bit(layer: torch.nn.Module) -> bool:
+    """Whether `layer` is a bitsandbytes 4-bit linear layer (QLoRA's frozen base)."""
+    bnb = sys.modules.get("bitsandbytes")  # only a run that imported bitsandbytes can hold its layers
+    return bnb is not None and isinstance(layer, bnb.nn.Linear4bit)
+
+
+def _base_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A frozen base layer's weight as vLLM's unquantised copy of the base model takes it: as it is, or, for a
+    QLoRA 4-bit layer, dequantised (bitsandbytes' own `dequantize_4bit`) to the values its forward multiplies by.
+    Every 4-bit layer is pushed so, adapted or not, so that vLLM samples from the weights the trainer scores with,
+    not from the full-precision base the 4-bit codes approximate. A sharded (FSDP2) layer's 4-bit codes are gathered
+    first (its quantisation state is whole on every process)."""
+    if not _is_4bit(layer):
+        return layer.weight
+    import bitsandbytes.functional as bnbf
+
+    codes = whole(layer.weight.detach())
+    state = getattr(layer.weight, "quant_state", None) or layer.quant_state  # FSDP2 keeps it on the module
+    return bnbf.dequantize_4bit(codes, state)
 
 
 class ColocatedVLLM:
