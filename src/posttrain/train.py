@@ -41,7 +41,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
-from posttrain.models.loading import mixed_precision
+from posttrain.models.loading import mixed_precision, resolve_dtype
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
 from posttrain.report import report_or_warning
@@ -55,6 +55,7 @@ from posttrain.trainer.fingerprint import (
     read_fingerprint,
     write_fingerprint,
 )
+from posttrain.trainer.launch import launch_notes
 from posttrain.trainer.loop import training_loop
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
@@ -227,6 +228,11 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     ckpt = _check_run_dir(cfg, run_dir, resume)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
+    if accelerator.is_main_process:  # what the launch asked for and did not get, said once (`trainer.launch`)
+        compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
+        for note in launch_notes(os.environ, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
+                                 dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
+            print(note)
     _check_sharding(cfg, accelerator.num_processes)
     if ckpt is not None:
         check_resumable(ckpt, accelerator.num_processes)
