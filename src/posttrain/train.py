@@ -230,7 +230,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator = _accelerator(cfg)
     if accelerator.is_main_process:  # what the launch asked for and did not get, said once (`trainer.launch`)
         compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
-        for note in launch_notes(os.environ, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
+        for note in launch_notes(os.environ, processes=accelerator.num_processes,
+                                 distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
                                  dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
             print(note)
     _check_sharding(cfg, accelerator.num_processes)

@@ -12,6 +12,10 @@ environment. Two of them can silently not take effect in a posttrain run (seen w
   two GPUs visible. That launcher is the only one that sets `ACCELERATE_USE_CPU`, and it sets `MASTER_ADDR` only
   when asked for more than one process (or machine), so a process that sees both and a world of one was asked for
   several and runs alone: it trains the whole global batch itself, correctly but without the parallelism.
+- **FSDP.** An FSDP config (`ACCELERATE_USE_FSDP`) starts its processes through torchrun, but Accelerate makes
+  them FSDP only on GPUs and other accelerators (`AcceleratorState.__init__`): processes on CPUs run plain data
+  parallelism, each holding the whole model (seen: configs/accelerate/fsdp2.yaml, 2 CPU processes). posttrain
+  shards on CPUs itself (`run.sharding=fsdp2` under torchrun).
 - **mixed precision.** posttrain takes it from `model.dtype` (`train._accelerator`), not from the launch's
   `mixed_precision` (`ACCELERATE_MIXED_PRECISION`): the shipped configs say bf16, which is what `model.dtype=auto`
   gives on a GPU with bf16, and float32 on a CPU.
@@ -30,13 +34,14 @@ MULTI_PROCESS_LAUNCH = (
 )
 
 
-def launch_notes(env: Mapping[str, str], *, processes: int, precision: str, dtype: str, compute: str,
-                 device: str) -> list[str]:  # fmt: skip
-    """The notes for a run with `processes` processes and Accelerate mixed precision `precision` ("no" or
-    "bf16"), from `model.dtype` = `dtype` computing in `compute` (e.g. "float32") on `device` ("cpu", "cuda"),
-    launched with environment `env`. Empty when the launch got what it asked for, or was no `accelerate launch`.
+def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, precision: str, dtype: str,
+                 compute: str, device: str) -> list[str]:  # fmt: skip
+    """The notes for a run with `processes` processes of Accelerate's `distributed` type ("NO", "MULTI_CPU",
+    "FSDP", ...: `DistributedType`'s value) and mixed precision `precision` ("no" or "bf16"), from `model.dtype` =
+    `dtype` computing in `compute` (e.g. "float32") on `device` ("cpu", "cuda"), launched with environment `env`.
+    Empty when the launch got what it asked for, or was no `accelerate launch`.
 
-    >>> launch_notes({}, processes=1, precision="no", dtype="auto", compute="float32", device="cpu")
+    >>> launch_notes({}, processes=1, distributed="NO", precision="no", dtype="auto", compute="float32", device="cpu")
     []
     """
     notes = []
@@ -46,6 +51,13 @@ def launch_notes(env: Mapping[str, str], *, processes: int, precision: str, dtyp
             "launcher (used with --cpu, with a MULTI_CPU config and no --mpirun_hostfile, and for --num_processes "
             "without --multi_gpu or a config file when under 2 GPUs are visible) ignores --num_processes, so this "
             f"process trains the whole batch. For N processes: {MULTI_PROCESS_LAUNCH}"
+        )
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
+        notes.append(
+            f"note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs and other "
+            f"accelerators: on {device} it runs plain data parallelism ({distributed}), each process holding the whole model and "
+            "optimizer state. To shard on CPUs: `torchrun --nproc_per_node N -m posttrain.cli train RUN.yaml "
+            "run.sharding=fsdp2`"
         )
     asked = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if asked and asked != precision:
