@@ -228,12 +228,6 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     ckpt = _check_run_dir(cfg, run_dir, resume)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
-    if accelerator.is_main_process:  # what the launch asked for and did not get, said once (`trainer.launch`)
-        compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
-        for note in launch_notes(os.environ, processes=accelerator.num_processes,
-                                 distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
-                                 dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
-            print(note)
     _check_sharding(cfg, accelerator.num_processes)
     if ckpt is not None:
         check_resumable(ckpt, accelerator.num_processes)
@@ -269,6 +263,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
+        _say_launch_notes(cfg, accelerator)
         _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
 
     # ---- model, reference, batch source, optimiser, schedule
@@ -373,6 +368,15 @@ def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: 
     if algorithm.rollouts is not None:
         return plan_rollouts(cfg, n, world_size, micro)
     return plan_examples(cfg, n, world_size, micro)
+
+
+def _say_launch_notes(cfg: RunConfig, accelerator) -> None:
+    """What the launch asked for and did not get, said once as the run starts (`trainer.launch`)."""
+    compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
+    for note in launch_notes(os.environ, processes=accelerator.num_processes,
+                             distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
+                             dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
+        print(note)
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:

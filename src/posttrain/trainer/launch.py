@@ -21,7 +21,8 @@ environment. Two of them can silently not take effect in a posttrain run (seen w
   gives on a GPU with bf16, and float32 on a CPU.
 
 `launch_notes` is a pure function of the environment and what the run uses; `train` prints its lines from the
-main process before the data loads. It changes nothing: the run goes on as launched.
+main process as the run starts (after the data and the plan are checked, before the model loads). It changes
+nothing: the run goes on as launched.
 """
 
 from __future__ import annotations
