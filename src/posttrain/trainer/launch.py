@@ -55,10 +55,10 @@ def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, pr
         )
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
         notes.append(
-            f"note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs and other "
-            f"accelerators: on {device} it runs plain data parallelism ({distributed}), each process holding the whole model and "
-            "optimizer state. To shard on CPUs: `torchrun --nproc_per_node N -m posttrain.cli train RUN.yaml "
-            "run.sharding=fsdp2`"
+            "note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs and "
+            f"other accelerators: on {device} it runs plain data parallelism ({distributed}), each process holding the "
+            "whole model and optimizer state. To shard on CPUs: `torchrun --nproc_per_node N -m posttrain.cli train "
+            "RUN.yaml run.sharding=fsdp2`"
         )
     asked = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if asked and asked != precision:
