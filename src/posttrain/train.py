@@ -41,7 +41,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
-from posttrain.models.loading import mixed_precision
+from posttrain.models.loading import mixed_precision, resolve_dtype
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
@@ -56,6 +56,7 @@ from posttrain.trainer.fingerprint import (
     read_fingerprint,
     write_fingerprint,
 )
+from posttrain.trainer.launch import launch_notes
 from posttrain.trainer.loop import training_loop
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
@@ -263,6 +264,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
+        _say_launch_notes(cfg, accelerator)
         _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
 
     # ---- model, reference, batch source, optimiser, schedule
@@ -360,6 +362,15 @@ def _plan(cfg: RunConfig, algorithm: Algorithm, n: int, world_size: int, micro: 
     if algorithm.rollouts is not None:
         return plan_rollouts(cfg, n, world_size, micro)
     return plan_examples(cfg, n, world_size, micro)
+
+
+def _say_launch_notes(cfg: RunConfig, accelerator) -> None:
+    """What the launch asked for and did not get, said once as the run starts (`trainer.launch`)."""
+    compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
+    for note in launch_notes(os.environ, processes=accelerator.num_processes,
+                             distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
+                             dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
+        print(note)
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:

@@ -1,13 +1,16 @@
 """The Accelerate config files in configs/accelerate/ go through Accelerate's own launch path, short of starting
 processes: `accelerate launch --config_file` reads them (`load_config_from_file`, which refuses unknown keys), turns
 them into the environment the launched processes see, and Accelerate builds its FSDP or DeepSpeed plugin from that
-environment. Nothing is launched and neither deepspeed nor a GPU is needed."""
+environment. Also, for each CPU launch line docs/scale.md names, how many processes Accelerate's own launcher
+choice starts and what posttrain says about it at the start of the run (`trainer.launch`). Nothing is launched
+(test_accelerate_ddp.py launches ddp.yaml and fsdp2.yaml) and neither deepspeed nor a GPU is needed."""
 
 import os
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 ACCELERATE = Path(__file__).parents[2] / "configs" / "accelerate"
 EXPECTED = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}
@@ -83,3 +86,98 @@ def test_the_ddp_config_launches_one_process_per_gpu():
     args, cfg, env = _launch_env(ACCELERATE / "ddp.yaml")
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
     assert "ACCELERATE_USE_FSDP" not in env and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+def _started(argv: list[str]) -> tuple[int, dict[str, str]]:
+    """How many processes `accelerate launch ARGV train.py` starts on this machine and the environment they see:
+    Accelerate's own dispatch (`launch_command`: which launcher, with what environment), stopped where a launcher
+    would start processes (its single-process launcher's `_run_subprocess`, torchrun's `_run_torchrun`). The
+    environment is cleared of launch variables first, and a default `accelerate config` file is not read."""
+    from accelerate.commands import launch
+
+    seen = {}
+
+    def one(cmd, env, quiet):
+        seen.update(processes=1, env=env)
+
+    def torchrun(args):
+        seen.update(processes=int(args.nproc_per_node), env=dict(os.environ))
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "WORLD_SIZE"))}
+    with (
+        mock.patch.dict(os.environ, clean, clear=True),
+        mock.patch.object(launch, "default_config_file", "/nonexistent/default_config.yaml"),
+        mock.patch.object(launch, "_run_subprocess", one),
+        mock.patch.object(launch, "_run_torchrun", torchrun),
+    ):
+        launch.launch_command(launch.launch_command_parser().parse_args([*argv, "--main_process_port", "0", "train.py"]))
+    return seen["processes"], seen["env"]
+
+
+MULTI_CPU = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: 'no'\nnum_machines: 1\n" \
+            "num_processes: 2\nmachine_rank: 0\nuse_cpu: true\n"  # fmt: skip
+ALONE = "note: accelerate launch was asked for several processes but started this one alone"
+PRECISION = "note: the launch asked for mixed_precision bf16, but posttrain takes the precision from model.dtype"
+FSDP = "note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs"
+
+
+@pytest.mark.parametrize("argv, processes, notes", [
+    (["--config_file", "ddp"], 2, [PRECISION]),  # the shipped file, as docs/scale.md launches it on CPUs
+    (["--config_file", "ddp", "--mixed_precision", "no"], 2, []),
+    (["--multi_gpu", "--num_processes", "2"], 2, []),
+    (["--config_file", "ddp", "--cpu", "--num_processes", "2"], 1, [ALONE, PRECISION]),
+    (["--cpu", "--num_processes", "2"], 1, [ALONE]),
+    (["--config_file", "multi_cpu"], 1, [ALONE]),  # MULTI_CPU without --mpirun_hostfile
+    (["--cpu", "--num_processes", "1"], 1, []),
+    (["--cpu"], 1, []),
+    (["--config_file", "fsdp2", "--mixed_precision", "no"], 2, [FSDP]),  # 2 processes, not sharded on CPUs
+])  # fmt: skip
+def test_a_launch_that_starts_fewer_processes_or_another_precision_than_asked_is_noted(argv, processes, notes, tmp_path):
+    """On a CPU-only machine (the processes compute in float32: model.dtype auto), what Accelerate starts for each
+    launch line and what posttrain says about it at the start of the run (`trainer.launch.launch_notes`)."""
+    from posttrain.trainer.launch import launch_notes
+
+    (tmp_path / "multi_cpu.yaml").write_text(MULTI_CPU, encoding="utf-8")
+    files = {"ddp": str(ACCELERATE / "ddp.yaml"), "fsdp2": str(ACCELERATE / "fsdp2.yaml"),
+             "multi_cpu": str(tmp_path / "multi_cpu.yaml")}  # fmt: skip
+    started, env = _started([files.get(a, a) for a in argv])
+    assert started == processes
+    # what Accelerate makes of these processes on CPUs (seen in test_accelerate_ddp.py's launches)
+    distributed = "MULTI_CPU" if started > 1 else "NO"
+    said = launch_notes(env, processes=started, distributed=distributed, precision="no", dtype="auto",
+                        compute="float32", device="cpu")  # fmt: skip
+    assert len(said) == len(notes) and all(line.startswith(n) for line, n in zip(said, notes, strict=True)), said
+    if ALONE in notes:  # it names a launch that starts N processes
+        assert "accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N" in said[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with 2 GPUs visible Accelerate starts 2 processes")
+def test_num_processes_alone_starts_one_process_without_two_gpus():
+    from posttrain.trainer.launch import launch_notes
+
+    started, env = _started(["--num_processes", "2"])
+    assert started == 1
+    said = launch_notes(env, processes=1, distributed="NO", precision="no", dtype="auto", compute="float32",
+                        device="cpu")  # fmt: skip
+    assert len(said) == 1 and said[0].startswith(ALONE)
+
+
+def test_the_precision_note_names_what_the_run_uses_and_how_to_match_it():
+    from posttrain.trainer.launch import launch_notes
+
+    gpu = {"processes": 2, "distributed": "MULTI_GPU", "dtype": "auto", "compute": "bfloat16", "device": "cuda"}
+    assert launch_notes({"ACCELERATE_MIXED_PRECISION": "bf16"}, precision="bf16", **gpu) == []
+    (said,) = launch_notes({"ACCELERATE_MIXED_PRECISION": "no"}, precision="bf16", **gpu)
+    assert said.startswith("note: the launch asked for mixed_precision no, but posttrain takes the precision from "
+                           "model.dtype (auto: bfloat16 on cuda), so this run uses mixed_precision bf16.")  # fmt: skip
+    assert said.endswith("or launch with --mixed_precision bf16 to match")
+
+
+def test_fsdp_from_accelerate_is_noted_only_where_accelerate_did_not_shard():
+    from posttrain.trainer.launch import launch_notes
+
+    _, env = _started(["--config_file", str(ACCELERATE / "fsdp2.yaml"), "--mixed_precision", "no"])
+    run = {"processes": 2, "precision": "no", "dtype": "float32", "compute": "float32"}
+    assert launch_notes(env, distributed="FSDP", device="cuda", **run) == []  # sharded: as asked
+    (said,) = launch_notes(env, distributed="MULTI_CPU", device="cpu", **run)
+    assert said.startswith(FSDP) and "run.sharding=fsdp2" in said

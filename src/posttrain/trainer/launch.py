@@ -1,0 +1,70 @@
+"""What the launcher started against what it was asked for: one line each where they differ.
+
+`accelerate launch` hands its config file's and flags' settings to the processes it starts through their
+environment. Two of them can silently not take effect in a posttrain run (seen with accelerate 1.16, read from
+`accelerate/commands/launch.py` and `accelerate/utils/launch.py`):
+
+- **the number of processes.** Only `--multi_gpu` (or a config file with `distributed_type: MULTI_GPU`, FSDP or
+  DeepSpeed) starts several processes on one machine, through torchrun, and on a machine without GPUs they talk
+  over gloo. Every other launch goes through its single-process launcher (`simple_launcher`), which starts one
+  process whatever `--num_processes` says: `--cpu` with any config file, a `distributed_type: MULTI_CPU` config
+  without `--mpirun_hostfile` (it expects MPI to start the others), and `--num_processes N` alone with fewer than
+  two GPUs visible. That launcher is the only one that sets `ACCELERATE_USE_CPU`, and it sets `MASTER_ADDR` only
+  when asked for more than one process (or machine), so a process that sees both and a world of one was asked for
+  several and runs alone: it trains the whole global batch itself, correctly but without the parallelism.
+- **FSDP.** An FSDP config (`ACCELERATE_USE_FSDP`) starts its processes through torchrun, but Accelerate makes
+  them FSDP only on GPUs and other accelerators (`AcceleratorState.__init__`): processes on CPUs run plain data
+  parallelism, each holding the whole model (seen: configs/accelerate/fsdp2.yaml, 2 CPU processes). posttrain
+  shards on CPUs itself (`run.sharding=fsdp2` under torchrun).
+- **mixed precision.** posttrain takes it from `model.dtype` (`train._accelerator`), not from the launch's
+  `mixed_precision` (`ACCELERATE_MIXED_PRECISION`): the shipped configs say bf16, which is what `model.dtype=auto`
+  gives on a GPU with bf16, and float32 on a CPU.
+
+`launch_notes` is a pure function of the environment and what the run uses; `train` prints its lines from the
+main process as the run starts (after the data and the plan are checked, before the model loads). It changes
+nothing: the run goes on as launched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+MULTI_PROCESS_LAUNCH = (
+    "`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N -m posttrain.cli train RUN.yaml` "
+    "(without --cpu; on CPUs too, over gloo) or `torchrun --nproc_per_node N -m posttrain.cli train RUN.yaml`"
+)
+
+
+def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, precision: str, dtype: str,
+                 compute: str, device: str) -> list[str]:  # fmt: skip
+    """The notes for a run with `processes` processes of Accelerate's `distributed` type ("NO", "MULTI_CPU",
+    "FSDP", ...: `DistributedType`'s value) and mixed precision `precision` ("no" or "bf16"), from `model.dtype` =
+    `dtype` computing in `compute` (e.g. "float32") on `device` ("cpu", "cuda"), launched with environment `env`.
+    Empty when the launch got what it asked for, or was no `accelerate launch`.
+
+    >>> launch_notes({}, processes=1, distributed="NO", precision="no", dtype="auto", compute="float32", device="cpu")
+    []
+    """
+    notes = []
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and processes == 1:
+        notes.append(
+            "note: accelerate launch was asked for several processes but started this one alone: its single-process "
+            "launcher (used with --cpu, with a MULTI_CPU config and no --mpirun_hostfile, and for --num_processes "
+            "without --multi_gpu or a config file when under 2 GPUs are visible) ignores --num_processes, so this "
+            f"process trains the whole batch. For N processes: {MULTI_PROCESS_LAUNCH}"
+        )
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
+        notes.append(
+            "note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs and "
+            f"other accelerators: on {device} it runs plain data parallelism ({distributed}), each process holding the "
+            "whole model and optimizer state. To shard on CPUs: `torchrun --nproc_per_node N -m posttrain.cli train "
+            "RUN.yaml run.sharding=fsdp2`"
+        )
+    asked = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if asked and asked != precision:
+        notes.append(
+            f"note: the launch asked for mixed_precision {asked}, but posttrain takes the precision from model.dtype "
+            f"({dtype}: {compute} on {device}), so this run uses mixed_precision {precision}. Set model.dtype "
+            f"(bfloat16: bf16 autocast) to change it, or launch with --mixed_precision {precision} to match"
+        )
+    return notes
