@@ -41,7 +41,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
-from posttrain.models.loading import mixed_precision, resolve_dtype
+from posttrain.models.loading import default_device, mixed_precision, resolve_dtype
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
@@ -456,7 +456,7 @@ def _accelerator(cfg: RunConfig):
     from accelerate import Accelerator  # after the hub mode settled (`train`)
     from accelerate.state import AcceleratorState
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = default_device().type == "cuda"  # not under `accelerate launch --cpu`
     precision = mixed_precision(cfg.model, "cuda" if on_gpu else "cpu")
     # AcceleratorState is a process-wide singleton that refuses another precision once set, but one process may
     # run several trainings (tests, the Python API, recipes). Only its precision part is reset, never the

@@ -17,6 +17,7 @@ from posttrain.models import (
     resolve_dtype,
     resolve_model,
 )
+from posttrain.models.loading import default_device, mixed_precision
 from posttrain.testing import tiny_model as make_tiny_model
 
 
@@ -178,6 +179,18 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert resolve_dtype("float16") == torch.float16
+
+
+def test_a_gpu_machine_launched_with_accelerate_cpu_flag_trains_on_the_cpu_in_float32(monkeypatch):
+    """`accelerate launch --cpu` on a GPU machine: Accelerate trains on the CPU (ACCELERATE_USE_CPU), so the model's
+    device and `model.dtype: auto` follow it (bf16 autocast on the CPU would be slow and not what was asked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert default_device().type == "cuda" and resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert default_device().type == "cpu" and resolve_dtype("auto") == torch.float32
+    assert mixed_precision(ModelConfig(name="x")) == "no"
 
 
 def test_load_model_dtype(tiny_dir):

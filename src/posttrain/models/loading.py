@@ -265,9 +265,13 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
 
 
 def default_device():
-    """`cuda` when a GPU is visible, else `cpu`."""
+    """`cuda` when a GPU is visible and the launch did not ask for the CPU, else `cpu`. `accelerate launch --cpu`
+    (and an Accelerate config with `use_cpu: true`) puts ``ACCELERATE_USE_CPU`` in the environment and Accelerate
+    then trains on the CPU: the model's device and `model.dtype: auto` must follow it, not the GPU it ignores."""
+    from accelerate.utils import parse_flag_from_env  # Accelerate's own reading of its flag
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return torch.device("cuda" if on_gpu else "cpu")
 
 
 def resolve_dtype(dtype: str, device=None):
