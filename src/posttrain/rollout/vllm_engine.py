@@ -112,8 +112,12 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
                 if adapters or _is_4bit(module.base_layer):
                     with gathered(list(module.parameters())):
                         w = _base_weight(module.base_layer)
-                        merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
-                    weights.append((f"{name}.weight", whole(merged)))
+                        delta = sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # 0 without any
+                        # W + delta is a new tensor. Sharded (FSDP2): a full-precision W and its delta are summed
+                        # on the shards and gathered once; a 4-bit W is dequantised whole (`_base_weight`), so its
+                        # delta is gathered first (a whole tensor and a DTensor do not add)
+                        merged = w + whole(delta) if _is_4bit(module.base_layer) else whole(w + delta)
+                    weights.append((f"{name}.weight", merged))
             elif _is_4bit(module) and id(module) not in wrapped:  # QLoRA: a quantised layer without an adapter
                 with gathered(list(module.parameters())):
                     weights.append((f"{name}.weight", _base_weight(module)))
