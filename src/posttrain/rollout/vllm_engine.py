@@ -25,10 +25,12 @@ What is tested where: the weight-sync logic and the data flow are tested on CPU 
 this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
 backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
 "Scale"). Sharded policies: each process gathers the whole weights it pushes (`policy_weights`). FSDP2
-(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed
+(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py; full,
+LoRA and QLoRA). DeepSpeed
 ZeRO-3 (Accelerate's deepspeed_zero3.yaml): gathered module by module with DeepSpeed's `GatheredParameters`; tested
 with a stand-in for DeepSpeed (test_vllm_engine.py) and, where deepspeed is installed, with DeepSpeed itself on 2
-CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's weights). DeepSpeed
+CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's, full, LoRA and
+QLoRA). DeepSpeed
 writes each step's weights through `.data`, which moves no version counter: `train._before_deepspeed` bumps them
 after each step, so that a push follows every step (ZeRO-2 too).
 """
@@ -135,7 +137,8 @@ def _base_weight(layer: torch.nn.Module) -> torch.Tensor:
     QLoRA 4-bit layer, dequantised (bitsandbytes' own `dequantize_4bit`) to the values its forward multiplies by.
     Every 4-bit layer is pushed so, adapted or not, so that vLLM samples from the weights the trainer scores with,
     not from the full-precision base the 4-bit codes approximate. A sharded (FSDP2) layer's 4-bit codes are gathered
-    first (its quantisation state is whole on every process)."""
+    first (its quantisation state is whole on every process); a ZeRO-3 layer's are whole inside the caller's
+    `gathered` block (DeepSpeed partitions the codes; the quantisation state stays on the layer)."""
     if not _is_4bit(layer):
         return layer.weight
     import bitsandbytes.functional as bnbf
