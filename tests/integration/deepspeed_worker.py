@@ -8,7 +8,7 @@ CPU processes: DeepSpeed's CPU accelerator, gloo). Each argument is one job, run
 - `resume:PATH.yaml`: that run with a checkpoint every step, cut back to its checkpoint of step 2 (the later
   checkpoint and `final/` removed, as a run killed after step 2 leaves it), then resumed (`--resume`); saves the
   whole trained weights as `NAME-resumed-rankR.pt`.
-- `push:MODEL_DIR:TECHNIQUE` (full, lora): the tiny model built as `build` builds it, prepared through
+- `push:MODEL_DIR:TECHNIQUE` (full, lora, qlora): the tiny model built as `build` builds it, prepared through
   posttrain's own Accelerator set-up (`train._accelerator`, `_before_deepspeed`), trained `STEPS` steps on
   `batch`'s rows (this process's half), with a vLLM engine whose backend is `FakeVLLM` (conftest.py) synced
   before the first step, after each step, and once more with nothing changed; saves what this process held and

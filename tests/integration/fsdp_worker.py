@@ -6,7 +6,8 @@ and, for RL, this process's samples' total rewards at each rollout (`reward_tota
 folder to `<run folder>-from-K`, deletes what came after step K (later checkpoints, `final/`), as a run killed
 after step K would have left it, and resumes it (the state each resumed run holds right after the load, whole, is
 saved as `loaded`: its trainable weights and optimizer state); `PATH@seeded` samples with `PromptSeededEngine`. A config with `algorithm.rollout.engine=vllm` samples through `FakeVLLM` (conftest.py) in
-vLLM's place, one per process as colocated vLLM would be, and its weight pushes and calls are saved too."""
+vLLM's place, one per process as colocated vLLM would be, and its weight pushes and calls are saved too, with
+the push the trained model would make next (`final`)."""
 
 import importlib
 import sys
@@ -107,7 +108,7 @@ def main(out_dir: str, *config_paths: str) -> None:
     from posttrain.models.sharding import full_state, is_sharded, optimizer_state, parameter_elements
     from posttrain.rollout import engines
     from posttrain.rollout import source as source_module
-    from posttrain.rollout.vllm_engine import VLLMEngine
+    from posttrain.rollout.vllm_engine import VLLMEngine, policy_weights
     from posttrain.train import train
 
     config_module.vllm_available = lambda: True  # vLLM's place is taken by FakeVLLM below
@@ -163,7 +164,10 @@ def main(out_dir: str, *config_paths: str) -> None:
         head = parameter_elements(model.head) if isinstance(model, ScalarHeadModel) else None
         ref = built[-1]
         reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
-        vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls} if fakes else None
+        vllm = None
+        if fakes:
+            with policy_weights(model) as final:  # what the trained model's next push would be (a collective)
+                vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls, "final": {n: t.clone() for n, t in final}}
         torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
                     "vllm": vllm, "reference": reference, "reward_totals": list(totals), "loaded": dict(loaded) or None, "four_bit": four_bit}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 

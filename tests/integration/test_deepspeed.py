@@ -12,7 +12,8 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
   bit; a resume on another number of processes is refused;
 - with a vLLM engine (`FakeVLLM` in vLLM's place, one per process) under ZeRO-3, each process pushes the whole
-  weights (gathered module by module; under LoRA each adapted layer's W + delta) before the first step and after
+  weights (gathered module by module; under LoRA each adapted layer's W + delta; under QLoRA every 4-bit layer,
+  its partitioned codes gathered, dequantised, plus its delta where it has one) before the first step and after
   each step, not when nothing changed, the same on both processes, equal to those one process trains.
 
 Skipped where deepspeed is not installed (scripts/setup.sh installs it for development and CI, without its
@@ -55,6 +56,9 @@ SFT_ROWS = [{"prompt": f"add {a} {b}", "completion": str(a + b)} for a in range(
 LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= ch <= "z" for ch in c) / 8 for c in completions]\n'
 # the tiny model's parameter elements; with LoRA's adapters; 4-bit (two weights a byte) with them; a scalar head
 FULL = {"sft": 107_200, "lora": 139_968, "qlora": 103_104, "head": 107_265}
+# the ZeRO-3 push jobs' models (`deepspeed_worker.build`, LoRA at r=4) and their parameter elements: 107,200 whole;
+# 8,192 more with the adapters; QLoRA's 73,728 linear weights stored two to a byte
+PUSHED = {"full": 107_200, "lora": 115_392, "qlora": 115_392 - 73_728 // 2}
 
 
 def _settings(tmp: Path) -> dict[str, dict]:
@@ -105,7 +109,7 @@ def launched(tiny_model_dir, tmp_path_factory):
             dump_config(cfgs[name], folder / f"{name}.yaml")
         jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{folder / 'sft.yaml'}"]
         if stage == 3:
-            jobs += [f"push:{tiny_model_dir}:full", f"push:{tiny_model_dir}:lora"]
+            jobs += [f"push:{tiny_model_dir}:{technique}" for technique in PUSHED]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
                "--mixed_precision", "no", "--main_process_port", str(free_port()),  # not 29500: other launches'
@@ -233,14 +237,16 @@ def _pushed_by_one_process(model_dir, technique: str) -> tuple[dict, dict]:
         return first, {n: t.clone() for n, t in weights}
 
 
-@pytest.mark.parametrize("technique", ["full", "lora"])
+@pytest.mark.parametrize("technique", PUSHED)
 def test_zero3_processes_push_the_whole_weights_one_process_trains(launched, tiny_model_dir, technique):
+    """Under QLoRA the 4-bit codes are partitioned like every weight (each process holds half of them), and
+    `GatheredParameters` gives each layer its whole codes back, beside the quantisation state the layer keeps: each
+    4-bit layer is pushed dequantised plus its delta, as one process pushes it."""
     _, held = launched[3]
     r0, r1 = held[f"push-{technique}-rank0"], held[f"push-{technique}-rank1"]
     assert "error" not in r0, r0.get("error")
-    assert r0["zero3"] and r1["zero3"]  # every weight partitioned by ZeRO-3
-    # half of every weight each (the tiny model: 107,200 elements; under LoRA at r=4 115,392 with the adapters)
-    assert r0["local"] == r1["local"] == r0["total"] // 2 == (107_200 if technique == "full" else 115_392) // 2
+    assert r0["zero3"] and r1["zero3"]  # every weight partitioned by ZeRO-3, QLoRA's 4-bit codes too
+    assert r0["local"] == r1["local"] == r0["total"] // 2 == PUSHED[technique] // 2  # half of every weight each
     # a push before the first step and after each (DeepSpeed's writes bump no version counter: `_before_deepspeed`
     # does), none when nothing changed
     assert r0["synced"] == r1["synced"] == [True] * (worker.STEPS + 1) + [False]
@@ -252,7 +258,8 @@ def test_zero3_processes_push_the_whole_weights_one_process_trains(launched, tin
         assert torch.equal(pushes[0][n], first[n]), n  # gathered whole: bit for bit what one process pushes
         assert all(torch.equal(a[n], b[n]) for a, b in zip(pushes, r1["pushes"], strict=True)), n  # same everywhere
         # the same global batch and step; the gradient's float sums run in another order (each process's mean
-        # over its 2 rows, averaged by DeepSpeed's reduce-scatter): measured 4.6e-7 (full), 2.1e-7 (LoRA)
+        # over its 2 rows, averaged by DeepSpeed's reduce-scatter): measured 4.6e-7 (full), 2.1e-7 (LoRA),
+        # 1.2e-7 (QLoRA)
         assert_close(pushes[-1][n], last[n], rtol=0, atol=2e-6, msg=n)
     assert any(not torch.equal(pushes[1][n], pushes[0][n]) for n in first)  # step 1 trained, and was pushed
 

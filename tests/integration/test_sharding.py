@@ -4,7 +4,8 @@ log-probs as reference; a reward model, its scalar head sharded too; GRPO sample
 on the process layout; QLoRA, SFT and seeded GRPO, its 4-bit weights halved too and the quantisation state whole
 on each process), or as two DDP processes do (GRPO; RLOO with LoRA; PPO, its frozen-copy reference sharded:
 rollouts are sampled per process, so one process would draw other samples); with vLLM rollouts (a fake backend per
-process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine;
+process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine, and under
+QLoRA pushes each 4-bit layer dequantised plus its delta, as one process does;
 checkpoints hold each process's shards (torch.distributed.checkpoint), `final/` the whole weights (a reward model's
 head beside them, which PPO then loads whole as its reward); a sharded run killed after step k and resumed from its
 sharded checkpoint continues exactly (SFT full, DPO with LoRA, GRPO with LoRA, SFT with QLoRA), and so does one resumed from whole
@@ -133,6 +134,8 @@ def runs(tiny_model_dir, tmp_path_factory):
         "sft-qlora": {**sft, **exact, "technique.name": "qlora", **every},
         "dpo-qlora-copy": {**dpo, **exact, "algorithm.reference": "copy", "technique.name": "qlora"},
         "grpo-qlora": {**grpo, "technique.name": "qlora", "algorithm.beta": 0.04},
+        # and sampled by vLLM (the fake backend, per process), to which each 4-bit layer is pushed dequantised
+        "grpo-qlora-vllm": {**grpo, "technique.name": "qlora", "algorithm.beta": 0.04, "algorithm.rollout.engine": "vllm"},
         # 19 rows in steps of 8, micro-batches of 1; 3 held-out rows
         "sft-uneven": {**sft, "data.train": str(tmp / "19.jsonl"), "data.eval": str(tmp / "eval3.jsonl"),
                        "optim.micro_batch_size": 1, "run.max_steps": "null", "run.epochs": 1, "run.eval_every": 1},
@@ -223,7 +226,7 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
 def test_each_sharded_process_holds_half_of_every_weight(runs):
     _, held = runs
     for name in ("sft", "dpo-copy", "dpo-lora", "dpo-precompute", "grpo", "reward", "ppo", "rloo", "grpo-vllm",
-                 "rloo-vllm", "sft-qlora", "dpo-qlora-copy", "grpo-qlora"):
+                 "rloo-vllm", "sft-qlora", "dpo-qlora-copy", "grpo-qlora", "grpo-qlora-vllm"):
         r0, r1 = held[f"{_held(name)}-rank0"], held[f"{_held(name)}-rank1"]
         assert r0["sharded"] and r1["sharded"]
         assert r0["local"] + r1["local"] == r0["total"]  # the shards partition the model
@@ -328,6 +331,49 @@ def test_sharded_processes_push_the_whole_weights_to_vllm_and_train_as_with_the_
     assert {"reward/total_mean", "completion_length_mean", "grad_norm", "loss"} <= set(keys)
     assert_close(torch.tensor([[r[k] for k in keys] for r in a]), torch.tensor([[r[k] for k in keys] for r in b]),
                  rtol=1e-5, atol=1e-6, msg=str(keys))  # fmt: skip
+
+
+def test_sharded_qlora_processes_push_to_vllm_what_one_process_pushes(runs):
+    """QLoRA with vLLM (the fake backend, one per process): each 4-bit layer's codes, sharded, are gathered whole
+    and dequantised with the quantisation state every process holds, and its LoRA delta, computed on the shards,
+    is gathered and added (`policy_weights`). Each push is the same on both processes and is what one process
+    pushes for the same weights, bit for bit: the first, the loaded model's (B = 0: each layer's 4-bit W
+    dequantised); after training, the trained model's, with the run's gathered adapters loaded into one process.
+    And the run samples from the weights it scores with."""
+    from bitsandbytes.nn import Linear4bit  # optional dependency (QLoRA)
+
+    from posttrain.rollout.vllm_engine import policy_weights
+
+    cfgs, held = runs
+    cfg, name = cfgs["grpo-qlora-vllm"], "grpo-qlora-vllm"
+    v0, v1 = held[f"{name}-rank0"]["vllm"], held[f"{name}-rank1"]["vllm"]
+    assert len(v0["pushes"]) == len(v1["pushes"]) == cfg.run.max_steps
+    one = load_model(cfg.model, cfg.technique)  # B = 0, as the run starts
+    layers = {n.removeprefix("base_model.model.").replace(".base_layer", "") for n, m in one.named_modules()
+              if isinstance(m, Linear4bit)}  # fmt: skip
+    assert len(layers) == 14  # every 4-bit layer, adapted or not
+    with policy_weights(one) as weights:
+        first = {n: t.clone() for n, t in weights}
+    assert first.keys() == {f"{n}.weight" for n in layers}
+    pushes = [*zip(v0["pushes"], v1["pushes"], strict=True), (v0["final"], v1["final"])]
+    for p0, p1 in pushes:
+        assert p0.keys() == p1.keys() == first.keys()
+        assert all(torch.equal(p0[n], p1[n]) for n in first)  # gathered: the same on both processes
+    assert all(torch.equal(v0["pushes"][0][n], t) for n, t in first.items())
+    trained = held[f"{name}-rank0"]["weights"]  # gathered whole (`full_state`)
+    params = dict(one.named_parameters())
+    with torch.no_grad():
+        for n, t in trained.items():
+            if "lora_" in n:
+                params[n].copy_(t)
+    with policy_weights(one) as weights:
+        last = {n: t.clone() for n, t in weights}
+    assert any(not torch.equal(last[n], first[n]) for n in first)  # the adapters trained
+    for n, t in last.items():
+        assert torch.equal(v0["final"][n], t), n
+    assert any(not torch.equal(v0["pushes"][1][n], first[n]) for n in first)  # step 1 trained, and was pushed
+    gaps = [r["logp_gap_sampler_trainer"] for r in read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")]
+    assert len(gaps) == cfg.run.max_steps and max(gaps) < 1e-5, gaps
 
 
 def test_final_folder_and_checkpoint_hold_the_whole_gathered_weights(runs):

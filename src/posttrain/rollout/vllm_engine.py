@@ -25,10 +25,12 @@ What is tested where: the weight-sync logic and the data flow are tested on CPU 
 this module's `Backend` interface (tests/integration/test_vllm_engine.py, test_vllm_server.py). The `ColocatedVLLM`
 backend itself (the calls into vLLM) is designed for vLLM's public API but has not run on a GPU yet (README
 "Scale"). Sharded policies: each process gathers the whole weights it pushes (`policy_weights`). FSDP2
-(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py). DeepSpeed
+(`run.sharding=fsdp2`): tested with the fake backend under torchrun (tests/integration/test_sharding.py; full,
+LoRA and QLoRA). DeepSpeed
 ZeRO-3 (Accelerate's deepspeed_zero3.yaml): gathered module by module with DeepSpeed's `GatheredParameters`; tested
 with a stand-in for DeepSpeed (test_vllm_engine.py) and, where deepspeed is installed, with DeepSpeed itself on 2
-CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's weights). DeepSpeed
+CPU processes under `accelerate launch` (test_deepspeed.py: the pushes equal one process's, full, LoRA and
+QLoRA). DeepSpeed
 writes each step's weights through `.data`, which moves no version counter: `train._before_deepspeed` bumps them
 after each step, so that a push follows every step (ZeRO-2 too).
 """
@@ -112,8 +114,12 @@ def policy_weights(model: torch.nn.Module) -> Iterator[Weights]:
                 if adapters or _is_4bit(module.base_layer):
                     with gathered(list(module.parameters())):
                         w = _base_weight(module.base_layer)
-                        merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # a new tensor
-                    weights.append((f"{name}.weight", whole(merged)))
+                        delta = sum(module.get_delta_weight(a).to(w.dtype) for a in adapters)  # 0 without any
+                        # W + delta is a new tensor. Sharded (FSDP2): a full-precision W and its delta are summed
+                        # on the shards and gathered once; a 4-bit W is dequantised whole (`_base_weight`), so its
+                        # delta is gathered first (a whole tensor and a DTensor do not add)
+                        merged = w + whole(delta) if _is_4bit(module.base_layer) else whole(w + delta)
+                    weights.append((f"{name}.weight", merged))
             elif _is_4bit(module) and id(module) not in wrapped:  # QLoRA: a quantised layer without an adapter
                 with gathered(list(module.parameters())):
                     weights.append((f"{name}.weight", _base_weight(module)))
@@ -131,7 +137,8 @@ def _base_weight(layer: torch.nn.Module) -> torch.Tensor:
     QLoRA 4-bit layer, dequantised (bitsandbytes' own `dequantize_4bit`) to the values its forward multiplies by.
     Every 4-bit layer is pushed so, adapted or not, so that vLLM samples from the weights the trainer scores with,
     not from the full-precision base the 4-bit codes approximate. A sharded (FSDP2) layer's 4-bit codes are gathered
-    first (its quantisation state is whole on every process)."""
+    first (its quantisation state is whole on every process); a ZeRO-3 layer's are whole inside the caller's
+    `gathered` block (DeepSpeed partitions the codes; the quantisation state stays on the layer)."""
     if not _is_4bit(layer):
         return layer.weight
     import bitsandbytes.functional as bnbf
