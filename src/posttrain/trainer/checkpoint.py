@@ -35,8 +35,11 @@ A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeR
 in place of `optimizer.pt`, DeepSpeed's own checkpoint of its engine in `deepspeed/` (`engine.save_checkpoint`:
 each process's partitions of the optimizer state and, under ZeRO-3, of the weights), and records `deepspeed` in
 trainer_state.json. `--resume` reads the engine's checkpoint back (`engine.load_checkpoint`) on the same number of
-processes; another number is refused before the model loads (`check_resumable`: ZeRO's partitions belong to the
-processes that wrote them).
+processes. ZeRO's partitions belong to the processes that wrote them, so on another number the engine checkpoint is
+first converted, once, to DeepSpeed's universal checkpoint (`deepspeed_universal`, into `UNIVERSAL` beside it),
+which an engine of any number of processes loads; the random state is then handled as above (`derived_seed`,
+`reshard_note`). A DeepSpeed checkpoint resumed without DeepSpeed is refused before the model loads
+(`check_resumable`).
 
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.

@@ -323,8 +323,8 @@ def _handle_divergence(
     what = ("the loss" if not loss_finite else "a gradient" if grad_norm is None
             else f"the gradient norm ({grad_norm})")  # fmt: skip
     kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
-    stopped = ("DeepSpeed had already stepped the weights with it, so the weights in memory were not saved"
-               if updated else "the run stopped before updating the weights")  # fmt: skip
+    stopped = ("the run stopped, but DeepSpeed had already stepped the weights with it: the weights in memory were "
+               "not saved" if updated else "the run stopped before updating the weights")  # fmt: skip
     raise TrainingDiverged(
         f"step {step}: {what} became NaN or infinite, so {stopped}; {kept}. "
         "Check the data of this step, or start a new run (another run.output_dir) with a lower optim.lr and "
