@@ -291,6 +291,7 @@ def deepspeed_universal(accelerator, path: Path) -> Path:
 
         from deepspeed.checkpoint.ds_to_universal import main as convert  # optional: a DeepSpeed run's resume
 
+        print(f"converting {path}'s DeepSpeed checkpoint to DeepSpeed's universal checkpoint, once, into {out}")
         tmp = Path(path) / f".tmp-{UNIVERSAL}"
         shutil.rmtree(tmp, ignore_errors=True)
         convert(Namespace(input_folder=str(Path(path) / DEEPSPEED / "state"), output_folder=str(tmp / "state"),
