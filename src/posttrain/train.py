@@ -48,7 +48,14 @@ from posttrain.models.sharding import full_state, is_partitioned, partitioned_st
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
-from posttrain.trainer.checkpoint import check_resumable, latest_checkpoint, load_checkpoint, resuming_on
+from posttrain.trainer.checkpoint import (
+    check_resumable,
+    deepspeed_universal,
+    latest_checkpoint,
+    load_checkpoint,
+    resumes_universal,
+    resuming_on,
+)
 from posttrain.trainer.fingerprint import (
     check_same_data,
     check_same_plan,
@@ -231,7 +238,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
     if ckpt is not None:
-        check_resumable(ckpt, accelerator.num_processes)
+        check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None)
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 
@@ -286,7 +293,10 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     if cfg.run.sharding != "fsdp2":
-        _before_deepspeed(accelerator, model, optimizer, micro, cfg.optim.max_grad_norm)
+        universal = resumes_universal(ckpt, accelerator.num_processes)
+        if universal:  # written by another number of processes: DeepSpeed's universal form, converted once
+            deepspeed_universal(accelerator, ckpt)
+        _before_deepspeed(accelerator, model, optimizer, micro, cfg.optim.max_grad_norm, universal=universal)
         model, optimizer = accelerator.prepare(model, optimizer)
 
     if ckpt is not None:
@@ -522,7 +532,7 @@ def _zero3_inference(model: torch.nn.Module, accelerator, micro: int) -> torch.n
 
 
 def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: int,
-                      max_grad_norm: float | None) -> None:  # fmt: skip
+                      max_grad_norm: float | None, *, universal: bool = False) -> None:  # fmt: skip
     """What a run under an Accelerate DeepSpeed config (configs/accelerate/deepspeed_zero*.yaml) needs before
     `prepare`; nothing otherwise.
 
@@ -531,8 +541,10 @@ def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.opti
     posttrain's loop accumulates, marking which backward ends a step (`trainer.loop`), so the config file's
     `gradient_accumulation_steps` is replaced by 1 (DeepSpeed would divide each micro-batch's loss by it, on top of
     posttrain's own normaliser). Clipping at `optim.max_grad_norm` (none when null), which DeepSpeed does inside
-    its step, in place of the config file's `gradient_clipping`. All are set on every run, since one process may
-    run several (the plugin's config outlives a run).
+    its step, in place of the config file's `gradient_clipping`. With `universal` (a resume on another number of
+    processes: `trainer.checkpoint.deepspeed_universal`), the engine is told to load DeepSpeed's universal
+    checkpoint (`checkpoint.load_universal`), which it reads when loading, not when built. All are set on every
+    run, since one process may run several (the plugin's config outlives a run).
 
     And a version bump of every trained weight after each step of `optimizer` (the one DeepSpeed steps): DeepSpeed
     writes the stepped weights through `.data` (ZeRO-1/2 into the weights' flat buffer, ZeRO-3 into each process's
@@ -547,5 +559,6 @@ def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.opti
         train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
         gradient_accumulation_steps=1, gradient_clipping=max_grad_norm or 0.0,
     )  # fmt: skip
+    accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = universal
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer.register_step_post_hook(lambda *_: torch.autograd.graph.increment_version(trained))

@@ -13,6 +13,15 @@ CPU processes: DeepSpeed's CPU accelerator, gloo). Each argument is one job, run
   `batch`'s rows (this process's half), with a vLLM engine whose backend is `FakeVLLM` (conftest.py) synced
   before the first step, after each step, and once more with nothing changed; saves what this process held and
   what was pushed.
+- `base:PATH.yaml`: that run with a checkpoint every step into `NAME-base-{N}p` (N: this launch's processes), for
+  another launch to resume; saves the engine's whole state (`engine_state`) at each checkpoint.
+- `reshard:PATH.yaml:RUN_DIR`: a run written by another number of processes (RUN_DIR, its checkpoints every step),
+  copied to `NAME-from-{W}p-on-{N}p`, cut back to step 2 as `resume:` does, and resumed here (DeepSpeed's
+  universal checkpoint); saves the engine's whole state right after loading and the whole trained weights as
+  `NAME-reshard-on-{N}p-rankR.pt`.
+- `diverge:PATH.yaml:MODE`: that run with step 3's last micro-batch on the last process made to diverge (MODE
+  `loss`: a NaN added to the loss, whose gradient stays finite; `grad`: an infinite gradient under a finite loss),
+  into `NAME-diverge-MODE-{N}p`; saves the message it stopped with.
 
 DeepSpeed's CPU communication would compile a shared-memory all-reduce kernel (C++, minutes on 2 cores) when it
 starts; `no_shm_kernel` marks it unusable (ZeRO's collectives go through torch.distributed, gloo) and makes any
@@ -21,6 +30,7 @@ instead of compiling for minutes."""
 
 import os
 import sys
+import traceback
 
 import torch
 
@@ -111,7 +121,6 @@ def elements(model: torch.nn.Module) -> tuple[int, int]:
 def run(out_dir: str, path: str) -> None:
     from pathlib import Path
 
-    import deepspeed
     from fsdp_worker import PromptSeededEngine
 
     from posttrain.algorithms import load_config
@@ -126,9 +135,7 @@ def run(out_dir: str, path: str) -> None:
         model = train(load_config(path), return_model=True).model
     finally:
         Reference.build = classmethod(build_reference)
-    # the whole weights, gathered with DeepSpeed's own API (not posttrain's, which final/ is checked against)
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = gathered(model)
     ref = built[-1]
     reference = (*elements(ref.model), all(hasattr(p, "ds_id") for p in ref.model.parameters())) \
         if ref.mode == "copy" else None  # fmt: skip
@@ -137,25 +144,178 @@ def run(out_dir: str, path: str) -> None:
 
 
 def resumed(out_dir: str, path: str) -> None:
-    import shutil
     from pathlib import Path
-
-    import deepspeed
 
     from posttrain.algorithms import load_config
     from posttrain.train import train
 
     run_dir = f"{Path(path).with_suffix('')}-resumed"
     cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5", f"run.output_dir={run_dir}"])
-    train(cfg)
-    if torch.distributed.get_rank() == 0:  # killed after step 2: its later checkpoint and final/ never written
-        for later in [Path(run_dir) / "final", *sorted((Path(run_dir) / "checkpoints").glob("step-*"))[2:]]:
-            shutil.rmtree(later)
-    torch.distributed.barrier()
-    model = train(cfg, resume=True, return_model=True).model
+    with Recording() as straight:
+        train(cfg)
+    cut_back(run_dir, 2)  # killed after step 2: its later checkpoint and final/ never written
+    with Recording() as again:
+        model = train(cfg, resume=True, return_model=True).model
+    torch.save({"weights": gathered(model), "saved": straight.saved, "loaded": again.loaded},
+               f"{out_dir}/{Path(path).stem}-resumed-rank{os.environ['RANK']}.pt")  # fmt: skip
+
+
+def engine_state(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """Each trained weight's whole fp32 value and AdamW moments as DeepSpeed's engine holds them (its own API; a
+    collective under ZeRO: every process calls it), keyed by name."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # ZeRO-1/2 link each weight to its AdamW state once, at their first step (0.19.8: stage_1_and_2.py,
+    # `_lazy_init_hp_params_optimizer_state`), after stepping the first parameter group only, so the others' weights
+    # are linked to no state; and an engine that just loaded a checkpoint has not stepped. Linked again here
+    # (linking is all it does; ZeRO-3 needs none).
+    if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    return {n: {"fp32": safe_get_full_fp32_param(p).clone(), "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+            for n, p in engine.module.named_parameters() if p.requires_grad}  # fmt: skip
+
+
+def gathered(model) -> dict[str, torch.Tensor]:
+    """The whole weights, gathered with DeepSpeed's own API (not posttrain's, which final/ is checked against)."""
+    import deepspeed
+
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.save({"weights": weights}, f"{out_dir}/{Path(path).stem}-resumed-rank{torch.distributed.get_rank()}.pt")
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class Recording:
+    """posttrain's checkpoint save and load, wrapped to record the engine's state at each checkpoint (`saved`, by
+    step) and right after a resume loaded it (`loaded`)."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, dict] = {}
+        self.loaded: dict | None = None
+
+    def __enter__(self):
+        import posttrain.train
+        import posttrain.trainer.loop
+
+        self.real = posttrain.trainer.loop.save_checkpoint, posttrain.train.load_checkpoint
+        real_save, real_load = self.real
+
+        def save(accelerator, run_dir, step, model, *args, **kwargs):
+            self.saved[step] = engine_state(model)
+            return real_save(accelerator, run_dir, step, model, *args, **kwargs)
+
+        def load(accelerator, path, model, *args, **kwargs):
+            step = real_load(accelerator, path, model, *args, **kwargs)
+            self.loaded = engine_state(model)
+            return step
+
+        posttrain.trainer.loop.save_checkpoint, posttrain.train.load_checkpoint = save, load
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import posttrain.train
+        import posttrain.trainer.loop
+
+        posttrain.trainer.loop.save_checkpoint, posttrain.train.load_checkpoint = self.real
+
+
+def cut_back(run_dir, step: int) -> None:
+    """The run folder as a run killed after checkpoint `step` leaves it (the main process; the others wait)."""
+    import shutil
+    from pathlib import Path
+
+    if int(os.environ["RANK"]) == 0:
+        for later in [Path(run_dir) / "final", *sorted((Path(run_dir) / "checkpoints").glob("step-*"))[step:]]:
+            shutil.rmtree(later)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def base(out_dir: str, path: str) -> None:
+    from pathlib import Path
+
+    from posttrain.algorithms import load_config
+    from posttrain.train import train
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # before any process group
+    name = f"{Path(path).stem}-base-{world}p"
+    cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5",
+                             f"run.output_dir={Path(path).with_suffix('')}-base-{world}p"])  # fmt: skip
+    with Recording() as recording:
+        train(cfg)
+    torch.save({"saved": recording.saved}, f"{out_dir}/{name}-rank{rank}.pt")
+
+
+def reshard(out_dir: str, path: str, run_dir: str) -> None:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from posttrain.algorithms import load_config
+    from posttrain.train import train
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # before any process group
+    wrote = json.loads((Path(run_dir) / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    wrote = wrote["world_size"]
+    name = f"{Path(path).stem}-reshard-on-{world}p"
+    copy = Path(path).with_name(f"{Path(path).stem}-from-{wrote}p-on-{world}p")
+    if rank == 0:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(run_dir, copy)
+    cut_back(copy, 2)
+    cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5", f"run.output_dir={copy}"])
+    with Recording() as recording:
+        model = train(cfg, resume=True, return_model=True).model
+    torch.save({"loaded": recording.loaded, "weights": gathered(model)}, f"{out_dir}/{name}-rank{rank}.pt")
+
+
+class InfGrad(torch.autograd.Function):
+    """0 forward, an infinite gradient backward: a diverged gradient under a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.full_like(x, float("inf"))
+
+
+def diverge(out_dir: str, path: str, mode: str) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from posttrain.algorithms import ALGORITHMS, load_config, sft
+    from posttrain.errors import TrainingDiverged
+    from posttrain.train import train
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # before any process group
+    name = f"{Path(path).stem}-diverge-{mode}-{world}p"
+    cfg = load_config(path, [f"run.output_dir={Path(path).with_name(name)}"])
+    per_step = cfg.optim.batch_size // (cfg.optim.micro_batch_size * world)  # this process's micro-batches a step
+    calls = [0]
+
+    def diverging(model, batch, cfg):
+        loss, metrics = sft.loss_fn(model, batch, cfg)
+        calls[0] += 1
+        if calls[0] == 3 * per_step and rank == world - 1:  # step 3's last micro-batch, on one process only
+            if mode == "loss":
+                loss = loss + float("nan")
+            else:
+                loss = loss + InfGrad.apply(next(p for p in model.parameters() if p.requires_grad))
+        return loss, metrics
+
+    ALGORITHMS["sft"] = dataclasses.replace(sft.ALGORITHM, loss_fn=diverging)
+    try:
+        train(cfg)
+        message = "finished"
+    except TrainingDiverged as err:
+        message = str(err)
+    finally:
+        ALGORITHMS["sft"] = sft.ALGORITHM
+    torch.save({"message": message}, f"{out_dir}/{name}-rank{rank}.pt")
 
 
 def main(out_dir: str, *jobs: str) -> None:
@@ -164,20 +324,26 @@ def main(out_dir: str, *jobs: str) -> None:
     from pathlib import Path
 
     no_shm_kernel()
+    world = int(os.environ["WORLD_SIZE"])
     for job in jobs:
+        kind, _, rest = job.partition(":") if job.split(":", 1)[0] in JOBS else ("run", "", job)
         try:
-            if job.startswith("push:"):
+            if kind == "push":
                 _, model_dir, technique = job.rsplit(":", 2)
                 name = f"push-{technique}"
                 pushes(out_dir, model_dir, technique)
-            elif job.startswith("resume:"):
-                name = f"{Path(job[len('resume:'):]).stem}-resumed"
-                resumed(out_dir, job[len("resume:"):])
             else:
-                name = Path(job).stem
-                run(out_dir, job)
+                path, *args = rest.split(":")
+                suffix = {"run": "", "resume": "-resumed", "base": f"-base-{world}p", "reshard": f"-reshard-on-{world}p",
+                          "diverge": f"-diverge-{''.join(args)}-{world}p"}  # fmt: skip
+                name = Path(path).stem + suffix[kind]
+                JOBS[kind](out_dir, path, *args)
         except Exception as err:  # noqa: BLE001 - recorded for the test to show
+            traceback.print_exc()  # in the launch's stderr, which the test shows when the launch fails
             torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out_dir}/{name}-rank{os.environ['RANK']}.pt")
+
+
+JOBS = {"run": run, "resume": resumed, "push": pushes, "base": base, "reshard": reshard, "diverge": diverge}
 
 
 if __name__ == "__main__":

@@ -10,14 +10,20 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   by an inference engine of its own, `train._zero3_inference`); ZeRO-2: the whole weights;
 - `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
-  bit; a resume on another number of processes is refused;
+  bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3) it resumes through DeepSpeed's
+  universal checkpoint, the weights and AdamW state back bit for bit and the run within 1e-8 of the uninterrupted
+  one; a resume without DeepSpeed is refused;
+- a step whose loss (with finite gradients) or gradient (with a finite loss) became NaN/inf on one process stops
+  the run on every process before the engine steps, its checkpoint of the step before holding that step's weights
+  and AdamW state bit for bit (2 processes and 1);
 - with a vLLM engine (`FakeVLLM` in vLLM's place, one per process) under ZeRO-3, each process pushes the whole
   weights (gathered module by module; under LoRA each adapted layer's W + delta; under QLoRA every 4-bit layer,
   its partitioned codes gathered, dequantised, plus its delta where it has one) before the first step and after
   each step, not when nothing changed, the same on both processes, equal to those one process trains.
 
 Skipped where deepspeed is not installed (scripts/setup.sh installs it for development and CI, without its
-dependencies: constraints.txt). One launch per ZeRO stage runs every job in turn (`deepspeed_worker.py`)."""
+dependencies: constraints.txt). One launch per ZeRO stage runs every 2-process job in turn (`deepspeed_worker.py`),
+and one more per stage the 1-process jobs."""
 
 import importlib
 import json
@@ -88,9 +94,23 @@ def _settings(tmp: Path) -> dict[str, dict]:
     }
 
 
+def _launch(stage: int, processes: int, held: Path, jobs: list[str]) -> None:
+    """One `accelerate launch` of the worker under stage `stage`'s config, running `jobs` in turn."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", str(processes),
+           "--mixed_precision", "no", "--main_process_port", str(free_port()),  # not 29500: other launches'
+           str(WORKER), str(held), *jobs]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
-    """stage -> (run configs by name, what each process saved by job), each stage's jobs in one launch."""
+    """stage -> (run configs by name, what each process saved by job), each stage's 2-process jobs in one launch.
+    Besides, one launch of 1 process per stage: for ZeRO-2 after the 2-process launch (resuming its SFT run), for
+    ZeRO-3 before it (writing the SFT run the 2-process launch resumes); each with the SFT run diverging at step 3
+    in both launches (`test_a_diverged_step_leaves_the_last_finite_weights`)."""
     tmp = tmp_path_factory.mktemp("deepspeed")
     for name, rows in (("sft", SFT_ROWS), ("pairs", PAIRS), ("prompts", PROMPTS)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -98,7 +118,6 @@ def launched(tiny_model_dir, tmp_path_factory):
     base = {"model.name": str(tiny_model_dir), "technique.name": "full", "data.max_length": 64, "optim.lr": 1e-3,
             "optim.batch_size": 8, "optim.micro_batch_size": 2, "optim.warmup_steps": 0, "data.shuffle": "false",
             "run.max_steps": 3, "run.progress": False, "run.report": False}  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     out = {}
     for stage in STAGES:
         cfgs, folder = {}, tmp / f"zero{stage}"
@@ -107,15 +126,16 @@ def launched(tiny_model_dir, tmp_path_factory):
             merged = {**base, **overrides, "run.output_dir": str(folder / name)}
             cfgs[name] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
             dump_config(cfgs[name], folder / f"{name}.yaml")
-        jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{folder / 'sft.yaml'}"]
+        sft = folder / "sft.yaml"
+        diverging = [f"diverge:{sft}:loss", f"diverge:{sft}:grad"]
+        jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{sft}", *diverging]
         if stage == 3:
             jobs += [f"push:{tiny_model_dir}:{technique}" for technique in PUSHED]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(free_port()),  # not 29500: other launches'
-               str(WORKER), str(folder / "held"), *jobs]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+            _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging])
+            jobs.append(f"reshard:{sft}:{folder / 'sft-base-1p'}")  # 1 process's run resumed on 2
+        _launch(stage, 2, folder / "held", jobs)
+        if stage == 2:  # 2 processes' run resumed on 1
+            _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging, f"reshard:{sft}:{folder / 'sft-resumed'}"])
         out[stage] = cfgs, {p.stem: torch.load(p) for p in (folder / "held").glob("*.pt")}
     return out
 
@@ -189,7 +209,7 @@ def test_final_folder_and_checkpoint_hold_the_whole_weights_and_a_killed_run_res
     """`final/` and the last checkpoint's trainable.safetensors hold the whole trained weights (ZeRO-3: gathered
     from the partitions), a reward model's head beside its model; no optimizer.pt (ZeRO splits it) but the
     engine's own checkpoint. A run killed after step 2 and resumed from it ends with the uninterrupted run's
-    weights bit for bit; a resume on another number of processes is refused before anything loads."""
+    weights bit for bit; a resume without DeepSpeed is refused before anything loads."""
     cfgs, held = launched[stage]
     assert "error" not in held["sft-rank0"] and "error" not in held["reward-rank0"]
     sft = Path(cfgs["sft"].run.output_dir)
@@ -202,9 +222,9 @@ def test_final_folder_and_checkpoint_hold_the_whole_weights_and_a_killed_run_res
     saved = load_file(str(ckpt / "trainable.safetensors"))
     assert saved.keys() == weights.keys() and all(torch.equal(t, weights[n]) for n, t in saved.items())
     assert not (ckpt / "optimizer.pt").exists() and (ckpt / "deepspeed").is_dir()
-    check_resumable(ckpt, 2)
-    with pytest.raises(UserError, match="written under DeepSpeed by 2 processes.*this run has 1"):
-        check_resumable(ckpt, 1)
+    check_resumable(ckpt, deepspeed=True)
+    with pytest.raises(UserError, match="written under DeepSpeed.*not launched with an Accelerate DeepSpeed"):
+        check_resumable(ckpt, deepspeed=False)
     assert "error" not in held["sft-resumed-rank0"], held["sft-resumed-rank0"].get("error")
     for rank in (0, 1):
         again = held[f"sft-resumed-rank{rank}"]["weights"]
@@ -287,3 +307,85 @@ def test_models_load_whole_under_deepspeed_and_partitioned_loading_is_refused(mo
     with pytest.raises(ConfigError, match="zero3_init_flag: true.*Set zero3_init_flag: false"):
         _whole_loads(types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)))
     del registered
+
+
+def _engine_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's DeepSpeed optimizer files (each process's ZeRO partitions of the fp32 weights
+    and AdamW moments), keyed by file and place."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            found[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{key}/{i}", v)
+
+    for path in sorted((ckpt / "deepspeed" / "state").glob("*optim_states.pt")):
+        walk(path.name, torch.load(path, weights_only=False)["optimizer_state_dict"])
+    return found
+
+
+@pytest.mark.parametrize("processes", [2, 1])
+@pytest.mark.parametrize("mode", ["loss", "grad"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_diverged_step_leaves_the_last_finite_weights(launched, stage, mode, processes):
+    """Step 3's last micro-batch on the last process diverges: a NaN added to its loss (whose gradient stays finite:
+    Accelerate's DeepSpeed backward used to step the engine with it before the guard saw the loss, and the
+    checkpoint then named step 2 held step 3's weights), or an infinite gradient under a finite loss (caught in
+    each process's reduced ZeRO partitions, a MAX over processes). Every process stops before the engine steps,
+    saying which; the checkpoint it keeps holds the weights and DeepSpeed's AdamW state of step 2 bit for bit, as
+    the same run checkpointing every step wrote them (the 2-process run `resume:` writes, the 1-process `base:`)."""
+    cfgs, held = launched[stage]
+    what = "the loss" if mode == "loss" else "a gradient"
+    for rank in range(processes):
+        got = held[f"sft-diverge-{mode}-{processes}p-rank{rank}"]
+        assert "error" not in got, got.get("error")
+        assert got["message"].startswith(f"step 3: {what} became NaN or infinite, so the run stopped before updating "
+                                         "the weights; the last good checkpoint is "), got["message"]  # fmt: skip
+        assert "step-000002" in got["message"]
+    run = Path(cfgs["sft"].run.output_dir)
+    kept = run.with_name(f"sft-diverge-{mode}-{processes}p") / "checkpoints"
+    straight = run.with_name("sft-resumed" if processes == 2 else "sft-base-1p") / "checkpoints" / "step-000002"
+    assert [p.name for p in kept.iterdir()] == ["step-000002"]
+    weights, expected = (load_file(str(c / "trainable.safetensors")) for c in (kept / "step-000002", straight))
+    assert weights.keys() == expected.keys()
+    for n, t in weights.items():
+        assert torch.equal(t, expected[n]), n
+    state, expected = _engine_tensors(kept / "step-000002"), _engine_tensors(straight)
+    assert state.keys() == expected.keys() and any("exp_avg_sq" in k for k in state)
+    for k, t in state.items():
+        assert torch.equal(t, expected[k]), k
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage):
+    """ZeRO-2: the 2-process SFT run killed after step 2 resumed on 1 process; ZeRO-3: the 1-process run resumed on
+    2. The checkpoint's engine state is converted once into DeepSpeed's universal checkpoint, in the checkpoint
+    folder; each trained weight's fp32 value and AdamW moments come back bit for bit as the writing run held them
+    at step 2 (read through DeepSpeed's own API), and the run ends within 1e-8 of the uninterrupted one: step 3's
+    gradient is summed over another number of processes (measured: 9.3e-10 ZeRO-2, 1.2e-10 and 0 ZeRO-3, either
+    direction). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
+    both parameter groups, `checkpoint._own_step_counts`) the norm weights were 2.4e-7 off."""
+    cfgs, held = launched[stage]
+    wrote, on = (2, 1) if stage == 2 else (1, 2)
+    source = Path(cfgs["sft"].run.output_dir).with_name("sft-resumed" if wrote == 2 else f"sft-base-{wrote}p")
+    saved = held[f"{source.name}-rank0"]["saved"][2]
+    uninterrupted = load_file(str(source / "final" / "model.safetensors"))
+    copy = source.with_name(f"sft-from-{wrote}p-on-{on}p")
+    assert (copy / "checkpoints" / "step-000002" / "deepspeed-universal").is_dir()
+    for rank in range(on):
+        got = held[f"sft-reshard-on-{on}p-rank{rank}"]
+        assert "error" not in got, got.get("error")
+        assert got["loaded"].keys() == saved.keys() and saved
+        for n, state in saved.items():
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(got["loaded"][n][key], state[key]), (rank, n, key)
+        assert got["weights"].keys() == uninterrupted.keys()
+        for n, t in uninterrupted.items():
+            assert_close(got["weights"][n], t, rtol=0, atol=1e-8, msg=n)
+    for key in ("loss", "grad_norm"):  # steps 1 and 2 as written, step 3 resumed
+        assert_close(_metric(copy, key), _metric(source, key), rtol=1e-6, atol=0)

@@ -224,7 +224,8 @@ def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions(
     the trained weights' counters after each step of the optimizer DeepSpeed steps, and gives DeepSpeed the
     run's batch settings (the micro-batch size Accelerate would take from a dataloader; no accumulation of its own,
     posttrain's loop marks each step's end) and `optim.max_grad_norm` as its clipping, replacing the config
-    file's values (here an accumulation of 4 and clipping at 1.0)."""
+    file's values (here an accumulation of 4 and clipping at 1.0), and loads no universal checkpoint (not a resume
+    on another number of processes)."""
     from accelerate.utils import DistributedType
 
     from posttrain.rollout.vllm_engine import weight_versions
@@ -240,7 +241,7 @@ def test_under_deepspeed_each_optimizer_step_bumps_the_trained_weights_versions(
                                             deepspeed_config=ds_config)))  # fmt: skip
     _before_deepspeed(accelerator, model, optimizer, 3, 0.5)
     expected = {"train_micro_batch_size_per_gpu": 3, "train_batch_size": 6, "gradient_accumulation_steps": 1,
-                "gradient_clipping": 0.5}  # fmt: skip
+                "gradient_clipping": 0.5, "checkpoint": {"load_universal": False}}  # fmt: skip (not a resume)
     assert ds_config == expected
     versions = weight_versions(model)
     frozen = [p._version for p in model[1].parameters()]

@@ -41,18 +41,49 @@ def _to_device(batch: Batch, device) -> Batch:
 @contextlib.contextmanager
 def _micro_batch(accelerator, model, *, last: bool):
     """The context of one micro-batch's forward and backward. DDP syncs gradients only on a step's last
-    micro-batch (`no_sync` before). DeepSpeed (an Accelerate DeepSpeed config) reduces and steps inside the
-    backward Accelerate marks as a step's end (`sync_gradients`, which Accelerate's `accumulate` would set from
-    its own step count, unused here): only the last micro-batch is marked, or each would be a step of its own."""
-    if accelerator.distributed_type == "DEEPSPEED":  # Accelerate's DistributedType, a str enum
-        accelerator.sync_gradients = last
-        try:
-            yield
-        finally:
-            accelerator.sync_gradients = True
+    micro-batch (`no_sync` before). DeepSpeed (an Accelerate DeepSpeed config; `model` is its engine) is told
+    whether this backward ends the step (its accumulation boundary, where ZeRO reduces the gradients), as its
+    documentation's manual accumulation does (`set_gradient_accumulation_boundary`): only the last micro-batch is,
+    or each would be a step of its own. It steps only in `_deepspeed_step`, after the NaN guard."""
+    if _deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(last)
+        yield
         return
     with contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model):
         yield
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == "DEEPSPEED"  # Accelerate's DistributedType, a str enum
+
+
+def _backward(accelerator, model, loss: torch.Tensor) -> None:
+    """`loss`'s backward. Under DeepSpeed the engine's own, which never steps: Accelerate's DeepSpeed `backward`
+    steps the engine inside a step's last backward, before the loop's guard could see a NaN loss (measured,
+    DeepSpeed 0.19.8, ZeRO-2 and ZeRO-3: a NaN loss over finite gradients was stepped into the weights)."""
+    if _deepspeed(accelerator):
+        model.backward(loss)
+    else:
+        accelerator.backward(loss)
+
+
+def _deepspeed_step(engine, loss_finite: bool) -> tuple[float | None, bool]:
+    """Under DeepSpeed, the engine's step once the step's gradients are reduced, unless the guard stops it:
+    (the gradient norm, None where not computed; whether the weights took the step).
+
+    Not stepped when the loss was NaN/inf on any process (`loss_finite`, reduced over processes), nor under ZeRO-2
+    and ZeRO-3 when any process's reduced gradient partition holds a NaN/inf: the ZeRO optimizer's own check of its
+    partitions, a MAX over the processes (`has_overflow`, what DeepSpeed runs at the start of its step under fp16
+    loss scaling). Otherwise the engine steps; DeepSpeed 0.19.8 itself skips a step whose gradient norm is not
+    finite (ZeRO-3 always, ZeRO-2 unless a bf16 config turns `check_grad_overflow` off), which `was_step_applied`
+    reports; a non-finite norm from a step that was applied (ZeRO-1, or that check turned off) moved the weights."""
+    if not loss_finite:
+        return None, False
+    if engine.zero_optimization_stage() in (2, 3) and engine.optimizer.has_overflow(partition_gradients=True):
+        return None, False
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return (math.nan if norm is None else float(norm)), engine.was_step_applied()
 
 
 def _reduce_sum(accelerator, value: float | torch.Tensor) -> float:
@@ -158,23 +189,28 @@ def training_loop(
                 accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches)
             )
 
-            # ---- forward/backward with accumulation; gradients synced (DeepSpeed: stepped) on the last micro-batch
+            # ---- forward/backward with accumulation; gradients synced on the last micro-batch
             sums = _MetricSums()
             finite = True
             for i, batch in enumerate(micro_batches):
                 with _micro_batch(accelerator, model, last=i == len(micro_batches) - 1):
                     loss_sum, metrics = algorithm.loss_fn(model, batch, cfg)
                     finite &= bool(torch.isfinite(loss_sum.detach()))
-                    accelerator.backward(normalise_loss(loss_sum, total_units, world))
+                    _backward(accelerator, model, normalise_loss(loss_sum, total_units, world))
                 sums.add({"loss": loss_sum, **metrics})
 
             # ---- clip, guard against NaN/inf (loss or gradient), step
             # The norm is always computed (max_norm=inf when clipping is off) so that a NaN/inf gradient is caught
-            # even when the loss is finite, before optimizer.step() can write it into the weights.
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            # even when the loss is finite, before optimizer.step() can write it into the weights. DeepSpeed clips
+            # and steps inside its engine's step, which `_deepspeed_step` takes only past the same guard.
             all_finite = _reduce_sum(accelerator, 0.0 if finite else 1.0) == 0.0
-            if not all_finite or not math.isfinite(grad_norm):
+            updated = False  # whether the weights took this step although it diverged (DeepSpeed only)
+            if _deepspeed(accelerator):
+                grad_norm, updated = _deepspeed_step(model, all_finite)
+            else:
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm is not None else math.inf
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            if not all_finite or grad_norm is None or not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 _handle_divergence(
                     accelerator,
@@ -188,9 +224,10 @@ def training_loop(
                     grad_norm,
                     all_finite,
                     batch_source,
+                    updated=updated,
                 )
             lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
+            optimizer.step()  # DeepSpeed: nothing (Accelerate's wrapper); the engine stepped in `_deepspeed_step`
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -270,20 +307,26 @@ def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
 
 
 def _handle_divergence(
-    accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm, loss_finite, batch_source
+    accelerator, run_dir, step, last_saved, model, optimizer, scheduler, run, grad_norm, loss_finite, batch_source,
+    *, updated: bool = False,
 ) -> None:
-    """Keep the last good state as a checkpoint (the parameters were not updated) and stop with advice."""
+    """Keep the last good state as a checkpoint (the parameters were not updated) and stop with advice. When they
+    were (`updated`: a DeepSpeed step that was applied although its gradient norm was not finite), nothing of the
+    state in memory is saved, and the note says so."""
     good = step - 1
-    if good > 0 and good != last_saved:
+    if good > 0 and good != last_saved and not updated:
         save_checkpoint(
             accelerator, run_dir, good, model, optimizer, scheduler, keep=run.keep_checkpoints,
             source=batch_source, layout=layout_of(run),
         )
     ckpt = latest_checkpoint(run_dir)
-    what = "the loss" if not loss_finite else f"the gradient norm ({grad_norm})"
+    what = ("the loss" if not loss_finite else "a gradient" if grad_norm is None
+            else f"the gradient norm ({grad_norm})")  # fmt: skip
     kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint had been written yet"
+    stopped = ("the run stopped, but DeepSpeed had already stepped the weights with it: the weights in memory were "
+               "not saved" if updated else "the run stopped before updating the weights")  # fmt: skip
     raise TrainingDiverged(
-        f"step {step}: {what} became NaN or infinite, so the run stopped before updating the weights; {kept}. "
+        f"step {step}: {what} became NaN or infinite, so {stopped}; {kept}. "
         "Check the data of this step, or start a new run (another run.output_dir) with a lower optim.lr and "
         "optim.max_grad_norm set."
     )
