@@ -1,7 +1,7 @@
 """Run by test_sharding.py under torchrun (2 CPU processes, gloo): train each config given in turn, then save what
 this process held (parameter elements: of the whole model, of a scalar head, of a frozen-copy reference; under QLoRA
-its 4-bit codes and quantisation state) and the whole trained weights,
-and, for RL, this process's samples' total rewards at each rollout (`reward_totals`).
+its 4-bit codes and quantisation state; of a trained reward model scoring RL rollouts) and the whole trained
+weights, and, for RL, this process's samples' total rewards at each rollout (`reward_totals`).
 `PATH@resume` continues PATH's run folder from its latest checkpoint; `PATH@from-K` copies PATH's finished run
 folder to `<run folder>-from-K`, deletes what came after step K (later checkpoints, `final/`), as a run killed
 after step K would have left it, and resumes it (the state each resumed run holds right after the load, whole, is
@@ -106,6 +106,7 @@ def main(out_dir: str, *config_paths: str) -> None:
     from posttrain.models.heads import ScalarHeadModel
     from posttrain.models.reference import Reference
     from posttrain.models.sharding import full_state, is_sharded, optimizer_state, parameter_elements
+    from posttrain.rewards import builtin as builtin_rewards
     from posttrain.rollout import engines
     from posttrain.rollout import source as source_module
     from posttrain.rollout.vllm_engine import VLLMEngine, policy_weights
@@ -124,6 +125,14 @@ def main(out_dir: str, *config_paths: str) -> None:
         return result
 
     source_module.compute_rewards = recorded
+    scorers: list = []  # the reward models each run loads (`reward_model`), to see what they hold
+
+    class RecordedScorer(builtin_rewards.RewardModelScorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scorers.append(self)
+
+    builtin_rewards.RewardModelScorer = RecordedScorer
     loaded: dict = {}  # what the last resumed run held right after its load
     train_module = importlib.import_module("posttrain.train")  # the module (`posttrain.train` is also a function)
     load = train_module.load_checkpoint
@@ -149,6 +158,7 @@ def main(out_dir: str, *config_paths: str) -> None:
         engines.ENGINES["hf"] = (lambda c: PromptSeededEngine()) if mode == "seeded" else hf
         totals.clear()
         loaded.clear()
+        scorers.clear()
         if mode.startswith("from-"):
             copy = _killed_after(cfg.run.output_dir, int(mode.removeprefix("from-")))
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(copy)})})
@@ -164,12 +174,13 @@ def main(out_dir: str, *config_paths: str) -> None:
         head = parameter_elements(model.head) if isinstance(model, ScalarHeadModel) else None
         ref = built[-1]
         reference = (ref.mode, *parameter_elements(ref.model), is_sharded(ref.model)) if ref.mode == "copy" else None
+        rm = (*parameter_elements(scorers[-1].model), is_sharded(scorers[-1].model)) if scorers else None
         vllm = None
         if fakes:
             with policy_weights(model) as final:  # what the trained model's next push would be (a collective)
                 vllm = {"pushes": fakes[0].pushed, "calls": fakes[0].calls, "final": {n: t.clone() for n, t in final}}
         torch.save({"local": local, "total": total, "sharded": is_sharded(model), "head": head, "weights": weights,
-                    "vllm": vllm, "reference": reference, "reward_totals": list(totals), "loaded": dict(loaded) or None, "four_bit": four_bit}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
+                    "vllm": vllm, "reference": reference, "reward_model": rm, "reward_totals": list(totals), "loaded": dict(loaded) or None, "four_bit": four_bit}, f"{out_dir}/{Path(path).stem}{'-' + mode if mode else ''}-rank{rank}.pt")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ rollouts are sampled per process, so one process would draw other samples); with
 process), each process pushes the whole gathered weights (merged under LoRA) and trains as with the HF engine, and under
 QLoRA pushes each 4-bit layer dequantised plus its delta, as one process does;
 checkpoints hold each process's shards (torch.distributed.checkpoint), `final/` the whole weights (a reward model's
-head beside them, which PPO then loads whole as its reward); a sharded run killed after step k and resumed from its
+head beside them, which PPO then loads as its reward, sharded as it loads, as is the one scoring seeded GRPO,
+whose rewards equal one process's); a sharded run killed after step k and resumed from its
 sharded checkpoint continues exactly (SFT full, DPO with LoRA, GRPO with LoRA, SFT with QLoRA), and so does one resumed from whole
 checkpoints (`run.whole_checkpoints`: PPO, with its value head, Adam state and adaptive KL coefficient); a sharded
 run resumed on one process (SFT full, DPO with LoRA) and a one-process run resumed on two sharded processes (SFT
@@ -48,6 +49,7 @@ from posttrain.train import _check_sharding, train
 from posttrain.trainer.checkpoint import list_checkpoints, load_checkpoint
 from posttrain.trainer.metrics import read_metrics
 
+SOURCE = importlib.import_module("posttrain.rollout.source")
 TRAIN = importlib.import_module("posttrain.train")  # the module (`posttrain.train` is also the function)
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 PromptSeededEngine = importlib.import_module("fsdp_worker").PromptSeededEngine  # the folder is on sys.path: conftest.py
@@ -60,6 +62,7 @@ LETTERS = 'def letters(prompts, completions, **kwargs):\n    return [sum("a" <= 
 # against DDP), float summation order alone.
 TOLERANCE = {name: {"rtol": 0, "atol": 1e-7} for name in ("reward", "ppo", "rloo", "grpo", "sft-qlora", "dpo-qlora-copy",
                                                                  "grpo-qlora")}
+RM_ATOL = 1e-6  # a few float32 ulps of rewards ~1 (measured: 0, equal bit for bit on this CPU)
 # Logged values that measure the machine, not the training.
 UNTIMED = ("time", "tokens_per_s", "peak_", "elapsed")
 MODES = {"grpo-seeded": "@seeded", "grpo-qlora": "@seeded"}  # how fsdp_worker.py runs a config besides training it
@@ -98,7 +101,7 @@ def runs(tiny_model_dir, tmp_path_factory):
             "run.max_steps": 2}  # fmt: skip
     every = {"run.save_every": 1}  # a checkpoint at each step, to resume from (KILLED)
     reward = {**exact, "algorithm.name": "reward", "data.train": str(tmp / "pairs.jsonl")}
-    # PPO scored by the reward model the sharded reward run leaves in final/ (held whole by every process), with
+    # PPO scored by the reward model the sharded reward run leaves in final/ (sharded as it loads), with
     # a frozen copy as reference (sharded) and the adaptive KL controller, whose state a resume must restore.
     ppo = {**exact, "algorithm.name": "ppo", "algorithm.reward_model": str(tmp / "reward" / "final"),
            "data.train": str(tmp / "prompts.jsonl"), "algorithm.rollout.max_new_tokens": 8, "algorithm.kl_coef": 0.1,
@@ -123,7 +126,9 @@ def runs(tiny_model_dir, tmp_path_factory):
         "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
         # sampled with PromptSeededEngine (`@seeded`): the same samples however the prompts are split, so the
         # sharded run compares with one process
-        "grpo-seeded": grpo,
+        # and scored by the reward model the sharded reward run leaves in final/ besides `letters`: the reward model
+        # sharded too, as it loads (`rewards.builtin.reward_model`)
+        "grpo-seeded": {**grpo, "algorithm.reward_model": str(tmp / "reward" / "final")},
         # vLLM's place taken by the fake backend, one per process (fsdp_worker.py): the same runs as "grpo" and
         # "rloo" (LoRA), sampled from the whole weights each process gathers and pushes
         "grpo-vllm": {**grpo, "algorithm.rollout.engine": "vllm"},
@@ -181,13 +186,22 @@ def _trained(weights: dict, base: dict) -> bool:
                else "lora_B" in n and bool(t.any()) for n, t in weights.items())  # fmt: skip
 
 
-def _one_process(cfg, name):
+def _one_process(cfg, name, totals: list | None = None):
+    """`cfg` trained by this one process, unsharded; each rollout's total rewards appended to `totals`."""
     one = cfg.model_copy(update={"run": cfg.run.model_copy(update={"sharding": "none",
                                                                     "output_dir": cfg.run.output_dir + "-one"})})
-    if name not in MODES:
-        return train(one, return_model=True)  # fmt: skip
-    with mock.patch.dict(engines.ENGINES, {"hf": lambda cfg: PromptSeededEngine()}):  # as the worker samples
-        return train(one, return_model=True)
+    score = SOURCE.compute_rewards
+
+    def recorded(*args, **kwargs):
+        result = score(*args, **kwargs)
+        (totals if totals is not None else []).append(list(result.total))
+        return result
+
+    with mock.patch.object(SOURCE, "compute_rewards", recorded):
+        if name not in MODES:
+            return train(one, return_model=True)  # fmt: skip
+        with mock.patch.dict(engines.ENGINES, {"hf": lambda cfg: PromptSeededEngine()}):  # as the worker samples
+            return train(one, return_model=True)
 
 
 def _held(name: str) -> str:
@@ -200,7 +214,8 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
     """The same weights and losses as one process (GRPO: with samples that do not depend on the process layout,
     `PromptSeededEngine`; its logged rewards, KL and gradient norm too)."""
     cfgs, held = runs
-    one = _one_process(cfgs[name], name)
+    totals: list[list[float]] = []
+    one = _one_process(cfgs[name], name, totals)
     sharded = held[f"{_held(name)}-rank0"]["weights"]
     base = load_file(str(Path(cfgs[name].model.name) / "model.safetensors"))
     assert sharded.keys() == dict(one.model.named_parameters()).keys()
@@ -221,6 +236,15 @@ def test_two_sharded_processes_train_exactly_as_one_process(runs, name):
                 "reward_std_in_group"} <= set(keys) and len(a) == len(b) == 2  # fmt: skip
         assert_close(torch.tensor([[r[k] for k in keys] for r in a]), torch.tensor([[r[k] for k in keys] for r in b]),
                      rtol=1e-5, atol=1e-6, msg=str(keys))  # fmt: skip
+        # Each sample's reward, the sharded reward model's score (grpo-seeded) included: rank r scored prompts r::2
+        # of each rollout, one process all of them (G samples each). RM_ATOL: why not 0.
+        G = cfgs[name].algorithm.group_size()
+        r0, r1 = (held[f"{_held(name)}-rank{r}"]["reward_totals"] for r in (0, 1))
+        assert len(totals) == len(r0) == len(r1) == 2
+        for whole, s0, s1 in zip(totals, r0, r1, strict=True):
+            groups = torch.tensor(whole).view(-1, G)
+            assert_close(torch.tensor(s0).view(-1, G), groups[0::2], rtol=0, atol=RM_ATOL)
+            assert_close(torch.tensor(s1).view(-1, G), groups[1::2], rtol=0, atol=RM_ATOL)
 
 
 def test_each_sharded_process_holds_half_of_every_weight(runs):
@@ -244,6 +268,12 @@ def test_each_sharded_process_holds_half_of_every_weight(runs):
     adapters = held["dpo-qlora-copy-rank0"]["total"] - t0
     assert m0 == m1 == "copy" and s0 and s1 and l0 + l1 == t0 == t1 and adapters == 32_768, (l0, l1, t0, adapters)
     assert abs(l0 - t0 / 2) < 0.01 * t0
+    # The trained reward model scoring the rollouts (GRPO's and PPO's), sharded as it loads: the tiny model and a
+    # scalar head, half per process
+    for name in ("grpo-seeded", "ppo"):
+        (l0, t0, s0), (l1, t1, s1) = (held[f"{_held(name)}-rank{r}"]["reward_model"] for r in (0, 1))
+        assert s0 and s1 and l0 + l1 == t0 == t1 == 107_200 + 65, (name, l0, l1, t0)
+        assert abs(l0 - t0 / 2) < 0.01 * t0
     for name in ("grpo-ddp", "ppo-ddp", "rloo-ddp"):
         ddp = held[f"{name}-rank0"]
         assert not ddp["sharded"] and ddp["local"] == ddp["total"]  # the unsharded run holds everything

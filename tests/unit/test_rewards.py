@@ -107,8 +107,8 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     made, seen = [], []
 
     class FakeScorer:
-        def __init__(self, path):
-            made.append(path)
+        def __init__(self, path, prepare=None):
+            made.append((path, prepare))
 
         def __call__(self, prompts, completions, truncated=None):
             seen.append(truncated)
@@ -120,10 +120,15 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     [reward] = build_reward_functions([{"name": "reward_model", "args": {"path": "runs/rm"}}])
     assert made == []  # nothing loads at build time
     assert reward.fn(["p", "p"], ["abc", "abcde"]) == [0.3, 0.5]
-    assert reward.fn(["p"], ["a"]) == [0.1] and made == ["runs/rm"]
+    assert reward.fn(["p"], ["a"]) == [0.1] and made == [("runs/rm", None)]
     # the rollout's `truncated` column reaches the scorer (which then leaves those turns open)
     assert reward.fn(["p", "p"], ["a", "b"], truncated=[False, True]) == [0.1, 0.1]
     assert seen == [None, None, [False, True]]
+    # what the run sets as `prepare` (the rollout source: `shard` under run.sharding=fsdp2) reaches the loaded model
+    [other] = build_reward_functions([{"name": "reward_model", "args": {"path": "runs/rm2"}}])
+    other.fn.prepare = print
+    other.fn(["p"], ["a"])
+    assert made[-1] == ("runs/rm2", print)
 
 
 def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tokenizer):

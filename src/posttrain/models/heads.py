@@ -64,8 +64,11 @@ class ScalarHeadModel(nn.Module):
         return out.last_hidden_state
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        """One score per right-padded sequence, read at its last real token. Returns (B,) float32."""
-        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, H)
+        """One score per right-padded sequence, read at its last real token. Returns (B,) float32.
+
+        Through the causal LM's own forward (`last_hidden_states`), not its decoder's: sharded (FSDP2), the LM is
+        the unit that holds the embeddings, gathered only around that forward (`models.sharding.shard`)."""
+        hidden = last_hidden_states(self.policy, {"input_ids": input_ids, "attention_mask": attention_mask})
         last = attention_mask.long().sum(-1) - 1  # (B,)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.head(h.float()).squeeze(-1)
@@ -162,10 +165,16 @@ class RewardModelScorer:
     `truncated` (cut by the generation limit) is rendered with its assistant turn left open (the prompt with the
     generation prompt, then the completion's text, no end-of-turn token): scoring it as a closed turn would
     tell the reward model that the answer ended there.
+
+    `prepare`, when given, is applied to the loaded model before its first forward (`run.sharding=fsdp2`: shard
+    it, `models.sharding.shard`). A sharded model's forward is a collective, so every process must call the scorer
+    as often, with as many samples: the number of forwards is then `ceil(len(completions) / batch_size)`
+    everywhere (none for an empty list), whatever the texts.
     """
 
-    def __init__(self, path: str | Path, *, batch_size: int = 8, device=None):
-        self.model, self.tokenizer = load_scalar_model(path, device=device)
+    def __init__(self, path: str | Path, *, batch_size: int = 8, device=None, prepare=None):
+        model, self.tokenizer = load_scalar_model(path, device=device)
+        self.model = prepare(model) if prepare is not None else model
         self.batch_size = batch_size
 
     def render(self, prompt, completion: str, truncated: bool = False) -> list[int]:

@@ -310,21 +310,26 @@ def reward_model(*, path: str) -> RewardFn:
     column (system and earlier turns included, as the model was trained), else the prompt text as a user turn.
     Completions flagged in a ``truncated`` column (the rollout passes one) are scored with the turn left open.
 
+    The returned function's ``prepare`` attribute (None: the model stays as loaded) is applied to the model when it
+    loads; the run that calls the function sets it, knowing what this layer does not (the rollout source shards
+    the model under ``run.sharding=fsdp2``, as it does a frozen-copy reference).
+
     >>> fn = reward_model(path="runs/rm/final")  # nothing is loaded until the first call
-    >>> callable(fn)
-    True
+    >>> callable(fn), fn.prepare
+    (True, None)
     """
     state: dict[str, Any] = {}
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         if "scorer" not in state:
-            state["scorer"] = RewardModelScorer(path)
+            state["scorer"] = RewardModelScorer(path, prepare=reward.prepare)
         full = columns.get("prompt_messages")
         cut = columns.get("truncated")
         extra = {"truncated": list(cut)} if cut is not None else {}
         scores = state["scorer"](list(full) if full is not None else prompts, completions, **extra)
         return [float(x) for x in scores]
 
+    reward.prepare = None
     return reward
 
 

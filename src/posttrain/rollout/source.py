@@ -11,7 +11,9 @@ Truncated completions get the treatment `rollout.overlong` names (`rewards.overl
 which ones were truncated (a `truncated` column), their rewards may be replaced or penalised, and their rows may
 carry no loss (`ScoredRollout.trains`). When every reward function fails on every sample for
 `DEAD_REWARD_ROLLOUTS` rollouts in a row, the run stops with a `UserError` naming each function and where its
-first failure happened: there is no reward signal left to learn from.
+first failure happened: there is no reward signal left to learn from. Under `run.sharding=fsdp2` a trained reward
+model is sharded as it loads, like a frozen-copy reference; each process scores its own samples, as many as every
+other process, so each runs as many of its (collective) forwards.
 
 Generation time and reward statistics ride along as each `Step`'s metrics, so the loop logs `gen_time_s` apart
 from the training time. With several processes the statistics cover every process's samples, not the main
@@ -29,6 +31,7 @@ rest of that rollout anew). RL resumption is therefore not bit-for-bit, unlike S
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Iterator
@@ -42,6 +45,7 @@ from posttrain.data.prompts import PromptExample
 from posttrain.errors import ConfigError, NoRewardSignal
 from posttrain.models.heads import language_model
 from posttrain.models.logprobs import unwrap_parallel
+from posttrain.models.sharding import shard
 from posttrain.rewards import (
     RewardResult,
     build_reward_functions,
@@ -173,6 +177,10 @@ class RolloutSource:
                                       micro_batch_size=micro_batch_size, reference=reference,
                                       state=rollouts.state(cfg))  # fmt: skip
         self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))
+        if cfg.run.sharding == "fsdp2":  # a reward model (`rewards.builtin.reward_model`) sharded as it loads
+            for reward in self.rewards:
+                if reward.builtin and hasattr(reward.fn, "prepare"):
+                    reward.fn.prepare = functools.partial(shard, forward_only=True)
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(self.rollout_cfg.engine, cfg)
