@@ -1,7 +1,7 @@
 """Fully sharded models (FSDP2): each of N processes holds 1/N of every parameter, its gradient and optimizer state.
 
-`run.sharding=fsdp2` shards the trained model (the policy, a reward model, PPO's policy with its value head) and
-a frozen `copy` reference with torch's own `fully_shard` (torch.distributed.fsdp, "FSDP2"): each decoder layer is
+`run.sharding=fsdp2` shards the trained model (the policy, a reward model, PPO's policy with its value head), a
+frozen `copy` reference and a trained reward model scoring RL rollouts with torch's own `fully_shard` (torch.distributed.fsdp, "FSDP2"): each decoder layer is
 one unit, all-gathered just before its forward and backward and freed after (the causal LM's embeddings, norm and
 output layer, and a scalar head, are units too: `shard`), and its gradients are reduce-scattered, averaged over
 processes as DDP averages them (so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors
@@ -32,7 +32,8 @@ process writes and reads back its own shards with torch.distributed.checkpoint (
 Generation on the sharded model needs no gathering: `synced_forward` tells `generate` to keep every process stepping
 until all are done, since each forward of a sharded layer is a collective.
 
-This module does not launch processes, build optimizers or decide when to shard (`posttrain.train` does).
+This module does not launch processes, build optimizers or decide when to shard (`posttrain.train` does; for a
+reward model scoring rollouts, `rollout.source`).
 """
 
 from __future__ import annotations
