@@ -303,3 +303,56 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(tiny_dir, techniq
     assert grads[True].keys() == grads[False].keys()
     for n in grads[False]:
         assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [8, 6])  # scaling alpha / r = 2 (exact in binary) and 1.5
+def test_fused_lora_layers_equal_peft_forward_and_backward(tiny_dir, alpha):
+    """`adapters.fuse_lora_scaling` (applied by `load_model` for LoRA): each plain LoRA linear adds s (x A^T) B^T
+    to its base output in one addmm. Against peft's own forward on the same weights: logits and every adapter
+    gradient bit for bit at s = 2 (multiplying by 2 rounds nothing, so the two orders agree), within float32
+    rounding at s = 1.5; with the adapter disabled, the base model's logits."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from posttrain.models.adapters import FusedLoraLinear_of
+
+    torch.manual_seed(0)  # peft draws A's initial values
+    model = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="lora", r=4, alpha=alpha))
+    fused = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert fused and all(type(m) is FusedLoraLinear_of(PeftLinear) for m in fused)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)  # a trained-looking adapter (B starts at zero)
+    ids = torch.randint(3, 200, (3, 9))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits, grads = run()
+    for m in fused:
+        m.__class__ = PeftLinear  # peft's own forward
+    peft_logits, peft_grads = run()
+    assert grads.keys() == peft_grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 linears x 2 layers
+    if alpha == 8:
+        assert torch.equal(logits, peft_logits)
+        assert all(torch.equal(grads[n], peft_grads[n]) for n in grads)
+    else:
+        assert_close(logits, peft_logits, rtol=1e-6, atol=1e-6)
+        # Each gradient element sums 27 token products, each rounded differently by the two orders (s applied
+        # before or after a product): |difference| <= ~27 x 2^-24 x the largest product, ~1.6e-6 of the
+        # gradient's scale; an element can cancel to near 0, so the bound is on the scale, not relative.
+        for n in grads:
+            scale = peft_grads[n].abs().max()
+            assert_close(grads[n], peft_grads[n], rtol=0, atol=4e-6 * scale)
+        assert not torch.equal(logits, peft_logits) or not all(torch.equal(grads[n], peft_grads[n]) for n in grads)
+    for m in fused:
+        m.__class__ = FusedLoraLinear_of(PeftLinear)
+    with model.disable_adapter(), torch.no_grad():
+        disabled = model(input_ids=ids).logits
+    base = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"), train=False)
+    with torch.no_grad():
+        assert torch.equal(disabled, base(input_ids=ids).logits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.config import TechniqueConfig
+from posttrain.config import TechniqueConfig, deepspeed_zero_stage
 from posttrain.errors import UserError
 
 
@@ -106,7 +106,62 @@ def apply_lora(
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(technique))
+    model = get_peft_model(model, lora_config(technique))
+    if deepspeed_zero_stage() != 3:  # ZeRO-3 gathers lora_B's weight in a hook on lora_B's own forward
+        fuse_lora_scaling(model)
+    return model
+
+
+_FUSED: dict[type, type] = {}
+
+
+def fuse_lora_scaling(model) -> int:
+    """Give each plain LoRA linear layer of `model` (peft's `lora.Linear`, exactly that class: not QLoRA's 4-bit
+    layers, not DoRA or other variants) a forward that adds its adapter's output to the base layer's with one
+    `addmm`: result + s (x A^T) B^T, the scaling s applied inside the matrix product, where peft computes
+    (x A^T) B^T, scales it and adds it in three passes over the (tokens x out_features) output, forward and
+    backward. The same result bit for bit when s is a power of two (alpha = 2r, the default: 2.0), else within
+    a rounding of it; every case the fused path does not cover (adapters disabled or merged, autocast, mixed
+    dtypes, a LoRA bias or a variant, extra forward arguments) runs peft's own forward. Returns how
+    many layers were given it. Measured on one (1110 x 576) -> 1536 layer, forward and backward: 15.4 against
+    16.9 ms (2 CPU cores, benchmarks/README.md)."""
+    from peft.tuners.lora.layer import Linear
+
+    fused = FusedLoraLinear_of(Linear)
+    n = 0
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = fused
+            n += 1
+    return n
+
+
+def FusedLoraLinear_of(base: type) -> type:  # noqa: N802 (names a class)
+    """`base` (peft's `lora.Linear`) with `fuse_lora_scaling`'s forward, made once per process."""
+    if base in _FUSED:
+        return _FUSED[base]
+
+    class FusedLoraLinear(base):
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            names = [a for a in self.active_adapters if a in self.lora_A]
+            dtype = self.base_layer.weight.dtype
+            if (args or kwargs or self.disable_adapters or self.merged or x.dtype != dtype
+                    or torch.is_autocast_enabled(x.device.type)
+                    or any(a in self.lora_variant or self.lora_B[a].bias is not None
+                           or self.lora_A[a].weight.dtype != dtype or self.lora_B[a].weight.dtype != dtype
+                           for a in names)):  # fmt: skip
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x)
+            flat = result.reshape(-1, result.shape[-1])
+            for a in names:
+                low = self.lora_A[a](self.lora_dropout[a](x))
+                flat = torch.addmm(flat, low.reshape(-1, low.shape[-1]), self.lora_B[a].weight.t(),
+                                   alpha=self.scaling[a])  # fmt: skip
+            return flat.view(result.shape)
+
+    FusedLoraLinear.__module__ = __name__
+    _FUSED[base] = FusedLoraLinear
+    return FusedLoraLinear
 
 
 def is_adapter_model(model) -> bool:
