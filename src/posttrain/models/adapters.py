@@ -9,6 +9,8 @@ and peft are imported only when used.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from posttrain.config import TechniqueConfig, deepspeed_zero_stage
@@ -112,9 +114,6 @@ def apply_lora(
     return model
 
 
-_FUSED: dict[type, type] = {}
-
-
 def fuse_lora_scaling(model) -> int:
     """Give each plain LoRA linear layer of `model` (peft's `lora.Linear`, exactly that class: not QLoRA's 4-bit
     layers, not DoRA or other variants) a forward that adds its adapter's output to the base layer's with one
@@ -136,10 +135,9 @@ def fuse_lora_scaling(model) -> int:
     return n
 
 
+@functools.cache
 def FusedLoraLinear_of(base: type) -> type:  # noqa: N802 (names a class)
     """`base` (peft's `lora.Linear`) with `fuse_lora_scaling`'s forward, made once per process."""
-    if base in _FUSED:
-        return _FUSED[base]
 
     class FusedLoraLinear(base):
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -160,7 +158,6 @@ def FusedLoraLinear_of(base: type) -> type:  # noqa: N802 (names a class)
             return flat.view(result.shape)
 
     FusedLoraLinear.__module__ = __name__
-    _FUSED[base] = FusedLoraLinear
     return FusedLoraLinear
 
 
