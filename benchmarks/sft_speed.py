@@ -16,6 +16,7 @@ Each technique's child runs under the malloc `posttrain train` would pick (`post
 
     python benchmarks/sft_speed.py                 # all three, 6 timed steps each
     python benchmarks/sft_speed.py --techniques lora --steps 3 --batch-size 8
+    python benchmarks/sft_speed.py --techniques full lora --compile 1.0   # model.compile, memory budget 1
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def dense_parameter_count(model) -> int:
 
 
 def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float,
-          profile: bool = False, rebuild_pointwise: bool = True) -> dict:  # fmt: skip
-    """One technique, measured inside this process."""
+          profile: bool = False, rebuild_pointwise: bool = True,
+          compile_budget: float | None = None) -> dict:  # fmt: skip
+    """One technique, measured inside this process; `compile_budget`: None uncompiled, else `model.compile` with
+    that `model.compile_memory_budget`."""
     import torch
 
     from posttrain.algorithms import config_from_dict, get_algorithm
@@ -67,7 +70,9 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     write_jsonl(TASKS["structured"].make(batch_size * (steps + 1), seed=0, split="train"), tmp)
     cfg = config_from_dict(
         {
-            "model": {"name": "smollm2-135m-instruct", "rebuild_pointwise": rebuild_pointwise},
+            "model": {"name": "smollm2-135m-instruct",
+                      **({"compile": True, "compile_memory_budget": compile_budget} if compile_budget
+                         else {"rebuild_pointwise": rebuild_pointwise})},
             # LoRA settings only where they are read: a full run refuses them (config_rules.APPLIES)
             "technique": {"name": technique, **({} if technique == "full" else {"r": 16, "alpha": 32,
                                                                                   "dropout": lora_dropout})},
@@ -82,7 +87,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     trainable, _ = describe_trainable(model)
     total = dense_parameter_count(model)
     opt = build_optimizer(model, cfg.optim)
-    times, tokens = [], []
+    times, tokens, first = [], [], None
 
     def step(batch):
         loss_sum, _ = algo.loss_fn(model, batch, cfg)
@@ -98,7 +103,9 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
         t = time.perf_counter()
         step(batch)
-        if i:
+        if not i:
+            first = time.perf_counter() - t  # the warm-up step: model.compile compiles here
+        else:
             times.append(time.perf_counter() - t)
             tokens.append(int(batch["attention_mask"].sum()))
     gemm.append(matmul_gflops())
@@ -110,6 +117,8 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         "params": total,
         "trainable": trainable,
         "step_s": step_s,
+        "first_step_s": first,
+        "compile_memory_budget": compile_budget,
         "tokens_per_step": sum(tokens) / len(tokens),
         "tokens_per_s": sum(tokens) / sum(times),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -152,12 +161,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile one step per technique (torch.profiler)")
     ap.add_argument("--keep-pointwise", action="store_true",
                     help="model.rebuild_pointwise false: keep the pointwise results for backward (more memory)")
+    ap.add_argument("--compile", type=float, metavar="BUDGET", default=None,
+                    help="model.compile with model.compile_memory_budget BUDGET (0-1]; the first, untimed step "
+                         "compiles")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout,
-                               args.profile, not args.keep_pointwise)))  # fmt: skip
+                               args.profile, not args.keep_pointwise, args.compile)))  # fmt: skip
         return
 
     from posttrain.cli import allocator
@@ -180,6 +192,7 @@ def main() -> None:
             str(args.lora_dropout),
             *(["--profile"] if args.profile else []),
             *(["--keep-pointwise"] if args.keep_pointwise else []),
+            *(["--compile", str(args.compile)] if args.compile else []),
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if library := allocator.choose(os.environ):  # what `posttrain train` runs under (posttrain.cli.allocator)
@@ -202,14 +215,15 @@ def main() -> None:
         "process just before and after its steps (the GEMM column)\n"
     )
     print(
-        "| technique | trainable params | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
+        "| technique | trainable params | first step (s) | step time (s) | tokens/step | tokens/s | vs full | peak RSS (GB) "
         "| GEMM (GFLOP/s) before / after | FLOP utilisation (6P) | FLOP utilisation (own FLOPs) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rel = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" if full else ""
         print(
-            f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
+            f"| {r['technique']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.1f}M | "
+            f"{r['first_step_s']:.1f} | {r['step_s']:.2f} | "
             f"{r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {rel} | {r['peak_rss_gb']:.2f} | "
             f"{r['gemm_gflops_before_after'][0]:.0f} / {r['gemm_gflops_before_after'][1]:.0f} | "
             f"{100 * r['flop_utilisation']:.0f}% | {100 * r['own_flop_utilisation']:.0f}% |"

@@ -104,7 +104,11 @@ APPLIES: dict[str, When] = {
     "model.pure_bf16": ALWAYS,  # only valid with dtype bfloat16 (RunBase checks that)
     "model.dropout": ALWAYS,
     "model.gradient_checkpointing": ALWAYS,
-    "model.rebuild_pointwise": ALWAYS,
+    "model.rebuild_pointwise": is_("model.compile", False).because(
+        "Compiled layers keep what the compiler chooses; model.compile_memory_budget sets how much."
+    ),
+    "model.compile": ALWAYS,
+    "model.compile_memory_budget": is_("model.compile", True),
     "model.trust_remote_code": ALWAYS,
     "technique.name": ALWAYS,
     "technique.r": ADAPTERS,

@@ -237,6 +237,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
+    _check_compile(cfg, accelerator)
     if ckpt is not None:
         check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None)
     set_seed(cfg.run.seed)
@@ -343,6 +344,23 @@ def _check_packages(cfg: RunConfig) -> None:
         raise ConfigError(
             "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
             "technique.name=lora)"
+        )
+
+
+def _check_compile(cfg: RunConfig, accelerator) -> None:
+    """`model.compile` is tested in one process on the CPU (the config checks the rest, `RunBase`): refused
+    elsewhere before anything is written or loaded."""
+    if not cfg.model.compile:
+        return
+    where = []
+    if accelerator.num_processes > 1:
+        where.append(f"{accelerator.num_processes} processes")
+    if accelerator.device.type != "cpu":
+        where.append(f"a {accelerator.device.type} device")
+    if where:
+        raise ConfigError(
+            f"model.compile is tested in one process on the CPU, and this run has {' and '.join(where)}; remove "
+            "model.compile (the uncompiled run is the same math)"
         )
 
 

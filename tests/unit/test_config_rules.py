@@ -43,6 +43,8 @@ SHARED_CASES = {
     "run.epochs": (2, {"run.max_steps": 10}, {"run.max_steps": "null"}),
     "run.eval_every": (10, SFT, {"data.eval": "held.jsonl"}),
     "run.whole_checkpoints": ("true", SFT, {"run.sharding": "fsdp2"}),
+    "model.compile_memory_budget": (0.5, SFT, {"model.compile": "true"}),
+    "model.rebuild_pointwise": ("false", {"model.compile": "true"}, SFT),
 }  # fmt: skip
 
 # (method, field of its section): cases for `Config.rules`

@@ -46,6 +46,7 @@ as `lean_mlps` patches it, the repeated keys and values through transformers' SD
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 
@@ -267,3 +268,47 @@ def lean_layers(model: nn.Module) -> dict[str, int]:
     if counts["layers"]:
         _register_repeat_kv()
     return counts
+
+
+def compile_layers(model: nn.Module, memory_budget: float | None = None) -> int:
+    """Compile each decoder layer of `model` with `torch.compile` (inductor, dynamic shapes), in place; returns
+    how many were compiled (`model.compile`).
+
+    The layers are the modules transformers names in `_no_split_modules` (the repeated block: `LlamaDecoderLayer`,
+    `GPT2Block`, ...), found on the model or any module inside it (peft's wrapper has none). Compiling the block
+    rather than the whole model keeps what runs around it (the chunked output layer, the loss, peft's wrapper)
+    as it is, and every block shares one compiled code: the first step compiles once, not once a layer.
+
+    Inductor fuses each block's pointwise work (norms, rotary embedding, SiLU and product, residual adds, the
+    LoRA scaling) into generated C++ loops, and its partitioner picks what the backward keeps (Ansel et al. 2024,
+    "PyTorch 2", sec. 4: the min-cut recomputation of cheap ops). So the results are within float rounding of the
+    eager ones, not bit for bit (tests/integration/test_compile.py), and `rebuild_pointwise`'s hooks, which dynamo
+    cannot trace, are not used. `memory_budget` (0-1) is the share of the block's activation memory the
+    partitioner may keep (torch's `activation_memory_budget`): lower recomputes more in backward, pointwise ops
+    first. It is set only while inductor compiles, through a backend of its own per budget (`_inductor_with`):
+    dynamo keys compiled code by backend, so two models compiled with different budgets never share code.
+    """
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    backend = _inductor_with(1.0 if memory_budget is None else memory_budget)
+    compiled = 0
+    for module in model.modules():
+        if type(module).__name__ in names:
+            module.forward = torch.compile(module.forward, backend=backend, dynamic=True)
+            compiled += 1
+    return compiled
+
+
+@functools.cache
+def _inductor_with(memory_budget: float) -> Callable:
+    """Inductor, compiling under `activation_memory_budget = memory_budget` (one backend object per budget)."""
+
+    def inductor(graph, example_inputs):
+        from torch._functorch import config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with functorch_config.patch(activation_memory_budget=memory_budget):
+            return compile_fx(graph, example_inputs)
+
+    return inductor

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from posttrain.config import ModelConfig, TechniqueConfig, deepspeed_zero_stage
-from posttrain.errors import ModelNotFoundError, UserError
+from posttrain.errors import ConfigError, ModelNotFoundError, UserError
 from posttrain.models.adapters import (
     apply_lora,
     bnb_config,
@@ -37,7 +37,7 @@ from posttrain.models.adapters import (
     use_portable_4bit_kernel,
 )
 from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
-from posttrain.models.layers import lean_layers, lean_mlps
+from posttrain.models.layers import compile_layers, lean_layers, lean_mlps
 
 
 @dataclass(frozen=True)
@@ -418,7 +418,8 @@ def load_model(
             print("note: model.rebuild_pointwise is off under DeepSpeed ZeRO-3 (the RMSNorm weights a rebuild "
                   "needs are partitioned outside the norm's own backward): the pointwise tensors are kept")
             rebuild = False
-        lean_layers(model) if rebuild else lean_mlps(model)
+        # under model.compile the compiler picks what backward keeps: rebuild_pointwise's hooks cannot be traced
+        lean_layers(model) if rebuild and not model_cfg.compile else lean_mlps(model)
     if not train:
         model.requires_grad_(False)
         model.eval()
@@ -436,6 +437,11 @@ def load_model(
                 if p.requires_grad:
                     p.data = p.data.to(torch.bfloat16)
         model.train()
+    if train and model_cfg.compile and not compile_layers(model, model_cfg.compile_memory_budget):
+        raise ConfigError(
+            f"model.compile: {model_cfg.name} names no repeated layer to compile (transformers' "
+            "`_no_split_modules`); remove model.compile"
+        )
     model.posttrain_info = info
     return model
 
