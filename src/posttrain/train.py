@@ -280,8 +280,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,
                                     technique=cfg.technique, device=accelerator.device)  # fmt: skip
         if reference.mode == "copy" and deepspeed_zero_stage() == 3:
-            reference.model = zero3_inference(reference.model, accelerator.state.deepspeed_plugin.deepspeed_config,
-                                              micro, accelerator.num_processes)  # fmt: skip
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            reference.model = zero3_inference(reference.model, ds_config, micro, accelerator.num_processes)
         source, eval_batches = _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan,
                                              reference, resumed=ckpt is not None, evaluating=evaluating)  # fmt: skip
     if cfg.run.sharding == "fsdp2":
@@ -489,14 +489,15 @@ def _accelerator(cfg: RunConfig):
 
 
 def _whole_loads(accelerator) -> None:
-    """Under DeepSpeed, every model posttrain loads (the policy, a frozen-copy reference, a reward model) loads
-    whole, as in any other run; DeepSpeed partitions the trained one at `prepare` (ZeRO-3), and
-    `models.sharding.zero3_inference` a frozen copy and a trained reward model scoring rollouts. Accelerate 1.16
-    registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under ZeRO-3 transformers then loads each model already partitioned (`deepspeed.zero.Init`): the
-    policy before DPO's `precompute` ran on it, and the reference copy that nothing ever gathered, failed so
-    ("'weight' must be 2-D"). So the registration is cleared; a config that asks for partitioned loading
-    (`zero3_init_flag: true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the
-    environment `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
+    """Under DeepSpeed, every model posttrain loads (the policy, a frozen-copy reference, a reward model)
+    loads whole, as in any other run; DeepSpeed partitions the trained one at `prepare` (ZeRO-3), and
+    `models.sharding.zero3_inference` a frozen copy and a trained reward model scoring rollouts. Accelerate
+    1.16 registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under ZeRO-3
+    transformers then loads each model already partitioned (`deepspeed.zero.Init`): the policy before DPO's
+    `precompute` ran on it, and the reference copy that nothing ever gathered, failed so ("'weight' must be
+    2-D"). So the registration is cleared; a config that asks for partitioned loading (`zero3_init_flag:
+    true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the environment
+    `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
     from transformers.integrations import unset_hf_deepspeed_config
 
     plugin = accelerator.state.deepspeed_plugin

@@ -132,13 +132,14 @@ def shard(model: nn.Module, *, forward_only: bool = False) -> nn.Module:
 
 
 def zero3_inference(model: nn.Module, config: dict, micro: int, processes: int) -> nn.Module:
-    """A frozen model (DPO's or PPO's frozen-copy reference, a trained reward model scoring rollouts) partitioned
-    by DeepSpeed ZeRO-3, in an engine of its own with no optimizer, in eval mode: each process holds a partition
-    of every weight, and DeepSpeed's hooks gather each module's weights around its forward. `config`: the
-    policy's DeepSpeed config (precision, ZeRO-3 settings; copied, its optimizer and scheduler left out), as TRL
-    prepares its reference model; `micro` rows per process and `processes` only make DeepSpeed's batch settings
-    consistent (an inference engine never steps). Returns the engine, whose forwards are collectives: every
-    process must run as many (`RunSection.collective_forwards`)."""
+    """A frozen model (DPO's or PPO's frozen-copy reference, a trained reward model scoring rollouts)
+    partitioned by DeepSpeed ZeRO-3, in an engine of its own with no optimizer, in eval mode: each process
+    holds a partition of every weight, and DeepSpeed's hooks gather each module's weights around its forward.
+    `config`: the policy's DeepSpeed config (precision, ZeRO-3 settings; copied, its optimizer and scheduler
+    left out), as TRL prepares its reference model; `micro` rows per process and `processes` only make
+    DeepSpeed's batch settings consistent (an inference engine never steps). Returns the engine, whose
+    forwards are collectives: every process must run as many (`RunSection.collective_forwards`).
+    """
     import deepspeed  # optional: only a DeepSpeed launch gets here
 
     config = copy.deepcopy(config)

@@ -332,8 +332,8 @@ def reward_model(*, path: str) -> RewardFn:
         return [float(x) for x in scores]
 
     reward.prepare = None
-    # never retried sample by sample (`rewards.compute`): a sample it cannot score is already NaN, and a sharded
-    # model's forwards are collectives, which every process must run as many of
+    # never retried sample by sample (`rewards.compute`): a sample it cannot score is already NaN, and a
+    # sharded model's forwards are collectives, which every process must run as many of
     reward.retry_per_sample = False
     return reward
 

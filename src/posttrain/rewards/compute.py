@@ -4,13 +4,15 @@ A function is called once on the whole batch. If that call raises, or returns a 
 is called again once per sample, so that only the samples it cannot score get `fallback` (one bad completion
 must not zero the rewards of the whole batch). A value that is not a finite number (NaN, inf, None, a string)
 fails for that sample only. A function whose ``retry_per_sample`` attribute is False is never called again: a
-failed batch is every sample's failure. A trained reward model is such a function (`rewards.builtin.reward_model`):
-its forward may be a collective (sharded by FSDP2 or ZeRO-3), where one process scoring its samples one by one
-while the others do not would hang the run, and it already returns NaN for each sample it cannot score
-(`models.heads.RewardModelScorer`), so a batch that still fails would fail sample by sample too. Failures are counted per function and the first error message kept, with where it
-happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run hours
-in (the rollout source stops a run only when every function fails on everything, several rollouts in a row).
-Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own scale.
+failed batch is every sample's failure. A trained reward model is such a function
+(`rewards.builtin.reward_model`): its forward may be a collective (sharded by FSDP2 or ZeRO-3), where one
+process scoring its samples one by one while the others do not would hang the run, and it already returns NaN
+for each sample it cannot score (`models.heads.RewardModelScorer`), so a batch that still fails would fail
+sample by sample too. Failures are counted per function and the first error message kept, with where it
+happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run
+hours in (the rollout source stops a run only when every function fails on everything, several rollouts in a
+row). Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own
+scale.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ carry no loss (`ScoredRollout.trains`). When every reward function fails on ever
 `DEAD_REWARD_ROLLOUTS` rollouts in a row, the run stops with a `UserError` naming each function and where its
 first failure happened: there is no reward signal left to learn from. Under `run.sharding=fsdp2` a trained reward
 model is sharded as it loads, like a frozen-copy reference, and under DeepSpeed ZeRO-3 partitioned as one is
-(`models.sharding.zero3_inference`); each process scores its own samples, as many as every other process, so each
-runs as many of its (collective) forwards (`models.heads.RewardModelScorer`).
+(`models.sharding.zero3_inference`); each process scores its own samples, as many as every other process, so
+each runs as many of its (collective) forwards (`models.heads.RewardModelScorer`).
 
 Generation time and reward statistics ride along as each `Step`'s metrics, so the loop logs `gen_time_s` apart
 from the training time. With several processes the statistics cover every process's samples, not the main
@@ -183,8 +183,9 @@ class RolloutSource:
         if cfg.run.sharding == "fsdp2":
             prepare = functools.partial(shard, forward_only=True)
         elif deepspeed_zero_stage() == 3:  # partitioned as a frozen-copy reference is, by the policy's config
-            prepare = functools.partial(zero3_inference, config=accelerator.state.deepspeed_plugin.deepspeed_config,
-                                        micro=micro_batch_size, processes=self.world)  # fmt: skip
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            prepare = functools.partial(zero3_inference, config=ds_config, micro=micro_batch_size,
+                                        processes=self.world)  # fmt: skip
         for reward in self.rewards:
             if prepare is not None and reward.builtin and hasattr(reward.fn, "prepare"):
                 reward.fn.prepare = prepare
