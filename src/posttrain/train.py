@@ -17,7 +17,6 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `rep
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -44,7 +43,7 @@ from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.loading import default_device, mixed_precision, resolve_dtype
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
-from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard
+from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard, zero3_inference
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
@@ -282,7 +281,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,
                                     technique=cfg.technique, device=accelerator.device)  # fmt: skip
         if reference.mode == "copy" and deepspeed_zero_stage() == 3:
-            reference.model = _zero3_inference(reference.model, accelerator, micro)
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            reference.model = zero3_inference(reference.model, ds_config, micro, accelerator.num_processes)
         source, eval_batches = _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, plan,
                                              reference, resumed=ckpt is not None, evaluating=evaluating)  # fmt: skip
     if cfg.run.sharding == "fsdp2":
@@ -507,14 +507,15 @@ def _accelerator(cfg: RunConfig):
 
 
 def _whole_loads(accelerator) -> None:
-    """Under DeepSpeed, every model posttrain loads (the policy, a frozen-copy reference, a reward model) loads
-    whole, as in any other run; DeepSpeed partitions the trained one at `prepare` (ZeRO-3), and `_zero3_inference`
-    a frozen copy. Accelerate 1.16 registers its DeepSpeed config with transformers whatever `zero3_init_flag`
-    says, and under ZeRO-3 transformers then loads each model already partitioned (`deepspeed.zero.Init`): the
-    policy before DPO's `precompute` ran on it, and the reference copy that nothing ever gathered, failed so
-    ("'weight' must be 2-D"). So the registration is cleared; a config that asks for partitioned loading
-    (`zero3_init_flag: true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the
-    environment `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
+    """Under DeepSpeed, every model posttrain loads (the policy, a frozen-copy reference, a reward model)
+    loads whole, as in any other run; DeepSpeed partitions the trained one at `prepare` (ZeRO-3), and
+    `models.sharding.zero3_inference` a frozen copy and a trained reward model scoring rollouts. Accelerate
+    1.16 registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under ZeRO-3
+    transformers then loads each model already partitioned (`deepspeed.zero.Init`): the policy before DPO's
+    `precompute` ran on it, and the reference copy that nothing ever gathered, failed so ("'weight' must be
+    2-D"). So the registration is cleared; a config that asks for partitioned loading (`zero3_init_flag:
+    true`) is refused rather than ignored. Also the ZeRO stage DeepSpeed runs is put in the environment
+    `config.deepspeed_zero_stage` reads: `accelerate launch` leaves a DeepSpeed JSON file's stage out."""
     from transformers.integrations import unset_hf_deepspeed_config
 
     plugin = accelerator.state.deepspeed_plugin
@@ -529,24 +530,6 @@ def _whole_loads(accelerator) -> None:
             "or shard with run.sharding=fsdp2 under torchrun"
         )
     unset_hf_deepspeed_config()
-
-
-def _zero3_inference(model: torch.nn.Module, accelerator, micro: int) -> torch.nn.Module:
-    """A frozen model (DPO's or PPO's frozen-copy reference) partitioned by DeepSpeed ZeRO-3 as the policy is, in an
-    engine of its own with no optimizer, in eval mode: each process holds a partition of every weight, and
-    DeepSpeed's hooks gather each module's weights around its forward. The policy's DeepSpeed config (precision,
-    ZeRO-3 settings), as TRL prepares its reference model. Its forwards are collectives: every process runs as
-    many (`RunSection.collective_forwards`)."""
-    import deepspeed  # optional: only a DeepSpeed launch gets here
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * accelerator.num_processes,
-                  gradient_accumulation_steps=1)  # fmt: skip
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
 
 
 def _before_deepspeed(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: int,

@@ -3,8 +3,12 @@ CPU processes: DeepSpeed's CPU accelerator, gloo). Each argument is one job, run
 
 - `PATH.yaml`: `posttrain train` of that run config (RL sampled with `PromptSeededEngine`, fsdp_worker.py: the
   same samples however the prompts are split over processes, so the run compares with one process); saves what
-  this process held (parameter elements of the model and of a frozen-copy reference) and the whole trained
-  weights (ZeRO-3's partitions gathered).
+  this process held (parameter elements of the model, of a frozen-copy reference and of a trained reward model
+  scoring the rollouts), each rollout's rewards (per function, and failures) and the whole trained weights
+  (ZeRO-3's partitions gathered).
+- `odd:PATH.yaml`: the same, with the last process's first sample of the second rollout made to fail to render
+  for a trained reward model (`RewardModelScorer.render` raises); saves each rollout's rewards and what the
+  reward model held (parameter elements), as `PATH.yaml` jobs do.
 - `resume:PATH.yaml`: that run with a checkpoint every step, cut back to its checkpoint of step 2 (the later
   checkpoint and `final/` removed, as a run killed after step 2 leaves it), then resumed (`--resume`); saves the
   whole trained weights as `NAME-resumed-rankR.pt`.
@@ -118,11 +122,15 @@ def elements(model: torch.nn.Module) -> tuple[int, int]:
     return local, sum(p.ds_numel if hasattr(p, "ds_id") else p.numel() for p in params)
 
 
-def run(out_dir: str, path: str) -> None:
+def run(out_dir: str, path: str, odd: bool = False) -> None:
+    """`odd`: the last process's first sample of the second rollout fails to render for a trained reward model
+    (`RewardModelScorer.render` raises), as an odd completion would."""
     from pathlib import Path
 
     from fsdp_worker import PromptSeededEngine
 
+    import posttrain.rewards.builtin as builtin_rewards
+    import posttrain.rollout.source as source_module
     from posttrain.algorithms import load_config
     from posttrain.models.reference import Reference
     from posttrain.rollout import engines
@@ -131,16 +139,45 @@ def run(out_dir: str, path: str) -> None:
     built, build_reference = [], Reference.build.__func__  # the reference the run builds, to see what it holds
     Reference.build = classmethod(lambda cls, *a, **kw: built.append(build_reference(cls, *a, **kw)) or built[-1])
     engines.ENGINES["hf"] = lambda c: PromptSeededEngine()
+    rewards, score, Scorer = [], source_module.compute_rewards, builtin_rewards.RewardModelScorer
+    scorers: list = []  # the reward models the run loads, to see what they hold
+    last = int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
+
+    def recorded(*args, **kwargs):  # each rollout's rewards, per function, and their failures
+        result = score(*args, **kwargs)
+        rewards.append({"per_function": result.per_function, "failures": result.failures})
+        return result
+
+    class RecordedScorer(Scorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scorers.append(self)
+            self.calls = self.rendered = 0
+
+        def __call__(self, *args, **kwargs):
+            self.calls, self.rendered = self.calls + 1, 0
+            return super().__call__(*args, **kwargs)
+
+        def render(self, *args, **kwargs):
+            self.rendered += 1
+            if odd and last and self.calls == 2 and self.rendered == 1:
+                raise ValueError("this completion cannot be rendered")
+            return super().render(*args, **kwargs)
+
+    source_module.compute_rewards, builtin_rewards.RewardModelScorer = recorded, RecordedScorer
     try:
         model = train(load_config(path), return_model=True).model
     finally:
         Reference.build = classmethod(build_reference)
+        source_module.compute_rewards, builtin_rewards.RewardModelScorer = score, Scorer
     weights = gathered(model)
     ref = built[-1]
     reference = (*elements(ref.model), all(hasattr(p, "ds_id") for p in ref.model.parameters())) \
         if ref.mode == "copy" else None  # fmt: skip
-    torch.save({"elements": elements(model), "weights": weights, "reference": reference},
-               f"{out_dir}/{Path(path).stem}-rank{torch.distributed.get_rank()}.pt")  # fmt: skip
+    rm = (*elements(scorers[-1].model), all(hasattr(p, "ds_id") for p in scorers[-1].model.parameters())) \
+        if scorers else None  # fmt: skip
+    torch.save({"elements": elements(model), "weights": weights, "reference": reference, "reward_model": rm,
+                "rewards": rewards}, f"{out_dir}/{Path(path).stem}-rank{torch.distributed.get_rank()}.pt")  # fmt: skip
 
 
 def resumed(out_dir: str, path: str) -> None:
@@ -334,7 +371,7 @@ def main(out_dir: str, *jobs: str) -> None:
                 pushes(out_dir, model_dir, technique)
             else:
                 path, *args = rest.split(":")
-                suffix = {"run": "", "resume": "-resumed", "base": f"-base-{world}p", "reshard": f"-reshard-on-{world}p",
+                suffix = {"run": "", "odd": "", "resume": "-resumed", "base": f"-base-{world}p", "reshard": f"-reshard-on-{world}p",
                           "diverge": f"-diverge-{''.join(args)}-{world}p"}  # fmt: skip
                 name = Path(path).stem + suffix[kind]
                 JOBS[kind](out_dir, path, *args)
@@ -343,7 +380,7 @@ def main(out_dir: str, *jobs: str) -> None:
             torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out_dir}/{name}-rank{os.environ['RANK']}.pt")
 
 
-JOBS = {"run": run, "resume": resumed, "push": pushes, "base": base, "reshard": reshard, "diverge": diverge}
+JOBS = {"run": run, "odd": lambda out_dir, path: run(out_dir, path, odd=True), "resume": resumed, "push": pushes, "base": base, "reshard": reshard, "diverge": diverge}
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   modelling, GRPO (LoRA), RLOO (LoRA), PPO (full, with a frozen-copy reference). Each step has 2 micro-batches per
   process, so DeepSpeed must step once per step, not once per micro-batch (`trainer.loop._micro_batch`); RL is
   sampled so that the samples do not depend on the process layout (`PromptSeededEngine`);
-- ZeRO-3: each process holds half of every weight, the trained model's and a frozen-copy reference's (partitioned
-  by an inference engine of its own, `train._zero3_inference`); ZeRO-2: the whole weights;
+- ZeRO-3: each process holds half of every weight, the trained model's, a frozen-copy reference's and a trained
+  reward model's scoring GRPO's rollouts (each partitioned by an inference engine of its own,
+  `models.sharding.zero3_inference`), the reward model giving each sample the reward one process gives it, and a
+  sample it cannot render on one process only its failure (no hang); ZeRO-2: the whole weights;
 - `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
   bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3) it resumes through DeepSpeed's
@@ -129,7 +131,13 @@ def launched(tiny_model_dir, tmp_path_factory):
         sft = folder / "sft.yaml"
         diverging = [f"diverge:{sft}:loss", f"diverge:{sft}:grad"]
         jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{sft}", *diverging]
-        if stage == 3:
+        if stage == 3:  # GRPO scored by the reward run's model too, partitioned as it loads; one sample fails
+            merged = {**base, **_settings(tmp)["grpo-lora"], "technique.name": "full", "algorithm.beta": 0.0,
+                      "algorithm.reward_model": str(folder / "reward" / "final"),
+                      "run.output_dir": str(folder / "grpo-rm")}  # fmt: skip
+            cfgs["grpo-rm"] = load_config(None, [f"{k}={v}" for k, v in merged.items()])
+            dump_config(cfgs["grpo-rm"], folder / "grpo-rm.yaml")
+            jobs.append(f"odd:{folder / 'grpo-rm.yaml'}")  # after the reward run, which writes the model
             jobs += [f"push:{tiny_model_dir}:{technique}" for technique in PUSHED]
             _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging])
             jobs.append(f"reshard:{sft}:{folder / 'sft-base-1p'}")  # 1 process's run resumed on 2
@@ -189,6 +197,46 @@ def test_two_deepspeed_processes_train_exactly_as_one_process(launched, name, st
     for key in ("loss", "grad_norm"):
         assert_close(_metric(cfgs[name].run.output_dir, key), _metric(one.run_dir, key), rtol=1e-5, atol=1e-6)
     assert len(_metric(one.run_dir, "loss")) == cfgs[name].run.max_steps
+
+
+def test_a_zero3_reward_model_is_partitioned_and_scores_as_one_process_through_an_unrenderable_sample(launched):
+    """GRPO scored by a trained reward model (the reward run's `final/`) besides `letters`, under ZeRO-3: the reward
+    model is partitioned as it loads (`models.sharding.zero3_inference`), each process holding half of its
+    elements, and gives each sample the reward one process (unpartitioned) gives it: rank r scored prompts r::2 of
+    each rollout. In the second rollout the last process's first sample fails to render: it gets the fallback
+    (0.0), counted as one failure in the logged metrics, and the run ends (a retry sample by sample on that
+    process alone would have run 8 forwards against the other's 1, and hung)."""
+    cfgs, held = launched[3]
+    r0, r1 = held["grpo-rm-rank0"], held["grpo-rm-rank1"]
+    assert "error" not in r0, r0.get("error")
+    # ZeRO-3 pads each weight's partition to an even split: ceil(numel / 2) per weight
+    assert r0["reward_model"] == r1["reward_model"] == ((FULL["head"] + 1) // 2, FULL["head"], True)
+    rewards = []
+    score = importlib.import_module("posttrain.rollout.source").compute_rewards
+
+    def recorded(*args, **kwargs):
+        result = score(*args, **kwargs)
+        rewards.append(result.per_function["reward_model"])
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("posttrain.rollout.source.compute_rewards", recorded)
+        _one_process(cfgs["grpo-rm"], "grpo-rm")
+    G = cfgs["grpo-rm"].algorithm.group_size()
+    assert len(rewards) == len(r0["rewards"]) == len(r1["rewards"]) == 2
+    for k, whole in enumerate(rewards):
+        groups = torch.tensor(whole).view(-1, G)
+        mine, theirs = (torch.tensor(r["rewards"][k]["per_function"]["reward_model"]).view(-1, G) for r in (r0, r1))
+        if k == 1:  # the sample that failed to render: the fallback, its neighbours scored as usual
+            assert theirs[0, 0] == 0.0 and groups[1, 0] != 0.0
+            theirs[0, 0] = groups[1, 0]
+        # the same weights (gathered whole) and rows; batched with other rows than one process's batches, whose
+        # padding is masked: float32 summation order at most (measured: 0, equal bit for bit on this CPU)
+        assert_close(mine, groups[0::2], rtol=0, atol=1e-6)
+        assert_close(theirs, groups[1::2], rtol=0, atol=1e-6)
+    assert [r["failures"]["reward_model"] for r in r1["rewards"]] == [0, 1]
+    assert [r["failures"]["reward_model"] for r in r0["rewards"]] == [0, 0]
+    assert _metric(cfgs["grpo-rm"].run.output_dir, "reward/failures_reward_model").tolist() == [0.0, 1.0]
 
 
 _BASE: dict[str, dict] = {}

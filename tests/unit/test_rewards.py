@@ -146,12 +146,13 @@ def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tok
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def scores(self, ids, mask):
+        def forward(self, ids, mask, keep):  # one score per row, read at `keep` (its last real token)
+            assert keep.sum(-1).tolist() == [1] * len(ids) and keep[torch.arange(len(ids)), mask.sum(-1) - 1].all()
             scored.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
-            return mask.sum(-1).float()
+            return mask.sum(-1).float(), None
 
     scorer = RewardModelScorer.__new__(RewardModelScorer)
-    scorer.model, scorer.tokenizer, scorer.batch_size = Model(), tiny_tokenizer, 8
+    scorer.model, scorer.tokenizer, scorer.batch_size, scorer.max_length = Model(), tiny_tokenizer, 8, None
     prompts = ["2+2?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]]
     completions = ["4", "4", "The answer is", "The answer is"]
     out = scorer(prompts * 2, completions, truncated=[False, False, True, True])
@@ -166,6 +167,57 @@ def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tok
     ]
     assert out == [float(len(r)) for r in scored]
     assert scorer(prompts[:1], ["4"]) == [out[0]]  # no `truncated` column: every turn closed, as before
+
+
+def test_the_reward_model_scorer_keeps_its_forwards_when_a_sample_cannot_be_scored(tiny_model, tiny_tokenizer):
+    """A sharded reward model's forward is a collective: one process's odd samples must not change how many
+    forwards it runs. 10 samples in batches of 4 are 3 forwards, whatever the samples; sample 5's prompt cannot be
+    rendered (None: not a string or a list of messages) and sample 8 renders past the model's length limit, so
+    each gets NaN (the sample's failure, counted by `rewards.compute`), and every other sample the score the model
+    gives it alone (its batch's padding is masked out: float32 summation order at most, hence assert_close's
+    float32 defaults)."""
+    import torch
+
+    from posttrain.models.heads import RewardModelScorer, ScalarHeadModel
+
+    torch.manual_seed(0)
+    model = ScalarHeadModel(tiny_model).eval()
+    scorer = RewardModelScorer.__new__(RewardModelScorer)
+    scorer.model, scorer.tokenizer, scorer.batch_size, scorer.max_length = model, tiny_tokenizer, 4, 60
+    prompts = [f"add {i} {i}" for i in range(10)]
+    prompts[5] = None
+    completions = ["x" * (i + 1) for i in range(10)]
+    completions[8] = "y" * 80  # more tokens than max_length
+    forwards = []
+    model.policy.register_forward_hook(lambda *args: forwards.append(1))
+    out = scorer(prompts, completions, truncated=[i % 2 == 1 for i in range(10)])
+    assert len(forwards) == 3  # ceil(10 / 4), the same as for ten good samples
+    assert len(out) == 10 and math.isnan(out[5]) and math.isnan(out[8])
+    for i in (0, 1, 2, 3, 4, 6, 7, 9):
+        ids = torch.tensor([scorer.render(prompts[i], completions[i], i % 2 == 1)])
+        alone = model.scores(ids, torch.ones_like(ids))
+        torch.testing.assert_close(torch.tensor([out[i]]), alone, msg=str(i))
+    # a batch of none but unscorable samples still runs its forward
+    forwards.clear()
+    assert all(math.isnan(x) for x in scorer([None, None], ["a", "b"])) and len(forwards) == 1
+
+
+def test_a_reward_not_retried_per_sample_fails_its_whole_batch_in_one_call():
+    """`retry_per_sample = False` (a trained reward model: `rewards.builtin.reward_model`): a batched call that
+    raises is every sample's failure, with no call per sample (which, on a sharded model, would run more forwards
+    on this process than on the others)."""
+    calls = []
+
+    def broken(prompts, completions, **kwargs):
+        calls.append(len(completions))
+        raise RuntimeError("forward failed")
+
+    broken.retry_per_sample = False
+    result = compute_rewards([NamedReward(name="rm", fn=broken, builtin=True)], ["p"] * 3, ["a", "b", "c"],
+                             fallback=-1.0)  # fmt: skip
+    assert calls == [3]
+    assert result.per_function["rm"] == [-1.0, -1.0, -1.0] and result.failures == {"rm": 3}
+    assert result.errors["rm"] == "RuntimeError: forward failed"
 
 
 def test_code_exec_fraction_and_all_or_nothing():

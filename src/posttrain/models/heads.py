@@ -13,6 +13,7 @@ back (`RewardModelScorer` turns a trained reward model into a reward function).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -161,19 +162,28 @@ class RewardModelScorer:
     """A trained reward model as a reward function: `scorer(prompts, completions, truncated=None) -> list[float]`.
 
     Each (prompt, completion) is rendered as a user turn and an assistant turn with the model's chat template,
-    exactly as the preference pairs were during training, and scored at its last token. A completion flagged in
-    `truncated` (cut by the generation limit) is rendered with its assistant turn left open (the prompt with the
-    generation prompt, then the completion's text, no end-of-turn token): scoring it as a closed turn would
-    tell the reward model that the answer ended there.
+    exactly as the preference pairs were during training, and scored at its last token. A completion flagged
+    in `truncated` (cut by the generation limit) is rendered with its assistant turn left open (the prompt
+    with the generation prompt, then the completion's text, no end-of-turn token): scoring it as a closed turn
+    would tell the reward model that the answer ended there.
 
-    `prepare`, when given, is applied to the loaded model before its first forward (`run.sharding=fsdp2`: shard
-    it, `models.sharding.shard`). A sharded model's forward is a collective, so every process must call the scorer
-    as often, with as many samples: the number of forwards is then `ceil(len(completions) / batch_size)`
-    everywhere (none for an empty list), whatever the texts.
+    `prepare`, when given, is applied to the loaded model before its first forward (`run.sharding=fsdp2`:
+    shard it, `models.sharding.shard`; DeepSpeed ZeRO-3: partition it, `models.sharding.zero3_inference`). A
+    sharded model's forward is a collective, so every process must run as many: the number of forwards is
+    `ceil(len(completions) / batch_size)` everywhere (none for an empty list), whatever the texts. A sample
+    that cannot be scored (its rendering or tokenisation raises, it renders to no tokens, or to more than the
+    model's `max_position_embeddings`) gets NaN, which `rewards.compute` counts as that sample's failure and
+    replaces by the fallback, and a one-token placeholder row takes its place in the batch, its score
+    discarded: one process's odd sample never changes how many forwards it runs, where a raised error would
+    have sent `compute_rewards` to score its samples one by one while the other processes ran one forward per
+    batch, and the run would hang. A forward that raises on one process only (out of memory) cannot be made
+    safe so: the others wait for it.
     """
 
     def __init__(self, path: str | Path, *, batch_size: int = 8, device=None, prepare=None):
         model, self.tokenizer = load_scalar_model(path, device=device)
+        # the longest row the model can place (its position table); None when its config names no limit
+        self.max_length = getattr(model.policy.config, "max_position_embeddings", None)
         self.model = prepare(model) if prepare is not None else model
         self.batch_size = batch_size
 
@@ -187,6 +197,15 @@ class RewardModelScorer:
             text = chat_text(tok, [*msgs, {"role": "assistant", "content": completion}])
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    def _row(self, prompt, completion, truncated: bool) -> list[int] | None:
+        """`render`'s ids, or None for a sample that cannot be scored (class docstring)."""
+        try:
+            ids = self.render(prompt, completion, truncated)
+        except Exception:  # noqa: BLE001 - one sample's failure (rewards.compute counts it), not the batch's
+            return None
+        too_long = self.max_length is not None and len(ids) > self.max_length
+        return None if not ids or too_long else list(ids)
+
     @torch.no_grad()
     def __call__(
         self, prompts: list, completions: list[str], truncated: list[bool] | None = None, **columns
@@ -198,12 +217,18 @@ class RewardModelScorer:
         out: list[float] = []
         for s in range(0, len(completions), self.batch_size):
             end = s + self.batch_size
-            rows = [self.render(*sample) for sample in zip(prompts[s:end], completions[s:end], cut[s:end])]
-            T = max(len(r) for r in rows)
-            ids = torch.full((len(rows), T), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)
-            for i, r in enumerate(rows):
+            rows = [self._row(*sample) for sample in zip(prompts[s:end], completions[s:end], cut[s:end])]
+            placed = [r if r is not None else [pad] for r in rows]  # a placeholder keeps the forward
+            T = max(len(r) for r in placed)
+            ids = torch.full((len(placed), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(placed), T), dtype=torch.long)
+            for i, r in enumerate(placed):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
-            out.extend(self.model.scores(ids.to(device), mask.to(device)).tolist())
+            # each row's score at its last real token (as `ScalarHeadModel.scores` reads it), through the
+            # model's own forward: a DeepSpeed engine's forward runs its ZeRO-3 hooks, the root module's included
+            last = torch.zeros_like(mask, dtype=torch.bool)  # (B, T), one position per row
+            last[torch.arange(len(placed)), mask.sum(-1) - 1] = True
+            scores, _ = self.model(ids.to(device), mask.to(device), keep=last.to(device))  # (B,)
+            out.extend(x if r is not None else math.nan for x, r in zip(scores.tolist(), rows, strict=True))
         return out

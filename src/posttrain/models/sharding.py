@@ -32,6 +32,9 @@ process writes and reads back its own shards with torch.distributed.checkpoint (
 Generation on the sharded model needs no gathering: `synced_forward` tells `generate` to keep every process stepping
 until all are done, since each forward of a sharded layer is a collective.
 
+Under DeepSpeed ZeRO-3 the trained model is partitioned by Accelerate's `prepare`; a frozen model (a `copy`
+reference, a trained reward model scoring rollouts) by an inference engine of its own (`zero3_inference`).
+
 This module does not launch processes, build optimizers or decide when to shard (`posttrain.train` does; for a
 reward model scoring rollouts, `rollout.source`).
 """
@@ -39,6 +42,7 @@ reward model scoring rollouts, `rollout.source`).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -125,6 +129,27 @@ def shard(model: nn.Module, *, forward_only: bool = False) -> nn.Module:
         if any(id(p) not in managed for p in module.parameters(recurse=False)):
             unit(module)
     return model
+
+
+def zero3_inference(model: nn.Module, config: dict, micro: int, processes: int) -> nn.Module:
+    """A frozen model (DPO's or PPO's frozen-copy reference, a trained reward model scoring rollouts)
+    partitioned by DeepSpeed ZeRO-3, in an engine of its own with no optimizer, in eval mode: each process
+    holds a partition of every weight, and DeepSpeed's hooks gather each module's weights around its forward.
+    `config`: the policy's DeepSpeed config (precision, ZeRO-3 settings; copied, its optimizer and scheduler
+    left out), as TRL prepares its reference model; `micro` rows per process and `processes` only make
+    DeepSpeed's batch settings consistent (an inference engine never steps). Returns the engine, whose
+    forwards are collectives: every process must run as many (`RunSection.collective_forwards`).
+    """
+    import deepspeed  # optional: only a DeepSpeed launch gets here
+
+    config = copy.deepcopy(config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * processes,
+                  gradient_accumulation_steps=1)  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,16 @@
 A function is called once on the whole batch. If that call raises, or returns a list of the wrong length, it
 is called again once per sample, so that only the samples it cannot score get `fallback` (one bad completion
 must not zero the rewards of the whole batch). A value that is not a finite number (NaN, inf, None, a string)
-fails for that sample only. Failures are counted per function and the first error message kept, with where it
-happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run hours
-in (the rollout source stops a run only when every function fails on everything, several rollouts in a row).
-Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own scale.
+fails for that sample only. A function whose ``retry_per_sample`` attribute is False is never called again: a
+failed batch is every sample's failure. A trained reward model is such a function
+(`rewards.builtin.reward_model`): its forward may be a collective (sharded by FSDP2 or ZeRO-3), where one
+process scoring its samples one by one while the others do not would hang the run, and it already returns NaN
+for each sample it cannot score (`models.heads.RewardModelScorer`), so a batch that still fails would fail
+sample by sample too. Failures are counted per function and the first error message kept, with where it
+happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run
+hours in (the rollout source stops a run only when every function fails on everything, several rollouts in a
+row). Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own
+scale.
 """
 
 from __future__ import annotations
@@ -77,10 +83,9 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
     The error kept is the batched call's when it failed (even if every sample then scored on its own: the
     function is being called n times, and its author will want to know why)."""
     raw, error, exc = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
+    retry = n > 1 and getattr(reward.fn, "retry_per_sample", True)
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
-        raw = (
-            [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if n > 1 else [_FAILED] * n
-        )
+        raw = [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if retry else [_FAILED] * n
     values, failed = [], 0
     for i, v in enumerate(raw):
         x = None if v is _FAILED else _as_float(v)

@@ -12,8 +12,9 @@ which ones were truncated (a `truncated` column), their rewards may be replaced 
 carry no loss (`ScoredRollout.trains`). When every reward function fails on every sample for
 `DEAD_REWARD_ROLLOUTS` rollouts in a row, the run stops with a `UserError` naming each function and where its
 first failure happened: there is no reward signal left to learn from. Under `run.sharding=fsdp2` a trained reward
-model is sharded as it loads, like a frozen-copy reference; each process scores its own samples, as many as every
-other process, so each runs as many of its (collective) forwards.
+model is sharded as it loads, like a frozen-copy reference, and under DeepSpeed ZeRO-3 partitioned as one is
+(`models.sharding.zero3_inference`); each process scores its own samples, as many as every other process, so
+each runs as many of its (collective) forwards (`models.heads.RewardModelScorer`).
 
 Generation time and reward statistics ride along as each `Step`'s metrics, so the loop logs `gen_time_s` apart
 from the training time. With several processes the statistics cover every process's samples, not the main
@@ -40,12 +41,13 @@ from typing import Any
 import torch
 
 from posttrain.algorithms.base import Rollout, RolloutContext, Rollouts, ScoredRollout, Step
+from posttrain.config import deepspeed_zero_stage
 from posttrain.data.order import EpochPlan, epoch_order
 from posttrain.data.prompts import PromptExample
 from posttrain.errors import ConfigError, NoRewardSignal
 from posttrain.models.heads import language_model
 from posttrain.models.logprobs import unwrap_parallel
-from posttrain.models.sharding import shard
+from posttrain.models.sharding import shard, zero3_inference
 from posttrain.rewards import (
     RewardResult,
     build_reward_functions,
@@ -177,10 +179,16 @@ class RolloutSource:
                                       micro_batch_size=micro_batch_size, reference=reference,
                                       state=rollouts.state(cfg))  # fmt: skip
         self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))
-        if cfg.run.sharding == "fsdp2":  # a reward model (`rewards.builtin.reward_model`) sharded as it loads
-            for reward in self.rewards:
-                if reward.builtin and hasattr(reward.fn, "prepare"):
-                    reward.fn.prepare = functools.partial(shard, forward_only=True)
+        prepare = None  # how a trained reward model (`rewards.builtin.reward_model`) is sharded as it loads
+        if cfg.run.sharding == "fsdp2":
+            prepare = functools.partial(shard, forward_only=True)
+        elif deepspeed_zero_stage() == 3:  # partitioned as a frozen-copy reference is, by the policy's config
+            ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            prepare = functools.partial(zero3_inference, config=ds_config, micro=micro_batch_size,
+                                        processes=self.world)  # fmt: skip
+        for reward in self.rewards:
+            if prepare is not None and reward.builtin and hasattr(reward.fn, "prepare"):
+                reward.fn.prepare = prepare
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(self.rollout_cfg.engine, cfg)
