@@ -62,7 +62,7 @@ from posttrain.trainer.fingerprint import (
     read_fingerprint,
     write_fingerprint,
 )
-from posttrain.trainer.launch import launch_notes
+from posttrain.trainer.launch import fsdp1_refusal, launch_notes
 from posttrain.trainer.loop import training_loop
 from posttrain.trainer.optim import build_optimizer, build_scheduler
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
@@ -237,6 +237,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
     _check_compile(cfg, accelerator)
+    if refusal := fsdp1_refusal(os.environ, distributed=accelerator.distributed_type.value):
+        raise ConfigError(refusal)
     if ckpt is not None:
         check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None)
     set_seed(cfg.run.seed)

@@ -181,3 +181,20 @@ def test_fsdp_from_accelerate_is_noted_only_where_accelerate_did_not_shard():
     assert launch_notes(env, distributed="FSDP", device="cuda", **run) == []  # sharded: as asked
     (said,) = launch_notes(env, distributed="MULTI_CPU", device="cpu", **run)
     assert said.startswith(FSDP) and "run.sharding=fsdp2" in said
+
+
+def test_an_fsdp1_config_is_refused_where_accelerate_would_wrap_the_model(tmp_path):
+    """FSDP1 wraps the model in a module posttrain does not unwrap: refused on a launch that would run it (FSDP),
+    with the shipped fsdp2.yaml accepted; the same FSDP1 config on CPUs runs data parallelism (noted, not refused)."""
+    from posttrain.trainer.launch import fsdp1_refusal
+
+    _, _, env = _launch_env(ACCELERATE / "fsdp2.yaml")
+    assert fsdp1_refusal(env, distributed="FSDP") is None
+    v1 = tmp_path / "fsdp1.yaml"  # the shipped config without its fsdp_version line: Accelerate's default, 1
+    v1.write_text("".join(line for line in (ACCELERATE / "fsdp2.yaml").read_text().splitlines(keepends=True)
+                          if "fsdp_version" not in line))  # fmt: skip
+    _, _, env1 = _launch_env(v1)
+    assert env1["FSDP_VERSION"] == "1"
+    said = fsdp1_refusal(env1, distributed="FSDP")
+    assert "FSDP version 1" in said and "fsdp_version: 2" in said
+    assert fsdp1_refusal(env1, distributed="MULTI_CPU") is None

@@ -68,3 +68,26 @@ def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, pr
             f"(bfloat16: bf16 autocast) to change it, or launch with --mixed_precision {precision} to match"
         )
     return notes
+
+
+def fsdp1_refusal(env: Mapping[str, str], *, distributed: str) -> str | None:
+    """Why a launch cannot run, when Accelerate is about to wrap the model in FSDP1 (an FSDP config without
+    `fsdp_version: 2`, whose default is 1: Accelerate sets `FSDP_VERSION` from it): FSDP1 replaces the model by a
+    `FullyShardedDataParallel` wrapper holding flattened parameters, which posttrain's saving, reference and
+    rollout code do not unwrap (`models.logprobs.unwrap_parallel` knows DDP and DeepSpeed; FSDP2 shards in place).
+    None when Accelerate will not run FSDP (`distributed` is not "FSDP": on CPUs it falls back to data
+    parallelism, which `launch_notes` says) or runs FSDP2.
+
+    >>> fsdp1_refusal({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, distributed="FSDP") is None
+    True
+    >>> "fsdp_version: 2" in fsdp1_refusal({"ACCELERATE_USE_FSDP": "true"}, distributed="FSDP")
+    True
+    """
+    if distributed != "FSDP" or env.get("FSDP_VERSION", "1") == "2":
+        return None
+    return (
+        f"the Accelerate FSDP config runs FSDP version {env.get('FSDP_VERSION', '1')} (fsdp_version unset means 1), "
+        "whose wrapped model posttrain does not unwrap to save, score or push weights; posttrain runs FSDP2. Set "
+        "fsdp_version: 2 in the config (as configs/accelerate/fsdp2.yaml does), or use DeepSpeed "
+        "(configs/accelerate/deepspeed_zero3.yaml)"
+    )
