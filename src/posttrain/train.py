@@ -238,7 +238,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
     if ckpt is not None:
-        check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None)
+        check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None, stage=deepspeed_zero_stage())
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 
