@@ -240,7 +240,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     if refusal := fsdp1_refusal(os.environ, distributed=accelerator.distributed_type.value):
         raise ConfigError(refusal)
     if ckpt is not None:
-        check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None)
+        check_resumable(ckpt, deepspeed=deepspeed_zero_stage() is not None, stage=deepspeed_zero_stage())
     set_seed(cfg.run.seed)
     algorithm = get_algorithm(cfg.algorithm.name)
 

@@ -19,13 +19,16 @@ CPU processes: DeepSpeed's CPU accelerator, gloo). Each argument is one job, run
   what was pushed.
 - `base:PATH.yaml`: that run with a checkpoint every step into `NAME-base-{N}p` (N: this launch's processes), for
   another launch to resume; saves the engine's whole state (`engine_state`) at each checkpoint.
-- `reshard:PATH.yaml:RUN_DIR`: a run written by another number of processes (RUN_DIR, its checkpoints every step),
-  copied to `NAME-from-{W}p-on-{N}p`, cut back to step 2 as `resume:` does, and resumed here (DeepSpeed's
-  universal checkpoint); saves the engine's whole state right after loading and the whole trained weights as
-  `NAME-reshard-on-{N}p-rankR.pt`.
+- `reshard:PATH.yaml:RUN_DIR`: a run written by another number of processes or under another ZeRO stage (RUN_DIR,
+  its checkpoints every step), copied to `NAME-from-{W}p-on-{N}p` beside PATH, cut back to its last step but one
+  (as `resume:` cuts back to step 2), and resumed here (DeepSpeed's universal checkpoint); saves the engine's whole
+  state right after loading and the whole trained weights as `NAME-from-{W}p-on-{N}p-rankR.pt`.
 - `diverge:PATH.yaml:MODE`: that run with step 3's last micro-batch on the last process made to diverge (MODE
   `loss`: a NaN added to the loss, whose gradient stays finite; `grad`: an infinite gradient under a finite loss),
   into `NAME-diverge-MODE-{N}p`; saves the message it stopped with.
+
+`base:` and `reshard:` sample RL rollouts with `RolloutSeededEngine`, whose samples depend neither on the process
+layout nor on where a run was resumed.
 
 DeepSpeed's CPU communication would compile a shared-memory all-reduce kernel (C++, minutes on 2 cores) when it
 starts; `no_shm_kernel` marks it unusable (ZeRO's collectives go through torch.distributed, gloo) and makes any
@@ -120,6 +123,31 @@ def elements(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in params)
     return local, sum(p.ds_numel if hasattr(p, "ds_id") else p.numel() for p in params)
+
+
+class RolloutSeededEngine:
+    """`PromptSeededEngine` (each prompt's group seeded by the prompt and the rollout's number) taking the rollout's
+    number from the seed the batch source passes (`rollout.source`: run.seed * 7_919 + index * world + rank; run.seed
+    is 0 in these runs), not from a count of its own calls, which restarts at 0 in a resumed run: a run resumed at
+    rollout k on any number of processes samples what the uninterrupted run sampled there."""
+
+    def __init__(self) -> None:
+        from fsdp_worker import PromptSeededEngine
+
+        self.engine = PromptSeededEngine()
+
+    def generate(self, model, tokenizer, prompt_ids, *, seed, **kwargs):
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        self.engine.rollouts = (seed - rank) // world
+        return self.engine.generate(model, tokenizer, prompt_ids, seed=seed, **kwargs)
+
+
+def wrote_by(run_dir) -> int:
+    """The number of processes that wrote run `run_dir`'s checkpoints."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(run_dir) / "checkpoints" / "step-000001" / "trainer_state.json").read_text())["world_size"]
 
 
 def run(out_dir: str, path: str, odd: bool = False) -> None:
@@ -272,38 +300,38 @@ def base(out_dir: str, path: str) -> None:
     from pathlib import Path
 
     from posttrain.algorithms import load_config
+    from posttrain.rollout import engines
     from posttrain.train import train
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # before any process group
     name = f"{Path(path).stem}-base-{world}p"
     cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5",
                              f"run.output_dir={Path(path).with_suffix('')}-base-{world}p"])  # fmt: skip
+    engines.ENGINES["hf"] = lambda c: RolloutSeededEngine()
     with Recording() as recording:
         train(cfg)
     torch.save({"saved": recording.saved}, f"{out_dir}/{name}-rank{rank}.pt")
 
 
 def reshard(out_dir: str, path: str, run_dir: str) -> None:
-    import json
     import shutil
     from pathlib import Path
 
     from posttrain.algorithms import load_config
+    from posttrain.rollout import engines
     from posttrain.train import train
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])  # before any process group
-    wrote = json.loads((Path(run_dir) / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
-    wrote = wrote["world_size"]
-    name = f"{Path(path).stem}-reshard-on-{world}p"
-    copy = Path(path).with_name(f"{Path(path).stem}-from-{wrote}p-on-{world}p")
+    copy = Path(path).with_name(f"{Path(path).stem}-from-{wrote_by(run_dir)}p-on-{world}p")
     if rank == 0:
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(run_dir, copy)
-    cut_back(copy, 2)
     cfg = load_config(path, ["run.save_every=1", "run.keep_checkpoints=5", f"run.output_dir={copy}"])
+    cut_back(copy, cfg.run.max_steps - 1)
+    engines.ENGINES["hf"] = lambda c: RolloutSeededEngine()
     with Recording() as recording:
         model = train(cfg, resume=True, return_model=True).model
-    torch.save({"loaded": recording.loaded, "weights": gathered(model)}, f"{out_dir}/{name}-rank{rank}.pt")
+    torch.save({"loaded": recording.loaded, "weights": gathered(model)}, f"{out_dir}/{copy.name}-rank{rank}.pt")
 
 
 class InfGrad(torch.autograd.Function):
@@ -371,7 +399,8 @@ def main(out_dir: str, *jobs: str) -> None:
                 pushes(out_dir, model_dir, technique)
             else:
                 path, *args = rest.split(":")
-                suffix = {"run": "", "odd": "", "resume": "-resumed", "base": f"-base-{world}p", "reshard": f"-reshard-on-{world}p",
+                suffix = {"run": "", "odd": "", "resume": "-resumed", "base": f"-base-{world}p",
+                          "reshard": f"-from-{wrote_by(args[0]) if kind == 'reshard' else 0}p-on-{world}p",
                           "diverge": f"-diverge-{''.join(args)}-{world}p"}  # fmt: skip
                 name = Path(path).stem + suffix[kind]
                 JOBS[kind](out_dir, path, *args)

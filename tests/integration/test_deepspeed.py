@@ -110,9 +110,9 @@ def _launch(stage: int, processes: int, held: Path, jobs: list[str]) -> None:
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir, tmp_path_factory):
     """stage -> (run configs by name, what each process saved by job), each stage's 2-process jobs in one launch.
-    Besides, one launch of 1 process per stage: for ZeRO-2 after the 2-process launch (resuming its SFT run), for
-    ZeRO-3 before it (writing the SFT run the 2-process launch resumes); each with the SFT run diverging at step 3
-    in both launches (`test_a_diverged_step_leaves_the_last_finite_weights`)."""
+    Besides, one launch of 1 process per stage: for ZeRO-2 after the 2-process launch (resuming its SFT and LoRA
+    runs), for ZeRO-3 before it (writing the SFT, GRPO and reward runs the 2-process launch resumes, `RESHARDED`);
+    each with the SFT run diverging at step 3 in both launches (`test_a_diverged_step_leaves_the_last_finite_weights`)."""
     tmp = tmp_path_factory.mktemp("deepspeed")
     for name, rows in (("sft", SFT_ROWS), ("pairs", PAIRS), ("prompts", PROMPTS)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -131,6 +131,12 @@ def launched(tiny_model_dir, tmp_path_factory):
         sft = folder / "sft.yaml"
         diverging = [f"diverge:{sft}:loss", f"diverge:{sft}:grad"]
         jobs = [str(folder / f"{name}.yaml") for name in cfgs] + [f"resume:{sft}", *diverging]
+        # the runs resumed on another number of processes, written with a checkpoint every step (`base:`) by the
+        # launch before (ZeRO-2's SFT run: by `resume:`)
+        wrote = {name: folder / f"{name}-base-{w}p" for (st, name), (w, _) in RESHARDED.items() if st == stage}
+        wrote["sft"] = folder / ("sft-resumed" if stage == 2 else "sft-base-1p")
+        bases = [f"base:{folder / name}.yaml" for name in wrote if name != "sft"]
+        reshards = [f"reshard:{folder / name}.yaml:{run}" for name, run in wrote.items()]
         if stage == 3:  # GRPO scored by the reward run's model too, partitioned as it loads; one sample fails
             merged = {**base, **_settings(tmp)["grpo-lora"], "technique.name": "full", "algorithm.beta": 0.0,
                       "algorithm.reward_model": str(folder / "reward" / "final"),
@@ -139,15 +145,18 @@ def launched(tiny_model_dir, tmp_path_factory):
             dump_config(cfgs["grpo-rm"], folder / "grpo-rm.yaml")
             jobs.append(f"odd:{folder / 'grpo-rm.yaml'}")  # after the reward run, which writes the model
             jobs += [f"push:{tiny_model_dir}:{technique}" for technique in PUSHED]
-            _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging])
-            jobs.append(f"reshard:{sft}:{folder / 'sft-base-1p'}")  # 1 process's run resumed on 2
-        _launch(stage, 2, folder / "held", jobs)
-        if stage == 2:  # 2 processes' run resumed on 1
-            _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging, f"reshard:{sft}:{folder / 'sft-resumed'}"])
+            _launch(stage, 1, folder / "held", [f"base:{sft}", *bases, *diverging])
+            jobs += reshards  # 1 process's runs resumed on 2
+        _launch(stage, 2, folder / "held", jobs + (bases if stage == 2 else []))
+        if stage == 2:  # 2 processes' runs resumed on 1
+            _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging, *reshards])
         out[stage] = cfgs, {p.stem: torch.load(p) for p in (folder / "held").glob("*.pt")}
     return out
 
 
+# (stage, run) -> (processes that wrote it, processes that resume it): each method once, in one direction
+RESHARDED = {(2, "sft"): (2, 1), (3, "sft"): (1, 2), (2, "sft-lora"): (2, 1), (3, "grpo-lora"): (1, 2),
+             (3, "reward"): (1, 2)}  # fmt: skip
 _ONE: dict[str, object] = {}
 
 
@@ -409,31 +418,56 @@ def test_a_diverged_step_leaves_the_last_finite_weights(launched, stage, mode, p
         assert torch.equal(t, expected[k]), k
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage):
-    """ZeRO-2: the 2-process SFT run killed after step 2 resumed on 1 process; ZeRO-3: the 1-process run resumed on
-    2. The checkpoint's engine state is converted once into DeepSpeed's universal checkpoint, in the checkpoint
-    folder; each trained weight's fp32 value and AdamW moments come back bit for bit as the writing run held them
-    at step 2 (read through DeepSpeed's own API), and the run ends within 1e-8 of the uninterrupted one: step 3's
-    gradient is summed over another number of processes (measured: 9.3e-10 ZeRO-2, 1.2e-10 and 0 ZeRO-3, either
-    direction). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
-    both parameter groups, `checkpoint._own_step_counts`) the norm weights were 2.4e-7 off."""
+@pytest.mark.parametrize(("stage", "name"), RESHARDED)
+def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage, name):
+    """A run killed after its last step but one resumed on another number of processes (`RESHARDED`): SFT 2 -> 1
+    under ZeRO-2 and 1 -> 2 under ZeRO-3; SFT with LoRA 2 -> 1 (ZeRO-2: only the adapters in DeepSpeed's optimizer,
+    under peft's names); GRPO with LoRA and a KL penalty 1 -> 2 (ZeRO-3, the rollouts sampled layout-free,
+    `deepspeed_worker.RolloutSeededEngine`; a real run says in one line that it re-derives the random state,
+    `checkpoint.reshard_note`); a reward model 1 -> 2 (ZeRO-3, its scalar head beside the LM). The checkpoint's
+    engine state is converted once into DeepSpeed's universal checkpoint, in the checkpoint folder; each trained
+    weight's fp32 value and AdamW moments come back bit for bit as the writing run held them there (read through
+    DeepSpeed's own API), the frozen weights are the base model's, and the run ends within 1e-8 of the
+    uninterrupted one: the last step's gradient is summed over another number of processes (measured: SFT 9.3e-10
+    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; the same for each method run once in the
+    other stage's direction, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
+    both parameter groups, `checkpoint._own_step_counts`) SFT's norm weights were 2.4e-7 off."""
     cfgs, held = launched[stage]
-    wrote, on = (2, 1) if stage == 2 else (1, 2)
-    source = Path(cfgs["sft"].run.output_dir).with_name("sft-resumed" if wrote == 2 else f"sft-base-{wrote}p")
-    saved = held[f"{source.name}-rank0"]["saved"][2]
-    uninterrupted = load_file(str(source / "final" / "model.safetensors"))
-    copy = source.with_name(f"sft-from-{wrote}p-on-{on}p")
-    assert (copy / "checkpoints" / "step-000002" / "deepspeed-universal").is_dir()
+    wrote, on = RESHARDED[stage, name]
+    run = Path(cfgs[name].run.output_dir)
+    source = run.with_name("sft-resumed" if (stage, name) == (2, "sft") else f"{name}-base-{wrote}p")
+    last = cfgs[name].run.max_steps
+    saved = held[f"{source.name}-rank0"]["saved"][last - 1]
+    uninterrupted = load_file(str(source / "checkpoints" / f"step-{last:06d}" / "trainable.safetensors"))
+    copy = run.with_name(f"{name}-from-{wrote}p-on-{on}p")
+    assert (copy / "checkpoints" / f"step-{last - 1:06d}" / "deepspeed-universal").is_dir()
     for rank in range(on):
-        got = held[f"sft-reshard-on-{on}p-rank{rank}"]
+        got = held[f"{copy.name}-rank{rank}"]
         assert "error" not in got, got.get("error")
-        assert got["loaded"].keys() == saved.keys() and saved
+        assert got["loaded"].keys() == saved.keys() == uninterrupted.keys() and saved
         for n, state in saved.items():
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(got["loaded"][n][key], state[key]), (rank, n, key)
-        assert got["weights"].keys() == uninterrupted.keys()
-        for n, t in uninterrupted.items():
-            assert_close(got["weights"][n], t, rtol=0, atol=1e-8, msg=n)
-    for key in ("loss", "grad_norm"):  # steps 1 and 2 as written, step 3 resumed
+        for n, t in got["weights"].items():
+            if n in uninterrupted:
+                assert_close(t, uninterrupted[n], rtol=0, atol=1e-8, msg=n)
+            else:  # frozen: LoRA's base weights
+                assert torch.equal(t, load_file_weight(cfgs[name], n, t)), n
+    for key in ("loss", "grad_norm"):  # the steps before as written, the last one resumed
         assert_close(_metric(copy, key), _metric(source, key), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_deepspeed_resume_under_another_zero_stage_is_refused(launched, stage):
+    """A checkpoint records the ZeRO stage that wrote it; resumed under the other stage it is refused before the
+    model loads, naming both stages and what to do (DeepSpeed 0.19.8 reads neither its engine checkpoint nor its
+    universal checkpoint across stages: `checkpoint.check_resumable`). The same stage, on any number of processes,
+    passes."""
+    cfgs, _ = launched[stage]
+    ckpt = Path(cfgs["sft"].run.output_dir) / "checkpoints" / "step-000003"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == stage
+    check_resumable(ckpt, deepspeed=True, stage=stage)
+    other = 5 - stage
+    with pytest.raises(ConfigError, match=f"written under DeepSpeed ZeRO-{stage} and this run is launched under "
+                                          f"ZeRO-{other}.*Resume it under ZeRO-{stage}.*deepspeed_zero{stage}.yaml"):
+        check_resumable(ckpt, deepspeed=True, stage=other)

@@ -33,13 +33,14 @@ both sizes (`resuming_on`).
 
 A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeRO-3's partitions gathered) and,
 in place of `optimizer.pt`, DeepSpeed's own checkpoint of its engine in `deepspeed/` (`engine.save_checkpoint`:
-each process's partitions of the optimizer state and, under ZeRO-3, of the weights), and records `deepspeed` in
-trainer_state.json. `--resume` reads the engine's checkpoint back (`engine.load_checkpoint`) on the same number of
+each process's partitions of the optimizer state and, under ZeRO-3, of the weights), and records `deepspeed` and
+the ZeRO stage (`zero_stage`) in trainer_state.json. `--resume` reads the engine's checkpoint back (`engine.load_checkpoint`) on the same number of
 processes. ZeRO's partitions belong to the processes that wrote them, so on another number the engine checkpoint is
 first converted, once, to DeepSpeed's universal checkpoint (`deepspeed_universal`, into `UNIVERSAL` beside it),
-which an engine of any number of processes loads; the random state is then handled as above (`derived_seed`,
-`reshard_note`). A DeepSpeed checkpoint resumed without DeepSpeed is refused before the model loads
-(`check_resumable`).
+which an engine of any number of processes loads (the trained weights and their AdamW state, a LoRA run's adapters,
+a reward model's head with its LM); the random state is then handled as above (`derived_seed`, `reshard_note`). A
+DeepSpeed checkpoint resumed without DeepSpeed, or under another ZeRO stage (which DeepSpeed cannot load in either
+form), is refused before the model loads (`check_resumable`).
 
 It is written into `checkpoints/.tmp-step-000040/` and renamed into place only once complete, so a `kill -9` at
 any moment leaves either the previous checkpoint or the new one, never a half-written folder.
@@ -62,6 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from posttrain.algorithms.base import BatchSource
+from posttrain.config import deepspeed_zero_stage
 from posttrain.errors import ConfigError, UserError
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.sharding import (
@@ -167,7 +169,8 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         source_state = source.state_dict()
         state = {"step": step, "layout": layout, "world_size": accelerator.num_processes,
-                 **({"source": source_state} if source_state else {}), **({"deepspeed": True} if deepspeed else {})}  # fmt: skip
+                 **({"source": source_state} if source_state else {}),
+                 **({"deepspeed": True, "zero_stage": deepspeed_zero_stage()} if deepspeed else {})}  # fmt: skip
         (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     accelerator.wait_for_everyone()
     if layout == "sharded":  # each process its own shards, into the folder the main process just made
@@ -250,10 +253,29 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
     )
 
 
-def check_resumable(path: Path, deepspeed: bool) -> None:
+def check_resumable(path: Path, deepspeed: bool, stage: int | None = None) -> None:
     """Refuse, before the model loads, a checkpoint this run cannot continue: one written under DeepSpeed before
-    its engine state was saved (no optimizer state), or resumed without DeepSpeed (`deepspeed`: this run's)."""
+    its engine state was saved (no optimizer state), resumed without DeepSpeed (`deepspeed`: this run's), or under
+    another ZeRO stage than wrote it (`stage`: this run's; a checkpoint of an older posttrain records none)."""
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    wrote = state.get("zero_stage")
+    if deepspeed and stage is not None and wrote is not None and int(wrote) != stage:
+        # DeepSpeed 0.19.8 carries ZeRO state across stages in neither form: its engine checkpoint is laid out by
+        # the stage (ZeRO-3 partitions the weights too), and its universal checkpoint (`deepspeed_universal`) keeps
+        # the writing stage's records: the engine metadata file's name (engine.py `_get_ckpt_name`) and the
+        # optimizer record zero/optimizer_state.pt (ds_to_universal.py `_save_optimizer_state` for ZeRO-1/2, with
+        # `ds_version` and a step file per weight; `_save_optimizer_state_stage3`, with one step in
+        # `optimizer_state_dict`), which the other stage's loader cannot read (measured: "Empty ds_version in
+        # checkpoint", KeyError 'optimizer_state_dict').
+        raise ConfigError(
+            f"--resume: {path} was written under DeepSpeed ZeRO-{wrote} and this run is launched under ZeRO-{stage}, "
+            "and DeepSpeed loads one stage's optimizer state into the other's from neither its engine checkpoint "
+            f"nor its universal checkpoint. Resume it "
+            f"under ZeRO-{wrote} (`accelerate launch --config_file configs/accelerate/deepspeed_zero{wrote}.yaml`, "
+            "on any number of processes), or start a new run under ZeRO-"
+            f"{stage} (another run.output_dir; its weights from this checkpoint's trainable.safetensors lose the "
+            "AdamW state)."
+        )
     if state.get("deepspeed") and not deepspeed:
         raise UserError(
             f"--resume: {path} was written under DeepSpeed, whose engine checkpoint only DeepSpeed reads, and this "
