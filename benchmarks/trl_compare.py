@@ -304,7 +304,8 @@ def write_data(workdir: Path, kinds: set[str], steps: int, s: dict = SETTINGS) -
 def _child(tool: str, method: str, workdir: Path, args, trl_path: str | None) -> dict:
     """Run one (tool, method) in a fresh process; its JSON result (the last stdout line)."""
     cmd = [sys.executable, str(Path(__file__).with_name("trl_runners.py")), tool, method,
-           "--workdir", str(workdir), "--steps", str(args.steps)]  # fmt: skip
+           "--workdir", str(workdir), "--steps", str(args.steps),
+           *(f"--posttrain-set={item}" for item in args.posttrain_set)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1"}
     repo_src = str(Path(__file__).resolve().parents[1] / "src")
     paths = [repo_src, *([trl_path] if tool == "trl" and trl_path else []), env.get("PYTHONPATH", "")]
@@ -377,6 +378,8 @@ def report(result: dict) -> str:
         f"({result['wall_s'] / 60:.1f} min)",
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "malloc: " + ", ".join(f"{k} {v}" for k, v in result.get("malloc", {}).items()),
+        *([f"posttrain settings over the matched config: {' '.join(result['posttrain_set'])}"]
+          if result.get("posttrain_set") else []),
         *(["SMOKE RUN: a tiny random model (max length 512); the figures check the plumbing and mean nothing"]
           if result["smoke"] else []),
         "",
@@ -413,6 +416,9 @@ def main() -> None:
     ap.add_argument("--trl-malloc", default="system", choices=["system", "tcmalloc", "jemalloc"],
                     help="the malloc TRL's runs preload (default: glibc's, as TRL runs unless its user preloads one; "
                          "posttrain's runs use what `posttrain train` picks, see POSTTRAIN_MALLOC)")  # fmt: skip
+    ap.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a posttrain setting over the matched config, e.g. model.compile=true (repeatable); "
+                         "recorded in the JSON")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps, 1 repeat (plumbing only)")
     ap.add_argument("--workdir", help="where setup.json, the data files and the runs' logs go (default: a temporary folder)")
     ap.add_argument("--json", default="trl_compare.json", help="where to write every figure and curve")
@@ -449,6 +455,7 @@ def main() -> None:
         "malloc": {t: malloc_library(t, args.trl_malloc) or "glibc" for t in args.tools},
         "model": setup["model"],
         "settings": setup["settings"],
+        "posttrain_set": args.posttrain_set,
         "summary": {m: {t: summarise(r) for t, r in by_tool.items()} for m, by_tool in runs.items()},
         "curves": {m: {t: r[0]["curve"] for t, r in by_tool.items()} for m, by_tool in runs.items()},
         "runs": runs,

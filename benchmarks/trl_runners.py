@@ -60,13 +60,25 @@ def posttrain_config(method: str, model: str, data: str, steps: int, out: str, s
     }  # fmt: skip
 
 
-def run_posttrain(method: str, model: str, data: str, steps: int, s: dict) -> dict:
+def run_posttrain(method: str, model: str, data: str, steps: int, s: dict, overrides: list[str] = ()) -> dict:
+    """One posttrain run; `overrides` are `section.field=value` settings put over the matched config (as
+    `posttrain train` takes them, e.g. model.compile=true), for comparing posttrain's own options."""
+    import yaml
+
     from posttrain.algorithms import config_from_dict
     from posttrain.train import train
 
     spec = METHODS[method]
     with tempfile.TemporaryDirectory(prefix="trl-compare-posttrain-") as tmp:
-        cfg = config_from_dict(posttrain_config(method, model, data, steps, str(Path(tmp) / "run"), s), source=method)
+        raw = posttrain_config(method, model, data, steps, str(Path(tmp) / "run"), s)
+        for item in overrides:
+            dotted, _, value = item.partition("=")
+            *parents, leaf = dotted.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        cfg = config_from_dict(raw, source=method)
         result = train(cfg)
         hist = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     rl = spec["kind"] in ("grpo", "ppo")
@@ -195,10 +207,12 @@ def main() -> None:
     ap.add_argument("method", choices=list(METHODS))
     ap.add_argument("--workdir", required=True, help="the folder `trl_compare.prepare` wrote (setup.json)")
     ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     setup = json.loads((Path(args.workdir) / "setup.json").read_text())
     data = setup["data"][METHODS[args.method]["kind"]]
-    print(json.dumps(RUNNERS[args.tool](args.method, setup["model"], data, args.steps, setup["settings"])))
+    extra = {"overrides": args.posttrain_set} if args.tool == "posttrain" else {}
+    print(json.dumps(RUNNERS[args.tool](args.method, setup["model"], data, args.steps, setup["settings"], **extra)))
 
 
 if __name__ == "__main__":
