@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from posttrain.errors import ConfigError, TrainingDiverged
+from posttrain.errors import ConfigError, TrainingDiverged, UserError
 from posttrain.train import train
 from posttrain.trainer.metrics import read_metrics
 
@@ -116,6 +116,18 @@ def test_existing_run_is_not_overwritten_without_resume(make_cfg):
     train(cfg)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg)
+
+
+def test_a_checkpoint_written_without_deepspeed_is_refused_under_deepspeed_before_the_model_loads(make_cfg):
+    """Found by review: resumed under an Accelerate DeepSpeed config, the plain checkpoint's AdamW state went to
+    ZeRO's optimizer and crashed with a traceback (KeyError 0) after the model had loaded."""
+    from posttrain.trainer.checkpoint import check_resumable
+
+    run = train(make_cfg(**{"run.max_steps": 1}))
+    ckpt = run.run_dir / "checkpoints" / "step-000001"
+    check_resumable(ckpt, deepspeed=False)
+    with pytest.raises(UserError, match="written without DeepSpeed.*Resume it as it was launched"):
+        check_resumable(ckpt, deepspeed=True, stage=2)
 
 
 def test_resume_refuses_a_changed_config(make_cfg):

@@ -256,7 +256,8 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
 def check_resumable(path: Path, deepspeed: bool, stage: int | None = None) -> None:
     """Refuse, before the model loads, a checkpoint this run cannot continue: one written under DeepSpeed before
     its engine state was saved (no optimizer state), resumed without DeepSpeed (`deepspeed`: this run's), or under
-    another ZeRO stage than wrote it (`stage`: this run's; a checkpoint of an older posttrain records none)."""
+    another ZeRO stage than wrote it (`stage`: this run's; a checkpoint of an older posttrain records none); and one
+    written without DeepSpeed, resumed under it."""
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
     wrote = state.get("zero_stage")
     if deepspeed and stage is not None and wrote is not None and int(wrote) != stage:
@@ -282,6 +283,17 @@ def check_resumable(path: Path, deepspeed: bool, stage: int | None = None) -> No
             "run is not launched with an Accelerate DeepSpeed config. Resume it under one (`accelerate launch "
             "--config_file configs/accelerate/deepspeed_zero2.yaml`, the ZeRO stage it was written with), or start "
             "a new run from its weights (`model.name` set to the run's final/ folder)."
+        )
+    if deepspeed and not state.get("deepspeed"):
+        # ZeRO builds its float32 master weights and partitioned AdamW state inside `accelerator.prepare`, from the
+        # model as it is then; its optimizer takes a list of per-process state dicts, not one process's whole one
+        # (measured: KeyError 0 in DeepSpeed 0.19.8's `_load_legacy_checkpoint`, with a traceback)
+        raise UserError(
+            f"--resume: {path} was written without DeepSpeed (one process, DDP or run.sharding=fsdp2), and this run "
+            "is launched with an Accelerate DeepSpeed config, whose optimizer cannot take that checkpoint's AdamW "
+            "state. Resume it as it was launched (without the DeepSpeed config; any number of processes), or start "
+            "a new run under DeepSpeed from its weights (another run.output_dir, `model.name` set to the run's "
+            "final/ folder; the AdamW state starts afresh)."
         )
     if state.get("deepspeed") and not (Path(path) / DEEPSPEED).is_dir():
         raise UserError(
