@@ -68,15 +68,15 @@ class ModelConfig(_Section):
     DeepSpeed ZeRO-3, with a note (its partitioned norm weights are not gathered where the rebuild runs)."""
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (inductor) for training: fused pointwise kernels, faster
-    steps once compiled (SmolLM2-135M on 2 CPU cores: SFT full 68 -> 75% of the GEMM rate, LoRA about -10% step
-    time; benchmarks/README.md), for a compile of 15-50 s at the first step (and at the first evaluation).
-    Results are within float rounding of the uncompiled run, not bit for bit. The compiler chooses what backward
-    keeps (`compile_memory_budget`), in place of `rebuild_pointwise` (which is then not read). One process, SFT, DPO and reward
-    modelling, full or LoRA, float32; other combinations are refused (not tried yet)."""
+    steps once compiled (SmolLM2-135M on 2 CPU cores: SFT full 64-65% -> 73-76% of the GEMM rate, LoRA steps
+    7-13% shorter; benchmarks/README.md), for a compile of 12-32 s at the first step (and at the first
+    evaluation). Results are within float rounding of the uncompiled run, not bit for bit. The compiler chooses
+    what backward keeps (`compile_memory_budget`) in place of `rebuild_pointwise`, which is then not read. One
+    process, SFT, DPO and reward modelling, full or LoRA, float32; other combinations are refused (not tried)."""
     compile_memory_budget: float | None = Field(default=None, gt=0, le=1)
     """With `compile`: the share (0-1] of a layer's activation memory backward may keep (torch's
     `activation_memory_budget`); lower recomputes more of the cheap pointwise work in backward instead (SFT LoRA
-    on SmolLM2-135M, batch 8: 2.7 GB at 1, 1.9 GB at 0.3, a few percent slower). null: 1, keep what is fastest."""
+    on SmolLM2-135M, batch 8: 2.7 GB at 1, 1.9 GB at 0.3, the uncompiled step time). null: 1, the fastest."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
 
