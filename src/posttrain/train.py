@@ -40,6 +40,7 @@ from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
+from posttrain.models.layers import cpp_compiler_missing
 from posttrain.models.loading import default_device, mixed_precision, resolve_dtype
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
@@ -363,6 +364,12 @@ def _check_compile(cfg: RunConfig, accelerator) -> None:
         raise ConfigError(
             f"model.compile is tested in one process on the CPU, and this run has {' and '.join(where)}; remove "
             "model.compile (the uncompiled run is the same math)"
+        )
+    if missing := cpp_compiler_missing():
+        raise ConfigError(
+            f"model.compile needs a C++ compiler (torch's inductor builds its CPU kernels with one), and none was "
+            f"found ({missing}). Install one (Debian/Ubuntu: apt-get install g++; or set CXX), or remove "
+            "model.compile"
         )
 
 

@@ -15,10 +15,14 @@ from torch.testing import assert_close
 
 from posttrain.algorithms import load_config
 from posttrain.errors import ConfigError
-from posttrain.models.layers import compile_layers, lean_mlps
+from posttrain.models.layers import compile_layers, cpp_compiler_missing, lean_mlps
 from posttrain.models.logprobs import selected_token_logps
 from posttrain.testing import tiny_model
 from posttrain.train import train
+
+# inductor builds its CPU kernels with a C++ compiler: where none is installed, the compiling tests cannot run
+# (and a run is refused before the model loads, `test_a_missing_compiler_is_refused_before_the_model_loads`)
+compiles = pytest.mark.skipif(cpp_compiler_missing() is not None, reason=f"no C++ compiler: {cpp_compiler_missing()}")
 
 
 @pytest.fixture()
@@ -62,6 +66,7 @@ def _saved_bytes(model, inputs, target) -> int:
     return sum(seen.values())
 
 
+@compiles
 def test_compiled_layers_give_the_eager_loss_and_gradients():
     torch._dynamo.reset()
     counters.clear()
@@ -83,6 +88,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
     assert counters["stats"]["unique_graphs"] >= 1 and counters["graph_break"] == {}
 
 
+@compiles
 def test_a_lower_memory_budget_keeps_less_for_backward_and_changes_no_gradient():
     base = tiny_model(259, hidden_size=64, layers=2)
     lean_mlps(base)
@@ -99,6 +105,7 @@ def test_a_lower_memory_budget_keeps_less_for_backward_and_changes_no_gradient()
         assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@compiles
 @pytest.mark.parametrize(
     ("method", "technique"), [("sft", "full"), ("sft", "lora"), ("dpo", "lora"), ("reward", "full")]
 )
@@ -158,3 +165,21 @@ def test_a_launch_compile_was_not_tried_on_is_refused_before_the_model_loads(mak
         _check_compile(make_cfg(**{"model.compile": "true"}), launch)
     assert named in str(err.value) and "remove model.compile" in str(err.value)
     _check_compile(make_cfg(**{"model.compile": "true"}), SimpleNamespace(num_processes=1, device=torch.device("cpu")))
+
+
+def test_a_missing_compiler_is_refused_before_the_model_loads(make_cfg, monkeypatch):
+    from types import SimpleNamespace
+
+    from posttrain.train import _check_compile
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")  # inductor's search tries CXX first, then g++ and clang++
+    monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("/nonexistent/c++",))
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    cpp_compiler_search.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="model.compile needs a C\\+\\+ compiler.*apt-get install g\\+\\+"):
+            _check_compile(make_cfg(**{"model.compile": "true"}), SimpleNamespace(num_processes=1,
+                                                                              device=torch.device("cpu")))
+    finally:
+        cpp_compiler_search.cache_clear()

@@ -300,6 +300,18 @@ def compile_layers(model: nn.Module, memory_budget: float | None = None) -> int:
     return compiled
 
 
+def cpp_compiler_missing() -> str | None:
+    """Why inductor could not build its CPU kernels here (it compiles them with a C++ compiler, found by its own
+    search: `CXX`, then g++ and clang++), or None when it can."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - InvalidCxxCompiler, or a torch without inductor's builder
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no C++ compiler found'}"
+    return None
+
+
 @functools.cache
 def _inductor_with(memory_budget: float) -> Callable:
     """Inductor, compiling under `activation_memory_budget = memory_budget` (one backend object per budget)."""
