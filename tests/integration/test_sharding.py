@@ -650,7 +650,10 @@ def test_a_resume_on_processes_the_batch_does_not_split_over_is_refused_naming_b
     numbers and what to launch instead (the launch of 3 stood in for: only the process count is read first)."""
     cfgs, _ = runs
     run_dir = _cut_after(cfgs["sft"].run.output_dir, 2, tmp_path / "sft")
-    three = SimpleNamespace(num_processes=3, process_index=0, is_main_process=True)
+    from accelerate.utils import DistributedType
+
+    three = SimpleNamespace(num_processes=3, process_index=0, is_main_process=True,
+                            distributed_type=DistributedType.MULTI_CPU, device=torch.device("cpu"))
     with mock.patch.object(TRAIN, "_accelerator", return_value=three), \
             mock.patch.object(TRAIN, "_load_model", side_effect=AssertionError("the model loaded")):  # fmt: skip
         with pytest.raises(UserError, match=r"step-000002 was written by 2 processes and this run has 3, which "
