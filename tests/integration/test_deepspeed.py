@@ -13,7 +13,8 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
 - `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
   bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3; also SFT with LoRA, DPO with
-  LoRA, a reward model, GRPO with LoRA and PPO, one direction each: `RESHARDED`) it resumes through DeepSpeed's
+  LoRA and with a frozen copy, a reward model, GRPO with LoRA and PPO, one direction each: `RESHARDED`) it resumes
+  through DeepSpeed's
   universal checkpoint, the weights and AdamW state back bit for bit and the run within 1e-8 of the uninterrupted
   one; a resume without DeepSpeed is refused;
 - a step whose loss (with finite gradients) or gradient (with a finite loss) became NaN/inf on one process stops
@@ -160,7 +161,8 @@ def launched(tiny_model_dir, tmp_path_factory):
 
 # (stage, run) -> (processes that wrote it, processes that resume it): each method once, in one direction
 RESHARDED = {(2, "sft"): (2, 1), (3, "sft"): (1, 2), (2, "sft-lora"): (2, 1), (3, "grpo-lora"): (1, 2),
-             (3, "reward"): (1, 2), (2, "dpo-adapter"): (2, 1), (3, "ppo"): (1, 2)}  # fmt: skip
+             (3, "reward"): (1, 2), (2, "dpo-adapter"): (2, 1), (3, "dpo-copy"): (1, 2),
+             (3, "ppo"): (1, 2)}  # fmt: skip
 _ONE: dict[str, object] = {}
 
 
@@ -429,14 +431,15 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
     under peft's names); GRPO with LoRA and a KL penalty 1 -> 2 (ZeRO-3, the rollouts sampled layout-free,
     `deepspeed_worker.RolloutSeededEngine`; a real run says in one line that it re-derives the random state,
     `checkpoint.reshard_note`); a reward model 1 -> 2 (ZeRO-3, its scalar head beside the LM); DPO with LoRA and
-    the adapter-disabled reference 2 -> 1 (ZeRO-2); PPO 1 -> 2 (ZeRO-3: its value head beside the LM, its adaptive
-    KL coefficient, the batch source's state, logged as the uninterrupted run's; its frozen-copy reference, a ZeRO-3
-    engine of its own, not in the universal checkpoint). The checkpoint's
+    the adapter-disabled reference 2 -> 1 (ZeRO-2); DPO (full) with a frozen-copy reference 1 -> 2 and PPO 1 -> 2
+    (ZeRO-3: PPO's value head beside the LM, its adaptive KL coefficient, the batch source's state, logged as the
+    uninterrupted run's; the frozen-copy reference of each, a ZeRO-3 engine of its own, not in the universal
+    checkpoint). The checkpoint's
     engine state is converted once into DeepSpeed's universal checkpoint, in the checkpoint folder; each trained
     weight's fp32 value and AdamW moments come back bit for bit as the writing run held them there (read through
     DeepSpeed's own API), the frozen weights are the base model's, and the run ends within 1e-8 of the
     uninterrupted one: the last step's gradient is summed over another number of processes (measured: SFT 9.3e-10
-    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; DPO 1.2e-10; PPO 3.7e-9; SFT, LoRA, GRPO
+    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; DPO 1.2e-10 (LoRA), 1.9e-9 (frozen copy); PPO 3.7e-9; SFT, LoRA, GRPO
     and reward also run once in the other stage's direction, the same figures, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
     both parameter groups, `checkpoint._own_step_counts`) SFT's norm weights were 2.4e-7 off."""
     cfgs, held = launched[stage]
