@@ -12,7 +12,9 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   sample it cannot render on one process only its failure (no hang); ZeRO-2: the whole weights;
 - `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
-  bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3) it resumes through DeepSpeed's
+  bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3; also SFT with LoRA, DPO with
+  LoRA and with a frozen copy, a reward model, GRPO with LoRA and PPO, one direction each: `RESHARDED`) it resumes
+  through DeepSpeed's
   universal checkpoint, the weights and AdamW state back bit for bit and the run within 1e-8 of the uninterrupted
   one; a resume without DeepSpeed is refused;
 - a step whose loss (with finite gradients) or gradient (with a finite loss) became NaN/inf on one process stops
@@ -91,8 +93,11 @@ def _settings(tmp: Path) -> dict[str, dict]:
         "reward": {**exact, "algorithm.name": "reward", "data.train": str(tmp / "pairs.jsonl")},
         "grpo-lora": {**grpo, "technique.name": "lora", "algorithm.beta": 0.04},  # KL to the adapter disabled
         "rloo": {**grpo, "algorithm.name": "rloo", "algorithm.beta": 0.1, "technique.name": "lora"},
-        # advantages whitened over all samples, not per process (which would differ from one process by design)
-        "ppo": {**rl, "algorithm.name": "ppo", "algorithm.kl_coef": 0.1, "algorithm.whiten_advantages": False},
+        # advantages whitened over all samples, not per process (which would differ from one process by design);
+        # the adaptive KL coefficient (updated from the KL summed over processes) at a short horizon, so that one
+        # rollout moves it visibly (3.2% for a KL of 0): a resume must bring it back (`RESHARDED`)
+        "ppo": {**rl, "algorithm.name": "ppo", "algorithm.kl_coef": 0.1, "algorithm.whiten_advantages": False,
+                "algorithm.adaptive_kl": True, "algorithm.kl_horizon": 100},  # fmt: skip
     }
 
 
@@ -156,7 +161,8 @@ def launched(tiny_model_dir, tmp_path_factory):
 
 # (stage, run) -> (processes that wrote it, processes that resume it): each method once, in one direction
 RESHARDED = {(2, "sft"): (2, 1), (3, "sft"): (1, 2), (2, "sft-lora"): (2, 1), (3, "grpo-lora"): (1, 2),
-             (3, "reward"): (1, 2)}  # fmt: skip
+             (3, "reward"): (1, 2), (2, "dpo-adapter"): (2, 1), (3, "dpo-copy"): (1, 2),
+             (3, "ppo"): (1, 2)}  # fmt: skip
 _ONE: dict[str, object] = {}
 
 
@@ -424,13 +430,17 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
     under ZeRO-2 and 1 -> 2 under ZeRO-3; SFT with LoRA 2 -> 1 (ZeRO-2: only the adapters in DeepSpeed's optimizer,
     under peft's names); GRPO with LoRA and a KL penalty 1 -> 2 (ZeRO-3, the rollouts sampled layout-free,
     `deepspeed_worker.RolloutSeededEngine`; a real run says in one line that it re-derives the random state,
-    `checkpoint.reshard_note`); a reward model 1 -> 2 (ZeRO-3, its scalar head beside the LM). The checkpoint's
+    `checkpoint.reshard_note`); a reward model 1 -> 2 (ZeRO-3, its scalar head beside the LM); DPO with LoRA and
+    the adapter-disabled reference 2 -> 1 (ZeRO-2); DPO (full) with a frozen-copy reference 1 -> 2 and PPO 1 -> 2
+    (ZeRO-3: PPO's value head beside the LM, its adaptive KL coefficient, the batch source's state, logged as the
+    uninterrupted run's; the frozen-copy reference of each, a ZeRO-3 engine of its own, not in the universal
+    checkpoint). The checkpoint's
     engine state is converted once into DeepSpeed's universal checkpoint, in the checkpoint folder; each trained
     weight's fp32 value and AdamW moments come back bit for bit as the writing run held them there (read through
     DeepSpeed's own API), the frozen weights are the base model's, and the run ends within 1e-8 of the
     uninterrupted one: the last step's gradient is summed over another number of processes (measured: SFT 9.3e-10
-    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; the same for each method run once in the
-    other stage's direction, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
+    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; DPO 1.2e-10 (LoRA), 1.9e-9 (frozen copy); PPO 3.7e-9; SFT, LoRA, GRPO
+    and reward also run once in the other stage's direction, the same figures, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
     both parameter groups, `checkpoint._own_step_counts`) SFT's norm weights were 2.4e-7 off."""
     cfgs, held = launched[stage]
     wrote, on = RESHARDED[stage, name]
@@ -440,7 +450,11 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
     saved = held[f"{source.name}-rank0"]["saved"][last - 1]
     uninterrupted = load_file(str(source / "checkpoints" / f"step-{last:06d}" / "trainable.safetensors"))
     copy = run.with_name(f"{name}-from-{wrote}p-on-{on}p")
-    assert (copy / "checkpoints" / f"step-{last - 1:06d}" / "deepspeed-universal").is_dir()
+    universal = copy / "checkpoints" / f"step-{last - 1:06d}" / "deepspeed-universal"
+    if stage == 3:  # each trained weight's folder, no other: not a frozen-copy reference's (PPO's, an engine apart)
+        assert {p.name for p in (universal / "state" / "zero").iterdir() if p.is_dir()} == uninterrupted.keys()
+    else:  # ZeRO-2's engine checkpoint holds the frozen weights too (LoRA's base), which the converter copies
+        assert uninterrupted.keys() <= {p.name for p in (universal / "state" / "zero").iterdir() if p.is_dir()}
     for rank in range(on):
         got = held[f"{copy.name}-rank{rank}"]
         assert "error" not in got, got.get("error")
@@ -455,6 +469,10 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
                 assert torch.equal(t, load_file_weight(cfgs[name], n, t)), n
     for key in ("loss", "grad_norm"):  # the steps before as written, the last one resumed
         assert_close(_metric(copy, key), _metric(source, key), rtol=1e-6, atol=0)
+    if name == "ppo":  # the adaptive KL coefficient the resumed rollout used: the one the writing run had reached
+        kl_coef = _metric(copy, "kl_coef")
+        assert kl_coef[-1] < kl_coef[0]  # moved by the first rollout
+        assert torch.equal(kl_coef, _metric(source, "kl_coef"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
