@@ -109,10 +109,12 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     class FakeScorer:
         def __init__(self, path, prepare=None):
             made.append((path, prepare))
+            self.unscored = {}
 
         def __call__(self, prompts, completions, truncated=None):
             seen.append(truncated)
-            return [len(c) / 10 for c in completions]
+            self.unscored = {i: "it renders to no tokens" for i, c in enumerate(completions) if c == "odd"}
+            return [math.nan if i in self.unscored else len(c) / 10 for i, c in enumerate(completions)]
 
     from posttrain.rewards import builtin
 
@@ -129,6 +131,10 @@ def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     other.fn.prepare = print
     other.fn(["p"], ["a"])
     assert made[-1] == ("runs/rm2", print)
+    # a sample the model cannot score fails with the scorer's reason, not "nan is not a finite number"
+    result = compute_rewards([reward], ["p", "p"], ["abc", "odd"], fallback=-1.0)
+    assert result.total == [0.3, -1.0] and result.failures == {"reward_model": 1}
+    assert result.errors["reward_model"] == "sample 1: the reward model cannot score it: it renders to no tokens"
 
 
 def test_the_reward_model_scores_a_truncated_completion_as_an_open_turn(tiny_tokenizer):
@@ -193,6 +199,8 @@ def test_the_reward_model_scorer_keeps_its_forwards_when_a_sample_cannot_be_scor
     out = scorer(prompts, completions, truncated=[i % 2 == 1 for i in range(10)])
     assert len(forwards) == 3  # ceil(10 / 4), the same as for ten good samples
     assert len(out) == 10 and math.isnan(out[5]) and math.isnan(out[8])
+    assert sorted(scorer.unscored) == [5, 8]  # why, for the logged error: the render's own exception, the length
+    assert "could not be rendered" in scorer.unscored[5] and "max_position_embeddings" in scorer.unscored[8]
     for i in (0, 1, 2, 3, 4, 6, 7, 9):
         ids = torch.tensor([scorer.render(prompts[i], completions[i], i % 2 == 1)])
         alone = model.scores(ids, torch.ones_like(ids))

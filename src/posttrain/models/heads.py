@@ -173,7 +173,8 @@ class RewardModelScorer:
     `ceil(len(completions) / batch_size)` everywhere (none for an empty list), whatever the texts. A sample
     that cannot be scored (its rendering or tokenisation raises, it renders to no tokens, or to more than the
     model's `max_position_embeddings`) gets NaN, which `rewards.compute` counts as that sample's failure and
-    replaces by the fallback, and a one-token placeholder row takes its place in the batch, its score
+    replaces by the fallback (why, by sample index, is in `unscored` after each call), and a one-token
+    placeholder row takes its place in the batch, its score
     discarded: one process's odd sample never changes how many forwards it runs, where a raised error would
     have sent `compute_rewards` to score its samples one by one while the other processes ran one forward per
     batch, and the run would hang. A forward that raises on one process only (out of memory) cannot be made
@@ -186,6 +187,7 @@ class RewardModelScorer:
         self.max_length = getattr(model.policy.config, "max_position_embeddings", None)
         self.model = prepare(model) if prepare is not None else model
         self.batch_size = batch_size
+        self.unscored: dict[int, str] = {}  # the last call's samples that got NaN: index -> why
 
     def render(self, prompt, completion: str, truncated: bool = False) -> list[int]:
         """The token ids the model scores for one sample (a string prompt is one user turn)."""
@@ -197,14 +199,18 @@ class RewardModelScorer:
             text = chat_text(tok, [*msgs, {"role": "assistant", "content": completion}])
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    def _row(self, prompt, completion, truncated: bool) -> list[int] | None:
-        """`render`'s ids, or None for a sample that cannot be scored (class docstring)."""
+    def _row(self, prompt, completion, truncated: bool) -> list[int] | str:
+        """`render`'s ids, or why the sample cannot be scored (class docstring)."""
         try:
             ids = self.render(prompt, completion, truncated)
-        except Exception:  # noqa: BLE001 - one sample's failure (rewards.compute counts it), not the batch's
-            return None
-        too_long = self.max_length is not None and len(ids) > self.max_length
-        return None if not ids or too_long else list(ids)
+        except Exception as e:  # noqa: BLE001 - one sample's failure (rewards.compute counts it), not the batch's
+            return f"it could not be rendered with the reward model's chat template ({type(e).__name__}: {e})"
+        if not ids:
+            return "it renders to no tokens"
+        if self.max_length is not None and len(ids) > self.max_length:
+            return (f"it renders to {len(ids)} tokens, more than the reward model's {self.max_length} positions "
+                    "(max_position_embeddings)")  # fmt: skip
+        return list(ids)
 
     @torch.no_grad()
     def __call__(
@@ -215,10 +221,12 @@ class RewardModelScorer:
         device = next(self.model.parameters()).device
         cut = list(truncated) if truncated is not None else [False] * len(completions)
         out: list[float] = []
+        self.unscored = {}
         for s in range(0, len(completions), self.batch_size):
             end = s + self.batch_size
             rows = [self._row(*sample) for sample in zip(prompts[s:end], completions[s:end], cut[s:end])]
-            placed = [r if r is not None else [pad] for r in rows]  # a placeholder keeps the forward
+            self.unscored.update({s + i: r for i, r in enumerate(rows) if isinstance(r, str)})
+            placed = [r if isinstance(r, list) else [pad] for r in rows]  # a placeholder keeps the forward
             T = max(len(r) for r in placed)
             ids = torch.full((len(placed), T), pad, dtype=torch.long)
             mask = torch.zeros((len(placed), T), dtype=torch.long)
@@ -230,5 +238,5 @@ class RewardModelScorer:
             last = torch.zeros_like(mask, dtype=torch.bool)  # (B, T), one position per row
             last[torch.arange(len(placed)), mask.sum(-1) - 1] = True
             scores, _ = self.model(ids.to(device), mask.to(device), keep=last.to(device))  # (B,)
-            out.extend(x if r is not None else math.nan for x, r in zip(scores.tolist(), rows, strict=True))
+            out.extend(x if isinstance(r, list) else math.nan for x, r in zip(scores.tolist(), rows, strict=True))
         return out

@@ -304,6 +304,12 @@ def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
     return reward
 
 
+class Unscored(Exception):
+    """What a reward function may return in place of one sample's value when it cannot score that sample (a
+    trained reward model that cannot render it: `reward_model`): the sample fails, as a NaN would
+    (`rewards.compute`), and the logged error says why instead of "nan is not a finite number"."""
+
+
 def reward_model(*, path: str) -> RewardFn:
     """The score of a trained reward model at `path` (``posttrain.models.heads.RewardModelScorer``),
     loaded on the first call. It scores the whole prompt when the rollout passes it as a ``prompt_messages``
@@ -313,7 +319,8 @@ def reward_model(*, path: str) -> RewardFn:
     The returned function's ``prepare`` attribute (None: the model stays as loaded) is applied to the model when it
     loads; the run that calls the function sets it, knowing what this layer does not (the rollout source shards
     the model under ``run.sharding=fsdp2`` and partitions it under DeepSpeed ZeRO-3, as it does a frozen-copy
-    reference). A sample the model cannot score gets NaN (the sample's failure); the function is never retried
+    reference). A sample the model cannot score gets `rewards.compute.Unscored` saying why (the sample's failure);
+    the function is never retried
     sample by sample (``retry_per_sample``, `rewards.compute`).
 
     >>> fn = reward_model(path="runs/rm/final")  # nothing is loaded until the first call
@@ -322,14 +329,17 @@ def reward_model(*, path: str) -> RewardFn:
     """
     state: dict[str, Any] = {}
 
-    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float | Unscored]:
         if "scorer" not in state:
             state["scorer"] = RewardModelScorer(path, prepare=reward.prepare)
         full = columns.get("prompt_messages")
         cut = columns.get("truncated")
         extra = {"truncated": list(cut)} if cut is not None else {}
-        scores = state["scorer"](list(full) if full is not None else prompts, completions, **extra)
-        return [float(x) for x in scores]
+        scorer = state["scorer"]
+        scores = scorer(list(full) if full is not None else prompts, completions, **extra)
+        why = scorer.unscored  # the samples it could not score, and why (each is NaN in `scores`)
+        return [Unscored(f"the reward model cannot score it: {why[i]}") if i in why else float(x)
+                for i, x in enumerate(scores)]  # fmt: skip
 
     reward.prepare = None
     # never retried sample by sample (`rewards.compute`): a sample it cannot score is already NaN, and a

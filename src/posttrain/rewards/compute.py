@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.rewards.builtin import Unscored
 from posttrain.rewards.spec import NamedReward
 
 
@@ -92,7 +93,8 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
         if x is None:
             values.append(fallback)
             failed += 1
-            error = error or f"sample {i}: {v!r} is not a finite number"
+            error = error or (f"sample {i}: {v}" if isinstance(v, Unscored)
+                              else f"sample {i}: {v!r} is not a finite number")  # fmt: skip
         else:
             values.append(x)
     return values, failed, error, exc
