@@ -167,20 +167,22 @@ def test_a_launch_compile_was_not_tried_on_is_refused_before_the_model_loads(mak
     _check_compile(make_cfg(**{"model.compile": "true"}), SimpleNamespace(num_processes=1, device=torch.device("cpu")))
 
 
-def test_a_missing_compiler_is_refused_before_the_model_loads(make_cfg, monkeypatch):
+def test_a_missing_compiler_is_refused_before_the_model_loads(make_cfg):
     from types import SimpleNamespace
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpp_builder import cpp_compiler_search
 
     from posttrain.train import _check_compile
 
-    monkeypatch.setenv("CXX", "/nonexistent/c++")  # inductor's search tries CXX first, then g++ and clang++
-    monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("/nonexistent/c++",))
-    from torch._inductor.cpp_builder import cpp_compiler_search
-
+    # inductor searches the compilers its config lists (CXX, then g++ and clang++): only a missing one here; its
+    # own `patch` restores the setting (a monkeypatch of the config's attribute deleted it on undo)
     cpp_compiler_search.cache_clear()
     try:
-        with pytest.raises(ConfigError, match="model.compile needs a C\\+\\+ compiler.*apt-get install g\\+\\+"):
-            _check_compile(make_cfg(**{"model.compile": "true"}), SimpleNamespace(num_processes=1,
-                                                                              device=torch.device("cpu")))
+        refused = pytest.raises(ConfigError, match=r"model.compile needs a C\+\+ compiler.*apt-get install g\+\+")
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), refused:
+            _check_compile(make_cfg(**{"model.compile": "true"}),
+                           SimpleNamespace(num_processes=1, device=torch.device("cpu")))
     finally:
         cpp_compiler_search.cache_clear()
 
