@@ -22,7 +22,8 @@ from posttrain.train import train
 
 # inductor builds its CPU kernels with a C++ compiler: where none is installed, the compiling tests cannot run
 # (and a run is refused before the model loads, `test_a_missing_compiler_is_refused_before_the_model_loads`)
-compiles = pytest.mark.skipif(cpp_compiler_missing() is not None, reason=f"no C++ compiler: {cpp_compiler_missing()}")
+_NO_COMPILER = cpp_compiler_missing()
+compiles = pytest.mark.skipif(_NO_COMPILER is not None, reason=f"no C++ compiler: {_NO_COMPILER}")
 
 
 @pytest.fixture()

@@ -1,9 +1,10 @@
 """Fully sharded models (FSDP2): each of N processes holds 1/N of every parameter, its gradient and optimizer state.
 
 `run.sharding=fsdp2` shards the trained model (the policy, a reward model, PPO's policy with its value head), a
-frozen `copy` reference and a trained reward model scoring RL rollouts with torch's own `fully_shard` (torch.distributed.fsdp, "FSDP2"): each decoder layer is
-one unit, all-gathered just before its forward and backward and freed after (the causal LM's embeddings, norm and
-output layer, and a scalar head, are units too: `shard`), and its gradients are reduce-scattered, averaged over
+frozen `copy` reference and a trained reward model scoring RL rollouts with torch's own `fully_shard`
+(torch.distributed.fsdp, "FSDP2"): each decoder layer is one unit, all-gathered just before its forward and
+backward and freed after (the causal LM's embeddings, norm and output layer, and a scalar head, are units too:
+`shard`), and its gradients are reduce-scattered, averaged over
 processes as DDP averages them (so `algorithms.common.normalise_loss` holds unchanged). Parameters become DTensors
 whose local part is this process's shard. It runs on GPUs (NCCL) and on CPUs (gloo), which is how the tests
 prove it: Accelerate does not shard on CPU, so this path is launched with `torchrun --nproc_per_node N` instead of

@@ -319,9 +319,8 @@ def reward_model(*, path: str) -> RewardFn:
     The returned function's ``prepare`` attribute (None: the model stays as loaded) is applied to the model when it
     loads; the run that calls the function sets it, knowing what this layer does not (the rollout source shards
     the model under ``run.sharding=fsdp2`` and partitions it under DeepSpeed ZeRO-3, as it does a frozen-copy
-    reference). A sample the model cannot score gets `rewards.compute.Unscored` saying why (the sample's failure);
-    the function is never retried
-    sample by sample (``retry_per_sample``, `rewards.compute`).
+    reference). A sample the model cannot score gets `Unscored` saying why (the sample's failure); the function is
+    never retried sample by sample (``retry_per_sample``, `rewards.compute`).
 
     >>> fn = reward_model(path="runs/rm/final")  # nothing is loaded until the first call
     >>> callable(fn), fn.prepare, fn.retry_per_sample
@@ -342,7 +341,7 @@ def reward_model(*, path: str) -> RewardFn:
                 for i, x in enumerate(scores)]  # fmt: skip
 
     reward.prepare = None
-    # never retried sample by sample (`rewards.compute`): a sample it cannot score is already NaN, and a
+    # never retried sample by sample (`rewards.compute`): a sample it cannot score is already `Unscored`, and a
     # sharded model's forwards are collectives, which every process must run as many of
     reward.retry_per_sample = False
     return reward

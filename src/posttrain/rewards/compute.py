@@ -6,9 +6,10 @@ must not zero the rewards of the whole batch). A value that is not a finite numb
 fails for that sample only. A function whose ``retry_per_sample`` attribute is False is never called again: a
 failed batch is every sample's failure. A trained reward model is such a function
 (`rewards.builtin.reward_model`): its forward may be a collective (sharded by FSDP2 or ZeRO-3), where one
-process scoring its samples one by one while the others do not would hang the run, and it already returns NaN
-for each sample it cannot score (`models.heads.RewardModelScorer`), so a batch that still fails would fail
-sample by sample too. Failures are counted per function and the first error message kept, with where it
+process scoring its samples one by one while the others do not would hang the run, and it already returns a
+failure (`rewards.builtin.Unscored`, saying why) for each sample it cannot score (`models.heads.RewardModelScorer`),
+so a batch that still fails would fail sample by sample too. Failures are counted per function and the first
+error message kept, with where it
 happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run
 hours in (the rollout source stops a run only when every function fails on everything, several rollouts in a
 row). Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own

@@ -186,8 +186,8 @@ class RolloutSource:
             ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
             prepare = functools.partial(zero3_inference, config=ds_config, micro=micro_batch_size,
                                         processes=self.world)  # fmt: skip
-        for reward in self.rewards:
-            if prepare is not None and reward.builtin and hasattr(reward.fn, "prepare"):
+        for reward in self.rewards if prepare is not None else ():
+            if reward.builtin and hasattr(reward.fn, "prepare"):
                 reward.fn.prepare = prepare
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts

@@ -34,8 +34,9 @@ both sizes (`resuming_on`).
 A run under an Accelerate DeepSpeed config writes the whole trained weights (ZeRO-3's partitions gathered) and,
 in place of `optimizer.pt`, DeepSpeed's own checkpoint of its engine in `deepspeed/` (`engine.save_checkpoint`:
 each process's partitions of the optimizer state and, under ZeRO-3, of the weights), and records `deepspeed` and
-the ZeRO stage (`zero_stage`) in trainer_state.json. `--resume` reads the engine's checkpoint back (`engine.load_checkpoint`) on the same number of
-processes. ZeRO's partitions belong to the processes that wrote them, so on another number the engine checkpoint is
+the ZeRO stage (`zero_stage`) in trainer_state.json. `--resume` reads the engine's checkpoint back
+(`engine.load_checkpoint`) on the same number of processes. ZeRO's partitions belong to the processes that
+wrote them, so on another number the engine checkpoint is
 first converted, once, to DeepSpeed's universal checkpoint (`deepspeed_universal`, into `UNIVERSAL` beside it),
 which an engine of any number of processes loads (the trained weights and their AdamW state, a LoRA run's adapters,
 a reward model's head with its LM); the random state is then handled as above (`derived_seed`, `reshard_note`). A
