@@ -63,22 +63,14 @@ def posttrain_config(method: str, model: str, data: str, steps: int, out: str, s
 def run_posttrain(method: str, model: str, data: str, steps: int, s: dict, overrides: list[str] = ()) -> dict:
     """One posttrain run; `overrides` are `section.field=value` settings put over the matched config (as
     `posttrain train` takes them, e.g. model.compile=true), for comparing posttrain's own options."""
-    import yaml
-
     from posttrain.algorithms import config_from_dict
+    from posttrain.config import apply_overrides
     from posttrain.train import train
 
     spec = METHODS[method]
     with tempfile.TemporaryDirectory(prefix="trl-compare-posttrain-") as tmp:
         raw = posttrain_config(method, model, data, steps, str(Path(tmp) / "run"), s)
-        for item in overrides:
-            dotted, _, value = item.partition("=")
-            *parents, leaf = dotted.split(".")
-            node = raw
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value)
-        cfg = config_from_dict(raw, source=method)
+        cfg = config_from_dict(apply_overrides(raw, list(overrides)), source=method)
         result = train(cfg)
         hist = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     rl = spec["kind"] in ("grpo", "ppo")
