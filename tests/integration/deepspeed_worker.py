@@ -144,10 +144,11 @@ class RolloutSeededEngine:
 
 def wrote_by(run_dir) -> int:
     """The number of processes that wrote run `run_dir`'s checkpoints."""
-    import json
     from pathlib import Path
 
-    return json.loads((Path(run_dir) / "checkpoints" / "step-000001" / "trainer_state.json").read_text())["world_size"]
+    from posttrain.trainer.checkpoint import written_by
+
+    return written_by(Path(run_dir) / "checkpoints" / "step-000001")
 
 
 def run(out_dir: str, path: str, odd: bool = False) -> None:
