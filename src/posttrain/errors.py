@@ -34,6 +34,13 @@ class NoRewardSignal(UserError):
     stops (exit 2). The training loop adds which checkpoint is kept."""
 
 
+class CollectiveRewardFailed(UserError):
+    """A reward function whose forward is a collective (a trained reward model sharded by FSDP2 or partitioned by
+    ZeRO-3) raised on this process: out of memory, or its files missing on this machine. The other processes wait
+    in that collective, so the run stops (exit 2; the launcher then stops them) instead of hanging. The training
+    loop adds which checkpoint is kept."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

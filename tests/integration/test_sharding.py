@@ -677,6 +677,48 @@ def test_a_sharded_run_skips_what_would_give_the_processes_unequal_forwards(runs
     assert "eval3.jsonl: its last row is not evaluated" in log
 
 
+# A torchrun worker whose reward model raises on process 1 at its second call (rollout 2), as an out-of-memory
+# error would, while process 0's forward waits in its all-gather; then the real CLI.
+FAILING_WORKER = """import os, sys
+from posttrain.models import heads
+real, calls = heads.RewardModelScorer.__call__, []
+def failing(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        raise RuntimeError("out of memory (injected by the test)")
+    return real(self, *args, **kwargs)
+heads.RewardModelScorer.__call__ = failing
+from posttrain.cli import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_a_sharded_reward_model_failing_on_one_process_stops_the_run_instead_of_hanging(runs, tmp_path):
+    """GRPO scored by a reward model sharded over 2 processes, whose forward raises on process 1 only in rollout 2.
+    Before, `rewards.compute` gave that process's samples the fallback reward and went on, while process 0 waited in
+    the forward's all-gather: the run hung (measured: still running at the 120 s limit). Now process 1 stops with
+    one clear paragraph (exit 2, no traceback of ours) naming the reward and the checkpoint kept, torchrun stops
+    process 0 (measured: the launch ends in 12 s), and step 1's checkpoint is kept."""
+    cfgs, _ = runs
+    cfg = cfgs["grpo-seeded"]
+    run_dir = tmp_path / "rm-fails"
+    failing = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir), "save_every": 1,
+                                                                        "max_steps": 3})})  # fmt: skip
+    dump_config(failing, tmp_path / "rm-fails.yaml")
+    (tmp_path / "worker.py").write_text(FAILING_WORKER, encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "worker.py"), str(tmp_path / "rm-fails.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "error: The reward 'reward_model' failed (RuntimeError: out of memory (injected by the test))" in err
+    assert f"The last checkpoint, {run_dir / 'checkpoints' / 'step-000001'}, is kept" in err
+    assert "this is a bug in posttrain" not in err
+    assert [c.name for c in list_checkpoints(run_dir)] == ["step-000001"]
+    assert not (run_dir / "final").exists()
+
+
 def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):
     cfg = make_cfg("one", **{"run.sharding": "fsdp2"})
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node N"):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from posttrain.errors import ConfigError
+from posttrain.errors import CollectiveRewardFailed, ConfigError
 from posttrain.rewards import (
     REWARDS,
     NamedReward,
@@ -226,6 +226,25 @@ def test_a_reward_not_retried_per_sample_fails_its_whole_batch_in_one_call():
     assert calls == [3]
     assert result.per_function["rm"] == [-1.0, -1.0, -1.0] and result.failures == {"rm": 3}
     assert result.errors["rm"] == "RuntimeError: forward failed"
+
+
+def test_a_collective_reward_that_fails_stops_the_run_instead_of_falling_back():
+    """`collective = True` (a reward model the run sharded: `rollout.source`): its batch failing on this process
+    raises `CollectiveRewardFailed`, naming the reward and its error, instead of giving the fallback and going on
+    while the other processes wait in its forward's collective. The same function not marked collective still
+    falls back."""
+
+    def broken(prompts, completions, **kwargs):
+        raise RuntimeError("out of memory")
+
+    broken.retry_per_sample, broken.collective = False, True
+    with pytest.raises(CollectiveRewardFailed, match=r"^The reward 'rm' failed \(RuntimeError: out of memory\)\. "
+                                                     r"It is a model sharded") as err:  # fmt: skip
+        compute_rewards([NamedReward(name="rm", fn=broken, builtin=True)], ["p"] * 2, ["a", "b"])
+    assert isinstance(err.value.__cause__, RuntimeError)
+    broken.collective = False
+    result = compute_rewards([NamedReward(name="rm", fn=broken, builtin=True)], ["p"] * 2, ["a", "b"])
+    assert result.failures == {"rm": 2}
 
 
 def test_code_exec_fraction_and_all_or_nothing():

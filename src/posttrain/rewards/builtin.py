@@ -341,6 +341,7 @@ def reward_model(*, path: str) -> RewardFn:
                 for i, x in enumerate(scores)]  # fmt: skip
 
     reward.prepare = None
+    reward.collective = False  # True once the run shards the model: a failed batch then stops the run (`rewards.compute`)
     # never retried sample by sample (`rewards.compute`): a sample it cannot score is already `Unscored`, and a
     # sharded model's forwards are collectives, which every process must run as many of
     reward.retry_per_sample = False

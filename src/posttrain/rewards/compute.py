@@ -8,7 +8,10 @@ failed batch is every sample's failure. A trained reward model is such a functio
 (`rewards.builtin.reward_model`): its forward may be a collective (sharded by FSDP2 or ZeRO-3), where one
 process scoring its samples one by one while the others do not would hang the run, and it already returns a
 failure (`rewards.builtin.Unscored`, saying why) for each sample it cannot score (`models.heads.RewardModelScorer`),
-so a batch that still fails would fail sample by sample too. Failures are counted per function and the first
+so a batch that still fails would fail sample by sample too. A function whose ``collective`` attribute is True (a
+reward model the run has sharded: its forward is a collective) does not survive a failed batch: it raises
+`CollectiveRewardFailed` on this process, which then exits, instead of going on while the other processes wait in
+the collective it left, a hang. Failures are counted per function and the first
 error message kept, with where it
 happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run
 hours in (the rollout source stops a run only when every function fails on everything, several rollouts in a
@@ -26,6 +29,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.errors import CollectiveRewardFailed
 from posttrain.rewards.builtin import Unscored
 from posttrain.rewards.spec import NamedReward
 
@@ -85,6 +89,14 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
     The error kept is the batched call's when it failed (even if every sample then scored on its own: the
     function is being called n times, and its author will want to know why)."""
     raw, error, exc = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
+    if raw is None and getattr(reward.fn, "collective", False):
+        raise CollectiveRewardFailed(
+            f"The reward {reward.name!r} failed ({error}). It is a model sharded over the run's processes, whose "
+            "forward is a collective every process must finish, so the run stops here rather than hang (a process "
+            "whose peer stopped first fails too: the earliest error is the cause). If it ran out of memory, "
+            "shorten the samples (algorithm.rollout.max_new_tokens) or shard over more processes; if its files "
+            "are missing on a machine, copy them there."
+        ) from exc
     retry = n > 1 and getattr(reward.fn, "retry_per_sample", True)
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
         raw = [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if retry else [_FAILED] * n

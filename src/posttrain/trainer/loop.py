@@ -23,7 +23,7 @@ import torch
 
 from posttrain.algorithms.base import Algorithm, Batch, BatchSource, Mean, Step
 from posttrain.algorithms.common import normalise_loss
-from posttrain.errors import NoRewardSignal, TrainingDiverged
+from posttrain.errors import CollectiveRewardFailed, NoRewardSignal, TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, layout_of, save_checkpoint
 from posttrain.trainer.metrics import MetricsLogger
 
@@ -296,14 +296,15 @@ def training_loop(
 
 
 def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
-    """The batch source's next step; a run that lost its reward signal stops naming the checkpoint it keeps."""
+    """The batch source's next step; a run that lost its reward signal, or whose sharded reward model failed on
+    this process, stops naming the checkpoint it keeps."""
     try:
         return next(steps)
-    except NoRewardSignal as err:
+    except (NoRewardSignal, CollectiveRewardFailed) as err:
         ckpt = latest_checkpoint(run_dir)
         kept = (f"The last checkpoint, {ckpt}, is kept: fix the reward and continue from it with --resume."
                 if ckpt else "No checkpoint had been written yet.")  # fmt: skip
-        raise NoRewardSignal(f"{err}\n{kept} No final model was written.") from None
+        raise type(err)(f"{err}\n{kept} No final model was written.") from None
 
 
 def _handle_divergence(
