@@ -77,6 +77,9 @@ OWN_CASES = {
     ("ppo", "algorithm.rollout.vllm_server_timeout"): (10, PPO, {**PPO, **SERVER, **SERVER_URL}),
     ("rloo", "algorithm.rollout.vllm_server_url"): ("http://127.0.0.1:8000", RLOO, {**RLOO, **SERVER}),
     ("rloo", "algorithm.rollout.vllm_server_timeout"): (10, RLOO, {**RLOO, **SERVER, **SERVER_URL}),
+    ("grpo", "algorithm.rollout.merge_adapters"): ("true", {**GRPO, **FULL}, GRPO),
+    ("ppo", "algorithm.rollout.merge_adapters"): ("false", {**PPO, **QLORA}, PPO),
+    ("rloo", "algorithm.rollout.merge_adapters"): ("false", {**RLOO, **SERVER, **SERVER_URL}, RLOO),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
 }  # fmt: skip

@@ -101,6 +101,59 @@ def test_sampling_logps_equal_a_teacher_forced_pass(eos_model, tiny_tokenizer, t
     assert (padded[:, P:][mask] - r.sampling_logps[mask]).abs().max() > 1e-2
 
 
+@pytest.fixture()
+def lora_eos_model(eos_model):
+    """`eos_model` with LoRA adapters whose B is random (not peft's zero start), so that the adapted model differs
+    from its base."""
+    from posttrain.config import TechniqueConfig
+    from posttrain.models.adapters import apply_lora
+
+    model = apply_lora(eos_model, TechniqueConfig(name="lora", r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("setting, merge", [(None, True), (True, True), (False, False)])
+def test_lora_samples_from_merged_weights_score_as_the_adapted_model(lora_eos_model, tiny_tokenizer, setting, merge):
+    """`merge_adapters` (true, or null, the default, on CPU): the rollout runs no adapter (peft's lora_A layers are never called) and
+    samples from W + delta, so its log-probs equal a teacher-forced pass through the adapted model to float
+    rounding; the control, the base model (adapters off), differs. After it, every base weight is the same tensor
+    with the same values, the adapters are trainable again, and the model is back in training mode. Without
+    merging, the adapters run on every decode step."""
+    from posttrain.models.adapters import merged_for_sampling
+    from posttrain.models.logprobs import selected_token_logps
+
+    model = lora_eos_model.train()
+    base = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "lora" not in n}
+    adapter_calls = []
+    hooks = [m.register_forward_hook(lambda *a: adapter_calls.append(1)) for n, m in model.named_modules()
+             if n.endswith("lora_A.default")]  # fmt: skip
+    r = HFEngine(merge_adapters=setting).generate(model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), n=4,
+                                                max_new_tokens=10, temperature=1.0, top_p=1.0, stop=[], seed=0)  # fmt: skip
+    for h in hooks:
+        h.remove()
+    assert (adapter_calls == []) is merge
+    assert model.training
+    assert all(p is dict(model.named_parameters())[n] and torch.equal(p, before) for n, (p, before) in base.items())
+    assert all(p.requires_grad is ("lora" in n) for n, p in model.named_parameters())
+    t = sequence_tensors(r)
+    P = r.prompt_ids.shape[1]
+    inputs = {k: t[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    mask = r.completion_mask.bool()
+    with torch.no_grad():
+        adapted, _ = selected_token_logps(model.eval(), inputs, t["completion_mask"])
+        with model.disable_adapter():
+            plain, _ = selected_token_logps(model, inputs, t["completion_mask"])
+    torch.testing.assert_close(adapted[:, P:][mask], r.sampling_logps[mask], rtol=0, atol=1e-5)
+    assert (plain[:, P:][mask] - r.sampling_logps[mask]).abs().max() > 1e-2
+    with merged_for_sampling(model.train()) as merged:  # in training mode (gradients may flow): never merged
+        assert not merged
+
+
 def test_stop_strings_cut_the_mask_and_the_text(eos_model, tiny_tokenizer):
     tok = tiny_tokenizer
     plain = _generate(eos_model, tok, seed=3)

@@ -11,11 +11,13 @@ Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C compl
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 
 from posttrain.algorithms.base import Rollout
+from posttrain.models.adapters import merged_for_sampling
 from posttrain.models.generation import (
     eos_token_ids,
     model_generation_defaults_off,
@@ -164,14 +166,20 @@ class HFEngine:
     [temperature, top-p (when < 1), `SampledLogps`, `RowStreams`], and `sampling_logps` are the log-probs of that
     distribution.
 
+    A LoRA model samples from a merged copy of its adapted weights, its adapters off (`merge_adapters`, the run's
+    `algorithm.rollout.merge_adapters`; `models.adapters.merged_for_sampling`), on CPU by default.
     Each group's prompt is encoded once and the rows that end leave the batch (`models.generation.sample_groups`);
     every row draws from its own random stream (`RowStreams`), so the samples are the same whatever the batch.
-    A sharded model (FSDP2) instead runs one `generate` per batch with every row to the end: each of its
+    A sharded model (FSDP2, ZeRO-3) instead runs one `generate` per batch with every row to the end, through its
+    adapters: each of its
     forwards is a collective that every process must join, and processes whose rows end at different times would
     otherwise run different numbers of forwards.
     """
 
     name = "hf"
+
+    def __init__(self, *, merge_adapters: bool | None = None) -> None:
+        self.merge_adapters = merge_adapters  # `algorithm.rollout.merge_adapters`; None: on CPU only
 
     def generate(
         self,
@@ -219,6 +227,7 @@ class HFEngine:
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
                 torch.no_grad(),
                 model_generation_defaults_off(model),
+                contextlib.ExitStack() as stack,
             ):
                 torch.manual_seed(seed)  # leaves the training RNG untouched
                 if synced_forward(model):
@@ -233,6 +242,9 @@ class HFEngine:
                         new_logps += finish(new).tolist()
                 else:
                     per_call = max(1, (batch_size or len(rows)) // n)  # whole groups per call
+                    merge = device.type == "cpu" if self.merge_adapters is None else self.merge_adapters
+                    merging = merged_for_sampling(model) if merge else contextlib.nullcontext()
+                    stack.enter_context(merging)  # LoRA: sampled from W + delta, the adapters off
                     for g in range(0, len(prompt_ids), per_call):
                         ids, logps = sample_groups(model, [list(p) for p in prompt_ids[g : g + per_call]], n, gen_cfg,
                                                    eos, pad_id, lambda alive, first=g * n: processors(first, alive))  # fmt: skip
