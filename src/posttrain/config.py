@@ -69,10 +69,11 @@ class ModelConfig(_Section):
     compile: bool = False
     """Compile each decoder layer with `torch.compile` (inductor) for training: fused pointwise kernels, faster
     steps once compiled (SmolLM2-135M on 2 CPU cores: SFT full 64-65% -> 73-76% of the GEMM rate, LoRA steps
-    7-13% shorter; benchmarks/README.md), for a compile of 12-32 s at the first step (and at the first
-    evaluation). Results are within float rounding of the uncompiled run, not bit for bit. The compiler chooses
-    what backward keeps (`compile_memory_budget`) in place of `rebuild_pointwise`, which is then not read. One
-    process, SFT, DPO and reward modelling, full or LoRA, float32; other combinations are refused (not tried)."""
+    7-13% shorter; benchmarks/README.md), for a compile of 12-32 s at the first step. Forwards without gradients
+    (sampling, reference scoring, evaluation) run uncompiled. Results are within float rounding of the uncompiled
+    run, not bit for bit. The compiler chooses what backward keeps (`compile_memory_budget`) in place of
+    `rebuild_pointwise`, which is then not read. One process, every method, full or LoRA, float32; other
+    combinations are refused (not tried)."""
     compile_memory_budget: float | None = Field(default=None, gt=0, le=1)
     """With `compile`: the share (0-1] of a layer's activation memory backward may keep (torch's
     `activation_memory_budget`); lower recomputes more of the cheap pointwise work in backward instead (SFT LoRA
@@ -480,8 +481,6 @@ class RunBase(_Section):
     def _check_compile(self) -> None:
         """`model.compile` runs what its tests cover (tests/integration/test_compile.py); the rest is refused, not tried."""
         untried = [
-            (isinstance(self.algorithm, RLSection), f"algorithm.name={self.algorithm.name} (RL methods generate "
-             "through the layers: compiled decoding is not tried yet)"),
             (self.technique.name == "qlora", "technique.name=qlora (bitsandbytes' 4-bit layers)"),
             (self.model.gradient_checkpointing, "model.gradient_checkpointing=true"),
             (self.model.dtype not in ("auto", "float32"), f"model.dtype={self.model.dtype}"),
@@ -490,7 +489,8 @@ class RunBase(_Section):
         refused = [why for bad, why in untried if bad]
         if refused:
             raise ValueError(
-                f"model.compile is tested for one process training SFT, DPO or a reward model, full or LoRA, in "
+                f"model.compile is tested for one process training SFT, DPO, a reward model, GRPO, RLOO or PPO, full "
+                f"or LoRA, in "
                 f"float32; not with {', '.join(refused)}. Remove model.compile (the uncompiled run is the same "
                 "math), or change those settings"
             )

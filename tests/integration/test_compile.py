@@ -111,8 +111,8 @@ def test_a_lower_memory_budget_keeps_less_for_backward_and_changes_no_gradient()
     ("method", "technique"), [("sft", "full"), ("sft", "lora"), ("dpo", "lora"), ("reward", "full")]
 )
 def test_a_compiled_run_trains_as_the_eager_run(make_cfg, pairs_file, method, technique):
-    """SFT; DPO whose reference is the policy with its adapter disabled (the compiled layers run both ways); a
-    reward model, whose scalar head sits outside the compiled layers."""
+    """SFT; DPO whose reference is the policy with its adapter disabled (its forward, without gradients, runs
+    uncompiled); a reward model, whose scalar head sits outside the compiled layers."""
     runs = {}
     for compiled in (False, True):
         # AdamW's eps at 1 makes its step nearly linear in the gradient: at 1e-8, g / sqrt(v) turns last-bit
@@ -132,10 +132,58 @@ def test_a_compiled_run_trains_as_the_eager_run(make_cfg, pairs_file, method, te
         assert_close(w_comp[name], w_eager[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@compiles
+@pytest.mark.parametrize(("method", "technique"), [("grpo", "lora"), ("ppo", "full")])
+def test_a_compiled_rl_run_trains_as_the_eager_run_and_samples_uncompiled(make_cfg, tmp_path, method, technique):
+    """GRPO with LoRA and a KL penalty to the adapter disabled; PPO, full, with its value head and a frozen-copy
+    reference. Both steps train on one rollout (rollout.batch_size = 2 x optim.batch_size), sampled before any
+    update, so the two runs score the same samples (sampling runs eager in both: `_compiled_with_grad`). Their
+    losses and weights agree within float rounding, as for SFT; the compiled run's training forwards ran compiled
+    (dynamo captured graphs) and no forward without gradients did (eager calls counted)."""
+    from test_train_rl import PROMPTS, REWARDS
+
+    from posttrain.models import layers
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS), encoding="utf-8")
+    (tmp_path / "rewards.py").write_text(REWARDS, encoding="utf-8")
+    group = {"algorithm.num_generations": 4} if method == "grpo" else {"algorithm.kl_coef": 0.1}
+    beta = {"algorithm.beta": 0.04} if method == "grpo" else {}
+    runs, calls = {}, []
+    wrap = layers._compiled_with_grad
+
+    def counted(compiled, eager):
+        def compiled_counted(*a, **k):
+            calls.append(torch.is_grad_enabled())
+            return compiled(*a, **k)
+
+        return wrap(compiled_counted, eager)
+
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        overrides = {"algorithm.name": method, "technique.name": technique, "model.compile": compiled,
+                     "algorithm.rewards": f"[{tmp_path / 'rewards.py'}:letters]", "data.train": str(prompts),
+                     "algorithm.rollout.max_new_tokens": 8, "optim.batch_size": 8, "algorithm.rollout.batch_size": 16,
+                     "optim.schedule": "constant", "run.max_steps": 2, "optim.eps": 1.0, **group, **beta}  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layers, "_compiled_with_grad", counted)
+            result = train(make_cfg(f"{method}-{compiled}", **overrides), return_model=True)
+        runs[compiled] = (result.history, {n: p.detach() for n, p in result.model.named_parameters()})
+    assert calls and all(calls)  # compiled code only ever ran with gradients
+    assert counters["stats"]["unique_graphs"] >= 1
+    (h_eager, w_eager), (h_comp, w_comp) = runs[False], runs[True]
+    assert len(h_comp) == len(h_eager) == 2 and [h["rollout"] for h in h_comp] == [0, 0]
+    for a, b in zip(h_comp, h_eager):
+        assert a["completion_length_mean"] == b["completion_length_mean"] and a["reward/total_mean"] == b["reward/total_mean"]
+        assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+    for name in w_eager:
+        assert_close(w_comp[name], w_eager[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        ({"algorithm.name": "grpo", "algorithm.rewards": "[exact_match]"}, "algorithm.name=grpo"),
         ({"technique.name": "qlora"}, "technique.name=qlora"),
         ({"model.gradient_checkpointing": "true"}, "model.gradient_checkpointing=true"),
         ({"model.dtype": "bfloat16"}, "model.dtype=bfloat16"),

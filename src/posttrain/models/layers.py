@@ -277,7 +277,9 @@ def compile_layers(model: nn.Module, memory_budget: float | None = None) -> int:
     The layers are the modules transformers names in `_no_split_modules` (the repeated block: `LlamaDecoderLayer`,
     `GPT2Block`, ...), found on the model or any module inside it (peft's wrapper has none). Compiling the block
     rather than the whole model keeps what runs around it (the chunked output layer, the loss, peft's wrapper)
-    as it is, and every block shares one compiled code: the first step compiles once, not once a layer.
+    as it is, and every block shares one compiled code: the first step compiles once, not once a layer. Only
+    forwards that record gradients run compiled; those under `torch.no_grad` (sampling, reference scoring,
+    evaluation) run eager (`_compiled_with_grad`).
 
     Inductor fuses each block's pointwise work (norms, rotary embedding, SiLU and product, residual adds, the
     LoRA scaling) into generated C++ loops, and its partitioner picks what the backward keeps (Ansel et al. 2024,
@@ -295,9 +297,23 @@ def compile_layers(model: nn.Module, memory_budget: float | None = None) -> int:
     compiled = 0
     for module in model.modules():
         if type(module).__name__ in names:
-            module.forward = torch.compile(module.forward, backend=backend, dynamic=True)
+            module.forward = _compiled_with_grad(torch.compile(module.forward, backend=backend, dynamic=True),
+                                                 module.forward)  # fmt: skip
             compiled += 1
     return compiled
+
+
+def _compiled_with_grad(compiled: Callable, eager: Callable) -> Callable:
+    """A layer forward that runs `compiled` where autograd records (training forwards) and `eager` under
+    `torch.no_grad`: sampling (one token at a time through a KV cache, a call per token, whose shapes and cache
+    objects would make dynamo recompile or break its graphs), reference and old-log-prob scoring, evaluation. What
+    a compiled layer saves is backward's work and memory, which a forward without gradients does not have."""
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
+
+    return forward
 
 
 def cpp_compiler_missing() -> str | None:
