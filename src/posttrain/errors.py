@@ -41,6 +41,13 @@ class CollectiveRewardFailed(UserError):
     loop adds which checkpoint is kept."""
 
 
+class OutOfMemory(UserError):
+    """A training step (its sampling, forward, backward or evaluation) could not allocate memory on this process:
+    the message says where, how much was asked for, and which settings need less. The training loop adds which
+    checkpoint is kept. Under several processes this one exits and the launcher stops the others, which would
+    otherwise wait for it in their next collective."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

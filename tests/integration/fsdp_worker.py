@@ -45,6 +45,9 @@ class PromptSeededEngine(HFEngine):
     policy; every process has as many prompts, so as many `generate` calls."""
 
     def __init__(self) -> None:
+        # through the adapters in every layout: a sharded policy cannot sample from merged weights (FSDP2, ZeRO-3),
+        # and merged weights are the adapted model up to rounding, which could change a token
+        super().__init__(merge_adapters=False)
         self.rollouts = 0
 
     def generate(self, model, tokenizer, prompt_ids, *, seed, **kwargs) -> Rollout:

@@ -120,7 +120,8 @@ def runs(tiny_model_dir, tmp_path_factory):
         # whole checkpoints (gathered to the main process), then resumed to step 3 (`@resume`)
         "ppo-resumed": {**ppo, "run.max_steps": 2, "run.whole_checkpoints": "true"},
         "rloo": rloo,
-        "rloo-ddp": {**rloo, "run.sharding": "none"},
+        # sampled through the adapters, as the sharded run must (merged weights are the adapted model to rounding)
+        "rloo-ddp": {**rloo, "run.sharding": "none", "algorithm.rollout.merge_adapters": "false"},
         # LoRA, a KL penalty to the adapter disabled
         "grpo-lora": {**grpo, "technique.name": "lora", "algorithm.beta": 0.04, "optim.lr": 5e-3, **every},
         "dpo-precompute": {**dpo, "algorithm.reference": "precompute"},
@@ -677,39 +678,53 @@ def test_a_sharded_run_skips_what_would_give_the_processes_unequal_forwards(runs
     assert "eval3.jsonl: its last row is not evaluated" in log
 
 
-# A torchrun worker whose reward model raises on process 1 at its second call (rollout 2), as an out-of-memory
-# error would, while process 0's forward waits in its all-gather; then the real CLI.
+# A torchrun worker that fails on process 1 only, as an out-of-memory error would, while process 0 waits for it in a
+# collective; then the real CLI. `reward`: its reward model's second call (rollout 2); `backward`: its third
+# backward (step 2's first micro-batch).
 FAILING_WORKER = """import os, sys
 from posttrain.models import heads
-real, calls = heads.RewardModelScorer.__call__, []
-def failing(self, *args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2 and os.environ["RANK"] == "1":
-        raise RuntimeError("out of memory (injected by the test)")
-    return real(self, *args, **kwargs)
-heads.RewardModelScorer.__call__ = failing
+from posttrain.trainer import loop
+where, calls = sys.argv[2], []
+def failing(real, n, error):
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n and os.environ["RANK"] == "1":
+            raise error
+        return real(*args, **kwargs)
+    return call
+if where == "reward":
+    heads.RewardModelScorer.__call__ = failing(heads.RewardModelScorer.__call__, 2,
+                                               RuntimeError("out of memory (injected by the test)"))
+else:
+    loop._backward = failing(loop._backward, 3, RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes (injected by the test)"))
 from posttrain.cli import main
 sys.exit(main(["train", sys.argv[1]]))
 """
 
 
-def test_a_sharded_reward_model_failing_on_one_process_stops_the_run_instead_of_hanging(runs, tmp_path):
-    """GRPO scored by a reward model sharded over 2 processes, whose forward raises on process 1 only in rollout 2.
-    Before, `rewards.compute` gave that process's samples the fallback reward and went on, while process 0 waited in
-    the forward's all-gather: the run hung (measured: still running at the 120 s limit). Now process 1 stops with
-    one clear paragraph (exit 2, no traceback of ours) naming the reward and the checkpoint kept, torchrun stops
-    process 0 (measured: the launch ends in 12 s), and step 1's checkpoint is kept."""
-    cfgs, _ = runs
-    cfg = cfgs["grpo-seeded"]
-    run_dir = tmp_path / "rm-fails"
+def _launch_failing(cfg, tmp_path, where: str):
+    """`cfg` (3 steps, a checkpoint after each) launched on 2 processes by torchrun with FAILING_WORKER."""
+    run_dir = tmp_path / where
     failing = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(run_dir), "save_every": 1,
                                                                         "max_steps": 3})})  # fmt: skip
-    dump_config(failing, tmp_path / "rm-fails.yaml")
+    dump_config(failing, tmp_path / f"{where}.yaml")
     (tmp_path / "worker.py").write_text(FAILING_WORKER, encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "worker.py"), str(tmp_path / "rm-fails.yaml")]  # fmt: skip
+           str(tmp_path / "worker.py"), str(tmp_path / f"{where}.yaml"), where]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    return proc, run_dir
+
+
+def test_a_sharded_reward_model_failing_on_one_process_stops_the_run_instead_of_hanging(runs, tmp_path):
+    """GRPO scored by a reward model sharded over 2 processes, whose forward raises on process 1 only in rollout 2.
+    Before, `rewards.compute` gave that process's samples the fallback reward and went on, while process 0 waited in
+    the forward's all-gather: the run hung (measured: still running at a 150 s limit). Now process 1 stops with
+    one clear paragraph (exit 2, no traceback of ours) naming the reward and the checkpoint kept, torchrun stops
+    process 0 (measured: the launch ends in 12 s), and step 1's checkpoint is kept."""
+    cfgs, _ = runs
+    proc, run_dir = _launch_failing(cfgs["grpo-seeded"], tmp_path, "reward")
     assert proc.returncode != 0
     err = proc.stderr
     assert "error: The reward 'reward_model' failed (RuntimeError: out of memory (injected by the test))" in err
@@ -717,6 +732,20 @@ def test_a_sharded_reward_model_failing_on_one_process_stops_the_run_instead_of_
     assert "this is a bug in posttrain" not in err
     assert [c.name for c in list_checkpoints(run_dir)] == ["step-000001"]
     assert not (run_dir / "final").exists()
+
+
+def test_a_sharded_run_out_of_memory_on_one_process_stops_every_process(runs, tmp_path):
+    """SFT sharded over 2 processes, process 1's backward of step 2 failing with the CPU allocator's error while
+    process 0's backward waits in its reduce-scatter: process 1 ends with the out-of-memory paragraph (exit 2), the
+    launcher stops process 0 (measured: the launch ends in ~10 s), and step 1's checkpoint is kept."""
+    cfgs, _ = runs
+    proc, run_dir = _launch_failing(cfgs["sft"], tmp_path, "backward")
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "error: Out of memory at step 2 (process 1 of 2, cpu): can't allocate memory: you tried to allocate 123" in err
+    assert f"The last checkpoint, {run_dir / 'checkpoints' / 'step-000001'}, is kept" in err
+    assert "this is a bug in posttrain" not in err
+    assert [c.name for c in list_checkpoints(run_dir)] == ["step-000001"]
 
 
 def test_fsdp2_is_refused_in_one_process_before_anything_loads(make_cfg):

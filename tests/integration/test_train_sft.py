@@ -111,6 +111,46 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ma
     assert json.loads((kept / "trainer_state.json").read_text())["step"] == 2
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB"),
+], ids=["cpu", "cuda"])  # fmt: skip
+def test_out_of_memory_stops_with_what_to_change_and_keeps_the_last_checkpoint(make_cfg, monkeypatch, error):
+    """An allocation failure in step 3 (the CPU allocator's error, or CUDA's) ends the run with one paragraph (a
+    UserError: exit 2, no traceback) naming the step, what torch asked for, the settings that need less with this
+    run's values, and the checkpoint kept; any other RuntimeError still escapes as itself (a bug)."""
+    from posttrain.algorithms import ALGORITHMS, sft
+    from posttrain.errors import OutOfMemory
+
+    calls = {"n": 0}
+    real = sft.loss_fn
+
+    def failing(model, batch, cfg, *, raise_=error):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise raise_
+        return real(model, batch, cfg)
+
+    monkeypatch.setitem(ALGORITHMS, "sft", dataclasses.replace(sft.ALGORITHM, loss_fn=failing))
+    cfg = make_cfg("oom", **{"run.max_steps": 5, "run.save_every": 1, "technique.name": "lora"})
+    with pytest.raises(OutOfMemory) as err:
+        train(cfg)
+    message = str(err.value)
+    kept = Path(cfg.run.output_dir) / "checkpoints" / "step-000002"
+    asked = "you tried to allocate 4398046511104 bytes" if "alloc_cpu" in str(error) else "Tried to allocate 2.00 GiB"
+    assert message.startswith("Out of memory at step 3 (cpu): ") and asked in message and "alloc_cpu" not in message
+    assert ("optim.micro_batch_size (now 8; the step's batch stays optim.batch_size=8 through accumulation), "
+            "data.max_length (now 64); or set model.gradient_checkpointing=true or technique.name=qlora.") in message
+    assert f"The last checkpoint, {kept}, is kept: continue from it with --resume" in message
+    assert kept.is_dir() and not (Path(cfg.run.output_dir) / "final").exists()
+    calls["n"] = 0
+    monkeypatch.setitem(ALGORITHMS, "sft", dataclasses.replace(
+        sft.ALGORITHM, loss_fn=lambda m, b, c: failing(m, b, c, raise_=RuntimeError("shapes cannot be multiplied"))))
+    with pytest.raises(RuntimeError, match="^shapes cannot be multiplied$"):
+        train(make_cfg("bug", **{"run.max_steps": 5}))
+
+
 def test_existing_run_is_not_overwritten_without_resume(make_cfg):
     cfg = make_cfg(**{"run.max_steps": 1})
     train(cfg)

@@ -23,7 +23,7 @@ import torch
 
 from posttrain.algorithms.base import Algorithm, Batch, BatchSource, Mean, Step
 from posttrain.algorithms.common import normalise_loss
-from posttrain.errors import CollectiveRewardFailed, NoRewardSignal, TrainingDiverged
+from posttrain.errors import CollectiveRewardFailed, NoRewardSignal, OutOfMemory, TrainingDiverged
 from posttrain.trainer.checkpoint import latest_checkpoint, layout_of, save_checkpoint
 from posttrain.trainer.metrics import MetricsLogger
 
@@ -173,6 +173,7 @@ def training_loop(
     started = time.perf_counter()
     tokens_since_start = 0
     last_saved = start_step
+    step = start_step + 1  # the step being run (the loop's variable once it starts)
     try:
         steps = batch_source.steps(start_step)
         for step in range(start_step + 1, total_steps + 1):
@@ -290,9 +291,50 @@ def training_loop(
                     source=batch_source, layout=layout_of(run),
                 )
                 last_saved = step
+    except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
+        if not out_of_memory(err):
+            raise
+        raise OutOfMemory(_out_of_memory_message(err, step, cfg, accelerator, run_dir)) from None
     finally:
         logger.close()
     return LoopResult(steps=total_steps, history=history)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure: CUDA's `torch.OutOfMemoryError`, or the CPU allocator's error.
+
+    >>> out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    True
+    >>> out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    False
+    """
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def _out_of_memory_message(err: BaseException, step: int, cfg, accelerator, run_dir: Path) -> str:
+    """One paragraph: where the run ran out of memory, what torch asked for, what to change, what is kept."""
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    said = said.split("DefaultCPUAllocator: ", 1)[-1]  # the CPU allocator's message, without its C++ location
+    where = f"process {accelerator.process_index} of {accelerator.num_processes}, " if accelerator.num_processes > 1 else ""
+    lower = [f"optim.micro_batch_size (now {cfg.optim.micro_batch_size or cfg.optim.batch_size}; the step's batch "
+             f"stays optim.batch_size={cfg.optim.batch_size} through accumulation)",
+             f"data.max_length (now {cfg.data.max_length})"]  # fmt: skip
+    rollout = getattr(cfg.algorithm, "rollout", None)
+    if rollout is not None:
+        lower += [f"algorithm.rollout.generation_batch_size (now {rollout.generation_batch_size or 'the whole rollout'})",
+                  f"algorithm.rollout.max_new_tokens (now {rollout.max_new_tokens})"]  # fmt: skip
+    switch = [] if cfg.model.gradient_checkpointing else ["model.gradient_checkpointing=true"]
+    if cfg.technique.name != "qlora":
+        switch.append("technique.name=" + ("lora or qlora" if cfg.technique.name == "full" else "qlora"))
+    ckpt = latest_checkpoint(run_dir)
+    kept = (f"The last checkpoint, {ckpt}, is kept: continue from it with --resume once the run needs less."
+            if ckpt else "No checkpoint had been written yet.")  # fmt: skip
+    switched = f"; or set {' or '.join(switch)}" if switch else ""
+    return (
+        f"Out of memory at step {step} ({where}{accelerator.device.type}): {said}. To need less, lower "
+        f"{', '.join(lower)}{switched}. `posttrain estimate` gives a setting's memory before a run. {kept} "
+        "No final model was written."
+    )
 
 
 def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
