@@ -12,10 +12,9 @@ processes: DeepSpeed's CPU accelerator over gloo), through `posttrain train`, ag
   sample it cannot render on one process only its failure (no hang); ZeRO-2: the whole weights;
 - `final/` and the checkpoint hold the whole trained weights (ZeRO-3's gathered) and DeepSpeed's own engine
   checkpoint; an SFT run killed after step 2 resumes from it to the uninterrupted run's weights and losses bit for
-  bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3; also SFT with LoRA, DPO with
-  LoRA and with a frozen copy, a reward model, GRPO with LoRA and PPO, one direction each: `RESHARDED`) it resumes
-  through DeepSpeed's
-  universal checkpoint, the weights and AdamW state back bit for bit and the run within 1e-8 of the uninterrupted
+  bit; on another number of processes (2 -> 1 under ZeRO-2, 1 -> 2 under ZeRO-3; also SFT with LoRA and QLoRA,
+  DPO with LoRA, with a frozen copy and precomputed, a reward model, GRPO and RLOO with LoRA and PPO, one
+  direction each: `RESHARDED`) it resumes through DeepSpeed's universal checkpoint, the weights and AdamW state back bit for bit and the run within 1e-8 of the uninterrupted
   one; a resume without DeepSpeed is refused;
 - a step whose loss (with finite gradients) or gradient (with a finite loss) became NaN/inf on one process stops
   the run on every process before the engine steps, its checkpoint of the step before holding that step's weights
@@ -162,7 +161,8 @@ def launched(tiny_model_dir, tmp_path_factory):
 # (stage, run) -> (processes that wrote it, processes that resume it): each method once, in one direction
 RESHARDED = {(2, "sft"): (2, 1), (3, "sft"): (1, 2), (2, "sft-lora"): (2, 1), (3, "grpo-lora"): (1, 2),
              (3, "reward"): (1, 2), (2, "dpo-adapter"): (2, 1), (3, "dpo-copy"): (1, 2),
-             (3, "ppo"): (1, 2)}  # fmt: skip
+             (3, "ppo"): (1, 2), (2, "sft-qlora"): (2, 1), (2, "dpo-precompute"): (2, 1),
+             (3, "rloo"): (1, 2)}  # fmt: skip
 _ONE: dict[str, object] = {}
 
 
@@ -372,6 +372,12 @@ def test_models_load_whole_under_deepspeed_and_partitioned_loading_is_refused(mo
     del registered
 
 
+def _written_module(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """The module state (every weight, frozen ones too) of ZeRO-2 run `run`'s engine checkpoint at `step`."""
+    state = run / "checkpoints" / f"step-{step:06d}" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    return torch.load(state, weights_only=False)["module"]  # DeepSpeed's own pickle, written by this test's run
+
+
 def _engine_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's DeepSpeed optimizer files (each process's ZeRO partitions of the fp32 weights
     and AdamW moments), keyed by file and place."""
@@ -431,7 +437,12 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
     under peft's names); GRPO with LoRA and a KL penalty 1 -> 2 (ZeRO-3, the rollouts sampled layout-free,
     `deepspeed_worker.RolloutSeededEngine`; a real run says in one line that it re-derives the random state,
     `checkpoint.reshard_note`); a reward model 1 -> 2 (ZeRO-3, its scalar head beside the LM); DPO with LoRA and
-    the adapter-disabled reference 2 -> 1 (ZeRO-2); DPO (full) with a frozen-copy reference 1 -> 2 and PPO 1 -> 2
+    the adapter-disabled reference 2 -> 1 (ZeRO-2); SFT with QLoRA 2 -> 1 (ZeRO-2: the adapters in DeepSpeed's
+    optimizer; the frozen 4-bit codes, which DeepSpeed's converter copies as float32 but its ZeRO-2 universal load
+    never reads, quantised again from the base model, the writing run's bit for bit); DPO with precomputed
+    reference log-probs 2 -> 1 (ZeRO-2: the run folder's cache, every row's keyed by the row, read back unchanged;
+    the resumed step's reward margin the uninterrupted run's); RLOO with LoRA 1 -> 2 (ZeRO-3, sampled as GRPO);
+    DPO (full) with a frozen-copy reference 1 -> 2 and PPO 1 -> 2
     (ZeRO-3: PPO's value head beside the LM, its adaptive KL coefficient, the batch source's state, logged as the
     uninterrupted run's; the frozen-copy reference of each, a ZeRO-3 engine of its own, not in the universal
     checkpoint). The checkpoint's
@@ -439,8 +450,9 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
     weight's fp32 value and AdamW moments come back bit for bit as the writing run held them there (read through
     DeepSpeed's own API), the frozen weights are the base model's, and the run ends within 1e-8 of the
     uninterrupted one: the last step's gradient is summed over another number of processes (measured: SFT 9.3e-10
-    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; GRPO 1.5e-11; reward 3.7e-9; DPO 1.2e-10 (LoRA), 1.9e-9 (frozen copy); PPO 3.7e-9; SFT, LoRA, GRPO
-    and reward also run once in the other stage's direction, the same figures, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
+    ZeRO-2, 1.2e-10 ZeRO-3; LoRA 1.2e-10; QLoRA 1.2e-10; GRPO 1.5e-11; RLOO 1.5e-11; reward 3.7e-9; DPO 1.2e-10
+    (LoRA), 1.9e-9 (frozen copy), 1.9e-9 (precomputed); PPO 3.7e-9; SFT, LoRA, QLoRA, GRPO and reward also run
+    once in the other stage's direction, the same figures, outside CI). Without posttrain's fix of DeepSpeed 0.19.8's ZeRO-3 universal load (one AdamW step count shared by
     both parameter groups, `checkpoint._own_step_counts`) SFT's norm weights were 2.4e-7 off."""
     cfgs, held = launched[stage]
     wrote, on = RESHARDED[stage, name]
@@ -465,10 +477,18 @@ def test_a_deepspeed_run_resumes_on_another_number_of_processes(launched, stage,
         for n, t in got["weights"].items():
             if n in uninterrupted:
                 assert_close(t, uninterrupted[n], rtol=0, atol=1e-8, msg=n)
+            elif t.dtype == torch.uint8:  # QLoRA's frozen 4-bit codes: quantised again as the writing run had them
+                assert torch.equal(t, _written_module(source, last - 1)[n]), n
             else:  # frozen: LoRA's base weights
                 assert torch.equal(t, load_file_weight(cfgs[name], n, t)), n
-    for key in ("loss", "grad_norm"):  # the steps before as written, the last one resumed
+        if name == "sft-qlora":  # still 4-bit: every adapted linear layer's codes
+            assert sum(t.dtype == torch.uint8 for t in got["weights"].values()) == 14
+    metrics = ("loss", "grad_norm") + (("reward_margin",) if name.startswith("dpo") else ())
+    for key in metrics:  # the steps before as written, the last one resumed
         assert_close(_metric(copy, key), _metric(source, key), rtol=1e-6, atol=0)
+    if name == "dpo-precompute":  # the reference log-probs the writing run computed, read back, not computed again
+        cache = "reference_logps.pt"
+        assert (copy / cache).read_bytes() == (source / cache).read_bytes()
     if name == "ppo":  # the adaptive KL coefficient the resumed rollout used: the one the writing run had reached
         kl_coef = _metric(copy, "kl_coef")
         assert kl_coef[-1] < kl_coef[0]  # moved by the first rollout
