@@ -48,6 +48,11 @@ class OutOfMemory(UserError):
     otherwise wait for it in their next collective."""
 
 
+class PeerStopped(UserError):
+    """Another process of a run of several stopped (its own error, e.g. `OutOfMemory`, is the cause) while this one
+    waited for it in a collective: said in one line, without a traceback that would bury the cause."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 

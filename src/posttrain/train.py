@@ -84,6 +84,14 @@ _RESUMABLE_CHANGES = {
     "run.output_dir",
     "run.whole_checkpoints",  # a checkpoint of either layout resumes (`trainer.checkpoint.load_checkpoint`)
     "run.sharding",  # ... into a sharded model or not, on any number of processes (`trainer.checkpoint`)
+    # memory settings that keep the math (what a run that ran out of memory may continue with: `trainer.loop`):
+    # the step's loss is normalised over the whole step, so how it is split into micro-batches changes only the
+    # summation order; checkpointing and the compiled layers' memory budget recompute the same values; rollouts
+    # draw each row from its own stream, whatever the generate batch (`rollout.engine.RowStreams`)
+    "optim.micro_batch_size",
+    "model.gradient_checkpointing",
+    "model.compile_memory_budget",
+    "algorithm.rollout.generation_batch_size",
 }
 
 
@@ -183,8 +191,10 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the one {run_dir} was started with: {'; '.join(changed)}. Only "
-                "run length, logging and checkpoint settings (e.g. run.max_steps) may change when resuming; undo "
-                "the change, or set run.output_dir to a new folder to start another run."
+                "run length, logging and checkpoint settings (e.g. run.max_steps) and the memory settings that keep "
+                "the math (optim.micro_batch_size, model.gradient_checkpointing, model.compile_memory_budget, "
+                "algorithm.rollout.generation_batch_size) may change when resuming; undo the change, or set "
+                "run.output_dir to a new folder to start another run."
             )
     recorded = read_fingerprint(run_dir)
     if recorded is not None:

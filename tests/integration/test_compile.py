@@ -139,7 +139,8 @@ def test_a_compiled_rl_run_trains_as_the_eager_run_and_samples_uncompiled(make_c
     reference. Both steps train on one rollout (rollout.batch_size = 2 x optim.batch_size), sampled before any
     update, so the two runs score the same samples (sampling runs eager in both: `_compiled_with_grad`). Their
     losses and weights agree within float rounding, as for SFT; the compiled run's training forwards ran compiled
-    (dynamo captured graphs) and no forward without gradients did (eager calls counted)."""
+    (dynamo captured graphs), and no forward without gradients ran the compiled code (every call into it is
+    recorded with whether gradients were on)."""
     from test_train_rl import PROMPTS, REWARDS
 
     from posttrain.models import layers

@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from posttrain.config import dump_config
+from posttrain.errors import ConfigError
 from posttrain.train import train
 from posttrain.trainer.metrics import read_metrics
 
@@ -101,6 +103,26 @@ def test_resume_names_each_changed_setting_with_its_old_and_new_value(make_cfg):
     with pytest.raises(ConfigError) as err:
         train(make_cfg(**{"run.max_steps": 2, "optim.lr": 1e-3, "data.max_length": 48}), resume=True)
     assert "data.max_length: 64 -> 48; optim.lr: 0.01 -> 0.001. Only run length" in str(err.value)
+
+
+def test_a_run_resumes_with_less_memory_and_ends_as_the_uninterrupted_run(make_cfg, tmp_path):
+    """What a run that ran out of memory continues with (`trainer.loop`'s message): smaller micro-batches and
+    gradient checkpointing may change on --resume (the same math: the loss is normalised over the whole step), and
+    the run ends with the uninterrupted run's weights within float summation order. AdamW eps 1 keeps its step
+    nearly linear in the gradient, so last-bit differences of near-zero gradients stay last-bit (as in the
+    process-count resumes)."""
+    # a constant rate: the cut run's first two steps must follow the 4-step run's schedule
+    exact = {"optim.eps": 1.0, "run.save_every": 1, "technique.name": "lora", "optim.schedule": "constant"}
+    whole = train(make_cfg("whole", **{**exact, "run.max_steps": 4}), return_model=True)
+    train(make_cfg("cut", **{**exact, "run.max_steps": 2}))
+    resumed = train(make_cfg("cut", **{**exact, "run.max_steps": 4, "optim.micro_batch_size": 2,
+                                       "model.gradient_checkpointing": "true"}), resume=True, return_model=True)  # fmt: skip
+    assert resumed.steps_trained == 2
+    want = dict(whole.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[name].detach(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.01 -> 0.001\. Only run length"):
+        train(make_cfg("cut", **{**exact, "run.max_steps": 5, "optim.lr": 1e-3}), resume=True)
 
 
 def test_done_counts_this_invocation_and_a_finished_run_trains_nothing(make_cfg, tmp_path, capsys):

@@ -119,7 +119,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ma
 def test_out_of_memory_stops_with_what_to_change_and_keeps_the_last_checkpoint(make_cfg, monkeypatch, error):
     """An allocation failure in step 3 (the CPU allocator's error, or CUDA's) ends the run with one paragraph (a
     UserError: exit 2, no traceback) naming the step, what torch asked for, the settings that need less with this
-    run's values, and the checkpoint kept; any other RuntimeError still escapes as itself (a bug)."""
+    run's values (those --resume takes apart from those that need a new run), and the checkpoint kept; any other
+    RuntimeError still escapes as itself (a bug)."""
     from posttrain.algorithms import ALGORITHMS, sft
     from posttrain.errors import OutOfMemory
 
@@ -140,9 +141,11 @@ def test_out_of_memory_stops_with_what_to_change_and_keeps_the_last_checkpoint(m
     kept = Path(cfg.run.output_dir) / "checkpoints" / "step-000002"
     asked = "you tried to allocate 4398046511104 bytes" if "alloc_cpu" in str(error) else "Tried to allocate 2.00 GiB"
     assert message.startswith("Out of memory at step 3 (cpu): ") and asked in message and "alloc_cpu" not in message
-    assert ("optim.micro_batch_size (now 8; the step's batch stays optim.batch_size=8 through accumulation), "
-            "data.max_length (now 64); or set model.gradient_checkpointing=true or technique.name=qlora.") in message
-    assert f"The last checkpoint, {kept}, is kept: continue from it with --resume" in message
+    # what --resume takes (test_resume.py resumes with them), and what needs a new run
+    assert (f"The last checkpoint, {kept}, is kept: continue from it with --resume and a smaller "
+            "optim.micro_batch_size (now 8 per process; the step's batch stays optim.batch_size=8 through "
+            "accumulation) or model.gradient_checkpointing=true; or start a new run (another run.output_dir) with a "
+            "lower data.max_length (now 64) or technique.name=qlora. No final model was written.") in message
     assert kept.is_dir() and not (Path(cfg.run.output_dir) / "final").exists()
     calls["n"] = 0
     monkeypatch.setitem(ALGORITHMS, "sft", dataclasses.replace(

@@ -154,6 +154,22 @@ def test_lora_samples_from_merged_weights_score_as_the_adapted_model(lora_eos_mo
         assert not merged
 
 
+def test_merge_adapters_true_that_cannot_merge_says_so_once(lora_eos_model, tiny_tokenizer, capsys):
+    """`merge_adapters: true` on a policy it cannot merge (here: its adapters turned off by the caller, which the
+    merge must not undo) samples as the policy is and says why, once per engine; null says nothing."""
+    engine = HFEngine(merge_adapters=True)
+    kwargs = {"n": 2, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "stop": [], "seed": 0}
+    with lora_eos_model.disable_adapter():
+        for _ in range(2):
+            engine.generate(lora_eos_model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), **kwargs)
+        notes = capsys.readouterr().err
+        assert notes.count("note: algorithm.rollout.merge_adapters=true, but the policy's adapters cannot be merged for "
+                           "sampling (base_model.model.model.layers.0.self_attn.q_proj: its adapters are disabled or "
+                           "merged): it samples unmerged") == 1
+        HFEngine().generate(lora_eos_model, tiny_tokenizer, _prompt_ids(tiny_tokenizer), **kwargs)
+        assert "note:" not in capsys.readouterr().err
+
+
 def test_stop_strings_cut_the_mask_and_the_text(eos_model, tiny_tokenizer):
     tok = tiny_tokenizer
     plain = _generate(eos_model, tok, seed=3)

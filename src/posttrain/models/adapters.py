@@ -186,7 +186,7 @@ def merged_for_sampling(model) -> Iterator[bool]:
     Yields whether it merged: only a peft model in eval mode whose adapted layers are all plain linear layers
     (`torch.nn.Linear`, GPT-2's `Conv1D`) with one whole weight tensor (not QLoRA's 4-bit layers, not a sharded or
     partitioned model, no variant such as DoRA, no LoRA bias); otherwise the model samples through its adapters."""
-    if not _mergeable(model):
+    if unmergeable(model) is not None:
         yield False
         return
     from peft.tuners.lora import LoraLayer
@@ -210,20 +210,29 @@ def merged_for_sampling(model) -> Iterator[bool]:
             base._parameters["weight"] = w
 
 
-def _mergeable(model) -> bool:
-    """Whether `merged_for_sampling` can merge `model`'s adapters (its docstring)."""
-    if not is_adapter_model(model) or model.training:
-        return False
+def unmergeable(model) -> str | None:
+    """Why `merged_for_sampling` cannot merge `model`'s adapters (its docstring), or None when it can."""
+    if not is_adapter_model(model):
+        return "it has no LoRA adapters"
+    if model.training:
+        return "it is in training mode"
     from peft.tuners.lora import LoraLayer
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (peft's fan_in_fan_out delta)
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    return bool(layers) and all(
-        type(m.base_layer) in (torch.nn.Linear, Conv1D) and type(m.base_layer.weight) is torch.nn.Parameter
-        and not hasattr(m.base_layer.weight, "ds_id") and not any(m.lora_variant.values())
-        and all(b.bias is None for b in m.lora_B.values())  # a LoRA bias is not in the delta
-        for m in layers
-    )  # fmt: skip
+    for name, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        base, weight = m.base_layer, getattr(m.base_layer, "weight", None)
+        why = ("its base is not a plain linear layer" if type(base) not in (torch.nn.Linear, Conv1D)
+               else "its weight is sharded or partitioned" if type(weight) is not torch.nn.Parameter
+               or hasattr(weight, "ds_id")
+               else "it is a LoRA variant (e.g. DoRA)" if any(m.lora_variant.values())
+               else "it has a LoRA bias" if any(b.bias is not None for b in m.lora_B.values())
+               else "its adapters are disabled or merged" if m.disable_adapters or m.merged
+               else None)  # fmt: skip
+        if why:
+            return f"{name}: {why}"
+    return None
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -94,8 +94,9 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
             f"The reward {reward.name!r} failed ({error}). It is a model sharded over the run's processes, whose "
             "forward is a collective every process must finish, so the run stops here rather than hang (a process "
             "whose peer stopped first fails too: the earliest error is the cause). If it ran out of memory, "
-            "shorten the samples (algorithm.rollout.max_new_tokens) or shard over more processes; if its files "
-            "are missing on a machine, copy them there."
+            "continue on more processes (--resume takes another number of processes) or start a new run with "
+            "shorter samples (algorithm.rollout.max_new_tokens); if its files are missing on a machine, copy them "
+            "there."
         ) from exc
     retry = n > 1 and getattr(reward.fn, "retry_per_sample", True)
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose

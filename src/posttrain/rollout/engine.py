@@ -12,12 +12,13 @@ Letters: N sequences (prompts x samples), P prompt tokens (left-padded), C compl
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Protocol
 
 import torch
 
 from posttrain.algorithms.base import Rollout
-from posttrain.models.adapters import merged_for_sampling
+from posttrain.models.adapters import merged_for_sampling, unmergeable
 from posttrain.models.generation import (
     eos_token_ids,
     model_generation_defaults_off,
@@ -180,6 +181,7 @@ class HFEngine:
 
     def __init__(self, *, merge_adapters: bool | None = None) -> None:
         self.merge_adapters = merge_adapters  # `algorithm.rollout.merge_adapters`; None: on CPU only
+        self.said_unmerged = False  # whether the note that true could not be honoured was printed
 
     def generate(
         self,
@@ -244,7 +246,11 @@ class HFEngine:
                     per_call = max(1, (batch_size or len(rows)) // n)  # whole groups per call
                     merge = device.type == "cpu" if self.merge_adapters is None else self.merge_adapters
                     merging = merged_for_sampling(model) if merge else contextlib.nullcontext()
-                    stack.enter_context(merging)  # LoRA: sampled from W + delta, the adapters off
+                    merged = stack.enter_context(merging)  # LoRA: sampled from W + delta, the adapters off
+                    if self.merge_adapters and not merged and not self.said_unmerged:  # asked for, not possible
+                        self.said_unmerged = True
+                        print(f"note: algorithm.rollout.merge_adapters=true, but the policy's adapters cannot be "
+                              f"merged for sampling ({unmergeable(model)}): it samples unmerged", file=sys.stderr)  # fmt: skip
                     for g in range(0, len(prompt_ids), per_call):
                         ids, logps = sample_groups(model, [list(p) for p in prompt_ids[g : g + per_call]], n, gen_cfg,
                                                    eos, pad_id, lambda alive, first=g * n: processors(first, alive))  # fmt: skip

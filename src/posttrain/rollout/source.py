@@ -188,8 +188,9 @@ class RolloutSource:
                                         processes=self.world)  # fmt: skip
         for reward in self.rewards if prepare is not None else ():
             if reward.builtin and hasattr(reward.fn, "prepare"):
-                # sharded, its forwards are collectives: a batch that fails on one process stops the run
-                reward.fn.prepare, reward.fn.collective = prepare, True
+                # sharded over several processes, its forwards are collectives: a batch that fails on one process
+                # stops the run (in one process nothing waits: a failure is its samples' fallback)
+                reward.fn.prepare, reward.fn.collective = prepare, self.world > 1
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         self.engine = get_engine(self.rollout_cfg.engine, cfg)

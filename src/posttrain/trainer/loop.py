@@ -23,7 +23,13 @@ import torch
 
 from posttrain.algorithms.base import Algorithm, Batch, BatchSource, Mean, Step
 from posttrain.algorithms.common import normalise_loss
-from posttrain.errors import CollectiveRewardFailed, NoRewardSignal, OutOfMemory, TrainingDiverged
+from posttrain.errors import (
+    CollectiveRewardFailed,
+    NoRewardSignal,
+    OutOfMemory,
+    PeerStopped,
+    TrainingDiverged,
+)
 from posttrain.trainer.checkpoint import latest_checkpoint, layout_of, save_checkpoint
 from posttrain.trainer.metrics import MetricsLogger
 
@@ -292,9 +298,16 @@ def training_loop(
                 )
                 last_saved = step
     except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) is one too
-        if not out_of_memory(err):
-            raise
-        raise OutOfMemory(_out_of_memory_message(err, step, cfg, accelerator, run_dir)) from None
+        if out_of_memory(err):
+            raise OutOfMemory(_out_of_memory_message(err, step, cfg, accelerator, run_dir)) from None
+        if accelerator.num_processes > 1 and peer_stopped(err):
+            said = str(err).strip().splitlines()[0]
+            raise PeerStopped(
+                f"Another process of this run stopped at step {step} while this one (process "
+                f"{accelerator.process_index}) waited for it ({said}): that process's own error, above or in its "
+                "log, is the cause."
+            ) from None
+        raise
     finally:
         logger.close()
     return LoopResult(steps=total_steps, history=history)
@@ -312,29 +325,55 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def _out_of_memory_message(err: BaseException, step: int, cfg, accelerator, run_dir: Path) -> str:
-    """One paragraph: where the run ran out of memory, what torch asked for, what to change, what is kept."""
+    """One paragraph: where the run ran out of memory, what torch asked for, what to change (what `--resume` takes,
+    and what needs a new run: `train._RESUMABLE_CHANGES`), what is kept."""
     said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     said = said.split("DefaultCPUAllocator: ", 1)[-1]  # the CPU allocator's message, without its C++ location
-    where = f"process {accelerator.process_index} of {accelerator.num_processes}, " if accelerator.num_processes > 1 else ""
-    lower = [f"optim.micro_batch_size (now {cfg.optim.micro_batch_size or cfg.optim.batch_size}; the step's batch "
-             f"stays optim.batch_size={cfg.optim.batch_size} through accumulation)",
-             f"data.max_length (now {cfg.data.max_length})"]  # fmt: skip
+    world = accelerator.num_processes
+    where = f"process {accelerator.process_index} of {world}, " if world > 1 else ""
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // world  # as `train` splits the step
     rollout = getattr(cfg.algorithm, "rollout", None)
+    # settings that need less memory and may change on --resume (the same math; `train._RESUMABLE_CHANGES`)
+    resumable = [f"a smaller optim.micro_batch_size (now {micro} per process; the step's batch stays "
+                 f"optim.batch_size={cfg.optim.batch_size} through accumulation)"]  # fmt: skip
+    if not cfg.model.gradient_checkpointing and not cfg.model.compile:  # compile refuses checkpointing
+        resumable.append("model.gradient_checkpointing=true")
+    if cfg.model.compile:
+        resumable.append(f"a lower model.compile_memory_budget (now {cfg.model.compile_memory_budget or 1})")
+    if rollout is not None and rollout.engine == "hf":
+        resumable.append(f"a smaller algorithm.rollout.generation_batch_size (now "
+                         f"{rollout.generation_batch_size or 'the whole rollout'})")  # fmt: skip
+    # settings that need less memory but change the run: a new run folder
+    new = [] if rollout is not None else [f"a lower data.max_length (now {cfg.data.max_length})"]  # RL: a filter
     if rollout is not None:
-        lower += [f"algorithm.rollout.generation_batch_size (now {rollout.generation_batch_size or 'the whole rollout'})",
-                  f"algorithm.rollout.max_new_tokens (now {rollout.max_new_tokens})"]  # fmt: skip
-    switch = [] if cfg.model.gradient_checkpointing else ["model.gradient_checkpointing=true"]
-    if cfg.technique.name != "qlora":
-        switch.append("technique.name=" + ("lora or qlora" if cfg.technique.name == "full" else "qlora"))
+        new.append(f"a lower algorithm.rollout.max_new_tokens (now {rollout.max_new_tokens})")
+        if rollout.engine == "hf" and cfg.technique.name == "lora" and rollout.merge_adapters is not False:
+            new.append("algorithm.rollout.merge_adapters=false (no merged copy of the adapted weights while sampling)")
+        if rollout.engine == "vllm":
+            new.append(f"a lower algorithm.rollout.vllm_gpu_memory_utilization (now {rollout.vllm_gpu_memory_utilization})")
+    if cfg.technique.name != "qlora" and not cfg.model.compile:  # compile refuses qlora
+        new.append("technique.name=" + ("lora or qlora" if cfg.technique.name == "full" else "qlora"))
     ckpt = latest_checkpoint(run_dir)
-    kept = (f"The last checkpoint, {ckpt}, is kept: continue from it with --resume once the run needs less."
-            if ckpt else "No checkpoint had been written yet.")  # fmt: skip
-    switched = f"; or set {' or '.join(switch)}" if switch else ""
+    if ckpt:
+        kept = (f"The last checkpoint, {ckpt}, is kept: continue from it with --resume and {' or '.join(resumable)}; "
+                f"or start a new run (another run.output_dir) with {' or '.join(new)}.")  # fmt: skip
+    else:
+        kept = f"No checkpoint had been written yet: start again with {' or '.join(resumable + new)}."
     return (
-        f"Out of memory at step {step} ({where}{accelerator.device.type}): {said}. To need less, lower "
-        f"{', '.join(lower)}{switched}. `posttrain estimate` gives a setting's memory before a run. {kept} "
-        "No final model was written."
+        f"Out of memory at step {step} ({where}{accelerator.device.type}): {said}. `posttrain estimate` gives a "
+        f"setting's memory before a run. {kept} No final model was written."
     )
+
+
+def peer_stopped(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process of the run stopped (gloo: the peer
+    closed its connection; NCCL: the remote process exited), not an error of this process.
+
+    >>> peer_stopped(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:3505"))
+    True
+    """
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "remote process exited", "Connection reset by peer"))
 
 
 def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
@@ -344,7 +383,8 @@ def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
         return next(steps)
     except (NoRewardSignal, CollectiveRewardFailed) as err:
         ckpt = latest_checkpoint(run_dir)
-        kept = (f"The last checkpoint, {ckpt}, is kept: fix the reward and continue from it with --resume."
+        fix = "fix the reward and" if isinstance(err, NoRewardSignal) else "when every process can run it,"
+        kept = (f"The last checkpoint, {ckpt}, is kept: {fix} continue from it with --resume."
                 if ckpt else "No checkpoint had been written yet.")  # fmt: skip
         raise type(err)(f"{err}\n{kept} No final model was written.") from None
 
