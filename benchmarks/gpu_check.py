@@ -67,6 +67,9 @@ RUNS = {
     "sft_bf16": Run("configs/sft_lora.yaml", ["run.eval_every=null"], 4, "sft.jsonl"),
     "dpo_bf16": Run("configs/dpo_lora.yaml", ["run.eval_every=null"], 4, "pairs.jsonl"),
     "grpo_hf": Run("configs/grpo_lora.yaml", GRPO, 3, "prompts.jsonl", {"reward_function": True}),
+    # the same, sampling from merged LoRA weights (off on GPUs by default: its sampling time and peak decide that)
+    "grpo_hf_merged": Run("configs/grpo_lora.yaml", [*GRPO, "algorithm.rollout.merge_adapters=true"], 3,
+                          "prompts.jsonl", {"reward_function": True}),
     # 2. vLLM colocated (sleeps between rollouts) and in server mode (`posttrain vllm-serve`, started by the script)
     "grpo_vllm": Run("configs/grpo_lora.yaml", [*GRPO, "algorithm.rollout.engine=vllm"], 3, "prompts.jsonl",
                      {"reward_function": True}),

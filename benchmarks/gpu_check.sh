@@ -12,7 +12,8 @@
 #   device       versions and GPUs                                                          ~10 s   limit  60 s
 #   data         3 small built-in datasets, made in one process                             ~10 s   limit  60 s
 #   bf16         the CUDA/bf16 path (bf16 mixed precision, LoRA) in one process, one CUDA start: sft_bf16
-#                (4 steps), dpo_bf16 (4), grpo_hf (3, of 16 completions <= 32 tokens); peak memory of each  ~60 s   limit 180 s
+#                (4 steps), dpo_bf16 (4), grpo_hf (3, of 16 completions <= 32 tokens), grpo_hf_merged (the same,
+#                sampled from merged LoRA weights); peak memory of each                             ~80 s   limit 180 s
 #   vllm         grpo_vllm: the same GRPO run, vLLM colocated, asleep between rollouts   ~120 s   limit 240 s
 #   fsdp2        torchrun, 2 processes: fsdp2_sft (full fine-tuning, 3 steps) and fsdp2_ppo (full, value head sharded
 #                too, 2 steps), one launch. NCCL cannot put two processes on one GPU, so with one GPU this runs on
@@ -86,7 +87,7 @@ fsdp2() {
     train "$OUT" fsdp2_sft fsdp2_ppo $([ "$CPU" = 1 ] && echo --cpu)
 }
 
-step bf16 180 $CHECK train "$OUT" sft_bf16 dpo_bf16 grpo_hf
+step bf16 180 $CHECK train "$OUT" sft_bf16 dpo_bf16 grpo_hf grpo_hf_merged
 if [ "$HAS_VLLM" != 1 ]; then
   echo "grpo_vllm SKIP (vllm not installed)" >> "$OUT/status.txt"
   echo "grpo_vllm_server SKIP (vllm not installed)" >> "$OUT/status.txt"
