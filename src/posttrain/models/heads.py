@@ -174,11 +174,11 @@ class RewardModelScorer:
     that cannot be scored (its rendering or tokenisation raises, it renders to no tokens, or to more than the
     model's `max_position_embeddings`) gets NaN, which `rewards.compute` counts as that sample's failure and
     replaces by the fallback (why, by sample index, is in `unscored` after each call), and a one-token
-    placeholder row takes its place in the batch, its score discarded: one process's odd sample never
-    changes how many forwards it runs, where a raised error would
-    have sent `compute_rewards` to score its samples one by one while the other processes ran one forward per
-    batch, and the run would hang. A forward that raises on one process only (out of memory) cannot be made
-    safe so: the others wait for it.
+    placeholder row takes its place in the batch, its score discarded: one process's odd sample never changes how
+    many forwards it runs, where a raised error would have sent `compute_rewards` to score its samples one by one
+    while the other processes ran one forward per batch, and the run would hang. A forward that raises on one
+    process only (out of memory) cannot be made safe so: a sharded model's failed batch stops the run on that
+    process instead (`rewards.compute`, `errors.CollectiveRewardFailed`), and the launcher stops the others.
     """
 
     def __init__(self, path: str | Path, *, batch_size: int = 8, device=None, prepare=None):

@@ -11,8 +11,7 @@ failure (`rewards.builtin.Unscored`, saying why) for each sample it cannot score
 so a batch that still fails would fail sample by sample too. A function whose ``collective`` attribute is True (a
 reward model the run has sharded: its forward is a collective) does not survive a failed batch: it raises
 `CollectiveRewardFailed` on this process, which then exits, instead of going on while the other processes wait in
-the collective it left, a hang. Failures are counted per function and the first
-error message kept, with where it
+the collective it left, a hang. Failures are counted per function and the first error message kept, with where it
 happened in the user's file (`failure_site`), so a broken reward shows in the logs instead of stopping a run
 hours in (the rollout source stops a run only when every function fails on everything, several rollouts in a
 row). Weights apply to the total only; ``per_function`` stays unweighted so each reward reads on its own

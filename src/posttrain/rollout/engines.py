@@ -7,7 +7,11 @@ from posttrain.rollout.engine import Engine, HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.rollout.vllm_server import server_engine
 
-ENGINES = {"hf": lambda cfg: HFEngine(merge_adapters=cfg.algorithm.rollout.merge_adapters), "vllm": VLLMEngine.from_config, "vllm-server": server_engine}
+ENGINES = {
+    "hf": lambda cfg: HFEngine(merge_adapters=cfg.algorithm.rollout.merge_adapters),
+    "vllm": VLLMEngine.from_config,
+    "vllm-server": server_engine,
+}
 
 
 def get_engine(name: str, cfg) -> Engine:

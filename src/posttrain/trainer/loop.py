@@ -340,14 +340,16 @@ def _out_of_memory_message(err: BaseException, step: int, cfg, accelerator, run_
         resumable.append("model.gradient_checkpointing=true")
     if cfg.model.compile:
         resumable.append(f"a lower model.compile_memory_budget (now {cfg.model.compile_memory_budget or 1})")
-    if rollout is not None and rollout.engine == "hf":
-        resumable.append(f"a smaller algorithm.rollout.generation_batch_size (now "
-                         f"{rollout.generation_batch_size or 'the whole rollout'})")  # fmt: skip
     # settings that need less memory but change the run: a new run folder
-    new = [] if rollout is not None else [f"a lower data.max_length (now {cfg.data.max_length})"]  # RL: a filter
-    if rollout is not None:
-        new.append(f"a lower algorithm.rollout.max_new_tokens (now {rollout.max_new_tokens})")
-        if rollout.engine == "hf" and cfg.technique.name == "lora" and rollout.merge_adapters is not False:
+    if rollout is None:
+        new = [f"a lower data.max_length (now {cfg.data.max_length})"]
+    else:  # RL: data.max_length only filters prompts; the rollout's length and batch hold the memory
+        if rollout.engine == "hf":
+            resumable.append(f"a smaller algorithm.rollout.generation_batch_size (now "
+                             f"{rollout.generation_batch_size or 'the whole rollout'})")  # fmt: skip
+        new = [f"a lower algorithm.rollout.max_new_tokens (now {rollout.max_new_tokens})"]
+        merges = rollout.merge_adapters if rollout.merge_adapters is not None else accelerator.device.type == "cpu"
+        if rollout.engine == "hf" and cfg.technique.name == "lora" and merges:  # as `HFEngine` decides
             new.append("algorithm.rollout.merge_adapters=false (no merged copy of the adapted weights while sampling)")
         if rollout.engine == "vllm":
             new.append(f"a lower algorithm.rollout.vllm_gpu_memory_utilization (now {rollout.vllm_gpu_memory_utilization})")
