@@ -445,7 +445,7 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
     if algorithm.rollouts is not None:
         source = RolloutSource(cfg, prompts=list(data.train), model=model, tokenizer=tokenizer,
                                accelerator=accelerator, micro_batch_size=micro, rollouts=algorithm.rollouts,
-                               reference=reference, plan=plan)  # fmt: skip
+                               reference=reference, plan=plan, loss_units=algorithm.loss_units)  # fmt: skip
         return source, None
     source = ExampleBatchSource(data.train, data.collate, batch_size=cfg.optim.batch_size, micro_batch_size=micro,
                                 seed=cfg.run.seed, shuffle=cfg.data.shuffle, rank=accelerator.process_index,

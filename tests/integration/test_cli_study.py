@@ -52,7 +52,11 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     assert list(summaries) == ["warm-start", "sft-more", "grpo", "dpo-onpolicy"]
     for arm in ("sft-more", "grpo"):
         s = summaries[arm]
-        assert s["status"] == "trained" and s["steps"] == 2 and s["tokens"] > 0 and s["seconds"] > 0
+        assert s["status"] == "trained" and s["steps"] == 2 and s["seconds"] > 0
+        # tokens trained: GRPO's can be 0 on the tiny model, whose groups' rewards are often all equal (advantage 0:
+        # those completions are not trained, `skip_zero_advantage`)
+        if arm == "sft-more":
+            assert s["tokens"] > 0
         assert set(s["accuracy"]) == {"id", "paraphrase", "noop", "names", "rare_op", "ood"}
         assert set(s["gap"]) == {"paraphrase", "noop", "names", "rare_op"} and set(s["pass_at_k"]) == {"1", "2"}
         assert set(s["accuracy"]["id"]) == {"value", "low", "high"}

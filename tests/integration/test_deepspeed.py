@@ -342,8 +342,11 @@ def test_zero3_processes_push_the_whole_weights_one_process_trains(launched, tin
         assert all(torch.equal(a[n], b[n]) for a, b in zip(pushes, r1["pushes"], strict=True)), n  # same everywhere
         # the same global batch and step; the gradient's float sums run in another order (each process's mean
         # over its 2 rows, averaged by DeepSpeed's reduce-scatter): measured 4.6e-7 (full), 2.1e-7 (LoRA),
-        # 1.2e-7 (QLoRA)
-        assert_close(pushes[-1][n], last[n], rtol=0, atol=2e-6, msg=n)
+        # 1.2e-7 (QLoRA) on an Intel VM; 5.6e-7 (full), 3.6e-6 (LoRA), 1.2e-7 (QLoRA) on an AMD EPYC one. Adam's
+        # step g / sqrt(v) turns a last-bit difference of a near-zero adapter gradient into a ~1e-6 difference of
+        # the update, which the push multiplies by the other factor (s B A): atol 1e-5 for the adapters, as
+        # test_sharding allows for LoRA, 2e-6 for full weights.
+        assert_close(pushes[-1][n], last[n], rtol=0, atol=2e-6 if technique == "full" else 1e-5, msg=n)
     assert any(not torch.equal(pushes[1][n], pushes[0][n]) for n in first)  # step 1 trained, and was pushed
 
 

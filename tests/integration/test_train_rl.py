@@ -136,7 +136,10 @@ def test_grpo_learns_a_toy_reward_through_the_cli(rl, tmp_path, capsys):
     rewards = [h["reward/letters_mean"] for h in hist]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert first < 0.2 and last > 0.6, rewards  # ~10% letters at random; most of them after training
-    assert hist[-1]["entropy"] < hist[0]["entropy"] - 1.0  # the policy sharpened
+    # the policy sharpened: the entropy of the last step that trained a completion (once every group scores 1.0,
+    # every advantage is 0 and no completion trains: `skip_zero_advantage`)
+    entropies = [h["entropy"] for h in hist if "entropy" in h]
+    assert entropies[-1] < entropies[0] - 1.0
 
 
 @pytest.mark.parametrize("technique", ["lora", "full"])
@@ -184,6 +187,46 @@ def test_drop_uniform_groups_trains_only_on_groups_with_signal(rl, tiny_model_di
     assert all(
         torch.all(p == 0) for n, p in result.model.named_parameters() if "lora_B" in n
     )  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "algorithm,rollout_size",
+    [("grpo", 16), ("grpo", 32), ("rloo", 32)],
+    ids=["grpo-one-step-rollouts", "grpo-rollout-of-two-steps", "rloo-rollout-of-two-steps"],
+)
+def test_skipping_zero_advantage_rows_gives_the_same_losses_and_weights(rl, algorithm, rollout_size):
+    """`skip_zero_advantage` (beta 0) leaves the completions with advantage 0 untrained and counts their loss units:
+    every step's loss, loss units and the final adapters match the run that trains them. In file order (no
+    shuffle), rollouts of 4 prompts alternate between "add 0 b" and "add 2 b" (rewards all 1.0: uniform groups)
+    and "add 1 b" and "add 3 b" (letters: groups with signal), so steps 1 and 3 skip every row: the optimiser then
+    steps on a zero gradient, and at step 3 AdamW's moments still move the weights, as in the run that trains them.
+    With a rollout of two steps, the old log-probs (and the KL log's reference log-probs) are computed for the
+    trained rows only."""
+    overrides = {"algorithm.rollout.batch_size": rollout_size, "data.shuffle": "false", "run.max_steps": 4,
+                 "technique.target_modules": "[lm_head]", "optim.lr": 3e-2, "algorithm.beta": 0}  # fmt: skip
+    runs = {}
+    for skip in (True, False):
+        cfg = rl(f"{algorithm}-{rollout_size}-skip-{skip}", algorithm=algorithm, reward="even_first_is_uniform",
+                 **{**overrides, "algorithm.skip_zero_advantage": str(skip).lower()})  # fmt: skip
+        result = train(cfg, return_model=True)
+        lora = {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n}
+        runs[skip] = (read_metrics(result.run_dir / "metrics.jsonl"), lora)
+    (skipped, lora_skipped), (trained, lora_trained) = runs[True], runs[False]
+    fractions = [h["skipped_fraction"] for h in skipped]
+    assert fractions[0] == fractions[2] == 1.0 and fractions[1] < 1.0 and fractions[3] < 1.0
+    if algorithm == "grpo" and rollout_size == 16:  # one rollout a step: every row of a uniform group is skipped
+        assert all(h["skipped_fraction"] >= h["uniform_group_fraction"] for h in skipped)
+    assert all("skipped_fraction" not in h for h in trained)
+    assert [h["loss_units"] for h in skipped] == [h["loss_units"] for h in trained]
+    # on-policy (ratio 1) the loss is minus the advantages' token mean, ~0 here up to rounding (1e-9): the gradient
+    # norms and the weights are the real check
+    assert [h["loss"] for h in skipped] == pytest.approx([h["loss"] for h in trained], rel=1e-6, abs=1e-7)
+    assert [h["grad_norm"] for h in skipped] == pytest.approx([h["grad_norm"] for h in trained], rel=1e-5)
+    assert skipped[0]["grad_norm"] == skipped[2]["grad_norm"] == 0.0 and skipped[1]["grad_norm"] > 0
+    for name, p in lora_trained.items():
+        torch.testing.assert_close(lora_skipped[name], p, rtol=1e-5, atol=1e-7)
+    # the adapters moved at step 3, on AdamW's moments alone (a skipped step that left the optimiser out would not)
+    assert any(not torch.all(p == 0) for n, p in lora_skipped.items() if "lora_B" in n)
 
 
 # ---------------------------------------------------------------------------------------------------------- RLOO

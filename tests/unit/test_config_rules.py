@@ -56,6 +56,8 @@ OWN_CASES = {
     ("dpo", "algorithm.reference"): ("copy", {**DPO, "algorithm.loss_type": "simpo"},
                                      {**DPO, "algorithm.loss_type": "ipo"}),
     ("grpo", "algorithm.log_kl"): ("false", {**GRPO, "algorithm.beta": 0.04}, GRPO),
+    ("grpo", "algorithm.skip_zero_advantage"): ("false", {**GRPO, "algorithm.beta": 0.04}, GRPO),
+    ("rloo", "algorithm.skip_zero_advantage"): ("false", RLOO, {**RLOO, "algorithm.beta": 0.0}),
     ("grpo", "algorithm.rollout.overlong_reward"): (0.0, GRPO, {**GRPO, "algorithm.rollout.overlong": "fixed"}),
     ("grpo", "algorithm.rollout.overlong_cache"): (16, {**GRPO, "algorithm.rollout.overlong": "fixed"},
                                                    {**GRPO, "algorithm.rollout.overlong": "soft"}),

@@ -2,6 +2,8 @@
 and the logged KL at beta 0 never loads a second full model."""
 
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -64,3 +66,28 @@ def test_adaptive_kl_cannot_start_at_zero():
     with pytest.raises(ConfigError, match=r"kl_coef.*stays 0"):
         load_config(None, ["algorithm.name=ppo", "algorithm.rewards=[constant]", "algorithm.adaptive_kl=true",
                            "algorithm.kl_coef=0"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "settings,skips,marked",
+    [([], True, [True, True, False, False]),  # beta 0: the uniform group's rows
+     (["algorithm.skip_zero_advantage=false"], True, None),
+     (["algorithm.beta=0.1"], True, None),  # the KL penalty's gradient: every row trains
+     ([], False, None)],  # the source cannot skip (several processes, DeepSpeed)
+    ids=["beta-0", "switched-off", "beta-positive", "source-cannot-skip"],
+)  # fmt: skip
+def test_rows_with_advantage_zero_are_marked_only_where_their_gradient_is_zero(settings, skips, marked):
+    from posttrain.algorithms.base import ZERO_GRADIENT
+
+    log_kl = [] if "algorithm.beta=0.1" in settings else ["algorithm.log_kl=false"]
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.num_generations=2",
+                             "optim.batch_size=4", *log_kl, *settings])  # fmt: skip
+    one = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    ref = Reference("none") if cfg.algorithm.beta == 0 else SimpleNamespace(
+        needed=True, logps=lambda t, *a, **k: torch.zeros(t["completion_mask"].shape))  # fmt: skip
+    ctx = RolloutContext(cfg=cfg, model=None, accelerator=one, micro_batch_size=4, reference=ref,
+                         skips_zero_gradient=skips)  # fmt: skip
+    tensors, extra = grpo._process(_scored([1.0, 1.0, 0.0, 1.0]), ctx)
+    assert extra["uniform_group_fraction"] == 0.5
+    got = tensors.get(ZERO_GRADIENT)
+    assert (got.tolist() if got is not None else None) == marked

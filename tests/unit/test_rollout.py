@@ -383,7 +383,7 @@ def test_trim_drops_all_padding_columns_only():
 
 
 # ---------------------------------------------------------------------------------------------- rollout source
-def _source(tmp_path, *, prompts=12, world=1, rank=0, **overrides):
+def _source(tmp_path, *, prompts=12, world=1, rank=0, loss_units=None, **overrides):
     from posttrain.algorithms import load_config
     from posttrain.algorithms.base import Rollouts
     from posttrain.data.prompts import PromptExample
@@ -406,7 +406,7 @@ def _source(tmp_path, *, prompts=12, world=1, rank=0, **overrides):
     accelerator = SimpleNamespace(num_processes=world, process_index=rank, unwrap_model=lambda m: m)
     return RolloutSource(cfg, prompts=prompts, model=None, tokenizer=None, accelerator=accelerator,
                          micro_batch_size=cfg.optim.micro_batch_size, rollouts=Rollouts(process=None),
-                         reference=Reference("none"),
+                         reference=Reference("none"), loss_units=loss_units,
                          plan=plan_rollouts(cfg, len(prompts), world, cfg.optim.micro_batch_size))  # fmt: skip
 
 
@@ -425,22 +425,66 @@ def test_split_into_steps_and_micro_batches(tmp_path):
     assert src.steps_per_rollout == 2 and src.prompts_per_rollout == 4
     assert src.rollouts_per_epoch == 3 and src.steps_per_epoch == 6
     steps = src.split(_tensors(8), index=0)
-    assert [[mb["seq"].tolist() for mb in step] for step in steps] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    assert [[mb["seq"].tolist() for mb in step.micro_batches] for step in steps] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+
+
+def test_zero_gradient_rows_are_left_out_of_the_micro_batches_and_their_units_counted(tmp_path):
+    from posttrain.algorithms.base import ZERO_GRADIENT
+
+    # units: a row's attention tokens (3 each); rows 0, 1 and 5 have a zero gradient
+    src = _source(tmp_path, loss_units=lambda batch, cfg: float(batch["attention_mask"].sum()))
+    assert src.context.skips_zero_gradient
+    tensors = {**_tensors(8), ZERO_GRADIENT: torch.tensor([1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)}
+    steps = src.split(tensors, index=0)
+    assert ZERO_GRADIENT in tensors  # the caller's rollout is left as it was
+    assert [[mb["seq"].tolist() for mb in step.micro_batches] for step in steps] == [[[2, 3]], [[4, 6], [7]]]
+    assert all(ZERO_GRADIENT not in mb for step in steps for mb in step.micro_batches)
+    assert [(step.skipped_units, step.metrics) for step in steps] == [
+        (6.0, {"skipped_fraction": 0.5}), (3.0, {"skipped_fraction": 0.25})]  # fmt: skip
+    # a step whose rows all have a zero gradient: no micro-batch, its units counted, its loss logged as 0
+    src.make_rollout = lambda index: ({**_tensors(8), ZERO_GRADIENT: torch.arange(8) < 4}, {"rollout": 0.0})
+    first = next(src.steps(0))
+    assert (first.micro_batches, first.skipped_units, first.metrics["loss"]) == ([], 12.0, 0.0)
+    # several processes (each must run as many forwards) or no loss units: nothing is left out
+    assert not _source(tmp_path, world=2, loss_units=len).context.skips_zero_gradient
+    assert not _source(tmp_path).context.skips_zero_gradient
+
+
+def test_trained_rows_logps_runs_the_forward_on_the_trained_rows_only():
+    from posttrain.algorithms.base import ZERO_GRADIENT
+    from posttrain.algorithms.rl import trained_mask, trained_rows_logps
+
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    seen = []
+
+    def compute(t):  # a stand-in forward: each row's log-probs are its index, negated, on its mask
+        seen.append(t["seq"].tolist())
+        return -t["seq"][:, None].float() * t["completion_mask"]
+
+    rows = {"seq": torch.arange(3), "completion_mask": mask, ZERO_GRADIENT: torch.tensor([False, True, False])}
+    assert trained_rows_logps(compute, rows).tolist() == [[0.0, 0.0], [0.0, 0.0], [-2.0, -2.0]]
+    assert seen == [[0, 2]]
+    assert trained_mask(rows).tolist() == [[1, 1], [0, 0], [1, 1]]
+    assert trained_rows_logps(compute, {k: v for k, v in rows.items() if k != ZERO_GRADIENT}).tolist() == [
+        [0.0, 0.0], [-1.0, 0.0], [-2.0, -2.0]]  # fmt: skip
+    everything_inert = {**rows, ZERO_GRADIENT: torch.ones(3, dtype=torch.bool)}
+    assert trained_rows_logps(compute, everything_inert).tolist() == [[0.0, 0.0]] * 3 and len(seen) == 2
 
 
 def test_epochs_reshuffle_every_pass_after_the_first(tmp_path):
     src = _source(tmp_path, **{"algorithm.rollout.epochs": 3})
     assert src.steps_per_rollout == 6
     steps = src.split(_tensors(8), index=0)
-    passes = [[s for step in steps[k : k + 2] for mb in step for s in mb["seq"].tolist()] for k in (0, 2, 4)]
+    passes = [[s for step in steps[k : k + 2] for mb in step.micro_batches for s in mb["seq"].tolist()]
+              for k in (0, 2, 4)]  # fmt: skip
     assert passes[0] == list(range(8))  # the first pass keeps the sampling order
     for p in passes[1:]:
         assert sorted(p) == list(range(8)) and p != list(range(8))  # every sequence once, reshuffled
     assert passes[1] != passes[2]
-    assert all(len(mb["seq"]) == 2 for step in steps for mb in step)
+    assert all(len(mb["seq"]) == 2 for step in steps for mb in step.micro_batches)
     again = src.split(_tensors(8), index=0)
     other = src.split(_tensors(8), index=1)
-    flat = lambda s: [x for step in s for mb in step for x in mb["seq"].tolist()]  # noqa: E731
+    flat = lambda s: [x for step in s for mb in step.micro_batches for x in mb["seq"].tolist()]  # noqa: E731
     assert flat(again) == flat(steps) and flat(other) != flat(steps)  # seeded by the rollout index
 
 
@@ -573,7 +617,7 @@ def test_the_prompts_left_over_make_a_smaller_last_rollout(tmp_path):
         assert [len(r) for r in rollouts] == [4, 4, 4, 1]
         assert sorted(p for r in rollouts for p in r) == sorted(f"p{i}" for i in range(13))
     steps = src.split(_tensors(2), index=3)  # the small rollout's 2 sequences: one per step
-    assert [[mb["seq"].tolist() for mb in step] for step in steps] == [[[0]], [[1]]]
+    assert [[mb["seq"].tolist() for mb in step.micro_batches] for step in steps] == [[[0]], [[1]]]
 
 
 def test_prompts_too_few_to_fill_every_step_are_skipped_and_named(tmp_path):

@@ -1,5 +1,6 @@
 """SFT loss math: hand-computed cross-entropy, masking, and the one global normaliser."""
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -8,6 +9,7 @@ from torch.testing import assert_close
 
 from posttrain.algorithms.common import masked_mean, masked_sum, normalise_loss
 from posttrain.algorithms.sft import loss_fn, loss_units
+from posttrain.testing import assert_as_accurate
 
 
 class FixedLogits(torch.nn.Module):
@@ -104,12 +106,19 @@ def test_selected_logits_path_equals_full_logits_path(tiny_model):
     loss, _ = loss_fn(tiny_model, batch)
     loss.backward()
     fast_grads = [p.grad.clone() for p in tiny_model.parameters()]
-    tiny_model.zero_grad()
-    logits = tiny_model(input_ids=ids, attention_mask=attn).logits  # (B, T, V): cross-entropy, independently
-    labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
-    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100, reduction="sum")  # fmt: skip
-    full.backward()
+
+    def full_loss(model):  # (B, T, V) logits, then cross-entropy, independently
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        labels = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")  # fmt: skip
+        full.backward()
+        return full
+
+    full = full_loss(tiny_model)
+    exact = copy.deepcopy(tiny_model).double()
+    full_loss(exact)
     assert_close(loss, full, rtol=1e-6, atol=1e-6)
-    for g, p in zip(fast_grads, tiny_model.parameters()):
-        assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    for g, p, e in zip(fast_grads, tiny_model.parameters(), exact.parameters()):
+        assert_as_accurate(g, p.grad, e.grad)  # as accurate as the full-logits float32 gradient, against float64

@@ -57,6 +57,10 @@ class Step:
 
     micro_batches: list[Batch]
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped_units: float = 0.0
+    """Loss units of this step's rows that were left untrained because their gradient is exactly 0
+    (`ZERO_GRADIENT`): the loop adds them to the step's normaliser, so the update is the one training them would
+    give. A step with no micro-batch but skipped units is a zero-gradient step: the optimiser still steps."""
 
 
 class BatchSource(Protocol):
@@ -109,6 +113,13 @@ class ScoredRollout:
     trains: torch.Tensor  # (N,) bool: the sequences that carry loss (`overlong: filter` drops truncated ones)
 
 
+ZERO_GRADIENT = "zero_gradient"
+"""The rollout column (N,) bool that an RL method's `process` sets on the rows whose gradient is exactly 0 (their
+advantage is 0 and the loss has no other term, or no token of theirs carries loss; `algorithms.rl.mark_zero_gradient`).
+The rollout source runs no forward or backward for them and counts their loss units in the step's normaliser
+(`Step.skipped_units`): the loss and the update are those of training every row."""
+
+
 @dataclass
 class RolloutContext:
     """What an RL method's `process` may use besides the scored rollout (built once by `posttrain.train`)."""
@@ -119,6 +130,7 @@ class RolloutContext:
     micro_batch_size: int
     reference: Any  # `models.reference.Reference`: the frozen policy's log-probs
     state: Any = None  # the method's own state across rollouts (`Rollouts.state`), e.g. PPO's KL controller
+    skips_zero_gradient: bool = False  # the source can leave `ZERO_GRADIENT` rows untrained (one process, no DeepSpeed)
 
 
 def sequence_tensors(r: Rollout) -> dict[str, torch.Tensor]:

@@ -72,13 +72,24 @@ class Config(RLSection):
     under full fine-tuning (it would load a second full model only for a log line); true or false forces it.
     With beta > 0 the KL is always computed and logged (the loss needs it)."""
     drop_uniform_groups: bool = False
-    """Skip groups whose rewards are all equal (zero advantage: they only add compute)."""
+    """Drop groups whose rewards are all equal from the loss, their tokens from its normaliser too (as DAPO's
+    dynamic sampling does, without resampling): the update changes. `skip_zero_advantage` keeps the update."""
+    skip_zero_advantage: bool = True
+    """At beta 0, run no forward or backward for completions whose advantage is exactly 0 (every completion of
+    a group with equal rewards): their gradient is exactly 0, and their tokens still count in the loss's
+    normaliser, so the loss and the update are the same as training them, for less compute. The metrics the loss
+    forward makes (entropy, ratio_mean, clip fractions, kl, the sampler/trainer gap) then cover the trained
+    completions only; `skipped_fraction` says how many were skipped. One process without DeepSpeed only (with
+    several, every process must run as many forwards); false trains every completion."""
 
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
         "log_kl": is_("algorithm.beta", 0.0).because(
             "With beta > 0 the KL penalty needs the reference forward, and its KL is always logged."
+        ),
+        "skip_zero_advantage": is_("algorithm.beta", 0.0).because(
+            "With beta > 0 a completion with advantage 0 still has the KL penalty's gradient, so it always trains."
         ),
     }
 
@@ -320,19 +331,25 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
         tensors = {k: v[keep] for k, v in tensors.items()}
     if tensors["input_ids"].shape[0] == 0:
         return tensors, extra
+    # At beta 0 a row with advantage 0 has a zero gradient: it is not trained, nor are its old or reference
+    # log-probs computed (`skip_zero_advantage`); its tokens still count in the loss's normaliser.
+    rl.mark_zero_gradient(tensors, ctx, exact=g.beta == 0.0 and g.skip_zero_advantage)
     # A rollout that feeds more than one optimisation step (several passes, or a rollout larger than a step) is
     # off-policy after the first update: the sampler's log-probs must be fixed now, before any update. When it
     # feeds exactly one step the policy *is* the sampler, so the loss uses its own detached log-probs (ratio 1,
     # no extra forward).
     if g.steps_per_rollout(cfg.optim.batch_size) > 1:
-        tensors["old_logps"] = chunked_token_logps(ctx.model, tensors, "completion_mask", ctx.micro_batch_size,
-                                                   temperature=rc.temperature)  # fmt: skip
-        # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout.
-        gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], tensors["completion_mask"])
+        tensors["old_logps"] = rl.trained_rows_logps(
+            lambda t: chunked_token_logps(ctx.model, t, "completion_mask", ctx.micro_batch_size,
+                                          temperature=rc.temperature), tensors)  # fmt: skip
+        # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout (on the
+        # rows that train: the others' are 0, and so are their masks in the gap's mean).
+        gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], rl.trained_mask(tensors))
         extra[LOGP_GAP] = float(gap)
     if ctx.reference.needed:  # the penalty needs it, or the logged KL (`log_kl`): one no-grad forward
-        tensors["ref_logps"] = ctx.reference.logps(tensors, "completion_mask", chunk=ctx.micro_batch_size,
-                                                   temperature=rc.temperature)  # fmt: skip
+        tensors["ref_logps"] = rl.trained_rows_logps(
+            lambda t: ctx.reference.logps(t, "completion_mask", chunk=ctx.micro_batch_size,
+                                          temperature=rc.temperature), tensors)  # fmt: skip
     return tensors, extra
 
 

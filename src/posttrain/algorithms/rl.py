@@ -7,7 +7,8 @@ cheaply, by the rollout source; a reward model loads on its first call.
 
 Not a method (it defines no `ALGORITHM`): GRPO, PPO and RLOO use `prepare` as theirs, and `tis` for truncated
 importance sampling; GRPO and RLOO, whose one-step rollouts take their old log-probs from the loss forward, share
-`policy_logps` and `step_token_means`; and `mark_groups`, which lets their forwards encode each group's prompt once.
+`policy_logps` and `step_token_means`; `mark_groups`, which lets their forwards encode each group's prompt once;
+and `mark_zero_gradient` with `trained_rows_logps`, which leave the rows that cannot move the weights untrained.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from posttrain.algorithms.base import Mean
+from posttrain.algorithms.base import ZERO_GRADIENT, Mean
 from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, tis_weights
 from posttrain.data.collate import GROUP_KEY
 from posttrain.data.prepared import PreparedData
@@ -87,3 +88,36 @@ def tis(batch, old_logps: torch.Tensor, cap: float | None) -> tuple[torch.Tensor
     capped = (old_logps - sampling) >= math.log(cap)  # from the log-ratio: exp(log cap) may round below cap
     return weights, {"tis_weight_mean": masked_mean(weights, mask),
                      "tis_capped_fraction": masked_mean(capped.float(), mask).detach()}  # fmt: skip
+
+
+def mark_zero_gradient(tensors: dict[str, torch.Tensor], ctx, *, exact: bool) -> None:
+    """Mark the rollout's rows whose gradient is exactly 0 (`base.ZERO_GRADIENT`) when `exact` (the loss is
+    advantage x a function of the ratio and nothing else: GRPO and RLOO at beta 0, with `skip_zero_advantage`) and
+    the source can leave them untrained (`ctx.skips_zero_gradient`): the rows whose advantage is exactly 0
+    (-min(r A, clip(r) A) is 0, and so is its gradient, whatever r is; a group of equal rewards has advantages
+    exactly 0: `grpo.group_advantages`, `rloo.leave_one_out_advantages`) and those with no token in the loss
+    (`rollout.overlong: filter`). Call it once the advantages and the final `completion_mask` are set."""
+    if exact and ctx.skips_zero_gradient:
+        tensors[ZERO_GRADIENT] = (tensors["advantages"] == 0) | (tensors["completion_mask"].sum(-1) == 0)
+
+
+def trained_rows_logps(compute, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`compute(tensors)` (N, T), a no-grad log-prob forward (old or reference log-probs), run on the rows that
+    train only: the `ZERO_GRADIENT` rows get 0, which nothing reads (they never reach the loss)."""
+    inert = tensors.get(ZERO_GRADIENT)
+    if inert is None or not bool(inert.any()):
+        return compute(tensors)
+    rows = ~inert
+    if not bool(rows.any()):
+        return torch.zeros(tensors["completion_mask"].shape, dtype=torch.float32)
+    part = compute({k: v[rows] for k, v in tensors.items()})
+    out = part.new_zeros((rows.shape[0], *part.shape[1:]))
+    out[rows.to(part.device)] = part
+    return out
+
+
+def trained_mask(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`completion_mask` (N, T) with the `ZERO_GRADIENT` rows zeroed: the tokens a metric over trained rows means."""
+    inert = tensors.get(ZERO_GRADIENT)
+    mask = tensors["completion_mask"]
+    return mask if inert is None else mask * (~inert).to(mask.dtype)[:, None]

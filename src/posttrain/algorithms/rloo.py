@@ -32,6 +32,7 @@ from pydantic import Field
 
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import (
+    ZERO_GRADIENT,
     Algorithm,
     RolloutContext,
     Rollouts,
@@ -41,7 +42,7 @@ from posttrain.algorithms.base import (
 from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, masked_sum
 from posttrain.algorithms.ppo import ppo_policy_loss
 from posttrain.config import RLSection
-from posttrain.config_rules import When
+from posttrain.config_rules import When, is_
 from posttrain.models.logprobs import chunked_token_logps
 from posttrain.rewards.overlong import drop_from_loss
 
@@ -60,8 +61,20 @@ class Config(RLSection):
     """Clip of the per-token importance ratio, for rollouts that feed several optimisation steps (on-policy the
     ratio is 1 and nothing is clipped)."""
 
+    skip_zero_advantage: bool = True
+    """At beta 0, run no forward or backward for completions whose advantage is exactly 0 (every completion of
+    a prompt whose k rewards are equal): their gradient is exactly 0 and they still count as loss units, so the
+    loss and the update are the same, for less compute. The loss forward's metrics (entropy, ratio_mean, clip
+    fraction, the sampler/trainer gap) then cover the trained completions only (`skipped_fraction`: how many were
+    skipped). One process without DeepSpeed only; false trains every completion."""
+
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
-    rules: ClassVar[dict[str, When]] = dict(RLSection.rules)
+    rules: ClassVar[dict[str, When]] = {
+        **RLSection.rules,
+        "skip_zero_advantage": is_("algorithm.beta", 0.0).because(
+            "With beta > 0 the KL penalty is in every completion's reward, so no advantage is exactly 0 by design."
+        ),
+    }
 
     def group_size(self) -> int:
         return self.num_generations
@@ -158,18 +171,24 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     rewards = scored.rewards
     # The old log-probs (the policy that sampled, before any update): the KL penalty needs them, and so does a
     # rollout that feeds several steps. A one-step rollout without penalty takes them from its loss forward.
-    if a.beta > 0 or a.steps_per_rollout(cfg.optim.batch_size) > 1:
-        old = chunked_token_logps(ctx.model, tensors, "completion_mask", ctx.micro_batch_size,
+    def old_logps(t):
+        return chunked_token_logps(ctx.model, t, "completion_mask", ctx.micro_batch_size, temperature=rc.temperature)
+
+    if a.beta > 0:  # every completion's old and reference log-probs: the penalty is in every reward
+        tensors["old_logps"] = old = old_logps(tensors)
+        ref = ctx.reference.logps(tensors, "completion_mask", chunk=ctx.micro_batch_size,
                                   temperature=rc.temperature)  # fmt: skip
-        tensors["old_logps"] = old
-        extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], old, mask))
-        if a.beta > 0:
-            ref = ctx.reference.logps(tensors, "completion_mask", chunk=ctx.micro_batch_size,
-                                      temperature=rc.temperature)  # fmt: skip
-            rewards = kl_penalised_scores(rewards, old, ref, mask, beta=a.beta)
-            extra["kl"] = float(masked_sum(old - ref, mask, dim=1).mean())  # nats per completion
+        rewards = kl_penalised_scores(rewards, old, ref, mask, beta=a.beta)
+        extra["kl"] = float(masked_sum(old - ref, mask, dim=1).mean())  # nats per completion
     tensors["advantages"] = leave_one_out_advantages(rewards, a.num_generations)
     tensors["completion_mask"] = drop_from_loss(mask, scored.trains)  # overlong: filter
+    # At beta 0 a completion with advantage 0 has a zero gradient: not trained, its old log-probs not computed.
+    rl.mark_zero_gradient(tensors, ctx, exact=a.beta == 0.0 and a.skip_zero_advantage)
+    if a.beta == 0 and a.steps_per_rollout(cfg.optim.batch_size) > 1:
+        tensors["old_logps"] = rl.trained_rows_logps(old_logps, tensors)
+    if "old_logps" in tensors:  # the gap over every generated token of the rows that train
+        gap_mask = mask if ZERO_GRADIENT not in tensors else mask * (~tensors[ZERO_GRADIENT]).to(mask.dtype)[:, None]
+        extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], gap_mask))
     extra["penalised_reward_mean"] = float(rewards.mean())
     return tensors, extra
 

@@ -292,8 +292,9 @@ def without_right_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, tor
     Why it changes nothing that is scored: under causal attention a real token never sees a later position, so it
     never sees right padding, with or without the mask; the padding positions' own outputs change (they now attend to
     the earlier padding too) but carry no target, so their gradient is exactly zero, and positions default to 0..T-1
-    either way. The real positions' hidden states, log-probs and every gradient come out bit for bit the same
-    (tests/unit/test_logprobs.py). Why drop it: with a padding mask transformers hands SDPA a (B, 1, T, T) mask,
+    either way. The real positions' hidden states and log-probs come out bit for bit the same, and every gradient
+    the same to float rounding (bit for bit on some CPUs; on others SDPA's backward adds in another order:
+    tests/unit/test_logprobs.py). Why drop it: with a padding mask transformers hands SDPA a (B, 1, T, T) mask,
     which SDPA converts to float and saves for backward in every layer (30 copies, 21 MB at 8 x 147 tokens, 63 MB at
     8 x 256, for the 135M model), and its attention computes every block; without one SDPA takes its causal path
     (`is_causal`), which keeps no mask and skips the blocks above the diagonal.

@@ -74,6 +74,7 @@ SECTIONS: tuple[Section, ...] = (
         (
             Panel("total reward", ("reward/total_mean",), {"reward/total_mean": "reward/total_std"}),
             _p("groups with equal rewards (no signal)", "uniform_group_fraction"),
+            _p("completions skipped (advantage 0: no gradient)", "skipped_fraction"),
             _p("reward spread within a group", "reward_std_in_group"),
             _p("PPO score (weighted reward total)", "score_mean"),
         ),

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from posttrain.algorithms.base import Rollout, RolloutContext, Rollouts, ScoredRollout, Step
+from posttrain.algorithms.base import ZERO_GRADIENT, Rollout, RolloutContext, Rollouts, ScoredRollout, Step
 from posttrain.config import deepspeed_zero_stage
 from posttrain.data.order import EpochPlan, epoch_order
 from posttrain.data.prompts import PromptExample
@@ -164,7 +164,7 @@ class RolloutSource:
     """Rollouts as a `BatchSource`: `steps(start_step)` yields each step's micro-batches and metrics."""
 
     def __init__(self, cfg, *, prompts: list[PromptExample], model, tokenizer, accelerator, micro_batch_size: int,
-                 rollouts: Rollouts, reference, plan: EpochPlan):  # fmt: skip
+                 rollouts: Rollouts, reference, plan: EpochPlan, loss_units=None):  # fmt: skip
         self.cfg, self.model, self.tokenizer, self.accelerator = cfg, model, tokenizer, accelerator
         self.rollout_cfg = cfg.algorithm.rollout
         self.G = cfg.algorithm.group_size()
@@ -175,9 +175,13 @@ class RolloutSource:
         self.rollouts_per_epoch = plan.units_per_epoch  # the last one may hold fewer prompts
         self.steps_per_epoch = plan.steps_per_epoch
         self.process = rollouts.process
+        self.loss_units = loss_units  # the method's loss_units(batch, cfg): for the rows left untrained
+        # Rows with a zero gradient are left untrained in one process without DeepSpeed; with several processes
+        # each must run as many forwards (sharded models, ZeRO) and DeepSpeed's engine owns the gradients.
+        skips = self.world == 1 and deepspeed_zero_stage() is None and loss_units is not None
         self.context = RolloutContext(cfg=cfg, model=unwrap_parallel(model), accelerator=accelerator,
                                       micro_batch_size=micro_batch_size, reference=reference,
-                                      state=rollouts.state(cfg))  # fmt: skip
+                                      state=rollouts.state(cfg), skips_zero_gradient=skips)  # fmt: skip
         self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))
         prepare = None  # how a trained reward model (`rewards.builtin.reward_model`) is sharded as it loads
         if cfg.run.sharding == "fsdp2":
@@ -318,37 +322,45 @@ class RolloutSource:
         index, within = divmod(start_step, self.steps_per_rollout)
         while True:
             tensors, metrics = self.make_rollout(index)
-            for k, micro_batches in enumerate(self.split(tensors, index)[within:]):
+            for k, step in enumerate(self.split(tensors, index)[within:]):
                 # every step of a rollout carries its rollout's statistics; the first one also its cost
                 carried = dict(metrics) if k == 0 else {m: v for m, v in metrics.items() if not m.endswith("_time_s")}
-                if not micro_batches:
-                    # Every sequence was dropped (grpo.drop_uniform_groups): nothing trains and the step only
-                    # logs; its loss is the loop's per-unit mean of an empty sum.
+                if not step.micro_batches:
+                    # Every sequence was dropped (grpo.drop_uniform_groups) or has a zero gradient: nothing
+                    # trains; its loss is the loop's per-unit mean of an empty sum (or of zeros).
                     carried["loss"] = 0.0
-                yield Step(micro_batches, carried)
+                yield Step(step.micro_batches, {**carried, **step.metrics}, step.skipped_units)
             within = 0
             index += 1
 
-    def split(self, tensors: dict[str, torch.Tensor], index: int) -> list[list[dict[str, Any]]]:
-        """`rollout.epochs` shuffled passes over the rollout, cut into steps and micro-batches.
+    def split(self, tensors: dict[str, torch.Tensor], index: int) -> list[Step]:
+        """`rollout.epochs` shuffled passes over the rollout, cut into steps and micro-batches (`Step`s, whose
+        metrics say only what share of the step's rows was left untrained).
 
         Each pass is cut into `rollout.batch_size / optim.batch_size` steps of near-equal size (equal unless
-        `grpo.drop_uniform_groups` removed sequences; a step left with none trains nothing and only logs).
+        `grpo.drop_uniform_groups` removed sequences; a step left with none trains nothing and only logs). The rows
+        the method marked `ZERO_GRADIENT` are left out of a step's micro-batches and their loss units counted in
+        its `skipped_units`; a step holding no other row steps the optimiser on a zero gradient.
         """
+        tensors = dict(tensors)
+        inert = tensors.pop(ZERO_GRADIENT, None)
         n = next(iter(tensors.values())).shape[0]
         per_pass = self.steps_per_rollout // self.rollout_cfg.epochs
-        steps: list[list[dict[str, Any]]] = []
+        steps: list[Step] = []
         for epoch in range(self.rollout_cfg.epochs):
             order = list(range(n))
             if epoch > 0:  # the first pass keeps the sampling order (on-policy when epochs == 1)
                 random.Random(self.seed * 31 + index * 1_009 + epoch).shuffle(order)
             bounds = [round(k * n / per_pass) for k in range(per_pass + 1)]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                idx = order[lo:hi]
-                steps.append(
-                    [
-                        trim({k: v[idx[m : m + self.micro]] for k, v in tensors.items()})
-                        for m in range(0, len(idx), self.micro)
-                    ]
-                )
+                idx, skipped, metrics = order[lo:hi], 0.0, {}
+                if inert is not None:
+                    left = [i for i in idx if inert[i]]
+                    idx = [i for i in idx if not inert[i]]
+                    if left:
+                        skipped = float(self.loss_units({k: v[left] for k, v in tensors.items()}, self.cfg))
+                    metrics["skipped_fraction"] = len(left) / max(len(left) + len(idx), 1)
+                micro = [trim({k: v[idx[m : m + self.micro]] for k, v in tensors.items()})
+                         for m in range(0, len(idx), self.micro)]  # fmt: skip
+                steps.append(Step(micro, metrics, skipped))
         return steps

@@ -121,3 +121,28 @@ def assert_base_unchanged(model, model_dir, prefix: str = "") -> None:
                 assert torch.equal(params[candidate].detach().cpu(), value), candidate
                 checked += 1
     assert checked == len(on_disk), f"{checked} of {len(on_disk)} base parameters found in the model"
+
+
+
+def assert_as_accurate(got, want, exact, *, factor: float = 2.0, msg: str = "") -> None:
+    """`got` (a float32 computation) is as close to `exact` (the same computation in float64) as `want` (the
+    reference float32 computation) is: max |got - exact| <= factor x max(max |want - exact|, 2 ulps of max |exact|).
+
+    For two float32 paths to one gradient that add the same terms in another order (a chunked output layer,
+    attention with or without a mask, another CPU's kernels). A fixed tolerance cannot be tight for them: an
+    element is a sum over tokens whose terms can be far larger than the sum, so its rounding depends on the terms,
+    and a bound that held on one CPU failed on another (an AMD EPYC VM, 2026-12-05: chunked gradients of tiny
+    models 1.4e-7 from the unchunked ones, beyond rtol 1e-5 + atol 1e-7). Against float64 the chunked path's error
+    was 1.06-1.31x the unchunked one's on every family there; a mixed-up row or a missing term is off by far more.
+    """
+    import torch
+
+    exact = exact.detach().double()
+    err_got = float((got.detach().double() - exact).abs().max())
+    err_want = float((want.detach().double() - exact).abs().max())
+    floor = 2 * torch.finfo(torch.float32).eps * float(exact.abs().max())
+    bound = factor * max(err_want, floor)
+    assert err_got <= bound, (
+        f"{msg}: max |got - exact| = {err_got:.3g} > {bound:.3g} ({factor} x max(the reference's error "
+        f"{err_want:.3g}, 2 ulps {floor:.3g}))"
+    )

@@ -191,9 +191,11 @@ def training_loop(
             data_time = time.perf_counter() - t0
             micro_batches = [_to_device(b, accelerator.device) for b in work.micro_batches]
 
-            # ---- one normaliser for the whole step: loss units over every micro-batch and every process
+            # ---- one normaliser for the whole step: loss units over every micro-batch and every process, and
+            # those of the rows left untrained for their zero gradient (RL: `Step.skipped_units`)
             total_units = _reduce_sum(
-                accelerator, sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches)
+                accelerator,
+                sum(float(algorithm.loss_units(b, cfg)) for b in micro_batches) + work.skipped_units,
             )
 
             # ---- forward/backward with accumulation; gradients synced on the last micro-batch
@@ -205,6 +207,12 @@ def training_loop(
                     finite &= bool(torch.isfinite(loss_sum.detach()))
                     _backward(accelerator, model, normalise_loss(loss_sum, total_units, world))
                 sums.add({"loss": loss_sum, **metrics})
+            if not micro_batches and work.skipped_units:
+                # Every row's gradient is exactly 0 and none ran: the optimiser steps on zeros, as it would have
+                # after training them (AdamW's moments still decay and move the weights).
+                for p in model.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
 
             # ---- clip, guard against NaN/inf (loss or gradient), step
             # The norm is always computed (max_norm=inf when clipping is off) so that a NaN/inf gradient is caught
