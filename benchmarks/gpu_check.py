@@ -43,7 +43,7 @@ GRPO = ["algorithm.rollout.batch_size=16", "optim.batch_size=16", "optim.micro_b
 SERVER_URL = os.environ.get("GPU_CHECK_VLLM_URL", "http://127.0.0.1:8765")
 LOGP_GAP_BOUND = 0.05
 """The stated bound for colocated vLLM (bf16) against the trainer (bf16 autocast over float32 weights): the mean per
-token |log pi_sampler - log pi_trainer| (`logp_gap_sampler_trainer`) at every step. Both score the same weights at
+token |log pi_sampler - log pi_trainer| (`logp_gap_sampler_trainer`) at every step that trains a completion. Both score the same weights at
 the same temperature, so what is left is kernels and rounding: bf16 carries ~3 significant digits, so a few 1e-3
 per token is rounding alone; 0.05 leaves room for attention kernels and batching, and is an order of magnitude under
 what a missed weight push gives (0.1-0.2 on the test model after one step: docs/scale.md)."""
@@ -201,6 +201,10 @@ def engine_comparison(hf: list[dict], vllm: list[dict], n: int) -> list[str]:
     >>> engine_comparison([{"reward/total_mean": 0.5, "reward/total_std": 0.5}],
     ...                   [{"reward/total_mean": 0.6, "reward/total_std": 0.5, "logp_gap_sampler_trainer": 0.01}], 16)[1]
     'log-prob gap (vLLM sampler against the trainer), max over 1 steps: 1.00e-02 (bound 0.05): PASS'
+    >>> engine_comparison([{"reward/total_mean": 0.0, "reward/total_std": 0.0}] * 2,
+    ...                   [{"reward/total_mean": 0.0, "reward/total_std": 0.0, "skipped_fraction": 1.0},
+    ...                    {"reward/total_mean": 0.0, "reward/total_std": 0.0, "skipped_fraction": 0.5}], 16)[1]
+    'log-prob gap (vLLM sampler against the trainer), max over 0 steps, 1 step(s) trained no completion: inf (bound 0.05): FAIL'
     """
     if not hf or not vllm:
         return ["vLLM against HF: not compared (" + ("grpo_hf" if not hf else "grpo_vllm") + " has no steps)"]
@@ -211,10 +215,14 @@ def engine_comparison(hf: list[dict], vllm: list[dict], n: int) -> list[str]:
     steps = min(len(hf), len(vllm))
     gaps = [r["logp_gap_sampler_trainer"] for r in vllm if "logp_gap_sampler_trainer" in r]
     gap = max(gaps) if gaps else float("inf")
+    # A step whose completions all had advantage 0 trains none of them (`skip_zero_advantage`): no trainer forward,
+    # no gap. Every other step must have one.
+    trained = [r for r in vllm if r.get("skipped_fraction", 0.0) < 1.0]
+    skipped = f", {len(vllm) - len(trained)} step(s) trained no completion" if len(trained) < len(vllm) else ""
     return [f"reward curve, vLLM against HF over {steps} steps of {n} completions: largest difference "
             f"{worst:.2f} standard errors (bound {SE_BOUND:g}): {'PASS' if worst <= SE_BOUND else 'FAIL'}",
-            f"log-prob gap (vLLM sampler against the trainer), max over {len(gaps)} steps: {gap:.2e} "
-            f"(bound {LOGP_GAP_BOUND:g}): {'PASS' if len(gaps) == len(vllm) and gap <= LOGP_GAP_BOUND else 'FAIL'}"]  # fmt: skip
+            f"log-prob gap (vLLM sampler against the trainer), max over {len(gaps)} steps{skipped}: {gap:.2e} "
+            f"(bound {LOGP_GAP_BOUND:g}): {'PASS' if gaps and len(gaps) == len(trained) and gap <= LOGP_GAP_BOUND else 'FAIL'}"]  # fmt: skip
 
 
 
