@@ -35,7 +35,8 @@ def _batch():
 
 def _reference(model, ids, mask, temperature):
     """The unchunked computation: the model's own (B, T, V) logits, log-softmax at once, then the gather."""
-    logits = model(input_ids=ids).logits[:, :-1].float() / temperature  # (B, T-1, V)
+    logits = model(input_ids=ids).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (B, T-1, V); float64 stays
     logp_all = logits.log_softmax(-1)
     picked = logp_all.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
@@ -50,6 +51,7 @@ def _grads(model):
 
 def _exact_grads(model, ids, mask, weights, temperature):
     """The unchunked gradients in float64 (a copy of the model): what both float32 paths approximate."""
+    model.zero_grad(set_to_none=True)
     exact = copy.deepcopy(model).double()
     want, _ = _reference(exact, ids, mask, temperature)
     (-(want * weights.double()).sum()).backward()

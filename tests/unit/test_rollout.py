@@ -439,12 +439,16 @@ def test_zero_gradient_rows_are_left_out_of_the_micro_batches_and_their_units_co
     assert ZERO_GRADIENT in tensors  # the caller's rollout is left as it was
     assert [[mb["seq"].tolist() for mb in step.micro_batches] for step in steps] == [[[2, 3]], [[4, 6], [7]]]
     assert all(ZERO_GRADIENT not in mb for step in steps for mb in step.micro_batches)
-    assert [(step.skipped_units, step.metrics) for step in steps] == [
-        (6.0, {"skipped_fraction": 0.5}), (3.0, {"skipped_fraction": 0.25})]  # fmt: skip
+    assert [(step.skipped_units, step.skipped_rows, step.metrics) for step in steps] == [
+        (6.0, 2, {"skipped_fraction": 0.5}), (3.0, 1, {"skipped_fraction": 0.25})]  # fmt: skip
     # a step whose rows all have a zero gradient: no micro-batch, its units counted, its loss logged as 0
     src.make_rollout = lambda index: ({**_tensors(8), ZERO_GRADIENT: torch.arange(8) < 4}, {"rollout": 0.0})
     first = next(src.steps(0))
-    assert (first.micro_batches, first.skipped_units, first.metrics["loss"]) == ([], 12.0, 0.0)
+    assert (first.micro_batches, first.skipped_units, first.skipped_rows, first.metrics["loss"]) == ([], 12.0, 4, 0.0)
+    # rows with no loss units (an overlong filter took every completion out of the loss): still a zero-gradient step
+    src.loss_units = lambda batch, cfg: 0.0
+    first = next(src.steps(0))
+    assert (first.micro_batches, first.skipped_units, first.skipped_rows) == ([], 0.0, 4)
     # several processes (each must run as many forwards) or no loss units: nothing is left out
     assert not _source(tmp_path, world=2, loss_units=len).context.skips_zero_gradient
     assert not _source(tmp_path).context.skips_zero_gradient

@@ -60,7 +60,11 @@ class Step:
     skipped_units: float = 0.0
     """Loss units of this step's rows that were left untrained because their gradient is exactly 0
     (`ZERO_GRADIENT`): the loop adds them to the step's normaliser, so the update is the one training them would
-    give. A step with no micro-batch but skipped units is a zero-gradient step: the optimiser still steps."""
+    give."""
+    skipped_rows: int = 0
+    """How many rows were left untrained so. A step with no micro-batch but skipped rows (even rows with no loss
+    units: completions an `overlong: filter` took out of the loss) is a zero-gradient step: the optimiser still
+    steps, as it would have after training them."""
 
 
 class BatchSource(Protocol):

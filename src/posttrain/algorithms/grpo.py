@@ -344,8 +344,9 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
                                           temperature=rc.temperature), tensors)  # fmt: skip
         # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout (on the
         # rows that train: the others' are 0, and so are their masks in the gap's mean).
-        gap = logp_gap(tensors["sampling_logps"], tensors["old_logps"], rl.trained_mask(tensors))
-        extra[LOGP_GAP] = float(gap)
+        trained = rl.trained_mask(tensors)
+        if bool(trained.any()):  # a rollout that trains no completion measures no gap (a 0 would look perfect)
+            extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], trained))
     if ctx.reference.needed:  # the penalty needs it, or the logged KL (`log_kl`): one no-grad forward
         tensors["ref_logps"] = rl.trained_rows_logps(
             lambda t: ctx.reference.logps(t, "completion_mask", chunk=ctx.micro_batch_size,

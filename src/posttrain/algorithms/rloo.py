@@ -32,7 +32,6 @@ from pydantic import Field
 
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import (
-    ZERO_GRADIENT,
     Algorithm,
     RolloutContext,
     Rollouts,
@@ -186,9 +185,9 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     rl.mark_zero_gradient(tensors, ctx, exact=a.beta == 0.0 and a.skip_zero_advantage)
     if a.beta == 0 and a.steps_per_rollout(cfg.optim.batch_size) > 1:
         tensors["old_logps"] = rl.trained_rows_logps(old_logps, tensors)
-    if "old_logps" in tensors:  # the gap over every generated token of the rows that train
-        gap_mask = mask if ZERO_GRADIENT not in tensors else mask * (~tensors[ZERO_GRADIENT]).to(mask.dtype)[:, None]
-        extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], gap_mask))
+    trained = rl.trained_mask(tensors)  # the tokens that carry loss, of the rows that train
+    if "old_logps" in tensors and bool(trained.any()):  # no trained token: no gap (a 0 would look perfect)
+        extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], trained))
     extra["penalised_reward_mean"] = float(rewards.mean())
     return tensors, extra
 

@@ -76,7 +76,7 @@ def gather_logps(
     >>> lp, ent
     (tensor([-0.6931, -1.0986]), tensor([1.0397, 1.0986]))
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32; float64 stays
     if temperature != 1.0:  # x / 1.0 is x: skip the (N, V) copy
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)  # (N, V)
@@ -90,9 +90,10 @@ def gather_logps(
 
 
 def scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """(N,) values into a float32 (B, T) tensor of zeros at the N positions where `where` is True (row-major)."""
-    out = torch.zeros(where.shape, dtype=torch.float32, device=values.device)
-    out[where] = values.float()
+    """(N,) values into a (B, T) tensor of zeros, float32 (float64 for float64 values), at the N positions where
+    `where` is True (row-major)."""
+    out = torch.zeros(where.shape, dtype=torch.promote_types(values.dtype, torch.float32), device=values.device)
+    out[where] = values.to(out.dtype)
     return out
 
 

@@ -329,7 +329,7 @@ class RolloutSource:
                     # Every sequence was dropped (grpo.drop_uniform_groups) or has a zero gradient: nothing
                     # trains; its loss is the loop's per-unit mean of an empty sum (or of zeros).
                     carried["loss"] = 0.0
-                yield Step(step.micro_batches, {**carried, **step.metrics}, step.skipped_units)
+                yield Step(step.micro_batches, {**carried, **step.metrics}, step.skipped_units, step.skipped_rows)
             within = 0
             index += 1
 
@@ -340,7 +340,8 @@ class RolloutSource:
         Each pass is cut into `rollout.batch_size / optim.batch_size` steps of near-equal size (equal unless
         `grpo.drop_uniform_groups` removed sequences; a step left with none trains nothing and only logs). The rows
         the method marked `ZERO_GRADIENT` are left out of a step's micro-batches and their loss units counted in
-        its `skipped_units`; a step holding no other row steps the optimiser on a zero gradient.
+        its `skipped_units` (their number: `skipped_rows`); a step holding no other row steps the optimiser on a
+        zero gradient.
         """
         tensors = dict(tensors)
         inert = tensors.pop(ZERO_GRADIENT, None)
@@ -353,7 +354,7 @@ class RolloutSource:
                 random.Random(self.seed * 31 + index * 1_009 + epoch).shuffle(order)
             bounds = [round(k * n / per_pass) for k in range(per_pass + 1)]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                idx, skipped, metrics = order[lo:hi], 0.0, {}
+                idx, skipped, left, metrics = order[lo:hi], 0.0, [], {}
                 if inert is not None:
                     left = [i for i in idx if inert[i]]
                     idx = [i for i in idx if not inert[i]]
@@ -362,5 +363,5 @@ class RolloutSource:
                     metrics["skipped_fraction"] = len(left) / max(len(left) + len(idx), 1)
                 micro = [trim({k: v[idx[m : m + self.micro]] for k, v in tensors.items()})
                          for m in range(0, len(idx), self.micro)]  # fmt: skip
-                steps.append(Step(micro, metrics, skipped))
+                steps.append(Step(micro, metrics, skipped, len(left)))
         return steps

@@ -99,7 +99,7 @@ class WithReference:
 
     def steps(self, start_step: int = 0) -> Iterator[Step]:
         for step in self.inner.steps(start_step):
-            yield Step([self.add(b) for b in step.micro_batches], step.metrics)
+            yield Step([self.add(b) for b in step.micro_batches], step.metrics, step.skipped_units, step.skipped_rows)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

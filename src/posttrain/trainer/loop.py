@@ -207,9 +207,11 @@ def training_loop(
                     finite &= bool(torch.isfinite(loss_sum.detach()))
                     _backward(accelerator, model, normalise_loss(loss_sum, total_units, world))
                 sums.add({"loss": loss_sum, **metrics})
-            if not micro_batches and work.skipped_units:
+            if not micro_batches and work.skipped_rows:
                 # Every row's gradient is exactly 0 and none ran: the optimiser steps on zeros, as it would have
-                # after training them (AdamW's moments still decay and move the weights).
+                # after training them (AdamW's moments still decay and move the weights). Every trainable parameter
+                # gets one: a parameter no forward reaches (none in a causal LM, fully or LoRA-trained) would have
+                # had no gradient there, and AdamW would have left it alone.
                 for p in model.parameters():
                     if p.requires_grad and p.grad is None:
                         p.grad = torch.zeros_like(p)
