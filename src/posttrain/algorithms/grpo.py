@@ -39,7 +39,7 @@ from posttrain.algorithms.base import (
     ScoredRollout,
     sequence_tensors,
 )
-from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
@@ -342,11 +342,10 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
         tensors["old_logps"] = rl.trained_rows_logps(
             lambda t: chunked_token_logps(ctx.model, t, "completion_mask", ctx.micro_batch_size,
                                           temperature=rc.temperature), tensors)  # fmt: skip
-        # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout (on the
-        # rows that train: the others' are 0, and so are their masks in the gap's mean).
-        trained = rl.trained_mask(tensors)
-        if bool(trained.any()):  # a rollout that trains no completion measures no gap (a 0 would look perfect)
-            extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], trained))
+        # The trainer's log-probs under the sampling weights: the gap is measured here, once per rollout, on the
+        # rows that train (the others' are 0); a rollout that trains none logs none.
+        if (gap := rl.trained_logp_gap(tensors)) is not None:
+            extra[LOGP_GAP] = gap
     if ctx.reference.needed:  # the penalty needs it, or the logged KL (`log_kl`): one no-grad forward
         tensors["ref_logps"] = rl.trained_rows_logps(
             lambda t: ctx.reference.logps(t, "completion_mask", chunk=ctx.micro_batch_size,

@@ -121,3 +121,12 @@ def trained_mask(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     inert = tensors.get(ZERO_GRADIENT)
     mask = tensors["completion_mask"]
     return mask if inert is None else mask * (~inert).to(mask.dtype)[:, None]
+
+
+def trained_logp_gap(tensors: dict[str, torch.Tensor]) -> float | None:
+    """The sampler/trainer gap (`common.logp_gap`) of a rollout's `old_logps`, over the tokens of the rows that
+    train; None when no row trains (a gap of 0 would look perfect)."""
+    trained = trained_mask(tensors)
+    if not bool(trained.any()):
+        return None
+    return float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], trained))

@@ -38,7 +38,7 @@ from posttrain.algorithms.base import (
     ScoredRollout,
     sequence_tensors,
 )
-from posttrain.algorithms.common import LOGP_GAP, logp_gap, masked_mean, masked_sum
+from posttrain.algorithms.common import LOGP_GAP, masked_mean, masked_sum
 from posttrain.algorithms.ppo import ppo_policy_loss
 from posttrain.config import RLSection
 from posttrain.config_rules import When, is_
@@ -185,9 +185,9 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     rl.mark_zero_gradient(tensors, ctx, exact=a.beta == 0.0 and a.skip_zero_advantage)
     if a.beta == 0 and a.steps_per_rollout(cfg.optim.batch_size) > 1:
         tensors["old_logps"] = rl.trained_rows_logps(old_logps, tensors)
-    trained = rl.trained_mask(tensors)  # the tokens that carry loss, of the rows that train
-    if "old_logps" in tensors and bool(trained.any()):  # no trained token: no gap (a 0 would look perfect)
-        extra[LOGP_GAP] = float(logp_gap(tensors["sampling_logps"], tensors["old_logps"], trained))
+    # the gap over the tokens that carry loss, of the rows that train; none when no row trains
+    if "old_logps" in tensors and (gap := rl.trained_logp_gap(tensors)) is not None:
+        extra[LOGP_GAP] = gap
     extra["penalised_reward_mean"] = float(rewards.mean())
     return tensors, extra
 

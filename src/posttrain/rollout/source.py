@@ -345,6 +345,7 @@ class RolloutSource:
         """
         tensors = dict(tensors)
         inert = tensors.pop(ZERO_GRADIENT, None)
+        inert = inert.tolist() if inert is not None else None  # (N,) bools, read row by row below
         n = next(iter(tensors.values())).shape[0]
         per_pass = self.steps_per_rollout // self.rollout_cfg.epochs
         steps: list[Step] = []

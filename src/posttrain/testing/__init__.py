@@ -123,7 +123,6 @@ def assert_base_unchanged(model, model_dir, prefix: str = "") -> None:
     assert checked == len(on_disk), f"{checked} of {len(on_disk)} base parameters found in the model"
 
 
-
 def assert_as_accurate(got, want, exact, *, factor: float = 2.0, msg: str = "") -> None:
     """`got` (a float32 computation) is as close to `exact` (the same computation in float64) as `want` (the
     reference float32 computation) is: max |got - exact| <= factor x max(max |want - exact|, 2 ulps of max |exact|).
