@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the weights' and the sampling's dtype (bfloat16: the bound counts bf16 bytes and the bf16 "
+                         "GEMM rate)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -61,7 +64,7 @@ def main() -> None:
     from posttrain.models import load_model, load_tokenizer
     from posttrain.rollout.engine import HFEngine
 
-    model_cfg = ModelConfig(dtype="float32")
+    model_cfg = ModelConfig(dtype=args.dtype)
     tok = load_tokenizer(model_cfg)
     model = load_model(model_cfg, TechniqueConfig(name="full"), train=False)
     rows = make_prompts(Arithmetic(min_ops=1, max_ops=1, max_value=10), args.prompts, seed=0)
@@ -75,21 +78,22 @@ def main() -> None:
                               top_p=1.0, stop=[], seed=seed)  # fmt: skip
         return time.perf_counter() - t, out
 
-    gemm, bandwidth = matmul_gflops(), copy_bandwidth_gbs()
+    gemm, bandwidth = matmul_gflops(dtype=args.dtype), copy_bandwidth_gbs()
     run(args.max_new_tokens, seed=99)  # warm-up
     results = []
     for r in range(args.repeats):
         prefill_s, _ = run(1, seed=r)
         total_s, out = run(args.max_new_tokens, seed=r)
         results.append((prefill_s, total_s, out))
-    gemm_end, bandwidth_end = matmul_gflops(), copy_bandwidth_gbs()
+    gemm_end, bandwidth_end = matmul_gflops(dtype=args.dtype), copy_bandwidth_gbs()
 
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows_n = args.prompts * args.group
     prompt_len = statistics.mean(len(p) for p in prompt_ids)
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    kv_per_token *= torch.finfo(getattr(torch, args.dtype)).bits // 8
     figures = []
     for prefill_s, total_s, out in results:
         steps = out.completion_ids.shape[1]  # decode steps run: until the longest row ended
@@ -103,8 +107,8 @@ def main() -> None:
                         "tokens_per_s": generated / total_s, "step_ms": 1000 * decode_s / max(steps - 1, 1),
                         "of_bandwidth_bound": bw_bound / decode_s, "of_compute_bound": compute_bound / decode_s})  # fmt: skip
     med = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
-    print(f"fp32 GEMM {gemm:.1f} -> {gemm_end:.1f} GFLOP/s, copy bandwidth {bandwidth:.1f} -> {bandwidth_end:.1f} GB/s; "
-          f"{args.prompts} prompts x {args.group} completions, up to {args.max_new_tokens} tokens, T=1, fp32, "
+    print(f"{args.dtype} GEMM {gemm:.1f} -> {gemm_end:.1f} GFLOP/s, copy bandwidth {bandwidth:.1f} -> {bandwidth_end:.1f} GB/s; "
+          f"{args.prompts} prompts x {args.group} completions, up to {args.max_new_tokens} tokens, T=1, {args.dtype}, "
           f"weights {weight_bytes / 1e9:.2f} GB, KV cache {kv_per_token / 1e3:.1f} kB per token and row")  # fmt: skip
     print("| repeat | prefill (s) | decode (s) | decode steps | generated tokens | tokens/s | ms per decode step | "
           "of bandwidth bound | of compute bound |")

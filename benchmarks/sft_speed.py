@@ -30,11 +30,12 @@ import sys
 import time
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 GEMM throughput (GFLOP/s) with torch's default threads: the machine's practical peak."""
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Measured GEMM throughput (GFLOP/s, fp32 unless `dtype` says otherwise) with torch's default threads: the
+    machine's practical peak."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(3):
         a @ b
     t = time.perf_counter()

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from posttrain.config_rules import When, is_, unread_settings
+from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
 
 
@@ -167,6 +167,14 @@ class RolloutSection(_Section):
     while sampling only: one copy of the adapted weights (0.42 GB for the embedded model in fp32; ~13 GB for a 7B
     model in bf16). null: on CPU, not on a GPU, where that memory is scarcer (merged sampling on a GPU is designed
     for, not measured); true: wherever the model runs; false: never."""
+    dtype: Literal["bfloat16"] | None = None
+    """`hf` engine, a float32 run: sample from a bfloat16 copy of the weights (and a bfloat16 KV cache) while
+    training stays in float32. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) decoding is ~1.8x faster
+    (the embedded model, benchmarks/README.md); on one without them it is likely slower (a note says so at
+    launch). The samples then come from the bfloat16 model's distribution, not exactly the trained one: the losses
+    score them with the float32 weights, the rollout logs the gap between the two (`logp_gap`), and `tis_cap`
+    corrects for it (docs/rl.md). The copy costs the weights' size in bfloat16 while sampling. null: sample in the
+    run's own dtype. Refused where the run already computes in bfloat16, with QLoRA, and for a sharded model."""
     overlong: Literal["score", "fixed", "filter", "soft"] = "score"
     """What a truncated completion (`max_new_tokens` reached with no EOS or stop string) gets (docs/rl.md):
     `score` its rewards, like a finished one (reward functions see a `truncated` column; a reward model scores it
@@ -252,6 +260,11 @@ class RLSection(AlgorithmSection):
         # a sharded model (FSDP2, ZeRO-3) samples through its adapters: `rollout.engine.HFEngine`
         "rollout.merge_adapters": is_("technique.name", "lora") & is_("algorithm.rollout.engine", "hf")
         & is_("run.sharding", "none") & NOT_ZERO3,
+        # `rollout.engine.HFEngine`: a sharded model's forwards are collectives over its float32 shards; QLoRA's
+        # 4-bit layers compute in their own dtype; a bfloat16 run samples in bfloat16 already (`train` refuses
+        # `auto` where it resolves to bfloat16, on a GPU)
+        "rollout.dtype": is_("algorithm.rollout.engine", "hf") & is_("model.dtype", "auto", "float32")
+        & is_not("technique.name", "qlora") & is_("run.sharding", "none") & NOT_ZERO3,
     }
 
     def group_size(self) -> int:

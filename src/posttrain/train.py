@@ -41,7 +41,7 @@ from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.layers import cpp_compiler_missing
-from posttrain.models.loading import default_device, mixed_precision, resolve_dtype
+from posttrain.models.loading import cpu_has_bf16, default_device, mixed_precision, resolve_dtype
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard, zero3_inference
@@ -248,6 +248,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator = _accelerator(cfg)
     _check_sharding(cfg, accelerator.num_processes)
     _check_compile(cfg, accelerator)
+    _check_rollout_dtype(cfg, accelerator)
     if refusal := fsdp1_refusal(os.environ, distributed=accelerator.distributed_type.value):
         raise ConfigError(refusal)
     if ckpt is not None:
@@ -383,6 +384,22 @@ def _check_compile(cfg: RunConfig, accelerator) -> None:
         )
 
 
+def _check_rollout_dtype(cfg: RunConfig, accelerator) -> None:
+    """`algorithm.rollout.dtype` where `model.dtype: auto` resolves to bfloat16 (a GPU that has it): the run
+    samples in bfloat16 already, so the setting would do nothing (the config refuses an explicit bfloat16)."""
+    rollout = getattr(cfg.algorithm, "rollout", None)
+    if rollout is None or rollout.dtype is None:
+        return
+    compute = resolve_dtype(cfg.model.dtype, accelerator.device)
+    if compute != torch.float32:
+        raise ConfigError(
+            f"algorithm.rollout.dtype={rollout.dtype} samples a float32 run from a {rollout.dtype} copy of its "
+            f"weights, but this run computes in {str(compute).removeprefix('torch.')} already (model.dtype="
+            f"{cfg.model.dtype} on {accelerator.device.type}); remove algorithm.rollout.dtype, or set "
+            "model.dtype=float32 to train in float32 and sample in bfloat16"
+        )
+
+
 def _check_sharding(cfg: RunConfig, world_size: int) -> None:
     """`run.sharding=fsdp2` needs several processes from torchrun, not Accelerate's own sharding (checked before
     anything is written or loaded). Every technique shards, QLoRA's 4-bit weights too (`models.sharding`). With a
@@ -418,6 +435,11 @@ def _say_launch_notes(cfg: RunConfig, accelerator) -> None:
                              distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
                              dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
         print(note)
+    rollout = getattr(cfg.algorithm, "rollout", None)
+    if rollout is not None and rollout.dtype == "bfloat16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
+        print("note: algorithm.rollout.dtype=bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): "
+              "its bfloat16 matrix products are emulated, so sampling is likely slower than in float32; remove "
+              "algorithm.rollout.dtype to sample in float32")  # fmt: skip
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:

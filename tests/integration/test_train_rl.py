@@ -10,6 +10,7 @@ move its logits only slowly."""
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -486,6 +487,35 @@ def test_the_sampler_trainer_logp_gap_is_logged_and_shows_a_sampler_that_differs
     # The tiny random model's logits are all near 0, so a penalty that scales them moves each token's log-prob
     # only a little (measured ~7e-3 here): still four orders of magnitude above the float rounding.
     assert all(h["logp_gap_sampler_trainer"] > 1e-3 for h in hist)
+
+
+def test_bfloat16_sampling_trains_in_float32_and_logs_the_precision_gap(rl, monkeypatch, capsys):
+    """`rollout.dtype: bfloat16` (GRPO, LoRA merged for sampling): the adapters train and stay float32, and every
+    step logs a sampler/trainer gap far above the float32 rounding the test above measures (< 1e-5): the samples
+    came from bfloat16 weights, scored by the float32 ones. On a CPU without bfloat16 instructions the launch says
+    that sampling is likely slower."""
+    import posttrain.train
+
+    monkeypatch.setattr(posttrain.train, "cpu_has_bf16", lambda: False)
+    result = train(rl("bf16-sampling", **{"algorithm.rollout.dtype": "bfloat16", "run.max_steps": 2}),
+                   return_model=True)  # fmt: skip
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert len(hist) == 2 and all(h["logp_gap_sampler_trainer"] > 1e-4 for h in hist)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert "note: algorithm.rollout.dtype=bfloat16 on a CPU without bfloat16 instructions" in capsys.readouterr().out
+
+
+def test_bfloat16_sampling_is_refused_where_the_run_computes_in_bfloat16_already(rl, monkeypatch):
+    """`model.dtype: auto` resolves to bfloat16 on a GPU that has it: the run samples in bfloat16 already, so
+    `rollout.dtype` would do nothing; refused before the run folder is written (here the GPU's answer is faked)."""
+    import posttrain.train
+    from posttrain.errors import ConfigError
+
+    monkeypatch.setattr(posttrain.train, "resolve_dtype", lambda dtype, device=None: torch.bfloat16)
+    cfg = rl("bf16-refused", **{"algorithm.rollout.dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match=r"computes in bfloat16 already \(model.dtype=auto on cpu\)"):
+        train(cfg)
+    assert not (Path(cfg.run.output_dir) / "config.yaml").exists()
 
 
 # ------------------------------------------------------------------------------------------ truncated completions

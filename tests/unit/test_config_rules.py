@@ -82,6 +82,9 @@ OWN_CASES = {
     ("grpo", "algorithm.rollout.merge_adapters"): ("true", {**GRPO, **FULL}, GRPO),
     ("ppo", "algorithm.rollout.merge_adapters"): ("false", {**PPO, **QLORA}, PPO),
     ("rloo", "algorithm.rollout.merge_adapters"): ("false", {**RLOO, **SERVER, **SERVER_URL}, RLOO),
+    ("grpo", "algorithm.rollout.dtype"): ("bfloat16", {**GRPO, "model.dtype": "bfloat16"}, GRPO),
+    ("ppo", "algorithm.rollout.dtype"): ("bfloat16", {**PPO, **QLORA}, PPO),
+    ("rloo", "algorithm.rollout.dtype"): ("bfloat16", {**RLOO, **SERVER, **SERVER_URL}, RLOO),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
 }  # fmt: skip

@@ -154,6 +154,63 @@ def test_lora_samples_from_merged_weights_score_as_the_adapted_model(lora_eos_mo
         assert not merged
 
 
+def _bf16_params(model):
+    """A copy of `model` with every floating-point parameter in bfloat16 and its buffers as they were (as
+    `models.generation.weights_in` leaves them: the rotary frequencies stay float32)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
+@pytest.mark.parametrize("case", ["full", "lora merged", "lora unmerged"])
+def test_bfloat16_sampling_is_a_bfloat16_copy_s_and_leaves_the_weights_alone(eos_model, lora_eos_model,
+                                                                             tiny_tokenizer, case):  # fmt: skip
+    """`rollout.dtype: bfloat16` on a float32 model: the samples and their log-probs are exactly those of the same
+    engine run on a bfloat16 copy of the model (merged LoRA: merged in float32, then cast, as peft's
+    `merge_and_unload` then a cast does; unmerged: the adapters cast too); the float32 model scores them
+    otherwise (the setting takes effect); after it, every parameter is the same float32 tensor with the same
+    values, and tied weights were copied once."""
+    from posttrain.models.generation import weights_in
+    from posttrain.models.logprobs import selected_token_logps
+
+    model = eos_model if case == "full" else lora_eos_model.eval()
+    merge = case == "lora merged"
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    kwargs = {"n": 4, "max_new_tokens": 10, "temperature": 1.0, "top_p": 1.0, "stop": [], "seed": 0}
+    r = HFEngine(merge_adapters=merge, dtype=torch.bfloat16).generate(model, tiny_tokenizer,
+                                                                      _prompt_ids(tiny_tokenizer), **kwargs)  # fmt: skip
+    assert all(p is dict(model.named_parameters())[n] and p.dtype == torch.float32 and torch.equal(p, old)
+               for n, (p, old) in before.items())  # fmt: skip
+    if merge:
+        import copy
+
+        twin = _bf16_params(copy.deepcopy(model).merge_and_unload())
+    else:
+        twin = _bf16_params(model)
+    want = HFEngine(merge_adapters=False).generate(twin, tiny_tokenizer, _prompt_ids(tiny_tokenizer), **kwargs)
+    assert torch.equal(r.completion_ids, want.completion_ids)
+    assert torch.equal(r.sampling_logps, want.sampling_logps)
+    t = sequence_tensors(r)
+    inputs = {k: t[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        fp32, _ = selected_token_logps(model, inputs, t["completion_mask"])
+    mask = r.completion_mask.bool()
+    assert (fp32[:, r.prompt_ids.shape[1] :][mask] - r.sampling_logps[mask]).abs().max() > 1e-4
+
+    from posttrain.testing import tiny_model
+
+    tied = tiny_model(len(tiny_tokenizer), tie_word_embeddings=True)  # the output layer shares the embedding
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with weights_in(tied, torch.bfloat16) as swapped:
+        assert tied.lm_head.weight is tied.model.embed_tokens.weight
+        assert tied.lm_head.weight.dtype == torch.bfloat16
+        assert swapped == len(list(tied.parameters())) < len(list(tied.named_parameters(remove_duplicate=False)))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32
+
+
 def test_merge_adapters_true_that_cannot_merge_says_so_once(lora_eos_model, tiny_tokenizer, capsys):
     """`merge_adapters: true` on a policy it cannot merge (here: its adapters turned off by the caller, which the
     merge must not undo) samples as the policy is and says why, once per engine; null says nothing."""

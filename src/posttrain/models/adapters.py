@@ -173,7 +173,7 @@ def is_adapter_model(model) -> bool:
 
 
 @contextlib.contextmanager
-def merged_for_sampling(model) -> Iterator[bool]:
+def merged_for_sampling(model, dtype: torch.dtype | None = None) -> Iterator[bool]:
     """While sampling (no gradients): each LoRA layer's base weight swapped for a merged copy W + delta (delta from
     peft's `get_delta_weight`, summed over the active adapters) and the adapters disabled, so a decode step runs one
     matrix product per adapted layer instead of three and an add. Sampling at 32 rows is bound by per-call overhead,
@@ -182,6 +182,9 @@ def merged_for_sampling(model) -> Iterator[bool]:
     original weight tensors are put back untouched (not `merge_adapter` then `unmerge_adapter`, whose W + d - d is
     not W in floating point, so the frozen base would drift every rollout). The merged copies cost one copy of the
     adapted weights while sampling (0.42 GB on the embedded model in fp32), freed after.
+
+    `dtype` (`algorithm.rollout.dtype`): each merged copy is made in that dtype (computed in the weight's own, then
+    cast), so no full-precision copy is held beside it.
 
     Yields whether it merged: only a peft model in eval mode whose adapted layers are all plain linear layers
     (`torch.nn.Linear`, GPT-2's `Conv1D`) with one whole weight tensor (not QLoRA's 4-bit layers, not a sharded or
@@ -201,6 +204,8 @@ def merged_for_sampling(model) -> Iterator[bool]:
                         base = module.base_layer
                         w = base.weight
                         merged = w + sum(module.get_delta_weight(a).to(w.dtype) for a in names)
+                        if dtype is not None:
+                            merged = merged.to(dtype)
                         swapped.append((base, w))
                         base._parameters["weight"] = torch.nn.Parameter(merged, requires_grad=False)
         with model.disable_adapter():

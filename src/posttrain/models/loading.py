@@ -286,6 +286,15 @@ def resolve_dtype(dtype: str, device=None):
     return torch.float32
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, as oneDNN reads the CPU); without
+    them torch emulates bfloat16 products, slower than float32 ones."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """Load the tokenizer of `model_cfg.name`, with a pad token (the EOS token when the model has none).
 

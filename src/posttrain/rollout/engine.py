@@ -25,6 +25,7 @@ from posttrain.models.generation import (
     plain_generation_config,
     sample_groups,
     sampling_processors,
+    weights_in,
 )
 from posttrain.models.sharding import synced_forward
 
@@ -167,6 +168,11 @@ class HFEngine:
     [temperature, top-p (when < 1), `SampledLogps`, `RowStreams`], and `sampling_logps` are the log-probs of that
     distribution.
 
+    With `dtype` (`algorithm.rollout.dtype`) the model samples from a copy of its weights in that dtype
+    (`models.generation.weights_in`; merged LoRA weights are made in it directly), and `sampling_logps` are that
+    copy's log-probs: the losses still score the tokens with the trainer's own weights, so the two differ by the
+    precision gap, which the rollout logs (`logp_gap`) and `rollout.tis_cap` can correct.
+
     A LoRA model samples from a merged copy of its adapted weights, its adapters off (`merge_adapters`, the run's
     `algorithm.rollout.merge_adapters`; `models.adapters.merged_for_sampling`), on CPU by default.
     Each group's prompt is encoded once and the rows that end leave the batch (`models.generation.sample_groups`);
@@ -179,8 +185,9 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, *, merge_adapters: bool | None = None) -> None:
+    def __init__(self, *, merge_adapters: bool | None = None, dtype: torch.dtype | None = None) -> None:
         self.merge_adapters = merge_adapters  # `algorithm.rollout.merge_adapters`; None: on CPU only
+        self.dtype = dtype  # `algorithm.rollout.dtype`: sample from a copy of the weights in it; None: as they are
         self.said_unmerged = False  # whether the note that true could not be honoured was printed
 
     def generate(
@@ -245,8 +252,9 @@ class HFEngine:
                 else:
                     per_call = max(1, (batch_size or len(rows)) // n)  # whole groups per call
                     merge = device.type == "cpu" if self.merge_adapters is None else self.merge_adapters
-                    merging = merged_for_sampling(model) if merge else contextlib.nullcontext()
+                    merging = merged_for_sampling(model, self.dtype) if merge else contextlib.nullcontext()
                     merged = stack.enter_context(merging)  # LoRA: sampled from W + delta, the adapters off
+                    stack.enter_context(weights_in(model, self.dtype))  # the rest of the weights in that dtype
                     if self.merge_adapters and not merged and not self.said_unmerged:  # asked for, not possible
                         self.said_unmerged = True
                         print(f"note: algorithm.rollout.merge_adapters=true, but the policy's adapters cannot be "

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from posttrain.rollout.engine import Engine, HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.rollout.vllm_server import server_engine
 
 ENGINES = {
-    "hf": lambda cfg: HFEngine(merge_adapters=cfg.algorithm.rollout.merge_adapters),
+    "hf": lambda cfg: HFEngine(merge_adapters=cfg.algorithm.rollout.merge_adapters,
+                               dtype=getattr(torch, cfg.algorithm.rollout.dtype or "", None)),
     "vllm": VLLMEngine.from_config,
     "vllm-server": server_engine,
 }
