@@ -14,6 +14,12 @@ counted), best of several, the same yardstick as STREAM's "copy" (McCalpin). Bot
 
     python benchmarks/generation_speed.py
     python benchmarks/generation_speed.py --repeats 3 --json gen.json
+    python benchmarks/generation_speed.py --dtype bfloat16   # weights, KV cache and GEMM rate in bfloat16
+
+The report also gives the roofline: the larger of the two bounds, which no implementation can beat. A decode step
+of 32 rows does ~14 FLOP per byte it reads (8.6 GFLOP against ~0.6 GB in fp32), so on a machine whose GEMM rate
+is under ~14x its copy bandwidth (e.g. 187 GFLOP/s against 50 GB/s) the compute bound is the larger, and the
+bandwidth bound cannot be reached at all.
 """
 
 from __future__ import annotations
@@ -105,19 +111,20 @@ def main() -> None:
         compute_bound = steps * 2 * n_params * rows_n / (max(gemm, gemm_end) * 1e9)
         figures.append({"prefill_s": prefill_s, "decode_s": decode_s, "steps": steps, "generated_tokens": generated,
                         "tokens_per_s": generated / total_s, "step_ms": 1000 * decode_s / max(steps - 1, 1),
-                        "of_bandwidth_bound": bw_bound / decode_s, "of_compute_bound": compute_bound / decode_s})  # fmt: skip
+                        "of_bandwidth_bound": bw_bound / decode_s, "of_compute_bound": compute_bound / decode_s,
+                        "of_roofline": max(bw_bound, compute_bound) / decode_s})  # fmt: skip
     med = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
     print(f"{args.dtype} GEMM {gemm:.1f} -> {gemm_end:.1f} GFLOP/s, copy bandwidth {bandwidth:.1f} -> {bandwidth_end:.1f} GB/s; "
           f"{args.prompts} prompts x {args.group} completions, up to {args.max_new_tokens} tokens, T=1, {args.dtype}, "
           f"weights {weight_bytes / 1e9:.2f} GB, KV cache {kv_per_token / 1e3:.1f} kB per token and row")  # fmt: skip
     print("| repeat | prefill (s) | decode (s) | decode steps | generated tokens | tokens/s | ms per decode step | "
-          "of bandwidth bound | of compute bound |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "of bandwidth bound | of compute bound | of roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for i, f in enumerate([*figures, med]):
         label = "median" if i == len(figures) else str(i + 1)
         print(f"| {label} | {f['prefill_s']:.2f} | {f['decode_s']:.2f} | {f['steps']:.0f} | {f['generated_tokens']:.0f} | "
               f"{f['tokens_per_s']:.0f} | {f['step_ms']:.0f} | {100 * f['of_bandwidth_bound']:.0f}% | "
-              f"{100 * f['of_compute_bound']:.0f}% |")  # fmt: skip
+              f"{100 * f['of_compute_bound']:.0f}% | {100 * f['of_roofline']:.0f}% |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": [gemm, gemm_end], "bandwidth_gbs": [bandwidth, bandwidth_end],
                                                "repeats": figures, "median": med, "torch": torch.__version__}, indent=1))  # fmt: skip

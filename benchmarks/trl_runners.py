@@ -81,6 +81,9 @@ def run_posttrain(method: str, model: str, data: str, steps: int, s: dict, overr
         "curve": [r["reward/total_mean"] if rl else r["loss"] for r in hist],
         "peak_rss_gb": hist[-1]["peak_rss_gb"],
     }
+    if rl:  # posttrain's own split of the step, and the sampler/trainer gap (absent from a step that trains none)
+        out["gen_s"] = [r.get("gen_time_s") for r in hist]
+        out["logp_gap"] = [r.get("logp_gap_sampler_trainer") for r in hist]
     if spec["kind"] == "dpo":  # each side's mean summed log-prob: do both tools score the same tokens the same?
         out["chosen_logps"] = [r["chosen_logps"] for r in hist]
         out["rejected_logps"] = [r["rejected_logps"] for r in hist]

@@ -172,8 +172,8 @@ class RolloutSection(_Section):
     training stays in float32. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) decoding is ~1.8x faster
     (the embedded model, benchmarks/README.md); on one without them it is likely slower (a note says so at
     launch). The samples then come from the bfloat16 model's distribution, not exactly the trained one: the losses
-    score them with the float32 weights, the rollout logs the gap between the two (`logp_gap`), and `tis_cap`
-    corrects for it (docs/rl.md). The copy costs the weights' size in bfloat16 while sampling. null: sample in the
+    score them with the float32 weights, the rollout logs the gap between the two (`logp_gap_sampler_trainer`),
+    and `tis_cap` can correct for it (docs/rl.md). The copy costs the weights' size in bfloat16 while sampling. null: sample in the
     run's own dtype. Refused where the run already computes in bfloat16, with QLoRA, and for a sharded model."""
     overlong: Literal["score", "fixed", "filter", "soft"] = "score"
     """What a truncated completion (`max_new_tokens` reached with no EOS or stop string) gets (docs/rl.md):

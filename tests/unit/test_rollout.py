@@ -209,6 +209,10 @@ def test_bfloat16_sampling_is_a_bfloat16_copy_s_and_leaves_the_weights_alone(eos
         assert tied.lm_head.weight.dtype == torch.bfloat16
         assert swapped == len(list(tied.parameters())) < len(list(tied.named_parameters(remove_duplicate=False)))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32
+    tied._keep_in_fp32_modules = ["norm"]  # as a model that keeps some layers in float32 declares them
+    with weights_in(tied, torch.bfloat16):
+        assert tied.model.norm.weight.dtype == torch.float32  # model.norm.weight: kept
+        assert tied.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # not a "norm" part: cast
 
 
 def test_merge_adapters_true_that_cannot_merge_says_so_once(lora_eos_model, tiny_tokenizer, capsys):

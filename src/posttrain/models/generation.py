@@ -86,18 +86,27 @@ def weights_in(model, dtype: torch.dtype | None) -> Iterator[int]:
     `dtype` copy, and the original tensors put back untouched on exit (`algorithm.rollout.dtype`). One copy per
     tensor, so tied weights (an output layer that shares the embedding matrix) stay tied. Buffers are kept as they
     are: a model's rotary frequencies stay in float32, and its rotary embedding casts cos and sin to the
-    activations' dtype itself. The copies cost the weights' size in `dtype` while sampling (0.27 GB for the
-    embedded model in bfloat16), freed after. Yields how many parameters it swapped (0 when `dtype` is None)."""
+    activations' dtype itself. So are the parameters a transformers model keeps in float32 whatever it is loaded
+    in (its `_keep_in_fp32_modules`, matched on the parameter's dotted name as transformers matches them, e.g. a
+    router's gate), which its own code casts around. The copies cost the weights' size in `dtype` while sampling
+    (0.27 GB for the embedded model in bfloat16), freed after. Yields how many parameters it swapped (0 when
+    `dtype` is None)."""
     if dtype is None:
         yield 0
         return
+    keep: set[str] = set()
+    for module in model.modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            keep.update(getattr(module, attr, None) or ())
     copies: dict[int, torch.nn.Parameter] = {}
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         with torch.no_grad():
-            for module in model.modules():
+            for path, module in model.named_modules():
                 for name, p in list(module._parameters.items()):
                     if p is None or not p.is_floating_point() or p.dtype == dtype:
+                        continue
+                    if keep and keep.intersection([*path.split("."), name]):
                         continue
                     if id(p) not in copies:
                         copies[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)

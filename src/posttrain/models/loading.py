@@ -287,11 +287,17 @@ def resolve_dtype(dtype: str, device=None):
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX, as oneDNN reads the CPU); without
-    them torch emulates bfloat16 products, slower than float32 ones."""
+    """Whether this CPU multiplies bfloat16 matrices natively: on x86, AVX512-BF16 or AMX (torch's own reading of
+    the CPU); elsewhere (ARM), oneDNN's. Without them torch emulates bfloat16 products, slower than float32 ones.
+    (oneDNN's `_is_mkldnn_bf16_supported` says yes on any AVX-512 CPU, which emulates them, so it is not used on
+    x86.)"""
+    import platform
+
     try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+    except (AttributeError, RuntimeError):  # a torch without these queries, or built without oneDNN
         return False
 
 

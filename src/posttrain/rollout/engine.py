@@ -240,6 +240,8 @@ class HFEngine:
             ):
                 torch.manual_seed(seed)  # leaves the training RNG untouched
                 if synced_forward(model):
+                    # the config refuses `rollout.dtype` for a sharded model (`RLSection.rules`)
+                    assert self.dtype is None, "algorithm.rollout.dtype with a sharded model"
                     step = batch_size or len(rows)
                     for s in range(0, len(rows), step):
                         kwargs, finish = processors(s, list(range(min(step, len(rows) - s))))
