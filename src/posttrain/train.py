@@ -433,13 +433,10 @@ def _say_launch_notes(cfg: RunConfig, accelerator) -> None:
     compute = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
     for note in launch_notes(os.environ, processes=accelerator.num_processes,
                              distributed=accelerator.distributed_type.value, precision=accelerator.mixed_precision,
-                             dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type):  # fmt: skip
+                             dtype=cfg.model.dtype, compute=compute, device=accelerator.device.type,
+                             cpu_bf16=accelerator.device.type != "cpu" or cpu_has_bf16(),
+                             rollout_dtype=getattr(getattr(cfg.algorithm, "rollout", None), "dtype", None)):  # fmt: skip
         print(note)
-    rollout = getattr(cfg.algorithm, "rollout", None)
-    if rollout is not None and rollout.dtype == "bfloat16" and accelerator.device.type == "cpu" and not cpu_has_bf16():
-        print("note: algorithm.rollout.dtype=bfloat16 on a CPU without bfloat16 instructions (AVX512-BF16 or AMX): "
-              "its bfloat16 matrix products are emulated, so sampling is likely slower than in float32; remove "
-              "algorithm.rollout.dtype to sample in float32")  # fmt: skip
 
 
 def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:

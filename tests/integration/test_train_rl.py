@@ -502,7 +502,8 @@ def test_bfloat16_sampling_trains_in_float32_and_logs_the_precision_gap(rl, monk
     hist = read_metrics(result.run_dir / "metrics.jsonl")
     assert len(hist) == 2 and all(h["logp_gap_sampler_trainer"] > 1e-4 for h in hist)
     assert all(p.dtype == torch.float32 for p in result.model.parameters())
-    assert "note: algorithm.rollout.dtype=bfloat16 on a CPU without bfloat16 instructions" in capsys.readouterr().out
+    assert ("note: algorithm.rollout.dtype=bfloat16 samples in bfloat16, but this CPU has no bfloat16 instructions"
+            in capsys.readouterr().out)  # fmt: skip
 
 
 def test_bfloat16_sampling_is_refused_where_the_run_computes_in_bfloat16_already(rl, monkeypatch):

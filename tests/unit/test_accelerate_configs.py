@@ -198,3 +198,21 @@ def test_an_fsdp1_config_is_refused_where_accelerate_would_wrap_the_model(tmp_pa
     said = fsdp1_refusal(env1, distributed="FSDP")
     assert "FSDP version 1" in said and "fsdp_version: 2" in said
     assert fsdp1_refusal(env1, distributed="MULTI_CPU") is None
+
+
+@pytest.mark.parametrize("dtype,compute,rollout_dtype,cpu_bf16,device,said", [
+    ("bfloat16", "bfloat16", None, False, "cpu", ["model.dtype=bfloat16 computes in bfloat16, but this CPU"]),
+    ("auto", "float32", "bfloat16", False, "cpu", ["algorithm.rollout.dtype=bfloat16 samples in bfloat16, but"]),
+    ("bfloat16", "bfloat16", None, True, "cpu", []),  # the CPU has the instructions
+    ("auto", "float32", None, False, "cpu", []),  # nothing in bfloat16
+    ("auto", "bfloat16", None, False, "cuda", []),  # a GPU: the CPU's instructions do not matter
+])  # fmt: skip
+def test_bfloat16_on_a_cpu_without_its_instructions_is_said(dtype, compute, rollout_dtype, cpu_bf16, device, said):
+    """bfloat16 compute or sampling on a CPU that emulates bfloat16 products: one note each, naming what to set."""
+    from posttrain.trainer.launch import launch_notes
+
+    notes = launch_notes({}, processes=1, distributed="NO", precision="bf16" if compute == "bfloat16" else "no",
+                         dtype=dtype, compute=compute, device=device, cpu_bf16=cpu_bf16, rollout_dtype=rollout_dtype)  # fmt: skip
+    assert len(notes) == len(said) and all(n.startswith("note: " + s) for n, s in zip(notes, said))
+    assert all("AVX512-BF16 or AMX" in n and "float32" in n for n in notes)
+

@@ -36,11 +36,12 @@ MULTI_PROCESS_LAUNCH = (
 
 
 def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, precision: str, dtype: str,
-                 compute: str, device: str) -> list[str]:  # fmt: skip
+                 compute: str, device: str, cpu_bf16: bool = True, rollout_dtype: str | None = None) -> list[str]:  # fmt: skip
     """The notes for a run with `processes` processes of Accelerate's `distributed` type ("NO", "MULTI_CPU",
     "FSDP", ...: `DistributedType`'s value) and mixed precision `precision` ("no" or "bf16"), from `model.dtype` =
-    `dtype` computing in `compute` (e.g. "float32") on `device` ("cpu", "cuda"), launched with environment `env`.
-    Empty when the launch got what it asked for, or was no `accelerate launch`.
+    `dtype` computing in `compute` (e.g. "float32") on `device` ("cpu", "cuda"), launched with environment `env`;
+    `cpu_bf16`: whether the CPU has bfloat16 instructions (`models.loading.cpu_has_bf16`), `rollout_dtype` the
+    run's `algorithm.rollout.dtype`. Empty when the launch got what it asked for, or was no `accelerate launch`.
 
     >>> launch_notes({}, processes=1, distributed="NO", precision="no", dtype="auto", compute="float32", device="cpu")
     []
@@ -67,6 +68,15 @@ def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, pr
             f"({dtype}: {compute} on {device}), so this run uses mixed_precision {precision}. Set model.dtype "
             f"(bfloat16: bf16 autocast) to change it, or launch with --mixed_precision {precision} to match"
         )
+    if device == "cpu" and not cpu_bf16:
+        emulated = ("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so torch emulates its bfloat16 "
+                    "matrix products, slower than float32 ones")  # fmt: skip
+        if compute == "bfloat16":
+            notes.append(f"note: model.dtype={dtype} computes in bfloat16, but {emulated}: this run is likely slower "
+                         "than in float32 (model.dtype=float32)")  # fmt: skip
+        if rollout_dtype == "bfloat16":
+            notes.append(f"note: algorithm.rollout.dtype=bfloat16 samples in bfloat16, but {emulated}: sampling is "
+                         "likely slower than in float32; remove algorithm.rollout.dtype to sample in float32")  # fmt: skip
     return notes
 
 
