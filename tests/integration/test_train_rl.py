@@ -21,6 +21,11 @@ from posttrain.trainer.metrics import read_metrics
 # LoRA on lm_head makes peft save that layer's base weights with the adapter, and say so.
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
 
+# `sampling_entropy` estimates the entropy from the 128 sampled tokens of a step (16 completions of 8): the tiny
+# model's varentropy is 0.0128 nats^2 per token, so one standard error is sqrt(0.0128 / 128) = 0.01 (measured
+# differences from the exact `entropy`: 0.003-0.019). Five standard errors; a wrong temperature, sign or
+# per-sequence mean would be off by whole nats.
+SAMPLED_ENTROPY_TOLERANCE = 0.05
 PROMPTS = [{"prompt": f"add {a} {b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
 
 REWARDS = '''
@@ -106,6 +111,9 @@ def test_grpo_lora_trains_adapters_only_logs_its_metrics_and_saves_an_adapter(rl
         assert h["kl"] >= 0.0  # beta = 0, but the KL to the base is still logged (log_kl, the default)
         assert h["data_time_s"] >= h["gen_time_s"] > 0 and h["train_time_s"] > 0  # generation timed apart
         assert 0 < h["entropy"] <= math.log(259) + 1e-4
+        # the sampler's Monte Carlo estimate of the same entropy: the random tiny model's distributions are near
+        # uniform, so -log p of a sampled token is close to the entropy at every position
+        assert h["sampling_entropy"] == pytest.approx(h["entropy"], abs=SAMPLED_ENTROPY_TOLERANCE)
         assert h["reward/total_mean"] == pytest.approx(
             h["reward/letters_mean"] + 0.5 * h["reward/short_mean"]
         )
@@ -219,6 +227,10 @@ def test_skipping_zero_advantage_rows_gives_the_same_losses_and_weights(rl, algo
         assert all(h["skipped_fraction"] >= h["uniform_group_fraction"] for h in skipped)
     assert all("skipped_fraction" not in h for h in trained)
     assert [h["loss_units"] for h in skipped] == [h["loss_units"] for h in trained]
+    # the loss forward's entropy is absent where no completion trained; the sampler's estimate is there every step
+    assert "entropy" not in skipped[0] and "entropy" not in skipped[2] and all("entropy" in h for h in trained)
+    assert [h["sampling_entropy"] for h in skipped] == pytest.approx([h["sampling_entropy"] for h in trained],
+                                                                     rel=1e-5)  # fmt: skip
     # on-policy (ratio 1) the loss is minus the advantages' token mean, ~0 here up to rounding (1e-9): the gradient
     # norms and the weights are the real check
     assert [h["loss"] for h in skipped] == pytest.approx([h["loss"] for h in trained], rel=1e-6, abs=1e-7)

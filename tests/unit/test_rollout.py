@@ -787,16 +787,18 @@ def test_rollout_statistics_pool_every_process_s_samples():
     (1+3+5+7)/4 = 4 and population std sqrt((9+1+1+9)/4) = sqrt(5); totals 8 and 2 sqrt(5); failures 1 + 0;
     lengths [2, 4] + [6, 8] -> mean 5, max 8; truncated [1, 0] + [0, 0] -> 1/4. A method's own statistic: 0.5 over
     process 0's 2 samples and 0.25 over process 1's 2 -> (0.5 x 2 + 0.25 x 2) / 4 = 0.375; one both give alike
-    (a KL coefficient) as given. Process 0's share alone would log a mean of 2."""
-    def share(a, failures, lengths, truncated, extra):
+    (a KL coefficient) as given. Process 0's share alone would log a mean of 2. The sampler's summed -log p per
+    sample, [3, 5] + [6, 10] over 2 + 4 + 6 + 8 = 20 tokens: sampling_entropy 24 / 20 = 1.2 (a token mean, not the
+    mean of the samples' means)."""
+    def share(a, failures, lengths, truncated, nll, extra):
         result = RewardResult(total=[2 * x for x in a], per_function={"a": a}, failures=failures)
-        return {"result": result, "lengths": lengths, "truncated": truncated, "extra": extra}
+        return {"result": result, "lengths": lengths, "truncated": truncated, "nll": nll, "extra": extra}
 
-    shares = [share([1.0, 3.0], {"a": 1}, [2, 4], [True, False], {"frac": 0.5, "kl_coef": 0.1}),
-              share([5.0, 7.0], {}, [6, 8], [False, False], {"frac": 0.25, "kl_coef": 0.1})]  # fmt: skip
+    shares = [share([1.0, 3.0], {"a": 1}, [2, 4], [True, False], [3.0, 5.0], {"frac": 0.5, "kl_coef": 0.1}),
+              share([5.0, 7.0], {}, [6, 8], [False, False], [6.0, 10.0], {"frac": 0.25, "kl_coef": 0.1})]  # fmt: skip
     assert rollout_statistics(shares) == pytest.approx({
         "reward/a_mean": 4.0, "reward/a_std": 5**0.5, "reward/failures_a": 1.0, "reward/total_mean": 8.0,
         "reward/total_std": 2 * 5**0.5, "completion_length_mean": 5.0, "completion_length_max": 8.0,
-        "truncated_fraction": 0.25, "frac": 0.375, "kl_coef": 0.1}, rel=1e-12)  # fmt: skip
+        "truncated_fraction": 0.25, "sampling_entropy": 1.2, "frac": 0.375, "kl_coef": 0.1}, rel=1e-12)  # fmt: skip
     assert rollout_statistics(shares)["kl_coef"] == 0.1  # as given, not re-averaged
     assert rollout_statistics(shares[:1])["reward/a_mean"] == 2.0

@@ -131,11 +131,15 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
 def rollout_statistics(shares: list[dict]) -> dict[str, float]:
     """One rollout's logged statistics over every process's share of its samples (`shares`, in rank order; one
     share in a single process), so that they do not depend on how many processes sampled it. A share holds its
-    samples' rewards (`result`, a `RewardResult` whose `total` is after the overlong treatment), `lengths` and
-    `truncated` flags, and the method's own statistics of its samples (`extra`, from `Rollouts.process`).
+    samples' rewards (`result`, a `RewardResult` whose `total` is after the overlong treatment), `lengths`,
+    `truncated` flags and `nll` (each sample's summed -log pi_sampler over its completion tokens), and the method's
+    own statistics of its samples (`extra`, from `Rollouts.process`).
 
     The rewards' means and (population) standard deviations, the lengths' mean and maximum and the truncated share
-    are those of all the samples together; failure counts are summed. A method's own statistic is logged as given
+    are those of all the samples together; failure counts are summed. `sampling_entropy` is the mean of
+    -log pi_sampler(y_t) over every completion token: a Monte Carlo estimate of the sampling distribution's
+    per-token entropy (E[-log p(y)] = H), from the sampler's own log-probs, so it is there at every step, whatever
+    the loss forward trains (`skip_zero_advantage`). A method's own statistic is logged as given
     where every process gives the same value (PPO's KL coefficient), else averaged over the processes weighted by
     their numbers of samples: the all-sample value for means over sequences or groups (GRPO's
     `uniform_group_fraction`, `reward_std_in_group`, PPO's `kl`, `score_mean`), a weighted mean of the processes'
@@ -152,6 +156,7 @@ def rollout_statistics(shares: list[dict]) -> dict[str, float]:
         "completion_length_mean": float(lengths.mean()),
         "completion_length_max": float(lengths.max()),
         "truncated_fraction": float(torch.tensor([x for s in shares for x in s["truncated"]]).float().mean()),
+        "sampling_entropy": sum(x for s in shares for x in s["nll"]) / max(float(lengths.sum()), 1.0),
     }
     for key in dict.fromkeys(k for s in shares for k in s["extra"]):
         given = [(float(s["extra"][key]), len(s["lengths"])) for s in shares if key in s["extra"]]
@@ -240,8 +245,10 @@ class RolloutSource:
         trains = overlong.trains(rollout.truncated)
         self.samples.write(index, per_seq, rollout, result, rewards)  # every Nth rollout, main process only
         # reward/total_*: the rewards the algorithm uses, after the overlong treatment
+        mask = rollout.completion_mask.bool()
+        nll = -torch.where(mask, rollout.sampling_logps.double(), 0.0).sum(-1)  # over each completion's own tokens
         share = {"result": dataclasses.replace(result, total=rewards.tolist()), "lengths": lengths.tolist(),
-                 "truncated": rollout.truncated.tolist()}  # fmt: skip
+                 "truncated": rollout.truncated.tolist(), "nll": nll.tolist()}  # fmt: skip
         times = {"gen_time_s": gen_time, "reward_time_s": reward_time, "rollout": float(index)}
         metrics = {**rollout_statistics([{**share, "extra": {}}]), **times}  # this process's, for `process`
         t2 = time.perf_counter()
