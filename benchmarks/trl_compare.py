@@ -66,6 +66,7 @@ SETTINGS = {
     "max_new_tokens": 64,
     "temperature": 1.0,
     "seed": 0,
+    "dtype": "float32",  # --dtype bfloat16: both tools autocast to bf16 (posttrain model.dtype, TRL bf16=True)
 }
 
 MATCHED: dict[str, str] = {
@@ -338,9 +339,10 @@ def malloc_library(tool: str, trl_malloc: str) -> str | None:
 SMOKE_SETTINGS = {**SETTINGS, "max_length": 512}
 
 
-def prepare(workdir: Path, methods: list[str], steps: int, smoke: bool) -> dict:
+def prepare(workdir: Path, methods: list[str], steps: int, smoke: bool, dtype: str = "float32") -> dict:
     """Write what every run reads into `workdir/setup.json`: the model folder (the embedded model's cached
-    conversion; smoke: a tiny random model), one data file per method kind, and the settings."""
+    conversion; smoke: a tiny random model), one data file per method kind, and the settings (`dtype`: both
+    tools' compute dtype)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if smoke:
         from posttrain.testing import save_tiny_model
@@ -350,7 +352,7 @@ def prepare(workdir: Path, methods: list[str], steps: int, smoke: bool) -> dict:
         from posttrain.models.loading import resolve_model
 
         model = resolve_model("smollm2-135m-instruct").path  # converted once, then cached
-    settings = SMOKE_SETTINGS if smoke else SETTINGS
+    settings = {**(SMOKE_SETTINGS if smoke else SETTINGS), "dtype": dtype}
     files = write_data(workdir, {METHODS[m]["kind"] for m in methods}, steps, settings)
     setup = {"model": str(model), "steps": steps, "smoke": smoke, "settings": settings,
              "data": {k: str(v) for k, v in files.items()}}  # fmt: skip
@@ -378,6 +380,8 @@ def report(result: dict) -> str:
         f"({result['wall_s'] / 60:.1f} min)",
         "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "malloc: " + ", ".join(f"{k} {v}" for k, v in result.get("malloc", {}).items()),
+        *(["both tools in bf16 autocast (posttrain model.dtype=bfloat16, TRL bf16=True), not the fp32 of the "
+           "matched settings"] if result["settings"].get("dtype") == "bfloat16" else []),
         *([f"posttrain settings over the matched config: {' '.join(result['posttrain_set'])}"]
           if result.get("posttrain_set") else []),
         *(["SMOKE RUN: a tiny random model (max length 512); the figures check the plumbing and mean nothing"]
@@ -419,6 +423,9 @@ def main() -> None:
     ap.add_argument("--posttrain-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a posttrain setting over the matched config, e.g. model.compile=true (repeatable); "
                          "recorded in the JSON")  # fmt: skip
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both tools' compute dtype: bfloat16 is bf16 autocast in both (posttrain model.dtype, TRL "
+                         "bf16=True); default float32, as the matched settings say")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 steps, 1 repeat (plumbing only)")
     ap.add_argument("--workdir", help="where setup.json, the data files and the runs' logs go (default: a temporary folder)")
     ap.add_argument("--json", default="trl_compare.json", help="where to write every figure and curve")
@@ -432,7 +439,7 @@ def main() -> None:
 
     started = time.perf_counter()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="trl-compare-"))
-    setup = prepare(workdir, args.methods, args.steps, args.smoke)
+    setup = prepare(workdir, args.methods, args.steps, args.smoke, args.dtype)
     gemm = [matmul_gflops()]
     runs: dict[str, dict[str, list[dict]]] = {m: {} for m in args.methods}
     plan = schedule(args.methods, args.repeats, lambda m: [t for t in tools_of(m) if t in args.tools])

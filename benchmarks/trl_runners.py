@@ -48,8 +48,9 @@ def posttrain_config(method: str, model: str, data: str, steps: int, out: str, s
     }[spec["kind"]]  # fmt: skip
     rl = spec["kind"] in ("grpo", "ppo")
     return {
-        # float32 said explicitly: `auto` would autocast to bf16 on a GPU, where TRL runs fp32 with bf16=False
-        "model": {"name": model, "dtype": "float32", "gradient_checkpointing": False},
+        # the dtype said explicitly (float32 unless --dtype): `auto` would autocast to bf16 on a GPU, where TRL
+        # runs fp32 with bf16=False
+        "model": {"name": model, "dtype": s.get("dtype", "float32"), "gradient_checkpointing": False},
         "technique": {"name": "full"} if spec["technique"] == "full" else {"name": "lora", **lora},
         "data": {"train": data, "max_length": s["max_length"], "shuffle": False},
         "algorithm": algorithm,
@@ -136,7 +137,8 @@ def trl_arguments(method: str, out: str, steps: int, s: dict) -> dict:
         "adam_epsilon": 1e-8, "per_device_train_batch_size": s["batch_size"],
         # transformers 5 renamed gradient_checkpointing (TRL defaults it to True) to activation_checkpointing
         "activation_checkpointing": False,
-        "bf16": False, "fp16": False, "use_cpu": not torch.cuda.is_available(), "seed": s["seed"],
+        "bf16": s.get("dtype") == "bfloat16", "fp16": False, "use_cpu": not torch.cuda.is_available(),
+        "seed": s["seed"],
         "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
         "model_init_kwargs": {"dtype": torch.float32},
     }  # fmt: skip

@@ -137,6 +137,19 @@ def test_posttrain_gets_a_valid_config_with_the_matched_settings(method):
                                                                                                       0.0)  # fmt: skip
 
 
+def test_dtype_bfloat16_puts_both_tools_in_bf16_autocast_and_the_report_says_so(tmp_path):
+    """`--dtype bfloat16`: posttrain's model.dtype and TRL's bf16 flag both follow the settings' dtype; the report
+    states that the comparison is not the fp32 of the matched settings."""
+    s = {**tc.SETTINGS, "dtype": "bfloat16"}
+    assert tr.posttrain_config("sft-lora", "m", "d.jsonl", 8, "out", s)["model"]["dtype"] == "bfloat16"
+    assert tr.trl_arguments("sft-lora", str(tmp_path), 8, s)["bf16"] is True
+    assert tr.trl_arguments("sft-lora", str(tmp_path), 8, tc.SETTINGS)["bf16"] is False
+    result = {"gemm_gflops": [1.0, 1.0], "steps": 2, "repeats": 1, "wall_s": 1.0, "versions": {}, "smoke": False,
+              "settings": s, "summary": {}, "curves": {}}  # fmt: skip
+    assert "both tools in bf16 autocast" in tc.report(result)
+    assert "both tools in bf16 autocast" not in tc.report({**result, "settings": tc.SETTINGS})
+
+
 @pytest.mark.parametrize("method", list(tc.DEFAULT_METHODS))
 def test_trl_gets_the_matched_settings_where_its_defaults_differ(method, tmp_path):
     """TRL's defaults differ from the matched settings in precision (bf16), gradient checkpointing, schedule and
