@@ -239,6 +239,15 @@ def curve_table(curves: dict[str, list[float]], label: str) -> str:
     return "\n".join(lines)
 
 
+def matched_settings(dtype: str = "float32") -> dict[str, str]:
+    """`MATCHED`, with the model row saying bf16 autocast in both where `--dtype bfloat16` ran."""
+    if dtype != "bfloat16":
+        return MATCHED
+    return {**MATCHED, "model": "the same HF folder (embedded SmolLM2-135M-Instruct, converted once from its GGUF), "
+                                "bf16 autocast in both (posttrain model.dtype=bfloat16, TRL bf16=True; --dtype "
+                                "bfloat16), weights that train in fp32"}  # fmt: skip
+
+
 def settings_text(matched: dict[str, str] = MATCHED) -> str:
     """The matched settings as a Markdown list (printed with every report)."""
     return "\n".join(f"- {k}: {v}" for k, v in matched.items())
@@ -405,7 +414,7 @@ def report(result: dict) -> str:
             parts.append(f"{tool}: median step time per repeat {per_repeat} s"
                          + (f"; largest {label} difference between repeats {spread:.2g}" if spread is not None
                             else ""))  # fmt: skip
-    parts += ["", "Matched settings:", settings_text()]
+    parts += ["", "Matched settings:", settings_text(result.get("matched", MATCHED))]
     return "\n".join(parts)
 
 
@@ -458,7 +467,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - started,
         "versions": versions(args.trl_path),
         "date": time.strftime("%Y-%m-%d"),
-        "matched": MATCHED,
+        "matched": matched_settings(args.dtype),
         "malloc": {t: malloc_library(t, args.trl_malloc) or "glibc" for t in args.tools},
         "model": setup["model"],
         "settings": setup["settings"],

@@ -169,12 +169,13 @@ class RolloutSection(_Section):
     for, not measured); true: wherever the model runs; false: never."""
     dtype: Literal["bfloat16"] | None = None
     """`hf` engine, a float32 run: sample from a bfloat16 copy of the weights (and a bfloat16 KV cache) while
-    training stays in float32. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) decoding is ~1.8x faster
+    training stays in float32. On a CPU with bfloat16 instructions (AVX512-BF16, AMX) decoding is 1.8-2.1x faster
     (the embedded model, benchmarks/README.md); on one without them it is likely slower (a note says so at
     launch). The samples then come from the bfloat16 model's distribution, not exactly the trained one: the losses
     score them with the float32 weights, the rollout logs the gap between the two (`logp_gap_sampler_trainer`),
-    and `tis_cap` can correct for it (docs/rl.md). The copy costs the weights' size in bfloat16 while sampling. null: sample in the
-    run's own dtype. Refused where the run already computes in bfloat16, with QLoRA, and for a sharded model."""
+    and `tis_cap` can correct for it (docs/rl.md). The copy costs the weights' size in bfloat16 while sampling.
+    null: sample in the run's own dtype. Refused where the run already computes in bfloat16, with QLoRA, and for a
+    sharded model."""
     overlong: Literal["score", "fixed", "filter", "soft"] = "score"
     """What a truncated completion (`max_new_tokens` reached with no EOS or stop string) gets (docs/rl.md):
     `score` its rewards, like a finished one (reward functions see a `truncated` column; a reward model scores it

@@ -148,6 +148,9 @@ def test_dtype_bfloat16_puts_both_tools_in_bf16_autocast_and_the_report_says_so(
               "settings": s, "summary": {}, "curves": {}}  # fmt: skip
     assert "both tools in bf16 autocast" in tc.report(result)
     assert "both tools in bf16 autocast" not in tc.report({**result, "settings": tc.SETTINGS})
+    assert "- model: " in tc.report({**result, "matched": tc.matched_settings("bfloat16")})
+    assert "bf16 autocast in both" in tc.matched_settings("bfloat16")["model"]
+    assert tc.matched_settings("float32") == tc.MATCHED and "fp32 compute in both" in tc.MATCHED["model"]
 
 
 @pytest.mark.parametrize("method", list(tc.DEFAULT_METHODS))

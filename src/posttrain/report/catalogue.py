@@ -96,7 +96,7 @@ SECTIONS: tuple[Section, ...] = (
         "sampler/trainer gap should read about 1e-7 in float32 (docs/rl.md).",
         (
             _p("KL to the reference", "kl"),
-            _p("entropy", "entropy"),
+            _p("entropy", "entropy", "sampling_entropy"),
             _p("clip fraction", "clip_fraction", "clip_fraction_low", "clip_fraction_high"),
             _p("importance ratio (mean)", "ratio_mean"),
             _p("approximate KL of the update", "approx_kl"),
