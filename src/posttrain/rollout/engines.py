@@ -9,9 +9,15 @@ from posttrain.rollout.engine import Engine, HFEngine
 from posttrain.rollout.vllm_engine import VLLMEngine
 from posttrain.rollout.vllm_server import server_engine
 
+
+def _hf_engine(cfg) -> HFEngine:
+    rollout = cfg.algorithm.rollout
+    dtype = getattr(torch, rollout.dtype) if rollout.dtype is not None else None  # `rollout.dtype`: "bfloat16"
+    return HFEngine(merge_adapters=rollout.merge_adapters, dtype=dtype)
+
+
 ENGINES = {
-    "hf": lambda cfg: HFEngine(merge_adapters=cfg.algorithm.rollout.merge_adapters,
-                               dtype=getattr(torch, cfg.algorithm.rollout.dtype or "", None)),
+    "hf": _hf_engine,
     "vllm": VLLMEngine.from_config,
     "vllm-server": server_engine,
 }
