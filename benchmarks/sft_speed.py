@@ -17,6 +17,11 @@ Each technique's child runs under the malloc `posttrain train` would pick (`post
     python benchmarks/sft_speed.py                 # all three, 6 timed steps each
     python benchmarks/sft_speed.py --techniques lora --steps 3 --batch-size 8
     python benchmarks/sft_speed.py --techniques full lora --compile 1.0   # model.compile, memory budget 1
+    python benchmarks/sft_speed.py --techniques lora --dtype bfloat16 --profile
+
+`--dtype bfloat16` runs `model.dtype: bfloat16`: the frozen base held in bf16 and the step under bf16 autocast, as
+the trainer runs it (Accelerate's `mixed_precision: bf16`), and the utilisation columns are then against the bf16
+GEMM rate measured the same way (only meaningful on a CPU with bf16 instructions: AVX512-BF16 or AMX).
 """
 
 from __future__ import annotations
@@ -57,21 +62,24 @@ def dense_parameter_count(model) -> int:
 
 def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dropout: float,
           profile: bool = False, rebuild_pointwise: bool = True,
-          compile_budget: float | None = None) -> dict:  # fmt: skip
+          compile_budget: float | None = None, dtype: str = "float32",
+          bf16_attention: bool = False) -> dict:  # fmt: skip
     """One technique, measured inside this process; `compile_budget`: None uncompiled, else `model.compile` with
-    that `model.compile_memory_budget`."""
+    that `model.compile_memory_budget`; `dtype`: the run's `model.dtype` (bfloat16: the step under bf16 autocast,
+    the GEMM rate measured in bf16; attention in float32 as `train` runs it, or in bf16 with `bf16_attention`)."""
     import torch
 
     from posttrain.algorithms import config_from_dict, get_algorithm
     from posttrain.data import TASKS, write_jsonl
     from posttrain.models import describe_trainable, load_model, load_tokenizer
+    from posttrain.models.attention import float32_attention_on_cpu
     from posttrain.trainer.optim import build_optimizer
 
     tmp = f"/tmp/posttrain-bench-{os.getpid()}.jsonl"
     write_jsonl(TASKS["structured"].make(batch_size * (steps + 1), seed=0, split="train"), tmp)
     cfg = config_from_dict(
         {
-            "model": {"name": "smollm2-135m-instruct",
+            "model": {"name": "smollm2-135m-instruct", "dtype": dtype,
                       **({"compile": True, "compile_memory_budget": compile_budget} if compile_budget
                          else {"rebuild_pointwise": rebuild_pointwise})},
             # LoRA settings only where they are read: a full run refuses them (config_rules.APPLIES)
@@ -89,17 +97,22 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     total = dense_parameter_count(model)
     opt = build_optimizer(model, cfg.optim)
     times, tokens, first = [], [], None
+    if dtype == "bfloat16":  # the trainer's mixed precision: Accelerate wraps the model's forward in autocast
+        from accelerate import Accelerator
+
+        model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
 
     def step(batch):
-        loss_sum, _ = algo.loss_fn(model, batch, cfg)
-        (loss_sum / algo.loss_units(batch)).backward()
+        with float32_attention_on_cpu(dtype == "bfloat16" and not bf16_attention):  # as `train` runs it
+            loss_sum, _ = algo.loss_fn(model, batch, cfg)
+            (loss_sum / algo.loss_units(batch)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     # The GEMM rate is measured in this process just before and just after the timed steps: measured once in
     # another process it varied by +-10% between runs of the same step time, and so did the utilisation.
-    gemm = [matmul_gflops()]
+    gemm = [matmul_gflops(dtype=dtype)]
     for i in range(steps + 1):  # step 0 is a warm-up, not timed
         batch = data.collate(list(data.train[i * batch_size : (i + 1) * batch_size]))
         t = time.perf_counter()
@@ -109,7 +122,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         else:
             times.append(time.perf_counter() - t)
             tokens.append(int(batch["attention_mask"].sum()))
-    gemm.append(matmul_gflops())
+    gemm.append(matmul_gflops(dtype=dtype))
     top = profile_step(step, batch) if profile else None
     os.unlink(tmp)
     step_s = sum(times) / len(times)
@@ -120,6 +133,8 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
         "step_s": step_s,
         "first_step_s": first,
         "compile_memory_budget": compile_budget,
+        "dtype": dtype,
+        "bf16_attention": bf16_attention,
         "tokens_per_step": sum(tokens) / len(tokens),
         "tokens_per_s": sum(tokens) / sum(times),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
@@ -165,17 +180,24 @@ def main() -> None:
     ap.add_argument("--compile", type=float, metavar="BUDGET", default=None,
                     help="model.compile with model.compile_memory_budget BUDGET (0-1]; the first, untimed step "
                          "compiles")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="model.dtype: bfloat16 is bf16 autocast with the frozen base in bf16; the utilisation is "
+                         "then against the bf16 GEMM rate")
+    ap.add_argument("--bf16-attention", action="store_true",
+                    help="with --dtype bfloat16: attention in bf16 (torch's CPU flash kernel) instead of the float32 "
+                         "attention `posttrain train` runs on CPU (models.attention)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch_size, args.max_length, args.lora_dropout,
-                               args.profile, not args.keep_pointwise, args.compile)))  # fmt: skip
+                               args.profile, not args.keep_pointwise, args.compile, args.dtype,
+                               args.bf16_attention)))  # fmt: skip
         return
 
     from posttrain.cli import allocator
 
-    peak = matmul_gflops()
+    peak = matmul_gflops(dtype=args.dtype)
     rows = []
     for technique in args.techniques:
         cmd = [
@@ -194,6 +216,9 @@ def main() -> None:
             *(["--profile"] if args.profile else []),
             *(["--keep-pointwise"] if args.keep_pointwise else []),
             *(["--compile", str(args.compile)] if args.compile else []),
+            "--dtype",
+            args.dtype,
+            *(["--bf16-attention"] if args.bf16_attention else []),
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if library := allocator.choose(os.environ):  # what `posttrain train` runs under (posttrain.cli.allocator)
@@ -211,7 +236,7 @@ def main() -> None:
         return
     full = next((r for r in rows if r["technique"] == "full"), None)
     print(
-        f"fp32 matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s at the start; batch {args.batch_size} "
+        f"{args.dtype} matmul throughput (2048^3 GEMM): {peak:.1f} GFLOP/s at the start; batch {args.batch_size} "
         f"examples, {args.steps} timed steps; utilisation against the GEMM rate measured in each technique's "
         "process just before and after its steps (the GEMM column)\n"
     )

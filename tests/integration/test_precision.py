@@ -84,6 +84,44 @@ def test_fp32_runs_do_not_autocast(make_cfg, autocast_dtypes):
     assert autocast_dtypes == {torch.float32}
 
 
+@pytest.fixture()
+def attention_dtypes(monkeypatch):
+    """Records the dtype every torch attention call of a run (transformers' "sdpa") computes in: its queries',
+    or autocast's when autocast is on (CPU autocast runs attention in its lower precision)."""
+    seen: set = set()
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype)
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("technique", ["full", "lora"])
+def test_bf16_runs_on_cpu_compute_attention_in_float32_and_put_transformers_table_back(make_cfg, autocast_dtypes,
+                                                                                        attention_dtypes, technique):  # fmt: skip
+    """torch's CPU flash attention is slow backward in bf16 (`models.attention`): a bf16 run's projections are bf16
+    but its attention gets float32 queries, in every forward (the training step and the final evaluation)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    train(make_cfg(technique, **{"technique.name": technique, "model.dtype": "bfloat16", "run.max_steps": 2}))
+    assert autocast_dtypes == {torch.bfloat16}
+    assert attention_dtypes == {torch.float32}
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # put back after the run
+
+
+def test_fp32_runs_leave_attention_as_transformers_runs_it(make_cfg, attention_dtypes, monkeypatch):
+    import posttrain.models.attention as attention
+
+    swapped = []
+    monkeypatch.setattr(attention, "_in_float32", lambda sdpa: swapped.append(sdpa) or sdpa)
+    train(make_cfg("fp32", **{"run.max_steps": 1}))
+    assert attention_dtypes == {torch.float32} and not swapped
+
+
 def test_float16_training_is_refused_before_anything_loads():
     from posttrain.errors import ConfigError
 
