@@ -101,6 +101,6 @@ def test_the_table_entry_is_put_back_on_exit_and_left_alone_when_not_enabled():
     with float32_attention_on_cpu(enabled=False) as on:
         assert on is False and AttentionInterface._global_mapping["sdpa"] is original
     with pytest.raises(RuntimeError, match="boom"), float32_attention_on_cpu() as on:
-        assert on is True and AttentionInterface._global_mapping["sdpa"].wraps is original
+        assert on is True and AttentionInterface._global_mapping["sdpa"].__wrapped__ is original
         raise RuntimeError("boom")
     assert AttentionInterface._global_mapping["sdpa"] is original

@@ -38,7 +38,7 @@ def _in_float32(sdpa):
             out, weights = sdpa(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
         return out.to(torch.bfloat16), weights
 
-    sdpa_bf16_cpu_in_float32.wraps = sdpa
+    sdpa_bf16_cpu_in_float32.__wrapped__ = sdpa  # the standard attribute (`inspect.unwrap`)
     return sdpa_bf16_cpu_in_float32
 
 
