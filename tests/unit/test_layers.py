@@ -176,3 +176,97 @@ def test_rebuild_pointwise_false_keeps_the_pointwise_results(tiny_dir):
             model(input_ids=torch.randint(3, 200, (2, 9))).logits.sum().backward()
         kept[rebuild] = sum(storages.values())
     assert 0 < kept[True] < 0.8 * kept[False], kept
+
+
+def _cast_of(t: torch.Tensor) -> str | None:
+    """What `t` is one autocast cast of (through views): "param" (a weight) or "activation"; None if not a cast."""
+    node = t.grad_fn
+    while node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "TBackward0",
+                                                        "TransposeBackward0"):  # fmt: skip
+        node = node.next_functions[0][0]
+    if node is None or type(node).__name__ != "ToCopyBackward0":
+        return None
+    return "param" if type(node.next_functions[0][0]).__name__ == "AccumulateGrad" else "activation"
+
+
+def _census_under_autocast(model, ids, mask):
+    """Loss, and the unique storages autograd keeps (parameters aside): (dtype, last dim, what it is a cast of,
+    bytes)."""
+    from posttrain.models.attention import float32_attention_on_cpu
+
+    seen = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (t.dtype, t.shape[-1], _cast_of(t), t.untyped_storage().nbytes())
+        return t
+
+    with float32_attention_on_cpu(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().square().mean()
+    return loss, list(seen.values())
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("lora", [False, True])
+def test_under_bf16_autocast_lean_layers_equal_eager_and_keep_no_cast_copies(lora, masked):
+    """A bf16 run (autocast; LoRA's frozen base held in bf16): every product keeps bf16 copies of its operands, and
+    the float32 attention (`models.attention`) float32 copies of its inputs. The lean layers rebuild those copies
+    in backward from what they are casts of (a weight, a rebuilt norm output, a bf16 input), and LoRA's adapters
+    read their input without peft's round trip through float32 (`models.adapters._autocast_forward`): the same
+    loss and gradients bit for bit, none of those copies kept."""
+    from posttrain.models.adapters import fuse_lora_scaling
+
+    eager = tiny_model(hidden_size=32)  # 2 layers, width 32, intermediate 64, 4 heads of 8 over 2 key/value heads
+    if lora:
+        eager = _lora(eager.to(torch.bfloat16))  # the adapters in float32 (peft's default beside a bf16 base)
+    lean = copy.deepcopy(eager)
+    lean_layers(lean)
+    if lora:
+        assert fuse_lora_scaling(lean) == 2 * 7
+    ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask = mask if masked else None  # with a mask SDPA runs on keys and values repeated per query head
+    loss_e, kept_e = _census_under_autocast(eager, ids, mask)
+    loss_l, kept_l = _census_under_autocast(lean, ids, mask)
+    assert torch.equal(loss_l, loss_e)
+    for _ in range(2):  # retain_graph: the recipes rebuild their tensors again at the second backward
+        ge = torch.autograd.grad(loss_e, [p for p in eager.parameters() if p.requires_grad], retain_graph=True)
+        gl = torch.autograd.grad(loss_l, [p for p in lean.parameters() if p.requires_grad], retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(gl, ge, strict=True))
+    def count(kept, **want) -> int:
+        return sum(all(dict(zip(("dtype", "dim", "cast"), k))[f] == v for f, v in want.items()) for k in kept)
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    if not lora:
+        # Eager keeps a bf16 copy of each of the 7 weights of each layer, and of the output layer's; the output layer
+        # is outside the layers: its copy stays.
+        assert (count(kept_e, cast="param"), count(kept_l, cast="param")) == (2 * 7 + 1, 1)
+        # bf16 copies of the norms' float32 outputs: 5 a layer (queries, keys, values; gate, up), none kept lean.
+        # Both keep the bf16 attention output o_proj reads (a cast of the float32 attention's output, which
+        # transformers transposes into a new tensor: nothing kept to rebuild it from), 1 a layer, and the final
+        # norm's output that the output layer reads, outside the layers.
+        casts = lambda kept: count(kept, dtype=bf16, dim=32, cast="activation")  # noqa: E731
+        assert (casts(kept_e), casts(kept_l)) == (2 * 5 + 2 + 1, 2 + 1)
+    else:
+        # peft's round trip (bf16 -> float32 -> bf16) gives each of the 7 adapters of a layer a bf16 copy of its
+        # input (layer 0's first norm reads the frozen embeddings: no grad there, nothing saved for q, k, v). Lean,
+        # the adapters keep their inputs themselves; the only bf16 cast left is the attention output that o_proj
+        # reads (the float32 attention's output cast back), 1 a layer.
+        assert count(kept_e, dtype=bf16, cast="activation") == 2 * 7 - 3
+        assert count(kept_l, dtype=bf16, cast="activation") == 2
+        # The norms' float32 copies of their bf16 input (2 a layer but layer 0's first), and the final norm's: the
+        # layers keep the bf16 input instead.
+        copies = lambda kept: count(kept, dtype=f32, dim=32, cast="activation")  # noqa: E731
+        assert (copies(kept_e), copies(kept_l)) == (2 * 2 - 1 + 1, 1)
+    # The float32 attention's copies of its bf16 inputs (head dim 8: LoRA's queries, keys and values, full
+    # fine-tuning's values; its queries and keys are float32 already, promoted by the rotary embedding) are rebuilt
+    # lean, the bf16 inputs kept instead. With a mask the keys and values reach the kernel repeated per query head
+    # (rebuilt in both cases), so eager's copies are then not direct casts.
+    assert count(kept_l, dtype=f32, dim=8, cast="activation") == 0
+    assert count(kept_e, dtype=f32, dim=8, cast="activation") == (0 if masked and not lora else 2 if masked else 6 if lora else 2)
+    head_bytes = lambda kept: sum(k[3] for k in kept if k[1] == 8)  # noqa: E731
+    assert head_bytes(kept_l) < head_bytes(kept_e)

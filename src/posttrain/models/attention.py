@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
+from posttrain.models.layers import _cast_to, rebuilt_in_backward
+
 
 def _in_float32(sdpa):
     """transformers' attention function `sdpa` (same signature), computing bfloat16 CPU attention in float32:
@@ -34,8 +36,12 @@ def _in_float32(sdpa):
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()  # an additive mask: its dtype must match the queries'
         # outside autocast, which would cast the inputs back (CPU autocast runs attention in its lower precision)
+        up = [x.float() for x in (query, key, value)]
+        for x32, x in zip(up, (query, key, value)):
+            if x32 is not x:  # the kernel keeps its inputs: keep the bf16 ones, cast up again in backward
+                rebuilt_in_backward(x32, _cast_to, x, torch.float32)
         with torch.autocast("cpu", enabled=False):
-            out, weights = sdpa(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+            out, weights = sdpa(module, *up, attention_mask, *args, **kwargs)
         return out.to(torch.bfloat16), weights
 
     sdpa_bf16_cpu_in_float32.__wrapped__ = sdpa  # the standard attribute (`inspect.unwrap`)

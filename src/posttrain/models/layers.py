@@ -27,6 +27,21 @@ products' inputs and recomputes what is cheap):
 | each RMSNorm's output w * (x * r) | the projections (or adapters) that read it | w, x, r |
 | keys and values repeated per query head | SDPA, under grouped-query attention | the key/value heads |
 
+Under bf16 autocast (a bf16 run: CPU or GPU) a matrix product keeps bf16 copies of its operands, which autocast
+casts from float32, and the float32 CPU attention (`models.attention`) keeps float32 copies of its bf16 inputs.
+Each such copy is one cast of a tensor that is kept or rebuilt anyway, so it is rebuilt by the same cast:
+
+| not kept (bf16 runs) | kept by | rebuilt from |
+|---|---|---|
+| the bf16 copy of each weight (full fine-tuning) | the product (its input's gradient) | the float32 weight |
+| the bf16 copies of a norm's float32 output, one per projection that reads it | the projections | the norm's output, rebuilt |
+| a bf16 model's residual stream cast to float32 (LoRA's bf16 base) | the norm's backward | the bf16 residual |
+| the float32 copies of the attention's bf16 queries, keys, values | the float32 CPU attention | the bf16 ones |
+
+On SmolLM2-135M in bf16 at 1,176 positions: SFT full keeps 1.12 -> 0.69 GB, SFT LoRA 0.97 -> 0.50 GB (the LoRA
+figure also counts `models.adapters`' adapters reading their input without peft's float32 round trip, which made
+a copy of each adapted layer's input). A cast is one kernel on the same values, so the rebuild is bit for bit.
+
 On SmolLM2-135M (30 layers, width 576, MLP 1536, 9 query and 3 key/value heads) that is 0.65 GB less kept at
 1,176 positions (1.49 -> 0.84 GB), for elementwise work in backward (no matrix product; +2-3% step time,
 benchmarks/README.md). Nothing about the graph changes: the same autograd nodes run the same backward formulas and
@@ -121,40 +136,91 @@ class _Recipe:
 class _Recomputed:
     """The tensors of one decoder layer's forward that backward rebuilds instead of keeping (module docstring).
 
-    `add(t, fn, *inputs)` registers `t == fn(*inputs)` (contiguous, at the start of its storage; `fn` runs the
-    kernels that made `t`, `inputs` are tensors backward keeps anyway). While the layer runs, the pack hook
-    replaces any saved tensor on `t`'s storage (`t` or a view of it, e.g. a projection's 2-D input) by a `_Recipe`,
-    and hands every other tensor, and a recipe's inputs, to the `saved_tensors_hooks` that were in force outside
-    the layer (a census, `save_on_cpu`), so that those see what is really kept. The registered tensors are held
-    here until the layer's forward ends, so that no other tensor can take a freed one's address while the hook
-    matches addresses."""
+    `add(t, fn, *inputs)` registers `t == fn(*inputs)` (filling its storage, `_whole_storage`; `fn` runs the
+    kernels that made `t`, `inputs` are tensors backward keeps anyway, or registered tensors themselves, rebuilt in
+    turn). While the layer runs, the pack hook replaces any saved tensor on `t`'s storage (`t` or a view of it,
+    e.g. a projection's 2-D input) by a `_Recipe`, and hands every other tensor, and a recipe's inputs, to the
+    `saved_tensors_hooks` that were in force outside the layer (a census, `save_on_cpu`), so that those see what is
+    really kept. The registered tensors are held here until the layer's forward ends, so that no other tensor can
+    take a freed one's address while the hook matches addresses.
+
+    Casts (`_cast_source`): under autocast a matrix product keeps a lower-precision copy of its operands, made by
+    one cast: of a weight (a parameter) or of a registered tensor (a norm's float32 output). Such a copy is
+    rebuilt too, by the same cast of the rebuilt (or the parameter's own) tensor: the same kernel on the same
+    values, so the same bits. The copies of one tensor that several products made (a norm's output read by the
+    query, key and value projections) are then not kept at all."""
 
     active: list[_Recomputed] = []  # the layers running now, innermost last (a forward runs on one thread)
 
     def __init__(self) -> None:
         self.tensors: dict[int, tuple[torch.Tensor, Callable[..., torch.Tensor], tuple]] = {}
+        self.by_node: dict[tuple[object, int], int] = {}  # (grad_fn, output_nr) of a registered tensor -> address
         self.outer_pack: Callable = lambda t: t
         self.outer_unpack: Callable = lambda packed: packed
 
     @classmethod
     def add(cls, t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs) -> None:
-        if cls.active and t.is_contiguous() and t.storage_offset() == 0:
-            cls.active[-1].tensors[t.untyped_storage().data_ptr()] = (t, fn, inputs)
+        if cls.active and _whole_storage(t):
+            layer = cls.active[-1]
+            layer.tensors[t.untyped_storage().data_ptr()] = (t, fn, inputs)
+            if t.grad_fn is not None:
+                layer.by_node[(t.grad_fn, t.output_nr)] = t.untyped_storage().data_ptr()
 
     def pack(self, t: torch.Tensor):
         entry = self.tensors.get(t.untyped_storage().data_ptr())
-        if entry is None or entry[0].dtype != t.dtype:
-            return self.outer_pack(t)
-        _, fn, inputs = entry
-        return _Recipe(fn, [(True, self.outer_pack(i)) if isinstance(i, torch.Tensor) else (False, i)
-                            for i in inputs], t)  # fmt: skip
+        if entry is not None and entry[0].dtype == t.dtype:
+            _, fn, inputs = entry
+            return _Recipe(fn, [self._pack_input(i) for i in inputs], t)
+        cast = self._cast_source(t)
+        if cast is not None:
+            return cast
+        return self.outer_pack(t)
+
+    def _pack_input(self, i) -> tuple[bool, object]:
+        """A recipe's input, packed: a registered tensor as its own recipe, any other tensor by the outer hooks."""
+        if not isinstance(i, torch.Tensor):
+            return False, i
+        entry = self.tensors.get(i.untyped_storage().data_ptr())
+        if entry is not None and entry[0] is i:
+            return True, _Recipe(entry[1], [self._pack_input(j) for j in entry[2]], i)
+        return True, self.outer_pack(i)
+
+    def _cast_source(self, t: torch.Tensor) -> _Recipe | None:
+        """A recipe for `t` when it is (a view of) one cast of a parameter or of a registered tensor: its grad_fn
+        chain is views, one `ToCopyBackward0`, then the parameter's gradient accumulator or the registered tensor's
+        grad_fn. None otherwise."""
+        node = t.grad_fn
+        while node is not None and type(node).__name__ in _VIEW_NODES:
+            node = node.next_functions[0][0]
+        if node is None or type(node).__name__ != "ToCopyBackward0" or not t.is_floating_point():
+            return None
+        source, output_nr = node.next_functions[0]
+        if type(source).__name__ == "AccumulateGrad":
+            root = source.variable  # a parameter (a leaf that requires grad)
+            if not (root.is_contiguous() and root.storage_offset() == 0):
+                return None
+            fn, inputs = _cast_to, [(True, self.outer_pack(root)), (False, t.dtype)]
+        else:
+            address = self.by_node.get((source, output_nr))
+            if address is None:
+                return None
+            root, rebuild, root_inputs = self.tensors[address]
+            fn = functools.partial(_rebuilt_cast, rebuild)
+            inputs = [(False, t.dtype), *(self._pack_input(i) for i in root_inputs)]
+        if t.device != root.device or t.untyped_storage().nbytes() != root.numel() * t.element_size():
+            return None  # a move between devices, or a cast of part of the tensor
+        return _Recipe(fn, inputs, t)
 
     def unpack(self, packed):
         if not isinstance(packed, _Recipe):
             return self.outer_unpack(packed)
-        inputs = [self.outer_unpack(i) if is_tensor else i for is_tensor, i in packed.inputs]
         with torch.no_grad():
-            return packed.fn(*inputs).as_strided(packed.size, packed.stride, packed.offset)
+            return self._rebuild(packed)
+
+    def _rebuild(self, recipe: _Recipe) -> torch.Tensor:
+        inputs = [(self._rebuild(i) if isinstance(i, _Recipe) else self.outer_unpack(i)) if is_tensor else i
+                  for is_tensor, i in recipe.inputs]  # fmt: skip
+        return recipe.fn(*inputs).as_strided(recipe.size, recipe.stride, recipe.offset)
 
     def __enter__(self) -> _Recomputed:
         outer = _top_hooks(False)
@@ -169,6 +235,41 @@ class _Recomputed:
         self.active.pop()
         self.hooks.__exit__(*exc)
         self.tensors.clear()
+        self.by_node.clear()
+
+
+def _whole_storage(t: torch.Tensor) -> bool:
+    """Whether `t` fills its storage exactly, each element once, from its start: contiguous, or dense in another
+    order of its dimensions (a transposed layout, as elementwise kernels give a transposed input's result). A
+    rebuild by the same kernels lays its result out the same way, so the saved view's geometry applies to it."""
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def rebuilt_in_backward(t: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs) -> None:
+    """Register `t == fn(*inputs)` with the decoder layer running now (`_Recomputed.add`): backward rebuilds `t`
+    instead of keeping it. Outside a lean layer's forward it does nothing."""
+    _Recomputed.add(t, fn, *inputs)
+
+
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
+                         "PermuteBackward0", "ReshapeAliasBackward0"})  # fmt: skip
+"""grad_fn names of ops whose output is a view of their input (the same storage), as a product keeps its operands:
+the 2-D view of an activation, the transpose of a weight."""
+
+
+def _cast_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype)  # autocast's cast of an operand
+
+
+def _rebuilt_cast(rebuild: Callable[..., torch.Tensor], dtype: torch.dtype, *inputs) -> torch.Tensor:
+    return rebuild(*inputs).to(dtype)
 
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +284,8 @@ def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     registered as recomputable from `x` and `r`, which the norm's backward keeps anyway."""
     input_dtype = hidden_states.dtype
     x = hidden_states.to(torch.float32)
+    if x is not hidden_states:  # a bf16 model's residual stream: keep it, not its float32 copy (half the bytes)
+        _Recomputed.add(x, _cast_to, hidden_states, torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
     r = torch.rsqrt(variance + self.variance_epsilon)  # (..., 1): 1 / rms
     normed = (x * r).to(input_dtype)
