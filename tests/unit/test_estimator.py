@@ -85,18 +85,31 @@ def test_qlora_nf4_bytes():
 
 
 def test_activation_formula_with_checkpointing():
-    """Korthikanti full recomputation: 2 s b h per layer, plus one block recomputed during backward.
+    """Korthikanti full recomputation: s b h per layer in the residual stream's dtype, plus one block recomputed
+    during backward.
 
-    Llama-2-7B, b=1, s=2048: 32 x 4096 x 2 x 2048 = 536,870,912 bytes of block inputs; one block keeps, as
-    `lean_layers` trains it, (8 x 4096 + 4 x 4096 + 4 x 11008) x 2048 = 93,184 x 2048 = 190,840,832; total
-    727,711,744. A family `lean_layers` does not patch keeps (12 x 4096 + 4 x 4096 + 8 x 11008) x 2048 =
-    153,600 x 2048 = 314,572,800 per block.
+    Llama-2-7B, b=1, s=2048, full fine-tuning in bf16-mixed (autocast: fp32 weights, so a float32 residual
+    stream): 32 x 4096 x 4 x 2048 = 1,073,741,824 bytes of block inputs; one block keeps, as `lean_layers`
+    trains it, (8 x 4096 + 4 x 4096 + 4 x 11008 + 4 x 4096 for the two norms' float32 inputs) x 2048 = 109,568 x
+    2048 = 224,395,264; total 1,298,137,088. A family `lean_layers` does not patch keeps (12 x 4096 + 4 x 4096 +
+    8 x 11008 + 4 x 4096) x 2048 = 169,984 x 2048 = 348,127,232 per block. Under DeepSpeed (16-bit weights) the
+    stream is 16-bit: 2 bytes of block input, 93,184 x 2048 = 190,840,832 a block.
     """
     s = Setup(arch=LLAMA2, batch_size=1, seq_len=2048, gradient_checkpointing=True)
-    assert activation_bytes(s) == 727_711_744
-    assert activation_bytes(dataclasses.replace(s, gradient_checkpointing=False)) == 32 * 190_840_832
+    assert activation_bytes(s) == 1_298_137_088
+    assert activation_bytes(dataclasses.replace(s, gradient_checkpointing=False)) == 32 * 224_395_264
     eager = dataclasses.replace(s, arch=dataclasses.replace(LLAMA2, lean=False), gradient_checkpointing=False)
-    assert activation_bytes(eager) == 32 * 314_572_800
+    assert activation_bytes(eager) == 32 * 348_127_232
+    zero = dataclasses.replace(s, sharding="zero2")
+    assert activation_bytes(zero) == 32 * 4096 * 2 * 2048 + 190_840_832
+
+
+def test_lora_keeps_a_16_bit_stream_and_each_adapters_a_output():
+    """LoRA over a 16-bit base: the residual stream is 16-bit (the frozen base's dtype), and each of a block's 7
+    adapters keeps its A output (r values) for B's gradient: Llama-2-7B, r = 16, s = 2048, one block keeps
+    (93,184 + 7 x 16 x 2) x 2048 = 93,408 x 2048 = 191,299,584 bytes."""
+    s = Setup(arch=LLAMA2, technique="lora", lora_rank=16, batch_size=1, seq_len=2048)
+    assert activation_bytes(s) == 32 * 191_299_584
 
 
 def test_a_config_of_a_family_without_lean_layers_keeps_the_eager_count(tmp_path):

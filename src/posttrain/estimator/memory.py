@@ -196,29 +196,50 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     SiLU(gate) and the product (+4f). Measured on SmolLM2-135M, SFT full (benchmarks/README.md, "Where SFT full
     fine-tuning's memory goes"): 1.49 GB kept before `lean_layers`, 0.84 GB after, for the same batch.
     FlashAttention/SDPA keeps no s x s scores; eager attention adds [Korth]'s 5 a s. LoRA dropout (p > 0) stores a
-    dropped-out copy and a bool mask of each adapted input (q, k, v, o, gate, up read h; down reads f).
+    dropped-out copy and a bool mask of each adapted input (q, k, v, o, gate, up read h; down reads f). LoRA keeps
+    each adapter's A output for B's gradient (7 r a block, all linear layers adapted).
+
+    Full fine-tuning in mixed precision under autocast (fp32 weights, `residual_bytes`) carries the residual stream
+    in float32: the embeddings' output is float32 and each block adds its bf16 outputs to it, so the two norms'
+    inputs are kept at 4 bytes (+4h). What else autocast would keep, a 16-bit copy of each projection's input per
+    projection and of each weight, posttrain's layers rebuild in backward. Measured on CPU under bf16 autocast
+    with bf16 attention, as on a GPU (SmolLM2-135M, h 576, kv 192, f 1536; benchmarks/README.md, "bf16 runs:
+    autocast's copies rebuilt"): full fine-tuning keeps 13.8 KB per token and block, 12h + 4kv + 4f = 13,824 B;
+    LoRA over a bf16 base 11.7 KB, 8h + 4kv + 4f + 7 r x 2 = 11,744 B.
     """
     a = s.arch
     h, f, kv = a.hidden, a.intermediate, a.kv_dim
     scale = s.act_bytes / 2  # the constants above are for 16-bit activations
     per = ((8 * h + 4 * kv + 4 * f) if a.lean else (12 * h + 4 * kv + 8 * f)) * scale
+    per += 2 * h * (residual_bytes(s) - s.act_bytes)  # the two norms' inputs, in the residual stream's dtype
     if s.attention == "eager":
         per += 5 * a.heads * s.seq_len * scale
-    if s.technique in LORA_TECHNIQUES and s.lora_dropout > 0:
-        per += (6 * h + f) * (s.act_bytes + 1)
+    if s.technique in LORA_TECHNIQUES:
+        per += 7 * s.lora_rank * s.act_bytes
+        if s.lora_dropout > 0:
+            per += (6 * h + f) * (s.act_bytes + 1)
     return per
+
+
+def residual_bytes(s: Setup) -> int:
+    """Bytes per element of the residual stream (the blocks' inputs): the trained weights' dtype. Full fine-tuning
+    in mixed precision under autocast holds fp32 weights, so its embeddings' output and every residual add are
+    float32; DeepSpeed's 16-bit weights, a frozen 16-bit base (LoRA, QLoRA) and pure 16-bit runs keep it 16-bit."""
+    mixed_autocast = s.precision in ("bf16-mixed", "fp16-mixed") and s.sharding not in DEEPSPEED_SHARDINGS
+    return 4 if s.technique == "full" and mixed_autocast else s.act_bytes
 
 
 def activation_bytes(s: Setup) -> float:
     """Activations kept for backward in one forward pass per GPU (the trained model only).
 
     With full recomputation (gradient checkpointing) [Korth sec. 4.2] keeps 2 s b h bytes per layer (each block's
-    16-bit input) plus, during backward, one block's full activations while it is recomputed.
+    16-bit input; 4 s b h where the residual stream is float32, `residual_bytes`) plus, during backward, one
+    block's full activations while it is recomputed.
     """
     tokens = s.sequences * s.seq_len
     per_layer = layer_activation_bytes_per_token(s) * tokens
     if s.gradient_checkpointing:
-        return s.arch.layers * s.arch.hidden * s.act_bytes * tokens + per_layer
+        return s.arch.layers * s.arch.hidden * residual_bytes(s) * tokens + per_layer
     return s.arch.layers * per_layer
 
 
