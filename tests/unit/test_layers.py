@@ -270,3 +270,57 @@ def test_under_bf16_autocast_lean_layers_equal_eager_and_keep_no_cast_copies(lor
     assert count(kept_e, dtype=f32, dim=8, cast="activation") == (0 if masked and not lora else 2 if masked else 6 if lora else 2)
     head_bytes = lambda kept: sum(k[3] for k in kept if k[1] == 8)  # noqa: E731
     assert head_bytes(kept_l) < head_bytes(kept_e)
+
+
+def test_under_bf16_autocast_an_outer_hook_that_changes_layouts_still_gets_the_same_gradients():
+    """`save_on_cpu(pin_memory=True)` around the model hands saved tensors back as contiguous copies: a tensor the
+    layers rebuild from such an input (the float32 attention's transposed copies of its queries, keys and values)
+    is laid out again as the original before the saved view reads it, so the gradients stay eager's bit for bit."""
+    from torch.autograd.graph import save_on_cpu
+
+    from posttrain.models.attention import float32_attention_on_cpu
+
+    eager = _lora(tiny_model(hidden_size=32).to(torch.bfloat16))
+    lean = copy.deepcopy(eager)
+    lean_layers(lean)
+    ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (eager, lean):
+        with float32_attention_on_cpu(), torch.autocast("cpu", dtype=torch.bfloat16), save_on_cpu(pin_memory=True):
+            loss = model(input_ids=ids, use_cache=False).logits.float().square().mean()
+        grads.append(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_lora_under_autocast_with_two_active_adapters_runs_peft_forward():
+    """Two adapters active on one layer share peft's float32 copy of the input, whose gradient sums theirs in
+    float32: the fused layer then runs peft's own forward, and the input's gradient is peft's bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models.adapters import fuse_lora_scaling
+
+    class TwoProjections(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=False)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(TwoProjections().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q", "k"]))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q", "k"], lora_alpha=5))
+    model.base_model.set_adapter(["default", "b"])
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=1.0, generator=torch.Generator().manual_seed(1))
+    fused = copy.deepcopy(model)
+    assert fuse_lora_scaling(fused) == 2
+    x0 = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    grads = []
+    for m in (model, fused):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        grads.append(torch.autograd.grad(y.float().square().sum(), [x])[0])
+    assert torch.equal(grads[0], grads[1])

@@ -167,9 +167,14 @@ def FusedLoraLinear_of(base: type) -> type:  # noqa: N802 (names a class)
             `lora_A`, which autocast casts straight back: `lora_A` then keeps `x` itself for its gradient (a norm's
             output, rebuilt in backward by `models.layers`), not a copy of it, and two copies of each adapted
             layer's input are not made. Bit for bit peft's result: a bfloat16 or float16 tensor is exact in float32,
-            so autocast's cast of the float32 copy gives the values of `x` cast directly. Only without dropout,
-            which peft applies to the float32 copy (rounding its rescaled values differently)."""
-            if any(not isinstance(self.lora_dropout[a], torch.nn.Identity) for a in names):
+            so autocast's cast of the float32 copy gives the values of `x` cast directly. Only with one active
+            adapter (several share peft's float32 copy, and their input gradients are summed in float32 there),
+            float32 adapter weights (peft's default beside a 16-bit base; a lower-precision adapter would round
+            `x` once more), an input of 16 or 32 bits, and no dropout (peft drops out the float32 copy, rounding
+            its rescaled values differently); otherwise peft's own forward."""
+            if (len(names) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+                    or any(not isinstance(self.lora_dropout[a], torch.nn.Identity)
+                           or self.lora_A[a].weight.dtype != torch.float32 for a in names)):  # fmt: skip
                 return super().forward(x)
             result = self.base_layer(x)
             result_dtype = result.dtype

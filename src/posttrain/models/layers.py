@@ -126,11 +126,12 @@ class _Recipe:
     """What the pack hook keeps instead of a recomputable tensor: the function that rebuilds it, that function's
     inputs (packed by the outer hooks, if any), and the geometry of the view that was saved."""
 
-    __slots__ = ("fn", "inputs", "size", "stride", "offset")
+    __slots__ = ("fn", "inputs", "size", "stride", "offset", "layout")
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list, saved: torch.Tensor):
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: list, saved: torch.Tensor, whole: torch.Tensor):
         self.fn, self.inputs = fn, inputs
         self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+        self.layout = (whole.size(), whole.stride())  # of the tensor `fn` rebuilds, whose storage `saved` views
 
 
 class _Recomputed:
@@ -169,8 +170,8 @@ class _Recomputed:
     def pack(self, t: torch.Tensor):
         entry = self.tensors.get(t.untyped_storage().data_ptr())
         if entry is not None and entry[0].dtype == t.dtype:
-            _, fn, inputs = entry
-            return _Recipe(fn, [self._pack_input(i) for i in inputs], t)
+            whole, fn, inputs = entry
+            return _Recipe(fn, [self._pack_input(i) for i in inputs], t, whole)
         cast = self._cast_source(t)
         if cast is not None:
             return cast
@@ -182,7 +183,7 @@ class _Recomputed:
             return False, i
         entry = self.tensors.get(i.untyped_storage().data_ptr())
         if entry is not None and entry[0] is i:
-            return True, _Recipe(entry[1], [self._pack_input(j) for j in entry[2]], i)
+            return True, _Recipe(entry[1], [self._pack_input(j) for j in entry[2]], i, i)
         return True, self.outer_pack(i)
 
     def _cast_source(self, t: torch.Tensor) -> _Recipe | None:
@@ -196,20 +197,24 @@ class _Recomputed:
             return None
         source, output_nr = node.next_functions[0]
         if type(source).__name__ == "AccumulateGrad":
-            root = source.variable  # a parameter (a leaf that requires grad)
-            if not (root.is_contiguous() and root.storage_offset() == 0):
-                return None
-            fn, inputs = _cast_to, [(True, self.outer_pack(root)), (False, t.dtype)]
+            root, entry = source.variable, None  # a parameter (a leaf that requires grad)
         else:
             address = self.by_node.get((source, output_nr))
             if address is None:
                 return None
-            root, rebuild, root_inputs = self.tensors[address]
-            fn = functools.partial(_rebuilt_cast, rebuild)
-            inputs = [(False, t.dtype), *(self._pack_input(i) for i in root_inputs)]
-        if t.device != root.device or t.untyped_storage().nbytes() != root.numel() * t.element_size():
-            return None  # a move between devices, or a cast of part of the tensor
-        return _Recipe(fn, inputs, t)
+            entry = self.tensors[address]
+            root = entry[0]
+        # A contiguous root, so that its cast is contiguous in whatever memory format the cast asked for; the
+        # same device; and a cast of the whole tensor.
+        if (not root.is_contiguous() or root.storage_offset() != 0 or t.device != root.device
+                or t.untyped_storage().nbytes() != root.numel() * t.element_size()):  # fmt: skip
+            return None
+        if entry is None:
+            fn, inputs = _cast_to, [(True, self.outer_pack(root)), (False, t.dtype)]
+        else:
+            fn = functools.partial(_rebuilt_cast, entry[1])
+            inputs = [(False, t.dtype), *(self._pack_input(i) for i in entry[2])]
+        return _Recipe(fn, inputs, t, root)
 
     def unpack(self, packed):
         if not isinstance(packed, _Recipe):
@@ -220,7 +225,13 @@ class _Recomputed:
     def _rebuild(self, recipe: _Recipe) -> torch.Tensor:
         inputs = [(self._rebuild(i) if isinstance(i, _Recipe) else self.outer_unpack(i)) if is_tensor else i
                   for is_tensor, i in recipe.inputs]  # fmt: skip
-        return recipe.fn(*inputs).as_strided(recipe.size, recipe.stride, recipe.offset)
+        out = recipe.fn(*inputs)
+        size, stride = recipe.layout
+        if out.size() != size or out.stride() != stride:
+            # an outer hook gave an input back in another layout (`save_on_cpu` with pinned memory copies it
+            # contiguous): lay the rebuilt tensor out as the original, so that the saved view reads the same elements
+            out = torch.empty_strided(size, stride, dtype=out.dtype, device=out.device).copy_(out)
+        return out.as_strided(recipe.size, recipe.stride, recipe.offset)
 
     def __enter__(self) -> _Recomputed:
         outer = _top_hooks(False)
@@ -241,7 +252,9 @@ class _Recomputed:
 def _whole_storage(t: torch.Tensor) -> bool:
     """Whether `t` fills its storage exactly, each element once, from its start: contiguous, or dense in another
     order of its dimensions (a transposed layout, as elementwise kernels give a transposed input's result). A
-    rebuild by the same kernels lays its result out the same way, so the saved view's geometry applies to it."""
+    rebuild by the same kernels lays its result out the same way; where it does not (an outer hook handed an
+    input back in another layout), `_Recomputed._rebuild` copies it into the original layout before the saved
+    view's geometry is applied."""
     if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
         return False
     expected = 1
