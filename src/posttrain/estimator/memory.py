@@ -197,7 +197,8 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     fine-tuning's memory goes"): 1.49 GB kept before `lean_layers`, 0.84 GB after, for the same batch.
     FlashAttention/SDPA keeps no s x s scores; eager attention adds [Korth]'s 5 a s. LoRA dropout (p > 0) stores a
     dropped-out copy and a bool mask of each adapted input (q, k, v, o, gate, up read h; down reads f). LoRA keeps
-    each adapter's A output for B's gradient (7 r a block, all linear layers adapted).
+    each adapter's A output for B's gradient (r values per adapted matrix: every linear map of a block, 7 r for
+    a Llama block, as `Arch.lora_params` counts them).
 
     Full fine-tuning in mixed precision under autocast (fp32 weights, `residual_bytes`) carries the residual stream
     in float32: the embeddings' output is float32 and each block adds its bf16 outputs to it, so the two norms'
@@ -215,7 +216,7 @@ def layer_activation_bytes_per_token(s: Setup) -> float:
     if s.attention == "eager":
         per += 5 * a.heads * s.seq_len * scale
     if s.technique in LORA_TECHNIQUES:
-        per += 7 * s.lora_rank * s.act_bytes
+        per += len(a.linear_shapes) * s.lora_rank * s.act_bytes
         if s.lora_dropout > 0:
             per += (6 * h + f) * (s.act_bytes + 1)
     return per

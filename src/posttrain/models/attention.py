@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.models.layers import _cast_to, rebuilt_in_backward
+from posttrain.models.layers import rebuilt_in_backward
 
 
 def _in_float32(sdpa):
@@ -39,7 +39,7 @@ def _in_float32(sdpa):
         up = [x.float() for x in (query, key, value)]
         for x32, x in zip(up, (query, key, value)):
             if x32 is not x:  # the kernel keeps its inputs: keep the bf16 ones, cast up again in backward
-                rebuilt_in_backward(x32, _cast_to, x, torch.float32)
+                rebuilt_in_backward(x32, torch.Tensor.float, x)
         with torch.autocast("cpu", enabled=False):
             out, weights = sdpa(module, *up, attention_mask, *args, **kwargs)
         return out.to(torch.bfloat16), weights

@@ -170,12 +170,16 @@ class _Recomputed:
     def pack(self, t: torch.Tensor):
         entry = self.tensors.get(t.untyped_storage().data_ptr())
         if entry is not None and entry[0].dtype == t.dtype:
-            whole, fn, inputs = entry
-            return _Recipe(fn, [self._pack_input(i) for i in inputs], t, whole)
+            return self._registered(entry, t)
         cast = self._cast_source(t)
         if cast is not None:
             return cast
         return self.outer_pack(t)
+
+    def _registered(self, entry: tuple, saved: torch.Tensor) -> _Recipe:
+        """The recipe of registered tensor `entry` (tensor, fn, inputs) for `saved`, the tensor or a view of it."""
+        whole, fn, inputs = entry
+        return _Recipe(fn, [self._pack_input(i) for i in inputs], saved, whole)
 
     def _pack_input(self, i) -> tuple[bool, object]:
         """A recipe's input, packed: a registered tensor as its own recipe, any other tensor by the outer hooks."""
@@ -183,7 +187,7 @@ class _Recomputed:
             return False, i
         entry = self.tensors.get(i.untyped_storage().data_ptr())
         if entry is not None and entry[0] is i:
-            return True, _Recipe(entry[1], [self._pack_input(j) for j in entry[2]], i, i)
+            return True, self._registered(entry, i)
         return True, self.outer_pack(i)
 
     def _cast_source(self, t: torch.Tensor) -> _Recipe | None:
