@@ -125,3 +125,134 @@ def test_no_more_than_one_chunk_of_logits_is_kept_for_backward(monkeypatch):
     assert n_targets > 4 and vocab_sized == []
     got.sum().backward()  # the recompute runs: gradients still arrive
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def _spy_fused(monkeypatch) -> list[torch.dtype]:
+    """The product dtype of each `_LinearHeadLogps` call (the output layer computed here, not by the model)."""
+    calls: list[torch.dtype] = []
+    apply = logprobs._LinearHeadLogps.apply
+
+    def spy(*args):
+        calls.append(args[-1])
+        return apply(*args)
+
+    monkeypatch.setattr(logprobs._LinearHeadLogps, "apply", spy)
+    return calls
+
+
+PLAIN = {"llama": True, "llama-tied": True, "gemma2": False, "cohere": False, "granite": False, "gpt2": True}
+
+
+@pytest.mark.parametrize("family,config", CASES, ids=list(PLAIN))
+def test_the_output_layer_is_computed_here_only_where_the_models_forward_adds_nothing(monkeypatch, family, config):
+    """`_LinearHeadLogps` takes over the output layer only where the model's own logits are that layer's product
+    bit for bit (a probe of two rows, once per model and autocast state); Gemma 2's softcapping, Cohere's logit
+    scale and Granite's scaling keep the model's forward. Either way the log-probs are the same bits."""
+    model = tiny_model(V, family=family, **config)
+    model.eval()
+    ids, mask, _ = _batch()
+    calls = _spy_fused(monkeypatch)
+    got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got16, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    plain = PLAIN[family + ("-tied" if config.get("tie_word_embeddings") else "")]
+    assert calls == ([torch.float32, torch.bfloat16] if plain else [])
+    monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)  # the model's forward, always
+    want, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want16, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    assert torch.equal(got, want) and torch.equal(got16, want16)
+
+
+def test_a_forward_that_autocasts_itself_is_followed():
+    """Accelerate runs a model's forward under autocast for mixed precision (the caller is not under autocast):
+    the probe finds the logits are the product in bf16, and the log-probs equal the model's own."""
+    model = tiny_model(V)
+    ids, mask, _ = _batch()
+    want, _ = selected_token_logps(model, {"input_ids": ids}, mask)  # float32: the probe's first answer
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    assert [dtype for dtype, _ in logprobs._PLAIN_HEADS[model].values()] == [torch.float32, torch.bfloat16]
+    assert not torch.equal(got, want)
+    logprobs._PLAIN_HEADS[model].clear()
+    original = logprobs._plain_linear_head
+    logprobs._plain_linear_head = lambda lm, hidden: None
+    try:
+        reference, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    finally:
+        logprobs._plain_linear_head = original
+    assert torch.equal(got, reference)
+
+
+def _most_weight_gradients_at_once(model, ids, mask) -> int:
+    """The most (V, H) tensors other than parameters that exist at once while `selected_token_logps`' backward
+    runs: the output layer's weight gradient and its parts (tracked through every op's output)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape = tuple(model.lm_head.weight.shape)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    class Track(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs, self.most = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) in (shape, shape[::-1]):
+                if out.untyped_storage().data_ptr() not in params:
+                    self.refs.append(weakref.ref(out))
+            alive = {r().untyped_storage().data_ptr() for r in self.refs if r() is not None}
+            self.most = max(self.most, len(alive))
+            return out
+
+    got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    track = Track()
+    with track:
+        got.sum().backward()
+    return track.most
+
+
+def test_the_weight_gradient_of_every_chunk_is_added_into_one_tensor(monkeypatch):
+    """Through the model's forward, each chunk hands autograd a (V, H) weight gradient that it sums out of place:
+    three exist at once at the start of backward (full fine-tuning's peak). `_LinearHeadLogps` adds every chunk's
+    part into one. The gradient is the same up to the order of the sums."""
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 4 * V)  # 5 chunks
+    ids, mask, weights = _batch()
+    model = tiny_model(V)
+    model.model.embed_tokens.weight.requires_grad_(False)  # its gradient has the output layer's shape: none here
+    assert _most_weight_gradients_at_once(model, ids, mask) == 1
+    fused = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+    assert _most_weight_gradients_at_once(model, ids, mask) == 3
+    exact = copy.deepcopy(model).double()
+    _reference(exact, ids, mask, 1.0)[0].sum().backward()
+    assert_as_accurate(fused, model.lm_head.weight.grad, exact.lm_head.weight.grad)
+
+
+def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch):
+    """A bf16 run as posttrain trains it (Accelerate autocasts the model's forward, so each chunk through the
+    model's forward is an autocast region of its own): the product runs in bf16 and so do its gradients, and the
+    float32 weight's gradient is the sum of the chunks' bf16 parts in float32. The same log-probs and gradients
+    bit for bit. (Two chunks: a sum of two is the same whichever comes first; with more, the order differs.)"""
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 17 targets: 2 chunks
+    ids, mask, weights = _batch()
+    model = tiny_model(V)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    calls = _spy_fused(monkeypatch)
+    grads = []
+    for plain in (True, False):
+        if not plain:
+            monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+        model.zero_grad(set_to_none=True)
+        hidden = logprobs.last_hidden_states(model, {"input_ids": ids}).detach().requires_grad_()
+        target, keep = target_positions(mask)
+        picked, _ = logprobs.head_logps(model, hidden[keep], ids[target], temperature=0.7)
+        (picked * weights[target]).sum().backward()
+        grads.append((picked.detach(), hidden.grad, model.lm_head.weight.grad))
+    assert calls == [torch.bfloat16]
+    (p_f, h_f, w_f), (p_m, h_m, w_m) = grads
+    assert torch.equal(p_f, p_m) and torch.equal(h_f, h_m) and torch.equal(w_f, w_m)

@@ -18,7 +18,15 @@ import pytest
 
 from posttrain.errors import UserError
 from posttrain.estimator import GPU, estimate
-from posttrain.estimator.memory import NF4_BYTES, Setup, activation_bytes, frozen_weight_bytes, kv_cache_bytes
+from posttrain.estimator.core import EstimateInputs
+from posttrain.estimator.memory import (
+    NF4_BYTES,
+    Setup,
+    activation_bytes,
+    frozen_weight_bytes,
+    kv_cache_bytes,
+    logits_bytes,
+)
 from posttrain.estimator.models import ARCHITECTURES, resolve_model
 
 STATES = ("weights", "gradients", "optimizer_states")
@@ -166,30 +174,36 @@ def test_dpo_needs_more_than_sft():
 
 def test_logits_are_counted_as_posttrain_chunks_them():
     """posttrain's log-probs (`models.logprobs.head_logps`) hold LOGIT_CHUNK_ELEMENTS // V rows of logits at a
-    time, plus the N scored positions' hidden states (N x h x activation bytes). Worked by hand:
+    time, plus the N scored positions' hidden states (N x h x activation bytes); for a lean family
+    (`_LinearHeadLogps`) 8 bytes per value, 21 for GRPO (its entropy), else 12, 25 or 27. Worked by hand:
 
       - SmolLM2-135M (V = 49,152, h = 576), fp32 SFT, 8 x 147 tokens: 2^24 // 49,152 = 341 rows;
-        341 x 49,152 x 12 = 201,129,984 + 1,176 x 576 x 4 = 2,709,504 -> 203,839,488 bytes.
+        341 x 49,152 x 8 = 134,086,656 + 1,176 x 576 x 4 = 2,709,504 -> 136,796,160 bytes.
       - Llama-3-8B (V = 128,256, h = 4,096), bf16-mixed SFT, 4 x 2048: 2^24 // 128,256 = 130 rows;
-        130 x 128,256 x 12 = 200,079,360 + 8,192 x 4,096 x 2 = 67,108,864 -> 267,188,224 (10.5 GB for the
+        130 x 128,256 x 8 = 133,386,240 + 8,192 x 4,096 x 2 = 67,108,864 -> 200,495,104 (10.5 GB for the
         full 8,192 x 128,256 logits at 10 bytes each, as the estimate counted them before).
-      - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 27 bytes per value
-        (2 + 4 + 4 + 17): 130 x 128,256 x 27 = 450,178,560 + 67,108,864 -> 517,287,424.
-      - under FSDP (posttrain's fsdp2: the scored rows in one go), SFT 1 x 512 on 2 GPUs: 512 x 128,256 x 12 =
-        788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168.
-      - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 12 + 100 x 576 x 4 =
-        58,982,400 + 230,400 = 59,212,800.
+      - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 21 bytes per value:
+        130 x 128,256 x 21 = 350,138,880 + 67,108,864 -> 417,247,744.
+      - under FSDP (posttrain's fsdp2: the scored rows in one go, through the model's forward), SFT 1 x 512 on 2
+        GPUs: 512 x 128,256 x 12 = 788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168.
+      - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 8 + 100 x 576 x 4 =
+        39,321,600 + 230,400 = 39,552,000.
+      - the GRPO case above for a family outside the lean ones (its chunks through the model's own forward): 27
+        bytes per value in 16-bit, 130 x 128,256 x 27 = 450,178,560 + 67,108,864 -> 517,287,424.
     """
     cases = [
-        (dict(model="smollm2-135m", precision="fp32", batch_size=8, seq_len=147), 203_839_488),
-        (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 267_188_224),
+        (dict(model="smollm2-135m", precision="fp32", batch_size=8, seq_len=147), 136_796_160),
+        (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 200_495_104),
         (dict(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8, completion_len=1024),
-         517_287_424),
+         417_247_744),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="fsdp"), 792_199_168),
-        (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 59_212_800),
+        (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 39_552_000),
     ]
     for kw, expected in cases:
         assert estimate(**kw).breakdown_gb["logits"] * 1e9 == pytest.approx(expected, rel=1e-12), kw
+    s, _ = EstimateInputs(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8,
+                          completion_len=1024).to_setup()  # fmt: skip
+    assert logits_bytes(dataclasses.replace(s, arch=dataclasses.replace(s.arch, lean=False))) == 517_287_424
 
 
 def test_logit_chunk_is_posttrains():

@@ -324,3 +324,52 @@ def test_lora_under_autocast_with_two_active_adapters_runs_peft_forward():
             y = m(x)
         grads.append(torch.autograd.grad(y.float().square().sum(), [x])[0])
     assert torch.equal(grads[0], grads[1])
+
+
+def _weight_copies_alive_after(model, ids, *, grad: bool) -> tuple[int, int]:
+    """(made, alive): the bf16 copies of 2-D weights autocast made during a forward of `model`'s decoder under an
+    autocast region with its cache on, and how many of them are still alive when the forward has returned but the
+    region has not ended (tracked through every op's output; the output layer is not run)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16 and tuple(out.shape) in shapes:
+                self.refs.append(weakref.ref(out))
+            return out
+
+    mode = Copies()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        assert torch.is_autocast_cache_enabled()
+        with mode:
+            hidden = model.model(input_ids=ids).last_hidden_state
+        alive = sum(r() is not None for r in mode.refs)
+    del hidden
+    return len(mode.refs), alive
+
+
+def test_a_lean_training_forward_leaves_no_weight_copies_in_autocasts_cache():
+    """Autocast caches the bf16 copy of each weight it casts until its region ends, past the forward, where a
+    step's memory peaks. Eager, the graph keeps the copies anyway; the lean layers rebuild them in backward, so in
+    their training forward the cache is off (`_uncached_autocast`) and no copy outlives its product. The results
+    are the bits of eager (the bf16 tests above run with it). Without gradient (sampling, where the cache saves a
+    cast per weight per token) the cache is used as before."""
+    eager = tiny_model(hidden_size=32)  # 2 layers x 7 weights
+    lean = copy.deepcopy(eager)
+    lean_layers(lean)
+    ids = torch.randint(3, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert _weight_copies_alive_after(eager, ids, grad=True) == (14, 14)
+    assert _weight_copies_alive_after(lean, ids, grad=True) == (14, 0)
+    assert _weight_copies_alive_after(lean, ids, grad=False) == (14, 14)  # cached, not kept by a graph
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean(input_ids=ids)
+        assert torch.is_autocast_cache_enabled()  # restored after each layer

@@ -252,18 +252,30 @@ def logit_chunk_rows(s: Setup) -> int:
 
 def logit_value_bytes(s: Setup) -> float:
     """Peak bytes per (row, vocabulary) value while one chunk's log-probs are computed and differentiated
-    (`models.logprobs.gather_logps` under activation checkpointing), the larger of two moments:
+    (`models.logprobs`), the larger of two moments.
 
+    For the families posttrain's lean layers cover (`Arch.lean`: Llama, Mistral, Qwen2/3, OLMo 2, SmolLM2), whose
+    logits are the output layer's product alone, `_LinearHeadLogps` computes them:
+    - forward: the fp32 logits (a 16-bit product's copy is dropped once upcast) and the fp32 log-softmax
+      (4 + 4 = 8); GRPO also takes the entropy (no gradient) once the logits are dropped: the log-softmax, p =
+      exp(log-softmax), p x log-softmax, the p > 0 mask, zeros and the masked product (4 + 4 + 4 + 1 + 4 + 4 = 21);
+    - backward: the recomputed fp32 logits and their log-softmax, whose buffer becomes the gradient (8).
+    So 8 for SFT, DPO and PPO, 21 for GRPO, in fp32 and 16-bit alike. Measured (every op's output tracked, 341 x
+    49,152 values, benchmarks/README.md): 8.0 forward and backward, 21.0 for GRPO's forward.
+
+    Other families, and runs whose output layer is gathered inside the forward (FSDP, ZeRO-3: the logits come from
+    the model's forward, `gather_logps`), run the model's own forward, under activation checkpointing where
+    chunked (their forward may post-process the logits, e.g. Gemma 2's softcapping):
     - forward (and its recomputation in backward): the logits in the compute dtype (2 or 4 bytes), their fp32
-      upcast when that is 16-bit (4), the fp32 log-softmax (4); GRPO also takes the entropy (no gradient):
-      p = exp(log-softmax), p x log-softmax, the p > 0 mask, zeros and the masked product (4 + 4 + 1 + 4 + 4);
+      upcast when that is 16-bit (4), the fp32 log-softmax (4); GRPO's entropy adds 4 + 4 + 1 + 4 + 4;
     - backward: the saved log-softmax, its incoming gradient and the gradient it returns (3 x 4 = 12).
-
     So 12 for SFT, DPO and PPO, 25 for GRPO in fp32 (4 + 4 + 17) and 27 in 16-bit (2 + 4 + 4 + 17). Measured on
     CPU (fp32, 341 x 49,152 values, RSS with every large block mmapped): 12.0 for SFT and PPO, 25.0 for GRPO.
     At a sampling temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0
     measured for GRPO at T = 0.7.
     """
+    if s.arch.lean and s.sharding not in (*UNCHUNKED_SHARDINGS, "zero3"):
+        return 21.0 if s.method == "grpo" else 8.0
     forward = s.act_bytes + (4.0 if s.act_bytes == 2 else 0.0) + 4.0
     if s.method == "grpo":
         forward += 4.0 + 4.0 + 1.0 + 4.0 + 4.0

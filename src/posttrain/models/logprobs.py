@@ -21,7 +21,10 @@ Memory: the (N, V) logits, their log-softmax and their gradient are the largest 
 `LOGIT_CHUNK_ELEMENTS / V` rows at once: each chunk's logits are computed, reduced to N numbers and freed, and
 recomputed from the chunk's hidden states in backward (activation checkpointing of the output layer alone, as
 Liger-Kernel's fused linear cross-entropy and Wijmans et al. 2024, "Cut Your Losses", avoid materialising
-them). The recompute costs one more output-layer GEMM on the selected positions, ~2-3% of a step here.
+them). The recompute costs one more output-layer GEMM on the selected positions, ~2-3% of a step here. Where the
+model's logits are its output layer's product alone (checked once per model, `_plain_linear_head`), the chunks
+run in `_LinearHeadLogps`, whose backward forms the log-softmax's gradient in place and adds every chunk's weight
+gradient into one tensor (autograd would hold three of those (V, H) tensors at once).
 
 Everything is computed in float32 whatever the logits' dtype (bf16 has 8 bits of mantissa: a log-softmax over 49k
 entries in bf16 is off by ~0.01 nats per token). Letters: B batch, T tokens, H hidden size, V vocabulary, N
@@ -32,6 +35,7 @@ do).
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -80,6 +84,7 @@ def gather_logps(
     if temperature != 1.0:  # x / 1.0 is x: skip the (N, V) copy
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)  # (N, V)
+    del logits  # not needed by the entropy: freed here when the caller keeps no reference (`_LinearHeadLogps`)
     picked = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
     entropy = None
     if with_entropy:
@@ -240,6 +245,12 @@ def head_logps(
     """
     lm = causal_lm_of(model)
     rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
+    plain = _plain_linear_head(lm, hidden)
+    if plain is not None:
+        head, dtype = plain
+        picked, entropy = _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, rows,
+                                                 with_entropy, dtype)  # fmt: skip
+        return picked, (entropy if with_entropy else None)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm.parameters()))
     picked, entropy = [], []
     # split: backward concatenates the chunks' grads; N = 0 gives one empty chunk (a graph, a zero gradient)
@@ -251,6 +262,138 @@ def head_logps(
         picked.append(p)
         entropy.append(e)
     return torch.cat(picked), (torch.cat(entropy) if with_entropy else None)
+
+
+_PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per language model, per (autocast on, its dtype, the hidden states' dtype, the ids of its output layer and of
+its instance `forward` if any): the dtype in which its own forward computes the logits as its output layer's
+product alone, or None, with a weak reference to that output layer (`_plain_linear_head`)."""
+
+
+def _plain_linear_head(lm: nn.Module, hidden: torch.Tensor) -> tuple[nn.Linear, torch.dtype] | None:
+    """`lm`'s output layer, and the dtype of its product, when the logits of `lm`'s own forward are exactly
+    ``F.linear(hidden, W, b)`` computed in that dtype, so that `_LinearHeadLogps` may compute them itself; None
+    otherwise (the chunks then run through the model's forward, `_chunk_logps`).
+
+    It must be a plain `nn.Linear` (not a LoRA, quantised or otherwise wrapped layer) that no hook would see,
+    and the model's forward must add nothing after it (Gemma 2's softcapping, Cohere's logit scale, Granite's
+    scaling). That is checked, not assumed: once per model and autocast state, two rows of `hidden` go through
+    the model's own forward, and its logits must equal ``F.linear`` bit for bit in one of the dtypes the forward
+    may compute in: autocast's where it is on, the weight's, or a 16-bit one (a forward that autocasts itself,
+    as Accelerate wraps a model's forward under mixed precision)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if (type(head) is not nn.Linear or hidden.dim() != 2 or hidden.shape[0] == 0 or head._forward_hooks
+            or head._forward_pre_hooks or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks):  # fmt: skip
+        return None
+    device = hidden.device.type
+    # What the answer depends on: the autocast state, the hidden states' dtype, and the model's forward and output
+    # layer as they are now (Accelerate replaces a prepared model's `forward` with an autocasting one).
+    forward = lm.__dict__.get("forward")
+    key = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), hidden.dtype, id(head), id(forward))
+    known = _PLAIN_HEADS.setdefault(lm, {})
+    if key in known and known[key][1]() is not head:  # an id reused by another output layer
+        del known[key]
+    if key not in known:
+        known[key] = (None, weakref.ref(head))
+        with torch.no_grad():
+            probe = hidden[:2].detach()
+            with _decoder_replaced(lm, probe.unsqueeze(0)):
+                theirs = lm(input_ids=torch.zeros(1, probe.shape[0], dtype=torch.long, device=probe.device),
+                            use_cache=False).logits[0].float()  # fmt: skip
+            first = torch.get_autocast_dtype(device) if key[0] else head.weight.dtype
+            for dtype in dict.fromkeys((first, head.weight.dtype, torch.bfloat16, torch.float16)):
+                with torch.autocast(device, enabled=False):
+                    ours = F.linear(probe.to(dtype), head.weight.to(dtype),
+                                    None if head.bias is None else head.bias.to(dtype))  # fmt: skip
+                if ours.shape == theirs.shape and torch.equal(ours.float(), theirs):
+                    known[key] = (dtype, weakref.ref(head))
+                    break
+    dtype = known[key][0]
+    return None if dtype is None else (head, dtype)
+
+
+class _LinearHeadLogps(torch.autograd.Function):
+    """`gather_logps` of ``F.linear(hidden, weight, bias)``, `rows` rows at a time, with a backward that
+    recomputes each chunk's logits and accumulates the weight's gradient into one tensor.
+
+    What it saves over `_chunk_logps` under activation checkpointing (the same arithmetic, chunk for chunk): that
+    path's backward hands autograd one (V, H) weight gradient per chunk, which autograd sums out of place, so
+    three (V, H) tensors exist at once at the start of backward, the most memory a full fine-tuning step holds
+    (benchmarks/README.md). Here the chunks' products are added into one gradient (`addmm_` when the product's
+    dtype is the weight's); the log-softmax's gradient is formed in place in the buffer of its output. The
+    forward runs `gather_logps` on the same logits as the model's forward, so the log-probabilities are the same
+    bits; the gradients are those autograd would compute, chunk for chunk, summed in another order (float
+    rounding; bit for bit with two chunks in bf16, tests/unit/test_chunked_logps.py). In a 16-bit product each
+    chunk's weight gradient is 16-bit and the parts are summed in the weight's float32, as autograd does when
+    each chunk casts the weight itself (posttrain's bf16 runs: Accelerate makes each call of the model's forward
+    an autocast region of its own); under one autocast region around all the chunks, autocast's cache would
+    share one 16-bit copy of the weight and autograd would sum the parts in 16 bits. The entropy has no
+    gradient, as in `gather_logps`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, with_entropy, dtype):
+        device = hidden.device.type
+        out_dtype = torch.promote_types(dtype, torch.float32)
+        picked = torch.empty(hidden.shape[0], dtype=out_dtype, device=hidden.device)
+        entropy = torch.empty_like(picked) if with_entropy else picked.new_empty(0)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for s in range(0, hidden.shape[0], rows):
+                # passed as a temporary: gather_logps holds the only reference and drops each copy once done
+                p, e = gather_logps(F.linear(hidden[s : s + rows].to(dtype), w, b), targets[s : s + rows],
+                                    temperature=temperature, with_entropy=with_entropy)  # fmt: skip
+                picked[s : s + rows] = p
+                if with_entropy:
+                    entropy[s : s + rows] = e
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_picked, _grad_entropy):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dtype, rows, temperature = ctx.dtype, ctx.rows, ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = grad_bias = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            for s in range(0, hidden.shape[0], rows):
+                h = hidden[s : s + rows].to(dtype)
+                g = grad_picked[s : s + rows].unsqueeze(1)  # (n, 1)
+                logits = F.linear(h, w, b)
+                z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                del logits
+                if temperature != 1.0:
+                    z = z / temperature
+                # log_softmax's backward of a gradient g at the target only: g * onehot - exp(logp) * g, formed in
+                # the log-softmax's own buffer
+                grad_z = z.log_softmax(-1)
+                del z
+                grad_z.exp_().mul_(-g.to(grad_z.dtype))
+                grad_z.scatter_add_(1, targets[s : s + rows].unsqueeze(1), g.to(grad_z.dtype))
+                if temperature != 1.0:
+                    grad_z.div_(temperature)
+                grad_logits = grad_z.to(dtype)
+                del grad_z
+                if need_hidden:
+                    grad_hidden[s : s + rows] = grad_logits @ w
+                if need_weight:
+                    if grad_weight is None:
+                        grad_weight = (grad_logits.T @ h).to(weight.dtype)
+                    elif dtype == weight.dtype:
+                        grad_weight.addmm_(grad_logits.T, h)
+                    else:
+                        grad_weight.add_(grad_logits.T @ h)
+                if need_bias:
+                    part = grad_logits.sum(0)
+                    grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 _NOTED: set[str] = set()
