@@ -321,10 +321,10 @@ class _LinearHeadLogps(torch.autograd.Function):
     path's backward hands autograd one (V, H) weight gradient per chunk, which autograd sums out of place, so
     three (V, H) tensors exist at once at the start of backward, the most memory a full fine-tuning step holds
     (benchmarks/README.md). Here the chunks' products are added into one gradient (`addmm_` when the product's
-    dtype is the weight's); the log-softmax's gradient is formed in place in the buffer of its output. The
+    dtype is the weight's); the log-softmax's gradient is written over its output, by torch's own kernel. The
     forward runs `gather_logps` on the same logits as the model's forward, so the log-probabilities are the same
     bits; the gradients are those autograd would compute, chunk for chunk, summed in another order (float
-    rounding; bit for bit with two chunks in bf16, tests/unit/test_chunked_logps.py). In a 16-bit product each
+    rounding; bit for bit with one chunk, or two in bf16: tests/unit/test_chunked_logps.py). In a 16-bit product each
     chunk's weight gradient is 16-bit and the parts are summed in the weight's float32, as autograd does when
     each chunk casts the weight itself (posttrain's bf16 runs: Accelerate makes each call of the model's forward
     an autocast region of its own); under one autocast region around all the chunks, autocast's cache would
@@ -371,12 +371,14 @@ class _LinearHeadLogps(torch.autograd.Function):
                 del logits
                 if temperature != 1.0:
                     z = z / temperature
-                # log_softmax's backward of a gradient g at the target only: g * onehot - exp(logp) * g, formed in
-                # the log-softmax's own buffer
-                grad_z = z.log_softmax(-1)
+                logp = z.log_softmax(-1)
                 del z
-                grad_z.exp_().mul_(-g.to(grad_z.dtype))
-                grad_z.scatter_add_(1, targets[s : s + rows].unsqueeze(1), g.to(grad_z.dtype))
+                # gather's and log_softmax's backward, torch's own kernels (their roundings: an exp and a
+                # multiply-add of its own give other last bits), the result written over the log-softmax, which
+                # each element is read from just before (the reduction is over the incoming gradient only)
+                grad_logp = torch.zeros_like(logp).scatter_(1, targets[s : s + rows].unsqueeze(1), g.to(logp.dtype))
+                grad_z = torch.ops.aten._log_softmax_backward_data.out(grad_logp, logp, -1, logp.dtype, out=logp)
+                del grad_logp, logp
                 if temperature != 1.0:
                     grad_z.div_(temperature)
                 grad_logits = grad_z.to(dtype)
