@@ -140,6 +140,11 @@ def _spy_fused(monkeypatch) -> list[torch.dtype]:
     return calls
 
 
+def _through_the_models_forward(monkeypatch) -> None:
+    """From here on the output layer's chunks always run through the model's own forward (`_chunk_logps`)."""
+    monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+
+
 PLAIN = {"llama": True, "llama-tied": True, "gemma2": False, "cohere": False, "granite": False, "gpt2": True}
 
 
@@ -157,14 +162,14 @@ def test_the_output_layer_is_computed_here_only_where_the_models_forward_adds_no
         got16, _ = selected_token_logps(model, {"input_ids": ids}, mask)
     plain = PLAIN[family + ("-tied" if config.get("tie_word_embeddings") else "")]
     assert calls == ([torch.float32, torch.bfloat16] if plain else [])
-    monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)  # the model's forward, always
+    _through_the_models_forward(monkeypatch)
     want, _ = selected_token_logps(model, {"input_ids": ids}, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want16, _ = selected_token_logps(model, {"input_ids": ids}, mask)
     assert torch.equal(got, want) and torch.equal(got16, want16)
 
 
-def test_a_forward_that_autocasts_itself_is_followed():
+def test_a_forward_that_autocasts_itself_is_followed(monkeypatch):
     """Accelerate runs a model's forward under autocast for mixed precision (the caller is not under autocast):
     the probe finds the logits are the product in bf16, and the log-probs equal the model's own."""
     model = tiny_model(V)
@@ -174,13 +179,8 @@ def test_a_forward_that_autocasts_itself_is_followed():
     got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
     assert [dtype for dtype, _ in logprobs._PLAIN_HEADS[model].values()] == [torch.float32, torch.bfloat16]
     assert not torch.equal(got, want)
-    logprobs._PLAIN_HEADS[model].clear()
-    original = logprobs._plain_linear_head
-    logprobs._plain_linear_head = lambda lm, hidden: None
-    try:
-        reference, _ = selected_token_logps(model, {"input_ids": ids}, mask)
-    finally:
-        logprobs._plain_linear_head = original
+    _through_the_models_forward(monkeypatch)
+    reference, _ = selected_token_logps(model, {"input_ids": ids}, mask)
     assert torch.equal(got, reference)
 
 
@@ -226,7 +226,7 @@ def test_the_weight_gradient_of_every_chunk_is_added_into_one_tensor(monkeypatch
     assert _most_weight_gradients_at_once(model, ids, mask) == 1
     fused = _grads(model)
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+    _through_the_models_forward(monkeypatch)
     assert _most_weight_gradients_at_once(model, ids, mask) == 3
     through_model = _grads(model)
     # every chunk's gradient into the hidden states is autograd's, bit for bit (torch's own backward kernels), so
@@ -247,7 +247,7 @@ def test_in_one_chunk_the_fused_gradients_are_autograds_bit_for_bit(monkeypatch,
     grads = []
     for plain in (True, False):
         if not plain:
-            monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+            _through_the_models_forward(monkeypatch)
         model.zero_grad(set_to_none=True)
         got, _ = selected_token_logps(model, {"input_ids": ids}, mask, temperature=temperature)
         (got * weights).sum().backward()
@@ -270,7 +270,7 @@ def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch)
     grads = []
     for plain in (True, False):
         if not plain:
-            monkeypatch.setattr(logprobs, "_plain_linear_head", lambda lm, hidden: None)
+            _through_the_models_forward(monkeypatch)
         model.zero_grad(set_to_none=True)
         hidden = logprobs.last_hidden_states(model, {"input_ids": ids}).detach().requires_grad_()
         target, keep = target_positions(mask)

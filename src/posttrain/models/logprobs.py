@@ -295,22 +295,27 @@ def _plain_linear_head(lm: nn.Module, hidden: torch.Tensor) -> tuple[nn.Linear, 
     if key in known and known[key][1]() is not head:  # an id reused by another output layer
         del known[key]
     if key not in known:
-        known[key] = (None, weakref.ref(head))
-        with torch.no_grad():
-            probe = hidden[:2].detach()
-            with _decoder_replaced(lm, probe.unsqueeze(0)):
-                theirs = lm(input_ids=torch.zeros(1, probe.shape[0], dtype=torch.long, device=probe.device),
-                            use_cache=False).logits[0].float()  # fmt: skip
-            first = torch.get_autocast_dtype(device) if key[0] else head.weight.dtype
-            for dtype in dict.fromkeys((first, head.weight.dtype, torch.bfloat16, torch.float16)):
-                with torch.autocast(device, enabled=False):
-                    ours = F.linear(probe.to(dtype), head.weight.to(dtype),
-                                    None if head.bias is None else head.bias.to(dtype))  # fmt: skip
-                if ours.shape == theirs.shape and torch.equal(ours.float(), theirs):
-                    known[key] = (dtype, weakref.ref(head))
-                    break
+        known[key] = (_probed_product_dtype(lm, head, hidden[:2].detach()), weakref.ref(head))
     dtype = known[key][0]
     return None if dtype is None else (head, dtype)
+
+
+@torch.no_grad()
+def _probed_product_dtype(lm: nn.Module, head: nn.Linear, probe: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which ``F.linear(probe, W, b)`` equals the logits of `lm`'s own forward from hidden states
+    `probe` bit for bit, trying autocast's dtype where it is on, then the weight's, bf16 and fp16; None if none
+    does (`_plain_linear_head`)."""
+    device = probe.device.type
+    with _decoder_replaced(lm, probe.unsqueeze(0)):
+        theirs = lm(input_ids=torch.zeros(1, probe.shape[0], dtype=torch.long, device=probe.device),
+                    use_cache=False).logits[0].float()  # fmt: skip
+    first = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    for dtype in dict.fromkeys((first, head.weight.dtype, torch.bfloat16, torch.float16)):
+        with torch.autocast(device, enabled=False):
+            ours = F.linear(probe.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype))
+        if ours.shape == theirs.shape and torch.equal(ours.float(), theirs):
+            return dtype
+    return None
 
 
 class _LinearHeadLogps(torch.autograd.Function):
