@@ -185,7 +185,8 @@ def test_logits_are_counted_as_posttrain_chunks_them():
       - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 21 bytes per value:
         130 x 128,256 x 21 = 350,138,880 + 67,108,864 -> 417,247,744.
       - under FSDP (posttrain's fsdp2: the scored rows in one go, through the model's forward), SFT 1 x 512 on 2
-        GPUs: 512 x 128,256 x 12 = 788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168.
+        GPUs: 512 x 128,256 x 12 = 788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168. The same under
+        DeepSpeed ZeRO-3, which also gathers the output layer only inside a forward (`gathers_in_forward`).
       - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 8 + 100 x 576 x 4 =
         39,321,600 + 230,400 = 39,552,000.
       - the GRPO case above for a family outside the lean ones (its chunks through the model's own forward): 27
@@ -197,6 +198,7 @@ def test_logits_are_counted_as_posttrain_chunks_them():
         (dict(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8, completion_len=1024),
          417_247_744),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="fsdp"), 792_199_168),
+        (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="zero3"), 792_199_168),
         (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 39_552_000),
     ]
     for kw, expected in cases:

@@ -149,7 +149,7 @@ def _logits_note(s: memory.Setup) -> str:
     scored = ("the completion positions are scored" if s.method in memory.RL_METHODS else
               "every position counted as scored (an upper bound: by default only response tokens are)")  # fmt: skip
     if s.sharding in memory.UNCHUNKED_SHARDINGS:
-        how = f"all {s.logit_tokens:,} projected in one go (FSDP)"
+        how = f"all {s.logit_tokens:,} projected in one go ({'ZeRO-3' if s.sharding == 'zero3' else 'FSDP'})"
     else:
         how = (f"{min(s.logit_tokens, memory.logit_chunk_rows(s)):,} of the {s.logit_tokens:,} at a time, "
                "recomputed in backward")  # fmt: skip

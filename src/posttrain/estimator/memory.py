@@ -36,9 +36,10 @@ STATE_BYTES = {"adamw": 8.0, "adamw-8bit": 2.0, "sgd": 4.0}
 STATE_BYTES_16 = {"adamw": 4.0, "adamw-8bit": 2.0, "sgd": 2.0}
 
 SHARD_STAGE = {"none": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp-grad-op": 2}
-# Shardings under which posttrain projects the scored rows in one go (FSDP2 gathers the output layer only inside
-# the root forward): no chunked log-probs (`logits_bytes`).
-UNCHUNKED_SHARDINGS = ("fsdp", "fsdp-grad-op")
+# Shardings under which posttrain projects the scored rows in one go, through the model's own forward (FSDP2 and
+# DeepSpeed ZeRO-3 gather the output layer's weights only inside a forward: `models.sharding.gathers_in_forward`):
+# no chunked log-probs (`logits_bytes`).
+UNCHUNKED_SHARDINGS = ("fsdp", "fsdp-grad-op", "zero3")
 
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in posttrain's log-probs: the value of
@@ -274,7 +275,7 @@ def logit_value_bytes(s: Setup) -> float:
     At a sampling temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0
     measured for GRPO at T = 0.7.
     """
-    if s.arch.lean and s.sharding not in (*UNCHUNKED_SHARDINGS, "zero3"):
+    if s.arch.lean and s.sharding not in UNCHUNKED_SHARDINGS:
         return 21.0 if s.method == "grpo" else 8.0
     forward = s.act_bytes + (4.0 if s.act_bytes == 2 else 0.0) + 4.0
     if s.method == "grpo":
