@@ -38,7 +38,7 @@ from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_s
 from posttrain.data.readers import truncate_step_records
 from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
-from posttrain.models.attention import float32_attention_on_cpu
+from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.layers import cpp_compiler_missing
@@ -223,7 +223,8 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     started = time.perf_counter()
     prepare_hub_libraries()  # before accelerate imports huggingface_hub: offline when the hub is unreachable
     # bfloat16 on CPU: attention in float32, faster there (`models.attention`), for every forward of the run
-    with float32_attention_on_cpu(_bf16_on_cpu(cfg)):
+    # padded rows packed into one, attended to one example at a time (`logprobs.packed_rows`)
+    with float32_attention_on_cpu(_bf16_on_cpu(cfg)), attention_per_segment():
         if launch_rank() != 0:
             return _train(cfg, resume=resume, return_model=return_model)
         with hold_run_dir(cfg.run.output_dir) as stale:

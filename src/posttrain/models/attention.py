@@ -1,4 +1,4 @@
-"""Attention in float32 while a run computes in bfloat16 on a CPU.
+"""Attention in float32 while a run computes in bfloat16 on a CPU, and packed rows attended to one example at a time.
 
 transformers' "sdpa" attention runs torch's CPU flash-attention kernel, whose bfloat16 backward is slow: for one
 layer of the embedded SmolLM2-135M at 8 rows x 139 tokens (9 heads of 64), forward and backward took 26.8 ms in
@@ -15,7 +15,8 @@ is left as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -64,3 +65,81 @@ def float32_attention_on_cpu(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         AttentionInterface.register("sdpa", original)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed rows, one example at a time
+
+_SEGMENTS: contextvars.ContextVar[tuple[tuple[int, ...], ...] | None] = contextvars.ContextVar(
+    "posttrain_packed_segments", default=None
+)
+"""While `packed_segments` is in force: per row of the batch, the lengths of the examples packed in it, in order."""
+
+
+def _per_segment(sdpa):
+    """transformers' attention function `sdpa` (same signature), run separately on each example of a packed row
+    while `packed_segments` says where the examples lie.
+
+    Why: transformers runs a packed row (examples side by side, positions restarting at 0 at each;
+    `data.collate`) under a block-diagonal causal mask of the row's whole width, so SDPA computes every
+    (query, key) block of the row, masked or not, and saves the mask for backward in every layer. Run one example
+    at a time, each is causal attention over its own tokens only (SDPA's `is_causal` path, no mask): the keys each
+    query may see are exactly those the block-diagonal mask allows, so the result is the same, up to the kernel's
+    order of summation (tests/unit/test_packed_rows.py), for the work of the examples alone. Any call whose shapes
+    do not match the segments (sampling with a cache, a reference model's forward of another batch) runs as it
+    came."""
+
+    def sdpa_packed_rows(module, query, key, value, attention_mask, *args, **kwargs):
+        segments = _SEGMENTS.get()
+        if (segments is None or query.shape[0] != len(segments) or key.shape[2] != query.shape[2]
+                or any(sum(row) != query.shape[2] for row in segments)):  # fmt: skip
+            return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+        kwargs.pop("is_causal", None)
+        rows = []
+        for b, row in enumerate(segments):
+            outs, start = [], 0
+            for n in row:
+                part = slice(start, start + n)
+                out, _ = sdpa(module, query[b : b + 1, :, part], key[b : b + 1, :, part], value[b : b + 1, :, part],
+                              None, *args, is_causal=True, **kwargs)  # fmt: skip
+                outs.append(out)  # (1, n, heads, head_dim)
+                start += n
+            rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+    sdpa_packed_rows.__wrapped__ = sdpa
+    sdpa_packed_rows.posttrain_per_segment = True
+    return sdpa_packed_rows
+
+
+@contextmanager
+def attention_per_segment() -> Iterator[None]:
+    """While inside: transformers' "sdpa" attention runs each example of a packed row on its own, where
+    `packed_segments` says where they lie (`_per_segment`); everything else as before. `train` runs every
+    forward of a run inside it. Swaps the process-wide table's entry (whatever it holds: the float32 one of a
+    bfloat16 CPU run) and puts it back on exit."""
+    from transformers.modeling_utils import AttentionInterface
+
+    original = AttentionInterface._global_mapping["sdpa"]
+    AttentionInterface.register("sdpa", _per_segment(original))
+    try:
+        yield
+    finally:
+        AttentionInterface.register("sdpa", original)
+
+
+def runs_per_segment() -> bool:
+    """Whether "sdpa" attention runs packed rows one example at a time now (inside `attention_per_segment`)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    return getattr(AttentionInterface._global_mapping.get("sdpa"), "posttrain_per_segment", False)
+
+
+@contextmanager
+def packed_segments(segments: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row."""
+    token = _SEGMENTS.set(tuple(tuple(int(n) for n in row) for row in segments))
+    try:
+        yield
+    finally:
+        _SEGMENTS.reset(token)

@@ -441,6 +441,7 @@ def compile_layers(model: nn.Module, memory_budget: float | None = None) -> int:
         if type(module).__name__ in names:
             module.forward = _compiled_with_grad(torch.compile(module.forward, backend=backend, dynamic=True),
                                                  module.forward)  # fmt: skip
+            module.posttrain_compiled = True  # `logprobs.packed_rows` leaves such a model's rows padded
             compiled += 1
     return compiled
 

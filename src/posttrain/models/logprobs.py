@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.models.attention import packed_segments, runs_per_segment
 from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix
 from posttrain.models.sharding import gathers_in_forward
 
@@ -436,6 +437,50 @@ def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.
     return packed, where
 
 
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2"})
+"""Model types whose padded rows `packed_rows` may put side by side: their attention is transformers' sdpa
+function called with position ids, rotary positions from `position_ids`, and nothing else that would see across
+rows (the lean layers' families, `models.layers.DECODER_LAYERS`)."""
+
+
+def packed_rows(model, inputs: dict[str, torch.Tensor]):
+    """A right-padded batch as one row of its real tokens, each example's positions from 0, for attention one
+    example at a time (`models.attention.packed_segments`): ``(row inputs (1, R), segments ((n_1, ..., n_B),),
+    where (B, T))``, `where` the packed index of each real token (-1 at padding); or None to run the padded rows.
+
+    Why: a padded batch computes every layer at B x T positions, padding included (6% of them in the SFT
+    benchmark's batches, more when lengths vary). In one row of the R real tokens, every product, norm and
+    pointwise op runs at R positions, and attention runs per example, causal over its own tokens: the keys each real
+    query sees are the ones it sees in its padded row, at the same positions, so every real token's hidden state
+    is the same up to the kernels' order of summation (tests/unit/test_packed_rows.py).
+
+    Only where that holds and pays: inside a run whose "sdpa" attention runs packed rows per example
+    (`runs_per_segment`; otherwise transformers' block-diagonal mask would attend over the whole row), a model of
+    `PACKABLE_MODEL_TYPES` with sdpa attention and no sliding window, its layers not compiled (`model.compile`:
+    a loop over examples in a compiled layer would recompile per batch), a right-padded batch of several rows with
+    padding, and no explicit positions."""
+    mask = inputs.get("attention_mask")
+    if (mask is None or mask.dim() != 2 or mask.shape[0] < 2 or inputs.get("position_ids") is not None
+            or set(inputs) - {"input_ids", "attention_mask"} or not runs_per_segment()):  # fmt: skip
+        return None
+    lengths = mask.sum(-1)
+    real = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+    if not torch.equal(mask.bool(), real) or bool(real.all()) or not bool((lengths > 0).all()):
+        return None
+    lm = causal_lm_of(model)
+    config = lm.config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    full = all(t == "full_attention" for t in types) if types else getattr(config, "sliding_window", None) is None
+    if (config.model_type not in PACKABLE_MODEL_TYPES or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not full or any(getattr(m, "posttrain_compiled", False) for m in lm.modules())):  # fmt: skip
+        return None
+    ids = inputs["input_ids"][real].unsqueeze(0)  # (1, R): row after row
+    starts = torch.cumsum(lengths, 0) - lengths  # each example's first packed index
+    position_ids = (torch.arange(ids.shape[1], device=mask.device) - torch.repeat_interleave(starts, lengths))
+    where = torch.where(real, starts[:, None] + torch.arange(mask.shape[1], device=mask.device), -1)
+    return {"input_ids": ids, "position_ids": position_ids.unsqueeze(0)}, (tuple(lengths.tolist()),), where
+
+
 def without_right_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`inputs` without their `attention_mask` when it only marks padding at the right end of each row (SFT and DPO
     batches), else `inputs` as they are (left-padded prompts, packed rows, explicit positions).
@@ -509,8 +554,15 @@ def selected_token_logps(
                                  rank[where])  # (N, V)  # fmt: skip
         picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
     else:
-        hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
-        kept = hidden[keep] if shared is None else repeat_rows(hidden.flatten(0, 1), shared[1])  # (N, H)
+        packed = packed_rows(model, inputs) if shared is None else None
+        if packed is not None:  # the padded rows' real tokens side by side in one row, attended to row by row
+            row_inputs, segments, where = packed
+            with packed_segments(segments):
+                hidden = last_hidden_states(model, row_inputs)  # (1, sum of lengths, H)
+            kept = hidden[0, where[keep]]  # (N, H)
+        else:
+            hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
+            kept = hidden[keep] if shared is None else repeat_rows(hidden.flatten(0, 1), shared[1])  # (N, H)
         picked, entropy = head_logps(model, kept, targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)
 
