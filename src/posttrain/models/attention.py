@@ -68,44 +68,65 @@ def float32_attention_on_cpu(enabled: bool = True) -> Iterator[bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Packed rows, one example at a time
+# Packed rows: attention over each example on its own
 
-_SEGMENTS: contextvars.ContextVar[tuple[tuple[int, ...], ...] | None] = contextvars.ContextVar(
-    "posttrain_packed_segments", default=None
-)
-"""While `packed_segments` is in force: per row of the batch, the lengths of the examples packed in it, in order."""
+
+class _Packing:
+    """What `packed_segments` put in force: per row of the batch, the lengths of the examples packed in it, and per
+    device the index of each packed token in a padded batch of the examples (one example a row)."""
+
+    def __init__(self, segments: Sequence[Sequence[int]]):
+        self.segments = tuple(tuple(int(n) for n in row) for row in segments)
+        self.lengths = [n for row in self.segments for n in row]
+        self.width = max(self.lengths)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def matches(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        return (query.shape[0] == len(self.segments) and key.shape[2] == query.shape[2]
+                and all(sum(row) == query.shape[2] for row in self.segments))  # fmt: skip
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """(tokens,): for each token of the rows, in order, its place in the (examples x width) padded batch."""
+        if device not in self._index:
+            lengths = torch.tensor(self.lengths, device=device)
+            example = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
+            starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+            self._index[device] = example * self.width + torch.arange(int(lengths.sum()), device=device) - starts
+        return self._index[device]
+
+
+_PACKING: contextvars.ContextVar[_Packing | None] = contextvars.ContextVar("posttrain_packing", default=None)
 
 
 def _per_segment(sdpa):
-    """transformers' attention function `sdpa` (same signature), run separately on each example of a packed row
-    while `packed_segments` says where the examples lie.
+    """transformers' attention function `sdpa` (same signature), computing packed rows' attention over each example
+    on its own while `packed_segments` says where the examples lie: the examples' queries, keys and values are laid
+    out as a right-padded batch of their own, one example a row, attended with SDPA's causal path (no mask), and
+    the outputs taken back to the packed layout.
 
     Why: transformers runs a packed row (examples side by side, positions restarting at 0 at each;
-    `data.collate`) under a block-diagonal causal mask of the row's whole width, so SDPA computes every
-    (query, key) block of the row, masked or not, and saves the mask for backward in every layer. Run one example
-    at a time, each is causal attention over its own tokens only (SDPA's `is_causal` path, no mask): the keys each
-    query may see are exactly those the block-diagonal mask allows, so the result is the same, up to the kernel's
-    order of summation (tests/unit/test_packed_rows.py), for the work of the examples alone. Any call whose shapes
-    do not match the segments (sampling with a cache, a reference model's forward of another batch) runs as it
-    came."""
+    `data.collate`, `logprobs.packed_rows`) under a block-diagonal causal mask of the row's whole width, so SDPA
+    computes every (query, key) block of the row, masked or not, and saves the mask for backward in every layer.
+    In the examples' own padded batch each query sees exactly the keys the block-diagonal mask allows, so the
+    result is the same up to the kernel's order of summation (tests/unit/test_packed_rows.py), for the attention
+    work of padded rows; everything outside attention (the products, norms, pointwise ops) runs on the real tokens
+    only. Any call whose shapes do not match the segments (sampling with a cache, another batch) runs as it came."""
 
     def sdpa_packed_rows(module, query, key, value, attention_mask, *args, **kwargs):
-        segments = _SEGMENTS.get()
-        if (segments is None or query.shape[0] != len(segments) or key.shape[2] != query.shape[2]
-                or any(sum(row) != query.shape[2] for row in segments)):  # fmt: skip
+        packing = _PACKING.get()
+        if packing is None or not packing.matches(query, key):
             return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         kwargs.pop("is_causal", None)
-        rows = []
-        for b, row in enumerate(segments):
-            outs, start = [], 0
-            for n in row:
-                part = slice(start, start + n)
-                out, _ = sdpa(module, query[b : b + 1, :, part], key[b : b + 1, :, part], value[b : b + 1, :, part],
-                              None, *args, is_causal=True, **kwargs)  # fmt: skip
-                outs.append(out)  # (1, n, heads, head_dim)
-                start += n
-            rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
-        return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+        index, examples, width = packing.index(query.device), len(packing.lengths), packing.width
+
+        def padded(x):  # (B, heads, S, d) -> (examples, heads, width, d), zeros past each example's end
+            tokens = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (B x S, heads, d), row after row
+            out = tokens.new_zeros(examples * width, x.shape[1], x.shape[3]).index_copy(0, index, tokens)
+            return out.view(examples, width, x.shape[1], x.shape[3]).transpose(1, 2)
+
+        out, _ = sdpa(module, padded(query), padded(key), padded(value), None, *args, is_causal=True, **kwargs)
+        out = out.reshape(examples * width, out.shape[2], out.shape[3]).index_select(0, index)  # (B x S, heads, d)
+        return out.view(query.shape[0], query.shape[2], out.shape[1], out.shape[2]), None
 
     sdpa_packed_rows.__wrapped__ = sdpa
     sdpa_packed_rows.posttrain_per_segment = True
@@ -114,10 +135,11 @@ def _per_segment(sdpa):
 
 @contextmanager
 def attention_per_segment() -> Iterator[None]:
-    """While inside: transformers' "sdpa" attention runs each example of a packed row on its own, where
-    `packed_segments` says where they lie (`_per_segment`); everything else as before. `train` runs every
-    forward of a run inside it. Swaps the process-wide table's entry (whatever it holds: the float32 one of a
-    bfloat16 CPU run) and puts it back on exit."""
+    """While inside: transformers' "sdpa" attention computes packed rows' attention over each example on its own,
+    where `packed_segments` says where they lie (`_per_segment`); everything else as before. `train` runs every
+    forward of a run inside it, inside a bfloat16 CPU run's float32 attention (`float32_attention_on_cpu`), which
+    then casts the examples' padded batch, as it cast padded rows. Swaps the process-wide table's entry and puts it
+    back on exit."""
     from transformers.modeling_utils import AttentionInterface
 
     original = AttentionInterface._global_mapping["sdpa"]
@@ -129,17 +151,22 @@ def attention_per_segment() -> Iterator[None]:
 
 
 def runs_per_segment() -> bool:
-    """Whether "sdpa" attention runs packed rows one example at a time now (inside `attention_per_segment`)."""
+    """Whether "sdpa" attention computes packed rows per example now (inside `attention_per_segment`)."""
     from transformers.modeling_utils import AttentionInterface
 
-    return getattr(AttentionInterface._global_mapping.get("sdpa"), "posttrain_per_segment", False)
+    fn = AttentionInterface._global_mapping.get("sdpa")
+    while fn is not None:
+        if getattr(fn, "posttrain_per_segment", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 @contextmanager
 def packed_segments(segments: Sequence[Sequence[int]]) -> Iterator[None]:
     """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row."""
-    token = _SEGMENTS.set(tuple(tuple(int(n) for n in row) for row in segments))
+    token = _PACKING.set(_Packing(segments))
     try:
         yield
     finally:
-        _SEGMENTS.reset(token)
+        _PACKING.reset(token)

@@ -34,10 +34,10 @@ do).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +205,7 @@ class _GivenHiddenStates(nn.Module):
         return _HiddenStatesOnly(self.hidden)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _decoder_replaced(lm: nn.Module, hidden: torch.Tensor):
     """`lm`'s decoder swapped for `_GivenHiddenStates(hidden)` inside the block, so that `lm`'s own forward turns
     given hidden states into logits with its own output layer and post-processing (Gemma 2/3
@@ -454,31 +454,59 @@ def packed_rows(model, inputs: dict[str, torch.Tensor]):
     query sees are the ones it sees in its padded row, at the same positions, so every real token's hidden state
     is the same up to the kernels' order of summation (tests/unit/test_packed_rows.py).
 
-    Only where that holds and pays: inside a run whose "sdpa" attention runs packed rows per example
-    (`runs_per_segment`; otherwise transformers' block-diagonal mask would attend over the whole row), a model of
-    `PACKABLE_MODEL_TYPES` with sdpa attention and no sliding window, its layers not compiled (`model.compile`:
-    a loop over examples in a compiled layer would recompile per batch), a right-padded batch of several rows with
-    padding, and no explicit positions."""
+    Only where that holds and pays (`_runs_packed`), for a right-padded batch of several rows with padding and
+    no explicit positions."""
     mask = inputs.get("attention_mask")
     if (mask is None or mask.dim() != 2 or mask.shape[0] < 2 or inputs.get("position_ids") is not None
-            or set(inputs) - {"input_ids", "attention_mask"} or not runs_per_segment()):  # fmt: skip
+            or set(inputs) - {"input_ids", "attention_mask"}):  # fmt: skip
         return None
     lengths = mask.sum(-1)
     real = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
     if not torch.equal(mask.bool(), real) or bool(real.all()) or not bool((lengths > 0).all()):
         return None
+    if not _runs_packed(model):
+        return None
+    ids = inputs["input_ids"][real].unsqueeze(0)  # (1, R): row after row
+    starts = torch.cumsum(lengths, 0) - lengths  # each example's first packed index
+    position_ids = torch.arange(ids.shape[1], device=mask.device) - torch.repeat_interleave(starts, lengths)
+    where = torch.where(real, starts[:, None] + torch.arange(mask.shape[1], device=mask.device), -1)
+    return {"input_ids": ids, "position_ids": position_ids.unsqueeze(0)}, (tuple(lengths.tolist()),), where
+
+
+def segments_of(model, inputs: dict[str, torch.Tensor]) -> tuple[tuple[int, ...], ...] | None:
+    """For rows packed by `data.packing` (``position_ids`` restarting inside a row, no ``attention_mask``; see
+    `data.collate`): per row, the lengths of its examples, where `_runs_packed` allows attention one example at a
+    time; else None (transformers' block-diagonal mask over the whole row). An example starts wherever a position
+    is not its predecessor's plus one, the rule transformers splits the row by
+    (`masking_utils.find_packed_sequence_indices`)."""
+    positions = inputs.get("position_ids")
+    if positions is None or inputs.get("attention_mask") is not None or positions.dim() != 2:
+        return None
+    if not _runs_packed(model):
+        return None
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    width = positions.shape[1]
+    rows = []
+    for row in starts.cpu():
+        at = row.nonzero().flatten().tolist() + [width]
+        rows.append(tuple(b - a for a, b in zip(at, at[1:])))
+    return tuple(rows)
+
+
+def _runs_packed(model) -> bool:
+    """Whether packed rows of `model` may run attention one example at a time: inside a run whose "sdpa" attention
+    does that (`runs_per_segment`; otherwise transformers' block-diagonal mask attends over the whole row, slower
+    than padded rows), a model of `PACKABLE_MODEL_TYPES` with sdpa attention and no sliding window, its layers not
+    compiled (`model.compile`: a loop over examples inside a compiled layer would recompile for every batch)."""
+    if not runs_per_segment():
+        return False
     lm = causal_lm_of(model)
     config = lm.config.get_text_config()
     types = getattr(config, "layer_types", None)
     full = all(t == "full_attention" for t in types) if types else getattr(config, "sliding_window", None) is None
-    if (config.model_type not in PACKABLE_MODEL_TYPES or getattr(config, "_attn_implementation", None) != "sdpa"
-            or not full or any(getattr(m, "posttrain_compiled", False) for m in lm.modules())):  # fmt: skip
-        return None
-    ids = inputs["input_ids"][real].unsqueeze(0)  # (1, R): row after row
-    starts = torch.cumsum(lengths, 0) - lengths  # each example's first packed index
-    position_ids = (torch.arange(ids.shape[1], device=mask.device) - torch.repeat_interleave(starts, lengths))
-    where = torch.where(real, starts[:, None] + torch.arange(mask.shape[1], device=mask.device), -1)
-    return {"input_ids": ids, "position_ids": position_ids.unsqueeze(0)}, (tuple(lengths.tolist()),), where
+    return (config.model_type in PACKABLE_MODEL_TYPES and getattr(config, "_attn_implementation", None) == "sdpa"
+            and full and not any(getattr(m, "posttrain_compiled", False) for m in lm.modules()))  # fmt: skip
 
 
 def without_right_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -561,7 +589,9 @@ def selected_token_logps(
                 hidden = last_hidden_states(model, row_inputs)  # (1, sum of lengths, H)
             kept = hidden[0, where[keep]]  # (N, H)
         else:
-            hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
+            segments = segments_of(model, forward_inputs) if shared is None else None
+            with packed_segments(segments) if segments is not None else contextlib.nullcontext():
+                hidden = last_hidden_states(model, forward_inputs)  # (B, T, H), or (R, S, H) packed
             kept = hidden[keep] if shared is None else repeat_rows(hidden.flatten(0, 1), shared[1])  # (N, H)
         picked, entropy = head_logps(model, kept, targets, temperature=temperature, with_entropy=with_entropy)
     return scatter(picked, target), (scatter(entropy, target) if entropy is not None else None)

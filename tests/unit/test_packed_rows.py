@@ -1,0 +1,170 @@
+"""Padded rows packed into one (`logprobs.packed_rows`) and packed rows attended to one example at a time
+(`models.attention`): the same log-probabilities and gradients as the padded rows, up to the kernels' order of
+summation, from the real tokens only; and rows stay as they came wherever that would not hold."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from posttrain.models import attention
+from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu, packed_segments
+from posttrain.models.logprobs import decoder_of, segments_of, selected_token_logps
+from posttrain.testing import assert_as_accurate, tiny_model
+
+V = 97
+
+
+def _batch():
+    """Three right-padded rows of 9, 6 and 4 real tokens (19 in all); every real token after the first is a target."""
+    torch.manual_seed(5)
+    ids = torch.randint(3, V, (3, 9))
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5])
+    targets = mask.clone()
+    targets[:, 0] = 0
+    weights = torch.rand(3, 9)  # a different gradient on every token, so a mixed-up row would show
+    return ids, mask, targets, weights
+
+
+class _Seen:
+    """What the decoder and SDPA were called with: the decoder's input shapes, and per SDPA call its query length,
+    whether it had a mask and whether it was causal."""
+
+    def __init__(self, model, monkeypatch):
+        self.inputs, self.calls = [], []
+        decoder_of(model).register_forward_pre_hook(self._decoder, with_kwargs=True)
+        sdpa = F.scaled_dot_product_attention
+
+        def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+            self.calls.append((q.shape[0], q.shape[2], attn_mask is not None, is_causal))
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+    def _decoder(self, module, args, kwargs):
+        self.inputs.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape))
+
+
+def _run(model, ids, mask, targets, weights, **kw):
+    model.zero_grad(set_to_none=True)
+    logps, _ = selected_token_logps(model, {"input_ids": ids, "attention_mask": mask}, targets, **kw)
+    (logps * weights).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_rows_give_the_padded_rows_log_probs_and_gradients(monkeypatch, temperature):
+    """Inside a run (`attention_per_segment`) the three padded rows (27 positions) run as one row of their 19 real
+    tokens, and attention as one causal SDPA call per layer over the examples laid out one a row (3 x 9, no mask).
+    The log-probs equal the padded rows' (here bit for bit), and every gradient is as accurate against float64 as
+    the padded rows' (the products sum over 19 rows instead of 27, in another order)."""
+    ids, mask, targets, weights = _batch()
+    model = tiny_model(V)
+    exact = copy.deepcopy(model).double()
+    padded = _run(model, ids, mask, targets, weights, temperature=temperature)
+    seen = _Seen(model, monkeypatch)
+    with attention_per_segment():
+        packed = _run(model, ids, mask, targets, weights, temperature=temperature)
+    assert seen.inputs == [(1, 19)]
+    assert seen.calls == [(3, 9, False, True)] * 2  # 2 layers
+    _, exact_grads = _run(exact, ids, mask, targets, weights.double(), temperature=temperature)
+    assert torch.equal(packed[0], padded[0])
+    assert packed[1].keys() == padded[1].keys()
+    for name in packed[1]:
+        assert_as_accurate(packed[1][name], padded[1][name], exact_grads[name])
+
+
+def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones():
+    """A bf16 run on CPU: the examples' padded batch cast to float32 for attention (the two wrappers compose). The
+    log-probs of packed rows are as close to float32's as the padded rows' are (within twice their error)."""
+    ids, mask, targets, weights = _batch()
+    model = tiny_model(V)
+    reference, _ = _run(model, ids, mask, targets, weights)
+    got = []
+    for packing in (False, True):
+        with float32_attention_on_cpu(), attention_per_segment() if packing else float32_attention_on_cpu(False):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got.append(_run(model, ids, mask, targets, weights)[0])
+    padded, packed = got
+    err_padded, err_packed = (float((x - reference).abs().max()) for x in (padded, packed))
+    assert err_padded > 0  # bf16 did round
+    assert err_packed <= 2 * err_padded, (err_packed, err_padded)
+
+
+def _no_packing_reason(monkeypatch, case):
+    """A model and batch for which rows must stay as they came, by case."""
+    ids, mask, targets, _ = _batch()
+    model = tiny_model(V)
+    if case == "outside a run":
+        return model, ids, mask, targets, False
+    if case == "sliding window":
+        model = tiny_model(V, family="gemma2", final_logit_softcapping=None)
+    elif case == "gpt2":
+        model = tiny_model(V, family="gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    elif case == "eager attention":
+        model.config._attn_implementation = "eager"
+    elif case == "compiled layers":
+        model.model.layers[0].posttrain_compiled = True
+    elif case == "left padding":
+        mask = mask.flip(1)
+        targets = targets.flip(1)
+    elif case == "no padding":
+        mask = torch.ones_like(mask)
+        targets = mask.clone()
+        targets[:, 0] = 0
+    elif case == "one row":
+        ids, mask, targets = ids[1:2], mask[1:2], targets[1:2]
+    return model, ids, mask, targets, True
+
+
+CASES = ["outside a run", "sliding window", "gpt2", "eager attention", "compiled layers", "left padding",
+         "no padding", "one row"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rows_stay_padded_where_packing_would_not_hold_or_pay(monkeypatch, case):
+    """Outside a run (transformers' block-diagonal mask would attend over the whole row); a model with a sliding
+    window (per-example causal attention would ignore it), outside the packable families, with another attention
+    than sdpa, or with compiled layers; left padding, no padding, one row: the decoder sees the batch's own rows."""
+    model, ids, mask, targets, in_run = _no_packing_reason(monkeypatch, case)
+    seen = _Seen(model, monkeypatch)
+    with attention_per_segment() if in_run else float32_attention_on_cpu(False):
+        selected_token_logps(model, {"input_ids": ids, "attention_mask": mask}, targets)
+    assert seen.inputs == [tuple(ids.shape)]
+
+
+def test_each_example_of_packed_rows_attends_to_itself_only():
+    """The per-example attention itself, on rows of several examples (as `data.packing` makes them, and as
+    `packed_rows` makes one): equal to SDPA over each whole row under the block-diagonal causal mask transformers
+    builds for them, for two rows packing (2, 3) and (5,) tokens; and a call whose shapes do not match the
+    segments (another batch) runs as it came."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    blocks = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    allowed = (blocks[:, :, None] == blocks[:, None, :]) & causal  # (2, 5, 5)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    per_segment = attention._per_segment(sdpa_attention_forward)
+    with packed_segments([(2, 3), (5,)]):
+        got, _ = per_segment(module, q, k, v, allowed[:, None])
+        other, _ = per_segment(module, q[:1], k[:1], v[:1], allowed[:1, None])  # 1 row: not the segments' batch
+    assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(other, want[:1])
+
+
+def test_segments_of_packed_rows_follow_transformers_rule():
+    """`data.packing`'s rows: an example starts wherever a position is not its predecessor's plus one (the padding
+    at a row's end, restarting at 0, is an example of its own), inside a run and for a packable model only."""
+    model = tiny_model(V)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    inputs = {"input_ids": torch.zeros_like(positions), "position_ids": positions}
+    assert segments_of(model, inputs) is None  # outside a run
+    with attention_per_segment():
+        assert segments_of(model, inputs) == ((3, 2, 1), (4, 2))
+        assert segments_of(model, {**inputs, "attention_mask": torch.ones_like(positions)}) is None
