@@ -168,3 +168,36 @@ def test_segments_of_packed_rows_follow_transformers_rule():
     with attention_per_segment():
         assert segments_of(model, inputs) == ((3, 2, 1), (4, 2))
         assert segments_of(model, {**inputs, "attention_mask": torch.ones_like(positions)}) is None
+
+
+def _kept_for_backward(model, ids, mask, targets) -> int:
+    """Bytes of the distinct storages (parameters aside) that autograd keeps for backward in one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selected_token_logps(model, {"input_ids": ids, "attention_mask": mask}, targets)
+    return sum(kept.values())
+
+
+def test_packed_rows_keep_less_for_backward_than_padded_rows():
+    """With the lean layers a training model runs with (`models.layers.lean_layers`), packed rows keep less for
+    backward than the padded rows: the products' and norms' inputs at 19 positions instead of 27, and attention
+    the same as padded rows (its padded batch of examples is spread by a function that keeps only the index, and
+    the output projection's input is rebuilt from the attention output SDPA keeps). A version that kept the
+    spread's source (autograd's `index_copy`) and the gathered output kept more than the padded rows."""
+    from posttrain.models.layers import lean_layers
+
+    ids, mask, targets, _ = _batch()
+    model = tiny_model(V)
+    lean_layers(model)
+    padded = _kept_for_backward(model, ids, mask, targets)
+    with attention_per_segment():
+        packed = _kept_for_backward(model, ids, mask, targets)
+    assert packed < padded * 0.9, (packed, padded)
