@@ -13,8 +13,9 @@ log-probs, the sampler/trainer gap and preference evaluation all call these, so 
 
 Rows that share a prompt (a DPO pair, a GRPO group: the batch's `prompt_group` column says which) are scored in
 one packed row each, the prompt encoded once (`prefix_sharing`), when the model's attention can take the mask
-that needs; otherwise, and when no groups are given, as the padded rows they are. Either way the log-probs come
-back aligned with the padded batch, (B, T).
+that needs; otherwise, and when no groups are given, inside a run as one row of the batch's real tokens
+(`packed_rows`: no layer computes padding, attention per example), outside one as the padded rows they are.
+Either way the log-probs come back aligned with the padded batch, (B, T).
 
 Memory: the (N, V) logits, their log-softmax and their gradient are the largest tensors of a small model's step
 (N = 4,000 response tokens x V = 49,152 is 0.8 GB each in float32). `head_logps` never holds them for more than
@@ -448,9 +449,9 @@ def packed_rows(model, inputs: dict[str, torch.Tensor]):
     example at a time (`models.attention.packed_segments`): ``(row inputs (1, R), segments ((n_1, ..., n_B),),
     where (B, T))``, `where` the packed index of each real token (-1 at padding); or None to run the padded rows.
 
-    Why: a padded batch computes every layer at B x T positions, padding included (6% of them in the SFT
+    Why: a padded batch computes every layer at B x T positions, padding included (5.4% of them in the SFT
     benchmark's batches, more when lengths vary). In one row of the R real tokens, every product, norm and
-    pointwise op runs at R positions, and attention runs per example, causal over its own tokens: the keys each real
+    pointwise op runs at R positions, and attention per example, causal over its own tokens: the keys each real
     query sees are the ones it sees in its padded row, at the same positions, so every real token's hidden state
     is the same up to the kernels' order of summation (tests/unit/test_packed_rows.py).
 
