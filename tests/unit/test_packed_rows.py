@@ -93,7 +93,7 @@ def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones():
     assert err_packed <= 2 * err_padded, (err_packed, err_padded)
 
 
-def _no_packing_reason(monkeypatch, case):
+def _no_packing_reason(case):
     """A model and batch for which rows must stay as they came, by case."""
     ids, mask, targets, _ = _batch()
     model = tiny_model(V)
@@ -128,7 +128,7 @@ def test_rows_stay_padded_where_packing_would_not_hold_or_pay(monkeypatch, case)
     """Outside a run (transformers' block-diagonal mask would attend over the whole row); a model with a sliding
     window (per-example causal attention would ignore it), outside the packable families, with another attention
     than sdpa, or with compiled layers; left padding, no padding, one row: the decoder sees the batch's own rows."""
-    model, ids, mask, targets, in_run = _no_packing_reason(monkeypatch, case)
+    model, ids, mask, targets, in_run = _no_packing_reason(case)
     seen = _Seen(model, monkeypatch)
     with attention_per_segment() if in_run else float32_attention_on_cpu(False):
         selected_token_logps(model, {"input_ids": ids, "attention_mask": mask}, targets)

@@ -57,12 +57,20 @@ def float32_attention_on_cpu(enabled: bool = True) -> Iterator[bool]:
     if not enabled:
         yield False
         return
+    with _sdpa_wrapped_by(_in_float32):
+        yield True
+
+
+@contextmanager
+def _sdpa_wrapped_by(wrap) -> Iterator[None]:
+    """While inside: transformers' "sdpa" entry of its process-wide attention table is `wrap(the entry before)`;
+    the entry before is put back on exit (transformers looks the function up by name at every forward)."""
     from transformers.modeling_utils import AttentionInterface
 
     original = AttentionInterface._global_mapping["sdpa"]
-    AttentionInterface.register("sdpa", _in_float32(original))
+    AttentionInterface.register("sdpa", wrap(original))
     try:
-        yield True
+        yield
     finally:
         AttentionInterface.register("sdpa", original)
 
@@ -161,16 +169,9 @@ def attention_per_segment() -> Iterator[None]:
     """While inside: transformers' "sdpa" attention computes packed rows' attention over each example on its own,
     where `packed_segments` says where they lie (`_per_segment`); everything else as before. `train` runs every
     forward of a run inside it, inside a bfloat16 CPU run's float32 attention (`float32_attention_on_cpu`), which
-    then casts the examples' padded batch, as it cast padded rows. Swaps the process-wide table's entry and puts it
-    back on exit."""
-    from transformers.modeling_utils import AttentionInterface
-
-    original = AttentionInterface._global_mapping["sdpa"]
-    AttentionInterface.register("sdpa", _per_segment(original))
-    try:
+    then casts the examples' padded batch, as it cast padded rows (`_sdpa_wrapped_by`)."""
+    with _sdpa_wrapped_by(_per_segment):
         yield
-    finally:
-        AttentionInterface.register("sdpa", original)
 
 
 def runs_per_segment() -> bool:

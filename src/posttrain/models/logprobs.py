@@ -457,20 +457,17 @@ def packed_rows(model, inputs: dict[str, torch.Tensor]):
 
     Only where that holds and pays (`_runs_packed`), for a right-padded batch of several rows with padding and
     no explicit positions."""
-    mask = inputs.get("attention_mask")
-    if (mask is None or mask.dim() != 2 or mask.shape[0] < 2 or inputs.get("position_ids") is not None
-            or set(inputs) - {"input_ids", "attention_mask"}):  # fmt: skip
-        return None
-    lengths = mask.sum(-1)
-    real = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
-    if not torch.equal(mask.bool(), real) or bool(real.all()) or not bool((lengths > 0).all()):
+    real = _right_padded(inputs)
+    if (real is None or real.shape[0] < 2 or set(inputs) - {"input_ids", "attention_mask"} or bool(real.all())
+            or not bool(real[:, 0].all())):  # fmt: skip
         return None
     if not _runs_packed(model):
         return None
+    lengths = real.sum(-1)
     ids = inputs["input_ids"][real].unsqueeze(0)  # (1, R): row after row
     starts = torch.cumsum(lengths, 0) - lengths  # each example's first packed index
-    position_ids = torch.arange(ids.shape[1], device=mask.device) - torch.repeat_interleave(starts, lengths)
-    where = torch.where(real, starts[:, None] + torch.arange(mask.shape[1], device=mask.device), -1)
+    position_ids = torch.arange(ids.shape[1], device=real.device) - torch.repeat_interleave(starts, lengths)
+    where = torch.where(real, starts[:, None] + torch.arange(real.shape[1], device=real.device), -1)
     return {"input_ids": ids, "position_ids": position_ids.unsqueeze(0)}, (tuple(lengths.tolist()),), where
 
 
@@ -499,7 +496,8 @@ def _runs_packed(model) -> bool:
     """Whether packed rows of `model` may run attention one example at a time: inside a run whose "sdpa" attention
     does that (`runs_per_segment`; otherwise transformers' block-diagonal mask attends over the whole row, slower
     than padded rows), a model of `PACKABLE_MODEL_TYPES` with sdpa attention and no sliding window, its layers not
-    compiled (`model.compile`: a loop over examples inside a compiled layer would recompile for every batch)."""
+    compiled (`model.compile`: the examples' layout, read from a context variable inside the attention, changes
+    with every batch, which a compiled layer would trace and recompile for)."""
     if not runs_per_segment():
         return False
     lm = causal_lm_of(model)
@@ -524,13 +522,19 @@ def without_right_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, tor
     8 x 256, for the 135M model), and its attention computes every block; without one SDPA takes its causal path
     (`is_causal`), which keeps no mask and skips the blocks above the diagonal.
     """
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.dim() != 2 or inputs.get("position_ids") is not None:
-        return inputs
-    right_padded = torch.arange(mask.shape[1], device=mask.device) < mask.sum(-1, keepdim=True)
-    if not torch.equal(mask.bool(), right_padded):
+    if _right_padded(inputs) is None:
         return inputs
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def _right_padded(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The (B, T) boolean mask of real tokens when `inputs`' `attention_mask` marks only padding at the right end of
+    each row and no explicit positions are given; None otherwise (no mask, left padding, packed rows, positions)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or inputs.get("position_ids") is not None:
+        return None
+    real = torch.arange(mask.shape[1], device=mask.device) < mask.sum(-1, keepdim=True)
+    return real if torch.equal(mask.bool(), real) else None
 
 
 def selected_token_logps(
