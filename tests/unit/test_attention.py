@@ -46,17 +46,29 @@ def test_bf16_attention_under_autocast_is_the_float32_computation_cast_back(attn
         assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, x32.grad.to(torch.bfloat16))
 
 
-def test_float32_queries_under_bf16_autocast_are_computed_in_float32_too(attn):
+def test_float32_queries_under_bf16_autocast_are_rounded_as_autocast_would_then_computed_in_float32(attn):
     """Full fine-tuning: the rotary embedding's float32 cos and sin promote queries and keys to float32, values
-    stay bf16, and autocast would run the kernel in bf16; it runs in float32, the output bf16 as autocast's."""
+    stay bf16, and autocast would run the kernel in bf16 on bf16 copies of them. It runs in float32 on those same
+    bf16 values: the output is the float32 attention of the rounded inputs, cast to bf16 as autocast's, and the
+    gradients reach the float32 queries and keys as autocast's cast passes them: the bf16 copies' gradients (the
+    float32 computation's, rounded to bf16) cast up."""
     q, k, v = _qkv(torch.float32)
     v = v.detach().to(torch.bfloat16)
     with float32_attention_on_cpu(), torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](attn, q, k, v, None, dropout=0.0, scaling=attn.scaling)
         in_bf16, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling)
-    want, _ = sdpa_attention_forward(attn, q, k, v.float(), None, dropout=0.0, scaling=attn.scaling)
+    q32, k32 = (x.detach().to(torch.bfloat16).float().requires_grad_() for x in (q, k))
+    want, _ = sdpa_attention_forward(attn, q32, k32, v.float(), None, dropout=0.0, scaling=attn.scaling)
+    unrounded, _ = sdpa_attention_forward(attn, q.detach(), k.detach(), v.float(), None, dropout=0.0,
+                                          scaling=attn.scaling)  # fmt: skip
     assert out.dtype == in_bf16.dtype == torch.bfloat16
     assert torch.equal(out, want.to(torch.bfloat16)) and not torch.equal(in_bf16, out)
+    assert not torch.equal(want, unrounded)  # the rounding is not a no-op on these inputs
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out.backward(grad)
+    want.backward(grad.float())
+    for x, x32 in ((q, q32), (k, k32)):
+        assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x32.grad.to(torch.bfloat16).float())
 
 
 def test_it_is_the_exact_attention_rounded_once_to_bf16(attn):

@@ -246,28 +246,28 @@ def test_under_bf16_autocast_lean_layers_equal_eager_and_keep_no_cast_copies(lor
         # is outside the layers: its copy stays.
         assert (count(kept_e, cast="param"), count(kept_l, cast="param")) == (2 * 7 + 1, 1)
         # bf16 copies of the norms' float32 outputs: 5 a layer (queries, keys, values; gate, up), none kept lean.
-        # Both keep the bf16 attention output o_proj reads (a cast of the float32 attention's output, which
-        # transformers transposes into a new tensor: nothing kept to rebuild it from), 1 a layer, and the final
-        # norm's output that the output layer reads, outside the layers.
+        # Eager keeps the bf16 attention output o_proj reads (a cast of the float32 attention's output), 1 a layer;
+        # lean rebuilds it from the float32 output the attention kernel keeps for its own backward. Both keep the
+        # final norm's output that the output layer reads, outside the layers.
         casts = lambda kept: count(kept, dtype=bf16, dim=32, cast="activation")  # noqa: E731
-        assert (casts(kept_e), casts(kept_l)) == (2 * 5 + 2 + 1, 2 + 1)
+        assert (casts(kept_e), casts(kept_l)) == (2 * 5 + 2 + 1, 1)
     else:
         # peft's round trip (bf16 -> float32 -> bf16) gives each of the 7 adapters of a layer a bf16 copy of its
         # input (layer 0's first norm reads the frozen embeddings: no grad there, nothing saved for q, k, v). Lean,
-        # the adapters keep their inputs themselves; the only bf16 cast left is the attention output that o_proj
-        # reads (the float32 attention's output cast back), 1 a layer.
+        # the adapters keep their inputs themselves, and the attention output that o_proj's adapter reads (the
+        # float32 attention's output cast back) is rebuilt from the float32 output the kernel keeps: no bf16 cast.
         assert count(kept_e, dtype=bf16, cast="activation") == 2 * 7 - 3
-        assert count(kept_l, dtype=bf16, cast="activation") == 2
+        assert count(kept_l, dtype=bf16, cast="activation") == 0
         # The norms' float32 copies of their bf16 input (2 a layer but layer 0's first), and the final norm's: the
         # layers keep the bf16 input instead.
         copies = lambda kept: count(kept, dtype=f32, dim=32, cast="activation")  # noqa: E731
         assert (copies(kept_e), copies(kept_l)) == (2 * 2 - 1 + 1, 1)
-    # The float32 attention's copies of its bf16 inputs (head dim 8: LoRA's queries, keys and values, full
-    # fine-tuning's values; its queries and keys are float32 already, promoted by the rotary embedding) are rebuilt
-    # lean, the bf16 inputs kept instead. With a mask the keys and values reach the kernel repeated per query head
-    # (rebuilt in both cases), so eager's copies are then not direct casts.
+    # The float32 attention's copies of its bf16 inputs (head dim 8: queries, keys and values; full fine-tuning's
+    # queries and keys come in float32, promoted by the rotary embedding, and are rounded to bf16 first, as
+    # autocast would) are rebuilt lean, the bf16 inputs kept instead. With a mask the keys and values reach the
+    # kernel repeated per query head (rebuilt in both cases), so eager's copies are then not direct casts.
     assert count(kept_l, dtype=f32, dim=8, cast="activation") == 0
-    assert count(kept_e, dtype=f32, dim=8, cast="activation") == (0 if masked and not lora else 2 if masked else 6 if lora else 2)
+    assert count(kept_e, dtype=f32, dim=8, cast="activation") == (2 if masked else 6)
     head_bytes = lambda kept: sum(k[3] for k in kept if k[1] == 8)  # noqa: E731
     assert head_bytes(kept_l) < head_bytes(kept_e)
 

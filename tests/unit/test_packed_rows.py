@@ -201,3 +201,28 @@ def test_packed_rows_keep_less_for_backward_than_padded_rows():
     with attention_per_segment():
         packed = _kept_for_backward(model, ids, mask, targets)
     assert packed < padded * 0.9, (packed, padded)
+
+
+def test_under_bf16_autocast_packed_rows_keep_no_bf16_copy_of_the_attention_output(monkeypatch):
+    """A bf16 run's float32 attention casts its output back to bf16 for the output projection; the lean layers
+    rebuild that cast in backward from the float32 output the attention kernel keeps for its own backward
+    (`attention._kept_by_kernel`), also where packed rows take the examples' padded batch back to the packed
+    layout (a view of the cast). Exactly one (examples x width x hidden) bf16 tensor a layer less is kept, and the
+    gradients are the same bit for bit."""
+    from posttrain.models.layers import lean_layers
+
+    ids, mask, targets, weights = _batch()
+    model = tiny_model(V)
+    lean_layers(model)
+    results = {}
+    for rebuilt in (True, False):
+        if not rebuilt:
+            monkeypatch.setattr(attention, "_kept_by_kernel", lambda out: False)
+        with float32_attention_on_cpu(), attention_per_segment(), torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = _kept_for_backward(model, ids, mask, targets)
+            results[rebuilt] = kept, _run(model, ids, mask, targets, weights)
+    (kept_new, (logps_new, grads_new)), (kept_old, (logps_old, grads_old)) = results[True], results[False]
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert kept_old - kept_new == layers * 3 * 9 * hidden * 2  # 3 examples padded to 9, 2 bytes a value
+    assert torch.equal(logps_new, logps_old)
+    assert all(torch.equal(grads_new[n], grads_old[n]) for n in grads_old)

@@ -5,8 +5,11 @@ layer of the embedded SmolLM2-135M at 8 rows x 139 tokens (9 heads of 64), forwa
 bfloat16 against 10.7 ms with the same inputs cast to float32 and the output cast back, and 9.2 ms for float32
 inputs (2 cores of an Intel Xeon with AMX, torch 2.13; benchmarks/README.md, "A CPU with AMX"). In a bfloat16 SFT
 LoRA step it took 18% of the step. So while a bfloat16 run trains on CPU (`train`), attention that would run in
-bfloat16 on CPU (bfloat16 inputs, or any inputs under bfloat16 autocast) runs in float32: queries, keys, values
-and a floating-point mask cast up, the output cast back to bfloat16, as the kernel would have given it. Every forward of the run computes it the same
+bfloat16 on CPU (bfloat16 inputs, or any inputs under bfloat16 autocast) runs in float32 on the bfloat16 values the
+kernel would have read (float32 inputs under autocast are rounded to bfloat16 first, as autocast rounds them):
+queries, keys, values and a floating-point mask cast up, the output cast back to bfloat16, as the kernel would
+have given it. Backward keeps the bfloat16 inputs and rebuilds their float32 copies, and the bfloat16 output is
+rebuilt from the float32 one the kernel keeps for its own backward. Every forward of the run computes it the same
 way (the training forward, old log-probs, a reference, sampling), so a run's forwards still agree with each other.
 Float32 attention is also the more precise one: the products and softmax of bf16 inputs are accumulated in
 float32 rounding rather than bfloat16's. Any other attention (float32, a GPU, another implementation than "sdpa")
@@ -21,14 +24,16 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.models.layers import rebuilt_in_backward
+from posttrain.models.layers import VIEW_NODES, rebuilt_in_backward
 
 
 def _in_float32(sdpa):
     """transformers' attention function `sdpa` (same signature), computing bfloat16 CPU attention in float32:
-    bfloat16 inputs, or any inputs under a bfloat16 CPU autocast (which would run the kernel in bfloat16; a full
-    fine-tuning run's queries and keys reach attention in float32, promoted by the rotary embedding's float32
-    cos and sin). The output has the dtype the kernel would have given: bfloat16."""
+    bfloat16 inputs, or any inputs under a bfloat16 CPU autocast, which would run the kernel in bfloat16 on bfloat16
+    copies of its inputs. A full fine-tuning run's queries and keys reach attention in float32, promoted by the
+    rotary embedding's float32 cos and sin: they are rounded to bfloat16 first, as autocast would, so that the
+    attention is the same function of its inputs whether they come in float32 or bfloat16 (and backward keeps
+    the bfloat16 copies, half the bytes). The output has the dtype the kernel would have given: bfloat16."""
 
     def sdpa_bf16_cpu_in_float32(module, query, key, value, attention_mask, *args, **kwargs):
         autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -36,17 +41,38 @@ def _in_float32(sdpa):
             return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()  # an additive mask: its dtype must match the queries'
+        # autocast's inputs to the kernel: bfloat16 copies of float32 ones
+        low = [x.to(torch.bfloat16) if autocast and x.dtype == torch.float32 else x for x in (query, key, value)]
         # outside autocast, which would cast the inputs back (CPU autocast runs attention in its lower precision)
-        up = [x.float() for x in (query, key, value)]
-        for x32, x in zip(up, (query, key, value)):
+        up = [x.float() for x in low]
+        for x32, x in zip(up, low):
             if x32 is not x:  # the kernel keeps its inputs: keep the bf16 ones, cast up again in backward
                 rebuilt_in_backward(x32, torch.Tensor.float, x)
         with torch.autocast("cpu", enabled=False):
             out, weights = sdpa(module, *up, attention_mask, *args, **kwargs)
-        return out.to(torch.bfloat16), weights
+        result = out.to(torch.bfloat16)
+        if _kept_by_kernel(out):  # the output projection's (or its adapter's) input: cast again in backward
+            rebuilt_in_backward(result, torch.Tensor.to, out, torch.bfloat16)
+        return result, weights
 
     sdpa_bf16_cpu_in_float32.__wrapped__ = sdpa  # the standard attribute (`inspect.unwrap`)
     return sdpa_bf16_cpu_in_float32
+
+
+_KEEPS_OUTPUT = frozenset({"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
+                           "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"})
+"""grad_fn names of torch's SDPA kernels whose backward keeps their output (the math fallback's does not)."""
+
+
+def _kept_by_kernel(out: torch.Tensor) -> bool:
+    """Whether `out` is (a view of) the output an SDPA kernel keeps for its backward: transformers' "sdpa" returns
+    the kernel's (batch, heads, tokens, d) output transposed to (batch, tokens, heads, d), which is the layout the
+    kernels allocate, so `.contiguous()` there copies nothing. Then a cast of it can be rebuilt in backward for
+    free: its source is kept anyway."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__ in VIEW_NODES:
+        node = node.next_functions[0][0]
+    return node is not None and type(node).__name__ in _KEEPS_OUTPUT
 
 
 @contextmanager

@@ -186,11 +186,12 @@ class _Recomputed:
         return _Recipe(fn, [self._pack_input(i) for i in inputs], saved, whole)
 
     def _pack_input(self, i) -> tuple[bool, object]:
-        """A recipe's input, packed: a registered tensor as its own recipe, any other tensor by the outer hooks."""
+        """A recipe's input, packed: a registered tensor (or a view of one) as its own recipe, any other tensor by
+        the outer hooks."""
         if not isinstance(i, torch.Tensor):
             return False, i
         entry = self.tensors.get(i.untyped_storage().data_ptr())
-        if entry is not None and entry[0] is i:
+        if entry is not None and entry[0].dtype == i.dtype:
             return True, self._registered(entry, i)
         return True, self.outer_pack(i)
 
@@ -199,7 +200,7 @@ class _Recomputed:
         chain is views, one `ToCopyBackward0`, then the parameter's gradient accumulator or the registered tensor's
         grad_fn. None otherwise."""
         node = t.grad_fn
-        while node is not None and type(node).__name__ in _VIEW_NODES:
+        while node is not None and type(node).__name__ in VIEW_NODES:
             node = node.next_functions[0][0]
         if node is None or type(node).__name__ != "ToCopyBackward0" or not t.is_floating_point():
             return None
@@ -279,7 +280,7 @@ def rebuilt_in_backward(t: torch.Tensor, fn: Callable[..., torch.Tensor], *input
     _Recomputed.add(t, fn, *inputs)
 
 
-_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
+VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
                          "PermuteBackward0", "ReshapeAliasBackward0"})  # fmt: skip
 """grad_fn names of ops whose output is a view of their input (the same storage), as a product keeps its operands:
 the 2-D view of an activation, the transpose of a weight."""
