@@ -257,14 +257,19 @@ def test_in_one_chunk_the_fused_gradients_are_autograds_bit_for_bit(monkeypatch,
     assert all(torch.equal(g_f[n], g_m[n]) for n in g_f)
 
 
-def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch, sliced):
     """A bf16 run as posttrain trains it (Accelerate autocasts the model's forward, so each chunk through the
     model's forward is an autocast region of its own): the product runs in bf16 and so do its gradients, and the
     float32 weight's gradient is the sum of the chunks' bf16 parts in float32. The same log-probs and gradients
-    bit for bit. (Two chunks: a sum of two is the same whichever comes first; with more, the order differs.)"""
+    bit for bit. (Two chunks: a sum of two is the same whichever comes first; with more, the order differs.)
+    Sliced: each chunk's bf16 part made 10 vocabulary rows at a time (`WEIGHT_GRAD_SLICE_ELEMENTS`; a 49k
+    vocabulary runs in slices of 7,281 rows), still the same bits."""
     monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 17 targets: 2 chunks
     ids, mask, weights = _batch()
     model = tiny_model(V)
+    if sliced:
+        monkeypatch.setattr(logprobs, "WEIGHT_GRAD_SLICE_ELEMENTS", 10 * model.config.hidden_size)
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     calls = _spy_fused(monkeypatch)
     grads = []
@@ -280,3 +285,34 @@ def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch)
     assert calls == [torch.bfloat16]
     (p_f, h_f, w_f), (p_m, h_m, w_m) = grads
     assert torch.equal(p_f, p_m) and torch.equal(h_f, h_m) and torch.equal(w_f, w_m)
+
+
+def test_under_bf16_autocast_no_whole_16_bit_weight_gradient_part_is_made(monkeypatch):
+    """A bf16 chunk's part of the float32 weight gradient is made a slice of the vocabulary at a time: no matrix
+    product of the backward outputs a (V, H) tensor (on the embedded model that part was 57 MB at the peak of a bf16
+    full fine-tuning step), while the float32 gradient is one (V, H) tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 2 chunks
+    ids, mask, weights = _batch()
+    model = tiny_model(V)
+    monkeypatch.setattr(logprobs, "WEIGHT_GRAD_SLICE_ELEMENTS", 10 * model.config.hidden_size)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    hidden = logprobs.last_hidden_states(model, {"input_ids": ids}).detach().requires_grad_()
+    target, keep = target_positions(mask)
+    picked, _ = logprobs.head_logps(model, hidden[keep], ids[target])
+    products: list[tuple[int, ...]] = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                products.append(tuple(out.shape))
+            return out
+
+    with Products():
+        (picked * weights[target]).sum().backward()
+    vocab_rows = [shape for shape in products if shape[1] == model.config.hidden_size and shape[0] > 1]
+    assert vocab_rows and max(shape[0] for shape in vocab_rows) == 10  # slices of 10 of the 97 rows
+    assert model.lm_head.weight.grad.shape == (V, model.config.hidden_size)
+    assert model.lm_head.weight.grad.dtype == torch.float32

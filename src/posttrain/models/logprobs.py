@@ -52,6 +52,11 @@ from posttrain.models.sharding import gathers_in_forward
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
 
+WEIGHT_GRAD_SLICE_ELEMENTS = 2**22
+"""Elements of one slice (vocabulary rows x hidden) of a 16-bit chunk's output-layer weight gradient in
+`_LinearHeadLogps.backward`, made and added into the float32 gradient one slice at a time: 8 MB in bf16 (7,281 of
+the 49,152 rows at 576 wide) where the whole (V, H) part would be 57 MB at the peak of a bf16 run's memory."""
+
 
 def target_positions(target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, keep), both (B, T) bool: `target` marks the tokens to score (never column 0: nothing predicts it),
@@ -393,16 +398,39 @@ class _LinearHeadLogps(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[s : s + rows] = grad_logits @ w
                 if need_weight:
-                    if grad_weight is None:
-                        grad_weight = (grad_logits.T @ h).to(weight.dtype)
-                    elif dtype == weight.dtype:
-                        grad_weight.addmm_(grad_logits.T, h)
+                    if dtype == weight.dtype:
+                        if grad_weight is None:
+                            grad_weight = grad_logits.T @ h
+                        else:
+                            grad_weight.addmm_(grad_logits.T, h)
                     else:
-                        grad_weight.add_(grad_logits.T @ h)
+                        grad_weight = _add_product_in_slices(grad_weight, grad_logits, h, weight.dtype)
                 if need_bias:
                     part = grad_logits.sum(0)
                     grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _add_product_in_slices(total: torch.Tensor | None, grad_logits: torch.Tensor, h: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``total + grad_logits.T @ h`` (or the product alone, cast to `dtype`, when `total` is None), the product made
+    in its own (16-bit) dtype `WEIGHT_GRAD_SLICE_ELEMENTS` at a time: rows [v, v + n) of the product are
+    ``grad_logits[:, v : v + n].T @ h``, the same dot products as the whole product's rows (the same values, bit for
+    bit: tests/unit/test_chunked_logps.py), each cast or added into `total` as the whole part would have been."""
+    vocab, width = grad_logits.shape[1], h.shape[1]
+    if total is None:
+        total = torch.empty(vocab, width, dtype=dtype, device=h.device)
+        first = True
+    else:
+        first = False
+    step = max(1, WEIGHT_GRAD_SLICE_ELEMENTS // max(width, 1))
+    for v in range(0, vocab, step):
+        part = grad_logits[:, v : v + step].T @ h
+        if first:
+            total[v : v + step] = part
+        else:
+            total[v : v + step] += part
+    return total
 
 
 _NOTED: set[str] = set()
