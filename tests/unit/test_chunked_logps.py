@@ -238,10 +238,14 @@ def test_the_weight_gradient_of_every_chunk_is_added_into_one_tensor(monkeypatch
     assert_as_accurate(fused["lm_head.weight"], through_model["lm_head.weight"], exact.lm_head.weight.grad)
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_in_one_chunk_the_fused_gradients_are_autograds_bit_for_bit(monkeypatch, temperature):
+def test_in_one_chunk_the_fused_gradients_are_autograds_bit_for_bit(monkeypatch, temperature, blocks):
     """One chunk (the default for up to 341 scored positions of a 49k vocabulary): the same kernels on the same
-    values as autograd through the model's forward, so the same bits everywhere, the output layer included."""
+    values as autograd through the model's forward, so the same bits everywhere, the output layer included; also
+    with the log-softmax's backward run 3 rows at a time (`SOFTMAX_GRAD_BLOCK_ELEMENTS`)."""
+    if blocks:
+        monkeypatch.setattr(logprobs, "SOFTMAX_GRAD_BLOCK_ELEMENTS", 3 * V)
     ids, mask, weights = _batch()
     model = tiny_model(V, tie_word_embeddings=True)
     grads = []
@@ -264,12 +268,14 @@ def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch,
     float32 weight's gradient is the sum of the chunks' bf16 parts in float32. The same log-probs and gradients
     bit for bit. (Two chunks: a sum of two is the same whichever comes first; with more, the order differs.)
     Sliced: each chunk's bf16 part made 10 vocabulary rows at a time (`WEIGHT_GRAD_SLICE_ELEMENTS`; a 49k
-    vocabulary runs in slices of 7,281 rows), still the same bits."""
+    vocabulary runs in slices of 7,281 rows) and the log-softmax's backward 4 rows at a time
+    (`SOFTMAX_GRAD_BLOCK_ELEMENTS`; 42 rows), still the same bits."""
     monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 17 targets: 2 chunks
     ids, mask, weights = _batch()
     model = tiny_model(V)
-    if sliced:
+    if sliced:  # also the log-softmax's backward 4 rows at a time
         monkeypatch.setattr(logprobs, "WEIGHT_GRAD_SLICE_ELEMENTS", 10 * model.config.hidden_size)
+        monkeypatch.setattr(logprobs, "SOFTMAX_GRAD_BLOCK_ELEMENTS", 4 * V)
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     calls = _spy_fused(monkeypatch)
     grads = []
@@ -290,7 +296,10 @@ def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch,
 def test_under_bf16_autocast_no_whole_16_bit_weight_gradient_part_is_made(monkeypatch):
     """A bf16 chunk's part of the float32 weight gradient is made a slice of the vocabulary at a time: no matrix
     product of the backward outputs a (V, H) tensor (on the embedded model that part was 57 MB at the peak of a bf16
-    full fine-tuning step), while the float32 gradient is one (V, H) tensor."""
+    full fine-tuning step), while the float32 gradient is one (V, H) tensor; and the bf16 copy of the weight is
+    not alive while a part is made (made again for the next chunk: 2 copies over 2 chunks)."""
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 2 chunks
@@ -302,17 +311,25 @@ def test_under_bf16_autocast_no_whole_16_bit_weight_gradient_part_is_made(monkey
     target, keep = target_positions(mask)
     picked, _ = logprobs.head_logps(model, hidden[keep], ids[target])
     products: list[tuple[int, ...]] = []
+    copies: list[weakref.ref] = []  # bf16 copies of the output layer's weight
+    copy_alive_at_slice: list[bool] = []
+    hidden_size = model.config.hidden_size
 
     class Products(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and tuple(out.shape) == (V, hidden_size):
+                copies.append(weakref.ref(out))
             if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
                 products.append(tuple(out.shape))
+                if out.shape[1] == hidden_size and out.shape[0] == 10:  # a slice of a weight-gradient part
+                    copy_alive_at_slice.append(any(c() is not None for c in copies))
             return out
 
     with Products():
         (picked * weights[target]).sum().backward()
-    vocab_rows = [shape for shape in products if shape[1] == model.config.hidden_size and shape[0] > 1]
+    vocab_rows = [shape for shape in products if shape[1] == hidden_size and shape[0] > 1]
     assert vocab_rows and max(shape[0] for shape in vocab_rows) == 10  # slices of 10 of the 97 rows
+    assert len(copies) == 2 and copy_alive_at_slice and not any(copy_alive_at_slice)
     assert model.lm_head.weight.grad.shape == (V, model.config.hidden_size)
     assert model.lm_head.weight.grad.dtype == torch.float32

@@ -52,6 +52,11 @@ from posttrain.models.sharding import gathers_in_forward
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
 
+SOFTMAX_GRAD_BLOCK_ELEMENTS = 2**21
+"""Rows x vocabulary of one block of the log-softmax's backward in `_LinearHeadLogps.backward`
+(`_log_softmax_grad_over`): its incoming gradient is made a block at a time, 8 MB in float32 (42 rows of a 49,152
+vocabulary) where the chunk's would be 67 MB."""
+
 WEIGHT_GRAD_SLICE_ELEMENTS = 2**22
 """Elements of one slice (vocabulary rows x hidden) of a 16-bit chunk's output-layer weight gradient in
 `_LinearHeadLogps.backward`, made and added into the float32 gradient one slice at a time: 8 MB in bf16 (7,281 of
@@ -373,9 +378,11 @@ class _LinearHeadLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = grad_bias = None
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
+            w = None
             b = None if bias is None else bias.to(dtype)
             for s in range(0, hidden.shape[0], rows):
+                if w is None:  # the first chunk's, or made again after a chunk freed its 16-bit copy (below)
+                    w = weight.to(dtype)
                 h = hidden[s : s + rows].to(dtype)
                 g = grad_picked[s : s + rows].unsqueeze(1)  # (n, 1)
                 logits = F.linear(h, w, b)
@@ -385,12 +392,8 @@ class _LinearHeadLogps(torch.autograd.Function):
                     z = z / temperature
                 logp = z.log_softmax(-1)
                 del z
-                # gather's and log_softmax's backward, torch's own kernels (their roundings: an exp and a
-                # multiply-add of its own give other last bits), the result written over the log-softmax, which
-                # each element is read from just before (the reduction is over the incoming gradient only)
-                grad_logp = torch.zeros_like(logp).scatter_(1, targets[s : s + rows].unsqueeze(1), g.to(logp.dtype))
-                grad_z = torch.ops.aten._log_softmax_backward_data.out(grad_logp, logp, -1, logp.dtype, out=logp)
-                del grad_logp, logp
+                grad_z = _log_softmax_grad_over(logp, targets[s : s + rows], g)
+                del logp
                 if temperature != 1.0:
                     grad_z.div_(temperature)
                 grad_logits = grad_z.to(dtype)
@@ -404,11 +407,29 @@ class _LinearHeadLogps(torch.autograd.Function):
                         else:
                             grad_weight.addmm_(grad_logits.T, h)
                     else:
+                        # the 16-bit copy of the weight is not needed for this part: freed while it is made (the
+                        # peak of a bf16 full fine-tuning step), made again for the next chunk, if any
+                        w = None
                         grad_weight = _add_product_in_slices(grad_weight, grad_logits, h, weight.dtype)
                 if need_bias:
                     part = grad_logits.sum(0)
                     grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _log_softmax_grad_over(logp: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``logp.gather(1, targets) * g`` with respect to the logits whose log-softmax is `logp`
+    (n, V), written over `logp` and returned: gather's and log_softmax's backward, torch's own kernels (their
+    roundings: an exp and a multiply-add of its own give other last bits), `SOFTMAX_GRAD_BLOCK_ELEMENTS` at a time.
+    Each row's result depends on that row alone (the reduction is over the row's incoming gradient, read before its
+    log-softmax is overwritten), so blocks of rows give the same bits as the whole chunk at once, with the
+    incoming gradient's (rows x V) zeros one block's size instead of the chunk's."""
+    block = max(1, SOFTMAX_GRAD_BLOCK_ELEMENTS // max(logp.shape[1], 1))
+    for r in range(0, logp.shape[0], block):
+        part = logp[r : r + block]
+        grad = torch.zeros_like(part).scatter_(1, targets[r : r + block].unsqueeze(1), g[r : r + block].to(part.dtype))
+        torch.ops.aten._log_softmax_backward_data.out(grad, part, -1, part.dtype, out=part)
+    return logp
 
 
 def _add_product_in_slices(total: torch.Tensor | None, grad_logits: torch.Tensor, h: torch.Tensor,
