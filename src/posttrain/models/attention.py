@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.models.layers import VIEW_NODES, rebuilt_in_backward
+from posttrain.models.layers import node_behind_views, rebuilt_in_backward
 
 
 def _in_float32(sdpa):
@@ -69,9 +69,7 @@ def _kept_by_kernel(out: torch.Tensor) -> bool:
     the kernel's (batch, heads, tokens, d) output transposed to (batch, tokens, heads, d), which is the layout the
     kernels allocate, so `.contiguous()` there copies nothing. Then a cast of it can be rebuilt in backward for
     free: its source is kept anyway."""
-    node = out.grad_fn
-    while node is not None and type(node).__name__ in VIEW_NODES:
-        node = node.next_functions[0][0]
+    node = node_behind_views(out)
     return node is not None and type(node).__name__ in _KEEPS_OUTPUT
 
 

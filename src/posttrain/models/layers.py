@@ -199,9 +199,7 @@ class _Recomputed:
         """A recipe for `t` when it is (a view of) one cast of a parameter or of a registered tensor: its grad_fn
         chain is views, one `ToCopyBackward0`, then the parameter's gradient accumulator or the registered tensor's
         grad_fn. None otherwise."""
-        node = t.grad_fn
-        while node is not None and type(node).__name__ in VIEW_NODES:
-            node = node.next_functions[0][0]
+        node = node_behind_views(t)
         if node is None or type(node).__name__ != "ToCopyBackward0" or not t.is_floating_point():
             return None
         source, output_nr = node.next_functions[0]
@@ -280,10 +278,19 @@ def rebuilt_in_backward(t: torch.Tensor, fn: Callable[..., torch.Tensor], *input
     _Recomputed.add(t, fn, *inputs)
 
 
-VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "TBackward0", "TransposeBackward0",
                          "PermuteBackward0", "ReshapeAliasBackward0"})  # fmt: skip
 """grad_fn names of ops whose output is a view of their input (the same storage), as a product keeps its operands:
 the 2-D view of an activation, the transpose of a weight."""
+
+
+def node_behind_views(t: torch.Tensor):
+    """The autograd node that made `t`'s storage: `t.grad_fn` followed back past view ops (`_VIEW_NODES`); None
+    for a tensor outside the graph."""
+    node = t.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        node = node.next_functions[0][0]
+    return node
 
 
 def _cast_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

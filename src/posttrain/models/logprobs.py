@@ -439,11 +439,9 @@ def _add_product_in_slices(total: torch.Tensor | None, grad_logits: torch.Tensor
     ``grad_logits[:, v : v + n].T @ h``, the same dot products as the whole product's rows (the same values, bit for
     bit: tests/unit/test_chunked_logps.py), each cast or added into `total` as the whole part would have been."""
     vocab, width = grad_logits.shape[1], h.shape[1]
-    if total is None:
+    first = total is None
+    if first:
         total = torch.empty(vocab, width, dtype=dtype, device=h.device)
-        first = True
-    else:
-        first = False
     step = max(1, WEIGHT_GRAD_SLICE_ELEMENTS // max(width, 1))
     for v in range(0, vocab, step):
         part = grad_logits[:, v : v + step].T @ h
