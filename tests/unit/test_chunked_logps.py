@@ -243,9 +243,9 @@ def test_the_weight_gradient_of_every_chunk_is_added_into_one_tensor(monkeypatch
 def test_in_one_chunk_the_fused_gradients_are_autograds_bit_for_bit(monkeypatch, temperature, blocks):
     """One chunk (the default for up to 341 scored positions of a 49k vocabulary): the same kernels on the same
     values as autograd through the model's forward, so the same bits everywhere, the output layer included; also
-    with the log-softmax's backward run 3 rows at a time (`SOFTMAX_GRAD_BLOCK_ELEMENTS`)."""
+    with the log-softmax's backward run 3 rows at a time (`SOFTMAX_BLOCK_ELEMENTS`)."""
     if blocks:
-        monkeypatch.setattr(logprobs, "SOFTMAX_GRAD_BLOCK_ELEMENTS", 3 * V)
+        monkeypatch.setattr(logprobs, "SOFTMAX_BLOCK_ELEMENTS", 3 * V)
     ids, mask, weights = _batch()
     model = tiny_model(V, tie_word_embeddings=True)
     grads = []
@@ -269,13 +269,13 @@ def test_under_bf16_autocast_the_fused_gradients_are_the_models_own(monkeypatch,
     bit for bit. (Two chunks: a sum of two is the same whichever comes first; with more, the order differs.)
     Sliced: each chunk's bf16 part made 10 vocabulary rows at a time (`WEIGHT_GRAD_SLICE_ELEMENTS`; a 49k
     vocabulary runs in slices of 7,281 rows) and the log-softmax's backward 4 rows at a time
-    (`SOFTMAX_GRAD_BLOCK_ELEMENTS`; 42 rows), still the same bits."""
+    (`SOFTMAX_BLOCK_ELEMENTS`; 42 rows), still the same bits."""
     monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 17 targets: 2 chunks
     ids, mask, weights = _batch()
     model = tiny_model(V)
     if sliced:  # also the log-softmax's backward 4 rows at a time
         monkeypatch.setattr(logprobs, "WEIGHT_GRAD_SLICE_ELEMENTS", 10 * model.config.hidden_size)
-        monkeypatch.setattr(logprobs, "SOFTMAX_GRAD_BLOCK_ELEMENTS", 4 * V)
+        monkeypatch.setattr(logprobs, "SOFTMAX_BLOCK_ELEMENTS", 4 * V)
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
     calls = _spy_fused(monkeypatch)
     grads = []
@@ -333,3 +333,51 @@ def test_under_bf16_autocast_no_whole_16_bit_weight_gradient_part_is_made(monkey
     assert len(copies) == 2 and copy_alive_at_slice and not any(copy_alive_at_slice)
     assert model.lm_head.weight.grad.shape == (V, model.config.hidden_size)
     assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_under_bf16_autocast_the_float32_work_on_a_chunk_runs_a_block_of_rows_at_a_time(monkeypatch, with_entropy):
+    """A bf16 chunk's logits are cast to float32, log-softmaxed and gathered (forward), and their gradient made
+    (backward, written over the chunk's bf16 logits), a `SOFTMAX_BLOCK_ELEMENTS` block of rows at a time: no float32
+    tensor of more than a block's rows of the vocabulary is made, in forward or backward, while the chunks hold 9
+    rows (on the embedded model the whole chunk's float32 copies were 67 MB each, up to three at once); and the
+    log-probs, entropies and gradients are those of whole chunks, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 9 * V)  # 17 targets: chunks of 9 and 8 rows
+    ids, mask, weights = _batch()
+    model = tiny_model(V)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    target, keep = target_positions(mask)
+    hidden_size = model.config.hidden_size
+
+    class Float32Rows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == V
+                        and t.shape[0] != hidden_size):  # not the weight's transpose (hidden x V)  # fmt: skip
+                    self.rows.append(t.shape[0])
+            return out
+
+    results = []
+    for block_rows in (None, 4):
+        if block_rows is not None:
+            monkeypatch.setattr(logprobs, "SOFTMAX_BLOCK_ELEMENTS", block_rows * V)
+        model.zero_grad(set_to_none=True)
+        hidden = logprobs.last_hidden_states(model, {"input_ids": ids}).detach().requires_grad_()
+        seen = Float32Rows()
+        with seen:
+            picked, entropy = logprobs.head_logps(model, hidden[keep], ids[target], temperature=0.7,
+                                                  with_entropy=with_entropy)  # fmt: skip
+            (picked * weights[target]).sum().backward()
+        results.append((picked.detach(), entropy, hidden.grad, model.lm_head.weight.grad, seen.rows))
+    (p_whole, e_whole, h_whole, w_whole, rows_whole), (p, e, h, w, rows) = results
+    assert max(rows_whole) in (8, 9)  # whole chunks: the check sees them
+    assert rows and max(rows) <= 4
+    assert torch.equal(p, p_whole) and torch.equal(h, h_whole) and torch.equal(w, w_whole)
+    assert (e is None) == (not with_entropy) and (e is None or torch.equal(e, e_whole))

@@ -52,10 +52,11 @@ from posttrain.models.sharding import gathers_in_forward
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
 
-SOFTMAX_GRAD_BLOCK_ELEMENTS = 2**21
-"""Rows x vocabulary of one block of the log-softmax's backward in `_LinearHeadLogps.backward`
-(`_log_softmax_grad_over`): its incoming gradient is made a block at a time, 8 MB in float32 (42 rows of a 49,152
-vocabulary) where the chunk's would be 67 MB."""
+SOFTMAX_BLOCK_ELEMENTS = 2**21
+"""Rows x vocabulary of one block of `_LinearHeadLogps`'s float32 work on a chunk's logits: its forward casts,
+log-softmaxes and gathers them a block at a time, its backward makes their gradient a block at a time and writes
+it over the chunk's logits (`_logits_grad_in_place`). 8 MB in float32 (42 rows of a 49,152 vocabulary) where the
+chunk's float32 copies would be 67 MB each (two at once in forward, three in backward)."""
 
 WEIGHT_GRAD_SLICE_ELEMENTS = 2**22
 """Elements of one slice (vocabulary rows x hidden) of a 16-bit chunk's output-layer weight gradient in
@@ -338,8 +339,9 @@ class _LinearHeadLogps(torch.autograd.Function):
     path's backward hands autograd one (V, H) weight gradient per chunk, which autograd sums out of place, so
     three (V, H) tensors exist at once at the start of backward, the most memory a full fine-tuning step holds
     (benchmarks/README.md). Here the chunks' products are added into one gradient (`addmm_` when the product's
-    dtype is the weight's); the log-softmax's gradient is written over its output, by torch's own kernel. The
-    forward runs `gather_logps` on the same logits as the model's forward, so the log-probabilities are the same
+    dtype is the weight's); the logits' gradient is made a block of rows at a time and written over the chunk's
+    logits, by torch's own kernels (`_logits_grad_in_place`). The forward runs `gather_logps` on the same logits as
+    the model's forward, a block of rows at a time (`SOFTMAX_BLOCK_ELEMENTS`), so the log-probabilities are the same
     bits; the gradients are those autograd would compute, chunk for chunk, summed in another order (float
     rounding; bit for bit with one chunk, or two in bf16: tests/unit/test_chunked_logps.py). In a 16-bit product each
     chunk's weight gradient is 16-bit and the parts are summed in the weight's float32, as autograd does when
@@ -357,13 +359,18 @@ class _LinearHeadLogps(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
+            block = _block_rows(weight.shape[0])
             for s in range(0, hidden.shape[0], rows):
-                # passed as a temporary: gather_logps holds the only reference and drops each copy once done
-                p, e = gather_logps(F.linear(hidden[s : s + rows].to(dtype), w, b), targets[s : s + rows],
-                                    temperature=temperature, with_entropy=with_entropy)  # fmt: skip
-                picked[s : s + rows] = p
-                if with_entropy:
-                    entropy[s : s + rows] = e
+                logits = F.linear(hidden[s : s + rows].to(dtype), w, b)  # (n, V) in the product's dtype
+                # a block of rows at a time: a row's log-softmax reads that row alone, so the same bits as the
+                # whole chunk at once, with one block's float32 copies instead of the chunk's
+                for r in range(0, logits.shape[0], block):
+                    p, e = gather_logps(logits[r : r + block], targets[s : s + rows][r : r + block],
+                                        temperature=temperature, with_entropy=with_entropy)  # fmt: skip
+                    picked[s + r : s + r + p.shape[0]] = p
+                    if with_entropy:
+                        entropy[s + r : s + r + p.shape[0]] = e
+                del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         ctx.mark_non_differentiable(entropy)
@@ -384,20 +391,8 @@ class _LinearHeadLogps(torch.autograd.Function):
                 if w is None:  # the first chunk's, or made again after a chunk freed its 16-bit copy (below)
                     w = weight.to(dtype)
                 h = hidden[s : s + rows].to(dtype)
-                g = grad_picked[s : s + rows].unsqueeze(1)  # (n, 1)
-                logits = F.linear(h, w, b)
-                z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                del logits
-                if temperature != 1.0:
-                    z = z / temperature
-                logp = z.log_softmax(-1)
-                del z
-                grad_z = _log_softmax_grad_over(logp, targets[s : s + rows], g)
-                del logp
-                if temperature != 1.0:
-                    grad_z.div_(temperature)
-                grad_logits = grad_z.to(dtype)
-                del grad_z
+                grad_logits = _logits_grad_in_place(F.linear(h, w, b), targets[s : s + rows],
+                                                    grad_picked[s : s + rows], temperature)  # fmt: skip
                 if need_hidden:
                     grad_hidden[s : s + rows] = grad_logits @ w
                 if need_weight:
@@ -414,22 +409,41 @@ class _LinearHeadLogps(torch.autograd.Function):
                 if need_bias:
                     part = grad_logits.sum(0)
                     grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
+                del grad_logits, h  # not alive while the next chunk's 16-bit weight copy and logits are made
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _log_softmax_grad_over(logp: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``logp.gather(1, targets) * g`` with respect to the logits whose log-softmax is `logp`
-    (n, V), written over `logp` and returned: gather's and log_softmax's backward, torch's own kernels (their
-    roundings: an exp and a multiply-add of its own give other last bits), `SOFTMAX_GRAD_BLOCK_ELEMENTS` at a time.
-    Each row's result depends on that row alone (the reduction is over the row's incoming gradient, read before its
-    log-softmax is overwritten), so blocks of rows give the same bits as the whole chunk at once, with the
-    incoming gradient's (rows x V) zeros one block's size instead of the chunk's."""
-    block = max(1, SOFTMAX_GRAD_BLOCK_ELEMENTS // max(logp.shape[1], 1))
-    for r in range(0, logp.shape[0], block):
-        part = logp[r : r + block]
-        grad = torch.zeros_like(part).scatter_(1, targets[r : r + block].unsqueeze(1), g[r : r + block].to(part.dtype))
-        torch.ops.aten._log_softmax_backward_data.out(grad, part, -1, part.dtype, out=part)
-    return logp
+def _block_rows(vocab: int) -> int:
+    """Rows of one `SOFTMAX_BLOCK_ELEMENTS` block of a vocabulary-wide tensor."""
+    return max(1, SOFTMAX_BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _logits_grad_in_place(logits: torch.Tensor, targets: torch.Tensor, g: torch.Tensor,
+                          temperature: float) -> torch.Tensor:  # fmt: skip
+    """The gradient of ``sum(g * log_softmax(logits / temperature).gather(1, targets))`` with respect to `logits`
+    (n, V), in their dtype, written over `logits` and returned: a block of `SOFTMAX_BLOCK_ELEMENTS` at a time,
+    each cast to float32, divided by the temperature, log-softmaxed, and through gather's and log_softmax's backward
+    (torch's own kernels: an exp and a multiply-add of one's own give other last bits), divided by the temperature
+    again and cast back. Every step reads one row alone (the log-softmax's sums, and its backward's sum of the
+    row's incoming gradient, read before the row is overwritten), so blocks give the same bits as the whole chunk
+    at once (tests/unit/test_chunked_logps.py), with one block's float32 copies where the chunk's would be three
+    (67 MB each on a 341-row chunk of a 49k vocabulary)."""
+    block = _block_rows(logits.shape[1])
+    for r in range(0, logits.shape[0], block):
+        part = logits[r : r + block]
+        z = part.to(torch.promote_types(part.dtype, torch.float32))  # a float32 chunk: the block itself, no copy
+        if temperature != 1.0:
+            z = z / temperature
+        logp = z.log_softmax(-1)
+        del z
+        grad = torch.zeros_like(logp).scatter_(1, targets[r : r + block].unsqueeze(1),
+                                               g[r : r + block].unsqueeze(1).to(logp.dtype))  # fmt: skip
+        torch.ops.aten._log_softmax_backward_data.out(grad, logp, -1, logp.dtype, out=logp)
+        del grad
+        if temperature != 1.0:
+            logp.div_(temperature)
+        part.copy_(logp)
+    return logits
 
 
 def _add_product_in_slices(total: torch.Tensor | None, grad_logits: torch.Tensor, h: torch.Tensor,
