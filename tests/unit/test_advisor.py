@@ -218,10 +218,10 @@ def test_when_nothing_fits_the_advice_says_so_first():
     text = format_advice(a)
     first, second = text.splitlines()[:2]
     assert first.startswith(
-        "Does not fit: sft with qlora needs 44.2 GB per GPU, more than the 21.6 GB usable"
+        "Does not fit: sft with qlora needs 44.1 GB per GPU, more than the 21.6 GB usable"
     )
     assert second.startswith("It would fit with: 4 x custom-24GB with fsdp sharding (")
-    assert "Estimate: peak 44.2 GB per GPU on 1 x custom-24GB: does not fit, so no time or cost" in text
+    assert "Estimate: peak 44.1 GB per GPU on 1 x custom-24GB: does not fit, so no time or cost" in text
     assert "$" not in text.split("Estimate:")[1].split("\n")[0]
     fitting = format_advice(advise(CASES[3][1], what_if=False))
     assert fitting.startswith("Recommendation: sft, technique lora") and "Does not fit" not in fitting

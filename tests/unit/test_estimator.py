@@ -174,32 +174,35 @@ def test_dpo_needs_more_than_sft():
 
 def test_logits_are_counted_as_posttrain_chunks_them():
     """posttrain's log-probs (`models.logprobs.head_logps`) hold LOGIT_CHUNK_ELEMENTS // V rows of logits at a
-    time, plus the N scored positions' hidden states (N x h x activation bytes); for a lean family
-    (`_LinearHeadLogps`) 8 bytes per value, 21 for GRPO (its entropy), else 12, 25 or 27. Worked by hand:
+    time, plus the N scored positions' hidden states (N x h x activation bytes). For a lean family
+    (`_LinearHeadLogps`) the chunk's logits are in the product's dtype (4 or 2 bytes a value) and the float32 work
+    runs SOFTMAX_BLOCK_ELEMENTS // V rows at a time, 8 bytes a value, 21 for GRPO (its entropy); else the chunk
+    holds 12, 25 or 27 bytes a value. Worked by hand:
 
-      - SmolLM2-135M (V = 49,152, h = 576), fp32 SFT, 8 x 147 tokens: 2^24 // 49,152 = 341 rows;
-        341 x 49,152 x 8 = 134,086,656 + 1,176 x 576 x 4 = 2,709,504 -> 136,796,160 bytes.
-      - Llama-3-8B (V = 128,256, h = 4,096), bf16-mixed SFT, 4 x 2048: 2^24 // 128,256 = 130 rows;
-        130 x 128,256 x 8 = 133,386,240 + 8,192 x 4,096 x 2 = 67,108,864 -> 200,495,104 (10.5 GB for the
-        full 8,192 x 128,256 logits at 10 bytes each, as the estimate counted them before).
-      - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 21 bytes per value:
-        130 x 128,256 x 21 = 350,138,880 + 67,108,864 -> 417,247,744.
+      - SmolLM2-135M (V = 49,152, h = 576), fp32 SFT, 8 x 147 tokens: 2^24 // 49,152 = 341 rows, blocks of
+        2^21 // 49,152 = 42; 341 x 49,152 x 4 = 67,043,328 + 42 x 49,152 x 8 = 16,515,072 + 1,176 x 576 x 4 =
+        2,709,504 -> 86,267,904 bytes (136,796,160 when the whole chunk's float32 work was at once).
+      - Llama-3-8B (V = 128,256, h = 4,096), bf16-mixed SFT, 4 x 2048: 2^24 // 128,256 = 130 rows, blocks of 16;
+        130 x 128,256 x 2 = 33,346,560 + 16 x 128,256 x 8 = 16,416,768 + 8,192 x 4,096 x 2 = 67,108,864 ->
+        116,872,192 (10.5 GB for the full 8,192 x 128,256 logits at 10 bytes each).
+      - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 21 bytes per block
+        value: 33,346,560 + 16 x 128,256 x 21 = 43,094,016 + 67,108,864 -> 143,549,440.
       - under FSDP (posttrain's fsdp2: the scored rows in one go, through the model's forward), SFT 1 x 512 on 2
         GPUs: 512 x 128,256 x 12 = 788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168. The same under
         DeepSpeed ZeRO-3, which also gathers the output layer only inside a forward (`gathers_in_forward`).
-      - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 8 + 100 x 576 x 4 =
-        39,321,600 + 230,400 = 39,552,000.
+      - fewer scored positions than a chunk (SmolLM2, SFT 1 x 100, fp32): 100 x 49,152 x 4 + 42 x 49,152 x 8 +
+        100 x 576 x 4 = 19,660,800 + 16,515,072 + 230,400 = 36,406,272.
       - the GRPO case above for a family outside the lean ones (its chunks through the model's own forward): 27
         bytes per value in 16-bit, 130 x 128,256 x 27 = 450,178,560 + 67,108,864 -> 517,287,424.
     """
     cases = [
-        (dict(model="smollm2-135m", precision="fp32", batch_size=8, seq_len=147), 136_796_160),
-        (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 200_495_104),
+        (dict(model="smollm2-135m", precision="fp32", batch_size=8, seq_len=147), 86_267_904),
+        (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 116_872_192),
         (dict(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8, completion_len=1024),
-         417_247_744),
+         143_549_440),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="fsdp"), 792_199_168),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="zero3"), 792_199_168),
-        (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 39_552_000),
+        (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 36_406_272),
     ]
     for kw, expected in cases:
         assert estimate(**kw).breakdown_gb["logits"] * 1e9 == pytest.approx(expected, rel=1e-12), kw
@@ -209,13 +212,15 @@ def test_logits_are_counted_as_posttrain_chunks_them():
 
 
 def test_logit_chunk_is_posttrains():
-    """The estimator repeats the chunk size of `models.logprobs` (it imports no torch layer): the same number,
-    and the same rows `head_logps` takes for the embedded SmolLM2's vocabulary."""
-    from posttrain.estimator.memory import LOGIT_CHUNK_ELEMENTS, logit_chunk_rows
+    """The estimator repeats the chunk and block sizes of `models.logprobs` (it imports no torch layer): the same
+    numbers, and the same rows `head_logps` and `_LinearHeadLogps` take for the embedded SmolLM2's vocabulary."""
+    from posttrain.estimator import memory
     from posttrain.models import logprobs
 
-    assert LOGIT_CHUNK_ELEMENTS == logprobs.LOGIT_CHUNK_ELEMENTS
-    assert logit_chunk_rows(Setup(arch=ARCHITECTURES["smollm2-135m"])) == 341
+    assert memory.LOGIT_CHUNK_ELEMENTS == logprobs.LOGIT_CHUNK_ELEMENTS
+    assert memory.SOFTMAX_BLOCK_ELEMENTS == logprobs.SOFTMAX_BLOCK_ELEMENTS
+    assert memory.logit_chunk_rows(Setup(arch=ARCHITECTURES["smollm2-135m"])) == 341
+    assert memory.logit_block_rows(Setup(arch=ARCHITECTURES["smollm2-135m"])) == 42 == logprobs._block_rows(49_152)
 
 
 def test_ppo_holds_four_models():

@@ -113,12 +113,12 @@ def test_a_setup_that_does_not_fit_prints_no_cost_but_what_would(capsys):
     rc, out, _ = run_cli(argv, capsys)
     assert rc == 0
     assert (
-        "does not fit 1 x custom-24GB: 27.2 GB per GPU, more than the 21.6 GB usable on each (90% of its memory)"
+        "does not fit 1 x custom-24GB: 27.1 GB per GPU, more than the 21.6 GB usable on each (90% of its memory)"
         in out
     )
     assert "$" not in out and " h on " not in out and "no time or cost for a setup that does not fit" in out
-    assert "  - gradient checkpointing (16.3 GB per GPU): --gradient-checkpointing" in out
-    assert "  - technique qlora (6.3 GB per GPU): --technique qlora" in out
+    assert "  - gradient checkpointing (16.2 GB per GPU): --gradient-checkpointing" in out
+    assert "  - technique qlora (6.2 GB per GPU): --technique qlora" in out
     rc, out, _ = run_cli(argv + ["--gradient-checkpointing"], capsys)
     assert rc == 0 and "does not fit" not in out and "on 1 x custom-24GB, $" in out
 

@@ -153,8 +153,12 @@ def _logits_note(s: memory.Setup) -> str:
     else:
         how = (f"{min(s.logit_tokens, memory.logit_chunk_rows(s)):,} of the {s.logit_tokens:,} at a time, "
                "recomputed in backward")  # fmt: skip
+    blocks = ""
+    if memory.logit_block_bytes(s):
+        blocks = (f", and {memory.logit_block_bytes(s):g} for {memory.logit_block_rows(s):,} rows of it at a time "
+                  "(the float32 work)")  # fmt: skip
     return (f"logits as posttrain computes them: {scored}; {how}; {memory.logit_value_bytes(s):g} bytes per "
-            "vocabulary value at the peak")
+            f"vocabulary value of a chunk at the peak{blocks}")
 
 
 def _choose_gpu(inputs: EstimateInputs, table: dict[str, GPU], fits: list[GPU], notes: list[str]) -> GPU:

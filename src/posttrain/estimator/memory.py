@@ -45,6 +45,9 @@ LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in posttrain's log-probs: the value of
 `posttrain.models.logprobs.LOGIT_CHUNK_ELEMENTS`, repeated here because the estimator imports no torch layer
 (tests/unit/test_estimator.py checks that the two are equal)."""
+SOFTMAX_BLOCK_ELEMENTS = 2**21
+"""Rows x vocabulary of one block of `_LinearHeadLogps`'s float32 work on a chunk: the value of
+`posttrain.models.logprobs.SOFTMAX_BLOCK_ELEMENTS`, repeated as `LOGIT_CHUNK_ELEMENTS` is."""
 LORA_TECHNIQUES = ("lora", "qlora", "8bit")
 RL_METHODS = ("ppo", "grpo")
 
@@ -251,18 +254,27 @@ def logit_chunk_rows(s: Setup) -> int:
     return max(1, LOGIT_CHUNK_ELEMENTS // s.arch.vocab)
 
 
+def computes_own_logits(s: Setup) -> bool:
+    """Whether posttrain computes the chunks' logits itself (`_LinearHeadLogps`): a family whose logits are its output
+    layer's product alone (`Arch.lean`), with the output layer whole outside the forward (not FSDP or ZeRO-3)."""
+    return s.arch.lean and s.sharding not in UNCHUNKED_SHARDINGS
+
+
+def logit_block_rows(s: Setup) -> int:
+    """Rows of one block of `_LinearHeadLogps`'s float32 work: `SOFTMAX_BLOCK_ELEMENTS // V` (42 for a 49,152
+    vocabulary, 16 for 128,256), at most a chunk's."""
+    return min(logit_chunk_rows(s), max(1, SOFTMAX_BLOCK_ELEMENTS // s.arch.vocab))
+
+
 def logit_value_bytes(s: Setup) -> float:
-    """Peak bytes per (row, vocabulary) value while one chunk's log-probs are computed and differentiated
+    """Peak bytes per (row, vocabulary) value of a whole chunk while its log-probs are computed and differentiated
     (`models.logprobs`), the larger of two moments.
 
     For the families posttrain's lean layers cover (`Arch.lean`: Llama, Mistral, Qwen2/3, OLMo 2, SmolLM2), whose
-    logits are the output layer's product alone, `_LinearHeadLogps` computes them:
-    - forward: the fp32 logits (a 16-bit product's copy is dropped once upcast) and the fp32 log-softmax
-      (4 + 4 = 8); GRPO also takes the entropy (no gradient) once the logits are dropped: the log-softmax, p =
-      exp(log-softmax), p x log-softmax, the p > 0 mask, zeros and the masked product (4 + 4 + 4 + 1 + 4 + 4 = 21);
-    - backward: the recomputed fp32 logits and their log-softmax, whose buffer becomes the gradient (8).
-    So 8 for SFT, DPO and PPO, 21 for GRPO, in fp32 and 16-bit alike. Measured (every op's output tracked, 341 x
-    49,152 values, benchmarks/README.md): 8.0 forward and backward, 21.0 for GRPO's forward.
+    logits are the output layer's product alone, `_LinearHeadLogps` computes them, and only the chunk's logits in
+    the product's dtype are whole-chunk tensors (4 bytes in fp32, 2 in 16-bit): its forward casts, log-softmaxes and
+    gathers them a block of rows at a time, and its backward writes their gradient over them a block at a time
+    (`logit_block_bytes` counts a block's float32 tensors).
 
     Other families, and runs whose output layer is gathered inside the forward (FSDP, ZeRO-3: the logits come from
     the model's forward, `gather_logps`), run the model's own forward, under activation checkpointing where
@@ -275,20 +287,40 @@ def logit_value_bytes(s: Setup) -> float:
     At a sampling temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0
     measured for GRPO at T = 0.7.
     """
-    if s.arch.lean and s.sharding not in UNCHUNKED_SHARDINGS:
-        return 21.0 if s.method == "grpo" else 8.0
+    if computes_own_logits(s):
+        return s.act_bytes
     forward = s.act_bytes + (4.0 if s.act_bytes == 2 else 0.0) + 4.0
     if s.method == "grpo":
         forward += 4.0 + 4.0 + 1.0 + 4.0 + 4.0
     return max(forward, 12.0)
 
 
+def logit_block_bytes(s: Setup) -> float:
+    """Peak bytes per (row, vocabulary) value of one block of `_LinearHeadLogps`'s float32 work (`logit_block_rows`
+    rows), beside the chunk's logits; 0 where the model's forward computes the logits (`logit_value_bytes`).
+    - forward: a 16-bit block's fp32 upcast (4; an fp32 block is read where it is) and its fp32 log-softmax (4);
+      GRPO's entropy, once the upcast is dropped: the log-softmax, p = exp(log-softmax), p x log-softmax, the p > 0
+      mask, zeros and the masked product (4 + 4 + 4 + 1 + 4 + 4 = 21);
+    - backward: the log-softmax, then its incoming gradient's zeros beside it, whose kernel writes the block's
+      gradient over the log-softmax before it is cast back into the chunk (4 + 4 = 8; a 16-bit block's upcast is
+      dropped before the zeros are made).
+    So 8 for SFT, DPO and PPO and 21 for GRPO, in fp32 and 16-bit alike. Measured (every op's output tracked, a
+    341 x 49,152 chunk, blocks of 42 rows): the chunk's logits (67.0 MB fp32, 33.5 MB bf16) and two blocks of
+    8.3 MB at the forward's peak (one in fp32), 21 bytes per block value for GRPO's forward
+    (benchmarks/README.md, fifteenth session).
+    """
+    if not computes_own_logits(s):
+        return 0.0
+    return 21.0 if s.method == "grpo" else 8.0
+
+
 def logits_bytes(s: Setup) -> float:
     """The vocabulary-sized tensors of the loss as posttrain computes them (`models.logprobs`): only the positions
     that are scored are projected onto the vocabulary (`Setup.logit_tokens`), `logit_chunk_rows` of them at a
     time, each chunk's logits freed once reduced to one log-probability per row and recomputed in backward:
-    chunk rows x V x `logit_value_bytes`, plus the scored positions' hidden states, kept for that recomputation
-    (N x h in the activation dtype). Under FSDP (posttrain's `run.sharding=fsdp2`) the scored rows are projected
+    chunk rows x V x `logit_value_bytes`, plus one block's float32 work where posttrain computes the logits itself
+    (`logit_block_rows` x V x `logit_block_bytes`), plus the scored positions' hidden states, kept for that
+    recomputation (N x h in the activation dtype). Under FSDP (posttrain's `run.sharding=fsdp2`) the scored rows are projected
     in one go inside the sharded forward, so all N rows count.
 
     A trainer that keeps the full (b, s, V) logits instead (Hugging Face's loss; TRL) holds b x s x V x 10 bytes
@@ -296,7 +328,8 @@ def logits_bytes(s: Setup) -> float:
     """
     n = s.logit_tokens
     rows = n if s.sharding in UNCHUNKED_SHARDINGS else min(n, logit_chunk_rows(s))
-    return rows * s.arch.vocab * logit_value_bytes(s) + n * s.arch.hidden * s.act_bytes
+    block = min(rows, logit_block_rows(s)) * s.arch.vocab * logit_block_bytes(s)
+    return rows * s.arch.vocab * logit_value_bytes(s) + block + n * s.arch.hidden * s.act_bytes
 
 
 def kv_cache_bytes(s: Setup) -> float:

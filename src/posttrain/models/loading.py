@@ -38,6 +38,7 @@ from posttrain.models.adapters import (
 )
 from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
 from posttrain.models.layers import compile_layers, lean_layers, lean_mlps
+from posttrain.models.tied_embeddings import tie_output_gradient
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,7 @@ def load_model(
         model.eval()
     elif technique.name == "full":
         model.requires_grad_(True)
+        tie_output_gradient(model)  # tied embeddings: no second (V, H) gradient at the end of backward, same bits
         if model_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         model.train()

@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from posttrain.models.attention import packed_segments, runs_per_segment
 from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix
 from posttrain.models.sharding import gathers_in_forward
+from posttrain.models.tied_embeddings import claim as claim_tied_gradient
 
 LOGIT_CHUNK_ELEMENTS = 2**24
 """Rows x vocabulary of one chunk of logits in `head_logps`: 64 MB in float32 (341 rows of a 49,152 vocabulary)."""
@@ -261,8 +262,9 @@ def head_logps(
     plain = _plain_linear_head(lm, hidden)
     if plain is not None:
         head, dtype = plain
+        tied = claim_tied_gradient(lm, head.weight)  # None unless the weight is a tied embedding's (tied_embeddings)
         picked, entropy = _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, rows,
-                                                 with_entropy, dtype)  # fmt: skip
+                                                 with_entropy, tied, dtype)  # fmt: skip
         return picked, (entropy if with_entropy else None)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm.parameters()))
     picked, entropy = [], []
@@ -351,7 +353,7 @@ class _LinearHeadLogps(torch.autograd.Function):
     gradient, as in `gather_logps`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, rows, with_entropy, dtype):
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, with_entropy, tied, dtype):
         device = hidden.device.type
         out_dtype = torch.promote_types(dtype, torch.float32)
         picked = torch.empty(hidden.shape[0], dtype=out_dtype, device=hidden.device)
@@ -372,7 +374,7 @@ class _LinearHeadLogps(torch.autograd.Function):
                         entropy[s + r : s + r + p.shape[0]] = e
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
+        ctx.temperature, ctx.rows, ctx.dtype, ctx.tied = temperature, rows, dtype, tied
         ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
@@ -410,7 +412,10 @@ class _LinearHeadLogps(torch.autograd.Function):
                     part = grad_logits.sum(0)
                     grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
                 del grad_logits, h  # not alive while the next chunk's 16-bit weight copy and logits are made
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        if grad_weight is not None and ctx.tied is not None:  # a tied embedding's backward adds its part into it
+            ctx.tied.hand_over(grad_weight, weight)
+            grad_weight = None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _block_rows(vocab: int) -> int:
