@@ -46,7 +46,6 @@ def test_tied_runs_train_the_same_weights_with_the_hand_over(make_cfg, tied_mode
     overrides = {"model.name": str(tied_model_dir), "model.dtype": dtype, "run.max_steps": 3}
     handed = train(make_cfg("handed", **overrides), return_model=True).model
     assert installed == [True]
-    assert handed.get_input_embeddings()._posttrain_tied_gradient.grad is None  # every hand-over was taken
     monkeypatch.setattr(loading, "tie_output_gradient", lambda model: False)
     plain = train(make_cfg("plain", **overrides), return_model=True).model
     assert handed.get_output_embeddings().weight is handed.get_input_embeddings().weight

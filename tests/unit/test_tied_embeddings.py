@@ -32,7 +32,8 @@ def _step(model, ids, mask, weights, autocast=False):
 
 
 class _VocabSized(TorchDispatchMode):
-    """Counts the (V, H) tensors the ops make (the gradients of the tied matrix, and copies of it)."""
+    """Counts the (V, H) float32 tensors with storage of their size that the ops make (the gradients of the tied
+    matrix, and copies of it)."""
 
     def __init__(self, shape):
         super().__init__()
@@ -40,7 +41,8 @@ class _VocabSized(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and out.dtype == torch.float32:
+        if (isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and out.dtype == torch.float32
+                and out.untyped_storage().nbytes() >= out.numel() * 4):  # memory of its own (no expanded stand-in)
             self.made += 1
         return out
 
@@ -96,10 +98,9 @@ def test_two_forwards_one_backward_and_gradient_accumulation():
     assert_as_accurate(got[matrix], want[matrix], exact_grads[matrix])
 
 
-def test_a_hand_over_no_embedding_backward_takes_lands_in_grad():
-    """The output layer fed hidden states detached from the embedding's output: its gradient is handed over, no
-    embedding backward runs in that pass, and the gradient still reaches `.grad` (when the pass ends), as
-    autograd would put it there."""
+def test_an_output_layer_fed_detached_hidden_states_still_gives_the_matrix_its_gradient():
+    """The output layer fed hidden states detached from the embedding's output: its gradient still reaches the
+    matrix (through the stand-in, whose embedding backward gets no gradient of its own), as autograd puts it there."""
     ids, mask, weights = _batch()
     plain = tiny_model(V, tie_word_embeddings=True)
     tied = copy.deepcopy(plain)
@@ -113,7 +114,71 @@ def test_a_hand_over_no_embedding_backward_takes_lands_in_grad():
         (picked * weights[target]).sum().backward()
         grads.append(model.lm_head.weight.grad.clone())
     assert torch.equal(grads[0], grads[1]) and grads[1].abs().sum() > 0
-    assert tied.model.embed_tokens._posttrain_tied_gradient.grad is None
+
+
+def test_backwards_that_do_not_reach_the_matrix_or_fail_leave_nothing_behind():
+    """`torch.autograd.grad` and `backward(inputs=...)` for other weights leave the matrix's `.grad` alone, as they
+    do without the hand-over; a backward that fails midway leaves nothing that changes the next step's gradients;
+    the matrix's hooks see its whole gradient, once."""
+    ids, mask, weights = _batch()
+    plain = tiny_model(V, tie_word_embeddings=True)
+    tied = copy.deepcopy(plain)
+    assert tie_output_gradient(tied)
+    for model in (plain, tied):
+        got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+        (norm_grad,) = torch.autograd.grad((got * weights).sum(), [model.model.norm.weight])
+        assert norm_grad.abs().sum() > 0 and model.lm_head.weight.grad is None
+        got, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+        (got * weights).sum().backward(inputs=[model.model.norm.weight])
+        assert model.lm_head.weight.grad is None
+        model.zero_grad(set_to_none=True)
+
+    class Fails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("a backward that fails")
+
+    hook = tied.model.norm.register_forward_hook(lambda module, args, out: Fails.apply(out))
+    got, _ = selected_token_logps(tied, {"input_ids": ids}, mask)
+    hook.remove()
+    with pytest.raises(RuntimeError, match="fails"):
+        (got * weights).sum().backward()  # the output layer's part was made, the embedding's backward never ran
+    tied.zero_grad(set_to_none=True)
+    seen = []
+    for model in (plain, tied):
+        model.lm_head.weight.register_hook(lambda g: seen.append(g.clone()))
+    want, got = (_step(model, ids, mask, weights) for model in (plain, tied))
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    assert all(torch.equal(want[n], got[n]) for n in want)
+
+
+def test_a_patched_model_pickles_and_deep_copies():
+    """`torch.save` of the whole model loads back (the patched forward is a partial of a module function), and a
+    deep copy hands over through its own embedding."""
+    import io
+
+    ids, mask, weights = _batch()
+    plain = tiny_model(V, tie_word_embeddings=True)
+    tied = copy.deepcopy(plain)
+    assert tie_output_gradient(tied)
+    buffer = io.BytesIO()
+    torch.save(tied, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(tied)
+    assert copied.model.embed_tokens.forward.args[0] is copied.model.embed_tokens
+    shape = tuple(plain.lm_head.weight.shape)
+    with _VocabSized(shape) as unpatched:
+        want = _step(plain, ids, mask, weights)
+    for model in (loaded, copied):
+        with _VocabSized(shape) as seen:
+            got = _step(model, ids, mask, weights)
+        assert all(torch.equal(want[n], got[n]) for n in want)
+        assert seen.made == unpatched.made - 1  # no embedding gradient of its own: the hand-over ran
 
 
 def test_nothing_is_handed_over_without_gradient_or_for_untied_or_frozen_embeddings():
@@ -125,10 +190,10 @@ def test_nothing_is_handed_over_without_gradient_or_for_untied_or_frozen_embeddi
     ids, mask, _ = _batch()
     with torch.no_grad():
         selected_token_logps(tied, {"input_ids": ids}, mask)
-    assert not slot.fresh  # a forward without gradient arms nothing
+    assert slot.stand_in is None  # a forward without gradient makes no stand-in
     tied.requires_grad_(False)
     tied.model.norm.weight.requires_grad_(True)
     got, _ = selected_token_logps(tied, {"input_ids": ids}, mask)
-    assert not slot.fresh
+    assert slot.stand_in is None
     got.sum().backward()
     assert tied.lm_head.weight.grad is None and tied.model.norm.weight.grad is not None

@@ -262,9 +262,10 @@ def head_logps(
     plain = _plain_linear_head(lm, hidden)
     if plain is not None:
         head, dtype = plain
-        tied = claim_tied_gradient(lm, head.weight)  # None unless the weight is a tied embedding's (tied_embeddings)
+        # a tied embedding's stand-in for the weight, to which the weight's gradient goes (tied_embeddings); or None
+        stand_in = claim_tied_gradient(lm, head.weight)
         picked, entropy = _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets, temperature, rows,
-                                                 with_entropy, tied, dtype)  # fmt: skip
+                                                 with_entropy, stand_in, dtype)  # fmt: skip
         return picked, (entropy if with_entropy else None)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in lm.parameters()))
     picked, entropy = [], []
@@ -353,7 +354,7 @@ class _LinearHeadLogps(torch.autograd.Function):
     gradient, as in `gather_logps`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, rows, with_entropy, tied, dtype):
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, with_entropy, stand_in, dtype):
         device = hidden.device.type
         out_dtype = torch.promote_types(dtype, torch.float32)
         picked = torch.empty(hidden.shape[0], dtype=out_dtype, device=hidden.device)
@@ -374,7 +375,7 @@ class _LinearHeadLogps(torch.autograd.Function):
                         entropy[s + r : s + r + p.shape[0]] = e
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.temperature, ctx.rows, ctx.dtype, ctx.tied = temperature, rows, dtype, tied
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
         ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
@@ -383,6 +384,8 @@ class _LinearHeadLogps(torch.autograd.Function):
     def backward(ctx, grad_picked, _grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        to_stand_in = ctx.needs_input_grad[7]  # the weight's gradient goes to a tied embedding's stand-in for it
+        need_weight = need_weight or to_stand_in
         dtype, rows, temperature = ctx.dtype, ctx.rows, ctx.temperature
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = grad_bias = None
@@ -412,9 +415,8 @@ class _LinearHeadLogps(torch.autograd.Function):
                     part = grad_logits.sum(0)
                     grad_bias = part.to(bias.dtype) if grad_bias is None else grad_bias.add_(part)
                 del grad_logits, h  # not alive while the next chunk's 16-bit weight copy and logits are made
-        if grad_weight is not None and ctx.tied is not None:  # a tied embedding's backward adds its part into it
-            ctx.tied.hand_over(grad_weight, weight)
-            grad_weight = None
+        if to_stand_in:  # the tied embedding's backward adds its part into it (tied_embeddings)
+            return grad_hidden, None, grad_bias, None, None, None, None, grad_weight, None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 

@@ -7,28 +7,27 @@ embedding's, made at its end. torch makes the embedding's as a dense (V, H) tens
 zeros, and each input token's row added in), then autograd adds the two. That tensor is the last large
 allocation of a full fine-tuning step's backward (113 MB in float32 on the embedded model; 0.54 GB for
 Qwen2.5-0.5B), and by then the backward's frees have left the heap in pieces too small for it, so the heap grows
-for it and the process's peak memory with it (benchmarks/README.md, "The tied embeddings' second gradient").
+for it and the process's peak memory with it (benchmarks/README.md, fifteenth session).
 
-With `tie_output_gradient`, the output layer's backward (`logprobs._LinearHeadLogps`) hands its gradient over to
-the embedding's backward (`TiedGradient.hand_over`) instead of to autograd, and the embedding's backward adds its
-own part into it in place: each token's summed gradient is `embedding_dense_backward` over the batch's distinct
-tokens only (the same kernel on the same rows in the same order: the same sums), added once into the output
-layer's gradient, as autograd's sum of the two tensors adds each element once. So the gradient is the same, bit
-for bit (tests/unit/test_tied_embeddings.py).
+With `tie_output_gradient`, the embedding's forward also returns a stand-in for the matrix (`_TiedLookup`: a
+zero-stride tensor of the matrix's shape, no memory), which the output layer (`logprobs._LinearHeadLogps`) takes
+as its input in the matrix's place (`claim`). The output layer's weight gradient then flows through autograd to
+the embedding's backward as the stand-in's gradient, and the embedding's backward adds its own part into it in
+place and returns it as the matrix's gradient: each token's summed rows are `embedding_dense_backward` over the
+batch's distinct tokens only (the same kernel on the same rows in the same order: the same sums), added once into
+the output layer's gradient, as autograd's sum of the two tensors adds each element once. So the gradient is the
+same, bit for bit (tests/unit/test_tied_embeddings.py). Everything goes by the autograd graph: a backward that
+does not reach the embedding (`torch.autograd.grad` for other inputs) drops the output layer's part as autograd
+drops any unused gradient, a backward that fails leaves nothing behind, and the matrix's hooks see its whole
+gradient once.
 
-What guards the hand-over:
-- the output layer takes the slot only when an embedding forward with gradient ran since its own last forward,
-  for the same weight;
-- a gradient handed over that no embedding backward of the same backward pass takes (an output layer fed hidden
-  states that do not come from that embedding's output) is added into the weight's `.grad` when the pass ends (a
-  callback of autograd's engine), so no gradient is lost;
-- nothing is handed over in a multi-process run (DDP's and DeepSpeed's hooks must see each gradient as autograd
-  makes it), nor for a weight that is sharded (a DTensor) or partitioned (DeepSpeed ZeRO-3).
+Not in multi-process runs (left as autograd makes them), nor for a sharded (DTensor) or partitioned (DeepSpeed
+ZeRO-3) matrix, nor without gradient.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,65 +36,46 @@ from torch import nn
 _SLOT = "_posttrain_tied_gradient"
 
 
-class TiedGradient:
-    """The hand-over slot of one tied embedding: the output layer's gradient on its way to the embedding's
-    backward (see the module docstring)."""
+class _Slot:
+    """The stand-in of a tied embedding's latest forward with gradient, until an output layer claims it."""
 
     def __init__(self) -> None:
-        self.fresh = False  # an embedding forward with gradient ran since the output layer's last forward
-        self.grad: torch.Tensor | None = None  # handed over, waiting for the embedding's backward
-        self._flush_queued = False
-
-    def hand_over(self, grad: torch.Tensor, weight: torch.Tensor) -> None:
-        """Keep the output layer's gradient `grad` of `weight` (called from its backward) for the embedding's
-        backward; added to what an earlier output layer of the same pass handed over (as autograd adds the
-        gradients of one weight); whatever no embedding backward takes goes into `weight.grad` when the pass
-        ends."""
-        self.grad = grad if self.grad is None else self.grad.add_(grad)
-        if not self._flush_queued:
-            self._flush_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._flush(weight))
-
-    def take(self) -> torch.Tensor | None:
-        grad, self.grad = self.grad, None
-        return grad
-
-    def _flush(self, weight: torch.Tensor) -> None:
-        self._flush_queued = False
-        grad = self.take()
-        if grad is not None:  # no embedding backward ran in this pass: autograd's accumulation, by hand
-            weight.grad = grad if weight.grad is None else weight.grad.add_(grad)
+        self.stand_in: torch.Tensor | None = None
 
 
 class _TiedLookup(torch.autograd.Function):
-    """``F.embedding(ids, weight, padding_idx)`` whose backward adds its gradient into the output layer's, when that
-    was handed over (`TiedGradient`), instead of making a (V, H) tensor of its own."""
+    """``F.embedding(ids, weight, padding_idx)``, and a stand-in for `weight` whose gradient (the output layer's) the
+    backward adds its own rows into, in place, instead of making a (V, H) gradient of its own."""
 
     @staticmethod
-    def forward(ctx, ids, weight, slot, padding_idx):
+    def forward(ctx, ids, weight, padding_idx):
         ctx.save_for_backward(ids)
-        ctx.slot, ctx.num_weights, ctx.padding_idx = slot, weight.shape[0], padding_idx
-        return F.embedding(ids, weight, None if padding_idx < 0 else padding_idx)
+        ctx.num_weights, ctx.padding_idx = weight.shape[0], padding_idx
+        ctx.set_materialize_grads(False)  # a stand-in nobody used gets None, not (V, H) zeros
+        stand_in = weight.new_zeros(()).expand(weight.shape)
+        return F.embedding(ids, weight, None if padding_idx < 0 else padding_idx), stand_in
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, total):
         (ids,) = ctx.saved_tensors
-        total = ctx.slot.take()
-        if total is None:  # nothing handed over: torch's own embedding gradient
+        if grad is None:  # the embeddings reached no loss (hidden states detached): the output layer's part alone
+            return None, total, None
+        if total is None:  # no output layer used the stand-in: torch's own embedding gradient
             return None, torch.ops.aten.embedding_dense_backward(grad, ids, ctx.num_weights, ctx.padding_idx, False), \
-                None, None  # fmt: skip
+                None  # fmt: skip
+        # `total` is the output layer's weight gradient, made by its backward for this stand-in alone: added into
         tokens, local = ids.unique(return_inverse=True)  # sorted, so `local` orders the rows as `ids` does
         padding = -1
         if ctx.padding_idx >= 0 and bool((hit := tokens == ctx.padding_idx).any()):
             padding = int(hit.nonzero()[0, 0])
         sums = torch.ops.aten.embedding_dense_backward(grad, local, tokens.numel(), padding, False)  # (U, H)
         total.index_add_(0, tokens, sums.to(total.dtype))
-        return None, total, None, None
+        return None, total, None
 
 
 def _hands_over(weight: torch.Tensor) -> bool:
-    """Whether a gradient of `weight` may go by the slot: one process, a plain (not sharded, not partitioned)
+    """Whether a gradient of `weight` may go by a stand-in: one process, a plain (not sharded, not partitioned)
     trained weight, gradient on."""
     dist = torch.distributed
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -103,12 +83,14 @@ def _hands_over(weight: torch.Tensor) -> bool:
             and not hasattr(weight, "ds_id"))  # fmt: skip
 
 
-def _tied_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    if not _hands_over(self.weight):
-        return type(self).forward(self, ids)
-    slot = getattr(self, _SLOT)
-    slot.fresh = True
-    return _TiedLookup.apply(ids, self.weight, slot, -1 if self.padding_idx is None else self.padding_idx)
+def _tied_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    slot = getattr(module, _SLOT)
+    slot.stand_in = None
+    if not _hands_over(module.weight):
+        return type(module).forward(module, ids)
+    padding = -1 if module.padding_idx is None else module.padding_idx
+    embeddings, slot.stand_in = _TiedLookup.apply(ids, module.weight, padding)
+    return embeddings
 
 
 def tie_output_gradient(model: nn.Module) -> bool:
@@ -121,18 +103,18 @@ def tie_output_gradient(model: nn.Module) -> bool:
     if (type(emb) is not nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
             or emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse):  # fmt: skip
         return False
-    setattr(emb, _SLOT, TiedGradient())
-    emb.forward = types.MethodType(_tied_forward, emb)
+    setattr(emb, _SLOT, _Slot())
+    emb.forward = functools.partial(_tied_forward, emb)  # a partial, not a bound method: a pickled model loads
     return True
 
 
-def claim(lm: nn.Module, weight: torch.Tensor) -> TiedGradient | None:
-    """The slot through which an output layer's forward over `weight`, with gradient, hands its gradient to the
-    embedding of `lm`: when `weight` is the embedding's tied matrix (`tie_output_gradient`) and an embedding
-    forward with gradient ran since the last claim; None otherwise."""
+def claim(lm: nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """The stand-in an output layer over `weight` takes as its input in the matrix's place, so that its gradient
+    goes to the embedding's backward: when `weight` is the tied matrix of `lm`'s embedding (`tie_output_gradient`)
+    and that embedding's latest forward, with gradient, has not been claimed; None otherwise."""
     emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     slot = getattr(emb, _SLOT, None)
-    if slot is None or emb.weight is not weight or not slot.fresh or not _hands_over(weight):
+    if slot is None or slot.stand_in is None or emb.weight is not weight or not _hands_over(weight):
         return None
-    slot.fresh = False
-    return slot
+    stand_in, slot.stand_in = slot.stand_in, None
+    return stand_in
