@@ -94,11 +94,7 @@ def gather_logps(
     >>> lp, ent
     (tensor([-0.6931, -1.0986]), tensor([1.0397, 1.0986]))
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32; float64 stays
-    if temperature != 1.0:  # x / 1.0 is x: skip the (N, V) copy
-        logits = logits / temperature
-    logp_all = logits.log_softmax(-1)  # (N, V)
-    del logits  # not needed by the entropy: freed here when the caller keeps no reference (`_LinearHeadLogps`)
+    logp_all = _float_log_softmax(logits, temperature)  # (N, V)
     picked = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
     entropy = None
     if with_entropy:
@@ -106,6 +102,15 @@ def gather_logps(
             p = logp_all.exp()
             entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)  # (N,)
     return picked, entropy
+
+
+def _float_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last dim, in float32 (bf16 is cast up; float64 stays). The cast
+    and divided copies are freed on return, before the caller's next tensor (the entropy's, or a gradient's)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # a float32 input: itself, no copy
+    if temperature != 1.0:  # x / 1.0 is x: skip the copy
+        z = z / temperature
+    return z.log_softmax(-1)
 
 
 def scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -438,11 +443,7 @@ def _logits_grad_in_place(logits: torch.Tensor, targets: torch.Tensor, g: torch.
     block = _block_rows(logits.shape[1])
     for r in range(0, logits.shape[0], block):
         part = logits[r : r + block]
-        z = part.to(torch.promote_types(part.dtype, torch.float32))  # a float32 chunk: the block itself, no copy
-        if temperature != 1.0:
-            z = z / temperature
-        logp = z.log_softmax(-1)
-        del z
+        logp = _float_log_softmax(part, temperature)
         grad = torch.zeros_like(logp).scatter_(1, targets[r : r + block].unsqueeze(1),
                                                g[r : r + block].unsqueeze(1).to(logp.dtype))  # fmt: skip
         torch.ops.aten._log_softmax_backward_data.out(grad, logp, -1, logp.dtype, out=logp)
