@@ -158,19 +158,24 @@ def test_backwards_that_do_not_reach_the_matrix_or_fail_leave_nothing_behind():
 
 def test_a_patched_model_pickles_and_deep_copies():
     """`torch.save` of the whole model loads back (the patched forward is a partial of a module function), and a
-    deep copy hands over through its own embedding."""
+    deep copy hands over through its own embedding; both also after a forward with gradient whose stand-in no
+    output layer claimed (a copy gets an empty slot, not a tensor of that forward's graph)."""
     import io
 
     ids, mask, weights = _batch()
     plain = tiny_model(V, tie_word_embeddings=True)
     tied = copy.deepcopy(plain)
     assert tie_output_gradient(tied)
+    tied(input_ids=ids)  # the model's own forward: its output layer is not `_LinearHeadLogps`, nothing claims
+    assert tied.model.embed_tokens._posttrain_tied_gradient.stand_in is not None
     buffer = io.BytesIO()
     torch.save(tied, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     copied = copy.deepcopy(tied)
     assert copied.model.embed_tokens.forward.args[0] is copied.model.embed_tokens
+    assert loaded.model.embed_tokens._posttrain_tied_gradient.stand_in is None
+    assert copied.model.embed_tokens._posttrain_tied_gradient.stand_in is None
     shape = tuple(plain.lm_head.weight.shape)
     with _VocabSized(shape) as unpatched:
         want = _step(plain, ids, mask, weights)

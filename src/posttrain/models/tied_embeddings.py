@@ -37,10 +37,18 @@ _SLOT = "_posttrain_tied_gradient"
 
 
 class _Slot:
-    """The stand-in of a tied embedding's latest forward with gradient, until an output layer claims it."""
+    """The stand-in of a tied embedding's latest forward with gradient, until an output layer claims it. A copy or
+    a pickle of the model gets an empty slot: a stand-in belongs to one forward's graph (and `copy.deepcopy` refuses
+    a tensor inside a graph)."""
 
     def __init__(self) -> None:
         self.stand_in: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> _Slot:
+        return _Slot()
+
+    def __reduce__(self):
+        return _Slot, ()
 
 
 class _TiedLookup(torch.autograd.Function):
@@ -64,7 +72,8 @@ class _TiedLookup(torch.autograd.Function):
         if total is None:  # no output layer used the stand-in: torch's own embedding gradient
             return None, torch.ops.aten.embedding_dense_backward(grad, ids, ctx.num_weights, ctx.padding_idx, False), \
                 None  # fmt: skip
-        # `total` is the output layer's weight gradient, made by its backward for this stand-in alone: added into
+        # `total` is the output layer's weight gradient, made by its backward for this stand-in alone: the rows are
+        # added into it in place
         tokens, local = ids.unique(return_inverse=True)  # sorted, so `local` orders the rows as `ids` does
         padding = -1
         if ctx.padding_idx >= 0 and bool((hit := tokens == ctx.padding_idx).any()):
