@@ -70,6 +70,26 @@ def test_micro_batches_with_accumulation_equal_the_full_batch(make_cfg):
         assert_close(accumulated[name], g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("technique", ["full", "lora"])
+def test_gradient_checkpointing_trains_the_same_weights(make_cfg, tmp_path, technique):
+    """`model.gradient_checkpointing: true` recomputes each layer in backward; the batches of 8 rows of different
+    lengths run as one packed row attended per example, and the recompute must be too (it stopped the run with
+    torch's CheckpointError before `attention.checkpoint_contexts`). The same weights, bit for bit."""
+    rows = [{"prompt": "add " + " ".join(map(str, range(a + 1))), "completion": str(a * (a + 1) // 2) + "!" * b}
+            for a in range(4) for b in range(4)]  # fmt: skip
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    kw = {"technique.name": technique, "run.max_steps": 2, "data.train": data}
+    plain = train(make_cfg("plain", **kw), return_model=True).model
+    ckpt = train(make_cfg("ckpt", **kw, **{"model.gradient_checkpointing": "true"}), return_model=True).model
+    want = dict(plain.named_parameters())
+    moved = 0
+    for name, p in ckpt.named_parameters():
+        assert torch.equal(p, want[name]), name
+        moved += p.requires_grad
+    assert moved
+
+
 @pytest.mark.parametrize("technique", ["lora", "qlora"])
 def test_adapters_are_the_only_parameters_that_change(make_cfg, technique):
     result = train(make_cfg(**{"technique.name": technique, "run.max_steps": 3}), return_model=True)

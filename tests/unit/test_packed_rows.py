@@ -158,6 +158,37 @@ def test_each_example_of_packed_rows_attends_to_itself_only():
     assert torch.equal(other, want[:1])
 
 
+@pytest.mark.parametrize("layout", ["padded rows", "data.packing"])
+def test_packed_rows_under_gradient_checkpointing_give_the_same_log_probs_and_gradients(layout):
+    """With gradient checkpointing each decoder layer is run again in backward, after `packed_segments` has been
+    left: the recompute must attend per example as its forward did (`attention.checkpoint_contexts`). Before, it
+    attended over the whole packed row and torch stopped the run (a different number of tensors saved): SFT with
+    `model.gradient_checkpointing: true` (configs/sft_qlora.yaml's default) failed on any batch with padding. The
+    same log-probs and gradients, bit for bit, as without checkpointing: the recompute runs the same ops."""
+    from posttrain.models.adapters import enable_gradient_checkpointing
+
+    ids, mask, targets, weights = _batch()
+    if layout == "padded rows":
+        inputs = {"input_ids": ids, "attention_mask": mask}
+    else:  # one row of examples of 9, 6 and 4 tokens, positions restarting at each (`data.collate_packed`)
+        real = mask.bool()
+        inputs = {"input_ids": ids[real][None], "position_ids": torch.cat([torch.arange(n) for n in (9, 6, 4)])[None]}
+        targets, weights = targets[real][None], weights[real][None]
+    model = tiny_model(V)
+    checkpointed = copy.deepcopy(model)
+    enable_gradient_checkpointing(checkpointed)
+    results = []
+    for m in (model, checkpointed):
+        m.train()
+        with attention_per_segment():
+            logps, _ = selected_token_logps(m, inputs, targets)
+            (logps * weights).sum().backward()  # backward inside the run, as `train` does it
+        results.append((logps.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
+
+
 def test_segments_of_packed_rows_follow_transformers_rule():
     """`data.packing`'s rows: an example starts wherever a position is not its predecessor's plus one (the padding
     at a row's end, restarting at 0, is an example of its own), inside a run and for a packable model only."""

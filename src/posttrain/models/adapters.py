@@ -17,6 +17,7 @@ import torch
 
 from posttrain.config import TechniqueConfig, deepspeed_zero_stage
 from posttrain.errors import UserError
+from posttrain.models.attention import checkpoint_contexts
 
 
 def lora_config(technique: TechniqueConfig):
@@ -268,9 +269,10 @@ def enable_gradient_checkpointing(model) -> None:
 
     `use_reentrant=False` is PyTorch's recommended variant: it works when the layer inputs do not require grad
     (frozen embeddings under LoRA) and with keyword arguments; the KV cache is switched off since training
-    never uses it.
+    never uses it. The recompute runs under the packed rows' layout its forward saw
+    (`attention.checkpoint_contexts`).
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
     # transformers 5.x renamed the method (the old name warns); support both.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

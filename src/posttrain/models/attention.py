@@ -18,6 +18,7 @@ is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -213,8 +214,23 @@ def runs_per_segment() -> bool:
 @contextmanager
 def packed_segments(segments: Sequence[Sequence[int]]) -> Iterator[None]:
     """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row."""
-    token = _PACKING.set(_Packing(segments))
+    with _packing_as(_Packing(segments)):
+        yield
+
+
+@contextmanager
+def _packing_as(packing: _Packing | None) -> Iterator[None]:
+    token = _PACKING.set(packing)
     try:
         yield
     finally:
         _PACKING.reset(token)
+
+
+def checkpoint_contexts():
+    """`context_fn` for `torch.utils.checkpoint.checkpoint` (non-reentrant): a checkpointed layer's recompute in
+    backward runs under the examples' layout its forward saw. `packed_segments` is a context variable, set around
+    the forward only; without this the recompute would find none, attend over the whole packed row, and
+    checkpointing would stop the run (a different number of tensors saved) or, were the shapes alike, compute
+    another function. Returns (the forward's context, the recompute's)."""
+    return contextlib.nullcontext(), _packing_as(_PACKING.get())
