@@ -97,7 +97,7 @@ METHOD_FIELDS = ("data.eval", "data.train_on", "data.packing", "data.share_promp
 
 # field -> when the code reads it. Where to look: technique.* models/loading.py and adapters.py (LoRA config only
 # under lora/qlora, bitsandbytes only under qlora); data.train_on and data.packing algorithms/sft.py only (DPO and
-# reward render pairs, RL renders prompts); data.share_prompt algorithms/dpo.py, grpo.py, rloo.py; optim.* trainer/optim.py; run.* train.py and trainer/loop.py.
+# reward render pairs, RL renders prompts); data.share_prompt algorithms/sft.py, dpo.py, grpo.py, rloo.py; optim.* trainer/optim.py; run.* train.py and trainer/loop.py.
 APPLIES: dict[str, When] = {
     "model.name": ALWAYS,
     "model.dtype": ALWAYS,
@@ -128,7 +128,7 @@ APPLIES: dict[str, When] = {
     ),
     "data.packing": method_reads("data.packing"),
     "data.share_prompt": method_reads("data.share_prompt").because(
-        "Only DPO, GRPO and RLOO score several sequences that share a prompt."
+        "Only SFT, DPO, GRPO and RLOO run several sequences that begin alike."
     ),
     "data.shuffle": ALWAYS,
     "optim.lr": ALWAYS,

@@ -70,16 +70,21 @@ def test_micro_batches_with_accumulation_equal_the_full_batch(make_cfg):
         assert_close(accumulated[name], g, rtol=1e-5, atol=1e-7)
 
 
+def _rows_of_many_lengths(tmp_path) -> Path:
+    """16 SFT rows of 12 lengths, all beginning "add 0" (batches of 8 have padding, and a common prefix)."""
+    rows = [{"prompt": "add " + " ".join(map(str, range(a + 1))), "completion": str(a * (a + 1) // 2) + "!" * b}
+            for a in range(4) for b in range(4)]  # fmt: skip
+    path = tmp_path / "varied.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.mark.parametrize("technique", ["full", "lora"])
 def test_gradient_checkpointing_trains_the_same_weights(make_cfg, tmp_path, technique):
     """`model.gradient_checkpointing: true` recomputes each layer in backward; the batches of 8 rows of different
     lengths run as one packed row attended per example, and the recompute must be too (it stopped the run with
     torch's CheckpointError before `attention.checkpoint_contexts`). The same weights, bit for bit."""
-    rows = [{"prompt": "add " + " ".join(map(str, range(a + 1))), "completion": str(a * (a + 1) // 2) + "!" * b}
-            for a in range(4) for b in range(4)]  # fmt: skip
-    data = tmp_path / "varied.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    kw = {"technique.name": technique, "run.max_steps": 2, "data.train": data}
+    kw = {"technique.name": technique, "run.max_steps": 2, "data.train": _rows_of_many_lengths(tmp_path)}
     plain = train(make_cfg("plain", **kw), return_model=True).model
     ckpt = train(make_cfg("ckpt", **kw, **{"model.gradient_checkpointing": "true"}), return_model=True).model
     want = dict(plain.named_parameters())
@@ -88,6 +93,35 @@ def test_gradient_checkpointing_trains_the_same_weights(make_cfg, tmp_path, tech
         assert torch.equal(p, want[name]), name
         moved += p.requires_grad
     assert moved
+
+
+def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, tmp_path, monkeypatch):
+    """SFT under `data.share_prompt` (the default): each micro-batch's rows (the chat template's start and "add 0")
+    run their common prefix once, and one step trains the weights that `data.share_prompt: false` trains, to float
+    rounding (AdamW eps 1 keeps the step nearly linear in the gradient, as in the resume tests)."""
+    from posttrain.models import logprobs
+
+    packed_tokens = []
+    original = logprobs.packed_rows
+
+    def spy(model, inputs, **kw):
+        out = original(model, inputs, **kw)
+        packed_tokens.append((out[0]["input_ids"].shape[1], int(inputs["attention_mask"].sum()), out[2][0]))
+        return out
+
+    monkeypatch.setattr(logprobs, "packed_rows", spy)
+    kw = {"run.max_steps": 1, "optim.eps": 1.0, "optim.max_grad_norm": "null",
+          "data.train": _rows_of_many_lengths(tmp_path), "data.shuffle": "false"}
+    models = {}
+    for share in (True, False):
+        packed_tokens.clear()
+        models[share] = train(make_cfg(f"share-{share}", **kw, **{"data.share_prompt": str(share).lower()}),
+                              return_model=True).model  # fmt: skip
+        (row, real, prefix), = packed_tokens
+        assert (row, prefix) == ((real - 7 * prefix, prefix) if share else (real, 0))
+    want = dict(models[False].named_parameters())
+    for name, p in models[True].named_parameters():
+        assert_close(p, want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("technique", ["lora", "qlora"])

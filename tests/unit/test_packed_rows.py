@@ -76,6 +76,77 @@ def test_packed_rows_give_the_padded_rows_log_probs_and_gradients(monkeypatch, t
         assert_as_accurate(packed[1][name], padded[1][name], exact_grads[name])
 
 
+def _prefixed_batch():
+    """Four right-padded rows that begin with the same 4 tokens: 9, 6, 4 (the prefix alone) and 7 real tokens (26 in
+    all); every real token after the first is a target, the prefix's too, with a different weight on each."""
+    ids, _, _, _ = _batch()
+    ids = torch.cat([ids, ids[:1].roll(1, 1)])  # a fourth row
+    ids[:, :4] = ids[0, :4]
+    ids[1:, 4] = ids[0, 4] % (V - 4) + 3  # rows 1 and 3 differ from row 0 at token 4 (row 2 has no token 4)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    targets = mask.clone()
+    targets[:, 0] = 0
+    torch.manual_seed(6)
+    return ids, mask, targets, torch.rand(4, 9)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rows_that_begin_alike_run_their_shared_prefix_once(monkeypatch, temperature):
+    """`shared_prefix`: the 4 tokens all four rows begin with run once, then each row's other tokens (5, 2, 0 and 3)
+    at positions 4, 5, ...: the decoder sees 14 tokens instead of 26 (36 padded), attention is one causal call per
+    layer over the examples laid out one a row (4 x 9), each with its own copy of the prefix. The log-probs and
+    every gradient are as accurate against float64 as the padded rows' (the prefix's hidden states feed four rows'
+    tokens once instead of four times)."""
+    ids, mask, targets, weights = _prefixed_batch()
+    model = tiny_model(V)
+    exact = copy.deepcopy(model).double()
+    padded = _run(model, ids, mask, targets, weights, temperature=temperature)
+    seen = _Seen(model, monkeypatch)
+    with attention_per_segment():
+        shared = _run(model, ids, mask, targets, weights, temperature=temperature, shared_prefix=True)
+    assert seen.inputs == [(1, 14)]
+    assert seen.calls == [(4, 9, False, True)] * 2  # 2 layers
+    exact_logps, exact_grads = _run(exact, ids, mask, targets, weights.double(), temperature=temperature)
+    assert_as_accurate(shared[0], padded[0], exact_logps)
+    assert shared[1].keys() == padded[1].keys()
+    for name in shared[1]:
+        assert_as_accurate(shared[1][name], padded[1][name], exact_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("case", ["not asked", "dropout", "no common first token"])
+def test_rows_run_every_token_where_the_prefix_is_not_shared(monkeypatch, case):
+    """Without `shared_prefix`, while a training model has dropout (one mask for the prefix would replace one per
+    row), or when the rows differ from their first token: every real token runs (26), as the padded rows'
+    packing did."""
+    ids, mask, targets, weights = _prefixed_batch()
+    model = tiny_model(V, attention_dropout=0.1 if case == "dropout" else 0.0)
+    model.train()
+    if case == "no common first token":
+        ids[1, 0] = ids[0, 0] % (V - 4) + 3
+    seen = _Seen(model, monkeypatch)
+    with attention_per_segment():
+        _run(model, ids, mask, targets, weights, shared_prefix=case != "not asked")
+    assert seen.inputs == [(1, 26)]
+
+
+def test_a_shared_prefix_under_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
+    """The recompute in backward runs under the shared-prefix layout its forward saw: bit for bit."""
+    from posttrain.models.adapters import enable_gradient_checkpointing
+
+    ids, mask, targets, weights = _prefixed_batch()
+    model = tiny_model(V)
+    checkpointed = copy.deepcopy(model)
+    enable_gradient_checkpointing(checkpointed)
+    results = []
+    for m in (model, checkpointed):
+        m.train()
+        with attention_per_segment():
+            results.append(_run(m, ids, mask, targets, weights, shared_prefix=True))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
+
+
 def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones():
     """A bf16 run on CPU: the examples' padded batch cast to float32 for attention (the two wrappers compose). The
     log-probs of packed rows are as close to float32's as the padded rows' are (within twice their error)."""

@@ -31,7 +31,7 @@ class Config(AlgorithmSection):
     name: Literal["sft"] = "sft"
     """Supervised fine-tuning: cross-entropy on the completion (or every) token."""
 
-    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "data.train_on", "data.packing"})
+    run_fields: ClassVar[frozenset[str]] = frozenset({"data.eval", "data.train_on", "data.packing", "data.share_prompt"})
     model_dropout: ClassVar[bool] = True  # plain fine-tuning keeps the model's dropout, as HF Trainer does
 
 
@@ -47,8 +47,10 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 def loss_fn(model: torch.nn.Module, batch: Batch, cfg=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The summed negative log-likelihood of the target tokens: -sum_t log p(x_t | x_<t) where loss_mask[t] = 1.
-    Only target positions are projected onto the vocabulary (`models.logprobs.selected_token_logps`)."""
-    logps, _ = selected_token_logps(model, model_inputs(batch), batch["loss_mask"])  # (B, T), 0 off target
+    Only target positions are projected onto the vocabulary (`models.logprobs.selected_token_logps`); under
+    `data.share_prompt` (the default) the tokens every row of the micro-batch begins with run once."""
+    shared = cfg is None or cfg.data.share_prompt
+    logps, _ = selected_token_logps(model, model_inputs(batch), batch["loss_mask"], shared_prefix=shared)  # (B, T)
     return -logps.sum(), {}
 
 

@@ -106,26 +106,61 @@ def _sdpa_wrapped_by(wrap) -> Iterator[None]:
 
 class _Packing:
     """What `packed_segments` put in force: per row of the batch, the lengths of the examples packed in it, and per
-    device the index of each packed token in a padded batch of the examples (one example a row)."""
+    device the index of each packed token in a padded batch of the examples (one example a row).
 
-    def __init__(self, segments: Sequence[Sequence[int]]):
+    A row may begin with a prefix its examples share (`prefixes[r]` tokens, `logprobs.packed_rows` under
+    `shared_prefix`): row r is then [prefix | continuation 1 | continuation 2 | ...], `segments[r]` the
+    continuations' lengths, and example i of the row is the prefix followed by continuation i. In the examples'
+    padded batch every example holds its own copy of the prefix's queries, keys and values; each packed prefix
+    token takes its output from the row's first example (the copies are equal: the same keys, causal)."""
+
+    def __init__(self, segments: Sequence[Sequence[int]], prefixes: Sequence[int] | None = None):
         self.segments = tuple(tuple(int(n) for n in row) for row in segments)
-        self.lengths = [n for row in self.segments for n in row]
+        self.prefixes = tuple(int(p) for p in prefixes) if prefixes is not None else (0,) * len(self.segments)
+        if any(p and not row for p, row in zip(self.prefixes, self.segments)):
+            raise ValueError("a row with a shared prefix needs at least one example")
+        self.lengths = [p + n for row, p in zip(self.segments, self.prefixes) for n in row]
         self.width = max(self.lengths)
+        self.shared = any(self.prefixes)
         self._index: dict[torch.device, torch.Tensor] = {}
+        self._sources: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def matches(self, query: torch.Tensor, key: torch.Tensor) -> bool:
         return (query.shape[0] == len(self.segments) and key.shape[2] == query.shape[2]
-                and all(sum(row) == query.shape[2] for row in self.segments))  # fmt: skip
+                and all(p + sum(row) == query.shape[2] for row, p in zip(self.segments, self.prefixes)))  # fmt: skip
 
     def index(self, device: torch.device) -> torch.Tensor:
-        """(tokens,): for each token of the rows, in order, its place in the (examples x width) padded batch."""
+        """(tokens,): for each token of the rows, in order, its place in the (examples x width) padded batch (a
+        shared prefix token: its place in the row's first example)."""
         if device not in self._index:
-            lengths = torch.tensor(self.lengths, device=device)
-            example = torch.repeat_interleave(torch.arange(len(self.lengths), device=device), lengths)
-            starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-            self._index[device] = example * self.width + torch.arange(int(lengths.sum()), device=device) - starts
+            self._index[device] = self._layout()[0].to(device)
         return self._index[device]
+
+    def sources(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under a shared prefix: (src, slots), each (filled slots,): slot `slots[j]` of the (examples x width)
+        padded batch holds packed token `src[j]` (a prefix token fills one slot in each of its row's examples)."""
+        if device not in self._sources:
+            _, src, slots = self._layout()
+            self._sources[device] = (src.to(device), slots.to(device))
+        return self._sources[device]
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, src, slots) of `index` and `sources`, on the CPU. Row r's packed tokens are [prefix (p) |
+        continuation 1 (n_1) | ...]; its examples e, e + 1, ... are rows of the padded batch: example e + i holds
+        the prefix at slots 0 .. p - 1 and continuation i after it."""
+        index, src, slots = [], [], []
+        e, base = 0, 0  # the row's first example, the row's first packed token
+        for row, p in zip(self.segments, self.prefixes):
+            index.append(torch.arange(e * self.width, e * self.width + p))  # the prefix: the first example's
+            at = base + p
+            for i, n in enumerate(row):
+                first = (e + i) * self.width
+                index.append(torch.arange(first + p, first + p + n))
+                src.append(torch.cat([torch.arange(base, base + p), torch.arange(at, at + n)]))
+                slots.append(torch.arange(first, first + p + n))
+                at += n
+            e, base = e + len(row), at
+        return torch.cat(index), torch.cat(src), torch.cat(slots)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -149,6 +184,24 @@ class _Spread(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
+class _SpreadShared(torch.autograd.Function):
+    """Under a shared prefix: rows `src` of `tokens` put at rows `slots` of a zero tensor of `rows` rows (a prefix
+    token in each of its examples); backward adds each slot's gradient into its token's (`index_add_`, in slot
+    order) and keeps only the two indices."""
+
+    @staticmethod
+    def forward(ctx, tokens, src, slots, rows):
+        ctx.save_for_backward(src, slots)
+        ctx.tokens = tokens.shape[0]
+        return tokens.new_zeros(rows, *tokens.shape[1:]).index_copy_(0, slots, tokens.index_select(0, src))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        src, slots = ctx.saved_tensors
+        return grad.new_zeros(ctx.tokens, *grad.shape[1:]).index_add_(0, src, grad.index_select(0, slots)), None, None, None
+
+
 _PACKING: contextvars.ContextVar[_Packing | None] = contextvars.ContextVar("posttrain_packing", default=None)
 
 
@@ -164,7 +217,10 @@ def _per_segment(sdpa):
     In the examples' own padded batch each query sees exactly the keys the block-diagonal mask allows, so the
     result is the same up to the kernel's order of summation (tests/unit/test_packed_rows.py), for the attention
     work of padded rows; everything outside attention (the products, norms, pointwise ops) runs on the real tokens
-    only. Any call whose shapes do not match the segments (sampling with a cache, another batch) runs as it came."""
+    only. Rows whose examples share a prefix (`packed_segments`' `prefixes`) hold the prefix once: every product
+    and norm runs on it once, and in the examples' padded batch each example gets its own copy of the prefix's
+    queries, keys and values (the attention of the padded rows those examples were). Any call whose shapes do not
+    match the segments (sampling with a cache, another batch) runs as it came."""
 
     def sdpa_packed_rows(module, query, key, value, attention_mask, *args, **kwargs):
         packing = _PACKING.get()
@@ -175,7 +231,10 @@ def _per_segment(sdpa):
 
         def padded(x):  # (B, heads, S, d) -> (examples, heads, width, d), zeros past each example's end
             tokens = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # (B x S, heads, d), row after row
-            out = _Spread.apply(tokens, index, examples * width)
+            if packing.shared:  # each example its own copy of its row's prefix
+                out = _SpreadShared.apply(tokens, *packing.sources(query.device), examples * width)
+            else:
+                out = _Spread.apply(tokens, index, examples * width)
             return out.view(examples, width, x.shape[1], x.shape[3]).transpose(1, 2)
 
         out, _ = sdpa(module, padded(query), padded(key), padded(value), None, *args, is_causal=True, **kwargs)
@@ -212,9 +271,11 @@ def runs_per_segment() -> bool:
 
 
 @contextmanager
-def packed_segments(segments: Sequence[Sequence[int]]) -> Iterator[None]:
-    """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row."""
-    with _packing_as(_Packing(segments)):
+def packed_segments(segments: Sequence[Sequence[int]], prefixes: Sequence[int] | None = None) -> Iterator[None]:
+    """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row; or, with
+    `prefixes[b]` > 0, a prefix of that many tokens that row's examples share, then their continuations of lengths
+    `segments[b]` (`_Packing`)."""
+    with _packing_as(_Packing(segments, prefixes)):
         yield
 
 
