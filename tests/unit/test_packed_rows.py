@@ -147,21 +147,26 @@ def test_a_shared_prefix_under_gradient_checkpointing_gives_the_same_log_probs_a
         assert torch.equal(grad, results[1][1][name]), name
 
 
-def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones():
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones(shared_prefix):
     """A bf16 run on CPU: the examples' padded batch cast to float32 for attention (the two wrappers compose). The
-    log-probs of packed rows are as close to float32's as the padded rows' are (within twice their error)."""
-    ids, mask, targets, weights = _batch()
+    log-probs and gradients of packed rows, the rows' common prefix once or not, are as close to float32's as the
+    padded rows' are (within twice their error)."""
+    ids, mask, targets, weights = _prefixed_batch() if shared_prefix else _batch()
     model = tiny_model(V)
-    reference, _ = _run(model, ids, mask, targets, weights)
+    reference = _run(model, ids, mask, targets, weights)
     got = []
     for packing in (False, True):
         with float32_attention_on_cpu(), attention_per_segment() if packing else float32_attention_on_cpu(False):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                got.append(_run(model, ids, mask, targets, weights)[0])
-    padded, packed = got
-    err_padded, err_packed = (float((x - reference).abs().max()) for x in (padded, packed))
+                got.append(_run(model, ids, mask, targets, weights, shared_prefix=shared_prefix))
+    (padded, padded_grads), (packed, packed_grads) = got
+    err_padded, err_packed = (float((x - reference[0]).abs().max()) for x in (padded, packed))
     assert err_padded > 0  # bf16 did round
     assert err_packed <= 2 * err_padded, (err_packed, err_padded)
+    for name, want in reference[1].items():
+        err_padded, err_packed = (float((g[name] - want).abs().max()) for g in (padded_grads, packed_grads))
+        assert err_packed <= 2 * err_padded, (name, err_packed, err_padded)
 
 
 def _no_packing_reason(case):
