@@ -65,6 +65,9 @@ class Run:
 RUNS = {
     # 1. the CUDA/bf16 training path: bf16 mixed precision (fp32 master weights + autocast), LoRA
     "sft_bf16": Run("configs/sft_lora.yaml", ["run.eval_every=null"], 4, "sft.jsonl"),
+    # full fine-tuning in one process: the tied embeddings' gradient handed over by the graph, the output layer's
+    # row blocks and weight-gradient slices, the SFT rows' common prefix once (per-example attention) on CUDA
+    "sft_full_bf16": Run("configs/sft_full.yaml", ["run.eval_every=null"], 4, "sft.jsonl"),
     "dpo_bf16": Run("configs/dpo_lora.yaml", ["run.eval_every=null"], 4, "pairs.jsonl"),
     "grpo_hf": Run("configs/grpo_lora.yaml", GRPO, 3, "prompts.jsonl", {"reward_function": True}),
     # the same, sampling from merged LoRA weights (off on GPUs by default: its sampling time and peak decide that)

@@ -11,9 +11,11 @@
 # time left). Every run trains the embedded SmolLM2-135M-Instruct on built-in data:
 #   device       versions and GPUs                                                          ~10 s   limit  60 s
 #   data         3 small built-in datasets, made in one process                             ~10 s   limit  60 s
-#   bf16         the CUDA/bf16 path (bf16 mixed precision, LoRA) in one process, one CUDA start: sft_bf16
-#                (4 steps), dpo_bf16 (4), grpo_hf (3, of 16 completions <= 32 tokens), grpo_hf_merged (the same,
-#                sampled from merged LoRA weights); peak memory of each                             ~80 s   limit 180 s
+#   bf16         the CUDA/bf16 path (bf16 mixed precision) in one process, one CUDA start: sft_bf16 (LoRA, 4
+#                steps), sft_full_bf16 (full fine-tuning, 4: the tied embeddings' gradient hand-over, the output
+#                layer's row blocks, the SFT rows' shared prefix), dpo_bf16 (4), grpo_hf (3, of 16 completions <= 32
+#                tokens), grpo_hf_merged (the same, sampled from merged LoRA weights); peak memory of each
+#                                                                                            ~95 s   limit 200 s
 #   vllm         grpo_vllm: the same GRPO run, vLLM colocated, asleep between rollouts   ~120 s   limit 240 s
 #   fsdp2        torchrun, 2 processes: fsdp2_sft (full fine-tuning, 3 steps) and fsdp2_ppo (full, value head sharded
 #                too, 2 steps), one launch. NCCL cannot put two processes on one GPU, so with one GPU this runs on
@@ -25,7 +27,7 @@
 #                estimate`'s figure for the same settings, sampler/trainer log-prob gap, rewards; then the verdicts
 #                grpo_vllm against grpo_hf: reward curve within 3 standard errors at each step, log-prob gap
 #                under 0.05 per token at every step (gpu_check.py: engine_comparison)          ~5 s   limit  45 s
-# Expected in all: ~6 minutes. Overall deadline: DEADLINE_S (default 540 s) from the start; a check that would get
+# Expected in all: ~6.5 minutes. Overall deadline: DEADLINE_S (default 540 s) from the start; a check that would get
 # under 20 s is skipped, and the table of what finished is printed whatever happened (an exit, a kill, Ctrl-C).
 # Without vllm the two vLLM checks are skipped (SKIP in the table).
 set -u
@@ -87,7 +89,7 @@ fsdp2() {
     train "$OUT" fsdp2_sft fsdp2_ppo $([ "$CPU" = 1 ] && echo --cpu)
 }
 
-step bf16 180 $CHECK train "$OUT" sft_bf16 dpo_bf16 grpo_hf grpo_hf_merged
+step bf16 200 $CHECK train "$OUT" sft_bf16 sft_full_bf16 dpo_bf16 grpo_hf grpo_hf_merged
 if [ "$HAS_VLLM" != 1 ]; then
   echo "grpo_vllm SKIP (vllm not installed)" >> "$OUT/status.txt"
   echo "grpo_vllm_server SKIP (vllm not installed)" >> "$OUT/status.txt"

@@ -118,8 +118,10 @@ class DataConfig(_Section):
     completions) in one row each, the prompt once, then every continuation, under an attention mask that lets each
     continuation see the prompt and its own tokens only (Wang & Hegde 2024, prefix sharing): the same log-probs
     and gradients (float rounding aside) from fewer tokens. For the policy, reference and old log-prob forwards.
-    Models whose attention cannot take such a mask (flash-attention, flex attention, a sliding window shorter than
-    the row) run the padded rows instead, with a note. false: always padded rows (docs/preference.md).
+    Inside a run, models whose attention runs one example at a time (`logprobs.packed_rows`) take every group in
+    one row with no mask, attention per sequence. Models whose attention cannot take such a mask (flash-attention,
+    flex attention, a sliding window shorter than the row) run the padded rows instead, with a note. false: always
+    padded rows (docs/preference.md).
     sft: the tokens every row of a micro-batch begins with (a system prompt, shared instructions) run once, where
     the rows run as one packed row (models of the packable families with sdpa attention; not while dropout is
     on), each example attending to them and its own tokens (docs/data.md)."""

@@ -7,6 +7,9 @@ the summation order of GEMMs of other shapes (~1e-7 here), so atol 1e-5 is tight
 counts the tokens the model's embedding layer saw, so it cannot pass by silently running the padded rows.
 """
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
@@ -15,8 +18,9 @@ from posttrain.algorithms.base import RolloutContext, ScoredRollout
 from posttrain.data.collate import GROUP_KEY
 from posttrain.data.preference import RenderedPair, collate_pairs
 from posttrain.models import logprobs
+from posttrain.models.attention import attention_per_segment
 from posttrain.models.logprobs import chunked_token_logps, selected_token_logps
-from posttrain.models.prefix_sharing import mask_kind, share_prefix
+from posttrain.models.prefix_sharing import mask_kind, share_prefix, share_prefix_in_one_row
 from posttrain.models.reference import Reference
 from posttrain.rollout.engine import Rollout
 from posttrain.testing import tiny_model
@@ -173,7 +177,11 @@ def _family(name: str):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("layout", [_right_padded, _left_padded])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-def test_packed_logps_entropy_and_gradients_equal_the_padded_forward(attn, layout, family):
+@pytest.mark.parametrize("in_run", [False, True])
+def test_packed_logps_entropy_and_gradients_equal_the_padded_forward(attn, layout, family, in_run):
+    """Outside a run each group is a row of its own under a 4D mask; inside one (`attention_per_segment`), for the
+    families whose attention runs one example at a time (Llama, Qwen2 with sdpa), every group in one row with no
+    padding, each prompt once, and attention one example at a time with no mask (`share_prefix_in_one_row`)."""
     if family == "gemma2" and attn == "sdpa":
         pytest.skip("transformers runs Gemma 2 with eager attention only (its attention logits are softcapped)")
     model = _family(family)
@@ -186,8 +194,21 @@ def test_packed_logps_entropy_and_gradients_equal_the_padded_forward(attn, layou
     padded = _logps_and_grads(model, inputs, target_mask, None, weights)
     assert tokens.seen == inputs["input_ids"].numel()
     tokens.seen = 0
-    packed = _logps_and_grads(model, inputs, target_mask, groups, weights)
-    assert tokens.seen == share_prefix(inputs, groups).tokens < 0.6 * inputs["input_ids"].numel()
+    one_row = in_run and attn == "sdpa" and family != "gemma2"
+    masks = []
+    with attention_per_segment() if in_run else contextlib.nullcontext():
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(q, k, v, attn_mask=None, **kw):
+            masks.append(attn_mask is not None)
+            return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+            packed = _logps_and_grads(model, inputs, target_mask, groups, weights)
+    want = share_prefix_in_one_row(inputs, groups).input_ids.numel() if one_row else share_prefix(inputs, groups).tokens
+    assert tokens.seen == want < 0.6 * inputs["input_ids"].numel()
+    if attn == "sdpa":
+        assert masks and not any(masks) if one_row else all(masks)
     assert (padded[0][target_mask.bool()] != 0).all()  # every target scored
     torch.testing.assert_close(packed[0], padded[0], **TIGHT)
     torch.testing.assert_close(packed[1], padded[1], **TIGHT)
@@ -267,10 +288,12 @@ def _pairs():
             for p, c, r in ((7, 3, 5), (2, 1, 6), (11, 4, 1), (4, 6, 6))]  # fmt: skip
 
 
+@pytest.mark.parametrize("in_run", [False, True])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
-def test_dpo_step_with_shared_prompts_equals_the_padded_step(loss_type):
+def test_dpo_step_with_shared_prompts_equals_the_padded_step(loss_type, in_run):
     """Reference (the adapter disabled, chunks of 4 rows as `WithReference` runs them), policy forward, loss,
-    metrics and gradients: the same with `prompt_group` as without, from fewer tokens."""
+    metrics and gradients: the same with `prompt_group` as without, from fewer tokens; inside a run (the pairs in
+    one row, attention per example) as outside (a row per pair under a mask)."""
     model = _lora(tiny_model(259))
     model.train()
     cfg = load_config(None, ["algorithm.name=dpo", f"algorithm.loss_type={loss_type}"])
@@ -282,15 +305,19 @@ def test_dpo_step_with_shared_prompts_equals_the_padded_step(loss_type):
         batch = collate_pairs(_pairs(), pad_id=0, share_prompt=share)
         assert (GROUP_KEY in batch) is share
         tokens.seen = 0
-        if loss_type != "simpo":
-            batch["ref_logps"] = reference.logps(batch, "loss_mask", chunk=4)
-        model.zero_grad(set_to_none=True)
-        loss, metrics = dpo.loss_fn(model, batch, cfg)
-        loss.backward()
+        with attention_per_segment() if in_run else contextlib.nullcontext():
+            if loss_type != "simpo":
+                batch["ref_logps"] = reference.logps(batch, "loss_mask", chunk=4)
+            model.zero_grad(set_to_none=True)
+            loss, metrics = dpo.loss_fn(model, batch, cfg)
+            loss.backward()
         seen[share] = tokens.seen
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[share] = (batch.get("ref_logps"), loss.detach(), metrics, grads)
-    assert seen[True] < 0.7 * seen[False]
+    if in_run:  # the padded rows run their real tokens only there too: each pair's prompt (24 tokens) once less
+        assert seen[True] == seen[False] - 24 * (1 if loss_type == "simpo" else 2)
+    else:
+        assert seen[True] < 0.7 * seen[False]
     (ref0, loss0, m0, g0), (ref1, loss1, m1, g1) = results[False], results[True]
     if ref0 is not None:
         torch.testing.assert_close(ref1, ref0, **TIGHT)
@@ -343,8 +370,9 @@ class OneProcess:
     num_processes, process_index, device = 1, 0, torch.device("cpu")
 
 
+@pytest.mark.parametrize("in_run", [False, True])
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_rl_step_with_shared_prompts_equals_the_padded_step(method):
+def test_rl_step_with_shared_prompts_equals_the_padded_step(method, in_run):
     """Old log-probs (two steps per rollout), the reference (beta > 0), the training forward in micro-batches of
     3 rows (whole groups of 4 cannot fit: a micro-batch holds parts of groups), loss and gradients: the same with
     `data.share_prompt` as without."""
@@ -361,15 +389,16 @@ def test_rl_step_with_shared_prompts_equals_the_padded_step(method):
         ctx = RolloutContext(cfg=cfg, model=model, accelerator=OneProcess(), micro_batch_size=3,
                              reference=Reference("adapter", model))  # fmt: skip
         tokens.seen = 0
-        tensors, _ = module._process(_scored(G), ctx)
-        assert (GROUP_KEY in tensors) is share
-        model.zero_grad(set_to_none=True)
-        losses = []
-        for lo in range(0, 8, 3):  # micro-batches of 3 rows: [0 1 2] [3 4 5] [6 7]
-            batch = {k: v[lo : lo + 3] for k, v in tensors.items()}
-            loss, _ = module.loss_fn(model, batch, cfg)
-            loss.backward()
-            losses.append(loss.detach())
+        with attention_per_segment() if in_run else contextlib.nullcontext():
+            tensors, _ = module._process(_scored(G), ctx)
+            assert (GROUP_KEY in tensors) is share
+            model.zero_grad(set_to_none=True)
+            losses = []
+            for lo in range(0, 8, 3):  # micro-batches of 3 rows: [0 1 2] [3 4 5] [6 7]
+                batch = {k: v[lo : lo + 3] for k, v in tensors.items()}
+                loss, _ = module.loss_fn(model, batch, cfg)
+                loss.backward()
+                losses.append(loss.detach())
         seen[share] = tokens.seen
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[share] = (tensors, torch.stack(losses), grads)
@@ -385,13 +414,13 @@ def test_rl_step_with_shared_prompts_equals_the_padded_step(method):
         torch.testing.assert_close(g1[name], grad, **GRADS, msg=name)
 
 
-@pytest.mark.parametrize("sharded_path", [False, True])
+@pytest.mark.parametrize("sharded_path", [False, True, "in a run"])
 def test_a_shared_prompt_gives_the_same_gradient_bits_every_run(monkeypatch, sharded_path):
     """One prompt with 400 three-token continuations: its last position predicts the first token of every
     continuation, so the gather of the packed positions repeats it 400 times, spread over all N positions. Its
     gradient must sum those repeats in a fixed order: with `x[index]` two threads added them with atomic float
     adds in whatever order they met (last-bit differences between runs, GRPO steps that were not repeatable)."""
-    if sharded_path:
+    if sharded_path is True:
         monkeypatch.setattr(logprobs, "gathers_in_forward", lambda m: True)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # the race needs two threads; CI's machines have 2 cores
@@ -403,10 +432,12 @@ def test_a_shared_prompt_gives_the_same_gradient_bits_every_run(monkeypatch, sha
         inputs, target_mask = _right_padded(rows, extra=0)
         groups = torch.zeros(len(rows), dtype=torch.long)
         weights = torch.randn(target_mask.shape, generator=g)
-        first = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
-        for _ in range(5):
-            again = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
-            for name, grad in first.items():
-                torch.testing.assert_close(again[name], grad, rtol=0, atol=0, msg=name)
+        # in a run: one row, attention per example, the prompt's copies added back by index_add_
+        with attention_per_segment() if sharded_path == "in a run" else contextlib.nullcontext():
+            first = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
+            for _ in range(5):
+                again = _logps_and_grads(model, inputs, target_mask, groups, weights)[2]
+                for name, grad in first.items():
+                    torch.testing.assert_close(again[name], grad, rtol=0, atol=0, msg=name)
     finally:
         torch.set_num_threads(threads)

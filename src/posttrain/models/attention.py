@@ -104,62 +104,68 @@ def _sdpa_wrapped_by(wrap) -> Iterator[None]:
 # Packed rows: attention over each example on its own
 
 
+Block = tuple[int, tuple[int, ...]]
+"""(p, (n_1, ..., n_k)): a run of a packed row holding a prefix of p tokens its k examples share, then their
+continuations of n_1, ..., n_k tokens; example i is the prefix followed by continuation i. With p = 0, k examples
+side by side (they share nothing)."""
+
+
 class _Packing:
-    """What `packed_segments` put in force: per row of the batch, the lengths of the examples packed in it, and per
-    device the index of each packed token in a padded batch of the examples (one example a row).
+    """What `packed_segments` or `packed_blocks` put in force: per row of the batch, the blocks of examples packed in
+    it (`Block`), and per device the index of each packed token in a padded batch of the examples (one example a
+    row).
 
-    A row may begin with a prefix its examples share (`prefixes[r]` tokens, `logprobs.packed_rows` under
-    `shared_prefix`): row r is then [prefix | continuation 1 | continuation 2 | ...], `segments[r]` the
-    continuations' lengths, and example i of the row is the prefix followed by continuation i. In the examples'
-    padded batch every example holds its own copy of the prefix's queries, keys and values; each packed prefix
-    token takes its output from the row's first example (the copies are equal: the same keys, causal)."""
+    A block with a prefix (SFT rows under `logprobs.packed_rows(shared_prefix=True)`, a DPO pair or a GRPO group
+    under `data.share_prompt`) holds it once; in the examples' padded batch every example of the block holds its own
+    copy of the prefix's queries, keys and values, and each packed prefix token takes its output from the block's
+    first example (the copies are equal: the same keys, causal)."""
 
-    def __init__(self, segments: Sequence[Sequence[int]], prefixes: Sequence[int] | None = None):
-        self.segments = tuple(tuple(int(n) for n in row) for row in segments)
-        self.prefixes = tuple(int(p) for p in prefixes) if prefixes is not None else (0,) * len(self.segments)
-        if any(p and not row for p, row in zip(self.prefixes, self.segments)):
-            raise ValueError("a row with a shared prefix needs at least one example")
-        self.lengths = [p + n for row, p in zip(self.segments, self.prefixes) for n in row]
+    def __init__(self, blocks: Sequence[Sequence[Block]]):
+        self.blocks = tuple(tuple((int(p), tuple(int(n) for n in conts)) for p, conts in row) for row in blocks)
+        if any(p and not conts for row in self.blocks for p, conts in row):
+            raise ValueError("a block with a shared prefix needs at least one example")
+        self.lengths = [p + n for row in self.blocks for p, conts in row for n in conts]
         self.width = max(self.lengths)
-        self.shared = any(self.prefixes)
+        self.shared = any(p for row in self.blocks for p, _ in row)
         self._index: dict[torch.device, torch.Tensor] = {}
         self._sources: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def matches(self, query: torch.Tensor, key: torch.Tensor) -> bool:
-        return (query.shape[0] == len(self.segments) and key.shape[2] == query.shape[2]
-                and all(p + sum(row) == query.shape[2] for row, p in zip(self.segments, self.prefixes)))  # fmt: skip
+        return (query.shape[0] == len(self.blocks) and key.shape[2] == query.shape[2]
+                and all(sum(p + sum(conts) for p, conts in row) == query.shape[2] for row in self.blocks))  # fmt: skip
 
     def index(self, device: torch.device) -> torch.Tensor:
         """(tokens,): for each token of the rows, in order, its place in the (examples x width) padded batch (a
-        shared prefix token: its place in the row's first example)."""
+        shared prefix token: its place in its block's first example)."""
         if device not in self._index:
             self._index[device] = self._layout()[0].to(device)
         return self._index[device]
 
     def sources(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Under a shared prefix: (src, slots), each (filled slots,): slot `slots[j]` of the (examples x width)
-        padded batch holds packed token `src[j]` (a prefix token fills one slot in each of its row's examples)."""
+        padded batch holds packed token `src[j]` (a prefix token fills one slot in each of its block's examples)."""
         if device not in self._sources:
             _, src, slots = self._layout()
             self._sources[device] = (src.to(device), slots.to(device))
         return self._sources[device]
 
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(index, src, slots) of `index` and `sources`, on the CPU. Row r's packed tokens are [prefix (p) |
+        """(index, src, slots) of `index` and `sources`, on the CPU. A block's packed tokens are [prefix (p) |
         continuation 1 (n_1) | ...]; its examples e, e + 1, ... are rows of the padded batch: example e + i holds
         the prefix at slots 0 .. p - 1 and continuation i after it."""
         index, src, slots = [], [], []
-        e, base = 0, 0  # the row's first example, the row's first packed token
-        for row, p in zip(self.segments, self.prefixes):
-            index.append(torch.arange(e * self.width, e * self.width + p))  # the prefix: the first example's
-            at = base + p
-            for i, n in enumerate(row):
-                first = (e + i) * self.width
-                index.append(torch.arange(first + p, first + p + n))
-                src.append(torch.cat([torch.arange(base, base + p), torch.arange(at, at + n)]))
-                slots.append(torch.arange(first, first + p + n))
-                at += n
-            e, base = e + len(row), at
+        e, base = 0, 0  # the block's first example, the block's first packed token (rows laid end to end)
+        for row in self.blocks:
+            for p, conts in row:
+                index.append(torch.arange(e * self.width, e * self.width + p))  # the prefix: the first example's
+                at = base + p
+                for i, n in enumerate(conts):
+                    first = (e + i) * self.width
+                    index.append(torch.arange(first + p, first + p + n))
+                    src.append(torch.cat([torch.arange(base, base + p), torch.arange(at, at + n)]))
+                    slots.append(torch.arange(first, first + p + n))
+                    at += n
+                e, base = e + len(conts), at
         return torch.cat(index), torch.cat(src), torch.cat(slots)
 
 
@@ -275,7 +281,16 @@ def packed_segments(segments: Sequence[Sequence[int]], prefixes: Sequence[int] |
     """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row; or, with
     `prefixes[b]` > 0, a prefix of that many tokens that row's examples share, then their continuations of lengths
     `segments[b]` (`_Packing`)."""
-    with _packing_as(_Packing(segments, prefixes)):
+    prefixes = prefixes if prefixes is not None else [0] * len(segments)
+    with packed_blocks([[(p, tuple(row))] if p else [(0, tuple(row))] for row, p in zip(segments, prefixes)]):
+        yield
+
+
+@contextmanager
+def packed_blocks(blocks: Sequence[Sequence[Block]]) -> Iterator[None]:
+    """Inside: the batch's row b packs the blocks `blocks[b]` (`Block`: a shared prefix and its examples'
+    continuations, or examples side by side), in order, filling the row."""
+    with _packing_as(_Packing(blocks)):
         yield
 
 

@@ -11,10 +11,12 @@ log-probs, the sampler/trainer gap and preference evaluation all call these, so 
 - `no_grad_chunks`: any of these over a large batch, a chunk at a time, in eval mode and without gradient
   (old log-probs, references, values).
 
-Rows that share a prompt (a DPO pair, a GRPO group: the batch's `prompt_group` column says which) are scored in
-one packed row each, the prompt encoded once (`prefix_sharing`), when the model's attention can take the mask
-that needs; otherwise, and when no groups are given, inside a run as one row of the batch's real tokens
-(`packed_rows`: no layer computes padding, attention per example), outside one as the padded rows they are.
+Rows that share a prompt (a DPO pair, a GRPO group: the batch's `prompt_group` column says which) are scored
+with the prompt encoded once: inside a run, where attention runs one example at a time (`_runs_packed`), every
+group end to end in one row (`prefix_sharing.share_prefix_in_one_row`); otherwise in one packed row each under a
+4D mask (`prefix_sharing.share_prefix`), when the model's attention can take it. When no groups are given, inside
+a run as one row of the batch's real tokens (`packed_rows`: no layer computes padding, attention per example;
+SFT's rows run the prefix they all begin with once), outside one as the padded rows they are.
 Either way the log-probs come back aligned with the padded batch, (B, T).
 
 Memory: the (N, V) logits, their log-softmax and their gradient are the largest tensors of a small model's step
@@ -45,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from posttrain.models.attention import packed_segments, runs_per_segment
-from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix
+from posttrain.models.attention import packed_blocks, packed_segments, runs_per_segment
+from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix, share_prefix_in_one_row
 from posttrain.models.sharding import gathers_in_forward
 from posttrain.models.tied_embeddings import claim as claim_tied_gradient
 
@@ -507,6 +509,16 @@ def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.
     return packed, where
 
 
+def _shared_prompt_row(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor):
+    """Each group's prompt once, every group end to end in one row, for attention one example at a time
+    (`prefix_sharing.share_prefix_in_one_row`, `attention.packed_blocks`): ``(row inputs (1, N), blocks, where
+    (B, T))``; None where the layout does not allow it (the caller then tries `_shared_prompt_inputs`)."""
+    row = share_prefix_in_one_row(inputs, groups)
+    if row is None or bool((row.index[keep] < 0).any()):
+        return None
+    return {"input_ids": row.input_ids, "position_ids": row.position_ids}, row.blocks, row.index
+
+
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2"})
 """Model types whose padded rows `packed_rows` may put side by side: their attention is transformers' sdpa
 function called with position ids, rotary positions from `position_ids`, and nothing else that would see across
@@ -675,9 +687,14 @@ def selected_token_logps(
     target, keep = target_positions(target_mask)
     # keep.nonzero() and target.nonzero() list the same rows in the same order (one shift within each row).
     targets = inputs["input_ids"][target]
-    shared = _shared_prompt_inputs(model, inputs, groups, keep) if groups is not None else None
+    gathers = gathers_in_forward(unwrap_parallel(model))
+    # Rows that share a prompt: inside a run, for a model whose attention runs one example at a time, every group in
+    # one row with its prompt once (no mask); else each group in a row of its own under a 4D mask.
+    one_row = (_shared_prompt_row(model, inputs, groups, keep)
+               if groups is not None and not gathers and _runs_packed(model) else None)  # fmt: skip
+    shared = _shared_prompt_inputs(model, inputs, groups, keep) if groups is not None and one_row is None else None
     forward_inputs = without_right_padding_mask(inputs) if shared is None else shared[0]
-    if gathers_in_forward(unwrap_parallel(model)):
+    if gathers:
         # FSDP2 and DeepSpeed ZeRO-3 gather the output layer's weights only inside a forward (ZeRO-3: around the
         # layer's own, and a checkpointed chunk's recompute in backward would find the weight partitioned again),
         # and each process may have a different number of chunks (collectives must match): one projection of the
@@ -697,12 +714,17 @@ def selected_token_logps(
                                  rank[where])  # (N, V)  # fmt: skip
         picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
     else:
-        packed = packed_rows(model, inputs, shared_prefix=shared_prefix) if shared is None else None
-        if packed is not None:  # the padded rows' real tokens side by side in one row, attended to row by row
+        packed = packed_rows(model, inputs, shared_prefix=shared_prefix) if shared is None and one_row is None else None
+        if one_row is not None:  # the groups in one row, each prompt once, attended to example by example
+            row_inputs, blocks, where = one_row
+            with packed_blocks([blocks]):  # one row
+                hidden = last_hidden_states(model, row_inputs)  # (1, N, H)
+            kept = repeat_rows(hidden[0], where[keep])  # (N, H); a position may predict several targets
+        elif packed is not None:  # the padded rows' real tokens side by side in one row, attended to row by row
             row_inputs, segments, prefixes, where = packed
             with packed_segments(segments, prefixes):
                 hidden = last_hidden_states(model, row_inputs)  # (1, sum of lengths, H)
-            kept = hidden[0, where[keep]]  # (N, H)
+            kept = repeat_rows(hidden[0], where[keep])  # (N, H); under a shared prefix a position may repeat
         else:
             segments = segments_of(model, forward_inputs) if shared is None else None
             with packed_segments(segments) if segments is not None else contextlib.nullcontext():

@@ -40,7 +40,8 @@ import torch
 
 from posttrain.data.collate import GROUP_KEY
 
-__all__ = ["EXACT_KERNELS", "GROUP_KEY", "SharedPrefixRows", "mask_kind", "share_prefix"]
+__all__ = ["EXACT_KERNELS", "GROUP_KEY", "SharedPrefixRow", "SharedPrefixRows", "mask_kind", "share_prefix",
+           "share_prefix_in_one_row"]
 
 EXACT_KERNELS = {"sdpa": "bool", "eager": "additive"}
 """Attention implementations that take a custom 4D mask, and the form they read it in (module docstring)."""
@@ -108,6 +109,84 @@ def _spans(input_ids, attention_mask, position_ids) -> list[tuple[int, int]] | N
     return list(zip(start.tolist(), n.tolist()))
 
 
+def _groups(inputs: dict[str, torch.Tensor], groups: torch.Tensor):
+    """The padded batch's groups: ((B, T), each row's (start, length) of real tokens, each row's real tokens (on the
+    CPU), and per group in order of first appearance (its rows, the length of their longest common prefix)); None
+    when `_spans` is."""
+    # The rows are laid out on the CPU (a few small tensors and Python loops over B rows), then moved.
+    input_ids, attention_mask, position_ids = (inputs[k].cpu() if inputs.get(k) is not None else None
+                                               for k in ("input_ids", "attention_mask", "position_ids"))  # fmt: skip
+    spans = _spans(input_ids, attention_mask, position_ids)
+    if spans is None:
+        return None
+    members: dict[int, list[int]] = {}
+    for b, g in enumerate(groups.tolist()):
+        members.setdefault(g, []).append(b)
+    seqs = [input_ids[b, s : s + n] for b, (s, n) in enumerate(spans)]
+    out = []
+    for rows_of_group in members.values():
+        L = min(spans[b][1] for b in rows_of_group)
+        first = seqs[rows_of_group[0]]
+        for b in rows_of_group[1:]:  # the longest common prefix of the group's real tokens
+            differs = (seqs[b][:L] != first[:L]).nonzero()
+            L = int(differs[0]) if differs.numel() else L
+        out.append((rows_of_group, L))
+    return tuple(input_ids.shape), spans, seqs, out
+
+
+class SharedPrefixRow(NamedTuple):
+    """Every group of a padded batch in one row: per group its prefix once, then each of its rows' continuations
+    (`share_prefix_in_one_row`), for attention one example at a time (`attention.packed_blocks`)."""
+
+    input_ids: torch.Tensor  # (1, N)
+    position_ids: torch.Tensor  # (1, N)
+    blocks: tuple  # ((L_g, (n_1, ..., n_k)), ...): per group, its prefix's length and its continuations' lengths
+    index: torch.Tensor  # (B, T) long: index into the row of each real token of the padded batch; -1 elsewhere
+
+
+def share_prefix_in_one_row(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> SharedPrefixRow | None:
+    """`share_prefix`'s layout without padding or a mask: the groups' packed rows end to end in one row, for a model
+    whose attention runs one example at a time inside a run (`attention.packed_blocks`: each example is its group's
+    prefix and its own continuation, laid out as a padded batch of examples). Attention then costs what the padded
+    rows' did, where `share_prefix`'s mask makes it attend over every (query, key) pair of a group's row, masked or
+    not, and keep the (S, S) mask for backward in every layer. None when `share_prefix` would be.
+
+    Worked example: rows [7, 8, 5] and [7, 8, 6, 6] in one group, [9, 4] alone -> [7, 8, 5, 6, 6, 9, 4], positions
+    [0, 1, 2, 2, 3, 0, 1], blocks ((2, (1, 2)), (2, (0,))).
+
+    >>> row = share_prefix_in_one_row({"input_ids": torch.tensor([[7, 8, 5, 0], [7, 8, 6, 6], [9, 4, 0, 0]]),
+    ...     "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])}, torch.tensor([0, 0, 1]))
+    >>> row.input_ids.tolist(), row.position_ids.tolist(), row.blocks
+    ([[7, 8, 5, 6, 6, 9, 4]], [[0, 1, 2, 2, 3, 0, 1]], ((2, (1, 2)), (2, (0,))))
+    >>> row.index.tolist()
+    [[0, 1, 2, -1], [0, 1, 3, 4], [5, 6, -1, -1]]
+    """
+    device = inputs["input_ids"].device
+    layout = _groups(inputs, groups)
+    if layout is None:
+        return None
+    (B, T), spans, seqs, group_prefixes = layout
+    tokens, positions, blocks = [], [], []
+    index = torch.full((B, T), -1, dtype=torch.long)
+    at = 0
+    for rows_of_group, L in group_prefixes:
+        tokens.append(seqs[rows_of_group[0]][:L])
+        positions.append(torch.arange(L))
+        start, at = at, at + L
+        conts = []
+        for b in rows_of_group:
+            s, n = spans[b]
+            tokens.append(seqs[b][L:])
+            positions.append(torch.arange(L, n))
+            index[b, s : s + L] = torch.arange(start, start + L)
+            index[b, s + L : s + n] = torch.arange(at, at + n - L)
+            conts.append(n - L)
+            at += n - L
+        blocks.append((L, tuple(conts)))
+    return SharedPrefixRow(torch.cat(tokens)[None].to(device), torch.cat(positions)[None].to(device), tuple(blocks),
+                           index.to(device))  # fmt: skip
+
+
 def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> SharedPrefixRows | None:
     """One row per group of the padded batch `inputs` (`input_ids`, optional `attention_mask` and
     `position_ids`, (B, T)): the group's common prefix once, then each row's continuation (module docstring).
@@ -127,26 +206,14 @@ def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> Share
     [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
     """
     device = inputs["input_ids"].device
-    # The rows are laid out on the CPU (a few small tensors and Python loops over B rows), then moved.
-    input_ids, attention_mask, position_ids = (inputs[k].cpu() if inputs.get(k) is not None else None
-                                               for k in ("input_ids", "attention_mask", "position_ids"))  # fmt: skip
-    spans = _spans(input_ids, attention_mask, position_ids)
-    if spans is None:
+    layout = _groups(inputs, groups)
+    if layout is None:
         return None
-    B, T = input_ids.shape
-    members: dict[int, list[int]] = {}
-    for b, g in enumerate(groups.tolist()):
-        members.setdefault(g, []).append(b)
-    seqs = [input_ids[b, s : s + n] for b, (s, n) in enumerate(spans)]
+    (B, T), spans, seqs, group_prefixes = layout
 
     rows, segments, where = [], [], []  # per packed row: tokens, segment of each (0 prefix, i continuation i)
-    for r, rows_of_group in enumerate(members.values()):
-        lengths = [spans[b][1] for b in rows_of_group]
-        L = min(lengths)
+    for r, (rows_of_group, L) in enumerate(group_prefixes):
         first = seqs[rows_of_group[0]]
-        for b in rows_of_group[1:]:  # the longest common prefix of the group's real tokens
-            differs = (seqs[b][:L] != first[:L]).nonzero()
-            L = int(differs[0]) if differs.numel() else L
         tokens, segment, positions = [first[:L]], [torch.zeros(L, dtype=torch.long)], [torch.arange(L)]
         at = L
         for i, b in enumerate(rows_of_group, start=1):
@@ -161,7 +228,7 @@ def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> Share
         segments.append(torch.cat(segment))
 
     R, S = len(rows), max(1, max(len(t) for t, _ in rows))
-    packed_ids = torch.zeros((R, S), dtype=input_ids.dtype)
+    packed_ids = torch.zeros((R, S), dtype=inputs["input_ids"].dtype)
     packed_pos = torch.zeros((R, S), dtype=torch.long)
     seg = torch.full((R, S), -1, dtype=torch.long)  # -1: padding
     for r, ((tokens, positions), segment) in enumerate(zip(rows, segments)):
