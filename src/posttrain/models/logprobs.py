@@ -514,9 +514,35 @@ def _shared_prompt_row(model, inputs: dict[str, torch.Tensor], groups: torch.Ten
     (`prefix_sharing.share_prefix_in_one_row`, `attention.packed_blocks`): ``(row inputs (1, N), blocks, where
     (B, T))``; None where the layout does not allow it (the caller then tries `_shared_prompt_inputs`)."""
     row = share_prefix_in_one_row(inputs, groups)
-    if row is None or bool((row.index[keep] < 0).any()):
+    if row is None or bool((row.index[keep] < 0).any()) or not _one_row_pays(causal_lm_of(model).config, row.blocks):
         return None
     return {"input_ids": row.input_ids, "position_ids": row.position_ids}, row.blocks, row.index
+
+
+def _one_row_pays(config, blocks) -> bool:
+    """Whether every group in one row, attended one sequence at a time (`_shared_prompt_row`), keeps less for
+    backward per layer than a row per group under an (S, S) mask (`_shared_prompt_inputs`), by a count of elements:
+
+        one row: N x A + E x Q          a row per group: R x S x (A + Q) + R x S^2
+
+    N the groups' tokens (each prompt once), E the tokens of the sequences attention lays out (each prompt once per
+    sequence), R groups padded to the longest, S tokens; Q = 2 (heads + kv heads) x head size, what attention keeps
+    per token (queries, output, keys, values); A = 4 x hidden + 2 x intermediate, about what the rest of a lean
+    layer keeps per token; the mask, S^2 a row, as SDPA keeps it. One row runs no padding, but copies each prompt's
+    queries, keys and values into every sequence: a long prompt with short completions (8 x 100 tokens behind
+    1,000) is cheaper masked, short prompts with long completions or pairs of uneven lengths in one row (measured
+    on the embedded model: benchmarks/README.md, sixteenth session)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, heads = text.hidden_size, text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    inner = getattr(text, "intermediate_size", None) or 4 * hidden
+    q, a = 2 * (heads + kv_heads) * head_dim, 4 * hidden + 2 * inner
+    lengths = [p + sum(conts) for p, conts in blocks]  # each group's row
+    n = sum(lengths)
+    e = sum(p * len(conts) + sum(conts) for p, conts in blocks)
+    r, width = len(blocks), max(lengths)
+    return n * a + e * q <= r * width * (a + q) + r * width * width
 
 
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2"})
