@@ -119,7 +119,7 @@ class DataConfig(_Section):
     continuation see the prompt and its own tokens only (Wang & Hegde 2024, prefix sharing): the same log-probs
     and gradients (float rounding aside) from fewer tokens. For the policy, reference and old log-prob forwards.
     Inside a run, models whose attention runs one example at a time (`logprobs.packed_rows`) take every group in
-    one row with no mask, attention per sequence. Models whose attention cannot take such a mask (flash-attention,
+    one row with no mask, attention per sequence, where that keeps less for backward (`logprobs._one_row_pays`). Models whose attention cannot take such a mask (flash-attention,
     flex attention, a sliding window shorter than the row) run the padded rows instead, with a note. false: always
     padded rows (docs/preference.md).
     sft: the tokens every row of a micro-batch begins with (a system prompt, shared instructions) run once, where

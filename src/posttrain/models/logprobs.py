@@ -12,9 +12,10 @@ log-probs, the sampler/trainer gap and preference evaluation all call these, so 
   (old log-probs, references, values).
 
 Rows that share a prompt (a DPO pair, a GRPO group: the batch's `prompt_group` column says which) are scored
-with the prompt encoded once: inside a run, where attention runs one example at a time (`_runs_packed`), every
-group end to end in one row (`prefix_sharing.share_prefix_in_one_row`); otherwise in one packed row each under a
-4D mask (`prefix_sharing.share_prefix`), when the model's attention can take it. When no groups are given, inside
+with the prompt encoded once: inside a run, where attention runs one example at a time (`_runs_packed`) and it
+keeps less for backward (`_one_row_pays`), every group end to end in one row
+(`prefix_sharing.share_prefix_in_one_row`); otherwise in one packed row each under a 4D mask
+(`prefix_sharing.share_prefix`), when the model's attention can take it. When no groups are given, inside
 a run as one row of the batch's real tokens (`packed_rows`: no layer computes padding, attention per example;
 SFT's rows run the prefix they all begin with once), outside one as the padded rows they are.
 Either way the log-probs come back aligned with the padded batch, (B, T).
