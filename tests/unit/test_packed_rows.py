@@ -54,28 +54,6 @@ def _run(model, ids, mask, targets, weights, **kw):
     return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_rows_give_the_padded_rows_log_probs_and_gradients(monkeypatch, temperature):
-    """Inside a run (`attention_per_segment`) the three padded rows (27 positions) run as one row of their 19 real
-    tokens, and attention as one causal SDPA call per layer over the examples laid out one a row (3 x 9, no mask).
-    The log-probs equal the padded rows' (here bit for bit), and every gradient is as accurate against float64 as
-    the padded rows' (the products sum over 19 rows instead of 27, in another order)."""
-    ids, mask, targets, weights = _batch()
-    model = tiny_model(V)
-    exact = copy.deepcopy(model).double()
-    padded = _run(model, ids, mask, targets, weights, temperature=temperature)
-    seen = _Seen(model, monkeypatch)
-    with attention_per_segment():
-        packed = _run(model, ids, mask, targets, weights, temperature=temperature)
-    assert seen.inputs == [(1, 19)]
-    assert seen.calls == [(3, 9, False, True)] * 2  # 2 layers
-    _, exact_grads = _run(exact, ids, mask, targets, weights.double(), temperature=temperature)
-    assert torch.equal(packed[0], padded[0])
-    assert packed[1].keys() == padded[1].keys()
-    for name in packed[1]:
-        assert_as_accurate(packed[1][name], padded[1][name], exact_grads[name])
-
-
 def _prefixed_batch():
     """Four right-padded rows that begin with the same 4 tokens: 9, 6, 4 (the prefix alone) and 7 real tokens (26 in
     all); every real token after the first is a target, the prefix's too, with a different weight on each."""
@@ -91,26 +69,35 @@ def _prefixed_batch():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rows_that_begin_alike_run_their_shared_prefix_once(monkeypatch, temperature):
-    """`shared_prefix`: the 4 tokens all four rows begin with run once, then each row's other tokens (5, 2, 0 and 3)
-    at positions 4, 5, ...: the decoder sees 14 tokens instead of 26 (36 padded), attention is one causal call per
-    layer over the examples laid out one a row (4 x 9), each with its own copy of the prefix. The log-probs and
-    every gradient are as accurate against float64 as the padded rows' (the prefix's hidden states feed four rows'
-    tokens once instead of four times)."""
-    ids, mask, targets, weights = _prefixed_batch()
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_packed_rows_give_the_padded_rows_log_probs_and_gradients(monkeypatch, temperature, shared_prefix):
+    """Inside a run (`attention_per_segment`) the three padded rows (27 positions) run as one row of their 19 real
+    tokens, and attention as one causal SDPA call per layer over the examples laid out one a row (3 x 9, no mask).
+    The log-probs equal the padded rows' (here bit for bit), and every gradient is as accurate against float64 as
+    the padded rows' (the products sum over 19 rows instead of 27, in another order).
+
+    `shared_prefix` (`_prefixed_batch`): the 4 tokens all four rows begin with run once, then each row's other
+    tokens (5, 2, 0 and 3) at positions 4, 5, ...: the decoder sees 14 tokens instead of 26 (36 padded), attention
+    is one causal call per layer over the examples laid out one a row (4 x 9), each with its own copy of the
+    prefix. The log-probs and every gradient are as accurate against float64 as the padded rows' (the prefix's
+    hidden states feed four rows' tokens once instead of four times)."""
+    ids, mask, targets, weights = _prefixed_batch() if shared_prefix else _batch()
     model = tiny_model(V)
     exact = copy.deepcopy(model).double()
     padded = _run(model, ids, mask, targets, weights, temperature=temperature)
     seen = _Seen(model, monkeypatch)
     with attention_per_segment():
-        shared = _run(model, ids, mask, targets, weights, temperature=temperature, shared_prefix=True)
-    assert seen.inputs == [(1, 14)]
-    assert seen.calls == [(4, 9, False, True)] * 2  # 2 layers
+        packed = _run(model, ids, mask, targets, weights, temperature=temperature, shared_prefix=shared_prefix)
+    assert seen.inputs == [(1, 14 if shared_prefix else 19)]
+    assert seen.calls == [(4, 9, False, True) if shared_prefix else (3, 9, False, True)] * 2  # 2 layers
     exact_logps, exact_grads = _run(exact, ids, mask, targets, weights.double(), temperature=temperature)
-    assert_as_accurate(shared[0], padded[0], exact_logps)
-    assert shared[1].keys() == padded[1].keys()
-    for name in shared[1]:
-        assert_as_accurate(shared[1][name], padded[1][name], exact_grads[name], msg=name)
+    if shared_prefix:
+        assert_as_accurate(packed[0], padded[0], exact_logps)
+    else:
+        assert torch.equal(packed[0], padded[0])
+    assert packed[1].keys() == padded[1].keys()
+    for name in packed[1]:
+        assert_as_accurate(packed[1][name], padded[1][name], exact_grads[name], msg=name)
 
 
 @pytest.mark.parametrize("case", ["not asked", "dropout", "no common first token"])
@@ -127,24 +114,6 @@ def test_rows_run_every_token_where_the_prefix_is_not_shared(monkeypatch, case):
     with attention_per_segment():
         _run(model, ids, mask, targets, weights, shared_prefix=case != "not asked")
     assert seen.inputs == [(1, 26)]
-
-
-def test_a_shared_prefix_under_gradient_checkpointing_gives_the_same_log_probs_and_gradients():
-    """The recompute in backward runs under the shared-prefix layout its forward saw: bit for bit."""
-    from posttrain.models.adapters import enable_gradient_checkpointing
-
-    ids, mask, targets, weights = _prefixed_batch()
-    model = tiny_model(V)
-    checkpointed = copy.deepcopy(model)
-    enable_gradient_checkpointing(checkpointed)
-    results = []
-    for m in (model, checkpointed):
-        m.train()
-        with attention_per_segment():
-            results.append(_run(m, ids, mask, targets, weights, shared_prefix=True))
-    assert torch.equal(results[0][0], results[1][0])
-    for name, grad in results[0][1].items():
-        assert torch.equal(grad, results[1][1][name]), name
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
@@ -234,7 +203,7 @@ def test_each_example_of_packed_rows_attends_to_itself_only():
     assert torch.equal(other, want[:1])
 
 
-@pytest.mark.parametrize("layout", ["padded rows", "data.packing"])
+@pytest.mark.parametrize("layout", ["padded rows", "data.packing", "shared prefix"])
 def test_packed_rows_under_gradient_checkpointing_give_the_same_log_probs_and_gradients(layout):
     """With gradient checkpointing each decoder layer is run again in backward, after `packed_segments` has been
     left: the recompute must attend per example as its forward did (`attention.checkpoint_contexts`). Before, it
@@ -243,8 +212,8 @@ def test_packed_rows_under_gradient_checkpointing_give_the_same_log_probs_and_gr
     same log-probs and gradients, bit for bit, as without checkpointing: the recompute runs the same ops."""
     from posttrain.models.adapters import enable_gradient_checkpointing
 
-    ids, mask, targets, weights = _batch()
-    if layout == "padded rows":
+    ids, mask, targets, weights = _prefixed_batch() if layout == "shared prefix" else _batch()
+    if layout != "data.packing":  # padded rows, packed into one row; under `shared_prefix` the prefix once
         inputs = {"input_ids": ids, "attention_mask": mask}
     else:  # one row of examples of 9, 6 and 4 tokens, positions restarting at each (`data.collate_packed`)
         real = mask.bool()
@@ -257,7 +226,7 @@ def test_packed_rows_under_gradient_checkpointing_give_the_same_log_probs_and_gr
     for m in (model, checkpointed):
         m.train()
         with attention_per_segment():
-            logps, _ = selected_token_logps(m, inputs, targets)
+            logps, _ = selected_token_logps(m, inputs, targets, shared_prefix=layout == "shared prefix")
             (logps * weights).sum().backward()  # backward inside the run, as `train` does it
         results.append((logps.detach(), {n: p.grad for n, p in m.named_parameters()}))
     assert torch.equal(results[0][0], results[1][0])
