@@ -95,7 +95,7 @@ def test_gradient_checkpointing_trains_the_same_weights(make_cfg, tmp_path, tech
     assert moved
 
 
-def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, tmp_path, monkeypatch):
+def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, tmp_path, monkeypatch, capsys):
     """SFT under `data.share_prompt` (the default): each micro-batch's rows (the chat template's start and "add 0")
     run their common prefix once, and one step trains the weights that `data.share_prompt: false` trains, to float
     rounding (AdamW eps 1 keeps the step nearly linear in the gradient, as in the resume tests)."""
@@ -110,6 +110,7 @@ def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, 
         return out
 
     monkeypatch.setattr(logprobs, "packed_rows", spy)
+    monkeypatch.setattr(logprobs, "_NOTED", set())  # a note another test printed in this process is said again
     kw = {"run.max_steps": 1, "optim.eps": 1.0, "optim.max_grad_norm": "null",
           "data.train": _rows_of_many_lengths(tmp_path), "data.shuffle": "false"}
     models = {}
@@ -119,6 +120,8 @@ def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, 
                               return_model=True).model  # fmt: skip
         (row, real, prefix), = packed_tokens
         assert (row, prefix) == ((real - 7 * prefix, prefix) if share else (real, 0))
+        if share:  # said once, not silently
+            assert f"run them once ({prefix} tokens in the first such batch" in capsys.readouterr().out
     want = dict(models[False].named_parameters())
     for name, p in models[True].named_parameters():
         assert_close(p, want[name], rtol=1e-5, atol=1e-7, msg=name)

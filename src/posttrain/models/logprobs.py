@@ -581,6 +581,10 @@ def packed_rows(model, inputs: dict[str, torch.Tensor], *, shared_prefix: bool =
     lengths = real.sum(-1)
     ids = inputs["input_ids"]
     prefix = _common_prefix(ids, lengths) if shared_prefix and _prefix_sharable(model) else 0
+    if prefix:  # once a process: the run's tokens/s counts every row's tokens, the layers run fewer
+        _note_once("the rows of a micro-batch that begin with the same tokens (a system prompt, shared instructions) "
+                   f"run them once ({prefix} tokens in the first such batch; data.share_prompt=false runs every "
+                   "row's tokens)")  # fmt: skip
     if prefix == 0 and bool(real.all()):
         return None  # no padding and nothing shared: the rows as they are
     own = lengths - prefix  # (B,) each example's tokens after the prefix
