@@ -127,8 +127,7 @@ class _Packing:
         self.lengths = [p + n for row in self.blocks for p, conts in row for n in conts]
         self.width = max(self.lengths)
         self.shared = any(p for row in self.blocks for p, _ in row)
-        self._index: dict[torch.device, torch.Tensor] = {}
-        self._sources: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def matches(self, query: torch.Tensor, key: torch.Tensor) -> bool:
         return (query.shape[0] == len(self.blocks) and key.shape[2] == query.shape[2]
@@ -137,22 +136,22 @@ class _Packing:
     def index(self, device: torch.device) -> torch.Tensor:
         """(tokens,): for each token of the rows, in order, its place in the (examples x width) padded batch (a
         shared prefix token: its place in its block's first example)."""
-        if device not in self._index:
-            self._index[device] = self._layout()[0].to(device)
-        return self._index[device]
+        return self._layout(device)[0]
 
     def sources(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Under a shared prefix: (src, slots), each (filled slots,): slot `slots[j]` of the (examples x width)
         padded batch holds packed token `src[j]` (a prefix token fills one slot in each of its block's examples)."""
-        if device not in self._sources:
-            _, src, slots = self._layout()
-            self._sources[device] = (src.to(device), slots.to(device))
-        return self._sources[device]
+        return self._layout(device)[1:]
 
-    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(index, src, slots) of `index` and `sources`, on the CPU. A block's packed tokens are [prefix (p) |
-        continuation 1 (n_1) | ...]; its examples e, e + 1, ... are rows of the padded batch: example e + i holds
-        the prefix at slots 0 .. p - 1 and continuation i after it."""
+    def _layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, src, slots) of `index` and `sources`, made once per device. A block's packed tokens are [prefix
+        (p) | continuation 1 (n_1) | ...]; its examples e, e + 1, ... are rows of the padded batch: example e + i
+        holds the prefix at slots 0 .. p - 1 and continuation i after it."""
+        if device not in self._layouts:
+            self._layouts[device] = tuple(t.to(device) for t in self._laid_out())
+        return self._layouts[device]
+
+    def _laid_out(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, src, slots = [], [], []
         e, base = 0, 0  # the block's first example, the block's first packed token (rows laid end to end)
         for row in self.blocks:
@@ -282,7 +281,7 @@ def packed_segments(segments: Sequence[Sequence[int]], prefixes: Sequence[int] |
     `prefixes[b]` > 0, a prefix of that many tokens that row's examples share, then their continuations of lengths
     `segments[b]` (`_Packing`)."""
     prefixes = prefixes if prefixes is not None else [0] * len(segments)
-    with packed_blocks([[(p, tuple(row))] if p else [(0, tuple(row))] for row, p in zip(segments, prefixes)]):
+    with packed_blocks([[(p, tuple(row))] for row, p in zip(segments, prefixes)]):
         yield
 
 

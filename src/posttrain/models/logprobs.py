@@ -49,7 +49,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.attention import packed_blocks, packed_segments, runs_per_segment
-from posttrain.models.prefix_sharing import GROUP_KEY, mask_kind, share_prefix, share_prefix_in_one_row
+from posttrain.models.prefix_sharing import (
+    GROUP_KEY,
+    GroupLayout,
+    group_layout,
+    mask_kind,
+    share_prefix,
+    share_prefix_in_one_row,
+)
 from posttrain.models.sharding import gathers_in_forward
 from posttrain.models.tied_embeddings import claim as claim_tied_gradient
 
@@ -486,15 +493,20 @@ def _note_once(message: str) -> None:
         print(f"note: {message}")
 
 
-def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor
-                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:  # fmt: skip
+def _group_layout(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> GroupLayout | None:
+    """`prefix_sharing.group_layout`, with a note (once) when the rows cannot share their prompt."""
+    layout = group_layout(inputs, groups)
+    if layout is None:
+        _note_once("rows whose real tokens are not one run from position 0 are scored without sharing their prompt")
+    return layout
+
+
+def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor,
+                          layout: GroupLayout) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:  # fmt: skip
     """The forward's inputs with each group of rows packed into one row (`prefix_sharing.share_prefix`), and the
     flat index (N,) into the packed (R x S) positions of each `keep` position; None (with a note, once) when the
-    model or the layout cannot take it, so the rows run as they are."""
-    rows = share_prefix(inputs, groups)
-    if rows is None:
-        _note_once("rows whose real tokens are not one run from position 0 are scored without sharing their prompt")
-        return None
+    model cannot take it, so the rows run as they are."""
+    rows = share_prefix(inputs, groups, layout)
     lm = causal_lm_of(model)
     kind, why = mask_kind(lm.config, rows.input_ids.shape[1])
     if kind is None:
@@ -510,12 +522,16 @@ def _shared_prompt_inputs(model, inputs: dict[str, torch.Tensor], groups: torch.
     return packed, where
 
 
-def _shared_prompt_row(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor):
+def _shared_prompt_row(model, inputs: dict[str, torch.Tensor], groups: torch.Tensor, keep: torch.Tensor,
+                       layout: GroupLayout):  # fmt: skip
     """Each group's prompt once, every group end to end in one row, for attention one example at a time
     (`prefix_sharing.share_prefix_in_one_row`, `attention.packed_blocks`): ``(row inputs (1, N), blocks, where
-    (B, T))``; None where the layout does not allow it (the caller then tries `_shared_prompt_inputs`)."""
-    row = share_prefix_in_one_row(inputs, groups)
-    if row is None or bool((row.index[keep] < 0).any()) or not _one_row_pays(causal_lm_of(model).config, row.blocks):
+    (B, T))``; None where it would not pay or a kept position is padding (the caller then tries
+    `_shared_prompt_inputs`). The cost is decided from the groups before the row is built."""
+    if not _one_row_pays(causal_lm_of(model).config, layout.blocks):
+        return None
+    row = share_prefix_in_one_row(inputs, groups, layout)
+    if bool((row.index[keep] < 0).any()):
         return None
     return {"input_ids": row.input_ids, "position_ids": row.position_ids}, row.blocks, row.index
 
@@ -721,9 +737,11 @@ def selected_token_logps(
     gathers = gathers_in_forward(unwrap_parallel(model))
     # Rows that share a prompt: inside a run, for a model whose attention runs one example at a time, every group in
     # one row with its prompt once (no mask); else each group in a row of its own under a 4D mask.
-    one_row = (_shared_prompt_row(model, inputs, groups, keep)
-               if groups is not None and not gathers and _runs_packed(model) else None)  # fmt: skip
-    shared = _shared_prompt_inputs(model, inputs, groups, keep) if groups is not None and one_row is None else None
+    layout = _group_layout(inputs, groups) if groups is not None else None  # computed once for either layout
+    one_row = (_shared_prompt_row(model, inputs, groups, keep, layout)
+               if layout is not None and not gathers and _runs_packed(model) else None)  # fmt: skip
+    shared = (_shared_prompt_inputs(model, inputs, groups, keep, layout)
+              if layout is not None and one_row is None else None)  # fmt: skip
     forward_inputs = without_right_padding_mask(inputs) if shared is None else shared[0]
     if gathers:
         # FSDP2 and DeepSpeed ZeRO-3 gather the output layer's weights only inside a forward (ZeRO-3: around the

@@ -40,8 +40,8 @@ import torch
 
 from posttrain.data.collate import GROUP_KEY
 
-__all__ = ["EXACT_KERNELS", "GROUP_KEY", "SharedPrefixRow", "SharedPrefixRows", "mask_kind", "share_prefix",
-           "share_prefix_in_one_row"]
+__all__ = ["EXACT_KERNELS", "GROUP_KEY", "GroupLayout", "SharedPrefixRow", "SharedPrefixRows", "group_layout",
+           "mask_kind", "share_prefix", "share_prefix_in_one_row"]
 
 EXACT_KERNELS = {"sdpa": "bool", "eager": "additive"}
 """Attention implementations that take a custom 4D mask, and the form they read it in (module docstring)."""
@@ -109,10 +109,23 @@ def _spans(input_ids, attention_mask, position_ids) -> list[tuple[int, int]] | N
     return list(zip(start.tolist(), n.tolist()))
 
 
-def _groups(inputs: dict[str, torch.Tensor], groups: torch.Tensor):
-    """The padded batch's groups: ((B, T), each row's (start, length) of real tokens, each row's real tokens (on the
-    CPU), and per group in order of first appearance (its rows, the length of their longest common prefix)); None
-    when `_spans` is."""
+class GroupLayout(NamedTuple):
+    """A padded batch's groups (`group_layout`), what both packed layouts are built from."""
+
+    shape: tuple[int, int]  # (B, T)
+    spans: list[tuple[int, int]]  # each row's (start, length) of real tokens
+    seqs: list[torch.Tensor]  # each row's real tokens, on the CPU
+    groups: list[tuple[list[int], int]]  # per group in order of first appearance: its rows, their common prefix
+
+    @property
+    def blocks(self) -> tuple:
+        """((L_g, (n_1 - L_g, ..., n_k - L_g)), ...): per group its prefix's length and its rows' continuations'."""
+        return tuple((L, tuple(self.spans[b][1] - L for b in rows)) for rows, L in self.groups)
+
+
+def group_layout(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> GroupLayout | None:
+    """The padded batch's groups, or None when `_spans` is (the rows' real tokens are not one run each at positions
+    0 .. n - 1): computed once and handed to `share_prefix` or `share_prefix_in_one_row`."""
     # The rows are laid out on the CPU (a few small tensors and Python loops over B rows), then moved.
     input_ids, attention_mask, position_ids = (inputs[k].cpu() if inputs.get(k) is not None else None
                                                for k in ("input_ids", "attention_mask", "position_ids"))  # fmt: skip
@@ -131,7 +144,7 @@ def _groups(inputs: dict[str, torch.Tensor], groups: torch.Tensor):
             differs = (seqs[b][:L] != first[:L]).nonzero()
             L = int(differs[0]) if differs.numel() else L
         out.append((rows_of_group, L))
-    return tuple(input_ids.shape), spans, seqs, out
+    return GroupLayout(tuple(input_ids.shape), spans, seqs, out)
 
 
 class SharedPrefixRow(NamedTuple):
@@ -144,12 +157,14 @@ class SharedPrefixRow(NamedTuple):
     index: torch.Tensor  # (B, T) long: index into the row of each real token of the padded batch; -1 elsewhere
 
 
-def share_prefix_in_one_row(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> SharedPrefixRow | None:
+def share_prefix_in_one_row(inputs: dict[str, torch.Tensor], groups: torch.Tensor,
+                            layout: GroupLayout | None = None) -> SharedPrefixRow | None:  # fmt: skip
     """`share_prefix`'s layout without padding or a mask: the groups' packed rows end to end in one row, for a model
     whose attention runs one example at a time inside a run (`attention.packed_blocks`: each example is its group's
     prefix and its own continuation, laid out as a padded batch of examples). Attention then costs what the padded
     rows' did, where `share_prefix`'s mask makes it attend over every (query, key) pair of a group's row, masked or
-    not, and keep the (S, S) mask for backward in every layer. None when `share_prefix` would be.
+    not, and keep the (S, S) mask for backward in every layer. None when `share_prefix` would be. `layout`:
+    `group_layout(inputs, groups)`, when the caller has it.
 
     Worked example: rows [7, 8, 5] and [7, 8, 6, 6] in one group, [9, 4] alone -> [7, 8, 5, 6, 6, 9, 4], positions
     [0, 1, 2, 2, 3, 0, 1], blocks ((2, (1, 2)), (2, (0,))).
@@ -162,38 +177,37 @@ def share_prefix_in_one_row(inputs: dict[str, torch.Tensor], groups: torch.Tenso
     [[0, 1, 2, -1], [0, 1, 3, 4], [5, 6, -1, -1]]
     """
     device = inputs["input_ids"].device
-    layout = _groups(inputs, groups)
+    layout = layout or group_layout(inputs, groups)
     if layout is None:
         return None
     (B, T), spans, seqs, group_prefixes = layout
-    tokens, positions, blocks = [], [], []
+    tokens, positions = [], []
     index = torch.full((B, T), -1, dtype=torch.long)
     at = 0
     for rows_of_group, L in group_prefixes:
         tokens.append(seqs[rows_of_group[0]][:L])
         positions.append(torch.arange(L))
         start, at = at, at + L
-        conts = []
         for b in rows_of_group:
             s, n = spans[b]
             tokens.append(seqs[b][L:])
             positions.append(torch.arange(L, n))
             index[b, s : s + L] = torch.arange(start, start + L)
             index[b, s + L : s + n] = torch.arange(at, at + n - L)
-            conts.append(n - L)
             at += n - L
-        blocks.append((L, tuple(conts)))
-    return SharedPrefixRow(torch.cat(tokens)[None].to(device), torch.cat(positions)[None].to(device), tuple(blocks),
+    return SharedPrefixRow(torch.cat(tokens)[None].to(device), torch.cat(positions)[None].to(device), layout.blocks,
                            index.to(device))  # fmt: skip
 
 
-def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> SharedPrefixRows | None:
+def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor,
+                 layout: GroupLayout | None = None) -> SharedPrefixRows | None:  # fmt: skip
     """One row per group of the padded batch `inputs` (`input_ids`, optional `attention_mask` and
     `position_ids`, (B, T)): the group's common prefix once, then each row's continuation (module docstring).
 
     groups: (B,) ids; rows with equal ids form one packed row (in the order groups first appear), whatever
     their contents: the shared prefix is what their real tokens have in common, possibly nothing. Returns None
     when the rows' real tokens are not one run each at positions 0 .. n - 1 (the caller runs them as they are).
+    `layout`: `group_layout(inputs, groups)`, when the caller has it.
 
     Worked example: rows [7, 8, 5] and [7, 8, 6, 6] in one group -> [7, 8, 5, 6, 6], positions [0, 1, 2, 2, 3];
     token 5 (position 2) sees 7, 8, 5; the first 6 sees 7, 8 and itself, not 5.
@@ -206,7 +220,7 @@ def share_prefix(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> Share
     [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
     """
     device = inputs["input_ids"].device
-    layout = _groups(inputs, groups)
+    layout = layout or group_layout(inputs, groups)
     if layout is None:
         return None
     (B, T), spans, seqs, group_prefixes = layout
