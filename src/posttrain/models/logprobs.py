@@ -488,9 +488,13 @@ _NOTED: set[str] = set()
 
 
 def _note_once(message: str) -> None:
+    """Print `message` as a note once a process. Through `tqdm.write`: the training progress bar is on the
+    terminal when the first batch is laid out, and the note gets a line of its own above it."""
     if message not in _NOTED:
         _NOTED.add(message)
-        print(f"note: {message}")
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"note: {message}")
 
 
 def _group_layout(inputs: dict[str, torch.Tensor], groups: torch.Tensor) -> GroupLayout | None:

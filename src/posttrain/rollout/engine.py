@@ -16,6 +16,7 @@ import sys
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from posttrain.algorithms.base import Rollout
 from posttrain.models.adapters import merged_for_sampling, unmergeable
@@ -259,8 +260,9 @@ class HFEngine:
                     stack.enter_context(weights_in(model, self.dtype))  # the rest of the weights in that dtype
                     if self.merge_adapters and not merged and not self.said_unmerged:  # asked for, not possible
                         self.said_unmerged = True
-                        print(f"note: algorithm.rollout.merge_adapters=true, but the policy's adapters cannot be "
-                              f"merged for sampling ({unmergeable(model)}): it samples unmerged", file=sys.stderr)  # fmt: skip
+                        tqdm.write(f"note: algorithm.rollout.merge_adapters=true, but the policy's adapters cannot "
+                                   f"be merged for sampling ({unmergeable(model)}): it samples unmerged",
+                                   file=sys.stderr)  # under the training progress bar  # fmt: skip
                     for g in range(0, len(prompt_ids), per_call):
                         ids, logps = sample_groups(model, [list(p) for p in prompt_ids[g : g + per_call]], n, gen_cfg,
                                                    eos, pad_id, lambda alive, first=g * n: processors(first, alive))  # fmt: skip
