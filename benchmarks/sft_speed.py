@@ -73,7 +73,7 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
     from posttrain.data import TASKS, write_jsonl
     from posttrain.models import describe_trainable, load_model, load_tokenizer
     from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
-    from posttrain.models.logprobs import _common_prefix
+    from posttrain.models.prefix_sharing import group_layout
     from posttrain.trainer.optim import build_optimizer
 
     tmp = f"/tmp/posttrain-bench-{os.getpid()}.jsonl"
@@ -126,7 +126,8 @@ def child(technique: str, steps: int, batch_size: int, max_length: int, lora_dro
             times.append(time.perf_counter() - t)
             tokens.append(int(batch["attention_mask"].sum()))
             lengths = batch["attention_mask"].sum(-1)
-            shared = _common_prefix(batch["input_ids"], lengths) if cfg.data.share_prompt and len(lengths) > 1 else 0
+            one_group = torch.zeros(len(lengths), dtype=torch.long)  # the rows' common prefix, as `packed_rows` finds it
+            shared = group_layout(batch, one_group).groups[0][1] if cfg.data.share_prompt and len(lengths) > 1 else 0
             run_tokens.append(tokens[-1] - (len(lengths) - 1) * shared)  # the common prefix runs once
     gemm.append(matmul_gflops(dtype=dtype))
     top = profile_step(step, batch) if profile else None

@@ -106,7 +106,7 @@ def test_rows_that_begin_alike_run_it_once_and_train_the_same_weights(make_cfg, 
 
     def spy(model, inputs, **kw):
         out = original(model, inputs, **kw)
-        packed_tokens.append((out[0]["input_ids"].shape[1], int(inputs["attention_mask"].sum()), out[2][0]))
+        packed_tokens.append((out[0]["input_ids"].shape[1], int(inputs["attention_mask"].sum()), out[1][0][0]))
         return out
 
     monkeypatch.setattr(logprobs, "packed_rows", spy)

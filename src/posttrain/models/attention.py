@@ -222,7 +222,7 @@ def _per_segment(sdpa):
     In the examples' own padded batch each query sees exactly the keys the block-diagonal mask allows, so the
     result is the same up to the kernel's order of summation (tests/unit/test_packed_rows.py), for the attention
     work of padded rows; everything outside attention (the products, norms, pointwise ops) runs on the real tokens
-    only. Rows whose examples share a prefix (`packed_segments`' `prefixes`) hold the prefix once: every product
+    only. Rows whose examples share a prefix (`packed_blocks`' blocks) hold the prefix once: every product
     and norm runs on it once, and in the examples' padded batch each example gets its own copy of the prefix's
     queries, keys and values (the attention of the padded rows those examples were). Any call whose shapes do not
     match the segments (sampling with a cache, another batch) runs as it came."""
@@ -276,12 +276,10 @@ def runs_per_segment() -> bool:
 
 
 @contextmanager
-def packed_segments(segments: Sequence[Sequence[int]], prefixes: Sequence[int] | None = None) -> Iterator[None]:
-    """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row; or, with
-    `prefixes[b]` > 0, a prefix of that many tokens that row's examples share, then their continuations of lengths
-    `segments[b]` (`_Packing`)."""
-    prefixes = prefixes if prefixes is not None else [0] * len(segments)
-    with packed_blocks([[(p, tuple(row))] for row, p in zip(segments, prefixes)]):
+def packed_segments(segments: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Inside: the batch's row b packs examples of lengths `segments[b]`, in order, filling the row (`data.packing`
+    rows: examples side by side, sharing nothing; `packed_blocks` for rows whose examples share a prefix)."""
+    with packed_blocks([[(0, tuple(row))] for row in segments]):
         yield
 
 

@@ -574,8 +574,8 @@ rows (the lean layers' families, `models.layers.DECODER_LAYERS`)."""
 
 def packed_rows(model, inputs: dict[str, torch.Tensor], *, shared_prefix: bool = False):
     """A right-padded batch as one row of its real tokens, each example's positions from 0, for attention one
-    example at a time (`models.attention.packed_segments`): ``(row inputs (1, R), segments ((n_1, ..., n_B),),
-    prefixes (L,), where (B, T))``, `where` the packed index of each real token (-1 at padding); or None to run the
+    example at a time (`models.attention.packed_blocks`): ``(row inputs (1, R), blocks (((L, (n_1 - L, ...,
+    n_B - L)),),), where (B, T))``, `where` the packed index of each real token (-1 at padding); or None to run the
     padded rows.
 
     Why: a padded batch computes every layer at B x T positions, padding included (5.4% of them in the SFT
@@ -588,7 +588,8 @@ def packed_rows(model, inputs: dict[str, torch.Tensor], *, shared_prefix: bool =
     then each example's other tokens, at positions L, L + 1, ... (L = 0 when the rows differ from their first
     token, or when `_prefix_sharable` says no). Each example still attends to the prefix and its own tokens, so
     the log-probs and gradients are the same up to float rounding, from (B - 1) x L tokens fewer: 32% of the
-    quickstart's, whose rows share 50 tokens.
+    quickstart's, whose rows share 50 tokens. The layout is `prefix_sharing.share_prefix_in_one_row`'s with the
+    whole batch one group (L = 0: the rows side by side, sharing nothing).
 
     Only where that holds and pays (`_runs_packed`), for a right-padded batch of several rows, with padding or a
     shared prefix, and no explicit positions."""
@@ -598,34 +599,19 @@ def packed_rows(model, inputs: dict[str, torch.Tensor], *, shared_prefix: bool =
         return None
     if not _runs_packed(model):
         return None
-    lengths = real.sum(-1)
-    ids = inputs["input_ids"]
-    prefix = _common_prefix(ids, lengths) if shared_prefix and _prefix_sharable(model) else 0
+    one_group = torch.zeros(real.shape[0], dtype=torch.long)
+    layout = group_layout(inputs, one_group)  # the rows' common prefix: the longest, within the shortest row
+    (rows, prefix), = layout.groups
+    if not (shared_prefix and _prefix_sharable(model)):
+        prefix = 0
     if prefix:  # once a process: the run's tokens/s counts every row's tokens, the layers run fewer
         _note_once("the rows of a micro-batch that begin with the same tokens (a system prompt, shared instructions) "
                    f"run them once ({prefix} tokens in the first such batch; data.share_prompt=false runs every "
                    "row's tokens)")  # fmt: skip
-    if prefix == 0 and bool(real.all()):
+    elif bool(real.all()):
         return None  # no padding and nothing shared: the rows as they are
-    own = lengths - prefix  # (B,) each example's tokens after the prefix
-    keep_col = real.clone()
-    keep_col[1:, :prefix] = False  # the prefix from the first row only
-    row = ids[keep_col].unsqueeze(0)  # (1, L + sum(own)): the prefix, then each row's own tokens
-    starts = prefix + torch.cumsum(own, 0) - own  # each example's first own packed index
-    cols = torch.arange(real.shape[1], device=real.device)
-    position_ids = torch.cat([torch.arange(prefix, device=real.device),
-                              torch.arange(int(own.sum()), device=real.device)
-                              - torch.repeat_interleave(starts - prefix, own) + prefix])  # fmt: skip
-    where = torch.where(real, torch.where(cols < prefix, cols, starts[:, None] + cols - prefix), -1)
-    return ({"input_ids": row, "position_ids": position_ids.unsqueeze(0)}, (tuple(own.tolist()),), (prefix,),
-            where)  # fmt: skip
-
-
-def _common_prefix(ids: torch.Tensor, lengths: torch.Tensor) -> int:
-    """How many tokens every row of the right-padded `ids` (B, T) begins with, within its `lengths` (B,)."""
-    shortest = int(lengths.min())
-    same = (ids[:, :shortest] == ids[:1, :shortest]).all(0)  # (shortest,)
-    return int(same.int().argmin()) if not bool(same.all()) else shortest
+    row = share_prefix_in_one_row(inputs, one_group, layout._replace(groups=[(rows, prefix)]))
+    return {"input_ids": row.input_ids, "position_ids": row.position_ids}, row.blocks, row.index
 
 
 def _prefix_sharable(model) -> bool:
@@ -774,8 +760,8 @@ def selected_token_logps(
                 hidden = last_hidden_states(model, row_inputs)  # (1, N, H)
             kept = repeat_rows(hidden[0], where[keep])  # (N, H); a position may predict several targets
         elif packed is not None:  # the padded rows' real tokens side by side in one row, attended to row by row
-            row_inputs, segments, prefixes, where = packed
-            with packed_segments(segments, prefixes):
+            row_inputs, blocks, where = packed
+            with packed_blocks([blocks]):
                 hidden = last_hidden_states(model, row_inputs)  # (1, sum of lengths, H)
             kept = repeat_rows(hidden[0], where[keep])  # (N, H); under a shared prefix a position may repeat
         else:
