@@ -120,8 +120,9 @@ class DataConfig(_Section):
     and gradients (float rounding aside) from fewer tokens. For the policy, reference and old log-prob forwards.
     Inside a run, models whose attention runs one example at a time (`logprobs.packed_rows`) take every group in
     one row with no mask, attention per sequence, where that keeps less for backward (`logprobs._one_row_pays`). Models whose attention cannot take such a mask (flash-attention,
-    flex attention, a sliding window shorter than the row) run the padded rows instead, with a note. false: always
-    padded rows (docs/preference.md).
+    flex attention, a sliding window shorter than the row) run the padded rows instead, with a note; so do training
+    forwards while dropout is on (LoRA's `technique.dropout`, `model.dropout: keep`), where each row must draw its
+    own masks. false: always padded rows (docs/preference.md).
     sft: the tokens every row of a micro-batch begins with (a system prompt, shared instructions) run once, where
     the rows run as one packed row (models of the packable families with sdpa attention; not while dropout is
     on), each example attending to them and its own tokens (docs/data.md)."""

@@ -116,6 +116,21 @@ def test_rows_run_every_token_where_the_prefix_is_not_shared(monkeypatch, case):
     assert seen.inputs == [(1, 26)]
 
 
+def test_a_model_whose_dropout_was_switched_off_shares_the_prefix(monkeypatch):
+    """`model.dropout: off` zeroes the modules' rates and leaves the config's `attention_dropout` as shipped: the
+    forward draws no mask, so the rows' 4 common tokens run once (26 - 3 x 4 tokens)."""
+    from posttrain.models import disable_dropout
+
+    ids, mask, targets, weights = _prefixed_batch()
+    model = tiny_model(V, attention_dropout=0.1)
+    model.train()
+    assert disable_dropout(model) and model.config.attention_dropout == 0.1
+    seen = _Seen(model, monkeypatch)
+    with attention_per_segment():
+        _run(model, ids, mask, targets, weights, shared_prefix=True)
+    assert seen.inputs == [(1, 14)]
+
+
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_under_bf16_autocast_packed_rows_are_as_accurate_as_padded_ones(shared_prefix):
     """A bf16 run on CPU: the examples' padded batch cast to float32 for attention (the two wrappers compose). The

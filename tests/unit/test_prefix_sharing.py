@@ -331,6 +331,48 @@ def test_dpo_step_with_shared_prompts_equals_the_padded_step(loss_type, in_run):
         torch.testing.assert_close(g1[name], grad, **GRADS, msg=name)
 
 
+@pytest.mark.parametrize("in_run", [False, True])
+def test_while_dropout_is_on_each_row_of_a_pair_draws_its_own_masks(monkeypatch, capsys, in_run):
+    """LoRA dropout in a training forward: a pair whose chosen and rejected are the same tokens gives two different
+    log-probs (each row its own masks), bit for bit what the padded rows give under the same seed, with a note;
+    the prompt run once would have given both rows one mask and equal log-probs. In eval mode the prompt is
+    shared."""
+    from peft import get_peft_model
+
+    from posttrain.config import TechniqueConfig
+    from posttrain.models.adapters import lora_config
+
+    monkeypatch.setattr(logprobs, "_NOTED", set())
+    model = get_peft_model(tiny_model(259), lora_config(TechniqueConfig(dropout=0.5)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    row = torch.tensor([11, 12, 13, 14, 15, 20])
+    inputs = {"input_ids": torch.stack([row, row]), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    target_mask = torch.zeros(2, 6, dtype=torch.long)
+    target_mask[:, -1] = 1
+    tokens = Tokens(model)
+
+    def logps(**kw):
+        torch.manual_seed(0)
+        with attention_per_segment() if in_run else contextlib.nullcontext(), torch.no_grad():
+            return selected_token_logps(model, inputs, target_mask, **kw)[0][:, -1]
+
+    model.train()
+    padded = logps()
+    tokens.seen = 0
+    grouped = logps(groups=torch.tensor([0, 0]))
+    assert tokens.seen == 12  # both rows, every token
+    assert padded[0] != padded[1]
+    torch.testing.assert_close(grouped, padded, rtol=0, atol=0)
+    assert "not shared while dropout is on" in capsys.readouterr().out
+    model.eval()
+    tokens.seen = 0
+    logps(groups=torch.tensor([0, 0]))
+    assert tokens.seen == 6  # the two rows are one prefix: it runs once
+
+
 def test_dpo_prepare_marks_pairs_only_under_share_prompt(tmp_path, tiny_tokenizer):
     import json
 

@@ -464,24 +464,33 @@ def load_model(
 
 
 def disable_dropout(model) -> list[str]:
-    """Set every dropout of `model` to 0; returns what was changed (module paths, `path.attribute`).
-
-    Models keep dropout two ways: `nn.Dropout` modules (GPT-2's attn_dropout/resid_dropout) and float rates that
-    the forward passes to a functional dropout or the attention kernel (Llama-style `attention_dropout`, OPT's
-    `dropout`), copied from the config when the model was built. Both are zeroed on the modules; the config is left
-    as shipped, so a saved model keeps its published settings.
-    """
-
+    """Set every dropout of `model` to 0 (`active_dropout`); returns what was changed (module paths,
+    `path.attribute`). The config is left as shipped, so a saved model keeps its published settings."""
     changed = []
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+    for path, module, attr in active_dropout(model):
+        if attr is None:
             module.p = 0.0
             changed.append(path)
+        else:
+            setattr(module, attr, 0.0)
+            changed.append(f"{path}.{attr}")
+    return changed
+
+
+def active_dropout(model) -> list[tuple[str, torch.nn.Module, str | None]]:
+    """Where `model` has a dropout of rate > 0: (module path, module, None) for a dropout module, (module path,
+    module, attribute) for a float rate. Models keep dropout two ways: `nn.Dropout` modules (GPT-2's
+    attn_dropout/resid_dropout, peft's `lora_dropout`) and float rates that the forward passes to a functional
+    dropout or the attention kernel (Llama-style `attention_dropout`, OPT's `dropout`), copied from the config when
+    the model was built, so the modules, not the config, say what a forward draws."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append((path, module, None))
         for attr, value in vars(module).items():
             if isinstance(value, float) and value > 0 and ("dropout" in attr or "pdrop" in attr):
-                setattr(module, attr, 0.0)
-                changed.append(f"{path}.{attr}")
-    return changed
+                found.append((path, module, attr))
+    return found
 
 
 def describe_trainable(model) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from posttrain.models.attention import packed_blocks, packed_segments, runs_per_segment
+from posttrain.models.loading import active_dropout
 from posttrain.models.prefix_sharing import (
     GROUP_KEY,
     GroupLayout,
@@ -615,14 +616,13 @@ def packed_rows(model, inputs: dict[str, torch.Tensor], *, shared_prefix: bool =
 
 
 def _prefix_sharable(model) -> bool:
-    """Whether a shared prefix's tokens may run once for all rows: not while dropout is active (a training model
-    with dropout modules of p > 0, or attention dropout), which would draw one mask for the prefix where the
-    padded rows drew one per row; a note says so once."""
+    """Whether a shared prefix's tokens may run once for all rows (SFT's common prefix, a DPO pair's or a GRPO
+    group's prompt): not while dropout is active (a training model with a dropout of rate > 0 on its modules,
+    `loading.active_dropout`: LoRA's, attention's, the layers'), which would draw one mask for the prefix where the
+    padded rows drew one per row, tying the rows' noise together; a note says so once."""
     if not model.training:
         return True
-    lm = causal_lm_of(model)
-    config = lm.config.get_text_config()
-    if getattr(config, "attention_dropout", 0.0) or any(isinstance(m, nn.Dropout) and m.p > 0 for m in lm.modules()):
+    if active_dropout(causal_lm_of(model)):  # the modules' rates, not the config's (`model.dropout: off` zeroes them)
         _note_once("the rows' common prefix is not shared while dropout is on (each row draws its own masks)")
         return False
     return True
@@ -727,7 +727,8 @@ def selected_token_logps(
     gathers = gathers_in_forward(unwrap_parallel(model))
     # Rows that share a prompt: inside a run, for a model whose attention runs one example at a time, every group in
     # one row with its prompt once (no mask); else each group in a row of its own under a 4D mask.
-    layout = _group_layout(inputs, groups) if groups is not None else None  # computed once for either layout
+    # computed once for either layout; not while dropout is on, where each row must draw its own masks (as in SFT)
+    layout = _group_layout(inputs, groups) if groups is not None and _prefix_sharable(model) else None
     one_row = (_shared_prompt_row(model, inputs, groups, keep, layout)
                if layout is not None and not gathers and _runs_packed(model) else None)  # fmt: skip
     shared = (_shared_prompt_inputs(model, inputs, groups, keep, layout)
