@@ -197,3 +197,38 @@ def test_finished_rows_leave_the_decode_batch(tiny_tokenizer, family, window):
     # prompts that are all the same share every token but the last, which each row still feeds itself
     one = generate(model, tiny_tokenizer, ["same prompt"], max_new_tokens=10)
     assert generate(model, tiny_tokenizer, ["same prompt"] * 3, max_new_tokens=10) == one * 3
+
+
+@pytest.mark.parametrize("merge_adapters, merged", [(None, True), (True, True), (False, False)])
+def test_a_lora_model_decodes_from_merged_weights_on_a_cpu(tiny_tokenizer, merge_adapters, merged):
+    """A LoRA model (a sharpened head, adapters that change its answers): by default on a CPU, or when asked, no
+    adapter runs while decoding (peft's lora_A layers are never called) and the completions are the adapted
+    model's, the manual argmax loop's through the adapters; the base weights are the same tensors after, the model
+    back in training mode. `merge_adapters=False` decodes through the adapters, to the same completions."""
+    from posttrain.config import TechniqueConfig
+    from posttrain.models.adapters import apply_lora
+
+    base = make_tiny_model(len(tiny_tokenizer))
+    with torch.no_grad():
+        base.lm_head.weight.mul_(200)
+    plain = [_manual_greedy(base, tiny_tokenizer, p, 12) for p in PROMPTS]
+    model = apply_lora(base, TechniqueConfig(name="lora", r=4, alpha=8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)
+    model.train()
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "lora" not in n}
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in model.named_modules()
+             if n.endswith("lora_A.default")]  # fmt: skip
+    out = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, merge_adapters=merge_adapters)
+    for h in hooks:
+        h.remove()
+    assert (calls == []) is merged
+    assert model.training
+    assert all(p is dict(model.named_parameters())[n] and torch.equal(p, v) for n, (p, v) in weights.items())
+    adapted = [_manual_greedy(model.eval(), tiny_tokenizer, p, 12) for p in PROMPTS]
+    assert out == adapted
+    assert out != plain  # the adapters change the answers: merging them in is not the base model
