@@ -37,6 +37,30 @@ class _Section(BaseModel):
     # use_attribute_docstrings: the docstring under each field is its description (shown by --help-config).
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, data):
+        """A number field refuses a boolean, which pydantic would take as 1 or 0: YAML reads yes, no, on, off, true
+        and false as booleans, so `lr: yes` would train at lr 1.0 and `max_steps: on` run one step."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if isinstance(value, bool) and field is not None and _numbers_only(field.annotation):
+                    raise ValueError(f"{name} needs a number, got {str(value).lower()} (YAML reads yes, no, on, "
+                                     "off, true and false as booleans)")  # fmt: skip
+        return data
+
+
+def _numbers_only(annotation) -> bool:
+    """Whether a field's type takes numbers and not booleans (int, float, optional or in a union with None).
+
+    >>> _numbers_only(float), _numbers_only(int | None), _numbers_only(bool), _numbers_only(str)
+    (True, True, False, False)
+    """
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    kinds.discard(type(None))
+    return bool(kinds) and kinds <= {int, float}
+
 
 class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"

@@ -4,8 +4,9 @@ Order matters for the user: the config is already valid; then the run folder is 
 `trainer.runlock`) and checked (never overwrite a run that has checkpoints unless resuming; a resume must find
 the same config and data), the tokenizer loads and the data is read, validated, rendered and planned into steps
 (so a bad file or an impossible batching fails in seconds). Everything that can be checked without the model is
-checked before the run folder is created or written: a run refused there leaves no folder behind. Only then the
-model, optimiser and the loop.
+checked before the run folder is created or written: a run refused there leaves no folder behind. Then the model
+loads (a model that cannot, or LoRA targets it lacks, are refused still before anything is written), the run folder
+gets its config.yaml, then the optimiser and the loop.
 
 A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
 
@@ -282,6 +283,12 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
         if ckpt is not None:
             check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, plan.steps_per_epoch)
+    if cfg.optim.warmup_steps >= steps > 0 and accelerator.is_main_process:
+        peak = steps / (steps + 1)  # `lr_factor` at the last step: `build_scheduler` cuts the warmup to the run
+        print(f"warning: optim.warmup_steps = {cfg.optim.warmup_steps} is not shorter than this run's {steps} steps: "
+              f"the learning rate rises for the whole run, to {peak:.0%} of optim.lr at the last step"
+              + (f", and optim.schedule = {cfg.optim.schedule} never starts" if cfg.optim.schedule != "constant"
+                 else ""))  # fmt: skip
     start = 0
     if ckpt is not None:
         start = _resume_step(ckpt, steps, run_dir)
@@ -291,15 +298,16 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
         if not return_model:
             return TrainResult(run_dir=run_dir, final_dir=run_dir / "final", steps=steps, history=[])
+    # ---- model, reference, batch source, optimiser, schedule
+    # The model first: one that cannot load (its files, technique.target_modules) is refused before the run folder
+    # holds anything, so the corrected command runs as it is.
+    model = _load_model(cfg, algorithm, accelerator.device)
     # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
         _say_launch_notes(cfg, accelerator)
         _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
-
-    # ---- model, reference, batch source, optimiser, schedule
-    model = _load_model(cfg, algorithm, accelerator.device)
     # Under the run's autocast: a reference computed here (DPO precompute) must see the forward training sees.
     with accelerator.autocast():
         reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,

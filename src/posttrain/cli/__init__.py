@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        # `train RUN.yaml --resume run.max_steps=3`: argparse ends the positional overrides at the first flag;
+        # key=value words after one are overrides too, in the order given
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER

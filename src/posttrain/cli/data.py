@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from posttrain.cli.output import Output, add_json, quiet_libraries
+from posttrain.cli.output import Output, add_json, check_output_file, positive_int, quiet_libraries, top_p
 from posttrain.errors import EXIT_OK, EXIT_USER, DataError, UserError
 
 TASK_OPTIONS = {"min_ops": "--min-ops", "max_ops": "--max-ops", "max_value": "--max-value"}
@@ -81,16 +81,25 @@ def _add_pairs(dsub) -> None:
         '{"name": ..., "weight": ..., "args": {...}}; repeatable (weighted sum)',
     )
     pa.add_argument("--n", type=int, default=8, help="completions sampled per prompt (default: 8)")
-    pa.add_argument("--max-new-tokens", type=int, default=128)
+    pa.add_argument("--max-new-tokens", type=positive_int, default=128)
     pa.add_argument("--temperature", type=float, default=1.0, help="must be > 0 (default: 1.0)")
-    pa.add_argument("--top-p", type=float, default=1.0)
+    pa.add_argument("--top-p", type=top_p, default=1.0)
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--limit", type=int, help="use only the first K prompts")
-    pa.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default: 16)")
+    pa.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generate call (default: 16)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
     add_json(pa)
     pa.set_defaults(func=pairs)
+
+
+def _lines_in(path: str) -> int | None:
+    """How many lines the file at `path` holds, or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return None
 
 
 def make(args) -> int:
@@ -100,6 +109,7 @@ def make(args) -> int:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of rows, got {args.n}")
+    check_output_file(args.out, "--out")
     task = task_with_options(TASKS[args.task], args)
     maker = {"sft": task.make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
     rows = (
@@ -107,7 +117,10 @@ def make(args) -> int:
         if args.kind == "sft"
         else maker(task, args.n, seed=args.seed, split=args.split)
     )
+    replaced = _lines_in(args.out)
     write_jsonl(rows, args.out)
+    if replaced is not None:
+        print(f"note: {args.out} existed ({replaced} lines) and was replaced")
     what = args.task if args.kind == "sft" else f"{args.task} {args.kind}"
     print(f"wrote {len(rows)} {what} rows ({args.split}, seed {args.seed}) to {args.out}")
     return EXIT_OK
@@ -212,6 +225,7 @@ def pairs(args) -> Output:
     )
 
     _check_pairs_args(args)
+    check_output_file(args.out, "--out")
     rows = load_rows(args.prompts, "prompts")[: args.limit]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)

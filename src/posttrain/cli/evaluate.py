@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows
-from posttrain.cli.output import Output, add_json, quiet_libraries, settings
+from posttrain.cli.output import Output, add_json, check_output_file, positive_int, quiet_libraries, settings
 from posttrain.errors import UserError
 
 NO_VERIFIER = (
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
     e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
     e.add_argument("--data", help="prompts file (a `prompt` per row, and the `answer` the verifier checks)")
-    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--max-new-tokens", type=positive_int, default=128)
     e.add_argument(
         "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one seeded sample"
     )
@@ -74,6 +74,8 @@ def run(args) -> Output:
 
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of prompts or pairs, got {args.n}")
+    check_output_file(args.out, "--out")  # before the answers are made, not after
+    _check_pairs_only_flags(args)
     if args.pairs is not None:
         if args.task is not None or args.reward or args.data is not None:
             raise UserError("--pairs scores preference pairs with the model's log-probabilities; "
@@ -174,6 +176,20 @@ def _evaluation_rows(args) -> list[dict]:
     if args.task is not None and missing:
         raise UserError(f"{args.data}: rows need an `answer` for the verifier (missing on line {missing[0]})")
     return rows
+
+
+def _check_pairs_only_flags(args) -> None:
+    """Flags that apply with or without --pairs only are refused where they would do nothing."""
+    if args.pairs is None:
+        given = [flag for flag, value, default in (("--reference", args.reference, None), ("--beta", args.beta, 0.1),
+                 ("--max-length", args.max_length, 512)) if value != default]  # fmt: skip
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UserError(f"{', '.join(given)} {verb} only with --pairs (ranking preference pairs); this evaluation "
+                            "generates answers, which they do not change")  # fmt: skip
+    elif args.temperature != 0:
+        raise UserError("--temperature applies to generated answers; --pairs ranks given pairs by log-probability "
+                        "and samples nothing")  # fmt: skip
 
 
 def _report_reward_failures(result, n: int) -> None:

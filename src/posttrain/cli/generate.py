@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.cli.output import Output, add_json, settings
+from posttrain.cli.output import Output, add_json, positive_int, settings, temperature, top_p
 from posttrain.errors import UserError
 
 
@@ -15,9 +15,9 @@ def add_parser(sub) -> None:
     )
     g.add_argument("--prompt", action="append", help="a user message (repeatable)")
     g.add_argument("--prompts-file", help="a file of prompt rows (JSONL/JSON/CSV with a `prompt` field)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=128)
+    g.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=top_p, default=1.0, help="sampling only: the nucleus mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
     add_json(g)
@@ -29,6 +29,11 @@ def run(args) -> Output:
     from posttrain.evaluation import load_for_inference
     from posttrain.models import generate
 
+    if args.temperature == 0 and args.top_p != 1.0:
+        raise UserError(f"--top-p {args.top_p} applies to sampling only; greedy decoding (--temperature 0, the "
+                        "default) takes the most likely token. Give --temperature > 0 to sample, or leave --top-p out")  # fmt: skip
+    if any(not p.strip() for p in args.prompt or []):
+        raise UserError("--prompt is empty; give the text of a user message")
     items = [{"prompt": p} for p in args.prompt or []]
     if args.prompts_file:
         rows = load_rows(args.prompts_file, "prompts")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from posttrain.cli.output import check_output_folder
 from posttrain.errors import EXIT_OK
 
 
@@ -16,6 +17,7 @@ def run(args) -> int:
     from posttrain.models import merge_adapter
     from posttrain.models.saving import head_kind, read_info
 
+    check_output_folder(args.out, "--out")
     out = merge_adapter(args.adapter, args.out)
     if head_kind(out) == "reward":
         print(f"merged reward model written to {out}, with its score head (usable as --judge or "

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from posttrain.errors import EXIT_OK
+from posttrain.errors import EXIT_OK, UserError
 
 SCHEMA_VERSION = 1
 """Version of the `--json` documents (docs/cli-json.md): raised when a key is removed or changes meaning; new
@@ -89,3 +89,98 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0 (token counts, batch sizes); argparse words the refusal with the flag.
+
+    >>> positive_int("3")
+    3
+    >>> positive_int("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a whole number > 0, got 0
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: a sampling temperature, >= 0 (0: greedy).
+
+    >>> temperature("0.7")
+    0.7
+    >>> temperature("-1")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be >= 0 (0: greedy), got -1
+    """
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: greedy), got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    """argparse type: a nucleus-sampling mass, in (0, 1] (1: the whole distribution).
+
+    >>> top_p("0.9")
+    0.9
+    >>> top_p("1.5")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be in (0, 1] (1: no nucleus cut), got 1.5
+    """
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: no nucleus cut), got {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file.
+
+    >>> check_output_file("/", "--out")
+    Traceback (most recent call last):
+    posttrain.errors.UserError: --out /: is a folder; give a file path (e.g. /answers.jsonl)
+    """
+    from pathlib import Path
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file path (e.g. {p / 'answers.jsonl'})")
+    _check_parents(p, flag)
+
+
+def check_output_folder(path: str | None, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: is a file, not a folder; give a folder (it is created if missing)")
+    _check_parents(p, flag)
+
+
+def _check_parents(p, flag: str) -> None:
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {p}: {parent} is a file, not a folder")
+            return

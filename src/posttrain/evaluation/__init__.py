@@ -29,6 +29,7 @@ def load_for_inference(name_or_path: str):
         (p / "final").is_dir()
         or (p / "posttrain_model.json").exists()
         or (p / "adapter_config.json").exists()
+        or ((p / "config.yaml").is_file() and not (p / "config.json").is_file())  # a run folder: did it finish?
     ):
         model, tokenizer = load_trained(p)
     else:

@@ -111,7 +111,14 @@ def apply_lora(
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(technique))
+    try:
+        model = get_peft_model(model, lora_config(technique))
+    except ValueError as err:  # peft's NoMatchingPeftModuleError (a ValueError): no layer has those names
+        if "target module" not in str(err).lower() and "target_modules" not in str(err):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"technique.target_modules = {technique.target_modules!r} matches no layer of this model; "
+                        f"its linear layers are named {', '.join(names)} (or use all-linear)") from None  # fmt: skip
     if deepspeed_zero_stage() != 3:  # ZeRO-3 gathers lora_B's weight in a hook on lora_B's own forward
         fuse_lora_scaling(model)
     return model

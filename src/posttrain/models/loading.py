@@ -315,7 +315,7 @@ def load_tokenizer(model_cfg: ModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(
             resolved.path, gguf_file=resolved.gguf_file, trust_remote_code=model_cfg.trust_remote_code
         )
-    except OSError as err:
+    except _LOAD_ERRORS as err:
         raise _not_loadable(model_cfg.name, "tokenizer", err) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -329,8 +329,26 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a model folder it cannot read: missing or unreadable files (OSError), a
+    tokenizer without its files or an unknown `model_type` in config.json (ValueError), a malformed config.json
+    (json's decode error is a ValueError), a cut or corrupt safetensors file (SafetensorError)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
+_LOAD_ERRORS = _load_errors()
+
+
 def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(name).expanduser().exists():  # a local folder or file: the hub's advice would not apply
+        return ModelNotFoundError(
+            f"model {name!r}: could not load its {what} ({first}). Check that the folder holds config.json (with a "
+            "model_type this transformers knows), the weights (*.safetensors, whole) and the tokenizer files, as "
+            "save_pretrained writes them, or give a .gguf file."
+        )
     return ModelNotFoundError(
         f"model {name!r}: could not load its {what} ({first}). If it is a hub name, check the spelling and that "
         f"it is downloaded (`huggingface-cli download {name}`) or that HF_HUB_OFFLINE is unset; if it is a folder, "
@@ -405,7 +423,7 @@ def load_model(
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, **kwargs)
-    except OSError as err:
+    except _LOAD_ERRORS as err:
         raise _not_loadable(model_cfg.name, "weights", err) from None
     if technique.name == "qlora":
         use_portable_4bit_kernel(model)  # same results on every CPU (see there)

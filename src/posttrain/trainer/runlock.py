@@ -135,7 +135,11 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[dict]:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir {run_dir} exists and is not a folder; choose another run.output_dir")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a parent folder should be, no permission, a read-only disk
+        raise ConfigError(f"run.output_dir {run_dir} cannot be created ({err.strerror}: {err.filename}); choose "
+                          "another run.output_dir") from None  # fmt: skip
     path = run_dir / LOCK_FILE
     fd, stale = _acquire(path, run_dir)
     try:

@@ -1,0 +1,140 @@
+"""User mistakes found by an audit of the CLI (seventeenth session): each is a one-paragraph error before any work,
+not a traceback, a silently ignored setting or lost work; and the fixed command then runs."""
+
+import json
+import shutil
+
+import pytest
+
+from posttrain.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _broken_model(tiny_model_dir, tmp_path, how: str):
+    folder = tmp_path / how
+    shutil.copytree(tiny_model_dir, folder)
+    if how == "unknown model type":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llamaxyz"}))
+    elif how == "cut weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5])
+    elif how == "no tokenizer":
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+    return folder
+
+
+def _train(tiny_model_dir, sft_file, run_dir, *extra):
+    return ["train", f"model.name={tiny_model_dir}", "technique.name=lora", f"data.train={sft_file}",
+            "data.max_length=64", "optim.batch_size=4", f"run.output_dir={run_dir}", "run.max_steps=1",
+            "run.progress=false", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["unknown model type", "cut weights", "no tokenizer"])
+def test_a_model_folder_that_cannot_load_is_named_and_leaves_no_run_folder(capsys, tiny_model_dir, sft_file,
+                                                                          tmp_path, how):  # fmt: skip
+    broken = _broken_model(tiny_model_dir, tmp_path, how)
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, *_train(broken, sft_file, run_dir))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"model '{broken}': could not load its" in err and "Check that the folder holds config.json" in err
+    assert not run_dir.exists()  # the corrected command then runs as it is
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, run_dir))
+    assert code == 0, err
+
+
+def test_lora_targets_the_model_lacks_are_named_and_leave_no_run_folder(capsys, tiny_model_dir, sft_file, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, run_dir, "technique.target_modules=[foo_proj]"))
+    assert code == 2 and "Traceback" not in err
+    assert "technique.target_modules = ['foo_proj'] matches no layer" in err and "q_proj" in err
+    assert not run_dir.exists()
+
+
+def test_an_output_folder_under_a_file_is_refused(capsys, tiny_model_dir, sft_file, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, tmp_path / "afile" / "run"))
+    assert code == 2 and "cannot be created" in err and "Traceback" not in err
+
+
+def test_yaml_booleans_are_not_numbers(capsys, tiny_model_dir, sft_file, tmp_path):
+    """`lr: yes` would train at lr 1.0 (pydantic takes true as 1)."""
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, tmp_path / "run", "optim.lr=yes"))
+    assert code == 2 and "lr needs a number, got true" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_warmup_longer_than_the_run_is_said(capsys, tiny_model_dir, sft_file, tmp_path):
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, tmp_path / "run", "optim.warmup_steps=5"))
+    assert code == 0, err
+    assert "optim.warmup_steps = 5 is not shorter than this run's 1 steps" in out and "50% of optim.lr" in out
+
+
+def test_overrides_after_resume_are_overrides(capsys, tiny_model_dir, sft_file, tmp_path):
+    argv = _train(tiny_model_dir, sft_file, tmp_path / "run")
+    assert run(capsys, *argv)[0] == 0
+    code, out, err = run(capsys, *argv, "--resume", "run.max_steps=2")
+    assert code == 0, err
+    assert "done: 1 step (step 2 of 2)" in out
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        run(capsys, *argv, "--resume", "--bogus")
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def lora_run(capsys, tiny_model_dir, sft_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(capsys, *_train(tiny_model_dir, sft_file, run_dir))[0] == 0
+    return run_dir
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number > 0, got 0"),
+    (["--temperature", "-1"], "argument --temperature: must be >= 0 (0: greedy), got -1"),
+    (["--temperature", "0.7", "--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    (["--top-p", "0.5"], "--top-p 0.5 applies to sampling only"),
+])  # fmt: skip
+def test_generate_refuses_settings_it_cannot_use(capsys, lora_run, flags, says):
+    argv = ["generate", "--model", str(lora_run), "--prompt", "hi", *flags]
+    if says.startswith("argument"):  # argparse's usage error, before anything loads
+        with pytest.raises(SystemExit) as exited:
+            run(capsys, *argv)
+        code, err = exited.value.code, capsys.readouterr().err
+    else:
+        code, _, err = run(capsys, *argv)
+    assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_evaluate_refuses_flags_of_the_other_mode_and_an_out_folder_before_answering(capsys, lora_run, tmp_path):
+    code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--task", "arithmetic", "--n", "2",
+                         "--beta", "0.5")  # fmt: skip
+    assert code == 2 and "--beta applies only with --pairs" in err
+    (tmp_path / "answers").mkdir()
+    code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--task", "arithmetic", "--n", "2",
+                         "--no-progress", "--out", str(tmp_path / "answers"))  # fmt: skip
+    assert code == 2 and "is a folder; give a file path" in err and "Traceback" not in err
+    assert list((tmp_path).glob("answers*")) == [tmp_path / "answers"]  # no stray file, nothing generated
+
+
+def test_a_run_folder_without_final_says_so(capsys, tiny_model_dir, sft_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(capsys, *_train(tiny_model_dir, sft_file, run_dir))[0] == 0
+    shutil.rmtree(run_dir / "final")
+    code, out, err = run(capsys, "generate", "--model", str(run_dir), "--prompt", "hi")
+    assert code == 2 and "did the run finish?" in err
+
+
+def test_data_make_says_it_replaced_a_file(capsys, tmp_path):
+    out_file = tmp_path / "rows.jsonl"
+    assert run(capsys, "data", "make", "arithmetic", "--n", "3", "--out", str(out_file))[0] == 0
+    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(out_file))
+    assert code == 0 and f"{out_file} existed (3 lines) and was replaced" in out
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / "afile" / "x"))
+    assert code == 2 and "is a file, not a folder" in err
