@@ -130,6 +130,17 @@ def test_preference_rows(tmp_path):
     )
 
 
+def test_whole_conversation_pairs_must_answer_one_prompt(tmp_path):
+    """Conversations that differ before the assistant's reply are two prompts, not one pair: trained, their
+    common part (nothing here) would be the prompt and each side's user message part of its response."""
+    other = {"role": "user", "content": "something else"}
+    f = write(tmp_path, [{"chosen": [U, A], "rejected": [other, {"role": "assistant", "content": "b"}]}])
+    assert problems(f, "preference") == [
+        f"{f}:1: chosen: message 1 is a 'user' message that differs from the other side's: a pair is two replies "
+        "to one prompt, so every message before the assistant's reply must be the same on both sides"
+    ]
+
+
 def test_prompts_rows_keep_other_columns(tmp_path):
     f = write(tmp_path, [{"prompt": "q", "answer": 4, "schema": {"type": "object"}}, {"prompt": [U]}])
     rows = load_rows(f, "prompts")
@@ -145,3 +156,12 @@ def test_prompts_rows_keep_other_columns(tmp_path):
 def test_unknown_kind_is_a_programming_error(tmp_path):
     with pytest.raises(ValueError, match="kind must be one of"):
         load_rows(write(tmp_path, [{"text": "x"}]), "dpo")
+
+
+def test_prompts_rows_may_not_use_the_columns_the_rollout_adds(tmp_path):
+    """`data validate --kind prompts` refuses them as training does (it said OK, then `train` refused the file)."""
+    f = write(tmp_path, [{"prompt": "add 1 2", "answer": 3}, {"prompt": "add 2 2", "truncated": False}])
+    assert problems(f, "prompts") == [
+        f"{f}:2: truncated: this column name is reserved: the rollout passes its own to the reward functions "
+        "(docs/rewards.md); rename it"
+    ]

@@ -2,7 +2,8 @@
 kept for the reward functions.
 
 A prompt that leaves no room for `rollout.max_new_tokens` within `data.max_length`, or that uses a column name
-the rollout passes to the rewards itself (`ADDED_COLUMNS`), is an error naming its line, before any model loads.
+the rollout passes to the rewards itself (`schema.RESERVED_PROMPT_COLUMNS`, refused by `load_rows`, so by
+`posttrain data validate` too), is an error naming its line, before any model loads.
 What the rewards need from the rows is checked by `rewards.checks`.
 """
 
@@ -15,9 +16,6 @@ from posttrain.data.prepared import PreparedData
 from posttrain.data.render import render_prompt
 from posttrain.data.schema import load_rows
 from posttrain.errors import ConfigError, DataError, Problem
-
-ADDED_COLUMNS = ("prompt_messages", "truncated")
-"""Columns the rollout adds for the reward functions; a prompts file may not use these names."""
 
 
 @dataclass
@@ -39,8 +37,8 @@ def read_prompt_rows(cfg) -> list:
 
 
 def render_prompts(cfg, tokenizer, rows) -> PreparedData:
-    """Render every prompt row of an RL run; rows too long for the run's lengths, or with a reserved column, are
-    errors naming their lines (all of them at once)."""
+    """Render every prompt row of an RL run; rows too long for the run's lengths are errors naming their lines
+    (all of them at once; `load_rows` refused reserved columns)."""
     max_new = cfg.algorithm.rollout.max_new_tokens
     room = cfg.data.max_length - max_new
     examples, problems = [], []
@@ -51,12 +49,6 @@ def render_prompts(cfg, tokenizer, rows) -> PreparedData:
             problems.append(Problem(cfg.data.train, line, "prompt", (
                 f"prompt is {len(ids)} tokens; data.max_length ({cfg.data.max_length}) minus "
                 f"algorithm.rollout.max_new_tokens ({max_new}) leaves {room}")))  # fmt: skip
-            continue
-        reserved = [k for k in ADDED_COLUMNS if k in row]
-        if reserved:
-            problems.append(Problem(cfg.data.train, line, reserved[0], (
-                "this column name is reserved: the rollout passes its own to the reward functions (docs/rewards.md); "
-                "rename it")))  # fmt: skip
             continue
         msgs = row["prompt"]
         text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])

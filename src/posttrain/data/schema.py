@@ -354,6 +354,12 @@ def _normalise_preference(data: dict, report) -> dict | None:
             k += 1
         prompt = copy.deepcopy(data["chosen"][:k])
         chosen, rejected = copy.deepcopy(data["chosen"][k:]), copy.deepcopy(data["rejected"][k:])
+        for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if msgs and msgs[0].get("role") != "assistant":  # a pair compares two replies to one prompt
+                report(side, f"message {k + 1} is a {msgs[0].get('role')!r} message that differs from the other "
+                             "side's: a pair is two replies to one prompt, so every message before the assistant's "
+                             "reply must be the same on both sides")  # fmt: skip
+                return None
     for side, msgs in (("chosen", chosen), ("rejected", rejected)):
         if _response_empty(msgs):
             report(side, "empty response (no assistant content)")
@@ -365,9 +371,18 @@ def _normalise_preference(data: dict, report) -> dict | None:
             **_extras(data, ("prompt", "chosen", "rejected"))}  # fmt: skip
 
 
+RESERVED_PROMPT_COLUMNS = ("prompt_messages", "truncated")
+"""Columns the rollout adds for the reward functions (docs/rewards.md); a prompts file may not use these names."""
+
+
 def _normalise_prompts(data: dict, report) -> dict | None:
     if isinstance(data["prompt"], str) and not data["prompt"].strip():
         report("prompt", "empty prompt")
+        return None
+    reserved = [k for k in RESERVED_PROMPT_COLUMNS if k in data]
+    if reserved:
+        report(reserved[0], "this column name is reserved: the rollout passes its own to the reward functions "
+                            "(docs/rewards.md); rename it")  # fmt: skip
         return None
     return {**data, "prompt": _as_messages(data["prompt"], "user")}
 
