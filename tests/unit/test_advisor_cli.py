@@ -224,3 +224,24 @@ def test_data_rejects_what_data_validate_rejects(tmp_path, capsys):
     assert rc == 2 and f"{bad}:3: rejected: missing required field" in err
     assert main(["data", "validate", str(bad), "--kind", "preference"]) == 2
     assert f"{bad}:3: rejected: missing required field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--gpu", "H100-80GB", "--gpu-memory-gb", "8"], "the command line: gpu (H100-80GB) and gpu_memory_gb (8) both"),
+    (["--avg-tokens", "5000", "--seq-len", "100"], "avg_tokens (5000) is more than seq_len (100)"),
+])  # fmt: skip
+def test_answers_that_contradict_each_other_are_refused(capsys, argv, says):
+    """They were planned for silently: --gpu dropped for a custom 8 GB GPU; an average longer than the maximum."""
+    with pytest.raises(UserError) as err:
+        run_cli(["--demonstrations", "100", *argv], capsys)
+    assert says in str(err.value)
+
+
+def test_a_gpu_in_the_profile_file_and_one_in_the_flags_is_not_a_contradiction(profile_file, tmp_path, capsys):
+    """The flag wins, however the file named the GPU; the same file naming two GPUs is refused."""
+    rc, out, _ = run_cli(["--profile", str(profile_file), "--gpu-memory-gb", "80", "--json"], capsys)
+    assert rc == 0
+    both = tmp_path / "both.yaml"
+    both.write_text("demonstrations: 100\ngpu: H100-80GB\ngpu_memory_gb: 24\n")
+    with pytest.raises(UserError, match="both.yaml: gpu .H100-80GB. and gpu_memory_gb .24. both name the GPU"):
+        run_cli(["--profile", str(both)], capsys)

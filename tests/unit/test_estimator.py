@@ -413,3 +413,20 @@ def test_what_would_fit_a_setup_that_does_not():
     changes = [w["change"] for w in e.would_fit]
     assert {"gradient_checkpointing": True, "batch_size": 1} in changes
     assert {"gradient_checkpointing": True} not in changes and {"batch_size": 1} not in changes
+
+
+@pytest.mark.parametrize("settings, says", [
+    (dict(technique="lora", lora_dropout=1.5), "lora_dropout must be in [0, 1); got 1.5"),
+    (dict(technique="lora", lora_dropout=-1.0), "lora_dropout must be in [0, 1); got -1.0"),
+    (dict(gpu="H100-80GB", gpu_memory_gb=40.0), "gpu='H100-80GB' and gpu_memory_gb=40.0 both name the GPU"),
+    (dict(gpu_memory_gb=0.0), "gpu_memory_gb must be a positive size in GB"),
+    (dict(method="sft", rollout_engine="vllm"), "rollout_engine='vllm' applies to ppo and grpo only"),
+    (dict(method="dpo", completion_len=100, reward_function=True),
+     "completion_len=100, reward_function=True apply to ppo and grpo only"),
+])  # fmt: skip
+def test_settings_that_would_be_ignored_or_are_impossible_are_refused(settings, says):
+    """They were taken silently: a dropout of -1 as 0, --gpu dropped for --gpu-memory-gb, generation settings of a
+    method that generates nothing."""
+    with pytest.raises(UserError) as err:
+        EstimateInputs(model="7b", **settings)
+    assert says in str(err.value)

@@ -140,7 +140,18 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: {key}: profiles are flat; a single value is expected, got {value!r}")
         values[key] = value if key == "data_file" else coerce(key, value, where)
-    return Profile(**values)
+    return check_profile(Profile(**values), where)
+
+
+def check_profile(p: Profile, where: str = "profile") -> Profile:
+    """`p`, or a `UserError` when its answers contradict each other (a user's profile: file, flags, answers)."""
+    if p.gpu is not None and p.gpu_memory_gb is not None:
+        raise UserError(f"{where}: gpu ({p.gpu}) and gpu_memory_gb ({p.gpu_memory_gb:g}) both name the GPU; give "
+                        "one (gpu_memory_gb plans for a GPU known only by its memory)")  # fmt: skip
+    if p.avg_tokens is not None and p.seq_len is not None and p.avg_tokens > p.seq_len:
+        raise UserError(f"{where}: avg_tokens ({p.avg_tokens:g}) is more than seq_len ({p.seq_len}), the longest "
+                        "example; an average cannot exceed the maximum")  # fmt: skip
+    return p
 
 
 def load_profile(path: str | Path) -> Profile:

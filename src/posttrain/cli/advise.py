@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.advisor.core import advise
-from posttrain.advisor.profile import KEYS, Profile, ask, coerce, load_profile
+from posttrain.advisor.profile import KEYS, Profile, ask, check_profile, coerce, load_profile
 from posttrain.cli.estimate import format_duration
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
 
@@ -61,7 +61,13 @@ def _profile(args: argparse.Namespace) -> Profile:
         asked = ask(input_fn=_ask_on_stderr, print_fn=_print_stderr) if args.json else ask()
         base = Profile(**{**base.to_dict(), **asked.to_dict()})
     flags = {k.name: coerce(k.name, getattr(args, f"key_{k.name}"), "command line") for k in KEYS}
-    return Profile(**{**base.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
+    given = {k: v for k, v in flags.items() if v is not None}
+    check_profile(Profile(**given), "the command line")  # two flags that contradict each other
+    kept = base.to_dict()
+    for one, other in (("gpu", "gpu_memory_gb"), ("gpu_memory_gb", "gpu")):
+        if one in given:  # a flag naming the GPU replaces the profile's, however the profile named it
+            kept.pop(other, None)
+    return check_profile(Profile(**{**kept, **given}), "the profile (file, answers and flags)")
 
 
 def _write_configs(advice, path: str) -> list[str]:

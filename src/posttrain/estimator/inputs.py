@@ -163,6 +163,13 @@ class EstimateInputs:
             raise UserError(f"tokens must be a positive number of training tokens; got {self.tokens!r}")
         if not 0 < self.mfu <= 1:
             raise UserError(f"mfu must be a fraction in (0, 1]; got {self.mfu!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        if self.gpu is not None and self.gpu_memory_gb is not None:
+            raise UserError(f"gpu={self.gpu!r} and gpu_memory_gb={self.gpu_memory_gb!r} both name the GPU; give one "
+                            "(gpu_memory_gb prices the cheapest table GPU at least that large)")  # fmt: skip
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise UserError(f"gpu_memory_gb must be a positive size in GB; got {self.gpu_memory_gb!r}")
         self._check_rl()
         self._check_reference()
 
@@ -172,6 +179,12 @@ class EstimateInputs:
                 raise UserError(
                     f"reward_model and value_model apply to ppo and grpo only, not to {self.method}"
                 )
+            given = [f"{k}={getattr(self, k)!r}" for k, default in (("completion_len", None),
+                     ("rollout_engine", "hf"), ("reward_function", False)) if getattr(self, k) != default]  # fmt: skip
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise UserError(f"{', '.join(given)} {verb} to ppo and grpo only (they generate), not to "
+                                f"{self.method}")  # fmt: skip
             return
         if (
             self.completion_len is not None
