@@ -63,7 +63,7 @@ def _numbers_only(annotation) -> bool:
 
 
 class ModelConfig(_Section):
-    name: str = "smollm2-135m-instruct"
+    name: str = Field("smollm2-135m-instruct", min_length=1)
     """The embedded default `smollm2-135m-instruct`, a local Hugging Face folder, a `.gguf` file, or a hub name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype; `auto` is float32 on CPU and bfloat16 on a GPU that supports it. bfloat16 trains in mixed
@@ -582,8 +582,10 @@ def _message(e: dict) -> str:
     return msg.replace("Input should be", "should be")
 
 
-def format_validation_error(schema: type[BaseModel], err: ValidationError, source: str, data: Any) -> str:
-    """Every problem pydantic found, one line (or paragraph) each, named by its dotted field."""
+def format_validation_error(schema: type[BaseModel], err: ValidationError, source: str, data: Any,
+                            overrides: dict[str, str] | None = None) -> str:  # fmt: skip
+    """Every problem pydantic found, one line (or paragraph) each, named by its dotted field, and by the
+    command-line override that set it (`overrides`: dotted key -> the override as given)."""
     lines = [f"{source}: invalid configuration:"]
     methods = list(schema.methods())
     for e in err.errors():
@@ -605,6 +607,8 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             msg = _message(e)
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{msg} (got {e['input']!r})"
+        if overrides and where in overrides:  # the value came from the command line, not the file
+            where = f"{where} (command line: {overrides[where]})"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
@@ -686,7 +690,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate_config(schema: type[RunBase], data: Any, *, source: str = "config") -> RunBase:
+def validate_config(schema: type[RunBase], data: Any, *, source: str = "config",
+                    overrides: dict[str, str] | None = None) -> RunBase:  # fmt: skip
     """Validate a nested dict into `schema` (a `RunConfig`), raising `ConfigError` with every problem found. An
     `algorithm` section without a `name` is SFT's, the default method."""
     if not isinstance(data, dict):
@@ -697,7 +702,7 @@ def validate_config(schema: type[RunBase], data: Any, *, source: str = "config")
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(schema, err, source, data)) from None
+        raise ConfigError(format_validation_error(schema, err, source, data, overrides)) from None
 
 
 QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
@@ -734,7 +739,10 @@ def load_run_config(schema: type[RunBase], path: str | Path | None, overrides: l
     """Read a YAML run file (or start from defaults when `path` is None), apply dotted overrides, validate."""
     data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
-    return validate_config(schema, data, source=str(path) if path is not None else "command line")
+    if path is None:  # every value from the command line: the source says so
+        return validate_config(schema, data, source="command line")
+    given = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}  # which values are not the file's
+    return validate_config(schema, data, source=str(path), overrides=given)
 
 
 def dump_config(cfg: RunBase, path: str | Path) -> None:

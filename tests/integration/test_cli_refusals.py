@@ -138,3 +138,20 @@ def test_data_make_says_it_replaced_a_file(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / "afile" / "x"))
     assert code == 2 and "is a file, not a folder" in err
+
+
+def test_a_bad_override_is_named_as_the_command_lines_not_the_files(capsys, tiny_model_dir, sft_file, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {sft_file}\n")
+    code, out, err = run(capsys, "train", str(cfg), "optim.lr=abc", "model.name=")
+    assert code == 2
+    assert "optim.lr (command line: optim.lr=abc): should be a valid number" in err
+    assert "model.name (command line: model.name=): String should have at least 1 character" in err
+
+
+def test_a_reward_flag_is_named_as_the_flag(capsys, lora_run, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "add 1 2", "answer": "3"}) + "\n")
+    code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--data", str(rows), "--reward", "exact_match",
+                         "--reward", "nosuch")  # fmt: skip
+    assert code == 2 and "--reward #2: unknown reward 'nosuch'" in err and "algorithm.rewards" not in err

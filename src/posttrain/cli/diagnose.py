@@ -154,7 +154,7 @@ def _verifier(args):
     from posttrain.rewards import build_reward_functions, parse_reward_specs
     from posttrain.rollout.pairs import parse_reward_args
 
-    specs = parse_reward_specs(parse_reward_args(args.reward))
+    specs = parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}")
     return reward_verifier(build_reward_functions(specs), [s.label or s.name for s in specs])
 
 
@@ -174,7 +174,7 @@ def _prompt_rows(args, verifier) -> list[dict]:
         from posttrain.rewards.checks import check_reward_inputs
         from posttrain.rollout.pairs import parse_reward_args
 
-        check_reward_inputs(parse_reward_specs(parse_reward_args(args.reward)), rows, args.prompts)
+        check_reward_inputs(parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}"), rows, args.prompts)
     return [{**r, "id": row_id(r, i)} for i, r in enumerate(rows)]
 
 

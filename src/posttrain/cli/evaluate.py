@@ -136,7 +136,7 @@ def _reward_functions(args, rows: list[dict]) -> list:
     from posttrain.rewards.checks import check_reward_inputs
     from posttrain.rollout.pairs import parse_reward_args
 
-    specs = parse_reward_specs(parse_reward_args(args.reward))
+    specs = parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}")
     check_reward_inputs(specs, rows, args.data)
     return build_reward_functions(specs)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from posttrain.data.schema import plain_messages
 from posttrain.errors import DataError, Problem, UserError
 from posttrain.models import generate
-from posttrain.rewards import build_reward_functions, compute_rewards
+from posttrain.rewards import build_reward_functions, compute_rewards, parse_reward_specs
 
 Scorer = Callable[[list, list[str], list[dict]], list[float]]
 
@@ -152,7 +152,7 @@ def reward_scorer(specs: list) -> Scorer:
     ``{"name", "weight", "args"}``): their weighted sum (`rewards.compute_rewards`), each function called as
     ``fn(prompts, completions, **columns)`` with the prompt rows' other columns (``answer``, ``id``, ...) by
     name. A sample a function fails on gets 0 from it."""
-    funcs = build_reward_functions(parse_reward_args(specs))
+    funcs = build_reward_functions(parse_reward_specs(parse_reward_args(specs), where="--reward #{n}"))
 
     def scorer(prompts, completions, rows):
         columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - {"prompt"}}
