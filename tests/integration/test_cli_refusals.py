@@ -155,3 +155,13 @@ def test_a_reward_flag_is_named_as_the_flag(capsys, lora_run, tmp_path):
     code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--data", str(rows), "--reward", "exact_match",
                          "--reward", "nosuch")  # fmt: skip
     assert code == 2 and "--reward #2: unknown reward 'nosuch'" in err and "algorithm.rewards" not in err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--samples", "0", "--temperature", "0.3"], "--temperature is read only when the diagnosis draws samples"),
+    (["--beta", "5"], "--beta is read only when the diagnosis ranks preference pairs (--pairs)"),
+    (["--judge-threshold", "3"], "--judge-threshold is read only when the diagnosis has a --judge"),
+])  # fmt: skip
+def test_diagnose_refuses_flags_of_probes_that_do_not_run(capsys, flags, says):
+    code, out, err = run(capsys, "diagnose", "--model", "/nonexistent", "--task", "arithmetic", *flags)
+    assert code == 2 and says in err  # before the model is looked up

@@ -129,6 +129,17 @@ def _check_numbers(args) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    # flags whose part of the diagnosis does not run: refused, not silently dropped
+    unused = [(args.samples == 0 and args.temperature != 1.0, "--temperature", "draws samples (--samples > 0)"),
+              (args.pairs is None and args.beta != 0.1, "--beta", "ranks preference pairs (--pairs)"),
+              (args.pairs is None and args.max_length != 512, "--max-length", "ranks preference pairs (--pairs)"),
+              (args.pairs is None and args.reference is not None, "--reference", "ranks preference pairs (--pairs)"),
+              (args.judge is None and args.judge_threshold != 0.0, "--judge-threshold", "has a --judge"),
+              (args.sft_data is None and args.dup_threshold != 0.8, "--dup-threshold", "reads --sft-data")]  # fmt: skip
+    for given, flag, needs in unused:
+        if given:
+            raise UserError(f"{flag} is read only when the diagnosis {needs}; this one does not, so it would do "
+                            "nothing")  # fmt: skip
 
 
 def _verifier(args):
