@@ -94,10 +94,10 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
 
 @pytest.mark.parametrize(("argv", "says"), [
     (["--setting", "nope"], "study setting 'nope': no such file, and not a shipped setting (full, quick, standard)"),
-    (["--quick", "--set", "budget.secs=3"], "budget.secs: unknown key"),
+    (["--quick", "--set", "budget.secs=3"], "budget.secs (--set budget.secs=3): unknown key"),
     (["--quick", "--set", "arms=[grpo]"], "baseline 'sft-more' is not one of the arms (grpo)"),
     (["--quick", "--set", "runs.sft.optim.lr=-1"], "optim.lr"),
-    (["--quick", "--set", "budget.seconds=0"], "budget.seconds: Input should be greater than 0"),
+    (["--quick", "--set", "budget.seconds=0"], "budget.seconds (--set budget.seconds=0): should be greater than 0 (got 0)"),
     (["--quick"], "no such local model folder"),  # the model is the only thing wrong
 ])  # fmt: skip
 def test_bad_input_is_exit_2_before_any_model_loads(capsys, tmp_path, argv, says):

@@ -183,7 +183,11 @@ def test_the_random_reward_ignores_the_answer():
     (["task.eval_problems=7"], "must be even"),
     (["baseline=grpo", "arms=[sft-more]"], "baseline 'grpo' is not one of the arms"),
     (["arms=[sft-more, nope]"], "arms.1"),
-    (["budget.secs=3"], "budget.secs: unknown key"),
+    (["budget.secs=3"], "budget.secs (--set budget.secs=3): unknown key"),
+    (["warm_start.pass_range=[0.9, 0.1]"], "warm_start.pass_range (--set warm_start.pass_range=[0.9, 0.1]): must be "
+     "[low, high] with 0 <= low <= high <= 1, got [0.9, 0.1]"),
+    (["budget.seconds=abc"], "budget.seconds (--set budget.seconds=abc): should be a valid number, unable to parse "
+     "string as a number (got 'abc')"),
     (["evaluation.ks=[1, 16]"], "each k in 1..evaluation.samples"),
     (["noise=[0.0, 1.0]"], "noise must list distinct shares in [0, 1)"),
 ])  # fmt: skip

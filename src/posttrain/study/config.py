@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.config import apply_overrides, read_config_file
+from posttrain.config import _message, apply_overrides, read_config_file
 from posttrain.errors import ConfigError
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
@@ -56,6 +56,14 @@ class WarmSettings(_Section):
     """SFT steps of the warm start W on the fixed-template pairs (batch and rate: `runs.warm`)."""
     pass_range: tuple[float, float] = (0.2, 0.8)
     """W is checked for sampled pass@1 inside this range (RL needs a model that is right sometimes)."""
+
+    @field_validator("pass_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"must be [low, high] with 0 <= low <= high <= 1, got [{low}, {high}]")
+        return value
     min_mixed: float = Field(0.4, ge=0.0, le=1.0)
     """...and at least this share of prompts with some samples right and some wrong."""
 
@@ -166,17 +174,27 @@ def load_study_config(setting: str | Path, overrides: list[str] | None = None) -
         shipped = ", ".join(sorted(p.stem for p in STUDY_CONFIGS.glob("*.yaml")))
         raise ConfigError(f"study setting {str(setting)!r}: no such file, and not a shipped setting ({shipped})")
     data = apply_overrides(read_config_file(path), list(overrides or []))
-    return validate_study(data, source=str(path)), path.stem
+    given = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
+    return validate_study(data, source=str(path), overrides=given), path.stem
 
 
-def validate_study(data: dict, *, source: str = "study settings") -> StudyConfig:
-    """`data` as a `StudyConfig`, or a `ConfigError` listing every problem by dotted field."""
+def validate_study(data: dict, *, source: str = "study settings",
+                   overrides: dict[str, str] | None = None) -> StudyConfig:  # fmt: skip
+    """`data` as a `StudyConfig`, or a `ConfigError` listing every problem by dotted field (and by the `--set`
+    that gave it, `overrides`: dotted key -> the override as given)."""
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as err:
         lines = [f"{source}: invalid study settings:"]
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+            msg = "unknown key" if e["type"] == "extra_forbidden" else _message(e)
+            if e["type"] not in ("extra_forbidden", "missing", "value_error") and "input" in e \
+                    and not isinstance(e["input"], dict):  # fmt: skip
+                msg = f"{msg} (got {e['input']!r})"
+            key = where if overrides and where in overrides else next(
+                (k for k in overrides or {} if where.startswith(k + ".")), None)  # fmt: skip
+            if key is not None:  # the value came from --set, not the settings file
+                where = f"{where} (--set {overrides[key]})"
             lines.append(f"  {where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
