@@ -165,3 +165,14 @@ def test_prompts_rows_may_not_use_the_columns_the_rollout_adds(tmp_path):
         f"{f}:2: truncated: this column name is reserved: the rollout passes its own to the reward functions "
         "(docs/rewards.md); rename it"
     ]
+
+
+def test_sft_rows_given_as_preference_data_say_so_once_per_row(tmp_path):
+    """They were five problems a row (chosen and rejected missing, each twice, and `completion` unknown)."""
+    f = write(tmp_path, [{"prompt": "q", "completion": "a"}, {"messages": [U, A]}])
+    assert problems(f, "preference") == [
+        f"{f}:1: a prompt/completion row is SFT data, not a preference pair: a pair needs a prompt, a chosen and a "
+        "rejected response (`posttrain data make TASK --kind preference` writes them)",
+        f"{f}:2: a messages row is SFT data, not a preference pair: a pair needs a prompt, a chosen and a "
+        "rejected response (`posttrain data make TASK --kind preference` writes them)",
+    ]

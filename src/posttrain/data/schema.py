@@ -198,13 +198,21 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
     messages no assistant turn: nothing to train on
     ('messages', None)
     """
+    if kind == "preference" and {"completion", "messages"} & data.keys() and not {"chosen", "rejected"} & data.keys():
+        sft = "prompt/completion" if "completion" in data else "messages"
+        report(None, f"a {sft} row is SFT data, not a preference pair: a pair needs a prompt, a chosen and a "
+                     "rejected response (`posttrain data make TASK --kind preference` writes them)")  # fmt: skip
+        return None, None
     shape = _shape(data, kind, report)
     if shape is None:
         return None, None
     counted = _Count(report)
+    said = set()
     for err in _VALIDATORS[kind][shape].iter_errors(data):
         for field, msg in _explain(err):
-            counted(field, msg)
+            if (field, msg) not in said:  # a field the schema requires in two places is missing once
+                said.add((field, msg))
+                counted(field, msg)
     if counted.n:
         return shape, None
     return shape, _NORMALISE[kind](data, counted)
