@@ -205,20 +205,13 @@ def test_a_lora_model_decodes_from_merged_weights_on_a_cpu(tiny_tokenizer, merge
     adapter runs while decoding (peft's lora_A layers are never called) and the completions are the adapted
     model's, the manual argmax loop's through the adapters; the base weights are the same tensors after, the model
     back in training mode. `merge_adapters=False` decodes through the adapters, to the same completions."""
-    from posttrain.config import TechniqueConfig
-    from posttrain.models.adapters import apply_lora
+    from posttrain.testing import with_random_lora
 
     base = make_tiny_model(len(tiny_tokenizer))
     with torch.no_grad():
         base.lm_head.weight.mul_(200)
     plain = [_manual_greedy(base, tiny_tokenizer, p, 12) for p in PROMPTS]
-    model = apply_lora(base, TechniqueConfig(name="lora", r=4, alpha=8))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 2.0)
-    model.train()
+    model = with_random_lora(base, std=2.0).train()
     weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "lora" not in n}
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in model.named_modules()

@@ -105,16 +105,9 @@ def test_sampling_logps_equal_a_teacher_forced_pass(eos_model, tiny_tokenizer, t
 def lora_eos_model(eos_model):
     """`eos_model` with LoRA adapters whose B is random (not peft's zero start), so that the adapted model differs
     from its base."""
-    from posttrain.config import TechniqueConfig
-    from posttrain.models.adapters import apply_lora
+    from posttrain.testing import with_random_lora
 
-    model = apply_lora(eos_model, TechniqueConfig(name="lora", r=4, alpha=8))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    return model
+    return with_random_lora(eos_model, std=0.3)
 
 
 @pytest.mark.parametrize("setting, merge", [(None, True), (True, True), (False, False)])

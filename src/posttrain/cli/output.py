@@ -109,34 +109,27 @@ def positive_int(text: str) -> int:
     return value
 
 
-def temperature(text: str) -> float:
-    """argparse type: a sampling temperature, >= 0 (0: greedy).
+def _bounded(ok, wants: str):
+    """An argparse type: a finite number for which `ok(value)` holds, refused as "must be `wants`" otherwise.
 
-    >>> temperature("0.7")
-    0.7
-    >>> temperature("-1")
+    >>> _bounded(lambda v: v >= 0, ">= 0")("-1")
     Traceback (most recent call last):
-    argparse.ArgumentTypeError: must be >= 0 (0: greedy), got -1
+    argparse.ArgumentTypeError: must be >= 0, got -1
     """
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: greedy), got {text}")
-    return value
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {wants}, got {text}")
+        return value
+
+    return parse
 
 
-def top_p(text: str) -> float:
-    """argparse type: a nucleus-sampling mass, in (0, 1] (1: the whole distribution).
-
-    >>> top_p("0.9")
-    0.9
-    >>> top_p("1.5")
-    Traceback (most recent call last):
-    argparse.ArgumentTypeError: must be in (0, 1] (1: no nucleus cut), got 1.5
-    """
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: no nucleus cut), got {text}")
-    return value
+temperature = _bounded(lambda v: v >= 0, ">= 0 (0: greedy)")
+"""argparse type: a sampling temperature."""
+top_p = _bounded(lambda v: 0 < v <= 1, "in (0, 1] (1: no nucleus cut)")
+"""argparse type: a nucleus-sampling mass."""
 
 
 def _number(text: str) -> float:

@@ -101,6 +101,23 @@ def save_tiny_model(path, *, hidden_size: int = 32, family: str = "llama", **con
     return path
 
 
+def with_random_lora(model, *, r: int = 4, alpha: int = 8, std: float = 0.3, seed: int = 0):
+    """`model` with LoRA adapters (`adapters.apply_lora`) whose B is drawn from N(0, std^2) (seeded), not peft's zero
+    start, so that the adapted model differs from its base."""
+    import torch
+
+    from posttrain.config import TechniqueConfig
+    from posttrain.models.adapters import apply_lora
+
+    model = apply_lora(model, TechniqueConfig(name="lora", r=r, alpha=alpha))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return model
+
+
 def assert_base_unchanged(model, model_dir, prefix: str = "") -> None:
     """Every parameter saved in `model_dir/model.safetensors` is bit-for-bit the same in `model`, a peft model
     (maybe inside a wrapper whose attribute path is `prefix`, e.g. "policy."): LoRA left the base frozen."""
