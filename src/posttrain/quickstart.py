@@ -35,6 +35,7 @@ from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.models import load_model, load_tokenizer
+from posttrain.models.adapters import unmergeable
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
@@ -129,6 +130,11 @@ def run_quickstart(
     with clock("adapter scoring"):
         model = result.model
         model.eval()
+        if unmergeable(model) is None:
+            # The adapter is saved (final/) and the model is not used after scoring: fold the adapters into the
+            # base weights in place, so decoding runs one product per layer without holding merged copies beside
+            # the base (`generate` would make them: +0.4 GiB of peak here). The same W + delta either way.
+            model = model.merge_and_unload()
         after = evaluate_task(model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens,
                               batch_size=recipe.eval_batch_size)  # fmt: skip
     report = {"before": before, "after": after, "steps": steps, "minutes": round(clock.total() / 60, 1),

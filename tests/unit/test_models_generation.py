@@ -225,3 +225,20 @@ def test_a_lora_model_decodes_from_merged_weights_on_a_cpu(tiny_tokenizer, merge
     adapted = [_manual_greedy(model.eval(), tiny_tokenizer, p, 12) for p in PROMPTS]
     assert out == adapted
     assert out != plain  # the adapters change the answers: merging them in is not the base model
+
+
+def test_adapters_folded_in_place_decode_what_the_merged_copies_decode(tiny_tokenizer):
+    """The quickstart's adapter scoring folds the adapters into the base in place (`merge_and_unload`: no copies
+    held beside the base): the same completions as `generate`'s merged copies and as the adapters themselves."""
+    from posttrain.testing import with_random_lora
+
+    def lora():
+        base = make_tiny_model(len(tiny_tokenizer))
+        with torch.no_grad():
+            base.lm_head.weight.mul_(200)
+        return with_random_lora(base, std=2.0).eval()
+
+    copies = generate(lora(), tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    through = generate(lora(), tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, merge_adapters=False)
+    folded = generate(lora().merge_and_unload(), tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
+    assert folded == copies == through and any(folded)
