@@ -147,3 +147,23 @@ def test_estimate_and_advise_start_without_torch(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
         assert used in imported and not any(m.split(".")[0] == "torch" for m in imported), argv
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--technique", "full", "--lora-rank", "8"], "--lora-rank applies to --technique lora or qlora or 8bit only"),
+    (["--lora-dropout", "0.1"], "--lora-dropout applies to --technique lora or qlora or 8bit only"),
+    (["--method", "sft", "--group-size", "4"], "--group-size applies to --method grpo only"),
+])  # fmt: skip
+def test_flags_the_estimate_would_ignore_are_refused(capsys, argv, says):
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2 and says in err
+
+
+def test_flags_left_out_take_the_defaults_and_aliases_count(capsys):
+    """--lora-rank 16 and --group-size 8 given equal them left out; `int8` is the 8bit technique, which reads a rank."""
+    for given, left in ((["--technique", "lora", "--lora-rank", "16"], ["--technique", "lora"]),
+                        (["--method", "grpo", "--group-size", "8", "--reward-function"],
+                         ["--method", "grpo", "--reward-function"])):  # fmt: skip
+        assert run_cli([*given, "--json"], capsys)[1] == run_cli([*left, "--json"], capsys)[1]
+    rc, out, _ = run_cli(["--technique", "int8", "--lora-rank", "8", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["inputs"]["lora_rank"] == 8

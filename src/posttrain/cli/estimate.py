@@ -8,6 +8,7 @@ exit status 2. Like the estimator it imports no torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -72,19 +73,19 @@ def _setup_flags(a) -> None:
     off = ", ".join(t for t, v in DEFAULT_CHECKPOINTING.items() if not v)
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help=f"default by technique: on for {on}, off for {off}")  # fmt: skip
-    a("--lora-rank", type=int, default=16)
+    a("--lora-rank", type=int, default=None, help="LoRA rank (default 16; lora, qlora and 8bit only)")
     a(
         "--lora-dropout",
         type=float,
-        default=0.0,
-        help="LoRA dropout (> 0 stores a copy of each adapted input)",
+        default=None,
+        help="LoRA dropout (default 0; > 0 stores a copy of each adapted input)",
     )
     a("--num-gpus", type=int, default=1)
     a("--sharding", default="none", help=f"one of {', '.join(SHARD_STAGE)}")
 
 
 def _rl_and_hardware_flags(a) -> None:
-    a("--group-size", type=int, default=8, help="GRPO completions per prompt")
+    a("--group-size", type=int, default=None, help="GRPO completions per prompt (default 8)")
     a(
         "--completion-len",
         type=int,
@@ -104,10 +105,25 @@ def _rl_and_hardware_flags(a) -> None:
     a("--mfu", type=float, default=0.40, help="assumed fraction of peak FLOP/s")
 
 
+_ONLY_FOR = {"lora_rank": ("technique", ("lora", "qlora", "8bit")), "lora_dropout": ("technique", ("lora", "qlora", "8bit")),
+             "group_size": ("method", ("grpo",))}  # fmt: skip
+"""Flags read for some techniques or methods only: None when not given (the field's default then applies), and
+refused where they would be ignored."""
+
+
 def inputs_from_args(args: argparse.Namespace) -> EstimateInputs:
-    """The flags as `EstimateInputs`: every flag is the field of the same name."""
+    """The flags as `EstimateInputs`: every flag is the field of the same name (a flag of `_ONLY_FOR` left out
+    takes the field's default; given where it is not read, it is refused)."""
     fields = EstimateInputs.__dataclass_fields__
-    return EstimateInputs(**{k: getattr(args, k) for k in fields if hasattr(args, k)})
+    values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
+    given = {k: v for k in _ONLY_FOR if (v := values.pop(k, None)) is not None}  # left out: the field's default
+    inputs = EstimateInputs(**values)  # its method and technique as the estimator names them (aliases resolved)
+    for key in given:
+        by, readers = _ONLY_FOR[key]
+        if getattr(inputs, by) not in readers:
+            raise UserError(f"--{key.replace('_', '-')} applies to --{by} {' or '.join(readers)} only; this estimate "
+                            f"is for --{by} {getattr(inputs, by)}, which would ignore it")  # fmt: skip
+    return dataclasses.replace(inputs, **given) if given else inputs
 
 
 def format_estimate(e: Estimate) -> str:
@@ -174,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 model=args.model,
                 gpu=gpu,
                 seq_len=args.seq_len,
-                group_size=args.group_size,
+                group_size=args.group_size or 8,
                 completion_len=args.completion_len or 1024,
                 tokens=args.tokens or 1e8,
                 gpu_table=load_gpu_table(args.gpu_table),
