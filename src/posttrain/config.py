@@ -607,8 +607,8 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             msg = _message(e)
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{msg} (got {e['input']!r})"
-        if overrides and where in overrides:  # the value came from the command line, not the file
-            where = f"{where} (command line: {overrides[where]})"
+        if (given := overridden(where, overrides)) is not None:  # the value came from the command line
+            where = f"{where} (command line: {given})"
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
 
@@ -741,8 +741,30 @@ def load_run_config(schema: type[RunBase], path: str | Path | None, overrides: l
     data = apply_overrides(data, list(overrides or []))
     if path is None:  # every value from the command line: the source says so
         return validate_config(schema, data, source="command line")
-    given = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}  # which values are not the file's
-    return validate_config(schema, data, source=str(path), overrides=given)
+    return validate_config(schema, data, source=str(path), overrides=override_keys(overrides))
+
+
+def override_keys(overrides: list[str] | None) -> dict[str, str]:
+    """Dotted key -> the override as given, for the errors that name where a value came from (`overridden`).
+
+    >>> override_keys(["optim.lr=abc", "run.max_steps = 3"])
+    {'optim.lr': 'optim.lr=abc', 'run.max_steps': 'run.max_steps = 3'}
+    """
+    return {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
+
+
+def overridden(where: str, overrides: dict[str, str] | None) -> str | None:
+    """The override (`override_keys`) that set the field at dotted path `where`, itself or a section above it.
+
+    >>> overridden("warm_start.pass_range.0", {"warm_start.pass_range": "warm_start.pass_range=[2, 1]"})
+    'warm_start.pass_range=[2, 1]'
+    >>> overridden("optim.lr", {"optim.eps": "optim.eps=1"}) is None
+    True
+    """
+    for key, given in (overrides or {}).items():
+        if where == key or where.startswith(key + "."):
+            return given
+    return None
 
 
 def dump_config(cfg: RunBase, path: str | Path) -> None:

@@ -67,7 +67,7 @@ from posttrain.trainer.fingerprint import (
 )
 from posttrain.trainer.launch import fsdp1_refusal, launch_notes
 from posttrain.trainer.loop import training_loop
-from posttrain.trainer.optim import build_optimizer, build_scheduler
+from posttrain.trainer.optim import build_optimizer, build_scheduler, lr_factor
 from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
 from posttrain.trainer.summary import peak_memory_gb
 
@@ -284,7 +284,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
             check_same_plan(run_dir, read_fingerprint(run_dir), plan.steps_per_epoch)
     steps = total_steps(cfg.run.max_steps, cfg.run.epochs, plan.steps_per_epoch)
     if cfg.optim.warmup_steps >= steps > 0 and accelerator.is_main_process:
-        peak = steps / (steps + 1)  # `lr_factor` at the last step: `build_scheduler` cuts the warmup to the run
+        peak = lr_factor(steps - 1, schedule=cfg.optim.schedule, warmup=steps, total=steps)  # as `build_scheduler`
         print(f"warning: optim.warmup_steps = {cfg.optim.warmup_steps} is not shorter than this run's {steps} steps: "
               f"the learning rate rises for the whole run, to {peak:.0%} of optim.lr at the last step"
               + (f", and optim.schedule = {cfg.optim.schedule} never starts" if cfg.optim.schedule != "constant"

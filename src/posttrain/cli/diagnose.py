@@ -19,6 +19,12 @@ NO_VERIFIER = (
 )
 
 
+DEFAULTS = {"judge_threshold": 0.0, "temperature": 1.0, "dup_threshold": 0.8, "reference": None, "beta": 0.1,
+            "max_length": 512}
+"""The defaults of the flags `_check_numbers` refuses when their probe does not run (a value other than the
+default was given)."""
+
+
 def add_parser(sub) -> None:
     d = sub.add_parser(
         "diagnose", help="measure robustness, sampling headroom, data ambiguity and drift; recommend SFT, DPO or GRPO"
@@ -30,7 +36,7 @@ def add_parser(sub) -> None:
     verifier.add_argument("--reward", action="append", help="reward functions as the verifier (with --prompts): "
                           "a built-in, path/to/file.py:function or JSON; repeatable (weighted sum); right when > 0")  # fmt: skip
     verifier.add_argument("--judge", help="a trained reward model folder as the verifier (with --prompts)")
-    d.add_argument("--judge-threshold", type=float, default=0.0, help="with --judge: right when the score is above "
+    d.add_argument("--judge-threshold", type=float, default=DEFAULTS["judge_threshold"], help="with --judge: right when the score is above "
                    "this (default 0)")  # fmt: skip
     d.add_argument("--prompts", help="evaluation prompts (a `prompt` per row, an `id`, and the `answer` or columns "
                    "the verifier reads)")  # fmt: skip
@@ -45,18 +51,18 @@ def add_parser(sub) -> None:
     d.add_argument("--perturbations", help="with --task: the task's variants to make, comma-separated (arithmetic: "
                    "paraphrase,noop,names,reorder,numbers; default all)")  # fmt: skip
     d.add_argument("--samples", type=int, default=8, help="samples per prompt for pass@k (0: no headroom probe)")
-    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k (default 1.0)")
+    d.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="sampling temperature for pass@k (default 1.0)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
     d.add_argument("--sft-data", help="SFT training data: near-duplicate prompts with different responses, wrong "
                    "demonstrations (rows the verifier can check)")  # fmt: skip
-    d.add_argument("--dup-threshold", type=float, default=0.8, help="word-set Jaccard at which two prompts with "
+    d.add_argument("--dup-threshold", type=float, default=DEFAULTS["dup_threshold"], help="word-set Jaccard at which two prompts with "
                    "the same numbers are near-duplicates (default 0.8)")  # fmt: skip
     d.add_argument("--pairs", help="preference pairs: how often the model already ranks chosen above rejected")
-    d.add_argument("--reference", help="with --pairs: a reference model to rank them too (default: the adapter "
+    d.add_argument("--reference", default=DEFAULTS["reference"], help="with --pairs: a reference model to rank them too (default: the adapter "
                    "disabled for an adapter, else none)")  # fmt: skip
-    d.add_argument("--beta", type=float, default=0.1, help="with --pairs and a reference: DPO beta")
-    d.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
+    d.add_argument("--beta", type=float, default=DEFAULTS["beta"], help="with --pairs and a reference: DPO beta")
+    d.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="with --pairs: tokens per prompt + response")
     d.add_argument("--base", help="the base model: KL from it on the task, top-1 agreement on unrelated prompts")
     d.add_argument("--out", help="write the report here: report.html, report.md, report_files/, diagnosis.json")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -130,14 +136,14 @@ def _check_numbers(args) -> None:
         if not ok:
             raise UserError(message)
     # flags whose part of the diagnosis does not run: refused, not silently dropped
-    unused = [(args.samples == 0 and args.temperature != 1.0, "--temperature", "draws samples (--samples > 0)"),
-              (args.pairs is None and args.beta != 0.1, "--beta", "ranks preference pairs (--pairs)"),
-              (args.pairs is None and args.max_length != 512, "--max-length", "ranks preference pairs (--pairs)"),
-              (args.pairs is None and args.reference is not None, "--reference", "ranks preference pairs (--pairs)"),
-              (args.judge is None and args.judge_threshold != 0.0, "--judge-threshold", "has a --judge"),
-              (args.sft_data is None and args.dup_threshold != 0.8, "--dup-threshold", "reads --sft-data")]  # fmt: skip
-    for given, flag, needs in unused:
-        if given:
+    pairs = "ranks preference pairs (--pairs)"
+    unused = [(args.samples == 0, "temperature", "draws samples (--samples > 0)"), (args.pairs is None, "beta", pairs),
+              (args.pairs is None, "max_length", pairs), (args.pairs is None, "reference", pairs),
+              (args.judge is None, "judge_threshold", "has a --judge"),
+              (args.sft_data is None, "dup_threshold", "reads --sft-data")]  # fmt: skip
+    for off, name, needs in unused:
+        if off and getattr(args, name) != DEFAULTS[name]:
+            flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} is read only when the diagnosis {needs}; this one does not, so it would do "
                             "nothing")  # fmt: skip
 

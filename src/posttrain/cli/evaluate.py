@@ -19,6 +19,10 @@ NO_VERIFIER = (
 )
 
 
+PAIRS_ONLY = {"reference": None, "beta": 0.1, "max_length": 512}
+"""The flags read only with --pairs, and their defaults: given another value without --pairs, they are refused."""
+
+
 def add_parser(sub) -> None:
     e = sub.add_parser(
         "evaluate",
@@ -55,9 +59,11 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--pairs", help="preference file: report how the model ranks its pairs (DPO implicit reward)"
     )
-    e.add_argument("--reference", help="with --pairs: the reference model (default: the adapter disabled)")
-    e.add_argument("--beta", type=float, default=0.1, help="with --pairs: DPO beta of the implicit reward")
-    e.add_argument("--max-length", type=int, default=512, help="with --pairs: tokens per prompt + response")
+    e.add_argument("--reference", default=PAIRS_ONLY["reference"],
+                   help="with --pairs: the reference model (default: the adapter disabled)")  # fmt: skip
+    e.add_argument("--beta", type=float, default=PAIRS_ONLY["beta"], help="with --pairs: DPO beta of the implicit reward")
+    e.add_argument("--max-length", type=int, default=PAIRS_ONLY["max_length"],
+                   help="with --pairs: tokens per prompt + response")  # fmt: skip
     e.add_argument(
         "--out",
         help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
@@ -181,8 +187,7 @@ def _evaluation_rows(args) -> list[dict]:
 def _check_pairs_only_flags(args) -> None:
     """Flags that apply with or without --pairs only are refused where they would do nothing."""
     if args.pairs is None:
-        given = [flag for flag, value, default in (("--reference", args.reference, None), ("--beta", args.beta, 0.1),
-                 ("--max-length", args.max_length, 512)) if value != default]  # fmt: skip
+        given = ["--" + name.replace("_", "-") for name, default in PAIRS_ONLY.items() if getattr(args, name) != default]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise UserError(f"{', '.join(given)} {verb} only with --pairs (ranking preference pairs); this evaluation "

@@ -113,7 +113,8 @@ def apply_lora(
         model.enable_input_require_grads()
     try:
         model = get_peft_model(model, lora_config(technique))
-    except ValueError as err:  # peft's NoMatchingPeftModuleError (a ValueError): no layer has those names
+    except ValueError as err:  # no layer has those names: NoMatchingPeftModuleError (a ValueError) in the pinned
+        # peft; a plain ValueError in peft 0.17, which pyproject.toml allows, so the message is what tells
         if "target module" not in str(err).lower() and "target_modules" not in str(err):
             raise
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

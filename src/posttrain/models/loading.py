@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 
 from posttrain.config import ModelConfig, TechniqueConfig, deepspeed_zero_stage
 from posttrain.errors import ConfigError, ModelNotFoundError, UserError
@@ -329,16 +330,10 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def _load_errors() -> tuple[type[Exception], ...]:
-    """What transformers raises for a model folder it cannot read: missing or unreadable files (OSError), a
-    tokenizer without its files or an unknown `model_type` in config.json (ValueError), a malformed config.json
-    (json's decode error is a ValueError), a cut or corrupt safetensors file (SafetensorError)."""
-    from safetensors import SafetensorError
-
-    return OSError, ValueError, SafetensorError
-
-
-_LOAD_ERRORS = _load_errors()
+_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+"""What transformers raises for a model folder it cannot read: missing or unreadable files (OSError), a tokenizer
+without its files or an unknown `model_type` in config.json (ValueError), a malformed config.json (json's decode
+error is a ValueError), a cut or corrupt safetensors file (SafetensorError)."""
 
 
 def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.config import _message, apply_overrides, read_config_file
+from posttrain.config import _message, apply_overrides, overridden, override_keys, read_config_file
 from posttrain.errors import ConfigError
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
@@ -174,8 +174,7 @@ def load_study_config(setting: str | Path, overrides: list[str] | None = None) -
         shipped = ", ".join(sorted(p.stem for p in STUDY_CONFIGS.glob("*.yaml")))
         raise ConfigError(f"study setting {str(setting)!r}: no such file, and not a shipped setting ({shipped})")
     data = apply_overrides(read_config_file(path), list(overrides or []))
-    given = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
-    return validate_study(data, source=str(path), overrides=given), path.stem
+    return validate_study(data, source=str(path), overrides=override_keys(overrides)), path.stem
 
 
 def validate_study(data: dict, *, source: str = "study settings",
@@ -192,9 +191,7 @@ def validate_study(data: dict, *, source: str = "study settings",
             if e["type"] not in ("extra_forbidden", "missing", "value_error") and "input" in e \
                     and not isinstance(e["input"], dict):  # fmt: skip
                 msg = f"{msg} (got {e['input']!r})"
-            key = where if overrides and where in overrides else next(
-                (k for k in overrides or {} if where.startswith(k + ".")), None)  # fmt: skip
-            if key is not None:  # the value came from --set, not the settings file
-                where = f"{where} (--set {overrides[key]})"
+            if (given := overridden(where, overrides)) is not None:  # the value came from --set, not the file
+                where = f"{where} (--set {given})"
             lines.append(f"  {where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
