@@ -26,10 +26,20 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
+from posttrain.yamlfile import line_of, load_yaml
+
+
+class FieldError(ValueError):
+    """A section's check that is about one of its fields: `format_validation_error` names that field (pydantic
+    locates a section's own check at the section)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class _Section(BaseModel):
@@ -41,13 +51,14 @@ class _Section(BaseModel):
     @classmethod
     def _no_boolean_numbers(cls, data):
         """A number field refuses a boolean, which pydantic would take as 1 or 0: YAML reads yes, no, on, off, true
-        and false as booleans, so `lr: yes` would train at lr 1.0 and `max_steps: on` run one step."""
+        and false as booleans, so `lr: yes` would train at lr 1.0 and `max_steps: on` run one step. (A section's
+        check, not a field's: a wildcard field validator would also run on the method's discriminator.)"""
         if isinstance(data, dict):
             for name, value in data.items():
                 field = cls.model_fields.get(name) if isinstance(name, str) else None
                 if isinstance(value, bool) and field is not None and _numbers_only(field.annotation):
-                    raise ValueError(f"{name} needs a number, got {str(value).lower()} (YAML reads yes, no, on, "
-                                     "off, true and false as booleans)")  # fmt: skip
+                    raise FieldError(name, f"needs a number, got {str(value).lower()} (YAML reads yes, no, on, off, "
+                                           "true and false as booleans)")  # fmt: skip
         return data
 
 
@@ -313,6 +324,11 @@ class RLSection(AlgorithmSection):
             specs.append({"name": "reward_model", "args": {"path": self.reward_model}})
         return specs
 
+    def reward_where(self, run: RunBase) -> list[str]:
+        """How errors name each of `reward_specs()`: its field, with the file line or override that set it."""
+        where = [run.locate(f"algorithm.rewards.{i}", f"algorithm.rewards[{i}]") for i in range(len(self.rewards))]
+        return where + ([run.locate("algorithm.reward_model")] if self.reward_model else [])
+
     def check(self, run: RunBase) -> None:
         if not self.rewards and not self.reward_model:
             raise ValueError(
@@ -464,6 +480,27 @@ class RunBase(_Section):
     default_method: ClassVar[str] = "sft"
     """The method of a run whose `algorithm` section gives no `name`."""
 
+    _origin: tuple[str, dict[str, int], dict[str, str]] | None = PrivateAttr(default=None)
+    """Where the values came from (`validate_config`): the source, its key lines and the overrides."""
+
+    def __eq__(self, other: object) -> bool:  # the settings alone, not where they were read from (`_origin`)
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # as pydantic's own models: mutable, so not hashable
+
+    def locate(self, field: str, shown: str | None = None) -> str:
+        """`shown` (default: dotted `field`) named with where `field` was set, for a check made after validation
+        (e.g. the reward specs, resolved before the model loads): `run.yaml:12: algorithm.rewards[1]`, or
+        `algorithm.rewards[1] (command line: algorithm.rewards=[...])`."""
+        shown = shown or field
+        if self._origin is None:
+            return shown
+        source, lines, overrides = self._origin
+        if (given := overridden(field, overrides)) is not None:
+            return f"{shown} (command line: {given})"
+        line = line_of(field, lines)
+        return f"{source}:{line}: {shown}" if line is not None else f"{source}: {shown}"
+
     model: ModelConfig = ModelConfig()
     technique: TechniqueConfig = TechniqueConfig()
     data: DataConfig = DataConfig()
@@ -570,6 +607,12 @@ def _unknown_key(schema: type[BaseModel], loc: tuple, data: Any) -> str:
                     f"{', '.join(owners)}")  # fmt: skip
     close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
     prefix = ".".join(str(p) for p in loc[:-1])
+    if not close and len(loc) == 2:  # a shared section's field written under another section
+        homes = [name for name, f in schema.model_fields.items() if name != loc[0] and isinstance(f.annotation, type)
+                 and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]  # fmt: skip
+        if homes:
+            return (f"not a setting of `{loc[0]}`; it belongs to {' and '.join(f'`{h}` ({h}.{key})' for h in homes)}"
+                    " (`posttrain train --help-config` lists every field)")  # fmt: skip
     hint = f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else "check the spelling."
     return f"unknown key; {hint} (`posttrain train --help-config` lists every field)"
 
@@ -583,16 +626,20 @@ def _message(e: dict) -> str:
 
 
 def format_validation_error(schema: type[BaseModel], err: ValidationError, source: str, data: Any,
-                            overrides: dict[str, str] | None = None) -> str:  # fmt: skip
+                            overrides: dict[str, str] | None = None,
+                            lines: dict[str, int] | None = None) -> str:  # fmt: skip
     """Every problem pydantic found, one line (or paragraph) each, named by its dotted field, and by the
-    command-line override that set it (`overrides`: dotted key -> the override as given)."""
-    lines = [f"{source}: invalid configuration:"]
+    command-line override that set it (`overrides`: dotted key -> the override as given) or else by the file's
+    line that wrote it (`lines`: dotted key -> line, `yamlfile.load_yaml`)."""
+    out = [f"{source}: invalid configuration:"]
     methods = list(schema.methods())
     for e in err.errors():
         if not e["loc"] and e["type"] == "value_error":  # a combination check: its message names the fields
-            lines.extend(f"  {paragraph}" for paragraph in str(e["ctx"]["error"]).splitlines())
+            out.extend(f"  {_located(paragraph, overrides, lines)}" for paragraph in str(e["ctx"]["error"]).splitlines())
             continue
         loc = tuple(e["loc"])
+        if isinstance(cause := e.get("ctx", {}).get("error"), FieldError):
+            loc = (*loc, cause.field)
         if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in methods:
             loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path: algorithm.dpo.beta
         where = ".".join(str(p) for p in loc) or "(top level)"
@@ -609,8 +656,31 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
                 msg = f"{msg} (got {e['input']!r})"
         if (given := overridden(where, overrides)) is not None:  # the value came from the command line
             where = f"{where} (command line: {given})"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        elif (line := line_of(where, lines)) is not None:
+            where = f"{where} (line {line})"
+        out.append(f"  {where}: {msg}")
+    return "\n".join(out)
+
+
+_FIELD = re.compile(r"[a-z_]+(\.[a-z_0-9]+)+")
+
+
+def _located(paragraph: str, overrides: dict[str, str] | None, lines: dict[str, int] | None) -> str:
+    """A combination check's paragraph, which begins with the field it is about (`optim.head_lr = 0.001 would be
+    ignored ...`), led by where that field was set: the override, or the file's line.
+
+    >>> _located("optim.head_lr = 0.001 would be ignored", None, {"optim": 3, "optim.head_lr": 5})
+    'line 5: optim.head_lr = 0.001 would be ignored'
+    >>> _located("optim.head_lr = 0.001 would be ignored", {"optim.head_lr": "optim.head_lr=1e-3"}, {})
+    'on the command line (optim.head_lr=1e-3): optim.head_lr = 0.001 would be ignored'
+    """
+    field = _FIELD.match(paragraph)
+    if field is None:
+        return paragraph
+    if (given := overridden(field.group(0), overrides)) is not None:
+        return f"on the command line ({given}): {paragraph}"
+    line = line_of(field.group(0), lines)
+    return paragraph if line is None else f"line {line}: {paragraph}"
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -625,51 +695,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     # YAML parsing gives numbers, booleans, null and lists ([a, b]) their natural types.
     try:
-        value = _load_yaml(raw, f"override {item!r}", prefix=".".join(path)) if raw != "" else ""
+        value = load_yaml(raw, f"override {item!r}", prefix=".".join(path)) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean the number.
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)
     return path, value
-
-
-_MERGE = "tag:yaml.org,2002:merge"  # `<<: *anchor` is not a setting of its own
-
-
-def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int]) -> None:
-    """Raise for the first mapping key written twice under `node` (PyYAML itself keeps the last one silently)."""
-    if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive structure)
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
-                _duplicate_keys(value_node, path, source, seen_nodes)
-                continue
-            key, line = str(key_node.value), key_node.start_mark.line + 1
-            dotted = f"{path}.{key}" if path else key
-            if key in lines:
-                raise ConfigError(
-                    f"{source}:{line}: {dotted} is given twice (lines {lines[key]} and {line}); YAML would "
-                    "silently keep only the second one. Delete one of them (to change a setting for one run, "
-                    "give it as an override on the command line instead)"
-                )
-            lines[key] = line
-            _duplicate_keys(value_node, dotted, source, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _duplicate_keys(item, f"{path}[{i}]", source, seen_nodes)
-
-
-def _load_yaml(text: str, source: str, prefix: str = "") -> Any:
-    """`yaml.safe_load`, but a key written twice in any mapping is a `ConfigError` naming both lines and the
-    dotted key (`prefix` starts it: an override's own key)."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is not None:
-        _duplicate_keys(node, prefix, source, set())
-    return yaml.safe_load(text)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -691,18 +723,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def validate_config(schema: type[RunBase], data: Any, *, source: str = "config",
-                    overrides: dict[str, str] | None = None) -> RunBase:  # fmt: skip
-    """Validate a nested dict into `schema` (a `RunConfig`), raising `ConfigError` with every problem found. An
-    `algorithm` section without a `name` is SFT's, the default method."""
+                    overrides: dict[str, str] | None = None, lines: dict[str, int] | None = None) -> RunBase:  # fmt: skip
+    """Validate a nested dict into `schema` (a `RunConfig`), raising `ConfigError` with every problem found, each
+    named by its field and by the override or file line that set it. An `algorithm` section without a `name` is
+    SFT's, the default method."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (model, data, optim, ...)")
     algorithm = data.get("algorithm")
     if algorithm is None or (isinstance(algorithm, dict) and "name" not in algorithm):
         data = {**data, "algorithm": {"name": schema.default_method, **(algorithm or {})}}
     try:
-        return schema.model_validate(data)
+        cfg = schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(schema, err, source, data, overrides)) from None
+        raise ConfigError(format_validation_error(schema, err, source, data, overrides, lines)) from None
+    cfg._origin = (source, dict(lines or {}), dict(overrides or {}))
+    return cfg
 
 
 QUICKSTART_CONFIGS = Path(__file__).parent / "configs" / "quickstart"
@@ -716,13 +751,14 @@ def quickstart_methods() -> list[str]:
     return sorted((p.stem for p in QUICKSTART_CONFIGS.glob("*.yaml")), key=lambda m: (m != "sft", m))
 
 
-def read_config_file(path: str | Path) -> dict:
-    """A YAML run file as a nested dict (a key written twice is an error naming its lines)."""
+def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> dict:
+    """A YAML run file as a nested dict (a key written twice is an error naming its lines). `lines`, when given,
+    receives the line of each dotted key, for errors about the values (`format_validation_error`)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
     try:
-        loaded = _load_yaml(p.read_text(encoding="utf-8"), str(p))
+        loaded = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -737,11 +773,12 @@ def read_config_file(path: str | Path) -> dict:
 
 def load_run_config(schema: type[RunBase], path: str | Path | None, overrides: list[str] | None = None) -> RunBase:
     """Read a YAML run file (or start from defaults when `path` is None), apply dotted overrides, validate."""
-    data = read_config_file(path) if path is not None else {}
+    lines: dict[str, int] = {}
+    data = read_config_file(path, lines) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     if path is None:  # every value from the command line: the source says so
         return validate_config(schema, data, source="command line")
-    return validate_config(schema, data, source=str(path), overrides=override_keys(overrides))
+    return validate_config(schema, data, source=str(path), overrides=override_keys(overrides), lines=lines)
 
 
 def override_keys(overrides: list[str] | None) -> dict[str, str]:

@@ -66,7 +66,7 @@ def test_an_output_folder_under_a_file_is_refused(capsys, tiny_model_dir, sft_fi
 def test_yaml_booleans_are_not_numbers(capsys, tiny_model_dir, sft_file, tmp_path):
     """`lr: yes` would train at lr 1.0 (pydantic takes true as 1)."""
     code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, tmp_path / "run", "optim.lr=yes"))
-    assert code == 2 and "lr needs a number, got true" in err
+    assert code == 2 and "command line: invalid configuration:\n  optim.lr: needs a number, got true" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -165,3 +165,21 @@ def test_a_reward_flag_is_named_as_the_flag(capsys, lora_run, tmp_path):
 def test_diagnose_refuses_flags_of_probes_that_do_not_run(capsys, flags, says):
     code, out, err = run(capsys, "diagnose", "--model", "/nonexistent", "--task", "arithmetic", *flags)
     assert code == 2 and says in err  # before the model is looked up
+
+
+def test_a_bad_reward_spec_names_the_run_file_line_or_the_override(capsys, tiny_model_dir, tmp_path):
+    """Reward specs are resolved after validation (a user file is imported then), before the model loads: the error
+    still names the file and line that wrote the spec, or the override that gave it (eighteenth session)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {a} 1"}) + "\n" for a in range(4)))
+    run_file = tmp_path / "grpo.yaml"
+    run_file.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {prompts}\nalgorithm:\n  name: grpo\n"
+                        "  rewards:\n    - length_penalty\n    - {name: regex_format, wieght: 3}\n")  # fmt: skip
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={run_dir}")
+    assert code == 2 and "Traceback" not in err
+    assert f"{run_file}:9: algorithm.rewards[1]: unknown key(s) wieght; allowed: name, weight, args, label" in err
+    assert not run_dir.exists()
+    code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={run_dir}", "algorithm.rewards=[nope]")
+    assert code == 2 and "algorithm.rewards[0] (command line: algorithm.rewards=[nope]): unknown reward 'nope'" in err
+    assert not run_dir.exists()

@@ -79,17 +79,21 @@ def test_write_config_writes_every_stage(tmp_path, capsys):
     [
         (
             "demonstrations: 10\nverifable: true\n",
-            "profile.yaml: verifable: unknown profile key (did you mean verifiable?)",
+            "profile.yaml:2: verifable: unknown profile key (did you mean verifiable?)",
         ),
-        ("demonstrations: lots\n", "profile.yaml: demonstrations: must be a number"),
-        ("demonstrations: 10\nmulti_step: maybe\n", "profile.yaml: multi_step: must be true or false"),
+        ("demonstrations: lots\n", "profile.yaml:1: demonstrations: must be a number"),
+        ("demonstrations: 10\nmulti_step: maybe\n", "profile.yaml:2: multi_step: must be true or false"),
         ("- demonstrations: 10\n", "profile.yaml: a profile is a flat mapping"),
         ("demonstrations: [1, 2\n", "profile.yaml:2: not valid YAML"),
+        ("demonstrations: 10\nverifiable: true\ndemonstrations: 100\n",
+         "profile.yaml:3: demonstrations is given twice (lines 1 and 3)"),
+        ("demonstrations: 10\nverifiable: true\nprompts: {n: 3}\n", "profile.yaml:3: prompts: profiles are flat"),
+        ("demonstrations: 10\nverifiable: \xff\n", "profile.yaml: not UTF-8 text"),
     ],
 )
 def test_bad_profile_file(tmp_path, text, fragment, capsys):
     path = tmp_path / "profile.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1"))
     with pytest.raises(UserError) as err:
         load_profile(path)
     assert fragment in str(err.value)

@@ -187,6 +187,38 @@ def test_a_key_written_twice_in_a_run_file_is_an_error_naming_both_lines(tmp_pat
         load_config(f)
 
 
+def test_each_field_error_names_the_line_that_set_it_or_the_override(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "model:\n  name: m\n"  # 1-2
+        "optim:\n  lr: fast\n  batch_size: 0\n  lr_schedul: cosine\n"  # 3-6
+        "algorithm:\n  name: grpo\n  beta: -1\n  rewards:\n    - task\n"  # 7-11
+        "technique:\n  head_lr: 3\n  target_modules: {q_proj: 1}\n"  # 12-14
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(f, ["optim.batch_size=0"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{f}: invalid configuration:"
+    assert "  optim.lr (line 4): should be a valid number, unable to parse string as a number (got 'fast')" in lines
+    assert "  optim.batch_size (command line: optim.batch_size=0): should be greater than 0 (got 0)" in lines
+    assert any(x.startswith("  optim.lr_schedul (line 6): unknown key; did you mean `optim.schedule`?") for x in lines)
+    assert "  algorithm.beta (line 9): should be greater than or equal to 0 (got -1)" in lines
+    # a location deeper than the file writes (pydantic's union member): the nearest key above it that it does
+    assert "  technique.target_modules.str (line 14): should be a valid string" in lines
+    # a shared section's field under another section says where it belongs
+    assert any(x.startswith("  technique.head_lr (line 13): not a setting of `technique`; it belongs to `optim` "
+                            "(optim.head_lr)") for x in lines)  # fmt: skip
+
+
+def test_a_combination_error_is_led_by_the_line_or_override_of_the_field_it_names(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  batch_size: 8\n  micro_batch_size: 3\n")
+    with pytest.raises(ConfigError, match=r"\n  line 2: optim\.batch_size \(8\) is not a multiple of"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"\n  on the command line \(optim\.batch_size=6\): optim\.batch_size \(6\)"):
+        load_config(f, ["optim.batch_size=6", "optim.micro_batch_size=4"])
+
+
 def test_an_override_wins_over_the_file_and_a_repeated_override_takes_the_last_value(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("optim:\n  lr: 1.0e-3\n")

@@ -335,7 +335,24 @@ def test_gpu_table_override(tmp_path):
     h = estimate("7b", technique="lora", batch_size=1, gpu="H100-80GB", gpu_table=f, tokens=1e9)
     assert h.cost_usd == pytest.approx(h.hours * 10, rel=1e-12)
     f.write_text("Tiny-8GB: {memory: 8}\n")
-    with pytest.raises(UserError, match=r"gpus.yaml: Tiny-8GB.memory: unknown key"):
+    with pytest.raises(UserError, match=r"gpus.yaml:1: Tiny-8GB.memory: unknown key"):
+        estimate("7b", gpu_table=f)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("gpus.yaml", "Tiny-8GB:\n  memory_gb: 8\n  bf16_tflops: -1\n", r"gpus\.yaml:3: Tiny-8GB\.bf16_tflops: must be a positive number, got -1"),
+        ("gpus.yaml", "H100-80GB:\n  usd_per_hour: 2\nTiny-8GB:\n  memory_gb: 8\n", r"gpus\.yaml:3: Tiny-8GB: a new GPU needs bf16_tflops"),
+        ("gpus.yaml", "H100-80GB: {usd_per_hour: 2}\nH100-80GB: {usd_per_hour: 3}\n", r"gpus\.yaml:2: H100-80GB is given twice \(lines 1 and 2\)"),
+        ("gpus.yaml", "H100-80GB: {usd_per_hour: 2\n", r"gpus\.yaml:2: not valid YAML"),
+        ("gpus.json", '{"H100-80GB":\n {"usd_per_hour": 2,}}', r"gpus\.json:2: not valid JSON"),
+    ],
+)
+def test_a_gpu_table_error_names_its_line(tmp_path, name, text, expected):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(UserError, match=expected):
         estimate("7b", gpu_table=f)
 
 

@@ -27,7 +27,7 @@ from posttrain.diagnose.stats import (
 from posttrain.errors import ConfigError
 from posttrain.rewards import build_reward_functions
 from posttrain.study.arms import steps_for_budget
-from posttrain.study.config import TaskSettings, load_study_config
+from posttrain.study.config import STUDY_CONFIGS, TaskSettings, load_study_config
 from posttrain.study.data import OOD_SPLITS, RARE_OP_WORDINGS, make_seed_data
 
 
@@ -194,6 +194,17 @@ def test_the_random_reward_ignores_the_answer():
 def test_bad_settings_name_the_field(overrides, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         load_study_config("quick", overrides)
+
+
+def test_a_settings_file_error_names_the_line(tmp_path):
+    f = tmp_path / "mine.yaml"
+    text = (STUDY_CONFIGS / "quick.yaml").read_text()
+    f.write_text(re.sub(r"(?m)^  seconds: \d+", "  seconds: soon", text, count=1))
+    line = 1 + text[: text.index("\n  seconds:")].count("\n") + 1
+    with pytest.raises(ConfigError) as err:
+        load_study_config(str(f))
+    assert f"  budget.seconds (line {line}): should be a valid number" in str(err.value)
+    assert f.read_text().splitlines()[line - 1].startswith("  seconds: soon")
 
 
 def test_the_shipped_settings_read():

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import UserError
+from posttrain.yamlfile import load_yaml
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,9 @@ def coerce(key: str, value, where: str):
     return value
 
 
-def profile_from_dict(data: dict, where: str = "profile") -> Profile:
-    """A validated `Profile`; unknown keys are errors with close matches."""
+def profile_from_dict(data: dict, where: str = "profile", lines: dict[str, int] | None = None) -> Profile:
+    """A validated `Profile`; unknown keys are errors with close matches. `lines` (key -> line of the file
+    `where`) puts the line in each key's error."""
     if not isinstance(data, dict):
         raise UserError(
             f"{where}: a profile is a flat mapping of keys such as task, demonstrations, verifiable"
@@ -131,15 +133,16 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     values = {}
     allowed = [k.name for k in KEYS] + ["data_file"]
     for key, value in data.items():
+        here = f"{where}:{line}" if (line := (lines or {}).get(str(key))) is not None else where
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=2, cutoff=0.6)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise UserError(
-                f"{where}: {key}: unknown profile key{hint}; known keys: {', '.join(allowed[:-1])}"
+                f"{here}: {key}: unknown profile key{hint}; known keys: {', '.join(allowed[:-1])}"
             )
         if isinstance(value, (dict, list)):
-            raise UserError(f"{where}: {key}: profiles are flat; a single value is expected, got {value!r}")
-        values[key] = value if key == "data_file" else coerce(key, value, where)
+            raise UserError(f"{here}: {key}: profiles are flat; a single value is expected, got {value!r}")
+        values[key] = value if key == "data_file" else coerce(key, value, here)
     return check_profile(Profile(**values), where)
 
 
@@ -157,14 +160,17 @@ def check_profile(p: Profile, where: str = "profile") -> Profile:
 def load_profile(path: str | Path) -> Profile:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        lines: dict[str, int] = {}
+        data = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines)
     except OSError as err:
         raise UserError(f"{p}: cannot read the profile ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    return profile_from_dict(data or {}, str(p))
+    return profile_from_dict(data or {}, str(p), lines)
 
 
 def ask(input_fn=None, print_fn=print) -> Profile:

@@ -29,7 +29,7 @@ from posttrain.rewards.checks import check_reward_inputs
 
 def prepare(cfg, tokenizer) -> PreparedData:
     """Read and render the prompts of `data.train` and check that the run's rewards can score them."""
-    specs = parse_reward_specs(cfg.algorithm.reward_specs())
+    specs = parse_reward_specs(cfg.algorithm.reward_specs(), where=cfg.algorithm.reward_where(cfg))
     build_reward_functions(specs)
     rows = read_prompt_rows(cfg)
     check_reward_inputs(specs, rows, cfg.data.train)

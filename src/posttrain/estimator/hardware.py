@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import UserError
+from posttrain.yamlfile import load_yaml
 
 USABLE_FRACTION = (
     0.90  # of a GPU's listed memory an estimate may fill (module docstring: what the rest is for)
@@ -119,29 +120,37 @@ def load_gpu_table(path: str | Path | None) -> dict[str, GPU]:
     if path is None:
         return table
     p = Path(path)
+    lines: dict[str, int] = {}  # a YAML file's key -> line, for the errors below
     try:
         text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else load_yaml(text, str(p), lines=lines)
     except OSError as err:
         raise UserError(f"{p}: cannot read the GPU table ({err.strerror})") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{p}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the GPU table must map GPU names to {{memory_gb, bf16_tflops, ...}}")
     keys = [f.name for f in fields(GPU) if f.name != "name"]
     for name, entry in data.items():
+        at = f"{p}:{lines[str(name)]}" if str(name) in lines else str(p)
         if not isinstance(entry, dict):
-            raise UserError(f"{p}: {name}: must be a mapping with keys {', '.join(keys)}")
+            raise UserError(f"{at}: {name}: must be a mapping with keys {', '.join(keys)}")
         base = table.get(str(name))
         values = {k: getattr(base, k) for k in keys} if base else {}
         for k, v in entry.items():
+            at_key = f"{p}:{lines[f'{name}.{k}']}" if f"{name}.{k}" in lines else at
             if k not in keys:
-                raise UserError(f"{p}: {name}.{k}: unknown key; allowed: {', '.join(keys)}")
+                raise UserError(f"{at_key}: {name}.{k}: unknown key; allowed: {', '.join(keys)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise UserError(f"{p}: {name}.{k}: must be a positive number, got {v!r}")
+                raise UserError(f"{at_key}: {name}.{k}: must be a positive number, got {v!r}")
             values[k] = float(v)
         missing = [k for k in keys if k not in values]
         if missing:
-            raise UserError(f"{p}: {name}: a new GPU needs {', '.join(missing)}")
+            raise UserError(f"{at}: {name}: a new GPU needs {', '.join(missing)}")
         table[str(name)] = GPU(str(name), **values)
     return table

@@ -60,10 +60,11 @@ def is_file_spec(name: str) -> bool:
 
 
 def parse_reward_specs(specs: list, *, base_dir: str | Path | None = None,
-                       where: str = "algorithm.rewards[{i}]") -> list[RewardSpec]:  # fmt: skip
+                       where: str | list[str] = "algorithm.rewards[{i}]") -> list[RewardSpec]:  # fmt: skip
     """Check every spec and resolve its function (a user file is imported here); relative file paths are
     taken from `base_dir` (default: the working directory). `where` names spec i in errors (`{i}` from 0, `{n}`
-    from 1): the config's field, or a command's flag (``--reward #{n}``).
+    from 1): the config's field, or a command's flag (``--reward #{n}``); or a name for each spec (a run config's
+    `reward_where`, which adds the file line that wrote it).
 
     >>> [(s.label, s.weight) for s in parse_reward_specs(["task", {"name": "regex_format", "weight": 0.2,
     ...     "args": {"pattern": "Answer: "}}])]
@@ -75,7 +76,8 @@ def parse_reward_specs(specs: list, *, base_dir: str | Path | None = None,
     """
     if not isinstance(specs, list | tuple):
         raise ConfigError(f"algorithm.rewards must be a list of reward specs, got {type(specs).__name__}")
-    out = [_parse_one(spec, where.format(i=i, n=i + 1), base_dir) for i, spec in enumerate(specs)]
+    names = where if isinstance(where, list) else [where.format(i=i, n=i + 1) for i in range(len(specs))]
+    out = [_parse_one(spec, names[i], base_dir) for i, spec in enumerate(specs)]
     seen: dict[str, str] = {}
     for s in out:
         if s.label in seen:

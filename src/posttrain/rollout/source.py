@@ -187,7 +187,7 @@ class RolloutSource:
         self.context = RolloutContext(cfg=cfg, model=unwrap_parallel(model), accelerator=accelerator,
                                       micro_batch_size=micro_batch_size, reference=reference,
                                       state=rollouts.state(cfg), skips_zero_gradient=skips)  # fmt: skip
-        self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs()))
+        self.rewards = build_reward_functions(parse_reward_specs(cfg.algorithm.reward_specs(), where=cfg.algorithm.reward_where(cfg)))
         prepare = None  # how a trained reward model (`rewards.builtin.reward_model`) is sharded as it loads
         if cfg.run.sharding == "fsdp2":
             prepare = functools.partial(shard, forward_only=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from posttrain.config import _message, apply_overrides, overridden, override_keys, read_config_file
 from posttrain.errors import ConfigError
+from posttrain.yamlfile import line_of
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
 """The shipped settings, one YAML each (in a clone also at configs/study/)."""
@@ -173,18 +174,19 @@ def load_study_config(setting: str | Path, overrides: list[str] | None = None) -
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in STUDY_CONFIGS.glob("*.yaml")))
         raise ConfigError(f"study setting {str(setting)!r}: no such file, and not a shipped setting ({shipped})")
-    data = apply_overrides(read_config_file(path), list(overrides or []))
-    return validate_study(data, source=str(path), overrides=override_keys(overrides)), path.stem
+    lines: dict[str, int] = {}
+    data = apply_overrides(read_config_file(path, lines), list(overrides or []))
+    return validate_study(data, source=str(path), overrides=override_keys(overrides), lines=lines), path.stem
 
 
-def validate_study(data: dict, *, source: str = "study settings",
-                   overrides: dict[str, str] | None = None) -> StudyConfig:  # fmt: skip
-    """`data` as a `StudyConfig`, or a `ConfigError` listing every problem by dotted field (and by the `--set`
-    that gave it, `overrides`: dotted key -> the override as given)."""
+def validate_study(data: dict, *, source: str = "study settings", overrides: dict[str, str] | None = None,
+                   lines: dict[str, int] | None = None) -> StudyConfig:  # fmt: skip
+    """`data` as a `StudyConfig`, or a `ConfigError` listing every problem by dotted field, and by the `--set`
+    that gave it (`overrides`: dotted key -> the override as given) or else the file's line (`lines`)."""
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"{source}: invalid study settings:"]
+        out = [f"{source}: invalid study settings:"]
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
             msg = "unknown key" if e["type"] == "extra_forbidden" else _message(e)
@@ -193,5 +195,7 @@ def validate_study(data: dict, *, source: str = "study settings",
                 msg = f"{msg} (got {e['input']!r})"
             if (given := overridden(where, overrides)) is not None:  # the value came from --set, not the file
                 where = f"{where} (--set {given})"
-            lines.append(f"  {where}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+            elif (line := line_of(where, lines)) is not None:
+                where = f"{where} (line {line})"
+            out.append(f"  {where}: {msg}")
+        raise ConfigError("\n".join(out)) from None
