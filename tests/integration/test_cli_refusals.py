@@ -82,9 +82,8 @@ def test_overrides_after_resume_are_overrides(capsys, tiny_model_dir, sft_file, 
     code, out, err = run(capsys, *argv, "--resume", "run.max_steps=2")
     assert code == 0, err
     assert "done: 1 step (step 2 of 2)" in out
-    with pytest.raises(SystemExit) as exited:  # argparse's usage error
-        run(capsys, *argv, "--resume", "--bogus")
-    assert exited.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    code, out, err = run(capsys, *argv, "--resume", "--bogus")  # a usage error
+    assert code == 2 and "posttrain: error: unrecognized arguments: --bogus" in err and out == ""
 
 
 @pytest.fixture()
@@ -102,13 +101,37 @@ def lora_run(capsys, tiny_model_dir, sft_file, tmp_path):
 ])  # fmt: skip
 def test_generate_refuses_settings_it_cannot_use(capsys, lora_run, flags, says):
     argv = ["generate", "--model", str(lora_run), "--prompt", "hi", *flags]
-    if says.startswith("argument"):  # argparse's usage error, before anything loads
-        with pytest.raises(SystemExit) as exited:
-            run(capsys, *argv)
-        code, err = exited.value.code, capsys.readouterr().err
-    else:
-        code, _, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2 and says in err and "Traceback" not in err
+    if says.startswith("argument"):  # argparse's usage error, before anything loads: the usage line leads
+        assert err.startswith("usage: posttrain generate ") and f"posttrain generate: error: {says}" in err
+
+
+@pytest.mark.parametrize("argv, command, says", [
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "generate", "argument --temperature: must be >= 0"),
+    (["evaluate", "--task", "arithmetic", "--n", "0"], "evaluate", "argument --n: must be a whole number > 0, got 0"),
+    (["evaluate", "--pairs", "p.jsonl", "--beta", "-0.1"], "evaluate", "argument --beta: must be > 0, got -0.1"),
+    (["evaluate", "--task", "arithmetic", "--bogus"], "evaluate", "unrecognized arguments: --bogus"),
+    (["data", "validate"], "data validate", "the following arguments are required: file"),
+    (["train", "run.yaml", "--bogus"], "train", "unrecognized arguments: --bogus"),
+])  # fmt: skip
+def test_a_command_line_mistake_under_json_is_a_failure_document(capsys, argv, command, says):
+    """docs/cli-json.md: whatever the exit code, stdout carries one document; argparse's own errors included."""
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 2 and says in err
+    doc = json.loads(out)
+    assert doc == {"schema_version": 1, "command": command, "ok": False, "error": {"kind": "user", "message": doc["error"]["message"]}}
+    assert says in doc["error"]["message"]
+    code, out, err = run(capsys, *argv)  # without --json: argparse's report alone
+    assert code == 2 and out == "" and says in err
+
+
+def test_a_usage_error_of_a_command_without_documents_is_argparse_s_report(capsys):
+    code, out, err = run(capsys, "estimate", "--json", "--model")
+    assert code == 2 and out == "" and err.startswith("usage: posttrain estimate")
+    assert "posttrain estimate: error: argument --model: expected one argument" in err
+    code, out, err = run(capsys, "--bogus")
+    assert code == 2 and out == "" and "posttrain: error: unrecognized arguments: --bogus" in err
 
 
 def test_evaluate_refuses_flags_of_the_other_mode_and_an_out_folder_before_answering(capsys, lora_run, tmp_path):

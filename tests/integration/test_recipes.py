@@ -97,13 +97,13 @@ def test_dpo_recipe_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
 def test_every_quickstart_yaml_is_a_recipe_of_the_cli():
     """The recipes and the CLI's choices come from the YAML files: a new configs/quickstart/METHOD.yaml is a
     new `posttrain quickstart METHOD`."""
-    from posttrain.cli import build_parser
+    from posttrain.cli import UsageError, build_parser
 
     assert set(RECIPES) == {"dpo", "grpo", "ppo", "rloo"}
     parser = build_parser()
     for method in ["sft", *RECIPES]:
         assert parser.parse_args(["quickstart", method]).method == method
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="invalid choice: 'kto'"):
         parser.parse_args(["quickstart", "kto"])
 
 

@@ -44,15 +44,34 @@ from posttrain.cli import (
 from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
 from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError
 
-__all__ = ["SCHEMA_VERSION", "Output", "build_parser", "json_document", "main"]
+__all__ = ["SCHEMA_VERSION", "Output", "UsageError", "build_parser", "json_document", "main"]
+
+PROG = "posttrain"
 
 COMMANDS = (quickstart, train, data, generate, merge, report, evaluate, diagnose, study, estimate, advise,
             vllm_serve)
 """The command modules, in the order `posttrain --help` lists them."""
 
 
+class UsageError(Exception):
+    """A mistake in the command line itself (an unknown flag, a value its type refuses), from `parser`."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is raised (`UsageError`) instead of printed before `sys.exit(2)`, so
+    that `main` can report it like any other user error: also as the `--json` document of a command that prints
+    one."""
+
+    def error(self, message: str):
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -62,13 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except UsageError as err:  # within a command's own flags: its parser knows whether it prints a document
+        given = sys.argv[1:] if argv is None else argv
+        document = bool(err.parser.get_default("prints_document")) and "--json" in given
+        return _usage_error(err.parser, err.message, err.parser.prog.removeprefix(f"{PROG} ") if document else None)
     if extra and getattr(args, "command", None) == "train" and all("=" in a and not a.startswith("-") for a in extra):
         # `train RUN.yaml --resume run.max_steps=3`: argparse ends the positional overrides at the first flag;
         # key=value words after one are overrides too, in the order given
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        document = getattr(args, "prints_document", False) and args.json
+        return _usage_error(parser, f"unrecognized arguments: {' '.join(extra)}",
+                            _command_name(args) if document else None)  # fmt: skip
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER
@@ -93,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     return out.code
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str, document: str | None) -> int:
+    """argparse's report of a command-line mistake on stderr (usage, then the error), exit 2; and when `--json`
+    was given to a command that prints a document (`document`: its name), that document (docs/cli-json.md:
+    failures are documents too)."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    if document is not None:
+        with contextlib.suppress(BrokenPipeError):  # `... --json | head`: the reader left
+            print(json_document(document, Output(code=EXIT_USER, error={"kind": "user", "message": message})))
+    return EXIT_USER
 
 
 def _run(args) -> Output:

@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows
-from posttrain.cli.output import Output, add_json, check_output_file, positive_int, quiet_libraries, settings
+from posttrain.cli.output import (
+    Output,
+    add_json,
+    check_output_file,
+    positive,
+    positive_int,
+    quiet_libraries,
+    settings,
+    temperature,
+)
 from posttrain.errors import UserError
 
 NO_VERIFIER = (
@@ -44,7 +53,7 @@ def add_parser(sub) -> None:
         'path/to/file.py:function, or JSON {"name": ..., "weight": ..., "args": {...}}; repeatable (weighted '
         "sum). Reports the mean reward and the share of rows with reward > 0",
     )
-    e.add_argument("--n", type=int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
+    e.add_argument("--n", type=positive_int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--split", choices=["train", "heldout"], default="heldout")
     e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
@@ -53,7 +62,7 @@ def add_parser(sub) -> None:
     e.add_argument("--data", help="prompts file (a `prompt` per row, and the `answer` the verifier checks)")
     e.add_argument("--max-new-tokens", type=positive_int, default=128)
     e.add_argument(
-        "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: one seeded sample"
+        "--temperature", type=temperature, default=0.0, help="0: greedy (default); > 0: one seeded sample"
     )
     e.add_argument("--judge", help="also score the answers with a trained reward model (its folder)")
     e.add_argument(
@@ -61,8 +70,9 @@ def add_parser(sub) -> None:
     )
     e.add_argument("--reference", default=PAIRS_ONLY["reference"],
                    help="with --pairs: the reference model (default: the adapter disabled)")  # fmt: skip
-    e.add_argument("--beta", type=float, default=PAIRS_ONLY["beta"], help="with --pairs: DPO beta of the implicit reward")
-    e.add_argument("--max-length", type=int, default=PAIRS_ONLY["max_length"],
+    e.add_argument("--beta", type=positive, default=PAIRS_ONLY["beta"],
+                   help="with --pairs: DPO beta of the implicit reward")  # fmt: skip
+    e.add_argument("--max-length", type=positive_int, default=PAIRS_ONLY["max_length"],
                    help="with --pairs: tokens per prompt + response")  # fmt: skip
     e.add_argument(
         "--out",
@@ -78,8 +88,6 @@ def run(args) -> Output:
     """Answers to --n prompts, scored by the verifier (a task's, or rewards), and by a judge if given."""
     from posttrain.evaluation import answer_records, format_table, generate_answers, load_for_inference
 
-    if args.n <= 0:
-        raise UserError(f"--n must be a positive number of prompts or pairs, got {args.n}")
     check_output_file(args.out, "--out")  # before the answers are made, not after
     _check_pairs_only_flags(args)
     if args.pairs is not None:
@@ -89,8 +97,6 @@ def run(args) -> Output:
         return evaluate_pairs(args)
     _check_verifier(args)
     rows = _evaluation_rows(args)
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     rewards = _reward_functions(args, rows) if args.reward else None
     if args.judge is not None:
         from posttrain.models.heads import reward_model_problem
@@ -217,10 +223,6 @@ def evaluate_pairs(args) -> Output:
     from posttrain.evaluation import load_for_inference
     from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
 
-    if args.beta <= 0:
-        raise UserError(f"--beta must be > 0, got {args.beta}")
-    if args.max_length <= 0:
-        raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     if args.judge is not None:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference")[: args.n]

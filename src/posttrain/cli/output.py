@@ -126,6 +126,8 @@ def _bounded(ok, wants: str):
     return parse
 
 
+positive = _bounded(lambda v: v > 0, "> 0")
+"""argparse type: a positive number (e.g. a DPO beta)."""
 temperature = _bounded(lambda v: v >= 0, ">= 0 (0: greedy)")
 """argparse type: a sampling temperature."""
 top_p = _bounded(lambda v: 0 < v <= 1, "in (0, 1] (1: no nucleus cut)")
