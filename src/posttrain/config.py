@@ -736,7 +736,8 @@ def validate_config(schema: type[RunBase], data: Any, *, source: str = "config",
         cfg = schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(schema, err, source, data, overrides, lines)) from None
-    cfg._origin = (source, dict(lines or {}), dict(overrides or {}))
+    if lines or overrides:  # values from a file (the command line alone needs no naming: `locate`)
+        cfg._origin = (source, dict(lines or {}), dict(overrides or {}))
     return cfg
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -76,7 +77,27 @@ def to_number(text: str) -> float | None:
     if not _PLAIN.fullmatch(s):
         return None
     num, _, den = s.replace(",", "").partition("/")
-    return float(num) / float(den) if den and float(den) else (None if den else float(num))
+    value = float(num) / float(den) if den and float(den) else (None if den else float(num))
+    # Too large for a float (an integer of 309 digits or more): not plain, so math-verify compares it exactly;
+    # as inf it would have matched every other number too large.
+    return value if value is None or math.isfinite(value) else None
+
+
+def readable_number(text: str) -> bool:
+    """Whether `text` is a gold answer `numeric_match` can compare with: a plain number, or an expression
+    math-verify parses (``\\frac{1}{2}``, ``2\\sqrt{3}``).
+
+    >>> readable_number("1,234"), readable_number(r"\\frac{1}{2}"), readable_number("four"), readable_number("nan")
+    (True, True, False, False)
+    """
+    if to_number(text) is not None:
+        return True
+    import math_verify  # lazy: pulls in sympy (~0.5 s)
+
+    main = threading.current_thread() is threading.main_thread()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    parsed = math_verify.parse(text, **({} if main else {"parsing_timeout": None}))
+    return bool(parsed) and not any(str(p).lower() in ("nan", "zoo", "oo", "-oo") for p in parsed)
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:

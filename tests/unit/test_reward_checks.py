@@ -1,0 +1,59 @@
+"""What the rewards need from the prompt rows, checked before any model loads (`rewards.checks`): every row that a
+reward could not score is named by file, line and column (an audit of silent data handling, eighteenth session)."""
+
+import pytest
+
+from posttrain.data.schema import Row
+from posttrain.errors import DataError
+from posttrain.rewards import build_reward_functions, parse_reward_specs
+from posttrain.rewards.builtin import numeric_match, to_number
+from posttrain.rewards.checks import check_reward_inputs
+
+
+def _problems(reward, rows) -> list[str]:
+    rows = [Row(r, line=i) for i, r in enumerate(rows, start=1)]
+    with pytest.raises(DataError) as err:
+        check_reward_inputs(parse_reward_specs([reward]), rows, "p.jsonl")
+    assert str(err.value).splitlines()[0] == "p.jsonl: the rewards cannot score these rows:"
+    return [str(p) for p in err.value.problems]
+
+
+def test_a_gold_answer_numeric_answer_cannot_read_is_named_on_every_row():
+    problems = _problems("numeric_answer", [{"prompt": "a", "answer": None}, {"prompt": "b", "answer": 2},
+                                            {"prompt": "c", "answer": "four"}, {"prompt": "d", "answer": [6]},
+                                            {"prompt": "e", "answer": float("nan")}, {"prompt": "f"}])  # fmt: skip
+    assert [p.split(": ", 2)[:2] for p in problems] == [["p.jsonl:1", "answer"], ["p.jsonl:3", "answer"],
+                                                         ["p.jsonl:4", "answer"], ["p.jsonl:5", "answer"],
+                                                         ["p.jsonl:6", "answer"]]  # fmt: skip
+    assert "is null: no number to compare with" in problems[0]
+    assert "'four' is not a number" in problems[1] and "got list [6]" in problems[2]
+    assert "is nan, not a finite number" in problems[3] and "missing:" in problems[4]
+    # symbolic and formatted gold answers are readable
+    check_reward_inputs(parse_reward_specs(["numeric_answer"]),
+                        [Row({"prompt": "q", "answer": a}, line=1) for a in ("1,234", r"\frac{1}{2}", 7, 2.5)], "p")  # fmt: skip
+
+
+def test_a_gold_answer_too_large_for_a_float_matches_only_itself():
+    """Read as a float it was inf, and |got - inf| <= 1e-6 x inf held for any other number too large: every
+    completion holding 309 digits or more scored 1.0."""
+    huge = "1" + "0" * 400
+    assert to_number(huge) is None and to_number("1e400") is None
+    assert numeric_match(f"Answer: {huge}", int(huge)) and numeric_match(f"Answer: {huge}", huge)
+    assert not numeric_match("Answer: " + "9" * 400, int(huge))
+    (reward,) = build_reward_functions(["numeric_answer"])
+    assert reward.fn(["q", "q"], [f"so {huge}", "so " + "7" * 320], answer=[huge, huge]) == [1.0, 0.0]
+
+
+def test_a_task_reward_names_rows_whose_task_it_cannot_find():
+    problems = _problems("task", [{"prompt": "a", "answer": 2, "metadata": {"task": "arithmetic"}},
+                                  {"prompt": "b", "answer": 2, "metadata": "arithmetic"},
+                                  {"prompt": "c", "answer": 2, "metadata": {"task": "arithmetc"}},
+                                  {"prompt": "d", "answer": 2, "task": "nope"},
+                                  {"prompt": "e", "answer": 2}])  # fmt: skip
+    assert problems[0] == ("p.jsonl:2: metadata: must be a mapping such as {\"task\": \"arithmetic\"}, got str "
+                           "'arithmetic'")  # fmt: skip
+    assert problems[1].startswith("p.jsonl:3: metadata.task: unknown task 'arithmetc' for reward 'task'")
+    assert problems[1].endswith("built-in tasks: arithmetic, structured")
+    assert problems[2].startswith("p.jsonl:4: task: unknown task 'nope'")
+    assert problems[3].startswith("p.jsonl:5: metadata.task: reward 'task' (algorithm.rewards[0]) has no args.task")
+    assert len(problems) == 4
