@@ -37,6 +37,7 @@ from posttrain.config import deepspeed_zero_stage, dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
+from posttrain.data.render import lines_text
 from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
@@ -302,6 +303,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     # The model first: one that cannot load (its files, technique.target_modules) is refused before the run folder
     # holds anything, so the corrected command runs as it is.
     model = _load_model(cfg, algorithm, accelerator.device)
+    _check_context(cfg, data, language_model(model).config)
     # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
     accelerator.wait_for_everyone()
@@ -468,6 +470,27 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
                            shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
     for note in [*data.notes, *([skipped] if skipped else [])]:
         print(f"warning: {note}")
+
+
+def _check_context(cfg: RunConfig, data, config) -> None:
+    """Refuse training rows longer than the model has positions for (`max_position_embeddings`, GPT-2's
+    `n_positions`): learned position embeddings fail there with an index error, and rotary ones run positions the
+    model never trained on, silently. Checked on the rows themselves: a data.max_length above the context is
+    harmless while every row is shorter."""
+    context = next((v for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(v := getattr(config, k, None), int) and v > 0), None)  # fmt: skip
+    if context is None or cfg.data.max_length <= context:
+        return
+    rollout = getattr(cfg.algorithm, "rollout", None)
+    new_tokens = rollout.max_new_tokens if rollout is not None else 0
+    over = data.longest_rows(context, new_tokens)
+    if over:
+        sampled = f" with algorithm.rollout.max_new_tokens ({new_tokens}) sampled after the prompt" if new_tokens else ""
+        raise ConfigError(
+            f"{cfg.data.train}: {len(over)} of {len(data.train)} training rows are longer than the model's context of "
+            f"{context} positions{sampled} ({lines_text(over)}), which data.max_length ({cfg.data.max_length}) "
+            f"allows. Set data.max_length={context} or less (longer rows are then cut, with a note), or shorten them"
+        )
 
 
 def _load_model(cfg: RunConfig, algorithm: Algorithm, device) -> torch.nn.Module:

@@ -159,8 +159,17 @@ def test_data_make_says_it_replaced_a_file(capsys, tmp_path):
     code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(out_file))
     assert code == 0 and f"{out_file} existed (3 lines) and was replaced" in out
     (tmp_path / "afile").write_text("x")
-    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / "afile" / "x"))
+    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / "afile" / "x.jsonl"))
     assert code == 2 and "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("name", ["rows.csv", "rows.json", "rows.parquet", "rows"])
+def test_data_make_refuses_a_name_its_readers_would_take_for_another_format(capsys, tmp_path, name):
+    """It writes JSON Lines whatever the name, and the readers go by the extension: `rows.csv` made by `data make`
+    then failed on every line as CSV (an audit of silent data handling, eighteenth session)."""
+    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / name))
+    assert code == 2 and "writes JSON Lines" in err and f"name it {tmp_path / 'rows.jsonl'}" in err
+    assert not (tmp_path / name).exists()
 
 
 def test_a_bad_override_is_named_as_the_command_lines_not_the_files(capsys, tiny_model_dir, sft_file, tmp_path):
@@ -206,3 +215,35 @@ def test_a_bad_reward_spec_names_the_run_file_line_or_the_override(capsys, tiny_
     code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={run_dir}", "algorithm.rewards=[nope]")
     assert code == 2 and "algorithm.rewards[0] (command line: algorithm.rewards=[nope]): unknown reward 'nope'" in err
     assert not run_dir.exists()
+
+
+def test_rows_longer_than_the_models_context_are_refused_before_the_run_folder(capsys, tiny_model_dir, tmp_path):
+    """The tiny Llama has 512 positions: rows of ~700 tokens under data.max_length=4096 trained past them silently
+    (a GPT-2's learned positions raised an index error instead; an audit, eighteenth session)."""
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_tokenizer
+
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a b " * 350}) + "\n" for i in range(3))
+                    + json.dumps({"prompt": "q", "completion": "short"}) + "\n")  # fmt: skip
+    tok = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    assert len(tok("a b " * 350)["input_ids"]) > 512
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, *_train(tiny_model_dir, rows, run_dir, "data.max_length=4096"))
+    assert code == 2 and "Traceback" not in err
+    assert (f"{rows}: 3 of 4 training rows are longer than the model's context of 512 positions (lines 1, 2 and 3), "
+            "which data.max_length (4096) allows. Set data.max_length=512 or less") in err  # fmt: skip
+    assert not run_dir.exists()
+    code, out, err = run(capsys, *_train(tiny_model_dir, rows, run_dir, "data.max_length=512"))
+    assert code == 0 and "3 of 4 rows are longer than max_length=512 tokens and were truncated" in out + err
+
+
+def test_pairs_without_a_margin_are_said_when_the_run_uses_margins(capsys, tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no",
+                                         **({"margin": 1.0} if i % 2 else {})}) + "\n" for i in range(4)))  # fmt: skip
+    code, out, err = run(capsys, "train", f"model.name={tiny_model_dir}", "technique.name=lora", "algorithm.name=reward",
+                         "algorithm.margin=true", f"data.train={pairs}", "optim.batch_size=2", "run.max_steps=1",
+                         f"run.output_dir={tmp_path / 'run'}", "run.progress=false")  # fmt: skip
+    assert code == 0, err
+    assert f"{pairs}: 2 of 4 pairs have no `margin` (lines 1 and 3): their margin is 0 in the loss" in out + err

@@ -140,3 +140,35 @@ def test_plain_folder_is_not_a_dataset(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(UserError, match="not a `datasets` folder"):
         read_records(tmp_path / "empty_dir")
+
+
+def test_a_key_written_twice_in_a_row_is_named_not_silently_dropped(tmp_path):
+    """`json.loads` keeps the last value of a key written twice: `"completion": "right", "completion": "wrong"`
+    trained on "wrong" (an audit of silent data handling, eighteenth session). Also inside a message, and in a
+    JSON file's rows."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "q", "completion": "right", "completion": "wrong"}\n'
+                 '{"prompt": "q", "completion": "ok"}\n'
+                 '{"messages": [{"role": "user", "content": "a", "content": "b"}]}\n')  # fmt: skip
+    says = "is written twice in this object; JSON would silently keep only the second value. Delete one of them"
+    assert problems(f) == [f"{f}:1: completion: `completion` {says}", f"{f}:3: content: `content` {says}"]
+    g = tmp_path / "d.json"
+    g.write_text('[\n {"prompt": "q", "completion": "a"},\n {"prompt": "q",\n  "prompt": "r", "completion": "b"}\n]')
+    assert problems(g) == [f"{g}:3: prompt: `prompt` {says}"]
+    h = tmp_path / "w.json"
+    h.write_text(json.dumps({"data": ROWS})[:-1] + ', "data": []}')  # the wrapper's own key, twice
+    assert problems(h) == [f"{h}: `data` {says}"]
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,completion,completion\nq,a,b\n")
+    assert problems(f) == [f"{f}:1: the header names 'completion' twice; each row would keep only the last "
+                           "column's cell. Rename or delete one"]  # fmt: skip
+
+
+def test_a_csv_margin_cell_is_read_as_a_number(tmp_path):
+    """CSV cells are text, so a CSV file could not carry a margin: every one was "must be a number, got string"."""
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,chosen,rejected,margin\nq,a,b,1.5\nq,a,b,\nq,a,b,lots\n")
+    assert [r.data.get("margin") for r in read_records(f)] == [1.5, None, "lots"]

@@ -169,7 +169,8 @@ def test_long_responses_are_truncated_with_one_counted_warning(tiny_tokenizer):
         Row({"prompt": [U1], "chosen": [say("4")], "rejected": [say("5" * 40)]}, line=3),
     ]
     n_prompt = len(render_prompt(tok, rows[0]))
-    with pytest.warns(UserWarning, match=r"2 of 3 pairs .* max_length=40") as caught:
+    with pytest.warns(UserWarning, match=r"2 of 3 pairs .* max_length=40 .*\(their ends are not scored: lines 1 "
+                                         r"and 3\)") as caught:  # fmt: skip
         pairs = render_preference_dataset(tok, rows, max_length=40)
     assert len(caught) == 1
     assert [p.truncated for p in pairs] == [True, False, True]
@@ -223,3 +224,27 @@ def test_margin_is_an_optional_non_negative_number(tmp_path):
         f"{g}:1: margin: must be at least 0, got -1",
         f"{g}:2: margin: must be a number, got string",
     ]
+    # JSON's NaN and Infinity (and 1e999) pass a schema's `minimum`: the loss became NaN at step 1, after the model
+    # loaded, and left a run folder that refused the corrected command (an audit, eighteenth session)
+    h = tmp_path / "nan.jsonl"
+    h.write_text('{"prompt": "q", "chosen": "4", "rejected": "5", "margin": NaN}\n'
+                 '{"prompt": "q", "chosen": "4", "rejected": "5", "margin": 1e999}\n'
+                 '{"prompt": "q", "chosen": "4", "rejected": "5", "margin": 2}\n')  # fmt: skip
+    assert problems(h) == [f"{h}:1: margin: must be a finite number, got nan",
+                           f"{h}:2: margin: must be a finite number, got inf"]  # fmt: skip
+
+
+def test_a_pair_whose_sides_are_cut_to_the_same_tokens_is_an_error(tiny_tokenizer):
+    """Two responses that differ only past max_length trained as a pair with no preference (a zero gradient)."""
+    rows = [Row({"prompt": [U1], "chosen": [say("4" * 60 + " yes")], "rejected": [say("4" * 60 + " no")]}, line=7),
+            Row({"prompt": [U1], "chosen": [say("4" * 60)], "rejected": [say("5")]}, line=8)]  # fmt: skip
+    with pytest.raises(DataError) as err:
+        render_preference_dataset(tiny_tokenizer, rows, max_length=40, source="p.jsonl")
+    (problem,) = err.value.problems
+    assert str(problem).startswith("p.jsonl:7: rejected: identical to chosen once cut to max_length 40: the two "
+                                   "sides first differ at token ")  # fmt: skip
+    full = render_pair(tiny_tokenizer, rows[0], max_length=512)
+    differ = next(t for t, (a, b) in enumerate(zip(full.chosen().input_ids, full.rejected().input_ids)) if a != b)
+    assert f"differ at token {differ + 1} (the prompt's included)" in str(problem)
+    with pytest.warns(UserWarning, match="truncated"):
+        render_preference_dataset(tiny_tokenizer, rows, max_length=differ + 1)  # one differing token kept: a pair

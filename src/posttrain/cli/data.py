@@ -109,7 +109,7 @@ def make(args) -> int:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if args.n <= 0:
         raise UserError(f"--n must be a positive number of rows, got {args.n}")
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", jsonl=True)
     task = task_with_options(TASKS[args.task], args)
     maker = {"sft": task.make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
     rows = (
@@ -225,7 +225,7 @@ def pairs(args) -> Output:
     )
 
     _check_pairs_args(args)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", jsonl=True)
     rows = load_rows(args.prompts, "prompts")[: args.limit]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)

@@ -144,12 +144,16 @@ def _number(text: str) -> float:
     return value
 
 
-def check_output_file(path: str | None, flag: str) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file.
+def check_output_file(path: str | None, flag: str, *, jsonl: bool = False) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file; and,
+    with `jsonl` (a data file that is read back by its extension), a name that does not end in `.jsonl`.
 
     >>> check_output_file("/", "--out")
     Traceback (most recent call last):
     posttrain.errors.UserError: --out /: is a folder; give a file path (e.g. /answers.jsonl)
+    >>> check_output_file("rows.csv", "--out", jsonl=True)
+    Traceback (most recent call last):
+    posttrain.errors.UserError: --out rows.csv: this command writes JSON Lines, and data files are read by their extension: name it rows.jsonl
     """
     from pathlib import Path
 
@@ -158,6 +162,9 @@ def check_output_file(path: str | None, flag: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path (e.g. {p / 'answers.jsonl'})")
+    if jsonl and p.suffix != ".jsonl":
+        raise UserError(f"{flag} {path}: this command writes JSON Lines, and data files are read by their "
+                        f"extension: name it {p.with_suffix('.jsonl')}")  # fmt: skip
     _check_parents(p, flag)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.prepared import PreparedData
-from posttrain.data.render import Rendered, render_all, render_sft
+from posttrain.data.render import Rendered, lines_text, render_all, render_sft
 from posttrain.data.schema import load_rows, normalise_row
 from posttrain.errors import ConfigError, DataError, Problem
 
@@ -62,8 +62,9 @@ class RenderedPair:
     line: int | None = None
     chosen_mask: list[int] | None = None
     rejected_mask: list[int] | None = None
-    margin: float = 0.0
-    """The row's optional `margin` column: how clearly chosen wins (reward models with `algorithm.margin`)."""
+    margin: float | None = None
+    """The row's optional `margin` column: how clearly chosen wins (reward models with `algorithm.margin`); None
+    when the row has none (0 in the loss)."""
 
     def __post_init__(self):
         if self.chosen_mask is None:
@@ -112,6 +113,14 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
             "shorten the prompt")
         )])  # fmt: skip
     truncated = len(c_ids) > max_length or len(r_ids) > max_length
+    if truncated and c_ids[n:max_length] == r_ids[n:max_length] and c_mask[n:max_length] == r_mask[n:max_length]:
+        differ = next(t for t in range(n, min(len(c_ids), len(r_ids)) + 1)
+                      if t == min(len(c_ids), len(r_ids)) or c_ids[t] != r_ids[t])  # fmt: skip
+        raise DataError([Problem(source, line, "rejected", (
+            f"identical to chosen once cut to max_length {max_length}: the two sides first differ at token "
+            f"{differ + 1} (the prompt's included), so the pair would carry no preference (a zero gradient); raise "
+            "max_length above that or shorten the responses' common start")
+        )])  # fmt: skip
     return RenderedPair(
         prompt_ids=prompt_ids,
         chosen_ids=c_ids[n:max_length],
@@ -121,7 +130,7 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
         line=line,
         chosen_mask=c_mask[n:max_length],
         rejected_mask=r_mask[n:max_length],
-        margin=float(row.get("margin", 0.0) or 0.0),
+        margin=float(row["margin"]) if row.get("margin") is not None else None,
     )
 
 
@@ -132,12 +141,12 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
         lambda row: render_pair(tokenizer, row, max_length=max_length, source=source),
         rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",
     )  # fmt: skip
-    n_truncated = sum(p.truncated for p in out)
-    if n_truncated:
+    truncated = [p.line if p.line is not None else i + 1 for i, p in enumerate(out) if p.truncated]
+    if truncated:
         warnings.warn(
-            f"{source}: {n_truncated} of {len(out)} pairs have a response longer than the room max_length="
-            f"{max_length} leaves after the prompt and were truncated (their ends are not scored); raise "
-            "max_length to keep them whole",
+            f"{source}: {len(truncated)} of {len(out)} pairs have a response longer than the room max_length="
+            f"{max_length} leaves after the prompt and were truncated (their ends are not scored: "
+            f"{lines_text(truncated)}); raise max_length to keep them whole",
             stacklevel=2,
         )
     return out
@@ -162,7 +171,7 @@ def collate_pairs(pairs: Sequence[RenderedPair], pad_id: int, *, share_prompt: b
     import torch  # here, not at the top: `posttrain advise --data` reads data files without loading torch
 
     batch = collate([p.chosen() for p in pairs] + [p.rejected() for p in pairs], pad_id)
-    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
+    batch["margin"] = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)  # (B,)
     if share_prompt:
         batch[GROUP_KEY] = torch.arange(len(pairs)).repeat(2)  # (2B,)
     return batch

@@ -19,3 +19,24 @@ class PreparedData:
     train_lines: Sequence[Sequence[int]] | None = None
     """For each training example, the lines of `data.train` it comes from (several for a packed row): how a run
     names the rows it does not train (`data.order.skipped_note`). None: examples are named by position."""
+
+    def longest_rows(self, limit: int, new_tokens: int = 0) -> list[int]:
+        """The file lines (by position when unknown) of the training examples whose sequence is longer than
+        `limit` tokens: a row's tokens (each example of a packed row: positions restart per example), a pair's
+        prompt and longer response, a prompt and the `new_tokens` sampled after it."""
+        over = []
+        for i, item in enumerate(self.train):
+            lines = self.train_lines[i] if self.train_lines is not None else (i + 1,)
+            for line, example in zip(lines, item if isinstance(item, list | tuple) else [item], strict=False):
+                if _tokens(example, new_tokens) > limit:
+                    over.append(line)
+        return over
+
+
+def _tokens(example: Any, new_tokens: int) -> int:
+    """The most tokens `example` puts in one sequence (`Rendered`, `RenderedPair` or `PromptExample`)."""
+    if hasattr(example, "chosen_ids"):
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+    if hasattr(example, "prompt_ids"):
+        return len(example.prompt_ids) + new_tokens
+    return len(example.input_ids)

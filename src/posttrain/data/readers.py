@@ -24,6 +24,35 @@ from posttrain.errors import DataError, Problem
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a `datasets` folder (save_to_disk)")
 _JSON_CELLS = ("messages", "metadata")
 _MESSAGE_CELLS = ("prompt", "completion", "chosen", "rejected")
+_NUMBER_CELLS = ("margin",)  # a CSV cell is text; a column the schema wants as a number is read as one
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object that writes a key twice (`json.loads` would keep the last value silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """`json.loads`'s `object_pairs_hook`: the object as a dict, or `_DuplicateKey` for a key written twice.
+
+    >>> json.loads('{"a": 1, "b": {"c": 2, "c": 3}}', object_pairs_hook=_unique_keys)
+    Traceback (most recent call last):
+    posttrain.data.readers._DuplicateKey: c
+    """
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _twice(key: str) -> str:
+    return (f"`{key}` is written twice in this object; JSON would silently keep only the second value. Delete "
+            "one of them")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,9 +136,12 @@ def _read_jsonl(raw: bytes, name: str) -> tuple[list[Record], list[Problem]]:
             problems.append(Problem(name, i, None, _utf8_message(chunk, err)))
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             problems.append(Problem(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
+            continue
+        except _DuplicateKey as err:
+            problems.append(Problem(name, i, err.key, _twice(err.key)))
             continue
         if not isinstance(obj, dict):
             problems.append(Problem(name, i, None, f"expected a JSON object, got {_json_type(obj)}"))
@@ -142,6 +174,11 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         top = json.loads(text)
     except json.JSONDecodeError as err:
         _fail(name, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno)
+    try:  # again, to find a key written twice (this parse has no line numbers: the element's line is found below)
+        json.loads(text, object_pairs_hook=_unique_keys)
+        duplicate = None
+    except _DuplicateKey as err:
+        duplicate = err.key
     shape = 'a JSON list of objects, or an object {"data": [...]} or {"rows": [...]}'
     if isinstance(top, dict):
         key = next((k for k in ("data", "rows") if isinstance(top.get(k), list)), None)
@@ -158,11 +195,21 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     ):  # cannot happen for text json.loads accepted; row numbers are a safe fallback
         starts = list(range(1, len(rows) + 1))
     records, problems = [], []
-    for line, row in zip(starts, rows):
+    offsets = _element_offsets(text, key)
+    strict = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    for i, (line, row) in enumerate(zip(starts, rows)):
+        if duplicate is not None and len(offsets) == len(rows):
+            try:
+                strict.raw_decode(text, offsets[i])
+            except _DuplicateKey as err:
+                problems.append(Problem(name, line, err.key, _twice(err.key)))
+                continue
         if isinstance(row, dict):
             records.append(Record(line, row))
         else:
             problems.append(Problem(name, line, None, f"expected a JSON object, got {_json_type(row)}"))
+    if duplicate is not None and not problems:  # in the top-level object, outside the rows
+        _fail(name, _twice(duplicate))
     return records, problems
 
 
@@ -174,6 +221,11 @@ def _element_lines(text: str, key: str | None) -> list[int]:
     >>> _element_lines('{"meta": [0],\\n "data": [{"a": 1},\\n  {"a": 2}]}', "data")
     [2, 3]
     """
+    return [text.count("\n", 0, i) + 1 for i in _element_offsets(text, key)]
+
+
+def _element_offsets(text: str, key: str | None) -> list[int]:
+    """The offset in `text` where each element of the top-level array (or of `top[key]`) starts."""
     dec = json.JSONDecoder()
 
     def skip(i: int) -> int:
@@ -192,14 +244,14 @@ def _element_lines(text: str, key: str | None) -> list[int]:
             _, i = dec.raw_decode(text, i)
             i = skip(skip(i) + 1)  # past ','
     i = skip(i + 1)  # past '['
-    lines = []
+    offsets = []
     while i < len(text) and text[i] != "]":
-        lines.append(text.count("\n", 0, i) + 1)
+        offsets.append(i)
         _, i = dec.raw_decode(text, i)
         i = skip(i)
         if i < len(text) and text[i] == ",":
             i = skip(i + 1)
-    return lines
+    return offsets
 
 
 def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
@@ -213,6 +265,10 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     header = [h.strip() for h in header]
     if not any(header):
         _fail(name, "the first line must be a header naming the columns", 1)
+    twice = sorted({h for h in header if h and header.count(h) > 1})
+    if twice:
+        _fail(name, f"the header names {', '.join(map(repr, twice))} twice; each row would keep only the last "
+                    "column's cell. Rename or delete one", 1)  # fmt: skip
     start = reader.line_num + 1
     while True:
         try:
@@ -241,8 +297,14 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
 
 
 def _csv_cell(col: str, cell: str, name: str, line: int, problems: list[Problem]) -> Any:
-    """Parse JSON held in a CSV cell where the column expects it; other cells stay strings."""
+    """Parse JSON held in a CSV cell where the column expects it, and numbers in a number column (a cell that is
+    not one stays text, for the schema to name); other cells stay strings."""
     stripped = cell.strip()
+    if col in _NUMBER_CELLS:
+        try:
+            return float(stripped)
+        except ValueError:
+            return cell
     if col in _JSON_CELLS and stripped[:1] in "[{":
         try:
             return json.loads(stripped)

@@ -156,14 +156,28 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
         lambda row: render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source),
         rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",
     )  # fmt: skip
-    n_truncated = sum(r.truncated for r in out)
-    if n_truncated:
+    truncated = [getattr(row, "line", None) or i + 1 for i, (row, r) in enumerate(zip(rows, out)) if r.truncated]
+    if truncated:
         warnings.warn(
-            f"{source}: {n_truncated} of {len(out)} rows are longer than max_length={max_length} tokens and were "
-            "truncated (their ends are not trained); raise data.max_length to keep them whole",
+            f"{source}: {len(truncated)} of {len(out)} rows are longer than max_length={max_length} tokens and were "
+            f"truncated (their ends are not trained: {lines_text(truncated)}); raise data.max_length to keep them "
+            "whole",
             stacklevel=2,
         )
-    return out, n_truncated
+    return out, len(truncated)
+
+
+def lines_text(lines: list[int], shown: int = 5) -> str:
+    """The file lines of some rows, for a note: the first `shown`, then how many more.
+
+    >>> lines_text([4]), lines_text([3, 9, 12]), lines_text(list(range(1, 9)), shown=3)
+    ('line 4', 'lines 3, 9 and 12', 'lines 1, 2, 3 and 5 more')
+    """
+    if len(lines) == 1:
+        return f"line {lines[0]}"
+    if len(lines) <= shown:
+        return f"lines {', '.join(map(str, lines[:-1]))} and {lines[-1]}"
+    return f"lines {', '.join(map(str, lines[:shown]))} and {len(lines) - shown} more"
 
 
 def _end_of_turn_tokens(tokenizer) -> list[str]:

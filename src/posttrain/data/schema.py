@@ -23,6 +23,7 @@ This module does not tokenize (see `render.py`).
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -371,6 +372,9 @@ def _normalise_preference(data: dict, report) -> dict | None:
     for side, msgs in (("chosen", chosen), ("rejected", rejected)):
         if _response_empty(msgs):
             report(side, "empty response (no assistant content)")
+    margin = data.get("margin")
+    if isinstance(margin, float) and not math.isfinite(margin):  # JSON's NaN and Infinity, 1e999, a Parquet NaN
+        report("margin", f"must be a finite number, got {margin}")
     if report.n == n and chosen == rejected:
         report("rejected", "identical to chosen: the pair carries no preference")
     if report.n > n:
