@@ -73,9 +73,15 @@ def test_reward_as_verifier(capsys, tiny_model_dir, tmp_path, answers):
     assert code == 0, err
     assert (_table(out)["reward_mean"], _table(out)["reward_positive"]) == ("0.125", "50.0%")
 
-    # numeric_answer is accepted too and scores what the built-in function gives on the same answers.
-    expected = build_reward_functions(["numeric_answer"])[0].fn(PROMPTS, answers, answer=[r["answer"] for r in rows])
+    # numeric_answer refuses gold answers it could never match (these rows hold the model's text), naming them;
+    # on numbers it is accepted and scores what the built-in function gives on the same answers.
     code, out, err = run(capsys, *base, "--reward", "numeric_answer")
+    assert code == 2 and f"{data}:4: answer: " in err and "is not a number" in err
+    gold = ["3", 7, "1/2", r"\frac{1}{2}"]
+    numbers = _write(tmp_path / "n.jsonl", [{"prompt": p, "answer": g} for p, g in zip(PROMPTS, gold)])
+    expected = build_reward_functions(["numeric_answer"])[0].fn(PROMPTS, answers, answer=gold)
+    code, out, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--data", numbers, "--max-new-tokens",
+                         TOKENS, "--reward", "numeric_answer")  # fmt: skip
     assert code == 0, err
     assert _table(out)["reward_mean"] == f"{sum(expected) / 4:.4g}"
 

@@ -297,6 +297,10 @@ def test_ppo_lora_trains_adapters_and_value_head_and_the_value_loss_falls(rl, ti
         for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "kl_coef", "returns_mean"):
             assert math.isfinite(h[key]), key
         assert "explained_variance" in h and h["returns_mean"] == pytest.approx(1.0, abs=1e-6)
+        # the policy's entropy at the completion tokens, logged as GRPO and RLOO log it (the README says so); at
+        # a step's first update the loss forward is the sampler's, so the sampler's estimate is close
+        assert 0 < h["entropy"] <= math.log(259) + 1e-4
+    assert hist[0]["sampling_entropy"] == pytest.approx(hist[0]["entropy"], abs=SAMPLED_ENTROPY_TOLERANCE)
     assert hist[0]["value_loss"] == pytest.approx(0.5, abs=1e-6)
     assert sum(h["value_loss"] for h in hist[-3:]) / 3 < 0.2
     assert hist[0]["approx_kl"] == 0.0 and any(h["approx_kl"] > 0 for h in hist[1::2])  # 2nd steps off-policy

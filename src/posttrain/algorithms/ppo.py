@@ -344,8 +344,9 @@ class FixedKLController:
 # value loss, averaged over completion tokens.
 
 
-def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float):
-    """One backbone pass: values (B, T) and completion-token log-probs (B, T), both aligned with input_ids.
+def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False):
+    """One backbone pass: values (B, T) and completion-token log-probs (B, T), both aligned with input_ids; with
+    `with_entropy`, also the policy's entropy (B, T) at those tokens (no gradient), as GRPO and RLOO log it.
 
     The value of the state before token t, V(s_t), is read at position t - 1, where token t is predicted.
     """
@@ -357,11 +358,12 @@ def _values_and_logps(model, batch: dict[str, torch.Tensor], temperature: float)
         # FSDP2 and DeepSpeed ZeRO-3 gather the output layer only inside the LM's forward (`models.sharding`):
         # its logits come from that forward, all N rows at once, rather than from `head_logps` afterwards.
         values_sel, _, logits = model(**inputs, keep=keep, with_logits=True)  # (N,), (N, H), (N, V)
-        picked, _ = gather_logps(logits, targets, temperature=temperature)
+        picked, entropy = gather_logps(logits, targets, temperature=temperature, with_entropy=with_entropy)
     else:
         values_sel, hidden = model(**inputs, keep=keep)  # (N,), (N, H)
-        picked, _ = head_logps(policy, hidden, targets, temperature=temperature)
-    return scatter(values_sel, target), scatter(picked, target)
+        picked, entropy = head_logps(policy, hidden, targets, temperature=temperature, with_entropy=with_entropy)
+    out = scatter(values_sel, target), scatter(picked, target)
+    return (*out, scatter(entropy, target)) if with_entropy else out
 
 
 def _rollout_values_and_logps(ctx: RolloutContext, tensors: dict[str, torch.Tensor], temperature: float):
@@ -435,7 +437,7 @@ def loss_units(batch, cfg) -> float:
 def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     p, rc = cfg.algorithm, cfg.algorithm.rollout
     mask = batch["completion_mask"]
-    values, logps = _values_and_logps(model, batch, rc.temperature)
+    values, logps, entropy = _values_and_logps(model, batch, rc.temperature, with_entropy=True)
     weights, tis_metrics = rl.tis(batch, batch["old_logps"], rc.tis_cap)
     pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps,
                                   is_weights=weights)  # fmt: skip
@@ -447,6 +449,7 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         "value_loss": vl_sum.detach(),
         "clip_fraction": metrics["clip_fraction"] * units,
         "approx_kl": metrics["approx_kl"] * units,
+        "entropy": masked_mean(entropy, mask) * units,
         **{k: v * units for k, v in tis_metrics.items()},
     }
 

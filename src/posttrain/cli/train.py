@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
     t.add_argument(
         "--resume", action="store_true",
         help="continue from the run folder's latest checkpoint, on the same data and config (only run length, "
-        "logging and checkpoint settings may change); a finished run trains nothing",
+        "logging, checkpoint and sharding settings may change, and the memory settings that keep the math: "
+        "optim.micro_batch_size, model.gradient_checkpointing, model.compile_memory_budget, "
+        "algorithm.rollout.generation_batch_size); a finished run trains nothing",
     )  # fmt: skip
     t.add_argument(
         "--help-config", action="store_true",
@@ -52,7 +54,7 @@ def run(args) -> Output:
     cfg = load_config(config, overrides)
     if launch_rank() == 0:
         print(f"memory allocator: {allocator.running()} (set by {allocator.VARIABLE}=auto|tcmalloc|jemalloc|system; "
-              "see the README's Benchmarks section)", file=sys.stderr)  # fmt: skip
+              "see the README's Set-up)", file=sys.stderr)  # fmt: skip
     result = train(cfg, resume=args.resume)
     if launch_rank() != 0:  # one summary per run: rank 0's (the others' history is their own shard's)
         return Output(doc=None)
