@@ -425,14 +425,15 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
     monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     with pytest.raises(DataError) as err:  # the rows have `answer` but no `tests`, and no task anywhere
         train(rl("cols", **{"algorithm.rewards": "[code_exec, task]"}))
-    assert [str(p) for p in err.value.problems] == [
-        f"{tmp_path / 'prompts.jsonl'}:1: tests: missing: reward 'code_exec' (algorithm.rewards[0]) reads it; "
-        "this row has: answer",
-        f"{tmp_path / 'prompts.jsonl'}:1: metadata.task: reward 'task' (algorithm.rewards[1]) has no args.task, "
-        "so each row must name its task in a `task` column or metadata.task; give args: {task: arithmetic} or add "
-        "the column",
-    ]
-    with pytest.raises(ConfigError, match=r"algorithm.rewards\[1\] \(reward_model\): .* is not a folder"):
+    n = len(PROMPTS)
+    assert [str(p) for p in err.value.problems] == [  # every row, not the first one only
+        *(f"{tmp_path / 'prompts.jsonl'}:{i}: tests: missing: reward 'code_exec' (algorithm.rewards[0]) reads it; "
+          "this row has: answer" for i in range(1, n + 1)),
+        *(f"{tmp_path / 'prompts.jsonl'}:{i}: metadata.task: reward 'task' (algorithm.rewards[1]) has no args.task, "
+          "so each row must name its task in a `task` column or metadata.task; give args: {task: arithmetic} or "
+          "add the column" for i in range(1, n + 1)),
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"algorithm.reward_model \(reward_model\): .* is not a folder"):
         train(rl("rm", **{"algorithm.reward_model": str(tmp_path / "nowhere")}))
     (tmp_path / "lm").mkdir()
     with pytest.raises(ConfigError, match="is neither a saved model"):

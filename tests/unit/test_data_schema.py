@@ -146,10 +146,13 @@ def test_prompts_rows_keep_other_columns(tmp_path):
     rows = load_rows(f, "prompts")
     assert rows == [{"prompt": [{"role": "user", "content": "q"}], "answer": 4, "schema": {"type": "object"}},
                     {"prompt": [U]}]  # fmt: skip
-    g = write(tmp_path, [{"question": "q"}, {"prompt": ""}], "bad.jsonl")
+    g = write(tmp_path, [{"question": "q"}, {"prompt": ""},
+                         {"prompt": [{"role": "system", "content": " "}, {"role": "user", "content": "\n\t"}]}],
+              "bad.jsonl")  # fmt: skip
     assert problems(g, "prompts") == [
         f"{g}:1: no prompts fields: expected prompt (this row has: question)",
         f"{g}:2: prompt: empty prompt",
+        f"{g}:3: prompt: empty prompt: every message's content is blank",
     ]
 
 

@@ -388,8 +388,12 @@ RESERVED_PROMPT_COLUMNS = ("prompt_messages", "truncated")
 
 
 def _normalise_prompts(data: dict, report) -> dict | None:
-    if isinstance(data["prompt"], str) and not data["prompt"].strip():
+    prompt = data["prompt"]
+    if isinstance(prompt, str) and not prompt.strip():
         report("prompt", "empty prompt")
+        return None
+    if isinstance(prompt, list) and all(isinstance(m.get("content"), str) and not m["content"].strip() for m in prompt):
+        report("prompt", "empty prompt: every message's content is blank")
         return None
     reserved = [k for k in RESERVED_PROMPT_COLUMNS if k in data]
     if reserved:
