@@ -413,3 +413,121 @@ def test_sampling_stops_on_the_end_of_turn_token_training_teaches(name):
     assert end_of_turn_ids(tok) == [end]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
     assert set(eos_token_ids(model, tok)) == {end, tok.eos_token_id}
+
+
+# --- what a template renders must not depend on the day, and a base model is sampled as it was trained ---------
+
+LLAMA32_DATED = (  # Llama 3.2's system block: the date from `date_string`, else `strftime_now` (its model card)
+    "{{ bos_token }}"
+    "{% if not date_string is defined %}"
+    "{% if strftime_now is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+    "{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ' "
+    "+ date_string + '<|eot_id|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+STRFTIME_ONLY = (  # a template that calls the environment's `strftime_now` directly
+    "{{ 'Today is ' + strftime_now('%Y-%m-%d') + '\n' }}"
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [LLAMA32_DATED, STRFTIME_ONLY], ids=["llama-3.2", "strftime_now"])
+def test_a_template_that_writes_todays_date_renders_the_same_on_any_day(template, monkeypatch):
+    """Rendered with today's date, a row's tokens changed at midnight: a run resumed the next day, or its
+    evaluation, saw other text than it trained on (an audit of chat templates, eighteenth session)."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as ctu
+
+    from posttrain.data.render import TEMPLATE_DATE
+    from posttrain.models.generation import render_prompt as sampling_prompt
+
+    tok = byte_tokenizer(LLAMA3_SPECIALS, eos="<|eot_id|>", bos="<|begin_of_text|>", chat_template=template)
+    row = {"messages": [U1, A1]}
+    renders = []
+    for day in (datetime.datetime(2026, 12, 7, 23, 59), datetime.datetime(2026, 12, 8, 0, 1)):
+        monkeypatch.setattr(ctu, "datetime", type("FrozenDatetime", (datetime.datetime,), {"now": staticmethod(
+            lambda tz=None, day=day: day)}))  # fmt: skip
+        assert day.strftime("%d %b %Y") in tok.apply_chat_template([U1], tokenize=False) or template is STRFTIME_ONLY
+        renders.append((render_sft(tok, row, max_length=999).input_ids, sampling_prompt(tok, U1["content"])))
+    assert renders[0] == renders[1]
+    text = sampling_prompt(tok, U1["content"])
+    assert TEMPLATE_DATE.strftime("%d %b %Y") in text or TEMPLATE_DATE.strftime("%Y-%m-%d") in text
+
+
+def test_a_base_model_without_a_template_is_sampled_on_the_format_it_trains_on():
+    """`generate` and `evaluate` sent a template-less model the raw prompt while SFT, DPO and GRPO trained it on
+    the fallback template's `User: ... Assistant: `: the evaluated prompt was not the trained one."""
+    from posttrain.models.generation import render_prompt as sampling_prompt
+
+    tok = byte_tokenizer(["<|endoftext|>"], eos="<|endoftext|>")
+    assert not tok.chat_template
+    rendered = render_sft(tok, {"prompt": U1["content"], "completion": "four"}, max_length=999)
+    trained_prompt = tok.decode(rendered.input_ids[: rendered.loss_mask.index(1)])
+    assert sampling_prompt(tok, U1["content"]) == trained_prompt == f"User: {U1['content']}\nAssistant: "
+    assert tok.decode(render_prompt(tok, {"prompt": U1["content"]})) == trained_prompt  # RL's sampling prompt
+    assert sampling_prompt(tok, [SYS, U1]) == f"{SYS['content']}\n\nUser: {U1['content']}\nAssistant: "
+
+
+QWEN3_NO_THINKING = (  # Qwen3's shape: the last assistant turn wrapped in an (empty) think block, earlier ones not
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_the_answer_rewards_see_is_without_the_templates_scaffold():
+    """A Qwen3-style template writes an empty think block before every final answer, so SFT teaches the model to
+    write it; its decoded answers began with ``<think>\\n\\n</think>\\n\\n`` (not special tokens) and exact_match
+    scored a correct model 0. `generate` and the rollouts now take the scaffold off what verifiers see."""
+    import torch
+
+    from posttrain.data.render import answer_scaffold, strip_scaffold
+    from posttrain.rollout.engine import build_rollout
+
+    tok = byte_tokenizer(["<|pad|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|pad|>",
+                         chat_template=QWEN3_NO_THINKING)  # fmt: skip
+    scaffold = answer_scaffold(tok)
+    assert scaffold == "<think>\n\n</think>\n\n"
+    trained = render_sft(tok, {"prompt": "2+2?", "completion": "4"}, max_length=999)
+    assert marked(tok, trained.input_ids, trained.loss_mask).endswith("⟦<think>\n\n</think>\n\n4<|im_end|>⟧\n")
+    ids = torch.tensor([tok("<think>\n\n</think>\n\n4<|im_end|>", add_special_tokens=False)["input_ids"]])
+    prompt = torch.tensor([tok("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
+                               add_special_tokens=False)["input_ids"]])  # fmt: skip
+    rollout = build_rollout(tok, prompt, torch.ones_like(prompt), ids, torch.zeros(ids.shape), eos=[tok.eos_token_id],
+                            stop=[])  # fmt: skip
+    assert rollout.texts == ["4"]
+    assert strip_scaffold("<think>\nI add.\n</think>\n\n4", scaffold) == "<think>\nI add.\n</think>\n\n4"  # reasoning stays
+    assert answer_scaffold(byte_tokenizer(["<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
+                                          chat_template=SMOLLM2)) == ""  # fmt: skip
+
+
+R1_DISTILL = (  # DeepSeek-R1's distilled models: the generation prompt opens a think block that a finished turn lacks
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<|User|>' + m['content'] }}"
+    "{% else %}{{ '<|Assistant|>' + m['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|Assistant|><think>\n' }}{% endif %}"
+)
+
+
+def test_a_generation_prompt_that_finished_turns_do_not_write_is_said_once():
+    """Training taught the answer right after ``<|Assistant|>`` while sampling prompts end with
+    ``<|Assistant|><think>\\n``: the model is sampled on a prompt it never trained on, silently."""
+    tok = byte_tokenizer(["<|User|>", "<|Assistant|>", "<|end|>"], eos="<|end|>", chat_template=R1_DISTILL)
+    row = {"prompt": "2+2?", "completion": "4"}
+    with pytest.warns(UserWarning, match=r"generation prompt ends with '<\|Assistant\|><think>', which its rendering "
+                                         r"of a finished conversation does not write before the answer \(it writes "
+                                         r"'<\|Assistant\|>'\)") as caught:  # fmt: skip
+        render_sft(tok, row, max_length=999)
+        render_sft(tok, row, max_length=999)
+    assert len(caught) == 1  # once per template, not once per row

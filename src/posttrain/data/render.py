@@ -35,14 +35,23 @@ end-of-turn token equal to the pad id keeps its loss.
 
 With ``train_on="all"`` every token counts; a plain ``text`` row always trains every token (and gets the EOS
 token appended). A tokenizer with no chat template uses `FALLBACK_CHAT_TEMPLATE`: ``User: ...`` /
-``Assistant: ...`` lines, each assistant turn ending with the EOS token.
+``Assistant: ...`` lines, each assistant turn ending with the EOS token; every prompt posttrain renders (training,
+sampling, `generate`, `evaluate`) goes through the same `chat_text`, so a base model is trained and evaluated on one
+format.
+
+A template that writes today's date (Llama 3.1-3.3 put ``Today Date: ...`` in the system block: a `date_string`
+variable, or `strftime_now`) gets the fixed `TEMPLATE_DATE` instead, so the same row renders to the same tokens on
+any day: a run resumed the next day, or evaluated later, sees the text it trained on.
 
 This module does not pad or batch (see `collate.py`).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -71,12 +80,72 @@ class Rendered:
         return len(self.input_ids)
 
 
+TEMPLATE_DATE = datetime.datetime(2024, 7, 26)
+"""The day a chat template that writes today's date is given (Llama 3.1's own default `date_string`)."""
+
+
+_STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+@functools.lru_cache(maxsize=8)
+def fixed_date_template(template: str) -> str:
+    """`template` with each call of transformers' `strftime_now(FORMAT)` replaced by `TEMPLATE_DATE` in that
+    format, as a string literal (a render's variables are passed as plain data, so a function cannot stand in).
+
+    >>> fixed_date_template("Today Date: {{ strftime_now('%d %b %Y') }}")
+    "Today Date: {{ '26 Jul 2024' }}"
+    """
+    return _STRFTIME_NOW.sub(lambda m: repr(TEMPLATE_DATE.strftime(m.group(2))), template)
+
+
 def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    """The conversation as text through the tokenizer's chat template (or the fallback when it has none)."""
-    kwargs = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": FALLBACK_CHAT_TEMPLATE}
+    """The conversation as text through the tokenizer's chat template (or the fallback when it has none), with
+    the template's date fixed at `TEMPLATE_DATE` (its `date_string` variable, and its `strftime_now` calls)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        template = FALLBACK_CHAT_TEMPLATE
+    elif isinstance(template, str) and "strftime_now" in template:
+        template = fixed_date_template(template)
+    else:
+        template = None  # the tokenizer's own (a dict of named templates included)
+    kwargs = {} if template is None else {"chat_template": template}
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-    )
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        date_string=TEMPLATE_DATE.strftime("%d %b %Y"), **kwargs,
+    )  # fmt: skip
+
+
+_PROBE = ("Q7", "A9")  # a user turn and an answer no template rewrites, to see what a template wraps around content
+
+
+def answer_scaffold(tokenizer) -> str:
+    """What the chat template writes between the generation prompt and an answer's content in a finished turn,
+    when that is more than whitespace: Qwen3's empty ``<think>\\n\\n</think>\\n\\n``. Training teaches the model to
+    write it, so a sampled answer starts with it; `strip_scaffold` takes it off the text rewards and verifiers
+    see. "" for the templates that write the content right after the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    user, answer = {"role": "user", "content": _PROBE[0]}, {"role": "assistant", "content": _PROBE[1]}
+    try:
+        gen = chat_text(tokenizer, [user], add_generation_prompt=True)
+        full = chat_text(tokenizer, [user, answer])
+    except Exception:  # a template that refuses the probe (e.g. requires a system turn): no scaffold known
+        return ""
+    at = full.find(_PROBE[1], len(gen)) if full.startswith(gen) else -1
+    between = full[len(gen) : at] if at >= 0 else ""
+    return between if between.strip() else ""
+
+
+def strip_scaffold(text: str, scaffold: str) -> str:
+    """`text` without a leading `scaffold` (`answer_scaffold`), whitespace around it ignored.
+
+    >>> strip_scaffold("<think>\\n\\n</think>\\n\\n4", "<think>\\n\\n</think>\\n\\n"), strip_scaffold("4", "<think>")
+    ('4', '4')
+    """
+    core = scaffold.strip()
+    if core and text.lstrip().startswith(core):
+        return text.lstrip()[len(core) :].lstrip()
+    return text
 
 
 def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "completion", source: str = "data"
@@ -275,6 +344,8 @@ def _turn_start(tokenizer, messages: list[dict], k: int, text: str, cursor: int)
         if text.startswith(bare) and len(bare) >= cursor:
             cursor = len(bare)
     pos, end = _find_content(text, messages[k]["content"], cursor)
+    if pos >= 0 and header and header.strip() and not text[cursor:pos].strip().endswith(header.strip()):
+        _note_prompt_gap(tokenizer, header, text[cursor:pos])
     if pos < 0:
         raise UserError(
             f"the chat template rewrites assistant turn {k}, so its tokens cannot be located for the loss "
@@ -287,6 +358,26 @@ def _turn_start(tokenizer, messages: list[dict], k: int, text: str, cursor: int)
     ):
         pos -= 1
     return pos, end
+
+
+_GAP_NOTED: set[str] = set()
+
+
+def _note_prompt_gap(tokenizer, header: str, written: str) -> None:
+    """Warn, once per template, that its generation prompt ends with text its finished turns do not write before
+    the answer (DeepSeek-R1's distilled models open the answer with ``<think>\\n``): training teaches the answer
+    after `written`, sampling prompts end with `header`."""
+    key = str(getattr(tokenizer, "chat_template", ""))
+    if key in _GAP_NOTED:
+        return
+    _GAP_NOTED.add(key)
+    warnings.warn(
+        f"the chat template's generation prompt ends with {header.strip()!r}, which its rendering of a finished "
+        f"conversation does not write before the answer (it writes {written.strip()!r}): training teaches the "
+        "answer after the latter, while sampling and evaluation prompts end with the former. Check the template, "
+        "or write that text at the start of the responses",
+        stacklevel=2,
+    )
 
 
 def _turn_end(text: str, end: int, ends: list[str]) -> int:

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.data.render import end_of_turn_ids
-from posttrain.errors import UserError
+from posttrain.data.render import answer_scaffold, chat_text, end_of_turn_ids, strip_scaffold
 from posttrain.models.adapters import merged_for_sampling
 
 Prompt = str | Sequence[dict]
@@ -28,19 +27,11 @@ Prompt = str | Sequence[dict]
 def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the model sees: the chat template with the generation prompt (the assistant turn's header).
 
-    A string is one user message. Without a chat template (a base model), a string prompt is used as is.
+    A string is one user message. A tokenizer without a chat template (a base model) gets the fallback template
+    training renders with (`data.render.chat_text`), so a model is sampled on the format it was trained on.
     """
-    if isinstance(prompt, str):
-        if not getattr(tokenizer, "chat_template", None):
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = list(prompt)
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                "this tokenizer has no chat template, so prompts must be plain strings, not messages"
-            )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return chat_text(tokenizer, messages, add_generation_prompt=True)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -174,7 +165,8 @@ def generate(
     progress: str | None = None,
     merge_adapters: bool | None = None,
 ) -> list[str]:
-    """Complete each prompt; returns the decoded completions (no prompt, no special tokens), in prompt order.
+    """Complete each prompt; returns the decoded completions (no prompt, no special tokens, and not the scaffold
+    the chat template writes before every answer: `data.render.answer_scaffold`), in prompt order.
 
     Greedy when `temperature == 0`, else sampling from top-p(softmax(logits / temperature)); nothing of the
     model's own `generation_config.json` applies (`model_generation_defaults_off`). Each
@@ -192,6 +184,7 @@ def generate(
     from transformers import LogitsProcessorList
 
     texts = [render_prompt(tokenizer, p) for p in prompts]
+    scaffold = answer_scaffold(tokenizer)  # what the template writes before every answer (Qwen3's empty think)
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sampling = temperature > 0
@@ -235,7 +228,8 @@ def generate(
                     rows = tokenizer([texts[i] for i in idx], add_special_tokens=False)["input_ids"]
                     new_tokens = greedy_decode(model, rows, gen_cfg, eos, pad_id)
                 for i, row in zip(idx, new_tokens):
-                    results[i] = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
+                    text = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
+                    results[i] = strip_scaffold(text, scaffold)
                 bar.update(len(idx))
     finally:
         bar.close()

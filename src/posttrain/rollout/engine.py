@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.algorithms.base import Rollout
+from posttrain.data.render import answer_scaffold, strip_scaffold
 from posttrain.models.adapters import merged_for_sampling, unmergeable
 from posttrain.models.generation import (
     eos_token_ids,
@@ -299,8 +300,9 @@ def build_rollout(tokenizer, prompt, pmask, ids, sampled, *, eos: list[int], sto
     ended = (is_eos & mask.bool()).any(-1)
     if stop_ends is not None:
         ended |= torch.tensor([e is not None for e in stop_ends])
+    scaffold = answer_scaffold(tokenizer)  # the rewards see the answer, not the template's wrapping of it
     texts = [
-        _cut(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True), stop)
+        strip_scaffold(_cut(tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True), stop), scaffold)
         for row, m in zip(ids.tolist(), mask)
     ]
     return Rollout(
