@@ -57,8 +57,8 @@ class _Section(BaseModel):
             for name, value in data.items():
                 field = cls.model_fields.get(name) if isinstance(name, str) else None
                 if isinstance(value, bool) and field is not None and _numbers_only(field.annotation):
-                    raise FieldError(name, f"needs a number, got {str(value).lower()} (YAML reads yes, no, on, off, "
-                                           "true and false as booleans)")  # fmt: skip
+                    raise FieldError(name, f"{name} needs a number, got {str(value).lower()} (YAML reads yes, no, "
+                                           "on, off, true and false as booleans)")  # fmt: skip
         return data
 
 
@@ -639,7 +639,8 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             continue
         loc = tuple(e["loc"])
         if isinstance(cause := e.get("ctx", {}).get("error"), FieldError):
-            loc = (*loc, cause.field)
+            loc = (*loc, cause.field)  # the field named by the location, so not again in the message
+            e = {**e, "msg": str(cause).removeprefix(f"{cause.field} ")}
         if len(loc) > 1 and loc[0] == "algorithm" and loc[1] in methods:
             loc = loc[:1] + loc[2:]  # pydantic puts the union's tag in the path: algorithm.dpo.beta
         where = ".".join(str(p) for p in loc) or "(top level)"
@@ -759,7 +760,8 @@ def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> d
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
     try:
-        loaded = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines)
+        loaded = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines,
+                           hint=" (to change a setting for one run, give it as an override on the command line instead)")  # fmt: skip
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -483,14 +483,18 @@ def _check_context(cfg: RunConfig, data, config) -> None:
         return
     rollout = getattr(cfg.algorithm, "rollout", None)
     new_tokens = rollout.max_new_tokens if rollout is not None else 0
-    over = data.longest_rows(context, new_tokens)
-    if over:
-        sampled = f" with algorithm.rollout.max_new_tokens ({new_tokens}) sampled after the prompt" if new_tokens else ""
-        raise ConfigError(
-            f"{cfg.data.train}: {len(over)} of {len(data.train)} training rows are longer than the model's context of "
-            f"{context} positions{sampled} ({lines_text(over)}), which data.max_length ({cfg.data.max_length}) "
-            f"allows. Set data.max_length={context} or less (longer rows are then cut, with a note), or shorten them"
-        )
+    sampled = f" with algorithm.rollout.max_new_tokens ({new_tokens}) sampled after the prompt" if new_tokens else ""
+    fix = (f"Set data.max_length={context} or less (prompts that leave no room for the completion are then named), "
+           "or shorten those prompts or the completions" if new_tokens else
+           f"Set data.max_length={context} or less (longer rows are then cut, with a note), or shorten them")  # fmt: skip
+    for path, evaluation, n in ((cfg.data.train, False, len(data.train)), (cfg.data.eval, True, len(data.eval or []))):
+        over = data.longest_rows(context, new_tokens, evaluation=evaluation) if n else []
+        if over:
+            where = "rows (by position)" if evaluation else "training rows"
+            raise ConfigError(
+                f"{path}: {len(over)} of {n} {where} are longer than the model's context of {context} positions"
+                f"{sampled} ({lines_text(over)}), which data.max_length ({cfg.data.max_length}) allows. {fix}"
+            )
 
 
 def _load_model(cfg: RunConfig, algorithm: Algorithm, device) -> torch.nn.Module:

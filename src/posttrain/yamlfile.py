@@ -17,7 +17,7 @@ from posttrain.errors import ConfigError
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *anchor` is not a setting of its own
 
 
-def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int]) -> None:
+def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int], hint: str = "") -> None:
     """Raise for the first mapping key written twice under `node` (PyYAML itself keeps the last one silently)."""
     if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive structure)
         return
@@ -26,21 +26,20 @@ def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int
         lines: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
-                _duplicate_keys(value_node, path, source, seen_nodes)
+                _duplicate_keys(value_node, path, source, seen_nodes, hint)
                 continue
             key, line = str(key_node.value), key_node.start_mark.line + 1
             dotted = f"{path}.{key}" if path else key
             if key in lines:
                 raise ConfigError(
                     f"{source}:{line}: {dotted} is given twice (lines {lines[key]} and {line}); YAML would "
-                    "silently keep only the second one. Delete one of them (to change a setting for one run, "
-                    "give it as an override on the command line instead)"
+                    f"silently keep only the second one. Delete one of them{hint}"
                 )
             lines[key] = line
-            _duplicate_keys(value_node, dotted, source, seen_nodes)
+            _duplicate_keys(value_node, dotted, source, seen_nodes, hint)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _duplicate_keys(item, f"{path}[{i}]", source, seen_nodes)
+            _duplicate_keys(item, f"{path}[{i}]", source, seen_nodes, hint)
 
 
 def _key_lines(node: yaml.Node, path: str, out: dict[str, int], seen_nodes: set[int]) -> None:
@@ -65,9 +64,11 @@ def _key_lines(node: yaml.Node, path: str, out: dict[str, int], seen_nodes: set[
             _key_lines(item, dotted, out, seen_nodes)
 
 
-def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | None = None) -> Any:
+def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | None = None, *,
+              hint: str = "") -> Any:  # fmt: skip
     """`yaml.safe_load`, but a key written twice in any mapping is a `ConfigError` naming both lines and the
-    dotted key (`prefix` starts it: an override's own key). `lines`, when given, receives each key's line.
+    dotted key (`prefix` starts it: an override's own key; `hint` ends the message). `lines`, when given, receives
+    each key's line.
     Malformed YAML raises PyYAML's own `yaml.YAMLError` (its `problem_mark` has the line) for the caller to name.
 
     >>> where = {}
@@ -78,7 +79,7 @@ def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | 
     """
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None:
-        _duplicate_keys(node, prefix, source, set())
+        _duplicate_keys(node, prefix, source, set(), hint)
         if lines is not None:
             _key_lines(node, prefix, lines, set())
     return yaml.safe_load(text)

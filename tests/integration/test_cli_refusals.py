@@ -170,6 +170,7 @@ def test_data_make_refuses_a_name_its_readers_would_take_for_another_format(caps
     code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / name))
     assert code == 2 and "writes JSON Lines" in err and f"name it {tmp_path / 'rows.jsonl'}" in err
     assert not (tmp_path / name).exists()
+    assert run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(tmp_path / "ROWS.JSONL"))[0] == 0
 
 
 def test_a_bad_override_is_named_as_the_command_lines_not_the_files(capsys, tiny_model_dir, sft_file, tmp_path):

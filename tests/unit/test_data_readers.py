@@ -170,5 +170,6 @@ def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
 def test_a_csv_margin_cell_is_read_as_a_number(tmp_path):
     """CSV cells are text, so a CSV file could not carry a margin: every one was "must be a number, got string"."""
     f = tmp_path / "d.csv"
-    f.write_text("prompt,chosen,rejected,margin\nq,a,b,1.5\nq,a,b,\nq,a,b,lots\n")
-    assert [r.data.get("margin") for r in read_records(f)] == [1.5, None, "lots"]
+    f.write_text("prompt,chosen,rejected,margin\nq,a,b,1.5\nq,a,b,\nq,a,b,lots\nq,a,b, 2e1 \nq,a,b,1_000\nq,a,b,infinity\n")
+    # a JSON number only: float() would also read "1_000" and "infinity"
+    assert [r.data.get("margin") for r in read_records(f)] == [1.5, None, "lots", 20.0, "1_000", "infinity"]

@@ -248,3 +248,7 @@ def test_a_pair_whose_sides_are_cut_to_the_same_tokens_is_an_error(tiny_tokenize
     assert f"differ at token {differ + 1} (the prompt's included)" in str(problem)
     with pytest.warns(UserWarning, match="truncated"):
         render_preference_dataset(tiny_tokenizer, rows, max_length=differ + 1)  # one differing token kept: a pair
+    # evaluation (`evaluate --pairs`, a run's data.eval) keeps such a pair: it scores a tie, and the note says so
+    with pytest.warns(UserWarning, match=r"2 of 2 pairs .*lines 7 and 8; 1 of them identical once cut, a tie\)"):
+        kept = render_preference_dataset(tiny_tokenizer, rows, max_length=40, source="p.jsonl", allow_identical=True)
+    assert [p.identical for p in kept] == [True, False] and kept[0].chosen_ids == kept[0].rejected_ids

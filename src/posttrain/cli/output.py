@@ -162,7 +162,7 @@ def check_output_file(path: str | None, flag: str, *, jsonl: bool = False) -> No
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path (e.g. {p / 'answers.jsonl'})")
-    if jsonl and p.suffix != ".jsonl":
+    if jsonl and p.suffix.lower() != ".jsonl":
         raise UserError(f"{flag} {path}: this command writes JSON Lines, and data files are read by their "
                         f"extension: name it {p.with_suffix('.jsonl')}")  # fmt: skip
     _check_parents(p, flag)

@@ -65,6 +65,8 @@ class RenderedPair:
     margin: float | None = None
     """The row's optional `margin` column: how clearly chosen wins (reward models with `algorithm.margin`); None
     when the row has none (0 in the loss)."""
+    identical: bool = False
+    """Whether the two sides are the same tokens once cut to max_length (kept only where allowed: evaluation)."""
 
     def __post_init__(self):
         if self.chosen_mask is None:
@@ -81,7 +83,8 @@ class RenderedPair:
         return Rendered(self.prompt_ids + self.rejected_ids, [0] * len(self.prompt_ids) + self.rejected_mask)
 
 
-def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") -> RenderedPair:
+def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", allow_identical: bool = False
+                ) -> RenderedPair:  # fmt: skip
     """Token ids of one preference row, each side cut to fit `max_length` together with the prompt.
 
     `row` is normalised (message lists, from `load_rows`) or raw (strings, conversational rows: normalised
@@ -113,7 +116,8 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
             "shorten the prompt")
         )])  # fmt: skip
     truncated = len(c_ids) > max_length or len(r_ids) > max_length
-    if truncated and c_ids[n:max_length] == r_ids[n:max_length] and c_mask[n:max_length] == r_mask[n:max_length]:
+    identical = c_ids[n:max_length] == r_ids[n:max_length] and c_mask[n:max_length] == r_mask[n:max_length]
+    if truncated and identical and not allow_identical:  # a training pair: no preference, a zero gradient
         differ = next(t for t in range(n, min(len(c_ids), len(r_ids)) + 1)
                       if t == min(len(c_ids), len(r_ids)) or c_ids[t] != r_ids[t])  # fmt: skip
         raise DataError([Problem(source, line, "rejected", (
@@ -131,14 +135,17 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data") 
         chosen_mask=c_mask[n:max_length],
         rejected_mask=r_mask[n:max_length],
         margin=float(row["margin"]) if row.get("margin") is not None else None,
+        identical=truncated and identical,
     )
 
 
-def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: int, source: str = "data"
-                              ) -> list[RenderedPair]:  # fmt: skip
-    """Render every pair; rows whose prompt leaves no room raise together; warn once with the truncated count."""
+def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: int, source: str = "data",
+                              allow_identical: bool = False) -> list[RenderedPair]:  # fmt: skip
+    """Render every pair; rows whose prompt leaves no room raise together; warn once with the truncated count.
+    A pair whose sides are the same tokens once cut raises too (training: it carries no preference), unless
+    `allow_identical` (evaluation: it scores a tie, counted in the warning)."""
     out: list[RenderedPair] = render_all(
-        lambda row: render_pair(tokenizer, row, max_length=max_length, source=source),
+        lambda row: render_pair(tokenizer, row, max_length=max_length, source=source, allow_identical=allow_identical),
         rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",
     )  # fmt: skip
     truncated = [p.line if p.line is not None else i + 1 for i, p in enumerate(out) if p.truncated]
@@ -146,7 +153,9 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
         warnings.warn(
             f"{source}: {len(truncated)} of {len(out)} pairs have a response longer than the room max_length="
             f"{max_length} leaves after the prompt and were truncated (their ends are not scored: "
-            f"{lines_text(truncated)}); raise max_length to keep them whole",
+            f"{lines_text(truncated)}"
+            + (f"; {n_same} of them identical once cut, a tie" if (n_same := sum(p.identical for p in out)) else "")
+            + "); raise max_length to keep them whole",
             stacklevel=2,
         )
     return out
@@ -191,7 +200,8 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
         rows = load_rows(path, "preference")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path)
+            pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path,
+                                              allow_identical=path != cfg.data.train)  # evaluation: a tie  # fmt: skip
         notes.extend(str(w.message) for w in caught)
         return pairs
 

@@ -20,16 +20,17 @@ class PreparedData:
     """For each training example, the lines of `data.train` it comes from (several for a packed row): how a run
     names the rows it does not train (`data.order.skipped_note`). None: examples are named by position."""
 
-    def longest_rows(self, limit: int, new_tokens: int = 0) -> list[int]:
-        """The file lines (by position when unknown) of the training examples whose sequence is longer than
-        `limit` tokens: a row's tokens (each example of a packed row: positions restart per example), a pair's
-        prompt and longer response, a prompt and the `new_tokens` sampled after it."""
-        over = []
-        for i, item in enumerate(self.train):
-            lines = self.train_lines[i] if self.train_lines is not None else (i + 1,)
-            for line, example in zip(lines, item if isinstance(item, list | tuple) else [item], strict=False):
-                if _tokens(example, new_tokens) > limit:
-                    over.append(line)
+    def longest_rows(self, limit: int, new_tokens: int = 0, *, evaluation: bool = False) -> list[int]:
+        """The file lines (by position when unknown, as for the evaluation examples) of the training examples, or
+        with `evaluation` the evaluation examples, whose sequence is longer than `limit` tokens: a row's tokens
+        (each example of a packed row: positions restart per example), a pair's prompt and longer response, a
+        prompt and the `new_tokens` sampled after it."""
+        over, items = [], (self.eval or []) if evaluation else self.train
+        known = self.train_lines is not None and not evaluation
+        for i, item in enumerate(items):
+            examples = item if isinstance(item, list | tuple) else [item]  # a packed row holds several
+            lines = self.train_lines[i] if known else (i + 1,) * len(examples)
+            over += [line for line, example in zip(lines, examples, strict=True) if _tokens(example, new_tokens) > limit]
         return over
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a `datasets` folder (save_t
 _JSON_CELLS = ("messages", "metadata")
 _MESSAGE_CELLS = ("prompt", "completion", "chosen", "rejected")
 _NUMBER_CELLS = ("margin",)  # a CSV cell is text; a column the schema wants as a number is read as one
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 
 
 class _DuplicateKey(ValueError):
@@ -221,7 +223,11 @@ def _element_lines(text: str, key: str | None) -> list[int]:
     >>> _element_lines('{"meta": [0],\\n "data": [{"a": 1},\\n  {"a": 2}]}', "data")
     [2, 3]
     """
-    return [text.count("\n", 0, i) + 1 for i in _element_offsets(text, key)]
+    lines, line, at = [], 1, 0
+    for i in _element_offsets(text, key):  # counted between consecutive offsets: linear in the file's length
+        line, at = line + text.count("\n", at, i), i
+        lines.append(line)
+    return lines
 
 
 def _element_offsets(text: str, key: str | None) -> list[int]:
@@ -300,11 +306,8 @@ def _csv_cell(col: str, cell: str, name: str, line: int, problems: list[Problem]
     """Parse JSON held in a CSV cell where the column expects it, and numbers in a number column (a cell that is
     not one stays text, for the schema to name); other cells stay strings."""
     stripped = cell.strip()
-    if col in _NUMBER_CELLS:
-        try:
-            return float(stripped)
-        except ValueError:
-            return cell
+    if col in _NUMBER_CELLS:  # a JSON number only (float() would also take "1_000", "infinity", other digits)
+        return float(stripped) if _JSON_NUMBER.fullmatch(stripped) else cell
     if col in _JSON_CELLS and stripped[:1] in "[{":
         try:
             return json.loads(stripped)

@@ -75,7 +75,7 @@ def preference_accuracy(
     `rejected_reward`, `chosen_logp`, `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp`); `progress`
     shows a bar on stderr for each pass over the pairs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = render_preference_dataset(tokenizer, rows, max_length=max_length, source=source)
+    pairs = render_preference_dataset(tokenizer, rows, max_length=max_length, source=source, allow_identical=True)
     collate = partial(collate_pairs, pad_id=pad)
     was_training = model.training
     model.eval()
