@@ -101,6 +101,11 @@ def test_task_reward_by_arg_by_column_and_by_metadata():
     assert _one("task", ["Answer: 2"], answer=[2], task=["arithmetic"]) == [1.0]
     out = _one("task", ["Answer: 2", "Answer: 2"], answer=[2, 2], metadata=[{"task": "arithmetic"}, {}])
     assert out[0] == 1.0 and math.isnan(out[1])  # no task named: not scorable
+    # a file may name the task in a `task` column on some rows and in metadata.task on others (the rows' columns
+    # reach the reward with None where a row lacks one): each row is scored by the task it names
+    mixed = _one("task", ["Answer: 2", "Answer: 2"], answer=[2, 2], task=["arithmetic", None],
+                 metadata=[None, {"task": "arithmetic"}])  # fmt: skip
+    assert mixed == [1.0, 1.0]
 
 
 def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):

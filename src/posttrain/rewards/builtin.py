@@ -311,12 +311,11 @@ def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
         answers = _column(columns, column, "task")
         if task is not None:
             names = [task] * len(completions)
-        elif "task" in columns:
-            names = columns["task"]
-        else:
-            names = [
-                m.get("task") if isinstance(m, dict) else None for m in _column(columns, "metadata", "task")
-            ]
+        else:  # each row's `task` column, else its metadata.task (a file may use either, row by row)
+            own = columns.get("task") or [None] * len(completions)
+            meta = columns.get("metadata") or [None] * len(completions)
+            names = [t if t is not None else (m.get("task") if isinstance(m, dict) else None)
+                     for t, m in zip(own, meta)]  # fmt: skip
         out = []
         for completion, answer, name in zip(completions, answers, names):
             out.append(float(TASKS[name].score(completion, answer)) if name in TASKS else NAN)
