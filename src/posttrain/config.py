@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
-from posttrain.yamlfile import line_of, load_yaml
+from posttrain.yamlfile import line_of, load_yaml, yaml_problem
 
 
 class FieldError(ValueError):
@@ -655,12 +655,22 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             msg = _message(e)
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{msg} (got {e['input']!r})"
-        if (given := overridden(where, overrides)) is not None:  # the value came from the command line
-            where = f"{where} (command line: {given})"
-        elif (line := line_of(where, lines)) is not None:
-            where = f"{where} (line {line})"
-        out.append(f"  {where}: {msg}")
+        out.append(f"  {set_by(where, overrides, lines)}: {msg}")
     return "\n".join(out)
+
+
+def set_by(where: str, overrides: dict[str, str] | None, lines: dict[str, int] | None,
+           via: str = "command line:") -> str:  # fmt: skip
+    """Dotted field `where`, named with what set it: the override (`overrides`, from `override_keys`; `via`
+    names where overrides come from), else the line of the file (`lines`, from `yamlfile.load_yaml`).
+
+    >>> set_by("optim.lr", {"optim.lr": "optim.lr=abc"}, {"optim.lr": 4}), set_by("optim.lr", None, {"optim": 3})
+    ('optim.lr (command line: optim.lr=abc)', 'optim.lr (line 3)')
+    """
+    if (given := overridden(where, overrides)) is not None:
+        return f"{where} ({via} {given})"
+    line = line_of(where, lines)
+    return where if line is None else f"{where} (line {line})"
 
 
 _FIELD = re.compile(r"[a-z_]+(\.[a-z_0-9]+)+")
@@ -763,9 +773,7 @@ def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> d
         loaded = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines,
                            hint=" (to change a setting for one run, give it as an override on the command line instead)")  # fmt: skip
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        raise ConfigError(yaml_problem(err, str(p))) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     data = loaded or {}

@@ -17,51 +17,38 @@ from posttrain.errors import ConfigError
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *anchor` is not a setting of its own
 
 
-def _duplicate_keys(node: yaml.Node, path: str, source: str, seen_nodes: set[int], hint: str = "") -> None:
-    """Raise for the first mapping key written twice under `node` (PyYAML itself keeps the last one silently)."""
-    if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive structure)
+def _walk(node: yaml.Node, path: str, shown: str, source: str, hint: str, lines: dict[str, int] | None,
+          seen_nodes: set[int]) -> None:  # fmt: skip
+    """Raise for the first mapping key written twice under `node` (PyYAML itself keeps the last one silently,
+    named `shown`: a list item as ``[i]``), and record in `lines` (when given) the line of every key and list
+    item by dotted `path` (a list item as ``.i``). An alias of a node already walked is not walked again: its keys
+    keep the anchor's lines, and `line_of` falls back to the nearest enclosing key."""
+    if id(node) in seen_nodes:  # an alias of a node already walked (or a recursive structure)
         return
     seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        lines: dict[str, int] = {}
+        first: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
-                _duplicate_keys(value_node, path, source, seen_nodes, hint)
+                _walk(value_node, path, shown, source, hint, lines, seen_nodes)
                 continue
             key, line = str(key_node.value), key_node.start_mark.line + 1
-            dotted = f"{path}.{key}" if path else key
-            if key in lines:
+            dotted, named = (f"{path}.{key}" if path else key), (f"{shown}.{key}" if shown else key)
+            if key in first:
                 raise ConfigError(
-                    f"{source}:{line}: {dotted} is given twice (lines {lines[key]} and {line}); YAML would "
+                    f"{source}:{line}: {named} is given twice (lines {first[key]} and {line}); YAML would "
                     f"silently keep only the second one. Delete one of them{hint}"
                 )
-            lines[key] = line
-            _duplicate_keys(value_node, dotted, source, seen_nodes, hint)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _duplicate_keys(item, f"{path}[{i}]", source, seen_nodes, hint)
-
-
-def _key_lines(node: yaml.Node, path: str, out: dict[str, int], seen_nodes: set[int]) -> None:
-    """Record the line of every key (and list item) under `node` in `out`, by dotted path. An alias's keys are
-    recorded where the anchor was written only: the alias's own line stands for them (`line_of` falls back to
-    the nearest enclosing key)."""
-    if id(node) in seen_nodes:
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
-                _key_lines(value_node, path, out, seen_nodes)
-                continue
-            dotted = f"{path}.{key_node.value}" if path else str(key_node.value)
-            out.setdefault(dotted, key_node.start_mark.line + 1)
-            _key_lines(value_node, dotted, out, seen_nodes)
+            first[key] = line
+            if lines is not None:
+                lines.setdefault(dotted, line)
+            _walk(value_node, dotted, named, source, hint, lines, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             dotted = f"{path}.{i}" if path else str(i)
-            out.setdefault(dotted, item.start_mark.line + 1)
-            _key_lines(item, dotted, out, seen_nodes)
+            if lines is not None:
+                lines.setdefault(dotted, item.start_mark.line + 1)
+            _walk(item, dotted, f"{shown}[{i}]", source, hint, lines, seen_nodes)
 
 
 def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | None = None, *,
@@ -79,10 +66,22 @@ def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | 
     """
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None:
-        _duplicate_keys(node, prefix, source, set(), hint)
-        if lines is not None:
-            _key_lines(node, prefix, lines, set())
+        _walk(node, prefix, prefix, source, hint, lines, set())
     return yaml.safe_load(text)
+
+
+def yaml_problem(err: yaml.YAMLError, source: str) -> str:
+    """PyYAML's error for malformed YAML in `source`, as one line naming the line it found.
+
+    >>> try:
+    ...     yaml.safe_load("a: [1,\\n")
+    ... except yaml.YAMLError as err:
+    ...     print(yaml_problem(err, "run.yaml"))
+    run.yaml:2: not valid YAML: expected the node content, but found '<stream end>'
+    """
+    mark = getattr(err, "problem_mark", None)
+    where = f":{mark.line + 1}" if mark is not None else ""
+    return f"{source}{where}: not valid YAML: {getattr(err, 'problem', err)}"
 
 
 def line_of(where: str, lines: dict[str, int] | None) -> int | None:

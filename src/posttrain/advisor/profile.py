@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import UserError
-from posttrain.yamlfile import load_yaml
+from posttrain.yamlfile import load_yaml, yaml_problem
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,7 @@ def load_profile(path: str | Path) -> Profile:
     except UnicodeDecodeError:
         raise UserError(f"{p}: not UTF-8 text") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{p}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        raise UserError(yaml_problem(err, str(p))) from None
     return profile_from_dict(data or {}, str(p), lines)
 
 

@@ -13,6 +13,7 @@ way that can fail (missing, empty or unreadable file, bad bytes, malformed JSON)
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -29,25 +30,20 @@ _NUMBER_CELLS = ("margin",)  # a CSV cell is text; a column the schema wants as 
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 
 
-class _DuplicateKey(ValueError):
-    """A JSON object that writes a key twice (`json.loads` would keep the last value silently)."""
+def _noting_twice(twice: list[str], pairs: list[tuple[str, Any]]) -> dict:
+    """`object_pairs_hook` that parses on, as `json.loads` does (the last value wins), and appends each key
+    written twice to `twice`, for the reader to refuse.
 
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """`json.loads`'s `object_pairs_hook`: the object as a dict, or `_DuplicateKey` for a key written twice.
-
-    >>> json.loads('{"a": 1, "b": {"c": 2, "c": 3}}', object_pairs_hook=_unique_keys)
-    Traceback (most recent call last):
-    posttrain.data.readers._DuplicateKey: c
+    >>> twice = []
+    >>> json.loads('{"a": 1, "b": {"c": 2, "c": 3}}', object_pairs_hook=functools.partial(_noting_twice, twice))
+    {'a': 1, 'b': {'c': 3}}
+    >>> twice
+    ['c']
     """
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            twice.append(key)
         out[key] = value
     return out
 
@@ -137,13 +133,14 @@ def _read_jsonl(raw: bytes, name: str) -> tuple[list[Record], list[Problem]]:
         except UnicodeDecodeError as err:
             problems.append(Problem(name, i, None, _utf8_message(chunk, err)))
             continue
+        twice: list[str] = []
         try:
-            obj = json.loads(line, object_pairs_hook=_unique_keys)
+            obj = json.loads(line, object_pairs_hook=functools.partial(_noting_twice, twice))
         except json.JSONDecodeError as err:
             problems.append(Problem(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
             continue
-        except _DuplicateKey as err:
-            problems.append(Problem(name, i, err.key, _twice(err.key)))
+        if twice:
+            problems.append(Problem(name, i, twice[0], _twice(twice[0])))
             continue
         if not isinstance(obj, dict):
             problems.append(Problem(name, i, None, f"expected a JSON object, got {_json_type(obj)}"))
@@ -172,15 +169,12 @@ def _json_type(value: Any) -> str:
 
 
 def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
+    twice: list[str] = []  # keys written twice anywhere: located row by row below (this parse has no lines)
     try:
-        top = json.loads(text)
+        top = json.loads(text, object_pairs_hook=functools.partial(_noting_twice, twice))
     except json.JSONDecodeError as err:
         _fail(name, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno)
-    try:  # again, to find a key written twice (this parse has no line numbers: the element's line is found below)
-        json.loads(text, object_pairs_hook=_unique_keys)
-        duplicate = None
-    except _DuplicateKey as err:
-        duplicate = err.key
+    duplicate = twice[0] if twice else None
     shape = 'a JSON list of objects, or an object {"data": [...]} or {"rows": [...]}'
     if isinstance(top, dict):
         key = next((k for k in ("data", "rows") if isinstance(top.get(k), list)), None)
@@ -191,20 +185,16 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         key, rows = None, top
     else:
         _fail(name, f"expected {shape}, got {_json_type(top)}")
-    starts = _element_lines(text, key)
-    if len(starts) != len(
-        rows
-    ):  # cannot happen for text json.loads accepted; row numbers are a safe fallback
-        starts = list(range(1, len(rows) + 1))
-    records, problems = [], []
     offsets = _element_offsets(text, key)
-    strict = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    located = len(offsets) == len(rows)  # always, for text json.loads accepted; row numbers are a safe fallback
+    starts = _lines_at(text, offsets) if located else list(range(1, len(rows) + 1))
+    records, problems = [], []
     for i, (line, row) in enumerate(zip(starts, rows)):
-        if duplicate is not None and len(offsets) == len(rows):
-            try:
-                strict.raw_decode(text, offsets[i])
-            except _DuplicateKey as err:
-                problems.append(Problem(name, line, err.key, _twice(err.key)))
+        if duplicate is not None and located:  # which rows write a key twice
+            in_row: list[str] = []
+            json.JSONDecoder(object_pairs_hook=functools.partial(_noting_twice, in_row)).raw_decode(text, offsets[i])
+            if in_row:
+                problems.append(Problem(name, line, in_row[0], _twice(in_row[0])))
                 continue
         if isinstance(row, dict):
             records.append(Record(line, row))
@@ -215,16 +205,18 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     return records, problems
 
 
-def _element_lines(text: str, key: str | None) -> list[int]:
-    """1-based line where each element of the top-level array (or of `top[key]`) starts.
+def _lines_at(text: str, offsets: list[int]) -> list[int]:
+    """The 1-based line of each offset (ascending) in `text`, e.g. where each row of a JSON file starts.
 
-    >>> _element_lines('[\\n {"a": 1},\\n {"a": 2}\\n]', None)
+    >>> text = '[\\n {"a": 1},\\n {"a": 2}\\n]'
+    >>> _lines_at(text, _element_offsets(text, None))
     [2, 3]
-    >>> _element_lines('{"meta": [0],\\n "data": [{"a": 1},\\n  {"a": 2}]}', "data")
+    >>> text = '{"meta": [0],\\n "data": [{"a": 1},\\n  {"a": 2}]}'
+    >>> _lines_at(text, _element_offsets(text, "data"))
     [2, 3]
     """
     lines, line, at = [], 1, 0
-    for i in _element_offsets(text, key):  # counted between consecutive offsets: linear in the file's length
+    for i in offsets:  # counted between consecutive offsets: linear in the file's length
         line, at = line + text.count("\n", at, i), i
         lines.append(line)
     return lines

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.errors import UserError
-from posttrain.yamlfile import load_yaml
+from posttrain.yamlfile import load_yaml, yaml_problem
 
 USABLE_FRACTION = (
     0.90  # of a GPU's listed memory an estimate may fill (module docstring: what the rest is for)
@@ -131,8 +131,7 @@ def load_gpu_table(path: str | Path | None) -> dict[str, GPU]:
     except json.JSONDecodeError as err:
         raise UserError(f"{p}:{err.lineno}: not valid JSON: {err.msg}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise UserError(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        raise UserError(yaml_problem(err, str(p))) from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the GPU table must map GPU names to {{memory_gb, bf16_tflops, ...}}")
     keys = [f.name for f in fields(GPU) if f.name != "name"]

@@ -18,7 +18,7 @@ from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.data import TASKS, plain_messages
 from posttrain.errors import UserError
 from posttrain.models import generate, load_model, load_tokenizer, load_trained
-from posttrain.rewards import compute_rewards
+from posttrain.rewards import compute_rewards, row_columns
 
 
 def load_for_inference(name_or_path: str):
@@ -76,7 +76,7 @@ def score_rewards(rewards, completions: Sequence[str], rows: Sequence[dict]) -> 
                 for r in rows]  # fmt: skip
     prompts = [next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
                for msgs in messages]  # fmt: skip
-    columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt"})}
+    columns = row_columns(rows, skip=["prompt"])
     columns["prompt_messages"] = messages
     result = compute_rewards(rewards, prompts, list(completions), columns)
     n = max(len(rows), 1)

@@ -12,7 +12,7 @@ Importing this package loads no model, no sympy and starts no process. See docs/
 """
 
 from posttrain.rewards.builtin import REWARDS, RewardFn
-from posttrain.rewards.compute import RewardResult, compute_rewards, reward_metrics
+from posttrain.rewards.compute import RewardResult, compute_rewards, reward_metrics, row_columns
 from posttrain.rewards.spec import NamedReward, RewardSpec, build_reward_functions, parse_reward_specs
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "RewardSpec",
     "build_reward_functions",
     "compute_rewards",
+    "row_columns",
     "parse_reward_specs",
     "reward_metrics",
 ]

@@ -92,26 +92,29 @@ def readable_number(text: str) -> bool:
     """
     if to_number(text) is not None:
         return True
-    import math_verify  # lazy: pulls in sympy (~0.5 s)
-
-    main = threading.current_thread() is threading.main_thread()
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    parsed = math_verify.parse(text, **({} if main else {"parsing_timeout": None}))
+    parsed = _math_verify_parse(text)
     return bool(parsed) and not any(str(p).lower() in ("nan", "zoo", "oo", "-oo") for p in parsed)
+
+
+def _math_verify():
+    """math-verify, imported on first use (it pulls in sympy, ~0.5 s), with its per-call warnings off; and
+    whether its SIGALRM timeouts may be used (only the main thread may set them; elsewhere it runs without)."""
+    import math_verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without a timeout
+    return math_verify, threading.current_thread() is threading.main_thread()
+
+
+def _math_verify_parse(text: str) -> list:
+    math_verify, main = _math_verify()
+    return math_verify.parse(text, **({} if main else {"parsing_timeout": None}))
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
     """Symbolic/numeric equality by math-verify (LaTeX, fractions, expressions, units)."""
-    import math_verify  # lazy: pulls in sympy (~0.5 s)
-
-    # Its timeouts use SIGALRM, which only the main thread may set; elsewhere run without them.
-    main = threading.current_thread() is threading.main_thread()
-    kw_parse = {} if main else {"parsing_timeout": None}
-    kw_verify = {} if main else {"timeout_seconds": None}
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without a timeout
-    return math_verify.verify(
-        math_verify.parse(gold, **kw_parse), math_verify.parse(pred, **kw_parse), **kw_verify
-    )
+    math_verify, main = _math_verify()
+    return math_verify.verify(_math_verify_parse(gold), _math_verify_parse(pred),
+                              **({} if main else {"timeout_seconds": None}))  # fmt: skip
 
 
 def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> bool:

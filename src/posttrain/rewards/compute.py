@@ -25,6 +25,7 @@ import inspect
 import math
 import statistics
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,18 @@ class RewardResult:
     failures: dict[str, int]  # name -> samples that got the fallback
     errors: dict[str, str] = field(default_factory=dict)  # name -> first error message, when any
     sites: dict[str, str] = field(default_factory=dict)  # name -> "file:line" of it (user functions only)
+
+
+def row_columns(rows: Sequence[dict], skip: Sequence[str] = ()) -> dict[str, list]:
+    """The rows' columns as reward functions get them (``fn(prompts, completions, **columns)``): one list per
+    column any row has, in order of first appearance, None where a row lacks it; `skip` names columns passed
+    otherwise (the prompt).
+
+    >>> row_columns([{"prompt": "q", "answer": 1}, {"prompt": "r", "answer": 2, "hint": "x"}], skip=["prompt"])
+    {'answer': [1, 2], 'hint': [None, 'x']}
+    """
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in skip]
+    return {key: [r.get(key) for r in rows] for key in keys}
 
 
 def compute_rewards(

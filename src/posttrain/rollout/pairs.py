@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from posttrain.data.schema import plain_messages
 from posttrain.errors import DataError, Problem, UserError
 from posttrain.models import generate
-from posttrain.rewards import build_reward_functions, compute_rewards, parse_reward_specs
+from posttrain.rewards import build_reward_functions, compute_rewards, parse_reward_specs, row_columns
 
 Scorer = Callable[[list, list[str], list[dict]], list[float]]
 
@@ -155,7 +155,7 @@ def reward_scorer(specs: list) -> Scorer:
     funcs = build_reward_functions(parse_reward_specs(parse_reward_args(specs), where="--reward #{n}"))
 
     def scorer(prompts, completions, rows):
-        columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - {"prompt"}}
+        columns = row_columns(rows, skip=["prompt"])
         return compute_rewards(funcs, prompts, completions, columns).total
 
     return scorer

@@ -54,6 +54,7 @@ from posttrain.rewards import (
     compute_rewards,
     parse_reward_specs,
     reward_metrics,
+    row_columns,
 )
 from posttrain.rewards.overlong import OVERLONG
 from posttrain.rollout.engines import get_engine
@@ -165,18 +166,6 @@ def rollout_statistics(shares: list[dict]) -> dict[str, float]:
     return out
 
 
-def prompt_columns(examples: list[PromptExample]) -> dict[str, list]:
-    """The prompt rows' own columns as the reward functions get them, one list per column over `examples`: every
-    column any row has, None where a row lacks it (the first row's columns alone dropped the others' silently).
-
-    >>> ex = lambda **c: PromptExample(prompt_ids=[1], prompt="q", columns=c)
-    >>> prompt_columns([ex(answer=1), ex(answer=2, hint="x")])
-    {'answer': [1, 2], 'hint': [None, 'x']}
-    """
-    keys = dict.fromkeys(k for e in examples for k in e.columns)
-    return {key: [e.columns.get(key) for e in examples] for key in keys}
-
-
 class RolloutSource:
     """Rollouts as a `BatchSource`: `steps(start_step)` yields each step's micro-batches and metrics."""
 
@@ -280,7 +269,7 @@ class RolloutSource:
         `prompt_messages` and `truncated`. Prints each function's first failure once; stops a run whose rewards all
         fail (`check_reward_signal`)."""
         fallback = self.cfg.algorithm.reward_fallback
-        columns = prompt_columns(per_seq)
+        columns = row_columns([e.columns for e in per_seq])  # every row's, None where a row lacks one
         # the full prompts as message lists (system and earlier turns included), for rewards that need them
         columns["prompt_messages"] = [e.messages or [{"role": "user", "content": e.prompt}] for e in per_seq]
         # which completions were cut by max_new_tokens: a reward model then scores them as unfinished turns

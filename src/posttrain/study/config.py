@@ -17,9 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.config import _message, apply_overrides, overridden, override_keys, read_config_file
+from posttrain.config import _message, apply_overrides, override_keys, read_config_file, set_by
 from posttrain.errors import ConfigError
-from posttrain.yamlfile import line_of
 
 STUDY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "study"
 """The shipped settings, one YAML each (in a clone also at configs/study/)."""
@@ -193,9 +192,5 @@ def validate_study(data: dict, *, source: str = "study settings", overrides: dic
             if e["type"] not in ("extra_forbidden", "missing", "value_error") and "input" in e \
                     and not isinstance(e["input"], dict):  # fmt: skip
                 msg = f"{msg} (got {e['input']!r})"
-            if (given := overridden(where, overrides)) is not None:  # the value came from --set, not the file
-                where = f"{where} (--set {given})"
-            elif (line := line_of(where, lines)) is not None:
-                where = f"{where} (line {line})"
-            out.append(f"  {where}: {msg}")
+            out.append(f"  {set_by(where, overrides, lines, via='--set')}: {msg}")
         raise ConfigError("\n".join(out)) from None
