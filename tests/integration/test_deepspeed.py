@@ -31,6 +31,7 @@ and one more per stage the 1-process jobs."""
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -155,7 +156,8 @@ def launched(tiny_model_dir, tmp_path_factory):
         if stage == 2:  # 2 processes' runs resumed on 1
             _launch(stage, 1, folder / "held", [f"base:{sft}", *diverging, *reshards])
         out[stage] = cfgs, {p.stem: torch.load(p) for p in (folder / "held").glob("*.pt")}
-    return out
+    yield out
+    shutil.rmtree(tmp, ignore_errors=True)  # ~300 MB of checkpoints: CI machines can be short of disk
 
 
 # (stage, run) -> (processes that wrote it, processes that resume it): each method once, in one direction

@@ -64,7 +64,8 @@ def runs(tiny_model_dir, tmp_path_factory):
         settings = {**base, **overrides, "run.output_dir": root / name}
         train(load_config(None, [f"{k}={v}" for k, v in settings.items()]))
         out[name] = root / name
-    return out
+    yield out
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _sections(page: str) -> list[str]:

@@ -173,7 +173,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     (tmp / "launch.log").write_text(proc.stdout, encoding="utf-8")
     held = {p.stem: torch.load(p) for p in out.glob("*.pt")}
     held["sft-1proc"] = {"weights": {n: p.detach().clone() for n, p in one.model.named_parameters()}}
-    return cfgs, held
+    yield cfgs, held
+    shutil.rmtree(tmp, ignore_errors=True)  # ~90 MB of checkpoints: CI machines can be short of disk
 
 
 def _losses(run_dir) -> torch.Tensor:
