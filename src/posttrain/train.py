@@ -44,7 +44,13 @@ from posttrain.models.attention import attention_per_segment, float32_attention_
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.layers import cpp_compiler_missing
-from posttrain.models.loading import cpu_has_bf16, default_device, mixed_precision, resolve_dtype
+from posttrain.models.loading import (
+    context_length,
+    cpu_has_bf16,
+    default_device,
+    mixed_precision,
+    resolve_dtype,
+)
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard, zero3_inference
@@ -473,12 +479,11 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
 
 
 def _check_context(cfg: RunConfig, data, config) -> None:
-    """Refuse training rows longer than the model has positions for (`max_position_embeddings`, GPT-2's
-    `n_positions`): learned position embeddings fail there with an index error, and rotary ones run positions the
+    """Refuse training rows longer than the model has positions for (`models.loading.context_length`:
+    `max_position_embeddings`, GPT-2's `n_positions`, or what rotary scaling extends them to): learned position embeddings fail there with an index error, and rotary ones run positions the
     model never trained on, silently. Checked on the rows themselves: a data.max_length above the context is
     harmless while every row is shorter."""
-    context = next((v for k in ("max_position_embeddings", "n_positions")
-                    if isinstance(v := getattr(config, k, None), int) and v > 0), None)  # fmt: skip
+    context = context_length(config)
     if context is None or cfg.data.max_length <= context:
         return
     rollout = getattr(cfg.algorithm, "rollout", None)

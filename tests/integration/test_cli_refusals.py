@@ -239,6 +239,30 @@ def test_rows_longer_than_the_models_context_are_refused_before_the_run_folder(c
     assert code == 0 and "3 of 4 rows are longer than max_length=512 tokens and were truncated" in out + err
 
 
+def test_rope_scaling_extends_the_context_the_rows_are_checked_against(capsys, tiny_model_dir, tmp_path):
+    """YaRN x2 over the tiny Llama's 512 trained positions (`rope_parameters` naming the original length, as
+    Qwen2.5's long-context config does) places 1024: the ~700-token rows refused above train whole, and a row
+    past 1024 is still refused, against that 1024."""
+    import shutil
+
+    scaled = tmp_path / "yarn"
+    shutil.copytree(tiny_model_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512,
+                                 "rope_theta": 10000.0}  # fmt: skip
+    (scaled / "config.json").write_text(json.dumps(config))
+    rows = tmp_path / "long.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a b " * 175}) + "\n" for i in range(4)))
+    code, out, err = run(capsys, *_train(scaled, rows, tmp_path / "run", "data.max_length=1024"))
+    assert code == 0, err
+    assert "truncated" not in out + err and "context" not in out + err
+    longer = tmp_path / "longer.jsonl"
+    longer.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a b " * (175 + 150 * (i == 3))}) + "\n"
+                              for i in range(4)))  # fmt: skip
+    code, out, err = run(capsys, *_train(scaled, longer, tmp_path / "run2", "data.max_length=2048"))
+    assert code == 2 and "1 of 4 training rows are longer than the model's context of 1024 positions (line 4)" in err
+
+
 def test_pairs_without_a_margin_are_said_when_the_run_uses_margins(capsys, tiny_model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no",

@@ -22,6 +22,7 @@ from torch import nn
 
 from posttrain.data.render import chat_text
 from posttrain.errors import ModelNotFoundError
+from posttrain.models.loading import context_length
 from posttrain.models.logprobs import decoder_of, hidden_and_logits, last_hidden_states
 from posttrain.models.saving import HEAD_FILE, HEAD_INFO, _trained_dir, load_trained, save_model
 
@@ -184,7 +185,7 @@ class RewardModelScorer:
     def __init__(self, path: str | Path, *, batch_size: int = 8, device=None, prepare=None):
         model, self.tokenizer = load_scalar_model(path, device=device)
         # the longest row the model can place (its position table); None when its config names no limit
-        self.max_length = getattr(model.policy.config, "max_position_embeddings", None)
+        self.max_length = context_length(model.policy.config)
         self.model = prepare(model) if prepare is not None else model
         self.batch_size = batch_size
         self.unscored: dict[int, str] = {}  # the last call's samples that got NaN: index -> why
@@ -209,7 +210,7 @@ class RewardModelScorer:
             return "it renders to no tokens"
         if self.max_length is not None and len(ids) > self.max_length:
             return (f"it renders to {len(ids)} tokens, more than the reward model's {self.max_length} positions "
-                    "(max_position_embeddings)")  # fmt: skip
+                    "(max_position_embeddings, or what its rope scaling extends it to)")  # fmt: skip
         return list(ids)
 
     @torch.no_grad()

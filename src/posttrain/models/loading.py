@@ -522,3 +522,49 @@ def describe_trainable(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+_EXTENDING_ROPE = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def context_length(config) -> int | None:
+    """The most positions a model's config says it places: `max_position_embeddings` (GPT-2's `n_positions`), or
+    more where its rotary scaling extends that (`rope_parameters`, before transformers 5 `rope_scaling`: linear,
+    dynamic NTK, YaRN, LongRoPE and Llama 3 stretch the trained positions by `factor` over
+    `original_max_position_embeddings`, e.g. Qwen2.5's YaRN 4 x 32768). Only where the config names that
+    original length: without it (Gemma 3's linear 8 over its 131072) `max_position_embeddings` may already count
+    the stretch, so it stands. None when the config names no limit.
+
+    >>> from types import SimpleNamespace as C
+    >>> context_length(C(max_position_embeddings=2048)), context_length(C(n_positions=1024)), context_length(C())
+    (2048, 1024, None)
+    >>> context_length(C(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+    ...                                                                 "original_max_position_embeddings": 32768}))
+    131072
+    >>> context_length(C(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+    ...                                                               "original_max_position_embeddings": 8192}))
+    131072
+    >>> context_length(C(max_position_embeddings=2048, rope_scaling={"type": "linear", "factor": 2.0}))
+    2048
+    >>> context_length(C(max_position_embeddings=2048, original_max_position_embeddings=2048,
+    ...                  rope_scaling={"type": "linear", "factor": 2.0}))
+    4096
+    """
+    base = next((v for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool) and v > 0), None)  # fmt: skip
+    if base is None:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        return base
+    # transformers 5 keys rope_parameters by layer type where layer types differ (Gemma 3's full and sliding)
+    each = [v for v in rope.values() if isinstance(v, dict)] or [rope]
+    longest = base
+    for params in each:
+        kind, factor = params.get("rope_type", params.get("type")), params.get("factor")
+        if kind in _EXTENDING_ROPE and isinstance(factor, int | float) and factor > 1:
+            original = params.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None)  # fmt: skip
+            if isinstance(original, int) and original > 0:
+                longest = max(longest, int(factor * original))
+    return longest
