@@ -571,6 +571,7 @@ def _accelerator(cfg: RunConfig):
     `load_model`, Accelerate's autocast) when the compute dtype is bfloat16."""
     from accelerate import Accelerator  # after the hub mode settled (`train`)
     from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin
 
     on_gpu = default_device().type == "cuda"  # not under `accelerate launch --cpu`
     precision = mixed_precision(cfg.model, "cuda" if on_gpu else "cpu")
@@ -579,17 +580,22 @@ def _accelerator(cfg: RunConfig):
     # process group (PartialState), so this is safe under a multi-process launch too.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    # Named, so that the environment an `accelerate launch` leaves cannot change a run silently (its
+    # --gradient_accumulation_steps divided every gradient; its --dynamo_backend compiled the whole model past the
+    # model.compile checks): `trainer.launch.launch_notes` says they were not used.
+    fixed = dict(mixed_precision=precision, dynamo_backend="no",
+                 gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))  # fmt: skip
     if deepspeed_zero_stage() is None:
-        return Accelerator(cpu=not on_gpu, mixed_precision=precision)
+        return Accelerator(cpu=not on_gpu, **fixed)
     if on_gpu:
-        accelerator = Accelerator(mixed_precision=precision)
+        accelerator = Accelerator(**fixed)
     else:
         # An Accelerate DeepSpeed config on CPUs (DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu: how the tests run
         # ZeRO): Accelerate hands the model to DeepSpeed only when not told cpu=True, and then finds no process
         # group backend for a machine without an accelerator unless it is named.
         from accelerate.utils import InitProcessGroupKwargs
 
-        accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        accelerator = Accelerator(**fixed, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     _whole_loads(accelerator)
     return accelerator
 

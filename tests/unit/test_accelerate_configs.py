@@ -119,6 +119,7 @@ MULTI_CPU = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmi
 ALONE = "note: accelerate launch was asked for several processes but started this one alone"
 PRECISION = "note: the launch asked for mixed_precision bf16, but posttrain takes the precision from model.dtype"
 FSDP = "note: the launch asked for FSDP (an Accelerate FSDP config), but Accelerate shards only on GPUs"
+DYNAMO = "note: the launch asked for dynamo_backend inductor (ACCELERATE_DYNAMO_BACKEND)"
 
 
 @pytest.mark.parametrize("argv, processes, notes", [
@@ -131,6 +132,8 @@ FSDP = "note: the launch asked for FSDP (an Accelerate FSDP config), but Acceler
     (["--cpu", "--num_processes", "1"], 1, []),
     (["--cpu"], 1, []),
     (["--config_file", "fsdp2", "--mixed_precision", "no"], 2, [FSDP]),  # 2 processes, not sharded on CPUs
+    (["--cpu", "--dynamo_backend", "inductor"], 1, [DYNAMO]),  # posttrain compiles with model.compile
+    (["--cpu", "--dynamo_backend", "no"], 1, []),
 ])  # fmt: skip
 def test_a_launch_that_starts_fewer_processes_or_another_precision_than_asked_is_noted(argv, processes, notes, tmp_path):
     """On a CPU-only machine (the processes compute in float32: model.dtype auto), what Accelerate starts for each
@@ -160,6 +163,20 @@ def test_num_processes_alone_starts_one_process_without_two_gpus():
     said = launch_notes(env, processes=1, distributed="NO", precision="no", dtype="auto", compute="float32",
                         device="cpu")  # fmt: skip
     assert len(said) == 1 and said[0].startswith(ALONE)
+
+
+def test_accumulation_steps_from_the_launch_are_said_to_be_unused():
+    """`accelerate launch --use_deepspeed --gradient_accumulation_steps 4` (or the variable exported by hand) asks
+    for accumulation posttrain does not do that way: it accumulates optim.batch_size / optim.micro_batch_size
+    micro-batches itself (and `train._accelerator` keeps Accelerate from dividing each gradient by 4)."""
+    from posttrain.trainer.launch import launch_notes
+
+    cpu = {"processes": 1, "distributed": "NO", "precision": "no", "dtype": "auto", "compute": "float32",
+           "device": "cpu"}  # fmt: skip
+    (said,) = launch_notes({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, **cpu)
+    assert said.startswith("note: the launch asked for gradient_accumulation_steps 4 "
+                           "(ACCELERATE_GRADIENT_ACCUMULATION_STEPS), which posttrain does not use")  # fmt: skip
+    assert launch_notes({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"}, **cpu) == []
 
 
 def test_the_precision_note_names_what_the_run_uses_and_how_to_match_it():

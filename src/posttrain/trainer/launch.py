@@ -68,6 +68,19 @@ def launch_notes(env: Mapping[str, str], *, processes: int, distributed: str, pr
             f"({dtype}: {compute} on {device}), so this run uses mixed_precision {precision}. Set model.dtype "
             f"(bfloat16: bf16 autocast) to change it, or launch with --mixed_precision {precision} to match"
         )
+    steps = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").strip()
+    if steps and steps != "1":
+        notes.append(
+            f"note: the launch asked for gradient_accumulation_steps {steps} (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), "
+            "which posttrain does not use: it accumulates micro-batches itself, optim.batch_size rows per step in "
+            "micro-batches of optim.micro_batch_size. Set those instead"
+        )
+    backend = env.get("ACCELERATE_DYNAMO_BACKEND", "").strip().lower()
+    if backend and backend != "no":
+        notes.append(
+            f"note: the launch asked for dynamo_backend {backend} (ACCELERATE_DYNAMO_BACKEND), which posttrain does not "
+            "use: it compiles the model's layers itself with model.compile=true, where the run allows it"
+        )
     if device == "cpu" and not cpu_bf16:
         emulated = ("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so torch emulates its bfloat16 "
                     "matrix products, slower than float32 ones")  # fmt: skip
