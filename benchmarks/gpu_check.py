@@ -39,7 +39,7 @@ COMMON = ["run.progress=false", "run.report=false", "data.eval=null", "run.save_
 # GRPO: 2 prompts x 8 completions of at most 32 tokens per step; one prompt's group per micro-batch, so that the
 # estimate (whose batch is prompts, each with its group) describes the same forward.
 GRPO = ["algorithm.rollout.batch_size=16", "optim.batch_size=16", "optim.micro_batch_size=8",
-        "algorithm.rollout.generation_batch_size=16", "algorithm.rollout.max_new_tokens=32"]  # fmt: skip
+        "algorithm.rollout.max_new_tokens=32"]  # fmt: skip
 SERVER_URL = os.environ.get("GPU_CHECK_VLLM_URL", "http://127.0.0.1:8765")
 LOGP_GAP_BOUND = 0.05
 """The stated bound for colocated vLLM (bf16) against the trainer (bf16 autocast over float32 weights): the mean per

@@ -263,6 +263,9 @@ class AlgorithmSection(_Section):
     """Run-level settings read by some methods only (`config_rules.METHOD_FIELDS`) that this method reads."""
     rules: ClassVar[dict[str, When]] = {}
     """This section's own fields that are read only under a condition: field name -> when (`config_rules`)."""
+    run_rules: ClassVar[dict[str, When]] = {}
+    """Shared run settings of its `run_fields` that this method reads only under a condition on its own settings
+    (PPO's `optim.head_lr`, the value head's learning rate, only while `vf_coef` trains that head)."""
     model_dropout: ClassVar[bool] = False
     """Whether `model.dropout: auto` keeps the model's own dropout for this method (SFT) or turns it off."""
 
@@ -277,6 +280,18 @@ class AlgorithmSection(_Section):
 
 # Whether the run is not a DeepSpeed ZeRO-3 launch (read from the environment when the rule is checked).
 NOT_ZERO3 = When(lambda cfg: deepspeed_zero_stage() != 3, "the run is not a DeepSpeed ZeRO-3 launch")
+
+# Whether one rollout feeds more than one optimisation step. With one, the policy that sampled is the policy
+# trained: the importance ratio is exactly 1 (the old log-probs are the trained ones, detached) and PPO's values are
+# the rollout's own, so no clip of the ratio or of the values can bind.
+SEVERAL_STEPS = When(
+    lambda cfg: cfg.algorithm.steps_per_rollout(cfg.optim.batch_size) > 1,
+    "a rollout feeds more than one optimisation step (algorithm.rollout.epochs above 1, or "
+    "algorithm.rollout.batch_size twice optim.batch_size or more)",
+    ("algorithm.rollout.epochs", "algorithm.rollout.batch_size", "optim.batch_size"),
+    advice="With one step per rollout the policy that sampled is the one trained, so the importance ratio is "
+    "exactly 1 and no clip binds.",
+)
 
 
 class RLSection(AlgorithmSection):
@@ -299,6 +314,9 @@ class RLSection(AlgorithmSection):
         "rollout.vllm_sleep": is_("algorithm.rollout.engine", "vllm"),
         "rollout.vllm_server_url": is_("algorithm.rollout.engine", "vllm-server"),
         "rollout.vllm_server_timeout": is_("algorithm.rollout.engine", "vllm-server"),
+        "rollout.generation_batch_size": is_("algorithm.rollout.engine", "hf").because(
+            "vLLM schedules its own batches: the whole rollout goes to it in one call."
+        ),
         # a sharded model (FSDP2, ZeRO-3) samples through its adapters: `rollout.engine.HFEngine`
         "rollout.merge_adapters": is_("technique.name", "lora") & is_("algorithm.rollout.engine", "hf")
         & is_("run.sharding", "none") & NOT_ZERO3,

@@ -173,7 +173,9 @@ def rules_of(cfg_or_schema: Any) -> dict[str, When]:
     chosen method's own rules, by dotted field."""
     section = getattr(cfg_or_schema, "algorithm", None)
     own = {f"algorithm.{k}": w for k, w in type(section).rules.items()} if section is not None else {}
-    return {**APPLIES, **own}
+    # a shared field the method reads only under a condition of its own (`AlgorithmSection.run_rules`)
+    run = type(section).run_rules if section is not None else {}
+    return {**APPLIES, **own, **run}
 
 
 def reads(field: str, schema: Any, method: str | None = None) -> str:
@@ -185,7 +187,10 @@ def reads(field: str, schema: Any, method: str | None = None) -> str:
     if when is None:
         return "(not in the table: config_rules.APPLIES)"
     if field in METHOD_FIELDS:
-        return f"only when algorithm.name is {' or '.join(_readers(schema, field))}"
+        methods = schema.methods()
+        readers = [f"{name} (when {methods[name].run_rules[field].text})" if field in methods[name].run_rules else name
+                   for name in _readers(schema, field)]  # fmt: skip
+        return f"only when algorithm.name is {' or '.join(readers)}"
     return when.text if when is ALWAYS else f"only when {when.text}"
 
 
@@ -200,8 +205,8 @@ def unread_settings(cfg: Any) -> list[str]:
             continue
         context = dict.fromkeys(("algorithm.name", "technique.name", *when.fields))
         this_run = ", ".join(f"{f}={show(value_of(cfg, f))}" for f in context)
-        text = (f"algorithm.name is {' or '.join(_readers(type(cfg), field))}" if field in METHOD_FIELDS
-                else when.text)  # fmt: skip
+        text = (f"algorithm.name is {' or '.join(_readers(type(cfg), field))}"
+                if field in METHOD_FIELDS and field not in type(cfg.algorithm).run_rules else when.text)  # fmt: skip
         advice = f" {when.advice}" if when.advice else ""
         found.append(
             f"{field} = {show(value)} would be ignored: it is read only when {text}, and this run has "

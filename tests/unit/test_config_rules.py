@@ -87,6 +87,20 @@ OWN_CASES = {
     ("rloo", "algorithm.rollout.dtype"): ("bfloat16", {**RLOO, **SERVER, **SERVER_URL}, RLOO),
     ("ppo", "algorithm.target_kl"): (3.0, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
     ("ppo", "algorithm.kl_horizon"): (500, PPO, {**PPO, "algorithm.adaptive_kl": "true"}),
+    # one optimisation step per rollout (the default): the importance ratio is exactly 1 (an audit, nineteenth
+    # session: clip_eps 0.2 and 0.01 trained the same weights, bit for bit)
+    ("grpo", "algorithm.clip_eps"): (0.1, GRPO, {**GRPO, "algorithm.rollout.epochs": 2}),
+    ("grpo", "algorithm.clip_eps_high"): (0.28, GRPO, {**GRPO, "algorithm.rollout.batch_size": 16}),
+    ("rloo", "algorithm.clip_eps"): (0.1, RLOO, {**RLOO, "algorithm.rollout.epochs": 2}),
+    ("ppo", "algorithm.clip_eps"): (0.1, PPO, {**PPO, "algorithm.rollout.epochs": 2}),
+    ("ppo", "algorithm.clip_eps_value"): (0.1, {**PPO, "algorithm.rollout.epochs": 2, "algorithm.vf_coef": 0},
+                                          {**PPO, "algorithm.rollout.epochs": 2}),
+    ("ppo", "optim.head_lr"): (1e-3, {**PPO, "algorithm.vf_coef": 0}, PPO),  # `run_rules`: the head gets no gradient
+    # a rollout of one group (8 sequences, num_generations 8): the batch's std is the group's
+    ("grpo", "algorithm.scale"): ("batch", GRPO, {**GRPO, "optim.batch_size": 16}),
+    ("grpo", "algorithm.rollout.generation_batch_size"): (4, {**GRPO, **SERVER, **SERVER_URL}, GRPO),
+    ("ppo", "algorithm.rollout.generation_batch_size"): (4, {**PPO, **SERVER, **SERVER_URL}, PPO),
+    ("rloo", "algorithm.rollout.generation_batch_size"): (4, {**RLOO, **SERVER, **SERVER_URL}, RLOO),
 }  # fmt: skip
 
 CASES = {**SHARED_CASES, **{field: case for (_, field), case in OWN_CASES.items()}}
@@ -106,6 +120,7 @@ def test_every_shared_field_has_a_row():
 def test_every_conditional_rule_has_a_case():
     assert {f for f, when in APPLIES.items() if when is not ALWAYS} == set(SHARED_CASES)
     own = {(name, f"algorithm.{field}") for name, a in ALGORITHMS.items() for field in a.config.rules}
+    own |= {(name, field) for name, a in ALGORITHMS.items() for field in a.config.run_rules}
     assert own == set(OWN_CASES)
 
 
@@ -197,4 +212,5 @@ def test_help_config_says_which_runs_read_each_field(capsys):
     ) in out
     assert "optim.lr = 0.0002\n    Peak learning rate.\n    read by: every method and technique\n" in out
     assert "data.packing = False\n" in out and "read by: only when algorithm.name is sft\n" in out
+    assert "read by: only when algorithm.name is ppo (when algorithm.vf_coef is not 0.0) or reward\n" in out
     assert out.count("    read by: ") == len(describe_fields(RunConfig))

@@ -41,7 +41,7 @@ from posttrain.algorithms.base import (
 )
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, masked_mean, masked_sum
 from posttrain.algorithms.ppo import clipped_surrogate
-from posttrain.config import RLSection
+from posttrain.config import SEVERAL_STEPS, RLSection
 from posttrain.config_rules import When, is_
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import chunked_token_logps
@@ -85,6 +85,17 @@ class Config(RLSection):
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
+        "clip_eps": SEVERAL_STEPS,
+        "clip_eps_high": SEVERAL_STEPS,
+        # only `batch` needs more than one group: `none` and `group` differ from the default over any rollout
+        "scale": When(
+            lambda cfg: cfg.algorithm.scale != "batch"
+            or (cfg.algorithm.rollout.batch_size or cfg.optim.batch_size) > cfg.algorithm.num_generations,
+            "algorithm.scale is not batch, or a rollout holds more than one prompt's group "
+            "(algorithm.rollout.batch_size, or optim.batch_size without it, above algorithm.num_generations)",
+            ("algorithm.rollout.batch_size", "optim.batch_size", "algorithm.num_generations"),
+            advice="Over a single group the batch's standard deviation is the group's, so scale=batch is scale=group.",
+        ),
         "log_kl": is_("algorithm.beta", 0.0).because(
             "With beta > 0 the KL penalty needs the reference forward, and its KL is always logged."
         ),

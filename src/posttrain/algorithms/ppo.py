@@ -25,8 +25,8 @@ from pydantic import Field
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import Algorithm, RolloutContext, Rollouts, ScoredRollout, sequence_tensors
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
-from posttrain.config import RLSection
-from posttrain.config_rules import When, is_
+from posttrain.config import SEVERAL_STEPS, RLSection
+from posttrain.config_rules import When, is_, is_not
 from posttrain.models.heads import language_model
 from posttrain.models.logprobs import (
     gather_logps,
@@ -67,8 +67,15 @@ class Config(RLSection):
     """Normalise advantages over the rollout batch."""
 
     run_fields: ClassVar[frozenset[str]] = frozenset({"optim.head_lr"})
+    # At vf_coef 0 the value head gets no gradient: it keeps its zero start, and its learning rate moves nothing.
+    run_rules: ClassVar[dict[str, When]] = {"optim.head_lr": is_not("algorithm.vf_coef", 0.0)}
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
+        "clip_eps": SEVERAL_STEPS,
+        "clip_eps_value": (SEVERAL_STEPS & is_not("algorithm.vf_coef", 0.0)).because(
+            "The values are clipped around the rollout's own, which only a second step on the same rollout moves "
+            "away from, and only while vf_coef trains the value head."
+        ),
         "target_kl": is_("algorithm.adaptive_kl", True),
         "kl_horizon": is_("algorithm.adaptive_kl", True),
     }

@@ -40,7 +40,7 @@ from posttrain.algorithms.base import (
 )
 from posttrain.algorithms.common import LOGP_GAP, masked_mean, masked_sum
 from posttrain.algorithms.ppo import ppo_policy_loss
-from posttrain.config import RLSection
+from posttrain.config import SEVERAL_STEPS, RLSection
 from posttrain.config_rules import When, is_
 from posttrain.models.logprobs import chunked_token_logps
 from posttrain.rewards.overlong import drop_from_loss
@@ -70,6 +70,7 @@ class Config(RLSection):
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
+        "clip_eps": SEVERAL_STEPS,
         "skip_zero_advantage": is_("algorithm.beta", 0.0).because(
             "With beta > 0 the KL penalty is in every completion's reward, so no advantage is exactly 0 by design."
         ),
