@@ -26,7 +26,15 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
@@ -92,7 +100,8 @@ class ModelConfig(_Section):
     model ships it. `auto`: off for reward, dpo, grpo and ppo (as preference and RL trainers do: dropout makes the
     policy's log-probs noisy, so a DPO step-1 loss is not log 2 and the PPO/GRPO ratio of an unchanged policy is
     not 1), keep for sft. Most recent LLMs ship 0 anyway; GPT-2, OPT and Phi-1/2 ship 0.1. Reference and old
-    log-prob forwards always run in eval mode (no dropout)."""
+    log-prob forwards always run in eval mode (no dropout). `keep` or `off` on a model whose every rate is 0
+    is said as the model loads. YAML reads a bare `off` as false, which means `off` here."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 33% more compute."""
     rebuild_pointwise: bool = True
@@ -115,6 +124,12 @@ class ModelConfig(_Section):
     on SmolLM2-135M, batch 8: 2.7 GB at 1, 1.9 GB at 0.3, the uncompiled step time). null: 1, the fastest."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (only for models you trust)."""
+
+    @field_validator("dropout", mode="before")
+    @classmethod
+    def _bare_off(cls, value):
+        # YAML 1.1 reads `dropout: off` (and `model.dropout=off` on the command line) as the boolean false
+        return "off" if value is False else value
 
 
 class TechniqueConfig(_Section):

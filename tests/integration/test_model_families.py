@@ -83,6 +83,19 @@ def test_disable_dropout_makes_the_training_forward_deterministic(dropout_model_
     assert any(v > 0 for k, v in model.config.to_dict().items() if "drop" in k)  # the config stays as shipped
 
 
+@pytest.mark.parametrize("setting", ["keep", "off"])
+def test_a_dropout_setting_on_a_model_without_dropout_is_said(dropout_model_dir, tiny_model_dir, setting, capsys):
+    """model.dropout keep or off on a model whose every rate is 0 changed nothing, silently (an audit, nineteenth
+    session): the load says so; on a model with dropout it says nothing, and `auto` never."""
+    load_model(ModelConfig(name=str(tiny_model_dir), dropout=setting), TechniqueConfig(name="full"))
+    said = capsys.readouterr().out
+    assert f"note: model.dropout={setting} changes nothing: {tiny_model_dir} has no dropout of its own" in said
+    load_model(ModelConfig(name=str(dropout_model_dir), dropout=setting), TechniqueConfig(name="full"))
+    load_model(ModelConfig(name=str(tiny_model_dir)), TechniqueConfig(name="full"))
+    load_model(ModelConfig(name=str(tiny_model_dir), dropout=setting), TechniqueConfig(name="full"), train=False)
+    assert "model.dropout" not in capsys.readouterr().out
+
+
 PAIRS = [{"prompt": f"add {a} {b}", "chosen": str(a + b), "rejected": f"{a + b + 1} maybe"}
          for a in range(4) for b in range(2)]  # fmt: skip
 

@@ -223,3 +223,13 @@ def test_an_override_wins_over_the_file_and_a_repeated_override_takes_the_last_v
     f = tmp_path / "run.yaml"
     f.write_text("optim:\n  lr: 1.0e-3\n")
     assert load_config(f, ["optim.lr=1e-4", "optim.lr=3e-4"]).optim.lr == 3e-4
+
+
+def test_a_bare_off_for_model_dropout_means_off(tmp_path):
+    """YAML reads `dropout: off` as false: it was refused with "should be 'auto', 'keep' or 'off' (got False)"."""
+    run = tmp_path / "run.yaml"
+    run.write_text("model:\n  dropout: off\n", encoding="utf-8")
+    assert load_config(run).model.dropout == "off"
+    assert load_config(None, ["model.dropout=off"]).model.dropout == "off"
+    with pytest.raises(ConfigError, match="model.dropout"):
+        load_config(None, ["model.dropout=true"])

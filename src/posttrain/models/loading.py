@@ -435,6 +435,9 @@ def load_model(
         info["quant_type"] = technique.quant_type
         info["double_quant"] = technique.double_quant
 
+    if train and model_cfg.dropout != "auto" and not active_dropout(model):
+        print(f"note: model.dropout={model_cfg.dropout} changes nothing: {model_cfg.name} has no dropout of its own "
+              "(every rate in its config is 0)")  # fmt: skip
     if not dropout:
         disable_dropout(model)
     if train:
