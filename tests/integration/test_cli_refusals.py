@@ -113,6 +113,10 @@ def test_generate_refuses_settings_it_cannot_use(capsys, lora_run, flags, says):
     (["evaluate", "--pairs", "p.jsonl", "--beta", "-0.1"], "evaluate", "argument --beta: must be > 0, got -0.1"),
     (["evaluate", "--task", "arithmetic", "--bogus"], "evaluate", "unrecognized arguments: --bogus"),
     (["data", "validate"], "data validate", "the following arguments are required: file"),
+    (["data", "pairs", "--prompts", "p.jsonl", "--out", "x.jsonl", "--temperature", "0"], "data pairs",
+     "argument --temperature: must be > 0, got 0"),
+    (["data", "pairs", "--prompts", "p.jsonl", "--out", "x.jsonl", "--limit", "-2"], "data pairs",
+     "argument --limit: must be a whole number > 0, got -2"),
     (["train", "run.yaml", "--bogus"], "train", "unrecognized arguments: --bogus"),
 ])  # fmt: skip
 def test_a_command_line_mistake_under_json_is_a_failure_document(capsys, argv, command, says):
@@ -155,6 +159,8 @@ def test_a_run_folder_without_final_says_so(capsys, tiny_model_dir, sft_file, tm
 
 def test_data_make_says_it_replaced_a_file(capsys, tmp_path):
     out_file = tmp_path / "rows.jsonl"
+    code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "0", "--out", str(out_file))
+    assert code == 2 and "posttrain data make: error: argument --n: must be a whole number > 0, got 0" in err
     assert run(capsys, "data", "make", "arithmetic", "--n", "3", "--out", str(out_file))[0] == 0
     code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "2", "--out", str(out_file))
     assert code == 0 and f"{out_file} existed (3 lines) and was replaced" in out

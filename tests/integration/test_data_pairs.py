@@ -161,8 +161,9 @@ def test_cli_pairs_errors_exit_2_without_traceback(capsys, tmp_path):
     code, _, err = run(capsys, *base, "--prompts", bad, "--task", "arithmetic")
     assert code == 2 and f"{bad}:1: prompt" in err and f"{bad}:2:" in err
 
-    for flags, msg in (((("--n", 1)), "--n must be at least 2"), (("--temperature", 0), "--temperature must be > 0"),
-                       (("--limit", 0), "--limit must be")):  # fmt: skip
+    for flags, msg in (((("--n", 1)), "--n must be at least 2"),
+                       (("--temperature", 0), "argument --temperature: must be > 0, got 0"),
+                       (("--limit", 0), "argument --limit: must be a whole number > 0, got 0")):  # fmt: skip
         code, _, err = run(capsys, *base, "--prompts", good, "--task", "arithmetic", *flags)
         assert code == 2 and msg in err
 

@@ -8,7 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-from posttrain.cli.output import Output, add_json, check_output_file, positive_int, quiet_libraries, top_p
+from posttrain.cli.output import (
+    Output,
+    add_json,
+    check_output_file,
+    positive,
+    positive_int,
+    quiet_libraries,
+    top_p,
+)
 from posttrain.errors import EXIT_OK, EXIT_USER, DataError, UserError
 
 TASK_OPTIONS = {"min_ops": "--min-ops", "max_ops": "--max-ops", "max_value": "--max-value"}
@@ -28,7 +36,7 @@ def add_parser(sub) -> None:
 def _add_make(dsub) -> None:
     mk = dsub.add_parser("make", help="write a built-in task as JSONL (sft, preference pairs or prompts)")
     mk.add_argument("task", help="built-in task: structured, arithmetic")
-    mk.add_argument("--n", type=int, required=True, help="number of rows")
+    mk.add_argument("--n", type=positive_int, required=True, help="number of rows")
     mk.add_argument("--out", required=True, help="output .jsonl file")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument(
@@ -82,10 +90,10 @@ def _add_pairs(dsub) -> None:
     )
     pa.add_argument("--n", type=int, default=8, help="completions sampled per prompt (default: 8)")
     pa.add_argument("--max-new-tokens", type=positive_int, default=128)
-    pa.add_argument("--temperature", type=float, default=1.0, help="must be > 0 (default: 1.0)")
+    pa.add_argument("--temperature", type=positive, default=1.0, help="must be > 0 (default: 1.0)")
     pa.add_argument("--top-p", type=top_p, default=1.0)
     pa.add_argument("--seed", type=int, default=0)
-    pa.add_argument("--limit", type=int, help="use only the first K prompts")
+    pa.add_argument("--limit", type=positive_int, help="use only the first K prompts")
     pa.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generate call (default: 16)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
@@ -107,8 +115,6 @@ def make(args) -> int:
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
-    if args.n <= 0:
-        raise UserError(f"--n must be a positive number of rows, got {args.n}")
     check_output_file(args.out, "--out", jsonl=True)
     task = task_with_options(TASKS[args.task], args)
     maker = {"sft": task.make, "preference": make_pairs, "prompts": make_prompts}[args.kind]
@@ -272,7 +278,3 @@ def _check_pairs_args(args) -> None:
         raise UserError(f"unknown task {args.task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
     if args.n < 2:
         raise UserError(f"--n must be at least 2 completions per prompt to make a pair, got {args.n}")
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0: greedy decoding gives --n equal completions")
-    if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit must be a positive number of prompts, got {args.limit}")
