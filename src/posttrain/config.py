@@ -53,7 +53,10 @@ class FieldError(ValueError):
 class _Section(BaseModel):
     # extra="forbid": an unknown key is an error, never silently ignored (a typo like `optim.l_r`).
     # use_attribute_docstrings: the docstring under each field is its description (shown by --help-config).
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: inf and nan are refused in every number field (optim.lr=inf trained into a NaN loss at
+    # step 2, blamed on the data; run.epochs=inf and a nan reward_fallback raised tracebacks).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -144,7 +147,19 @@ class TechniqueConfig(_Section):
     here: ~0.7 GB less peak memory for SmolLM2-135M at 8 x 140 tokens, and faster); the QLoRA paper used
     0.05-0.1 to regularise small datasets."""
     target_modules: str | list[str] = "all-linear"
-    """Modules that get adapters: `all-linear` (every linear layer but the LM head) or a list of names."""
+    """Modules that get adapters: `all-linear` (every linear layer but the LM head), a list of names, or one
+    regular expression that a module's full name must match (peft's reading of a string)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _a_pattern_compiles(cls, value):
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"a single name is read as a regular expression, and {value!r} is not one ({err}); "
+                                 "write a list of module names, e.g. [q_proj, v_proj]") from None  # fmt: skip
+        return value
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """QLoRA 4-bit data type."""
     double_quant: bool = True
@@ -460,7 +475,7 @@ def deepspeed_zero_stage() -> int | None:
 
 
 class RunSection(_Section):
-    output_dir: str = "runs/run"
+    output_dir: str = Field("runs/run", min_length=1)
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/."""
     max_steps: int | None = Field(None, gt=0)
     """Optimisation steps; if null, `epochs` decides."""
@@ -734,13 +749,20 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.lr=1e-4)")
     key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
+    path = key.strip().split(".")
+    if not key.strip():
         raise ConfigError(f"override {item!r} has an empty key")
+    if not all(path):
+        raise ConfigError(f"override {item!r}: the key {key.strip()!r} has an empty part; write section.field=value "
+                          "(e.g. optim.lr=1e-4)")  # fmt: skip
     # YAML parsing gives numbers, booleans, null and lists ([a, b]) their natural types.
     try:
         value = load_yaml(raw, f"override {item!r}", prefix=".".join(path)) if raw != "" else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as err:
+        if raw.lstrip().startswith(("[", "{")):  # a list or mapping cut short: never a plain string
+            mark = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not a complete YAML list or mapping ({mark}); "
+                              "e.g. technique.target_modules=[q_proj,v_proj]") from None  # fmt: skip
         value = raw
     # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean the number.
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
@@ -800,6 +822,8 @@ def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> d
     """A YAML run file as a nested dict (a key written twice is an error naming its lines). `lines`, when given,
     receives the line of each dotted key, for errors about the values (`format_validation_error`)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: a folder, not a run config file (a YAML file such as configs/sft_lora.yaml)")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
     try:
@@ -809,6 +833,8 @@ def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> d
         raise ConfigError(yaml_problem(err, str(p))) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to read; a run file is a mapping of sections") from None
     data = loaded or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, optim, ...)")

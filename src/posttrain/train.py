@@ -190,21 +190,26 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
             )
         return None  # nothing worth keeping yet (e.g. killed before the first checkpoint): start afresh
     saved = run_dir / "config.yaml"
-    if saved.exists():
-        try:
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError):
-            raise ConfigError(f"{saved}: unreadable; restore it or start a new run folder") from None
-        _check_saved_layout(saved, old)
-        changed = _config_changes(old, cfg)
-        if changed:
-            raise ConfigError(
-                f"--resume: the config differs from the one {run_dir} was started with: {'; '.join(changed)}. Only "
-                "run length, logging and checkpoint settings (e.g. run.max_steps) and the memory settings that keep "
-                "the math (optim.micro_batch_size, model.gradient_checkpointing, model.compile_memory_budget, "
-                "algorithm.rollout.generation_batch_size) may change when resuming; undo the change, or set "
-                "run.output_dir to a new folder to start another run."
-            )
+    if not saved.is_file():  # written before the first step: without it no change to the run can be checked
+        raise ConfigError(
+            f"--resume: {run_dir} has checkpoints but no config.yaml, so whether this config is the run's cannot be "
+            "checked (a changed setting would train on silently). Restore config.yaml, or set run.output_dir to "
+            "a new folder"
+        )
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(f"{saved}: unreadable; restore it or start a new run folder") from None
+    _check_saved_layout(saved, old)
+    changed = _config_changes(old, cfg)
+    if changed:
+        raise ConfigError(
+            f"--resume: the config differs from the one {run_dir} was started with: {'; '.join(changed)}. Only "
+            "run length, logging and checkpoint settings (e.g. run.max_steps) and the memory settings that keep "
+            "the math (optim.micro_batch_size, model.gradient_checkpointing, model.compile_memory_budget, "
+            "algorithm.rollout.generation_batch_size) may change when resuming; undo the change, or set "
+            "run.output_dir to a new folder to start another run."
+        )
     recorded = read_fingerprint(run_dir)
     if recorded is not None:
         check_same_data(run_dir, recorded, data_fingerprint(cfg))

@@ -105,6 +105,22 @@ def test_resume_names_each_changed_setting_with_its_old_and_new_value(make_cfg):
     assert "data.max_length: 64 -> 48; optim.lr: 0.01 -> 0.001. Only run length" in str(err.value)
 
 
+def test_resume_refuses_a_run_folder_whose_config_is_missing(make_cfg):
+    """Without config.yaml the change check was skipped: the run resumed with a new learning rate, silently (an
+    audit, nineteenth session). Refused, and the checkpoints are kept."""
+    import shutil
+
+    cfg = make_cfg(**{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "config.yaml").unlink()
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="has checkpoints but no config.yaml"):
+        train(make_cfg(**{"run.max_steps": 3, "optim.lr": 0.5}), resume=True)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == kept and kept
+
+
 def test_a_run_resumes_with_less_memory_and_ends_as_the_uninterrupted_run(make_cfg, tmp_path):
     """What a run that ran out of memory continues with (`trainer.loop`'s message): smaller micro-batches and
     gradient checkpointing may change on --resume (the same math: the loss is normalised over the whole step), and

@@ -225,3 +225,13 @@ def test_when_nothing_fits_the_advice_says_so_first():
     assert "$" not in text.split("Estimate:")[1].split("\n")[0]
     fitting = format_advice(advise(CASES[3][1], what_if=False))
     assert fitting.startswith("Recommendation: sft, technique lora") and "Does not fit" not in fitting
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", float("inf")])
+def test_a_count_that_is_not_finite_is_refused(value):
+    """`advise --demonstrations inf` raised OverflowError, nan a ValueError (an audit, nineteenth session)."""
+    from posttrain.advisor.profile import coerce
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match="demonstrations: must be a finite number"):
+        coerce("demonstrations", value, "--demonstrations")

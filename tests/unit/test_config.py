@@ -1,5 +1,6 @@
 """Run config: YAML round trip, dotted overrides, and clear errors before any model loads."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,30 @@ def test_a_bare_off_for_model_dropout_means_off(tmp_path):
     assert load_config(None, ["model.dropout=off"]).model.dropout == "off"
     with pytest.raises(ConfigError, match="model.dropout"):
         load_config(None, ["model.dropout=true"])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.lr=inf", "optim.lr: should be a finite number"),  # trained into a NaN loss at step 2, blamed on the data
+    ("optim.max_grad_norm=.inf", "optim.max_grad_norm: should be a finite number"),
+    ("run.epochs=inf", "run.epochs: should be a finite number"),  # OverflowError
+    ("algorithm.reward_fallback=nan", "algorithm.reward_fallback: should be a finite number"),  # AttributeError
+    ("run.output_dir=", "run.output_dir: String should have at least 1 character"),  # trained into the cwd
+    ("technique.target_modules=q_proj(", "technique.target_modules: a single name is read as a regular expression"),
+    ("technique.target_modules=[q_proj,", "the value is not a complete YAML list or mapping"),  # re.error before
+    ("optim..lr=1", "the key 'optim..lr' has an empty part"),  # trained with optim.lr=1
+    (".lr=1", "the key '.lr' has an empty part"),
+])  # fmt: skip
+def test_values_that_cannot_mean_anything_are_refused_before_anything_loads(override, says):
+    """Each was accepted, or raised a traceback, before (an audit, nineteenth session)."""
+    extra = ["algorithm.name=grpo", "algorithm.rewards=[task]"] if "reward_fallback" in override else []
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(None, [*extra, override])
+
+
+def test_a_folder_or_a_deeply_nested_file_as_the_run_config(tmp_path):
+    with pytest.raises(ConfigError, match="a folder, not a run config file"):
+        load_config(tmp_path)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="nested too deeply to read"):
+        load_config(deep)

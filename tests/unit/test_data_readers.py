@@ -173,3 +173,12 @@ def test_a_csv_margin_cell_is_read_as_a_number(tmp_path):
     f.write_text("prompt,chosen,rejected,margin\nq,a,b,1.5\nq,a,b,\nq,a,b,lots\nq,a,b, 2e1 \nq,a,b,1_000\nq,a,b,infinity\n")
     # a JSON number only: float() would also read "1_000" and "infinity"
     assert [r.data.get("margin") for r in read_records(f)] == [1.5, None, "lots", 20.0, "1_000", "infinity"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_nested_too_deeply_is_a_data_error(tmp_path, suffix):
+    """100k nested brackets raised RecursionError from json's parser (an audit, nineteenth session)."""
+    f = tmp_path / f"deep{suffix}"
+    f.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="nested too deeply to read"):
+        read_records(f)

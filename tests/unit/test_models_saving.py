@@ -83,6 +83,33 @@ def test_merge_refuses_full_model(tmp_path, tiny_dir, tiny_tokenizer):
         merge_adapter(tmp_path / "full", tmp_path / "merged")
 
 
+def test_merge_refuses_an_output_that_would_lose_work(tmp_path, tiny_dir, tiny_tokenizer, monkeypatch):
+    """`merge RUN --out RUN/final` deleted the adapter it merged, and --out another run's final/ deleted that model
+    (any folder with posttrain_model.json was replaced; an audit, nineteenth session). Refused before anything
+    loads; an earlier merge is still replaced."""
+    from posttrain.models import saving
+
+    save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, tmp_path / "run" / "final")
+    save_model(_trained(tiny_dir, "full"), tiny_tokenizer, tmp_path / "other" / "final")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    kept = sorted(p.name for p in (tmp_path / "run" / "final").iterdir())
+    loads = []
+    monkeypatch.setattr(saving, "_load_base_and_adapter", lambda *a, **k: loads.append(a))
+    for out, says in ((tmp_path / "run" / "final", "is the adapter being merged"),
+                      (tmp_path / "run", "holds the adapter being merged"),
+                      (tmp_path / "run" / "final" / "merged", "is inside the adapter being merged"),
+                      (tmp_path / "other" / "final", "exists and is not an earlier merge"),
+                      (tmp_path / "notes", "exists and is not an earlier merge")):  # fmt: skip
+        with pytest.raises(UserError, match=says):
+            merge_adapter(tmp_path / "run", out)
+    assert loads == [] and sorted(p.name for p in (tmp_path / "run" / "final").iterdir()) == kept
+    assert (tmp_path / "other" / "final" / "model.safetensors").is_file() and (tmp_path / "notes" / "keep.txt").is_file()
+    monkeypatch.undo()
+    merge_adapter(tmp_path / "run", tmp_path / "merged")
+    assert read_info(merge_adapter(tmp_path / "run", tmp_path / "merged"))["technique"] == "merged"  # replaced
+
+
 def test_load_trained_missing(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
         load_trained(tmp_path / "nope")

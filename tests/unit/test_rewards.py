@@ -367,6 +367,11 @@ def test_user_file_that_fails_to_import(tmp_path):
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(ConfigError, match=r"\[0\]: importing .* failed: ModuleNotFoundError"):
         parse_reward_specs([f"{tmp_path / 'broken.py'}:f"])
+    # a script that exits when imported (sys.exit, or argparse reading posttrain's own arguments) ended the run
+    # with its exit code and no message (an audit, nineteenth session)
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(ConfigError, match=r"\[0\]: importing .*script.py' failed: SystemExit: 3"):
+        parse_reward_specs([f"{tmp_path / 'script.py'}:f"])
     (tmp_path / "args.py").write_text(USER_FILE)
     with pytest.raises(
         ConfigError, match=r"bad args for .*args.py:scaled': no parameter named nope; accepted: factor"

@@ -9,6 +9,7 @@ assumed for each.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def coerce(key: str, value, where: str):
                 raise UserError(bad + f"must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(bad + f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(bad + f"must be a finite number, got {value!r}")
         if value < 0 or (value == 0 and key in ("gpus", "gpu_memory_gb", "seq_len", "avg_tokens")):
             raise UserError(
                 bad + f"must be {'positive' if key in ('gpus', 'seq_len') else 'non-negative'}, got {value!r}"

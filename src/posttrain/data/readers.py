@@ -139,6 +139,9 @@ def _read_jsonl(raw: bytes, name: str) -> tuple[list[Record], list[Problem]]:
         except json.JSONDecodeError as err:
             problems.append(Problem(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
             continue
+        except RecursionError:  # json's parser recurses per level: ~100k nested brackets
+            problems.append(Problem(name, i, None, "malformed JSON: nested too deeply to read"))
+            continue
         if twice:
             problems.append(Problem(name, i, twice[0], _twice(twice[0])))
             continue
@@ -174,6 +177,8 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         top = json.loads(text, object_pairs_hook=functools.partial(_noting_twice, twice))
     except json.JSONDecodeError as err:
         _fail(name, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno)
+    except RecursionError:
+        _fail(name, "malformed JSON: nested too deeply to read", None)
     duplicate = twice[0] if twice else None
     shape = 'a JSON list of objects, or an object {"data": [...]} or {"rows": [...]}'
     if isinstance(top, dict):

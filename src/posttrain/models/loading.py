@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -330,10 +331,11 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+_LOAD_ERRORS = (OSError, ValueError, SafetensorError, struct.error, EOFError)
 """What transformers raises for a model folder it cannot read: missing or unreadable files (OSError), a tokenizer
 without its files or an unknown `model_type` in config.json (ValueError), a malformed config.json (json's decode
-error is a ValueError), a cut or corrupt safetensors file (SafetensorError)."""
+error is a ValueError), a cut or corrupt safetensors file (SafetensorError), a cut GGUF file (the gguf reader's
+struct.error or EOFError)."""
 
 
 def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:

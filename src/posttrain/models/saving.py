@@ -162,6 +162,20 @@ def head_kind(folder: str | Path) -> str | None:
     return info.get("kind", "reward")  # as `heads.load_scalar_model` reads a head without its info file
 
 
+def _check_merge_output(folder: Path, out: Path) -> None:
+    """Refuse, before anything loads, an output folder whose replacement would lose work: the adapter itself, a
+    folder holding it or inside it, and any non-empty folder but an earlier merge (which a merge replaces)."""
+    source, target = folder.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        where = "is" if target == source else "holds" if target in source.parents else "is inside"
+        raise UserError(f"--out {out} {where} the adapter being merged ({folder}); choose a new output folder.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        earlier = out.is_dir() and (out / INFO_FILE).is_file() and read_info(out).get("technique") == "merged"
+        if not earlier:
+            raise UserError(f"--out {out} exists and is not an earlier merge (only those are replaced); choose an empty "
+                            "or new output folder. Nothing was written.")  # fmt: skip
+
+
 def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base (W + alpha/r * B A) and save a standalone safetensors model + tokenizer.
 
@@ -181,6 +195,8 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     info = read_info(folder)
     if info["kind"] != "adapter":
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
+    out = Path(out_dir)
+    _check_merge_output(folder, out)
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
     merged = model.merge_and_unload()
     merged.posttrain_info = {
@@ -191,9 +207,6 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     head = head_kind(folder)
     if head == "value":
         merged.posttrain_info["dropped_head"] = "value"
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
-        raise UserError(f"{out} exists and is not a saved model; choose an empty or new output folder.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

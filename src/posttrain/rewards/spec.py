@@ -158,7 +158,7 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
         sys.modules[mod_name] = module  # dataclasses and pickling look modules up here
         try:
             loader_spec.loader.exec_module(module)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a script that exits or parses sys.argv when imported
             del sys.modules[mod_name]
             raise ConfigError(f"{where}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from None
     if not hasattr(module, func):

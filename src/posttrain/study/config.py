@@ -29,7 +29,7 @@ ARM_NAMES = ("sft-more", "sft-diverse", "grpo", "dpo-onpolicy", "sft-self", "grp
 
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, never ignored; field docstrings document each setting.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class TaskSettings(_Section):
