@@ -168,14 +168,35 @@ def _check_saved_layout(saved: Path, old: dict) -> None:
         ) from None
 
 
+# What a run writes into its folder (`report.IMAGE_DIR`, `trainer.fingerprint.FILE`, the metrics, the samples of
+# an RL run): a folder that holds any of them, and is not a run to resume, is somebody else's.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "data_fingerprint.json", "samples.jsonl", "report.md", "report.html",
+             "report_files", "checkpoints", "final", "tensorboard")  # fmt: skip
+_MODEL_FILES = ("posttrain_model.json", "adapter_config.json", "config.json")
+
+
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (or None), after refusing anything that would overwrite a run."""
+    """The checkpoint to resume from (or None), after refusing anything that would overwrite a run, a saved
+    model, or files of the run's own names that no run wrote (a user's report.md)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(
             f"run.output_dir {run_dir} exists and is not a folder; choose another run.output_dir"
         )
     ckpt = latest_checkpoint(run_dir)
     started = ckpt is not None or (run_dir / "final").exists() or (run_dir / "config.yaml").exists()
+    if not started and run_dir.is_dir():
+        model = [n for n in _MODEL_FILES if (run_dir / n).is_file()]
+        if model:
+            raise ConfigError(
+                f"run.output_dir {run_dir} holds a saved model ({model[0]}), which a run there would overwrite; "
+                "to train from it set model.name to it, and choose another run.output_dir. Nothing was changed."
+            )
+        clash = [n for n in RUN_FILES if (run_dir / n).exists()]
+        if clash:
+            raise ConfigError(
+                f"run.output_dir {run_dir} is not a run but holds {', '.join(clash)}, which a run there would "
+                "overwrite; choose another run.output_dir. Nothing was changed."
+            )
     if started and not resume:
         what = f"latest checkpoint: {ckpt.name}" if ckpt else "a config.yaml or final/ model"
         raise ConfigError(

@@ -245,6 +245,27 @@ def test_rows_longer_than_the_models_context_are_refused_before_the_run_folder(c
     assert code == 0 and "3 of 4 rows are longer than max_length=512 tokens and were truncated" in out + err
 
 
+def test_a_folder_that_is_no_run_but_holds_its_files_or_a_model_is_not_trained_into(capsys, tiny_model_dir, sft_file,
+                                                                                    tmp_path):  # fmt: skip
+    """A user's own report.md and metrics.jsonl were replaced by a run's, and a run into an adapter's folder
+    replaced the adapter (an audit, nineteenth session). Other files are no reason to refuse."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    (mine / "metrics.jsonl").write_text("{}\n")
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, mine))
+    assert code == 2 and f"run.output_dir {mine} is not a run but holds metrics.jsonl, report.md" in err
+    assert (mine / "report.md").read_text() == "my notes" and not (mine / "config.yaml").exists()
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, tiny_model_dir))
+    assert code == 2 and f"run.output_dir {tiny_model_dir} holds a saved model (config.json)" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("kept")
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, other))
+    assert code == 0, err
+    assert (other / "notes.txt").read_text() == "kept" and (other / "final").is_dir()
+
+
 def test_rope_scaling_extends_the_context_the_rows_are_checked_against(capsys, tiny_model_dir, tmp_path):
     """YaRN x2 over the tiny Llama's 512 trained positions (`rope_parameters` naming the original length, as
     Qwen2.5's long-context config does) places 1024: the ~700-token rows refused above train whole, and a row
