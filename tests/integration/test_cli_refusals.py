@@ -159,6 +159,11 @@ def test_a_run_folder_without_final_says_so(capsys, tiny_model_dir, sft_file, tm
 
 def test_data_make_says_it_replaced_a_file(capsys, tmp_path):
     out_file = tmp_path / "rows.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "q", "answer": 1}\n')
+    code, out, err = run(capsys, "evaluate", "--task", "arithmetic", "--data", str(prompts), "--out", str(prompts))
+    assert code == 2 and f"--out {prompts}: is the file --data reads, which writing would replace" in err
+    assert prompts.read_text() == '{"prompt": "q", "answer": 1}\n'
     code, out, err = run(capsys, "data", "make", "arithmetic", "--n", "0", "--out", str(out_file))
     assert code == 2 and "posttrain data make: error: argument --n: must be a whole number > 0, got 0" in err
     assert run(capsys, "data", "make", "arithmetic", "--n", "3", "--out", str(out_file))[0] == 0

@@ -56,6 +56,20 @@ def test_write_config_is_loadable_by_train(profile_file, tmp_path, capsys):
     assert cfg.technique.name == "lora" and cfg.algorithm.name == "sft"
 
 
+def test_write_config_replaces_only_what_advise_wrote(profile_file, tmp_path, capsys):
+    """--write-config over the user's own run config replaced it, saying only "wrote" (an audit, nineteenth
+    session); a config an earlier advise wrote is replaced."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("optim:\n  lr: 0.1\n", encoding="utf-8")
+    rc, out, err = run_cli(["--profile", str(profile_file), "--write-config", str(mine)], capsys)
+    assert rc == 2 and f"--write-config: {mine} exists and was not written by posttrain advise" in err
+    assert mine.read_text(encoding="utf-8") == "optim:\n  lr: 0.1\n"
+    target = tmp_path / "sft.yaml"
+    for _ in range(2):
+        rc, out, _ = run_cli(["--profile", str(profile_file), "--write-config", str(target)], capsys)
+        assert rc == 0 and f"wrote {target}" in out
+
+
 def test_write_config_writes_every_stage(tmp_path, capsys):
     argv = [
         "--demonstrations",

@@ -70,12 +70,30 @@ def _profile(args: argparse.Namespace) -> Profile:
     return check_profile(Profile(**{**kept, **given}), "the profile (file, answers and flags)")
 
 
+_HEADER = "# posttrain advise: "
+
+
+def _written_by_advise(target: Path) -> bool:
+    try:
+        with target.open(encoding="utf-8") as f:
+            return f.readline().startswith(_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _write_configs(advice, path: str) -> list[str]:
+    """Each stage's config, the first at `path`, the later ones beside it. A file there already is replaced only
+    when an earlier `advise` wrote it (its first line): a run config of the user's is never overwritten."""
     first = Path(path)
+    targets = [first if i == 0 else first.with_name(f"{first.stem}-{i + 1}-{stage['stage']}{first.suffix}")
+               for i, stage in enumerate(advice.configs)]  # fmt: skip
+    for target in targets:
+        if target.exists() and not _written_by_advise(target):
+            raise UserError(f"--write-config: {target} exists and was not written by posttrain advise, so it is not "
+                            "replaced; choose another file or remove it. Nothing was written.")  # fmt: skip
     written = []
-    for i, stage in enumerate(advice.configs):
-        target = first if i == 0 else first.with_name(f"{first.stem}-{i + 1}-{stage['stage']}{first.suffix}")
-        header = f"# posttrain advise: stage {i + 1} of {len(advice.configs)} ({stage['stage']})\n"
+    for i, (stage, target) in enumerate(zip(advice.configs, targets, strict=True)):
+        header = f"{_HEADER}stage {i + 1} of {len(advice.configs)} ({stage['stage']})\n"
         if stage["note"]:
             header += f"# {stage['note']}\n"
         try:

@@ -231,7 +231,7 @@ def pairs(args) -> Output:
     )
 
     _check_pairs_args(args)
-    check_output_file(args.out, "--out", jsonl=True)
+    check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})
     rows = load_rows(args.prompts, "prompts")[: args.limit]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)

@@ -88,7 +88,8 @@ def run(args) -> Output:
     """Answers to --n prompts, scored by the verifier (a task's, or rewards), and by a judge if given."""
     from posttrain.evaluation import answer_records, format_table, generate_answers, load_for_inference
 
-    check_output_file(args.out, "--out")  # before the answers are made, not after
+    # before the answers are made, not after
+    check_output_file(args.out, "--out", inputs={"--data": args.data, "--pairs": args.pairs})
     _check_pairs_only_flags(args)
     if args.pairs is not None:
         if args.task is not None or args.reward or args.data is not None:

@@ -144,9 +144,10 @@ def _number(text: str) -> float:
     return value
 
 
-def check_output_file(path: str | None, flag: str, *, jsonl: bool = False) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file; and,
-    with `jsonl` (a data file that is read back by its extension), a name that does not end in `.jsonl`.
+def check_output_file(path: str | None, flag: str, *, jsonl: bool = False, inputs: dict | None = None) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, or a path under a file; one
+    of the command's `inputs` (flag -> path), which writing would replace; and, with `jsonl` (a data file that is
+    read back by its extension), a name that does not end in `.jsonl`.
 
     >>> check_output_file("/", "--out")
     Traceback (most recent call last):
@@ -162,6 +163,10 @@ def check_output_file(path: str | None, flag: str, *, jsonl: bool = False) -> No
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file path (e.g. {p / 'answers.jsonl'})")
+    for given, source in (inputs or {}).items():
+        if source is not None and p.exists() and Path(source).exists() and p.resolve() == Path(source).resolve():
+            raise UserError(f"{flag} {path}: is the file {given} reads, which writing would replace; choose "
+                            "another output file")  # fmt: skip
     if jsonl and p.suffix.lower() != ".jsonl":
         raise UserError(f"{flag} {path}: this command writes JSON Lines, and data files are read by their "
                         f"extension: name it {p.with_suffix('.jsonl')}")  # fmt: skip
