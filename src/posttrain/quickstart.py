@@ -106,6 +106,7 @@ def run_quickstart(
                 "--output-dir"
             )
         shutil.rmtree(run_dir)
+    refuse_foreign_folder(run_dir, _is_quickstart_folder, "quickstart")
     task = TASKS[recipe.task]
     clock = _StageClock()
     with clock("data"):
@@ -218,6 +219,19 @@ def _write_results(report: dict, run_dir: Path, n_eval: int, example_prompt: str
     page = report_or_warning(run_dir)  # again, now with results.json: the before/after table is in it
     if page is not None:
         print(f"report:  {page}")
+
+
+def refuse_foreign_folder(run_dir: Path, ours, what: str) -> None:
+    """Refuse, before anything is written, an --output-dir that is a file, or a folder that `ours` does not take
+    for a `what` run folder (another run's, or the user's: the quickstart wrote its data and base scores there,
+    then failed at its --resume check). A folder holding only the data folder is a run stopped as it began."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir}: is a file; give a folder (a new one, or an earlier {what} run's)")
+    if not ours(run_dir) and {p.name for p in run_dir.iterdir()} != {"data"}:
+        raise UserError(f"--output-dir {run_dir}: not an earlier {what} run folder (it holds files a {what} run "
+                        "does not write), so nothing is written there; pick another --output-dir")  # fmt: skip
 
 
 def _is_quickstart_folder(path: Path) -> bool:

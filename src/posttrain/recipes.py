@@ -39,7 +39,13 @@ from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
 from posttrain.evaluation.preference import preference_accuracy
 from posttrain.models import load_model, load_tokenizer
-from posttrain.quickstart import _stage, format_before_after, read_recipe, recipe_config
+from posttrain.quickstart import (
+    _stage,
+    format_before_after,
+    read_recipe,
+    recipe_config,
+    refuse_foreign_folder,
+)
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
@@ -133,6 +139,7 @@ def run_recipe(
             raise UserError(f"--fresh would delete {run_dir}, which does not look like a quickstart {method} run "
                             "folder; remove it yourself or pick another --output-dir")  # fmt: skip
         shutil.rmtree(run_dir)
+    refuse_foreign_folder(run_dir, _is_recipe_folder, f"quickstart {method}")
     started = time.perf_counter()
     _stage(f"data: arithmetic, one operation, amounts up to 10 -> {run_dir}/data")
     files = _make_data(method, recipe, run_dir / "data", n_heldout)

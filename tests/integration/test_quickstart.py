@@ -33,3 +33,26 @@ def test_quickstart_times_its_stages_and_scores_the_base_model_once(tiny_model_d
     assert "scoring the base model" not in printed
     assert again["before"] == report["before"] and again["after"] == report["after"]
     assert _is_quickstart_folder(out)  # --fresh may delete it: everything in it is the quickstart's
+
+
+def test_quickstart_writes_nothing_into_a_file_or_another_runs_folder(tiny_model_dir, tmp_path):
+    """--output-dir a file was a NotADirectoryError; another run's folder got the quickstart's data and base scores
+    before its --resume check failed (an audit, nineteenth session). Both refused before anything is written."""
+    import pytest
+
+    from posttrain.errors import UserError
+    from posttrain.recipes import run_recipe
+
+    afile = tmp_path / "rows.jsonl"
+    afile.write_text("{}\n")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        run_quickstart(str(afile), steps=1, n_eval=2, model=str(tiny_model_dir))
+    other = tmp_path / "other-run"
+    other.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "notes.txt"):
+        (other / name).write_text("x")
+    for call in (lambda: run_quickstart(str(other), steps=1, n_eval=2, model=str(tiny_model_dir)),
+                 lambda: run_recipe("dpo", str(other), steps=1, model=str(tiny_model_dir))):  # fmt: skip
+        with pytest.raises(UserError, match="not an earlier quickstart.* run folder"):
+            call()
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "metrics.jsonl", "notes.txt"]
