@@ -112,6 +112,14 @@ def test_generate_refuses_settings_it_cannot_use(capsys, lora_run, flags, says):
     (["evaluate", "--task", "arithmetic", "--n", "0"], "evaluate", "argument --n: must be a whole number > 0, got 0"),
     (["evaluate", "--pairs", "p.jsonl", "--beta", "-0.1"], "evaluate", "argument --beta: must be > 0, got -0.1"),
     (["evaluate", "--task", "arithmetic", "--bogus"], "evaluate", "unrecognized arguments: --bogus"),
+    # inf and nan were accepted (an audit, nineteenth session: --judge-threshold nan scored every answer wrong)
+    (["diagnose", "--task", "arithmetic", "--judge-threshold", "nan"], "diagnose",
+     "argument --judge-threshold: must be a finite number, got nan"),
+    (["diagnose", "--task", "arithmetic", "--temperature", "inf"], "diagnose",
+     "argument --temperature: must be a finite number, got inf"),
+    (["estimate", "--model", "7b", "--gpu-memory-gb", "inf"], "estimate",
+     "argument --gpu-memory-gb: must be a finite number, got inf"),
+    (["estimate", "--model", "7b", "--mfu", "1.5"], "estimate", "argument --mfu: must be in (0, 1], got 1.5"),
     (["data", "validate"], "data validate", "the following arguments are required: file"),
     (["data", "pairs", "--prompts", "p.jsonl", "--out", "x.jsonl", "--temperature", "0"], "data pairs",
      "argument --temperature: must be > 0, got 0"),
@@ -131,9 +139,16 @@ def test_a_command_line_mistake_under_json_is_a_failure_document(capsys, argv, c
 
 
 def test_a_usage_error_of_a_command_without_documents_is_argparse_s_report(capsys):
+    """estimate and advise print their own JSON, and since the nineteenth session their failures as the
+    envelope's failure documents (before: nothing on stdout, so json.loads(stdout) failed)."""
     code, out, err = run(capsys, "estimate", "--json", "--model")
-    assert code == 2 and out == "" and err.startswith("usage: posttrain estimate")
+    assert code == 2 and err.startswith("usage: posttrain estimate")
     assert "posttrain estimate: error: argument --model: expected one argument" in err
+    assert json.loads(out)["error"] == {"kind": "user", "message": "argument --model: expected one argument"}
+    code, out, err = run(capsys, "advise", "--json", "--demonstrations", "inf")
+    assert code == 2 and json.loads(out)["command"] == "advise" and "must be a finite number" in err
+    code, out, err = run(capsys, "estimate", "--model")
+    assert code == 2 and out == ""
     code, out, err = run(capsys, "--bogus")
     assert code == 2 and out == "" and "posttrain: error: unrecognized arguments: --bogus" in err
 

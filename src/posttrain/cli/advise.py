@@ -19,7 +19,8 @@ import yaml
 from posttrain.advisor.core import advise
 from posttrain.advisor.profile import KEYS, Profile, ask, check_profile, coerce, load_profile
 from posttrain.cli.estimate import format_duration
-from posttrain.errors import EXIT_OK, EXIT_USER, UserError
+from posttrain.cli.output import print_failure
+from posttrain.errors import EXIT_OK, UserError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     keys = p.add_argument_group("profile keys (override --profile)")
     for key in KEYS:
         keys.add_argument(f"--{key.name.replace('_', '-')}", dest=f"key_{key.name}", metavar=key.kind.upper(), help=key.question)  # fmt: skip
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fails_as_document=True)
     return p
 
 
@@ -160,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
         advice = advise(_profile(args), data=args.data)
         written = _write_configs(advice, args.write_config) if args.write_config else []
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER
+        return print_failure("advise", args, err)
     if args.json:
         print(json.dumps(advice.to_dict(), indent=2))
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows, task_with_options
-from posttrain.cli.output import Output, add_json, json_document, quiet_libraries, settings
+from posttrain.cli.output import Output, add_json, json_document, number, quiet_libraries, settings
 from posttrain.errors import UserError
 
 NO_VERIFIER = (
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     verifier.add_argument("--reward", action="append", help="reward functions as the verifier (with --prompts): "
                           "a built-in, path/to/file.py:function or JSON; repeatable (weighted sum); right when > 0")  # fmt: skip
     verifier.add_argument("--judge", help="a trained reward model folder as the verifier (with --prompts)")
-    d.add_argument("--judge-threshold", type=float, default=DEFAULTS["judge_threshold"], help="with --judge: right when the score is above "
+    d.add_argument("--judge-threshold", type=number, default=DEFAULTS["judge_threshold"], help="with --judge: right when the score is above "
                    "this (default 0)")  # fmt: skip
     d.add_argument("--prompts", help="evaluation prompts (a `prompt` per row, an `id`, and the `answer` or columns "
                    "the verifier reads)")  # fmt: skip
@@ -51,17 +51,17 @@ def add_parser(sub) -> None:
     d.add_argument("--perturbations", help="with --task: the task's variants to make, comma-separated (arithmetic: "
                    "paraphrase,noop,names,reorder,numbers; default all)")  # fmt: skip
     d.add_argument("--samples", type=int, default=8, help="samples per prompt for pass@k (0: no headroom probe)")
-    d.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="sampling temperature for pass@k (default 1.0)")
+    d.add_argument("--temperature", type=number, default=DEFAULTS["temperature"], help="sampling temperature for pass@k (default 1.0)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
     d.add_argument("--sft-data", help="SFT training data: near-duplicate prompts with different responses, wrong "
                    "demonstrations (rows the verifier can check)")  # fmt: skip
-    d.add_argument("--dup-threshold", type=float, default=DEFAULTS["dup_threshold"], help="word-set Jaccard at which two prompts with "
+    d.add_argument("--dup-threshold", type=number, default=DEFAULTS["dup_threshold"], help="word-set Jaccard at which two prompts with "
                    "the same numbers are near-duplicates (default 0.8)")  # fmt: skip
     d.add_argument("--pairs", help="preference pairs: how often the model already ranks chosen above rejected")
     d.add_argument("--reference", default=DEFAULTS["reference"], help="with --pairs: a reference model to rank them too (default: the adapter "
                    "disabled for an adapter, else none)")  # fmt: skip
-    d.add_argument("--beta", type=float, default=DEFAULTS["beta"], help="with --pairs and a reference: DPO beta")
+    d.add_argument("--beta", type=number, default=DEFAULTS["beta"], help="with --pairs and a reference: DPO beta")
     d.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="with --pairs: tokens per prompt + response")
     d.add_argument("--base", help="the base model: KL from it on the task, top-1 agreement on unrelated prompts")
     d.add_argument("--out", help="write the report here: report.html, report.md, report_files/, diagnosis.json")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from posttrain.errors import EXIT_OK, EXIT_USER, UserError
+from posttrain.cli.output import fraction, number, positive, print_failure
+from posttrain.errors import EXIT_OK, UserError
 from posttrain.estimator.core import Estimate, estimate_for
 from posttrain.estimator.hardware import USABLE_FRACTION, load_gpu_table
 from posttrain.estimator.inputs import (
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--table", action="store_true", help="the reality check: every method x technique for --model"
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fails_as_document=True)
     return p
 
 
@@ -76,7 +76,7 @@ def _setup_flags(a) -> None:
     a("--lora-rank", type=int, default=None, help="LoRA rank (default 16; lora, qlora and 8bit only)")
     a(
         "--lora-dropout",
-        type=float,
+        type=number,
         default=None,
         help="LoRA dropout (default 0; > 0 stores a copy of each adapted input)",
     )
@@ -94,7 +94,7 @@ def _rl_and_hardware_flags(a) -> None:
     )
     a("--tokens", type=_count, default=None, help="training tokens in total, e.g. 1e9 or 500M (default 1e8)")
     a("--gpu", default=None, help="GPU for time and cost (default: the smallest that fits)")
-    a("--gpu-memory-gb", type=float, default=None, help="a GPU known only by its memory")
+    a("--gpu-memory-gb", type=positive, default=None, help="a GPU known only by its memory")
     a("--gpu-table", default=None, metavar="FILE", help="YAML/JSON overriding or adding GPUs")
     a("--reference", default=None, help=f"DPO/PPO/GRPO reference: one of {', '.join(REFERENCES)}")
     a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO)")
@@ -102,7 +102,7 @@ def _rl_and_hardware_flags(a) -> None:
     a("--value-model", default=None, help="PPO critic size or name (default: the policy's), or 'head': a value "
       "head on the policy, as posttrain's ppo")  # fmt: skip
     a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
-    a("--mfu", type=float, default=0.40, help="assumed fraction of peak FLOP/s")
+    a("--mfu", type=fraction, default=0.40, help="assumed fraction of peak FLOP/s")
 
 
 _ONLY_FOR = {"lora_rank": ("technique", ("lora", "qlora", "8bit")), "lora_dropout": ("technique", ("lora", "qlora", "8bit")),
@@ -202,8 +202,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_OK
         e = estimate_for(inputs_from_args(args))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER
+        return print_failure("estimate", args, err)
     print(json.dumps(e.to_dict(), indent=2) if args.json else format_estimate(e))
     return EXIT_OK
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 
-from posttrain.errors import EXIT_OK, UserError
+from posttrain.errors import EXIT_OK, EXIT_USER, UserError
 
 SCHEMA_VERSION = 1
 """Version of the `--json` documents (docs/cli-json.md): raised when a key is removed or changes meaning; new
@@ -39,6 +40,15 @@ def add_json(parser: argparse.ArgumentParser) -> None:
         help="print one JSON document on stdout instead (docs/cli-json.md); progress and messages go to stderr",
     )  # fmt: skip
     parser.set_defaults(prints_document=True)
+
+
+def print_failure(command: str, args: argparse.Namespace, err: Exception) -> int:
+    """A user error of a command that prints its own JSON (`estimate`, `advise`): the paragraph on stderr, and
+    with --json the failure document on stdout, as every command's (docs/cli-json.md). Returns the exit code."""
+    print(f"error: {err}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json_document(command, Output(code=EXIT_USER, error={"kind": "user", "message": str(err)})))
+    return EXIT_USER
 
 
 def settings(args: argparse.Namespace, *names: str) -> dict:
@@ -126,12 +136,34 @@ def _bounded(ok, wants: str):
     return parse
 
 
+number = _bounded(lambda v: True, "a number")
+"""argparse type: any finite number (inf and nan are refused); the command checks the range."""
 positive = _bounded(lambda v: v > 0, "> 0")
 """argparse type: a positive number (e.g. a DPO beta)."""
 temperature = _bounded(lambda v: v >= 0, ">= 0 (0: greedy)")
 """argparse type: a sampling temperature."""
 top_p = _bounded(lambda v: 0 < v <= 1, "in (0, 1] (1: no nucleus cut)")
 """argparse type: a nucleus-sampling mass."""
+fraction = _bounded(lambda v: 0 < v <= 1, "in (0, 1]")
+"""argparse type: a share of something, above 0 and at most 1 (a GPU memory share, an MFU)."""
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 (a free one) to 65535.
+
+    >>> port("8000")
+    8000
+    >>> port("99999")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be a port number from 0 to 65535, got 99999
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
 
 
 def _number(text: str) -> float:

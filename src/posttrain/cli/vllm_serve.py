@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from posttrain.cli.output import fraction, port, positive_int
 from posttrain.errors import EXIT_OK
 
 
@@ -18,10 +19,10 @@ def add_parser(sub) -> None:
     s.add_argument("--model", default="smollm2-135m-instruct",
                    help="the run's model.name: embedded name, local Hugging Face folder or hub id")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
-    s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    s.add_argument("--port", type=port, default=8000, help="port to listen on (0: a free one)")
+    s.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                    help="share of the GPU's memory vLLM takes for weights and KV cache")  # fmt: skip
-    s.add_argument("--max-model-len", type=int, default=None,
+    s.add_argument("--max-model-len", type=positive_int, default=None,
                    help="longest prompt + completion (default: the model's)")  # fmt: skip
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=run, loads_models=True)
