@@ -286,6 +286,21 @@ def test_a_folder_that_is_no_run_but_holds_its_files_or_a_model_is_not_trained_i
     assert (other / "notes.txt").read_text() == "kept" and (other / "final").is_dir()
 
 
+def test_answers_the_task_verifier_cannot_read_are_refused_before_the_model_loads(capsys, tmp_path):
+    """`"answer": "five"` under --task arithmetic raised ValueError after every answer was generated, in evaluate,
+    data pairs and diagnose (an audit, nineteenth session). The model path does not exist: the refusal comes first."""
+    rows = tmp_path / "p.jsonl"
+    rows.write_text('{"prompt": "q", "answer": 3}\n{"prompt": "r", "answer": "five"}\n')
+    nothing = str(tmp_path / "no-model")
+    for argv in (["evaluate", "--model", nothing, "--task", "arithmetic", "--data", str(rows)],
+                 ["data", "pairs", "--model", nothing, "--task", "arithmetic", "--prompts", str(rows), "--out",
+                  str(tmp_path / "pairs.jsonl")],
+                 ["diagnose", "--model", nothing, "--task", "arithmetic", "--prompts", str(rows)]):  # fmt: skip
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{rows}:2: answer: 'five' is not a number; --task arithmetic compares answers with it" in err, err
+
+
 def test_rope_scaling_extends_the_context_the_rows_are_checked_against(capsys, tiny_model_dir, tmp_path):
     """YaRN x2 over the tiny Llama's 512 trained positions (`rope_parameters` naming the original length, as
     Qwen2.5's long-context config does) places 1024: the ~700-token rows refused above train whole, and a row

@@ -57,3 +57,18 @@ def test_a_task_reward_names_rows_whose_task_it_cannot_find():
     assert problems[2].startswith("p.jsonl:4: task: unknown task 'nope'")
     assert problems[3].startswith("p.jsonl:5: metadata.task: reward 'task' (algorithm.rewards[0]) has no args.task")
     assert len(problems) == 4
+
+
+def test_a_gold_answer_the_task_verifier_cannot_read_is_named():
+    """The `task` reward raised inside the verifier on "five" under arithmetic and on a text under structured:
+    every such sample got the fallback (an audit, nineteenth session). Named, with the row's task."""
+    record = {"name": "Ann Lee", "birth_date": "1990-03-05", "role": "chef", "languages": ["dutch"], "remote": True}
+    rows = [{"prompt": "a", "answer": "five", "task": "arithmetic"}, {"prompt": "b", "answer": 5, "task": "arithmetic"},
+            {"prompt": "c", "answer": "Ann", "task": "structured"}, {"prompt": "d", "answer": record,
+                                                                     "task": "structured"}]  # fmt: skip
+    problems = _problems("task", rows)
+    assert [p.split(": ", 2)[:2] for p in problems] == [["p.jsonl:1", "answer"], ["p.jsonl:3", "answer"]]
+    assert "'five' is not a number; reward 'task'" in problems[0] and "task arithmetic" in problems[0]
+    assert "must be a record with the fields name, birth_date" in problems[1]
+    fixed = _problems({"name": "task", "args": {"task": "arithmetic"}}, [{"prompt": "a", "answer": "x"}])
+    assert len(fixed) == 1 and "'x' is not a number" in fixed[0]

@@ -161,7 +161,22 @@ def task_or_file_rows(args, path, flag: str) -> list[dict]:
     given = [opt for f, opt in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
     if given:
         raise UserError(f"{', '.join(given)} shape the rows made by --task; with {flag} the rows come from {path}")
-    return load_rows(path, "prompts")[: args.n]
+    rows = load_rows(path, "prompts")[: args.n]
+    check_task_answers(args, rows, path)
+    return rows
+
+
+def check_task_answers(args, rows: list[dict], path) -> None:
+    """Refuse, before any model loads, rows whose `answer` the --task's verifier cannot compare with (it raised
+    after every answer was generated: `"answer": "five"` under --task arithmetic)."""
+    from posttrain.data import TASKS
+    from posttrain.data.tasks import answer_problems
+
+    task = TASKS.get(getattr(args, "task", None) or "")
+    if task is not None:
+        problems = answer_problems(task, rows, str(path), f"--task {task.name}")
+        if problems:
+            raise DataError(problems, header=f"{path}: --task {task.name} cannot score these rows:")
 
 
 def validate(args) -> Output:
@@ -234,6 +249,7 @@ def pairs(args) -> Output:
     check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})
     rows = load_rows(args.prompts, "prompts")[: args.limit]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
+    check_task_answers(args, rows, args.prompts)
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)
     out = Path(args.out)
     done = written_ids(out)

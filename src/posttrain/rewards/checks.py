@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from posttrain.data.tasks import TASKS
+from posttrain.data.tasks import TASKS, answer_problems
 from posttrain.errors import ConfigError, DataError, Problem
 from posttrain.models.heads import reward_model_problem
 from posttrain.rewards.builtin import readable_number
@@ -47,6 +47,8 @@ def check_reward_inputs(specs, rows, source: str) -> None:
                     problems.append(Problem(source, getattr(row, "line", None), column, f"{why}; {reader}"))
         if spec.name == "task" and spec.args.get("task") is None:
             problems.extend(_task_problems(spec, rows, source))
+        elif spec.name == "task" and spec.args["task"] in TASKS:
+            problems.extend(answer_problems(TASKS[spec.args["task"]], rows, source, f"reward {spec.label!r} ({spec.where})"))
     if problems:
         raise DataError(problems, header=f"{source}: the rewards cannot score these rows:")
 
@@ -92,4 +94,6 @@ def _task_problems(spec, rows, source: str) -> list[Problem]:
         elif not isinstance(name, str) or name not in TASKS:
             out.append(Problem(source, line, field, f"unknown task {name!r} for reward {spec.label!r} ({spec.where}); "
                                                     f"built-in tasks: {', '.join(sorted(TASKS))}"))  # fmt: skip
+        else:  # the task's verifier must be able to read the row's gold answer
+            out.extend(answer_problems(TASKS[name], [row], source, f"reward {spec.label!r} ({spec.where}, task {name})"))
     return out

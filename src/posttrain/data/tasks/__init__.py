@@ -39,6 +39,8 @@ class Task(Protocol):
 
     def verify(self, completion: str, answer: Any) -> dict[str, bool | float]: ...
 
+    def answer_problem(self, answer: Any) -> str | None: ...
+
     def score(self, completion: str, answer: Any) -> float: ...
 
     def rejected(self, row: dict, kind: str, rng: random.Random) -> str: ...
@@ -55,6 +57,15 @@ class Perturbable(Protocol):
 
 
 TASKS: dict[str, Task] = {"arithmetic": Arithmetic(), "structured": Structured()}
+
+
+def answer_problems(task: Task, rows: list[dict], source: str, reader: str) -> list:
+    """A `Problem` for each row whose `answer` the task's verifier cannot compare with (rows without one are the
+    caller's to name); `reader` says what compares (e.g. "--task arithmetic")."""
+    from posttrain.errors import Problem
+
+    return [Problem(source, getattr(row, "line", None), "answer", f"{why}; {reader} compares answers with it")
+            for row in rows if "answer" in row and (why := task.answer_problem(row["answer"]))]  # fmt: skip
 
 
 def _task(task: str | Task) -> Task:

@@ -17,6 +17,7 @@ before the last step).
 
 from __future__ import annotations
 
+import math
 import operator
 import random
 import re
@@ -246,6 +247,20 @@ class Arithmetic:
                 "metadata": {"task": self.name, "split": split, "n_ops": len(steps)},
             })  # fmt: skip
         return rows
+
+    def answer_problem(self, answer) -> str | None:
+        """Why `verify` cannot compare with `answer` (None when it can): a finite number, or a text of one.
+
+        >>> Arithmetic().answer_problem("1,234"), Arithmetic().answer_problem("five")
+        (None, "'five' is not a number")
+        """
+        if isinstance(answer, bool) or not isinstance(answer, int | float | str):
+            return f"must be a number, got {type(answer).__name__} {answer!r}"
+        try:
+            value = float(str(answer).replace(",", ""))
+        except ValueError:
+            return f"{answer!r} is not a number"
+        return None if math.isfinite(value) else f"{answer!r} is not a finite number"
 
     def verify(self, completion: str, answer: float | int | str) -> dict[str, bool]:
         """``correct`` (numerically equal), ``formatted`` (a marked answer), ``has_number``.

@@ -189,6 +189,17 @@ class Structured:
             })  # fmt: skip
         return rows
 
+    def answer_problem(self, answer) -> str | None:
+        """Why `verify` cannot compare with `answer` (None when it can): a record of the task's schema.
+
+        >>> Structured().answer_problem("Ann")
+        "must be a record with the fields name, birth_date, role, languages, remote (the task's schema), got str 'Ann'"
+        """
+        if isinstance(answer, dict) and _VALIDATOR.is_valid(answer):
+            return None
+        return (f"must be a record with the fields {', '.join(FIELDS)} (the task's schema), got "
+                f"{type(answer).__name__} {answer!r}"[:300])  # fmt: skip
+
     def verify(self, completion: str, answer: dict) -> dict[str, bool]:
         """``json_valid``, ``schema_match``, ``exact`` and ``field_<name>`` for each field.
 
