@@ -59,8 +59,10 @@ from posttrain.rollout.source import RolloutSource, plan_rollouts
 from posttrain.trainer.batches import ExampleBatchSource, WithReference
 from posttrain.trainer.checkpoint import (
     check_resumable,
+    checkpoint_problem,
     deepspeed_universal,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     resumes_universal,
     resuming_on,
@@ -210,6 +212,11 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
                 "set run.output_dir to a new folder to train again"
             )
         return None  # nothing worth keeping yet (e.g. killed before the first checkpoint): start afresh
+    if (why := checkpoint_problem(ckpt)) is not None:
+        earlier = list_checkpoints(run_dir)[-2:-1]
+        back = f"the one before ({earlier[0].name})" if earlier else "the start"
+        raise ConfigError(f"--resume: checkpoint {ckpt} is damaged: {why}. Remove that folder to resume from {back}, or "
+                          "set run.output_dir to a new folder; nothing was changed.")  # fmt: skip
     saved = run_dir / "config.yaml"
     if not saved.is_file():  # written before the first step: without it no change to the run can be checked
         raise ConfigError(

@@ -121,6 +121,30 @@ def test_resume_refuses_a_run_folder_whose_config_is_missing(make_cfg):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == kept and kept
 
 
+@pytest.mark.parametrize("damage, says", [
+    (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    (lambda c: (c / "trainer_state.json").write_text('{"step": "x"}'), "trainer_state.json is unreadable"),
+    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt is cut short"),
+    (lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:300]),
+     "trainable.safetensors is cut short or corrupt"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_named_before_the_model_loads(make_cfg, damage, says):
+    """Each was a traceback (FileNotFoundError, ValueError, SafetensorError, RuntimeError: an audit, nineteenth
+    session). The message names the checkpoint and the one a resume would fall back to."""
+    import shutil
+
+    cfg = make_cfg(**{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    shutil.rmtree(run_dir / "final")
+    damage(run_dir / "checkpoints" / "step-000002")
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(**{"run.max_steps": 3}), resume=True)
+    assert (f"--resume: checkpoint {run_dir / 'checkpoints' / 'step-000002'} is damaged: {says}" in str(err.value)
+            and "Remove that folder to resume from the one before (step-000001)" in str(err.value))  # fmt: skip
+
+
 def test_a_run_resumes_with_less_memory_and_ends_as_the_uninterrupted_run(make_cfg, tmp_path):
     """What a run that ran out of memory continues with (`trainer.loop`'s message): smaller micro-batches and
     gradient checkpointing may change on --resume (the same math: the loss is normalised over the whole step), and

@@ -54,6 +54,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,38 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes checkpoint `path` unreadable, found from its files alone before any model loads (None: nothing
+    found): `save_checkpoint` writes a checkpoint whole or not at all, so this is damage from outside (a file
+    deleted, a disk that failed). A file's contents are checked as far as that is cheap: the state's JSON, the
+    safetensors header against the file's size, and the zip directory torch.save writes at a file's end."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return "trainer_state.json is unreadable or holds no step"
+    pickles = ["scheduler.pt"]
+    if not (path / DEEPSPEED).is_dir() and not (path / SHARDS).is_dir():
+        pickles.append("optimizer.pt")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path / "trainable.safetensors"), framework="pt"):
+                pass
+        except FileNotFoundError:
+            return "trainable.safetensors is missing"
+        except Exception:  # noqa: BLE001 - safetensors' own error types: cut or corrupt
+            return "trainable.safetensors is cut short or corrupt"
+    for name in pickles:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if not zipfile.is_zipfile(path / name):
+            return f"{name} is cut short or corrupt"
+    return None
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
