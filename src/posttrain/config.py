@@ -216,7 +216,7 @@ class RolloutSection(_Section):
     """`engine: vllm-server`: the address `posttrain vllm-serve` printed, `http://HOST:PORT` (required)."""
     vllm_server_timeout: float = Field(300.0, gt=0)
     """`engine: vllm-server`: seconds to wait at the start of training for the server to answer (it may still be
-    loading its model); then the run stops with what to check."""
+    loading its model); then the run stops with what to check. Finite (.inf is refused): 1e9 waits as long."""
     batch_size: int | None = Field(None, gt=0)
     """Completions sampled per rollout (over all processes). Default: `optim.batch_size`."""
     epochs: int = Field(1, gt=0)
@@ -321,6 +321,14 @@ SEVERAL_STEPS = When(
     ("algorithm.rollout.epochs", "algorithm.rollout.batch_size", "optim.batch_size"),
     advice="With one step per rollout the policy that sampled is the one trained, so the importance ratio is "
     "exactly 1 and no clip binds.",
+)
+# PPO's old log-probs and values come from a forward of their own, in eval mode: with the model's dropout kept in
+# training (model.dropout), the first step's ratio and values differ from them, and the clips act.
+SEVERAL_STEPS_OR_DROPOUT = When(
+    lambda cfg: SEVERAL_STEPS.test(cfg) or cfg.keeps_model_dropout(),
+    f"{SEVERAL_STEPS.text}, or the model's dropout is kept in training (model.dropout)",
+    (*SEVERAL_STEPS.fields, "model.dropout"),
+    advice=SEVERAL_STEPS.advice,
 )
 
 
@@ -759,7 +767,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw, f"override {item!r}", prefix=".".join(path)) if raw != "" else ""
     except yaml.YAMLError as err:
-        if raw.lstrip().startswith(("[", "{")):  # a list or mapping cut short: never a plain string
+        # a list or mapping cut short (its brackets unbalanced), never a plain string; `[qv]_proj` is a pattern
+        if raw.lstrip().startswith(("[", "{")) and (raw.count("[") != raw.count("]") or raw.count("{") != raw.count("}")):
             mark = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"override {item!r}: the value is not a complete YAML list or mapping ({mark}); "
                               "e.g. technique.target_modules=[q_proj,v_proj]") from None  # fmt: skip

@@ -39,6 +39,7 @@ from posttrain.models.adapters import unmergeable
 from posttrain.report import report_or_warning
 from posttrain.train import train
 from posttrain.trainer.checkpoint import latest_checkpoint
+from posttrain.trainer.runlock import LOCK_FILE
 from posttrain.trainer.summary import peak_memory_gb
 
 
@@ -229,14 +230,25 @@ def refuse_foreign_folder(run_dir: Path, ours, what: str) -> None:
         return
     if not run_dir.is_dir():
         raise UserError(f"--output-dir {run_dir}: is a file; give a folder (a new one, or an earlier {what} run's)")
-    if not ours(run_dir) and {p.name for p in run_dir.iterdir()} != {"data"}:
+    if not ours(run_dir) and {p.name for p in run_dir.iterdir() if not leftover(p.name)} != {"data"}:
         raise UserError(f"--output-dir {run_dir}: not an earlier {what} run folder (it holds files a {what} run "
                         "does not write), so nothing is written there; pick another --output-dir")  # fmt: skip
 
 
+def leftover(name: str) -> bool:
+    """A file a killed run leaves at the top of its folder: the run lock (`trainer.runlock`, taken over by the next
+    run) and the temporary files it writes before renaming them into place (`.config.yaml.tmp`, ...).
+
+    >>> leftover(".posttrain.lock"), leftover(".report.md.tmp"), leftover(".git"), leftover("notes.tmp")
+    (True, True, False, False)
+    """
+    return name == LOCK_FILE or (name.startswith(".") and ".tmp" in name)
+
+
 def _is_quickstart_folder(path: Path) -> bool:
-    """An empty folder, or one a previous quickstart made (its data file and nothing foreign at the top)."""
-    entries = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
+    """An empty folder, or one a previous quickstart made (its data file and nothing foreign at the top; what a
+    killed run leaves, `leftover`, is its own)."""
+    entries = {p.name for p in path.iterdir() if not leftover(p.name)} if path.is_dir() else {"?"}
     ours = {
         "data",
         "eval_base.json",

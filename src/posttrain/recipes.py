@@ -42,6 +42,7 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.quickstart import (
     _stage,
     format_before_after,
+    leftover,
     read_recipe,
     recipe_config,
     refuse_foreign_folder,
@@ -202,7 +203,7 @@ def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
 
 
 def _is_recipe_folder(path: Path) -> bool:
-    entries = {p.name for p in path.iterdir()} if path.is_dir() else {"?"}
+    entries = {p.name for p in path.iterdir() if not leftover(p.name)} if path.is_dir() else {"?"}
     ours = {"data", "eval_base.json", "config.yaml", "data_fingerprint.json", "metrics.jsonl", "checkpoints", "final",
             ".tmp-final", "results.json", "results.md", "tensorboard", "reference_logps.pt", "samples.jsonl",
             "report.html", "report.md", "report_files"}  # fmt: skip

@@ -56,3 +56,14 @@ def test_quickstart_writes_nothing_into_a_file_or_another_runs_folder(tiny_model
         with pytest.raises(UserError, match="not an earlier quickstart.* run folder"):
             call()
     assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "metrics.jsonl", "notes.txt"]
+
+
+def test_a_quickstart_killed_mid_run_is_rerun_over_its_leftovers(tiny_model_dir, tmp_path):
+    """A run killed by SIGKILL leaves its lock file and temporary files: the folder is still the quickstart's
+    (a review, nineteenth session: the folder check refused it, so a killed quickstart could not resume)."""
+    out = tmp_path / "qs"
+    run_quickstart(str(out), steps=1, n_eval=2, model=str(tiny_model_dir))
+    (out / ".posttrain.lock").write_text("99999\n")
+    (out / ".report.md.tmp").write_text("")
+    again = run_quickstart(str(out), steps=1, n_eval=2, model=str(tiny_model_dir))
+    assert again["after"] is not None

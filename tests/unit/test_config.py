@@ -261,3 +261,8 @@ def test_a_folder_or_a_deeply_nested_file_as_the_run_config(tmp_path):
     deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="nested too deeply to read"):
         load_config(deep)
+
+
+def test_a_target_modules_pattern_with_brackets_is_a_string():
+    """`[qv]_proj` is a regular expression, not a list cut short (only unbalanced brackets are refused)."""
+    assert load_config(None, ["technique.target_modules=[qv]_proj"]).technique.target_modules == "[qv]_proj"

@@ -214,3 +214,15 @@ def test_help_config_says_which_runs_read_each_field(capsys):
     assert "data.packing = False\n" in out and "read by: only when algorithm.name is sft\n" in out
     assert "read by: only when algorithm.name is ppo (when algorithm.vf_coef is not 0.0) or reward\n" in out
     assert out.count("    read by: ") == len(describe_fields(RunConfig))
+
+
+def test_the_clips_act_where_a_forward_of_their_own_keeps_dropout_apart():
+    """PPO takes its old log-probs and values from an eval-mode forward, as RLOO does at beta > 0: with the
+    model's dropout kept in training the first step's ratio is not 1, so one step per rollout is no reason to
+    refuse the clips there (a review, nineteenth session). GRPO's ratio comes from the trained forward itself."""
+    keep = {"model.dropout": "keep"}
+    assert _load("algorithm.clip_eps", 0.1, {**PPO, **keep}).algorithm.clip_eps == 0.1
+    assert _load("algorithm.clip_eps_value", 0.1, {**PPO, **keep}).algorithm.clip_eps_value == 0.1
+    assert _load("algorithm.clip_eps", 0.1, {**RLOO, **keep, "algorithm.beta": 0.05}).algorithm.clip_eps == 0.1
+    _assert_refused("algorithm.clip_eps", 0.1, {**RLOO, **keep, "algorithm.beta": 0.0})
+    _assert_refused("algorithm.clip_eps", 0.1, {**GRPO, **keep})

@@ -25,7 +25,7 @@ from pydantic import Field
 from posttrain.algorithms import rl
 from posttrain.algorithms.base import Algorithm, RolloutContext, Rollouts, ScoredRollout, sequence_tensors
 from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
-from posttrain.config import SEVERAL_STEPS, RLSection
+from posttrain.config import SEVERAL_STEPS_OR_DROPOUT, RLSection
 from posttrain.config_rules import When, is_, is_not
 from posttrain.models.heads import language_model
 from posttrain.models.logprobs import (
@@ -60,7 +60,7 @@ class Config(RLSection):
     clip_eps: float = Field(0.2, gt=0, lt=1)
     """Policy ratio clip."""
     clip_eps_value: float = Field(0.2, gt=0)
-    """Value clip around the rollout's values."""
+    """Value clip around the rollout's values. Finite (.inf is refused): 1e9 turns the clip off."""
     vf_coef: float = Field(0.1, ge=0)
     """Weight of the value loss."""
     whiten_advantages: bool = True
@@ -71,8 +71,8 @@ class Config(RLSection):
     run_rules: ClassVar[dict[str, When]] = {"optim.head_lr": is_not("algorithm.vf_coef", 0.0)}
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
-        "clip_eps": SEVERAL_STEPS,
-        "clip_eps_value": (SEVERAL_STEPS & is_not("algorithm.vf_coef", 0.0)).because(
+        "clip_eps": SEVERAL_STEPS_OR_DROPOUT,
+        "clip_eps_value": (SEVERAL_STEPS_OR_DROPOUT & is_not("algorithm.vf_coef", 0.0)).because(
             "The values are clipped around the rollout's own, which only a second step on the same rollout moves "
             "away from, and only while vf_coef trains the value head."
         ),

@@ -70,7 +70,12 @@ class Config(RLSection):
     run_fields: ClassVar[frozenset[str]] = frozenset({"data.share_prompt"})
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
-        "clip_eps": SEVERAL_STEPS,
+        # at beta > 0 the old log-probs come from a forward of their own (the KL term's), where kept dropout differs
+        "clip_eps": When(
+            lambda cfg: SEVERAL_STEPS.test(cfg) or (cfg.algorithm.beta > 0 and cfg.keeps_model_dropout()),
+            f"{SEVERAL_STEPS.text}, or algorithm.beta is above 0 with the model's dropout kept (model.dropout)",
+            (*SEVERAL_STEPS.fields, "algorithm.beta", "model.dropout"), advice=SEVERAL_STEPS.advice,
+        ),
         "skip_zero_advantage": is_("algorithm.beta", 0.0).because(
             "With beta > 0 the KL penalty is in every completion's reward, so no advantage is exactly 0 by design."
         ),

@@ -529,16 +529,20 @@ def describe_trainable(model) -> tuple[int, int]:
     return trainable, total
 
 
-_EXTENDING_ROPE = ("linear", "dynamic", "yarn", "longrope", "llama3")
+# Rotary scalings that stretch the positions a model was trained on past `original_max_position_embeddings` by
+# `factor`. Llama 3's and LongRoPE's are not among them: their `max_position_embeddings` is the context the model
+# was trained to (Llama 3.2: factor 32 over 8192 would claim 262144 of its 131072).
+_EXTENDING_ROPE = ("linear", "dynamic", "yarn")
 
 
 def context_length(config) -> int | None:
     """The most positions a model's config says it places: `max_position_embeddings` (GPT-2's `n_positions`), or
     more where its rotary scaling extends that (`rope_parameters`, before transformers 5 `rope_scaling`: linear,
-    dynamic NTK, YaRN, LongRoPE and Llama 3 stretch the trained positions by `factor` over
-    `original_max_position_embeddings`, e.g. Qwen2.5's YaRN 4 x 32768). Only where the config names that
-    original length: without it (Gemma 3's linear 8 over its 131072) `max_position_embeddings` may already count
-    the stretch, so it stands. None when the config names no limit.
+    dynamic NTK and YaRN stretch the trained positions by `factor` over `original_max_position_embeddings`, e.g.
+    Qwen2.5's YaRN 4 x 32768), as transformers computes the rotary angles: where the config names no original
+    length transformers 5 takes `max_position_embeddings` for it (YaRN), or (linear: Gemma 3's 8 over its 131072)
+    `max_position_embeddings` may already count the stretch, so it stands. Llama 3's and LongRoPE's scalings keep
+    `max_position_embeddings`. None when the config names no limit.
 
     >>> from types import SimpleNamespace as C
     >>> context_length(C(max_position_embeddings=2048)), context_length(C(n_positions=1024)), context_length(C())
@@ -546,7 +550,7 @@ def context_length(config) -> int | None:
     >>> context_length(C(max_position_embeddings=32768, rope_parameters={"rope_type": "yarn", "factor": 4.0,
     ...                                                                 "original_max_position_embeddings": 32768}))
     131072
-    >>> context_length(C(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+    >>> context_length(C(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "factor": 32.0,
     ...                                                               "original_max_position_embeddings": 8192}))
     131072
     >>> context_length(C(max_position_embeddings=2048, rope_scaling={"type": "linear", "factor": 2.0}))

@@ -170,7 +170,10 @@ def _check_merge_output(folder: Path, out: Path) -> None:
         where = "is" if target == source else "holds" if target in source.parents else "is inside"
         raise UserError(f"--out {out} {where} the adapter being merged ({folder}); choose a new output folder.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        earlier = out.is_dir() and (out / INFO_FILE).is_file() and read_info(out).get("technique") == "merged"
+        try:
+            earlier = out.is_dir() and (out / INFO_FILE).is_file() and read_info(out).get("technique") == "merged"
+        except (OSError, ValueError):  # a posttrain_model.json that does not read: not known to be a merge
+            earlier = False
         if not earlier:
             raise UserError(f"--out {out} exists and is not an earlier merge (only those are replaced); choose an empty "
                             "or new output folder. Nothing was written.")  # fmt: skip
