@@ -177,6 +177,15 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "data_fingerprint.json", "samples.j
 _MODEL_FILES = ("posttrain_model.json", "adapter_config.json", "config.json")
 
 
+def _check_data_files(cfg: RunConfig) -> None:
+    """A data file that is not there, named with the field and the config line or override that set it (the
+    reader, later, knows the path alone): `run.yaml:14: data.train: data/x.jsonl: file not found`."""
+    for field, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if path and not Path(path).exists():
+            relative = "" if Path(path).is_absolute() else f" (a relative path is read from {Path.cwd()})"
+            raise ConfigError(f"{cfg.locate(field)}: {path}: file not found{relative}")
+
+
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (or None), after refusing anything that would overwrite a run, a saved
     model, or files of the run's own names that no run wrote (a user's report.md)."""
@@ -294,6 +303,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     from accelerate.utils import set_seed  # after the hub mode settled (`train`)
 
     run_dir = Path(cfg.run.output_dir)
+    _check_data_files(cfg)
     ckpt = _check_run_dir(cfg, run_dir, resume)
     _check_packages(cfg)
     accelerator = _accelerator(cfg)

@@ -301,6 +301,16 @@ def test_answers_the_task_verifier_cannot_read_are_refused_before_the_model_load
         assert f"{rows}:2: answer: 'five' is not a number; --task arithmetic compares answers with it" in err, err
 
 
+def test_a_missing_data_file_is_named_with_its_field_and_line(capsys, tiny_model_dir, tmp_path):
+    """`train configs/sft_lora.yaml` from another folder said only `data/structured_train.jsonl: file not found`
+    (an audit, nineteenth session): now with the field, its line and where a relative path is read from."""
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: data/missing.jsonl\n", encoding="utf-8")
+    code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={tmp_path / 'run'}")
+    assert code == 2 and f"{run_file}:4: data.train: data/missing.jsonl: file not found (a relative path is read " in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_rope_scaling_extends_the_context_the_rows_are_checked_against(capsys, tiny_model_dir, tmp_path):
     """YaRN x2 over the tiny Llama's 512 trained positions (`rope_parameters` naming the original length, as
     Qwen2.5's long-context config does) places 1024: the ~700-token rows refused above train whole, and a row

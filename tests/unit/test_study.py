@@ -190,6 +190,11 @@ def test_the_random_reward_ignores_the_answer():
      "string as a number (got 'abc')"),
     (["evaluation.ks=[1, 16]"], "each k in 1..evaluation.samples"),
     (["noise=[0.0, 1.0]"], "noise must list distinct shares in [0, 1)"),
+    # the study writes these over the fragments: they were accepted and replaced (an audit, nineteenth session)
+    (["runs.common.model.name=elsewhere"], "runs.common.model.name: the study sets it itself (from the setting's "
+     "model), so a value here would be replaced; remove it"),
+    (["runs.sft.run.max_steps=5"], "runs.sft.run.max_steps: the study sets it itself (from the budget)"),
+    (["runs.grpo.data.train=x.jsonl"], "runs.grpo.data.train: the study sets it itself"),
 ])  # fmt: skip
 def test_bad_settings_name_the_field(overrides, says):
     with pytest.raises(ConfigError, match=re.escape(says)):

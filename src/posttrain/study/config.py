@@ -125,6 +125,16 @@ class StatsSettings(_Section):
     """Bootstrap resamples."""
 
 
+STUDY_SETS = {
+    "model": {"name": "from the setting's model"},
+    "data": {"train": "each arm's own data"},
+    "run": {"output_dir": "each arm's folder under the study's", "seed": "from the setting's seeds",
+            "max_steps": "from the budget", "save_every": "from the budget's checkpoints",
+            "keep_checkpoints": "as the arms need them", "progress": "off", "report": "off"},
+}
+"""The run settings `study.arms.run_config` fills in for every training, with where each comes from."""
+
+
 class RunFragments(_Section):
     """Run-config fragments (posttrain train's sections) every training is built from: `common`, then the kind's.
     The study fills in the model, data file, run folder, steps, checkpoints and seed."""
@@ -134,6 +144,18 @@ class RunFragments(_Section):
     sft: dict = {}
     grpo: dict = {}
     dpo: dict = {}
+
+    @model_validator(mode="after")
+    def _not_what_the_study_sets(self) -> RunFragments:
+        # `study.arms.run_config` writes these over the fragments: a value given here would be replaced silently
+        for kind in ("common", "warm", "sft", "grpo", "dpo"):
+            for section, fields in STUDY_SETS.items():
+                given = getattr(self, kind).get(section)
+                for name in fields if isinstance(given, dict) else ():
+                    if name in given:
+                        raise ValueError(f"runs.{kind}.{section}.{name}: the study sets it itself ({fields[name]}), "
+                                         "so a value here would be replaced; remove it")  # fmt: skip
+        return self
 
 
 class StudyConfig(_Section):
