@@ -297,6 +297,20 @@ def test_config_json_path(tmp_path):
     assert arch.exact_params == ARCHITECTURES["smollm2-135m"].exact_params == 134_515_008
 
 
+@pytest.mark.parametrize("key, value", [("num_attention_heads", 0), ("vocab_size", None),
+                                        ("intermediate_size", 1e400), ("num_hidden_layers", -2),
+                                        ("hidden_size", 57.5), ("num_key_value_heads", "three")])  # fmt: skip
+def test_a_config_json_shape_that_is_no_size_is_named(tmp_path, key, value):
+    """0 heads divided by zero, a null vocabulary was a TypeError, 1e400 an OverflowError and -2 layers gave
+    negative parameters (an audit, nineteenth session)."""
+    cfg = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+               intermediate_size=1536, vocab_size=49152)  # fmt: skip
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=f"config.json: {key} must be a whole number above 0"):
+        resolve_model(str(tmp_path))
+
+
 def test_aliases_and_hub_names():
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")[0].name == "smollm2-135m"
     assert resolve_model("meta-llama/Llama-3.1-8B-Instruct")[0].name == "llama-3-8b"

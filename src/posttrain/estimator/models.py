@@ -192,22 +192,26 @@ def _from_config_json(path: Path) -> Arch:
         raise UserError(f"{file}: cannot read a model config.json ({err})") from None
     cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model's shape
 
-    def need(key: str, default=None):
-        if key in cfg:
-            return cfg[key]
-        if default is not None:
-            return default
-        raise UserError(f"{file}: key {key!r} is missing; the estimator needs the model's shape from it")
+    def need(key: str, default=None) -> int:
+        # a shape: a whole number above 0 (0 heads divided by zero, a null vocabulary was a TypeError, -2 layers
+        # gave negative parameters)
+        value = cfg.get(key, default)
+        if key not in cfg and default is None:
+            raise UserError(f"{file}: key {key!r} is missing; the estimator needs the model's shape from it")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 1 \
+                or value > 1e12 or value != int(value):
+            raise UserError(f"{file}: {key} must be a whole number above 0 (a model's shape), got {value!r}")
+        return int(value)
 
-    heads = int(need("num_attention_heads"))
+    heads = need("num_attention_heads")
     return Arch(
         name=str(cfg.get("_name_or_path") or file.parent.name or file.stem),
-        hidden=int(need("hidden_size")),
-        layers=int(need("num_hidden_layers")),
+        hidden=need("hidden_size"),
+        layers=need("num_hidden_layers"),
         heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        intermediate=int(need("intermediate_size")),
-        vocab=int(need("vocab_size")),
+        kv_heads=need("num_key_value_heads", heads) if cfg.get("num_key_value_heads") is not None else heads,
+        intermediate=need("intermediate_size"),
+        vocab=need("vocab_size"),
         tied=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2"),
         hf_id=str(path),
