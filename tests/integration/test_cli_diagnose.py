@@ -83,6 +83,8 @@ def test_a_reward_file_and_the_users_perturbed_set(capsys, tiny_model_dir, tmp_p
     (["--task", "arithmetic", "--perturbations", "typos"], "--perturbations: unknown variant 'typos'"),
     (["--task", "arithmetic", "--samples", "2", "--temperature", "0"], "--temperature must be > 0"),
     (["--task", "structured", "--perturbations", "noop"], "--perturbations chooses the variants a built-in task"),
+    # a folder under a file failed only after every measurement (an audit, nineteenth session)
+    (["--task", "arithmetic", "--out", "{tmp}/bad.jsonl/report"], "bad.jsonl is a file, not a folder"),
 ])  # fmt: skip
 def test_bad_input_is_one_paragraph_before_any_model_loads(capsys, tmp_path, argv, says):
     _write(tmp_path / "bad.jsonl", [{"perturbs": "arithmetic-heldout-1-0", "kind": "x", "prompt": "p", "answer": 0},

@@ -166,6 +166,11 @@ def test_report_command_errors_are_one_paragraph(runs, tmp_path, capsys):
     shutil.copy(runs["sft"] / "config.yaml", empty / "config.yaml")
     (empty / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 2.0}\n{"step": 2, "lo', encoding="utf-8")
     cases["has no training records yet"] = [str(empty)]
+    damaged = tmp_path / "damaged-run"  # an audit, nineteenth session: "no training records yet" misled here
+    damaged.mkdir()
+    shutil.copy(runs["sft"] / "config.yaml", damaged / "config.yaml")
+    (damaged / "metrics.jsonl").write_bytes(b'\xff\xfe garbage\n{"step": "one", "loss": 1.0}\n')
+    cases["none of its records can be read (2 line(s) are not JSON records with a step"] = [str(damaged)]
     (tmp_path / "a-file").write_text("x")
     cases["cannot write the report into"] = [str(runs["sft"]), "--out", str(tmp_path / "a-file" / "sub")]
     for message, args in cases.items():

@@ -7,7 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows, task_with_options
-from posttrain.cli.output import Output, add_json, json_document, number, quiet_libraries, settings
+from posttrain.cli.output import (
+    Output,
+    add_json,
+    check_output_folder,
+    json_document,
+    number,
+    quiet_libraries,
+    settings,
+)
 from posttrain.errors import UserError
 
 NO_VERIFIER = (
@@ -92,8 +100,7 @@ def run(args) -> Output:
     pairs = load_rows(args.pairs, "preference") if args.pairs is not None else None
     if args.reference is not None and pairs is None:
         raise UserError("--reference ranks the --pairs; give --pairs FILE too, or leave --reference out")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} exists and is not a folder; give a folder for the report")
+    check_output_folder(args.out, "--out")  # a file, or a path under one: refused before the measurements run
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model)
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None

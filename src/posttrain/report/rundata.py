@@ -110,8 +110,15 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
         )
     notes: list[str] = []
     records, bad = read_jsonl(metrics) if metrics.is_file() else ([], 0)
+    read = len(records)
     records = [r for r in records if _finite(r.get("step"))]
     if not any("loss" in r for r in records):
+        unreadable = bad + read - len(records)
+        if unreadable and not records:  # lines there, none usable: a damaged file, not a run that has yet to log
+            raise UserError(
+                f"{metrics}: none of its records can be read ({unreadable} line(s) are not JSON records with a step, e.g. "
+                "a file that is not UTF-8 or was overwritten); restore it from the run, or train it again"
+            )
         raise UserError(
             f"{metrics} has no training records yet{'' if metrics.is_file() else ' (the file is missing)'}: the "
             "run has not logged a step. Wait for its first logged step (run.log_every), or train it: "
