@@ -322,14 +322,11 @@ SEVERAL_STEPS = When(
     advice="With one step per rollout the policy that sampled is the one trained, so the importance ratio is "
     "exactly 1 and no clip binds.",
 )
-# PPO's old log-probs and values come from a forward of their own, in eval mode: with the model's dropout kept in
-# training (model.dropout), the first step's ratio and values differ from them, and the clips act.
-SEVERAL_STEPS_OR_DROPOUT = When(
-    lambda cfg: SEVERAL_STEPS.test(cfg) or cfg.keeps_model_dropout(),
-    f"{SEVERAL_STEPS.text}, or the model's dropout is kept in training (model.dropout)",
-    (*SEVERAL_STEPS.fields, "model.dropout"),
-    advice=SEVERAL_STEPS.advice,
-)
+# Old log-probs (and PPO's values) that come from a forward of their own, in eval mode: with the model's dropout
+# kept in training (model.dropout), the first step's ratio and values differ from them, and the clips act.
+DROPOUT_KEPT = When(lambda cfg: cfg.keeps_model_dropout(), "the model's dropout is kept in training (model.dropout)",
+                    ("model.dropout",))  # fmt: skip
+SEVERAL_STEPS_OR_DROPOUT = (SEVERAL_STEPS | DROPOUT_KEPT).because(SEVERAL_STEPS.advice)
 
 
 class RLSection(AlgorithmSection):

@@ -67,6 +67,11 @@ class When:
             lambda cfg: self.test(cfg) and other.test(cfg), f"{self.text} and {other.text}", self.fields + other.fields
         )
 
+    def __or__(self, other: When) -> When:
+        return When(
+            lambda cfg: self.test(cfg) or other.test(cfg), f"{self.text}, or {other.text}", self.fields + other.fields
+        )
+
     def because(self, advice: str) -> When:
         return replace(self, advice=advice)
 

@@ -37,9 +37,8 @@ from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, wr
 from posttrain.models import load_model, load_tokenizer
 from posttrain.models.adapters import unmergeable
 from posttrain.report import report_or_warning
-from posttrain.train import train
+from posttrain.train import leftover, train
 from posttrain.trainer.checkpoint import latest_checkpoint
-from posttrain.trainer.runlock import LOCK_FILE
 from posttrain.trainer.summary import peak_memory_gb
 
 
@@ -235,16 +234,6 @@ def refuse_foreign_folder(run_dir: Path, ours, what: str) -> None:
                         "does not write), so nothing is written there; pick another --output-dir")  # fmt: skip
 
 
-def leftover(name: str) -> bool:
-    """A file a killed run leaves at the top of its folder: the run lock (`trainer.runlock`, taken over by the next
-    run) and the temporary files it writes before renaming them into place (`.config.yaml.tmp`, ...).
-
-    >>> leftover(".posttrain.lock"), leftover(".report.md.tmp"), leftover(".git"), leftover("notes.tmp")
-    (True, True, False, False)
-    """
-    return name == LOCK_FILE or (name.startswith(".") and ".tmp" in name)
-
-
 def _is_quickstart_folder(path: Path) -> bool:
     """An empty folder, or one a previous quickstart made (its data file and nothing foreign at the top; what a
     killed run leaves, `leftover`, is its own)."""
@@ -252,13 +241,11 @@ def _is_quickstart_folder(path: Path) -> bool:
     ours = {
         "data",
         "eval_base.json",
-        ".eval_base.json.tmp",
         "config.yaml",
         "data_fingerprint.json",
         "metrics.jsonl",
         "checkpoints",
         "final",
-        ".tmp-final",
         "results.json",
         "results.md",
         "tensorboard",

@@ -42,13 +42,12 @@ from posttrain.models import load_model, load_tokenizer
 from posttrain.quickstart import (
     _stage,
     format_before_after,
-    leftover,
     read_recipe,
     recipe_config,
     refuse_foreign_folder,
 )
 from posttrain.report import report_or_warning
-from posttrain.train import train
+from posttrain.train import RUN_FILES, leftover, train
 from posttrain.trainer.checkpoint import latest_checkpoint
 
 RECIPES = tuple(m for m in quickstart_methods() if m != "sft")
@@ -204,7 +203,5 @@ def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
 
 def _is_recipe_folder(path: Path) -> bool:
     entries = {p.name for p in path.iterdir() if not leftover(p.name)} if path.is_dir() else {"?"}
-    ours = {"data", "eval_base.json", "config.yaml", "data_fingerprint.json", "metrics.jsonl", "checkpoints", "final",
-            ".tmp-final", "results.json", "results.md", "tensorboard", "reference_logps.pt", "samples.jsonl",
-            "report.html", "report.md", "report_files"}  # fmt: skip
+    ours = {*RUN_FILES, "data", "eval_base.json", "results.json", "results.md", "reference_logps.pt"}
     return not entries or ((path / "data" / "heldout.jsonl").is_file() and entries <= ours)

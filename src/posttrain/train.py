@@ -53,6 +53,7 @@ from posttrain.models.loading import (
 )
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.reference import Reference
+from posttrain.models.saving import INFO_FILE
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard, zero3_inference
 from posttrain.report import report_or_warning
 from posttrain.rollout.source import RolloutSource, plan_rollouts
@@ -77,7 +78,7 @@ from posttrain.trainer.fingerprint import (
 from posttrain.trainer.launch import fsdp1_refusal, launch_notes
 from posttrain.trainer.loop import training_loop
 from posttrain.trainer.optim import build_optimizer, build_scheduler, lr_factor
-from posttrain.trainer.runlock import hold_run_dir, launch_rank, stale_note
+from posttrain.trainer.runlock import LOCK_FILE, hold_run_dir, launch_rank, stale_note
 from posttrain.trainer.summary import peak_memory_gb
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
@@ -174,7 +175,17 @@ def _check_saved_layout(saved: Path, old: dict) -> None:
 # an RL run): a folder that holds any of them, and is not a run to resume, is somebody else's.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "data_fingerprint.json", "samples.jsonl", "report.md", "report.html",
              "report_files", "checkpoints", "final", "tensorboard")  # fmt: skip
-_MODEL_FILES = ("posttrain_model.json", "adapter_config.json", "config.json")
+_MODEL_FILES = (INFO_FILE, "adapter_config.json", "config.json")
+
+
+def leftover(name: str) -> bool:
+    """A file a killed run leaves at the top of its folder: the run lock (`trainer.runlock`, taken over by the next
+    run) and the temporary files it writes before renaming them into place (`.config.yaml.tmp`, ...).
+
+    >>> leftover(".posttrain.lock"), leftover(".report.md.tmp"), leftover(".git"), leftover("notes.tmp")
+    (True, True, False, False)
+    """
+    return name == LOCK_FILE or (name.startswith(".") and ".tmp" in name)
 
 
 def _check_data_files(cfg: RunConfig) -> None:

@@ -40,8 +40,8 @@ from posttrain.algorithms.base import (
 )
 from posttrain.algorithms.common import LOGP_GAP, masked_mean, masked_sum
 from posttrain.algorithms.ppo import ppo_policy_loss
-from posttrain.config import SEVERAL_STEPS, RLSection
-from posttrain.config_rules import When, is_
+from posttrain.config import DROPOUT_KEPT, SEVERAL_STEPS, RLSection
+from posttrain.config_rules import When, is_, is_not
 from posttrain.models.logprobs import chunked_token_logps
 from posttrain.rewards.overlong import drop_from_loss
 
@@ -71,11 +71,7 @@ class Config(RLSection):
     rules: ClassVar[dict[str, When]] = {
         **RLSection.rules,
         # at beta > 0 the old log-probs come from a forward of their own (the KL term's), where kept dropout differs
-        "clip_eps": When(
-            lambda cfg: SEVERAL_STEPS.test(cfg) or (cfg.algorithm.beta > 0 and cfg.keeps_model_dropout()),
-            f"{SEVERAL_STEPS.text}, or algorithm.beta is above 0 with the model's dropout kept (model.dropout)",
-            (*SEVERAL_STEPS.fields, "algorithm.beta", "model.dropout"), advice=SEVERAL_STEPS.advice,
-        ),
+        "clip_eps": (SEVERAL_STEPS | (is_not("algorithm.beta", 0.0) & DROPOUT_KEPT)).because(SEVERAL_STEPS.advice),
         "skip_zero_advantage": is_("algorithm.beta", 0.0).because(
             "With beta > 0 the KL penalty is in every completion's reward, so no advantage is exactly 0 by design."
         ),

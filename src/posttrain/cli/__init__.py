@@ -85,16 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
     except UsageError as err:  # within a command's own flags: its parser knows whether it prints a document
         given = sys.argv[1:] if argv is None else argv
-        prints = err.parser.get_default("prints_document") or err.parser.get_default("fails_as_document")
-        document = bool(prints) and "--json" in given
+        document = bool(err.parser.get_default("fails_as_document")) and "--json" in given
         return _usage_error(err.parser, err.message, err.parser.prog.removeprefix(f"{PROG} ") if document else None)
     if extra and getattr(args, "command", None) == "train" and all("=" in a and not a.startswith("-") for a in extra):
         # `train RUN.yaml --resume run.max_steps=3`: argparse ends the positional overrides at the first flag;
         # key=value words after one are overrides too, in the order given
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        prints = getattr(args, "prints_document", False) or getattr(args, "fails_as_document", False)
-        document = prints and args.json
+        document = getattr(args, "fails_as_document", False) and args.json
         return _usage_error(parser, f"unrecognized arguments: {' '.join(extra)}",
                             _command_name(args) if document else None)  # fmt: skip
     if not getattr(args, "func", None):

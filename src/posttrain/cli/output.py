@@ -34,12 +34,13 @@ class Output:
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
-    """Give a command `--json`: `main` then prints its `Output` as a document (`json_document`)."""
+    """Give a command `--json`: `main` then prints its `Output` as a document (`json_document`), a usage mistake
+    included (`fails_as_document`, which `estimate` and `advise`, printing their own JSON, set alone)."""
     parser.add_argument(
         "--json", action="store_true",
         help="print one JSON document on stdout instead (docs/cli-json.md); progress and messages go to stderr",
     )  # fmt: skip
-    parser.set_defaults(prints_document=True)
+    parser.set_defaults(prints_document=True, fails_as_document=True)
 
 
 def print_failure(command: str, args: argparse.Namespace, err: Exception) -> int:

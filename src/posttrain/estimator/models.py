@@ -195,8 +195,10 @@ def _from_config_json(path: Path) -> Arch:
     def need(key: str, default=None) -> int:
         # a shape: a whole number above 0 (0 heads divided by zero, a null vocabulary was a TypeError, -2 layers
         # gave negative parameters)
-        value = cfg.get(key, default)
-        if key not in cfg and default is None:
+        value = cfg.get(key)
+        if value is None and default is not None:  # absent or null: the default (grouped-query heads: all heads)
+            value = default
+        elif key not in cfg:
             raise UserError(f"{file}: key {key!r} is missing; the estimator needs the model's shape from it")
         if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 1 \
                 or value > 1e12 or value != int(value):
@@ -209,7 +211,7 @@ def _from_config_json(path: Path) -> Arch:
         hidden=need("hidden_size"),
         layers=need("num_hidden_layers"),
         heads=heads,
-        kv_heads=need("num_key_value_heads", heads) if cfg.get("num_key_value_heads") is not None else heads,
+        kv_heads=need("num_key_value_heads", heads),
         intermediate=need("intermediate_size"),
         vocab=need("vocab_size"),
         tied=bool(cfg.get("tie_word_embeddings", False)),

@@ -203,6 +203,11 @@ def _slip(steps: list[tuple[int, str, int]], rng: random.Random) -> list[tuple[i
     return run
 
 
+def _gold(answer: float | int | str) -> float:
+    """A row's gold answer as the verifier reads it (`1,234` included); ValueError when it is no number."""
+    return float(str(answer).replace(",", ""))
+
+
 @dataclass(frozen=True)
 class Arithmetic:
     """Word problems; `min_ops`/`max_ops` operations, amounts up to `max_value`."""
@@ -257,7 +262,7 @@ class Arithmetic:
         if isinstance(answer, bool) or not isinstance(answer, int | float | str):
             return f"must be a number, got {type(answer).__name__} {answer!r}"
         try:
-            value = float(str(answer).replace(",", ""))
+            value = _gold(answer)
         except ValueError:
             return f"{answer!r} is not a number"
         return None if math.isfinite(value) else f"{answer!r} is not a finite number"
@@ -271,7 +276,7 @@ class Arithmetic:
         {'correct': False, 'formatted': False, 'has_number': True}
         """
         got, marked = extract_answer(completion)
-        want = float(str(answer).replace(",", ""))
+        want = _gold(answer)
         correct = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
         return {"correct": correct, "formatted": marked, "has_number": got is not None}
 
