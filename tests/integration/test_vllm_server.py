@@ -201,3 +201,29 @@ def test_vllm_serve_builds_vllm_from_the_resolved_model_and_serves_it(tiny_model
     err = capsys.readouterr().err
     assert f"serving {tiny_model_dir} at http://127.0.0.1:" in err
     assert "algorithm.rollout.engine=vllm-server algorithm.rollout.vllm_server_url=http://127.0.0.1:" in err
+
+
+def test_vllm_serve_on_a_taken_port_is_refused_before_vllm_loads(tiny_model_dir, fake_vllm, monkeypatch, capsys):
+    """vLLM takes minutes to load: a port another server holds is named first, and vLLM is never built; a failed
+    vLLM load frees the port it had bound."""
+    built = []
+    monkeypatch.setattr(vllm_server, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_server, "ColocatedVLLM", lambda path, **kw: built.append(path) or fake_vllm())
+    taken = GenerationServer(fake_vllm(), port=0)
+    try:
+        port = taken.url.rsplit(":", 1)[1]
+        assert main(["vllm-serve", "--model", str(tiny_model_dir), "--port", port]) == 2
+    finally:
+        taken.close()
+    assert built == []
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in err and "give another --port, or --port 0" in err
+
+    def fails(path, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(vllm_server, "ColocatedVLLM", fails)
+    port = free_port()
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        vllm_server.serve(str(tiny_model_dir), port=port)
+    GenerationServer(fake_vllm(), port=port).close()  # the port is free again

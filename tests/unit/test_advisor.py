@@ -162,7 +162,7 @@ def test_missing_keys_are_stated_assumptions():
     "profile, fragment",
     [
         ({"task": "anything"}, "states no data"),
-        ({"prompts": 5000}, "prompts alone need a reward"),
+        ({"prompts": 5000}, "Prompts alone need a reward (set verifiable: true"),
         ({"demonstrations": -3}, "demonstrations: must be non-negative"),
         ({"demonstration": 30}, "unknown profile key (did you mean demonstrations"),
         ({"demonstrations": 10, "gpu": "A1000"}, "unknown GPU"),

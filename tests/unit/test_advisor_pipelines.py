@@ -216,3 +216,17 @@ def test_unknown_success_rate_is_a_stated_assumption():
     assert any(
         n.startswith("success_rate not stated: assuming the model passes the verifier") for n in a.assumptions
     )
+
+
+@pytest.mark.parametrize("profile,says", [
+    ({"preference_pairs": 50, "quality": "subjective"},
+     "too few for any method: no demonstrations (sft needs 1); 50 preference pairs (dpo needs 100)."),
+    ({"preference_pairs": 1}, "no demonstrations (sft needs 1); 1 preference pair (dpo needs 100)."),
+    ({"prompts": 50, "verifiable": True}, "no preference pairs (dpo needs 100); 50 prompts (grpo needs 100)."),
+    ({"prompts": 5000}, "(dpo needs 100). Prompts alone need a reward (set verifiable: true"),
+])  # fmt: skip
+def test_a_profile_no_method_fits_names_the_counts_the_rules_ask_for(profile, says):
+    """The least count each method's rule needs, read off rules.yaml where that count alone stops the rule."""
+    with pytest.raises(UserError) as err:
+        advise(profile, what_if=False)
+    assert str(err.value).startswith("no method fits this profile: ") and says in str(err.value)

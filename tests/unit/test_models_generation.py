@@ -242,3 +242,21 @@ def test_adapters_folded_in_place_decode_what_the_merged_copies_decode(tiny_toke
     through = generate(lora(), tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, merge_adapters=False)
     folded = generate(lora().merge_and_unload(), tiny_tokenizer, PROMPTS, max_new_tokens=12, batch_size=3)
     assert folded == copies == through and any(folded)
+
+
+def test_new_tokens_past_the_models_context_are_refused_before_decoding(peaked_model, tiny_tokenizer):
+    """The tiny model places 512 positions: the longest prompt's tokens plus max_new_tokens may fill them, one
+    more is refused naming the prompt and the room left (GPT-2's learned positions fail with an index error past
+    them, rotary ones decode silently at positions never trained)."""
+    from posttrain.errors import UserError
+
+    lengths = [len(tiny_tokenizer(render_prompt(tiny_tokenizer, p), add_special_tokens=False).input_ids)
+               for p in PROMPTS]  # fmt: skip
+    room = 512 - max(lengths)
+    assert max(lengths) == lengths[1] and 0 < room < 512
+    with pytest.raises(UserError, match=rf"{room + 1} new tokens .* after prompt 2 of 3, {lengths[1]} tokens .* "
+                                        rf"context of 512 positions: ask for at most {room} new tokens"):  # fmt: skip
+        generate(peaked_model, tiny_tokenizer, PROMPTS, max_new_tokens=room + 1)
+    assert len(generate(peaked_model, tiny_tokenizer, PROMPTS, max_new_tokens=room)) == 3
+    with pytest.raises(UserError, match="after the prompt, .* shorten that prompt: it fills the context alone"):
+        generate(peaked_model, tiny_tokenizer, ["x" * 600], max_new_tokens=1)

@@ -74,6 +74,32 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def _files(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("{}")
+    return folder
+
+
+def test_a_run_adapter_or_checkpoint_given_as_the_model_is_named_with_the_way_to_a_model(tmp_path):
+    """A LoRA run (or its adapter) is merged first, a full run's model is its final/, a checkpoint is resumed."""
+    lora_run = _files(tmp_path / "lora", "config.yaml")
+    _files(lora_run / "final", "adapter_config.json")
+    full_run = _files(tmp_path / "full", "config.yaml")
+    _files(full_run / "final", "config.json")
+    unfinished = _files(tmp_path / "going", "config.yaml")
+    ckpt = _files(unfinished / "checkpoints" / "step-000002", "trainer_state.json")
+    merge = rf"merge it into its base first: `posttrain merge {lora_run}%s --out MERGED`, then model.name=MERGED"
+    cases = {lora_run: rf"{lora_run} is a run folder whose model is a LoRA adapter .*" + merge % "",
+             lora_run / "final": "is a LoRA adapter, not a full model. .*" + merge % "/final",
+             full_run: rf"{full_run} is a run folder; its trained model is {full_run / 'final'}: use that as the model",
+             unfinished: r"a run folder with no finished model in final/ .* --resume",
+             ckpt: r"is a training checkpoint .* --resume`, or train from the run's final/ model"}  # fmt: skip
+    for folder, message in cases.items():
+        with pytest.raises(ModelNotFoundError, match=message):
+            resolve_model(str(folder))
+
+
 def test_offline_hub_name_not_cached(no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "posttrain-tests/surely-not-cached-model"

@@ -240,13 +240,40 @@ def _choose(table: RuleTable, f: dict) -> tuple[dict[str, str], list[dict], list
     return chosen, fired, lost
 
 
-def _no_stage(fired: list[dict]) -> UserError:
+def too_few(table: RuleTable, f: dict) -> list[str]:
+    """The counts of the profile that fall short of what a method's rule asks, where that count alone stops the
+    rule (its other conditions hold): "50 preference pairs (dpo needs 100)", the least each method needs.
+
+    >>> t = RuleTable([], [{"kind": "method", "method": "dpo", "when": {"preference_pairs": ">= 100"}}], [])
+    >>> too_few(t, {"preference_pairs": 50}), too_few(t, {"preference_pairs": 0}), too_few(t, {"prompts": 9})
+    (['50 preference pairs (dpo needs 100)'], ['no preference pairs (dpo needs 100)'], [])
+    """
+    need: dict[str, dict[str, int]] = {}
+    for r in table.rules:
+        for key in COUNTS:
+            cond, have = r["when"].get(key), f.get(key)
+            if r["kind"] != "method" or not isinstance(cond, str) or have is None:
+                continue
+            least = [float(part.strip()[2:]) for part in cond.split(",") if part.strip().startswith(">=")]
+            if least and have < least[0] and matches(r, {**f, key: least[0]}):
+                methods = need.setdefault(key, {})
+                methods[r["method"]] = int(min(methods.get(r["method"], least[0]), least[0]))
+    return [f"{f'{f[key]:,}' if f[key] else 'no'} {key.replace('_', ' ')[: -1 if f[key] == 1 else None]} ("
+            + ", ".join(f"{m} needs {n:,}" for m, n in sorted(methods.items(), key=lambda kv: kv[1])) + ")"
+            for key, methods in need.items()]  # fmt: skip
+
+
+def _no_stage(fired: list[dict], table: RuleTable, f: dict) -> UserError:
     blocks = " ".join(x["reason"] for x in fired if x["kind"] == "block")
-    return UserError(
-        "no method fits this profile: prompts alone need a reward (set verifiable: true if a program can "
-        "check answers, or reward_model: true), and SFT or DPO need demonstrations or preference pairs."
-        + (f" Ruled out: {blocks}" if blocks else "")
-    )
+    short = too_few(table, f)
+    reward = ("prompts alone need a reward (set verifiable: true if a program can check answers, or reward_model: "
+              "true)")  # fmt: skip
+    why = [*([f"too few for any method: {'; '.join(short)}"] if short else []),
+           *([reward] if f.get("prompts") and not (f.get("verifiable") or f.get("reward_model")) else [])]  # fmt: skip
+    if not why:
+        why = [f"{reward}, and SFT or DPO need demonstrations or preference pairs"]
+    why = [why[0], *(w[0].upper() + w[1:] for w in why[1:])]
+    return UserError(f"no method fits this profile: {'. '.join(why)}." + (f" Ruled out: {blocks}" if blocks else ""))
 
 
 def _decide(p: Profile) -> dict:
@@ -261,7 +288,7 @@ def _decide(p: Profile) -> dict:
 
     chosen, fired, lost = _choose(table, f)
     if not chosen:
-        raise _no_stage(fired)
+        raise _no_stage(fired, table, f)
     pipeline = list(dict.fromkeys(chosen[s["name"]] for s in table.slots if s["name"] in chosen))
     for r in table.rules:
         if r["kind"] == "note" and matches(r, f):

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 import torch
 
 from posttrain.data.render import answer_scaffold, chat_text, end_of_turn_ids, strip_scaffold
+from posttrain.errors import UserError
 from posttrain.models.adapters import merged_for_sampling
+from posttrain.models.loading import context_length
 
 Prompt = str | Sequence[dict]
 
@@ -32,6 +34,31 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return chat_text(tokenizer, messages, add_generation_prompt=True)
+
+
+def check_room(model, tokenizer, texts: list[str], max_new_tokens: int) -> None:
+    """Refuse a request whose longest prompt (rendered `texts`) plus `max_new_tokens` passes the model's context
+    (`models.loading.context_length`), before anything is decoded: past it, learned position embeddings fail
+    with an index error and rotary ones decode at positions the model never trained on, silently. Training
+    refuses the same rows (`algorithm.rollout.max_new_tokens` after a prompt, `train._check_context`)."""
+    config = getattr(model, "config", None)
+    if config is None or not texts:
+        return
+    context = context_length(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    if context is None:
+        return
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens <= context:
+        return
+    which = f"prompt {longest + 1} of {len(texts)}" if len(texts) > 1 else "the prompt"
+    fix = (f"ask for at most {context - lengths[longest]} new tokens" if lengths[longest] < context else
+           "shorten that prompt: it fills the context alone")  # fmt: skip
+    raise UserError(
+        f"{max_new_tokens} new tokens (max_new_tokens; --max-new-tokens on the command line) after {which}, "
+        f"{lengths[longest]} tokens with the chat template, pass the model's context of {context} positions: "
+        f"{fix}"
+    )
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -184,6 +211,7 @@ def generate(
     from transformers import LogitsProcessorList
 
     texts = [render_prompt(tokenizer, p) for p in prompts]
+    check_room(model, tokenizer, texts, max_new_tokens)
     scaffold = answer_scaffold(tokenizer)  # what the template writes before every answer (Qwen3's empty think)
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)

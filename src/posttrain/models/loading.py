@@ -123,11 +123,7 @@ def resolve_model(name: str) -> ResolvedModel:
         return ResolvedModel(str(path.resolve().parent), path.name, "gguf", key)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model {name!r}: the folder {path} has no config.json, so it is not a Hugging Face model folder "
-                "(a trained LoRA adapter is loaded with `posttrain generate --model RUN_OR_FOLDER`; "
-                "a base model needs config.json and its weights)."
-            )
+            raise ModelNotFoundError(f"model {name!r}: {_not_a_model_folder(path)}")
         return ResolvedModel(str(path.resolve()), None, "local", key)
     if path.is_file():
         raise ModelNotFoundError(
@@ -142,6 +138,28 @@ def resolve_model(name: str) -> ResolvedModel:
         )
     _check_hub_name(key)
     return ResolvedModel(key, None, "hub", key)
+
+
+def _not_a_model_folder(path: Path) -> str:
+    """Why a folder without config.json is no base model, and the way from what it is (a run folder, a LoRA adapter,
+    a training checkpoint) to one: a full model is trained from, an adapter is merged into its base first."""
+    merge = (f"To train from it, merge it into its base first: `posttrain merge {path} --out MERGED`, then "
+             "model.name=MERGED (`posttrain generate --model` and `evaluate --model` take it as it is).")  # fmt: skip
+    final = path / "final"
+    if (path / "config.yaml").is_file() or final.is_dir():  # a run folder: its model is in final/
+        if (final / "config.json").is_file():
+            return f"{path} is a run folder; its trained model is {final}: use that as the model."
+        if (final / "adapter_config.json").is_file():
+            return f"{path} is a run folder whose model is a LoRA adapter ({final}), not a full model. {merge}"
+        return (f"{path} is a run folder with no finished model in final/ (a run still going, or stopped early); "
+                "resume it with `posttrain train CONFIG --resume`, or give a model folder with config.json.")  # fmt: skip
+    if (path / "adapter_config.json").is_file():
+        return f"{path} is a LoRA adapter, not a full model. {merge}"
+    if (path / "trainer_state.json").is_file():
+        return (f"{path} is a training checkpoint (it holds the trained weights only, and the optimiser's state): "
+                "continue its run with `posttrain train CONFIG --resume`, or train from the run's final/ model.")  # fmt: skip
+    return (f"the folder {path} has no config.json, so it is not a Hugging Face model folder (a base model needs "
+            "config.json and its weights).")
 
 
 def _check_hub_name(name: str) -> None:

@@ -72,13 +72,22 @@ _GENERATE_FIELDS = ("prompt_ids", "n", "max_new_tokens", "temperature", "top_p",
 
 
 class GenerationServer:
-    """A `Backend` served over HTTP (module docstring). `port=0` takes a free port; `url` says which."""
+    """A `Backend` served over HTTP (module docstring). `port=0` takes a free port; `url` says which. The port is
+    bound here: an address that cannot be listened on (a port in use, a host not of this machine) is a
+    `UserError` naming it. `backend` may be set after (`serve` binds before vLLM loads)."""
 
-    def __init__(self, backend: Backend, *, host: str = "127.0.0.1", port: int = 8000, model: str = "") -> None:
+    def __init__(self, backend: Backend | None, *, host: str = "127.0.0.1", port: int = 8000, model: str = ""
+                 ) -> None:  # fmt: skip
         self.backend, self.model = backend, model
         self.pushes = 0
         self.lock = threading.Lock()  # one backend call at a time
-        self.httpd = _HTTPServer((host, port), self)
+        try:
+            self.httpd = _HTTPServer((host, port), self)
+        except OSError as err:
+            why = err.strerror or str(err)
+            raise UserError(f"cannot listen on {host}:{port}: {why} (another server on that port? give another "
+                            "--port, or --port 0 for a free one; --host must be an address of this machine)"
+                            ) from None  # fmt: skip
         self.thread: threading.Thread | None = None
 
     @property
@@ -210,9 +219,15 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, gpu_memory_u
             f"posttrain vllm-serve: {model!r} is a GGUF file; serve the Hugging Face folder the training run loads "
             "(posttrain converts a GGUF into one: the `model.name` of the run's config.yaml points at it)"
         )
-    backend = ColocatedVLLM(resolved.path, gpu_memory_utilization=gpu_memory_utilization, sleep=False, seed=seed,
-                            max_model_len=max_model_len)  # fmt: skip
-    return GenerationServer(backend, host=host, port=port, model=model)
+    # The port first: one that cannot be listened on is refused before vLLM loads the model (minutes), not after.
+    server = GenerationServer(None, host=host, port=port, model=model)
+    try:
+        server.backend = ColocatedVLLM(resolved.path, gpu_memory_utilization=gpu_memory_utilization, sleep=False,
+                                       seed=seed, max_model_len=max_model_len)  # fmt: skip
+    except BaseException:
+        server.close()
+        raise
+    return server
 
 
 # ---------------------------------------------------------------------------------------------------------------
