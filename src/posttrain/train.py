@@ -45,6 +45,7 @@ from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_
 from posttrain.models.hub import prepare_hub_libraries
 from posttrain.models.layers import cpp_compiler_missing
 from posttrain.models.loading import (
+    active_dropout,
     context_length,
     cpu_has_bf16,
     default_device,
@@ -264,6 +265,21 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
+def _resplit_note(cfg: RunConfig, run_dir: Path, model) -> str | None:
+    """The note for a run resumed with another `optim.micro_batch_size` while the model draws dropout masks
+    (`active_dropout`: LoRA's, or the model's own when kept): they are drawn per micro-batch forward, over tensors
+    shaped by it, so the resumed steps draw other masks than the uninterrupted run would. Without dropout only
+    the summation order changes."""
+    old = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("optim") or {}
+    before, now = old.get("micro_batch_size"), cfg.optim.micro_batch_size
+    if before == now or not (dropping := active_dropout(model)):
+        return None
+    return (f"note: optim.micro_batch_size {show(before)} -> {show(now)} on this resume: the loss is the same, but "
+            f"dropout draws its masks per micro-batch ({len(dropping)} dropout sites, e.g. {dropping[0][0] or 'the model'}), "
+            "so the resumed steps draw other masks than the uninterrupted run would have (an equally valid draw; "
+            "the run is not bit for bit the uninterrupted one)")  # fmt: skip
+
+
 def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
     """The step checkpoint `ckpt` was taken at, refusing one past the run's `steps` (read before the model loads)."""
     start = int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
@@ -364,6 +380,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     # holds anything, so the corrected command runs as it is.
     model = _load_model(cfg, algorithm, accelerator.device)
     _check_context(cfg, data, language_model(model).config)
+    if ckpt is not None and accelerator.is_main_process and (note := _resplit_note(cfg, run_dir, model)):
+        print(note)
     # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
     accelerator.wait_for_everyone()

@@ -332,22 +332,65 @@ def test_ppo_learns_a_toy_reward_with_its_kl_reference(rl):
     assert all(math.isfinite(h["explained_variance"]) for h in hist)
 
 
-def test_ppo_resumes_mid_rollout_with_its_value_head(rl):
-    """Stopped after step 3 (the first step of rollout 1), resumed to 4: step 4 samples rollout 1 anew from the
-    restored weights. The value head comes back too: a fresh zero head would score this step's returns
-    (all exactly 1) with a value loss of exactly 0.5."""
+TIMES = ("tokens_per_s", "step_time_s", "data_time_s", "train_time_s", "elapsed_s", "peak_rss_gb", "gen_time_s",
+         "reward_time_s", "prepare_time_s")  # what a resumed run logs otherwise: the rest it logs as the one
+
+
+def _untimed(run_dir):
+    return [{k: v for k, v in h.items() if k not in TIMES} for h in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def _same_final_weights(a, b):
+    from safetensors.torch import load_file
+
+    for name in sorted(p.name for p in (a / "final").glob("*.safetensors")):
+        wa, wb = load_file(str(a / "final" / name)), load_file(str(b / "final" / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_ppo_resumed_mid_rollout_ends_as_the_uninterrupted_run(rl):
+    """Stopped after step 3 (the first step of rollout 1), resumed to 4: step 4 trains on rollout 1 as the
+    checkpoint kept it (the samples, old log-probs, values and returns the value head made then), not on a rollout
+    sampled anew from weights it was not sampled from; metrics and weights equal a run never stopped. The value
+    head comes back too: a fresh zero head would score this step's returns (all exactly 1) with a value loss of
+    exactly 0.5."""
     overrides = {"algorithm.kl_coef": 0, "algorithm.lam": 1.0, "algorithm.rollout.batch_size": 16,
                  "optim.batch_size": 8, "technique.target_modules": "[lm_head]", "run.save_every": 1}  # fmt: skip
+    whole = train(rl("whole", algorithm="ppo", reward="constant", **overrides, **{"run.max_steps": 4}))
     first = train(rl("resume", algorithm="ppo", reward="constant", **overrides))
+    assert (first.run_dir / "checkpoints" / "step-000003" / "source_state_0.pt").is_file()  # inside rollout 1
+    assert not (first.run_dir / "checkpoints" / "step-000002" / "source_state_0.pt").exists()  # at its end
     resumed = train(
         rl("resume", algorithm="ppo", reward="constant", **overrides, **{"run.max_steps": 4}), resume=True
     )
     hist = read_metrics(resumed.run_dir / "metrics.jsonl")
     assert first.run_dir == resumed.run_dir and [h["step"] for h in hist] == [1, 2, 3, 4]
     assert [h["rollout"] for h in hist] == [0, 0, 1, 1]
-    assert "gen_time_s" in hist[3]  # rollout 1 was sampled again after the restart
+    assert "gen_time_s" in hist[2] and "gen_time_s" not in hist[3]  # rollout 1 was not sampled again
     assert hist[0]["value_loss"] == pytest.approx(0.5, abs=1e-6)
     assert abs(hist[3]["value_loss"] - 0.5) > 0.05
+    assert _untimed(resumed.run_dir) == _untimed(whole.run_dir)
+    _same_final_weights(resumed.run_dir, whole.run_dir)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_resumed_inside_a_rollout_end_as_the_uninterrupted_run(rl, algorithm):
+    """Sampling at T = 1, 4 optimisation steps per rollout (2 steps x rollout.epochs 2, the second pass shuffled),
+    the ratio clip acting: stopped after step 2 (inside rollout 0) and resumed to step 6 (into rollout 1), the run
+    logs what the run never stopped logs, step for step, and saves the same weights bit for bit. Before the
+    checkpoint kept the rollout in progress, the resumed steps 3-4 trained on a rollout sampled anew from the
+    step-2 weights: other samples, a ratio of 1, and other weights from there on."""
+    overrides = {"algorithm.rollout.batch_size": 16, "algorithm.rollout.epochs": 2, "optim.batch_size": 8,
+                 "run.save_every": 2, "algorithm.rollout.temperature": 1.0}  # fmt: skip
+    whole = train(rl(f"{algorithm}-whole", algorithm, **overrides, **{"run.max_steps": 6}))
+    train(rl(f"{algorithm}-resume", algorithm, **overrides, **{"run.max_steps": 2}))
+    resumed = train(rl(f"{algorithm}-resume", algorithm, **overrides, **{"run.max_steps": 6}), resume=True)
+    hist = _untimed(resumed.run_dir)
+    assert [h["rollout"] for h in hist] == [0, 0, 0, 0, 1, 1]
+    assert hist == _untimed(whole.run_dir)
+    if algorithm == "grpo":
+        assert any(h["clip_fraction"] > 0 for h in hist[2:4])  # the old log-probs the resumed steps used matter
+    _same_final_weights(resumed.run_dir, whole.run_dir)
 
 
 def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
@@ -639,12 +682,21 @@ def test_a_run_whose_rewards_all_fail_stops_with_exit_2_and_keeps_its_checkpoint
     assert state["step"] == 2
     assert not (run_dir / "final").exists() and not (run_dir / ".tmp-final").exists()
     assert [h["step"] for h in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    # Resumed unfixed, the run stops where it stopped: the checkpoint kept the streak of rollouts 0 and 1 (a count
+    # that started again at the resume let one more step train and be saved).
+    assert [i for i, _ in state["source"]["dead_rewards"]] == [0, 1]
+    assert main(["train", str(path), "--resume"]) == 2
+    assert "failed on every sample of 3 rollouts in a row (rollouts 0, 1, 2)" in capsys.readouterr().err
+    assert latest_checkpoint(run_dir).name == "step-000002"
+    assert [h["step"] for h in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
     # The user fixes the function and resumes, as the message says (a new process would import the file anew).
     fixed = (tmp_path / "rewards.py").read_text().replace("scale = 0", "scale = 1")
     (tmp_path / "rewards.py").write_text(fixed, encoding="utf-8")
-    monkeypatch.delitem(
-        sys.modules, next(m for m in sys.modules if m.startswith("posttrain_user_rewards.rewards"))
-    )
+    ours = [m for m, mod in sys.modules.items() if m.startswith("posttrain_user_rewards.")
+            and getattr(mod, "__file__", None) == str(tmp_path / "rewards.py")]  # fmt: skip
+    assert ours  # (the first such module may be another test's file)
+    for name in ours:
+        monkeypatch.delitem(sys.modules, name)
     result = train(rl("dead", reward="broken", **{"run.save_every": 1, "run.max_steps": 3}), resume=True)
     assert [h["step"] for h in read_metrics(result.run_dir / "metrics.jsonl")] == [1, 2, 3]
 

@@ -84,6 +84,13 @@ class BatchSource(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def process_state(self, step: int) -> dict:
+        """What this process alone holds that a checkpoint taken after `step` must keep to go on exactly (tensors
+        and objects, pickled by every process beside its random state; {} for none): a rollout in progress."""
+        ...
+
+    def load_process_state(self, state: dict) -> None: ...
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts: what the engine samples, what the rewards make of it, what an RL method's `process` receives.

@@ -11,8 +11,9 @@ rollouts' worth. One JSON object per line:
 `step` is the first optimisation step the rollout feeds, `sequence` the completion's position in this process's
 rollout (`G` contiguous ones per prompt), `rewards` each function's unweighted value and `total` the reward the
 algorithm used (weighted sum, after `rollout.overlong`). The samples are spread over the rollout (different
-prompts where there are several), from the main process's share of it. A resumed run samples its rollouts anew,
-so the records from the rollout it resumes at onwards are replaced. `posttrain report` shows them.
+prompts where there are several), from the main process's share of it. A resumed run replaces the records of the
+rollouts it samples (the stopped run may have logged them before it stopped); a rollout the checkpoint kept
+(`rollout.source`: a checkpoint inside a rollout) keeps its records. `posttrain report` shows them.
 
 It does not change training: it only reads what the rollout already computed.
 """

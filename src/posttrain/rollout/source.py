@@ -24,9 +24,14 @@ Every prompt is sampled once per epoch (`plan_rollouts`): the last rollout of an
 over and is smaller, unless some process's share of them could not fill each of its optimisation steps with at
 least one sequence; then they are skipped in that epoch, and the run says how many and which before training.
 
-Resuming: the step number fixes which prompts come next, but rollouts are sampled from the model being trained,
-so a resumed run continues with fresh rollouts from the restored weights (a run resumed mid-rollout samples the
-rest of that rollout anew). RL resumption is therefore not bit-for-bit, unlike SFT and DPO.
+Resuming: the step number fixes which prompts come next, and each rollout's sampling seed is a function of the
+run's seed, the rollout and the rank, so from restored weights the next rollout is the one the uninterrupted run
+sampled. A checkpoint inside a rollout keeps that rollout as its method made it (the samples, their old and
+reference log-probs, advantages and values, and the statistics its steps log: `process_state`, one file per
+process), and a resume trains its remaining steps on it rather than sampling it anew from weights it was not
+sampled from. A run resumed on the same number of processes therefore ends as the uninterrupted one, bit for bit
+on the CPU; on another number (`trainer.checkpoint`), the rollouts are sampled with that number's seeds, a rollout
+in progress included. The streak of rollouts whose rewards all failed (`DEAD_REWARD_ROLLOUTS`) is kept too.
 """
 
 from __future__ import annotations
@@ -203,6 +208,9 @@ class RolloutSource:
                 reward.fn.prepare, reward.fn.collective = prepare, self.world > 1
         self.warned: set[str] = set()  # reward functions whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
+        # the rollout being trained on: (index, tensors, metrics), kept for a checkpoint inside it; one restored by
+        # `load_process_state` is trained on instead of sampling it again
+        self.current: tuple[int, dict[str, torch.Tensor], dict[str, float]] | None = None
         self.engine = get_engine(self.rollout_cfg.engine, cfg)
         self.seed = cfg.run.seed
         self.samples = SampleLog.for_run(cfg, steps_per_rollout=self.steps_per_rollout,  # RUN/samples.jsonl
@@ -316,21 +324,48 @@ class RolloutSource:
     # ---- the batch-source interface
     def state_dict(self) -> dict:
         """What a checkpoint must keep besides the weights (the step decides the data position): the method's
-        state across rollouts, if it has one (PPO's adaptive KL coefficient)."""
+        state across rollouts, if it has one (PPO's adaptive KL coefficient), and the rollouts of a streak whose
+        rewards all failed (each by its failures, errors and where they happened: what the stop's message names)."""
         state = self.context.state
-        return state.state_dict() if state is not None else {}
+        out = dict(state.state_dict()) if state is not None else {}
+        if self.dead_rewards:
+            out["dead_rewards"] = [[i, {"per_function": {k: [] for k in r.per_function}, "failures": r.failures,
+                                        "errors": r.errors, "sites": r.sites}] for i, r in self.dead_rewards]  # fmt: skip
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.dead_rewards = [(int(i), RewardResult(total=[], **r)) for i, r in state.pop("dead_rewards", [])]
         if self.context.state is not None and state:
             self.context.state.load_state_dict(state)
+
+    def process_state(self, step: int) -> dict:
+        """This process's share of the rollout a checkpoint after `step` falls inside (none at a rollout's end)."""
+        index, within = divmod(step, self.steps_per_rollout)
+        if within == 0 or self.current is None or self.current[0] != index:
+            return {}
+        _, tensors, metrics = self.current
+        # clone: a view would save the whole storage it looks into
+        return {"rollout": index, "tensors": {k: v.detach().cpu().clone() for k, v in tensors.items()},
+                "metrics": metrics}  # fmt: skip
+
+    def load_process_state(self, state: dict) -> None:
+        if "rollout" in state:
+            self.current = (int(state["rollout"]), state["tensors"], state["metrics"])
 
     def steps(self, start_step: int = 0) -> Iterator[Step]:
         index, within = divmod(start_step, self.steps_per_rollout)
         while True:
-            tensors, metrics = self.make_rollout(index)
+            restored = within > 0 and self.current is not None and self.current[0] == index  # by a resume
+            if restored:
+                _, tensors, metrics = self.current
+            else:
+                tensors, metrics = self.make_rollout(index)
+                self.current = (index, tensors, metrics)
             for k, step in enumerate(self.split(tensors, index)[within:]):
-                # every step of a rollout carries its rollout's statistics; the first one also its cost
-                carried = dict(metrics) if k == 0 else {m: v for m, v in metrics.items() if not m.endswith("_time_s")}
+                # every step of a rollout carries its rollout's statistics; the first one sampled here its cost
+                timed = k == 0 and not restored
+                carried = dict(metrics) if timed else {m: v for m, v in metrics.items() if not m.endswith("_time_s")}
                 if not step.micro_batches:
                     # Every sequence was dropped (grpo.drop_uniform_groups) or has a zero gradient: nothing
                     # trains; its loss is the loop's per-unit mean of an empty sum (or of zeros).

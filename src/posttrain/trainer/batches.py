@@ -77,6 +77,12 @@ class ExampleBatchSource:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def process_state(self, step: int) -> dict:
+        return {}
+
+    def load_process_state(self, state: dict) -> None:
+        pass
+
 
 @dataclass
 class WithReference:
@@ -106,3 +112,9 @@ class WithReference:
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
+
+    def process_state(self, step: int) -> dict:
+        return self.inner.process_state(step)
+
+    def load_process_state(self, state: dict) -> None:
+        self.inner.load_process_state(state)

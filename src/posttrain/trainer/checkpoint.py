@@ -5,6 +5,8 @@ A checkpoint folder `checkpoints/step-000040/` holds:
   under full fine-tuning). Frozen weights are not copied: they come back from the base model.
 - `optimizer.pt`, `scheduler.pt`: their state dicts.
 - `rng_state_<rank>.pt`: Python, NumPy and torch generator states of each process (dropout must replay).
+- `source_state_<rank>.pt`, where the batch source holds something of its own: an RL run's rollout in progress
+  when the checkpoint falls inside one (`rollout.source`), so that a resume trains its remaining steps on it.
 - `trainer_state.json`: the step reached; the data position follows from it (see `trainer.batches`); the batch
   source's own state where it has one (`source`, e.g. PPO's adaptive KL coefficient); the `layout` and the
   number of processes that wrote it (`world_size`).
@@ -212,6 +214,8 @@ def save_checkpoint(
     if deepspeed:  # every process its own ZeRO partitions of the optimizer state (and, ZeRO-3, of the weights)
         model.save_checkpoint(str(tmp / DEEPSPEED), tag="state", save_latest=False)
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if own := source.process_state(step):
+        torch.save(own, tmp / f"source_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -462,4 +466,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
                                                                                     accelerator.num_processes)):
         print(note)
     source.load_state_dict(state.get("source") or {})
+    own = path / f"source_state_{rank}.pt"
+    if own.is_file() and wrote == accelerator.num_processes:  # a process's own state belongs to its layout
+        source.load_process_state(torch.load(own, weights_only=False, map_location="cpu"))
     return step
