@@ -371,6 +371,13 @@ def test_ppo_resumed_mid_rollout_ends_as_the_uninterrupted_run(rl):
     assert abs(hist[3]["value_loss"] - 0.5) > 0.05
     assert _untimed(resumed.run_dir) == _untimed(whole.run_dir)
     _same_final_weights(resumed.run_dir, whole.run_dir)
+    # a cut rollout file is damage named before any model loads, like the checkpoint's other files
+    from posttrain.trainer.checkpoint import checkpoint_problem
+
+    kept = first.run_dir / "checkpoints" / "step-000003"
+    assert checkpoint_problem(kept) is None
+    (kept / "source_state_0.pt").write_bytes((kept / "source_state_0.pt").read_bytes()[:200])
+    assert checkpoint_problem(kept) == "source_state_0.pt is cut short or corrupt"
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])

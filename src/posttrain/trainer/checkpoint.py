@@ -145,6 +145,7 @@ def checkpoint_problem(path: Path) -> str | None:
             return "trainable.safetensors is missing"
         except Exception:  # noqa: BLE001 - safetensors' own error types: cut or corrupt
             return "trainable.safetensors is cut short or corrupt"
+    pickles += sorted(p.name for p in path.glob("source_state_*.pt"))  # a rollout in progress, per process
     for name in pickles:
         if not (path / name).is_file():
             return f"{name} is missing"
