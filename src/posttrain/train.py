@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -53,6 +54,7 @@ from posttrain.models.loading import (
     resolve_dtype,
 )
 from posttrain.models.logprobs import unwrap_parallel
+from posttrain.models.prefix_sharing import slot_distances
 from posttrain.models.reference import Reference
 from posttrain.models.saving import INFO_FILE
 from posttrain.models.sharding import full_state, is_partitioned, partitioned_state, shard, zero3_inference
@@ -380,6 +382,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     # holds anything, so the corrected command runs as it is.
     model = _load_model(cfg, algorithm, accelerator.device)
     _check_context(cfg, data, language_model(model).config)
+    _check_packing(cfg, language_model(model))
     if ckpt is not None and accelerator.is_main_process and (note := _resplit_note(cfg, run_dir, model)):
         print(note)
     # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
@@ -572,6 +575,21 @@ def _check_context(cfg: RunConfig, data, config) -> None:
                 f"{path}: {len(over)} of {n} {where} are longer than the model's context of {context} positions"
                 f"{sampled} ({lines_text(over)}), which data.max_length ({cfg.data.max_length}) allows. {fix}"
             )
+
+
+def _check_packing(cfg: RunConfig, lm) -> None:
+    """Refuse `data.packing` for a model that cannot keep packed examples apart: transformers tells them apart by
+    position ids restarting inside a row (`data.collate`), which a model whose forward takes none, or ALiBi
+    attention (`prefix_sharing.slot_distances`: BLOOM, MPT), never reads; each example would attend to those
+    before it in its row, silently (an audit measured BLOOM's log-probs 7.5e-3 off, MPT's 0.35)."""
+    if not cfg.data.packing:  # (a method that does not pack refuses the setting: config_rules)
+        return
+    why = slot_distances(lm.config)
+    if why is None and "position_ids" not in inspect.signature(lm.forward).parameters:
+        why = f"{type(lm).__name__}'s forward takes no position ids"
+    if why:
+        raise ConfigError(f"data.packing: {why}, so examples packed into one row would attend to each other. Set "
+                          "data.packing=false (rows are then padded, each example alone)")  # fmt: skip
 
 
 def _load_model(cfg: RunConfig, algorithm: Algorithm, device) -> torch.nn.Module:

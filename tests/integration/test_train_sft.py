@@ -259,6 +259,24 @@ def test_packed_training_learns(make_cfg):
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_packing_is_refused_for_a_model_that_cannot_keep_packed_examples_apart(make_cfg, tmp_path, family):
+    """BLOOM's and MPT's forwards take no position ids (ALiBi counts slots), so transformers never sees where a
+    packed example starts, and each attended to those before it in its row, silently (an audit: log-probs 7.5e-3
+    and 0.35 off). Refused after the model loads, before the run folder is written; unpacked, they train."""
+    from posttrain.errors import ConfigError
+    from posttrain.testing import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / family, family=family)
+    cfg = make_cfg(**{"model.name": str(model_dir), "data.packing": "true", "run.max_steps": 1})
+    with pytest.raises(ConfigError, match=rf"data.packing: ALiBi attention \({family}\) measures distances in slots, "
+                                          r"not position ids, so examples packed into one row would attend to each "
+                                          r"other. Set data.packing=false"):  # fmt: skip
+        train(cfg)
+    assert not Path(cfg.run.output_dir).exists()
+    assert train(make_cfg(**{"model.name": str(model_dir), "run.max_steps": 1})).steps == 1
+
+
 def test_tensorboard_events_mirror_the_metrics(make_cfg):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

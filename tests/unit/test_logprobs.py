@@ -91,6 +91,25 @@ def test_selected_token_logps_are_the_shifted_next_token_logps(tiny_model):
     assert (out[~target] == 0).all() and (entropy[~target] == 0).all()
 
 
+def test_a_head_that_calls_the_base_models_decoder_scores_its_own_forward():
+    """OPT's head calls ``self.model.decoder(...)``, under the stand-in that gives it the hidden states to score
+    (an audit: every log-prob call failed with an AttributeError). Log-probs and gradients equal its forward's."""
+    from posttrain.testing import tiny_model as make
+
+    model = make(259, family="opt").eval()
+    ids, mask = torch.randint(3, 259, (2, 7), generator=torch.Generator().manual_seed(0)), torch.ones(2, 7)
+    out, _ = selected_token_logps(model, {"input_ids": ids}, mask)
+    out.sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    full.sum().backward()
+    assert_close(out[:, 1:], full, rtol=0, atol=1e-6)
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and got
+    for n, p in model.named_parameters():
+        assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_right_padding_does_not_change_real_tokens(tiny_model):
     """Causal attention: pad tokens after the sequence cannot change the log-probs of the tokens before them."""
     ids, padded = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 7, 8, 0, 0]])

@@ -247,6 +247,27 @@ def test_a_model_that_cannot_take_the_mask_runs_the_padded_rows(capsys):
     assert "sliding-window attention (window 64)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon_alibi"])
+def test_alibi_models_score_shared_prompts_as_the_padded_rows_they_are(family, capsys):
+    """ALiBi measures distances in slots and reads no position ids: in a packed row MPT biased each continuation as
+    if it sat after the others (log-probs 1.3e-2 off, silently) and BLOOM and Falcon's ALiBi failed on the 4D mask
+    (an audit). Such rows run padded, with a note, and score what each sequence scores alone."""
+    model = tiny_model(259, family=family).eval()
+    rows, groups = _rows(seed=5)
+    inputs, target_mask = _right_padded(rows)
+    with torch.no_grad():
+        padded = selected_token_logps(model, inputs, target_mask)[0]
+        shared = selected_token_logps(model, inputs, target_mask, groups=groups)[0]
+        for b, (prompt, completion) in enumerate(rows):  # each sequence alone
+            ids = torch.tensor([prompt + completion])
+            alone = model(ids).logits[0].log_softmax(-1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+            torch.testing.assert_close(padded[b, 1 : ids.shape[1]][target_mask[b, 1 : ids.shape[1]].bool()],
+                                       alone[target_mask[b, 1 : ids.shape[1]].bool()], rtol=0, atol=2e-6)  # fmt: skip
+    torch.testing.assert_close(shared, padded, rtol=0, atol=0)
+    assert f"prompts are not shared between rows (ALiBi attention ({family.split('_')[0]}) measures distances in " \
+           "slots, not position ids)" in capsys.readouterr().out  # fmt: skip
+
+
 def test_chunks_keep_groups_together_and_return_rows_in_their_order():
     """DPO's chosen half then rejected half, in chunks of half the rows: sorted by group first, so each chunk
     holds whole pairs and packs them."""

@@ -202,10 +202,39 @@ def test_bfloat16_sampling_is_a_bfloat16_copy_s_and_leaves_the_weights_alone(eos
         assert tied.lm_head.weight.dtype == torch.bfloat16
         assert swapped == len(list(tied.parameters())) < len(list(tied.named_parameters(remove_duplicate=False)))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32
-    tied._keep_in_fp32_modules = ["norm"]  # as a model that keeps some layers in float32 declares them
-    with weights_in(tied, torch.bfloat16):
-        assert tied.model.norm.weight.dtype == torch.float32  # model.norm.weight: kept
-        assert tied.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # not a "norm" part: cast
+
+
+def _moe_families():
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    yield "glm4_moe", tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(  # keeps its router in float32 under bfloat16 too
+        **common, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=0, n_shared_experts=1, head_dim=8))  # fmt: skip
+    yield "gpt_oss", tf.GptOssForCausalLM(tf.GptOssConfig(  # keeps its norms in float32 under float16 only
+        **common, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_sampling_copy_keeps_in_float32_what_transformers_keeps_loading_in_that_dtype(tmp_path, dtype):
+    """GLM-4-MoE and DeepSeek-V3 keep their router (``gate.weight``) in float32 whatever they load in, gpt-oss its
+    norms under float16 only: the copy `weights_in` samples from holds each parameter in the dtype
+    `from_pretrained(dtype=...)` gives it (an audit found GLM's router cast to bfloat16, logits 2e-2 off, and
+    gpt-oss's norms kept in float32 under bfloat16, 0.34 off); so are the logits."""
+    from posttrain.models.generation import weights_in
+
+    for family, model in _moe_families():
+        model.save_pretrained(tmp_path / family)
+        loaded = type(model).from_pretrained(tmp_path / family, dtype=dtype).eval()
+        want = {n: p.dtype for n, p in loaded.named_parameters()}
+        assert {torch.float32, dtype} <= set(want.values()) or family == "gpt_oss"  # glm keeps some in float32
+        ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), weights_in(model.eval(), dtype):
+            assert {n: p.dtype for n, p in model.named_parameters()} == want, family
+            got = model(ids).logits
+        assert torch.equal(got, loaded(ids).logits), family
 
 
 def test_merge_adapters_true_that_cannot_merge_says_so_once(lora_eos_model, tiny_tokenizer, capsys):

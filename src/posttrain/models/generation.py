@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from posttrain.data.render import answer_scaffold, chat_text, end_of_turn_ids, s
 from posttrain.errors import UserError
 from posttrain.models.adapters import merged_for_sampling
 from posttrain.models.loading import context_length
+from posttrain.models.prefix_sharing import slot_distances
 
 Prompt = str | Sequence[dict]
 
@@ -100,24 +102,41 @@ def model_generation_defaults_off(model) -> Iterator[None]:
         inner.generation_config = saved
 
 
+def kept_in_float32(model, dtype: torch.dtype):
+    """The parameters transformers keeps in float32 when it loads `model` in `dtype`, as a pattern searched in a
+    parameter's dotted name (None: none): a model's `_keep_in_fp32_modules_strict` under bfloat16 and float16, its
+    `_keep_in_fp32_modules` under float16 only, each entry a pattern searched anywhere in the name with `*` as any
+    text, as transformers 5's loader reads them (`modeling_utils._get_dtype_plan`, `build_glob_alternation`). So
+    DeepSeek-V3's ``gate.weight`` keeps ``model.layers.0.mlp.gate.weight``, and gpt-oss's float16-only norms are
+    cast to bfloat16. A LoRA-wrapped layer's weight (peft's ``.base_layer.``) is matched by the layer's name.
+
+    >>> class M(torch.nn.Module):
+    ...     _keep_in_fp32_modules, _keep_in_fp32_modules_strict = ["norm"], ["gate.weight"]
+    >>> kept_in_float32(M(), torch.bfloat16).pattern, kept_in_float32(M(), torch.float16).pattern
+    ('gate.weight', 'gate.weight|norm')
+    """
+    found: set[str] = set()
+    for module in model.modules():
+        found.update(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+        if dtype == torch.float16:
+            found.update(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return re.compile("|".join(p.replace("*", ".*") for p in sorted(found))) if found else None
+
+
 @contextmanager
 def weights_in(model, dtype: torch.dtype | None) -> Iterator[int]:
     """While sampling (no gradients): each floating-point parameter of `model` not already in `dtype` swapped for a
     `dtype` copy, and the original tensors put back untouched on exit (`algorithm.rollout.dtype`). One copy per
     tensor, so tied weights (an output layer that shares the embedding matrix) stay tied. Buffers are kept as they
     are: a model's rotary frequencies stay in float32, and its rotary embedding casts cos and sin to the
-    activations' dtype itself. So are the parameters a transformers model keeps in float32 whatever it is loaded
-    in (its `_keep_in_fp32_modules`, matched on the parameter's dotted name as transformers matches them, e.g. a
-    router's gate), which its own code casts around. The copies cost the weights' size in `dtype` while sampling
-    (0.27 GB for the embedded model in bfloat16), freed after. Yields how many parameters it swapped (0 when
-    `dtype` is None)."""
+    activations' dtype itself. So are the parameters transformers keeps in float32 when it loads the model in
+    `dtype` (`kept_in_float32`: a MoE router's gate), which the model's own code casts around. The copies cost the
+    weights' size in `dtype` while sampling (0.27 GB for the embedded model in bfloat16), freed after. Yields how
+    many parameters it swapped (0 when `dtype` is None)."""
     if dtype is None:
         yield 0
         return
-    keep: set[str] = set()
-    for module in model.modules():
-        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
-            keep.update(getattr(module, attr, None) or ())
+    keep = kept_in_float32(model, dtype)
     copies: dict[int, torch.nn.Parameter] = {}
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
@@ -126,7 +145,7 @@ def weights_in(model, dtype: torch.dtype | None) -> Iterator[int]:
                 for name, p in list(module._parameters.items()):
                     if p is None or not p.is_floating_point() or p.dtype == dtype:
                         continue
-                    if keep and keep.intersection([*path.split("."), name]):
+                    if keep is not None and keep.search(f"{path}.{name}".replace(".base_layer.", ".")):
                         continue
                     if id(p) not in copies:
                         copies[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
@@ -317,9 +336,11 @@ def _shared_prefix_is_exact(model, length: int) -> bool:
     """Whether padding between the shared prefix and a row's own tokens computes what left padding does (so the
     prefix may be shared): it is masked out either way, but a sliding attention window counts cache slots,
     padding included, so a window shorter than the sequence (Gemma 2 and 3, Mistral) would see other tokens of a
-    row than with left padding."""
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
-    return window is None or length <= window
+    row than with left padding; ALiBi (`prefix_sharing.slot_distances`: BLOOM, MPT) measures every distance in
+    slots, so the padding would move the row's own tokens away from the prefix."""
+    config = model.config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    return (window is None or length <= window) and slot_distances(config) is None
 
 
 def _decode_rows_leave(model, ids, mask, cache, gen_cfg, eos: list[int], segment_processors=None):

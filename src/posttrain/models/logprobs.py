@@ -224,11 +224,15 @@ class _HiddenStatesOnly:
 
 
 class _GivenHiddenStates(nn.Module):
-    """Stands in for a causal LM's decoder: returns the hidden states it holds, whatever it is called with."""
+    """Stands in for a causal LM's decoder: returns the hidden states it holds, whatever it is called with. `nested`:
+    names under which it also stands in for a module the decoder holds, which a head's forward calls directly (OPT
+    calls ``self.model.decoder(...)``); kept out of the module tree, which must not hold itself."""
 
-    def __init__(self, hidden: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, nested: tuple[str, ...] = ()):
         super().__init__()
         self.hidden = hidden  # (1, n, H)
+        for name in nested:
+            self.__dict__[name] = self
 
     def forward(self, *args, **kwargs) -> _HiddenStatesOnly:
         return _HiddenStatesOnly(self.hidden)
@@ -242,7 +246,8 @@ def _decoder_replaced(lm: nn.Module, hidden: torch.Tensor):
     logits are always those of the model's own forward, never a re-implementation of its head."""
     name = lm.base_model_prefix
     decoder = getattr(lm, name)
-    setattr(lm, name, _GivenHiddenStates(hidden))
+    nested = tuple(n for n in ("decoder",) if isinstance(getattr(decoder, n, None), nn.Module))
+    setattr(lm, name, _GivenHiddenStates(hidden, nested))
     try:
         yield
     finally:

@@ -69,6 +69,25 @@ class SharedPrefixRows(NamedTuple):
         return self.input_ids.numel()
 
 
+ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
+
+
+def slot_distances(config) -> str | None:
+    """Why a model places tokens by their slots in a row rather than by position ids (None: by position ids):
+    ALiBi attention (BLOOM, MPT, Falcon with ``alibi: true``) biases each score by the distance in slots and reads
+    no position ids, so padding or another example between two tokens changes what they see of each other. Such
+    rows are padded at the left only: no shared prefix with padding after it, no packing.
+
+    >>> from types import SimpleNamespace as C
+    >>> slot_distances(C(model_type="bloom")), slot_distances(C(model_type="falcon", alibi=False))
+    ('ALiBi attention (bloom) measures distances in slots, not position ids', None)
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) in ALIBI_MODEL_TYPES or getattr(text, "alibi", False) is True:
+        return f"ALiBi attention ({text.model_type}) measures distances in slots, not position ids"
+    return None
+
+
 def mask_kind(config, row_length: int) -> tuple[str | None, str]:
     """How a model with this config takes a shared-prefix mask over rows of `row_length` tokens: ("bool" or
     "additive", "") when it can, else (None, why not)."""
@@ -79,6 +98,8 @@ def mask_kind(config, row_length: int) -> tuple[str | None, str]:
                       "kernels cannot let a sequence see only part of another)")  # fmt: skip
     if not getattr(text, "is_causal", True):
         return None, "the model is not causal"
+    if why := slot_distances(text):
+        return None, why
     kinds = set(getattr(text, "layer_types", None) or [])
     window = getattr(text, "sliding_window", None)
     if kinds - {"full_attention", "sliding_attention"}:

@@ -73,10 +73,24 @@ def _family_config(family: str, vocab_size: int, hidden_size: int, layers: int):
         return tf.GraniteConfig(**common, **decoder), tf.GraniteForCausalLM
     if family == "gpt2":  # ships dropout 0.1 on residuals, embeddings and attention
         return tf.GPT2Config(**common, n_embd=hidden_size, n_layer=layers, n_head=4, n_positions=512), tf.GPT2LMHeadModel
+    # ALiBi (distances in slots, no position ids: `models.prefix_sharing.slot_distances`)
+    if family == "bloom":
+        return tf.BloomConfig(**common, hidden_size=hidden_size, n_layer=layers, n_head=4), tf.BloomForCausalLM
+    if family == "mpt":
+        return tf.MptConfig(**common, d_model=hidden_size, n_layers=layers, n_heads=4, max_seq_len=512), tf.MptForCausalLM
+    if family == "falcon_alibi":
+        return tf.FalconConfig(**common, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4,
+                               alibi=True, new_decoder_architecture=False, multi_query=True), tf.FalconForCausalLM  # fmt: skip
+    if family == "opt":  # its head calls the base model's decoder directly (`self.model.decoder`)
+        return tf.OPTConfig(**common, hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=layers,
+                            num_attention_heads=4, word_embed_proj_dim=hidden_size, max_position_embeddings=512,
+                            dropout=0.0), tf.OPTForCausalLM  # fmt: skip
     raise ValueError(f"unknown tiny model family {family!r}")
 
 
 TINY_FAMILIES = ("llama", "gemma2", "cohere", "granite", "gpt2")
+"""The families whose logits or dropout differ from Llama's, which tests run through every path. `tiny_model` also
+builds "bloom", "mpt" and "falcon_alibi" (ALiBi attention) and "opt", for the tests of what differs in them."""
 
 
 def tiny_model(vocab_size: int = 259, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
