@@ -665,10 +665,14 @@ def _accelerator(cfg: RunConfig):
 
     on_gpu = default_device().type == "cuda"  # not under `accelerate launch --cpu`
     precision = mixed_precision(cfg.model, "cuda" if on_gpu else "cpu")
-    # AcceleratorState is a process-wide singleton that refuses another precision once set, but one process may
-    # run several trainings (tests, the Python API, recipes). Only its precision part is reset, never the
-    # process group (PartialState), so this is safe under a multi-process launch too.
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != precision:
+    # AcceleratorState is a process-wide singleton that refuses another precision once set, and keeps the dynamo
+    # backend of the first Accelerator made in the process (a notebook's own `Accelerator(dynamo_backend=...)`
+    # would compile this run's model past model.compile's checks), but one process may run several trainings
+    # (tests, the Python API, recipes). Only its precision and dynamo part is reset, never the process group
+    # (PartialState), so this is safe under a multi-process launch too.
+    shared = AcceleratorState._shared_state
+    dynamo = getattr(getattr(shared.get("dynamo_plugin"), "backend", None), "value", "NO") if shared else "NO"
+    if shared and (shared.get("_mixed_precision") != precision or dynamo != "NO"):
         AcceleratorState._reset_state(reset_partial_state=False)
     # Named, so that the environment an `accelerate launch` leaves cannot change a run silently (its
     # --gradient_accumulation_steps divided every gradient; its --dynamo_backend compiled the whole model past the

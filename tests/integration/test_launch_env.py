@@ -30,3 +30,16 @@ def test_the_launch_environment_changes_neither_gradients_nor_weights(make_cfg, 
     assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain)
     assert "gradient_accumulation_steps 4 (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), which posttrain does not use" in said
     assert "dynamo_backend inductor (ACCELERATE_DYNAMO_BACKEND), which posttrain does not use" in said
+
+
+def test_an_accelerator_made_earlier_in_the_process_lends_this_run_no_dynamo_backend(make_cfg):
+    """AcceleratorState is one per process and kept the dynamo backend of the first Accelerator (a notebook's own
+    `Accelerator(dynamo_backend="inductor")`), so the run's model was compiled at `prepare`."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from posttrain.train import _accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # as in a fresh process: the first one made sets it
+    assert Accelerator(cpu=True, dynamo_backend="inductor").state.dynamo_plugin.backend.value == "INDUCTOR"
+    assert _accelerator(make_cfg()).state.dynamo_plugin.backend.value == "NO"
