@@ -509,6 +509,8 @@ def test_the_answer_rewards_see_is_without_the_templates_scaffold():
     assert strip_scaffold("<think>\nI add.\n</think>\n\n4", scaffold) == "<think>\nI add.\n</think>\n\n4"  # reasoning stays
     assert answer_scaffold(byte_tokenizer(["<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
                                           chat_template=SMOLLM2)) == ""  # fmt: skip
+    tok.chat_template = SMOLLM2  # found once per tokenizer and template: a new template is looked at anew
+    assert answer_scaffold(tok) == ""
 
 
 R1_DISTILL = (  # DeepSeek-R1's distilled models: the generation prompt opens a think block that a finished turn lacks

@@ -53,6 +53,7 @@ import functools
 import os
 import re
 import warnings
+import weakref
 from dataclasses import dataclass
 
 from posttrain.data.schema import normalise_row
@@ -122,9 +123,22 @@ def answer_scaffold(tokenizer) -> str:
     """What the chat template writes between the generation prompt and an answer's content in a finished turn,
     when that is more than whitespace: Qwen3's empty ``<think>\\n\\n</think>\\n\\n``. Training teaches the model to
     write it, so a sampled answer starts with it; `strip_scaffold` takes it off the text rewards and verifiers
-    see. "" for the templates that write the content right after the generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
+    see. "" for the templates that write the content right after the generation prompt. Found once per tokenizer
+    and template (every `generate` call and every rollout asks)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return ""
+    key = repr(template)  # a str, or a dict of named templates
+    known = _SCAFFOLDS.get(tokenizer)
+    if known is None or known[0] != key:
+        known = _SCAFFOLDS[tokenizer] = (key, _find_scaffold(tokenizer))
+    return known[1]
+
+
+_SCAFFOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its template, its scaffold)
+
+
+def _find_scaffold(tokenizer) -> str:
     user, answer = {"role": "user", "content": _PROBE[0]}, {"role": "assistant", "content": _PROBE[1]}
     try:
         gen = chat_text(tokenizer, [user], add_generation_prompt=True)
