@@ -243,3 +243,16 @@ def test_verifiers_on_hand_cases():
     assert task_verifier("arithmetic").check(rows, ["Answer: 4", "Answer: 4"]) == [True, False]
     v = reward_verifier(build_reward_functions(["exact_match"]), ["exact_match"])
     assert v.check([{"prompt": "q", "answer": "4"}] * 2, ["4", "5"]) == [True, False] and v.failures == 0
+
+
+def test_clean_prompts_without_a_variant_are_said_with_where_the_variants_came_from():
+    """A task's variants cover only the prompts its own `make` wrote; a --perturbed file covers the rows it names:
+    the note says which (it blamed the task for a file's gaps)."""
+    rows = TASKS["arithmetic"].make(6, seed=0, split="heldout")
+    variants = [v for v in make_perturbed("arithmetic", rows, seed=0) if v["perturbs"] != rows[0]["id"]]
+    answer = _stub(rows, variants, lambda v: True)
+    for source, says in (("task arithmetic", "the task makes variants only of prompts its own `make` wrote"),
+                         ("mine.jsonl", "no row of mine.jsonl `perturbs` them")):  # fmt: skip
+        result = run_diagnosis(rows, task_verifier("arithmetic"), answer=answer, variants=variants,
+                               variant_source=source, settings=Settings(samples=2))  # fmt: skip
+        assert f"1 of 6 clean prompts have no variant ({says})" in result.notes

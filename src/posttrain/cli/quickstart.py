@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     )
     q.add_argument("--output-dir", help="run folder (default: runs/quickstart or runs/quickstart-METHOD)")
     q.add_argument("--steps", type=int, default=None, help="training steps (default: the built-in recipe)")
-    q.add_argument("--n-eval", type=int, default=None, help="held-out prompts to evaluate (default: recipe)")
+    q.add_argument("--n-eval", type=int, default=None,
+                   help="held-out prompts to evaluate (sft only; default: the recipe's; the others score 200)")
     q.add_argument("--fresh", action="store_true", help="delete the run folder first instead of resuming it")
     q.set_defaults(func=run, loads_models=True)
 

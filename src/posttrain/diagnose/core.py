@@ -177,8 +177,9 @@ def run_diagnosis(
         result.notes.append("robustness not measured: no perturbed prompts (a built-in task that makes variants, "
                             "or --perturbed FILE with your own)")  # fmt: skip
     elif robustness.without_variants:
-        result.notes.append(f"{robustness.without_variants} of {len(rows)} clean prompts have no variant (the task "
-                            "makes variants only of prompts its own `make` wrote)")  # fmt: skip
+        why = ("the task makes variants only of prompts its own `make` wrote" if variant_source.startswith("task ")
+               else f"no row of {variant_source} `perturbs` them")  # fmt: skip
+        result.notes.append(f"{robustness.without_variants} of {len(rows)} clean prompts have no variant ({why})")
     if verifier.failures:
         result.notes.append(f"a reward function could not score {verifier.failures} samples; they count as wrong")
     result.recommendation = recommend(result.facts())
