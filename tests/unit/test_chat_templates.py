@@ -533,3 +533,37 @@ def test_a_generation_prompt_that_finished_turns_do_not_write_is_said_once():
         render_sft(tok, row, max_length=999)
         render_sft(tok, row, max_length=999)
     assert len(caught) == 1  # once per template, not once per row
+
+
+def test_rows_that_train_earlier_turns_under_a_last_turn_scaffold_are_said():
+    """Qwen3's template writes the empty think block before a conversation's last answer only: a chat row's earlier
+    assistant turns are trained without it, the last with it. Said once, naming the rows; a prompt/completion row
+    (one trained answer) and a template that writes every turn alike say nothing."""
+    import warnings
+
+    from posttrain.data.render import render_dataset
+    from posttrain.data.schema import normalise_row
+
+    qwen3 = byte_tokenizer(["<|pad|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|pad|>",
+                           chat_template=QWEN3_NO_THINKING)  # fmt: skip
+    smol = byte_tokenizer(["<|pad|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|pad|>",
+                          chat_template=SMOLLM2)  # fmt: skip
+    def row(raw, line):  # as load_rows gives them: normalised, with their file line
+        return normalise_row(raw, "sft", source="chat.jsonl", line=line)
+
+    chat = {"messages": [U1, A1, U2, A2]}
+    single = {"prompt": [U1, A1, U2], "completion": A2["content"]}
+    for tok, rows, said in ((qwen3, [row(single, 1), row(chat, 4), row(chat, 7)], True),
+                            (qwen3, [row(single, 1)], False), (smol, [row(chat, 1)], False)):  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            render_dataset(tok, rows, max_length=999, source="chat.jsonl")
+        notes = [str(w.message) for w in caught]
+        assert bool(notes) == said, notes
+        if said:
+            assert notes == [
+                "chat.jsonl: 2 of 3 rows train assistant turns before their last (lines 4 and 7), which this chat "
+                "template writes without the '<think>\\n\\n</think>' it writes before a conversation's last answer (as "
+                "Qwen3's drops earlier turns' reasoning): the model learns to answer both with and without it. To "
+                "train each row's last answer only, give those rows as `prompt` (the earlier turns, as messages) and "
+                "`completion`"]  # fmt: skip

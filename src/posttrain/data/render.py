@@ -150,6 +150,23 @@ def _find_scaffold(tokenizer) -> str:
     return between if between.strip() else ""
 
 
+def last_turn_scaffold(tokenizer) -> str:
+    """The scaffold (`answer_scaffold`) when the template writes it before the last answer of a conversation only
+    (Qwen3 drops the think blocks of turns before the last user message), else "". Rows that train earlier turns
+    then teach the model to answer both with and without it (`render_dataset` says so)."""
+    scaffold = answer_scaffold(tokenizer)
+    if not scaffold:
+        return ""
+    turns = [{"role": "user", "content": _PROBE[0]}, {"role": "assistant", "content": _PROBE[1]},
+             {"role": "user", "content": "Q8"}, {"role": "assistant", "content": "A8"}]  # fmt: skip
+    try:
+        full = chat_text(tokenizer, turns)
+    except Exception:  # a template that refuses the probe: nothing known
+        return ""
+    at = full.find(_PROBE[1])
+    return scaffold if at >= 0 and not full[:at].rstrip().endswith(scaffold.strip()) else ""
+
+
 def strip_scaffold(text: str, scaffold: str) -> str:
     """`text` without a leading `scaffold` (`answer_scaffold`), whitespace around it ignored.
 
@@ -240,6 +257,16 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
         rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",
     )  # fmt: skip
     truncated = [getattr(row, "line", None) or i + 1 for i, (row, r) in enumerate(zip(rows, out)) if r.truncated]
+    earlier = [getattr(row, "line", None) or i + 1 for i, row in enumerate(rows) if _trains_earlier_turns(row)]
+    if earlier and (scaffold := last_turn_scaffold(tokenizer)):
+        warnings.warn(
+            f"{source}: {len(earlier)} of {len(out)} rows train assistant turns before their last "
+            f"({lines_text(earlier)}), which this chat template writes without the {scaffold.strip()!r} it writes "
+            "before a conversation's last answer (as Qwen3's drops earlier turns' reasoning): the model learns to "
+            "answer both with and without it. To train each row's last answer only, give those rows as `prompt` "
+            "(the earlier turns, as messages) and `completion`",
+            stacklevel=2,
+        )  # fmt: skip
     if truncated:
         warnings.warn(
             f"{source}: {len(truncated)} of {len(out)} rows are longer than max_length={max_length} tokens and were "
@@ -248,6 +275,13 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
             stacklevel=2,
         )
     return out, len(truncated)
+
+
+def _trains_earlier_turns(row: dict) -> bool:
+    """Whether a normalised row trains an assistant turn before its last one (a chat row; a prompt/completion row
+    trains only its completion)."""
+    messages = row.get("messages") or []
+    return sum(m.get("role") == "assistant" for m in messages[row.get("n_prompt", 0) :]) > 1
 
 
 def lines_text(lines: list[int], shown: int = 5) -> str:
