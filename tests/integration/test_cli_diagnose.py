@@ -42,7 +42,7 @@ def test_every_probe_through_the_cli(capsys, tiny_model_dir, tmp_path):
     rob = doc["robustness"]
     assert [k["kind"] for k in rob["kinds"]] == ["paraphrase", "noop", "names", "reorder", "numbers"]
     assert set(rob["kinds"][0]) == {"kind", "pairs", "clean_accuracy", "perturbed_accuracy", "gap", "ci_low",
-                                    "ci_high", "lost", "gained", "p_value"}  # fmt: skip
+                                    "ci_high", "lost", "gained", "p_value", "prompts"}  # fmt: skip
     assert len(rob["pairs"]) == 15 and set(rob["pairs"][0]) == {"id", "perturbs", "kind", "clean", "perturbed"}
     head = doc["headroom"]
     assert head["samples"] == 2 and list(head["pass_at_k"]) == ["1", "2"]

@@ -197,7 +197,8 @@ def test_every_rule_fires_on_its_own_facts_and_names_them():
     cases = {
         "wrong-demonstrations": {"wrong_share": 0.3},
         "ambiguous-prompts": {"ambiguous_share": 0.1},
-        "robustness-gap": {"worst_gap": 0.2, "worst_gap_low": 0.05, "worst_kind": "noop"},
+        "robustness-gap": {"worst_gap": 0.2, "worst_gap_low": 0.05, "worst_gap_high": 0.3, "worst_p": 0.01,
+                           "kinds": 5, "worst_kind": "noop"},
         "sampling-headroom": {"headroom": 0.2, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.4, "samples": 8},
         "on-policy-pairs": {"headroom": 0.06, "mixed_share": 0.15},
         "pairs-already-ranked": {"pairs_logp_accuracy": 0.95},
@@ -212,7 +213,7 @@ def test_every_rule_fires_on_its_own_facts_and_names_them():
         for c in fired[rule].conditions:  # each reason carries the measured number and its threshold
             assert c["value"] == facts[c["fact"]] and c["fact"] in fired[rule].evidence()
     evidence = recommend(cases["robustness-gap"]).fired[0].evidence()
-    assert evidence == "worst_gap = 0.2 (>= 0.10); worst_gap_low = 0.05 (> 0)"
+    assert evidence == "worst_gap = 0.2 (>= 0.10); worst_p = 0.01 (< 0.05)"
 
 
 def test_the_decision_follows_precedence_blocks_and_default():
@@ -220,8 +221,8 @@ def test_the_decision_follows_precedence_blocks_and_default():
     assert recommend(grpo).option == "sft-grpo"
     assert recommend({**grpo, "headroom": 0.07}).option == "sft-dpo"  # below GRPO's headroom, above DPO's
     assert recommend({**grpo, "wrong_share": 0.2}).option == "sft-data"  # data problems come first
-    # Gap not significant (interval reaches 0): no robustness rule; the headroom rule decides.
-    assert recommend({**grpo, "worst_gap": 0.3, "worst_gap_low": 0.0}).option == "sft-grpo"
+    # Gap not significant (corrected sign test at 0.05 or above): no robustness rule; the headroom rule decides.
+    assert recommend({**grpo, "worst_gap": 0.3, "worst_gap_low": 0.01, "worst_p": 0.05}).option == "sft-grpo"
     blocked = recommend({"headroom": 0.5, "mixed_share": 0.01})
     assert blocked.option == "sft-data" and [f.rule for f in blocked.fired] == ["no-limit-found", "no-rl-signal"]
     assert recommend({}).option == "sft-data" and recommend({}).fired[0].rule == "no-limit-found"
@@ -256,3 +257,82 @@ def test_clean_prompts_without_a_variant_are_said_with_where_the_variants_came_f
         result = run_diagnosis(rows, task_verifier("arithmetic"), answer=answer, variants=variants,
                                variant_source=source, settings=Settings(samples=2))  # fmt: skip
         assert f"1 of 6 clean prompts have no variant ({says})" in result.notes
+
+
+# ---- the robustness decision (an audit of the statistics, twentieth session) ----------------------------------
+def test_the_kind_that_decides_is_the_largest_significant_drop_not_the_largest_gap():
+    """5 typo pairs with a 20-point gap (interval from 0, p = 1) made the largest gap the deciding kind and hid a
+    100-prompt, 18-point paraphrase drop (p = 1e-4): the rule did not fire. The significant drop decides."""
+    from posttrain.diagnose.robustness import measure_robustness
+
+    ids = [f"p{i}" for i in range(100)]
+    clean = [True] * 100
+    variants, right = [], []
+    for i in range(100):  # paraphrase: 20 lost, 2 gained (the first two clean prompts are wrong)
+        variants.append({"perturbs": ids[i], "kind": "paraphrase"})
+        right.append(not 2 <= i < 22)
+    clean[0] = clean[1] = False
+    for i in range(5):  # typos: one of 5 lost
+        variants.append({"perturbs": ids[50 + i], "kind": "typos"})
+        right.append(i != 0)
+    r = measure_robustness("t", ids, clean, variants, right)
+    para, typos = r.kinds
+    assert (para.lost, para.gained, para.gap) == (20, 2, pytest.approx(0.18)) and typos.gap == pytest.approx(0.2)
+    assert para.p_value == pytest.approx(2 * sum(comb(22, k) for k in range(3)) / 2**22)  # exact sign test
+    assert r.worst() is para and r.adjusted_p(para) == pytest.approx(2 * para.p_value)
+    diagnosis = run_diagnosis([{"id": i, "prompt": i, "answer": 1} for i in ids], task_verifier("arithmetic"),
+                              answer=lambda rows, t, s: ["Answer: 1"] * len(rows), settings=Settings(samples=0))  # fmt: skip
+    diagnosis.robustness = r
+    assert recommend(diagnosis.facts()).fired[0].rule == "robustness-gap"
+    # no kind significant: the nearest drop is shown, and the rule does not fire
+    weak = measure_robustness("t", ids[:40], [True] * 40, [{"perturbs": i, "kind": "x"} for i in ids[:40]],
+                              [False] * 4 + [True] * 36)  # fmt: skip
+    assert weak.kinds[0].p_value == 0.125 and weak.worst() is weak.kinds[0]
+    diagnosis.robustness = weak
+    assert "robustness-gap" not in {f.rule for f in recommend(diagnosis.facts()).fired}
+
+
+def test_several_variants_of_a_prompt_count_as_that_prompt_once():
+    """20 prompts, 5 paraphrases each, every paraphrase of 4 prompts failed: 100 independent pairs would give
+    p = 1.9e-6; 4 prompts lost of 20 give 2 P[Bin(4, 1/2) <= 0] = 0.125, and the interval resamples prompts."""
+    from posttrain.diagnose.robustness import measure_robustness
+
+    ids = [f"p{i}" for i in range(20)]
+    variants = [{"perturbs": i, "kind": "paraphrase"} for i in ids for _ in range(5)]
+    right = [k // 5 >= 4 for k in range(100)]
+    kind = measure_robustness("t", ids, [True] * 20, variants, right).kinds[0]
+    assert (kind.pairs, kind.prompts, kind.lost, kind.gained) == (100, 20, 4, 0)
+    assert kind.gap == pytest.approx(0.2) and kind.p_value == 0.125
+    assert (kind.ci_low, kind.ci_high) == bootstrap_ci([1.0] * 4 + [0.0] * 16)
+    one_each = paired_gap([True] * 20, right[::5])  # one variant a prompt: the same prompts, McNemar's test
+    assert (one_each["gap"], one_each["p_value"]) == (kind.gap, kind.p_value)
+
+
+def test_clean_prompts_that_share_an_id_are_refused_not_paired_with_the_last_one(tmp_path):
+    from posttrain.diagnose.robustness import measure_robustness
+    from posttrain.errors import UserError
+
+    with pytest.raises(UserError, match=r"clean prompts share ids \('a'\): each variant names its clean prompt"):
+        measure_robustness("t", ["a", "b", "a"], [True, False, False], [{"perturbs": "a", "kind": "x"}], [True])
+    path = tmp_path / "perturbed.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "perturbs": "a", "kind": "x", "answer": 4}) + "\n")
+    rows = [{"id": "a", "prompt": "1", "answer": 4}, {"id": "b", "prompt": "2", "answer": 4},
+            {"id": "a", "prompt": "3", "answer": 4}]  # fmt: skip
+    with pytest.raises(UserError, match=r"the clean prompts share ids, .*: id 'a' on lines 1, 3\. Give every"):
+        load_perturbed(path, rows)
+
+
+def test_drift_over_completions_with_no_token_is_not_measured_not_zero(tiny_model, tiny_tokenizer):
+    """Every completion empty: no position is scored. The drift was reported as KL 0 and agreement 0 (a
+    measurement), and `drift-from-base` fired on "agrees on only 0%"."""
+    from posttrain.diagnose.core import Diagnosis, Drift
+    from posttrain.diagnose.drift import compare
+
+    comparison = compare(tiny_model, tiny_model, tiny_tokenizer, ["q", "r"], ["", ""])
+    assert comparison.tokens == 0 and all(math.isnan(x) for x in (comparison.kl_policy_base,
+                                                                   comparison.top1_agreement))  # fmt: skip
+    d = Diagnosis(model="m", verifier="v", prompts=2, greedy_accuracy=1.0, settings=Settings(), robustness=None,
+                  headroom=None, data=None, preferences=None, drift=Drift(base="b", task=comparison, probe=comparison))  # fmt: skip
+    facts = d.facts()
+    assert facts["kl_policy_base"] is None and facts["probe_agreement"] is None
+    assert "drift-from-base" not in {f.rule for f in recommend(facts).fired}

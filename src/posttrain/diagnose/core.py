@@ -11,6 +11,7 @@ stub that answers by rule (`model_answers` wraps a real model); preference and d
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,14 +71,18 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
 
     def facts(self) -> dict:
-        """The measurements the rules read (rules.yaml's header): None for what was not measured."""
+        """The measurements the rules read (rules.yaml's header): None for what was not measured (NaN included:
+        drift over completions that were all empty scored no token)."""
         worst = self.robustness.worst() if self.robustness else None
         h, d = self.headroom, self.data
-        return {
+        facts = {
             "clean_accuracy": self.greedy_accuracy,
             "worst_kind": worst.kind if worst else None,
             "worst_gap": worst.gap if worst else None,
             "worst_gap_low": worst.ci_low if worst else None,
+            "worst_gap_high": worst.ci_high if worst else None,
+            "worst_p": self.robustness.adjusted_p(worst) if worst else None,
+            "kinds": len(self.robustness.kinds) if self.robustness else None,
             "samples": h.samples if h else None,
             "pass_at_1": h.pass_at_k[1] if h else None,
             "pass_at_n": h.pass_at_k[h.samples] if h else None,
@@ -89,6 +94,7 @@ class Diagnosis:
             "kl_policy_base": self.drift.task.kl_policy_base if self.drift else None,
             "probe_agreement": self.drift.probe.top1_agreement if self.drift else None,
         }
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in facts.items()}
 
     def to_dict(self) -> dict:
         """JSON-ready (docs/diagnose.md): dataclasses as objects, pass@k keys as strings."""

@@ -17,6 +17,7 @@ Letters: N scored positions, V vocabulary. `token_kl` is pure; the rest runs for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ def compare(model, base, tokenizer, prompts: Sequence, completions: Sequence[str
     finally:
         model.train(was[0])
         base.train(was[1])
-    means = (sums / max(n, 1)).tolist()
+    # no scored token (every completion empty): nothing measured, not a KL of 0 and an agreement of 0
+    means = (sums / n).tolist() if n else [math.nan] * 3
     return Comparison(n, *means)
 
 

@@ -37,11 +37,12 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def robustness_table(d: Diagnosis) -> tuple[list[str], list[list[str]]]:
-    header = ["variant", "pairs", "clean", "perturbed", "gap (clean - perturbed)", "95% interval", "lost / gained",
-              "McNemar p"]  # fmt: skip
-    rows = [[k.kind, str(k.pairs), pct(k.clean_accuracy), pct(k.perturbed_accuracy), pts(k.gap),
-             f"[{100 * k.ci_low:+.1f}, {100 * k.ci_high:+.1f}]", f"{k.lost} / {k.gained}", f"{k.p_value:.3g}"]
-            for k in d.robustness.kinds]  # fmt: skip
+    header = ["variant", "pairs", "clean", "perturbed", "gap (clean - perturbed)", "95% interval",
+              "prompts lost / gained", "sign test p", f"p x {len(d.robustness.kinds)} kinds"]  # fmt: skip
+    rows = [[k.kind, str(k.pairs) if k.pairs == k.prompts else f"{k.pairs} ({k.prompts} prompts)",
+             pct(k.clean_accuracy), pct(k.perturbed_accuracy), pts(k.gap),
+             f"[{100 * k.ci_low:+.1f}, {100 * k.ci_high:+.1f}]", f"{k.lost} / {k.gained}", f"{k.p_value:.3g}",
+             f"{d.robustness.adjusted_p(k):.3g}"] for k in d.robustness.kinds]  # fmt: skip
     return header, rows
 
 

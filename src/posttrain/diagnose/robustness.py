@@ -5,7 +5,10 @@ paraphrases, an irrelevant sentence with a number and a name, unseen names and i
 numbers with the answer recomputed) or from the user's file of perturbed rows (`load_perturbed`): each row names
 the ``id`` of the clean prompt it perturbs in ``perturbs``, its ``kind`` (any label: ``paraphrase``, ``typos``,
 ...), its ``prompt`` and the same ``answer`` (only kind ``numbers`` may change it). Every variant is scored beside
-its own clean prompt, and each kind is reported apart with paired statistics (`stats.paired_gap`).
+its own clean prompt, and each kind is reported apart with paired statistics over its prompts (`stats.paired_gap`:
+several variants of one prompt count once). The kind that decides (`Robustness.worst`) is the one with the
+largest drop among those whose drop an exact sign test, Bonferroni-corrected over the kinds compared, puts below
+`LEVEL`; the bootstrap intervals are shown, not tested.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from pathlib import Path
 from posttrain.data.readers import read_records_lenient
 from posttrain.data.schema import check_row
 from posttrain.diagnose.stats import paired_gap
-from posttrain.errors import DataError, Problem
+from posttrain.errors import DataError, Problem, UserError
+
+LEVEL = 0.05
+"""The family-wise error rate of the robustness decision: a kind's sign-test p-value times the number of kinds
+(Bonferroni) must be below it."""
 
 ANSWER_CHANGING = ("numbers",)
 """Kinds of variant whose answer may differ from the clean prompt's (the numbers changed, the answer recomputed)."""
@@ -30,6 +37,7 @@ class KindGap:
 
     kind: str
     pairs: int
+    prompts: int
     clean_accuracy: float
     perturbed_accuracy: float
     gap: float
@@ -50,9 +58,19 @@ class Robustness:
     pairs: list[dict] = field(default_factory=list)  # {id, perturbs, kind, clean, perturbed}
     without_variants: int = 0  # clean prompts no variant perturbs
 
+    def adjusted_p(self, kind: KindGap) -> float:
+        """`kind`'s sign-test p-value, Bonferroni-corrected over the kinds compared."""
+        return min(1.0, kind.p_value * len(self.kinds))
+
     def worst(self) -> KindGap | None:
-        """The kind with the largest gap (None when there is none)."""
-        return max(self.kinds, key=lambda k: k.gap, default=None)
+        """The kind that decides: the largest drop among the kinds whose drop is significant (`LEVEL`, corrected
+        over the kinds), else the kind nearest to it (the smallest corrected p-value of a drop, then the largest
+        gap); None when there is none. Not simply the largest gap: 5 pairs of typos with a 20-point gap and an
+        interval from 0 would hide a 100-pair, 18-point paraphrase gap with p = 1e-4."""
+        drops = [k for k in self.kinds if k.gap > 0 and self.adjusted_p(k) < LEVEL]
+        if drops:
+            return max(drops, key=lambda k: k.gap)
+        return min(self.kinds, key=lambda k: (k.gap <= 0, self.adjusted_p(k), -k.gap), default=None)
 
 
 def row_id(row: dict, index: int) -> str:
@@ -77,16 +95,22 @@ def measure_robustness(
     (1.0, 0.5, 1)
     """
     clean = dict(zip(clean_ids, clean_correct, strict=True))
-    by_kind: dict[str, list[tuple[bool, bool]]] = {}
+    if len(clean) < len(clean_ids):  # variants name their clean prompt by id: a shared id pairs them wrongly
+        seen: set[str] = set()
+        shared = sorted({i for i in clean_ids if i in seen or seen.add(i)})
+        raise UserError(f"clean prompts share ids ({', '.join(map(repr, shared[:5]))}): each variant names its "
+                        "clean prompt by `id`, so every id must be unique")  # fmt: skip
+    by_kind: dict[str, list[tuple[bool, bool, str]]] = {}
     pairs = []
     for v, right in zip(variants, variant_correct, strict=True):
         was = clean[str(v["perturbs"])]
-        by_kind.setdefault(v["kind"], []).append((was, right))
+        by_kind.setdefault(v["kind"], []).append((was, right, str(v["perturbs"])))
         pairs.append({"id": v.get("id"), "perturbs": str(v["perturbs"]), "kind": v["kind"], "clean": int(was),
                       "perturbed": int(right)})  # fmt: skip
     kinds = []
     for kind, results in by_kind.items():
-        gap = paired_gap([c for c, _ in results], [p for _, p in results], seed=seed)
+        gap = paired_gap([c for c, _, _ in results], [p for _, p, _ in results],
+                         prompts=[i for _, _, i in results], seed=seed)  # fmt: skip
         kinds.append(KindGap(kind=kind, **gap))
     perturbed = {p["perturbs"] for p in pairs}
     accuracy = sum(clean_correct) / len(clean_correct) if clean_correct else math.nan
@@ -104,6 +128,15 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
     name = str(path)
     records, problems = read_records_lenient(path)
     clean = {row_id(r, i): r for i, r in enumerate(clean_rows)}
+    if len(clean) < len(clean_rows):  # a variant names its clean prompt by id: a shared id pairs it wrongly
+        lines: dict[str, list] = {}
+        for i, r in enumerate(clean_rows):
+            lines.setdefault(row_id(r, i), []).append(getattr(r, "line", None) or i + 1)
+        shared = {k: v for k, v in lines.items() if len(v) > 1}
+        raise UserError("the clean prompts share ids, so the variants of " + name + " could not be paired with "
+                        "their prompt: " + "; ".join(f"id {k!r} on lines {', '.join(map(str, v))}"
+                                                   for k, v in list(shared.items())[:5]) + ". Give every clean "
+                        "prompt its own `id`")  # fmt: skip
     rows = []
     for rec in records:
         found: list[Problem] = []

@@ -5,12 +5,15 @@
   product 1 - prod_{i = n - c + 1}^{n} (1 - k / i) (the same ratio, term by term, with no huge binomials);
 - `bootstrap_ci`: the percentile bootstrap interval of a mean (Efron & Tibshirani 1993, ch. 13), seeded;
 - `paired_gap`: clean vs perturbed correctness of the same prompts: the mean paired difference, its bootstrap
-  interval and the exact McNemar test (`posttrain.evaluation.paired_change`). Never two unpaired rates: the
-  prompts are the same, so their differences are what varies;
+  interval and an exact sign test over the prompts (McNemar's, `posttrain.evaluation.paired_change`, when each
+  prompt has one variant). Never two unpaired rates: the prompts are the same, so their differences are what
+  varies; and the prompt is the unit, so several variants of one prompt count once (their mean);
 - `hierarchical_bootstrap_ci`: the interval of a mean over seeds of means over problems, resampling seeds, then
   problems within each drawn seed (Davison & Hinkley 1997, sec. 3.8; `posttrain study`);
 - `minimum_detectable_difference`: the smallest difference of two accuracies that n problems over s seeds can
-  tell from zero, stated before a study runs.
+  tell from zero, stated before a study runs;
+- `t_interval`, `t_quantile`: Student's t interval of a mean of a few values (a per-seed measurement over 2-8
+  seeds, where a bootstrap of so few values gives their range).
 
 No model, no I/O.
 """
@@ -18,6 +21,7 @@ No model, no I/O.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from statistics import NormalDist
 
@@ -91,34 +95,51 @@ def bootstrap_ci(
     return lo, hi
 
 
-def paired_gap(clean: Sequence[bool], perturbed: Sequence[bool], *, level: float = 0.95, seed: int = 0) -> dict:
-    """Accuracy on clean prompts minus accuracy on their perturbed variants, paired row by row (row i of both
-    is the same prompt): `clean_accuracy`, `perturbed_accuracy`, `gap` (their difference, the mean of the
-    paired differences), `ci_low`/`ci_high` (the bootstrap interval of that mean), `lost` (right when clean,
-    wrong when perturbed), `gained` (the reverse) and `p_value` (exact McNemar on lost vs gained).
+def paired_gap(clean: Sequence[bool], perturbed: Sequence[bool], *, prompts: Sequence | None = None,
+               level: float = 0.95, seed: int = 0) -> dict:  # fmt: skip
+    """Accuracy on clean prompts minus accuracy on their perturbed variants, paired (pair i: a variant and its
+    clean prompt, `prompts[i]` naming the prompt; None: every pair its own prompt). The prompt is the unit: a
+    prompt's variants count as one perturbed accuracy, their mean, so five paraphrases of one prompt are not five
+    independent pairs. Returns `pairs`, `prompts`, `clean_accuracy` and `perturbed_accuracy` (means over the
+    prompts), `gap` (their difference, the mean of the prompts' differences), `ci_low`/`ci_high` (the bootstrap
+    interval of that mean, resampling prompts), `lost` and `gained` (prompts whose variants do worse or better
+    than the clean prompt) and `p_value`, the exact two-sided sign test of lost against gained: McNemar's test
+    when each prompt has one variant.
 
     Worked example: 4 prompts right clean; perturbed, prompts 0 and 1 fail: gap = 0.5, lost 2, gained 0,
-    p = 2 * P[Bin(2, 1/2) <= 0] = 0.5.
+    p = 2 * P[Bin(2, 1/2) <= 0] = 0.5. Prompt "a" with two variants, one failed, and "b" with one that holds:
+    the prompts' differences 0.5 and 0, gap 0.25, one prompt lost.
 
     >>> r = paired_gap([1, 1, 1, 1], [0, 0, 1, 1])
     >>> r["gap"], r["lost"], r["gained"], r["p_value"]
     (0.5, 2, 0, 0.5)
+    >>> r = paired_gap([1, 1, 1], [0, 1, 1], prompts=["a", "a", "b"])
+    >>> r["pairs"], r["prompts"], r["gap"], r["lost"], r["p_value"]
+    (3, 2, 0.25, 1, 1.0)
     """
-    if len(clean) != len(perturbed):
+    if len(clean) != len(perturbed) or (prompts is not None and len(prompts) != len(clean)):
         raise ValueError(f"{len(clean)} clean results but {len(perturbed)} perturbed")
-    n = len(clean)
-    diffs = [float(bool(c)) - float(bool(p)) for c, p in zip(clean, perturbed)]
-    change = paired_change([float(bool(c)) for c in clean], [float(bool(p)) for p in perturbed])
+    groups: dict = {}
+    for i, (c, p) in enumerate(zip(clean, perturbed)):
+        groups.setdefault(i if prompts is None else prompts[i], (float(bool(c)), []))[1].append(float(bool(p)))
+    before = [c for c, _ in groups.values()]
+    after = [sum(ps) / len(ps) for _, ps in groups.values()]
+    diffs = [b - a for b, a in zip(before, after)]
+    n = len(diffs)
+    lost, gained = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    # the sign test is McNemar's on prompts that moved: a 0/1 stand-in per prompt for its direction
+    change = paired_change([1.0] * lost + [0.0] * gained, [0.0] * lost + [1.0] * gained)
     lo, hi = bootstrap_ci(diffs, level=level, seed=seed)
     return {
-        "pairs": n,
-        "clean_accuracy": sum(map(bool, clean)) / n if n else math.nan,
-        "perturbed_accuracy": sum(map(bool, perturbed)) / n if n else math.nan,
+        "pairs": len(clean),
+        "prompts": n,
+        "clean_accuracy": sum(before) / n if n else math.nan,
+        "perturbed_accuracy": sum(after) / n if n else math.nan,
         "gap": sum(diffs) / n if n else math.nan,
         "ci_low": lo,
         "ci_high": hi,
-        "lost": change["lost"],
-        "gained": change["gained"],
+        "lost": lost,
+        "gained": gained,
         "p_value": change["p_value"],
     }
 
@@ -182,6 +203,52 @@ def hierarchical_bootstrap_ci(
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(means, q).tolist()
     return lo, hi
+
+
+def t_quantile(df: int, p: float) -> float:
+    """The `p` quantile of Student's t with `df` degrees of freedom (p in (0.5, 1)): bisection on its CDF, the
+    density integrated by Simpson's rule over [0, t] in the variable u = atan(t / sqrt(df)), where the integrand
+    is smooth and bounded for every df (the tails of df = 1 or 2 reach far).
+
+    >>> [round(t_quantile(df, 0.975), 3) for df in (1, 2, 4, 30)]
+    [12.706, 4.303, 2.776, 2.042]
+    """
+    if df < 1 or not 0.5 < p < 1:
+        raise ValueError(f"need df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
+    const = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t: float) -> float:  # P[T <= t] for t >= 0; with t = sqrt(df) tan(u), dt = sqrt(df) sec^2(u) du
+        top, steps = math.atan(t / math.sqrt(df)), 2000
+        h = top / steps
+        f = [const * math.sqrt(df) * math.cos(u) ** (df - 1) for u in (h * i for i in range(steps + 1))]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of `values` (mean +- t_{n-1} * sd / sqrt(n), sd with divisor n - 1),
+    None for fewer than two. For a measurement made once per seed over a few seeds: a bootstrap of 3 values gives
+    their range (drawing one value three times has chance 1/27, above 2.5%), which excludes 0 whenever the three
+    agree in sign.
+
+    Worked example: 0.001, 0.010, 0.030: mean 0.013667, sd 0.014844, t_2 = 4.30265: 0.013667 +- 0.036875.
+
+    >>> [round(x, 4) for x in t_interval([0.001, 0.010, 0.030])]
+    [-0.0232, 0.0505]
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = t_quantile(n - 1, (1 + level) / 2) * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def minimum_detectable_difference(
