@@ -49,7 +49,8 @@ def test_a_model_right_only_on_clean_wording_has_a_gap_equal_to_its_error_on_var
     for split in OOD_SPLITS:  # every pair is (right, wrong): the gap is exactly 1, and so is every resample
         assert (sft.gap[split].value, sft.gap[split].low, sft.gap[split].high) == (1.0, 1.0, 1.0)
     assert sft.shortcut["ood"].value == 1.0 and sft.shortcut["id"].value == 0.0
-    assert result.problems == {"id": 40, "paraphrase": 40, "noop": 40, "names": 40, "rare_op": 20, "ood": 140}
+    # pooled OOD counts problems (40, each with 3 or 4 variants), not the 140 variants: they are not independent
+    assert result.problems == {"id": 40, "paraphrase": 40, "noop": 40, "names": 40, "rare_op": 20, "ood": 40}
 
 
 def test_pass_at_k_and_the_warm_start_check_by_hand(result):
@@ -65,9 +66,12 @@ def test_pass_at_k_and_the_warm_start_check_by_hand(result):
 
 def test_a_difference_is_called_only_past_the_minimum_detectable_difference(result):
     comp = {(c.arm, c.metric): c for c in result.comparisons}
-    ood = comp[("grpo", "ood")]  # grpo - sft-more on the 140 pooled variants: (140 - 34) / 140 right more
-    assert ood.difference == pytest.approx(106 / 140, abs=1e-12) and ood.low > 0 and ood.verdict == "higher"
-    assert ood.mdd == pytest.approx(minimum_detectable_difference(140, 1), abs=1e-12)
+    # grpo - sft-more pooled out of distribution, per problem (sft-more wrong on every variant): grpo's mean over a
+    # problem's variants. 20 additions have 3 variants, 20 subtractions 4 (rare_op); the 6 names variants grpo gets
+    # right perturb 3 of each. (3 x 1 + 17 x 2/3 + 3 x 1 + 17 x 3/4) / 40 = (361 / 12) / 40 = 361 / 480
+    ood = comp[("grpo", "ood")]
+    assert ood.difference == pytest.approx(361 / 480, abs=1e-12) and ood.low > 0 and ood.verdict == "higher"
+    assert ood.mdd == pytest.approx(minimum_detectable_difference(40, 1), abs=1e-12)
     # names: +6/40 = 0.15, an interval above 0 (a resample draws none of the 6 with chance 0.85^40 = 0.15%), but
     # under the MDD of 40 problems, 2.801585 * sqrt(0.5 / 40) = 0.3132: inconclusive
     names = comp[("grpo", "names")]
@@ -92,3 +96,32 @@ def test_the_predictions_read_their_comparisons(result):
     assert (cross.verdict, cross.direction) == ("inconclusive", "agrees")
     assert all(p.verdict == "not measured" for p in result.predictions if p.source.startswith("Shenfeld"))  # no drift
     assert next(p for p in result.predictions if p.claim.startswith("Wrong demonstrations")).verdict == "not measured"
+
+
+def test_a_per_seed_measurement_over_three_seeds_gets_a_t_interval_not_the_seeds_range():
+    """Drift is measured once per seed. A bootstrap of three values gives their range (drawing one seed three times
+    has chance 1/27), so per-seed differences +0.001, +0.010, +0.030 were called "higher" [+0.001, +0.030]; on
+    arms that do not differ that calls a verdict a quarter of the time (an audit). Student's t over the seeds:
+    0.013667 +- 4.30265 x 0.014844 / sqrt(3) = [-0.0232, +0.0505], inconclusive."""
+    cfg = CFG.model_copy(update={"seeds": [0, 1, 2]})
+    cells = []
+    for seed, (sft_kl, grpo_kl) in enumerate([(0.100, 0.101), (0.200, 0.210), (0.300, 0.330)]):
+        for arm, kl in (("sft-more", sft_kl), ("grpo", grpo_kl)):
+            drift = {"task": {"kl_policy_base": kl, "kl_base_policy": kl, "top1_agreement": 0.9},
+                     "probe": {"kl_policy_base": kl, "kl_base_policy": kl, "top1_agreement": 0.9}}  # fmt: skip
+            scores = Scores({r["id"]: 1 for r in ROWS}, {}, samples=4, sampled=dict.fromkeys(IDS, 2), drift=drift)
+            cells.append(Cell(arm, seed, 0.0, "trained", points=[Point(3, 9.0, 100.0, scores, True)]))
+    res = summarise(cfg, "test", cells, dict.fromkeys(cfg.seeds, ROWS), out="x", seconds=1.0)
+    kl = next(p for p in res.predictions if p.claim.startswith("On-policy RL drifts less")).test
+    assert kl.difference == pytest.approx(0.041 / 3, abs=1e-12) and kl.mdd is None
+    assert (kl.low, kl.high) == (pytest.approx(-0.0232, abs=1e-4), pytest.approx(0.0505, abs=1e-4))
+    assert kl.verdict == "inconclusive"
+    grpo = {a.arm: a for a in res.summaries}["grpo"].drift["kl_task"]  # an arm's own: t over its 3 seeds
+    assert (grpo.low, grpo.high) == (pytest.approx(0.2137 - 4.30265 * 0.11452 / 3**0.5, abs=1e-3),
+                                     pytest.approx(0.2137 + 4.30265 * 0.11452 / 3**0.5, abs=1e-3))  # fmt: skip
+
+
+def test_a_difference_of_differences_is_called_past_sqrt_2_times_the_mdd(result):
+    """The crossover (gain at pass@1 minus gain at pass@4) adds the noise of four pass rates, not two."""
+    cross = next(p for p in result.predictions if "crossover" in p.claim).test
+    assert cross.mdd == pytest.approx(2**0.5 * minimum_detectable_difference(40, 1), abs=1e-12)

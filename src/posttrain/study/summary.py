@@ -1,12 +1,16 @@
 """The study's statistics: every arm's measurements with intervals, paired differences between arms, and the
 pre-registered predictions checked against them.
 
-Every measurement is a value per evaluation row (0/1 right, a pass@k, a paired clean-minus-variant difference)
-or per seed (KL, probe agreement), for each seed. Its interval is `diagnose.stats.hierarchical_bootstrap_ci`:
-resample seeds, then rows within each drawn seed. A difference between two arms is taken row by row on the same
-rows (every arm scores the same problems of a seed), then bootstrapped the same way. It is called only when its
-interval excludes 0 *and* it is at least the minimum detectable difference stated in advance
-(`diagnose.stats.minimum_detectable_difference` of the rows per seed and the seeds); otherwise it is
+Every measurement is a value per problem (0/1 right, a pass@k, a paired clean-minus-variant difference; the
+pooled out-of-distribution accuracy of a problem is the mean over its variants, so a problem with four variants
+counts once) or per seed (KL, probe agreement), for each seed. A per-problem measurement's interval is
+`diagnose.stats.hierarchical_bootstrap_ci`: resample seeds, then problems within each drawn seed. A per-seed
+measurement's is Student's t interval over the seeds (`diagnose.stats.t_interval`): a bootstrap of two or three
+values gives their range, which excludes 0 whenever they agree in sign. A difference between two arms is taken
+problem by problem on the same problems (every arm scores the same problems of a seed), then bootstrapped the
+same way. It is called only when its interval excludes 0 *and* it is at least the minimum detectable difference
+stated in advance (`diagnose.stats.minimum_detectable_difference` of the problems per seed and the seeds; sqrt(2)
+times it for a difference of two differences, which adds the noise of two more accuracies); otherwise it is
 `inconclusive`. With one seed, a seed-level measurement has no interval (`low`, `high` null): only its direction
 is reported.
 """
@@ -18,7 +22,12 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from posttrain.diagnose.stats import hierarchical_bootstrap_ci, minimum_detectable_difference, pass_at_k
+from posttrain.diagnose.stats import (
+    hierarchical_bootstrap_ci,
+    minimum_detectable_difference,
+    pass_at_k,
+    t_interval,
+)
 from posttrain.study.arms import ARMS
 from posttrain.study.config import StudyConfig
 from posttrain.study.data import OOD_SPLITS, SPLITS
@@ -83,10 +92,27 @@ Metric = Callable[[Scores, list[dict]], dict]
 """(a seed's scores, that seed's rows) -> {row id (or "seed"): value}: what is averaged and resampled."""
 
 
+def by_problem(values: dict[str, float], rows: list[dict]) -> dict[str, float]:
+    """Out-of-distribution rows' `values` (by row id) as one mean per clean problem (the rows' ``perturbs``): the
+    problem is the unit that is sampled, its variants are not independent draws.
+
+    >>> by_problem({"a~x": 1.0, "a~y": 0.0, "b~x": 1.0}, [{"id": "a~x", "perturbs": "a"},
+    ...     {"id": "a~y", "perturbs": "a"}, {"id": "b~x", "perturbs": "b"}])
+    {'a': 0.5, 'b': 1.0}
+    """
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r["id"] in values:
+            groups.setdefault(r["perturbs"], []).append(values[r["id"]])
+    return {k: statistics.fmean(v) for k, v in groups.items()}
+
+
 def accuracy(split: str) -> Metric:
-    """Greedy right (0/1) on each row of `split` (``ood``: every out-of-distribution row)."""
-    splits = set(OOD_SPLITS) if split == "ood" else {split}
-    return lambda s, rows: {r["id"]: s.correct[r["id"]] for r in rows if r["split"] in splits and r["id"] in s.correct}
+    """Greedy right (0/1) on each row of `split`; ``ood``: each problem's mean over its out-of-distribution rows."""
+    if split == "ood":
+        return lambda s, rows: by_problem({r["id"]: s.correct[r["id"]] for r in rows
+                                           if r["split"] in OOD_SPLITS and r["id"] in s.correct}, rows)  # fmt: skip
+    return lambda s, rows: {r["id"]: s.correct[r["id"]] for r in rows if r["split"] == split and r["id"] in s.correct}
 
 
 def gap(split: str) -> Metric:
@@ -96,9 +122,11 @@ def gap(split: str) -> Metric:
 
 
 def shortcut_rate(split: str) -> Metric:
-    """1 when a subtraction of `split` (``ood``: of every variant split) was answered start + k."""
-    splits = set(OOD_SPLITS) if split == "ood" else {split}
-    return lambda s, rows: {r["id"]: s.shortcut[r["id"]] for r in rows if r["split"] in splits and r["id"] in s.shortcut}
+    """1 when a subtraction of `split` was answered start + k; ``ood``: each problem's mean over its variants."""
+    if split == "ood":
+        return lambda s, rows: by_problem({r["id"]: s.shortcut[r["id"]] for r in rows
+                                           if r["split"] in OOD_SPLITS and r["id"] in s.shortcut}, rows)  # fmt: skip
+    return lambda s, rows: {r["id"]: s.shortcut[r["id"]] for r in rows if r["split"] == split and r["id"] in s.shortcut}
 
 
 def pass_k(k: int) -> Metric:
@@ -202,14 +230,15 @@ class _Data:
 
 
 def estimate(groups: dict[int, dict], s: StudyConfig, *, seed: int = 0) -> Estimate | None:
-    """The mean over seeds of each seed's mean, with its hierarchical interval (none for per-seed values of one
-    seed, or nothing measured)."""
+    """The mean over seeds of each seed's mean, with its hierarchical interval; a per-seed value (one value a
+    seed) gets Student's t interval over the seeds (none for one seed); None when nothing was measured."""
     values = [list(g.values()) for g in groups.values() if g]
     if not values:
         return None
     mean = statistics.fmean(statistics.fmean(v) for v in values)
-    if len(values) == 1 and len(values[0]) == 1:
-        return Estimate(mean, None, None)
+    if all(len(v) == 1 for v in values):
+        bounds = t_interval([v[0] for v in values], level=s.statistics.level)
+        return Estimate(mean, *bounds) if bounds else Estimate(mean, None, None)
     lo, hi = hierarchical_bootstrap_ci(values, level=s.statistics.level, n_resamples=s.statistics.resamples, seed=seed)
     return Estimate(mean, lo, hi)
 
@@ -230,9 +259,11 @@ def minus(x: dict[int, dict], y: dict[int, dict]) -> dict[int, dict]:
     return {seed: {k: x[seed][k] - y[seed][k] for k in x[seed] if k in y[seed]} for seed in x if seed in y}
 
 
-def compare(d: _Data, diffs: dict[int, dict], arm: str, other: str, noise: float, name: str) -> Comparison | None:
-    """The mean of the row-by-row differences `diffs`, its interval, the minimum detectable difference for as
-    many rows and seeds, and the verdict (module docstring); None when nothing was measured."""
+def compare(d: _Data, diffs: dict[int, dict], arm: str, other: str, noise: float, name: str, *,
+            twice: bool = False) -> Comparison | None:  # fmt: skip
+    """The mean of the problem-by-problem differences `diffs`, its interval, the minimum detectable difference for
+    as many problems and seeds (`twice`: a difference of two differences, four accuracies: sqrt(2) times it), and
+    the verdict (module docstring); None when nothing was measured."""
     diffs = {seed: g for seed, g in diffs.items() if g}
     est = estimate(diffs, d.cfg, seed=1)
     if est is None:
@@ -241,6 +272,8 @@ def compare(d: _Data, diffs: dict[int, dict], arm: str, other: str, noise: float
     s = d.cfg.statistics
     # a per-seed value (KL, probe agreement) has no count of problems to state a detectable difference from
     mdd = minimum_detectable_difference(n, len(diffs), level=s.level, power=s.power) if n > 1 else None
+    if mdd is not None and twice:
+        mdd *= math.sqrt(2)
     verdict = "inconclusive"
     if est.low is not None and (mdd is None or abs(est.value) >= mdd):
         verdict = "higher" if est.low > 0 else "lower" if est.high < 0 else "inconclusive"
@@ -334,14 +367,14 @@ def _test(d: _Data, a: str, b: str, metric: str) -> Comparison | None:
     if metric == "crossover":
         k = max(s.evaluation.ks)
         rows = minus(compare_rows(d, (a, clean), (b, clean), pass_k(1)), compare_rows(d, (a, clean), (b, clean), pass_k(k)))
-        return compare(d, rows, a, b, clean, f"pass@1 gain - pass@{k} gain")
+        return compare(d, rows, a, b, clean, f"pass@1 gain - pass@{k} gain", twice=True)
     if metric == "noise":
         if len(s.noise) < 2:
             return None
         noisy = s.noise[-1]
         rows = minus(compare_rows(d, (a, noisy), (a, clean), accuracy("id")),
                      compare_rows(d, (b, noisy), (b, clean), accuracy("id")))  # fmt: skip
-        return compare(d, rows, a, b, noisy, f"id accuracy: ({a} noisy - clean) - ({b} noisy - clean)")
+        return compare(d, rows, a, b, noisy, f"id accuracy: ({a} noisy - clean) - ({b} noisy - clean)", twice=True)
     return compare(d, compare_rows(d, (a, clean), (b, clean), _metric(metric)), a, b, clean, metric)
 
 
@@ -396,7 +429,7 @@ def summarise(cfg: StudyConfig, setting: str, cells: list[Cell], rows: dict[int,
                                     cfg.baseline, noise, name)) is not None]  # fmt: skip
     first = next(iter(rows.values()), [])
     problems = {sp: sum(r["split"] == sp for r in first) for sp in SPLITS}
-    problems["ood"] = sum(problems[sp] for sp in OOD_SPLITS)
+    problems["ood"] = len({r["perturbs"] for r in first if r["split"] in OOD_SPLITS})  # problems, not their variants
     mdd = {sp: minimum_detectable_difference(n, len(cfg.seeds), level=cfg.statistics.level,
                                              power=cfg.statistics.power) for sp, n in problems.items() if n}  # fmt: skip
     warm, notes = _warm_check(d)
