@@ -70,6 +70,7 @@ from posttrain.trainer.checkpoint import (
     load_checkpoint,
     resumes_universal,
     resuming_on,
+    written_by,
 )
 from posttrain.trainer.fingerprint import (
     check_same_data,
@@ -267,16 +268,19 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
-def _resplit_note(cfg: RunConfig, run_dir: Path, model) -> str | None:
-    """The note for a run resumed with another `optim.micro_batch_size` while the model draws dropout masks
+def _resplit_note(run_dir: Path, ckpt: Path, micro: int, model) -> str | None:
+    """The note for a run resumed with micro-batches of another size than the run's (`micro`, against the one its
+    config.yaml and the checkpoint's number of processes gave) while the model draws dropout masks
     (`active_dropout`: LoRA's, or the model's own when kept): they are drawn per micro-batch forward, over tensors
     shaped by it, so the resumed steps draw other masks than the uninterrupted run would. Without dropout only
     the summation order changes."""
     old = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("optim") or {}
-    before, now = old.get("micro_batch_size"), cfg.optim.micro_batch_size
-    if before == now or not (dropping := active_dropout(model)):
+    wrote = written_by(ckpt) or 1
+    before = old.get("micro_batch_size") or int(old.get("batch_size", 0)) // wrote
+    if before == micro or not (dropping := active_dropout(model)):
         return None
-    return (f"note: optim.micro_batch_size {show(before)} -> {show(now)} on this resume: the loss is the same, but "
+    return (f"note: micro-batches of {micro} rows where the run had {before} (optim.micro_batch_size, or the batch "
+            "over the processes) on this resume: the loss is the same, but "
             f"dropout draws its masks per micro-batch ({len(dropping)} dropout sites, e.g. {dropping[0][0] or 'the model'}), "
             "so the resumed steps draw other masks than the uninterrupted run would have (an equally valid draw; "
             "the run is not bit for bit the uninterrupted one)")  # fmt: skip
@@ -383,7 +387,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     model = _load_model(cfg, algorithm, accelerator.device)
     _check_context(cfg, data, language_model(model).config)
     _check_packing(cfg, language_model(model))
-    if ckpt is not None and accelerator.is_main_process and (note := _resplit_note(cfg, run_dir, model)):
+    if ckpt is not None and accelerator.is_main_process and (note := _resplit_note(run_dir, ckpt, micro, model)):
         print(note)
     # Every process has checked the run folder (`_check_run_dir`) before the main one writes into it: a process
     # that checked later would find this run's own config.yaml and refuse the folder as an earlier run's.
@@ -585,8 +589,9 @@ def _check_packing(cfg: RunConfig, lm) -> None:
     if not cfg.data.packing:  # (a method that does not pack refuses the setting: config_rules)
         return
     why = slot_distances(lm.config)
-    if why is None and "position_ids" not in inspect.signature(lm.forward).parameters:
-        why = f"{type(lm).__name__}'s forward takes no position ids"
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft's wrapper passes them on (**kwargs)
+    if why is None and "position_ids" not in inspect.signature(inner.forward).parameters:
+        why = f"{type(inner).__name__}'s forward takes no position ids"
     if why:
         raise ConfigError(f"data.packing: {why}, so examples packed into one row would attend to each other. Set "
                           "data.packing=false (rows are then padded, each example alone)")  # fmt: skip

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from posttrain.cli import main
+from posttrain.data import TASKS
 
 TOKENS = "4"  # --max-new-tokens: the tiny model's answers are noise anyway; short keeps the test fast
 TOP_KEYS = ["schema_version", "command", "ok", "model", "verifier", "task", "prompts_file", "perturbed_file",
@@ -85,10 +86,15 @@ def test_a_reward_file_and_the_users_perturbed_set(capsys, tiny_model_dir, tmp_p
     (["--task", "structured", "--perturbations", "noop"], "--perturbations chooses the variants a built-in task"),
     # a folder under a file failed only after every measurement (an audit, nineteenth session)
     (["--task", "arithmetic", "--out", "{tmp}/bad.jsonl/report"], "bad.jsonl is a file, not a folder"),
+    # the task's variants name their prompt by id: a repeated row was paired with its last copy, after decoding
+    (["--task", "arithmetic", "--prompts", "{tmp}/dup.jsonl"],
+     "dup.jsonl: the clean prompts share ids: id 'arithmetic-heldout-1-0' on lines 1, 2"),
 ])  # fmt: skip
 def test_bad_input_is_one_paragraph_before_any_model_loads(capsys, tmp_path, argv, says):
     _write(tmp_path / "bad.jsonl", [{"perturbs": "arithmetic-heldout-1-0", "kind": "x", "prompt": "p", "answer": 0},
                                      {"perturbs": "nope", "kind": "x", "prompt": "p", "answer": 0}])  # fmt: skip
+    made = TASKS["arithmetic"].make(2, seed=1, split="heldout")
+    _write(tmp_path / "dup.jsonl", [made[0], made[0], made[1]])  # (--n 2: the first two rows)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     # A model that does not exist: the input is checked first, so its error is the one reported.
     code, out, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--n", "2", *argv)

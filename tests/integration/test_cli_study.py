@@ -43,7 +43,8 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     assert code == 0, err
     doc = json.loads(stdout)
     assert list(doc) == TOP_KEYS and doc["ok"] and doc["command"] == "study" and doc["setting"] == "quick"
-    assert doc["problems"] == {"id": 2, "paraphrase": 2, "noop": 2, "names": 2, "rare_op": 1, "ood": 7}
+    # pooled OOD counts the 2 problems its 7 variant rows perturb
+    assert doc["problems"] == {"id": 2, "paraphrase": 2, "noop": 2, "names": 2, "rare_op": 1, "ood": 2}
     assert doc["mdd"]["id"] == pytest.approx(2.801585 * (0.5 / 2) ** 0.5, abs=1e-5)  # 2 problems, 1 seed
     (check,) = doc["warm_check"]
     assert check["ok"] is False and check["prompts"] == 1 and check["samples"] == 2

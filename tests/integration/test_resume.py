@@ -168,14 +168,21 @@ def test_a_run_resumes_with_less_memory_and_ends_as_the_uninterrupted_run(make_c
 def test_another_micro_batch_under_dropout_is_said_on_resume(make_cfg, capsys):
     """Dropout draws its masks per micro-batch forward, over tensors that micro-batch shapes: another split draws
     other masks (an audit measured step 3's loss 5.01636 -> 5.02463 under LoRA dropout 0.2), so the resume says
-    the run is no longer the uninterrupted one. Without dropout, only the summation order changes: no note."""
+    the run is no longer the uninterrupted one. Without dropout, only the summation order changes: no note; nor when
+    the micro-batch is named but the same as the run's (its batch of 8 on one process)."""
+    train(make_cfg("same", **{"technique.name": "lora", "technique.dropout": 0.2, "run.max_steps": 1}))
+    capsys.readouterr()
+    train(make_cfg("same", **{"technique.name": "lora", "technique.dropout": 0.2, "run.max_steps": 2,
+                              "optim.micro_batch_size": 8}), resume=True)  # fmt: skip
+    assert "micro-batches of" not in capsys.readouterr().out
     for name, dropout in (("plain", 0.0), ("dropping", 0.2)):
         settings = {"technique.name": "lora", "technique.dropout": dropout, "run.save_every": 1}
         train(make_cfg(name, **{**settings, "run.max_steps": 1}))
         capsys.readouterr()
         train(make_cfg(name, **{**settings, "run.max_steps": 2, "optim.micro_batch_size": 2}), resume=True)
         out = capsys.readouterr().out
-        said = "note: optim.micro_batch_size null -> 2 on this resume: the loss is the same, but dropout draws"
+        said = "note: micro-batches of 2 rows where the run had 8 (optim.micro_batch_size, or the batch over the " \
+               "processes) on this resume: the loss is the same, but dropout draws"  # fmt: skip
         assert (said in out) == (dropout > 0), out
         assert ("lora_dropout" in out and "the run is not bit for bit the uninterrupted one" in out) == (dropout > 0)
 

@@ -409,11 +409,46 @@ def test_ppo_adaptive_kl_coefficient_survives_a_resume(rl):
                  "optim.batch_size": 8, "run.save_every": 1, "run.max_steps": 2}  # fmt: skip
     first = train(rl("adaptive", algorithm="ppo", **overrides))
     saved = json.loads((first.run_dir / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
-    assert saved == {"step": 2, "layout": "whole", "world_size": 1, "source": {"kl_coef": pytest.approx(0.0968)}}
+    assert {k: v for k, v in saved.items() if k != "source"} == {"step": 2, "layout": "whole", "world_size": 1}
+    assert saved["source"]["kl_coef"] == pytest.approx(0.0968)
+    assert saved["source"]["rollout_start"] == {"rollout": 0, "state": {"kl_coef": 0.1}, "dead_rewards": []}
     resumed = train(rl("adaptive", algorithm="ppo", **{**overrides, "run.max_steps": 3}), resume=True)
     hist = read_metrics(resumed.run_dir / "metrics.jsonl")
     assert [h["step"] for h in hist] == [1, 2, 3] and [h["rollout"] for h in hist] == [0, 0, 1]
     assert [h["kl_coef"] for h in hist] == pytest.approx([0.1, 0.1, 0.0968], abs=1e-12)
+
+
+def test_a_rollout_sampled_anew_on_resume_counts_once(rl, tmp_path):
+    """Resumed where the checkpoint's rollout cannot be read back (another number of processes: here its file is
+    removed), the rollout is sampled anew, from the state it began with: PPO's adaptive coefficient is not updated
+    by it twice, and a dead-reward streak does not count it twice (a review: "rollouts 0, 1, 1")."""
+    import shutil
+
+    from posttrain.cli import main
+    from posttrain.errors import NoRewardSignal
+
+    overrides = {"algorithm.adaptive_kl": True, "algorithm.kl_coef": 0.1, "algorithm.target_kl": 1.0,
+                 "algorithm.kl_horizon": 100, "algorithm.rollout.batch_size": 16, "algorithm.rollout.epochs": 1,
+                 "optim.batch_size": 8, "run.save_every": 1}  # fmt: skip
+    whole = read_metrics(train(rl("kl-whole", algorithm="ppo", **overrides, **{"run.max_steps": 4})).run_dir
+                         / "metrics.jsonl")  # fmt: skip
+    cut = train(rl("kl-cut", algorithm="ppo", **overrides, **{"run.max_steps": 3})).run_dir
+    (cut / "checkpoints" / "step-000003" / "source_state_0.pt").unlink()  # inside rollout 1: not kept
+    hist = read_metrics(train(rl("kl-cut", algorithm="ppo", **overrides, **{"run.max_steps": 4}), resume=True).run_dir
+                        / "metrics.jsonl")  # fmt: skip
+    assert [h["kl_coef"] for h in hist] == [h["kl_coef"] for h in whole] == pytest.approx([0.1, 0.1, 0.0968, 0.0968])
+    # every reward fails, 2 steps a rollout: rollouts 0 and 1 train steps 1-4, rollout 2 stops the run
+    dead = {"algorithm.rollout.epochs": 2, "run.save_every": 1, "run.max_steps": 8, "run.keep_checkpoints": 9}
+    cfg = rl("dead2", reward="broken", **dead)
+    path = tmp_path / "dead2.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")), encoding="utf-8")
+    assert main(["train", str(path)]) == 2
+    run_dir = tmp_path / "dead2"
+    shutil.rmtree(run_dir / "checkpoints" / "step-000004")
+    (run_dir / "checkpoints" / "step-000003" / "source_state_0.pt").unlink()
+    with pytest.raises(NoRewardSignal, match=r"3 rollouts in a row \(rollouts 0, 1, 2\)"):
+        train(cfg, resume=True)
+    assert [h["step"] for h in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatch):

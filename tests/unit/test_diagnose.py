@@ -318,7 +318,8 @@ def test_clean_prompts_that_share_an_id_are_refused_not_paired_with_the_last_one
     path.write_text(json.dumps({"prompt": "q", "perturbs": "a", "kind": "x", "answer": 4}) + "\n")
     rows = [{"id": "a", "prompt": "1", "answer": 4}, {"id": "b", "prompt": "2", "answer": 4},
             {"id": "a", "prompt": "3", "answer": 4}]  # fmt: skip
-    with pytest.raises(UserError, match=r"the clean prompts share ids, .*: id 'a' on lines 1, 3\. Give every"):
+    with pytest.raises(UserError, match=r"perturbed.jsonl cannot be paired with their prompts: the clean prompts share "
+                                        r"ids: id 'a' on lines 1, 3\. Give every"):  # fmt: skip
         load_perturbed(path, rows)
 
 

@@ -88,6 +88,7 @@ def run(args) -> Output:
         run_diagnosis,
         write_diagnosis_report,
     )
+    from posttrain.diagnose.robustness import shared_ids_problem
     from posttrain.evaluation import load_for_inference
 
     _check_numbers(args)
@@ -96,6 +97,8 @@ def run(args) -> Output:
     variants, source = _variants(args, rows)
     if args.perturbed is not None:
         variants, source = load_perturbed(args.perturbed, rows), args.perturbed
+    if variants and (why := shared_ids_problem(rows)):  # refused before the model loads, not after decoding
+        raise UserError(f"{args.prompts or 'the prompts'}: {why}")
     sft = load_rows(args.sft_data, "sft") if args.sft_data is not None else None
     pairs = load_rows(args.pairs, "preference") if args.pairs is not None else None
     if args.reference is not None and pairs is None:

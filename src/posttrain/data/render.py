@@ -129,9 +129,12 @@ def answer_scaffold(tokenizer) -> str:
     if not template:
         return ""
     key = repr(template)  # a str, or a dict of named templates
-    known = _SCAFFOLDS.get(tokenizer)
-    if known is None or known[0] != key:
-        known = _SCAFFOLDS[tokenizer] = (key, _find_scaffold(tokenizer))
+    try:
+        known = _SCAFFOLDS.get(tokenizer)
+        if known is None or known[0] != key:
+            known = _SCAFFOLDS[tokenizer] = (key, _find_scaffold(tokenizer))
+    except TypeError:  # a tokenizer-like object that cannot be weakly referenced (or hashed): found each time
+        return _find_scaffold(tokenizer)
     return known[1]
 
 

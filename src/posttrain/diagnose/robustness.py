@@ -100,6 +100,7 @@ def measure_robustness(
         shared = sorted({i for i in clean_ids if i in seen or seen.add(i)})
         raise UserError(f"clean prompts share ids ({', '.join(map(repr, shared[:5]))}): each variant names its "
                         "clean prompt by `id`, so every id must be unique")  # fmt: skip
+    # (`shared_ids_problem` refuses the same before any model loads; this guards the Python API)
     by_kind: dict[str, list[tuple[bool, bool, str]]] = {}
     pairs = []
     for v, right in zip(variants, variant_correct, strict=True):
@@ -128,15 +129,8 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
     name = str(path)
     records, problems = read_records_lenient(path)
     clean = {row_id(r, i): r for i, r in enumerate(clean_rows)}
-    if len(clean) < len(clean_rows):  # a variant names its clean prompt by id: a shared id pairs it wrongly
-        lines: dict[str, list] = {}
-        for i, r in enumerate(clean_rows):
-            lines.setdefault(row_id(r, i), []).append(getattr(r, "line", None) or i + 1)
-        shared = {k: v for k, v in lines.items() if len(v) > 1}
-        raise UserError("the clean prompts share ids, so the variants of " + name + " could not be paired with "
-                        "their prompt: " + "; ".join(f"id {k!r} on lines {', '.join(map(str, v))}"
-                                                   for k, v in list(shared.items())[:5]) + ". Give every clean "
-                        "prompt its own `id`")  # fmt: skip
+    if why := shared_ids_problem(clean_rows):
+        raise UserError(f"the variants of {name} cannot be paired with their prompts: {why}")
     rows = []
     for rec in records:
         found: list[Problem] = []
@@ -161,6 +155,22 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
         header = f"{name}: {len(problems)} problem(s) in the perturbed prompts; nothing measured"
         raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header)
     return rows
+
+
+def shared_ids_problem(clean_rows: Sequence[dict]) -> str | None:
+    """Why variants cannot be paired with `clean_rows` (None: they can): rows that share an ``id``, which a variant
+    names its clean prompt by (each was paired with the last of them), with their lines.
+
+    >>> shared_ids_problem([{"id": "a"}, {"id": "b"}, {"id": "a"}])
+    "the clean prompts share ids: id 'a' on lines 1, 3. Give every clean prompt its own `id`"
+    """
+    lines: dict[str, list] = {}
+    for i, r in enumerate(clean_rows):
+        lines.setdefault(row_id(r, i), []).append(getattr(r, "line", None) or i + 1)
+    shared = [f"id {k!r} on lines {', '.join(map(str, v))}" for k, v in lines.items() if len(v) > 1]
+    if not shared:
+        return None
+    return f"the clean prompts share ids: {'; '.join(shared[:5])}. Give every clean prompt its own `id`"
 
 
 def _check_link(data: dict, clean: dict[str, dict], report) -> dict | None:

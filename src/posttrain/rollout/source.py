@@ -31,7 +31,8 @@ reference log-probs, advantages and values, and the statistics its steps log: `p
 process), and a resume trains its remaining steps on it rather than sampling it anew from weights it was not
 sampled from. A run resumed on the same number of processes therefore ends as the uninterrupted one, bit for bit
 on the CPU; on another number (`trainer.checkpoint`), the rollouts are sampled with that number's seeds, a rollout
-in progress included. The streak of rollouts whose rewards all failed (`DEAD_REWARD_ROLLOUTS`) is kept too.
+in progress included, which then starts from the method's state and the dead-reward streak as they were before it
+(`rollout_start` in trainer_state.json: it does not count twice). The streak of rollouts whose rewards all failed (`DEAD_REWARD_ROLLOUTS`) is kept too.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ from posttrain.rollout.samples import SampleLog
 DEAD_REWARD_ROLLOUTS = 3
 """Consecutive rollouts in which every reward function failed on every sample before the run stops (one such
 rollout can be a passing outage, e.g. a sandbox short of memory; three in a row is a broken reward)."""
+def _streak_record(streak: list[tuple[int, RewardResult]]) -> list:
+    """A dead-reward streak as JSON: each rollout's index, and what the stop's message names of its result (the
+    functions, their failures, errors and where they happened)."""
+    return [[i, {"per_function": {k: [] for k in r.per_function}, "failures": r.failures, "errors": r.errors,
+                 "sites": r.sites}] for i, r in streak]  # fmt: skip
+
+
+def _streak(record: list) -> list[tuple[int, RewardResult]]:
+    return [(int(i), RewardResult(total=[], **r)) for i, r in record]
+
+
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop columns that are padding in every row of a micro-batch (left of the prompts, right of completions)."""
     am = batch["attention_mask"]
@@ -211,6 +223,10 @@ class RolloutSource:
         # the rollout being trained on: (index, tensors, metrics), kept for a checkpoint inside it; one restored by
         # `load_process_state` is trained on instead of sampling it again
         self.current: tuple[int, dict[str, torch.Tensor], dict[str, float]] | None = None
+        # the method's state and the dead-reward streak as they were before the current rollout was made (its index
+        # first): a resume that must sample that rollout anew (no kept rollout: another number of processes) goes
+        # on from them, or the rollout would count twice (PPO's adaptive KL updated twice, a streak of 0, 1, 1)
+        self.start: tuple[int, dict, list] | None = None
         self.engine = get_engine(self.rollout_cfg.engine, cfg)
         self.seed = cfg.run.seed
         self.samples = SampleLog.for_run(cfg, steps_per_rollout=self.steps_per_rollout,  # RUN/samples.jsonl
@@ -228,6 +244,8 @@ class RolloutSource:
     # ---- one rollout: sample, score, process
     def make_rollout(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rc = self.rollout_cfg
+        state = self.context.state
+        self.start = (index, dict(state.state_dict()) if state is not None else {}, list(self.dead_rewards))
         examples = self.rollout_prompts(index)
         policy = language_model(self.context.model)  # the causal LM (PPO's carries a value head)
         t0 = time.perf_counter()
@@ -329,13 +347,18 @@ class RolloutSource:
         state = self.context.state
         out = dict(state.state_dict()) if state is not None else {}
         if self.dead_rewards:
-            out["dead_rewards"] = [[i, {"per_function": {k: [] for k in r.per_function}, "failures": r.failures,
-                                        "errors": r.errors, "sites": r.sites}] for i, r in self.dead_rewards]  # fmt: skip
+            out["dead_rewards"] = _streak_record(self.dead_rewards)
+        if self.start is not None:  # what a resume that samples the current rollout anew goes on from
+            index, before, streak = self.start
+            out["rollout_start"] = {"rollout": index, "state": before, "dead_rewards": _streak_record(streak)}
         return out
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        self.dead_rewards = [(int(i), RewardResult(total=[], **r)) for i, r in state.pop("dead_rewards", [])]
+        self.dead_rewards = _streak(state.pop("dead_rewards", []))
+        start = state.pop("rollout_start", None)
+        if start is not None:
+            self.start = (int(start["rollout"]), start["state"], _streak(start["dead_rewards"]))
         if self.context.state is not None and state:
             self.context.state.load_state_dict(state)
 
@@ -360,6 +383,10 @@ class RolloutSource:
             if restored:
                 _, tensors, metrics = self.current
             else:
+                if within > 0 and self.start is not None and self.start[0] == index:  # made anew: from its start
+                    _, before, self.dead_rewards = self.start
+                    if self.context.state is not None and before:
+                        self.context.state.load_state_dict(before)
                 tensors, metrics = self.make_rollout(index)
                 self.current = (index, tensors, metrics)
             for k, step in enumerate(self.split(tensors, index)[within:]):
