@@ -52,6 +52,18 @@ def test_csv_lines_and_json_cells(tmp_path):
     assert recs[1].data == {"messages": json.loads(msgs)}
 
 
+def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_not(tmp_path):
+    """`" "," "` is a row whose fields are blank: loading skipped it silently, where the same row in JSONL is named
+    (empty completion). Blank lines and lines of bare commas (a spreadsheet's trailing rows) hold nothing."""
+    from posttrain.data import load_rows
+
+    f = tmp_path / "d.csv"
+    f.write_text('prompt,completion\nq0,a0\n" "," "\n,\n\nq2,a2\n', encoding="utf-8")
+    assert [r.line for r in read_records(f)] == [2, 3, 6]
+    with pytest.raises(DataError, match=r"d.csv:3: completion: empty completion"):
+        load_rows(f, "sft")
+
+
 def test_parquet_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

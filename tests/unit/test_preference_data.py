@@ -252,3 +252,36 @@ def test_a_pair_whose_sides_are_cut_to_the_same_tokens_is_an_error(tiny_tokenize
     with pytest.warns(UserWarning, match=r"2 of 2 pairs .*lines 7 and 8; 1 of them identical once cut, a tie\)"):
         kept = render_preference_dataset(tiny_tokenizer, rows, max_length=40, source="p.jsonl", allow_identical=True)
     assert [p.identical for p in kept] == [True, False] and kept[0].chosen_ids == kept[0].rejected_ids
+
+
+def test_a_response_that_ends_after_its_reply_or_holds_an_empty_turn_is_named_with_its_line(tmp_path):
+    """A rejected side [yes, user: "wrong"] scored "yes" like the chosen one: a pair with no preference that
+    trained silently. An empty assistant turn before a filled one failed later, blaming the chat template and
+    naming no file or line (an audit)."""
+    f = write(tmp_path, [
+        {"prompt": "Is 7 prime?", "chosen": "yes", "rejected": [say("yes"), {"role": "user", "content": "wrong"}]},
+        {"prompt": "q", "chosen": [say(""), U2, say("Rome")], "rejected": "Paris"},
+        {"chosen": [U1, say(""), U2, say("Rome")], "rejected": [U1, say("Paris")]},  # a whole conversation
+    ])  # fmt: skip
+    assert problems(f) == [
+        f"{f}:1: rejected: ends with a 'user' message after the reply: a response is scored through its last "
+        "assistant turn, so nothing after it is compared; end the response with the assistant's turn",
+        f"{f}:2: chosen[0].content: assistant content is empty",
+        f"{f}:3: chosen[1].content: assistant content is empty",
+    ]
+
+
+def test_a_pair_that_scores_the_same_tokens_is_an_error_cut_or_not():
+    """A template that trims content renders "yes" and "yes\\n" alike: the sides differ as written, not as scored."""
+    from posttrain.testing import byte_tokenizer
+
+    trims = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+    tok = byte_tokenizer(["<|pad|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|pad|>",
+                         chat_template=trims)  # fmt: skip
+    rows = [Row({"prompt": [U1], "chosen": [say("yes")], "rejected": [say("yes\n")]}, line=4)]
+    with pytest.raises(DataError, match=r"p.jsonl:4: rejected: scores the same tokens as chosen \(the sides differ "
+                                        r"only in what the chat template renders alike\)"):  # fmt: skip
+        render_preference_dataset(tok, rows, max_length=99, source="p.jsonl")
+    (kept,) = render_preference_dataset(tok, rows, max_length=99, allow_identical=True)  # evaluation: a tie
+    assert kept.identical and not kept.truncated

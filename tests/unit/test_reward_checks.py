@@ -72,3 +72,21 @@ def test_a_gold_answer_the_task_verifier_cannot_read_is_named():
     assert "must be a record with the fields name, birth_date" in problems[1]
     fixed = _problems({"name": "task", "args": {"task": "arithmetic"}}, [{"prompt": "a", "answer": "x"}])
     assert len(fixed) == 1 and "'x' is not a number" in fixed[0]
+
+
+def test_a_row_without_a_column_a_user_reward_takes_by_name_is_named(tmp_path):
+    """`def right_answer(prompts, completions, answer, **kwargs)` (docs/rewards.md's pattern) over a row with no
+    `answer` scored its samples with None: a group all alike, never trained, and the run said nothing (an audit).
+    A parameter with a default, one set by `args`, or one the rollout adds itself reads no column."""
+    (tmp_path / "r.py").write_text(
+        "def right_answer(prompts, completions, answer, hint=None, **kwargs):\n"
+        "    return [float(str(a) in c) for c, a in zip(completions, answer)]\n"
+        "def graded(prompts, completions, truncated, *, level, **kwargs):\n"
+        "    return [0.0] * len(completions)\n", encoding="utf-8")  # fmt: skip
+    rows = [{"prompt": "What is 0+1?", "answer": 1}, {"prompt": "What is 9+1?"}]
+    problems = _problems(f"{tmp_path / 'r.py'}:right_answer", rows)
+    assert problems == ["p.jsonl:2: answer: missing: reward 'right_answer' (algorithm.rewards[0]) takes `answer` "
+                        "with no default, so it reads it; this row has: none (give the column, or a default: "
+                        "`answer=None`)"]  # fmt: skip
+    spec = {"name": f"{tmp_path / 'r.py'}:graded", "args": {"level": 2}}  # level set by args, truncated by the rollout
+    check_reward_inputs(parse_reward_specs([spec]), [Row(r, line=i) for i, r in enumerate(rows, 1)], "p.jsonl")

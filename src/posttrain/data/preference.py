@@ -66,7 +66,8 @@ class RenderedPair:
     """The row's optional `margin` column: how clearly chosen wins (reward models with `algorithm.margin`); None
     when the row has none (0 in the loss)."""
     identical: bool = False
-    """Whether the two sides are the same tokens once cut to max_length (kept only where allowed: evaluation)."""
+    """Whether the two sides score the same tokens (once cut to max_length, or as written; kept only where allowed:
+    evaluation, where it is a tie)."""
 
     def __post_init__(self):
         if self.chosen_mask is None:
@@ -116,7 +117,13 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
             "shorten the prompt")
         )])  # fmt: skip
     truncated = len(c_ids) > max_length or len(r_ids) > max_length
-    identical = c_ids[n:max_length] == r_ids[n:max_length] and c_mask[n:max_length] == r_mask[n:max_length]
+    # What each side scores: its tokens through its last scored one (what follows changes no log-prob before it)
+    identical = _scored(c_ids, c_mask, n, max_length) == _scored(r_ids, r_mask, n, max_length)
+    if identical and not truncated and not allow_identical:  # different messages, the same tokens scored
+        raise DataError([Problem(source, line, "rejected", (
+            "scores the same tokens as chosen (the sides differ only in what the chat template renders alike), "
+            "so the pair would carry no preference (a zero gradient); make the responses differ")
+        )])  # fmt: skip
     if truncated and identical and not allow_identical:  # a training pair: no preference, a zero gradient
         differ = next(t for t in range(n, min(len(c_ids), len(r_ids)) + 1)
                       if t == min(len(c_ids), len(r_ids)) or c_ids[t] != r_ids[t])  # fmt: skip
@@ -135,8 +142,18 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
         chosen_mask=c_mask[n:max_length],
         rejected_mask=r_mask[n:max_length],
         margin=float(row["margin"]) if row.get("margin") is not None else None,
-        identical=truncated and identical,
+        identical=identical,
     )
+
+
+def _scored(ids: list[int], mask: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
+    """A side's ids and mask from `start` through its last scored token before `end`.
+
+    >>> _scored([1, 2, 3, 4, 5], [0, 1, 1, 0, 0], 1, 9)
+    ([2, 3], [1, 1])
+    """
+    last = max((t for t in range(start, min(end, len(mask))) if mask[t]), default=start - 1)
+    return ids[start : last + 1], mask[start : last + 1]
 
 
 def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: int, source: str = "data",
@@ -154,7 +171,8 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
             f"{source}: {len(truncated)} of {len(out)} pairs have a response longer than the room max_length="
             f"{max_length} leaves after the prompt and were truncated (their ends are not scored: "
             f"{lines_text(truncated)}"
-            + (f"; {n_same} of them identical once cut, a tie" if (n_same := sum(p.identical for p in out)) else "")
+            + (f"; {n_same} of them identical once cut, a tie"
+               if (n_same := sum(p.identical and p.truncated for p in out)) else "")
             + "); raise max_length to keep them whole",
             stacklevel=2,
         )

@@ -283,8 +283,8 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
             start = reader.line_num + 1
             continue
         line, start = start, reader.line_num + 1
-        if not any(c.strip() for c in cells):
-            continue
+        if all(c == "" for c in cells):  # a blank line, or one of bare commas (a spreadsheet's trailing rows)
+            continue  # (cells of spaces are a row: its fields are checked, and empty ones named)
         if len(cells) != len(header):
             problems.append(
                 Problem(name, line, None, f"{len(cells)} cells, but the header has {len(header)}")

@@ -372,6 +372,15 @@ def _normalise_preference(data: dict, report) -> dict | None:
     for side, msgs in (("chosen", chosen), ("rejected", rejected)):
         if _response_empty(msgs):
             report(side, "empty response (no assistant content)")
+            continue
+        offset = 0 if "prompt" in data else len(prompt)  # a whole conversation's messages count from its start
+        for i, m in enumerate(msgs):  # every assistant turn is scored: an empty one cannot be located in the text
+            if m["role"] == "assistant" and not m["content"].strip():
+                report(f"{side}[{i + offset}].content", "assistant content is empty")
+        if msgs[-1]["role"] != "assistant":  # scored through its last assistant turn: what follows never is
+            report(side, f"ends with a {msgs[-1]['role']!r} message after the reply: a response is scored through "
+                         "its last assistant turn, so nothing after it is compared; end the response with the "
+                         "assistant's turn")  # fmt: skip
     margin = data.get("margin")
     if isinstance(margin, float) and not math.isfinite(margin):  # JSON's NaN and Infinity, 1e999, a Parquet NaN
         report("margin", f"must be a finite number, got {margin}")

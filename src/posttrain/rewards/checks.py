@@ -6,8 +6,10 @@ reads that a row lacks, a `task` reward with no task to read, a reward-model fol
 
 from __future__ import annotations
 
+import inspect
 import math
 
+from posttrain.data.schema import RESERVED_PROMPT_COLUMNS
 from posttrain.data.tasks import TASKS, answer_problems
 from posttrain.errors import ConfigError, DataError, Problem
 from posttrain.models.heads import reward_model_problem
@@ -25,6 +27,7 @@ def check_reward_inputs(specs, rows, source: str) -> None:
     problems = []
     for spec in specs:
         if not spec.builtin:
+            problems.extend(_user_columns(spec, rows, source))
             continue
         if spec.name == "reward_model":
             why = reward_model_problem(spec.args.get("path", ""))
@@ -51,6 +54,39 @@ def check_reward_inputs(specs, rows, source: str) -> None:
             problems.extend(answer_problems(TASKS[spec.args["task"]], rows, source, f"reward {spec.label!r} ({spec.where})"))
     if problems:
         raise DataError(problems, header=f"{source}: the rewards cannot score these rows:")
+
+
+def user_reward_columns(fn, args: dict) -> list[str]:
+    """The columns a user's reward function takes by name with no default (so it reads them, and a row without one
+    gives it None): its named parameters but `prompts`, `completions`, those `args` sets and the ones the rollout
+    adds itself (`prompt_messages`, `truncated`).
+
+    >>> def f(prompts, completions, answer, hint=None, *, tests, scale=1, **kwargs): ...
+    >>> user_reward_columns(f, {"scale": 2}), user_reward_columns(f, {"tests": []})
+    (['answer', 'tests'], ['answer'])
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    skip = {"prompts", "completions", *args, *RESERVED_PROMPT_COLUMNS}
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is p.empty and p.name not in skip]  # fmt: skip
+
+
+def _user_columns(spec, rows, source: str) -> list[Problem]:
+    """A row without a column the user's function takes by name with no default (`user_reward_columns`): every
+    sample of it would be scored with None there (a group all alike, never trained: an audit), or, when no row has
+    it, every call would fail."""
+    out = []
+    for column in user_reward_columns(spec.fn, spec.args) if spec.fn is not None else []:
+        for row in rows:
+            if column not in row:
+                have = ", ".join(sorted(k for k in row if k != "prompt")) or "none"
+                out.append(Problem(source, getattr(row, "line", None), column, (
+                    f"missing: reward {spec.label!r} ({spec.where}) takes `{column}` with no default, so it reads "
+                    f"it; this row has: {have} (give the column, or a default: `{column}=None`)")))  # fmt: skip
+    return out
 
 
 def _not_a_number(value) -> str | None:
