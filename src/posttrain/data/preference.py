@@ -119,19 +119,17 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
     truncated = len(c_ids) > max_length or len(r_ids) > max_length
     # What each side scores: its tokens through its last scored one (what follows changes no log-prob before it)
     identical = _scored(c_ids, c_mask, n, max_length) == _scored(r_ids, r_mask, n, max_length)
-    if identical and not truncated and not allow_identical:  # different messages, the same tokens scored
-        raise DataError([Problem(source, line, "rejected", (
-            "scores the same tokens as chosen (the sides differ only in what the chat template renders alike), "
-            "so the pair would carry no preference (a zero gradient); make the responses differ")
-        )])  # fmt: skip
-    if truncated and identical and not allow_identical:  # a training pair: no preference, a zero gradient
-        differ = next(t for t in range(n, min(len(c_ids), len(r_ids)) + 1)
-                      if t == min(len(c_ids), len(r_ids)) or c_ids[t] != r_ids[t])  # fmt: skip
-        raise DataError([Problem(source, line, "rejected", (
-            f"identical to chosen once cut to max_length {max_length}: the two sides first differ at token "
-            f"{differ + 1} (the prompt's included), so the pair would carry no preference (a zero gradient); raise "
-            "max_length above that or shorten the responses' common start")
-        )])  # fmt: skip
+    if identical and not allow_identical:  # a training pair: no preference, a zero gradient
+        if truncated:
+            differ = next(t for t in range(n, min(len(c_ids), len(r_ids)) + 1)
+                          if t == min(len(c_ids), len(r_ids)) or c_ids[t] != r_ids[t])  # fmt: skip
+            why = (f"identical to chosen once cut to max_length {max_length}: the two sides first differ at token "
+                   f"{differ + 1} (the prompt's included), so the pair would carry no preference (a zero gradient); "
+                   "raise max_length above that or shorten the responses' common start")  # fmt: skip
+        else:  # different messages, the same tokens scored
+            why = ("scores the same tokens as chosen (the sides differ only in what the chat template renders "
+                   "alike), so the pair would carry no preference (a zero gradient); make the responses differ")  # fmt: skip
+        raise DataError([Problem(source, line, "rejected", why)])
     return RenderedPair(
         prompt_ids=prompt_ids,
         chosen_ids=c_ids[n:max_length],

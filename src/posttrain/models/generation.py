@@ -38,22 +38,22 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return chat_text(tokenizer, messages, add_generation_prompt=True)
 
 
-def check_room(model, tokenizer, texts: list[str], max_new_tokens: int) -> None:
-    """Refuse a request whose longest prompt (rendered `texts`) plus `max_new_tokens` passes the model's context
-    (`models.loading.context_length`), before anything is decoded: past it, learned position embeddings fail
-    with an index error and rotary ones decode at positions the model never trained on, silently. Training
-    refuses the same rows (`algorithm.rollout.max_new_tokens` after a prompt, `train._check_context`)."""
+def check_room(model, lengths: list[int], max_new_tokens: int) -> None:
+    """Refuse a request whose longest prompt (`lengths`: each rendered prompt's tokens) plus `max_new_tokens`
+    passes the model's context (`models.loading.context_length`), before anything is decoded: past it, learned
+    position embeddings fail with an index error and rotary ones decode at positions the model never trained on,
+    silently. Training refuses the same rows (`algorithm.rollout.max_new_tokens` after a prompt,
+    `train._check_context`)."""
     config = getattr(model, "config", None)
-    if config is None or not texts:
+    if config is None or not lengths:
         return
     context = context_length(config.get_text_config() if hasattr(config, "get_text_config") else config)
     if context is None:
         return
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] + max_new_tokens <= context:
         return
-    which = f"prompt {longest + 1} of {len(texts)}" if len(texts) > 1 else "the prompt"
+    which = f"prompt {longest + 1} of {len(lengths)}" if len(lengths) > 1 else "the prompt"
     fix = (f"ask for at most {context - lengths[longest]} new tokens" if lengths[longest] < context else
            "shorten that prompt: it fills the context alone")  # fmt: skip
     raise UserError(
@@ -230,7 +230,8 @@ def generate(
     from transformers import LogitsProcessorList
 
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    check_room(model, tokenizer, texts, max_new_tokens)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # each prompt's tokens, unpadded
+    check_room(model, [len(x) for x in ids], max_new_tokens)
     scaffold = answer_scaffold(tokenizer)  # what the template writes before every answer (Qwen3's empty think)
     eos = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -272,8 +273,7 @@ def generate(
                     )  # (b, prompt_len + new)
                     new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
                 else:
-                    rows = tokenizer([texts[i] for i in idx], add_special_tokens=False)["input_ids"]
-                    new_tokens = greedy_decode(model, rows, gen_cfg, eos, pad_id)
+                    new_tokens = greedy_decode(model, [ids[i] for i in idx], gen_cfg, eos, pad_id)
                 for i, row in zip(idx, new_tokens):
                     text = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
                     results[i] = strip_scaffold(text, scaffold)

@@ -43,9 +43,7 @@ def check_reward_inputs(specs, rows, source: str) -> None:
         for column in needed:
             for row in rows:
                 if column not in row:
-                    have = ", ".join(sorted(k for k in row if k != "prompt")) or "none"
-                    problems.append(Problem(source, getattr(row, "line", None), column,
-                                            f"missing: {reader}; this row has: {have}"))  # fmt: skip
+                    problems.append(_missing(row, column, source, reader))
                 elif spec.name == "numeric_answer" and (why := _not_a_number(row[column])):
                     problems.append(Problem(source, getattr(row, "line", None), column, f"{why}; {reader}"))
         if spec.name == "task" and spec.args.get("task") is None:
@@ -78,15 +76,16 @@ def _user_columns(spec, rows, source: str) -> list[Problem]:
     """A row without a column the user's function takes by name with no default (`user_reward_columns`): every
     sample of it would be scored with None there (a group all alike, never trained: an audit), or, when no row has
     it, every call would fail."""
-    out = []
-    for column in user_reward_columns(spec.fn, spec.args) if spec.fn is not None else []:
-        for row in rows:
-            if column not in row:
-                have = ", ".join(sorted(k for k in row if k != "prompt")) or "none"
-                out.append(Problem(source, getattr(row, "line", None), column, (
-                    f"missing: reward {spec.label!r} ({spec.where}) takes `{column}` with no default, so it reads "
-                    f"it; this row has: {have} (give the column, or a default: `{column}=None`)")))  # fmt: skip
-    return out
+    columns = user_reward_columns(spec.fn, spec.args) if spec.fn is not None else []
+    return [_missing(row, column, source, f"reward {spec.label!r} ({spec.where}) takes `{column}` with no default, so "
+                     f"it reads it", f" (give the column, or a default: `{column}=None`)")
+            for column in columns for row in rows if column not in row]  # fmt: skip
+
+
+def _missing(row, column: str, source: str, reader: str, fix: str = "") -> Problem:
+    """A row without `column`, which `reader` (a reward, named) reads: the columns the row has instead."""
+    have = ", ".join(sorted(k for k in row if k != "prompt")) or "none"
+    return Problem(source, getattr(row, "line", None), column, f"missing: {reader}; this row has: {have}{fix}")
 
 
 def _not_a_number(value) -> str | None:

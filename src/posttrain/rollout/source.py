@@ -32,7 +32,8 @@ process), and a resume trains its remaining steps on it rather than sampling it 
 sampled from. A run resumed on the same number of processes therefore ends as the uninterrupted one, bit for bit
 on the CPU; on another number (`trainer.checkpoint`), the rollouts are sampled with that number's seeds, a rollout
 in progress included, which then starts from the method's state and the dead-reward streak as they were before it
-(`rollout_start` in trainer_state.json: it does not count twice). The streak of rollouts whose rewards all failed (`DEAD_REWARD_ROLLOUTS`) is kept too.
+(`rollout_start` in trainer_state.json: it does not count twice). The streak of rollouts whose rewards all failed
+(`DEAD_REWARD_ROLLOUTS`) is kept too.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ from posttrain.rollout.samples import SampleLog
 DEAD_REWARD_ROLLOUTS = 3
 """Consecutive rollouts in which every reward function failed on every sample before the run stops (one such
 rollout can be a passing outage, e.g. a sandbox short of memory; three in a row is a broken reward)."""
+
+
 def _streak_record(streak: list[tuple[int, RewardResult]]) -> list:
     """A dead-reward streak as JSON: each rollout's index, and what the stop's message names of its result (the
     functions, their failures, errors and where they happened)."""

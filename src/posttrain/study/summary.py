@@ -107,12 +107,19 @@ def by_problem(values: dict[str, float], rows: list[dict]) -> dict[str, float]:
     return {k: statistics.fmean(v) for k, v in groups.items()}
 
 
+def _per_row(field: str, split: str) -> Metric:
+    """The `Scores` field `field` (row id -> 0/1) on each row of `split`; ``ood``: each problem's mean over its
+    out-of-distribution rows (`by_problem`)."""
+    if split == "ood":
+        return lambda s, rows: by_problem({r["id"]: getattr(s, field)[r["id"]] for r in rows
+                                           if r["split"] in OOD_SPLITS and r["id"] in getattr(s, field)}, rows)  # fmt: skip
+    return lambda s, rows: {r["id"]: getattr(s, field)[r["id"]] for r in rows
+                            if r["split"] == split and r["id"] in getattr(s, field)}  # fmt: skip
+
+
 def accuracy(split: str) -> Metric:
     """Greedy right (0/1) on each row of `split`; ``ood``: each problem's mean over its out-of-distribution rows."""
-    if split == "ood":
-        return lambda s, rows: by_problem({r["id"]: s.correct[r["id"]] for r in rows
-                                           if r["split"] in OOD_SPLITS and r["id"] in s.correct}, rows)  # fmt: skip
-    return lambda s, rows: {r["id"]: s.correct[r["id"]] for r in rows if r["split"] == split and r["id"] in s.correct}
+    return _per_row("correct", split)
 
 
 def gap(split: str) -> Metric:
@@ -123,10 +130,7 @@ def gap(split: str) -> Metric:
 
 def shortcut_rate(split: str) -> Metric:
     """1 when a subtraction of `split` was answered start + k; ``ood``: each problem's mean over its variants."""
-    if split == "ood":
-        return lambda s, rows: by_problem({r["id"]: s.shortcut[r["id"]] for r in rows
-                                           if r["split"] in OOD_SPLITS and r["id"] in s.shortcut}, rows)  # fmt: skip
-    return lambda s, rows: {r["id"]: s.shortcut[r["id"]] for r in rows if r["split"] == split and r["id"] in s.shortcut}
+    return _per_row("shortcut", split)
 
 
 def pass_k(k: int) -> Metric:
