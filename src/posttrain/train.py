@@ -36,7 +36,7 @@ from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
 from posttrain.config import deepspeed_zero_stage, dump_config
 from posttrain.config_rules import rules_of, show
-from posttrain.data.order import EpochPlan, plan_examples, skipped_note, total_steps
+from posttrain.data.order import EpochPlan, plan_examples, short_run_note, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
 from posttrain.data.render import lines_text
 from posttrain.errors import ConfigError
@@ -555,6 +555,9 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
                            shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
     for note in [*data.notes, *([skipped] if skipped else [])]:
         print(f"warning: {note}")
+    stop = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps is not None else f"run.epochs={cfg.run.epochs:g}"
+    if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, shuffle=cfg.data.shuffle):
+        print(f"note: {short}")
 
 
 def _check_context(cfg: RunConfig, data, config) -> None:

@@ -26,6 +26,18 @@ def test_loss_falls_when_overfitting_and_run_folder_is_complete(make_cfg):
     assert not any(p.name.startswith(".tmp") for p in run.rglob("*"))
 
 
+def test_a_run_that_ends_inside_its_first_epoch_says_how_many_examples_it_never_uses(make_cfg, capsys):
+    """16 rows in steps of 8: one step uses half of them, said at the start (`data.order.short_run_note`)."""
+    train(make_cfg("steps", **{"run.max_steps": 1}))
+    assert ("note: " + str(make_cfg().data.train) + ": run.max_steps=1 ends the run 1 steps into its first epoch of "
+            "2: it uses 8 of the 16 examples, and the other 8 (drawn by data.shuffle) never") in capsys.readouterr().out
+    train(make_cfg("epochs", **{"run.max_steps": "null", "run.epochs": 0.5, "data.shuffle": "false"}))
+    assert "run.epochs=0.5 ends the run 1 steps into its first epoch of 2: it uses 8 of the 16 examples, and the other " \
+           "8 (the last in the file) never" in capsys.readouterr().out
+    train(make_cfg("whole", **{"run.max_steps": 2}))
+    assert "ends the run" not in capsys.readouterr().out
+
+
 def _one_sgd_step(cfg, micro):
     """Run the real loop for one step with SGD, so the parameter change is exactly -lr * gradient."""
     from accelerate import Accelerator

@@ -114,6 +114,19 @@ def test_the_run_names_the_rows_it_skips_by_file_line():
     assert skipped_note(plan_batches(16, 4, 2, 1), source="t", lines=None, seed=0, shuffle=True, total_steps=8) is None
 
 
+def test_a_run_ending_inside_its_first_epoch_counts_the_prompts_its_started_rollouts_use():
+    from posttrain.data.order import EpochPlan, short_run_note
+
+    plan = EpochPlan(examples=20, unit=4, units_per_epoch=5, steps_per_unit=2)  # rollouts of 4 prompts, 2 steps each
+    note = short_run_note(plan, source="p.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True)
+    assert note == ("p.jsonl: run.max_steps=3 ends the run 3 steps into its first epoch of 10: it uses 8 of the 20 "
+                    "examples, and the other 12 (drawn by data.shuffle) never")  # the second rollout, half trained
+    skipping = EpochPlan(examples=21, unit=4, units_per_epoch=5, steps_per_unit=2, skipped=1, reason="r")
+    assert "uses 20 of the 21 examples, and the other 1" in short_run_note(
+        skipping, source="p", total_steps=9, stop="s", shuffle=False)  # fmt: skip
+    assert short_run_note(plan, source="p", total_steps=10, stop="s", shuffle=True) is None
+
+
 def test_a_sharded_run_skips_a_last_step_that_gives_the_processes_unequal_micro_batches():
     """19 rows in steps of 8 over 2 processes, micro-batches of 1: the last step's 3 rows give one process 2
     forwards and the other 1, which DDP runs (tests/integration/test_distributed.py). A sharded model's forward is

@@ -138,6 +138,29 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
     )
 
 
+def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, shuffle: bool) -> str | None:
+    """One line for the start of a run that ends inside its first epoch (`stop`: the setting that ends it, e.g.
+    ``run.max_steps=50``): how many examples it uses, and how many it never reaches. None when it reaches all.
+
+    >>> plan = plan_batches(10, 4, 1, 4)
+    >>> short_run_note(plan, source="t.jsonl", total_steps=2, stop="run.max_steps=2", shuffle=False)
+    't.jsonl: run.max_steps=2 ends the run 2 steps into its first epoch of 3: it uses 8 of the 10 examples, and the other 2 (the last in the file) never'
+    >>> short_run_note(plan, source="t.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True) is None
+    True
+    """
+    if total_steps >= plan.steps_per_epoch:
+        return None
+    # a chunk started is a chunk used: an RL run stopping inside a rollout has sampled all of its prompts
+    used = min(-(-total_steps // plan.steps_per_unit) * plan.unit, plan.examples - plan.skipped)
+    if used >= plan.examples:
+        return None
+    which = "drawn by data.shuffle" if shuffle else "the last in the file"
+    return (
+        f"{source}: {stop} ends the run {total_steps} steps into its first epoch of {plan.steps_per_epoch}: it uses "
+        f"{used} of the {plan.examples} examples, and the other {plan.examples - used} ({which}) never"
+    )
+
+
 def total_steps(max_steps: int | None, epochs: float, steps_per_epoch: int) -> int:
     """`max_steps` when given, else `epochs` passes rounded up.
 
