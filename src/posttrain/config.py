@@ -193,6 +193,12 @@ class DataConfig(_Section):
     on), each example attending to them and its own tokens (docs/data.md)."""
     shuffle: bool = True
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
+    chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
+    prompt then ends with an empty think block and answers follow it). Written into the template
+    (`data.render.set_template_variables`), so training rows, sampled prompts, evaluation and the tokenizer saved
+    with the model all render with them. Refused before the model loads for a tokenizer without a chat template
+    and for a name the template never mentions."""
 
 
 def vllm_available() -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from posttrain.algorithms import config_from_dict
 from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, quickstart_methods
 from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
+from posttrain.data.render import set_template_variables
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
 from posttrain.evaluation.preference import preference_accuracy
@@ -147,6 +148,7 @@ def run_recipe(
     cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 
     tokenizer = load_tokenizer(cfg.model)
+    set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
     before = _base_scores(cfg, tokenizer, recipe, files, n_heldout, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None

@@ -38,7 +38,7 @@ from posttrain.config import deepspeed_zero_stage, dump_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, short_run_note, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
-from posttrain.data.render import lines_text
+from posttrain.data.render import lines_text, set_template_variables
 from posttrain.errors import ConfigError
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
@@ -352,6 +352,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
 
     # ---- data first: user errors in files surface before the (slow) model load
     tokenizer = load_tokenizer(cfg.model)
+    set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
     evaluating = data.eval is not None and algorithm.evaluates

@@ -344,3 +344,31 @@ def test_pairs_without_a_margin_are_said_when_the_run_uses_margins(capsys, tiny_
                          f"run.output_dir={tmp_path / 'run'}", "run.progress=false")  # fmt: skip
     assert code == 0, err
     assert f"{pairs}: 2 of 4 pairs have no `margin` (lines 1 and 3): their margin is 0 in the loss" in out + err
+
+
+def test_chat_template_kwargs_are_checked_before_the_model_loads_and_kept_by_the_saved_tokenizer(
+        capsys, tiny_model_dir, sft_file, tmp_path):  # fmt: skip
+    """`data.chat_template_kwargs` with a name the template never mentions is refused before anything is written;
+    the corrected run trains, and its final/ tokenizer renders with the variable as training did."""
+    from transformers import AutoTokenizer
+
+    from posttrain.models.generation import render_prompt
+
+    model = tmp_path / "qwen3ish"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% if enable_thinking is false %}{{ '<think></think>' }}"
+        "{% endif %}{% endif %}"
+    )
+    tok.save_pretrained(model)
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, *_train(model, sft_file, run_dir, "data.chat_template_kwargs.enable_thinkng=false"))
+    assert code == 2 and "Traceback" not in err, err
+    assert "data.chat_template_kwargs: the model's chat template never mentions enable_thinkng" in err
+    assert not run_dir.exists()
+    code, out, err = run(capsys, *_train(model, sft_file, run_dir, "data.chat_template_kwargs.enable_thinking=false"))
+    assert code == 0, err
+    saved = AutoTokenizer.from_pretrained(run_dir / "final")
+    assert render_prompt(saved, "hi") == "user: hi\nassistant: <think></think>"

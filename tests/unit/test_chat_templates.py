@@ -535,6 +535,63 @@ def test_a_generation_prompt_that_finished_turns_do_not_write_is_said_once():
     assert len(caught) == 1  # once per template, not once per row
 
 
+QWEN3_SWITCH = QWEN3_NO_THINKING.replace(  # and Qwen3's switch: enable_thinking=false puts the block in the prompt
+    "{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}")
+
+
+def test_chat_template_kwargs_are_written_into_the_template_every_render_and_the_saved_tokenizer_use(tmp_path):
+    """`data.chat_template_kwargs` (`set_template_variables`): Qwen3's `enable_thinking: false` makes the empty think
+    block part of the generation prompt, so SFT trains the answer alone and sampling starts after the block; the
+    template renders as transformers renders the original given the variable, and the saved tokenizer keeps it."""
+    from transformers import AutoTokenizer
+
+    from posttrain.data.render import answer_scaffold, chat_text, set_template_variables
+    from posttrain.models.generation import render_prompt as sampling_prompt
+
+    def qwen3(template=QWEN3_SWITCH):
+        return byte_tokenizer(["<|pad|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|pad|>",
+                              chat_template=template)  # fmt: skip
+
+    tok = qwen3()
+    assert answer_scaffold(tok) == "<think>\n\n</think>\n\n" and sampling_prompt(tok, "2+2?").endswith("assistant\n")
+    set_template_variables(tok, {"enable_thinking": False})
+    assert sampling_prompt(tok, "2+2?") == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert answer_scaffold(tok) == ""  # the block is the prompt's now: answers begin with the answer
+    trained = render_sft(tok, {"prompt": "2+2?", "completion": "4"}, max_length=999)
+    assert marked(tok, trained.input_ids, trained.loss_mask).endswith("<think>\n\n</think>\n\n⟦4<|im_end|>⟧\n")
+    for conversation, gen in (([U1, A1, U2, A2], False), ([U1, A1, U2], True)):
+        assert chat_text(tok, conversation, add_generation_prompt=gen) == qwen3().apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=gen, enable_thinking=False)  # fmt: skip
+    tok.save_pretrained(tmp_path / "saved")
+    assert sampling_prompt(AutoTokenizer.from_pretrained(tmp_path / "saved"), "2+2?") == sampling_prompt(tok, "2+2?")
+    set_template_variables(tok, {"enable_thinking": True})  # trained again with another value: it replaces the first
+    assert tok.chat_template.count("{% set ") == 1 and sampling_prompt(tok, "2+2?").endswith("assistant\n")
+    newline = qwen3("\n" + QWEN3_SWITCH)  # a template starting with a newline keeps it (transformers' trim_blocks)
+    set_template_variables(newline, {"enable_thinking": False})
+    assert chat_text(newline, [U1], add_generation_prompt=True) == qwen3("\n" + QWEN3_SWITCH).apply_chat_template(
+        [U1], tokenize=False, add_generation_prompt=True, enable_thinking=False)  # fmt: skip
+    set_template_variables(newline, {"enable_thinking": True})
+    assert newline.chat_template.endswith("true %}{# end of data.chat_template_kwargs #}\n" + "\n" + QWEN3_SWITCH)
+
+
+@pytest.mark.parametrize(("template", "variables", "needle"), [
+    (None, {"enable_thinking": False}, "the model's tokenizer has no chat template"),
+    (QWEN3_SWITCH, {"enable_thinkng": False}, "the model's chat template never mentions enable_thinkng"),
+    (SMOLLM2, {"enable_thinking": False}, "never mentions enable_thinking, so setting it would change nothing"),
+    (QWEN3_SWITCH, {"add_generation_prompt": True}, "add_generation_prompt cannot be set"),
+])  # fmt: skip
+def test_chat_template_kwargs_that_would_do_nothing_are_refused(template, variables, needle):
+    from posttrain.data.render import set_template_variables
+    from posttrain.errors import ConfigError
+
+    tok = byte_tokenizer(["<|im_start|>", "<|im_end|>"], eos="<|im_end|>", chat_template=template)
+    with pytest.raises(ConfigError, match=needle):
+        set_template_variables(tok, variables)
+    assert tok.chat_template == template
+
+
 def test_rows_that_train_earlier_turns_under_a_last_turn_scaffold_are_said():
     """Qwen3's template writes the empty think block before a conversation's last answer only: a chat row's earlier
     assistant turns are trained without it, the last with it. Said once, naming the rows; a prompt/completion row

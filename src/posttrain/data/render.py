@@ -50,14 +50,16 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
 import re
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from posttrain.data.schema import normalise_row
-from posttrain.errors import DataError, Problem, UserError
+from posttrain.errors import ConfigError, DataError, Problem, UserError
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -114,6 +116,65 @@ def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = 
         messages, tokenize=False, add_generation_prompt=add_generation_prompt,
         date_string=TEMPLATE_DATE.strftime("%d %b %Y"), **kwargs,
     )  # fmt: skip
+
+
+_SET_START, _SET_END = "{# posttrain: data.chat_template_kwargs #}", "{# end of data.chat_template_kwargs #}"
+_PASSED = ("messages", "add_generation_prompt", "date_string")  # what `chat_text` gives every render itself
+
+
+def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float | str], *,
+                           setting: str = "data.chat_template_kwargs") -> None:  # fmt: skip
+    """Fix variables of the tokenizer's chat template (Qwen3's ``enable_thinking``) by writing them into the template
+    as ``{% set NAME = VALUE %}`` statements: every render posttrain makes (training rows, sampled prompts,
+    `generate`, evaluation) sees them, and so does the tokenizer saved with the model (checkpoints, ``final/``), in
+    transformers or vLLM as here. The statements replace those an earlier call wrote (a model trained with the
+    setting, trained again). Refused (`ConfigError`, before any model loads): a tokenizer with no chat template
+    (posttrain's fallback reads no variable), a name no template of the tokenizer mentions (it would change
+    nothing), and the names `chat_text` passes itself.
+
+    >>> class Tok: chat_template = "{% if enable_thinking is false %}<think></think>{% endif %}{{ messages[0].content }}"
+    >>> tok = Tok(); set_template_variables(tok, {"enable_thinking": False}); tok.chat_template.count("{% set ")
+    1
+    >>> set_template_variables(tok, {"enable_thinking": True}); "{% set enable_thinking = true %}" in tok.chat_template
+    True
+    >>> tok.chat_template.count("{% set ")
+    1
+    """
+    if not variables:
+        return
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError(
+            f"{setting}: the model's tokenizer has no chat template, so there is nothing for "
+            f"{', '.join(variables)} to set (posttrain renders its rows with a fixed User:/Assistant: template, "
+            "which reads no variable). Remove the setting, or use a model whose tokenizer has a chat template"
+        )
+    if passed := [name for name in variables if name in _PASSED]:
+        raise ConfigError(f"{setting}: {', '.join(passed)} cannot be set: posttrain passes "
+                          f"{', '.join(_PASSED)} to every render itself")  # fmt: skip
+    named = dict(template) if isinstance(template, dict) else {None: template}
+    named = {k: _without_set_variables(t) for k, t in named.items()}
+    unread = [n for n in variables if not any(re.search(rf"\b{re.escape(n)}\b", t) for t in named.values())]
+    if unread:
+        raise ConfigError(
+            f"{setting}: the model's chat template never mentions {', '.join(unread)}, so setting "
+            f"{'it' if len(unread) == 1 else 'them'} would change nothing. Check the name against the template "
+            "(tokenizer_config.json's or chat_template.jinja's variables)"
+        )
+    sets = "".join(f"{{% set {name} = {json.dumps(value)} %}}" for name, value in variables.items())
+    # trim_blocks (transformers' setting) drops one newline after a block tag: a template that starts with one keeps it
+    named = {k: f"{_SET_START}{sets}{_SET_END}" + ("\n" if t.startswith("\n") else "") + t for k, t in named.items()}
+    tokenizer.chat_template = named if isinstance(template, dict) else named[None]
+
+
+def _without_set_variables(template: str) -> str:
+    """`template` without the statements `set_template_variables` wrote (and the newline it added after them)."""
+    start = template.find(_SET_START)
+    end = template.find(_SET_END)
+    if start != 0 or end < 0:
+        return template
+    rest = template[end + len(_SET_END) :]
+    return rest[1:] if rest.startswith("\n\n") else rest
 
 
 _PROBE = ("Q7", "A9")  # a user turn and an answer no template rewrites, to see what a template wraps around content
