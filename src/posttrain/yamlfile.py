@@ -64,10 +64,15 @@ def load_yaml(text: str, source: str, prefix: str = "", lines: dict[str, int] | 
     >>> where
     {'optim': 1, 'optim.lr': 2, 'rewards': 3, 'rewards.0': 4, 'rewards.0.name': 4}
     """
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is not None:
+    loader = yaml.SafeLoader(text)  # parsed once: the checked node is the one built (as `yaml.safe_load` does)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
         _walk(node, prefix, prefix, source, hint, lines, set())
-    return yaml.safe_load(text)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def yaml_problem(err: yaml.YAMLError, source: str) -> str:

@@ -312,7 +312,7 @@ def test_clean_prompts_that_share_an_id_are_refused_not_paired_with_the_last_one
     from posttrain.diagnose.robustness import measure_robustness
     from posttrain.errors import UserError
 
-    with pytest.raises(UserError, match=r"clean prompts share ids \('a'\): each variant names its clean prompt"):
+    with pytest.raises(UserError, match=r"^the clean prompts share ids: id 'a' on positions 1, 3\. Give every clean prompt its own `id`$"):
         measure_robustness("t", ["a", "b", "a"], [True, False, False], [{"perturbs": "a", "kind": "x"}], [True])
     path = tmp_path / "perturbed.jsonl"
     path.write_text(json.dumps({"prompt": "q", "perturbs": "a", "kind": "x", "answer": 4}) + "\n")

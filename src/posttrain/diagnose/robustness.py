@@ -95,12 +95,10 @@ def measure_robustness(
     (1.0, 0.5, 1)
     """
     clean = dict(zip(clean_ids, clean_correct, strict=True))
-    if len(clean) < len(clean_ids):  # variants name their clean prompt by id: a shared id pairs them wrongly
-        seen: set[str] = set()
-        shared = sorted({i for i in clean_ids if i in seen or seen.add(i)})
-        raise UserError(f"clean prompts share ids ({', '.join(map(repr, shared[:5]))}): each variant names its "
-                        "clean prompt by `id`, so every id must be unique")  # fmt: skip
-    # (`shared_ids_problem` refuses the same before any model loads; this guards the Python API)
+    # variants name their clean prompt by id: a shared id pairs them wrongly (refused before any model loads by
+    # the CLI; this guards the Python API)
+    if why := shared_ids_problem([{"id": i} for i in clean_ids], where="positions"):
+        raise UserError(why)
     by_kind: dict[str, list[tuple[bool, bool, str]]] = {}
     pairs = []
     for v, right in zip(variants, variant_correct, strict=True):
@@ -157,9 +155,10 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def shared_ids_problem(clean_rows: Sequence[dict]) -> str | None:
+def shared_ids_problem(clean_rows: Sequence[dict], *, where: str = "lines") -> str | None:
     """Why variants cannot be paired with `clean_rows` (None: they can): rows that share an ``id``, which a variant
-    names its clean prompt by (each was paired with the last of them), with their lines.
+    names its clean prompt by (each was paired with the last of them), with their lines (`where="positions"`:
+    1-based positions in a list, rows read from no file).
 
     >>> shared_ids_problem([{"id": "a"}, {"id": "b"}, {"id": "a"}])
     "the clean prompts share ids: id 'a' on lines 1, 3. Give every clean prompt its own `id`"
@@ -167,7 +166,7 @@ def shared_ids_problem(clean_rows: Sequence[dict]) -> str | None:
     lines: dict[str, list] = {}
     for i, r in enumerate(clean_rows):
         lines.setdefault(row_id(r, i), []).append(getattr(r, "line", None) or i + 1)
-    shared = [f"id {k!r} on lines {', '.join(map(str, v))}" for k, v in lines.items() if len(v) > 1]
+    shared = [f"id {k!r} on {where} {', '.join(map(str, v))}" for k, v in lines.items() if len(v) > 1]
     if not shared:
         return None
     return f"the clean prompts share ids: {'; '.join(shared[:5])}. Give every clean prompt its own `id`"
