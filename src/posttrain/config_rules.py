@@ -136,6 +136,7 @@ APPLIES: dict[str, When] = {
         "Only SFT, DPO, GRPO and RLOO run several sequences that begin alike."
     ),
     "data.shuffle": ALWAYS,
+    "data.chat_template_kwargs": ALWAYS,  # every method renders its rows with the template
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,
     "optim.betas": ALWAYS,

@@ -7,6 +7,8 @@ condition. Each case gives a non-default value, a run that does not read the fie
 the field, the value and the method) and, where one exists, a run that does (accepted, and its resolved
 config.yaml loads again). A new shared field needs a row in APPLIES; a new conditional rule needs a case here."""
 
+import re
+
 import pytest
 
 from posttrain.algorithms import ALGORITHMS, RunConfig, load_config
@@ -211,9 +213,13 @@ def test_help_config_says_which_runs_read_each_field(capsys):
         "only).\n    read by: algorithm.name=dpo, only when algorithm.loss_type is sigmoid\n"
     ) in out
     assert "optim.lr = 0.0002\n    Peak learning rate.\n    read by: every method and technique\n" in out
-    assert "data.packing = False\n" in out and "read by: only when algorithm.name is sft\n" in out
+    assert ("data.packing = False\n    Pack several examples into one row of `max_length` tokens; examples never "
+            "attend to each other.\n    read by: only when algorithm.name is sft\n") in out
     assert "read by: only when algorithm.name is ppo (when algorithm.vf_coef is not 0.0) or reward\n" in out
     assert out.count("    read by: ") == len(describe_fields(RunConfig))
+    headers = [line for line in out.splitlines() if re.match(r"[a-z_]+(\.[a-z_0-9]+)+ = ", line)]
+    assert len(headers) == len(describe_fields(RunConfig))  # every other line is indented under its field
+    assert all(line.startswith("    ") for line in out.splitlines() if line and line not in headers and line[0] != "#")
 
 
 def test_the_clips_act_where_a_forward_of_their_own_keeps_dropout_apart():

@@ -51,7 +51,8 @@ def test_collate_packed_positions_and_first_token_masks():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_examples_never_attend_to_each_other(tiny_model, attn):
-    """Each example's logits inside a packed row equal its logits run alone (fp32, so 1e-5 is tight)."""
+    """Each example's logits inside a packed row equal its logits run alone: within 1e-6 in fp32 on logits of
+    ~0.4 (measured 9e-8; a leak between examples moves them by more than 1e-3)."""
     tiny_model.set_attn_implementation(attn)
     tiny_model.train()  # training mode, as in the loop (the tiny model has no dropout)
     bins = pack(DOCS, max_length=16)
@@ -65,7 +66,7 @@ def test_packed_examples_never_attend_to_each_other(tiny_model, attn):
             at = 0
             for r in docs:
                 alone = tiny_model(input_ids=torch.tensor([r.input_ids]), use_cache=False).logits[0]  # (T, V)
-                torch.testing.assert_close(packed.logits[b, at : at + len(r)], alone, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(packed.logits[b, at : at + len(r)], alone, rtol=0, atol=1e-6)
                 if at > 0:  # the test can fail: without the reset, later examples see earlier ones
                     assert (leaky.logits[b, at : at + len(r)] - alone).abs().max() > 1e-3
                 at += len(r)

@@ -84,3 +84,13 @@ def test_each_completion_weighs_the_same_whatever_its_length():
     units = sum(loss_units({"completion_mask": mask[i : i + 2]}, None) for i in (0, 2))
     assert units == loss_units({"completion_mask": mask}, None)
     assert_close(torch.cat(parts).sum() / units, whole.sum() / units, rtol=0, atol=1e-6)
+    # the loop's divisor counts completions, not tokens: lengths 5, 1, 3 and an empty row are 3 units (a token
+    # count, 9, would weigh the 5-token completion five times the 1-token one)
+    ragged = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    assert loss_units({"completion_mask": ragged}, None) == 3.0
+    # on-policy, each completion's loss is -A x its token count and each of its tokens' gradient is -A
+    on = torch.zeros(4, 5, requires_grad=True)
+    loss, _ = rloo_loss(on, on.detach(), torch.tensor([2.0, -1.0, 0.5, 3.0]), ragged)
+    assert loss.tolist() == [-10.0, 1.0, -1.5, 0.0]
+    loss.sum().backward()
+    assert on.grad.tolist() == (torch.tensor([-2.0, 1.0, -0.5, 0.0])[:, None] * ragged).tolist()

@@ -75,5 +75,6 @@ def help_config() -> Output:
         if f["method"] != shown and f["method"] is not None:
             lines.append(f"\n# algorithm.name: {f['method']}")
         shown = f["method"]
-        lines.append(f"{f['name']} = {f['default']}\n    {f['doc']}\n    read by: {f['read_by']}")
+        doc = f["doc"].replace("\n", "\n    ")  # every line of a long doc under its field
+        lines.append(f"{f['name']} = {f['default']}\n    {doc}\n    read by: {f['read_by']}")
     return Output(doc={"fields": fields}, text="\n".join(lines))
