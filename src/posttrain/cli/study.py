@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     which = s.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the quick setting: 1 seed, 4 arms, no noise condition "
                        "(7.1 min measured on 2 CPU cores at ~290 GFLOP/s; sized to stay within 15 at ~150; docs/study.md)")  # fmt: skip
-    which.add_argument("--setting", default="standard", help="quick, standard (3 seeds, 4 arms; 26.7 min measured at ~290 GFLOP/s, about an hour on slower cores), "
+    which.add_argument("--setting", default="standard", help="quick, standard (3 seeds, 4 arms; 29.7 min measured at 188 GFLOP/s fp32, about an hour on slower cores), "
                        "full (3 seeds, 6 arms, 0 and 30%% wrong demonstrations; hours) or a YAML file of the same "
                        "shape (default: standard)")  # fmt: skip
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change one setting, dotted "
