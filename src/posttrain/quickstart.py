@@ -245,6 +245,7 @@ def _is_quickstart_folder(path: Path) -> bool:
         "eval_base.json",
         "config.yaml",
         "data_fingerprint.json",
+        "environment.json",
         "metrics.jsonl",
         "checkpoints",
         "final",

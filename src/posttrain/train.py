@@ -77,6 +77,8 @@ from posttrain.trainer.fingerprint import (
     check_same_plan,
     data_fingerprint,
     read_fingerprint,
+    record_environment,
+    run_environment,
     write_fingerprint,
 )
 from posttrain.trainer.launch import fsdp1_refusal, launch_notes
@@ -175,10 +177,10 @@ def _check_saved_layout(saved: Path, old: dict) -> None:
         ) from None
 
 
-# What a run writes into its folder (`report.IMAGE_DIR`, `trainer.fingerprint.FILE`, the metrics, the samples of
-# an RL run): a folder that holds any of them, and is not a run to resume, is somebody else's.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "data_fingerprint.json", "samples.jsonl", "report.md", "report.html",
-             "report_files", "checkpoints", "final", "tensorboard")  # fmt: skip
+# What a run writes into its folder (`report.IMAGE_DIR`, `trainer.fingerprint.FILE` and `.ENVIRONMENT`, the
+# metrics, the samples of an RL run): a folder that holds any of them, and is not a run to resume, is somebody else's.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "data_fingerprint.json", "environment.json", "samples.jsonl",
+             "report.md", "report.html", "report_files", "checkpoints", "final", "tensorboard")  # fmt: skip
 _MODEL_FILES = (INFO_FILE, "adapter_config.json", "config.json")
 
 
@@ -395,7 +397,8 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not finished:
         _say_launch_notes(cfg, accelerator)
-        _start_run_dir(cfg, run_dir, data, plan, steps, resumed=ckpt is not None)
+        _start_run_dir(cfg, run_dir, data, plan, steps, resumed_at=start if ckpt is not None else None,
+                       environment=run_environment(accelerator.device))  # fmt: skip
     # Under the run's autocast: a reference computed here (DPO precompute) must see the forward training sees.
     with accelerator.autocast():
         reference = Reference.build(algorithm.reference(cfg), language_model(model), model_cfg=cfg.model,
@@ -545,13 +548,16 @@ def _say_launch_notes(cfg: RunConfig, accelerator) -> None:
         print(note)
 
 
-def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed: bool) -> None:
-    """The run folder's config.yaml and data fingerprint (a resumed run's record was just checked), and the notes
-    for the start of the run: rows truncated or skipped."""
+def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: int, *, resumed_at: int | None,
+                   environment: dict) -> None:  # fmt: skip
+    """The run folder's config.yaml, data fingerprint (a resumed run's record was just checked) and environment,
+    and the notes for the start of the run: rows truncated or skipped, a resume on another machine or software."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    if not resumed or read_fingerprint(run_dir) is None:
+    if resumed_at is None or read_fingerprint(run_dir) is None:
         write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
+    if note := record_environment(run_dir, environment, resumed_at=resumed_at):
+        print(note)
     skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
                            shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
     for note in [*data.notes, *([skipped] if skipped else [])]:

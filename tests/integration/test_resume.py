@@ -258,3 +258,29 @@ def test_a_config_saved_in_an_older_layout_is_refused_as_such_not_as_changed_set
     assert msg.startswith(f"--resume: {saved} is not a config this posttrain version reads")
     assert "algorithm.sft: not a section" in msg and "Only run length" not in msg
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, monkeypatch, capsys):
+    """environment.json keeps what the run started on; a resume on another CPU instruction set (or library
+    release) trains on, with a note naming what differs, and is listed in the file's `resumes`."""
+    import json
+
+    import posttrain.train as train_module
+
+    cfg = make_cfg("moved", **{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    env = json.loads((Path(cfg.run.output_dir) / "environment.json").read_text())
+    assert env["start"]["cpu"] == torch.backends.cpu.get_cpu_capability() and env["resumes"] == []
+    assert (env["start"]["device"], env["start"]["posttrain"]) == ("cpu", __import__("posttrain").__version__)
+    capsys.readouterr()
+    train(make_cfg("moved", **{"run.max_steps": 3, "run.save_every": 1}), resume=True)  # the same machine
+    assert "another machine or software" not in capsys.readouterr().out
+    real = train_module.run_environment
+    monkeypatch.setattr(train_module, "run_environment", lambda device: {**real(device), "cpu": "AVX2-elsewhere"})
+    train(make_cfg("moved", **{"run.max_steps": 4, "run.save_every": 1}), resume=True)
+    out = capsys.readouterr().out
+    assert (f"note: this resume computes on another machine or software than the run started on (cpu "
+            f"{env['start']['cpu']} -> AVX2-elsewhere; environment.json): the loss is the same function, but float "
+            "rounding differs, so the steps after step 3 are not bit for bit") in out
+    resumes = json.loads((Path(cfg.run.output_dir) / "environment.json").read_text())["resumes"]
+    assert [(r["step"], r["cpu"]) for r in resumes] == [(3, "AVX2-elsewhere")]

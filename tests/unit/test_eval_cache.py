@@ -50,6 +50,7 @@ def test_same_files_and_settings_hit(parts, tmp_path):
         ("max_new_tokens", "the decoding settings changed since they were cached"),
         ("batch_size", "the decoding settings changed since they were cached"),
         ("temperature", "the decoding settings changed since they were cached"),
+        ("dtype", "the decoding settings changed since they were cached"),
     ],
 )
 def test_any_changed_part_misses(parts, tmp_path, change, reason):
@@ -63,9 +64,24 @@ def test_any_changed_part_misses(parts, tmp_path, change, reason):
     elif change == "rows":
         rows.write_text(rows.read_text(encoding="utf-8") + '{"prompt": "c", "answer": 3}\n', encoding="utf-8")
     else:
-        decoding = {"max_new_tokens": 95, "batch_size": 8, "temperature": 0.7}[change]
+        decoding = {"max_new_tokens": 95, "batch_size": 8, "temperature": 0.7, "dtype": "bfloat16"}[change]
         decoding = {change: decoding}
     assert lookup(cache, _key(model, rows, **decoding)) == (None, reason)
+
+
+def test_scores_decoded_on_another_machine_miss(parts, tmp_path, monkeypatch):
+    """Another CPU instruction set (AVX2 against AVX-512 kernels sum in other orders) or a GPU decodes other
+    greedy answers now and then: a run folder moved to such a machine scores its base model again."""
+    import torch
+
+    model, rows = parts
+    cache = tmp_path / "eval_base.json"
+    write_scores(cache, _key(model, rows), SCORES)
+    made = json.loads(cache.read_text(encoding="utf-8"))["made_from"]["decoding"]
+    assert made["device"] == "cpu" and made["dtype"] == "float32"
+    assert made["cpu"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "another")
+    assert lookup(cache, _key(model, rows)) == (None, "the decoding settings changed since they were cached")
 
 
 @pytest.mark.parametrize(

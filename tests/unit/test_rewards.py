@@ -48,6 +48,23 @@ def test_numeric_match(completion, answer, expected):
     assert numeric_match(completion, answer) is expected
 
 
+def test_math_verify_answers_score_the_same_off_the_main_thread():
+    """Reward functions may run in a worker thread, where math-verify cannot set its SIGALRM timeouts: math-verify
+    0.7 then failed every parse, and a right LaTeX answer scored 0 silently (hence math-verify>=0.8)."""
+    import threading
+
+    results = {}
+
+    def score():
+        results["frac"] = numeric_match(r"so \boxed{\frac{1}{2}}", r"\frac{1}{2}")
+        results["wrong"] = numeric_match(r"so \boxed{\frac{1}{3}}", r"\frac{1}{2}")
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    worker.join()
+    assert results == {"frac": True, "wrong": False}
+
+
 def test_numeric_answer_helpers_and_column():
     assert final_answer("x\n#### 9\n") == "9" and to_number("1/0") is None
     assert _one({"name": "numeric_answer", "args": {"column": "gold"}}, ["Answer: 1", "2"], gold=[1, 3]) == [

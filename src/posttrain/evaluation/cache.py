@@ -8,7 +8,11 @@ the scores back instead. A cached score is reused only when its key is the one t
   file: weights, config and tokenizer), so a reconverted or replaced model is scored again;
 - `rows`: the sha256 of the held-out file's bytes (the same digest `data_fingerprint.json` keeps);
 - `decoding`: how the answers were generated (greedy or the temperature, `max_new_tokens`, the batch size,
-  which decides padding and so float rounding) and the torch and transformers versions that decoded them.
+  which decides padding and so float rounding), the torch and transformers versions that decoded them, and the
+  machine: the device (a GPU by name), the dtype the model decodes in (`model.dtype: auto` is bfloat16 on a GPU)
+  and, on a CPU, the instruction set torch's kernels use (`torch.backends.cpu.get_cpu_capability()`: AVX2 and
+  AVX-512 kernels sum in other orders, so a greedy answer can differ). A run folder moved to another machine
+  scores its base model again.
 
 A file that cannot be read as a cache (cut by a kill mid-write, edited by hand) is scored again with a warning
 on stderr; a key that differs is scored again, and `lookup` says which part differed. The
@@ -25,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from posttrain.models.loading import resolve_model
+from posttrain.models.loading import default_device, resolve_dtype, resolve_model
 from posttrain.trainer.fingerprint import file_digest
 
 
@@ -38,17 +42,23 @@ def model_digest(name: str) -> str | None:
     return file_digest(Path(resolved.path) / (resolved.gguf_file or ""))
 
 
-def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: float = 0.0) -> dict:
-    """The `decoding` part of a key: the generation settings and the versions of the libraries that decode."""
+def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: float = 0.0, dtype: str = "auto",
+                      device=None) -> dict:  # fmt: skip
+    """The `decoding` part of a key: the generation settings, the versions of the libraries that decode, and the
+    machine that decodes (`device`, default `default_device()`; `dtype`: the model's `model.dtype`)."""
     import torch
     import transformers
 
+    device = torch.device(device) if device is not None else default_device()
     return {
         "temperature": float(temperature),
         "max_new_tokens": int(max_new_tokens),
         "batch_size": int(batch_size),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "dtype": str(resolve_dtype(dtype, device)).removeprefix("torch."),
+        "cpu": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
     }
 
 

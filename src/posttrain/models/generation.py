@@ -106,7 +106,8 @@ def kept_in_float32(model, dtype: torch.dtype):
     """The parameters transformers keeps in float32 when it loads `model` in `dtype`, as a pattern searched in a
     parameter's dotted name (None: none): a model's `_keep_in_fp32_modules_strict` under bfloat16 and float16, its
     `_keep_in_fp32_modules` under float16 only, each entry a pattern searched anywhere in the name with `*` as any
-    text, as transformers 5's loader reads them (`modeling_utils._get_dtype_plan`, `build_glob_alternation`). So
+    text, as transformers 5's loader reads them from 5.1 on (`modeling_utils._get_dtype_plan`, `build_glob_alternation`;
+    5.0 kept `_keep_in_fp32_modules` under bfloat16 too, hence transformers>=5.1). So
     DeepSeek-V3's ``gate.weight`` keeps ``model.layers.0.mlp.gate.weight``, and gpt-oss's float16-only norms are
     cast to bfloat16. A LoRA-wrapped layer's weight (peft's ``.base_layer.``) is matched by the layer's name.
 

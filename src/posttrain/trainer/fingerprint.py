@@ -12,6 +12,11 @@ cheap to undo, and "the same bytes" is a rule a user can check with `sha256sum`.
 Steps per epoch are recorded because the step number is the data position (`trainer.batches`): resumed with
 another number of processes or another posttrain version that cuts epochs differently, the same step would
 point at other examples.
+
+`environment.json` holds what the run computes on (`run_environment`): the versions of posttrain and the libraries
+that compute, the device (a GPU by name) and the CPU instruction set torch's kernels use. A resume on another
+one is allowed (a run moved to a faster machine is a normal thing to do) but said (`environment_note`), because
+its steps are then not bit for bit those the uninterrupted run would have taken; the file lists such resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 from posttrain.errors import ConfigError
 
 FILE = "data_fingerprint.json"
+ENVIRONMENT = "environment.json"
+_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "vllm")
 _CHUNK = 1 << 20
 
 
@@ -93,3 +100,59 @@ def check_same_plan(run_dir: Path, recorded: dict | None, steps_per_epoch: int) 
         "differently), so its step numbers would point at other examples. Resume with the same number of "
         "processes, or set run.output_dir to a new folder."
     )
+
+
+def run_environment(device) -> dict[str, str | None]:
+    """What this process computes on: posttrain's and the computing libraries' versions (None: not installed), the
+    device (`cpu`, or a GPU's name) and the instruction set of torch's CPU kernels (AVX2 and AVX-512 kernels sum in
+    other orders)."""
+    from importlib import metadata
+
+    import torch
+
+    from posttrain import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    device = torch.device(device)
+    return {
+        "posttrain": __version__,
+        **{name: version(name) for name in _LIBRARIES},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def record_environment(run_dir: Path, now: dict, *, resumed_at: int | None = None) -> str | None:
+    """Write `now` to the run's environment.json when the run starts (`resumed_at` None, or a folder without the
+    file); on a resume from step `resumed_at`, compare and return the note for what differs from the run's start
+    (None: nothing), adding the resume to the file's `resumes`."""
+    path = Path(run_dir) / ENVIRONMENT
+    record = None
+    if resumed_at is not None and path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            start = record["start"]
+        except (ValueError, KeyError, TypeError):  # cut or edited by hand: started afresh, as a missing file
+            record = None
+    if record is None:
+        _write_json(path, {"start": now, "resumes": []})
+        return None
+    changed = [f"{k} {start.get(k)} -> {v}" for k, v in now.items() if start.get(k) != v]
+    if not changed:
+        return None
+    record.setdefault("resumes", []).append({"step": resumed_at, **now})
+    _write_json(path, record)
+    return (f"note: this resume computes on another machine or software than the run started on ({'; '.join(changed)}; "
+            f"{ENVIRONMENT}): the loss is the same function, but float rounding differs, so the steps after "
+            f"step {resumed_at} are not bit for bit those the uninterrupted run would have taken")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)
