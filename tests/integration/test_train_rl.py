@@ -469,6 +469,29 @@ def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatc
         train(rl("bad-file", **{"algorithm.rewards": f"[{tmp_path / 'broken.py'}:f]"}))
 
 
+def test_what_a_reward_counts_of_its_own_is_said_once_and_logged_per_rollout(rl, tmp_path, capsys):
+    """A reward function with `events()` (code_exec's timeouts): its counts are logged per rollout as
+    reward/EVENT_NAME and the first non-zero count is said once, with the function's note."""
+    (tmp_path / "counting.py").write_text(
+        "seen = [0]\n"
+        "def counting(prompts, completions, **kwargs):\n"
+        "    seen[0] += 2\n"
+        "    return [float(len(c) % 2) for c in completions]\n"
+        "def events():\n"
+        "    n, seen[0] = seen[0], 0\n"
+        "    return {'slow': n}\n"
+        "counting.events = events\n"
+        "counting.event_notes = {'slow': 'two samples were slow'}\n"
+    )
+    result = train(rl("counting", **{"algorithm.rewards": f"[{tmp_path / 'counting.py'}:counting]",
+                                     "run.max_steps": 3}))  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count("warning: reward 'counting': 2 of 16 samples of rollout 0: two samples were slow; further ones "
+                     "are only counted (reward/slow_counting in metrics.jsonl)") == 1  # fmt: skip
+    hist = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [h["reward/slow_counting"] for h in hist] == [2.0, 2.0, 2.0]
+
+
 def test_a_failing_reward_is_reported_once_and_the_run_goes_on(rl, tmp_path, capsys):
     """The first sample of every call is NaN: it gets the fallback and is counted each rollout; the reason is
     printed once; the run finishes."""

@@ -269,6 +269,22 @@ def test_a_collective_reward_that_fails_stops_the_run_instead_of_falling_back():
     assert result.failures == {"rm": 2}
 
 
+def test_code_exec_counts_the_programs_that_ran_past_its_time_limit():
+    """A wall-clock limit makes a score depend on the machine's speed and load: the programs that ran past it are
+    counted in the metrics (reward/timeouts_code_exec), per batch, instead of only scoring lower."""
+    from posttrain.rewards import build_reward_functions
+    from posttrain.rewards.compute import reward_metrics
+
+    rewards = build_reward_functions([{"name": "code_exec", "args": {"timeout_s": 1}}])
+    slow = "```python\ndef f():\n    return 1\nwhile True:\n    pass\n```"
+    fast = "```python\ndef f():\n    return 1\n```"
+    result = compute_rewards(rewards, ["p", "p"], [slow, fast], {"tests": ["assert f() == 1"] * 2})
+    assert result.per_function["code_exec"] == [0.0, 1.0] and result.events == {"code_exec": {"timeouts": 1}}
+    assert reward_metrics(result)["reward/timeouts_code_exec"] == 1.0
+    again = compute_rewards(rewards, ["p"], [fast], {"tests": ["assert f() == 1"]})
+    assert again.events == {"code_exec": {"timeouts": 0}}  # counted per batch: read, then started again
+
+
 def test_code_exec_fraction_and_all_or_nothing():
     good = "```python\ndef double(x):\n    return 2 * x\n```"
     half = "def double(x):\n    return x + 2\n"  # right only at x = 2

@@ -389,15 +389,26 @@ def code_exec(
     [0.5]
     """
     limits = sandbox.Limits(timeout_s=timeout_s, memory_mb=memory_mb, max_processes=max_processes)
+    timeouts = [0]  # programs that ran past the limit since `events` was last read
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         tests = _column(columns, column, "code_exec")
         codes = [sandbox.extract_code(c) for c in completions]
         results = sandbox.run_many(codes, list(tests), limits=limits, workers=workers)
+        timeouts[0] += sum(r.timed_out for r in results)
         if all_or_nothing:
             return [float(r.total > 0 and r.passed == r.total) for r in results]
         return [r.fraction for r in results]
 
+    def events() -> dict[str, int]:
+        """The programs that ran past `timeout_s` since the last read (`compute.RewardResult.events`)."""
+        counted, timeouts[0] = timeouts[0], 0
+        return {"timeouts": counted}
+
+    reward.events = events
+    reward.event_notes = {"timeouts": (
+        f"programs ran past timeout_s={timeout_s:g} s and were scored on the tests they passed before it (a wall-clock "
+        "limit: a slower or busier machine scores the same program lower; raise timeout_s if right programs are slow)")}
     return reward
 
 

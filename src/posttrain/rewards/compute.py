@@ -43,6 +43,9 @@ class RewardResult:
     failures: dict[str, int]  # name -> samples that got the fallback
     errors: dict[str, str] = field(default_factory=dict)  # name -> first error message, when any
     sites: dict[str, str] = field(default_factory=dict)  # name -> "file:line" of it (user functions only)
+    # name -> {event: samples}: what a function counts of its own calls (`code_exec`'s timeouts), read from its
+    # `events()` (a function may have one: it returns the counts since it was last read, and starts again)
+    events: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def row_columns(rows: Sequence[dict], skip: Sequence[str] = ()) -> dict[str, list]:
@@ -81,17 +84,19 @@ def compute_rewards(
     n = len(completions)
     columns = dict(columns or {})
     total = [0.0] * n
-    per_function, failures, errors, sites = {}, {}, {}, {}
+    per_function, failures, errors, sites, events = {}, {}, {}, {}, {}
     for reward in rewards:
         values, failed, error, exc = _call(reward, prompts, completions, columns, n, fallback)
         per_function[reward.name], failures[reward.name] = values, failed
+        if callable(counted := getattr(reward.fn, "events", None)):
+            events[reward.name] = dict(counted())
         if error:
             errors[reward.name] = error
             site = None if reward.builtin else failure_site(reward.fn, exc)
             if site:
                 sites[reward.name] = site
         total = [t + reward.weight * v for t, v in zip(total, values)]
-    return RewardResult(total, per_function, failures, errors, sites)
+    return RewardResult(total, per_function, failures, errors, sites, events)
 
 
 def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: float):
@@ -191,16 +196,21 @@ def _as_float(v: Any) -> float | None:
 
 
 def reward_metrics(result: RewardResult) -> dict[str, float]:
-    """Log lines: mean and (population) std of each reward and of the total, and failure counts.
+    """Log lines: mean and (population) std of each reward and of the total, failure counts, and the counts of
+    what a function counts of its own (`reward/EVENT_NAME`).
 
     >>> from posttrain.rewards.compute import RewardResult
     >>> reward_metrics(RewardResult([1.0, 3.0], {"a": [0.0, 2.0]}, {"a": 1}))
     {'reward/a_mean': 1.0, 'reward/a_std': 1.0, 'reward/failures_a': 1.0, 'reward/total_mean': 2.0, 'reward/total_std': 1.0}
+    >>> reward_metrics(RewardResult([1.0], {"c": [1.0]}, {"c": 0}, events={"c": {"timeouts": 2}}))["reward/timeouts_c"]
+    2.0
     """
     out: dict[str, float] = {}
     for name, values in result.per_function.items():
         out[f"reward/{name}_mean"], out[f"reward/{name}_std"] = _mean_std(values)
         out[f"reward/failures_{name}"] = float(result.failures.get(name, 0))
+        for event, count in result.events.get(name, {}).items():
+            out[f"reward/{event}_{name}"] = float(count)
     out["reward/total_mean"], out["reward/total_std"] = _mean_std(result.total)
     return out
 

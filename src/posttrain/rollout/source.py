@@ -170,7 +170,10 @@ def rollout_statistics(shares: list[dict]) -> dict[str, float]:
     failed = list(dict.fromkeys(k for r in results for k in r.failures))
     pooled = RewardResult(total=[x for r in results for x in r.total],
                           per_function={n: [x for r in results for x in r.per_function[n]] for n in names},
-                          failures={n: sum(r.failures.get(n, 0) for r in results) for n in failed})  # fmt: skip
+                          failures={n: sum(r.failures.get(n, 0) for r in results) for n in failed},
+                          events={n: {e: sum(r.events.get(n, {}).get(e, 0) for r in results)
+                                      for e in dict.fromkeys(e for r in results for e in r.events.get(n, {}))}
+                                  for n in dict.fromkeys(n for r in results for n in r.events)})  # fmt: skip
     lengths = torch.tensor([x for s in shares for x in s["lengths"]], dtype=torch.float32)
     out = {
         **reward_metrics(pooled),
@@ -221,7 +224,7 @@ class RolloutSource:
                 # sharded over several processes, its forwards are collectives: a batch that fails on one process
                 # stops the run (in one process nothing waits: a failure is its samples' fallback)
                 reward.fn.prepare, reward.fn.collective = prepare, self.world > 1
-        self.warned: set[str] = set()  # reward functions whose first failure was already printed
+        self.warned: set = set()  # reward functions (and their events) whose first failure was already printed
         self.dead_rewards: list[tuple[int, Any]] = []  # (rollout, RewardResult) of consecutive dead rollouts
         # the rollout being trained on: (index, tensors, metrics), kept for a checkpoint inside it; one restored by
         # `load_process_state` is trained on instead of sampling it again
@@ -316,6 +319,14 @@ class RolloutSource:
                     f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
                     f"failures are only counted (reward/failures_{name} in metrics.jsonl)"
                 )
+        for name, counted in result.events.items():  # what a function counts of its own: said once, then counted
+            for event, count in counted.items():
+                if count and (name, event) not in self.warned and self.accelerator.is_main_process:
+                    self.warned.add((name, event))
+                    reward = next(r for r in self.rewards if r.name == name)
+                    what = getattr(reward.fn, "event_notes", {}).get(event, event)
+                    print(f"warning: reward {name!r}: {count} of {len(per_seq)} samples of rollout {index}: {what}; "
+                          f"further ones are only counted (reward/{event}_{name} in metrics.jsonl)")  # fmt: skip
         return result
 
     def check_reward_signal(self, index: int, result, n: int) -> None:
