@@ -110,6 +110,13 @@ def test_reward_failures_are_reported(capsys, tiny_model_dir, tmp_path):
     assert "warning: --reward half could not score 2 of 4 answers; they count as 0" in err
     code, out, err = run(capsys, *base, "--reward", f"{tmp_path / 'r.py'}:never")
     assert code == 2 and "--reward never could not score any answer" in err and "no_such_column" in err
+    # what a reward counts of its own (code_exec's timeouts) is said with its note
+    (tmp_path / "c.py").write_text(
+        "def counting(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+        "counting.events = lambda: {'slow': 3}\ncounting.event_notes = {'slow': 'ran slowly'}\n"
+    )
+    code, out, err = run(capsys, *base, "--reward", f"{tmp_path / 'c.py'}:counting")
+    assert code == 0 and "warning: --reward counting: 3 of 4 answers: ran slowly" in err
     # A column a built-in reward reads is checked before the model loads, as for training.
     nocol = _write(tmp_path / "nocol.jsonl", [{"prompt": p} for p in PROMPTS])
     code, out, err = run(capsys, "evaluate", "--model", "./no/such/model", "--data", nocol, "--reward", "exact_match")

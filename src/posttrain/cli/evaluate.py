@@ -162,7 +162,7 @@ def _score(args, rewards: list | None, completions: list[str], rows: list[dict])
     if rewards is None:
         return score_completions(args.task, completions, rows, per_row), per_row
     metrics, result = score_rewards(rewards, completions, rows)
-    _report_reward_failures(result, len(rows))
+    _report_reward_failures(result, len(rows), rewards)
     for i, total in enumerate(result.total):  # the weighted sum, and each function's own reward
         per_row.append({"reward": total, **{f"reward_{k}": v[i] for k, v in result.per_function.items()}})
     return metrics, per_row
@@ -204,9 +204,16 @@ def _check_pairs_only_flags(args) -> None:
                         "and samples nothing")  # fmt: skip
 
 
-def _report_reward_failures(result, n: int) -> None:
+def _report_reward_failures(result, n: int, rewards: list) -> None:
     """A reward that could not score some answers says so (they count with the fallback, 0); one that scored
-    none measured nothing, which is an error rather than a table of zeros."""
+    none measured nothing, which is an error rather than a table of zeros. What a reward counts of its own
+    (`code_exec`'s timeouts: answers scored lower on a slower machine) is said too."""
+    notes = {r.name: getattr(r.fn, "event_notes", {}) for r in rewards}
+    for name, counted in result.events.items():
+        for event, count in counted.items():
+            if count:
+                print(f"warning: --reward {name}: {count} of {n} answers: {notes[name].get(event, event)}",
+                      file=sys.stderr)  # fmt: skip
     for name, failed in result.failures.items():
         if not failed:
             continue
