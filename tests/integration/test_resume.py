@@ -272,6 +272,7 @@ def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, 
     env = json.loads((Path(cfg.run.output_dir) / "environment.json").read_text())
     assert env["start"]["cpu"] == torch.backends.cpu.get_cpu_capability() and env["resumes"] == []
     assert (env["start"]["device"], env["start"]["posttrain"]) == ("cpu", __import__("posttrain").__version__)
+    assert env["start"]["torch"] == torch.__version__ and env["start"]["vllm"] is None  # not installed here
     capsys.readouterr()
     train(make_cfg("moved", **{"run.max_steps": 3, "run.save_every": 1}), resume=True)  # the same machine
     assert "another machine or software" not in capsys.readouterr().out

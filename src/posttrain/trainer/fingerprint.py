@@ -29,7 +29,7 @@ from posttrain.errors import ConfigError
 
 FILE = "data_fingerprint.json"
 ENVIRONMENT = "environment.json"
-_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "vllm")
+_LIBRARIES = ("posttrain", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "vllm")
 _CHUNK = 1 << 20
 
 
@@ -110,8 +110,6 @@ def run_environment(device) -> dict[str, str | None]:
 
     import torch
 
-    from posttrain import __version__
-
     def version(name: str) -> str | None:
         try:
             return metadata.version(name)
@@ -120,8 +118,7 @@ def run_environment(device) -> dict[str, str | None]:
 
     device = torch.device(device)
     return {
-        "posttrain": __version__,
-        **{name: version(name) for name in _LIBRARIES},
+        **{name: version(name) for name in _LIBRARIES},  # posttrain's as installed (importing it here is a cycle)
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "cpu": torch.backends.cpu.get_cpu_capability(),
     }
