@@ -563,7 +563,9 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
     for note in [*data.notes, *([skipped] if skipped else [])]:
         print(f"warning: {note}")
     stop = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps is not None else f"run.epochs={cfg.run.epochs:g}"
-    if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, shuffle=cfg.data.shuffle):
+    rl = getattr(cfg.algorithm, "rollout", None) is not None
+    if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, shuffle=cfg.data.shuffle,
+                               noun="prompts" if rl else "examples"):  # fmt: skip
         print(f"note: {short}")
 
 

@@ -118,9 +118,9 @@ def test_a_run_ending_inside_its_first_epoch_counts_the_prompts_its_started_roll
     from posttrain.data.order import EpochPlan, short_run_note
 
     plan = EpochPlan(examples=20, unit=4, units_per_epoch=5, steps_per_unit=2)  # rollouts of 4 prompts, 2 steps each
-    note = short_run_note(plan, source="p.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True)
+    note = short_run_note(plan, source="p.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True, noun="prompts")
     assert note == ("p.jsonl: run.max_steps=3 ends the run 3 steps into its first epoch of 10: it uses 8 of the 20 "
-                    "examples, and the other 12 (drawn by data.shuffle) never")  # the second rollout, half trained
+                    "prompts, and the other 12 (drawn by data.shuffle) never")  # the second rollout, half trained
     skipping = EpochPlan(examples=21, unit=4, units_per_epoch=5, steps_per_unit=2, skipped=1, reason="r")
     assert "uses 20 of the 21 examples, and the other 1" in short_run_note(
         skipping, source="p", total_steps=9, stop="s", shuffle=False)  # fmt: skip

@@ -138,9 +138,11 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
     )
 
 
-def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, shuffle: bool) -> str | None:
+def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, shuffle: bool,
+                   noun: str = "examples") -> str | None:  # fmt: skip
     """One line for the start of a run that ends inside its first epoch (`stop`: the setting that ends it, e.g.
-    ``run.max_steps=50``): how many examples it uses, and how many it never reaches. None when it reaches all.
+    ``run.max_steps=50``): how many examples (`noun`: RL's are prompts) it uses, and how many it never reaches.
+    None when it reaches all.
 
     >>> plan = plan_batches(10, 4, 1, 4)
     >>> short_run_note(plan, source="t.jsonl", total_steps=2, stop="run.max_steps=2", shuffle=False)
@@ -157,7 +159,7 @@ def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str,
     which = "drawn by data.shuffle" if shuffle else "the last in the file"
     return (
         f"{source}: {stop} ends the run {total_steps} steps into its first epoch of {plan.steps_per_epoch}: it uses "
-        f"{used} of the {plan.examples} examples, and the other {plan.examples - used} ({which}) never"
+        f"{used} of the {plan.examples} {noun}, and the other {plan.examples - used} ({which}) never"
     )
 
 
