@@ -285,6 +285,40 @@ def test_code_exec_counts_the_programs_that_ran_past_its_time_limit():
     assert again.events == {"code_exec": {"timeouts": 0}}  # counted per batch: read, then started again
 
 
+def test_a_users_reward_keeps_its_counts_with_args_and_a_broken_counter_stops_nothing(tmp_path, monkeypatch):
+    """`events()` on a user's function survives binding its args (functools.partial dropped it: no metric, no
+    warning); an events() that raises or gives junk leaves its counts out with one warning, and scoring goes on."""
+    import warnings
+
+    from posttrain.rewards import build_reward_functions, compute
+    from posttrain.rewards.compute import reward_metrics
+
+    (tmp_path / "r.py").write_text(
+        "def counting(prompts, completions, scale=1.0, **kw):\n    return [scale] * len(completions)\n"
+        "counting.events = lambda: {'slow': 3}\n"
+        "def raising(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+        "def broken():\n    raise RuntimeError('counter broke')\n"
+        "raising.events = broken\n"
+        "def junk(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+        "junk.events = lambda: {'slow': 'many', 'ok': 2, 'neg': -1}\n"
+    )
+    monkeypatch.setattr(compute, "_WARNED_EVENTS", set())
+    specs = [{"name": f"{tmp_path / 'r.py'}:counting", "args": {"scale": 2.0}}, f"{tmp_path / 'r.py'}:raising",
+             f"{tmp_path / 'r.py'}:junk"]  # fmt: skip
+    rewards = build_reward_functions(specs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = compute_rewards(rewards, ["p"], ["a"])
+        compute_rewards(rewards, ["p"], ["a"])  # said once per function
+    assert result.total == [4.0]
+    assert result.events == {"counting": {"slow": 3}, "raising": {}, "junk": {"ok": 2}}
+    assert reward_metrics(result)["reward/slow_counting"] == 3.0
+    assert [str(w.message) for w in caught] == [
+        "reward 'raising': its events() failed (RuntimeError: counter broke); its counts are left out of the metrics",
+        "reward 'junk': its events() gave counts that are not whole numbers >= 0 (slow='many', neg=-1); they are left "
+        "out of the metrics"]  # fmt: skip
+
+
 def test_code_exec_fraction_and_all_or_nothing():
     good = "```python\ndef double(x):\n    return 2 * x\n```"
     half = "def double(x):\n    return x + 2\n"  # right only at x = 2

@@ -25,6 +25,7 @@ import inspect
 import math
 import statistics
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,7 +90,7 @@ def compute_rewards(
         values, failed, error, exc = _call(reward, prompts, completions, columns, n, fallback)
         per_function[reward.name], failures[reward.name] = values, failed
         if callable(counted := getattr(reward.fn, "events", None)):
-            events[reward.name] = dict(counted())
+            events[reward.name] = _read_events(reward.name, counted)
         if error:
             errors[reward.name] = error
             site = None if reward.builtin else failure_site(reward.fn, exc)
@@ -97,6 +98,34 @@ def compute_rewards(
                 sites[reward.name] = site
         total = [t + reward.weight * v for t, v in zip(total, values)]
     return RewardResult(total, per_function, failures, errors, sites, events)
+
+
+def _read_events(name: str, counted) -> dict[str, int]:
+    """A function's `events()` as {event: count}; what cannot be read (it raised, or gave something other than
+    whole non-negative counts) is left out with a warning, once per function and problem: a broken counter must
+    not stop a run, nor pass unnoticed."""
+    try:
+        raw = dict(counted())
+    except Exception as err:  # noqa: BLE001 - a user's function: any error is its own
+        _warn_once(name, f"reward {name!r}: its events() failed ({type(err).__name__}: {err}); its counts are left "
+                         "out of the metrics")  # fmt: skip
+        return {}
+    good = {str(k): int(v) for k, v in raw.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and float(v).is_integer()}  # fmt: skip
+    if len(good) < len(raw):
+        bad = ", ".join(f"{k}={v!r}" for k, v in raw.items() if str(k) not in good)
+        _warn_once(name, f"reward {name!r}: its events() gave counts that are not whole numbers >= 0 ({bad}); "
+                         "they are left out of the metrics")  # fmt: skip
+    return good
+
+
+_WARNED_EVENTS: set[str] = set()
+
+
+def _warn_once(name: str, message: str) -> None:
+    if name not in _WARNED_EVENTS:
+        _WARNED_EVENTS.add(name)
+        warnings.warn(message, stacklevel=4)
 
 
 def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: float):

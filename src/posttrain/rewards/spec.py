@@ -196,7 +196,10 @@ def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -
                 fn = s.fn(**s.args)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{s.where}: bad args for {s.name!r}: {e}") from None
+        elif s.args:  # the function's own attributes (events, event_notes, retry_per_sample) go with it
+            fn = functools.partial(s.fn, **s.args)
+            fn.__dict__.update(getattr(s.fn, "__dict__", {}))
         else:
-            fn = functools.partial(s.fn, **s.args) if s.args else s.fn
+            fn = s.fn
         out.append(NamedReward(s.label, fn, s.weight, s.builtin))
     return out

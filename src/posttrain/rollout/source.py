@@ -291,6 +291,7 @@ class RolloutSource:
             from accelerate.utils import gather_object
 
             shares = gather_object(shares)
+        self.say_events(index, [s["result"] for s in shares])
         stats = rollout_statistics(shares)
         metrics = {**{k: v for k, v in stats.items() if k not in extra}, **times, **{k: stats[k] for k in extra}}
         metrics["prepare_time_s"] = time.perf_counter() - t2
@@ -319,15 +320,26 @@ class RolloutSource:
                     f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
                     f"failures are only counted (reward/failures_{name} in metrics.jsonl)"
                 )
-        for name, counted in result.events.items():  # what a function counts of its own: said once, then counted
-            for event, count in counted.items():
-                if count and (name, event) not in self.warned and self.accelerator.is_main_process:
-                    self.warned.add((name, event))
-                    reward = next(r for r in self.rewards if r.name == name)
-                    what = getattr(reward.fn, "event_notes", {}).get(event, event)
-                    print(f"warning: reward {name!r}: {count} of {len(per_seq)} samples of rollout {index}: {what}; "
-                          f"further ones are only counted (reward/{event}_{name} in metrics.jsonl)")  # fmt: skip
         return result
+
+    def say_events(self, index: int, results: list) -> None:
+        """What a reward function counts of its own (`RewardResult.events`: code_exec's timeouts), over every
+        process's samples of rollout `index` (`results`): the first non-zero count of each is printed once, with the
+        function's `event_notes`; the metrics count them all."""
+        if not self.accelerator.is_main_process:
+            return
+        n = sum(len(r.total) for r in results)
+        for reward in self.rewards:
+            counts: dict[str, int] = {}
+            for r in results:
+                for event, count in r.events.get(reward.name, {}).items():
+                    counts[event] = counts.get(event, 0) + count
+            for event, count in counts.items():
+                if count and (reward.name, event) not in self.warned:
+                    self.warned.add((reward.name, event))
+                    what = (getattr(reward.fn, "event_notes", None) or {}).get(event, event)
+                    print(f"warning: reward {reward.name!r}: {count} of {n} samples of rollout {index}: {what}; "
+                          f"further ones are only counted (reward/{event}_{reward.name} in metrics.jsonl)")  # fmt: skip
 
     def check_reward_signal(self, index: int, result, n: int) -> None:
         """Stop the run (`UserError`, exit 2) after `DEAD_REWARD_ROLLOUTS` rollouts in a row in which every reward
