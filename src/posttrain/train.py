@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import BaseModel
 
 from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
@@ -134,14 +135,28 @@ class TrainResult:
     peak_gpu_gb: float | None = None
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def _flatten(tree: dict, prefix: str = "", leaves: frozenset[str] = frozenset()) -> dict:
+    """Dotted keys of a config's sections; a field whose value is a mapping (`leaves`: `data.chat_template_kwargs`)
+    is one value, so that a key it drops or adds is a change like any other."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and f"{prefix}{key}" not in leaves:
+            out.update(_flatten(value, f"{prefix}{key}.", leaves))
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _mapping_fields(section, prefix: str = "") -> frozenset[str]:
+    """The dotted names of a config's fields whose values are mappings (not sections)."""
+    found: set[str] = set()
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            found |= _mapping_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, dict):
+            found.add(f"{prefix}{name}")
+    return frozenset(found)
 
 
 def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
@@ -149,12 +164,14 @@ def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
     A field the saved config lacks (added to posttrain since) counts as its default; a field this run does not
     read (`config_rules`; e.g. LoRA settings a full run's older config.yaml kept) is no change."""
     # The defaults of this run's method (constructed, not validated: an RL section's defaults name no reward).
-    defaults = _flatten(type(cfg).model_construct(algorithm=type(cfg.algorithm).model_construct()).model_dump(mode="json"))
-    before = _flatten(old)
+    leaves = _mapping_fields(cfg)
+    defaults = _flatten(type(cfg).model_construct(algorithm=type(cfg.algorithm).model_construct()).model_dump(mode="json"),
+                        leaves=leaves)  # fmt: skip
+    before = _flatten(old, leaves=leaves)
     rules = rules_of(cfg)
     return [
         f"{key}: {show(before.get(key, defaults.get(key)))} -> {show(value)}"
-        for key, value in _flatten(cfg.model_dump(mode="json")).items()
+        for key, value in _flatten(cfg.model_dump(mode="json"), leaves=leaves).items()
         if key not in _RESUMABLE_CHANGES
         and before.get(key, defaults.get(key)) != value
         and (key not in rules or rules[key].test(cfg))

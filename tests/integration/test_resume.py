@@ -236,6 +236,24 @@ def test_a_resume_compares_only_the_settings_the_run_reads():
         assert _config_changes(old, cfg) == expected
 
 
+def test_a_resume_that_drops_adds_or_changes_chat_template_kwargs_is_refused():
+    """The values are one setting: a resume without them rendered every later row with the template's defaults,
+    silently (the dict flattened to nothing, and only the new config's keys were compared)."""
+    from posttrain.algorithms import load_config
+    from posttrain.train import _config_changes
+
+    thinking = load_config(None, ["data.chat_template_kwargs.enable_thinking=false"])
+    plain = load_config(None, [])
+    assert _config_changes(thinking.model_dump(mode="json"), plain) == [
+        "data.chat_template_kwargs: {enable_thinking: false} -> {}"]
+    assert _config_changes(plain.model_dump(mode="json"), thinking) == [
+        "data.chat_template_kwargs: {} -> {enable_thinking: false}"]
+    on = load_config(None, ["data.chat_template_kwargs.enable_thinking=true"])
+    assert _config_changes(thinking.model_dump(mode="json"), on) == [
+        "data.chat_template_kwargs: {enable_thinking: false} -> {enable_thinking: true}"]
+    assert _config_changes(thinking.model_dump(mode="json"), thinking) == []
+
+
 def test_a_config_saved_in_an_older_layout_is_refused_as_such_not_as_changed_settings(make_cfg):
     """A run folder started by an older posttrain, whose config.yaml kept a method's settings in their own section
     (`algorithm.sft.*`), cannot be compared field by field: it is refused for its layout, naming the keys that no
@@ -261,27 +279,38 @@ def test_a_config_saved_in_an_older_layout_is_refused_as_such_not_as_changed_set
 
 
 def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, monkeypatch, capsys):
-    """environment.json keeps what the run started on; a resume on another CPU instruction set (or library
-    release) trains on, with a note naming what differs, and is listed in the file's `resumes`."""
+    """environment.json keeps what each segment of the run computed on; a resume on another CPU instruction set
+    (or library release) trains on, with a note naming what differs from the steps before it; a folder with no
+    record, or one that cannot be read, starts the record at that resume, saying nothing it cannot know."""
     import json
 
     import posttrain.train as train_module
 
     cfg = make_cfg("moved", **{"run.max_steps": 2, "run.save_every": 1})
+    record = Path(cfg.run.output_dir) / "environment.json"
     train(cfg)
-    env = json.loads((Path(cfg.run.output_dir) / "environment.json").read_text())
-    assert env["start"]["cpu"] == torch.backends.cpu.get_cpu_capability() and env["resumes"] == []
-    assert (env["start"]["device"], env["start"]["posttrain"]) == ("cpu", __import__("posttrain").__version__)
-    assert env["start"]["torch"] == torch.__version__ and env["start"]["vllm"] is None  # not installed here
+    first = json.loads(record.read_text())["segments"]
+    assert [s["step"] for s in first] == [0] and first[0]["cpu"] == torch.backends.cpu.get_cpu_capability()
+    assert (first[0]["device"], first[0]["posttrain"]) == ("cpu", __import__("posttrain").__version__)
+    assert first[0]["torch"] == torch.__version__ and first[0]["vllm"] is None  # not installed here
     capsys.readouterr()
     train(make_cfg("moved", **{"run.max_steps": 3, "run.save_every": 1}), resume=True)  # the same machine
     assert "another machine or software" not in capsys.readouterr().out
+    assert json.loads(record.read_text())["segments"] == first
     real = train_module.run_environment
     monkeypatch.setattr(train_module, "run_environment", lambda device: {**real(device), "cpu": "AVX2-elsewhere"})
     train(make_cfg("moved", **{"run.max_steps": 4, "run.save_every": 1}), resume=True)
-    out = capsys.readouterr().out
-    assert (f"note: this resume computes on another machine or software than the run started on (cpu "
-            f"{env['start']['cpu']} -> AVX2-elsewhere; environment.json): the loss is the same function, but float "
-            "rounding differs, so the steps after step 3 are not bit for bit") in out
-    resumes = json.loads((Path(cfg.run.output_dir) / "environment.json").read_text())["resumes"]
-    assert [(r["step"], r["cpu"]) for r in resumes] == [(3, "AVX2-elsewhere")]
+    assert (f"note: this resume computes on another machine or software than steps 1-3 ran on (cpu "
+            f"{first[0]['cpu']} -> AVX2-elsewhere; environment.json): the loss is the same function, but float "
+            "rounding differs, so the steps after step 3 are not bit for bit") in capsys.readouterr().out
+    assert [(s["step"], s["cpu"]) for s in json.loads(record.read_text())["segments"]] == [
+        (0, first[0]["cpu"]), (3, "AVX2-elsewhere")]
+    monkeypatch.setattr(train_module, "run_environment", real)
+    for steps, unreadable in enumerate(('{"start": null}', '{"segments": {}}', "[1, 2"), start=5):
+        record.write_text(unreadable)  # edited by hand, cut, or a record of another shape
+        train(make_cfg("moved", **{"run.max_steps": steps, "run.save_every": 1}), resume=True)
+        assert "another machine or software" not in capsys.readouterr().out
+        assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [steps - 1]
+    record.unlink()  # a run folder from before the record
+    train(make_cfg("moved", **{"run.max_steps": 8, "run.save_every": 1}), resume=True)
+    assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [7]

@@ -574,6 +574,12 @@ def test_chat_template_kwargs_are_written_into_the_template_every_render_and_the
         [U1], tokenize=False, add_generation_prompt=True, enable_thinking=False)  # fmt: skip
     set_template_variables(newline, {"enable_thinking": True})
     assert newline.chat_template.endswith("true %}{# end of data.chat_template_kwargs #}\n" + "\n" + QWEN3_SWITCH)
+    # spaces before the first block (lstrip_blocks takes them off) and a value outside ASCII render as transformers
+    # renders the original given the variable
+    spaced = "  {% for m in messages %}{{ m['content'] }}{% endfor %}{{ greeting }}"
+    tok = qwen3(spaced)
+    set_template_variables(tok, {"greeting": "hé 😀 \"q\""})
+    assert chat_text(tok, [U1]) == qwen3(spaced).apply_chat_template([U1], tokenize=False, greeting="hé 😀 \"q\"")
 
 
 @pytest.mark.parametrize(("template", "variables", "needle"), [
@@ -581,6 +587,9 @@ def test_chat_template_kwargs_are_written_into_the_template_every_render_and_the
     (QWEN3_SWITCH, {"enable_thinkng": False}, "the model's chat template never mentions enable_thinkng"),
     (SMOLLM2, {"enable_thinking": False}, "never mentions enable_thinking, so setting it would change nothing"),
     (QWEN3_SWITCH, {"add_generation_prompt": True}, "add_generation_prompt cannot be set"),
+    (QWEN3_SWITCH, {"think": False}, "never mentions think,"),  # a word of its text (<think>), not a variable
+    (QWEN3_SWITCH, {"reasoning-mode": False}, "'reasoning-mode' cannot be a template variable's name"),
+    (QWEN3_SWITCH, {"true": False}, "'true' cannot be a template variable's name"),
 ])  # fmt: skip
 def test_chat_template_kwargs_that_would_do_nothing_are_refused(template, variables, needle):
     from posttrain.data.render import set_template_variables

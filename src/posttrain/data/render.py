@@ -152,19 +152,51 @@ def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float
     if passed := [name for name in variables if name in _PASSED]:
         raise ConfigError(f"{setting}: {', '.join(passed)} cannot be set: posttrain passes "
                           f"{', '.join(_PASSED)} to every render itself")  # fmt: skip
+    if odd := [name for name in variables if not name.isidentifier() or name in _JINJA_WORDS]:
+        raise ConfigError(f"{setting}: {', '.join(map(repr, odd))} cannot be a template variable's name (a name is "
+                          "letters, digits and _, not starting with a digit, and not a word of the template language)")  # fmt: skip
     named = dict(template) if isinstance(template, dict) else {None: template}
     named = {k: _without_set_variables(t) for k, t in named.items()}
-    unread = [n for n in variables if not any(re.search(rf"\b{re.escape(n)}\b", t) for t in named.values())]
+    unread = [n for n in variables if not any(n in _template_variables(t) for t in named.values())]
     if unread:
         raise ConfigError(
             f"{setting}: the model's chat template never mentions {', '.join(unread)}, so setting "
             f"{'it' if len(unread) == 1 else 'them'} would change nothing. Check the name against the template "
             "(tokenizer_config.json's or chat_template.jinja's variables)"
         )
-    sets = "".join(f"{{% set {name} = {json.dumps(value)} %}}" for name, value in variables.items())
-    # trim_blocks (transformers' setting) drops one newline after a block tag: a template that starts with one keeps it
-    named = {k: f"{_SET_START}{sets}{_SET_END}" + ("\n" if t.startswith("\n") else "") + t for k, t in named.items()}
+    sets = "".join(f"{{% set {name} = {json.dumps(value, ensure_ascii=False)} %}}" for name, value in variables.items())
+    # a newline after the statements, which transformers' trim_blocks drops: what the template starts with (a newline,
+    # spaces before a block that lstrip_blocks takes off) stays at the start of a line, as it was
+    named = {k: f"{_SET_START}{sets}{_SET_END}\n{t}" for k, t in named.items()}
     tokenizer.chat_template = named if isinstance(template, dict) else named[None]
+
+
+_JINJA_WORDS = frozenset("true false none True False None and or not in is if else elif endif for endfor set endset "
+                         "block endblock macro endmacro call endcall filter endfilter with endwith import include from "
+                         "as extends raw endraw recursive loop self".split())  # fmt: skip
+
+
+def _template_variables(template: str) -> set[str]:
+    """The variables a chat template reads from its render's arguments (Jinja's `meta.find_undeclared_variables`,
+    parsed as transformers parses: loop controls and its `{% generation %}` blocks). A template Jinja cannot parse
+    here: every word in it (a looser check, never a wrong refusal)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.meta
+
+    class Generation(jinja2.ext.Extension):  # transformers' block marking an assistant's tokens: its body is kept
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    try:
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols", Generation])
+        return set(jinja2.meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateError:
+        return set(re.findall(r"\w+", template))
 
 
 def _without_set_variables(template: str) -> str:
@@ -174,7 +206,7 @@ def _without_set_variables(template: str) -> str:
     if start != 0 or end < 0:
         return template
     rest = template[end + len(_SET_END) :]
-    return rest[1:] if rest.startswith("\n\n") else rest
+    return rest[1:] if rest.startswith("\n") else rest
 
 
 _PROBE = ("Q7", "A9")  # a user turn and an answer no template rewrites, to see what a template wraps around content

@@ -14,9 +14,9 @@ another number of processes or another posttrain version that cuts epochs differ
 point at other examples.
 
 `environment.json` holds what the run computes on (`run_environment`): the versions of posttrain and the libraries
-that compute, the device (a GPU by name) and the CPU instruction set torch's kernels use. A resume on another
-one is allowed (a run moved to a faster machine is a normal thing to do) but said (`environment_note`), because
-its steps are then not bit for bit those the uninterrupted run would have taken; the file lists such resumes.
+that compute, the device (a GPU by name) and the CPU instruction set torch's kernels use, per segment of steps. A
+resume on another one is allowed (a run moved to a faster machine is a normal thing to do) but said
+(`record_environment`), because its steps are then not bit for bit those the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -125,28 +125,36 @@ def run_environment(device) -> dict[str, str | None]:
 
 
 def record_environment(run_dir: Path, now: dict, *, resumed_at: int | None = None) -> str | None:
-    """Write `now` to the run's environment.json when the run starts (`resumed_at` None, or a folder without the
-    file); on a resume from step `resumed_at`, compare and return the note for what differs from the run's start
-    (None: nothing), adding the resume to the file's `resumes`."""
+    """Keep what the run computes on in its environment.json, as `segments`: each the step it starts after and the
+    environment (`run_environment`) the steps from there ran on. A new run (`resumed_at` None) writes its first
+    segment; a resume from step `resumed_at` on another environment than the last segment's adds one and returns
+    the note naming what differs (None: the same, or nothing known to compare with: a folder from before this
+    record, or a file that cannot be read, which then starts the record at this resume)."""
     path = Path(run_dir) / ENVIRONMENT
-    record = None
-    if resumed_at is not None and path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            start = record["start"]
-        except (ValueError, KeyError, TypeError):  # cut or edited by hand: started afresh, as a missing file
-            record = None
-    if record is None:
-        _write_json(path, {"start": now, "resumes": []})
+    segments = _segments(path) if resumed_at is not None else []
+    last = segments[-1] if segments else None
+    if last is not None:
+        changed = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
+        if not changed:
+            return None
+    segments.append({"step": resumed_at or 0, **now})
+    _write_json(path, {"segments": segments})
+    if last is None:
         return None
-    changed = [f"{k} {start.get(k)} -> {v}" for k, v in now.items() if start.get(k) != v]
-    if not changed:
-        return None
-    record.setdefault("resumes", []).append({"step": resumed_at, **now})
-    _write_json(path, record)
-    return (f"note: this resume computes on another machine or software than the run started on ({'; '.join(changed)}; "
-            f"{ENVIRONMENT}): the loss is the same function, but float rounding differs, so the steps after "
-            f"step {resumed_at} are not bit for bit those the uninterrupted run would have taken")
+    return (f"note: this resume computes on another machine or software than steps {last['step'] + 1}-{resumed_at} "
+            f"ran on ({'; '.join(changed)}; {ENVIRONMENT}): the loss is the same function, but float rounding "
+            f"differs, so the steps after step {resumed_at} are not bit for bit those the uninterrupted run would have "
+            "taken")
+
+
+def _segments(path: Path) -> list[dict]:
+    """environment.json's segments; [] for a missing file or one whose shape is not the record's."""
+    try:
+        segments = json.loads(path.read_text(encoding="utf-8"))["segments"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    ok = isinstance(segments, list) and all(isinstance(x, dict) and isinstance(x.get("step"), int) for x in segments)
+    return list(segments) if ok else []
 
 
 def _write_json(path: Path, data: dict) -> None:
