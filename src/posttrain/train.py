@@ -581,7 +581,8 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
         print(f"warning: {note}")
     stop = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps is not None else f"run.epochs={cfg.run.epochs:g}"
     rl = getattr(cfg.algorithm, "rollout", None) is not None
-    if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, shuffle=cfg.data.shuffle,
+    if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, seed=cfg.run.seed,
+                               shuffle=cfg.data.shuffle, lines=data.train_lines,
                                noun="prompts" if rl else "examples"):  # fmt: skip
         print(f"note: {short}")
 

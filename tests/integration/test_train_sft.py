@@ -30,10 +30,10 @@ def test_a_run_that_ends_inside_its_first_epoch_says_how_many_examples_it_never_
     """16 rows in steps of 8: one step uses half of them, said at the start (`data.order.short_run_note`)."""
     train(make_cfg("steps", **{"run.max_steps": 1}))
     assert ("note: " + str(make_cfg().data.train) + ": run.max_steps=1 ends the run 1 steps into its first epoch of "
-            "2: it uses 8 of the 16 examples, and the other 8 (drawn by data.shuffle) never") in capsys.readouterr().out
+            "2: 8 of its 16 rows are never used (lines ") in capsys.readouterr().out
     train(make_cfg("epochs", **{"run.max_steps": "null", "run.epochs": 0.5, "data.shuffle": "false"}))
-    assert "run.epochs=0.5 ends the run 1 steps into its first epoch of 2: it uses 8 of the 16 examples, and the other " \
-           "8 (the last in the file) never" in capsys.readouterr().out
+    assert "run.epochs=0.5 ends the run 1 steps into its first epoch of 2: 8 of its 16 rows are never used (lines 9, " \
+           "10, 11, 12, 13 and 3 more)" in capsys.readouterr().out
     train(make_cfg("whole", **{"run.max_steps": 2}))
     assert "ends the run" not in capsys.readouterr().out
 

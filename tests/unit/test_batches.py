@@ -115,16 +115,32 @@ def test_the_run_names_the_rows_it_skips_by_file_line():
 
 
 def test_a_run_ending_inside_its_first_epoch_counts_the_prompts_its_started_rollouts_use():
-    from posttrain.data.order import EpochPlan, short_run_note
+    from posttrain.data.order import EpochPlan, epoch_order, short_run_note
 
     plan = EpochPlan(examples=20, unit=4, units_per_epoch=5, steps_per_unit=2)  # rollouts of 4 prompts, 2 steps each
-    note = short_run_note(plan, source="p.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True, noun="prompts")
-    assert note == ("p.jsonl: run.max_steps=3 ends the run 3 steps into its first epoch of 10: it uses 8 of the 20 "
-                    "prompts, and the other 12 (drawn by data.shuffle) never")  # the second rollout, half trained
+    note = short_run_note(plan, source="p.jsonl", total_steps=3, stop="run.max_steps=3", seed=0, shuffle=False,
+                          noun="prompts")  # fmt: skip
+    assert note == ("p.jsonl: run.max_steps=3 ends the run 3 steps into its first epoch of 10: 12 of its 20 prompts "
+                    "are never used (prompts 9, 10, 11, 12, 13 and 7 more)")  # the second rollout, half trained, used
+    shuffled = short_run_note(plan, source="p", total_steps=3, stop="s", seed=4, shuffle=True, noun="prompts")
+    first = sorted(i + 1 for i in epoch_order(20, 4, 0, True)[8:])[:5]
+    assert shuffled.endswith(f"(prompts {', '.join(map(str, first))} and 7 more, drawn by data.shuffle)")
     skipping = EpochPlan(examples=21, unit=4, units_per_epoch=5, steps_per_unit=2, skipped=1, reason="r")
-    assert "uses 20 of the 21 examples, and the other 1" in short_run_note(
-        skipping, source="p", total_steps=9, stop="s", shuffle=False)  # fmt: skip
-    assert short_run_note(plan, source="p", total_steps=10, stop="s", shuffle=True) is None
+    assert "1 of its 21 examples are never used (example 21)" in short_run_note(
+        skipping, source="p", total_steps=9, stop="s", seed=0, shuffle=False)  # fmt: skip
+    assert short_run_note(plan, source="p", total_steps=10, stop="s", seed=0, shuffle=True) is None
+
+
+def test_a_short_run_of_packed_rows_names_the_file_lines_it_never_uses():
+    """Packed rows hold several file rows: the note counts and names file rows, not packed rows (it said "2 of
+    the 8 examples ... the last in the file" where lines 3-8 and 11-16 were never used)."""
+    from posttrain.data.order import plan_batches, short_run_note
+
+    packed = [(i, i + 8) for i in range(1, 9)]  # 16 file rows packed first-fit into 8 rows
+    note = short_run_note(plan_batches(8, 2, 1, 2), source="t.jsonl", total_steps=1, stop="run.max_steps=1", seed=0,
+                          shuffle=False, lines=packed)  # fmt: skip
+    assert note == ("t.jsonl: run.max_steps=1 ends the run 1 steps into its first epoch of 4: 12 of its 16 rows are "
+                    "never used (lines 3, 4, 5, 6, 7 and 7 more)")
 
 
 def test_a_sharded_run_skips_a_last_step_that_gives_the_processes_unequal_micro_batches():

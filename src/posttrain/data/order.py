@@ -138,28 +138,38 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
     )
 
 
-def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, shuffle: bool,
-                   noun: str = "examples") -> str | None:  # fmt: skip
+def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, seed: int, shuffle: bool,
+                   lines: Sequence[Sequence[int]] | None = None, noun: str = "examples",
+                   shown_rows: int = 5) -> str | None:  # fmt: skip
     """One line for the start of a run that ends inside its first epoch (`stop`: the setting that ends it, e.g.
-    ``run.max_steps=50``): how many examples (`noun`: RL's are prompts) it uses, and how many it never reaches.
-    None when it reaches all.
+    ``run.max_steps=50``): how many rows it never uses, and which: the file lines they come from (`lines[i]`:
+    example i's lines, several for a packed row), else their positions (`noun`: RL's are prompts). None when it
+    uses them all. A chunk started is a chunk used (an RL run stopping inside a rollout has sampled all of its
+    prompts).
 
     >>> plan = plan_batches(10, 4, 1, 4)
-    >>> short_run_note(plan, source="t.jsonl", total_steps=2, stop="run.max_steps=2", shuffle=False)
-    't.jsonl: run.max_steps=2 ends the run 2 steps into its first epoch of 3: it uses 8 of the 10 examples, and the other 2 (the last in the file) never'
-    >>> short_run_note(plan, source="t.jsonl", total_steps=3, stop="run.max_steps=3", shuffle=True) is None
+    >>> short_run_note(plan, source="t.jsonl", total_steps=2, stop="run.max_steps=2", seed=0, shuffle=False,
+    ...                lines=[(i + 1,) for i in range(10)])
+    't.jsonl: run.max_steps=2 ends the run 2 steps into its first epoch of 3: 2 of its 10 rows are never used (lines 9, 10)'
+    >>> short_run_note(plan, source="t.jsonl", total_steps=3, stop="run.max_steps=3", seed=0, shuffle=True) is None
     True
     """
     if total_steps >= plan.steps_per_epoch:
         return None
-    # a chunk started is a chunk used: an RL run stopping inside a rollout has sampled all of its prompts
     used = min(-(-total_steps // plan.steps_per_unit) * plan.unit, plan.examples - plan.skipped)
     if used >= plan.examples:
         return None
-    which = "drawn by data.shuffle" if shuffle else "the last in the file"
+    unused = epoch_order(plan.examples, seed, 0, shuffle)[used:]
+    if lines is None:
+        found, total, label, what = sorted(i + 1 for i in unused), plan.examples, noun.rstrip("s"), noun
+    else:
+        found, total, label, what = sorted(x for i in unused for x in lines[i]), sum(map(len, lines)), "line", "rows"
+    more = f" and {len(found) - shown_rows} more" if len(found) > shown_rows else ""
+    drawn = ", drawn by data.shuffle" if shuffle else ""
     return (
-        f"{source}: {stop} ends the run {total_steps} steps into its first epoch of {plan.steps_per_epoch}: it uses "
-        f"{used} of the {plan.examples} {noun}, and the other {plan.examples - used} ({which}) never"
+        f"{source}: {stop} ends the run {total_steps} steps into its first epoch of {plan.steps_per_epoch}: "
+        f"{len(found)} of its {total} {what} are never used ({label}{'s' if len(found) > 1 else ''} "
+        f"{', '.join(map(str, found[:shown_rows]))}{more}{drawn})"
     )
 
 
