@@ -61,7 +61,7 @@ def test_train_json(capsys, tiny_model_dir, tmp_path):
     assert doc["wall_time_s"] > 0 and doc["peak_rss_gb"] > 0 and doc["peak_gpu_gb"] is None  # CPU run
     assert doc["metrics_file"] == str(run_dir / "metrics.jsonl")
     assert doc["report"] == str(run_dir / "report.html") and (run_dir / "report.html").is_file()
-    assert doc["tensorboard"] is None
+    assert doc["tensorboard"] is None and doc["steps_without_signal"] is None  # DPO has no groups
 
 
 def test_train_summary_and_progress_bar(capsys, tiny_model_dir, tmp_path):

@@ -469,6 +469,24 @@ def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatc
         train(rl("bad-file", **{"algorithm.rewards": f"[{tmp_path / 'broken.py'}:f]"}))
 
 
+def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path):
+    """A reward that cannot tell completions apart gives every completion advantage 0: those steps are skipped
+    whole and the run ends without a word about it. The summary counts them (steps_without_signal)."""
+    from posttrain.trainer.summary import format_summary, run_summary
+
+    (tmp_path / "flat.py").write_text("def flat(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+                                      "def odd(prompts, completions, **kw):\n"
+                                      "    return [float(len(c) % 2) for c in completions]\n")  # fmt: skip
+    flat = run_summary(train(rl("flat", **{"algorithm.rewards": f"[{tmp_path / 'flat.py'}:flat]",
+                                           "run.max_steps": 2})))  # fmt: skip
+    assert flat["steps_without_signal"] == 2
+    assert ("  no signal:    2 of these 2 steps had none: every completion of every group scored alike "
+            "(skipped_fraction 1.0)") in format_summary(flat)
+    odd = train(rl("odd", **{"algorithm.rewards": f"[{tmp_path / 'flat.py'}:odd]", "run.max_steps": 2}))
+    skipped = [h["skipped_fraction"] for h in odd.history if "loss" in h]
+    assert run_summary(odd)["steps_without_signal"] == sum(x >= 1.0 for x in skipped) < 2
+
+
 def test_what_a_reward_counts_of_its_own_is_said_once_and_logged_per_rollout(rl, tmp_path, capsys):
     """A reward function with `events()` (code_exec's timeouts): its counts are logged per rollout as
     reward/EVENT_NAME and the first non-zero count is said once, with the function's note."""

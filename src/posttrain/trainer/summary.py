@@ -52,6 +52,10 @@ def run_summary(result: TrainResult) -> dict:
     key = result.key_metric
     report, tensorboard = run_dir / "report.html", run_dir / "tensorboard"
     n = result.steps_trained
+    # GRPO and RLOO: a step whose completions all have advantage 0 (every group scored alike) is skipped whole
+    # (`skipped_fraction` 1.0, where zero-advantage completions are skipped: docs/rl.md)
+    signal = [h for h in result.history if "loss" in h and "skipped_fraction" in h]
+    idle = sum(h["skipped_fraction"] >= 1.0 for h in signal)
     return {
         "run_dir": str(run_dir),
         "final_dir": str(result.final_dir),
@@ -59,6 +63,7 @@ def run_summary(result: TrainResult) -> dict:
         "steps": result.steps,
         "steps_trained": n,
         "first_step": result.steps - n + 1 if n else None,
+        "steps_without_signal": idle if signal else None,
         "final_loss": last["loss"] if last else None,
         "key_metric": {"name": key, "value": last[key]} if last and key in last else None,
         "metrics": last,
@@ -113,6 +118,10 @@ def format_summary(s: dict) -> str:
     key = s["key_metric"]
     if key is not None:  # the loss is on the done: line already
         item("last step", f"loss {s['final_loss']:.4f}" + (f", {key['name']} {key['value']:.4g}" if key else ""))
+    if s.get("steps_without_signal"):
+        item("no signal", f"{s['steps_without_signal']} of these {n} steps had none: every completion of every group "
+                          "scored alike (skipped_fraction 1.0), so only AdamW's momentum moved the weights; check that "
+                          "the rewards can tell completions apart (docs/rl.md)")
     ev = s["eval"]
     if ev is not None:
         shown = [f"eval_loss {ev['eval_loss']:.4f}"]
