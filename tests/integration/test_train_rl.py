@@ -469,7 +469,7 @@ def test_a_bad_reward_spec_fails_before_the_model_loads(rl, tmp_path, monkeypatc
         train(rl("bad-file", **{"algorithm.rewards": f"[{tmp_path / 'broken.py'}:f]"}))
 
 
-def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path):
+def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path, capsys):
     """A reward that cannot tell completions apart gives every completion advantage 0: those steps are skipped
     whole and the run ends without a word about it. The summary counts them (steps_without_signal)."""
     from posttrain.trainer.summary import format_summary, run_summary
@@ -482,6 +482,14 @@ def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path
     assert flat["steps_without_signal"] == 2
     assert ("  no signal:    2 of these 2 steps had none: every completion of every group scored alike "
             "(skipped_fraction 1.0)") in format_summary(flat)
+    # a function returning one value for the batch is called per sample: said as such, not as "failed on 0"
+    (tmp_path / "one.py").write_text("def one(prompts, completions, **kw):\n    return [1.0]\n")
+    capsys.readouterr()
+    one = run_summary(train(rl("one", **{"algorithm.rewards": f"[{tmp_path / 'one.py'}:one]", "run.max_steps": 2})))
+    out = capsys.readouterr().out
+    assert ("warning: reward 'one': its call on the 16 samples of rollout 0 failed (returned 1 values for 16 samples"
+            in out and "so it is called once per sample" in out and "failed on 0" not in out)  # fmt: skip
+    assert one["steps_without_signal"] == 2
     odd = train(rl("odd", **{"algorithm.rewards": f"[{tmp_path / 'flat.py'}:odd]", "run.max_steps": 2}))
     skipped = [h["skipped_fraction"] for h in odd.history if "loss" in h]
     assert run_summary(odd)["steps_without_signal"] == sum(x >= 1.0 for x in skipped) < 2

@@ -315,6 +315,11 @@ class RolloutSource:
             if name not in self.warned and self.accelerator.is_main_process:
                 self.warned.add(name)
                 at = f" (at {result.sites[name]})" if name in result.sites else ""
+                if not result.failures.get(name, 0):  # the batched call failed, every sample alone scored
+                    print(f"warning: reward {name!r}: its call on the {len(per_seq)} samples of rollout {index} failed "
+                          f"({error}{at}), so it is called once per sample, and every sample scored that way; a "
+                          "function that returns one value per completion is called once a rollout")  # fmt: skip
+                    continue
                 print(
                     f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
                     f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
