@@ -329,11 +329,42 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
     with float32_attention_on_cpu(_bf16_on_cpu(cfg)), attention_per_segment():
         if launch_rank() != 0:
             return _train(cfg, resume=resume, return_model=return_model)
+        missing = not Path(cfg.run.output_dir).exists()  # before the lock makes the folder
         with hold_run_dir(cfg.run.output_dir) as stale:
             if stale:
                 print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
-            result = _train(cfg, resume=resume, return_model=return_model)
+            try:
+                result = _train(cfg, resume=resume, return_model=return_model, missing=missing)
+            except KeyboardInterrupt:
+                print(_interrupted_note(cfg), file=sys.stderr)
+                raise
     return _measured(result, cfg, started)
+
+
+def _interrupted_note(cfg: RunConfig) -> str:
+    """What `--resume` will do with a run interrupted now (Ctrl-C): continue from its last checkpoint, or start
+    again, because none was written."""
+    run_dir = Path(cfg.run.output_dir)
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is not None:
+        return (f"interrupted: the last checkpoint of {run_dir} is {ckpt.name}; `posttrain train RUN.yaml --resume` "
+                "continues from it (the steps after it are trained again)")  # fmt: skip
+    every = cfg.run.save_every
+    why = (f"run.save_every={every}: the first comes at step {every}" if every else
+           "run.save_every is null: a checkpoint is written only at the end")  # fmt: skip
+    return f"interrupted before {run_dir} had a checkpoint ({why}); `--resume` would start again at step 1"
+
+
+def _nothing_to_resume(run_dir: Path, missing: bool) -> str | None:
+    """The note for `--resume` that finds no checkpoint (None when the folder holds no started run: a fresh
+    quickstart resumes-or-starts every time); `missing`: the folder did not exist before this run took it."""
+    if missing:
+        return (f"note: --resume: {run_dir} does not exist, so there is nothing to resume; a new run starts there "
+                "(check run.output_dir if you meant another run)")  # fmt: skip
+    if (run_dir / "config.yaml").is_file():
+        return (f"note: --resume: {run_dir} holds a run that stopped before its first checkpoint; it starts again at "
+                "step 1")  # fmt: skip
+    return None
 
 
 def _bf16_on_cpu(cfg: RunConfig) -> bool:
@@ -351,14 +382,17 @@ def _measured(result: TrainResult, cfg: RunConfig, started: float) -> TrainResul
     )  # fmt: skip
 
 
-def _train(cfg: RunConfig, *, resume: bool, return_model: bool) -> TrainResult:
+def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = False) -> TrainResult:
     from accelerate.utils import set_seed  # after the hub mode settled (`train`)
 
     run_dir = Path(cfg.run.output_dir)
     _check_data_files(cfg)
     ckpt = _check_run_dir(cfg, run_dir, resume)
+    nothing = _nothing_to_resume(run_dir, missing) if resume and ckpt is None else None
     _check_packages(cfg)
     accelerator = _accelerator(cfg)
+    if nothing and accelerator.is_main_process:
+        print(nothing)
     _check_sharding(cfg, accelerator.num_processes)
     _check_compile(cfg, accelerator)
     _check_rollout_dtype(cfg, accelerator)

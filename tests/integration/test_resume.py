@@ -314,3 +314,51 @@ def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, 
     record.unlink()  # a run folder from before the record
     train(make_cfg("moved", **{"run.max_steps": 8, "run.save_every": 1}), resume=True)
     assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [7]
+
+
+def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_starts_again(make_cfg, monkeypatch,
+                                                                                        capsys):  # fmt: skip
+    """Ctrl-C names the checkpoint `--resume` continues from, or says there is none (the CLI said "a run can be
+    continued" even then, and `--resume` silently started again at step 1); `--resume` into a folder that does not
+    exist, or holds a run with no checkpoint, says it starts a new run."""
+    import posttrain.train as train_module
+    import posttrain.trainer.loop as loop
+
+    real_start = train_module._start_run_dir
+
+    def start_then_die(*a, **kw):
+        real_start(*a, **kw)
+        raise KeyboardInterrupt
+
+    cfg = make_cfg("nockpt", **{"run.max_steps": 3})
+    monkeypatch.setattr(train_module, "_start_run_dir", start_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert (f"interrupted before {cfg.run.output_dir} had a checkpoint (run.save_every is null: a checkpoint is "
+            "written only at the end); `--resume` would start again at step 1") in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "_start_run_dir", real_start)
+    train(cfg, resume=True)
+    assert (f"note: --resume: {cfg.run.output_dir} holds a run that stopped before its first checkpoint; it starts "
+            "again at step 1") in capsys.readouterr().out
+    real_save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *a, **kw):
+        path = real_save(accelerator, run_dir, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    saving = make_cfg("ckpt", **{"run.max_steps": 3, "run.save_every": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train(saving)
+    assert (f"interrupted: the last checkpoint of {saving.run.output_dir} is step-000002; `posttrain train RUN.yaml "
+            "--resume` continues from it") in capsys.readouterr().err
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    capsys.readouterr()
+    train(saving, resume=True)
+    assert "--resume:" not in capsys.readouterr().out  # it continued
+    typo = make_cfg("no-such-run", **{"run.max_steps": 1})
+    train(typo, resume=True)
+    assert (f"note: --resume: {typo.run.output_dir} does not exist, so there is nothing to resume; a new run starts "
+            "there") in capsys.readouterr().out

@@ -144,7 +144,7 @@ def _run(args) -> Output:
     except BrokenPipeError:
         raise
     except KeyboardInterrupt:
-        print("interrupted; a run can be continued with `posttrain train RUN.yaml --resume`", file=sys.stderr)
+        print("interrupted", file=sys.stderr)  # `train` has said how its run continues (`train._interrupted_note`)
         return Output(code=130, error={"kind": "interrupted", "message": "interrupted"})
     except Exception as err:
         if os.environ.get("POSTTRAIN_DEBUG") is not None:
