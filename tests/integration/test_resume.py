@@ -362,3 +362,24 @@ def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_sta
     train(typo, resume=True)
     assert (f"note: --resume: {typo.run.output_dir} does not exist, so there is nothing to resume; a new run starts "
             "there") in capsys.readouterr().out
+
+
+def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_from_its_first_step(make_cfg, capsys):
+    """run.max_steps raised on --resume: a cosine schedule then spans more steps. The optimiser's saved state held
+    the old schedule's rate, so the first resumed step ran at it and the next ones jumped back up (7.2e-5,
+    5.0e-5, 1.28e-4 in the audit); now every resumed step has the rate a run of the new length has there."""
+    schedule = {"optim.schedule": "cosine", "optim.warmup_steps": 0, "optim.lr": 1e-3, "run.save_every": 4}
+
+    def lrs(cfg):
+        return {r["step"]: r["lr"] for r in read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl") if "loss" in r}
+
+    fresh = make_cfg("fresh", **schedule, **{"run.max_steps": 8})
+    train(fresh)
+    short = make_cfg("short", **schedule, **{"run.max_steps": 4})
+    train(short)
+    capsys.readouterr()
+    train(make_cfg("short", **schedule, **{"run.max_steps": 8}), resume=True)
+    resumed = lrs(short)
+    assert [resumed[s] for s in range(5, 9)] == [lrs(fresh)[s] for s in range(5, 9)]
+    assert ("note: the learning-rate schedule spans another number of steps than when step 4 was saved "
+            f"(run.max_steps or run.epochs changed): step 5 runs at lr {lrs(fresh)[5]:.4g}") in capsys.readouterr().out

@@ -52,6 +52,7 @@ any moment leaves either the previous checkpoint or the new one, never a half-wr
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -423,6 +424,23 @@ def _own_step_counts(zero_optimizer) -> None:
             state["step"] = state["step"].clone()
 
 
+def _follow_this_schedule(optimizer, scheduler, step: int) -> str | None:
+    """Set each parameter group's learning rate to this run's schedule at the restored position: the optimiser's
+    saved state holds the rate the earlier schedule gave for the next step, which differs when the resume changed
+    the run's length (`run.max_steps`, `run.epochs`: a cosine or linear decay then spans another number of steps),
+    and the first resumed step ran at the old rate, the next ones at the new. Unchanged, the same numbers are set
+    (LambdaLR's own product). Returns the note for a changed rate, else None."""
+    before = [group["lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) for a, b in zip(before, scheduler._last_lr)):
+        return None
+    return (f"note: the learning-rate schedule spans another number of steps than when step {step} was saved (run.max_steps "
+            f"or run.epochs changed): step {step + 1} runs at lr {scheduler._last_lr[0]:.4g} where the earlier "
+            f"schedule had {before[0]:.4g}, and the steps after it follow this run's schedule")
+
+
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source: BatchSource, *,
                     seed: int = 0) -> int:  # fmt: skip
     """Restore weights, optimiser, schedule, RNG and the batch `source`'s own state (if it keeps one) from `path`
@@ -455,6 +473,8 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler, source
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     step, rank = int(state["step"]), accelerator.process_index
+    if (note := _follow_this_schedule(optimizer, scheduler, step)) and accelerator.is_main_process:
+        print(note)
     rng = path / f"rng_state_{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
