@@ -55,6 +55,15 @@ def test_lora_targets_the_model_lacks_are_named_and_leave_no_run_folder(capsys, 
     assert code == 2 and "Traceback" not in err
     assert "technique.target_modules = ['foo_proj'] matches no layer" in err and "q_proj" in err
     assert not run_dir.exists()
+    # one name of several that matches nothing: peft adapts the others and said nothing
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, run_dir,
+                                         "technique.target_modules=[q_proj,foo_proj,v_proj]"))  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert ("technique.target_modules = ['q_proj', 'foo_proj', 'v_proj']: foo_proj matches no layer of this model, "
+            "so it would get no adapter; its linear layers are named") in err
+    assert not run_dir.exists()
+    code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, run_dir, "technique.target_modules=[q_proj,v_proj]"))
+    assert code == 0, err
 
 
 def test_an_output_folder_under_a_file_is_refused(capsys, tiny_model_dir, sft_file, tmp_path):

@@ -120,9 +120,24 @@ def apply_lora(
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"technique.target_modules = {technique.target_modules!r} matches no layer of this model; "
                         f"its linear layers are named {', '.join(names)} (or use all-linear)") from None  # fmt: skip
+    if unmatched := _unmatched_targets(model, technique.target_modules):  # peft refuses only a list matching nothing
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"technique.target_modules = {technique.target_modules!r}: {', '.join(unmatched)} "
+                        f"match{'es' if len(unmatched) == 1 else ''} no layer of this model, so "
+                        f"{'it' if len(unmatched) == 1 else 'they'} would get no adapter; its linear layers are named "
+                        f"{', '.join(names)} (or use all-linear)")  # fmt: skip
     if deepspeed_zero_stage() != 3:  # ZeRO-3 gathers lora_B's weight in a hook on lora_B's own forward
         fuse_lora_scaling(model)
     return model
+
+
+def _unmatched_targets(model, targets) -> list[str]:
+    """The entries of a list of target module names that name no layer peft gave an adapter (peft matches an entry
+    to a module named it, or ending in "." + it); [] for a regex or `all-linear`."""
+    if isinstance(targets, str):
+        return []
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    return [t for t in targets if not any(name == t or name.endswith("." + t) for name in adapted)]
 
 
 def fuse_lora_scaling(model) -> int:
