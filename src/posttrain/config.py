@@ -907,5 +907,6 @@ def describe_fields(schema: type[BaseModel], prefix: str = "", method: str | Non
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, f"{prefix}{name}.", method))
         else:
-            rows.append((f"{prefix}{name}", repr(field.default), field.description or "", method))
+            default = field.get_default(call_default_factory=True)  # a `default_factory` field's value, not a marker
+            rows.append((f"{prefix}{name}", repr(default), field.description or "", method))
     return rows

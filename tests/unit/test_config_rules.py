@@ -213,6 +213,7 @@ def test_help_config_says_which_runs_read_each_field(capsys):
         "only).\n    read by: algorithm.name=dpo, only when algorithm.loss_type is sigmoid\n"
     ) in out
     assert "optim.lr = 0.0002\n    Peak learning rate.\n    read by: every method and technique\n" in out
+    assert "data.chat_template_kwargs = {}\n" in out and "PydanticUndefined" not in out  # a default_factory's value
     assert ("data.packing = False\n    Pack several examples into one row of `max_length` tokens; examples never "
             "attend to each other.\n    read by: only when algorithm.name is sft\n") in out
     assert "read by: only when algorithm.name is ppo (when algorithm.vf_coef is not 0.0) or reward\n" in out

@@ -195,7 +195,8 @@ def validate(args) -> Output:
         return _problems(args, err)
     text = shapes_summary(args.file, args.kind, shapes)
     if args.model is not None:
-        text += f"; every row fits max_length={args.max_length}" + "".join(f"\nwarning: {w}" for w in notes)
+        fits = "every row's prompt fits" if notes else "every row fits"  # the notes name the rows that are cut
+        text += f"; {fits} max_length={args.max_length}" + "".join(f"\nwarning: {w}" for w in notes)
     doc = {"file": args.file, "kind": args.kind, "rows": sum(shapes.values()), "shapes": shapes,
            "max_length": args.max_length, "warnings": notes}  # fmt: skip
     return Output(doc=doc, text=text)

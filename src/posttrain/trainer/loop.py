@@ -395,7 +395,8 @@ def _next_step(steps: Iterator[Step], run_dir: Path) -> Step:
         return next(steps)
     except (NoRewardSignal, CollectiveRewardFailed) as err:
         ckpt = latest_checkpoint(run_dir)
-        fix = "fix the reward and" if isinstance(err, NoRewardSignal) else "when every process can run it,"
+        fix = ("fix the reward function where it is (its file and name: a changed algorithm.rewards is refused on "
+               "--resume) and" if isinstance(err, NoRewardSignal) else "when every process can run it,")  # fmt: skip
         kept = (f"The last checkpoint, {ckpt}, is kept: {fix} continue from it with --resume."
                 if ckpt else "No checkpoint had been written yet.")  # fmt: skip
         raise type(err)(f"{err}\n{kept} No final model was written.") from None
