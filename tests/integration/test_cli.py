@@ -53,7 +53,9 @@ def test_train_generate_merge_round_trip(capsys, tiny_model_dir, sft_file, tmp_p
     merged = tmp_path / "merged"
     code, out, err = run(capsys, "merge", str(run_dir), "--out", str(merged))
     assert code == 0, err
-    assert (merged / "model.safetensors").is_file()
+    assert (merged / "model.safetensors").is_file() and f"merged model written to {merged}\n" in out
+    code, out, err = run(capsys, "merge", str(run_dir), "--out", str(merged))  # again: said, not silent
+    assert code == 0 and f"merged model written to {merged} (replacing the merged model there)" in out
 
     code, out, err = run(capsys, "train", str(cfg))  # the run exists: refuse, do not overwrite
     assert code == 2 and "--resume" in err and "Traceback" not in err

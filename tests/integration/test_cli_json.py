@@ -146,6 +146,7 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
                                                                                       None, 4)  # fmt: skip
     assert doc["metrics"] == {"reward_mean": 0.5, "reward_positive": 0.5, "reward_failures": 0.0}
     assert doc["data"] == str(data) and doc["out"] == str(out)
+    assert f"wrote 4 rows to {out}\n" in err  # where they went, on stderr (stdout is the document)
     assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "seed": 1}
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {"index": i, "id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "completion": a,

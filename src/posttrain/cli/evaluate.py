@@ -175,9 +175,11 @@ def _write_records(path: str, records: list[dict]) -> None:
     from posttrain.data import write_jsonl
 
     out = Path(path)
+    replaced = out.exists()
     tmp = out.with_name(out.name + ".tmp")
     write_jsonl(records, tmp)
     os.replace(tmp, out)
+    print(f"wrote {len(records)} rows to {out}" + (" (replacing the file there)" if replaced else ""), file=sys.stderr)
 
 
 def _evaluation_rows(args) -> list[dict]:
