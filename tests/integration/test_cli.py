@@ -109,6 +109,17 @@ def test_data_make_and_validate(capsys, tmp_path):
     code, out, err = run(capsys, "data", "validate", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "missing.jsonl" in err
 
+    # rows of another kind, checked as sft (the default): the message says which --kind they need
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    code, out, err = run(capsys, "data", "validate", str(pairs))
+    assert code == 2 and "preference pairs are checked with --kind preference" in err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a", "answer": 3}\n')
+    code, out, err = run(capsys, "data", "validate", str(prompts))
+    assert code == 2 and "are RL prompts: check them with --kind prompts" in err
+    assert run(capsys, "data", "validate", str(pairs), "--kind", "preference")[0] == 0
+
     code, out, err = run(capsys, "data", "make", "nosuchtask", "--n", "5", "--out", str(out_file))
     assert code == 2 and "structured" in err
 

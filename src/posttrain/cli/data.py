@@ -63,7 +63,9 @@ def _add_make(dsub) -> None:
 def _add_validate(dsub) -> None:
     va = dsub.add_parser("validate", help="check every row of a data file")
     va.add_argument("file")
-    va.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft")
+    va.add_argument("--kind", choices=["sft", "preference", "prompts"], default="sft",
+                    help="what the rows are for: sft (prompt/completion, messages or text; the default), preference "
+                         "(prompt, chosen, rejected: dpo, reward) or prompts (prompt, and what the rewards read: RL)")
     va.add_argument("--model", help="also check lengths with this model's tokenizer (needs --max-length)")
     va.add_argument("--max-length", type=int, help="tokens; a row whose prompt alone reaches it is an error")
     add_json(va)
@@ -207,6 +209,11 @@ def _problems(args, err: DataError) -> Output:
     for p in err.problems:
         print(p, file=sys.stderr)
     message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
+    fields = {p.field for p in err.problems}
+    if args.kind != "preference" and {"chosen", "rejected"} <= fields:  # pairs checked as another kind
+        message += " (the rows hold chosen and rejected: preference pairs are checked with --kind preference)"
+    elif args.kind == "sft" and fields == {"completion"} and all("missing" in p.message for p in err.problems):
+        message += " (rows of a prompt without a completion are RL prompts: check them with --kind prompts)"
     print(message, file=sys.stderr)
     problems = [
         {"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems

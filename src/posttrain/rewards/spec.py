@@ -147,7 +147,9 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     if not path.is_file():
-        raise ConfigError(f"{where}: reward file {str(path)!r} not found")
+        relative = "" if Path(path_text).expanduser().is_absolute() else (
+            f" (a relative path is read from {base_dir if base_dir is not None else Path.cwd()})")
+        raise ConfigError(f"{where}: reward file {str(path)!r} not found{relative}")
     # A unique module name per file, so two files both called rewards.py do not replace each other.
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     mod_name = f"posttrain_user_rewards.{path.stem}_{digest}"
