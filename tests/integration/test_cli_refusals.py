@@ -381,3 +381,31 @@ def test_chat_template_kwargs_are_checked_before_the_model_loads_and_kept_by_the
     assert code == 0, err
     saved = AutoTokenizer.from_pretrained(run_dir / "final")
     assert render_prompt(saved, "hi") == "user: hi\nassistant: <think></think>"
+
+
+def test_template_vars_reach_the_prompt_of_a_base_model_and_a_misspelt_one_is_refused(capsys, tiny_model_dir,
+                                                                                     tmp_path):  # fmt: skip
+    """`--template-var` (generate, evaluate, diagnose, data pairs): a base model's template gets the values a run
+    sets with data.chat_template_kwargs, so a base and its fine-tune are scored on one prompt format."""
+    from transformers import AutoTokenizer
+
+    from posttrain.evaluation import load_for_inference
+    from posttrain.models.generation import render_prompt
+
+    model = tmp_path / "qwen3ish"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% if enable_thinking is false %}"
+                         "{{ '<think></think>' }}{% endif %}{% endif %}")  # fmt: skip
+    tok.save_pretrained(model)
+    _, loaded = load_for_inference(str(model), {"enable_thinking": False})
+    assert render_prompt(loaded, "hi") == "user: hi\nassistant: <think></think>"
+    base = ["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]
+    code, out, err = run(capsys, *base, "--template-var", "enable_thinking=false")
+    assert code == 0, err
+    code, out, err = run(capsys, *base, "--template-var", "enable_thinkng=false")
+    assert code == 2 and "Traceback" not in err
+    assert "--template-var: the model's chat template never mentions enable_thinkng" in err
+    code, out, err = run(capsys, *base, "--template-var", "enable_thinking")
+    assert code == 2 and "must be NAME=VALUE" in err

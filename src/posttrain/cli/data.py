@@ -11,6 +11,7 @@ from pathlib import Path
 from posttrain.cli.output import (
     Output,
     add_json,
+    add_template_vars,
     check_output_file,
     positive,
     positive_int,
@@ -99,6 +100,7 @@ def _add_pairs(dsub) -> None:
     pa.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generate call (default: 16)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
+    add_template_vars(pa)
     add_json(pa)
     pa.set_defaults(func=pairs)
 
@@ -274,7 +276,7 @@ def pairs(args) -> Output:
     quiet_libraries()
     from posttrain.evaluation import load_for_inference  # after quiet_libraries: it decides the hub's mode
 
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as f:
 

@@ -10,6 +10,7 @@ from posttrain.cli.data import task_or_file_rows, task_with_options
 from posttrain.cli.output import (
     Output,
     add_json,
+    add_template_vars,
     check_output_folder,
     json_document,
     number,
@@ -74,6 +75,7 @@ def add_parser(sub) -> None:
     d.add_argument("--base", help="the base model: KL from it on the task, top-1 agreement on unrelated prompts")
     d.add_argument("--out", help="write the report here: report.html, report.md, report_files/, diagnosis.json")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_template_vars(d)
     add_json(d)
     d.set_defaults(func=run, loads_models=True)
 
@@ -105,7 +107,7 @@ def run(args) -> Output:
         raise UserError("--reference ranks the --pairs; give --pairs FILE too, or leave --reference out")
     check_output_folder(args.out, "--out")  # a file, or a path under one: refused before the measurements run
     quiet_libraries()
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None
     base = load_for_inference(args.base)[0] if args.base is not None else None
     s = Settings(samples=args.samples, temperature=args.temperature, max_new_tokens=args.max_new_tokens,

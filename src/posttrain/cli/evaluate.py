@@ -11,6 +11,7 @@ from posttrain.cli.data import task_or_file_rows
 from posttrain.cli.output import (
     Output,
     add_json,
+    add_template_vars,
     check_output_file,
     positive,
     positive_int,
@@ -80,6 +81,7 @@ def add_parser(sub) -> None:
         "scores, the reference answer (docs/cli-json.md)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_template_vars(e)
     add_json(e)
     e.set_defaults(func=run, loads_models=True)
 
@@ -106,7 +108,7 @@ def run(args) -> Output:
         if why:
             raise UserError(f"--judge: {why}")
     quiet_libraries()
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     completions = generate_answers(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         sample_seed=args.seed, progress=None if args.no_progress else "evaluate",
@@ -237,7 +239,7 @@ def evaluate_pairs(args) -> Output:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference")[: args.n]
     quiet_libraries()
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None
     per_pair: list[dict] = []
     result = preference_accuracy(

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from posttrain.cli.output import Output, add_json, positive_int, settings, temperature, top_p
+from posttrain.cli.output import (
+    Output,
+    add_json,
+    add_template_vars,
+    positive_int,
+    settings,
+    temperature,
+    top_p,
+)
 from posttrain.errors import UserError
 
 
@@ -20,6 +28,7 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=top_p, default=1.0, help="sampling only: the nucleus mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
+    add_template_vars(g)
     add_json(g)
     g.set_defaults(func=run, loads_models=True)
 
@@ -40,7 +49,7 @@ def run(args) -> Output:
         items += [{**({"id": r["id"]} if "id" in r else {}), "prompt": r["prompt"]} for r in rows]
     if not items:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     outs = generate(
         model,
         tokenizer,

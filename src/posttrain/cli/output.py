@@ -149,6 +149,38 @@ fraction = _bounded(lambda v: 0 < v <= 1, "in (0, 1]")
 """argparse type: a share of something, above 0 and at most 1 (a GPU memory share, an MFU)."""
 
 
+def template_var(text: str) -> tuple[str, bool | int | float | str]:
+    """argparse type: ``NAME=VALUE`` for a chat template's variable, the value read as YAML reads a scalar.
+
+    >>> template_var("enable_thinking=false"), template_var("style=terse")
+    (('enable_thinking', False), ('style', 'terse'))
+    >>> template_var("enable_thinking")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be NAME=VALUE (e.g. enable_thinking=false), got 'enable_thinking'
+    """
+    import yaml
+
+    name, eq, raw = text.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE (e.g. enable_thinking=false), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, bool | int | float | str):
+        raise argparse.ArgumentTypeError(f"the value must be true, false, a number or a string, got {raw!r}")
+    return name.strip(), value
+
+
+def add_template_vars(parser: argparse.ArgumentParser) -> None:
+    """`--template-var NAME=VALUE`, repeatable: what `data.chat_template_kwargs` is for a run."""
+    parser.add_argument(
+        "--template-var", action="append", type=template_var, default=[], metavar="NAME=VALUE",
+        help="a value for a variable of the model's chat template (repeatable), as data.chat_template_kwargs sets it "
+             "in training: e.g. enable_thinking=false for Qwen3, to score a base model as its fine-tune was trained",
+    )  # fmt: skip
+
+
 def port(text: str) -> int:
     """argparse type: a TCP port, 0 (a free one) to 65535.
 

@@ -21,8 +21,11 @@ from posttrain.models import generate, load_model, load_tokenizer, load_trained
 from posttrain.rewards import compute_rewards, row_columns
 
 
-def load_for_inference(name_or_path: str):
-    """(model, tokenizer) for a run folder, a trained model/adapter folder, or any base model name or path."""
+def load_for_inference(name_or_path: str, template_variables: dict | None = None):
+    """(model, tokenizer) for a run folder, a trained model/adapter folder, or any base model name or path;
+    `template_variables`: values for the chat template's variables (`data.render.set_template_variables`,
+    `--template-var`), checked before a base model's weights load."""
+    from posttrain.data.render import set_template_variables
 
     p = Path(name_or_path).expanduser()
     if p.is_dir() and (
@@ -32,9 +35,11 @@ def load_for_inference(name_or_path: str):
         or ((p / "config.yaml").is_file() and not (p / "config.json").is_file())  # a run folder: did it finish?
     ):
         model, tokenizer = load_trained(p)
+        set_template_variables(tokenizer, template_variables or {}, setting="--template-var")
     else:
         cfg = ModelConfig(name=name_or_path)
         tokenizer = load_tokenizer(cfg)
+        set_template_variables(tokenizer, template_variables or {}, setting="--template-var")
         model = load_model(cfg, TechniqueConfig(name="full"), train=False)
     model.eval()
     return model, tokenizer
