@@ -397,8 +397,8 @@ class RLSection(AlgorithmSection):
         rollout, step, group = self.rollout.batch_size or run.optim.batch_size, run.optim.batch_size, self.group_size()
         if rollout % group:
             raise ValueError(
-                f"algorithm.rollout.batch_size ({rollout}) must be a multiple of the {group} completions sampled "
-                "per prompt: whole groups per rollout"
+                f"algorithm.rollout.batch_size ({rollout}) must be a multiple of algorithm.num_generations ({group}), "
+                "the completions sampled per prompt: whole groups per rollout"
             )
         if rollout % step:
             raise ValueError(
@@ -743,10 +743,19 @@ def _located(paragraph: str, overrides: dict[str, str] | None, lines: dict[str, 
     'line 5: optim.head_lr = 0.001 would be ignored'
     >>> _located("optim.head_lr = 0.001 would be ignored", {"optim.head_lr": "optim.head_lr=1e-3"}, {})
     'on the command line (optim.head_lr=1e-3): optim.head_lr = 0.001 would be ignored'
+
+    The other fields it names that the command line set are said too (the override may be what broke the check):
+
+    >>> _located("a.b (4) must be a multiple of a.c (3)", {"a.c": "a.c=3"}, {"a.b": 7})
+    'line 7: a.b (4) must be a multiple of a.c (3) (a.c set on the command line: a.c=3)'
     """
     field = _FIELD.match(paragraph)
     if field is None:
         return paragraph
+    named = dict.fromkeys(m.group(0) for m in _FIELD.finditer(paragraph) if m.group(0) != field.group(0))
+    also = [f"{name} set on the command line: {given}" for name in named
+            if (given := overridden(name, overrides)) is not None]  # fmt: skip
+    paragraph += f" ({'; '.join(also)})" if also else ""
     if (given := overridden(field.group(0), overrides)) is not None:
         return f"on the command line ({given}): {paragraph}"
     line = line_of(field.group(0), lines)

@@ -218,6 +218,13 @@ def test_a_combination_error_is_led_by_the_line_or_override_of_the_field_it_name
         load_config(f)
     with pytest.raises(ConfigError, match=r"\n  on the command line \(optim\.batch_size=6\): optim\.batch_size \(6\)"):
         load_config(f, ["optim.batch_size=6", "optim.micro_batch_size=4"])
+    # the field the check names comes from the file, the one that broke it from the command line: both are said
+    grpo = tmp_path / "grpo.yaml"
+    grpo.write_text("algorithm:\n  name: grpo\n  rewards: [task]\n  rollout:\n    batch_size: 32\n")
+    with pytest.raises(ConfigError, match=r"\n  line 5: algorithm\.rollout\.batch_size \(32\) must be a multiple of "
+                                          r"algorithm\.num_generations \(3\).* \(algorithm\.num_generations set on the "
+                                          r"command line: algorithm\.num_generations=3\)"):
+        load_config(grpo, ["algorithm.num_generations=3"])
 
 
 def test_an_override_wins_over_the_file_and_a_repeated_override_takes_the_last_value(tmp_path):
