@@ -154,6 +154,11 @@ def test_prompts_rows_keep_other_columns(tmp_path):
         f"{g}:2: prompt: empty prompt",
         f"{g}:3: prompt: empty prompt: every message's content is blank",
     ]
+    chat = write(tmp_path, [{"messages": [U, {"role": "assistant", "content": "4"}]}], "chat.jsonl")
+    assert problems(chat, "prompts") == [  # an SFT file given as prompts (evaluate --data, generate --prompts-file)
+        f"{chat}:1: no prompts fields: expected prompt (this row has: messages); a messages row is SFT data: as a "
+        'prompt, give the conversation before its last assistant turn as "prompt" (a list of messages), and its '
+        'answer as "answer" where a verifier reads one']
 
 
 def test_unknown_kind_is_a_programming_error(tmp_path):

@@ -239,7 +239,11 @@ def _shape(data: dict, kind: str, report) -> str | None:
     options = " or ".join("+".join(keys) for keys in _SHAPE_KEYS[kind].values())
     if not present:
         keys = ", ".join(sorted(data)) or "none"
-        report(None, f"no {kind} fields: expected {options} (this row has: {keys})")
+        hint = ""
+        if kind == "prompts" and "messages" in data:  # an SFT conversation given where prompts are read
+            hint = ("; a messages row is SFT data: as a prompt, give the conversation before its last assistant turn "
+                    'as "prompt" (a list of messages), and its answer as "answer" where a verifier reads one')
+        report(None, f"no {kind} fields: expected {options} (this row has: {keys}){hint}")
     else:
         report(None, f"mixes row shapes ({' and '.join(present)}): use exactly one of {options}")
     return None
