@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from posttrain.data import read_records
+from posttrain.data import load_rows, read_records
 from posttrain.errors import DataError, UserError
 
 ROWS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
@@ -116,6 +116,22 @@ def test_json_wrong_top_level(tmp_path):
         f'{f}: expected a JSON list of objects, or an object {{"data": [...]}} or {{"rows": [...]}}; '
         "the top-level object has keys ['items']"
     ]
+
+
+def test_carriage_returns_inside_csv_cells_are_kept_and_said(tmp_path):
+    """A CSV whose line ends were converted to Windows ones holds \\r\\n inside its quoted cells too: kept as
+    written (the data is the user's), and said once, with the lines."""
+    import warnings
+
+    f = tmp_path / "crlf.csv"
+    f.write_bytes(b'prompt,completion\r\n"line one\r\nline two",ok\r\nplain,fine\r\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = load_rows(f, "sft")
+    assert rows[0]["messages"][0]["content"] == "line one\r\nline two" and rows[1]["messages"][0]["content"] == "plain"
+    assert [str(w.message) for w in caught] == [
+        f"{f}: 1 row holds a carriage return (\\r, Windows line ends) inside a cell (line 2): kept as written, so the "
+        "model reads it; save the file with \\n line ends if the text is not meant to hold it"]
 
 
 def test_csv_wrong_cell_count(tmp_path):

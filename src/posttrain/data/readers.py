@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,13 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
                 continue  # an empty cell is an absent field
             row[col] = _csv_cell(col, cell, name, line, problems)
         records.append(Record(line, row))
+    carriage = [r.line for r in records if any(isinstance(v, str) and "\r" in v for v in r.data.values())]
+    if carriage:  # a file whose line ends were all converted to Windows ones: its cells' line breaks too
+        shown = ", ".join(map(str, carriage[:5])) + (f" and {len(carriage) - 5} more" if len(carriage) > 5 else "")
+        rows = f"{len(carriage)} rows hold" if len(carriage) > 1 else "1 row holds"
+        warnings.warn(f"{name}: {rows} a carriage return (\\r, Windows line ends) inside a cell "
+                      f"(line{'s' if len(carriage) > 1 else ''} {shown}): kept as written, so the model reads it; save "
+                      "the file with \\n line ends if the text is not meant to hold it", stacklevel=2)  # fmt: skip
     return records, problems
 
 
