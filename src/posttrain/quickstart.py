@@ -127,7 +127,8 @@ def run_quickstart(
         + (" (resuming from the last checkpoint)" if resume else "")
     )
     with clock("training"):
-        result = train(cfg, resume=True, return_model=True)  # starts fresh when there is nothing to resume
+        result = train(cfg, resume=True, return_model=True,  # starts fresh when there is nothing to resume
+                       continue_with="the same `posttrain quickstart` command")  # fmt: skip
 
     _stage(f"scoring the fine-tuned model on the same {n_eval} held-out prompts")
     with clock("adapter scoring"):

@@ -153,7 +153,8 @@ def run_recipe(
 
     resume = latest_checkpoint(run_dir) is not None
     _stage(f"{method.upper()} with LoRA for {steps} steps" + (" (resuming)" if resume else ""))
-    result = train(cfg, resume=True, return_model=True)
+    result = train(cfg, resume=True, return_model=True,
+                   continue_with=f"the same `posttrain quickstart {method}` command")  # fmt: skip
 
     _stage(f"scoring the trained model on the same {n_heldout} held-out prompts")
     model = getattr(result.model, "policy", result.model)  # PPO: the policy inside its value-head wrapper

@@ -316,8 +316,11 @@ def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
     return start
 
 
-def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
+          continue_with: str = "`posttrain train RUN.yaml --resume`") -> TrainResult:  # fmt: skip
     """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint.
+    `continue_with`: how the user continues an interrupted run, for the note Ctrl-C prints (the quickstart's is
+    running the same command again).
 
     The run folder is held by this process for the whole run (`trainer.runlock`): a second process that starts
     into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
@@ -336,23 +339,23 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False) -
             try:
                 result = _train(cfg, resume=resume, return_model=return_model, missing=missing)
             except KeyboardInterrupt:
-                print(_interrupted_note(cfg), file=sys.stderr)
+                print(_interrupted_note(cfg, continue_with), file=sys.stderr)
                 raise
     return _measured(result, cfg, started)
 
 
-def _interrupted_note(cfg: RunConfig) -> str:
-    """What `--resume` will do with a run interrupted now (Ctrl-C): continue from its last checkpoint, or start
-    again, because none was written."""
+def _interrupted_note(cfg: RunConfig, continue_with: str) -> str:
+    """What continuing a run interrupted now (Ctrl-C) will do: start from its last checkpoint, or start again,
+    because none was written."""
     run_dir = Path(cfg.run.output_dir)
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is not None:
-        return (f"interrupted: the last checkpoint of {run_dir} is {ckpt.name}; `posttrain train RUN.yaml --resume` "
-                "continues from it (the steps after it are trained again)")  # fmt: skip
+        return (f"interrupted: the last checkpoint of {run_dir} is {ckpt.name}; {continue_with} continues from it "
+                "(the steps after it are trained again)")  # fmt: skip
     every = cfg.run.save_every
     why = (f"run.save_every={every}: the first comes at step {every}" if every else
            "run.save_every is null: a checkpoint is written only at the end")  # fmt: skip
-    return f"interrupted before {run_dir} had a checkpoint ({why}); `--resume` would start again at step 1"
+    return f"interrupted before {run_dir} had a checkpoint ({why}); {continue_with} would start again at step 1"
 
 
 def _nothing_to_resume(run_dir: Path, missing: bool) -> str | None:
@@ -362,8 +365,7 @@ def _nothing_to_resume(run_dir: Path, missing: bool) -> str | None:
         return (f"note: --resume: {run_dir} does not exist, so there is nothing to resume; a new run starts there "
                 "(check run.output_dir if you meant another run)")  # fmt: skip
     if (run_dir / "config.yaml").is_file():
-        return (f"note: --resume: {run_dir} holds a run that stopped before its first checkpoint; it starts again at "
-                "step 1")  # fmt: skip
+        return f"note: {run_dir} holds a run that stopped before its first checkpoint; it starts again at step 1"
     return None
 
 

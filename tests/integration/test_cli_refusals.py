@@ -60,7 +60,8 @@ def test_lora_targets_the_model_lacks_are_named_and_leave_no_run_folder(capsys, 
                                          "technique.target_modules=[q_proj,foo_proj,v_proj]"))  # fmt: skip
     assert code == 2 and "Traceback" not in err
     assert ("technique.target_modules = ['q_proj', 'foo_proj', 'v_proj']: foo_proj matches no layer of this model, "
-            "so it would get no adapter; its linear layers are named") in err
+            "so it would get no adapter; its linear layers are named down_proj, gate_proj, k_proj, lm_head, o_proj, "
+            "q_proj, up_proj, v_proj (or use all-linear)") in err  # the model's own names, not peft's wrappers
     assert not run_dir.exists()
     code, out, err = run(capsys, *_train(tiny_model_dir, sft_file, run_dir, "technique.target_modules=[q_proj,v_proj]"))
     assert code == 0, err

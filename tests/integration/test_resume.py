@@ -305,6 +305,12 @@ def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, 
             "rounding differs, so the steps after step 3 are not bit for bit") in capsys.readouterr().out
     assert [(s["step"], s["cpu"]) for s in json.loads(record.read_text())["segments"]] == [
         (0, first[0]["cpu"]), (3, "AVX2-elsewhere")]
+    # that segment abandoned (resumed again from step 3, back on this machine): it is dropped, and the steps up to 3
+    # ran here, so nothing is said
+    from posttrain.trainer.fingerprint import record_environment
+
+    assert record_environment(Path(cfg.run.output_dir), real("cpu"), resumed_at=3) is None
+    assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [0]
     monkeypatch.setattr(train_module, "run_environment", real)
     for steps, unreadable in enumerate(('{"start": null}', '{"segments": {}}', "[1, 2"), start=5):
         record.write_text(unreadable)  # edited by hand, cut, or a record of another shape
@@ -335,11 +341,12 @@ def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_sta
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert (f"interrupted before {cfg.run.output_dir} had a checkpoint (run.save_every is null: a checkpoint is "
-            "written only at the end); `--resume` would start again at step 1") in capsys.readouterr().err
+            "written only at the end); `posttrain train RUN.yaml --resume` would start again at step 1"
+            ) in capsys.readouterr().err
     monkeypatch.setattr(train_module, "_start_run_dir", real_start)
     train(cfg, resume=True)
-    assert (f"note: --resume: {cfg.run.output_dir} holds a run that stopped before its first checkpoint; it starts "
-            "again at step 1") in capsys.readouterr().out
+    assert (f"note: {cfg.run.output_dir} holds a run that stopped before its first checkpoint; it starts again at "
+            "step 1") in capsys.readouterr().out
     real_save = loop.save_checkpoint
 
     def save_then_die(accelerator, run_dir, step, *a, **kw):

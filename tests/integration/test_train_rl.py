@@ -490,6 +490,19 @@ def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path
     assert ("warning: reward 'one': its call on the 16 samples of rollout 0 failed (returned 1 values for 16 samples"
             in out and "so it is called once per sample" in out and "failed on 0" not in out)  # fmt: skip
     assert one["steps_without_signal"] == 2
+    # ... and a real failure of that function later is still said (the per-sample note used up its one warning)
+    (tmp_path / "later.py").write_text(
+        "calls = [0]\n"
+        "def later(prompts, completions, **kw):\n"
+        "    calls[0] += 1\n"
+        "    if len(completions) > 1:\n        return [1.0]\n"
+        "    if calls[0] == 19:\n        raise ValueError('boom')\n"  # rollout 1's first sample (17 calls a rollout)
+        "    return [float(len(completions[0]) % 2)]\n")  # fmt: skip
+    capsys.readouterr()
+    train(rl("later", **{"algorithm.rewards": f"[{tmp_path / 'later.py'}:later]", "run.max_steps": 2}))
+    out = capsys.readouterr().out
+    assert "warning: reward 'later': its call on the 16 samples of rollout 0 failed" in out
+    assert "warning: reward 'later' failed on 1 of 16 samples of rollout 1" in out  # (naming the batch's error)
     odd = train(rl("odd", **{"algorithm.rewards": f"[{tmp_path / 'flat.py'}:odd]", "run.max_steps": 2}))
     skipped = [h["skipped_fraction"] for h in odd.history if "loss" in h]
     assert run_summary(odd)["steps_without_signal"] == sum(x >= 1.0 for x in skipped) < 2

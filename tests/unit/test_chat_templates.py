@@ -568,6 +568,10 @@ def test_chat_template_kwargs_are_written_into_the_template_every_render_and_the
     assert sampling_prompt(AutoTokenizer.from_pretrained(tmp_path / "saved"), "2+2?") == sampling_prompt(tok, "2+2?")
     set_template_variables(tok, {"enable_thinking": True})  # trained again with another value: it replaces the first
     assert tok.chat_template.count("{% set ") == 1 and sampling_prompt(tok, "2+2?").endswith("assistant\n")
+    styled = qwen3(QWEN3_SWITCH + "{{ style | default('') }}")  # another name later (--template-var on a fine-tune)
+    set_template_variables(styled, {"enable_thinking": False})
+    set_template_variables(styled, {"style": "terse"})  # keeps the value the model was trained with
+    assert sampling_prompt(styled, "2+2?").endswith("assistant\n<think>\n\n</think>\n\nterse")
     newline = qwen3("\n" + QWEN3_SWITCH)  # a template starting with a newline keeps it (transformers' trim_blocks)
     set_template_variables(newline, {"enable_thinking": False})
     assert chat_text(newline, [U1], add_generation_prompt=True) == qwen3("\n" + QWEN3_SWITCH).apply_chat_template(

@@ -303,6 +303,15 @@ def test_a_users_reward_keeps_its_counts_with_args_and_a_broken_counter_stops_no
         "junk.events = lambda: {'slow': 'many', 'ok': 2, 'neg': -1}\n"
     )
     monkeypatch.setattr(compute, "_WARNED_EVENTS", set())
+    (tmp_path / "obj.py").write_text(  # a callable object: its events() is a method of its class
+        "class Scorer:\n"
+        "    def __init__(self):\n        self.n = 0\n"
+        "    def __call__(self, prompts, completions, scale=1.0, **kw):\n"
+        "        self.n += 1\n        return [scale] * len(completions)\n"
+        "    def events(self):\n        n, self.n = self.n, 0\n        return {'calls': n}\n"
+        "scorer = Scorer()\n")  # fmt: skip
+    bound = build_reward_functions([{"name": f"{tmp_path / 'obj.py'}:scorer", "args": {"scale": 3.0}}])
+    assert compute_rewards(bound, ["p"], ["a"]).events == {"scorer": {"calls": 1}}
     specs = [{"name": f"{tmp_path / 'r.py'}:counting", "args": {"scale": 2.0}}, f"{tmp_path / 'r.py'}:raising",
              f"{tmp_path / 'r.py'}:junk"]  # fmt: skip
     rewards = build_reward_functions(specs)

@@ -127,8 +127,8 @@ def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float
     """Fix variables of the tokenizer's chat template (Qwen3's ``enable_thinking``) by writing them into the template
     as ``{% set NAME = VALUE %}`` statements: every render posttrain makes (training rows, sampled prompts,
     `generate`, evaluation) sees them, and so does the tokenizer saved with the model (checkpoints, ``final/``), in
-    transformers or vLLM as here. The statements replace those an earlier call wrote (a model trained with the
-    setting, trained again). Refused (`ConfigError`, before any model loads): a tokenizer with no chat template
+    transformers or vLLM as here. An earlier call's statements (a model trained with the setting, trained or
+    evaluated again) are kept for the names not given now and replaced for the others. Refused (`ConfigError`, before any model loads): a tokenizer with no chat template
     (posttrain's fallback reads no variable), a name no template of the tokenizer mentions (it would change
     nothing), and the names `chat_text` passes itself.
 
@@ -156,6 +156,7 @@ def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float
         raise ConfigError(f"{setting}: {', '.join(map(repr, odd))} cannot be a template variable's name (a name is "
                           "letters, digits and _, not starting with a digit, and not a word of the template language)")  # fmt: skip
     named = dict(template) if isinstance(template, dict) else {None: template}
+    kept = _set_variables(next(iter(named.values())))  # what an earlier call wrote (a trained model's tokenizer)
     named = {k: _without_set_variables(t) for k, t in named.items()}
     unread = [n for n in variables if not any(n in _template_variables(t) for t in named.values())]
     if unread:
@@ -164,16 +165,16 @@ def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float
             f"{'it' if len(unread) == 1 else 'them'} would change nothing. Check the name against the template "
             "(tokenizer_config.json's or chat_template.jinja's variables)"
         )
-    sets = "".join(f"{{% set {name} = {json.dumps(value, ensure_ascii=False)} %}}" for name, value in variables.items())
+    merged = {**kept, **variables}  # the values given win; the others a saved tokenizer has stay
+    sets = "".join(f"{{% set {name} = {json.dumps(value, ensure_ascii=False)} %}}" for name, value in merged.items())
     # a newline after the statements, which transformers' trim_blocks drops: what the template starts with (a newline,
     # spaces before a block that lstrip_blocks takes off) stays at the start of a line, as it was
     named = {k: f"{_SET_START}{sets}{_SET_END}\n{t}" for k, t in named.items()}
     tokenizer.chat_template = named if isinstance(template, dict) else named[None]
 
 
-_JINJA_WORDS = frozenset("true false none True False None and or not in is if else elif endif for endfor set endset "
-                         "block endblock macro endmacro call endcall filter endfilter with endwith import include from "
-                         "as extends raw endraw recursive loop self".split())  # fmt: skip
+_JINJA_WORDS = frozenset("true false none True False None TRUE FALSE NONE and or not in is if else".split())
+"""The words Jinja reads as operators or constants wherever they stand; its other keywords can name a variable."""
 
 
 def _template_variables(template: str) -> set[str]:
@@ -197,6 +198,21 @@ def _template_variables(template: str) -> set[str]:
         return set(jinja2.meta.find_undeclared_variables(env.parse(template)))
     except jinja2.TemplateError:
         return set(re.findall(r"\w+", template))
+
+
+_SET = re.compile(r"\{% set (\w+) = (.*?) %\}")
+
+
+def _set_variables(template: str) -> dict:
+    """The values `set_template_variables` wrote into `template` ({} when none).
+
+    >>> _set_variables('{# posttrain: data.chat_template_kwargs #}{% set a = false %}{% set b = "x" %}'
+    ...                '{# end of data.chat_template_kwargs #}\\n{{ a }}')
+    {'a': False, 'b': 'x'}
+    """
+    if not template.startswith(_SET_START) or (end := template.find(_SET_END)) < 0:
+        return {}
+    return {name: json.loads(value) for name, value in _SET.findall(template[len(_SET_START) : end])}
 
 
 def _without_set_variables(template: str) -> str:

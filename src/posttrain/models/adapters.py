@@ -111,21 +111,20 @@ def apply_lora(
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
         model.enable_input_require_grads()
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     try:
         model = get_peft_model(model, lora_config(technique))
     except ValueError as err:  # no layer has those names: NoMatchingPeftModuleError (a ValueError) in the pinned
         # peft; a plain ValueError in peft 0.17, which pyproject.toml allows, so the message is what tells
         if "target module" not in str(err).lower() and "target_modules" not in str(err):
             raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"technique.target_modules = {technique.target_modules!r} matches no layer of this model; "
-                        f"its linear layers are named {', '.join(names)} (or use all-linear)") from None  # fmt: skip
+                        f"its linear layers are named {', '.join(linear)} (or use all-linear)") from None  # fmt: skip
     if unmatched := _unmatched_targets(model, technique.target_modules):  # peft refuses only a list matching nothing
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"technique.target_modules = {technique.target_modules!r}: {', '.join(unmatched)} "
                         f"match{'es' if len(unmatched) == 1 else ''} no layer of this model, so "
                         f"{'it' if len(unmatched) == 1 else 'they'} would get no adapter; its linear layers are named "
-                        f"{', '.join(names)} (or use all-linear)")  # fmt: skip
+                        f"{', '.join(linear)} (or use all-linear)")  # fmt: skip
     if deepspeed_zero_stage() != 3:  # ZeRO-3 gathers lora_B's weight in a hook on lora_B's own forward
         fuse_lora_scaling(model)
     return model

@@ -141,6 +141,10 @@ def _check_args(fn: Callable, args: dict, where: str, name: str, *, strict: bool
         raise ConfigError(f"{where}: bad args for {name!r}: no parameter named {', '.join(unknown)}{hint}")
 
 
+_REWARD_ATTRIBUTES = ("events", "event_notes", "retry_per_sample", "collective")
+"""What posttrain reads off a reward function besides calling it (`compute`)."""
+
+
 def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> Callable:
     path_text, _, func = name.rpartition(":")
     path = Path(path_text).expanduser()
@@ -198,9 +202,11 @@ def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -
                 fn = s.fn(**s.args)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{s.where}: bad args for {s.name!r}: {e}") from None
-        elif s.args:  # the function's own attributes (events, event_notes, retry_per_sample) go with it
-            fn = functools.partial(s.fn, **s.args)
-            fn.__dict__.update(getattr(s.fn, "__dict__", {}))
+        elif s.args:  # the function's own attributes (events, event_notes, retry_per_sample) go with it, a
+            fn = functools.partial(s.fn, **s.args)  # callable object's methods included
+            for attr in _REWARD_ATTRIBUTES:
+                if hasattr(s.fn, attr):
+                    setattr(fn, attr, getattr(s.fn, attr))
         else:
             fn = s.fn
         out.append(NamedReward(s.label, fn, s.weight, s.builtin))

@@ -312,10 +312,12 @@ class RolloutSource:
         )
         self.check_reward_signal(index, result, len(per_seq))
         for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
-            if name not in self.warned and self.accelerator.is_main_process:
-                self.warned.add(name)
+            alone = not result.failures.get(name, 0)  # the batched call failed, every sample alone scored
+            key = (name, "per-sample") if alone else name  # said apart from a real failure, which may come later
+            if key not in self.warned and self.accelerator.is_main_process:
+                self.warned.add(key)
                 at = f" (at {result.sites[name]})" if name in result.sites else ""
-                if not result.failures.get(name, 0):  # the batched call failed, every sample alone scored
+                if alone:
                     print(f"warning: reward {name!r}: its call on the {len(per_seq)} samples of rollout {index} failed "
                           f"({error}{at}), so it is called once per sample, and every sample scored that way; a "
                           "function that returns one value per completion is called once a rollout")  # fmt: skip

@@ -131,11 +131,14 @@ def record_environment(run_dir: Path, now: dict, *, resumed_at: int | None = Non
     the note naming what differs (None: the same, or nothing known to compare with: a folder from before this
     record, or a file that cannot be read, which then starts the record at this resume)."""
     path = Path(run_dir) / ENVIRONMENT
-    segments = _segments(path) if resumed_at is not None else []
+    # a segment from this step on was abandoned (its run stopped before saving past it): these steps run again
+    segments = [x for x in _segments(path) if x["step"] < resumed_at] if resumed_at is not None else []
     last = segments[-1] if segments else None
     if last is not None:
         changed = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
         if not changed:
+            if len(segments) < len(_segments(path)):  # an abandoned segment dropped
+                _write_json(path, {"segments": segments})
             return None
     segments.append({"step": resumed_at or 0, **now})
     _write_json(path, {"segments": segments})
