@@ -824,3 +824,30 @@ def test_rollout_statistics_pool_every_process_s_samples():
         "truncated_fraction": 0.25, "sampling_entropy": 1.2, "frac": 0.375, "kl_coef": 0.1}, rel=1e-12)  # fmt: skip
     assert rollout_statistics(shares)["kl_coef"] == 0.1  # as given, not re-averaged
     assert rollout_statistics(shares[:1])["reward/a_mean"] == 2.0
+
+
+def test_a_reward_failure_on_another_process_is_said_with_every_process_counted(capsys):
+    """Failures and events are said after the gather, over every process's samples: a failure on rank 1 only
+    was never printed (the main process read its own result)."""
+    from types import SimpleNamespace
+
+    from posttrain.rewards.compute import NamedReward, RewardResult
+    from posttrain.rollout.source import RolloutSource
+
+    def fn(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    fn.event_notes = {"timeouts": "programs ran past the limit"}
+    me = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), warned=set(),
+                         rewards=[NamedReward("r", fn)], cfg=SimpleNamespace(algorithm=SimpleNamespace(reward_fallback=0.0)))  # fmt: skip
+    main = RewardResult([1.0] * 4, {"r": [1.0] * 4}, {"r": 0}, events={"r": {"timeouts": 0}})
+    other = RewardResult([1.0, 0.0, 0.0, 1.0], {"r": [1.0, 0.0, 0.0, 1.0]}, {"r": 2}, errors={"r": "ValueError: x"},
+                         events={"r": {"timeouts": 3}})  # fmt: skip
+    for _ in range(2):  # said once
+        RolloutSource.say_failures(me, 5, [main, other])
+        RolloutSource.say_events(me, 5, [main, other])
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: reward 'r' failed on 2 of 8 samples of rollout 5 (they got algorithm.reward_fallback = 0.0): "
+        "ValueError: x; further failures are only counted (reward/failures_r in metrics.jsonl)",
+        "warning: reward 'r': 3 of 8 samples of rollout 5: programs ran past the limit; further ones are only counted "
+        "(reward/timeouts_r in metrics.jsonl)"]

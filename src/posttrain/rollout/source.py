@@ -291,6 +291,7 @@ class RolloutSource:
             from accelerate.utils import gather_object
 
             shares = gather_object(shares)
+        self.say_failures(index, [s["result"] for s in shares])
         self.say_events(index, [s["result"] for s in shares])
         stats = rollout_statistics(shares)
         metrics = {**{k: v for k, v in stats.items() if k not in extra}, **times, **{k: stats[k] for k in extra}}
@@ -299,8 +300,8 @@ class RolloutSource:
 
     def score(self, index: int, rollout: Rollout, per_seq: list[PromptExample]):
         """The reward functions on a rollout (`RewardResult`): each sample with its prompt row's columns, plus
-        `prompt_messages` and `truncated`. Prints each function's first failure once; stops a run whose rewards all
-        fail (`check_reward_signal`)."""
+        `prompt_messages` and `truncated`. Stops a run whose rewards all fail (`check_reward_signal`); failures are
+        said over every process's samples (`say_failures`)."""
         fallback = self.cfg.algorithm.reward_fallback
         columns = row_columns([e.columns for e in per_seq])  # every row's, None where a row lacks one
         # the full prompts as message lists (system and earlier turns included), for rewards that need them
@@ -311,23 +312,36 @@ class RolloutSource:
             self.rewards, [e.prompt for e in per_seq], rollout.texts, columns, fallback=fallback
         )
         self.check_reward_signal(index, result, len(per_seq))
-        for name, error in result.errors.items():  # counts go to the metrics; the reason is printed once
-            alone = not result.failures.get(name, 0)  # the batched call failed, every sample alone scored
-            key = (name, "per-sample") if alone else name  # said apart from a real failure, which may come later
-            if key not in self.warned and self.accelerator.is_main_process:
-                self.warned.add(key)
-                at = f" (at {result.sites[name]})" if name in result.sites else ""
-                if alone:
-                    print(f"warning: reward {name!r}: its call on the {len(per_seq)} samples of rollout {index} failed "
-                          f"({error}{at}), so it is called once per sample, and every sample scored that way; a "
-                          "function that returns one value per completion is called once a rollout")  # fmt: skip
-                    continue
-                print(
-                    f"warning: reward {name!r} failed on {result.failures.get(name, 0)} of {len(per_seq)} samples "
-                    f"of rollout {index} (they got algorithm.reward_fallback = {fallback}): {error}{at}; further "
-                    f"failures are only counted (reward/failures_{name} in metrics.jsonl)"
-                )
         return result
+
+    def say_failures(self, index: int, results: list) -> None:
+        """Each reward function's first failure, once, over every process's samples of rollout `index` (`results`,
+        in rank order: a failure on another process than the main one is said too), with its reason and where it
+        happened; later failures are only counted in the metrics. A function whose batched call failed while every
+        sample alone scored is said apart (it is called once per sample), and its first real failure still is."""
+        if not self.accelerator.is_main_process:
+            return
+        n, fallback = sum(len(r.total) for r in results), self.cfg.algorithm.reward_fallback
+        for reward in self.rewards:
+            name = reward.name
+            errored = [r for r in results if name in r.errors]
+            if not errored:
+                continue
+            failed = sum(r.failures.get(name, 0) for r in results)
+            first = next((r for r in errored if r.failures.get(name, 0)), errored[0])
+            error, at = first.errors[name], (f" (at {first.sites[name]})" if name in first.sites else "")
+            key = (name, "per-sample") if not failed else name  # said apart from a real failure, which may come later
+            if key in self.warned:
+                continue
+            self.warned.add(key)
+            if not failed:  # the batched call failed, every sample alone scored
+                print(f"warning: reward {name!r}: its call on the {n} samples of rollout {index} failed ({error}{at}), "
+                      "so it is called once per sample, and every sample scored that way; a function that returns one "
+                      "value per completion is called once a rollout")  # fmt: skip
+            else:
+                print(f"warning: reward {name!r} failed on {failed} of {n} samples of rollout {index} (they got "
+                      f"algorithm.reward_fallback = {fallback}): {error}{at}; further failures are only counted "
+                      f"(reward/failures_{name} in metrics.jsonl)")  # fmt: skip
 
     def say_events(self, index: int, results: list) -> None:
         """What a reward function counts of its own (`RewardResult.events`: code_exec's timeouts), over every
