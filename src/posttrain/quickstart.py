@@ -31,14 +31,13 @@ from pathlib import Path
 from posttrain.algorithms import config_from_dict
 from posttrain.config import QUICKSTART_CONFIGS, ModelConfig, TechniqueConfig, read_config_file
 from posttrain.data import TASKS, write_jsonl
-from posttrain.data.render import set_template_variables
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_model
 from posttrain.models.adapters import unmergeable
 from posttrain.report import report_or_warning
-from posttrain.train import leftover, train
+from posttrain.train import leftover, run_tokenizer, train
 from posttrain.trainer.checkpoint import latest_checkpoint
 from posttrain.trainer.summary import peak_memory_gb
 
@@ -116,8 +115,7 @@ def run_quickstart(
 
     _stage("loading the embedded SmolLM2-135M-Instruct (first run converts the GGUF once, ~30 s)")
     with clock("model set-up"):  # the tokenizer; the first run also converts the embedded GGUF
-        tokenizer = load_tokenizer(cfg.model)
-        set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
+        tokenizer = run_tokenizer(cfg)
     with clock("base scoring"):
         before = _base_scores(cfg, tokenizer, recipe, heldout, eval_file, run_dir / "eval_base.json")
 

@@ -35,11 +35,10 @@ from pathlib import Path
 from posttrain.algorithms import config_from_dict
 from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, quickstart_methods
 from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
-from posttrain.data.render import set_template_variables
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
 from posttrain.evaluation.preference import preference_accuracy
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import load_model
 from posttrain.quickstart import (
     _stage,
     format_before_after,
@@ -48,7 +47,7 @@ from posttrain.quickstart import (
     refuse_foreign_folder,
 )
 from posttrain.report import report_or_warning
-from posttrain.train import RUN_FILES, leftover, train
+from posttrain.train import RUN_FILES, leftover, run_tokenizer, train
 from posttrain.trainer.checkpoint import latest_checkpoint
 
 RECIPES = tuple(m for m in quickstart_methods() if m != "sft")
@@ -147,8 +146,7 @@ def run_recipe(
     raw = recipe_config(method, run_dir, files["train"], steps, files.get("pairs"), model)
     cfg = config_from_dict(apply_overrides(raw, list(overrides or [])), source=f"quickstart {method}")
 
-    tokenizer = load_tokenizer(cfg.model)
-    set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
+    tokenizer = run_tokenizer(cfg)
     before = _base_scores(cfg, tokenizer, recipe, files, n_heldout, run_dir / "eval_base.json")
 
     resume = latest_checkpoint(run_dir) is not None

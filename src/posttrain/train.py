@@ -369,6 +369,14 @@ def _nothing_to_resume(run_dir: Path, missing: bool) -> str | None:
     return None
 
 
+def run_tokenizer(cfg: RunConfig):
+    """The run's tokenizer: `cfg.model`'s, its chat template given `data.chat_template_kwargs` (refused here, before
+    any model loads, when they cannot apply). What the quickstart and recipes score the base model with, too."""
+    tokenizer = load_tokenizer(cfg.model)
+    set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
+    return tokenizer
+
+
 def _bf16_on_cpu(cfg: RunConfig) -> bool:
     """Whether the run computes in bfloat16 on a CPU (mixed precision or `pure_bf16`), as `_accelerator` decides."""
     device = default_device()
@@ -406,8 +414,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = 
     algorithm = get_algorithm(cfg.algorithm.name)
 
     # ---- data first: user errors in files surface before the (slow) model load
-    tokenizer = load_tokenizer(cfg.model)
-    set_template_variables(tokenizer, cfg.data.chat_template_kwargs)
+    tokenizer = run_tokenizer(cfg)
     data = algorithm.prepare(cfg, tokenizer)
     micro = cfg.optim.micro_batch_size or cfg.optim.batch_size // accelerator.num_processes
     evaluating = data.eval is not None and algorithm.evaluates

@@ -155,10 +155,11 @@ def set_template_variables(tokenizer, variables: Mapping[str, bool | int | float
     if odd := [name for name in variables if not name.isidentifier() or name in _JINJA_WORDS]:
         raise ConfigError(f"{setting}: {', '.join(map(repr, odd))} cannot be a template variable's name (a name is "
                           "letters, digits and _, not starting with a digit, and not a word of the template language)")  # fmt: skip
-    named = dict(template) if isinstance(template, dict) else {None: template}
-    kept = _set_variables(next(iter(named.values())))  # what an earlier call wrote (a trained model's tokenizer)
-    named = {k: _without_set_variables(t) for k, t in named.items()}
-    unread = [n for n in variables if not any(n in _template_variables(t) for t in named.values())]
+    split = {k: _set_block(t) for k, t in (template.items() if isinstance(template, dict) else [(None, template)])}
+    kept = next(iter(split.values()))[0]  # what an earlier call wrote (a trained model's tokenizer)
+    named = {k: rest for k, (_, rest) in split.items()}
+    read = set().union(*(_template_variables(t) for t in named.values()))
+    unread = [n for n in variables if n not in read]
     if unread:
         raise ConfigError(
             f"{setting}: the model's chat template never mentions {', '.join(unread)}, so setting "
@@ -203,26 +204,19 @@ def _template_variables(template: str) -> set[str]:
 _SET = re.compile(r"\{% set (\w+) = (.*?) %\}")
 
 
-def _set_variables(template: str) -> dict:
-    """The values `set_template_variables` wrote into `template` ({} when none).
+def _set_block(template: str) -> tuple[dict, str]:
+    """(the values `set_template_variables` wrote into `template`, the template without them and the newline it
+    added after them); ({}, `template`) when it wrote none.
 
-    >>> _set_variables('{# posttrain: data.chat_template_kwargs #}{% set a = false %}{% set b = "x" %}'
-    ...                '{# end of data.chat_template_kwargs #}\\n{{ a }}')
-    {'a': False, 'b': 'x'}
+    >>> _set_block('{# posttrain: data.chat_template_kwargs #}{% set a = false %}{% set b = "x" %}'
+    ...            '{# end of data.chat_template_kwargs #}\\n{{ a }}')
+    ({'a': False, 'b': 'x'}, '{{ a }}')
     """
     if not template.startswith(_SET_START) or (end := template.find(_SET_END)) < 0:
-        return {}
-    return {name: json.loads(value) for name, value in _SET.findall(template[len(_SET_START) : end])}
-
-
-def _without_set_variables(template: str) -> str:
-    """`template` without the statements `set_template_variables` wrote (and the newline it added after them)."""
-    start = template.find(_SET_START)
-    end = template.find(_SET_END)
-    if start != 0 or end < 0:
-        return template
+        return {}, template
+    values = {name: json.loads(value) for name, value in _SET.findall(template[len(_SET_START) : end])}
     rest = template[end + len(_SET_END) :]
-    return rest[1:] if rest.startswith("\n") else rest
+    return values, rest[1:] if rest.startswith("\n") else rest
 
 
 _PROBE = ("Q7", "A9")  # a user turn and an answer no template rewrites, to see what a template wraps around content

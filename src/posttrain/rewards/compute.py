@@ -102,7 +102,7 @@ def compute_rewards(
 
 def _read_events(name: str, counted) -> dict[str, int]:
     """A function's `events()` as {event: count}; what cannot be read (it raised, or gave something other than
-    whole non-negative counts) is left out with a warning, once per function and problem: a broken counter must
+    whole non-negative counts) is left out with a warning, the first time for each function: a broken counter must
     not stop a run, nor pass unnoticed."""
     try:
         raw = dict(counted())

@@ -149,6 +149,22 @@ def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
     return EpochPlan(n, prompts, full + (rest > 0), steps_per_rollout(cfg))
 
 
+def pooled_events(results: list[RewardResult]) -> dict[str, dict[str, int]]:
+    """Each reward function's own counts (`RewardResult.events`) summed over `results` (every process's share of a
+    rollout), in the order they first appear.
+
+    >>> a, b = RewardResult([], {}, {}, events={"c": {"t": 1}}), RewardResult([], {}, {}, events={"c": {"t": 2, "u": 0}})
+    >>> pooled_events([a, b])
+    {'c': {'t': 3, 'u': 0}}
+    """
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        for name, counted in r.events.items():
+            for event, count in counted.items():
+                out.setdefault(name, {})[event] = out.get(name, {}).get(event, 0) + count
+    return out
+
+
 def rollout_statistics(shares: list[dict]) -> dict[str, float]:
     """One rollout's logged statistics over every process's share of its samples (`shares`, in rank order; one
     share in a single process), so that they do not depend on how many processes sampled it. A share holds its
@@ -171,9 +187,7 @@ def rollout_statistics(shares: list[dict]) -> dict[str, float]:
     pooled = RewardResult(total=[x for r in results for x in r.total],
                           per_function={n: [x for r in results for x in r.per_function[n]] for n in names},
                           failures={n: sum(r.failures.get(n, 0) for r in results) for n in failed},
-                          events={n: {e: sum(r.events.get(n, {}).get(e, 0) for r in results)
-                                      for e in dict.fromkeys(e for r in results for e in r.events.get(n, {}))}
-                                  for n in dict.fromkeys(n for r in results for n in r.events)})  # fmt: skip
+                          events=pooled_events(results))  # fmt: skip
     lengths = torch.tensor([x for s in shares for x in s["lengths"]], dtype=torch.float32)
     out = {
         **reward_metrics(pooled),
@@ -349,13 +363,9 @@ class RolloutSource:
         function's `event_notes`; the metrics count them all."""
         if not self.accelerator.is_main_process:
             return
-        n = sum(len(r.total) for r in results)
+        n, pooled = sum(len(r.total) for r in results), pooled_events(results)
         for reward in self.rewards:
-            counts: dict[str, int] = {}
-            for r in results:
-                for event, count in r.events.get(reward.name, {}).items():
-                    counts[event] = counts.get(event, 0) + count
-            for event, count in counts.items():
+            for event, count in pooled.get(reward.name, {}).items():
                 if count and (reward.name, event) not in self.warned:
                     self.warned.add((reward.name, event))
                     what = (getattr(reward.fn, "event_notes", None) or {}).get(event, event)

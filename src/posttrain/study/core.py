@@ -37,6 +37,7 @@ from posttrain.train import train
 from posttrain.trainer.checkpoint import checkpoint_dir, latest_checkpoint
 
 WARM = "warm-start"
+_CONTINUE = "the same `posttrain study` command"  # how an interrupted study goes on (`train`'s Ctrl-C note)
 
 
 def run_study(cfg: StudyConfig, out: str | Path, *, setting: str = "custom", progress: bool = True) -> StudyResult:
@@ -177,7 +178,7 @@ def _warm_start(ctx: _Context, files: dict[str, Path]) -> Path:
                     steps=cfg.warm_start.steps, progress=ctx.progress)  # fmt: skip
     if not _finished(run_dir, cfg.warm_start.steps):
         _stage(f"warm start W: SFT for {cfg.warm_start.steps} steps")
-        train(rc, resume=True, continue_with="the same `posttrain study` command")
+        train(rc, resume=True, continue_with=_CONTINUE)
     if read_info(run_dir / "final").get("kind") != "adapter":
         return run_dir / "final"
     merged = ctx.folder / "warm-merged"
@@ -249,14 +250,14 @@ def _run_arm(arm: Arm, ctx: _Context, cond: Condition) -> Cell:
         return cell
     plan_file = arm_dir / "plan.json"
     if not plan_file.exists():
-        train(config(b.calibration_steps, 1), resume=True, continue_with="the same `posttrain study` command")
+        train(config(b.calibration_steps, 1), resume=True, continue_with=_CONTINUE)
         step_s = statistics.fmean(r["step_time_s"] for r in _step_records(arm_dir / "run")[: b.calibration_steps])
         steps = steps_for_budget(b.seconds - prepared.seconds, step_s, b.checkpoints, b.calibration_steps)
         _write_json(plan_file, {"step_s": step_s, "steps": steps, "seconds_left": b.seconds - prepared.seconds})
     plan = json.loads(plan_file.read_text(encoding="utf-8"))
     cell.step_s, cell.steps = plan["step_s"], plan["steps"]
     if not _finished(arm_dir / "run", cell.steps):
-        train(config(cell.steps, cell.steps // b.checkpoints), resume=True, continue_with="the same `posttrain study` command")
+        train(config(cell.steps, cell.steps // b.checkpoints), resume=True, continue_with=_CONTINUE)
     records = _step_records(arm_dir / "run")
     technique = config(cell.steps, 1).technique
     for j in range(1, b.checkpoints + 1):

@@ -58,10 +58,7 @@ def data_fingerprint(cfg) -> dict[str, dict[str, str]]:
 
 
 def write_fingerprint(run_dir: Path, fingerprint: dict, steps_per_epoch: int) -> None:
-    path = Path(run_dir) / FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**fingerprint, "steps_per_epoch": steps_per_epoch}, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    _write_json(Path(run_dir) / FILE, {**fingerprint, "steps_per_epoch": steps_per_epoch})
 
 
 def read_fingerprint(run_dir: Path) -> dict | None:
@@ -131,13 +128,14 @@ def record_environment(run_dir: Path, now: dict, *, resumed_at: int | None = Non
     the note naming what differs (None: the same, or nothing known to compare with: a folder from before this
     record, or a file that cannot be read, which then starts the record at this resume)."""
     path = Path(run_dir) / ENVIRONMENT
+    recorded = _segments(path) if resumed_at is not None else []
     # a segment from this step on was abandoned (its run stopped before saving past it): these steps run again
-    segments = [x for x in _segments(path) if x["step"] < resumed_at] if resumed_at is not None else []
+    segments = [x for x in recorded if x["step"] < resumed_at] if resumed_at is not None else []
     last = segments[-1] if segments else None
     if last is not None:
         changed = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
         if not changed:
-            if len(segments) < len(_segments(path)):  # an abandoned segment dropped
+            if len(segments) < len(recorded):  # an abandoned segment dropped
                 _write_json(path, {"segments": segments})
             return None
     segments.append({"step": resumed_at or 0, **now})
