@@ -21,6 +21,7 @@ import importlib.util
 import os
 import re
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -193,12 +194,55 @@ class DataConfig(_Section):
     on), each example attending to them and its own tokens (docs/data.md)."""
     shuffle: bool = True
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """The file's own column names for the fields posttrain reads, field: column, e.g. `{prompt: question,
+    completion: answer}` (applied to `data.train` and `data.eval`). One column per field, renamed as it is
+    (join columns in the file first). Refused before the model loads: a field the method's rows do not read, and a
+    column that no row of a file has (docs/data.md)."""
+    ignore_columns: list[str] = []
+    """Columns of the file to leave out, e.g. `[source, category]`: SFT and preference rows refuse columns they do
+    not read, and prompts rows pass every column to the reward functions. A name no row of a file has is refused."""
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
     prompt then ends with an empty think block and answers follow it). Written into the template
     (`data.render.set_template_variables`), so training rows, sampled prompts, evaluation and the tokenizer saved
     with the model all render with them. Refused before the model loads for a tokenizer without a chat template
     and for a name the template never mentions."""
+
+
+# The fields each kind of file reads (data/schema.py's row shapes and their optional keys); prompts files keep
+# every other column too, for the reward functions, so any name may be a rename's target there.
+DATA_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "prompt", "completion", "text", "id", "answer", "metadata"),
+    "preference": ("prompt", "chosen", "rejected", "rejected_kind", "margin", "id", "answer", "metadata"),
+    "prompts": ("prompt", "id", "answer"),
+}
+
+
+
+def column_problems(rename: Mapping[str, str], ignore: Iterable[str], kind: str | None,
+                    source: tuple[str, str] = ("data.columns", "data.ignore_columns")) -> list[str]:  # fmt: skip
+    """What is wrong with the settings themselves (checked with the config, before any file is read).
+    `kind`: the kind of file the run reads (None: not known, the field names are not checked).
+
+    >>> column_problems({"prompt": "q", "completion": "q"}, [], "sft")
+    ["data.columns: prompt and completion both read column 'q': a column can be read as one field"]
+    >>> column_problems({"response": "output"}, ["output"], "sft")
+    ["data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, text, id, answer, metadata)", "column 'output' is both renamed (data.columns) and left out (data.ignore_columns)"]
+    """
+    out: list[str] = []
+    by_column: dict[str, list[str]] = {}
+    for ours, theirs in rename.items():
+        by_column.setdefault(theirs, []).append(ours)
+    out += [f"{source[0]}: {' and '.join(fs)} both read column {c!r}: a column can be read as one field"
+            for c, fs in by_column.items() if len(fs) > 1]  # fmt: skip
+    if kind is not None and kind != "prompts":
+        out += [f"{source[0]}: {ours!r} is not a field of {kind} rows (they read: {', '.join(DATA_FIELDS[kind])})"
+                for ours in rename if ours not in DATA_FIELDS[kind]]  # fmt: skip
+    out += [f"{source[0]}: {ours!r} -> {theirs!r} renames a column to itself" for ours, theirs in rename.items()
+            if ours == theirs]  # fmt: skip
+    out += [f"column {c!r} is both renamed ({source[0]}) and left out ({source[1]})" for c in ignore if c in by_column]
+    return out
 
 
 def vllm_available() -> bool:
@@ -304,6 +348,8 @@ class AlgorithmSection(_Section):
     (PPO's `optim.head_lr`, the value head's learning rate, only while `vf_coef` trains that head)."""
     model_dropout: ClassVar[bool] = False
     """Whether `model.dropout: auto` keeps the model's own dropout for this method (SFT) or turns it off."""
+    data_kind: ClassVar[str] = "sft"
+    """The kind of file `data.train` is (`DATA_FIELDS`): sft, preference or prompts."""
 
     def check(self, run: RunBase) -> None:
         """Raise ValueError (its message names the fields and what to change) for what this method cannot run
@@ -337,6 +383,8 @@ SEVERAL_STEPS_OR_DROPOUT = (SEVERAL_STEPS | DROPOUT_KEPT).because(SEVERAL_STEPS.
 
 class RLSection(AlgorithmSection):
     """The settings every reinforcement-learning method shares: what scores the samples and how they are drawn."""
+
+    data_kind: ClassVar[str] = "prompts"
 
     rewards: list[str | dict] = []
     """Reward functions: built-in names, `file.py:function`, or {name, weight, args} (docs/rewards.md)."""
@@ -613,6 +661,8 @@ class RunBase(_Section):
             raise ValueError(
                 f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response"
             )
+        if columns := column_problems(self.data.columns, self.data.ignore_columns, type(self.algorithm).data_kind):
+            raise ValueError("\n".join(columns))
         if self.model.compile:
             self._check_compile()
         self.algorithm.check(self)

@@ -138,6 +138,8 @@ APPLIES: dict[str, When] = {
         "Only SFT, DPO, GRPO and RLOO run several sequences that begin alike."
     ),
     "data.shuffle": ALWAYS,
+    "data.columns": ALWAYS,
+    "data.ignore_columns": ALWAYS,
     "data.chat_template_kwargs": ALWAYS,  # every method renders its rows with the template
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,

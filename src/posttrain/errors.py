@@ -78,11 +78,15 @@ class Problem:
 class DataError(UserError):
     """Problems found in a data file; the message lists up to `max_shown` of them, one per line."""
 
-    def __init__(self, problems: list[Problem], *, header: str | None = None, max_shown: int = 20):
+    def __init__(self, problems: list[Problem], *, header: str | None = None, max_shown: int = 20,
+                 footer: str | None = None):  # fmt: skip
         self.problems = list(problems)
+        self.footer = footer
         lines = [str(p) for p in self.problems[:max_shown]]
         if len(self.problems) > max_shown:
             lines.append(f"... and {len(self.problems) - max_shown} more problems")
         if header:
             lines.insert(0, header)
+        if footer:
+            lines.append(footer)
         super().__init__("\n".join(lines))

@@ -203,3 +203,34 @@ def test_a_run_refused_before_the_model_loads_leaves_no_folder_and_the_fixed_rer
     assert not run_dir.exists() and "Traceback" not in err
     code, out, err = run(capsys, *base)
     assert code == 0, err
+
+
+def test_a_file_in_its_own_column_names_trains_as_the_same_rows(capsys, tiny_model_dir, sft_file, tmp_path):
+    """data.columns / data.ignore_columns on a run, --column / --ignore-column on `data validate`: the same loss
+    as the file in posttrain's names, step for step; the refusal says the options that read the file."""
+    from tests.integration.conftest import SFT_ROWS
+
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("".join(json.dumps({"question": r["prompt"], "answer": r["completion"], "source": "s"}) + "\n"
+                              for r in SFT_ROWS), encoding="utf-8")  # fmt: skip
+    code, out, err = run(capsys, "data", "validate", str(theirs), "--json")
+    assert code == 2 and "--column prompt=question --column completion=answer --ignore-column source" in err
+    assert json.loads(out)["hint"].startswith("Rename the file's columns")
+    code, out, err = run(capsys, "data", "validate", str(theirs), "--column", "prompt=question", "--column",
+                         "completion=answer", "--ignore-column", "source")  # fmt: skip
+    assert code == 0 and out == f"{theirs}: 16 sft rows OK (prompt/completion: 16)\n"
+    code, out, err = run(capsys, "data", "validate", str(theirs), "--column", "response=answer")
+    assert code == 2 and "--column: 'response' is not a field of sft rows" in err
+
+    def train(data, out_dir, *extra):
+        code, out, err = run(capsys, "train", "model.name=" + str(tiny_model_dir), f"data.train={data}",
+                             "data.max_length=64", f"run.output_dir={out_dir}", "run.max_steps=2",
+                             "run.progress=false", "optim.batch_size=4", *extra, "--json")  # fmt: skip
+        assert code == 0, err
+        lines = open(json.loads(out)["metrics_file"], encoding="utf-8").read().splitlines()
+        return [(r["step"], r["loss"], r["tokens"]) for r in map(json.loads, lines) if "loss" in r]
+
+    ours = train(sft_file, tmp_path / "ours")
+    mapped = train(theirs, tmp_path / "theirs", "data.columns={prompt: question, completion: answer}",
+                   "data.ignore_columns=[source]")  # fmt: skip
+    assert mapped == ours and len(ours) == 2

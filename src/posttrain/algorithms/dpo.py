@@ -51,6 +51,7 @@ class Config(AlgorithmSection):
 
     name: Literal["dpo"] = "dpo"
     """Direct preference optimisation and its relatives (IPO, hinge, SimPO)."""
+    data_kind: ClassVar[str] = "preference"
     beta: float = Field(0.1, gt=0)
     """Strength of the KL anchor to the reference: implicit reward = beta * (log pi - log pi_ref)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"

@@ -33,6 +33,7 @@ class Config(AlgorithmSection):
 
     name: Literal["reward"] = "reward"
     """A reward model: a scalar head on the language model, trained on (prompt, chosen, rejected) pairs."""
+    data_kind: ClassVar[str] = "preference"
     margin: bool = False
     """Use the pairs' `margin` column in the Bradley-Terry loss (Llama 2): the chosen score must beat the rejected
     one by at least the margin."""

@@ -20,6 +20,7 @@ import torch
 from posttrain.algorithms.base import Algorithm, Batch
 from posttrain.config import AlgorithmSection
 from posttrain.data import collate, collate_packed, load_rows, pack, render_dataset
+from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import selected_token_logps
@@ -61,7 +62,7 @@ def prepare(cfg, tokenizer) -> PreparedData:
     notes: list[str] = []
 
     def render(path: str):
-        rows = load_rows(path, "sft")
+        rows = load_rows(path, "sft", run_columns(cfg))
         # render_dataset warns once with the count of truncated rows; show it as a run note (one clean line)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

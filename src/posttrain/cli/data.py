@@ -10,9 +10,11 @@ from pathlib import Path
 
 from posttrain.cli.output import (
     Output,
+    add_columns,
     add_json,
     add_template_vars,
     check_output_file,
+    columns_given,
     positive,
     positive_int,
     quiet_libraries,
@@ -69,6 +71,7 @@ def _add_validate(dsub) -> None:
                          "(prompt, chosen, rejected: dpo, reward) or prompts (prompt, and what the rewards read: RL)")
     va.add_argument("--model", help="also check lengths with this model's tokenizer (needs --max-length)")
     va.add_argument("--max-length", type=int, help="tokens; a row whose prompt alone reaches it is an error")
+    add_columns(va)
     add_json(va)
     va.set_defaults(func=validate)
 
@@ -100,6 +103,7 @@ def _add_pairs(dsub) -> None:
     pa.add_argument("--batch-size", type=positive_int, default=16, help="sequences per generate call (default: 16)")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--out", required=True, help="output .jsonl; re-running skips prompt ids already in it")
+    add_columns(pa)
     add_template_vars(pa)
     add_json(pa)
     pa.set_defaults(func=pairs)
@@ -160,12 +164,13 @@ def task_or_file_rows(args, path, flag: str) -> list[dict]:
     difficulty options; those options with a file are refused (they shape only the rows a task makes)."""
     from posttrain.data import TASKS, load_rows
 
+    columns = columns_given(args, "prompts", path, flag)
     if path is None:
         return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
     given = [opt for f, opt in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
     if given:
         raise UserError(f"{', '.join(given)} shape the rows made by --task; with {flag} the rows come from {path}")
-    rows = load_rows(path, "prompts")[: args.n]
+    rows = load_rows(path, "prompts", columns)[: args.n]
     check_task_answers(args, rows, path)
     return rows
 
@@ -192,8 +197,9 @@ def validate(args) -> Output:
         raise UserError(
             "--max-length checks sft and preference files; prompts files are checked when sampling"
         )
+    columns = columns_given(args, args.kind, args.file)
     try:
-        shapes = row_shapes(args.file, args.kind)
+        shapes = row_shapes(args.file, args.kind, columns)
         notes = _check_lengths(args) if args.model is not None else []
     except DataError as err:
         return _problems(args, err)
@@ -210,6 +216,8 @@ def _problems(args, err: DataError) -> Output:
     """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
     for p in err.problems:
         print(p, file=sys.stderr)
+    if err.footer:  # how to read a file in another tool's columns (`schema._columns_hint`)
+        print(err.footer, file=sys.stderr)
     message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
     fields = {p.field for p in err.problems}
     if args.kind != "preference" and {"chosen", "rejected"} <= fields:  # pairs checked as another kind
@@ -220,7 +228,7 @@ def _problems(args, err: DataError) -> Output:
     problems = [
         {"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems
     ]
-    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems}, code=EXIT_USER,
+    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems, "hint": err.footer}, code=EXIT_USER,
                   error={"kind": "user", "message": message})  # fmt: skip
 
 
@@ -237,7 +245,7 @@ def _check_lengths(args) -> list[str]:
         raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     quiet_libraries()
     tokenizer = load_tokenizer(ModelConfig(name=args.model))
-    rows = load_rows(args.file, args.kind)
+    rows = load_rows(args.file, args.kind, columns_given(args, args.kind, args.file))
     render = render_preference_dataset if args.kind == "preference" else render_dataset
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -257,7 +265,7 @@ def pairs(args) -> Output:
 
     _check_pairs_args(args)
     check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})
-    rows = load_rows(args.prompts, "prompts")[: args.limit]
+    rows = load_rows(args.prompts, "prompts", columns_given(args, "prompts", args.prompts))[: args.limit]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
     check_task_answers(args, rows, args.prompts)
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)

@@ -10,9 +10,11 @@ from pathlib import Path
 from posttrain.cli.data import task_or_file_rows
 from posttrain.cli.output import (
     Output,
+    add_columns,
     add_json,
     add_template_vars,
     check_output_file,
+    columns_given,
     positive,
     positive_int,
     quiet_libraries,
@@ -81,6 +83,7 @@ def add_parser(sub) -> None:
         "scores, the reference answer (docs/cli-json.md)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_columns(e)
     add_template_vars(e)
     add_json(e)
     e.set_defaults(func=run, loads_models=True)
@@ -237,7 +240,7 @@ def evaluate_pairs(args) -> Output:
 
     if args.judge is not None:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
-    rows = load_rows(args.pairs, "preference")[: args.n]
+    rows = load_rows(args.pairs, "preference", columns_given(args, "preference", args.pairs, "--pairs"))[: args.n]
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from posttrain.cli.output import (
     Output,
+    add_columns,
     add_json,
     add_template_vars,
+    columns_given,
     positive_int,
     settings,
     temperature,
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=top_p, default=1.0, help="sampling only: the nucleus mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
+    add_columns(g)
     add_template_vars(g)
     add_json(g)
     g.set_defaults(func=run, loads_models=True)
@@ -44,8 +47,9 @@ def run(args) -> Output:
     if any(not p.strip() for p in args.prompt or []):
         raise UserError("--prompt is empty; give the text of a user message")
     items = [{"prompt": p} for p in args.prompt or []]
+    columns = columns_given(args, "prompts", args.prompts_file, "--prompts-file")
     if args.prompts_file:
-        rows = load_rows(args.prompts_file, "prompts")
+        rows = load_rows(args.prompts_file, "prompts", columns)
         items += [{**({"id": r["id"]} if "id" in r else {}), "prompt": r["prompt"]} for r in rows]
     if not items:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")

@@ -181,6 +181,58 @@ def add_template_vars(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def column_rename(text: str) -> tuple[str, str]:
+    """argparse type: ``FIELD=COLUMN``, a file's column read as one of posttrain's fields.
+
+    >>> column_rename("prompt=question")
+    ('prompt', 'question')
+    >>> column_rename("prompt")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got 'prompt'
+    """
+    field, eq, column = (part.strip() for part in text.partition("="))
+    if not eq or not field or not column:
+        raise argparse.ArgumentTypeError(
+            f"must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got {text!r}"
+        )
+    return field, column
+
+
+def add_columns(parser: argparse.ArgumentParser) -> None:
+    """`--column FIELD=COLUMN` and `--ignore-column COLUMN`, repeatable: what `data.columns` and
+    `data.ignore_columns` are for a run (`columns_given` reads them)."""
+    parser.add_argument(
+        "--column", action="append", type=column_rename, default=[], metavar="FIELD=COLUMN",
+        help="read the file's COLUMN as posttrain's FIELD (repeatable), as data.columns does in training: "
+             "e.g. --column prompt=question",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ignore-column", action="append", default=[], metavar="COLUMN",
+        help="leave the file's COLUMN out (repeatable), as data.ignore_columns does in training",
+    )  # fmt: skip
+
+
+def columns_given(args, kind: str, path: str | None = None, flag: str = "--data"):
+    """The `--column`/`--ignore-column` options as a `data.columns.Columns` for the file `path` (given as `flag`)
+    of `kind`, refused (with what is wrong) where they cannot apply: no file, a field `kind` rows do not read, one
+    column read twice."""
+    from posttrain.config import column_problems
+    from posttrain.data.columns import Columns
+    from posttrain.errors import UserError
+
+    rename, ignore = dict(getattr(args, "column", None) or []), tuple(getattr(args, "ignore_column", None) or [])
+    if (rename or ignore) and path is None:
+        given = "--column" if rename else "--ignore-column"
+        raise UserError(f"{given} names a data file's columns, and no file is read: give one with {flag} FILE")
+    if len(rename) < len(getattr(args, "column", None) or []):
+        fields = [f for f, _ in args.column]
+        twice = sorted({f for f in fields if fields.count(f) > 1})
+        raise UserError(f"--column gives {', '.join(twice)} more than once: a field is read from one column")
+    if problems := column_problems(rename, ignore, kind, source=("--column", "--ignore-column")):
+        raise UserError("; ".join(problems))
+    return Columns(rename, ignore, cli=True)
+
+
 def port(text: str) -> int:
     """argparse type: a TCP port, 0 (a free one) to 65535.
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.data.collate import GROUP_KEY, collate
+from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import Rendered, lines_text, render_all, render_sft
 from posttrain.data.schema import load_rows, normalise_row
@@ -213,7 +214,7 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
     notes: list[str] = []
 
     def render(path: str) -> list[RenderedPair]:
-        rows = load_rows(path, "preference")
+        rows = load_rows(path, "preference", run_columns(cfg))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import render_prompt
 from posttrain.data.schema import load_rows
@@ -33,7 +34,7 @@ def read_prompt_rows(cfg) -> list:
     """The rows of `data.train` as prompts (`load_rows(..., "prompts")`), refusing a run without one."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)")
-    return load_rows(cfg.data.train, "prompts")
+    return load_rows(cfg.data.train, "prompts", run_columns(cfg))
 
 
 def render_prompts(cfg, tokenizer, rows) -> PreparedData:

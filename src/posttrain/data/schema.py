@@ -29,6 +29,8 @@ from pathlib import Path
 
 from jsonschema import Draft202012Validator
 
+from posttrain.config import DATA_FIELDS
+from posttrain.data.columns import Columns, guess_columns
 from posttrain.data.readers import _json_type, read_records_lenient
 from posttrain.errors import DataError, Problem
 
@@ -94,18 +96,19 @@ _SHAPE_KEYS = {
 }
 
 
-def load_rows(path: str | Path, kind: str) -> list[dict]:
+def load_rows(path: str | Path, kind: str, columns: Columns | None = None) -> list[dict]:
     """Read and check every row of `path` as `kind` ("sft", "preference", "prompts"); return normalised rows.
+    `columns`: the file's own column names (`data.columns`, `data.ignore_columns`; see `data.columns`).
 
     All problems in the file are collected and raised together as one `DataError`.
     """
-    rows, _ = _load(path, kind)
+    rows, _ = _load(path, kind, columns)
     return rows
 
 
-def validate_file(path: str | Path, kind: str) -> str:
+def validate_file(path: str | Path, kind: str, columns: Columns | None = None) -> str:
     """A one-line summary when every row is usable, e.g. ``data.jsonl: 200 sft rows OK (messages: 200)``."""
-    return shapes_summary(path, kind, row_shapes(path, kind))
+    return shapes_summary(path, kind, row_shapes(path, kind, columns))
 
 
 def shapes_summary(path: str | Path, kind: str, shapes: dict[str, int]) -> str:
@@ -117,10 +120,10 @@ def shapes_summary(path: str | Path, kind: str, shapes: dict[str, int]) -> str:
     return f"{path}: {sum(shapes.values())} {kind} rows OK ({detail})"
 
 
-def row_shapes(path: str | Path, kind: str) -> dict[str, int]:
+def row_shapes(path: str | Path, kind: str, columns: Columns | None = None) -> dict[str, int]:
     """How many rows of each shape (e.g. ``messages``, ``prompt/completion``) `path` holds, most common first,
     when every row is usable; else the `DataError` listing every problem."""
-    _, shapes = _load(path, kind)
+    _, shapes = _load(path, kind, columns)
     return dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
@@ -138,22 +141,28 @@ def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
     return messages
 
 
-def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:
+def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[list[dict], Counter]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     name = str(path)
+    columns = columns or Columns()
     records, problems = read_records_lenient(path)
     n_unreadable = len(problems)
     rows: list[dict] = []
     shapes: Counter = Counter()
     n_bad = n_unreadable
+    seen: set[str] = set()
     for rec in records:
         found: list[Problem] = []
 
         def report(field, msg, line=rec.line, found=found):
-            found.append(Problem(name, line, field, msg))
+            found.append(Problem(name, line, columns.file_field(field), msg))
 
-        shape, row = check_row(rec.data, kind, report)
+        seen.update(rec.data)
+        data, clashes = columns.apply(rec.data) if columns else (rec.data, [])
+        for field, msg in clashes:
+            found.append(Problem(name, rec.line, field, msg))
+        shape, row = check_row(data, kind, report) if not clashes else (None, None)
         if found:
             problems.extend(found)
             n_bad += 1
@@ -162,11 +171,52 @@ def _load(path: str | Path, kind: str) -> tuple[list[dict], Counter]:
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
+    if records:
+        problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen))
     if problems:
         total = len(records) + n_unreadable
-        header = f"{name}: {len(problems)} problem(s) in {n_bad} of {total} rows; no {kind} data loaded"
-        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header if total else None)
+        where = f" in {n_bad} of {total} rows" if n_bad else ""
+        header = f"{name}: {len(problems)} problem(s){where}; no {kind} data loaded"
+        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header if total else None,
+                        footer=_columns_hint(problems, kind, columns, seen))  # fmt: skip
     return rows, shapes
+
+
+def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: set[str]) -> str | None:
+    """How to read a file whose columns are not posttrain's, said once under the problems where a row had unknown
+    columns or none of the fields of `kind`: the renames its column names suggest (`guess_columns`), else an
+    example, and the columns left over.
+
+    >>> print(_columns_hint([Problem("f", 1, None, "no sft fields: ...")], "sft", Columns(),
+    ...                     {"instruction", "output", "source"}))
+    Rename the file's columns to the fields posttrain reads and leave the others out: data.columns: {prompt: instruction, completion: output} and data.ignore_columns: [source] in the run's config, or --column prompt=instruction --column completion=output --ignore-column source on the command line; see docs/data.md.
+    >>> print(_columns_hint([Problem("f", 1, "notes", "unknown field (allowed here: ...)")], "sft", Columns(),
+    ...                     {"messages", "notes"}))
+    Leave out the columns posttrain does not read: data.ignore_columns: [notes] in the run's config, or --ignore-column notes on the command line (or rename one to a field with data.columns); see docs/data.md.
+    """
+    unknown = {p.field for p in problems if p.field and p.message.startswith("unknown field")
+               and "[" not in p.field and "." not in p.field}  # fmt: skip
+    if not unknown and not any(p.message.startswith(f"no {kind} fields") for p in problems):
+        return None
+    guess = guess_columns(kind, seen - set(columns.rename.values())) if not columns.rename else {}
+    left = unknown | (seen - set(guess.values()) if guess and kind != "prompts" else set())  # prompts keep them all
+    left = sorted(left - set(DATA_FIELDS[kind]))[:8]
+    parts, flags = [], []
+    if guess:
+        parts.append(f"{columns.source[0]}: {{{', '.join(f'{k}: {v}' for k, v in guess.items())}}}")
+        flags += [f"--column {k}={v}" for k, v in guess.items()]
+    if left:
+        parts.append(f"{columns.source[1]}: [{', '.join(left)}]")
+        flags += [f"--ignore-column {c}" for c in left]
+    if not guess and not unknown:  # nothing to go on: an example
+        return (f"Rename the file's columns to the fields posttrain reads with {columns.source[0]}: {{FIELD: "
+                f"COLUMN}} (e.g. {{prompt: question, completion: answer}}; --column prompt=question on the command "
+                "line); see docs/data.md.")  # fmt: skip
+    head = ("Rename the file's columns to the fields posttrain reads" + (" and leave the others out" if left else "")
+            if guess else "Leave out the columns posttrain does not read")  # fmt: skip
+    tail = "" if guess else f" (or rename one to a field with {columns.source[0]})"
+    return (f"{head}: {' and '.join(parts)} in the run's config, or {' '.join(flags)} on the command line{tail}; "
+            "see docs/data.md.")
 
 
 def normalise_row(data: dict, kind: str = "sft", *, source: str = "data", line: int | None = None) -> Row:

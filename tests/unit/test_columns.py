@@ -1,0 +1,157 @@
+"""`data.columns` / `data.ignore_columns` (and `--column` / `--ignore-column`): a file in another tool's column
+names reads as the same rows as one in posttrain's; every problem names the file's own column; nothing is read or
+left out silently."""
+
+import json
+
+import pytest
+
+from posttrain.data import load_rows, row_shapes
+from posttrain.data.columns import Columns, guess_columns
+from posttrain.errors import DataError
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return f
+
+
+def refused(path, kind, columns):
+    with pytest.raises(DataError) as info:
+        load_rows(path, kind, columns)
+    return info.value
+
+
+OURS = [{"prompt": "2+2?", "completion": "4", "id": 1}, {"prompt": [{"role": "user", "content": "3+3?"}], "completion": "6", "id": 2}]  # fmt: skip
+THEIRS = [{"question": r["prompt"], "response": r["completion"], "uid": r["id"], "source": "x"} for r in OURS]
+RENAME = {"prompt": "question", "completion": "response", "id": "uid"}
+
+
+def test_renamed_and_ignored_columns_give_the_rows_of_a_file_in_posttrains_names(tmp_path):
+    ours, theirs = write(tmp_path, OURS, "ours.jsonl"), write(tmp_path, THEIRS, "theirs.jsonl")
+    got = load_rows(theirs, "sft", Columns(RENAME, ("source",)))
+    assert got == load_rows(ours, "sft")
+    assert [r.line for r in got] == [1, 2]
+    assert row_shapes(theirs, "sft", Columns(RENAME, ("source",))) == {"prompt/completion": 2}
+    pairs = [{"q": "hi", "good": "hello", "bad": "go away", "score": 3}]
+    assert load_rows(write(tmp_path, pairs, "p.jsonl"), "preference",
+                     Columns({"prompt": "q", "chosen": "good", "rejected": "bad"}, ("score",))) == [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]}]  # fmt: skip
+
+
+def test_prompts_rows_keep_their_other_columns_and_a_rename_can_name_what_a_reward_reads(tmp_path):
+    f = write(tmp_path, [{"problem": "2+2?", "solution": "4", "level": 1}])
+    (row,) = load_rows(f, "prompts", Columns({"prompt": "problem", "answer": "solution"}))
+    assert row == {"level": 1, "prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    (row,) = load_rows(f, "prompts", Columns({"prompt": "problem"}, ("level",)))
+    assert row == {"solution": "4", "prompt": [{"role": "user", "content": "2+2?"}]}
+
+
+def test_problems_name_the_files_own_columns(tmp_path):
+    f = write(tmp_path, [
+        {"question": 3, "response": "4"},
+        {"question": [{"role": "user", "content": 5}], "response": "6"},
+        {"response": "8"},
+        {"question": "ok", "response": "9", "notes": "n"},
+    ])  # fmt: skip
+    err = refused(f, "sft", Columns({"prompt": "question", "completion": "response"}))
+    assert [str(p) for p in err.problems] == [
+        f"{f}:1: question: must be a string or a list of messages, got integer",
+        f"{f}:2: question[0].content: must be a string, got integer",
+        f"{f}:3: question: missing required field",
+        f"{f}:4: notes: unknown field (allowed here: prompt, completion, id, answer, metadata)",
+    ]
+    assert str(err).splitlines()[0] == f"{f}: 4 problem(s) in 4 of 4 rows; no sft data loaded"
+    # the way out of the unknown column is said once, under the problems, copy-pasteable
+    assert err.footer == ("Leave out the columns posttrain does not read: data.ignore_columns: [notes] in the run's "
+                          "config, or --ignore-column notes on the command line (or rename one to a field with "
+                          "data.columns); see docs/data.md.")  # fmt: skip
+
+
+def test_a_row_with_both_the_renamed_column_and_the_field_itself_is_refused(tmp_path):
+    f = write(tmp_path, [{"question": "a", "prompt": "b", "completion": "c"}, {"question": "d", "completion": "e"}])
+    err = refused(f, "sft", Columns({"prompt": "question"}))
+    assert [str(p) for p in err.problems] == [
+        f"{f}:1: prompt: this row has both prompt and question, which data.columns reads as prompt: leave one out "
+        "(data.ignore_columns: [prompt])"]  # fmt: skip
+    assert "1 problem(s) in 1 of 2 rows" in str(err)
+    err = refused(f, "sft", Columns({"prompt": "question"}, cli=True))
+    assert err.problems[0].message.endswith("which --column reads as prompt: leave one out (--ignore-column prompt)")
+    # swapping two columns is one rename each, applied together: no clash
+    swapped = load_rows(write(tmp_path, [{"prompt": "A", "completion": "Q"}], "s.jsonl"), "sft",
+                        Columns({"prompt": "completion", "completion": "prompt"}))  # fmt: skip
+    assert swapped[0]["messages"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def test_a_column_no_row_has_is_refused_even_when_every_row_is_good(tmp_path):
+    f = write(tmp_path, THEIRS)
+    err = refused(f, "sft", Columns({**RENAME, "answer": "gold"}, ("source", "sorce")))
+    assert [str(p) for p in err.problems] == [
+        f"{f}: data.columns reads answer from column 'gold', which no row has",
+        f"{f}: data.ignore_columns names column 'sorce', which no row has (its columns: question, response, source, "
+        "uid)"]  # fmt: skip
+    assert str(err).splitlines()[0] == f"{f}: 2 problem(s); no sft data loaded"
+
+
+def test_the_error_for_a_file_in_another_tools_names_ends_with_the_settings_that_read_it(tmp_path):
+    f = write(tmp_path, [{"instruction": "say hi", "output": "hi", "source": "alpaca"}])
+    err = refused(f, "sft", None)
+    assert err.footer == (
+        "Rename the file's columns to the fields posttrain reads and leave the others out: data.columns: "
+        "{prompt: instruction, completion: output} and data.ignore_columns: [source] in the run's config, or "
+        "--column prompt=instruction --column completion=output --ignore-column source on the command line; see "
+        "docs/data.md.")  # fmt: skip
+    assert str(err).endswith(err.footer)
+    # following it reads the file
+    assert load_rows(f, "sft", Columns({"prompt": "instruction", "completion": "output"}, ("source",)))
+    # names that suggest nothing: an example; a problem of another kind: no hint at all
+    err = refused(write(tmp_path, [{"a": "x", "b": "y"}], "ab.jsonl"), "sft", None)
+    assert err.footer.startswith("Rename the file's columns to the fields posttrain reads with data.columns: "
+                                 "{FIELD: COLUMN}")  # fmt: skip
+    assert refused(write(tmp_path, [{"prompt": "x", "completion": ""}], "e.jsonl"), "sft", None).footer is None
+
+
+def test_guess_columns_needs_every_field_of_a_shape():
+    assert guess_columns("preference", {"query", "response_chosen", "response_rejected"}) == {
+        "prompt": "query", "chosen": "response_chosen", "rejected": "response_rejected"}  # fmt: skip
+    assert guess_columns("preference", {"query", "response_chosen"}) == {}
+    assert guess_columns("prompts", {"prompt", "gold"}) == {"answer": "gold"}
+    assert guess_columns("sft", {"prompt", "output"}) == {"completion": "output"}
+    assert guess_columns("sft", {"input", "instruction", "output"}) == {"prompt": "instruction", "completion": "output"}
+
+
+def test_run_config_refuses_settings_that_cannot_apply_before_anything_is_read():
+    from posttrain.algorithms import load_config
+    from posttrain.errors import ConfigError
+
+    def message(*overrides):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, list(overrides))
+        return str(info.value)
+
+    assert "data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, text, id, " \
+           "answer, metadata)" in message("data.columns={prompt: q, response: a}")  # fmt: skip
+    assert "'completion' is not a field of preference rows" in message(
+        "algorithm.name=dpo", "data.columns={completion: a}")  # fmt: skip
+    assert "data.columns: prompt and completion both read column 'q'" in message("data.columns={prompt: q, completion: q}")
+    assert "column 'q' is both renamed (data.columns) and left out (data.ignore_columns)" in message(
+        "data.columns={prompt: q}", "data.ignore_columns=[q]")  # fmt: skip
+    assert "renames a column to itself" in message("data.columns={prompt: prompt}")
+    # prompts rows pass every column to the rewards: any field name is a rename's target there
+    cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[numeric_answer]", "data.columns={gold: answer_text}"])
+    assert cfg.data.columns == {"gold": "answer_text"}
+
+
+def test_a_resume_that_changes_the_columns_is_refused():
+    from posttrain.algorithms import load_config
+    from posttrain.train import _config_changes
+
+    before = load_config(None, ["data.columns={prompt: question}"])
+    after = load_config(None, ["data.columns={prompt: question, completion: answer}"])
+    assert _config_changes(before.model_dump(mode="json"), after) == [
+        "data.columns: {prompt: question} -> {prompt: question, completion: answer}"]  # fmt: skip
+    dropped = load_config(None, [])
+    assert _config_changes(dropped.model_dump(mode="json"), load_config(None, ["data.ignore_columns=[source]"])) == [
+        "data.ignore_columns: [] -> [source]"]  # fmt: skip
