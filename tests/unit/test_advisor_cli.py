@@ -262,3 +262,31 @@ def test_a_gpu_in_the_profile_file_and_one_in_the_flags_is_not_a_contradiction(p
     both.write_text("demonstrations: 100\ngpu: H100-80GB\ngpu_memory_gb: 24\n")
     rc, _, err = run_cli(["--profile", str(both)], capsys)
     assert rc == 2 and f"{both}: gpu (H100-80GB) and gpu_memory_gb (24) both name the GPU" in err
+
+
+def test_advise_reads_a_file_in_its_own_column_names_and_its_configs_carry_them(tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}", "source": "s"}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    rc, _, err = run_cli(["--data", str(data), "--model", "135m"], capsys)
+    assert rc == 2 and "read them with --column prompt=question --column completion=answer (docs/data.md)" in err
+    target = tmp_path / "run.yaml"
+    rc, out, err = run_cli(["--data", str(data), "--model", "135m", "--column", "prompt=question", "--column",
+                            "completion=answer", "--ignore-column", "source", "--write-config", str(target)],
+                           capsys)  # fmt: skip
+    assert rc == 0, err
+    cfg = yaml.safe_load(target.read_text())
+    assert cfg["data"]["columns"] == {"prompt": "question", "completion": "answer"}
+    assert cfg["data"]["ignore_columns"] == ["source"]
+    # the written config loads and reads the file: every row becomes a training row
+    from posttrain.data import load_rows
+    from posttrain.data.columns import run_columns
+
+    assert len(load_rows(data, "sft", run_columns(load_config(target)))) == 40
+    # a rename into a field the detected kind does not read, and --column without --data, are refused
+    rc, _, err = run_cli(["--data", str(data), "--model", "135m", "--column", "prompt=question", "--column",
+                          "completion=answer", "--column", "chosen=source"], capsys)  # fmt: skip
+    assert rc == 2
+    assert f"{data} holds preference rows: --column: 'completion' is not a field of preference rows" in err
+    rc, _, err = run_cli(["--model", "135m", "--column", "prompt=question"], capsys)
+    assert rc == 2 and "no file is read: give one with --data FILE" in err

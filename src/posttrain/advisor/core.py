@@ -24,6 +24,7 @@ from posttrain.advisor import configs
 from posttrain.advisor.datafile import DataSummary, summarise
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
 from posttrain.advisor.rules import RuleTable, load_rules, matches
+from posttrain.data.columns import Columns
 from posttrain.errors import UserError
 from posttrain.estimator import EstimateInputs, estimate_for
 from posttrain.estimator.hardware import USABLE_FRACTION, custom_gpu, find_gpu
@@ -380,6 +381,12 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
         d["pipeline"], rewards=_rewards(d), model_name=name, technique=d["technique"],
         seq_len=int(f["seq_len"]), micro_batches=f["micro_batches"], data_files=files, group_size=GROUP_SIZE,
     )  # fmt: skip
+    for stage, data in zip(out, files):  # the file's own column names travel with it
+        if summary and data == summary.file:
+            if summary.columns:
+                stage["config"]["data"]["columns"] = dict(summary.columns)
+            if summary.ignore_columns:
+                stage["config"]["data"]["ignore_columns"] = list(summary.ignore_columns)
     return out, notes
 
 
@@ -412,12 +419,14 @@ def _as_profile(profile) -> Profile:
 
 
 def advise(
-    profile: Profile | dict | str | Path, *, data: str | Path | None = None, what_if: bool = True
+    profile: Profile | dict | str | Path, *, data: str | Path | None = None, what_if: bool = True,
+    columns: Columns | None = None,
 ) -> Advice:
     """Recommend a pipeline and technique for `profile`, with reasons, risks, cost and configs.
 
     `data` (any file `posttrain data validate` reads: JSONL, JSON, CSV, Parquet, a `datasets` folder) fills the
-    data counts and lengths from the file itself. `what_if` re-runs
+    data counts and lengths from the file itself; `columns`, its own column names (`--column`), go into the configs
+    of the stages that train on it as `data.columns` / `data.ignore_columns`. `what_if` re-runs
     the decision on the profile changes listed under `flips` in rules.yaml and reports those that change it.
 
     >>> a = advise({"task": "answer as JSON", "demonstrations": 3000, "model": "7b", "gpu_memory_gb": 24})
@@ -426,7 +435,7 @@ def advise(
     """
     p = _as_profile(profile)
     notes: list[str] = []
-    summary = summarise(data) if data is not None else None
+    summary = summarise(data, columns) if data is not None else None
     if summary is not None:
         p = _with_data(p, summary, notes)
     d = _decide(p)

@@ -13,9 +13,11 @@ BPE tokenizers), which the advisor uses for sequence length and token counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from posttrain.config import column_problems
+from posttrain.data.columns import Columns, guess_columns
 from posttrain.data.readers import Record, read_records
 from posttrain.data.schema import load_rows
 from posttrain.errors import UserError
@@ -33,6 +35,8 @@ class DataSummary:
     max_chars: int
     mean_tokens: float  # approximate
     p95_tokens: float  # approximate
+    columns: dict[str, str] = field(default_factory=dict)  # --column: the file's own names (data.columns)
+    ignore_columns: list[str] = field(default_factory=list)  # --ignore-column (data.ignore_columns)
 
 
 def row_shape(row: dict) -> str | None:
@@ -75,10 +79,14 @@ def _kind(records: list[Record], name: str) -> str:
     for rec in records:
         this = row_shape(rec.data)
         if this is None:
+            keys = set(rec.data)
+            guess = next((g for k in SHAPES if (g := guess_columns(k, keys))), {})
+            hint = (f"; in the file's own column names, read them with {' '.join(f'--column {f}={c}' for f, c in guess.items())}"
+                    if guess else "; a file in its own column names reads with --column FIELD=COLUMN")  # fmt: skip
             raise UserError(
                 f"{name}:{rec.line}: cannot tell the row's shape from its keys {sorted(rec.data)}; expected "
                 "messages, prompt + completion, text (SFT), prompt + chosen + rejected (preference) or prompt "
-                "(prompts)"
+                f"(prompts){hint} (docs/data.md)"
             )
         if shape is not None and this != shape:
             raise UserError(f"{name}:{rec.line}: a {this} row in a file whose earlier rows are {shape} rows")
@@ -88,12 +96,16 @@ def _kind(records: list[Record], name: str) -> str:
     return shape
 
 
-def summarise(path: str | Path) -> DataSummary:
+def summarise(path: str | Path, columns: Columns | None = None) -> DataSummary:
     """Read every row of `path` with posttrain's data readers, check it as `posttrain data validate` does for the
-    kind its keys imply, and measure lengths."""
+    kind its keys imply, and measure lengths. `columns`: the file's own column names (`--column`,
+    `--ignore-column`), applied before the kind is told; the stage configs then carry them."""
     name = str(path)
-    kind = _kind(read_records(path), name)
-    lengths = [_row_chars(row, kind) for row in load_rows(path, kind)]
+    columns = columns or Columns()
+    kind = _kind([replace(r, data=columns.apply(r.data)[0]) for r in read_records(path)], name)
+    if problems := column_problems(columns.rename, columns.ignore, kind, source=columns.source):
+        raise UserError(f"{name} holds {kind} rows: " + "; ".join(problems))
+    lengths = [_row_chars(row, kind) for row in load_rows(path, kind, columns)]
     ordered = sorted(lengths)
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     mean = sum(lengths) / len(lengths)
@@ -105,4 +117,6 @@ def summarise(path: str | Path) -> DataSummary:
         max_chars=ordered[-1],
         mean_tokens=mean / CHARS_PER_TOKEN,
         p95_tokens=p95 / CHARS_PER_TOKEN,
+        columns=dict(columns.rename),
+        ignore_columns=list(columns.ignore),
     )

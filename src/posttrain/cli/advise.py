@@ -19,7 +19,7 @@ import yaml
 from posttrain.advisor.core import advise
 from posttrain.advisor.profile import KEYS, Profile, ask, check_profile, coerce, load_profile
 from posttrain.cli.estimate import format_duration
-from posttrain.cli.output import print_failure
+from posttrain.cli.output import add_columns, columns_given, print_failure
 from posttrain.errors import EXIT_OK, UserError
 
 
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="FILE",
         help="a data file (JSONL, JSON, CSV, Parquet, a datasets folder): fills counts and lengths",
     )
+    add_columns(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--write-config", metavar="FILE", help="write the first stage's train config here")
     keys = p.add_argument_group("profile keys (override --profile)")
@@ -158,7 +159,7 @@ def _estimate_line(e: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        advice = advise(_profile(args), data=args.data)
+        advice = advise(_profile(args), data=args.data, columns=columns_given(args, None, args.data))
         written = _write_configs(advice, args.write_config) if args.write_config else []
     except UserError as err:
         return print_failure("advise", args, err)
