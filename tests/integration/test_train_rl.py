@@ -481,7 +481,7 @@ def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path
                                            "run.max_steps": 2})))  # fmt: skip
     assert flat["steps_without_signal"] == 2
     assert ("  no signal:    2 of these 2 steps had none: every completion of every group scored alike "
-            "(skipped_fraction 1.0)") in format_summary(flat)
+            "(uniform_group_fraction 1.0)") in format_summary(flat)
     # a function returning one value for the batch is called per sample: said as such, not as "failed on 0"
     (tmp_path / "one.py").write_text("def one(prompts, completions, **kw):\n    return [1.0]\n")
     capsys.readouterr()
@@ -505,7 +505,14 @@ def test_the_summary_counts_the_steps_whose_groups_all_scored_alike(rl, tmp_path
     assert "warning: reward 'later' failed on 1 of 16 samples of rollout 1" in out  # (naming the batch's error)
     odd = train(rl("odd", **{"algorithm.rewards": f"[{tmp_path / 'flat.py'}:odd]", "run.max_steps": 2}))
     skipped = [h["skipped_fraction"] for h in odd.history if "loss" in h]
-    assert run_summary(odd)["steps_without_signal"] == sum(x >= 1.0 for x in skipped) < 2
+    uniform = [h["uniform_group_fraction"] for h in odd.history if "loss" in h]
+    assert run_summary(odd)["steps_without_signal"] == sum(x >= 1.0 for x in skipped) == sum(x >= 1.0 for x in uniform) < 2
+    # with a KL penalty nothing is skipped (the penalty has a gradient), and the steps still had no reward signal;
+    # so for RLOO, whose penalty is in the rewards
+    for method in ("grpo", "rloo"):
+        kl = run_summary(train(rl(f"flat-kl-{method}", method, **{"algorithm.beta": 0.1, "run.max_steps": 2,
+                                                                  "algorithm.rewards": f"[{tmp_path / 'flat.py'}:flat]"})))  # fmt: skip
+        assert kl["steps_without_signal"] == 2, method
 
 
 def test_what_a_reward_counts_of_its_own_is_said_once_and_logged_per_rollout(rl, tmp_path, capsys):

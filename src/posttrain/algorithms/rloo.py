@@ -39,6 +39,7 @@ from posttrain.algorithms.base import (
     sequence_tensors,
 )
 from posttrain.algorithms.common import LOGP_GAP, masked_mean, masked_sum
+from posttrain.algorithms.grpo import uniform_groups
 from posttrain.algorithms.ppo import ppo_policy_loss
 from posttrain.config import DROPOUT_KEPT, SEVERAL_STEPS, RLSection
 from posttrain.config_rules import When, is_, is_not
@@ -191,6 +192,8 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     if "old_logps" in tensors and (gap := rl.trained_logp_gap(tensors)) is not None:
         extra[LOGP_GAP] = gap
     extra["penalised_reward_mean"] = float(rewards.mean())
+    # groups whose rewards (before any KL penalty) are all equal: no reward signal, as GRPO logs it
+    extra["uniform_group_fraction"] = float(uniform_groups(scored.rewards, a.num_generations).float().mean())
     return tensors, extra
 
 

@@ -69,8 +69,8 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         REWARDS,
         "The mean reward of each rollout, per reward function (unweighted; the band is one standard deviation "
-        "over the rollout's samples) and in total (weighted, after the `rollout.overlong` treatment). GRPO learns "
-        "only from groups whose rewards differ: `uniform_group_fraction` is the share of groups with no signal.",
+        "over the rollout's samples) and in total (weighted, after the `rollout.overlong` treatment). GRPO and RLOO "
+        "learn only from groups whose rewards differ: `uniform_group_fraction` is the share of groups with no signal.",
         (
             Panel("total reward", ("reward/total_mean",), {"reward/total_mean": "reward/total_std"}),
             _p("groups with equal rewards (no signal)", "uniform_group_fraction"),

@@ -52,10 +52,10 @@ def run_summary(result: TrainResult) -> dict:
     key = result.key_metric
     report, tensorboard = run_dir / "report.html", run_dir / "tensorboard"
     n = result.steps_trained
-    # GRPO and RLOO: a step whose completions all have advantage 0 (every group scored alike) is skipped whole
-    # (`skipped_fraction` 1.0, where zero-advantage completions are skipped: docs/rl.md)
-    signal = [h for h in result.history if "loss" in h and "skipped_fraction" in h]
-    idle = sum(h["skipped_fraction"] >= 1.0 for h in signal)
+    # GRPO and RLOO: a step whose every group scored alike (`uniform_group_fraction` 1.0, over every process's
+    # groups) had no reward signal: advantage 0 everywhere, whatever beta and however many processes sampled
+    signal = [h for h in result.history if "loss" in h and "uniform_group_fraction" in h]
+    idle = sum(h["uniform_group_fraction"] >= 1.0 for h in signal)
     return {
         "run_dir": str(run_dir),
         "final_dir": str(result.final_dir),
@@ -120,8 +120,9 @@ def format_summary(s: dict) -> str:
         item("last step", f"loss {s['final_loss']:.4f}" + (f", {key['name']} {key['value']:.4g}" if key else ""))
     if s.get("steps_without_signal"):
         item("no signal", f"{s['steps_without_signal']} of these {n} steps had none: every completion of every group "
-                          "scored alike (skipped_fraction 1.0), so only AdamW's momentum moved the weights; check that "
-                          "the rewards can tell completions apart (docs/rl.md)")
+                          "scored alike (uniform_group_fraction 1.0), so the rewards gave no gradient (only AdamW's "
+                          "momentum and any KL penalty moved the weights); check that the rewards can tell "
+                          "completions apart (docs/rl.md)")
     ev = s["eval"]
     if ev is not None:
         shown = [f"eval_loss {ev['eval_loss']:.4f}"]
