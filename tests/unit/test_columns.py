@@ -155,3 +155,17 @@ def test_a_resume_that_changes_the_columns_is_refused():
     dropped = load_config(None, [])
     assert _config_changes(dropped.model_dump(mode="json"), load_config(None, ["data.ignore_columns=[source]"])) == [
         "data.ignore_columns: [] -> [source]"]  # fmt: skip
+
+
+def test_a_problem_on_every_row_is_listed_on_five_and_counted(tmp_path):
+    from posttrain.errors import problem_lines
+
+    f = write(tmp_path, [{"prompt": "q"}] * 30 + [{"prompt": "q", "completion": ""}])
+    err = refused(f, "sft", None)
+    assert len(err.problems) == 31  # every problem is kept (data validate --json lists them)
+    lines = str(err).splitlines()
+    assert lines[0] == f"{f}: 31 problem(s) in 31 of 31 rows; no sft data loaded"
+    assert lines[1:7] == [f"{f}:{i}: completion: missing required field" for i in range(1, 6)] + [
+        f"{f}:31: completion: empty completion"]  # fmt: skip
+    assert lines[7] == f"{f}: ... and 25 more rows with the same problem (completion: missing required field)"
+    assert problem_lines(err.problems, same=40) == [str(p) for p in err.problems]

@@ -20,7 +20,7 @@ from posttrain.cli.output import (
     quiet_libraries,
     top_p,
 )
-from posttrain.errors import EXIT_OK, EXIT_USER, DataError, UserError
+from posttrain.errors import EXIT_OK, EXIT_USER, DataError, UserError, problem_lines
 
 TASK_OPTIONS = {"min_ops": "--min-ops", "max_ops": "--max-ops", "max_value": "--max-value"}
 """`data make` and `evaluate` options that set a field of the task's dataclass (only tasks that have the field
@@ -214,8 +214,8 @@ def validate(args) -> Output:
 
 def _problems(args, err: DataError) -> Output:
     """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
-    for p in err.problems:
-        print(p, file=sys.stderr)
+    for line in problem_lines(err.problems):  # every distinct problem; one repeated on many rows is counted
+        print(line, file=sys.stderr)
     if err.footer:  # how to read a file in another tool's columns (`schema._columns_hint`)
         print(err.footer, file=sys.stderr)
     message = f"{args.file}: {len(err.problems)} problem(s); fix them and validate again"
