@@ -280,3 +280,9 @@ def test_reward_margin_without_margins_is_refused_and_unused_margins_are_noted(m
     f.write_text("".join(json.dumps(dict(r, margin=1.0 if i < 3 else 0.0)) + "\n" for i, r in enumerate(PAIRS)))
     data = reward.prepare(make_cfg("rm2", **{"algorithm.name": "reward", "data.train": str(f)}), load_tokenizer(cfg.model))
     assert f"{f}: 3 pairs have a `margin`, which this run does not use" in " ".join(data.notes)
+    # DPO never reads a margin: said too, not dropped silently
+    from posttrain.algorithms import dpo
+
+    data = dpo.prepare(make_cfg("dpo-margin", **{"algorithm.name": "dpo", "data.train": str(f)}), load_tokenizer(cfg.model))
+    assert (f"{f}: 3 pairs have a `margin`, which DPO does not read (a reward model does, with algorithm.margin=true)"
+            in data.notes)  # fmt: skip

@@ -150,15 +150,25 @@ def test_prompts_rows_keep_other_columns(tmp_path):
                          {"prompt": [{"role": "system", "content": " "}, {"role": "user", "content": "\n\t"}]}],
               "bad.jsonl")  # fmt: skip
     assert problems(g, "prompts") == [
-        f"{g}:1: no prompts fields: expected prompt (this row has: question)",
+        f"{g}:1: no prompts fields: expected prompt or messages (this row has: question)",
         f"{g}:2: prompt: empty prompt",
         f"{g}:3: prompt: empty prompt: every message's content is blank",
     ]
-    chat = write(tmp_path, [{"messages": [U, {"role": "assistant", "content": "4"}]}], "chat.jsonl")
-    assert problems(chat, "prompts") == [  # an SFT file given as prompts (evaluate --data, generate --prompts-file)
-        f"{chat}:1: no prompts fields: expected prompt (this row has: messages); a messages row is SFT data: as a "
-        'prompt, give the conversation before its last assistant turn as "prompt" (a list of messages), and its '
-        'answer as "answer" where a verifier reads one']
+    # an SFT chat file read as prompts (evaluate --data, generate --prompts-file, an RL run's data.train): the
+    # messages before the last assistant turn are the prompt, that turn's text the `completion` column
+    S = {"role": "system", "content": "be brief"}
+    chat = write(tmp_path, [{"messages": [U, {"role": "assistant", "content": "4"}], "id": 7},
+                            {"messages": [S, U, A, U]},
+                            {"messages": [A]},
+                            {"messages": [U, A], "completion": "x"}], "chat.jsonl")  # fmt: skip
+    assert problems(chat, "prompts") == [
+        f"{chat}:3: messages: holds only an assistant turn: no prompt to sample from",
+        f"{chat}:4: completion: a messages row read as a prompt keeps its last assistant turn as its completion "
+        "column, and this row has one already; rename or leave one out"]  # fmt: skip
+    good = write(tmp_path, [{"messages": [U, {"role": "assistant", "content": "4"}], "id": 7},
+                            {"messages": [S, U, A, U]}], "good.jsonl")  # fmt: skip
+    assert load_rows(good, "prompts") == [{"id": 7, "prompt": [U], "completion": "4"},
+                                          {"prompt": [S, U, A, U]}]  # fmt: skip
 
 
 def test_unknown_kind_is_a_programming_error(tmp_path):
@@ -184,3 +194,35 @@ def test_sft_rows_given_as_preference_data_say_so_once_per_row(tmp_path):
         f"{f}:2: a messages row is SFT data, not a preference pair: a pair needs a prompt, a chosen and a "
         "rejected response (`posttrain data make TASK --kind preference` writes them)",
     ]
+
+
+def test_rows_that_would_render_wrongly_are_refused(tmp_path):
+    """An empty prompt (SFT and preference), a preference side that repeats its prompt (UltraFeedback's layout:
+    the prompt string and each side the whole conversation), and string sides without a prompt (an HH transcript)
+    validated and then trained on malformed sequences; each is refused with the way to read the row."""
+    f = write(tmp_path, [{"prompt": "", "completion": "x"},
+                         {"prompt": [{"role": "user", "content": " "}], "completion": "x"}])  # fmt: skip
+    assert problems(f) == [f"{f}:1: prompt: empty prompt", f"{f}:2: prompt: empty prompt: every message's content is blank"]
+    side = lambda text: [U, {"role": "assistant", "content": text}]  # noqa: E731
+    p = write(tmp_path, [{"prompt": "hi", "chosen": side("a"), "rejected": side("b")},
+                         {"prompt": "hi", "chosen": "a", "rejected": side("b")},
+                         {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+                         {"prompt": "", "chosen": "a", "rejected": "b"}], "p.jsonl")  # fmt: skip
+    assert problems(p, "preference") == [
+        f"{p}:1: chosen: begins with the prompt's 1 message(s), so the prompt would be rendered twice. Sides that are "
+        "whole conversations need no prompt column: leave it out (data.ignore_columns: [prompt]; --ignore-column "
+        "prompt) and the messages both sides begin with become the prompt",
+        f"{p}:2: rejected: begins with the prompt's 1 message(s), so the prompt would be rendered twice. Sides that "
+        "are whole conversations need no prompt column: leave it out (data.ignore_columns: [prompt]; --ignore-column "
+        "prompt) and the messages both sides begin with become the prompt",
+        f"{p}:3: chosen: is a string and the row has no prompt: without a prompt column, chosen and rejected are whole "
+        "conversations, lists of messages that begin alike; strings need the prompt in its own column (prompt, "
+        'chosen, rejected: a transcript such as Anthropic HH\'s split at its last "\\n\\nAssistant:")',
+        f"{p}:4: prompt: empty prompt"]  # fmt: skip
+    # following the advice reads row 1 as the pair it is: the user turn once, as the prompt
+    from posttrain.data.columns import Columns
+
+    (row,) = load_rows(write(tmp_path, [{"prompt": "hi", "chosen": side("a"), "rejected": side("b")}], "uf.jsonl"),
+                       "preference", Columns(ignore=("prompt",)))  # fmt: skip
+    assert row == {"prompt": [U], "chosen": [{"role": "assistant", "content": "a"}],
+                   "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip

@@ -212,7 +212,11 @@ def reference_mode(cfg) -> str:
 
 def prepare(cfg, tokenizer):
     """The run's pairs, in batches that say which rows share a prompt under `data.share_prompt`."""
-    return prepare_pairs(cfg, tokenizer, share_prompt=cfg.data.share_prompt)
+    data = prepare_pairs(cfg, tokenizer, share_prompt=cfg.data.share_prompt)
+    if with_margin := sum(1 for p in data.train if p.margin):  # said, as a reward-model run says it
+        data.notes.append(f"{cfg.data.train}: {with_margin} pairs have a `margin`, which DPO does not read (a reward "
+                          "model does, with algorithm.margin=true)")  # fmt: skip
+    return data
 
 
 def _pair_inputs(batch):

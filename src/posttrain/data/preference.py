@@ -42,7 +42,7 @@ from typing import Any
 from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
-from posttrain.data.render import Rendered, lines_text, render_all, render_sft
+from posttrain.data.render import Rendered, check_markers, lines_text, render_all, render_sft
 from posttrain.data.schema import load_rows, normalise_row
 from posttrain.errors import ConfigError, DataError, Problem
 
@@ -97,6 +97,8 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
     if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
         row = normalise_row(row, "preference", source=source, line=line)
     prompt = row["prompt"]
+    check_markers(tokenizer, prompt + row["chosen"] + row["rejected"], source=source, line=line,
+                  fields=["prompt"] * len(prompt) + ["chosen"] * len(row["chosen"]) + ["rejected"] * len(row["rejected"]))
     sides = []
     for key in ("chosen", "rejected"):
         convo = {"messages": prompt + row[key], "completion_only": True, "n_prompt": len(prompt)}

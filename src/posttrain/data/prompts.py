@@ -45,7 +45,11 @@ def render_prompts(cfg, tokenizer, rows) -> PreparedData:
     examples, problems = [], []
     for row in rows:
         line = getattr(row, "line", None)
-        ids = render_prompt(tokenizer, row)
+        try:
+            ids = render_prompt(tokenizer, row, source=cfg.data.train)
+        except DataError as err:  # a prompt holding the template's markers (`check_markers`): said with the rest
+            problems.extend(err.problems)
+            continue
         if len(ids) > room:
             problems.append(Problem(cfg.data.train, line, "prompt", (
                 f"prompt is {len(ids)} tokens; data.max_length ({cfg.data.max_length}) minus "

@@ -303,6 +303,9 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
             ids = [*ids, tokenizer.eos_token_id]
         mask = [1] * len(ids)
     else:
+        n_prompt = row.get("n_prompt")
+        fields = None if n_prompt is None else ["prompt" if k < n_prompt else "completion" for k in range(len(row["messages"]))]
+        check_markers(tokenizer, row["messages"], source=source, line=getattr(row, "line", None), fields=fields)
         text = chat_text(tokenizer, row["messages"])
         spans = _assistant_spans(tokenizer, row["messages"], text, first=row.get("n_prompt", 0))
         ids, mask = _tokenize_with_spans(tokenizer, text, spans)
@@ -319,8 +322,62 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
     return Rendered(ids, mask, truncated)
 
 
-def render_prompt(tokenizer, row: dict) -> list[int]:
-    """Token ids of a row's prompt followed by the generation prompt (for evaluation and sampling).
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the text of its special tokens
+
+
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The text of every special token of `tokenizer` (its BOS, EOS, pad and the chat template's markers such
+    as ``<|im_start|>``), longest first; each becomes one token wherever it stands in a text."""
+    try:
+        return _SPECIALS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    found = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or []}
+    found |= {str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
+              if getattr(t, "special", False)}  # fmt: skip
+    out = tuple(sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t)))
+    try:
+        _SPECIALS[tokenizer] = out
+    except TypeError:  # not weak-referenceable: recomputed next time
+        pass
+    return out
+
+
+def check_markers(tokenizer, messages: list[dict], *, source: str, line: int | None,
+                  fields: list[str] | None = None) -> None:  # fmt: skip
+    """Refuse messages whose text holds one of the tokenizer's special tokens (`DataError`, one problem per
+    message): a conversation already rendered with a chat template (``<|im_start|>user ...``), pasted into a
+    message, is wrapped in the template again, and each marker in it becomes the real token, so the rendered turns
+    nest and end where the pasted text says. `fields`: each message's field name for the problem (default
+    ``messages[k].content``). A `text` row is not checked: its text is taken as written, markers and all.
+
+    >>> from posttrain.testing import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> marker = special_token_texts(tok)[0]
+    >>> check_markers(tok, [{"role": "user", "content": "hi"}], source="d.jsonl", line=3)
+    >>> try:
+    ...     check_markers(tok, [{"role": "user", "content": "hi" + marker}], source="d.jsonl", line=3)
+    ... except DataError as err:
+    ...     print(str(err).replace(marker, "MARKER"))
+    d.jsonl:3: messages[0].content: holds 'MARKER', a special token of the model's tokenizer: text in chat-template form is wrapped in the template again and each marker becomes that token; give each message's plain text (a conversation rendered already trains as a `text` row)
+    """
+    specials = special_token_texts(tokenizer)
+    problems = []
+    for k, m in enumerate(messages):
+        hit = next((t for t in specials if t in m["content"]), None)
+        if hit is not None:
+            field = fields[k] if fields is not None else f"messages[{k}].content"
+            problems.append(Problem(source, line, field, (
+                f"holds {hit!r}, a special token of the model's tokenizer: text in chat-template form is wrapped in "
+                "the template again and each marker becomes that token; give each message's plain text (a "
+                "conversation rendered already trains as a `text` row)")))  # fmt: skip
+    if problems:
+        raise DataError(problems)
+
+
+def render_prompt(tokenizer, row: dict, *, source: str = "data") -> list[int]:
+    """Token ids of a row's prompt followed by the generation prompt (for evaluation and sampling); a prompt
+    holding a special token of the tokenizer is a `DataError` naming `source` and the row's line (`check_markers`).
 
     The prompt is ``row["prompt"]`` (a string or messages), or ``row["messages"]`` up to ``n_prompt`` (a
     prompt/completion row) or without its trailing assistant turns.
@@ -336,6 +393,8 @@ def render_prompt(tokenizer, row: dict) -> list[int]:
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
     else:
         raise UserError("render_prompt needs a row with `prompt` or `messages` (a `text` row has no prompt)")
+    check_markers(tokenizer, messages, source=source, line=getattr(row, "line", None),
+                  fields=["prompt"] * len(messages) if "prompt" in row else None)  # fmt: skip
     text = chat_text(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -85,14 +85,17 @@ SCHEMAS: dict[str, dict[str, dict]] = {
             ["chosen", "rejected"],
         ),
     },
-    "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES}, ["prompt"], extra_ok=True)},
+    # A chat (an SFT messages row) read as a prompt: the messages before its last assistant turn, which is kept as
+    # the `completion` column (the reference a reward may read), see `_normalise_prompts`.
+    "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES}, ["prompt"], extra_ok=True),
+                "messages": _row_schema({"messages": MESSAGES}, ["messages"], extra_ok=True)},  # fmt: skip
 }
 _VALIDATORS = {kind: {s: Draft202012Validator(v) for s, v in d.items()} for kind, d in SCHEMAS.items()}
 
 _SHAPE_KEYS = {
     "sft": {"messages": ("messages",), "prompt/completion": ("prompt", "completion"), "text": ("text",)},
     "preference": {"prompt/chosen/rejected": ("prompt",), "chosen/rejected": ("chosen", "rejected")},
-    "prompts": {"prompt": ("prompt",)},
+    "prompts": {"prompt": ("prompt",), "messages": ("messages",)},
 }
 
 
@@ -257,6 +260,12 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
     shape = _shape(data, kind, report)
     if shape is None:
         return None, None
+    if shape == "chosen/rejected" and (sides := [s for s in ("chosen", "rejected") if isinstance(data.get(s), str)]):
+        report(sides[0], "is a string and the row has no prompt: without a prompt column, chosen and rejected are "
+                         "whole conversations, lists of messages that begin alike; strings need the prompt in its "
+                         "own column (prompt, chosen, rejected: a transcript such as Anthropic HH's split at its "
+                         'last "\\n\\nAssistant:")')  # fmt: skip
+        return shape, None
     counted = _Count(report)
     said = set()
     for err in _VALIDATORS[kind][shape].iter_errors(data):
@@ -289,11 +298,7 @@ def _shape(data: dict, kind: str, report) -> str | None:
     options = " or ".join("+".join(keys) for keys in _SHAPE_KEYS[kind].values())
     if not present:
         keys = ", ".join(sorted(data)) or "none"
-        hint = ""
-        if kind == "prompts" and "messages" in data:  # an SFT conversation given where prompts are read
-            hint = ("; a messages row is SFT data: as a prompt, give the conversation before its last assistant turn "
-                    'as "prompt" (a list of messages), and its answer as "answer" where a verifier reads one')
-        report(None, f"no {kind} fields: expected {options} (this row has: {keys}){hint}")
+        report(None, f"no {kind} fields: expected {options} (this row has: {keys})")
     else:
         report(None, f"mixes row shapes ({' and '.join(present)}): use exactly one of {options}")
     return None
@@ -381,6 +386,7 @@ def _normalise_sft(data: dict, report) -> dict | None:
         _check_chat(data["messages"], "messages", report)
         row = {"messages": copy.deepcopy(data["messages"]), "completion_only": True}
         return None if report.n > n else {**row, **_extras(data, ("messages",))}
+    _check_prompt(data["prompt"], report)
     prompt = _as_messages(data["prompt"], "user")
     completion = data["completion"]
     if isinstance(completion, str):
@@ -395,6 +401,14 @@ def _normalise_sft(data: dict, report) -> dict | None:
             **_extras(data, ("prompt", "completion"))}  # fmt: skip
 
 
+def _check_prompt(prompt: str | list, report) -> None:
+    """A prompt with no text: a row that trains an answer to nothing (a prompts row refuses it the same way)."""
+    if isinstance(prompt, str) and not prompt.strip():
+        report("prompt", "empty prompt")
+    elif isinstance(prompt, list) and all(not m["content"].strip() for m in prompt):
+        report("prompt", "empty prompt: every message's content is blank")
+
+
 def _response_empty(messages: list[dict]) -> bool:
     return not any(m["role"] == "assistant" and m["content"].strip() for m in messages)
 
@@ -402,11 +416,20 @@ def _response_empty(messages: list[dict]) -> bool:
 def _normalise_preference(data: dict, report) -> dict | None:
     n = report.n
     if "prompt" in data:
+        _check_prompt(data["prompt"], report)
         prompt = _as_messages(data["prompt"], "user")
         chosen, rejected = (
             _as_messages(data["chosen"], "assistant"),
             _as_messages(data["rejected"], "assistant"),
         )
+        repeated = [s for s, msgs in (("chosen", chosen), ("rejected", rejected))
+                    if len(msgs) > len(prompt) and msgs[: len(prompt)] == prompt]  # fmt: skip
+        if repeated:  # UltraFeedback's layout: the conversation whole on each side, and its prompt again
+            report(repeated[0], f"begins with the prompt's {len(prompt)} message(s), so the prompt would be rendered "
+                                "twice. Sides that are whole conversations need no prompt column: leave it out "
+                                "(data.ignore_columns: [prompt]; --ignore-column prompt) and the messages both sides "
+                                "begin with become the prompt")  # fmt: skip
+            return None
     else:
         # Whole conversations: the shared leading messages are the prompt (leave at least one message each).
         k = 0
@@ -451,6 +474,18 @@ RESERVED_PROMPT_COLUMNS = ("prompt_messages", "truncated")
 
 
 def _normalise_prompts(data: dict, report) -> dict | None:
+    if "messages" in data:  # a chat: its prompt is what comes before its last assistant turn
+        msgs = data["messages"]
+        ends = msgs[-1]["role"] == "assistant"
+        if ends and "completion" in data:
+            report("completion", "a messages row read as a prompt keeps its last assistant turn as its completion "
+                                 "column, and this row has one already; rename or leave one out")  # fmt: skip
+            return None
+        rest = {k: v for k, v in data.items() if k != "messages"}
+        data = {**rest, "prompt": msgs[:-1] if ends else msgs, **({"completion": msgs[-1]["content"]} if ends else {})}
+        if not data["prompt"]:
+            report("messages", "holds only an assistant turn: no prompt to sample from")
+            return None
     prompt = data["prompt"]
     if isinstance(prompt, str) and not prompt.strip():
         report("prompt", "empty prompt")
