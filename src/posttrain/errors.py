@@ -107,7 +107,7 @@ class DataError(UserError):
     def __init__(self, problems: list[Problem], *, header: str | None = None, max_shown: int = 20,
                  footer: str | None = None):  # fmt: skip
         self.problems = list(problems)
-        self.footer = footer
+        self.header, self.footer = header, footer
         lines = problem_lines(self.problems, max_shown=max_shown)
         if header:
             lines.insert(0, header)

@@ -214,6 +214,8 @@ def validate(args) -> Output:
 
 def _problems(args, err: DataError) -> Output:
     """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
+    if err.header:  # how many problems in how many rows, first (as a run's error says it)
+        print(err.header, file=sys.stderr)
     for line in problem_lines(err.problems):  # every distinct problem; one repeated on many rows is counted
         print(line, file=sys.stderr)
     if err.footer:  # how to read a file in another tool's columns (`schema._columns_hint`)
