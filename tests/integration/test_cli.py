@@ -103,8 +103,9 @@ def test_data_make_and_validate(capsys, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": 5}\n')
     code, out, err = run(capsys, "data", "validate", str(bad), "--kind", "sft")
     assert code == 2
-    lines = [line for line in err.splitlines() if line.startswith(str(bad) + ":")]
-    assert lines[0].startswith(f"{bad}:1: messages") and lines[1].startswith(f"{bad}:2: text")
+    lines = err.splitlines()
+    assert lines[0] == f"{bad}: 2 problem(s) in 2 of 2 rows; no sft data loaded"  # the count first
+    assert lines[1].startswith(f"{bad}:1: messages") and lines[2].startswith(f"{bad}:2: text")
 
     code, out, err = run(capsys, "data", "validate", str(tmp_path / "missing.jsonl"))
     assert code == 2 and "missing.jsonl" in err
