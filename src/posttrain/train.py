@@ -217,7 +217,11 @@ def _check_data_files(cfg: RunConfig) -> None:
     for field, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if path and not Path(path).exists():
             relative = "" if Path(path).is_absolute() else f" (a relative path is read from {Path.cwd()})"
-            raise ConfigError(f"{cfg.locate(field)}: {path}: file not found{relative}")
+            without = ""
+            if field == "data.eval":  # an example config's held-out file, with a file of your own in data.train
+                then = " run.eval_every=null" if cfg.run.eval_every is not None else ""
+                without = f"; to train without a held-out file, data.eval=null{then}"
+            raise ConfigError(f"{cfg.locate(field)}: {path}: file not found{relative}{without}")
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:

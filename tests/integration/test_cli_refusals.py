@@ -3,6 +3,7 @@ not a traceback, a silently ignored setting or lost work; and the fixed command 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -319,6 +320,18 @@ def test_a_missing_data_file_is_named_with_its_field_and_line(capsys, tiny_model
     code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={tmp_path / 'run'}")
     assert code == 2 and f"{run_file}:4: data.train: data/missing.jsonl: file not found (a relative path is read " in err
     assert not (tmp_path / "run").exists()
+    # an example config's held-out file, with your own data.train: how to do without it, in one step (setting
+    # data.eval=null alone is refused next, run.eval_every then having nothing to evaluate)
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    run_file.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {tmp_path / 'mine.jsonl'}\n  eval: "
+                        "data/heldout.jsonl\nrun:\n  eval_every: 5\n", encoding="utf-8")  # fmt: skip
+    code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={tmp_path / 'run'}")
+    assert code == 2 and err.rstrip().endswith(
+        "data/heldout.jsonl: file not found (a relative path is read from " + str(Path.cwd()) + "); to train without "
+        "a held-out file, data.eval=null run.eval_every=null")  # fmt: skip
+    code, out, err = run(capsys, "train", str(run_file), f"run.output_dir={tmp_path / 'run'}", "data.eval=null",
+                         "run.eval_every=null", "run.max_steps=1", "run.progress=false", "optim.batch_size=1")  # fmt: skip
+    assert code == 0, err
 
 
 def test_rope_scaling_extends_the_context_the_rows_are_checked_against(capsys, tiny_model_dir, tmp_path):
