@@ -618,8 +618,12 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
     and the notes for the start of the run: rows truncated or skipped, a resume on another machine or software."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    fingerprint = data_fingerprint(cfg)
     if resumed_at is None or read_fingerprint(run_dir) is None:
-        write_fingerprint(run_dir, data_fingerprint(cfg), plan.steps_per_epoch)
+        write_fingerprint(run_dir, fingerprint, plan.steps_per_epoch)
+    if len({f["sha256"] for f in fingerprint.values()}) == 1 < len(fingerprint):  # data.eval is data.train
+        print(f"warning: data.eval ({cfg.data.eval}) holds the same bytes as data.train ({cfg.data.train}): its loss "
+              "is the training rows' loss, not a held-out one; give rows the run does not train on")
     if note := record_environment(run_dir, environment, resumed_at=resumed_at):
         print(note)
     skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,

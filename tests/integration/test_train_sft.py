@@ -416,7 +416,18 @@ def test_an_epoch_trains_every_row_and_accumulation_is_exact_on_the_smaller_last
                  rtol=1e-5, atol=1e-6)  # fmt: skip  # only the float summation order differs
 
 
-def test_held_out_data_without_eval_every_is_evaluated_once_at_the_end(make_cfg, sft_file):
+def test_held_out_data_without_eval_every_is_evaluated_once_at_the_end(make_cfg, sft_file, tmp_path, capsys):
     result = train(make_cfg(**{"data.eval": str(sft_file), "run.max_steps": 3}))
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3] and evals[0]["eval_loss"] > 0
+    # the held-out file here is the training file: said, since its loss is then no held-out loss (a copy too)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(sft_file.read_bytes())
+    capsys.readouterr()
+    train(make_cfg("copy", **{"data.eval": str(copy), "run.max_steps": 1}))
+    assert (f"warning: data.eval ({copy}) holds the same bytes as data.train ({sft_file}): its loss is the training "
+            "rows' loss, not a held-out one; give rows the run does not train on") in capsys.readouterr().out
+    held_out = tmp_path / "other.jsonl"
+    held_out.write_text('{"prompt": "add 9 9", "completion": "18"}\n')
+    train(make_cfg("other", **{"data.eval": str(held_out), "run.max_steps": 1}))
+    assert "holds the same bytes" not in capsys.readouterr().out
