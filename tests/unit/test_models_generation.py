@@ -53,6 +53,14 @@ def test_string_prompt_is_one_user_message(peaked_model, tiny_tokenizer):
     )
 
 
+def test_a_prompt_in_chat_template_form_is_refused(peaked_model, tiny_tokenizer):
+    """`generate --prompt "<|im_start|>user ..."` decoded from the template wrapped around itself; refused."""
+    from posttrain.errors import DataError
+
+    with pytest.raises(DataError, match=r"^prompt 2 of 2: content: holds '<\|im_start\|>', a special token"):
+        generate(peaked_model, tiny_tokenizer, ["hello", "<|im_start|>user\nhello"], max_new_tokens=2)
+
+
 def test_eos_and_stop_strings_cut_the_completion(peaked_model, tiny_tokenizer):
     ids = tiny_tokenizer(
         render_prompt(tiny_tokenizer, "hi"), return_tensors="pt", add_special_tokens=False

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.data.render import answer_scaffold, chat_text, end_of_turn_ids, strip_scaffold
+from posttrain.data.render import answer_scaffold, chat_text, check_markers, end_of_turn_ids, strip_scaffold
 from posttrain.errors import UserError
 from posttrain.models.adapters import merged_for_sampling
 from posttrain.models.loading import context_length
@@ -230,6 +230,10 @@ def generate(
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
+    for i, p in enumerate(prompts):  # text in chat-template form would be wrapped in the template again
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        check_markers(tokenizer, messages, source=f"prompt {i + 1} of {len(prompts)}", line=None,
+                      fields=["content"] * len(messages))  # fmt: skip
     texts = [render_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # each prompt's tokens, unpadded
     check_room(model, [len(x) for x in ids], max_new_tokens)
