@@ -5,6 +5,7 @@ import json
 import pytest
 
 from posttrain.data import load_rows, read_records
+from posttrain.data.readers import read_records_lenient
 from posttrain.errors import DataError, UserError
 
 ROWS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
@@ -52,16 +53,25 @@ def test_csv_lines_and_json_cells(tmp_path):
     assert recs[1].data == {"messages": json.loads(msgs)}
 
 
-def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_not(tmp_path):
+def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_a_problem(tmp_path):
     """`" "," "` is a row whose fields are blank: loading skipped it silently, where the same row in JSONL is named
-    (empty completion). Blank lines and lines of bare commas (a spreadsheet's trailing rows) hold nothing."""
-    from posttrain.data import load_rows
-
+    (empty completion). A line of bare commas (a spreadsheet's empty row) was skipped too: a file of 3 data lines,
+    the middle one `,`, validated as 2 rows OK; it is a counted problem, as a JSONL `{}` row is. A blank line holds
+    no row (as in JSONL)."""
     f = tmp_path / "d.csv"
     f.write_text('prompt,completion\nq0,a0\n" "," "\n,\n\nq2,a2\n', encoding="utf-8")
-    assert [r.line for r in read_records(f)] == [2, 3, 6]
-    with pytest.raises(DataError, match=r"d.csv:3: completion: empty completion"):
+    with pytest.raises(DataError) as info:
         load_rows(f, "sft")
+    assert str(info.value).splitlines() == [
+        f"{f}: 2 problem(s) in 2 of 4 rows; no sft data loaded",
+        f"{f}:3: completion: empty completion",
+        f"{f}:4: every cell is empty: fill the row in or delete the line",
+    ]
+    g = tmp_path / "g.csv"
+    g.write_text("prompt,completion\nq0,a0\n,\nq2,a2\n\n", encoding="utf-8")
+    records, found = read_records_lenient(g)
+    assert [r.line for r in records] == [2, 4]
+    assert [str(p) for p in found] == [f"{g}:3: every cell is empty: fill the row in or delete the line"]
 
 
 def test_parquet_rows(tmp_path):

@@ -284,7 +284,10 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
             start = reader.line_num + 1
             continue
         line, start = start, reader.line_num + 1
-        if all(c == "" for c in cells):  # a blank line, or one of bare commas (a spreadsheet's trailing rows)
+        if not cells:  # a blank line holds no row, as in JSON Lines
+            continue
+        if all(c == "" for c in cells):  # bare commas: a row with nothing in it, named as a JSONL `{}` row is
+            problems.append(Problem(name, line, None, "every cell is empty: fill the row in or delete the line"))
             continue  # (cells of spaces are a row: its fields are checked, and empty ones named)
         if len(cells) != len(header):
             problems.append(
