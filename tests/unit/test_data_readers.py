@@ -90,7 +90,21 @@ def test_datasets_folder(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "dd"))
     assert [(r.line, r.data) for r in read_records(tmp_path / "ds")] == [(1, ROWS[0]), (2, ROWS[1])]
-    assert [r.data for r in read_records(tmp_path / "dd")] == ROWS[:1]
+    assert [r.data for r in read_records(tmp_path / "dd")] == ROWS[:1]  # a DatasetDict of one split: that split
+
+
+def test_a_datasets_folder_of_several_splits_is_refused_naming_each_split_folder(tmp_path):
+    """A DatasetDict of train and test splits read its train split silently, also as data.eval (an eval loss on
+    the training rows). Each split is a folder of its own that reads as a Dataset."""
+    import datasets
+
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]),
+                          "test": datasets.Dataset.from_list(ROWS[1:])}).save_to_disk(str(dd))  # fmt: skip
+    assert problems(dd) == [f"{dd}: a DatasetDict of splits test, train: give one split's folder, {dd}/test or "
+                            f"{dd}/train"]  # fmt: skip
+    assert [(r.line, r.data) for r in read_records(dd / "train")] == [(1, ROWS[0])]
+    assert [(r.line, r.data) for r in read_records(dd / "test")] == [(1, ROWS[1])]
 
 
 def test_malformed_json_lines_all_reported(tmp_path):

@@ -351,16 +351,25 @@ def _read_datasets_dir(p: Path, name: str) -> list[Record]:
     except (FileNotFoundError, ValueError, OSError) as err:
         _fail(name, f"a folder, but not a `datasets` folder written by save_to_disk ({err})")
     if isinstance(ds, datasets.DatasetDict):
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(ds) == 1:
-            ds = next(iter(ds.values()))
-        else:
-            _fail(name, f"a DatasetDict with splits {sorted(ds)}; point at one split's folder")
+        if len(ds) != 1:  # no split is a safe guess: `train` given as data.eval would score the training rows
+            _fail(name, _one_split(name, sorted(ds)))
+        ds = next(iter(ds.values()))
     rows = ds.to_list()
     if not rows:
         _fail(name, "the dataset has no rows")
     return _columnar_records(rows)
+
+
+def _one_split(name: str, splits: list[str]) -> str:
+    """Which folders to give for a DatasetDict of several splits: `save_to_disk` writes each split as a folder of
+    its own, which `datasets.load_from_disk` reads as a Dataset.
+
+    >>> print(_one_split("ds", ["test", "train", "validation"]))
+    a DatasetDict of splits test, train, validation: give one split's folder, ds/test, ds/train or ds/validation
+    """
+    folders = [str(Path(name) / split) for split in splits]
+    return (f"a DatasetDict of splits {', '.join(splits)}: give one split's folder, "
+            f"{', '.join(folders[:-1])} or {folders[-1]}")  # fmt: skip
 
 
 def _columnar_records(rows: list[dict]) -> list[Record]:
