@@ -84,6 +84,38 @@ def test_parquet_rows(tmp_path):
     assert [(r.line, r.data) for r in recs] == [(1, ROWS[0]), (2, ROWS[1]), (3, {"prompt": "e"})]
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "datasets"])
+def test_a_null_inside_a_nested_object_of_a_columnar_file_is_an_absent_field(tmp_path, fmt):
+    """Arrow gives a struct's fields to every row: one message with a `name` gave every message `name: None`, and
+    `messages[0].name: unknown field` was reported on rows that never had one."""
+    import datasets
+
+    named = [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]
+    plain = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    table = datasets.Dataset.from_list([{"messages": named}, {"messages": plain}])
+    f = tmp_path / ("d.parquet" if fmt == "parquet" else "ds")
+    if fmt == "parquet":
+        table.to_parquet(str(f))
+    else:
+        table.save_to_disk(str(f))
+    assert [r.data for r in read_records(f)] == [{"messages": named}, {"messages": plain}]
+    with pytest.raises(DataError) as info:
+        load_rows(f, "sft")
+    assert [str(p) for p in info.value.problems] == [
+        f"{f}:1: messages[0].name: unknown field (allowed here: role, content)"]
+
+
+def test_a_null_inside_a_json_row_stays_an_error(tmp_path):
+    """In JSON a null is written on purpose: it is not taken for an absent field."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "a", "name": null}, '
+                 '{"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(DataError) as info:
+        load_rows(f, "sft")
+    assert [str(p) for p in info.value.problems] == [
+        f"{f}:1: messages[0].name: unknown field (allowed here: role, content)"]
+
+
 def test_datasets_folder(tmp_path):
     import datasets
 

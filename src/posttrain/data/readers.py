@@ -3,8 +3,9 @@
 Every record keeps the 1-based line where it starts in the file (JSONL, JSON, CSV) or its 1-based row number
 (Parquet, `datasets` folders), so that later checks can say ``FILE:LINE: field: what is wrong``.
 Columnar formats (CSV, Parquet, `datasets`) give every row every column; an empty cell (CSV) or a null value
-(Parquet, `datasets`) is treated as an absent field. CSV cells of `messages` and `metadata` hold JSON, and a
-`prompt`/`completion`/`chosen`/`rejected` cell holding a JSON list of messages is parsed as one.
+(Parquet, `datasets`: also inside nested objects, whose fields Arrow shares too) is treated as an absent field. CSV
+cells of `messages` and `metadata` hold JSON, and a `prompt`/`completion`/`chosen`/`rejected` cell holding a JSON
+list of messages is parsed as one.
 
 This module does not check what the rows mean (see `schema.py`); it only turns bytes into dicts, and every
 way that can fail (missing, empty or unreadable file, bad bytes, malformed JSON) into a `DataError`.
@@ -373,8 +374,22 @@ def _one_split(name: str, splits: list[str]) -> str:
 
 
 def _columnar_records(rows: list[dict]) -> list[Record]:
-    # Columns are shared by all rows, so a null is how an absent field looks: drop it.
-    return [Record(i, {k: v for k, v in row.items() if v is not None}) for i, row in enumerate(rows, start=1)]
+    return [Record(i, _without_nulls(row)) for i, row in enumerate(rows, start=1)]
+
+
+def _without_nulls(value: Any) -> Any:
+    """`value` without the null-valued keys of its dicts, at any depth: in a columnar file a null is how an absent
+    field looks. Columns are shared by all rows, and so are a struct's fields: Arrow gives every message a `name`
+    of null once one message of the file has a `name`. A null list element stays (it is not a field).
+
+    >>> _without_nulls({"a": None, "messages": [{"role": "user", "name": None}, None], "meta": {"k": {"x": None}}})
+    {'messages': [{'role': 'user'}, None], 'meta': {'k': {}}}
+    """
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def truncate_step_records(path: Path, step: int) -> None:
