@@ -1,5 +1,6 @@
 """Readers: every format gives located records; every unreadable input is a DataError naming file and line."""
 
+import codecs
 import json
 
 import pytest
@@ -155,6 +156,32 @@ def test_non_utf8_line(tmp_path):
     g = tmp_path / "latin1.csv"
     g.write_bytes(b"text\nok\ncaf\xe9\n")
     assert problems(g) == [f"{g}:3: not valid UTF-8 (byte 0xe9 at column 4); save the file as UTF-8"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf16_file_with_its_byte_order_mark_is_read(tmp_path, encoding, suffix):
+    """Windows tools write UTF-16 with a byte-order mark: it gave one `not valid UTF-8 (byte 0xff ...)` line and
+    then a `malformed JSON` line for every other line. With the mark, the encoding is unambiguous."""
+    rows = [{"prompt": "café", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    text = {".jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+            ".json": json.dumps(rows, indent=1, ensure_ascii=False),
+            ".csv": "prompt,completion\r\ncafé,b\r\nc,d\r\n"}[suffix]  # fmt: skip
+    f = tmp_path / f"d{suffix}"
+    bom = codecs.BOM_UTF16_BE if encoding == "utf-16-be" else b""  # utf-16 and utf-32 write their own
+    f.write_bytes(bom + text.encode(encoding))
+    assert [r.data for r in read_records(f)] == rows
+
+
+def test_a_utf16_file_that_breaks_off_is_one_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes('{"text": "a"}\n{"text": "b"}\n'.encode("utf-16") + b"\x00")  # an odd byte at the end
+    # the 2-byte mark and 28 characters of 2 bytes each: the odd byte is byte 59, on line 3
+    assert problems(f) == [f"{f}:3: not valid UTF-16 (byte 0x00 at byte 59), though it starts with a UTF-16 "
+                           "byte-order mark; save the file as UTF-8"]  # fmt: skip
+    g = tmp_path / "bom.jsonl"
+    g.write_bytes(" \n ".encode("utf-16"))  # the mark and spaces
+    assert problems(g) == [f"{g}: file is empty"]
 
 
 def test_malformed_json_file(tmp_path):

@@ -13,6 +13,7 @@ way that can fail (missing, empty or unreadable file, bad bytes, malformed JSON)
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -91,10 +92,13 @@ def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]
         raw = p.read_bytes()
     except OSError as err:
         _fail(name, f"cannot read the file: {err.strerror or err}")
+    if suffix == ".parquet":
+        if not raw.strip():
+            _fail(name, "file is empty")
+        return _read_parquet(p, name), []
+    raw = _as_utf8(raw, name)
     if not raw.strip():
         _fail(name, "file is empty")
-    if suffix == ".parquet":
-        return _read_parquet(p, name), []
     if suffix == ".jsonl":
         return _read_jsonl(raw, name)
     text = _decode(raw, name)
@@ -105,6 +109,29 @@ def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]
 
 def _fail(name: str, message: str, line: int | None = None):
     raise DataError([Problem(name, line, None, message)])
+
+
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16's: FF FE starts both
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))  # fmt: skip
+
+
+def _as_utf8(raw: bytes, name: str) -> bytes:
+    """A text file's bytes as UTF-8. A UTF-16 (or UTF-32) file that starts with its byte-order mark, as Windows
+    tools write it ("Unicode" in Notepad, PowerShell's `>`), is unambiguous: it is decoded as that. Other bytes are
+    returned as they are, for the readers to check as UTF-8 line by line.
+
+    >>> _as_utf8('{"a": "é"}\\n'.encode("utf-16"), "d.jsonl").decode("utf-8")
+    '{"a": "é"}\\n'
+    """
+    for bom, encoding in _WIDE_BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(encoding.lower()).encode("utf-8")  # the codec reads the mark's byte order
+            except UnicodeDecodeError as err:
+                line = raw[: err.start].decode(encoding.lower(), "replace").count("\n") + 1
+                _fail(name, f"not valid {encoding} (byte 0x{raw[err.start]:02x} at byte {err.start + 1}), though "
+                            f"it starts with a {encoding} byte-order mark; save the file as UTF-8", line)  # fmt: skip
+    return raw
 
 
 def _decode(raw: bytes, name: str) -> str:
