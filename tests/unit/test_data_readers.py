@@ -192,6 +192,19 @@ def test_malformed_json_file(tmp_path):
     ]
 
 
+def test_json_lines_named_json_are_told_to_be_named_jsonl(tmp_path):
+    """`datasets.Dataset.to_json("x.json")` writes JSON Lines: it failed with `malformed JSON: Extra data` alone."""
+    import datasets
+
+    f = tmp_path / "hf_export.json"
+    datasets.Dataset.from_list(ROWS).to_json(str(f))
+    assert problems(f) == [f"{f}:2: malformed JSON: Extra data (column 1); the file holds one JSON object per line "
+                           "(JSON Lines): name it .jsonl"]  # fmt: skip
+    g = tmp_path / "two.json"  # two arrays: not JSON Lines of objects, so no such hint
+    g.write_text("[1]\n[2]\n")
+    assert problems(g) == [f"{g}:2: malformed JSON: Extra data (column 1)"]
+
+
 def test_json_wrong_top_level(tmp_path):
     f = tmp_path / "d.json"
     f.write_text('{"items": []}')

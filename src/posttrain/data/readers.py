@@ -205,7 +205,9 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     try:
         top = json.loads(text, object_pairs_hook=functools.partial(_noting_twice, twice))
     except json.JSONDecodeError as err:
-        _fail(name, f"malformed JSON: {err.msg} (column {err.colno})", err.lineno)
+        hint = ("; the file holds one JSON object per line (JSON Lines): name it .jsonl"
+                if err.msg == "Extra data" and _holds_json_lines(text) else "")  # fmt: skip
+        _fail(name, f"malformed JSON: {err.msg} (column {err.colno}){hint}", err.lineno)
     except RecursionError:
         _fail(name, "malformed JSON: nested too deeply to read", None)
     duplicate = twice[0] if twice else None
@@ -237,6 +239,20 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     if duplicate is not None and not problems:  # in the top-level object, outside the rows
         _fail(name, _twice(duplicate))
     return records, problems
+
+
+def _holds_json_lines(text: str) -> bool:
+    """Whether each non-blank line of `text` is a JSON object of its own: JSON Lines, as `datasets`'
+    `Dataset.to_json("x.json")` writes by default. The readers go by the extension, so it is named, not guessed.
+
+    >>> _holds_json_lines('{"a": 1}\\n\\n{"a": 2}\\n'), _holds_json_lines('[{"a": 1},\\n {"a": 2}]')
+    (True, False)
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines)
+    except (json.JSONDecodeError, RecursionError):
+        return False
 
 
 def _lines_at(text: str, offsets: list[int]) -> list[int]:
