@@ -5,7 +5,8 @@ prints its message as one paragraph and exits with status 2, never with a traceb
 escapes is a bug in posttrain (exit 1).
 
 `Problem` is one located defect in a data file, printed as ``FILE:LINE: field: what is wrong`` so editors and
-`grep` can jump to it. `DataError` carries a list of them.
+`grep` can jump to it (``FILE:LINE (row N): ...`` where several rows start on that line). `DataError` carries a
+list of them.
 """
 
 from __future__ import annotations
@@ -59,20 +60,35 @@ class TrainingDiverged(UserError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One defect in one row of a data file.
+    """One defect in one row of a data file. `row` (1-based) is set only where the line does not tell the row:
+    several rows start on it (a JSON array written on one line).
 
     >>> str(Problem("data.jsonl", 3, "messages[1].content", "must be a string, got int"))
     'data.jsonl:3: messages[1].content: must be a string, got int'
+    >>> str(Problem("big.json", 1, "completion", "empty completion", row=504))
+    'big.json:1 (row 504): completion: empty completion'
     """
 
     file: str
     line: int | None
     field: str | None
     message: str
+    row: int | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        where = place(self.file, self.line, self.row)
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+def place(file: str, line: int | None, row: int | None = None) -> str:
+    """Where a row of a data file is: ``FILE:LINE``, ``FILE`` alone without a line, ``FILE:LINE (row N)`` where
+    several rows start on the line.
+
+    >>> place("d.jsonl", 3), place("d.jsonl", None), place("big.json", 1, 504)
+    ('d.jsonl:3', 'd.jsonl', 'big.json:1 (row 504)')
+    """
+    where = f"{file}:{line}" if line is not None else file
+    return where if row is None else f"{where} (row {row})"
 
 
 def problem_lines(problems: list[Problem], *, same: int = 5, max_shown: int | None = None) -> list[str]:

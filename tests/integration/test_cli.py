@@ -125,6 +125,21 @@ def test_data_make_and_validate(capsys, tmp_path):
     assert code == 2 and "structured" in err
 
 
+def test_data_validate_names_the_row_where_a_line_holds_several(capsys, tmp_path):
+    """A JSON array on one line said `FILE:1` for every row's problem; --json adds `row` only there."""
+    f = tmp_path / "compact.json"
+    f.write_text(json.dumps([{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": ""}]))
+    code, out, err = run(capsys, "data", "validate", str(f), "--json")
+    assert code == 2 and f"{f}:1 (row 2): completion: empty completion" in err.splitlines()
+    assert json.loads(out)["problems"] == [
+        {"file": str(f), "line": 1, "row": 2, "field": "completion", "message": "empty completion"}]
+    g = tmp_path / "d.jsonl"
+    g.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "completion": ""}\n')
+    code, out, err = run(capsys, "data", "validate", str(g), "--json")
+    assert code == 2 and json.loads(out)["problems"] == [
+        {"file": str(g), "line": 2, "field": "completion", "message": "empty completion"}]
+
+
 def test_help_config_lists_fields(capsys):
     code, out, err = run(capsys, "train", "--help-config")
     assert code == 0 and "optim.lr" in out and "technique.r" in out

@@ -205,6 +205,30 @@ def test_json_lines_named_json_are_told_to_be_named_jsonl(tmp_path):
     assert problems(g) == [f"{g}:2: malformed JSON: Extra data (column 1)"]
 
 
+def test_rows_of_a_json_array_on_one_line_are_told_apart_by_their_row(tmp_path):
+    """`json.dump` writes an array on one line: every problem said line 1 (`big_compact.json:1: completion: empty
+    completion` for rows 504 and 908). The line stays the line; the row is added where the line holds several."""
+    rows = [{"prompt": f"q{i}", "completion": "" if i in (503, 907) else "a"} for i in range(1000)]
+    f = tmp_path / "big_compact.json"
+    f.write_text(json.dumps(rows))
+    with pytest.raises(DataError) as info:
+        load_rows(f, "sft")
+    assert str(info.value).splitlines() == [
+        f"{f}: 2 problem(s) in 2 of 1000 rows; no sft data loaded",
+        f"{f}:1 (row 504): completion: empty completion",
+        f"{f}:1 (row 908): completion: empty completion",
+    ]
+    g = tmp_path / "mixed.json"  # rows alone on their line keep the plain FILE:LINE
+    g.write_text('[{"prompt": "q", "completion": ""}, 3,\n {"prompt": "q", "completion": ""}]')
+    with pytest.raises(DataError) as info:
+        load_rows(g, "sft")
+    assert [str(p) for p in info.value.problems] == [
+        f"{g}:1 (row 1): completion: empty completion",
+        f"{g}:1 (row 2): expected a JSON object, got integer",
+        f"{g}:2: completion: empty completion",
+    ]
+
+
 def test_json_wrong_top_level(tmp_path):
     f = tmp_path / "d.json"
     f.write_text('{"items": []}')

@@ -84,12 +84,12 @@ def _kind(records: list[Record], name: str) -> str:
             hint = (f"; in the file's own column names, read them with {' '.join(f'--column {f}={c}' for f, c in guess.items())}"
                     if guess else "; a file in its own column names reads with --column FIELD=COLUMN")  # fmt: skip
             raise UserError(
-                f"{name}:{rec.line}: cannot tell the row's shape from its keys {sorted(rec.data)}; expected "
+                f"{rec.where(name)}: cannot tell the row's shape from its keys {sorted(rec.data)}; expected "
                 "messages, prompt + completion, text (SFT), prompt + chosen + rejected (preference) or prompt "
                 f"(prompts){hint} (docs/data.md)"
             )
         if shape is not None and this != shape:
-            raise UserError(f"{name}:{rec.line}: a {this} row in a file whose earlier rows are {shape} rows")
+            raise UserError(f"{rec.where(name)}: a {this} row in a file whose earlier rows are {shape} rows")
         shape = this
     if shape is None:
         raise UserError(f"{name}: no rows")

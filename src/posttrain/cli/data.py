@@ -227,9 +227,8 @@ def _problems(args, err: DataError) -> Output:
     elif args.kind == "sft" and fields == {"completion"} and all("missing" in p.message for p in err.problems):
         message += " (rows of a prompt without a completion are RL prompts: check them with --kind prompts)"
     print(message, file=sys.stderr)
-    problems = [
-        {"file": p.file, "line": p.line, "field": p.field, "message": p.message} for p in err.problems
-    ]
+    problems = [{"file": p.file, "line": p.line, **({"row": p.row} if p.row is not None else {}), "field": p.field,
+                 "message": p.message} for p in err.problems]  # fmt: skip
     return Output(doc={"file": args.file, "kind": args.kind, "problems": problems, "hint": err.footer}, code=EXIT_USER,
                   error={"kind": "user", "message": message})  # fmt: skip
 

@@ -20,11 +20,12 @@ import io
 import json
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import DataError, Problem
+from posttrain.errors import DataError, Problem, place
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a `datasets` folder (save_to_disk)")
 _JSON_CELLS = ("messages", "metadata")
@@ -58,10 +59,21 @@ def _twice(key: str) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """One row of a data file: `line` is its 1-based line (text formats) or row number (columnar formats)."""
+    """One row of a data file: `line` is its 1-based line (text formats) or row number (columnar formats); `row`
+    is its 1-based position in the file, set only where several rows start on its line (a JSON array written on
+    one line, as `json.dump` writes it), for messages to say which (`Problem.row`)."""
 
     line: int
     data: dict
+    row: int | None = None
+
+    def where(self, name: str) -> str:
+        """``FILE:LINE``, with the row where the line holds several.
+
+        >>> Record(1, {}, row=504).where("big.json"), Record(3, {}).where("d.jsonl")
+        ('big.json:1 (row 504)', 'd.jsonl:3')
+        """
+        return place(name, self.line, self.row)
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -224,18 +236,20 @@ def _read_json(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     offsets = _element_offsets(text, key)
     located = len(offsets) == len(rows)  # always, for text json.loads accepted; row numbers are a safe fallback
     starts = _lines_at(text, offsets) if located else list(range(1, len(rows) + 1))
+    shared = {line for line, n in Counter(starts).items() if n > 1}  # lines that do not tell their rows apart
     records, problems = [], []
     for i, (line, row) in enumerate(zip(starts, rows)):
+        number = i + 1 if line in shared else None
         if duplicate is not None and located:  # which rows write a key twice
             in_row: list[str] = []
             json.JSONDecoder(object_pairs_hook=functools.partial(_noting_twice, in_row)).raw_decode(text, offsets[i])
             if in_row:
-                problems.append(Problem(name, line, in_row[0], _twice(in_row[0])))
+                problems.append(Problem(name, line, in_row[0], _twice(in_row[0]), number))
                 continue
         if isinstance(row, dict):
-            records.append(Record(line, row))
+            records.append(Record(line, row, number))
         else:
-            problems.append(Problem(name, line, None, f"expected a JSON object, got {_json_type(row)}"))
+            problems.append(Problem(name, line, None, f"expected a JSON object, got {_json_type(row)}", number))
     if duplicate is not None and not problems:  # in the top-level object, outside the rows
         _fail(name, _twice(duplicate))
     return records, problems

@@ -158,13 +158,13 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
     for rec in records:
         found: list[Problem] = []
 
-        def report(field, msg, line=rec.line, found=found):
-            found.append(Problem(name, line, columns.file_field(field), msg))
+        def report(field, msg, line=rec.line, row=rec.row, found=found):
+            found.append(Problem(name, line, columns.file_field(field), msg, row))
 
         seen.update(rec.data)
         data, clashes = columns.apply(rec.data) if columns else (rec.data, [])
         for field, msg in clashes:
-            found.append(Problem(name, rec.line, field, msg))
+            found.append(Problem(name, rec.line, field, msg, rec.row))
         shape, row = check_row(data, kind, report) if not clashes else (None, None)
         if found:
             problems.extend(found)
@@ -180,7 +180,7 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
         total = len(records) + n_unreadable
         where = f" in {n_bad} of {total} rows" if n_bad else ""
         header = f"{name}: {len(problems)} problem(s){where}; no {kind} data loaded"
-        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header if total else None,
+        raise DataError(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), header=header if total else None,
                         footer=_columns_hint(problems, kind, columns, seen))  # fmt: skip
     return rows, shapes
 

@@ -133,8 +133,8 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
     for rec in records:
         found: list[Problem] = []
 
-        def report(field, msg, line=rec.line, found=found):
-            found.append(Problem(name, line, field, msg))
+        def report(field, msg, line=rec.line, row=rec.row, found=found):
+            found.append(Problem(name, line, field, msg, row))
 
         _, row = check_row(rec.data, "prompts", report)
         target = _check_link(rec.data, clean, report)
@@ -151,7 +151,7 @@ def load_perturbed(path: str | Path, clean_rows: Sequence[dict]) -> list[dict]:
         problems.append(Problem(name, None, None, "no rows: nothing to use as perturbed prompts"))
     if problems:
         header = f"{name}: {len(problems)} problem(s) in the perturbed prompts; nothing measured"
-        raise DataError(sorted(problems, key=lambda p: p.line or 0), header=header)
+        raise DataError(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), header=header)
     return rows
 
 
