@@ -254,6 +254,28 @@ def test_carriage_returns_inside_csv_cells_are_kept_and_said(tmp_path):
         "model reads it; save the file with \\n line ends if the text is not meant to hold it"]
 
 
+def test_an_unnamed_csv_column_holding_values_is_named_once(tmp_path):
+    """pandas' `to_csv` writes its index under an empty header cell: every row said `unknown field (allowed here:
+    ...)` with no field. It is said once, at the header, with what it likely is; an unnamed column left empty (a
+    trailing comma on every line) holds nothing and is read as before."""
+    import pandas as pd
+
+    f = tmp_path / "pandas_index.csv"
+    pd.DataFrame(ROWS * 4).to_csv(f)
+    assert problems(f) == [
+        f"{f}:1: (unnamed column 1): the header names no column here, yet 8 rows hold a value in it (lines 2, 3, 4, 5, "
+        "6 and 3 more): an unnamed column, such as the index pandas writes without to_csv(index=False); name the "
+        "column in the header, or delete it"]  # fmt: skip
+    g = tmp_path / "trailing.csv"
+    g.write_text("prompt,completion,\nq,a,\nq,b,x\n")
+    assert problems(g) == [
+        f"{g}:1: (unnamed column 3): the header names no column here, yet 1 row holds a value in it (line 3): an "
+        "unnamed column, such as the index pandas writes without to_csv(index=False); name the column in the header, "
+        "or delete it"]  # fmt: skip
+    g.write_text("prompt,completion,\nq,a,\nq,b,\n")
+    assert [r.data for r in read_records(g)] == [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "b"}]
+
+
 def test_csv_wrong_cell_count(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("prompt,completion\na,b\na,b,c\n")

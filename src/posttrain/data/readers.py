@@ -331,6 +331,7 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
     if twice:
         _fail(name, f"the header names {', '.join(map(repr, twice))} twice; each row would keep only the last "
                     "column's cell. Rename or delete one", 1)  # fmt: skip
+    unnamed: dict[int, list[int]] = {i: [] for i, h in enumerate(header) if not h}  # lines with a value there
     start = reader.line_num + 1
     while True:
         try:
@@ -353,19 +354,41 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
             )
             continue
         row: dict[str, Any] = {}
-        for col, cell in zip(header, cells):
+        for i, (col, cell) in enumerate(zip(header, cells)):
             if cell == "":
                 continue  # an empty cell is an absent field
+            if not col:  # said once for the file, below: the same on every row
+                unnamed[i].append(line)
+                continue
             row[col] = _csv_cell(col, cell, name, line, problems)
         records.append(Record(line, row))
+    if any(unnamed.values()):  # (an unnamed column left empty, as a trailing comma on every line makes, holds nothing)
+        raise DataError([Problem(name, 1, f"(unnamed column {i + 1})", _unnamed(lines))
+                         for i, lines in unnamed.items() if lines])  # fmt: skip
     carriage = [r.line for r in records if any(isinstance(v, str) and "\r" in v for v in r.data.values())]
     if carriage:  # a file whose line ends were all converted to Windows ones: its cells' line breaks too
-        shown = ", ".join(map(str, carriage[:5])) + (f" and {len(carriage) - 5} more" if len(carriage) > 5 else "")
         rows = f"{len(carriage)} rows hold" if len(carriage) > 1 else "1 row holds"
         warnings.warn(f"{name}: {rows} a carriage return (\\r, Windows line ends) inside a cell "
-                      f"(line{'s' if len(carriage) > 1 else ''} {shown}): kept as written, so the model reads it; save "
-                      "the file with \\n line ends if the text is not meant to hold it", stacklevel=2)  # fmt: skip
+                      f"({_some_lines(carriage)}): kept as written, so the model reads it; save the file with \\n line "
+                      "ends if the text is not meant to hold it", stacklevel=2)  # fmt: skip
     return records, problems
+
+
+def _some_lines(lines: list[int]) -> str:
+    """
+    >>> _some_lines([4]), _some_lines([2, 3, 5, 7, 11, 13, 17])
+    ('line 4', 'lines 2, 3, 5, 7, 11 and 2 more')
+    """
+    if len(lines) == 1:
+        return f"line {lines[0]}"
+    return f"lines {', '.join(map(str, lines[:5]))}" + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+
+
+def _unnamed(lines: list[int]) -> str:
+    rows = f"{len(lines)} rows hold" if len(lines) > 1 else "1 row holds"
+    return (f"the header names no column here, yet {rows} a value in it ({_some_lines(lines)}): an unnamed column, "
+            "such as the index pandas writes without to_csv(index=False); name the column in the header, or delete "
+            "it")  # fmt: skip
 
 
 def _csv_cell(col: str, cell: str, name: str, line: int, problems: list[Problem]) -> Any:
