@@ -140,6 +140,28 @@ def test_data_validate_names_the_row_where_a_line_holds_several(capsys, tmp_path
         {"file": str(g), "line": 2, "field": "completion", "message": "empty completion"}]
 
 
+def test_data_validate_says_the_readers_warnings_as_its_own(capsys, tiny_model_dir, tmp_path):
+    """The carriage-return warning of a CSV came as Python's `UserWarning` with a source path and code line on
+    stderr, and --json's `warnings` was `[]`."""
+    f = tmp_path / "crlf.csv"
+    f.write_bytes(b'prompt,completion\r\n"line one\r\nline two",ok\r\nplain,fine\r\n')
+    said = (f"{f}: 1 row holds a carriage return (\\r, Windows line ends) inside a cell (line 2): kept as written, so "
+            "the model reads it; save the file with \\n line ends if the text is not meant to hold it")  # fmt: skip
+    code, out, err = run(capsys, "data", "validate", str(f), "--json")
+    assert (code, err, json.loads(out)["warnings"]) == (0, "", [said])
+    code, out, err = run(capsys, "data", "validate", str(f))
+    assert (code, out, err) == (0, f"{f}: 2 sft rows OK (prompt/completion: 2)\nwarning: {said}\n", "")
+    code, out, err = run(capsys, "data", "validate", str(f), "--model", str(tiny_model_dir), "--max-length", "64")
+    # read twice (the rows, then their lengths): said once, and not taken for a row cut to max_length
+    assert (code, out) == (0, f"{f}: 2 sft rows OK (prompt/completion: 2); every row fits max_length=64\n"
+                              f"warning: {said}\n")
+    f.write_bytes(b'prompt,completion\r\n"line one\r\nline two",\r\n')  # and a problem: the warning is still said
+    code, out, err = run(capsys, "data", "validate", str(f), "--json")
+    assert code == 2 and json.loads(out)["warnings"] == [said] and err.splitlines()[:3] == [
+        f"{f}: 1 problem(s) in 1 of 1 rows; no sft data loaded", f"warning: {said}",
+        f"{f}:2: completion: missing required field"]
+
+
 def test_help_config_lists_fields(capsys):
     code, out, err = run(capsys, "train", "--help-config")
     assert code == 0 and "optim.lr" in out and "technique.r" in out

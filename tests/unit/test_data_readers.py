@@ -56,7 +56,7 @@ def test_csv_lines_and_json_cells(tmp_path):
 
 def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_a_problem(tmp_path):
     """`" "," "` is a row whose fields are blank: loading skipped it silently, where the same row in JSONL is named
-    (empty completion). A line of bare commas (a spreadsheet's empty row) was skipped too: a file of 3 data lines,
+    (empty prompt, empty completion). A line of bare commas (a spreadsheet's empty row) was skipped too: a file of 3 data lines,
     the middle one `,`, validated as 2 rows OK; it is a counted problem, as a JSONL `{}` row is. A blank line holds
     no row (as in JSONL)."""
     f = tmp_path / "d.csv"
@@ -64,7 +64,8 @@ def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_a_proble
     with pytest.raises(DataError) as info:
         load_rows(f, "sft")
     assert str(info.value).splitlines() == [
-        f"{f}: 2 problem(s) in 2 of 4 rows; no sft data loaded",
+        f"{f}: 3 problem(s) in 2 of 4 rows; no sft data loaded",
+        f"{f}:3: prompt: empty prompt",
         f"{f}:3: completion: empty completion",
         f"{f}:4: every cell is empty: fill the row in or delete the line",
     ]

@@ -3,9 +3,11 @@ on-policy preference pairs (`posttrain.data`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from posttrain.cli.output import (
@@ -198,24 +200,47 @@ def validate(args) -> Output:
             "--max-length checks sft and preference files; prompts files are checked when sampling"
         )
     columns = columns_given(args, args.kind, args.file)
+    said: list[str] = []  # the readers' warnings (carriage returns in CSV cells), once each
     try:
-        shapes = row_shapes(args.file, args.kind, columns)
-        notes = _check_lengths(args) if args.model is not None else []
+        with _warnings_into(said):
+            shapes = row_shapes(args.file, args.kind, columns)
+        notes = _check_lengths(args, said) if args.model is not None else []
     except DataError as err:
-        return _problems(args, err)
+        return _problems(args, err, said)
     text = shapes_summary(args.file, args.kind, shapes)
     if args.model is not None:
         fits = "every row's prompt fits" if notes else "every row fits"  # the notes name the rows that are cut
-        text += f"; {fits} max_length={args.max_length}" + "".join(f"\nwarning: {w}" for w in notes)
+        text += f"; {fits} max_length={args.max_length}"
+    text += "".join(f"\nwarning: {w}" for w in [*said, *notes])
     doc = {"file": args.file, "kind": args.kind, "rows": sum(shapes.values()), "shapes": shapes,
-           "max_length": args.max_length, "warnings": notes}  # fmt: skip
+           "max_length": args.max_length, "warnings": [*said, *notes]}  # fmt: skip
     return Output(doc=doc, text=text)
 
 
-def _problems(args, err: DataError) -> Output:
-    """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document."""
+@contextlib.contextmanager
+def _warnings_into(said: list[str]):
+    """The `UserWarning`s raised inside (the readers warn through Python's `warnings`, for the library's callers)
+    appended to `said`, once each, for the command to report as its own `warning:` lines and in its --json
+    document, not in Python's format with a source path and line. Other warnings are shown as they would be."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # Python's default says a warning once per line of code
+        try:
+            yield
+        finally:
+            for w in caught:
+                if not issubclass(w.category, UserWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif str(w.message) not in said:
+                    said.append(str(w.message))
+
+
+def _problems(args, err: DataError, said: list[str]) -> Output:
+    """Every problem on stderr (`FILE:LINE: field: message`); with --json also as a list in the document. `said`:
+    the readers' warnings, on stderr after the count and in the document's `warnings`."""
     if err.header:  # how many problems in how many rows, first (as a run's error says it)
         print(err.header, file=sys.stderr)
+    for w in said:
+        print(f"warning: {w}", file=sys.stderr)
     for line in problem_lines(err.problems):  # every distinct problem; one repeated on many rows is counted
         print(line, file=sys.stderr)
     if err.footer:  # how to read a file in another tool's columns (`schema._columns_hint`)
@@ -229,15 +254,13 @@ def _problems(args, err: DataError) -> Output:
     print(message, file=sys.stderr)
     problems = [{"file": p.file, "line": p.line, **({"row": p.row} if p.row is not None else {}), "field": p.field,
                  "message": p.message} for p in err.problems]  # fmt: skip
-    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems, "hint": err.footer}, code=EXIT_USER,
-                  error={"kind": "user", "message": message})  # fmt: skip
+    return Output(doc={"file": args.file, "kind": args.kind, "problems": problems, "hint": err.footer,
+                       "warnings": said}, code=EXIT_USER, error={"kind": "user", "message": message})  # fmt: skip
 
 
-def _check_lengths(args) -> list[str]:
+def _check_lengths(args, said: list[str]) -> list[str]:
     """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems; returns
-    the warnings rendering gave (e.g. responses truncated)."""
-    import warnings
-
+    the warnings rendering gave (e.g. responses truncated). The readers' warnings go to `said` (once each)."""
     from posttrain.config import ModelConfig
     from posttrain.data import load_rows, render_dataset, render_preference_dataset
     from posttrain.models import load_tokenizer
@@ -246,7 +269,8 @@ def _check_lengths(args) -> list[str]:
         raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     quiet_libraries()
     tokenizer = load_tokenizer(ModelConfig(name=args.model))
-    rows = load_rows(args.file, args.kind, columns_given(args, args.kind, args.file))
+    with _warnings_into(said):
+        rows = load_rows(args.file, args.kind, columns_given(args, args.kind, args.file))
     render = render_preference_dataset if args.kind == "preference" else render_dataset
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
