@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from posttrain.config_names import other_name
 from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
 from posttrain.yamlfile import line_of, load_yaml, yaml_problem
@@ -714,13 +715,18 @@ def _unknown_key(schema: type[BaseModel], loc: tuple, data: Any) -> str:
         if owners:
             return (f"not a setting of algorithm.name={section.model_fields['name'].default}; it belongs to "
                     f"{', '.join(owners)}")  # fmt: skip
+    # another tool's name for one of our settings (`train_file`): its meaning, not the nearest spelling
+    # (difflib's `data.train_on` for `data.train_file` is another setting)
+    if (advice := other_name(key)) is not None:
+        return f"unknown key; {advice} (`posttrain train --help-config` lists every field)"
     close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
     prefix = ".".join(str(p) for p in loc[:-1])
-    if not close and len(loc) == 2:  # a shared section's field written under another section
+    if not close and len(loc) <= 2:  # a shared section's field written under another section, or at the top level
         homes = [name for name, f in schema.model_fields.items() if name != loc[0] and isinstance(f.annotation, type)
                  and issubclass(f.annotation, BaseModel) and key in f.annotation.model_fields]  # fmt: skip
         if homes:
-            return (f"not a setting of `{loc[0]}`; it belongs to {' and '.join(f'`{h}` ({h}.{key})' for h in homes)}"
+            here = f"a setting of `{loc[0]}`" if len(loc) == 2 else "a top-level key"
+            return (f"not {here}; it belongs to {' and '.join(f'`{h}` ({h}.{key})' for h in homes)}"
                     " (`posttrain train --help-config` lists every field)")  # fmt: skip
     hint = f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else "check the spelling."
     return f"unknown key; {hint} (`posttrain train --help-config` lists every field)"

@@ -273,3 +273,49 @@ def test_a_folder_or_a_deeply_nested_file_as_the_run_config(tmp_path):
 def test_a_target_modules_pattern_with_brackets_is_a_string():
     """`[qv]_proj` is a regular expression, not a list cut short (only unbalanced brackets are refused)."""
     assert load_config(None, ["technique.target_modules=[qv]_proj"]).technique.target_modules == "[qv]_proj"
+
+
+HELP = " (`posttrain train --help-config` lists every field)"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        # another tool's name: its meaning, wherever it was written (difflib said `data.train_on` here)
+        (["data.train_file=x.jsonl"], "data.train_file: unknown key; did you mean `data.train`?" + HELP),
+        (["train_file=x.jsonl"], "train_file: unknown key; did you mean `data.train`?" + HELP),
+        (["optim.learning_rate=1e-4"], "optim.learning_rate: unknown key; did you mean `optim.lr`?" + HELP),
+        (["run.max_seq_length=256"], "run.max_seq_length: unknown key; did you mean `data.max_length`?" + HELP),
+        (["model_name_or_path=m"], "model_name_or_path: unknown key; did you mean `model.name`?" + HELP),
+        (["technique.lora_r=8"], "technique.lora_r: unknown key; did you mean `technique.r`?" + HELP),
+        (["optim.warmup_ratio=0.1"],
+         "optim.warmup_ratio: unknown key; posttrain has optim.warmup_steps only, a number of steps: a ratio of 0.1 "
+         "over a 500-step run is optim.warmup_steps=50" + HELP),
+        (["gradient_accumulation_steps=4"],
+         "gradient_accumulation_steps: unknown key; posttrain accumulates micro-batches itself: optim.batch_size is "
+         "the examples per optimisation step over all processes, optim.micro_batch_size the examples per forward pass "
+         "per process, and the micro-batches accumulated per step follow (batch_size / (micro_batch_size x "
+         "processes)); set those two instead" + HELP),
+        # one of our own fields at the top level: its section
+        (["lr=1e-4"], "lr: not a top-level key; it belongs to `optim` (optim.lr)" + HELP),
+        # the rest still goes to difflib
+        (["data.trian=x.jsonl"], "data.trian: unknown key; did you mean `data.train`?" + HELP),
+    ],
+)  # fmt: skip
+def test_an_unknown_key_in_another_tools_name_suggests_the_setting_it_means(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).splitlines() == ["command line: invalid configuration:", f"  {line}"]
+
+
+def test_every_setting_another_tools_name_points_to_exists():
+    """A suggestion names a field `--help-config` lists (the advice sentences too: every dotted name in them)."""
+    from posttrain.config import describe_fields
+    from posttrain.config_names import ADVICE, OTHER_NAMES
+
+    fields = {row[0] for row in describe_fields(RunConfig)}
+    named = set(OTHER_NAMES.values()) | {m for text in ADVICE.values() for m in re.findall(r"\b[a-z]+\.[a-z_]+", text)}
+    assert named - fields == set()
+    # and none is one of our own field names but seed and output_dir (given by the audit): those written under the
+    # wrong section are said to belong to theirs ("not a setting of `optim`; it belongs to `run`")
+    assert not set(OTHER_NAMES) & {name.rsplit(".", 1)[-1] for name in fields} - {"seed", "output_dir"}
