@@ -20,6 +20,7 @@ import difflib
 import importlib.util
 import os
 import re
+import shlex
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -694,7 +695,8 @@ def _section_at(schema: type[BaseModel], loc: tuple, data: Any) -> type[BaseMode
         if not (isinstance(node, type) and issubclass(node, BaseModel)) or part not in node.model_fields:
             return None
         if node is schema and part == "algorithm":
-            name = (data.get("algorithm") or {}).get("name") if isinstance(data, dict) else None
+            algorithm = data.get("algorithm") if isinstance(data, dict) else None
+            name = algorithm.get("name") if isinstance(algorithm, dict) else None
             node = schema.methods().get(name)
             continue
         node = node.model_fields[part].annotation
@@ -732,6 +734,54 @@ def _unknown_key(schema: type[BaseModel], loc: tuple, data: Any) -> str:
     return f"unknown key; {hint} (`posttrain train --help-config` lists every field)"
 
 
+def _not_a_section(schema: type[BaseModel], loc: tuple, data: Any, value: Any) -> str | None:
+    """What to write where a section (`loc`) was given a value (`model: tiny`, `model=tiny`): the value as the
+    section's `name` where it has one and the value could be a name, else the section's fields; None when `loc` is
+    not a section."""
+    where = ".".join(str(p) for p in loc)
+    section = AlgorithmSection if loc == ("algorithm",) else _section_at(schema, (*loc, "?"), data)
+    if section is None:
+        return None
+    if value is None or value == "":  # `model:` with nothing under it, or `model=`
+        return (f"{where} is a section, and it is empty here: give its fields under it "
+                f"({', '.join(section.model_fields)}), or remove it")  # fmt: skip
+    if "name" in section.model_fields and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return (f"{where} is a section, not a value: did you mean {where}.name: {_flow(value)} (command line: "
+                f"{_shell(f'{where}.name={_flow(value)}')})?")  # fmt: skip
+    return (f"{where} is a section, not a value: set its fields, {where}.FIELD: VALUE (command line: "
+            f"{where}.FIELD=VALUE); its fields are {', '.join(section.model_fields)}")  # fmt: skip
+
+
+def _not_a_list(schema: type[BaseModel], loc: tuple, data: Any, value: Any) -> str | None:
+    """What to write where a list field (`loc`) was given one item (`algorithm.rewards=numeric_answer`): the item in
+    a list, on the command line and in YAML; None where `loc` is not a field of its own (a union's list member,
+    `technique.target_modules.list[str]`) or nothing was given."""
+    section = _section_at(schema, loc, data)
+    if section is None or str(loc[-1]) not in section.model_fields or value is None:
+        return None
+    where, item = ".".join(str(p) for p in loc), _flow([value])
+    return f"must be a list: {_shell(f'{where}={item}')} (YAML: {loc[-1]}: {item})"
+
+
+def _flow(value: Any) -> str:
+    """`value` as YAML writes it on one line, as the config and its overrides read it back.
+
+    >>> _flow("tiny"), _flow(["numeric_answer"]), _flow([{"name": "task"}]), _flow(["a: b"])
+    ('tiny', '[numeric_answer]', '[{name: task}]', "['a: b']")
+    """
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31, allow_unicode=True).strip()
+    return text.removesuffix("...").strip()  # a plain scalar's document end marker
+
+
+def _shell(override: str) -> str:
+    """`override` as typed in a shell: quoted where a shell would split or change it.
+
+    >>> _shell("algorithm.rewards=[numeric_answer]"), _shell("algorithm.rewards=[{name: task}]")
+    ('algorithm.rewards=[numeric_answer]', "'algorithm.rewards=[{name: task}]'")
+    """
+    return override if re.fullmatch(r"[\w.,:/=+@%\[\]-]+", override) else shlex.quote(override)
+
+
 def _message(e: dict) -> str:
     """pydantic's message without its library wording ("Value error, ...", "Input should be ...")."""
     msg = e["msg"]
@@ -766,6 +816,12 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             where = "algorithm.name"
         elif e["type"] == "value_error" and loc:
             msg = _message(e)
+        elif e["type"] in ("model_type", "model_attributes_type") and (
+            better := _not_a_section(schema, loc, data, e.get("input"))
+        ):
+            msg = better
+        elif e["type"] == "list_type" and (better := _not_a_list(schema, loc, data, e.get("input"))):
+            msg = better
         else:
             msg = _message(e)
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):

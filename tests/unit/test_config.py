@@ -319,3 +319,37 @@ def test_every_setting_another_tools_name_points_to_exists():
     # and none is one of our own field names but seed and output_dir (given by the audit): those written under the
     # wrong section are said to belong to theirs ("not a setting of `optim`; it belongs to `run`")
     assert not set(OTHER_NAMES) & {name.rsplit(".", 1)[-1] for name in fields} - {"seed", "output_dir"}
+
+
+def test_a_section_or_a_list_given_one_value_says_what_to_write(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: tiny\ndata:\nalgorithm:\n  name: grpo\n  rewards: numeric_answer\n  rollout: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(err.value).splitlines()[1:] == [
+        "  model (line 1): model is a section, not a value: did you mean model.name: tiny (command line: "
+        "model.name=tiny)?",
+        "  data (line 2): data is a section, and it is empty here: give its fields under it (train, eval, max_length, "
+        "train_on, packing, share_prompt, shuffle, columns, ignore_columns, chat_template_kwargs), or remove it",
+        "  algorithm.rewards (line 5): must be a list: algorithm.rewards=[numeric_answer] (YAML: rewards: "
+        "[numeric_answer])",
+        "  algorithm.rollout (line 6): algorithm.rollout is a section, not a value: set its fields, "
+        "algorithm.rollout.FIELD: VALUE (command line: algorithm.rollout.FIELD=VALUE); its fields are engine, "
+        "vllm_gpu_memory_utilization, vllm_sleep, vllm_server_url, vllm_server_timeout, batch_size, epochs, "
+        "max_new_tokens, temperature, top_p, stop, generation_batch_size, merge_adapters, dtype, overlong, "
+        "overlong_reward, overlong_cache, tis_cap",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["algorithm=grpo"])
+    assert str(err.value).splitlines()[1:] == [
+        "  algorithm: algorithm is a section, not a value: did you mean "
+        "algorithm.name: grpo (command line: algorithm.name=grpo)?"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError) as err:  # a value the shell would split is quoted
+        load_config(None, ["algorithm.name=grpo", "algorithm.rewards={name: task}"])
+    assert str(err.value).splitlines()[1:] == [
+        "  algorithm.rewards: must be a list: "
+        "'algorithm.rewards=[{name: task}]' (YAML: rewards: [{name: task}])"
+    ]  # fmt: skip
+    # each fix as written is taken
+    load_config(None, ["model.name=tiny", "algorithm.name=grpo", "algorithm.rewards=[{name: task}]"])
