@@ -131,3 +131,23 @@ def test_task_verifier_on_a_data_file(capsys, tiny_model_dir, tmp_path):
     assert _table(out)["n"] == "4" and "correct" in _table(out)
     code, _, err = run(capsys, *base, "--task", "arithmetic", "--max-ops", "1")
     assert code == 2 and "--max-ops shape the rows made by --task" in err
+
+
+def test_an_sft_file_scored_by_exact_match_says_how_to_read_its_completion(capsys, tiny_model_dir, tmp_path, answers):
+    """An SFT file (prompt, completion) has no `answer`: the refusal gives two fixes, and each one runs (rows 0 and 1
+    hold the model's own answer, so exact_match scores 1, 1, 0, 0 either way)."""
+    sft = _write(tmp_path / "sft.jsonl", [{"prompt": p, "completion": a + ("" if i < 2 else " no")}
+                                          for i, (p, a) in enumerate(zip(PROMPTS, answers))])  # fmt: skip
+    base = ["evaluate", "--model", str(tiny_model_dir), "--data", sft, "--max-new-tokens", TOKENS]
+    code, out, err = run(capsys, *base, "--n", "1", "--reward", "exact_match")
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == (
+        f"{sft}:1: answer: missing: reward 'exact_match' (--reward #1) reads it; this row has: completion. The "
+        "reference is read from column answer: here --column answer=completion reads the completion as it, or "
+        """--reward '{"name": "exact_match", "args": {"column": "completion"}}' reads the completion"""
+    )  # fmt: skip
+    for fix in (["--reward", "exact_match", "--column", "answer=completion"],
+                ["--reward", '{"name": "exact_match", "args": {"column": "completion"}}']):  # fmt: skip
+        code, out, err = run(capsys, *base, *fix)
+        assert code == 0, err
+        assert (_table(out)["reward_mean"], _table(out)["reward_failures"]) == ("0.5", "0")

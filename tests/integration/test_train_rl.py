@@ -583,9 +583,12 @@ def test_reward_inputs_are_checked_before_the_model_loads(rl, tmp_path, monkeypa
     assert [str(p) for p in err.value.problems] == [  # every row, not the first one only
         *(f"{tmp_path / 'prompts.jsonl'}:{i}: tests: missing: reward 'code_exec' (algorithm.rewards[0]) reads it; "
           "this row has: answer" for i in range(1, n + 1)),
-        *(f"{tmp_path / 'prompts.jsonl'}:{i}: metadata.task: reward 'task' (algorithm.rewards[1]) has no args.task, "
-          "so each row must name its task in a `task` column or metadata.task; give args: {task: arithmetic} or "
-          "add the column" for i in range(1, n + 1)),
+        *(f"{tmp_path / 'prompts.jsonl'}:{i}: metadata.task: reward 'task' (algorithm.rewards[1]) scores the rows of "
+          "posttrain's built-in tasks, each naming its task in a `task` column or metadata.task (as `posttrain data "
+          "make arithmetic --kind prompts` writes them), and this row names none. For a file of your own with numeric "
+          "answers, algorithm.rewards=[numeric_answer] compares the completion's final answer with the number in "
+          "`answer` (in a text, its last: GSM8K's `#### 72`); for a built-in task's rows without their metadata, "
+          "name the task: {name: task, args: {task: arithmetic}} in algorithm.rewards" for i in range(1, n + 1)),
     ]  # fmt: skip
     with pytest.raises(ConfigError, match=r"algorithm.reward_model \(reward_model\): .* is not a folder"):
         train(rl("rm", **{"algorithm.reward_model": str(tmp_path / "nowhere")}))

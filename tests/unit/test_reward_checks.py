@@ -7,13 +7,13 @@ from posttrain.data.schema import Row
 from posttrain.errors import DataError
 from posttrain.rewards import build_reward_functions, parse_reward_specs
 from posttrain.rewards.builtin import numeric_match, to_number
-from posttrain.rewards.checks import check_reward_inputs
+from posttrain.rewards.checks import DIAGNOSE, EVALUATE, check_reward_inputs
 
 
-def _problems(reward, rows) -> list[str]:
+def _problems(reward, rows, *options, where="algorithm.rewards[{i}]") -> list[str]:
     rows = [Row(r, line=i) for i, r in enumerate(rows, start=1)]
     with pytest.raises(DataError) as err:
-        check_reward_inputs(parse_reward_specs([reward]), rows, "p.jsonl")
+        check_reward_inputs(parse_reward_specs([reward], where=where), rows, "p.jsonl", *options)
     assert str(err.value).splitlines()[0] == "p.jsonl: the rewards cannot score these rows:"
     return [str(p) for p in err.value.problems]
 
@@ -45,18 +45,78 @@ def test_a_gold_answer_too_large_for_a_float_matches_only_itself():
 
 
 def test_a_task_reward_names_rows_whose_task_it_cannot_find():
-    problems = _problems("task", [{"prompt": "a", "answer": 2, "metadata": {"task": "arithmetic"}},
-                                  {"prompt": "b", "answer": 2, "metadata": "arithmetic"},
-                                  {"prompt": "c", "answer": 2, "metadata": {"task": "arithmetc"}},
-                                  {"prompt": "d", "answer": 2, "task": "nope"},
-                                  {"prompt": "e", "answer": 2}])  # fmt: skip
+    missing, *problems = _problems("task", [{"prompt": "a", "answer": 2, "metadata": {"task": "arithmetic"}},
+                                            {"prompt": "b", "answer": 2, "metadata": "arithmetic"},
+                                            {"prompt": "c", "answer": 2, "metadata": {"task": "arithmetc"}},
+                                            {"prompt": "d", "answer": 2, "task": "nope"},
+                                            {"prompt": "e", "answer": 2}, {"prompt": "f"}])  # fmt: skip
     assert problems[0] == ("p.jsonl:2: metadata: must be a mapping such as {\"task\": \"arithmetic\"}, got str "
                            "'arithmetic'")  # fmt: skip
     assert problems[1].startswith("p.jsonl:3: metadata.task: unknown task 'arithmetc' for reward 'task'")
     assert problems[1].endswith("built-in tasks: arithmetic, structured")
     assert problems[2].startswith("p.jsonl:4: task: unknown task 'nope'")
-    assert problems[3].startswith("p.jsonl:5: metadata.task: reward 'task' (algorithm.rewards[0]) has no args.task")
-    assert len(problems) == 4
+    assert problems[3].startswith("p.jsonl:5: metadata.task: reward 'task' (algorithm.rewards[0]) scores the rows")
+    # a row with no answer either: the column is missing (columns are checked first), and it names no task
+    assert problems[4] == ("p.jsonl:6: metadata.task: reward 'task' (algorithm.rewards[0]) has no args.task, so each "
+                           "row must name its task in a `task` column or metadata.task; give args: {task: arithmetic} "
+                           "or add the column")  # fmt: skip
+    assert missing == "p.jsonl:6: answer: missing: reward 'task' (algorithm.rewards[0]) reads it; this row has: none"
+    assert len(problems) == 5
+
+
+GSM8K = {"prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How "
+                   "many clips did Natalia sell altogether in April and May?",
+         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                   "altogether in April and May.\n#### 72"}  # fmt: skip
+
+
+def test_a_task_reward_on_a_file_of_ones_own_answers_advises_numeric_answer():
+    """`posttrain train configs/grpo_lora.yaml data.train=gsm8k.jsonl` (its rewards: `task`) was told to give
+    args: {task: arithmetic}, which refused the GSM8K answers next; `numeric_answer` reads them (an audit)."""
+    own = ("scores the rows of posttrain's built-in tasks, each naming its task in a `task` column or metadata.task "
+           "(as `posttrain data make arithmetic --kind prompts` writes them), and this row names none. For a file of "
+           "your own with numeric answers, {numeric} compares the completion's final answer with the number in "
+           "`answer` (in a text, its last: GSM8K's `#### 72`); for a built-in task's rows without their metadata, "
+           "name the task: {task}")  # fmt: skip
+    in_run = own.format(numeric="algorithm.rewards=[numeric_answer]",
+                        task="{name: task, args: {task: arithmetic}} in algorithm.rewards")  # fmt: skip
+    assert _problems("task", [GSM8K]) == [f"p.jsonl:1: metadata.task: reward 'task' (algorithm.rewards[0]) {in_run}"]
+    in_evaluate = own.format(numeric="--reward numeric_answer",
+                             task="""--reward '{"name": "task", "args": {"task": "arithmetic"}}'""")  # fmt: skip
+    assert _problems("task", [GSM8K], EVALUATE, where="--reward #{n}") == [
+        f"p.jsonl:1: metadata.task: reward 'task' (--reward #1) {in_evaluate}"]
+    # naming the task: its verifier reads plain numbers, and the problem says what reads this one
+    assert _problems({"name": "task", "args": {"task": "arithmetic"}}, [GSM8K]) == [
+        f"p.jsonl:1: answer: {GSM8K['answer']!r} is not a number; reward 'task' (algorithm.rewards[0]) compares "
+        "answers with it; the numeric_answer reward reads it (its last number): algorithm.rewards=[numeric_answer]"]
+    # and it does: the check passes, and the completion's final answer is compared with the answer's last number
+    check_reward_inputs(parse_reward_specs(["numeric_answer"]), [Row(GSM8K, line=1)], "p.jsonl")
+    (reward,) = build_reward_functions(["numeric_answer"])
+    completions = ["She sold 24 in May, so 72 in all. Answer: 72", "#### 72", "72", "24", "Answer: 48"]
+    assert reward.fn([GSM8K["prompt"]] * 5, completions, answer=[GSM8K["answer"]] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_a_reference_answer_missing_from_a_file_with_one_other_column_says_how_to_read_that_one():
+    """`evaluate --reward exact_match` on an SFT file (prompt, completion) said `answer: missing` and no more."""
+    sft = [{"prompt": "Say hi", "completion": "hi"}]
+    missing = "p.jsonl:1: answer: missing: reward 'exact_match' ({where}) reads it; this row has: completion. "
+    assert _problems("exact_match", sft, EVALUATE, where="--reward #{n}") == [
+        missing.format(where="--reward #1") + "The reference is read from column answer: here --column "
+        """answer=completion reads the completion as it, or --reward '{"name": "exact_match", "args": """
+        """{"column": "completion"}}' reads the completion"""]  # fmt: skip
+    # diagnose has no --column; a training run renames with data.columns, and keeps the reward's other settings
+    assert _problems("exact_match", sft, DIAGNOSE, where="--reward #{n}") == [
+        missing.format(where="--reward #1") + "The reference is read from column answer: here --reward "
+        """'{"name": "exact_match", "args": {"column": "completion"}}' reads the completion"""]  # fmt: skip
+    spec = {"name": "exact_match", "weight": 2, "args": {"case_sensitive": False}}
+    assert _problems(spec, sft) == [
+        missing.format(where="algorithm.rewards[0]") + "The reference is read from column answer: here "
+        "data.columns.answer=completion reads the completion as it, or {name: exact_match, weight: 2.0, args: "
+        "{case_sensitive: false, column: completion}} in algorithm.rewards reads the completion"]  # fmt: skip
+    # several other columns: which holds the reference is the user's to say
+    assert _problems("exact_match", [{"prompt": "q", "completion": "a", "source": "b"}]) == [
+        "p.jsonl:1: answer: missing: reward 'exact_match' (algorithm.rewards[0]) reads it; this row has: completion, "
+        "source"]  # fmt: skip
 
 
 def test_a_gold_answer_the_task_verifier_cannot_read_is_named():

@@ -200,10 +200,11 @@ def _prompt_rows(args, verifier) -> list[dict]:
                         "with the row's `answer`")  # fmt: skip
     if verifier.kind == "reward":
         from posttrain.rewards import parse_reward_specs
-        from posttrain.rewards.checks import check_reward_inputs
+        from posttrain.rewards.checks import DIAGNOSE, check_reward_inputs
         from posttrain.rollout.pairs import parse_reward_args
 
-        check_reward_inputs(parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}"), rows, args.prompts)
+        specs = parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}")
+        check_reward_inputs(specs, rows, args.prompts, DIAGNOSE)
     return [{**r, "id": row_id(r, i)} for i, r in enumerate(rows)]
 
 

@@ -151,11 +151,11 @@ def _check_verifier(args) -> None:
 def _reward_functions(args, rows: list[dict]) -> list:
     """The --reward functions, after checking that the rows have the columns they read (before the model loads)."""
     from posttrain.rewards import build_reward_functions, parse_reward_specs
-    from posttrain.rewards.checks import check_reward_inputs
+    from posttrain.rewards.checks import EVALUATE, check_reward_inputs
     from posttrain.rollout.pairs import parse_reward_args
 
     specs = parse_reward_specs(parse_reward_args(args.reward), where="--reward #{n}")
-    check_reward_inputs(specs, rows, args.data)
+    check_reward_inputs(specs, rows, args.data, EVALUATE)
     return build_reward_functions(specs)
 
 
