@@ -151,3 +151,19 @@ def test_an_sft_file_scored_by_exact_match_says_how_to_read_its_completion(capsy
         code, out, err = run(capsys, *base, *fix)
         assert code == 0, err
         assert (_table(out)["reward_mean"], _table(out)["reward_failures"]) == ("0.5", "0")
+
+
+def test_a_reward_that_returns_one_value_for_all_the_answers_is_said_to_be_called_once_per_answer(capsys, tiny_model_dir,
+                                                                                                  tmp_path):  # fmt: skip
+    """`return [1.0]` for 4 answers: each answer is then scored alone (1.0, no failure), which training says and
+    evaluate did not (an audit)."""
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "answer": "3"} for p in PROMPTS])
+    (tmp_path / "one.py").write_text("def one(prompts, completions, **kwargs):\n    return [1.0]\n")
+    code, out, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--data", data, "--max-new-tokens", TOKENS,
+                         "--no-progress", "--reward", f"{tmp_path / 'one.py'}:one")  # fmt: skip
+    assert code == 0 and (_table(out)["reward_mean"], _table(out)["reward_failures"]) == ("1", "0")
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: --reward one: its call on the 4 answers failed (returned 1 values for 4 samples (at "
+        f"{tmp_path / 'one.py'}:1)), so it was called once per answer, and every answer scored that way; a function "
+        "that returns one value per completion is called once for them all"
+    ]  # fmt: skip

@@ -213,8 +213,9 @@ def _check_pairs_only_flags(args) -> None:
 
 def _report_reward_failures(result, n: int, rewards: list) -> None:
     """A reward that could not score some answers says so (they count with the fallback, 0); one that scored
-    none measured nothing, which is an error rather than a table of zeros. What a reward counts of its own
-    (`code_exec`'s timeouts: answers scored lower on a slower machine) is said too."""
+    none measured nothing, which is an error rather than a table of zeros; one whose call on all the answers failed
+    (it returned one value for them all) while each answer alone scored says it was called once per answer. What a
+    reward counts of its own (`code_exec`'s timeouts: answers scored lower on a slower machine) is said too."""
     notes = {r.name: getattr(r.fn, "event_notes", {}) for r in rewards}
     for name, counted in result.events.items():
         for event, count in counted.items():
@@ -222,9 +223,14 @@ def _report_reward_failures(result, n: int, rewards: list) -> None:
                 print(f"warning: --reward {name}: {count} of {n} answers: {notes[name].get(event, event)}",
                       file=sys.stderr)  # fmt: skip
     for name, failed in result.failures.items():
+        why = result.errors.get(name, "")
+        if not failed and why:  # the call on every answer failed, each answer alone scored: said as training says it
+            at = f" (at {result.sites[name]})" if name in result.sites else ""
+            print(f"warning: --reward {name}: its call on the {n} answers failed ({why}{at}), so it was called once "
+                  "per answer, and every answer scored that way; a function that returns one value per completion "
+                  "is called once for them all", file=sys.stderr)  # fmt: skip
         if not failed:
             continue
-        why = result.errors.get(name, "")
         if failed == n:
             raise UserError(f"--reward {name} could not score any answer ({why}); check that --data has the "
                             "columns it reads and that its args are right")  # fmt: skip
