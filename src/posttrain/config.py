@@ -204,6 +204,13 @@ class DataConfig(_Section):
     ignore_columns: list[str] = []
     """Columns of the file to leave out, e.g. `[source, category]`: SFT and preference rows refuse columns they do
     not read, and prompts rows pass every column to the reward functions. A name no row of a file has is refused."""
+    message_keys: dict[str, str] = Field(default_factory=dict)
+    """The keys the file's messages hold a role and a text under, key: the file's key, e.g. ShareGPT's
+    `{role: from, content: value}`; for every message list (messages, prompt, completion, chosen, rejected). A key no
+    message of a file has is refused."""
+    roles: dict[str, str] = Field(default_factory=dict)
+    """The file's names for the roles, role: the file's name, e.g. ShareGPT's `{user: human, assistant: gpt}`
+    (system, user, assistant). A name no message of a file has is refused."""
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
     prompt then ends with an empty think block and answers follow it). Written into the template
@@ -244,6 +251,30 @@ def column_problems(rename: Mapping[str, str], ignore: Iterable[str], kind: str 
     out += [f"{source[0]}: {ours!r} -> {theirs!r} renames a column to itself" for ours, theirs in rename.items()
             if ours == theirs]  # fmt: skip
     out += [f"column {c!r} is both renamed ({source[0]}) and left out ({source[1]})" for c in ignore if c in by_column]
+    return out
+
+
+def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
+                     source: tuple[str, str] = ("data.message_keys", "data.roles")) -> list[str]:  # fmt: skip
+    """What is wrong with `data.message_keys` (role/content -> the file's key) and `data.roles` (system, user,
+    assistant -> the file's role name), checked with the config.
+
+    >>> message_problems({"role": "from", "text": "value"}, {"user": "human", "bot": "gpt"})
+    ["data.message_keys: 'text' is not a key of a message (they read: role, content)", "data.roles: 'bot' is not a role (they are: system, user, assistant)"]
+    >>> message_problems({"role": "x", "content": "x"}, {"user": "human", "assistant": "human"})
+    ["data.message_keys: role and content both read the key 'x'", "data.roles: user and assistant both read the role 'human'"]
+    """
+    out: list[str] = []
+    for (name, valid, what), mapping in zip(((source[0], ("role", "content"), "a key of a message"),
+                                             (source[1], ("system", "user", "assistant"), "a role")),
+                                            (message_keys, roles)):  # fmt: skip
+        out += [f"{name}: {ours!r} is not {what} (they {'read' if what != 'a role' else 'are'}: {', '.join(valid)})"
+                for ours in mapping if ours not in valid]  # fmt: skip
+        by: dict[str, list[str]] = {}
+        for ours, theirs in mapping.items():
+            by.setdefault(theirs, []).append(ours)
+        noun = "key" if what != "a role" else "role"
+        out += [f"{name}: {' and '.join(fs)} both read the {noun} {t!r}" for t, fs in by.items() if len(fs) > 1]
     return out
 
 
@@ -663,7 +694,8 @@ class RunBase(_Section):
             raise ValueError(
                 f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response"
             )
-        if columns := column_problems(self.data.columns, self.data.ignore_columns, type(self.algorithm).data_kind):
+        if columns := column_problems(self.data.columns, self.data.ignore_columns, type(self.algorithm).data_kind) + \
+                message_problems(self.data.message_keys, self.data.roles):
             raise ValueError("\n".join(columns))
         if self.model.compile:
             self._check_compile()

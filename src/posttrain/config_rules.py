@@ -140,6 +140,8 @@ APPLIES: dict[str, When] = {
     "data.shuffle": ALWAYS,
     "data.columns": ALWAYS,
     "data.ignore_columns": ALWAYS,
+    "data.message_keys": ALWAYS,
+    "data.roles": ALWAYS,
     "data.chat_template_kwargs": ALWAYS,  # every method renders its rows with the template
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,

@@ -272,3 +272,16 @@ def test_a_file_in_its_own_column_names_trains_as_the_same_rows(capsys, tiny_mod
     mapped = train(theirs, tmp_path / "theirs", "data.columns={prompt: question, completion: answer}",
                    "data.ignore_columns=[source]")  # fmt: skip
     assert mapped == ours and len(ours) == 2
+
+
+def test_data_validate_reads_sharegpt_with_message_options(capsys, tmp_path):
+    f = tmp_path / "sg.jsonl"
+    f.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}) + "\n")
+    options = ["--column", "messages=conversations", "--message-key", "role=from", "--message-key", "content=value",
+               "--role", "user=human", "--role", "assistant=gpt"]  # fmt: skip
+    code, out, err = run(capsys, "data", "validate", str(f), *options)
+    assert (code, out) == (0, f"{f}: 1 sft rows OK (messages: 1)\n"), err
+    code, out, err = run(capsys, "data", "validate", str(f), *options, "--role", "user=person")
+    assert code == 2 and "--role gives user more than once: each is read from one name" in err
+    code, out, err = run(capsys, "data", "validate", str(f), *options[:2], "--role", "bot=gpt")
+    assert code == 2 and "--role: 'bot' is not a role (they are: system, user, assistant)" in err

@@ -169,3 +169,68 @@ def test_a_problem_on_every_row_is_listed_on_five_and_counted(tmp_path):
         f"{f}:31: completion: empty completion"]  # fmt: skip
     assert lines[7] == f"{f}: ... and 25 more rows with the same problem (completion: missing required field)"
     assert problem_lines(err.problems, same=40) == [str(p) for p in err.problems]
+
+
+SHAREGPT = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
+                               {"from": "gpt", "value": "4"}], "id": 1}]  # fmt: skip
+SHAREGPT_READ = Columns({"messages": "conversations"}, message_keys={"role": "from", "content": "value"},
+                        roles={"user": "human", "assistant": "gpt"})  # fmt: skip
+
+
+def test_messages_in_another_layout_read_as_the_same_chat(tmp_path):
+    """ShareGPT's conversations ({from: human|gpt|system, value}) through data.columns, data.message_keys and
+    data.roles: the rows of the same chat written in posttrain's names; in prompt/completion and pair sides too."""
+    ours = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"}], "id": 1}]  # fmt: skip
+    assert load_rows(write(tmp_path, SHAREGPT, "sg.jsonl"), "sft", SHAREGPT_READ) == load_rows(
+        write(tmp_path, ours, "ours.jsonl"), "sft")  # fmt: skip
+    # a prompts file of chats: the prompt before the last assistant turn, as for posttrain's own messages rows
+    (row,) = load_rows(write(tmp_path, SHAREGPT, "sg.jsonl"), "prompts", SHAREGPT_READ)
+    assert row == {"id": 1, "prompt": ours[0]["messages"][:2], "completion": "4"}
+    pairs = [{"prompt": [{"from": "human", "value": "hi"}], "chosen": [{"from": "gpt", "value": "hello"}],
+              "rejected": [{"from": "gpt", "value": "go"}]}]  # fmt: skip
+    (pair,) = load_rows(write(tmp_path, pairs, "p.jsonl"), "preference", Columns(
+        message_keys={"role": "from", "content": "value"}, roles={"user": "human", "assistant": "gpt"}))  # fmt: skip
+    assert pair["chosen"] == [{"role": "assistant", "content": "hello"}] and pair["prompt"][0]["role"] == "user"
+
+
+def test_message_problems_name_the_files_keys_and_unused_names_are_refused(tmp_path):
+    f = write(tmp_path, [{"conversations": [{"from": "human", "value": 3}, {"from": "robot", "value": "4"}]}])
+    err = refused(f, "sft", SHAREGPT_READ)
+    assert [str(p) for p in err.problems] == [
+        f"{f}: data.roles reads assistant from the role 'gpt', which no message has (their roles: human, robot)",
+        f"{f}:1: conversations[0].value: must be a string, got integer",
+        f"{f}:1: conversations[1].from: must be one of system, user, assistant; got 'robot'"]  # fmt: skip
+    g = write(tmp_path, SHAREGPT, "g.jsonl")
+    err = refused(g, "sft", Columns({"messages": "conversations"}, message_keys={"role": "from", "content": "text"}))
+    assert str(err.problems[0]) == (f"{g}: data.message_keys reads content from the key 'text', which no message has "
+                                    "(their keys: from, value)")  # fmt: skip
+
+
+def test_the_error_for_a_sharegpt_file_names_every_setting_that_reads_it(tmp_path):
+    f = write(tmp_path, SHAREGPT)
+    for given, expected in (
+        (None, "Read the file in its own names: data.columns: {messages: conversations} and data.message_keys: "
+               "{role: from, content: value} and data.roles: {user: human, assistant: gpt} in the run's config, or "
+               "--column messages=conversations --message-key role=from --message-key content=value --role "
+               "user=human --role assistant=gpt on the command line; see docs/data.md."),
+        (Columns({"messages": "conversations"}, cli=True),
+         "Read the file in its own names: data.message_keys: {role: from, content: value} and data.roles: {user: "
+         "human, assistant: gpt} in the run's config, or --message-key role=from --message-key content=value --role "
+         "user=human --role assistant=gpt on the command line; see docs/data.md."),
+    ):  # fmt: skip
+        assert refused(f, "sft", given).footer == expected
+    assert load_rows(f, "sft", SHAREGPT_READ)  # following it reads the file
+
+
+def test_message_settings_are_checked_with_the_config():
+    from posttrain.algorithms import load_config
+    from posttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.message_keys: 'text' is not a key of a message \(they read: role, "
+                                          r"content\)\n.*data.roles: 'bot' is not a role"):  # fmt: skip
+        load_config(None, ["data.message_keys={role: from, text: value}", "data.roles={bot: gpt}"])
+    cfg = load_config(None, ["data.message_keys={role: from, content: value}", "data.roles={user: human}"])
+    from posttrain.data.columns import run_columns
+
+    assert run_columns(cfg) == Columns(message_keys={"role": "from", "content": "value"}, roles={"user": "human"})

@@ -387,6 +387,9 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
                 stage["config"]["data"]["columns"] = dict(summary.columns)
             if summary.ignore_columns:
                 stage["config"]["data"]["ignore_columns"] = list(summary.ignore_columns)
+            for name in ("message_keys", "roles"):
+                if getattr(summary, name):
+                    stage["config"]["data"][name] = dict(getattr(summary, name))
     return out, notes
 
 

@@ -37,6 +37,8 @@ class DataSummary:
     p95_tokens: float  # approximate
     columns: dict[str, str] = field(default_factory=dict)  # --column: the file's own names (data.columns)
     ignore_columns: list[str] = field(default_factory=list)  # --ignore-column (data.ignore_columns)
+    message_keys: dict[str, str] = field(default_factory=dict)  # --message-key (data.message_keys)
+    roles: dict[str, str] = field(default_factory=dict)  # --role (data.roles)
 
 
 def row_shape(row: dict) -> str | None:
@@ -119,4 +121,6 @@ def summarise(path: str | Path, columns: Columns | None = None) -> DataSummary:
         p95_tokens=p95 / CHARS_PER_TOKEN,
         columns=dict(columns.rename),
         ignore_columns=list(columns.ignore),
+        message_keys=dict(columns.message_keys),
+        roles=dict(columns.roles),
     )

@@ -210,27 +210,42 @@ def add_columns(parser: argparse.ArgumentParser) -> None:
         "--ignore-column", action="append", default=[], metavar="COLUMN",
         help="leave the file's COLUMN out (repeatable), as data.ignore_columns does in training",
     )  # fmt: skip
+    parser.add_argument(
+        "--message-key", action="append", type=column_rename, default=[], metavar="KEY=FILE_KEY",
+        help="read the key FILE_KEY of the file's messages as role or content (repeatable), as data.message_keys "
+             "does in training: e.g. ShareGPT's --message-key role=from --message-key content=value",
+    )  # fmt: skip
+    parser.add_argument(
+        "--role", action="append", type=column_rename, default=[], metavar="ROLE=FILE_ROLE",
+        help="read the file's role name FILE_ROLE as system, user or assistant (repeatable), as data.roles does in "
+             "training: e.g. ShareGPT's --role user=human --role assistant=gpt",
+    )  # fmt: skip
 
 
 def columns_given(args, kind: str, path: str | None = None, flag: str = "--data"):
     """The `--column`/`--ignore-column` options as a `data.columns.Columns` for the file `path` (given as `flag`)
     of `kind`, refused (with what is wrong) where they cannot apply: no file, a field `kind` rows do not read, one
     column read twice."""
-    from posttrain.config import column_problems
+    from posttrain.config import column_problems, message_problems
     from posttrain.data.columns import Columns
     from posttrain.errors import UserError
 
-    rename, ignore = dict(getattr(args, "column", None) or []), tuple(getattr(args, "ignore_column", None) or [])
-    if (rename or ignore) and path is None:
-        given = "--column" if rename else "--ignore-column"
-        raise UserError(f"{given} names a data file's columns, and no file is read: give one with {flag} FILE")
-    if len(rename) < len(getattr(args, "column", None) or []):
-        fields = [f for f, _ in args.column]
-        twice = sorted({f for f in fields if fields.count(f) > 1})
-        raise UserError(f"--column gives {', '.join(twice)} more than once: a field is read from one column")
-    if problems := column_problems(rename, ignore, kind, source=("--column", "--ignore-column")):
+    given = {flag_: getattr(args, attr, None) or [] for flag_, attr in
+             (("--column", "column"), ("--ignore-column", "ignore_column"), ("--message-key", "message_key"),
+              ("--role", "role"))}  # fmt: skip
+    if path is None and (named := next((f for f, v in given.items() if v), None)):
+        raise UserError(f"{named} names what a data file holds, and no file is read: give one with {flag} FILE")
+    for name in ("--column", "--message-key", "--role"):
+        firsts = [f for f, _ in given[name]]
+        if twice := sorted({f for f in firsts if firsts.count(f) > 1}):
+            raise UserError(f"{name} gives {', '.join(twice)} more than once: each is read from one name")
+    rename, ignore = dict(given["--column"]), tuple(given["--ignore-column"])
+    keys, roles = dict(given["--message-key"]), dict(given["--role"])
+    problems = column_problems(rename, ignore, kind, source=("--column", "--ignore-column"))
+    problems += message_problems(keys, roles, source=("--message-key", "--role"))
+    if problems:
         raise UserError("; ".join(problems))
-    return Columns(rename, ignore, cli=True)
+    return Columns(rename, ignore, cli=True, message_keys=keys, roles=roles)
 
 
 def port(text: str) -> int:

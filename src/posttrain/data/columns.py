@@ -1,5 +1,8 @@
 """A data file's own column names: `data.columns` renames them to the fields posttrain reads, and
-`data.ignore_columns` leaves columns out (`--column OURS=THEIRS` and `--ignore-column NAME` on the command line).
+`data.ignore_columns` leaves columns out (`--column OURS=THEIRS` and `--ignore-column NAME` on the command line);
+inside its messages, `data.message_keys` renames their keys and `data.roles` their roles (ShareGPT's
+``{"from": "human", "value": ...}``: `--message-key role=from --message-key content=value --role user=human
+--role assistant=gpt`).
 
 Most files people have were not written for posttrain: ``question``/``answer`` where an SFT row reads
 ``prompt``/``completion``, or a ``source`` column that an SFT or preference row refuses as unknown. A `Columns`
@@ -34,9 +37,18 @@ class Columns:
     rename: Mapping[str, str] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()
     cli: bool = False
+    message_keys: Mapping[str, str] = field(default_factory=dict)
+    """``role``/``content`` -> the key a message of the file holds it under (ShareGPT: ``from``, ``value``)."""
+    roles: Mapping[str, str] = field(default_factory=dict)
+    """``system``/``user``/``assistant`` -> the file's name for that role (ShareGPT: ``human``, ``gpt``)."""
 
     def __bool__(self) -> bool:
-        return bool(self.rename or self.ignore)
+        return bool(self.rename or self.ignore or self.message_keys or self.roles)
+
+    @property
+    def message_source(self) -> tuple[str, str]:
+        """The two message settings' names as the user gave them."""
+        return ("--message-key", "--role") if self.cli else ("data.message_keys", "data.roles")
 
     @property
     def source(self) -> tuple[str, str]:
@@ -68,24 +80,96 @@ class Columns:
         for ours, theirs in self.rename.items():
             if theirs in data:
                 out[ours] = data[theirs]
+        if self.message_keys or self.roles:
+            for name in MESSAGE_FIELDS:
+                if isinstance(out.get(name), list):
+                    out[name] = [self._message(m) for m in out[name]]
         return out, clashes
+
+    def _message(self, message):
+        """One message with posttrain's keys and role names (anything but a dict is left for the checks)."""
+        if not isinstance(message, dict):
+            return message
+        moved = set(self.message_keys.values())
+        out = {k: v for k, v in message.items() if k not in moved or k in self.message_keys}
+        for ours, theirs in self.message_keys.items():
+            if theirs in message:
+                out[ours] = message[theirs]
+        role = {theirs: ours for ours, theirs in self.roles.items()}.get(out.get("role"))
+        if role is not None:
+            out["role"] = role
+        return out
 
     def file_field(self, name: str | None) -> str | None:
         """A problem's field (posttrain's name, e.g. ``prompt[1].content``) as the file calls it."""
         if not name:
             return name
         head, sep, rest = _split(name)
+        index, dot, key = rest.partition("].")
+        if sep == "[" and dot and key in self.message_keys:  # a message's key: messages[1].role -> [1].from
+            rest = f"{index}].{self.message_keys[key]}"
         return self.rename.get(head, head) + sep + rest
 
-    def unused(self, seen: Iterable[str]) -> list[str]:
-        """Messages for each column named in either setting that no row had (`seen`: every column of the file)."""
-        seen = set(seen)
+    def unused(self, seen: Iterable[str], keys: Iterable[str] = (), roles: Iterable[str] = ()) -> list[str]:
+        """Messages for each column named in either setting that no row had (`seen`: every column of the file), and
+        for each message key or role named that no message had (`keys`, `roles`: `message_parts` of every row)."""
+        seen, keys, roles = set(seen), set(keys), set(roles)
         out = [f"{self.source[0]} reads {ours} from column {theirs!r}, which no row has"
                for ours, theirs in self.rename.items() if theirs not in seen]  # fmt: skip
         out += [f"{self.source[1]} names column {name!r}, which no row has" for name in self.ignore if name not in seen]
         if out and seen:
             out[-1] += f" (its columns: {', '.join(sorted(seen))})"
+        said = len(out)
+        out += [f"{self.message_source[0]} reads {ours} from the key {theirs!r}, which no message has"
+                for ours, theirs in self.message_keys.items() if theirs not in keys]  # fmt: skip
+        if len(out) > said:
+            out[-1] += f" (their keys: {', '.join(sorted(keys)) or 'none'})"
+        said = len(out)
+        out += [f"{self.message_source[1]} reads {ours} from the role {theirs!r}, which no message has"
+                for ours, theirs in self.roles.items() if theirs not in roles]  # fmt: skip
+        if len(out) > said:
+            out[-1] += f" (their roles: {', '.join(sorted(roles)) or 'none'})"
         return out
+
+    def message_parts(self, data: dict) -> tuple[set[str], set[str]]:
+        """The keys and the role names (under the file's role key) of every message in a row's lists."""
+        keys: set[str] = set()
+        roles: set[str] = set()
+        # the file's role key: as set, else the first of the names layouts use for it (for the hint's guess)
+        role_keys = (self.message_keys["role"],) if "role" in self.message_keys else ("role", *_MESSAGE_KEYS["role"])
+        for value in data.values():
+            if isinstance(value, list):
+                for m in value:
+                    if isinstance(m, dict):
+                        keys.update(m)
+                        role = next((m[k] for k in role_keys if k in m), None)
+                        if isinstance(role, str):
+                            roles.add(role)
+        return keys, roles
+
+
+MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+"""The fields that may hold a list of messages (`data.message_keys` and `data.roles` apply to each)."""
+
+# Message keys and role names other layouts use (a suggestion in an error message; never applied).
+_MESSAGE_KEYS = {"role": ("from", "speaker", "author"), "content": ("value", "text", "message")}
+_ROLES = {"user": ("human", "prompter", "user_msg"), "assistant": ("gpt", "bot", "model", "chatbot", "assistant_msg")}
+
+
+def guess_messages(keys: set[str], roles: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The `message_keys` and `roles` that messages with `keys` and role names `roles` suggest (ShareGPT's).
+
+    >>> guess_messages({"from", "value"}, {"human", "gpt", "system"})
+    ({'role': 'from', 'content': 'value'}, {'user': 'human', 'assistant': 'gpt'})
+    >>> guess_messages({"role", "content"}, {"user", "model"})
+    ({}, {'assistant': 'model'})
+    """
+    found_keys = {} if {"role", "content"} <= keys else {
+        ours: k for ours, options in _MESSAGE_KEYS.items() if ours not in keys
+        for k in [next((o for o in options if o in keys), None)] if k is not None}  # fmt: skip
+    found_roles = {ours: r for ours, options in _ROLES.items() if ours not in roles
+                   for r in [next((o for o in options if o in roles), None)] if r is not None}  # fmt: skip
+    return found_keys, found_roles
 
 
 # Column names that often hold a field, most likely first (a suggestion in an error message; never applied).
@@ -95,6 +179,7 @@ _OFTEN = {
     "chosen": ("chosen_response", "response_chosen", "preferred", "better", "accepted"),
     "rejected": ("rejected_response", "response_rejected", "dispreferred", "worse"),
     "answer": ("solution", "final_answer", "ground_truth", "gold", "label", "target"),
+    "messages": ("conversations", "conversation", "dialog", "dialogue", "chat", "turns"),
 }
 
 
@@ -109,6 +194,8 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
     {'prompt': 'problem', 'answer': 'solution'}
     >>> guess_columns("sft", {"question", "notes"})
     {}
+    >>> guess_columns("sft", {"conversations", "id"})
+    {'messages': 'conversations'}
     """
     wanted = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
               "prompts": ("prompt", "answer")}[kind]  # fmt: skip
@@ -122,12 +209,19 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
             out[name] = found
             free.discard(found)
     needed = [f for f in wanted if f != "answer"]
-    return out if all(f in out or f in columns for f in needed) and out else {}
+    if all(f in out or f in columns for f in needed) and out:
+        return out
+    if kind != "preference" and "messages" not in columns:  # a chat under another name (ShareGPT's conversations)
+        found = next((c for c in _OFTEN["messages"] if c in columns), None)
+        if found is not None:
+            return {"messages": found}
+    return {}
 
 
 def run_columns(cfg) -> Columns:
-    """A run config's `data.columns` and `data.ignore_columns`."""
-    return Columns(dict(cfg.data.columns), tuple(cfg.data.ignore_columns))
+    """A run config's `data.columns`, `data.ignore_columns`, `data.message_keys` and `data.roles`."""
+    return Columns(dict(cfg.data.columns), tuple(cfg.data.ignore_columns), message_keys=dict(cfg.data.message_keys),
+                   roles=dict(cfg.data.roles))  # fmt: skip
 
 
 def _split(name: str) -> tuple[str, str, str]:

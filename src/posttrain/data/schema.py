@@ -30,7 +30,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from posttrain.config import DATA_FIELDS
-from posttrain.data.columns import Columns, guess_columns
+from posttrain.data.columns import Columns, guess_columns, guess_messages
 from posttrain.data.readers import _json_type, read_records_lenient
 from posttrain.errors import DataError, Problem
 
@@ -155,6 +155,8 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
     shapes: Counter = Counter()
     n_bad = n_unreadable
     seen: set[str] = set()
+    seen_keys: set[str] = set()
+    seen_roles: set[str] = set()
     for rec in records:
         found: list[Problem] = []
 
@@ -162,6 +164,9 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             found.append(Problem(name, line, columns.file_field(field), msg, row))
 
         seen.update(rec.data)
+        keys, roles = columns.message_parts(rec.data)  # for the check of the message settings, and the hint
+        seen_keys.update(keys)
+        seen_roles.update(roles)
         data, clashes = columns.apply(rec.data) if columns else (rec.data, [])
         for field, msg in clashes:
             found.append(Problem(name, rec.line, field, msg, rec.row))
@@ -175,20 +180,22 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
     if records:
-        problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen))
+        problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen, seen_keys, seen_roles))
     if problems:
         total = len(records) + n_unreadable
         where = f" in {n_bad} of {total} rows" if n_bad else ""
         header = f"{name}: {len(problems)} problem(s){where}; no {kind} data loaded"
         raise DataError(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), header=header if total else None,
-                        footer=_columns_hint(problems, kind, columns, seen))  # fmt: skip
+                        footer=_columns_hint(problems, kind, columns, seen, (seen_keys, seen_roles)))  # fmt: skip
     return rows, shapes
 
 
-def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: set[str]) -> str | None:
-    """How to read a file whose columns are not posttrain's, said once under the problems where a row had unknown
-    columns or none of the fields of `kind`: the renames its column names suggest (`guess_columns`), else an
-    example, and the columns left over.
+def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: set[str],
+                  message_parts: tuple[set[str], set[str]] = (set(), set())) -> str | None:  # fmt: skip
+    """How to read a file in its own names, said once under the problems where a row had unknown columns, none of
+    the fields of `kind`, or messages in another layout: the renames its column names suggest (`guess_columns`),
+    the columns left over, and the message keys and role names its messages suggest (`guess_messages`:
+    `message_parts`, the keys and roles of every message of the file); else an example.
 
     >>> print(_columns_hint([Problem("f", 1, None, "no sft fields: ...")], "sft", Columns(),
     ...                     {"instruction", "output", "source"}))
@@ -196,28 +203,46 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
     >>> print(_columns_hint([Problem("f", 1, "notes", "unknown field (allowed here: ...)")], "sft", Columns(),
     ...                     {"messages", "notes"}))
     Leave out the columns posttrain does not read: data.ignore_columns: [notes] in the run's config, or --ignore-column notes on the command line (or rename one to a field with data.columns); see docs/data.md.
+    >>> print(_columns_hint([Problem("f", 1, None, "no sft fields: ...")], "sft", Columns(), {"conversations", "id"},
+    ...                     ({"from", "value"}, {"human", "gpt"})))
+    Read the file in its own names: data.columns: {messages: conversations} and data.message_keys: {role: from, content: value} and data.roles: {user: human, assistant: gpt} in the run's config, or --column messages=conversations --message-key role=from --message-key content=value --role user=human --role assistant=gpt on the command line; see docs/data.md.
     """
     unknown = {p.field for p in problems if p.field and p.message.startswith("unknown field")
                and "[" not in p.field and "." not in p.field}  # fmt: skip
-    if not unknown and not any(p.message.startswith(f"no {kind} fields") for p in problems):
+    no_fields = any(p.message.startswith(f"no {kind} fields") for p in problems)
+    in_messages = any(p.field and "]." in p.field and (p.message.startswith(("unknown field", "missing required"))
+                      or p.message.startswith("must be one of system, user, assistant")) for p in problems)  # fmt: skip
+    if not unknown and not no_fields and not in_messages:
         return None
     guess = guess_columns(kind, seen - set(columns.rename.values())) if not columns.rename else {}
     left = unknown | (seen - set(guess.values()) if guess and kind != "prompts" else set())  # prompts keep them all
     left = sorted(left - set(DATA_FIELDS[kind]))[:8]
-    parts, flags = [], []
-    if guess:
-        parts.append(f"{columns.source[0]}: {{{', '.join(f'{k}: {v}' for k, v in guess.items())}}}")
-        flags += [f"--column {k}={v}" for k, v in guess.items()]
+    keys, roles = guess_messages(*message_parts) if in_messages or "messages" in guess else ({}, {})
+    keys = {} if columns.message_keys else keys
+    roles = {} if columns.roles else roles
+    parts, flags = [], []  # the run's settings and the command line's options, whichever gave the file
+    for name, mapping, flag in (("data.columns", guess, "--column"), ("data.message_keys", keys, "--message-key"),
+                                ("data.roles", roles, "--role")):  # fmt: skip
+        if mapping:
+            parts.append(f"{name}: {{{', '.join(f'{k}: {v}' for k, v in mapping.items())}}}")
+            flags += [f"{flag} {k}={v}" for k, v in mapping.items()]
     if left:
-        parts.append(f"{columns.source[1]}: [{', '.join(left)}]")
+        parts.append(f"data.ignore_columns: [{', '.join(left)}]")
         flags += [f"--ignore-column {c}" for c in left]
-    if not guess and not unknown:  # nothing to go on: an example
-        return (f"Rename the file's columns to the fields posttrain reads with {columns.source[0]}: {{FIELD: "
-                f"COLUMN}} (e.g. {{prompt: question, completion: answer}}; --column prompt=question on the command "
-                "line); see docs/data.md.")  # fmt: skip
-    head = ("Rename the file's columns to the fields posttrain reads" + (" and leave the others out" if left else "")
-            if guess else "Leave out the columns posttrain does not read")  # fmt: skip
-    tail = "" if guess else f" (or rename one to a field with {columns.source[0]})"
+    if not parts:  # nothing to go on: an example
+        if in_messages and not unknown and not no_fields:
+            return ("Messages in another layout read with data.message_keys: {role: KEY, content: KEY} and data.roles: "
+                    "{user: NAME, assistant: NAME} (--message-key role=KEY, --role user=NAME on the command line); "
+                    "see docs/data.md.")  # fmt: skip
+        return ("Rename the file's columns to the fields posttrain reads with data.columns: {FIELD: COLUMN} (e.g. "
+                "{prompt: question, completion: answer}; --column prompt=question on the command line); see "
+                "docs/data.md.")  # fmt: skip
+    if keys or roles:
+        head, tail = "Read the file in its own names", ""
+    elif guess:
+        head, tail = "Rename the file's columns to the fields posttrain reads" + (" and leave the others out" if left else ""), ""
+    else:
+        head, tail = "Leave out the columns posttrain does not read", " (or rename one to a field with data.columns)"
     return (f"{head}: {' and '.join(parts)} in the run's config, or {' '.join(flags)} on the command line{tail}; "
             "see docs/data.md.")
 
