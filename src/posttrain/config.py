@@ -196,11 +196,12 @@ class DataConfig(_Section):
     on), each example attending to them and its own tokens (docs/data.md)."""
     shuffle: bool = True
     """Shuffle examples every epoch (deterministically from `run.seed`)."""
-    columns: dict[str, str] = Field(default_factory=dict)
+    columns: dict[str, str | list[str]] = Field(default_factory=dict)
     """The file's own column names for the fields posttrain reads, field: column, e.g. `{prompt: question,
-    completion: answer}` (applied to `data.train` and `data.eval`). One column per field, renamed as it is
-    (join columns in the file first). Refused before the model loads: a field the method's rows do not read, and a
-    column that no row of a file has (docs/data.md)."""
+    completion: answer}` (applied to `data.train` and `data.eval`); a list of text columns is joined in order by a
+    blank line, e.g. Alpaca's `{prompt: [instruction, input], completion: output}` (an empty one left out). Refused
+    before the model loads: a field the method's rows do not read, and a column that no row of a file has
+    (docs/data.md)."""
     ignore_columns: list[str] = []
     """Columns of the file to leave out, e.g. `[source, category]`: SFT and preference rows refuse columns they do
     not read, and prompts rows pass every column to the reward functions. A name no row of a file has is refused."""
@@ -229,7 +230,7 @@ DATA_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 
-def column_problems(rename: Mapping[str, str], ignore: Iterable[str], kind: str | None,
+def column_problems(rename: Mapping[str, str | list[str]], ignore: Iterable[str], kind: str | None,
                     source: tuple[str, str] = ("data.columns", "data.ignore_columns")) -> list[str]:  # fmt: skip
     """What is wrong with the settings themselves (checked with the config, before any file is read).
     `kind`: the kind of file the run reads (None: not known, the field names are not checked).
@@ -242,7 +243,9 @@ def column_problems(rename: Mapping[str, str], ignore: Iterable[str], kind: str 
     out: list[str] = []
     by_column: dict[str, list[str]] = {}
     for ours, theirs in rename.items():
-        by_column.setdefault(theirs, []).append(ours)
+        for column in [theirs] if isinstance(theirs, str) else theirs:
+            by_column.setdefault(column, []).append(ours)
+    out += [f"{source[0]}: {ours!r} joins no column" for ours, theirs in rename.items() if not theirs]
     out += [f"{source[0]}: {' and '.join(fs)} both read column {c!r}: a column can be read as one field"
             for c, fs in by_column.items() if len(fs) > 1]  # fmt: skip
     if kind is not None and kind != "prompts":

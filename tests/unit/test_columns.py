@@ -119,7 +119,9 @@ def test_guess_columns_needs_every_field_of_a_shape():
     assert guess_columns("preference", {"query", "response_chosen"}) == {}
     assert guess_columns("prompts", {"prompt", "gold"}) == {"answer": "gold"}
     assert guess_columns("sft", {"prompt", "output"}) == {"completion": "output"}
-    assert guess_columns("sft", {"input", "instruction", "output"}) == {"prompt": "instruction", "completion": "output"}
+    # Alpaca: the input goes on the instruction's prompt (joined), not left out
+    assert guess_columns("sft", {"input", "instruction", "output"}) == {"prompt": ["instruction", "input"],
+                                                                        "completion": "output"}  # fmt: skip
 
 
 def test_run_config_refuses_settings_that_cannot_apply_before_anything_is_read():
@@ -234,3 +236,44 @@ def test_message_settings_are_checked_with_the_config():
     from posttrain.data.columns import run_columns
 
     assert run_columns(cfg) == Columns(message_keys={"role": "from", "content": "value"}, roles={"user": "human"})
+
+
+def test_a_field_can_read_several_text_columns_joined(tmp_path):
+    """Alpaca's instruction + input (Dolly's instruction + context): joined in order by a blank line, an empty one
+    left out; the file's columns are named as `instruction+input` in problems."""
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+              {"instruction": "Say hi.", "input": "", "output": "hi"},
+              {"instruction": "Name it.", "input": ["not", "text"], "output": "x"}]  # fmt: skip
+    f = write(tmp_path, alpaca)
+    read = Columns({"prompt": ["instruction", "input"], "completion": "output"})
+    err = refused(f, "sft", read)
+    assert [str(p) for p in err.problems] == [f"{f}:3: input: data.columns joins it into prompt, and it holds no text"]
+    rows = load_rows(write(tmp_path, alpaca[:2], "a.jsonl"), "sft", read)
+    assert [r["messages"][0]["content"] for r in rows] == ["Add the numbers.\n\n2 and 3", "Say hi."]
+    err = refused(write(tmp_path, [{"instruction": 5, "input": "x", "output": "y"}], "b.jsonl"), "sft", read)
+    assert str(err.problems[0]).endswith(":1: instruction: data.columns joins it into prompt, and it holds no text")
+    err = refused(write(tmp_path, [{"instruction": " ", "input": "", "output": "y"}], "e.jsonl"), "sft", read)
+    assert str(err.problems[0]).endswith(":1: instruction+input: empty prompt")  # the joined field names both
+    err = refused(write(tmp_path, [{"instruction": "a", "output": "b"}], "c.jsonl"), "sft", read)
+    assert [p.message for p in err.problems] == ["data.columns reads prompt from column 'input', which no row has "
+                                                 "(its columns: instruction, output)"]  # fmt: skip
+    # the error for an Alpaca file says the join, copy-pasteable in both forms
+    assert refused(write(tmp_path, alpaca[:2], "d.jsonl"), "sft", None).footer == (
+        "Rename the file's columns to the fields posttrain reads: data.columns: {prompt: [instruction, input], "
+        "completion: output} in the run's config, or --column prompt=instruction+input --column completion=output on "
+        "the command line; see docs/data.md.")  # fmt: skip
+
+
+def test_joined_columns_through_the_config_and_the_command_line(tmp_path, capsys):
+    from posttrain.algorithms import load_config
+    from posttrain.cli import main
+    from posttrain.data.columns import run_columns
+    from posttrain.errors import ConfigError
+
+    cfg = load_config(None, ["data.columns={prompt: [instruction, input], completion: output}"])
+    assert run_columns(cfg).rename == {"prompt": ["instruction", "input"], "completion": "output"}
+    with pytest.raises(ConfigError, match="data.columns: prompt and completion both read column 'input'"):
+        load_config(None, ["data.columns={prompt: [instruction, input], completion: input}"])
+    f = write(tmp_path, [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
+    assert main(["data", "validate", str(f), "--column", "prompt=instruction+input", "--column", "completion=output"]) == 0
+    assert capsys.readouterr().out == f"{f}: 1 sft rows OK (prompt/completion: 1)\n"

@@ -181,11 +181,12 @@ def add_template_vars(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def column_rename(text: str) -> tuple[str, str]:
-    """argparse type: ``FIELD=COLUMN``, a file's column read as one of posttrain's fields.
+def column_rename(text: str) -> tuple[str, str | list[str]]:
+    """argparse type: ``FIELD=COLUMN``, a file's column read as one of posttrain's fields (``FIELD=A+B``: columns
+    joined, as a list in `data.columns`).
 
-    >>> column_rename("prompt=question")
-    ('prompt', 'question')
+    >>> column_rename("prompt=question"), column_rename("prompt=instruction+input")
+    (('prompt', 'question'), ('prompt', ['instruction', 'input']))
     >>> column_rename("prompt")
     Traceback (most recent call last):
     argparse.ArgumentTypeError: must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got 'prompt'
@@ -195,7 +196,7 @@ def column_rename(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(
             f"must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got {text!r}"
         )
-    return field, column
+    return field, [c.strip() for c in column.split("+")] if "+" in column else column
 
 
 def add_columns(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +205,7 @@ def add_columns(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--column", action="append", type=column_rename, default=[], metavar="FIELD=COLUMN",
         help="read the file's COLUMN as posttrain's FIELD (repeatable), as data.columns does in training: "
-             "e.g. --column prompt=question",
+             "e.g. --column prompt=question; COLUMN+COLUMN joins text columns (Alpaca: --column prompt=instruction+input)",
     )  # fmt: skip
     parser.add_argument(
         "--ignore-column", action="append", default=[], metavar="COLUMN",
@@ -235,6 +236,8 @@ def columns_given(args, kind: str, path: str | None = None, flag: str = "--data"
               ("--role", "role"))}  # fmt: skip
     if path is None and (named := next((f for f, v in given.items() if v), None)):
         raise UserError(f"{named} names what a data file holds, and no file is read: give one with {flag} FILE")
+    if bad := [f for f, c in given["--message-key"] + given["--role"] if not isinstance(c, str)]:
+        raise UserError(f"--message-key and --role name one key or role each ({bad[0]}=...+... joins nothing there)")
     for name in ("--column", "--message-key", "--role"):
         firsts = [f for f, _ in given[name]]
         if twice := sorted({f for f in firsts if firsts.count(f) > 1}):

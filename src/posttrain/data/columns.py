@@ -8,8 +8,8 @@ Most files people have were not written for posttrain: ``question``/``answer`` w
 ``prompt``/``completion``, or a ``source`` column that an SFT or preference row refuses as unknown. A `Columns`
 maps each row before it is checked, so every check, error and count stays the same; problems are reported under the
 file's own column names (`Columns.file_field`), so ``FILE:LINE: question: must be a string`` points at what the
-user can see in the file. A rename is one column to one field, never several columns joined into one (an Alpaca
-row's ``instruction`` and ``input``: join them in the file first).
+user can see in the file. A field may also read several text columns joined, in order, by a blank line (an Alpaca
+row's ``{prompt: [instruction, input]}``; an empty one is left out); nothing else is ever joined.
 
 Nothing here is silent: a column named in either setting that no row of a file has is refused for that file
 (`Columns.unused`), and a row that holds both a renamed column and a column already called by the field it is
@@ -65,21 +65,38 @@ class Columns:
 
     def apply(self, data: dict) -> tuple[dict, list[tuple[str, str]]]:
         """The row with posttrain's field names, and (field, message) for each clash: a column that is already
-        called what another column is renamed to (unless that column is itself renamed or ignored)."""
-        renamed_from = set(self.rename.values())
+        called what another column is renamed to (unless that column is itself renamed or ignored), or a column
+        to join that holds no text.
+
+        >>> Columns({"prompt": ["instruction", "input"], "completion": "output"}).apply(
+        ...     {"instruction": "Add.", "input": "2 and 2", "output": "4"})
+        ({'prompt': 'Add.\\n\\n2 and 2', 'completion': '4'}, [])
+        >>> Columns({"prompt": ["instruction", "input"]}).apply({"instruction": "Say hi.", "input": ""})[0]
+        {'prompt': 'Say hi.'}
+        """
+        renamed_from = {c for theirs in self.rename.values() for c in sources(theirs)}
         out: dict = {}
         clashes: list[tuple[str, str]] = []
         for key, value in data.items():
             if key in self.ignore or key in renamed_from:
                 continue
-            if key in self.rename and self.rename[key] in data:
-                clashes.append((key, f"this row has both {key} and {self.rename[key]}, which {self.source[0]} reads "
-                                     f"as {key}: leave one out ({self.leave_out([key])})"))  # fmt: skip
+            if key in self.rename and any(c in data for c in sources(self.rename[key])):
+                clashes.append((key, f"this row has both {key} and {shown(self.rename[key])}, which {self.source[0]} "
+                                     f"reads as {key}: leave one out ({self.leave_out([key])})"))  # fmt: skip
                 continue
             out[key] = value
         for ours, theirs in self.rename.items():
-            if theirs in data:
-                out[ours] = data[theirs]
+            if isinstance(theirs, str):
+                if theirs in data:
+                    out[ours] = data[theirs]
+                continue
+            given = [(c, data[c]) for c in theirs if c in data]
+            if not given:
+                continue
+            if bad := [c for c, v in given if not isinstance(v, str)]:
+                clashes.append((bad[0], f"{self.source[0]} joins it into {ours}, and it holds no text"))
+                continue
+            out[ours] = "\n\n".join(v for _, v in given if v.strip())  # a blank one is left out
         if self.message_keys or self.roles:
             for name in MESSAGE_FIELDS:
                 if isinstance(out.get(name), list):
@@ -108,14 +125,14 @@ class Columns:
         index, dot, key = rest.partition("].")
         if sep == "[" and dot and key in self.message_keys:  # a message's key: messages[1].role -> [1].from
             rest = f"{index}].{self.message_keys[key]}"
-        return self.rename.get(head, head) + sep + rest
+        return (shown(self.rename[head]) if head in self.rename else head) + sep + rest
 
     def unused(self, seen: Iterable[str], keys: Iterable[str] = (), roles: Iterable[str] = ()) -> list[str]:
         """Messages for each column named in either setting that no row had (`seen`: every column of the file), and
         for each message key or role named that no message had (`keys`, `roles`: `message_parts` of every row)."""
         seen, keys, roles = set(seen), set(keys), set(roles)
-        out = [f"{self.source[0]} reads {ours} from column {theirs!r}, which no row has"
-               for ours, theirs in self.rename.items() if theirs not in seen]  # fmt: skip
+        out = [f"{self.source[0]} reads {ours} from column {c!r}, which no row has"
+               for ours, theirs in self.rename.items() for c in sources(theirs) if c not in seen]  # fmt: skip
         out += [f"{self.source[1]} names column {name!r}, which no row has" for name in self.ignore if name not in seen]
         if out and seen:
             out[-1] += f" (its columns: {', '.join(sorted(seen))})"
@@ -146,6 +163,20 @@ class Columns:
                         if isinstance(role, str):
                             roles.add(role)
         return keys, roles
+
+
+def sources(theirs: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The file's columns a field reads: one, or several joined."""
+    return (theirs,) if isinstance(theirs, str) else tuple(theirs)
+
+
+def shown(theirs: str | list[str] | tuple[str, ...]) -> str:
+    """How a field's columns are named in a message: ``question``, or ``instruction+input`` (joined).
+
+    >>> shown("question"), shown(["instruction", "input"])
+    ('question', 'instruction+input')
+    """
+    return "+".join(sources(theirs))
 
 
 MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
@@ -181,6 +212,8 @@ _OFTEN = {
     "answer": ("solution", "final_answer", "ground_truth", "gold", "label", "target"),
     "messages": ("conversations", "conversation", "dialog", "dialogue", "chat", "turns"),
 }
+# A prompt column whose text goes on in another (Alpaca's instruction + input, Dolly's instruction + context).
+_JOINED = {"instruction": ("input", "context")}
 
 
 def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
@@ -196,6 +229,8 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
     {}
     >>> guess_columns("sft", {"conversations", "id"})
     {'messages': 'conversations'}
+    >>> guess_columns("sft", {"instruction", "input", "output"})
+    {'prompt': ['instruction', 'input'], 'completion': 'output'}
     """
     wanted = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
               "prompts": ("prompt", "answer")}[kind]  # fmt: skip
@@ -210,6 +245,8 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
             free.discard(found)
     needed = [f for f in wanted if f != "answer"]
     if all(f in out or f in columns for f in needed) and out:
+        if (extra := next((c for c in _JOINED.get(out.get("prompt"), ()) if c in free), None)) is not None:
+            out["prompt"] = [out["prompt"], extra]  # Alpaca's input, Dolly's context: part of the prompt
         return out
     if kind != "preference" and "messages" not in columns:  # a chat under another name (ShareGPT's conversations)
         found = next((c for c in _OFTEN["messages"] if c in columns), None)

@@ -30,7 +30,7 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from posttrain.config import DATA_FIELDS
-from posttrain.data.columns import Columns, guess_columns, guess_messages
+from posttrain.data.columns import Columns, guess_columns, guess_messages, shown
 from posttrain.data.readers import _json_type, read_records_lenient
 from posttrain.errors import DataError, Problem
 
@@ -215,7 +215,8 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
     if not unknown and not no_fields and not in_messages:
         return None
     guess = guess_columns(kind, seen - set(columns.rename.values())) if not columns.rename else {}
-    left = unknown | (seen - set(guess.values()) if guess and kind != "prompts" else set())  # prompts keep them all
+    used = {c for v in guess.values() for c in ([v] if isinstance(v, str) else v)}
+    left = unknown | (seen - used if guess and kind != "prompts" else set())  # prompts keep them all
     left = sorted(left - set(DATA_FIELDS[kind]))[:8]
     keys, roles = guess_messages(*message_parts) if in_messages or "messages" in guess else ({}, {})
     keys = {} if columns.message_keys else keys
@@ -224,8 +225,8 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
     for name, mapping, flag in (("data.columns", guess, "--column"), ("data.message_keys", keys, "--message-key"),
                                 ("data.roles", roles, "--role")):  # fmt: skip
         if mapping:
-            parts.append(f"{name}: {{{', '.join(f'{k}: {v}' for k, v in mapping.items())}}}")
-            flags += [f"{flag} {k}={v}" for k, v in mapping.items()]
+            parts.append(f"{name}: {{{', '.join(f'{k}: {_yaml(v)}' for k, v in mapping.items())}}}")
+            flags += [f"{flag} {k}={shown(v)}" for k, v in mapping.items()]
     if left:
         parts.append(f"data.ignore_columns: [{', '.join(left)}]")
         flags += [f"--ignore-column {c}" for c in left]
@@ -245,6 +246,14 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
         head, tail = "Leave out the columns posttrain does not read", " (or rename one to a field with data.columns)"
     return (f"{head}: {' and '.join(parts)} in the run's config, or {' '.join(flags)} on the command line{tail}; "
             "see docs/data.md.")
+
+
+def _yaml(value: str | list[str]) -> str:
+    """
+    >>> _yaml("question"), _yaml(["instruction", "input"])
+    ('question', '[instruction, input]')
+    """
+    return value if isinstance(value, str) else f"[{', '.join(value)}]"
 
 
 def normalise_row(data: dict, kind: str = "sft", *, source: str = "data", line: int | None = None) -> Row:
