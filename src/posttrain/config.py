@@ -811,10 +811,12 @@ def _flow(value: Any) -> str:
 def _shell(override: str) -> str:
     """`override` as typed in a shell: quoted where a shell would split or change it.
 
-    >>> _shell("algorithm.rewards=[numeric_answer]"), _shell("algorithm.rewards=[{name: task}]")
-    ('algorithm.rewards=[numeric_answer]', "'algorithm.rewards=[{name: task}]'")
+    >>> _shell("model.name=tiny"), _shell("algorithm.rewards=[numeric_answer]")
+    ('model.name=tiny', "'algorithm.rewards=[numeric_answer]'")
+
+    Brackets are quoted too: zsh (macOS's shell) reads them as a file pattern and stops with "no matches found".
     """
-    return override if re.fullmatch(r"[\w.,:/=+@%\[\]-]+", override) else shlex.quote(override)
+    return override if re.fullmatch(r"[\w.,:/=+@%-]+", override) else shlex.quote(override)
 
 
 def _message(e: dict) -> str:

@@ -143,7 +143,7 @@ def test_an_sft_file_scored_by_exact_match_says_how_to_read_its_completion(capsy
     assert code == 2 and out == ""
     assert err.splitlines()[-1] == (
         f"{sft}:1: answer: missing: reward 'exact_match' (--reward #1) reads it; this row has: completion. The "
-        "reference is read from column answer: here --column answer=completion reads the completion as it, or "
+        "reference is read from column answer: here "
         """--reward '{"name": "exact_match", "args": {"column": "completion"}}' reads the completion"""
     )  # fmt: skip
     for fix in (["--reward", "exact_match", "--column", "answer=completion"],

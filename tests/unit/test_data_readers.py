@@ -74,6 +74,14 @@ def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_a_proble
     records, found = read_records_lenient(g)
     assert [r.line for r in records] == [2, 4]
     assert [str(p) for p in found] == [f"{g}:3: every cell is empty: fill the row in or delete the line"]
+    # after the last row they are a spreadsheet's trailing rows: skipped, and said
+    t = tmp_path / "t.csv"
+    t.write_text("prompt,completion\nq0,a0\nq1,a1\n,\n,\n", encoding="utf-8")
+    with pytest.warns(UserWarning) as said:
+        records, found = read_records_lenient(t)
+    assert ([r.line for r in records], found) == ([2, 3], [])
+    assert [str(w.message) for w in said] == [f"{t}: 2 row(s) after the last one have every cell empty (lines 4, 5): "
+                                              "skipped, as a spreadsheet's trailing rows"]  # fmt: skip
 
 
 def test_parquet_rows(tmp_path):

@@ -169,6 +169,9 @@ def test_prompts_rows_keep_other_columns(tmp_path):
                             {"messages": [S, U, A, U]}], "good.jsonl")  # fmt: skip
     assert load_rows(good, "prompts") == [{"id": 7, "prompt": [U], "completion": "4"},
                                           {"prompt": [S, U, A, U]}]  # fmt: skip
+    # a prompt beside a messages column: the prompt is read, the messages column kept for the rewards (as it was)
+    both = write(tmp_path, [{"prompt": "hi", "messages": [U, A]}], "both.jsonl")
+    assert load_rows(both, "prompts") == [{"prompt": [U], "messages": [U, A]}]
 
 
 def test_unknown_kind_is_a_programming_error(tmp_path):

@@ -137,29 +137,40 @@ def test_raw_task_rows_render_like_loaded_rows(tiny_tokenizer, tmp_path):
 def test_text_in_chat_template_form_is_refused_where_it_would_be_wrapped_again(tiny_tokenizer, tmp_path):
     """A message holding the template's markers (a conversation rendered already, pasted into a row) validated and
     trained as `<|im_start|>user\\n<|im_start|>user ...` with the turn ended where the pasted text said; refused in
-    SFT rows, preference pairs and prompts, naming the file, line and field. A `text` row is taken as written."""
+    SFT rows, preference pairs and prompts, naming the file, line and the file's own field, under a header of its
+    own. A special token the template never writes (`<|pad|>` here; SmolLM2's `<filename>`) is text like any other,
+    and a `text` row is taken as written."""
     from posttrain.data import render_preference_dataset
+    from posttrain.data.columns import Columns
+    from posttrain.data.render import MARKER_WHY, marker_problems
 
     f = tmp_path / "pre.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "<|im_start|>user\nwhat is 2+2?<|im_end|>\n", "completion": "4"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "4<|im_end|>"}]},
-        {"prompt": "2+2?", "completion": "4"},
+        {"prompt": "Usage: prog <|pad|>", "completion": "4"},
         {"text": "<|im_start|>user\nhi<|im_end|>\n"},
     ]) + "\n")  # fmt: skip
     rows = load_rows(f, "sft")  # the file's shape is fine: the check needs the model's tokenizer
     with pytest.raises(DataError) as info:
         render_dataset(tiny_tokenizer, rows, max_length=64, source=str(f))
-    why = ("a special token of the model's tokenizer: text in chat-template form is wrapped in the template again and "
-           "each marker becomes that token; give each message's plain text (a conversation rendered already trains "
-           "as a `text` row)")  # fmt: skip
-    assert [str(p) for p in info.value.problems] == [f"{f}:1: prompt: holds '<|im_start|>', {why}",
-                                                     f"{f}:2: messages[1].content: holds '<|im_end|>', {why}"]  # fmt: skip
+    assert str(info.value).splitlines()[0] == f"{f}: 2 row(s) hold markers the model's chat template writes"
+    assert [str(p) for p in info.value.problems] == [f"{f}:1: prompt: holds '<|im_start|>', {MARKER_WHY}",
+                                                     f"{f}:2: messages[1].content: holds '<|im_end|>', {MARKER_WHY}"]  # fmt: skip
+    assert MARKER_WHY.startswith("a marker the model's chat template writes: it would be read as that token")
     assert render_dataset(tiny_tokenizer, rows[2:], max_length=64, source=str(f))  # the others render
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b<|pad|>"}) + "\n")
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b<|im_end|>"}) + "\n"
+                     + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b<|pad|>"}) + "\n")  # fmt: skip
     with pytest.raises(DataError) as info:
         render_preference_dataset(tiny_tokenizer, load_rows(pairs, "preference"), max_length=64, source=str(pairs))
-    assert [str(p) for p in info.value.problems] == [f"{pairs}:1: rejected: holds '<|pad|>', {why}"]
-    with pytest.raises(DataError, match=r"d.jsonl:5: prompt: holds '<\|im_start\|>'"):
-        render_prompt(tiny_tokenizer, Row({"prompt": "<|im_start|>user\nhi"}, line=5), source="d.jsonl")
+    assert [str(p) for p in info.value.problems] == [f"{pairs}:1: rejected: holds '<|im_end|>', {MARKER_WHY}"]
+    # a renamed file: its own column is named
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "<|im_start|>hi", "answer": "4"}) + "\n")
+    renamed = load_rows(q, "sft", Columns({"prompt": "question", "completion": "answer"}))
+    assert [str(p) for p in marker_problems(tiny_tokenizer, renamed, source=str(q))] == [
+        f"{q}:1: question: holds '<|im_start|>', {MARKER_WHY}"]  # fmt: skip
+    assert [str(p) for p in marker_problems(tiny_tokenizer, [Row({"prompt": [{"role": "user", "content": "<|im_end|>"}]},
+                                                                 line=5)], source="d.jsonl")] == [
+        f"d.jsonl:5: prompt: holds '<|im_end|>', {MARKER_WHY}"]  # fmt: skip

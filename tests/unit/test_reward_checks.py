@@ -100,10 +100,15 @@ def test_a_reference_answer_missing_from_a_file_with_one_other_column_says_how_t
     """`evaluate --reward exact_match` on an SFT file (prompt, completion) said `answer: missing` and no more."""
     sft = [{"prompt": "Say hi", "completion": "hi"}]
     missing = "p.jsonl:1: answer: missing: reward 'exact_match' ({where}) reads it; this row has: completion. "
+    # the reward's column arg, not a rename: a chat read as a prompt holds a completion its file does not
     assert _problems("exact_match", sft, EVALUATE, where="--reward #{n}") == [
-        missing.format(where="--reward #1") + "The reference is read from column answer: here --column "
-        """answer=completion reads the completion as it, or --reward '{"name": "exact_match", "args": """
-        """{"column": "completion"}}' reads the completion"""]  # fmt: skip
+        missing.format(where="--reward #1") + "The reference is read from column answer: here --reward "
+        """'{"name": "exact_match", "args": {"column": "completion"}}' reads the completion"""]  # fmt: skip
+    gold = [{"prompt": "Say hi", "gold": "hi"}]  # another column: renaming it reads it too
+    assert _problems("exact_match", gold, EVALUATE, where="--reward #{n}") == [
+        "p.jsonl:1: answer: missing: reward 'exact_match' (--reward #1) reads it; this row has: gold. The reference is "
+        "read from column answer: here --column answer=gold reads the gold as it, or --reward '{\"name\": "
+        """"exact_match", "args": {"column": "gold"}}' reads the gold"""]  # fmt: skip
     # diagnose has no --column; a training run renames with data.columns, and keeps the reward's other settings
     assert _problems("exact_match", sft, DIAGNOSE, where="--reward #{n}") == [
         missing.format(where="--reward #1") + "The reference is read from column answer: here --reward "
@@ -111,8 +116,8 @@ def test_a_reference_answer_missing_from_a_file_with_one_other_column_says_how_t
     spec = {"name": "exact_match", "weight": 2, "args": {"case_sensitive": False}}
     assert _problems(spec, sft) == [
         missing.format(where="algorithm.rewards[0]") + "The reference is read from column answer: here "
-        "data.columns.answer=completion reads the completion as it, or {name: exact_match, weight: 2.0, args: "
-        "{case_sensitive: false, column: completion}} in algorithm.rewards reads the completion"]  # fmt: skip
+        "{name: exact_match, weight: 2.0, args: {case_sensitive: false, column: completion}} in algorithm.rewards "
+        "reads the completion"]  # fmt: skip
     # several other columns: which holds the reference is the user's to say
     assert _problems("exact_match", [{"prompt": "q", "completion": "a", "source": "b"}]) == [
         "p.jsonl:1: answer: missing: reward 'exact_match' (algorithm.rewards[0]) reads it; this row has: completion, "

@@ -310,6 +310,9 @@ def pairs(args) -> Output:
     from posttrain.evaluation import load_for_inference  # after quiet_libraries: it decides the hub's mode
 
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
+    from posttrain.data.render import refuse_markers
+
+    refuse_markers(tokenizer, todo, source=args.prompts)  # the file's rows, with their lines, before any sampling
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as f:
 

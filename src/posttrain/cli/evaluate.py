@@ -112,6 +112,10 @@ def run(args) -> Output:
             raise UserError(f"--judge: {why}")
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
+    if args.data is not None:  # the file's rows, with their lines, before anything is decoded
+        from posttrain.data.render import refuse_markers
+
+        refuse_markers(tokenizer, rows, source=args.data)
     completions = generate_answers(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         sample_seed=args.seed, progress=None if args.no_progress else "evaluate",

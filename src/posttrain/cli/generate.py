@@ -54,6 +54,10 @@ def run(args) -> Output:
     if not items:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
+    if args.prompts_file:  # the file's rows, with their lines, before anything is decoded
+        from posttrain.data.render import refuse_markers
+
+        refuse_markers(tokenizer, rows, source=args.prompts_file)
     outs = generate(
         model,
         tokenizer,

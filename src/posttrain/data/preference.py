@@ -42,7 +42,7 @@ from typing import Any
 from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
-from posttrain.data.render import Rendered, check_markers, lines_text, render_all, render_sft
+from posttrain.data.render import Rendered, lines_text, refuse_markers, render_all, render_sft
 from posttrain.data.schema import load_rows, normalise_row
 from posttrain.errors import ConfigError, DataError, Problem
 
@@ -97,8 +97,6 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
     if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
         row = normalise_row(row, "preference", source=source, line=line)
     prompt = row["prompt"]
-    check_markers(tokenizer, prompt + row["chosen"] + row["rejected"], source=source, line=line,
-                  fields=["prompt"] * len(prompt) + ["chosen"] * len(row["chosen"]) + ["rejected"] * len(row["rejected"]))
     sides = []
     for key in ("chosen", "rejected"):
         convo = {"messages": prompt + row[key], "completion_only": True, "n_prompt": len(prompt)}
@@ -162,6 +160,7 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
     """Render every pair; rows whose prompt leaves no room raise together; warn once with the truncated count.
     A pair whose sides are the same tokens once cut raises too (training: it carries no preference), unless
     `allow_identical` (evaluation: it scores a tie, counted in the warning)."""
+    refuse_markers(tokenizer, rows, source=source)
     out: list[RenderedPair] = render_all(
         lambda row: render_pair(tokenizer, row, max_length=max_length, source=source, allow_identical=allow_identical),
         rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",

@@ -14,7 +14,7 @@ from typing import Any
 
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
-from posttrain.data.render import render_prompt
+from posttrain.data.render import marker_problems, render_prompt
 from posttrain.data.schema import load_rows
 from posttrain.errors import ConfigError, DataError, Problem
 
@@ -45,11 +45,10 @@ def render_prompts(cfg, tokenizer, rows) -> PreparedData:
     examples, problems = [], []
     for row in rows:
         line = getattr(row, "line", None)
-        try:
-            ids = render_prompt(tokenizer, row, source=cfg.data.train)
-        except DataError as err:  # a prompt holding the template's markers (`check_markers`): said with the rest
-            problems.extend(err.problems)
+        if marked := marker_problems(tokenizer, [row], source=cfg.data.train):  # said with the rest
+            problems.extend(marked)
             continue
+        ids = render_prompt(tokenizer, row)
         if len(ids) > room:
             problems.append(Problem(cfg.data.train, line, "prompt", (
                 f"prompt is {len(ids)} tokens; data.max_length ({cfg.data.max_length}) minus "

@@ -332,6 +332,7 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         _fail(name, f"the header names {', '.join(map(repr, twice))} twice; each row would keep only the last "
                     "column's cell. Rename or delete one", 1)  # fmt: skip
     unnamed: dict[int, list[int]] = {i: [] for i, h in enumerate(header) if not h}  # lines with a value there
+    empty: list[int] = []  # lines of bare commas
     start = reader.line_num + 1
     while True:
         try:
@@ -345,8 +346,8 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
         line, start = start, reader.line_num + 1
         if not cells:  # a blank line holds no row, as in JSON Lines
             continue
-        if all(c == "" for c in cells):  # bare commas: a row with nothing in it, named as a JSONL `{}` row is
-            problems.append(Problem(name, line, None, "every cell is empty: fill the row in or delete the line"))
+        if all(c == "" for c in cells):  # bare commas: a row with nothing in it (said below: where it stands)
+            empty.append(line)
             continue  # (cells of spaces are a row: its fields are checked, and empty ones named)
         if len(cells) != len(header):
             problems.append(
@@ -362,6 +363,14 @@ def _read_csv(text: str, name: str) -> tuple[list[Record], list[Problem]]:
                 continue
             row[col] = _csv_cell(col, cell, name, line, problems)
         records.append(Record(line, row))
+    # Bare commas after the last row are a spreadsheet's trailing rows: skipped, and said; among the rows, a row
+    # with nothing in it is named as a JSONL `{}` row is (a row lost from the middle of the data)
+    last = max([r.line for r in records] + [p.line or 0 for p in problems], default=0)
+    problems += [Problem(name, line, None, "every cell is empty: fill the row in or delete the line")
+                 for line in empty if line < last]  # fmt: skip
+    if trailing := [line for line in empty if line > last]:
+        warnings.warn(f"{name}: {len(trailing)} row(s) after the last one have every cell empty ({_some_lines(trailing)}): "
+                      "skipped, as a spreadsheet's trailing rows", stacklevel=2)  # fmt: skip
     if any(unnamed.values()):  # (an unnamed column left empty, as a trailing comma on every line makes, holds nothing)
         raise DataError([Problem(name, 1, f"(unnamed column {i + 1})", _unnamed(lines))
                          for i, lines in unnamed.items() if lines])  # fmt: skip

@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from posttrain.data.schema import normalise_row
+from posttrain.data.schema import normalise_row, problem_at
 from posttrain.errors import ConfigError, DataError, Problem, UserError
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -303,9 +303,6 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
             ids = [*ids, tokenizer.eos_token_id]
         mask = [1] * len(ids)
     else:
-        n_prompt = row.get("n_prompt")
-        fields = None if n_prompt is None else ["prompt" if k < n_prompt else "completion" for k in range(len(row["messages"]))]
-        check_markers(tokenizer, row["messages"], source=source, line=getattr(row, "line", None), fields=fields)
         text = chat_text(tokenizer, row["messages"])
         spans = _assistant_spans(tokenizer, row["messages"], text, first=row.get("n_prompt", 0))
         ids, mask = _tokenize_with_spans(tokenizer, text, spans)
@@ -322,62 +319,84 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
     return Rendered(ids, mask, truncated)
 
 
-_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the text of its special tokens
+_MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the template's markers
+_MARKER_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
 
-def special_token_texts(tokenizer) -> tuple[str, ...]:
-    """The text of every special token of `tokenizer` (its BOS, EOS, pad and the chat template's markers such
-    as ``<|im_start|>``), longest first; each becomes one token wherever it stands in a text."""
+def template_markers(tokenizer) -> tuple[str, ...]:
+    """The special tokens the chat template writes around the messages (ChatML's ``<|im_start|>`` and
+    ``<|im_end|>``, Llama 3's ``<|start_header_id|>`` ..., Llama 2's ``<s>`` and ``</s>``), longest first: each becomes
+    that one token wherever it stands in a text. Special tokens the template never writes (SmolLM2's StarCoder
+    names such as ``<filename>``) are left out: in a message they are text like any other.
+
+    >>> from posttrain.testing import tiny_tokenizer
+    >>> template_markers(tiny_tokenizer())
+    ('<|im_start|>', '<|im_end|>')
+    """
     try:
-        return _SPECIALS[tokenizer]
+        return _MARKERS[tokenizer]
     except (KeyError, TypeError):
         pass
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or []}
     found |= {str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
               if getattr(t, "special", False)}  # fmt: skip
-    out = tuple(sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t)))
+    text = chat_text(tokenizer, _MARKER_PROBE) + chat_text(tokenizer, _MARKER_PROBE[:1], add_generation_prompt=True)
+    out = tuple(sorted((t for t in found if t.strip() and t in text), key=lambda t: (-len(t), t)))
     try:
-        _SPECIALS[tokenizer] = out
+        _MARKERS[tokenizer] = out
     except TypeError:  # not weak-referenceable: recomputed next time
         pass
     return out
 
 
-def check_markers(tokenizer, messages: list[dict], *, source: str, line: int | None,
-                  fields: list[str] | None = None) -> None:  # fmt: skip
-    """Refuse messages whose text holds one of the tokenizer's special tokens (`DataError`, one problem per
-    message): a conversation already rendered with a chat template (``<|im_start|>user ...``), pasted into a
-    message, is wrapped in the template again, and each marker in it becomes the real token, so the rendered turns
-    nest and end where the pasted text says. `fields`: each message's field name for the problem (default
-    ``messages[k].content``). A `text` row is not checked: its text is taken as written, markers and all.
+MARKER_WHY = ("a marker the model's chat template writes: it would be read as that token, opening or ending a turn "
+              "where the text says, not as characters (text already in chat-template form is wrapped in the template "
+              "again); give each message's plain text")  # fmt: skip
+
+
+def _row_messages(row: dict) -> list[tuple[str, dict]]:
+    """(field, message) for every message of a normalised row of any kind, the field as its problem names it."""
+    if "messages" in row:
+        n = row.get("n_prompt")
+        return [(f"messages[{k}].content" if n is None else ("prompt" if k < n else "completion"), m)
+                for k, m in enumerate(row["messages"])]  # fmt: skip
+    out = []
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        out += [(key, m) for m in ([{"content": value}] if isinstance(value, str) else value or [])]
+    return out
+
+
+def marker_problems(tokenizer, rows, *, source: str) -> list[Problem]:
+    """One problem per message of `rows` (normalised, any kind) that holds one of the chat template's markers
+    (`template_markers`), located as the row's load-time problems are (`schema.problem_at`). A `text` row is not
+    checked: its text is taken as written, markers and all.
 
     >>> from posttrain.testing import tiny_tokenizer
-    >>> tok = tiny_tokenizer()
-    >>> marker = special_token_texts(tok)[0]
-    >>> check_markers(tok, [{"role": "user", "content": "hi"}], source="d.jsonl", line=3)
-    >>> try:
-    ...     check_markers(tok, [{"role": "user", "content": "hi" + marker}], source="d.jsonl", line=3)
-    ... except DataError as err:
-    ...     print(str(err).replace(marker, "MARKER"))
-    d.jsonl:3: messages[0].content: holds 'MARKER', a special token of the model's tokenizer: text in chat-template form is wrapped in the template again and each marker becomes that token; give each message's plain text (a conversation rendered already trains as a `text` row)
+    >>> from posttrain.data.schema import Row
+    >>> rows = [Row({"prompt": [{"role": "user", "content": "hi<|im_end|>"}]}, line=3), {"prompt": "Usage: <filename>"}]
+    >>> [str(p).split(", a marker")[0] for p in marker_problems(tiny_tokenizer(), rows, source="d.jsonl")]
+    ["d.jsonl:3: prompt: holds '<|im_end|>'"]
     """
-    specials = special_token_texts(tokenizer)
+    markers = template_markers(tokenizer)
     problems = []
-    for k, m in enumerate(messages):
-        hit = next((t for t in specials if t in m["content"]), None)
-        if hit is not None:
-            field = fields[k] if fields is not None else f"messages[{k}].content"
-            problems.append(Problem(source, line, field, (
-                f"holds {hit!r}, a special token of the model's tokenizer: text in chat-template form is wrapped in "
-                "the template again and each marker becomes that token; give each message's plain text (a "
-                "conversation rendered already trains as a `text` row)")))  # fmt: skip
-    if problems:
-        raise DataError(problems)
+    for row in rows:
+        for field, m in _row_messages(row):
+            hit = next((t for t in markers if t in m["content"]), None)
+            if hit is not None:
+                problems.append(problem_at(source, row, field, f"holds {hit!r}, {MARKER_WHY}"))
+    return problems
 
 
-def render_prompt(tokenizer, row: dict, *, source: str = "data") -> list[int]:
-    """Token ids of a row's prompt followed by the generation prompt (for evaluation and sampling); a prompt
-    holding a special token of the tokenizer is a `DataError` naming `source` and the row's line (`check_markers`).
+def refuse_markers(tokenizer, rows, *, source: str) -> None:
+    """`marker_problems` as one `DataError` (a header of its own: no length is at fault), before any row renders."""
+    if problems := marker_problems(tokenizer, rows, source=source):
+        n = len({(p.line, p.row) for p in problems})
+        raise DataError(problems, header=f"{source}: {n} row(s) hold markers the model's chat template writes")
+
+
+def render_prompt(tokenizer, row: dict) -> list[int]:
+    """Token ids of a row's prompt followed by the generation prompt (for evaluation and sampling).
 
     The prompt is ``row["prompt"]`` (a string or messages), or ``row["messages"]`` up to ``n_prompt`` (a
     prompt/completion row) or without its trailing assistant turns.
@@ -393,8 +412,6 @@ def render_prompt(tokenizer, row: dict, *, source: str = "data") -> list[int]:
         messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
     else:
         raise UserError("render_prompt needs a row with `prompt` or `messages` (a `text` row has no prompt)")
-    check_markers(tokenizer, messages, source=source, line=getattr(row, "line", None),
-                  fields=["prompt"] * len(messages) if "prompt" in row else None)  # fmt: skip
     text = chat_text(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -417,6 +434,7 @@ def render_all(render_one, rows, *, header: str) -> list:
 def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: str = "completion",
                    source: str = "data") -> tuple[list[Rendered], int]:  # fmt: skip
     """Render every row; warn once with the number of truncated rows. Rows too long to train raise together."""
+    refuse_markers(tokenizer, rows, source=source)
     out = render_all(
         lambda row: render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source),
         rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",

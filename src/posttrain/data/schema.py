@@ -175,7 +175,7 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             problems.extend(found)
             n_bad += 1
         else:
-            rows.append(Row(row, line=rec.line))
+            rows.append(Row(row, line=rec.line, row=rec.row, file_field=columns.file_field if columns else None))
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
@@ -270,11 +270,24 @@ def normalise_row(data: dict, kind: str = "sft", *, source: str = "data", line: 
 
 
 class Row(dict):
-    """A normalised row: a plain dict that also remembers the file `line` it came from (for error messages)."""
+    """A normalised row: a plain dict that also remembers the file `line` it came from, its `row` number where
+    several rows share the line, and `file_field` (the file's own name of a field, `Columns.file_field`), so that
+    problems found later (while rendering) are located as the file's are (`problem_at`)."""
 
-    def __init__(self, data: dict, *, line: int | None = None):
+    def __init__(self, data: dict, *, line: int | None = None, row: int | None = None, file_field=None):
         super().__init__(data)
-        self.line = line
+        self.line, self.row, self.file_field = line, row, file_field
+
+
+def problem_at(source: str, row: dict, field: str | None, message: str) -> Problem:
+    """A problem of `row` found after loading, named as a problem found while loading it would be: its line (and
+    row number), and the field under the file's own name.
+
+    >>> str(problem_at("q.jsonl", Row({}, line=3, file_field=lambda f: {"prompt": "question"}.get(f, f)), "prompt", "x"))
+    'q.jsonl:3: question: x'
+    """
+    names = getattr(row, "file_field", None)
+    return Problem(source, getattr(row, "line", None), names(field) if names else field, message, getattr(row, "row", None))
 
 
 def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
@@ -327,6 +340,8 @@ def _shape(data: dict, kind: str, report) -> str | None:
     present = [s for s, keys in _SHAPE_KEYS[kind].items() if any(k in data for k in keys)]
     if kind == "preference" and "prompt/chosen/rejected" in present:
         return "prompt/chosen/rejected"
+    if kind == "prompts" and "prompt" in present:  # a messages column beside a prompt is one more column
+        return "prompt"
     if len(present) == 1:
         return present[0]
     options = " or ".join("+".join(keys) for keys in _SHAPE_KEYS[kind].values())
@@ -508,7 +523,7 @@ RESERVED_PROMPT_COLUMNS = ("prompt_messages", "truncated")
 
 
 def _normalise_prompts(data: dict, report) -> dict | None:
-    if "messages" in data:  # a chat: its prompt is what comes before its last assistant turn
+    if "messages" in data and "prompt" not in data:  # a chat: its prompt is what comes before its last assistant turn
         msgs = data["messages"]
         ends = msgs[-1]["role"] == "assistant"
         if ends and "completion" in data:

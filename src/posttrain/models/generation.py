@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from posttrain.data.render import answer_scaffold, chat_text, check_markers, end_of_turn_ids, strip_scaffold
+from posttrain.data.render import answer_scaffold, chat_text, end_of_turn_ids, marker_problems, strip_scaffold
 from posttrain.errors import UserError
 from posttrain.models.adapters import merged_for_sampling
 from posttrain.models.loading import context_length
@@ -230,10 +230,11 @@ def generate(
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
-    for i, p in enumerate(prompts):  # text in chat-template form would be wrapped in the template again
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        check_markers(tokenizer, messages, source=f"prompt {i + 1} of {len(prompts)}", line=None,
-                      fields=["content"] * len(messages))  # fmt: skip
+    # text in chat-template form would be wrapped in the template again (file rows are checked with their lines
+    # before the model loads where the caller can: `data.render.refuse_markers`)
+    for i, p in enumerate(prompts):
+        if found := marker_problems(tokenizer, [{"prompt": p}], source=f"prompt {i + 1} of {len(prompts)}"):
+            raise UserError(f"{found[0].file}: {found[0].message}")
     texts = [render_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # each prompt's tokens, unpadded
     check_room(model, [len(x) for x in ids], max_new_tokens)

@@ -149,7 +149,9 @@ def _reference_fix(spec, row, column: str, options: Options) -> str:
     written = {"name": spec.name, **({"weight": spec.weight} if spec.weight != 1 else {}),
                **({"label": spec.label} if spec.label != spec.name else {}),
                "args": {**spec.args, "column": other}}  # fmt: skip
-    rename = options.rename(column, other)
+    # A chat read as a prompt holds a `completion` its file does not (its last assistant turn, made after the
+    # renames), so only the reward's own column arg reads it in every file
+    rename = options.rename(column, other) if other != "completion" else None
     ways = ([f"{rename} reads the {other} as it"] if rename else []) + [f"{options.spec(written)} reads the {other}"]
     return f". The reference is read from column {column}: here {', or '.join(ways)}"
 
