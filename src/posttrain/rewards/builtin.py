@@ -107,7 +107,25 @@ def _math_verify():
 
 def _math_verify_parse(text: str) -> list:
     math_verify, main = _math_verify()
-    return math_verify.parse(text, **({} if main else {"parsing_timeout": None}))
+    return math_verify.parse(_as_math(text), **({} if main else {"parsing_timeout": None}))
+
+
+_LATEX = re.compile(r"[\\^{}]")
+_TUPLE = re.compile(r"\s*[(\[].*,.*[)\]]\s*")
+
+
+def _as_math(text: str) -> str:
+    r"""An answer in bare LaTeX (``2\sqrt{3}``, ``\dfrac{3}{4}``, an interval ``(-2,2)``) put between ``$`` signs, as
+    math-verify reads LaTeX: bare, it takes the first number it finds (``2\sqrt{3}`` read as 2, so a completion
+    answering 2 scored right) or nothing (``(-2,2)``, ``\dfrac{3}{4}``). Text without LaTeX, or already in ``$``,
+    is left as it is (``42 apples`` stays 42).
+
+    >>> _as_math(r"2\sqrt{3}"), _as_math("(-2,2)"), _as_math("42 apples"), _as_math(r"$\frac{1}{2}$")
+    ('$2\\sqrt{3}$', '$(-2,2)$', '42 apples', '$\\frac{1}{2}$')
+    """
+    if "$" in text or not (_LATEX.search(text) or _TUPLE.fullmatch(text)):
+        return text
+    return f"${text.strip()}$"
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
@@ -128,9 +146,16 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
     (True, True)
     >>> numeric_match(r"so \boxed{\frac{1}{2}}", 0.5), numeric_match("Answer: 8", "7")
     (True, False)
+    >>> numeric_match(r"\boxed{2\sqrt{3}}", r"2\sqrt{3}"), numeric_match(r"\boxed{2}", r"2\sqrt{3}")
+    (True, False)
+    >>> numeric_match(r"\boxed{(-2,2)}", "(-2,2)"), numeric_match(r"\boxed{3}", r"so $x = \boxed{3}$.")
+    (True, True)
     """
     pred = final_answer(completion)
-    gold = to_number(str(answer))
+    # A gold answer given as a worked solution (MATH's `solution`, GSM8K's `#### 72`) is compared by its marked
+    # answer, as the completion's is; else as it is.
+    gold_text = final_answer(str(answer)) or str(answer)
+    gold = to_number(gold_text)
     if pred is None:
         numbers = _NUMBER.findall(completion)
         if not numbers:
@@ -139,7 +164,7 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
     got = to_number(pred)
     if gold is not None and got is not None:
         return abs(got - gold) <= tolerance * max(1.0, abs(gold))
-    return _math_verify_equal(str(answer), pred)
+    return _math_verify_equal(gold_text, pred)
 
 
 def numeric_answer(*, column: str = "answer", tolerance: float = 1e-6) -> RewardFn:
