@@ -155,3 +155,21 @@ def test_a_row_without_a_column_a_user_reward_takes_by_name_is_named(tmp_path):
                         "`answer=None`)"]  # fmt: skip
     spec = {"name": f"{tmp_path / 'r.py'}:graded", "args": {"level": 2}}  # level set by args, truncated by the rollout
     check_reward_inputs(parse_reward_specs([spec]), [Row(r, line=i) for i, r in enumerate(rows, 1)], "p.jsonl")
+
+
+def test_humaneval_tests_are_called_on_the_entry_point_and_refused_without_one():
+    """HumanEval's tests define check(candidate) and leave the call to the harness: code_exec ran them as they
+    were, so `return x - y` scored 1.0 (an audit). With the row's entry_point the check is called; without one
+    the row is refused before the run."""
+    from posttrain.rewards.builtin import code_exec
+
+    tests = "METADATA = {}\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(1, 1) == 2\n"
+    right, wrong = ("```python\ndef add(x, y):\n    return x " + op + " y\n```" for op in "+-")
+    assert code_exec(timeout_s=5)(["q", "q"], [right, wrong], tests=[tests] * 2, entry_point=["add"] * 2) == [1.0, 0.0]
+    row = {"prompt": "def add(x, y):", "tests": tests}
+    assert _problems("code_exec", [row]) == [
+        "p.jsonl:1: tests: defines check(candidate) and never calls it, so every program that runs would pass; "
+        "reward 'code_exec' (algorithm.rewards[0]) reads it. Give the tested function's name in an `entry_point` "
+        "column (HumanEval's) and check(entry_point) is called, or end the tests with the call"]  # fmt: skip
+    rows = [Row({**row, "entry_point": "add"}, line=1), Row({**row, "tests": tests + "check(add)\n"}, line=2)]
+    check_reward_inputs(parse_reward_specs(["code_exec"], where="r"), rows, "p.jsonl")  # both are fine

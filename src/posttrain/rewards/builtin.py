@@ -407,7 +407,8 @@ def code_exec(
 ) -> RewardFn:
     """The fraction of tests passed (or, with `all_or_nothing`, 1.0 only when all pass) by the completion's
     program (`sandbox.extract_code`) run in the sandbox; tests come from `column` (a string of asserts or a
-    list of snippets, see `sandbox.split_tests`). Fractions give partial credit, a denser signal.
+    list of snippets, see `sandbox.split_tests`). Fractions give partial credit, a denser signal. Tests that
+    define ``check(candidate)`` and never call it (HumanEval's) are called on the row's `entry_point` column.
 
     >>> fn = code_exec(timeout_s=5)
     >>> fn(["q"], ["```python\\ndef sq(x):\\n    return x * x\\n```"], tests=["assert sq(3) == 9\\nassert sq(2) == 5"])
@@ -418,6 +419,10 @@ def code_exec(
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         tests = _column(columns, column, "code_exec")
+        # HumanEval's tests define check(candidate) and leave the call to the harness: made here from the row's
+        # entry_point (a row without one is refused before the run, `checks.check_reward_inputs`)
+        entries = columns.get("entry_point") or [None] * len(tests)
+        tests = [sandbox.with_check_call(t, e) for t, e in zip(tests, entries)]
         codes = [sandbox.extract_code(c) for c in completions]
         results = sandbox.run_many(codes, list(tests), limits=limits, workers=workers)
         timeouts[0] += sum(r.timed_out for r in results)

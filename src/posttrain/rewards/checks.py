@@ -19,6 +19,7 @@ from posttrain.data.tasks import TASKS, answer_problems
 from posttrain.errors import ConfigError, DataError, Problem
 from posttrain.models.heads import reward_model_problem
 from posttrain.rewards.builtin import readable_number
+from posttrain.rewards.sandbox import uncalled_check
 
 # Built-in rewards that read a column of the prompt rows, and the default name of that column.
 _COLUMNS = {"numeric_answer": "answer", "exact_match": "answer", "task": "answer", "code_exec": "tests"}
@@ -95,6 +96,13 @@ def check_reward_inputs(specs, rows, source: str, options: Options = RUN) -> Non
                     problems.append(_missing(row, column, source, reader, fix))
                 elif spec.name == "numeric_answer" and (why := _not_a_number(row[column])):
                     problems.append(Problem(source, getattr(row, "line", None), column, f"{why}; {reader}"))
+        if spec.name == "code_exec":  # HumanEval's tests: a check() nobody calls passes every program that runs
+            column = spec.args.get("column", "tests")
+            problems += [Problem(source, getattr(row, "line", None), column, (
+                f"defines check(candidate) and never calls it, so every program that runs would pass; {reader}. "
+                "Give the tested function's name in an `entry_point` column (HumanEval's) and check(entry_point) is "
+                "called, or end the tests with the call")) for row in rows
+                if uncalled_check(row.get(column)) and not str(row.get("entry_point") or "").isidentifier()]  # fmt: skip
         if spec.name == "task" and spec.args.get("task") is None:
             problems.extend(_task_problems(spec, rows, source, options))
         elif spec.name == "task" and spec.args["task"] in TASKS:

@@ -129,6 +129,39 @@ def split_tests(tests: str | list[str]) -> list[str]:
     return out or [tests]
 
 
+def uncalled_check(tests) -> bool:
+    """Whether a test string defines ``check`` and never calls it (HumanEval's layout: ``def check(candidate):``
+    holding the asserts, called by the harness as ``check(entry_point)``), so running it tests nothing.
+
+    >>> uncalled_check("def check(candidate):\\n    assert candidate(1) == 2\\n"), uncalled_check("assert f(1) == 2")
+    (True, False)
+    >>> uncalled_check("def check(candidate):\\n    assert candidate(1) == 2\\ncheck(f)\\n")
+    False
+    """
+    if not isinstance(tests, str):
+        return False
+    try:
+        body = ast.parse(tests).body
+    except SyntaxError:
+        return False
+    defines = any(isinstance(s, ast.FunctionDef) and s.name == "check" for s in body)
+    calls = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "check"
+                for s in body if not isinstance(s, ast.FunctionDef) for n in ast.walk(s))  # fmt: skip
+    return defines and not calls
+
+
+def with_check_call(tests, entry_point) -> str | list:
+    """`tests` with ``check(entry_point)`` appended where they define ``check`` and never call it (`uncalled_check`)
+    and a function name is given; else as they are.
+
+    >>> with_check_call("def check(candidate):\\n    assert candidate(1) == 2", "inc").splitlines()[-1]
+    'check(inc)'
+    """
+    if isinstance(entry_point, str) and entry_point.isidentifier() and uncalled_check(tests):
+        return f"{tests.rstrip()}\n\ncheck({entry_point})\n"
+    return tests
+
+
 def _count_tasks(uid: int) -> int:
     """Processes and threads whose real uid is `uid` (what RLIMIT_NPROC counts), from /proc."""
     total = 0
