@@ -223,9 +223,9 @@ class DataConfig(_Section):
 # The fields each kind of file reads (data/schema.py's row shapes and their optional keys); prompts files keep
 # every other column too, for the reward functions, so any name may be a rename's target there.
 DATA_FIELDS: dict[str, tuple[str, ...]] = {
-    "sft": ("messages", "prompt", "completion", "text", "id", "answer", "metadata"),
-    "preference": ("prompt", "chosen", "rejected", "rejected_kind", "margin", "id", "answer", "metadata"),
-    "prompts": ("prompt", "id", "answer"),
+    "sft": ("messages", "prompt", "completion", "system", "text", "id", "answer", "metadata"),
+    "preference": ("prompt", "chosen", "rejected", "system", "rejected_kind", "margin", "id", "answer", "metadata"),
+    "prompts": ("prompt", "system", "id", "answer"),
 }
 
 
@@ -238,7 +238,7 @@ def column_problems(rename: Mapping[str, str | list[str]], ignore: Iterable[str]
     >>> column_problems({"prompt": "q", "completion": "q"}, [], "sft")
     ["data.columns: prompt and completion both read column 'q': a column can be read as one field"]
     >>> column_problems({"response": "output"}, ["output"], "sft")
-    ["data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, text, id, answer, metadata)", "column 'output' is both renamed (data.columns) and left out (data.ignore_columns)"]
+    ["data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, system, text, id, answer, metadata)", "column 'output' is both renamed (data.columns) and left out (data.ignore_columns)"]
     """
     out: list[str] = []
     by_column: dict[str, list[str]] = {}

@@ -61,7 +61,7 @@ def test_problems_name_the_files_own_columns(tmp_path):
         f"{f}:1: question: must be a string or a list of messages, got integer",
         f"{f}:2: question[0].content: must be a string, got integer",
         f"{f}:3: question: missing required field",
-        f"{f}:4: notes: unknown field (allowed here: prompt, completion, id, answer, metadata)",
+        f"{f}:4: notes: unknown field (allowed here: prompt, completion, system, id, answer, metadata)",
     ]
     assert str(err).splitlines()[0] == f"{f}: 4 problem(s) in 4 of 4 rows; no sft data loaded"
     # the way out of the unknown column is said once, under the problems, copy-pasteable
@@ -133,7 +133,7 @@ def test_run_config_refuses_settings_that_cannot_apply_before_anything_is_read()
             load_config(None, list(overrides))
         return str(info.value)
 
-    assert "data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, text, id, " \
+    assert "data.columns: 'response' is not a field of sft rows (they read: messages, prompt, completion, system, text, id, " \
            "answer, metadata)" in message("data.columns={prompt: q, response: a}")  # fmt: skip
     assert "'completion' is not a field of preference rows" in message(
         "algorithm.name=dpo", "data.columns={completion: a}")  # fmt: skip

@@ -58,7 +58,7 @@ def test_every_sft_problem_is_reported_with_file_line_field(tmp_path):
         {"messages": [U, {"role": "assistant"}], "metadata": "x"},          # 12 missing content + wrong type
         {"messages": [U, A]},                                               # 13 fine
     ])  # fmt: skip
-    allowed = "prompt, completion, id, answer, metadata"
+    allowed = "prompt, completion, system, id, answer, metadata"
     assert problems(f) == [
         f"{f}:1: completion: missing required field",
         f"{f}:2: score: unknown field (allowed here: {allowed})",
@@ -229,3 +229,21 @@ def test_rows_that_would_render_wrongly_are_refused(tmp_path):
                        "preference", Columns(ignore=("prompt",)))  # fmt: skip
     assert row == {"prompt": [U], "chosen": [{"role": "assistant", "content": "a"}],
                    "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip
+
+
+def test_a_system_column_leads_the_prompt(tmp_path):
+    """orca_dpo_pairs' `system` (and an SFT or prompts file's): the prompt's first message, a blank one none; a
+    prompt that has its own system message is refused with it. It is no longer a column the rewards see."""
+    S = {"role": "system", "content": "Be brief."}
+    f = write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "completion": "hello"},
+                         {"system": " ", "prompt": "hi", "completion": "hello"},
+                         {"system": "x", "prompt": [S, U], "completion": "hello"}])  # fmt: skip
+    assert problems(f) == [f"{f}:3: system: the prompt begins with a system message already: give one of the two"]
+    rows = load_rows(write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "completion": "hello"},
+                                      {"system": "", "prompt": "hi", "completion": "hello"}], "ok.jsonl"), "sft")  # fmt: skip
+    assert [r["messages"][: r["n_prompt"]] for r in rows] == [[S, U], [U]] and "system" not in rows[0]
+    pair = load_rows(write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "chosen": "a", "rejected": "b"}], "p.jsonl"),
+                     "preference")[0]  # fmt: skip
+    assert pair["prompt"] == [S, U] and "system" not in pair
+    prompt = load_rows(write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "answer": 3}], "q.jsonl"), "prompts")[0]
+    assert prompt == {"prompt": [S, U], "answer": 3}

@@ -210,7 +210,7 @@ def test_built_in_rejected_kind_is_an_allowed_field(tmp_path):
     assert load_rows(f, "preference")[0]["rejected_kind"] == "wrong"
     g = write(tmp_path, [{"prompt": "q", "chosen": "4", "rejected": "5", "score": 1}], "bad.jsonl")
     assert problems(g) == [
-        f"{g}:1: score: unknown field (allowed here: prompt, chosen, rejected, rejected_kind, margin, id, answer, metadata)"
+        f"{g}:1: score: unknown field (allowed here: prompt, chosen, rejected, system, rejected_kind, margin, id, answer, metadata)"
     ]
 
 

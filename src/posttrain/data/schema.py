@@ -47,6 +47,7 @@ MESSAGES = {"type": "array", "items": MESSAGE, "minItems": 1}
 TEXT_OR_MESSAGES = {"anyOf": [{"type": "string"}, MESSAGES]}
 MARGIN = {"type": "number", "minimum": 0}
 EXTRAS = {"id": {"type": ["string", "integer"]}, "answer": {}, "metadata": {"type": "object"}}
+SYSTEM = {"type": "string"}  # a system prompt in a column of its own (orca's `system`): the prompt's first message
 
 
 def _row_schema(fields: dict, required: list[str], *, extra_ok: bool = False) -> dict:
@@ -63,7 +64,7 @@ SCHEMAS: dict[str, dict[str, dict]] = {
     "sft": {
         "messages": _row_schema({"messages": MESSAGES}, ["messages"]),
         "prompt/completion": _row_schema(
-            {"prompt": TEXT_OR_MESSAGES, "completion": TEXT_OR_MESSAGES}, ["prompt", "completion"]
+            {"prompt": TEXT_OR_MESSAGES, "completion": TEXT_OR_MESSAGES, "system": SYSTEM}, ["prompt", "completion"]
         ),
         "text": _row_schema({"text": {"type": "string"}}, ["text"]),
     },
@@ -75,6 +76,7 @@ SCHEMAS: dict[str, dict[str, dict]] = {
                 "prompt": TEXT_OR_MESSAGES,
                 "chosen": TEXT_OR_MESSAGES,
                 "rejected": TEXT_OR_MESSAGES,
+                "system": SYSTEM,
                 "rejected_kind": {"type": "string"},
                 "margin": MARGIN,
             },
@@ -87,7 +89,7 @@ SCHEMAS: dict[str, dict[str, dict]] = {
     },
     # A chat (an SFT messages row) read as a prompt: the messages before its last assistant turn, which is kept as
     # the `completion` column (the reference a reward may read), see `_normalise_prompts`.
-    "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES}, ["prompt"], extra_ok=True),
+    "prompts": {"prompt": _row_schema({"prompt": TEXT_OR_MESSAGES, "system": SYSTEM}, ["prompt"], extra_ok=True),
                 "messages": _row_schema({"messages": MESSAGES}, ["messages"], extra_ok=True)},  # fmt: skip
 }
 _VALIDATORS = {kind: {s: Draft202012Validator(v) for s, v in d.items()} for kind, d in SCHEMAS.items()}
@@ -436,7 +438,7 @@ def _normalise_sft(data: dict, report) -> dict | None:
         row = {"messages": copy.deepcopy(data["messages"]), "completion_only": True}
         return None if report.n > n else {**row, **_extras(data, ("messages",))}
     _check_prompt(data["prompt"], report)
-    prompt = _as_messages(data["prompt"], "user")
+    prompt = _with_system(data, _as_messages(data["prompt"], "user"), report)
     completion = data["completion"]
     if isinstance(completion, str):
         if not completion.strip():
@@ -447,7 +449,24 @@ def _normalise_sft(data: dict, report) -> dict | None:
         return None
     messages = prompt + _as_messages(completion, "assistant")
     return {"messages": messages, "completion_only": True, "n_prompt": len(prompt),
-            **_extras(data, ("prompt", "completion"))}  # fmt: skip
+            **_extras(data, ("prompt", "completion", "system"))}  # fmt: skip
+
+
+def _with_system(data: dict, prompt: list[dict], report) -> list[dict]:
+    """`prompt` led by the row's `system` column as a system message (orca's layout); a blank one is none.
+
+    >>> _with_system({"system": "Be brief."}, [{"role": "user", "content": "hi"}], print)[0]
+    {'role': 'system', 'content': 'Be brief.'}
+    >>> _with_system({"system": "x"}, [{"role": "system", "content": "y"}], print) and None
+    system the prompt begins with a system message already: give one of the two
+    """
+    system = data.get("system")
+    if not isinstance(system, str) or not system.strip():
+        return prompt
+    if prompt and prompt[0].get("role") == "system":
+        report("system", "the prompt begins with a system message already: give one of the two")
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
 
 
 def _check_prompt(prompt: str | list, report) -> None:
@@ -466,7 +485,7 @@ def _normalise_preference(data: dict, report) -> dict | None:
     n = report.n
     if "prompt" in data:
         _check_prompt(data["prompt"], report)
-        prompt = _as_messages(data["prompt"], "user")
+        prompt = _with_system(data, _as_messages(data["prompt"], "user"), report)
         chosen, rejected = (
             _as_messages(data["chosen"], "assistant"),
             _as_messages(data["rejected"], "assistant"),
@@ -515,7 +534,7 @@ def _normalise_preference(data: dict, report) -> dict | None:
     if report.n > n:
         return None
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            **_extras(data, ("prompt", "chosen", "rejected"))}  # fmt: skip
+            **_extras(data, ("prompt", "chosen", "rejected", "system"))}  # fmt: skip
 
 
 RESERVED_PROMPT_COLUMNS = ("prompt_messages", "truncated")
@@ -547,7 +566,11 @@ def _normalise_prompts(data: dict, report) -> dict | None:
         report(reserved[0], "this column name is reserved: the rollout passes its own to the reward functions "
                             "(docs/rewards.md); rename it")  # fmt: skip
         return None
-    return {**data, "prompt": _as_messages(data["prompt"], "user")}
+    n = report.n  # (`_Count`)
+    prompt = _with_system(data, _as_messages(data["prompt"], "user"), report)
+    if report.n > n:
+        return None
+    return {**{k: v for k, v in data.items() if k != "system"}, "prompt": prompt}
 
 
 _NORMALISE = {"sft": _normalise_sft, "preference": _normalise_preference, "prompts": _normalise_prompts}
