@@ -2,6 +2,7 @@
 
 import codecs
 import json
+import re
 
 import pytest
 
@@ -297,7 +298,7 @@ def test_csv_wrong_cell_count(tmp_path):
         ("missing.jsonl", None, "file not found"),
         ("empty.jsonl", b"  \n\n", "file is empty"),
         ("d.txt", b"hello", "unsupported file type '.txt'; supported: .jsonl, .json, .csv, .parquet, "
-         "a `datasets` folder (save_to_disk)"),
+         "any of the first three gzipped (.jsonl.gz, ...), a `datasets` folder (save_to_disk)"),
         ("d.parquet", b"not parquet", None),
     ],
 )  # fmt: skip
@@ -361,3 +362,23 @@ def test_json_nested_too_deeply_is_a_data_error(tmp_path, suffix):
     f.write_text("[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(DataError, match="nested too deeply to read"):
         read_records(f)
+
+
+def test_gzipped_files_read_as_their_inner_format(tmp_path):
+    """The hub ships many files gzipped (HH-RLHF's train.jsonl.gz): read through gzip, problems on the same lines."""
+    import gzip
+
+    f = tmp_path / "train.jsonl.gz"
+    f.write_bytes(gzip.compress(b'{"prompt": "q", "completion": "a"}\n{"prompt": "q"}\n'))
+    with pytest.raises(DataError) as info:
+        load_rows(f, "sft")
+    assert [str(p) for p in info.value.problems] == [f"{f}:2: completion: missing required field"]
+    c = tmp_path / "d.csv.gz"
+    c.write_bytes(gzip.compress(b"prompt,completion\nq,a\n"))
+    assert load_rows(c, "sft")[0]["messages"][1]["content"] == "a"
+    for name, data, message in (("d.parquet.gz", b"x", "unsupported file type '.parquet.gz'"),
+                                ("cut.jsonl.gz", gzip.compress(b'{"a": 1}\n')[:-6], "the gzip stream ends early"),
+                                ("not.jsonl.gz", b"plain text", "cannot read the file: Not a gzipped file")):  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=re.escape(message)):
+            read_records(tmp_path / name)

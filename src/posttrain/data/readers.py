@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import csv
 import functools
+import gzip
 import io
 import json
 import re
@@ -27,7 +28,8 @@ from typing import Any
 
 from posttrain.errors import DataError, Problem, place
 
-SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "a `datasets` folder (save_to_disk)")
+SUPPORTED = (".jsonl", ".json", ".csv", ".parquet", "any of the first three gzipped (.jsonl.gz, ...)",
+             "a `datasets` folder (save_to_disk)")
 _JSON_CELLS = ("messages", "metadata")
 _MESSAGE_CELLS = ("prompt", "completion", "chosen", "rejected")
 _NUMBER_CELLS = ("margin",)  # a CSV cell is text; a column the schema wants as a number is read as one
@@ -96,14 +98,22 @@ def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]
     if p.is_dir():
         return _read_datasets_dir(p, name), []
     suffix = p.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+    gzipped = suffix == ".gz"  # as the hub ships many files (HH-RLHF's train.jsonl.gz): read through gzip
+    if gzipped:
+        suffix = Path(p.stem).suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv") + (() if gzipped else (".parquet",)):
+        shown = f"{suffix}.gz" if gzipped else suffix
         _fail(
-            name, f"unsupported file type {suffix or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}"
+            name, f"unsupported file type {shown or '(no extension)'!r}; supported: {', '.join(SUPPORTED)}"
         )
     try:
         raw = p.read_bytes()
-    except OSError as err:
+        if gzipped:
+            raw = gzip.decompress(raw)
+    except OSError as err:  # gzip's BadGzipFile and EOFError too: a file named .gz that is not whole gzip
         _fail(name, f"cannot read the file: {err.strerror or err}")
+    except EOFError:
+        _fail(name, "cannot read the file: the gzip stream ends early (a download cut short?)")
     if suffix == ".parquet":
         if not raw.strip():
             _fail(name, "file is empty")
