@@ -101,18 +101,20 @@ def problem_lines(problems: list[Problem], *, same: int = 5, max_shown: int | No
     ['d.jsonl:1: completion: missing required field', 'd.jsonl:2: completion: missing required field', 'd.jsonl:4: text: empty text', 'd.jsonl: ... and 1 more row with the same problem (completion: missing required field)']
     """
     seen: dict[tuple, int] = {}
+    hidden: dict[tuple, set] = {}  # the rows (line, row) a problem was left out on: one row may hold it twice
     lines: list[str] = []
     for p in problems:
         key = (p.file, p.field, p.message)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] <= same:
             lines.append(str(p))
+        else:
+            hidden.setdefault(key, set()).add((p.line, p.row))
     if max_shown is not None and len(lines) > max_shown:
         lines = [*lines[:max_shown], f"... and {len(lines) - max_shown} more problems"]
-    for (file, field, message), n in seen.items():
-        if n > same:
-            rows = f"{n - same} more row{'s' if n - same > 1 else ''}"
-            lines.append(f"{file}: ... and {rows} with the same problem ({f'{field}: ' if field else ''}{message})")
+    for (file, field, message), where in hidden.items():
+        rows = f"{len(where)} more row{'s' if len(where) > 1 else ''}"
+        lines.append(f"{file}: ... and {rows} with the same problem ({f'{field}: ' if field else ''}{message})")
     return lines
 
 

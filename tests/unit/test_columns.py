@@ -253,7 +253,7 @@ def test_a_field_can_read_several_text_columns_joined(tmp_path):
     err = refused(write(tmp_path, [{"instruction": 5, "input": "x", "output": "y"}], "b.jsonl"), "sft", read)
     assert str(err.problems[0]).endswith(":1: instruction: data.columns joins it into prompt, and it holds no text")
     err = refused(write(tmp_path, [{"instruction": " ", "input": "", "output": "y"}], "e.jsonl"), "sft", read)
-    assert str(err.problems[0]).endswith(":1: instruction+input: empty prompt")  # the joined field names both
+    assert ":1: instruction+input: empty prompt;" in str(err.problems[0])  # the joined field names both
     err = refused(write(tmp_path, [{"instruction": "a", "output": "b"}], "c.jsonl"), "sft", read)
     assert [p.message for p in err.problems] == ["data.columns reads prompt from column 'input', which no row has "
                                                  "(its columns: instruction, output)"]  # fmt: skip
@@ -277,3 +277,36 @@ def test_joined_columns_through_the_config_and_the_command_line(tmp_path, capsys
     f = write(tmp_path, [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
     assert main(["data", "validate", str(f), "--column", "prompt=instruction+input", "--column", "completion=output"]) == 0
     assert capsys.readouterr().out == f"{f}: 1 sft rows OK (prompt/completion: 1)\n"
+
+
+def test_the_hint_leaves_out_what_the_renames_would_clash_with_and_warns_of_kto_labels(tmp_path):
+    """The hub's Alpaca parquet has a `text` beside instruction/input/output: the hint said to rename those and
+    also leave them out (which is refused); it now leaves out `text`. A KTO file's `label`, left out as the hint
+    said, trained the undesirable completions too: said."""
+    ahf = write(tmp_path, [{"instruction": "Add.", "input": "2 and 3", "output": "5", "text": "### ... 5"}])
+    hint = refused(ahf, "sft", None).footer
+    assert hint.startswith("Rename the file's columns to the fields posttrain reads and leave the others out: "
+                           "data.columns: {prompt: [instruction, input], completion: output} and "
+                           "data.ignore_columns: [text] in the run's config")  # fmt: skip
+    assert load_rows(ahf, "sft", Columns({"prompt": ["instruction", "input"], "completion": "output"}, ("text",)))
+    kto = write(tmp_path, [{"prompt": "hi", "completion": "yo", "label": True}], "kto.jsonl")
+    assert refused(kto, "sft", None).footer.endswith(
+        "A `label` column of true and false marks KTO's desirable rows, and posttrain has no KTO: left out, every row "
+        "trains, the undesirable ones too; keep only the rows labelled true.")  # fmt: skip
+
+
+def test_a_held_out_file_may_lack_a_column_only_the_training_file_has(tmp_path):
+    """One data.ignore_columns reads data.train and data.eval: a column only the training file has made the eval
+    file fail ('names column source, which no row has'). The training file is still checked."""
+    from dataclasses import replace
+
+    from posttrain.algorithms import load_config
+    from posttrain.data.columns import run_columns
+
+    train = write(tmp_path, [{"prompt": "q", "completion": "a", "source": "s"}], "train.jsonl")
+    held = write(tmp_path, [{"prompt": "q", "completion": "a"}], "held.jsonl")
+    cfg = load_config(None, [f"data.train={train}", f"data.eval={held}", "data.ignore_columns=[source]"])
+    assert load_rows(held, "sft", run_columns(cfg, str(held))) and load_rows(train, "sft", run_columns(cfg, str(train)))
+    assert run_columns(cfg).strict and not run_columns(cfg, str(held)).strict
+    err = refused(held, "sft", replace(run_columns(cfg, str(held)), strict=True))
+    assert "data.ignore_columns names column 'source', which no row has" in str(err)

@@ -66,7 +66,7 @@ def test_a_csv_row_of_blank_cells_is_a_row_and_a_line_of_bare_commas_is_a_proble
         load_rows(f, "sft")
     assert str(info.value).splitlines() == [
         f"{f}: 3 problem(s) in 2 of 4 rows; no sft data loaded",
-        f"{f}:3: prompt: empty prompt",
+        f"{f}:3: prompt: empty prompt; text with no prompt trains as a `text` row (every token)",
         f"{f}:3: completion: empty completion",
         f"{f}:4: every cell is empty: fill the row in or delete the line",
     ]

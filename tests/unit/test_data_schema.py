@@ -205,7 +205,9 @@ def test_rows_that_would_render_wrongly_are_refused(tmp_path):
     validated and then trained on malformed sequences; each is refused with the way to read the row."""
     f = write(tmp_path, [{"prompt": "", "completion": "x"},
                          {"prompt": [{"role": "user", "content": " "}], "completion": "x"}])  # fmt: skip
-    assert problems(f) == [f"{f}:1: prompt: empty prompt", f"{f}:2: prompt: empty prompt: every message's content is blank"]
+    way = "; text with no prompt trains as a `text` row (every token)"
+    assert problems(f) == [f"{f}:1: prompt: empty prompt{way}",
+                           f"{f}:2: prompt: empty prompt: every message's content is blank{way}"]  # fmt: skip
     side = lambda text: [U, {"role": "assistant", "content": text}]  # noqa: E731
     p = write(tmp_path, [{"prompt": "hi", "chosen": side("a"), "rejected": side("b")},
                          {"prompt": "hi", "chosen": "a", "rejected": side("b")},

@@ -62,7 +62,7 @@ def prepare(cfg, tokenizer) -> PreparedData:
     notes: list[str] = []
 
     def render(path: str):
-        rows = load_rows(path, "sft", run_columns(cfg))
+        rows = load_rows(path, "sft", run_columns(cfg, path))
         # render_dataset warns once with the count of truncated rows; show it as a run note (one clean line)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

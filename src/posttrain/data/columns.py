@@ -41,6 +41,9 @@ class Columns:
     """``role``/``content`` -> the key a message of the file holds it under (ShareGPT: ``from``, ``value``)."""
     roles: Mapping[str, str] = field(default_factory=dict)
     """``system``/``user``/``assistant`` -> the file's name for that role (ShareGPT: ``human``, ``gpt``)."""
+    strict: bool = True
+    """Refuse a name in the settings that no row of the file has (`unused`); off for a run's `data.eval`, which the
+    same settings read: a column only the training file has is no mistake there (the training file is checked)."""
 
     def __bool__(self) -> bool:
         return bool(self.rename or self.ignore or self.message_keys or self.roles)
@@ -255,10 +258,11 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
     return {}
 
 
-def run_columns(cfg) -> Columns:
-    """A run config's `data.columns`, `data.ignore_columns`, `data.message_keys` and `data.roles`."""
+def run_columns(cfg, path=None) -> Columns:
+    """A run config's `data.columns`, `data.ignore_columns`, `data.message_keys` and `data.roles`, for the file
+    `path` (None: `data.train`): not `strict` for a held-out file other than the training file."""
     return Columns(dict(cfg.data.columns), tuple(cfg.data.ignore_columns), message_keys=dict(cfg.data.message_keys),
-                   roles=dict(cfg.data.roles))  # fmt: skip
+                   roles=dict(cfg.data.roles), strict=path is None or path == cfg.data.train)  # fmt: skip
 
 
 def _split(name: str) -> tuple[str, str, str]:

@@ -215,7 +215,7 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
     notes: list[str] = []
 
     def render(path: str) -> list[RenderedPair]:
-        rows = load_rows(path, "preference", run_columns(cfg))
+        rows = load_rows(path, "preference", run_columns(cfg, path))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path,

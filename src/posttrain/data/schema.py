@@ -181,7 +181,7 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
-    if records:
+    if records and columns.strict:
         problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen, seen_keys, seen_roles))
     if problems:
         total = len(records) + n_unreadable
@@ -218,8 +218,10 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
         return None
     guess = guess_columns(kind, seen - set(columns.rename.values())) if not columns.rename else {}
     used = {c for v in guess.values() for c in ([v] if isinstance(v, str) else v)}
-    left = unknown | (seen - used if guess and kind != "prompts" else set())  # prompts keep them all
-    left = sorted(left - set(DATA_FIELDS[kind]))[:8]
+    left = (unknown | (seen - used if guess and kind != "prompts" else set())) - used  # prompts keep them all
+    # a column that is a field of another shape (the `text` beside Alpaca's columns) must go too once renamed
+    kept = set(DATA_FIELDS[kind]) - ({"text", "messages"} - set(guess) if guess else set())
+    left = sorted(left - kept)[:8]
     keys, roles = guess_messages(*message_parts) if in_messages or "messages" in guess else ({}, {})
     keys = {} if columns.message_keys else keys
     roles = {} if columns.roles else roles
@@ -246,8 +248,10 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
         head, tail = "Rename the file's columns to the fields posttrain reads" + (" and leave the others out" if left else ""), ""
     else:
         head, tail = "Leave out the columns posttrain does not read", " (or rename one to a field with data.columns)"
+    kto = (" A `label` column of true and false marks KTO's desirable rows, and posttrain has no KTO: left out, "
+           "every row trains, the undesirable ones too; keep only the rows labelled true.") if "label" in left and kind == "sft" else ""  # fmt: skip
     return (f"{head}: {' and '.join(parts)} in the run's config, or {' '.join(flags)} on the command line{tail}; "
-            "see docs/data.md.")
+            f"see docs/data.md.{kto}")
 
 
 def _yaml(value: str | list[str]) -> str:
@@ -437,7 +441,7 @@ def _normalise_sft(data: dict, report) -> dict | None:
         _check_chat(data["messages"], "messages", report)
         row = {"messages": copy.deepcopy(data["messages"]), "completion_only": True}
         return None if report.n > n else {**row, **_extras(data, ("messages",))}
-    _check_prompt(data["prompt"], report)
+    _check_prompt(data["prompt"], report, "; text with no prompt trains as a `text` row (every token)")
     prompt = _with_system(data, _as_messages(data["prompt"], "user"), report)
     completion = data["completion"]
     if isinstance(completion, str):
@@ -469,12 +473,13 @@ def _with_system(data: dict, prompt: list[dict], report) -> list[dict]:
     return [{"role": "system", "content": system}, *prompt]
 
 
-def _check_prompt(prompt: str | list, report) -> None:
-    """A prompt with no text: a row that trains an answer to nothing (a prompts row refuses it the same way)."""
+def _check_prompt(prompt: str | list, report, way: str = "") -> None:
+    """A prompt with no text: a row that trains an answer to nothing (a prompts row refuses it the same way).
+    `way`: what to do instead, said after the problem."""
     if isinstance(prompt, str) and not prompt.strip():
-        report("prompt", "empty prompt")
+        report("prompt", f"empty prompt{way}")
     elif isinstance(prompt, list) and all(not m["content"].strip() for m in prompt):
-        report("prompt", "empty prompt: every message's content is blank")
+        report("prompt", f"empty prompt: every message's content is blank{way}")
 
 
 def _response_empty(messages: list[dict]) -> bool:
