@@ -247,6 +247,7 @@ def column_problems(rename: Mapping[str, str | list[str]], ignore: Iterable[str]
             by_column.setdefault(column, []).append(ours)
     out += [f"{source[0]}: {ours!r} joins no column" for ours, theirs in rename.items() if not theirs]
     out += [f"{source[0]}: {' and '.join(fs)} both read column {c!r}: a column can be read as one field"
+            if len(set(fs)) > 1 else f"{source[0]}: {fs[0]} reads column {c!r} twice"
             for c, fs in by_column.items() if len(fs) > 1]  # fmt: skip
     if kind is not None and kind != "prompts":
         out += [f"{source[0]}: {ours!r} is not a field of {kind} rows (they read: {', '.join(DATA_FIELDS[kind])})"

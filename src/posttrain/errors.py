@@ -101,14 +101,16 @@ def problem_lines(problems: list[Problem], *, same: int = 5, max_shown: int | No
     ['d.jsonl:1: completion: missing required field', 'd.jsonl:2: completion: missing required field', 'd.jsonl:4: text: empty text', 'd.jsonl: ... and 1 more row with the same problem (completion: missing required field)']
     """
     seen: dict[tuple, int] = {}
-    hidden: dict[tuple, set] = {}  # the rows (line, row) a problem was left out on: one row may hold it twice
+    shown: dict[tuple, set] = {}  # the rows (line, row) a problem was listed on
+    hidden: dict[tuple, set] = {}  # ... and left out on: one row may hold it twice (two messages)
     lines: list[str] = []
     for p in problems:
         key = (p.file, p.field, p.message)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] <= same:
             lines.append(str(p))
-        else:
+            shown.setdefault(key, set()).add((p.line, p.row))
+        elif (p.line, p.row) not in shown[key]:
             hidden.setdefault(key, set()).add((p.line, p.row))
     if max_shown is not None and len(lines) > max_shown:
         lines = [*lines[:max_shown], f"... and {len(lines) - max_shown} more problems"]

@@ -637,3 +637,20 @@ def test_rows_that_train_earlier_turns_under_a_last_turn_scaffold_are_said():
                 "Qwen3's drops earlier turns' reasoning): the model learns to answer both with and without it. To "
                 "train each row's last answer only, give those rows as `prompt` (the earlier turns, as messages) and "
                 "`completion`"]  # fmt: skip
+
+
+def test_the_markers_refused_in_message_text_are_the_tokens_that_open_or_end_a_turn():
+    """What `check_markers` refuses, per family: every special token the template writes (with a system message
+    too: Phi-3's <|system|>) and the EOS (Llama 3 base's <|end_of_text|>, Gemma's <eos>: an answer holding it
+    teaches the model to stop there); not the other special tokens (Qwen's pad <|endoftext|>: a text that holds it
+    reads as it does for the tokenizer, and opens or ends no turn)."""
+    from posttrain.data.render import template_markers
+
+    expected = {
+        "qwen2.5": {"<|im_start|>", "<|im_end|>"},
+        "llama-3": {"<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"},
+        "gemma-3": {"<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"},
+    }  # fmt: skip
+    for name, want in expected.items():
+        assert set(template_markers(tokenizer(name, "pad=eos"))) == want, name
+    assert "<|system|>" in template_markers(tokenizer("phi-3.5", "pad=eos"))

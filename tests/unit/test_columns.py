@@ -310,3 +310,52 @@ def test_a_held_out_file_may_lack_a_column_only_the_training_file_has(tmp_path):
     assert run_columns(cfg).strict and not run_columns(cfg, str(held)).strict
     err = refused(held, "sft", replace(run_columns(cfg, str(held)), strict=True))
     assert "data.ignore_columns names column 'source', which no row has" in str(err)
+
+
+def test_a_messages_own_key_is_left_out_as_column_dot_key_and_nulls_are_absent(tmp_path):
+    """ShareGPT files with a per-message `weight` (OpenHermes, SlimOrca): no setting dropped a message key, and the
+    hint went in a circle; `conversations.weight` in data.ignore_columns drops it from every message."""
+    rows = [{"conversations": [{"from": "human", "value": "hi", "weight": None}, {"from": "gpt", "value": "yo", "weight": 1}]}]
+    f = write(tmp_path, rows)
+    err = refused(f, "sft", SHAREGPT_READ)
+    assert err.footer.startswith("Leave out the columns posttrain does not read: data.ignore_columns: "
+                                 "[conversations.weight] in the run's config")  # fmt: skip
+    read = Columns(SHAREGPT_READ.rename, ("conversations.weight",), message_keys=SHAREGPT_READ.message_keys,
+                   roles=SHAREGPT_READ.roles)  # fmt: skip
+    assert load_rows(f, "sft", read)[0]["messages"][1] == {"role": "assistant", "content": "yo"}
+    none = Columns(SHAREGPT_READ.rename, ("conversations.wieght",), message_keys=SHAREGPT_READ.message_keys,
+                   roles=SHAREGPT_READ.roles)  # fmt: skip
+    assert "data.ignore_columns names column 'conversations.wieght', which no row has" in str(refused(f, "sft", none))
+    # JSONL nulls: a null column joined is an absent one; a null system is none
+    g = write(tmp_path, [{"instruction": "Say hi.", "input": None, "output": "hi", "system": None}], "g.jsonl")
+    (row,) = load_rows(g, "sft", Columns({"prompt": ["instruction", "input"], "completion": "output"}))
+    assert row["messages"][:1] == [{"role": "user", "content": "Say hi."}]
+
+
+def test_problem_lines_count_the_rows_not_yet_shown():
+    from posttrain.errors import Problem, problem_lines
+
+    ps = [Problem("d.jsonl", line, "prompt", "holds x") for line in (1, 1, 2, 2, 3, 3, 4)]
+    assert problem_lines(ps, same=3) == [
+        "d.jsonl:1: prompt: holds x", "d.jsonl:1: prompt: holds x", "d.jsonl:2: prompt: holds x",
+        "d.jsonl: ... and 2 more rows with the same problem (prompt: holds x)"]  # fmt: skip
+
+
+def test_column_options_with_an_empty_or_repeated_part_are_refused(tmp_path, capsys):
+    from posttrain.cli import main
+
+    f = write(tmp_path, [{"instruction": "a", "output": "b"}])
+    assert main(["data", "validate", str(f), "--column", "prompt=instruction+"]) == 2
+    assert "must be FIELD=COLUMN" in capsys.readouterr().err
+    assert main(["data", "validate", str(f), "--column", "prompt=instruction+instruction"]) == 2
+    assert "--column: prompt reads column 'instruction' twice" in capsys.readouterr().err
+
+
+def test_orca_pairs_are_told_which_column_is_the_prompt(tmp_path):
+    f = write(tmp_path, [{"system": "", "question": "2+2?", "chosen": "4", "rejected": "5"}])
+    assert [p.message for p in refused(f, "preference", None).problems] == [
+        "is a string and the row has no prompt: without a prompt column, chosen and rejected are whole "
+        "conversations, lists of messages that begin alike; strings need the prompt in its own column: this row's "
+        "question may be it (data.columns: {prompt: question}; --column prompt=question)"]  # fmt: skip
+    (pair,) = load_rows(f, "preference", Columns({"prompt": "question"}))
+    assert pair["prompt"] == [{"role": "user", "content": "2+2?"}]  # its blank system adds nothing

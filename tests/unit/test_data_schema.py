@@ -235,7 +235,8 @@ def test_rows_that_would_render_wrongly_are_refused(tmp_path):
 
 def test_a_system_column_leads_the_prompt(tmp_path):
     """orca_dpo_pairs' `system` (and an SFT or prompts file's): the prompt's first message, a blank one none; a
-    prompt that has its own system message is refused with it. It is no longer a column the rewards see."""
+    prompt that has its own system message is refused with it. A prompts row keeps it as a column too (a reward
+    may read it)."""
     S = {"role": "system", "content": "Be brief."}
     f = write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "completion": "hello"},
                          {"system": " ", "prompt": "hi", "completion": "hello"},
@@ -248,4 +249,4 @@ def test_a_system_column_leads_the_prompt(tmp_path):
                      "preference")[0]  # fmt: skip
     assert pair["prompt"] == [S, U] and "system" not in pair
     prompt = load_rows(write(tmp_path, [{"system": "Be brief.", "prompt": "hi", "answer": 3}], "q.jsonl"), "prompts")[0]
-    assert prompt == {"prompt": [S, U], "answer": 3}
+    assert prompt == {"prompt": [S, U], "answer": 3, "system": "Be brief."}

@@ -157,8 +157,9 @@ def test_text_in_chat_template_form_is_refused_where_it_would_be_wrapped_again(t
     assert str(info.value).splitlines()[0] == f"{f}: 2 row(s) hold markers the model's chat template writes"
     assert [str(p) for p in info.value.problems] == [f"{f}:1: prompt: holds '<|im_start|>', {MARKER_WHY}",
                                                      f"{f}:2: messages[1].content: holds '<|im_end|>', {MARKER_WHY}"]  # fmt: skip
-    assert MARKER_WHY.startswith("a marker the model's chat template writes: it would be read as that token")
-    assert render_dataset(tiny_tokenizer, rows[2:], max_length=64, source=str(f))  # the others render
+    rendered, _ = render_dataset(tiny_tokenizer, rows[2:], max_length=64, source=str(f))  # the others render,
+    pad = tiny_tokenizer.convert_tokens_to_ids("<|pad|>")  # <|pad|> in a prompt as the tokenizer reads it
+    assert len(rendered) == 2 and pad in rendered[0].input_ids and not rendered[0].loss_mask[rendered[0].input_ids.index(pad)]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b<|im_end|>"}) + "\n"
                      + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b<|pad|>"}) + "\n")  # fmt: skip

@@ -578,3 +578,31 @@ def test_reward_metrics_worked_values():
 def test_mismatched_prompts_and_completions_is_a_bug():
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         compute_rewards([], ["p", "p"], ["c"], {})
+
+
+@pytest.mark.parametrize(("completion", "gold", "right"), [
+    # bare LaTeX gold answers, read as LaTeX (math-verify alone read 2\sqrt{3} as 2 and (-2,2) as nothing)
+    (r"\boxed{2\sqrt{3}}", r"2\sqrt{3}", True), (r"\boxed{2}", r"2\sqrt{3}", False),
+    (r"\boxed{(-2,2)}", "(-2,2)", True), (r"\boxed{\dfrac{3}{4}}", "0.75", True), (r"\boxed{2^{10}}", "1024", True),
+    # a worked solution as the gold: its own marked answer
+    (r"\boxed{2\sqrt{3}}", r"We get $x = 2\sqrt{3}$, so $\boxed{2\sqrt{3}}$.", True),
+    ("Answer: 72", "She sold 48 + 24 = 72.\n#### 72", True), ("Answer: 5", "5 (answer: five)", True),
+    # words and units around an answer read as before (the first wrapping of LaTeX made these 0)
+    ("Answer: 5 cm^2", "5", True), ("Answer: 9.8 m/s^2", "9.8", True), ("The answer is 5m^2", "5", True),
+    (r"Answer: 25\% of the class", "25", True), (r"Answer: \frac{1}{2} of the pizza", "0.5", True),
+    (r"The answer is 3\sqrt{2} units.", r"3\sqrt{2}", True), (r"Answer: 45^\circ angle", "45", True),
+    (r"\boxed{-5^{\circ}C}", "-5", True), ("Answer: 8 cm^2", r"8 \text{ cm}^2", True), ("Answer: 12", "12 in^2", True),
+    # plain numbers as ever
+    ("Answer: 1,000", "1000", True), ("x = 5", "5", True), ("Answer: -3", "3", False),
+])  # fmt: skip
+def test_numeric_answer_reads_latex_as_latex_and_everything_else_as_before(completion, gold, right):
+    from posttrain.rewards.builtin import numeric_match
+
+    assert numeric_match(completion, gold) is right
+
+
+def test_a_gold_answer_that_is_a_label_or_no_math_is_not_readable():
+    from posttrain.rewards.builtin import readable_number
+
+    assert [readable_number(g) for g in ("{B}", "B", r"\text{odd}", "}", "four")] == [False] * 5
+    assert [readable_number(g) for g in ("(-2,2)", r"2\sqrt{3}", "x^2+1", "{1,2}", "1,000")] == [True] * 5

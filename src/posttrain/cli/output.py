@@ -192,7 +192,7 @@ def column_rename(text: str) -> tuple[str, str | list[str]]:
     argparse.ArgumentTypeError: must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got 'prompt'
     """
     field, eq, column = (part.strip() for part in text.partition("="))
-    if not eq or not field or not column:
+    if not eq or not field or not column or any(not c.strip() for c in column.split("+")):
         raise argparse.ArgumentTypeError(
             f"must be FIELD=COLUMN (e.g. prompt=question: the file's column question read as prompt), got {text!r}"
         )

@@ -80,6 +80,7 @@ class Columns:
         renamed_from = {c for theirs in self.rename.values() for c in sources(theirs)}
         out: dict = {}
         clashes: list[tuple[str, str]] = []
+        data = self._without_message_keys(data)
         for key, value in data.items():
             if key in self.ignore or key in renamed_from:
                 continue
@@ -93,7 +94,7 @@ class Columns:
                 if theirs in data:
                     out[ours] = data[theirs]
                 continue
-            given = [(c, data[c]) for c in theirs if c in data]
+            given = [(c, data[c]) for c in theirs if data.get(c) is not None]  # a null is an absent column
             if not given:
                 continue
             if bad := [c for c, v in given if not isinstance(v, str)]:
@@ -105,6 +106,19 @@ class Columns:
                 if isinstance(out.get(name), list):
                     out[name] = [self._message(m) for m in out[name]]
         return out, clashes
+
+    def _without_message_keys(self, data: dict) -> dict:
+        """`data` without the message keys `ignore` names as ``COLUMN.KEY`` (ShareGPT's per-message ``weight``):
+        dropped from every message of that column."""
+        nested = [name.split(".", 1) for name in self.ignore if "." in name and name not in data]
+        if not nested:
+            return data
+        data = dict(data)
+        for column, key in nested:
+            if isinstance(data.get(column), list):
+                data[column] = [{k: v for k, v in m.items() if k != key} if isinstance(m, dict) else m
+                                for m in data[column]]  # fmt: skip
+        return data
 
     def _message(self, message):
         """One message with posttrain's keys and role names (anything but a dict is left for the checks)."""
@@ -136,7 +150,9 @@ class Columns:
         seen, keys, roles = set(seen), set(keys), set(roles)
         out = [f"{self.source[0]} reads {ours} from column {c!r}, which no row has"
                for ours, theirs in self.rename.items() for c in sources(theirs) if c not in seen]  # fmt: skip
-        out += [f"{self.source[1]} names column {name!r}, which no row has" for name in self.ignore if name not in seen]
+        out += [f"{self.source[1]} names column {name!r}, which no row has" for name in self.ignore
+                if name not in seen and not ("." in name and name.split(".", 1)[0] in seen
+                                             and name.split(".", 1)[1] in keys)]  # fmt: skip
         if out and seen:
             out[-1] += f" (its columns: {', '.join(sorted(seen))})"
         said = len(out)

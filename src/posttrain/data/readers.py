@@ -21,6 +21,7 @@ import io
 import json
 import re
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,8 @@ def read_records_lenient(path: str | Path) -> tuple[list[Record], list[Problem]]
         _fail(name, f"cannot read the file: {err.strerror or err}")
     except EOFError:
         _fail(name, "cannot read the file: the gzip stream ends early (a download cut short?)")
+    except zlib.error as err:  # bytes changed inside the stream
+        _fail(name, f"cannot read the file: its gzip stream is damaged ({err}); download it again")
     if suffix == ".parquet":
         if not raw.strip():
             _fail(name, "file is empty")

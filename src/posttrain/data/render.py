@@ -320,14 +320,17 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
 
 
 _MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the template's markers
-_MARKER_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+_MARKER_PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
 
 
 def template_markers(tokenizer) -> tuple[str, ...]:
-    """The special tokens the chat template writes around the messages (ChatML's ``<|im_start|>`` and
-    ``<|im_end|>``, Llama 3's ``<|start_header_id|>`` ..., Llama 2's ``<s>`` and ``</s>``), longest first: each becomes
-    that one token wherever it stands in a text. Special tokens the template never writes (SmolLM2's StarCoder
-    names such as ``<filename>``) are left out: in a message they are text like any other.
+    """The special tokens that open or end a turn, longest first: those the chat template writes around the
+    messages (ChatML's ``<|im_start|>`` and ``<|im_end|>``, Llama 3's ``<|start_header_id|>`` ..., Phi-3's
+    ``<|system|>``, Llama 2's ``<s>`` and ``</s>``), probed with and without a system message, and the EOS token
+    (Llama 3 base's ``<|end_of_text|>``, Gemma's ``<eos>``), which in a trained answer teaches the model to stop
+    there. Each becomes that one token wherever it stands in a text. Other special tokens (SmolLM2's StarCoder names
+    such as ``<filename>``) are let through: they tokenize to their own ids, as the tokenizer makes them of any
+    text, but open or end no turn.
 
     >>> from posttrain.testing import tiny_tokenizer
     >>> template_markers(tiny_tokenizer())
@@ -340,8 +343,14 @@ def template_markers(tokenizer) -> tuple[str, ...]:
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or []}
     found |= {str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values()
               if getattr(t, "special", False)}  # fmt: skip
-    text = chat_text(tokenizer, _MARKER_PROBE) + chat_text(tokenizer, _MARKER_PROBE[:1], add_generation_prompt=True)
-    out = tuple(sorted((t for t in found if t.strip() and t in text), key=lambda t: (-len(t), t)))
+    text = ""
+    for messages in (_MARKER_PROBE, _MARKER_PROBE[1:]):  # a template may refuse a system message
+        try:
+            text += chat_text(tokenizer, messages) + chat_text(tokenizer, messages[:-1], add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 (the template's own refusal: the other probe still tells)
+            continue
+    eos = str(getattr(tokenizer, "eos_token", None) or "")
+    out = tuple(sorted((t for t in found if t.strip() and (t in text or t == eos)), key=lambda t: (-len(t), t)))
     try:
         _MARKERS[tokenizer] = out
     except TypeError:  # not weak-referenceable: recomputed next time

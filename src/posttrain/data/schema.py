@@ -47,7 +47,7 @@ MESSAGES = {"type": "array", "items": MESSAGE, "minItems": 1}
 TEXT_OR_MESSAGES = {"anyOf": [{"type": "string"}, MESSAGES]}
 MARGIN = {"type": "number", "minimum": 0}
 EXTRAS = {"id": {"type": ["string", "integer"]}, "answer": {}, "metadata": {"type": "object"}}
-SYSTEM = {"type": "string"}  # a system prompt in a column of its own (orca's `system`): the prompt's first message
+SYSTEM = {"type": ["string", "null"]}  # a system prompt in a column of its own (orca's): the prompt's first message
 
 
 def _row_schema(fields: dict, required: list[str], *, extra_ok: bool = False) -> dict:
@@ -225,6 +225,14 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
     keys, roles = guess_messages(*message_parts) if in_messages or "messages" in guess else ({}, {})
     keys = {} if columns.message_keys else keys
     roles = {} if columns.roles else roles
+    # a message's own extra keys (ShareGPT's `weight`, OpenAI's `name`): COLUMN.KEY, the key read by no setting
+    mapped = {*keys.values(), *columns.message_keys.values(), "role", "content"}
+    message_extra = sorted({f"{p.field.split('[', 1)[0]}.{p.field.rsplit('.', 1)[1]}" for p in problems
+                            if p.field and "]." in p.field and p.message.startswith("unknown field")
+                            and p.field.rsplit(".", 1)[1] not in mapped})  # fmt: skip
+    if "messages" in guess:  # the key found under the column's own name, as the file has it
+        message_extra = sorted({f"{guess['messages']}.{k}" for k in message_parts[0] - mapped} | set(message_extra))
+    left = sorted(set(left) | set(message_extra))[:8]
     parts, flags = [], []  # the run's settings and the command line's options, whichever gave the file
     for name, mapping, flag in (("data.columns", guess, "--column"), ("data.message_keys", keys, "--message-key"),
                                 ("data.roles", roles, "--role")):  # fmt: skip
@@ -314,10 +322,13 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
     if shape is None:
         return None, None
     if shape == "chosen/rejected" and (sides := [s for s in ("chosen", "rejected") if isinstance(data.get(s), str)]):
+        prompt = guess_columns("preference", set(data)).get("prompt")  # orca's question, ...
         report(sides[0], "is a string and the row has no prompt: without a prompt column, chosen and rejected are "
                          "whole conversations, lists of messages that begin alike; strings need the prompt in its "
-                         "own column (prompt, chosen, rejected: a transcript such as Anthropic HH's split at its "
-                         'last "\\n\\nAssistant:")')  # fmt: skip
+                         + (f"own column: this row's {prompt} may be it (data.columns: {{prompt: {prompt}}}; --column "
+                            f"prompt={prompt})" if isinstance(prompt, str) else
+                            "own column (prompt, chosen, rejected: a transcript such as Anthropic HH's split at its "
+                            'last "\\n\\nAssistant:")'))  # fmt: skip
         return shape, None
     counted = _Count(report)
     said = set()
@@ -575,7 +586,7 @@ def _normalise_prompts(data: dict, report) -> dict | None:
     prompt = _with_system(data, _as_messages(data["prompt"], "user"), report)
     if report.n > n:
         return None
-    return {**{k: v for k, v in data.items() if k != "system"}, "prompt": prompt}
+    return {**data, "prompt": prompt}  # (a `system` column stays one too, for a reward that reads it)
 
 
 _NORMALISE = {"sft": _normalise_sft, "preference": _normalise_preference, "prompts": _normalise_prompts}

@@ -93,7 +93,16 @@ def readable_number(text: str) -> bool:
     if to_number(text) is not None:
         return True
     parsed = _math_verify_parse(text)
-    return bool(parsed) and not any(str(p).lower() in ("nan", "zoo", "oo", "-oo") for p in parsed)
+    # math-verify gives back the text it read beside what it made of it: a list of strings only is nothing read
+    # (a gold `\text{odd}`), and a letter alone, or a set of letters, is a choice's label, not a number (`{B}`)
+    return any(not isinstance(p, str) and not _label(p) for p in parsed) and not any(
+        str(p).lower() in ("nan", "zoo", "oo", "-oo") for p in parsed)
+
+
+def _label(value) -> bool:
+    """Whether math-verify's reading of a gold answer is a letter or a set of letters (a choice: ``B``, ``{B}``)."""
+    args = getattr(value, "args", ()) if type(value).__name__ == "FiniteSet" else (value,)
+    return bool(args) and all(getattr(a, "is_Symbol", False) for a in args)
 
 
 def _math_verify():
@@ -110,22 +119,33 @@ def _math_verify_parse(text: str) -> list:
     return math_verify.parse(_as_math(text), **({} if main else {"parsing_timeout": None}))
 
 
-_LATEX = re.compile(r"[\\^{}]")
+_LATEX = re.compile(r"[\\{}]")  # a command or a group: a ^ alone (5m^2, x^2+1) reads bare as it always has
 _TUPLE = re.compile(r"\s*[(\[].*,.*[)\]]\s*")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}|\s[A-Za-z]")  # a word, or a unit after a space (9.8 m/s^2)
+_TRAILING_WORDS = re.compile(r"\s+[A-Za-z][A-Za-z\s.,!]*$")  # "... of the pizza", "units."
+_DEGREES = re.compile(r"(\\circ\}?)\s*[CFK]\b")  # 5^{\circ}C: the scale's letter is no variable
 
 
 def _as_math(text: str) -> str:
     r"""An answer in bare LaTeX (``2\sqrt{3}``, ``\dfrac{3}{4}``, an interval ``(-2,2)``) put between ``$`` signs, as
     math-verify reads LaTeX: bare, it takes the first number it finds (``2\sqrt{3}`` read as 2, so a completion
-    answering 2 scored right) or nothing (``(-2,2)``, ``\dfrac{3}{4}``). Text without LaTeX, or already in ``$``,
-    is left as it is (``42 apples`` stays 42).
+    answering 2 scored right) or nothing (``(-2,2)``, ``\dfrac{3}{4}``). Words after the expression are dropped
+    first (``\frac{1}{2} of the pizza``); an answer with words or units inside it (``5 cm^2``, ``9.8 m/s^2``), or
+    without LaTeX, or already in ``$``, is left as it is, for math-verify's own reading (``42 apples`` is 42).
 
     >>> _as_math(r"2\sqrt{3}"), _as_math("(-2,2)"), _as_math("42 apples"), _as_math(r"$\frac{1}{2}$")
     ('$2\\sqrt{3}$', '$(-2,2)$', '42 apples', '$\\frac{1}{2}$')
+    >>> _as_math(r"\frac{1}{2} of the pizza"), _as_math("5 cm^2"), _as_math("9.8 m/s^2"), _as_math(r"-5^{\circ}C")
+    ('$\\frac{1}{2}$', '5 cm^2', '9.8 m/s^2', '$-5^{\\circ}$')
     """
-    if "$" in text or not (_LATEX.search(text) or _TUPLE.fullmatch(text)):
+    if "$" in text:
         return text
-    return f"${text.strip()}$"
+    core = _DEGREES.sub(r"\1", _TRAILING_WORDS.sub("", text.strip())).rstrip(" .")
+    power = "^" in core and not re.search(r"\d\s*[A-Za-z]", _COMMAND.sub("", core))  # x^2+1, not 5m^2 (a unit)
+    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(_COMMAND.sub("", core)):
+        return text
+    return f"${core}$"
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
@@ -133,6 +153,20 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
     math_verify, main = _math_verify()
     return math_verify.verify(_math_verify_parse(gold), _math_verify_parse(pred),
                               **({} if main else {"timeout_seconds": None}))  # fmt: skip
+
+
+def _marked_gold(text: str) -> str:
+    r"""A gold answer's own value: the last ``\boxed{}`` of a worked solution (MATH's), or what follows its last
+    ``####`` (GSM8K's); else the text as it is (a prose marker such as ``answer:`` is the gold's own words).
+
+    >>> _marked_gold(r"so $x = \boxed{3}$."), _marked_gold("She sold 48 + 24 = 72.\n#### 72"), _marked_gold("5 (answer: five)")
+    ('3', '72', '5 (answer: five)')
+    """
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    marked = re.findall(r"####[ \t]*(.*)", text)
+    return marked[-1].strip() if marked else text
 
 
 def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> bool:
@@ -154,7 +188,7 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
     pred = final_answer(completion)
     # A gold answer given as a worked solution (MATH's `solution`, GSM8K's `#### 72`) is compared by its marked
     # answer, as the completion's is; else as it is.
-    gold_text = final_answer(str(answer)) or str(answer)
+    gold_text = _marked_gold(str(answer))
     gold = to_number(gold_text)
     if pred is None:
         numbers = _NUMBER.findall(completion)
