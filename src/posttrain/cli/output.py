@@ -209,7 +209,8 @@ def add_columns(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--ignore-column", action="append", default=[], metavar="COLUMN",
-        help="leave the file's COLUMN out (repeatable), as data.ignore_columns does in training",
+        help="leave the file's COLUMN out (repeatable), as data.ignore_columns does in training; COLUMN.KEY leaves "
+             "KEY out of every message of COLUMN (ShareGPT's conversations.weight)",
     )  # fmt: skip
     parser.add_argument(
         "--message-key", action="append", type=column_rename, default=[], metavar="KEY=FILE_KEY",
