@@ -200,18 +200,19 @@ class DataConfig(_Section):
     """The file's own column names for the fields posttrain reads, field: column, e.g. `{prompt: question,
     completion: answer}` (applied to `data.train` and `data.eval`); a list of text columns is joined in order by a
     blank line, e.g. Alpaca's `{prompt: [instruction, input], completion: output}` (an empty one left out). Refused
-    before the model loads: a field the method's rows do not read, and a column that no row of a file has
-    (docs/data.md)."""
+    before the model loads: a field the method's rows do not read, and a column that no row of `data.train` has
+    (`data.eval` may lack one; docs/data.md)."""
     ignore_columns: list[str] = []
     """Columns of the file to leave out, e.g. `[source, category]`: SFT and preference rows refuse columns they do
-    not read, and prompts rows pass every column to the reward functions. A name no row of a file has is refused."""
+    not read, and prompts rows pass every column to the reward functions. `COLUMN.KEY` leaves a key out of every
+    message of COLUMN (ShareGPT's `conversations.weight`). A name no row of `data.train` has is refused."""
     message_keys: dict[str, str] = Field(default_factory=dict)
     """The keys the file's messages hold a role and a text under, key: the file's key, e.g. ShareGPT's
     `{role: from, content: value}`; for every message list (messages, prompt, completion, chosen, rejected). A key no
-    message of a file has is refused."""
+    message of `data.train` has is refused."""
     roles: dict[str, str] = Field(default_factory=dict)
     """The file's names for the roles, role: the file's name, e.g. ShareGPT's `{user: human, assistant: gpt}`
-    (system, user, assistant). A name no message of a file has is refused."""
+    (system, user, assistant). A name no message of `data.train` has is refused."""
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
     prompt then ends with an empty think block and answers follow it). Written into the template
