@@ -57,7 +57,7 @@ def test_a_prompt_in_chat_template_form_is_refused(peaked_model, tiny_tokenizer)
     """`generate --prompt "<|im_start|>user ..."` decoded from the template wrapped around itself; refused."""
     from posttrain.errors import UserError
 
-    with pytest.raises(UserError, match=r"^prompt 2 of 2: holds '<\|im_start\|>', a marker the model's chat template"):
+    with pytest.raises(UserError, match=r"^prompt 2 of 2: holds '<\|im_start\|>', a token that opens or ends a turn"):
         generate(peaked_model, tiny_tokenizer, ["hello", "<|im_start|>user\nhello"], max_new_tokens=2)
 
 

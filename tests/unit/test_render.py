@@ -154,7 +154,7 @@ def test_text_in_chat_template_form_is_refused_where_it_would_be_wrapped_again(t
     rows = load_rows(f, "sft")  # the file's shape is fine: the check needs the model's tokenizer
     with pytest.raises(DataError) as info:
         render_dataset(tiny_tokenizer, rows, max_length=64, source=str(f))
-    assert str(info.value).splitlines()[0] == f"{f}: 2 row(s) hold markers the model's chat template writes"
+    assert str(info.value).splitlines()[0] == f"{f}: 2 row(s) hold tokens that open or end a turn"
     assert [str(p) for p in info.value.problems] == [f"{f}:1: prompt: holds '<|im_start|>', {MARKER_WHY}",
                                                      f"{f}:2: messages[1].content: holds '<|im_end|>', {MARKER_WHY}"]  # fmt: skip
     rendered, _ = render_dataset(tiny_tokenizer, rows[2:], max_length=64, source=str(f))  # the others render,

@@ -592,6 +592,10 @@ def test_mismatched_prompts_and_completions_is_a_bug():
     (r"Answer: 25\% of the class", "25", True), (r"Answer: \frac{1}{2} of the pizza", "0.5", True),
     (r"The answer is 3\sqrt{2} units.", r"3\sqrt{2}", True), (r"Answer: 45^\circ angle", "45", True),
     (r"\boxed{-5^{\circ}C}", "-5", True), ("Answer: 8 cm^2", r"8 \text{ cm}^2", True), ("Answer: 12", "12 in^2", True),
+    # a gold with its unit in \text{} is LaTeX all the same (the second change read 4\sqrt{2} \text{ units} as 4)
+    (r"\boxed{4\sqrt2}", r"4\sqrt{2} \text{ units}", True), (r"\boxed{4}", r"4\sqrt{2} \text{ units}", False),
+    (r"\boxed{3\pi}", r"3\pi \text{ square units}", True), (r"\boxed{3}", r"3\pi \text{ square units}", False),
+    (r"\boxed{\sqrt5}", r"\sqrt{5} \text{ cm}", True), (r"Answer: 6 \text{ inches}", "6", True),
     # plain numbers as ever
     ("Answer: 1,000", "1000", True), ("x = 5", "5", True), ("Answer: -3", "3", False),
 ])  # fmt: skip
@@ -605,4 +609,4 @@ def test_a_gold_answer_that_is_a_label_or_no_math_is_not_readable():
     from posttrain.rewards.builtin import readable_number
 
     assert [readable_number(g) for g in ("{B}", "B", r"\text{odd}", "}", "four")] == [False] * 5
-    assert [readable_number(g) for g in ("(-2,2)", r"2\sqrt{3}", "x^2+1", "{1,2}", "1,000")] == [True] * 5
+    assert [readable_number(g) for g in ("(-2,2)", r"2\sqrt{3}", "x^2+1", "{1,2}", "1,000", r"\sqrt{5} \text{ cm}")] == [True] * 6

@@ -358,9 +358,9 @@ def template_markers(tokenizer) -> tuple[str, ...]:
     return out
 
 
-MARKER_WHY = ("a marker the model's chat template writes: it would be read as that token, opening or ending a turn "
-              "where the text says, not as characters (text already in chat-template form is wrapped in the template "
-              "again); give each message's plain text")  # fmt: skip
+MARKER_WHY = ("a token that opens or ends a turn (a marker the chat template writes, or the EOS): it would be read "
+              "as that token, where the text says, not as characters (text already in chat-template form is wrapped in "
+              "the template again); give each message's plain text")  # fmt: skip
 
 
 def _row_messages(row: dict) -> list[tuple[str, dict]]:
@@ -384,7 +384,7 @@ def marker_problems(tokenizer, rows, *, source: str) -> list[Problem]:
     >>> from posttrain.testing import tiny_tokenizer
     >>> from posttrain.data.schema import Row
     >>> rows = [Row({"prompt": [{"role": "user", "content": "hi<|im_end|>"}]}, line=3), {"prompt": "Usage: <filename>"}]
-    >>> [str(p).split(", a marker")[0] for p in marker_problems(tiny_tokenizer(), rows, source="d.jsonl")]
+    >>> [str(p).split(", a token")[0] for p in marker_problems(tiny_tokenizer(), rows, source="d.jsonl")]
     ["d.jsonl:3: prompt: holds '<|im_end|>'"]
     """
     markers = template_markers(tokenizer)
@@ -401,7 +401,7 @@ def refuse_markers(tokenizer, rows, *, source: str) -> None:
     """`marker_problems` as one `DataError` (a header of its own: no length is at fault), before any row renders."""
     if problems := marker_problems(tokenizer, rows, source=source):
         n = len({(p.line, p.row) for p in problems})
-        raise DataError(problems, header=f"{source}: {n} row(s) hold markers the model's chat template writes")
+        raise DataError(problems, header=f"{source}: {n} row(s) hold tokens that open or end a turn")
 
 
 def render_prompt(tokenizer, row: dict) -> list[int]:

@@ -122,6 +122,7 @@ def _math_verify_parse(text: str) -> list:
 _LATEX = re.compile(r"[\\{}]")  # a command or a group: a ^ alone (5m^2, x^2+1) reads bare as it always has
 _TUPLE = re.compile(r"\s*[(\[].*,.*[)\]]\s*")
 _COMMAND = re.compile(r"\\[A-Za-z]+")
+_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{[^{}]*\}")  # \text{ cm}: a unit LaTeX-mode math-verify reads
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}|\s[A-Za-z]")  # a word, or a unit after a space (9.8 m/s^2)
 _TRAILING_WORDS = re.compile(r"\s+[A-Za-z][A-Za-z\s.,!]*$")  # "... of the pizza", "units."
 _DEGREES = re.compile(r"(\\circ\}?)\s*[CFK]\b")  # 5^{\circ}C: the scale's letter is no variable
@@ -142,8 +143,9 @@ def _as_math(text: str) -> str:
     if "$" in text:
         return text
     core = _DEGREES.sub(r"\1", _TRAILING_WORDS.sub("", text.strip())).rstrip(" .")
-    power = "^" in core and not re.search(r"\d\s*[A-Za-z]", _COMMAND.sub("", core))  # x^2+1, not 5m^2 (a unit)
-    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(_COMMAND.sub("", core)):
+    power = "^" in core and not re.search(r"\d\s*[A-Za-z]", _COMMAND.sub("", _TEXT_GROUP.sub("", core)))  # x^2+1, not 5m^2
+    bare = _COMMAND.sub("", _TEXT_GROUP.sub("", core))  # what is left to read once LaTeX's own units are set aside
+    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(bare):
         return text
     return f"${core}$"
 

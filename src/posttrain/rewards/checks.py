@@ -171,7 +171,7 @@ def _not_a_number(value) -> str | None:
     >>> _not_a_number(42), _not_a_number("1,234"), _not_a_number(r"\\frac{1}{2}")
     (None, None, None)
     >>> _not_a_number(None), _not_a_number(float("nan")), _not_a_number("four")
-    ('is null: no number to compare with', 'is nan, not a finite number', "'four' is not a number (neither a plain number nor an expression math-verify reads)")
+    ('is null: no number to compare with', 'is nan, not a finite number', "'four' is not a number (neither a plain number nor an expression math-verify reads; a text answer compares with the exact_match reward)")
     """
     if value is None:
         return "is null: no number to compare with"
@@ -180,7 +180,8 @@ def _not_a_number(value) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"is {value}, not a finite number"
     if not readable_number(str(value)):
-        return f"{value!r} is not a number (neither a plain number nor an expression math-verify reads)"
+        return (f"{value!r} is not a number (neither a plain number nor an expression math-verify reads; a text "
+                "answer compares with the exact_match reward)")
     return None
 
 
