@@ -359,3 +359,22 @@ def test_orca_pairs_are_told_which_column_is_the_prompt(tmp_path):
         "question may be it (data.columns: {prompt: question}; --column prompt=question)"]  # fmt: skip
     (pair,) = load_rows(f, "preference", Columns({"prompt": "question"}))
     assert pair["prompt"] == [{"role": "user", "content": "2+2?"}]  # its blank system adds nothing
+
+
+def test_render_time_problems_name_the_files_own_columns_and_rows(tmp_path, tiny_tokenizer):
+    """A prompt too long for max_length, found while rendering, was named `prompt` in a file whose column is
+    `question`, and `line 1` in a one-line JSON array: named as load-time problems are."""
+    from posttrain.data import render_dataset, render_preference_dataset
+
+    f = tmp_path / "one.json"  # one line, two rows
+    f.write_text(json.dumps([{"q": "x", "a": "y"}, {"q": "word " * 80, "a": "y"}]), encoding="utf-8")
+    rows = load_rows(f, "sft", Columns({"prompt": "q", "completion": "a"}))
+    with pytest.raises(DataError) as info:
+        render_dataset(tiny_tokenizer, rows, max_length=64, source=str(f))
+    assert [str(p).split(": the prompt alone")[0] for p in info.value.problems] == [f"{f}:1 (row 2): max_length"]
+    g = tmp_path / "pairs.jsonl"
+    g.write_text(json.dumps({"q": "word " * 80, "chosen": "a", "rejected": "b"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        render_preference_dataset(tiny_tokenizer, load_rows(g, "preference", Columns({"prompt": "q"})), max_length=64,
+                                  source=str(g))  # fmt: skip
+    assert str(info.value.problems[0]).startswith(f"{g}:1: q: prompt is ")

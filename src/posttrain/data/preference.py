@@ -43,8 +43,8 @@ from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import Rendered, lines_text, refuse_markers, render_all, render_sft
-from posttrain.data.schema import load_rows, normalise_row
-from posttrain.errors import ConfigError, DataError, Problem
+from posttrain.data.schema import load_rows, normalise_row, problem_at
+from posttrain.errors import ConfigError, DataError
 
 
 @dataclass
@@ -93,7 +93,7 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
     here). Raises `DataError` naming `source`, the row's line and the field ``prompt`` when the prompt alone
     reaches `max_length`.
     """
-    line = getattr(row, "line", None)
+    line, located = getattr(row, "line", None), row  # (its problems are named as the file names them)
     if not all(isinstance(row.get(k), list) for k in ("prompt", "chosen", "rejected")):
         row = normalise_row(row, "preference", source=source, line=line)
     prompt = row["prompt"]
@@ -113,7 +113,7 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
     prompt_ids = c_ids[:n]
     room = max_length - n
     if room <= 0 or not any(c_mask[n:max_length]) or not any(r_mask[n:max_length]):
-        raise DataError([Problem(source, line, "prompt", (
+        raise DataError([problem_at(source, located, "prompt", (
             f"prompt is {n} tokens, max_length is {max_length}: no room for a response; raise max_length or "
             "shorten the prompt")
         )])  # fmt: skip
@@ -130,7 +130,7 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
         else:  # different messages, the same tokens scored
             why = ("scores the same tokens as chosen (the sides differ only in what the chat template renders "
                    "alike), so the pair would carry no preference (a zero gradient); make the responses differ")  # fmt: skip
-        raise DataError([Problem(source, line, "rejected", why)])
+        raise DataError([problem_at(source, located, "rejected", why)])
     return RenderedPair(
         prompt_ids=prompt_ids,
         chosen_ids=c_ids[n:max_length],

@@ -15,8 +15,8 @@ from typing import Any
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import marker_problems, render_prompt
-from posttrain.data.schema import load_rows
-from posttrain.errors import ConfigError, DataError, Problem
+from posttrain.data.schema import load_rows, problem_at
+from posttrain.errors import ConfigError, DataError
 
 
 @dataclass
@@ -50,7 +50,7 @@ def render_prompts(cfg, tokenizer, rows) -> PreparedData:
             continue
         ids = render_prompt(tokenizer, row)
         if len(ids) > room:
-            problems.append(Problem(cfg.data.train, line, "prompt", (
+            problems.append(problem_at(cfg.data.train, row, "prompt", (
                 f"prompt is {len(ids)} tokens; data.max_length ({cfg.data.max_length}) minus "
                 f"algorithm.rollout.max_new_tokens ({max_new}) leaves {room}")))  # fmt: skip
             continue

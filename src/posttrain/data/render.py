@@ -311,7 +311,7 @@ def render_sft(tokenizer, row: dict, *, max_length: int, train_on: str = "comple
     truncated = len(ids) > max_length
     if not any(mask[1:max_length]):  # position 0 is never a target (nothing predicts it)
         first = next((t for t, m in enumerate(mask) if m and t), len(ids))
-        raise DataError([Problem(source, getattr(row, "line", None), "max_length", (
+        raise DataError([problem_at(source, row, "max_length", (
             f"the prompt alone is {first} tokens, >= max_length {max_length}: no completion token would be "
             "trained; raise data.max_length or shorten this row")
         )])  # fmt: skip
