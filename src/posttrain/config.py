@@ -230,7 +230,6 @@ DATA_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def column_problems(rename: Mapping[str, str | list[str]], ignore: Iterable[str], kind: str | None,
                     source: tuple[str, str] = ("data.columns", "data.ignore_columns")) -> list[str]:  # fmt: skip
     """What is wrong with the settings themselves (checked with the config, before any file is read).
@@ -270,15 +269,12 @@ def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
     ["data.message_keys: role and content both read the key 'x'", "data.roles: user and assistant both read the role 'human'"]
     """
     out: list[str] = []
-    for (name, valid, what), mapping in zip(((source[0], ("role", "content"), "a key of a message"),
-                                             (source[1], ("system", "user", "assistant"), "a role")),
-                                            (message_keys, roles)):  # fmt: skip
-        out += [f"{name}: {ours!r} is not {what} (they {'read' if what != 'a role' else 'are'}: {', '.join(valid)})"
-                for ours in mapping if ours not in valid]  # fmt: skip
+    for name, mapping, valid, what, noun in ((source[0], message_keys, ("role", "content"), "a key of a message (they read", "key"),
+                                             (source[1], roles, ("system", "user", "assistant"), "a role (they are", "role")):  # fmt: skip
+        out += [f"{name}: {ours!r} is not {what}: {', '.join(valid)})" for ours in mapping if ours not in valid]
         by: dict[str, list[str]] = {}
         for ours, theirs in mapping.items():
             by.setdefault(theirs, []).append(ours)
-        noun = "key" if what != "a role" else "role"
         out += [f"{name}: {' and '.join(fs)} both read the {noun} {t!r}" for t, fs in by.items() if len(fs) > 1]
     return out
 

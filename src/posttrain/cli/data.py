@@ -191,7 +191,7 @@ def check_task_answers(args, rows: list[dict], path) -> None:
 
 
 def validate(args) -> Output:
-    from posttrain.data.schema import row_shapes, shapes_summary
+    from posttrain.data.schema import rows_and_shapes, shapes_summary
 
     if (args.model is None) != (args.max_length is None):
         raise UserError("--model and --max-length go together: the length check needs the model's tokenizer")
@@ -203,8 +203,8 @@ def validate(args) -> Output:
     said: list[str] = []  # the readers' warnings (carriage returns in CSV cells), once each
     try:
         with _warnings_into(said):
-            shapes = row_shapes(args.file, args.kind, columns)
-        notes = _check_lengths(args, said) if args.model is not None else []
+            rows, shapes = rows_and_shapes(args.file, args.kind, columns)
+        notes = _check_lengths(args, rows) if args.model is not None else []
     except DataError as err:
         return _problems(args, err, said)
     text = shapes_summary(args.file, args.kind, shapes)
@@ -258,19 +258,17 @@ def _problems(args, err: DataError, said: list[str]) -> Output:
                        "warnings": said}, code=EXIT_USER, error={"kind": "user", "message": message})  # fmt: skip
 
 
-def _check_lengths(args, said: list[str]) -> list[str]:
-    """Render every row with the model's tokenizer: rows that cannot fit `--max-length` are problems; returns
-    the warnings rendering gave (e.g. responses truncated). The readers' warnings go to `said` (once each)."""
+def _check_lengths(args, rows: list[dict]) -> list[str]:
+    """Render every row (as `validate` read them) with the model's tokenizer: rows that cannot fit `--max-length`
+    are problems; returns the warnings rendering gave (e.g. responses truncated)."""
     from posttrain.config import ModelConfig
-    from posttrain.data import load_rows, render_dataset, render_preference_dataset
+    from posttrain.data import render_dataset, render_preference_dataset
     from posttrain.models import load_tokenizer
 
     if args.max_length <= 0:
         raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
     quiet_libraries()
     tokenizer = load_tokenizer(ModelConfig(name=args.model))
-    with _warnings_into(said):
-        rows = load_rows(args.file, args.kind, columns_given(args, args.kind, args.file))
     render = render_preference_dataset if args.kind == "preference" else render_dataset
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -11,15 +11,18 @@ file's own column names (`Columns.file_field`), so ``FILE:LINE: question: must b
 user can see in the file. A field may also read several text columns joined, in order, by a blank line (an Alpaca
 row's ``{prompt: [instruction, input]}``; an empty one is left out); nothing else is ever joined.
 
-Nothing here is silent: a column named in either setting that no row of a file has is refused for that file
-(`Columns.unused`), and a row that holds both a renamed column and a column already called by the field it is
+Nothing here is silent: a column, message key or role named in a setting that no row of the training file has is
+refused (`Columns.unused`; a held-out file read with the same settings may lack one), and a row that holds both a renamed column and a column already called by the field it is
 renamed to is refused (which one to read would be a guess).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from posttrain.config_rules import show
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,16 @@ class Columns:
         return bool(self.rename or self.ignore or self.message_keys or self.roles)
 
     @property
+    def names_messages(self) -> bool:
+        """Whether a setting names what messages hold (a key, a role, a ``COLUMN.KEY`` to leave out)."""
+        return bool(self.message_keys or self.roles or any("." in name for name in self.ignore))
+
+    @functools.cached_property
+    def _file_roles(self) -> dict[str, str]:
+        """The file's role name -> posttrain's (`roles` turned round), made once, read for every message."""
+        return {theirs: ours for ours, theirs in self.roles.items()}
+
+    @property
     def message_source(self) -> tuple[str, str]:
         """The two message settings' names as the user gave them."""
         return ("--message-key", "--role") if self.cli else ("data.message_keys", "data.roles")
@@ -64,7 +77,7 @@ class Columns:
         >>> Columns().leave_out(["a", "b"]), Columns(cli=True).leave_out(["a", "b"])
         ('data.ignore_columns: [a, b]', '--ignore-column a --ignore-column b')
         """
-        return " ".join(f"--ignore-column {n}" for n in names) if self.cli else f"data.ignore_columns: [{', '.join(names)}]"
+        return " ".join(f"--ignore-column {n}" for n in names) if self.cli else f"data.ignore_columns: {show(names)}"
 
     def apply(self, data: dict) -> tuple[dict, list[tuple[str, str]]]:
         """The row with posttrain's field names, and (field, message) for each clash: a column that is already
@@ -124,12 +137,12 @@ class Columns:
         """One message with posttrain's keys and role names (anything but a dict is left for the checks)."""
         if not isinstance(message, dict):
             return message
-        moved = set(self.message_keys.values())
+        moved = self.message_keys.values()
         out = {k: v for k, v in message.items() if k not in moved or k in self.message_keys}
         for ours, theirs in self.message_keys.items():
             if theirs in message:
                 out[ours] = message[theirs]
-        role = {theirs: ours for ours, theirs in self.roles.items()}.get(out.get("role"))
+        role = self._file_roles.get(out.get("role"))
         if role is not None:
             out["role"] = role
         return out

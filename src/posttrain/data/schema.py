@@ -30,7 +30,8 @@ from pathlib import Path
 from jsonschema import Draft202012Validator
 
 from posttrain.config import DATA_FIELDS
-from posttrain.data.columns import Columns, guess_columns, guess_messages, shown
+from posttrain.config_rules import show
+from posttrain.data.columns import Columns, guess_columns, guess_messages, shown, sources
 from posttrain.data.readers import _json_type, read_records_lenient
 from posttrain.errors import DataError, Problem
 
@@ -128,8 +129,13 @@ def shapes_summary(path: str | Path, kind: str, shapes: dict[str, int]) -> str:
 def row_shapes(path: str | Path, kind: str, columns: Columns | None = None) -> dict[str, int]:
     """How many rows of each shape (e.g. ``messages``, ``prompt/completion``) `path` holds, most common first,
     when every row is usable; else the `DataError` listing every problem."""
-    _, shapes = _load(path, kind, columns)
-    return dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
+    return rows_and_shapes(path, kind, columns)[1]
+
+
+def rows_and_shapes(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[list[dict], dict[str, int]]:
+    """`load_rows` and `row_shapes` from one read of the file (`data validate --model` renders the rows it counts)."""
+    rows, shapes = _load(path, kind, columns)
+    return rows, dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
 def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
@@ -157,8 +163,6 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
     shapes: Counter = Counter()
     n_bad = n_unreadable
     seen: set[str] = set()
-    seen_keys: set[str] = set()
-    seen_roles: set[str] = set()
     for rec in records:
         found: list[Problem] = []
 
@@ -166,9 +170,6 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             found.append(Problem(name, line, columns.file_field(field), msg, row))
 
         seen.update(rec.data)
-        keys, roles = columns.message_parts(rec.data)  # for the check of the message settings, and the hint
-        seen_keys.update(keys)
-        seen_roles.update(roles)
         data, clashes = columns.apply(rec.data) if columns else (rec.data, [])
         for field, msg in clashes:
             found.append(Problem(name, rec.line, field, msg, rec.row))
@@ -181,6 +182,15 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
+    # the keys and role names of every message: read by the check of the message settings and by the hint, so
+    # gathered only where one of them will read them (not for a good file read without such settings)
+    seen_keys: set[str] = set()
+    seen_roles: set[str] = set()
+    if problems or columns.names_messages:
+        for rec in records:
+            keys, roles = columns.message_parts(rec.data)
+            seen_keys.update(keys)
+            seen_roles.update(roles)
     if records and columns.strict:
         problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen, seen_keys, seen_roles))
     if problems:
@@ -216,31 +226,30 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
                       or p.message.startswith("must be one of system, user, assistant")) for p in problems)  # fmt: skip
     if not unknown and not no_fields and not in_messages:
         return None
-    guess = guess_columns(kind, seen - set(columns.rename.values())) if not columns.rename else {}
-    used = {c for v in guess.values() for c in ([v] if isinstance(v, str) else v)}
+    guess = guess_columns(kind, seen) if not columns.rename else {}
+    used = {c for v in guess.values() for c in sources(v)}
     left = (unknown | (seen - used if guess and kind != "prompts" else set())) - used  # prompts keep them all
     # a column that is a field of another shape (the `text` beside Alpaca's columns) must go too once renamed
-    kept = set(DATA_FIELDS[kind]) - ({"text", "messages"} - set(guess) if guess else set())
-    left = sorted(left - kept)[:8]
+    left -= set(DATA_FIELDS[kind]) - ({"text", "messages"} - set(guess) if guess else set())
     keys, roles = guess_messages(*message_parts) if in_messages or "messages" in guess else ({}, {})
     keys = {} if columns.message_keys else keys
     roles = {} if columns.roles else roles
     # a message's own extra keys (ShareGPT's `weight`, OpenAI's `name`): COLUMN.KEY, the key read by no setting
     mapped = {*keys.values(), *columns.message_keys.values(), "role", "content"}
-    message_extra = sorted({f"{p.field.split('[', 1)[0]}.{p.field.rsplit('.', 1)[1]}" for p in problems
-                            if p.field and "]." in p.field and p.message.startswith("unknown field")
-                            and p.field.rsplit(".", 1)[1] not in mapped})  # fmt: skip
+    left |= {f"{p.field.split('[', 1)[0]}.{p.field.rsplit('.', 1)[1]}" for p in problems
+             if p.field and "]." in p.field and p.message.startswith("unknown field")
+             and p.field.rsplit(".", 1)[1] not in mapped}  # fmt: skip
     if "messages" in guess:  # the key found under the column's own name, as the file has it
-        message_extra = sorted({f"{guess['messages']}.{k}" for k in message_parts[0] - mapped} | set(message_extra))
-    left = sorted(set(left) | set(message_extra))[:8]
+        left |= {f"{guess['messages']}.{k}" for k in message_parts[0] - mapped}
+    left = sorted(left)[:8]
     parts, flags = [], []  # the run's settings and the command line's options, whichever gave the file
     for name, mapping, flag in (("data.columns", guess, "--column"), ("data.message_keys", keys, "--message-key"),
                                 ("data.roles", roles, "--role")):  # fmt: skip
         if mapping:
-            parts.append(f"{name}: {{{', '.join(f'{k}: {_yaml(v)}' for k, v in mapping.items())}}}")
+            parts.append(f"{name}: {show(mapping)}")
             flags += [f"{flag} {k}={shown(v)}" for k, v in mapping.items()]
     if left:
-        parts.append(f"data.ignore_columns: [{', '.join(left)}]")
+        parts.append(f"data.ignore_columns: {show(left)}")
         flags += [f"--ignore-column {c}" for c in left]
     if not parts:  # nothing to go on: an example
         if in_messages and not unknown and not no_fields:
@@ -260,14 +269,6 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
            "every row trains, the undesirable ones too; keep only the rows labelled true.") if "label" in left and kind == "sft" else ""  # fmt: skip
     return (f"{head}: {' and '.join(parts)} in the run's config, or {' '.join(flags)} on the command line{tail}; "
             f"see docs/data.md.{kto}")
-
-
-def _yaml(value: str | list[str]) -> str:
-    """
-    >>> _yaml("question"), _yaml(["instruction", "input"])
-    ('question', '[instruction, input]')
-    """
-    return value if isinstance(value, str) else f"[{', '.join(value)}]"
 
 
 def normalise_row(data: dict, kind: str = "sft", *, source: str = "data", line: int | None = None) -> Row:

@@ -143,8 +143,8 @@ def _as_math(text: str) -> str:
     if "$" in text:
         return text
     core = _DEGREES.sub(r"\1", _TRAILING_WORDS.sub("", text.strip())).rstrip(" .")
-    power = "^" in core and not re.search(r"\d\s*[A-Za-z]", _COMMAND.sub("", _TEXT_GROUP.sub("", core)))  # x^2+1, not 5m^2
     bare = _COMMAND.sub("", _TEXT_GROUP.sub("", core))  # what is left to read once LaTeX's own units are set aside
+    power = "^" in core and not re.search(r"\d\s*[A-Za-z]", bare)  # x^2+1, not 5m^2 (a unit)
     if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(bare):
         return text
     return f"${core}$"
