@@ -213,6 +213,12 @@ class DataConfig(_Section):
     roles: dict[str, str] = Field(default_factory=dict)
     """The file's names for the roles, role: the file's name, e.g. ShareGPT's `{user: human, assistant: gpt}`
     (system, user, assistant). A name no message of `data.train` has is refused."""
+    turns: dict[str, str] = Field(default_factory=dict)
+    """The text that opens each role's turn in a transcript string, role: marker, e.g. Anthropic HH's `{user:
+    "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}` (double quotes in YAML read \\n as a newline). A string in a
+    message field (messages, prompt, completion, chosen, rejected) that holds a marker reads as its turns; a
+    prompt's closing `"\\n\\nAssistant:"` with nothing after it is the cue to answer and is left out. Needs the
+    user's and the assistant's markers; a marker no text of `data.train` holds is refused (docs/data.md)."""
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
     prompt then ends with an empty think block and answers follow it). Written into the template
@@ -276,6 +282,28 @@ def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
         for ours, theirs in mapping.items():
             by.setdefault(theirs, []).append(ours)
         out += [f"{name}: {' and '.join(fs)} both read the {noun} {t!r}" for t, fs in by.items() if len(fs) > 1]
+    return out
+
+
+def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[str]:
+    """What is wrong with `data.turns` (system, user, assistant -> the text that opens its turn in a transcript).
+
+    >>> turn_problems({"user": "Human:", "bot": "Bot:", "assistant": " "})
+    ["data.turns: 'bot' is not a role (they are: system, user, assistant)", 'data.turns: the marker of assistant is blank']
+    >>> turn_problems({"user": "A:", "assistant": "A:"}), turn_problems({"user": "Human:"})
+    (["data.turns: user and assistant both open with 'A:'"], ["data.turns: a transcript needs the user's and the assistant's markers (assistant's is missing)"])
+    """
+    out = [f"{source}: {role!r} is not a role (they are: system, user, assistant)" for role in turns
+           if role not in ("system", "user", "assistant")]  # fmt: skip
+    out += [f"{source}: the marker of {role} is blank" for role, marker in turns.items() if not marker.strip()]
+    by: dict[str, list[str]] = {}
+    for role, marker in turns.items():
+        if marker.strip():
+            by.setdefault(marker.strip(), []).append(role)
+    out += [f"{source}: {' and '.join(rs)} both open with {m!r}" for m, rs in by.items() if len(rs) > 1]
+    if turns and (missing := [r for r in ("user", "assistant") if r not in turns]):
+        out.append(f"{source}: a transcript needs the user's and the assistant's markers "
+                   f"({' and '.join(r + chr(39) + 's' for r in missing)} {'is' if len(missing) == 1 else 'are'} missing)")
     return out
 
 
@@ -696,7 +724,7 @@ class RunBase(_Section):
                 f"data.max_length ({self.data.max_length}) leaves no room for a prompt and a response"
             )
         if columns := column_problems(self.data.columns, self.data.ignore_columns, type(self.algorithm).data_kind) + \
-                message_problems(self.data.message_keys, self.data.roles):
+                message_problems(self.data.message_keys, self.data.roles) + turn_problems(self.data.turns):
             raise ValueError("\n".join(columns))
         if self.model.compile:
             self._check_compile()

@@ -20,6 +20,7 @@ This module only describes and checks; it reads a config through attribute acces
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,7 +42,14 @@ def default_of(cfg: Any, dotted: str) -> Any:
 
 
 def show(value: Any) -> str:
-    """A value as it would be written in YAML: null, true, 0.1, [a, b]."""
+    """A value as it would be written in YAML: null, true, 0.1, [a, b]; a string YAML would not read back as it is
+    (a newline in it, blank ends) in double quotes.
+
+    >>> print(show({"user": "\\n\\nHuman:", "n": [1, "a b"]}))
+    {user: "\\n\\nHuman:", n: [1, a b]}
+    """
+    if isinstance(value, str) and (value != value.strip() or not value or any(c in value for c in "\n\r\t")):
+        return json.dumps(value)
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -142,6 +150,7 @@ APPLIES: dict[str, When] = {
     "data.ignore_columns": ALWAYS,
     "data.message_keys": ALWAYS,
     "data.roles": ALWAYS,
+    "data.turns": ALWAYS,
     "data.chat_template_kwargs": ALWAYS,  # every method renders its rows with the template
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,

@@ -378,3 +378,90 @@ def test_render_time_problems_name_the_files_own_columns_and_rows(tmp_path, tiny
         render_preference_dataset(tiny_tokenizer, load_rows(g, "preference", Columns({"prompt": "q"})), max_length=64,
                                   source=str(g))  # fmt: skip
     assert str(info.value.problems[0]).startswith(f"{g}:1: q: prompt is ")
+
+
+HH = {"user": "\n\nHuman:", "assistant": "\n\nAssistant:"}
+
+
+def test_hh_transcripts_read_as_the_conversations_they_are(tmp_path):
+    """Anthropic HH's rows: chosen and rejected are whole transcripts as strings, with no prompt column. With
+    data.turns they read as the same rows as the conversations written as messages: the turns both sides share are
+    the prompt, a turn's text is stripped (its blank lines inside kept)."""
+    convo = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And in words?\n\nAssistant: "
+    hh = write(tmp_path, [{"chosen": convo + "Four.\n\nSo: four.", "rejected": convo + "Five."}], "hh.jsonl")
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And in words?"}]  # fmt: skip
+    ours = write(tmp_path, [{"chosen": [*msgs, {"role": "assistant", "content": "Four.\n\nSo: four."}],
+                             "rejected": [*msgs, {"role": "assistant", "content": "Five."}]}], "ours.jsonl")  # fmt: skip
+    got = load_rows(hh, "preference", Columns(turns=HH))
+    assert got == load_rows(ours, "preference")
+    assert got[0]["prompt"] == msgs and got[0]["chosen"] == [{"role": "assistant", "content": "Four.\n\nSo: four."}]
+    # without the setting, the row is refused with it
+    (problem,) = refused(hh, "preference", None).problems
+    assert problem.message.endswith("""read as their turns with data.turns: {user: "\\n\\nHuman:", assistant: """
+                                    """"\\n\\nAssistant:"}; --turn 'user=\\n\\nHuman:' --turn 'assistant=\\n\\nAssistant:'""")  # fmt: skip
+
+
+def test_a_transcript_prompt_loses_its_cue_and_is_refused_as_one_message(tmp_path):
+    """HH-derived files with a prompt column ("...\\n\\nAssistant:") and plain-string sides; an RL prompts file of
+    HH's prompts. Read as one user message, the whole transcript was wrapped in one turn of the chat template,
+    silently: refused with the setting; with it, the prompt is its turns, the trailing cue dropped."""
+    rows = [{"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"}]
+    f = write(tmp_path, rows)
+    (problem,) = refused(f, "preference", None).problems
+    assert str(problem).startswith(f"{f}:1: prompt: is a transcript that ends with the assistant's cue; as one user "
+                                   "message its turns would be wrapped in a single turn of the chat template. Read its "
+                                   'turns with data.turns: {user: "\\n\\nHuman:"')  # fmt: skip
+    (row,) = load_rows(f, "preference", Columns(turns=HH))
+    assert row["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "2+2?"}]  # fmt: skip
+    assert row["chosen"] == [{"role": "assistant", "content": " 4"}]  # a string without a marker is one message
+    p = write(tmp_path, [{"prompt": "Human: 2+2?\n\nAssistant:", "answer": "4"}], "p.jsonl")
+    assert refused(p, "prompts", None).problems[0].field == "prompt"
+    (row,) = load_rows(p, "prompts", Columns(turns=HH))
+    assert row["prompt"] == [{"role": "user", "content": "2+2?"}]  # the marker's blank lines optional at the start
+    # a prompt that mentions the words, not a transcript, is left alone
+    assert load_rows(write(tmp_path, [{"prompt": "Write a line for Human: and one for Assistant:", "answer": "x"}],
+                           "w.jsonl"), "prompts", None)  # fmt: skip
+
+
+def test_guanaco_text_reads_as_messages_and_transcript_problems_name_the_setting(tmp_path):
+    """OpenAssistant Guanaco's `text` ("### Human: ...### Assistant: ...", no newline before a marker) read as
+    messages; text before the first marker, and a marker no text of the training file holds, are refused."""
+    turns = {"user": "### Human:", "assistant": "### Assistant:"}
+    g = write(tmp_path, [{"text": "### Human: Name a colour.### Assistant: Blue.### Human: Another?### Assistant: Red."}])
+    (row,) = load_rows(g, "sft", Columns({"messages": "text"}, turns=turns))
+    assert row["messages"] == [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                               {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]  # fmt: skip
+    bad = write(tmp_path, [{"text": "Hi there.### Human: x### Assistant: y"}], "bad.jsonl")
+    assert [str(p) for p in refused(bad, "sft", Columns({"messages": "text"}, turns=turns, cli=True)).problems] == [
+        f"{bad}:1: text: text comes before the first turn's marker ('Hi there.') (--turn)"]  # fmt: skip
+    system = {**turns, "system": "### System:"}
+    err = refused(g, "sft", Columns({"messages": "text"}, turns=system))
+    assert [str(p) for p in err.problems] == [
+        f"{g}: data.turns opens system's turns with '### System:', which no text of the file holds"]
+    assert load_rows(g, "sft", Columns({"messages": "text"}, turns=system, strict=False))  # a held-out file may lack one
+
+
+def test_turn_settings_are_checked_with_the_config_and_the_command_line(tmp_path, capsys):
+    from posttrain.algorithms import load_config
+    from posttrain.cli import main
+    from posttrain.data.columns import run_columns
+    from posttrain.errors import ConfigError
+    from posttrain.train import _config_changes
+
+    with pytest.raises(ConfigError, match="a transcript needs the user's and the assistant's markers"):
+        load_config(None, ['data.turns={user: "Human:"}'])
+    cfg = load_config(None, ["algorithm.name=dpo", 'data.turns={user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}'])
+    assert run_columns(cfg).turns == HH
+    assert _config_changes(load_config(None, ["algorithm.name=dpo"]).model_dump(mode="json"), cfg) == [
+        'data.turns: {} -> {user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}']  # fmt: skip
+    hh = write(tmp_path, [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}])
+    assert main(["data", "validate", str(hh), "--kind", "preference"]) == 2
+    capsys.readouterr()
+    assert main(["data", "validate", str(hh), "--kind", "preference",
+                 "--turn", "user=\\n\\nHuman:", "--turn", "assistant=\\n\\nAssistant:"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == f"{hh}: 1 preference rows OK (chosen/rejected: 1)\n"
+    assert main(["data", "validate", str(hh), "--kind", "preference", "--turn", "user=\\n\\nHuman:"]) == 2
+    assert "--turn: a transcript needs the user's and the assistant's markers (assistant's is missing)" in \
+        capsys.readouterr().err  # fmt: skip

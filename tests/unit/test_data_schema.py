@@ -221,8 +221,9 @@ def test_rows_that_would_render_wrongly_are_refused(tmp_path):
         "are whole conversations need no prompt column: leave it out (data.ignore_columns: [prompt]; --ignore-column "
         "prompt) and the messages both sides begin with become the prompt",
         f"{p}:3: chosen: is a string and the row has no prompt: without a prompt column, chosen and rejected are whole "
-        "conversations, lists of messages that begin alike; strings need the prompt in its own column (prompt, "
-        'chosen, rejected: a transcript such as Anthropic HH\'s split at its last "\\n\\nAssistant:")',
+        "conversations, lists of messages that begin alike; this row's are transcripts, read as their turns with "
+        'data.turns: {user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}; --turn \'user=\\n\\nHuman:\' '
+        "--turn 'assistant=\\n\\nAssistant:'",
         f"{p}:4: prompt: empty prompt"]  # fmt: skip
     # following the advice reads row 1 as the pair it is: the user turn once, as the prompt
     from posttrain.data.columns import Columns

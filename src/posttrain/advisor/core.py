@@ -387,7 +387,7 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
                 stage["config"]["data"]["columns"] = dict(summary.columns)
             if summary.ignore_columns:
                 stage["config"]["data"]["ignore_columns"] = list(summary.ignore_columns)
-            for name in ("message_keys", "roles"):
+            for name in ("message_keys", "roles", "turns"):
                 if getattr(summary, name):
                     stage["config"]["data"][name] = dict(getattr(summary, name))
     return out, notes

@@ -39,6 +39,7 @@ class DataSummary:
     ignore_columns: list[str] = field(default_factory=list)  # --ignore-column (data.ignore_columns)
     message_keys: dict[str, str] = field(default_factory=dict)  # --message-key (data.message_keys)
     roles: dict[str, str] = field(default_factory=dict)  # --role (data.roles)
+    turns: dict[str, str] = field(default_factory=dict)  # --turn (data.turns)
 
 
 def row_shape(row: dict) -> str | None:
@@ -123,4 +124,5 @@ def summarise(path: str | Path, columns: Columns | None = None) -> DataSummary:
         ignore_columns=list(columns.ignore),
         message_keys=dict(columns.message_keys),
         roles=dict(columns.roles),
+        turns=dict(columns.turns),
     )

@@ -199,6 +199,19 @@ def column_rename(text: str) -> tuple[str, str | list[str]]:
     return field, [c.strip() for c in column.split("+")] if "+" in column else column
 
 
+def turn_marker(text: str) -> tuple[str, str]:
+    """argparse type: ``ROLE=MARKER``, the text that opens ROLE's turn in a transcript (`data.turns`); ``\\n`` and
+    ``\\t`` in MARKER are a newline and a tab, so that HH's marker can be typed in one word.
+
+    >>> turn_marker(r"user=\\n\\nHuman:"), turn_marker("assistant=### Assistant:")
+    (('user', '\\n\\nHuman:'), ('assistant', '### Assistant:'))
+    """
+    role, eq, marker = text.partition("=")
+    if not eq or not role.strip() or not marker.strip():
+        raise argparse.ArgumentTypeError(f"must be ROLE=MARKER (e.g. user='\\n\\nHuman:'), got {text!r}")
+    return role.strip(), marker.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def add_columns(parser: argparse.ArgumentParser) -> None:
     """`--column FIELD=COLUMN` and `--ignore-column COLUMN`, repeatable: what `data.columns` and
     `data.ignore_columns` are for a run (`columns_given` reads them)."""
@@ -222,34 +235,41 @@ def add_columns(parser: argparse.ArgumentParser) -> None:
         help="read the file's role name FILE_ROLE as system, user or assistant (repeatable), as data.roles does in "
              "training: e.g. ShareGPT's --role user=human --role assistant=gpt",
     )  # fmt: skip
+    parser.add_argument(
+        "--turn", action="append", type=turn_marker, default=[], metavar="ROLE=MARKER",
+        help="read a text holding MARKER as a transcript whose ROLE turns MARKER opens (repeatable), as data.turns "
+             "does in training; \\n is a newline: Anthropic HH's --turn 'user=\\n\\nHuman:' --turn "
+             "'assistant=\\n\\nAssistant:'",
+    )  # fmt: skip
 
 
 def columns_given(args, kind: str, path: str | None = None, flag: str = "--data"):
     """The `--column`/`--ignore-column` options as a `data.columns.Columns` for the file `path` (given as `flag`)
     of `kind`, refused (with what is wrong) where they cannot apply: no file, a field `kind` rows do not read, one
     column read twice."""
-    from posttrain.config import column_problems, message_problems
+    from posttrain.config import column_problems, message_problems, turn_problems
     from posttrain.data.columns import Columns
     from posttrain.errors import UserError
 
     given = {flag_: getattr(args, attr, None) or [] for flag_, attr in
              (("--column", "column"), ("--ignore-column", "ignore_column"), ("--message-key", "message_key"),
-              ("--role", "role"))}  # fmt: skip
+              ("--role", "role"), ("--turn", "turn"))}  # fmt: skip
     if path is None and (named := next((f for f, v in given.items() if v), None)):
         raise UserError(f"{named} names what a data file holds, and no file is read: give one with {flag} FILE")
     if bad := [f for f, c in given["--message-key"] + given["--role"] if not isinstance(c, str)]:
         raise UserError(f"--message-key and --role name one key or role each ({bad[0]}=...+... joins nothing there)")
-    for name in ("--column", "--message-key", "--role"):
+    for name in ("--column", "--message-key", "--role", "--turn"):
         firsts = [f for f, _ in given[name]]
         if twice := sorted({f for f in firsts if firsts.count(f) > 1}):
             raise UserError(f"{name} gives {', '.join(twice)} more than once: each is read from one name")
     rename, ignore = dict(given["--column"]), tuple(given["--ignore-column"])
-    keys, roles = dict(given["--message-key"]), dict(given["--role"])
+    keys, roles, turns = dict(given["--message-key"]), dict(given["--role"]), dict(given["--turn"])
     problems = column_problems(rename, ignore, kind, source=("--column", "--ignore-column"))
     problems += message_problems(keys, roles, source=("--message-key", "--role"))
+    problems += turn_problems(turns, source="--turn")
     if problems:
         raise UserError("; ".join(problems))
-    return Columns(rename, ignore, cli=True, message_keys=keys, roles=roles)
+    return Columns(rename, ignore, cli=True, message_keys=keys, roles=roles, turns=turns)
 
 
 def port(text: str) -> int:

@@ -2,7 +2,8 @@
 `data.ignore_columns` leaves columns out (`--column OURS=THEIRS` and `--ignore-column NAME` on the command line);
 inside its messages, `data.message_keys` renames their keys and `data.roles` their roles (ShareGPT's
 ``{"from": "human", "value": ...}``: `--message-key role=from --message-key content=value --role user=human
---role assistant=gpt`).
+--role assistant=gpt`); `data.turns` reads a transcript string as its turns (Anthropic HH's ``"\\n\\nHuman: ...
+\\n\\nAssistant: ..."``: `--turn user='\\n\\nHuman:' --turn assistant='\\n\\nAssistant:'`).
 
 Most files people have were not written for posttrain: ``question``/``answer`` where an SFT row reads
 ``prompt``/``completion``, or a ``source`` column that an SFT or preference row refuses as unknown. A `Columns`
@@ -19,6 +20,8 @@ renamed to is refused (which one to read would be a guess).
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -44,12 +47,17 @@ class Columns:
     """``role``/``content`` -> the key a message of the file holds it under (ShareGPT: ``from``, ``value``)."""
     roles: Mapping[str, str] = field(default_factory=dict)
     """``system``/``user``/``assistant`` -> the file's name for that role (ShareGPT: ``human``, ``gpt``)."""
+    turns: Mapping[str, str] = field(default_factory=dict)
+    """``system``/``user``/``assistant`` -> the text that opens that role's turn in a transcript string (Anthropic HH:
+    ``"\\n\\nHuman:"``, ``"\\n\\nAssistant:"``). A string in a message field (messages, prompt, completion, chosen,
+    rejected) that holds one reads as its turns (`split_turns`); a prompt's last turn, an assistant's with no text
+    (HH's ``"...\\n\\nAssistant:"``, the cue to answer), is left out. A string with none stays one message."""
     strict: bool = True
     """Refuse a name in the settings that no row of the file has (`unused`); off for a run's `data.eval`, which the
     same settings read: a column only the training file has is no mistake there (the training file is checked)."""
 
     def __bool__(self) -> bool:
-        return bool(self.rename or self.ignore or self.message_keys or self.roles)
+        return bool(self.rename or self.ignore or self.message_keys or self.roles or self.turns)
 
     @property
     def names_messages(self) -> bool:
@@ -65,6 +73,11 @@ class Columns:
     def message_source(self) -> tuple[str, str]:
         """The two message settings' names as the user gave them."""
         return ("--message-key", "--role") if self.cli else ("data.message_keys", "data.roles")
+
+    @property
+    def turn_source(self) -> str:
+        """The transcript setting's name as the user gave it."""
+        return "--turn" if self.cli else "data.turns"
 
     @property
     def source(self) -> tuple[str, str]:
@@ -118,7 +131,24 @@ class Columns:
             for name in MESSAGE_FIELDS:
                 if isinstance(out.get(name), list):
                     out[name] = [self._message(m) for m in out[name]]
+        if self.turns:
+            for name in MESSAGE_FIELDS:
+                if not isinstance(out.get(name), str):
+                    continue
+                messages, problem = split_turns(out[name], self.turns)
+                if problem:
+                    clashes.append((self.file_field(name), f"{problem} ({self.turn_source})"))
+                elif messages is not None:
+                    if name == "prompt" and len(messages) > 1 and messages[-1] == {"role": "assistant", "content": ""}:
+                        messages.pop()  # the cue to answer, not a turn
+                    out[name] = messages
         return out, clashes
+
+    def turn_roles(self, data: dict) -> set[str]:
+        """The roles whose marker (`turns`) a text column of the row `data` holds, as the check that each marker is
+        somewhere in the file reads them."""
+        texts = [v for v in data.values() if isinstance(v, str)]
+        return {role for role, marker in self.turns.items() if any(marker.strip() in t for t in texts)}
 
     def _without_message_keys(self, data: dict) -> dict:
         """`data` without the message keys `ignore` names as ``COLUMN.KEY`` (ShareGPT's per-message ``weight``):
@@ -157,10 +187,12 @@ class Columns:
             rest = f"{index}].{self.message_keys[key]}"
         return (shown(self.rename[head]) if head in self.rename else head) + sep + rest
 
-    def unused(self, seen: Iterable[str], keys: Iterable[str] = (), roles: Iterable[str] = ()) -> list[str]:
-        """Messages for each column named in either setting that no row had (`seen`: every column of the file), and
-        for each message key or role named that no message had (`keys`, `roles`: `message_parts` of every row)."""
-        seen, keys, roles = set(seen), set(keys), set(roles)
+    def unused(self, seen: Iterable[str], keys: Iterable[str] = (), roles: Iterable[str] = (),
+               turns: Iterable[str] = ()) -> list[str]:  # fmt: skip
+        """Messages for each column named in either setting that no row had (`seen`: every column of the file), for
+        each message key or role named that no message had (`keys`, `roles`: `message_parts` of every row), and for
+        each turn marker no text held (`turns`: the roles of `turn_roles` of every row)."""
+        seen, keys, roles, turns = set(seen), set(keys), set(roles), set(turns)
         out = [f"{self.source[0]} reads {ours} from column {c!r}, which no row has"
                for ours, theirs in self.rename.items() for c in sources(theirs) if c not in seen]  # fmt: skip
         out += [f"{self.source[1]} names column {name!r}, which no row has" for name in self.ignore
@@ -178,6 +210,8 @@ class Columns:
                 for ours, theirs in self.roles.items() if theirs not in roles]  # fmt: skip
         if len(out) > said:
             out[-1] += f" (their roles: {', '.join(sorted(roles)) or 'none'})"
+        out += [f"{self.turn_source} opens {role}'s turns with {marker!r}, which no text of the file holds"
+                for role, marker in self.turns.items() if role not in turns]  # fmt: skip
         return out
 
     def message_parts(self, data: dict) -> tuple[set[str], set[str]]:
@@ -195,6 +229,74 @@ class Columns:
                         if isinstance(role, str):
                             roles.add(role)
         return keys, roles
+
+
+def split_turns(text: str, turns: Mapping[str, str]) -> tuple[list[dict] | None, str]:
+    """`text` cut into messages where a marker of `turns` (role -> marker) opens a turn: (messages, ""), (None, "")
+    when it holds no marker, (None, problem) when text comes before the first. A marker matches as written, except
+    that at the very start of `text` its leading whitespace may be missing; a turn's text is stripped.
+
+    >>> hh = {"user": "\\n\\nHuman:", "assistant": "\\n\\nAssistant:"}
+    >>> split_turns("\\n\\nHuman: 2+2?\\n\\nAssistant: 4\\n\\nHuman: and 3+3?\\n\\nAssistant:", hh)[0]
+    [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}, {'role': 'user', 'content': 'and 3+3?'}, {'role': 'assistant', 'content': ''}]
+    >>> split_turns("Human: hi\\nthere\\n\\nAssistant: hello", hh)[0]
+    [{'role': 'user', 'content': 'hi\\nthere'}, {'role': 'assistant', 'content': 'hello'}]
+    >>> split_turns("Just an answer.", hh), split_turns("Sure.\\n\\nHuman: thanks", hh)[1]
+    ((None, ''), "text comes before the first turn's marker ('Sure.')")
+    """
+    by_marker = {marker: role for role, marker in turns.items()}
+    ordered = sorted(by_marker, key=len, reverse=True)  # a marker that begins another is tried after it
+    found = [(m.start(), m.end(), by_marker[m.group()])
+             for m in re.finditer("|".join(re.escape(marker) for marker in ordered), text)]  # fmt: skip
+    start = text.lstrip()
+    head = next((marker for marker in ordered if marker.strip() and start.startswith(marker.lstrip())), None)
+    if head is not None and not (found and found[0][0] == 0):  # "Human: ..." for the marker "\\n\\nHuman:"
+        at = len(text) - len(start)
+        found.insert(0, (at, at + len(head.lstrip()), by_marker[head]))
+    if not found:
+        return None, ""
+    if before := text[: found[0][0]].strip():
+        return None, f"text comes before the first turn's marker ({before[:40]!r})"
+    ends = [s for s, _, _ in found[1:]] + [len(text)]
+    return [{"role": role, "content": text[end:stop].strip()} for (_, end, role), stop in zip(found, ends)], ""
+
+
+# Transcript markers layouts use (a suggestion in an error message; never applied): Anthropic HH, OpenAssistant
+# Guanaco, Vicuna, and plain User/Assistant lines.
+_TURNS = (
+    {"user": "\n\nHuman:", "assistant": "\n\nAssistant:"},
+    {"user": "### Human:", "assistant": "### Assistant:"},
+    {"user": "USER:", "assistant": "ASSISTANT:"},
+    {"user": "User:", "assistant": "Assistant:"},
+)
+
+
+def guess_turns(texts: Iterable[str]) -> dict[str, str]:
+    """The `turns` of a common transcript layout that every one of `texts` reads as (a user's and an assistant's
+    turn each, nothing before the first), else none.
+
+    >>> guess_turns(["\\n\\nHuman: hi\\n\\nAssistant: hello"]) == _TURNS[0]
+    True
+    >>> guess_turns(["Human: hi", "just text"])
+    {}
+    """
+    texts = list(texts)
+    for turns in _TURNS:
+        split = [split_turns(t, turns)[0] for t in texts]
+        if texts and all(s and {"user", "assistant"} <= {m["role"] for m in s} for s in split):
+            return dict(turns)
+    return {}
+
+
+def turns_setting(turns: Mapping[str, str]) -> str:
+    """`turns` as the setting and the flags that read them.
+
+    >>> print(turns_setting(_TURNS[0]))
+    data.turns: {user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}; --turn 'user=\\n\\nHuman:' --turn 'assistant=\\n\\nAssistant:'
+    """
+    config = ", ".join(f"{role}: {json.dumps(marker)}" for role, marker in turns.items())
+    flags = " ".join(f"--turn '{role}={marker.replace(chr(10), chr(92) + 'n')}'" for role, marker in turns.items())
+    return f"data.turns: {{{config}}}; {flags}"
 
 
 def sources(theirs: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -288,10 +390,11 @@ def guess_columns(kind: str, columns: set[str]) -> dict[str, str]:
 
 
 def run_columns(cfg, path=None) -> Columns:
-    """A run config's `data.columns`, `data.ignore_columns`, `data.message_keys` and `data.roles`, for the file
+    """A run config's `data.columns`, `data.ignore_columns`, `data.message_keys`, `data.roles` and `data.turns`, for the file
     `path` (None: `data.train`): not `strict` for a held-out file other than the training file."""
     return Columns(dict(cfg.data.columns), tuple(cfg.data.ignore_columns), message_keys=dict(cfg.data.message_keys),
-                   roles=dict(cfg.data.roles), strict=path is None or path == cfg.data.train)  # fmt: skip
+                   roles=dict(cfg.data.roles), turns=dict(cfg.data.turns),
+                   strict=path is None or path == cfg.data.train)  # fmt: skip
 
 
 def _split(name: str) -> tuple[str, str, str]:

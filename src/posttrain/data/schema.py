@@ -31,7 +31,16 @@ from jsonschema import Draft202012Validator
 
 from posttrain.config import DATA_FIELDS
 from posttrain.config_rules import show
-from posttrain.data.columns import Columns, guess_columns, guess_messages, shown, sources
+from posttrain.data.columns import (
+    Columns,
+    guess_columns,
+    guess_messages,
+    guess_turns,
+    shown,
+    sources,
+    split_turns,
+    turns_setting,
+)
 from posttrain.data.readers import _json_type, read_records_lenient
 from posttrain.errors import DataError, Problem
 
@@ -191,8 +200,15 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
             keys, roles = columns.message_parts(rec.data)
             seen_keys.update(keys)
             seen_roles.update(roles)
+    seen_turns: set[str] = set()
+    if columns.turns and columns.strict:
+        for rec in records:
+            seen_turns.update(columns.turn_roles(rec.data))
+            if len(seen_turns) == len(columns.turns):
+                break
     if records and columns.strict:
-        problems.extend(Problem(name, None, None, msg) for msg in columns.unused(seen, seen_keys, seen_roles))
+        problems.extend(Problem(name, None, None, msg)
+                        for msg in columns.unused(seen, seen_keys, seen_roles, seen_turns))  # fmt: skip
     if problems:
         total = len(records) + n_unreadable
         where = f" in {n_bad} of {total} rows" if n_bad else ""
@@ -324,13 +340,22 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
         return None, None
     if shape == "chosen/rejected" and (sides := [s for s in ("chosen", "rejected") if isinstance(data.get(s), str)]):
         prompt = guess_columns("preference", set(data)).get("prompt")  # orca's question, ...
+        turns = guess_turns(data[s] for s in sides)  # HH's transcripts
         report(sides[0], "is a string and the row has no prompt: without a prompt column, chosen and rejected are "
-                         "whole conversations, lists of messages that begin alike; strings need the prompt in its "
-                         + (f"own column: this row's {prompt} may be it (data.columns: {{prompt: {prompt}}}; --column "
-                            f"prompt={prompt})" if isinstance(prompt, str) else
-                            "own column (prompt, chosen, rejected: a transcript such as Anthropic HH's split at its "
-                            'last "\\n\\nAssistant:")'))  # fmt: skip
+                         "whole conversations, lists of messages that begin alike; "
+                         + (f"this row's are transcripts, read as their turns with {turns_setting(turns)}" if turns
+                            else "strings need the prompt in its own column: "
+                            + (f"this row's {prompt} may be it (data.columns: {{prompt: {prompt}}}; --column "
+                               f"prompt={prompt})" if isinstance(prompt, str) else
+                               "prompt, chosen, rejected; or transcripts read as their turns with data.turns "
+                               "(docs/data.md)")))  # fmt: skip
         return shape, None
+    if isinstance(data.get("prompt"), str) and (turns := guess_turns([data["prompt"]])):
+        cue = (split_turns(data["prompt"], turns)[0] or [{}])[-1]
+        if cue == {"role": "assistant", "content": ""}:  # a transcript that waits for the answer: HH's prompts
+            report("prompt", "is a transcript that ends with the assistant's cue; as one user message its turns would "
+                             f"be wrapped in a single turn of the chat template. Read its turns with {turns_setting(turns)}")  # fmt: skip
+            return shape, None
     counted = _Count(report)
     said = set()
     for err in _VALIDATORS[kind][shape].iter_errors(data):
