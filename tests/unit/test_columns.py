@@ -423,6 +423,9 @@ def test_a_transcript_prompt_loses_its_cue_and_is_refused_as_one_message(tmp_pat
     # a prompt that mentions the words, not a transcript, is left alone
     assert load_rows(write(tmp_path, [{"prompt": "Write a line for Human: and one for Assistant:", "answer": "x"}],
                            "w.jsonl"), "prompts", None)  # fmt: skip
+    # nor one written as a list of messages: that is taken as written, the way to keep a transcript one message
+    listed = [{"prompt": [{"role": "user", "content": rows[0]["prompt"]}], "chosen": "4", "rejected": "5"}]
+    assert load_rows(write(tmp_path, listed, "l.jsonl"), "preference", None)[0]["prompt"] == listed[0]["prompt"]
 
 
 def test_guanaco_text_reads_as_messages_and_transcript_problems_name_the_setting(tmp_path):

@@ -354,7 +354,8 @@ def check_row(data: dict, kind: str, report) -> tuple[str | None, dict | None]:
         cue = (split_turns(data["prompt"], turns)[0] or [{}])[-1]
         if cue == {"role": "assistant", "content": ""}:  # a transcript that waits for the answer: HH's prompts
             report("prompt", "is a transcript that ends with the assistant's cue; as one user message its turns would "
-                             f"be wrapped in a single turn of the chat template. Read its turns with {turns_setting(turns)}")  # fmt: skip
+                             f"be wrapped in a single turn of the chat template. Read its turns with {turns_setting(turns)} "
+                             '(or, to keep it one message, write it as [{"role": "user", "content": ...}])')  # fmt: skip
             return shape, None
     counted = _Count(report)
     said = set()
