@@ -76,6 +76,36 @@ def test_a_reward_file_and_the_users_perturbed_set(capsys, tiny_model_dir, tmp_p
     assert "verifier reward" in stdout.splitlines()[0]
 
 
+def test_files_in_their_own_names_give_the_same_diagnosis(capsys, tiny_model_dir, tmp_path):
+    """--column and the other layout options read --prompts, --sft-data and --pairs in their own names: the same
+    measurements as the files in posttrain's names (one file may lack a column another has)."""
+    ours = {"prompts": [{"id": f"q{i}", "prompt": f"Sam has {i} apples. He buys 3 more.", "answer": i + 3}
+                        for i in range(2)],
+            "sft": [{"prompt": "Sam has 5 apples. He buys 3 more.", "completion": "Answer: 8", "answer": 8},
+                    {"prompt": "Sam has 5 apples; he buys 3 more!", "completion": "Answer: 9", "answer": 8}],
+            "pairs": [{"prompt": "add 1 2", "chosen": "3", "rejected": "4 or so"}]}  # fmt: skip
+    names = {"prompt": "question", "completion": "response", "chosen": "good"}
+    theirs = {k: [{names.get(c, c): v for c, v in r.items()} | {"source": "x"} for r in rows] for k, rows in ours.items()}
+
+    def diagnosis(files, *options):
+        paths = {k: _write(tmp_path / f"{k}-{len(options)}.jsonl", rows) for k, rows in files.items()}
+        code, stdout, err = run(capsys, "diagnose", "--model", str(tiny_model_dir), "--task", "arithmetic",
+                                "--prompts", paths["prompts"], "--sft-data", paths["sft"], "--pairs", paths["pairs"],
+                                "--samples", "2", "--max-new-tokens", TOKENS, "--json", "--no-progress", *options)  # fmt: skip
+        assert code == 0, err
+        doc = json.loads(stdout)
+        return {k: doc[k] for k in ("prompts", "greedy_accuracy", "headroom", "preferences")} | {
+            "data": {k: v for k, v in doc["data"].items() if k != "file"}}  # fmt: skip
+
+    got = diagnosis(theirs, "--column", "prompt=question", "--column", "completion=response", "--column",
+                    "chosen=good", "--ignore-column", "source")  # fmt: skip
+    assert got == diagnosis(ours) and got["data"]["wrong"] == 1 and got["preferences"]["n"] == 1
+    code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--prompts",
+                       _write(tmp_path / "p.jsonl", theirs["prompts"]), "--column", "prompt=question", "--column",
+                       "completion=reply")  # fmt: skip
+    assert code == 2 and "--column reads completion from column 'reply', which no row has" in err
+
+
 @pytest.mark.parametrize(("argv", "says"), [
     ([], "needs to be told what a right answer is; there is no default"),
     (["--reward", "exact_match"], "--reward scores the answers to your prompts: add --prompts FILE"),

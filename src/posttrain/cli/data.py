@@ -161,12 +161,13 @@ def task_with_options(task, args):
     return task
 
 
-def task_or_file_rows(args, path, flag: str) -> list[dict]:
+def task_or_file_rows(args, path, flag: str, columns=None) -> list[dict]:
     """The first --n prompt rows of `path` (the file given as `flag`), or --n fresh rows of --task with its
-    difficulty options; those options with a file are refused (they shape only the rows a task makes)."""
+    difficulty options; those options with a file are refused (they shape only the rows a task makes). `columns`:
+    the file's own names, if not the command's --column options for this file alone."""
     from posttrain.data import TASKS, load_rows
 
-    columns = columns_given(args, "prompts", path, flag)
+    columns = columns if columns is not None else columns_given(args, "prompts", path, flag)
     if path is None:
         return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
     given = [opt for f, opt in TASK_OPTIONS.items() if getattr(args, f, None) is not None]

@@ -9,9 +9,11 @@ from pathlib import Path
 from posttrain.cli.data import task_or_file_rows, task_with_options
 from posttrain.cli.output import (
     Output,
+    add_columns,
     add_json,
     add_template_vars,
     check_output_folder,
+    columns_given,
     json_document,
     number,
     quiet_libraries,
@@ -76,6 +78,7 @@ def add_parser(sub) -> None:
     d.add_argument("--out", help="write the report here: report.html, report.md, report_files/, diagnosis.json")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_template_vars(d)
+    add_columns(d)  # read --prompts, --sft-data and --pairs in their own names
     add_json(d)
     d.set_defaults(func=run, loads_models=True)
 
@@ -95,14 +98,15 @@ def run(args) -> Output:
 
     _check_numbers(args)
     verifier = _verifier(args)
-    rows = _prompt_rows(args, verifier)
+    columns = _file_columns(args)
+    rows = _prompt_rows(args, verifier, columns)
     variants, source = _variants(args, rows)
     if args.perturbed is not None:
         variants, source = load_perturbed(args.perturbed, rows), args.perturbed
     if variants and (why := shared_ids_problem(rows)):  # refused before the model loads, not after decoding
         raise UserError(f"{args.prompts or 'the prompts'}: {why}")
-    sft = load_rows(args.sft_data, "sft") if args.sft_data is not None else None
-    pairs = load_rows(args.pairs, "preference") if args.pairs is not None else None
+    sft = load_rows(args.sft_data, "sft", columns) if args.sft_data is not None else None
+    pairs = load_rows(args.pairs, "preference", columns) if args.pairs is not None else None
     if args.reference is not None and pairs is None:
         raise UserError("--reference ranks the --pairs; give --pairs FILE too, or leave --reference out")
     check_output_folder(args.out, "--out")  # a file, or a path under one: refused before the measurements run
@@ -187,11 +191,26 @@ def _verifier(args):
     return reward_verifier(build_reward_functions(specs), [s.label or s.name for s in specs])
 
 
-def _prompt_rows(args, verifier) -> list[dict]:
+def _file_columns(args):
+    """--column, --ignore-column, --message-key, --role and --turn, for every file read as rows (--prompts,
+    --sft-data, --pairs; not --perturbed, which is posttrain's own layout): one file may lack a name another has,
+    and a name none of them has is refused, before any model loads."""
+    import dataclasses
+
+    from posttrain.data.schema import unused_in_files
+
+    files = [p for p in (args.prompts, args.sft_data, args.pairs) if p is not None]
+    columns = columns_given(args, None, files[0] if files else None, "--prompts, --sft-data or --pairs")
+    if columns and (unused := unused_in_files(columns, files)):
+        raise UserError(f"{', '.join(map(str, files))}: " + "; ".join(unused))
+    return dataclasses.replace(columns, strict=False)
+
+
+def _prompt_rows(args, verifier, columns=None) -> list[dict]:
     """The clean prompts: the first --n rows of --prompts, or --n fresh rows of --task; each with an `id`."""
     from posttrain.diagnose.robustness import row_id
 
-    rows = task_or_file_rows(args, args.prompts, "--prompts")
+    rows = task_or_file_rows(args, args.prompts, "--prompts", columns)
     if args.prompts is None:
         return rows
     missing = next((r for r in rows if "answer" not in r), None)

@@ -147,6 +147,24 @@ def rows_and_shapes(path: str | Path, kind: str, columns: Columns | None = None)
     return rows, dict(sorted(shapes.items(), key=lambda kv: -kv[1]))
 
 
+def unused_in_files(columns: Columns, paths: list[str | Path]) -> list[str]:
+    """`Columns.unused` over several files read with the same settings (`posttrain diagnose`'s prompts, SFT data
+    and pairs): a name only some of them have is fine, one none of them has is not. Unreadable rows are skipped
+    here (loading the files reports them)."""
+    seen: set[str] = set()
+    keys: set[str] = set()
+    roles: set[str] = set()
+    turns: set[str] = set()
+    for path in paths:
+        for rec in read_records_lenient(path)[0]:
+            seen.update(rec.data)
+            k, r = columns.message_parts(rec.data)
+            keys.update(k)
+            roles.update(r)
+            turns.update(columns.turn_roles(rec.data))
+    return columns.unused(seen, keys, roles, turns)
+
+
 def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
     """A single message of `role` as its text, anything else as it is: how a normalised row's prompt (role
     ``user``) or response (``assistant``) is shown in output files.
