@@ -627,13 +627,13 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
     if note := record_environment(run_dir, environment, resumed_at=resumed_at):
         print(note)
     skipped = skipped_note(plan, source=cfg.data.train, lines=data.train_lines, seed=cfg.run.seed,
-                           shuffle=cfg.data.shuffle, total_steps=steps)  # fmt: skip
+                           shuffle=cfg.data.shuffle, total_steps=steps, line_noun=data.train_noun)  # fmt: skip
     for note in [*data.notes, *([skipped] if skipped else [])]:
         print(f"warning: {note}")
     stop = f"run.max_steps={cfg.run.max_steps}" if cfg.run.max_steps is not None else f"run.epochs={cfg.run.epochs:g}"
     rl = getattr(cfg.algorithm, "rollout", None) is not None
     if short := short_run_note(plan, source=cfg.data.train, total_steps=steps, stop=stop, seed=cfg.run.seed,
-                               shuffle=cfg.data.shuffle, lines=data.train_lines,
+                               shuffle=cfg.data.shuffle, lines=data.train_lines, line_noun=data.train_noun,
                                noun="prompts" if rl else "examples"):  # fmt: skip
         print(f"note: {short}")
 
@@ -658,7 +658,7 @@ def _check_context(cfg: RunConfig, data, config) -> None:
             where = "rows (by position)" if evaluation else "training rows"
             raise ConfigError(
                 f"{path}: {len(over)} of {n} {where} are longer than the model's context of {context} positions"
-                f"{sampled} ({lines_text(over)}), which data.max_length ({cfg.data.max_length}) allows. {fix}"
+                f"{sampled} ({lines_text(over, noun='line' if evaluation else data.train_noun)}), which data.max_length ({cfg.data.max_length}) allows. {fix}"
             )
 
 

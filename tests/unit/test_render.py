@@ -175,3 +175,28 @@ def test_text_in_chat_template_form_is_refused_where_it_would_be_wrapped_again(t
     assert [str(p) for p in marker_problems(tiny_tokenizer, [Row({"prompt": [{"role": "user", "content": "<|im_end|>"}]},
                                                                  line=5)], source="d.jsonl")] == [
         f"d.jsonl:5: prompt: holds '<|im_end|>', {MARKER_WHY}"]  # fmt: skip
+
+
+def test_notes_name_the_rows_of_a_one_line_json_array_by_row(tmp_path, tiny_tokenizer):
+    """Every row of a one-line JSON array (pandas' `to_json(orient="records")`) is on line 1: the truncation note
+    said "lines 1 and 1"; it names them by row, as their problems are. A file of one row per line keeps its lines."""
+    import warnings
+
+    from posttrain.data.order import plan_batches, skipped_note
+
+    rows = [{"prompt": "hi", "completion": "yo"}, {"prompt": "hi", "completion": "yo " * 120},
+            {"prompt": "hi", "completion": "yo " * 120}]  # fmt: skip
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(rows), encoding="utf-8")
+    lines = tmp_path / "l.jsonl"
+    lines.write_text("\n\n" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # rows on lines 3-5
+    for path, said in ((array, "rows 2 and 3"), (lines, "lines 4 and 5")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            render_dataset(tiny_tokenizer, load_rows(path, "sft"), max_length=64)
+        (note,) = [str(w.message) for w in caught]
+        assert f"truncated (their ends are not trained: {said})" in note
+    plan = plan_batches(17, 4, 2, 1)  # one row per epoch not trained
+    note = skipped_note(plan, source="a.json", lines=[(i + 1,) for i in range(17)], seed=0, shuffle=False,
+                        total_steps=8, line_noun="row")  # fmt: skip
+    assert note.endswith("processes): row 17 (the same in all 2 epochs)")

@@ -126,10 +126,10 @@ def prepare(cfg, tokenizer):
             f"algorithm.margin is true, but no pair of {cfg.data.train} has a nonzero `margin`, so it would "
             "change nothing; add a `margin` column (how much better the chosen response is) or remove the setting"
         )
-    without = [p.line or i + 1 for i, p in enumerate(data.train) if p.margin is None]
+    without = [data.train_lines[i][0] for i, p in enumerate(data.train) if p.margin is None]
     if cfg.algorithm.margin and without:
         data.notes.append(f"{cfg.data.train}: {len(without)} of {len(data.train)} pairs have no `margin` "
-                          f"({lines_text(without)}): their margin is 0 in the loss")  # fmt: skip
+                          f"({lines_text(without, noun=data.train_noun)}): their margin is 0 in the loss")  # fmt: skip
     if with_margin and not cfg.algorithm.margin:
         data.notes.append(
             f"{cfg.data.train}: {with_margin} pairs have a `margin`, which this run does not use; set "

@@ -22,6 +22,7 @@ from posttrain.config import AlgorithmSection
 from posttrain.data import collate, collate_packed, load_rows, pack, render_dataset
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
+from posttrain.data.schema import places
 from posttrain.errors import ConfigError
 from posttrain.models.logprobs import selected_token_logps
 
@@ -70,9 +71,9 @@ def prepare(cfg, tokenizer) -> PreparedData:
                 tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
             )
         notes.extend(str(w.message) for w in caught)
-        return rendered, [getattr(r, "line", None) for r in rows]  # one rendered example per row, in order
+        return rendered, places(rows)  # one rendered example per row, in order
 
-    train, lines = render(cfg.data.train)
+    train, (lines, noun) = render(cfg.data.train)
     evals = render(cfg.data.eval)[0] if cfg.data.eval else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if cfg.data.packing:
@@ -84,10 +85,8 @@ def prepare(cfg, tokenizer) -> PreparedData:
     else:
         train_lines = [(line,) for line in lines]
         collate_fn = partial(collate, pad_id=pad_id)
-    known = all(line is not None for line in lines)
-    return PreparedData(
-        train=train, eval=evals, collate=collate_fn, notes=notes, train_lines=train_lines if known else None
-    )
+    return PreparedData(train=train, eval=evals, collate=collate_fn, notes=notes, train_lines=train_lines,
+                        train_noun=noun)  # fmt: skip
 
 
 ALGORITHM = Algorithm(name="sft", config=Config, prepare=prepare, loss_fn=loss_fn, loss_units=loss_units)

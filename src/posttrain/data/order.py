@@ -108,7 +108,8 @@ def plan_examples(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochP
 
 
 def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]] | None, seed: int,
-                 shuffle: bool, total_steps: int, shown_epochs: int = 3, shown_rows: int = 5) -> str | None:  # fmt: skip
+                 shuffle: bool, total_steps: int, shown_epochs: int = 3, shown_rows: int = 5,
+                 line_noun: str = "line") -> str | None:  # fmt: skip
     """One line for the start of a run: how many examples no step uses in each epoch the run completes, and which
     (the file lines they come from, per epoch; `lines[i]` are example i's lines, several for a packed row).
     None when nothing is skipped."""
@@ -121,7 +122,7 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
         if lines is None:
             found, label = sorted(i + 1 for i in picked), "example"
         else:
-            found, label = sorted(line for i in picked for line in lines[i]), "line"
+            found, label = sorted(line for i in picked for line in lines[i]), line_noun
         label += "s" if len(found) > 1 else ""
         more = f" and {len(found) - shown_rows} more" if len(found) > shown_rows else ""
         return f"{label} {', '.join(map(str, found[:shown_rows]))}{more}"
@@ -140,7 +141,7 @@ def skipped_note(plan: EpochPlan, *, source: str, lines: Sequence[Sequence[int]]
 
 def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str, seed: int, shuffle: bool,
                    lines: Sequence[Sequence[int]] | None = None, noun: str = "examples",
-                   shown_rows: int = 5) -> str | None:  # fmt: skip
+                   shown_rows: int = 5, line_noun: str = "line") -> str | None:  # fmt: skip
     """One line for the start of a run that ends inside its first epoch (`stop`: the setting that ends it, e.g.
     ``run.max_steps=50``): how many rows it never uses, and which: the file lines they come from (`lines[i]`:
     example i's lines, several for a packed row), else their positions (`noun`: RL's are prompts). None when it
@@ -163,7 +164,7 @@ def short_run_note(plan: EpochPlan, *, source: str, total_steps: int, stop: str,
     if lines is None:
         found, total, label, what = sorted(i + 1 for i in unused), plan.examples, noun.rstrip("s"), noun
     else:
-        found, total, label, what = sorted(x for i in unused for x in lines[i]), sum(map(len, lines)), "line", "rows"
+        found, total, label, what = sorted(x for i in unused for x in lines[i]), sum(map(len, lines)), line_noun, "rows"
     more = f" and {len(found) - shown_rows} more" if len(found) > shown_rows else ""
     drawn = ", drawn by data.shuffle" if shuffle else ""
     return (

@@ -43,7 +43,7 @@ from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import Rendered, lines_text, refuse_markers, render_all, render_sft
-from posttrain.data.schema import load_rows, normalise_row, problem_at
+from posttrain.data.schema import load_rows, normalise_row, places, problem_at
 from posttrain.errors import ConfigError, DataError
 
 
@@ -165,12 +165,13 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
         lambda row: render_pair(tokenizer, row, max_length=max_length, source=source, allow_identical=allow_identical),
         rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",
     )  # fmt: skip
-    truncated = [p.line if p.line is not None else i + 1 for i, p in enumerate(out) if p.truncated]
+    at, noun = places(rows)
+    truncated = [at[i] for i, p in enumerate(out) if p.truncated]
     if truncated:
         warnings.warn(
             f"{source}: {len(truncated)} of {len(out)} pairs have a response longer than the room max_length="
             f"{max_length} leaves after the prompt and were truncated (their ends are not scored: "
-            f"{lines_text(truncated)}"
+            f"{lines_text(truncated, noun=noun)}"
             + (f"; {n_same} of them identical once cut, a tie"
                if (n_same := sum(p.identical and p.truncated for p in out)) else "")
             + "); raise max_length to keep them whole",
@@ -221,14 +222,12 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
             pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path,
                                               allow_identical=path != cfg.data.train)  # evaluation: a tie  # fmt: skip
         notes.extend(str(w.message) for w in caught)
-        return pairs
+        return pairs, places(rows)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = render(cfg.data.train)
-    evals = render(cfg.data.eval) if cfg.data.eval else None
-    known = all(p.line is not None for p in train)
+    train, (at, noun) = render(cfg.data.train)
+    evals = render(cfg.data.eval)[0] if cfg.data.eval else None
     return PreparedData(
         train=train, eval=evals, collate=functools.partial(collate_pairs, pad_id=pad_id, share_prompt=share_prompt),
-        notes=notes,
-        train_lines=[(p.line,) for p in train] if known else None,
+        notes=notes, train_lines=[(n,) for n in at], train_noun=noun,
     )  # fmt: skip

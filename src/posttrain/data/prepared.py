@@ -19,6 +19,8 @@ class PreparedData:
     train_lines: Sequence[Sequence[int]] | None = None
     """For each training example, the lines of `data.train` it comes from (several for a packed row): how a run
     names the rows it does not train (`data.order.skipped_note`). None: examples are named by position."""
+    train_noun: str = "line"
+    """What `train_lines` number: file lines, or ``"row"`` numbers where rows share a line (`schema.places`)."""
 
     def longest_rows(self, limit: int, new_tokens: int = 0, *, evaluation: bool = False) -> list[int]:
         """The file lines (by position when unknown, as for the evaluation examples) of the training examples, or

@@ -15,7 +15,7 @@ from typing import Any
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
 from posttrain.data.render import marker_problems, render_prompt
-from posttrain.data.schema import load_rows, problem_at
+from posttrain.data.schema import load_rows, places, problem_at
 from posttrain.errors import ConfigError, DataError
 
 
@@ -60,5 +60,6 @@ def render_prompts(cfg, tokenizer, rows) -> PreparedData:
         examples.append(PromptExample(prompt_ids=ids, prompt=text, columns=columns, messages=list(msgs), line=line))
     if problems:
         raise DataError(problems, header=f"{cfg.data.train}: prompts this run cannot use:")
-    lines = [(e.line,) for e in examples] if all(e.line is not None for e in examples) else None
-    return PreparedData(train=examples, collate=lambda items: items, notes=[], train_lines=lines)
+    at, noun = places(rows)  # every row is an example here (a row that cannot be one was raised above)
+    return PreparedData(train=examples, collate=lambda items: items, notes=[], train_lines=[(n,) for n in at],
+                        train_noun=noun)  # fmt: skip

@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from posttrain.data.schema import normalise_row, problem_at
+from posttrain.data.schema import normalise_row, places, problem_at
 from posttrain.errors import ConfigError, DataError, Problem, UserError
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -448,12 +448,13 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
         lambda row: render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source),
         rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",
     )  # fmt: skip
-    truncated = [getattr(row, "line", None) or i + 1 for i, (row, r) in enumerate(zip(rows, out)) if r.truncated]
-    earlier = [getattr(row, "line", None) or i + 1 for i, row in enumerate(rows) if _trains_earlier_turns(row)]
+    at, noun = places(rows)
+    truncated = [at[i] for i, r in enumerate(out) if r.truncated]
+    earlier = [at[i] for i, row in enumerate(rows) if _trains_earlier_turns(row)]
     if earlier and (scaffold := last_turn_scaffold(tokenizer)):
         warnings.warn(
             f"{source}: {len(earlier)} of {len(out)} rows train assistant turns before their last "
-            f"({lines_text(earlier)}), which this chat template writes without the {scaffold.strip()!r} it writes "
+            f"({lines_text(earlier, noun=noun)}), which this chat template writes without the {scaffold.strip()!r} it writes "
             "before a conversation's last answer (as Qwen3's drops earlier turns' reasoning): the model learns to "
             "answer both with and without it. To train each row's last answer only, give those rows as `prompt` "
             "(the earlier turns, as messages) and `completion`",
@@ -462,7 +463,7 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
     if truncated:
         warnings.warn(
             f"{source}: {len(truncated)} of {len(out)} rows are longer than max_length={max_length} tokens and were "
-            f"truncated (their ends are not trained: {lines_text(truncated)}); raise data.max_length to keep them "
+            f"truncated (their ends are not trained: {lines_text(truncated, noun=noun)}); raise data.max_length to keep them "
             "whole",
             stacklevel=2,
         )
@@ -476,17 +477,18 @@ def _trains_earlier_turns(row: dict) -> bool:
     return sum(m.get("role") == "assistant" for m in messages[row.get("n_prompt", 0) :]) > 1
 
 
-def lines_text(lines: list[int], shown: int = 5) -> str:
-    """The file lines of some rows, for a note: the first `shown`, then how many more.
+def lines_text(lines: list[int], shown: int = 5, noun: str = "line") -> str:
+    """The file lines of some rows, for a note: the first `shown`, then how many more (`noun`: ``"row"`` where
+    they are row numbers, `schema.places`).
 
-    >>> lines_text([4]), lines_text([3, 9, 12]), lines_text(list(range(1, 9)), shown=3)
-    ('line 4', 'lines 3, 9 and 12', 'lines 1, 2, 3 and 5 more')
+    >>> lines_text([4]), lines_text([3, 9, 12]), lines_text(list(range(1, 9)), shown=3), lines_text([2, 3], noun="row")
+    ('line 4', 'lines 3, 9 and 12', 'lines 1, 2, 3 and 5 more', 'rows 2 and 3')
     """
     if len(lines) == 1:
-        return f"line {lines[0]}"
+        return f"{noun} {lines[0]}"
     if len(lines) <= shown:
-        return f"lines {', '.join(map(str, lines[:-1]))} and {lines[-1]}"
-    return f"lines {', '.join(map(str, lines[:shown]))} and {len(lines) - shown} more"
+        return f"{noun}s {', '.join(map(str, lines[:-1]))} and {lines[-1]}"
+    return f"{noun}s {', '.join(map(str, lines[:shown]))} and {len(lines) - shown} more"
 
 
 def _end_of_turn_tokens(tokenizer) -> list[str]:

@@ -328,6 +328,19 @@ class Row(dict):
         self.line, self.row, self.file_field = line, row, file_field
 
 
+def places(rows: list) -> tuple[list[int], str]:
+    """How notes name the `rows` of one file (truncated, never used, too long): their lines (``"line"``), or where
+    rows share a line, as a one-line JSON array's do, their row numbers (``"row"``), which a line would not tell
+    apart. A row without a line (made in memory) by its position, the line it would have in a JSON Lines file.
+
+    >>> places([Row({}, line=2), Row({}, line=5)]), places([Row({}, line=1, row=1), Row({}, line=1, row=2)])
+    (([2, 5], 'line'), ([1, 2], 'row'))
+    """
+    if any(getattr(r, "row", None) is not None for r in rows):
+        return list(range(1, len(rows) + 1)), "row"
+    return [getattr(r, "line", None) or i + 1 for i, r in enumerate(rows)], "line"
+
+
 def problem_at(source: str, row: dict, field: str | None, message: str) -> Problem:
     """A problem of `row` found after loading, named as a problem found while loading it would be: its line (and
     row number), and the field under the file's own name.
