@@ -167,3 +167,28 @@ def test_a_reward_that_returns_one_value_for_all_the_answers_is_said_to_be_calle
         f"{tmp_path / 'one.py'}:1)), so it was called once per answer, and every answer scored that way; a function "
         "that returns one value per completion is called once for them all"
     ]  # fmt: skip
+
+
+def test_stop_strings_end_the_answers_as_an_rl_run_sampled_them(capsys, tiny_model_dir, tmp_path, answers):
+    """An RL run samples with algorithm.rollout.stop; `evaluate` had no way to, so the same model scored differently
+    in training and in evaluation (an audit, twenty-third session). --stop ends each answer at its first stop string
+    (cut off, as training cuts it); a run folder that sampled with some says so when --stop is not given."""
+    k = next(i for i in range(1, len(answers[0])) if answers[0][: answers[0].find(answers[0][i])].strip())
+    stop = answers[0][k]
+    cut = answers[0][: answers[0].find(stop)]
+    data = _write(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0], "answer": cut}])
+    base = ["evaluate", "--data", data, "--max-new-tokens", TOKENS, "--reward", "exact_match", "--json"]
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "final").symlink_to(tiny_model_dir, target_is_directory=True)
+    (run_dir / "config.yaml").write_text(json.dumps({"algorithm": {"rollout": {"stop": [stop]}}}), encoding="utf-8")
+    code, out, err = run(capsys, *base, "--model", str(run_dir / "final"))
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["reward_mean"] == (1.0 if cut.strip() == answers[0].strip() else 0.0)
+    assert f"was trained sampling with algorithm.rollout.stop {[stop]!r}" in err and "--stop " in err
+    code, out, err = run(capsys, *base, "--model", str(run_dir / "final"), "--stop", stop)
+    doc = json.loads(out)
+    assert code == 0 and doc["metrics"]["reward_mean"] == 1.0 and doc["settings"]["stop"] == [stop]
+    assert "was trained sampling" not in err
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--pairs", data, "--stop", stop)
+    assert code == 2 and "--stop do not apply to it" in err

@@ -173,3 +173,74 @@ def test_humaneval_tests_are_called_on_the_entry_point_and_refused_without_one()
         "column (HumanEval's) and check(entry_point) is called, or end the tests with the call"]  # fmt: skip
     rows = [Row({**row, "entry_point": "add"}, line=1), Row({**row, "tests": tests + "check(add)\n"}, line=2)]
     check_reward_inputs(parse_reward_specs(["code_exec"], where="r"), rows, "p.jsonl")  # both are fine
+
+
+@pytest.mark.parametrize(("completion", "gold", "right"), [
+    # a marked answer with words after it: its leading number (the last number of the line was read)
+    ("Answer: 42 (6 groups of 7)", 42, True), ("The answer is 42 apples, since she had 40 and got 2 more.", 42, True),
+    ("The answer is 42 apples, since she had 40 and got 2 more.", 2, False),
+    # a marker that no value follows marks nothing; the value on the line after the marker counts
+    ("Answer: 42\n\nI hope this answer is clear.", 42, True), ("Answer:\n42", 42, True),
+    ("The answer is: 12", 12, True), ("the final answer is **12**.", 12, True), ("Answer: x = 5", 5, True),
+    # a hedge is its first value; scientific notation is one number
+    ("Answer: 3 or 4", 4, False), ("Answer: 3 or 4", 3, True), ("Answer: 1e3", 1, False), ("Answer: 1e3", 1000, True),
+    # several answers compare as a set (the last number alone was compared)
+    (r"\boxed{0, 3}", "2, 3", False), (r"\boxed{3}", "2, 3", False), (r"\boxed{3, 2}", "2, 3", True),
+    # whole numbers exactly (1e-6 of a million is one)
+    ("Answer: 1000000", 1000001, False), ("Answer: 100.0000001", 100, True),
+    # a typeset minus; a boxed answer then a later marked one: the later
+    ("Answer: \u22125", -5, True), ("it is \u22125", 5, False), (r"<think>\boxed{5}</think> The answer is 6", 6, True),
+    # read as before
+    ("Answer: 1 000", 1000, True), ("Answer: 1/2", 0.5, True), ("Answer: $17", 17, True), ("Answer: 1,234", 1234, True),
+])  # fmt: skip
+def test_numeric_answer_reads_the_value_a_marker_gives(completion, gold, right):
+    """An audit (twenty-third session): right answers with a word of explanation scored 0 and wrong ones scored 1."""
+    assert numeric_match(completion, gold) is right
+
+
+def test_the_arithmetic_verifier_compares_whole_numbers_exactly():
+    from posttrain.data.tasks.arithmetic import Arithmetic
+
+    assert Arithmetic().score("Answer: 1553413", 1553414) == 0.0 and Arithmetic().score("Answer: 1553414", 1553414) == 1.0
+
+
+def test_reward_arguments_are_read_or_refused_when_the_reward_is_built():
+    """YAML reads `tolerance: 1e-3` as a string: every sample then failed once scoring began; a negative tolerance
+    scored everything 0; a tokenizer that does not load gave no penalty at all, with a warning per call."""
+    (reward,) = build_reward_functions([{"name": "numeric_answer", "args": {"tolerance": "1e-3"}}])
+    assert reward.fn(["q", "q"], ["Answer: 1.0005", "Answer: 1.01"], answer=[1, 1]) == [1.0, 0.0]
+    for args, says in (({"tolerance": -1}, "tolerance must be a number >= 0, got -1"),
+                       ({"tolerance": "tight"}, "tolerance must be a number >= 0, got 'tight'")):  # fmt: skip
+        with pytest.raises(Exception, match=says):
+            build_reward_functions([{"name": "numeric_answer", "args": args}])
+    with pytest.raises(Exception, match="tokenizer '/nonexistent/tok' could not be loaded"):
+        build_reward_functions([{"name": "length_penalty", "args": {"target": 5, "unit": "tokens",
+                                                                    "tokenizer": "/nonexistent/tok"}}])  # fmt: skip
+
+
+def test_golds_and_tests_that_cannot_tell_right_from_wrong_are_refused():
+    """exact_match's null gold matched the completion "None" and an empty one the empty completion; code_exec's
+    empty or assert-free tests passed every program, and unittest.main() failed every one; a row's broken JSON
+    schema left every sample unscored."""
+    problems = _problems("exact_match", [{"prompt": "a", "answer": None}, {"prompt": "b", "answer": " "},
+                                         {"prompt": "c", "answer": "x"}])  # fmt: skip
+    assert [p.split(": ", 3)[:3] for p in problems] == [["p.jsonl:1", "answer", "is null"],
+                                                         ["p.jsonl:2", "answer", "is empty"]]  # fmt: skip
+    problems = _problems("code_exec", [{"prompt": "a", "tests": ""}, {"prompt": "b", "tests": "x = 1"},
+                                       {"prompt": "c", "tests": None}, {"prompt": "d", "tests": "assert f(1) == 2"},
+                                       {"prompt": "e", "tests": "import unittest\nunittest.main()"},
+                                       {"prompt": "f", "tests": ["assert f(1) == 2", "pass"]}])  # fmt: skip
+    assert [p.split(": ", 2)[0] for p in problems] == ["p.jsonl:1", "p.jsonl:2", "p.jsonl:3", "p.jsonl:5", "p.jsonl:6"]
+    assert "checks nothing (no assert, raise or call)" in problems[0] and "is null" in problems[2]
+    assert "calls unittest.main()" in problems[3]
+    problems = _problems("json_schema", [{"prompt": "a", "schema": '{"type": 3}'}, {"prompt": "b", "schema": "{}"}])
+    assert len(problems) == 1 and problems[0].startswith("p.jsonl:1: schema: invalid JSON schema")
+
+
+def test_json_schema_reads_the_draft_a_schema_names_and_refuses_nan():
+    (reward,) = build_reward_functions([{"name": "json_schema", "args": {"schema": {
+        "$schema": "http://json-schema.org/draft-07/schema#", "dependencies": {"card": ["billing_address"]}}}}])  # fmt: skip
+    assert reward.fn(["q", "q"], ['{"card": 1}', '{"card": 1, "billing_address": 2}']) == [0.0, 1.0]
+    (bounded,) = build_reward_functions([{"name": "json_schema", "args": {"schema": {
+        "type": "object", "properties": {"x": {"minimum": 0}}}}}])  # fmt: skip
+    assert bounded.fn(["q", "q"], ['{"x": NaN}', '{"x": 1}']) == [0.0, 1.0]

@@ -222,3 +222,15 @@ def test_nonce_is_not_on_disk_in_the_environment_or_on_a_command_line(monkeypatc
         + " 0 1\\n')\n    except OSError:\n        pass\n"
     )
     assert run_code(forged, ["assert False"], limits=FAST).passed == 1
+
+
+def test_a_usage_example_after_the_solution_and_a_trailing_loop_of_asserts():
+    """A right solution followed by a fenced usage example ran the example alone and scored 0; the statements
+    after a string's last assert were dropped, so `return 0` passed a test that looped over the asserts."""
+    solution = "```python\ndef sq(x):\n    return x * x\n```\nExample:\n```python\nprint(sq(4))\n```"
+    assert extract_code(solution) == "def sq(x):\n    return x * x\n"
+    tests = "assert sq(0) == 0\nfor i in range(5):\n    assert sq(i) == i * i"
+    assert split_tests(tests) == ["assert sq(0) == 0", "for i in range(5):\n    assert sq(i) == i * i"]
+    right = run_code(extract_code(solution), tests, limits=FAST)
+    wrong = run_code("def sq(x):\n    return 0\n", tests, limits=FAST)
+    assert (right.passed, right.total) == (2, 2) and (wrong.passed, wrong.total) == (1, 2)

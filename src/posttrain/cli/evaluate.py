@@ -12,6 +12,7 @@ from posttrain.cli.output import (
     Output,
     add_columns,
     add_json,
+    add_stop,
     add_template_vars,
     check_output_file,
     columns_given,
@@ -19,6 +20,7 @@ from posttrain.cli.output import (
     positive_int,
     quiet_libraries,
     settings,
+    stop_note,
     temperature,
 )
 from posttrain.errors import UserError
@@ -83,6 +85,7 @@ def add_parser(sub) -> None:
         "scores, the reference answer (docs/cli-json.md)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_stop(e)
     add_columns(e)
     add_template_vars(e)
     add_json(e)
@@ -97,9 +100,9 @@ def run(args) -> Output:
     check_output_file(args.out, "--out", inputs={"--data": args.data, "--pairs": args.pairs})
     _check_pairs_only_flags(args)
     if args.pairs is not None:
-        if args.task is not None or args.reward or args.data is not None:
+        if args.task is not None or args.reward or args.data is not None or args.stop:
             raise UserError("--pairs scores preference pairs with the model's log-probabilities; "
-                            "--task, --reward and --data do not apply to it (run them separately)")  # fmt: skip
+                            "--task, --reward, --data and --stop do not apply to it (run them separately)")  # fmt: skip
         return evaluate_pairs(args)
     _check_verifier(args)
     rows = _evaluation_rows(args)
@@ -116,9 +119,11 @@ def run(args) -> Output:
         from posttrain.data.render import refuse_markers
 
         refuse_markers(tokenizer, rows, source=args.data)
+    if note := stop_note(args):
+        print(note, file=sys.stderr)
     completions = generate_answers(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        sample_seed=args.seed, progress=None if args.no_progress else "evaluate",
+        sample_seed=args.seed, progress=None if args.no_progress else "evaluate", stop=args.stop or None,
     )  # fmt: skip
     metrics, per_row = _score(args, rewards, completions, rows)
     scores = None
@@ -132,7 +137,7 @@ def run(args) -> Output:
     doc = {
         "model": args.model, "verifier": "reward" if rewards is not None else "task", "task": args.task,
         "rewards": [r.name for r in rewards] if rewards is not None else None, "judge": args.judge,
-        "data": args.data, "n": len(rows), "settings": settings(args, "max_new_tokens", "temperature", "seed"),
+        "data": args.data, "n": len(rows), "settings": settings(args, "max_new_tokens", "temperature", "seed", "stop"),
         "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
     }  # fmt: skip
     return Output(doc=doc, text=format_table({args.model: metrics}))

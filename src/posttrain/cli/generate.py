@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 from posttrain.cli.output import (
     Output,
     add_columns,
     add_json,
+    add_stop,
     add_template_vars,
     columns_given,
     positive_int,
     settings,
+    stop_note,
     temperature,
     top_p,
 )
@@ -30,6 +34,7 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=top_p, default=1.0, help="sampling only: the nucleus mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
+    add_stop(g)
     add_columns(g)
     add_template_vars(g)
     add_json(g)
@@ -54,6 +59,8 @@ def run(args) -> Output:
     if not items:
         raise UserError("give at least one --prompt TEXT or --prompts-file FILE")
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
+    if note := stop_note(args):
+        print(note, file=sys.stderr)
     if args.prompts_file:  # the file's rows, with their lines, before anything is decoded
         from posttrain.data.render import refuse_markers
 
@@ -67,6 +74,7 @@ def run(args) -> Output:
         top_p=args.top_p,
         seed=args.seed,
         progress="generate" if args.prompts_file and not args.no_progress else None,  # bar: a file's prompts
+        stop=args.stop or None,
     )
     blocks = []
     for item, out in zip(items, outs):
@@ -74,6 +82,6 @@ def run(args) -> Output:
         item.update(prompt=plain_messages(prompt, "user"), completion=out)
         shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         blocks.append(f"### prompt\n{shown}\n### completion\n{out}\n")
-    doc = {"model": args.model, "settings": settings(args, "max_new_tokens", "temperature", "top_p", "seed"),
+    doc = {"model": args.model, "settings": settings(args, "max_new_tokens", "temperature", "top_p", "seed", "stop"),
            "results": items}  # fmt: skip
     return Output(doc=doc, text="\n".join(blocks))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
 
@@ -210,6 +212,55 @@ def turn_marker(text: str) -> tuple[str, str]:
     if not eq or not role.strip() or not marker.strip():
         raise argparse.ArgumentTypeError(f"must be ROLE=MARKER (e.g. user='\\n\\nHuman:'), got {text!r}")
     return role.strip(), marker.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def stop_text(text: str) -> str:
+    """argparse type: a stop string (``\\n`` a newline, as in YAML's double quotes), not empty.
+
+    >>> stop_text(r"\\n\\nQuestion:")
+    '\\n\\nQuestion:'
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("a stop string cannot be empty")
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_stop(parser: argparse.ArgumentParser) -> None:
+    """`--stop TEXT`, repeatable: the stop strings an RL run's `algorithm.rollout.stop` samples with, so that an
+    answer is scored as training scored it (`trained_stop` says when a run folder had some)."""
+    parser.add_argument(
+        "--stop", action="append", type=stop_text, default=[], metavar="TEXT",
+        help="end each answer at the first TEXT (repeatable; \\n is a newline), as algorithm.rollout.stop does in "
+             "an RL run: a model trained with stop strings is scored as it was trained",
+    )  # fmt: skip
+
+
+def trained_stop(model: str) -> list[str]:
+    """The `algorithm.rollout.stop` of the run whose folder (or `final/`) `model` names, [] for anything else."""
+    import yaml
+
+    for folder in (Path(model), Path(model).parent):
+        config = folder / "config.yaml"
+        if config.is_file():
+            try:
+                saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                return []
+            stop = ((saved.get("algorithm") or {}).get("rollout") or {}).get("stop") if isinstance(saved, dict) else None
+            return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
+    return []
+
+
+def stop_note(args) -> str | None:
+    """The note for `--model` a run that sampled with stop strings, scored without them (`--stop` not given)."""
+    if args.stop:
+        return None
+    trained = trained_stop(args.model)
+    if not trained:
+        return None
+    flags = " ".join("--stop " + shlex.quote(s.replace("\n", "\\n")) for s in trained)
+    return (f"note: {args.model} was trained sampling with algorithm.rollout.stop {trained}: its answers here run "
+            f"to the end of the turn instead; give {flags} to score them as training did")
 
 
 def add_columns(parser: argparse.ArgumentParser) -> None:

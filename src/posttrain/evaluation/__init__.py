@@ -107,9 +107,11 @@ def generate_answers(
     temperature: float = 0.0,
     sample_seed: int = 0,
     progress: str | None = None,
+    stop: list[str] | None = None,
 ) -> list[str]:
     """One completion per row's `prompt`: greedy, or one sample at `temperature` > 0 (repeatable by
-    `sample_seed`). `progress`: the label of a progress bar on stderr (None: no bar)."""
+    `sample_seed`), ended at the first of the `stop` strings if any. `progress`: the label of a progress bar on
+    stderr (None: no bar)."""
     return generate(
         model,
         tokenizer,
@@ -119,6 +121,7 @@ def generate_answers(
         batch_size=batch_size,
         seed=sample_seed if temperature > 0 else None,
         progress=progress,
+        stop=stop,
     )
 
 

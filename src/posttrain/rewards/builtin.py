@@ -21,6 +21,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
 
 from posttrain.data.tasks import TASKS
 from posttrain.models.heads import RewardModelScorer
@@ -30,9 +31,13 @@ RewardFn = Callable[..., list[float]]
 NAN = float("nan")
 
 # ---------------------------------------------------------------------------------------------- numeric answer
-_MARKED = re.compile(r"(?:\banswer\s*(?:is|:)|####)[ \t]*(.*)", re.IGNORECASE)
+_MARKER = re.compile(r"\banswer\s*(?:is\b\s*:?|:)|####", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
-_PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
+_PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
+_VALUE = re.compile(r"[-+$\\({\[.\d]|[A-Za-z]\s*=")  # what a marked value begins with (x = 5 too)
+_LEADING = re.compile(r"\$?\s*(" + _PLAIN.pattern + r")")
+_ALONE = re.compile(r"\s*\$?\s*%?\s*(?:$|[,;:!?.]*(?:\s+(?![-\d])|$)|\s+[A-Za-z(])")  # "42.", "42 apples", "42 (6 x 7)"
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # a typeset minus sign (and an en dash) is a minus
 
 
 def _boxed(text: str) -> str | None:
@@ -53,17 +58,39 @@ def _boxed(text: str) -> str | None:
 
 
 def final_answer(completion: str) -> str | None:
-    r"""The marked final answer: the last ``\boxed{...}``, else the rest of the line after the last
-    ``Answer:`` / ``The answer is`` / ``####``; None when the completion marks none.
+    r"""The marked final answer, None when the completion marks none: whichever comes last of the last
+    ``\boxed{...}`` and the last ``Answer:`` / ``The answer is`` / ``####`` that a value follows (on its line, or
+    on the next when the marker ends its line; "I hope this answer is clear" marks nothing). Of a marked line, a
+    plain number that words or a parenthesis follow is the answer ("42 apples, since she had 40", "42 (6 x 7)");
+    anything else is read whole (``\frac{1}{2}``, ``2, 3``, ``1.5\times10^3``).
 
     >>> final_answer("3 + 4 = 7.\nAnswer: 7 apples"), final_answer("#### 1,234"), final_answer("it is 5")
-    ('7 apples', '1,234', None)
+    ('7', '1,234', None)
+    >>> final_answer("Answer:\n42"), final_answer("Answer: 42\n\nI hope this answer is clear."), final_answer("Answer: 2, 3")
+    ('42', '42', '2, 3')
+    >>> final_answer(r"<think>\boxed{5}</think> The answer is **6**."), final_answer(r"The answer is $\boxed{6}$.")
+    ('6', '6')
     """
-    boxed = _boxed(completion)
-    if boxed is not None:
+    text = completion.translate(_MINUS)
+    marked = None
+    for m in reversed(list(_MARKER.finditer(text))):
+        rest = text[m.end() :]
+        line = rest.lstrip(" \t")
+        line = (line.lstrip() if line.startswith(("\n", "\r")) else line).split("\n", 1)[0]
+        line = re.sub(r"\*\*|__", "", line).strip()  # Markdown's bold: **42**
+        if _VALUE.match(line):
+            marked = (m.start(), line)
+            break
+    boxed_at = text.rfind("\\boxed{")
+    if boxed_at >= 0 and (marked is None or boxed_at > marked[0]) and (boxed := _boxed(text)) is not None:
         return boxed.strip()
-    marked = _MARKED.findall(completion)
-    return marked[-1].strip() if marked else None
+    if marked is None:
+        return None
+    value = re.sub(r"^[A-Za-z]\s*=\s*", "", marked[1])  # x = 5
+    lead = _LEADING.match(value)
+    if lead and _ALONE.match(value, lead.end()):
+        return lead.group(1)
+    return value
 
 
 def to_number(text: str) -> float | None:
@@ -73,7 +100,7 @@ def to_number(text: str) -> float | None:
     >>> to_number("$1,234.50."), to_number("3/4"), to_number("-2"), to_number("42 apples")
     (1234.5, 0.75, -2.0, None)
     """
-    s = str(text).strip().strip("$").rstrip(".").strip()
+    s = str(text).translate(_MINUS).strip().strip("$").rstrip(".").strip()
     if not _PLAIN.fullmatch(s):
         return None
     num, _, den = s.replace(",", "").partition("/")
@@ -121,6 +148,7 @@ def _math_verify_parse(text: str) -> list:
 
 _LATEX = re.compile(r"[\\{}]")  # a command or a group: a ^ alone (5m^2, x^2+1) reads bare as it always has
 _TUPLE = re.compile(r"\s*[(\[].*,.*[)\]]\s*")
+_LIST = re.compile(r"-?\d+(?:\.\d+)?(?:\s*,\s+-?\d+(?:\.\d+)?)+")  # 2, 3: several answers (1,234 is one number)
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{[^{}]*\}")  # \text{ cm}: a unit LaTeX-mode math-verify reads
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}|\s[A-Za-z]")  # a word, or a unit after a space (9.8 m/s^2)
@@ -139,13 +167,15 @@ def _as_math(text: str) -> str:
     ('$2\\sqrt{3}$', '$(-2,2)$', '42 apples', '$\\frac{1}{2}$')
     >>> _as_math(r"\frac{1}{2} of the pizza"), _as_math("5 cm^2"), _as_math("9.8 m/s^2"), _as_math(r"-5^{\circ}C")
     ('$\\frac{1}{2}$', '5 cm^2', '9.8 m/s^2', '$-5^{\\circ}$')
+    >>> _as_math("2, 3")
+    '$2, 3$'
     """
     if "$" in text:
         return text
     core = _DEGREES.sub(r"\1", _TRAILING_WORDS.sub("", text.strip())).rstrip(" .")
     bare = _COMMAND.sub("", _TEXT_GROUP.sub("", core))  # what is left to read once LaTeX's own units are set aside
     power = "^" in core and not re.search(r"\d\s*[A-Za-z]", bare)  # x^2+1, not 5m^2 (a unit)
-    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(bare):
+    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core) or _LIST.fullmatch(core)) or _PROSE.search(bare):
         return text
     return f"${core}$"
 
@@ -172,11 +202,12 @@ def _marked_gold(text: str) -> str:
 
 
 def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> bool:
-    r"""Whether the completion's answer equals `answer` numerically (relative `tolerance`).
+    r"""Whether the completion's answer equals `answer` numerically (relative `tolerance`; two whole numbers
+    exactly: 1000000 is not 1000001, which 1e-6 of it allowed).
 
     The answer is the marked one (`final_answer`) if any, else the last number in the text. Plain numbers
-    are compared directly; anything else (``\frac{1}{2}``, ``42 apples``, a symbolic gold answer) goes to
-    math-verify.
+    are compared directly; anything else (``\frac{1}{2}``, ``42 apples``, a symbolic gold answer, several
+    answers ``2, 3``, compared as a set) goes to math-verify.
 
     >>> numeric_match("3 + 4 = 7. Answer: 7", 7), numeric_match("I get 1,234", "1234")
     (True, True)
@@ -187,10 +218,11 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
     >>> numeric_match(r"\boxed{(-2,2)}", "(-2,2)"), numeric_match(r"\boxed{3}", r"so $x = \boxed{3}$.")
     (True, True)
     """
+    completion = completion.translate(_MINUS)
     pred = final_answer(completion)
     # A gold answer given as a worked solution (MATH's `solution`, GSM8K's `#### 72`) is compared by its marked
     # answer, as the completion's is; else as it is.
-    gold_text = _marked_gold(str(answer))
+    gold_text = _marked_gold(str(answer).translate(_MINUS))
     gold = to_number(gold_text)
     if pred is None:
         numbers = _NUMBER.findall(completion)
@@ -199,8 +231,26 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
         pred = numbers[-1]
     got = to_number(pred)
     if gold is not None and got is not None:
+        if gold.is_integer() and got.is_integer():
+            return got == gold
         return abs(got - gold) <= tolerance * max(1.0, abs(gold))
     return _math_verify_equal(gold_text, pred)
+
+
+def _real(value: Any, name: str) -> float:
+    """A reward's numeric argument as a float, refused (ValueError) unless a finite number >= 0. A text that is one
+    is read: YAML reads ``1e-3`` (no dot) as a string, which failed every sample once scoring began.
+
+    >>> _real("1e-3", "tolerance"), _real(2, "scale")
+    (0.001, 2.0)
+    """
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return number
 
 
 def numeric_answer(*, column: str = "answer", tolerance: float = 1e-6) -> RewardFn:
@@ -210,6 +260,7 @@ def numeric_answer(*, column: str = "answer", tolerance: float = 1e-6) -> Reward
     >>> fn(["q1", "q2", "q3"], ["... Answer: 42", "#### 41", "so it is 3.0"], answer=[42, "42", 3])
     [1.0, 0.0, 1.0]
     """
+    tolerance = _real(tolerance, "tolerance")
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         answers = _column(columns, column, "numeric_answer")
@@ -272,7 +323,12 @@ def parse_json(text: str) -> Any:
     ({'a': 1}, [1, 2])
     """
     fenced = re.fullmatch(r"\s*```(?:json)?[ \t]*\n(.*?)```\s*", text, re.DOTALL | re.IGNORECASE)
-    return json.loads(fenced.group(1) if fenced else text.strip())
+    return json.loads(fenced.group(1) if fenced else text.strip(), parse_constant=_not_json)
+
+
+def _not_json(name: str):
+    """NaN and Infinity are not JSON (Python's reader takes them, and NaN passed every bound: `minimum: 0`)."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def json_schema(*, schema: dict | None = None, column: str = "schema") -> RewardFn:
@@ -307,14 +363,31 @@ def json_schema(*, schema: dict | None = None, column: str = "schema") -> Reward
     return reward
 
 
-def _validator(schema: Any) -> Draft202012Validator:
+def schema_problem(schema: Any) -> str | None:
+    """Why a row's `json_schema` schema (a dict or a JSON string) cannot be used, or None: every sample of its row
+    would be unscored (the fallback) and counted as a failure.
+
+    >>> schema_problem('{"type": "object"}'), schema_problem('{"type": 3}')
+    (None, 'invalid JSON schema: 3 is not valid under any of the given schemas')
+    """
+    try:
+        _validator(json.loads(schema) if isinstance(schema, str) else schema)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _validator(schema: Any):
+    """A validator for `schema` of the draft its `$schema` names (draft 2020-12 without one: draft-07's
+    `dependencies` and tuple `items` mean other things there)."""
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    cls = validator_for(schema, default=Draft202012Validator)
     try:
-        Draft202012Validator.check_schema(schema)
+        cls.check_schema(schema)
     except SchemaError as e:
         raise ValueError(f"invalid JSON schema: {e.message}") from None
-    return Draft202012Validator(schema)
+    return cls(schema)
 
 
 # ------------------------------------------------------------------------------------------------ length penalty
@@ -331,24 +404,28 @@ def length_penalty(
     >>> length_penalty(target=2, scale=1, unit="words")(["q"], ["one two three"])
     [-1.0]
     """
-    if target < 0 or (scale is not None and scale <= 0):
-        raise ValueError(f"need target >= 0 and scale > 0, got target={target}, scale={scale}")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0 or (
+            scale is not None and _real(scale, "scale") <= 0):  # fmt: skip
+        raise ValueError(f"need a whole target >= 0 and scale > 0, got target={target!r}, scale={scale!r}")
     if unit not in ("chars", "words", "tokens"):
         raise ValueError(f"unit must be 'chars', 'words' or 'tokens', got {unit!r}")
     if unit == "tokens" and tokenizer is None:
         raise ValueError("unit 'tokens' needs a 'tokenizer' (a tokenizer path or name)")
     scale = float(scale if scale is not None else max(target, 1))
     state = {"tok": tokenizer}
+    if isinstance(tokenizer, str):  # loaded now, before any sampling: a wrong path failed every sample (penalty 0)
+        from transformers import AutoTokenizer
+
+        try:
+            state["tok"] = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"tokenizer {tokenizer!r} could not be loaded: {str(e).splitlines()[0]}") from None
 
     def length(text: str) -> int:
         if unit == "chars":
             return len(text)
         if unit == "words":
             return len(text.split())
-        if isinstance(state["tok"], str):  # loaded on first use, so building the reward stays cheap
-            from transformers import AutoTokenizer
-
-            state["tok"] = AutoTokenizer.from_pretrained(state["tok"])
         return len(state["tok"].encode(text, add_special_tokens=False) if hasattr(state["tok"], "vocab_size")
                    else state["tok"].encode(text))  # fmt: skip
 

@@ -18,8 +18,8 @@ from posttrain.data.schema import RESERVED_PROMPT_COLUMNS
 from posttrain.data.tasks import TASKS, answer_problems
 from posttrain.errors import ConfigError, DataError, Problem
 from posttrain.models.heads import reward_model_problem
-from posttrain.rewards.builtin import readable_number
-from posttrain.rewards.sandbox import uncalled_check
+from posttrain.rewards.builtin import readable_number, schema_problem
+from posttrain.rewards.sandbox import tests_problem, uncalled_check
 
 # Built-in rewards that read a column of the prompt rows, and the default name of that column.
 _COLUMNS = {"numeric_answer": "answer", "exact_match": "answer", "task": "answer", "code_exec": "tests"}
@@ -96,6 +96,13 @@ def check_reward_inputs(specs, rows, source: str, options: Options = RUN) -> Non
                     problems.append(_missing(row, column, source, reader, fix))
                 elif spec.name == "numeric_answer" and (why := _not_a_number(row[column])):
                     problems.append(Problem(source, getattr(row, "line", None), column, f"{why}; {reader}"))
+                elif spec.name == "exact_match" and (row[column] is None or not str(row[column]).strip()):
+                    # str(None) is "None": a completion "None" (or an empty one, for "") would score 1.0
+                    what = "null" if row[column] is None else "empty"
+                    problems.append(Problem(source, getattr(row, "line", None), column,
+                                            f"is {what}: no completion should match it; {reader}"))  # fmt: skip
+                elif spec.name == "json_schema" and spec.args.get("schema") is None and (why := schema_problem(row[column])):
+                    problems.append(Problem(source, getattr(row, "line", None), column, f"{why}; {reader}"))
         if spec.name == "code_exec":  # HumanEval's tests: a check() nobody calls passes every program that runs
             column = spec.args.get("column", "tests")
             problems += [Problem(source, getattr(row, "line", None), column, (
@@ -103,6 +110,8 @@ def check_reward_inputs(specs, rows, source: str, options: Options = RUN) -> Non
                 "Give the tested function's name in an `entry_point` column (HumanEval's) and check(entry_point) is "
                 "called, or end the tests with the call")) for row in rows
                 if uncalled_check(row.get(column)) and not str(row.get("entry_point") or "").isidentifier()]  # fmt: skip
+            problems += [Problem(source, getattr(row, "line", None), column, f"{why}; {reader}") for row in rows
+                         if column in row and (why := tests_problem(row[column]))]  # fmt: skip
         if spec.name == "task" and spec.args.get("task") is None:
             problems.extend(_task_problems(spec, rows, source, options))
         elif spec.name == "task" and spec.args["task"] in TASKS:

@@ -83,31 +83,46 @@ class ExecResult:
 
 
 def extract_code(text: str) -> str:
-    """The program in a completion: the last ```python (or ```py) fenced block, else the last fenced block
-    of any language, else the whole text. The last, because models often draft before the final answer.
+    """The program in a completion: the last ```python (or ```py) fenced block that defines a function or a
+    class, else the last such block, else the last fenced block of any language, else the whole text. The last,
+    because models often draft before the final answer; one that defines something, because a usage example often
+    follows the solution (```python\\nprint(sq(4))```, run alone: a NameError, so a right solution scored 0).
 
     >>> extract_code("Here:\\n```python\\ndef f():\\n    return 1\\n```\\nDone.")
     'def f():\\n    return 1\\n'
-    >>> extract_code("```\\nx = 1\\n```")
-    'x = 1\\n'
-    >>> extract_code("x = 2")
-    'x = 2'
+    >>> extract_code("```python\\ndef sq(x):\\n    return x*x\\n```\\nExample:\\n```python\\nprint(sq(4))\\n```")
+    'def sq(x):\\n    return x*x\\n'
+    >>> extract_code("```\\nx = 1\\n```"), extract_code("x = 2")
+    ('x = 1\\n', 'x = 2')
     """
     blocks = _FENCE.findall(text)
     python = [body for lang, body in blocks if lang.lower() in ("python", "py", "python3")]
     if python:
-        return python[-1]
+        defining = [body for body in python if _defines(body)]
+        return (defining or python)[-1]
     return blocks[-1][1] if blocks else text
+
+
+def _defines(code: str) -> bool:
+    """Whether `code` defines a function or a class at its top level (a solution, not a usage example)."""
+    try:
+        body = ast.parse(code).body
+    except SyntaxError:
+        return False
+    return any(isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) for s in body)
 
 
 def split_tests(tests: str | list[str]) -> list[str]:
     """Tests as a list of snippets, each counted once. A list is taken as is. In a string, each top-level
     ``assert`` is one test, together with the statements since the previous assert (setup such as
-    ``x = f(3)``); trailing statements after the last assert are dropped. A string that does not parse, or
-    has no assert, is one test.
+    ``x = f(3)``); the statements after the last assert are one more test (a loop of asserts: dropped, a program
+    returning 0 passed ``assert sq(0) == 0`` and so every test). A string that does not parse, or has no assert,
+    is one test.
 
     >>> split_tests("assert f(1) == 2\\ny = f(2)\\nassert y == 3")
     ['assert f(1) == 2', 'y = f(2)\\nassert y == 3']
+    >>> split_tests("assert f(0) == 0\\nfor i in range(3):\\n    assert f(i) == i * i")
+    ['assert f(0) == 0', 'for i in range(3):\\n    assert f(i) == i * i']
     >>> split_tests(["assert True", "assert f(0) == 1"])
     ['assert True', 'assert f(0) == 1']
     >>> split_tests("assert (")
@@ -126,7 +141,38 @@ def split_tests(tests: str | list[str]) -> list[str]:
         if isinstance(stmt, ast.Assert):
             out.append("".join(lines[start - 1 : stmt.end_lineno]).strip("\n"))
             start = None
+    if out and start is not None:  # statements after the last assert
+        out.append("".join(lines[start - 1 :]).strip("\n"))
     return out or [tests]
+
+
+def tests_problem(tests) -> str | None:
+    """Why `tests` (a row's column for `code_exec`) cannot tell a right program from a wrong one, or None: null,
+    not text, Python that does not parse, code that checks nothing (no assert, raise or call: ``""``, ``x = 1``
+    passed every program), or ``unittest.main()`` (it looks for the tests in a module the sandbox does not run,
+    and exits).
+
+    >>> tests_problem("assert f(1) == 2"), tests_problem(""), tests_problem(None)
+    (None, 'checks nothing (no assert, raise or call): every program that runs would pass', 'is null')
+    """
+    if tests is None:
+        return "is null"
+    snippets = [tests] if isinstance(tests, str) else tests if isinstance(tests, list) else None
+    if snippets is None or not all(isinstance(t, str) for t in snippets):
+        return f"must be a string or a list of strings, got {type(tests).__name__}"
+    for t in snippets:
+        try:
+            tree = ast.parse(t)
+        except SyntaxError as e:
+            return f"does not parse as Python ({e.msg}, line {e.lineno}): every program would fail"
+        nodes = list(ast.walk(tree))
+        if not any(isinstance(n, ast.Assert | ast.Raise | ast.Call) for n in nodes):
+            return "checks nothing (no assert, raise or call): every program that runs would pass"
+        if any(isinstance(n, ast.Attribute) and n.attr == "main" and isinstance(n.value, ast.Name)
+               and n.value.id == "unittest" for n in nodes):  # fmt: skip
+            return ("calls unittest.main(), which looks for the tests in a module the sandbox does not run and then "
+                    "exits: write the tests as asserts (or HumanEval's check(candidate) with an entry_point column)")
+    return None
 
 
 def uncalled_check(tests) -> bool:

@@ -277,7 +277,10 @@ class Arithmetic:
         """
         got, marked = extract_answer(completion)
         want = _gold(answer)
-        correct = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        # whole numbers exactly: 1e-6 of 1553414 let 1553413 count as right (and pairs' rejected side as chosen)
+        close = got is not None and (got == want if got.is_integer() and want.is_integer()
+                                     else abs(got - want) <= 1e-6 * max(1.0, abs(want)))  # fmt: skip
+        correct = bool(close)
         return {"correct": correct, "formatted": marked, "has_number": got is not None}
 
     def score(self, completion: str, answer: float | int | str) -> float:
