@@ -41,6 +41,7 @@ from pydantic import (
 from posttrain.config_names import other_name
 from posttrain.config_rules import When, is_, is_not, unread_settings
 from posttrain.errors import ConfigError
+from posttrain.files import write_whole
 from posttrain.yamlfile import line_of, load_yaml, yaml_problem
 
 
@@ -1072,11 +1073,7 @@ def overridden(where: str, overrides: dict[str, str] | None) -> str | None:
 
 def dump_config(cfg: RunBase, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
-    # Temporary file then rename: a kill mid-write never leaves a truncated config.yaml behind.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_whole(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))  # never a truncated config.yaml
 
 
 def describe_fields(schema: type[BaseModel], prefix: str = "", method: str | None = None) -> list[tuple]:

@@ -3,7 +3,6 @@ judge), or rank preference pairs with its implicit reward (`posttrain.evaluation
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from posttrain.cli.output import (
     temperature,
 )
 from posttrain.errors import UserError
+from posttrain.files import write_whole
 
 NO_VERIFIER = (
     "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
@@ -190,9 +190,7 @@ def _write_records(path: str, records: list[dict]) -> None:
 
     out = Path(path)
     replaced = out.exists()
-    tmp = out.with_name(out.name + ".tmp")
-    write_jsonl(records, tmp)
-    os.replace(tmp, out)
+    write_whole(out, lambda tmp: write_jsonl(records, tmp))
     print(f"wrote {len(records)} rows to {out}" + (" (replacing the file there)" if replaced else ""), file=sys.stderr)
 
 

@@ -29,6 +29,7 @@ import json
 import sys
 from pathlib import Path
 
+from posttrain.files import write_whole
 from posttrain.models.loading import default_device, resolve_dtype, resolve_model
 from posttrain.trainer.fingerprint import file_digest
 
@@ -109,7 +110,5 @@ def write_scores(path: Path, key: dict | None, scores: dict) -> None:
     """`scores` and the key they were made from, written to a temporary file and renamed into `path`. Without
     a key (a hub model) the scores are still written, for the report, and never match a later key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     made_from = key if key is not None else {"model": {"sha256": None}, "rows": {"sha256": None}, "decoding": None}
-    tmp.write_text(json.dumps({"scores": scores, "made_from": made_from}, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_whole(path, json.dumps({"scores": scores, "made_from": made_from}, indent=1))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import UserError
+from posttrain.files import write_whole
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.loading import load_model
 from posttrain.models.logprobs import chunked_token_logps, target_positions
@@ -109,9 +110,8 @@ class Reference:
             for key, row, scored in zip(row_keys(b, target_key), logps, target.cpu()):
                 self.table[key] = row[scored].clone()
         if save:
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save({"version": _CACHE_VERSION, "model": model_name, "rows": self.table}, tmp)
-            tmp.replace(path)
+            write_whole(path, lambda tmp: torch.save({"version": _CACHE_VERSION, "model": model_name,
+                                                      "rows": self.table}, tmp))  # fmt: skip
 
     def _lookup(self, batch: dict[str, torch.Tensor], target_key: str) -> torch.Tensor:
         target, _ = target_positions(batch[target_key])

@@ -15,12 +15,12 @@ It does not train, evaluate or load a model. matplotlib is imported only when a 
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.files import write_whole
 from posttrain.report.compose import compose
 from posttrain.report.document import to_html, to_markdown
 from posttrain.report.rundata import read_runs
@@ -78,9 +78,7 @@ def _write(paths: ReportPaths, page: str, markdown: str, images: dict[str, bytes
     for rel, png in images.items():
         (paths.markdown.parent / rel).write_bytes(png)
     for path, text in ((paths.markdown, markdown), (paths.html, page)):
-        tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: a reader never sees half a page
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_whole(path, text)  # a reader never sees half a page
 
 
 def report_or_warning(run_dir: str | Path) -> Path | None:

@@ -27,6 +27,7 @@ from posttrain.data import write_jsonl
 from posttrain.diagnose.drift import PROBE_TOKENS, PROBES
 from posttrain.errors import ConfigError
 from posttrain.evaluation import load_for_inference
+from posttrain.files import write_whole
 from posttrain.models import generate, merge_adapter, read_info, resolve_model
 from posttrain.study.arms import ARMS, Arm, Condition, Prepared, run_config, steps_for_budget
 from posttrain.study.config import StudyConfig
@@ -196,9 +197,7 @@ def _cached_scores(path: Path, make: Callable[[], Scores]) -> Scores:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # whole or absent: a kill never leaves half a file to reuse
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    tmp.replace(path)
+    write_whole(path, json.dumps(data))  # whole or absent: a kill never leaves half a file to reuse
 
 
 def _warm_cell(ctx: _Context, warm: _Lazy, noise: float) -> Cell:

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from posttrain.errors import ConfigError
+from posttrain.files import write_whole
 
 FILE = "data_fingerprint.json"
 ENVIRONMENT = "environment.json"
@@ -159,6 +160,4 @@ def _segments(path: Path) -> list[dict]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_whole(path, json.dumps(data, indent=1))
