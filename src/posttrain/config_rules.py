@@ -48,7 +48,7 @@ def show(value: Any) -> str:
     >>> print(show({"user": "\\n\\nHuman:", "n": [1, "a b"]}))
     {user: "\\n\\nHuman:", n: [1, a b]}
     """
-    if isinstance(value, str) and (value != value.strip() or not value or any(c in value for c in "\n\r\t")):
+    if isinstance(value, str) and not _plain(value):
         return json.dumps(value)
     if value is None:
         return "null"
@@ -59,6 +59,23 @@ def show(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def _plain(text: str) -> bool:
+    """Whether YAML reads `text` back as itself unquoted, inside a flow list as `show` writes it (``### Human:`` is
+    a comment there, ``USER:`` a mapping, ``\\n`` a space).
+
+    >>> _plain("a b"), _plain("USER:"), _plain("### Human:"), _plain(" x"), _plain("[q]")
+    (True, False, False, False, False)
+    """
+    import yaml
+
+    if not text or text != text.strip() or any(c in text for c in "\n\r\t"):
+        return False
+    try:
+        return yaml.safe_load(f"[{text}]") == [text]
+    except yaml.YAMLError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -182,10 +182,17 @@ def test_humaneval_tests_are_called_on_the_entry_point_and_refused_without_one()
     # a marker that no value follows marks nothing; the value on the line after the marker counts
     ("Answer: 42\n\nI hope this answer is clear.", 42, True), ("Answer:\n42", 42, True),
     ("The answer is: 12", 12, True), ("the final answer is **12**.", 12, True), ("Answer: x = 5", 5, True),
-    # a hedge is its first value; scientific notation is one number
-    ("Answer: 3 or 4", 4, False), ("Answer: 3 or 4", 3, True), ("Answer: 1e3", 1, False), ("Answer: 1e3", 1000, True),
+    # a hedge is no answer, whichever the gold is; scientific notation is one number
+    ("Answer: 3 or 4", 4, False), ("Answer: 3 or 4", 3, False), ("Answer: 1e3", 1, False), ("Answer: 1e3", 1000, True),
+    # an equation's result; an expression; words after the number, not operators or LaTeX (a review of the rewrite)
+    ("Answer: 3 + 4 = 7", 7, True), ("The answer is 5 + 3 = 8.", 8, True), ("#### 6 * 7 = 42", 42, True),
+    ("Answer: 6 x 7 = 42", 42, True), (r"The answer is $2 \sqrt{3}$.", r"2\sqrt{3}", True),
+    (r"Answer: 3 \pi", r"3\pi", True), (r"Answer: $1.5 \times 10^3$", 1500, True), (r"Answer: 3 \frac{1}{2}", r"\frac{7}{2}", True),
+    ("Answer: 2 and 3", "2, 3", True), ("The answer is x^2+1", "x^2+1", True), ("Answer: 50%", 0.5, True),
+    ("Answer: 7 (since 3 + 4 = 7)", 7, True), ("Answer: 3.5 hours", 3.5, True),
     # several answers compare as a set (the last number alone was compared)
     (r"\boxed{0, 3}", "2, 3", False), (r"\boxed{3}", "2, 3", False), (r"\boxed{3, 2}", "2, 3", True),
+    (r"\boxed{-3, 2}", "2,-3", True), (r"\boxed{-3,2}", "2, -3", True), (r"\boxed{-3, 1}", "2,-3", False),
     # whole numbers exactly (1e-6 of a million is one)
     ("Answer: 1000000", 1000001, False), ("Answer: 100.0000001", 100, True),
     # a typeset minus; a boxed answer then a later marked one: the later

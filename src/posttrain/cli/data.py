@@ -1,5 +1,5 @@
-"""`posttrain data make | validate | pairs`: write a built-in task's rows, check a data file, or sample
-on-policy preference pairs (`posttrain.data`)."""
+"""`posttrain data make | validate | pairs | tree`: write a built-in task's rows, check a data file, sample
+on-policy preference pairs, or turn message trees (oasst1) into rows (`posttrain.data`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from posttrain.cli.output import (
     add_json,
     add_template_vars,
     check_output_file,
+    column_rename,
     columns_given,
     positive,
     positive_int,
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
     _add_make(dsub)
     _add_validate(dsub)
     _add_pairs(dsub)
+    _add_tree(dsub)
     d.set_defaults(func=lambda a: (d.print_help(), EXIT_USER)[1])
 
 
@@ -109,6 +111,60 @@ def _add_pairs(dsub) -> None:
     add_template_vars(pa)
     add_json(pa)
     pa.set_defaults(func=pairs)
+
+
+def _add_tree(dsub) -> None:
+    tr = dsub.add_parser("tree", help="turn message trees, one message per row (OpenAssistant's oasst1, oasst2), "
+                                      "into SFT rows or preference pairs")  # fmt: skip
+    tr.add_argument("file", help="the messages (JSONL, JSON, CSV, Parquet or a datasets folder)")
+    tr.add_argument("--kind", choices=["sft", "preference"], required=True,
+                    help="sft: one row per chosen assistant reply, the conversation before it as its prompt; "
+                         "preference: the best-ranked reply against each lower-ranked sibling")  # fmt: skip
+    tr.add_argument("--out", required=True, help="output .jsonl")
+    tr.add_argument("--replies", choices=["best", "all"], default="best",
+                    help="sft: the replies that train: best (each best ranked among its siblings, on a conversation "
+                         "of best-ranked replies; the default) or all")  # fmt: skip
+    tr.add_argument("--lang", help="only the trees whose first message has this `lang` (e.g. en)")
+    tr.add_argument("--key", action="append", type=column_rename, default=[], metavar="PART=COLUMN",
+                    help="the column holding a part of each message (id, parent, role, content, rank), if not "
+                         "oasst1's (message_id, parent_id, role, text, rank); repeatable")  # fmt: skip
+    tr.add_argument("--role", action="append", type=column_rename, default=[], metavar="ROLE=FILE_ROLE",
+                    help="the file's name of a role, if not oasst1's (user=prompter, assistant=assistant)")
+    add_json(tr)
+    tr.set_defaults(func=tree)
+
+
+def tree(args) -> Output:
+    from posttrain.data import write_jsonl
+    from posttrain.data.trees import KEYS, ROLES, tree_rows
+
+    keys, roles = dict(args.key), dict(args.role)
+    if bad := [k for k in keys if k not in KEYS] + [r for r in roles if r not in ROLES]:
+        raise UserError(f"--key names one of {', '.join(KEYS)} and --role one of {', '.join(ROLES)}; got {bad[0]!r}")
+    if bad := [f for f, c in [*args.key, *args.role] if not isinstance(c, str)]:
+        raise UserError(f"--key and --role name one column or role each ({bad[0]}=...+... joins nothing there)")
+    check_output_file(args.out, "--out", jsonl=True, inputs={"FILE": args.file})
+    made = tree_rows(args.file, args.kind, keys=keys, roles=roles, replies=args.replies, lang=args.lang)
+    if not made.rows:
+        raise UserError(f"{args.file}: no {args.kind} rows in its {made.trees} tree(s) of {made.messages} message(s)"
+                        + (f" ({_left_out(made.skipped)} left out)" if made.skipped else "")
+                        + ("; pairs need replies with a rank" if args.kind == "preference" else ""))  # fmt: skip
+    write_jsonl(made.rows, args.out)
+    what = "rows, one per chosen reply," if args.kind == "sft" else "pairs"
+    text = f"wrote {len(made.rows)} {args.kind} {what} from {made.trees} tree(s) of {made.messages} message(s) to {args.out}"
+    if made.skipped:
+        text += f"\nleft out: {_left_out(made.skipped)}"
+    doc = {"file": args.file, "kind": args.kind, "out": args.out, "rows": len(made.rows), "trees": made.trees,
+           "messages": made.messages, "left_out": dict(made.skipped)}  # fmt: skip
+    return Output(doc=doc, text=text)
+
+
+def _left_out(skipped) -> str:
+    """
+    >>> _left_out({"parent not in the file": 2, "deleted or failing review": 5})
+    '5 messages deleted or failing review, 2 messages parent not in the file'
+    """
+    return ", ".join(f"{n} message{'s' if n != 1 else ''} {why}" for why, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
 
 
 def _lines_in(path: str) -> int | None:

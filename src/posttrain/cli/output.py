@@ -239,7 +239,7 @@ def trained_stop(model: str) -> list[str]:
     """The `algorithm.rollout.stop` of the run whose folder (or `final/`) `model` names, [] for anything else."""
     import yaml
 
-    for folder in (Path(model), Path(model).parent):
+    for folder in (Path(model), *([Path(model).parent] if Path(model).name == "final" else [])):
         config = folder / "config.yaml"
         if config.is_file():
             try:

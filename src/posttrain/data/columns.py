@@ -148,7 +148,7 @@ class Columns:
         """The roles whose marker (`turns`) a text column of the row `data` holds, as the check that each marker is
         somewhere in the file reads them."""
         texts = [v for v in data.values() if isinstance(v, str)]
-        return {role for role, marker in self.turns.items() if any(marker.strip() in t for t in texts)}
+        return {role for t in texts for _, _, role in _turn_marks(t, self.turns)}
 
     def _without_message_keys(self, data: dict) -> dict:
         """`data` without the message keys `ignore` names as ``COLUMN.KEY`` (ShareGPT's per-message ``weight``):
@@ -244,15 +244,7 @@ def split_turns(text: str, turns: Mapping[str, str]) -> tuple[list[dict] | None,
     >>> split_turns("Just an answer.", hh), split_turns("Sure.\\n\\nHuman: thanks", hh)[1]
     ((None, ''), "text comes before the first turn's marker ('Sure.')")
     """
-    by_marker = {marker: role for role, marker in turns.items()}
-    ordered = sorted(by_marker, key=len, reverse=True)  # a marker that begins another is tried after it
-    found = [(m.start(), m.end(), by_marker[m.group()])
-             for m in re.finditer("|".join(re.escape(marker) for marker in ordered), text)]  # fmt: skip
-    start = text.lstrip()
-    head = next((marker for marker in ordered if marker.strip() and start.startswith(marker.lstrip())), None)
-    if head is not None and not (found and found[0][0] == 0):  # "Human: ..." for the marker "\\n\\nHuman:"
-        at = len(text) - len(start)
-        found.insert(0, (at, at + len(head.lstrip()), by_marker[head]))
+    found = _turn_marks(text, turns)
     if not found:
         return None, ""
     if before := text[: found[0][0]].strip():
@@ -297,6 +289,29 @@ def turns_setting(turns: Mapping[str, str]) -> str:
     config = ", ".join(f"{role}: {json.dumps(marker)}" for role, marker in turns.items())
     flags = " ".join(f"--turn '{role}={marker.replace(chr(10), chr(92) + 'n')}'" for role, marker in turns.items())
     return f"data.turns: {{{config}}}; {flags}"
+
+
+def _turn_marks(text: str, turns: Mapping[str, str]) -> list[tuple[int, int, str]]:
+    """(start, end, role) of every marker of `turns` in `text`, in order (`split_turns`)."""
+    ordered = sorted(turns.items(), key=lambda kv: len(kv[1]), reverse=True)  # one that begins another after it
+    pattern = re.compile("|".join(f"({_marker_pattern(marker)})" for _, marker in ordered))
+    found = [(m.start(), m.end(), ordered[m.lastindex - 1][0]) for m in pattern.finditer(text)]
+    start = text.lstrip()
+    at = len(text) - len(start)
+    head = next((role for role, marker in ordered if marker.strip()
+                 and re.match(_marker_pattern(marker.lstrip()), start)), None)  # fmt: skip
+    if head is not None and not (found and found[0][0] <= at):  # "Human: ..." for the marker "\\n\\nHuman:"
+        found.insert(0, (at, at + re.match(_marker_pattern(turns[head].lstrip()), start).end(), head))
+    return found
+
+
+def _marker_pattern(marker: str) -> str:
+    """A turn marker as a regular expression: as written, a newline in it matching a Windows line end too.
+
+    >>> bool(re.fullmatch(_marker_pattern("\\n\\nHuman:"), "\\r\\n\\r\\nHuman:"))
+    True
+    """
+    return "".join(r"\r?\n" if c == "\n" else re.escape(c) for c in marker)
 
 
 def sources(theirs: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

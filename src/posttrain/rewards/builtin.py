@@ -34,10 +34,18 @@ NAN = float("nan")
 _MARKER = re.compile(r"\banswer\s*(?:is\b\s*:?|:)|####", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 _PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
-_VALUE = re.compile(r"[-+$\\({\[.\d]|[A-Za-z]\s*=")  # what a marked value begins with (x = 5 too)
+_VALUE = re.compile(r"[-+$\\({\[.\d]|[A-Za-z]\w*\s*(?:=|[-+*/^(]\s*[\w(])")  # 5, \frac, x = 5, x^2+1, n(n+1)/2
 _LEADING = re.compile(r"\$?\s*(" + _PLAIN.pattern + r")")
-_ALONE = re.compile(r"\s*\$?\s*%?\s*(?:$|[,;:!?.]*(?:\s+(?![-\d])|$)|\s+[A-Za-z(])")  # "42.", "42 apples", "42 (6 x 7)"
-_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # a typeset minus sign (and an en dash) is a minus
+# what may follow a number that is the whole answer: nothing, punctuation, or words and a parenthesis
+# ("42.", "42 apples, since", "42 (6 x 7)"); not an operator, LaTeX, x, "and"/"or" (2 and 3), %
+_ALONE = re.compile(r"\s*\$?(?:\s*[.,;:!?])*(?:\s*$|\s+\((?![-\d.\s]*[-+*/^])|"
+                    r"\s+(?!(?:x|and|or|times|plus|minus)\b)[A-Za-z])")  # fmt: skip
+_NUM = r"-?\d+(?:\.\d+)?"
+# several values joined by "or"/"and" (x = 3 or x = 5, 2 and 3, a hedge 3 or 4): compared as a set
+_MANY = re.compile(rf"(?:[A-Za-z]\s*=\s*)?{_NUM}(?:\s*(?:,|,?\s*\b(?:or|and)\b)\s*(?:[A-Za-z]\s*=\s*)?{_NUM})+\.?")
+_OPERATOR = re.compile(r"[-+*/^\u00d7\u00f7]|\sx\s|\\(?:times|cdot|div)")  # before an =: an equation's left side
+_BRACKETED = re.compile(rf"[(\[]\s*({_NUM})\s*[)\]]\.?")  # (7), [7]
+_MINUS = str.maketrans({"\u2212": "-"})  # a typeset minus sign (not an en dash: 3\u20135 days is a range)
 
 
 def _boxed(text: str) -> str | None:
@@ -70,13 +78,15 @@ def final_answer(completion: str) -> str | None:
     ('42', '42', '2, 3')
     >>> final_answer(r"<think>\boxed{5}</think> The answer is **6**."), final_answer(r"The answer is $\boxed{6}$.")
     ('6', '6')
+    >>> final_answer("Answer: 3 + 4 = 7"), final_answer("Answer: 6 x 7 = 42"), final_answer("The answer is x^2+1")
+    ('7', '42', 'x^2+1')
     """
     text = completion.translate(_MINUS)
     marked = None
     for m in reversed(list(_MARKER.finditer(text))):
-        rest = text[m.end() :]
-        line = rest.lstrip(" \t")
-        line = (line.lstrip() if line.startswith(("\n", "\r")) else line).split("\n", 1)[0]
+        line = _line_at(text, m.end())
+        if not line.strip():  # the marker ends its line: the value is on the next one
+            line = _line_at(text, len(text) - len(text[m.end() :].lstrip()))
         line = re.sub(r"\*\*|__", "", line).strip()  # Markdown's bold: **42**
         if _VALUE.match(line):
             marked = (m.start(), line)
@@ -86,11 +96,37 @@ def final_answer(completion: str) -> str | None:
         return boxed.strip()
     if marked is None:
         return None
-    value = re.sub(r"^[A-Za-z]\s*=\s*", "", marked[1])  # x = 5
-    lead = _LEADING.match(value)
-    if lead and _ALONE.match(value, lead.end()):
-        return lead.group(1)
-    return value
+    return _marked_value(marked[1])
+
+
+def _marked_value(value: str) -> str:
+    """What a marked line's text answers (`final_answer`).
+
+    >>> _marked_value("42 apples, since 40 + 2"), _marked_value("3 + 4 = 7"), _marked_value("12 inches = 1 foot")
+    ('42', '7', '12')
+    >>> _marked_value("x = 3 or x = 5"), _marked_value("3 or 4"), _marked_value("(7)"), _marked_value("50%")
+    ('3, 5', '3, 4', '7', '50%')
+    """
+    if re.search(r"\b(?:or|and)\b", value) and _MANY.fullmatch(value):
+        return ", ".join(re.findall(rf"(?<![\d.]){_NUM}", re.sub(r"[A-Za-z]\s*=", "", value)))
+    if bracketed := _BRACKETED.fullmatch(value):
+        return bracketed.group(1)
+    before, eq, after = value.rpartition("=")
+    after = after.strip() if eq else None
+    # an equation's result (3 + 4 = 7, x = 5) before its first number; a number and words first otherwise (12 inches = 1 foot)
+    order = (after, value) if eq and (_OPERATOR.search(before) or not _LEADING.match(value)) else (value, after)
+    for candidate in order:
+        lead = _LEADING.match(candidate) if candidate else None
+        if lead and _ALONE.match(candidate, lead.end()):
+            return lead.group(1)
+    return after if eq and "\\" not in value else value
+
+
+def _line_at(text: str, start: int) -> str:
+    """The text from `start` to the end of its line (indexes only: a completion that repeats a marker thousands of
+    times is not copied once per marker)."""
+    end = text.find("\n", start)
+    return text[start : end if end >= 0 else len(text)]
 
 
 def to_number(text: str) -> float | None:
@@ -148,7 +184,7 @@ def _math_verify_parse(text: str) -> list:
 
 _LATEX = re.compile(r"[\\{}]")  # a command or a group: a ^ alone (5m^2, x^2+1) reads bare as it always has
 _TUPLE = re.compile(r"\s*[(\[].*,.*[)\]]\s*")
-_LIST = re.compile(r"-?\d+(?:\.\d+)?(?:\s*,\s+-?\d+(?:\.\d+)?)+")  # 2, 3: several answers (1,234 is one number)
+_LIST = re.compile(r"-?\d+(?:\.\d+)?(?:(?:\s*,\s*|,?\s+and\s+)-?\d+(?:\.\d+)?)+")  # 2, 3 / 2 and 3 (not 1,234)
 _COMMAND = re.compile(r"\\[A-Za-z]+")
 _TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{[^{}]*\}")  # \text{ cm}: a unit LaTeX-mode math-verify reads
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}|\s[A-Za-z]")  # a word, or a unit after a space (9.8 m/s^2)
@@ -167,15 +203,17 @@ def _as_math(text: str) -> str:
     ('$2\\sqrt{3}$', '$(-2,2)$', '42 apples', '$\\frac{1}{2}$')
     >>> _as_math(r"\frac{1}{2} of the pizza"), _as_math("5 cm^2"), _as_math("9.8 m/s^2"), _as_math(r"-5^{\circ}C")
     ('$\\frac{1}{2}$', '5 cm^2', '9.8 m/s^2', '$-5^{\\circ}$')
-    >>> _as_math("2, 3")
-    '$2, 3$'
+    >>> _as_math("2, 3"), _as_math("-3,2"), _as_math("2 and 3"), _as_math("1,234")
+    ('$2, 3$', '$-3,2$', '$2, 3$', '1,234')
     """
     if "$" in text:
         return text
+    if _LIST.fullmatch(text.strip()) and to_number(text) is None:  # several answers: a set (1,234 is one number)
+        return "$" + re.sub(r",?\s+and\s+", ", ", text.strip()) + "$"
     core = _DEGREES.sub(r"\1", _TRAILING_WORDS.sub("", text.strip())).rstrip(" .")
     bare = _COMMAND.sub("", _TEXT_GROUP.sub("", core))  # what is left to read once LaTeX's own units are set aside
     power = "^" in core and not re.search(r"\d\s*[A-Za-z]", bare)  # x^2+1, not 5m^2 (a unit)
-    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core) or _LIST.fullmatch(core)) or _PROSE.search(bare):
+    if not (_LATEX.search(core) or power or _TUPLE.fullmatch(core)) or _PROSE.search(bare):
         return text
     return f"${core}$"
 
@@ -382,6 +420,8 @@ def _validator(schema: Any):
     `dependencies` and tuple `items` mean other things there)."""
     if not isinstance(schema, dict):
         raise ValueError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    if "$schema" in schema and not isinstance(schema["$schema"], str):
+        raise ValueError(f"invalid JSON schema: $schema must be a string, got {schema['$schema']!r}")
     cls = validator_for(schema, default=Draft202012Validator)
     try:
         cls.check_schema(schema)

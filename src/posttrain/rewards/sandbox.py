@@ -141,9 +141,18 @@ def split_tests(tests: str | list[str]) -> list[str]:
         if isinstance(stmt, ast.Assert):
             out.append("".join(lines[start - 1 : stmt.end_lineno]).strip("\n"))
             start = None
-    if out and start is not None:  # statements after the last assert
-        out.append("".join(lines[start - 1 :]).strip("\n"))
+    if out and start is not None:  # statements after the last assert: a test when they check something
+        rest = "".join(lines[start - 1 :]).strip("\n")
+        if _checks(ast.parse(rest)):
+            out.append(rest)
     return out or [tests]
+
+
+def _checks(tree: ast.AST) -> bool:
+    """Whether code can fail a program: an assert, a raise, or a call other than print's (a check(f), a loop of
+    asserts); a trailing ``print("All tests passed")`` is no test (it passed every program)."""
+    return any(isinstance(n, ast.Assert | ast.Raise) or (isinstance(n, ast.Call) and not (
+        isinstance(n.func, ast.Name) and n.func.id == "print")) for n in ast.walk(tree))  # fmt: skip
 
 
 def tests_problem(tests) -> str | None:
@@ -166,7 +175,7 @@ def tests_problem(tests) -> str | None:
         except SyntaxError as e:
             return f"does not parse as Python ({e.msg}, line {e.lineno}): every program would fail"
         nodes = list(ast.walk(tree))
-        if not any(isinstance(n, ast.Assert | ast.Raise | ast.Call) for n in nodes):
+        if not _checks(tree):
             return "checks nothing (no assert, raise or call): every program that runs would pass"
         if any(isinstance(n, ast.Attribute) and n.attr == "main" and isinstance(n.value, ast.Name)
                and n.value.id == "unittest" for n in nodes):  # fmt: skip
