@@ -341,7 +341,15 @@ class RolloutSection(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold."""
     stop: list[str] = []
-    """Stop strings: a completion ends with the first one (kept, and trained on)."""
+    """Stop strings: a completion ends with the first one (kept, and trained on; cut from the text the rewards
+    see). An empty one would end every completion at its first token: refused."""
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value):
+        if any(not s for s in value):
+            raise ValueError("an empty stop string would end every completion at its first token; remove it")
+        return value
     generation_batch_size: int | None = Field(None, gt=0)
     """Sequences per `generate` call (memory bound); default: the whole rollout."""
     merge_adapters: bool | None = None
@@ -567,7 +575,19 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    """AdamW betas, each in [0, 1)."""
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_in_range(cls, value):
+        # AdamW refuses a beta outside [0, 1) only once the model has loaded and the run folder holds a config
+        # (whose presence then refused the corrected rerun); YAML's true and false are no betas
+        if isinstance(value, list | tuple) and any(isinstance(b, bool) for b in value):
+            raise ValueError(f"must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(value)}")
+        if isinstance(value, list | tuple) and all(isinstance(b, int | float) for b in value) and not all(
+                0 <= b < 1 for b in value):  # fmt: skip
+            raise ValueError(f"each must be in [0, 1) (AdamW's decay rates), e.g. [0.9, 0.999]; got {list(value)}")
+        return value
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     batch_size: int = Field(8, gt=0)

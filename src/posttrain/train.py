@@ -8,7 +8,8 @@ checked before the run folder is created or written: a run refused there leaves 
 loads (a model that cannot, or LoRA targets it lacks, are refused still before anything is written), the run folder
 gets its config.yaml, then the optimiser and the loop.
 
-A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is.
+A resumed run whose latest checkpoint is already at its last step trains nothing and leaves `final/` as it is, when
+`final/` holds that step's model (its `posttrain_model.json` says the step); else `final/` is written again from it.
 
 Run folder layout: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step-NNNNNN/`, `final/` (adapter or
 model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `report.html` + `report.md` (with
@@ -18,13 +19,16 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +341,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
         if launch_rank() != 0:
             return _train(cfg, resume=resume, return_model=return_model)
         missing = not Path(cfg.run.output_dir).exists()  # before the lock makes the folder
-        with hold_run_dir(cfg.run.output_dir) as stale:
+        with hold_run_dir(cfg.run.output_dir) as stale, _term_as_interrupt():
             if stale:
                 print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
             try:
@@ -346,6 +350,24 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
                 print(_interrupted_note(cfg, continue_with), file=sys.stderr)
                 raise
     return _measured(result, cfg, started)
+
+
+@contextlib.contextmanager
+def _term_as_interrupt():
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send before killing a job) stops the run as Ctrl-C does: the
+    note says where --resume continues and the run folder's lock is released; it ended the process silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _interrupted_note(cfg: RunConfig, continue_with: str) -> str:
@@ -442,7 +464,9 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = 
     start = 0
     if ckpt is not None:
         start = _resume_step(ckpt, steps, run_dir)
-    finished = start == steps and (run_dir / "final").is_dir()
+    # finished only when final/ holds this step's model: a resume that extended the run and was stopped (or killed
+    # while final/ was written) left the earlier final/ behind, which a later resume must not take for this one
+    finished = start == steps and final_step(run_dir / "final") == steps
     if finished:
         if accelerator.is_main_process:
             print(f"{run_dir}: finished at step {steps}; nothing to train ({run_dir / 'final'} is unchanged)")
@@ -505,7 +529,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = 
         eval_batches=eval_batches,
     )  # fmt: skip
 
-    final, unwrapped = _save_final(accelerator, model, tokenizer, run_dir, cfg)
+    final, unwrapped = _save_final(accelerator, model, tokenizer, run_dir, cfg, steps)
     if accelerator.is_main_process and cfg.run.report and (report := report_or_warning(run_dir)) is not None:
         print(f"report: {report}")  # report.html and report.md (posttrain.report), from the run folder's files
     return TrainResult(
@@ -721,8 +745,18 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
     return with_reference, [with_reference.add(b) for b in eval_batches] if eval_batches is not None else None
 
 
-def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
-    """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process."""
+def final_step(final: Path) -> int | None:
+    """The step of the model in a run's `final/` (its `posttrain_model.json`'s `step`), None when unknown."""
+    try:
+        step = json.loads((final / INFO_FILE).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig, step: int):
+    """`final/`: the adapter or model (and a scalar head beside it), written atomically by the main process; its
+    `posttrain_model.json` says the `step` it was saved at."""
     final = run_dir / "final"
     unwrapped = unwrap_parallel(model)
     # A sharded model's whole weights (a scalar head's too), gathered by every process to the main one
@@ -736,6 +770,9 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig):
             save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state)
         else:
             save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state)
+        info = tmp / INFO_FILE
+        known = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
+        info.write_text(json.dumps({**known, "step": step}, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

@@ -390,3 +390,69 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_from_its_first
     assert [resumed[s] for s in range(5, 9)] == [lrs(fresh)[s] for s in range(5, 9)]
     assert ("note: the learning-rate schedule spans another number of steps than when step 4 was saved "
             f"(run.max_steps or run.epochs changed): step 5 runs at lr {lrs(fresh)[5]:.4g}") in capsys.readouterr().out
+
+
+def test_a_final_model_of_an_earlier_step_is_not_taken_for_the_last_ones(make_cfg, monkeypatch, capsys):
+    """A run ends at step 6 (final/ is step 6); a resume to 10 is stopped after checkpoint 8; resumed with
+    run.max_steps=8 it said "finished at step 8; nothing to train" and kept step 6's final/ (an audit, twenty-third
+    session). Now final/ says its step, and one of an earlier step is written again from the last checkpoint."""
+    from safetensors.torch import load_file
+
+    import posttrain.trainer.loop as loop
+    from posttrain.train import final_step
+
+    overrides = {"technique.name": "lora", "run.max_steps": 6, "run.save_every": 2, "optim.lr": 5e-3}
+    cfg = make_cfg("stale", **overrides)
+    final = Path(train(cfg).run_dir) / "final"
+    assert final_step(final) == 6
+    at_six = load_file(str(final / "adapter_model.safetensors"))
+    real_save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *a, **kw):
+        path = real_save(accelerator, run_dir, step, *a, **kw)
+        if step == 8:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("stale", **{**overrides, "run.max_steps": 10}), resume=True)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    capsys.readouterr()
+    result = train(make_cfg("stale", **{**overrides, "run.max_steps": 8}), resume=True)
+    assert "nothing to train" not in capsys.readouterr().out and result.steps_trained == 0
+    assert final_step(final) == 8
+    saved = load_file(str(Path(cfg.run.output_dir) / "checkpoints" / "step-000008" / "trainable.safetensors"))
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert len(adapter) == len(saved) > 0  # every adapter weight is step 8's (names differ between the two files)
+    assert all(any(torch.equal(v, w) for w in saved.values()) for v in adapter.values())
+    assert any(not torch.equal(adapter[k], at_six[k]) for k in adapter)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_tensorboard_shows_each_step_once(make_cfg, monkeypatch, capsys):
+    """SIGTERM (SLURM, Kubernetes, `timeout`) ended the process silently and left the run folder's lock; TensorBoard
+    showed the steps after the last checkpoint twice once resumed (an audit, twenty-third session)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import posttrain.trainer.loop as loop
+
+    overrides = {"run.max_steps": 6, "run.save_every": 2, "run.tensorboard": "true"}
+    cfg = make_cfg("term", **overrides)
+    real_log = loop.MetricsLogger.log
+
+    def log_then_term(self, record):
+        real_log(self, record)
+        if record.get("step") == 3 and "loss" in record:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", log_then_term)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
+    assert "interrupted: the last checkpoint of" in capsys.readouterr().err
+    assert not (Path(cfg.run.output_dir) / ".posttrain.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    result = train(cfg, resume=True)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]

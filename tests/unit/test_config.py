@@ -353,3 +353,17 @@ def test_a_section_or_a_list_given_one_value_says_what_to_write(tmp_path):
     ]  # fmt: skip
     # each fix as written is taken
     load_config(None, ["model.name=tiny", "algorithm.name=grpo", "algorithm.rewards=[{name: task}]"])
+
+
+def test_betas_and_stop_strings_that_cannot_run_are_refused_with_the_config():
+    """AdamW refused a beta outside [0, 1) only after the model loaded and the run folder held a config.yaml (which
+    then refused the corrected rerun); YAML's booleans read as 1.0 and 0.0; an empty stop string ended every
+    completion at its first token (an audit, twenty-third session)."""
+    for override, says in (("optim.betas=[0.9,1.5]", "optim.betas: each must be in [0, 1)"),
+                           ("optim.betas=[-0.1,0.9]", "optim.betas: each must be in [0, 1)"),
+                           ("optim.betas=[true,false]", "optim.betas: must be two numbers in [0, 1)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(None, [override])
+    assert load_config(None, ["optim.betas=[0, 0.99]"]).optim.betas == (0.0, 0.99)
+    with pytest.raises(ConfigError, match="algorithm.rollout.stop: an empty stop string would end every completion"):
+        load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[numeric_answer]", "algorithm.rollout.stop=['']"])

@@ -45,7 +45,8 @@ class MetricsLogger:
                     "run.tensorboard is true but the tensorboard package is not installed; "
                     "pip install 'posttrain[tensorboard]' or set run.tensorboard=false"
                 ) from None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # a resumed run's steps after its checkpoint were logged once already: purged, so each step shows once
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress:
             from tqdm.auto import tqdm
 
