@@ -456,3 +456,41 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_tensorboard_shows_each_step_once
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_base_model_whose_weights_changed_is_refused_on_resume(make_cfg, tiny_model_dir, tmp_path, monkeypatch):
+    """A LoRA run on model.name=A/final, stopped; A trained further (final/ rewritten); the resume continued with
+    no message on the other base weights, its losses off the uninterrupted run's (an audit, twenty-third
+    session). The run records a digest of the weights it starts from and refuses a resume on others."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import posttrain.trainer.loop as loop
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    cfg = make_cfg("on_base", **{"model.name": str(base), "technique.name": "lora", "run.max_steps": 4,
+                                 "run.save_every": 2})  # fmt: skip
+    real_save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *a, **kw):
+        path = real_save(accelerator, run_dir, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    recorded = yaml.safe_load((Path(cfg.run.output_dir) / "data_fingerprint.json").read_text())
+    assert recorded["model.name"]["path"] == str(base)
+    weights = next(base.glob("*.safetensors"))
+    original = weights.read_bytes()
+    state = load_file(str(weights))
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    with pytest.raises(ConfigError, match=r"--resume: the weights of model.name \(.*base\) changed since"):
+        train(cfg, resume=True)
+    weights.write_bytes(original)  # the weights restored: the run resumes
+    assert train(cfg, resume=True).steps_trained == 2

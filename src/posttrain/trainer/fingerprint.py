@@ -58,6 +58,81 @@ def data_fingerprint(cfg) -> dict[str, dict[str, str]]:
     return out
 
 
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_BLOCKS, _BLOCK = 16, 1 << 16
+
+
+def weights_digest(path: str | Path) -> str:
+    """A digest of the weights in a file or a folder (its weight files, by suffix): each file's relative path, size
+    and 16 blocks of 64 KiB spread over it. Not every byte: a 14 GB model read whole would make every resume wait
+    a minute, and a model trained further differs in every block.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "w.safetensors"; _ = f.write_bytes(bytes(300_000))
+    >>> a = weights_digest(f); _ = f.write_bytes(bytes(299_999) + b"x"); a == weights_digest(f)
+    False
+    """
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHTS) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for i in range(_BLOCKS):
+                fh.seek(max(0, (size - _BLOCK) * i // (_BLOCKS - 1)))
+                h.update(fh.read(_BLOCK))
+    return h.hexdigest()
+
+
+def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
+    """{setting: {"path", "sha256"}} for the models a run starts from (`model.name`, `algorithm.reward_model`):
+    a local folder's or file's `weights_digest`, the embedded model's GGUF file's, a hub model's cached revision;
+    a model that cannot be located now is left out (its setting is checked by name as a config change)."""
+    from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
+
+    out = {}
+    for setting, name in (("model.name", cfg.model.name), ("algorithm.reward_model",
+                                                            getattr(cfg.algorithm, "reward_model", None))):  # fmt: skip
+        if not name:
+            continue
+        try:
+            if name.strip().lower() in EMBEDDED_MODELS:
+                digest = weights_digest(embedded_gguf(name.strip().lower()))
+            elif Path(name).expanduser().exists():
+                digest = weights_digest(Path(name).expanduser())
+            else:
+                digest = _hub_revision(name)
+        except Exception:  # noqa: BLE001 (unreadable now: the resume is not refused for it)
+            digest = None
+        if digest:
+            out[setting] = {"path": name, "sha256": digest}
+    return out
+
+
+def _hub_revision(name: str) -> str | None:
+    """The revision of a hub model in the local cache (its snapshot folder's name), None when not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(name, "config.json")
+    return f"revision {Path(hit).parent.name}" if isinstance(hit, str) else None
+
+
+def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
+    """Refuse a resume whose base model (or reward model) holds other weights than the run started from: a
+    `model.name` folder trained further (a run's own final/), or replaced; the checkpoints hold only what the run
+    trains (an adapter) or start from them, so the resumed steps would mix two models."""
+    changed = [f"{setting} ({old['path']})" for setting, old in recorded.items()
+               if setting in ("model.name", "algorithm.reward_model") and setting in current
+               and current[setting]["sha256"] != old["sha256"]]  # fmt: skip
+    if changed:
+        raise ConfigError(
+            f"--resume: the weights of {' and '.join(changed)} changed since {run_dir} was started (a digest of "
+            f"the weight files, recorded in {Path(run_dir) / FILE}); a resumed run must continue from the same "
+            "model. Restore it, or set run.output_dir to a new folder to start a run from the new weights."
+        )
+
+
 def write_fingerprint(run_dir: Path, fingerprint: dict, steps_per_epoch: int) -> None:
     _write_json(Path(run_dir) / FILE, {**fingerprint, "steps_per_epoch": steps_per_epoch})
 
