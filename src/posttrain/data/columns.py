@@ -147,6 +147,8 @@ class Columns:
     def turn_roles(self, data: dict) -> set[str]:
         """The roles whose marker (`turns`) a text column of the row `data` holds, as the check that each marker is
         somewhere in the file reads them."""
+        if not self.turns:
+            return set()
         texts = [v for v in data.values() if isinstance(v, str)]
         return {role for t in texts for _, _, role in _turn_marks(t, self.turns)}
 
