@@ -10,7 +10,8 @@ people (``rank`` 0 the best), and each reply several follow-ups. Rows:
   best ranked of its siblings (an unranked only child counts as the best; of several unranked, the first in the
   file); ``"all"`` chooses every reply.
 - ``preference``: one pair per ranked reply below the best of its siblings: the best as chosen, that one as
-  rejected, the conversation up to their prompter message as the prompt.
+  rejected, the conversation up to their prompter message as the prompt (its `id`: ``BEST>WORSE``, the two
+  replies' ids). A reply with the same text as the best is no pair.
 
 Nothing is dropped silently: messages marked ``deleted`` or failing review (``review_result`` false), with their
 subtrees, messages whose tree's root is in another language than `lang`, and messages whose parent is not in
@@ -149,7 +150,7 @@ def _walk(node: _Node, before: list[dict], best_path: bool, kind: str, replies: 
         ordered = _ordered(children)
         if kind == "preference":
             ranked = [c for c in ordered if c.rank is not None and c.content.strip()]
-            rows += [{"id": node.id, "prompt": [dict(m) for m in path], "chosen": ranked[0].content,
+            rows += [{"id": f"{ranked[0].id}>{worse.id}", "prompt": [dict(m) for m in path], "chosen": ranked[0].content,
                       "rejected": worse.content} for worse in ranked[1:] if worse.content != ranked[0].content]  # fmt: skip
         for i, child in enumerate(ordered):
             _walk(child, path, best_path and i == 0, kind, replies, removed, rows, skipped)
