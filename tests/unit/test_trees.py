@@ -92,3 +92,10 @@ def test_another_layout_through_keys_and_roles_and_the_command(tmp_path, capsys)
     assert [json.loads(line) for line in out.read_text().splitlines()] == made.rows
     assert main(["data", "tree", str(f), "--kind", "sft", "--out", str(tmp_path / "s.jsonl")]) == 2
     assert "message_id: missing" in capsys.readouterr().err
+
+
+def test_a_loop_of_parent_links_is_counted_not_lost(tmp_path):
+    looped = [*TREE[:2], {"message_id": "c1", "parent_id": "c2", "role": "prompter", "text": "x"},
+              {"message_id": "c2", "parent_id": "c1", "role": "assistant", "text": "y"}]  # fmt: skip
+    made = tree_rows(write(tmp_path, looped), "sft")
+    assert [r["id"] for r in made.rows] == ["a1"] and dict(made.skipped) == {"in a loop of parent links": 2}

@@ -105,6 +105,9 @@ def tree_rows(path: str | Path, kind: str, *, keys: Mapping[str, str] = KEYS, ro
             orphans.append(node)
     for node in orphans:  # (a split of the file, or a filtered one)
         skipped["parent not in the file"] += _size(node)
+    reached = {n.id for n in [*roots, *orphans] for n in _subtree(n)}
+    if cycle := [n for n in nodes.values() if n.id not in reached]:  # parents that lead back to themselves
+        skipped["in a loop of parent links"] += len(cycle)
     for node in nodes.values():
         if node.parent is not None and node.parent in nodes and nodes[node.parent].role == node.role:
             problems.append(Problem(name, node.line, keys["role"], f"{node.role} replies to a {node.role} message "
@@ -122,7 +125,17 @@ def tree_rows(path: str | Path, kind: str, *, keys: Mapping[str, str] = KEYS, ro
             continue
         kept_trees += 1
         _walk(root, [], True, kind, replies, removed, rows, skipped)
-    return TreeRows(rows, kept_trees, len(nodes), skipped)
+    return TreeRows(rows, kept_trees, len(nodes), +skipped)  # (+: without the reasons that counted none)
+
+
+def _subtree(node: _Node) -> list[_Node]:
+    """`node` and every message below it."""
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(n.children)
+    return out
 
 
 def _size(node: _Node) -> int:
