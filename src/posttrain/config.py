@@ -584,8 +584,13 @@ class OptimConfig(_Section):
         # (whose presence then refused the corrected rerun); YAML's true and false are no betas
         if isinstance(value, list | tuple) and any(isinstance(b, bool) for b in value):
             raise ValueError(f"must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {list(value)}")
-        if isinstance(value, list | tuple) and all(isinstance(b, int | float) for b in value) and not all(
-                0 <= b < 1 for b in value):  # fmt: skip
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value):
+        # after parsing: YAML reads 2e0 as a string, which becomes 2.0 here
+        if not all(0 <= b < 1 for b in value):
             raise ValueError(f"each must be in [0, 1) (AdamW's decay rates), e.g. [0.9, 0.999]; got {list(value)}")
         return value
     eps: float = Field(1e-8, gt=0)

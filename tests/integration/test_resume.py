@@ -494,3 +494,47 @@ def test_a_base_model_whose_weights_changed_is_refused_on_resume(make_cfg, tiny_
         train(cfg, resume=True)
     weights.write_bytes(original)  # the weights restored: the run resumes
     assert train(cfg, resume=True).steps_trained == 2
+
+
+def test_the_models_a_run_starts_from_are_fingerprinted_where_they_are(tmp_path, tiny_model_dir):
+    """A reward model given as a run folder was digested as its top folder, which holds no weights (the sha256 of
+    nothing), so its retraining went unnoticed; a `reward_model` reward's path was not read at all (a review)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from posttrain.trainer.fingerprint import weights_fingerprint
+
+    run = tmp_path / "rm_run"
+    shutil.copytree(tiny_model_dir, run / "final")
+    (run / "config.yaml").write_text("{}\n")
+    cfg = SimpleNamespace(model=SimpleNamespace(name=str(tiny_model_dir)), algorithm=SimpleNamespace(
+        reward_model=str(run), rewards=["numeric_answer", {"name": "reward_model", "args": {"path": str(run)}}]))  # fmt: skip
+    got = weights_fingerprint(cfg)
+    assert set(got) == {"model.name", "algorithm.reward_model", "algorithm.rewards[1]"}
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of nothing
+    assert got["algorithm.reward_model"]["sha256"] == got["model.name"]["sha256"] != empty
+    weights = next((run / "final").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x01" * 8)
+    assert weights_fingerprint(cfg)["algorithm.rewards[1]"]["sha256"] != got["algorithm.rewards[1]"]["sha256"]
+
+
+def test_tensorboard_restarted_from_step_one_shows_each_step_once(make_cfg, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import posttrain.trainer.loop as loop
+
+    cfg = make_cfg("tb0", **{"run.max_steps": 4, "run.tensorboard": "true"})  # no checkpoint before the end
+    real_log = loop.MetricsLogger.log
+
+    def log_then_stop(self, record):
+        real_log(self, record)
+        if record.get("step") == 2 and "loss" in record:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", log_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
+    events = EventAccumulator(str(train(cfg, resume=True).run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]

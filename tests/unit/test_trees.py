@@ -99,3 +99,35 @@ def test_a_loop_of_parent_links_is_counted_not_lost(tmp_path):
               {"message_id": "c2", "parent_id": "c1", "role": "assistant", "text": "y"}]  # fmt: skip
     made = tree_rows(write(tmp_path, looped), "sft")
     assert [r["id"] for r in made.rows] == ["a1"] and dict(made.skipped) == {"in a loop of parent links": 2}
+
+
+def test_csv_and_parquet_files_read_as_json_lines_do(tmp_path):
+    """A CSV's cells are text ('False', '0.0'): deleted messages, failed reviews and ranks were not read; pandas
+    writes the integer ids of a column with nulls as floats (1.0), which matched no id (a review)."""
+    import pandas as pd
+
+    rows = [{**r, "deleted": r.get("deleted", False), "review_result": True} for r in TREE]
+    want = tree_rows(write(tmp_path, rows), "preference"), tree_rows(write(tmp_path, rows), "sft")
+    csv = tmp_path / "tree.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    assert (tree_rows(csv, "preference").rows, tree_rows(csv, "sft").rows) == (want[0].rows, want[1].rows)
+    numbered = [{"message_id": 1, "parent_id": None, "role": "prompter", "text": "Hi"},
+                {"message_id": 2, "parent_id": 1, "role": "assistant", "text": "Hello!", "rank": 0},
+                {"message_id": 3, "parent_id": 1, "role": "assistant", "text": "Go away.", "rank": 1}]  # fmt: skip
+    parquet = tmp_path / "tree.parquet"
+    pd.DataFrame(numbered).to_parquet(parquet)
+    assert [r["id"] for r in tree_rows(parquet, "preference").rows] == ["2>3"]
+
+
+def test_tied_ranks_are_no_pair_a_deleted_root_no_tree_and_deep_threads_read(tmp_path):
+    tied = [TREE[0], {**TREE[1]}, {**TREE[2], "rank": 0}, TREE[3]]
+    assert [r["id"] for r in tree_rows(write(tmp_path, tied), "preference").rows] == ["a1>a3"]
+    gone = tree_rows(write(tmp_path, [{**TREE[0], "deleted": True}, *TREE[1:4]], "gone.jsonl"), "sft")
+    assert (gone.rows, gone.trees, dict(gone.skipped)) == ([], 0, {"deleted or failing review": 4})
+    deep = [{"message_id": f"m{i}", "parent_id": f"m{i - 1}" if i else None, "role": "prompter" if i % 2 == 0
+             else "assistant", "text": f"turn {i}"} for i in range(3000)]  # fmt: skip
+    made = tree_rows(write(tmp_path, deep, "deep.jsonl"), "sft")
+    assert len(made.rows) == 1500 and len(made.rows[-1]["prompt"]) == 2999
+    with pytest.raises(DataError, match="'s' is its own parent"):
+        tree_rows(write(tmp_path, [{"message_id": "s", "parent_id": "s", "role": "prompter", "text": "x"}], "s.jsonl"),
+                  "sft")  # fmt: skip

@@ -11,7 +11,7 @@ people (``rank`` 0 the best), and each reply several follow-ups. Rows:
   file); ``"all"`` chooses every reply.
 - ``preference``: one pair per ranked reply below the best of its siblings: the best as chosen, that one as
   rejected, the conversation up to their prompter message as the prompt (its `id`: ``BEST>WORSE``, the two
-  replies' ids). A reply with the same text as the best is no pair.
+  replies' ids). A reply ranked the same as the best, or with its text, is no pair.
 
 Nothing is dropped silently: messages marked ``deleted`` or failing review (``review_result`` false), with their
 subtrees, messages whose tree's root is in another language than `lang`, and messages whose parent is not in
@@ -82,16 +82,17 @@ def tree_rows(path: str | Path, kind: str, *, keys: Mapping[str, str] = KEYS, ro
             problems.append(Problem(name, rec.line, keys["role"], f"{d[keys['role']]!r} is neither role "
                                     f"({', '.join(sorted(by_name))}; --role user=NAME reads another)"))  # fmt: skip
             continue
-        ident = str(d[keys["id"]])
+        ident = _id(d[keys["id"]])
         if ident in nodes:
             problems.append(Problem(name, rec.line, keys["id"], f"{ident!r} is the id of an earlier message too"))
             continue
-        rank = d.get(keys["rank"])
-        parent = d.get(keys["parent"])
-        nodes[ident] = _Node(ident, None if parent is None else str(parent), role, str(d[keys["content"]]),
-                             float(rank) if isinstance(rank, int | float) and not isinstance(rank, bool) else None,
-                             rec.line, d.get("lang"))  # fmt: skip
-        if d.get("deleted") is True or d.get("review_result") is False:
+        parent = _id(d.get(keys["parent"]))
+        if parent == ident:
+            problems.append(Problem(name, rec.line, keys["parent"], f"{ident!r} is its own parent"))
+            continue
+        nodes[ident] = _Node(ident, parent, role, str(d[keys["content"]]), _rank(d.get(keys["rank"])), rec.line,
+                             d.get("lang"))  # fmt: skip
+        if _flag(d.get("deleted")) is True or _flag(d.get("review_result")) is False:
             removed.add(ident)
     if problems:
         raise DataError(problems, header=f"{name}: {len(problems)} problem(s); no trees read")
@@ -123,9 +124,51 @@ def tree_rows(path: str | Path, kind: str, *, keys: Mapping[str, str] = KEYS, ro
         if root.role != "user":
             skipped["tree that begins with an assistant message"] += _size(root)
             continue
-        kept_trees += 1
-        _walk(root, [], True, kind, replies, removed, rows, skipped)
+        kept_trees += root.id not in removed
+        _walk(root, kind, replies, removed, rows, skipped)
     return TreeRows(rows, kept_trees, len(nodes), +skipped)  # (+: without the reasons that counted none)
+
+
+def _id(value) -> str | None:
+    """An id as text, the same whichever way a file wrote it: pandas writes integer ids of a column with nulls
+    (a root's parent) as floats, 1.0, which would match no id 1.
+
+    >>> _id(1.0), _id(7), _id("a1"), _id(None), _id(float("nan"))
+    ('1', '7', 'a1', None, None)
+    """
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _rank(value) -> float | None:
+    """A reply's rank: a number, or a text of one (a CSV cell); anything else is unranked.
+
+    >>> _rank(0), _rank("1.0"), _rank(None), _rank(True), _rank(""), _rank(float("nan"))
+    (0.0, 1.0, None, None, None, None)
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None
+
+
+def _flag(value) -> bool | None:
+    """A true/false column (`deleted`, `review_result`) as a boolean, a CSV cell's text too; None when unset.
+
+    >>> _flag(True), _flag("False"), _flag("true"), _flag(None), _flag("")
+    (True, False, True, None, None)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
 
 
 def _subtree(node: _Node) -> list[_Node]:
@@ -140,7 +183,7 @@ def _subtree(node: _Node) -> list[_Node]:
 
 def _size(node: _Node) -> int:
     """Messages in the subtree of `node`, itself included."""
-    return 1 + sum(_size(c) for c in node.children)
+    return len(_subtree(node))
 
 
 def _ordered(replies: list[_Node]) -> list[_Node]:
@@ -148,25 +191,28 @@ def _ordered(replies: list[_Node]) -> list[_Node]:
     return sorted(replies, key=lambda n: (n.rank is None, n.rank if n.rank is not None else 0, n.line or 0))
 
 
-def _walk(node: _Node, before: list[dict], best_path: bool, kind: str, replies: str, removed: set[str],
-          rows: list[dict], skipped: Counter) -> None:  # fmt: skip
-    if node.id in removed:
-        skipped["deleted or failing review"] += _size(node)
-        return
-    message = {"role": node.role, "content": node.content}
-    if node.role == "assistant" and kind == "sft" and (best_path or replies == "all") and node.content.strip():
-        rows.append({"id": node.id, "prompt": [dict(m) for m in before], "completion": node.content})
-    path = [*before, message]
-    children = [c for c in node.children if c.id not in removed]
-    skipped["deleted or failing review"] += sum(_size(c) for c in node.children if c.id in removed)
-    if node.role == "user":
-        ordered = _ordered(children)
-        if kind == "preference":
-            ranked = [c for c in ordered if c.rank is not None and c.content.strip()]
-            rows += [{"id": f"{ranked[0].id}>{worse.id}", "prompt": [dict(m) for m in path], "chosen": ranked[0].content,
-                      "rejected": worse.content} for worse in ranked[1:] if worse.content != ranked[0].content]  # fmt: skip
-        for i, child in enumerate(ordered):
-            _walk(child, path, best_path and i == 0, kind, replies, removed, rows, skipped)
-    else:
-        for child in children:
-            _walk(child, path, best_path, kind, replies, removed, rows, skipped)
+def _walk(root: _Node, kind: str, replies: str, removed: set[str], rows: list[dict], skipped: Counter) -> None:
+    """The rows of the tree under `root`, depth first in file order (a loop, not recursion: oasst2's threads are
+    shallow, but a file's need not be)."""
+    todo: list[tuple[_Node, list[dict], bool]] = [(root, [], True)]  # (message, the conversation before it, best)
+    while todo:
+        node, before, best_path = todo.pop()
+        if node.id in removed:
+            skipped["deleted or failing review"] += _size(node)
+            continue
+        if node.role == "assistant" and kind == "sft" and (best_path or replies == "all") and node.content.strip():
+            rows.append({"id": node.id, "prompt": [dict(m) for m in before], "completion": node.content})
+        path = [*before, {"role": node.role, "content": node.content}]
+        if node.role == "user":
+            ordered = _ordered(node.children)
+            kept = [c for c in ordered if c.id not in removed]
+            if kind == "preference":
+                ranked = [c for c in kept if c.rank is not None and c.content.strip()]
+                rows += [{"id": f"{ranked[0].id}>{worse.id}", "prompt": [dict(m) for m in path],
+                          "chosen": ranked[0].content, "rejected": worse.content} for worse in ranked[1:]
+                         if worse.rank > ranked[0].rank and worse.content != ranked[0].content]  # fmt: skip
+            best = kept[0] if kept else None  # the best of the replies not left out
+            nxt = [(c, path, best_path and c is best) for c in ordered]
+        else:
+            nxt = [(c, path, best_path) for c in node.children]
+        todo.extend(reversed(nxt))

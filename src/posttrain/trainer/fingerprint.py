@@ -86,23 +86,27 @@ def weights_digest(path: str | Path) -> str:
 
 
 def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
-    """{setting: {"path", "sha256"}} for the models a run starts from (`model.name`, `algorithm.reward_model`):
-    a local folder's or file's `weights_digest`, the embedded model's GGUF file's, a hub model's cached revision;
-    a model that cannot be located now is left out (its setting is checked by name as a config change)."""
+    """{setting: {"path", "sha256"}} for the models a run starts from (`model.name`, `algorithm.reward_model`, a
+    `reward_model` reward's `path`): the `weights_digest` of a local folder (a run folder's `final/`) or file, of
+    the embedded model's GGUF file, or of a hub model's cached snapshot; a model that cannot be located now is left
+    out (its setting is checked by name as a config change)."""
     from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
 
+    named = [("model.name", cfg.model.name), ("algorithm.reward_model", getattr(cfg.algorithm, "reward_model", None))]
+    named += [(f"algorithm.rewards[{i}]", spec.get("args", {}).get("path"))
+              for i, spec in enumerate(getattr(cfg.algorithm, "rewards", None) or [])
+              if isinstance(spec, dict) and spec.get("name") == "reward_model" and isinstance(spec.get("args"), dict)]  # fmt: skip
     out = {}
-    for setting, name in (("model.name", cfg.model.name), ("algorithm.reward_model",
-                                                            getattr(cfg.algorithm, "reward_model", None))):  # fmt: skip
-        if not name:
+    for setting, name in named:
+        if not isinstance(name, str) or not name:
             continue
         try:
             if name.strip().lower() in EMBEDDED_MODELS:
                 digest = weights_digest(embedded_gguf(name.strip().lower()))
             elif Path(name).expanduser().exists():
-                digest = weights_digest(Path(name).expanduser())
+                digest = weights_digest(_model_folder(Path(name).expanduser()))
             else:
-                digest = _hub_revision(name)
+                digest = _hub_digest(name)
         except Exception:  # noqa: BLE001 (unreadable now: the resume is not refused for it)
             digest = None
         if digest:
@@ -110,12 +114,21 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
     return out
 
 
-def _hub_revision(name: str) -> str | None:
-    """The revision of a hub model in the local cache (its snapshot folder's name), None when not cached."""
+def _model_folder(path: Path) -> Path:
+    """The folder that holds a model's weights: a run folder's `final/`, else `path` itself."""
+    final = path / "final"
+    if path.is_dir() and final.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        return final
+    return path
+
+
+def _hub_digest(name: str) -> str | None:
+    """The `weights_digest` of a hub model's cached snapshot (not its revision: a model card's commit changes that
+    and not the weights), None when not cached."""
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(name, "config.json")
-    return f"revision {Path(hit).parent.name}" if isinstance(hit, str) else None
+    return weights_digest(Path(hit).parent) if isinstance(hit, str) else None
 
 
 def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
@@ -123,7 +136,7 @@ def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
     `model.name` folder trained further (a run's own final/), or replaced; the checkpoints hold only what the run
     trains (an adapter) or start from them, so the resumed steps would mix two models."""
     changed = [f"{setting} ({old['path']})" for setting, old in recorded.items()
-               if setting in ("model.name", "algorithm.reward_model") and setting in current
+               if setting.startswith(("model.name", "algorithm.reward")) and setting in current
                and current[setting]["sha256"] != old["sha256"]]  # fmt: skip
     if changed:
         raise ConfigError(

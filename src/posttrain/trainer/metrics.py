@@ -46,7 +46,7 @@ class MetricsLogger:
                     "pip install 'posttrain[tensorboard]' or set run.tensorboard=false"
                 ) from None
             # a resumed run's steps after its checkpoint were logged once already: purged, so each step shows once
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)  # (a restart too)
         if progress:
             from tqdm.auto import tqdm
 
