@@ -610,3 +610,16 @@ def test_a_gold_answer_that_is_a_label_or_no_math_is_not_readable():
 
     assert [readable_number(g) for g in ("{B}", "B", r"\text{odd}", "}", "four")] == [False] * 5
     assert [readable_number(g) for g in ("(-2,2)", r"2\sqrt{3}", "x^2+1", "{1,2}", "1,000", r"\sqrt{5} \text{ cm}")] == [True] * 6
+
+
+def test_a_reward_that_names_its_parameters_in_another_order_is_called_by_name(tmp_path):
+    """TRL's `def f(completions, **kwargs)` failed on every sample, and `def f(completions, prompts, **kwargs)`
+    scored the prompts, with no error (a user-journey audit, twenty-third session)."""
+    (tmp_path / "r.py").write_text(
+        "def trl(completions, **kwargs):\n    return [float(c == kwargs['answer'][i]) for i, c in enumerate(completions)]\n"
+        "def swapped(completions, prompts, **kwargs):\n    return [float(len(c)) for c in completions]\n"
+        "def positional(p, c, **kwargs):\n    return [float(len(x)) for x in c]\n")  # fmt: skip
+    trl, swapped, positional = build_reward_functions([f"{tmp_path / 'r.py'}:{n}" for n in ("trl", "swapped",
+                                                                                             "positional")])  # fmt: skip
+    assert trl.fn(["a prompt"], ["4"], answer=["4"]) == [1.0]
+    assert swapped.fn(["a long prompt"], ["abc"]) == [3.0] and positional.fn(["a long prompt"], ["abc"]) == [3.0]

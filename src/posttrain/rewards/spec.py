@@ -179,7 +179,35 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         raise ConfigError(f"{where}: {func!r} must accept **kwargs (it is given the dataset's other columns), "
                           "e.g. def f(prompts, completions, answer, **kwargs)")  # fmt: skip
-    return fn
+    return by_name(fn)
+
+
+def by_name(fn):
+    """`fn` called as posttrain calls a reward, ``fn(prompts, completions, **columns)``, also where it names its
+    parameters in another order: TRL's ``def f(completions, **kwargs)`` failed on every sample, and ``def
+    f(completions, prompts, **kwargs)`` scored the prompts, silently. A function that takes a parameter called
+    ``prompts`` or ``completions`` other than first or second is called with them by name; one that names neither
+    (``def f(p, c, **kw)``) is called by position, as documented.
+
+    >>> def trl(completions, **kwargs): return [len(c) for c in completions]
+    >>> by_name(trl)(["the prompt"], ["abc"])
+    [3]
+    """
+    try:
+        positional = [p.name for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+    except (TypeError, ValueError):
+        return fn
+    named = {"prompts", "completions"} & set(positional)
+    misplaced = any(positional.index(name) != i for i, name in enumerate(("prompts", "completions")) if name in named)
+    if not named or (not misplaced and len(positional) >= 2):
+        return fn
+
+    @functools.wraps(fn)
+    def call(prompts, completions, **columns):
+        return fn(prompts=prompts, completions=completions, **columns)
+
+    return call
 
 
 def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -> list[NamedReward]:
