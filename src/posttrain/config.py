@@ -286,6 +286,11 @@ def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
     return out
 
 
+_LITERAL_ESCAPE = re.compile(r"\\[nt]")
+"""A backslash and n or t in a setting's text: YAML's single quotes (and plain scalars) keep ``\\n`` as two
+characters, which the user meant as a newline."""
+
+
 def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[str]:
     """What is wrong with `data.turns` (system, user, assistant -> the text that opens its turn in a transcript).
 
@@ -297,6 +302,9 @@ def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[
     out = [f"{source}: {role!r} is not a role (they are: system, user, assistant)" for role in turns
            if role not in ("system", "user", "assistant")]  # fmt: skip
     out += [f"{source}: the marker of {role} is blank" for role, marker in turns.items() if not marker.strip()]
+    out += [f"{source}: the marker of {role}, {marker!r}, holds a backslash and a letter, not a newline: YAML's "
+            'single quotes keep \\n as two characters; write it in double quotes ("\\n\\nHuman:")'
+            for role, marker in turns.items() if _LITERAL_ESCAPE.search(marker)]  # fmt: skip
     by: dict[str, list[str]] = {}
     for role, marker in turns.items():
         if marker.strip():
@@ -349,6 +357,10 @@ class RolloutSection(_Section):
     def _no_empty_stop(cls, value):
         if any(not s for s in value):
             raise ValueError("an empty stop string would end every completion at its first token; remove it")
+        if literal := next((s for s in value if _LITERAL_ESCAPE.search(s)), None):
+            raise ValueError(f"{literal!r} holds a backslash and a letter, not a newline or a tab: YAML's single "
+                             "quotes keep \\n as two characters, which a model never writes, so it would never stop "
+                             'there; write it in double quotes ("\\n\\n")')  # fmt: skip
         return value
     generation_batch_size: int | None = Field(None, gt=0)
     """Sequences per `generate` call (memory bound); default: the whole rollout."""

@@ -367,3 +367,18 @@ def test_betas_and_stop_strings_that_cannot_run_are_refused_with_the_config():
     assert load_config(None, ["optim.betas=[0, 0.99]"]).optim.betas == (0.0, 0.99)
     with pytest.raises(ConfigError, match="algorithm.rollout.stop: an empty stop string would end every completion"):
         load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[numeric_answer]", "algorithm.rollout.stop=['']"])
+
+
+def test_single_quoted_newlines_in_stop_strings_and_turn_markers_are_refused(tmp_path):
+    """YAML's single quotes keep \\n as a backslash and an n: a stop string that never fired and a marker no text
+    held (a user-journey audit, twenty-third session)."""
+    f = tmp_path / "run.yaml"
+    f.write_text("algorithm:\n  name: grpo\n  rewards: [numeric_answer]\n  rollout: {stop: ['\\n\\n']}\n")
+    literal = "\\n\\n"  # a backslash, an n, a backslash, an n
+    with pytest.raises(ConfigError, match=re.escape(f"algorithm.rollout.stop (line 4): {literal!r} holds a backslash")):
+        load_config(f)
+    f.write_text("algorithm:\n  name: dpo\ndata:\n  turns: {user: '\\n\\nHuman:', assistant: \"\\n\\nAssistant:\"}\n")
+    with pytest.raises(ConfigError, match="the marker of user, '.*', holds a backslash and a letter"):
+        load_config(f)
+    f.write_text("algorithm:\n  name: grpo\n  rewards: [numeric_answer]\n  rollout: {stop: [\"\\n\\n\"]}\n")
+    assert load_config(f).algorithm.rollout.stop == ["\n\n"]
