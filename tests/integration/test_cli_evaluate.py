@@ -192,3 +192,23 @@ def test_stop_strings_end_the_answers_as_an_rl_run_sampled_them(capsys, tiny_mod
     assert "was trained sampling" not in err
     code, _, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--pairs", data, "--stop", stop)
     assert code == 2 and "--stop do not apply to it" in err
+
+
+def test_pairs_are_ranked_with_the_runs_own_beta_and_max_length(capsys, make_cfg, tmp_path):
+    """A beta=0.5 DPO run was ranked by `evaluate --pairs` at the default 0.1, with no note (its implicit margin a
+    fifth of training's): a run folder's own algorithm.beta and data.max_length are the defaults now."""
+    from posttrain.train import train
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    _write(pairs_file, [{"prompt": f"add {i} 1", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(8)])
+
+    run_dir = train(make_cfg("dpo", **{"algorithm.name": "dpo", "algorithm.beta": 0.5, "data.train": str(pairs_file),
+                                       "technique.name": "lora", "run.max_steps": 1})).run_dir  # fmt: skip
+    code, out, err = run(capsys, "evaluate", "--model", str(run_dir), "--pairs", str(pairs_file), "--n", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["settings"] == {"beta": 0.5, "max_length": 64}
+    assert "note: ranking with the run's algorithm.beta 0.5 and data.max_length 64" in err
+    code, out, err = run(capsys, "evaluate", "--model", str(run_dir / "final"), "--pairs", str(pairs_file), "--n", "2",
+                         "--beta", "0.2", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["settings"] == {"beta": 0.2, "max_length": 64}
+    assert "algorithm.beta" not in err

@@ -18,6 +18,7 @@ from posttrain.cli.output import (
     positive,
     positive_int,
     quiet_libraries,
+    run_setting,
     settings,
     stop_note,
     temperature,
@@ -75,10 +76,12 @@ def add_parser(sub) -> None:
     )
     e.add_argument("--reference", default=PAIRS_ONLY["reference"],
                    help="with --pairs: the reference model (default: the adapter disabled)")  # fmt: skip
-    e.add_argument("--beta", type=positive, default=PAIRS_ONLY["beta"],
-                   help="with --pairs: DPO beta of the implicit reward")  # fmt: skip
-    e.add_argument("--max-length", type=positive_int, default=PAIRS_ONLY["max_length"],
-                   help="with --pairs: tokens per prompt + response")  # fmt: skip
+    e.add_argument("--beta", type=positive, default=None,
+                   help="with --pairs: DPO beta of the implicit reward (default: the run's algorithm.beta when "
+                        "--model is a run folder, else 0.1)")  # fmt: skip
+    e.add_argument("--max-length", type=positive_int, default=None,
+                   help="with --pairs: tokens per prompt + response (default: the run's data.max_length when "
+                        "--model is a run folder, else 512)")  # fmt: skip
     e.add_argument(
         "--out",
         help="write one JSON line per prompt (or pair) to this file: the prompt, the completion, its "
@@ -208,7 +211,7 @@ def _evaluation_rows(args) -> list[dict]:
 def _check_pairs_only_flags(args) -> None:
     """Flags that apply with or without --pairs only are refused where they would do nothing."""
     if args.pairs is None:
-        given = ["--" + name.replace("_", "-") for name, default in PAIRS_ONLY.items() if getattr(args, name) != default]
+        given = ["--" + name.replace("_", "-") for name in PAIRS_ONLY if getattr(args, name) is not None]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise UserError(f"{', '.join(given)} {verb} only with --pairs (ranking preference pairs); this evaluation "
@@ -254,6 +257,17 @@ def evaluate_pairs(args) -> Output:
     if args.judge is not None:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference", columns_given(args, "preference", args.pairs, "--pairs"))[: args.n]
+    taken = []  # the run's own beta and max_length where not given: a beta=0.5 run was ranked at 0.1, silently
+    for attr, dotted in (("beta", "algorithm.beta"), ("max_length", "data.max_length")):
+        if getattr(args, attr) is None:
+            ran = run_setting(args.model, dotted)
+            ok = isinstance(ran, int | float) and not isinstance(ran, bool) and ran > 0
+            setattr(args, attr, (int(ran) if attr == "max_length" else float(ran)) if ok else PAIRS_ONLY[attr])
+            if ok:
+                taken.append(f"{dotted} {getattr(args, attr):g}")
+    if taken:
+        print(f"note: ranking with the run's {' and '.join(taken)} (--beta, --max-length to choose others)",
+              file=sys.stderr)
     quiet_libraries()
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None

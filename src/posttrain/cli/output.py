@@ -235,20 +235,28 @@ def add_stop(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def trained_stop(model: str) -> list[str]:
-    """The `algorithm.rollout.stop` of the run whose folder (or `final/`) `model` names, [] for anything else."""
+def run_setting(model: str, dotted: str):
+    """A setting (``algorithm.beta``) of the run whose folder (or `final/`) `model` names, from its config.yaml;
+    None for anything else (a model folder, a hub name, a run without the setting)."""
     import yaml
 
     for folder in (Path(model), *([Path(model).parent] if Path(model).name == "final" else [])):
         config = folder / "config.yaml"
         if config.is_file():
             try:
-                saved = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+                node = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
             except (OSError, yaml.YAMLError):
-                return []
-            stop = ((saved.get("algorithm") or {}).get("rollout") or {}).get("stop") if isinstance(saved, dict) else None
-            return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
-    return []
+                return None
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            return node
+    return None
+
+
+def trained_stop(model: str) -> list[str]:
+    """The `algorithm.rollout.stop` of the run whose folder (or `final/`) `model` names, [] for anything else."""
+    stop = run_setting(model, "algorithm.rollout.stop")
+    return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
 
 
 def stop_note(args) -> str | None:
