@@ -468,3 +468,19 @@ def test_turn_settings_are_checked_with_the_config_and_the_command_line(tmp_path
     assert main(["data", "validate", str(hh), "--kind", "preference", "--turn", "user=\\n\\nHuman:"]) == 2
     assert "--turn: a transcript needs the user's and the assistant's markers (assistant's is missing)" in \
         capsys.readouterr().err  # fmt: skip
+
+
+def test_turn_markers_without_their_colon_are_named(tmp_path):
+    """`{user: "\\n\\nHuman", ...}` read every turn as ': What is...' with no warning (a user-journey audit)."""
+    hh = write(tmp_path, [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}])
+    err = refused(hh, "preference", Columns(turns={"user": "\n\nHuman", "assistant": "\n\nAssistant"}))
+    assert [p.field for p in err.problems] == ["chosen", "rejected"]
+    assert "every turn's text begins with ':', so the markers lack their colon" in err.problems[0].message
+
+
+def test_pairs_read_as_another_kind_are_told_what_they_are(tmp_path):
+    """An HH file validated as SFT (the default kind) was told to rename its sides to a prompt and a completion."""
+    hh = write(tmp_path, [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}])
+    uf = write(tmp_path, [{"prompt": "hi", "chosen": "a", "rejected": "b"}], "uf.jsonl")
+    for f, kind in ((hh, "sft"), (hh, "prompts"), (uf, "sft")):
+        assert refused(f, kind, None).footer.startswith("The rows hold chosen and rejected: they are preference pairs")

@@ -148,7 +148,7 @@ def tree(args) -> Output:
     if not made.rows:
         raise UserError(f"{args.file}: no {args.kind} rows in its {made.trees} tree(s) of {made.messages} message(s)"
                         + (f" ({_left_out(made.skipped)} left out)" if made.skipped else "")
-                        + ("; pairs need replies with a rank" if args.kind == "preference" else ""))  # fmt: skip
+                        + ("; pairs need replies with a rank" if args.kind == "preference" and made.trees else ""))  # fmt: skip
     write_jsonl(made.rows, args.out)
     what = "rows, one per chosen reply," if args.kind == "sft" else "pairs"
     text = f"wrote {len(made.rows)} {args.kind} {what} from {made.trees} tree(s) of {made.messages} message(s) to {args.out}"

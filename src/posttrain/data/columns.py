@@ -136,6 +136,9 @@ class Columns:
                 if not isinstance(out.get(name), str):
                     continue
                 messages, problem = split_turns(out[name], self.turns)
+                if messages and all(m["content"].startswith(":") for m in messages if m["content"]):
+                    problem = ("every turn's text begins with ':', so the markers lack their colon (HH's are "
+                               '"\\n\\nHuman:" and "\\n\\nAssistant:")')  # fmt: skip
                 if problem:
                     clashes.append((self.file_field(name), f"{problem} ({self.turn_source})"))
                 elif messages is not None:

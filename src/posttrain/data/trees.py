@@ -133,11 +133,11 @@ def _id(value) -> str | None:
     """An id as text, the same whichever way a file wrote it: pandas writes integer ids of a column with nulls
     (a root's parent) as floats, 1.0, which would match no id 1.
 
-    >>> _id(1.0), _id(7), _id("a1"), _id(None), _id(float("nan"))
-    ('1', '7', 'a1', None, None)
+    >>> _id(1.0), _id(7), _id("a1"), _id(None), _id(float("nan")), _id("")
+    ('1', '7', 'a1', None, None, None)
     """
-    if value is None or (isinstance(value, float) and value != value):
-        return None
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        return None  # (a root's parent written as "" or NaN)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
