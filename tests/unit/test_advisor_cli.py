@@ -290,3 +290,17 @@ def test_advise_reads_a_file_in_its_own_column_names_and_its_configs_carry_them(
     assert f"{data} holds preference rows: --column: 'completion' is not a field of preference rows" in err
     rc, _, err = run_cli(["--model", "135m", "--column", "prompt=question"], capsys)
     assert rc == 2 and "no file is read: give one with --data FILE" in err
+
+
+def test_a_small_file_gets_a_batch_its_rows_can_fill(tmp_path, capsys):
+    """An 8-row file got optim.batch_size 32, which `train` then refused (fewer rows than a step): a
+    user-journey audit, twenty-third session."""
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(6)))
+    target = tmp_path / "run.yaml"
+    rc, out, _ = run_cli(["--data", str(data), "--model", "135m", "--gpu-memory-gb", "24", "--write-config",
+                          str(target)], capsys)  # fmt: skip
+    assert rc == 0
+    cfg = load_config(target)
+    assert cfg.optim.batch_size == 4 and cfg.optim.batch_size % cfg.optim.micro_batch_size == 0
+    assert "optim.batch_size 4, not" in out and "the file has 6 rows" in out

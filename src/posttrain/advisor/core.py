@@ -390,7 +390,24 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
             for name in ("message_keys", "roles", "turns"):
                 if getattr(summary, name):
                     stage["config"]["data"][name] = dict(getattr(summary, name))
+            if note := _fit_batch(stage, summary.rows):
+                notes.append(note)
     return out, notes
+
+
+def _fit_batch(stage: dict, rows: int) -> str | None:
+    """A stage whose step would take more of its file's rows than the file holds (`train` refuses it: an 8-row file
+    and batch_size 32) gets the largest power of two the rows allow, and a micro-batch that divides it."""
+    opt, alg = stage["config"]["optim"], stage["config"]["algorithm"]
+    per = alg.get("num_generations", 1)  # a GRPO step's batch counts sequences: prompts x the group
+    if rows < 1 or opt["batch_size"] <= rows * per:
+        return None
+    before = opt["batch_size"]
+    opt["batch_size"] = (1 << (rows.bit_length() - 1)) * per
+    while opt["batch_size"] % opt["micro_batch_size"]:
+        opt["micro_batch_size"] -= 1
+    return (f"{stage['stage']}: optim.batch_size {opt['batch_size']}, not {before}: the file has {rows} rows, fewer "
+            "than a step of the usual size would take")
 
 
 def _total(stages: list[dict]) -> dict:
