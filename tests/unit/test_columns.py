@@ -484,3 +484,13 @@ def test_pairs_read_as_another_kind_are_told_what_they_are(tmp_path):
     uf = write(tmp_path, [{"prompt": "hi", "chosen": "a", "rejected": "b"}], "uf.jsonl")
     for f, kind in ((hh, "sft"), (hh, "prompts"), (uf, "sft")):
         assert refused(f, kind, None).footer.startswith("The rows hold chosen and rejected: they are preference pairs")
+
+
+def test_train_says_the_config_form_of_the_column_flags(capsys):
+    """`posttrain train RUN.yaml --column prompt=question` was argparse's 'unrecognized arguments', with no word of
+    data.columns (a user-journey audit)."""
+    from posttrain.cli import main
+
+    assert main(["train", "run.yaml", "--column", "prompt=question", "--ignore-column", "source"]) == 2
+    assert ("give 'data.columns={prompt: question}' 'data.ignore_columns=[source]' on the command line"
+            in capsys.readouterr().err)  # fmt: skip

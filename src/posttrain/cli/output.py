@@ -271,32 +271,33 @@ def stop_note(args) -> str | None:
             f"to the end of the turn instead; give {flags} to score them as training did")
 
 
-def add_columns(parser: argparse.ArgumentParser) -> None:
+def add_columns(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
     """`--column FIELD=COLUMN` and `--ignore-column COLUMN`, repeatable: what `data.columns` and
-    `data.ignore_columns` are for a run (`columns_given` reads them)."""
+    `data.ignore_columns` are for a run (`columns_given` reads them); and the message and transcript flags.
+    `hidden`: accepted but not listed in --help (`train`, which refuses them with the config's form)."""
     parser.add_argument(
         "--column", action="append", type=column_rename, default=[], metavar="FIELD=COLUMN",
-        help="read the file's COLUMN as posttrain's FIELD (repeatable), as data.columns does in training: "
+        help=argparse.SUPPRESS if hidden else "read the file's COLUMN as posttrain's FIELD (repeatable), as data.columns does in training: "
              "e.g. --column prompt=question; COLUMN+COLUMN joins text columns (Alpaca: --column prompt=instruction+input)",
     )  # fmt: skip
     parser.add_argument(
         "--ignore-column", action="append", default=[], metavar="COLUMN",
-        help="leave the file's COLUMN out (repeatable), as data.ignore_columns does in training; COLUMN.KEY leaves "
+        help=argparse.SUPPRESS if hidden else "leave the file's COLUMN out (repeatable), as data.ignore_columns does in training; COLUMN.KEY leaves "
              "KEY out of every message of COLUMN (ShareGPT's conversations.weight)",
     )  # fmt: skip
     parser.add_argument(
         "--message-key", action="append", type=column_rename, default=[], metavar="KEY=FILE_KEY",
-        help="read the key FILE_KEY of the file's messages as role or content (repeatable), as data.message_keys "
+        help=argparse.SUPPRESS if hidden else "read the key FILE_KEY of the file's messages as role or content (repeatable), as data.message_keys "
              "does in training: e.g. ShareGPT's --message-key role=from --message-key content=value",
     )  # fmt: skip
     parser.add_argument(
         "--role", action="append", type=column_rename, default=[], metavar="ROLE=FILE_ROLE",
-        help="read the file's role name FILE_ROLE as system, user or assistant (repeatable), as data.roles does in "
+        help=argparse.SUPPRESS if hidden else "read the file's role name FILE_ROLE as system, user or assistant (repeatable), as data.roles does in "
              "training: e.g. ShareGPT's --role user=human --role assistant=gpt",
     )  # fmt: skip
     parser.add_argument(
         "--turn", action="append", type=turn_marker, default=[], metavar="ROLE=MARKER",
-        help="read a text holding MARKER as a transcript whose ROLE turns MARKER opens (repeatable), as data.turns "
+        help=argparse.SUPPRESS if hidden else "read a text holding MARKER as a transcript whose ROLE turns MARKER opens (repeatable), as data.turns "
              "does in training; \\n is a newline: Anthropic HH's --turn 'user=\\n\\nHuman:' --turn "
              "'assistant=\\n\\nAssistant:'",
     )  # fmt: skip

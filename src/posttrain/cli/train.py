@@ -33,7 +33,27 @@ def add_parser(sub) -> None:
         help="list every config field with its default and which methods/techniques read it",
     )  # fmt: skip
     add_json(t)
+    from posttrain.cli.output import add_columns
+
+    add_columns(t, hidden=True)  # the other commands' flags: said in the config's form (`_columns_as_settings`)
     t.set_defaults(func=run, loads_models=True)
+
+
+def _columns_as_settings(args) -> None:
+    """--column and the other layout flags are the other commands' (data validate, evaluate, ...); a run reads the
+    same from its config: refused with the overrides that say it (argparse's 'unrecognized arguments' said
+    nothing of data.columns)."""
+    from posttrain.config_rules import show
+
+    given = [(setting, dict(pairs) if setting != "data.ignore_columns" else list(pairs))
+             for setting, pairs in (("data.columns", args.column), ("data.ignore_columns", args.ignore_column),
+                                    ("data.message_keys", args.message_key), ("data.roles", args.role),
+                                    ("data.turns", args.turn)) if pairs]  # fmt: skip
+    if given:
+        overrides = " ".join(f"'{setting}={show(value)}'" for setting, value in given)
+        raise UserError(f"posttrain train reads a file's own names from the run's config, not from --column and its "
+                        f"kin (those are for data validate, generate, evaluate, diagnose, advise): give {overrides} "
+                        "on the command line, or the same under data: in the run file")
 
 
 def run(args) -> Output:
@@ -44,6 +64,7 @@ def run(args) -> Output:
     from posttrain.trainer.runlock import launch_rank
     from posttrain.trainer.summary import format_summary, run_summary
 
+    _columns_as_settings(args)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # no run file: defaults + overrides
