@@ -180,8 +180,21 @@ def _config_changes(old: dict, cfg: RunConfig) -> list[str]:
         for key, value in _flatten(cfg.model_dump(mode="json"), leaves=leaves).items()
         if key not in _RESUMABLE_CHANGES
         and before.get(key, defaults.get(key)) != value
+        and not _same_path(key, before.get(key), value)
         and (key not in rules or rules[key].test(cfg))
     ]
+
+
+_PATHS = ("data.train", "data.eval", "model.name", "algorithm.reward_model")
+
+
+def _same_path(key: str, old, new) -> bool:
+    """Whether a path setting names the same file in another spelling (`./data/x.jsonl` and `data/x.jsonl`): no
+    change to refuse (their contents are compared by the fingerprint)."""
+    if key not in _PATHS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    a, b = Path(old).expanduser(), Path(new).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 def _check_saved_layout(saved: Path, old: dict) -> None:

@@ -494,3 +494,4 @@ def test_train_says_the_config_form_of_the_column_flags(capsys):
     assert main(["train", "run.yaml", "--column", "prompt=question", "--ignore-column", "source"]) == 2
     assert ("give 'data.columns={prompt: question}' 'data.ignore_columns=[source]' on the command line"
             in capsys.readouterr().err)  # fmt: skip
+

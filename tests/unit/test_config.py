@@ -382,3 +382,17 @@ def test_single_quoted_newlines_in_stop_strings_and_turn_markers_are_refused(tmp
         load_config(f)
     f.write_text("algorithm:\n  name: grpo\n  rewards: [numeric_answer]\n  rollout: {stop: [\"\\n\\n\"]}\n")
     assert load_config(f).algorithm.rollout.stop == ["\n\n"]
+
+
+def test_a_resume_naming_the_same_file_in_another_spelling_is_no_change(tmp_path, monkeypatch):
+    from posttrain.algorithms import load_config
+    from posttrain.train import _config_changes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "x.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    before = load_config(None, ["data.train=work/x.jsonl"]).model_dump(mode="json")
+    assert _config_changes(before, load_config(None, ["data.train=./work/x.jsonl"])) == []
+    (tmp_path / "work" / "y.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    assert _config_changes(before, load_config(None, ["data.train=work/y.jsonl"])) == [
+        "data.train: work/x.jsonl -> work/y.jsonl"]  # fmt: skip
