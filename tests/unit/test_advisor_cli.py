@@ -304,3 +304,19 @@ def test_a_small_file_gets_a_batch_its_rows_can_fill(tmp_path, capsys):
     cfg = load_config(target)
     assert cfg.optim.batch_size == 4 and cfg.optim.batch_size % cfg.optim.micro_batch_size == 0
     assert "optim.batch_size 4, not" in out and "the file has 6 rows" in out
+
+
+def test_verifiable_demonstrations_count_as_rl_prompts(tmp_path, capsys):
+    """1,200 GSM8K-style rows with --verifiable true were advised SFT alone, beside 'prompts not stated: assuming
+    none' and 'if a program could check answers on 1,000+ prompts: sft -> grpo' (a user-journey audit)."""
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} + 3?", "answer": f"{i}+3={i + 3}\n#### {i + 3}"}) + "\n"
+                            for i in range(1200)))  # fmt: skip
+    argv = ["--data", str(data), "--column", "prompt=question", "--column", "completion=answer", "--model", "135m",
+            "--gpu-memory-gb", "24", "--json"]  # fmt: skip
+    rc, out, _ = run_cli([*argv, "--verifiable", "true"], capsys)
+    doc = json.loads(out)
+    assert rc == 0 and doc["pipeline"] == ["sft", "grpo"]
+    assert any("serve as RL prompts too" in a for a in doc["assumptions"])
+    rc, out, _ = run_cli(argv, capsys)  # not said to be verifiable: the rows are demonstrations only
+    assert json.loads(out)["pipeline"] == ["sft"]

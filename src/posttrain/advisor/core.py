@@ -69,9 +69,17 @@ def _with_data(p: Profile, summary: DataSummary, notes: list[str]) -> Profile:
             f"{key}: the profile says {stated:,}, {summary.file} has {summary.rows:,} rows; using the file"
         )
     seq = p.seq_len or min(8192, max(256, 1 << int(summary.p95_tokens * 1.5).bit_length()))
+    also = {}
+    if summary.shape == "sft" and p.verifiable and p.prompts is None:
+        # demonstrations whose answers a program checks are prompts for RL too: "prompts not stated: assuming
+        # none" beside a file of 1,200 of them recommended SFT alone and then "if a program could check answers"
+        also["prompts"] = summary.rows
+        notes.append(f"prompts: the {summary.rows:,} rows of {summary.file} serve as RL prompts too (verifiable: a "
+                     "program checks their answers)")
     return replace(
         p,
         **{key: summary.rows},
+        **also,
         avg_tokens=p.avg_tokens or summary.mean_tokens,
         seq_len=seq,
         data_file=summary.file,
