@@ -320,3 +320,12 @@ def test_verifiable_demonstrations_count_as_rl_prompts(tmp_path, capsys):
     assert any("serve as RL prompts too" in a for a in doc["assumptions"])
     rc, out, _ = run_cli(argv, capsys)  # not said to be verifiable: the rows are demonstrations only
     assert json.loads(out)["pipeline"] == ["sft"]
+
+
+def test_a_135m_size_writes_the_embedded_model_that_loads_offline():
+    """`--model 135m` wrote HuggingFaceTB/SmolLM2-135M, which fails offline beside the embedded model."""
+    from posttrain.advisor.configs import config_model_name
+
+    name, note = config_model_name("135m")
+    assert name == "smollm2-135m-instruct" and "dequantised 4-bit copy, loaded offline" in note
+    assert config_model_name("7b")[0] == "mistralai/Mistral-7B-v0.1"

@@ -44,6 +44,9 @@ def config_model_name(model: str) -> tuple[str, str | None]:
     size = parse_size(model)
     if size is not None:
         stand_in = nearest_arch(size).hf_id
+        if normalise_name(stand_in.split("/")[-1]) == "smollm2-135m":  # the embedded one loads offline
+            return EMBEDDED_MODEL, (f"model {model!r} is a size: the config names the embedded {EMBEDDED_MODEL} (a "
+                                    "dequantised 4-bit copy, loaded offline); put your model's name there")  # fmt: skip
         return (
             stand_in,
             f"model {model!r} is a size: the config names {stand_in}; put your model's name there",
