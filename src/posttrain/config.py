@@ -286,9 +286,13 @@ def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
     return out
 
 
-_LITERAL_ESCAPE = re.compile(r"\\[nt]")
-"""A backslash and n or t in a setting's text: YAML's single quotes (and plain scalars) keep ``\\n`` as two
-characters, which the user meant as a newline."""
+_LITERAL_ESCAPE = re.compile(r"\\[nt](?=$|[\\\sA-Z0-9:#*_-])")  # \n\n, \nQuestion:, not LaTeX's \nabla or \text
+"""A backslash and n or t in a setting's text, where a newline or a tab was meant: YAML's single quotes (and plain
+scalars) keep ``\\n`` as two characters. Followed by a lowercase letter it is LaTeX's (``\\nabla``, ``\\text``).
+
+>>> [bool(_LITERAL_ESCAPE.search(s)) for s in ("\\n\\n", "\\nQuestion:", "\\nabla", "\\text{A}", "\\tag")]
+[True, True, False, False, False]
+"""
 
 
 def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[str]:

@@ -495,3 +495,13 @@ def test_train_says_the_config_form_of_the_column_flags(capsys):
     assert ("give 'data.columns={prompt: question}' 'data.ignore_columns=[source]' on the command line"
             in capsys.readouterr().err)  # fmt: skip
 
+
+
+def test_an_sft_or_prompts_file_with_a_chosen_column_is_not_told_it_holds_pairs(tmp_path):
+    """The pairs hint fired on an SFT file that also holds chosen and rejected (their own hint is to leave them
+    out), and on a prompts file where one row misnamed its prompt (a review)."""
+    sft = write(tmp_path, [{"prompt": "q", "completion": "a", "chosen": "x", "rejected": "y"}])
+    assert refused(sft, "sft", None).footer.startswith("Leave out the columns posttrain does not read")
+    prompts = write(tmp_path, [{"prompt": "q", "answer": 1}, {"question": "q", "chosen": "x", "rejected": "y"}],
+                    "p.jsonl")  # fmt: skip
+    assert not (refused(prompts, "prompts", None).footer or "").startswith("The rows hold chosen and rejected")

@@ -396,3 +396,30 @@ def test_a_resume_naming_the_same_file_in_another_spelling_is_no_change(tmp_path
     (tmp_path / "work" / "y.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
     assert _config_changes(before, load_config(None, ["data.train=work/y.jsonl"])) == [
         "data.train: work/x.jsonl -> work/y.jsonl"]  # fmt: skip
+
+
+def test_latex_stop_strings_are_not_taken_for_single_quoted_newlines():
+    """The single-quote check refused LaTeX's \\nabla, \\text{...} and \\tag (a review): a backslash-n or -t followed
+    by a lowercase letter is LaTeX's, kept; followed by another backslash, a capital, a digit or nothing it is
+    refused."""
+    rl = ["algorithm.name=grpo", "algorithm.rewards=[numeric_answer]"]
+    for stop in ("\\\\nabla", "\\\\text{Answer}", "\\\\tag"):
+        assert load_config(None, [*rl, f'algorithm.rollout.stop=["{stop}"]']).algorithm.rollout.stop == [stop.replace("\\\\", "\\")]
+    for stop in ("\\\\n\\\\n", "\\\\nQuestion:", "\\\\n"):
+        with pytest.raises(ConfigError, match="holds a backslash and a letter"):
+            load_config(None, [*rl, f'algorithm.rollout.stop=["{stop}"]'])
+
+
+def test_a_run_recorded_by_the_first_weights_fingerprint_resumes():
+    """The first version recorded a hub model's revision and a run folder's top folder (the sha256 of no file): a
+    resume after the upgrade was refused as changed weights (a review)."""
+    import hashlib
+
+    from posttrain.trainer.fingerprint import check_same_weights
+
+    now = {"model.name": {"path": "org/m", "sha256": "abc"}, "algorithm.reward_model": {"path": "runs/rm", "sha256": "d"}}
+    old = {"model.name": {"path": "org/m", "sha256": "revision 1234"},
+           "algorithm.reward_model": {"path": "runs/rm", "sha256": hashlib.sha256().hexdigest()}}  # fmt: skip
+    check_same_weights(Path("run"), old, now)  # not refused
+    with pytest.raises(ConfigError, match=r"the weights of model.name \(org/m\) changed"):
+        check_same_weights(Path("run"), {"model.name": {"path": "org/m", "sha256": "abd"}}, now)

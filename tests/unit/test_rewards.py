@@ -623,3 +623,34 @@ def test_a_reward_that_names_its_parameters_in_another_order_is_called_by_name(t
                                                                                              "positional")])  # fmt: skip
     assert trl.fn(["a prompt"], ["4"], answer=["4"]) == [1.0]
     assert swapped.fn(["a long prompt"], ["abc"]) == [3.0] and positional.fn(["a long prompt"], ["abc"]) == [3.0]
+
+
+def test_calling_by_name_keeps_star_args_callable_objects_and_refuses_positional_only_swaps():
+    """A review of the call by name: `def f(prompts, *args, **kw)` lost its completions to **kwargs, a callable
+    object's retry_per_sample and events() were dropped by the wrapper, and a positional-only swap failed every
+    sample."""
+    from posttrain.errors import ConfigError
+    from posttrain.rewards.spec import by_name
+
+    def star(prompts, *args, **kwargs):
+        return [float(len(c)) for c in args[0]]
+
+    assert by_name(star) is star and star(["p"], ["abc"]) == [3.0]
+
+    class Scorer:
+        retry_per_sample = False
+
+        def events(self):
+            return {"x": 0}
+
+        def __call__(self, completions, **kwargs):
+            return [1.0 for _ in completions]
+
+    wrapped = by_name(Scorer())
+    assert wrapped(["p"], ["c"]) == [1.0] and wrapped.retry_per_sample is False and wrapped.events() == {"x": 0}
+
+    def swapped(completions, prompts, /, **kwargs):
+        return [0.0]
+
+    with pytest.raises(ConfigError, match="positional-only and not in the order"):
+        by_name(swapped, "algorithm.rewards[0]")

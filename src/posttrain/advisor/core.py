@@ -74,8 +74,9 @@ def _with_data(p: Profile, summary: DataSummary, notes: list[str]) -> Profile:
         # demonstrations whose answers a program checks are prompts for RL too: "prompts not stated: assuming
         # none" beside a file of 1,200 of them recommended SFT alone and then "if a program could check answers"
         also["prompts"] = summary.rows
-        notes.append(f"prompts: the {summary.rows:,} rows of {summary.file} serve as RL prompts too (verifiable: a "
-                     "program checks their answers)")
+        notes.append(f"prompts: the {summary.rows:,} rows of {summary.file} can serve as RL prompts too (verifiable: "
+                     "a program checks their answers); an RL stage's config names a placeholder file: write them "
+                     "there as prompt and answer rows")
     return replace(
         p,
         **{key: summary.rows},
@@ -398,21 +399,28 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
             for name in ("message_keys", "roles", "turns"):
                 if getattr(summary, name):
                     stage["config"]["data"][name] = dict(getattr(summary, name))
-            if note := _fit_batch(stage, summary.rows):
+            if note := _fit_batch(stage, summary.rows, int(f["gpus"])):
                 notes.append(note)
     return out, notes
 
 
-def _fit_batch(stage: dict, rows: int) -> str | None:
+def _fit_batch(stage: dict, rows: int, gpus: int = 1) -> str | None:
     """A stage whose step would take more of its file's rows than the file holds (`train` refuses it: an 8-row file
-    and batch_size 32) gets the largest power of two the rows allow, and a micro-batch that divides it."""
+    and batch_size 32) gets the largest power of two the rows allow, at least one row per GPU, and a micro-batch
+    that divides each GPU's share."""
     opt, alg = stage["config"]["optim"], stage["config"]["algorithm"]
     per = alg.get("num_generations", 1)  # a GRPO step's batch counts sequences: prompts x the group
     if rows < 1 or opt["batch_size"] <= rows * per:
         return None
     before = opt["batch_size"]
-    opt["batch_size"] = (1 << (rows.bit_length() - 1)) * per
-    while opt["batch_size"] % opt["micro_batch_size"]:
+    prompts = max(1 << (rows.bit_length() - 1), gpus)
+    if prompts > rows:
+        return (f"{stage['stage']}: the file has {rows} rows, fewer than the {gpus} GPUs need for a step of one row "
+                "each; give it more rows")
+    opt["batch_size"] = prompts * per
+    share = opt["batch_size"] // gpus if opt["batch_size"] % gpus == 0 else opt["batch_size"]
+    opt["micro_batch_size"] = min(opt["micro_batch_size"], share)
+    while share % opt["micro_batch_size"]:
         opt["micro_batch_size"] -= 1
     return (f"{stage['stage']}: optim.batch_size {opt['batch_size']}, not {before}: the file has {rows} rows, fewer "
             "than a step of the usual size would take")

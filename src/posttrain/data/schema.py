@@ -260,8 +260,11 @@ def _columns_hint(problems: list[Problem], kind: str, columns: Columns, seen: se
                       or p.message.startswith("must be one of system, user, assistant")) for p in problems)  # fmt: skip
     if not unknown and not no_fields and not in_messages:
         return None
-    pairs = {columns.rename.get(f, f) for f in ("chosen", "rejected")}  # (under the file's names where renamed)
-    if kind != "preference" and pairs <= seen and (no_fields or pairs <= unknown):
+    def named(*fields):  # under the file's names where renamed
+        return {theirs for f in fields for theirs in sources(columns.rename.get(f, f))}
+
+    own = named("completion", "messages", "text") if kind == "sft" else named("prompt", "messages")
+    if kind != "preference" and named("chosen", "rejected") <= seen and not own & seen:
         # an HH file checked as SFT rows: renaming its sides to a prompt and a completion would be the wrong advice
         return ("The rows hold chosen and rejected: they are preference pairs, which DPO and reward models train on "
                 "(algorithm.name=dpo or reward); check them with `posttrain data validate FILE --kind preference`.")

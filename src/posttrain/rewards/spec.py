@@ -179,10 +179,10 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         raise ConfigError(f"{where}: {func!r} must accept **kwargs (it is given the dataset's other columns), "
                           "e.g. def f(prompts, completions, answer, **kwargs)")  # fmt: skip
-    return by_name(fn)
+    return by_name(fn, where)
 
 
-def by_name(fn):
+def by_name(fn, where: str = "the reward"):
     """`fn` called as posttrain calls a reward, ``fn(prompts, completions, **columns)``, also where it names its
     parameters in another order: TRL's ``def f(completions, **kwargs)`` failed on every sample, and ``def
     f(completions, prompts, **kwargs)`` scored the prompts, silently. A function that takes a parameter called
@@ -194,19 +194,27 @@ def by_name(fn):
     [3]
     """
     try:
-        positional = [p.name for p in inspect.signature(fn).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return fn
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     named = {"prompts", "completions"} & set(positional)
     misplaced = any(positional.index(name) != i for i, name in enumerate(("prompts", "completions")) if name in named)
-    if not named or (not misplaced and len(positional) >= 2):
+    starred = any(p.kind is p.VAR_POSITIONAL for p in params)  # def f(prompts, *args, **kw): by position, as ever
+    if not named or (not misplaced and (len(positional) >= 2 or starred)):
         return fn
+    if any(p.kind is p.POSITIONAL_ONLY and p.name in named for p in params):
+        raise ConfigError(f"{where}: its parameters {', '.join(positional[:2])} are positional-only and not in the "
+                          "order posttrain calls a reward, fn(prompts, completions, **columns): reorder them, or drop "
+                          "the / so that they are called by name")  # fmt: skip
 
     @functools.wraps(fn)
     def call(prompts, completions, **columns):
         return fn(prompts=prompts, completions=completions, **columns)
 
+    for attr in _REWARD_ATTRIBUTES:  # what `compute` reads off the function (a callable object's own: wraps
+        if hasattr(fn, attr):  # copies only its __dict__, not its class's)
+            setattr(call, attr, getattr(fn, attr))
     return call
 
 

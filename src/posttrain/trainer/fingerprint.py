@@ -137,13 +137,20 @@ def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
     trains (an adapter) or start from them, so the resumed steps would mix two models."""
     changed = [f"{setting} ({old['path']})" for setting, old in recorded.items()
                if setting.startswith(("model.name", "algorithm.reward")) and setting in current
-               and current[setting]["sha256"] != old["sha256"]]  # fmt: skip
+               and current[setting]["sha256"] != old["sha256"] and _comparable(old["sha256"])]  # fmt: skip
     if changed:
         raise ConfigError(
             f"--resume: the weights of {' and '.join(changed)} changed since {run_dir} was started (a digest of "
             f"the weight files, recorded in {Path(run_dir) / FILE}); a resumed run must continue from the same "
             "model. Restore it, or set run.output_dir to a new folder to start a run from the new weights."
         )
+
+
+def _comparable(recorded: str) -> bool:
+    """Whether a recorded weights digest is one this version makes: a run started by the first version that kept
+    them recorded a hub model's revision, and a run folder's top folder (the sha256 of no file), which its resume
+    must not take for changed weights."""
+    return not recorded.startswith("revision ") and recorded != hashlib.sha256().hexdigest()
 
 
 def write_fingerprint(run_dir: Path, fingerprint: dict, steps_per_epoch: int) -> None:
