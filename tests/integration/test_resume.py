@@ -1,5 +1,6 @@
 """Resuming: a run stopped after a checkpoint (in-process, or by kill -9) continues to the same losses."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,27 @@ from posttrain.train import train
 from posttrain.trainer.metrics import read_metrics
 
 
+@contextlib.contextmanager
+def _dies_after_checkpoint(monkeypatch, at: int):
+    """Within: the run "dies" (KeyboardInterrupt, expected) right after writing checkpoint `at`."""
+    import posttrain.trainer.loop as loop
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_dir, step, *a, **kw):
+        path = real_save(accelerator, run_dir, step, *a, **kw)
+        if step == at:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+
 def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
@@ -31,24 +53,9 @@ def test_resumed_run_equals_uninterrupted_run(make_cfg, monkeypatch):
         "optim.lr": 5e-3,
     }
     reference = _losses(train(make_cfg("uninterrupted", **overrides)).run_dir)
-
-    import posttrain.trainer.loop as loop
-
-    real_save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *a, **kw):
-        path = real_save(accelerator, run_dir, step, *a, **kw)
-        if step == 4:
-            raise KeyboardInterrupt  # the process "dies" right after checkpoint 4
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     cfg = make_cfg("interrupted", **overrides)
-    try:
+    with _dies_after_checkpoint(monkeypatch, 4):  # the process "dies" right after checkpoint 4
         train(cfg)
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     assert set(_losses(cfg.run.output_dir)) == {1, 2, 3, 4}
     resumed = _losses(train(cfg, resume=True).run_dir)
     assert resumed == reference  # exact: same data, same RNG, same optimiser state
@@ -328,7 +335,6 @@ def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_sta
     continued" even then, and `--resume` silently started again at step 1); `--resume` into a folder that does not
     exist, or holds a run with no checkpoint, says it starts a new run."""
     import posttrain.train as train_module
-    import posttrain.trainer.loop as loop
 
     real_start = train_module._start_run_dir
 
@@ -347,21 +353,11 @@ def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_sta
     train(cfg, resume=True)
     assert (f"note: {cfg.run.output_dir} holds a run that stopped before its first checkpoint; it starts again at "
             "step 1") in capsys.readouterr().out
-    real_save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *a, **kw):
-        path = real_save(accelerator, run_dir, step, *a, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     saving = make_cfg("ckpt", **{"run.max_steps": 3, "run.save_every": 1})
-    with pytest.raises(KeyboardInterrupt):
+    with _dies_after_checkpoint(monkeypatch, 2):
         train(saving)
     assert (f"interrupted: the last checkpoint of {saving.run.output_dir} is step-000002; `posttrain train RUN.yaml "
             "--resume` continues from it") in capsys.readouterr().err
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     capsys.readouterr()
     train(saving, resume=True)
     assert "--resume:" not in capsys.readouterr().out  # it continued
@@ -398,7 +394,6 @@ def test_a_final_model_of_an_earlier_step_is_not_taken_for_the_last_ones(make_cf
     session). Now final/ says its step, and one of an earlier step is written again from the last checkpoint."""
     from safetensors.torch import load_file
 
-    import posttrain.trainer.loop as loop
     from posttrain.train import final_step
 
     overrides = {"technique.name": "lora", "run.max_steps": 6, "run.save_every": 2, "optim.lr": 5e-3}
@@ -406,18 +401,8 @@ def test_a_final_model_of_an_earlier_step_is_not_taken_for_the_last_ones(make_cf
     final = Path(train(cfg).run_dir) / "final"
     assert final_step(final) == 6
     at_six = load_file(str(final / "adapter_model.safetensors"))
-    real_save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *a, **kw):
-        path = real_save(accelerator, run_dir, step, *a, **kw)
-        if step == 8:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with _dies_after_checkpoint(monkeypatch, 8):
         train(make_cfg("stale", **{**overrides, "run.max_steps": 10}), resume=True)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     capsys.readouterr()
     result = train(make_cfg("stale", **{**overrides, "run.max_steps": 8}), resume=True)
     assert "nothing to train" not in capsys.readouterr().out and result.steps_trained == 0
@@ -466,24 +451,13 @@ def test_a_base_model_whose_weights_changed_is_refused_on_resume(make_cfg, tiny_
 
     from safetensors.torch import load_file, save_file
 
-    import posttrain.trainer.loop as loop
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     cfg = make_cfg("on_base", **{"model.name": str(base), "technique.name": "lora", "run.max_steps": 4,
                                  "run.save_every": 2})  # fmt: skip
-    real_save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_dir, step, *a, **kw):
-        path = real_save(accelerator, run_dir, step, *a, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with _dies_after_checkpoint(monkeypatch, 2):
         train(cfg)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     recorded = yaml.safe_load((Path(cfg.run.output_dir) / "data_fingerprint.json").read_text())
     assert recorded["model.name"]["path"] == str(base)
     weights = next(base.glob("*.safetensors"))
