@@ -220,6 +220,12 @@ class DataConfig(_Section):
     message field (messages, prompt, completion, chosen, rejected) that holds a marker reads as its turns; a
     prompt's closing `"\\n\\nAssistant:"` with nothing after it is the cue to answer and is left out. Needs the
     user's and the assistant's markers; a marker no text of `data.train` holds is refused (docs/data.md)."""
+    skip_bad_rows: bool = False
+    """Rows that cannot be read as the method's rows (a missing field, an empty response, a pair with no
+    preference) are left out instead of refusing the file, and the run says how many and which, with their
+    problems: for a downloaded dataset with a few malformed rows (Anthropic HH holds pairs with an empty response).
+    A problem of the file or of the settings (a column no row has) still refuses it, and so does a file with no
+    usable row."""
     chat_template_kwargs: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Values for the chat template's own variables, e.g. `{enable_thinking: false}` for Qwen3 (its generation
     prompt then ends with an empty think block and answers follow it). Written into the template

@@ -168,6 +168,7 @@ APPLIES: dict[str, When] = {
     "data.message_keys": ALWAYS,
     "data.roles": ALWAYS,
     "data.turns": ALWAYS,
+    "data.skip_bad_rows": ALWAYS,
     "data.chat_template_kwargs": ALWAYS,  # every method renders its rows with the template
     "optim.lr": ALWAYS,
     "optim.weight_decay": ALWAYS,

@@ -286,3 +286,29 @@ def test_reward_margin_without_margins_is_refused_and_unused_margins_are_noted(m
     data = dpo.prepare(make_cfg("dpo-margin", **{"algorithm.name": "dpo", "data.train": str(f)}), load_tokenizer(cfg.model))
     assert (f"{f}: 3 pairs have a `margin`, which DPO does not read (a reward model does, with algorithm.margin=true)"
             in data.notes)  # fmt: skip
+
+
+def test_dpo_trains_on_hh_transcripts_and_leaves_out_an_empty_response_when_asked(make_cfg, tmp_path, capsys):
+    """Anthropic HH as it is downloaded: transcripts read by data.turns, and a pair with an empty response left
+    out by data.skip_bad_rows with a run note naming it (without it, the file is refused, as before)."""
+    from posttrain.errors import DataError
+
+    convo = "\n\nHuman: add {i} and 2\n\nAssistant: "
+    rows = [{"chosen": convo.format(i=i) + str(i + 2), "rejected": convo.format(i=i) + (str(i + 3) if i != 3 else "")}
+            for i in range(9)]  # fmt: skip
+    f = tmp_path / "hh.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    turns = 'data.turns={user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}'
+    base = {"algorithm.name": "dpo", "technique.name": "lora", "data.train": str(f), "run.max_steps": 1}
+    cfg = make_cfg("hh", **base)  # (for the tiny model's name; the markers hold newlines: given as overrides below)
+    from posttrain.algorithms import load_config
+
+    overrides = [f"{k}={v}" for k, v in {"model.name": cfg.model.name, "data.max_length": 64, "optim.batch_size": 8,
+                                         "optim.warmup_steps": 0, "run.progress": False, "run.report": False,
+                                         "run.output_dir": str(tmp_path / "hh_run"), **base}.items()]  # fmt: skip
+    with pytest.raises(DataError, match="hh.jsonl:4: rejected: empty response"):
+        train(load_config(None, [*overrides, turns]))
+    result = train(load_config(None, [*overrides, turns, "data.skip_bad_rows=true"]))
+    assert result.steps_trained == 1
+    assert f"warning: {f}: 1 of 9 rows left out (data.skip_bad_rows): {f}:4: rejected: empty response" in \
+        capsys.readouterr().out  # fmt: skip

@@ -505,3 +505,28 @@ def test_an_sft_or_prompts_file_with_a_chosen_column_is_not_told_it_holds_pairs(
     prompts = write(tmp_path, [{"prompt": "q", "answer": 1}, {"question": "q", "chosen": "x", "rejected": "y"}],
                     "p.jsonl")  # fmt: skip
     assert not (refused(prompts, "prompts", None).footer or "").startswith("The rows hold chosen and rejected")
+
+
+def test_skip_bad_rows_leaves_out_the_rows_it_names_and_nothing_else(tmp_path):
+    """Anthropic HH holds pairs with an empty response, which refused the whole file: data.skip_bad_rows leaves
+    such rows out with a warning that names them; a problem of the settings, or a file with no usable row, still
+    refuses."""
+    import warnings
+
+    hh = {"user": "\n\nHuman:", "assistant": "\n\nAssistant:"}
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+            {"chosen": "\n\nHuman: yo\n\nAssistant: c", "rejected": "\n\nHuman: yo\n\nAssistant: "},
+            {"chosen": "\n\nHuman: ok\n\nAssistant: d", "rejected": "\n\nHuman: ok\n\nAssistant: e"}]  # fmt: skip
+    f = write(tmp_path, rows)
+    with pytest.raises(DataError):
+        load_rows(f, "preference", Columns(turns=hh))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = load_rows(f, "preference", Columns(turns=hh), skip_bad=True)
+    assert [r.line for r in kept] == [1, 3]
+    assert [str(w.message) for w in caught] == [
+        f"{f}: 1 of 3 rows left out (data.skip_bad_rows): {f}:2: rejected: empty response (no assistant content)"]
+    with pytest.raises(DataError, match="names column 'source', which no row has"):
+        load_rows(f, "preference", Columns(ignore=("source",), turns=hh), skip_bad=True)
+    with pytest.raises(DataError):
+        load_rows(write(tmp_path, rows[1:2], "bad.jsonl"), "preference", Columns(turns=hh), skip_bad=True)

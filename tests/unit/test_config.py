@@ -330,7 +330,7 @@ def test_a_section_or_a_list_given_one_value_says_what_to_write(tmp_path):
         "  model (line 1): model is a section, not a value: did you mean model.name: tiny (command line: "
         "model.name=tiny)?",
         "  data (line 2): data is a section, and it is empty here: give its fields under it (train, eval, max_length, "
-        "train_on, packing, share_prompt, shuffle, columns, ignore_columns, message_keys, roles, turns, chat_template_kwargs), or remove it",
+        "train_on, packing, share_prompt, shuffle, columns, ignore_columns, message_keys, roles, turns, skip_bad_rows, chat_template_kwargs), or remove it",
         "  algorithm.rewards (line 5): must be a list: 'algorithm.rewards=[numeric_answer]' (YAML: rewards: "
         "[numeric_answer])",
         "  algorithm.rollout (line 6): algorithm.rollout is a section, not a value: set its fields, "

@@ -14,6 +14,7 @@ and `mark_zero_gradient` with `trained_rows_logps`, which leave the rows that ca
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -31,9 +32,13 @@ def prepare(cfg, tokenizer) -> PreparedData:
     """Read and render the prompts of `data.train` and check that the run's rewards can score them."""
     specs = parse_reward_specs(cfg.algorithm.reward_specs(), where=cfg.algorithm.reward_where(cfg))
     build_reward_functions(specs)
-    rows = read_prompt_rows(cfg)
+    with warnings.catch_warnings(record=True) as caught:  # the rows data.skip_bad_rows left out: a run note
+        warnings.simplefilter("always")
+        rows = read_prompt_rows(cfg)
     check_reward_inputs(specs, rows, cfg.data.train)
-    return render_prompts(cfg, tokenizer, rows)
+    data = render_prompts(cfg, tokenizer, rows)
+    data.notes.extend(str(w.message) for w in caught)
+    return data
 
 
 def reference_mode(cfg, needed: bool) -> str:

@@ -63,10 +63,11 @@ def prepare(cfg, tokenizer) -> PreparedData:
     notes: list[str] = []
 
     def render(path: str):
-        rows = load_rows(path, "sft", run_columns(cfg, path))
-        # render_dataset warns once with the count of truncated rows; show it as a run note (one clean line)
+        # render_dataset warns once with the count of truncated rows, and load_rows with the rows it left out
+        # (data.skip_bad_rows); each is shown as a run note (one clean line)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            rows = load_rows(path, "sft", run_columns(cfg, path), skip_bad=cfg.data.skip_bad_rows)
             rendered, _ = render_dataset(
                 tokenizer, rows, max_length=cfg.data.max_length, train_on=cfg.data.train_on, source=path
             )

@@ -216,9 +216,9 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
     notes: list[str] = []
 
     def render(path: str) -> list[RenderedPair]:
-        rows = load_rows(path, "preference", run_columns(cfg, path))
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:  # (the rows left out by data.skip_bad_rows too)
             warnings.simplefilter("always")
+            rows = load_rows(path, "preference", run_columns(cfg, path), skip_bad=cfg.data.skip_bad_rows)
             pairs = render_preference_dataset(tokenizer, rows, max_length=cfg.data.max_length, source=path,
                                               allow_identical=path != cfg.data.train)  # evaluation: a tie  # fmt: skip
         notes.extend(str(w.message) for w in caught)

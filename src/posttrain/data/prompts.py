@@ -34,7 +34,7 @@ def read_prompt_rows(cfg) -> list:
     """The rows of `data.train` as prompts (`load_rows(..., "prompts")`), refusing a run without one."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set: give a prompts file (e.g. `posttrain data make --kind prompts`)")
-    return load_rows(cfg.data.train, "prompts", run_columns(cfg))
+    return load_rows(cfg.data.train, "prompts", run_columns(cfg), skip_bad=cfg.data.skip_bad_rows)
 
 
 def render_prompts(cfg, tokenizer, rows) -> PreparedData:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from posttrain.data.columns import (
     turns_setting,
 )
 from posttrain.data.readers import _json_type, read_records_lenient
-from posttrain.errors import DataError, Problem
+from posttrain.errors import DataError, Problem, problem_lines
 
 KINDS = ("sft", "preference", "prompts")
 ROLES = ("system", "user", "assistant")
@@ -111,13 +112,15 @@ _SHAPE_KEYS = {
 }
 
 
-def load_rows(path: str | Path, kind: str, columns: Columns | None = None) -> list[dict]:
+def load_rows(path: str | Path, kind: str, columns: Columns | None = None, *, skip_bad: bool = False) -> list[dict]:
     """Read and check every row of `path` as `kind` ("sft", "preference", "prompts"); return normalised rows.
     `columns`: the file's own column names (`data.columns`, `data.ignore_columns`; see `data.columns`).
 
-    All problems in the file are collected and raised together as one `DataError`.
+    All problems in the file are collected and raised together as one `DataError`; with `skip_bad`
+    (`data.skip_bad_rows`) the rows that have one are left out instead, with a warning that names them, where
+    every problem is a row's and some row is usable.
     """
-    rows, _ = _load(path, kind, columns)
+    rows, _ = _load(path, kind, columns, skip_bad=skip_bad)
     return rows
 
 
@@ -179,7 +182,8 @@ def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
     return messages
 
 
-def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[list[dict], Counter]:
+def _load(path: str | Path, kind: str, columns: Columns | None = None, *,
+          skip_bad: bool = False) -> tuple[list[dict], Counter]:  # fmt: skip
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     name = str(path)
@@ -227,6 +231,12 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None) -> tuple[
     if records and columns.strict:
         problems.extend(Problem(name, None, None, msg)
                         for msg in columns.unused(seen, seen_keys, seen_roles, seen_turns))  # fmt: skip
+    if problems and skip_bad and rows and all(p.line is not None for p in problems):
+        total = len(records) + n_unreadable
+        shown = problem_lines(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), max_shown=5)
+        warnings.warn(f"{name}: {n_bad} of {total} rows left out (data.skip_bad_rows): {'; '.join(shown)}",
+                      stacklevel=3)  # fmt: skip
+        return rows, shapes
     if problems:
         total = len(records) + n_unreadable
         where = f" in {n_bad} of {total} rows" if n_bad else ""
