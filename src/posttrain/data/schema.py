@@ -154,18 +154,31 @@ def unused_in_files(columns: Columns, paths: list[str | Path]) -> list[str]:
     """`Columns.unused` over several files read with the same settings (`posttrain diagnose`'s prompts, SFT data
     and pairs): a name only some of them have is fine, one none of them has is not. Unreadable rows are skipped
     here (loading the files reports them)."""
+    held: list[set[str]] = [set(), set(), set(), set()]  # columns, message keys, roles, turn roles
+    for path in paths:
+        for names, more in zip(held, _names_held(columns, read_records_lenient(path)[0])):
+            names |= more
+    return columns.unused(*held)
+
+
+def _names_held(columns: Columns, records, *, messages: bool = True,
+                turns: bool = True) -> tuple[set[str], set[str], set[str], set[str]]:  # fmt: skip
+    """What the rows of a file hold, as `Columns.unused` and the columns hint read it: its columns, its messages'
+    keys and role names (`messages`), and the roles whose marker opens a turn in its text (`turns`; its reading
+    stops once every marker was found)."""
     seen: set[str] = set()
     keys: set[str] = set()
     roles: set[str] = set()
-    turns: set[str] = set()
-    for path in paths:
-        for rec in read_records_lenient(path)[0]:
-            seen.update(rec.data)
+    opened: set[str] = set()
+    for rec in records:
+        seen.update(rec.data)
+        if messages:
             k, r = columns.message_parts(rec.data)
             keys.update(k)
             roles.update(r)
-            turns.update(columns.turn_roles(rec.data))
-    return columns.unused(seen, keys, roles, turns)
+        if turns and len(opened) < len(columns.turns):
+            opened.update(columns.turn_roles(rec.data))
+    return seen, keys, roles, opened
 
 
 def plain_messages(messages: list[dict] | str, role: str) -> list[dict] | str:
@@ -193,14 +206,12 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None, *,
     rows: list[dict] = []
     shapes: Counter = Counter()
     n_bad = n_unreadable
-    seen: set[str] = set()
     for rec in records:
         found: list[Problem] = []
 
         def report(field, msg, line=rec.line, row=rec.row, found=found):
             found.append(Problem(name, line, columns.file_field(field), msg, row))
 
-        seen.update(rec.data)
         data, clashes = columns.apply(rec.data) if columns else (rec.data, [])
         for field, msg in clashes:
             found.append(Problem(name, rec.line, field, msg, rec.row))
@@ -213,36 +224,26 @@ def _load(path: str | Path, kind: str, columns: Columns | None = None, *,
             shapes[shape] += 1
     if not records and not problems:
         problems.append(Problem(name, None, None, f"no rows: nothing to use as {kind} data"))
-    # the keys and role names of every message: read by the check of the message settings and by the hint, so
+    # the keys and role names of every message are read by the check of the message settings and by the hint, so
     # gathered only where one of them will read them (not for a good file read without such settings)
-    seen_keys: set[str] = set()
-    seen_roles: set[str] = set()
-    if problems or columns.names_messages:
-        for rec in records:
-            keys, roles = columns.message_parts(rec.data)
-            seen_keys.update(keys)
-            seen_roles.update(roles)
-    seen_turns: set[str] = set()
-    if columns.turns and columns.strict:
-        for rec in records:
-            seen_turns.update(columns.turn_roles(rec.data))
-            if len(seen_turns) == len(columns.turns):
-                break
+    seen, seen_keys, seen_roles, seen_turns = _names_held(
+        columns, records, messages=bool(problems) or columns.names_messages, turns=columns.strict)
     if records and columns.strict:
         problems.extend(Problem(name, None, None, msg)
                         for msg in columns.unused(seen, seen_keys, seen_roles, seen_turns))  # fmt: skip
-    if problems and skip_bad and rows and all(p.line is not None for p in problems):
-        total = len(records) + n_unreadable
-        shown = problem_lines(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), max_shown=5)
+    if not problems:
+        return rows, shapes
+    problems.sort(key=lambda p: (p.line or 0, p.row or 0))
+    total = len(records) + n_unreadable
+    if skip_bad and rows and all(p.line is not None for p in problems):
+        shown = problem_lines(problems, max_shown=5)
         warnings.warn(f"{name}: {n_bad} of {total} rows left out (data.skip_bad_rows): {'; '.join(shown)}",
                       stacklevel=3)  # fmt: skip
         return rows, shapes
-    if problems:
-        total = len(records) + n_unreadable
-        where = f" in {n_bad} of {total} rows" if n_bad else ""
-        header = f"{name}: {len(problems)} problem(s){where}; no {kind} data loaded"
-        raise DataError(sorted(problems, key=lambda p: (p.line or 0, p.row or 0)), header=header if total else None,
-                        footer=_columns_hint(problems, kind, columns, seen, (seen_keys, seen_roles)))  # fmt: skip
+    where = f" in {n_bad} of {total} rows" if n_bad else ""
+    header = f"{name}: {len(problems)} problem(s){where}; no {kind} data loaded"
+    raise DataError(problems, header=header if total else None,
+                    footer=_columns_hint(problems, kind, columns, seen, (seen_keys, seen_roles)))  # fmt: skip
     return rows, shapes
 
 
