@@ -45,6 +45,7 @@ _NUM = r"-?\d+(?:\.\d+)?"
 _MANY = re.compile(rf"(?:[A-Za-z]\s*=\s*)?{_NUM}(?:\s*(?:,|,?\s*\b(?:or|and)\b)\s*(?:[A-Za-z]\s*=\s*)?{_NUM})+\.?")
 _OPERATOR = re.compile(r"[-+*/^\u00d7\u00f7]|\sx\s|\\(?:times|cdot|div)")  # before an =: an equation's left side
 _BRACKETED = re.compile(rf"[(\[]\s*({_NUM})\s*[)\]]\.?")  # (7), [7]
+_BLANK = re.compile(r"\s*")
 _MINUS = str.maketrans({"\u2212": "-"})  # a typeset minus sign (not an en dash: 3\u20135 days is a range)
 
 
@@ -86,7 +87,7 @@ def final_answer(completion: str) -> str | None:
     for m in reversed(list(_MARKER.finditer(text))):
         line = _line_at(text, m.end())
         if not line.strip():  # the marker ends its line: the value is on the next one
-            line = _line_at(text, len(text) - len(text[m.end() :].lstrip()))
+            line = _line_at(text, _BLANK.match(text, m.end()).end())
         line = re.sub(r"\*\*|__", "", line).strip()  # Markdown's bold: **42**
         if _VALUE.match(line):
             marked = (m.start(), line)
