@@ -453,12 +453,12 @@ def length_penalty(
     if unit == "tokens" and tokenizer is None:
         raise ValueError("unit 'tokens' needs a 'tokenizer' (a tokenizer path or name)")
     scale = float(scale if scale is not None else max(target, 1))
-    state = {"tok": tokenizer}
+    tok = tokenizer
     if isinstance(tokenizer, str):  # loaded now, before any sampling: a wrong path failed every sample (penalty 0)
         from transformers import AutoTokenizer
 
         try:
-            state["tok"] = AutoTokenizer.from_pretrained(tokenizer)
+            tok = AutoTokenizer.from_pretrained(tokenizer)
         except (OSError, ValueError) as e:
             raise ValueError(f"tokenizer {tokenizer!r} could not be loaded: {str(e).splitlines()[0]}") from None
 
@@ -467,8 +467,7 @@ def length_penalty(
             return len(text)
         if unit == "words":
             return len(text.split())
-        return len(state["tok"].encode(text, add_special_tokens=False) if hasattr(state["tok"], "vocab_size")
-                   else state["tok"].encode(text))  # fmt: skip
+        return len(tok.encode(text, add_special_tokens=False) if hasattr(tok, "vocab_size") else tok.encode(text))
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         return [-max(0, length(c) - target) / scale for c in completions]
