@@ -18,7 +18,8 @@ from posttrain.cli.output import (
     positive,
     positive_int,
     quiet_libraries,
-    run_setting,
+    run_config,
+    setting,
     settings,
     stop_note,
     temperature,
@@ -258,10 +259,11 @@ def evaluate_pairs(args) -> Output:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference", columns_given(args, "preference", args.pairs, "--pairs"))[: args.n]
     taken = []  # the run's own beta and max_length where not given: a beta=0.5 run was ranked at 0.1, silently
-    dpo = run_setting(args.model, "algorithm.name") == "dpo" and run_setting(args.model, "algorithm.loss_type") != "simpo"
+    saved = run_config(args.model)
+    dpo = setting(saved, "algorithm.name") == "dpo" and setting(saved, "algorithm.loss_type") != "simpo"
     for attr, dotted in (("beta", "algorithm.beta"), ("max_length", "data.max_length")):
         if getattr(args, attr) is None:  # beta: DPO's implicit-reward scale (an RL run's is a KL coefficient)
-            ran = run_setting(args.model, dotted) if attr != "beta" or dpo else None
+            ran = setting(saved, dotted) if attr != "beta" or dpo else None
             ok = isinstance(ran, int | float) and not isinstance(ran, bool) and ran > 0
             setattr(args, attr, (int(ran) if attr == "max_length" else float(ran)) if ok else PAIRS_ONLY[attr])
             if ok:

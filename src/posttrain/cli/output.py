@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain.data.columns import typed
 from posttrain.errors import EXIT_OK, EXIT_USER, UserError
 
 SCHEMA_VERSION = 1
@@ -211,7 +212,12 @@ def turn_marker(text: str) -> tuple[str, str]:
     role, eq, marker = text.partition("=")
     if not eq or not role.strip() or not marker.strip():
         raise argparse.ArgumentTypeError(f"must be ROLE=MARKER (e.g. user='\\n\\nHuman:'), got {text!r}")
-    return role.strip(), marker.replace("\\n", "\n").replace("\\t", "\t")
+    return role.strip(), _unescaped(marker)
+
+
+def _unescaped(text: str) -> str:
+    """A flag's text with ``\\n`` and ``\\t`` read as a newline and a tab (`typed` turned round)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def stop_text(text: str) -> str:
@@ -222,7 +228,7 @@ def stop_text(text: str) -> str:
     """
     if not text:
         raise argparse.ArgumentTypeError("a stop string cannot be empty")
-    return text.replace("\\n", "\n").replace("\\t", "\t")
+    return _unescaped(text)
 
 
 def add_stop(parser: argparse.ArgumentParser) -> None:
@@ -235,27 +241,37 @@ def add_stop(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def run_setting(model: str, dotted: str):
-    """A setting (``algorithm.beta``) of the run whose folder (or `final/`) `model` names, from its config.yaml;
-    None for anything else (a model folder, a hub name, a run without the setting)."""
+def run_config(model: str) -> dict:
+    """The config.yaml of the run whose folder (or `final/`) `model` names, as read; {} for anything else (a model
+    folder, a hub name, a config that does not read)."""
     import yaml
 
     for folder in (Path(model), *([Path(model).parent] if Path(model).name == "final" else [])):
         config = folder / "config.yaml"
         if config.is_file():
             try:
-                node = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+                saved = yaml.safe_load(config.read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):
-                return None
-            for part in dotted.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            return node
-    return None
+                return {}
+            return saved if isinstance(saved, dict) else {}
+    return {}
+
+
+def setting(saved: dict, dotted: str):
+    """A setting (``algorithm.beta``) of a `run_config`, None where it has none.
+
+    >>> setting({"algorithm": {"beta": 0.5}}, "algorithm.beta"), setting({}, "data.max_length")
+    (0.5, None)
+    """
+    node = saved
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def trained_stop(model: str) -> list[str]:
     """The `algorithm.rollout.stop` of the run whose folder (or `final/`) `model` names, [] for anything else."""
-    stop = run_setting(model, "algorithm.rollout.stop")
+    stop = setting(run_config(model), "algorithm.rollout.stop")
     return [s for s in stop if isinstance(s, str) and s] if isinstance(stop, list) else []
 
 
@@ -266,7 +282,7 @@ def stop_note(args) -> str | None:
     trained = trained_stop(args.model)
     if not trained:
         return None
-    flags = " ".join("--stop " + shlex.quote(s.replace("\n", "\\n")) for s in trained)
+    flags = " ".join("--stop " + shlex.quote(typed(s)) for s in trained)
     return (f"note: {args.model} was trained sampling with algorithm.rollout.stop {trained}: its answers here run "
             f"to the end of the turn instead; give {flags} to score them as training did")
 

@@ -292,8 +292,17 @@ def turns_setting(turns: Mapping[str, str]) -> str:
     data.turns: {user: "\\n\\nHuman:", assistant: "\\n\\nAssistant:"}; --turn 'user=\\n\\nHuman:' --turn 'assistant=\\n\\nAssistant:'
     """
     config = ", ".join(f"{role}: {json.dumps(marker)}" for role, marker in turns.items())
-    flags = " ".join(f"--turn '{role}={marker.replace(chr(10), chr(92) + 'n')}'" for role, marker in turns.items())
+    flags = " ".join(f"--turn '{role}={typed(marker)}'" for role, marker in turns.items())
     return f"data.turns: {{{config}}}; {flags}"
+
+
+def typed(text: str) -> str:
+    """`text` as a flag takes it on a command line, a newline as ``\\n`` and a tab as ``\\t`` (`--turn`, `--stop`).
+
+    >>> typed("\\n\\nHuman:")
+    '\\\\n\\\\nHuman:'
+    """
+    return text.replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _turn_marks(text: str, turns: Mapping[str, str]) -> list[tuple[int, int, str]]:
