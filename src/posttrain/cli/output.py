@@ -287,6 +287,12 @@ def stop_note(args) -> str | None:
             f"to the end of the turn instead; give {flags} to score them as training did")
 
 
+LAYOUT_FLAGS = (("--column", "column", "data.columns"), ("--ignore-column", "ignore_column", "data.ignore_columns"),
+                ("--message-key", "message_key", "data.message_keys"), ("--role", "role", "data.roles"),
+                ("--turn", "turn", "data.turns"))  # fmt: skip
+"""The flags that read a file in its own names (`add_columns`): flag, its attribute, the run setting it is."""
+
+
 def add_columns(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
     """`--column FIELD=COLUMN` and `--ignore-column COLUMN`, repeatable: what `data.columns` and
     `data.ignore_columns` are for a run (`columns_given` reads them); and the message and transcript flags.
@@ -327,9 +333,7 @@ def columns_given(args, kind: str, path: str | None = None, flag: str = "--data"
     from posttrain.data.columns import Columns
     from posttrain.errors import UserError
 
-    given = {flag_: getattr(args, attr, None) or [] for flag_, attr in
-             (("--column", "column"), ("--ignore-column", "ignore_column"), ("--message-key", "message_key"),
-              ("--role", "role"), ("--turn", "turn"))}  # fmt: skip
+    given = {flag_: getattr(args, attr, None) or [] for flag_, attr, _ in LAYOUT_FLAGS}
     if path is None and (named := next((f for f, v in given.items() if v), None)):
         raise UserError(f"{named} names what a data file holds, and no file is read: give one with {flag} FILE")
     if bad := [f for f, c in given["--message-key"] + given["--role"] if not isinstance(c, str)]:

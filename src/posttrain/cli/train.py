@@ -43,12 +43,11 @@ def _columns_as_settings(args) -> None:
     """--column and the other layout flags are the other commands' (data validate, evaluate, ...); a run reads the
     same from its config: refused with the overrides that say it (argparse's 'unrecognized arguments' said
     nothing of data.columns)."""
+    from posttrain.cli.output import LAYOUT_FLAGS
     from posttrain.config_rules import show
 
-    given = [(setting, dict(pairs) if setting != "data.ignore_columns" else list(pairs))
-             for setting, pairs in (("data.columns", args.column), ("data.ignore_columns", args.ignore_column),
-                                    ("data.message_keys", args.message_key), ("data.roles", args.role),
-                                    ("data.turns", args.turn)) if pairs]  # fmt: skip
+    given = [(setting, list(pairs) if setting == "data.ignore_columns" else dict(pairs))
+             for _, attr, setting in LAYOUT_FLAGS if (pairs := getattr(args, attr))]  # fmt: skip
     if given:
         overrides = " ".join(f"'{setting}={show(value)}'" for setting, value in given)
         raise UserError(f"posttrain train reads a file's own names from the run's config, not from --column and its "
