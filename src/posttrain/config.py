@@ -292,13 +292,10 @@ def message_problems(message_keys: Mapping[str, str], roles: Mapping[str, str],
     return out
 
 
-_LITERAL_ESCAPE = re.compile(r"\\[nt](?=$|[\\\sA-Z0-9:#*_-])")  # \n\n, \nQuestion:, not LaTeX's \nabla or \text
-"""A backslash and n or t in a setting's text, where a newline or a tab was meant: YAML's single quotes (and plain
-scalars) keep ``\\n`` as two characters. Followed by a lowercase letter it is LaTeX's (``\\nabla``, ``\\text``).
-
->>> [bool(_LITERAL_ESCAPE.search(s)) for s in ("\\n\\n", "\\nQuestion:", "\\nabla", "\\text{A}", "\\tag")]
-[True, True, False, False, False]
-"""
+# A backslash and n or t in a setting's text, where a newline or a tab was meant: YAML's single quotes (and plain
+# scalars) keep \n as two characters (\n\n, \nQuestion:). Followed by a lowercase letter it is LaTeX's (\nabla,
+# \text, \tag); tests/unit/test_config.py holds both kinds.
+_LITERAL_ESCAPE = re.compile(r"\\[nt](?=$|[\\\sA-Z0-9:#*_-])")
 
 
 def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[str]:
@@ -320,9 +317,9 @@ def turn_problems(turns: Mapping[str, str], source: str = "data.turns") -> list[
         if marker.strip():
             by.setdefault(marker.strip(), []).append(role)
     out += [f"{source}: {' and '.join(rs)} both open with {m!r}" for m, rs in by.items() if len(rs) > 1]
-    if turns and (missing := [r for r in ("user", "assistant") if r not in turns]):
+    if turns and (missing := [f"{r}'s" for r in ("user", "assistant") if r not in turns]):
         out.append(f"{source}: a transcript needs the user's and the assistant's markers "
-                   f"({' and '.join(r + chr(39) + 's' for r in missing)} {'is' if len(missing) == 1 else 'are'} missing)")
+                   f"({' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing)")
     return out
 
 
@@ -364,7 +361,7 @@ class RolloutSection(_Section):
 
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop(cls, value):
+    def _stop_strings_that_can_stop(cls, value):
         if any(not s for s in value):
             raise ValueError("an empty stop string would end every completion at its first token; remove it")
         if literal := next((s for s in value if _LITERAL_ESCAPE.search(s)), None):
