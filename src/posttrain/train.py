@@ -783,12 +783,9 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig, st
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(unwrapped, ScalarHeadModel):
-            save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state)
+            save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state, step=step)
         else:
-            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state)
-        info = tmp / INFO_FILE
-        known = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
-        info.write_text(json.dumps({**known, "step": step}, indent=2) + "\n", encoding="utf-8")
+            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state, step=step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

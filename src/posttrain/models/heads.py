@@ -110,14 +110,15 @@ def save_head(model: ScalarHeadModel, out_dir: str | Path, tensors: dict | None 
 
 
 def save_scalar_model(model: ScalarHeadModel, tokenizer, out_dir: str | Path, cfg,
-                      state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+                      state_dict: dict[str, torch.Tensor] | None = None, step: int | None = None) -> None:  # fmt: skip
     """The LM (adapter or full weights, via `save_model`) plus the head. `state_dict`: the whole model's weights
-    to write instead of its own (a sharded model's, gathered by `models.sharding.full_state`)."""
+    to write instead of its own (a sharded model's, gathered by `models.sharding.full_state`); `step`: as
+    `save_model` records it."""
     policy_state = head_state = None
     if state_dict is not None:
         policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
         head_state = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
-    save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name, state_dict=policy_state)
+    save_model(model.policy, tokenizer, out_dir, base_model=cfg.model.name, state_dict=policy_state, step=step)
     save_head(model, out_dir, head_state)
 
 

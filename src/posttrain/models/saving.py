@@ -39,11 +39,12 @@ def _unwrap(model):
 
 
 def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None = None,
-               state_dict: dict | None = None) -> Path:
+               state_dict: dict | None = None, step: int | None = None) -> Path:
     """Write the adapter (LoRA/QLoRA) or the full model as safetensors, the tokenizer and `posttrain_model.json`.
 
     `base_model` defaults to the name recorded by `load_model` (`model.posttrain_info`). `state_dict`: the weights
-    to write instead of the model's own (a sharded model's, gathered by `models.sharding.full_state`).
+    to write instead of the model's own (a sharded model's, gathered by `models.sharding.full_state`). `step`: the
+    training step the weights are of, recorded (a run's `final/`, which a resume checks against its last step).
     """
     model = _unwrap(model)
     out = Path(out_dir)
@@ -67,6 +68,8 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
     model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out)
     info["kind"] = "adapter" if adapter else "full"
+    if step is not None:
+        info["step"] = step
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
 
