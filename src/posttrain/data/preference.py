@@ -215,7 +215,7 @@ def prepare_pairs(cfg, tokenizer, *, share_prompt: bool = False) -> PreparedData
         )
     notes: list[str] = []
 
-    def render(path: str) -> list[RenderedPair]:
+    def render(path: str) -> tuple[list[RenderedPair], tuple[list[int], str]]:  # the pairs, and their `places`
         with warnings.catch_warnings(record=True) as caught:  # (the rows left out by data.skip_bad_rows too)
             warnings.simplefilter("always")
             rows = load_rows(path, "preference", run_columns(cfg, path), skip_bad=cfg.data.skip_bad_rows)

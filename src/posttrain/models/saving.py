@@ -74,17 +74,19 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
     return out
 
 
+def model_folder(path: Path) -> Path:
+    """`path/final` for a run folder (a `final/` and no model of its own), else `path` as it is."""
+    if (path / "final").is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        return path / "final"
+    return path
+
+
 def _trained_dir(path: str | Path) -> Path:
     """A saved model folder: `path` itself, or `<path>/final` for a run folder."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelNotFoundError(f"trained model {str(path)!r} not found: no such folder ({p.resolve()}).")
-    if (
-        (p / "final").is_dir()
-        and not (p / "config.json").is_file()
-        and not (p / "adapter_config.json").is_file()
-    ):
-        p = p / "final"
+    p = model_folder(p)
     if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
         raise ModelNotFoundError(
             f"{str(path)!r} is neither a saved model (config.json), an adapter (adapter_config.json), nor a run "

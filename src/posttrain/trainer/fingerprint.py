@@ -91,6 +91,7 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
     the embedded model's GGUF file, or of a hub model's cached snapshot; a model that cannot be located now is left
     out (its setting is checked by name as a config change)."""
     from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
+    from posttrain.models.saving import model_folder
 
     named = [("model.name", cfg.model.name), ("algorithm.reward_model", getattr(cfg.algorithm, "reward_model", None))]
     named += [(f"algorithm.rewards[{i}]", spec.get("args", {}).get("path"))
@@ -104,7 +105,7 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
             if name.strip().lower() in EMBEDDED_MODELS:
                 digest = weights_digest(embedded_gguf(name.strip().lower()))
             elif Path(name).expanduser().exists():
-                digest = weights_digest(_model_folder(Path(name).expanduser()))
+                digest = weights_digest(model_folder(Path(name).expanduser()))
             else:
                 digest = _hub_digest(name)
         except Exception:  # noqa: BLE001 (unreadable now: the resume is not refused for it)
@@ -112,14 +113,6 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
         if digest:
             out[setting] = {"path": name, "sha256": digest}
     return out
-
-
-def _model_folder(path: Path) -> Path:
-    """The folder that holds a model's weights: a run folder's `final/`, else `path` itself."""
-    final = path / "final"
-    if path.is_dir() and final.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
-        return final
-    return path
 
 
 def _hub_digest(name: str) -> str | None:
