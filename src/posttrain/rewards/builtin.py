@@ -24,6 +24,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
 from posttrain.data.tasks import TASKS
+from posttrain.data.tasks.arithmetic import same_number
 from posttrain.models.heads import RewardModelScorer
 from posttrain.rewards import sandbox
 
@@ -270,9 +271,7 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
         pred = numbers[-1]
     got = to_number(pred)
     if gold is not None and got is not None:
-        if gold.is_integer() and got.is_integer():
-            return got == gold
-        return abs(got - gold) <= tolerance * max(1.0, abs(gold))
+        return same_number(got, gold, tolerance)
     return _math_verify_equal(gold_text, pred)
 
 

@@ -203,6 +203,18 @@ def _slip(steps: list[tuple[int, str, int]], rng: random.Random) -> list[tuple[i
     return run
 
 
+def same_number(got: float, want: float, tolerance: float = 1e-6) -> bool:
+    """Whether an answer equals the gold one: two whole numbers exactly (1e-6 of 1553414 let 1553413 count, and a
+    pair's rejected side score as its chosen one), others within `tolerance` relative to the gold.
+
+    >>> same_number(1553413.0, 1553414.0), same_number(100.0000001, 100.0), same_number(5.0, 5.0)
+    (False, True, True)
+    """
+    if got.is_integer() and want.is_integer():
+        return got == want
+    return abs(got - want) <= tolerance * max(1.0, abs(want))
+
+
 def _gold(answer: float | int | str) -> float:
     """A row's gold answer as the verifier reads it (`1,234` included); ValueError when it is no number."""
     return float(str(answer).replace(",", ""))
@@ -278,9 +290,7 @@ class Arithmetic:
         got, marked = extract_answer(completion)
         want = _gold(answer)
         # whole numbers exactly: 1e-6 of 1553414 let 1553413 count as right (and pairs' rejected side as chosen)
-        close = got is not None and (got == want if got.is_integer() and want.is_integer()
-                                     else abs(got - want) <= 1e-6 * max(1.0, abs(want)))  # fmt: skip
-        correct = bool(close)
+        correct = got is not None and same_number(got, want)
         return {"correct": correct, "formatted": marked, "has_number": got is not None}
 
     def score(self, completion: str, answer: float | int | str) -> float:
