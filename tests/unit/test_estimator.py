@@ -161,6 +161,25 @@ def test_grpo_memory_grows_with_group_size():
     assert all(a < b for a, b in zip(peaks, peaks[1:]))
 
 
+def test_rloo_holds_what_grpo_holds_at_the_same_group():
+    """RLOO samples k completions per prompt and keeps GRPO's tensors per completion token (entropy included), so
+    at the same k and prompts its memory and compute are GRPO's; left out, k is RLOO's own default, 4, with two
+    prompts per micro-batch (8 sequences, as GRPO's 1 x 8)."""
+    kw = dict(technique="lora", reward_function=True, batch_size=2, group_size=4, seq_len=1024)
+    grpo, rloo = (estimate("7b", method=m, **kw) for m in ("grpo", "rloo"))
+    assert rloo.breakdown_gb == grpo.breakdown_gb and rloo.flops == grpo.flops
+    default = estimate("7b", method="rloo", technique="lora", reward_function=True)
+    assert (default.inputs["group_size"], default.inputs["batch_size"]) == (4, 2)
+    assert "group_size not given: 4 completions per prompt, the rloo default" in " ".join(default.assumptions)
+    assert default.breakdown_gb["reference_model"] == 0  # LoRA: the reference is the base, adapters disabled
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ppo"])
+def test_group_size_is_refused_where_nothing_samples_a_group(method):
+    with pytest.raises(UserError, match=f"group_size=4 applies to grpo and rloo only .* not to {method}"):
+        estimate("7b", method=method, group_size=4, reward_function=method == "ppo")
+
+
 def test_dpo_needs_more_than_sft():
     sft, dpo = (estimate("7b", method=m, batch_size=2) for m in ("sft", "dpo"))
     # a frozen copy held as the fp32 policy is (so its forward equals the untrained policy's exactly)
@@ -186,7 +205,8 @@ def test_logits_are_counted_as_posttrain_chunks_them():
         130 x 128,256 x 2 = 33,346,560 + 16 x 128,256 x 8 = 16,416,768 + 8,192 x 4,096 x 2 = 67,108,864 ->
         116,872,192 (10.5 GB for the full 8,192 x 128,256 logits at 10 bytes each).
       - the same model, GRPO (1 prompt x 8 completions of 1,024): the entropy's tensors make 21 bytes per block
-        value: 33,346,560 + 16 x 128,256 x 21 = 43,094,016 + 67,108,864 -> 143,549,440.
+        value: 33,346,560 + 16 x 128,256 x 21 = 43,094,016 + 67,108,864 -> 143,549,440. RLOO (2 prompts x 4) and
+        PPO (8 prompts), which log the entropy too, score the same 8 x 1,024 positions: the same bytes.
       - under FSDP (posttrain's fsdp2: the scored rows in one go, through the model's forward), SFT 1 x 512 on 2
         GPUs: 512 x 128,256 x 12 = 788,004,864 + 512 x 4,096 x 2 = 4,194,304 -> 792,199,168. The same under
         DeepSpeed ZeRO-3, which also gathers the output layer only inside a forward (`gathers_in_forward`).
@@ -200,6 +220,10 @@ def test_logits_are_counted_as_posttrain_chunks_them():
         (dict(model="llama-3-8b", batch_size=4, seq_len=2048), 116_872_192),
         (dict(model="llama-3-8b", method="grpo", technique="lora", batch_size=1, group_size=8, completion_len=1024),
          143_549_440),
+        (dict(model="llama-3-8b", method="rloo", technique="lora", batch_size=2, group_size=4, completion_len=1024),
+         143_549_440),
+        (dict(model="llama-3-8b", method="ppo", technique="lora", batch_size=8, completion_len=1024,
+              reward_function=True, value_model="head"), 143_549_440),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="fsdp"), 792_199_168),
         (dict(model="llama-3-8b", batch_size=1, seq_len=512, num_gpus=2, sharding="zero3"), 792_199_168),
         (dict(model="smollm2-135m", precision="fp32", batch_size=1, seq_len=100), 36_406_272),
@@ -328,7 +352,7 @@ def test_aliases_and_hub_names():
         (dict(gpu="H1000"), "unknown gpu 'h1000'"),
         (dict(method="grpo", seq_len=512, completion_len=512), "completion_len (512) must be smaller"),
         (dict(method="dpo", reference="adapter"), "needs a lora technique"),
-        (dict(method="sft", reward_model="7b"), "apply to ppo and grpo only"),
+        (dict(method="sft", reward_model="7b"), "apply to ppo, grpo and rloo only"),
         (dict(technique="prefix"), "technique 'prefix' is not known"),
         (dict(sharding="zero4"), "did you mean zero3"),
     ],
@@ -451,9 +475,9 @@ def test_what_would_fit_a_setup_that_does_not():
     (dict(technique="lora", lora_dropout=-1.0), "lora_dropout must be in [0, 1); got -1.0"),
     (dict(gpu="H100-80GB", gpu_memory_gb=40.0), "gpu='H100-80GB' and gpu_memory_gb=40.0 both name the GPU"),
     (dict(gpu_memory_gb=0.0), "gpu_memory_gb must be a positive size in GB"),
-    (dict(method="sft", rollout_engine="vllm"), "rollout_engine='vllm' applies to ppo and grpo only"),
+    (dict(method="sft", rollout_engine="vllm"), "rollout_engine='vllm' applies to ppo, grpo and rloo only"),
     (dict(method="dpo", completion_len=100, reward_function=True),
-     "completion_len=100, reward_function=True apply to ppo and grpo only"),
+     "completion_len=100, reward_function=True apply to ppo, grpo and rloo only"),
 ])  # fmt: skip
 def test_settings_that_would_be_ignored_or_are_impossible_are_refused(settings, says):
     """They were taken silently: a dropout of -1 as 0, --gpu dropped for --gpu-memory-gb, generation settings of a

@@ -152,7 +152,7 @@ def test_estimate_and_advise_start_without_torch(tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["--technique", "full", "--lora-rank", "8"], "--lora-rank applies to --technique lora or qlora or 8bit only"),
     (["--lora-dropout", "0.1"], "--lora-dropout applies to --technique lora or qlora or 8bit only"),
-    (["--method", "sft", "--group-size", "4"], "--group-size applies to --method grpo only"),
+    (["--method", "sft", "--group-size", "4"], "--group-size applies to --method grpo or rloo only"),
 ])  # fmt: skip
 def test_flags_the_estimate_would_ignore_are_refused(capsys, argv, says):
     rc, _, err = run_cli(argv, capsys)
@@ -160,10 +160,16 @@ def test_flags_the_estimate_would_ignore_are_refused(capsys, argv, says):
 
 
 def test_flags_left_out_take_the_defaults_and_aliases_count(capsys):
-    """--lora-rank 16 and --group-size 8 given equal them left out; `int8` is the 8bit technique, which reads a rank."""
+    """--lora-rank 16 and --group-size 8 given equal them left out (a group size left out is said so, as a batch
+    size is); `int8` is the 8bit technique, which reads a rank."""
     for given, left in ((["--technique", "lora", "--lora-rank", "16"], ["--technique", "lora"]),
                         (["--method", "grpo", "--group-size", "8", "--reward-function"],
                          ["--method", "grpo", "--reward-function"])):  # fmt: skip
-        assert run_cli([*given, "--json"], capsys)[1] == run_cli([*left, "--json"], capsys)[1]
+        a, b = (json.loads(run_cli([*argv, "--json"], capsys)[1]) for argv in (given, left))
+        noted = a.pop("assumptions")
+        stated = [n for n in b.pop("assumptions") if n not in noted]
+        assert a == b and stated == ([] if "--lora-rank" in given else [
+            "group_size not given: 8 completions per prompt, the grpo default; set group_size (--group-size) to "
+            "change it"])
     rc, out, _ = run_cli(["--technique", "int8", "--lora-rank", "8", "--json"], capsys)
     assert rc == 0 and json.loads(out)["inputs"]["lora_rank"] == 8

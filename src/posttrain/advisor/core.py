@@ -157,7 +157,7 @@ def _estimate(
         seq_len=seq, gradient_checkpointing=True, num_gpus=f["gpus"], sharding="fsdp" if f["gpus"] > 1 else "none",
         tokens=tokens or 1e8,
         gpu=None if f.get("gpu_memory_gb") is not None else f["gpu_name"], gpu_memory_gb=f.get("gpu_memory_gb"),
-        group_size=GROUP_SIZE, completion_len=seq // 2 if rl else None,
+        group_size=GROUP_SIZE if method == "grpo" else None, completion_len=seq // 2 if rl else None,
         reward_model=f["model"] if rl and rm else None, reward_function=rl and not rm,
     )  # fmt: skip
     return estimate_for(inputs)

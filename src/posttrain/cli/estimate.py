@@ -26,7 +26,7 @@ from posttrain.estimator.inputs import (
     TECHNIQUES,
     EstimateInputs,
 )
-from posttrain.estimator.memory import SHARD_STAGE
+from posttrain.estimator.memory import GROUP_METHODS, SHARD_STAGE
 from posttrain.estimator.models import parse_size
 from posttrain.estimator.table import format_table, reality_check
 
@@ -85,7 +85,7 @@ def _setup_flags(a) -> None:
 
 
 def _rl_and_hardware_flags(a) -> None:
-    a("--group-size", type=int, default=None, help="GRPO completions per prompt (default 8)")
+    a("--group-size", type=int, default=None, help="completions per prompt (GRPO, default 8; RLOO's k, default 4)")
     a(
         "--completion-len",
         type=int,
@@ -96,9 +96,9 @@ def _rl_and_hardware_flags(a) -> None:
     a("--gpu", default=None, help="GPU for time and cost (default: the smallest that fits)")
     a("--gpu-memory-gb", type=positive, default=None, help="a GPU known only by its memory")
     a("--gpu-table", default=None, metavar="FILE", help="YAML/JSON overriding or adding GPUs")
-    a("--reference", default=None, help=f"DPO/PPO/GRPO reference: one of {', '.join(REFERENCES)}")
-    a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO)")
-    a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO)")
+    a("--reference", default=None, help=f"DPO/PPO/GRPO/RLOO reference: one of {', '.join(REFERENCES)}")
+    a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO/RLOO)")
+    a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO/RLOO)")
     a("--value-model", default=None, help="PPO critic size or name (default: the policy's), or 'head': a value "
       "head on the policy, as posttrain's ppo")  # fmt: skip
     a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
@@ -106,7 +106,7 @@ def _rl_and_hardware_flags(a) -> None:
 
 
 _ONLY_FOR = {"lora_rank": ("technique", ("lora", "qlora", "8bit")), "lora_dropout": ("technique", ("lora", "qlora", "8bit")),
-             "group_size": ("method", ("grpo",))}  # fmt: skip
+             "group_size": ("method", GROUP_METHODS)}  # fmt: skip
 """Flags read for some techniques or methods only: None when not given (the field's default then applies), and
 refused where they would be ignored."""
 

@@ -16,7 +16,7 @@ A100/H100-class GPUs (GPT-NeoX reports 150-180 TFLOP/s per A100); the default 40
 from __future__ import annotations
 
 from posttrain.estimator.hardware import GPU
-from posttrain.estimator.memory import LORA_TECHNIQUES, Setup
+from posttrain.estimator.memory import LORA_TECHNIQUES, RL_METHODS, Setup
 
 DEFAULT_MFU = 0.40
 # Decoding reaches a fraction of peak bandwidth (kernel launch and sampling overheads); an assumption.
@@ -46,7 +46,7 @@ def flops_breakdown(s: Setup, tokens: float) -> dict[str, float]:
     forward = 2.0 * tokens  # per parameter, for one forward-only pass over the tokens
     if s.method == "dpo" and s.reference != "precomputed":
         out["reference_forward"] = forward * p
-    if s.method in ("ppo", "grpo"):
+    if s.method in RL_METHODS:
         generated = tokens * s.completion_len / s.seq_len
         out["generation"] = 2.0 * p * generated
         if s.reference != "none":
@@ -63,7 +63,7 @@ def flops_breakdown(s: Setup, tokens: float) -> dict[str, float]:
 
 
 def generated_tokens(s: Setup, tokens: float) -> float:
-    return tokens * s.completion_len / s.seq_len if s.method in ("ppo", "grpo") else 0.0
+    return tokens * s.completion_len / s.seq_len if s.method in RL_METHODS else 0.0
 
 
 def hours(

@@ -74,8 +74,8 @@ def estimate(model: str | float = "7b", **options) -> Estimate:
     """Estimate memory, compute, time and cost of training `model`; `options` are `EstimateInputs` fields
     (method, technique, batch_size, seq_len, gradient_checkpointing, num_gpus, gpu, tokens, ...).
 
-    `batch_size` is the micro-batch per GPU: sequences for SFT, pairs for DPO and reward models, prompts for PPO
-    and GRPO (GRPO generates `group_size` completions for each). `seq_len` counts prompt plus response;
+    `batch_size` is the micro-batch per GPU: sequences for SFT, pairs for DPO and reward models, prompts for PPO,
+    GRPO and RLOO (those two generate `group_size` completions for each). `seq_len` counts prompt plus response;
     `completion_len` is the generated part (RL). `tokens` are the sequence tokens trained on in total.
 
     >>> e = estimate("7b", technique="full", batch_size=1, seq_len=512)

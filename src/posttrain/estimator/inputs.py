@@ -19,12 +19,13 @@ from posttrain.estimator.compute import DEFAULT_MFU
 from posttrain.estimator.hardware import GPU
 from posttrain.estimator.models import resolve_model
 
-METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
+METHODS = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 TECHNIQUES = ("full", "lora", "qlora", "8bit")
 PRECISIONS = ("bf16-mixed", "fp16-mixed", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 REFERENCES = ("model", "adapter", "precomputed", "none")
 ENGINES = ("hf", "vllm")
+REFERENCE_METHODS = ("dpo", "ppo", "grpo", "rloo")
 ATTENTIONS = ("flash", "eager")
 ALIASES = {
     "mixed": "bf16-mixed",
@@ -47,9 +48,12 @@ ALIASES = {
 DEFAULT_TOKENS = 1e8
 # Defaults that depend on the method or technique, shared with the advisor (which sizes every stage with them)
 # and stated in every result that used them.
-# Micro-batch per GPU: sequences (sft), pairs (reward, dpo: two sequences each), prompts (ppo; grpo samples
-# `group_size` completions for each, so 1 prompt is already 8 sequences at the default group size).
-DEFAULT_MICRO_BATCH = {"sft": 4, "reward": 4, "dpo": 2, "ppo": 4, "grpo": 1}
+# Micro-batch per GPU: sequences (sft), pairs (reward, dpo: two sequences each), prompts (ppo; grpo and rloo
+# sample `group_size` completions for each, so 1 prompt is already 8 sequences at GRPO's default group size).
+DEFAULT_MICRO_BATCH = {"sft": 4, "reward": 4, "dpo": 2, "ppo": 4, "grpo": 1, "rloo": 2}
+# Completions per prompt when `group_size` is not given: GRPO's 8 (DeepSeekMath sampled 64; TRL and posttrain
+# default to 8) and RLOO's k = 4 (Ahmadian et al. 2024 used k = 2 and 4; posttrain's `num_generations` default).
+DEFAULT_GROUP_SIZE = {"grpo": 8, "rloo": 4}
 # Gradient checkpointing: on for a quantised base, as peft's `prepare_model_for_kbit_training` (its
 # `use_gradient_checkpointing=True` default) and the QLoRA paper's training script set it, since a k-bit base is
 # chosen to save memory; off for full and LoRA, as `posttrain train` (`model.gradient_checkpointing: false`)
@@ -71,6 +75,10 @@ def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise UserError(f"{name} {value!r} is not known{hint}; choose one of {', '.join(allowed)}")
     return key
+
+
+def _rl_names() -> str:
+    return ", ".join(memory.RL_METHODS[:-1]) + " and " + memory.RL_METHODS[-1]
 
 
 def _positive(name: str, value) -> int:
@@ -103,7 +111,7 @@ class EstimateInputs:
     model: str | float = "7b"
     """A size (`7b`, `135m`, `7e9`), a known name (`llama-3-8b`), a hub name, or a local config.json (folder)."""
     method: str = "sft"
-    """sft | reward | dpo | ppo | grpo."""
+    """sft | reward | dpo | ppo | grpo | rloo."""
     technique: str = "full"
     """full | lora | qlora (NF4 base) | 8bit (LoRA on an int8 base)."""
     precision: str = "bf16-mixed"
@@ -124,8 +132,8 @@ class EstimateInputs:
     """Data-parallel GPUs."""
     sharding: str = "none"
     """none/ddp | zero1 | zero2 | zero3 | fsdp (= ZeRO-3) | fsdp-grad-op (= ZeRO-2)."""
-    group_size: int = 8
-    """GRPO completions per prompt."""
+    group_size: int | None = None
+    """Completions per prompt (GRPO's G, RLOO's k); None: by method (`DEFAULT_GROUP_SIZE`)."""
     completion_len: int | None = None
     """Generated tokens per sequence (PPO, GRPO), part of `seq_len`; None: half of `seq_len`."""
     tokens: float | None = None
@@ -155,7 +163,7 @@ class EstimateInputs:
         for name, allowed in _CHOICES.items():
             object.__setattr__(self, name, _choice(name, getattr(self, name), allowed))
         for name in _COUNTS:
-            if not (name == "batch_size" and self.batch_size is None):  # None: the method's default
+            if not (name in ("batch_size", "group_size") and getattr(self, name) is None):  # None: by method
                 _positive(name, getattr(self, name))
         if self.tokens is not None and (
             isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, float)) or self.tokens <= 0
@@ -172,18 +180,21 @@ class EstimateInputs:
             raise UserError(f"gpu_memory_gb must be a positive size in GB; got {self.gpu_memory_gb!r}")
         self._check_rl()
         self._check_reference()
+        if self.group_size is not None and self.method not in memory.GROUP_METHODS:
+            raise UserError(f"group_size={self.group_size!r} applies to {' and '.join(memory.GROUP_METHODS)} only (they "
+                            f"sample a group of completions per prompt), not to {self.method}")  # fmt: skip
 
     def _check_rl(self) -> None:
         if self.method not in memory.RL_METHODS:
             if self.reward_model is not None or self.value_model is not None:
                 raise UserError(
-                    f"reward_model and value_model apply to ppo and grpo only, not to {self.method}"
+                    f"reward_model and value_model apply to {_rl_names()} only, not to {self.method}"
                 )
             given = [f"{k}={getattr(self, k)!r}" for k, default in (("completion_len", None),
                      ("rollout_engine", "hf"), ("reward_function", False)) if getattr(self, k) != default]  # fmt: skip
             if given:
                 verb = "applies" if len(given) == 1 else "apply"
-                raise UserError(f"{', '.join(given)} {verb} to ppo and grpo only (they generate), not to "
+                raise UserError(f"{', '.join(given)} {verb} to {_rl_names()} only (they generate), not to "
                                 f"{self.method}")  # fmt: skip
             return
         if (
@@ -204,7 +215,7 @@ class EstimateInputs:
     def _check_reference(self) -> None:
         if self.reference is None:
             return
-        if self.method not in ("dpo", "ppo", "grpo"):
+        if self.method not in REFERENCE_METHODS:
             if self.reference != "none":
                 raise UserError(f"reference={self.reference!r}: {self.method} uses no reference model")
             return
@@ -236,7 +247,7 @@ class EstimateInputs:
             lora_dropout=float(self.lora_dropout),
             num_gpus=self.num_gpus,
             sharding=self.sharding,
-            group_size=self.group_size,
+            group_size=self._group_size(notes),
             rollout_engine=self.rollout_engine,
             attention=self.attention,
         )
@@ -253,13 +264,22 @@ class EstimateInputs:
         if self.batch_size is not None:
             return self.batch_size
         n = DEFAULT_MICRO_BATCH[self.method]
-        unit = {"reward": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompt"}.get(
+        unit = {"reward": "pairs", "dpo": "pairs", "ppo": "prompts", "grpo": "prompt", "rloo": "prompts"}.get(
             self.method, "sequences"
         )
-        notes.append(
-            f"batch_size not given: micro-batch {n} {unit} per GPU, the {self.method} default (as `posttrain "
-            "advise` sizes it); set batch_size (--batch-size) to change it"
-        )
+        advise = "" if self.method == "rloo" else " (as `posttrain advise` sizes it)"  # advise plans no RLOO stage
+        notes.append(f"batch_size not given: micro-batch {n} {unit} per GPU, the {self.method} default{advise}; set "
+                     "batch_size (--batch-size) to change it")  # fmt: skip
+        return n
+
+    def _group_size(self, notes: list[str]) -> int:
+        if self.method not in memory.GROUP_METHODS:
+            return memory.Setup.group_size  # not read
+        if self.group_size is not None:
+            return self.group_size
+        n = DEFAULT_GROUP_SIZE[self.method]
+        notes.append(f"group_size not given: {n} completions per prompt, the {self.method} default; set group_size "
+                     "(--group-size) to change it")  # fmt: skip
         return n
 
     def _checkpointing(self, notes: list[str]) -> bool:
@@ -278,8 +298,8 @@ class EstimateInputs:
         return on
 
     def _with_reference(self, s: memory.Setup, notes: list[str]) -> memory.Setup:
-        """DPO, PPO and GRPO (its KL term) need reference log-probs; by default from the cheapest source."""
-        if s.method not in ("dpo", "ppo", "grpo"):
+        """DPO, PPO, GRPO and RLOO (their KL terms) need reference log-probs; by default from the cheapest source."""
+        if s.method not in REFERENCE_METHODS:
             return s
         reference = self.reference
         if reference is None:
@@ -287,7 +307,8 @@ class EstimateInputs:
             source = {"adapter": "the base with adapters disabled", "model": "a frozen copy of the policy"}[
                 reference
             ]
-            grpo = " (GRPO with a KL term; pass reference='none' for beta = 0)" if s.method == "grpo" else ""
+            grpo = (f" ({s.method.upper()} with a KL term; pass reference='none' for beta = 0)"
+                    if s.method in memory.GROUP_METHODS else "")  # fmt: skip
             notes.append(f"reference log-probs from {source}{grpo}")
         return replace(s, reference=reference)
 

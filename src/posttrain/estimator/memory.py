@@ -49,7 +49,11 @@ SOFTMAX_BLOCK_ELEMENTS = 2**21
 """Rows x vocabulary of one block of `_LinearHeadLogps`'s float32 work on a chunk: the value of
 `posttrain.models.logprobs.SOFTMAX_BLOCK_ELEMENTS`, repeated as `LOGIT_CHUNK_ELEMENTS` is."""
 LORA_TECHNIQUES = ("lora", "qlora", "8bit")
-RL_METHODS = ("ppo", "grpo")
+RL_METHODS = ("ppo", "grpo", "rloo")
+GROUP_METHODS = ("grpo", "rloo")
+"""Methods that sample a group of completions per prompt. RLOO's forward and loss (`algorithms/rloo.py`) keep the
+same tensors per completion token as GRPO's (the log-probs and the entropy every RL method logs), so its memory
+is GRPO's at the same group size and prompts."""
 
 # Which terms a breakdown always shows (0 where absent); extra terms appear only when non-zero.
 CORE_TERMS = (
@@ -71,7 +75,7 @@ class Setup:
     """Resolved inputs of one estimate; `core.estimate` builds and validates it."""
 
     arch: Arch
-    method: str = "sft"  # sft | reward | dpo | ppo | grpo
+    method: str = "sft"  # sft | reward | dpo | ppo | grpo | rloo
     technique: str = "full"  # full | lora | qlora | 8bit (LoRA on an int8 base)
     precision: str = "bf16-mixed"  # bf16-mixed | fp16-mixed | bf16 | fp16 | fp32
     optimizer: str = "adamw"  # adamw | adamw-8bit | sgd
@@ -82,7 +86,7 @@ class Setup:
     lora_dropout: float = 0.0
     num_gpus: int = 1
     sharding: str = "none"
-    group_size: int = 8  # G: completions per prompt (GRPO)
+    group_size: int = 8  # G: completions per prompt (GRPO; k in RLOO)
     completion_len: int = 1024  # generated tokens per sequence (PPO, GRPO), part of seq_len
     reference: str = "none"  # model | adapter | precomputed | none
     reward_arch: Arch | None = None  # a learned reward model held in memory (PPO, GRPO)
@@ -100,7 +104,7 @@ class Setup:
         """Sequences in one forward pass per GPU: DPO and reward models see chosen and rejected."""
         if self.method in ("dpo", "reward"):
             return 2 * self.batch_size
-        if self.method == "grpo":
+        if self.method in GROUP_METHODS:
             return self.batch_size * self.group_size
         return self.batch_size
 
@@ -280,17 +284,20 @@ def logit_value_bytes(s: Setup) -> float:
     the model's forward, `gather_logps`), run the model's own forward, under activation checkpointing where
     chunked (their forward may post-process the logits, e.g. Gemma 2's softcapping):
     - forward (and its recomputation in backward): the logits in the compute dtype (2 or 4 bytes), their fp32
-      upcast when that is 16-bit (4), the fp32 log-softmax (4); GRPO's entropy adds 4 + 4 + 1 + 4 + 4;
+      upcast when that is 16-bit (4), the fp32 log-softmax (4); the entropy the RL methods log adds
+      4 + 4 + 1 + 4 + 4;
     - backward: the saved log-softmax, its incoming gradient and the gradient it returns (3 x 4 = 12).
-    So 12 for SFT, DPO and PPO, 25 for GRPO in fp32 (4 + 4 + 17) and 27 in 16-bit (2 + 4 + 4 + 17). Measured on
-    CPU (fp32, 341 x 49,152 values, RSS with every large block mmapped): 12.0 for SFT and PPO, 25.0 for GRPO.
-    At a sampling temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0
-    measured for GRPO at T = 0.7.
+    So 12 for SFT and DPO, 25 for GRPO, RLOO and PPO in fp32 (4 + 4 + 17) and 27 in 16-bit (2 + 4 + 4 + 17).
+    Measured on CPU (fp32, 341 x 49,152 values, RSS with every large block mmapped): 12.0 for SFT and for PPO
+    before it logged the entropy, 25.0 for GRPO. PPO's loss forward now asks `gather_logps`/`head_logps` for the
+    entropy as GRPO's and RLOO's do (the same call, so the same bytes; not measured on its own). At a sampling
+    temperature other than 1 (posttrain's default), logits / T is one more fp32 copy (+4): 29.0 measured for
+    GRPO at T = 0.7.
     """
     if computes_own_logits(s):
         return s.act_bytes
     forward = s.act_bytes + (4.0 if s.act_bytes == 2 else 0.0) + 4.0
-    if s.method == "grpo":
+    if s.method in RL_METHODS:  # the entropy
         forward += 4.0 + 4.0 + 1.0 + 4.0 + 4.0
     return max(forward, 12.0)
 
@@ -299,19 +306,19 @@ def logit_block_bytes(s: Setup) -> float:
     """Peak bytes per (row, vocabulary) value of one block of `_LinearHeadLogps`'s float32 work (`logit_block_rows`
     rows), beside the chunk's logits; 0 where the model's forward computes the logits (`logit_value_bytes`).
     - forward: a 16-bit block's fp32 upcast (4; an fp32 block is read where it is) and its fp32 log-softmax (4);
-      GRPO's entropy, once the upcast is dropped: the log-softmax, p = exp(log-softmax), p x log-softmax, the p > 0
+      the RL methods' entropy, once the upcast is dropped: the log-softmax, p = exp(log-softmax), p x log-softmax, the p > 0
       mask, zeros and the masked product (4 + 4 + 4 + 1 + 4 + 4 = 21);
     - backward: the log-softmax, then its incoming gradient's zeros beside it, whose kernel writes the block's
       gradient over the log-softmax before it is cast back into the chunk (4 + 4 = 8; a 16-bit block's upcast is
       dropped before the zeros are made).
-    So 8 for SFT, DPO and PPO and 21 for GRPO, in fp32 and 16-bit alike. Measured (every op's output tracked, a
+    So 8 for SFT and DPO and 21 for GRPO, RLOO and PPO (which logs the entropy too), in fp32 and 16-bit alike. Measured (every op's output tracked, a
     341 x 49,152 chunk, blocks of 42 rows): the chunk's logits (67.0 MB fp32, 33.5 MB bf16) and two blocks of
     8.3 MB at the forward's peak (one in fp32), 21 bytes per block value for GRPO's forward
     (benchmarks/README.md, fifteenth session).
     """
     if not computes_own_logits(s):
         return 0.0
-    return 21.0 if s.method == "grpo" else 8.0
+    return 21.0 if s.method in RL_METHODS else 8.0
 
 
 def logits_bytes(s: Setup) -> float:

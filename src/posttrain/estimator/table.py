@@ -14,6 +14,8 @@ from posttrain.estimator.hardware import USABLE_FRACTION
 from posttrain.estimator.inputs import METHODS, EstimateInputs
 
 TABLE_TECHNIQUES = ("full", "lora", "8bit", "qlora")
+TABLE_METHODS = tuple(m for m in METHODS if m != "rloo")
+"""RLOO's rows would be GRPO's at the same group size (`memory.GROUP_METHODS`): the table leaves them out."""
 
 
 @dataclass
@@ -46,10 +48,12 @@ def reality_check(
         tokens=tokens, gpu=gpu, gpu_table=gpu_table,
     )  # fmt: skip
     rows: list[Row] = []
-    for method in METHODS:
+    for method in TABLE_METHODS:
         extra: dict = {}
         if method in ("ppo", "grpo"):
-            extra = dict(group_size=group_size, completion_len=completion_len)
+            extra = dict(completion_len=completion_len)
+        if method == "grpo":
+            extra.update(group_size=group_size)
         if method == "ppo":
             # A learned reward model the size of the policy (as in InstructGPT), and as many prompts per
             # micro-batch as GRPO has completions, so both generate the same number of sequences at once.
@@ -77,7 +81,7 @@ def reality_check(
     settings = [
         f"model {model}, {seq_len} tokens per sequence, micro-batch {batch_size} per GPU, "
         f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, bf16 mixed precision, AdamW",
-        f"GRPO: {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
+        f"GRPO (and RLOO at the same k): {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
         f"the size of the policy, {group_size * batch_size} prompts per micro-batch; DPO/PPO/GRPO reference: a frozen copy (full) or adapters disabled (LoRA)",
         f"GPUs needed: {gpu} with FSDP full shard, each filled to at most {USABLE_FRACTION:.0%} of its memory; "
         f"relative cost: same {tokens:.0e} trained tokens, 1.00 = full SFT",
