@@ -181,7 +181,7 @@ def test_group_size_is_refused_where_nothing_samples_a_group(method):
 
 
 def test_dpo_needs_more_than_sft():
-    sft, dpo = (estimate("7b", method=m, batch_size=2) for m in ("sft", "dpo"))
+    sft, dpo = (estimate("7b", method=m, batch_size=2, reference=r) for m, r in (("sft", None), ("dpo", "model")))
     # a frozen copy held as the fp32 policy is (so its forward equals the untrained policy's exactly)
     assert dpo.breakdown_gb["reference_model"] == pytest.approx(28.0, rel=1e-12)
     # twice the scored positions: the same chunk of logits, twice the hidden states kept for its recomputation
@@ -189,6 +189,49 @@ def test_dpo_needs_more_than_sft():
     assert dpo.breakdown_gb["logits"] - sft.breakdown_gb["logits"] == pytest.approx(hidden, rel=1e-12)
     lora = estimate("7b", method="dpo", technique="lora")
     assert lora.breakdown_gb["reference_model"] == 0.0  # adapters disabled give the reference
+
+
+def test_fsdp_grad_op_is_zero2_and_zero3_qlora_gathers_nothing():
+    """FSDP's shard-grad-op is ZeRO-2 (ESTIMATOR_FACTS): in mixed precision the 16-bit weights whole and the fp32
+    master sharded, 7e9 x (2 + 4/8) = 17.5 GB on 8 GPUs (it counted a whole 4 + 2 = 42 GB); gradients and states
+    sharded as under full shard. ZeRO-3 keeps a QLoRA base whole, so it has no gathered layer on top: 8 GPUs hold
+    no more weights than 1 (their logits are another matter: ZeRO-3 gathers the output layer inside a forward, so
+    the scored rows go through it unchunked)."""
+    kw = dict(batch_size=1, gradient_checkpointing=True, num_gpus=8)
+    op, full = (estimate("7b", sharding=s, **kw).breakdown_gb for s in ("fsdp-grad-op", "fsdp"))
+    assert op["weights"] == pytest.approx(17.5, rel=1e-12)
+    assert (op["gradients"], op["optimizer_states"]) == (full["gradients"], full["optimizer_states"]) == (3.5, 7.0)
+    one = estimate("70b", technique="qlora", batch_size=1)
+    eight = estimate("70b", technique="qlora", batch_size=1, num_gpus=8, sharding="zero3")
+    assert "gathered_params" not in eight.breakdown_gb and eight.breakdown_gb["weights"] < one.breakdown_gb["weights"]
+
+
+def test_reference_defaults_are_what_train_picks():
+    """Left out, the reference is the one `posttrain train` uses at its algorithms' defaults: the adapter under LoRA;
+    under full fine-tuning DPO precomputes (no copy held; one forward over the pairs, the copy's FLOPs), GRPO at
+    beta 0 holds none (no reference forward), PPO and RLOO (KL 0.05) a frozen copy. A QLoRA copy is loaded with
+    the run's technique, so its blocks are 4-bit, as `frozen_weight_bytes` counts a quantised base."""
+    from posttrain.algorithms import dpo, rl
+    from posttrain.estimator.memory import frozen_weight_bytes
+
+    class Cfg:  # what reference_mode reads
+        def __init__(self, technique):
+            self.technique = type("T", (), {"name": technique})()
+            self.algorithm = type("A", (), {"loss_type": "sigmoid", "reference": "auto"})()
+
+    assert (dpo.reference_mode(Cfg("full")), rl.reference_mode(Cfg("full"), False)) == ("precompute", "none")
+    picked = {m: estimate("7b", method=m, reward_function=m != "dpo").inputs["reference"]
+              for m in ("dpo", "grpo", "ppo", "rloo")}  # fmt: skip
+    assert picked == {"dpo": "precomputed", "grpo": "none", "ppo": "model", "rloo": "model"}
+    full = {r: estimate("7b", method="dpo", batch_size=1, reference=r) for r in ("precomputed", "model", "none")}
+    assert full["precomputed"].breakdown_gb["reference_model"] == 0.0
+    assert full["precomputed"].flops == full["model"].flops > full["none"].flops  # none: no reference forward
+    grpo = estimate("7b", method="grpo", reward_function=True)
+    assert "reference_forward" not in grpo.flops_breakdown and grpo.breakdown_gb["reference_model"] == 0.0
+    q = estimate("7b", method="dpo", technique="qlora", reference="model")
+    s, _ = EstimateInputs(model="7b", method="dpo", technique="qlora", reference="model").to_setup()
+    assert q.breakdown_gb["reference_model"] == pytest.approx(frozen_weight_bytes(s, s.arch, True) / 1e9, rel=1e-12)
+    assert q.breakdown_gb["reference_model"] < 5.0  # 4-bit blocks, not the 14 GB 16-bit copy
 
 
 def test_logits_are_counted_as_posttrain_chunks_them():

@@ -153,6 +153,8 @@ def test_estimate_and_advise_start_without_torch(tmp_path):
     (["--technique", "full", "--lora-rank", "8"], "--lora-rank applies to --technique lora or qlora or 8bit only"),
     (["--lora-dropout", "0.1"], "--lora-dropout applies to --technique lora or qlora or 8bit only"),
     (["--method", "sft", "--group-size", "4"], "--group-size applies to --method grpo or rloo only"),
+    (["--table", "--batch-size", "2", "--gpu-memory-gb", "24"], "--batch-size, --gpu-memory-gb would be ignored"),
+    (["--method", "grpo", "--value-model", "70b"], "value_model='70b' applies to ppo only: grpo has no critic"),
 ])  # fmt: skip
 def test_flags_the_estimate_would_ignore_are_refused(capsys, argv, says):
     rc, _, err = run_cli(argv, capsys)

@@ -54,8 +54,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--table", action="store_true", help="the reality check: every method x technique for --model"
     )
-    p.set_defaults(func=run, fails_as_document=True)
+    defaults = {a.dest: a.default for a in p._actions if a.dest not in TABLE_READS | {"help"}}
+    p.set_defaults(func=run, fails_as_document=True, table_ignores=defaults)
     return p
+
+
+TABLE_READS = {"model", "gpu", "seq_len", "group_size", "completion_len", "tokens", "gpu_table", "json", "table"}
+"""The flags `--table` reads; its rows fix the rest (every method and technique, micro-batch 1, gradient
+checkpointing, bf16 mixed precision, AdamW, FSDP), so another flag given with it is refused."""
+
+
+def _refuse_flags_the_table_ignores(args: argparse.Namespace) -> None:
+    given = [f"--{k.replace('_', '-')}" for k, default in args.table_ignores.items() if getattr(args, k) != default]
+    if given:
+        raise UserError(f"--table prints every method and technique at fixed settings (micro-batch 1, gradient "
+                        f"checkpointing, bf16 mixed precision, AdamW, FSDP on the GPUs it needs) and reads only "
+                        f"--model, --gpu, --seq-len, --group-size, --completion-len, --tokens and --gpu-table; "
+                        f"{', '.join(given)} would be ignored: drop {'it' if len(given) == 1 else 'them'}, or "
+                        "leave out --table for one estimate with them")  # fmt: skip
 
 
 def _setup_flags(a) -> None:
@@ -185,13 +201,14 @@ def change_flags(change: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.table:
+            _refuse_flags_the_table_ignores(args)
             gpu = args.gpu or "H100-80GB"
             rows, settings = reality_check(
                 model=args.model,
                 gpu=gpu,
                 seq_len=args.seq_len,
                 group_size=args.group_size or 8,
-                completion_len=args.completion_len or 1024,
+                completion_len=args.completion_len or args.seq_len // 2,  # half, as one estimate assumes
                 tokens=args.tokens or 1e8,
                 gpu_table=load_gpu_table(args.gpu_table),
             )

@@ -44,7 +44,9 @@ def flops_breakdown(s: Setup, tokens: float) -> dict[str, float]:
     p = s.arch.params
     out = {"policy_training": train_flops_per_token(s, p) * tokens}
     forward = 2.0 * tokens  # per parameter, for one forward-only pass over the tokens
-    if s.method == "dpo" and s.reference != "precomputed":
+    if s.method == "dpo" and s.reference != "none":
+        # precomputed: the same forward over the pairs, once before training (one epoch's worth: an upper bound
+        # when the run makes several passes)
         out["reference_forward"] = forward * p
     if s.method in RL_METHODS:
         generated = tokens * s.completion_len / s.seq_len

@@ -197,6 +197,9 @@ class EstimateInputs:
                 raise UserError(f"{', '.join(given)} {verb} to {_rl_names()} only (they generate), not to "
                                 f"{self.method}")  # fmt: skip
             return
+        if self.value_model is not None and self.method != "ppo":
+            raise UserError(f"value_model={self.value_model!r} applies to ppo only: {self.method} has no critic (its "
+                            "baseline comes from the sampled group)")  # fmt: skip
         if (
             self.completion_len is not None
             and _positive("completion_len", self.completion_len) >= self.seq_len
@@ -298,18 +301,28 @@ class EstimateInputs:
         return on
 
     def _with_reference(self, s: memory.Setup, notes: list[str]) -> memory.Setup:
-        """DPO, PPO, GRPO and RLOO (their KL terms) need reference log-probs; by default from the cheapest source."""
+        """DPO, PPO, GRPO and RLOO (their KL terms) need reference log-probs. By default the source `posttrain train`
+        picks at its algorithm's defaults (`reference_mode` in algorithms/dpo.py and rl.py): the base with the
+        adapters disabled under a LoRA technique; under full fine-tuning DPO precomputes them, GRPO (beta 0 by
+        default, its KL logged only when the adapter gives it for free) needs none, and PPO and RLOO (KL
+        coefficients 0.05) hold a frozen copy."""
         if s.method not in REFERENCE_METHODS:
             return s
         reference = self.reference
         if reference is None:
-            reference = "adapter" if s.technique != "full" else "model"
-            source = {"adapter": "the base with adapters disabled", "model": "a frozen copy of the policy"}[
-                reference
-            ]
-            grpo = (f" ({s.method.upper()} with a KL term; pass reference='none' for beta = 0)"
-                    if s.method in memory.GROUP_METHODS else "")  # fmt: skip
-            notes.append(f"reference log-probs from {source}{grpo}")
+            if s.technique != "full":
+                reference = "adapter"
+            else:
+                reference = {"dpo": "precomputed", "grpo": "none"}.get(s.method, "model")
+            source = {
+                "adapter": "the base with adapters disabled",
+                "model": "a frozen copy of the policy",
+                "precomputed": "a pass over the pairs before training (no second model held), as `posttrain train` "
+                               "does for full fine-tuning",
+                "none": "nowhere: GRPO's default beta = 0 needs no reference under full fine-tuning, as `posttrain "
+                        "train` runs it; pass reference='model' for a KL term",
+            }[reference]  # fmt: skip
+            notes.append(f"reference log-probs from {source}")
         return replace(s, reference=reference)
 
     def _with_reward_and_critic(self, s: memory.Setup, notes: list[str]) -> memory.Setup:

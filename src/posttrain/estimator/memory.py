@@ -18,7 +18,7 @@ or pipeline parallelism, CPU offload, temporary buffers of individual kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from posttrain.estimator.models import Arch
 
@@ -173,8 +173,14 @@ def model_states(s: Setup, arch: Arch) -> dict[str, float]:
     if s.technique == "full":
         w, g, k = trainable_bytes(s)
         p = arch.params
+        weights = p * w / (n if stage >= 3 else 1)
+        if s.sharding == "fsdp-grad-op":
+            # FSDP's shard-grad-op is ZeRO-2 [ESTIMATOR_FACTS: "2 Psi + (2 + K) Psi / N"]: the weights in the compute
+            # dtype stay whole from the forward to the end of the backward, and the master weights FSDP shards
+            # under every strategy (full shard's) are 1/N each: 2 + 4/N in mixed precision, not a whole 4 + 2.
+            weights = p * (trainable_bytes(replace(s, sharding="fsdp"))[0] / n + s.act_bytes)
         return {
-            "weights": p * w / (n if stage >= 3 else 1),
+            "weights": weights,
             "gradients": p * g / (n if stage >= 2 else 1),
             "optimizer_states": p * k / (n if stage >= 1 else 1),
         }
@@ -367,8 +373,9 @@ def breakdown_bytes(s: Setup) -> dict[str, float]:
     if s.reference == "model":
         # A frozen policy-sized copy, forward only; ZeRO-3/FSDP shard it like the policy. Under full fine-tuning
         # with autocast posttrain holds it as the policy is held (fp32), so its forward equals the untrained
-        # policy's exactly.
-        ref = frozen_weight_bytes(s, s.arch, quantised=False)
+        # policy's exactly; under QLoRA or 8-bit it is loaded with the run's technique (`models.reference`), so its
+        # blocks are quantised as the policy's base is.
+        ref = frozen_weight_bytes(s, s.arch, quantised=s.technique in ("qlora", "8bit"))
         if s.technique == "full" and s.precision == "bf16-mixed" and s.sharding not in DEEPSPEED_SHARDINGS:
             ref = s.arch.params * 4.0
         out["reference_model"] = ref / (n if stage >= 3 else 1)
@@ -380,8 +387,9 @@ def breakdown_bytes(s: Setup) -> dict[str, float]:
         out["value_model"] = sum(model_states(s, s.value_arch).values())
     out["kv_cache"] = kv_cache_bytes(s)
     out["rollout_buffers"] = rollout_buffer_bytes(s)
-    if stage >= 3 and n > 1:
-        out["gathered_params"] = 4 * s.arch.largest_layer_params  # [DS]
+    if stage >= 3 and n > 1 and not (s.technique in ("qlora", "8bit") and s.sharding == "zero3"):
+        # [DS]; ZeRO-3 keeps a quantised base whole (`model_states`), so it gathers only the adapters: nothing kept
+        out["gathered_params"] = 4 * s.arch.largest_layer_params
     if s.method in RL_METHODS and s.rollout_engine == "vllm":
         # vLLM holds its own 16-bit copy of the policy for generation.
         out["generation_weights"] = s.arch.params * 2.0

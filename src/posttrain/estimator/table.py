@@ -82,7 +82,8 @@ def reality_check(
         f"model {model}, {seq_len} tokens per sequence, micro-batch {batch_size} per GPU, "
         f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, bf16 mixed precision, AdamW",
         f"GRPO (and RLOO at the same k): {group_size} completions of {completion_len} tokens per prompt; PPO: critic and reward model "
-        f"the size of the policy, {group_size * batch_size} prompts per micro-batch; DPO/PPO/GRPO reference: a frozen copy (full) or adapters disabled (LoRA)",
+        f"the size of the policy, {group_size * batch_size} prompts per micro-batch; the reference as `posttrain train` holds it: adapters "
+        "disabled (LoRA); under full fine-tuning DPO's precomputed, none for GRPO (beta 0), a frozen copy for PPO",
         f"GPUs needed: {gpu} with FSDP full shard, each filled to at most {USABLE_FRACTION:.0%} of its memory; "
         f"relative cost: same {tokens:.0e} trained tokens, 1.00 = full SFT",
     ]
