@@ -72,7 +72,7 @@ CASES = [
         {"prompts": 20000, "reward_model": True, "quality": "subjective", "format_ok": True, "model": "qwen2.5-1.5b", "gpu": "H100-80GB", "gpus": 8},
         ["ppo"], "full",
         {"ppo-learned-reward", "ppo-critic-affordable"},
-        ["trained reward model exists", "the critic is affordable"],
+        ["trained reward model exists", "PPO is affordable"],
     ),
     (
         "reward-model-no-critic-grpo",
@@ -129,6 +129,40 @@ def test_multi_stage_configs_chain_their_outputs():
     assert second["config"]["model"]["name"] == first["config"]["run"]["output_dir"] + "/final"
     for stage in a.configs:
         assert config_from_dict(stage["config"]).algorithm.name == stage["stage"]
+
+
+def test_several_gpus_give_sharded_configs_that_split_over_them():
+    """The estimate sizes FSDP full shard over several GPUs, so every stage's config shards (run.sharding: fsdp2)
+    and says how to launch it; each process's share of a step is a whole number of micro-batches (GRPO: of
+    whole groups). A config that did not shard held the whole 6B model per process: 129-157 GB for a stage
+    advised at 22.6 GB per GPU."""
+    profile = {"demonstrations": 13000, "preference_pairs": 33000, "prompts": 31000, "quality": "subjective",
+               "model": "6b", "gpu": "H100-80GB", "gpus": 8}  # fmt: skip
+    for gpus in (8, 3):
+        a = advise({**profile, "gpus": gpus}, what_if=False)
+        assert any(f"torchrun --nproc_per_node {gpus} -m posttrain.cli train" in n for n in a.assumptions)
+        for stage in a.configs:
+            cfg = config_from_dict(stage["config"])
+            share, per = cfg.optim.batch_size // gpus, stage["config"]["algorithm"].get("num_generations", 1)
+            assert cfg.run.sharding == "fsdp2" and cfg.optim.batch_size % (gpus * per) == 0
+            assert share % cfg.optim.micro_batch_size == 0
+    one = advise({**profile, "gpus": 1, "gpu": "H200-141GB"}, what_if=False)
+    assert all("sharding" not in s["config"]["run"] for s in one.configs)
+
+
+def test_ppo_is_sized_as_posttrain_runs_it():
+    """posttrain's PPO puts a value head on the policy (no separate critic): the advice sizes that, as the config it
+    writes trains it. With a 7B policy and a reward model on a 48 GB GPU PPO with LoRA needs ~30 GB (a separate
+    critic made it 45 GB and the advice fell back to DPO)."""
+    from posttrain.estimator import estimate
+
+    a = advise({"demonstrations": 2000, "preference_pairs": 5000, "prompts": 2000, "quality": "subjective",
+                "model": "7b", "gpu": "L40S-48GB"}, what_if=False)  # fmt: skip
+    assert a.pipeline == ["sft", "reward", "ppo"] and a.technique == "lora"
+    head = estimate("7b", method="ppo", technique="lora", reward_model="7b", value_model="head", seq_len=1024,
+                    batch_size=4, completion_len=512, gradient_checkpointing=True, gpu="L40S-48GB")  # fmt: skip
+    fired = next(x for x in a.fired if x["rule"] == "ppo-critic-affordable")
+    assert f"({head.peak_memory_gb:.0f} GB per GPU with lora)" in fired["reason"]
 
 
 def test_risks_follow_the_pipeline():

@@ -37,7 +37,7 @@ PIPELINES = [
         "instructgpt-reward-model-given",
         {"demonstrations": 13000, "prompts": 31000, "reward_model": True, "quality": "subjective", "model": "6b", "gpu": "H100-80GB", "gpus": 8},
         ["sft", "ppo"], "full",
-        ["a trained reward model exists and 31,000 prompts", "the critic is affordable"],
+        ["a trained reward model exists and 31,000 prompts", "PPO is affordable"],
     ),
     (
         # Zephyr (Tunstall et al. 2023, sec. 3-4): distilled SFT on UltraChat (~200k dialogues), then DPO on

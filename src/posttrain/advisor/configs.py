@@ -65,14 +65,20 @@ def stage_config(
     data_file: str,
     epochs: float,
     group_size: int,
+    gpus: int = 1,
 ) -> dict:
-    """One stage's config; `micro_batch` counts what the estimator sized: sequences, pairs, or RL prompts."""
+    """One stage's config; `micro_batch` counts what the estimator sized: sequences, pairs, or RL prompts, per GPU.
+    On several GPUs the estimate sized FSDP full shard, so the config shards (`run.sharding: fsdp2`, launched by
+    torchrun) and each process's share of the step is a whole number of its micro-batches."""
     full_lr, lora_lr = LEARNING_RATES[stage]
     # The run config counts sequences per step; a GRPO prompt is `group_size` sequences.
     per = group_size if stage == "grpo" else 1
     batch = GLOBAL_BATCH[stage] * per
-    micro = min(micro_batch * per, batch)
-    while batch % micro:  # the run config requires batch_size to be a multiple of micro_batch_size
+    if batch % (gpus * per):  # every process takes the same whole number of rows (prompts for GRPO)
+        batch = -(-batch // (gpus * per)) * gpus * per
+    share = batch // gpus
+    micro = min(micro_batch * per, share)
+    while share % micro:  # the run config requires each process's share to be a multiple of micro_batch_size
         micro -= 1
     tech: dict = {"name": technique}
     if technique != "full":
@@ -93,7 +99,7 @@ def stage_config(
             "batch_size": batch,
             "micro_batch_size": micro,
         },
-        "run": {"output_dir": output_dir, "epochs": epochs},
+        "run": {"output_dir": output_dir, "epochs": epochs, **({"sharding": "fsdp2"} if gpus > 1 else {})},
     }
 
 
@@ -107,6 +113,7 @@ def pipeline_configs(
     micro_batches: list[int],
     data_files: list[str],
     group_size: int,
+    gpus: int = 1,
 ) -> list[dict]:
     """{stage, config, note} for every stage, chained: each policy stage starts from the last one's model.
 
@@ -121,7 +128,7 @@ def pipeline_configs(
         cfg = stage_config(
             stage, model=start, output_dir=run_dir, technique=technique, seq_len=seq_len,
             micro_batch=micro_batches[i - 1], data_file=data_files[i - 1],
-            epochs=2.0 if stage == "sft" else 1.0, group_size=group_size,
+            epochs=2.0 if stage == "sft" else 1.0, group_size=group_size, gpus=gpus,
         )  # fmt: skip
         notes = [start_note] if start_note else []
         alg = cfg["algorithm"]

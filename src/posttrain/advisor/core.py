@@ -3,7 +3,8 @@ at what cost.
 
 How a recommendation is made, in order:
   1. The profile's missing keys get stated assumptions (`_facts`); `--data` fills the data counts.
-  2. The estimator sizes PPO on the profile's hardware (does its critic fit?).
+  2. The estimator sizes PPO on the profile's hardware as posttrain runs it (a value head on the policy, the
+     reference, the reward model): does it fit?
   3. The framework's slots (rules.yaml `slots`: imitation, reward, preferences, verifier) are decided last
      to first: `method` rules support a method in a slot, `block` rules rule one out, and each slot takes the
      first supported, unblocked method in its precedence order; the pipeline is the chosen stages in training
@@ -130,7 +131,7 @@ def _facts(p: Profile) -> tuple[dict, list[str]]:
     f["avg_tokens"] = p.avg_tokens or f["seq_len"] / 2
     if p.avg_tokens is None:
         notes.append(f"avg_tokens not stated: half of seq_len ({f['avg_tokens']:.0f})")
-    micro = ", ".join(f"{m} {n}" for m, n in MICRO_BATCH.items())
+    micro = ", ".join(f"{m} {n}" for m, n in MICRO_BATCH.items() if m in STAGES)
     notes.append(
         f"sizing: gradient checkpointing on, micro-batch per GPU {micro} (pairs for reward and dpo, prompts for "
         f"ppo and grpo, grpo x {GROUP_SIZE} completions; halved down to 1 until it fits); "
@@ -159,6 +160,7 @@ def _estimate(
         gpu=None if f.get("gpu_memory_gb") is not None else f["gpu_name"], gpu_memory_gb=f.get("gpu_memory_gb"),
         group_size=GROUP_SIZE if method == "grpo" else None, completion_len=seq // 2 if rl else None,
         reward_model=f["model"] if rl and rm else None, reward_function=rl and not rm,
+        value_model="head" if method == "ppo" else None,  # posttrain's PPO, as the config it writes trains it
     )  # fmt: skip
     return estimate_for(inputs)
 
@@ -389,7 +391,12 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
     out = configs.pipeline_configs(
         d["pipeline"], rewards=_rewards(d), model_name=name, technique=d["technique"],
         seq_len=int(f["seq_len"]), micro_batches=f["micro_batches"], data_files=files, group_size=GROUP_SIZE,
+        gpus=int(f["gpus"]),
     )  # fmt: skip
+    if f["gpus"] > 1:
+        notes.append(f"every stage is sized for FSDP full shard over {f['gpus']} GPUs, so its config sets "
+                     f"run.sharding: fsdp2: launch it with `torchrun --nproc_per_node {f['gpus']} -m posttrain.cli train "
+                     "FILE` (docs/scale.md); one process would hold the whole model")  # fmt: skip
     for stage, data in zip(out, files):  # the file's own column names travel with it
         if summary and data == summary.file:
             if summary.columns:
