@@ -12,6 +12,7 @@ set it) and with a pad token of its own. The trained end-of-turn token must keep
 when it is also the pad id, and padding must carry none.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -470,9 +471,60 @@ def test_a_base_model_without_a_template_is_sampled_on_the_format_it_trains_on()
     assert not tok.chat_template
     rendered = render_sft(tok, {"prompt": U1["content"], "completion": "four"}, max_length=999)
     trained_prompt = tok.decode(rendered.input_ids[: rendered.loss_mask.index(1)])
-    assert sampling_prompt(tok, U1["content"]) == trained_prompt == f"User: {U1['content']}\nAssistant: "
+    assert sampling_prompt(tok, U1["content"]) == trained_prompt == f"User: {U1['content']}\nAssistant:"
     assert tok.decode(render_prompt(tok, {"prompt": U1["content"]})) == trained_prompt  # RL's sampling prompt
-    assert sampling_prompt(tok, [SYS, U1]) == f"{SYS['content']}\n\nUser: {U1['content']}\nAssistant: "
+    assert sampling_prompt(tok, [SYS, U1]) == f"{SYS['content']}\n\nUser: {U1['content']}\nAssistant:"
+
+
+@pytest.mark.parametrize("completion", ["four", "4", "It is 8.", "42 and 3", "\nfive"])
+@pytest.mark.parametrize("bos", [False, True])
+def test_a_template_less_prompt_is_the_trained_prefix_with_merges(completion, bos):
+    """With a tokenizer that merges (a space glued to the next word: ``Ġfour``), the fallback's sampling prompt
+    ended in a lone space token after `Assistant:` that SFT never trained there (it trained ``Ġfour``): a model
+    that had learned every answer generated empty ones. The prompt's ids are now exactly the trained row's ids
+    before its first trained token, and the decoded answer loses the space the template writes. A tokenizer that
+    puts BOS before plain text (Llama 2, Gemma base) gets it before the rendered conversation too, in training and
+    sampling alike."""
+    from posttrain.data.render import answer_scaffold, strip_scaffold
+    from posttrain.testing import merge_tokenizer
+
+    tok = merge_tokenizer(["<|endoftext|>", "<s>"], eos="<|endoftext|>", bos="<s>", prepend_bos=bos)
+    rendered = render_sft(tok, {"prompt": U1["content"], "completion": completion}, max_length=999)
+    first = rendered.loss_mask.index(1)
+    assert render_prompt(tok, {"prompt": U1["content"]}) == rendered.input_ids[:first]
+    assert (rendered.input_ids[0] == tok.bos_token_id) is bos
+    trained = [i for i, m in zip(rendered.input_ids, rendered.loss_mask) if m]
+    answer = tok.decode(trained, skip_special_tokens=True)
+    assert strip_scaffold(answer, answer_scaffold(tok)) == completion
+
+
+ALPACA_STYLE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+                "{% elif m['role'] == 'assistant' %}{{ '### Response:\n' + m['content'] + '\n\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
+CHATML_ADDED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_template_that_writes_no_stop_is_warned_and_an_added_marker_closes_the_turn():
+    """An Alpaca-style template closes an answer with plain text: nothing trains a stop, and generation runs every
+    answer to max_new_tokens; the render says so (plain `text` rows get the EOS and are not concerned). ChatML
+    markers added with `add_tokens` (not marked special, as community fine-tunes add them) close the turn: they are
+    trained and sampling stops on them."""
+    from posttrain.data.render import end_of_turn_ids, render_dataset
+
+    alpaca = byte_tokenizer(["<unk>", "<s>", "</s>"], eos="</s>", bos="<s>", chat_template=ALPACA_STYLE)
+    with pytest.warns(UserWarning, match="rows.jsonl: the chat template writes no token after an assistant's answer"):
+        render_dataset(alpaca, [{"prompt": "2+2?", "completion": "four"}], max_length=99, source="rows.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        render_dataset(alpaca, [{"text": "four"}], max_length=99)
+    added = byte_tokenizer(["<unk>", "</s>"], eos="</s>", chat_template=CHATML_ADDED)
+    added.add_tokens(["<|im_start|>", "<|im_end|>"])
+    assert added.convert_ids_to_tokens(end_of_turn_ids(added)) == ["<|im_end|>"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (r,), _ = render_dataset(added, [{"prompt": "2+2?", "completion": "four"}], max_length=99)
+    assert added.decode([i for i, m in zip(r.input_ids, r.loss_mask) if m]) == "four<|im_end|>"
 
 
 QWEN3_NO_THINKING = (  # Qwen3's shape: the last assistant turn wrapped in an (empty) think block, earlier ones not

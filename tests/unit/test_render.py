@@ -90,8 +90,8 @@ def test_no_chat_template_uses_the_fallback():
     assert plain.decode(r.input_ids) == (
         "Be brief.\n\nUser: What is 2+2?\nAssistant: 4<|im_end|>\nUser: And 4+4?\nAssistant: It is 8.<|im_end|>\n"
     )
-    assert trained_runs(plain, r) == ["4<|im_end|>", "It is 8.<|im_end|>"]
-    assert plain.decode(render_prompt(plain, {"prompt": "hi"})) == "User: hi\nAssistant: "
+    assert trained_runs(plain, r) == [" 4<|im_end|>", " It is 8.<|im_end|>"]  # the space after `Assistant:` too
+    assert plain.decode(render_prompt(plain, {"prompt": "hi"})) == "User: hi\nAssistant:"
 
 
 def test_truncation_keeps_the_start_and_is_counted(tiny_tokenizer):

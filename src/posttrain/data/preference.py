@@ -42,7 +42,7 @@ from typing import Any
 from posttrain.data.collate import GROUP_KEY, collate
 from posttrain.data.columns import run_columns
 from posttrain.data.prepared import PreparedData
-from posttrain.data.render import Rendered, lines_text, refuse_markers, render_all, render_sft
+from posttrain.data.render import Rendered, lines_text, refuse_markers, render_all, render_sft, warn_no_stop
 from posttrain.data.schema import load_rows, normalise_row, places, problem_at
 from posttrain.errors import ConfigError, DataError
 
@@ -161,6 +161,7 @@ def render_preference_dataset(tokenizer, rows: Sequence[dict], *, max_length: in
     A pair whose sides are the same tokens once cut raises too (training: it carries no preference), unless
     `allow_identical` (evaluation: it scores a tie, counted in the warning)."""
     refuse_markers(tokenizer, rows, source=source)
+    warn_no_stop(tokenizer, rows, source=source)
     out: list[RenderedPair] = render_all(
         lambda row: render_pair(tokenizer, row, max_length=max_length, source=source, allow_identical=allow_identical),
         rows, header=f"{source}: {{n}} pair(s) do not fit max_length={max_length}",

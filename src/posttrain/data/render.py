@@ -35,9 +35,13 @@ end-of-turn token equal to the pad id keeps its loss.
 
 With ``train_on="all"`` every token counts; a plain ``text`` row always trains every token (and gets the EOS
 token appended). A tokenizer with no chat template uses `FALLBACK_CHAT_TEMPLATE`: ``User: ...`` /
-``Assistant: ...`` lines, each assistant turn ending with the EOS token; every prompt posttrain renders (training,
-sampling, `generate`, `evaluate`) goes through the same `chat_text`, so a base model is trained and evaluated on one
-format.
+``Assistant: ...`` lines, each assistant turn ending with the EOS token, after the BOS token when the tokenizer
+puts one before plain text (Llama 2, Mistral and Gemma base models saw it before every pretraining document); every
+prompt posttrain renders (training, sampling, `generate`, `evaluate`) goes through the same `chat_text`, so a base
+model is trained and evaluated on one format. Its generation prompt ends at ``Assistant:``, and the space after it
+is the answer's first character: merge-based tokenizers join that space to the answer's first word (``Ġfour``,
+``▁four``), so a prompt ending in the space would end in a token the model never saw there; the decoded answer
+loses that one space again (`answer_scaffold`).
 
 A template that writes today's date (Llama 3.1-3.3 put ``Today Date: ...`` in the system block: a `date_string`
 variable, or `strftime_now`) gets the fixed `TEMPLATE_DATE` instead, so the same row renders to the same tokens on
@@ -67,8 +71,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
     "{% else %}{{ 'Assistant: ' + m['content'] + (eos_token or '') + '\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+FALLBACK_SCAFFOLD = " "
+"""What `FALLBACK_CHAT_TEMPLATE` writes between its generation prompt and an answer's content."""
 
 
 @dataclass
@@ -106,7 +112,7 @@ def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = 
     the template's date fixed at `TEMPLATE_DATE` (its `date_string` variable, and its `strftime_now` calls)."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        template = FALLBACK_CHAT_TEMPLATE
+        template = ("{{ bos_token }}" if _adds_bos(tokenizer) else "") + FALLBACK_CHAT_TEMPLATE
     elif isinstance(template, str) and "strftime_now" in template:
         template = fixed_date_template(template)
     else:
@@ -116,6 +122,17 @@ def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = 
         messages, tokenize=False, add_generation_prompt=add_generation_prompt,
         date_string=TEMPLATE_DATE.strftime("%d %b %Y"), **kwargs,
     )  # fmt: skip
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before plain text (as the model saw every pretraining document)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        return tokenizer("x")["input_ids"][:1] == [bos]
+    except Exception:  # a tokenizer-like object that cannot encode here: no BOS assumed
+        return False
 
 
 _SET_START, _SET_END = "{# posttrain: data.chat_template_kwargs #}", "{# end of data.chat_template_kwargs #}"
@@ -230,7 +247,7 @@ def answer_scaffold(tokenizer) -> str:
     and template (every `generate` call and every rollout asks)."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        return ""
+        return FALLBACK_SCAFFOLD
     key = repr(template)  # a str, or a dict of named templates
     try:
         known = _SCAFFOLDS.get(tokenizer)
@@ -274,11 +291,16 @@ def last_turn_scaffold(tokenizer) -> str:
 
 
 def strip_scaffold(text: str, scaffold: str) -> str:
-    """`text` without a leading `scaffold` (`answer_scaffold`), whitespace around it ignored.
+    """`text` without a leading `scaffold` (`answer_scaffold`), whitespace around it ignored; a scaffold that is
+    only whitespace (the fallback template's space) is taken off once, as written.
 
     >>> strip_scaffold("<think>\\n\\n</think>\\n\\n4", "<think>\\n\\n</think>\\n\\n"), strip_scaffold("4", "<think>")
     ('4', '4')
+    >>> strip_scaffold(" four", " "), strip_scaffold("  indented", " "), strip_scaffold("four", " ")
+    ('four', ' indented', 'four')
     """
+    if scaffold and not scaffold.strip():
+        return text[len(scaffold) :] if text.startswith(scaffold) else text
     core = scaffold.strip()
     if core and text.lstrip().startswith(core):
         return text.lstrip()[len(core) :].lstrip()
@@ -397,6 +419,22 @@ def marker_problems(tokenizer, rows, *, source: str) -> list[Problem]:
     return problems
 
 
+def warn_no_stop(tokenizer, rows, *, source: str) -> None:
+    """Warn when the rows' answers go through a chat template that writes no token after an answer (an Alpaca-
+    style text template, or no EOS at all): nothing teaches the model to stop, and sampling then runs every
+    answer to `max_new_tokens`. Plain `text` rows get the EOS appended and are not concerned."""
+    if all("text" in row and "messages" not in row for row in rows) or end_of_turn_ids(tokenizer):
+        return
+    warnings.warn(
+        f"{source}: the chat template writes no token after an assistant's answer that the tokenizer knows as an "
+        f"added or EOS token (EOS: {tokenizer.eos_token!r}), so the trained answers end with nothing that teaches "
+        "the model to stop, and generation runs each answer to max_new_tokens. Give the model folder's "
+        "tokenizer_config.json a chat_template that closes each assistant turn with the EOS token (or an "
+        "end-of-turn token added to the tokenizer)",
+        stacklevel=2,
+    )
+
+
 def refuse_markers(tokenizer, rows, *, source: str) -> None:
     """`marker_problems` as one `DataError` (a header of its own: no length is at fault), before any row renders."""
     if problems := marker_problems(tokenizer, rows, source=source):
@@ -444,6 +482,7 @@ def render_dataset(tokenizer, rows: list[dict], *, max_length: int, train_on: st
                    source: str = "data") -> tuple[list[Rendered], int]:  # fmt: skip
     """Render every row; warn once with the number of truncated rows. Rows too long to train raise together."""
     refuse_markers(tokenizer, rows, source=source)
+    warn_no_stop(tokenizer, rows, source=source)
     out = render_all(
         lambda row: render_sft(tokenizer, row, max_length=max_length, train_on=train_on, source=source),
         rows, header=f"{source}: {{n}} row(s) do not fit max_length={max_length}",
@@ -492,14 +531,16 @@ def lines_text(lines: list[int], shown: int = 5, noun: str = "line") -> str:
 
 
 def _end_of_turn_tokens(tokenizer) -> list[str]:
-    """Special tokens that can close an assistant turn: EOS and every special token but BOS, longest first.
+    """Tokens that can close an assistant turn: EOS and every added token but BOS, longest first.
 
     No names are guessed: which one closes a turn is read off the rendered text (`_assistant_spans`), so a
     tokenizer whose EOS is not its end-of-turn marker (Llama 3 ``<|end_of_text|>`` vs ``<|eot_id|>``, Gemma
     ``<eos>`` vs ``<end_of_turn>``, Phi-3 ``<|endoftext|>`` vs ``<|end|>``) trains the marker its template
-    writes. Longest first, so ``<|end|>`` never cuts ``<|endoftext|>`` short.
+    writes. Added tokens that are not marked special count too: community ChatML fine-tunes add ``<|im_end|>``
+    with ``tokenizer.add_tokens``, and their template still closes every turn with it. Longest first, so
+    ``<|end|>`` never cuts ``<|endoftext|>`` short.
     """
-    names = {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    names = {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
     names.discard(tokenizer.bos_token)  # opens a sequence, never closes a turn (unless it is also EOS)
     names.update(t for t in (tokenizer.eos_token,) if t)
     return sorted(names, key=len, reverse=True)

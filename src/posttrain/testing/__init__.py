@@ -50,6 +50,31 @@ def byte_tokenizer(specials, *, eos: str | None, pad: str | None = None, bos: st
     return fast
 
 
+def merge_tokenizer(specials, *, eos: str | None, bos: str | None = None, prepend_bos: bool = False,
+                    chat_template: str | None = None, corpus: list[str] | None = None, vocab_size: int = 400):  # fmt: skip
+    """A byte-level BPE tokenizer with merges learned here from `corpus` (GPT-2's split: a space is glued to the
+    word after it, ``Ġfour``), as real tokenizers have and `byte_tokenizer` has not: tests of what a prompt's last
+    token is need one. `prepend_bos` puts `bos` before plain text, as Llama 2's and Gemma's tokenizers do."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = corpus or ["User: Is 2+2 four or five?\nAssistant: four\n", "Assistant: It is 8. Hello there, how are you?\n",
+                      "User: add 1 2\nAssistant: 3 and 42\n", "the answer is four. four five six seven eight.\n"]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(text * 20, trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if prepend_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos)
+    fast.chat_template = chat_template
+    return fast
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (every UTF-8 byte is one token) with a ChatML template; ids 0-2 are specials."""
     return byte_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<|pad|>", chat_template=CHATML_TEMPLATE)
