@@ -118,7 +118,7 @@ def test_rl_recipes_end_to_end_on_the_tiny_model(method, tiny_model_dir, tmp_pat
     assert report["before"]["n"] == report["after"]["n"] == 4.0
     assert set(report["changes"]) == {"correct", "sampled_correct"}
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(hist) == 2 and all("reward/regex_format_mean" in h for h in hist)
+    assert len(hist) == 2 and all("reward/formatted_mean" in h for h in hist)
     assert (out / "samples.jsonl").is_file() and (out / "report.html").is_file()
     assert _is_recipe_folder(out)  # --fresh may delete it: every file in it is one a recipe run writes
     if method in ("grpo", "ppo"):  # the recipes that were in Python

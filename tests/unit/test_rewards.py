@@ -125,6 +125,26 @@ def test_task_reward_by_arg_by_column_and_by_metadata():
     assert mixed == [1.0, 1.0]
 
 
+def test_task_reward_of_one_verifier_metric():
+    """`metric` rewards a verifier metric as 0/1, so a format reward and the `formatted` rate the recipes report are
+    one test: `Answer: $16` and `#### 16` are marked answers (the recipes' earlier regex 'Answer:\\s*-?\\d' gave
+    them 0), a bare number is not; a metric the task lacks is refused when the reward is built, and a row of a task
+    without it (structured has no `formatted`) is not scorable."""
+    from posttrain.data.tasks import TASKS
+
+    spec = {"name": "task", "args": {"task": "arithmetic", "metric": "formatted"}}
+    assert _one(spec, ["Answer: $16", "#### 16", "So 16.", "Answer: 17"], answer=[17] * 4) == [1.0, 1.0, 0.0, 1.0]
+    for task in TASKS.values():  # each task's declared metrics are what its verifier returns
+        row = task.make(1)[0]
+        assert tuple(task.verify("", row["answer"])) == task.metrics
+    with pytest.raises(ConfigError, match="metric 'exact' is not a metric of the arithmetic task's verifier; "
+                                          "choose one of correct, formatted, has_number"):  # fmt: skip
+        _one({"name": "task", "args": {"task": "arithmetic", "metric": "exact"}}, ["x"], answer=[1])
+    out = _one({"name": "task", "args": {"metric": "formatted"}}, ["Answer: 2", "{}"], answer=[2, {}],
+               task=["arithmetic", "structured"])  # fmt: skip
+    assert out[0] == 1.0 and math.isnan(out[1])
+
+
 def test_reward_model_calls_the_scorer_once_loaded(monkeypatch):
     made, seen = [], []
 

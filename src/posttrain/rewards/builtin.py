@@ -475,17 +475,26 @@ def length_penalty(
 
 
 # ------------------------------------------------------------------------------------------- task / model / code
-def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
-    """A built-in task's own score, ``TASKS[task].score(completion, answer)`` in [0, 1]. Without `task`,
-    each row names its task in a ``task`` column or in ``metadata["task"]`` (as rows made by the tasks do).
+def task(*, task: str | None = None, column: str = "answer", metric: str | None = None) -> RewardFn:
+    """A built-in task's own score, ``TASKS[task].score(completion, answer)`` in [0, 1], or with `metric` one of
+    its verifier's metrics as 0 or 1 (``TASKS[task].verify(...)[metric]``: e.g. arithmetic's ``formatted``, the
+    marked answer that the recipes reward and report alike). Without `task`, each row names its task in a
+    ``task`` column or in ``metadata["task"]`` (as rows made by the tasks do).
 
     >>> task(task="arithmetic")(["q", "q"], ["Answer: 17", "Answer: 16"], answer=[17, 17])
     [1.0, 0.0]
     >>> task()(["q"], ["Answer: 3"], answer=[3], metadata=[{"task": "arithmetic"}])
     [1.0]
+    >>> task(task="arithmetic", metric="formatted")(["q"] * 3, ["Answer: $16", "#### 16", "It is 16."], answer=[17] * 3)
+    [1.0, 1.0, 0.0]
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    if metric is not None:
+        have = TASKS[task].metrics if task is not None else sorted({m for t in TASKS.values() for m in t.metrics})
+        if metric not in have:
+            who = f"the {task} task's verifier" if task else "any task's verifier"
+            raise ValueError(f"metric {metric!r} is not a metric of {who}; choose one of {', '.join(have)}")
 
     def reward(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         answers = _column(columns, column, "task")
@@ -498,7 +507,12 @@ def task(*, task: str | None = None, column: str = "answer") -> RewardFn:
                      for t, m in zip(own, meta)]  # fmt: skip
         out = []
         for completion, answer, name in zip(completions, answers, names):
-            out.append(float(TASKS[name].score(completion, answer)) if name in TASKS else NAN)
+            if name not in TASKS or (metric is not None and metric not in TASKS[name].metrics):
+                out.append(NAN)  # the sample fails, with the reward's error count
+            elif metric is None:
+                out.append(float(TASKS[name].score(completion, answer)))
+            else:
+                out.append(float(TASKS[name].verify(completion, answer)[metric]))
         return out
 
     return reward

@@ -34,6 +34,7 @@ class Task(Protocol):
     """What every built-in task provides."""
 
     name: str
+    metrics: tuple[str, ...]  # the keys of `verify`'s result
 
     def make(self, n: int, seed: int = 0, split: str = "train") -> list[dict]: ...
 

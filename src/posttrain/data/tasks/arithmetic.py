@@ -228,6 +228,7 @@ class Arithmetic:
     max_ops: int = 3
     max_value: int = 50
     name: str = "arithmetic"
+    metrics: ClassVar[tuple[str, ...]] = ("correct", "formatted", "has_number")  # what `verify` returns
 
     def make(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
         """`n` rows, deterministic in (`seed`, `split`)."""

@@ -153,6 +153,7 @@ class Structured:
     name = "structured"
     schema = SCHEMA
     fields = FIELDS
+    metrics = ("json_valid", "schema_match", "exact", *(f"field_{f}" for f in FIELDS))  # what `verify` returns
 
     def make(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
         """`n` rows, deterministic in (`seed`, `split`); heldout rows use only heldout templates."""
