@@ -265,6 +265,8 @@ def test_data_pairs_json(capsys, tiny_model_dir, tmp_path, monkeypatch):
         for p in prompts:
             seen[p] = seen.get(p, -1) + 1
             out.append(f"Answer: {10 + seen[p]}")
+        if kwargs.get("finished") is not None:  # every answer ended (none cut at max_new_tokens)
+            kwargs["finished"][:] = [True] * len(out)
         return out
 
     monkeypatch.setattr(posttrain.rollout.pairs, "generate", fake_generate)
@@ -279,7 +281,8 @@ def test_data_pairs_json(capsys, tiny_model_dir, tmp_path, monkeypatch):
     # q1: samples answer 10, 11, 12 -> one pair (scores 0, 1, 0); q2: all wrong -> skipped as equal.
     assert {k: v for k, v in doc.items() if k not in ("schema_version", "command", "ok")} == {
         "model": str(tiny_model_dir), "prompts_file": str(prompts), "out": str(out), "n": 3, "already_done": 0,
-        "prompts": 2, "kept": 1, "skipped_equal": 1, "skipped_empty": 0, "mean_best": 0.5, "mean_worst": 0.0,
+        "prompts": 2, "kept": 1, "skipped_equal": 1, "skipped_empty": 0, "cut": 0, "mean_best": 0.5,
+        "mean_worst": 0.0,
     }  # fmt: skip
     assert len(out.read_text().splitlines()) == 1
     code, doc, err = run_json(capsys, *args)  # a re-run skips the prompt already paired

@@ -22,28 +22,63 @@ def by_length(prompts, completions, rows):
     return [float(len(c)) for c in completions]
 
 
+def loud_eos(model, scale: float):
+    """A copy of the tiny model whose EOS (id 2) logit is scaled: its samples end at different steps."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight[2] *= scale
+    return model
+
+
+def test_generate_says_which_answers_ended():
+    """`generate(finished=...)` marks an answer that ended (EOS, or a stop string) True, one cut at max_new_tokens
+    False: `data pairs` never makes a cut answer a side of a pair (DPO would score an end-of-turn token the model
+    did not write there)."""
+    from posttrain.models import generate
+    from posttrain.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok)).eval()
+    flags: list[bool] = []
+    texts = generate(loud_eos(model, 25), tok, ["hi", "hello"] * 4, max_new_tokens=12, temperature=1.0, seed=0,
+                     finished=flags)  # fmt: skip
+    assert len(flags) == len(texts) == 8 and True in flags and False in flags
+    never = []
+    generate(loud_eos(model, -25), tok, ["hi", "hello"], max_new_tokens=5, temperature=1.0, seed=0, finished=never)
+    assert never == [False, False]
+    stopped = []
+    generate(loud_eos(model, -25), tok, ["hi"], max_new_tokens=40, temperature=1.0, seed=0, stop=["a"],
+             finished=stopped)  # fmt: skip
+    assert stopped in ([True], [False])  # a stop string seen ends the answer; none in 40 bytes leaves it cut
+
+
 def test_onpolicy_pairs_keep_best_and_worst(tiny_model, tiny_tokenizer, tmp_path):
     rows = [{"id": i, "prompt": f"say {i}", "answer": i} for i in range(5)]
     seen = []
+    model = loud_eos(tiny_model, 35)  # samples that end (EOS) within 10 tokens, and samples that do not
     pairs, stats = onpolicy_pairs(
-        tiny_model, tiny_tokenizer, rows, n=4, scorer=by_length, max_new_tokens=6, seed=1, batch_size=8,
+        model, tiny_tokenizer, rows, n=4, scorer=by_length, max_new_tokens=10, seed=1, batch_size=8,
         progress=False, on_pair=seen.append,
     )  # fmt: skip
     assert seen == pairs
-    assert stats["prompts"] == 5 and stats["kept"] == len(pairs) > 0
+    assert stats["prompts"] == 5 and stats["kept"] == len(pairs) > 0 and 0 < stats["cut"] < 20
     assert stats["kept"] + stats["skipped_equal"] + stats["skipped_empty"] == 5
     for p in pairs:
         m = p["metadata"]
         assert len(m["scores"]) == 4
         assert m["chosen_score"] == len(p["chosen"]) > m["rejected_score"] == len(p["rejected"]) > 0
-        assert m["chosen_score"] == max(m["scores"])
+        assert m["chosen_score"] == max(s for s, ended in zip(m["scores"], m["finished"]) if ended)
         assert p["answer"] == p["id"] and p["prompt"] == f"say {p['id']}"
     assert stats["mean_best"] >= stats["mean_worst"]
     # The rows are valid preference data, ids and answers kept.
     loaded = load_rows(write_jsonl(pairs, tmp_path / "pairs.jsonl"), "preference")
     assert [r["id"] for r in loaded] == [p["id"] for p in pairs]
     # Repeatable for equal inputs.
-    again, _ = onpolicy_pairs(tiny_model, tiny_tokenizer, rows, n=4, scorer=by_length, max_new_tokens=6, seed=1,
+    again, _ = onpolicy_pairs(model, tiny_tokenizer, rows, n=4, scorer=by_length, max_new_tokens=10, seed=1,
                               batch_size=8, progress=False)  # fmt: skip
     assert again == pairs
 
@@ -81,6 +116,8 @@ def fake_generate(calls):
         for p in prompts:
             i = count[p] = count.get(p, -1) + 1
             out.append(f"Answer: {10 + i}")
+        if kwargs.get("finished") is not None:  # every answer ended (none cut at max_new_tokens)
+            kwargs["finished"][:] = [True] * len(out)
         return out
 
     return generate

@@ -354,7 +354,7 @@ def pairs(args) -> Output:
     todo = [r for r in rows if r["id"] not in done]
     doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,
            "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,
-           "skipped_empty": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
+           "skipped_empty": 0, "cut": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
     if len(todo) < len(rows):
         print(
             f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts already have pairs there; skipping them"
@@ -383,8 +383,11 @@ def pairs(args) -> Output:
     doc.update(st)
     return Output(doc=doc, text=(
         f"wrote {st['kept']} pairs from {st['prompts']} prompts to {out} ({st['skipped_equal']} skipped: all "
-        f"{args.n} samples scored the same; {st['skipped_empty']} skipped: fewer than 2 non-empty samples); "
-        f"mean best score {st['mean_best']:.3f}, mean worst {st['mean_worst']:.3f}"
+        f"{args.n} samples scored the same; {st['skipped_empty']} skipped: fewer than 2 finished, non-empty samples); "
+        f"{st['cut']} of {st['prompts'] * args.n} samples were cut at --max-new-tokens {args.max_new_tokens} and are "
+        "never a side of a pair"
+        + (" (raise --max-new-tokens to keep them)" if st["cut"] else "")
+        + f"; mean best score {st['mean_best']:.3f}, mean worst {st['mean_worst']:.3f}"
     ))  # fmt: skip
 
 

@@ -211,6 +211,7 @@ def generate(
     seed: int | None = None,
     progress: str | None = None,
     merge_adapters: bool | None = None,
+    finished: list[bool] | None = None,
 ) -> list[str]:
     """Complete each prompt; returns the decoded completions (no prompt, no special tokens, and not the scaffold
     the chat template writes before every answer: `data.render.answer_scaffold`), in prompt order.
@@ -226,6 +227,8 @@ def generate(
     weights held while decoding); None, the default, merges on a CPU, where peft's small adapter products cost
     ~12% of a decode (the rollout engine's `algorithm.rollout.merge_adapters` rule). A model that cannot be
     merged (QLoRA, adapters disabled) decodes through its adapters either way.
+    `finished`, when given (an empty list), receives for each prompt whether its answer ended (an EOS or end-of-turn
+    token, or a stop string) rather than being cut at `max_new_tokens`.
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
@@ -251,6 +254,7 @@ def generate(
     # Longest prompts first, batched by similar length: less padding per batch. Results go back in order.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: list[str] = [""] * len(texts)
+    ended = [False] * len(texts)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -281,12 +285,17 @@ def generate(
                 else:
                     new_tokens = greedy_decode(model, [ids[i] for i in idx], gen_cfg, eos, pad_id)
                 for i, row in zip(idx, new_tokens):
-                    text = _cut(tokenizer.decode(_until_eos(row, eos), skip_special_tokens=True), stop)
+                    kept = _until_eos(row, eos)
+                    raw = tokenizer.decode(kept, skip_special_tokens=True)
+                    text = _cut(raw, stop)
                     results[i] = strip_scaffold(text, scaffold)
+                    ended[i] = len(kept) < len(row) or text != raw  # an EOS (padding after it), or a stop string
                 bar.update(len(idx))
     finally:
         bar.close()
         model.train(was_training)
+    if finished is not None:
+        finished[:] = ended
     return results
 
 

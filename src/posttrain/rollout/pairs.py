@@ -57,8 +57,10 @@ def onpolicy_pairs(
     `on_pair(row)` is called with each kept pair as soon as it exists (the CLI writes it to disk there).
     `batch_size` bounds the sequences per `generate` call: ``max(1, batch_size // n)`` prompts at a time.
     Returns ``(pairs, stats)``; stats: ``prompts``, ``kept``, ``skipped_equal`` (every usable completion
-    scored the same), ``skipped_empty`` (fewer than two non-empty completions), ``mean_best`` and
-    ``mean_worst`` (the mean over prompts of the best and worst of all n scores).
+    scored the same), ``skipped_empty`` (fewer than two usable completions), ``cut`` (completions cut at
+    `max_new_tokens`: never a side of a pair, since DPO would score the end-of-turn token the model did not write
+    there, teaching that stopping mid-sentence ends an answer), ``mean_best`` and ``mean_worst`` (the mean over
+    prompts of the best and worst of all n scores).
     """
     if n < 2:
         raise ValueError(f"n must be at least 2 completions per prompt to make a pair, got {n}")
@@ -66,7 +68,7 @@ def onpolicy_pairs(
         raise ValueError("temperature must be > 0: greedy decoding gives n equal completions")
     per_call = max(1, batch_size // n)
     pairs: list[dict] = []
-    stats = {"prompts": 0, "kept": 0, "skipped_equal": 0, "skipped_empty": 0}
+    stats = {"prompts": 0, "kept": 0, "skipped_equal": 0, "skipped_empty": 0, "cut": 0}
     best_sum = worst_sum = 0.0
     bar = tqdm(total=len(rows), desc="pairs", unit="prompt", disable=not progress)
     try:
@@ -74,10 +76,12 @@ def onpolicy_pairs(
             chunk = list(rows[start : start + per_call])
             rep_rows = [r for r in chunk for _ in range(n)]  # each prompt n times, side by side
             prompts = [r["prompt"] for r in rep_rows]
+            ended: list[bool] = []
             completions = generate(
                 model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, batch_size=batch_size, seed=seed + b,
+                top_p=top_p, batch_size=batch_size, seed=seed + b, finished=ended,
             )  # fmt: skip
+            stats["cut"] += ended.count(False)
             scores = [float(s) for s in scorer(prompts, completions, rep_rows)]
             if len(scores) != len(completions):
                 raise ValueError(
@@ -87,7 +91,7 @@ def onpolicy_pairs(
                 texts, got = completions[i * n : (i + 1) * n], scores[i * n : (i + 1) * n]
                 stats["prompts"] += 1
                 best_sum, worst_sum = best_sum + max(got), worst_sum + min(got)
-                pair, why = pick_pair(row, texts, got)
+                pair, why = pick_pair(row, texts, got, ended[i * n : (i + 1) * n])
                 if pair is None:
                     stats[why] += 1
                 else:
@@ -104,18 +108,23 @@ def onpolicy_pairs(
     return pairs, stats
 
 
-def pick_pair(row: dict, completions: list[str], scores: list[float]) -> tuple[dict | None, str | None]:
+def pick_pair(row: dict, completions: list[str], scores: list[float], finished: list[bool] | None = None
+              ) -> tuple[dict | None, str | None]:  # fmt: skip
     """The (best, worst) preference row for one prompt, or None and the reason (``skipped_equal``/``_empty``).
 
-    Ties go to the first sample; empty completions are left out.
+    Ties go to the first sample; empty completions, and those `finished` marks as cut at the token limit, are left
+    out.
 
     >>> pair, _ = pick_pair({"id": 1, "prompt": "q", "answer": 4}, ["4", "", "5", "4!"], [1.0, 0.0, 0.0, 1.0])
     >>> pair["chosen"], pair["rejected"], pair["metadata"]["scores"]
     ('4', '5', [1.0, 0.0, 0.0, 1.0])
     >>> pick_pair({"prompt": "q"}, ["a", "b"], [0.5, 0.5])
     (None, 'skipped_equal')
+    >>> pick_pair({"prompt": "q"}, ["4", "5 because th", "6"], [1.0, 0.0, 0.5], [True, False, True])[0]["rejected"]
+    '6'
     """
-    usable = [i for i, c in enumerate(completions) if c.strip()]
+    ok = finished if finished is not None else [True] * len(completions)
+    usable = [i for i, c in enumerate(completions) if c.strip() and ok[i]]
     if len(usable) < 2:
         return None, "skipped_empty"
     best = max(usable, key=lambda i: (scores[i], -i))  # highest score; the earliest among equals
@@ -130,6 +139,8 @@ def pick_pair(row: dict, completions: list[str], scores: list[float]) -> tuple[d
     meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
     pair["metadata"] = {**meta, "chosen_score": scores[best], "rejected_score": scores[worst],
                         "scores": list(scores)}  # fmt: skip
+    if finished is not None:  # which samples ended (the others, cut at the token limit, were not candidates)
+        pair["metadata"]["finished"] = list(finished)
     return pair, None
 
 
