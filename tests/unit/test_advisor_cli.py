@@ -304,6 +304,9 @@ def test_a_small_file_gets_a_batch_its_rows_can_fill(tmp_path, capsys):
     cfg = load_config(target)
     assert cfg.optim.batch_size == 4 and cfg.optim.batch_size % cfg.optim.micro_batch_size == 0
     assert "optim.batch_size 4, not" in out and "the file has 6 rows" in out
+    # fewer rows than GPUs: no batch splits, so no config is written (it was, with batch 32 and a note)
+    rc, _, err = run_cli(["--data", str(data), "--model", "135m", "--gpu-memory-gb", "24", "--gpus", "8"], capsys)
+    assert rc == 2 and f"{data} has 6 rows, fewer than the 8 GPUs need for a sft step of one row each" in err
 
 
 def test_verifiable_demonstrations_count_as_rl_prompts(tmp_path, capsys):

@@ -422,8 +422,9 @@ def _fit_batch(stage: dict, rows: int, gpus: int = 1) -> str | None:
     before = opt["batch_size"]
     prompts = max(1 << (rows.bit_length() - 1), gpus)
     if prompts > rows:
-        return (f"{stage['stage']}: the file has {rows} rows, fewer than the {gpus} GPUs need for a step of one row "
-                "each; give it more rows")
+        raise UserError(f"{stage['config']['data']['train']} has {rows} rows, fewer than the {gpus} GPUs need for a "
+                        f"{stage['stage']} step of one row each, so no config could train on it; give it more rows, "
+                        "or advise for fewer GPUs (--gpus)")  # fmt: skip
     opt["batch_size"] = prompts * per
     share = opt["batch_size"] // gpus if opt["batch_size"] % gpus == 0 else opt["batch_size"]
     opt["micro_batch_size"] = min(opt["micro_batch_size"], share)
