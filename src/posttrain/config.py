@@ -1013,9 +1013,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict. An override wins over the file; the same key given twice: the last wins.
+    A mapping sets the keys it names and keeps the section's others, as the same keys given one by one would
+    (``optim={lr: 0.05}`` replaced the whole section, silently dropping the file's batch size and weight decay).
 
     >>> apply_overrides({"optim": {"lr": 1}}, ["optim.lr=1e-4", "run.seed=3"])
     {'optim': {'lr': 0.0001}, 'run': {'seed': 3}}
+    >>> apply_overrides({"optim": {"lr": 1, "batch_size": 4}}, ["optim={lr: 0.05}"])
+    {'optim': {'lr': 0.05, 'batch_size': 4}}
     """
     for item in overrides:
         path, value = _parse_override(item)
@@ -1025,8 +1029,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = nxt
-        node[path[-1]] = value
+        _set(node, path[-1], value)
     return data
+
+
+def _set(node: dict, key: str, value: Any) -> None:
+    """`node[key] = value`, a mapping merged key by key into a mapping already there."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for k, v in value.items():
+            _set(node[key], k, v)
+    else:
+        node[key] = value
 
 
 def validate_config(schema: type[RunBase], data: Any, *, source: str = "config",

@@ -125,6 +125,23 @@ def test_task_reward_by_arg_by_column_and_by_metadata():
     assert mixed == [1.0, 1.0]
 
 
+def test_a_math_verify_timeout_is_counted_not_silent(monkeypatch):
+    """math-verify's wall-clock limit made a right answer score 0 on a slow or busy machine, with nothing said
+    (an audit: n = 700 scored 1 idle and 0 under load). A call past the limit still scores 0, and is counted:
+    `numeric_answer` logs `reward/timeouts_<label>` with a note. Worked here with a limit of 1 ms, which the
+    symbolic comparison of sum k^3 = (sum k)^2 cannot meet; with the usual limit it scores 1."""
+    from posttrain.rewards import builtin
+
+    fn = builtin.numeric_answer()
+    gold, said = r"\sum_{k=1}^{60} k^3", r"The answer is \boxed{\left(\sum_{k=1}^{60} k\right)^2}"
+    with monkeypatch.context() as m:  # first, before sympy has cached the sums' closed forms
+        m.setattr(builtin, "MATH_VERIFY_SECONDS", 0.001)
+        assert fn(["q"], [said], answer=[gold]) == [0.0]
+    assert fn.events()["timeouts"] >= 1 and fn.events() == {"timeouts": 0}  # read, then counted afresh
+    assert fn(["q"], [said], answer=[gold]) == [1.0] and fn.events() == {"timeouts": 0}
+    assert "math-verify comparisons ran past" in fn.event_notes["timeouts"]
+
+
 def test_task_reward_of_one_verifier_metric():
     """`metric` rewards a verifier metric as 0/1, so a format reward and the `formatted` rate the recipes report are
     one test: `Answer: $16` and `#### 16` are marked answers (the recipes' earlier regex 'Answer:\\s*-?\\d' gave

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -171,17 +172,55 @@ def _label(value) -> bool:
 
 
 def _math_verify():
-    """math-verify, imported on first use (it pulls in sympy, ~0.5 s), with its per-call warnings off; and
-    whether its SIGALRM timeouts may be used (only the main thread may set them; elsewhere it runs without)."""
+    """math-verify, imported on first use (it pulls in sympy, ~0.5 s), with its per-call warnings off."""
     import math_verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without a timeout
-    return math_verify, threading.current_thread() is threading.main_thread()
+    return math_verify
+
+
+MATH_VERIFY_SECONDS = 5.0
+"""The wall-clock limit on one math-verify parse or comparison (math-verify's own default), on the main thread
+(a SIGALRM timer; other threads run without one). A call past it scores 0, so an answer that takes sympy long
+(``\\sum_{k=1}^{1000} k^3``) can score 0 on a slow or busy machine and 1 on a fast one: each such call is counted
+(`math_verify_timeouts`), and `numeric_answer` logs the count as ``reward/timeouts_<label>`` with a note."""
+_TIMEOUTS = [0]  # math-verify calls past the limit since `math_verify_timeouts` was last read
+
+
+class _TimedOut(BaseException):
+    """Raised by the timer inside math-verify: a BaseException, so that its `except Exception` (which turns any
+    error into "not equal") lets it through to `_limited`, which counts it."""
+
+
+def _limited(call, on_timeout):
+    """`call()`, stopped after `MATH_VERIFY_SECONDS` on the main thread (`on_timeout` is returned then, counted)."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+
+    def expired(signum, frame):
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS)
+    try:
+        return call()
+    except _TimedOut:
+        _TIMEOUTS[0] += 1
+        return on_timeout
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def math_verify_timeouts() -> int:
+    """The math-verify calls stopped at `MATH_VERIFY_SECONDS` since the last read (read and reset)."""
+    counted, _TIMEOUTS[0] = _TIMEOUTS[0], 0
+    return counted
 
 
 def _math_verify_parse(text: str) -> list:
-    math_verify, main = _math_verify()
-    return math_verify.parse(_as_math(text), **({} if main else {"parsing_timeout": None}))
+    math_verify = _math_verify()
+    return _limited(lambda: math_verify.parse(_as_math(text), parsing_timeout=None), [])
 
 
 _LATEX = re.compile(r"[\\{}]")  # a command or a group: a ^ alone (5m^2, x^2+1) reads bare as it always has
@@ -222,9 +261,9 @@ def _as_math(text: str) -> str:
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
     """Symbolic/numeric equality by math-verify (LaTeX, fractions, expressions, units)."""
-    math_verify, main = _math_verify()
-    return math_verify.verify(_math_verify_parse(gold), _math_verify_parse(pred),
-                              **({} if main else {"timeout_seconds": None}))  # fmt: skip
+    math_verify = _math_verify()
+    gold_parsed, pred_parsed = _math_verify_parse(gold), _math_verify_parse(pred)
+    return _limited(lambda: math_verify.verify(gold_parsed, pred_parsed, timeout_seconds=None), False)
 
 
 def _marked_gold(text: str) -> str:
@@ -304,6 +343,10 @@ def numeric_answer(*, column: str = "answer", tolerance: float = 1e-6) -> Reward
         answers = _column(columns, column, "numeric_answer")
         return [float(numeric_match(c, a, tolerance=tolerance)) for c, a in zip(completions, answers)]
 
+    reward.events = lambda: {"timeouts": math_verify_timeouts()}  # type: ignore[attr-defined]
+    reward.event_notes = {"timeouts": (  # type: ignore[attr-defined]
+        f"math-verify comparisons ran past {MATH_VERIFY_SECONDS:g} s and scored 0 (a wall-clock limit: a slower or "
+        "busier machine scores the same answer lower; expressions that take sympy this long are rare in answers)")}
     return reward
 
 
