@@ -109,6 +109,7 @@ def lora_run(capsys, tiny_model_dir, sft_file, tmp_path):
     (["--temperature", "-1"], "argument --temperature: must be >= 0 (0: greedy), got -1"),
     (["--temperature", "0.7", "--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
     (["--top-p", "0.5"], "--top-p 0.5 applies to sampling only"),
+    (["--seed", "7"], "--seed 7 applies to sampling only"),  # greedy draws nothing: the seed changed nothing
 ])  # fmt: skip
 def test_generate_refuses_settings_it_cannot_use(capsys, lora_run, flags, says):
     argv = ["generate", "--model", str(lora_run), "--prompt", "hi", *flags]
@@ -168,6 +169,10 @@ def test_evaluate_refuses_flags_of_the_other_mode_and_an_out_folder_before_answe
     code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--task", "arithmetic", "--n", "2",
                          "--beta", "0.5")  # fmt: skip
     assert code == 2 and "--beta applies only with --pairs" in err
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "2+2?", "answer": 4}\n')
+    code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--data", str(tmp_path / "rows.jsonl"),
+                         "--reward", "numeric_answer", "--seed", "3")  # fmt: skip
+    assert code == 2 and "--seed 3 would change nothing" in err  # a file's rows, decoded greedily
     (tmp_path / "answers").mkdir()
     code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--task", "arithmetic", "--n", "2",
                          "--no-progress", "--out", str(tmp_path / "answers"))  # fmt: skip

@@ -300,6 +300,7 @@ def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, 
     assert [s["step"] for s in first] == [0] and first[0]["cpu"] == torch.backends.cpu.get_cpu_capability()
     assert (first[0]["device"], first[0]["posttrain"]) == ("cpu", __import__("posttrain").__version__)
     assert first[0]["torch"] == torch.__version__ and first[0]["vllm"] is None  # not installed here
+    assert first[0]["threads"] == torch.get_num_threads() and first[0]["tokenizers"] and first[0]["jinja2"]
     capsys.readouterr()
     train(make_cfg("moved", **{"run.max_steps": 3, "run.save_every": 1}), resume=True)  # the same machine
     assert "another machine or software" not in capsys.readouterr().out
@@ -324,9 +325,14 @@ def test_a_resume_on_another_machine_or_software_is_said_and_recorded(make_cfg, 
         train(make_cfg("moved", **{"run.max_steps": steps, "run.save_every": 1}), resume=True)
         assert "another machine or software" not in capsys.readouterr().out
         assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [steps - 1]
+    old = json.loads(record.read_text())  # a record from before `threads` was kept: nothing to compare it with
+    old["segments"][-1].pop("threads")
+    record.write_text(json.dumps(old))
+    train(make_cfg("moved", **{"run.max_steps": steps + 1, "run.save_every": 1}), resume=True)
+    assert "another machine or software" not in capsys.readouterr().out
     record.unlink()  # a run folder from before the record
-    train(make_cfg("moved", **{"run.max_steps": 8, "run.save_every": 1}), resume=True)
-    assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [7]
+    train(make_cfg("moved", **{"run.max_steps": 9, "run.save_every": 1}), resume=True)
+    assert [s["step"] for s in json.loads(record.read_text())["segments"]] == [8]
 
 
 def test_an_interrupted_run_says_what_resume_will_do_and_resume_says_when_it_starts_again(make_cfg, monkeypatch,

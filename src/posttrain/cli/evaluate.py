@@ -61,7 +61,8 @@ def add_parser(sub) -> None:
         "sum). Reports the mean reward and the share of rows with reward > 0",
     )
     e.add_argument("--n", type=positive_int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--seed", type=int, default=None, help="the --task's prompts, and sampling (--temperature > 0); "
+                   "default 1")  # fmt: skip
     e.add_argument("--split", choices=["train", "heldout"], default="heldout")
     e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
     e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
@@ -103,6 +104,11 @@ def run(args) -> Output:
     # before the answers are made, not after
     check_output_file(args.out, "--out", inputs={"--data": args.data, "--pairs": args.pairs})
     _check_pairs_only_flags(args)
+    if args.seed is not None and (args.data is not None or args.pairs is not None) and args.temperature == 0:
+        raise UserError(f"--seed {args.seed} would change nothing: it draws a --task's prompts and samples at "
+                        "--temperature > 0, and this evaluation reads its rows from a file and decodes greedily; leave "
+                        "it out, or give --temperature > 0")  # fmt: skip
+    args.seed = 1 if args.seed is None else args.seed
     if args.pairs is not None:
         if args.task is not None or args.reward or args.data is not None or args.stop:
             raise UserError("--pairs scores preference pairs with the model's log-probabilities; "

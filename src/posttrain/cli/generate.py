@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
     g.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=top_p, default=1.0, help="sampling only: the nucleus mass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="sampling only: the seed of the draws (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --prompts-file)")
     add_stop(g)
     add_columns(g)
@@ -49,6 +49,10 @@ def run(args) -> Output:
     if args.temperature == 0 and args.top_p != 1.0:
         raise UserError(f"--top-p {args.top_p} applies to sampling only; greedy decoding (--temperature 0, the "
                         "default) takes the most likely token. Give --temperature > 0 to sample, or leave --top-p out")  # fmt: skip
+    if args.temperature == 0 and args.seed is not None:
+        raise UserError(f"--seed {args.seed} applies to sampling only; greedy decoding (--temperature 0, the default) "
+                        "draws nothing. Give --temperature > 0 to sample, or leave --seed out")  # fmt: skip
+    args.seed = 0 if args.seed is None else args.seed
     if any(not p.strip() for p in args.prompt or []):
         raise UserError("--prompt is empty; give the text of a user message")
     items = [{"prompt": p} for p in args.prompt or []]

@@ -30,7 +30,10 @@ from posttrain.files import write_whole
 
 FILE = "data_fingerprint.json"
 ENVIRONMENT = "environment.json"
-_LIBRARIES = ("posttrain", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "vllm")
+_LIBRARIES = ("posttrain", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "vllm",
+              "tokenizers", "jinja2", "gguf", "math-verify", "sympy")  # fmt: skip
+"""Whose release changes what a run computes: the kernels and models, the token ids (tokenizers), the chat
+templates' rendering (jinja2), the embedded model's conversion (gguf) and the rewards' reading of answers."""
 _CHUNK = 1 << 20
 
 
@@ -190,8 +193,10 @@ def check_same_plan(run_dir: Path, recorded: dict | None, steps_per_epoch: int) 
 
 def run_environment(device) -> dict[str, str | None]:
     """What this process computes on: posttrain's and the computing libraries' versions (None: not installed), the
-    device (`cpu`, or a GPU's name) and the instruction set of torch's CPU kernels (AVX2 and AVX-512 kernels sum in
-    other orders)."""
+    Python release, the device (`cpu`, or a GPU's name), the instruction set of torch's CPU kernels (AVX2 and
+    AVX-512 kernels sum in other orders) and torch's thread count (a sum over more than 65,536 float32 values splits
+    into per-thread parts: a logged loss differed in its 7th digit between 1 and 2 threads)."""
+    import platform
     from importlib import metadata
 
     import torch
@@ -207,6 +212,8 @@ def run_environment(device) -> dict[str, str | None]:
         **{name: version(name) for name in _LIBRARIES},  # posttrain's as installed (importing it here is a cycle)
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
     }
 
 
@@ -222,7 +229,8 @@ def record_environment(run_dir: Path, now: dict, *, resumed_at: int | None = Non
     segments = [x for x in recorded if x["step"] < resumed_at] if resumed_at is not None else []
     last = segments[-1] if segments else None
     if last is not None:
-        changed = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if last.get(k) != v]
+        # what the last segment recorded (a record from before a field was added says nothing of it)
+        changed = [f"{k} {last.get(k)} -> {v}" for k, v in now.items() if k in last and last[k] != v]
         if not changed:
             if len(segments) < len(recorded):  # an abandoned segment dropped
                 _write_json(path, {"segments": segments})
