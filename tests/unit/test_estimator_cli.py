@@ -175,3 +175,33 @@ def test_flags_left_out_take_the_defaults_and_aliases_count(capsys):
             "change it"])
     rc, out, _ = run_cli(["--technique", "int8", "--lora-rank", "8", "--json"], capsys)
     assert rc == 0 and json.loads(out)["inputs"]["lora_rank"] == 8
+
+
+def test_data_sizes_the_sequence_and_the_tokens(tmp_path, capsys):
+    """`--data FILE` reads the rows as `advise --data` does: seq_len is 1.5 x the 95th-percentile row (characters /
+    4) to a power of two, and the tokens are rows x mean tokens x epochs (x 2 for a pair's two sides). Worked: 100
+    rows of 400 characters (prompt 40 + completion 360) are 100 tokens each: seq_len 1 << int(150).bit_length() =
+    256, tokens 100 x 100 x 3 = 30,000. Given flags win; a file the method does not train on, --epochs without a
+    file and the layout flags without one are refused."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": "q" * 40, "reply": "a" * 360}) + "\n" for _ in range(100)))
+    argv = ["--data", str(rows), "--column", "prompt=question", "--column", "completion=reply", "--json"]
+    rc, out, err = run_cli([*argv, "--epochs", "3"], capsys)
+    doc = json.loads(out)
+    assert rc == 0, err
+    assert (doc["inputs"]["seq_len"], doc["tokens"]) == (256, 30_000)
+    assert doc["assumptions"][:2] == [
+        f"seq_len 256 from {rows}: 95% of its 100 rows are up to ~100 tokens (characters / 4), x 1.5 for the chat "
+        "template, to a power of two", f"tokens 3e+04 from {rows}: 100 rows x 100 tokens x 3 epoch(s)"]
+    rc, out, _ = run_cli([*argv, "--seq-len", "1024", "--tokens", "5e6"], capsys)
+    assert (json.loads(out)["inputs"]["seq_len"], json.loads(out)["tokens"]) == (1024, 5e6)
+    for extra, says in ((["--method", "dpo"], "holds sft rows, which --method dpo does not train on; estimate it "
+                                              "with --method sft"),
+                        (["--tokens", "5e6", "--epochs", "2"], "--epochs sizes the tokens from --data")):  # fmt: skip
+        rc, _, err = run_cli([*argv, *extra], capsys)
+        assert rc == 2 and says in err
+    for argv, says in ((["--epochs", "2"], "--epochs counts passes over --data"),
+                       (["--column", "prompt=question"], "--column names what a data file holds, and no file is read"),
+                       (["--table", "--data", str(rows)], "--data would be ignored")):  # fmt: skip
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 2 and says in err

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from posttrain.advisor import configs
-from posttrain.advisor.datafile import DataSummary, summarise
+from posttrain.advisor.datafile import DataSummary, seq_len_for, summarise
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
 from posttrain.advisor.rules import RuleTable, load_rules, matches
 from posttrain.data.columns import Columns
@@ -69,7 +69,7 @@ def _with_data(p: Profile, summary: DataSummary, notes: list[str]) -> Profile:
         notes.append(
             f"{key}: the profile says {stated:,}, {summary.file} has {summary.rows:,} rows; using the file"
         )
-    seq = p.seq_len or min(8192, max(256, 1 << int(summary.p95_tokens * 1.5).bit_length()))
+    seq = p.seq_len or seq_len_for(summary)
     also = {}
     if summary.shape == "sft" and p.verifiable and p.prompts is None:
         # demonstrations whose answers a program checks are prompts for RL too: "prompts not stated: assuming

@@ -1,8 +1,10 @@
 """`posttrain estimate`: the command line of `posttrain.estimator`.
 
 Thin: parses flags that mirror the `EstimateInputs` fields, builds one from them, calls `estimate_for` (or
-`reality_check` for `--table`) and prints a table or JSON. A `UserError` is printed as one paragraph and gives
-exit status 2. Like the estimator it imports no torch.
+`reality_check` for `--table`) and prints a table or JSON. With `--data FILE` the sequence length and the tokens
+trained on come from the file's rows (read and checked as `posttrain data validate` does, measured as `posttrain
+advise --data` measures them), unless given. A `UserError` is printed as one paragraph and gives exit status 2.
+Like the estimator it imports no torch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ import argparse
 import dataclasses
 import json
 
-from posttrain.cli.output import fraction, number, positive, print_failure
+from posttrain.cli.output import (
+    LAYOUT_FLAGS,
+    add_columns,
+    columns_given,
+    fraction,
+    number,
+    positive,
+    print_failure,
+)
 from posttrain.errors import EXIT_OK, UserError
 from posttrain.estimator.core import Estimate, estimate_for
 from posttrain.estimator.hardware import USABLE_FRACTION, load_gpu_table
@@ -50,6 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     _setup_flags(p.add_argument)
     _rl_and_hardware_flags(p.add_argument)
+    p.add_argument("--data", metavar="FILE", help="size seq_len and the tokens trained on from a data file's rows "
+                   "(SFT, preference or prompts, as the method reads; given flags win)")  # fmt: skip
+    p.add_argument("--epochs", type=positive, default=None, help="passes over --data (default 1)")
+    add_columns(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--table", action="store_true", help="the reality check: every method x technique for --model"
@@ -62,6 +76,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 TABLE_READS = {"model", "gpu", "seq_len", "group_size", "completion_len", "tokens", "gpu_table", "json", "table"}
 """The flags `--table` reads; its rows fix the rest (every method and technique, micro-batch 1, gradient
 checkpointing, bf16 mixed precision, AdamW, FSDP), so another flag given with it is refused."""
+
+
+_SHAPE_METHODS = {"sft": ("sft",), "preference": ("dpo", "reward"), "prompts": ("grpo", "rloo", "ppo")}
+
+
+def _from_data(args: argparse.Namespace) -> list[str]:
+    """`--data`: seq_len and tokens from the file where not given (the args are set), and what was done, in words."""
+    from posttrain.advisor.datafile import seq_len_for, summarise
+    from posttrain.estimator.inputs import DEFAULT_GROUP_SIZE
+
+    s = summarise(args.data, columns_given(args, None, args.data))
+    method = args.method.strip().lower()
+    if method in METHODS and method not in _SHAPE_METHODS[s.shape]:
+        raise UserError(f"{args.data} holds {s.shape} rows, which --method {method} does not train on; estimate it "
+                        f"with --method {' or '.join(_SHAPE_METHODS[s.shape])}")  # fmt: skip
+    notes = []
+    if args.seq_len is None:
+        args.seq_len = seq_len_for(s)
+        notes.append(f"seq_len {args.seq_len} from {args.data}: 95% of its {s.rows:,} rows are up to ~{s.p95_tokens:,.0f} "
+                     "tokens (characters / 4), x 1.5 for the chat template, to a power of two")  # fmt: skip
+    epochs = args.epochs or 1
+    if args.tokens is None:
+        if s.shape == "sft":
+            per, what = s.mean_tokens, f"{s.mean_tokens:,.0f} tokens"
+        elif s.shape == "preference":
+            per, what = 2 * s.mean_tokens, f"2 x {s.mean_tokens:,.0f} tokens (chosen and rejected)"
+        else:
+            group = args.group_size or DEFAULT_GROUP_SIZE.get(method, 1)
+            per, what = group * args.seq_len, f"{group} sample(s) x {args.seq_len} tokens"
+        args.tokens = max(1.0, s.rows * per * epochs)
+        notes.append(f"tokens {args.tokens:.3g} from {args.data}: {s.rows:,} rows x {what} x {epochs:g} epoch(s)")
+    elif args.epochs is not None:
+        raise UserError("--epochs sizes the tokens from --data; --tokens gives them already: give one of the two")
+    return notes
 
 
 def _refuse_flags_the_table_ignores(args: argparse.Namespace) -> None:
@@ -84,7 +132,7 @@ def _setup_flags(a) -> None:
     by_method = ", ".join(f"{m} {n}" for m, n in DEFAULT_MICRO_BATCH.items())
     a("--batch-size", type=int, default=None, help="micro-batch per GPU: sequences, pairs (DPO) or prompts (RL); "
       f"default by method: {by_method}")  # fmt: skip
-    a("--seq-len", type=int, default=2048, help="tokens per sequence, prompt + response")
+    a("--seq-len", type=int, default=None, help="tokens per sequence, prompt + response (default 2048, or from --data)")
     on = ", ".join(t for t, v in DEFAULT_CHECKPOINTING.items() if v)
     off = ", ".join(t for t, v in DEFAULT_CHECKPOINTING.items() if not v)
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -133,6 +181,8 @@ def inputs_from_args(args: argparse.Namespace) -> EstimateInputs:
     fields = EstimateInputs.__dataclass_fields__
     values = {k: getattr(args, k) for k in fields if hasattr(args, k)}
     given = {k: v for k in _ONLY_FOR if (v := values.pop(k, None)) is not None}  # left out: the field's default
+    if values.get("seq_len") is None:  # left out (and no --data to size it): the field's default
+        values.pop("seq_len", None)
     inputs = EstimateInputs(**values)  # its method and technique as the estimator names them (aliases resolved)
     for key in given:
         by, readers = _ONLY_FOR[key]
@@ -202,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.table:
             _refuse_flags_the_table_ignores(args)
+            args.seq_len = args.seq_len or 2048
             gpu = args.gpu or "H100-80GB"
             rows, settings = reality_check(
                 model=args.model,
@@ -217,7 +268,14 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(format_table(rows, settings, gpu))
             return EXIT_OK
+        if args.data is None:
+            if args.epochs is not None:
+                raise UserError("--epochs counts passes over --data; without a data file give --tokens instead")
+            if any(getattr(args, attr) for _, attr, _ in LAYOUT_FLAGS):
+                columns_given(args, None, None)  # refused: the flags name what a file holds, and none is read
+        notes = _from_data(args) if args.data is not None else []
         e = estimate_for(inputs_from_args(args))
+        e.assumptions[:0] = notes
     except UserError as err:
         return print_failure("estimate", args, err)
     print(json.dumps(e.to_dict(), indent=2) if args.json else format_estimate(e))
