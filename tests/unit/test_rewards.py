@@ -1,6 +1,8 @@
 """Reward functions: built-ins on hand cases, specs and their errors, user files, weighting, failure fallback."""
 
 import math
+import signal
+import time
 
 import pytest
 
@@ -132,13 +134,28 @@ def test_a_math_verify_timeout_is_counted_not_silent(monkeypatch):
     symbolic comparison of sum k^3 = (sum k)^2 cannot meet; with the usual limit it scores 1."""
     from posttrain.rewards import builtin
 
+    import math_verify
+
     fn = builtin.numeric_answer()
     gold, said = r"\sum_{k=1}^{60} k^3", r"The answer is \boxed{\left(\sum_{k=1}^{60} k\right)^2}"
-    with monkeypatch.context() as m:  # first, before sympy has cached the sums' closed forms
-        m.setattr(builtin, "MATH_VERIFY_SECONDS", 0.001)
-        assert fn(["q"], [said], answer=[gold]) == [0.0]
-    assert fn.events()["timeouts"] >= 1 and fn.events() == {"timeouts": 0}  # read, then counted afresh
     assert fn(["q"], [said], answer=[gold]) == [1.0] and fn.events() == {"timeouts": 0}
+    verify = math_verify.verify
+
+    def slow(*args, **kwargs):  # a comparison that takes sympy 50 ms, past a 10 ms limit
+        time.sleep(0.05)
+        return verify(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(math_verify, "verify", slow)
+        m.setattr(builtin, "MATH_VERIFY_SECONDS", 0.01)
+        signal.setitimer(signal.ITIMER_REAL, 30.0)  # a timer of the caller's own, stopped meanwhile and re-armed
+        try:
+            assert fn(["q"], [said], answer=[gold]) == [0.0]
+            left = signal.getitimer(signal.ITIMER_REAL)[0]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        assert 29.0 < left < 30.0
+    assert fn.events() == {"timeouts": 1} and fn.events() == {"timeouts": 0}  # read, then counted afresh
     assert "math-verify comparisons ran past" in fn.event_notes["timeouts"]
 
 
@@ -267,6 +284,21 @@ def test_the_reward_model_scorer_keeps_its_forwards_when_a_sample_cannot_be_scor
     # a batch of none but unscorable samples still runs its forward
     forwards.clear()
     assert all(math.isnan(x) for x in scorer([None, None], ["a", "b"])) and len(forwards) == 1
+
+
+def test_a_reward_model_scores_a_cut_answer_as_it_was_sampled():
+    """A rollout hands rewards the answer without the scaffold the template writes before it (the fallback
+    template's space after `Assistant:`); a reward model left the turn of a cut answer open and appended the text
+    straight after the generation prompt: `Assistant:four`, tokens it never saw. The scaffold goes back first, so a
+    cut answer's ids are a finished one's up to its end-of-turn token."""
+    from posttrain.models.heads import RewardModelScorer
+    from posttrain.testing import merge_tokenizer
+
+    scorer = RewardModelScorer.__new__(RewardModelScorer)
+    scorer.tokenizer = merge_tokenizer(["<|endoftext|>"], eos="<|endoftext|>")
+    done, cut = (scorer.render("Is 2+2 four or five?", "four five six", t) for t in (False, True))
+    assert scorer.tokenizer.decode(cut) == "User: Is 2+2 four or five?\nAssistant: four five six"
+    assert done[: len(cut)] == cut
 
 
 def test_a_reward_not_retried_per_sample_fails_its_whole_batch_in_one_call():

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from posttrain.data.render import chat_text
+from posttrain.data.render import answer_scaffold, chat_text
 from posttrain.errors import ModelNotFoundError
 from posttrain.models.loading import context_length
 from posttrain.models.logprobs import decoder_of, hidden_and_logits, last_hidden_states
@@ -195,8 +195,8 @@ class RewardModelScorer:
         """The token ids the model scores for one sample (a string prompt is one user turn)."""
         tok = self.tokenizer
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if truncated:
-            text = chat_text(tok, msgs, add_generation_prompt=True) + completion
+        if truncated:  # the answer as sampled: the scaffold the rollout took off it (the fallback's space) first
+            text = chat_text(tok, msgs, add_generation_prompt=True) + answer_scaffold(tok) + completion
         else:
             text = chat_text(tok, [*msgs, {"role": "assistant", "content": completion}])
         return tok(text, add_special_tokens=False)["input_ids"]

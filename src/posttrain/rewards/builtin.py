@@ -17,6 +17,7 @@ import math
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -192,8 +193,13 @@ class _TimedOut(BaseException):
     error into "not equal") lets it through to `_limited`, which counts it."""
 
 
+_UNSET = object()
+
+
 def _limited(call, on_timeout):
-    """`call()`, stopped after `MATH_VERIFY_SECONDS` on the main thread (`on_timeout` is returned then, counted)."""
+    """`call()`, stopped after `MATH_VERIFY_SECONDS` on the main thread (`on_timeout` is returned then, counted).
+    A timer the caller had running is stopped meanwhile and re-armed after, with what was left of it; a timer that
+    fires just after `call()` returned loses nothing (the result is kept)."""
     if threading.current_thread() is not threading.main_thread():
         return call()
 
@@ -201,15 +207,23 @@ def _limited(call, on_timeout):
         raise _TimedOut
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS)
+    started = time.monotonic()
+    outer = signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_SECONDS)  # (what was left of the caller's, its interval)
+    result = _UNSET
     try:
-        return call()
+        try:
+            result = call()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # one-shot: nothing fires after this
     except _TimedOut:
-        _TIMEOUTS[0] += 1
-        return on_timeout
+        if result is _UNSET:
+            _TIMEOUTS[0] += 1
+            result = on_timeout
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - started), 1e-6), outer[1])
+    return result
 
 
 def math_verify_timeouts() -> int:
