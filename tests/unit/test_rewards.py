@@ -130,11 +130,11 @@ def test_task_reward_by_arg_by_column_and_by_metadata():
 def test_a_math_verify_timeout_is_counted_not_silent(monkeypatch):
     """math-verify's wall-clock limit made a right answer score 0 on a slow or busy machine, with nothing said
     (an audit: n = 700 scored 1 idle and 0 under load). A call past the limit still scores 0, and is counted:
-    `numeric_answer` logs `reward/timeouts_<label>` with a note. Worked here with a limit of 1 ms, which the
-    symbolic comparison of sum k^3 = (sum k)^2 cannot meet; with the usual limit it scores 1."""
-    from posttrain.rewards import builtin
-
+    `numeric_answer` logs `reward/timeouts_<label>` with a note. Worked here with the comparison of sum k^3 =
+    (sum k)^2 made to take 50 ms against a 10 ms limit; with the usual limit it scores 1."""
     import math_verify
+
+    from posttrain.rewards import builtin
 
     fn = builtin.numeric_answer()
     gold, said = r"\sum_{k=1}^{60} k^3", r"The answer is \boxed{\left(\sum_{k=1}^{60} k\right)^2}"

@@ -16,6 +16,7 @@ the embedded model's cached conversion.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -207,19 +208,53 @@ def embedded_model_dir(name: str) -> Path:
     (`conversion_versions`): the weights then depend on what is installed now, not on whichever environment
     converted them first. A cache from before these were recorded is converted again once."""
     target = cache_root() / "models" / name
-    gguf = embedded_gguf(name)
     marker = target / _CONVERTED_MARKER
-    if marker.is_file():
-        try:
-            made = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            made = {}
-        if made.get("gguf_bytes") == gguf.stat().st_size and made.get("versions") == conversion_versions():
+    try:
+        gguf = embedded_gguf(name)
+    except ModelNotFoundError:
+        if marker.is_file():  # the wheel is gone but its conversion is here: nothing to compare it with
             return target
-        print(f"{target}: converted from another {EMBEDDED_MODELS[name].pip_name} file or by other library releases "
-              f"({made.get('versions') or 'not recorded'}); converting it again", file=sys.stderr)  # fmt: skip
-    convert_gguf(gguf, target, note=EMBEDDED_MODELS[name].description, replace=marker.is_file())
+        raise
+    if marker.is_file() and _current(_marker(target), gguf):
+        return target
+    # one process converts at a time (torchrun's ranks all get here after an upgrade); the others then find its
+    # folder current
+    with _cache_lock(target):
+        made = _marker(target) if marker.is_file() else None
+        if made is not None and _current(made, gguf):
+            return target
+        if made is not None:
+            print(f"{target}: converted from another {EMBEDDED_MODELS[name].pip_name} file or by other library "
+                  f"releases ({made.get('versions') or 'not recorded'}); converting it again", file=sys.stderr)  # fmt: skip
+        convert_gguf(gguf, target, note=EMBEDDED_MODELS[name].description, replace=made is not None)
     return target
+
+
+@contextlib.contextmanager
+def _cache_lock(target: Path):
+    """An exclusive lock on `target`'s conversion, held by one process at a time (a lock file beside it; POSIX
+    `flock`, released when the process ends whatever happens)."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _marker(folder: Path) -> dict:
+    try:
+        return json.loads((folder / _CONVERTED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _current(made: dict, gguf: Path) -> bool:
+    """Whether a conversion's marker is of this GGUF (its size) by the libraries installed now."""
+    return made.get("gguf_bytes") == gguf.stat().st_size and made.get("versions") == conversion_versions()
 
 
 def conversion_versions() -> dict[str, str]:
