@@ -1014,12 +1014,16 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set dotted keys in a nested dict. An override wins over the file; the same key given twice: the last wins.
     A mapping sets the keys it names and keeps the section's others, as the same keys given one by one would
-    (``optim={lr: 0.05}`` replaced the whole section, silently dropping the file's batch size and weight decay).
+    (``optim={lr: 0.05}`` replaced the whole section, silently dropping the file's batch size and weight decay);
+    one that names another `name` (``algorithm={name: sft}``, another method or technique) replaces the section,
+    whose other keys belong to the name it had.
 
     >>> apply_overrides({"optim": {"lr": 1}}, ["optim.lr=1e-4", "run.seed=3"])
     {'optim': {'lr': 0.0001}, 'run': {'seed': 3}}
     >>> apply_overrides({"optim": {"lr": 1, "batch_size": 4}}, ["optim={lr: 0.05}"])
     {'optim': {'lr': 0.05, 'batch_size': 4}}
+    >>> apply_overrides({"algorithm": {"name": "grpo", "beta": 0.1}}, ["algorithm={name: sft}"])
+    {'algorithm': {'name': 'sft'}}
     """
     for item in overrides:
         path, value = _parse_override(item)
@@ -1034,8 +1038,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _set(node: dict, key: str, value: Any) -> None:
-    """`node[key] = value`, a mapping merged key by key into a mapping already there."""
-    if isinstance(value, dict) and isinstance(node.get(key), dict):
+    """`node[key] = value`, a mapping merged key by key into a mapping already there of the same `name`."""
+    old = node.get(key)
+    if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
         for k, v in value.items():
             _set(node[key], k, v)
     else:
@@ -1106,12 +1111,32 @@ def load_run_config(schema: type[RunBase], path: str | Path | None, overrides: l
 
 
 def override_keys(overrides: list[str] | None) -> dict[str, str]:
-    """Dotted key -> the override as given, for the errors that name where a value came from (`overridden`).
+    """Dotted key -> the override as given, for the errors that name where a value came from (`overridden`). A
+    mapping names each key it sets (`apply_overrides` merges it), not the whole section.
 
     >>> override_keys(["optim.lr=abc", "run.max_steps = 3"])
     {'optim.lr': 'optim.lr=abc', 'run.max_steps': 'run.max_steps = 3'}
+    >>> override_keys(["optim={lr: 0.05, betas: [0.9, 0.95]}"])
+    {'optim.lr': 'optim={lr: 0.05, betas: [0.9, 0.95]}', 'optim.betas': 'optim={lr: 0.05, betas: [0.9, 0.95]}'}
     """
-    return {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
+    out: dict[str, str] = {}
+    for o in overrides or []:
+        if "=" not in o:
+            continue
+        try:
+            path, value = _parse_override(o)
+        except ConfigError:  # said where it is applied
+            out[o.split("=", 1)[0].strip()] = o
+            continue
+        for key in _leaf_keys(".".join(path), value):
+            out[key] = o
+    return out
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [k for sub, v in value.items() for k in _leaf_keys(f"{key}.{sub}", v)]
+    return [key]
 
 
 def overridden(where: str, overrides: dict[str, str] | None) -> str | None:

@@ -233,6 +233,21 @@ def test_an_override_wins_over_the_file_and_a_repeated_override_takes_the_last_v
     assert load_config(f, ["optim.lr=1e-4", "optim.lr=3e-4"]).optim.lr == 3e-4
 
 
+def test_a_mapping_override_sets_its_keys_and_a_new_name_replaces_the_section(tmp_path):
+    """`optim={lr: 0.05}` replaced the whole section, dropping the file's batch size, silently; it now sets lr and
+    keeps the rest, and an error in a key the file set names the file's line, not the override. A mapping that
+    names another method replaces the section (its other keys belong to the method it had)."""
+    f = tmp_path / "run.yaml"
+    f.write_text("algorithm:\n  name: dpo\n  beta: 0.3\noptim:\n  lr: 1.0e-3\n  batch_size: 4\n  weight_decay: 0.3\n")
+    cfg = load_config(f, ["optim={lr: 0.05}", "algorithm={loss_type: ipo}"])
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.weight_decay) == (0.05, 4, 0.3)
+    assert (cfg.algorithm.beta, cfg.algorithm.loss_type) == (0.3, "ipo")
+    assert load_config(f, ["algorithm={name: sft}"]).algorithm.name == "sft"  # dpo's beta went with it
+    f.write_text("optim:\n  lr: 1.0e-3\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"optim.batch_size \(line 3\): should be greater than 0"):
+        load_config(f, ["optim={lr: 0.05}"])
+
+
 def test_a_bare_off_for_model_dropout_means_off(tmp_path):
     """YAML reads `dropout: off` as false: it was refused with "should be 'auto', 'keep' or 'off' (got False)"."""
     run = tmp_path / "run.yaml"

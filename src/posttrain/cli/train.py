@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     t.add_argument(
         "overrides", nargs="*",
         help="dotted overrides, e.g. optim.lr=1e-4 run.max_steps=50; they win over the run file, a key given "
-        "twice takes the last value, and a mapping ('optim={lr: 1e-4}') sets its keys and keeps the section's others",
+        "twice takes the last value, and a mapping ('optim={lr: 1e-4}') sets its keys and keeps the section's others (one naming another "
+        "name, 'algorithm={name: sft}', replaces the section)",
     )  # fmt: skip
     t.add_argument(
         "--resume", action="store_true",
