@@ -304,6 +304,11 @@ def test_a_small_file_gets_a_batch_its_rows_can_fill(tmp_path, capsys):
     cfg = load_config(target)
     assert cfg.optim.batch_size == 4 and cfg.optim.batch_size % cfg.optim.micro_batch_size == 0
     assert "optim.batch_size 4, not" in out and "the file has 6 rows" in out
+    # 3 GPUs: a step they split (4, a power of two, did not: `train` refused it), each share whole micro-batches
+    rc, _, _ = run_cli(["--data", str(data), "--model", "135m", "--gpu-memory-gb", "24", "--gpus", "3",
+                        "--write-config", str(target)], capsys)  # fmt: skip
+    cfg = load_config(target)
+    assert rc == 0 and cfg.optim.batch_size == 6 and (cfg.optim.batch_size // 3) % cfg.optim.micro_batch_size == 0
     # fewer rows than GPUs: no batch splits, so no config is written (it was, with batch 32 and a note)
     rc, _, err = run_cli(["--data", str(data), "--model", "135m", "--gpu-memory-gb", "24", "--gpus", "8"], capsys)
     assert rc == 2 and f"{data} has 6 rows, fewer than the 8 GPUs need for a sft step of one row each" in err

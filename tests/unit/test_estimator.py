@@ -290,17 +290,21 @@ def test_logit_chunk_is_posttrains():
     assert memory.logit_block_rows(Setup(arch=ARCHITECTURES["smollm2-135m"])) == 42 == logprobs._block_rows(49_152)
 
 
-def test_ppo_holds_four_models():
-    e = estimate("7b", method="ppo", reward_model="7b", batch_size=1)
+def test_ppo_with_a_critic_holds_four_models():
+    e = estimate("7b", method="ppo", reward_model="7b", batch_size=1, value_model="policy")
     assert e.breakdown_gb["reference_model"] == pytest.approx(28.0, rel=1e-12)  # fp32, as the policy
     assert e.breakdown_gb["reward_model"] == pytest.approx(14.0, rel=1e-12)
     assert e.breakdown_gb["value_model"] == pytest.approx(126.0, rel=1e-12)  # a second trained model
 
 
 def test_ppo_value_head_drops_the_critic_from_memory_and_compute():
-    """posttrain's PPO reads values from a head on the policy: no 126 GB critic, no extra value passes."""
-    critic = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6)
-    head = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6, value_model="head")
+    """posttrain's PPO reads values from a head on the policy: no 126 GB critic, no extra value passes. The head is
+    the default, as `posttrain train` runs PPO (a policy-sized critic was, unlike the method that trains)."""
+    critic = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6, value_model="policy")
+    head = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6)
+    given = estimate("7b", method="ppo", reward_function=True, batch_size=1, tokens=1e6, value_model="head")
+    assert (head.breakdown_gb, head.flops) == (given.breakdown_gb, given.flops)
+    assert any(a.startswith("value_model not given: a value head on the policy") for a in head.assumptions)
     assert head.breakdown_gb["value_model"] == 0.0 and critic.breakdown_gb["value_model"] == pytest.approx(
         126.0
     )

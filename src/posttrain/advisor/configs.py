@@ -73,13 +73,11 @@ def stage_config(
     full_lr, lora_lr = LEARNING_RATES[stage]
     # The run config counts sequences per step; a GRPO prompt is `group_size` sequences.
     per = group_size if stage == "grpo" else 1
-    batch = GLOBAL_BATCH[stage] * per
-    if batch % (gpus * per):  # every process takes the same whole number of rows (prompts for GRPO)
-        batch = -(-batch // (gpus * per)) * gpus * per
-    share = batch // gpus
-    micro = min(micro_batch * per, share)
-    while share % micro:  # the run config requires each process's share to be a multiple of micro_batch_size
-        micro -= 1
+    # Every process takes the same whole number of micro-batches (the run config requires each process's share to
+    # be a multiple of micro_batch_size): the step grows to the next multiple of GPUs x micro-batch.
+    micro = micro_batch * per
+    step = gpus * micro
+    batch = max(step, -(-GLOBAL_BATCH[stage] * per // step) * step)
     tech: dict = {"name": technique}
     if technique != "full":
         tech["r"] = 16

@@ -413,20 +413,22 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
 
 def _fit_batch(stage: dict, rows: int, gpus: int = 1) -> str | None:
     """A stage whose step would take more of its file's rows than the file holds (`train` refuses it: an 8-row file
-    and batch_size 32) gets the largest power of two the rows allow, at least one row per GPU, and a micro-batch
-    that divides each GPU's share."""
+    and batch_size 32) gets the largest power of two the rows allow (else, when the GPUs do not divide it, the
+    largest multiple of the GPUs), at least one row per GPU, and a micro-batch that divides each GPU's share."""
     opt, alg = stage["config"]["optim"], stage["config"]["algorithm"]
     per = alg.get("num_generations", 1)  # a GRPO step's batch counts sequences: prompts x the group
     if rows < 1 or opt["batch_size"] <= rows * per:
         return None
     before = opt["batch_size"]
-    prompts = max(1 << (rows.bit_length() - 1), gpus)
-    if prompts > rows:
+    prompts = 1 << (rows.bit_length() - 1)
+    if prompts % gpus:  # every process takes the same number of rows (`train` refuses a batch they do not split)
+        prompts = rows // gpus * gpus
+    if prompts < gpus:
         raise UserError(f"{stage['config']['data']['train']} has {rows} rows, fewer than the {gpus} GPUs need for a "
                         f"{stage['stage']} step of one row each, so no config could train on it; give it more rows, "
                         "or advise for fewer GPUs (--gpus)")  # fmt: skip
     opt["batch_size"] = prompts * per
-    share = opt["batch_size"] // gpus if opt["batch_size"] % gpus == 0 else opt["batch_size"]
+    share = opt["batch_size"] // gpus
     opt["micro_batch_size"] = min(opt["micro_batch_size"], share)
     while share % opt["micro_batch_size"]:
         opt["micro_batch_size"] -= 1

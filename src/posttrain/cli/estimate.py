@@ -163,8 +163,8 @@ def _rl_and_hardware_flags(a) -> None:
     a("--reference", default=None, help=f"DPO/PPO/GRPO/RLOO reference: one of {', '.join(REFERENCES)}")
     a("--reward-model", default=None, help="a learned reward model (size or name) held in memory (PPO/GRPO/RLOO)")
     a("--reward-function", action="store_true", help="the reward is computed by a program (PPO/GRPO/RLOO)")
-    a("--value-model", default=None, help="PPO critic size or name (default: the policy's), or 'head': a value "
-      "head on the policy, as posttrain's ppo")  # fmt: skip
+    a("--value-model", default=None, help="PPO: 'head' (the default), a value head on the policy as posttrain's "
+      "ppo holds it; or a separate critic's size or name ('policy': the policy's own)")  # fmt: skip
     a("--rollout-engine", default="hf", help=f"one of {', '.join(ENGINES)}")
     a("--mfu", type=fraction, default=0.40, help="assumed fraction of peak FLOP/s")
 

@@ -104,7 +104,10 @@ def run(args) -> Output:
     # before the answers are made, not after
     check_output_file(args.out, "--out", inputs={"--data": args.data, "--pairs": args.pairs})
     _check_pairs_only_flags(args)
-    if args.seed is not None and (args.data is not None or args.pairs is not None) and args.temperature == 0:
+    if args.seed is not None and args.pairs is not None:
+        raise UserError(f"--seed {args.seed} would change nothing: --pairs ranks given pairs by log-probability and "
+                        "draws nothing; leave it out")  # fmt: skip
+    if args.seed is not None and args.data is not None and args.temperature == 0:
         raise UserError(f"--seed {args.seed} would change nothing: it draws a --task's prompts and samples at "
                         "--temperature > 0, and this evaluation reads its rows from a file and decodes greedily; leave "
                         "it out, or give --temperature > 0")  # fmt: skip

@@ -151,7 +151,8 @@ class EstimateInputs:
     reward_function: bool = False
     """The reward is computed by a program (PPO, GRPO)."""
     value_model: str | None = None
-    """PPO critic size or name (None: the policy's), or `head`: a value head on the policy (posttrain's PPO)."""
+    """PPO critic: `head`, a value head on the policy (posttrain's PPO; the default, None), or a separate critic's
+    size or name (`policy`: the policy's own)."""
     rollout_engine: str = "hf"
     """hf (generate; KV cache freed before training) | vllm (a resident engine with its own weights)."""
     attention: str = "flash"
@@ -183,6 +184,9 @@ class EstimateInputs:
         if self.group_size is not None and self.method not in memory.GROUP_METHODS:
             raise UserError(f"group_size={self.group_size!r} applies to {' and '.join(memory.GROUP_METHODS)} only (they "
                             f"sample a group of completions per prompt), not to {self.method}")  # fmt: skip
+        if self.group_size is not None and self.group_size < 2:
+            raise UserError(f"group_size={self.group_size} gives no baseline: {self.method} compares each completion "
+                            "with the others of its group, so it needs at least 2 (posttrain train refuses fewer)")  # fmt: skip
 
     def _check_rl(self) -> None:
         if self.method not in memory.RL_METHODS:
@@ -328,11 +332,15 @@ class EstimateInputs:
     def _with_reward_and_critic(self, s: memory.Setup, notes: list[str]) -> memory.Setup:
         if s.method == "ppo":
             # value_model="head" is posttrain's own PPO: a scalar head on the policy's last hidden state.
-            if self.value_model == "head":
+            if self.value_model in (None, "head"):
                 s = replace(s, value_arch=None, value_head=True)
-                notes.append("PPO value head on the policy backbone: no separate critic in memory or compute")
+                why = ("value_model not given: " if self.value_model is None else "") + (
+                    "a value head on the policy backbone, as posttrain train's PPO holds it: no separate critic in "
+                    "memory or compute")
+                notes.append(why + ("; --value-model SIZE (or policy) for a separate critic" if self.value_model is None
+                                    else ""))  # fmt: skip
             else:
-                value_arch = resolve_model(self.value_model)[0] if self.value_model is not None else s.arch
+                value_arch = s.arch if self.value_model == "policy" else resolve_model(self.value_model)[0]
                 s = replace(s, value_arch=value_arch)
                 notes.append(
                     f"PPO critic: {value_arch.name}, trained with the policy's technique ({s.technique})"

@@ -57,7 +57,7 @@ def reality_check(
         if method == "ppo":
             # A learned reward model the size of the policy (as in InstructGPT), and as many prompts per
             # micro-batch as GRPO has completions, so both generate the same number of sequences at once.
-            extra.update(reward_model=model, batch_size=group_size * batch_size)
+            extra.update(reward_model=model, value_model="policy", batch_size=group_size * batch_size)
         for technique in TABLE_TECHNIQUES:
             inputs = replace(common, method=method, technique=technique, **extra)
             one: Estimate = estimate_for(inputs)
