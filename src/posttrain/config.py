@@ -1037,10 +1037,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+_NAMED_SECTIONS = ("algorithm", "technique")  # sections whose `name` decides which other keys they may hold
+
+
 def _set(node: dict, key: str, value: Any) -> None:
-    """`node[key] = value`, a mapping merged key by key into a mapping already there of the same `name`."""
+    """`node[key] = value`, a mapping merged key by key into a mapping already there, unless it is a section whose
+    `name` picks its fields (`algorithm`, `technique`) and both name another one."""
     old = node.get(key)
-    if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+    other = key in _NAMED_SECTIONS and "name" in value if isinstance(value, dict) else False
+    if other and isinstance(old, dict) and "name" in old and value["name"] != old["name"]:
+        node[key] = value
+    elif isinstance(value, dict) and isinstance(old, dict):
         for k, v in value.items():
             _set(node[key], k, v)
     else:
@@ -1130,6 +1137,8 @@ def override_keys(overrides: list[str] | None) -> dict[str, str]:
             continue
         for key in _leaf_keys(".".join(path), value):
             out[key] = o
+        if path[-1] in _NAMED_SECTIONS and isinstance(value, dict) and "name" in value:
+            out[".".join(path)] = o  # it may replace the section: what it leaves unset is the override's doing
     return out
 
 

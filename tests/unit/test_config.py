@@ -243,6 +243,13 @@ def test_a_mapping_override_sets_its_keys_and_a_new_name_replaces_the_section(tm
     assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.weight_decay) == (0.05, 4, 0.3)
     assert (cfg.algorithm.beta, cfg.algorithm.loss_type) == (0.3, "ipo")
     assert load_config(f, ["algorithm={name: sft}"]).algorithm.name == "sft"  # dpo's beta went with it
+    # the same name, or one the file leaves to its default, merges; so does `model` (its name is a model, not a kind)
+    f.write_text("technique:\n  r: 16\n  alpha: 64\nmodel:\n  gradient_checkpointing: true\n")
+    cfg = load_config(f, ["technique={name: lora, r: 8}", "model={name: tiny-model}"])
+    assert (cfg.technique.r, cfg.technique.alpha, cfg.model.gradient_checkpointing) == (8, 64, True)
+    f.write_text("algorithm:\n  name: sft\n")  # what a replacing mapping leaves unset is blamed on it
+    with pytest.raises(ConfigError, match=r"on the command line \(algorithm=\{name: grpo\}\)"):
+        load_config(f, ["algorithm={name: grpo}"])
     f.write_text("optim:\n  lr: 1.0e-3\n  batch_size: 0\n")
     with pytest.raises(ConfigError, match=r"optim.batch_size \(line 3\): should be greater than 0"):
         load_config(f, ["optim={lr: 0.05}"])

@@ -205,3 +205,10 @@ def test_data_sizes_the_sequence_and_the_tokens(tmp_path, capsys):
                        (["--table", "--data", str(rows)], "--data would be ignored")):  # fmt: skip
         rc, _, err = run_cli(argv, capsys)
         assert rc == 2 and says in err
+    # a prompts file holds prompts only: the completion comes on top (given: 1024 + the prompts' room of 256; left
+    # out: as many as the room), and a given --completion-len was refused against a seq_len the file gave
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "p" * 400}) + "\n" for _ in range(10)))
+    for extra, seq in ((["--completion-len", "1024"], 256 + 1024), ([], 512)):
+        rc, out, err = run_cli(["--method", "grpo", "--data", str(prompts), *extra, "--json"], capsys)
+        assert rc == 0 and json.loads(out)["inputs"]["seq_len"] == seq, err

@@ -42,14 +42,20 @@ class DataSummary:
     turns: dict[str, str] = field(default_factory=dict)  # --turn (data.turns)
 
 
-def seq_len_for(summary: DataSummary) -> int:
+def seq_len_for(summary: DataSummary, completion_len: int | None = None) -> int:
     """The sequence length a file's rows need: 1.5 x the 95th percentile of their approximate tokens (room for the
-    chat template and a tokenizer that splits finer), up to the next power of two, within [256, 8192].
+    chat template and a tokenizer that splits finer), up to the next power of two, within [256, 8192]. A prompts
+    file's rows are prompts only: the completion an RL method samples comes on top, `completion_len` tokens, or as
+    many as the prompts' room (half the sequence, the estimator's own split) when not given.
 
-    >>> seq_len_for(DataSummary("f", "sft", 10, 800.0, 1200, 200.0, 300.0))
-    512
+    >>> s = DataSummary("f", "sft", 10, 800.0, 1200, 200.0, 300.0)
+    >>> seq_len_for(s), seq_len_for(replace(s, shape="prompts")), seq_len_for(replace(s, shape="prompts"), 100)
+    (512, 1024, 612)
     """
-    return min(8192, max(256, 1 << int(summary.p95_tokens * 1.5).bit_length()))
+    room = min(8192, max(256, 1 << int(summary.p95_tokens * 1.5).bit_length()))
+    if summary.shape != "prompts":
+        return room
+    return room + (completion_len if completion_len is not None else room)
 
 
 def row_shape(row: dict) -> str | None:

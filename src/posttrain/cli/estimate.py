@@ -93,9 +93,12 @@ def _from_data(args: argparse.Namespace) -> list[str]:
                         f"with --method {' or '.join(_SHAPE_METHODS[s.shape])}")  # fmt: skip
     notes = []
     if args.seq_len is None:
-        args.seq_len = seq_len_for(s)
+        args.seq_len = seq_len_for(s, args.completion_len)
         notes.append(f"seq_len {args.seq_len} from {args.data}: 95% of its {s.rows:,} rows are up to ~{s.p95_tokens:,.0f} "
-                     "tokens (characters / 4), x 1.5 for the chat template, to a power of two")  # fmt: skip
+                     "tokens (characters / 4), x 1.5 for the chat template, to a power of two"
+                     + ("" if s.shape != "prompts" else (
+                         ", plus the completion: " + (f"--completion-len {args.completion_len}" if args.completion_len
+                                                      else "as many tokens as the prompts' room (half the sequence)"))))  # fmt: skip
     epochs = args.epochs or 1
     if args.tokens is None:
         if s.shape == "sft":
