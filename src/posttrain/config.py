@@ -1091,7 +1091,10 @@ def read_config_file(path: str | Path, lines: dict[str, int] | None = None) -> d
     if p.is_dir():
         raise ConfigError(f"{p}: a folder, not a run config file (a YAML file such as configs/sft_lora.yaml)")
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found (see configs/ for examples)")
+        shipped = Path(__file__).parent / "configs"  # a clone's configs/ is this folder
+        example = shipped / p.name if (shipped / p.name).is_file() else shipped
+        raise ConfigError(f"{p}: config file not found; posttrain's example configs are in {shipped} (a clone's "
+                          f"configs/): e.g. posttrain train {example if example != shipped else shipped / 'sft_lora.yaml'}")  # fmt: skip
     try:
         loaded = load_yaml(p.read_text(encoding="utf-8"), str(p), lines=lines,
                            hint=" (to change a setting for one run, give it as an override on the command line instead)")  # fmt: skip

@@ -340,8 +340,11 @@ def _resume_step(ckpt: Path, steps: int, run_dir: Path) -> int:
     return start
 
 
+_CONTINUE = "`posttrain train RUN.yaml --resume`"
+
+
 def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
-          continue_with: str = "`posttrain train RUN.yaml --resume`") -> TrainResult:  # fmt: skip
+          continue_with: str = _CONTINUE) -> TrainResult:  # fmt: skip
     """Run training as described by `cfg`; with `resume`, continue from the run folder's latest checkpoint.
     `continue_with`: how the user continues an interrupted run, for the note Ctrl-C prints (the quickstart's is
     running the same command again).
@@ -356,7 +359,9 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
     with float32_attention_on_cpu(_bf16_on_cpu(cfg)), attention_per_segment():
         if launch_rank() != 0:
             return _train(cfg, resume=resume, return_model=return_model)
-        missing = not Path(cfg.run.output_dir).exists()  # before the lock makes the folder
+        # before the lock makes the folder; said only to a user's own --resume (the quickstart and the study resume
+        # or start their folders by design, and the user set no run.output_dir to check)
+        missing = not Path(cfg.run.output_dir).exists() and continue_with == _CONTINUE
         with hold_run_dir(cfg.run.output_dir) as stale, _term_as_interrupt():
             if stale:
                 print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)

@@ -173,6 +173,9 @@ def test_evaluate_refuses_flags_of_the_other_mode_and_an_out_folder_before_answe
     code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--data", str(tmp_path / "rows.jsonl"),
                          "--reward", "numeric_answer", "--seed", "3")  # fmt: skip
     assert code == 2 and "--seed 3 would change nothing" in err  # a file's rows, decoded greedily
+    code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--data", str(tmp_path / "rows.jsonl"),
+                         "--reward", "numeric_answer", "--split", "train")  # fmt: skip
+    assert code == 2 and "--split shape the rows made by --task" in err  # it chose nothing: was accepted
     (tmp_path / "answers").mkdir()
     code, out, err = run(capsys, "evaluate", "--model", str(lora_run), "--task", "arithmetic", "--n", "2",
                          "--no-progress", "--out", str(tmp_path / "answers"))  # fmt: skip

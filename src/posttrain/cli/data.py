@@ -225,8 +225,10 @@ def task_or_file_rows(args, path, flag: str, columns=None) -> list[dict]:
 
     columns = columns if columns is not None else columns_given(args, "prompts", path, flag)
     if path is None:
+        args.split = getattr(args, "split", None) or "heldout"
         return task_with_options(TASKS[args.task], args).make(args.n, seed=args.seed, split=args.split)
     given = [opt for f, opt in TASK_OPTIONS.items() if getattr(args, f, None) is not None]
+    given += ["--split"] if getattr(args, "split", None) is not None else []
     if given:
         raise UserError(f"{', '.join(given)} shape the rows made by --task; with {flag} the rows come from {path}")
     rows = load_rows(path, "prompts", columns)[: args.n]

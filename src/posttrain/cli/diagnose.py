@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
                    "the verifier reads)")  # fmt: skip
     d.add_argument("--n", type=int, default=100, help="clean prompts to evaluate (default: 100)")
     d.add_argument("--seed", type=int, default=1, help="prompts made, variants, samples and bootstrap (default: 1)")
-    d.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    d.add_argument("--split", choices=["train", "heldout"], default=None,
+                   help="the --task's rows: heldout (the default) or train wordings")  # fmt: skip
     d.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
     d.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
     d.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")

@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
     e.add_argument("--n", type=positive_int, default=100, help="prompts (or pairs) to evaluate (default: 100)")
     e.add_argument("--seed", type=int, default=None, help="the --task's prompts, and sampling (--temperature > 0); "
                    "default 1")  # fmt: skip
-    e.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    e.add_argument("--split", choices=["train", "heldout"], default=None,
+                   help="the --task's rows: heldout (the default) or train wordings")  # fmt: skip
     e.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")
     e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
     e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
