@@ -1044,14 +1044,13 @@ def _set(node: dict, key: str, value: Any) -> None:
     """`node[key] = value`, a mapping merged key by key into a mapping already there, unless it is a section whose
     `name` picks its fields (`algorithm`, `technique`) and both name another one."""
     old = node.get(key)
-    other = key in _NAMED_SECTIONS and "name" in value if isinstance(value, dict) else False
-    if other and isinstance(old, dict) and "name" in old and value["name"] != old["name"]:
+    if not (isinstance(value, dict) and isinstance(old, dict)):
         node[key] = value
-    elif isinstance(value, dict) and isinstance(old, dict):
-        for k, v in value.items():
-            _set(node[key], k, v)
+    elif key in _NAMED_SECTIONS and "name" in value and "name" in old and value["name"] != old["name"]:
+        node[key] = value
     else:
-        node[key] = value
+        for k, v in value.items():
+            _set(old, k, v)
 
 
 def validate_config(schema: type[RunBase], data: Any, *, source: str = "config",

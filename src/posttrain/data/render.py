@@ -125,10 +125,26 @@ def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool = 
 
 
 def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts its BOS token before plain text (as the model saw every pretraining document)."""
+    """Whether the tokenizer puts its BOS token before plain text (as the model saw every pretraining document).
+    Found once per tokenizer, BOS and `add_bos_token` switch (Llama's tokenizers turn it off and on): `chat_text`
+    asks on every render of a template-less tokenizer."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
+    key = (bos, getattr(tokenizer, "add_bos_token", None))
+    try:
+        known = _BOS.get(tokenizer)
+        if known is None or known[0] != key:
+            known = _BOS[tokenizer] = (key, _encodes_bos(tokenizer, bos))
+    except TypeError:  # a tokenizer-like object that cannot be weakly referenced (or hashed): found each time
+        return _encodes_bos(tokenizer, bos)
+    return known[1]
+
+
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> ((BOS id, switch), whether it adds it)
+
+
+def _encodes_bos(tokenizer, bos: int) -> bool:
     try:
         return tokenizer("x")["input_ids"][:1] == [bos]
     except Exception:  # a tokenizer-like object that cannot encode here: no BOS assumed
