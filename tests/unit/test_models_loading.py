@@ -396,3 +396,23 @@ def test_fused_lora_layers_equal_peft_forward_and_backward(tiny_dir, alpha):
     base = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"), train=False)
     with torch.no_grad():
         assert torch.equal(disabled, base(input_ids=ids).logits)
+
+
+def test_loading_for_the_python_api_prints_no_library_bar_or_notice_and_restores_the_callers_settings(
+    tiny_dir, capsys
+):
+    """`load_model` from Python printed transformers' per-tensor "Loading weights" bar and the FutureWarning
+    transformers raises when peft reads `is_gradient_checkpointing`; the CLI silences libraries, the API did not."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="lora", r=4))
+        warnings.warn("the caller's own notice", FutureWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["the caller's own notice"]
+    assert hf_logging.is_progress_bar_enabled()  # the caller's setting, back

@@ -18,11 +18,13 @@ matter to us. It sets the level of the two named loggers that print it, nothing 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import threading
+import warnings
 from urllib.parse import urlsplit
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -117,3 +119,24 @@ def prepare_hub_libraries() -> None:
     settle offline mode, and silence the hub-kernel warning. Cheap after the first call."""
     settle_hub_mode()
     quiet_kernel_hub()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """While posttrain loads a model: no per-tensor "Loading weights" bar from transformers, and not the
+    deprecation notice transformers gives when peft reads `is_gradient_checkpointing` (neither is the user's
+    doing, and the Python API prints them where the CLI, which silences libraries, does not). The caller's own
+    settings come back afterwards: a bar the caller had enabled is enabled again, and other warnings pass.
+    Used as a decorator of the functions that load models; it settles the hub first (`prepare_hub_libraries`)."""
+    prepare_hub_libraries()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

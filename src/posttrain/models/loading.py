@@ -40,7 +40,7 @@ from posttrain.models.adapters import (
     enable_gradient_checkpointing,
     use_portable_4bit_kernel,
 )
-from posttrain.models.hub import offline_reason, prepare_hub_libraries, settle_hub_mode
+from posttrain.models.hub import offline_reason, prepare_hub_libraries, quiet_loading, settle_hub_mode
 from posttrain.models.layers import compile_layers, lean_layers, lean_mlps
 from posttrain.models.tied_embeddings import tie_output_gradient
 
@@ -271,6 +271,7 @@ def conversion_versions() -> dict[str, str]:
     return out
 
 
+@quiet_loading()
 def load_gguf(gguf_path: str | Path):
     """(model, tokenizer) read from a GGUF file by transformers, weights dequantised to float32 (slow: ~25 s for
     SmolLM2-135M, mostly parsing the GGUF metadata)."""
@@ -454,6 +455,7 @@ def mixed_precision(model_cfg: ModelConfig, device=None) -> str:
     return "bf16" if resolve_dtype(model_cfg.dtype, device) == torch.bfloat16 and not model_cfg.pure_bf16 else "no"
 
 
+@quiet_loading()
 def load_model(
     model_cfg: ModelConfig,
     technique: TechniqueConfig,

@@ -23,7 +23,7 @@ import torch
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models.adapters import is_adapter_model
-from posttrain.models.hub import prepare_hub_libraries
+from posttrain.models.hub import prepare_hub_libraries, quiet_loading
 from posttrain.models.loading import default_device, load_model, resolve_dtype
 
 INFO_FILE = "posttrain_model.json"
@@ -131,6 +131,7 @@ def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool)
     return model
 
 
+@quiet_loading()
 def load_trained(path: str | Path, *, device=None):
     """Load a folder written by `save_model` (or a run folder, meaning `<run>/final`): returns (model, tokenizer).
 
@@ -184,6 +185,7 @@ def _check_merge_output(folder: Path, out: Path) -> None:
                             "or new output folder. Nothing was written.")  # fmt: skip
 
 
+@quiet_loading()
 def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     """Fold a LoRA adapter into its base (W + alpha/r * B A) and save a standalone safetensors model + tokenizer.
 
