@@ -163,6 +163,12 @@ def test_ppo_is_sized_as_posttrain_runs_it():
                     batch_size=4, completion_len=512, gradient_checkpointing=True, gpu="L40S-48GB")  # fmt: skip
     fired = next(x for x in a.fired if x["rule"] == "ppo-critic-affordable")
     assert f"({head.peak_memory_gb:.0f} GB per GPU with lora)" in fired["reason"]
+    # Time and cost count what each config trains on: SFT 2 epochs of 2000 x 512 tokens (avg_tokens: half of the
+    # 1,024 seq_len), the reward model 5000 pairs x chosen and rejected, PPO one 1,024-token sample per prompt
+    # (GRPO's group of 8 was counted for PPO's prompts too: 8x its hours).
+    tokens = {s["method"]: s["tokens"] for s in a.estimate["stages"]}
+    assert tokens == {"sft": 2000 * 512 * 2, "reward": 5000 * 2 * 512, "ppo": 2000 * 1 * 1024}
+    assert [s["config"]["run"]["epochs"] for s in a.configs] == [2.0, 1.0, 1.0]
 
 
 def test_risks_follow_the_pipeline():

@@ -54,6 +54,12 @@ def config_model_name(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def stage_epochs(stage: str) -> float:
+    """Passes over the data a stage's config sets, and its time and cost count: 2 for SFT (Tulu 2 trained 2,
+    Alpaca 3), 1 for the others (one pass over the pairs or the prompts)."""
+    return 2.0 if stage == "sft" else 1.0
+
+
 def stage_config(
     stage: str,
     *,
@@ -126,7 +132,7 @@ def pipeline_configs(
         cfg = stage_config(
             stage, model=start, output_dir=run_dir, technique=technique, seq_len=seq_len,
             micro_batch=micro_batches[i - 1], data_file=data_files[i - 1],
-            epochs=2.0 if stage == "sft" else 1.0, group_size=group_size, gpus=gpus,
+            epochs=stage_epochs(stage), group_size=group_size, gpus=gpus,
         )  # fmt: skip
         notes = [start_note] if start_note else []
         alg = cfg["algorithm"]

@@ -22,23 +22,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from posttrain.advisor import configs
-from posttrain.advisor.datafile import DataSummary, seq_len_for, summarise
+from posttrain.advisor.datafile import SHAPE_METHODS, DataSummary, seq_len_for, summarise, tokens_per_row
 from posttrain.advisor.profile import Profile, load_profile, profile_from_dict
 from posttrain.advisor.rules import RuleTable, load_rules, matches
 from posttrain.data.columns import Columns
 from posttrain.errors import UserError
 from posttrain.estimator import EstimateInputs, estimate_for
 from posttrain.estimator.hardware import USABLE_FRACTION, custom_gpu, find_gpu
-from posttrain.estimator.inputs import DEFAULT_MICRO_BATCH
+from posttrain.estimator.inputs import DEFAULT_GROUP_SIZE, DEFAULT_MICRO_BATCH
 
 STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
 TECHNIQUES = ("full", "lora", "qlora")
 COUNTS = ("demonstrations", "preference_pairs", "prompts")
 FORMAT_WORDS = ("json", "schema", "format", "structured", "xml", "yaml")
 DEFAULT_MODEL, DEFAULT_GPU = "7b", "H100-80GB"
-GROUP_SIZE = 8  # TRL's default GRPO group size
+GROUP_SIZE = DEFAULT_GROUP_SIZE["grpo"]  # TRL's default GRPO group size
 MICRO_BATCH = DEFAULT_MICRO_BATCH  # per GPU, the estimator's defaults; GRPO: prompts x GROUP_SIZE
-DATA_SHAPE_STAGES = {"sft": ("sft",), "preference": ("dpo", "reward"), "prompts": ("grpo", "ppo")}
+# The file fields that count each shape's rows in a profile.
+_SHAPE_COUNTS = {"sft": "demonstrations", "preference": "preference_pairs", "prompts": "prompts"}
 
 
 @dataclass
@@ -182,11 +183,12 @@ def _sized(f: dict, method: str, technique: str, tokens: float | None = None):
 
 
 def _stage_tokens(f: dict, stage: str) -> float:
-    if stage == "sft":
-        return max(1, f["demonstrations"]) * f["avg_tokens"] * 2  # 2 epochs
-    if stage in DATA_SHAPE_STAGES["preference"]:
-        return max(1, f["preference_pairs"]) * 2 * f["avg_tokens"]  # chosen + rejected, 1 epoch
-    return max(1, f["prompts"]) * GROUP_SIZE * f["seq_len"]  # one pass over the prompts, G samples each
+    """The tokens a stage's config trains on: its rows x their tokens (`tokens_per_row`: GRPO's group of
+    completions, PPO's one) x the epochs the config sets."""
+    shape = next(s for s, stages in SHAPE_METHODS.items() if stage in stages)
+    samples = GROUP_SIZE if stage == "grpo" else 1
+    per, _ = tokens_per_row(shape, f["avg_tokens"], int(f["seq_len"]), samples)
+    return max(1, f[_SHAPE_COUNTS[shape]]) * per * configs.stage_epochs(stage)
 
 
 def _reason(rule: dict, facts: dict) -> str:
@@ -383,7 +385,7 @@ def _configs(d: dict, summary: DataSummary | None) -> tuple[list[dict], list[str
         notes.append(note)
     files = []
     for i, stage in enumerate(d["pipeline"], start=1):
-        data = summary.file if summary and stage in DATA_SHAPE_STAGES[summary.shape] else None
+        data = summary.file if summary and stage in SHAPE_METHODS[summary.shape] else None
         if data is None:
             data = f"data/{stage}.jsonl"
             notes.append(f"stage {i} ({stage}): data.train is a placeholder, {data}; put your file there")

@@ -24,6 +24,9 @@ from posttrain.errors import UserError
 
 CHARS_PER_TOKEN = 4.0
 SHAPES = ("sft", "preference", "prompts")
+# The methods that train on each shape of file: `estimate --data` refuses the others, `advise --data` gives the file
+# to the stages listed here.
+SHAPE_METHODS = {"sft": ("sft",), "preference": ("dpo", "reward"), "prompts": ("grpo", "rloo", "ppo")}
 
 
 @dataclass
@@ -56,6 +59,24 @@ def seq_len_for(summary: DataSummary, completion_len: int | None = None) -> int:
     if summary.shape != "prompts":
         return room
     return room + (completion_len if completion_len is not None else room)
+
+
+def tokens_per_row(shape: str, mean_tokens: float, seq_len: int, samples: int) -> tuple[float, str]:
+    """The tokens one row of a `shape` file puts through the model in an epoch, and the count in words: a
+    demonstration its own tokens; a preference pair chosen and rejected (each with its prompt); a prompt its
+    `samples` completions (GRPO's group, RLOO's; PPO samples one) of `seq_len` tokens, prompt included. What
+    `estimate --data` and `advise` both count a file's tokens by.
+
+    >>> tokens_per_row("preference", 300.0, 1024, 1)
+    (600.0, '2 x 300 tokens (chosen and rejected)')
+    >>> tokens_per_row("prompts", 300.0, 1024, 8)
+    (8192, '8 sample(s) x 1024 tokens')
+    """
+    if shape == "sft":
+        return mean_tokens, f"{mean_tokens:,.0f} tokens"
+    if shape == "preference":
+        return 2 * mean_tokens, f"2 x {mean_tokens:,.0f} tokens (chosen and rejected)"
+    return samples * seq_len, f"{samples} sample(s) x {seq_len} tokens"
 
 
 def row_shape(row: dict) -> str | None:

@@ -78,19 +78,16 @@ TABLE_READS = {"model", "gpu", "seq_len", "group_size", "completion_len", "token
 checkpointing, bf16 mixed precision, AdamW, FSDP), so another flag given with it is refused."""
 
 
-_SHAPE_METHODS = {"sft": ("sft",), "preference": ("dpo", "reward"), "prompts": ("grpo", "rloo", "ppo")}
-
-
 def _from_data(args: argparse.Namespace) -> list[str]:
     """`--data`: seq_len and tokens from the file where not given (the args are set), and what was done, in words."""
-    from posttrain.advisor.datafile import seq_len_for, summarise
+    from posttrain.advisor.datafile import SHAPE_METHODS, seq_len_for, summarise, tokens_per_row
     from posttrain.estimator.inputs import DEFAULT_GROUP_SIZE
 
     s = summarise(args.data, columns_given(args, None, args.data))
     method = args.method.strip().lower()
-    if method in METHODS and method not in _SHAPE_METHODS[s.shape]:
+    if method in METHODS and method not in SHAPE_METHODS[s.shape]:
         raise UserError(f"{args.data} holds {s.shape} rows, which --method {method} does not train on; estimate it "
-                        f"with --method {' or '.join(_SHAPE_METHODS[s.shape])}")  # fmt: skip
+                        f"with --method {' or '.join(SHAPE_METHODS[s.shape])}")  # fmt: skip
     notes = []
     if args.seq_len is None:
         args.seq_len = seq_len_for(s, args.completion_len)
@@ -101,13 +98,8 @@ def _from_data(args: argparse.Namespace) -> list[str]:
                                                       else "as many tokens as the prompts' room (half the sequence)"))))  # fmt: skip
     epochs = args.epochs or 1
     if args.tokens is None:
-        if s.shape == "sft":
-            per, what = s.mean_tokens, f"{s.mean_tokens:,.0f} tokens"
-        elif s.shape == "preference":
-            per, what = 2 * s.mean_tokens, f"2 x {s.mean_tokens:,.0f} tokens (chosen and rejected)"
-        else:
-            group = args.group_size or DEFAULT_GROUP_SIZE.get(method, 1)
-            per, what = group * args.seq_len, f"{group} sample(s) x {args.seq_len} tokens"
+        group = args.group_size or DEFAULT_GROUP_SIZE.get(method, 1)
+        per, what = tokens_per_row(s.shape, s.mean_tokens, args.seq_len, group)
         args.tokens = max(1.0, s.rows * per * epochs)
         notes.append(f"tokens {args.tokens:.3g} from {args.data}: {s.rows:,} rows x {what} x {epochs:g} epoch(s)")
     elif args.epochs is not None:
