@@ -740,9 +740,13 @@ def test_overlong_soft_adds_dapos_penalty(rl):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm):
+def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm, capsys):
     """Every completion truncated: no loss unit, no gradient, nothing moves (LoRA's B matrices stay 0, PPO's value
-    head stays at its zero init); the same run with `score` does train."""
+    head stays at its zero init); the same run with `score` does train. The run says so (a warning once, the
+    summary's count) and logs no token mean over the tokens it did not have: PPO logged a sampler/trainer gap,
+    entropy, clip fraction and KL of exactly 0, a perfect match and a collapsed policy to the eye."""
+    from posttrain.trainer.summary import format_summary, run_summary
+
     overrides = {
         **SHORT,
         "technique.target_modules": "[lm_head]",
@@ -752,15 +756,27 @@ def test_overlong_filter_leaves_truncated_completions_without_loss(rl, algorithm
         overrides.update({"optim.batch_size": 8, "algorithm.rollout.batch_size": 16})
     else:
         overrides["algorithm.loss_type"] = "grpo"
-    runs = {}
+    runs, said = {}, {}
     for overlong in ("filter", "score"):
         cfg = rl(
             f"{overlong}-{algorithm}", algorithm, **overrides, **{"algorithm.rollout.overlong": overlong}
         )
+        capsys.readouterr()
         runs[overlong] = train(cfg, return_model=True)
+        said[overlong] = capsys.readouterr().out
     hist = read_metrics(runs["filter"].run_dir / "metrics.jsonl")
     assert all(h["truncated_fraction"] == 1.0 for h in hist)
     assert [(h["loss_units"], h["loss"], h["grad_norm"]) for h in hist] == [(0.0, 0.0, 0.0)] * 2
+    token_means = {"logp_gap_sampler_trainer", "entropy", "clip_fraction", "approx_kl"}
+    assert not token_means & {k for h in hist for k in h}
+    assert token_means & set(read_metrics(runs["score"].run_dir / "metrics.jsonl")[0]) >= {"entropy"}
+    assert said["filter"].count("warning: every completion of rollout") == 1
+    assert "warning: every completion of rollout 0 reached algorithm.rollout.max_new_tokens (2)" in said["filter"]
+    assert "every completion of rollout" not in said["score"]
+    summaries = {k: run_summary(r) for k, r in runs.items()}
+    assert (summaries["filter"]["steps_without_tokens"], summaries["score"]["steps_without_tokens"]) == (2, 0)
+    assert "  nothing trained: 2 of these 2 steps had no token in the loss" in format_summary(summaries["filter"])
+    assert "nothing trained" not in format_summary(summaries["score"])
     for overlong, moved in (("filter", False), ("score", True)):
         model = runs[overlong].model
         lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]

@@ -723,3 +723,44 @@ def test_calling_by_name_keeps_star_args_callable_objects_and_refuses_positional
 
     with pytest.raises(ConfigError, match="positional-only and not in the order"):
         by_name(swapped, "algorithm.rewards[0]")
+
+
+def test_a_sample_that_fails_otherwise_than_its_batch_is_named_by_its_own_error_and_line(tmp_path):
+    """The batched call raised one error, the samples alone another: the warning named the batch's error (and its
+    line) as the reason the samples failed; both are said now, the sample's with its own line."""
+    path = tmp_path / "mine.py"
+    path.write_text("def f(prompts, completions, **kwargs):\n"
+                    "    if len(completions) > 1:\n"
+                    "        raise ValueError('batch')\n"  # line 3
+                    "    if len(completions[0]) % 2:\n"
+                    "        raise RuntimeError('odd')\n"  # line 5
+                    "    return [1.0]\n", encoding="utf-8")  # fmt: skip
+    r = compute_rewards(build_reward_functions([f"{path}:f"]), ["p"] * 3, ["ab", "a", "abc"], fallback=-1.0)
+    assert r.per_function["f"] == [1.0, -1.0, -1.0] and r.failures == {"f": 2}
+    assert r.errors["f"] == "its call on all 3 samples failed (ValueError: batch), then sample 1 alone: RuntimeError: odd"
+    assert r.sites["f"] == f"{path}:5"
+
+
+def test_a_reward_can_carry_its_own_fallback_for_a_negative_weight():
+    """One `algorithm.reward_fallback` cannot suit a function weighted down: the fallback that is the worst of a
+    function weighted up is the best of one weighted down (a failure outranked a scored sample). A spec's own
+    `fallback` is used for its function; the others keep the run's."""
+    from posttrain.algorithms.rl import negative_weight_notes
+
+    def half(prompts, completions, **kw):
+        return [None if c == "x" else 1.0 for c in completions]
+
+    specs = [{"name": "exact_match", "weight": 1.0}, {"name": "exact_match", "label": "penalty", "weight": -0.5,
+                                                      "fallback": 1.0}]  # fmt: skip
+    rewards = build_reward_functions(specs)
+    assert [(r.name, r.fallback) for r in rewards] == [("exact_match", None), ("penalty", 1.0)]
+    rewards = [NamedReward("up", half, 1.0), NamedReward("down", half, -0.5, fallback=1.0)]
+    r = compute_rewards(rewards, ["p"] * 2, ["ok", "x"], fallback=0.0)
+    assert r.per_function == {"up": [1.0, 0.0], "down": [1.0, 1.0]}
+    assert r.total == [0.5, -0.5]  # the failed sample ranks below the scored one under both weights
+    assert negative_weight_notes(parse_reward_specs(specs), 0.0) == []
+    [note] = negative_weight_notes(parse_reward_specs([{"name": "exact_match", "weight": -0.5}]), 0.0)
+    assert note.startswith("reward 'exact_match' has weight -0.5: a sample it fails on gets algorithm.reward_fallback")
+    for bad in ("one", True, float("nan")):
+        with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: 'fallback' must be a finite number"):
+            parse_reward_specs([{"name": "exact_match", "fallback": bad}])

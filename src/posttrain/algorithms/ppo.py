@@ -23,8 +23,15 @@ import torch
 from pydantic import Field
 
 from posttrain.algorithms import rl
-from posttrain.algorithms.base import Algorithm, RolloutContext, Rollouts, ScoredRollout, sequence_tensors
-from posttrain.algorithms.common import LOGP_GAP, kl_estimate, logp_gap, masked_mean, masked_sum
+from posttrain.algorithms.base import (
+    Algorithm,
+    Mean,
+    RolloutContext,
+    Rollouts,
+    ScoredRollout,
+    sequence_tensors,
+)
+from posttrain.algorithms.common import LOGP_GAP, kl_estimate, masked_mean, masked_sum
 from posttrain.config import SEVERAL_STEPS_OR_DROPOUT, RLSection
 from posttrain.config_rules import When, is_, is_not
 from posttrain.models.heads import language_model
@@ -415,16 +422,17 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
         # see the whole rollout)
         completion_mask=drop_from_loss(mask, scored.trains),
     )
-    loss_mask = tensors["completion_mask"]
     extra = {
         "kl_coef": kl_coef,
         "kl": float(seq_kl.mean()),
         "score_mean": float(scored.rewards.mean()),
         "explained_variance": explained_variance(values[:, P:], returns, cm),
         "returns_mean": float(masked_mean(returns, cm)),
-        # old: the trainer's log-probs under the sampling weights (docs/rl.md)
-        LOGP_GAP: float(logp_gap(tensors["sampling_logps"], old, loss_mask)),
     }
+    # old: the trainer's log-probs under the sampling weights (docs/rl.md); none logged when no token trains
+    # (overlong: filter with every completion cut), where a gap of 0 would read as a perfect match
+    if (gap := rl.trained_logp_gap(tensors)) is not None:
+        extra[LOGP_GAP] = gap
     return tensors, extra
 
 
@@ -449,15 +457,16 @@ def loss_fn(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=p.clip_eps,
                                   is_weights=weights)  # fmt: skip
     vl = value_loss(values, batch["old_values"], batch["returns"], mask, clip_eps_value=p.clip_eps_value)
-    units = float(mask.sum())
+    units = mask.sum()
     pg_sum, vl_sum = masked_sum(pg, mask), masked_sum(vl, mask)
+    # Token means over the step (`Mean`): a step with no token in the loss logs none of them, not a 0 that reads
+    # as no clipping, no KL and a collapsed entropy.
+    means = {"clip_fraction": metrics["clip_fraction"], "approx_kl": metrics["approx_kl"],
+             "entropy": masked_mean(entropy, mask), **tis_metrics}  # fmt: skip
     return pg_sum + p.vf_coef * vl_sum, {
         "policy_loss": pg_sum.detach(),
         "value_loss": vl_sum.detach(),
-        "clip_fraction": metrics["clip_fraction"] * units,
-        "approx_kl": metrics["approx_kl"] * units,
-        "entropy": masked_mean(entropy, mask) * units,
-        **{k: v * units for k, v in tis_metrics.items()},
+        **{k: Mean(v.detach() * units, units) for k, v in means.items()},
     }
 
 

@@ -38,7 +38,25 @@ def prepare(cfg, tokenizer) -> PreparedData:
     check_reward_inputs(specs, rows, cfg.data.train)
     data = render_prompts(cfg, tokenizer, rows)
     data.notes.extend(str(w.message) for w in caught)
+    data.notes.extend(negative_weight_notes(specs, cfg.algorithm.reward_fallback))
     return data
+
+
+def negative_weight_notes(specs, default: float) -> list[str]:
+    """A function with a negative weight and no fallback of its own: its failures take the run's
+    `algorithm.reward_fallback`, which suits the functions weighted up (their lowest value, 0 for pass/fail), and
+    with the weight's sign turned it is this function's best contribution: a failure then outranks a scored sample.
+
+    >>> from posttrain.rewards import parse_reward_specs
+    >>> negative_weight_notes(parse_reward_specs([{"name": "exact_match", "weight": -0.5}]), 0.0)[0][:80]
+    "reward 'exact_match' has weight -0.5: a sample it fails on gets algorithm.reward"
+    """
+    return [f"reward {s.label!r} has weight {s.weight:g}: a sample it fails on gets algorithm.reward_fallback "
+            f"({default:g}), and the negative weight ranks that failure as high as a sample scoring {default:g} and "
+            f"above every sample scoring more; give it a fallback of its own, its highest ordinary value (e.g. "
+            f"{{name: {s.name}, weight: {s.weight:g}, fallback: 1.0}} for a pass/fail check), so that a failure is "
+            "never rewarded (docs/rewards.md)"
+            for s in specs if s.weight < 0 and s.fallback is None]  # fmt: skip
 
 
 def reference_mode(cfg, needed: bool) -> str:

@@ -69,7 +69,8 @@ def compute_rewards(
     *,
     fallback: float = 0.0,
 ) -> RewardResult:
-    """Weighted sum of every reward; failing samples get `fallback` (module docstring).
+    """Weighted sum of every reward; failing samples get the function's own `fallback`, else `fallback` (module
+    docstring).
 
     Worked example: exact match (weight 1) gives [1, 0]; a length penalty with target 3 (weight 0.5) gives
     [0, -2] for lengths 1 and 9 (scale 3: -(9-3)/3); total = [1 + 0, 0 + 0.5 * -2] = [1.0, -1.0].
@@ -87,7 +88,8 @@ def compute_rewards(
     total = [0.0] * n
     per_function, failures, errors, sites, events = {}, {}, {}, {}, {}
     for reward in rewards:
-        values, failed, error, exc = _call(reward, prompts, completions, columns, n, fallback)
+        own = reward.fallback if reward.fallback is not None else fallback
+        values, failed, error, exc = _call(reward, prompts, completions, columns, n, own)
         per_function[reward.name], failures[reward.name] = values, failed
         if callable(counted := getattr(reward.fn, "events", None)):
             events[reward.name] = _read_events(reward.name, counted)
@@ -132,8 +134,9 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
     """(values, failures, first error, its exception or None) for one function: one batched call, per-sample
     calls if it fails.
 
-    The error kept is the batched call's when it failed (even if every sample then scored on its own: the
-    function is being called n times, and its author will want to know why)."""
+    The error kept is the batched call's when it failed, alone when the first failed sample failed the same way
+    or every sample then scored on its own (the function is being called n times, and its author will want to
+    know why); when the sample failed otherwise, both, with the sample's exception (so its own line)."""
     raw, error, exc = _call_batch(reward.fn, list(prompts), list(completions), columns, n)
     if raw is None and getattr(reward.fn, "collective", False):
         raise CollectiveRewardFailed(
@@ -145,19 +148,33 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
             "there."
         ) from exc
     retry = n > 1 and getattr(reward.fn, "retry_per_sample", True)
+    singles = None  # each sample's own call: (raw value or _FAILED, why it failed, its exception)
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
-        raw = [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if retry else [_FAILED] * n
-    values, failed = [], 0
+        singles = [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if retry else None
+        raw = [v for v, _, _ in singles] if singles else [_FAILED] * n
+    values, failed, first = [], 0, None
     for i, v in enumerate(raw):
         x = None if v is _FAILED else _as_float(v)
         if x is None:
             values.append(fallback)
             failed += 1
-            error = error or (f"sample {i}: {v}" if isinstance(v, Unscored)
-                              else f"sample {i}: {v!r} is not a finite number")  # fmt: skip
+            if first is None and singles:
+                first = (f"sample {i}: {singles[i][1] or _bad_value(v)}", singles[i][2])
+            elif first is None and v is not _FAILED:
+                first = (f"sample {i}: {_bad_value(v)}", None)
         else:
             values.append(x)
+    if first is not None:
+        i, why = first[0].split(": ", 1)
+        if not error:
+            error = first[0]
+        elif error != why:  # the sample's own error last, where `failure_site`'s line is put after it
+            error, exc = f"its call on all {n} samples failed ({error}), then {i} alone: {why}", first[1]
     return values, failed, error, exc
+
+
+def _bad_value(v) -> str:
+    return str(v) if isinstance(v, Unscored) else f"{v!r} is not a finite number"
 
 
 def failure_site(fn, exc: BaseException | None = None) -> str | None:
@@ -192,10 +209,10 @@ _FAILED = object()  # a sample whose own call raised
 
 
 def _one(fn, prompts, completions, columns: dict, i: int):
-    """Sample i's raw value from a call on it alone, or `_FAILED`."""
+    """(sample i's raw value from a call on it alone, "", None), or (`_FAILED`, why, the exception or None)."""
     one_columns = {k: v[i : i + 1] if isinstance(v, list | tuple) else v for k, v in columns.items()}
-    raw, _, _ = _call_batch(fn, [prompts[i]], [completions[i]], one_columns, 1)
-    return _FAILED if raw is None else raw[0]
+    raw, error, exc = _call_batch(fn, [prompts[i]], [completions[i]], one_columns, 1)
+    return (_FAILED, error, exc) if raw is None else (raw[0], "", None)
 
 
 def _call_batch(fn, prompts: list, completions: list, columns: dict, n: int):

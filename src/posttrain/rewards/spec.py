@@ -1,7 +1,8 @@
 """Reward specs from the run config (``algorithm.rewards``): check their shape, resolve each to a function.
 
 A spec is a string (a built-in name, or ``path/to/file.py:function``) or a mapping
-``{name, weight=1.0, args={}, label=None}``. For a built-in, ``args`` go to its factory in `REWARDS`; for a
+``{name, weight=1.0, args={}, label=None, fallback=None}`` (`fallback`: the function's own value for a sample it
+fails on, instead of ``algorithm.reward_fallback``). For a built-in, ``args`` go to its factory in `REWARDS`; for a
 user function, they are bound as keyword arguments (``functools.partial``). Every mistake is a
 `ConfigError` naming ``algorithm.rewards[i]``, raised before any model loads.
 """
@@ -22,7 +23,7 @@ from typing import Any
 from posttrain.errors import ConfigError
 from posttrain.rewards.builtin import REWARDS
 
-KEYS = ("name", "weight", "args", "label")
+KEYS = ("name", "weight", "args", "label", "fallback")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RewardSpec:
     fn: Callable[..., Any] | None = None
     builtin: bool = True
     where: str = "algorithm.rewards[0]"
+    fallback: float | None = None  # the function's own; None: the run's algorithm.reward_fallback
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class NamedReward:
     weight: float = 1.0
     builtin: bool = False
     """A built-in from `REWARDS` (its failures are named by the reward, not by a file and line of posttrain)."""
+    fallback: float | None = None
+    """The value of a sample it fails on (its spec's `fallback`); None: the caller's default (the run's
+    `algorithm.reward_fallback`)."""
 
 
 def is_file_spec(name: str) -> bool:
@@ -107,6 +112,10 @@ def _parse_one(spec: Any, where: str, base_dir: str | Path | None) -> RewardSpec
         raise ConfigError(f"{where}: 'args' must be a mapping, got {type(args).__name__}")
     if label is not None and (not isinstance(label, str) or not label.strip()):
         raise ConfigError(f"{where}: 'label' must be a non-empty string")
+    fallback = spec.get("fallback")
+    if fallback is not None and (isinstance(fallback, bool) or not isinstance(fallback, int | float)
+                                 or not math.isfinite(fallback)):  # fmt: skip
+        raise ConfigError(f"{where}: 'fallback' must be a finite number, got {fallback!r}")
     if is_file_spec(name):
         fn, builtin, default_label = (
             _load_user_function(name, where, base_dir),
@@ -119,7 +128,8 @@ def _parse_one(spec: Any, where: str, base_dir: str | Path | None) -> RewardSpec
         raise ConfigError(f"{where}: unknown reward {name!r}; expected a built-in ({', '.join(sorted(REWARDS))}) "
                           "or 'path/to/file.py:function'")  # fmt: skip
     _check_args(fn, args, where, name, strict=not builtin)
-    return RewardSpec(name, float(weight), dict(args), label or default_label, fn, builtin, where)
+    return RewardSpec(name, float(weight), dict(args), label or default_label, fn, builtin, where,
+                      None if fallback is None else float(fallback))  # fmt: skip
 
 
 def _check_args(fn: Callable, args: dict, where: str, name: str, *, strict: bool = False) -> None:
@@ -245,5 +255,5 @@ def build_reward_functions(specs: list, *, base_dir: str | Path | None = None) -
                     setattr(fn, attr, getattr(s.fn, attr))
         else:
             fn = s.fn
-        out.append(NamedReward(s.label, fn, s.weight, s.builtin))
+        out.append(NamedReward(s.label, fn, s.weight, s.builtin, s.fallback))
     return out

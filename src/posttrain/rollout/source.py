@@ -308,6 +308,7 @@ class RolloutSource:
         self.say_failures(index, [s["result"] for s in shares])
         self.say_events(index, [s["result"] for s in shares])
         stats = rollout_statistics(shares)
+        self.say_all_filtered(index, stats["truncated_fraction"])
         metrics = {**{k: v for k, v in stats.items() if k not in extra}, **times, **{k: stats[k] for k in extra}}
         metrics["prepare_time_s"] = time.perf_counter() - t2
         return tensors, metrics
@@ -335,7 +336,7 @@ class RolloutSource:
         sample alone scored is said apart (it is called once per sample), and its first real failure still is."""
         if not self.accelerator.is_main_process:
             return
-        n, fallback = sum(len(r.total) for r in results), self.cfg.algorithm.reward_fallback
+        n, default = sum(len(r.total) for r in results), self.cfg.algorithm.reward_fallback
         for reward in self.rewards:
             name = reward.name
             errored = [r for r in results if name in r.errors]
@@ -353,9 +354,25 @@ class RolloutSource:
                       "so it is called once per sample, and every sample scored that way; a function that returns one "
                       "value per completion is called once a rollout")  # fmt: skip
             else:
+                got = (f"its fallback {reward.fallback:g}" if reward.fallback is not None
+                       else f"algorithm.reward_fallback = {default}")  # fmt: skip
                 print(f"warning: reward {name!r} failed on {failed} of {n} samples of rollout {index} (they got "
-                      f"algorithm.reward_fallback = {fallback}): {error}{at}; further failures are only counted "
+                      f"{got}): {error}{at}; further failures are only counted "
                       f"(reward/failures_{name} in metrics.jsonl)")  # fmt: skip
+
+    def say_all_filtered(self, index: int, truncated: float) -> None:
+        """Once a run: a rollout in which `overlong: filter` left every completion out of the loss (each one reached
+        max_new_tokens) trains nothing, and its logged loss of 0 looks like any other; the summary counts such
+        steps (`steps_without_tokens`)."""
+        rc = self.cfg.algorithm.rollout
+        if truncated < 1.0 or rc.overlong != "filter" or "all filtered" in self.warned:
+            return
+        self.warned.add("all filtered")
+        if self.accelerator.is_main_process:
+            print(f"warning: every completion of rollout {index} reached algorithm.rollout.max_new_tokens "
+                  f"({rc.max_new_tokens}) and algorithm.rollout.overlong: filter leaves such completions out of the "
+                  "loss, so this rollout trains nothing; raise max_new_tokens, or score cut completions (overlong: "
+                  "score); the run's summary counts the steps that trained no token")  # fmt: skip
 
     def say_events(self, index: int, results: list) -> None:
         """What a reward function counts of its own (`RewardResult.events`: code_exec's timeouts), over every

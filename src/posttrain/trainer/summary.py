@@ -56,6 +56,8 @@ def run_summary(result: TrainResult) -> dict:
     # groups) had no reward signal: advantage 0 everywhere, whatever beta and however many processes sampled
     signal = [h for h in result.history if "loss" in h and "uniform_group_fraction" in h]
     idle = sum(h["uniform_group_fraction"] >= 1.0 for h in signal)
+    # A step with no loss unit trained nothing: RL under overlong: filter when every completion was cut.
+    empty = [h for h in result.history if "loss" in h and h.get("loss_units") == 0]
     return {
         "run_dir": str(run_dir),
         "final_dir": str(result.final_dir),
@@ -64,6 +66,7 @@ def run_summary(result: TrainResult) -> dict:
         "steps_trained": n,
         "first_step": result.steps - n + 1 if n else None,
         "steps_without_signal": idle if signal else None,
+        "steps_without_tokens": len(empty),
         "final_loss": last["loss"] if last else None,
         "key_metric": {"name": key, "value": last[key]} if last and key in last else None,
         "metrics": last,
@@ -118,6 +121,12 @@ def format_summary(s: dict) -> str:
     key = s["key_metric"]
     if key is not None:  # the loss is on the done: line already
         item("last step", f"loss {s['final_loss']:.4f}" + (f", {key['name']} {key['value']:.4g}" if key else ""))
+    if s.get("steps_without_tokens"):
+        item("nothing trained", f"{s['steps_without_tokens']} of these {n} steps had no token in the loss "
+                                "(loss_units 0), so no gradient (only AdamW's momentum and weight decay moved the "
+                                "weights): every completion reached algorithm.rollout.max_new_tokens and "
+                                "algorithm.rollout.overlong: filter leaves such completions out of the loss; raise "
+                                "max_new_tokens, or use overlong: score (docs/rl.md)")  # fmt: skip
     if s.get("steps_without_signal"):
         item("no signal", f"{s['steps_without_signal']} of these {n} steps had none: every completion of every group "
                           "scored alike (uniform_group_fraction 1.0), so the rewards gave no gradient (only AdamW's "
