@@ -482,7 +482,9 @@ class RLSection(AlgorithmSection):
     """A trained reward model folder (an `algorithm.name=reward` run's final/), added to the rewards."""
     reward_fallback: float = 0.0
     """Value a reward function's output takes for a sample it failed on (raised, or gave NaN, inf or a non-number);
-    it is weighted like any other value. Failures are counted per function in the metrics."""
+    it is weighted like any other value. A reward spec's own `fallback` overrides it for that function (one with a
+    negative weight needs its highest value here, not its lowest). Failures are counted per function in the
+    metrics."""
     rollout: RolloutSection = RolloutSection()
     """Sampling settings."""
 
