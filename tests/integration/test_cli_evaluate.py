@@ -212,3 +212,36 @@ def test_pairs_are_ranked_with_the_runs_own_beta_and_max_length(capsys, make_cfg
                          "--beta", "0.2", "--json")  # fmt: skip
     assert code == 0 and json.loads(out)["settings"] == {"beta": 0.2, "max_length": 64}
     assert "algorithm.beta" not in err
+
+
+def test_a_reward_model_ranks_pairs_by_its_scores_and_writes_nothing(capsys, make_cfg, tmp_path):
+    """`evaluate --pairs` on a reward model read its backbone's DPO implicit reward (the score head left out): 50%
+    for a model whose run logged 100%. It ranks by the model's own scores now, the reward run's `accuracy` on the
+    same pairs; generating from it (its backbone alone was never trained to write) is refused."""
+    from posttrain.evaluation.preference import judge_scores
+    from posttrain.train import train
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"add {i} 1", "chosen": str(i + 1), "rejected": "no"} for i in range(8)]
+    _write(pairs_file, rows)
+    result = train(make_cfg("rm", **{"algorithm.name": "reward", "technique.name": "lora", "data.train": str(pairs_file),
+                                     "data.eval": str(pairs_file), "optim.lr": 0.05, "run.max_steps": 12,
+                                     "run.eval_every": 12}))  # fmt: skip
+    logged = [h for h in result.history if "eval_accuracy" in h][-1]["eval_accuracy"]
+    capsys.readouterr()
+    code, out, err = run(capsys, "evaluate", "--model", str(result.run_dir), "--pairs", str(pairs_file), "--json",
+                         "--out", str(tmp_path / "ranked.jsonl"))  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    chosen = judge_scores(str(result.run_dir), [r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = judge_scores(str(result.run_dir), [r["prompt"] for r in rows], ["no"] * 8)
+    assert doc["verifier"] == "reward_model" and doc["metrics"]["reward_accuracy"] == logged > 0.5
+    assert doc["metrics"]["reward_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / 8, abs=1e-5)
+    records = [json.loads(line) for line in (tmp_path / "ranked.jsonl").read_text().splitlines()]
+    assert [r["chosen_score"] for r in records] == pytest.approx(chosen, abs=1e-5)
+    code, _, err = run(capsys, "evaluate", "--model", str(result.run_dir), "--pairs", str(pairs_file), "--beta", "0.2")
+    assert code == 2 and "is a reward model: it ranks the pairs by its scores" in err and "--beta" in err
+    for argv in (["generate", "--model", str(result.run_dir), "--prompt", "add 1 1"],
+                 ["evaluate", "--model", str(result.run_dir / "final"), "--task", "arithmetic", "--n", "2"]):  # fmt: skip
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "is a reward model (a score head on its backbone): it scores answers" in err, argv

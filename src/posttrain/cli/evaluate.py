@@ -264,10 +264,13 @@ def evaluate_pairs(args) -> Output:
     from posttrain.data import load_rows
     from posttrain.evaluation import load_for_inference
     from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
+    from posttrain.models.heads import reward_model_problem
 
     if args.judge is not None:
         raise UserError("--judge scores generated answers; --pairs generates none (run them separately)")
     rows = load_rows(args.pairs, "preference", columns_given(args, "preference", args.pairs, "--pairs"))[: args.n]
+    if reward_model_problem(args.model) is None:  # a reward model ranks by its scores, not by log-probabilities
+        return _rank_with_reward_model(args, rows)
     taken = []  # the run's own beta and max_length where not given: a beta=0.5 run was ranked at 0.1, silently
     saved = run_config(args.model)
     dpo = setting(saved, "algorithm.name") == "dpo" and setting(saved, "algorithm.loss_type") != "simpo"
@@ -294,4 +297,26 @@ def evaluate_pairs(args) -> Output:
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": settings(args, "beta", "max_length"),
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
+    return Output(doc=doc, text=format_preference({args.model: result}))
+
+
+def _rank_with_reward_model(args, rows: list[dict]) -> Output:
+    """`evaluate --pairs` with a reward model: its own scores rank the pairs (`reward_model_accuracy`). Its
+    backbone's DPO implicit reward read 50% for a model whose run logged 100% (the score head was left out)."""
+    from posttrain.evaluation.preference import format_preference, pair_records, reward_model_accuracy
+
+    given = [f"--{k.replace('_', '-')}" for k in PAIRS_ONLY if getattr(args, k) is not None]
+    given += [f"--template-var {k}" for k in dict(args.template_var)]
+    if given:
+        raise UserError(f"{args.model} is a reward model: it ranks the pairs by its scores, as its run trained it, "
+                        f"so {', '.join(given)} (for a policy's log-probabilities and its chat template's variables) "
+                        "would change nothing; leave them out")  # fmt: skip
+    quiet_libraries()
+    per_pair: list[dict] = []
+    result = reward_model_accuracy(args.model, rows, per_pair=per_pair)
+    if args.out is not None:
+        _write_records(args.out, pair_records(rows, per_pair))
+    doc = {"model": args.model, "verifier": "reward_model", "pairs": args.pairs, "reference": None,
+           "n": len(rows), "settings": {}, "metrics": {k: v for k, v in result.items() if k != "n"},
+           "out": args.out}  # fmt: skip
     return Output(doc=doc, text=format_preference({args.model: result}))

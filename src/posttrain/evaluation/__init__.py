@@ -26,8 +26,13 @@ def load_for_inference(name_or_path: str, template_variables: dict | None = None
     `template_variables`: values for the chat template's variables (`data.render.set_template_variables`,
     `--template-var`), checked before a base model's weights load."""
     from posttrain.data.render import set_template_variables
+    from posttrain.models.heads import reward_model_problem
 
     p = Path(name_or_path).expanduser()
+    if p.is_dir() and reward_model_problem(p) is None:  # its backbone alone was never trained to write
+        raise UserError(f"{name_or_path} is a reward model (a score head on its backbone): it scores answers, it does "
+                        "not write them; rank preference pairs with it (evaluate --pairs FILE), judge answers with it "
+                        "(evaluate --judge), or reward an RL run with it (algorithm.reward_model)")  # fmt: skip
     if p.is_dir() and (
         (p / "final").is_dir()
         or (p / "posttrain_model.json").exists()

@@ -11,8 +11,10 @@ adapter, or a given reference model) and reports:
   no reference subtracted (long rejected responses make this easy, hence also ``*_mean_logp_accuracy``, per
   token).
 
-`judge_scores` runs a trained reward model (`posttrain train` with `algorithm.name: reward`) over completions.
-This module loads nothing by itself and trains nothing.
+`judge_scores` runs a trained reward model (`posttrain train` with `algorithm.name: reward`) over completions, and
+`reward_model_accuracy` ranks the pairs with one: its scores are what it learnt, where the DPO implicit reward of
+its backbone would read a model that was never trained to write (chance, or worse). This module loads nothing by
+itself (but the reward model those two are given) and trains nothing.
 
 Letters: B pairs.
 """
@@ -128,6 +130,42 @@ def pair_records(rows: Sequence[dict], per_pair: Sequence[dict]) -> list[dict]:
          **values}
         for i, (row, values) in enumerate(zip(rows, per_pair, strict=True))
     ]  # fmt: skip
+
+
+def reward_model_accuracy(
+    reward_model: str, rows: Sequence[dict], *, per_pair: list[dict] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Rank preference rows with a trained reward model: each side rendered as the reward run trained it (the
+    prompt's messages, then the side's, through the chat template; `RewardModelScorer`) and scored at its last
+    token. ``reward_accuracy``: the share of pairs whose chosen side scores higher (ties count 1/2, as the reward
+    run's own `accuracy`); ``reward_margin``: the mean of chosen - rejected; ``chosen_score_mean`` and
+    ``rejected_score_mean``. A pair with a side the model cannot score (longer than its positions) is left out and
+    counted (``unscored_pairs``); `per_pair` receives each pair's ``chosen_score`` and ``rejected_score``."""
+    scorer = RewardModelScorer(reward_model)
+    sides: dict[str, list[float]] = {}
+    for side in ("chosen", "rejected"):
+        prompts, answers = [], []
+        for row in rows:  # an answer of several messages: all but its last join the prompt
+            turns = list(row[side]) if isinstance(row[side], list) else [{"role": "assistant", "content": row[side]}]
+            prompt = list(row["prompt"]) if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+            prompts.append(prompt + turns[:-1])
+            answers.append(turns[-1]["content"])
+        sides[side] = scorer(prompts, answers)
+    chosen, rejected = torch.tensor(sides["chosen"]), torch.tensor(sides["rejected"])
+    if per_pair is not None:
+        per_pair.extend({"chosen_score": float(c), "rejected_score": float(r)} for c, r in zip(chosen, rejected))
+    scored = ~(chosen.isnan() | rejected.isnan())
+    if not bool(scored.any()):
+        raise UserError(f"the reward model {reward_model} could not score any pair: {next(iter(scorer.unscored.values()))}")
+    chosen, rejected = chosen[scored], rejected[scored]
+    return {
+        "n": float(len(chosen)),
+        "reward_accuracy": _rate(chosen, rejected),
+        "reward_margin": float((chosen - rejected).mean()),
+        "chosen_score_mean": float(chosen.mean()),
+        "rejected_score_mean": float(rejected.mean()),
+        **({"unscored_pairs": float(len(rows) - len(chosen))} if len(chosen) < len(rows) else {}),
+    }
 
 
 def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
