@@ -125,3 +125,30 @@ def test_generate_with_reloaded_adapter(tmp_path, tiny_dir, tiny_tokenizer):
     model, tok = load_trained(tmp_path / "adapter")
     outs = generate(model, tok, ["hi", "there"], max_new_tokens=4, stop=["\n"])
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_a_saved_model_stops_on_its_templates_end_of_turn_in_plain_transformers(tmp_path):
+    """A base whose EOS is `<|endoftext|>` and whose ChatML template closes turns with `<|im_end|>` (Qwen2.5 and
+    Gemma bases): its merged or full-model folders kept `eos_token_id` = EOS in generation_config.json, so
+    `transformers`' own `generate` ran past every stop SFT trained. Both ids are written now, EOS first; the
+    model's own generation config is as it was, and an adapter folder writes none."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from posttrain.testing import CHATML_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer, tiny_model
+
+    tok = byte_tokenizer([*SPECIAL_TOKENS, "<|endoftext|>"], eos="<|endoftext|>", pad="<|pad|>",
+                         chat_template=CHATML_TEMPLATE)  # fmt: skip
+    eos, end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    model = tiny_model(len(tok), eos_token_id=eos)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=0)
+    save_model(model, tok, tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [eos, end] and model.generation_config.eos_token_id == eos
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert reloaded.generation_config.eos_token_id == [eos, end]
+    # LoRA on it, saved (an adapter: no generation config), then merged: the merged folder stops on both
+    lora = load_model(ModelConfig(name=str(tmp_path / "base")), TechniqueConfig(name="lora", r=4))
+    save_model(lora, tok, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "generation_config.json").exists()
+    merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [eos, end]

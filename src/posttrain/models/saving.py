@@ -12,6 +12,7 @@ module does not write checkpoints (optimizer, RNG, data position): that is the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import torch
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models.adapters import is_adapter_model
+from posttrain.models.generation import eos_token_ids
 from posttrain.models.hub import prepare_hub_libraries, quiet_loading
 from posttrain.models.loading import default_device, load_model, resolve_dtype
 
@@ -65,13 +67,36 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
             getattr(model, "peft_config", {}).get("default", None), "base_model_name_or_path", None
         )
-    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    with _stops_in_generation_config(model, tokenizer, adapter):
+        model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out)
     info["kind"] = "adapter" if adapter else "full"
     if step is not None:
         info["step"] = step
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+@contextlib.contextmanager
+def _stops_in_generation_config(model, tokenizer, adapter: bool):
+    """While a full model is saved, its generation config's `eos_token_id` lists every token that ends a
+    completion (`generation.eos_token_ids`: the chat template's end-of-turn token with the EOS): a base whose EOS
+    is `<|endoftext|>` and whose template closes turns with `<|im_end|>` (Qwen2.5 and Gemma bases) was saved
+    stopping on EOS alone, so plain transformers' `generate` ran past every trained stop. The model's own config
+    is left as it was afterwards. An adapter folder saves no generation config (its base's is used)."""
+    gen = getattr(model, "generation_config", None)
+    if adapter or gen is None:
+        yield
+        return
+    before = gen.eos_token_id
+    stops = eos_token_ids(model, tokenizer)
+    first = tokenizer.eos_token_id if tokenizer.eos_token_id in stops else stops[0] if stops else None
+    ordered = [first, *(i for i in stops if i != first)] if stops else []  # EOS first, as model cards list it
+    gen.eos_token_id = ordered[0] if len(ordered) == 1 else ordered or before
+    try:
+        yield
+    finally:
+        gen.eos_token_id = before
 
 
 def model_folder(path: Path) -> Path:
