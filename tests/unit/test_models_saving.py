@@ -152,3 +152,21 @@ def test_a_saved_model_stops_on_its_templates_end_of_turn_in_plain_transformers(
     assert not (tmp_path / "adapter" / "generation_config.json").exists()
     merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+
+
+def test_a_run_resumed_past_its_final_model_is_said_when_final_is_used(tmp_path, tiny_dir, tiny_tokenizer, capsys):
+    """A finished run resumed for more steps and stopped: its checkpoints went on to step 50 while final/ still
+    held step 30, and merging (or generating from) the run folder used step 30 without a word."""
+    run = tmp_path / "run"
+    save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, run / "final", step=30)
+    (run / "checkpoints" / "step-000030").mkdir(parents=True)
+    merge_adapter(run, tmp_path / "merged")
+    assert "warning" not in capsys.readouterr().err  # final/ is the newest weights
+    assert read_info(tmp_path / "merged")["step"] == 30
+    (run / "checkpoints" / "step-000050").mkdir()
+    merge_adapter(run, tmp_path / "merged")
+    load_trained(run)
+    err = capsys.readouterr().err
+    assert err.count("holds the weights of step 30, but the run's newest checkpoint is step 50") == 2
+    merge_adapter(run / "final", tmp_path / "merged")  # the final/ folder named itself: what was asked for
+    assert "warning" not in capsys.readouterr().err

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -168,6 +170,7 @@ def load_trained(path: str | Path, *, device=None):
 
     folder = _trained_dir(path)
     info = read_info(folder)
+    warn_stale_final(path, folder, info)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,6 +185,26 @@ def load_trained(path: str | Path, *, device=None):
         model.eval()
     model.posttrain_info = {k: info[k] for k in ("base_model", "technique") if k in info}
     return model, tokenizer
+
+
+def stale_final(path: str | Path, folder: Path, info: dict) -> str | None:
+    """When `path` is a run folder whose `final/` (`folder`, `info`) is older than its newest checkpoint (a finished
+    run resumed for more steps and stopped before its end), what using `final/` means, in words; else None."""
+    run = Path(path).expanduser()
+    step = info.get("step")
+    if folder == run or folder.parent != run or not isinstance(step, int):
+        return None
+    steps = [int(m.group(1)) for d in (run / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", d.name))]
+    if not steps or max(steps) <= step:
+        return None
+    return (f"{folder} holds the weights of step {step}, but the run's newest checkpoint is step {max(steps)} (it "
+            f"was resumed and stopped before its end): this uses step {step}; to use the newer weights, let the run "
+            "finish (posttrain train <its config> --resume)")
+
+
+def warn_stale_final(path, folder: Path, info: dict) -> None:
+    if note := stale_final(path, folder, info):
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def head_kind(folder: str | Path) -> str | None:
@@ -230,6 +253,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     info = read_info(folder)
     if info["kind"] != "adapter":
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
+    warn_stale_final(path, folder, info)
     out = Path(out_dir)
     _check_merge_output(folder, out)
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
@@ -245,7 +269,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        save_model(merged, AutoTokenizer.from_pretrained(folder), tmp)
+        save_model(merged, AutoTokenizer.from_pretrained(folder), tmp, step=info.get("step"))
         if head == "reward":
             for name in (HEAD_FILE, HEAD_INFO):
                 if (folder / name).is_file():
