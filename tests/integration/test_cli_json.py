@@ -174,7 +174,14 @@ def test_evaluate_task_out_and_a_judge_scored_as_numbers(capsys, make_cfg, tiny_
             "--judge", judge, "--no-progress"]  # fmt: skip
     code, doc, err = run_json(capsys, *base, "--out", out)
     assert code == 0, err
-    scores = judge_scores(str(judge), PROMPTS, answers)
+    # Answers cut at --max-new-tokens are judged as unfinished turns, as RL training scores them (judged as closed
+    # turns, they read as answers that chose to end there: the judge over-scored answers that run on).
+    model, tok = load_for_inference(str(tiny_model_dir))
+    finished: list[bool] = []
+    generate_answers(model, tok, [{"prompt": p} for p in PROMPTS], max_new_tokens=4, finished=finished)
+    cut = [not f for f in finished]
+    scores = judge_scores(str(judge), PROMPTS, answers, cut)
+    assert any(cut) and scores != judge_scores(str(judge), PROMPTS, answers)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["completion"], r["answer"], r["judge_score"]) for r in written] == list(
         zip(PROMPTS, answers, [3] * 4, scores)

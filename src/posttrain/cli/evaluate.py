@@ -135,16 +135,19 @@ def run(args) -> Output:
         refuse_markers(tokenizer, rows, source=args.data)
     if note := stop_note(args):
         print(note, file=sys.stderr)
+    finished: list[bool] = []
     completions = generate_answers(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         sample_seed=args.seed, progress=None if args.no_progress else "evaluate", stop=args.stop or None,
+        finished=finished,
     )  # fmt: skip
     metrics, per_row = _score(args, rewards, completions, rows)
     scores = None
     if args.judge is not None:
         from posttrain.evaluation.preference import judge_scores
 
-        scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions)
+        cut = [not f for f in finished]  # scored as unfinished turns, as in RL training
+        scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions, cut)
         metrics["judge_score_mean"] = sum(scores) / len(scores)
     if args.out is not None:
         _write_records(args.out, answer_records(rows, completions, per_row, scores))

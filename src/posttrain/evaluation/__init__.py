@@ -113,10 +113,12 @@ def generate_answers(
     sample_seed: int = 0,
     progress: str | None = None,
     stop: list[str] | None = None,
+    finished: list[bool] | None = None,
 ) -> list[str]:
     """One completion per row's `prompt`: greedy, or one sample at `temperature` > 0 (repeatable by
     `sample_seed`), ended at the first of the `stop` strings if any. `progress`: the label of a progress bar on
-    stderr (None: no bar)."""
+    stderr (None: no bar); `finished` (an empty list) receives whether each answer ended rather than being cut at
+    `max_new_tokens` (`models.generate`)."""
     return generate(
         model,
         tokenizer,
@@ -127,6 +129,7 @@ def generate_answers(
         seed=sample_seed if temperature > 0 else None,
         progress=progress,
         stop=stop,
+        finished=finished,
     )
 
 

@@ -168,9 +168,13 @@ def reward_model_accuracy(
     }
 
 
-def judge_scores(reward_model: str, prompts: list, completions: list[str]) -> list[float]:
-    """Scores of a trained reward model folder for each (prompt, completion)."""
-    return [float(x) for x in RewardModelScorer(reward_model)(prompts, completions)]
+def judge_scores(
+    reward_model: str, prompts: list, completions: list[str], truncated: list[bool] | None = None
+) -> list[float]:
+    """Scores of a trained reward model folder for each (prompt, completion); `truncated` flags the answers cut at
+    the generation limit, scored as unfinished turns as RL training scores them (`RewardModelScorer`): scored as
+    closed turns they read as answers that chose to end there."""
+    return [float(x) for x in RewardModelScorer(reward_model)(prompts, completions, truncated)]
 
 
 def format_preference(results: dict[str, dict[str, float]]) -> str:
