@@ -170,3 +170,26 @@ def test_a_run_resumed_past_its_final_model_is_said_when_final_is_used(tmp_path,
     assert err.count("holds the weights of step 30, but the run's newest checkpoint is step 50") == 2
     merge_adapter(run / "final", tmp_path / "merged")  # the final/ folder named itself: what was asked for
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_merge_is_stored_in_the_bases_dtype(tmp_path, tiny_tokenizer):
+    """A bf16 base merged into a float32 folder: twice its size (28 GB for a 7B model). The merge is computed in the
+    precision the base loads in (float32 here) and written as the base stores its weights."""
+    from posttrain.testing import tiny_model
+
+    base = tiny_model(len(tiny_tokenizer)).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    model = _trained(tmp_path / "base", "lora")
+    save_model(model, tiny_tokenizer, tmp_path / "adapter")
+    merged_dir = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    stored = load_file(merged_dir / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    # the adapter model in float32, rounded once to bf16: the merged weights are W + BA rounded once
+    expected = model.merge_and_unload().to(torch.bfloat16).state_dict()
+    assert stored.keys() <= expected.keys()
+    for name, t in stored.items():
+        assert torch.equal(t, expected[name]), name

@@ -28,7 +28,7 @@ from posttrain.errors import ModelNotFoundError, UserError
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
 from posttrain.models.hub import prepare_hub_libraries, quiet_loading
-from posttrain.models.loading import default_device, load_model, resolve_dtype
+from posttrain.models.loading import default_device, load_model, resolve_dtype, resolve_model
 
 INFO_FILE = "posttrain_model.json"
 HEAD_FILE = "score_head.safetensors"
@@ -187,6 +187,27 @@ def load_trained(path: str | Path, *, device=None):
     return model, tokenizer
 
 
+def checkpoint_dtype(name: str | None) -> torch.dtype | None:
+    """The floating dtype a base model's checkpoint stores its weights in (its config's `dtype`), or None when
+    unknown (a GGUF, which is converted to float32; a config that names none): a merge writes that, so merging a
+    bf16 7B model gives 14 GB, not the 28 GB of the float32 it computed in."""
+    if not name:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        resolved = resolve_model(name)
+        if resolved.gguf_file is not None:
+            return None
+        config = AutoConfig.from_pretrained(resolved.path)
+    except Exception:  # noqa: BLE001 - the base loaded a moment ago; what cannot be read keeps its loaded dtype
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def stale_final(path: str | Path, folder: Path, info: dict) -> str | None:
     """When `path` is a run folder whose `final/` (`folder`, `info`) is older than its newest checkpoint (a finished
     run resumed for more steps and stopped before its end), what using `final/` means, in words; else None."""
@@ -239,7 +260,9 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
 
     The base is loaded in full precision even for a QLoRA adapter: 4-bit weights cannot hold the merged update,
     so the merged model equals the adapter applied to the unquantised base (close to, not bit-equal to, the
-    4-bit model it was trained with). The folder is written to a temporary sibling, then renamed into place.
+    4-bit model it was trained with). The merge is computed in the precision the base loads in (float32 on a CPU)
+    and written in the dtype the base's checkpoint stores (`checkpoint_dtype`: bf16 for most hub models, float32
+    for the embedded GGUF). The folder is written to a temporary sibling, then renamed into place.
 
     A reward model's score head reads the backbone's last hidden states and is not part of the adapter, so it
     is copied as it is: the merged folder is a reward model too (`--judge`, `algorithm.reward_model`). A PPO
@@ -257,7 +280,9 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     _check_merge_output(folder, out)
     model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload()  # in the precision it loaded in (float32 on a CPU), then stored as the base is
+    if (stored := checkpoint_dtype(info.get("base_model"))) is not None and stored != merged.dtype:
+        merged.to(stored)
     merged.posttrain_info = {
         "base_model": info.get("base_model"),
         "technique": "merged",
