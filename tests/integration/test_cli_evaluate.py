@@ -206,12 +206,34 @@ def test_pairs_are_ranked_with_the_runs_own_beta_and_max_length(capsys, make_cfg
                                        "technique.name": "lora", "run.max_steps": 1})).run_dir  # fmt: skip
     code, out, err = run(capsys, "evaluate", "--model", str(run_dir), "--pairs", str(pairs_file), "--n", "2", "--json")
     assert code == 0, err
-    assert json.loads(out)["settings"] == {"beta": 0.5, "max_length": 64}
+    assert json.loads(out)["settings"] == {"beta": 0.5, "max_length": 64, "per_token": False}
     assert "note: ranking with the run's algorithm.beta 0.5 and data.max_length 64" in err
     code, out, err = run(capsys, "evaluate", "--model", str(run_dir / "final"), "--pairs", str(pairs_file), "--n", "2",
                          "--beta", "0.2", "--json")  # fmt: skip
-    assert code == 0 and json.loads(out)["settings"] == {"beta": 0.2, "max_length": 64}
+    assert code == 0 and json.loads(out)["settings"] == {"beta": 0.2, "max_length": 64, "per_token": False}
     assert "algorithm.beta" not in err
+
+
+def test_an_ipo_run_on_mean_log_probabilities_is_ranked_as_it_trained(capsys, make_cfg, tmp_path):
+    """An IPO run (ipo_logps: mean) logged its eval margin from per-token mean log-probabilities; `evaluate --pairs`
+    ranked it with summed ones (the margin several times the logged one). It ranks as the run trained now: the
+    margin is the run's own logged eval_reward_margin, on the same pairs."""
+    from posttrain.train import train
+
+    pairs_file = tmp_path / "pairs.jsonl"
+    _write(pairs_file, [{"prompt": f"add {i} 1", "chosen": f"{i + 1} it is", "rejected": "no"} for i in range(8)])
+    result = train(make_cfg("ipo", **{"algorithm.name": "dpo", "algorithm.loss_type": "ipo", "algorithm.beta": 0.5,
+                                      "data.train": str(pairs_file), "data.eval": str(pairs_file),
+                                      "technique.name": "lora", "optim.lr": 0.02, "run.max_steps": 3,
+                                      "run.eval_every": 3}))  # fmt: skip
+    logged = [h for h in result.history if "eval_reward_margin" in h][-1]
+    capsys.readouterr()
+    code, out, err = run(capsys, "evaluate", "--model", str(result.run_dir), "--pairs", str(pairs_file), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["settings"]["per_token"] is True and "per-token mean log-probabilities" in err
+    assert doc["metrics"]["implicit_margin"] == pytest.approx(logged["eval_reward_margin"], rel=1e-4)
+    assert doc["metrics"]["implicit_accuracy"] == pytest.approx(logged["eval_reward_accuracy"])
 
 
 def test_a_reward_model_ranks_pairs_by_its_scores_and_writes_nothing(capsys, make_cfg, tmp_path):

@@ -205,7 +205,7 @@ def test_evaluate_pairs_json_and_out(capsys, tiny_model_dir, tmp_path):
     assert code == 0, err
     _envelope(doc, "evaluate")
     assert (doc["verifier"], doc["pairs"], doc["n"]) == ("pairs", str(pairs), 3)
-    assert doc["settings"] == {"beta": 0.1, "max_length": 512}
+    assert doc["settings"] == {"beta": 0.1, "max_length": 512, "per_token": False}
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in written] == [
         (p["prompt"], p["chosen"], p["rejected"]) for p in PAIRS[:3]

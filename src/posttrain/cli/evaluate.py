@@ -288,17 +288,22 @@ def evaluate_pairs(args) -> Output:
         print(f"note: ranking with the run's {' and '.join(taken)} (--beta, --max-length to choose others)",
               file=sys.stderr)
     quiet_libraries()
+    # an IPO run on length-averaged log-probabilities logged its margins per token: ranked the same way
+    per_token = dpo and setting(saved, "algorithm.loss_type") == "ipo" and setting(saved, "algorithm.ipo_logps") != "sum"
+    if per_token:
+        print("note: implicit rewards from per-token mean log-probabilities, as this IPO run (ipo_logps: mean) "
+              "trained them", file=sys.stderr)  # fmt: skip
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None
     per_pair: list[dict] = []
     result = preference_accuracy(
         model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
-        source=args.pairs, per_pair=per_pair, progress=not args.no_progress,
+        source=args.pairs, per_pair=per_pair, progress=not args.no_progress, per_token=per_token,
     )  # fmt: skip
     if args.out is not None:
         _write_records(args.out, pair_records(rows, per_pair))
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
-           "n": len(rows), "settings": settings(args, "beta", "max_length"),
+           "n": len(rows), "settings": {**settings(args, "beta", "max_length"), "per_token": per_token},
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
     return Output(doc=doc, text=format_preference({args.model: result}))
 

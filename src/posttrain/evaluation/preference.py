@@ -70,12 +70,15 @@ def _rate(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
 def preference_accuracy(
     model, tokenizer, rows: Sequence[dict], *, reference=None, beta: float = 0.1, max_length: int = 512,
     source: str = "pairs", batch_size: int = 8, per_pair: list[dict] | None = None, progress: bool = False,
+    per_token: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Rank held-out preference rows with the policy and its reference (module docstring). `model` may be an
     adapter model (its reference is the adapter disabled) or a full model with `reference` given.
     `per_pair`, when given, receives each pair's implicit rewards and summed log-probabilities (`chosen_reward`,
     `rejected_reward`, `chosen_logp`, `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp`); `progress`
-    shows a bar on stderr for each pass over the pairs."""
+    shows a bar on stderr for each pass over the pairs. `per_token`: the implicit rewards from log-probabilities
+    averaged over each response's tokens, as an IPO run with `ipo_logps: mean` trains them (its logged margin is
+    of those; summed, the same model reads a margin several times larger)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = render_preference_dataset(tokenizer, rows, max_length=max_length, source=source, allow_identical=True)
     collate = partial(collate_pairs, pad_id=pad)
@@ -98,7 +101,10 @@ def preference_accuracy(
             )
     finally:
         model.train(was_training)
-    chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
+    if per_token:
+        chosen_rewards, rejected_rewards = beta * (pc - rc) / nc.clamp(min=1), beta * (pr - rr) / nr.clamp(min=1)
+    else:
+        chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     if per_pair is not None:
         columns = {"chosen_reward": chosen_rewards, "rejected_reward": rejected_rewards, "chosen_logp": pc,
                    "rejected_logp": pr, "ref_chosen_logp": rc, "ref_rejected_logp": rr}  # fmt: skip
