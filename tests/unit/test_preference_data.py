@@ -180,6 +180,24 @@ def test_long_responses_are_truncated_with_one_counted_warning(tiny_tokenizer):
     assert pairs[0].rejected_ids == pairs[1].rejected_ids
 
 
+def test_a_cut_that_takes_only_the_templates_newline_after_the_end_of_turn_is_not_a_truncation(tiny_tokenizer):
+    """ChatML writes "<|im_end|>\n": a max_length that keeps the scored <|im_end|> and loses only the newline after
+    it changes no log-prob, yet the pair was counted and warned about as truncated ("their ends are not scored")."""
+    import warnings
+
+    row = Row({"prompt": [U1], "chosen": [say("good")], "rejected": [say("bad")]}, line=1)
+    whole = render_preference_dataset(tiny_tokenizer, [row], max_length=512)[0]
+    full = len(whole.prompt_ids) + len(whole.chosen_ids)
+    assert whole.chosen_mask[-1] == 0 and whole.chosen_mask[-2] == 1  # the newline, after the scored <|im_end|>
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [pair] = render_preference_dataset(tiny_tokenizer, [row], max_length=full - 1)
+    assert not pair.truncated and pair.chosen_ids == whole.chosen_ids[:-1]
+    with pytest.warns(UserWarning, match=r"1 of 1 pairs .* truncated"):
+        [pair] = render_preference_dataset(tiny_tokenizer, [row], max_length=full - 2)  # the <|im_end|> goes
+    assert pair.truncated
+
+
 def test_every_bad_row_is_reported_with_file_line_field(tmp_path):
     conv = lambda reply: [U1, say(reply)]  # noqa: E731
     f = write(tmp_path, [

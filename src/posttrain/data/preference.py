@@ -117,7 +117,10 @@ def render_pair(tokenizer, row: dict, *, max_length: int, source: str = "data", 
             f"prompt is {n} tokens, max_length is {max_length}: no room for a response; raise max_length or "
             "shorten the prompt")
         )])  # fmt: skip
-    truncated = len(c_ids) > max_length or len(r_ids) > max_length
+    # Truncated: a side loses a token it scores (a cut that takes only what follows the last scored token, the
+    # template's newline after its end-of-turn token, changes no log-prob: it was warned about as a lost end)
+    truncated = any(_scored(ids, mask, n, max_length) != _scored(ids, mask, n, len(ids))
+                    for ids, mask in ((c_ids, c_mask), (r_ids, r_mask)))  # fmt: skip
     # What each side scores: its tokens through its last scored one (what follows changes no log-prob before it)
     identical = _scored(c_ids, c_mask, n, max_length) == _scored(r_ids, r_mask, n, max_length)
     if identical and not allow_identical:  # a training pair: no preference, a zero gradient
