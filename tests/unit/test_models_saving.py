@@ -64,17 +64,24 @@ def test_merge_equals_adapter_model(tmp_path, tiny_dir, tiny_tokenizer):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
-def test_merge_qlora_uses_full_precision_base(tmp_path, tiny_dir, tiny_tokenizer):
-    """The merged model is the adapter on the unquantised base: equal to that, close to (not equal to) 4-bit."""
+def test_merge_qlora_into_the_base_it_trained_on_or_the_original(tmp_path, tiny_dir, tiny_tokenizer):
+    """By default a QLoRA adapter is merged into its 4-bit base, dequantised: the merged model computes what the
+    QLoRA model as trained (and as evaluated) computes. Merged into the base's own full-precision weights (the only
+    way before), it differed from the trained model by ~1e-2 in the logits; that stays as `qlora_base="original"`."""
     from peft import PeftModel
 
     qmodel = _trained(tiny_dir, "qlora")
     save_model(qmodel, tiny_tokenizer, tmp_path / "adapter")
+    as_trained, _ = load_trained(tmp_path / "adapter")  # the 4-bit base with the adapter, as evaluated
     merged, _ = load_trained(merge_adapter(tmp_path / "adapter", tmp_path / "merged"))
     assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert read_info(tmp_path / "merged")["qlora_base"] == "trained"
+    assert_close(_logits(merged), _logits(as_trained), rtol=1e-5, atol=1e-5)
+    original, _ = load_trained(merge_adapter(tmp_path / "adapter", tmp_path / "original", qlora_base="original"))
     base = load_model(ModelConfig(name=str(tiny_dir)), TechniqueConfig(name="full"), train=False)
     full_precision = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert_close(_logits(merged), _logits(full_precision), rtol=1e-5, atol=1e-5)
+    assert_close(_logits(original), _logits(full_precision), rtol=1e-5, atol=1e-5)
+    assert (_logits(original) - _logits(as_trained)).abs().max() > 1e-3  # the two merges are different models
 
 
 def test_merge_refuses_full_model(tmp_path, tiny_dir, tiny_tokenizer):
@@ -193,3 +200,11 @@ def test_a_merge_is_stored_in_the_bases_dtype(tmp_path, tiny_tokenizer):
     assert stored.keys() <= expected.keys()
     for name, t in stored.items():
         assert torch.equal(t, expected[name]), name
+
+
+def test_merge_refuses_a_qlora_base_choice_for_a_lora_adapter(tmp_path, tiny_dir, tiny_tokenizer, capsys):
+    from posttrain.cli import main
+
+    save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, tmp_path / "adapter")
+    code = main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"), "--qlora-base", "original"])
+    assert code == 2 and "is not a QLoRA adapter" in capsys.readouterr().err and not (tmp_path / "m").exists()

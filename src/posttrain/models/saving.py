@@ -139,7 +139,10 @@ def read_info(folder: str | Path) -> dict:
     return info
 
 
-def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool):
+def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool, dequantised: bool = False):
+    """The adapter of `folder` on its base: the 4-bit base it trained on (`quantised`), or a full-precision one,
+    with the weights of that 4-bit base dequantised into it (`dequantised`: the QLoRA model as trained, in
+    weights that can hold a merged update) or the base's own."""
     from peft import PeftModel
 
     base_name = info.get("base_model")
@@ -153,12 +156,32 @@ def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool)
         technique.quant_type = info.get("quant_type", "nf4")
         technique.double_quant = info.get("double_quant", True)
     base = load_model(ModelConfig(name=base_name), technique, device=device, train=False)
+    if dequantised:
+        _dequantise_into(base, info)
     model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     model.eval()
     return model
 
 
 @quiet_loading()
+@torch.no_grad()
+def _dequantise_into(model, info: dict) -> None:
+    """Replace each linear weight of `model` (full precision) that a QLoRA run held in 4 bits by that 4-bit weight,
+    dequantised: the weights the adapter was trained against and the QLoRA model computes with."""
+    import bitsandbytes as bnb
+
+    technique = TechniqueConfig(name="qlora", quant_type=info.get("quant_type", "nf4"),
+                                double_quant=info.get("double_quant", True))  # fmt: skip
+    four_bit = load_model(ModelConfig(name=info["base_model"]), technique, device=torch.device("cpu"), train=False)
+    modules = dict(model.named_modules())
+    for name, module in four_bit.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            target = modules[name].weight
+            target.copy_(weight.to(target.dtype).reshape(target.shape))
+    del four_bit
+
+
 def load_trained(path: str | Path, *, device=None):
     """Load a folder written by `save_model` (or a run folder, meaning `<run>/final`): returns (model, tokenizer).
 
@@ -255,12 +278,14 @@ def _check_merge_output(folder: Path, out: Path) -> None:
 
 
 @quiet_loading()
-def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
+def merge_adapter(path: str | Path, out_dir: str | Path, *, qlora_base: str = "trained") -> Path:
     """Fold a LoRA adapter into its base (W + alpha/r * B A) and save a standalone safetensors model + tokenizer.
 
-    The base is loaded in full precision even for a QLoRA adapter: 4-bit weights cannot hold the merged update,
-    so the merged model equals the adapter applied to the unquantised base (close to, not bit-equal to, the
-    4-bit model it was trained with). The merge is computed in the precision the base loads in (float32 on a CPU)
+    A QLoRA adapter is merged into full-precision weights (4-bit weights cannot hold the update): by default
+    (`qlora_base="trained"`) the 4-bit base it trained on, dequantised, so the merged model computes what the
+    QLoRA model computed (float rounding apart), the model its evaluation measured; `qlora_base="original"` takes
+    the base's own unquantised weights instead (the adapter then corrects a base it never saw: close to, not
+    equal to, the trained model). The merge is computed in the precision the base loads in (float32 on a CPU)
     and written in the dtype the base's checkpoint stores (`checkpoint_dtype`: bf16 for most hub models, float32
     for the embedded GGUF). The folder is written to a temporary sibling, then renamed into place.
 
@@ -277,9 +302,12 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
     if info["kind"] != "adapter":
         raise UserError(f"{folder} holds a full model, not a LoRA adapter: there is nothing to merge.")
     warn_stale_final(path, folder, info)
+    if qlora_base not in ("trained", "original"):
+        raise UserError(f"qlora_base must be 'trained' or 'original', got {qlora_base!r}")
     out = Path(out_dir)
     _check_merge_output(folder, out)
-    model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False)
+    dequantised = info.get("technique") == "qlora" and qlora_base == "trained"
+    model = _load_base_and_adapter(folder, info, device=torch.device("cpu"), quantised=False, dequantised=dequantised)
     merged = model.merge_and_unload()  # in the precision it loaded in (float32 on a CPU), then stored as the base is
     if (stored := checkpoint_dtype(info.get("base_model"))) is not None and stored != merged.dtype:
         merged.to(stored)
@@ -287,6 +315,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path) -> Path:
         "base_model": info.get("base_model"),
         "technique": "merged",
         "merged_from": str(folder),
+        **({"qlora_base": qlora_base} if info.get("technique") == "qlora" else {}),
     }
     head = head_kind(folder)
     if head == "value":
