@@ -146,8 +146,12 @@ def test_a_trained_reward_model_as_the_judge(capsys, make_cfg, tiny_model_dir, t
                                     "run.max_steps": 1})).run_dir  # fmt: skip
     rows = [{"id": f"q{i}", "prompt": f"add {i} 2", "answer": i + 2} for i in range(6)]
     model, tok = load_for_inference(str(tiny_model_dir))
-    answers = generate_answers(model, tok, rows, max_new_tokens=int(TOKENS))
-    scores = judge_scores(str(judge), [r["prompt"] for r in rows], answers)
+    finished: list[bool] = []
+    answers = generate_answers(model, tok, rows, max_new_tokens=int(TOKENS), finished=finished)
+    # an answer cut at the token limit is judged as an unfinished turn, as in RL training and evaluate --judge
+    cut = [not f for f in finished]
+    scores = judge_scores(str(judge), [r["prompt"] for r in rows], answers, cut)
+    assert any(cut) and scores != judge_scores(str(judge), [r["prompt"] for r in rows], answers)
     threshold = sorted(scores)[2]  # right: the three scores above the third lowest
     code, stdout, err = run(capsys, "diagnose", "--model", str(tiny_model_dir), "--prompts",
                             _write(tmp_path / "p.jsonl", rows), "--judge", str(judge), "--judge-threshold",

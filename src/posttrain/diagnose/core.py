@@ -109,14 +109,23 @@ class Diagnosis:
 
 def model_answers(model, tokenizer, *, max_new_tokens: int, batch_size: int = 16, progress: bool = False) -> AnswerFn:
     """A model's completions as an `AnswerFn` (`evaluation.generate_answers`: greedy at temperature 0, else
-    seeded sampling)."""
+    seeded sampling). Its `finished` attribute says, after each call, which answers ended rather than being cut at
+    `max_new_tokens` (a judge scores a cut one as an unfinished turn: `Verifier.check`'s `truncated`)."""
 
     def answer(rows: Sequence[dict], temperature: float, seed: int) -> list[str]:
         label = ("greedy" if temperature == 0 else "samples") if progress else None
+        answer.finished = []
         return generate_answers(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                temperature=temperature, sample_seed=seed, progress=label)  # fmt: skip
+                                temperature=temperature, sample_seed=seed, progress=label,
+                                finished=answer.finished)  # fmt: skip
 
     return answer
+
+
+def _cut(answer: AnswerFn) -> list[bool] | None:
+    """Which answers of `answer`'s last call were cut at the token limit; None when it does not say."""
+    finished = getattr(answer, "finished", None)
+    return None if finished is None else [not f for f in finished]
 
 
 def run_diagnosis(
@@ -139,7 +148,7 @@ def run_diagnosis(
 
     clock = time.perf_counter()
     greedy = answer([*rows, *variants], 0.0, s.seed)
-    right = verifier.check([*rows, *variants], greedy)
+    right = verifier.check([*rows, *variants], greedy, truncated=_cut(answer))
     clean_right, clean_completions = right[: len(rows)], greedy[: len(rows)]
     robustness = None
     if variants:
@@ -151,7 +160,8 @@ def run_diagnosis(
     if s.samples > 0:
         clock = time.perf_counter()
         repeated = [r for r in rows for _ in range(s.samples)]  # each prompt n times, side by side in a batch
-        verdicts = verifier.check(repeated, answer(repeated, s.temperature, s.seed))
+        sampled = answer(repeated, s.temperature, s.seed)
+        verdicts = verifier.check(repeated, sampled, truncated=_cut(answer))
         per_prompt = [verdicts[i * s.samples : (i + 1) * s.samples] for i in range(len(rows))]
         headroom = measure_headroom(ids, per_prompt, s.temperature)
         seconds["samples"] = time.perf_counter() - clock

@@ -42,9 +42,12 @@ class Verifier:
         """Whether a row must have an ``answer`` to be checked (a task's verifier compares with it)."""
         return self.kind == "task"
 
-    def check(self, rows: Sequence[dict], completions: Sequence[str]) -> list[bool]:
+    def check(self, rows: Sequence[dict], completions: Sequence[str], truncated: Sequence[bool] | None = None
+              ) -> list[bool]:  # fmt: skip
         """One bool per completion: right for its row (`rows[i]` with ``prompt`` and the columns the verifier
-        reads, e.g. ``answer``)."""
+        reads, e.g. ``answer``). `truncated`, when known, flags the completions cut at the token limit: reward
+        functions get it as the ``truncated`` column, as in RL training, and a judge scores those as unfinished
+        turns."""
         if len(rows) != len(completions):
             raise ValueError(f"{len(rows)} rows but {len(completions)} completions")
         if not rows:
@@ -52,6 +55,8 @@ class Verifier:
         if self.kind == "task":
             task = TASKS[self.task]
             return [task.score(c, r["answer"]) >= 1.0 for r, c in zip(rows, completions)]
+        if truncated is not None:
+            rows = [{**r, "truncated": bool(t)} for r, t in zip(rows, truncated, strict=True)]
         _, result = score_rewards(self.rewards, completions, rows)
         self.failures += sum(result.failures.values())
         return [t > self.threshold for t in result.total]
