@@ -11,6 +11,9 @@ list of them.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -134,3 +137,23 @@ class DataError(UserError):
         if footer:
             lines.append(footer)
         super().__init__("\n".join(lines))
+
+
+@contextlib.contextmanager
+def term_as_interrupt():
+    """SIGTERM (what SLURM, Kubernetes and `timeout` send before killing a job) stops the command as Ctrl-C does:
+    its `finally` blocks run (a half-written merge or checkpoint folder is removed, a run folder's lock released)
+    and it says it was interrupted (exit 130; `--json`, a document); it ended the process silently. Only the main
+    thread can set a signal handler: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -19,16 +19,13 @@ model + tokenizer, loadable by `posttrain generate` and `posttrain merge`), `rep
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import inspect
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +41,7 @@ from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, short_run_note, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
 from posttrain.data.render import lines_text, set_template_variables
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, term_as_interrupt
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
@@ -362,7 +359,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
         # before the lock makes the folder; said only to a user's own --resume (the quickstart and the study resume
         # or start their folders by design, and the user set no run.output_dir to check)
         missing = not Path(cfg.run.output_dir).exists() and continue_with == _CONTINUE
-        with hold_run_dir(cfg.run.output_dir) as stale, _term_as_interrupt():
+        with hold_run_dir(cfg.run.output_dir) as stale, term_as_interrupt():
             if stale:
                 print(stale_note(cfg.run.output_dir, stale), file=sys.stderr)
             try:
@@ -371,24 +368,6 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
                 print(_interrupted_note(cfg, continue_with), file=sys.stderr)
                 raise
     return _measured(result, cfg, started)
-
-
-@contextlib.contextmanager
-def _term_as_interrupt():
-    """SIGTERM (what SLURM, Kubernetes and `timeout` send before killing a job) stops the run as Ctrl-C does: the
-    note says where --resume continues and the run folder's lock is released; it ended the process silently."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def _interrupted_note(cfg: RunConfig, continue_with: str) -> str:

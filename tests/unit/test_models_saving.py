@@ -208,3 +208,29 @@ def test_merge_refuses_a_qlora_base_choice_for_a_lora_adapter(tmp_path, tiny_dir
     save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, tmp_path / "adapter")
     code = main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m"), "--qlora-base", "original"])
     assert code == 2 and "is not a QLoRA adapter" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_sigterm_stops_a_merge_as_ctrl_c_does_and_leaves_no_half_written_folder(
+    tmp_path, tiny_dir, tiny_tokenizer, capsys, monkeypatch
+):
+    """Only `train` turned SIGTERM into an interrupt: `merge` (and `generate`, `evaluate`, `data pairs`) died at
+    once, printing nothing (`--json`: no document), and a merge left its hidden temporary folder, the size of the
+    model, which nothing ever removed."""
+    import os
+    import signal
+
+    import posttrain.models.saving as saving
+    from posttrain.cli import main
+
+    save_model(_trained(tiny_dir, "lora"), tiny_tokenizer, tmp_path / "adapter")
+    real_save = saving.save_model
+
+    def save_then_term(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(saving, "save_model", save_then_term)
+    code = main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no merged folder, no temporary one
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

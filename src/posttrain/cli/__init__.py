@@ -42,7 +42,7 @@ from posttrain.cli import (
     vllm_serve,
 )
 from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
-from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError
+from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError, term_as_interrupt
 
 __all__ = ["SCHEMA_VERSION", "Output", "UsageError", "build_parser", "json_document", "main"]
 
@@ -167,7 +167,8 @@ def _loading_models(func, *, may_reexec: bool):
         if may_reexec and (library := allocator.choose(os.environ)):
             allocator.reexec_with(library, sys.argv[1:])
         quiet_libraries()
-        return func(args)
+        with term_as_interrupt():  # as Ctrl-C: cleanup runs, and the command says it was stopped
+            return func(args)
 
     return run
 
