@@ -113,6 +113,8 @@ def test_files_in_their_own_names_give_the_same_diagnosis(capsys, tiny_model_dir
     (["--task", "arithmetic", "--perturbed", "{tmp}/bad.jsonl"], "bad.jsonl:2: perturbs: no clean prompt has the id"),
     (["--task", "arithmetic", "--perturbations", "typos"], "--perturbations: unknown variant 'typos'"),
     (["--task", "arithmetic", "--samples", "2", "--temperature", "0"], "--temperature must be > 0"),
+    # one sample a prompt cannot be both right and wrong: the mixed share read 0 and advised against RL (an audit)
+    (["--task", "arithmetic", "--samples", "1"], "--samples 1 cannot measure headroom"),
     (["--task", "structured", "--perturbations", "noop"], "--perturbations chooses the variants a built-in task"),
     # a folder under a file failed only after every measurement (an audit, nineteenth session)
     (["--task", "arithmetic", "--out", "{tmp}/bad.jsonl/report"], "bad.jsonl is a file, not a folder"),

@@ -141,6 +141,10 @@ def run(args) -> Output:
 def _check_numbers(args) -> None:
     checks = [(args.n > 0, f"--n must be a positive number of prompts, got {args.n}"),
               (args.samples >= 0, f"--samples must be >= 0 (0: no headroom probe), got {args.samples}"),
+              (args.samples != 1, "--samples 1 cannot measure headroom: a prompt needs two samples or more to have "
+                                  "both a right and a wrong one, so its share of mixed prompts would read 0 whatever "
+                                  "the model (and advise against RL); give 2 or more (8 by default), or 0 to skip "
+                                  "the probe"),
               (args.samples == 0 or args.temperature > 0, f"--temperature must be > 0 to draw samples (greedy "
                f"decoding gives {args.samples} equal answers), got {args.temperature}"),
               (0 < args.dup_threshold <= 1, f"--dup-threshold must be in (0, 1], got {args.dup_threshold}"),
