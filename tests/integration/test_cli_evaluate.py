@@ -191,7 +191,11 @@ def test_stop_strings_end_the_answers_as_an_rl_run_sampled_them(capsys, tiny_mod
     assert code == 0 and doc["metrics"]["reward_mean"] == 1.0 and doc["settings"]["stop"] == [stop]
     assert "was trained sampling" not in err
     code, _, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--pairs", data, "--stop", stop)
-    assert code == 2 and "--stop do not apply to it" in err
+    assert code == 2 and "--stop does not apply to it" in err
+    # the flags that shape generated answers or a task's prompts were accepted with --pairs and changed nothing
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--pairs", data, "--max-new-tokens", "7",
+                       "--split", "train", "--max-ops", "2")  # fmt: skip
+    assert code == 2 and "--max-new-tokens, --split, --max-ops do not apply to it" in err
 
 
 def test_pairs_are_ranked_with_the_runs_own_beta_and_max_length(capsys, make_cfg, tmp_path):

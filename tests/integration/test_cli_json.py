@@ -220,6 +220,9 @@ def test_evaluate_pairs_json_and_out(capsys, tiny_model_dir, tmp_path):
     # A judge scores generated answers; --pairs generates none, so it is refused rather than ignored.
     code, doc, err = run_json(capsys, "evaluate", "--model", tiny_model_dir, "--pairs", pairs, "--judge", "rm")
     assert code == 2 and "--judge scores generated answers" in doc["error"]["message"]
+    # a full model without --reference is refused before any pair is scored (it was after scoring them all)
+    code, doc, err = run_json(capsys, "evaluate", "--model", tiny_model_dir, "--pairs", pairs)
+    assert code == 2 and "is a full model, not an adapter" in doc["error"]["message"] and "pairs (policy)" not in err
 
 
 def test_generate_json_and_progress_for_a_prompts_file(capsys, tiny_model_dir, tmp_path, answers):

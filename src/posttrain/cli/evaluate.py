@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
     e.add_argument("--max-ops", type=int, help="arithmetic: most operations per problem")
     e.add_argument("--max-value", type=int, help="arithmetic: largest starting count and amount")
     e.add_argument("--data", help="prompts file (a `prompt` per row, and the `answer` the verifier checks)")
-    e.add_argument("--max-new-tokens", type=positive_int, default=128)
+    e.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens per answer (default: 128)")
     e.add_argument(
         "--temperature", type=temperature, default=0.0, help="0: greedy (default); > 0: one seeded sample"
     )
@@ -114,10 +114,16 @@ def run(args) -> Output:
                         "it out, or give --temperature > 0")  # fmt: skip
     args.seed = 1 if args.seed is None else args.seed
     if args.pairs is not None:
-        if args.task is not None or args.reward or args.data is not None or args.stop:
-            raise UserError("--pairs scores preference pairs with the model's log-probabilities; "
-                            "--task, --reward, --data and --stop do not apply to it (run them separately)")  # fmt: skip
+        answers_only = {"--task": args.task is not None, "--reward": bool(args.reward), "--data": args.data is not None,
+                        "--stop": bool(args.stop), "--max-new-tokens": args.max_new_tokens is not None,
+                        "--split": args.split is not None, "--min-ops": args.min_ops is not None,
+                        "--max-ops": args.max_ops is not None, "--max-value": args.max_value is not None}  # fmt: skip
+        if given := [flag for flag, on in answers_only.items() if on]:
+            raise UserError(f"--pairs scores preference pairs with the model's log-probabilities and generates no "
+                            f"answer; {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it "
+                            "(run them separately)")  # fmt: skip
         return evaluate_pairs(args)
+    args.max_new_tokens = args.max_new_tokens or 128
     _check_verifier(args)
     rows = _evaluation_rows(args)
     rewards = _reward_functions(args, rows) if args.reward else None
@@ -267,6 +273,7 @@ def evaluate_pairs(args) -> Output:
     from posttrain.data import load_rows
     from posttrain.evaluation import load_for_inference
     from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
+    from posttrain.models import is_adapter_model
     from posttrain.models.heads import reward_model_problem
 
     if args.judge is not None:
@@ -294,6 +301,9 @@ def evaluate_pairs(args) -> Output:
         print("note: implicit rewards from per-token mean log-probabilities, as this IPO run (ipo_logps: mean) "
               "trained them", file=sys.stderr)  # fmt: skip
     model, tokenizer = load_for_inference(args.model, dict(args.template_var))
+    if args.reference is None and not is_adapter_model(model):  # before every pair is scored, not after
+        raise UserError(f"{args.model} is a full model, not an adapter: ranking pairs by the DPO implicit reward "
+                        "needs the model it was trained from as the reference; give it (--reference)")  # fmt: skip
     reference = load_for_inference(args.reference)[0] if args.reference is not None else None
     per_pair: list[dict] = []
     result = preference_accuracy(
