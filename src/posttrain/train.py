@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from posttrain.algorithms import RunConfig, config_from_dict, get_algorithm
 from posttrain.algorithms.base import Algorithm
-from posttrain.config import deepspeed_zero_stage, dump_config
+from posttrain.config import RunBase, deepspeed_zero_stage, dump_config, validate_config
 from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, short_run_note, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
@@ -350,6 +350,7 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
     into it is refused before anything is written. Only rank 0 of a multi-process launch holds it.
     """
     started = time.perf_counter()
+    _check_again(cfg)
     prepare_hub_libraries()  # before accelerate imports huggingface_hub: offline when the hub is unreachable
     # bfloat16 on CPU: attention in float32, faster there (`models.attention`), for every forward of the run
     # padded rows packed into one, attended to one example at a time (`logprobs.packed_rows`)
@@ -368,6 +369,17 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
                 print(_interrupted_note(cfg, continue_with), file=sys.stderr)
                 raise
     return _measured(result, cfg, started)
+
+
+def _check_again(cfg) -> None:
+    """The checks a config passed when it was loaded, run again on what it holds now: a config changed from Python
+    after `load_config` (`cfg.run.epochs = 2.0` beside `run.max_steps`) skipped the refusals of settings that would
+    do nothing or contradict each other (a field's own check runs on assignment; those across fields did not), and
+    its `config.yaml` was then refused on `--resume`."""
+    if not isinstance(cfg, RunBase):
+        raise ConfigError(f"train() takes a run config, not a {type(cfg).__name__}: "
+                          "train(posttrain.algorithms.load_config(path, overrides))")  # fmt: skip
+    validate_config(type(cfg), cfg.model_dump(mode="json"), source="the config given to train()")
 
 
 def _interrupted_note(cfg: RunConfig, continue_with: str) -> str:

@@ -214,6 +214,8 @@ def test_build_report_writes_over_an_earlier_report(runs, tmp_path):
     paths = build_report([run])
     assert not (run / IMAGE_DIR / "stale.png").exists() and paths.html == run / "report.html"
     assert sorted(p.name for p in (run / IMAGE_DIR).iterdir()) == sorted(p.name for p in (runs["dpo"] / IMAGE_DIR).iterdir())
+    # one run folder given as itself, not in a list (from Python: a string was read as one run per character)
+    assert build_report(str(run)).html == build_report(run).html == run / "report.html"
 
 
 def test_diagnose_report_renders_in_headless_chromium_with_every_image_loaded(tmp_path):

@@ -431,3 +431,20 @@ def test_held_out_data_without_eval_every_is_evaluated_once_at_the_end(make_cfg,
     held_out.write_text('{"prompt": "add 9 9", "completion": "18"}\n')
     train(make_cfg("other", **{"data.eval": str(held_out), "run.max_steps": 1}))
     assert "holds the same bytes" not in capsys.readouterr().out
+
+
+def test_a_config_changed_after_loading_is_checked_again_before_training(make_cfg):
+    """From Python, `cfg.run.epochs = 2.0` beside `run.max_steps` (refused when both come from the file) trained 3
+    steps and ignored the epochs, and the run's config.yaml was then refused by --resume; a string for the config
+    raised an AttributeError from deep inside. Both are refused before anything is written."""
+    cfg = make_cfg("edited", **{"run.max_steps": 3})
+    cfg.run.epochs = 2.0
+    with pytest.raises(ConfigError, match=r"(?s)the config given to train\(\).*run\.epochs = 2\.0 would be ignored"):
+        train(cfg)
+    assert not Path(cfg.run.output_dir).exists()
+    cfg = make_cfg("edited", **{"technique.name": "lora", "technique.r": 4})
+    cfg.technique.name = "full"  # the LoRA rank left behind would be ignored
+    with pytest.raises(ConfigError, match=r"technique\.r"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"train\(\) takes a run config, not a str"):
+        train("configs/sft_lora.yaml")

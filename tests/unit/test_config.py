@@ -445,3 +445,9 @@ def test_a_run_recorded_by_the_first_weights_fingerprint_resumes():
     check_same_weights(Path("run"), old, now)  # not refused
     with pytest.raises(ConfigError, match=r"the weights of model.name \(org/m\) changed"):
         check_same_weights(Path("run"), {"model.name": {"path": "org/m", "sha256": "abd"}}, now)
+
+
+def test_overrides_given_as_one_string_are_refused_with_the_list_they_should_be():
+    """`load_config(path, "run.max_steps=20")` was read a character at a time: "override 'r' is not of the form"."""
+    with pytest.raises(ConfigError, match=r"not one string: load_config\(path, \['run.max_steps=20'\]\)"):
+        load_config(None, "run.max_steps=20")

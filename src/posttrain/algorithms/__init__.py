@@ -63,4 +63,7 @@ def config_from_dict(data: dict, *, source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file (or start from defaults when `path` is None) and apply dotted overrides."""
+    if isinstance(overrides, str):  # it was read a character at a time: "override 'r' is not of the form ..."
+        raise ConfigError(f"overrides is a list of 'dotted.key=value' strings, not one string: "
+                          f"load_config(path, [{overrides!r}])")  # fmt: skip
     return load_run_config(RunConfig, path, overrides)

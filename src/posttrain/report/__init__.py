@@ -38,9 +38,12 @@ class ReportPaths:
     images: Path
 
 
-def build_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> ReportPaths:
-    """Write the report of `run_dirs` into `out_dir` (default: the run folder itself, for one run) and return
-    where. Raises `UserError` for a folder that is not a run folder, or has no logged step yet."""
+def build_report(run_dirs: list[str | Path] | str | Path, out_dir: str | Path | None = None) -> ReportPaths:
+    """Write the report of `run_dirs` (a list of run folders, or one) into `out_dir` (default: the run folder
+    itself, for one run) and return where. Raises `UserError` for a folder that is not a run folder, or has no
+    logged step yet."""
+    if isinstance(run_dirs, str | Path):  # one run: a string was read a character at a time, as 33 runs
+        run_dirs = [run_dirs]
     if not run_dirs:
         raise UserError("give at least one run folder: posttrain report RUN [RUN ...]")
     if out_dir is None and len(run_dirs) > 1:
