@@ -10,7 +10,8 @@ from pathlib import Path
 def write_whole(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
     """Write `path` whole or not at all: `content` (text as UTF-8, bytes, or a function that writes the file it is
     given) goes to a hidden temporary file beside it, which is then renamed over it, so a run killed mid-write
-    never leaves half a file for a later run, resume or reader to take for a whole one.
+    never leaves half a file for a later run, resume or reader to take for a whole one; a write that fails (a full
+    disk) removes its temporary file.
 
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
@@ -19,10 +20,50 @@ def write_whole(path: str | Path, content: str | bytes | Callable[[Path], None])
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(content, str):
-        tmp.write_text(content, encoding="utf-8")
-    elif isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        content(tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+LOW_SPACE_BYTES = 16 * 2**20
+"""Free bytes under which a failed write is put down to a full disk (`out_of_space`)."""
+
+
+def out_of_space(err: BaseException, folder: str | Path) -> str | None:
+    """Why writing into `folder` failed with `err`, when a full disk is the cause: "the disk is full (N MB free)";
+    else None. Libraries report it in several ways: an `OSError` with errno ENOSPC or EDQUOT (anywhere in the
+    exception's chain), safetensors' "No space left on device" in a message, torch's zip writer a failed write
+    position ("unexpected pos ...") or an iostream error, which name no cause: those count when under
+    `LOW_SPACE_BYTES` are left where it wrote.
+
+    >>> out_of_space(OSError(28, "No space left on device"), "/")[:17]
+    'the disk is full '
+    """
+    import errno
+    import shutil
+
+    place = Path(folder)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        free = None
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or any(
+        "no space left" in str(e).lower() or "disk quota" in str(e).lower() for e in chain
+    )
+    if not said and not (free is not None and free < LOW_SPACE_BYTES):
+        return None
+    return "the disk is full" + (f" ({free / 2**20:.1f} MB free at {place})" if free is not None else "")

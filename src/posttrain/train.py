@@ -41,7 +41,8 @@ from posttrain.config_rules import rules_of, show
 from posttrain.data.order import EpochPlan, plan_examples, short_run_note, skipped_note, total_steps
 from posttrain.data.readers import truncate_step_records
 from posttrain.data.render import lines_text, set_template_variables
-from posttrain.errors import ConfigError, term_as_interrupt
+from posttrain.errors import ConfigError, UserError, term_as_interrupt
+from posttrain.files import out_of_space
 from posttrain.models import load_model, load_tokenizer, save_model
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
@@ -778,10 +779,19 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig, st
     if accelerator.is_main_process:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(unwrapped, ScalarHeadModel):
-            save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state, step=step)
-        else:
-            save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state, step=step)
+        try:
+            if isinstance(unwrapped, ScalarHeadModel):
+                save_scalar_model(unwrapped, tokenizer, tmp, cfg, state_dict=state, step=step)
+            else:
+                save_model(unwrapped, tokenizer, tmp, base_model=cfg.model.name, state_dict=state, step=step)
+        except Exception as err:
+            full = out_of_space(err, run_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full is None:
+                raise
+            raise UserError(f"writing the final model into {final} failed: {full}. The run's checkpoints are kept: "
+                            "free some space and run it again with --resume, which writes the final model from "
+                            "the last one") from None  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

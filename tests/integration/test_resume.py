@@ -518,3 +518,46 @@ def test_tensorboard_restarted_from_step_one_shows_each_step_once(make_cfg, monk
     events = EventAccumulator(str(train(cfg, resume=True).run_dir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_a_disk_that_fills_up_while_saving_is_said_and_the_run_continues_after(make_cfg, monkeypatch):
+    """A full disk while a checkpoint or the final model was written read as a bug of ours (a traceback, exit 1,
+    naming a failed write position or an iostream error) and left the half-written folder. It is a user error now
+    that names the disk and the last complete checkpoint, the half-written folder is gone, and --resume finishes
+    the run once there is room, with the weights of an uninterrupted run."""
+    import errno
+
+    import posttrain.train as train_module
+    import posttrain.trainer.checkpoint as checkpoint
+    from posttrain.errors import UserError
+
+    cfg = make_cfg("full-disk", **{"run.max_steps": 6, "run.save_every": 2, "run.keep_checkpoints": 5})
+    real_save = checkpoint.save_file
+
+    def full_at_step_four(weights, path, *args, **kwargs):
+        if "step-000004" in str(path):
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(weights, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_step_four)
+    with pytest.raises(UserError, match=r"checkpoint step-000004 .* failed: the disk is full .* the last complete "
+                                        r"checkpoint is step-000002, which --resume continues from"):  # fmt: skip
+        train(cfg)
+    root = Path(cfg.run.output_dir) / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    real_model = train_module.save_model
+
+    def full_on_final(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module, "save_model", full_on_final)
+    with pytest.raises(UserError, match=r"writing the final model into .* failed: the disk is full"):
+        train(cfg, resume=True)
+    assert not (Path(cfg.run.output_dir) / ".tmp-final").exists() and not (Path(cfg.run.output_dir) / "final").exists()
+    monkeypatch.setattr(train_module, "save_model", real_model)
+    resumed = train(cfg, resume=True, return_model=True)
+    whole = train(make_cfg("whole", **{"run.max_steps": 6, "run.save_every": 2}), return_model=True)
+    for (name, a), b in zip(resumed.model.named_parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(a, b), name

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -146,16 +147,35 @@ def _run(args) -> Output:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # `train` has said how its run continues (`train._interrupted_note`)
         return Output(code=130, error={"kind": "interrupted", "message": "interrupted"})
+    except OSError as err:
+        if err.errno not in _PLACE_ERRORS:  # the place written to, not posttrain: full, read-only, not allowed
+            return _bug(err)
+        where = f": {err.filename}" if err.filename else ""
+        message = f"{err.strerror}{where}; {_PLACE_ERRORS[err.errno]}, and run the command again"
+        print(f"error: {message}", file=sys.stderr)
+        return Output(code=EXIT_USER, error={"kind": "user", "message": message})
     except Exception as err:
-        if os.environ.get("POSTTRAIN_DEBUG") is not None:
-            raise
-        traceback.print_exc()
-        print(
-            "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
-            file=sys.stderr,
-        )
-        return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
+        return _bug(err)
     return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
+
+
+_PLACE_ERRORS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is reached)",
+    errno.EROFS: "choose a place you can write to",
+    errno.EACCES: "choose files and folders this user can read and write",
+}
+
+
+def _bug(err: Exception) -> Output:
+    if os.environ.get("POSTTRAIN_DEBUG") is not None:
+        raise err
+    traceback.print_exception(err)
+    print(
+        "error: this is a bug in posttrain (exit 1); please report it with the traceback above",
+        file=sys.stderr,
+    )
+    return Output(code=EXIT_BUG, error={"kind": "bug", "message": f"{type(err).__name__}: {err}"})
 
 
 def _loading_models(func, *, may_reexec: bool):

@@ -25,7 +25,6 @@ from posttrain.cli.output import (
     temperature,
 )
 from posttrain.errors import UserError
-from posttrain.files import write_whole
 
 NO_VERIFIER = (
     "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
@@ -155,15 +154,16 @@ def run(args) -> Output:
         cut = [not f for f in finished]  # scored as unfinished turns, as in RL training
         scores = judge_scores(args.judge, [r["prompt"] for r in rows], completions, cut)
         metrics["judge_score_mean"] = sum(scores) / len(scores)
-    if args.out is not None:
-        _write_records(args.out, answer_records(rows, completions, per_row, scores))
     doc = {
         "model": args.model, "verifier": "reward" if rewards is not None else "task", "task": args.task,
         "rewards": [r.name for r in rewards] if rewards is not None else None, "judge": args.judge,
         "data": args.data, "n": len(rows), "settings": settings(args, "max_new_tokens", "temperature", "seed", "stop"),
         "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
     }  # fmt: skip
-    return Output(doc=doc, text=format_table({args.model: metrics}))
+    text = format_table({args.model: metrics})
+    if args.out is not None:
+        _write_records(args.out, answer_records(rows, completions, per_row, scores), shown=text)
+    return Output(doc=doc, text=text)
 
 
 def _check_verifier(args) -> None:
@@ -205,15 +205,21 @@ def _score(args, rewards: list | None, completions: list[str], rows: list[dict])
     return metrics, per_row
 
 
-def _write_records(path: str, records: list[dict]) -> None:
+def _write_records(path: str, records: list[dict], *, shown: str = "") -> None:
     """Write `evaluate --out` rows, all at once: scores come once every answer is in (rewards see the whole set,
     as in training), and a file is either a whole evaluation or absent (no resume, unlike `data pairs`: an
-    evaluation is rerun in full, and greedy or seeded decoding gives the same answers)."""
+    evaluation is rerun in full, and greedy or seeded decoding gives the same answers). When the file cannot be
+    written (a full disk), the results (`shown`) are printed on stderr first: the evaluation is not lost."""
     from posttrain.data import write_jsonl
 
     out = Path(path)
     replaced = out.exists()
-    write_whole(out, lambda tmp: write_jsonl(records, tmp))
+    try:
+        write_jsonl(records, out)  # whole or not at all
+    except OSError:
+        if shown:
+            print(f"the results, which --out {out} could not hold:\n{shown}", file=sys.stderr)
+        raise
     print(f"wrote {len(records)} rows to {out}" + (" (replacing the file there)" if replaced else ""), file=sys.stderr)
 
 
@@ -311,7 +317,7 @@ def evaluate_pairs(args) -> Output:
         source=args.pairs, per_pair=per_pair, progress=not args.no_progress, per_token=per_token,
     )  # fmt: skip
     if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair))
+        _write_records(args.out, pair_records(rows, per_pair), shown=format_preference({args.model: result}))
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": {**settings(args, "beta", "max_length"), "per_token": per_token},
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
@@ -333,7 +339,7 @@ def _rank_with_reward_model(args, rows: list[dict]) -> Output:
     per_pair: list[dict] = []
     result = reward_model_accuracy(args.model, rows, per_pair=per_pair)
     if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair))
+        _write_records(args.out, pair_records(rows, per_pair), shown=format_preference({args.model: result}))
     doc = {"model": args.model, "verifier": "reward_model", "pairs": args.pairs, "reference": None,
            "n": len(rows), "settings": {}, "metrics": {k: v for k, v in result.items() if k != "n"},
            "out": args.out}  # fmt: skip

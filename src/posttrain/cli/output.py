@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -422,8 +423,21 @@ def check_output_folder(path: str | None, flag: str) -> None:
 
 
 def _check_parents(p, flag: str) -> None:
+    """The nearest existing folder at or above `p`'s parent is a folder this process can write into (a read-only
+    file system or folder failed only once the work was done, with a traceback), and an existing `p` can be
+    written."""
+    import tempfile
+
     for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {p}: {parent} is a file, not a folder")
+            try:  # what the write itself will need: a new file there (os.access is not told of every mount)
+                with tempfile.NamedTemporaryFile(dir=parent, prefix=".posttrain-write-check-"):
+                    pass
+            except OSError as err:
+                raise UserError(f"{flag} {p}: {parent} cannot be written into ({err.strerror}); choose a folder "
+                                "you can write to") from None  # fmt: skip
+            if p.is_file() and not os.access(p, os.W_OK):
+                raise UserError(f"{flag} {p}: the file exists and cannot be written; choose another path")
             return

@@ -70,6 +70,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.algorithms.base import BatchSource
 from posttrain.config import deepspeed_zero_stage
 from posttrain.errors import ConfigError, UserError
+from posttrain.files import out_of_space
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.sharding import (
     full_state,
@@ -181,7 +182,30 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically (all processes call this) in `layout` (`LAYOUTS`; sharded needs a sharded
     model); keep only the `keep` newest. The batch `source`'s own state, where it has one, goes into
-    trainer_state.json."""
+    trainer_state.json. A disk that fills up while it writes is a `UserError` naming the last complete checkpoint
+    (the half-written one is removed): it read as a bug of ours, with a traceback naming a failed write position."""
+    try:
+        return _write_checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, keep=keep, source=source,
+                                 layout=layout)  # fmt: skip
+    except Exception as err:
+        root = checkpoint_dir(run_dir)
+        full = out_of_space(err, root)
+        if accelerator.is_main_process:
+            shutil.rmtree(root / f".tmp-step-{step:06d}", ignore_errors=True)
+        if full is None:
+            raise
+        kept = list_checkpoints(run_dir)
+        last = (f"the last complete checkpoint is {kept[-1].name}, which --resume continues from" if kept else
+                "no checkpoint was written before, so --resume starts the run again")  # fmt: skip
+        raise UserError(f"writing checkpoint step-{step:06d} into {root} failed: {full}. Nothing written before is "
+                        f"lost: {last}. Free some space (run.keep_checkpoints keeps fewer checkpoints) and continue "
+                        "with --resume") from None
+
+
+def _write_checkpoint(
+    accelerator, run_dir: Path, step: int, model, optimizer, scheduler, *, keep: int, source: BatchSource,
+    layout: str = "whole",
+) -> Path:
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"

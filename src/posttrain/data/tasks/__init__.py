@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 from posttrain.data.tasks.arithmetic import Arithmetic
 from posttrain.data.tasks.base import REJECTED_KINDS, SPLITS, task_rng
 from posttrain.data.tasks.structured import Structured
+from posttrain.files import write_whole
 
 
 class Task(Protocol):
@@ -140,12 +141,17 @@ def make_perturbed(task: str | Task, rows: list[dict], seed: int = 0, kinds: tup
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as JSON Lines (UTF-8, one object per line), creating parent folders; returns the path."""
+    """Write rows as JSON Lines (UTF-8, one object per line), creating parent folders, whole or not at all (a full
+    disk left an empty or half file: `files.write_whole`); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def lines(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_whole(p, lines)
     return p
 
 
