@@ -56,6 +56,23 @@ def test_generate_says_which_answers_ended():
     assert stopped in ([True], [False])  # a stop string seen ends the answer; none in 40 bytes leaves it cut
 
 
+def test_a_resumed_call_makes_the_pairs_one_uninterrupted_call_makes(tiny_model, tiny_tokenizer):
+    """Resumed, the rows left were sampled in new groups with new seeds (group b of what was left got seed + b):
+    another set of pairs than one call gives, drawn again for the prompts that had given none."""
+    model = loud_eos(tiny_model, 25)  # answers of several lengths: pairs by length
+    rows = [{"id": i, "prompt": f"say {i}", "answer": i} for i in range(6)]
+    settings = dict(n=4, scorer=by_length, max_new_tokens=16, temperature=1.0, seed=3, batch_size=8, progress=False)
+    skipped: list = []
+    whole, _ = onpolicy_pairs(model, tiny_tokenizer, rows, on_skip=lambda row, why: skipped.append(row["id"]),
+                              **settings)  # fmt: skip
+    assert len(whole) >= 2
+    for cut in (1, 3, 4):  # interrupted after `cut` prompts (inside a group of two prompts, or between groups)
+        done = {r["id"] for r in rows[:cut]}
+        resumed, stats = onpolicy_pairs(model, tiny_tokenizer, rows, done=done, **settings)
+        assert resumed == [p for p in whole if p["id"] not in done], cut
+        assert stats["prompts"] == len(rows) - cut
+
+
 def test_onpolicy_pairs_keep_best_and_worst(tiny_model, tiny_tokenizer, tmp_path):
     rows = [{"id": i, "prompt": f"say {i}", "answer": i} for i in range(5)]
     seen = []
@@ -150,14 +167,22 @@ def test_cli_pairs_with_a_task_write_resume_and_validate(capsys, tiny_model_dir,
     code, stdout, _ = run(capsys, "data", "validate", out, "--kind", "preference")
     assert code == 0 and "2 preference rows OK" in stdout
 
-    # A re-run skips the ids already written, and appends only new pairs.
+    # A re-run skips the ids already written, and appends only new pairs. The three prompts are one group of the
+    # sampler (16 // 3 prompts a call), as in a run of all three at once: it is sampled again with the same seed,
+    # so q3 gets the samples one uninterrupted run would have given it.
     calls.clear()
     code, stdout, err = run(capsys, *args[:-2])  # no --limit: all 3 prompts
     assert code == 0, err
-    assert "2 of 3 prompts already have pairs there; skipping them" in stdout
-    assert calls == [3]  # only q3's samples
+    assert "2 of 3 prompts were done there already" in stdout
+    assert calls == [9]
     assert "wrote 0 pairs from 1 prompts" in stdout and "1 skipped: all 3 samples scored the same" in stdout
     assert len(out.read_text().splitlines()) == 2
+    # q3 gave no pair, and that is recorded: the same command again samples nothing and adds nothing (each re-run of
+    # a finished job drew the prompts without a pair again, and kept the pairs their luckier draws gave)
+    assert [json.loads(line)["id"] for line in (out.parent / ".pairs.jsonl.skipped").read_text().splitlines()] == ["line-3"]
+    calls.clear()
+    code, stdout, err = run(capsys, *args[:-2])
+    assert code == 0 and "nothing to do" in stdout and calls == [] and len(out.read_text().splitlines()) == 2
 
     # A line cut short by an interrupt is dropped, and its prompt is done again.
     out.write_text(out.read_text() + '{"id": "c", "prompt": "q', encoding="utf-8")

@@ -341,6 +341,7 @@ def pairs(args) -> Output:
         onpolicy_pairs,
         prepare_prompt_rows,
         reward_scorer,
+        skipped_file,
         task_scorer,
         written_ids,
     )
@@ -358,11 +359,10 @@ def pairs(args) -> Output:
            "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,
            "skipped_empty": 0, "cut": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
     if len(todo) < len(rows):
-        print(
-            f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts already have pairs there; skipping them"
-        )
+        print(f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts were done there already (a pair, or none: "
+              f"their samples scored alike, recorded in {skipped_file(out)}); skipping them")  # fmt: skip
     if not todo:
-        return Output(doc=doc, text=f"nothing to do: every prompt already has a pair in {out}")
+        return Output(doc=doc, text=f"nothing to do: every prompt was done in {out} already")
     quiet_libraries()
     from posttrain.evaluation import load_for_inference  # after quiet_libraries: it decides the hub's mode
 
@@ -371,16 +371,21 @@ def pairs(args) -> Output:
 
     refuse_markers(tokenizer, todo, source=args.prompts)  # the file's rows, with their lines, before any sampling
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as f:
+    with out.open("a", encoding="utf-8") as f, skipped_file(out).open("a", encoding="utf-8") as skips:
 
         def write(pair: dict) -> None:  # one line per pair, flushed: an interrupted run keeps its work
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
             f.flush()
 
+        def skip(row: dict, why: str) -> None:  # and each prompt that gave none, so that a re-run does not redraw it
+            skips.write(json.dumps({"id": row["id"], "skipped": why}) + "\n")
+            skips.flush()
+
+        # every row, with those done: the groups and seeds of one uninterrupted run (`onpolicy_pairs`)
         _, st = onpolicy_pairs(
-            model, tokenizer, todo, n=args.n, scorer=scorer, max_new_tokens=args.max_new_tokens,
+            model, tokenizer, rows, n=args.n, scorer=scorer, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-            progress=not args.no_progress, on_pair=write,
+            progress=not args.no_progress, on_pair=write, on_skip=skip, done=done,
         )  # fmt: skip
     doc.update(st)
     return Output(doc=doc, text=(

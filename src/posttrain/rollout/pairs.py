@@ -51,10 +51,16 @@ def onpolicy_pairs(
     batch_size: int = 16,
     progress: bool = True,
     on_pair: Callable[[dict], None] | None = None,
+    on_skip: Callable[[dict, str], None] | None = None,
+    done: set | frozenset = frozenset(),
 ) -> tuple[list[dict], dict]:
     """Sample `n` completions per prompt row, score them, keep (best, worst) where best > worst.
 
-    `on_pair(row)` is called with each kept pair as soon as it exists (the CLI writes it to disk there).
+    `on_pair(row)` is called with each kept pair as soon as it exists (the CLI writes it to disk there), and
+    `on_skip(row, why)` with each prompt that gave none. `done`: the ids of rows an earlier, interrupted call
+    finished (a pair, or a skip); they are not made again. The rows are sampled in the same groups, with the same
+    seeds, as in one uninterrupted call (a group whose every row is done is left out, and one partly done is sampled
+    again in full, keeping only its rows not done), so the pairs of a resumed call are those one call would make.
     `batch_size` bounds the sequences per `generate` call: ``max(1, batch_size // n)`` prompts at a time.
     Returns ``(pairs, stats)``; stats: ``prompts``, ``kept``, ``skipped_equal`` (every usable completion
     scored the same), ``skipped_empty`` (fewer than two usable completions), ``cut`` (completions cut at
@@ -70,9 +76,12 @@ def onpolicy_pairs(
     pairs: list[dict] = []
     stats = {"prompts": 0, "kept": 0, "skipped_equal": 0, "skipped_empty": 0, "cut": 0}
     best_sum = worst_sum = 0.0
-    bar = tqdm(total=len(rows), desc="pairs", unit="prompt", disable=not progress)
+    left = [r.get("id") not in done for r in rows]
+    bar = tqdm(total=sum(left), desc="pairs", unit="prompt", disable=not progress)
     try:
         for b, start in enumerate(range(0, len(rows), per_call)):
+            if not any(left[start : start + per_call]):
+                continue
             chunk = list(rows[start : start + per_call])
             rep_rows = [r for r in chunk for _ in range(n)]  # each prompt n times, side by side
             prompts = [r["prompt"] for r in rep_rows]
@@ -81,19 +90,23 @@ def onpolicy_pairs(
                 model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, batch_size=batch_size, seed=seed + b, finished=ended,
             )  # fmt: skip
-            stats["cut"] += ended.count(False)
             scores = [float(s) for s in scorer(prompts, completions, rep_rows)]
             if len(scores) != len(completions):
                 raise ValueError(
                     f"the scorer returned {len(scores)} scores for {len(completions)} completions"
                 )
             for i, row in enumerate(chunk):
+                if not left[start + i]:
+                    continue
                 texts, got = completions[i * n : (i + 1) * n], scores[i * n : (i + 1) * n]
                 stats["prompts"] += 1
+                stats["cut"] += ended[i * n : (i + 1) * n].count(False)
                 best_sum, worst_sum = best_sum + max(got), worst_sum + min(got)
                 pair, why = pick_pair(row, texts, got, ended[i * n : (i + 1) * n])
                 if pair is None:
                     stats[why] += 1
+                    if on_skip is not None:
+                        on_skip(row, why)
                 else:
                     stats["kept"] += 1
                     pairs.append(pair)
@@ -218,15 +231,30 @@ def prepare_prompt_rows(rows: list[dict], source: str, *, answer_for: str | None
         raise DataError(problems, header=f"{source}: {len(problems)} problem(s); no pairs made")
 
 
-def written_ids(path: str | Path) -> set:
-    """Ids of the pairs already in `path` (a re-run skips them); none when it does not exist.
+def skipped_file(path: str | Path) -> Path:
+    """Where `posttrain data pairs` records the prompts of `path` that gave no pair (hidden, beside it): a re-run
+    samples them again otherwise, and a finished file kept growing with each identical re-run."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.skipped")
 
-    Every pair is written with its newline, so a last line without one was cut by an interrupt: it is dropped
+
+def written_ids(path: str | Path) -> set:
+    """Ids of the prompts already done in `path` (a re-run skips them): its pairs', and those its `skipped_file`
+    records as giving none; none when `path` does not exist (and a skipped record left without its file is removed).
+
+    Every line is written with its newline, so a last line without one was cut by an interrupt: it is dropped
     from the file.
     """
     path = Path(path)
+    skipped = skipped_file(path)
     if not path.exists():
+        skipped.unlink(missing_ok=True)
         return set()
+    ids = _ids(path)
+    return ids | (_ids(skipped) if skipped.exists() else set())
+
+
+def _ids(path: Path) -> set:
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines.pop()
