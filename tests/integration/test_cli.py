@@ -285,3 +285,18 @@ def test_data_validate_reads_sharegpt_with_message_options(capsys, tmp_path):
     assert code == 2 and "--role gives user more than once: each is read from one name" in err
     code, out, err = run(capsys, "data", "validate", str(f), *options[:2], "--role", "bot=gpt")
     assert code == 2 and "--role: 'bot' is not a role (they are: system, user, assistant)" in err
+
+
+def test_data_validate_refuses_rows_longer_than_the_models_context_as_train_does(capsys, tmp_path):
+    """`data validate --max-length 64` on a model of 16 positions said every row fit; `train` then refused the
+    same rows as longer than the model's context (here 32 positions: ChatML's markers alone take ~20)."""
+    from posttrain.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "short", max_position_embeddings=32)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": "a long enough answer"}) + "\n"
+                         for i in range(3)) + json.dumps({"prompt": "q", "completion": "a"}) + "\n")  # fmt: skip
+    code, out, err = run(capsys, "data", "validate", str(f), "--model", str(model), "--max-length", "64")
+    assert code == 2 and f"{f}: 3 of 4 rows are longer than {model}'s context of 32 positions (lines 1, 2 and 3)" in err
+    code, out, err = run(capsys, "data", "validate", str(f), "--model", str(model), "--max-length", "32")
+    assert code == 0 and "every row's prompt fits max_length=32" in out  # cut to the context, with a note

@@ -322,7 +322,9 @@ def _check_lengths(args, rows: list[dict]) -> list[str]:
     are problems; returns the warnings rendering gave (e.g. responses truncated)."""
     from posttrain.config import ModelConfig
     from posttrain.data import render_dataset, render_preference_dataset
+    from posttrain.data.render import lines_text
     from posttrain.models import load_tokenizer
+    from posttrain.models.loading import model_context
 
     if args.max_length <= 0:
         raise UserError(f"--max-length must be a positive number of tokens, got {args.max_length}")
@@ -331,7 +333,19 @@ def _check_lengths(args, rows: list[dict]) -> list[str]:
     render = render_preference_dataset if args.kind == "preference" else render_dataset
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        render(tokenizer, rows, max_length=args.max_length, source=args.file)
+        rendered = render(tokenizer, rows, max_length=args.max_length, source=args.file)
+    context = model_context(ModelConfig(name=args.model))
+    if context is not None and args.max_length > context:  # as `train` refuses them (`train._check_context`)
+        if args.kind == "preference":
+            lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in rendered]
+        else:
+            lengths = [len(r.input_ids) for r in rendered[0]]
+        over = [getattr(row, "line", i + 1) for i, (row, n) in enumerate(zip(rows, lengths)) if n > context]
+        if over:
+            raise UserError(f"{args.file}: {len(over)} of {len(rows)} rows are longer than {args.model}'s context "
+                            f"of {context} positions ({lines_text(over)}), which --max-length {args.max_length} "
+                            f"allows, and training refuses them; set --max-length {context} or less (data.max_length "
+                            "in training: longer rows are then cut, with a note), or shorten them")  # fmt: skip
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 

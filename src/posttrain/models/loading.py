@@ -620,6 +620,21 @@ def describe_trainable(model) -> tuple[int, int]:
 _EXTENDING_ROPE = ("linear", "dynamic", "yarn")
 
 
+def model_context(model_cfg: ModelConfig) -> int | None:
+    """`context_length` of `model_cfg`'s model, read from its config alone (no weights load); None when it names
+    none or cannot be read here (then the model's load says why)."""
+    prepare_hub_libraries()
+    from transformers import AutoConfig
+
+    try:
+        resolved = resolve_model(model_cfg.name)
+        config = AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file,
+                                            trust_remote_code=model_cfg.trust_remote_code)  # fmt: skip
+    except Exception:  # noqa: BLE001 - a check ahead of the load, which reports what is wrong with the model
+        return None
+    return context_length(getattr(config, "text_config", None) or config)
+
+
 def context_length(config) -> int | None:
     """The most positions a model's config says it places: `max_position_embeddings` (GPT-2's `n_positions`), or
     more where its rotary scaling extends that (`rope_parameters`, before transformers 5 `rope_scaling`: linear,
