@@ -936,19 +936,20 @@ def format_validation_error(schema: type[BaseModel], err: ValidationError, sourc
             msg = _message(e)
             if "input" in e and e["type"] != "missing" and not isinstance(e["input"], dict):
                 msg = f"{msg} (got {e['input']!r})"
-        out.append(f"  {set_by(where, overrides, lines)}: {msg}")
+        out.append(f"  {set_by(where, overrides, lines, unknown=e['type'] == 'extra_forbidden')}: {msg}")
     return "\n".join(out)
 
 
 def set_by(where: str, overrides: dict[str, str] | None, lines: dict[str, int] | None,
-           via: str = "command line:") -> str:  # fmt: skip
+           via: str = "command line:", *, unknown: bool = False) -> str:  # fmt: skip
     """Dotted field `where`, named with what set it: the override (`overrides`, from `override_keys`; `via`
-    names where overrides come from), else the line of the file (`lines`, from `yamlfile.load_yaml`).
+    names where overrides come from; an `unknown` key also by one that set a key under it), else the line of the
+    file (`lines`, from `yamlfile.load_yaml`).
 
     >>> set_by("optim.lr", {"optim.lr": "optim.lr=abc"}, {"optim.lr": 4}), set_by("optim.lr", None, {"optim": 3})
     ('optim.lr (command line: optim.lr=abc)', 'optim.lr (line 3)')
     """
-    if (given := overridden(where, overrides)) is not None:
+    if (given := overridden(where, overrides, inside=unknown)) is not None:
         return f"{where} ({via} {given})"
     line = line_of(where, lines)
     return where if line is None else f"{where} (line {line})"
@@ -1152,16 +1153,19 @@ def _leaf_keys(key: str, value: Any) -> list[str]:
     return [key]
 
 
-def overridden(where: str, overrides: dict[str, str] | None) -> str | None:
-    """The override (`override_keys`) that set the field at dotted path `where`, itself or a section above it.
+def overridden(where: str, overrides: dict[str, str] | None, *, inside: bool = False) -> str | None:
+    """The override (`override_keys`) that set the field at dotted path `where`, itself or a section above it;
+    with `inside` (an unknown key: `nope.x=1` makes the unknown section `nope`), also one that set a key under it.
 
     >>> overridden("warm_start.pass_range.0", {"warm_start.pass_range": "warm_start.pass_range=[2, 1]"})
     'warm_start.pass_range=[2, 1]'
     >>> overridden("optim.lr", {"optim.eps": "optim.eps=1"}) is None
     True
+    >>> overridden("optim.nope", {"optim.nope.x": "optim.nope.x=1"}, inside=True)
+    'optim.nope.x=1'
     """
     for key, given in (overrides or {}).items():
-        if where == key or where.startswith(key + "."):
+        if where == key or where.startswith(key + ".") or (inside and key.startswith(where + ".")):
             return given
     return None
 

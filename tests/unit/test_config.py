@@ -451,3 +451,11 @@ def test_overrides_given_as_one_string_are_refused_with_the_list_they_should_be(
     """`load_config(path, "run.max_steps=20")` was read a character at a time: "override 'r' is not of the form"."""
     with pytest.raises(ConfigError, match=r"not one string: load_config\(path, \['run.max_steps=20'\]\)"):
         load_config(None, "run.max_steps=20")
+
+
+def test_an_unknown_key_made_by_an_override_is_blamed_on_the_override_not_the_file(tmp_path):
+    """`optim.nope.x=1` made the unknown key optim.nope, and the error named the file's line of `optim:`."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"optim\.nope \(command line: optim\.nope\.x=1\): unknown key"):
+        load_config(path, ["optim.nope.x=1"])

@@ -214,5 +214,5 @@ def validate_study(data: dict, *, source: str = "study settings", overrides: dic
             if e["type"] not in ("extra_forbidden", "missing", "value_error") and "input" in e \
                     and not isinstance(e["input"], dict):  # fmt: skip
                 msg = f"{msg} (got {e['input']!r})"
-            out.append(f"  {set_by(where, overrides, lines, via='--set')}: {msg}")
+            out.append(f"  {set_by(where, overrides, lines, via='--set', unknown=e['type'] == 'extra_forbidden')}: {msg}")
         raise ConfigError("\n".join(out)) from None
