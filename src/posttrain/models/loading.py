@@ -424,7 +424,14 @@ struct.error or EOFError)."""
 
 def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if Path(name).expanduser().exists():  # a local folder or file: the hub's advice would not apply
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":  # a cut download reads as arrays of the wrong size
+        return ModelNotFoundError(
+            f"model {name!r}: could not load its {what} from the GGUF file ({first}): the file is "
+            f"{path.stat().st_size:,} bytes and looks cut short or damaged (an interrupted download or copy); "
+            "download or copy it again."
+        )
+    if path.exists():  # a local folder or file: the hub's advice would not apply
         return ModelNotFoundError(
             f"model {name!r}: could not load its {what} ({first}). Check that the folder holds config.json (with a "
             "model_type this transformers knows), the weights (*.safetensors, whole) and the tokenizer files, as "
