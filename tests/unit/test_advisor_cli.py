@@ -337,3 +337,16 @@ def test_a_135m_size_writes_the_embedded_model_that_loads_offline():
     name, note = config_model_name("135m")
     assert name == "smollm2-135m-instruct" and "dequantised 4-bit copy, loaded offline" in note
     assert config_model_name("7b")[0] == "mistralai/Mistral-7B-v0.1"
+
+
+def test_a_small_file_is_said_to_make_few_optimiser_steps(tmp_path, capsys):
+    """A 40-row SFT file made a config of 2 epochs at batch 32: 4 optimiser steps at lr 2e-5, said nowhere."""
+    data = write_jsonl(tmp_path / "small.jsonl", SFT_ROWS)
+    rc, out, _ = run_cli(["--data", str(data), "--model", "135m", "--gpu-memory-gb", "24", "--json"], capsys)
+    a = json.loads(out)
+    steps = -(-40 // a["config"]["optim"]["batch_size"]) * 2
+    assert rc == 0 and a["config"]["run"]["epochs"] == 2.0 and steps < 30
+    assert any(n.startswith(f"sft: the file's 40 rows make {steps} optimiser steps") for n in a["assumptions"])
+    big = write_jsonl(tmp_path / "big.jsonl", SFT_ROWS * 25)  # 1,000 rows: 32 batches of 32 an epoch
+    rc, out, _ = run_cli(["--data", str(big), "--model", "135m", "--gpu-memory-gb", "24", "--json"], capsys)
+    assert rc == 0 and not any("optimiser steps" in n for n in json.loads(out)["assumptions"])
