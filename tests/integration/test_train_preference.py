@@ -213,6 +213,32 @@ def test_dpo_reference_cache_does_not_depend_on_micro_batch_size(make_cfg, pairs
     torch.testing.assert_close(looked_up, direct, rtol=0, atol=1e-5)
 
 
+def test_a_run_restarted_at_step_1_computes_its_reference_again(make_cfg, pairs_file, tmp_path):
+    """The cache of a run stopped before its first checkpoint was reused when it started again at step 1, matched by
+    the model's name and the rows alone: after the weights under that name changed, DPO trained against the old
+    model's log-probs (loss 0.7034 at step 1 where policy = reference gives log 2). Only a resumed run reuses it."""
+    from posttrain.data.preference import prepare_pairs
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models.reference import Reference
+
+    cfg = make_cfg("restart", **{"algorithm.name": "dpo", "technique.name": "full", "data.train": str(pairs_file)})
+    data = prepare_pairs(cfg, load_tokenizer(cfg.model))
+    batches = [data.collate(list(data.train))]
+    old, new = load_model(cfg.model, cfg.technique), load_model(cfg.model, cfg.technique)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.1)  # the weights under the same name, changed
+    tables = {}
+    for name, model, resuming in (("old", old, False), ("new", new, False), ("resumed", new, True)):
+        reference = Reference("precompute", model)
+        reference.precompute(batches, "loss_mask", chunk=8, run_dir=tmp_path, model_name="tiny", resuming=resuming,
+                             save=True)  # fmt: skip
+        tables[name] = reference.table
+    key = next(iter(tables["old"]))
+    assert not torch.equal(tables["new"][key], tables["old"][key])  # computed again from the new weights
+    assert torch.equal(tables["resumed"][key], tables["new"][key])  # a resume reuses the cache (now the new one)
+
+
 def test_reward_model_margin_column_enters_the_loss(make_cfg, tmp_path):
     """With algorithm.margin the loss is sum of -log sigma(s_w - s_l - m) with each row's `margin` m; without
     it the margin column is ignored. Checked against the model's own scores, on the same batch."""

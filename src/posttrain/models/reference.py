@@ -87,12 +87,15 @@ class Reference:
     def precompute(self, batches: Iterable[dict[str, torch.Tensor]], target_key: str, *, chunk: int,
                    run_dir: Path, model_name: str, resuming: bool, save: bool) -> None:  # fmt: skip
         """Fill the table from `batches` (every row the run will score: training and held-out), by the policy
-        before it has trained; reuse the run folder's cache when it holds every row (a resumed run must: its
-        policy has trained since). `save`: write the cache (the main process)."""
+        before it has trained; a resumed run reuses the run folder's cache, which must hold every row (its policy
+        has trained since; the resume's own checks have refused other data and other weights). A run that starts
+        at step 1 computes it again, whatever the folder holds: one restarted before its first checkpoint reused
+        the cache of weights that had since changed (a loss of 0.7034 at step 1, where policy = reference gives
+        log 2), matched by the model's name alone. `save`: write the cache (the main process)."""
         path = Path(run_dir) / CACHE_FILE
         batches = list(batches)
         wanted = {k for b in batches for k in row_keys(b, target_key)}
-        cached = torch.load(path, weights_only=True) if path.is_file() else None
+        cached = torch.load(path, weights_only=True) if resuming and path.is_file() else None
         if cached and cached.get("version") == _CACHE_VERSION and cached.get("model") == model_name \
                 and wanted <= set(cached["rows"]):  # fmt: skip
             self.table = cached["rows"]
