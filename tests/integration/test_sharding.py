@@ -192,9 +192,9 @@ def _one_process(cfg, name, totals: list | None = None):
     """`cfg` trained by this one process, unsharded; each rollout's total rewards appended to `totals`."""
     one = cfg.model_copy(update={"run": cfg.run.model_copy(update={"sharding": "none",
                                                                     "output_dir": cfg.run.output_dir + "-one"})})
-    if "skip_zero_advantage" in type(cfg.algorithm).model_fields:
+    if "skip_zero_advantage" in type(cfg.algorithm).model_fields and cfg.algorithm.beta == 0:
         # Several processes train every completion, those with advantage 0 too (each must run as many forwards):
-        # so does the one process they are compared with.
+        # so does the one process they are compared with (with beta > 0 every completion trains anyway).
         one = one.model_copy(update={"algorithm": one.algorithm.model_copy(update={"skip_zero_advantage": False})})
     score = SOURCE.compute_rewards
 
