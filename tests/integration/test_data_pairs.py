@@ -149,7 +149,7 @@ def test_cli_pairs_with_a_task_write_resume_and_validate(capsys, tiny_model_dir,
     prompts = write_prompts(tmp_path / "prompts.jsonl", [
         {"id": "a", "prompt": "q1", "answer": 11},
         {"id": "b", "prompt": "q2", "answer": 12},
-        {"prompt": "q3", "answer": 99},  # every sample wrong: no pair; gets the id line-3
+        {"prompt": "q3", "answer": 99},  # every sample wrong: no pair; gets an id made of its prompt and answer
     ])  # fmt: skip
     out = tmp_path / "out" / "pairs.jsonl"
     calls = []
@@ -179,10 +179,21 @@ def test_cli_pairs_with_a_task_write_resume_and_validate(capsys, tiny_model_dir,
     assert len(out.read_text().splitlines()) == 2
     # q3 gave no pair, and that is recorded: the same command again samples nothing and adds nothing (each re-run of
     # a finished job drew the prompts without a pair again, and kept the pairs their luckier draws gave)
-    assert [json.loads(line)["id"] for line in (out.parent / ".pairs.jsonl.skipped").read_text().splitlines()] == ["line-3"]
+    [skipped] = [json.loads(line)["id"] for line in (out.parent / ".pairs.jsonl.skipped").read_text().splitlines()]
+    assert skipped.startswith("prompt-")
     calls.clear()
     code, stdout, err = run(capsys, *args[:-2])
     assert code == 0 and "nothing to do" in stdout and calls == [] and len(out.read_text().splitlines()) == 2
+    # Pairs made otherwise (another model, or the same name with other weights: the next round's policy; other
+    # sampling settings; another scorer) are refused: their prompts counted as done by id, whatever made them.
+    code, _, err = run(capsys, *args[:-2], "--temperature", "0.5")
+    assert code == 2 and "holds pairs made otherwise (temperature: 1.0 -> 0.5)" in err
+    # another file of as many rows without ids is other prompts (ids were line-N: any such file was "done")
+    other = write_prompts(tmp_path / "other.jsonl", [{"prompt": "q4", "answer": 4}, {"prompt": "q5", "answer": 5},
+                                                     {"prompt": "q6", "answer": 6}])  # fmt: skip
+    calls.clear()
+    code, stdout, err = run(capsys, *[other if a == prompts else a for a in args[:-2]])
+    assert code == 0 and "were done there already" not in stdout and calls == [9]
 
     # A line cut short by an interrupt is dropped, and its prompt is done again.
     out.write_text(out.read_text() + '{"id": "c", "prompt": "q', encoding="utf-8")

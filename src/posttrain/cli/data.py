@@ -352,6 +352,7 @@ def _check_lengths(args, rows: list[dict]) -> list[str]:
 def pairs(args) -> Output:
     from posttrain.data import TASKS, load_rows
     from posttrain.rollout.pairs import (
+        check_same_making,
         onpolicy_pairs,
         prepare_prompt_rows,
         reward_scorer,
@@ -359,6 +360,7 @@ def pairs(args) -> Output:
         task_scorer,
         written_ids,
     )
+    from posttrain.trainer.fingerprint import model_digest
 
     _check_pairs_args(args)
     check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})
@@ -367,6 +369,12 @@ def pairs(args) -> Output:
     check_task_answers(args, rows, args.prompts)
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)
     out = Path(args.out)
+    made = {"model": args.model, "model_sha256": model_digest(args.model), "n": args.n,
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "scorer": {"task": args.task} if args.task is not None else {"reward": list(args.reward)}}  # fmt: skip
+    if note := check_same_making(out, made):
+        print(note)
     done = written_ids(out)
     todo = [r for r in rows if r["id"] not in done]
     doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,

@@ -23,6 +23,7 @@ models and the rewards. Helpers for `posttrain data pairs`: `task_scorer` and `r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -206,14 +207,20 @@ def parse_reward_args(specs: list[str]) -> list:
 def prepare_prompt_rows(rows: list[dict], source: str, *, answer_for: str | None = None) -> None:
     """Ready prompt rows (from ``load_rows(path, "prompts")``) for `onpolicy_pairs`, in place.
 
-    Every row gets an ``id`` (``line-N`` when it has none: a re-run skips prompts by id) and a plain-string
-    prompt when it is one user message (what the output row shows). A bad or repeated id, or a missing
-    ``answer`` when `answer_for` (e.g. ``"--task arithmetic"``) needs it, is a problem; all are raised together.
+    Every row gets an ``id`` (a re-run skips prompts by id): one without its own gets ``prompt-`` and a digest of
+    its prompt and answer (``-2``, ``-3`` for a repeat), so that another file's row on the same line is another
+    prompt (``line-N`` made any two files of as many rows the same prompts), and a plain-string prompt when it is one
+    user message (what the output row shows). A bad or repeated id, or a missing ``answer`` when `answer_for`
+    (e.g. ``"--task arithmetic"``) needs it, is a problem; all are raised together.
     """
-    problems, seen = [], {}
+    problems, seen, made = [], {}, {}
     for row in rows:
         line = getattr(row, "line", None)
-        row.setdefault("id", f"line-{line}")
+        if "id" not in row:
+            content = json.dumps([row.get("prompt"), row.get("answer")], sort_keys=True, default=str)
+            digest = f"prompt-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
+            made[digest] = made.get(digest, 0) + 1
+            row["id"] = digest if made[digest] == 1 else f"{digest}-{made[digest]}"
         if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
             problems.append(Problem(source, line, "id", "must be a string or an integer"))
         elif row["id"] in seen:
@@ -236,6 +243,40 @@ def skipped_file(path: str | Path) -> Path:
     samples them again otherwise, and a finished file kept growing with each identical re-run."""
     path = Path(path)
     return path.with_name(f".{path.name}.skipped")
+
+
+def settings_file(path: str | Path) -> Path:
+    """Where `posttrain data pairs` records what made the pairs of `path` (hidden, beside it): the model (its name
+    and weights' digest), the sampling settings and the scorer; a re-run with others is refused (`check_same_making`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.made.json")
+
+
+def check_same_making(path: str | Path, made: dict) -> str | None:
+    """Refuse (`UserError`) to add to `path` pairs made otherwise than those in it: another model (or the same
+    name with other weights: the next round's policy), other sampling settings or another scorer; its prompts were
+    taken as done by their ids whatever made them. Records `made` for a new file; returns a note for a file written
+    before this record existed (it cannot be checked)."""
+    path, record = Path(path), settings_file(path)
+    if not path.exists():
+        record.unlink(missing_ok=True)
+        _write_record(record, made)
+        return None
+    if not record.exists():
+        _write_record(record, made)
+        return (f"note: {path} was written without a record of what made its pairs (an older posttrain), so this "
+                "run cannot check that its model, sampling settings and scorer are those of the pairs already there")
+    before = json.loads(record.read_text(encoding="utf-8"))
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in made.items() if before.get(k) != v]
+    if changed:
+        raise UserError(f"{path} holds pairs made otherwise ({'; '.join(changed)}), and its prompts count as done "
+                        "whatever made them: write these pairs to a new --out file (or remove the old one)")  # fmt: skip
+    return None
+
+
+def _write_record(record: Path, made: dict) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(made, indent=2) + "\n", encoding="utf-8")
 
 
 def written_ids(path: str | Path) -> set:

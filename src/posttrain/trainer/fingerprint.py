@@ -93,29 +93,32 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
     `reward_model` reward's `path`): the `weights_digest` of a local folder (a run folder's `final/`) or file, of
     the embedded model's GGUF file, or of a hub model's cached snapshot; a model that cannot be located now is left
     out (its setting is checked by name as a config change)."""
-    from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
-    from posttrain.models.saving import model_folder
-
     named = [("model.name", cfg.model.name), ("algorithm.reward_model", getattr(cfg.algorithm, "reward_model", None))]
     named += [(f"algorithm.rewards[{i}]", spec.get("args", {}).get("path"))
               for i, spec in enumerate(getattr(cfg.algorithm, "rewards", None) or [])
               if isinstance(spec, dict) and spec.get("name") == "reward_model" and isinstance(spec.get("args"), dict)]  # fmt: skip
     out = {}
     for setting, name in named:
-        if not isinstance(name, str) or not name:
-            continue
-        try:
-            if name.strip().lower() in EMBEDDED_MODELS:
-                digest = weights_digest(embedded_gguf(name.strip().lower()))
-            elif Path(name).expanduser().exists():
-                digest = weights_digest(model_folder(Path(name).expanduser()))
-            else:
-                digest = _hub_digest(name)
-        except Exception:  # noqa: BLE001 (unreadable now: the resume is not refused for it)
-            digest = None
-        if digest:
+        if isinstance(name, str) and name and (digest := model_digest(name)):
             out[setting] = {"path": name, "sha256": digest}
     return out
+
+
+def model_digest(name: str) -> str | None:
+    """The `weights_digest` of a model named as `model.name` takes it: a local folder (a run folder's `final/`) or
+    file, the embedded model's GGUF file, or a hub model's cached snapshot; None when it cannot be located or read
+    now."""
+    from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
+    from posttrain.models.saving import model_folder
+
+    try:
+        if name.strip().lower() in EMBEDDED_MODELS:
+            return weights_digest(embedded_gguf(name.strip().lower()))
+        if Path(name).expanduser().exists():
+            return weights_digest(model_folder(Path(name).expanduser()))
+        return _hub_digest(name)
+    except Exception:  # noqa: BLE001 (unreadable now: a check is not refused for it)
+        return None
 
 
 def _hub_digest(name: str) -> str | None:
