@@ -234,3 +234,18 @@ def test_sigterm_stops_a_merge_as_ctrl_c_does_and_leaves_no_half_written_folder(
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no merged folder, no temporary one
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_adapter_whose_base_weights_changed_is_said_to_be_on_other_weights(tmp_path, tiny_tokenizer, capsys):
+    """A LoRA adapter was loaded onto whatever its base path held now (the SFT run it came from trained further):
+    another model, generating and scoring without a word. The base's digest is recorded and compared."""
+    from posttrain.testing import save_tiny_model, tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    save_model(_trained(base, "lora"), tiny_tokenizer, tmp_path / "adapter")
+    assert read_info(tmp_path / "adapter")["base_sha256"]
+    load_trained(tmp_path / "adapter")
+    assert "warning" not in capsys.readouterr().err
+    tiny_model(len(tiny_tokenizer), seed=1).save_pretrained(base)  # other weights under the same path
+    load_trained(tmp_path / "adapter")
+    assert "is an adapter trained on the weights of" in capsys.readouterr().err

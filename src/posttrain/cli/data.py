@@ -351,6 +351,7 @@ def _check_lengths(args, rows: list[dict]) -> list[str]:
 
 def pairs(args) -> Output:
     from posttrain.data import TASKS, load_rows
+    from posttrain.models.saving import model_digest
     from posttrain.rollout.pairs import (
         check_same_making,
         onpolicy_pairs,
@@ -360,7 +361,6 @@ def pairs(args) -> Output:
         task_scorer,
         written_ids,
     )
-    from posttrain.trainer.fingerprint import model_digest
 
     _check_pairs_args(args)
     check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})

@@ -25,6 +25,7 @@ import torch
 
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
+from posttrain.files import weights_digest
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
 from posttrain.models.hub import prepare_hub_libraries, quiet_loading
@@ -69,6 +70,8 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
             getattr(model, "peft_config", {}).get("default", None), "base_model_name_or_path", None
         )
+    if adapter and info.get("base_model") and (base := model_digest(str(info["base_model"]))):
+        info["base_sha256"] = base  # the weights it was trained on: loaded onto others, it is another model
     with _stops_in_generation_config(model, tokenizer, adapter):
         model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out)
@@ -99,6 +102,31 @@ def _stops_in_generation_config(model, tokenizer, adapter: bool):
         yield
     finally:
         gen.eos_token_id = before
+
+
+def model_digest(name: str) -> str | None:
+    """The `weights_digest` of a model named as `model.name` takes it: a local folder (a run folder's `final/`) or
+    file, the embedded model's GGUF file, or a hub model's cached snapshot; None when it cannot be located or read
+    now."""
+    from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
+
+    try:
+        if name.strip().lower() in EMBEDDED_MODELS:
+            return weights_digest(embedded_gguf(name.strip().lower()))
+        if Path(name).expanduser().exists():
+            return weights_digest(model_folder(Path(name).expanduser()))
+        return _hub_digest(name)
+    except Exception:  # noqa: BLE001 (unreadable now: a check is not refused for it)
+        return None
+
+
+def _hub_digest(name: str) -> str | None:
+    """The `weights_digest` of a hub model's cached snapshot (not its revision: a model card's commit changes that
+    and not the weights), None when not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(name, "config.json")
+    return weights_digest(Path(hit).parent) if isinstance(hit, str) else None
 
 
 def model_folder(path: Path) -> Path:
@@ -155,6 +183,11 @@ def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool,
     if quantised:
         technique.quant_type = info.get("quant_type", "nf4")
         technique.double_quant = info.get("double_quant", True)
+    if (trained_on := info.get("base_sha256")) and (now := model_digest(base_name)) and now != trained_on:
+        print(f"warning: {folder} is an adapter trained on the weights of {base_name}, and the weights there are not "
+              "those any more (replaced, or trained further): the adapter on them is not the model that was trained, "
+              "and its answers and scores are not that model's; put the base it was trained on back",
+              file=sys.stderr)  # fmt: skip
     base = load_model(ModelConfig(name=base_name), technique, device=device, train=False)
     if dequantised:
         _dequantise_into(base, info)

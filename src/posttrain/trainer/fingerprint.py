@@ -61,38 +61,13 @@ def data_fingerprint(cfg) -> dict[str, dict[str, str]]:
     return out
 
 
-_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_BLOCKS, _BLOCK = 16, 1 << 16
-
-
-def weights_digest(path: str | Path) -> str:
-    """A digest of the weights in a file or a folder (its weight files, by suffix): each file's relative path, size
-    and 16 blocks of 64 KiB spread over it. Not every byte: a 14 GB model read whole would make every resume wait
-    a minute, and a model trained further differs in every block.
-
-    >>> import tempfile
-    >>> f = Path(tempfile.mkdtemp()) / "w.safetensors"; _ = f.write_bytes(bytes(300_000))
-    >>> a = weights_digest(f); _ = f.write_bytes(bytes(299_999) + b"x"); a == weights_digest(f)
-    False
-    """
-    path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHTS) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            for i in range(_BLOCKS):
-                fh.seek(max(0, (size - _BLOCK) * i // (_BLOCKS - 1)))
-                h.update(fh.read(_BLOCK))
-    return h.hexdigest()
-
-
 def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
     """{setting: {"path", "sha256"}} for the models a run starts from (`model.name`, `algorithm.reward_model`, a
-    `reward_model` reward's `path`): the `weights_digest` of a local folder (a run folder's `final/`) or file, of
+    `reward_model` reward's `path`): `models.saving.model_digest`, the `weights_digest` of a local folder (a run folder's `final/`) or file, of
     the embedded model's GGUF file, or of a hub model's cached snapshot; a model that cannot be located now is left
     out (its setting is checked by name as a config change)."""
+    from posttrain.models.saving import model_digest
+
     named = [("model.name", cfg.model.name), ("algorithm.reward_model", getattr(cfg.algorithm, "reward_model", None))]
     named += [(f"algorithm.rewards[{i}]", spec.get("args", {}).get("path"))
               for i, spec in enumerate(getattr(cfg.algorithm, "rewards", None) or [])
@@ -102,32 +77,6 @@ def weights_fingerprint(cfg) -> dict[str, dict[str, str]]:
         if isinstance(name, str) and name and (digest := model_digest(name)):
             out[setting] = {"path": name, "sha256": digest}
     return out
-
-
-def model_digest(name: str) -> str | None:
-    """The `weights_digest` of a model named as `model.name` takes it: a local folder (a run folder's `final/`) or
-    file, the embedded model's GGUF file, or a hub model's cached snapshot; None when it cannot be located or read
-    now."""
-    from posttrain.models.loading import EMBEDDED_MODELS, embedded_gguf
-    from posttrain.models.saving import model_folder
-
-    try:
-        if name.strip().lower() in EMBEDDED_MODELS:
-            return weights_digest(embedded_gguf(name.strip().lower()))
-        if Path(name).expanduser().exists():
-            return weights_digest(model_folder(Path(name).expanduser()))
-        return _hub_digest(name)
-    except Exception:  # noqa: BLE001 (unreadable now: a check is not refused for it)
-        return None
-
-
-def _hub_digest(name: str) -> str | None:
-    """The `weights_digest` of a hub model's cached snapshot (not its revision: a model card's commit changes that
-    and not the weights), None when not cached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(name, "config.json")
-    return weights_digest(Path(hit).parent) if isinstance(hit, str) else None
 
 
 def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
