@@ -190,7 +190,8 @@ def _make_data(task, n_train: int, n_eval: int, data_dir: Path) -> tuple[Path, P
 def _base_scores(cfg, tokenizer, recipe: SFTRecipe, heldout: list[dict], eval_file: Path, cache: Path) -> dict:
     """The base model's verifier rates on the held-out rows, from `cache` when it holds the scores of the same
     model files, held-out file and decoding settings (`evaluation.cache`)."""
-    decoding = decoding_settings(max_new_tokens=recipe.max_new_tokens, batch_size=recipe.eval_batch_size)
+    decoding = decoding_settings(max_new_tokens=recipe.max_new_tokens, batch_size=recipe.eval_batch_size,
+                                 task=recipe.task)  # fmt: skip
     key = scores_key(cfg.model.name, eval_file, decoding)
     before, why = lookup(cache, key)
     if before is not None:

@@ -37,6 +37,7 @@ from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, quic
 from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
+from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.evaluation.preference import preference_accuracy
 from posttrain.models import load_model
 from posttrain.quickstart import (
@@ -49,6 +50,7 @@ from posttrain.quickstart import (
 from posttrain.report import report_or_warning
 from posttrain.train import RUN_FILES, leftover, run_tokenizer, train
 from posttrain.trainer.checkpoint import latest_checkpoint
+from posttrain.trainer.fingerprint import file_digest
 
 RECIPES = tuple(m for m in quickstart_methods() if m != "sft")
 """The recipes of this module (dpo, grpo, ppo, rloo): one per configs/quickstart/METHOD.yaml but sft.yaml."""
@@ -170,15 +172,23 @@ def run_recipe(
 def _base_scores(
     cfg, tokenizer, recipe: ArithmeticRecipe, files: dict[str, Path], n_heldout: int, cache: Path
 ) -> dict:
-    """The base model's `_scores` (with itself as the reference of the pairs), from `cache` when it has them."""
-    if cache.exists():
-        print("base-model scores reused from", cache)
-        return json.loads(cache.read_text())
+    """The base model's `_scores` (with itself as the reference of the pairs), from `cache` when it holds the scores
+    of the same model files, held-out rows, decoding and scoring (`evaluation.cache`: it was reused whenever the
+    file existed, whatever model, rows or settings had made it, and a file cut by a kill failed the next run)."""
+    extra = {"eval": dict(recipe.eval), "max_length": cfg.data.max_length,
+             "pairs": file_digest(files["pairs"]) if "pairs" in files else None}  # fmt: skip
+    decoding = decoding_settings(max_new_tokens=recipe.eval["max_new_tokens"], batch_size=recipe.eval["batch_size"],
+                                 temperature=recipe.eval["temperature"], task="arithmetic", extra=extra)  # fmt: skip
+    key = scores_key(cfg.model.name, files["heldout"], decoding)
+    before, why = lookup(cache, key)
+    if before is not None:
+        print(f"base-model scores reused from {cache} (same model files, held-out rows, decoding and scoring)")
+        return before
     _stage(f"scoring the base model on {n_heldout} held-out prompts (greedy, and sampled at "
-           f"T={recipe.eval['temperature']})")  # fmt: skip
+           f"T={recipe.eval['temperature']}; {why})")  # fmt: skip
     base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
     before = _scores(base, tokenizer, recipe, files, max_length=cfg.data.max_length, reference=base)
-    cache.write_text(json.dumps(before, indent=1))
+    write_scores(cache, key, before)
     return before
 
 

@@ -139,3 +139,47 @@ def test_quickstart_scores_the_base_model_once(parts, tmp_path, monkeypatch, cap
     assert scores(wider) == {"n": 2.0, "exact": 0.75} and len(calls) == 3
     assert "cannot be read as cached scores" in capsys.readouterr().err
     assert scores(wider) == {"n": 2.0, "exact": 0.75} and len(calls) == 3  # the rewritten file hits
+
+
+def test_an_upgrade_that_scores_otherwise_scores_again(parts, tmp_path, monkeypatch):
+    """The key held no posttrain version and no verifier: after an upgrade that changed how a task scores, "before"
+    was the old verifier's and "after" the new one's."""
+    import importlib.metadata
+
+    model, rows = parts
+    cache = tmp_path / "eval_base.json"
+    write_scores(cache, _key(model, rows, task="structured"), SCORES)
+    assert lookup(cache, _key(model, rows, task="structured")) == (SCORES, None)
+    assert lookup(cache, _key(model, rows, task="arithmetic"))[1] == "the decoding settings changed since they were cached"
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "posttrain" else real(name))
+    assert lookup(cache, _key(model, rows, task="structured"))[0] is None
+
+
+def test_the_recipes_base_scores_are_keyed_as_the_quickstarts(parts, tmp_path, monkeypatch):
+    """The DPO/GRPO/PPO/RLOO recipes reused eval_base.json whenever it existed: another model, other held-out rows
+    or other evaluation settings got the first run's scores (then `paired_change` failed on their counts)."""
+    from posttrain import recipes
+
+    model, rows = parts
+    calls = []
+    monkeypatch.setattr(recipes, "load_model", lambda *a, **k: "a model")
+    monkeypatch.setattr(recipes, "_scores", lambda *a, **k: calls.append(1) or {"n": 2.0, "correct": 0.5})
+
+    def scores(name, temperature=0.7):
+        cfg = SimpleNamespace(model=SimpleNamespace(name=str(name)), data=SimpleNamespace(max_length=64))
+        recipe = SimpleNamespace(eval={"max_new_tokens": 8, "batch_size": 4, "temperature": temperature})
+        return recipes._base_scores(cfg, None, recipe, {"heldout": rows}, 2, tmp_path / "eval_base.json")
+
+    assert scores(model) == {"n": 2.0, "correct": 0.5} and len(calls) == 1
+    scores(model)
+    assert len(calls) == 1  # the same: reused
+    scores(model, temperature=1.0)
+    assert len(calls) == 2  # other evaluation settings: scored again
+    other = shutil.copytree(model, tmp_path / "other")
+    (other / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes()[:-8] + bytes(8))
+    scores(other, temperature=1.0)
+    assert len(calls) == 3  # another model's files: scored again
+    (tmp_path / "eval_base.json").write_text('{"scores": {"n"')  # cut by a kill: scored again, not a crash
+    scores(other, temperature=1.0)
+    assert len(calls) == 4

@@ -7,8 +7,10 @@ the scores back instead. A cached score is reused only when its key is the one t
 - `model`: the sha256 of the model's files (`trainer.fingerprint.file_digest` of the resolved folder or GGUF
   file: weights, config and tokenizer), so a reconverted or replaced model is scored again;
 - `rows`: the sha256 of the held-out file's bytes (the same digest `data_fingerprint.json` keeps);
-- `decoding`: how the answers were generated (greedy or the temperature, `max_new_tokens`, the batch size,
-  which decides padding and so float rounding), the torch and transformers versions that decoded them, and the
+- `decoding`: how the answers were generated and scored (greedy or the temperature, `max_new_tokens`, the batch
+  size, which decides padding and so float rounding; the task whose verifier scored them, with the sha256 of the
+  code that defines it, and posttrain's version, so an upgrade that scores otherwise scores again; whatever else the
+  caller names in `extra`), the torch and transformers versions that decoded them, and the
   machine: the device (a GPU by name), the dtype the model decodes in (`model.dtype: auto` is bfloat16 on a GPU)
   and, on a CPU, the instruction set torch's kernels use (`torch.backends.cpu.get_cpu_capability()`: AVX2 and
   AVX-512 kernels sum in other orders, so a greedy answer can differ). A run folder moved to another machine
@@ -44,14 +46,31 @@ def model_digest(name: str) -> str | None:
 
 
 def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: float = 0.0, dtype: str = "auto",
-                      device=None) -> dict:  # fmt: skip
+                      device=None, task: str | None = None, extra: dict | None = None) -> dict:  # fmt: skip
     """The `decoding` part of a key: the generation settings, the versions of the libraries that decode, and the
-    machine that decodes (`device`, default `default_device()`; `dtype`: the model's `model.dtype`)."""
+    machine that decodes (`device`, default `default_device()`; `dtype`: the model's `model.dtype`); the `task`
+    whose verifier scores, by the digest of its code, and posttrain's version; `extra` settings of the caller's."""
+    import inspect
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
+    from posttrain.data import TASKS
+
+    try:
+        ours = version("posttrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ours = None
+
     device = torch.device(device) if device is not None else default_device()
+    verifier = None
+    if task is not None:
+        verifier = {"task": task, "sha256": file_digest(inspect.getfile(type(TASKS[task])))}
     return {
+        "posttrain": ours,
+        "verifier": verifier,
+        **(extra or {}),
         "temperature": float(temperature),
         "max_new_tokens": int(max_new_tokens),
         "batch_size": int(batch_size),
