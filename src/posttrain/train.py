@@ -77,9 +77,11 @@ from posttrain.trainer.checkpoint import (
 )
 from posttrain.trainer.fingerprint import (
     check_same_data,
+    check_same_inputs,
     check_same_plan,
     check_same_weights,
     data_fingerprint,
+    inputs_fingerprint,
     read_fingerprint,
     record_environment,
     run_environment,
@@ -306,6 +308,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     if recorded is not None:
         check_same_data(run_dir, recorded, data_fingerprint(cfg))
         check_same_weights(run_dir, recorded, weights_fingerprint(cfg))
+        check_same_inputs(run_dir, recorded, inputs_fingerprint(cfg))
     return ckpt
 
 
@@ -657,7 +660,8 @@ def _start_run_dir(cfg: RunConfig, run_dir: Path, data, plan: EpochPlan, steps: 
     dump_config(cfg, run_dir / "config.yaml")
     fingerprint = data_fingerprint(cfg)
     if resumed_at is None or read_fingerprint(run_dir) is None:
-        write_fingerprint(run_dir, {**fingerprint, **weights_fingerprint(cfg)}, plan.steps_per_epoch)
+        write_fingerprint(run_dir, {**fingerprint, **weights_fingerprint(cfg), **inputs_fingerprint(cfg)},
+                          plan.steps_per_epoch)
     if len({f["sha256"] for f in fingerprint.values()}) == 1 < len(fingerprint):  # data.eval is data.train
         print(f"warning: data.eval ({cfg.data.eval}) holds the same bytes as data.train ({cfg.data.train}): its loss "
               "is the training rows' loss, not a held-out one; give rows the run does not train on")

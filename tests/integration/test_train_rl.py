@@ -880,3 +880,35 @@ def test_bad_reward_args_are_refused_before_the_run_folder_is_written(rl):
     with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: bad args for 'regex_format'"):
         train(cfg)
     assert not Path(cfg.run.output_dir).exists()
+
+
+def test_a_resume_refuses_a_rewritten_reward_file_or_an_edited_tokenizer(rl, make_cfg, tiny_model_dir, tmp_path):
+    """--resume accepted a rewritten reward function (a resumed run's rewards went from 0.1 to 92 at its first new
+    step) and an edited chat template (other tokens for the same rows), both silently: the run's fingerprint holds
+    neither. It holds both now, and a resume with either changed is refused; restored, it resumes."""
+    import shutil
+
+    from posttrain.errors import ConfigError
+
+    cfg = rl("reward-edit", **{"run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    rewards = tmp_path / "rewards.py"
+    original = rewards.read_text()
+    rewards.write_text(original + "\n# rewritten\n")
+    cfg = rl("reward-edit", **{"run.max_steps": 3, "run.save_every": 1})
+    with pytest.raises(ConfigError, match=r"--resume: the files of algorithm.rewards\[0\] \(.*rewards.py\) changed"):
+        train(cfg, resume=True)
+    rewards.write_text(original)
+    assert train(cfg, resume=True).steps_trained == 1
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    cfg = make_cfg("template-edit", **{"model.name": str(model), "run.max_steps": 2, "run.save_every": 1})
+    train(cfg)
+    config = model / "tokenizer_config.json"
+    saved = config.read_text()
+    config.write_text(saved.replace("{", '{"model_max_length": 4096, ', 1))
+    cfg = make_cfg("template-edit", **{"model.name": str(model), "run.max_steps": 3, "run.save_every": 1})
+    with pytest.raises(ConfigError, match=r"--resume: the files of model.name \(.*model\) changed"):
+        train(cfg, resume=True)
+    config.write_text(saved)
+    assert train(cfg, resume=True).steps_trained == 1

@@ -131,6 +131,54 @@ def check_same_data(run_dir: Path, recorded: dict, current: dict) -> None:
         )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def inputs_fingerprint(cfg) -> dict[str, dict[str, str]]:
+    """{what: {"path", "sha256"}} for what else a run's steps depend on and its config does not hold: the files
+    of the reward functions it imports (`algorithm.rewards`' `file.py:function`) and the tokenizer and chat
+    template files of a local `model.name` folder (the rows' tokens). A resume refuses them changed
+    (`check_same_inputs`): a rewritten reward scored steps 3-4 of a resumed run 92 where steps 1-2 scored 0.1, and an
+    edited template trained other tokens, both silently."""
+    from posttrain.models.saving import model_folder
+    from posttrain.rewards.spec import is_file_spec
+
+    out = {}
+    specs = cfg.algorithm.reward_specs() if hasattr(cfg.algorithm, "reward_specs") else []
+    for i, spec in enumerate(specs):
+        name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and is_file_spec(name):
+            path = Path(name.rpartition(":")[0]).expanduser()
+            if path.is_file():
+                out[f"algorithm.rewards[{i}] file"] = {"path": str(path), "sha256": file_digest(path)}
+    folder = Path(cfg.model.name).expanduser()
+    if folder.is_dir():
+        folder = model_folder(folder)
+        files = [folder / f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+        if files:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+            out["model.name tokenizer"] = {"path": str(folder), "sha256": h.hexdigest()}
+    return out
+
+
+def check_same_inputs(run_dir: Path, recorded: dict, current: dict) -> None:
+    """Refuse a resume whose reward files or tokenizer files (`inputs_fingerprint`) changed since the run began."""
+    keys = [k for k in recorded if k.endswith(" file") or k == "model.name tokenizer"]
+    changed = [f"{k.removesuffix(' file').removesuffix(' tokenizer')} ({recorded[k]['path']})" for k in keys
+               if current.get(k, {}).get("sha256") != recorded[k]["sha256"]]  # fmt: skip
+    if changed:
+        what = " and ".join(changed)
+        raise ConfigError(
+            f"--resume: the files of {what} changed since {run_dir} was started (recorded in {Path(run_dir) / FILE}): "
+            "a reward function rewritten, or the model's tokenizer or chat template edited; the steps after the "
+            "checkpoint would score or tokenize otherwise than those before it. Restore the files, or set "
+            "run.output_dir to a new folder to start another run."
+        )
+
+
 def check_same_plan(run_dir: Path, recorded: dict | None, steps_per_epoch: int) -> None:
     """Refuse a resume whose epochs would be cut into another number of steps (the step is the data position)."""
     if recorded is None or recorded.get("steps_per_epoch") in (None, steps_per_epoch):
