@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """An `OSError` raised inside without a file name (`write()` on a full disk names none) gets `path`, so the
+    error a user reads says which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def write_whole(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
@@ -22,13 +35,14 @@ def write_whole(path: str | Path, content: str | bytes | Callable[[Path], None])
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if isinstance(content, str):
-            tmp.write_text(content, encoding="utf-8")
-        elif isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            content(tmp)
-        os.replace(tmp, path)
+        with naming(path):
+            if isinstance(content, str):
+                tmp.write_text(content, encoding="utf-8")
+            elif isinstance(content, bytes):
+                tmp.write_bytes(content)
+            else:
+                content(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -42,8 +56,8 @@ def out_of_space(err: BaseException, folder: str | Path) -> str | None:
     """Why writing into `folder` failed with `err`, when a full disk is the cause: "the disk is full (N MB free)";
     else None. Libraries report it in several ways: an `OSError` with errno ENOSPC or EDQUOT (anywhere in the
     exception's chain), safetensors' "No space left on device" in a message, torch's zip writer a failed write
-    position ("unexpected pos ...") or an iostream error, which name no cause: those count when under
-    `LOW_SPACE_BYTES` are left where it wrote.
+    position ("unexpected pos ...") or an iostream error, which name no cause: those alone count when under
+    `LOW_SPACE_BYTES` are left where it wrote (any other error stays what it is, on a small disk too).
 
     >>> out_of_space(OSError(28, "No space left on device"), "/")[:17]
     'the disk is full '
@@ -65,7 +79,8 @@ def out_of_space(err: BaseException, folder: str | Path) -> str | None:
     said = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or any(
         "no space left" in str(e).lower() or "disk quota" in str(e).lower() for e in chain
     )
-    if not said and not (free is not None and free < LOW_SPACE_BYTES):
+    opaque = any(("unexpected pos" in str(e) or "iostream" in str(e) or "basic_ios" in str(e)) for e in chain)
+    if not said and not (opaque and free is not None and free < LOW_SPACE_BYTES):
         return None
     return "the disk is full" + (f" ({free / 2**20:.1f} MB free at {place})" if free is not None else "")
 

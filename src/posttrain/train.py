@@ -795,7 +795,7 @@ def _save_final(accelerator, model, tokenizer, run_dir: Path, cfg: RunConfig, st
                 raise
             raise UserError(f"writing the final model into {final} failed: {full}. The run's checkpoints are kept: "
                             "free some space and run it again with --resume, which writes the final model from "
-                            "the last one") from None  # fmt: skip
+                            "the last one") from err  # fmt: skip
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()

@@ -433,3 +433,27 @@ def test_a_gguf_file_cut_short_is_said_to_be_cut(tmp_path):
         cut.write_bytes(f.read(4 * 2**20))
     with pytest.raises(ModelNotFoundError, match=r"the file is 4,194,304 bytes and looks cut short or damaged"):
         load_tokenizer(ModelConfig(name=str(cut)))
+
+
+def test_a_whole_gguf_of_an_architecture_transformers_cannot_read_is_not_called_cut(tmp_path):
+    """Any GGUF that failed to load was said to be cut short (a review): a whole file of an architecture or
+    quantisation transformers does not read would have been downloaded again for nothing."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "mamba9.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba9")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(8)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c"])
+    w.add_token_types([1, 1, 1])
+    w.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelNotFoundError) as err:
+        load_tokenizer(ModelConfig(name=str(path)))
+    assert "mamba9" in str(err.value) and "cut short" not in str(err.value)

@@ -151,7 +151,9 @@ def _run(args) -> Output:
         if err.errno not in _PLACE_ERRORS:  # the place written to, not posttrain: full, read-only, not allowed
             return _bug(err)
         where = f": {err.filename}" if err.filename else ""
-        message = f"{err.strerror}{where}; {_PLACE_ERRORS[err.errno]}, and run the command again"
+        again = ("continue the run with --resume (its checkpoints are kept)" if args.command == "train"
+                 else "run the command again")  # fmt: skip
+        message = f"{err.strerror}{where}; {_PLACE_ERRORS[err.errno]}, and {again}"
         print(f"error: {message}", file=sys.stderr)
         return Output(code=EXIT_USER, error={"kind": "user", "message": message})
     except Exception as err:

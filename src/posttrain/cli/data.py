@@ -110,7 +110,7 @@ def _add_pairs(dsub) -> None:
     add_columns(pa)
     add_template_vars(pa)
     add_json(pa)
-    pa.set_defaults(func=pairs)
+    pa.set_defaults(func=pairs, loads_models=True)
 
 
 def _add_tree(dsub) -> None:
@@ -381,8 +381,9 @@ def pairs(args) -> Output:
            "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,
            "skipped_empty": 0, "cut": 0, "mean_best": None, "mean_worst": None}  # fmt: skip
     if len(todo) < len(rows):
-        print(f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts were done there already (a pair, or none: "
-              f"their samples scored alike, recorded in {skipped_file(out)}); skipping them")  # fmt: skip
+        print(f"{out}: {len(rows) - len(todo)} of {len(rows)} prompts were done there already (a pair, or none, "
+              f"recorded in {skipped_file(out)}: their samples all scored alike, or fewer than 2 finished); skipping "
+              "them")  # fmt: skip
     if not todo:
         return Output(doc=doc, text=f"nothing to do: every prompt was done in {out} already")
     quiet_libraries()

@@ -428,7 +428,7 @@ def _check_parents(p, flag: str) -> None:
     written."""
     import tempfile
 
-    for parent in p.absolute().parents:
+    for parent in [p.absolute()] if p.is_dir() else p.absolute().parents:  # an existing output folder: itself
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag} {p}: {parent} is a file, not a folder")

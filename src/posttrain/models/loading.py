@@ -425,7 +425,8 @@ struct.error or EOFError)."""
 def _not_loadable(name: str, what: str, err: Exception) -> ModelNotFoundError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":  # a cut download reads as arrays of the wrong size
+    cut = isinstance(err, (struct.error, EOFError)) or "cannot reshape array" in str(err)
+    if cut and path.is_file() and path.suffix.lower() == ".gguf":  # a cut download reads as arrays of the wrong size
         return ModelNotFoundError(
             f"model {name!r}: could not load its {what} from the GGUF file ({first}): the file is "
             f"{path.stat().st_size:,} bytes and looks cut short or damaged (an interrupted download or copy); "

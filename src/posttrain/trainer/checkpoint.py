@@ -199,7 +199,7 @@ def save_checkpoint(
                 "no checkpoint was written before, so --resume starts the run again")  # fmt: skip
         raise UserError(f"writing checkpoint step-{step:06d} into {root} failed: {full}. Nothing written before is "
                         f"lost: {last}. Free some space (run.keep_checkpoints keeps fewer checkpoints) and continue "
-                        "with --resume") from None
+                        "with --resume") from err
 
 
 def _write_checkpoint(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from posttrain.errors import ConfigError
+from posttrain.files import naming
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -62,7 +63,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with naming(self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
