@@ -764,3 +764,12 @@ def test_a_reward_can_carry_its_own_fallback_for_a_negative_weight():
     for bad in ("one", True, float("nan")):
         with pytest.raises(ConfigError, match=r"algorithm.rewards\[0\]: 'fallback' must be a finite number"):
             parse_reward_specs([{"name": "exact_match", "fallback": bad}])
+
+
+def test_a_reward_file_edited_within_one_process_is_imported_again(tmp_path):
+    """A second `train()` or `evaluate` in one notebook kept the function as first imported, after its file changed."""
+    path = tmp_path / "mine.py"
+    path.write_text("def f(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    assert build_reward_functions([f"{path}:f"])[0].fn(["p"], ["c"]) == [0.0]
+    path.write_text("def f(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    assert build_reward_functions([f"{path}:f"])[0].fn(["p"], ["c"]) == [1.0]

@@ -164,8 +164,10 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
         relative = "" if Path(path_text).expanduser().is_absolute() else (
             f" (a relative path is read from {base_dir if base_dir is not None else Path.cwd()})")
         raise ConfigError(f"{where}: reward file {str(path)!r} not found{relative}")
-    # A unique module name per file, so two files both called rewards.py do not replace each other.
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    # A unique module name per file and content, so two files both called rewards.py do not replace each other, and
+    # a file edited since it was imported in this process is imported again (a notebook's second train() used the
+    # function as first imported, silently).
+    digest = hashlib.sha1(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:10]
     mod_name = f"posttrain_user_rewards.{path.stem}_{digest}"
     module = sys.modules.get(mod_name)
     if module is None:
