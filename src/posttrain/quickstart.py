@@ -34,6 +34,7 @@ from posttrain.data import TASKS, write_jsonl
 from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
+from posttrain.files import write_whole
 from posttrain.models import load_model
 from posttrain.models.adapters import unmergeable
 from posttrain.report import report_or_warning
@@ -209,7 +210,7 @@ def _base_scores(cfg, tokenizer, recipe: SFTRecipe, heldout: list[dict], eval_fi
 def _write_results(report: dict, run_dir: Path, n_eval: int, example_prompt: str) -> None:
     """results.json, results.md, the table on the terminal, and the run's report page."""
     table = format_before_after(report["before"], report["after"])
-    (run_dir / "results.json").write_text(json.dumps(report, indent=1))
+    write_whole(run_dir / "results.json", json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n")
     _stage(
         f"held-out results ({n_eval} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"

@@ -39,6 +39,7 @@ from posttrain.errors import UserError
 from posttrain.evaluation import evaluate_task, paired_change
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.evaluation.preference import preference_accuracy
+from posttrain.files import write_whole
 from posttrain.models import load_model
 from posttrain.quickstart import (
     _stage,
@@ -200,7 +201,7 @@ def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
         f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n_heldout}; exact McNemar p = {c['p_value']:.2g}"
         for k, c in report["changes"].items()
     )
-    (run_dir / "results.json").write_text(json.dumps(report, indent=1))
+    write_whole(run_dir / "results.json", json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n\n" + summary + "\n")
     _stage(
         f"held-out results ({n_heldout} prompts, wordings never seen in training; {report['minutes']:.1f} min in all)"

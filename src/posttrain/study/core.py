@@ -159,11 +159,16 @@ def _changes(before, now, prefix: str = "") -> list[str]:
 def _probe_texts(out: Path, base: _Lazy) -> list[str]:
     """The base's greedy continuations of the unrelated `PROBES` (cached): what drift's probe scores."""
     cache = out / "probe.json"
-    if cache.exists():
-        return json.loads(cache.read_text(encoding="utf-8"))
+    if cache.exists():  # (the study's folder holds one setting's runs: `study_settings` refuses another's)
+        try:
+            texts = json.loads(cache.read_text(encoding="utf-8"))
+            if isinstance(texts, list) and len(texts) == len(PROBES):
+                return texts
+        except (json.JSONDecodeError, UnicodeDecodeError):  # written before it was written whole: made again
+            pass
     model, tokenizer = base.get()
     texts = generate(model, tokenizer, list(PROBES), max_new_tokens=PROBE_TOKENS, temperature=0.0)
-    cache.write_text(json.dumps(texts), encoding="utf-8")
+    write_whole(cache, json.dumps(texts))
     return texts
 
 
