@@ -307,3 +307,45 @@ def test_cli_validate_checks_prompt_length_with_a_tokenizer(capsys, tiny_model_d
     assert "were truncated (their ends are not scored: line 2)" in out
     code, out, err = run(capsys, "data", "validate", f, "--kind", "preference", "--max-length", 120)
     assert code == 2 and "--model and --max-length go together" in err
+
+
+def test_the_making_record_refuses_only_what_changes_the_pairs(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A review of the record of what made a file's pairs: a first attempt that died before any prompt was done,
+    the same model spelt with a trailing slash, a digest unknown on the first run (a hub model not yet cached) and
+    a file of an older posttrain (ids `line-N`, no record) were refused or sampled again; another --template-var was
+    taken silently. Each behaves as it should now."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": f"q{i}", "answer": 10 + i % 2} for i in range(3)])
+    out = tmp_path / "pairs.jsonl"
+    record = tmp_path / ".pairs.jsonl.made.json"
+    calls = []
+    monkeypatch.setattr(posttrain.rollout.pairs, "generate", fake_generate(calls))
+    base = ["data", "pairs", "--model", tiny_model_dir, "--prompts", prompts, "--task", "arithmetic", "--n", 3,
+            "--out", out, "--no-progress"]  # fmt: skip
+    # a first attempt that failed before any prompt was done leaves an empty file: a new start, other settings too
+    out.write_text("")
+    json.dump({"model": "x", "n": 9}, record.open("w"))
+    code, stdout, err = run(capsys, *base, "--limit", 1)
+    assert code == 0, err
+    # the same model spelt otherwise (its weights' digest is the same)
+    code, _, err = run(capsys, *[f"{tiny_model_dir}/" if a == tiny_model_dir else a for a in base], "--limit", 2)
+    assert code == 0, err
+    # a chat template variable changes the prompts the model sees: refused
+    code, _, err = run(capsys, *base, "--template-var", "enable_thinking=false")
+    assert code == 2 and "template_var: {} -> {'enable_thinking': False}" in err
+    # a digest that could not be taken then (None) matches, and is filled in for the next run
+    made = json.loads(record.read_text())
+    record.write_text(json.dumps({**made, "model_sha256": None}))
+    code, _, err = run(capsys, *base)
+    assert code == 0, err
+    assert json.loads(record.read_text())["model_sha256"] == made["model_sha256"]
+    # a file of an older posttrain: no record, rows without ids named line-N; they count as done
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3  # every prompt has its pair
+    old = [json.dumps({**json.loads(line), "id": f"line-{i + 1}"}) for i, line in enumerate(lines)]
+    out.write_text("".join(line + "\n" for line in old))
+    record.unlink()
+    (tmp_path / ".pairs.jsonl.skipped").unlink(missing_ok=True)
+    calls.clear()
+    code, stdout, err = run(capsys, *base)
+    assert code == 0 and "without a record of what made its pairs" in stdout
+    assert calls == [] and "nothing to do" in stdout and len(out.read_text().splitlines()) == 3

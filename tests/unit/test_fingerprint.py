@@ -48,3 +48,28 @@ def test_resume_on_other_data_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match="started with 5 steps per epoch and this run would have 6"):
         check_same_plan(run, recorded, 6)
     assert read_fingerprint(tmp_path) is None  # a run folder from before fingerprints: nothing to compare
+
+
+def test_the_weights_digest_reads_the_files_a_model_is_loaded_from(tmp_path):
+    """A hub snapshot that gained a pytorch_model.bin beside its model.safetensors (a whole-repo download) read as
+    other weights: a false "base changed" warning, and a resume or a data pairs re-run refused (a review)."""
+    from posttrain.files import weights_digest
+
+    (tmp_path / "model.safetensors").write_bytes(bytes(300_000))
+    before = weights_digest(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 1000)
+    assert weights_digest(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(bytes(299_999) + b"x")
+    assert weights_digest(tmp_path) != before
+
+
+def test_a_reward_file_not_found_on_resume_is_left_to_the_loader_to_say(tmp_path):
+    """A relative reward path resumed from another folder was called "rewritten" (a review): not found now, it is
+    the reward loader's "not found (a relative path is read from ...)" that the user needs."""
+    from posttrain.trainer.fingerprint import check_same_inputs
+
+    recorded = {"algorithm.rewards[0] file": {"path": "/a/rewards.py", "sha256": "1" * 64}}
+    check_same_inputs(tmp_path, recorded, {})  # not found now: not refused here
+    with pytest.raises(ConfigError, match=r"the files of algorithm.rewards\[0\] \(/a/rewards.py\) changed"):
+        check_same_inputs(tmp_path, recorded, {"algorithm.rewards[0] file": {"path": "/a/rewards.py",
+                                                                             "sha256": "2" * 64}})  # fmt: skip

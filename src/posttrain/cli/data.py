@@ -361,21 +361,28 @@ def pairs(args) -> Output:
         task_scorer,
         written_ids,
     )
+    from posttrain.trainer.fingerprint import tokenizer_digest
 
     _check_pairs_args(args)
     check_output_file(args.out, "--out", jsonl=True, inputs={"--prompts": args.prompts})
     rows = load_rows(args.prompts, "prompts", columns_given(args, "prompts", args.prompts))[: args.limit]
+    had_id = ["id" in r for r in rows]
     prepare_prompt_rows(rows, args.prompts, answer_for=args.task and f"--task {args.task}")
     check_task_answers(args, rows, args.prompts)
     scorer = task_scorer(TASKS[args.task]) if args.task is not None else reward_scorer(args.reward)
     out = Path(args.out)
-    made = {"model": args.model, "model_sha256": model_digest(args.model), "n": args.n,
+    # what makes the pairs (not --batch-size: it sets memory use; the groups it makes change no sample's law)
+    made = {"model": args.model, "model_sha256": model_digest(args.model),
+            "tokenizer_sha256": tokenizer_digest(args.model), "template_var": dict(args.template_var), "n": args.n,
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
             "scorer": {"task": args.task} if args.task is not None else {"reward": list(args.reward)}}  # fmt: skip
-    if note := check_same_making(out, made):
+    legacy = bool(note := check_same_making(out, made))
+    if note:
         print(note)
     done = written_ids(out)
+    if legacy:  # a file of an older posttrain named a row without an id by its line: still done
+        done |= {r["id"] for r, own in zip(rows, had_id) if not own and f"line-{getattr(r, 'line', None)}" in done}
     todo = [r for r in rows if r["id"] not in done]
     doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,
            "already_done": len(rows) - len(todo), "prompts": 0, "kept": 0, "skipped_equal": 0,

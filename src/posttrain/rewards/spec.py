@@ -167,10 +167,14 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
     # A unique module name per file and content, so two files both called rewards.py do not replace each other, and
     # a file edited since it was imported in this process is imported again (a notebook's second train() used the
     # function as first imported, silently).
-    digest = hashlib.sha1(str(path.resolve()).encode() + b"\0" + path.read_bytes()).hexdigest()[:10]
-    mod_name = f"posttrain_user_rewards.{path.stem}_{digest}"
+    where_from = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    content = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+    family = f"posttrain_user_rewards.{path.stem}_{where_from}_"
+    mod_name = family + content
     module = sys.modules.get(mod_name)
     if module is None:
+        for older in [m for m in sys.modules if m.startswith(family)]:  # the file as it was: not kept alive
+            del sys.modules[older]
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[mod_name] = module  # dataclasses and pickling look modules up here

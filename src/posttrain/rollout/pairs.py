@@ -257,8 +257,9 @@ def check_same_making(path: str | Path, made: dict) -> str | None:
     name with other weights: the next round's policy), other sampling settings or another scorer; its prompts were
     taken as done by their ids whatever made them. Records `made` for a new file; returns a note for a file written
     before this record existed (it cannot be checked)."""
-    path, record = Path(path), settings_file(path)
-    if not path.exists():
+    path, record, skipped = Path(path), settings_file(path), skipped_file(path)
+    nothing = not path.exists() or (path.stat().st_size == 0 and not (skipped.exists() and skipped.stat().st_size))
+    if nothing:  # new, or left empty by a first attempt that failed before any prompt was done
         record.unlink(missing_ok=True)
         _write_record(record, made)
         return None
@@ -267,11 +268,25 @@ def check_same_making(path: str | Path, made: dict) -> str | None:
         return (f"note: {path} was written without a record of what made its pairs (an older posttrain), so this "
                 "run cannot check that its model, sampling settings and scorer are those of the pairs already there")
     before = json.loads(record.read_text(encoding="utf-8"))
-    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in made.items() if before.get(k) != v]
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in made.items() if not _same(k, before, made)]
     if changed:
         raise UserError(f"{path} holds pairs made otherwise ({'; '.join(changed)}), and its prompts count as done "
                         "whatever made them: write these pairs to a new --out file (or remove the old one)")  # fmt: skip
+    filled = {k: before[k] if before.get(k) is not None else v for k, v in made.items()}
+    if filled != before:  # a digest known now that was not then: kept for the next run's check
+        _write_record(record, filled)
     return None
+
+
+def _same(key: str, before: dict, now: dict) -> bool:
+    """Whether `key` of two records agrees. A digest that could not be taken (a hub model not yet in the cache on
+    the first run) matches any; the model's name is compared only where neither run has its weights' digest (a
+    path spelt with a trailing slash, or made absolute, is the same model)."""
+    if key.endswith("_sha256") and (before.get(key) is None or now.get(key) is None):
+        return True
+    if key == "model" and before.get("model_sha256") and now.get("model_sha256"):
+        return True
+    return before.get(key) == now.get(key)
 
 
 def _write_record(record: Path, made: dict) -> None:

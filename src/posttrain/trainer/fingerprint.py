@@ -151,24 +151,36 @@ def inputs_fingerprint(cfg) -> dict[str, dict[str, str]]:
         if isinstance(name, str) and is_file_spec(name):
             path = Path(name.rpartition(":")[0]).expanduser()
             if path.is_file():
-                out[f"algorithm.rewards[{i}] file"] = {"path": str(path), "sha256": file_digest(path)}
-    folder = Path(cfg.model.name).expanduser()
-    if folder.is_dir():
-        folder = model_folder(folder)
-        files = [folder / f for f in _TOKENIZER_FILES if (folder / f).is_file()]
-        if files:
-            h = hashlib.sha256()
-            for f in files:
-                h.update(f.name.encode() + b"\0" + file_digest(f).encode())
-            out["model.name tokenizer"] = {"path": str(folder), "sha256": h.hexdigest()}
+                out[f"algorithm.rewards[{i}] file"] = {"path": str(path.resolve()), "sha256": file_digest(path)}
+    if digest := tokenizer_digest(cfg.model.name):
+        out["model.name tokenizer"] = {"path": str(model_folder(Path(cfg.model.name).expanduser())), "sha256": digest}
     return out
+
+
+def tokenizer_digest(name: str) -> str | None:
+    """sha256 of the tokenizer and chat template files of a local model folder (a run folder's `final/`), None for
+    a model that is not one (a hub name, the embedded model: their weights' digest covers them)."""
+    from posttrain.models.saving import model_folder
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return None
+    folder = model_folder(folder)
+    files = [folder / f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()
 
 
 def check_same_inputs(run_dir: Path, recorded: dict, current: dict) -> None:
     """Refuse a resume whose reward files or tokenizer files (`inputs_fingerprint`) changed since the run began."""
     keys = [k for k in recorded if k.endswith(" file") or k == "model.name tokenizer"]
+    # a file not found now is the reward loader's to say (a relative path read from another folder), not a change
     changed = [f"{k.removesuffix(' file').removesuffix(' tokenizer')} ({recorded[k]['path']})" for k in keys
-               if current.get(k, {}).get("sha256") != recorded[k]["sha256"]]  # fmt: skip
+               if k in current and current[k]["sha256"] != recorded[k]["sha256"]]  # fmt: skip
     if changed:
         what = " and ".join(changed)
         raise ConfigError(
