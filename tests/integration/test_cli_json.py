@@ -295,6 +295,6 @@ def test_data_pairs_json(capsys, tiny_model_dir, tmp_path, monkeypatch):
         "mean_worst": 0.0,
     }  # fmt: skip
     assert len(out.read_text().splitlines()) == 1
-    code, doc, err = run_json(capsys, *args)  # a re-run skips the prompt already paired
+    code, doc, err = run_json(capsys, *args)  # a re-run skips the prompt paired and the one recorded as giving none
     assert code == 0, err
-    assert (doc["already_done"], doc["prompts"], doc["kept"], doc["mean_best"]) == (1, 1, 0, 0.0)
+    assert (doc["already_done"], doc["prompts"], doc["kept"], doc["mean_best"]) == (2, 0, 0, None)
