@@ -89,7 +89,7 @@ _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _BLOCKS, _BLOCK = 16, 1 << 16
 
 
-def weights_digest(path: str | Path) -> str:
+def weights_digest(path: str | Path, *, loaded_only: bool = True) -> str:
     """A digest of the weights in a file or a folder (the weight files it is loaded from: its safetensors files, or
     else its other weight files, by suffix): each file's relative path, size
     and 16 blocks of 64 KiB spread over it. Not every byte: a 14 GB model read whole would make every resume wait
@@ -104,7 +104,8 @@ def weights_digest(path: str | Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHTS) if path.is_dir() else [path]
     # the files transformers loads: safetensors where a folder has them (a hub repo downloaded whole also holds
     # pytorch_model.bin, which is never read: its arrival changed the digest, "other weights")
-    files = [f for f in files if f.suffix == ".safetensors"] or files
+    if loaded_only:  # (False: every weight file, as digests were made before; `check_same_weights` compares both)
+        files = [f for f in files if f.suffix == ".safetensors"] or files
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size

@@ -73,3 +73,21 @@ def test_a_reward_file_not_found_on_resume_is_left_to_the_loader_to_say(tmp_path
     with pytest.raises(ConfigError, match=r"the files of algorithm.rewards\[0\] \(/a/rewards.py\) changed"):
         check_same_inputs(tmp_path, recorded, {"algorithm.rewards[0] file": {"path": "/a/rewards.py",
                                                                              "sha256": "2" * 64}})  # fmt: skip
+
+
+def test_a_run_fingerprinted_before_the_digest_read_only_loaded_files_still_resumes(tmp_path):
+    """A model folder with a .bin beside its safetensors (an HF Trainer checkpoint's training_args.bin) was digested
+    whole before; its digest now reads the safetensors only, and a resume of such a run was refused (a review)."""
+    from posttrain.files import weights_digest
+    from posttrain.trainer.fingerprint import check_same_weights
+
+    (tmp_path / "model.safetensors").write_bytes(bytes(300_000))
+    (tmp_path / "training_args.bin").write_bytes(b"args")
+    old = {"model.name": {"path": str(tmp_path), "sha256": weights_digest(tmp_path, loaded_only=False)}}
+    now = {"model.name": {"path": str(tmp_path), "sha256": weights_digest(tmp_path)}}
+    assert old != now
+    check_same_weights(tmp_path, old, now)  # the same weights: resumes
+    (tmp_path / "model.safetensors").write_bytes(bytes(299_999) + b"x")
+    now = {"model.name": {"path": str(tmp_path), "sha256": weights_digest(tmp_path)}}
+    with pytest.raises(ConfigError, match="the weights of model.name"):
+        check_same_weights(tmp_path, old, now)

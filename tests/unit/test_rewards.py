@@ -791,3 +791,18 @@ def test_an_edited_reward_file_replaces_its_older_module():
     assert len(loaded()) == 1
     build_reward_functions([f"{path}:f"])  # unchanged: the same module, not imported again
     assert len(loaded()) == 1
+
+
+def test_what_a_reward_file_defines_can_be_pickled(tmp_path):
+    """Pickling an object of a reward file failed ("import of module 'posttrain_user_rewards.mine_...' failed"):
+    the package its modules are named under was never registered, though the code said pickling finds them."""
+    import pickle
+
+    path = tmp_path / "mine.py"
+    path.write_text("def helper(x):\n    return 2 * x\n\ndef f(prompts, completions, **kwargs):\n"
+                    "    return [0.0] * len(completions)\n")  # fmt: skip
+    build_reward_functions([f"{path}:f"])
+    import sys
+
+    module = next(m for m in sys.modules.values() if getattr(m, "__file__", None) == str(path))
+    assert pickle.loads(pickle.dumps(module.helper))(3) == 6

@@ -377,11 +377,10 @@ def pairs(args) -> Output:
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
             "scorer": {"task": args.task} if args.task is not None else {"reward": list(args.reward)}}  # fmt: skip
-    legacy = bool(note := check_same_making(out, made))
-    if note:
+    if note := check_same_making(out, made):
         print(note)
     done = written_ids(out)
-    if legacy:  # a file of an older posttrain named a row without an id by its line: still done
+    if any(str(i).startswith("line-") for i in done):  # an older posttrain named a row without an id by its line
         done |= {r["id"] for r, own in zip(rows, had_id) if not own and f"line-{getattr(r, 'line', None)}" in done}
     todo = [r for r in rows if r["id"] not in done]
     doc = {"model": args.model, "prompts_file": args.prompts, "out": str(out), "n": args.n,

@@ -104,7 +104,7 @@ def _stops_in_generation_config(model, tokenizer, adapter: bool):
         gen.eos_token_id = before
 
 
-def model_digest(name: str) -> str | None:
+def model_digest(name: str, *, loaded_only: bool = True) -> str | None:
     """The `weights_digest` of a model named as `model.name` takes it: a local folder (a run folder's `final/`) or
     file, the embedded model's GGUF file, or a hub model's cached snapshot; None when it cannot be located or read
     now."""
@@ -112,21 +112,21 @@ def model_digest(name: str) -> str | None:
 
     try:
         if name.strip().lower() in EMBEDDED_MODELS:
-            return weights_digest(embedded_gguf(name.strip().lower()))
+            return weights_digest(embedded_gguf(name.strip().lower()), loaded_only=loaded_only)
         if Path(name).expanduser().exists():
-            return weights_digest(model_folder(Path(name).expanduser()))
-        return _hub_digest(name)
+            return weights_digest(model_folder(Path(name).expanduser()), loaded_only=loaded_only)
+        return _hub_digest(name, loaded_only=loaded_only)
     except Exception:  # noqa: BLE001 (unreadable now: a check is not refused for it)
         return None
 
 
-def _hub_digest(name: str) -> str | None:
+def _hub_digest(name: str, *, loaded_only: bool = True) -> str | None:
     """The `weights_digest` of a hub model's cached snapshot (not its revision: a model card's commit changes that
     and not the weights), None when not cached."""
     from huggingface_hub import try_to_load_from_cache
 
     hit = try_to_load_from_cache(name, "config.json")
-    return weights_digest(Path(hit).parent) if isinstance(hit, str) else None
+    return weights_digest(Path(hit).parent, loaded_only=loaded_only) if isinstance(hit, str) else None
 
 
 def model_folder(path: Path) -> Path:

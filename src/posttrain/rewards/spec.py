@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import math
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,10 @@ def _load_user_function(name: str, where: str, base_dir: str | Path | None) -> C
     content = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
     family = f"posttrain_user_rewards.{path.stem}_{where_from}_"
     mod_name = family + content
+    if "posttrain_user_rewards" not in sys.modules:  # the package its modules are named under: pickle imports it
+        package = types.ModuleType("posttrain_user_rewards")
+        package.__path__ = []
+        sys.modules["posttrain_user_rewards"] = package
     module = sys.modules.get(mod_name)
     if module is None:
         for older in [m for m in sys.modules if m.startswith(family)]:  # the file as it was: not kept alive

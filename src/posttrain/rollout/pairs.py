@@ -273,6 +273,7 @@ def check_same_making(path: str | Path, made: dict) -> str | None:
         raise UserError(f"{path} holds pairs made otherwise ({'; '.join(changed)}), and its prompts count as done "
                         "whatever made them: write these pairs to a new --out file (or remove the old one)")  # fmt: skip
     filled = {k: before[k] if before.get(k) is not None else v for k, v in made.items()}
+    filled.update({k: v for k, v in before.items() if k not in made})
     if filled != before:  # a digest known now that was not then: kept for the next run's check
         _write_record(record, filled)
     return None
@@ -282,6 +283,8 @@ def _same(key: str, before: dict, now: dict) -> bool:
     """Whether `key` of two records agrees. A digest that could not be taken (a hub model not yet in the cache on
     the first run) matches any; the model's name is compared only where neither run has its weights' digest (a
     path spelt with a trailing slash, or made absolute, is the same model)."""
+    if key not in before:  # a record of an earlier release, without this key: unknown, filled in now
+        return True
     if key.endswith("_sha256") and (before.get(key) is None or now.get(key) is None):
         return True
     if key == "model" and before.get("model_sha256") and now.get("model_sha256"):

@@ -83,9 +83,13 @@ def check_same_weights(run_dir: Path, recorded: dict, current: dict) -> None:
     """Refuse a resume whose base model (or reward model) holds other weights than the run started from: a
     `model.name` folder trained further (a run's own final/), or replaced; the checkpoints hold only what the run
     trains (an adapter) or start from them, so the resumed steps would mix two models."""
+    from posttrain.models.saving import model_digest
+
     changed = [f"{setting} ({old['path']})" for setting, old in recorded.items()
                if setting.startswith(("model.name", "algorithm.reward")) and setting in current
-               and current[setting]["sha256"] != old["sha256"] and _comparable(old["sha256"])]  # fmt: skip
+               and current[setting]["sha256"] != old["sha256"] and _comparable(old["sha256"])
+               # a digest of every weight file, as made before it read only the files a model loads
+               and model_digest(current[setting]["path"], loaded_only=False) != old["sha256"]]  # fmt: skip
     if changed:
         raise ConfigError(
             f"--resume: the weights of {' and '.join(changed)} changed since {run_dir} was started (a digest of "
