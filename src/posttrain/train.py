@@ -308,7 +308,8 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     if recorded is not None:
         check_same_data(run_dir, recorded, data_fingerprint(cfg))
         check_same_weights(run_dir, recorded, weights_fingerprint(cfg))
-        check_same_inputs(run_dir, recorded, inputs_fingerprint(cfg))
+        if note := check_same_inputs(run_dir, recorded, inputs_fingerprint(cfg)):
+            print(note, file=sys.stderr)
     return ckpt
 
 

@@ -68,11 +68,14 @@ def test_a_reward_file_not_found_on_resume_is_left_to_the_loader_to_say(tmp_path
     the reward loader's "not found (a relative path is read from ...)" that the user needs."""
     from posttrain.trainer.fingerprint import check_same_inputs
 
-    recorded = {"algorithm.rewards[0] file": {"path": "/a/rewards.py", "sha256": "1" * 64}}
-    check_same_inputs(tmp_path, recorded, {})  # not found now: not refused here
-    with pytest.raises(ConfigError, match=r"the files of algorithm.rewards\[0\] \(/a/rewards.py\) changed"):
-        check_same_inputs(tmp_path, recorded, {"algorithm.rewards[0] file": {"path": "/a/rewards.py",
-                                                                             "sha256": "2" * 64}})  # fmt: skip
+    recorded = {"algorithm.rewards[0] file": {"path": "/a/rewards.py", "sha256": "1" * 64},
+                "model.name tokenizer": {"path": "/m", "sha256": "3" * 64}}  # fmt: skip
+    assert check_same_inputs(tmp_path, recorded, {}) is None  # not found now: not said here
+    note = check_same_inputs(tmp_path, recorded, {"algorithm.rewards[0] file": {"path": "/a/rewards.py",
+                                                                                "sha256": "2" * 64}})  # fmt: skip
+    assert note.startswith("warning: the reward file of algorithm.rewards[0] (/a/rewards.py) changed")
+    with pytest.raises(ConfigError, match=r"the tokenizer or chat template files of model.name \(/m\) changed"):
+        check_same_inputs(tmp_path, recorded, {"model.name tokenizer": {"path": "/m", "sha256": "4" * 64}})
 
 
 def test_a_run_fingerprinted_before_the_digest_read_only_loaded_files_still_resumes(tmp_path):

@@ -179,20 +179,27 @@ def tokenizer_digest(name: str) -> str | None:
     return h.hexdigest()
 
 
-def check_same_inputs(run_dir: Path, recorded: dict, current: dict) -> None:
-    """Refuse a resume whose reward files or tokenizer files (`inputs_fingerprint`) changed since the run began."""
-    keys = [k for k in recorded if k.endswith(" file") or k == "model.name tokenizer"]
-    # a file not found now is the reward loader's to say (a relative path read from another folder), not a change
-    changed = [f"{k.removesuffix(' file').removesuffix(' tokenizer')} ({recorded[k]['path']})" for k in keys
-               if k in current and current[k]["sha256"] != recorded[k]["sha256"]]  # fmt: skip
-    if changed:
-        what = " and ".join(changed)
+def check_same_inputs(run_dir: Path, recorded: dict, current: dict) -> str | None:
+    """Refuse a resume whose model tokenizer or chat template files changed since the run began (the rows would be
+    other tokens from the checkpoint on); return a warning for a reward file that changed (`inputs_fingerprint`):
+    rewriting a reward that failed on every sample and resuming is how such a run is saved (the run's own stop
+    message says so), but the steps from the checkpoint on are then scored by another function, which is said.
+    A file not found now is the reward loader's to say (a relative path read from another folder)."""
+    def changed(k: str) -> bool:
+        return k in current and current[k]["sha256"] != recorded[k]["sha256"]
+
+    if "model.name tokenizer" in recorded and changed("model.name tokenizer"):
         raise ConfigError(
-            f"--resume: the files of {what} changed since {run_dir} was started (recorded in {Path(run_dir) / FILE}): "
-            "a reward function rewritten, or the model's tokenizer or chat template edited; the steps after the "
-            "checkpoint would score or tokenize otherwise than those before it. Restore the files, or set "
-            "run.output_dir to a new folder to start another run."
+            f"--resume: the tokenizer or chat template files of model.name ({recorded['model.name tokenizer']['path']}) "
+            f"changed since {run_dir} was started (recorded in {Path(run_dir) / FILE}): the rows would be other tokens "
+            "from the checkpoint on than before it. Restore the files, or set run.output_dir to a new folder to "
+            "start another run."
         )
+    rewritten = [f"{k.removesuffix(' file')} ({recorded[k]['path']})" for k in recorded if k.endswith(" file") and changed(k)]
+    if not rewritten:
+        return None
+    return (f"warning: the reward file of {' and '.join(rewritten)} changed since {run_dir} was started: the steps "
+            "from the checkpoint on are scored by the function as it is now, those before it by the one it was")
 
 
 def check_same_plan(run_dir: Path, recorded: dict | None, steps_per_epoch: int) -> None:
