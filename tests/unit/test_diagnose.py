@@ -337,3 +337,22 @@ def test_drift_over_completions_with_no_token_is_not_measured_not_zero(tiny_mode
     facts = d.facts()
     assert facts["kl_policy_base"] is None and facts["probe_agreement"] is None
     assert "drift-from-base" not in {f.rule for f in recommend(facts).fired}
+
+
+def test_the_built_in_tasks_clean_rows_are_not_ambiguous(tmp_path, capsys):
+    """The task's shared instruction made "Ravi buys 3 more" (10), "Sam multiplies the collection by 3" (21) and
+    "Ravi gives away 3 cards" (4) near-duplicates: 9.1% of a clean 800-row file read as ambiguous, and the
+    recommendation turned from SFT -> GRPO to "keep SFT with cleaner data" (an audit). Rows with other answers
+    are other problems; the same prompt with two answers is still a conflict."""
+    from posttrain.cli import main
+    from posttrain.data import load_rows
+    from posttrain.diagnose.ambiguity import measure_ambiguity
+
+    path = tmp_path / "math.jsonl"
+    assert main(["data", "make", "arithmetic", "--n", "800", "--max-ops", "1", "--max-value", "10", "--out",
+                 str(path)]) == 0  # fmt: skip
+    rows = load_rows(path, "sft")
+    assert measure_ambiguity(str(path), rows).ambiguous_share < 0.01
+    conflict = [dict(rows[0]), {**rows[0], "answer": -1, "messages": [*rows[0]["messages"][:-1],
+                                                                      {"role": "assistant", "content": "-1"}]}]  # fmt: skip
+    assert measure_ambiguity("f", conflict).ambiguous_rows == 2
