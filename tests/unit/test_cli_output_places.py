@@ -105,3 +105,11 @@ def test_every_command_that_loads_a_model_stops_on_sigterm_as_on_ctrl_c(argv):
     from posttrain.cli import build_parser
 
     assert build_parser().parse_args(argv).loads_models is True
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--task", "arithmetic"], ["generate", "--prompt", "hi"],
+                                     ["diagnose", "--task", "arithmetic"]])  # fmt: skip
+def test_a_second_model_is_refused_not_taken_in_place_of_the_first(command, capsys):
+    """`evaluate --model A --model B` evaluated B alone, in a table whose layout suggests one column per model."""
+    code = main([*command, "--model", "runs/a", "--model", "runs/b"])
+    assert code == 2 and "--model was given twice ('runs/a', then 'runs/b')" in capsys.readouterr().err

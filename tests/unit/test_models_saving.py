@@ -249,3 +249,17 @@ def test_an_adapter_whose_base_weights_changed_is_said_to_be_on_other_weights(tm
     tiny_model(len(tiny_tokenizer), seed=1).save_pretrained(base)  # other weights under the same path
     load_trained(tmp_path / "adapter")
     assert "is an adapter trained on the weights of" in capsys.readouterr().err
+
+
+def test_an_adapter_names_a_local_base_by_its_absolute_path(tmp_path, tiny_dir, tiny_tokenizer, monkeypatch):
+    """An adapter trained on `runs/sft_math/final` recorded that relative path: from any other working folder it
+    could not be loaded ("no such local model folder", naming a path the user never gave)."""
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "runs" / "base")
+    monkeypatch.chdir(tmp_path)
+    model = load_model(ModelConfig(name="runs/base"), TechniqueConfig(name="lora", r=4))
+    save_model(model, tiny_tokenizer, tmp_path / "adapter", base_model="runs/base")
+    assert read_info(tmp_path / "adapter")["base_model"] == str((tmp_path / "runs" / "base").resolve())
+    monkeypatch.chdir(tmp_path / "runs")
+    load_trained(tmp_path / "adapter")  # from another folder

@@ -87,7 +87,9 @@ def _add_pairs(dsub) -> None:
     pa.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
+        help="the policy whose samples are paired (on-policy pairs come from the model DPO will train, e.g. your "
+             "SFT run): run folder, model/adapter folder, .gguf file, hub name (default: the embedded "
+             "smollm2-135m-instruct)",
     )
     pa.add_argument("--prompts", required=True, help="prompt rows (a `prompt` field; `id`, `answer` kept)")
     scoring = pa.add_mutually_exclusive_group(required=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows, task_with_options
 from posttrain.cli.output import (
+    Once,
     Output,
     add_columns,
     add_json,
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
     d = sub.add_parser(
         "diagnose", help="measure robustness, sampling headroom, data ambiguity and drift; recommend SFT, DPO or GRPO"
     )
-    d.add_argument("--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name")
+    d.add_argument("--model", action=Once, default="smollm2-135m-instruct", help="run folder, model/adapter folder or name")
     verifier = d.add_mutually_exclusive_group()
     verifier.add_argument("--task", help="a built-in task's verifier (arithmetic, structured); without --prompts, "
                                          "on its freshly made held-out prompts, with perturbed variants")  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows
 from posttrain.cli.output import (
+    Once,
     Output,
     add_columns,
     add_json,
@@ -44,7 +45,7 @@ def add_parser(sub) -> None:
         help="score a model's answers with a task's verifier or a reward, or rank preference pairs",
     )
     e.add_argument(
-        "--model", default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
+        "--model", action=Once, default="smollm2-135m-instruct", help="run folder, model/adapter folder or name"
     )
     verifier = e.add_mutually_exclusive_group()
     verifier.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from posttrain.cli.output import (
+    Once,
     Output,
     add_columns,
     add_json,
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="sample from a run, a model folder or the embedded default")
     g.add_argument(
         "--model",
+        action=Once,
         default="smollm2-135m-instruct",
         help="run folder, model/adapter folder, .gguf file, hub name or smollm2-135m-instruct",
     )

@@ -106,6 +106,18 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class Once(argparse.Action):
+    """An option that may be given once: a second value replaced the first silently (`evaluate --model A --model B`
+    evaluated B alone, in a table whose layout suggests one column per model)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, f"_{self.dest}_given", False):
+            parser.error(f"{option_string} was given twice ({getattr(namespace, self.dest)!r}, then {values!r}); it "
+                         "takes one value: run the command once for each")  # fmt: skip
+        setattr(namespace, f"_{self.dest}_given", True)
+        setattr(namespace, self.dest, values)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number > 0 (token counts, batch sizes); argparse words the refusal with the flag.
 

@@ -55,8 +55,9 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = dict(getattr(model, "posttrain_info", None) or {})
-    if base_model is not None:
-        info["base_model"] = base_model
+    if base_model is not None:  # a local folder or file by its absolute path: loadable from any working folder
+        local = Path(base_model).expanduser()
+        info["base_model"] = str(local.resolve()) if local.exists() else base_model
     adapter = is_adapter_model(model)
     if adapter:
         info["technique"] = (
