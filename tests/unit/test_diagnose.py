@@ -356,3 +356,16 @@ def test_the_built_in_tasks_clean_rows_are_not_ambiguous(tmp_path, capsys):
     conflict = [dict(rows[0]), {**rows[0], "answer": -1, "messages": [*rows[0]["messages"][:-1],
                                                                       {"role": "assistant", "content": "-1"}]}]  # fmt: skip
     assert measure_ambiguity("f", conflict).ambiguous_rows == 2
+
+
+def test_the_recommendation_says_what_to_run_next():
+    """The output ended at "Recommendation: SFT -> GRPO ..." with no command (an audit of the escalation path)."""
+    from posttrain.diagnose.recommend import load_rules, recommend
+
+    options, _ = load_rules()
+    for facts, option in (({"headroom": 0.3, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.5, "samples": 8},
+                           "sft-grpo"), ({"mixed_share": 0.0, "headroom": 0.3}, "sft-data")):  # fmt: skip
+        r = recommend(facts)
+        assert r.option == option and r.next and r.to_dict()["next"] == r.next
+    grpo = recommend({"headroom": 0.3, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.5, "samples": 8})
+    assert "posttrain train configs/grpo_lora.yaml model.name={model}" in grpo.next

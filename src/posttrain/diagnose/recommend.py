@@ -26,6 +26,8 @@ def load_rules() -> tuple[dict[str, str], list[dict]]:
     """(options, rules) from rules.yaml, each rule checked for the keys its kind needs."""
     data = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))
     options, rules = data["options"], data["rules"]
+    if set(data.get("next", {})) != set(options):
+        raise ValueError(f"{RULES_FILE.name}: `next` must say what to run for every option ({sorted(options)})")
     for r in rules:
         need = ["id", "kind", "when", "reason", "threshold", "principle"]
         need += {"support": ["option"], "default": ["option"], "block": ["options"]}.get(r.get("kind"), [])
@@ -65,6 +67,7 @@ class Recommendation:
     label: str
     fired: list[Fired] = field(default_factory=list)  # the deciding rule first, then other support, block, note
     facts: dict = field(default_factory=dict)
+    next: str = ""  # what to run next (rules.yaml's `next`), `{model}` standing for the diagnosed model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +93,8 @@ def recommend(facts: dict) -> Recommendation:
         ordered = [chosen, *fired]
     else:
         ordered = [chosen, *(f for f in fired if f is not chosen)]
-    return Recommendation(chosen.option, options[chosen.option], ordered, dict(facts))
+    steps = yaml.safe_load(RULES_FILE.read_text(encoding="utf-8"))["next"][chosen.option]
+    return Recommendation(chosen.option, options[chosen.option], ordered, dict(facts), steps)
 
 
 def _fire(rule: dict, facts: dict) -> Fired:

@@ -87,6 +87,11 @@ def drift_lines(d: Diagnosis) -> list[str]:
             f"{pct(p.top1_agreement)}, KL(pi || base) {p.kl_policy_base:.4f} nats/token"]  # fmt: skip
 
 
+def next_step(d: Diagnosis) -> str:
+    """The recommendation's `next`, with the diagnosed model's name in it."""
+    return d.recommendation.next.replace("{model}", d.model)
+
+
 def reason_lines(d: Diagnosis) -> list[str]:
     out = []
     for f in d.recommendation.fired:
@@ -115,6 +120,8 @@ def format_diagnosis(d: Diagnosis) -> str:
     if d.drift is not None:
         out += ["", f"Drift from the base ({d.drift.base}):", *(f"  {line}" for line in drift_lines(d))]
     out += ["", f"Recommendation: {d.recommendation.label}", *reason_lines(d)]
+    if d.recommendation.next:
+        out += [f"next: {next_step(d)}"]
     out += [f"note: {n}" for n in d.notes]
     return "\n".join(out)
 
@@ -125,7 +132,7 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
     blocks: list = [Heading(title, 1), Text(f"Verifier: {d.verifier}. {d.prompts} clean prompts; greedy accuracy "
                                             f"{pct(d.greedy_accuracy)}.")]  # fmt: skip
     r = d.recommendation
-    blocks += [Heading("Recommendation"), Text(r.label),
+    blocks += [Heading("Recommendation"), Text(r.label), *([Text(f"Next: {next_step(d)}")] if r.next else []),
                Table(["rule", "kind", "option", "reason", "measured (threshold)", "why this threshold", "source"],
                      [[f.rule, f.kind, f.option or "", f.reason, f.evidence(), f.threshold, f.principle]
                       for f in r.fired], text_columns=(3, 5, 6))]  # fmt: skip
