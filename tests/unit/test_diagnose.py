@@ -369,3 +369,11 @@ def test_the_recommendation_says_what_to_run_next():
         assert r.option == option and r.next and r.to_dict()["next"] == r.next
     grpo = recommend({"headroom": 0.3, "mixed_share": 0.5, "pass_at_1": 0.2, "pass_at_n": 0.5, "samples": 8})
     assert "posttrain train configs/grpo_lora.yaml model.name={model}" in grpo.next
+
+
+def test_the_default_advice_names_the_probes_that_did_not_run():
+    """It asked for --sft-data / --base whatever had run (with --sft-data given and its section printed)."""
+    from posttrain.diagnose.recommend import recommend
+
+    r = recommend({"probes_not_run": "--pairs, --base"})
+    assert r.option == "sft-data" and "(the probes not run: --pairs, --base)" in r.fired[0].reason

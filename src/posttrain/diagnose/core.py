@@ -93,6 +93,11 @@ class Diagnosis:
             "pairs_logp_accuracy": self.preferences["logp_accuracy"] if self.preferences else None,
             "kl_policy_base": self.drift.task.kl_policy_base if self.drift else None,
             "probe_agreement": self.drift.probe.top1_agreement if self.drift else None,
+            # the flags of the probes that did not run, for the reasons that ask for them (text, never tested)
+            "probes_not_run": ", ".join(flag for flag, ran in (
+                ("--perturbed (or a task's variants)", self.robustness is not None), ("--samples", h is not None),
+                ("--sft-data", d is not None), ("--pairs", self.preferences is not None),
+                ("--base", self.drift is not None)) if not ran) or "none, every probe ran",  # fmt: skip
         }
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in facts.items()}
 
