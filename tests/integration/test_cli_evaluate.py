@@ -271,3 +271,14 @@ def test_a_reward_model_ranks_pairs_by_its_scores_and_writes_nothing(capsys, mak
                  ["evaluate", "--model", str(result.run_dir / "final"), "--task", "arithmetic", "--n", "2"]):  # fmt: skip
         code, out, err = run(capsys, *argv)
         assert code == 2 and "is a reward model (a score head on its backbone): it scores answers" in err, argv
+
+
+def test_the_json_settings_hold_what_picked_the_rows_and_the_template_variables(capsys, tiny_model_dir):
+    """`evaluate --task` documents with other --split/--max-ops/--max-value (other prompts) were byte-identical but
+    for the metrics, and --template-var (other renderings) was in no document (an audit)."""
+    code, out, err = run(capsys, "evaluate", "--model", str(tiny_model_dir), "--task", "arithmetic", "--n", "2",
+                         "--max-new-tokens", "2", "--split", "train", "--max-ops", "1", "--max-value", "5", "--json")  # fmt: skip
+    assert code == 0, err
+    settings = json.loads(out)["settings"]
+    assert (settings["split"], settings["min_ops"], settings["max_ops"], settings["max_value"]) == ("train", None, 1, 5)
+    assert settings["template_var"] == {}

@@ -147,7 +147,8 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
     assert doc["metrics"] == {"reward_mean": 0.5, "reward_positive": 0.5, "reward_failures": 0.0}
     assert doc["data"] == str(data) and doc["out"] == str(out)
     assert f"wrote 4 rows to {out}\n" in err  # where they went, on stderr (stdout is the document)
-    assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "seed": 1, "stop": []}
+    assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "seed": 1, "stop": [], "template_var": {},
+                               "split": None, "min_ops": None, "max_ops": None, "max_value": None}  # (--data)
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {"index": i, "id": r["id"], "prompt": r["prompt"], "answer": r["answer"], "completion": a,
          "reward": float(i < 2), "reward_exact_match": float(i < 2)}
@@ -233,7 +234,8 @@ def test_generate_json_and_progress_for_a_prompts_file(capsys, tiny_model_dir, t
     assert code == 0, err
     _envelope(doc, "generate")
     assert doc["model"] == str(tiny_model_dir)
-    assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": []}
+    assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0, "stop": [],
+                               "template_var": {}}
     assert doc["results"] == [
         {"prompt": PROMPTS[0], "completion": answers[0]},
         {"prompt": PROMPTS[1], "completion": answers[1]},

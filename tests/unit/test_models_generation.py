@@ -94,6 +94,19 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_model, tiny_tokeniz
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_prompts_sample_does_not_depend_on_the_batch_size_or_the_prompts_after_it(tiny_model, tiny_tokenizer):
+    """One random stream for a batch made a prompt's seeded sample depend on the batch size and on the other
+    prompts: `evaluate --n 3` and `--n 6` sampled the same first three prompts differently (an audit). Each prompt
+    draws from its own stream now, seeded from the seed and its index."""
+    prompts = ["hello there", "a much longer prompt than the first", "x", "another one", "and a fifth"]
+    kwargs = {"max_new_tokens": 10, "temperature": 1.0, "seed": 5}
+    whole = generate(tiny_model, tiny_tokenizer, prompts, batch_size=16, **kwargs)
+    assert generate(tiny_model, tiny_tokenizer, prompts, batch_size=1, **kwargs) == whole
+    assert generate(tiny_model, tiny_tokenizer, prompts, batch_size=2, **kwargs) == whole
+    assert generate(tiny_model, tiny_tokenizer, prompts[:3], batch_size=16, **kwargs) == whole[:3]
+    assert len(set(whole)) > 1
+
+
 def test_training_mode_is_restored(tiny_model, tiny_tokenizer):
     tiny_model.train()
     generate(tiny_model, tiny_tokenizer, ["hi"], max_new_tokens=2)
@@ -121,8 +134,11 @@ def test_the_models_generation_config_does_not_change_what_is_generated(
 ):
     """Evaluation at temperature T samples top-p(softmax(logits / T)) and greedy stays the argmax, whatever a
     model's generation_config.json sets: the same seed gives the same text with or without those fields, and the
-    only logits processors transformers builds are the temperature and top-p warpers."""
+    only logits processors transformers builds are the temperature and top-p warpers, then each prompt's own
+    random stream (`RowStreams`) that draws from them."""
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from posttrain.models.generation import RowStreams
 
     plain, skewed = make_tiny_model(len(tiny_tokenizer)), make_tiny_model(len(tiny_tokenizer))
     _skew(skewed)
@@ -134,6 +150,7 @@ def test_the_models_generation_config_does_not_change_what_is_generated(
     got = generate(skewed, tiny_tokenizer, PROMPTS, **kwargs)
     assert got == generate(plain, tiny_tokenizer, PROMPTS, **kwargs)
     expected = [TemperatureLogitsWarper] * (0 < temperature != 1.0) + [TopPLogitsWarper] * (top_p < 1.0)
+    expected += [RowStreams] * (temperature > 0)
     # one list per `generate` call (greedy decoding makes several per batch: `greedy_decode`)
     assert len(built) >= 2 and all([type(p) for p in ps] == expected for ps in built)
     assert skewed.generation_config.top_k == 2  # the model's own config is back afterwards

@@ -158,7 +158,11 @@ def run(args) -> Output:
     doc = {
         "model": args.model, "verifier": "reward" if rewards is not None else "task", "task": args.task,
         "rewards": [r.name for r in rewards] if rewards is not None else None, "judge": args.judge,
-        "data": args.data, "n": len(rows), "settings": settings(args, "max_new_tokens", "temperature", "seed", "stop"),
+        "data": args.data, "n": len(rows), "settings": {
+            **settings(args, "max_new_tokens", "temperature", "seed", "stop"), "template_var": dict(args.template_var),
+            # what picked a --task's rows (null with --data, whose rows are the file's)
+            **({"split": args.split or "heldout", **{k: getattr(args, k) for k in ("min_ops", "max_ops", "max_value")}}
+               if args.data is None else dict.fromkeys(("split", "min_ops", "max_ops", "max_value")))},
         "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
     }  # fmt: skip
     text = format_table({args.model: metrics})

@@ -88,6 +88,7 @@ def run(args) -> Output:
         item.update(prompt=plain_messages(prompt, "user"), completion=out)
         shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
         blocks.append(f"### prompt\n{shown}\n### completion\n{out}\n")
-    doc = {"model": args.model, "settings": settings(args, "max_new_tokens", "temperature", "top_p", "seed", "stop"),
+    doc = {"model": args.model, "settings": {**settings(args, "max_new_tokens", "temperature", "top_p", "seed", "stop"),
+                                              "template_var": dict(args.template_var)},
            "results": items}  # fmt: skip
     return Output(doc=doc, text="\n".join(blocks))

@@ -169,12 +169,13 @@ def plain_generation_config(
     """
     from transformers import GenerationConfig
 
+    # greedy (`RowStreams` forcing the drawn token is greedy too): no sampling settings, which transformers warns
+    # about when set without do_sample
+    warpers = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if sample else {}  # top_k: the global default is 50
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,  # the global default is 50
+        **warpers,
         eos_token_id=eos or None,
         pad_token_id=pad_id,
         use_cache=True,
@@ -198,6 +199,32 @@ def sampling_processors(temperature: float, top_p: float) -> list:
     return out
 
 
+class RowStreams:
+    """A logits processor, placed last: draws each row's token from that row's own random stream, then leaves
+    that token the only possible one, so `generate`'s greedy pick (argmax) returns it.
+
+    The draw is the inverse CDF of the row's distribution (the scores the earlier processors made, e.g. after
+    temperature and top-p) at one uniform number from the row's `torch.Generator`: an exact sample of
+    softmax(scores), as `generate`'s multinomial draw is. What changes is whose random numbers a row uses: its
+    own, seeded from the rollout's seed and the row's index, instead of one stream shared by the batch. So a row's
+    samples do not depend on which other rows are in the batch, which lets finished rows leave it
+    (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
+    `rows` is the index of each batch row among the streams (updated as rows leave).
+    """
+
+    def __init__(self, seed: int, count: int) -> None:
+        self.streams = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(count)]
+        self.rows = list(range(count))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)  # (b, V)
+        u = torch.cat([torch.rand(1, generator=self.streams[r]) for r in self.rows]).to(cdf.device)
+        # the first token whose cumulative probability exceeds u x total: never a token of probability 0
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, pick, 0.0)
+
+
 def generate(
     model,
     tokenizer,
@@ -219,7 +246,8 @@ def generate(
     Greedy when `temperature == 0`, else sampling from top-p(softmax(logits / temperature)); nothing of the
     model's own `generation_config.json` applies (`model_generation_defaults_off`). Each
     completion ends at the first EOS token or at the first of the `stop` strings (the stop string is cut off).
-    `seed` makes sampling repeatable without touching the caller's global RNG state. The first call with a new
+    `seed` makes sampling repeatable without touching the caller's global RNG state; each prompt draws from its own
+    stream (`RowStreams`), so its sample does not depend on the batch size or on the other prompts. The first call with a new
     set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
     `progress`, when given, is the label of a progress bar on stderr that counts prompts, batch by batch.
     `merge_adapters`: decode a LoRA model from merged copies of its adapted weights (`adapters.merged_for_sampling`:
@@ -247,10 +275,20 @@ def generate(
     sampling = temperature > 0
     # Stop decoding a row as soon as it contains a stop string (saves the tokens after it); the text is still
     # cut below, since the matched string itself must go.
+    # Sampling draws each prompt's tokens from its own random stream (`RowStreams`, seeded from `seed` and the
+    # prompt's index): the same seed gives the same sample of a prompt whatever the batch size and whatever other
+    # prompts are in its batch (one stream for the batch made `evaluate --n 3` and `--n 6` sample the same first
+    # three prompts differently). `generate`'s own pick is then greedy over the one token the stream left.
     gen_cfg = plain_generation_config(
-        max_new_tokens=max_new_tokens, sample=sampling, eos=eos, pad_id=pad_id, stop_strings=stop
+        max_new_tokens=max_new_tokens, sample=False, eos=eos, pad_id=pad_id, stop_strings=stop
     )
-    processors = LogitsProcessorList(sampling_processors(temperature, top_p) if sampling else [])
+    streams = None
+    if sampling:
+        if seed is None:  # from the caller's random state, which is left as it was
+            with torch.random.fork_rng(devices=[]):
+                seed = int(torch.randint(2**31 - 1, ()))
+        streams = RowStreams(seed, len(texts))
+    processors = LogitsProcessorList([*sampling_processors(temperature, top_p), streams] if sampling else [])
     # Longest prompts first, batched by similar length: less padding per batch. Results go back in order.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results: list[str] = [""] * len(texts)
@@ -272,6 +310,8 @@ def generate(
                 torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
+                if streams is not None:
+                    streams.rows = list(idx)  # each row's own stream, by its prompt's index
                 if sampling or stop:  # one `generate` call per batch (see `greedy_decode` for why)
                     # Left padding: every prompt ends at the same position, so new tokens go in one column.
                     enc = tokenizer(

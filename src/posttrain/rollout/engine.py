@@ -22,6 +22,7 @@ from posttrain.algorithms.base import Rollout
 from posttrain.data.render import answer_scaffold, strip_scaffold
 from posttrain.models.adapters import merged_for_sampling, unmergeable
 from posttrain.models.generation import (
+    RowStreams,
     eos_token_ids,
     model_generation_defaults_off,
     plain_generation_config,
@@ -132,32 +133,6 @@ class SampledLogps:
         self._scores = self._lse = None
         # A generate that ran one step past the end (deferred stop checks) drops that token: so do we.
         return torch.stack(self.picked[:c], dim=1)  # generate makes at least one token
-
-
-class RowStreams:
-    """A logits processor, placed last: draws each row's token from that row's own random stream, then leaves
-    that token the only possible one, so `generate`'s greedy pick (argmax) returns it.
-
-    The draw is the inverse CDF of the row's distribution (the scores the earlier processors made, e.g. after
-    temperature and top-p) at one uniform number from the row's `torch.Generator`: an exact sample of
-    softmax(scores), as `generate`'s multinomial draw is. What changes is whose random numbers a row uses: its
-    own, seeded from the rollout's seed and the row's index, instead of one stream shared by the batch. So a row's
-    samples do not depend on which other rows are in the batch, which lets finished rows leave it
-    (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
-    `rows` is the index of each batch row among the streams (updated as rows leave).
-    """
-
-    def __init__(self, seed: int, count: int) -> None:
-        self.streams = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(count)]
-        self.rows = list(range(count))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(scores.float(), dim=-1).cumsum(-1)  # (b, V)
-        u = torch.cat([torch.rand(1, generator=self.streams[r]) for r in self.rows]).to(cdf.device)
-        # the first token whose cumulative probability exceeds u x total: never a token of probability 0
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(1, pick, 0.0)
 
 
 class HFEngine:
