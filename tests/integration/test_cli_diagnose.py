@@ -164,3 +164,18 @@ def test_a_trained_reward_model_as_the_judge(capsys, make_cfg, tiny_model_dir, t
     assert doc["verifier"]["kind"] == "judge" and doc["settings"]["judge_threshold"] == threshold
     assert doc["greedy_accuracy"] == sum(s > threshold for s in scores) / 6 == 0.5
     assert doc["robustness"] is None and doc["headroom"] is None
+
+
+def test_prompts_harder_than_the_sft_data_are_said(capsys, tmp_path):
+    """The README made math.jsonl with --max-ops 2 and diagnosed at the task's default 3: harder problems than
+    trained on, and another recommendation, unsaid (an audit). Said before the model loads."""
+    sft = tmp_path / "math.jsonl"
+    assert main(["data", "make", "arithmetic", "--n", "20", "--max-ops", "1", "--out", str(sft)]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
+                       "--sft-data", str(sft))  # fmt: skip
+    assert code == 2  # (no such model: after the warning)
+    assert f"the prompts measured have up to 3 operations and {sft}'s rows up to 1" in err and "--max-ops 1" in err
+    code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
+                       "--max-ops", "1", "--sft-data", str(sft))  # fmt: skip
+    assert "operations and" not in err

@@ -4,6 +4,7 @@ its preference signal and its drift from a base, and recommend SFT with better d
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows, task_with_options
@@ -85,6 +86,27 @@ def add_parser(sub) -> None:
     d.set_defaults(func=run, loads_models=True)
 
 
+def _harder_than_trained(rows: list[dict], sft: list[dict], sft_file: str) -> str | None:
+    """A note when the measured prompts need more operations than any SFT row has (a task's rows record
+    `metadata.n_ops`): the task's defaults (3 operations, values to 50) measured problems harder than those
+    `data make --max-ops 2 --max-value 20` trained on, and the recommendation changed with them (an audit).
+
+    >>> print(_harder_than_trained([{"metadata": {"n_ops": 3}}], [{"metadata": {"n_ops": 1}}], "math.jsonl")[:70])
+    warning: the prompts measured have up to 3 operations and math.jsonl's
+    """
+    def most(rs: list[dict]) -> int | None:
+        ops = [r["metadata"]["n_ops"] for r in rs if isinstance(r.get("metadata"), dict)
+               and isinstance(r["metadata"].get("n_ops"), int)]  # fmt: skip
+        return max(ops) if ops else None
+
+    measured, trained = most(rows), most(sft)
+    if measured is None or trained is None or measured <= trained:
+        return None
+    return (f"warning: the prompts measured have up to {measured} operations and {sft_file}'s rows up to {trained}: "
+            f"the diagnosis measures harder problems than SFT trained on, and its recommendation is about those; to "
+            f"measure the range trained on, pass --max-ops {trained} (and the --max-value the data was made with)")
+
+
 def run(args) -> Output:
     """Check every input before any model loads, then measure, recommend, print and write the report."""
     from posttrain.data import load_rows
@@ -108,6 +130,8 @@ def run(args) -> Output:
     if variants and (why := shared_ids_problem(rows)):  # refused before the model loads, not after decoding
         raise UserError(f"{args.prompts or 'the prompts'}: {why}")
     sft = load_rows(args.sft_data, "sft", columns) if args.sft_data is not None else None
+    if sft is not None and (note := _harder_than_trained(rows, sft, args.sft_data)):
+        print(note, file=sys.stderr)
     pairs = load_rows(args.pairs, "preference", columns) if args.pairs is not None else None
     if args.reference is not None and pairs is None:
         raise UserError("--reference ranks the --pairs; give --pairs FILE too, or leave --reference out")
