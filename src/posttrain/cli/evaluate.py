@@ -114,14 +114,6 @@ def run(args) -> Output:
                         "it out, or give --temperature > 0")  # fmt: skip
     args.seed = 1 if args.seed is None else args.seed
     if args.pairs is not None:
-        answers_only = {"--task": args.task is not None, "--reward": bool(args.reward), "--data": args.data is not None,
-                        "--stop": bool(args.stop), "--max-new-tokens": args.max_new_tokens is not None,
-                        "--split": args.split is not None, "--min-ops": args.min_ops is not None,
-                        "--max-ops": args.max_ops is not None, "--max-value": args.max_value is not None}  # fmt: skip
-        if given := [flag for flag, on in answers_only.items() if on]:
-            raise UserError(f"--pairs scores preference pairs with the model's log-probabilities and generates no "
-                            f"answer; {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it "
-                            "(run them separately)")  # fmt: skip
         return evaluate_pairs(args)
     args.max_new_tokens = args.max_new_tokens or 128
     _check_verifier(args)
@@ -240,7 +232,8 @@ def _evaluation_rows(args) -> list[dict]:
 
 
 def _check_pairs_only_flags(args) -> None:
-    """Flags that apply with or without --pairs only are refused where they would do nothing."""
+    """Flags that apply with or without --pairs only are refused where they would do nothing: those of --pairs
+    without it, and those of generated answers (and of a task's prompts) with it."""
     if args.pairs is None:
         given = ["--" + name.replace("_", "-") for name in PAIRS_ONLY if getattr(args, name) is not None]
         if given:
@@ -250,6 +243,15 @@ def _check_pairs_only_flags(args) -> None:
     elif args.temperature != 0:
         raise UserError("--temperature applies to generated answers; --pairs ranks given pairs by log-probability "
                         "and samples nothing")  # fmt: skip
+    else:
+        answers_only = {"--task": args.task is not None, "--reward": bool(args.reward), "--data": args.data is not None,
+                        "--stop": bool(args.stop), "--max-new-tokens": args.max_new_tokens is not None,
+                        "--split": args.split is not None, "--min-ops": args.min_ops is not None,
+                        "--max-ops": args.max_ops is not None, "--max-value": args.max_value is not None}  # fmt: skip
+        if given := [flag for flag, on in answers_only.items() if on]:
+            raise UserError(f"--pairs scores preference pairs with the model's log-probabilities and generates no "
+                            f"answer; {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it "
+                            "(run them separately)")  # fmt: skip
 
 
 def _report_reward_failures(result, n: int, rewards: list) -> None:
@@ -321,12 +323,13 @@ def evaluate_pairs(args) -> Output:
         model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
         source=args.pairs, per_pair=per_pair, progress=not args.no_progress, per_token=per_token,
     )  # fmt: skip
+    text = format_preference({args.model: result})
     if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair), shown=format_preference({args.model: result}))
+        _write_records(args.out, pair_records(rows, per_pair), shown=text)
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": {**settings(args, "beta", "max_length"), "per_token": per_token},
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
-    return Output(doc=doc, text=format_preference({args.model: result}))
+    return Output(doc=doc, text=text)
 
 
 def _rank_with_reward_model(args, rows: list[dict]) -> Output:
@@ -343,9 +346,10 @@ def _rank_with_reward_model(args, rows: list[dict]) -> Output:
     quiet_libraries()
     per_pair: list[dict] = []
     result = reward_model_accuracy(args.model, rows, per_pair=per_pair)
+    text = format_preference({args.model: result})
     if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair), shown=format_preference({args.model: result}))
+        _write_records(args.out, pair_records(rows, per_pair), shown=text)
     doc = {"model": args.model, "verifier": "reward_model", "pairs": args.pairs, "reference": None,
            "n": len(rows), "settings": {}, "metrics": {k: v for k, v in result.items() if k != "n"},
            "out": args.out}  # fmt: skip
-    return Output(doc=doc, text=format_preference({args.model: result}))
+    return Output(doc=doc, text=text)

@@ -206,7 +206,8 @@ class RowStreams:
     The draw is the inverse CDF of the row's distribution (the scores the earlier processors made, e.g. after
     temperature and top-p) at one uniform number from the row's `torch.Generator`: an exact sample of
     softmax(scores), as `generate`'s multinomial draw is. What changes is whose random numbers a row uses: its
-    own, seeded from the rollout's seed and the row's index, instead of one stream shared by the batch. So a row's
+    own, seeded from the caller's seed (a rollout's, `generate`'s) and the row's index, instead of one stream shared by
+    the batch. So a row's
     samples do not depend on which other rows are in the batch, which lets finished rows leave it
     (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
     `rows` is the index of each batch row among the streams (updated as rows leave).
@@ -306,8 +307,6 @@ def generate(
             merged_for_sampling(model) if (device.type == "cpu" if merge_adapters is None else merge_adapters)
             else contextlib.nullcontext(),
         ):
-            if seed is not None:
-                torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 if streams is not None:

@@ -500,10 +500,6 @@ def load_model(
     dtype = resolve_dtype(model_cfg.dtype, device)  # compute dtype
     held = weights_dtype(model_cfg, technique, device, trained=train or as_trained)
     resolved = resolve_model(model_cfg.name)
-    # what a saved adapter names as its base: a local folder or GGUF file by its absolute path (an adapter trained
-    # on `runs/sft/final` loaded only from the folder it was trained in, its base named relative to there)
-    base_name = (str(Path(resolved.path) / resolved.gguf_file) if resolved.gguf_file else resolved.path) \
-        if resolved.source in ("local", "gguf") else resolved.name or model_cfg.name  # fmt: skip
     kwargs: dict = {"dtype": held, "trust_remote_code": model_cfg.trust_remote_code}
     if technique.name == "qlora":
         if resolved.gguf_file is not None:
@@ -525,7 +521,7 @@ def load_model(
         model.to(device)
 
     info = {
-        "base_model": base_name,
+        "base_model": resolved.name or model_cfg.name,
         "technique": technique.name,
         "dtype": str(dtype).removeprefix("torch."),
         "weights_dtype": str(held).removeprefix("torch."),

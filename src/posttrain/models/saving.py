@@ -55,9 +55,8 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = dict(getattr(model, "posttrain_info", None) or {})
-    if base_model is not None:  # a local folder or file by its absolute path: loadable from any working folder
-        local = Path(base_model).expanduser()
-        info["base_model"] = str(local.resolve()) if local.exists() else base_model
+    if base_model is not None:
+        info["base_model"] = base_model
     adapter = is_adapter_model(model)
     if adapter:
         info["technique"] = (
@@ -71,6 +70,10 @@ def save_model(model, tokenizer, out_dir: str | Path, *, base_model: str | None 
         info["base_model"] = getattr(model.config, "_name_or_path", None) or getattr(
             getattr(model, "peft_config", {}).get("default", None), "base_model_name_or_path", None
         )
+    if info.get("base_model") and (local := Path(str(info["base_model"])).expanduser()).exists():
+        # a local folder or file by its absolute path: an adapter trained on `runs/sft/final` loaded only from the
+        # folder it was trained in, its base named relative to there
+        info["base_model"] = str(local.resolve())
     if adapter and info.get("base_model") and (base := model_digest(str(info["base_model"]))):
         info["base_sha256"] = base  # the weights it was trained on: loaded onto others, it is another model
     with _stops_in_generation_config(model, tokenizer, adapter):
@@ -197,7 +200,6 @@ def _load_base_and_adapter(folder: Path, info: dict, *, device, quantised: bool,
     return model
 
 
-@quiet_loading()
 @torch.no_grad()
 def _dequantise_into(model, info: dict) -> None:
     """Replace each linear weight of `model` (full precision) that a QLoRA run held in 4 bits by that 4-bit weight,

@@ -142,9 +142,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def inputs_fingerprint(cfg) -> dict[str, dict[str, str]]:
     """{what: {"path", "sha256"}} for what else a run's steps depend on and its config does not hold: the files
     of the reward functions it imports (`algorithm.rewards`' `file.py:function`) and the tokenizer and chat
-    template files of a local `model.name` folder (the rows' tokens). A resume refuses them changed
-    (`check_same_inputs`): a rewritten reward scored steps 3-4 of a resumed run 92 where steps 1-2 scored 0.1, and an
-    edited template trained other tokens, both silently."""
+    template files of a local `model.name` folder (the rows' tokens). A resume refuses the tokenizer files changed
+    and says a reward file changed (`check_same_inputs`): a rewritten reward scored steps 3-4 of a resumed run 92
+    where steps 1-2 scored 0.1, and an edited template trained other tokens, both silently."""
     from posttrain.models.saving import model_folder
     from posttrain.rewards.spec import is_file_spec
 
