@@ -160,6 +160,31 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
     assert code == 0 and "| reward_mean | 0.5 |" in text and "evaluate:" not in err
 
 
+def test_evaluate_keeps_its_results_when_out_cannot_be_written(capsys, tiny_model_dir, tmp_path, answers, monkeypatch):
+    """A disk that fills while `--out` is written: the --json document held the error alone, the metrics of every
+    answer generated and scored lost (an audit). They stay in the document beside the error, and in the text."""
+    import errno
+
+    import posttrain.data
+
+    def full(records, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    rows = [{"id": f"r{i}", "prompt": p, "answer": a} for i, (p, a) in enumerate(zip(PROMPTS, answers))]
+    data, out = _jsonl(tmp_path / "p.jsonl", rows), tmp_path / "answers.jsonl"
+    base = ["evaluate", "--model", tiny_model_dir, "--data", data, "--max-new-tokens", 4, "--reward", "exact_match",
+            "--out", out, "--no-progress"]  # fmt: skip
+    monkeypatch.setattr(posttrain.data, "write_jsonl", full)
+    code, doc, err = run_json(capsys, *base)
+    assert code == 2 and "Traceback" not in err and not out.exists()
+    _envelope(doc, "evaluate", ok=False)
+    assert doc["error"] == {"kind": "user", "message": f"No space left on device: {out}; free some space, and run "
+                            "the command again (the results are printed here)"}  # fmt: skip
+    assert doc["metrics"] == {"reward_mean": 1.0, "reward_positive": 1.0, "reward_failures": 0.0}
+    code, text, err = run(capsys, *base)
+    assert code == 2 and "| reward_mean | 1 |" in text and "error: No space left on device" in err
+
+
 def test_evaluate_task_out_and_a_judge_scored_as_numbers(capsys, make_cfg, tiny_model_dir, tmp_path, answers):
     from posttrain.train import train
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import sys
 import traceback
@@ -42,7 +41,7 @@ from posttrain.cli import (
     train,
     vllm_serve,
 )
-from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, quiet_libraries
+from posttrain.cli.output import SCHEMA_VERSION, Output, json_document, place_error, quiet_libraries
 from posttrain.errors import EXIT_BUG, EXIT_OK, EXIT_USER, UserError, term_as_interrupt
 
 __all__ = ["SCHEMA_VERSION", "Output", "UsageError", "build_parser", "json_document", "main"]
@@ -148,25 +147,15 @@ def _run(args) -> Output:
         print("interrupted", file=sys.stderr)  # `train` has said how its run continues (`train._interrupted_note`)
         return Output(code=130, error={"kind": "interrupted", "message": "interrupted"})
     except OSError as err:
-        if err.errno not in _PLACE_ERRORS:  # the place written to, not posttrain: full, read-only, not allowed
-            return _bug(err)
-        where = f": {err.filename}" if err.filename else ""
         again = ("continue the run with --resume (its checkpoints are kept)" if args.command == "train"
                  else "run the command again")  # fmt: skip
-        message = f"{err.strerror}{where}; {_PLACE_ERRORS[err.errno]}, and {again}"
+        if (message := place_error(err, again)) is None:  # not the place written to: posttrain's own
+            return _bug(err)
         print(f"error: {message}", file=sys.stderr)
         return Output(code=EXIT_USER, error={"kind": "user", "message": message})
     except Exception as err:
         return _bug(err)
     return result if isinstance(result, Output) else Output(code=int(result or EXIT_OK))
-
-
-_PLACE_ERRORS = {
-    errno.ENOSPC: "free some space",
-    errno.EDQUOT: "free some space (the disk quota is reached)",
-    errno.EROFS: "choose a place you can write to",
-    errno.EACCES: "choose files and folders this user can read and write",
-}
 
 
 def _bug(err: Exception) -> Output:

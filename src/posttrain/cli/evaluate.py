@@ -4,6 +4,7 @@ judge), or rank preference pairs with its implicit reward (`posttrain.evaluation
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from posttrain.cli.data import task_or_file_rows
@@ -16,6 +17,7 @@ from posttrain.cli.output import (
     add_template_vars,
     check_output_file,
     columns_given,
+    place_error,
     positive,
     positive_int,
     quiet_libraries,
@@ -25,7 +27,7 @@ from posttrain.cli.output import (
     stop_note,
     temperature,
 )
-from posttrain.errors import UserError
+from posttrain.errors import EXIT_USER, UserError
 
 NO_VERIFIER = (
     "posttrain evaluate needs to be told how to score the answers: --task NAME (a built-in task's verifier: "
@@ -158,9 +160,7 @@ def run(args) -> Output:
         "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
     }  # fmt: skip
     text = format_table({args.model: metrics})
-    if args.out is not None:
-        _write_records(args.out, answer_records(rows, completions, per_row, scores), shown=text)
-    return Output(doc=doc, text=text)
+    return _written(Output(doc=doc, text=text), args.out, lambda: answer_records(rows, completions, per_row, scores))
 
 
 def _check_verifier(args) -> None:
@@ -202,22 +202,29 @@ def _score(args, rewards: list | None, completions: list[str], rows: list[dict])
     return metrics, per_row
 
 
-def _write_records(path: str, records: list[dict], *, shown: str = "") -> None:
-    """Write `evaluate --out` rows, all at once: scores come once every answer is in (rewards see the whole set,
-    as in training), and a file is either a whole evaluation or absent (no resume, unlike `data pairs`: an
-    evaluation is rerun in full, and greedy or seeded decoding gives the same answers). When the file cannot be
-    written (a full disk), the results (`shown`) are printed on stderr first: the evaluation is not lost."""
+def _written(result: Output, path: str | None, records) -> Output:
+    """`result`, after writing its `evaluate --out` rows (`records()`) to `path`, all at once: scores come once
+    every answer is in (rewards see the whole set, as in training), and a file is either a whole evaluation or
+    absent (no resume, unlike `data pairs`: an evaluation is rerun in full, and greedy or seeded decoding gives the
+    same answers). When the file cannot be written (a full disk, a place turned read-only since the check before
+    the model loaded), the run fails as the user's problem, and its results are still printed, or with --json
+    kept in the document beside the error: the evaluation is not lost."""
     from posttrain.data import write_jsonl
 
-    out = Path(path)
+    if path is None:
+        return result
+    out, made = Path(path), records()
     replaced = out.exists()
     try:
-        write_jsonl(records, out)  # whole or not at all
-    except OSError:
-        if shown:
-            print(f"the results, which --out {out} could not hold:\n{shown}", file=sys.stderr)
-        raise
-    print(f"wrote {len(records)} rows to {out}" + (" (replacing the file there)" if replaced else ""), file=sys.stderr)
+        write_jsonl(made, out)  # whole or not at all
+    except OSError as err:
+        if (message := place_error(err, "run the command again (the results are printed here)")) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return replace(result, code=EXIT_USER, error={"kind": "user", "message": message})
+    print(f"wrote {len(made)} rows to {out}" + (" (replacing the file there)" if replaced else ""),
+          file=sys.stderr)  # fmt: skip
+    return result
 
 
 def _evaluation_rows(args) -> list[dict]:
@@ -324,12 +331,10 @@ def evaluate_pairs(args) -> Output:
         source=args.pairs, per_pair=per_pair, progress=not args.no_progress, per_token=per_token,
     )  # fmt: skip
     text = format_preference({args.model: result})
-    if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair), shown=text)
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": {**settings(args, "beta", "max_length"), "per_token": per_token},
            "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
-    return Output(doc=doc, text=text)
+    return _written(Output(doc=doc, text=text), args.out, lambda: pair_records(rows, per_pair))
 
 
 def _rank_with_reward_model(args, rows: list[dict]) -> Output:
@@ -347,9 +352,7 @@ def _rank_with_reward_model(args, rows: list[dict]) -> Output:
     per_pair: list[dict] = []
     result = reward_model_accuracy(args.model, rows, per_pair=per_pair)
     text = format_preference({args.model: result})
-    if args.out is not None:
-        _write_records(args.out, pair_records(rows, per_pair), shown=text)
     doc = {"model": args.model, "verifier": "reward_model", "pairs": args.pairs, "reference": None,
            "n": len(rows), "settings": {}, "metrics": {k: v for k, v in result.items() if k != "n"},
            "out": args.out}  # fmt: skip
-    return Output(doc=doc, text=text)
+    return _written(Output(doc=doc, text=text), args.out, lambda: pair_records(rows, per_pair))

@@ -9,6 +9,7 @@ stderr while it runs); a failure is a document too. The documents are described 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -54,6 +55,29 @@ def print_failure(command: str, args: argparse.Namespace, err: Exception) -> int
     if getattr(args, "json", False):
         print(json_document(command, Output(code=EXIT_USER, error={"kind": "user", "message": str(err)})))
     return EXIT_USER
+
+
+_PLACE_ERRORS = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (the disk quota is reached)",
+    errno.EROFS: "choose a place you can write to",
+    errno.EACCES: "choose files and folders this user can read and write",
+}
+
+
+def place_error(err: OSError, again: str) -> str | None:
+    """The user's message for an error of the place written to (a full disk, a read-only file system, a denied
+    permission): what happened, the file, what to do, then `again`; None for any other `OSError` (a bug of ours).
+
+    >>> place_error(OSError(errno.ENOSPC, "No space left on device", "/out/a.jsonl"), "run the command again")
+    'No space left on device: /out/a.jsonl; free some space, and run the command again'
+    >>> place_error(OSError(errno.EBADF, "Bad file descriptor"), "run the command again") is None
+    True
+    """
+    if err.errno not in _PLACE_ERRORS:
+        return None
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror}{where}; {_PLACE_ERRORS[err.errno]}, and {again}"
 
 
 def settings(args: argparse.Namespace, *names: str) -> dict:
