@@ -175,7 +175,18 @@ def test_prompts_harder_than_the_sft_data_are_said(capsys, tmp_path):
     code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
                        "--sft-data", str(sft))  # fmt: skip
     assert code == 2  # (no such model: after the warning)
-    assert f"the prompts measured have up to 3 operations and {sft}'s rows up to 1" in err and "--max-ops 1" in err
+    assert f"the prompts measured have up to 3 operations, and {sft}'s rows up to 1 operations:" in err
+    assert "pass --max-ops 1 (the data's own settings)" in err
     code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
                        "--max-ops", "1", "--sft-data", str(sft))  # fmt: skip
-    assert "operations and" not in err
+    assert "harder problems" not in err
+    # values: rows made with --max-value 20 and prompts at the task's 50 (the README's own mismatch)
+    assert main(["data", "make", "arithmetic", "--n", "20", "--max-ops", "1", "--max-value", "20", "--out",
+                 str(sft)]) == 0  # fmt: skip
+    capsys.readouterr()
+    code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
+                       "--max-ops", "1", "--sft-data", str(sft))  # fmt: skip
+    assert f"have up to values of 50, and {sft}'s rows up to values of 20:" in err and "pass --max-value 20 (" in err
+    code, _, err = run(capsys, "diagnose", "--model", str(tmp_path / "no-model"), "--task", "arithmetic", "--n", "4",
+                       "--max-ops", "1", "--max-value", "20", "--sft-data", str(sft))  # fmt: skip
+    assert "harder problems" not in err

@@ -87,24 +87,36 @@ def add_parser(sub) -> None:
 
 
 def _harder_than_trained(rows: list[dict], sft: list[dict], sft_file: str) -> str | None:
-    """A note when the measured prompts need more operations than any SFT row has (a task's rows record
-    `metadata.n_ops`): the task's defaults (3 operations, values to 50) measured problems harder than those
-    `data make --max-ops 2 --max-value 20` trained on, and the recommendation changed with them (an audit).
+    """A note when the measured prompts are harder than any SFT row (a task's rows record `metadata.n_ops`, and
+    the `max_value` they were made with): the task's defaults (3 operations, values to 50) measured problems
+    harder than those `data make --max-ops 2 --max-value 20` trained on, and the recommendation changed with
+    them (an audit). Rows made before `max_value` was recorded are checked for their operations alone.
 
-    >>> print(_harder_than_trained([{"metadata": {"n_ops": 3}}], [{"metadata": {"n_ops": 1}}], "math.jsonl")[:70])
-    warning: the prompts measured have up to 3 operations and math.jsonl's
+    >>> note = _harder_than_trained([{"metadata": {"n_ops": 3, "max_value": 50}}],
+    ...                             [{"metadata": {"n_ops": 1, "max_value": 20}}], "math.jsonl")
+    >>> print(note[:101])
+    warning: the prompts measured have up to 3 operations and values of 50, and math.jsonl's rows up to 1
+    >>> print(note[-79:])
+    the range trained on, pass --max-ops 1 --max-value 20 (the data's own settings)
     """
-    def most(rs: list[dict]) -> int | None:
-        ops = [r["metadata"]["n_ops"] for r in rs if isinstance(r.get("metadata"), dict)
-               and isinstance(r["metadata"].get("n_ops"), int)]  # fmt: skip
-        return max(ops) if ops else None
+    def most(rs: list[dict], key: str) -> int | None:
+        found = [r["metadata"][key] for r in rs if isinstance(r.get("metadata"), dict)
+                 and isinstance(r["metadata"].get(key), int) and not isinstance(r["metadata"][key], bool)]  # fmt: skip
+        return max(found) if found else None
 
-    measured, trained = most(rows), most(sft)
-    if measured is None or trained is None or measured <= trained:
+    harder, flags = [], []
+    for key, what, flag in (("n_ops", "operations", "--max-ops"), ("max_value", "values of", "--max-value")):
+        measured, trained = most(rows, key), most(sft, key)
+        if measured is not None and trained is not None and measured > trained:
+            harder.append((what, measured, trained))
+            flags.append(f"{flag} {trained}")
+    if not harder:
         return None
-    return (f"warning: the prompts measured have up to {measured} operations and {sft_file}'s rows up to {trained}: "
-            f"the diagnosis measures harder problems than SFT trained on, and its recommendation is about those; to "
-            f"measure the range trained on, pass --max-ops {trained} (and the --max-value the data was made with)")
+    said = [(f"{m} {w}", f"{t} {w}") if w == "operations" else (f"{w} {m}", f"{w} {t}") for w, m, t in harder]
+    return (f"warning: the prompts measured have up to {' and '.join(m for m, _ in said)}, and {sft_file}'s rows "
+            f"up to {' and '.join(t for _, t in said)}: the diagnosis measures harder problems than SFT trained "
+            f"on, and its recommendation is about those; to measure the range trained on, pass {' '.join(flags)} "
+            f"(the data's own settings)")
 
 
 def run(args) -> Output:

@@ -262,7 +262,7 @@ class Arithmetic:
                 "prompt": f"{' '.join(sentences)}\n{INSTRUCTION}",
                 "completion": "\n".join(steps) + f"\nAnswer: {value}",
                 "answer": value,
-                "metadata": {"task": self.name, "split": split, "n_ops": len(steps)},
+                "metadata": {"task": self.name, "split": split, "n_ops": len(steps), "max_value": self.max_value},
             })  # fmt: skip
         return rows
 
@@ -323,7 +323,7 @@ class Arithmetic:
         variant = perturb_problem(problem, kind, rng, self.max_value)
         return {"id": f"{row['id']}~{kind}", "perturbs": row["id"], "kind": kind, "prompt": variant.prompt(),
                 "completion": variant.completion(), "answer": variant.answer,
-                "metadata": {"task": self.name, "n_ops": len(variant.ops)}}  # fmt: skip
+                "metadata": {"task": self.name, "n_ops": len(variant.ops), "max_value": self.max_value}}  # fmt: skip
 
     def rejected(self, row: dict, kind: str, rng: random.Random) -> str:
         """A worse completion of `kind` (``wrong``, ``off_format``, ``rambling``) for a row made by `make`.
