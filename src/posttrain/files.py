@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,3 +116,31 @@ def weights_digest(path: str | Path, *, loaded_only: bool = True) -> str:
                 fh.seek(max(0, (size - _BLOCK) * i // (_BLOCKS - 1)))
                 h.update(fh.read(_BLOCK))
     return h.hexdigest()
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a run folder keeps its checkpoints (`trainer.checkpoint`), one `step-NNNNNN` folder each."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run folder's complete checkpoints, oldest first (temporary folders of an interrupted save are ignored);
+    here, below every layer, so that what reads a run folder (`models.saving.stale_final`) counts its steps as the
+    trainer does."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder that `list_checkpoints` found.
+
+    >>> checkpoint_step(Path("run/checkpoints/step-000040"))
+    40
+    """
+    return int(_STEP_DIR.match(path.name).group(1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import uuid
@@ -25,7 +24,7 @@ import torch
 
 from posttrain.config import ModelConfig, TechniqueConfig
 from posttrain.errors import ModelNotFoundError, UserError
-from posttrain.files import weights_digest
+from posttrain.files import checkpoint_step, list_checkpoints, weights_digest
 from posttrain.models.adapters import is_adapter_model
 from posttrain.models.generation import eos_token_ids
 from posttrain.models.hub import prepare_hub_libraries, quiet_loading
@@ -274,7 +273,7 @@ def stale_final(path: str | Path, folder: Path, info: dict) -> str | None:
     step = info.get("step")
     if folder == run or folder.parent != run or not isinstance(step, int):
         return None
-    steps = [int(m.group(1)) for d in (run / "checkpoints").glob("step-*") if (m := re.fullmatch(r"step-(\d+)", d.name))]
+    steps = [checkpoint_step(c) for c in list_checkpoints(run)]
     if not steps or max(steps) <= step:
         return None
     return (f"{folder} holds the weights of step {step}, but the run's newest checkpoint is step {max(steps)} (it "

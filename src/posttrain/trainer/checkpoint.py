@@ -55,7 +55,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -70,7 +69,7 @@ from safetensors.torch import load_file, save_file
 from posttrain.algorithms.base import BatchSource
 from posttrain.config import deepspeed_zero_stage
 from posttrain.errors import ConfigError, UserError
-from posttrain.files import out_of_space
+from posttrain.files import checkpoint_dir, list_checkpoints, out_of_space
 from posttrain.models.logprobs import unwrap_parallel
 from posttrain.models.sharding import (
     full_state,
@@ -86,7 +85,6 @@ from posttrain.models.sharding import (
     shard_keys,
 )
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 SHARDS = "sharded"
 """The folder of a sharded-layout checkpoint that torch.distributed.checkpoint writes (`models.sharding.save_shards`)."""
 DEEPSPEED = "deepspeed"
@@ -103,19 +101,6 @@ def layout_of(run) -> str:
     """The layout of a run's checkpoints (from its `run` section): sharded under `run.sharding=fsdp2` unless
     `run.whole_checkpoints`, whole otherwise."""
     return "sharded" if run.sharding == "fsdp2" and not run.whole_checkpoints else "whole"
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
