@@ -152,24 +152,24 @@ def _call(reward: NamedReward, prompts, completions, columns, n: int, fallback: 
     if raw is None:  # retry sample by sample (a batch of 1 already failed): only samples that fail again lose
         singles = [_one(reward.fn, prompts, completions, columns, i) for i in range(n)] if retry else None
         raw = [v for v, _, _ in singles] if singles else [_FAILED] * n
-    values, failed, first = [], 0, None
+    values, failed, first = [], 0, None  # first: the first failed sample's (index, why, exception or None)
     for i, v in enumerate(raw):
         x = None if v is _FAILED else _as_float(v)
         if x is None:
             values.append(fallback)
             failed += 1
             if first is None and singles:
-                first = (f"sample {i}: {singles[i][1] or _bad_value(v)}", singles[i][2])
+                first = (i, singles[i][1] or _bad_value(v), singles[i][2])
             elif first is None and v is not _FAILED:
-                first = (f"sample {i}: {_bad_value(v)}", None)
+                first = (i, _bad_value(v), None)
         else:
             values.append(x)
     if first is not None:
-        i, why = first[0].split(": ", 1)
+        i, why, sample_exc = first
         if not error:
-            error = first[0]
+            error = f"sample {i}: {why}"
         elif error != why:  # the sample's own error last, where `failure_site`'s line is put after it
-            error, exc = f"its call on all {n} samples failed ({error}), then {i} alone: {why}", first[1]
+            error, exc = f"its call on all {n} samples failed ({error}), then sample {i} alone: {why}", sample_exc
     return values, failed, error, exc
 
 
