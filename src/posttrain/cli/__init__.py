@@ -70,8 +70,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self, message)
 
 
+DESCRIPTION = "Post-train language models (SFT, DPO, reward models, PPO, GRPO, RLOO; LoRA and QLoRA), and decide how."
+EPILOG = """a first session:
+  posttrain quickstart                                  # the embedded SmolLM2 learns a task, scored before and after
+  posttrain advise --data my_train.jsonl --model 7B     # which method and technique, why, and what it costs
+  posttrain estimate --model 7B --method dpo --technique lora   # memory per GPU, hours and money, before a run
+  posttrain train configs/sft_lora.yaml data.train=my_train.jsonl run.output_dir=runs/mine
+  posttrain evaluate --model runs/mine --data my_heldout.jsonl --reward numeric_answer
+  posttrain diagnose --model runs/mine --task arithmetic --sft-data my_train.jsonl   # are SFT's pairs enough?
+
+`posttrain COMMAND --help` gives a command's flags; the README has every command with an example."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
