@@ -32,7 +32,7 @@ from posttrain.algorithms import config_from_dict
 from posttrain.config import QUICKSTART_CONFIGS, ModelConfig, TechniqueConfig, read_config_file
 from posttrain.data import TASKS, write_jsonl
 from posttrain.errors import UserError
-from posttrain.evaluation import evaluate_task, format_value, is_rate, ordered_metrics
+from posttrain.evaluation import evaluate_task, format_change, format_value, ordered_metrics
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.files import write_whole
 from posttrain.models import load_model
@@ -275,9 +275,5 @@ def format_before_after(before: dict, after: dict) -> str:
     lines = ["| held-out metric | base model | fine-tuned | change |", "|---|---|---|---|"]
     for k in keys:
         b, a = before[k], after.get(k, 0.0)
-        if is_rate(k):
-            lines.append(f"| {k} | {100 * b:.1f}% | {100 * a:.1f}% | {100 * (a - b):+.1f} pts |")
-        else:  # a difference or a mean of rewards (a judge's scores), not a rate
-            change = f"{a - b:+.3f}" if "margin" in k else f"{a - b:+.4g}"
-            lines.append(f"| {k} | {format_value(k, b)} | {format_value(k, a)} | {change} |")
+        lines.append(f"| {k} | {format_value(k, b)} | {format_value(k, a)} | {format_change(k, b, a)} |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
+from posttrain.quickstart import format_before_after
 from posttrain.report import build_report
 from posttrain.report.document import Table, to_html, to_markdown
 from posttrain.rollout.samples import SampleLog
@@ -41,8 +42,10 @@ def test_a_folder_with_only_metrics_gets_a_report_of_what_it_has(tmp_path):
 
 RESULTS = {
     "method": "dpo",
-    "before": {"n": 200.0, "correct": 0.225, "formatted": 0.225, "pairs_implicit_margin": 0.0},
-    "after": {"n": 200.0, "correct": 0.295, "formatted": 0.92, "pairs_implicit_margin": 12.305},
+    "before": {"n": 200.0, "correct": 0.225, "formatted": 0.225, "pairs_implicit_margin": 0.0,
+               "pairs_mean_logp_accuracy": 0.4333, "judge_score_mean": 0.5},
+    "after": {"n": 200.0, "correct": 0.295, "formatted": 0.92, "pairs_implicit_margin": 12.305,
+              "pairs_mean_logp_accuracy": 0.45, "judge_score_mean": 0.75},
     "changes": {"correct": {"gained": 43, "lost": 29, "p_value": 0.1247}},
 }
 
@@ -57,7 +60,13 @@ def test_quickstart_results_give_before_after_and_paired_tables(tmp_path):
     assert "Held-out scores before and after training (results.json; 200 prompts)." in md
     assert "| correct | 22.5% | 29.5% | +7.0 pts |" in md
     assert "| formatted | 22.5% | 92.0% | +69.5 pts |" in md
-    assert "| pairs_implicit_margin | 0 | 12.3 | +12.3 |" in md  # a margin is a number, not a rate
+    # as the terminal's table (quickstart.format_before_after): a margin and a mean of scores are numbers, not
+    # rates, and an accuracy whose name holds "mean" is a rate (it read 0.4333 | 0.45 | +0.01667 on the page)
+    assert "| pairs_implicit_margin | +0.000 | +12.305 | +12.305 |" in md
+    assert "| judge_score_mean | 0.5 | 0.75 | +0.25 |" in md
+    assert "| pairs_mean_logp_accuracy | 43.3% | 45.0% | +1.7 pts |" in md
+    table = format_before_after(RESULTS["before"], RESULTS["after"])
+    assert all(line in md for line in table.splitlines()[2:])
     assert "| correct | 43 | 29 | 0.12 |" in md
     # before training finishes, only the base model's scores exist
     (run / "results.json").unlink()

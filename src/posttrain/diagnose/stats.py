@@ -220,7 +220,8 @@ def t_quantile(df: int, p: float) -> float:
 
 def t_interval(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float] | None:
     """Student's t interval of the mean of `values` (mean +- t_{n-1} * sd / sqrt(n), sd with divisor n - 1),
-    None for fewer than two. For a measurement made once per seed over a few seeds: a bootstrap of 3 values gives
+    None for fewer than two, or when one is not a finite number (a drift of NaN: every completion empty), whose
+    mean has no interval (`statistics.stdev` raised on it). For a measurement made once per seed over a few seeds: a bootstrap of 3 values gives
     their range (drawing one value three times has chance 1/27, above 2.5%), which excludes 0 whenever the three
     agree in sign.
 
@@ -228,9 +229,11 @@ def t_interval(values: Sequence[float], *, level: float = 0.95) -> tuple[float, 
 
     >>> [round(x, 4) for x in t_interval([0.001, 0.010, 0.030])]
     [-0.0232, 0.0505]
+    >>> t_interval([0.1, float("nan"), 0.2]) is None
+    True
     """
     n = len(values)
-    if n < 2:
+    if n < 2 or not all(math.isfinite(v) for v in values):
         return None
     mean = statistics.fmean(values)
     half = t_quantile(n - 1, (1 + level) / 2) * statistics.stdev(values) / math.sqrt(n)

@@ -252,6 +252,19 @@ def format_value(metric: str, value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+def format_change(metric: str, before: float, after: float) -> str:
+    """How a metric changed, as the before/after tables show it: shares in points, differences of rewards and
+    means of scores as signed numbers.
+
+    >>> [format_change(k, b, a) for k, b, a in (("exact", 0.25, 0.75), ("implicit_margin", 0.1, 0.35),
+    ...                                         ("judge_score_mean", 1.5, 2.25))]
+    ['+50.0 pts', '+0.250', '+0.75']
+    """
+    if is_rate(metric):
+        return f"{100 * (after - before):+.1f} pts"
+    return f"{after - before:+.3f}" if "margin" in metric else f"{after - before:+.4g}"
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per metric, one column per model.
 

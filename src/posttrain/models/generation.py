@@ -208,7 +208,8 @@ class RowStreams:
     softmax(scores), as `generate`'s multinomial draw is. What changes is whose random numbers a row uses: its
     own, seeded from the caller's seed (a rollout's, `generate`'s) and the row's index, instead of one stream shared by
     the batch. So a row's
-    samples do not depend on which other rows are in the batch, which lets finished rows leave it
+    samples do not depend on which other rows are in the batch (they do on the row's index: another order of the
+    same prompts draws other samples), which lets finished rows leave it
     (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
     `rows` is the index of each batch row among the streams (updated as rows leave).
     """
@@ -248,7 +249,9 @@ def generate(
     model's own `generation_config.json` applies (`model_generation_defaults_off`). Each
     completion ends at the first EOS token or at the first of the `stop` strings (the stop string is cut off).
     `seed` makes sampling repeatable without touching the caller's global RNG state; each prompt draws from its own
-    stream (`RowStreams`), so its sample does not depend on the batch size or on the other prompts. The first call with a new
+    stream (`RowStreams`), seeded from `seed` and its position in `prompts`: its sample does not depend on the batch size
+    or on the prompts after it, but it does on its position (drop or reorder earlier prompts and it draws another
+    sample, from the same distribution). The first call with a new
     set of stop strings costs a few seconds on a large vocabulary (transformers precomputes a table, then caches it).
     `progress`, when given, is the label of a progress bar on stderr that counts prompts, batch by batch.
     `merge_adapters`: decode a LoRA model from merged copies of its adapted weights (`adapters.merged_for_sampling`:

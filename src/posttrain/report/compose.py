@@ -8,7 +8,7 @@ import re
 import statistics
 from collections import defaultdict
 
-from posttrain.evaluation import ordered_metrics
+from posttrain.evaluation import format_change, format_value, ordered_metrics
 from posttrain.report.catalogue import choose_sections
 from posttrain.report.document import Code, Details, Figures, Heading, Image, Table, Text
 from posttrain.report.plots import render_panel
@@ -126,21 +126,17 @@ def _config_differences(runs: list[Run]) -> list:
     ]
 
 
-def _percent_like(key: str, *values) -> bool:
-    return "margin" not in key and "mean" not in key and all(isinstance(v, int | float) and 0 <= v <= 1 for v in values)
-
-
 def _before_after(before: dict, after: dict | None) -> Table:
-    """Held-out metrics of the base model (and after training, with the change): rates in %, others as numbers."""
+    """Held-out metrics of the base model (and after training, with the change), as the terminal's table shows
+    them (`evaluation.format_value`, `format_change`): the page showed `pairs_mean_logp_accuracy` as 0.4333 where
+    the terminal said 43.3% (an audit)."""
     numbers = [k for k, v in before.items() if k != "n" and isinstance(v, int | float) and not isinstance(v, bool)]
     keys = ordered_metrics(numbers)  # the order of the table the quickstart prints
     rows = []
     for k in keys:
         b, a = before[k], (after or {}).get(k)
-        if _percent_like(k, b, *([a] if a is not None else [])):
-            row = [k, f"{100 * b:.1f}%"] + ([f"{100 * a:.1f}%", f"{100 * (a - b):+.1f} pts"] if a is not None else [])
-        else:
-            row = [k, fmt(b)] + ([fmt(a), f"{a - b:+.4g}"] if a is not None else [])
+        a = a if isinstance(a, int | float) and not isinstance(a, bool) else None
+        row = [k, format_value(k, b)] + ([format_value(k, a), format_change(k, b, a)] if a is not None else [])
         rows.append(row + ["-", "-"] * (after is not None and a is None))
     header = ["held-out metric", "base model"] + (["after training", "change"] if after is not None else [])
     return Table(header, rows)
