@@ -156,6 +156,32 @@ def test_an_upgrade_that_scores_otherwise_scores_again(parts, tmp_path, monkeypa
     assert lookup(cache, _key(model, rows, task="structured"))[0] is None
 
 
+def test_any_change_of_posttrains_code_scores_again(parts, tmp_path, monkeypatch):
+    """The version stayed 0.1.0 while the code changed: a `pair_accuracy` that counted ties otherwise reused the
+    old scores as "before" (an audit). The key holds the digest of every .py file of the package."""
+    from posttrain.evaluation import cache as cache_module
+
+    model, rows = parts
+    cache = tmp_path / "eval_base.json"
+    write_scores(cache, _key(model, rows, task="structured"), SCORES)
+    assert lookup(cache, _key(model, rows, task="structured")) == (SCORES, None)
+    digest = cache_module.code_digest.__wrapped__  # uncached
+    assert digest() == cache_module.code_digest() and len(digest()) == 64
+    monkeypatch.setattr(cache_module, "code_digest", lambda: "0" * 64)
+    assert lookup(cache, _key(model, rows, task="structured"))[1] == "the decoding settings changed since they were cached"
+    # the digest: files by their place in the package and their bytes; one byte anywhere changes it
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    first = digest(package)
+    (package / "sub" / "b.py").write_text("y = 3\n")
+    edited = digest(package)
+    assert edited != first
+    (package / "sub" / "b.py").rename(package / "b.py")  # the same bytes elsewhere: other code
+    assert digest(package) != edited
+
+
 def test_the_recipes_base_scores_are_keyed_as_the_quickstarts(parts, tmp_path, monkeypatch):
     """The DPO/GRPO/PPO/RLOO recipes reused eval_base.json whenever it existed: another model, other held-out rows
     or other evaluation settings got the first run's scores (then `paired_change` failed on their counts)."""

@@ -9,8 +9,10 @@ the scores back instead. A cached score is reused only when its key is the one t
 - `rows`: the sha256 of the held-out file's bytes (the same digest `data_fingerprint.json` keeps);
 - `decoding`: how the answers were generated and scored (greedy or the temperature, `max_new_tokens`, the batch
   size, which decides padding and so float rounding; the task whose verifier scored them, with the sha256 of the
-  code that defines it, and posttrain's version, so an upgrade that scores otherwise scores again; whatever else the
-  caller names in `extra`), the torch and transformers versions that decoded them, and the
+  code that defines it, and posttrain's version with the sha256 of all its code (`code_digest`), so any change of
+  the code that generates or scores, an upgrade or a local edit, scores again (the version alone stayed 0.1.0 while
+  the code changed, and a changed `pair_accuracy` reused the old scores: an audit); whatever else the caller names
+  in `extra`), the torch and transformers versions that decoded them, and the
   machine: the device (a GPU by name), the dtype the model decodes in (`model.dtype: auto` is bfloat16 on a GPU)
   and, on a CPU, the instruction set torch's kernels use (`torch.backends.cpu.get_cpu_capability()`: AVX2 and
   AVX-512 kernels sum in other orders, so a greedy answer can differ). A run folder moved to another machine
@@ -27,8 +29,10 @@ This module does not decide what to score or how; it only stores and matches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from posttrain.files import write_whole
@@ -43,6 +47,19 @@ def model_digest(name: str) -> str | None:
     if resolved.source == "hub":
         return None
     return file_digest(Path(resolved.path) / (resolved.gguf_file or ""))
+
+
+@lru_cache(maxsize=4)
+def code_digest(root: Path | None = None) -> str:
+    """sha256 of posttrain's own code: every `.py` file of the package (`root`, default the one imported), by its
+    path within the package and its bytes (so the same code gives the same digest wherever it is installed). Read
+    once per process."""
+    root = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: float = 0.0, dtype: str = "auto",
@@ -69,6 +86,7 @@ def decoding_settings(*, max_new_tokens: int, batch_size: int, temperature: floa
         verifier = {"task": task, "sha256": file_digest(inspect.getfile(type(TASKS[task])))}
     return {
         "posttrain": ours,
+        "code": code_digest(),
         "verifier": verifier,
         **(extra or {}),
         "temperature": float(temperature),
