@@ -5,6 +5,7 @@ wrong-demonstration detection on a hand-built file, perturbed-set errors, the ru
 import itertools
 import json
 import math
+import random
 from math import comb
 from statistics import NormalDist
 
@@ -21,6 +22,7 @@ from posttrain.diagnose.recommend import load_rules
 from posttrain.diagnose.stats import bootstrap_ci, paired_gap, pass_at_k, pass_at_k_curve
 from posttrain.diagnose.verifiers import reward_verifier
 from posttrain.errors import DataError
+from posttrain.evaluation.intervals import paired_difference_interval
 from posttrain.rewards import build_reward_functions
 
 
@@ -74,7 +76,27 @@ def test_paired_gap_by_hand():
     assert (r["lost"], r["gained"], r["pairs"]) == (3, 1, 6)
     assert r["gap"] == pytest.approx(2 / 6, abs=1e-12) and r["p_value"] == pytest.approx(10 / 16, abs=1e-12)
     assert r["clean_accuracy"] == pytest.approx(4 / 6) and r["perturbed_accuracy"] == pytest.approx(2 / 6)
-    assert r["ci_low"] <= r["gap"] <= r["ci_high"]
+    # both right 1 (prompt 4), clean only 3, perturbed only 1, neither 1: Newcombe's paired interval of that table
+    assert (r["ci_low"], r["ci_high"]) == paired_difference_interval(1, 3, 1, 1)
+
+
+def test_the_robustness_interval_is_never_a_point_and_covers_the_gap():
+    """The percentile bootstrap of 0/1 differences printed [+0.0, +0.0] when no prompt moved, [+100, +100] for 5 of
+    5 prompts lost (sign test p = 0.0625), and covered the true gap ~64% of the time on 10-20 prompts (an audit).
+    Simulated here: 15 prompts, clean right with chance 0.8, a variant of a right prompt fails with chance 0.3 and
+    one of a wrong prompt succeeds with chance 0.1 (true gap 0.8 x 0.3 - 0.2 x 0.1 = 0.22), 2,000 draws."""
+    r = paired_gap([1] * 10, [1] * 10)
+    assert r["gap"] == 0 and r["ci_low"] < -0.1 and r["ci_high"] > 0.1
+    r = paired_gap([1] * 5, [0] * 5)
+    assert r["p_value"] == 0.0625 and r["ci_low"] == pytest.approx(0.385549, abs=1e-6) and r["ci_high"] == 1.0
+    rng = random.Random(0)
+    covered = 0
+    for _ in range(2000):
+        clean = [rng.random() < 0.8 for _ in range(15)]
+        perturbed = [(rng.random() >= 0.3) if c else (rng.random() < 0.1) for c in clean]
+        r = paired_gap(clean, perturbed)
+        covered += r["ci_low"] <= 0.22 <= r["ci_high"]
+    assert covered / 2000 >= 0.93
 
 
 # ---- a stub model ---------------------------------------------------------------------------------------------
@@ -303,9 +325,12 @@ def test_several_variants_of_a_prompt_count_as_that_prompt_once():
     kind = measure_robustness("t", ids, [True] * 20, variants, right).kinds[0]
     assert (kind.pairs, kind.prompts, kind.lost, kind.gained) == (100, 20, 4, 0)
     assert kind.gap == pytest.approx(0.2) and kind.p_value == 0.125
-    assert (kind.ci_low, kind.ci_high) == bootstrap_ci([1.0] * 4 + [0.0] * 16)
+    assert (kind.ci_low, kind.ci_high) == paired_difference_interval(16, 4, 0, 0)  # over the 20 prompts
     one_each = paired_gap([True] * 20, right[::5])  # one variant a prompt: the same prompts, McNemar's test
-    assert (one_each["gap"], one_each["p_value"]) == (kind.gap, kind.p_value)
+    assert (one_each["gap"], one_each["p_value"], one_each["ci_low"]) == (kind.gap, kind.p_value, kind.ci_low)
+    # a prompt whose variants split adds their mean to its cells: 2 of 4 paraphrases of a right prompt failed
+    half = paired_gap([True] * 4, [True, True, False, False], prompts=["a"] * 4)
+    assert (half["ci_low"], half["ci_high"]) == paired_difference_interval(0.5, 0.5, 0, 0)
 
 
 def test_clean_prompts_that_share_an_id_are_refused_not_paired_with_the_last_one(tmp_path):

@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
     d.add_argument("--prompts", help="evaluation prompts (a `prompt` per row, an `id`, and the `answer` or columns "
                    "the verifier reads)")  # fmt: skip
     d.add_argument("--n", type=int, default=100, help="clean prompts to evaluate (default: 100)")
-    d.add_argument("--seed", type=int, default=1, help="prompts made, variants, samples and bootstrap (default: 1)")
+    d.add_argument("--seed", type=int, default=1, help="prompts made, variants and samples (default: 1)")
     d.add_argument("--split", choices=["train", "heldout"], default=None,
                    help="the --task's rows: heldout (the default) or train wordings")  # fmt: skip
     d.add_argument("--min-ops", type=int, help="arithmetic: fewest operations per problem")

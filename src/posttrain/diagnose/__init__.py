@@ -4,7 +4,7 @@ or cleaner data), move to DPO on on-policy pairs, or to GRPO, naming the numbers
 Probes, each a module with its pure functions (worked examples in their doctests) and one measuring function:
 
 - `robustness`: greedy accuracy on clean prompts vs answer-preserving variants of the same prompts, each kind
-  apart, paired (`stats.paired_gap`: exact McNemar and a bootstrap interval of the paired difference);
+  apart, paired (`stats.paired_gap`: exact McNemar and Newcombe's interval of the paired difference);
 - `headroom`: pass@1 vs pass@k from n samples per prompt (`stats.pass_at_k`, Chen et al. 2021) and the share of
   prompts with mixed outcomes;
 - `ambiguity`: near-duplicate SFT prompts with different responses, wrong demonstrations, length spread;

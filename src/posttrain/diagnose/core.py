@@ -157,8 +157,7 @@ def run_diagnosis(
     clean_right, clean_completions = right[: len(rows)], greedy[: len(rows)]
     robustness = None
     if variants:
-        robustness = measure_robustness(variant_source, ids, clean_right, variants, right[len(rows) :],
-                                        seed=s.seed)  # fmt: skip
+        robustness = measure_robustness(variant_source, ids, clean_right, variants, right[len(rows) :])
     seconds["greedy"] = time.perf_counter() - clock
 
     headroom = None

@@ -8,7 +8,7 @@ the ``id`` of the clean prompt it perturbs in ``perturbs``, its ``kind`` (any la
 its own clean prompt, and each kind is reported apart with paired statistics over its prompts (`stats.paired_gap`:
 several variants of one prompt count once). The kind that decides (`Robustness.worst`) is the one with the
 largest drop among those whose drop an exact sign test, Bonferroni-corrected over the kinds compared, puts below
-`LEVEL`; the bootstrap intervals are shown, not tested.
+`LEVEL`; the intervals (Newcombe's paired interval) are shown, not tested.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def row_id(row: dict, index: int) -> str:
 
 def measure_robustness(
     source: str, clean_ids: Sequence[str], clean_correct: Sequence[bool], variants: Sequence[dict],
-    variant_correct: Sequence[bool], *, seed: int = 0,
+    variant_correct: Sequence[bool],
 ) -> Robustness:  # fmt: skip
     """Pair each variant with its clean prompt (``variant["perturbs"]``) and report each kind apart, in the order
     kinds first appear.
@@ -109,7 +109,7 @@ def measure_robustness(
     kinds = []
     for kind, results in by_kind.items():
         gap = paired_gap([c for c, _, _ in results], [p for _, p, _ in results],
-                         prompts=[i for _, _, i in results], seed=seed)  # fmt: skip
+                         prompts=[i for _, _, i in results])  # fmt: skip
         kinds.append(KindGap(kind=kind, **gap))
     perturbed = {p["perturbs"] for p in pairs}
     accuracy = sum(clean_correct) / len(clean_correct) if clean_correct else math.nan
