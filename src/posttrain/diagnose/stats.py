@@ -12,8 +12,9 @@
   problems within each drawn seed (Davison & Hinkley 1997, sec. 3.8; `posttrain study`);
 - `minimum_detectable_difference`: the smallest difference of two accuracies that n problems over s seeds can
   tell from zero, stated before a study runs;
-- `t_interval`, `t_quantile`: Student's t interval of a mean of a few values (a per-seed measurement over 2-8
-  seeds, where a bootstrap of so few values gives their range).
+- `t_interval`, `t_quantile` (from `evaluation.intervals`, with the Wilson and paired intervals): Student's t
+  interval of a mean of a few values (a per-seed measurement over 2-8 seeds, where a bootstrap of so few values
+  gives their range).
 
 No model, no I/O.
 """
@@ -21,14 +22,13 @@ No model, no I/O.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from statistics import NormalDist
 
 import torch
 
 from posttrain.evaluation import paired_change
-from posttrain.evaluation.intervals import paired_difference_interval
+from posttrain.evaluation.intervals import paired_difference_interval, t_interval, t_quantile  # noqa: F401 (re-exported: study)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -211,41 +211,6 @@ def hierarchical_bootstrap_ci(
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(means, q).tolist()
     return lo, hi
-
-
-def t_quantile(df: int, p: float) -> float:
-    """The `p` quantile of Student's t with `df` degrees of freedom (p in (0.5, 1)): scipy's.
-
-    >>> [round(t_quantile(df, 0.975), 3) for df in (1, 2, 4, 30)]
-    [12.706, 4.303, 2.776, 2.042]
-    """
-    if df < 1 or not 0.5 < p < 1:
-        raise ValueError(f"need df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
-    from scipy.stats import t  # imported here: a study's summary is its only caller
-
-    return float(t.ppf(p, df))
-
-
-def t_interval(values: Sequence[float], *, level: float = 0.95) -> tuple[float, float] | None:
-    """Student's t interval of the mean of `values` (mean +- t_{n-1} * sd / sqrt(n), sd with divisor n - 1),
-    None for fewer than two, or when one is not a finite number (a drift of NaN: every completion empty), whose
-    mean has no interval (`statistics.stdev` raised on it). For a measurement made once per seed over a few seeds: a bootstrap of 3 values gives
-    their range (drawing one value three times has chance 1/27, above 2.5%), which excludes 0 whenever the three
-    agree in sign.
-
-    Worked example: 0.001, 0.010, 0.030: mean 0.013667, sd 0.014844, t_2 = 4.30265: 0.013667 +- 0.036875.
-
-    >>> [round(x, 4) for x in t_interval([0.001, 0.010, 0.030])]
-    [-0.0232, 0.0505]
-    >>> t_interval([0.1, float("nan"), 0.2]) is None
-    True
-    """
-    n = len(values)
-    if n < 2 or not all(math.isfinite(v) for v in values):
-        return None
-    mean = statistics.fmean(values)
-    half = t_quantile(n - 1, (1 + level) / 2) * statistics.stdev(values) / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def minimum_detectable_difference(
