@@ -14,7 +14,7 @@ TOKENS = "4"  # --max-new-tokens: short answers keep the test fast
 
 def _table(out: str) -> dict[str, str]:
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
-    return {k.strip(): v.strip() for k, v in rows[1:]}
+    return {r[0].strip(): r[1].strip() for r in rows[1:]}  # the metric and its value (an interval may follow)
 
 
 def _write(path, rows):

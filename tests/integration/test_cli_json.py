@@ -9,6 +9,7 @@ import posttrain.models
 import posttrain.rollout.pairs
 from posttrain.cli import main
 from posttrain.evaluation import generate_answers, load_for_inference
+from posttrain.evaluation.intervals import wilson_interval
 from posttrain.evaluation.preference import judge_scores
 from posttrain.trainer.metrics import read_metrics
 
@@ -145,6 +146,11 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
     assert (doc["verifier"], doc["task"], doc["rewards"], doc["judge"], doc["n"]) == ("reward", None, ["exact_match"],
                                                                                       None, 4)  # fmt: skip
     assert doc["metrics"] == {"reward_mean": 0.5, "reward_positive": 0.5, "reward_failures": 0.0}
+    # 95% intervals: Wilson's for 2 of 4 rows, (0.5 + 0.480182 -+ 1.959964 sqrt(0.0625 + 0.060023)) / 1.960365;
+    # Student's t for the rewards 1, 1, 0, 0: 0.5 +- t_3 (3.18245) x 0.57735 / 2
+    assert doc["intervals"].keys() == {"reward_mean", "reward_positive"}
+    assert doc["intervals"]["reward_positive"] == pytest.approx([0.150039, 0.849961], abs=1e-6)
+    assert doc["intervals"]["reward_mean"] == pytest.approx([0.5 - 0.918693, 0.5 + 0.918693], abs=1e-5)
     assert doc["data"] == str(data) and doc["out"] == str(out)
     assert f"wrote 4 rows to {out}\n" in err  # where they went, on stderr (stdout is the document)
     assert doc["settings"] == {"max_new_tokens": 4, "temperature": 0.0, "seed": 1, "stop": [], "template_var": {},
@@ -157,7 +163,8 @@ def test_evaluate_json_and_out_with_a_reward(capsys, tiny_model_dir, tmp_path, a
     assert "evaluate: 100%" in err and "4/4" in err  # the progress bar, on stderr
 
     code, text, err = run(capsys, *base, "--no-progress")
-    assert code == 0 and "| reward_mean | 0.5 |" in text and "evaluate:" not in err
+    assert code == 0 and "| reward_mean | 0.5 | [-0.419, 1.42] |" in text and "evaluate:" not in err
+    assert "| reward_positive | 50.0% | [15.0%, 85.0%] |" in text and "| reward_failures | 0 |  |" in text
 
 
 def test_evaluate_keeps_its_results_when_out_cannot_be_written(capsys, tiny_model_dir, tmp_path, answers, monkeypatch):
@@ -242,6 +249,9 @@ def test_evaluate_pairs_json_and_out(capsys, tiny_model_dir, tmp_path):
                for r in written)  # fmt: skip
     logp_accuracy = sum(r["chosen_logp"] > r["rejected_logp"] for r in written) / 3
     assert (doc["metrics"]["implicit_accuracy"], doc["metrics"]["logp_accuracy"]) == (0.5, logp_accuracy)
+    # every accuracy has its Wilson interval over the 3 pairs (ties count 1/2: 1.5 of 3); a margin has none
+    assert doc["intervals"]["implicit_accuracy"] == list(wilson_interval(1.5, 3))
+    assert set(doc["intervals"]) == {k for k in doc["metrics"] if "accuracy" in k}
     assert "pairs (policy): 100%" in err and "pairs (reference): 100%" in err
     # A judge scores generated answers; --pairs generates none, so it is refused rather than ignored.
     code, doc, err = run_json(capsys, "evaluate", "--model", tiny_model_dir, "--pairs", pairs, "--judge", "rm")

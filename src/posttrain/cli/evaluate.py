@@ -3,6 +3,7 @@ judge), or rank preference pairs with its implicit reward (`posttrain.evaluation
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -102,7 +103,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> Output:
     """Answers to --n prompts, scored by the verifier (a task's, or rewards), and by a judge if given."""
-    from posttrain.evaluation import answer_records, format_table, generate_answers, load_for_inference
+    from posttrain.evaluation import (
+        answer_records,
+        format_table,
+        generate_answers,
+        load_for_inference,
+        metric_intervals,
+    )
 
     # before the answers are made, not after
     check_output_file(args.out, "--out", inputs={"--data": args.data, "--pairs": args.pairs})
@@ -159,7 +166,13 @@ def run(args) -> Output:
                if args.data is None else dict.fromkeys(("split", "min_ops", "max_ops", "max_value")))},
         "metrics": {k: v for k, v in metrics.items() if k != "n"}, "out": args.out,
     }  # fmt: skip
-    text = format_table({args.model: metrics})
+    values = {"judge_score_mean": scores} if scores is not None else {}
+    if rewards is not None:  # each row's reward, and each function's: their means' t intervals
+        values["reward_mean"] = [r["reward"] for r in per_row]
+        values.update({f"{k}_mean": [r[k] for r in per_row] for k in per_row[0] if k != "reward"} if per_row else {})
+    intervals = metric_intervals(metrics, values)
+    doc["intervals"] = {k: list(v) for k, v in intervals.items()}
+    text = format_table({args.model: metrics}, intervals)
     return _written(Output(doc=doc, text=text), args.out, lambda: answer_records(rows, completions, per_row, scores))
 
 
@@ -291,7 +304,7 @@ def _report_reward_failures(result, n: int, rewards: list) -> None:
 def evaluate_pairs(args) -> Output:
     """`posttrain evaluate --pairs FILE`: rank held-out preference pairs with the model and its reference."""
     from posttrain.data import load_rows
-    from posttrain.evaluation import load_for_inference
+    from posttrain.evaluation import load_for_inference, metric_intervals
     from posttrain.evaluation.preference import format_preference, pair_records, preference_accuracy
     from posttrain.models import is_adapter_model
     from posttrain.models.heads import reward_model_problem
@@ -330,16 +343,19 @@ def evaluate_pairs(args) -> Output:
         model, tokenizer, rows, reference=reference, beta=args.beta, max_length=args.max_length,
         source=args.pairs, per_pair=per_pair, progress=not args.no_progress, per_token=per_token,
     )  # fmt: skip
-    text = format_preference({args.model: result})
+    intervals = metric_intervals(result)  # the accuracies' (a margin is a difference of rewards: none)
+    text = format_preference({args.model: result}, intervals)
     doc = {"model": args.model, "verifier": "pairs", "pairs": args.pairs, "reference": args.reference,
            "n": len(rows), "settings": {**settings(args, "beta", "max_length"), "per_token": per_token},
-           "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out}  # fmt: skip
+           "metrics": {k: v for k, v in result.items() if k != "n"}, "out": args.out,
+           "intervals": {k: list(v) for k, v in intervals.items()}}  # fmt: skip
     return _written(Output(doc=doc, text=text), args.out, lambda: pair_records(rows, per_pair))
 
 
 def _rank_with_reward_model(args, rows: list[dict]) -> Output:
     """`evaluate --pairs` with a reward model: its own scores rank the pairs (`reward_model_accuracy`). Its
     backbone's DPO implicit reward read 50% for a model whose run logged 100% (the score head was left out)."""
+    from posttrain.evaluation import metric_intervals
     from posttrain.evaluation.preference import format_preference, pair_records, reward_model_accuracy
 
     given = [f"--{k.replace('_', '-')}" for k in PAIRS_ONLY if getattr(args, k) is not None]
@@ -351,8 +367,11 @@ def _rank_with_reward_model(args, rows: list[dict]) -> Output:
     quiet_libraries()
     per_pair: list[dict] = []
     result = reward_model_accuracy(args.model, rows, per_pair=per_pair)
-    text = format_preference({args.model: result})
+    values = {f"{side}_score_mean": [p[f"{side}_score"] for p in per_pair if not math.isnan(p["chosen_score"])
+                                      and not math.isnan(p["rejected_score"])] for side in ("chosen", "rejected")}
+    intervals = metric_intervals(result, values)
+    text = format_preference({args.model: result}, intervals)
     doc = {"model": args.model, "verifier": "reward_model", "pairs": args.pairs, "reference": None,
            "n": len(rows), "settings": {}, "metrics": {k: v for k, v in result.items() if k != "n"},
-           "out": args.out}  # fmt: skip
+           "out": args.out, "intervals": {k: list(v) for k, v in intervals.items()}}  # fmt: skip
     return _written(Output(doc=doc, text=text), args.out, lambda: pair_records(rows, per_pair))

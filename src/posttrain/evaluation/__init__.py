@@ -226,13 +226,19 @@ def ordered_metrics(keys) -> list[str]:
 
 
 def is_rate(metric: str) -> bool:
-    """Whether a metric is a share of rows or pairs (shown as a percentage): not a count (`n`, `*_failures`), a
-    mean of scores (`*_mean`: rewards, a judge's scores) or a difference of rewards (`*margin*`).
+    """Whether a metric is a share of rows or pairs (shown as a percentage): not a count (`n`, `*_failures`,
+    `unscored_*`), a mean of scores (`*_mean`: rewards, a judge's scores) or a difference of rewards (`*margin*`).
 
     >>> [is_rate(k) for k in ("exact", "mean_logp_accuracy", "judge_score_mean", "implicit_margin", "n")]
     [True, True, False, False, False]
+    >>> is_rate("unscored_pairs")  # 2 pairs a reward model could not score read "200.0%"
+    False
     """
-    return not (metric == "n" or metric.endswith(("_failures", "_mean")) or "margin" in metric)
+    return not (_is_count(metric) or metric.endswith("_mean") or "margin" in metric)
+
+
+def _is_count(metric: str) -> bool:
+    return metric == "n" or metric.endswith("_failures") or metric.startswith("unscored_")
 
 
 def format_value(metric: str, value: float) -> str:
@@ -243,7 +249,7 @@ def format_value(metric: str, value: float) -> str:
     ...                                  ("judge_score_mean", 3.5))]
     ['4', '50.0%', '+0.250', '3.5']
     """
-    if metric == "n" or metric.endswith("_failures"):
+    if _is_count(metric):
         return f"{value:.0f}"
     if "margin" in metric:
         return f"{value:+.3f}"
@@ -265,8 +271,47 @@ def format_change(metric: str, before: float, after: float) -> str:
     return f"{after - before:+.3f}" if "margin" in metric else f"{after - before:+.4g}"
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per metric, one column per model.
+def metric_intervals(metrics: dict[str, float], values: dict[str, Sequence[float]] | None = None, *,
+                     level: float = 0.95) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """The `level` intervals of an evaluation's metrics over its `n` rows: a rate (`is_rate`) gets the Wilson
+    interval of value x n of n (`intervals.wilson_interval`; a rate that is a mean of per-row fractions, such as a
+    share of fields, gets one at least as wide as it needs); a mean of scores named in `values` (each row's value:
+    rewards, a judge's scores) gets Student's t interval over them. Counts and anything else get none. An
+    evaluation of 8 rows all wrong read "0.0%": its interval says "at most 32.4%" (an audit).
+
+    >>> {k: [round(x, 4) for x in v] for k, v in metric_intervals({"n": 8.0, "correct": 0.0}).items()}
+    {'correct': [0.0, 0.3244]}
+    >>> [round(x, 4) for x in metric_intervals({"n": 3.0, "reward_mean": 0.5}, {"reward_mean": [0, 0.5, 1]})["reward_mean"]]
+    [-0.7421, 1.7421]
+    """
+    from posttrain.evaluation.intervals import t_interval, wilson_interval
+
+    n = metrics.get("n", 0)
+    out: dict[str, tuple[float, float]] = {}
+    for k, v in metrics.items():
+        if k in (values or {}):
+            if (bounds := t_interval(list(values[k]), level=level)) is not None:
+                out[k] = bounds
+        elif is_rate(k) and n >= 1 and 0 <= v <= 1:
+            out[k] = wilson_interval(v * n, n, level=level)
+    return out
+
+
+def format_interval(metric: str, bounds: tuple[float, float]) -> str:
+    """An interval as the tables show its metric: shares in percent, other values as numbers.
+
+    >>> format_interval("correct", (0.0, 0.32444)), format_interval("reward_mean", (-0.7421, 1.7421))
+    ('[0.0%, 32.4%]', '[-0.742, 1.74]')
+    """
+    if is_rate(metric):
+        return f"[{100 * bounds[0]:.1f}%, {100 * bounds[1]:.1f}%]"
+    return f"[{bounds[0]:.3g}, {bounds[1]:.3g}]"
+
+
+def format_table(results: dict[str, dict[str, float]], intervals: dict[str, tuple[float, float]] | None = None, *,
+                 order=ordered_metrics) -> str:  # fmt: skip
+    """A markdown table: one row per metric, one column per model; for one model, its `intervals` (from
+    `metric_intervals`) in a column beside it.
 
     >>> print(format_table({"base": {"n": 2.0, "exact": 0.5}, "tuned": {"n": 2.0, "exact": 1.0}}))
     | metric | base | tuned |
@@ -285,11 +330,21 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     |---|---|
     | pairs_implicit_margin | +0.250 |
     | judge_score_mean | 3.5 |
+    >>> print(format_table({"m": {"n": 8.0, "correct": 0.0}}, {"correct": (0.0, 0.32444)}))
+    | metric | m | 95% interval |
+    |---|---|---|
+    | correct | 0.0% | [0.0%, 32.4%] |
+    | n | 8 |  |
     """
     names = list(results)
-    metrics = ordered_metrics({k for r in results.values() for k in r})
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    if intervals is not None and len(names) != 1:
+        raise ValueError("intervals are shown beside one model's column")
+    metrics = order({k for r in results.values() for k in r})
+    head = [*names, *(["95% interval"] if intervals is not None else [])]
+    lines = ["| metric | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for k in metrics:
-        cells = [format_value(k, results[nm][k]) if k in results[nm] else "" for nm in names]
+        cells = ["" if results[nm].get(k) is None else format_value(k, results[nm][k]) for nm in names]
+        if intervals is not None:
+            cells.append(format_interval(k, intervals[k]) if k in intervals else "")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

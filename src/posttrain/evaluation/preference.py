@@ -32,7 +32,7 @@ from posttrain.algorithms.reward import pair_accuracy
 from posttrain.data import plain_messages
 from posttrain.data.preference import collate_pairs, render_preference_dataset
 from posttrain.errors import UserError
-from posttrain.evaluation import format_value
+from posttrain.evaluation import format_table
 from posttrain.models import is_adapter_model
 from posttrain.models.heads import RewardModelScorer
 from posttrain.models.logprobs import selected_token_logps
@@ -183,8 +183,9 @@ def judge_scores(
     return [float(x) for x in RewardModelScorer(reward_model)(prompts, completions, truncated)]
 
 
-def format_preference(results: dict[str, dict[str, float]]) -> str:
-    """A markdown table of `preference_accuracy` results, one column per model.
+def format_preference(results: dict[str, dict[str, float]], intervals: dict | None = None) -> str:
+    """A markdown table of `preference_accuracy` results, one column per model (the metrics in alphabetical order,
+    `n` last), with one model's `intervals` beside it (`evaluation.format_table`).
 
     >>> print(format_preference({"base": {"n": 4.0, "implicit_accuracy": 0.5}}))
     | metric | base |
@@ -192,10 +193,4 @@ def format_preference(results: dict[str, dict[str, float]]) -> str:
     | implicit_accuracy | 50.0% |
     | n | 4 |
     """
-    names = list(results)
-    keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k == "n", k))
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for k in keys:
-        cells = ["" if results[nm].get(k) is None else format_value(k, results[nm][k]) for nm in names]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return format_table(results, intervals, order=lambda keys: sorted(keys, key=lambda k: (k == "n", k)))
