@@ -187,15 +187,25 @@ def hidden_and_logits(
     The hidden states are caught on their way from the decoder to the output layer, which the model's own forward
     runs with a boolean `logits_to_keep` on the kept positions only."""
     caught: list[torch.Tensor] = []
-    hook = decoder_of(model).register_forward_hook(
-        lambda module, args, out: caught.append(out.last_hidden_state if hasattr(out, "last_hidden_state")
-                                                else out[0])  # fmt: skip
-    )
+
+    def catch(module, args, out):
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        caught.append(hidden)
+        device = hidden.device.type  # the autocast the forward ran under, for `head_logps` to run under it too
+        _FORWARD_AUTOCAST[module] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+
+    hook = decoder_of(model).register_forward_hook(catch)
     try:
         out = model(**inputs, use_cache=False, logits_to_keep=keep)
     finally:
         hook.remove()
     return caught[-1], selected_logits(out.logits, keep)
+
+
+_FORWARD_AUTOCAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per decoder: (autocast on, its dtype) in the forward that last produced its hidden states (`hidden_and_logits`).
+A forward that autocasts itself (Accelerate wraps a prepared model's forward so under mixed precision) computes its
+output layer under that autocast; `head_logps`, projecting the hidden states afterwards, does the same."""
 
 
 def last_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -279,8 +289,10 @@ def head_logps(
     docstring). `chunk_rows` defaults to `LOGIT_CHUNK_ELEMENTS // V`.
     """
     lm = causal_lm_of(model)
+    region = _as_in_forward(lm, hidden.device.type)
     rows = chunk_rows or max(1, LOGIT_CHUNK_ELEMENTS // lm.config.get_text_config().vocab_size)
-    plain = _plain_linear_head(lm, hidden)
+    with region():
+        plain = _plain_linear_head(lm, hidden)
     if plain is not None:
         head, dtype = plain
         # a tied embedding's stand-in for the weight, to which the weight's gradient goes (tied_embeddings); or None
@@ -292,13 +304,26 @@ def head_logps(
     picked, entropy = [], []
     # split: backward concatenates the chunks' grads; N = 0 gives one empty chunk (a graph, a zero gradient)
     for h, t in zip(hidden.split(rows), targets.split(rows)):
-        if keep_graph:
-            p, e = checkpoint(_chunk_logps, lm, h, t, temperature, with_entropy, use_reentrant=False)
-        else:
-            p, e = _chunk_logps(lm, h, t, temperature, with_entropy)
+        with region():  # each chunk a region of its own, as each call of a forward that autocasts itself
+            if keep_graph:
+                p, e = checkpoint(_chunk_logps, lm, h, t, temperature, with_entropy, use_reentrant=False)
+            else:
+                p, e = _chunk_logps(lm, h, t, temperature, with_entropy)
         picked.append(p)
         entropy.append(e)
     return torch.cat(picked), (torch.cat(entropy) if with_entropy else None)
+
+
+def _as_in_forward(lm: nn.Module, device: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context for projecting hidden states as the forward that made them would have: under the autocast it ran
+    under (`_FORWARD_AUTOCAST`) where that differs from the one in force here, else none. A forward that autocasts
+    itself (Accelerate's wrapper of a prepared model) computes its output layer in that region; outside it, QLoRA in
+    bf16 multiplied float32 hidden states (peft keeps the final norm in float32) by the bf16 output layer, and the
+    step failed (an audit)."""
+    state = _FORWARD_AUTOCAST.get(decoder_of(lm))
+    if state is None or state == (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device, dtype=state[1], enabled=state[0])
 
 
 _PLAIN_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
