@@ -71,6 +71,10 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     assert any(n.startswith("dpo-onpolicy, seed 0: only 0 training rows") for n in doc["notes"])
     assert {c["arm"] for c in doc["comparisons"]} == {"warm-start", "grpo"}
     assert {(c["metric"], c["verdict"]) for c in doc["comparisons"] if c["arm"] == "grpo"} >= {("ood", "inconclusive")}
+    # a gap's difference between arms is a difference of two differences (clean - variant, each arm): its detectable
+    # difference is sqrt(2) times that of one accuracy on as many problems (it was stated as one's)
+    by = {(c["arm"], c["metric"]): c for c in doc["comparisons"]}
+    assert by[("grpo", "gap:paraphrase")]["mdd"] == pytest.approx(by[("grpo", "paraphrase")]["mdd"] * 2**0.5)
     preds = {p["source"]: p for p in doc["predictions"]}
     assert preds["Chu et al. 2025"]["test"]["metric"] == "ood" and preds["Lin et al. 2025"]["verdict"] == "not measured"
     assert (out / "study.json").is_file() and json.loads((out / "study.json").read_text()) == doc
@@ -92,6 +96,20 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     assert (arm_dir / "run" / "metrics.jsonl").stat().st_mtime_ns == stamp  # not trained again
     assert [s["accuracy"] for s in again["summaries"]] == [s["accuracy"] for s in doc["summaries"]]
 
+    # the predictions and the statistics they are judged by were stated before the first arm trained; a study whose
+    # stated ones differ from those a run would judge by is refused (an audit changed a finished study's level and
+    # power, and two verdicts flipped), before any model loads
+    stated = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    assert stated["statistics"] == {"level": 0.95, "power": 0.8} and stated["stated_at"]
+    assert [p["claim"] for p in stated["predictions"]] == [p["claim"] for p in doc["predictions"]]
+    stated["statistics"]["power"] = 0.9
+    (out / "predictions.json").write_text(json.dumps(stated), encoding="utf-8")
+    code, stdout, err = run(capsys, *_argv(tiny_model_dir, out))
+    assert code == 2 and "holds the predictions and statistics this study stated before its results" in err
+    assert "statistics.power: 0.9 -> 0.8" in err and "run the study in a new --out" in err
+    # and every arm's steps were logged, so the budget's time and tokens are read from each of them
+    assert (arm_dir / "run" / "config.yaml").read_text(encoding="utf-8").count("log_every: 1") == 1
+
 
 @pytest.mark.parametrize(("argv", "says"), [
     (["--setting", "nope"], "study setting 'nope': no such file, and not a shipped setting (full, quick, standard)"),
@@ -99,6 +117,8 @@ def test_study_quick_end_to_end_and_a_rerun_reuses_the_arms(capsys, tiny_model_d
     (["--quick", "--set", "arms=[grpo]"], "baseline 'sft-more' is not one of the arms (grpo)"),
     (["--quick", "--set", "runs.sft.optim.lr=-1"], "optim.lr"),
     (["--quick", "--set", "budget.seconds=0"], "budget.seconds (--set budget.seconds=0): should be greater than 0 (got 0)"),
+    (["--quick", "--set", "statistics.power=0.05"], "statistics.power (--set statistics.power=0.05): should be greater than or equal to 0.5"),
+    (["--quick", "--set", "runs.common.run.log_every=2"], "runs.common.run.log_every: the study sets it itself"),
     (["--quick"], "no such local model folder"),  # the model is the only thing wrong
 ])  # fmt: skip
 def test_bad_input_is_exit_2_before_any_model_loads(capsys, tmp_path, argv, says):

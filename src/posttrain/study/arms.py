@@ -158,7 +158,7 @@ def run_config(cfg: StudyConfig, kind: str, *, model: str, train_file: str | Pat
     the model, data file, run folder, seed, steps and checkpoints (and GRPO's rewards)."""
     ours = {"model": {"name": str(model)}, "data": {"train": str(train_file)},
             "run": {"output_dir": str(out), "seed": seed, "max_steps": steps, "save_every": save_every,
-                    "keep_checkpoints": keep, "progress": progress, "report": False}}  # fmt: skip
+                    "keep_checkpoints": keep, "progress": progress, "report": False, "log_every": 1}}  # fmt: skip
     data = deep_merge(deep_merge(cfg.runs.common, getattr(cfg.runs, kind)), ours)
     if rewards:
         data = deep_merge(data, {"algorithm": {"rewards": list(rewards)}})

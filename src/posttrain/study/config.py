@@ -119,8 +119,9 @@ class EvalSettings(_Section):
 class StatsSettings(_Section):
     level: float = Field(0.95, gt=0, lt=1)
     """Confidence level of every interval."""
-    power: float = Field(0.8, gt=0, lt=1)
-    """Power at which the minimum detectable difference is stated."""
+    power: float = Field(0.8, ge=0.5, lt=1)
+    """Power at which the minimum detectable difference is stated (at least 0.5: below it the stated difference
+    can be negative, and every difference would pass the size test)."""
     resamples: int = Field(2000, ge=100)
     """Bootstrap resamples."""
 
@@ -130,7 +131,8 @@ STUDY_SETS = {
     "data": {"train": "each arm's own data"},
     "run": {"output_dir": "each arm's folder under the study's", "seed": "from the setting's seeds",
             "max_steps": "from the budget", "save_every": "from the budget's checkpoints",
-            "keep_checkpoints": "as the arms need them", "progress": "off", "report": "off"},
+            "keep_checkpoints": "as the arms need them", "progress": "off", "report": "off",
+            "log_every": "1: the budget's time and tokens are read from every step's record"},
 }
 """The run settings `study.arms.run_config` fills in for every training, with where each comes from."""
 

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,7 @@ from posttrain.study.arms import ARMS, Arm, Condition, Prepared, run_config, ste
 from posttrain.study.config import StudyConfig
 from posttrain.study.data import make_seed_data
 from posttrain.study.scoring import Scores, load_checkpoint_model, score_model
-from posttrain.study.summary import Cell, Point, StudyResult, summarise
+from posttrain.study.summary import Cell, Point, StudyResult, stated, summarise
 from posttrain.train import train
 from posttrain.trainer.checkpoint import checkpoint_dir, latest_checkpoint
 
@@ -50,6 +51,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, setting: str = "custom", pro
                    rewards=[{"name": "task"}] if kind == "grpo" else None)  # fmt: skip
     resolve_model(cfg.model)  # a missing model is a UserError now, not after the study folder is written
     _hold_settings(cfg, out)
+    _hold_predictions(cfg, out)
     base = _Lazy(lambda: load_for_inference(cfg.model))
     drift = cfg.evaluation.drift
     probe = _probe_texts(out, base) if drift else []
@@ -143,6 +145,29 @@ def _hold_settings(cfg: StudyConfig, out: Path) -> None:
         raise ConfigError(f"--out {out} is not empty and holds no study (no study.yaml); give a new folder")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(now, sort_keys=False), encoding="utf-8")
+
+
+def _hold_predictions(cfg: StudyConfig, out: Path) -> None:
+    """Write `out/predictions.json` (`summary.stated`: the predictions and the statistics their verdicts use, with
+    the time they were stated) before anything trains, or check that those already stated are the ones this run
+    would judge by: a study continued or summarised again after its predictions or thresholds changed (posttrain's
+    code, or a hand-edited study.yaml) is refused, not judged against what was chosen after its results."""
+    path = out / "predictions.json"
+    now = stated(cfg)
+    if path.exists():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} cannot be read ({err}): it holds what this study stated before its results; "
+                              "restore it, or start the study in another --out") from None  # fmt: skip
+        changed = _changes({k: before.get(k) for k in now}, now)
+        if changed:
+            raise ConfigError(f"{path} holds the predictions and statistics this study stated before its results "
+                              f"(at {before.get('stated_at', 'an unknown time')}), and this run would judge by others "
+                              f"({'; '.join(c[:200] for c in changed[:3])}). Verdicts are judged by what was stated in "
+                              "advance: run the study in a new --out to state new ones") from None  # fmt: skip
+        return
+    write_whole(path, json.dumps({"stated_at": datetime.now(UTC).isoformat(timespec="seconds"), **now}, indent=2))
 
 
 def _changes(before, now, prefix: str = "") -> list[str]:

@@ -353,6 +353,16 @@ PREDICTIONS = [
 ]  # fmt: skip
 
 
+def stated(cfg: StudyConfig) -> dict:
+    """What the study states before any result exists: each prediction (claim, source, expected direction, and the
+    comparison that tests it) and the statistics its verdicts use (level, power). `study.core` writes it into the
+    study's folder before the first arm trains and refuses to go on with other ones: a verdict is judged against
+    what was stated before the results, not against thresholds chosen after them (an audit changed the level and
+    power of a finished study, and two verdicts flipped)."""
+    return {"predictions": [{"claim": c, "source": s, "expect": e, "test": list(t)} for c, s, e, t in PREDICTIONS],
+            "statistics": {"level": cfg.statistics.level, "power": cfg.statistics.power}}  # fmt: skip
+
+
 def _metric(name: str) -> Metric:
     if name.startswith("pass@"):
         return pass_k(int(name[5:]))
@@ -430,7 +440,8 @@ def summarise(cfg: StudyConfig, setting: str, cells: list[Cell], rows: dict[int,
     comparisons = [c for noise in cfg.noise for arm in ["warm-start", *cfg.arms] if arm != cfg.baseline
                    for metric, name in zip(metrics, names)
                    if (c := compare(d, compare_rows(d, (arm, noise), (cfg.baseline, noise), metric), arm,
-                                    cfg.baseline, noise, name)) is not None]  # fmt: skip
+                                    cfg.baseline, noise, name, twice=name.startswith("gap:"))) is not None]
+    # (a gap's difference is one of two differences, clean - variant for each arm: four accuracies, as `twice`)
     first = next(iter(rows.values()), [])
     problems = {sp: sum(r["split"] == sp for r in first) for sp in SPLITS}
     problems["ood"] = len({r["perturbs"] for r in first if r["split"] in OOD_SPLITS})  # problems, not their variants
