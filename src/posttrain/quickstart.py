@@ -144,7 +144,7 @@ def run_quickstart(
               "seconds": clock.seconds, "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
     rss, _ = peak_memory_gb()
-    print(clock.line() + (f"; peak RSS {rss:.1f} GiB" if rss is not None else ""))
+    print(clock.line() + (f"; peak RSS {rss:.1f} GB" if rss is not None else ""))
     return report
 
 

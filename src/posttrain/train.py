@@ -427,8 +427,9 @@ def _bf16_on_cpu(cfg: RunConfig) -> bool:
 
 
 def _measured(result: TrainResult, cfg: RunConfig, started: float) -> TrainResult:
-    """`result` with what the end-of-run summary reports besides the metrics (`TrainResult`)."""
-    rss, gpu = peak_memory_gb()
+    """`result` with what the end-of-run summary reports besides the metrics (`TrainResult`); its peak memory is
+    the training's, measured before the report was built (`_train`), or now for a run that trained nothing."""
+    rss, gpu = (result.peak_rss_gb, result.peak_gpu_gb) if result.peak_rss_gb is not None else peak_memory_gb()
     return dataclasses.replace(
         result, method=cfg.algorithm.name, key_metric=get_algorithm(cfg.algorithm.name).key_metric,
         wall_time_s=time.perf_counter() - started, peak_rss_gb=rss, peak_gpu_gb=gpu,
@@ -547,9 +548,12 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = 
     )  # fmt: skip
 
     final, unwrapped = _save_final(accelerator, model, tokenizer, run_dir, cfg, steps)
+    rss, gpu = peak_memory_gb()  # the training's peak, before the report's plots add theirs
     if accelerator.is_main_process and cfg.run.report and (report := report_or_warning(run_dir)) is not None:
         print(f"report: {report}")  # report.html and report.md (posttrain.report), from the run folder's files
     return TrainResult(
+        peak_rss_gb=rss,
+        peak_gpu_gb=gpu,
         run_dir=run_dir,
         final_dir=final,
         steps=steps,

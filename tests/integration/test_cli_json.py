@@ -60,6 +60,8 @@ def test_train_json(capsys, tiny_model_dir, tmp_path):
     assert doc["final_loss"] == last["loss"] and doc["metrics"] == last and doc["eval"] == evaluation
     assert doc["key_metric"] == {"name": "reward_accuracy", "value": last["reward_accuracy"]}
     assert doc["wall_time_s"] > 0 and doc["peak_rss_gb"] > 0 and doc["peak_gpu_gb"] is None  # CPU run
+    # one unit: the process's peak after training is at least the peak every step logged (in GiB it read 7% less)
+    assert doc["peak_rss_gb"] >= max(r["peak_rss_gb"] for r in records if "peak_rss_gb" in r)
     assert doc["metrics_file"] == str(run_dir / "metrics.jsonl")
     assert doc["report"] == str(run_dir / "report.html") and (run_dir / "report.html").is_file()
     assert doc["tensorboard"] is None and doc["steps_without_signal"] is None  # DPO has no groups

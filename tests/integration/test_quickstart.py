@@ -17,7 +17,7 @@ def test_quickstart_times_its_stages_and_scores_the_base_model_once(tiny_model_d
     last = printed.rstrip().splitlines()[-1]
     stage = r"{} \d+ s \(\d+%\)"
     assert re.fullmatch(r"time: " + ", ".join(stage.format(s) for s in STAGES)
-                        + r"; \d+\.\d min in all; peak RSS \d+\.\d GiB", last), last  # fmt: skip
+                        + r"; \d+\.\d min in all; peak RSS \d+\.\d GB", last), last  # fmt: skip
     assert list(report["seconds"]) == STAGES and all(v >= 0 for v in report["seconds"].values())
     assert json.loads((out / "results.json").read_text())["seconds"] == report["seconds"]
     cached = json.loads((out / "eval_base.json").read_text())

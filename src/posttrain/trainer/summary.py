@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from posttrain.train import TrainResult
 
-GB = 2**30
+GB = 1e9
+"""Memory is reported in decimal gigabytes everywhere: the summary, `metrics.jsonl` (`peak_rss_gb`, the training
+loop) and the report read one unit (the summary used GiB under the label GB, and read 0.29 where the metrics read
+0.31 for the same memory: an audit)."""
 
 
 def peak_memory_gb() -> tuple[float | None, float | None]:
-    """(peak resident memory of this process, peak GPU memory allocated by torch) in GiB; None where unknown
+    """(peak resident memory of this process, peak GPU memory allocated by torch) in GB (1e9 bytes); None where unknown
     (no `resource` module on Windows; no CUDA). Both are process-lifetime peaks, not just one run's."""
     rss = None
     try:
