@@ -32,7 +32,14 @@ from posttrain.algorithms import config_from_dict
 from posttrain.config import QUICKSTART_CONFIGS, ModelConfig, TechniqueConfig, read_config_file
 from posttrain.data import TASKS, write_jsonl
 from posttrain.errors import UserError
-from posttrain.evaluation import evaluate_task, format_change, format_value, ordered_metrics
+from posttrain.evaluation import (
+    evaluate_task,
+    format_change,
+    format_value,
+    ordered_metrics,
+    paired_changes,
+    paired_summary,
+)
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.files import write_whole
 from posttrain.models import load_model
@@ -138,9 +145,9 @@ def run_quickstart(
             # base weights in place, so decoding runs one product per layer without holding merged copies beside
             # the base (`generate` would make them: +0.4 GiB of peak here). The same W + delta either way.
             model = model.merge_and_unload()
-        after = evaluate_task(model, result.tokenizer, task.name, rows=heldout, max_new_tokens=recipe.max_new_tokens,
-                              batch_size=recipe.eval_batch_size)  # fmt: skip
-    report = {"before": before, "after": after, "steps": steps, "minutes": round(clock.total() / 60, 1),
+        after = _rates(model, result.tokenizer, task.name, heldout, recipe)
+    changes = paired_changes(before, after)  # every 0/1 metric, paired on the held-out rows (results.json)
+    report = {"before": before, "after": after, "changes": changes, "steps": steps, "minutes": round(clock.total() / 60, 1),
               "seconds": clock.seconds, "run_dir": str(run_dir), "model": str(result.final_dir)}  # fmt: skip
     _write_results(report, run_dir, n_eval, f'"{heldout[0]["prompt"][:60]}..."')
     rss, _ = peak_memory_gb()
@@ -201,15 +208,24 @@ def _base_scores(cfg, tokenizer, recipe: SFTRecipe, heldout: list[dict], eval_fi
     _stage(f"scoring the base model on {len(heldout)} held-out prompts (greedy; {why})")
     base = load_model(ModelConfig(name=cfg.model.name), TechniqueConfig(name="full"), train=False)
     base.eval()
-    before = evaluate_task(base, tokenizer, recipe.task, rows=heldout, max_new_tokens=recipe.max_new_tokens,
-                           batch_size=recipe.eval_batch_size)  # fmt: skip
+    before = _rates(base, tokenizer, recipe.task, heldout, recipe)
     write_scores(cache, key, before)
     return before
+
+
+def _rates(model, tokenizer, task: str, heldout: list[dict], recipe: SFTRecipe) -> dict:
+    """The verifier's rates on the held-out rows, with each row's own (`per_row_<metric>`) for the paired tests."""
+    per_row: list[dict] = []
+    rates = evaluate_task(model, tokenizer, task, rows=heldout, max_new_tokens=recipe.max_new_tokens,
+                          batch_size=recipe.eval_batch_size, per_row=per_row)  # fmt: skip
+    return {**rates, **{f"per_row_{k}": [r[k] for r in per_row] for k in (per_row[0] if per_row else {})}}
 
 
 def _write_results(report: dict, run_dir: Path, n_eval: int, example_prompt: str) -> None:
     """results.json, results.md, the table on the terminal, and the run's report page."""
     table = format_before_after(report["before"], report["after"])
+    headline = {k: c for k, c in report["changes"].items() if not k.startswith("field_")}  # each field's: results.json
+    table += "\n\n" + paired_summary(headline, n_eval) if headline else ""
     write_whole(run_dir / "results.json", json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n")
     _stage(

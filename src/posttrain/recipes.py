@@ -36,7 +36,7 @@ from posttrain.algorithms import config_from_dict
 from posttrain.config import ModelConfig, TechniqueConfig, apply_overrides, quickstart_methods
 from posttrain.data import TASKS, load_rows, make_pairs, make_prompts, write_jsonl
 from posttrain.errors import UserError
-from posttrain.evaluation import evaluate_task, paired_change
+from posttrain.evaluation import evaluate_task, paired_changes, paired_summary
 from posttrain.evaluation.cache import decoding_settings, lookup, scores_key, write_scores
 from posttrain.evaluation.preference import preference_accuracy
 from posttrain.files import write_whole
@@ -110,7 +110,8 @@ def _scores(
         out.update(
             {f"{mode}{k}": v for k, v in rates.items() if k != "has_number" and not (mode and k == "n")}
         )
-        out[f"per_row_{mode}correct"] = [r["correct"] for r in per_row]
+        for k in ("correct", "formatted"):  # each row's, for the paired tests of the before/after table
+            out[f"per_row_{mode}{k}"] = [r[k] for r in per_row]
     if "pairs" in files:
         pref = preference_accuracy(
             model,
@@ -161,8 +162,7 @@ def run_recipe(
     model = getattr(result.model, "policy", result.model)  # PPO: the policy inside its value-head wrapper
     model.eval()
     after = _scores(model, result.tokenizer, recipe, files, max_length=cfg.data.max_length)
-    changes = {k: paired_change(before.pop(f"per_row_{k}"), after.pop(f"per_row_{k}"))
-               for k in ("correct", "sampled_correct")}  # fmt: skip
+    changes = paired_changes(before, after)
     report = {"method": method, "before": before, "after": after, "changes": changes, "steps": steps,
               "minutes": round((time.perf_counter() - started) / 60, 1), "run_dir": str(run_dir),
               "model": str(result.final_dir)}  # fmt: skip
@@ -197,10 +197,7 @@ def _write_results(report: dict, run_dir: Path, n_heldout: int) -> None:
     """results.json, results.md (the table and the paired changes), the same on the terminal, the report page."""
     after_name = f"| after {report['method'].upper()} |"
     table = format_before_after(report["before"], report["after"]).replace("| fine-tuned |", after_name)
-    summary = "\n".join(
-        f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n_heldout}; exact McNemar p = {c['p_value']:.2g}"
-        for k, c in report["changes"].items()
-    )
+    summary = paired_summary(report["changes"], n_heldout)
     write_whole(run_dir / "results.json", json.dumps(report, indent=1))
     (run_dir / "results.md").write_text(table + "\n\n" + summary + "\n")
     _stage(

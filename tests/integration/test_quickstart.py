@@ -21,7 +21,14 @@ def test_quickstart_times_its_stages_and_scores_the_base_model_once(tiny_model_d
     assert list(report["seconds"]) == STAGES and all(v >= 0 for v in report["seconds"].values())
     assert json.loads((out / "results.json").read_text())["seconds"] == report["seconds"]
     cached = json.loads((out / "eval_base.json").read_text())
-    assert cached["scores"] == report["before"] and cached["scores"]["n"] == 4.0
+    rates = {k: v for k, v in cached["scores"].items() if not k.startswith("per_row_")}
+    assert rates == report["before"] and cached["scores"]["n"] == 4.0
+    # each row's verdicts are kept with the base's scores, so every 0/1 metric's change is tested on the same rows
+    assert len(cached["scores"]["per_row_exact"]) == 4 and {"exact", "json_valid", "schema_match"} <= set(report["changes"])
+    assert all(set(c) == {"gained", "lost", "p_value", "low", "high"} for c in report["changes"].values())
+    assert re.search(r"\nexact: \d+ prompts gained, \d+ lost of 4; change [-+]\d+\.\d to [-+]\d+\.\d pts", printed)
+    assert not re.search(r"^field_\w+: \d+ prompts gained", printed, re.M)  # each field's: in results.json only
+    assert any(k.startswith("field_") for k in report["changes"])
     assert cached["made_from"]["model"]["sha256"] == file_digest(tiny_model_dir)
     assert cached["made_from"]["rows"]["sha256"] == file_digest(out / "data" / "heldout.jsonl")
     assert cached["made_from"]["decoding"]["batch_size"] == 100

@@ -75,9 +75,11 @@ def test_dpo_recipe_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
     assert before["n"] == after["n"] == 6.0
     # the base model compared with itself: every implicit reward is 0, so every pair is a tie (accuracy 1/2)
     assert before["pairs_implicit_accuracy"] == 0.5 and before["pairs_implicit_margin"] == 0.0
-    assert set(report["changes"]) == {"correct", "sampled_correct"}
+    # every 0/1 metric is tested on the same prompts (formatted had no test), with its paired interval
+    assert list(report["changes"]) == ["correct", "sampled_correct", "formatted", "sampled_formatted"]
     for change in report["changes"].values():
         assert 0 <= change["gained"] + change["lost"] <= 6 and 0.0 < change["p_value"] <= 1.0
+        assert -1 <= change["low"] <= (change["gained"] - change["lost"]) / 6 <= change["high"] <= 1
     saved = json.loads((out / "results.json").read_text())
     assert saved["steps"] == 2 and (out / "final").is_dir() and (out / "results.md").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2
@@ -116,7 +118,7 @@ def test_rl_recipes_end_to_end_on_the_tiny_model(method, tiny_model_dir, tmp_pat
                         overrides=["data.max_length=320", "algorithm.rollout.max_new_tokens=8"])  # fmt: skip
     assert f"| held-out metric | base model | after {method.upper()} | change |" in capsys.readouterr().out
     assert report["before"]["n"] == report["after"]["n"] == 4.0
-    assert set(report["changes"]) == {"correct", "sampled_correct"}
+    assert list(report["changes"]) == ["correct", "sampled_correct", "formatted", "sampled_formatted"]
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 2 and all("reward/formatted_mean" in h for h in hist)
     assert (out / "samples.jsonl").is_file() and (out / "report.html").is_file()

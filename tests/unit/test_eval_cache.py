@@ -116,7 +116,7 @@ def test_quickstart_scores_the_base_model_once(parts, tmp_path, monkeypatch, cap
     model, rows = parts
     calls = []
 
-    def fake_evaluate(m, tokenizer, task, *, rows, max_new_tokens, batch_size):
+    def fake_evaluate(m, tokenizer, task, *, rows, max_new_tokens, batch_size, per_row):
         calls.append((task, len(rows), max_new_tokens, batch_size))
         return {"n": float(len(rows)), "exact": 0.25 * len(calls)}
 

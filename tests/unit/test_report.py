@@ -46,7 +46,8 @@ RESULTS = {
                "pairs_mean_logp_accuracy": 0.4333, "judge_score_mean": 0.5},
     "after": {"n": 200.0, "correct": 0.295, "formatted": 0.92, "pairs_implicit_margin": 12.305,
               "pairs_mean_logp_accuracy": 0.45, "judge_score_mean": 0.75},
-    "changes": {"correct": {"gained": 43, "lost": 29, "p_value": 0.1247}},
+    "changes": {"correct": {"gained": 43, "lost": 29, "p_value": 0.1247, "low": -0.0123, "high": 0.1517}},
+    "steps": 1,
 }
 
 
@@ -67,7 +68,11 @@ def test_quickstart_results_give_before_after_and_paired_tables(tmp_path):
     assert "| pairs_mean_logp_accuracy | 43.3% | 45.0% | +1.7 pts |" in md
     table = format_before_after(RESULTS["before"], RESULTS["after"])
     assert all(line in md for line in table.splitlines()[2:])
-    assert "| correct | 43 | 29 | 0.12 |" in md
+    assert "| correct | 43 | 29 | -1.2 to +15.2 pts | 0.12 |" in md and "Warning" not in md
+    # results.json scored at step 1, and the run continued to step 2 without scoring again: said, not shown as current
+    _write(run / "metrics.jsonl", [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.5}])
+    md = build_report([run]).markdown.read_text(encoding="utf-8")
+    assert "the scores after training are of the model at step 1, but the run has since logged steps up to 2" in md
     # before training finishes, only the base model's scores exist
     (run / "results.json").unlink()
     (run / "eval_base.json").write_text(json.dumps(RESULTS["before"]), encoding="utf-8")

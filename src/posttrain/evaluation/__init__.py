@@ -191,23 +191,58 @@ def evaluate_task(
 
 
 def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
-    """How a 0/1 metric changed on the same rows: rows gained (0 -> 1), lost (1 -> 0), and the exact two-sided
+    """How a 0/1 metric changed on the same rows: rows gained (0 -> 1), lost (1 -> 0), the exact two-sided
     McNemar p-value, the chance of a split at least this uneven between gained and lost if training changed
-    nothing (McNemar 1947; exact binomial form: 2 P[Bin(gained + lost, 1/2) <= min(gained, lost)], capped at 1).
+    nothing (McNemar 1947; exact binomial form: 2 P[Bin(gained + lost, 1/2) <= min(gained, lost)], capped at 1),
+    and `low`/`high`, the 95% interval of the change of the rate, after - before, paired on the rows (Newcombe
+    1998, `intervals.paired_difference_interval`).
 
     Worked example: 12 gained, 3 lost -> 2 P[Bin(15, 1/2) <= 3] = 2 (1 + 15 + 105 + 455) / 2^15 = 0.0352.
 
     >>> r = paired_change([0] * 12 + [1] * 3 + [1] * 5, [1] * 12 + [0] * 3 + [1] * 5)
-    >>> r["gained"], r["lost"], round(r["p_value"], 4)
-    (12, 3, 0.0352)
+    >>> r["gained"], r["lost"], round(r["p_value"], 4), r["low"] < 9 / 20 < r["high"]
+    (12, 3, 0.0352, True)
     """
+    from posttrain.evaluation.intervals import paired_difference_interval
+
     if len(before) != len(after):
         raise ValueError(f"{len(before)} rows before but {len(after)} after")
     gained = sum(1 for b, a in zip(before, after) if not b and a)
     lost = sum(1 for b, a in zip(before, after) if b and not a)
+    both = sum(1 for b, a in zip(before, after) if b and a)
     n = gained + lost
     tail = sum(comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
-    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
+    low, high = paired_difference_interval(both, gained, lost, len(before) - both - gained - lost)
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail), "low": low, "high": high}
+
+
+def paired_changes(before: dict, after: dict) -> dict[str, dict]:
+    """`paired_change` of every metric both score dicts hold row by row (`per_row_<metric>`: 0/1 per row, the same
+    rows in the same order), popping those lists out of both: what the before/after tables test, every 0/1 metric
+    and not only some (an audit found `formatted` and the SFT quickstart's rates shown with no test)."""
+    keys = [k for k in before if k.startswith("per_row_") and k in after]
+    changes = {}
+    for key in keys:
+        b, a = before.pop(key), after.pop(key)
+        if all(v in (0, 1) for v in [*b, *a]):
+            changes[key.removeprefix("per_row_")] = paired_change(b, a)
+    for scores in (before, after):  # one side's alone (an older cache): not a metric of the table either
+        for key in [k for k in scores if k.startswith("per_row_")]:
+            del scores[key]
+    return {k: changes[k] for k in ordered_metrics(changes)}
+
+
+def paired_summary(changes: dict[str, dict], n: int) -> str:
+    """One line per `paired_changes` entry, as the quickstarts print them under their tables.
+
+    >>> print(paired_summary({"correct": {"gained": 12, "lost": 3, "p_value": 0.0352, "low": 0.2, "high": 0.65}}, 20))
+    correct: 12 prompts gained, 3 lost of 20; change +20.0 to +65.0 pts (95%, paired); exact McNemar p = 0.035
+    """
+    return "\n".join(
+        f"{k}: {c['gained']} prompts gained, {c['lost']} lost of {n}; change {100 * c['low']:+.1f} to "
+        f"{100 * c['high']:+.1f} pts (95%, paired); exact McNemar p = {c['p_value']:.2g}"
+        for k, c in changes.items()
+    )
 
 
 HEADLINE_METRICS = ["json_valid", "schema_match", "exact", "correct", "sampled_correct", "formatted",

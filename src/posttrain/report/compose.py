@@ -167,15 +167,26 @@ def _evaluation(runs: list[Run]) -> list:
             part += [Text("Held-out scores before and after training (results.json"
                           + (f"; {fmt(n)} prompts" if n is not None else "") + ")."),  # fmt: skip
                      _before_after(res["before"], res.get("after") if isinstance(res.get("after"), dict) else {})]
+            scored, last = res.get("steps"), (r.steps[-1].get("step") if r.steps else None)
+            if isinstance(scored, int) and isinstance(last, int) and scored != last:
+                part.insert(0, Text(f"Warning: the scores after training are of the model at step {scored}, but the run "
+                                    f"has since logged steps up to {last} (it was continued and not scored again): "
+                                    "they do not describe the current model. Run the same quickstart command to "
+                                    "score it."))  # fmt: skip
             changes = {k: c for k, c in (res.get("changes") or {}).items() if isinstance(c, dict)}
             if changes:
+                def interval(c: dict) -> str:
+                    ok = all(isinstance(c.get(k), int | float) for k in ("low", "high"))
+                    return f"{100 * c['low']:+.1f} to {100 * c['high']:+.1f} pts" if ok else "-"
+
                 part += [
                     Text("Paired changes on the same prompts: prompts gained (wrong before, right after) and lost, "
-                         "and the exact McNemar p-value (the chance of a split at least this uneven if training "
-                         "changed nothing)."),  # fmt: skip
-                    Table(["metric", "gained", "lost", "exact McNemar p"],
-                          [[k, fmt(c.get("gained")), fmt(c.get("lost")), f"{c['p_value']:.2g}" if "p_value" in c else "-"]
-                           for k, c in changes.items()]),  # fmt: skip
+                         "the 95% interval of the change paired on the prompts (Newcombe 1998), and the exact "
+                         "McNemar p-value (the chance of a split at least this uneven if training changed "
+                         "nothing)."),  # fmt: skip
+                    Table(["metric", "gained", "lost", "change, 95% interval", "exact McNemar p"],
+                          [[k, fmt(c.get("gained")), fmt(c.get("lost")), interval(c),
+                            f"{c['p_value']:.2g}" if "p_value" in c else "-"] for k, c in changes.items()]),  # fmt: skip
                 ]
         elif r.base_scores:
             part += [Text("The base model's held-out scores (eval_base.json); the scores after training are added by "
