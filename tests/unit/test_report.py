@@ -142,3 +142,19 @@ def test_sample_log_keeps_every_nth_rollout_and_the_last_and_replaces_resampled_
 def test_importing_posttrain_and_its_report_package_does_not_import_matplotlib():
     code = "import sys, posttrain, posttrain.report, posttrain.cli; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_a_run_stopped_before_its_end_says_so(tmp_path):
+    """A run killed at step 121 of 3000 read as finished: the summary showed "last step 121" (an audit)."""
+    run = tmp_path / "cut"
+    run.mkdir()
+    _write(run / "metrics.jsonl", [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)])
+    (run / "config.yaml").write_text("algorithm:\n  name: sft\nrun:\n  max_steps: 10\n", encoding="utf-8")
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    md = build_report([run]).markdown.read_text(encoding="utf-8")
+    assert "| 3 of 10 |" in md
+    assert ("the run stopped at step 3 of 10: its latest checkpoint is step 2, which `posttrain train` with its "
+            "config and --resume continues from (training step 3 again)") in md
+    (run / "config.yaml").write_text("algorithm:\n  name: sft\nrun:\n  max_steps: 3\n", encoding="utf-8")
+    md = build_report([run]).markdown.read_text(encoding="utf-8")
+    assert "stopped at step" not in md and "| 3 of" not in md

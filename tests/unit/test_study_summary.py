@@ -116,12 +116,29 @@ def test_a_per_seed_measurement_over_three_seeds_gets_a_t_interval_not_the_seeds
     assert kl.difference == pytest.approx(0.041 / 3, abs=1e-12) and kl.mdd is None
     assert (kl.low, kl.high) == (pytest.approx(-0.0232, abs=1e-4), pytest.approx(0.0505, abs=1e-4))
     assert kl.verdict == "inconclusive"
-    grpo = {a.arm: a for a in res.summaries}["grpo"].drift["kl_task"]  # an arm's own: t over its 3 seeds
-    assert (grpo.low, grpo.high) == (pytest.approx(0.2137 - 4.30265 * 0.11452 / 3**0.5, abs=1e-3),
-                                     pytest.approx(0.2137 + 4.30265 * 0.11452 / 3**0.5, abs=1e-3))  # fmt: skip
+    grpo = {a.arm: a for a in res.summaries}["grpo"].drift["kl_task"]  # an arm's own: t over its 3 seeds, whose
+    # low end, 0.2137 - 0.2845, is cut at 0 (a KL is never negative)
+    assert (grpo.low, grpo.high) == (0.0, pytest.approx(0.2137 + 4.30265 * 0.11452 / 3**0.5, abs=1e-3))
 
 
 def test_a_difference_of_differences_is_called_past_sqrt_2_times_the_mdd(result):
     """The crossover (gain at pass@1 minus gain at pass@4) adds the noise of four pass rates, not two."""
     cross = next(p for p in result.predictions if "crossover" in p.claim).test
     assert cross.mdd == pytest.approx(2**0.5 * minimum_detectable_difference(40, 1), abs=1e-12)
+
+
+def test_an_arms_drift_interval_stays_within_what_the_number_can_take():
+    """A t interval over 2 seeds printed "top-1 agreement 75.8% [-80.9, 232.5]" and KL intervals below 0 (an
+    audit): an arm's own interval is cut to [0, 1] for a share and [0, inf) for a KL; a difference is not cut."""
+    cfg = CFG.model_copy(update={"seeds": [0, 1]})
+    cells = []
+    for seed, (kl, agree) in enumerate([(0.01, 0.5), (0.5, 1.0)]):
+        drift = {"task": {"kl_policy_base": kl, "kl_base_policy": kl, "top1_agreement": agree},
+                 "probe": {"kl_policy_base": kl, "kl_base_policy": kl, "top1_agreement": agree}}  # fmt: skip
+        scores = Scores({r["id"]: 1 for r in ROWS}, {}, samples=4, sampled=dict.fromkeys(IDS, 2), drift=drift)
+        cells.append(Cell("sft-more", seed, 0.0, "trained", points=[Point(3, 9.0, 100.0, scores, True)]))
+    res = summarise(cfg, "test", cells, dict.fromkeys(cfg.seeds, ROWS), out="x", seconds=1.0)
+    d = {a.arm: a for a in res.summaries}["sft-more"].drift
+    # t_1 = 12.706: 0.255 +- 12.706 x 0.34648 / sqrt(2) and 0.75 +- 12.706 x 0.35355 / sqrt(2), both past their range
+    assert d["kl_task"].low == 0.0 and d["kl_task"].high == pytest.approx(0.255 + 12.7062 * 0.346482 / 2**0.5, abs=1e-3)
+    assert (d["probe_agreement"].low, d["probe_agreement"].high) == (0.0, 1.0)

@@ -18,6 +18,7 @@ class Panel:
     title: str
     keys: tuple[str, ...]
     band: dict[str, str] = field(default_factory=dict)  # key -> the key of its standard deviation (a band)
+    from_zero: bool = False  # the y axis starts at 0: a quantity whose size matters, not only its changes (memory)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ SECTIONS: tuple[Section, ...] = (
             _p("tokens per second", "tokens_per_s"),
             _p("time per step (s)", "step_time_s", "data_time_s", "train_time_s", "gen_time_s", "reward_time_s",
                "prepare_time_s"),  # fmt: skip
-            _p("peak memory (GB)", "peak_rss_gb", "peak_cuda_gb"),
+            Panel("peak memory (GB)", ("peak_rss_gb", "peak_cuda_gb"), from_zero=True),
         ),
     ),
 )

@@ -89,7 +89,7 @@ def compose(runs: list[Run]) -> tuple[str, list]:
     blocks += _evaluation(runs)
     blocks += _curves(runs)
     blocks += _samples(runs)
-    notes = [f"{r.label}: {n}" for r in runs for n in r.notes]
+    notes = [f"{r.label}: {n}" for r in runs for n in [*r.notes, *_unfinished(r)]]
     if notes:
         blocks += [Heading("Notes"), *[Text(n) for n in notes]]
     blocks += _configs(runs)
@@ -104,12 +104,37 @@ def _summary(runs: list[Run]) -> Table:
     for r in runs:
         steps = r.steps
         seconds = _sum(r, "step_time_s")
+        target = setting(r.config, "run.max_steps")
+        last = steps[-1]["step"]
+        short = isinstance(target, int) and isinstance(last, int) and last < target  # stopped before its end
         row = [r.label, r.method, str(setting(r.config, "technique.name") or "-"),
-               str(setting(r.config, "model.name") or "-"), fmt(steps[-1]["step"]), fmt(steps[-1].get("loss")),
+               str(setting(r.config, "model.name") or "-"), f"{fmt(last)} of {target}" if short else fmt(last),
+               fmt(steps[-1].get("loss")),
                _duration(training_seconds(r)) if r.series("elapsed_s")[0] else "-", fmt(_sum(r, "tokens") / seconds) if seconds else "-",
                fmt(_peak(r, "peak_rss_gb"))]  # fmt: skip
         rows.append(row + ([fmt(_peak(r, "peak_cuda_gb"))] if gpu else []))
     return Table(header, rows)
+
+
+def _unfinished(run: Run) -> list[str]:
+    """A note for a run that stopped before `run.max_steps` without a final model newer than its steps: how far it
+    got, and what `--resume` continues from (a run killed at step 121 of 3000 read as finished: an audit)."""
+    from posttrain.files import checkpoint_step, list_checkpoints
+
+    target, steps = setting(run.config, "run.max_steps"), run.steps
+    last = steps[-1].get("step") if steps else None
+    if not (isinstance(target, int) and isinstance(last, int) and last < target):
+        return []
+    kept = [checkpoint_step(c) for c in list_checkpoints(run.path)]
+    again = (f"its latest checkpoint is step {kept[-1]}, which `posttrain train` with its config and --resume continues "
+             f"from" + (f" (training {_span(kept[-1] + 1, last)} again)" if kept[-1] < last else "")) if kept else (
+             "it has no checkpoint, so --resume starts it again")  # fmt: skip
+    return [f"the run stopped at step {last} of {target}: {again}. The curves and numbers above are of the steps "
+            "it logged."]
+
+
+def _span(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:
@@ -284,12 +309,13 @@ def _samples(runs: list[Run]) -> list:
         for i, index in enumerate(rollouts):
             group = by_rollout[index]
             totals = [s["total"] for s in group if isinstance(s.get("total"), int | float)]
-            mean = f"; mean total reward {fmt(statistics.fmean(totals))}" if totals else ""
+            mean = f"; their mean total reward {fmt(statistics.fmean(totals))}" if totals else ""
             rows = [[_cut(s.get("prompt", ""), PROMPT_CHARS), _cut(s.get("completion", ""), COMPLETION_CHARS),
                      "; ".join(f"{k} {fmt(v)}" for k, v in (s.get("rewards") or {}).items()), fmt(s.get("total")),
                      "yes" if s.get("truncated") else "no", fmt(s.get("length"))] for s in group]  # fmt: skip
             table = Table(["prompt", "completion", "rewards", "total", "truncated", "tokens"], rows, text_columns=(0, 1))
-            summary = f"rollout {fmt(index)} (step {fmt(group[0].get('step'))}): {len(group)} samples{mean}"
+            summary = (f"rollout {fmt(index)} (step {fmt(group[0].get('step'))}): {len(group)} of its samples{mean} "
+                       "(the rollout's own mean is in the rewards curves)")  # fmt: skip
             blocks.append(Details(summary, [table], open=i in (0, len(rollouts) - 1)))
     if not blocks:
         return []

@@ -43,6 +43,8 @@ def render_panel(panel, runs) -> tuple[bytes, int, int]:
                 ax.fill_between(steps, lo, hi, color=colour, alpha=0.15, linewidth=0)
     _axes(ax, panel.title, "step")
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if panel.from_zero:  # a 3 MB rise on a 0.51 GB process, auto-scaled, read as a leak (an audit)
+        ax.set_ylim(bottom=0)
     if drawn > 1 or (drawn and several):  # several runs: always say which line is which
         ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
     return _png(fig)
