@@ -44,6 +44,7 @@ from posttrain.data.render import lines_text, set_template_variables
 from posttrain.errors import ConfigError, UserError, term_as_interrupt
 from posttrain.files import out_of_space
 from posttrain.models import load_model, load_tokenizer, save_model
+from posttrain.models.adapters import bitsandbytes_problem
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
@@ -572,11 +573,8 @@ def _check_packages(cfg: RunConfig) -> None:
             "run.tensorboard is true but the tensorboard package is not installed; "
             "pip install tensorboard, or set run.tensorboard=false"
         )
-    if cfg.technique.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` (or use "
-            "technique.name=lora)"
-        )
+    if cfg.technique.name == "qlora" and (why := bitsandbytes_problem()):
+        raise ConfigError(why)
 
 
 def _check_compile(cfg: RunConfig, accelerator) -> None:

@@ -71,3 +71,41 @@ def test_qlora_same_on_cpus_with_and_without_avx512bf16(model_dir, tiny_tokenize
         assert_close(out["eval"], out["train"], rtol=0, atol=1e-6)
         assert_close(out["reloaded"], out["train"], rtol=0, atol=1e-6)
         assert_close(out["grads_after_eval"], out["grads"], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("installed", "says"), [
+    (None, "needs the bitsandbytes package: `pip install 'bitsandbytes>=0.46.1'`"),
+    ("0.45.0", "needs bitsandbytes >= 0.46.1 (the first with a CPU backend, and the oldest transformers quantises "
+               "with); this environment has 0.45.0"),
+    ("0.46.1", None),
+])  # fmt: skip
+def test_an_absent_or_old_bitsandbytes_is_the_users_to_fix_before_any_model_loads(monkeypatch, tmp_path, installed,
+                                                                                  says):  # fmt: skip
+    """An older bitsandbytes failed inside transformers' load, reported as a bug of posttrain's (an audit)."""
+    import importlib.metadata
+
+    from posttrain.algorithms import load_config
+    from posttrain.errors import ConfigError
+    from posttrain.models.adapters import bitsandbytes_problem
+    from posttrain.train import train
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name != "bitsandbytes":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    if says is None:
+        assert bitsandbytes_problem() is None
+        return
+    assert says in bitsandbytes_problem()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    cfg = load_config(None, ["technique.name=qlora", f"run.output_dir={tmp_path / 'run'}", f"data.train={rows}"])
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -39,15 +39,35 @@ def lora_config(technique: TechniqueConfig):
     )
 
 
-def bnb_config(technique: TechniqueConfig, compute_dtype):
-    """The bitsandbytes 4-bit quantisation config for QLoRA (needs the `bitsandbytes` package)."""
+BNB_MINIMUM = "0.46.1"
+"""The oldest bitsandbytes QLoRA runs with: transformers 5 refuses to quantise with an older one, and 0.46 is the
+first with a CPU backend (pyproject.toml's `qlora` extra)."""
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why QLoRA cannot run with the bitsandbytes installed here (absent, or older than `BNB_MINIMUM`), in the
+    user's words; None when it can. Checked before any model loads (an older one failed inside transformers'
+    load, reported as a bug of posttrain's: an audit)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
     try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError(
-            "technique.name=qlora needs the bitsandbytes package: `pip install bitsandbytes` "
-            "(or use technique.name=lora)."
-        ) from None
+        found = version("bitsandbytes")
+    except PackageNotFoundError:
+        return ("technique.name=qlora needs the bitsandbytes package: `pip install 'bitsandbytes>="
+                f"{BNB_MINIMUM}'` (or use technique.name=lora)")  # fmt: skip
+    if Version(found) < Version(BNB_MINIMUM):
+        return (f"technique.name=qlora needs bitsandbytes >= {BNB_MINIMUM} (the first with a CPU backend, and the "
+                f"oldest transformers quantises with); this environment has {found}: `pip install -U "
+                f"'bitsandbytes>={BNB_MINIMUM}'` (or use technique.name=lora)")  # fmt: skip
+    return None
+
+
+def bnb_config(technique: TechniqueConfig, compute_dtype):
+    """The bitsandbytes 4-bit quantisation config for QLoRA (needs the `bitsandbytes` package, `BNB_MINIMUM`)."""
+    if why := bitsandbytes_problem():
+        raise UserError(why)
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
