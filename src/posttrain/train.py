@@ -44,7 +44,7 @@ from posttrain.data.render import lines_text, set_template_variables
 from posttrain.errors import ConfigError, UserError, term_as_interrupt
 from posttrain.files import out_of_space
 from posttrain.models import load_model, load_tokenizer, save_model
-from posttrain.models.adapters import bitsandbytes_problem
+from posttrain.models.adapters import bitsandbytes_problem, check_lora_targets
 from posttrain.models.attention import attention_per_segment, float32_attention_on_cpu
 from posttrain.models.heads import ScalarHeadModel, language_model, save_scalar_model
 from posttrain.models.hub import prepare_hub_libraries
@@ -445,6 +445,7 @@ def _train(cfg: RunConfig, *, resume: bool, return_model: bool, missing: bool = 
     ckpt = _check_run_dir(cfg, run_dir, resume)
     nothing = _nothing_to_resume(run_dir, missing) if resume and ckpt is None else None
     _check_packages(cfg)
+    check_lora_targets(cfg.model, cfg.technique)  # from the model's config alone, before its weights load
     accelerator = _accelerator(cfg)
     if nothing and accelerator.is_main_process:
         print(nothing)

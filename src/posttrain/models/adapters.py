@@ -39,6 +39,92 @@ def lora_config(technique: TechniqueConfig):
     )
 
 
+def _adaptable(module) -> bool:
+    """A layer peft's LoRA can wrap: a linear layer (GPT-2's `Conv1D` is one, transposed), an embedding, or a
+    convolution; not a block (an MLP, an attention module) or an activation."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    return isinstance(module, kinds) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _linear_names(model) -> list[str]:
+    """The short names of a model's linear layers (`nn.Linear` and GPT-2's `Conv1D`: what all-linear adapts)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear | Conv1D) or type(m).__name__ == "Linear4bit"})  # fmt: skip
+
+
+def lora_target_problem(model, technique: TechniqueConfig) -> str | None:
+    """Why `technique.target_modules` cannot be applied to `model` as asked, in the user's words; None when it can.
+    `model` may be a copy on the meta device built from the config alone (`check_lora_targets`), so the answer comes
+    before any weight loads (it came after the whole load, and named the wrong layers: an audit). Refused: a target
+    that matches no layer (a regex string is matched against each module's full name, which the message says); a
+    list entry that matches none; a match LoRA cannot wrap (`mlp` matched the MLP blocks, and peft refused their
+    activation); and the output layer or input embedding of a model whose two share their weights
+    (tie_word_embeddings), where an adapter changes both and a merged model differs from the one trained."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = technique.target_modules
+    if technique.name not in ("lora", "qlora") or targets == "all-linear":
+        return None
+    given = f"technique.target_modules = {targets!r}"
+    linear = ", ".join(_linear_names(model))
+    config = lora_config(technique)
+    matched = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(config, n)]
+    if not matched:
+        regex = (" (a single string is a regular expression that must match a module's whole name, e.g. "
+                 "'model.layers.0.self_attn.q_proj'; give a list of names, [q_proj, v_proj], to match by name)"
+                 if isinstance(targets, str) else "")  # fmt: skip
+        return f"{given} matches no layer of this model{regex}; its linear layers are named {linear} (or use all-linear)"
+    if not isinstance(targets, str):
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in matched)]
+        if unmatched:
+            return (f"{given}: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no layer of this "
+                    f"model, so {'it' if len(unmatched) == 1 else 'they'} would get no adapter; its linear layers are "
+                    f"named {linear} (or use all-linear)")  # fmt: skip
+    blocks = sorted({f"{n.rsplit('.', 1)[-1]} ({type(m).__name__})" for n, m in matched if not _adaptable(m)})
+    if blocks:
+        return (f"{given} matches {', '.join(blocks[:3])}, which LoRA cannot adapt (a block or an activation, not a "
+                f"layer with weights of its own): name the linear layers inside it; this model's are {linear}")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text, "tie_word_embeddings", False):
+        shared = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+        tied = sorted({n.rsplit(".", 1)[-1] for n, m in matched if id(m) in shared})
+        if tied:
+            return (f"{given} adapts {', '.join(tied)}, but this model's output layer and input embedding share one "
+                    "weight (tie_word_embeddings): an adapter there changes both, and a merged model would differ "
+                    "from the one trained. Leave lm_head and the embedding out (all-linear does), or train them with "
+                    "technique.name=full")  # fmt: skip
+    return None
+
+
+def check_lora_targets(model_cfg, technique: TechniqueConfig) -> None:
+    """`lora_target_problem` on a copy of the model built on the meta device from its config alone (no weights
+    read), raised as a `UserError`: before a model loads. Nothing is said where the config cannot be read here (the
+    load then says why) or the model cannot be built from it."""
+    if technique.name not in ("lora", "qlora") or technique.target_modules == "all-linear":
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posttrain.models.hub import prepare_hub_libraries
+    from posttrain.models.loading import resolve_model
+
+    prepare_hub_libraries()
+    try:
+        resolved = resolve_model(model_cfg.name)
+        config = AutoConfig.from_pretrained(resolved.path, gguf_file=resolved.gguf_file,
+                                            trust_remote_code=model_cfg.trust_remote_code)  # fmt: skip
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - a check ahead of the load, which reports what is wrong with the model
+        return
+    if why := lora_target_problem(model, technique):
+        raise UserError(why)
+
+
 BNB_MINIMUM = "0.46.1"
 """The oldest bitsandbytes QLoRA runs with: transformers 5 refuses to quantise with an older one, and 0.46 is the
 first with a CPU backend (pyproject.toml's `qlora` extra)."""
@@ -131,7 +217,7 @@ def apply_lora(
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
         model.enable_input_require_grads()
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = _linear_names(model)
     try:
         model = get_peft_model(model, lora_config(technique))
     except ValueError as err:  # no layer has those names: NoMatchingPeftModuleError (a ValueError) in the pinned
