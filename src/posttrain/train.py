@@ -760,10 +760,18 @@ def _batch_source(cfg, algorithm, data, model, tokenizer, accelerator, micro, pl
         rows = [*data.train, *(data.eval or [])]
         reference.precompute((data.collate(rows[i : i + micro]) for i in range(0, len(rows), micro)), "loss_mask",
                              chunk=micro, run_dir=Path(cfg.run.output_dir), model_name=cfg.model.name,
-                             resuming=resumed, save=accelerator.is_main_process)  # fmt: skip
+                             resuming=resumed, save=accelerator.is_main_process,
+                             numerics=_numerics(cfg, accelerator))  # fmt: skip
     with_reference = WithReference(source, reference, "loss_mask", chunk=micro)
     # Held-out pairs get their reference log-probs once: the reference is frozen.
     return with_reference, [with_reference.add(b) for b in eval_batches] if eval_batches is not None else None
+
+
+def _numerics(cfg: RunConfig, accelerator) -> str:
+    """What a run's forwards compute in, in words: the compute dtype, mixed or pure, and the device type."""
+    dtype = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
+    kind = " (pure)" if cfg.model.pure_bf16 and dtype == "bfloat16" else ""
+    return f"{dtype}{kind} on {accelerator.device.type}"
 
 
 def final_step(final: Path) -> int | None:

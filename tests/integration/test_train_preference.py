@@ -79,6 +79,24 @@ def test_dpo_trains_and_first_step_is_log2(make_cfg, pairs_file, technique, refe
         assert (result.run_dir / "reference_logps.pt").is_file()
 
 
+def test_precomputed_reference_logps_are_not_reused_in_other_numerics(make_cfg, pairs_file, monkeypatch):
+    """The cache kept the model's name and rows, not what they were computed in: a run started where
+    `model.dtype: auto` is float32 (a CPU) and resumed where it is bfloat16 (a GPU) mixed float32 reference
+    log-probs into a bf16 policy's loss, unsaid (an audit). Kept with them now; another is refused."""
+    import posttrain.train
+    from posttrain.errors import UserError
+
+    overrides = {"algorithm.name": "dpo", "technique.name": "lora", "algorithm.reference": "precompute",
+                 "data.train": str(pairs_file), "run.save_every": 1}  # fmt: skip
+    result = train(make_cfg("ref-numerics", **overrides, **{"run.max_steps": 1}))
+    assert torch.load(result.run_dir / "reference_logps.pt", weights_only=True)["numerics"] == "float32 on cpu"
+    monkeypatch.setattr(posttrain.train, "_numerics", lambda cfg, accelerator: "bfloat16 on cuda")
+    with pytest.raises(UserError, match=r"computed in float32 on cpu, and this resume computes in bfloat16 on cuda"):
+        train(make_cfg("ref-numerics", **overrides, **{"run.max_steps": 2}), resume=True)
+    monkeypatch.undo()
+    assert train(make_cfg("ref-numerics", **overrides, **{"run.max_steps": 2}), resume=True).steps == 2
+
+
 def test_dpo_adapter_reference_equals_base_model(tiny_model_dir):
     """The adapter-disabled model gives exactly the base model's log-probs, even after the adapter has moved."""
     from posttrain.config import ModelConfig, TechniqueConfig

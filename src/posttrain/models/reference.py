@@ -85,17 +85,27 @@ class Reference:
 
     # ---- precompute
     def precompute(self, batches: Iterable[dict[str, torch.Tensor]], target_key: str, *, chunk: int,
-                   run_dir: Path, model_name: str, resuming: bool, save: bool) -> None:  # fmt: skip
+                   run_dir: Path, model_name: str, resuming: bool, save: bool, numerics: str = "") -> None:  # fmt: skip
         """Fill the table from `batches` (every row the run will score: training and held-out), by the policy
         before it has trained; a resumed run reuses the run folder's cache, which must hold every row (its policy
         has trained since; the resume's own checks have refused other data and other weights). A run that starts
         at step 1 computes it again, whatever the folder holds: one restarted before its first checkpoint reused
         the cache of weights that had since changed (a loss of 0.7034 at step 1, where policy = reference gives
-        log 2), matched by the model's name alone. `save`: write the cache (the main process)."""
+        log 2), matched by the model's name alone. `save`: write the cache (the main process). `numerics`: the dtype
+        and device the log-probs are computed in, kept with them; a resume that computes otherwise (`model.dtype:
+        auto` is bfloat16 on a GPU, float32 on a CPU) is refused rather than mixing float32 reference log-probs into
+        a bf16 policy's loss, unsaid (an audit)."""
         path = Path(run_dir) / CACHE_FILE
         batches = list(batches)
         wanted = {k for b in batches for k in row_keys(b, target_key)}
         cached = torch.load(path, weights_only=True) if resuming and path.is_file() else None
+        made = cached.get("numerics") if cached else None
+        if made and numerics and made != numerics:  # (a cache written before they were kept says nothing)
+            raise UserError(
+                f"{path}: this run's reference log-probs were computed in {made}, and this resume computes in "
+                f"{numerics}: its loss would compare a policy in one with a reference in the other. Resume where "
+                "the run started, or set model.dtype to what it computed in"
+            )
         if cached and cached.get("version") == _CACHE_VERSION and cached.get("model") == model_name \
                 and wanted <= set(cached["rows"]):  # fmt: skip
             self.table = cached["rows"]
@@ -114,7 +124,7 @@ class Reference:
                 self.table[key] = row[scored].clone()
         if save:
             write_whole(path, lambda tmp: torch.save({"version": _CACHE_VERSION, "model": model_name,
-                                                      "rows": self.table}, tmp))  # fmt: skip
+                                                      "numerics": numerics, "rows": self.table}, tmp))  # fmt: skip
 
     def _lookup(self, batch: dict[str, torch.Tensor], target_key: str) -> torch.Tensor:
         target, _ = target_positions(batch[target_key])
