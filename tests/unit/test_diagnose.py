@@ -402,3 +402,29 @@ def test_the_default_advice_names_the_probes_that_did_not_run():
 
     r = recommend({"probes_not_run": "--pairs, --base"})
     assert r.option == "sft-data" and "(the probes not run: --pairs, --base)" in r.fired[0].reason
+
+
+def test_a_recommendation_near_a_threshold_says_that_its_interval_reaches_another():
+    """40 prompts, 8 samples each: the mixed share read 10% to 27.5% with the seed alone, and the recommendation
+    flipped between SFT -> GRPO and SFT -> DPO with no hint of the noise (an audit). The facts carry the 95%
+    intervals over the prompts; where one reaches a value at which the rules decide otherwise, it is said."""
+    from posttrain.diagnose.headroom import measure_headroom
+    from posttrain.diagnose.recommend import borderline
+    from posttrain.evaluation.intervals import wilson_interval
+
+    def facts(mixed: int, n: int = 40) -> dict:
+        right = [[1, 0, 0, 0, 0, 0, 0, 0]] * mixed + [[0] * 8] * (n - mixed)  # each mixed prompt: 1 of 8 right
+        h = measure_headroom([f"p{i}" for i in range(n)], right, 1.0)
+        out = {"samples": 8, "pass_at_1": h.pass_at_k[1], "pass_at_n": h.pass_at_k[8], "headroom": h.headroom,
+               "mixed_share": h.mixed_share}  # fmt: skip
+        for k, (lo, hi) in h.intervals().items():
+            out[f"{k}_low"], out[f"{k}_high"] = lo, hi
+        return out
+
+    near = facts(9)  # 22.5% mixed, headroom 19.7 points: GRPO's rule (20% mixed) holds, just
+    assert near["mixed_share_low"] == pytest.approx(wilson_interval(9, 40)[0]) and near["mixed_share_low"] < 0.2
+    r = recommend(near)
+    assert r.option == "sft-grpo"
+    assert [(b["fact"], b["option"]) for b in r.borderline] == [("mixed_share", "sft-dpo")]
+    clear = facts(30, 100)  # 30% mixed of 100 prompts: [21.9%, 39.6%], above 20% throughout
+    assert recommend(clear).option == "sft-grpo" and borderline(clear, "sft-grpo") == []

@@ -88,6 +88,9 @@ class Diagnosis:
             "pass_at_n": h.pass_at_k[h.samples] if h else None,
             "headroom": h.headroom if h else None,
             "mixed_share": h.mixed_share if h else None,
+            # their 95% intervals over the prompts: what `recommend.borderline` reads the thresholds against
+            **{f"{k}_{end}": (bounds[i] if bounds else None) for k in ("headroom", "mixed_share")
+               for bounds in [(h.intervals() if h else {}).get(k)] for i, end in enumerate(("low", "high"))},
             "wrong_share": d.wrong_share if d else None,
             "ambiguous_share": d.ambiguous_share if d else None,
             "pairs_logp_accuracy": self.preferences["logp_accuracy"] if self.preferences else None,
@@ -106,7 +109,8 @@ class Diagnosis:
         out = asdict(self)
         if self.headroom is not None:
             out["headroom"].update(pass_at_k={str(k): v for k, v in self.headroom.pass_at_k.items()},
-                                   mixed_share=self.headroom.mixed_share, headroom=self.headroom.headroom)  # fmt: skip
+                                   mixed_share=self.headroom.mixed_share, headroom=self.headroom.headroom,
+                                   intervals={k: list(v) for k, v in self.headroom.intervals().items()})  # fmt: skip
         if self.data is not None:
             out["data"].update(ambiguous_share=self.data.ambiguous_share, wrong_share=self.data.wrong_share)
         return out

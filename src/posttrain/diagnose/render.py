@@ -100,6 +100,22 @@ def reason_lines(d: Diagnosis) -> list[str]:
     return out
 
 
+def borderline_lines(d: Diagnosis) -> list[str]:
+    """A line per measurement whose 95% interval reaches another recommendation (`recommend.borderline`).
+
+    >>> from types import SimpleNamespace as S
+    >>> b = {"fact": "mixed_share", "value": 0.22, "low": 0.12, "high": 0.35, "at": 0.12, "option": "sft-dpo"}
+    >>> print(borderline_lines(S(recommendation=S(borderline=[b]), prompts=40))[0][:111])
+    borderline: mixed_share = 22.0% (95% interval 12.0% to 35.0% over the 40 prompts); at 12.0% the rules recommend
+    """
+    from posttrain.diagnose.recommend import load_rules
+
+    options = load_rules()[0]
+    return [f"borderline: {b['fact']} = {pct(b['value'])} (95% interval {pct(b['low'])} to {pct(b['high'])} over "
+            f"the {d.prompts} prompts); at {pct(b['at'])} the rules recommend {options[b['option']]}: the "
+            "recommendation may change on more prompts (--n)" for b in d.recommendation.borderline]  # fmt: skip
+
+
 def format_diagnosis(d: Diagnosis) -> str:
     """The terminal report: one section per probe that ran, then the recommendation with its reasons."""
     out = [f"posttrain diagnose: {d.model}; verifier {d.verifier}; {d.prompts} prompts; greedy accuracy "
@@ -119,7 +135,7 @@ def format_diagnosis(d: Diagnosis) -> str:
         out += ["", "Preference pairs:", *(f"  {line}" for line in preference_lines(d))]
     if d.drift is not None:
         out += ["", f"Drift from the base ({d.drift.base}):", *(f"  {line}" for line in drift_lines(d))]
-    out += ["", f"Recommendation: {d.recommendation.label}", *reason_lines(d)]
+    out += ["", f"Recommendation: {d.recommendation.label}", *reason_lines(d), *borderline_lines(d)]
     if d.recommendation.next:
         out += [f"next: {next_step(d)}"]
     out += [f"note: {n}" for n in d.notes]
@@ -132,7 +148,8 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
     blocks: list = [Heading(title, 1), Text(f"Verifier: {d.verifier}. {d.prompts} clean prompts; greedy accuracy "
                                             f"{pct(d.greedy_accuracy)}.")]  # fmt: skip
     r = d.recommendation
-    blocks += [Heading("Recommendation"), Text(r.label), *([Text(f"Next: {next_step(d)}")] if r.next else []),
+    blocks += [Heading("Recommendation"), Text(r.label), *(Text(line) for line in borderline_lines(d)),
+               *([Text(f"Next: {next_step(d)}")] if r.next else []),
                Table(["rule", "kind", "option", "reason", "measured (threshold)", "why this threshold", "source"],
                      [[f.rule, f.kind, f.option or "", f.reason, f.evidence(), f.threshold, f.principle]
                       for f in r.fired], text_columns=(3, 5, 6))]  # fmt: skip
