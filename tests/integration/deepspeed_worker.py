@@ -127,8 +127,8 @@ def elements(model: torch.nn.Module) -> tuple[int, int]:
 
 class RolloutSeededEngine:
     """`PromptSeededEngine` (each prompt's group seeded by the prompt and the rollout's number) taking the rollout's
-    number from the seed the batch source passes (`rollout.source`: run.seed * 7_919 + index * world + rank; run.seed
-    is 0 in these runs), not from a count of its own calls, which restarts at 0 in a resumed run: a run resumed at
+    number from the seed the batch source passes (`rollout.source`: run.seed * 7_919 + index; run.seed is 0 in these
+    runs), not from a count of its own calls, which restarts at 0 in a resumed run: a run resumed at
     rollout k on any number of processes samples what the uninterrupted run sampled there."""
 
     def __init__(self) -> None:
@@ -137,8 +137,7 @@ class RolloutSeededEngine:
         self.engine = PromptSeededEngine()
 
     def generate(self, model, tokenizer, prompt_ids, *, seed, **kwargs):
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        self.engine.rollouts = (seed - rank) // world
+        self.engine.rollouts = seed  # (the run's seed and the rollout's number: the same on every process)
         return self.engine.generate(model, tokenizer, prompt_ids, seed=seed, **kwargs)
 
 

@@ -50,7 +50,7 @@ class PromptSeededEngine(HFEngine):
         super().__init__(merge_adapters=False)
         self.rollouts = 0
 
-    def generate(self, model, tokenizer, prompt_ids, *, seed, **kwargs) -> Rollout:
+    def generate(self, model, tokenizer, prompt_ids, *, seed, row_ids=None, **kwargs) -> Rollout:
         parts = [super(PromptSeededEngine, self).generate(model, tokenizer, [p], **kwargs,
                                                           seed=zlib.crc32(bytes(str(p), "utf-8")) + 7_919 * self.rollouts)
                  for p in prompt_ids]  # fmt: skip

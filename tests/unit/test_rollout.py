@@ -851,3 +851,24 @@ def test_a_reward_failure_on_another_process_is_said_with_every_process_counted(
         "ValueError: x; further failures are only counted (reward/failures_r in metrics.jsonl)",
         "warning: reward 'r': 3 of 8 samples of rollout 5: programs ran past the limit; further ones are only counted "
         "(reward/timeouts_r in metrics.jsonl)"]
+
+
+def test_a_rollout_split_over_processes_samples_what_one_process_samples(eos_model, tiny_tokenizer):
+    """Each process numbered its rows from 0 (and seeded by its rank), so 1 and 2 processes sampled other
+    completions of the same prompts from step 1 (an audit). A row's stream is its place in the whole rollout:
+    the prompts dealt round-robin over 2 processes, sampled there, give the one-process rollout's rows."""
+    from posttrain.rollout.source import rollout_row_ids
+
+    prompts, n = _prompt_ids(tiny_tokenizer), 2  # 3 prompts: process 0 samples prompts 0 and 2, process 1 prompt 1
+    kwargs = dict(n=n, max_new_tokens=12, temperature=1.0, top_p=1.0, stop=[], seed=9)
+    whole = HFEngine().generate(eos_model, tiny_tokenizer, prompts, **kwargs)
+    shares = {rank: HFEngine().generate(eos_model, tiny_tokenizer, prompts[rank::2], **kwargs,
+                                        row_ids=rollout_row_ids(rank, 2, len(prompts[rank::2]), n))
+              for rank in (0, 1)}  # fmt: skip
+    rows = {0: [0, 1, 4, 5], 1: [2, 3]}  # each share's rows in the whole rollout
+    for rank, share in shares.items():
+        got = [share.completion_ids[i][share.completion_mask[i].bool()].tolist() for i in range(len(rows[rank]))]
+        want = [whole.completion_ids[r][whole.completion_mask[r].bool()].tolist() for r in rows[rank]]
+        assert got == want
+    unnumbered = HFEngine().generate(eos_model, tiny_tokenizer, prompts[1::2], **kwargs)  # numbered from 0: other
+    assert unnumbered.completion_ids[0][unnumbered.completion_mask[0].bool()].tolist() != want[0]

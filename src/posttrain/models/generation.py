@@ -211,11 +211,15 @@ class RowStreams:
     samples do not depend on which other rows are in the batch (they do on the row's index: another order of the
     same prompts draws other samples), which lets finished rows leave it
     (`models.generation.sample_groups`) and gives the same samples whatever `rollout.generation_batch_size` is.
+    `ids`, when given, number the streams instead of their positions: an RL rollout split over processes numbers
+    each row by its place in the whole rollout, so a row draws the same whatever the number of processes.
     `rows` is the index of each batch row among the streams (updated as rows leave).
     """
 
-    def __init__(self, seed: int, count: int) -> None:
-        self.streams = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(count)]
+    def __init__(self, seed: int, count: int, ids: list[int] | None = None) -> None:
+        if ids is not None and len(ids) != count:
+            raise ValueError(f"{len(ids)} stream ids for {count} rows")
+        self.streams = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in (ids or range(count))]
         self.rows = list(range(count))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ class Engine(Protocol):
         stop: list[str],
         seed: int,
         batch_size: int | None = None,
+        row_ids: list[int] | None = None,
     ) -> Rollout: ...
 
 
@@ -180,7 +181,10 @@ class HFEngine:
         stop: list[str],
         seed: int,
         batch_size: int | None = None,
+        row_ids: list[int] | None = None,
     ) -> Rollout:
+        # `row_ids`: each of the len(prompt_ids) * n rows' stream number (`RowStreams`): its place in the whole
+        # rollout, whatever share of it this process samples; None: its place here.
         # transformers is imported where it is used, like everywhere in posttrain: huggingface_hub reads
         # HF_HUB_OFFLINE once, at import, and posttrain settles it first (`models.hub`).
         from transformers import LogitsProcessorList
@@ -195,7 +199,7 @@ class HFEngine:
         # Greedy: `RowStreams` leaves its draw the only finite score, so the argmax is that draw; `generate`'s own
         # sampling would redraw it at the cost of a softmax and a multinomial over the vocabulary per row and step.
         gen_cfg = plain_generation_config(max_new_tokens=max_new_tokens, sample=False, eos=eos, pad_id=pad_id)
-        streams = RowStreams(seed, len(rows))
+        streams = RowStreams(seed, len(rows), row_ids)
 
         def processors(first: int, alive: list[int]):
             """The processors of one `generate` call over rows `first + alive[j]`, and the recorder's finish."""

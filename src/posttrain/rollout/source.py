@@ -25,13 +25,12 @@ over and is smaller, unless some process's share of them could not fill each of 
 least one sequence; then they are skipped in that epoch, and the run says how many and which before training.
 
 Resuming: the step number fixes which prompts come next, and each rollout's sampling seed is a function of the
-run's seed, the rollout and the rank, so from restored weights the next rollout is the one the uninterrupted run
-sampled. A checkpoint inside a rollout keeps that rollout as its method made it (the samples, their old and
+run's seed and the rollout, each row drawing from the stream of its place in the whole rollout (whatever process
+samples it), so from restored weights the next rollout is the one the uninterrupted run sampled. A checkpoint inside a rollout keeps that rollout as its method made it (the samples, their old and
 reference log-probs, advantages and values, and the statistics its steps log: `process_state`, one file per
 process), and a resume trains its remaining steps on it rather than sampling it anew from weights it was not
 sampled from. A run resumed on the same number of processes therefore ends as the uninterrupted one, bit for bit
-on the CPU; on another number (`trainer.checkpoint`), the rollouts are sampled with that number's seeds, a rollout
-in progress included, which then starts from the method's state and the dead-reward streak as they were before it
+on the CPU; on another number (`trainer.checkpoint`), a rollout in progress is sampled again, which then starts from the method's state and the dead-reward streak as they were before it
 (`rollout_start` in trainer_state.json: it does not count twice). The streak of rollouts whose rewards all failed
 (`DEAD_REWARD_ROLLOUTS`) is kept too.
 """
@@ -96,6 +95,18 @@ def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def steps_per_rollout(cfg) -> int:
     """Optimisation steps one rollout feeds (`config.RLSection.steps_per_rollout`)."""
     return cfg.algorithm.steps_per_rollout(cfg.optim.batch_size)
+
+
+def rollout_row_ids(rank: int, world: int, prompts: int, group: int) -> list[int]:
+    """The place in the whole rollout of each of a process's `prompts` x `group` rows: its k-th prompt is the
+    rollout's (rank + k x world)-th (`RolloutSource.rollout_prompts` deals them round-robin), and sample g of it
+    row (that) x group + g. The stream each row samples from (`RowStreams`), the same whatever the number of
+    processes.
+
+    >>> rollout_row_ids(1, 2, 2, 2), rollout_row_ids(0, 1, 2, 2)
+    ([2, 3, 6, 7], [0, 1, 2, 3])
+    """
+    return [(rank + k * world) * group + g for k in range(prompts) for g in range(group)]
 
 
 def plan_rollouts(cfg, n: int, world_size: int, micro_batch_size: int) -> EpochPlan:
@@ -278,8 +289,12 @@ class RolloutSource:
             temperature=rc.temperature,
             top_p=rc.top_p,
             stop=list(rc.stop),
-            seed=self.seed * 7_919 + index * self.world + self.rank,
+            seed=self.seed * 7_919 + index,
             batch_size=rc.generation_batch_size,
+            # each row's stream is numbered by its place in the whole rollout (this process's k-th prompt is the
+            # rollout's rank + k * world-th), so the samples do not depend on the number of processes: they did,
+            # rows being numbered from 0 on each process (an audit: 1 and 2 processes differed from step 1)
+            row_ids=rollout_row_ids(self.rank, self.world, len(examples), self.G),
         )
         gen_time = time.perf_counter() - t0
         per_seq = [e for e in examples for _ in range(self.G)]

@@ -210,8 +210,9 @@ class VLLMEngine:
         return True
 
     def generate(self, model, tokenizer, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, seed,
-                 batch_size=None) -> Rollout:  # fmt: skip
-        """As `HFEngine.generate`; vLLM batches by itself, so `batch_size` is not used."""
+                 batch_size=None, row_ids=None) -> Rollout:  # fmt: skip
+        """As `HFEngine.generate`; vLLM batches by itself, so `batch_size` is not used, and draws from its own
+        random streams, so `row_ids` is not either: its samples depend on the number of processes (docs/scale.md)."""
         if self.backend is None:
             self.backend = self.make_backend(model)
         eos = eos_token_ids(model, tokenizer)

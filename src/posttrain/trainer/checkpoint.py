@@ -296,9 +296,9 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
     return (
         f"note: resuming {wrote}-process state on {world_size} process{'es' if world_size > 1 else ''} "
         f"({Path(path).name}): the weights, optimizer state, schedule and data position carry over (each step's "
-        f"global batch is the same); {rng}. Dropout and rollout sampling therefore draw other random numbers than "
-        f"the uninterrupted {wrote}-process run would, and gradient sums run in another order (last-bit "
-        "differences)."
+        f"global batch is the same); {rng}. Dropout therefore draws other random numbers than the uninterrupted "
+        f"{wrote}-process run would (rollouts do not: each row's stream is its place in the rollout), a rollout "
+        "in progress is sampled again, and gradient sums run in another order (last-bit differences)."
     )
 
 
