@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from support import free_port
 from torch.testing import assert_close
@@ -82,3 +83,38 @@ def test_two_processes_share_an_uneven_last_step_and_match_one_process(make_cfg,
     assert [r["step"] for r in ddp] == [1, 2, 3]
     assert [r["loss_units"] for r in ddp] == [r["loss_units"] for r in one]
     assert_close(torch.tensor([r["loss"] for r in ddp]), torch.tensor([r["loss"] for r in one]), rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_on_two_processes_samples_and_trains_as_one_with_an_uneven_last_rollout(rl_cfg, tmp_path):
+    """Two processes sampled other completions than one (each numbered its rows from 0, seeded by its rank), and
+    `algorithm.scale: batch` aborted in gloo when an epoch's last rollout split unevenly (7 prompts, 4 a rollout:
+    the last 3 split 2 + 1; a tensor gather of unequal lengths): an audit. Each row now draws from its place in the
+    whole rollout, and the batch's rewards are gathered whatever the shares' sizes: the run is the one-process
+    run's, to float summation order."""
+    import json
+
+    prompts = tmp_path / "seven.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"add {a} 1", "answer": str(a + 1)}) + "\n" for a in range(7)),
+                       encoding="utf-8")  # fmt: skip
+    overrides = {"data.train": str(prompts), "run.max_steps": None, "run.epochs": 1, "algorithm.scale": "batch",
+                 "algorithm.rollout.batch_size": 16, "optim.micro_batch_size": 2, "algorithm.rollout.temperature": 1.0,
+                 "data.shuffle": "false", "optim.lr": 1e-3}  # fmt: skip
+    cfg = rl_cfg("ddp-grpo", **overrides)
+    cfg_file = tmp_path / "ddp.yaml"
+    dump_config(cfg, cfg_file)
+    out_dir = tmp_path / "params"
+    out_dir.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train(rl_cfg("single-grpo", **overrides), return_model=True)
+    r0 = torch.load(out_dir / "rank0.pt")
+    for name, p in single.model.named_parameters():
+        assert_close(r0[name], p.detach(), rtol=1e-4, atol=1e-6)
+    ddp = read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")
+    one = read_metrics(single.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] and len(one) >= 3
+    for key in ("reward/total_mean", "truncated_fraction"):  # the same samples, so the same rewards and lengths
+        assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in one if key in r], abs=1e-6)

@@ -326,8 +326,12 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     batch_rewards = None
     acc = ctx.accelerator
     if g.scale == "batch" and acc.num_processes > 1:
-        # The batch std is over the whole rollout, every process's share (each holds whole groups only).
-        batch_rewards = acc.gather(scored.rewards.to(acc.device)).cpu()
+        # The batch std is over the whole rollout, every process's share (each holds whole groups only). Shares may
+        # differ in size (an epoch's last rollout, 3 prompts over 2 processes): gathered as objects, whatever their
+        # lengths; a tensor gather of unequal lengths aborted the run in gloo (an audit).
+        from accelerate.utils import gather_object
+
+        batch_rewards = torch.tensor(gather_object(scored.rewards.tolist()), dtype=scored.rewards.dtype)
     # Advantages from every reward (overlong: filter keeps truncated completions in the group statistics, as DAPO
     # does); then the rows that carry no loss lose their mask, and with it their loss units.
     tensors["advantages"] = group_advantages(scored.rewards, G, scale=g.scale, batch_rewards=batch_rewards)
