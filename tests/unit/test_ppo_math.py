@@ -97,6 +97,30 @@ def test_whiten_random_has_zero_mean_unit_variance_over_the_mask():
     assert_close(w.var(), torch.tensor(1.0), rtol=0, atol=1e-6)
 
 
+def test_whiten_over_processes_is_whiten_over_the_whole_rollout():
+    """Each process whitened its own share of a rollout: 2 processes trained other advantages than 1 (an audit).
+    With `total` (an all-reduce of each sum), a share is whitened by the whole rollout's mean and variance. Two
+    processes are simulated: `total` adds what the other share contributes to each sum."""
+    from posttrain.algorithms.common import masked_sum
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.arange(5)[None] < torch.tensor([5, 3, 1, 4, 0, 2])[:, None]).long()
+    whole = whiten(x, mask)
+    (xa, xb), (ma, mb) = x.split(3), mask.split(3)
+    calls = []
+
+    def total(t):  # the other process's part of the same sum: first (sum, count), then the squared deviations
+        if not calls:
+            calls.append(t + torch.stack([masked_sum(xb, mb), mb.sum().float()]))
+            return calls[-1]
+        mean = calls[0][0] / calls[0][1]
+        return t + masked_sum((xb - mean).square(), mb)[None]
+
+    assert_close(whiten(xa, ma, total=total), whole[:3], rtol=0, atol=1e-6)
+    assert not torch.allclose(whiten(xa, ma), whole[:3], atol=1e-3)  # its own share's statistics: other values
+
+
 def test_kl_penalty_rewards_by_hand():
     """kl_coef = 0.1; per-token -0.1 (policy - ref), the score added at each row's last real token.
     row 0: policy - ref [0.5, -1, 0.2], score 2  -> [-0.05, 0.1, -0.02 + 2] = [-0.05, 0.1, 1.98]

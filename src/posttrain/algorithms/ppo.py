@@ -16,6 +16,7 @@ Letters: B batch (completions), T completion tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -145,12 +146,15 @@ def gae(
 
 
 def whiten(
-    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise `values` to zero mean and unit variance over the masked entries (B, T) -> (B, T), 0 where masked.
 
     The variance is the unbiased one (Bessel, divide by n - 1), as in the InstructGPT-era implementations.
-    `shift_mean=False` only rescales, keeping the mean (used for rewards, whose sign carries meaning).
+    `shift_mean=False` only rescales, keeping the mean (used for rewards, whose sign carries meaning). `total`
+    sums a tensor over every process (an all-reduce): the mean and variance are then those of the whole rollout,
+    every process's entries, as one process computes them (each process whitened its own share: an audit).
 
     Worked example: [1, 2, 3] (a 4th entry masked) -> mean 2, unbiased var (1 + 0 + 1) / 2 = 1 -> [-1, 0, 1];
     [2, 4, 6] -> mean 4, var 4, std 2 -> [-1, 0, 1], or (x - 4) / 2 + 4 = [3, 4, 5] without shifting the mean.
@@ -158,9 +162,11 @@ def whiten(
     >>> whiten(torch.tensor([[1.0, 2.0, 3.0, 9.0]]), torch.tensor([[1, 1, 1, 0]]))
     tensor([[-1.,  0.,  1.,  0.]])
     """
-    mean = masked_mean(values, mask)
-    n = mask.sum()
-    var = masked_sum((values - mean).square(), mask) / (n - 1).clamp(min=1)
+    add = total or (lambda t: t)
+    sums = add(torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)]))
+    n = sums[1]
+    mean = sums[0] / n.clamp(min=1)
+    var = add(masked_sum((values - mean).square(), mask)[None])[0] / (n - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -402,8 +408,10 @@ def _process(scored: ScoredRollout, ctx: RolloutContext) -> tuple[dict[str, torc
     kl_coef = controller.value
     rewards = kl_penalty_rewards(scored.rewards, old[:, P:], ref[:, P:], cm, kl_coef=kl_coef)
     adv, returns = gae(rewards, values[:, P:], cm, gamma=p.gamma, lam=p.lam)
-    if p.whiten_advantages:
-        adv = whiten(adv, cm)
+    if p.whiten_advantages:  # over the whole rollout: every process's completion tokens
+        everywhere = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").to(t.device)) \
+            if acc.num_processes > 1 else None  # fmt: skip
+        adv = whiten(adv, cm, total=everywhere)
     seq_kl = masked_sum(old[:, P:] - ref[:, P:], cm, dim=1)  # (N,) log pi/pi_ref of each completion
     # Every process must keep the same coefficient: update it from the KL over all of them. Sum and count, not a
     # mean of means: the last rollout of an epoch may give the processes different numbers of sequences.
