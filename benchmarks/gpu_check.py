@@ -253,8 +253,10 @@ def _estimate(name: str, run_dir: Path, metrics: list[dict], model: str) -> tupl
     kw = dict(RUNS[name].estimate)
     if method in ("grpo", "ppo", "rloo"):
         group = alg.get("num_generations", 1)
-        kw.update(group_size=group, completion_len=alg["rollout"]["max_new_tokens"],
+        kw.update(completion_len=alg["rollout"]["max_new_tokens"],
                   rollout_engine="vllm" if alg["rollout"]["engine"] == "vllm" else "hf")  # fmt: skip
+        if method != "ppo":  # PPO samples one completion a prompt: the estimator refuses a group size for it
+            kw["group_size"] = group
         micro = max(1, micro // group)  # prompts, each with its group
         if method == "grpo" and not alg.get("beta"):
             kw["reference"] = "none"
