@@ -92,7 +92,7 @@ from posttrain.trainer.fingerprint import (
 from posttrain.trainer.launch import fsdp1_refusal, launch_notes
 from posttrain.trainer.loop import training_loop
 from posttrain.trainer.optim import build_optimizer, build_scheduler, lr_factor
-from posttrain.trainer.runlock import LOCK_FILE, hold_run_dir, launch_rank, stale_note
+from posttrain.trainer.runlock import LOCK_FILE, hold_run_dir, launch_rank, run_dir_problem, stale_note
 from posttrain.trainer.summary import peak_memory_gb
 
 # Settings that may change between a run and its resumption: length, logging and checkpoint cadence. Not
@@ -362,6 +362,9 @@ def train(cfg: RunConfig, *, resume: bool = False, return_model: bool = False,
     # padded rows packed into one, attended to one example at a time (`logprobs.packed_rows`)
     with float32_attention_on_cpu(_bf16_on_cpu(cfg)), attention_per_segment():
         if launch_rank() != 0:
+            # the first process refuses a folder it cannot make; the others stop too, before the rendezvous
+            if why := run_dir_problem(cfg.run.output_dir):
+                raise ConfigError(why)
             return _train(cfg, resume=resume, return_model=return_model)
         # before the lock makes the folder; said only to a user's own --resume (the quickstart and the study resume
         # or start their folders by design, and the user set no run.output_dir to check)

@@ -124,3 +124,26 @@ def test_multi_process_launch_refused_without_hanging(make_cfg, tmp_path):
         assert f"is in use by another posttrain process (pid {os.getpid()} on " in proc.stderr
         assert time.time() - started < 120
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # nothing written by either rank
+
+
+def test_every_process_refuses_a_run_folder_it_cannot_make_before_the_rendezvous(make_cfg, tmp_path, monkeypatch):
+    """Under torchrun the first process refused a read-only run.output_dir and stopped, while the others, which
+    skip the lock, waited in the process group's rendezvous until torchrun killed them 44 s later (an audit). They
+    check the folder first now, without creating anything."""
+    import os
+
+    import posttrain.train
+    from posttrain.errors import ConfigError
+    from posttrain.trainer.runlock import run_dir_problem
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in run_dir_problem(afile / "run") and "is not a folder" in run_dir_problem(afile)
+    assert run_dir_problem(tmp_path / "new" / "run") is None
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only file system
+    assert "not writable: no permission, or a read-only file system" in run_dir_problem(tmp_path / "new" / "run")
+    monkeypatch.undo()
+    monkeypatch.setattr(posttrain.train, "launch_rank", lambda: 1)
+    monkeypatch.setattr(posttrain.train, "_train", lambda *a, **k: pytest.fail("went on to the rendezvous"))
+    with pytest.raises(ConfigError, match="cannot be created"):
+        posttrain.train.train(make_cfg(**{"run.output_dir": str(afile / "run")}))

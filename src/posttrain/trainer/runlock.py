@@ -124,6 +124,26 @@ def _acquire(path: Path, run_dir: Path) -> tuple[int, dict]:
     return fd, stale
 
 
+def run_dir_problem(run_dir: str | Path) -> str | None:
+    """Why `run_dir` could not be made or written by this user (a file in its place or above it, a folder without
+    write permission, a read-only disk), found without creating anything; None when nothing says so. The other
+    processes of a launch check it before they wait for the first one (`train`): the first refused the folder
+    and stopped while the others hung in the process group's rendezvous until torchrun killed them, 44 s later
+    (an audit)."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"run.output_dir {run_dir} exists and is not a folder; choose another run.output_dir"
+    nearest = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if nearest is None:
+        return None
+    if not nearest.is_dir():
+        return f"run.output_dir {run_dir} cannot be created ({nearest} is a file); choose another run.output_dir"
+    if not os.access(nearest, os.W_OK | os.X_OK):  # (access(2) says EROFS for a read-only file system too)
+        return (f"run.output_dir {run_dir} cannot be {'written' if nearest == run_dir else 'created'} ({nearest} "
+                "is not writable: no permission, or a read-only file system); choose another run.output_dir")
+    return None
+
+
 @contextmanager
 def hold_run_dir(run_dir: str | Path) -> Iterator[dict]:
     """Hold `run_dir` exclusively for the `with` block (creating the folder if needed).
