@@ -32,7 +32,8 @@ def test_a_folder_with_only_metrics_gets_a_report_of_what_it_has(tmp_path):
     ])  # fmt: skip
     page = build_report([run]).html.read_text(encoding="utf-8")
     sections = re.findall(r"<h2>(.*?)</h2>", page)
-    assert sections == ["Summary", "Loss and optimisation", "Value head (PPO)", "Other metrics", "Notes", "Config"]
+    assert sections == ["Summary", "Evaluation", "Loss and optimisation", "Value head (PPO)", "Other metrics", "Notes",
+                        "Config"]
     assert "<td>foo_rate</td><td>0.25</td><td>0.5</td><td>0.25</td><td>0.5</td>" in page  # first last min max
     # the NaN is left out of the numbers (and the plot): one finite value
     assert "<td>explained_variance</td><td>0.5</td><td>0.5</td><td>0.5</td><td>0.5</td>" in page

@@ -223,8 +223,12 @@ def _evaluation(runs: list[Run]) -> list:
             part += [Text("Held-out metrics logged during training (`data.eval`, every `run.eval_every` steps and at "
                           "the end)."),  # fmt: skip
                      Table(["step", *keys], [[fmt(x["step"]), *[fmt(x.get(k)) for k in keys]] for x in evals])]
-        if part:
-            blocks += ([Heading(r.label, 3)] if len(runs) > 1 else []) + part
+        if not part:  # nothing scored: say how, rather than leave the section out
+            part = [Text(f"No held-out scores in this run folder (no data.eval, no quickstart results). To score "
+                         f"the trained model: `posttrain evaluate --model {r.path} --task TASK` (a built-in task's "
+                         "verifier) or `--data HELDOUT.jsonl --reward SPEC`; for a preference run, `--pairs "
+                         "HELDOUT_PAIRS.jsonl`.")]  # fmt: skip
+        blocks += ([Heading(r.label, 3)] if len(runs) > 1 else []) + part
     return [Heading("Evaluation"), *blocks] if blocks else []
 
 
