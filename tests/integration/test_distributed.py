@@ -50,6 +50,12 @@ def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_
     ddp_losses = [r["loss"] for r in read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")]
     one_losses = [r["loss"] for r in read_metrics(single.run_dir / "metrics.jsonl")]
     assert_close(torch.tensor(ddp_losses), torch.tensor(one_losses), rtol=1e-5, atol=1e-6)
+    # the step's time and the run's clock come from one reading: on a process's first step they are the same to a
+    # millisecond, however long the collectives after it (how the report finds a resumed run's stretches; 3 ms
+    # apart on 2 processes hid a restart: a review), and later steps' clocks hold the steps before them
+    first, second = read_metrics(Path(cfg.run.output_dir) / "metrics.jsonl")[:2]
+    assert 0 <= first["elapsed_s"] - first["step_time_s"] < 1e-3
+    assert second["elapsed_s"] - second["step_time_s"] >= first["step_time_s"]
 
 
 def test_two_processes_share_an_uneven_last_step_and_match_one_process(make_cfg, tmp_path):
@@ -118,3 +124,26 @@ def test_grpo_on_two_processes_samples_and_trains_as_one_with_an_uneven_last_rol
     assert [r["step"] for r in ddp] == [r["step"] for r in one] and len(one) >= 3
     for key in ("reward/total_mean", "truncated_fraction"):  # the same samples, so the same rewards and lengths
         assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in one if key in r], abs=1e-6)
+
+
+def test_ppo_whitens_over_both_processes_as_one_process_does(rl_cfg, tmp_path):
+    """Each process whitened its own share of a rollout's advantages: 2 processes trained other advantages than
+    1 (an audit; with identical samples, weights 2.3e-4 apart). Over every process's tokens, the run is one
+    process's to float summation order (3.3e-7 here; 3.0e-3 with each share whitened alone: a review)."""
+    overrides = {"algorithm.name": "ppo", "algorithm.num_generations": None, "algorithm.kl_coef": 0.1,
+                 "algorithm.whiten_advantages": "true", "optim.micro_batch_size": 2, "data.shuffle": "false",
+                 "algorithm.rollout.temperature": 1.0, "optim.lr": 1e-3, "run.max_steps": 2}  # fmt: skip
+    cfg = rl_cfg("ddp-ppo", **overrides)
+    cfg_file = tmp_path / "ddp.yaml"
+    dump_config(cfg, cfg_file)
+    out_dir = tmp_path / "params"
+    out_dir.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train(rl_cfg("single-ppo", **overrides), return_model=True)
+    r0 = torch.load(out_dir / "rank0.pt")
+    for name, p in single.model.named_parameters():
+        assert_close(r0[name], p.detach(), rtol=0, atol=1e-5)

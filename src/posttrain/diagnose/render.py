@@ -47,8 +47,28 @@ def robustness_table(d: Diagnosis) -> tuple[list[str], list[list[str]]]:
 
 
 def headroom_table(d: Diagnosis) -> tuple[list[str], list[list[str]]]:
+    """pass@k for each k, with the 95% intervals of pass@1 and pass@n over the prompts (`Headroom.intervals`)."""
     h = d.headroom
-    return ["k", *map(str, h.pass_at_k)], [["pass@k", *(pct(v) for v in h.pass_at_k.values())]]
+    ends = h.intervals()
+    span = {1: ends.get("pass_at_1"), h.samples: ends.get("pass_at_n")}
+    return ["k", *map(str, h.pass_at_k)], [
+        ["pass@k", *(pct(v) for v in h.pass_at_k.values())],
+        ["95% interval", *(f"[{pct(span[k][0])}, {pct(span[k][1])}]" if span.get(k) else "" for k in h.pass_at_k)],
+    ]
+
+
+def headroom_line(d: Diagnosis) -> str:
+    """The mixed prompts and the headroom, each with its 95% interval over the prompts."""
+    h, ends = d.headroom, d.headroom.intervals()
+    mixed, room = ends.get("mixed_share"), ends.get("headroom")
+
+    def span(bounds):
+        return f" [{pct(bounds[0])}, {pct(bounds[1])}]" if bounds else ""
+
+    return (f"mixed prompts (some samples right, some wrong): {pct(h.mixed_share)}{span(mixed)} ({h.mixed} of "
+            f"{len(h.prompts)}); all right {h.all_right}, all wrong {h.all_wrong}; headroom pass@{h.samples} - "
+            f"pass@1 {100 * h.headroom:.1f} pts" + (f" [{100 * room[0]:.1f}, {100 * room[1]:.1f}]" if room else "")
+            + " (95% intervals over the prompts)")
 
 
 def data_lines(d: Diagnosis) -> list[str]:
@@ -126,9 +146,7 @@ def format_diagnosis(d: Diagnosis) -> str:
     if d.headroom is not None:
         h = d.headroom
         out += ["", f"Sampling headroom ({h.samples} samples per prompt at temperature {h.temperature:g}):",
-                _markdown(*headroom_table(d)),
-                f"mixed prompts (some samples right, some wrong): {pct(h.mixed_share)} ({h.mixed} of "
-                f"{len(h.prompts)}); all right {h.all_right}, all wrong {h.all_wrong}"]  # fmt: skip
+                _markdown(*headroom_table(d)), headroom_line(d)]  # fmt: skip
     if d.data is not None:
         out += ["", f"SFT data ({d.data.file}):", *(f"  {line}" for line in data_lines(d))]
     if d.preferences is not None:
@@ -170,8 +188,7 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
                                   "greedy accuracy": [100 * d.greedy_accuracy] * len(ks)},
                                  xlabel="k", ylabel="% of prompts")  # fmt: skip
         blocks += [Heading("Sampling headroom"), Table(*headroom_table(d)),
-                   Text(f"Mixed prompts (some samples right, some wrong): {pct(hd.mixed_share)} ({hd.mixed} of "
-                        f"{len(hd.prompts)}); all right {hd.all_right}, all wrong {hd.all_wrong}."),
+                   Text(headroom_line(d)[0].upper() + headroom_line(d)[1:] + "."),
                    Figures([Image("pass_at_k", png, "pass@k against k", w, h)])]  # fmt: skip
     if d.data is not None:
         blocks += [Heading("SFT data"), *(Text(line) for line in data_lines(d))]

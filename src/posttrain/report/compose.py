@@ -41,9 +41,10 @@ def _duration(seconds: float) -> str:
 
 def training_seconds(run: Run) -> float:
     """Training time: the last `elapsed_s` of each stretch of the run. A resumed run's clock restarts at 0: a
-    stretch begins where `elapsed_s` falls, or where a step's `elapsed_s` is its own `step_time_s` (to the
-    millisecond), which only the first step of a process has (later steps' clocks also hold the steps before them).
-    Read from the fall alone, a stretch killed after 0.27 s and resumed to 1.97 s read 2.1 s, not 2.34 (an audit).
+    stretch begins where `elapsed_s` falls, or where a step's `elapsed_s` is its own `step_time_s` to the
+    millisecond, which only a process's first step has (the loop reads both from one clock reading; later steps'
+    clocks also hold the steps before them). Read from the fall alone, a stretch killed after 0.27 s and resumed to
+    1.97 s read 2.1 s, not 2.34 (an audit).
 
     >>> from types import SimpleNamespace
     >>> run = SimpleNamespace(records=[{"step": 1, "elapsed_s": 0.27, "step_time_s": 0.27},

@@ -120,8 +120,9 @@ class StatsSettings(_Section):
     level: float = Field(0.95, gt=0, lt=1)
     """Confidence level of every interval."""
     power: float = Field(0.8, ge=0.5, lt=1)
-    """Power at which the minimum detectable difference is stated (at least 0.5: below it the stated difference
-    can be negative, and every difference would pass the size test)."""
+    """Power at which the minimum detectable difference is stated (at least 0.5: below it a difference of that size
+    is missed more often than found, and below (1 - level) / 2 the stated difference is negative, so every
+    difference would pass the size test)."""
     resamples: int = Field(2000, ge=100)
     """Bootstrap resamples."""
 

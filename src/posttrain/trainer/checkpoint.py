@@ -297,8 +297,9 @@ def reshard_note(path: Path, wrote: int, world_size: int) -> str | None:
         f"note: resuming {wrote}-process state on {world_size} process{'es' if world_size > 1 else ''} "
         f"({Path(path).name}): the weights, optimizer state, schedule and data position carry over (each step's "
         f"global batch is the same); {rng}. Dropout therefore draws other random numbers than the uninterrupted "
-        f"{wrote}-process run would (rollouts do not: each row's stream is its place in the rollout), a rollout "
-        "in progress is sampled again, and gradient sums run in another order (last-bit differences)."
+        f"{wrote}-process run would, and gradient sums run in another order (last-bit differences). An RL run "
+        "samples a rollout in progress again; the others draw what they would have (the HF engine numbers each "
+        "row's stream by its place in the rollout; vLLM's streams depend on the number of processes)."
     )
 
 

@@ -249,7 +249,10 @@ def training_loop(
             optimizer.zero_grad(set_to_none=True)
 
             # ---- metrics: per-unit means over the whole step
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()  # one reading for the step's time and the run's clock: `elapsed_s` minus
+            elapsed = now - t0  # `step_time_s` is the time before the step began, ~0 on a process's first step
+            # (`report.compose.training_seconds` finds a resumed run's stretches so; a later reading, after the
+            # collectives below, put ms between them on several processes and hid the restart: a review)
             step_tokens = _reduce_sum(
                 accelerator,
                 sum(
@@ -268,7 +271,7 @@ def training_loop(
                 step_time_s=elapsed,
                 data_time_s=data_time,
                 train_time_s=elapsed - data_time,
-                elapsed_s=time.perf_counter() - started,
+                elapsed_s=now - started,
                 # this process's peak resident memory so far, in GB (ru_maxrss: KiB on Linux, bytes on macOS)
                 peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 * (1 if sys.platform == "darwin" else 1024) / 1e9,
