@@ -806,3 +806,30 @@ def test_what_a_reward_file_defines_can_be_pickled(tmp_path):
 
     module = next(m for m in sys.modules.values() if getattr(m, "__file__", None) == str(path))
     assert pickle.loads(pickle.dumps(module.helper))(3) == 6
+
+
+@pytest.mark.parametrize(("completion", "answer", "expected"), [
+    (r"\boxed{\$18}", 18, True),  # LaTeX's escaped dollar: MATH-style money answers all scored 0
+    (r"The answer is \$18.", 18, True),
+    (r"\boxed{\$18.90}", r"Three shirts cost $3 \cdot 6.30 = \boxed{\$18.90}$.", True),  # a worked MATH gold
+    ("Answer: 18.90", r"Three shirts cost $3 \cdot 6.30 = \boxed{\$18.90}$.", True),
+    ("Answer: -$17", -17, True),
+    ("Answer: +17", 17, True),
+    (r"\boxed{1\,000}", "1000", True),  # thin-space thousands
+    ("Answer: x = 3 or x = 5", "x = 3 or x = 5", True),  # the gold read as the set {3, 5}, as the answer is
+    ("Answer: 3 or 5", "x = 3 or x = 5", True),
+    ("Answer: 17. Check: 17 - 5 = 12.", 17, True),  # the check after the answer is not its equation
+    (r"\boxed{\$19}", 18, False),
+])  # fmt: skip
+def test_numeric_match_reads_money_signs_sets_and_checks_as_written(completion, answer, expected):
+    """An audit's hand-labelled cases `numeric_answer` got wrong."""
+    assert numeric_match(completion, answer) is expected
+
+
+def test_a_worked_gold_is_checked_by_the_answer_scoring_reads():
+    """A MATH-style solution passed the pre-run check (read whole) while scoring read its boxed answer, which was
+    then no number: every completion on the row scored 0, unsaid (an audit)."""
+    from posttrain.rewards.checks import _not_a_number
+
+    assert _not_a_number(r"Three shirts cost $3 \cdot 6.30 = \boxed{\$18.90}$.") is None
+    assert "is not a number" in _not_a_number(r"We find \boxed{\text{blue}}.")

@@ -133,3 +133,39 @@ def test_structured_answers_match_the_schema_and_the_text():
         text = r["prompt"].lower()
         positions = [text.index(lang) for lang in r["answer"]["languages"]]
         assert positions == sorted(positions)  # languages in order of mention
+
+
+@pytest.mark.parametrize(("completion", "gold", "correct", "formatted"), [
+    ("**Answer:** 17", 17, True, True),  # Markdown bold read as unmarked (the format reward gave 0)
+    ("Answer: **17**", 17, True, True),
+    ("**Answer:** 17\n\nCheck: 17 - 5 = 12", 17, True, True),  # it fell back to the last number, 12
+    ("Answer: 6 + 9 = 15\nThe answer is 15", 15, True, True),  # a real sample: the sum's first term was read
+    ("Answer: 20-3=17", 17, True, True),
+    ("Answer: 17 or 18", 17, False, True),  # a hedge is no answer (it counted as right)
+    ("Answer: 17. Check: 17 - 5 = 12.", 17, True, True),
+    ("Answer:\n17", 17, True, True),
+    ("Answer: \u22125", -5, True, True),  # a typeset minus
+    ("Answer: 5. Wait, Answer: 6", 6, True, True),  # the last marked answer
+    ("Answer: 12 + 5", 17, False, True),  # a sum not worked out: its first number, not a result
+])  # fmt: skip
+def test_arithmetic_reads_the_marked_answer_as_written(completion, gold, correct, formatted):
+    """An audit's hand-labelled cases the arithmetic verifier (every `correct` the README reports, the RL recipes'
+    reward and format reward) got wrong."""
+    got = arithmetic.Arithmetic().verify(completion, gold)
+    assert (got["correct"], got["formatted"]) == (correct, formatted)
+
+
+GOOD = '{"name": "Ann Lee", "birth_date": "1990-03-05", "role": "chef", "languages": ["dutch"], "remote": true}'
+
+
+@pytest.mark.parametrize(("completion", "exact", "valid"), [
+    ('<think>{"name": "Ann"}</think>\n' + GOOD, True, True),  # a draft before the answer
+    ('{"name": "Ann"}\nCorrection:\n' + GOOD, True, True),
+    (GOOD + '\n```python\nprint(record["name"])\n```', True, True),  # code after the object
+    ("Keys {name, role}:\n" + GOOD, True, True),  # a brace in the prose before it
+    (GOOD.replace("true", "1"), False, True),  # 1 is not true (Python's 1 == True scored it exact)
+    (GOOD.replace("true", "NaN"), False, False),  # NaN is not JSON
+])  # fmt: skip
+def test_structured_grades_the_final_object_with_json_types(completion, exact, valid):
+    got = structured.Structured().verify(completion, json.loads(GOOD))
+    assert (got["exact"], got["json_valid"]) == (exact, valid)

@@ -3,7 +3,8 @@
 The verifier is a built-in task's (`evaluate_task`: rates, the means of its per-row metrics, e.g. `json_valid`,
 `schema_match`, `exact`, `field_<name>`) or reward functions (`evaluate_rewards`, the same specs as
 `algorithm.rewards`: `reward_mean`, the mean reward; `reward_positive`, the share of rows whose reward is > 0,
-which is the accuracy for 0/1 rewards such as `exact_match`, `numeric_answer` and `task`; `reward_failures`,
+which is the accuracy for 0/1 rewards such as `exact_match`, `numeric_answer` and `task` on arithmetic (not for
+partial credit: `task` on structured scores the share of fields right); `reward_failures`,
 samples a reward function could not score). `format_table` puts several models side by side. Greedy decoding by
 default, so two evaluations of the same model on the same rows agree exactly.
 """

@@ -111,6 +111,9 @@ def _marked_value(value: str) -> str:
     >>> _marked_value("x = 3 or x = 5"), _marked_value("3 or 4"), _marked_value("(7)"), _marked_value("50%")
     ('3, 5', '3, 4', '7', '50%')
     """
+    sentence = re.match(rf"\s*\$?({_NUM})\.\s+[A-Z]", value)  # "17. Check: 17 - 5 = 12.": the answer, then more
+    if sentence:
+        return sentence.group(1)
     if re.search(r"\b(?:or|and)\b", value) and _MANY.fullmatch(value):
         return ", ".join(re.findall(rf"(?<![\d.]){_NUM}", re.sub(r"[A-Za-z]\s*=", "", value)))
     if bracketed := _BRACKETED.fullmatch(value):
@@ -139,8 +142,16 @@ def to_number(text: str) -> float | None:
 
     >>> to_number("$1,234.50."), to_number("3/4"), to_number("-2"), to_number("42 apples")
     (1234.5, 0.75, -2.0, None)
+
+    LaTeX's escaped dollar (``\\$18.90``, how MATH writes money) and thin-space thousands (``1\\,000``), a sign
+    before the dollar (``-$17``) and a leading ``+`` read as the number (they read as no number, and every answer
+    to such a row scored 0: an audit).
+
+    >>> to_number(r"\\$18.90"), to_number(r"1\\,000"), to_number("-$17"), to_number("+17")
+    (18.9, 1000.0, -17.0, 17.0)
     """
-    s = str(text).translate(_MINUS).strip().strip("$").rstrip(".").strip()
+    s = str(text).translate(_MINUS).replace("\\$", "$").replace("\\,", "").strip()
+    s = re.sub(r"^([-+]?)\s*\$", r"\1", s).strip().strip("$").rstrip(".").strip().removeprefix("+")
     if not _PLAIN.fullmatch(s):
         return None
     num, _, den = s.replace(",", "").partition("/")
@@ -311,11 +322,13 @@ def numeric_match(completion: str, answer: Any, *, tolerance: float = 1e-6) -> b
     >>> numeric_match(r"\boxed{(-2,2)}", "(-2,2)"), numeric_match(r"\boxed{3}", r"so $x = \boxed{3}$.")
     (True, True)
     """
-    completion = completion.translate(_MINUS)
+    completion = completion.translate(_MINUS).replace("\\$", "$")  # LaTeX's escaped dollar is a dollar
     pred = final_answer(completion)
     # A gold answer given as a worked solution (MATH's `solution`, GSM8K's `#### 72`) is compared by its marked
     # answer, as the completion's is; else as it is.
-    gold_text = _marked_gold(str(answer).translate(_MINUS))
+    gold_text = _marked_gold(str(answer).translate(_MINUS).replace("\\$", "$"))
+    if re.search(r"\b(?:or|and)\b", gold_text) and _MANY.fullmatch(gold_text.strip()):
+        gold_text = _marked_value(gold_text.strip())  # x = 3 or x = 5: the set {3, 5}, as a completion's is read
     gold = to_number(gold_text)
     if pred is None:
         numbers = _NUMBER.findall(completion)

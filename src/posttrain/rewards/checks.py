@@ -18,7 +18,7 @@ from posttrain.data.schema import RESERVED_PROMPT_COLUMNS
 from posttrain.data.tasks import TASKS, answer_problems
 from posttrain.errors import ConfigError, DataError, Problem
 from posttrain.models.heads import reward_model_problem
-from posttrain.rewards.builtin import readable_number, schema_problem
+from posttrain.rewards.builtin import _marked_gold, readable_number, schema_problem
 from posttrain.rewards.sandbox import tests_problem, uncalled_check
 
 # Built-in rewards that read a column of the prompt rows, and the default name of that column.
@@ -188,7 +188,7 @@ def _not_a_number(value) -> str | None:
         return f"must be a number or a text holding one, got {type(value).__name__} {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"is {value}, not a finite number"
-    if not readable_number(str(value)):
+    if not readable_number(_marked_gold(str(value)).replace("\\$", "$")):  # what scoring reads of a worked solution
         return (f"{value!r} is not a number (neither a plain number nor an expression math-verify reads; a text "
                 "answer compares with the exact_match reward)")
     return None

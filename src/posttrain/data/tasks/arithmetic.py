@@ -47,7 +47,15 @@ SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 # this wording raised greedy format compliance on one-step additions from 44% to 94% (32 prompts).
 INSTRUCTION = "Solve the problem. End your reply with 'Answer:' followed by the number."
 
-_MARKED = re.compile(r"(?:Answer:|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_BOLD = r"(?:\*\*|__)?"  # Markdown bold around the marker or the number: "**Answer:** 17", "Answer: **17**"
+_MARKER = re.compile(rf"{_BOLD}(?:Answer\s*:|####){_BOLD}", re.IGNORECASE)
+_VALUE_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# what a marked answer starts with: the number, or a sum worked out to it ("Answer: 12 + 5 = 17"); a hedge between
+# two numbers ("17 or 18") is no answer
+_MARKED_VALUE = re.compile(rf"\s*{_BOLD}[ \t]*\$?[ \t]*{_BOLD}[ \t]*(?P<first>{_VALUE_NUMBER})"
+                           rf"(?P<sum>(?:[ \t]*[-+*/x\u00d7\u00f7][ \t]*{_VALUE_NUMBER})+[ \t]*=[ \t]*"
+                           rf"(?P<result>{_VALUE_NUMBER}))?(?P<hedge>[ \t]*{_BOLD}[ \t]*(?:or|/)[ \t]*-?\d)?",
+                           re.IGNORECASE)  # fmt: skip
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _STEP = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)\.$")
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -141,10 +149,24 @@ def extract_answer(text: str) -> tuple[float | None, bool]:
     (12.0, False)
     >>> extract_answer("no idea")
     (None, False)
+
+    The marked answer is the last marker followed by a number: in bold too (`**Answer:** 17`), or a sum worked out
+    to it (`Answer: 6 + 9 = 15` is 15, not 6); one hedged between two numbers (`Answer: 17 or 18`) is none (an
+    audit found the bold read as unmarked, the sum as its first term and the hedge as right).
+
+    >>> extract_answer("**Answer:** 17\\n\\nCheck: 17 - 5 = 12"), extract_answer("Answer: 6 + 9 = 15\\nThe answer is 15")
+    ((17.0, True), (15.0, True))
+    >>> extract_answer("Answer: 17 or 18"), extract_answer("Answer: 17. Check: 17 - 5 = 12.")
+    ((None, True), (17.0, True))
     """
-    marked = _MARKED.findall(text)
-    if marked:
-        return float(marked[-1].replace(",", "")), True
+    text = text.replace("\u2212", "-")  # a typeset minus sign
+    for found in reversed(list(_MARKER.finditer(text))):
+        value = _MARKED_VALUE.match(text, found.end())
+        if value is None:
+            continue
+        if value["hedge"]:
+            return None, True
+        return float((value["result"] or value["first"]).replace(",", "")), True
     numbers = _NUMBER.findall(text)
     return (float(numbers[-1].replace(",", "")), False) if numbers else (None, False)
 

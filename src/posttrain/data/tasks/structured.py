@@ -123,28 +123,51 @@ def _join(items: list[str]) -> str:
 
 
 def parse_json_object(text: str) -> Any:
-    """The JSON value in a completion, or None: the whole text, a ```json fenced block, or else the first
-    ``{...}`` object in it (prose before or after is tolerated: `json_valid` asks "is there JSON", and the
-    other metrics judge what it says).
+    """The JSON value in a completion, or None: the whole text, or else the last ``{...}`` object in it that parses
+    (in a fenced block or in prose: `json_valid` asks "is there JSON", and the other metrics judge what it says).
+    The last, as the final answer: a draft (in `<think>`, or corrected after), a fenced block of code after the
+    object, or a brace in the prose before it made the first one, or nothing, the answer (an audit). Strict JSON:
+    `NaN` and `Infinity` are not JSON values.
 
     >>> parse_json_object('```json\\n{"a": 1}\\n```')
     {'a': 1}
     >>> parse_json_object('JSON:\\n{"a": [1, 2]}\\nThis object has one key.')
     {'a': [1, 2]}
-    >>> parse_json_object('{"a": 1') is None
-    True
+    >>> parse_json_object('Keys {a, b}: {"a": 1} is a draft. Corrected: {"a": 2}\\n```python\\nprint({1: 2})\\n```')
+    {'a': 2}
+    >>> parse_json_object('{"a": 1') is None, parse_json_object('{"a": NaN}') is None
+    (True, True)
     """
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    body = (fenced.group(1) if fenced else text).strip()
+    decoder = json.JSONDecoder(parse_constant=_no_constant)
     try:
-        return json.loads(body)
-    except json.JSONDecodeError:
+        return decoder.decode(text.strip())
+    except ValueError:
         pass
-    start = body.find("{")
-    try:
-        return json.JSONDecoder().raw_decode(body, start)[0] if start >= 0 else None
-    except json.JSONDecodeError:
-        return None
+    found, start = None, text.find("{")
+    while start >= 0:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            found = value
+        start = text.find("{", end)  # the objects inside this one are its own, not answers
+    return found
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, types included: Python's `1 == True` scored `"remote": 1` right beside a schema that
+    refused it (an audit).
+
+    >>> _same({"x": 1}, {"x": True}), _same({"b": [1], "a": "s"}, {"a": "s", "b": [1]})
+    (False, True)
+    """
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 class Structured:
@@ -219,10 +242,10 @@ class Structured:
         out = {
             "json_valid": valid,
             "schema_match": valid and _VALIDATOR.is_valid(obj),
-            "exact": valid and obj == answer,
+            "exact": valid and _same(obj, answer),
         }
         for f in FIELDS:
-            out[f"field_{f}"] = valid and f in obj and obj[f] == answer[f]
+            out[f"field_{f}"] = valid and f in obj and _same(obj[f], answer[f])
         return out
 
     def rejected(self, row: dict, kind: str, rng: random.Random) -> str:
