@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from typing import Any
 
 from jsonschema import Draft202012Validator
