@@ -92,10 +92,10 @@ class FakeVLLM:
     def wake_up(self, tags):
         self.calls.append(f"wake_up:{','.join(tags)}")
 
-    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed):
+    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed, row_ids=None):
         self.calls.append("sample")
         r = HFEngine().generate(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=[], seed=seed)  # fmt: skip
+                                temperature=temperature, top_p=top_p, stop=[], seed=seed, row_ids=row_ids)  # fmt: skip
         lengths = r.completion_mask.sum(-1).tolist()
         logps = (r.sampling_logps + self.logp_shift).tolist()
         return [(ids[:k], lps[:k]) for ids, lps, k in zip(r.completion_ids.tolist(), logps, lengths)]

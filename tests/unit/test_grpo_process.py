@@ -14,15 +14,9 @@ from posttrain.rollout.engine import Rollout
 
 
 class TwoProcesses:
-    """Stands in for rank 0 of two processes: `gather` appends the other rank's rewards, as all_gather would."""
+    """Stands in for rank 0 of two processes (the other rank's rewards are appended by `gather_object`, below)."""
 
     num_processes, process_index, device = 2, 0, torch.device("cpu")
-
-    def __init__(self, other):
-        self.other = other
-
-    def gather(self, t):
-        return torch.cat([t, self.other])
 
 
 def _scored(rewards):
@@ -35,15 +29,20 @@ def _scored(rewards):
     return ScoredRollout(rollout, [None] * n, torch.tensor(rewards), {}, trains=torch.ones(n, dtype=torch.bool))
 
 
-def test_batch_scale_divides_by_the_std_over_every_process():
+def test_batch_scale_divides_by_the_std_over_every_process(monkeypatch):
     """Rank 0 holds rewards [0, 1 | 0, 0]; rank 1 holds [4, 8 | 2, 2]. Batch std (unbiased) of all eight:
     mean 17/8; squared deviations sum to 52.875 -> var 52.875 / 7 = 7.5536, std 2.7484. Rank 0's first group
     centred: [-0.5, 0.5] -> [-0.18192, 0.18192]; its own std (0.5) would give [-1, 1]."""
     cfg = load_config(None, ["algorithm.name=grpo", "algorithm.rewards=[constant]", "algorithm.scale=batch",
                              "algorithm.num_generations=2", "algorithm.log_kl=false",
                              "optim.batch_size=4"])  # fmt: skip
-    ctx = RolloutContext(cfg=cfg, model=None, accelerator=TwoProcesses(torch.tensor([4.0, 8.0, 2.0, 2.0])),
-                         micro_batch_size=4, reference=Reference("none"))  # fmt: skip
+    import accelerate.utils
+
+    # every process's rewards, as all_gather_object gives them (shares of any size: a tensor gather of unequal
+    # lengths aborted a run in gloo)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [*mine, 4.0, 8.0, 2.0, 2.0])
+    ctx = RolloutContext(cfg=cfg, model=None, accelerator=TwoProcesses(), micro_batch_size=4,
+                         reference=Reference("none"))  # fmt: skip
     tensors, _ = grpo._process(_scored([0.0, 1.0, 0.0, 0.0]), ctx)
     std = torch.tensor([0.0, 1.0, 0.0, 0.0, 4.0, 8.0, 2.0, 2.0]).std()
     assert float(std) == pytest.approx(2.7483761, rel=1e-6)

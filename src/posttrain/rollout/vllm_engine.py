@@ -62,8 +62,11 @@ class Backend(Protocol):
     def sleep(self) -> None: ...
     def wake_up(self, tags: list[str]) -> None: ...
     def sample(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-               stop: list[str], stop_token_ids: list[int], seed: int) -> list[tuple[list[int], list[float]]]:
-        """n samples per prompt, contiguous: (token ids, log-prob of each under the sampling distribution)."""  # fmt: skip
+               stop: list[str], stop_token_ids: list[int], seed: int,
+               row_ids: list[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        """n samples per prompt, contiguous: (token ids, log-prob of each under the sampling distribution).
+        `row_ids`: each row's place in the whole rollout (`rollout.source.rollout_row_ids`), for a backend that
+        numbers its random streams so; vLLM draws from its own and does not read them."""  # fmt: skip
 
 
 def weight_versions(model: torch.nn.Module) -> tuple[int, ...]:
@@ -173,7 +176,7 @@ class ColocatedVLLM:
     def wake_up(self, tags: list[str]) -> None:
         self.llm.wake_up(tags=tags)
 
-    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed):
+    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed, row_ids=None):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -225,7 +228,7 @@ class VLLMEngine:
         try:
             samples = self.backend.sample([list(p) for p in prompt_ids], n=n, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, stop=list(stop), stop_token_ids=eos,
-                                          seed=seed)  # fmt: skip
+                                          seed=seed, row_ids=row_ids)  # fmt: skip
         finally:
             if self.sleeps:
                 self.backend.sleep()

@@ -297,7 +297,7 @@ class ServerBackend:
     def reset_prefix_cache(self) -> None:
         self._call("POST", "/reset_prefix_cache", b"{}")
 
-    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed):
+    def sample(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, stop_token_ids, seed, row_ids=None):
         request = {"prompt_ids": prompt_ids, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
                    "top_p": top_p, "stop": stop, "stop_token_ids": stop_token_ids, "seed": seed}  # fmt: skip
         samples = self._call("POST", "/generate", json.dumps(request).encode())["samples"]
