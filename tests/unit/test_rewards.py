@@ -819,6 +819,8 @@ def test_what_a_reward_file_defines_can_be_pickled(tmp_path):
     ("Answer: x = 3 or x = 5", "x = 3 or x = 5", True),  # the gold read as the set {3, 5}, as the answer is
     ("Answer: 3 or 5", "x = 3 or x = 5", True),
     ("Answer: 17. Check: 17 - 5 = 12.", 17, True),  # the check after the answer is not its equation
+    ("Answer: 1,234. Check: 1,234 - 5 = 1,229.", "1234", True),
+    ("Answer: -17. Done.", -17, True),
     (r"\boxed{\$19}", 18, False),
 ])  # fmt: skip
 def test_numeric_match_reads_money_signs_sets_and_checks_as_written(completion, answer, expected):

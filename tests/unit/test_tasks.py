@@ -147,6 +147,10 @@ def test_structured_answers_match_the_schema_and_the_text():
     ("Answer: \u22125", -5, True, True),  # a typeset minus
     ("Answer: 5. Wait, Answer: 6", 6, True, True),  # the last marked answer
     ("Answer: 12 + 5", 17, False, True),  # a sum not worked out: its first number, not a result
+    ("Answer: **17** or **18**", 17, False, True),  # a bold hedge is a hedge (a review)
+    ("Answer: 3 * 4 = 12 + 5 = 17", 17, True, True),  # a chained sum: its last result
+    ("Answer: 1,234 + 1 = 1,235", 1235, True, True),
+    ("Answer:" + " " * 300 + "x", 17, False, False),  # spaces after a marker: no answer (and no backtracking)
 ])  # fmt: skip
 def test_arithmetic_reads_the_marked_answer_as_written(completion, gold, correct, formatted):
     """An audit's hand-labelled cases the arithmetic verifier (every `correct` the README reports, the RL recipes'
@@ -165,6 +169,10 @@ GOOD = '{"name": "Ann Lee", "birth_date": "1990-03-05", "role": "chef", "languag
     ("Keys {name, role}:\n" + GOOD, True, True),  # a brace in the prose before it
     (GOOD.replace("true", "1"), False, True),  # 1 is not true (Python's 1 == True scored it exact)
     (GOOD.replace("true", "NaN"), False, False),  # NaN is not JSON
+    (GOOD + '\nIf the text gave no role, you would write {"role": null}.', True, True),  # a note after the answer
+    ("```json\n" + GOOD + '\n```\nFields not found would be left as {}.', True, True),
+    (GOOD + '\n```json\n{"confidence": 0.9}\n```', True, True),
+    ("{" * 10_000, False, False),  # braces only
 ])  # fmt: skip
 def test_structured_grades_the_final_object_with_json_types(completion, exact, valid):
     got = structured.Structured().verify(completion, json.loads(GOOD))

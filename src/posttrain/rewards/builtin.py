@@ -111,9 +111,9 @@ def _marked_value(value: str) -> str:
     >>> _marked_value("x = 3 or x = 5"), _marked_value("3 or 4"), _marked_value("(7)"), _marked_value("50%")
     ('3, 5', '3, 4', '7', '50%')
     """
-    sentence = re.match(rf"\s*\$?({_NUM})\.\s+[A-Z]", value)  # "17. Check: 17 - 5 = 12.": the answer, then more
+    sentence = re.match(r"\s*(-?)\$?(-?\d+(?:,\d{3})*(?:\.\d+)?)\.\s+[A-Z]", value)  # "17. Check: 17 - 5 = 12.": the answer, then more
     if sentence:
-        return sentence.group(1)
+        return sentence.group(1) + sentence.group(2)
     if re.search(r"\b(?:or|and)\b", value) and _MANY.fullmatch(value):
         return ", ".join(re.findall(rf"(?<![\d.]){_NUM}", re.sub(r"[A-Za-z]\s*=", "", value)))
     if bracketed := _BRACKETED.fullmatch(value):

@@ -50,11 +50,13 @@ INSTRUCTION = "Solve the problem. End your reply with 'Answer:' followed by the 
 _BOLD = r"(?:\*\*|__)?"  # Markdown bold around the marker or the number: "**Answer:** 17", "Answer: **17**"
 _MARKER = re.compile(rf"{_BOLD}(?:Answer\s*:|####){_BOLD}", re.IGNORECASE)
 _VALUE_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-# what a marked answer starts with: the number, or a sum worked out to it ("Answer: 12 + 5 = 17"); a hedge between
-# two numbers ("17 or 18") is no answer
-_MARKED_VALUE = re.compile(rf"\s*{_BOLD}[ \t]*\$?[ \t]*{_BOLD}[ \t]*(?P<first>{_VALUE_NUMBER})"
-                           rf"(?P<sum>(?:[ \t]*[-+*/x\u00d7\u00f7][ \t]*{_VALUE_NUMBER})+[ \t]*=[ \t]*"
-                           rf"(?P<result>{_VALUE_NUMBER}))?(?P<hedge>[ \t]*{_BOLD}[ \t]*(?:or|/)[ \t]*-?\d)?",
+# what a marked answer starts with: the number, or a sum worked out to it ("Answer: 12 + 5 = 17", chained too:
+# "3 * 4 = 12 + 5 = 17" is 17); a hedge between two numbers ("17 or 18", bold or not) is no answer. Atomic groups
+# around the whitespace: runs of spaces after a marker took seconds to backtrack through (a review: 41 s for 500)
+_OP = r"[-+*/x\u00d7\u00f7]"
+_MARKED_VALUE = re.compile(rf"(?>\s*{_BOLD}[ \t]*\$?[ \t]*{_BOLD}[ \t]*)(?P<first>{_VALUE_NUMBER})"
+                           rf"(?P<sum>(?>(?:[ \t]*{_OP}[ \t]*{_VALUE_NUMBER})+[ \t]*=[ \t]*{_VALUE_NUMBER})+)?"
+                           rf"(?P<hedge>(?>[ \t]*{_BOLD}[ \t]*)(?:or|/)(?>[ \t]*{_BOLD}[ \t]*)-?\d)?",
                            re.IGNORECASE)  # fmt: skip
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _STEP = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)\.$")
@@ -166,7 +168,8 @@ def extract_answer(text: str) -> tuple[float | None, bool]:
             continue
         if value["hedge"]:
             return None, True
-        return float((value["result"] or value["first"]).replace(",", "")), True
+        result = _NUMBER.findall(value["sum"].rsplit("=", 1)[1])[0] if value["sum"] else value["first"]
+        return float(result.replace(",", "")), True
     numbers = _NUMBER.findall(text)
     return (float(numbers[-1].replace(",", "")), False) if numbers else (None, False)
 

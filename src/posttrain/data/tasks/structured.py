@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -137,26 +138,57 @@ def parse_json_object(text: str) -> Any:
     >>> parse_json_object('{"a": 1') is None, parse_json_object('{"a": NaN}') is None
     (True, True)
     """
+    objects = _objects(text)
+    return objects[-1] if objects else None
+
+
+def _objects(text: str) -> list:
+    """The whole text's JSON value ([it]), or else every top-level `{...}` object in it that parses, in order.
+    Only a `{` that can open an object (`{"` or `{}`) is tried, so a text of braces is read in linear time (each
+    failed try costs its position: 100,000 braces took 1.5 s), and nesting deep enough to exhaust the recursion
+    limit is no JSON."""
     decoder = json.JSONDecoder(parse_constant=_no_constant)
     try:
-        return decoder.decode(text.strip())
-    except ValueError:
+        return [decoder.decode(text.strip())]
+    except (ValueError, RecursionError):
         pass
-    found, start = None, text.find("{")
-    while start >= 0:
+    found, at = [], 0
+    for start in _OPENS.finditer(text):
+        if start.start() < at:
+            continue  # inside an object already read: its own, not an answer
         try:
-            value, end = decoder.raw_decode(text, start)
-        except ValueError:
-            start = text.find("{", start + 1)
+            value, end = decoder.raw_decode(text, start.start())
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, dict):
-            found = value
-        start = text.find("{", end)  # the objects inside this one are its own, not answers
+            found.append(value)
+            at = end
     return found
+
+
+_OPENS = re.compile(r'\{\s*["}]')
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _answer_object(completion: str) -> Any:
+    """The object a completion answers with: of the objects in it (`parse_json_object`'s reading), the last of those
+    holding the most of the record's keys, so a corrected answer counts and a note after it (`{"role": null}` as an
+    example, `{}`, a schema, `{"confidence": 0.9}`) does not replace it (a review: those scored 0).
+
+    >>> _answer_object('{"name": "A", "role": "chef"} If none, write {"role": null}.')
+    {'name': 'A', 'role': 'chef'}
+    """
+    objects = _objects(completion)
+    if len(objects) == 1 and not isinstance(objects[0], dict):
+        return objects[0]
+    dicts = [o for o in objects if isinstance(o, dict)]
+    if not dicts:
+        return None
+    most = max(len(o.keys() & set(FIELDS)) for o in dicts)
+    return [o for o in dicts if len(o.keys() & set(FIELDS)) == most][-1]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -236,7 +268,7 @@ class Structured:
         >>> Structured().verify("no json here", ans)["json_valid"]
         False
         """
-        obj = parse_json_object(completion)
+        obj = _answer_object(completion)
         valid = isinstance(obj, dict)
         out = {
             "json_valid": valid,
