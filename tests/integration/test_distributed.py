@@ -17,28 +17,24 @@ from posttrain.trainer.metrics import read_metrics
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_path):
-    overrides = {"run.max_steps": 3, "optim.lr": 1e-3, "optim.micro_batch_size": 2, "data.shuffle": "false"}
-    cfg = make_cfg("ddp", **overrides)
+def _two_processes(cfg, tmp_path) -> Path:
+    """Train `cfg` in 2 processes under torchrun (ddp_worker.py); the folder of each rank's saved parameters."""
     cfg_file = tmp_path / "ddp.yaml"
     dump_config(cfg, cfg_file)
     out_dir = tmp_path / "params"
     out_dir.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(cfg_file),
-        str(out_dir),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out_dir
+
+
+def test_two_processes_agree_with_each_other_and_with_one_process(make_cfg, tmp_path):
+    overrides = {"run.max_steps": 3, "optim.lr": 1e-3, "optim.micro_batch_size": 2, "data.shuffle": "false"}
+    cfg = make_cfg("ddp", **overrides)
+    out_dir = _two_processes(cfg, tmp_path)
     r0, r1 = torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name  # DDP keeps replicas identical
@@ -70,15 +66,7 @@ def test_two_processes_share_an_uneven_last_step_and_match_one_process(make_cfg,
     overrides = {"data.train": str(rows), "run.max_steps": "null", "run.epochs": 1, "optim.lr": 1e-3,
                  "optim.micro_batch_size": 1}  # fmt: skip
     cfg = make_cfg("ddp-uneven", **overrides)
-    cfg_file = tmp_path / "ddp.yaml"
-    dump_config(cfg, cfg_file)
-    out_dir = tmp_path / "params"
-    out_dir.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = _two_processes(cfg, tmp_path)
     r0, r1 = torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")
     single = train(make_cfg("single-uneven", **overrides), return_model=True)
     for name, p in single.model.named_parameters():
@@ -106,15 +94,7 @@ def test_grpo_on_two_processes_samples_and_trains_as_one_with_an_uneven_last_rol
                  "algorithm.rollout.batch_size": 16, "optim.micro_batch_size": 2, "algorithm.rollout.temperature": 1.0,
                  "data.shuffle": "false", "optim.lr": 1e-3}  # fmt: skip
     cfg = rl_cfg("ddp-grpo", **overrides)
-    cfg_file = tmp_path / "ddp.yaml"
-    dump_config(cfg, cfg_file)
-    out_dir = tmp_path / "params"
-    out_dir.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = _two_processes(cfg, tmp_path)
     single = train(rl_cfg("single-grpo", **overrides), return_model=True)
     r0 = torch.load(out_dir / "rank0.pt")
     for name, p in single.model.named_parameters():
@@ -134,15 +114,7 @@ def test_ppo_whitens_over_both_processes_as_one_process_does(rl_cfg, tmp_path):
                  "algorithm.whiten_advantages": "true", "optim.micro_batch_size": 2, "data.shuffle": "false",
                  "algorithm.rollout.temperature": 1.0, "optim.lr": 1e-3, "run.max_steps": 2}  # fmt: skip
     cfg = rl_cfg("ddp-ppo", **overrides)
-    cfg_file = tmp_path / "ddp.yaml"
-    dump_config(cfg, cfg_file)
-    out_dir = tmp_path / "params"
-    out_dir.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(WORKER), str(cfg_file), str(out_dir)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = _two_processes(cfg, tmp_path)
     single = train(rl_cfg("single-ppo", **overrides), return_model=True)
     r0 = torch.load(out_dir / "rank0.pt")
     for name, p in single.model.named_parameters():
