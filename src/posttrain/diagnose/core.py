@@ -75,6 +75,7 @@ class Diagnosis:
         drift over completions that were all empty scored no token)."""
         worst = self.robustness.worst() if self.robustness else None
         h, d = self.headroom, self.data
+        spans = h.intervals() if h else {}  # the 95% intervals that `recommend.borderline` reads thresholds against
         facts = {
             "clean_accuracy": self.greedy_accuracy,
             "worst_kind": worst.kind if worst else None,
@@ -88,9 +89,8 @@ class Diagnosis:
             "pass_at_n": h.pass_at_k[h.samples] if h else None,
             "headroom": h.headroom if h else None,
             "mixed_share": h.mixed_share if h else None,
-            # their 95% intervals over the prompts: what `recommend.borderline` reads the thresholds against
-            **{f"{k}_{end}": (bounds[i] if bounds else None) for k in ("headroom", "mixed_share")
-               for bounds in [(h.intervals() if h else {}).get(k)] for i, end in enumerate(("low", "high"))},
+            **{f"{k}_{end}": spans[k][i] if k in spans else None for k in ("headroom", "mixed_share")
+               for i, end in enumerate(("low", "high"))},
             "wrong_share": d.wrong_share if d else None,
             "ambiguous_share": d.ambiguous_share if d else None,
             "pairs_logp_accuracy": self.preferences["logp_accuracy"] if self.preferences else None,

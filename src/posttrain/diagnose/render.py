@@ -187,8 +187,8 @@ def report_blocks(d: Diagnosis) -> tuple[str, list]:
                                  {"pass@k": [100 * v for v in hd.pass_at_k.values()],
                                   "greedy accuracy": [100 * d.greedy_accuracy] * len(ks)},
                                  xlabel="k", ylabel="% of prompts")  # fmt: skip
-        blocks += [Heading("Sampling headroom"), Table(*headroom_table(d)),
-                   Text(headroom_line(d)[0].upper() + headroom_line(d)[1:] + "."),
+        line = headroom_line(d)
+        blocks += [Heading("Sampling headroom"), Table(*headroom_table(d)), Text(line[0].upper() + line[1:] + "."),
                    Figures([Image("pass_at_k", png, "pass@k against k", w, h)])]  # fmt: skip
     if d.data is not None:
         blocks += [Heading("SFT data"), *(Text(line) for line in data_lines(d))]

@@ -12,9 +12,8 @@
   problems within each drawn seed (Davison & Hinkley 1997, sec. 3.8; `posttrain study`);
 - `minimum_detectable_difference`: the smallest difference of two accuracies that n problems over s seeds can
   tell from zero, stated before a study runs;
-- `t_interval`, `t_quantile` (from `evaluation.intervals`, with the Wilson and paired intervals): Student's t
-  interval of a mean of a few values (a per-seed measurement over 2-8 seeds, where a bootstrap of so few values
-  gives their range).
+- Student's t interval of a mean of a few values (a per-seed measurement over 2-8 seeds, where a bootstrap of so
+  few values gives their range) is `evaluation.intervals.t_interval`, with the Wilson and paired intervals.
 
 No model, no I/O.
 """
@@ -28,7 +27,7 @@ from statistics import NormalDist
 import torch
 
 from posttrain.evaluation import paired_change
-from posttrain.evaluation.intervals import paired_difference_interval, t_interval, t_quantile  # noqa: F401 (re-exported: study)
+from posttrain.evaluation.intervals import paired_difference_interval
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

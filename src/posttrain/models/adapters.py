@@ -217,6 +217,10 @@ def apply_lora(
         # With frozen embeddings the checkpointed layers' inputs do not require grad; non-reentrant checkpointing
         # copes with that, but peft's hook keeps the reentrant variant (and older torch) correct as well.
         model.enable_input_require_grads()
+    # the check `train` runs before loading, on a copy built from the config (`check_lora_targets`): here for every
+    # other caller, on the model itself (peft refuses only a list that matches nothing at all)
+    if why := lora_target_problem(model, technique):
+        raise UserError(why)
     linear = _linear_names(model)
     try:
         model = get_peft_model(model, lora_config(technique))
@@ -226,23 +230,9 @@ def apply_lora(
             raise
         raise UserError(f"technique.target_modules = {technique.target_modules!r} matches no layer of this model; "
                         f"its linear layers are named {', '.join(linear)} (or use all-linear)") from None  # fmt: skip
-    if unmatched := _unmatched_targets(model, technique.target_modules):  # peft refuses only a list matching nothing
-        raise UserError(f"technique.target_modules = {technique.target_modules!r}: {', '.join(unmatched)} "
-                        f"match{'es' if len(unmatched) == 1 else ''} no layer of this model, so "
-                        f"{'it' if len(unmatched) == 1 else 'they'} would get no adapter; its linear layers are named "
-                        f"{', '.join(linear)} (or use all-linear)")  # fmt: skip
     if deepspeed_zero_stage() != 3:  # ZeRO-3 gathers lora_B's weight in a hook on lora_B's own forward
         fuse_lora_scaling(model)
     return model
-
-
-def _unmatched_targets(model, targets) -> list[str]:
-    """The entries of a list of target module names that name no layer peft gave an adapter (peft matches an entry
-    to a module named it, or ending in "." + it); [] for a regex or `all-linear`."""
-    if isinstance(targets, str):
-        return []
-    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
-    return [t for t in targets if not any(name == t or name.endswith("." + t) for name in adapted)]
 
 
 def fuse_lora_scaling(model) -> int:

@@ -105,11 +105,9 @@ def _summary(runs: list[Run]) -> Table:
     for r in runs:
         steps = r.steps
         seconds = _sum(r, "step_time_s")
-        target = setting(r.config, "run.max_steps")
-        last = steps[-1]["step"]
-        short = isinstance(target, int) and isinstance(last, int) and last < target  # stopped before its end
+        last, target = steps[-1]["step"], _short_of(r)
         row = [r.label, r.method, str(setting(r.config, "technique.name") or "-"),
-               str(setting(r.config, "model.name") or "-"), f"{fmt(last)} of {target}" if short else fmt(last),
+               str(setting(r.config, "model.name") or "-"), f"{fmt(last)} of {target}" if target else fmt(last),
                fmt(steps[-1].get("loss")),
                _duration(training_seconds(r)) if r.series("elapsed_s")[0] else "-", fmt(_sum(r, "tokens") / seconds) if seconds else "-",
                fmt(_peak(r, "peak_rss_gb"))]  # fmt: skip
@@ -122,16 +120,22 @@ def _unfinished(run: Run) -> list[str]:
     got, and what `--resume` continues from (a run killed at step 121 of 3000 read as finished: an audit)."""
     from posttrain.files import checkpoint_step, list_checkpoints
 
-    target, steps = setting(run.config, "run.max_steps"), run.steps
-    last = steps[-1].get("step") if steps else None
-    if not (isinstance(target, int) and isinstance(last, int) and last < target):
+    if (target := _short_of(run)) is None:
         return []
+    last = run.steps[-1]["step"]
     kept = [checkpoint_step(c) for c in list_checkpoints(run.path)]
     again = (f"its latest checkpoint is step {kept[-1]}, which `posttrain train` with its config and --resume continues "
              f"from" + (f" (training {_span(kept[-1] + 1, last)} again)" if kept[-1] < last else "")) if kept else (
              "it has no checkpoint, so --resume starts it again")  # fmt: skip
     return [f"the run stopped at step {last} of {target}: {again}. The curves and numbers above are of the steps "
             "it logged."]
+
+
+def _short_of(run: Run) -> int | None:
+    """The run's `run.max_steps` when its last logged step is before it (it stopped before its end), else None."""
+    target, steps = setting(run.config, "run.max_steps"), run.steps
+    last = steps[-1].get("step") if steps else None
+    return target if isinstance(target, int) and isinstance(last, int) and last < target else None
 
 
 def _span(first: int, last: int) -> str:

@@ -188,7 +188,7 @@ def _not_a_number(value) -> str | None:
         return f"must be a number or a text holding one, got {type(value).__name__} {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"is {value}, not a finite number"
-    if not readable_number(_marked_gold(str(value)).replace("\\$", "$")):  # what scoring reads of a worked solution
+    if not readable_number(_marked_gold(str(value))):  # what scoring reads of a worked solution
         return (f"{value!r} is not a number (neither a plain number nor an expression math-verify reads; a text "
                 "answer compares with the exact_match reward)")
     return None

@@ -214,8 +214,9 @@ class VLLMEngine:
 
     def generate(self, model, tokenizer, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop, seed,
                  batch_size=None, row_ids=None) -> Rollout:  # fmt: skip
-        """As `HFEngine.generate`; vLLM batches by itself, so `batch_size` is not used, and draws from its own
-        random streams, so `row_ids` is not either: its samples depend on the number of processes (docs/scale.md)."""
+        """As `HFEngine.generate`; vLLM batches by itself, so `batch_size` is not used. `row_ids` go to the backend,
+        which real vLLM does not read (it draws from its own random streams, so its samples depend on the number of
+        processes: docs/scale.md)."""
         if self.backend is None:
             self.backend = self.make_backend(model)
         eos = eos_token_ids(model, tokenizer)

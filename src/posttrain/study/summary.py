@@ -22,12 +22,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from posttrain.diagnose.stats import (
-    hierarchical_bootstrap_ci,
-    minimum_detectable_difference,
-    pass_at_k,
-    t_interval,
-)
+from posttrain.diagnose.stats import hierarchical_bootstrap_ci, minimum_detectable_difference, pass_at_k
+from posttrain.evaluation.intervals import t_interval
 from posttrain.study.arms import ARMS
 from posttrain.study.config import StudyConfig
 from posttrain.study.data import OOD_SPLITS, SPLITS

@@ -152,8 +152,8 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[dict]:
     `RunDirBusyError` when a live process holds it.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.output_dir {run_dir} exists and is not a folder; choose another run.output_dir")
+    if why := run_dir_problem(run_dir):  # the checks every other process of a launch makes (`train`)
+        raise ConfigError(why)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ _MARKED_VALUE = re.compile(rf"(?>\s*{_BOLD}[ \t]*\$?[ \t]*{_BOLD}[ \t]*)(?P<firs
                            rf"(?P<sum>(?>(?:[ \t]*{_OP}[ \t]*{_VALUE_NUMBER})+[ \t]*=[ \t]*{_VALUE_NUMBER})+)?"
                            rf"(?P<hedge>(?>[ \t]*{_BOLD}[ \t]*)(?:or|/)(?>[ \t]*{_BOLD}[ \t]*)-?\d)?",
                            re.IGNORECASE)  # fmt: skip
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(_VALUE_NUMBER)
 _STEP = re.compile(r"^(\d+) ([+*-]) (\d+) = (\d+)\.$")
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 

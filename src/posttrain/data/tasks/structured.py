@@ -181,10 +181,7 @@ def _answer_object(completion: str) -> Any:
     >>> _answer_object('{"name": "A", "role": "chef"} If none, write {"role": null}.')
     {'name': 'A', 'role': 'chef'}
     """
-    objects = _objects(completion)
-    if len(objects) == 1 and not isinstance(objects[0], dict):
-        return objects[0]
-    dicts = [o for o in objects if isinstance(o, dict)]
+    dicts = [o for o in _objects(completion) if isinstance(o, dict)]  # (a whole text that is a list is no record)
     if not dicts:
         return None
     most = max(len(o.keys() & set(FIELDS)) for o in dicts)
